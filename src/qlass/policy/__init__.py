@@ -1,0 +1,1 @@
+"""Policies: the batch-first sampling protocol and its backends."""
