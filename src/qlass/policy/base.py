@@ -1,0 +1,28 @@
+"""The batch-first policy protocol.
+
+``sample(histories, n, ...)`` returns, for each history, ``n`` completions produced from one shared
+prefill of that history (never n separate calls). ``temperature == 0`` is greedy decoding (then the
+``n`` completions are identical and backends may compute one and copy it). Given the same ``seed``,
+a backend returns the same completions.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+from ..types import Completion, History
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that turns conversations into sampled agent outputs with token accounting."""
+
+    def sample(
+        self,
+        histories: Sequence[History],
+        n: int = 1,
+        temperature: float = 0.0,
+        max_new_tokens: int = 128,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """``n`` completions per history; each is one ``Thought: ...\\nAction: ...`` output."""
