@@ -1,0 +1,67 @@
+"""``qlass eval``: run inference methods over environment splits and write the results table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from ..errors import QlassError
+
+log = logging.getLogger(__name__)
+
+
+def parse_kv(items: list[str], what: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` with YAML scalar typing."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise QlassError(f"{what}: expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"qlass:m=4,temperature=0.7"`` → ``("qlass", {"m": 4, "temperature": 0.7})``."""
+    name, _, opts = spec.partition(":")
+    return name.strip(), parse_kv([o for o in opts.split(",") if o.strip()], f"--method {spec}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        model: str = typer.Option(..., help="Policy: a local causal-LM folder or an OpenAI-compatible base URL (http://.../v1)."),
+        env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
+        split: list[str] = typer.Option(["seen"], help="Split(s) to evaluate (repeatable)."),
+        method: list[str] = typer.Option(["greedy"], help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood' (repeatable)."),
+        task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
+        limit: Optional[int] = typer.Option(None, help="At most this many tasks per split."),
+        qnet: Optional[Path] = typer.Option(None, help="QNet folder (for qlass and best-of-n select=qnet)."),
+        max_steps: Optional[int] = typer.Option(None, help="Step limit per episode (sets every method's max_steps)."),
+        env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
+        policy_arg: list[str] = typer.Option([], help="Policy option key=value, e.g. autocast=bf16 (repeatable)."),
+        seed: int = typer.Option(0, help="Run seed."),
+        out: Path = typer.Option(Path("runs/eval"), help="Run folder: records.jsonl (resumable), results.md/json, budget curve."),
+    ) -> None:
+        """Evaluate methods on a split: per-task records (resumable), a results table and budget curves."""
+        from ..evaluate import run_evaluation
+
+        methods = []
+        for spec in method:
+            name, opts = parse_method(spec)
+            if max_steps is not None:
+                opts.setdefault("max_steps", max_steps)
+            methods.append((name, opts))
+        rows = run_evaluation(
+            model=model, env_spec=env, env_kwargs=parse_kv(env_arg, "--env-arg"), splits=split,
+            methods=methods, task_types=task_types.split(",") if task_types else None, limit=limit,
+            qnet_dir=qnet, policy_kwargs=parse_kv(policy_arg, "--policy-arg"), seed=seed, out_dir=out,
+        )
+        from ..report import markdown_table
+
+        typer.echo(markdown_table(rows))
+        typer.echo(f"records, results.md/json and budget curve in {out}")

@@ -1,0 +1,147 @@
+"""Result tables and token-budget curves from evaluation records.
+
+``summarise`` groups records by (env, split, method) into average reward, success rate and tokens
+per task (a Table-2-style view); ``budget_points`` gives average reward against completion tokens
+per task — best-of-n at every N' <= N read from one best-of-n run (its first N' candidates, the
+same selection rule), and each qlass(m=...) run as one point. ``write_report`` writes
+``results.json``, ``results.md``, ``budget.csv`` and ``budget.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .jsonl import write_text_atomic
+from .search import argmax
+
+log = logging.getLogger(__name__)
+
+BUDGET_NS = (1, 2, 4, 8)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (env, split, method) with averages over its tasks; oracle rows are labelled."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["env"], r["split"], r["method"])].append(r)
+    rows = []
+    for (env, split, method), rs in sorted(groups.items()):
+        row = {
+            "env": env, "split": split, "method": method, "tasks": len(rs),
+            "avg_reward": _mean([r["reward"] for r in rs]),
+            "success_rate": _mean([1.0 if r["success"] else 0.0 for r in rs]),
+            "completion_tokens": _mean([r["completion_tokens"] for r in rs]),
+            "prompt_tokens": _mean([r["prompt_tokens"] for r in rs]),
+            "qnet_tokens": _mean([r["qnet_tokens"] for r in rs]),
+            "env_steps": _mean([r["env_steps"] for r in rs]),
+            "wall_time": _mean([r["wall_time"] for r in rs]),
+            "oracle": any(r["oracle"] for r in rs),
+        }
+        rows.append(row)
+        if all("oracle_pass_at_n" in r for r in rs):
+            rows.append({**row, "method": f"{method} pass@N [oracle]", "oracle": True,
+                         "avg_reward": _mean([r["oracle_pass_at_n"] for r in rs]),
+                         "success_rate": _mean([1.0 if r["oracle_pass_at_n"] >= 1.0 - 1e-9 else 0.0 for r in rs])})
+    return rows
+
+
+def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Average reward vs. completion tokens per task, per (env, split, curve)."""
+    points = []
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["env"], r["split"], r["method"])].append(r)
+    for (env, split, method), rs in sorted(groups.items()):
+        if rs[0]["method_name"] == "best-of-n" and all("candidates" in r for r in rs):
+            n_max = min(len(r["candidates"]) for r in rs)
+            for n in [k for k in BUDGET_NS if k <= n_max]:
+                rewards, tokens = [], []
+                for r in rs:
+                    cands = r["candidates"][:n]
+                    rewards.append(cands[argmax([c["score"] for c in cands])]["reward"])
+                    tokens.append(sum(c["completion_tokens"] for c in cands))
+                points.append({"env": env, "split": split, "curve": "best-of-n", "budget_param": n,
+                               "completion_tokens": _mean(tokens), "avg_reward": _mean(rewards)})
+        elif rs[0]["method_name"] in ("qlass", "greedy", "sample"):
+            curve = "qlass" if rs[0]["method_name"] == "qlass" else rs[0]["method_name"]
+            param = rs[0]["config"].get("m", 1)
+            points.append({"env": env, "split": split, "curve": curve + ("[oracle]" if rs[0]["oracle"] else ""),
+                           "budget_param": param,
+                           "completion_tokens": _mean([r["completion_tokens"] for r in rs]),
+                           "avg_reward": _mean([r["reward"] for r in rs])})
+    return points
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary rows as a markdown table (reward and success in percent, as in the paper)."""
+    head = ("| env | split | method | tasks | avg reward | success % | completion tok/task "
+            "| prompt tok/task | QNet tok/task | env steps/task |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['env']} | {r['split']} | {r['method']} | {r['tasks']} | {100 * r['avg_reward']:.1f} "
+        f"| {100 * r['success_rate']:.1f} | {r['completion_tokens']:.0f} | {r['prompt_tokens']:.0f} "
+        f"| {r['qnet_tokens']:.0f} | {r['env_steps']:.1f} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def _plot(points: Sequence[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'qlass[plot]'): skipping %s", path)
+        return False
+    panels = sorted({(p["env"], p["split"]) for p in points})
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
+    for ax, (env, split) in zip(axes[0], panels):
+        for curve in sorted({p["curve"] for p in points if (p["env"], p["split"]) == (env, split)}):
+            pts = sorted((p for p in points if (p["env"], p["split"], p["curve"]) == (env, split, curve)),
+                         key=lambda p: p["completion_tokens"])
+            xs = [p["completion_tokens"] for p in pts]
+            ys = [100 * p["avg_reward"] for p in pts]
+            ax.plot(xs, ys, marker="o", label=curve)
+            for p, x, y in zip(pts, xs, ys):
+                ax.annotate(str(p["budget_param"]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=8)
+        ax.set_title(f"{env} / {split}")
+        ax.set_xlabel("completion tokens per task")
+        ax.set_ylabel("average reward (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = "qlass results") -> list[dict[str, Any]]:
+    """Write results.json/.md and the budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
+    rows = summarise(records)
+    points = budget_points(records)
+    write_text_atomic(out_dir / "results.json", json.dumps({"rows": rows, "budget": points}, indent=1) + "\n")
+    md = f"# {title}\n\n{markdown_table(rows)}\n"
+    if any(r["oracle"] for r in rows):
+        md += "\nRows marked [oracle] use the environment's reward and are not comparable to the others.\n"
+    write_text_atomic(out_dir / "results.md", md)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["env", "split", "curve", "budget_param", "completion_tokens", "avg_reward"])
+    writer.writeheader()
+    writer.writerows(points)
+    write_text_atomic(out_dir / "budget.csv", buf.getvalue())
+    if points:
+        _plot(points, out_dir / "budget.png")
+    return rows

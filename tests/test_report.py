@@ -1,0 +1,60 @@
+"""Result tables and budget curves computed from hand-made evaluation records."""
+
+from __future__ import annotations
+
+import json
+
+from qlass.report import budget_points, summarise, write_report
+
+
+def rec(method, name, task, reward, tokens, config=None, **extra):
+    return {"method": method, "method_name": name, "config": config or {}, "env": "e", "split": "seen",
+            "task": task, "reward": reward, "success": reward == 1.0, "prompt_tokens": 100,
+            "completion_tokens": tokens, "qnet_tokens": 0, "env_steps": 3, "wall_time": 1.0,
+            "oracle": False, **extra}
+
+
+def cand(reward, score, tokens):
+    return {"reward": reward, "score": score, "completion_tokens": tokens}
+
+
+RECORDS = [
+    rec("greedy", "greedy", "t1", 1.0, 10),
+    rec("greedy", "greedy", "t2", 0.0, 30),
+    rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}),
+    rec("qlass(m=2)", "qlass", "t2", 0.5, 60, {"m": 2}),
+    rec("best-of-n(n=2,qnet)", "best-of-n", "t1", 0.0, 50, {"n": 2},
+        candidates=[cand(0.0, 0.9, 20), cand(1.0, 0.1, 30)], oracle_pass_at_n=1.0),
+    rec("best-of-n(n=2,qnet)", "best-of-n", "t2", 1.0, 70, {"n": 2},
+        candidates=[cand(0.5, 0.1, 40), cand(1.0, 0.7, 30)], oracle_pass_at_n=1.0),
+]
+
+
+def test_summary_rows_average_over_tasks_and_label_oracle() -> None:
+    rows = {r["method"]: r for r in summarise(RECORDS)}
+    assert rows["greedy"]["avg_reward"] == 0.5 and rows["greedy"]["success_rate"] == 0.5
+    assert rows["greedy"]["completion_tokens"] == 20
+    assert rows["qlass(m=2)"]["avg_reward"] == 0.75
+    oracle = rows["best-of-n(n=2,qnet) pass@N [oracle]"]
+    assert oracle["avg_reward"] == 1.0 and oracle["oracle"] is True
+
+
+def test_budget_curve_reads_best_of_n_prefixes() -> None:
+    pts = {(p["curve"], p["budget_param"]): p for p in budget_points(RECORDS)}
+    # N=1: first candidate of each task: rewards 0.0 and 0.5, tokens 20 and 40
+    assert pts[("best-of-n", 1)]["avg_reward"] == 0.25 and pts[("best-of-n", 1)]["completion_tokens"] == 30
+    # N=2: argmax score: t1 → cand 0 (0.0), t2 → cand 1 (1.0); tokens 50 and 70
+    assert pts[("best-of-n", 2)]["avg_reward"] == 0.5 and pts[("best-of-n", 2)]["completion_tokens"] == 60
+    assert ("best-of-n", 4) not in pts
+    assert pts[("qlass", 2)]["avg_reward"] == 0.75
+
+
+def test_write_report_files(tmp_path) -> None:
+    write_report(RECORDS, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["rows"]) == 4
+    md = (tmp_path / "results.md").read_text()
+    assert "| e | seen | qlass(m=2) | 2 | 75.0 | 50.0 |" in md
+    assert "[oracle]" in md
+    assert (tmp_path / "budget.csv").read_text().startswith("env,split,curve,budget_param")
+    assert (tmp_path / "budget.png").stat().st_size > 1000
