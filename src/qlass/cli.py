@@ -13,7 +13,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "model"]
+COMMAND_MODULES = ["data", "model", "evaluate"]
 
 app = typer.Typer(
     name="qlass",
