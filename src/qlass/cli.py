@@ -13,7 +13,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "model", "evaluate"]
+COMMAND_MODULES = ["data", "envs", "model", "evaluate"]
 
 app = typer.Typer(
     name="qlass",
@@ -26,13 +26,14 @@ app = typer.Typer(
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
         force=True,
     )
     for noisy in ("httpx", "urllib3", "filelock", "py4j"):
@@ -46,9 +47,9 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     """Entry point: run the app, turning :class:`QlassError` into a clear message and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except QlassError as exc:
-        logging.getLogger("qlass").error("%s", exc)
+        typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -61,3 +62,4 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -38,6 +38,7 @@ class ValidationReport:
     trajectories: list[Trajectory] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     records: int = 0
+    invalid_records: int = 0
 
     @property
     def ok(self) -> bool:
@@ -48,7 +49,7 @@ class ValidationReport:
             shown = self.errors[:MAX_REPORTED]
             more = len(self.errors) - len(shown)
             text = "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
-            raise DataError(self.path, f"{len(self.errors)} invalid record(s):\n{text}")
+            raise DataError(self.path, f"{self.invalid_records} invalid record(s), {len(self.errors)} problem(s):\n{text}")
 
 
 def _load_raw(path: Path) -> list[Any]:
@@ -169,7 +170,9 @@ def validate_file(path: str | Path) -> ValidationReport:
                 seen[rid] = idx
         label = f"record {idx}" + (f" (id {rid!r})" if rid is not None else "")
         report.errors.extend(f"{p}, {label}: {msg}" for msg in problems)
-        if not problems:
+        if problems:
+            report.invalid_records += 1
+        else:
             report.trajectories.append(record_to_trajectory(rec))
     return report
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Optional
 
 import typer
+
+log = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
@@ -20,10 +24,38 @@ def register(app: typer.Typer) -> None:
             report = validate_file(path)
             n_turns = sum(len(t.messages) for t in report.trajectories)
             typer.echo(f"{path}: {report.records} records, {len(report.trajectories)} valid, "
-                       f"{len(report.errors)} problems, {n_turns} turns in valid records")
+                       f"{report.invalid_records} invalid ({len(report.errors)} problems), {n_turns} turns in valid records")
             for err in report.errors:
                 typer.echo(err, err=True)
             bad |= not report.ok
         raise typer.Exit(1 if bad else 0)
+
+    @data_app.command("expert")
+    def expert(
+        out: Path = typer.Option(..., help="Output file (.json: a JSON list; otherwise JSON Lines)."),
+        env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
+        split: str = typer.Option("train", help="Split to take tasks from."),
+        task_types: Optional[str] = typer.Option(None, help="Comma-separated task types (default: all)."),
+        per_task: Optional[int] = typer.Option(None, help="At most this many trajectories per task type."),
+        max_steps: Optional[int] = typer.Option(None, help="Skip expert trajectories longer than this."),
+        env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
+    ) -> None:
+        """Export expert trajectories, each verified by replay to reach reward 1.0."""
+        from ..data import save_trajectories
+        from ..envs.base import make_env
+        from ..expert import export_expert
+        from .evaluate import parse_kv
+
+        environment = make_env(env, **parse_kv(env_arg, "--env-arg"))
+        try:
+            tasks = environment.tasks(split, task_types.split(",") if task_types else None)
+            result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps)
+        finally:
+            environment.close()
+        save_trajectories(out, result.trajectories)
+        for task_id, why in result.excluded.items():
+            log.warning("excluded %s: %s", task_id, why)
+        typer.echo(f"wrote {len(result.trajectories)} verified expert trajectories to {out}; "
+                   f"excluded {len(result.excluded)}" + (f": {', '.join(result.excluded)}" if result.excluded else ""))
 
     app.add_typer(data_app, name="data")

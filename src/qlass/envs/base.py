@@ -88,7 +88,11 @@ class EnvRegistry:
             return self._factories[spec](**kwargs)
         if spec in _BUILTIN:
             module, cls = _BUILTIN[spec]
-            return getattr(importlib.import_module(module), cls)(**kwargs)
+            try:
+                factory = getattr(importlib.import_module(module), cls)
+            except ImportError as exc:
+                raise QlassError(f"environment {spec!r} is not available: {exc}") from None
+            return factory(**kwargs)
         if ":" in spec:
             module, _, cls = spec.partition(":")
             try:

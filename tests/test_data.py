@@ -1,0 +1,103 @@
+"""Trajectory files: validation errors name file, record and problem; the CLI exits non-zero."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlass.data import load_trajectories, save_trajectories, validate_file
+from qlass.errors import DataError
+from qlass.types import Message, Step, Trajectory
+
+GOOD = {
+    "id": "t0",
+    "conversations": [
+        {"from": "human", "value": "You are an agent. Answer with Thought and Action."},
+        {"from": "gpt", "value": "OK"},
+        {"from": "human", "value": "Your task is to find a plant."},
+        {"from": "gpt", "value": "Thought: Plants grow in the greenhouse.\nAction: go to greenhouse"},
+        {"from": "human", "value": "Observation: You move to the greenhouse."},
+        {"from": "gpt", "value": "Thought: There it is.\nAction: focus on pea plant"},
+    ],
+    "reward": 1.0,
+}
+
+
+def qlass_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qlass", *args], capture_output=True, text=True)
+
+
+def write(tmp_path: Path, records, name="data.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(records) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_valid_eto_file_loads_with_acknowledgement(tmp_path: Path) -> None:
+    trajs = load_trajectories(write(tmp_path, [GOOD]))
+    assert len(trajs) == 1 and trajs[0].id == "t0" and trajs[0].reward == 1.0
+    assert trajs[0].messages[1] == Message("assistant", "OK")
+    result = qlass_cli("data", "validate", str(tmp_path / "data.json"))
+    assert result.returncode == 0, result.stderr
+    assert "1 records, 1 valid, 0 invalid (0 problems)" in result.stdout
+
+
+def test_jsonl_and_round_trip(tmp_path: Path) -> None:
+    traj = Trajectory("x", [Message("user", "task"), Message("assistant", "Thought: t\nAction: look")],
+                      reward=0.5, task="env/x", steps=[Step("Thought: t\nAction: look", "look", "o", 0.5, True, 3, 4)])
+    for name in ("out.json", "out.jsonl"):
+        save_trajectories(tmp_path / name, [traj])
+        (back,) = load_trajectories(tmp_path / name)
+        assert back.messages == traj.messages and back.steps == traj.steps and back.task == "env/x"
+
+
+def test_bad_json_names_file_and_position(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[{"id": "a", "conversations": [}]')
+    with pytest.raises(DataError, match=r"bad\.json: invalid JSON at line 1"):
+        validate_file(path)
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(json.dumps(GOOD) + "\n{not json\n")
+    result = qlass_cli("data", "validate", str(jsonl))
+    assert result.returncode != 0
+    assert "bad.jsonl" in result.stderr and "line 2 (record 1): invalid JSON" in result.stderr
+
+
+def test_missing_action_line(tmp_path: Path) -> None:
+    rec = json.loads(json.dumps(GOOD))
+    rec["conversations"][5]["value"] = "Thought: I am done."
+    result = qlass_cli("data", "validate", str(write(tmp_path, [GOOD | {"id": "ok"}, rec])))
+    assert result.returncode == 1
+    assert "data.json, record 1 (id 't0'): conversations[5].value: agent turn has no 'Action:' line" in result.stderr
+    assert "2 records, 1 valid, 1 invalid (1 problems)" in result.stdout
+
+
+def test_wrong_role_order(tmp_path: Path) -> None:
+    rec = json.loads(json.dumps(GOOD))
+    rec["conversations"].insert(3, {"from": "human", "value": "again"})
+    result = qlass_cli("data", "validate", str(write(tmp_path, [rec])))
+    assert result.returncode == 1
+    assert "record 0 (id 't0'): conversations[3].from: roles must alternate" in result.stderr
+
+
+def test_duplicate_ids_bad_reward_and_missing_fields(tmp_path: Path) -> None:
+    dup = GOOD | {"reward": 1.5}
+    path = write(tmp_path, [GOOD, dup, {"conversations": []}], "many.jsonl")
+    report = validate_file(path)
+    text = "\n".join(report.errors)
+    assert "record 1 (id 't0'): field 'id': duplicate of record 0" in text
+    assert "record 1 (id 't0'): field 'reward': 1.5 is not a number in [0, 1]" in text
+    assert "record 2: field 'id': missing" in text
+    assert "record 2: field 'conversations': missing or not a non-empty list" in text
+    with pytest.raises(DataError, match="2 invalid record"):
+        load_trajectories(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = qlass_cli("data", "validate", str(tmp_path / "nope.json"))
+    assert result.returncode == 2
+    assert "nope.json: file not found" in result.stderr

@@ -1,0 +1,49 @@
+"""Expert export on the real ScienceWorld: the issue's command writes verified trajectories."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlass.data import load_trajectories
+from qlass.envs.base import make_env
+from qlass.expert import export_expert, replay_expert
+
+pytestmark = [pytest.mark.slow, pytest.mark.sciworld]
+
+
+def test_expert_command_writes_ten_trajectories_that_replay_to_one(tmp_path: Path) -> None:
+    out = tmp_path / "expert.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "qlass", "data", "expert", "--env", "sciworld", "--split", "train",
+         "--task-types", "find-plant,find-animal", "--per-task", "5", "--out", str(out)],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    trajs = load_trajectories(out)
+    assert len(trajs) == 10
+    assert sorted({t.id.split("/")[1] for t in trajs}) == ["find-animal", "find-plant"]
+    env = make_env("sciworld", step_limit=100)
+    try:
+        tasks = {t.id: t for t in env.tasks("train", ["find-plant", "find-animal"])}
+        for traj in trajs:
+            outputs = [m.content for m in traj.messages if m.role == "assistant"][len(env.prompt()) // 2:]
+            replay = replay_expert(env, tasks[traj.id], outputs)
+            assert replay.reward == 1.0 and replay.success
+            assert replay.messages == traj.messages
+    finally:
+        env.close()
+
+
+def test_too_long_experts_are_excluded_and_reported() -> None:
+    env = make_env("sciworld", step_limit=100)
+    try:
+        tasks = env.tasks("train", ["find-plant"])[:3]
+        result = export_expert(env, tasks, max_steps=5)
+    finally:
+        env.close()
+    assert result.trajectories == []
+    assert set(result.excluded) == {t.id for t in tasks}
+    assert all("> max 5" in why for why in result.excluded.values())
