@@ -1,0 +1,253 @@
+"""The QNet: a value model read at the last token of a candidate action, saved as a standard HF
+sequence classifier, scored in shared-prefix batches.
+
+Input layout (identical in training and inference)::
+
+    encode_conversation(history, add_generation_prompt=True)   the policy's prompt for this turn
+    + tokenizer(action, add_special_tokens=False).input_ids     the candidate output, as generated
+
+i.e. exactly the token sequence the policy produced the action from, followed by the action. The
+value is the regression head applied to the final hidden state of the action's last token.
+
+Head: a single bias-free linear layer ``score`` (hidden → 1) on the last hidden layer — what
+``AutoModelForSequenceClassification`` builds for ``num_labels=1``. The paper's reference code uses a
+3-layer MLP head; we chose the linear head so that the saved folder loads unchanged in HF Auto
+classes, vLLM's pooling runner and SGLang's classify endpoint (an MLP head would need custom code
+in each of them). The backbone is fine-tuned, so the head's capacity is not the bottleneck.
+
+HF's ``*ForSequenceClassification`` pools the rightmost token that is not ``pad_token_id``. Our
+inputs carry no trailing padding, and trailing pad-id tokens of an action are dropped when it is
+encoded, so the Auto class reads the same position as :meth:`QNet.score` (tested).
+
+Truncation: a candidate keeps its last ``max_action_tokens`` tokens; the history gets the rest of
+``max_length`` (a fixed budget, so a candidate's value never depends on its siblings). Too-long
+histories lose their oldest turns first (:func:`~qlass.policy.render.truncate_history`, keeping the
+instruction prefix and task turn; the newest turn is always kept), then, if still too long, their
+oldest tokens.
+
+Token accounting: ``last_tokens`` is the number of tokens the QNet processed in its last call (the
+shared history once plus every candidate's own tokens, padding excluded); ``total_tokens`` sums them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import QlassError
+from .jsonl import write_text_atomic
+from .policy.hf import default_keep_prefix
+from .policy.render import encode_conversation, ensure_chat_template, truncate_history
+from .types import History, Message
+
+log = logging.getLogger(__name__)
+
+META_FILE = "qnet.json"
+SCHEMA_VERSION = 1
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise QlassError(f"unknown dtype {name!r}; use float32 or bfloat16")
+    return table[name]
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id used as ``pad_token_id`` in the saved config (the tokenizer's pad, else its EOS)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise QlassError("the tokenizer has neither a pad nor an EOS token; cannot set pad_token_id")
+    return int(pad)
+
+
+def backbone_of(model: Any) -> Any:
+    """The transformer body of an HF ``*ForCausalLM`` / ``*ForSequenceClassification`` model."""
+    return getattr(model, model.base_model_prefix)
+
+
+def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                         autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states of ``prefix + suffix`` for every suffix, the prefix computed once.
+
+    The prefix runs alone (KV cache); the cache is expanded to one row per suffix and the suffixes,
+    right-padded, run as one batch (padding sits after every real token, so causality keeps it
+    invisible). Returns ``(prefix_last [H], suffix_hidden [M, S, H])``. Differentiable.
+    """
+    from transformers import DynamicCache
+
+    if not prefix:
+        raise ValueError("the shared prefix must not be empty")
+    device = backbone.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = backbone(input_ids=torch.tensor([list(prefix)], dtype=torch.long, device=device),
+                       cache=DynamicCache(config=backbone.config), use_cache=True)
+        prefix_last = out.last_hidden_state[0, -1].float()
+        width = max((len(s) for s in suffixes), default=0)
+        if width == 0:
+            return prefix_last, prefix_last.new_zeros((len(suffixes), 0, prefix_last.shape[-1]))
+        cache = _expand_cache(out.cache, len(suffixes))
+        rows = [list(s) + [0] * (width - len(s)) for s in suffixes]
+        out = backbone(input_ids=torch.tensor(rows, dtype=torch.long, device=device), cache=cache, use_cache=True)
+    return prefix_last, out.last_hidden_state.float()
+
+
+def _expand_cache(cache: Any, rows: int) -> Any:
+    """One-row cache → ``rows`` rows; plain dynamic layers as broadcast views (the next update's
+    concatenation materialises them once), other layer kinds by copying."""
+    from transformers.cache_utils import DynamicLayer
+
+    if rows == 1:
+        return cache
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+    else:
+        cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def last_real_hidden(prefix_last: torch.Tensor, suffix_hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Per candidate, the hidden state of its last real token ([M, H]); an empty candidate reads the
+    prefix's last token."""
+    rows = []
+    for i, n in enumerate(lengths):
+        rows.append(suffix_hidden[i, n - 1] if n > 0 else prefix_last)
+    return torch.stack(rows)
+
+
+class QNet:
+    """A sequence-classification model (one regression output) with qlass's input encoding."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 4096, max_action_tokens: int = 256,
+                 autocast: bool = False) -> None:
+        if int(model.config.num_labels) != 1:
+            raise QlassError(f"a QNet has exactly one output; this model has num_labels={model.config.num_labels}")
+        if max_action_tokens < 1 or max_length <= max_action_tokens:
+            raise QlassError(f"need 1 <= max_action_tokens < max_length, got {max_action_tokens} and {max_length}")
+        self.model = model
+        self.tokenizer = ensure_chat_template(tokenizer)
+        self.max_length = int(max_length)
+        self.max_action_tokens = int(max_action_tokens)
+        self.autocast = bool(autocast)
+        self.pad_id = int(model.config.pad_token_id)
+        self.last_tokens = 0
+        self.total_tokens = 0
+
+    # -- construction and files ---------------------------------------------------------------
+    @classmethod
+    def from_sft(cls, sft_dir: str | Path, max_length: int = 4096, max_action_tokens: int = 256,
+                 autocast: bool = False, seed: int = 0, dtype: str = "float32") -> "QNet":
+        """A QNet whose backbone is the SFT causal LM in ``sft_dir`` and whose head is fresh (seeded)."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        sft_dir = Path(sft_dir)
+        if not (sft_dir / "config.json").exists():
+            raise QlassError(f"{sft_dir}: not a model folder (no config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+        torch.manual_seed(seed)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                sft_dir, num_labels=1, problem_type="regression", pad_token_id=pad_id_of(tokenizer),
+                id2label={0: "q_value"}, label2id={"q_value": 0}, dtype=_dtype(dtype))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return cls(model, tokenizer, max_length, max_action_tokens, autocast)
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str = "float32", autocast: bool = False,
+             threads: int | None = None, max_length: int | None = None) -> "QNet":
+        """Load a saved QNet folder (settings from its ``qnet.json`` unless overridden)."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise QlassError(f"{path}: not a QNet folder (no config.json)")
+        if threads:
+            torch.set_num_threads(int(threads))
+        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+        hf_logging.disable_progress_bar()
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, max_length or meta.get("max_length", 4096),
+                   meta.get("max_action_tokens", 256), autocast)
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.config.problem_type = "regression"
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        meta = {"schema_version": SCHEMA_VERSION, "max_length": self.max_length,
+                "max_action_tokens": self.max_action_tokens,
+                "value_at": "last token of the candidate action", **(extra or {})}
+        write_text_atomic(path / META_FILE, json.dumps(meta, indent=2) + "\n")
+
+    # -- encoding -----------------------------------------------------------------------------
+    def encode_action(self, action: str) -> list[int]:
+        """The candidate's own token ids (trailing pad-id tokens dropped, last ``max_action_tokens`` kept)."""
+        ids = self.tokenizer(action, add_special_tokens=False)["input_ids"]
+        while ids and ids[-1] == self.pad_id:
+            ids = ids[:-1]
+        return ids[-self.max_action_tokens:]
+
+    def encode_history(self, history: Sequence[Message]) -> list[int]:
+        """The policy's prompt ids for ``history``, oldest turns (then tokens) dropped to fit the budget."""
+        budget = self.max_length - self.max_action_tokens
+        ids, _ = encode_conversation(self.tokenizer, history, add_generation_prompt=True)
+        if len(ids) <= budget:
+            return ids
+        fits = lambda msgs: len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget  # noqa: E731
+        short = truncate_history(history, default_keep_prefix(history), fits)
+        ids, _ = encode_conversation(self.tokenizer, short, add_generation_prompt=True)
+        return ids[-budget:]
+
+    def encode(self, history: Sequence[Message], action: str) -> list[int]:
+        """The full input of one (history, action) pair — what training and scoring both read."""
+        return self.encode_history(history) + self.encode_action(action)
+
+    # -- values -------------------------------------------------------------------------------
+    def values(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Values ``[M]`` of ``prefix + suffix`` per suffix (differentiable; training uses it too)."""
+        prefix_last, hidden = shared_prefix_hidden(backbone_of(self.model), prefix, suffixes, self.autocast)
+        last = last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes])
+        head = self.model.score
+        with torch.autocast(last.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = head(last.to(head.weight.dtype))
+        return out.float().squeeze(-1)
+
+    def score(self, history: History, candidates: Sequence[str]) -> list[float]:
+        """Values of ``candidates`` (raw agent outputs) after ``history``: one shared-prefix batch."""
+        return self.score_batch([(history, candidates)])[0]
+
+    def score_batch(self, items: Sequence[tuple[History, Sequence[str]]]) -> list[list[float]]:
+        """:meth:`score` for several histories; ``last_tokens`` covers the whole call."""
+        results: list[list[float]] = []
+        tokens = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for history, candidates in items:
+                    if not candidates:
+                        results.append([])
+                        continue
+                    prefix = self.encode_history(list(history))
+                    suffixes = [self.encode_action(c) for c in candidates]
+                    tokens += len(prefix) + sum(len(s) for s in suffixes)
+                    results.append([float(v) for v in self.values(prefix, suffixes)])
+        finally:
+            self.model.train(was_training)
+        self.last_tokens = tokens
+        self.total_tokens += tokens
+        return results
