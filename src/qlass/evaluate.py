@@ -51,6 +51,23 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def select_tasks(tasks: Sequence[Task], limit: int | None) -> list[Task]:
+    """At most ``limit`` tasks, taken round-robin over task types (in order) so every type is
+    represented; all tasks when ``limit`` is None."""
+    if limit is None or limit >= len(tasks):
+        return list(tasks)
+    by_type: dict[str, list[Task]] = {}
+    for t in tasks:
+        by_type.setdefault(t.task_type, []).append(t)
+    picked: list[Task] = []
+    queues = [list(reversed(q)) for q in by_type.values()]
+    while len(picked) < limit:
+        for q in queues:
+            if q and len(picked) < limit:
+                picked.append(q.pop())
+    return picked
+
+
 def record_key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
     return (rec["method"], rec["env"], rec["split"], rec["task"])
 
@@ -162,9 +179,7 @@ def run_evaluation(
     try:
         records: list[dict[str, Any]] = []
         for split in splits:
-            tasks = env.tasks(split, task_types)
-            if limit is not None:
-                tasks = tasks[:limit]
+            tasks = select_tasks(env.tasks(split, task_types), limit)
             if not tasks:
                 raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}")
             records += evaluate(env, tasks, runs, policy, out_dir, qnet=qnet,
