@@ -1,0 +1,49 @@
+"""Killing ``qlass eval`` mid-run and rerunning it resumes without duplicate or lost records."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qlass.jsonl import read_jsonl
+
+TESTS = Path(__file__).parent
+
+
+def eval_cmd(model: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "qlass", "eval", "--model", str(model), "--env", "toy_envs:Corridor",
+            "--split", "seen", "--method", "greedy:max_new_tokens=6", "--method", "sample:max_new_tokens=6",
+            "--env-arg", "step_limit=6", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_kill_and_rerun_resumes_without_duplicates(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(eval_cmd(tiny_model_dir, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    records = out / "records.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if records.exists() and len(records.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(read_jsonl(records, repair_tail=True))
+    assert 3 <= before < 12, "the run should have been killed part-way"
+    done = subprocess.run(eval_cmd(tiny_model_dir, out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr
+    recs = read_jsonl(records)
+    keys = [(r["method"], r["task"]) for r in recs]
+    assert len(keys) == len(set(keys)) == 12  # 2 methods x 6 tasks, each exactly once
+    summary = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in summary["rows"]} == {"greedy", "sample"}
+    assert all(r["tasks"] == 6 for r in summary["rows"])
