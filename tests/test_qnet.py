@@ -59,7 +59,7 @@ def test_shared_prefix_scores_match_naive_forwards(qnet: QNet, seed: int) -> Non
     candidates = [random_text(rng, n) for n in lengths]
     got = qnet.score(history, candidates)
     want = naive_values(qnet, history, candidates)
-    assert len(set(round(v, 6) for v in want)) > 1  # the candidates really differ
+    assert len({round(v, 6) for v in want}) > 1  # the candidates really differ
     assert got == pytest.approx(want, abs=1e-4)
 
 

@@ -13,7 +13,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "envs", "model", "train", "evaluate"]
+COMMAND_MODULES = ["data", "envs", "model", "train", "qnet", "evaluate"]
 
 app = typer.Typer(
     name="qlass",

@@ -142,7 +142,7 @@ class QNet:
     # -- construction and files ---------------------------------------------------------------
     @classmethod
     def from_sft(cls, sft_dir: str | Path, max_length: int = 4096, max_action_tokens: int = 256,
-                 autocast: bool = False, seed: int = 0, dtype: str = "float32") -> "QNet":
+                 autocast: bool = False, seed: int = 0, dtype: str = "float32") -> QNet:
         """A QNet whose backbone is the SFT causal LM in ``sft_dir`` and whose head is fresh (seeded)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -164,7 +164,7 @@ class QNet:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "float32", autocast: bool = False,
-             threads: int | None = None, max_length: int | None = None) -> "QNet":
+             threads: int | None = None, max_length: int | None = None) -> QNet:
         """Load a saved QNet folder (settings from its ``qnet.json`` unless overridden)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -207,7 +207,10 @@ class QNet:
         ids, _ = encode_conversation(self.tokenizer, history, add_generation_prompt=True)
         if len(ids) <= budget:
             return ids
-        fits = lambda msgs: len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget  # noqa: E731
+
+        def fits(msgs: Sequence[Message]) -> bool:
+            return len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget
+
         short = truncate_history(history, default_keep_prefix(history), fits)
         ids, _ = encode_conversation(self.tokenizer, short, add_generation_prompt=True)
         return ids[-budget:]

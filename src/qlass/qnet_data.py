@@ -1,0 +1,167 @@
+"""Q data for the QNet: reading ``qdata.jsonl``, the split by tree, sibling groups, ranking metrics.
+
+The record format is fixed by exploration (see :mod:`qlass.qnet_train`); every problem is reported
+with the file, the record (line) and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+
+from .errors import DataError
+from .jsonl import read_jsonl
+from .types import Message
+
+QDATA_SCHEMA_VERSION = 1
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class QRecord:
+    """One training example: the history before an action, the action, and its Q target."""
+
+    tree_id: str
+    task: str
+    node_id: int
+    parent_id: int
+    group: str
+    depth: int
+    messages: tuple[Message, ...]
+    action: str
+    q: float
+
+
+@dataclass
+class Group:
+    """Siblings: records of one tree and sibling group, sharing one history."""
+
+    tree_id: str
+    group: str
+    messages: list[Message]
+    records: list[QRecord]
+
+
+def _field(rec: dict[str, Any], name: str, kind: type | tuple[type, ...], path: str, index: int) -> Any:
+    if name not in rec:
+        raise DataError(path, f"missing field {name!r}", index=index)
+    value = rec[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(path, f"field {name!r} must be {want}, got {type(value).__name__}", index=index)
+    return value
+
+
+def parse_qrecord(rec: dict[str, Any], path: str, index: int) -> QRecord:
+    """Validate one qdata record (index = 0-based line number among records)."""
+    version = _field(rec, "schema_version", int, path, index)
+    if version != QDATA_SCHEMA_VERSION:
+        raise DataError(path, f"field 'schema_version' is {version}; this qlass reads {QDATA_SCHEMA_VERSION}",
+                        index=index)
+    messages = _field(rec, "messages", list, path, index)
+    parsed = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(path, f"field 'messages[{k}]' must be {{'role': one of {ROLES}, 'content': str}}",
+                            index=index)
+        parsed.append(Message(m["role"], m["content"]))
+    if not parsed:
+        raise DataError(path, "field 'messages' is empty (the history must hold at least the task turn)", index=index)
+    q = float(_field(rec, "q", (int, float), path, index))
+    if not math.isfinite(q):
+        raise DataError(path, f"field 'q' must be finite, got {q}", index=index)
+    return QRecord(
+        tree_id=_field(rec, "tree_id", str, path, index), task=_field(rec, "task", str, path, index),
+        node_id=_field(rec, "node_id", int, path, index), parent_id=_field(rec, "parent_id", int, path, index),
+        group=_field(rec, "group", str, path, index), depth=_field(rec, "depth", int, path, index),
+        messages=tuple(parsed), action=_field(rec, "action", str, path, index), q=q)
+
+
+def read_qdata(path: str | Path) -> list[QRecord]:
+    """Every record of a qdata JSONL file, validated."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(str(p), "file not found")
+    records = [parse_qrecord(rec, str(p), i) for i, rec in enumerate(read_jsonl(p))]
+    if not records:
+        raise DataError(str(p), "no records")
+    return records
+
+
+def split_by_tree(records: Sequence[QRecord], val_fraction: float, seed: int) -> tuple[list[QRecord], list[QRecord]]:
+    """Seeded train/validation split of whole trees (at least one tree each side when possible)."""
+    trees = sorted({r.tree_id for r in records})
+    random.Random(seed).shuffle(trees)
+    n_val = round(len(trees) * val_fraction)
+    if val_fraction > 0 and len(trees) >= 2:
+        n_val = min(max(n_val, 1), len(trees) - 1)
+    held = set(trees[:n_val])
+    return [r for r in records if r.tree_id not in held], [r for r in records if r.tree_id in held]
+
+
+def make_groups(records: Sequence[QRecord], source: str) -> list[Group]:
+    """Sibling groups in first-seen order; siblings must share their history."""
+    groups: dict[tuple[str, str], Group] = {}
+    for r in records:
+        key = (r.tree_id, r.group)
+        g = groups.get(key)
+        if g is None:
+            groups[key] = Group(r.tree_id, r.group, list(r.messages), [r])
+        elif tuple(g.messages) != r.messages:
+            raise DataError(source, f"field 'messages' differs from its sibling node {g.records[0].node_id}'s "
+                            f"(tree {r.tree_id!r}, group {r.group!r}); siblings must share one history",
+                            record_id=f"{r.tree_id}/{r.node_id}")
+        else:
+            g.records.append(r)
+    return list(groups.values())
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    sorted_x = x[order]
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or sorted_x[end] != sorted_x[start]:
+            ranks[order[start:end]] = (start + end - 1) / 2.0
+            start = end
+    return ranks
+
+
+def spearman(targets: Sequence[float], preds: Sequence[float]) -> float | None:
+    """Spearman's rank correlation; ``None`` when either side is constant or there are < 2 values."""
+    if len(targets) < 2:
+        return None
+    a, b = _ranks(np.asarray(targets, float)), _ranks(np.asarray(preds, float))
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def ranking_metrics(keys: Sequence[Hashable], targets: Sequence[float], preds: Sequence[float],
+                    eps: float = 1e-6) -> dict[str, Any]:
+    """Pairwise ranking accuracy among records sharing a key (sibling group) whose targets differ by
+    more than ``eps`` (a tied prediction counts half), and Spearman over all records."""
+    by_key: dict[Hashable, list[int]] = defaultdict(list)
+    for i, k in enumerate(keys):
+        by_key[k].append(i)
+    correct, pairs = 0.0, 0
+    for idx in by_key.values():
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                i, j = idx[a], idx[b]
+                dt = targets[i] - targets[j]
+                if abs(dt) <= eps:
+                    continue
+                pairs += 1
+                dp = preds[i] - preds[j]
+                correct += 0.5 if dp == 0 else float((dp > 0) == (dt > 0))
+    return {"pair_accuracy": correct / pairs if pairs else None, "pairs": pairs,
+            "spearman": spearman(targets, preds), "n": len(targets)}

@@ -1,0 +1,277 @@
+"""Stage 3: train the QNet on Q data (MSE on the Q targets), validated by sibling ranking.
+
+Q data (``qdata.jsonl``, written by exploration) holds one record per (history, action)::
+
+    {"schema_version": 1, "tree_id": str, "task": str, "node_id": int, "parent_id": int,
+     "group": str, "depth": int, "messages": [{"role", "content"}, ...], "action": str, "q": float}
+
+Siblings (same ``tree_id`` and ``group``) share their history, so training runs each sibling group
+as one shared-prefix batch (:meth:`qlass.qnet.QNet.values`, the very code that scores candidates at
+inference): the history is computed once per group, with gradients. An optimizer step covers
+``batch_size`` groups.
+
+Validation holds out whole trees (seeded; no tree in both splits). Per epoch it reports MSE,
+pairwise ranking accuracy among siblings with different targets (prediction ties count half) and
+Spearman's rank correlation. At the end the SFT policy's own log-likelihood of each action (summed
+token log-probabilities given the same history) is scored as a ranker on the same split, the
+baseline the QNet must beat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import config_hash, option, save_yaml, to_dict
+from .qnet import QNet, backbone_of, shared_prefix_hidden
+from .qnet_data import Group, QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
+from .train_utils import (
+    epoch_batches, load_checkpoint, log_metrics, optimizer_and_schedule, plan, progress_bar, save_checkpoint,
+    steps_from,
+)
+
+log = logging.getLogger(__name__)
+DONE_MARK = ".qlass-complete"
+RESULT_FILE = "qnet_result.json"
+
+
+@dataclass(frozen=True)
+class QNetTrainConfig:
+    """QNet training settings; defaults follow the paper's reference code, CPU runs override them."""
+
+    epochs: int = option(2, "passes over the training groups")
+    lr: float = option(2e-5, "peak learning rate")
+    batch_size: int = option(32, "sibling groups per optimizer step (paper: 64 examples, about 32 groups)")
+    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_length: int = option(4096, "longest input in tokens (history + action); oldest turns dropped first")
+    max_action_tokens: int = option(256, "tokens reserved for the candidate action (longer ones keep their end)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
+    lora: bool = option(False, "train LoRA adapters (merged on save) plus the head instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    autocast: bool = option(False, "bf16 autocast (fast on AVX512-BF16/AMX CPUs and on GPUs)")
+    device: str = option("cpu", "torch device to train on (cpu, cuda, ...)")
+    threads: int | None = option(None, "torch CPU threads (None: torch's default)")
+    val_fraction: float = option(0.1, "fraction of trees held out for validation")
+    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
+    save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
+    eval_before: bool = option(True, "also validate the untrained QNet (epoch 0)")
+    baseline: bool = option(True, "rank the validation siblings by the SFT policy's log-likelihood too")
+    seed: int = option(0, "seed for the split, batching and head initialisation")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError("epochs, batch_size and save_every must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class EncodedGroup:
+    """A sibling group as token ids: the shared history once, each action's own ids, the targets."""
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+    targets: list[float]
+    records: list[QRecord]
+
+
+def encode_groups(qnet: QNet, groups: Sequence[Group]) -> list[EncodedGroup]:
+    """Tokenize every group with the QNet's (= the policy's) input encoding."""
+    return [EncodedGroup(qnet.encode_history(g.messages), [qnet.encode_action(r.action) for r in g.records],
+                         [r.q for r in g.records], list(g.records)) for g in groups]
+
+
+def predict(score_group: Callable[[EncodedGroup], torch.Tensor], groups: Sequence[EncodedGroup]) -> list[float]:
+    """Scores of every record of ``groups`` (group order, then record order), without gradients."""
+    out: list[float] = []
+    with torch.no_grad():
+        for g in groups:
+            out += [float(v) for v in score_group(g)]
+    return out
+
+
+def validate(qnet: QNet, groups: Sequence[EncodedGroup]) -> dict[str, Any]:
+    """MSE, sibling ranking accuracy and Spearman of the QNet on ``groups``."""
+    was_training = qnet.model.training
+    qnet.model.eval()
+    preds = predict(lambda g: qnet.values(g.prefix, g.suffixes), groups)
+    qnet.model.train(was_training)
+    records = [r for g in groups for r in g.records]
+    targets = [r.q for r in records]
+    metrics = ranking_metrics([(r.tree_id, r.group) for r in records], targets, preds)
+    metrics["mse"] = sum((p - t) ** 2 for p, t in zip(preds, targets, strict=True)) / max(len(targets), 1)
+    return metrics
+
+
+def loglik_ranker_metrics(sft_dir: str | Path, groups: Sequence[EncodedGroup], autocast: bool = False,
+                          device: str = "cpu") -> dict[str, Any]:
+    """Sibling ranking by the SFT policy's summed log-probability of each action given its history."""
+    from .policy.hf import load_causal_lm
+
+    lm, _ = load_causal_lm(sft_dir)
+    lm.to(device)
+    backbone = backbone_of(lm)
+    head = lm.get_output_embeddings()
+
+    def score(g: EncodedGroup) -> torch.Tensor:
+        prefix_last, hidden = shared_prefix_hidden(backbone, g.prefix, g.suffixes, autocast)
+        sums = []
+        for i, ids in enumerate(g.suffixes):
+            if not ids:
+                sums.append(torch.tensor(0.0))
+                continue
+            # token k of the action is predicted from the position before it (the prefix's last for k=0)
+            states = torch.cat([prefix_last[None], hidden[i, : len(ids) - 1]])
+            logp = torch.log_softmax(head(states.to(head.weight.dtype)).float(), dim=-1)
+            sums.append(logp[torch.arange(len(ids)), torch.tensor(ids, device=logp.device)].sum().cpu())
+        return torch.stack(sums)
+
+    preds = predict(score, groups)
+    records = [r for g in groups for r in g.records]
+    return ranking_metrics([(r.tree_id, r.group) for r in records], [r.q for r in records], preds)
+
+
+def _group_loss(qnet: QNet, g: EncodedGroup) -> torch.Tensor:
+    values = qnet.values(g.prefix, g.suffixes)
+    return ((values - torch.tensor(g.targets, device=values.device)) ** 2).sum()
+
+
+def _apply_lora(qnet: QNet, cfg: QNetTrainConfig) -> Any:
+    """Wrap the backbone's linear layers with LoRA adapters (in place); the head trains fully."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(qnet.model, LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear", exclude_modules=["score"]))
+    qnet.model.score.weight.requires_grad_(True)
+    return peft_model
+
+
+def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg: QNetTrainConfig) -> dict[str, Any]:
+    """Train a QNet from the SFT model at ``sft_dir`` on ``qdata``; returns the final validation result.
+
+    ``out_dir`` receives the QNet (an ``AutoModelForSequenceClassification`` folder, safetensors),
+    ``metrics.jsonl``, ``qnet_config.yaml`` and ``qnet_result.json``. An interrupted run resumes from
+    its checkpoint; a finished one returns its saved result.
+    """
+    out = Path(out_dir)
+    if (out / DONE_MARK).exists():
+        log.info("%s is complete; nothing to do", out)
+        return json.loads((out / RESULT_FILE).read_text())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    records = read_qdata(qdata)
+    train_records, val_records = split_by_tree(records, cfg.val_fraction, cfg.seed)
+    qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
+    qnet.model.to(cfg.device)
+    train = encode_groups(qnet, make_groups(train_records, str(qdata)))
+    val = encode_groups(qnet, make_groups(val_records, str(qdata)))
+    peft_model = _apply_lora(qnet, cfg) if cfg.lora else None
+    qnet.model.train()
+    sched_plan = plan(len(train), cfg.batch_size, 1, cfg.epochs, cfg.max_steps)
+    params = [p for p in qnet.model.parameters() if p.requires_grad]
+    opt, sched = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, sched_plan.total_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(out / "qnet_config.yaml", {**to_dict(cfg), "qdata": str(qdata), "sft_model": str(sft_dir)})
+    chash = config_hash(cfg) + f"-{len(train)}-{len(val)}"
+    step = load_checkpoint(out, qnet.model, opt, sched, chash)
+    log.info("QNet: %d records in %d train groups (%d trees), %d in %d validation groups (%d trees); "
+             "%d optimizer steps", len(train_records), len(train), len({r.tree_id for r in train_records}),
+             len(val_records), len(val), len({r.tree_id for r in val_records}), sched_plan.total_steps)
+    history: list[dict[str, Any]] = []
+    if step == 0 and val and cfg.eval_before:
+        history.append(_log_epoch(out, 0, step, validate(qnet, val), None))
+    lengths = [len(g.prefix) + sum(map(len, g.suffixes)) for g in train]
+    n_epochs = math.ceil(sched_plan.total_steps / sched_plan.steps_per_epoch)
+    with progress_bar("qnet") as progress:
+        bar = progress.add_task("", total=sched_plan.total_steps, completed=step, loss=float("nan"))
+        for epoch in range(step // sched_plan.steps_per_epoch, n_epochs):
+            batches = epoch_batches(lengths, 1, cfg.seed, epoch)
+            epoch_loss, epoch_n = 0.0, 0
+            skip = step - epoch * sched_plan.steps_per_epoch
+            for micro_batches in steps_from(batches, sched_plan.accumulation, skip):
+                if step >= sched_plan.total_steps:
+                    break
+                n_records = sum(len(train[i].targets) for mb in micro_batches for i in mb)
+                total = 0.0
+                for mb in micro_batches:
+                    loss = _group_loss(qnet, train[mb[0]])
+                    (loss / n_records).backward()
+                    total += float(loss.detach())
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                epoch_loss, epoch_n = epoch_loss + total, epoch_n + n_records
+                progress.update(bar, advance=1, loss=total / n_records)
+                if step % cfg.save_every == 0:
+                    save_checkpoint(out, qnet.model, opt, sched, step, chash)
+            train_mse = epoch_loss / epoch_n if epoch_n else None
+            if val:
+                history.append(_log_epoch(out, epoch + 1, step, validate(qnet, val), train_mse))
+            save_checkpoint(out, qnet.model, opt, sched, step, chash)
+    if peft_model is not None:
+        qnet.model = peft_model.merge_and_unload()
+    qnet.model.eval()
+    result: dict[str, Any] = {"train_records": len(train_records), "val_records": len(val_records),
+                              "qnet": _final_metrics(out, history)}
+    if cfg.baseline and val:
+        result["sft_loglik"] = loglik_ranker_metrics(sft_dir, val, cfg.autocast, cfg.device)
+        log_metrics(out, {"kind": "sft_loglik_ranker", **result["sft_loglik"]})
+    qnet.model.to("cpu")
+    qnet.save(out, extra={"trained_on": str(qdata), "sft_model": str(sft_dir), "validation": result})
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    (out / DONE_MARK).write_text("qnet\n")
+    return result
+
+
+def _log_epoch(out: Path, epoch: int, step: int, metrics: dict[str, Any], train_mse: float | None) -> dict[str, Any]:
+    record = {"kind": "qnet_val", "epoch": epoch, "step": step, "train_mse": train_mse, **metrics}
+    log.info("epoch %d: val mse %.4f, sibling pair accuracy %s over %d pairs, spearman %s", epoch,
+             metrics["mse"], _fmt(metrics["pair_accuracy"]), metrics["pairs"], _fmt(metrics["spearman"]))
+    log_metrics(out, record)
+    return record
+
+
+def _final_metrics(out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last epoch's validation record (read back from ``metrics.jsonl`` after a resume)."""
+    if history:
+        return history[-1]
+    from .jsonl import read_jsonl
+
+    epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "qnet_val"]
+    return epochs[-1] if epochs else {}
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """Human-readable lines comparing the QNet with the SFT log-likelihood ranker."""
+    lines = []
+    q = result.get("qnet") or {}
+    if q:
+        lines.append(f"QNet (epoch {q.get('epoch')}): sibling pair accuracy {_fmt(q.get('pair_accuracy'))} "
+                     f"over {q.get('pairs')} pairs, spearman {_fmt(q.get('spearman'))}, mse {_fmt(q.get('mse'))}")
+    b = result.get("sft_loglik")
+    if b:
+        lines.append(f"SFT log-likelihood ranker: sibling pair accuracy {_fmt(b.get('pair_accuracy'))} "
+                     f"over {b.get('pairs')} pairs, spearman {_fmt(b.get('spearman'))}")
+    return lines
+

@@ -1,0 +1,194 @@
+"""QNet training on synthetic Q data with a tiny random model: reading and validating qdata, the
+split by tree, ranking metrics, train/inference input identity, learning, resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from qlass.errors import DataError
+from qlass.policy.render import encode_conversation, render
+from qlass.qnet import QNet
+from qlass.qnet_data import make_groups, ranking_metrics, read_qdata, spearman, split_by_tree
+from qlass.qnet_train import QNetTrainConfig, encode_groups, train_qnet
+from qlass.types import Message
+
+GOOD = ["north", "open", "take", "look"]
+BAD = ["south", "close", "drop", "wait"]
+FILLER = ["the", "red", "door", "kitchen", "plant", "table", "water", "box"]
+
+
+def synthetic_qdata(path: Path, trees: int = 12, groups: int = 3, seed: int = 0) -> Path:
+    """Q data whose targets are learnable: an action ending in a GOOD word is worth 0.9, BAD 0.1."""
+    rng = random.Random(seed)
+    lines = []
+    for t in range(trees):
+        messages = [{"role": "user", "content": "Instruction: act well."}, {"role": "assistant", "content": "OK"},
+                    {"role": "user", "content": f"Task {t}: " + " ".join(rng.choices(FILLER, k=5))}]
+        node = 0
+        for g in range(groups):
+            for good in (True, False):
+                node += 1
+                word = rng.choice(GOOD if good else BAD)
+                action = f"Thought: {' '.join(rng.choices(FILLER, k=3))}\nAction: {word}"
+                lines.append({"schema_version": 1, "tree_id": f"tree{t}", "task": f"toy/{t}", "node_id": node,
+                              "parent_id": g, "group": f"g{g}", "depth": g + 1, "messages": list(messages),
+                              "action": action, "q": 0.9 if good else 0.1})
+            messages = messages + [{"role": "assistant", "content": lines[-2]["action"]},
+                                   {"role": "user", "content": "Observation: " + " ".join(rng.choices(FILLER, k=4))}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def test_reader_reports_file_record_and_field(tmp_path: Path) -> None:
+    good = synthetic_qdata(tmp_path / "q.jsonl", trees=2)
+    assert len(read_qdata(good)) == 2 * 3 * 2
+    rows = [json.loads(x) for x in good.read_text().splitlines()]
+    for field, value, match in [("q", "high", "field 'q' must be int or float"),
+                                ("schema_version", 2, "schema_version"),
+                                ("messages", [{"role": "bot", "content": "x"}], r"messages\[0\]"),
+                                ("tree_id", None, "field 'tree_id' must be str")]:
+        bad = [dict(r) for r in rows]
+        bad[3][field] = value
+        p = tmp_path / "bad.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in bad))
+        with pytest.raises(DataError, match=match) as err:
+            read_qdata(p)
+        assert "bad.jsonl" in str(err.value) and "record 3" in str(err.value)
+    del rows[5]["action"]
+    (tmp_path / "missing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="record 5.*missing field 'action'"):
+        read_qdata(tmp_path / "missing.jsonl")
+
+
+def test_siblings_must_share_their_history(tmp_path: Path) -> None:
+    records = read_qdata(synthetic_qdata(tmp_path / "q.jsonl", trees=1))
+    assert [len(g.records) for g in make_groups(records, "q.jsonl")] == [2, 2, 2]
+    from dataclasses import replace
+
+    broken = [records[0], replace(records[1], messages=records[1].messages + (Message("user", "extra"),))]
+    with pytest.raises(DataError, match="siblings must share one history"):
+        make_groups(broken, "q.jsonl")
+
+
+def test_split_is_by_tree_seeded_and_complete(tmp_path: Path) -> None:
+    records = read_qdata(synthetic_qdata(tmp_path / "q.jsonl", trees=10))
+    train, val = split_by_tree(records, 0.2, seed=3)
+    assert len(train) + len(val) == len(records)
+    assert not {r.tree_id for r in train} & {r.tree_id for r in val}
+    assert len({r.tree_id for r in val}) == 2
+    assert split_by_tree(records, 0.2, seed=3) == (train, val)
+    assert split_by_tree(records, 0.2, seed=4) != (train, val)
+
+
+def test_ranking_metrics_count_only_sibling_pairs_with_different_targets() -> None:
+    keys = ["a", "a", "a", "b", "b", "c"]
+    targets = [1.0, 0.0, 0.0, 0.5, 0.5, 0.3]
+    preds = [0.2, 0.1, 0.3, 0.0, 1.0, 9.0]
+    m = ranking_metrics(keys, targets, preds)
+    assert m["pairs"] == 2 and m["pair_accuracy"] == 0.5  # (0,1) right, (0,2) wrong; b tied targets; c alone
+    assert ranking_metrics(["a", "a"], [1.0, 0.0], [0.4, 0.4])["pair_accuracy"] == 0.5
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_training_input_equals_inference_input(tiny_model_dir: Path, tmp_path: Path) -> None:
+    qnet = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64)
+    records = read_qdata(synthetic_qdata(tmp_path / "q.jsonl", trees=2))
+    for g in encode_groups(qnet, make_groups(records, "q")):
+        for rec, suffix in zip(g.records, g.suffixes, strict=True):
+            history = list(rec.messages)
+            ids = g.prefix + suffix
+            assert ids == encode_conversation(qnet.tokenizer, history, True)[0] + \
+                qnet.tokenizer(rec.action, add_special_tokens=False).input_ids
+            assert ids == qnet.encode(history, rec.action)
+            assert qnet.tokenizer.decode(ids) == render(qnet.tokenizer, history, True) + rec.action
+
+
+CFG = dict(epochs=4, lr=3e-3, batch_size=4, max_length=512, max_action_tokens=32, val_fraction=0.25,
+           warmup_ratio=0.0, save_every=5, seed=0)
+
+
+@pytest.mark.slow
+def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=16)
+    out = tmp_path / "qnet"
+    result = train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG))
+    epochs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "qnet_val"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3, 4]
+    before, after = epochs[0], epochs[-1]
+    assert after["pairs"] == 4 * 3 and after["pair_accuracy"] >= 0.9
+    assert after["pair_accuracy"] >= before["pair_accuracy"] + 0.25
+    assert after["mse"] < before["mse"] / 2
+    assert result["qnet"]["pair_accuracy"] == after["pair_accuracy"]
+    assert result["sft_loglik"]["pairs"] == after["pairs"] and 0.0 <= result["sft_loglik"]["pair_accuracy"] <= 1.0
+    assert not (out / "checkpoint").exists()
+    AutoModelForSequenceClassification.from_pretrained(out)  # loads with the Auto class
+    qnet = QNet.load(out)
+    history = list(read_qdata(data)[0].messages)
+    good, bad = qnet.score(history, ["Thought: the box\nAction: open", "Thought: the box\nAction: close"])
+    assert good > bad
+    assert train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG)) == result  # finished: not redone
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_to_the_same_model(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A crash cannot be placed at an exact step for real, so one is injected right after the
+    checkpoint of step 5; the resumed run must end where an uninterrupted one does."""
+    import qlass.qnet_train as qt
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=8)
+    cfg = QNetTrainConfig(**{**CFG, "epochs": 2, "eval_before": False, "baseline": False})
+    whole = train_qnet(data, tiny_model_dir, tmp_path / "whole", cfg)
+
+    real_save = qt.save_checkpoint
+
+    def crash_after_first_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(qt, "save_checkpoint", crash_after_first_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_qnet(data, tiny_model_dir, tmp_path / "resumed", cfg)
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 5
+    monkeypatch.setattr(qt, "save_checkpoint", real_save)
+    resumed = train_qnet(data, tiny_model_dir, tmp_path / "resumed", cfg)
+    assert resumed["qnet"]["mse"] == pytest.approx(whole["qnet"]["mse"], rel=1e-4)
+    history = list(read_qdata(data)[0].messages)
+    cands = ["Action: open", "Action: drop"]
+    assert QNet.load(tmp_path / "resumed").score(history, cands) == \
+        pytest.approx(QNet.load(tmp_path / "whole").score(history, cands), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_reports_qnet_and_sft_ranker(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=6)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("epochs: 1\nbatch_size: 4\nmax_length: 512\nmax_action_tokens: 32\nval_fraction: 0.34\n")
+    res = CliRunner().invoke(app, ["train-qnet", str(data), "--model", str(tiny_model_dir), "--out",
+                                   str(tmp_path / "q"), "--config", str(cfg), "--set", "lora=true", "--set", "lr=0.001"])
+    assert res.exit_code == 0, res.output
+    assert "QNet (epoch 1): sibling pair accuracy" in res.output
+    assert "SFT log-likelihood ranker: sibling pair accuracy" in res.output
+    assert not any(k.startswith("base_model") or "lora" in k
+                   for k in _safetensors_keys(tmp_path / "q" / "model.safetensors"))  # LoRA merged
+    bad = CliRunner().invoke(app, ["train-qnet", str(data), "--model", str(tiny_model_dir), "--out",
+                                   str(tmp_path / "q2"), "--set", "epochs=0"])
+    assert bad.exit_code != 0 and "epochs" in str(bad.exception or bad.output)
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
