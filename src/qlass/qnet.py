@@ -71,29 +71,65 @@ def backbone_of(model: Any) -> Any:
 
 
 def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-                         autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         autocast: bool = False, packed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states of ``prefix + suffix`` for every suffix, the prefix computed once.
 
-    The prefix runs alone (KV cache); the cache is expanded to one row per suffix and the suffixes,
-    right-padded, run as one batch (padding sits after every real token, so causality keeps it
-    invisible). Returns ``(prefix_last [H], suffix_hidden [M, S, H])``. Differentiable.
+    The prefix runs alone and leaves its KV cache. The suffixes then run in one forward:
+
+    - *packed* (sdpa / eager attention): all suffix tokens in a single row after the prefix, with a
+      block attention mask (each token sees the whole prefix and the earlier tokens of its own
+      suffix) and positions restarting at ``len(prefix)`` for each suffix — no padding and no copies
+      of the prefix cache;
+    - *batched* (other attention kernels, which take no custom mask): the cache expanded to one row
+      per suffix and the suffixes right-padded (padding sits after every real token, so causality
+      keeps it invisible).
+
+    ``packed=None`` picks the packed layout whenever the attention kernel allows it. Returns
+    ``(prefix_last [H], suffix_hidden [M, S, H])`` with ``S`` the longest suffix (rows of
+    shorter suffixes are filled with unused values past their end). Differentiable.
     """
     from transformers import DynamicCache
 
     if not prefix:
         raise ValueError("the shared prefix must not be empty")
     device = backbone.device
+    lengths = [len(s) for s in suffixes]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = backbone(input_ids=torch.tensor([list(prefix)], dtype=torch.long, device=device),
                        cache=DynamicCache(config=backbone.config), use_cache=True)
         prefix_last = out.last_hidden_state[0, -1].float()
-        width = max((len(s) for s in suffixes), default=0)
-        if width == 0:
+        if max(lengths, default=0) == 0:
             return prefix_last, prefix_last.new_zeros((len(suffixes), 0, prefix_last.shape[-1]))
-        cache = _expand_cache(out.cache, len(suffixes))
-        rows = [list(s) + [0] * (width - len(s)) for s in suffixes]
-        out = backbone(input_ids=torch.tensor(rows, dtype=torch.long, device=device), cache=cache, use_cache=True)
-    return prefix_last, out.last_hidden_state.float()
+        if packed is None:
+            packed = backbone.config._attn_implementation in ("sdpa", "eager")
+        if packed:
+            hidden = _packed_forward(backbone, out.cache, len(prefix), suffixes)
+        else:
+            width = max(lengths)
+            rows = [list(s) + [0] * (width - len(s)) for s in suffixes]
+            hidden = backbone(input_ids=torch.tensor(rows, dtype=torch.long, device=device),
+                              cache=_expand_cache(out.cache, len(suffixes)), use_cache=True).last_hidden_state
+    return prefix_last, hidden.float()
+
+
+def _packed_forward(backbone: Any, cache: Any, n_prefix: int, suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
+    """All suffixes in one row after the cached prefix (see :func:`shared_prefix_hidden`); returns
+    their hidden states unpacked to ``[M, S, H]``."""
+    device = backbone.device
+    owner = torch.tensor([i for i, s in enumerate(suffixes) for _ in s], device=device)
+    local = torch.tensor([k for s in suffixes for k in range(len(s))], device=device)
+    same = (owner[:, None] == owner[None, :]) & (local[None, :] <= local[:, None])
+    allowed = torch.cat([torch.ones(len(owner), n_prefix, dtype=torch.bool, device=device), same], dim=1)
+    if backbone.config._attn_implementation == "eager":
+        dtype = backbone.dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    ids = torch.tensor([[t for s in suffixes for t in s]], dtype=torch.long, device=device)
+    hidden = backbone(input_ids=ids, attention_mask=allowed[None, None], position_ids=(n_prefix + local)[None],
+                      cache=cache, use_cache=True).last_hidden_state[0]
+    starts = torch.tensor([0] + [len(s) for s in suffixes], device=device).cumsum(0)[:-1]
+    width = max(len(s) for s in suffixes)
+    index = (starts[:, None] + torch.arange(width, device=device)[None, :]).clamp(max=len(owner) - 1)
+    return hidden[index]
 
 
 def _expand_cache(cache: Any, rows: int) -> Any:
