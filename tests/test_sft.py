@@ -1,4 +1,5 @@
-"""SFT on a tiny random model: the exact loss mask, loss going down, saving, resuming."""
+"""SFT on a tiny random model: the exact loss mask, windowing of long conversations, loss going down,
+a loadable saved model (full and LoRA), the CLI, and resuming after a SIGKILL to the same weights."""
 
 from __future__ import annotations
 
@@ -11,97 +12,160 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlass.config import build
+from qlass.data import load_trajectories
 from qlass.errors import QlassError
-from qlass.sft import SFTConfig, encode_example, train_sft
+from qlass.policy.render import ensure_chat_template, render
+from qlass.sft import SFTConfig, encode_windows, prefix_length, train_sft
 from qlass.types import Message
 
-PREFIX = [Message("user", "Instruction: act."), Message("assistant", "OK"),
-          Message("user", "Example task."), Message("assistant", "Thought: ex.\nAction: example")]
+INSTRUCTION = "You are an agent in a house. Answer with a Thought line and an Action line."
+EXAMPLE = [("user", "Your task is to find a(n) animal.\nThis room is called the hallway."),
+           ("assistant", "Thought: Animals live outside.\nAction: go to outside"),
+           ("user", "Observation: You move to the outside."),
+           ("assistant", "Thought: The parrot is an animal.\nAction: focus on parrot")]
 
 
-def conversation(i: int) -> list[Message]:
+def record(i: int) -> dict:
+    """One ETO-format conversation: instruction, OK, one-shot example, task, two Thought/Action turns."""
     room = ["kitchen", "garden", "hallway"][i % 3]
-    return PREFIX + [
-        Message("user", f"Task {i}: go to the {room}."),
-        Message("assistant", f"Thought: The {room} is next.\nAction: go to {room}"),
-        Message("user", f"Observation: You are in the {room}."),
-        Message("assistant", "Thought: Done.\nAction: stop"),
-    ]
+    turns = [("human", INSTRUCTION), ("gpt", "OK")]
+    turns += [("human" if r == "user" else "gpt", t) for r, t in EXAMPLE]
+    turns += [("human", f"Your task is to find a(n) plant {i}. This room is called the {room}."),
+              ("gpt", f"Thought: The {room} may have plants.\nAction: go to {room}"),
+              ("human", f"Observation: You move to the {room}."),
+              ("gpt", "Thought: The fern is a plant.\nAction: focus on fern"),
+              ("human", "Observation: You focus on the fern.")]
+    return {"id": f"sciworld/find-plant/{i}", "conversations": [{"from": f, "value": v} for f, v in turns],
+            "reward": 1.0, "success": True}
 
 
 def write_data(path: Path, n: int = 12) -> Path:
-    recs = [{"id": f"c{i}", "conversations": [{"from": "human" if m.role == "user" else "gpt", "value": m.content}
-                                              for m in conversation(i)]} for i in range(n)]
-    path.write_text(json.dumps(recs))
+    path.write_text(json.dumps([record(i) for i in range(n)]))
     return path
 
 
-def test_loss_mask_is_exactly_the_agent_turns_after_the_task(tiny_model_dir) -> None:
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids, labels = encode_example(tok, conversation(0), max_length=4096)
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return ensure_chat_template(AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def test_loss_mask_is_exactly_the_agent_turns_after_the_task(tok, tmp_path: Path) -> None:
+    messages = load_trajectories(write_data(tmp_path / "d.json", n=1))[0].messages
+    assert prefix_length(messages) == 7  # instruction, OK, 4 example turns, task turn
+    [(ids, labels)] = encode_windows(tok, messages, max_length=4096)
     trained = tok.decode([t for t in labels if t != -100])
-    assert trained == ("Thought: The kitchen is next.\nAction: go to kitchen<|im_end|>\n"
-                       "Thought: Done.\nAction: stop<|im_end|>\n")
-    assert len(ids) == len(labels)
+    assert trained == ("Thought: The kitchen may have plants.\nAction: go to kitchen<|im_end|>\n"
+                       "Thought: The fern is a plant.\nAction: focus on fern<|im_end|>\n")
+    # the ids are exactly the rendered conversation (what the policy reads), up to the last agent turn
+    assert tok.decode(ids) == render(tok, messages[:-1], add_generation_prompt=False)
+    assert len(ids) == len(labels) and all(lab in (-100, t) for t, lab in zip(ids, labels))
 
 
-def test_truncation_drops_oldest_turns_keeps_task_and_newest(tiny_model_dir) -> None:
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    conv = conversation(0)
+def test_prefix_fallback_without_observation_markers() -> None:
+    msgs = [Message("user", "Instructions."), Message("assistant", "OK"), Message("user", "Task: x."),
+            Message("assistant", "Thought: a\nAction: look"), Message("user", "It is dark."),
+            Message("assistant", "Thought: b\nAction: wait")]
+    assert prefix_length(msgs) == 3
+
+
+def test_long_conversation_is_windowed_newest_first_and_every_turn_trained(tok) -> None:
+    messages = [Message("user", INSTRUCTION), Message("assistant", "OK"), Message("user", "Task: count to 29.")]
     for k in range(30):
-        conv += [Message("user", f"Observation: step {k} " + "word " * 10),
-                 Message("assistant", f"Thought: t{k}\nAction: act {k}")]
-    full, _ = encode_example(tok, conv, max_length=100_000)
-    ids, labels = encode_example(tok, conv, max_length=400)
-    assert len(ids) <= 400 < len(full)
-    text = tok.decode(ids)
-    assert "Task 0: go to the kitchen." in text and "Action: act 29" in text and "Action: act 0\n" not in text
+        messages += [Message("assistant", f"Thought: t{k}\nAction: act {k}"),
+                     Message("user", f"Observation: step {k} " + "word " * 10)]
+    [(full, _)] = encode_windows(tok, messages, max_length=100_000)
+    windows = encode_windows(tok, messages, max_length=300)
+    assert len(windows) > 2 and all(len(ids) <= 300 for ids, _ in windows) and len(full) > 300
+    newest = tok.decode(windows[0][0])
+    assert "Task: count to 29." in newest and "Action: act 29" in newest and "Action: act 0\n" not in newest
+    trained = [tok.decode([t for t in lab if t != -100]) for _, lab in windows]
+    acts = [line for text in trained for line in text.splitlines() if line.startswith("Action:")]
+    assert sorted(acts) == sorted(f"Action: act {k}<|im_end|>" for k in range(30))  # each turn once
+    for ids, _ in windows:  # every window keeps the instruction and the task turn
+        assert tok.decode(ids).count("Task: count to 29.") == 1
 
 
-def test_training_lowers_loss_and_saves_a_loadable_model(tiny_model_dir, tmp_path: Path) -> None:
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_loss_and_saves_a_loadable_model(tiny_model_dir, tok, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.json")
-    cfg = SFTConfig(epochs=6, lr=1e-2, batch_size=4, micro_batch=2, val_fraction=0.25, save_every=100)
+    cfg = SFTConfig(epochs=6, lr=1e-2, batch_size=4, micro_batch=2, val_fraction=0.25, save_every=100, threads=1)
     out = train_sft(data, tiny_model_dir, tmp_path / "sft", cfg)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    val = [m["val_loss"] for m in metrics if "val_loss" in m]
-    assert len(val) == 6 and val[-1] < val[0] * 0.7
+    val = [m["val_loss"] for m in _metrics(out) if "val_loss" in m]
+    assert len(val) == 7 and val[-1] < val[0] * 0.5  # before training + one per epoch
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, torch.nn.Module) and (out / "model.safetensors").exists()
+    saved_tok = AutoTokenizer.from_pretrained(out)
+    assert saved_tok.chat_template == tok.chat_template
     assert not (out / "checkpoint").exists() and (out / "sft_config.yaml").exists()
+    assert train_sft(data, tiny_model_dir, out, cfg) == out  # complete: nothing redone
+    with pytest.raises(QlassError, match="other settings"):
+        train_sft(data, tiny_model_dir, out, SFTConfig(epochs=1))
 
 
 def test_lora_merges_into_plain_model(tiny_model_dir, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.json", n=4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     out = train_sft(data, tiny_model_dir, tmp_path / "lora",
-                    SFTConfig(epochs=1, lr=1e-3, batch_size=2, micro_batch=2, lora=True, lora_r=4, val_fraction=0.0))
+                    SFTConfig(epochs=1, lr=1e-2, batch_size=2, micro_batch=2, lora=True, lora_r=4, val_fraction=0.0,
+                              threads=1))
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and not (out / "adapter_config.json").exists()
-    AutoModelForCausalLM.from_pretrained(out)
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert set(merged) == set(base)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_path: Path) -> None:
-    data = write_data(tmp_path / "data.json")
-    base = dict(epochs=2, lr=1e-3, batch_size=2, micro_batch=1, val_fraction=0.0, save_every=1)
-    full = train_sft(data, tiny_model_dir, tmp_path / "full", SFTConfig(**base))
-    # run the same config in a subprocess and kill it hard after a few checkpoints
+def test_cli_trains_and_rejects_unknown_option(tiny_model_dir, tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data.json", n=4)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("epochs: 1\nbatch_size: 2\nlr: 1e-3\nval_fraction: 0.25\nthreads: 1\n")
+    cmd = [sys.executable, "-m", "qlass", "sft", "--data", str(data), "--model", str(tiny_model_dir),
+           "--config", str(cfg)]
+    bad = subprocess.run(cmd + ["--out", str(tmp_path / "x"), "--set", "epoch=2"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "--set" in bad.stderr and "'epoch' (did you mean 'epochs'?)" in bad.stderr
+    ok = subprocess.run(cmd + ["--out", str(tmp_path / "cli"), "--set", "micro_batch=1"], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    steps = [m for m in _metrics(tmp_path / "cli") if "train_loss" in m]
+    assert [m["sequences"] for m in steps] == [2, 1]  # 3 train trajectories in batches of 2
+    AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+
+
+KILLER = """
+import os, sys
+import qlass.sft as sft
+from qlass.sft import SFTConfig, train_sft
+original = sft.save_checkpoint
+def save_then_die(out_dir, model, opt, sched, step, h):
+    original(out_dir, model, opt, sched, step, h)
+    if step == int(sys.argv[4]):
+        os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no flush
+sft.save_checkpoint = save_then_die
+train_sft(sys.argv[1], sys.argv[2], sys.argv[3], SFTConfig(**eval(sys.argv[5])))
+"""
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_after_sigkill_reaches_the_same_weights(tiny_model_dir, tmp_path: Path, lora: bool) -> None:
+    """A run killed right after its step-4 checkpoint (mid-epoch 2; LoRA dropout makes RNG state
+    matter) and restarted ends with the weights and loss sequence of an uninterrupted run."""
+    data = write_data(tmp_path / "data.json", n=7)
+    opts = {"epochs": 2, "lr": 1e-3, "batch_size": 2, "micro_batch": 1, "val_fraction": 0.15, "save_every": 2,
+            "lora": lora, "lora_r": 4, "lora_dropout": 0.3, "threads": 1}
+    full = train_sft(data, tiny_model_dir, tmp_path / "full", SFTConfig(**opts))
     out = tmp_path / "resumed"
-    script = (f"from qlass.sft import SFTConfig, train_sft; import os, qlass.train_utils as tu\n"
-              f"orig = tu.save_checkpoint\n"
-              f"def stop(out_dir, model, opt, sched, step, h):\n"
-              f"    orig(out_dir, model, opt, sched, step, h)\n"
-              f"    if step == 5: os.kill(os.getpid(), 9)\n"
-              f"tu.save_checkpoint = stop\nimport qlass.sft as s; s.save_checkpoint = stop\n"
-              f"train_sft({str(data)!r}, {str(tiny_model_dir)!r}, {str(out)!r}, SFTConfig(**{base!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(data), str(tiny_model_dir), str(out), "4", repr(opts)],
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == -9, proc.stderr
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 5
-    train_sft(data, tiny_model_dir, out, SFTConfig(**base))
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    with (out / "metrics.jsonl").open("a") as fh:  # a step logged after the checkpoint, then lost
+        fh.write(json.dumps({"step": 5, "epoch": 1, "train_loss": 99.0}) + "\n")
+    train_sft(data, tiny_model_dir, out, SFTConfig(**opts))
     a = AutoModelForCausalLM.from_pretrained(full).state_dict()
     b = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
-    assert steps == list(range(1, 13))
-    with pytest.raises(QlassError, match="unknown option"):
-        build(SFTConfig, {"epoch": 1}, "sft.yaml")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    losses = [(m["step"], round(m["train_loss"], 5)) for m in _metrics(out) if "train_loss" in m]
+    assert losses == [(m["step"], round(m["train_loss"], 5)) for m in _metrics(full) if "train_loss" in m]
+    assert [m["step"] for m in _metrics(out) if "val_loss" in m] == [0, 3, 6]

@@ -1,14 +1,32 @@
-"""Dataclass configs with help strings, loaded from and saved to YAML with strict key checking.
+"""Dataclass configs with help strings, loaded from and saved to YAML with strict checking.
 
-Every stage has a config dataclass whose fields carry ``metadata={"help": ...}``; unknown keys in a
-YAML file or in command-line overrides are errors naming the file and the key.
+A stage declares its settings as a (frozen) dataclass whose fields are made with :func:`option`,
+so every field carries a help string (for ``--help`` and docs)::
+
+    @dataclass(frozen=True)
+    class MyConfig:
+        lr: float = option(1e-5, "peak learning rate")
+
+    cfg = load_config("my.yaml", MyConfig, overrides={"lr": 3e-4})   # file, then overrides
+    save_config(out / "config.yaml", cfg)
+
+Unknown keys are errors naming the file (or ``--set``) and the key, with the closest known name.
+Values are checked against the field's type: ints where an int is declared, numbers for floats
+(a YAML string such as ``1e-5``, which YAML 1.1 does not read as a number, is converted), true/false
+for bools, strings for strs, lists and mappings for ``list``/``dict`` fields, ``null`` only for
+optional fields. The dataclass's own ``__post_init__`` checks (ranges etc.) run last and their
+message is reported with the same source.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +39,7 @@ T = TypeVar("T")
 
 
 def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help string."""
+    """A dataclass field with a default and a help string (lists/dicts are copied per instance)."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
@@ -43,17 +61,81 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
-    """``cls(**data)`` with unknown keys and bad values reported against ``source``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+def _check_value(name: str, value: Any, hint: Any, source: str) -> Any:
+    """``value`` checked (and, for float fields given a numeric string, converted) against ``hint``."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            if len(args) < len(typing.get_args(hint)):
+                return None
+            raise QlassError(f"{source}: option {name!r} may not be null")
+        if len(args) == 1:
+            return _check_value(name, value, args[0], source)
+        return value
+    if value is None:
+        raise QlassError(f"{source}: option {name!r} may not be null")
+    base = origin or hint
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base is str:
+        ok = isinstance(value, str)
+    elif base in (list, tuple):
+        ok = isinstance(value, (list, tuple))
+    elif base is dict:
+        ok = isinstance(value, Mapping)
+    else:
+        return value
+    if not ok:
+        raise QlassError(f"{source}: option {name!r} expects {getattr(base, '__name__', base)}, "
+                         f"got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _checked(cls: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with every key known to ``cls`` and every value of the declared type, else an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields, key=str)
     if unknown:
-        raise QlassError(f"{source}: unknown option(s) {', '.join(unknown)} for {cls.__name__}; "
-                         f"known: {', '.join(sorted(names))}")
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise QlassError(f"{source}: unknown option(s) {', '.join(hints)} for {cls.__name__}; "
+                         f"known: {', '.join(sorted(fields))}")
+    types_of = typing.get_type_hints(cls)
+    return {k: _check_value(k, v, types_of.get(k, Any), source) for k, v in data.items()}
+
+
+def build(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
+    """``cls(**data)`` with unknown keys, wrong types and rejected values reported against ``source``."""
+    checked = _checked(cls, data, source)
     try:
-        return cls(**data)
+        return cls(**checked)
     except (TypeError, ValueError) as exc:
         raise QlassError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path | None, cls: type[T], overrides: Mapping[str, Any] | None = None,
+                overrides_source: str = "--set") -> T:
+    """A ``cls`` config from the YAML file ``path`` (defaults when ``None``) with ``overrides`` on
+    top; unknown keys and wrong types name the file or ``overrides_source`` and the key."""
+    source = str(path) if path is not None else "defaults"
+    values = _checked(cls, load_yaml(path), source) if path is not None else {}
+    if overrides:
+        values.update(_checked(cls, overrides, overrides_source))
+        source = f"{source} with {overrides_source}"
+    return build(cls, values, source)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -71,6 +153,21 @@ def save_yaml(path: str | Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
+def save_config(path: str | Path, cfg: Any) -> None:
+    """Write a config dataclass as YAML (atomically) so :func:`load_config` reads it back equal."""
+    save_yaml(path, to_dict(cfg))
+
+
 def help_text(cls: type) -> dict[str, str]:
     """Field name → help string of a config class (for CLI and docs)."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def describe(cls: type) -> str:
+    """One line per option of ``cls``: name, default and help (for ``--help`` epilogs)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)

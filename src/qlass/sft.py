@@ -1,42 +1,67 @@
 """Stage 1: behaviour cloning on expert trajectories (loss on the agent's turns only).
 
-Token layout (from :func:`qlass.policy.render.encode_conversation`, the same ids the policy later
-samples from)::
+Token layout — the ids come from :func:`qlass.policy.render.encode_conversation`, the very ids the
+policy later samples from::
 
-    <system/instruction/one-shot example ...><task turn> | <assistant: Thought/Action><|im_end|>\\n
-    <user: Observation ...> | <assistant ...><|im_end|>\\n ...
+    [system] instruction | OK | example turns ... | task turn | Thought/Action<|im_end|>\\n | Observation ... | ...
+    \\_________ prefix (kept whole, never a target) __________/  \\__ target __/             \\_ context _/
 
-Labels are the token ids inside assistant turns that come after the task turn (end-of-turn token
-included, so the model learns to stop); everything else is -100. The one-shot example's turns are
-context, not targets. Conversations longer than ``max_length`` lose their oldest (action,
-observation) pairs after the task turn; the newest turns are always kept.
+Labels are the ids of the assistant turns after the task turn, their end-of-turn token (and the
+newline the template puts after it) included, so the model learns to stop; everything else is
+-100. The prefix's assistant turns (``OK``, the one-shot example) are context shared by every
+record, not targets.
+
+Where the task turn is (:func:`prefix_length`): the agent loop's layout, shared with inference
+(:func:`qlass.policy.hf.default_keep_prefix`) — observations are ``Observation: ...`` user turns,
+so the task turn is the last user turn that is not one. Data whose observations lack that marker
+falls back to: the prefix ends before the first agent turn with an ``Action:`` line.
+
+Long conversations (:func:`encode_windows`): a conversation longer than ``max_length`` tokens is cut
+into windows with :func:`~qlass.policy.render.truncate_history`, newest first: each window is the
+prefix plus as many of the most recent not-yet-covered turns as fit (oldest turns dropped first,
+as the policy does at inference), and trains on the agent turns it newly covers. So every agent
+turn is trained on once, and no turn is dropped; a conversation that fits is one window.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
 import shutil
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .config import config_hash, option, save_yaml, to_dict
-from .data import load_trajectories
+from .config import config_hash, option, save_config
+from .data import ACTION_LINE, load_trajectories
 from .errors import QlassError
 from .policy.hf import default_keep_prefix, load_causal_lm
 from .policy.render import encode_conversation, truncate_history
 from .train_utils import (
-    epoch_batches, load_checkpoint, log_metrics, optimizer_and_schedule, pad, plan, progress_bar,
-    save_checkpoint, steps_from,
+    CHECKPOINT,
+    epoch_batches,
+    load_checkpoint,
+    log_metrics,
+    optimizer_and_schedule,
+    pad,
+    plan,
+    progress_bar,
+    rewind_metrics,
+    save_checkpoint,
+    steps_from,
 )
 from .types import Message
 
 log = logging.getLogger(__name__)
 DONE_MARK = ".qlass-complete"
+Example = tuple[list[int], list[int]]
+"""Input ids and labels (-100 where no loss is taken) of one training sequence."""
 
 
 @dataclass(frozen=True)
@@ -46,85 +71,175 @@ class SFTConfig:
     epochs: int = option(3, "passes over the training data")
     lr: float = option(1e-5, "peak learning rate")
     batch_size: int = option(64, "effective batch size (sequences per optimizer step)")
-    micro_batch: int = option(2, "sequences per forward pass; batch_size/micro_batch steps are accumulated")
-    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup")
+    micro_batch: int = option(2, "sequences per forward pass; batch_size/micro_batch passes are accumulated")
+    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup (then cosine decay to 0)")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    max_length: int = option(4096, "longest sequence in tokens; older turns are dropped first")
+    max_length: int = option(4096, "longest sequence in tokens; longer conversations are windowed, oldest turns dropped first")
     max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
     lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
-    autocast: bool = option(False, "bf16 autocast on CPU (fast on AVX512-BF16/AMX machines)")
-    threads: int | None = option(None, "torch CPU threads (None: torch's default)")
-    val_fraction: float = option(0.1, "fraction of trajectories held out for validation loss")
+    autocast: bool = option(False, "bf16 autocast on CPU (1.6-2.2x faster on AVX512-BF16/AMX machines)")
+    threads: int | None = option(None, "torch.set_num_threads (None: torch's default)")
+    val_fraction: float = option(0.1, "fraction of trajectories held out for the validation loss")
     grad_clip: float = option(1.0, "gradient norm clip (0: off)")
     save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
-    seed: int = option(0, "seed for the split, batching and initialisation")
+    seed: int = option(0, "seed for the split, batch order and initialisation")
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.micro_batch < 1:
-            raise ValueError("epochs, batch_size and micro_batch must be >= 1")
+        for name in ("epochs", "batch_size", "micro_batch", "max_length", "save_every", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
-def encode_example(tokenizer: Any, messages: Sequence[Message], max_length: int) -> tuple[list[int], list[int]]:
-    """Input ids and labels (-100 outside the agent's turns after the task turn) of a conversation."""
-    keep = default_keep_prefix(messages)
-    msgs = list(messages)
+def prefix_length(messages: Sequence[Message]) -> int:
+    """Number of messages up to and including the task turn (see the module docstring)."""
+    if any(m.role == "user" and m.content.startswith("Observation:") for m in messages):
+        return default_keep_prefix(messages)
+    for i, m in enumerate(messages):
+        if m.role == "assistant" and ACTION_LINE.search(m.content):
+            return i
+    return len(messages)
+
+
+def _assistant_runs(mask: Sequence[bool]) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of assistant tokens, in order."""
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _window_example(tokenizer: Any, msgs: Sequence[Message], first_target: int, max_length: int) -> Example:
+    """Ids of ``msgs`` with labels on its assistant turns at message index >= ``first_target``."""
     ids, mask = encode_conversation(tokenizer, msgs, add_generation_prompt=False)
-    if len(ids) > max_length:
-        fits = lambda m: len(encode_conversation(tokenizer, m, False)[0]) <= max_length  # noqa: E731
-        msgs = truncate_history(msgs, keep, fits)
-        ids, mask = encode_conversation(tokenizer, msgs, add_generation_prompt=False)
-    head = len(encode_conversation(tokenizer, msgs[:keep], add_generation_prompt=False)[0])
-    labels = [t if m and i >= head else -100 for i, (t, m) in enumerate(zip(ids, mask))]
+    assistant = [i for i, m in enumerate(msgs) if m.role == "assistant"]
+    runs = _assistant_runs(mask)
+    if len(runs) != len(assistant):
+        raise QlassError(f"chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')} merges "
+                         "assistant turns; cannot build the loss mask")
+    labels = [-100] * len(ids)
+    for msg_index, (a, b) in zip(assistant, runs):
+        if msg_index >= first_target:
+            labels[a:b] = ids[a:b]
     return ids[-max_length:], labels[-max_length:]
 
 
-def _token_loss(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int, autocast: bool) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss over labelled tokens of a micro-batch, and their count."""
+def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int) -> list[Example]:
+    """Training sequences of one conversation: one if it fits in ``max_length``, else windows that
+    keep the prefix and the newest uncovered turns (see the module docstring), newest first."""
+    keep = prefix_length(messages)
+    msgs = list(messages)
+    end = max((i + 1 for i, m in enumerate(msgs) if m.role == "assistant" and i >= keep), default=0)
+    windows: list[Example] = []
+
+    def fits(m: Sequence[Message]) -> bool:
+        return len(encode_conversation(tokenizer, m, add_generation_prompt=False)[0]) <= max_length
+
+    while end > keep:
+        window = truncate_history(msgs[:end], keep, fits)
+        first = end - (len(window) - keep)  # index in ``msgs`` of the window's oldest body turn
+        windows.append(_window_example(tokenizer, window, keep, max_length))
+        end = first
+        while end > keep and msgs[end - 1].role != "assistant":
+            end -= 1
+    return windows
+
+
+def _keeps_logits_subset(model: Any) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (then only labelled positions are projected)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def token_loss(model: Any, batch: Sequence[Example], pad_id: int, autocast: bool) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled tokens of a padded micro-batch, and their count.
+
+    Only positions whose next token is labelled go through the LM head (``logits_to_keep``), which
+    saves the vocabulary projection for the context tokens.
+    """
     ids = pad([b[0] for b in batch], pad_id)
     labels = pad([b[1] for b in batch], -100)
     attn = pad([[1] * len(b[0]) for b in batch], 0)
+    targets = labels[:, 1:]
+    keep = torch.cat([targets != -100, torch.zeros(len(batch), 1, dtype=torch.bool)], dim=1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=attn).logits
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    return loss, int((shift_labels != -100).sum())
+        if _keeps_logits_subset(model):
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[keep]
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    gold = targets[targets != -100]
+    return torch.nn.functional.cross_entropy(logits, gold, reduction="sum"), int(gold.numel())
 
 
-def evaluate_loss(model: Any, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, micro_batch: int,
-                  autocast: bool) -> float:
-    """Mean per-token loss on ``examples``."""
+def evaluate_loss(model: Any, examples: Sequence[Example], pad_id: int, micro_batch: int, autocast: bool) -> float:
+    """Mean per-token loss on ``examples`` (no gradients; the model is left in training mode)."""
     model.eval()
     total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     with torch.no_grad():
-        for i in range(0, len(examples), micro_batch):
-            loss, n = _token_loss(model, list(examples[i:i + micro_batch]), pad_id, autocast)
+        for i in range(0, len(order), micro_batch):
+            loss, n = token_loss(model, [examples[j] for j in order[i:i + micro_batch]], pad_id, autocast)
             total, count = total + float(loss), count + n
     model.train()
     return total / max(count, 1)
 
 
-def split_examples(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded train/validation split of ``n`` trajectories (at least one in training)."""
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/validation split of ``n`` trajectories (at least one stays in training)."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_val = min(int(round(n * val_fraction)), n - 1)
+    n_val = min(round(n * val_fraction), n - 1)
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _encode_all(tokenizer: Any, trajectories: Sequence[Any], indices: Sequence[int], max_length: int,
+                data: str | Path) -> list[Example]:
+    examples: list[Example] = []
+    empty = []
+    for i in indices:
+        windows = encode_windows(tokenizer, trajectories[i].messages, max_length)
+        if not windows:
+            empty.append(trajectories[i].id)
+        examples.extend(windows)
+    if empty:
+        raise QlassError(f"{data}: no agent turn after the task turn in record(s) {', '.join(map(repr, empty[:5]))}"
+                         + (f" and {len(empty) - 5} more" if len(empty) > 5 else ""))
+    return examples
+
+
+def _labelled(example: Example) -> int:
+    return sum(1 for x in example[1][1:] if x != -100)
 
 
 def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: SFTConfig) -> Path:
     """Fine-tune the causal LM at ``model_dir`` on the trajectories in ``data``; returns ``out_dir``.
 
     ``out_dir`` receives a plain HF causal-LM folder (safetensors, tokenizer, chat template),
-    ``metrics.jsonl`` and ``sft_config.yaml``. An interrupted run resumes from its checkpoint.
+    ``metrics.jsonl`` (per step: train loss, lr, tokens/s; per epoch: validation loss, with the
+    untrained model's at step 0) and ``sft_config.yaml``. An interrupted run resumes from its last
+    checkpoint (every ``save_every`` steps and at each epoch end) and ends with the same weights.
     """
     out = Path(out_dir)
+    run_id = config_hash(cfg)
     if (out / DONE_MARK).exists():
+        made_with = (out / DONE_MARK).read_text().split()
+        if len(made_with) > 1 and made_with[1] != run_id:
+            raise QlassError(f"{out}: holds a finished SFT run made with other settings; use a new output folder")
         log.info("%s is complete; nothing to do", out)
         return out
     if cfg.threads:
@@ -133,12 +248,9 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = [encode_example(tokenizer, t.messages, cfg.max_length) for t in trajectories]
-    empty = [t.id for t, (_, lab) in zip(trajectories, examples) if all(x == -100 for x in lab)]
-    if empty:
-        raise QlassError(f"{data}: no agent turn after the task turn in record(s) {', '.join(empty[:5])}")
-    train_idx, val_idx = split_examples(len(examples), cfg.val_fraction, cfg.seed)
-    train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+    train_idx, val_idx = split_indices(len(trajectories), cfg.val_fraction, cfg.seed)
+    train = _encode_all(tokenizer, trajectories, train_idx, cfg.max_length, data)
+    val = _encode_all(tokenizer, trajectories, val_idx, cfg.max_length, data)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -149,24 +261,33 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, sched_plan.total_steps)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(out / "sft_config.yaml", to_dict(cfg))
-    chash = config_hash(cfg) + f"-{len(train)}-{len(val)}"
+    save_config(out / "sft_config.yaml", cfg)
+    chash = f"{run_id}-{len(train)}-{len(val)}"
     step = load_checkpoint(out, model, opt, sched, chash)
+    rewind_metrics(out, step)
     lengths = [len(e[0]) for e in train]
-    log.info("SFT: %d train / %d val trajectories, %d optimizer steps (accumulation %d)",
-             len(train), len(val), sched_plan.total_steps, sched_plan.accumulation)
+    log.info("SFT: %d train / %d val trajectories (%d / %d sequences, %d labelled train tokens), "
+             "%d optimizer steps of %d x %d sequences", len(train_idx), len(val_idx), len(train), len(val),
+             sum(map(_labelled, train)), sched_plan.total_steps, sched_plan.accumulation, cfg.micro_batch)
+    if step == 0 and val:
+        val_loss = evaluate_loss(model, val, pad_id, cfg.micro_batch, cfg.autocast)
+        log.info("validation loss before training: %.4f", val_loss)
+        log_metrics(out, {"step": 0, "epoch": 0, "val_loss": val_loss})
+    per_epoch = sched_plan.steps_per_epoch
+    log_every = max(1, sched_plan.total_steps // 20)
     with progress_bar("sft") as progress:
         bar = progress.add_task("", total=sched_plan.total_steps, completed=step, loss=float("nan"))
-        for epoch in range(step // sched_plan.steps_per_epoch, math.ceil(sched_plan.total_steps / sched_plan.steps_per_epoch)):
+        for epoch in range(step // per_epoch, math.ceil(sched_plan.total_steps / per_epoch)):
             batches = epoch_batches(lengths, cfg.micro_batch, cfg.seed, epoch)
-            skip = step - epoch * sched_plan.steps_per_epoch
-            for micro_batches in steps_from(batches, sched_plan.accumulation, skip):
+            stepped = False
+            for micro_batches in steps_from(batches, sched_plan.accumulation, step - epoch * per_epoch):
                 if step >= sched_plan.total_steps:
                     break
-                n_tokens = sum(sum(1 for x in train[i][1][1:] if x != -100) for mb in micro_batches for i in mb)
+                started = time.perf_counter()
+                n_tokens = sum(_labelled(train[i]) for mb in micro_batches for i in mb)
                 total = 0.0
                 for mb in micro_batches:
-                    loss, _ = _token_loss(model, [train[i] for i in mb], pad_id, cfg.autocast)
+                    loss, _ = token_loss(model, [train[i] for i in mb], pad_id, cfg.autocast)
                     (loss / max(n_tokens, 1)).backward()
                     total += float(loss.detach())
                 if cfg.grad_clip > 0:
@@ -175,11 +296,21 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
+                stepped = True
+                seconds = time.perf_counter() - started
                 train_loss = total / max(n_tokens, 1)
                 progress.update(bar, advance=1, loss=train_loss)
-                log_metrics(out, {"step": step, "epoch": epoch, "train_loss": train_loss, "lr": sched.get_last_lr()[0]})
-                if step % cfg.save_every == 0:
+                n_seq = sum(len(mb) for mb in micro_batches)
+                log_metrics(out, {"step": step, "epoch": epoch, "train_loss": train_loss, "lr": sched.get_last_lr()[0],
+                                  "sequences": n_seq, "seconds": round(seconds, 3),
+                                  "tokens_per_s": round(sum(len(train[i][0]) for mb in micro_batches for i in mb) / seconds, 1)})
+                if step % log_every == 0:
+                    log.info("step %d/%d: train loss %.4f", step, sched_plan.total_steps, train_loss)
+                epoch_ends = step == sched_plan.total_steps or step % per_epoch == 0
+                if step % cfg.save_every == 0 and not epoch_ends:  # epoch ends are saved after validation
                     save_checkpoint(out, model, opt, sched, step, chash)
+            if not stepped:  # resumed after the last step, before the model was saved
+                continue
             if val:
                 val_loss = evaluate_loss(model, val, pad_id, cfg.micro_batch, cfg.autocast)
                 log.info("epoch %d: validation loss %.4f", epoch + 1, val_loss)
@@ -190,6 +321,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    (out / DONE_MARK).write_text("sft\n")
+    for leftover in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
+        shutil.rmtree(out / leftover, ignore_errors=True)
+    (out / DONE_MARK).write_text(f"sft {run_id}\n")
     return out

@@ -1,8 +1,24 @@
 """Pieces shared by the SFT and QNet trainers: batching, optimizer + schedule, checkpoints, progress.
 
-Checkpoints hold the trainable weights (safetensors), the optimizer and scheduler state, the step
-and the config hash; they are written to a temporary folder and renamed, so a crash never leaves a
-half-written checkpoint. A run resumes from its checkpoint only if the config hash matches.
+A trainer built from these pieces has this shape (see :func:`qlass.sft.train_sft`)::
+
+    sched_plan = plan(n_train, batch_size, micro_batch, epochs, max_steps)
+    opt, sched = optimizer_and_schedule(params, lr, weight_decay, warmup_ratio, sched_plan.total_steps)
+    step = load_checkpoint(out, model, opt, sched, cfg_hash)      # 0 on a fresh run
+    rewind_metrics(out, step)                                      # forget steps redone after a crash
+    for epoch in range(step // sched_plan.steps_per_epoch, epochs):
+        batches = epoch_batches(lengths, micro_batch, seed, epoch)  # same order on every run
+        for micro_batches in steps_from(batches, sched_plan.accumulation, step - epoch * per_epoch):
+            ...  # forward/backward each micro-batch, opt.step(), sched.step(), step += 1
+            log_metrics(out, {"step": step, ...}); save_checkpoint(...) every K steps
+        save_checkpoint(...)                                       # and at each epoch end
+
+Checkpoints hold the trainable weights (safetensors), the optimizer and scheduler state, the RNG
+states (torch, Python) and the step and config hash. They are written to a temporary folder and
+swapped in by renames, so a killed process leaves either the previous or the new checkpoint, never
+a half-written one. A run resumes only from a checkpoint made with the same config hash. Since
+batch order is a pure function of (seed, epoch) and the RNG states are restored, a resumed run
+takes the same steps as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,15 +28,16 @@ import logging
 import math
 import random
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .errors import QlassError
-from .jsonl import append_jsonl
+from .jsonl import append_jsonl, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +95,7 @@ def optimizer_and_schedule(params: Sequence[torch.nn.Parameter], lr: float, weig
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (all of them for a full fine-tune, the adapters for LoRA)."""
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
@@ -91,11 +108,12 @@ def save_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config_hash": cfg_hash}))
     old = out_dir / (CHECKPOINT + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    if final.exists():  # else ``old`` may be the only complete checkpoint: keep it until ``final`` is in place
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
@@ -108,7 +126,10 @@ def load_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
 
     ckpt = out_dir / CHECKPOINT
     if not (ckpt / "state.json").exists():
-        return 0
+        # killed between the two renames of save_checkpoint: the previous checkpoint is complete
+        ckpt = out_dir / (CHECKPOINT + ".old")
+        if not (ckpt / "state.json").exists():
+            return 0
     state = json.loads((ckpt / "state.json").read_text())
     if state["config_hash"] != cfg_hash:
         raise QlassError(f"{ckpt}: checkpoint was made with a different config; use a new output folder "
@@ -121,6 +142,9 @@ def load_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
     extra = torch.load(ckpt / "optimizer.pt", weights_only=False)
     opt.load_state_dict(extra["optimizer"])
     sched.load_state_dict(extra["scheduler"])
+    if "torch_rng" in extra:
+        torch.set_rng_state(extra["torch_rng"])
+        random.setstate(extra["python_rng"])
     log.info("resuming from %s at step %d", ckpt, state["step"])
     return int(state["step"])
 
@@ -134,6 +158,19 @@ def progress_bar(description: str) -> Progress:
 def log_metrics(out_dir: Path, record: dict[str, Any]) -> None:
     """Append one metrics record to ``out_dir/metrics.jsonl``."""
     append_jsonl(out_dir / "metrics.jsonl", record)
+
+
+def rewind_metrics(out_dir: Path, step: int) -> None:
+    """Drop records of steps after ``step`` from ``out_dir/metrics.jsonl`` (they are redone on resume).
+
+    Records without a ``step`` field are kept.
+    """
+    path = out_dir / "metrics.jsonl"
+    records = read_jsonl(path, repair_tail=True)
+    kept = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= step]
+    if len(kept) != len(records):
+        log.info("%s: dropping %d record(s) after step %d", path, len(records) - len(kept), step)
+        write_jsonl(path, kept)
 
 
 def steps_from(batches: list[list[int]], accumulation: int, skip_steps: int) -> Iterator[list[list[int]]]:

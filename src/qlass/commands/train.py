@@ -1,4 +1,4 @@
-"""``qlass sft``: behaviour cloning of a causal LM on expert trajectories."""
+"""``qlass sft``: behaviour cloning of a causal LM on expert trajectories (stage 1)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,25 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("sft")
     def sft(
-        data: Path = typer.Option(..., help="Expert trajectories (conversation JSON/JSONL)."),
+        data: Optional[Path] = typer.Option(None, help="Expert trajectories (conversation JSON/JSONL)."),
         model: str = typer.Option("default", help="Base causal-LM folder, or 'default' (SmolLM2-135M-Instruct)."),
-        out: Path = typer.Option(..., help="Output folder: the fine-tuned model (HF format), metrics.jsonl."),
-        config: Optional[Path] = typer.Option(None, help="YAML file with SFTConfig options."),
-        set_: list[str] = typer.Option([], "--set", help="Override an option: key=value (repeatable)."),
+        out: Optional[Path] = typer.Option(None, help="Output folder: the fine-tuned model (HF format), metrics.jsonl, checkpoint."),
+        config: Optional[Path] = typer.Option(None, help="YAML file of SFTConfig options, e.g. configs/sft-cpu.yaml (defaults: paper Table 5)."),
+        set_: list[str] = typer.Option([], "--set", help="Override one option, key=value (repeatable), e.g. --set epochs=1."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every SFTConfig option with its default and help, then exit."),
     ) -> None:
-        """Fine-tune on the agent turns of expert trajectories; resumes if interrupted."""
-        from ..config import build, load_yaml
+        """Fine-tune on the agent turns of expert trajectories; rerun the same command to resume."""
+        from ..config import describe, load_config
+        from ..errors import QlassError
         from ..models import default_model_dir
         from ..sft import SFTConfig, train_sft
         from .evaluate import parse_kv
 
-        options = load_yaml(config) if config else {}
-        options.update(parse_kv(set_, "--set"))
-        cfg = build(SFTConfig, options, str(config) if config else "--set")
+        if list_options:
+            typer.echo(describe(SFTConfig))
+            return
+        if data is None or out is None:
+            raise QlassError("qlass sft needs --data FILE and --out DIR")
+        cfg = load_config(config, SFTConfig, parse_kv(set_, "--set"))
         base = default_model_dir() if model == "default" else Path(model)
         typer.echo(str(train_sft(data, base, out, cfg)))

@@ -1,0 +1,96 @@
+"""Config dataclasses: YAML load/save round trip, strict keys and types, errors naming file and key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qlass.config import build, describe, help_text, load_config, option, save_config
+from qlass.errors import DataError, QlassError
+from qlass.sft import SFTConfig
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A config with one field of each supported kind."""
+
+    lr: float = option(1e-5, "learning rate")
+    epochs: int = option(3, "passes")
+    lora: bool = option(False, "use LoRA")
+    name: str = option("run", "run name")
+    max_steps: int | None = option(None, "step cap")
+    splits: list[str] = option(["seen"], "splits")
+    env_args: dict = option({}, "env options")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_then_overrides_and_round_trip(tmp_path: Path) -> None:
+    path = write(tmp_path, "lr: 1e-4\nepochs: 2\nsplits: [seen, unseen]\nmax_steps: 7\n")
+    cfg = load_config(path, Demo, overrides={"epochs": 5, "max_steps": None})
+    # YAML 1.1 reads ``1e-4`` as a string; a float field converts it
+    assert cfg == Demo(lr=1e-4, epochs=5, splits=["seen", "unseen"], max_steps=None)
+    assert isinstance(cfg.lr, float)
+    save_config(tmp_path / "saved.yaml", cfg)
+    assert load_config(tmp_path / "saved.yaml", Demo) == cfg
+    assert load_config(None, Demo) == Demo()
+    assert load_config(write(tmp_path, ""), Demo) == Demo()
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "lr: 0.1\nepoch: 2\n")
+    with pytest.raises(QlassError) as err:
+        load_config(path, Demo)
+    assert str(path) in str(err.value) and "'epoch' (did you mean 'epochs'?)" in str(err.value)
+    with pytest.raises(QlassError, match=r"^--set: unknown option\(s\) 'zzz' for Demo"):
+        load_config(write(tmp_path, "lr: 0.1\n"), Demo, overrides={"zzz": 1})
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("epochs: three\n", "epochs"), ("epochs: 2.5\n", "epochs"), ("lora: 1\n", "lora"), ("lr: fast\n", "lr"),
+    ("name: 3\n", "name"), ("splits: seen\n", "splits"), ("env_args: [1]\n", "env_args"), ("epochs: null\n", "epochs"),
+    ("epochs: true\n", "epochs"),
+])
+def test_wrong_types_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(QlassError, match=rf"^{re.escape(str(path))}: option '{key}' "):
+        load_config(path, Demo)
+
+
+def test_rejected_values_and_bad_files_name_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "epochs: 0\n")
+    with pytest.raises(QlassError, match=rf"^{re.escape(str(path))}: epochs must be >= 1, got 0"):
+        load_config(path, Demo)
+    with pytest.raises(QlassError, match=r"with --set: epochs must be >= 1"):
+        load_config(write(tmp_path, "lr: 0.1\n"), Demo, overrides={"epochs": 0})
+    with pytest.raises(DataError, match="invalid YAML"):
+        load_config(write(tmp_path, "lr: [1\n"), Demo)
+    with pytest.raises(DataError, match="expected a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"), Demo)
+    with pytest.raises(DataError, match="file not found"):
+        load_config(tmp_path / "missing.yaml", Demo)
+    with pytest.raises(QlassError, match="val_fraction must be in"):
+        build(SFTConfig, {"val_fraction": 1.5}, "sft.yaml")
+
+
+def test_sft_defaults_are_the_paper_table5_and_cpu_config_loads() -> None:
+    cfg = SFTConfig()
+    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.warmup_ratio, cfg.weight_decay, cfg.max_length) == \
+        (64, 3, 1e-5, 0.03, 0.0, 4096)
+    assert all(help_text(SFTConfig).values()), "every option needs a help string"
+    cpu = load_config(Path(__file__).parent.parent / "configs" / "sft-cpu.yaml", SFTConfig)
+    assert cpu.autocast and cpu.batch_size < cfg.batch_size
+    assert "batch_size (default 64): effective batch size" in describe(SFTConfig)
+    assert {f.name for f in dataclasses.fields(SFTConfig)} == set(help_text(SFTConfig))
