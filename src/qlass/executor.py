@@ -1,0 +1,202 @@
+"""Run many independent work items (one per task) in-process, in a process pool, or on Ray.
+
+Every backend has one interface, :meth:`Executor.run`: ``setup`` is a picklable callable that is
+called once per worker and returns the worker — a callable ``worker(item) -> result``, optionally
+with a ``close()`` method — so expensive state (a model, a simulator) is built once per worker, not
+once per item. ``run`` yields ``(index, result)`` as items finish: in order for the local backend,
+in completion order for the others. Results must not depend on which worker computed them (pass
+the seeds inside the items); then every backend gives the same results.
+
+- :class:`LocalExecutor`: this process, no pickling (objects such as a loaded policy can be used).
+- :class:`ProcessExecutor`: ``workers`` spawned processes pulling items from a queue; a worker that
+  raises stops the run with its traceback; workers exit when their parent dies.
+- :class:`RayExecutor`: ``workers`` Ray actors (one CPU each by default) on a local or existing
+  cluster (``address``); needs the ``ray`` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import traceback
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from .errors import QlassError, require
+
+log = logging.getLogger(__name__)
+
+Worker = Callable[[Any], Any]
+Setup = Callable[[], Worker]
+BACKENDS = ("local", "process", "ray")
+
+
+class Executor(Protocol):
+    """Runs ``setup()``-made workers over items (see module docstring)."""
+
+    def run(self, setup: Setup, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, worker(items[index]))`` for every item as it finishes."""
+
+
+def _close(worker: Any) -> None:
+    close = getattr(worker, "close", None)
+    if callable(close):
+        close()
+
+
+class LocalExecutor:
+    """Items one after another in this process, in order."""
+
+    def run(self, setup: Setup, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        if not items:
+            return
+        worker = setup()
+        try:
+            for i, item in enumerate(items):
+                yield i, worker(item)
+        finally:
+            _close(worker)
+
+
+def _process_main(setup: Setup, tasks: Any, results: Any, parent: int) -> None:
+    """A pool process: build the worker, then take items until the sentinel or the parent's death."""
+    try:
+        worker = setup()
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        results.put(("error", None, traceback.format_exc()))
+        return
+    try:
+        while os.getppid() == parent:
+            try:
+                job = tasks.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if job is None:
+                break
+            index, item = job
+            try:
+                results.put(("ok", index, worker(item)))
+            except BaseException:  # noqa: BLE001
+                results.put(("error", index, traceback.format_exc()))
+                break
+    finally:
+        _close(worker)
+
+
+class ProcessExecutor:
+    """``workers`` processes (``spawn``: safe with threads, JVMs and torch)."""
+
+    def __init__(self, workers: int = 2, start_method: str = "spawn") -> None:
+        if workers < 1:
+            raise QlassError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.ctx = mp.get_context(start_method)
+
+    def run(self, setup: Setup, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        if not items:
+            return
+        tasks, results = self.ctx.Queue(), self.ctx.Queue()
+        count = min(self.workers, len(items))
+        procs = [self.ctx.Process(target=_process_main, args=(setup, tasks, results, os.getpid()), daemon=True)
+                 for _ in range(count)]
+        for p in procs:
+            p.start()
+        for job in enumerate(items):
+            tasks.put(job)
+        for _ in procs:
+            tasks.put(None)
+        try:
+            pending = len(items)
+            while pending:
+                try:
+                    status, index, value = results.get(timeout=1.0)
+                except queue.Empty:
+                    if not any(p.is_alive() for p in procs):
+                        codes = [p.exitcode for p in procs]
+                        raise QlassError(f"every worker process exited (exit codes {codes}) with "
+                                         f"{pending} item(s) unfinished") from None
+                    continue
+                if status == "error":
+                    what = "setting up a worker" if index is None else f"item {index}"
+                    raise QlassError(f"a worker process failed on {what}:\n{value}")
+                pending -= 1
+                yield index, value
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+
+
+class _RayWorker:
+    """The actor body: one worker per actor."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.worker = setup()
+
+    def run(self, index: int, item: Any) -> tuple[int, Any]:
+        return index, self.worker(item)
+
+    def close(self) -> None:
+        _close(self.worker)
+
+
+class RayExecutor:
+    """``workers`` Ray actors; starts a local Ray instance unless one is running or ``address`` is
+    given. ``runtime_env`` is passed to ``ray.init`` (e.g. ``{"env_vars": {"PYTHONPATH": ...}}``
+    so workers import the same user modules as the driver)."""
+
+    def __init__(self, workers: int = 2, address: str | None = None, num_cpus: int | None = None,
+                 cpus_per_worker: float = 1.0, runtime_env: dict[str, Any] | None = None) -> None:
+        if workers < 1:
+            raise QlassError(f"workers must be >= 1, got {workers}")
+        self.workers, self.address, self.num_cpus = workers, address, num_cpus
+        self.cpus_per_worker, self.runtime_env = cpus_per_worker, runtime_env
+
+    def run(self, setup: Setup, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        if not items:
+            return
+        ray = require("ray", "ray")
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, num_cpus=self.num_cpus, runtime_env=self.runtime_env,
+                     include_dashboard=False, logging_level=logging.WARNING)
+        actor_cls = ray.remote(num_cpus=self.cpus_per_worker)(_RayWorker)
+        actors = [actor_cls.remote(setup) for _ in range(min(self.workers, len(items)))]
+        try:
+            todo = list(enumerate(items))[::-1]
+            running: dict[Any, Any] = {}
+            for actor in actors:
+                if todo:
+                    running[actor.run.remote(*todo.pop())] = actor
+            while running:
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                actor = running.pop(ref)
+                try:
+                    index, value = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    raise QlassError(f"a Ray worker failed: {exc}") from None
+                if todo:
+                    running[actor.run.remote(*todo.pop())] = actor
+                yield index, value
+        finally:
+            ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=30)
+            for actor in actors:
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
+
+
+def make_executor(backend: str = "local", workers: int = 2, **options: Any) -> Executor:
+    """An executor by name: ``local``, ``process`` or ``ray`` (``options`` go to its constructor)."""
+    if backend == "local":
+        if options:
+            raise QlassError(f"the local backend takes no options, got {sorted(options)}")
+        return LocalExecutor()
+    if backend == "process":
+        return ProcessExecutor(workers, **options)
+    if backend == "ray":
+        return RayExecutor(workers, **options)
+    raise QlassError(f"unknown executor backend {backend!r}; known: {', '.join(BACKENDS)}")

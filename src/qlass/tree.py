@@ -1,0 +1,325 @@
+"""Exploration trees: nodes, the ``trees.jsonl`` format, the Q-value backup and the Q dataset.
+
+A tree belongs to one task. Node 0 is the root: the task's initial state (its ``observation`` is
+the environment's first observation, no action). Every other node is one agent step: the raw
+``output`` (``Thought: ...\\nAction: ...``) taken in its parent's state and what the environment
+answered (``observation``, cumulative ``reward`` in [0, 1], ``done``). A node's id is larger than
+its parent's (ids are creation order), so ``reversed(nodes)`` visits children before parents.
+
+The conversation a policy saw before a node's action is ``prefix`` (the environment's fixed prompt),
+the root observation as a user turn, then per ancestor ``assistant: output`` and
+``user: Observation: ...`` — exactly the layout of :mod:`qlass.agent`.
+
+Q values (paper Eq. 7) are computed bottom-up by :func:`compute_q`::
+
+    Q(leaf)       = r(leaf)
+    Q(s_t, a_t)   = r_t + gamma * max_{a'} Q(s_{t+1}, a')
+
+By default intermediate rewards are zeroed (``r_t = 0`` below the leaves) and a leaf's ``r`` is its
+outcome (the final cumulative score). With ``keep_intermediate`` every node's ``r_t`` is its reward
+*increment* (its score minus its parent's), so an undiscounted chain sums to the final score. With
+``normalize`` the Q values of a tree are min–max scaled to [0, 1] (left as they are when all equal).
+
+Formats (see ``docs/formats.md``): ``trees.jsonl`` holds one tree per line (:meth:`Tree.to_dict`);
+``qdata.jsonl`` one record per non-root node (:func:`qdata_records`, :func:`read_qdata`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .agent import observation_message
+from .errors import DataError
+from .jsonl import read_jsonl, write_jsonl
+from .types import Message
+
+TREE_SCHEMA_VERSION = 1
+QDATA_SCHEMA_VERSION = 1
+SOURCES = ("root", "expert", "sample", "rollout")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Node:
+    """One tree node (see module docstring). ``env_steps`` counts every env step spent to create it
+    (replay included); ``pruned`` marks nodes whose expansion a zero-outcome rollout stopped."""
+
+    id: int
+    parent: int | None
+    depth: int
+    output: str
+    action: str | None
+    observation: str
+    reward: float
+    done: bool
+    source: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    env_steps: int = 0
+    expanded: bool = False
+    pruned: bool = False
+    q: float | None = None
+
+
+@dataclass
+class Tree:
+    """The exploration tree of one task."""
+
+    tree_id: str
+    task: str
+    env: str
+    split: str
+    task_type: str
+    prefix: list[Message]
+    nodes: list[Node]
+    seed: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def children(self) -> list[list[int]]:
+        """Children ids of every node, in creation order."""
+        out: list[list[int]] = [[] for _ in self.nodes]
+        for n in self.nodes[1:]:
+            out[n.parent].append(n.id)  # type: ignore[index]
+        return out
+
+    def path(self, node_id: int) -> list[Node]:
+        """The nodes from the root's child down to ``node_id`` (empty for the root)."""
+        chain = []
+        n = self.nodes[node_id]
+        while n.parent is not None:
+            chain.append(n)
+            n = self.nodes[n.parent]
+        return chain[::-1]
+
+    def history(self, node_id: int) -> list[Message]:
+        """The conversation after ``node_id``'s step: what the policy reads to act in its state."""
+        msgs = list(self.prefix) + [Message("user", self.nodes[0].observation)]
+        for n in self.path(node_id):
+            msgs += [Message("assistant", n.output), observation_message(n.observation)]
+        return msgs
+
+    @property
+    def edges(self) -> int:
+        return len(self.nodes) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``trees.jsonl`` record."""
+        return {
+            "schema_version": TREE_SCHEMA_VERSION, "tree_id": self.tree_id, "task": self.task, "env": self.env,
+            "split": self.split, "task_type": self.task_type, "seed": self.seed, "config": self.config,
+            "config_hash": self.config_hash, "stats": self.stats,
+            "prefix": [{"role": m.role, "content": m.content} for m in self.prefix],
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
+
+# -- reading and validation ------------------------------------------------------------------
+_NODE_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (int,), "depth": (int,), "output": (str,), "observation": (str,), "reward": (int, float),
+    "done": (bool,), "source": (str,), "prompt_tokens": (int,), "completion_tokens": (int,),
+    "env_steps": (int,), "expanded": (bool,), "pruned": (bool,),
+}
+_TREE_FIELDS: dict[str, tuple[type, ...]] = {
+    "tree_id": (str,), "task": (str,), "env": (str,), "split": (str,), "task_type": (str,), "seed": (int,),
+    "config": (dict,), "config_hash": (str,), "stats": (dict,), "prefix": (list,), "nodes": (list,),
+}
+
+
+def _get(rec: dict[str, Any], name: str, kinds: tuple[type, ...], where: str, path: str) -> Any:
+    if name not in rec:
+        raise DataError(path, f"{where}: missing field {name!r}")
+    value = rec[name]
+    ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+    if not ok:
+        want = " or ".join(k.__name__ for k in kinds)
+        raise DataError(path, f"{where}: field {name!r} must be {want}, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: list[Any], where: str, name: str, path: str) -> list[Message]:
+    out = []
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(path, f"{where}: field '{name}[{k}]' must be {{'role': one of {ROLES}, 'content': str}}")
+        out.append(Message(m["role"], m["content"]))
+    return out
+
+
+def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) -> Tree:
+    """Validate a ``trees.jsonl`` record and build the :class:`Tree`; errors name file, line, field."""
+    where = f"line {line}"
+    version = _get(rec, "schema_version", (int,), where, path)
+    if version != TREE_SCHEMA_VERSION:
+        raise DataError(path, f"{where}: field 'schema_version' is {version}; this qlass reads {TREE_SCHEMA_VERSION}")
+    vals = {k: _get(rec, k, kinds, where, path) for k, kinds in _TREE_FIELDS.items()}
+    where = f"line {line} (tree {vals['tree_id']!r})"
+    prefix = _messages(vals["prefix"], where, "prefix", path)
+    nodes: list[Node] = []
+    for i, raw in enumerate(vals["nodes"]):
+        nw = f"{where}, nodes[{i}]"
+        if not isinstance(raw, dict):
+            raise DataError(path, f"{nw}: must be an object")
+        nv = {k: _get(raw, k, kinds, nw, path) for k, kinds in _NODE_FIELDS.items()}
+        parent, action, q = raw.get("parent", "missing"), raw.get("action", "missing"), raw.get("q", "missing")
+        if nv["id"] != i:
+            raise DataError(path, f"{nw}: field 'id' is {nv['id']}, expected {i} (ids are positions)")
+        if i == 0:
+            if parent is not None or nv["depth"] != 0 or nv["source"] != "root":
+                raise DataError(path, f"{nw}: the root must have parent null, depth 0 and source 'root'")
+        elif not isinstance(parent, int) or isinstance(parent, bool) or not 0 <= parent < i:
+            raise DataError(path, f"{nw}: field 'parent' must be the id of an earlier node, got {parent!r}")
+        elif nv["depth"] != nodes[parent].depth + 1:
+            raise DataError(path, f"{nw}: field 'depth' is {nv['depth']}, expected parent depth + 1")
+        if nv["source"] not in SOURCES:
+            raise DataError(path, f"{nw}: field 'source' must be one of {SOURCES}, got {nv['source']!r}")
+        if action is not None and not isinstance(action, str):
+            raise DataError(path, f"{nw}: field 'action' must be str or null")
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float))):
+            raise DataError(path, f"{nw}: field 'q' must be a number or null")
+        nodes.append(Node(parent=parent, action=action, q=None if q is None else float(q),
+                          **{**nv, "reward": float(nv["reward"])}))
+    if not nodes:
+        raise DataError(path, f"{where}: field 'nodes' is empty (a tree has at least its root)")
+    return Tree(prefix=prefix, nodes=nodes, **{k: v for k, v in vals.items() if k not in ("prefix", "nodes")})
+
+
+def read_trees(path: str | os.PathLike, repair_tail: bool = False) -> list[Tree]:
+    """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error)."""
+    trees, seen = [], set()
+    for line, rec in enumerate(read_jsonl(path, repair_tail=repair_tail), start=1):
+        tree = tree_from_dict(rec, str(path), line)
+        if tree.tree_id in seen:
+            raise DataError(str(path), f"line {line}: tree {tree.tree_id!r} appears twice")
+        seen.add(tree.tree_id)
+        trees.append(tree)
+    return trees
+
+
+# -- Q backup -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackupConfig:
+    """How Q targets are computed from a tree (paper Eq. 7)."""
+
+    gamma: float = 0.9
+    keep_intermediate: bool = False
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+
+
+def compute_q(tree: Tree, cfg: BackupConfig = BackupConfig()) -> dict[int, float]:
+    """Q value of every non-root node (see module docstring)."""
+    kids = tree.children()
+    q: dict[int, float] = {}
+    for n in reversed(tree.nodes[1:]):
+        parent_reward = tree.nodes[n.parent].reward  # type: ignore[index]
+        r = n.reward - parent_reward if cfg.keep_intermediate else 0.0
+        if not kids[n.id]:
+            q[n.id] = r if cfg.keep_intermediate else n.reward
+        else:
+            q[n.id] = r + cfg.gamma * max(q[c] for c in kids[n.id])
+    if cfg.normalize and q:
+        lo, hi = min(q.values()), max(q.values())
+        if hi > lo:
+            q = {k: (v - lo) / (hi - lo) for k, v in q.items()}
+    return dict(sorted(q.items()))
+
+
+def assign_q(tree: Tree, cfg: BackupConfig = BackupConfig()) -> Tree:
+    """Store :func:`compute_q` on the nodes (the root keeps ``q = None``); returns ``tree``."""
+    q = compute_q(tree, cfg)
+    for n in tree.nodes:
+        n.q = q.get(n.id)
+    return tree
+
+
+# -- Q dataset ------------------------------------------------------------------------------
+def _rank(tree_id: str, node_id: int) -> str:
+    return hashlib.sha256(f"{tree_id}\x1f{node_id}".encode()).hexdigest()
+
+
+def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: int | None = 300
+                  ) -> list[dict[str, Any]]:
+    """One Q-dataset record per non-root node, in node-id order.
+
+    With more than ``max_per_tree`` nodes a deterministic subset is kept: nodes that have siblings
+    first (sibling groups carry the ranking signal), each tier ordered by a stable hash of
+    (tree id, node id).
+    """
+    q = compute_q(tree, cfg)
+    kids = tree.children()
+    ids = list(q)
+    if max_per_tree is not None and len(ids) > max_per_tree:
+        lonely = {i for i in ids if len(kids[tree.nodes[i].parent]) < 2}  # type: ignore[index]
+        ids = sorted(sorted(ids, key=lambda i: (i in lonely, _rank(tree.tree_id, i)))[:max_per_tree])
+    histories: dict[int, list[dict[str, str]]] = {}
+    out = []
+    for i in ids:
+        n = tree.nodes[i]
+        if n.parent not in histories:
+            histories[n.parent] = [{"role": m.role, "content": m.content} for m in tree.history(n.parent)]  # type: ignore[arg-type]
+        out.append({"schema_version": QDATA_SCHEMA_VERSION, "tree_id": tree.tree_id, "task": tree.task,
+                    "node_id": n.id, "parent_id": n.parent, "group": f"{tree.tree_id}:{n.parent}",
+                    "depth": n.depth, "messages": histories[n.parent], "action": n.output, "q": q[i]})
+    return out
+
+
+def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
+                 max_per_tree: int | None = 300) -> dict[str, Any]:
+    """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
+    trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
+    records = [r for t in trees for r in qdata_records(t, cfg, max_per_tree)]
+    write_jsonl(out_path, records)
+    return {"trees": len(trees), "records": len(records),
+            "nodes": sum(t.edges for t in trees), "path": str(Path(out_path))}
+
+
+_QDATA_FIELDS: dict[str, tuple[type, ...]] = {
+    "schema_version": (int,), "tree_id": (str,), "task": (str,), "node_id": (int,), "parent_id": (int,),
+    "group": (str,), "depth": (int,), "messages": (list,), "action": (str,), "q": (int, float),
+}
+
+
+def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a ``qdata.jsonl`` file, validated; a problem raises :class:`DataError`
+    naming the file, line and field."""
+    p = str(path)
+    out = []
+    for line, rec in enumerate(read_jsonl(path), start=1):
+        where = f"line {line}"
+        vals = {k: _get(rec, k, kinds, where, p) for k, kinds in _QDATA_FIELDS.items()}
+        if vals["schema_version"] != QDATA_SCHEMA_VERSION:
+            raise DataError(p, f"{where}: field 'schema_version' is {vals['schema_version']}; "
+                               f"this qlass reads {QDATA_SCHEMA_VERSION}")
+        msgs = _messages(vals["messages"], where, "messages", p)
+        if not msgs:
+            raise DataError(p, f"{where}: field 'messages' is empty")
+        if not math.isfinite(float(vals["q"])):
+            raise DataError(p, f"{where}: field 'q' must be finite, got {vals['q']}")
+        if vals["group"] != f"{vals['tree_id']}:{vals['parent_id']}":
+            raise DataError(p, f"{where}: field 'group' must be '<tree_id>:<parent_id>', got {vals['group']!r}")
+        out.append({**vals, "q": float(vals["q"])})
+    return out
+
+
+def tree_summary(trees: Iterable[Tree]) -> dict[str, Any]:
+    """Totals over trees: nodes, edges, env steps, tokens, steps per edge."""
+    trees = list(trees)
+    edges = sum(t.edges for t in trees)
+    steps = sum(n.env_steps for t in trees for n in t.nodes)
+    return {
+        "trees": len(trees), "nodes": sum(len(t.nodes) for t in trees), "edges": edges, "env_steps": steps,
+        "env_steps_per_edge": steps / edges if edges else 0.0,
+        "prompt_tokens": sum(int(t.stats.get("prompt_tokens", 0)) for t in trees),
+        "completion_tokens": sum(int(t.stats.get("completion_tokens", 0)) for t in trees),
+        "trees_with_success": sum(any(n.reward >= 1.0 - 1e-9 for n in t.nodes) for t in trees),
+    }

@@ -1,0 +1,293 @@
+"""Exploration trees on a small deterministic text game with a seeded scripted policy.
+
+``Rooms`` and ``ScriptedPolicy`` are a legitimate user-defined environment and policy (the Env and
+Policy protocols only); other test modules and the CLI (``--env test_explore:Rooms --model
+test_explore:ScriptedPolicy`` with ``tests/`` on ``PYTHONPATH``) use them too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import json
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+from qlass.envs.base import FORMAT_HINT, parse_action
+from qlass.errors import QlassError
+from qlass.explore import ExploreConfig, build_tree, explore_tasks, tree_seed
+from qlass.search import normalise_action
+from qlass.tree import Tree, read_trees
+from qlass.types import Completion, History, Message, StepResult, Task
+
+ROOMS = ("hall", "kitchen", "garden", "cellar")
+
+
+class Rooms:
+    """Fetch the key from the key room, then open the chest in the chest room.
+
+    Reward (cumulative): 0.5 once the key is held, 1.0 when the chest is opened. Opening the chest
+    without the key breaks the lock: the episode ends with reward 0.
+    """
+
+    name = "rooms"
+
+    def __init__(self, step_limit: int = 8, n_tasks: int = 6, broken_task: str | None = None) -> None:
+        self.step_limit, self.n_tasks, self.broken_task = step_limit, n_tasks, broken_task
+        self.task: Task | None = None
+
+    def splits(self) -> dict[str, int]:
+        return {"train": self.n_tasks}
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        out = []
+        for i in range(self.n_tasks):
+            key, chest = ROOMS[1 + i % 3], ROOMS[(2 + i) % 4]
+            out.append(Task(f"rooms/{i}", self.name, split, "fetch", {"key": key, "chest": chest}))
+        return out
+
+    def prompt(self) -> list[Message]:
+        return [Message("system", "You play a text game."),
+                Message("user", "Actions: go to <room>, take key, open chest, look.\nAnswer as:\nThought: ...\nAction: ..."),
+                Message("assistant", "OK")]
+
+    def reset(self, task: Task) -> str:
+        if task.id == self.broken_task:
+            raise RuntimeError(f"cannot load {task.id}")
+        self.task, self.room, self.key, self.steps, self.score, self.done = task, "hall", False, 0, 0.0, False
+        return f"Task: open the chest. The key is somewhere. You are in the hall."
+
+    def step(self, output: str) -> StepResult:
+        assert self.task is not None
+        if self.done:
+            return StepResult("The episode is over.", self.score, True)
+        self.steps += 1
+        action = parse_action(output)
+        meta = self.task.meta
+        if action is None:
+            obs = FORMAT_HINT
+        elif action.startswith("go to ") and action[6:] in ROOMS:
+            self.room = action[6:]
+            obs = self._look()
+        elif action == "take key" and self.room == meta["key"] and not self.key:
+            self.key, self.score = True, 0.5
+            obs = "You take the key."
+        elif action == "open chest" and self.room == meta["chest"]:
+            if self.key:
+                self.score, obs = 1.0, "The chest opens. You win."
+            else:
+                self.score, obs = 0.0, "You force the lock and break it."
+            self.done = True
+        elif action == "look":
+            obs = self._look()
+        else:
+            obs = "Nothing happens."
+        self.done = self.done or self.steps >= self.step_limit
+        return StepResult(obs, self.score, self.done, {"steps": self.steps})
+
+    def _look(self) -> str:
+        meta = self.task.meta  # type: ignore[union-attr]
+        here = [w for w, r in (("a key", meta["key"]), ("a chest", meta["chest"])) if r == self.room]
+        if self.key and "a key" in here:
+            here.remove("a key")
+        return f"You are in the {self.room}. You see: {', '.join(here) or 'nothing'}."
+
+    def expert(self, task: Task) -> list[str]:
+        m = task.meta
+        return [f"Thought: go fetch the key.\nAction: go to {m['key']}", "Thought: take it.\nAction: take key",
+                f"Thought: now the chest.\nAction: go to {m['chest']}", "Thought: open it.\nAction: open chest"]
+
+    def close(self) -> None:
+        self.task = None
+
+
+class ScriptedPolicy:
+    """Chooses among a fixed action list with a seeded RNG (candidate ``j`` of history ``i`` uses
+    ``seed + 1000003 * i + j``, like the HF backend): with probability ``smart`` the sensible action
+    for the last observation (take a key it sees, open a chest once it took the key), else one drawn
+    with ``weights``; at temperature 0 the RNG is seeded by a hash of the history. ``delay`` seconds
+    per call imitates a slow model."""
+
+    ACTIONS = tuple(f"go to {r}" for r in ROOMS) + ("take key", "open chest", "look", "dance")
+
+    def __init__(self, weights: Sequence[float] | None = None, smart: float = 0.5, delay: float = 0.0,
+                 invalid: float = 0.05, seed: int = 0) -> None:
+        self.weights = list(weights) if weights else [1.0] * len(self.ACTIONS)
+        self.smart, self.delay, self.invalid = smart, delay, invalid
+        self.rng = random.Random(seed)
+        self.calls = 0
+
+    def _one(self, history: History, rng: random.Random) -> Completion:
+        prompt = sum(len(m.content.split()) for m in history)
+        if rng.random() < self.invalid:
+            return Completion("Thought: I am lost.", prompt, 4)
+        action = rng.choices(self.ACTIONS, self.weights)[0]
+        if rng.random() < self.smart:
+            last = history[-1].content
+            has_key = any("You take the key" in m.content for m in history)
+            if "a key" in last and not has_key:
+                action = "take key"
+            elif "a chest" in last and has_key:
+                action = "open chest"
+        text = f"Thought: I will {action}.\nAction: {action}"
+        return Completion(text, prompt, len(text.split()))
+
+    def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int = 128, seed: int | None = None) -> list[list[Completion]]:
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        base = self.rng.getrandbits(31) if seed is None else seed
+        out = []
+        for i, h in enumerate(histories):
+            if temperature == 0:
+                digest = hashlib.sha256(json.dumps([m.content for m in h]).encode()).digest()
+                out.append([self._one(h, random.Random(digest))] * n)
+            else:
+                out.append([self._one(h, random.Random(base + 1_000_003 * i + j)) for j in range(n)])
+        return out
+
+
+def small_cfg(**kw) -> ExploreConfig:
+    return ExploreConfig(**{"max_depth": 3, "candidates": 3, "max_steps": 8, **kw})
+
+
+def tree_for(task_index: int = 0, seed: int = 1, env: Rooms | None = None, policy=None, **kw) -> Tree:
+    env = env or Rooms()
+    task = env.tasks("train")[task_index]
+    return build_tree(env, policy or ScriptedPolicy(), task, small_cfg(**kw), seed)
+
+
+def replay_check(tree: Tree) -> None:
+    """Every node's stored observation and reward is what a fresh env gives on its path."""
+    env = Rooms()
+    task = next(t for t in env.tasks("train") if t.id == tree.tree_id)
+    for node in tree.nodes[1:]:
+        assert env.reset(task) == tree.nodes[0].observation
+        for n in tree.path(node.id):
+            res = env.step(n.output)
+        assert (res.observation, res.reward, res.done) == (node.observation, node.reward, node.done)
+
+
+# -- structure --------------------------------------------------------------------------------
+@pytest.mark.parametrize("task,graft", [(1, False), (5, False), (0, True), (4, True)])
+def test_tree_invariants(task: int, graft: bool) -> None:
+    tree = tree_for(task, expert_graft=graft)
+    assert any(n.expanded for n in tree.nodes[1:]), "the tree should expand below the root"
+    replay_check(tree)
+    kids = tree.children()
+    d = 3
+    for n in tree.nodes:
+        keys = [normalise_action(tree.nodes[c].output) for c in kids[n.id]]
+        assert len(keys) == len(set(keys)), "siblings must have distinct actions"
+        if n.expanded:  # expert steps get their sibling at any depth
+            assert (n.depth < d or n.source == "expert") and not n.pruned and not n.done
+        if not kids[n.id] and n.id:  # every leaf ends an episode or reaches the rollout step limit
+            assert n.done or n.depth == 8
+        if n.source in ("sample", "expert") and n.id:
+            chain = [n]
+            while kids[chain[-1].id] and tree.nodes[kids[chain[-1].id][0]].source == "rollout":
+                chain.append(tree.nodes[kids[chain[-1].id][0]])
+            if n.source == "sample":
+                assert all(c.pruned for c in chain) == (chain[-1].reward == 0.0)
+        if not (n.done or n.pruned or n.expanded or n.depth >= d):
+            pytest.fail(f"node {n.id} should have been expanded")
+    assert tree.stats["stopped_by"] is None
+    assert sum(n.env_steps for n in tree.nodes) == tree.stats["env_steps"]
+    assert sum(n.completion_tokens for n in tree.nodes) <= tree.stats["completion_tokens"]
+    assert tree.nodes[0].q is None and all(n.q is not None for n in tree.nodes[1:])
+
+
+def test_env_steps_meet_the_replay_floor() -> None:
+    """Each root-to-leaf path is walked once; no steps to sample or for merged candidates."""
+    for i in range(6):
+        tree = tree_for(i, expert_graft=bool(i % 2))
+        kids = tree.children()
+        floor = sum(n.depth for n in tree.nodes if not kids[n.id] and n.id)
+        assert tree.stats["env_steps"] == floor
+        per_node_replay = sum(n.depth for n in tree.nodes)
+        assert tree.stats["env_steps"] < per_node_replay
+        assert tree.stats["leaves"] == sum(1 for n in tree.nodes if not kids[n.id] and n.id)
+
+
+def test_zero_outcome_prunes_every_branch() -> None:
+    """A policy that only breaks the lock: the root is expanded once, every branch is pruned."""
+    always_fail = ScriptedPolicy(weights=[0, 0, 0, 0, 0, 1, 0, 0], smart=0.0, invalid=0.0)
+    tree = tree_for(0, expert_graft=False, policy=always_fail)
+    kids = tree.children()
+    assert [n.id for n in tree.nodes if n.expanded] == [0]
+    assert len(kids[0]) == 1 and tree.stats["merged"] == 2  # three identical candidates merged into one
+    assert all(n.pruned for n in tree.nodes[1:])
+    assert all(n.q == 0.0 for n in tree.nodes[1:])
+
+
+def test_expert_graft_gives_a_success_and_one_sibling_per_step() -> None:
+    tree = tree_for(2, expert_graft=True, expert_siblings=1)
+    expert = [n for n in tree.nodes if n.source == "expert"]
+    assert [n.depth for n in expert] == [1, 2, 3, 4]
+    assert expert[-1].reward == 1.0 and expert[-1].done and tree.stats["expert_reward"] == 1.0
+    kids = tree.children()
+    for e in expert:
+        siblings = [c for c in kids[e.parent] if c != e.id]
+        assert len(siblings) <= 1 and all(tree.nodes[s].source == "sample" for s in siblings)
+    assert expert[0].q == pytest.approx(0.9 ** 3)
+
+
+def test_caps_stop_exploration() -> None:
+    tree = tree_for(4, expert_graft=False, max_nodes=12)
+    assert tree.stats["stopped_by"] == "max_nodes"
+    assert 12 <= len(tree.nodes) <= 12 + 8
+    tree = tree_for(4, expert_graft=False, max_env_steps=5)
+    assert tree.stats["stopped_by"] == "max_env_steps" and tree.stats["env_steps"] <= 5 + 8
+
+
+def test_same_seed_same_tree_other_seed_other_tree() -> None:
+    a, b, c = tree_for(seed=5), tree_for(seed=5), tree_for(seed=6)
+    assert a.to_dict() == b.to_dict()
+    assert a.to_dict()["nodes"] != c.to_dict()["nodes"]
+
+
+class Drifting(Rooms):
+    """A non-deterministic environment: the observation counts resets."""
+
+    resets = 0
+
+    def reset(self, task: Task) -> str:
+        self.resets += 1
+        return super().reset(task) + f" (visit {self.resets})"
+
+
+def test_non_deterministic_env_is_reported() -> None:
+    with pytest.raises(QlassError, match="deterministic"):
+        tree_for(0, env=Drifting(), expert_graft=False)
+
+
+# -- resume -----------------------------------------------------------------------------------
+def test_resume_skips_finished_tasks_and_matches_one_run(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="qlass.explore")
+    env = Rooms()
+    tasks = env.tasks("train")
+    cfg = small_cfg()
+    one = tmp_path / "one.jsonl"
+    explore_tasks(Rooms, tasks, ScriptedPolicy(), cfg, one, seed=3, progress=False)
+    two = tmp_path / "two.jsonl"
+    explore_tasks(Rooms, tasks[:2], ScriptedPolicy(), cfg, two, seed=3, progress=False)
+    with open(two, "a") as fh:  # a torn line, as left by a kill during an append
+        fh.write('{"schema_version": 1, "tree_id": "rooms/2", "nod')
+    policy = ScriptedPolicy()
+    trees = explore_tasks(Rooms, tasks, policy, cfg, two, seed=3, progress=False)
+    assert "resuming: 2 of 6" in caplog.text
+    assert [t.tree_id for t in trees] == [t.id for t in tasks]
+    assert one.read_text() == two.read_text()
+    calls = policy.calls
+    explore_tasks(Rooms, tasks, policy, cfg, two, seed=3, progress=False)
+    assert policy.calls == calls, "a finished run does no work"
+    assert [t.seed for t in read_trees(two)] == [tree_seed(3, t) for t in tasks]
+    with pytest.raises(QlassError, match="other exploration settings"):
+        explore_tasks(Rooms, tasks, policy, small_cfg(candidates=2), two, seed=3, progress=False)
+    with pytest.raises(QlassError, match="another run seed"):
+        explore_tasks(Rooms, tasks, policy, cfg, two, seed=4, progress=False)
