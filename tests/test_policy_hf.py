@@ -1,39 +1,58 @@
-"""The local HF policy on a tiny random model: shapes, accounting, greedy, seeds, cache reuse, stopping."""
+"""The local HF policy on tiny real models: shapes, token accounting, greedy = full-forward argmax,
+seeds, shared prefill = separate sampling, batching with padding, cache reuse, stopping, truncation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlass.policy.hf import HFPolicy, complete_action
+from qlass.policy.hf import SEED_STRIDE, HFPolicy, complete_action
 from qlass.policy.render import encode_conversation
 from qlass.types import Message
 
 HIST = [Message("user", "Instruction: act."), Message("assistant", "OK"), Message("user", "Task: find a plant.")]
+LONGER = HIST + [Message("assistant", "Thought: a\nAction: look around"),
+                 Message("user", "Observation: a room with a door, a table and a lamp.")]
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_model_dir):
+def policy(tiny_model_dir: Path) -> HFPolicy:
     return HFPolicy(tiny_model_dir, max_length=512)
 
 
-def test_n_candidates_and_token_accounting(policy: HFPolicy) -> None:
-    out = policy.sample([HIST, HIST[:1]], n=3, temperature=1.0, max_new_tokens=12, seed=0)
-    assert [len(c) for c in out] == [3, 3]
-    n_prompt = len(encode_conversation(policy.tokenizer, HIST)[0])
-    assert all(c.prompt_tokens == n_prompt for c in out[0])
-    assert all(1 <= c.completion_tokens <= 12 and c.logprob < 0 for c in out[0])
-
-
-def test_greedy_matches_full_forward_argmax(policy: HFPolicy) -> None:
-    (c,) = policy.sample([HIST], n=1, temperature=0.0, max_new_tokens=6, seed=0)[0]
-    ids = encode_conversation(policy.tokenizer, HIST)[0]
+def _full_forward_greedy(policy: HFPolicy, ids: list[int], steps: int) -> tuple[list[int], float]:
+    """Greedy tokens and their summed log-probability, recomputing the whole sequence each step."""
     gen: list[int] = []
+    total = 0.0
     with torch.no_grad():
-        for _ in range(c.completion_tokens):
-            logits = policy.model(input_ids=torch.tensor([ids + gen])).logits[0, -1]
-            gen.append(int(logits.argmax()))
-    assert policy.tokenizer.decode([t for t in gen if t not in policy.stop_ids]).strip() == c.text
+        for _ in range(steps):
+            logp = torch.log_softmax(policy.model(input_ids=torch.tensor([ids + gen])).logits[0, -1].float(), -1)
+            gen.append(int(logp.argmax()))
+            total += float(logp[gen[-1]])
+    return gen, total
+
+
+def test_n_candidates_per_history_and_prompt_tokens(policy: HFPolicy) -> None:
+    out = policy.sample([HIST, LONGER, HIST[:1]], n=3, temperature=1.0, max_new_tokens=6, seed=0)
+    assert [len(c) for c in out] == [3, 3, 3]
+    for history, comps in zip([HIST, LONGER, HIST[:1]], out):
+        n_prompt = len(encode_conversation(policy.tokenizer, history)[0])
+        assert all(c.prompt_tokens == n_prompt for c in comps)
+        assert all(1 <= c.completion_tokens <= 6 and c.logprob is not None and c.logprob < 0 for c in comps)
+
+
+def test_greedy_is_full_forward_argmax_with_its_logprob(policy: HFPolicy) -> None:
+    (c,) = policy.sample([LONGER], n=1, temperature=0.0, max_new_tokens=8, seed=0)[0]
+    ids = encode_conversation(policy.tokenizer, LONGER)[0]
+    gen, logprob = _full_forward_greedy(policy, ids, c.completion_tokens)
+    text = policy.tokenizer.decode([t for t in gen if t not in policy.stop_ids])
+    assert (complete_action(text + "\n") or text).strip() == c.text
+    assert c.logprob == pytest.approx(logprob, abs=1e-3)
+    many = policy.sample([LONGER], n=4, temperature=0.0, max_new_tokens=8, seed=9)[0]
+    assert many == [c] * 4  # greedy: n identical candidates
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(policy: HFPolicy) -> None:
@@ -41,29 +60,61 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(policy: HFPolicy) -> N
     b = policy.sample([HIST], n=4, temperature=1.0, max_new_tokens=10, seed=5)
     c = policy.sample([HIST], n=4, temperature=1.0, max_new_tokens=10, seed=6)
     assert a == b and a != c
+    assert len({x.text for x in a[0]}) > 1  # candidates of one call differ from each other
 
 
-def test_shared_prefill_equals_separate_rows(policy: HFPolicy) -> None:
-    """Row r of an n-candidate call equals the same row drawn alone when the generator replays it:
-    with greedy decoding every row must equal the single greedy answer."""
-    many = policy.sample([HIST], n=3, temperature=0.0, max_new_tokens=8, seed=1)[0]
-    one = policy.sample([HIST], n=1, temperature=0.0, max_new_tokens=8, seed=1)[0][0]
-    assert all(c.text == one.text for c in many)
+def test_shared_prefill_equals_separate_calls_with_the_same_generator(policy: HFPolicy) -> None:
+    """Candidate j of one n=4 call (one prefill, batch of 4) equals a lone n=1 call seeded seed + j."""
+    before = policy.prefill_tokens
+    policy.clear_cache()
+    shared = policy.sample([LONGER], n=4, temperature=1.0, max_new_tokens=10, seed=11)[0]
+    assert policy.prefill_tokens - before == len(encode_conversation(policy.tokenizer, LONGER)[0])
+    for j, cand in enumerate(shared):
+        (alone,) = policy.sample([LONGER], n=1, temperature=1.0, max_new_tokens=10, seed=11 + j)[0]
+        assert (alone.text, alone.completion_tokens) == (cand.text, cand.completion_tokens)
+        assert alone.logprob == pytest.approx(cand.logprob, abs=1e-3)
 
 
-def test_cache_reuse_gives_identical_output_and_prefills_only_new_tokens(tiny_model_dir) -> None:
+def test_histories_of_different_lengths_batch_like_single_calls(tiny_model_dir: Path) -> None:
+    """Left-padded batching of several histories changes nothing, also when split in small batches."""
+    hists = [LONGER, HIST, HIST[:1]]
+    together = HFPolicy(tiny_model_dir, max_length=512).sample(hists, n=2, temperature=1.0, max_new_tokens=8, seed=3)
+    small = HFPolicy(tiny_model_dir, max_length=512, max_batch_rows=2)
+    split = small.sample(hists, n=2, temperature=1.0, max_new_tokens=8, seed=3)
+    for i, h in enumerate(hists):
+        alone = small.sample([h], n=2, temperature=1.0, max_new_tokens=8, seed=3 + i * SEED_STRIDE)[0]
+        for a, b, c in zip(together[i], split[i], alone):
+            assert a.text == b.text == c.text and a.completion_tokens == c.completion_tokens
+            assert a.logprob == pytest.approx(c.logprob, abs=1e-3)
+
+
+def test_cache_reuse_is_exact_and_prefills_only_new_tokens(tiny_model_dir: Path) -> None:
     reuse = HFPolicy(tiny_model_dir, max_length=512)
     fresh = HFPolicy(tiny_model_dir, max_length=512, cache_slots=0)
-    turn1 = HIST
-    turn2 = HIST + [Message("assistant", "Thought: a\nAction: look around"), Message("user", "Observation: a room.")]
-    for h in (turn1, turn2):
-        a, b = reuse.sample([h], 2, 0.8, 10, seed=3)[0], fresh.sample([h], 2, 0.8, 10, seed=3)[0]
-        assert [c.text for c in a] == [c.text for c in b]
-        assert [c.logprob for c in a] == pytest.approx([c.logprob for c in b], abs=1e-3)
-    n1 = len(encode_conversation(reuse.tokenizer, turn1)[0])
-    n2 = len(encode_conversation(reuse.tokenizer, turn2)[0])
-    assert reuse.prefill_tokens == n2  # turn 2 only prefilled its n2 - n1 new tokens
-    assert fresh.prefill_tokens == n1 + n2
+    sibling = HIST + [Message("assistant", "Thought: b\nAction: go to kitchen"), Message("user", "Observation: ok.")]
+    for h in (HIST, LONGER, sibling):
+        for temperature in (0.0, 0.8):
+            a = reuse.sample([h], 2, temperature, 10, seed=3)[0]
+            b = fresh.sample([h], 2, temperature, 10, seed=3)[0]
+            assert [c.text for c in a] == [c.text for c in b]
+            assert [c.logprob for c in a] == pytest.approx([c.logprob for c in b], abs=1e-3)
+    ids = [encode_conversation(reuse.tokenizer, h)[0] for h in (HIST, LONGER, sibling)]
+    shared = next(i for i, (x, y) in enumerate(zip(ids[1], ids[2])) if x != y)  # sibling diverges here
+    assert reuse.prefill_tokens == len(ids[0]) + (len(ids[1]) - len(ids[0])) + (len(ids[2]) - shared)
+    assert fresh.prefill_tokens == 2 * sum(len(x) for x in ids)
+
+
+def test_truncation_keeps_task_and_newest_turns(policy: HFPolicy) -> None:
+    turns = [Message("assistant", f"Thought: t{i}\nAction: a{i}") if i % 2 == 0 else Message("user", f"Observation: o{i}")
+             for i in range(60)]
+    long = HIST + turns
+    small = HFPolicy(policy.model_dir, max_length=160)
+    ids = small.encode(long, reserve=40)
+    text = small.tokenizer.decode(ids)
+    assert len(ids) <= 120 and "Task: find a plant." in text and "Instruction: act." in text
+    assert text.endswith("Observation: o59<|im_end|>\n<|im_start|>assistant\n") and "o1<" not in text
+    out = small.sample([long], n=2, temperature=1.0, max_new_tokens=40, seed=0)[0]
+    assert all(c.prompt_tokens == len(ids) for c in out)
 
 
 def test_action_line_completion_rule() -> None:
@@ -72,8 +123,49 @@ def test_action_line_completion_rule() -> None:
     assert complete_action("Thought: x\nAction:go north\nThought: more") == "Thought: x\nAction: go north"
 
 
-def test_generation_stops_after_the_action_line(policy: HFPolicy) -> None:
-    """Teach the tiny model nothing; instead check that no returned text runs past an action line."""
-    for c in policy.sample([HIST], n=4, temperature=1.5, max_new_tokens=40, seed=2)[0]:
-        if "Action:" in c.text:
-            assert "\n" not in c.text.partition("Action:")[2]
+# -- stopping, on a tiny model taught two scripted answers ------------------------------------------
+SCRIPTS = {
+    "Task: find a plant.": "Thought: go.\nAction: go to greenhouse\nThought: and then some more words",
+    "Task: find an animal.": "Thought: look.\nAction: look around<|im_end|>",
+}
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model trained (a few hundred steps, seconds) to answer each task with its script."""
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = []
+    for task, answer in SCRIPTS.items():
+        prompt = encode_conversation(tok, [Message("user", task)])[0]
+        target = tok(answer, add_special_tokens=False)["input_ids"]
+        batch.append((torch.tensor([prompt + target]), torch.tensor([[-100] * len(prompt) + target])))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = sum(model(input_ids=x, labels=y).loss for x, y in batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.05:
+            break
+    out = tmp_path_factory.mktemp("scripted") / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_generation_stops_after_the_action_line_and_at_the_end_token(scripted: Path) -> None:
+    policy = HFPolicy(scripted, max_length=256)
+    tok = policy.tokenizer
+    plant, animal = ([Message("user", task)] for task in SCRIPTS)
+    (a,) = policy.sample([plant], 1, 0.0, 40, seed=0)[0]
+    assert a.text == "Thought: go.\nAction: go to greenhouse"
+    ids = tok(SCRIPTS[plant[0].content], add_special_tokens=False)["input_ids"]
+    newline_at = next(i for i in range(len(ids)) if complete_action(tok.decode(ids[: i + 1])))
+    assert a.completion_tokens == newline_at + 1  # stopped right after the action line's newline
+    (b,) = policy.sample([animal], 1, 0.0, 40, seed=0)[0]
+    assert b.text == "Thought: look.\nAction: look around"
+    assert b.completion_tokens == len(tok(SCRIPTS[animal[0].content], add_special_tokens=False)["input_ids"])
+    both = policy.sample([plant, animal], 3, 0.3, 40, seed=1)  # batched rows stop independently
+    assert [c.text for c in both[0]] == [a.text] * 3 and [c.text for c in both[1]] == [b.text] * 3

@@ -1,28 +1,56 @@
 """Policies: the batch-first sampling protocol and its backends.
 
-``load_policy(spec)`` builds one from a local causal-LM folder (:class:`HFPolicy`) or from the base
-URL of an OpenAI-compatible server (``http(s)://host:port/v1``, :class:`OpenAIPolicy`).
+``load_policy(spec)`` builds one from a local causal-LM folder (:class:`HFPolicy`), ``default`` (the
+offline default model), or the base URL of an OpenAI-compatible server (``http(s)://host:port/v1``,
+:class:`OpenAIPolicy`). The backends are imported lazily (``from qlass.policy import HFPolicy``
+works, but importing the package loads neither torch models nor HTTP code).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import TYPE_CHECKING, Any
 
+from ..errors import QlassError
 from .base import Policy
 
-__all__ = ["Policy", "load_policy"]
+if TYPE_CHECKING:
+    from .hf import HFPolicy
+    from .openai import OpenAIPolicy
+
+__all__ = ["Policy", "HFPolicy", "OpenAIPolicy", "load_policy"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HFPolicy":
+        from .hf import HFPolicy
+
+        return HFPolicy
+    if name == "OpenAIPolicy":
+        from .openai import OpenAIPolicy
+
+        return OpenAIPolicy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_policy(spec: str, **options: Any) -> Policy:
-    """A policy from a model folder, ``default`` (the offline default model), or a server URL."""
+    """A policy from a model folder, ``default``, or an ``http(s)://.../v1`` server URL.
+
+    ``options`` go to the backend's constructor (:class:`HFPolicy` or :class:`OpenAIPolicy`, e.g.
+    ``autocast=True`` or ``model="name", tokenizer="DIR"``); an option the backend does not take is
+    an error naming the options it does take.
+    """
     if spec.startswith(("http://", "https://")):
-        from .openai import OpenAIPolicy
+        from .openai import OpenAIPolicy as cls
+    else:
+        from .hf import HFPolicy as cls
 
-        return OpenAIPolicy(spec, **options)
-    from .hf import HFPolicy
+        if spec == "default":
+            from ..models import default_model_dir
 
-    if spec == "default":
-        from ..models import default_model_dir
-
-        spec = str(default_model_dir())
-    return HFPolicy(spec, **options)
+            spec = str(default_model_dir())
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model_dir", "base_url")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise QlassError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; options: {', '.join(accepted)}")
+    return cls(spec, **options)

@@ -1,32 +1,51 @@
-"""Local Hugging Face causal LMs as policies: shared prefill, KV-cache reuse, action-line stopping.
+"""Local Hugging Face causal LMs as policies: shared prefill, KV-cache reuse, batched decoding.
 
-- All ``n`` candidates of a history come from one prefill: the prompt's KV cache is computed once
-  and expanded to ``n`` rows, which then decode in one batch.
-- The KV caches of recent prompts are kept (LRU). A new prompt whose token ids extend a cached one
-  (the next turn of an episode, or a child node in an exploration tree) only prefills its new
-  tokens; :func:`~qlass.policy.render.encode_conversation` is prefix-stable, so this is exact.
-- Decoding stops at the end of the ``Action:`` line, at EOS, or at the end-of-turn token.
-- Optional bf16 autocast on CPU (AVX512-BF16/AMX machines run it 1.6–2.2× faster).
+What one call ``sample(histories, n, ...)`` does:
+
+1. Each history becomes ids through :func:`~qlass.policy.render.encode_conversation` (the one
+   rendering SFT and the QNet use); a history longer than ``max_length - max_new_tokens`` loses its
+   oldest turns (:func:`~qlass.policy.render.truncate_history`, instruction prefix and task kept).
+2. Prefill with reuse: the caches of the ``cache_slots`` most recent prompts are kept. A prompt is
+   prefilled only from the longest token prefix it shares with one of them — the previous turn of
+   the episode (``encode_conversation`` is prefix-stable), a sibling in an exploration tree, or the
+   fixed instruction prefix — so a turn costs its new tokens, not its whole history.
+3. Decode: each prompt's cache is expanded to its ``n`` rows (one prefill for all candidates); the
+   rows of several histories are left-padded into one batch and decoded together by a plain loop
+   over ``model(ids, cache=...)``; finished rows leave the batch.
+4. A row stops after the newline that ends its ``Action:`` line, at EOS or at the end-of-turn token.
+   The returned text is ``Thought: ...\\nAction: ...`` without the end token; ``completion_tokens``
+   counts every generated token (end token included); ``logprob`` sums the sampled tokens'
+   log-probabilities under the model (temperature 1).
+
+Sampling is reproducible and independent of batching: candidate ``j`` of history ``i`` draws from
+its own ``torch.Generator`` seeded with ``seed + i * SEED_STRIDE + j`` (so it equals candidate 0 of a
+call with seed ``seed + i * SEED_STRIDE + j``). Temperature 0 is greedy: one row per history,
+copied ``n`` times.
+
+Models whose cache is not plain full attention (sliding-window or hybrid layers) still work, one
+history at a time and without reuse across calls.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import QlassError
 from ..types import Completion, History, Message
+from . import kv
 from .render import encode_conversation, ensure_chat_template, truncate_history
 
 log = logging.getLogger(__name__)
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
+SEED_STRIDE = 1_000_003
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_keep_prefix(messages: Sequence[Message]) -> int:
@@ -48,6 +67,30 @@ def complete_action(text: str) -> str | None:
     return f"{head}Action: {action}" if action else None
 
 
+def fit_history(history: Sequence[Message], fits: Callable[[Sequence[Message]], bool]) -> list[Message]:
+    """``history`` itself if it ``fits``; else :func:`truncate_history` keeping the instruction prefix
+    and task turn (:func:`default_keep_prefix`), the cut found by binary search.
+
+    ``truncate_history`` tries ever shorter conversations, one ``fits`` (a full re-encoding) per
+    dropped turn; the conversations it would try get shorter monotonically, so the first that fits
+    is found with O(log turns) encodings and then cut by ``truncate_history`` itself."""
+    if fits(history):
+        return list(history)
+    keep = default_keep_prefix(history)
+    head, body = list(history[:keep]), list(history[keep:])
+    sizes = [len(body)]  # body lengths truncate_history tries, in order
+    while sizes[-1] > 1:
+        sizes.append(sizes[-1] - 2 if sizes[-1] > 2 else sizes[-1] - 1)
+    lo, hi = 0, len(sizes) - 1  # sizes[hi] is the answer if nothing longer fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(head + body[len(body) - sizes[mid]:]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return truncate_history(history, keep, lambda msgs: len(msgs) <= keep + sizes[lo])
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """Load a causal-LM folder and its tokenizer (with a chat template), quietly and in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,23 +99,27 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     path = Path(path)
     if not (path / "config.json").exists():
         raise QlassError(f"{path}: not a model folder (no config.json); `qlass model default` prints the default one")
+    if dtype not in _DTYPES:
+        raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     hf_logging.disable_progress_bar()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise QlassError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
     tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
     return model, tokenizer
 
 
-@dataclass
-class _Entry:
-    cache: Any
-    logits: torch.Tensor
-
-
 class HFPolicy:
-    """A local causal LM implementing :class:`~qlass.policy.base.Policy`."""
+    """A local causal LM implementing :class:`~qlass.policy.base.Policy`.
+
+    Args:
+        model_dir: a causal-LM folder (``AutoModelForCausalLM`` loads it).
+        dtype: weight dtype, ``float32`` (default), ``bfloat16`` or ``float16``.
+        autocast: run forwards under bf16 autocast (1.6–2.2× faster on AVX512-BF16/AMX CPUs).
+        max_length: longest prompt + completion in tokens (capped by the model's positions).
+        cache_slots: prompt caches kept for reuse across calls (0 disables reuse).
+        threads: ``torch.set_num_threads`` for this process, when given.
+        seed: seeds the per-call seeds of calls made with ``seed=None``.
+        max_batch_rows: histories are decoded together while their rows fit in this many.
+    """
 
     def __init__(
         self,
@@ -83,21 +130,28 @@ class HFPolicy:
         cache_slots: int = 8,
         threads: int | None = None,
         seed: int = 0,
+        max_batch_rows: int = 32,
     ) -> None:
         if threads:
             torch.set_num_threads(int(threads))
         self.model, self.tokenizer = load_causal_lm(model_dir, dtype)
         self.model_dir = Path(model_dir)
         self.autocast = bool(autocast)
-        self.max_length = int(max_length)
-        self.cache_slots = int(cache_slots)
-        self._caches: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        positions = getattr(self.model.config, "max_position_embeddings", None) or max_length
+        self.max_length = min(int(max_length), int(positions))
+        self.max_batch_rows = max(1, int(max_batch_rows))
+        self.plain = kv.plain_attention(self.model.config)
+        self.store = kv.PrefixStore(cache_slots if self.plain else 0)
         self._rng = random.Random(seed)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._num_layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
         vocab = self.tokenizer.get_vocab()
         stops = {self.tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
         self.stop_ids = {s for s in stops if s is not None}
-        self.newline_ids = {i for t, i in vocab.items() if "Ċ" in t or "\n" in t}
+        self._newline: dict[int, bool] = {}
         self.prefill_tokens = 0
+        """Prompt tokens actually run through the model (after reuse), over the policy's life."""
 
     # -- public API ------------------------------------------------------------------------
     def sample(
@@ -108,104 +162,130 @@ class HFPolicy:
         max_new_tokens: int = 128,
         seed: int | None = None,
     ) -> list[list[Completion]]:
-        """``n`` completions per history from one shared prefill each (see module docstring)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        out = []
-        for k, history in enumerate(histories):
-            call_seed = self._rng.getrandbits(62) if seed is None else seed + 7919 * k
-            out.append(self._sample_one(list(history), n, temperature, max_new_tokens, call_seed))
+        """``n`` completions per history from one shared prefill each (see the module docstring)."""
+        if n < 1 or temperature < 0 or max_new_tokens < 1:
+            raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {n}, {temperature}, "
+                             f"{max_new_tokens})")
+        base = self._rng.getrandbits(31) if seed is None else int(seed)
+        rows = 1 if temperature == 0 else n
+        prompts = [self.encode(list(h), reserve=max_new_tokens) for h in histories]
+        per_batch = max(1, self.max_batch_rows // rows) if self.plain else 1
+        out: list[list[Completion]] = []
+        for start in range(0, len(prompts), per_batch):
+            group = list(range(start, min(start + per_batch, len(prompts))))
+            seeds = [base + i * SEED_STRIDE + j for i in group for j in range(rows)]
+            done = self._generate([prompts[i] for i in group], rows, temperature, max_new_tokens, seeds)
+            out.extend(c * n if rows == 1 else c for c in done)
         return out
 
     def encode(self, history: Sequence[Message], reserve: int = 0) -> list[int]:
         """Prompt ids of ``history``, oldest turns dropped so that ``reserve`` new tokens still fit."""
         budget = self.max_length - reserve
+        if budget < 1:
+            raise QlassError(f"max_new_tokens ({reserve}) leaves no room for a prompt in max_length {self.max_length}")
         ids, _ = encode_conversation(self.tokenizer, history, add_generation_prompt=True)
         if len(ids) <= budget:
             return ids
-        keep = default_keep_prefix(history)
-        fits = lambda msgs: len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget  # noqa: E731
-        ids, _ = encode_conversation(self.tokenizer, truncate_history(history, keep, fits), True)
-        return ids[-budget:]
+        short = fit_history(history, lambda msgs: len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget)
+        ids, _ = encode_conversation(self.tokenizer, short, True)
+        log.debug("history of %d messages truncated to %d", len(history), len(short))
+        if len(ids) > budget:
+            log.warning("prompt of %d tokens cut from the left to %d even after dropping old turns", len(ids), budget)
+            ids = ids[-budget:]
+        return ids
+
+    def clear_cache(self) -> None:
+        """Forget the cached prompts (frees their memory; the next call prefills from scratch)."""
+        self.store.clear()
 
     # -- internals -------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    def _forward(self, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (float32, ``[batch, vocab]``) after ``ids``; ``cache`` grows in place."""
+        kwargs: dict[str, Any] = {self._cache_arg: cache}
+        if mask is not None:
+            kwargs.update(attention_mask=mask, position_ids=positions)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.cache
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float()
 
-    def _prefill(self, ids: list[int]) -> _Entry:
-        """The cache and last logits of ``ids``, reusing the longest cached prefix."""
-        from transformers import DynamicCache
-
+    def _prefill(self, ids: list[int]) -> kv.Prefix:
+        """The cache and next-token logits of ``ids``, computing only what no stored prompt shares."""
         key = tuple(ids)
-        if key in self._caches:
-            self._caches.move_to_end(key)
-            return self._caches[key]
-        best: tuple[int, ...] = ()
-        for cached in self._caches:
-            if len(best) < len(cached) < len(key) and key[: len(cached)] == cached:
-                best = cached
-        cache = DynamicCache(config=self.model.config)
-        if best:
-            src = self._caches[best].cache
-            cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in src.layers],
-                                 config=self.model.config)
-        new = torch.tensor([ids[len(best):]], dtype=torch.long)
-        self.prefill_tokens += new.shape[1]
-        logits, cache = self._forward(new, cache)
-        entry = _Entry(cache, logits)
-        self._caches[key] = entry
-        while len(self._caches) > self.cache_slots:
-            self._caches.popitem(last=False)
+        reused, prefix = self.store.lookup(key)
+        if prefix is not None and reused == len(ids):
+            return prefix
+        cache = kv.prefill_cache(prefix.kv if prefix else None, reused, len(ids), self._num_layers)
+        logits = self._forward(torch.tensor([ids[reused:]]), cache)[0]
+        self.prefill_tokens += len(ids) - reused
+        entry = kv.Prefix(kv.cache_kv(cache), logits)
+        self.store.put(key, entry)
         return entry
 
-    def _sample_one(self, history: list[Message], n: int, temperature: float, max_new_tokens: int,
-                    seed: int) -> list[Completion]:
-        from transformers import DynamicCache
+    def _start(self, prompts: list[list[int]], rows: int, extra: int
+               ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Decode state for ``rows`` candidates of each prompt: cache, first logits, mask, positions."""
+        lengths = torch.tensor([len(p) for p in prompts]).repeat_interleave(rows)
+        if not self.plain:  # generic cache classes: one prompt, prefilled fresh, rows repeated
+            from transformers import DynamicCache
 
-        ids = self.encode(history, reserve=max_new_tokens)
-        entry = self._prefill(ids)
-        rows = 1 if temperature == 0 else n
-        cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in entry.cache.layers],
-                             config=self.model.config)
-        if rows > 1:
+            cache = DynamicCache(config=self.model.config)
+            logits = self._forward(torch.tensor([prompts[0]]), cache)
+            self.prefill_tokens += len(prompts[0])
             cache.batch_repeat_interleave(rows)
-        logits = entry.logits.expand(rows, -1)
-        gen = torch.Generator().manual_seed(seed)
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        logprob = [0.0] * rows
-        done = [False] * rows
-        texts = [""] * rows
-        for _ in range(max_new_tokens):
+            return cache, logits.expand(rows, -1), None, lengths
+        entries = [self._prefill(p) for p in prompts]
+        cache, mask = kv.batch_cache([e.kv for e in entries], rows, extra)
+        logits = torch.stack([e.logits for e in entries]).repeat_interleave(rows, dim=0)
+        return cache, logits, mask, lengths
+
+    def _ends(self, tokens: list[int]) -> bool:
+        """Whether a row is finished: end token, or the newline closing a complete action line."""
+        tok = tokens[-1]
+        if tok in self.stop_ids:
+            return True
+        if tok not in self._newline:
+            self._newline[tok] = "\n" in self.tokenizer.decode([tok])
+        return self._newline[tok] and complete_action(self.tokenizer.decode(tokens)) is not None
+
+    def _generate(self, prompts: list[list[int]], rows: int, temperature: float, max_new_tokens: int,
+                  seeds: list[int]) -> list[list[Completion]]:
+        """Decode ``rows`` candidates for every prompt in one batch."""
+        cache, logits, mask, positions = self._start(prompts, rows, max_new_tokens)
+        total = logits.shape[0]
+        gens = [torch.Generator().manual_seed(s) for s in seeds] if temperature > 0 else []
+        tokens: list[list[int]] = [[] for _ in range(total)]
+        logprob = [0.0] * total
+        active = list(range(total))  # batch position -> row
+        for step in range(max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)
             if temperature == 0:
-                nxt = logits.argmax(dim=-1)
+                picks = logits.argmax(dim=-1).tolist()
             else:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-            for r in range(rows):
-                if done[r]:
-                    continue
-                tok = int(nxt[r])
+                picks = [int(torch.multinomial(probs[b], 1, generator=gens[r])) for b, r in enumerate(active)]
+            keep = []
+            for b, (r, tok) in enumerate(zip(active, picks)):
                 tokens[r].append(tok)
-                logprob[r] += float(logp[r, tok])
-                if tok in self.stop_ids:
-                    done[r] = True
-                    continue
-                piece = self.tokenizer.decode([tok])
-                texts[r] += piece
-                if "\n" in piece and complete_action(texts[r]) is not None:
-                    done[r] = True
-            if all(done):
+                logprob[r] += float(logp[b, tok])
+                if not self._ends(tokens[r]):
+                    keep.append(b)
+            if not keep or step == max_new_tokens - 1:
                 break
-            feed = torch.tensor([[t[-1]] for t in tokens], dtype=torch.long)
-            logits, cache = self._forward(feed, cache)
-        results = []
-        for r in range(rows):
+            if len(keep) < len(active):
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index)
+                mask = mask[index] if mask is not None else None
+                positions = positions[index]
+                active = [active[b] for b in keep]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            feed = torch.tensor([[tokens[r][-1]] for r in active])
+            logits = self._forward(feed, cache, mask, positions.unsqueeze(1))
+            positions = positions + 1
+        out = []
+        for r in range(total):
             text = self.tokenizer.decode([t for t in tokens[r] if t not in self.stop_ids])
-            text = complete_action(text + "\n") or text
-            results.append(Completion(text.strip(), len(ids), len(tokens[r]), logprob[r]))
-        if rows == 1 and n > 1:
-            results = results * n
-        return results
+            text = (complete_action(text + "\n") or text).strip()
+            out.append(Completion(text, len(prompts[r // rows]), len(tokens[r]), logprob[r]))
+        return [out[i * rows : (i + 1) * rows] for i in range(len(prompts))]

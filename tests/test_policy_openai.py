@@ -1,0 +1,274 @@
+"""The OpenAI-compatible backend against real servers on 127.0.0.1.
+
+- llama.cpp's server (``llama_cpp.server``, built by ``scripts/setup.sh --test``) serving the default
+  model's GGUF: both endpoints, n candidates, token accounting, seeds, stopping, the API key.
+- A small scripted HTTP server (the standard library's) for what llama.cpp will not do on demand:
+  503/429/400 answers, a slow answer, a closed port, missing usage, fewer choices than asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import pytest
+
+from qlass.errors import QlassError
+from qlass.models import default_gguf_path, default_tokenizer_dir
+from qlass.policy import OpenAIPolicy, load_policy
+from qlass.policy.render import encode_conversation
+from qlass.types import Message
+
+KEY = "sk-test-5f0c1d9e"
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+HIST = [Message("user", "You are an agent in a house. Answer with two lines:\nThought: <reasoning>\nAction: <action>"),
+        Message("assistant", "OK"),
+        Message("user", "Your task is to find a plant. This room is called the kitchen. You see a door to the hallway.")]
+LONGER = HIST + [Message("assistant", "Thought: Plants grow outside.\nAction: go to hallway"),
+                 Message("user", "Observation: You move to the hallway. You see a door to the outside.")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- a real llama.cpp server ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is built by scripts/setup.sh --test")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("llama") / "server.log"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--api_key", KEY, "--model_alias", "smol"]
+    log_file = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama.cpp server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                req = urllib.request.Request(url + "/models", headers={"Authorization": f"Bearer {KEY}"})
+                with NO_PROXY.open(req, timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"llama.cpp server did not answer within 120 s: {log_path.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+
+
+@pytest.fixture
+def key_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("QLASS_TEST_API_KEY", KEY)
+    return "QLASS_TEST_API_KEY"
+
+
+@pytest.mark.slow
+def test_completions_endpoint_with_local_template(llama_server: str, key_env: str) -> None:
+    policy = load_policy(llama_server, tokenizer=str(default_tokenizer_dir()), api_key_env=key_env)
+    assert policy.endpoint == "completions" and policy.model == "smol"  # first model the server lists
+    out = policy.sample([HIST, LONGER], n=3, temperature=0.9, max_new_tokens=24, seed=1)
+    assert [len(c) for c in out] == [3, 3]
+    for history, comps in zip([HIST, LONGER], out):
+        n_prompt = len(encode_conversation(policy.tokenizer, history)[0])
+        assert all(c.prompt_tokens == n_prompt for c in comps)  # the server read exactly our ids
+        assert all(1 <= c.completion_tokens <= 24 for c in comps)
+        for c in comps:
+            assert "\n" not in c.text.partition("Action:")[2]  # at most one action line
+    assert len({c.text for c in out[1]}) > 1  # candidates differ
+    again = policy.sample([HIST, LONGER], n=3, temperature=0.9, max_new_tokens=24, seed=1)
+    assert again == out  # seeded: reproducible
+    greedy = policy.sample([LONGER], n=2, temperature=0.0, max_new_tokens=40)[0]
+    assert greedy[0] == greedy[1] == policy.sample([LONGER], n=1, temperature=0.0, max_new_tokens=40)[0][0]
+
+
+@pytest.mark.slow
+def test_chat_endpoint_and_logprobs(llama_server: str, key_env: str) -> None:
+    chat = OpenAIPolicy(llama_server, model="smol", api_key_env=key_env)
+    assert chat.endpoint == "chat"
+    comps = chat.sample([HIST], n=2, temperature=0.7, max_new_tokens=24, seed=3)[0]
+    assert len(comps) == 2 and all(c.prompt_tokens > 0 and 1 <= c.completion_tokens <= 24 for c in comps)
+    lp = OpenAIPolicy(llama_server, model="smol", api_key_env=key_env, tokenizer=default_tokenizer_dir(), logprobs=True)
+    (c,) = lp.sample([HIST], n=1, temperature=0.7, max_new_tokens=16, seed=3)[0]
+    assert c.logprob is not None and c.logprob < 0
+
+
+@pytest.mark.slow
+def test_api_key_is_required_and_never_shown(llama_server: str, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("QLASS_WRONG_KEY", KEY + "-wrong")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(QlassError, match="HTTP 401") as err:
+        OpenAIPolicy(llama_server, api_key_env="QLASS_WRONG_KEY")
+    assert KEY not in str(err.value) and KEY not in caplog.text
+
+
+# -- a scripted local HTTP server ------------------------------------------------------------------
+class Scripted(ThreadingHTTPServer):
+    """Answers POSTs with scripted (status, headers, body, delay) replies; records what it got."""
+
+    def __init__(self, replies: list[tuple[int, dict[str, str], Any, float]]) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.replies, self.seen = list(replies), []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Scripted
+
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.seen.append((self.path, dict(self.headers), body))
+        status, headers, reply, delay = self.server.replies.pop(0) if self.server.replies else (500, {}, {}, 0)
+        time.sleep(delay)
+        data = json.dumps(reply).encode()
+        try:
+            self.send_response(status)
+            for k, v in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client gave up (timeout test)
+            pass
+
+
+@pytest.fixture
+def scripted() -> Iterator[Any]:
+    servers: list[Scripted] = []
+
+    def start(*replies: tuple[int, dict[str, str], Any, float]) -> Scripted:
+        server = Scripted(list(replies))
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def ok(*texts: str, usage: dict[str, int] | None = None, chat: bool = True) -> tuple[int, dict[str, str], Any, float]:
+    """A 200 reply in the chat (``message.content``) or completions (``text``) shape."""
+    reply: dict[str, Any] = {"choices": [
+        {"index": i, "finish_reason": "stop", **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
+        for i, t in enumerate(texts)]}
+    if usage is not None:
+        reply["usage"] = usage
+    return (200, {}, reply, 0.0)
+
+
+USAGE = {"prompt_tokens": 50, "completion_tokens": 9}
+
+
+def test_retries_503_then_succeeds_and_cuts_after_the_action_line(scripted: Any) -> None:
+    server = scripted((503, {}, {"error": "busy"}, 0), (503, {}, {"error": "busy"}, 0),
+                      ok("Thought: a\nAction: go north\nThought: more", usage=USAGE))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01, max_retries=3)
+    (c,) = policy.sample([HIST], n=1, temperature=0.5, max_new_tokens=20, seed=4)[0]
+    assert len(server.seen) == 3
+    assert (c.text, c.prompt_tokens, c.completion_tokens) == ("Thought: a\nAction: go north", 50, 9)
+    path, _, body = server.seen[-1]
+    assert path == "/v1/chat/completions" and body["stop"] and body["seed"] == 4 and body["max_tokens"] == 20
+    assert body["messages"][-1] == {"role": "user", "content": HIST[-1].content}
+
+
+def test_429_with_retry_after_and_5xx_until_giving_up(scripted: Any) -> None:
+    server = scripted((429, {"Retry-After": "0"}, {}, 0), ok("Thought: t\nAction: wait", usage=USAGE))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=5.0, max_retries=1)
+    start = time.monotonic()
+    assert policy.sample([HIST], 1, 0.0, 8)[0][0].text == "Thought: t\nAction: wait"
+    assert time.monotonic() - start < 2.5  # waited Retry-After (0 s), not the 5 s backoff
+    failing = scripted(*[(500, {}, {"error": "boom"}, 0)] * 3)
+    with pytest.raises(QlassError, match="giving up after 3 attempts.*HTTP 500"):
+        OpenAIPolicy(failing.url, model="m", endpoint="chat", backoff=0.01, max_retries=2).sample([HIST])
+    assert len(failing.seen) == 3
+
+
+def test_client_errors_are_not_retried(scripted: Any) -> None:
+    server = scripted((400, {}, {"error": "bad request: max_tokens"}, 0))
+    with pytest.raises(QlassError, match="HTTP 400.*max_tokens"):
+        OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01).sample([HIST])
+    assert len(server.seen) == 1
+
+
+def test_timeouts_and_refused_connections_are_retried(scripted: Any) -> None:
+    slow = scripted((200, {}, {}, 2.0), ok("Thought: t\nAction: look around", usage=USAGE))
+    policy = OpenAIPolicy(slow.url, model="m", endpoint="chat", timeout=0.5, backoff=0.01, max_retries=2)
+    assert policy.sample([HIST])[0][0].text == "Thought: t\nAction: look around"
+    closed = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    with pytest.raises(QlassError, match="giving up after 3 attempts"):
+        OpenAIPolicy(closed, model="m", endpoint="chat", backoff=0.01, max_retries=2).sample([HIST])
+
+
+def test_fewer_choices_than_n_are_topped_up_with_the_next_seeds(scripted: Any) -> None:
+    server = scripted(ok("Thought: 1\nAction: a", usage=USAGE), ok("Thought: 2\nAction: b", usage=USAGE),
+                      ok("Thought: 3\nAction: c", usage=USAGE))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01)
+    comps = policy.sample([HIST], n=3, temperature=1.0, max_new_tokens=8, seed=10)[0]
+    assert [c.text[-1] for c in comps] == ["a", "b", "c"]
+    assert [(b["n"], b["seed"]) for _, _, b in server.seen] == [(3, 10), (2, 11), (1, 12)]
+
+
+def test_tokens_counted_when_usage_is_missing_or_shared(scripted: Any) -> None:
+    tok_dir = default_tokenizer_dir()
+    texts = ("Thought: short\nAction: go", "Thought: a somewhat longer thought here\nAction: open door")
+    server = scripted(ok(*texts, chat=False), ok(*texts, usage={"prompt_tokens": 7, "completion_tokens": 100}, chat=False))
+    policy = OpenAIPolicy(server.url, model="m", tokenizer=tok_dir, backoff=0.01)
+    counted = [len(policy.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    first = policy.sample([LONGER], n=2, temperature=1.0, max_new_tokens=30)[0]
+    assert [c.completion_tokens for c in first] == counted
+    assert all(c.prompt_tokens == len(encode_conversation(policy.tokenizer, LONGER)[0]) for c in first)
+    assert server.seen[0][2]["prompt"].endswith("<|im_start|>assistant\n")  # rendered here
+    second = policy.sample([LONGER], n=2, temperature=1.0, max_new_tokens=30)[0]
+    assert sum(c.completion_tokens for c in second) == 100 and second[0].completion_tokens < second[1].completion_tokens
+    assert all(c.prompt_tokens == 7 for c in second)
+
+
+def test_api_key_sent_in_header_only(scripted: Any, key_env: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = scripted((503, {}, {}, 0), ok("Thought: t\nAction: wait", usage=USAGE))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", api_key_env=key_env, backoff=0.01)
+    policy.sample([HIST])
+    assert server.seen[-1][1]["Authorization"] == f"Bearer {KEY}"
+    assert KEY not in caplog.text and KEY not in repr(policy) and KEY not in json.dumps(server.seen[-1][2])
+
+
+def test_bad_replies_and_options_are_clear_errors(scripted: Any) -> None:
+    server = scripted((200, {}, {"choices": []}, 0), ok("x", chat=False))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01)
+    with pytest.raises(QlassError, match="no 'choices'"):
+        policy.sample([HIST])
+    with pytest.raises(QlassError, match="message.content"):
+        policy.sample([HIST])
+    with pytest.raises(QlassError, match="tokenizer"):
+        OpenAIPolicy(server.url, model="m", endpoint="completions")
+    with pytest.raises(QlassError, match="no option 'autocast'"):
+        load_policy(server.url, model="m", autocast=True)
