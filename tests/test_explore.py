@@ -8,9 +8,13 @@ test_explore:ScriptedPolicy`` with ``tests/`` on ``PYTHONPATH``) use them too.
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,10 +24,12 @@ import pytest
 from qlass.envs.base import FORMAT_HINT, parse_action
 from qlass.errors import QlassError
 from qlass.explore import ExploreConfig, build_tree, explore_tasks, tree_seed
+from qlass.jsonl import read_jsonl
 from qlass.search import normalise_action
 from qlass.tree import Tree, read_trees
 from qlass.types import Completion, History, Message, StepResult, Task
 
+TESTS = Path(__file__).parent
 ROOMS = ("hall", "kitchen", "garden", "cellar")
 
 
@@ -291,3 +297,30 @@ def test_resume_skips_finished_tasks_and_matches_one_run(tmp_path: Path, caplog)
         explore_tasks(Rooms, tasks, policy, small_cfg(candidates=2), two, seed=3, progress=False)
     with pytest.raises(QlassError, match="another run seed"):
         explore_tasks(Rooms, tasks, policy, cfg, two, seed=4, progress=False)
+
+
+def explore_cmd(out: Path, delay: float) -> list[str]:
+    return [sys.executable, "-m", "qlass", "explore", "--model", "test_explore:ScriptedPolicy",
+            "--env", "test_explore:Rooms", "--set", "max_depth=3", "--set", "candidates=3", "--set", "max_steps=8",
+            "--policy-arg", f"delay={delay}", "--seed", "5", "--out", str(out), "--no-progress"]
+
+
+@pytest.mark.slow
+def test_kill_9_and_rerun_gives_the_uninterrupted_file(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    ref = tmp_path / "ref.jsonl"
+    done = subprocess.run(explore_cmd(ref, 0.0), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen(explore_cmd(out, 0.02), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(read_jsonl(out, repair_tail=True)) < 6, "the run should have been killed part-way"
+    again = subprocess.run(explore_cmd(out, 0.0), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    assert len(read_trees(out)) == 6

@@ -13,7 +13,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "envs", "model", "train", "qnet", "evaluate"]
+COMMAND_MODULES = ["data", "envs", "model", "train", "qnet", "evaluate", "explore"]
 
 app = typer.Typer(
     name="qlass",

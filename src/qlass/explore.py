@@ -304,7 +304,8 @@ class TreeWorker:
 
     def __call__(self) -> Callable[[tuple[Task, int]], dict[str, Any]]:
         env = self.make_env()
-        policy = self.policy if isinstance(self.policy, Policy) else self.policy()
+        ready = isinstance(self.policy, Policy) and not isinstance(self.policy, type)
+        policy = self.policy if ready else self.policy()  # type: ignore[operator]
         return _BoundWorker(env, policy, self.cfg)
 
 

@@ -269,7 +269,7 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
             histories[n.parent] = [{"role": m.role, "content": m.content} for m in tree.history(n.parent)]  # type: ignore[arg-type]
         out.append({"schema_version": QDATA_SCHEMA_VERSION, "tree_id": tree.tree_id, "task": tree.task,
                     "node_id": n.id, "parent_id": n.parent, "group": f"{tree.tree_id}:{n.parent}",
-                    "depth": n.depth, "messages": histories[n.parent], "action": n.output, "q": q[i]})
+                    "depth": n.depth, "messages": list(histories[n.parent]), "action": n.output, "q": q[i]})
     return out
 
 

@@ -1,0 +1,110 @@
+"""``qlass explore`` (stage 2: exploration trees) and ``qlass qdata`` (trees → Q dataset)."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..errors import QlassError
+
+_CLASS_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _instantiate(spec: str, options: dict[str, Any]) -> Any:
+    module, _, name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise QlassError(f"cannot load policy {spec!r}: {exc}") from None
+    return cls(**options)
+
+
+def policy_factory(spec: str, options: dict[str, Any]) -> functools.partial:
+    """A picklable policy factory: a model folder, ``default``, a server URL, or a user's own class
+    as ``package.module:Class`` (constructed with ``options``)."""
+    from ..policy import load_policy
+
+    if _CLASS_SPEC.match(spec) and not Path(spec).exists():
+        return functools.partial(_instantiate, spec, options)
+    return functools.partial(load_policy, spec, **options)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("explore")
+    def explore_cmd(
+        model: str = typer.Option(..., help="Policy: model folder, 'default', server URL (http://.../v1) or package.module:Class."),
+        env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
+        split: str = typer.Option("train", help="Split the tasks come from."),
+        task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
+        skip: int = typer.Option(0, help="Skip this many tasks first."),
+        limit: Optional[int] = typer.Option(None, help="At most this many tasks (round-robin over task types)."),
+        out: Path = typer.Option(Path("runs/explore/trees.jsonl"), help="trees.jsonl to append to (resumable)."),
+        config: Optional[Path] = typer.Option(None, help="YAML file with ExploreConfig options."),
+        set_: list[str] = typer.Option([], "--set", help="Override an ExploreConfig option: key=value (repeatable)."),
+        env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
+        policy_arg: list[str] = typer.Option([], help="Policy option key=value (repeatable)."),
+        seed: int = typer.Option(0, help="Run seed (each tree's seed is derived from it and the task id)."),
+        backend: str = typer.Option("local", help="Executor: local, process or ray."),
+        workers: int = typer.Option(2, help="Worker processes / Ray actors (process and ray backends)."),
+        ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
+        progress: bool = typer.Option(True, help="Show the progress display."),
+    ) -> None:
+        """Build one exploration tree per task (paper stage 2) and append it to OUT; rerun to resume."""
+        from ..config import load_config
+        from ..envs.base import make_env
+        from ..evaluate import select_tasks
+        from ..executor import make_executor
+        from ..explore import ExploreConfig, explore_tasks
+        from ..tree import tree_summary
+        from .evaluate import parse_kv
+
+        cfg = load_config(config, ExploreConfig, parse_kv(set_, "--set"))
+        env_kwargs = parse_kv(env_arg, "--env-arg")
+        make = functools.partial(make_env, env, **env_kwargs)
+        probe = make()
+        try:
+            tasks = probe.tasks(split, task_types.split(",") if task_types else None)[skip:]
+        finally:
+            probe.close()
+        tasks = select_tasks(tasks, limit)
+        if not tasks:
+            raise QlassError(f"{env}: no tasks in split {split!r} (task types {task_types}, skip {skip})")
+        factory = policy_factory(model, parse_kv(policy_arg, "--policy-arg"))
+        options = {"address": ray_address} if backend == "ray" and ray_address else {}
+        executor = make_executor(backend, workers, **options)
+        policy = factory() if backend == "local" else factory
+        start = time.perf_counter()
+        trees = explore_tasks(make, tasks, policy, cfg, out, seed=seed, executor=executor, progress=progress)
+        s = tree_summary(trees)
+        typer.echo(f"{s['trees']} trees, {s['nodes']} nodes, {s['edges']} edges, {s['env_steps']} env steps "
+                   f"({s['env_steps_per_edge']:.2f} per edge), {s['trees_with_success']} with a reward-1 leaf, "
+                   f"{s['prompt_tokens'] + s['completion_tokens']} policy tokens; "
+                   f"{time.perf_counter() - start:.1f} s this run")
+        typer.echo(str(out))
+
+    @app.command("qdata")
+    def qdata_cmd(
+        trees: Path = typer.Argument(..., help="trees.jsonl written by `qlass explore`."),
+        out: Path = typer.Option(..., help="qdata.jsonl to write (one record per non-root node)."),
+        gamma: float = typer.Option(0.9, help="Discount of Eq. 7."),
+        keep_intermediate: bool = typer.Option(False, help="Keep intermediate rewards (as score increments) instead of zeroing them."),
+        normalize: bool = typer.Option(False, help="Min-max normalise Q per tree."),
+        max_per_tree: int = typer.Option(300, help="At most this many records per tree (0: no limit)."),
+    ) -> None:
+        """Compute Q values (Bellman backup, Eq. 7) and export the Q dataset for QNet training."""
+        from ..tree import BackupConfig, export_qdata, read_qdata
+
+        try:
+            backup = BackupConfig(gamma=gamma, keep_intermediate=keep_intermediate, normalize=normalize)
+        except ValueError as exc:
+            raise QlassError(str(exc)) from None
+        counts = export_qdata(trees, out, backup, max_per_tree or None)
+        read_qdata(out)
+        typer.echo(f"{counts['records']} records from {counts['trees']} trees ({counts['nodes']} non-root nodes) "
+                   f"→ {out}")

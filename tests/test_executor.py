@@ -1,0 +1,92 @@
+"""Executors: in-process, process pool and Ray give the same exploration trees for the same seeds."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+
+from qlass.errors import QlassError
+from qlass.executor import LocalExecutor, ProcessExecutor, RayExecutor, make_executor
+from qlass.explore import explore_tasks
+from qlass.jsonl import read_jsonl
+from test_explore import Rooms, ScriptedPolicy, small_cfg
+
+TESTS = Path(__file__).parent
+
+
+class Multiplier:
+    """A worker with state built once per worker (``setup`` count visible in the results)."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def __call__(self) -> "Multiplier":
+        self.pid = os.getpid()
+        return self
+
+    def run(self, item: int) -> tuple[int, int]:
+        if item < 0:
+            raise ValueError(f"negative item {item}")
+        return item * self.factor, self.pid
+
+
+def make_worker(factor: int):
+    return Multiplier(factor)().run
+
+
+def trees_by_id(path: Path) -> dict[str, dict]:
+    return {r["tree_id"]: r for r in read_jsonl(path)}
+
+
+def run_backend(executor, tmp_path: Path, name: str) -> dict[str, dict]:
+    env = Rooms()
+    tasks = env.tasks("train")
+    out = tmp_path / f"{name}.jsonl"
+    explore_tasks(Rooms, tasks, ScriptedPolicy, small_cfg(), out, seed=11, executor=executor, progress=False)
+    return trees_by_id(out)
+
+
+def test_local_executor_in_order() -> None:
+    out = list(LocalExecutor().run(functools.partial(make_worker, 3), [1, 2, 5]))
+    assert [(i, r[0]) for i, r in out] == [(0, 3), (1, 6), (2, 15)]
+    assert list(LocalExecutor().run(functools.partial(make_worker, 3), [])) == []
+
+
+def test_process_pool_spreads_work_and_reports_failures() -> None:
+    out = dict(ProcessExecutor(workers=2).run(functools.partial(make_worker, 2), list(range(8))))
+    assert {i: r[0] for i, r in out.items()} == {i: 2 * i for i in range(8)}
+    assert os.getpid() not in {r[1] for r in out.values()}
+    with pytest.raises(QlassError, match="(?s)failed on item 2:.*negative item -1"):
+        list(ProcessExecutor(workers=2).run(functools.partial(make_worker, 2), [1, 2, -1]))
+
+
+def test_unknown_backend_is_an_error() -> None:
+    with pytest.raises(QlassError, match="unknown executor backend 'spark'"):
+        make_executor("spark")
+
+
+def test_process_pool_gives_the_same_trees_as_local(tmp_path: Path) -> None:
+    local = run_backend(LocalExecutor(), tmp_path, "local")
+    pooled = run_backend(ProcessExecutor(workers=2), tmp_path, "process")
+    assert pooled == local and len(local) == 6
+
+
+def test_worker_exception_stops_the_run_with_its_traceback(tmp_path: Path) -> None:
+    tasks = Rooms().tasks("train")
+    broken = functools.partial(Rooms, broken_task="rooms/3")
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(QlassError, match="cannot load rooms/3"):
+        explore_tasks(broken, tasks, ScriptedPolicy, small_cfg(), out, seed=1,
+                      executor=ProcessExecutor(workers=1), progress=False)
+    assert [r["tree_id"] for r in read_jsonl(out)] == ["rooms/0", "rooms/1", "rooms/2"]
+
+
+@pytest.mark.slow
+def test_ray_local_cluster_gives_the_same_trees_as_local(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the ray extra (installed by scripts/setup.sh --test)")
+    local = run_backend(LocalExecutor(), tmp_path, "local")
+    ray_exec = RayExecutor(workers=2, num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    assert run_backend(ray_exec, tmp_path, "ray") == local

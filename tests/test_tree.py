@@ -1,0 +1,199 @@
+"""Golden trees with hand-computed Q values, the trees.jsonl and qdata.jsonl formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlass.errors import DataError
+from qlass.jsonl import append_jsonl, write_jsonl
+from qlass.tree import (
+    BackupConfig,
+    Node,
+    Tree,
+    compute_q,
+    export_qdata,
+    qdata_records,
+    read_qdata,
+    read_trees,
+    tree_from_dict,
+)
+from qlass.types import Message
+
+
+def make_tree(spec: list[tuple[int, float]] | list[tuple[int, float, bool]], tree_id: str = "t/0") -> Tree:
+    """A tree from (parent, reward[, done]) per non-root node; node i+1 is spec[i]."""
+    nodes = [Node(0, None, 0, "", None, "start", 0.0, False, "root")]
+    for i, item in enumerate(spec, start=1):
+        parent, reward = item[0], item[1]
+        done = item[2] if len(item) > 2 else False
+        nodes.append(Node(i, parent, nodes[parent].depth + 1, f"Thought: t{i}\nAction: a{i}", f"a{i}", f"obs {i}",
+                          reward, done, "sample" if parent == 0 else "rollout"))
+    return Tree(tree_id, tree_id, "toy", "train", "x", [Message("system", "sys"), Message("user", "rules")], nodes)
+
+
+def test_single_node_and_single_edge() -> None:
+    assert compute_q(make_tree([])) == {}
+    assert compute_q(make_tree([(0, 1.0, True)])) == {1: 1.0}
+    assert compute_q(make_tree([(0, 0.4)])) == {1: 0.4}  # a leaf's Q is its outcome, done or not
+
+
+def test_deep_chain_discounts_by_depth() -> None:
+    q = compute_q(make_tree([(0, 0.0), (1, 0.0), (2, 1.0, True)]))
+    assert q == pytest.approx({1: 0.81, 2: 0.9, 3: 1.0})
+    n = 3000  # far deeper than Python's recursion limit
+    q = compute_q(make_tree([(i, 1.0 if i == n - 1 else 0.0) for i in range(n)]))
+    assert q[n] == 1.0 and q[1] == pytest.approx(0.9 ** (n - 1))
+
+
+def test_ties_take_the_shared_max() -> None:
+    q = compute_q(make_tree([(0, 0.0), (1, 1.0, True), (1, 1.0, True), (0, 1.0, True)]))
+    assert q == pytest.approx({1: 0.9, 2: 1.0, 3: 1.0, 4: 1.0})
+
+
+def test_all_zero_tree() -> None:
+    tree = make_tree([(0, 0.0), (1, 0.0, True), (0, 0.0), (3, 0.0), (4, 0.0, True)])
+    assert compute_q(tree) == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0}
+    assert compute_q(tree, BackupConfig(normalize=True)) == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0}
+
+
+MIXED = [(0, 0.2), (1, 0.5, True), (1, 0.2), (3, 1.0, True), (0, 0.0, True)]
+"""root ─ 1 (0.2) ─┬ 2 leaf 0.5
+                   └ 3 (0.2) ─ 4 leaf 1.0
+   root ─ 5 leaf 0.0"""
+
+
+def test_mixed_rewards_zeroed_intermediate() -> None:
+    q = compute_q(make_tree(MIXED))
+    assert q == pytest.approx({1: 0.81, 2: 0.5, 3: 0.9, 4: 1.0, 5: 0.0})
+
+
+def test_gamma_is_configurable() -> None:
+    q = compute_q(make_tree(MIXED), BackupConfig(gamma=0.5))
+    assert q == pytest.approx({1: 0.5 * max(0.5, 0.5), 2: 0.5, 3: 0.5, 4: 1.0, 5: 0.0})
+    assert compute_q(make_tree(MIXED), BackupConfig(gamma=1.0))[1] == 1.0
+    with pytest.raises(ValueError, match="gamma"):
+        BackupConfig(gamma=1.5)
+
+
+def test_keep_intermediate_rewards_as_increments() -> None:
+    chain = make_tree([(0, 0.25), (1, 0.5), (2, 1.0, True)])
+    q = compute_q(chain, BackupConfig(keep_intermediate=True))
+    # r = 0.25, 0.25, 0.5:  Q3 = 0.5, Q2 = 0.25 + 0.9 * 0.5, Q1 = 0.25 + 0.9 * 0.7
+    assert q == pytest.approx({1: 0.88, 2: 0.7, 3: 0.5})
+    assert compute_q(chain, BackupConfig(gamma=1.0, keep_intermediate=True))[1] == pytest.approx(1.0)
+    q = compute_q(make_tree(MIXED), BackupConfig(keep_intermediate=True))
+    # r1 = 0.2, r2 = 0.3, r3 = 0, r4 = 0.8, r5 = 0
+    assert q == pytest.approx({2: 0.3, 4: 0.8, 3: 0.72, 1: 0.2 + 0.9 * 0.72, 5: 0.0})
+
+
+def test_min_max_normalisation_per_tree() -> None:
+    tree = make_tree([(0, 0.0), (1, 1.0, True), (0, 0.5, True)])
+    assert compute_q(tree) == pytest.approx({1: 0.9, 2: 1.0, 3: 0.5})
+    assert compute_q(tree, BackupConfig(normalize=True)) == pytest.approx({1: 0.8, 2: 1.0, 3: 0.0})
+    same = make_tree([(0, 0.7, True), (0, 0.7, True)])
+    assert compute_q(same, BackupConfig(normalize=True)) == {1: 0.7, 2: 0.7}  # all equal: unchanged
+
+
+# -- trees.jsonl ------------------------------------------------------------------------------
+def test_tree_round_trip_and_history(tmp_path: Path) -> None:
+    tree = make_tree(MIXED)
+    path = tmp_path / "trees.jsonl"
+    append_jsonl(path, tree.to_dict())
+    append_jsonl(path, make_tree([(0, 1.0, True)], "t/1").to_dict())
+    back = read_trees(path)
+    assert [t.tree_id for t in back] == ["t/0", "t/1"]
+    assert back[0].to_dict() == tree.to_dict()
+    assert back[0].history(4) == [Message("system", "sys"), Message("user", "rules"), Message("user", "start"),
+                                  Message("assistant", "Thought: t1\nAction: a1"), Message("user", "Observation: obs 1"),
+                                  Message("assistant", "Thought: t3\nAction: a3"), Message("user", "Observation: obs 3"),
+                                  Message("assistant", "Thought: t4\nAction: a4"), Message("user", "Observation: obs 4")]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.pop("nodes"), "line 1: missing field 'nodes'"),
+    (lambda r: r.update(schema_version=9), "field 'schema_version' is 9"),
+    (lambda r: r["nodes"][2].update(parent=7), "nodes[2]: field 'parent' must be the id of an earlier node"),
+    (lambda r: r["nodes"][3].update(depth=5), "nodes[3]: field 'depth' is 5, expected parent depth + 1"),
+    (lambda r: r["nodes"][1].update(reward="high"), "nodes[1]: field 'reward' must be int or float, got str"),
+    (lambda r: r["nodes"][1].update(source="oracle"), "nodes[1]: field 'source' must be one of"),
+    (lambda r: r["prefix"].append({"role": "bot", "content": "x"}), "field 'prefix[2]'"),
+])
+def test_tree_validation_names_file_line_and_field(tmp_path: Path, mutate, message: str) -> None:
+    rec = make_tree(MIXED).to_dict()
+    mutate(rec)
+    path = tmp_path / "bad.jsonl"
+    write_jsonl(path, [rec])
+    with pytest.raises(DataError, match="bad.jsonl") as err:
+        read_trees(path)
+    assert message in str(err.value)
+
+
+def test_duplicate_tree_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "dup.jsonl"
+    write_jsonl(path, [make_tree(MIXED).to_dict()] * 2)
+    with pytest.raises(DataError, match="line 2: tree 't/0' appears twice"):
+        read_trees(path)
+
+
+# -- qdata.jsonl ------------------------------------------------------------------------------
+def test_qdata_records_follow_the_fixed_format(tmp_path: Path) -> None:
+    trees = tmp_path / "trees.jsonl"
+    append_jsonl(trees, make_tree(MIXED, "t/b").to_dict())
+    append_jsonl(trees, make_tree([(0, 1.0, True)], "t/a").to_dict())
+    out = tmp_path / "qdata.jsonl"
+    counts = export_qdata(trees, out)
+    assert counts["records"] == 6 and counts["trees"] == 2
+    recs = read_qdata(out)
+    assert [(r["tree_id"], r["node_id"]) for r in recs] == [("t/a", 1)] + [("t/b", i) for i in range(1, 6)]
+    first = json.loads(out.read_text().splitlines()[0])
+    assert list(first) == ["schema_version", "tree_id", "task", "node_id", "parent_id", "group", "depth",
+                           "messages", "action", "q"]
+    r4 = recs[4]
+    assert r4["group"] == "t/b:3" and r4["parent_id"] == 3 and r4["depth"] == 3 and r4["q"] == pytest.approx(1.0)
+    assert r4["action"] == "Thought: t4\nAction: a4"
+    assert r4["messages"][-1] == {"role": "user", "content": "Observation: obs 3"}
+    assert r4["messages"][2] == {"role": "user", "content": "start"}
+    assert [r["q"] for r in recs[1:]] == pytest.approx([0.81, 0.5, 0.9, 1.0, 0.0])
+    from qlass.qnet_data import read_qdata as qnet_reader  # the QNet's own reader accepts it
+
+    assert len(qnet_reader(out)) == 6
+
+
+def test_qdata_cap_keeps_sibling_groups_first_deterministically() -> None:
+    # root has 3 children (a group); a long chain hangs below child 1 (singleton groups)
+    spec = [(0, 0.0), (0, 0.0, True), (0, 1.0, True)] + [(1 if i == 0 else 3 + i, 0.0) for i in range(20)]
+    tree = make_tree(spec)
+    recs = qdata_records(tree, max_per_tree=5)
+    ids = [r["node_id"] for r in recs]
+    assert ids == sorted(ids) and len(ids) == 5
+    assert {1, 2, 3} <= set(ids)
+    assert ids == [r["node_id"] for r in qdata_records(tree, max_per_tree=5)]
+    assert len(qdata_records(tree, max_per_tree=None)) == len(spec)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.pop("q"), "line 2: missing field 'q'"),
+    (lambda r: r.update(q=float("nan")), "line 2: field 'q' must be finite"),
+    (lambda r: r.update(node_id="3"), "line 2: field 'node_id' must be int, got str"),
+    (lambda r: r.update(group="t/b:9"), "line 2: field 'group' must be '<tree_id>:<parent_id>'"),
+    (lambda r: r.update(messages=[]), "line 2: field 'messages' is empty"),
+    (lambda r: r["messages"].append({"role": "tool"}), "line 2: field 'messages[5]'"),
+    (lambda r: r.update(schema_version=2), "line 2: field 'schema_version' is 2"),
+])
+def test_read_qdata_names_file_line_and_field(tmp_path: Path, mutate, message: str) -> None:
+    recs = qdata_records(make_tree(MIXED, "t/b"))
+    mutate(recs[1])
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in recs))
+    with pytest.raises(DataError, match="q.jsonl") as err:
+        read_qdata(path)
+    assert message in str(err.value)
+
+
+def test_tree_from_dict_accepts_what_to_dict_writes() -> None:
+    tree = make_tree(MIXED)
+    tree.stats = {"env_steps": 9}
+    assert tree_from_dict(json.loads(json.dumps(tree.to_dict()))).to_dict() == tree.to_dict()
