@@ -1,0 +1,327 @@
+"""WebShop: catalog loading (both layouts), search and pages, reward on hand-computed cases, goals and
+splits, the scripted expert on the 200 test goals, determinism. Uses the real 1,000-product data in
+``../shared/data/webshop`` (next to the repository)."""
+
+from __future__ import annotations
+
+import json
+import lzma
+from pathlib import Path
+
+import pytest
+
+from qlass.envs import webshop_catalog
+from qlass.envs.base import FORMAT_HINT, make_env
+from qlass.envs.webshop import WebShopEnv
+from qlass.envs.webshop_catalog import Product
+from qlass.envs.webshop_goals import Goal
+from qlass.envs.webshop_reward import normalize_colour, purchase_reward
+from qlass.errors import DataError, QlassError
+from qlass.expert import export_expert, replay_expert
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "webshop"
+pytestmark = pytest.mark.skipif(not (DATA / "products_1k.jsonl.xz").is_file(), reason=f"WebShop data not at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def env() -> WebShopEnv:
+    environment = WebShopEnv(data_dir=DATA)
+    yield environment
+    environment.close()
+
+
+def act(action: str) -> str:
+    return f"Thought: test.\nAction: {action}"
+
+
+# -- goals, splits, tasks -------------------------------------------------------------------------
+def test_splits_tasks_and_goals(env: WebShopEnv) -> None:
+    assert env.splits() == {"train": 6710, "seen": 200}  # 415 instructed products over their option combinations
+    seen, train = env.tasks("seen"), env.tasks("train")
+    assert [t.id for t in seen[:2]] == ["webshop/0", "webshop/1"] and train[0].id == "webshop/200"
+    assert not {t.id for t in seen} & {t.id for t in train}
+    assert env.task("webshop/5") == seen[5] and env.task("webshop/300").split == "train"
+    with pytest.raises(QlassError, match="no task"):
+        env.task("webshop/99999")
+    fashion = env.tasks("seen", ["fashion"])
+    assert fashion and all(t.task_type == "fashion" for t in fashion)
+    goal = env.goal(seen[0])
+    product = env.shop.products[env.shop.index_of[goal.asin]]
+    assert set(goal.options) == set(product.options) and all(v in product.options[k] for k, v in goal.options.items())
+    assert goal.instruction.startswith(env.shop.instructions[goal.asin].text)
+    for name, value in goal.options.items():
+        assert f"{name}: {value}" in goal.instruction
+    price = env.shop.prices[goal.asin]
+    if goal.price_upper < 1e6:
+        assert goal.instruction.endswith(f", and price lower than {goal.price_upper:.2f} dollars")
+        assert price < goal.price_upper <= price + 40 and goal.price_upper % 10 == 0
+
+
+def test_goals_are_seeded(env: WebShopEnv) -> None:
+    again = WebShopEnv(data_dir=DATA)
+    assert again.shop.goals == env.shop.goals
+    other = WebShopEnv(data_dir=DATA, seed=1)
+    assert [g.instruction for g in other.shop.goals[:200]] != [g.instruction for g in env.shop.goals[:200]]
+    assert sorted(g.instruction for g in other.shop.goals if g.price_upper >= 1e6) == \
+        sorted(g.instruction for g in env.shop.goals if g.price_upper >= 1e6)
+
+
+def test_registry_and_missing_data(monkeypatch: pytest.MonkeyPatch, env: WebShopEnv) -> None:
+    made = make_env("webshop", shop=env.shop, step_limit=3)
+    assert isinstance(made, WebShopEnv) and made.splits() == env.splits()
+    monkeypatch.delenv("WEBSHOP_DATA", raising=False)
+    with pytest.raises(QlassError, match="WEBSHOP_DATA"):
+        WebShopEnv()
+    monkeypatch.setenv("WEBSHOP_DATA", str(DATA))
+    assert WebShopEnv(num_products=50).splits()["seen"] == 200
+    with pytest.raises(QlassError, match="does not exist"):
+        WebShopEnv(data_dir=DATA / "nope")
+
+
+def test_prompt_alternates_and_shows_the_action_syntax(env: WebShopEnv) -> None:
+    msgs = env.prompt()
+    assert [m.role for m in msgs[:2]] == ["user", "assistant"] and msgs[-1].role == "assistant"
+    assert all(a.role != b.role for a, b in zip(msgs, msgs[1:]))
+    assert "search[" in msgs[0].content and "click[" in msgs[0].content
+    assert msgs[-1].content.splitlines()[-1] == "Action: click[Buy Now]"
+
+
+# -- pages and actions ----------------------------------------------------------------------------
+def test_browsing_pages(env: WebShopEnv) -> None:
+    task = env.tasks("seen")[0]
+    goal = env.goal(task)
+    first = env.reset(task)
+    assert first == f"WebShop [SEP] Instruction: [SEP] {goal.instruction} [SEP] Search"
+    r = env.step(act("search[shirt]"))
+    parts = r.observation.split(" [SEP] ")
+    assert parts[:5] == ["Instruction:", goal.instruction, "Back to Search", "Page 1 (Total results: 50)", "Next >"]
+    items = parts[5:]
+    assert len(items) == 30 and all(a.startswith("B") for a in items[0::3]) and items[2].startswith("$")
+    page1 = items[0::3]
+    r = env.step(act("click[Next >]"))
+    assert "Page 2 (Total results: 50) [SEP] < Prev [SEP] Next >" in r.observation
+    assert not set(page1) & set(r.observation.split(" [SEP] "))
+    for _ in range(3):
+        r = env.step(act("click[next >]"))
+    assert "Page 5" in r.observation and "Next >" not in r.observation and not r.done
+    env.step(act("click[< Prev]"))
+    r = env.step(act("click[< prev]"))
+    assert "Page 3 (Total results: 50)" in r.observation
+    env.reset(task)
+    r = env.step(act("search[shirt]"))
+    asin = r.observation.split(" [SEP] ")[5]
+    product = env.shop.products[env.shop.index_of[asin]]
+    r = env.step(act(f"click[{asin.lower()}]"))
+    assert r.observation.endswith("Description [SEP] Features [SEP] Reviews [SEP] Buy Now")
+    assert f"{product.title} [SEP] Price: {product.price_tag} [SEP] Rating: " in r.observation
+    for name, values in product.options.items():
+        assert " [SEP] ".join([name, *values]) in r.observation
+    item_page = r.observation
+    r = env.step(act("click[Features]"))
+    assert r.observation.split(" [SEP] ")[2:4] == ["Back to Search", "< Prev"]
+    assert r.observation.endswith(" [SEP] ".join(product.bullet_points) or "(no features)")
+    r = env.step(act("click[Description]"))
+    assert r.observation == "Invalid action: there is no \"Description\" to click on this page (the page is unchanged)."
+    assert env.step(act("click[< Prev]")).observation == item_page
+    assert env.step(act("click[Reviews]")).observation.split(" [SEP] ")[2:4] == ["Back to Search", "< Prev"]
+    env.step(act("click[< Prev]"))
+    assert "Page 1 (Total results: 50)" in env.step(act("click[< Prev]")).observation
+    assert env.step(act("click[Back to Search]")).observation == first
+
+
+def test_invalid_actions_answer_and_count(env: WebShopEnv) -> None:
+    task = env.tasks("seen")[1]
+    first = env.reset(task)
+    r = env.step("I think I will search")
+    assert r.observation == FORMAT_HINT and r.info["steps"] == 1 and not r.info["valid"]
+    r = env.step(act("click[Buy Now]"))
+    assert r.observation.startswith("Invalid action: there is no \"Buy Now\"") and "search[keywords]" in r.observation
+    assert env.step(act("search[]")).observation == "Invalid action: search[...] needs keywords."
+    r = env.step(act("buy the red one"))
+    assert r.observation.startswith("Invalid action: 'buy the red one'") and r.reward == 0.0
+    env.step(act("search[zzzzqqq unknownword]"))
+    assert env.step(act("click[< Prev]")).observation.startswith("Invalid action")
+    r = env.step(act("search[shoes]"))
+    assert r.observation.startswith("Invalid action: search is only possible on the search page")
+    env.reset(task)
+    r = env.step(act("search[the of and]"))
+    assert "Page 1 (Total results: 0)" in r.observation and "Next >" not in r.observation
+    assert env.step(act("click[Back to Search]")).observation == first
+
+
+def test_step_limit_and_episode_end(env: WebShopEnv) -> None:
+    short = WebShopEnv(shop=env.shop, step_limit=2)
+    task = short.tasks("seen")[2]
+    short.reset(task)
+    assert not short.step(act("search[soap]")).done
+    r = short.step(act("click[Next >]"))
+    assert r.done and r.reward == 0.0 and r.observation.endswith("Step limit reached without a purchase.")
+    assert short.step(act("click[Next >]")).observation == "The episode is over."
+    with pytest.raises(QlassError, match="step_limit"):
+        WebShopEnv(shop=env.shop, step_limit=0)
+
+
+def test_compact_observations_without_repeated_instruction(env: WebShopEnv) -> None:
+    compact = WebShopEnv(shop=env.shop, show_instruction=False)
+    task = compact.tasks("seen")[0]
+    compact.reset(task)
+    r = compact.step(act("search[shirt]"))
+    assert r.observation.startswith("Back to Search [SEP] Page 1") and "Instruction" not in r.observation
+
+
+def test_deterministic_replay(env: WebShopEnv) -> None:
+    task = env.tasks("seen")[3]
+    outputs = [act("search[gift set for women]"), act("click[Next >]"), act("click[foo]"),
+               act("click[Back to Search]"), *env.expert(task)]
+
+    def play(e: WebShopEnv) -> list[tuple[str, float, bool]]:
+        obs = [(e.reset(task), 0.0, False)]
+        for o in outputs:
+            r = e.step(o)
+            obs.append((r.observation, r.reward, r.done))
+            if r.done:
+                break
+        return obs
+
+    first = play(env)
+    assert first == play(env) == play(WebShopEnv(data_dir=DATA))
+    assert first[-1][1] == 1.0 and first[-1][2]
+
+
+# -- reward ---------------------------------------------------------------------------------------
+SHIRT = Product(
+    asin="B0TEST0001", title="Cotton Crew Neck T-Shirt for Men", description="Soft breathable cotton shirt.",
+    bullet_points=["Machine washable", "Short sleeve"], price_tag="$15.0", pricing=[15.0],
+    options={"color": ["navy blue", "red"], "size": ["large", "x-large"]},
+    attributes=["machine washable", "short sleeve"], category="fashion", query="men's t-shirts",
+    product_category="Clothing, Shoes & Jewelry › Men › Clothing › Shirts › T-Shirts")
+GOAL = Goal(asin=SHIRT.asin, instruction="i need a blue shirt", attributes=("machine washable", "short sleeve"),
+            options={"color": "blue", "size": "x-large"}, price_upper=20.0, query=SHIRT.query,
+            category=SHIRT.category, product_category=SHIRT.product_category, name=SHIRT.title)
+MUG = Product(
+    asin="B0TEST0002", title="Ceramic Coffee Mug Set", description="Dishwasher safe mugs.", bullet_points=["Short sleeve"],
+    price_tag="$12.0", pricing=[12.0], options={}, attributes=["machine washable", "short sleeve"],
+    category="garden", query="coffee mugs", product_category="Home & Kitchen › Kitchen & Dining › Mugs")
+TOWEL = Product(
+    asin="B0TEST0003", title="Cotton Bath Towel", description="Thick towel.", bullet_points=["Quick dry"],
+    price_tag="$9.0", pricing=[9.0], options={}, attributes=["machine washable"], category="garden",
+    query="bath towels", product_category="Home & Kitchen › Bath › Towels")
+
+
+@pytest.mark.parametrize("product, goal, chosen, price, expected", [
+    # everything right (the chosen "navy blue" normalises to the goal's colour "blue"): 5/5
+    (SHIRT, GOAL, {"color": "navy blue", "size": "x-large"}, 15.0, 1.0),
+    # wrong option: "red" is neither the goal colour nor in the product's text: (2 + 1 + 1)/5
+    (SHIRT, GOAL, {"color": "red", "size": "x-large"}, 15.0, 0.8),
+    # size matches exactly only: "large" is not "x-large" (a fuzzy match would accept it): 4/5
+    (SHIRT, GOAL, {"color": "navy blue", "size": "large"}, 15.0, 0.8),
+    # an option not chosen counts as unmatched: 4/5
+    (SHIRT, GOAL, {"color": "navy blue"}, 15.0, 0.8),
+    # over budget: price 25 > 20: (2 + 2 + 0)/5
+    (SHIRT, GOAL, {"color": "navy blue", "size": "x-large"}, 25.0, 0.8),
+    # missing attribute: "relaxed fit" nowhere; "crew neck" found in the title: (2 + 2 + 1)/6
+    (SHIRT, Goal(**{**GOAL.__dict__, "attributes": ("machine washable", "crew neck", "relaxed fit")}),
+     {"color": "navy blue", "size": "x-large"}, 15.0, 5 / 6),
+    # wrong type: other query, one shared category level, no shared title noun: r_type 0 despite 3/5 matched
+    (MUG, GOAL, {}, 12.0, 0.0),
+    # half type: 1 of the goal title's 5 nouns (cotton crew neck shirt men) = 0.2, not > 0.2: r_type 0.5 * 2/5
+    (TOWEL, GOAL, {}, 9.0, 0.2),
+])
+def test_reward_hand_computed(product: Product, goal: Goal, chosen: dict, price: float, expected: float) -> None:
+    assert purchase_reward(product, goal, price, chosen).reward == pytest.approx(expected)
+
+
+def test_reward_parts() -> None:
+    info = purchase_reward(MUG, GOAL, 12.0, {})
+    assert (info.r_type, info.attributes_matched, info.options_matched, info.price_ok) == (0.0, 2, 0, True)
+    assert not info.query_match and not info.category_match and info.title_score == 0.0
+    half = purchase_reward(TOWEL, GOAL, 9.0, {})
+    assert (half.r_type, half.title_score) == (0.5, 0.2)
+    assert [normalize_colour(c) for c in ("black forest", "violet lavender", "123alabaster", "webshop")] == \
+        ["black", "lavender", "alabaster", "webshop"]
+
+
+def test_buying_in_the_shop(env: WebShopEnv) -> None:
+    task = env.tasks("seen")[0]
+    goal = env.goal(task)
+    wrong = next(o for o in env.expert(task) if "click[" in o and "Buy Now" not in o and goal.asin not in o
+                 and "Next >" not in o)
+    outputs = [o for o in env.expert(task) if o != wrong]
+    traj = replay_expert(env, task, outputs)
+    partial = env.reward_of(task, goal.asin, dict(list(goal.options.items())[1:]))
+    assert traj.reward == pytest.approx(partial.reward) and 0 < traj.reward < 1
+    assert traj.steps[-1].done and all(s.reward == 0.0 for s in traj.steps[:-1])
+    other = next(p for p in env.shop.products if p.query != goal.query and p.asin != goal.asin)
+    assert env.reward_of(task, other.asin, {}).reward < 1.0
+
+
+# -- expert ---------------------------------------------------------------------------------------
+def test_expert_solves_the_test_goals(env: WebShopEnv) -> None:
+    tasks = env.tasks("seen")
+    rewards = [replay_expert(env, t, env.expert(t)).reward for t in tasks]
+    rate = sum(r >= 1.0 - 1e-9 for r in rewards) / len(tasks)
+    print(f"expert success on {len(tasks)} test goals: {rate:.3f}")
+    assert rate >= 0.95
+    outputs = env.expert(tasks[0])
+    assert outputs[0].startswith("Thought: ") and "\nAction: search[" in outputs[0]
+    assert outputs[-1].endswith("Action: click[Buy Now]")
+
+
+def test_expert_export(env: WebShopEnv) -> None:
+    tasks = env.tasks("train")[:40]
+    result = export_expert(env, tasks, per_task_type=2)
+    types = [t.task_type for t in tasks]
+    assert not result.excluded and len(result.trajectories) == sum(min(2, types.count(k)) for k in set(types))
+    assert all(t.success and t.reward == 1.0 for t in result.trajectories)
+
+
+# -- data layouts ---------------------------------------------------------------------------------
+def _raw(asin: str, **extra) -> dict:
+    rec = {"asin": asin, "name": "Red Cotton Shirt", "full_description": "A soft shirt.",
+           "small_description": ["Machine washable"], "pricing": "$12.99$15.00",
+           "customization_options": {"Color": [{"value": "Navy/Blue", "image": None}, {"value": "Red"}],
+                                     "Size": [{"value": "Large"}]},
+           "category": "fashion", "query": "Shirts ", "product_category": "Clothing › Men", "images": ["x"]}
+    rec.update(extra)
+    return rec
+
+
+def test_original_layout_streamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    products = [_raw("B00TEST001"), _raw("B00TEST001", name="Duplicate"), _raw("nan"),
+                _raw("B00TEST002", name="Plain Mug", pricing="", customization_options=None, query="mugs")]
+    (tmp_path / "items_shuffle.json").write_text(json.dumps(products, indent=1))
+    (tmp_path / "items_ins_v2.json").write_text(json.dumps({
+        "B00TEST001": {"attributes": ["machine washable"], "instruction": "i need a cotton shirt",
+                       "instruction_attributes": ["machine washable"]},
+        "B00TEST002": {"attributes": []}}))
+    monkeypatch.setattr(webshop_catalog, "_CHUNK", 7)  # records cross many read boundaries
+    env = WebShopEnv(data_dir=tmp_path, test_size=1)
+    shirt, mug = env.shop.products
+    assert (shirt.title, shirt.price_tag, shirt.pricing, shirt.query) == ("Red Cotton Shirt", "$12.99 to $15.0", [12.99, 15.0], "shirts")
+    assert shirt.options == {"color": ["navy | blue", "red"], "size": ["large"]}
+    assert (mug.price_tag, mug.options, mug.attributes) == ("$100.0", {}, ["DUMMY_ATTR"])
+    assert 12.99 <= env.shop.prices[shirt.asin] <= 15.0
+    assert env.splits() == {"train": 1, "seen": 1}
+    assert sorted(g.instruction for g in env.shop.goals) == [
+        f"i need a cotton shirt with color: {c}, and size: large, and price lower than {env.shop.goals[0].price_upper:.2f} dollars"
+        for c in ("navy | blue", "red")]
+    task = env.tasks("seen")[0]
+    assert replay_expert(env, task, env.expert(task)).reward == 1.0
+
+
+def test_bad_data_is_named(tmp_path: Path) -> None:
+    with lzma.open(DATA / "products_1k.jsonl.xz", "rt") as fh:
+        good = json.loads(fh.readline())
+    bad = json.loads(json.dumps(good))
+    del bad["product"]["Title"]
+    path = tmp_path / "products.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"products\.jsonl, record 1 \(id 'B06Y3VLDFB'\): field 'Title'"):
+        WebShopEnv(products_file=path, attributes_file=DATA / "items_ins_v2_1000.json")
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match="line 2"):
+        WebShopEnv(products_file=path, attributes_file=DATA / "items_ins_v2_1000.json")
+    broken = tmp_path / "items_shuffle.json"
+    broken.write_text('[{"asin": "B1", "name": "x"}, {"asin": ')
+    with pytest.raises(DataError, match="items_shuffle.json, record 1: invalid JSON"):
+        WebShopEnv(products_file=broken, attributes_file=DATA / "items_ins_v2_1000.json")
