@@ -19,6 +19,7 @@ from qlass.envs.webshop_reward import normalize_colour, purchase_reward
 from qlass.errors import DataError, QlassError
 from qlass.expert import export_expert, replay_expert
 
+pytest.importorskip("bm25s", reason="the WebShop environment needs the extra: pip install -e '.[webshop]'")
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "webshop"
 pytestmark = pytest.mark.skipif(not (DATA / "products_1k.jsonl.xz").is_file(), reason=f"WebShop data not at {DATA}")
 
@@ -76,6 +77,16 @@ def test_registry_and_missing_data(monkeypatch: pytest.MonkeyPatch, env: WebShop
     assert WebShopEnv(num_products=50).splits()["seen"] == 200
     with pytest.raises(QlassError, match="does not exist"):
         WebShopEnv(data_dir=DATA / "nope")
+
+
+def test_tagger_choice(env: WebShopEnv) -> None:
+    with pytest.raises(QlassError, match="unknown tagger 'nltk'"):
+        WebShopEnv(shop=env.shop, tagger="nltk")
+    try:
+        import spacy  # noqa: F401
+    except ImportError:
+        with pytest.raises(QlassError, match="pip install spacy"):
+            WebShopEnv(shop=env.shop, tagger="spacy")
 
 
 def test_prompt_alternates_and_shows_the_action_syntax(env: WebShopEnv) -> None:

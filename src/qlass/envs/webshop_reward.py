@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..errors import QlassError, require
+from ..errors import QlassError
 from .webshop_catalog import Product
 from .webshop_goals import Goal
 
@@ -75,7 +75,11 @@ def heuristic_nouns(title: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _spacy_pipeline():
-    spacy = require("spacy", "webshop")
+    try:
+        import spacy
+    except ImportError:
+        raise QlassError("webshop: tagger='spacy' needs spaCy and an English pipeline: pip install spacy, then "
+                         "install en_core_web_lg or en_core_web_sm") from None
     for name in ("en_core_web_lg", "en_core_web_sm"):
         try:
             return spacy.load(name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from array import array
 from collections.abc import Iterable
 
 import numpy as np
@@ -45,7 +46,7 @@ class ProductSearch:
         self._stem = stemmer_mod.Stemmer("porter").stemWord
         self._cache: dict[str, str] = {}
         self._vocab: dict[str, int] = {}
-        self._docs: list[list[int]] = []
+        self._docs: list[array] = []  # compact int32 term ids (4 bytes a token: the full catalog fits)
         self.k1, self.b, self.top_n = k1, b, top_n
         self._bm25 = None
 
@@ -66,7 +67,7 @@ class ProductSearch:
         if self._bm25 is not None:
             raise RuntimeError("ProductSearch: add() after finish()")
         vocab = self._vocab
-        self._docs.append([vocab.setdefault(t, len(vocab)) for t in self.terms(text)])
+        self._docs.append(array("i", [vocab.setdefault(t, len(vocab)) for t in self.terms(text)]))
 
     def add_all(self, texts: Iterable[str]) -> None:
         for text in texts:
@@ -78,7 +79,7 @@ class ProductSearch:
 
         # An empty document still needs a column; give it a token no query can produce.
         empty = self._vocab.setdefault("\x00", len(self._vocab))
-        corpus = [doc or [empty] for doc in self._docs]
+        corpus = [doc or array("i", [empty]) for doc in self._docs]
         bm25 = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
         quiet = logging.getLogger("bm25s")
         level = quiet.level
