@@ -173,11 +173,17 @@ def test_step_limit_and_episode_end(env: WebShopEnv) -> None:
 
 
 def test_compact_observations_without_repeated_instruction(env: WebShopEnv) -> None:
-    compact = WebShopEnv(shop=env.shop, show_instruction=False)
+    compact = WebShopEnv(shop=env.shop, show_instruction=False, title_words=4)
     task = compact.tasks("seen")[0]
     compact.reset(task)
+    full = env.reset(task) and env.step(act("search[shirt]")).observation
     r = compact.step(act("search[shirt]"))
     assert r.observation.startswith("Back to Search [SEP] Page 1") and "Instruction" not in r.observation
+    titles = r.observation.split(" [SEP] ")[4::3]
+    assert len(titles) == 10 and all(len(t.split()) <= 5 for t in titles) and len(r.observation) < len(full)
+    assert replay_expert(compact, task, compact.expert(task)).reward == 1.0
+    with pytest.raises(QlassError, match="title_words"):
+        WebShopEnv(shop=env.shop, title_words=0)
 
 
 def test_deterministic_replay(env: WebShopEnv) -> None:

@@ -10,7 +10,8 @@ synthetic goals with a seeded 200-goal test split ``seen`` and the rest ``train`
 Data: a folder given as ``data_dir`` or ``$WEBSHOP_DATA`` holding ``products_1k.jsonl.xz`` and
 ``items_ins_v2_1000.json``, or WebShop's own ``items_shuffle*.json`` and ``items_ins_v2*.json``;
 ``products_file`` / ``attributes_file`` / ``reviews_file`` name files anywhere (the full 1.18M
-product set is read as a stream). Several environments can share one loaded catalog:
+product set is read as a stream). Observation size: ``show_instruction=False`` drops the goal
+repeated at the top of every page, ``title_words=N`` shortens result titles. Several environments can share one loaded catalog:
 ``WebShopEnv(shop=other_env.shop)``.
 
 Episodes are deterministic: the same task and actions give the same observations and reward.
@@ -129,13 +130,17 @@ class WebShopEnv:
     def __init__(self, data_dir: str | os.PathLike | None = None, products_file: str | os.PathLike | None = None,
                  attributes_file: str | os.PathLike | None = None, reviews_file: str | os.PathLike | None = None,
                  num_products: int | None = None, seed: int = 0, test_size: int = 200, step_limit: int = 15,
-                 show_instruction: bool = True, tagger: str = "heuristic", shop: ShopData | None = None) -> None:
+                 show_instruction: bool = True, title_words: int | None = None, tagger: str = "heuristic",
+                 shop: ShopData | None = None) -> None:
         if int(step_limit) < 1:
             raise QlassError(f"webshop: step_limit must be >= 1, got {step_limit}")
         self.step_limit = int(step_limit)
         if not isinstance(show_instruction, bool):
             raise QlassError(f"webshop: show_instruction must be true or false, got {show_instruction!r}")
         self.show_instruction = show_instruction
+        if title_words is not None and (not isinstance(title_words, int) or title_words < 1):
+            raise QlassError(f"webshop: title_words must be a positive integer, got {title_words!r}")
+        self.title_words = title_words
         self._nouns: Callable[[str], list[str]] = noun_function(tagger)
         if shop is None:
             products, attributes = resolve_files(data_dir, products_file, attributes_file)
@@ -196,7 +201,7 @@ class WebShopEnv:
     def reset(self, task: Task) -> str:
         self._goal = self.goal(task)
         self._session = Shop(self.shop.products, self.shop.search.search, self._goal.instruction,
-                             self.show_instruction)
+                             self.show_instruction, self.title_words)
         self._steps, self._done, self._reward = 0, False, 0.0
         return self._session.render()
 

@@ -13,7 +13,8 @@ links shown by their labels; the agent clicks a label with ``click[label]`` (cas
 - description / features / reviews: ``Back to Search``, ``< Prev`` (to the item page), the text.
 
 Every page but the search page starts with ``Instruction: [SEP] <goal>`` (off with
-``show_instruction=False`` for shorter observations). A click on anything not on the page, or a
+``show_instruction=False`` for shorter observations); ``title_words=N`` shortens titles on results
+pages to their first N words (the item page always shows the whole title). A click on anything not on the page, or a
 search away from the search page, changes nothing and is answered with a message saying why.
 """
 
@@ -55,11 +56,12 @@ class Shop:
     """Renders pages and applies ``search``/``click`` actions for one goal."""
 
     def __init__(self, products: Sequence[Product], search: Callable[[str], list[int]], instruction: str,
-                 show_instruction: bool = True) -> None:
+                 show_instruction: bool = True, title_words: int | None = None) -> None:
         self.products = products
         self._search = search
         self.instruction = instruction
         self.show_instruction = show_instruction
+        self.title_words = title_words
         self.state = Browser()
 
     # -- rendering ---------------------------------------------------------------------------
@@ -80,7 +82,7 @@ class Shop:
                 parts.append("Next >")
             for idx in self.page_items():
                 p = self.products[idx]
-                parts += [p.asin, p.title, p.price_tag]
+                parts += [p.asin, self._short(p.title), p.price_tag]
             return SEP.join(parts)
         p = self.products[s.product]  # type: ignore[index]
         parts.append("< Prev")
@@ -99,6 +101,12 @@ class Shop:
             for r in p.reviews:
                 parts += [str(r.get("title", "")), f"Rating: {r.get('score', '')}", str(r.get("body", ""))]
         return SEP.join(x for x in parts if x != "")
+
+    def _short(self, title: str) -> str:
+        words = title.split()
+        if self.title_words is None or len(words) <= self.title_words:
+            return title
+        return " ".join(words[: self.title_words]) + " ..."
 
     def page_items(self) -> list[int]:
         """Catalog indices of the products on the current results page."""
