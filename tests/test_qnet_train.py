@@ -35,7 +35,7 @@ def synthetic_qdata(path: Path, trees: int = 12, groups: int = 3, seed: int = 0)
                 word = rng.choice(GOOD if good else BAD)
                 action = f"Thought: {' '.join(rng.choices(FILLER, k=3))}\nAction: {word}"
                 lines.append({"schema_version": 1, "tree_id": f"tree{t}", "task": f"toy/{t}", "node_id": node,
-                              "parent_id": g, "group": f"g{g}", "depth": g + 1, "messages": list(messages),
+                              "parent_id": g, "group": f"tree{t}:{g}", "depth": g + 1, "messages": list(messages),
                               "action": action, "q": 0.9 if good else 0.1})
             messages = messages + [{"role": "assistant", "content": lines[-2]["action"]},
                                    {"role": "user", "content": "Observation: " + " ".join(rng.choices(FILLER, k=4))}]
@@ -109,7 +109,7 @@ def test_training_input_equals_inference_input(tiny_model_dir: Path, tmp_path: P
             assert qnet.tokenizer.decode(ids) == render(qnet.tokenizer, history, True) + rec.action
 
 
-CFG = dict(epochs=4, lr=3e-3, batch_size=4, max_length=512, max_action_tokens=32, val_fraction=0.25,
+CFG = dict(epochs=2, lr=3e-3, batch_size=4, max_length=512, max_action_tokens=32, val_fraction=0.25,
            warmup_ratio=0.0, save_every=5, seed=0)
 
 
@@ -121,7 +121,7 @@ def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path,
     out = tmp_path / "qnet"
     result = train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG))
     epochs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "qnet_val"]
-    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3, 4]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
     before, after = epochs[0], epochs[-1]
     assert after["pairs"] == 4 * 3 and after["pair_accuracy"] >= 0.9
     assert after["pair_accuracy"] >= before["pair_accuracy"] + 0.25

@@ -1,5 +1,6 @@
 """The QNet: a value model read at the last token of a candidate action, saved as a standard HF
-sequence classifier, scored in shared-prefix batches.
+sequence classifier, scored in shared-prefix batches (the history once, then all candidates packed
+in one forward; see :func:`shared_prefix_hidden`).
 
 Input layout (identical in training and inference)::
 

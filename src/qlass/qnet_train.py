@@ -33,8 +33,8 @@ from .config import config_hash, option, save_yaml, to_dict
 from .qnet import QNet, backbone_of, shared_prefix_hidden
 from .qnet_data import Group, QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
 from .train_utils import (
-    epoch_batches, load_checkpoint, log_metrics, optimizer_and_schedule, plan, progress_bar, save_checkpoint,
-    steps_from,
+    epoch_batches, load_checkpoint, log_metrics, optimizer_and_schedule, plan, progress_bar, rewind_metrics,
+    save_checkpoint, steps_from,
 )
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,9 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     save_yaml(out / "qnet_config.yaml", {**to_dict(cfg), "qdata": str(qdata), "sft_model": str(sft_dir)})
     chash = config_hash(cfg) + f"-{len(train)}-{len(val)}"
     step = load_checkpoint(out, qnet.model, opt, sched, chash)
+    if step == 0:  # metrics of a run that died before its first checkpoint are redone
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    rewind_metrics(out, step)
     log.info("QNet: %d records in %d train groups (%d trees), %d in %d validation groups (%d trees); "
              "%d optimizer steps", len(train_records), len(train), len({r.tree_id for r in train_records}),
              len(val_records), len(val), len({r.tree_id for r in val_records}), sched_plan.total_steps)
@@ -198,6 +201,8 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     with progress_bar("qnet") as progress:
         bar = progress.add_task("", total=sched_plan.total_steps, completed=step, loss=float("nan"))
         for epoch in range(step // sched_plan.steps_per_epoch, n_epochs):
+            if step >= sched_plan.total_steps:  # finished and validated before an interruption
+                break
             batches = epoch_batches(lengths, 1, cfg.seed, epoch)
             epoch_loss, epoch_n = 0.0, 0
             skip = step - epoch * sched_plan.steps_per_epoch
@@ -218,7 +223,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
                 step += 1
                 epoch_loss, epoch_n = epoch_loss + total, epoch_n + n_records
                 progress.update(bar, advance=1, loss=total / n_records)
-                if step % cfg.save_every == 0:
+                if step % cfg.save_every == 0 and step < sched_plan.total_steps:
                     save_checkpoint(out, qnet.model, opt, sched, step, chash)
             train_mse = epoch_loss / epoch_n if epoch_n else None
             if val:

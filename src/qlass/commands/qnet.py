@@ -11,22 +11,27 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("train-qnet")
     def train_qnet_cmd(
-        qdata: Path = typer.Argument(..., help="Q data (qdata.jsonl) written by exploration."),
-        model: str = typer.Option(..., help="SFT policy folder (HF causal LM) that initialises the backbone, or 'default'."),
-        out: Path = typer.Option(..., help="Output folder: the QNet (HF sequence classifier), metrics.jsonl, results."),
-        config: Optional[Path] = typer.Option(None, help="YAML file with QNetTrainConfig options (e.g. configs/qnet-cpu.yaml)."),
-        set_: list[str] = typer.Option([], "--set", help="Override an option: key=value (repeatable)."),
+        qdata: Optional[Path] = typer.Argument(None, help="Q data (qdata.jsonl) written by exploration."),
+        model: str = typer.Option("default", help="SFT policy folder (HF causal LM) that initialises the backbone, or 'default'."),
+        out: Optional[Path] = typer.Option(None, help="Output folder: the QNet (HF sequence classifier), metrics.jsonl, qnet_result.json."),
+        config: Optional[Path] = typer.Option(None, help="YAML file of QNetTrainConfig options, e.g. configs/qnet-cpu.yaml (defaults: the paper's)."),
+        set_: list[str] = typer.Option([], "--set", help="Override one option, key=value (repeatable), e.g. --set epochs=1."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every QNetTrainConfig option with its default and help, then exit."),
     ) -> None:
         """Regress Q values with MSE; report validation sibling-ranking accuracy of the QNet and of the
-        SFT policy's log-likelihood. Resumes if interrupted."""
-        from ..config import build, load_yaml
+        SFT policy's log-likelihood. Rerun the same command to resume."""
+        from ..config import describe, load_config
+        from ..errors import QlassError
         from ..models import default_model_dir
         from ..qnet_train import QNetTrainConfig, summary_lines, train_qnet
         from .evaluate import parse_kv
 
-        options = load_yaml(config) if config else {}
-        options.update(parse_kv(set_, "--set"))
-        cfg = build(QNetTrainConfig, options, str(config) if config else "--set")
+        if list_options:
+            typer.echo(describe(QNetTrainConfig))
+            return
+        if qdata is None or out is None:
+            raise QlassError("qlass train-qnet needs QDATA and --out DIR")
+        cfg = load_config(config, QNetTrainConfig, parse_kv(set_, "--set"))
         sft = default_model_dir() if model == "default" else Path(model)
         result = train_qnet(qdata, sft, out, cfg)
         for line in summary_lines(result):
