@@ -324,3 +324,35 @@ def test_kill_9_and_rerun_gives_the_uninterrupted_file(tmp_path: Path) -> None:
     assert "resuming" in again.stderr
     assert out.read_bytes() == ref.read_bytes()
     assert len(read_trees(out)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.sciworld
+def test_real_sciworld_tree_with_tiny_hf_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The real simulator and a real (random) HF model: the expert graft gives a reward-1 leaf,
+    every node replays to its stored observation, env steps meet the floor, Q data validates."""
+    import functools
+
+    from qlass.envs.base import make_env
+    from qlass.policy.hf import HFPolicy
+    from qlass.tree import export_qdata, read_qdata
+
+    make = functools.partial(make_env, "sciworld", step_limit=10)
+    env = make()
+    task = env.tasks("train", ["find-non-living-thing"])[0]
+    cfg = ExploreConfig(max_depth=2, candidates=2, max_new_tokens=8, max_steps=4)
+    out = tmp_path / "trees.jsonl"
+    (tree,) = explore_tasks(make, [task], HFPolicy(tiny_model_dir, threads=1), cfg, out, seed=0, progress=False)
+    kids = tree.children()
+    assert tree.stats["expert_reward"] == 1.0 and tree.stats["best_reward"] == 1.0
+    assert any(n.source == "sample" for n in tree.nodes) and tree.stats["prompt_tokens"] > 0
+    assert tree.stats["env_steps"] == sum(n.depth for n in tree.nodes if not kids[n.id] and n.id)
+    for node in tree.nodes[1:]:
+        env.reset(task)
+        for n in tree.path(node.id):
+            res = env.step(n.output)
+        assert (res.observation, res.reward, res.done) == (node.observation, node.reward, node.done)
+    env.close()
+    export_qdata(out, tmp_path / "qdata.jsonl")
+    recs = read_qdata(tmp_path / "qdata.jsonl")
+    assert len(recs) == tree.edges and max(r["q"] for r in recs) == 1.0

@@ -1,0 +1,126 @@
+"""Exploration step efficiency: env steps per tree edge, this explorer vs replay-from-reset.
+
+Builds exploration trees with ``qlass.explore`` (or reads existing ones with ``--trees``), then,
+in the same run, replays the very same trees in the environment two ways and times them:
+
+- ``explorer``: what the explorer does — each root-to-leaf path walked once (reset + replay of a
+  new branch's parent, then the branch). Its step count must equal the explorer's own count.
+- ``replay-from-reset``: what the authors' code does — every node is reached by a reset and a
+  replay of its whole path (quadratic in depth).
+
+Prints env steps per edge (1.0 is the floor; target <= 1.5), env-only nodes per minute for both
+schedules, and nodes per minute of the whole explorer (policy included) when it built the trees.
+Writes a JSON report. Usage::
+
+    python benchmarks/bench_explore.py --model default --task-types find-non-living-thing --limit 2
+    python benchmarks/bench_explore.py --trees /work/runs/explore-probe/trees.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qlass.config import build
+from qlass.envs.base import Env, make_env
+from qlass.evaluate import select_tasks
+from qlass.explore import ExploreConfig, explore_tasks
+from qlass.tree import Tree, read_trees, tree_summary
+from qlass.types import Task
+
+
+def walk(env: Env, task: Task, tree: Tree, node_id: int) -> int:
+    """Reset and replay the path to ``node_id``; returns the steps taken."""
+    env.reset(task)
+    path = tree.path(node_id)
+    for n in path:
+        env.step(n.output)
+    return len(path)
+
+
+def replay_schedules(env: Env, trees: list[Tree], tasks: dict[str, Task]) -> dict[str, dict[str, float]]:
+    """Env steps and env seconds of both schedules on the same trees."""
+    out = {}
+    for name in ("explorer", "replay-from-reset"):
+        steps, start = 0, time.perf_counter()
+        for tree in trees:
+            kids = tree.children()
+            targets = [n.id for n in tree.nodes[1:] if name == "replay-from-reset" or not kids[n.id]]
+            steps += sum(walk(env, tasks[tree.tree_id], tree, i) for i in targets)
+        seconds = time.perf_counter() - start
+        edges = sum(t.edges for t in trees)
+        out[name] = {"env_steps": steps, "env_steps_per_edge": steps / edges, "env_seconds": seconds,
+                     "env_only_nodes_per_min": edges / (seconds / 60)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trees", type=Path, help="existing trees.jsonl to measure (skips building)")
+    ap.add_argument("--model", default="default", help="policy folder or 'default' (when building)")
+    ap.add_argument("--env", default="sciworld")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--task-types", default="find-non-living-thing,lifespan-longest-lived")
+    ap.add_argument("--limit", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], help="ExploreConfig option key=value")
+    ap.add_argument("--policy-arg", action="append", default=[], help="policy option key=value")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_explore.json"))
+    args = ap.parse_args()
+
+    from qlass.commands.evaluate import parse_kv
+
+    make = functools.partial(make_env, args.env)
+    env = make()
+    build_s = None
+    if args.trees:
+        trees = read_trees(args.trees)
+        wanted = {t.tree_id for t in trees}
+        tasks = {t.id: t for t in env.tasks(trees[0].split) if t.id in wanted}
+    else:
+        from qlass.policy import load_policy
+
+        cfg = build(ExploreConfig, parse_kv(args.set, "--set"), "--set")
+        chosen = select_tasks(env.tasks(args.split, args.task_types.split(",")), args.limit)
+        policy = load_policy(args.model, **parse_kv(args.policy_arg, "--policy-arg"))
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            trees = explore_tasks(make, chosen, policy, cfg, Path(tmp) / "trees.jsonl", progress=False)
+        build_s = time.perf_counter() - start
+        tasks = {t.id: t for t in chosen}
+    summary = tree_summary(trees)
+    schedules = replay_schedules(env, trees, tasks)
+    env.close()
+    assert schedules["explorer"]["env_steps"] == summary["env_steps"], "explorer's recorded steps != its schedule"
+    report: dict[str, Any] = {
+        "trees": summary["trees"], "nodes": summary["nodes"], "edges": summary["edges"],
+        "explorer_env_steps_per_edge": summary["env_steps_per_edge"],
+        "replay_from_reset_env_steps_per_edge": schedules["replay-from-reset"]["env_steps_per_edge"],
+        "step_ratio": schedules["replay-from-reset"]["env_steps"] / schedules["explorer"]["env_steps"],
+        "env_time_ratio": schedules["replay-from-reset"]["env_seconds"] / schedules["explorer"]["env_seconds"],
+        "schedules": schedules, "target_steps_per_edge": 1.5,
+        "source": str(args.trees) if args.trees else {"model": args.model, "set": args.set, "tasks": list(tasks)},
+    }
+    if build_s is not None:
+        report["build_seconds"] = build_s
+        report["explorer_nodes_per_min"] = summary["nodes"] / (build_s / 60)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"{summary['trees']} trees, {summary['nodes']} nodes, {summary['edges']} edges")
+    for name, s in schedules.items():
+        print(f"{name:18s}: {s['env_steps']:6d} env steps = {s['env_steps_per_edge']:5.2f} per edge, "
+              f"{s['env_seconds']:6.1f} s env time, {s['env_only_nodes_per_min']:8.0f} nodes/min (env only)")
+    print(f"replay-from-reset / explorer: {report['step_ratio']:.2f}x env steps, "
+          f"{report['env_time_ratio']:.2f}x env time; target <= 1.5 steps/edge: "
+          f"{'met' if report['explorer_env_steps_per_edge'] <= 1.5 else 'NOT met'}")
+    if build_s is not None:
+        print(f"explorer with policy: {report['explorer_nodes_per_min']:.1f} nodes/min ({build_s:.0f} s)")
+    print(f"report: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
