@@ -11,7 +11,7 @@ for arg in "$@"; do
   esac
 done
 extras="sciworld,plot"
-[ "$test_mode" = 1 ] && extras="$extras,dev,ray"
+[ "$test_mode" = 1 ] && extras="$extras,dev,ray,webshop"
 py="${PYTHON:-python3}"
 
 if ! command -v java >/dev/null 2>&1; then

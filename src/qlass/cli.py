@@ -13,7 +13,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "envs", "model", "train", "qnet", "evaluate", "explore"]
+COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "run"]
 
 app = typer.Typer(
     name="qlass",

@@ -1,0 +1,194 @@
+"""``qlass run CONFIG.yaml``: the four stages in one resumable run.
+
+    expert data ─► SFT ─► exploration trees ─► Q data ─► QNet ─► evaluation (table + budget curve)
+
+Every stage writes into the run folder and is skipped when its output is complete; the stages
+that are themselves resumable (SFT, exploration, QNet training, evaluation) continue where an
+interrupted run stopped. The resolved configuration is saved as ``config.yaml`` in the run folder;
+rerunning with a changed stage configuration is refused for stages already complete (use a new
+run folder).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import build, load_yaml, option, save_yaml, to_dict
+from .errors import QlassError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpertStage:
+    """Which expert trajectories to export for SFT."""
+
+    split: str = option("train", "split the expert tasks come from")
+    per_task: int | None = option(10, "verified expert trajectories per task type")
+    max_steps: int | None = option(None, "skip expert trajectories longer than this")
+    data: str | None = option(None, "use this existing trajectory file instead of exporting")
+
+
+@dataclass(frozen=True)
+class ExploreStage:
+    """Which training tasks get exploration trees."""
+
+    split: str = option("train", "split the exploration tasks come from")
+    limit: int | None = option(None, "at most this many tasks (round-robin over task types)")
+    skip: int = option(0, "skip this many tasks first (e.g. those used for expert data)")
+
+
+@dataclass(frozen=True)
+class EvalStage:
+    """Which methods are evaluated where."""
+
+    splits: list[str] = option(["seen"], "splits to evaluate")
+    limit: int | None = option(None, "at most this many tasks per split (round-robin over task types)")
+    methods: list[str] = option(["greedy", "best-of-n:n=4", "qlass:m=2"], "method specs NAME[:k=v,...]")
+    max_steps: int | None = option(None, "step limit per episode for every method")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole QLASS run; stage sections take the options of their stage's config class."""
+
+    run_dir: str = option("runs/qlass", "folder for every output of the run")
+    seed: int = option(0, "run seed")
+    model: str = option("default", "base causal-LM folder or 'default' (SmolLM2-135M-Instruct)")
+    env: str = option("sciworld", "environment name or package.module:Class")
+    env_args: dict = option({}, "environment constructor options")
+    task_types: list[str] | None = option(None, "task types used by every stage (None: all)")
+    policy: dict = option({}, "policy options for exploration and evaluation (e.g. autocast: true)")
+    expert: dict = option({}, "ExpertStage options")
+    sft: dict = option({}, "SFTConfig options")
+    explore: dict = option({}, "ExploreStage options plus ExploreConfig options")
+    qnet: dict = option({}, "QNetTrainConfig options")
+    eval: dict = option({}, "EvalStage options")
+
+
+@dataclass
+class Resolved:
+    """A pipeline config with every stage section built into its config class."""
+
+    cfg: PipelineConfig
+    expert: ExpertStage
+    sft: Any
+    explore_stage: ExploreStage
+    explore: Any
+    qnet: Any
+    eval: EvalStage
+    run_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.cfg.run_dir)
+
+
+def _split_options(options: dict[str, Any], cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = set(cls.__dataclass_fields__)
+    return {k: v for k, v in options.items() if k in names}, {k: v for k, v in options.items() if k not in names}
+
+
+def resolve(data: dict[str, Any], source: str) -> Resolved:
+    """Build and validate every section of a pipeline config (fails before any work starts)."""
+    from .explore import ExploreConfig
+    from .qnet_train import QNetTrainConfig
+    from .sft import SFTConfig
+
+    cfg = build(PipelineConfig, data, source)
+    stage_opts, explore_opts = _split_options(dict(cfg.explore), ExploreStage)
+    return Resolved(
+        cfg=cfg,
+        expert=build(ExpertStage, dict(cfg.expert), f"{source}: expert"),
+        sft=build(SFTConfig, dict(cfg.sft), f"{source}: sft"),
+        explore_stage=build(ExploreStage, stage_opts, f"{source}: explore"),
+        explore=build(ExploreConfig, explore_opts, f"{source}: explore"),
+        qnet=build(QNetTrainConfig, dict(cfg.qnet), f"{source}: qnet"),
+        eval=build(EvalStage, dict(cfg.eval), f"{source}: eval"),
+    )
+
+
+def _save_resolved(r: Resolved) -> None:
+    r.run_dir.mkdir(parents=True, exist_ok=True)
+    data = {**to_dict(r.cfg), "expert": to_dict(r.expert), "sft": to_dict(r.sft),
+            "explore": {**to_dict(r.explore_stage), **to_dict(r.explore)}, "qnet": to_dict(r.qnet),
+            "eval": to_dict(r.eval)}
+    path = r.run_dir / "config.yaml"
+    if path.exists():
+        old = load_yaml(path)
+        changed = [k for k in ("model", "env", "env_args", "task_types", "expert", "sft") if old.get(k) != data.get(k)]
+        if changed and (r.run_dir / "sft" / ".qlass-complete").exists():
+            raise QlassError(f"{path}: the run folder was made with different settings for {', '.join(changed)}; "
+                             "use a new run_dir")
+    save_yaml(path, data)
+
+
+def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
+    """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows."""
+    from .data import save_trajectories
+    from .envs.base import make_env
+    from .evaluate import run_evaluation, select_tasks
+    from .expert import export_expert
+    from .explore import explore_tasks
+    from .models import default_model_dir
+    from .policy import load_policy
+    from .qnet_train import train_qnet
+    from .sft import train_sft
+    from .tree import export_qdata
+
+    r = resolve(load_yaml(config_path), str(config_path))
+    _save_resolved(r)
+    cfg, run = r.cfg, r.run_dir
+    base = default_model_dir() if cfg.model == "default" else Path(cfg.model)
+    types = cfg.task_types
+
+    # 1. expert data + SFT
+    expert_path = Path(r.expert.data) if r.expert.data else run / "expert.json"
+    if not expert_path.exists():
+        log.info("stage 1a: exporting expert trajectories to %s", expert_path)
+        env = make_env(cfg.env, **cfg.env_args)
+        try:
+            tasks = env.tasks(r.expert.split, types)
+            result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps)
+        finally:
+            env.close()
+        if not result.trajectories:
+            raise QlassError(f"no expert trajectory could be verified for {cfg.env} {types}")
+        save_trajectories(expert_path, result.trajectories)
+    log.info("stage 1b: SFT → %s", run / "sft")
+    sft_dir = train_sft(expert_path, base, run / "sft", r.sft)
+
+    # 2. exploration trees + Q data
+    log.info("stage 2: exploration trees → %s", run / "trees.jsonl")
+    env = make_env(cfg.env, **cfg.env_args)
+    try:
+        tasks = env.tasks(r.explore_stage.split, types)[r.explore_stage.skip:]
+        tasks = select_tasks(tasks, r.explore_stage.limit)
+    finally:
+        env.close()
+    policy = load_policy(str(sft_dir), seed=cfg.seed, **cfg.policy)
+    explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
+                  run / "trees.jsonl", seed=cfg.seed)
+    counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl")
+    log.info("Q data: %d records from %d trees", counts["records"], counts["trees"])
+
+    # 3. QNet
+    log.info("stage 3: QNet → %s", run / "qnet")
+    train_qnet(run / "qdata.jsonl", sft_dir, run / "qnet", r.qnet)
+
+    # 4. evaluation
+    log.info("stage 4: evaluation → %s", run / "eval")
+    methods = []
+    from .commands.evaluate import parse_method
+
+    for spec in r.eval.methods:
+        name, opts = parse_method(spec)
+        if r.eval.max_steps is not None:
+            opts.setdefault("max_steps", r.eval.max_steps)
+        methods.append((name, opts))
+    return run_evaluation(model=str(sft_dir), env_spec=cfg.env, splits=r.eval.splits, methods=methods,
+                          out_dir=run / "eval", env_kwargs=cfg.env_args, task_types=types, limit=r.eval.limit,
+                          qnet_dir=run / "qnet", policy_kwargs=dict(cfg.policy), seed=cfg.seed)
