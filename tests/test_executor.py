@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+from test_explore import Rooms, ScriptedPolicy, small_cfg
 
 from qlass.errors import QlassError
 from qlass.executor import LocalExecutor, ProcessExecutor, RayExecutor, make_executor
 from qlass.explore import explore_tasks
 from qlass.jsonl import read_jsonl
-from test_explore import Rooms, ScriptedPolicy, small_cfg
 
 TESTS = Path(__file__).parent
 
@@ -23,7 +23,7 @@ class Multiplier:
     def __init__(self, factor: int) -> None:
         self.factor = factor
 
-    def __call__(self) -> "Multiplier":
+    def __call__(self) -> Multiplier:
         self.pid = os.getpid()
         return self
 

@@ -65,7 +65,7 @@ class Rooms:
         if task.id == self.broken_task:
             raise RuntimeError(f"cannot load {task.id}")
         self.task, self.room, self.key, self.steps, self.score, self.done = task, "hall", False, 0, 0.0, False
-        return f"Task: open the chest. The key is somewhere. You are in the hall."
+        return "Task: open the chest. The key is somewhere. You are in the hall."
 
     def step(self, output: str) -> StepResult:
         assert self.task is not None
