@@ -169,3 +169,27 @@ def test_generation_stops_after_the_action_line_and_at_the_end_token(scripted: P
     assert b.completion_tokens == len(tok(SCRIPTS[animal[0].content], add_special_tokens=False)["input_ids"])
     both = policy.sample([plant, animal], 3, 0.3, 40, seed=1)  # batched rows stop independently
     assert [c.text for c in both[0]] == [a.text] * 3 and [c.text for c in both[1]] == [b.text] * 3
+    for options in ({"autocast": True}, {"dtype": "bfloat16"}):  # bf16 paths give the same answers here
+        fast = HFPolicy(scripted, max_length=256, **options)
+        assert [c[0].text for c in fast.sample([plant, animal], 1, 0.0, 40)] == [a.text, b.text]
+
+
+def test_sliding_window_models_take_the_generic_path(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A cache that is not plain full attention: no reuse or cross-history padding, same results."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    policy = HFPolicy(tmp_path / "m", max_length=256)
+    assert not policy.plain
+    (c,) = policy.sample([LONGER], 1, 0.0, 6)[0]
+    _, logprob = _full_forward_greedy(policy, encode_conversation(tok, LONGER)[0], c.completion_tokens)
+    assert c.logprob == pytest.approx(logprob, abs=1e-3)
+    out = policy.sample([HIST, LONGER], 3, 1.0, 6, seed=2)
+    assert [len(x) for x in out] == [3, 3]
+    assert out[1] == policy.sample([LONGER], 3, 1.0, 6, seed=2 + SEED_STRIDE)[0]

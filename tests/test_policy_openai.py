@@ -16,8 +16,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,22 +52,12 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--api_key", KEY, "--model_alias", "smol"]
-    log_file = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    # Output to a file, not a pipe: a full pipe would block the server.
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama.cpp server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                req = urllib.request.Request(url + "/models", headers={"Authorization": f"Bearer {KEY}"})
-                with NO_PROXY.open(req, timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"llama.cpp server did not answer within 120 s: {log_path.read_text()[-2000:]}")
-                time.sleep(0.5)
+        _wait_ready(proc, url, log_path, timeout=120)
         yield url
     finally:
         proc.terminate()
@@ -74,7 +66,21 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log_file.close()
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"llama.cpp server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            req = urllib.request.Request(url + "/models", headers={"Authorization": f"Bearer {KEY}"})
+            with NO_PROXY.open(req, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama.cpp server did not answer within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
 
 
 @pytest.fixture

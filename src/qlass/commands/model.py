@@ -16,4 +16,12 @@ def register(app: typer.Typer) -> None:
 
         typer.echo(str(default_model_dir()))
 
+    @model_app.command("gguf")
+    def gguf() -> None:
+        """Print the path of the default model's GGUF file (to serve it, e.g. with llama.cpp's server,
+        for the OpenAI-compatible backend)."""
+        from ..models import default_gguf_path
+
+        typer.echo(str(default_gguf_path()))
+
     app.add_typer(model_app, name="model")

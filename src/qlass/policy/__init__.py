@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .hf import HFPolicy
     from .openai import OpenAIPolicy
 
-__all__ = ["Policy", "HFPolicy", "OpenAIPolicy", "load_policy"]
+__all__ = ["HFPolicy", "OpenAIPolicy", "Policy", "load_policy"]
 
 
 def __getattr__(name: str) -> Any:

@@ -31,8 +31,9 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

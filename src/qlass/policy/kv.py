@@ -16,8 +16,9 @@ All of this assumes plain full-attention layers (Llama, Qwen, Mistral without sl
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -47,7 +48,7 @@ class BufferLayer(DynamicLayer):
         self._n = 0
 
     @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> "BufferLayer":
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> BufferLayer:
         """A layer over existing buffers whose first ``length`` positions are filled."""
         layer = cls(keys.shape[-2])
         layer._k, layer._v, layer._n = keys, values, length
