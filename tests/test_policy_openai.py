@@ -278,3 +278,15 @@ def test_bad_replies_and_options_are_clear_errors(scripted: Any) -> None:
         OpenAIPolicy(server.url, model="m", endpoint="completions")
     with pytest.raises(QlassError, match="no option 'autocast'"):
         load_policy(server.url, model="m", autocast=True)
+
+
+def test_max_length_drops_oldest_turns_before_sending(scripted: Any) -> None:
+    turns = [Message("assistant", f"Thought: t{i}\nAction: a{i}") if i % 2 == 0 else Message("user", f"Observation: o{i}")
+             for i in range(40)]
+    server = scripted(ok("Thought: t\nAction: wait", usage=USAGE, chat=False))
+    policy = OpenAIPolicy(server.url, model="m", tokenizer=default_tokenizer_dir(), max_length=200, backoff=0.01)
+    policy.sample([HIST + turns], 1, 0.0, 50)
+    prompt = server.seen[0][2]["prompt"]
+    assert len(policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 150
+    assert HIST[0].content in prompt and HIST[-1].content in prompt  # instruction and task kept
+    assert "Observation: o39" in prompt and "Observation: o1<" not in prompt  # newest kept, oldest dropped
