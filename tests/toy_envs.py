@@ -63,7 +63,7 @@ class Corridor:
 
     def expert(self, task: Task) -> list[str]:
         n = int(task.meta.get("length", 1))
-        return [f"Thought: The goal is further east.\nAction: go east" for _ in range(n)]
+        return ["Thought: The goal is further east.\nAction: go east" for _ in range(n)]
 
     def close(self) -> None:
         pass

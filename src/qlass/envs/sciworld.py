@@ -19,7 +19,6 @@ import logging
 import os
 import threading
 from importlib import resources
-from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import QlassError, require
