@@ -8,7 +8,7 @@ encoding, and their scores are checked to agree. The model is the default archit
 fresh head. Prints candidates scored per second for M candidates and history lengths, with ratios,
 and writes JSON + markdown. Usage::
 
-    python benchmarks/bench_qnet.py [--m 2,4,8] [--history 512,1024,2048] [--repeats 2] [--autocast]
+    python benchmarks/bench_qnet.py [--m 2,4,8] [--history 512,1024,2048] [--repeats 2] [--threads 1] [--autocast]
 """
 
 from __future__ import annotations
@@ -85,10 +85,14 @@ def main() -> None:
     ap.add_argument("--history", default="512,1024,2048", help="history lengths in tokens")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per cell (the best is kept)")
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast for both paths")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 makes CPU time exact "
+                    "on a busy machine: no spinning worker threads)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_qnet.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     qnet = QNet.from_sft(args.model or default_model_dir(), max_length=8192, max_action_tokens=256,
                          autocast=args.autocast, seed=0)

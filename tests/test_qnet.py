@@ -64,21 +64,22 @@ def test_shared_prefix_scores_match_naive_forwards(qnet: QNet, seed: int) -> Non
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("packed", [True, False])
-def test_both_candidate_layouts_match_naive_forwards(tiny_model_dir, attn: str, packed: bool) -> None:
-    """Packed (one row, block mask) and batched (expanded cache, right padding) layouts agree with
-    naive forwards under each attention kernel."""
+@pytest.mark.parametrize("packed,pack_tokens", [(True, 4096), (True, 12), (False, 4096)])
+def test_both_candidate_layouts_match_naive_forwards(tiny_model_dir, attn: str, packed: bool, pack_tokens: int) -> None:
+    """Packed (one row, block mask; also split over several rows) and batched (expanded cache, right
+    padding) layouts agree with naive forwards under each attention kernel."""
     from qlass.qnet import backbone_of, last_real_hidden, shared_prefix_hidden
 
     qnet = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64, seed=2)
     qnet.model.set_attn_implementation(attn)
     rng = random.Random(99)
     history = random_history(rng, 2)
-    candidates = [random_text(rng, n) for n in (4, 1, 11)] + [""]
+    candidates = [""] + [random_text(rng, n) for n in (4, 1, 11)] + ["", random_text(rng, 3)]
     prefix = qnet.encode_history(history)
     suffixes = [qnet.encode_action(c) for c in candidates]
     with torch.no_grad():
-        last, hidden = shared_prefix_hidden(backbone_of(qnet.model), prefix, suffixes, packed=packed)
+        last, hidden = shared_prefix_hidden(backbone_of(qnet.model), prefix, suffixes, packed=packed,
+                                            pack_tokens=pack_tokens)
         got = qnet.model.score(last_real_hidden(last, hidden, [len(s) for s in suffixes]))[:, 0].tolist()
     assert got == pytest.approx(naive_values(qnet, history, candidates), abs=1e-4)
 

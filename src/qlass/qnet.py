@@ -48,6 +48,7 @@ from .types import History, Message
 log = logging.getLogger(__name__)
 
 META_FILE = "qnet.json"
+PACK_TOKENS = 4096
 SCHEMA_VERSION = 1
 
 
@@ -72,7 +73,8 @@ def backbone_of(model: Any) -> Any:
 
 
 def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-                         autocast: bool = False, packed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         autocast: bool = False, packed: bool | None = None,
+                         pack_tokens: int = PACK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states of ``prefix + suffix`` for every suffix, the prefix computed once.
 
     The prefix runs alone and leaves its KV cache. The suffixes then run in one forward:
@@ -85,7 +87,9 @@ def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequenc
       per suffix and the suffixes right-padded (padding sits after every real token, so causality
       keeps it invisible).
 
-    ``packed=None`` picks the packed layout whenever the attention kernel allows it. Returns
+    ``packed=None`` picks the packed layout whenever the attention kernel allows it; a packed row
+    holds at most ``pack_tokens`` suffix tokens (more candidates take further rows, each after the
+    same cached prefix), which bounds the attention mask's memory. Returns
     ``(prefix_last [H], suffix_hidden [M, S, H])`` with ``S`` the longest suffix (rows of
     shorter suffixes are filled with unused values past their end). Differentiable.
     """
@@ -104,7 +108,13 @@ def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequenc
         if packed is None:
             packed = backbone.config._attn_implementation in ("sdpa", "eager")
         if packed:
-            hidden = _packed_forward(backbone, out.cache, len(prefix), suffixes)
+            parts = []
+            for k, chunk in enumerate(_pack_chunks(lengths, pack_tokens)):
+                if k:  # forget the previous chunk's suffix tokens
+                    out.cache.crop(-(out.cache.get_seq_length() - len(prefix)))
+                parts.append(_packed_forward(backbone, out.cache, len(prefix), [suffixes[i] for i in chunk],
+                                             max(lengths)))
+            hidden = torch.cat(parts)
         else:
             width = max(lengths)
             rows = [list(s) + [0] * (width - len(s)) for s in suffixes]
@@ -113,9 +123,24 @@ def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequenc
     return prefix_last, hidden.float()
 
 
-def _packed_forward(backbone: Any, cache: Any, n_prefix: int, suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
+def _pack_chunks(lengths: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive suffix indices grouped so that each group holds at most ``limit`` tokens (a longer
+    suffix gets a group of its own); every group has at least one token."""
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if used and used + n > limit:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += n
+    return chunks
+
+
+def _packed_forward(backbone: Any, cache: Any, n_prefix: int, suffixes: Sequence[Sequence[int]],
+                    width: int) -> torch.Tensor:
     """All suffixes in one row after the cached prefix (see :func:`shared_prefix_hidden`); returns
-    their hidden states unpacked to ``[M, S, H]``."""
+    their hidden states unpacked to ``[M, width, H]``."""
     device = backbone.device
     owner = torch.tensor([i for i, s in enumerate(suffixes) for _ in s], device=device)
     local = torch.tensor([k for s in suffixes for k in range(len(s))], device=device)
@@ -128,7 +153,6 @@ def _packed_forward(backbone: Any, cache: Any, n_prefix: int, suffixes: Sequence
     hidden = backbone(input_ids=ids, attention_mask=allowed[None, None], position_ids=(n_prefix + local)[None],
                       cache=cache, use_cache=True).last_hidden_state[0]
     starts = torch.tensor([0] + [len(s) for s in suffixes], device=device).cumsum(0)[:-1]
-    width = max(len(s) for s in suffixes)
     index = (starts[:, None] + torch.arange(width, device=device)[None, :]).clamp(max=len(owner) - 1)
     return hidden[index]
 
