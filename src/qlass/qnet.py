@@ -22,7 +22,7 @@ encoded, so the Auto class reads the same position as :meth:`QNet.score` (tested
 
 Truncation: a candidate keeps its last ``max_action_tokens`` tokens; the history gets the rest of
 ``max_length`` (a fixed budget, so a candidate's value never depends on its siblings). Too-long
-histories lose their oldest turns first (:func:`~qlass.policy.render.truncate_history`, keeping the
+histories lose their oldest turns first (:func:`~qlass.policy.hf.fit_history`, as the policy does, keeping the
 instruction prefix and task turn; the newest turn is always kept), then, if still too long, their
 oldest tokens.
 
@@ -41,8 +41,8 @@ import torch
 
 from .errors import QlassError
 from .jsonl import write_text_atomic
-from .policy.hf import default_keep_prefix
-from .policy.render import encode_conversation, ensure_chat_template, truncate_history
+from .policy.hf import fit_history
+from .policy.render import encode_conversation, ensure_chat_template
 from .types import History, Message
 
 log = logging.getLogger(__name__)
@@ -268,12 +268,11 @@ class QNet:
         ids, _ = encode_conversation(self.tokenizer, history, add_generation_prompt=True)
         if len(ids) <= budget:
             return ids
-
-        def fits(msgs: Sequence[Message]) -> bool:
-            return len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget
-
-        short = truncate_history(history, default_keep_prefix(history), fits)
+        short = fit_history(history, lambda msgs: len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget)
         ids, _ = encode_conversation(self.tokenizer, short, add_generation_prompt=True)
+        if len(ids) > budget:
+            log.warning("QNet input of %d history tokens cut from the left to %d even after dropping old turns",
+                        len(ids), budget)
         return ids[-budget:]
 
     def encode(self, history: Sequence[Message], action: str) -> list[int]:
