@@ -131,6 +131,13 @@ def test_tree_validation_names_file_line_and_field(tmp_path: Path, mutate, messa
     assert message in str(err.value)
 
 
+def test_missing_files_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        read_trees(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        read_qdata(tmp_path / "nope.jsonl")
+
+
 def test_duplicate_tree_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "dup.jsonl"
     write_jsonl(path, [make_tree(MIXED).to_dict()] * 2)

@@ -323,7 +323,7 @@ class _BoundWorker:
 
 def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: int) -> dict[str, Tree]:
     """Trees already in ``path`` for ``tasks``; refuses trees made with other settings or seed."""
-    trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)}
+    trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)} if path.exists() else {}
     want = config_hash(cfg)
     for task in tasks:
         tree = trees.get(task.id)
@@ -374,6 +374,8 @@ def explore_tasks(
             totals["steps"] += tree.stats["env_steps"]
             rate = totals["nodes"] / max((time.perf_counter() - start) / 60, 1e-9)
             bar.update(handle, advance=1, description=tree.tree_id, rate=rate, **totals)
+            log.info("tree %s: %d nodes, %d env steps, best reward %.2f, stopped by %s", tree.tree_id,
+                     len(tree.nodes), tree.stats["env_steps"], tree.stats["best_reward"], tree.stats["stopped_by"])
     return [done[t.id] for t in tasks]
 
 

@@ -193,6 +193,8 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
 def read_trees(path: str | os.PathLike, repair_tail: bool = False) -> list[Tree]:
     """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error)."""
     trees, seen = [], set()
+    if not Path(path).exists():
+        raise DataError(str(path), "file not found")
     for line, rec in enumerate(read_jsonl(path, repair_tail=repair_tail), start=1):
         tree = tree_from_dict(rec, str(path), line)
         if tree.tree_id in seen:
@@ -293,6 +295,8 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every record of a ``qdata.jsonl`` file, validated; a problem raises :class:`DataError`
     naming the file, line and field."""
     p = str(path)
+    if not Path(path).exists():
+        raise DataError(p, "file not found")
     out = []
     for line, rec in enumerate(read_jsonl(path), start=1):
         where = f"line {line}"
