@@ -10,7 +10,7 @@ for arg in "$@"; do
     *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
   esac
 done
-extras="sciworld,plot"
+extras="sciworld,alfworld,serve,plot"
 [ "$test_mode" = 1 ] && extras="$extras,dev,ray,webshop"
 py="${PYTHON:-python3}"
 

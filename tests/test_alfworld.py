@@ -1,0 +1,186 @@
+"""ALFWorld on the real engine (textworld's PDDL env + alfworld 0.4.2 wrappers) with the real games.
+
+The games come from the shared tarballs (``../shared/data/alfworld``), extracted once into the
+qlass cache by the environment itself; tests skip when the extra or the data is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("textworld", reason="needs the alfworld extra: pip install 'qlass[alfworld]'")
+
+from qlass.envs.alfworld import AlfWorldEnv, expert_thought, normalize_action  # noqa: E402
+from qlass.envs.alfworld_data import extract_shared_data, resolve_data_dir, shared_tarballs  # noqa: E402
+from qlass.envs.base import FORMAT_HINT, parse_action  # noqa: E402
+from qlass.errors import QlassError  # noqa: E402
+from qlass.expert import export_expert, replay_expert  # noqa: E402
+
+SEEN_GAME = "alfworld/seen/look_at_obj_in_light-AlarmClock-None-DeskLamp-323/trial_T20190909_044715_250790"
+
+if not shared_tarballs():
+    pytest.skip("the shared ALFWorld tarballs (../shared/data/alfworld) are not here", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = AlfWorldEnv()
+    yield e
+    e.close()
+
+
+def _tarball(path: Path, files: dict[str, str]) -> Path:
+    with tarfile.open(path, "w:xz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_extraction_is_idempotent_and_atomic(tmp_path: Path) -> None:
+    good = _tarball(tmp_path / "json_2.1.1-valid.tar.xz",
+                    {"json_2.1.1/valid_seen/pick_and_place_simple-X-1/trial_1/game.tw-pddl": "{}"})
+    dest = tmp_path / "cache" / "alfworld"
+    assert extract_shared_data([good], dest) == dest
+    mark = dest / ".qlass-complete"
+    first = mark.stat().st_mtime_ns
+    assert extract_shared_data([good], dest) == dest
+    assert mark.stat().st_mtime_ns == first  # not extracted again
+    assert resolve_data_dir(dest) == dest / "json_2.1.1"
+
+    broken = tmp_path / "json_2.1.1-broken.tar.xz"
+    broken.write_bytes(good.read_bytes()[:40])
+    other = tmp_path / "cache" / "other"
+    with pytest.raises(QlassError, match="cannot extract"):
+        extract_shared_data([broken], other)
+    assert not other.exists()
+    assert not [p for p in other.parent.iterdir() if ".partial-" in p.name]  # no half folder left
+
+
+def test_data_dir_errors_name_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(QlassError, match="data_dir=.*holds no json_2.1.1"):
+        AlfWorldEnv(data_dir=tmp_path)
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "missing"))
+    with pytest.raises(QlassError, match="ALFWORLD_DATA=.*holds no json_2.1.1"):
+        resolve_data_dir(None)
+
+
+def test_alfworld_data_env_var_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: AlfWorldEnv) -> None:
+    task = env.task(SEEN_GAME)
+    src = env.root / "valid_seen" / task.meta["task_folder"] / task.meta["trial"] / "game.tw-pddl"
+    dst = tmp_path / "json_2.1.1" / "valid_seen" / task.meta["task_folder"] / task.meta["trial"] / "game.tw-pddl"
+    dst.parent.mkdir(parents=True)
+    dst.write_bytes(src.read_bytes())
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
+    mine = AlfWorldEnv()
+    assert mine.root == tmp_path / "json_2.1.1"
+    assert mine.splits() == {"seen": 1}
+    assert [t.id for t in mine.tasks("seen")] == [SEEN_GAME]
+
+
+def test_splits_tasks_and_types(env: AlfWorldEnv) -> None:
+    assert env.splits() == {"train": 3553, "seen": 140, "unseen": 134}
+    seen = env.tasks("seen")
+    assert seen[0].id.startswith("alfworld/seen/") and seen == env.tasks("seen")  # stable order
+    assert SEEN_GAME in {t.id for t in seen}
+    assert set(env.task_types()) == {"pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
+                                     "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep",
+                                     "pick_two_obj_and_place"}
+    looks = env.tasks("unseen", ["look_at_obj_in_light"])
+    assert looks and all(t.task_type == "look_at_obj_in_light" and t.split == "unseen" for t in looks)
+    assert env.task(SEEN_GAME).task_type == "look_at_obj_in_light"
+    with pytest.raises(QlassError, match="unknown split"):
+        env.tasks("test")
+    with pytest.raises(QlassError, match="unknown task type"):
+        env.tasks("seen", ["fly"])
+    with pytest.raises(QlassError, match="no task"):
+        env.task("alfworld/seen/nothing/here")
+
+
+def test_first_observation_and_expert_replay(env: AlfWorldEnv) -> None:
+    task = env.task(SEEN_GAME)
+    first = env.reset(task)
+    assert first.startswith("You are in the middle of a room.")
+    assert first.splitlines()[-1] == "Your task is to: look at alarmclock under the desklamp."
+    assert "Welcome" not in first
+    outputs = env.expert(task)
+    assert [parse_action(o) for o in outputs] == ["go to desk 1", "use desklamp 1", "take alarmclock 2 from desk 1"]
+    assert outputs[0].startswith("Thought: I should go to desk 1")
+    results = [env.step(o) for o in outputs]
+    assert [r.reward for r in results] == [0.0, 0.0, 1.0] and [r.done for r in results] == [False, False, True]
+    assert results[0].observation.startswith("You arrive at desk 1.")
+    assert env.step(outputs[0]).observation == "The episode is over."
+    # deterministic replay: a second reset gives the very same episode
+    assert env.reset(task) == first
+    assert [env.step(o).observation for o in outputs] == [r.observation for r in results]
+
+
+def test_invalid_actions_format_hint_and_step_limit(env: AlfWorldEnv) -> None:
+    task = env.task(SEEN_GAME)
+    short = AlfWorldEnv(step_limit=3)
+    try:
+        short.reset(task)
+        bad = short.step("Thought: hmm\nAction: fly to the moon")
+        assert (bad.observation, bad.reward, bad.done) == ("Nothing happens.", 0.0, False)
+        hint = short.step("I will just think aloud")
+        assert hint.observation == FORMAT_HINT and hint.info["steps"] == 2 and not hint.done
+        last = short.step("Action: Go to  Desk 1.")  # normalised to the engine's command
+        assert last.observation.startswith("You arrive at desk 1.") and last.done and last.reward == 0.0
+    finally:
+        short.close()
+    with pytest.raises(QlassError, match="step_limit"):
+        AlfWorldEnv(step_limit=0)
+
+
+def test_action_normalisation_and_thoughts() -> None:
+    assert normalize_action("Put mug 1 in/on  coffeemachine 1.") == "move mug 1 to coffeemachine 1"
+    assert normalize_action("put apple 2 on diningtable 1") == "move apple 2 to diningtable 1"
+    assert normalize_action("go to fridge 1") == "go to fridge 1"
+    assert expert_thought("heat egg 1 with microwave 1") == "I will heat egg 1 with microwave 1."
+    assert expert_thought("open fridge 1") == "Fridge 1 is closed; I will open it."
+    assert expert_thought("move cd 1 to safe 1") == "Now I put cd 1 in/on safe 1."
+
+
+def test_prompt_is_instruction_plus_one_shot(env: AlfWorldEnv) -> None:
+    msgs = env.prompt()
+    assert msgs[0].role == "user" and "Action:" in msgs[0].content and msgs[1].content == "OK"
+    roles = [m.role for m in msgs[2:]]
+    assert roles == ["user", "assistant"] * (len(roles) // 2)
+    assert "Your task is to:" in msgs[2].content
+    assert all(parse_action(m.content) for m in msgs[2:] if m.role == "assistant")
+    assert all(m.content.startswith("Observation: ") for m in msgs[4::2])
+
+
+@pytest.mark.slow
+def test_train_walkthroughs_replay_to_a_win(env: AlfWorldEnv) -> None:
+    """A seeded sample of train games: the expert export path keeps (nearly) all of them."""
+    tasks = random.Random(7).sample(env.tasks("train"), 8)
+    result = export_expert(env, tasks)
+    assert len(result.trajectories) >= 7, result.excluded
+    for traj in result.trajectories:
+        assert traj.reward == 1.0 and traj.success and traj.messages[-2].role == "assistant"
+    again = replay_expert(env, tasks[0], env.expert(tasks[0]))
+    assert [m.content for m in again.messages] == [m.content for m in
+                                                   replay_expert(env, tasks[0], env.expert(tasks[0])).messages]
+
+
+@pytest.mark.slow
+def test_cli_expert_export(tmp_path: Path) -> None:
+    out = tmp_path / "alf.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "qlass", "data", "expert", "--env", "alfworld", "--split", "seen",
+                           "--task-types", "pick_and_place_simple,look_at_obj_in_light", "--per-task", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and all(r["reward"] == 1.0 for r in records)
+    assert {r["id"].split("/")[2].split("-")[0] for r in records} == {"pick_and_place_simple", "look_at_obj_in_light"}
