@@ -10,8 +10,9 @@ for arg in "$@"; do
     *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
   esac
 done
-extras="sciworld,alfworld,serve,plot"
-[ "$test_mode" = 1 ] && extras="$extras,dev,ray,webshop"
+# The demo needs ScienceWorld and plotting; the tests also cover every other environment and backend.
+extras="sciworld,plot"
+[ "$test_mode" = 1 ] && extras="$extras,alfworld,webshop,serve,ray,dev"
 py="${PYTHON:-python3}"
 
 if ! command -v java >/dev/null 2>&1; then
