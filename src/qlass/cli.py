@@ -13,7 +13,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "run"]
+COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "run", "serve"]
 
 app = typer.Typer(
     name="qlass",

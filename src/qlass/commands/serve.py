@@ -1,0 +1,21 @@
+"""``qlass serve ENV``: an environment as an HTTP server (AgentGym's protocol plus task listings)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        env: str = typer.Argument(..., help="Environment name (sciworld, alfworld, webshop) or package.module:Class."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; the server has no authentication)."),
+        port: int = typer.Option(8000, help="TCP port."),
+        env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
+        max_instances: int = typer.Option(64, help="At most this many environment instances open at once."),
+    ) -> None:
+        """Serve ENV over HTTP: /create, /reset, /step, /observation, /close (+ /splits, /tasks, /prompt, /expert)."""
+        from ..serve import serve
+        from .evaluate import parse_kv
+
+        serve(env, host=host, port=port, env_args=parse_kv(env_arg, "--env-arg"), max_instances=max_instances)

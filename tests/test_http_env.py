@@ -1,0 +1,271 @@
+"""The HTTP environment protocol: ``qlass serve`` / :mod:`qlass.serve` and the :class:`HttpEnv` client,
+on real servers bound to 127.0.0.1 (a thread for the small env defined here, a ``qlass serve``
+subprocess for ALFWorld)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'qlass[serve]'")
+pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'qlass[serve]'")
+
+from qlass.envs.base import FORMAT_HINT, parse_action  # noqa: E402
+from qlass.envs.http import HttpEnv  # noqa: E402
+from qlass.errors import QlassError  # noqa: E402
+from qlass.serve import BackgroundServer, EnvPool  # noqa: E402
+from qlass.types import Message, StepResult, Task  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+class Keypad:
+    """Type the task's code digit by digit (``press N``). Reward: fraction of the code typed;
+    ``press 9`` raises (an environment bug), ``wait`` sleeps 2 s, info carries a non-JSON value."""
+
+    name = "keypad"
+
+    def __init__(self, codes: str = "12,345,5678") -> None:
+        self.codes = codes.split(",")
+        self._code, self._typed, self._steps = "", "", 0
+
+    def splits(self) -> dict[str, int]:
+        return {"train": len(self.codes), "seen": 1}
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        if split not in self.splits():
+            raise ValueError(f"unknown split {split}")
+        codes = self.codes if split == "train" else ["42"]
+        return [Task(f"keypad/{split}/{c}", self.name, split, f"len{len(c)}", {"code": c}) for c in codes
+                if not task_types or f"len{len(c)}" in task_types]
+
+    def prompt(self) -> list[Message]:
+        return [Message("user", "Type the code. Action: press N"), Message("assistant", "OK")]
+
+    def reset(self, task: Task) -> str:
+        self._code, self._typed, self._steps = task.meta["code"], "", 0
+        return f"Enter the code {self._code}."
+
+    def step(self, output: str) -> StepResult:
+        self._steps += 1
+        action = parse_action(output)
+        if action is None:
+            obs = FORMAT_HINT
+        elif action == "press 9":
+            raise RuntimeError("keypad short-circuit")
+        elif action == "wait":
+            time.sleep(2.0)
+            obs = "You wait."
+        elif action.startswith("press ") and self._code[len(self._typed):].startswith(action[6:]):
+            self._typed += action[6:]
+            obs = f"Display: {self._typed}"
+        else:
+            obs = "Beep."
+        done = self._typed == self._code
+        return StepResult(obs, len(self._typed) / len(self._code), done, {"steps": self._steps, "when": object()})
+
+    def expert(self, task: Task) -> list[str]:
+        return [f"Thought: next digit.\nAction: press {d}" for d in task.meta["code"]]
+
+    def close(self) -> None:
+        pass
+
+
+SPEC = f"{__name__}:Keypad"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with BackgroundServer(EnvPool(SPEC, max_instances=4)) as srv:
+        yield srv
+
+
+def _raw(url: str, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    """One request with the standard library, bypassing the client (to send malformed requests)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _play(env: Any, task: Task, outputs: list[str]) -> list[tuple[str, float, bool]]:
+    first = env.reset(task)
+    return [(first, 0.0, False)] + [(r.observation, r.reward, r.done) for r in map(env.step, outputs)]
+
+
+def test_same_episode_over_http_and_in_process(server: BackgroundServer) -> None:
+    remote, local = HttpEnv(server.url), Keypad()
+    try:
+        assert remote.name == "keypad" and remote.splits() == local.splits()
+        assert remote.tasks("train") == local.tasks("train")
+        assert remote.tasks("train", ["len3"]) == local.tasks("train", ["len3"])
+        assert remote.prompt() == local.prompt()
+        task = remote.tasks("train")[2]
+        assert remote.expert(task) == local.expert(task)
+        outputs = ["Action: press 6", "no action at all", "Action: press 1"] + local.expert(task)[1:]
+        assert _play(remote, task, outputs) == _play(local, task, outputs)
+        assert remote.step("Action: press 6").info["when"].startswith("<object")  # made JSON-safe
+    finally:
+        remote.close()
+
+
+def test_bad_requests_get_4xx_with_a_message(server: BackgroundServer) -> None:
+    url = server.url
+    status, env_id = _raw(url, "POST", "/create")
+    env_id = env_id["id"]
+    cases = [
+        ("POST", "/step", {"id": 999, "output": "Action: press 1"}, 404, "unknown environment id 999"),
+        ("POST", "/step", {"id": env_id, "output": "Action: press 1"}, 409, "POST /reset first"),
+        ("POST", "/step", {"id": env_id}, 400, "exactly one of 'output'"),
+        ("POST", "/step", {"output": "x"}, 400, "id: Field required"),
+        ("POST", "/reset", {"id": "seven", "task": "keypad/train/12"}, 400, "malformed request to /reset"),
+        ("POST", "/reset", {"id": env_id, "task": "keypad/train/99"}, 404, "unknown task"),
+        ("POST", "/reset", {"id": env_id, "data_idx": 17}, 404, "out of range"),
+        ("POST", "/reset", {"id": env_id, "task": "keypad/train/12", "game": 0}, 400, "exactly one of 'task'"),
+        ("GET", "/tasks?split=nope", None, 500, "unknown split nope"),
+        ("GET", "/observation", None, 400, "id: Field required"),
+        ("POST", "/close", {"id": 12345}, 404, "unknown environment id"),
+    ]
+    for method, path, body, want_status, want_text in cases:
+        status, answer = _raw(url, method, path, json.dumps(body).encode() if body is not None else None)
+        assert status == want_status and want_text in answer["error"], (path, body, status, answer)
+    status, answer = _raw(url, "POST", "/step", b"{not json")
+    assert status == 400 and "malformed request" in answer["error"]
+    # an environment that raises: 500 with the message, and the server keeps serving
+    assert _raw(url, "POST", "/reset", json.dumps({"id": env_id, "data_idx": 0}).encode())[0] == 200
+    status, answer = _raw(url, "POST", "/step", json.dumps({"id": env_id, "action": "press 9"}).encode())
+    assert status == 500 and "keypad short-circuit" in answer["error"]
+    status, answer = _raw(url, "POST", "/step", json.dumps({"id": env_id, "action": "press 1"}).encode())
+    assert status == 200 and answer["observation"] == "Display: 1" and answer["reward"] == 0.5
+    assert _raw(url, "GET", f"/observation?id={env_id}") == (200, "Display: 1")
+    assert _raw(url, "POST", "/close", json.dumps({"id": env_id}).encode()) == (200, {"id": env_id, "closed": True})
+
+
+def test_instance_limit_and_client_errors(server: BackgroundServer) -> None:
+    envs = [HttpEnv(server.url) for _ in range(4)]
+    try:
+        with pytest.raises(QlassError, match="HTTP 429: too many open environments"):
+            HttpEnv(server.url)
+        with pytest.raises(QlassError, match=r"step\(\) before reset\(\)"):
+            envs[0].step("Action: press 1")
+        envs[0].reset(envs[0].tasks("seen")[0])
+        with pytest.raises(QlassError, match="HTTP 500: environment error: RuntimeError: keypad short-circuit"):
+            envs[0].step("Action: press 9")
+    finally:
+        for e in envs:
+            e.close()
+    slow = HttpEnv(server.url, timeout=0.5)
+    try:
+        slow.reset(slow.tasks("seen")[0])
+        with pytest.raises(QlassError, match=r"no answer within 0.5 s"):
+            slow.step("Action: wait")
+    finally:
+        slow.close()
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(QlassError, match="connection refused — is the server running"):
+        HttpEnv(f"http://127.0.0.1:{free}")
+    with pytest.raises(QlassError, match="unknown dialect"):
+        HttpEnv(server.url, dialect="gym")
+
+
+def test_agentgym_style_requests_and_dialect(server: BackgroundServer) -> None:
+    """Our server takes AgentGym's shapes (integer task index, bare action); the client's AgentGym
+    dialect parses actions itself, enforces the step limit and takes the prompt from a prompt name."""
+    env = HttpEnv(server.url, dialect="agentgym-alfworld", splits={"train": [0, 3], "seen": [3, 4]},
+                  prompt="alfworld", step_limit=3)
+    try:
+        assert env.splits() == {"train": 3, "seen": 1}
+        task = env.tasks("train")[1]
+        assert task.id == "http/train/1" and task.meta == {"index": 1}
+        assert env.reset(task) == "Enter the code 345."
+        assert env.prompt()[0].content.startswith("You are an agent doing a household chore")
+        r1 = env.step("Thought: go\nAction: press 3")
+        r2 = env.step("no action")
+        r3 = env.step("Action: press 4")
+        assert (r1.observation, r2.observation, r3.observation) == ("Display: 3", FORMAT_HINT, "Display: 34")
+        assert r3.done and r3.reward == pytest.approx(2 / 3)  # the client's step limit
+        assert env.step("Action: press 5").observation == "The episode is over."
+        with pytest.raises(QlassError, match="bad"):
+            HttpEnv(server.url, dialect="agentgym-sciworld", splits={"bad": [5, 1]})
+    finally:
+        env.close()
+
+
+def test_stale_keep_alive_connection_is_reopened() -> None:
+    first = BackgroundServer(EnvPool(SPEC))
+    env = HttpEnv(first.url)
+    port = int(first.url.rsplit(":", 1)[1])
+    assert env.splits()["train"] == 3
+    first.stop()  # the kept-alive connection is now dead
+    second = BackgroundServer(EnvPool(SPEC), port=port)
+    try:
+        assert env.splits()["train"] == 3  # resent once on a fresh connection
+        with pytest.raises(QlassError, match="unknown environment id"):  # a new server knows no old ids
+            env.reset(env.tasks("seen")[0])
+    finally:
+        env.close()
+        second.stop()
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"qlass serve exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if _raw(url, "GET", "/")[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"qlass serve did not answer on {url} within {seconds} s")
+
+
+@pytest.mark.slow
+def test_alfworld_through_qlass_serve_matches_in_process() -> None:
+    pytest.importorskip("textworld", reason="needs the alfworld extra")
+    from qlass.envs.alfworld import AlfWorldEnv
+    from qlass.envs.alfworld_data import shared_tarballs
+
+    if not shared_tarballs() and not os.environ.get("ALFWORLD_DATA"):
+        pytest.skip("no ALFWorld data")
+    local = AlfWorldEnv()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", "alfworld", "--port", str(port),
+                             "--env-arg", "step_limit=40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(url, proc, 120)
+        remote = HttpEnv(url, timeout=120)
+        try:
+            assert remote.name == "alfworld" and remote.splits() == local.splits()
+            assert remote.tasks("unseen") == local.tasks("unseen") and remote.prompt() == local.prompt()
+            task = local.tasks("unseen", ["pick_heat_then_place_in_recep"])[0]
+            expert = local.expert(task)
+            assert remote.expert(task) == expert
+            outputs = ["Action: fly away", "just thinking"] + expert
+            played = _play(remote, task, outputs)
+            assert played == _play(local, task, outputs)
+            assert played[1][0] == "Nothing happens." and played[2][0] == FORMAT_HINT and played[-1][1:] == (1.0, True)
+        finally:
+            remote.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        local.close()
