@@ -11,21 +11,19 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'qlass[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'qlass[serve]'")
 
-from qlass.envs.base import FORMAT_HINT, parse_action  # noqa: E402
-from qlass.envs.http import HttpEnv  # noqa: E402
-from qlass.errors import QlassError  # noqa: E402
-from qlass.serve import BackgroundServer, EnvPool  # noqa: E402
-from qlass.types import Message, StepResult, Task  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+from qlass.envs.base import FORMAT_HINT, parse_action
+from qlass.envs.http import HttpEnv
+from qlass.errors import QlassError
+from qlass.serve import BackgroundServer, EnvPool
+from qlass.types import Message, StepResult, Task
 
 
 class Keypad:

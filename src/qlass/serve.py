@@ -30,7 +30,7 @@ import logging
 import socket
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from .envs.base import Env, make_env
 from .errors import QlassError, require
@@ -82,21 +82,27 @@ class EnvPool:
         self._lock = threading.Lock()
         self._instances: dict[int, _Instance] = {}
         self._next_id = 0
+        self._pending = 0
         self._all_tasks: list[Task] | None = None
 
     # -- instances -------------------------------------------------------------------------
     def create(self) -> int:
         with self._lock:
-            if len(self._instances) >= self.max_instances:
+            if len(self._instances) + self._pending >= self.max_instances:
                 raise ServeError(429, f"too many open environments ({self.max_instances}); close some with /close")
             env_id = self._next_id
             self._next_id += 1
+            self._pending += 1  # counted against the limit while it is being built
         try:
             env = make_env(self.env_spec, **self.env_args)
         except QlassError as exc:
             raise ServeError(500, f"cannot create environment {self.env_spec!r}: {exc}") from None
-        with self._lock:
-            self._instances[env_id] = _Instance(env)
+        else:
+            with self._lock:
+                self._instances[env_id] = _Instance(env)
+        finally:
+            with self._lock:
+                self._pending -= 1
         return env_id
 
     def get(self, env_id: int) -> _Instance:
@@ -187,13 +193,13 @@ def create_app(pool: EnvPool) -> Any:
         id: int
 
     class ResetBody(IdBody):
-        task: Optional[str] = None
-        data_idx: Optional[int] = None
-        game: Optional[int] = None
+        task: str | None = None
+        data_idx: int | None = None
+        game: int | None = None
 
     class StepBody(IdBody):
-        output: Optional[str] = None
-        action: Optional[str] = None
+        output: str | None = None
+        action: str | None = None
 
     app = FastAPI(title=f"qlass environment server: {pool.name}", version=PROTOCOL)
 
@@ -265,7 +271,7 @@ def create_app(pool: EnvPool) -> Any:
         return {"env": pool.name, "splits": pool.splits()}
 
     @app.get("/tasks")
-    def tasks(split: str = Query(...), task_types: Optional[str] = Query(None)) -> dict[str, Any]:
+    def tasks(split: str = Query(...), task_types: str | None = Query(None)) -> dict[str, Any]:
         types = [t for t in task_types.split(",") if t] if task_types else None
         return {"tasks": [task_dict(t) for t in pool.tasks(split, types)]}
 

@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import QlassError, require
 from ..types import Message, StepResult, Task

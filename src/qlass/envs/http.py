@@ -25,10 +25,10 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import socket
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import QlassError
 from ..types import Message, StepResult, Task
@@ -115,7 +115,7 @@ class HttpClient:
                 if reused and attempt == 0:  # the server closed an idle kept-alive connection
                     continue
                 raise QlassError(f"{where}: connection lost ({type(exc).__name__}: {exc})") from None
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 self._drop()
                 raise QlassError(f"{where}: no answer within {self.timeout:g} s (raise timeout=...)") from None
             except ConnectionRefusedError:
