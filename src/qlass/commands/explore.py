@@ -38,7 +38,7 @@ def policy_factory(spec: str, options: dict[str, Any]) -> functools.partial:
 def register(app: typer.Typer) -> None:
     @app.command("explore")
     def explore_cmd(
-        model: str = typer.Option(..., help="Policy: model folder, 'default', server URL (http://.../v1) or package.module:Class."),
+        model: Optional[str] = typer.Option(None, help="Policy: model folder, 'default', server URL (http://.../v1) or package.module:Class."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: str = typer.Option("train", help="Split the tasks come from."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
@@ -54,9 +54,10 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, help="Worker processes / Ray actors (process and ray backends)."),
         ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
         progress: bool = typer.Option(True, help="Show the progress display."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every ExploreConfig option with its default and help, then exit."),
     ) -> None:
         """Build one exploration tree per task (paper stage 2) and append it to OUT; rerun to resume."""
-        from ..config import load_config
+        from ..config import describe, load_config
         from ..envs.base import make_env
         from ..evaluate import select_tasks
         from ..executor import make_executor
@@ -64,6 +65,11 @@ def register(app: typer.Typer) -> None:
         from ..tree import tree_summary
         from .evaluate import parse_kv
 
+        if list_options:
+            typer.echo(describe(ExploreConfig))
+            return
+        if model is None:
+            raise QlassError("qlass explore needs --model (a model folder, 'default', a server URL or module:Class)")
         cfg = load_config(config, ExploreConfig, parse_kv(set_, "--set"))
         env_kwargs = parse_kv(env_arg, "--env-arg")
         make = functools.partial(make_env, env, **env_kwargs)
