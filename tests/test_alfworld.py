@@ -22,7 +22,7 @@ from qlass.envs.alfworld import AlfWorldEnv, expert_thought, normalize_action
 from qlass.envs.alfworld_data import extract_shared_data, resolve_data_dir, shared_tarballs
 from qlass.envs.base import FORMAT_HINT, parse_action
 from qlass.errors import QlassError
-from qlass.expert import export_expert, replay_expert
+from qlass.expert import export_expert
 
 SEEN_GAME = "alfworld/seen/look_at_obj_in_light-AlarmClock-None-DeskLamp-323/trial_T20190909_044715_250790"
 
@@ -163,15 +163,15 @@ def test_prompt_is_instruction_plus_one_shot(env: AlfWorldEnv) -> None:
 
 @pytest.mark.slow
 def test_train_walkthroughs_replay_to_a_win(env: AlfWorldEnv) -> None:
-    """A seeded sample of train games: the expert export path keeps (nearly) all of them."""
-    tasks = random.Random(7).sample(env.tasks("train"), 8)
+    """A seeded sample of train games (one per task type): the expert export path keeps them all
+    (the 100-game rate is measured separately, see the report)."""
+    rng = random.Random(7)
+    tasks = [rng.choice(env.tasks("train", [t])) for t in env.task_types()]
     result = export_expert(env, tasks)
-    assert len(result.trajectories) >= 7, result.excluded
+    assert not result.excluded and len(result.trajectories) == len(tasks)
     for traj in result.trajectories:
-        assert traj.reward == 1.0 and traj.success and traj.messages[-2].role == "assistant"
-    again = replay_expert(env, tasks[0], env.expert(tasks[0]))
-    assert [m.content for m in again.messages] == [m.content for m in
-                                                   replay_expert(env, tasks[0], env.expert(tasks[0])).messages]
+        assert traj.reward == 1.0 and traj.success and traj.steps[-1].done
+        assert traj.messages[-2].role == "assistant" and traj.messages[-1].content.startswith("Observation: ")
 
 
 @pytest.mark.slow
