@@ -75,7 +75,9 @@ def extract_shared_data(tarballs: list[Path], dest: Path | None = None) -> Path:
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise QlassError(f"alfworld: cannot extract {tarball}: {exc}") from None
         (tmp / _DONE_MARK).write_text("\n".join(t.name for t in tarballs) + "\n")
-        if dest.exists():  # a stale, incomplete folder from an older layout: replace it
+        if (dest / _DONE_MARK).exists():  # a concurrent extraction finished first
+            return dest
+        if dest.exists():  # a folder this function did not make (ours appear complete): replace it
             shutil.rmtree(dest)
         try:
             os.rename(tmp, dest)
