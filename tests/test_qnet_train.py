@@ -176,7 +176,8 @@ def test_cli_reports_qnet_and_sft_ranker(tiny_model_dir: Path, tmp_path: Path) -
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("epochs: 1\nbatch_size: 4\nmax_length: 512\nmax_action_tokens: 32\nval_fraction: 0.34\n")
     res = CliRunner().invoke(app, ["train-qnet", str(data), "--model", str(tiny_model_dir), "--out",
-                                   str(tmp_path / "q"), "--config", str(cfg), "--set", "lora=true", "--set", "lr=0.001"])
+                                   str(tmp_path / "q"), "--config", str(cfg), "--set", "lora=true", "--set", "lr=1e-3",
+                                   "--set", "head_lr=0.01"])
     assert res.exit_code == 0, res.output
     assert "QNet (epoch 1): sibling pair accuracy" in res.output
     assert "SFT log-likelihood ranker: sibling pair accuracy" in res.output

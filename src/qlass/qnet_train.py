@@ -48,6 +48,8 @@ class QNetTrainConfig:
 
     epochs: int = option(2, "passes over the training groups")
     lr: float = option(2e-5, "peak learning rate")
+    head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); a larger one "
+                                   "helps short CPU runs")
     batch_size: int = option(32, "sibling groups per optimizer step (paper: 64 examples, about 32 groups)")
     warmup_ratio: float = option(0.03, "fraction of steps with linear warmup")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -73,8 +75,8 @@ class QNetTrainConfig:
             raise ValueError("epochs, batch_size and save_every must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ValueError(f"lr and head_lr must be > 0, got {self.lr} and {self.head_lr}")
 
 
 @dataclass
@@ -182,7 +184,11 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     qnet.model.train()
     sched_plan = plan(len(train), cfg.batch_size, 1, cfg.epochs, cfg.max_steps)
     params = [p for p in qnet.model.parameters() if p.requires_grad]
-    opt, sched = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, sched_plan.total_steps)
+    head = [p for p in qnet.model.score.parameters() if p.requires_grad]
+    param_groups = [{"params": [p for p in params if all(p is not h for h in head)]},
+                    {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    opt, sched = optimizer_and_schedule(param_groups, cfg.lr, cfg.weight_decay, cfg.warmup_ratio,
+                                        sched_plan.total_steps)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(out / "qnet_config.yaml", {**to_dict(cfg), "qdata": str(qdata), "sft_model": str(sft_dir)})
     chash = config_hash(cfg) + f"-{len(train)}-{len(val)}"
