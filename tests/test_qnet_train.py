@@ -47,7 +47,7 @@ def test_reader_reports_file_record_and_field(tmp_path: Path) -> None:
     good = synthetic_qdata(tmp_path / "q.jsonl", trees=2)
     assert len(read_qdata(good)) == 2 * 3 * 2
     rows = [json.loads(x) for x in good.read_text().splitlines()]
-    for field, value, match in [("q", "high", "field 'q' must be int or float"),
+    for field, value, match in [("q", "high", "field 'q' must be int or float"), ("group", "g0", "group"),
                                 ("schema_version", 2, "schema_version"),
                                 ("messages", [{"role": "bot", "content": "x"}], r"messages\[0\]"),
                                 ("tree_id", None, "field 'tree_id' must be str")]:
@@ -57,10 +57,10 @@ def test_reader_reports_file_record_and_field(tmp_path: Path) -> None:
         p.write_text("".join(json.dumps(r) + "\n" for r in bad))
         with pytest.raises(DataError, match=match) as err:
             read_qdata(p)
-        assert "bad.jsonl" in str(err.value) and "record 3" in str(err.value)
+        assert "bad.jsonl" in str(err.value) and "line 4" in str(err.value)
     del rows[5]["action"]
     (tmp_path / "missing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match="record 5.*missing field 'action'"):
+    with pytest.raises(DataError, match="line 6: missing field 'action'"):
         read_qdata(tmp_path / "missing.jsonl")
 
 

@@ -1,12 +1,11 @@
 """Q data for the QNet: reading ``qdata.jsonl``, the split by tree, sibling groups, ranking metrics.
 
-The record format is fixed by exploration (see :mod:`qlass.qnet_train`); every problem is reported
-with the file, the record (line) and the field.
+The record format is fixed by exploration (:func:`qlass.tree.qdata_records`; see also
+:mod:`qlass.qnet_train`); every problem is reported with the file, the line and the field.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,11 +15,7 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 
 from .errors import DataError
-from .jsonl import read_jsonl
 from .types import Message
-
-QDATA_SCHEMA_VERSION = 1
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -48,49 +43,17 @@ class Group:
     records: list[QRecord]
 
 
-def _field(rec: dict[str, Any], name: str, kind: type | tuple[type, ...], path: str, index: int) -> Any:
-    if name not in rec:
-        raise DataError(path, f"missing field {name!r}", index=index)
-    value = rec[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise DataError(path, f"field {name!r} must be {want}, got {type(value).__name__}", index=index)
-    return value
-
-
-def parse_qrecord(rec: dict[str, Any], path: str, index: int) -> QRecord:
-    """Validate one qdata record (index = 0-based line number among records)."""
-    version = _field(rec, "schema_version", int, path, index)
-    if version != QDATA_SCHEMA_VERSION:
-        raise DataError(path, f"field 'schema_version' is {version}; this qlass reads {QDATA_SCHEMA_VERSION}",
-                        index=index)
-    messages = _field(rec, "messages", list, path, index)
-    parsed = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(path, f"field 'messages[{k}]' must be {{'role': one of {ROLES}, 'content': str}}",
-                            index=index)
-        parsed.append(Message(m["role"], m["content"]))
-    if not parsed:
-        raise DataError(path, "field 'messages' is empty (the history must hold at least the task turn)", index=index)
-    q = float(_field(rec, "q", (int, float), path, index))
-    if not math.isfinite(q):
-        raise DataError(path, f"field 'q' must be finite, got {q}", index=index)
-    return QRecord(
-        tree_id=_field(rec, "tree_id", str, path, index), task=_field(rec, "task", str, path, index),
-        node_id=_field(rec, "node_id", int, path, index), parent_id=_field(rec, "parent_id", int, path, index),
-        group=_field(rec, "group", str, path, index), depth=_field(rec, "depth", int, path, index),
-        messages=tuple(parsed), action=_field(rec, "action", str, path, index), q=q)
-
-
 def read_qdata(path: str | Path) -> list[QRecord]:
-    """Every record of a qdata JSONL file, validated."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(str(p), "file not found")
-    records = [parse_qrecord(rec, str(p), i) for i, rec in enumerate(read_jsonl(p))]
+    """Every record of a qdata JSONL file, validated by :func:`qlass.tree.read_qdata` (errors name the
+    file, line and field), as typed records."""
+    from .tree import read_qdata as read_records
+
+    records = [QRecord(tree_id=r["tree_id"], task=r["task"], node_id=r["node_id"], parent_id=r["parent_id"],
+                       group=r["group"], depth=r["depth"],
+                       messages=tuple(Message(m["role"], m["content"]) for m in r["messages"]),
+                       action=r["action"], q=float(r["q"])) for r in read_records(path)]
     if not records:
-        raise DataError(str(p), "no records")
+        raise DataError(str(path), "no records")
     return records
 
 
