@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qlass.data import load_trajectories
 from qlass.errors import QlassError
 from qlass.policy.render import ensure_chat_template, render
-from qlass.sft import SFTConfig, encode_windows, prefix_length, train_sft
+from qlass.sft import SFTConfig, encode_windows, export_checkpoint, prefix_length, train_sft
 from qlass.types import Message
 
 INSTRUCTION = "You are an agent in a house. Answer with a Thought line and an Action line."
@@ -160,6 +160,8 @@ def test_resume_after_sigkill_reaches_the_same_weights(tiny_model_dir, tmp_path:
                           capture_output=True, text=True, check=False)
     assert proc.returncode == -9, proc.stderr
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    step4 = export_checkpoint(out, tiny_model_dir, tmp_path / "step4")  # a mid-training model, loadable
+    assert step4 == 4 and AutoModelForCausalLM.from_pretrained(tmp_path / "step4") is not None
     with (out / "metrics.jsonl").open("a") as fh:  # a step logged after the checkpoint, then lost
         fh.write(json.dumps({"step": 5, "epoch": 1, "train_loss": 99.0}) + "\n")
     train_sft(data, tiny_model_dir, out, SFTConfig(**opts))

@@ -26,6 +26,7 @@ turn is trained on once, and no turn is dropped; a conversation that fits is one
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import random
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .config import config_hash, option, save_config
+from .config import config_hash, load_config, option, save_config
 from .data import ACTION_LINE, load_trajectories
 from .errors import QlassError
 from .policy.hf import default_keep_prefix, load_causal_lm
@@ -46,7 +47,9 @@ from .policy.render import encode_conversation, truncate_history
 from .train_utils import (
     CHECKPOINT,
     epoch_batches,
+    latest_checkpoint,
     load_checkpoint,
+    load_trainable,
     log_metrics,
     optimizer_and_schedule,
     pad,
@@ -226,6 +229,47 @@ def _labelled(example: Example) -> int:
     return sum(1 for x in example[1][1:] if x != -100)
 
 
+def _build_model(model_dir: str | Path, cfg: SFTConfig) -> tuple[Any, Any]:
+    """The model to train (seeded; LoRA-wrapped when asked) and its tokenizer."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_causal_lm(model_dir)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    return model, tokenizer
+
+
+def _save_model(model: Any, tokenizer: Any, dest: Path, lora: bool) -> None:
+    """Save a plain HF causal-LM folder (LoRA adapters merged into the weights)."""
+    if lora:
+        model = model.merge_and_unload()
+    model.eval()
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Path) -> int:
+    """Write the latest checkpoint of the SFT run in ``run_dir`` (or a checkpoint folder holding its
+    ``sft_config.yaml``) as a plain HF causal-LM folder at ``dest``, e.g. to evaluate a run before
+    it ends; ``model_dir`` is the run's base model. Returns the checkpoint's step."""
+    run = Path(run_dir)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise QlassError(f"{run}: no SFT checkpoint here")
+    cfg_file = next((p for p in (run / "sft_config.yaml", ckpt / "sft_config.yaml") if p.exists()), None)
+    if cfg_file is None:
+        raise QlassError(f"{run}: no sft_config.yaml beside the checkpoint")
+    cfg = load_config(cfg_file, SFTConfig)
+    model, tokenizer = _build_model(model_dir, cfg)
+    step = load_trainable(ckpt, model)
+    dest = Path(dest)
+    _save_model(model, tokenizer, dest, cfg.lora)
+    (dest / "sft_checkpoint.json").write_text(json.dumps({"run": str(run.resolve()), "step": step}) + "\n")
+    return step
+
+
 def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: SFTConfig) -> Path:
     """Fine-tune the causal LM at ``model_dir`` on the trajectories in ``data``; returns ``out_dir``.
 
@@ -245,17 +289,11 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     trajectories = load_trajectories(data)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_causal_lm(model_dir)
+    model, tokenizer = _build_model(model_dir, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_idx, val_idx = split_indices(len(trajectories), cfg.val_fraction, cfg.seed)
     train = _encode_all(tokenizer, trajectories, train_idx, cfg.max_length, data)
     val = _encode_all(tokenizer, trajectories, val_idx, cfg.max_length, data)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     sched_plan = plan(len(train), cfg.batch_size, cfg.micro_batch, cfg.epochs, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -316,11 +354,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
                 log.info("epoch %d: validation loss %.4f", epoch + 1, val_loss)
                 log_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": val_loss})
             save_checkpoint(out, model, opt, sched, step, chash)
-    if cfg.lora:
-        model = model.merge_and_unload()
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    _save_model(model, tokenizer, out, cfg.lora)
     for leftover in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
         shutil.rmtree(out / leftover, ignore_errors=True)
     (out / DONE_MARK).write_text(f"sft {run_id}\n")

@@ -119,34 +119,50 @@ def save_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
     shutil.rmtree(old, ignore_errors=True)
 
 
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The complete checkpoint in ``out_dir`` (or ``out_dir`` itself if it is one), else ``None``."""
+    # ``.old`` is the complete one when a process died between the two renames of save_checkpoint
+    for ckpt in (out_dir, out_dir / CHECKPOINT, out_dir / (CHECKPOINT + ".old")):
+        if (ckpt / "state.json").exists() and (ckpt / "trainable.safetensors").exists():
+            return ckpt
+    return None
+
+
+def load_trainable(ckpt: Path, model: torch.nn.Module) -> int:
+    """Copy a checkpoint's trainable weights into ``model``; returns the checkpoint's step."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise QlassError(f"{ckpt}: weights {', '.join(unknown[:3])} are not in the model; was it made from another "
+                         "base model or with other LoRA settings?")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    return int(json.loads((ckpt / "state.json").read_text())["step"])
+
+
 def load_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
                     cfg_hash: str) -> int:
     """Restore the state saved in ``out_dir``; returns the step to continue from (0 if none)."""
-    from safetensors.torch import load_file
-
-    ckpt = out_dir / CHECKPOINT
-    if not (ckpt / "state.json").exists():
-        # killed between the two renames of save_checkpoint: the previous checkpoint is complete
-        ckpt = out_dir / (CHECKPOINT + ".old")
-        if not (ckpt / "state.json").exists():
-            return 0
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return 0
     state = json.loads((ckpt / "state.json").read_text())
     if state["config_hash"] != cfg_hash:
         raise QlassError(f"{ckpt}: checkpoint was made with a different config; use a new output folder "
                          "or delete the checkpoint to start over")
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    step = load_trainable(ckpt, model)
     extra = torch.load(ckpt / "optimizer.pt", weights_only=False)
     opt.load_state_dict(extra["optimizer"])
     sched.load_state_dict(extra["scheduler"])
     if "torch_rng" in extra:
         torch.set_rng_state(extra["torch_rng"])
         random.setstate(extra["python_rng"])
-    log.info("resuming from %s at step %d", ckpt, state["step"])
-    return int(state["step"])
+    log.info("resuming from %s at step %d", ckpt, step)
+    return step
 
 
 def progress_bar(description: str) -> Progress:

@@ -33,3 +33,17 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config, SFTConfig, parse_kv(set_, "--set"))
         base = default_model_dir() if model == "default" else Path(model)
         typer.echo(str(train_sft(data, base, out, cfg)))
+
+    @app.command("sft-export")
+    def sft_export(
+        run: Path = typer.Argument(..., help="An SFT output folder (or a copy of its checkpoint folder with sft_config.yaml)."),
+        dest: Path = typer.Argument(..., help="Where to write the HF causal-LM folder."),
+        model: str = typer.Option("default", help="The run's base causal-LM folder, or 'default'."),
+    ) -> None:
+        """Write the latest checkpoint of an SFT run as a plain HF model folder (to evaluate it mid-training)."""
+        from ..models import default_model_dir
+        from ..sft import export_checkpoint
+
+        base = default_model_dir() if model == "default" else Path(model)
+        step = export_checkpoint(run, base, dest)
+        typer.echo(f"{dest} (step {step})")
