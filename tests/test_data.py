@@ -95,6 +95,10 @@ def test_duplicate_ids_bad_reward_and_missing_fields(tmp_path: Path) -> None:
     assert "record 2: field 'conversations': missing or not a non-empty list" in text
     with pytest.raises(DataError, match="2 invalid record"):
         load_trajectories(path)
+    result = qlass_cli("data", "validate", str(path))
+    assert result.returncode == 1
+    assert "many.jsonl, record 1 (id 't0'): field 'id': duplicate of record 0" in result.stderr
+    assert "many.jsonl, record 1 (id 't0'): field 'reward': 1.5 is not a number in [0, 1]" in result.stderr
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -22,6 +22,10 @@ def test_expert_command_writes_ten_trajectories_that_replay_to_one(tmp_path: Pat
          "--task-types", "find-plant,find-animal", "--per-task", "5", "--out", str(out)],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert "wrote 10 verified expert trajectories" in result.stdout
+    assert not (tmp_path / ".expert.json.progress.jsonl").exists()
+    check = subprocess.run([sys.executable, "-m", "qlass", "data", "validate", str(out)], capture_output=True, text=True)
+    assert check.returncode == 0 and "10 records, 10 valid, 0 invalid" in check.stdout, check.stderr
     trajs = load_trajectories(out)
     assert len(trajs) == 10
     assert sorted({t.id.split("/")[1] for t in trajs}) == ["find-animal", "find-plant"]
@@ -47,3 +51,30 @@ def test_too_long_experts_are_excluded_and_reported() -> None:
     assert result.trajectories == []
     assert set(result.excluded) == {t.id for t in tasks}
     assert all("> max 5" in why for why in result.excluded.values())
+
+
+def test_step_limit_exclusion_names_the_fix() -> None:
+    env = make_env("sciworld", step_limit=5)
+    try:
+        result = export_expert(env, env.tasks("train", ["find-plant"])[:1])
+    finally:
+        env.close()
+    (why,) = result.excluded.values()
+    assert "step limit 5" in why and "step_limit" in why
+
+
+def test_export_resumes_from_its_progress_file(tmp_path: Path) -> None:
+    progress = tmp_path / "progress.jsonl"
+    env = make_env("sciworld", step_limit=100)
+    try:
+        tasks = env.tasks("train", ["lifespan-longest-lived"])[:3]
+        first = export_expert(env, tasks[:2], max_steps=20, progress_file=progress)
+        with open(progress, "a") as fh:
+            fh.write('{"task": "torn')  # an append cut short by a crash
+        again = export_expert(env, tasks, max_steps=20, progress_file=progress)
+    finally:
+        env.close()
+    lines = progress.read_text().splitlines()
+    assert len(lines) == 3  # the two finished tasks were reused, not redone; the torn line was cut
+    assert [t.id for t in again.trajectories] == [t.id for t in tasks]
+    assert again.trajectories[:2] == first.trajectories

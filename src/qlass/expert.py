@@ -4,18 +4,25 @@ For every task, ``env.expert(task)`` gives ``Thought: ...\\nAction: ...`` output
 through the same episode loop the agent uses (:mod:`qlass.agent`), so the conversation layout is
 exactly what the policy sees later. A trajectory is kept only if its replay reaches reward 1.0;
 the others are excluded and reported (count and ids), never silently dropped.
+
+Long exports can keep a progress file (JSON Lines, one finished task per line): a rerun after a
+crash reuses the tasks recorded there and verifies only the rest.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.progress import Progress
 
 from .agent import apply_output, finish, start_messages
+from .data import record_to_trajectory, trajectory_to_record
 from .envs.base import Env
+from .jsonl import append_jsonl, read_jsonl
 from .types import Completion, Step, Task, Trajectory
 
 log = logging.getLogger(__name__)
@@ -40,36 +47,71 @@ def replay_expert(env: Env, task: Task, outputs: Sequence[str]) -> Trajectory:
     return finish(task, messages, steps, source="expert")
 
 
+def verify_expert(env: Env, task: Task, max_steps: int | None = None) -> tuple[Trajectory | None, str]:
+    """The verified expert trajectory of ``task``, or ``None`` and the reason it was excluded."""
+    outputs = env.expert(task)
+    if not outputs:
+        return None, "no expert trajectory"
+    if max_steps is not None and len(outputs) > max_steps:
+        return None, f"expert needs {len(outputs)} steps > max {max_steps}"
+    limit = getattr(env, "step_limit", None)
+    if isinstance(limit, int) and len(outputs) > limit:
+        return None, f"expert needs {len(outputs)} steps > the env's step limit {limit} (raise step_limit)"
+    traj = replay_expert(env, task, outputs)
+    if not traj.success:
+        return None, f"replay ended with reward {traj.reward:.2f} after {len(traj.steps)} steps"
+    return traj, ""
+
+
+def _load_progress(path: Path | None, max_steps: int | None) -> dict[str, dict[str, Any]]:
+    """Finished tasks recorded in ``path`` under the same ``max_steps`` (others are redone)."""
+    if path is None:
+        return {}
+    done = {rec["task"]: rec for rec in read_jsonl(path, repair_tail=True) if rec.get("max_steps") == max_steps}
+    if done:
+        log.info("resuming expert export: %d tasks already done in %s", len(done), path)
+    return done
+
+
 def export_expert(
     env: Env,
     tasks: Sequence[Task],
     per_task_type: int | None = None,
     max_steps: int | None = None,
+    *,
+    progress_file: str | Path | None = None,
 ) -> ExpertExport:
     """Verified expert trajectories for ``tasks``: at most ``per_task_type`` per task type (taking
-    tasks in order, skipping excluded ones), each at most ``max_steps`` actions long."""
+    tasks in order, skipping excluded ones), each at most ``max_steps`` actions long.
+
+    With ``progress_file``, every finished task is appended there and reused by a later call.
+    """
+    path = Path(progress_file) if progress_file is not None else None
+    done = _load_progress(path, max_steps)
     out = ExpertExport()
     kept: dict[str, int] = {}
-    with Progress(transient=True) as progress:
-        bar = progress.add_task("expert replay", total=len(tasks))
+    with Progress(transient=True) as bar:
+        job = bar.add_task("expert replay", total=len(tasks))
         for task in tasks:
-            progress.advance(bar)
+            bar.advance(job)
             if per_task_type is not None and kept.get(task.task_type, 0) >= per_task_type:
                 continue
-            outputs = env.expert(task)
-            if not outputs:
-                out.excluded[task.id] = "no expert trajectory"
-                continue
-            if max_steps is not None and len(outputs) > max_steps:
-                out.excluded[task.id] = f"expert needs {len(outputs)} steps > max {max_steps}"
-                continue
-            traj = replay_expert(env, task, outputs)
-            if not traj.success:
-                out.excluded[task.id] = f"replay ended with reward {traj.reward:.2f} after {len(traj.steps)} steps"
+            if task.id in done:
+                rec = done[task.id]
+                traj = record_to_trajectory(rec["trajectory"]) if rec.get("trajectory") else None
+                why = rec.get("excluded", "")
+            else:
+                traj, why = verify_expert(env, task, max_steps)
+                if path is not None:
+                    append_jsonl(path, {"task": task.id, "max_steps": max_steps, "excluded": why,
+                                        "trajectory": trajectory_to_record(traj) if traj else None})
+            if traj is None:
+                out.excluded[task.id] = why
                 continue
             out.trajectories.append(traj)
             kept[task.task_type] = kept.get(task.task_type, 0) + 1
-    short = [t for t, n in kept.items() if per_task_type is not None and n < per_task_type]
+    types = dict.fromkeys(t.task_type for t in tasks)
+    short = [t for t in types if per_task_type is not None and kept.get(t, 0) < per_task_type]
     if short:
         log.warning("fewer than %d verified trajectories for task type(s): %s", per_task_type, ", ".join(short))
     return out

@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types (default: all)."),
         per_task: Optional[int] = typer.Option(None, help="At most this many trajectories per task type."),
         max_steps: Optional[int] = typer.Option(None, help="Skip expert trajectories longer than this."),
-        env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
+        env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable), "
+                                          "e.g. step_limit=100 for long expert paths."),
     ) -> None:
         """Export expert trajectories, each verified by replay to reach reward 1.0."""
         from ..data import save_trajectories
@@ -46,13 +47,16 @@ def register(app: typer.Typer) -> None:
         from ..expert import export_expert
         from .evaluate import parse_kv
 
+        progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
         environment = make_env(env, **parse_kv(env_arg, "--env-arg"))
         try:
             tasks = environment.tasks(split, task_types.split(",") if task_types else None)
-            result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps)
+            result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps,
+                                   progress_file=progress)
         finally:
             environment.close()
         save_trajectories(out, result.trajectories)
+        progress.unlink(missing_ok=True)
         for task_id, why in result.excluded.items():
             log.warning("excluded %s: %s", task_id, why)
         typer.echo(f"wrote {len(result.trajectories)} verified expert trajectories to {out}; "

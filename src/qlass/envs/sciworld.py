@@ -2,9 +2,17 @@
 
 The stock ``scienceworld.ScienceWorldEnv.step`` lists every valid action after each step (over 95%
 of its 40–270 ms); this environment calls only what an agent needs — ``step``, ``getScore``,
-``getCompleted`` — so a step costs the simulator's own ~4 ms. All instances in a process share one
-JVM (:class:`SciWorldJVM`, bounded heap); each holds its own simulator object inside it, so the
-explorer can keep many positioned instances cheaply.
+``getCompleted`` — so a step costs the simulator's own few milliseconds. All instances in a process
+share one JVM (:class:`SciWorldJVM`, bounded heap); each holds its own simulator object inside it,
+so the explorer can keep many positioned instances cheaply.
+
+Determinism (replay-based branching depends on it): the stock simulator is not reproducible — it
+iterates hash sets keyed by identity hash codes (object listings, disambiguation menus, the order
+processes touch objects, and so gold paths, change from one load to the next) and its animals move
+with the JVM-wide unseeded ``scala.util.Random``. So the JVM runs with constant identity hash codes
+(``-XX:hashCode=2``: hash collections then keep insertion order) and the shared random generator
+is re-seeded from the task id and step index before every load and step. The same task and
+actions then give the same observations and rewards, whatever else ran in the JVM before.
 
 Splits: ``train``/``seen``/``unseen`` are ScienceWorld's train/dev/test variations of all 30 task
 types, loaded with the ``easy`` simplification as in ETO's setup. Task ids are
@@ -18,8 +26,10 @@ import json
 import logging
 import os
 import threading
+import zlib
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, ClassVar
 
 from ..errors import QlassError, require
 from ..jsonl import write_text_atomic
@@ -32,89 +42,21 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "seen", "unseen")
 _SPLIT_METHODS = {"train": "getVariationsTrain", "seen": "getVariationsDev", "unseen": "getVariationsTest"}
-
-
-def canonical_listing(text: str) -> str:
-    """Sort the tab-indented object listings of an observation (nested items move with their parent).
-
-    The simulator lists identical-looking objects in an order that changes from one load to the
-    next; sorting sibling lines makes the same state always read the same, which replay-based
-    branching and reproducible runs rely on. Unindented lines keep their order.
-    """
-    lines = text.split("\n")
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        if not lines[i].startswith("\t"):
-            out.append(lines[i])
-            i += 1
-            continue
-        j = i
-        while j < len(lines) and lines[j].startswith("\t"):
-            j += 1
-        out.extend(_sorted_block(lines[i:j], 1))
-        i = j
-    return "\n".join(out)
-
-
-def _split_top(text: str) -> list[str]:
-    """Split at commas outside parentheses."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
-    return parts
-
-
-def _sort_inline(text: str) -> str:
-    """Sort comma-separated contents in ``(containing ...)`` and after ``... is: `` up to the end."""
-    out, i = [], 0
-    while i < len(text):
-        if text.startswith("(containing ", i):
-            depth, j = 0, i
-            while j < len(text):
-                depth += text[j] == "("
-                depth -= text[j] == ")"
-                if depth == 0:
-                    break
-                j += 1
-            inner = text[i + len("(containing "):j]
-            out.append("(containing " + ", ".join(sorted(_sort_inline(p) for p in _split_top(inner))) + ")")
-            i = j + 1
-        elif text.startswith(" is: ", i):
-            rest = text[i + len(" is: "):]
-            end = "." if rest.endswith(".") else ""
-            body = rest[: len(rest) - len(end)]
-            out.append(" is: " + ", ".join(sorted(_sort_inline(p) for p in _split_top(body))) + end)
-            break
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def _sorted_block(lines: list[str], depth: int) -> list[str]:
-    """Sort the items at indentation ``depth`` of a block, each with its deeper lines."""
-    items: list[list[str]] = []
-    for line in lines:
-        if items and line.startswith("\t" * (depth + 1)):
-            items[-1].append(line)
-        else:
-            items.append([line])
-    items = [[_sort_inline(item[0])] + item[1:] for item in items]
-    rendered = [[item[0]] + _sorted_block(item[1:], depth + 1) if len(item) > 1 else item for item in items]
-    return [line for item in sorted(rendered, key=lambda it: "\n".join(it)) for line in item]
+# Constant identity hash codes make the simulator's hash-set iteration order reproducible.
+JVM_OPTIONS = ("-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
+_META_COMMANDS = {"help", "objects", "task"}
+_UNKNOWN_ACTION = "Unknown action.  Type 'help' for a list of actions, and 'objects' for a list of possible object referents."
 
 
 class SciWorldJVM:
-    """One ScienceWorld JVM hosting any number of independent simulator instances."""
+    """One ScienceWorld JVM hosting any number of independent simulator instances.
 
-    _per_process: dict[int, "SciWorldJVM"] = {}
-    _lock = threading.Lock()
+    ``lock`` serialises "seed the shared random generator, then load/step" pairs, so instances
+    used from several threads stay reproducible.
+    """
+
+    _per_process: ClassVar[dict[int, SciWorldJVM]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, heap: str = "512m") -> None:
         require("scienceworld", "sciworld")
@@ -123,14 +65,21 @@ class SciWorldJVM:
 
         try:
             port, proc = launch_gateway(classpath=JAR_PATH, die_on_exit=True, cwd=BASEPATH,
-                                        javaopts=[f"-Xmx{heap}"], return_proc=True)
+                                        javaopts=[f"-Xmx{heap}", *JVM_OPTIONS], return_proc=True)
         except OSError as exc:
             raise QlassError(f"cannot start Java for ScienceWorld ({exc}); install Java 17 (scripts/setup.sh does)") from None
         self.gateway = JavaGateway(gateway_parameters=GatewayParameters(auto_field=True, port=port), java_process=proc)
         self.heap = heap
+        self.lock = threading.RLock()
+        jvm = self.gateway.jvm
+        if jvm.java.lang.System.identityHashCode(jvm.java.lang.Object()) != 1:
+            self.gateway.shutdown()
+            raise QlassError("this Java ignores -XX:hashCode=2, so ScienceWorld would not replay "
+                             "deterministically; use OpenJDK (HotSpot) 17, as scripts/setup.sh installs")
+        self._random = getattr(getattr(jvm.scala.util, "Random$"), "MODULE$")
 
     @classmethod
-    def shared(cls, heap: str = "512m") -> "SciWorldJVM":
+    def shared(cls, heap: str = "512m") -> SciWorldJVM:
         """The JVM of this process, started on first use."""
         with cls._lock:
             jvm = cls._per_process.get(os.getpid())
@@ -141,6 +90,10 @@ class SciWorldJVM:
     def new_simulator(self) -> Any:
         """A fresh, independent simulator object inside this JVM."""
         return self.gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
+
+    def seed(self, key: str) -> None:
+        """Seed the JVM-wide random generator from ``key``; call while holding ``lock``."""
+        self._random.setSeed(zlib.crc32(key.encode("utf-8")))
 
     def close(self) -> None:
         """Stop the JVM (every simulator in it becomes unusable)."""
@@ -159,10 +112,11 @@ def _split_index(jvm: SciWorldJVM) -> dict[str, dict[str, list[int]]]:
         return json.loads(path.read_text())
     sim = jvm.new_simulator()
     index: dict[str, dict[str, list[int]]] = {s: {} for s in SPLITS}
-    for name in sim.getTaskNames():
-        sim.load(name, 0, "easy", False)
-        for split, method in _SPLIT_METHODS.items():
-            index[split][str(name)] = [int(v) for v in getattr(sim, method)()]
+    with jvm.lock:  # loading reseeds the shared generator
+        for name in sim.getTaskNames():
+            sim.load(name, 0, "easy", False)
+            for split, method in _SPLIT_METHODS.items():
+                index[split][str(name)] = [int(v) for v in getattr(sim, method)()]
     write_text_atomic(path, json.dumps(index))
     return index
 
@@ -181,10 +135,9 @@ class ScienceWorldEnv:
         self._jvm = jvm or SciWorldJVM.shared(heap)
         self._sim = self._jvm.new_simulator()
         self._index = _split_index(self._jvm)
-        self._loaded: tuple[str, int] | None = None
-        self._steps = 0
-        self._done = True
-        self._score = 0.0
+        self._agent: Any = None
+        self._task_id: str | None = None
+        self._steps, self._done, self._score, self._raw, self._completed = 0, True, 0.0, 0, False
 
     # -- tasks -----------------------------------------------------------------------------
     def splits(self) -> dict[str, int]:
@@ -226,44 +179,60 @@ class ScienceWorldEnv:
 
     # -- episodes --------------------------------------------------------------------------
     def _load(self, task: Task, gold: bool = False) -> None:
-        key = (task.meta["task_name"], int(task.meta["variation"]))
-        self._sim.load(key[0], key[1], self.simplification, gold)
-        self._loaded = key
+        with self._jvm.lock:  # the simulator seeds the shared generator itself while loading
+            error = self._sim.load(task.meta["task_name"], int(task.meta["variation"]), self.simplification, gold)
+        if error:
+            raise QlassError(f"sciworld: cannot load {task.id!r}: {error}")
+        self._task_id = task.id
+        self._agent = self._sim.agentInterface().get()
 
     def reset(self, task: Task) -> str:
         if task.env != self.name:
             raise QlassError(f"sciworld: cannot play task {task.id!r} of env {task.env!r}")
         self._load(task)
-        self._steps, self._done, self._score = 0, False, 0.0
+        self._steps, self._done, self._score, self._raw = 0, False, 0.0, 0
         desc = str(self._sim.getTaskDescription())
-        look = canonical_listing(str(self._sim.freeActionLook()).strip())
+        look = str(self._sim.freeActionLook()).strip()
         return f"{desc}\n{look}"
 
+    def _simulate(self, action: str) -> str:
+        """One simulator step; updates ``_raw`` (score 0–100, −100 on failure) and ``_completed``.
+
+        Calls the simulator's agent interface directly: the stock wrapper's ``step`` also renders a
+        look, the inventory and every possible referent on each step for its own logging.
+        """
+        if action.strip().lower() in _META_COMMANDS:  # answered by the wrapper, no time passes
+            return str(self._sim.step(action)).strip()
+        with self._jvm.lock:
+            self._jvm.seed(f"{self._task_id}:{self._steps}")
+            result = self._agent.step(action)
+        self._raw = round(float(result._2()) * 100)
+        self._completed = bool(result._3())
+        return str(result._1()).strip() or _UNKNOWN_ACTION
+
     def step(self, output: str) -> StepResult:
-        if self._loaded is None:
+        if self._task_id is None:
             raise QlassError("sciworld: step() before reset()")
         if self._done:
-            return StepResult("The episode is over.", self._score, True, {"steps": self._steps, "score": self._score * 100})
+            return StepResult("The episode is over.", self._score, True, {"steps": self._steps, "score": self._raw})
         self._steps += 1
+        self._completed = False
         action = parse_action(output)
-        if action is None:
-            observation = FORMAT_HINT
-        else:
-            observation = canonical_listing(str(self._sim.step(action)).strip())
-        raw = float(self._sim.getScore()) * 100
-        failed = raw < 0
-        self._score = 0.0 if failed else min(max(raw / 100.0, 0.0), 1.0)
-        self._done = failed or bool(self._sim.getCompleted()) or self._steps >= self.step_limit
+        observation = FORMAT_HINT if action is None else self._simulate(action)
+        failed = self._raw < 0
+        self._score = 0.0 if failed else min(max(self._raw / 100.0, 0.0), 1.0)
+        self._done = failed or self._completed or self._steps >= self.step_limit
         return StepResult(observation, self._score, self._done,
-                          {"steps": self._steps, "score": round(raw), "action": action, "failed": failed})
+                          {"steps": self._steps, "score": self._raw, "action": action, "failed": failed})
 
     def expert(self, task: Task) -> list[str]:
         """ScienceWorld's gold action sequence, each action with a short templated thought."""
         self._load(task, gold=True)
         actions = [str(a) for a in self._sim.getGoldActionSequence()]
-        self._loaded = None
+        self._task_id, self._agent = None, None
         return [f"Thought: {expert_thought(a)}\nAction: {a}" for a in actions]
 
     def close(self) -> None:
-        self._sim = None
-        self._loaded = None
+        """Drop this instance's simulator; the shared JVM and other instances stay up."""
+        self._sim = self._agent = None
+        self._task_id = None
