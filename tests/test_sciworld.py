@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qlass.envs.base import FORMAT_HINT, make_env
+from qlass.envs.base import FORMAT_HINT, make_env, parse_action
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.errors import QlassError
 
@@ -37,6 +37,16 @@ def test_splits_and_task_ids(env: ScienceWorldEnv) -> None:
         env.tasks("seen", ["find-unicorn"])
     with pytest.raises(QlassError, match="unknown split"):
         env.tasks("dev")
+
+
+def test_prompt_is_instruction_then_a_complete_one_shot_episode(env: ScienceWorldEnv) -> None:
+    msgs = env.prompt()
+    assert [m.role for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+    assert "Thought:" in msgs[0].content and "focus on OBJ" in msgs[0].content and msgs[1].content == "OK"
+    assert msgs[2].content.startswith("Your task is to")
+    agent_turns = [m.content for m in msgs[3::2]]
+    assert agent_turns and all(parse_action(t) for t in agent_turns)
+    assert all(m.content.startswith("Observation: ") for m in msgs[4::2])
 
 
 def test_reset_step_parse_and_format_feedback(env: ScienceWorldEnv) -> None:
