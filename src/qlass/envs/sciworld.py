@@ -8,11 +8,15 @@ so the explorer can keep many positioned instances cheaply.
 
 Determinism (replay-based branching depends on it): the stock simulator is not reproducible — it
 iterates hash sets keyed by identity hash codes (object listings, disambiguation menus, the order
-processes touch objects, and so gold paths, change from one load to the next) and its animals move
-with the JVM-wide unseeded ``scala.util.Random``. So the JVM runs with constant identity hash codes
-(``-XX:hashCode=2``: hash collections then keep insertion order) and the shared random generator
-is re-seeded from the task id and step index before every load and step. The same task and
-actions then give the same observations and rewards, whatever else ran in the JVM before.
+processes touch objects, and so temperatures, circuits, plants and gold paths, change from one load
+to the next); its animals move with the JVM-wide unseeded ``scala.util.Random``; and it numbers
+objects from one JVM-wide counter that every load resets, while comparing objects by that number
+(so an instance stepping after another one's load creates objects equal to its own live ones).
+So the JVM runs with constant identity hash codes (``-XX:hashCode=2``: hash collections then keep
+insertion order, at about 2x the simulator's own cost), the shared random generator is re-seeded
+from the task id and step index before every step, and each instance keeps its own value of the
+object counter. The same task and actions then give the same observations and rewards, whatever
+else ran in the JVM before or in between.
 
 Splits: ``train``/``seen``/``unseen`` are ScienceWorld's train/dev/test variations of all 30 task
 types, loaded with the ``easy`` simplification as in ETO's setup. Task ids are
@@ -51,8 +55,8 @@ _UNKNOWN_ACTION = "Unknown action.  Type 'help' for a list of actions, and 'obje
 class SciWorldJVM:
     """One ScienceWorld JVM hosting any number of independent simulator instances.
 
-    ``lock`` serialises "seed the shared random generator, then load/step" pairs, so instances
-    used from several threads stay reproducible.
+    Simulators share JVM-wide state (the random generator, the object-id counter): hold ``lock``
+    around :meth:`enter` and the load or step that follows it.
     """
 
     _per_process: ClassVar[dict[int, SciWorldJVM]] = {}
@@ -77,6 +81,9 @@ class SciWorldJVM:
             raise QlassError("this Java ignores -XX:hashCode=2, so ScienceWorld would not replay "
                              "deterministically; use OpenJDK (HotSpot) 17, as scripts/setup.sh installs")
         self._random = getattr(getattr(jvm.scala.util, "Random$"), "MODULE$")
+        self._ids = jvm.util.UniqueIdentifier
+        self._owner: int | None = None  # id() of the instance whose object counter is live
+        self._counters: dict[int, int] = {}
 
     @classmethod
     def shared(cls, heap: str = "512m") -> SciWorldJVM:
@@ -91,9 +98,24 @@ class SciWorldJVM:
         """A fresh, independent simulator object inside this JVM."""
         return self.gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
 
-    def seed(self, key: str) -> None:
-        """Seed the JVM-wide random generator from ``key``; call while holding ``lock``."""
-        self._random.setSeed(zlib.crc32(key.encode("utf-8")))
+    def enter(self, owner: object, seed: str | None = None) -> None:
+        """Give ``owner`` the JVM-wide state before it loads or steps (call holding ``lock``):
+        its own object-id counter, and the random generator seeded from ``seed`` if given."""
+        key = id(owner)
+        if self._owner != key:
+            if self._owner is not None:
+                self._counters[self._owner] = int(self._ids.count())
+            if key in self._counters:
+                getattr(self._ids, "count_$eq")(self._counters[key])
+            self._owner = key
+        if seed is not None:
+            self._random.setSeed(zlib.crc32(seed.encode("utf-8")))
+
+    def leave(self, owner: object) -> None:
+        """Forget ``owner``'s saved state (it was closed)."""
+        self._counters.pop(id(owner), None)
+        if self._owner == id(owner):
+            self._owner = None
 
     def close(self) -> None:
         """Stop the JVM (every simulator in it becomes unusable)."""
@@ -112,11 +134,13 @@ def _split_index(jvm: SciWorldJVM) -> dict[str, dict[str, list[int]]]:
         return json.loads(path.read_text())
     sim = jvm.new_simulator()
     index: dict[str, dict[str, list[int]]] = {s: {} for s in SPLITS}
-    with jvm.lock:  # loading reseeds the shared generator
+    with jvm.lock:  # loading reseeds the shared generator and resets the object counter
+        jvm.enter(sim)
         for name in sim.getTaskNames():
             sim.load(name, 0, "easy", False)
             for split, method in _SPLIT_METHODS.items():
                 index[split][str(name)] = [int(v) for v in getattr(sim, method)()]
+        jvm.leave(sim)
     write_text_atomic(path, json.dumps(index))
     return index
 
@@ -179,7 +203,8 @@ class ScienceWorldEnv:
 
     # -- episodes --------------------------------------------------------------------------
     def _load(self, task: Task, gold: bool = False) -> None:
-        with self._jvm.lock:  # the simulator seeds the shared generator itself while loading
+        with self._jvm.lock:  # loading seeds the generator and resets the object counter itself
+            self._jvm.enter(self)
             error = self._sim.load(task.meta["task_name"], int(task.meta["variation"]), self.simplification, gold)
         if error:
             raise QlassError(f"sciworld: cannot load {task.id!r}: {error}")
@@ -204,7 +229,7 @@ class ScienceWorldEnv:
         if action.strip().lower() in _META_COMMANDS:  # answered by the wrapper, no time passes
             return str(self._sim.step(action)).strip()
         with self._jvm.lock:
-            self._jvm.seed(f"{self._task_id}:{self._steps}")
+            self._jvm.enter(self, seed=f"{self._task_id}:{self._steps}")
             result = self._agent.step(action)
         self._raw = round(float(result._2()) * 100)
         self._completed = bool(result._3())
@@ -234,5 +259,7 @@ class ScienceWorldEnv:
 
     def close(self) -> None:
         """Drop this instance's simulator; the shared JVM and other instances stay up."""
+        with self._jvm.lock:
+            self._jvm.leave(self)
         self._sim = self._agent = None
         self._task_id = None
