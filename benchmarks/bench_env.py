@@ -11,6 +11,11 @@ The stock env is timed twice: as shipped, and in a JVM started with this project
 itself about 2x slower), so the second ratio isolates what the direct step path saves. Usage::
 
     python benchmarks/bench_env.py [--task-types find-plant,boil] [--per-type 3] [--repeats 2]
+                                   [--other-envs alfworld,webshop] [--other-episodes 5]
+
+``--other-envs`` also times ALFWorld and WebShop (expert episodes of their train split: steps/s and
+reset ms); they have no stock step path to compare with. WebShop reads ``$WEBSHOP_DATA`` (default:
+the repository's ``../shared/data/webshop``).
 """
 
 from __future__ import annotations
@@ -80,6 +85,35 @@ def stock_reset(env) -> Callable[[Task], object]:
     return reset
 
 
+def time_other_env(name: str, episodes: int) -> dict[str, float]:
+    """Steps/s and reset time of ``name`` replaying its first ``episodes`` train experts."""
+    from qlass.envs.base import make_env
+
+    kwargs: dict = {}
+    if name == "webshop":
+        default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "webshop"
+        kwargs["data_dir"] = os.environ.get("WEBSHOP_DATA", str(default))
+    env = make_env(name, **kwargs)
+    try:
+        tasks = env.tasks("train")[:episodes]
+        plays = [(t, env.expert(t)) for t in tasks]
+        reset_s = step_s = 0.0
+        steps = 0
+        for task, outputs in plays:
+            start = time.perf_counter()
+            env.reset(task)
+            reset_s += time.perf_counter() - start
+            start = time.perf_counter()
+            for out in outputs:
+                env.step(out)
+            step_s += time.perf_counter() - start
+            steps += len(outputs)
+    finally:
+        env.close()
+    return {"episodes": len(plays), "steps": steps, "steps_per_s": steps / max(step_s, 1e-9),
+            "reset_ms": 1000 * reset_s / max(len(plays), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task-types", default="find-plant,find-animal,lifespan-longest-lived,"
@@ -87,6 +121,8 @@ def main() -> None:
     ap.add_argument("--per-type", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="Passes over the episodes; the best is kept.")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_env.json"))
+    ap.add_argument("--other-envs", default="alfworld,webshop", help="Also time these envs ('' for none).")
+    ap.add_argument("--other-episodes", type=int, default=5)
     args = ap.parse_args()
 
     ours = ScienceWorldEnv(step_limit=1000)
@@ -134,6 +170,12 @@ def main() -> None:
               f"{report[f'ratio_episode_steps_per_s_wall_vs_{base}']:.1f}x wall, "
               f"{report[f'ratio_episode_steps_per_s_cpu_vs_{base}']:.1f}x CPU")
     print("target: step() >= 10x the stock path")
+    for name in [n for n in args.other_envs.split(",") if n]:
+        m = time_other_env(name, args.other_episodes)
+        report[name] = m
+        print(f"{name:22s} {m['steps_per_s']:15.1f} steps/s over {m['steps']} expert steps, "
+              f"reset {m['reset_ms']:.1f} ms ({m['episodes']} episodes)")
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
