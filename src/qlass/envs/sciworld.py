@@ -32,7 +32,6 @@ import os
 import threading
 import zlib
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any, ClassVar
 
 from ..errors import QlassError, require
@@ -40,6 +39,7 @@ from ..jsonl import write_text_atomic
 from ..models import cache_dir
 from ..types import Message, StepResult, Task
 from .base import FORMAT_HINT, parse_action
+from .prompt_file import load_prompt
 from .sciworld_thoughts import expert_thought
 
 log = logging.getLogger(__name__)
@@ -193,13 +193,7 @@ class ScienceWorldEnv:
         raise QlassError(f"sciworld: no task {task_id!r}")
 
     def prompt(self) -> list[Message]:
-        text = resources.files("qlass.envs.prompts").joinpath("sciworld.txt").read_text(encoding="utf-8")
-        instruction, _, example = text.partition("\n=== EXAMPLE ===\n")
-        msgs = [Message("user", instruction.strip()), Message("assistant", "OK")]
-        turns = [t.strip() for t in example.split("\n---\n") if t.strip()]
-        for i, turn in enumerate(turns):
-            msgs.append(Message("user" if i % 2 == 0 else "assistant", turn))
-        return msgs
+        return load_prompt("sciworld")
 
     # -- episodes --------------------------------------------------------------------------
     def _load(self, task: Task, gold: bool = False) -> None:

@@ -27,13 +27,13 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..errors import QlassError
 from ..types import Message, StepResult, Task
 from .base import FORMAT_HINT, parse_action
+from .prompt_file import load_prompt
 from .webshop_catalog import (
     ATTRIBUTE_NAMES,
     ORIGINAL_NAMES,
@@ -189,13 +189,7 @@ class WebShopEnv:
         return self.shop.goals[self.task(task.id).meta["index"]]
 
     def prompt(self) -> list[Message]:
-        text = resources.files("qlass.envs.prompts").joinpath("webshop.txt").read_text(encoding="utf-8")
-        instruction, _, example = text.partition("\n=== EXAMPLE ===\n")
-        msgs = [Message("user", instruction.strip()), Message("assistant", "OK")]
-        turns = [t.strip() for t in example.split("\n---\n") if t.strip()]
-        for i, turn in enumerate(turns):
-            msgs.append(Message("user" if i % 2 == 0 else "assistant", turn))
-        return msgs
+        return load_prompt("webshop")
 
     # -- episodes --------------------------------------------------------------------------
     def reset(self, task: Task) -> str:
