@@ -13,7 +13,7 @@ turns):
 Prints a table with ratios and writes a JSON report. Targets: shared prefill >= 2x at M = 4;
 turn-15 latency within 1.5x of turn 1 with reuse. Usage::
 
-    python benchmarks/bench_policy.py [--threads 1] [--autocast] [--max-new-tokens 24] [--repeats 2]
+    python benchmarks/bench_policy.py [--threads 1] [--autocast] [--max-new-tokens 24] [--repeats 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def main() -> None:
                          "cores make every batched op wait for descheduled threads)")
     ap.add_argument("--repeats", type=int, default=2, help="repeats of the M-candidate timings (best kept)")
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast")
+    ap.add_argument("--device", default="auto", help="torch device (auto: a CUDA GPU when visible, else cpu)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--ms", default="2,4,8")
     ap.add_argument("--candidates-turn", type=int, default=5, help="history (turn) used for the M-candidate test")
@@ -138,7 +139,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = args.model or default_model_dir()
-    kw = {"threads": args.threads, "autocast": args.autocast}
+    kw = {"threads": args.threads, "autocast": args.autocast, "device": args.device}
     marks = [1, 5, 10, 15]
     histories = episode(max(marks))
     policy = HFPolicy(model, **kw, cache_slots=0)
@@ -149,13 +150,13 @@ def main() -> None:
                                   args.repeats)
     turns = bench_turns(model, kw, histories, marks, args.max_new_tokens)
 
-    report = {"model": str(model), "threads": args.threads, "repeats": args.repeats, "autocast": args.autocast,
+    report = {"model": str(model), "device": str(policy.device), "threads": args.threads, "repeats": args.repeats, "autocast": args.autocast,
               "max_new_tokens": args.max_new_tokens, "candidates_prompt_tokens": n_prompt,
               "candidates": candidates, "turns": turns}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-    print(f"model {model.name}, threads {args.threads}, autocast {args.autocast}, max_new_tokens {args.max_new_tokens}")
+    print(f"model {model.name}, device {policy.device}, threads {args.threads}, autocast {args.autocast}, max_new_tokens {args.max_new_tokens}")
     print(f"\nM candidates at a {n_prompt}-token prompt (temperature 0.7; best of {args.repeats}):")
     print("   M  tokens  shared tok/s  separate tok/s  speedup  same")
     for r in candidates:

@@ -47,3 +47,21 @@ def test_kill_and_rerun_resumes_without_duplicates(tiny_model_dir: Path, tmp_pat
     summary = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in summary["rows"]} == {"greedy", "sample"}
     assert all(r["tasks"] == 6 for r in summary["rows"])
+
+
+@pytest.mark.slow
+def test_process_workers_give_the_same_records_as_in_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Each (method, task) pair is seeded by the run seed, method and task, so two worker processes
+    (each loading its own policy and environment) must write the records one process writes."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    results = {}
+    for backend in ("local", "process"):
+        out = tmp_path / backend
+        cmd = eval_cmd(tiny_model_dir, out) + ["--backend", backend, "--workers", "2", "--policy-arg", "threads=1"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        results[backend] = {(r["method"], r["task"]): (r["reward"], r["trajectory"]["conversations"],
+                                                       r["completion_tokens"])
+                            for r in read_jsonl(out / "records.jsonl")}
+    assert len(results["local"]) == 12
+    assert results["process"] == results["local"]

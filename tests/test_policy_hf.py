@@ -29,7 +29,7 @@ def _full_forward_greedy(policy: HFPolicy, ids: list[int], steps: int) -> tuple[
     total = 0.0
     with torch.no_grad():
         for _ in range(steps):
-            logp = torch.log_softmax(policy.model(input_ids=torch.tensor([ids + gen])).logits[0, -1].float(), -1)
+            logp = torch.log_softmax(policy.model(input_ids=torch.tensor([ids + gen], device=policy.device)).logits[0, -1].float(), -1)
             gen.append(int(logp.argmax()))
             total += float(logp[gen[-1]])
     return gen, total

@@ -38,11 +38,15 @@ from .jsonl import write_text_atomic
 T = TypeVar("T")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help string (lists/dicts are copied per instance)."""
+def option(default: Any, help: str, runtime: bool = False) -> Any:
+    """A dataclass field with a default and a help string (lists/dicts are copied per instance).
+
+    ``runtime=True`` marks a setting that changes where or how fast work runs but not its result
+    (threads, device): :func:`config_hash` leaves it out, so a run may resume with another value."""
+    meta = {"help": help, "runtime": runtime}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -144,8 +148,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_hash(cfg: Any) -> str:
-    """A short stable hash of a config's values (used to refuse resuming with changed settings)."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A short stable hash of the values of a config that affect results (used to refuse resuming
+    with changed settings); ``runtime`` options are left out."""
+    runtime = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("runtime")}
+    values = {k: v for k, v in to_dict(cfg).items() if k not in runtime}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def save_yaml(path: str | Path, data: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ best-of-n.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -22,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .data import trajectory_to_record
 from .envs.base import Env
+from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl, read_jsonl
 from .search import METHODS, SearchContext, ValueModel, method_label
 from .policy.base import Policy
@@ -101,24 +103,59 @@ def make_record(run: MethodRun, env_name: str, task: Task, traj, wall: float) ->
     return rec
 
 
+class EvalWorker:
+    """Plays (method, task) pairs in one worker (executor ``setup``): ``EvalWorker(...)()`` makes the
+    environment, policy and QNet once; calling the result on ``(run, task, seed)`` returns the record.
+
+    ``policy`` and ``qnet`` may be ready objects (local backend) or picklable factories such as
+    ``functools.partial(load_policy, path)`` (process and Ray backends); ``make_env`` must be
+    picklable for those backends too."""
+
+    def __init__(self, make_env: Callable[[], Env], policy: Policy | Callable[[], Policy],
+                 qnet: ValueModel | Callable[[], ValueModel] | None = None) -> None:
+        self.make_env, self.policy, self.qnet = make_env, policy, qnet
+
+    def __call__(self) -> Callable[[tuple[MethodRun, Task, int]], dict[str, Any]]:
+        ready = isinstance(self.policy, Policy) and not isinstance(self.policy, type)
+        policy = self.policy if ready else self.policy()  # type: ignore[operator]
+        qnet = self.qnet() if callable(self.qnet) and not hasattr(self.qnet, "score") else self.qnet
+        return _BoundEvalWorker(self.make_env(), policy, qnet, self.make_env)
+
+
+class _BoundEvalWorker:
+    def __init__(self, env: Env, policy: Policy, qnet: ValueModel | None, make_env: Callable[[], Env]) -> None:
+        self.env, self.policy, self.qnet, self.make_env = env, policy, qnet, make_env
+
+    def __call__(self, job: tuple[MethodRun, Task, int]) -> dict[str, Any]:
+        run, task, seed = job
+        ctx = SearchContext(env=self.env, policy=self.policy, qnet=self.qnet, make_env=self.make_env, seed=seed)
+        start = time.perf_counter()
+        traj = METHODS[run.name].run(task, ctx, run.config)
+        return make_record(run, self.env.name, task, traj, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.env.close()
+
+
 def evaluate(
-    env: Env,
+    env_name: str,
     tasks: Sequence[Task],
     runs: Iterable[MethodRun],
-    policy: Policy,
+    worker: EvalWorker,
     out_dir: Path,
-    qnet: ValueModel | None = None,
-    make_env: Callable[[], Env] | None = None,
     seed: int = 0,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every method on every task, appending to ``out_dir/records.jsonl``; returns all records
-    (earlier ones included) for these methods and tasks."""
+    """Run every method on every task of environment ``env_name`` with ``worker`` (on ``executor``,
+    in-process by default), appending to ``out_dir/records.jsonl`` as pairs finish; returns all
+    records (earlier ones included) for these methods and tasks."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "records.jsonl"
     records = read_jsonl(path, repair_tail=True)
     done = {record_key(r) for r in records}
     runs = list(runs)
-    todo = [(run, t) for run in runs for t in tasks if (run.label, env.name, t.split, t.id) not in done]
+    todo = [(run, t, stable_seed(seed, run.label, t.id)) for run in runs for t in tasks
+            if (run.label, env_name, t.split, t.id) not in done]
     if len(todo) < len(runs) * len(tasks):
         log.info("resuming: %d of %d (method, task) pairs already in %s",
                  len(runs) * len(tasks) - len(todo), len(runs) * len(tasks), path)
@@ -127,18 +164,12 @@ def evaluate(
     with Progress(*columns, transient=False) as progress:
         bar = progress.add_task("", total=len(todo), avg=0.0)
         total = 0.0
-        for i, (run, task) in enumerate(todo, start=1):
-            progress.update(bar, description=f"{run.label} {task.id}")
-            ctx = SearchContext(env=env, policy=policy, qnet=qnet, make_env=make_env,
-                                seed=stable_seed(seed, run.label, task.id))
-            start = time.perf_counter()
-            traj = METHODS[run.name].run(task, ctx, run.config)
-            rec = make_record(run, env.name, task, traj, time.perf_counter() - start)
+        for i, (_, rec) in enumerate((executor or LocalExecutor()).run(worker, todo), start=1):
             append_jsonl(path, rec)
             records.append(rec)
             total += rec["reward"]
-            progress.update(bar, advance=1, avg=total / i)
-    wanted = {(run.label, env.name, t.split, t.id) for run in runs for t in tasks}
+            progress.update(bar, advance=1, avg=total / i, description=f"{rec['method']} {rec['task']}")
+    wanted = {(run.label, env_name, t.split, t.id) for run in runs for t in tasks}
     return [r for r in records if record_key(r) in wanted]
 
 
@@ -154,36 +185,45 @@ def run_evaluation(
     qnet_dir: Path | None = None,
     policy_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
+    backend: str = "local",
+    workers: int = 1,
+    executor_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Load policy, QNet and environment, evaluate every method on every split, write the report.
 
-    Returns the summary rows (see :func:`qlass.report.summarise`).
+    ``backend``/``workers`` choose the executor (see :mod:`qlass.executor`): with ``process`` or
+    ``ray`` every worker loads its own policy, QNet and environment. Records do not depend on the
+    backend (each pair's seed comes from the run seed, method and task). Returns the summary rows
+    (see :func:`qlass.report.summarise`).
     """
     from .envs.base import make_env
+    from .executor import make_executor
     from .policy import load_policy
     from .report import write_report
     from .search import make_method_config
 
     runs = [MethodRun(name, make_method_config(name, opts)) for name, opts in methods]
     needs_qnet = [r.label for r in runs if METHODS[r.name].needs_qnet(r.config)]
-    qnet = None
+    qnet: Any = None
     if needs_qnet:
         if qnet_dir is None:
             raise QlassError(f"method(s) {', '.join(needs_qnet)} need a QNet: pass --qnet DIR")
         from .qnet import QNet
 
-        qnet = QNet.load(qnet_dir)
-    policy = load_policy(model, **(policy_kwargs or {}))
-    env_kwargs = dict(env_kwargs or {})
-    env = make_env(env_spec, **env_kwargs)
+        threads = (policy_kwargs or {}).get("threads")
+        qnet = functools.partial(QNet.load, qnet_dir, threads=threads)
+    policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
+    make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
+    executor = make_executor(backend, workers, **(executor_options or {}))
+    probe = make()
     try:
-        records: list[dict[str, Any]] = []
-        for split in splits:
-            tasks = select_tasks(env.tasks(split, task_types), limit)
-            if not tasks:
-                raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}")
-            records += evaluate(env, tasks, runs, policy, out_dir, qnet=qnet,
-                                make_env=lambda: make_env(env_spec, **env_kwargs), seed=seed)
+        env_name = probe.name
+        tasks_by_split = {split: select_tasks(probe.tasks(split, task_types), limit) for split in splits}
     finally:
-        env.close()
+        probe.close()
+    for split, tasks in tasks_by_split.items():
+        if not tasks:
+            raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}")
+    tasks = [t for split_tasks in tasks_by_split.values() for t in split_tasks]
+    records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet), out_dir, seed=seed, executor=executor)
     return write_report(records, out_dir)

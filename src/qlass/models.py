@@ -110,3 +110,19 @@ def build_tiny_model(out: Path, layers: int = 2, hidden: int = 64, heads: int = 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def resolve_device(name: str = "auto") -> str:
+    """A torch device name: ``auto`` is ``cuda`` when a GPU is visible, else ``cpu``; other names
+    (``cpu``, ``cuda``, ``cuda:1``, ``mps``) are checked and returned."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise QlassError(f"unknown torch device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QlassError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return str(device)

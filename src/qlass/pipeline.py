@@ -63,6 +63,9 @@ class PipelineConfig:
     env_args: dict = option({}, "environment constructor options")
     task_types: list[str] | None = option(None, "task types used by every stage (None: all)")
     policy: dict = option({}, "policy options for exploration and evaluation (e.g. autocast: true)")
+    backend: str = option("local", "executor for exploration and evaluation: local, process or ray")
+    workers: int = option(1, "worker processes / Ray actors (process and ray backends; use threads: 1 "
+                          "in policy with several workers on one machine)")
     expert: dict = option({}, "ExpertStage options")
     sft: dict = option({}, "SFTConfig options")
     explore: dict = option({}, "ExploreStage options plus ExploreConfig options")
@@ -132,6 +135,7 @@ def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
     from .envs.base import make_env
     from .evaluate import run_evaluation, select_tasks
     from .expert import export_expert
+    from .executor import make_executor
     from .explore import explore_tasks
     from .models import default_model_dir
     from .policy import load_policy
@@ -169,9 +173,9 @@ def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
         tasks = select_tasks(tasks, r.explore_stage.limit)
     finally:
         env.close()
-    policy = load_policy(str(sft_dir), seed=cfg.seed, **cfg.policy)
+    policy = functools.partial(load_policy, str(sft_dir), seed=cfg.seed, **cfg.policy)
     explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
-                  run / "trees.jsonl", seed=cfg.seed)
+                  run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers))
     counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl")
     log.info("Q data: %d records from %d trees", counts["records"], counts["trees"])
 
@@ -191,4 +195,5 @@ def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
         methods.append((name, opts))
     return run_evaluation(model=str(sft_dir), env_spec=cfg.env, splits=r.eval.splits, methods=methods,
                           out_dir=run / "eval", env_kwargs=cfg.env_args, task_types=types, limit=r.eval.limit,
-                          qnet_dir=run / "qnet", policy_kwargs=dict(cfg.policy), seed=cfg.seed)
+                          qnet_dir=run / "qnet", policy_kwargs=dict(cfg.policy), seed=cfg.seed,
+                          backend=cfg.backend, workers=cfg.workers)

@@ -41,6 +41,7 @@ import torch
 
 from .errors import QlassError
 from .jsonl import write_text_atomic
+from .models import resolve_device
 from .policy.hf import fit_history
 from .policy.render import encode_conversation, ensure_chat_template
 from .types import History, Message
@@ -225,8 +226,9 @@ class QNet:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "float32", autocast: bool = False,
-             threads: int | None = None, max_length: int | None = None) -> QNet:
-        """Load a saved QNet folder (settings from its ``qnet.json`` unless overridden)."""
+             threads: int | None = None, max_length: int | None = None, device: str = "auto") -> QNet:
+        """Load a saved QNet folder (settings from its ``qnet.json`` unless overridden) onto
+        ``device`` (``auto``: a CUDA GPU when visible, else the CPU)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -238,6 +240,7 @@ class QNet:
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         hf_logging.disable_progress_bar()
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
+        model.to(resolve_device(device))
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, max_length or meta.get("max_length", 4096),
                    meta.get("max_action_tokens", 256), autocast)

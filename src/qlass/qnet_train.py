@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import config_hash, option, save_yaml, to_dict
+from .models import resolve_device
 from .qnet import QNet, backbone_of, shared_prefix_hidden
 from .qnet_data import Group, QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
 from .train_utils import (
@@ -61,8 +62,9 @@ class QNetTrainConfig:
     lora_alpha: int = option(32, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
     autocast: bool = option(False, "bf16 autocast (fast on AVX512-BF16/AMX CPUs and on GPUs)")
-    device: str = option("cpu", "torch device to train on (cpu, cuda, ...)")
-    threads: int | None = option(None, "torch CPU threads (None: torch's default)")
+    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N",
+                         runtime=True)
+    threads: int | None = option(None, "torch CPU threads (None: torch's default)", runtime=True)
     val_fraction: float = option(0.1, "fraction of trees held out for validation")
     grad_clip: float = option(1.0, "gradient norm clip (0: off)")
     save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
@@ -177,7 +179,8 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     records = read_qdata(qdata)
     train_records, val_records = split_by_tree(records, cfg.val_fraction, cfg.seed)
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
-    qnet.model.to(cfg.device)
+    device = resolve_device(cfg.device)
+    qnet.model.to(device)
     train = encode_groups(qnet, make_groups(train_records, str(qdata)))
     val = encode_groups(qnet, make_groups(val_records, str(qdata)))
     peft_model = _apply_lora(qnet, cfg) if cfg.lora else None
@@ -241,7 +244,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     result: dict[str, Any] = {"train_records": len(train_records), "val_records": len(val_records),
                               "qnet": _final_metrics(out, history)}
     if cfg.baseline and val:
-        result["sft_loglik"] = loglik_ranker_metrics(sft_dir, val, cfg.autocast, cfg.device)
+        result["sft_loglik"] = loglik_ranker_metrics(sft_dir, val, cfg.autocast, device)
         log_metrics(out, {"kind": "sft_loglik_ranker", **result["sft_loglik"]})
     qnet.model.to("cpu")
     qnet.save(out, extra={"trained_on": str(qdata), "sft_model": str(sft_dir), "validation": result})

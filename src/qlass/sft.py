@@ -42,6 +42,7 @@ import torch
 from .config import config_hash, load_config, option, save_config
 from .data import ACTION_LINE, load_trajectories
 from .errors import QlassError
+from .models import resolve_device
 from .policy.hf import default_keep_prefix, load_causal_lm
 from .policy.render import encode_conversation, truncate_history
 from .train_utils import (
@@ -83,8 +84,10 @@ class SFTConfig:
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
-    autocast: bool = option(False, "bf16 autocast on CPU (1.6-2.2x faster on AVX512-BF16/AMX machines)")
-    threads: int | None = option(None, "torch.set_num_threads (None: torch's default)")
+    autocast: bool = option(False, "bf16 autocast (on CPU 1.6-2.2x faster on AVX512-BF16/AMX machines)")
+    threads: int | None = option(None, "torch.set_num_threads (None: torch's default)", runtime=True)
+    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N",
+                         runtime=True)
     val_fraction: float = option(0.1, "fraction of trajectories held out for the validation loss")
     grad_clip: float = option(1.0, "gradient norm clip (0: off)")
     save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
@@ -174,12 +177,13 @@ def token_loss(model: Any, batch: Sequence[Example], pad_id: int, autocast: bool
     Only positions whose next token is labelled go through the LM head (``logits_to_keep``), which
     saves the vocabulary projection for the context tokens.
     """
-    ids = pad([b[0] for b in batch], pad_id)
-    labels = pad([b[1] for b in batch], -100)
-    attn = pad([[1] * len(b[0]) for b in batch], 0)
+    device = next(model.parameters()).device
+    ids = pad([b[0] for b in batch], pad_id).to(device)
+    labels = pad([b[1] for b in batch], -100).to(device)
+    attn = pad([[1] * len(b[0]) for b in batch], 0).to(device)
     targets = labels[:, 1:]
-    keep = torch.cat([targets != -100, torch.zeros(len(batch), 1, dtype=torch.bool)], dim=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    keep = torch.cat([targets != -100, torch.zeros(len(batch), 1, dtype=torch.bool, device=device)], dim=1)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         if _keeps_logits_subset(model):
             logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
         else:
@@ -290,6 +294,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
         torch.set_num_threads(cfg.threads)
     trajectories = load_trajectories(data)
     model, tokenizer = _build_model(model_dir, cfg)
+    model.to(resolve_device(cfg.device))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_idx, val_idx = split_indices(len(trajectories), cfg.val_fraction, cfg.seed)
     train = _encode_all(tokenizer, trajectories, train_idx, cfg.max_length, data)

@@ -108,8 +108,10 @@ def save_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "optimizer.pt")
+    rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **rng}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config_hash": cfg_hash}))
     old = out_dir / (CHECKPOINT + ".old")
     if final.exists():  # else ``old`` may be the only complete checkpoint: keep it until ``final`` is in place
@@ -155,12 +157,14 @@ def load_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
         raise QlassError(f"{ckpt}: checkpoint was made with a different config; use a new output folder "
                          "or delete the checkpoint to start over")
     step = load_trainable(ckpt, model)
-    extra = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    extra = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
     opt.load_state_dict(extra["optimizer"])
     sched.load_state_dict(extra["scheduler"])
     if "torch_rng" in extra:
         torch.set_rng_state(extra["torch_rng"])
         random.setstate(extra["python_rng"])
+    if "cuda_rng" in extra and torch.cuda.is_available() and len(extra["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
     log.info("resuming from %s at step %d", ckpt, step)
     return step
 

@@ -45,6 +45,9 @@ def register(app: typer.Typer) -> None:
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value, e.g. autocast=bf16 (repeatable)."),
         seed: int = typer.Option(0, help="Run seed."),
+        backend: str = typer.Option("local", help="Executor: local, process or ray (each worker loads its own policy, QNet and env)."),
+        workers: int = typer.Option(2, help="Worker processes / Ray actors (process and ray backends)."),
+        ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
         out: Path = typer.Option(Path("runs/eval"), help="Run folder: records.jsonl (resumable), results.md/json, budget curve."),
     ) -> None:
         """Evaluate methods on a split: per-task records (resumable), a results table and budget curves."""
@@ -60,6 +63,8 @@ def register(app: typer.Typer) -> None:
             model=model, env_spec=env, env_kwargs=parse_kv(env_arg, "--env-arg"), splits=split,
             methods=methods, task_types=task_types.split(",") if task_types else None, limit=limit,
             qnet_dir=qnet, policy_kwargs=parse_kv(policy_arg, "--policy-arg"), seed=seed, out_dir=out,
+            backend=backend, workers=workers,
+            executor_options={"address": ray_address} if backend == "ray" and ray_address else None,
         )
         from ..report import markdown_table
 

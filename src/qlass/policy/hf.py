@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import QlassError
+from ..models import resolve_device
 from ..types import Completion, History, Message
 from . import kv
 from .render import encode_conversation, ensure_chat_template, truncate_history
@@ -119,6 +120,9 @@ class HFPolicy:
         cache_slots: prompt caches kept for reuse across calls (0 disables reuse); each holds one
             prompt's keys/values (SmolLM2-135M: 46 KB per token in float32).
         threads: ``torch.set_num_threads`` for this process, when given.
+        device: ``auto`` (a CUDA GPU when visible, else the CPU), ``cpu``, ``cuda``, ``cuda:N``...
+            Sampling draws on the CPU from each candidate's own generator, so seeds give the same
+            draws on every device (given the same logits).
         seed: seeds the per-call seeds of calls made with ``seed=None``.
         max_batch_rows: histories are decoded together while their rows fit in this many.
     """
@@ -131,12 +135,15 @@ class HFPolicy:
         max_length: int = 4096,
         cache_slots: int = 8,
         threads: int | None = None,
+        device: str = "auto",
         seed: int = 0,
         max_batch_rows: int = 32,
     ) -> None:
         if threads:
             torch.set_num_threads(int(threads))
         self.model, self.tokenizer = load_causal_lm(model_dir, dtype)
+        self.device = torch.device(resolve_device(device))
+        self.model.to(self.device)
         self.model_dir = Path(model_dir)
         self.autocast = bool(autocast)
         positions = getattr(self.model.config, "max_position_embeddings", None) or max_length
@@ -207,9 +214,9 @@ class HFPolicy:
         kwargs: dict[str, Any] = {self._cache_arg: cache}
         if mask is not None:
             kwargs.update(attention_mask=mask, position_ids=positions)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float().cpu()
 
     def _prefill(self, ids: list[int]) -> kv.Prefix:
         """The cache and next-token logits of ``ids``, computing only what no stored prompt shares."""
@@ -218,7 +225,7 @@ class HFPolicy:
         if prefix is not None and reused == len(ids):
             return prefix
         cache = kv.prefill_cache(prefix.kv if prefix else None, reused, len(ids), self._num_layers)
-        logits = self._forward(torch.tensor([ids[reused:]]), cache)[0]
+        logits = self._forward(torch.tensor([ids[reused:]], device=self.device), cache)[0]
         self.prefill_tokens += len(ids) - reused
         entry = kv.Prefix(kv.cache_kv(cache), logits)
         self.store.put(key, entry)
@@ -227,12 +234,12 @@ class HFPolicy:
     def _start(self, prompts: list[list[int]], rows: int, extra: int
                ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Decode state for ``rows`` candidates of each prompt: cache, first logits, mask, positions."""
-        lengths = torch.tensor([len(p) for p in prompts]).repeat_interleave(rows)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(rows)
         if not self.plain:  # generic cache classes: one prompt, prefilled fresh, rows repeated
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
-            logits = self._forward(torch.tensor([prompts[0]]), cache)
+            logits = self._forward(torch.tensor([prompts[0]], device=self.device), cache)
             self.prefill_tokens += len(prompts[0])
             cache.batch_repeat_interleave(rows)
             return cache, logits.expand(rows, -1), None, lengths
@@ -275,14 +282,14 @@ class HFPolicy:
             if not keep or step == max_new_tokens - 1:
                 break
             if len(keep) < len(active):
-                index = torch.tensor(keep)
+                index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
                 mask = mask[index] if mask is not None else None
                 positions = positions[index]
                 active = [active[b] for b in keep]
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            feed = torch.tensor([[tokens[r][-1]] for r in active])
+            feed = torch.tensor([[tokens[r][-1]] for r in active], device=self.device)
             logits = self._forward(feed, cache, mask, positions.unsqueeze(1))
             positions = positions + 1
         out = []

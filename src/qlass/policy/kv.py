@@ -130,7 +130,7 @@ def batch_cache(prompts: Sequence[KV], rows: int, extra: int) -> tuple[DynamicCa
         layers.append(BufferLayer.holding(kb, vb, longest))
     if all(n == longest for n in lengths):
         return new_cache(layers), None
-    mask = torch.zeros(batch, longest, dtype=torch.long)
+    mask = torch.zeros(batch, longest, dtype=torch.long, device=kb.device)
     for i, n in enumerate(lengths):
         mask[i * rows : (i + 1) * rows, longest - n :] = 1
     return new_cache(layers), mask
