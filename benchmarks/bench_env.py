@@ -6,9 +6,9 @@ prints steps per second of wall-clock time and per CPU second (the JVM's and Pyt
 together, which a busy shared machine disturbs much less than wall-clock time), the ratios, and
 writes a JSON report.
 
-The stock env is timed twice: as shipped, and in a JVM started with this project's flags
-(constant identity hash codes, which make the simulator deterministic and make the simulator
-itself about 2x slower), so the second ratio isolates what the direct step path saves. Usage::
+The stock env is timed twice: as shipped, and in a JVM started as this project starts it (the
+patched ``EnvObject`` that hashes by object id, or constant identity hash codes where no JDK is
+installed), so the second ratio isolates what the direct step path saves. Usage::
 
     python benchmarks/bench_env.py [--task-types find-plant,boil] [--per-type 3] [--repeats 2]
                                    [--other-envs alfworld,webshop] [--other-episodes 5]
@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qlass.envs.base import parse_action
-from qlass.envs.sciworld import JVM_OPTIONS, ScienceWorldEnv
+from qlass.envs.sciworld import ScienceWorldEnv
+from qlass.envs.sciworld_hash import launch_settings
 from qlass.types import Task
 
 Episodes = list[tuple[Task, list[str]]]
@@ -64,13 +65,16 @@ def measure(pid: int, reset: Callable[[Task], object], step: Callable[[str], obj
 
 
 def stock_envs() -> dict:
-    """The stock env as shipped, and the same class in a JVM with this project's flags."""
+    """The stock env as shipped, and the same class in a JVM started as this project starts it."""
     import scienceworld.scienceworld as stock_module
+    from scienceworld.constants import JAR_PATH
 
     launch = stock_module.launch_gateway
     envs = {"stock": stock_module.ScienceWorldEnv("", envStepLimit=1000)}
+    classpath, options = launch_settings(JAR_PATH)
     # Benchmark-only patch: the stock class starts its JVM through this module-level name.
-    stock_module.launch_gateway = lambda *a, **kw: launch(*a, javaopts=list(JVM_OPTIONS), **kw)
+    stock_module.launch_gateway = lambda *a, **kw: launch(*a, **{**kw, "classpath": classpath,
+                                                                 "javaopts": [*kw.get("javaopts", []), *options]})
     try:
         envs["stock_same_jvm"] = stock_module.ScienceWorldEnv("", envStepLimit=1000)
     finally:

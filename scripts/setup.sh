@@ -15,13 +15,15 @@ extras="sciworld,plot"
 [ "$test_mode" = 1 ] && extras="$extras,alfworld,webshop,serve,ray,dev"
 py="${PYTHON:-python3}"
 
-if ! command -v java >/dev/null 2>&1; then
-  echo "[setup] Java not found; installing a headless JRE 17 (ScienceWorld needs it)"
+# ScienceWorld needs Java 17; its javac lets qlass build the class patch that keeps the simulator
+# reproducible at full speed (with a JRE alone it falls back to a ~2x slower JVM flag).
+if ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
+  echo "[setup] Java 17 JDK not found; installing openjdk-17-jdk-headless"
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq openjdk-17-jre-headless
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq openjdk-17-jdk-headless
   else
-    echo "[setup] please install Java 17 (OpenJDK) and re-run" >&2; exit 1
+    echo "[setup] please install a Java 17 JDK (OpenJDK) and re-run" >&2; exit 1
   fi
 fi
 

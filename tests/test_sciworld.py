@@ -142,3 +142,28 @@ def test_envs_command_lists_sizes_or_the_missing_extra() -> None:
     missing = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True)
     assert missing.returncode == 0, missing.stderr
     assert "sciworld: unavailable" in missing.stdout and "pip install 'qlass[sciworld]'" in missing.stdout
+
+
+@pytest.mark.parametrize("javac", [True, False], ids=["patched-class", "jre-only-fallback"])
+def test_fresh_cache_builds_the_hash_patch_or_falls_back_and_replays_deterministically(tmp_path, javac: bool) -> None:
+    """On a machine that never ran qlass: with a JDK the EnvObject hash patch is built into the
+    cache and used; with only ``java`` on the PATH, the JVM runs with constant identity hashes
+    (and says so). Either way the determinism test above passes in that process."""
+    import os
+    import shutil
+
+    env = {**os.environ, "QLASS_CACHE": str(tmp_path / "cache")}
+    if not javac:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "java").symlink_to(os.path.realpath(shutil.which("java")))
+        env["PATH"] = str(bin_dir)
+    test = f"{__file__}::test_replay_is_deterministic_across_instances_and_interleaving"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "log_level=INFO",
+                           "-rP", test], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    built = list((tmp_path / "cache" / "sciworld").glob("classes-*/scienceworld/struct/EnvObject.class"))
+    if javac:
+        assert len(built) == 1 and "building the ScienceWorld EnvObject hash patch" in done.stdout
+    else:
+        assert built == [] and "constant identity hash codes" in done.stdout

@@ -12,8 +12,8 @@ processes touch objects, and so temperatures, circuits, plants and gold paths, c
 to the next); its animals move with the JVM-wide unseeded ``scala.util.Random``; and it numbers
 objects from one JVM-wide counter that every load resets, while comparing objects by that number
 (so an instance stepping after another one's load creates objects equal to its own live ones).
-So the JVM runs with constant identity hash codes (``-XX:hashCode=2``: hash collections then keep
-insertion order, at about 2x the simulator's own cost), the shared random generator is re-seeded
+So simulator objects hash by their object id (a patched class, see :mod:`.sciworld_hash`; with
+only a JRE, constant identity hash codes instead, at about 2x the cost), the shared random generator is re-seeded
 from the task id and step index before every step, and each instance keeps its own value of the
 object counter. The same task and actions then give the same observations and rewards, whatever
 else ran in the JVM before or in between.
@@ -40,14 +40,13 @@ from ..models import cache_dir
 from ..types import Message, StepResult, Task
 from .base import FORMAT_HINT, parse_action
 from .prompt_file import load_prompt
+from .sciworld_hash import launch_settings
 from .sciworld_thoughts import expert_thought
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "seen", "unseen")
 _SPLIT_METHODS = {"train": "getVariationsTrain", "seen": "getVariationsDev", "unseen": "getVariationsTest"}
-# Constant identity hash codes make the simulator's hash-set iteration order reproducible.
-JVM_OPTIONS = ("-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
 _META_COMMANDS = {"help", "objects", "task"}
 _UNKNOWN_ACTION = "Unknown action.  Type 'help' for a list of actions, and 'objects' for a list of possible object referents."
 
@@ -67,19 +66,27 @@ class SciWorldJVM:
         from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
         from scienceworld.constants import BASEPATH, JAR_PATH
 
+        classpath, options = launch_settings(JAR_PATH)
         try:
-            port, proc = launch_gateway(classpath=JAR_PATH, die_on_exit=True, cwd=BASEPATH,
-                                        javaopts=[f"-Xmx{heap}", *JVM_OPTIONS], return_proc=True)
+            port, proc = launch_gateway(classpath=classpath, die_on_exit=True, cwd=BASEPATH,
+                                        javaopts=[f"-Xmx{heap}", *options], return_proc=True)
         except OSError as exc:
             raise QlassError(f"cannot start Java for ScienceWorld ({exc}); install Java 17 (scripts/setup.sh does)") from None
         self.gateway = JavaGateway(gateway_parameters=GatewayParameters(auto_field=True, port=port), java_process=proc)
         self.heap = heap
         self.lock = threading.RLock()
         jvm = self.gateway.jvm
-        if jvm.java.lang.System.identityHashCode(jvm.java.lang.Object()) != 1:
-            self.gateway.shutdown()
-            raise QlassError("this Java ignores -XX:hashCode=2, so ScienceWorld would not replay "
-                             "deterministically; use OpenJDK (HotSpot) 17, as scripts/setup.sh installs")
+        if options:
+            if jvm.java.lang.System.identityHashCode(jvm.java.lang.Object()) != 1:
+                self.gateway.shutdown()
+                raise QlassError("this Java ignores -XX:hashCode=2, so ScienceWorld would not replay "
+                                 "deterministically; use OpenJDK (HotSpot) 17, as scripts/setup.sh installs")
+        else:
+            source = jvm.java.lang.Class.forName("scienceworld.struct.EnvObject").getProtectionDomain()
+            if not classpath.startswith(str(source.getCodeSource().getLocation().getPath()).rstrip("/")):
+                self.gateway.shutdown()
+                raise QlassError("the JVM did not load the patched ScienceWorld EnvObject class, so ScienceWorld "
+                                 "would not replay deterministically")
         self._random = getattr(getattr(jvm.scala.util, "Random$"), "MODULE$")
         self._ids = jvm.util.UniqueIdentifier
         self._owner: int | None = None  # id() of the instance whose object counter is live
