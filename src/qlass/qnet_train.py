@@ -34,8 +34,8 @@ from .models import resolve_device
 from .qnet import QNet, backbone_of, shared_prefix_hidden
 from .qnet_data import Group, QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
 from .train_utils import (
-    epoch_batches, load_checkpoint, log_metrics, optimizer_and_schedule, plan, progress_bar, rewind_metrics,
-    save_checkpoint, steps_from,
+    TrainerConfig, epoch_batches, load_checkpoint, log_metrics, optimizer_and_schedule, plan, progress_bar,
+    rewind_metrics, save_checkpoint, steps_from,
 )
 
 log = logging.getLogger(__name__)
@@ -44,37 +44,26 @@ RESULT_FILE = "qnet_result.json"
 
 
 @dataclass(frozen=True)
-class QNetTrainConfig:
-    """QNet training settings; defaults follow the paper's reference code, CPU runs override them."""
+class QNetTrainConfig(TrainerConfig):
+    """QNet training settings; defaults follow the paper's reference code, CPU runs override them.
+    With ``lora`` the value head is trained in full beside the adapters."""
 
     epochs: int = option(2, "passes over the training groups")
     lr: float = option(2e-5, "peak learning rate")
     head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); a larger one "
                                    "helps short CPU runs")
     batch_size: int = option(32, "sibling groups per optimizer step (paper: 64 examples, about 32 groups)")
-    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup")
-    weight_decay: float = option(0.0, "AdamW weight decay")
     max_length: int = option(4096, "longest input in tokens (history + action); oldest turns dropped first")
     max_action_tokens: int = option(256, "tokens reserved for the candidate action (longer ones keep their end)")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
-    lora: bool = option(False, "train LoRA adapters (merged on save) plus the head instead of all weights")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    autocast: bool = option(False, "bf16 autocast (fast on AVX512-BF16/AMX CPUs and on GPUs)")
-    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N",
-                         runtime=True)
-    threads: int | None = option(None, "torch CPU threads (None: torch's default)", runtime=True)
     val_fraction: float = option(0.1, "fraction of trees held out for validation")
-    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
-    save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
     eval_before: bool = option(True, "also validate the untrained QNet (epoch 0)")
     baseline: bool = option(True, "rank the validation siblings by the SFT policy's log-likelihood too")
     seed: int = option(0, "seed for the split, batching and head initialisation")
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
-            raise ValueError("epochs, batch_size and save_every must be >= 1")
+        super().__post_init__()
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):

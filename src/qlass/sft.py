@@ -47,6 +47,7 @@ from .policy.hf import default_keep_prefix, load_causal_lm
 from .policy.render import encode_conversation, truncate_history
 from .train_utils import (
     CHECKPOINT,
+    TrainerConfig,
     epoch_batches,
     latest_checkpoint,
     load_checkpoint,
@@ -69,40 +70,24 @@ Example = tuple[list[int], list[int]]
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(TrainerConfig):
     """SFT settings; defaults are the paper's (Table 5), CPU runs override them in YAML."""
 
     epochs: int = option(3, "passes over the training data")
     lr: float = option(1e-5, "peak learning rate")
     batch_size: int = option(64, "effective batch size (sequences per optimizer step)")
     micro_batch: int = option(2, "sequences per forward pass; batch_size/micro_batch passes are accumulated")
-    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup (then cosine decay to 0)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
     max_length: int = option(4096, "longest sequence in tokens; longer conversations are windowed, oldest turns dropped first")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
-    lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    autocast: bool = option(False, "bf16 autocast (on CPU 1.6-2.2x faster on AVX512-BF16/AMX machines)")
-    threads: int | None = option(None, "torch.set_num_threads (None: torch's default)", runtime=True)
-    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N",
-                         runtime=True)
     val_fraction: float = option(0.1, "fraction of trajectories held out for the validation loss")
-    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
-    save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
     seed: int = option(0, "seed for the split, batch order and initialisation")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "micro_batch", "max_length", "save_every", "lora_r"):
+        super().__post_init__()
+        for name in ("epochs", "batch_size", "micro_batch", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

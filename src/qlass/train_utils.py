@@ -36,10 +36,38 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .config import option
 from .errors import QlassError
 from .jsonl import append_jsonl, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Settings every trainer shares (SFT and QNet configs extend it with their own)."""
+
+    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup (then cosine decay to 0)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
+    lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    autocast: bool = option(False, "bf16 autocast (on CPU 1.6-2.2x faster on AVX512-BF16/AMX machines; GPUs)")
+    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N",
+                         runtime=True)
+    threads: int | None = option(None, "torch CPU threads (None: torch's default)", runtime=True)
+    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
+    save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1 or self.lora_r < 1:
+            raise ValueError(f"save_every and lora_r must be >= 1, got {self.save_every} and {self.lora_r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 CHECKPOINT = "checkpoint"
 
