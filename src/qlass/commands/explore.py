@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import re
 import time
 from pathlib import Path
@@ -12,17 +11,13 @@ from typing import Any, Optional
 import typer
 
 from ..errors import QlassError
+from ..imports import load_object
 
 _CLASS_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def _instantiate(spec: str, options: dict[str, Any]) -> Any:
-    module, _, name = spec.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise QlassError(f"cannot load policy {spec!r}: {exc}") from None
-    return cls(**options)
+    return load_object(spec, "policy")(**options)
 
 
 def policy_factory(spec: str, options: dict[str, Any]) -> functools.partial:

@@ -12,11 +12,11 @@ class is reached as ``package.module:Class``.
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ..errors import QlassError
+from ..imports import load_object
 from ..types import Message, StepResult, Task
 
 ACTION_RE = re.compile(r"^\s*Action:\s*(.*?)\s*$", re.MULTILINE)
@@ -87,19 +87,9 @@ class EnvRegistry:
         if spec in self._factories:
             return self._factories[spec](**kwargs)
         if spec in _BUILTIN:
-            module, cls = _BUILTIN[spec]
-            try:
-                factory = getattr(importlib.import_module(module), cls)
-            except ImportError as exc:
-                raise QlassError(f"environment {spec!r} is not available: {exc}") from None
-            return factory(**kwargs)
+            return load_object(":".join(_BUILTIN[spec]), "environment")(**kwargs)
         if ":" in spec:
-            module, _, cls = spec.partition(":")
-            try:
-                factory = getattr(importlib.import_module(module), cls)
-            except (ImportError, AttributeError) as exc:
-                raise QlassError(f"cannot load environment {spec!r}: {exc}") from None
-            return factory(**kwargs)
+            return load_object(spec, "environment")(**kwargs)
         raise QlassError(f"unknown environment {spec!r}; known: {', '.join(self.names())} "
                          "or 'package.module:Class'")
 
