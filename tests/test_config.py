@@ -94,3 +94,19 @@ def test_sft_defaults_are_the_paper_table5_and_cpu_config_loads() -> None:
     assert cpu.autocast and cpu.batch_size < cfg.batch_size
     assert "batch_size (default 64): effective batch size" in describe(SFTConfig)
     assert {f.name for f in dataclasses.fields(SFTConfig)} == set(help_text(SFTConfig))
+
+
+def test_pipeline_config_checks_every_section_before_any_work(tmp_path: Path) -> None:
+    """``qlass run`` resolves the whole file first: a bad backend or a bad stage option names the
+    file and the field; shipped configs resolve."""
+    from qlass.pipeline import resolve
+
+    with pytest.raises(QlassError, match=r"p\.yaml: field 'backend' must be one of local, process, ray"):
+        resolve({"backend": "threads"}, "p.yaml")
+    with pytest.raises(QlassError, match=r"p\.yaml: sft.*micro_bach"):
+        resolve({"sft": {"micro_bach": 2}}, "p.yaml")
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("demo.yaml", "reference.yaml", "paper.yaml"):
+        from qlass.config import load_yaml
+
+        resolve(load_yaml(root / name), name)

@@ -290,3 +290,49 @@ def test_max_length_drops_oldest_turns_before_sending(scripted: Any) -> None:
     assert len(policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 150
     assert HIST[0].content in prompt and HIST[-1].content in prompt  # instruction and task kept
     assert "Observation: o39" in prompt and "Observation: o1<" not in prompt  # newest kept, oldest dropped
+
+
+@pytest.mark.slow
+def test_pipeline_samples_through_a_policy_server(llama_server: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``policy_server`` in a ``qlass run`` config: exploration and evaluation sample from the server
+    (here llama.cpp serving the default model) with prompts rendered by the SFT folder's tokenizer."""
+    import os
+
+    import yaml
+
+    from qlass.tree import read_trees
+
+    tests = Path(__file__).parent
+    run_dir = tmp_path / "run"
+    config = {
+        "run_dir": str(run_dir), "model": str(tiny_model_dir), "env": "toy_envs:Corridor", "env_args": {"step_limit": 3},
+        "policy_server": llama_server, "policy": {"model": "smol", "api_key_env": "QLASS_TEST_API_KEY"},
+        "expert": {"per_task": 2},
+        "sft": {"epochs": 1, "batch_size": 2, "micro_batch": 2, "val_fraction": 0.0},
+        "explore": {"limit": 1, "skip": 2, "max_new_tokens": 16, "max_depth": 1, "max_nodes": 8},
+        "qnet": {"epochs": 1, "batch_size": 2, "val_fraction": 0.0, "max_length": 512, "max_action_tokens": 32,
+                 "baseline": False},
+        "eval": {"limit": 1, "max_steps": 2, "methods": ["greedy:max_new_tokens=16", "qlass:m=2,max_new_tokens=16"]},
+    }
+    path = tmp_path / "pipeline.yaml"
+    env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "QLASS_TEST_API_KEY": KEY}
+    path.write_text(yaml.safe_dump(config))  # the paper's workflow: SFT, then start a server on the checkpoint
+    done = subprocess.run([sys.executable, "-m", "qlass", "run", str(path), "--stop-after", "sft"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "stopped after stage sft" in done.stdout, done.stderr[-3000:]
+    assert (run_dir / "sft" / "model.safetensors").exists() and not (run_dir / "trees.jsonl").exists()
+    closed = f"http://127.0.0.1:{_free_port()}/v1"  # a server that is not there: exploration must fail
+    path.write_text(yaml.safe_dump({**config, "policy_server": closed, "policy": {**config["policy"], "max_retries": 0}}))
+    done = subprocess.run([sys.executable, "-m", "qlass", "run", str(path)], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and closed.removesuffix("/v1") in done.stderr, done.stderr[-3000:]
+    assert not (run_dir / "trees.jsonl").exists() or not (run_dir / "trees.jsonl").read_text()
+    path.write_text(yaml.safe_dump(config))  # then the real one (the finished SFT stage is kept)
+    done = subprocess.run([sys.executable, "-m", "qlass", "run", str(path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tree,) = read_trees(run_dir / "trees.jsonl")
+    sampled = [n for n in tree.nodes if n.source == "sample"]
+    assert sampled and all(n.prompt_tokens > 0 for n in sampled)
+    records = [json.loads(line) for line in (run_dir / "eval" / "records.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"greedy", "qlass(m=2)"}
+    assert all(r["prompt_tokens"] > 0 for r in records)

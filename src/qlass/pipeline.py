@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import build, load_yaml, option, save_yaml, to_dict
 from .errors import QlassError
+from .executor import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class PipelineConfig:
     env_args: dict = option({}, "environment constructor options")
     task_types: list[str] | None = option(None, "task types used by every stage (None: all)")
     policy: dict = option({}, "policy options for exploration and evaluation (e.g. autocast: true)")
+    policy_server: str | None = option(None, "base URL (http://host:port/v1) of an OpenAI-compatible server "
+                                       "(vLLM, SGLang) serving the SFT checkpoint: exploration and evaluation "
+                                       "sample through it (prompts rendered with the checkpoint's tokenizer)")
     backend: str = option("local", "executor for exploration and evaluation: local, process or ray")
     workers: int = option(1, "worker processes / Ray actors (process and ray backends; use threads: 1 "
                           "in policy with several workers on one machine)")
@@ -102,6 +106,8 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .sft import SFTConfig
 
     cfg = build(PipelineConfig, data, source)
+    if cfg.backend not in BACKENDS:
+        raise QlassError(f"{source}: field 'backend' must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     stage_opts, explore_opts = _split_options(dict(cfg.explore), ExploreStage)
     return Resolved(
         cfg=cfg,
@@ -129,8 +135,12 @@ def _save_resolved(r: Resolved) -> None:
     save_yaml(path, data)
 
 
-def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
-    """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows."""
+STAGES = ("sft", "explore", "qnet", "eval")
+
+
+def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list[dict[str, Any]] | None:
+    """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows, or
+    ``None`` when ``stop_after`` (``sft``, ``explore`` or ``qnet``) ends the run before evaluation."""
     from .data import save_trajectories
     from .envs.base import make_env
     from .evaluate import run_evaluation, select_tasks
@@ -143,6 +153,8 @@ def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
     from .sft import train_sft
     from .tree import export_qdata
 
+    if stop_after is not None and stop_after not in STAGES[:-1]:
+        raise QlassError(f"--stop-after must be one of {', '.join(STAGES[:-1])}, got {stop_after!r}")
     r = resolve(load_yaml(config_path), str(config_path))
     _save_resolved(r)
     cfg, run = r.cfg, r.run_dir
@@ -164,6 +176,8 @@ def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
         save_trajectories(expert_path, result.trajectories)
     log.info("stage 1b: SFT → %s", run / "sft")
     sft_dir = train_sft(expert_path, base, run / "sft", r.sft)
+    if stop_after == "sft":
+        return None
 
     # 2. exploration trees + Q data
     log.info("stage 2: exploration trees → %s", run / "trees.jsonl")
@@ -173,15 +187,23 @@ def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
         tasks = select_tasks(tasks, r.explore_stage.limit)
     finally:
         env.close()
-    policy = functools.partial(load_policy, str(sft_dir), seed=cfg.seed, **cfg.policy)
+    policy_spec, policy_opts = str(sft_dir), dict(cfg.policy)
+    if cfg.policy_server:
+        policy_spec = cfg.policy_server
+        policy_opts.setdefault("tokenizer", str(sft_dir))
+    policy = functools.partial(load_policy, policy_spec, seed=cfg.seed, **policy_opts)
     explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
                   run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers))
     counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl")
     log.info("Q data: %d records from %d trees", counts["records"], counts["trees"])
+    if stop_after == "explore":
+        return None
 
     # 3. QNet
     log.info("stage 3: QNet → %s", run / "qnet")
     train_qnet(run / "qdata.jsonl", sft_dir, run / "qnet", r.qnet)
+    if stop_after == "qnet":
+        return None
 
     # 4. evaluation
     log.info("stage 4: evaluation → %s", run / "eval")
@@ -193,7 +215,7 @@ def run_pipeline(config_path: str | Path) -> list[dict[str, Any]]:
         if r.eval.max_steps is not None:
             opts.setdefault("max_steps", r.eval.max_steps)
         methods.append((name, opts))
-    return run_evaluation(model=str(sft_dir), env_spec=cfg.env, splits=r.eval.splits, methods=methods,
+    return run_evaluation(model=policy_spec, env_spec=cfg.env, splits=r.eval.splits, methods=methods,
                           out_dir=run / "eval", env_kwargs=cfg.env_args, task_types=types, limit=r.eval.limit,
-                          qnet_dir=run / "qnet", policy_kwargs=dict(cfg.policy), seed=cfg.seed,
+                          qnet_dir=run / "qnet", policy_kwargs=policy_opts, seed=cfg.seed,
                           backend=cfg.backend, workers=cfg.workers)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
-    def run(config: Path = typer.Argument(..., help="Pipeline YAML (see configs/demo.yaml).")) -> None:
+    def run(
+        config: Path = typer.Argument(..., help="Pipeline YAML (see configs/demo.yaml)."),
+        stop_after: Optional[str] = typer.Option(None, help="Stop after this stage: sft, explore or qnet (e.g. "
+                                                 "to start a vLLM/SGLang server on the SFT checkpoint)."),
+    ) -> None:
         """Expert data → SFT → exploration trees → Q data → QNet → evaluation, skipping finished stages."""
         from ..pipeline import run_pipeline
         from ..report import markdown_table
 
-        rows = run_pipeline(config)
-        typer.echo(markdown_table(rows))
+        rows = run_pipeline(config, stop_after=stop_after)
+        if rows is None:
+            typer.echo(f"stopped after stage {stop_after}; rerun without --stop-after to continue")
+        else:
+            typer.echo(markdown_table(rows))
