@@ -204,3 +204,26 @@ def test_tree_from_dict_accepts_what_to_dict_writes() -> None:
     tree = make_tree(MIXED)
     tree.stats = {"env_steps": 9}
     assert tree_from_dict(json.loads(json.dumps(tree.to_dict()))).to_dict() == tree.to_dict()
+
+
+def test_data_validate_command_reads_trees_and_qdata(tmp_path: Path) -> None:
+    """``qlass data validate`` tells the file kinds apart and checks their schemas (exit 1 on a bad record)."""
+    import subprocess
+    import sys
+
+    trees = tmp_path / "trees.jsonl"
+    write_jsonl(trees, [make_tree(MIXED, "t/b").to_dict(), make_tree([(0, 1.0, True)], "t/a").to_dict()])
+    qdata = tmp_path / "qdata.jsonl"
+    export_qdata(trees, qdata)
+    ok = subprocess.run([sys.executable, "-m", "qlass", "data", "validate", str(trees), str(qdata)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "2 trees, 8 nodes, all valid" in ok.stdout and "6 Q records from 2 trees, all valid" in ok.stdout
+    lines = qdata.read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["q"] = "high"
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines[:2] + [json.dumps(bad)] + lines[3:]) + "\n")
+    done = subprocess.run([sys.executable, "-m", "qlass", "data", "validate", str(tmp_path / "bad.jsonl")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "bad.jsonl: line 3: field 'q' must be int or float, got str" in done.stderr

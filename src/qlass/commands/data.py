@@ -15,19 +15,43 @@ def register(app: typer.Typer) -> None:
     data_app = typer.Typer(help="Trajectory files: validate, export expert data.", no_args_is_help=True)
 
     @data_app.command("validate")
-    def validate(files: list[Path] = typer.Argument(..., help="JSON or JSONL trajectory files.")) -> None:
-        """Check every record (ids, role order, Action lines, rewards); exit 1 if any is invalid."""
+    def validate(
+        files: list[Path] = typer.Argument(..., help="Trajectory files (JSON/JSONL), trees.jsonl or qdata.jsonl."),
+        kind: str = typer.Option("auto", help="trajectories, trees, qdata, or auto (from the first record's fields)."),
+    ) -> None:
+        """Check every record (trajectories: ids, role order, Action lines, rewards; trees and Q data:
+        their schemas); exit 1 if any is invalid, 2 if a file cannot be read."""
         from ..data import validate_file
+        from ..errors import DataError
+        from ..tree import read_qdata, read_trees
 
+        if kind not in ("auto", "trajectories", "trees", "qdata"):
+            raise typer.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")
         bad = False
         for path in files:
-            report = validate_file(path)
-            n_turns = sum(len(t.messages) for t in report.trajectories)
-            typer.echo(f"{path}: {report.records} records, {len(report.trajectories)} valid, "
-                       f"{report.invalid_records} invalid ({len(report.errors)} problems), {n_turns} turns in valid records")
-            for err in report.errors:
-                typer.echo(err, err=True)
-            bad |= not report.ok
+            what = _detect_kind(path) if kind == "auto" else kind
+            if what == "trajectories":
+                report = validate_file(path)
+                n_turns = sum(len(t.messages) for t in report.trajectories)
+                typer.echo(f"{path}: {report.records} records, {len(report.trajectories)} valid, "
+                           f"{report.invalid_records} invalid ({len(report.errors)} problems), {n_turns} turns in valid records")
+                for err in report.errors:
+                    typer.echo(err, err=True)
+                bad |= not report.ok
+                continue
+            try:
+                if what == "trees":
+                    trees = read_trees(path)
+                    typer.echo(f"{path}: {len(trees)} trees, {sum(len(t.nodes) for t in trees)} nodes, all valid")
+                else:
+                    records = read_qdata(path)
+                    n_trees = len({r["tree_id"] for r in records})
+                    typer.echo(f"{path}: {len(records)} Q records from {n_trees} trees, all valid")
+            except DataError as exc:
+                if exc.index is None and "file not found" in exc.problem:
+                    raise
+                typer.echo(str(exc), err=True)
+                bad = True
         raise typer.Exit(1 if bad else 0)
 
     @data_app.command("expert")
@@ -63,3 +87,27 @@ def register(app: typer.Typer) -> None:
                    f"excluded {len(result.excluded)}" + (f": {', '.join(result.excluded)}" if result.excluded else ""))
 
     app.add_typer(data_app, name="data")
+
+
+def _detect_kind(path: Path) -> str:
+    """``trees``, ``qdata`` or ``trajectories`` from the first record's fields."""
+    import json
+
+    from ..errors import DataError
+
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = fh.readline().strip()
+    except FileNotFoundError:
+        raise DataError(str(path), "file not found") from None
+    except OSError as exc:
+        raise DataError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    try:
+        record = json.loads(first) if first and not first.startswith("[") else None
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and "nodes" in record:
+        return "trees"
+    if isinstance(record, dict) and "q" in record and "node_id" in record:
+        return "qdata"
+    return "trajectories"
