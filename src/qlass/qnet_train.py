@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -196,6 +197,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
         history.append(_log_epoch(out, 0, step, validate(qnet, val), None))
     lengths = [len(g.prefix) + sum(map(len, g.suffixes)) for g in train]
     n_epochs = math.ceil(sched_plan.total_steps / sched_plan.steps_per_epoch)
+    log_every = max(1, sched_plan.total_steps // 20)
     with progress_bar("qnet") as progress:
         bar = progress.add_task("", total=sched_plan.total_steps, completed=step, loss=float("nan"))
         for epoch in range(step // sched_plan.steps_per_epoch, n_epochs):
@@ -207,6 +209,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
             for micro_batches in steps_from(batches, sched_plan.accumulation, skip):
                 if step >= sched_plan.total_steps:
                     break
+                started = time.perf_counter()
                 n_records = sum(len(train[i].targets) for mb in micro_batches for i in mb)
                 total = 0.0
                 for mb in micro_batches:
@@ -221,6 +224,11 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
                 step += 1
                 epoch_loss, epoch_n = epoch_loss + total, epoch_n + n_records
                 progress.update(bar, advance=1, loss=total / n_records)
+                log_metrics(out, {"kind": "qnet_train", "step": step, "epoch": epoch, "train_mse": total / n_records,
+                                  "lr": sched.get_last_lr()[0], "records": n_records,
+                                  "seconds": round(time.perf_counter() - started, 3)})
+                if step % log_every == 0:
+                    log.info("step %d/%d: train mse %.4f", step, sched_plan.total_steps, total / n_records)
                 if step % cfg.save_every == 0 and step < sched_plan.total_steps:
                     save_checkpoint(out, qnet.model, opt, sched, step, chash)
             train_mse = epoch_loss / epoch_n if epoch_n else None
