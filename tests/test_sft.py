@@ -105,6 +105,21 @@ def test_training_lowers_loss_and_saves_a_loadable_model(tiny_model_dir, tok, tm
         train_sft(data, tiny_model_dir, out, SFTConfig(epochs=1))
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, tmp_path: Path, lora: bool) -> None:
+    """Recomputing activations saves memory but must not change what is learnt (nor the run's hash)."""
+    data = write_data(tmp_path / "data.json", n=4)
+    opts = {"epochs": 1, "lr": 1e-2, "batch_size": 2, "micro_batch": 2, "val_fraction": 0.0, "threads": 1,
+            "lora": lora, "lora_r": 4, "lora_dropout": 0.0}
+    plain = train_sft(data, tiny_model_dir, tmp_path / "plain", SFTConfig(**opts))
+    ckpt = train_sft(data, tiny_model_dir, tmp_path / "ckpt", SFTConfig(**opts, gradient_checkpointing=True))
+    a = AutoModelForCausalLM.from_pretrained(plain).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert not torch.allclose(b["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
 def test_lora_merges_into_plain_model(tiny_model_dir, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.json", n=4)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()

@@ -79,6 +79,9 @@ class SFTConfig(TrainerConfig):
     micro_batch: int = option(2, "sequences per forward pass; batch_size/micro_batch passes are accumulated")
     max_length: int = option(4096, "longest sequence in tokens; longer conversations are windowed, oldest turns dropped first")
     val_fraction: float = option(0.1, "fraction of trajectories held out for the validation loss")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: about half the peak "
+                                          "memory (SmolLM2, 2 x 2048 tokens: 6.4 -> 3.3 GB) for more compute",
+                                          runtime=True)
     seed: int = option(0, "seed for the split, batch order and initialisation")
 
     def __post_init__(self) -> None:
@@ -280,6 +283,10 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     trajectories = load_trajectories(data)
     model, tokenizer = _build_model(model_dir, cfg)
     model.to(resolve_device(cfg.device))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:
+            model.enable_input_require_grads()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_idx, val_idx = split_indices(len(trajectories), cfg.val_fraction, cfg.seed)
     train = _encode_all(tokenizer, trajectories, train_idx, cfg.max_length, data)
