@@ -51,3 +51,12 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
     again = subprocess.run([sys.executable, "-m", "qlass", "run", str(path)], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "complete; nothing to do" in again.stderr
+    # the same SFT checkpoint reused by another run folder: stage 1 is skipped, exploration runs
+    reuse = {**config, "run_dir": str(tmp_path / "reuse"), "sft_model": str(run_dir / "sft")}
+    path.write_text(yaml.safe_dump(reuse))
+    done = subprocess.run([sys.executable, "-m", "qlass", "run", str(path), "--stop-after", "explore"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopped after stage explore" in done.stdout
+    assert not (tmp_path / "reuse" / "sft").exists() and not (tmp_path / "reuse" / "expert.json").exists()
+    assert [t.to_dict() for t in read_trees(tmp_path / "reuse" / "trees.jsonl")] == [t.to_dict() for t in trees]

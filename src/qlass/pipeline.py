@@ -2,7 +2,9 @@
 
     expert data ─► SFT ─► exploration trees ─► Q data ─► QNet ─► evaluation (table + budget curve)
 
-Every stage writes into the run folder and is skipped when its output is complete; the stages
+``sft_model: DIR`` starts from an existing SFT checkpoint instead of stage 1 (e.g. one trained
+elsewhere, or to compare exploration settings on one SFT model). Every stage writes into the run
+folder and is skipped when its output is complete; the stages
 that are themselves resumable (SFT, exploration, QNet training, evaluation) continue where an
 interrupted run stopped. The resolved configuration is saved as ``config.yaml`` in the run folder;
 rerunning with a changed stage configuration is refused for stages already complete (use a new
@@ -70,6 +72,8 @@ class PipelineConfig:
     backend: str = option("local", "executor for exploration and evaluation: local, process or ray")
     workers: int = option(1, "worker processes / Ray actors (process and ray backends; use threads: 1 "
                           "in policy with several workers on one machine)")
+    sft_model: str | None = option(None, "an existing SFT checkpoint (HF causal-LM folder) to explore and "
+                                   "evaluate with: stage 1 (expert data, SFT) is skipped")
     expert: dict = option({}, "ExpertStage options")
     sft: dict = option({}, "SFTConfig options")
     explore: dict = option({}, "ExploreStage options plus ExploreConfig options")
@@ -135,22 +139,43 @@ def _save_resolved(r: Resolved) -> None:
     save_yaml(path, data)
 
 
+def _expert_and_sft(r: Resolved, base: Path) -> Path:
+    """Stage 1: export verified expert trajectories (unless given) and fine-tune ``base`` on them."""
+    from .data import save_trajectories
+    from .envs.base import make_env
+    from .expert import export_expert
+    from .sft import train_sft
+
+    cfg, run = r.cfg, r.run_dir
+    expert_path = Path(r.expert.data) if r.expert.data else run / "expert.json"
+    if not expert_path.exists():
+        log.info("stage 1a: exporting expert trajectories to %s", expert_path)
+        env = make_env(cfg.env, **cfg.env_args)
+        try:
+            tasks = env.tasks(r.expert.split, cfg.task_types)
+            result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps)
+        finally:
+            env.close()
+        if not result.trajectories:
+            raise QlassError(f"no expert trajectory could be verified for {cfg.env} {cfg.task_types}")
+        save_trajectories(expert_path, result.trajectories)
+    log.info("stage 1b: SFT → %s", run / "sft")
+    return train_sft(expert_path, base, run / "sft", r.sft)
+
+
 STAGES = ("sft", "explore", "qnet", "eval")
 
 
 def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list[dict[str, Any]] | None:
     """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows, or
     ``None`` when ``stop_after`` (``sft``, ``explore`` or ``qnet``) ends the run before evaluation."""
-    from .data import save_trajectories
     from .envs.base import make_env
     from .evaluate import run_evaluation, select_tasks
-    from .expert import export_expert
     from .executor import make_executor
     from .explore import explore_tasks
     from .models import default_model_dir
     from .policy import load_policy
     from .qnet_train import train_qnet
-    from .sft import train_sft
     from .tree import export_qdata
 
     if stop_after is not None and stop_after not in STAGES[:-1]:
@@ -158,24 +183,16 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     r = resolve(load_yaml(config_path), str(config_path))
     _save_resolved(r)
     cfg, run = r.cfg, r.run_dir
-    base = default_model_dir() if cfg.model == "default" else Path(cfg.model)
     types = cfg.task_types
 
     # 1. expert data + SFT
-    expert_path = Path(r.expert.data) if r.expert.data else run / "expert.json"
-    if not expert_path.exists():
-        log.info("stage 1a: exporting expert trajectories to %s", expert_path)
-        env = make_env(cfg.env, **cfg.env_args)
-        try:
-            tasks = env.tasks(r.expert.split, types)
-            result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps)
-        finally:
-            env.close()
-        if not result.trajectories:
-            raise QlassError(f"no expert trajectory could be verified for {cfg.env} {types}")
-        save_trajectories(expert_path, result.trajectories)
-    log.info("stage 1b: SFT → %s", run / "sft")
-    sft_dir = train_sft(expert_path, base, run / "sft", r.sft)
+    if cfg.sft_model:
+        sft_dir = Path(cfg.sft_model)
+        if not (sft_dir / "config.json").exists():
+            raise QlassError(f"{config_path}: field 'sft_model': {sft_dir} is not a model folder (no config.json)")
+        log.info("stage 1: using the SFT checkpoint %s", sft_dir)
+    else:
+        sft_dir = _expert_and_sft(r, default_model_dir() if cfg.model == "default" else Path(cfg.model))
     if stop_after == "sft":
         return None
 
