@@ -110,3 +110,23 @@ def test_pipeline_config_checks_every_section_before_any_work(tmp_path: Path) ->
         from qlass.config import load_yaml
 
         resolve(load_yaml(root / name), name)
+
+
+def test_run_folder_accepts_older_config_files_but_not_changed_settings(tmp_path: Path) -> None:
+    """A finished SFT stage is reused when config.yaml differs only by options added later (at their
+    defaults) or runtime options; a changed training setting is refused."""
+    import yaml
+
+    from qlass.pipeline import _save_resolved, resolve
+
+    run = tmp_path / "run"
+    data = {"run_dir": str(run), "sft": {"epochs": 1, "lr": 1.0e-4}}
+    _save_resolved(resolve(data, "p.yaml"))
+    (run / "sft").mkdir()
+    (run / "sft" / ".qlass-complete").write_text("sft x\n")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["sft"]["gradient_checkpointing"], saved["sft_model"]  # as written by an older qlass
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    _save_resolved(resolve({**data, "sft": {**data["sft"], "threads": 1}, "workers": 2}, "p.yaml"))
+    with pytest.raises(QlassError, match="different settings for sft"):
+        _save_resolved(resolve({**data, "sft": {"epochs": 1, "lr": 2.0e-4}}, "p.yaml"))

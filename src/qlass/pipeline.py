@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import build, load_yaml, option, save_yaml, to_dict
+from .config import build, config_hash, load_yaml, option, save_yaml, to_dict
 from .errors import QlassError
 from .executor import BACKENDS
 
@@ -130,10 +130,15 @@ def _save_resolved(r: Resolved) -> None:
             "explore": {**to_dict(r.explore_stage), **to_dict(r.explore)}, "qnet": to_dict(r.qnet),
             "eval": to_dict(r.eval)}
     path = r.run_dir / "config.yaml"
-    if path.exists():
-        old = load_yaml(path)
-        changed = [k for k in ("model", "env", "env_args", "task_types", "expert", "sft") if old.get(k) != data.get(k)]
-        if changed and (r.run_dir / "sft" / ".qlass-complete").exists():
+    if path.exists() and (r.run_dir / "sft" / ".qlass-complete").exists():
+        # compared as resolved configs: options added since (at their defaults) and runtime options
+        # such as threads do not count as changes
+        old = resolve(load_yaml(path), str(path))
+        pairs = {"model": (old.cfg.model, r.cfg.model), "env": (old.cfg.env, r.cfg.env),
+                 "env_args": (old.cfg.env_args, r.cfg.env_args), "task_types": (old.cfg.task_types, r.cfg.task_types),
+                 "expert": (to_dict(old.expert), to_dict(r.expert)), "sft": (config_hash(old.sft), config_hash(r.sft))}
+        changed = [k for k, (before, now) in pairs.items() if before != now]
+        if changed:
             raise QlassError(f"{path}: the run folder was made with different settings for {', '.join(changed)}; "
                              "use a new run_dir")
     save_yaml(path, data)
