@@ -106,7 +106,7 @@ def test_pipeline_config_checks_every_section_before_any_work(tmp_path: Path) ->
     with pytest.raises(QlassError, match=r"p\.yaml: sft.*micro_bach"):
         resolve({"sft": {"micro_bach": 2}}, "p.yaml")
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("demo.yaml", "reference.yaml", "reference-c4.yaml", "paper.yaml"):
+    for name in ("demo.yaml", "reference.yaml", "reference-wide.yaml", "paper.yaml"):
         from qlass.config import load_yaml
 
         resolve(load_yaml(root / name), name)
