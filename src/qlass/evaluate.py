@@ -26,7 +26,7 @@ from .envs.base import Env
 from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl, read_jsonl
 from .search import METHODS, SearchContext, ValueModel, method_label
-from .policy.base import Policy
+from .policy.base import Policy, ready_policy
 from .errors import QlassError
 from .types import Task
 
@@ -116,8 +116,7 @@ class EvalWorker:
         self.make_env, self.policy, self.qnet = make_env, policy, qnet
 
     def __call__(self) -> Callable[[tuple[MethodRun, Task, int]], dict[str, Any]]:
-        ready = isinstance(self.policy, Policy) and not isinstance(self.policy, type)
-        policy = self.policy if ready else self.policy()  # type: ignore[operator]
+        policy = ready_policy(self.policy)
         qnet = self.qnet() if callable(self.qnet) and not hasattr(self.qnet, "score") else self.qnet
         return _BoundEvalWorker(self.make_env(), policy, qnet, self.make_env)
 

@@ -43,7 +43,7 @@ from .errors import QlassError
 from .evaluate import stable_seed
 from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl
-from .policy.base import Policy
+from .policy.base import Policy, ready_policy
 from .search import normalise_action
 from .tree import BackupConfig, Node, Tree, assign_q, read_trees, tree_from_dict
 from .types import Completion, Step, Task
@@ -304,8 +304,7 @@ class TreeWorker:
 
     def __call__(self) -> Callable[[tuple[Task, int]], dict[str, Any]]:
         env = self.make_env()
-        ready = isinstance(self.policy, Policy) and not isinstance(self.policy, type)
-        policy = self.policy if ready else self.policy()  # type: ignore[operator]
+        policy = ready_policy(self.policy)
         return _BoundWorker(env, policy, self.cfg)
 
 

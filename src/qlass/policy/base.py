@@ -8,7 +8,7 @@ a backend returns the same completions.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from ..types import Completion, History
 
@@ -26,3 +26,10 @@ class Policy(Protocol):
         seed: int | None = None,
     ) -> list[list[Completion]]:
         """``n`` completions per history; each is one ``Thought: ...\\nAction: ...`` output."""
+
+
+def ready_policy(policy: Policy | Callable[[], Policy]) -> Policy:
+    """``policy`` itself, or what it makes when it is a factory (as executors' workers receive it)."""
+    if isinstance(policy, Policy) and not isinstance(policy, type):
+        return policy
+    return policy()  # type: ignore[operator]
