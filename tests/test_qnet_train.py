@@ -12,8 +12,9 @@ import pytest
 from qlass.errors import DataError
 from qlass.policy.render import encode_conversation, render
 from qlass.qnet import QNet
-from qlass.qnet_data import make_groups, ranking_metrics, read_qdata, spearman, split_by_tree
-from qlass.qnet_train import QNetTrainConfig, encode_groups, train_qnet
+from qlass.qnet_data import QRecord, make_groups, ranking_metrics, read_qdata, spearman, split_by_tree
+from qlass.qnet_pack import step_batches
+from qlass.qnet_train import QNetTrainConfig, pack, train_qnet
 from qlass.types import Message
 
 GOOD = ["north", "open", "take", "look"]
@@ -99,14 +100,50 @@ def test_ranking_metrics_count_only_sibling_pairs_with_different_targets() -> No
 def test_training_input_equals_inference_input(tiny_model_dir: Path, tmp_path: Path) -> None:
     qnet = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64)
     records = read_qdata(synthetic_qdata(tmp_path / "q.jsonl", trees=2))
-    for g in encode_groups(qnet, make_groups(records, "q")):
-        for rec, suffix in zip(g.records, g.suffixes, strict=True):
-            history = list(rec.messages)
-            ids = g.prefix + suffix
-            assert ids == encode_conversation(qnet.tokenizer, history, True)[0] + \
-                qnet.tokenizer(rec.action, add_special_tokens=False).input_ids
-            assert ids == qnet.encode(history, rec.action)
-            assert qnet.tokenizer.decode(ids) == render(qnet.tokenizer, history, True) + rec.action
+    rows = pack(qnet, records)
+    packed = [(r, row.ids[:end + 1], n) for row in rows for r, end, n in zip(row.records, row.ends, row.action_lengths)]
+    assert sorted(r.node_id for r, _, _ in packed if r.tree_id == "tree0") == list(range(1, 7))  # each once
+    assert len(packed) == len(records)
+    for rec, ids, n_action in packed:
+        history = list(rec.messages)
+        assert ids == encode_conversation(qnet.tokenizer, history, True)[0] + \
+            qnet.tokenizer(rec.action, add_special_tokens=False).input_ids
+        assert ids == qnet.encode(history, rec.action)
+        assert n_action == len(qnet.encode_action(rec.action))
+        assert qnet.tokenizer.decode(ids) == render(qnet.tokenizer, history, True) + rec.action
+
+
+def test_packed_paths_give_the_values_inference_scores(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One forward per packed path must equal ``QNet.score`` of each (history, action) on its own."""
+    qnet = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64, seed=3)
+    records = read_qdata(synthetic_qdata(tmp_path / "q.jsonl", trees=2, seed=7))
+    rows = pack(qnet, records)
+    assert len(rows) == 2 * 4  # per tree: 2 leaves of the last group + 1 off-path sibling in each earlier one
+    assert max(len(row.records) for row in rows) == 3  # a path holds its ancestors' inputs
+    for row in rows:
+        packed = qnet.values_at(row.ids, row.ends).tolist()
+        alone = [qnet.score(list(r.messages), [r.action])[0] for r in row.records]
+        assert packed == pytest.approx(alone, abs=1e-4)
+
+
+def test_packing_keeps_unrelated_inputs_apart_and_batches_cover_every_row(tiny_model_dir: Path) -> None:
+    qnet = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64)
+    base = (Message("user", "Task: find a plant."),)
+    longer = base + (Message("assistant", "Action: look"), Message("user", "You see a plant."))
+    recs = [QRecord("t", "x/1", 1, 0, "t:0", 1, base, "Action: look", 1.0),
+            QRecord("t", "x/1", 2, 1, "t:1", 2, longer, "Action: take plant", 1.0),
+            QRecord("t", "x/1", 3, 0, "t:0", 1, base, "Action: wait", 0.0),
+            QRecord("u", "x/2", 1, 0, "u:0", 1, base, "Action: look", 0.5)]
+    rows = pack(qnet, recs)
+    assert [[r.node_id for r in row.records] for row in rows] == [[2, 1], [3], [1]]  # trees never share a row
+    assert rows[2].records[0].tree_id == "u"
+    counts = [9, 1, 4, 4, 12, 3, 2, 8]
+    steps = step_batches(counts, 8, seed=0, epoch=0)
+    assert sorted(i for s in steps for i in s) == list(range(len(counts)))
+    assert steps == step_batches(counts, 8, seed=0, epoch=0) != step_batches(counts, 8, seed=0, epoch=1)
+    for s in steps:
+        n = sum(counts[i] for i in s)
+        assert len(s) == 1 or abs(n - 8) <= max(counts[i] for i in s)
 
 
 CFG = dict(epochs=2, lr=3e-3, batch_size=4, max_length=512, max_action_tokens=32, val_fraction=0.25,

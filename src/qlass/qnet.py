@@ -284,11 +284,25 @@ class QNet:
 
     # -- values -------------------------------------------------------------------------------
     def values(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Values ``[M]`` of ``prefix + suffix`` per suffix (differentiable; training uses it too)."""
+        """Values ``[M]`` of ``prefix + suffix`` per suffix (differentiable), the history computed once."""
         prefix_last, hidden = shared_prefix_hidden(backbone_of(self.model), prefix, suffixes, self.autocast)
         last = last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes])
         head = self.model.score
         with torch.autocast(last.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = head(last.to(head.weight.dtype))
+        return out.float().squeeze(-1)
+
+    def values_at(self, ids: Sequence[int], ends: Sequence[int]) -> torch.Tensor:
+        """Values ``[K]`` read at positions ``ends`` of one causal forward over ``ids`` (differentiable):
+        the value of each input ``ids[: end + 1]`` — how training scores a packed path
+        (:mod:`qlass.qnet_pack`)."""
+        backbone = backbone_of(self.model)
+        device = backbone.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = backbone(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device),
+                              use_cache=False).last_hidden_state[0]
+            last = hidden[torch.tensor(list(ends), dtype=torch.long, device=device)].float()
+            head = self.model.score
             out = head(last.to(head.weight.dtype))
         return out.float().squeeze(-1)
 

@@ -5,10 +5,11 @@ Q data (``qdata.jsonl``, written by exploration) holds one record per (history, 
     {"schema_version": 1, "tree_id": str, "task": str, "node_id": int, "parent_id": int,
      "group": str, "depth": int, "messages": [{"role", "content"}, ...], "action": str, "q": float}
 
-Siblings (same ``tree_id`` and ``group``) share their history, so training runs each sibling group
-as one shared-prefix batch (:meth:`qlass.qnet.QNet.values`, the very code that scores candidates at
-inference): the history is computed once per group, with gradients. An optimizer step covers
-``batch_size`` groups.
+Training packs the records of each tree into token rows, one per path (:mod:`qlass.qnet_pack`): a
+record's input (the policy's prompt, then the action, exactly what inference scores) is a prefix of
+its descendants' inputs, so one causal forward over a path gives every value on it
+(:meth:`qlass.qnet.QNet.values_at`), with gradients. An optimizer step covers about ``batch_size``
+records (whole rows); the loss is the mean squared error over them.
 
 Validation holds out whole trees (seeded; no tree in both splits). Per epoch it reports MSE,
 pairwise ranking accuracy among siblings with different targets (prediction ties count half) and
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,11 +32,12 @@ import torch
 
 from .config import config_hash, option, save_yaml, to_dict
 from .models import resolve_device
-from .qnet import QNet, backbone_of, shared_prefix_hidden
-from .qnet_data import Group, QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
+from .qnet import QNet, backbone_of
+from .qnet_data import QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
+from .qnet_pack import PackedRow, pack_records, step_batches
 from .train_utils import (
-    TrainerConfig, epoch_batches, load_checkpoint, log_metrics, optimizer_and_schedule, plan, progress_bar,
-    rewind_metrics, save_checkpoint, steps_from,
+    TrainerConfig, load_checkpoint, log_metrics, optimizer_and_schedule, progress_bar, rewind_metrics,
+    save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class QNetTrainConfig(TrainerConfig):
     lr: float = option(2e-5, "peak learning rate")
     head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); a larger one "
                                    "helps short CPU runs")
-    batch_size: int = option(32, "sibling groups per optimizer step (paper: 64 examples, about 32 groups)")
+    batch_size: int = option(64, "records per optimizer step, as near as whole packed paths allow (paper: 64)")
     max_length: int = option(4096, "longest input in tokens (history + action); oldest turns dropped first")
     max_action_tokens: int = option(256, "tokens reserved for the candidate action (longer ones keep their end)")
     val_fraction: float = option(0.1, "fraction of trees held out for validation")
@@ -71,45 +72,38 @@ class QNetTrainConfig(TrainerConfig):
             raise ValueError(f"lr and head_lr must be > 0, got {self.lr} and {self.head_lr}")
 
 
-@dataclass
-class EncodedGroup:
-    """A sibling group as token ids: the shared history once, each action's own ids, the targets."""
-
-    prefix: list[int]
-    suffixes: list[list[int]]
-    targets: list[float]
-    records: list[QRecord]
+def pack(qnet: QNet, records: Sequence[QRecord]) -> list[PackedRow]:
+    """``records`` packed into token rows with the QNet's (= the policy's) input encoding."""
+    return pack_records(qnet.encode_history, qnet.encode_action, records)
 
 
-def encode_groups(qnet: QNet, groups: Sequence[Group]) -> list[EncodedGroup]:
-    """Tokenize every group with the QNet's (= the policy's) input encoding."""
-    return [EncodedGroup(qnet.encode_history(g.messages), [qnet.encode_action(r.action) for r in g.records],
-                         [r.q for r in g.records], list(g.records)) for g in groups]
-
-
-def predict(score_group: Callable[[EncodedGroup], torch.Tensor], groups: Sequence[EncodedGroup]) -> list[float]:
-    """Scores of every record of ``groups`` (group order, then record order), without gradients."""
+def predict(score_row: Callable[[PackedRow], torch.Tensor], rows: Sequence[PackedRow]) -> list[float]:
+    """Scores of every record of ``rows`` (row order, then record order), without gradients."""
     out: list[float] = []
     with torch.no_grad():
-        for g in groups:
-            out += [float(v) for v in score_group(g)]
+        for row in rows:
+            out += [float(v) for v in score_row(row)]
     return out
 
 
-def validate(qnet: QNet, groups: Sequence[EncodedGroup]) -> dict[str, Any]:
-    """MSE, sibling ranking accuracy and Spearman of the QNet on ``groups``."""
+def _metrics(rows: Sequence[PackedRow], preds: Sequence[float]) -> dict[str, Any]:
+    records = [r for row in rows for r in row.records]
+    return ranking_metrics([(r.tree_id, r.group) for r in records], [r.q for r in records], preds)
+
+
+def validate(qnet: QNet, rows: Sequence[PackedRow]) -> dict[str, Any]:
+    """MSE, sibling ranking accuracy and Spearman of the QNet on the records of ``rows``."""
     was_training = qnet.model.training
     qnet.model.eval()
-    preds = predict(lambda g: qnet.values(g.prefix, g.suffixes), groups)
+    preds = predict(lambda row: qnet.values_at(row.ids, row.ends), rows)
     qnet.model.train(was_training)
-    records = [r for g in groups for r in g.records]
-    targets = [r.q for r in records]
-    metrics = ranking_metrics([(r.tree_id, r.group) for r in records], targets, preds)
+    targets = [t for row in rows for t in row.targets]
+    metrics = _metrics(rows, preds)
     metrics["mse"] = sum((p - t) ** 2 for p, t in zip(preds, targets, strict=True)) / max(len(targets), 1)
     return metrics
 
 
-def loglik_ranker_metrics(sft_dir: str | Path, groups: Sequence[EncodedGroup], autocast: bool = False,
+def loglik_ranker_metrics(sft_dir: str | Path, rows: Sequence[PackedRow], autocast: bool = False,
                           device: str = "cpu") -> dict[str, Any]:
     """Sibling ranking by the SFT policy's summed log-probability of each action given its history."""
     from .policy.hf import load_causal_lm
@@ -119,27 +113,23 @@ def loglik_ranker_metrics(sft_dir: str | Path, groups: Sequence[EncodedGroup], a
     backbone = backbone_of(lm)
     head = lm.get_output_embeddings()
 
-    def score(g: EncodedGroup) -> torch.Tensor:
-        prefix_last, hidden = shared_prefix_hidden(backbone, g.prefix, g.suffixes, autocast)
+    def score(row: PackedRow) -> torch.Tensor:
+        ids = torch.tensor([row.ids], dtype=torch.long, device=backbone.device)
+        with torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=autocast):
+            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[0].float()
         sums = []
-        for i, ids in enumerate(g.suffixes):
-            if not ids:
-                sums.append(torch.tensor(0.0))
-                continue
-            # token k of the action is predicted from the position before it (the prefix's last for k=0)
-            states = torch.cat([prefix_last[None], hidden[i, : len(ids) - 1]])
-            logp = torch.log_softmax(head(states.to(head.weight.dtype)).float(), dim=-1)
-            sums.append(logp[torch.arange(len(ids)), torch.tensor(ids, device=logp.device)].sum().cpu())
+        for end, n in zip(row.ends, row.action_lengths, strict=True):
+            # the action is ids[end-n+1 : end+1]; token p is predicted from the hidden state at p-1
+            logp = torch.log_softmax(head(hidden[end - n:end].to(head.weight.dtype)).float(), dim=-1)
+            sums.append(logp[torch.arange(n), ids[0, end - n + 1:end + 1]].sum().cpu())
         return torch.stack(sums)
 
-    preds = predict(score, groups)
-    records = [r for g in groups for r in g.records]
-    return ranking_metrics([(r.tree_id, r.group) for r in records], [r.q for r in records], preds)
+    return _metrics(rows, predict(score, rows))
 
 
-def _group_loss(qnet: QNet, g: EncodedGroup) -> torch.Tensor:
-    values = qnet.values(g.prefix, g.suffixes)
-    return ((values - torch.tensor(g.targets, device=values.device)) ** 2).sum()
+def _row_loss(qnet: QNet, row: PackedRow) -> torch.Tensor:
+    values = qnet.values_at(row.ids, row.ends)
+    return ((values - torch.tensor(row.targets, device=values.device)) ** 2).sum()
 
 
 def _apply_lora(qnet: QNet, cfg: QNetTrainConfig) -> Any:
@@ -167,53 +157,56 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     records = read_qdata(qdata)
+    make_groups(records, str(qdata))  # siblings must share their history (else the ranking keys lie)
     train_records, val_records = split_by_tree(records, cfg.val_fraction, cfg.seed)
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
     device = resolve_device(cfg.device)
     qnet.model.to(device)
-    train = encode_groups(qnet, make_groups(train_records, str(qdata)))
-    val = encode_groups(qnet, make_groups(val_records, str(qdata)))
+    train, val = pack(qnet, train_records), pack(qnet, val_records)
     peft_model = _apply_lora(qnet, cfg) if cfg.lora else None
     qnet.model.train()
-    sched_plan = plan(len(train), cfg.batch_size, 1, cfg.epochs, cfg.max_steps)
+    counts = [len(row.records) for row in train]
+    epoch_steps = [step_batches(counts, cfg.batch_size, cfg.seed, e) for e in range(cfg.epochs)]
+    total_steps = sum(map(len, epoch_steps))
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
     params = [p for p in qnet.model.parameters() if p.requires_grad]
     head = [p for p in qnet.model.score.parameters() if p.requires_grad]
     param_groups = [{"params": [p for p in params if all(p is not h for h in head)]},
                     {"params": head, "lr": cfg.head_lr or cfg.lr}]
-    opt, sched = optimizer_and_schedule(param_groups, cfg.lr, cfg.weight_decay, cfg.warmup_ratio,
-                                        sched_plan.total_steps)
+    opt, sched = optimizer_and_schedule(param_groups, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, total_steps)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(out / "qnet_config.yaml", {**to_dict(cfg), "qdata": str(qdata), "sft_model": str(sft_dir)})
-    chash = config_hash(cfg) + f"-{len(train)}-{len(val)}"
+    chash = config_hash(cfg) + f"-packed-{len(train_records)}-{len(val_records)}-{len(train)}"
     step = load_checkpoint(out, qnet.model, opt, sched, chash)
     if step == 0:  # metrics of a run that died before its first checkpoint are redone
         (out / "metrics.jsonl").unlink(missing_ok=True)
     rewind_metrics(out, step)
-    log.info("QNet: %d records in %d train groups (%d trees), %d in %d validation groups (%d trees); "
-             "%d optimizer steps", len(train_records), len(train), len({r.tree_id for r in train_records}),
-             len(val_records), len(val), len({r.tree_id for r in val_records}), sched_plan.total_steps)
+    log.info("QNet: %d train records (%d trees) packed in %d rows of %d tokens, %d validation records (%d trees) "
+             "in %d rows; %d optimizer steps", len(train_records), len({r.tree_id for r in train_records}),
+             len(train), sum(len(row.ids) for row in train), len(val_records),
+             len({r.tree_id for r in val_records}), len(val), total_steps)
     history: list[dict[str, Any]] = []
     if step == 0 and val and cfg.eval_before:
         history.append(_log_epoch(out, 0, step, validate(qnet, val), None))
-    lengths = [len(g.prefix) + sum(map(len, g.suffixes)) for g in train]
-    n_epochs = math.ceil(sched_plan.total_steps / sched_plan.steps_per_epoch)
-    log_every = max(1, sched_plan.total_steps // 20)
+    log_every = max(1, total_steps // 20)
+    epoch_start = 0
     with progress_bar("qnet") as progress:
-        bar = progress.add_task("", total=sched_plan.total_steps, completed=step, loss=float("nan"))
-        for epoch in range(step // sched_plan.steps_per_epoch, n_epochs):
-            if step >= sched_plan.total_steps:  # finished and validated before an interruption
-                break
-            batches = epoch_batches(lengths, 1, cfg.seed, epoch)
+        bar = progress.add_task("", total=total_steps, completed=step, loss=float("nan"))
+        for epoch, batches in enumerate(epoch_steps):
+            epoch_end = epoch_start + len(batches)
+            if step >= epoch_end or step >= total_steps:  # done (and validated) before an interruption
+                epoch_start = epoch_end
+                continue
             epoch_loss, epoch_n = 0.0, 0
-            skip = step - epoch * sched_plan.steps_per_epoch
-            for micro_batches in steps_from(batches, sched_plan.accumulation, skip):
-                if step >= sched_plan.total_steps:
+            for batch in batches[step - epoch_start:]:
+                if step >= total_steps:
                     break
                 started = time.perf_counter()
-                n_records = sum(len(train[i].targets) for mb in micro_batches for i in mb)
+                n_records = sum(counts[i] for i in batch)
                 total = 0.0
-                for mb in micro_batches:
-                    loss = _group_loss(qnet, train[mb[0]])
+                for i in batch:
+                    loss = _row_loss(qnet, train[i])
                     (loss / n_records).backward()
                     total += float(loss.detach())
                 if cfg.grad_clip > 0:
@@ -226,11 +219,13 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
                 progress.update(bar, advance=1, loss=total / n_records)
                 log_metrics(out, {"kind": "qnet_train", "step": step, "epoch": epoch, "train_mse": total / n_records,
                                   "lr": sched.get_last_lr()[0], "records": n_records,
+                                  "tokens": sum(len(train[i].ids) for i in batch),
                                   "seconds": round(time.perf_counter() - started, 3)})
                 if step % log_every == 0:
-                    log.info("step %d/%d: train mse %.4f", step, sched_plan.total_steps, total / n_records)
-                if step % cfg.save_every == 0 and step < sched_plan.total_steps:
+                    log.info("step %d/%d: train mse %.4f", step, total_steps, total / n_records)
+                if step % cfg.save_every == 0 and step < total_steps:
                     save_checkpoint(out, qnet.model, opt, sched, step, chash)
+            epoch_start = epoch_end
             train_mse = epoch_loss / epoch_n if epoch_n else None
             if val:
                 history.append(_log_epoch(out, epoch + 1, step, validate(qnet, val), train_mse))
