@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,24 @@ def make_worker(factor: int):
     return Multiplier(factor)().run
 
 
+def sleepy_worker(pid_dir: str):
+    """A worker that announces its pid, then sleeps ``item`` seconds per item."""
+    Path(pid_dir, str(os.getpid())).touch()
+
+    def work(item: float) -> float:
+        time.sleep(item)
+        return item
+    return work
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie left for the reaper counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def trees_by_id(path: Path) -> dict[str, dict]:
     return {r["tree_id"]: r for r in read_jsonl(path)}
 
@@ -61,6 +83,30 @@ def test_process_pool_spreads_work_and_reports_failures() -> None:
     assert os.getpid() not in {r[1] for r in out.values()}
     with pytest.raises(QlassError, match="(?s)failed on item 2:.*negative item -1"):
         list(ProcessExecutor(workers=2).run(functools.partial(make_worker, 2), [1, 2, -1]))
+
+
+def test_workers_die_with_their_parent_even_mid_item(tmp_path: Path) -> None:
+    """``qlass run`` killed while its workers are inside long items must not leave them running."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    code = (f"import functools, sys\nsys.path.insert(0, {str(TESTS)!r})\n"
+            "from qlass.executor import ProcessExecutor\nfrom test_executor import sleepy_worker\n"
+            f"list(ProcessExecutor(2).run(functools.partial(sleepy_worker, {str(pids)!r}), [300, 300]))\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2 and all(_running(w) for w in workers)
+        time.sleep(1.0)  # both are now inside their 300-second items
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(w) for w in workers)
 
 
 def test_unknown_backend_is_an_error() -> None:

@@ -9,7 +9,7 @@ the seeds inside the items); then every backend gives the same results.
 
 - :class:`LocalExecutor`: this process, no pickling (objects such as a loaded policy can be used).
 - :class:`ProcessExecutor`: ``workers`` spawned processes pulling items from a queue; a worker that
-  raises stops the run with its traceback; workers exit when their parent dies.
+  raises stops the run with its traceback; workers exit as soon as their parent dies, even mid-item.
 - :class:`RayExecutor`: ``workers`` Ray actors (one CPU each by default) on a local or existing
   cluster (``address``); needs the ``ray`` extra.
 """
@@ -20,6 +20,8 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import threading
+import time
 import traceback
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -59,19 +61,26 @@ class LocalExecutor:
             _close(worker)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A pool process's watchdog thread: end the process as soon as its parent is gone, even in the
+    middle of an item (whose result nobody could receive); its own children, such as a simulator's
+    JVM, see their pipes close."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _process_main(setup: Setup, tasks: Any, results: Any, parent: int) -> None:
-    """A pool process: build the worker, then take items until the sentinel or the parent's death."""
+    """A pool process: build the worker, then take items until the sentinel; dies with its parent."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="qlass-parent-watch").start()
     try:
         worker = setup()
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put(("error", None, traceback.format_exc()))
         return
     try:
-        while os.getppid() == parent:
-            try:
-                job = tasks.get(timeout=1.0)
-            except queue.Empty:
-                continue
+        while True:
+            job = tasks.get()
             if job is None:
                 break
             index, item = job
