@@ -104,6 +104,25 @@ def test_cache_reuse_is_exact_and_prefills_only_new_tokens(tiny_model_dir: Path)
     assert fresh.prefill_tokens == 2 * sum(len(x) for x in ids)
 
 
+def test_conversations_played_side_by_side_keep_their_caches_with_one_slot_each(tiny_model_dir: Path) -> None:
+    """Best-of-n extends N conversations in lockstep: a prompt's cache supersedes the one it extends,
+    so N slots hold them all and each turn prefills only its new tokens."""
+    n = 3
+    policy = HFPolicy(tiny_model_dir, max_length=512, cache_slots=n)
+    convs = [list(HIST) + [Message("assistant", f"Thought: {k}\nAction: look"), Message("user", f"Observation: {k}")]
+             for k in range(n)]
+    policy.sample(convs, 1, 0.7, 6, seed=1)
+    for turn in range(3):
+        convs = [c + [Message("assistant", f"Thought: t{turn}\nAction: wait"), Message("user", f"Observation: {turn}")]
+                 for c in convs]
+        before = [encode_conversation(policy.tokenizer, c[:-2])[0] for c in convs]
+        after = [encode_conversation(policy.tokenizer, c)[0] for c in convs]
+        start = policy.prefill_tokens
+        policy.sample(convs, 1, 0.7, 6, seed=2 + turn)
+        assert policy.prefill_tokens - start == sum(len(a) - len(b) for a, b in zip(after, before))
+        assert len(policy.store) == n
+
+
 def test_truncation_keeps_task_and_newest_turns(policy: HFPolicy) -> None:
     turns = [Message("assistant", f"Thought: t{i}\nAction: a{i}") if i % 2 == 0 else Message("user", f"Observation: o{i}")
              for i in range(60)]

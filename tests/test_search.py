@@ -152,6 +152,53 @@ def test_best_of_n_selects_by_qnet_without_reward_and_reports_oracle_separately(
     assert traj.meta["selected"] == 0 and traj.reward == 1.0
 
 
+class ThreeSteps(TwoDoors):
+    """Doors open only on the third try, so episodes last a few steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    def step(self, output: str) -> StepResult:
+        self.tries += 1
+        if self.tries % 3:
+            return StepResult("The door is stuck.", 0.0, False)
+        return super().step(output)
+
+
+def test_best_of_n_plays_its_trajectories_side_by_side_on_the_env_pool() -> None:
+    """With an env pool, every step samples all unfinished trajectories in one policy call; each
+    trajectory keeps its own environment; a short pool plays in waves."""
+
+    class Recording(ScriptedPolicy):
+        def __init__(self) -> None:
+            super().__init__([A])
+            self.batches: list[int] = []
+            self.seeds: list[int] = []
+
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            self.batches.append(len(histories))
+            self.seeds.append(seed)
+            return [[Completion(A if len(h) % 4 else B, 10, 5, logprob=-1.0)] for h in histories]
+
+    envs = [ThreeSteps() for _ in range(4)]
+    policy = Recording()
+    ctx = SearchContext(env=envs[0], policy=policy, qnet=ScriptedQNet({"open door a": 0.3}), seed=5,
+                        env_pool=lambda k: envs[:k])
+    traj = best_of_n(TASK, ctx, BestOfNConfig(n=4, max_steps=3))
+    assert policy.batches == [4, 4, 4]  # three steps, four trajectories each time
+    assert [e.resets for e in envs] == [1, 1, 1, 1] and [e.tries for e in envs] == [3, 3, 3, 3]
+    assert len(set(policy.seeds)) == 3
+    assert traj.meta["env_steps"] == 12 and len(traj.meta["candidates"]) == 4
+    again = Recording()
+    waves = [ThreeSteps() for _ in range(3)]
+    ctx = SearchContext(env=waves[0], policy=again, qnet=ScriptedQNet({}), seed=5, env_pool=lambda k: waves[:k])
+    traj = best_of_n(TASK, ctx, BestOfNConfig(n=5, max_steps=3))
+    assert again.batches == [3, 3, 3, 2, 2, 2] and len(traj.meta["candidates"]) == 5
+    assert [e.resets for e in waves] == [2, 2, 1]
+    assert again.seeds[:3] == policy.seeds  # the first wave's seeds depend only on the run seed and the step
+
+
 def test_method_configs_are_validated() -> None:
     assert make_method_config("qlass", {"m": 4}).m == 4
     with pytest.raises(QlassError, match="unknown option"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -124,16 +125,25 @@ class EvalWorker:
 class _BoundEvalWorker:
     def __init__(self, env: Env, policy: Policy, qnet: ValueModel | None, make_env: Callable[[], Env]) -> None:
         self.env, self.policy, self.qnet, self.make_env = env, policy, qnet, make_env
+        self.spares: list[Env] = []
+
+    def env_pool(self, k: int) -> list[Env]:
+        """``k`` environments (the main one first), extra ones made on first need and kept."""
+        while len(self.spares) < k - 1:
+            self.spares.append(self.make_env())
+        return [self.env] + self.spares[: k - 1]
 
     def __call__(self, job: tuple[MethodRun, Task, int]) -> dict[str, Any]:
         run, task, seed = job
-        ctx = SearchContext(env=self.env, policy=self.policy, qnet=self.qnet, make_env=self.make_env, seed=seed)
+        ctx = SearchContext(env=self.env, policy=self.policy, qnet=self.qnet, make_env=self.make_env, seed=seed,
+                            env_pool=self.env_pool)
         start = time.perf_counter()
         traj = METHODS[run.name].run(task, ctx, run.config)
         return make_record(run, self.env.name, task, traj, time.perf_counter() - start)
 
     def close(self) -> None:
-        self.env.close()
+        for env in [self.env, *self.spares]:
+            env.close()
 
 
 def evaluate(
@@ -153,7 +163,8 @@ def evaluate(
     records = read_jsonl(path, repair_tail=True)
     done = {record_key(r) for r in records}
     runs = list(runs)
-    todo = [(run, t, stable_seed(seed, run.label, t.id)) for run in runs for t in tasks
+    # task by task, every method on each: a run stopped part-way has comparable rows
+    todo = [(run, t, stable_seed(seed, run.label, t.id)) for t in tasks for run in runs
             if (run.label, env_name, t.split, t.id) not in done]
     if len(todo) < len(runs) * len(tasks):
         log.info("resuming: %d of %d (method, task) pairs already in %s",
@@ -223,6 +234,7 @@ def run_evaluation(
     for split, tasks in tasks_by_split.items():
         if not tasks:
             raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}")
-    tasks = [t for split_tasks in tasks_by_split.values() for t in split_tasks]
+    # the splits interleaved, so a run stopped part-way covers each of them
+    tasks = [t for row in itertools.zip_longest(*tasks_by_split.values()) for t in row if t is not None]
     records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet), out_dir, seed=seed, executor=executor)
     return write_report(records, out_dir)

@@ -21,7 +21,7 @@ from .agent import EpisodeConfig, apply_output, continue_episode, finish, start_
 from .envs.base import Env, parse_action
 from .errors import QlassError
 from .policy.base import Policy
-from .types import Completion, History, Step, Task, Trajectory
+from .types import Completion, History, Message, Step, Task, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,16 @@ class ValueModel(Protocol):
 
 @dataclass
 class SearchContext:
-    """Everything a method may use. ``make_env`` builds an auxiliary env (only the oracle needs it)."""
+    """Everything a method may use. ``make_env`` builds an auxiliary env (only the oracle needs it);
+    ``env_pool(k)`` gives ``k`` environments to play side by side (``env`` first; the caller owns
+    and closes them)."""
 
     env: Env
     policy: Policy
     qnet: ValueModel | None = None
     make_env: Callable[[], Env] | None = None
     seed: int = 0
+    env_pool: Callable[[int], list[Env]] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,27 @@ def _likelihood(traj: Trajectory, logprobs: list[float | None]) -> float:
     return sum(lp for lp in logprobs if lp is not None) / max(tokens, 1)
 
 
+@dataclass
+class _Playthrough:
+    """One best-of-n trajectory in progress, on its own environment."""
+
+    env: Env
+    messages: list[Message]
+    steps: list[Step] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+
+    def running(self, max_steps: int) -> bool:
+        return len(self.steps) < max_steps and not (self.steps and self.steps[-1].done)
+
+
 def best_of_n(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Trajectory:
     """N sampled trajectories; returns the selected one with every candidate's summary in ``meta``.
+
+    The trajectories are played side by side, one environment each (``ctx.env_pool``; without it,
+    one after another on ``ctx.env``): every step samples the next output of all unfinished ones
+    in one policy call, so a local model decodes them as one batch. Step ``t`` of a wave of
+    trajectories uses seed ``f(ctx.seed, wave, t)``; the policy gives each history of the call its
+    own stream (see :meth:`qlass.policy.hf.HFPolicy.sample`).
 
     ``meta["candidates"]`` lists, in sampling order, each trajectory's reward (for oracle pass@N
     reporting only), selection score and tokens, so budget curves for any N' <= N can be read
@@ -165,32 +187,35 @@ def best_of_n(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Trajectory:
     """
     if cfg.select == "qnet" and ctx.qnet is None:
         raise QlassError("best-of-n with select='qnet' needs a QNet (--qnet DIR) or select='likelihood'")
-    ep = EpisodeConfig(cfg.max_steps, cfg.temperature, cfg.max_new_tokens)
+    envs = ctx.env_pool(cfg.n) if ctx.env_pool is not None else [ctx.env]
+    plays: list[_Playthrough] = []
+    for wave, first in enumerate(range(0, cfg.n, len(envs))):
+        group = [_Playthrough(env, start_messages(env, task)) for env in envs[: cfg.n - first]]
+        t = 0
+        while active := [p for p in group if p.running(cfg.max_steps)]:
+            seed = ctx.seed * 1_000_003 + wave * 10_007 + t * 101
+            outs = ctx.policy.sample([p.messages for p in active], 1, cfg.temperature, cfg.max_new_tokens, seed=seed)
+            for p, out in zip(active, outs, strict=True):
+                p.logprobs.append(out[0].logprob)
+                apply_output(p.env, p.messages, p.steps, out[0])
+            t += 1
+        plays += group
     trajs: list[Trajectory] = []
     summaries: list[dict[str, Any]] = []
-    for k in range(cfg.n):
-        messages = start_messages(ctx.env, task)
-        steps: list[Step] = []
-        logprobs: list[float | None] = []
-        seed = ctx.seed * 1_000_003 + k * 10_007
-        while len(steps) < ep.max_steps and not (steps and steps[-1].done):
-            c = ctx.policy.sample([messages], 1, ep.temperature, ep.max_new_tokens, seed=seed + len(steps))[0][0]
-            logprobs.append(c.logprob)
-            apply_output(ctx.env, messages, steps, c)
-        traj = finish(task, messages, steps)
+    for p in plays:
+        traj = finish(task, p.messages, p.steps)
         qnet_tokens = 0
-        if cfg.select == "qnet" and steps:
-            history = messages[:-2]
-            score = float(ctx.qnet.score(history, [steps[-1].output])[0])
+        if cfg.select == "qnet" and p.steps:
+            score = float(ctx.qnet.score(p.messages[:-2], [p.steps[-1].output])[0])
             qnet_tokens = _qnet_tokens(ctx.qnet)
-            steps[-1].qnet_tokens += qnet_tokens
+            p.steps[-1].qnet_tokens += qnet_tokens
         else:
-            score = _likelihood(traj, logprobs) if steps else float("-inf")
+            score = _likelihood(traj, p.logprobs) if p.steps else float("-inf")
         trajs.append(traj)
         summaries.append({
             "reward": traj.reward, "success": traj.success, "score": score,
             "prompt_tokens": traj.prompt_tokens, "completion_tokens": traj.completion_tokens,
-            "qnet_tokens": qnet_tokens, "env_steps": len(steps),
+            "qnet_tokens": qnet_tokens, "env_steps": len(p.steps),
         })
     pick = argmax([s["score"] for s in summaries])
     chosen = trajs[pick]

@@ -186,8 +186,13 @@ class PrefixStore:
         return best, found[1]
 
     def put(self, ids: tuple[int, ...], prefix: Prefix) -> None:
+        """Store ``prefix`` as the cache of ``ids``; stored prompts that ``ids`` extends are dropped
+        (any lookup they could serve, this one serves as well), so a slot per live conversation
+        suffices: N episodes played side by side keep their caches with N slots."""
         if self.slots == 0:
             return
+        for key in [k for k in self._items if len(k) < len(ids) and ids[: len(k)] == k]:
+            del self._items[key]
         self._items[ids] = prefix
         self._items.move_to_end(ids)
         while len(self._items) > self.slots:
