@@ -141,9 +141,11 @@ def test_packing_keeps_unrelated_inputs_apart_and_batches_cover_every_row(tiny_m
     steps = step_batches(counts, 8, seed=0, epoch=0)
     assert sorted(i for s in steps for i in s) == list(range(len(counts)))
     assert steps == step_batches(counts, 8, seed=0, epoch=0) != step_batches(counts, 8, seed=0, epoch=1)
-    for s in steps:
-        n = sum(counts[i] for i in s)
-        assert len(s) == 1 or abs(n - 8) <= max(counts[i] for i in s)
+    sizes = [sum(counts[i] for i in s) for s in steps]
+    assert min(sizes) >= 8 and sum(sizes) == sum(counts)
+    for s in steps[:-1]:  # full as soon as the last row is in (only the final step takes a remainder)
+        assert sum(counts[i] for i in s[:-1]) < 8
+    assert step_batches([1, 2], 8, seed=0, epoch=0) in ([[0, 1]], [[1, 0]])
 
 
 CFG = dict(epochs=2, lr=3e-3, batch_size=4, max_length=512, max_action_tokens=32, val_fraction=0.25,

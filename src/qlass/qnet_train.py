@@ -8,8 +8,8 @@ Q data (``qdata.jsonl``, written by exploration) holds one record per (history, 
 Training packs the records of each tree into token rows, one per path (:mod:`qlass.qnet_pack`): a
 record's input (the policy's prompt, then the action, exactly what inference scores) is a prefix of
 its descendants' inputs, so one causal forward over a path gives every value on it
-(:meth:`qlass.qnet.QNet.values_at`), with gradients. An optimizer step covers about ``batch_size``
-records (whole rows); the loss is the mean squared error over them.
+(:meth:`qlass.qnet.QNet.values_at`), with gradients. An optimizer step covers at least
+``batch_size`` records (whole rows); the loss is the mean squared error over them.
 
 Validation holds out whole trees (seeded; no tree in both splits). Per epoch it reports MSE,
 pairwise ranking accuracy among siblings with different targets (prediction ties count half) and
@@ -52,9 +52,10 @@ class QNetTrainConfig(TrainerConfig):
 
     epochs: int = option(2, "passes over the training groups")
     lr: float = option(2e-5, "peak learning rate")
-    head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); a larger one "
-                                   "helps short CPU runs")
-    batch_size: int = option(64, "records per optimizer step, as near as whole packed paths allow (paper: 64)")
+    head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); an Adam step "
+                                   "moves the value by up to head_lr x the hidden state's L1 norm (~750 for "
+                                   "SmolLM2), so keep it small")
+    batch_size: int = option(64, "records per optimizer step, at least (whole packed paths; paper: 64)")
     max_length: int = option(4096, "longest input in tokens (history + action); oldest turns dropped first")
     max_action_tokens: int = option(256, "tokens reserved for the candidate action (longer ones keep their end)")
     val_fraction: float = option(0.1, "fraction of trees held out for validation")
