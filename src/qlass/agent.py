@@ -76,6 +76,11 @@ def apply_output(env: Env, messages: list[Message], steps: list[Step], completio
     return step
 
 
+def episode_running(steps: Sequence[Step], max_steps: int) -> bool:
+    """Whether an episode goes on: under ``max_steps`` steps and its last step did not end it."""
+    return len(steps) < max_steps and not (steps and steps[-1].done)
+
+
 def continue_episode(
     env: Env,
     policy: Policy,
@@ -88,7 +93,7 @@ def continue_episode(
 
     Each step's sampling seed is ``seed + step index`` so a rollout is reproducible.
     """
-    while len(steps) < cfg.max_steps and not (steps and steps[-1].done):
+    while episode_running(steps, cfg.max_steps):
         step_seed = None if seed is None else seed + len(steps)
         completion = policy.sample([messages], 1, cfg.temperature, cfg.max_new_tokens, seed=step_seed)[0][0]
         apply_output(env, messages, steps, completion)

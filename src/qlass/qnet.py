@@ -124,6 +124,14 @@ def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequenc
     return prefix_last, hidden.float()
 
 
+def sequence_hidden(backbone: Any, ids: Sequence[int], autocast: bool = False) -> torch.Tensor:
+    """Final hidden states ``[T, H]`` (float32) of one causal forward over ``ids`` (differentiable)."""
+    device = backbone.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = backbone(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), use_cache=False)
+    return out.last_hidden_state[0].float()
+
+
 def _pack_chunks(lengths: Sequence[int], limit: int) -> list[list[int]]:
     """Consecutive suffix indices grouped so that each group holds at most ``limit`` tokens (a longer
     suffix gets a group of its own); every group has at least one token."""
@@ -286,23 +294,19 @@ class QNet:
     def values(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Values ``[M]`` of ``prefix + suffix`` per suffix (differentiable), the history computed once."""
         prefix_last, hidden = shared_prefix_hidden(backbone_of(self.model), prefix, suffixes, self.autocast)
-        last = last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes])
-        head = self.model.score
-        with torch.autocast(last.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = head(last.to(head.weight.dtype))
-        return out.float().squeeze(-1)
+        return self._head(last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes]))
 
     def values_at(self, ids: Sequence[int], ends: Sequence[int]) -> torch.Tensor:
         """Values ``[K]`` read at positions ``ends`` of one causal forward over ``ids`` (differentiable):
         the value of each input ``ids[: end + 1]`` — how training scores a packed path
         (:mod:`qlass.qnet_pack`)."""
-        backbone = backbone_of(self.model)
-        device = backbone.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            hidden = backbone(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device),
-                              use_cache=False).last_hidden_state[0]
-            last = hidden[torch.tensor(list(ends), dtype=torch.long, device=device)].float()
-            head = self.model.score
+        hidden = sequence_hidden(backbone_of(self.model), ids, self.autocast)
+        return self._head(hidden[torch.tensor(list(ends), dtype=torch.long, device=hidden.device)])
+
+    def _head(self, last: torch.Tensor) -> torch.Tensor:
+        """The regression head on final hidden states ``[K, H]`` → values ``[K]``."""
+        head = self.model.score
+        with torch.autocast(last.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = head(last.to(head.weight.dtype))
         return out.float().squeeze(-1)
 

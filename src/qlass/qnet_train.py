@@ -32,7 +32,7 @@ import torch
 
 from .config import config_hash, option, save_yaml, to_dict
 from .models import resolve_device
-from .qnet import QNet, backbone_of
+from .qnet import QNet, backbone_of, sequence_hidden
 from .qnet_data import QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
 from .qnet_pack import PackedRow, pack_records, step_batches
 from .train_utils import (
@@ -50,7 +50,7 @@ class QNetTrainConfig(TrainerConfig):
     """QNet training settings; defaults follow the paper's reference code, CPU runs override them.
     With ``lora`` the value head is trained in full beside the adapters."""
 
-    epochs: int = option(2, "passes over the training groups")
+    epochs: int = option(2, "passes over the training records")
     lr: float = option(2e-5, "peak learning rate")
     head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); an Adam step "
                                    "moves the value by up to head_lr x the hidden state's L1 norm (~750 for "
@@ -115,14 +115,13 @@ def loglik_ranker_metrics(sft_dir: str | Path, rows: Sequence[PackedRow], autoca
     head = lm.get_output_embeddings()
 
     def score(row: PackedRow) -> torch.Tensor:
-        ids = torch.tensor([row.ids], dtype=torch.long, device=backbone.device)
-        with torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=autocast):
-            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+        hidden = sequence_hidden(backbone, row.ids, autocast)
+        ids = torch.tensor(row.ids, dtype=torch.long, device=hidden.device)
         sums = []
         for end, n in zip(row.ends, row.action_lengths, strict=True):
             # the action is ids[end-n+1 : end+1]; token p is predicted from the hidden state at p-1
             logp = torch.log_softmax(head(hidden[end - n:end].to(head.weight.dtype)).float(), dim=-1)
-            sums.append(logp[torch.arange(n), ids[0, end - n + 1:end + 1]].sum().cpu())
+            sums.append(logp[torch.arange(n), ids[end - n + 1:end + 1]].sum().cpu())
         return torch.stack(sums)
 
     return _metrics(rows, predict(score, rows))

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Protocol, Sequence
 
-from .agent import EpisodeConfig, apply_output, continue_episode, finish, start_messages
+from .agent import EpisodeConfig, apply_output, continue_episode, episode_running, finish, start_messages
 from .envs.base import Env, parse_action
 from .errors import QlassError
 from .policy.base import Policy
@@ -168,8 +168,6 @@ class _Playthrough:
     steps: list[Step] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
 
-    def running(self, max_steps: int) -> bool:
-        return len(self.steps) < max_steps and not (self.steps and self.steps[-1].done)
 
 
 def best_of_n(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Trajectory:
@@ -192,7 +190,7 @@ def best_of_n(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Trajectory:
     for wave, first in enumerate(range(0, cfg.n, len(envs))):
         group = [_Playthrough(env, start_messages(env, task)) for env in envs[: cfg.n - first]]
         t = 0
-        while active := [p for p in group if p.running(cfg.max_steps)]:
+        while active := [p for p in group if episode_running(p.steps, cfg.max_steps)]:
             seed = ctx.seed * 1_000_003 + wave * 10_007 + t * 101
             outs = ctx.policy.sample([p.messages for p in active], 1, cfg.temperature, cfg.max_new_tokens, seed=seed)
             for p, out in zip(active, outs, strict=True):
@@ -265,7 +263,7 @@ def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory
     messages = start_messages(ctx.env, task)
     steps: list[Step] = []
     env_steps = 0
-    while len(steps) < cfg.max_steps and not (steps and steps[-1].done):
+    while episode_running(steps, cfg.max_steps):
         seed = ctx.seed * 1_000_003 + len(steps)
         completions = ctx.policy.sample([messages], cfg.m, cfg.temperature, cfg.max_new_tokens, seed=seed)[0]
         keep = unique_candidates(completions)
