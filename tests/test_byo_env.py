@@ -48,6 +48,9 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
     assert (run_dir / "qnet" / "config.json").exists()
     rows = json.loads((run_dir / "eval" / "results.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"greedy", "best-of-n(n=2,qnet)", "qlass(m=2)"}
+    searched = [r for r in map(json.loads, (run_dir / "eval" / "records.jsonl").read_text().splitlines())
+                if r["method"] == "qlass(m=2)"]
+    assert searched and all(r["qnet_choices"] == len(r["trajectory"]["decisions"]) for r in searched)
     again = subprocess.run([sys.executable, "-m", "qlass", "run", str(path)], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "complete; nothing to do" in again.stderr

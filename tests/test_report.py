@@ -21,8 +21,8 @@ def cand(reward, score, tokens):
 RECORDS = [
     rec("greedy", "greedy", "t1", 1.0, 10),
     rec("greedy", "greedy", "t2", 0.0, 30),
-    rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}),
-    rec("qlass(m=2)", "qlass", "t2", 0.5, 60, {"m": 2}),
+    rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}, qnet_choices=1),
+    rec("qlass(m=2)", "qlass", "t2", 0.5, 60, {"m": 2}, qnet_choices=4),
     rec("best-of-n(n=2,qnet)", "best-of-n", "t1", 0.0, 50, {"n": 2},
         candidates=[cand(0.0, 0.9, 20), cand(1.0, 0.1, 30)], oracle_pass_at_n=1.0),
     rec("best-of-n(n=2,qnet)", "best-of-n", "t2", 1.0, 70, {"n": 2},
@@ -35,6 +35,7 @@ def test_summary_rows_average_over_tasks_and_label_oracle() -> None:
     assert rows["greedy"]["avg_reward"] == 0.5 and rows["greedy"]["success_rate"] == 0.5
     assert rows["greedy"]["completion_tokens"] == 20
     assert rows["qlass(m=2)"]["avg_reward"] == 0.75
+    assert rows["qlass(m=2)"]["qnet_choices"] == 2.5 and "qnet_choices" not in rows["greedy"]
     oracle = rows["best-of-n(n=2,qnet) pass@N [oracle]"]
     assert oracle["avg_reward"] == 1.0 and oracle["oracle"] is True
 
@@ -54,7 +55,8 @@ def test_write_report_files(tmp_path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["rows"]) == 4
     md = (tmp_path / "results.md").read_text()
-    assert "| e | seen | qlass(m=2) | 2 | 75.0 | 50.0 |" in md
+    assert "| e | seen | qlass(m=2) | 2 | 75.0 | 50.0 | 50 | 100 | 0 | 2.5 | 3.0 |" in md
+    assert "| e | seen | greedy | 2 | 50.0 | 50.0 | 20 | 100 | 0 | – | 3.0 |" in md
     assert "[oracle]" in md
     assert (tmp_path / "budget.csv").read_text().startswith("env,split,curve,budget_param")
     assert (tmp_path / "budget.png").stat().st_size > 1000

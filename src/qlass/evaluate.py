@@ -98,6 +98,8 @@ def make_record(run: MethodRun, env_name: str, task: Task, traj, wall: float) ->
         "oracle": bool(meta.get("oracle", False)),
         "trajectory": trajectory_to_record(traj, with_steps=True),
     }
+    if "decisions" in meta:
+        rec["qnet_choices"] = len(meta["decisions"])
     if "candidates" in meta:
         rec["candidates"] = meta["candidates"]
         rec["oracle_pass_at_n"] = meta["oracle_pass_at_n"]

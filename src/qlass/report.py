@@ -47,6 +47,8 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "wall_time": _mean([r["wall_time"] for r in rs]),
             "oracle": any(r["oracle"] for r in rs),
         }
+        if all("qnet_choices" in r for r in rs):
+            row["qnet_choices"] = _mean([r["qnet_choices"] for r in rs])
         rows.append(row)
         if all("oracle_pass_at_n" in r for r in rs):
             rows.append({**row, "method": f"{method} pass@N [oracle]", "oracle": True,
@@ -82,15 +84,23 @@ def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return points
 
 
+def _choices_cell(row: dict[str, Any]) -> str:
+    return f"{row['qnet_choices']:.1f}" if "qnet_choices" in row else "–"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The summary rows as a markdown table (reward and success in percent, as in the paper)."""
+    """The summary rows as a markdown table (reward and success in percent, as in the paper).
+
+    "QNet choices/task" counts the steps where Q-guided search chose between two or more distinct
+    actions ("–" for methods that make no such choice)."""
     head = ("| env | split | method | tasks | avg reward | success % | completion tok/task "
-            "| prompt tok/task | QNet tok/task | env steps/task |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            "| prompt tok/task | QNet tok/task | QNet choices/task | env steps/task |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['env']} | {r['split']} | {r['method']} | {r['tasks']} | {100 * r['avg_reward']:.1f} "
         f"| {100 * r['success_rate']:.1f} | {r['completion_tokens']:.0f} | {r['prompt_tokens']:.0f} "
-        f"| {r['qnet_tokens']:.0f} | {r['env_steps']:.1f} |\n"
+        f"| {r['qnet_tokens']:.0f} | {_choices_cell(r)} "
+        f"| {r['env_steps']:.1f} |\n"
         for r in rows
     )
     return head + body

@@ -257,11 +257,16 @@ def _oracle_scores(task: Task, ctx: SearchContext, outputs: Sequence[str], taken
 
 
 def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory:
-    """Q-guided stepwise search: at every step sample M candidates and execute the QNet's argmax."""
+    """Q-guided stepwise search: at every step sample M candidates and execute the QNet's argmax.
+
+    ``meta["decisions"]`` lists the steps where the QNet chose between two or more distinct
+    actions: the step index, the candidate actions, the values that decided and the chosen index.
+    """
     if ctx.qnet is None and cfg.m > 1:
         raise QlassError("the qlass method needs a QNet (--qnet DIR)")
     messages = start_messages(ctx.env, task)
     steps: list[Step] = []
+    decisions: list[dict[str, Any]] = []
     env_steps = 0
     while episode_running(steps, cfg.max_steps):
         seed = ctx.seed * 1_000_003 + len(steps)
@@ -277,7 +282,11 @@ def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory
                 env_steps += probe_steps
         else:
             scores = [0.0]
-        chosen = completions[keep[argmax(scores)]]
+        pick = argmax(scores)
+        if len(outputs) > 1:
+            decisions.append({"step": len(steps), "actions": [normalise_action(o) for o in outputs],
+                              "values": [float(v) for v in scores], "chosen": pick})
+        chosen = completions[keep[pick]]
         spent = Completion(
             text=chosen.text,
             prompt_tokens=completions[0].prompt_tokens,
@@ -286,7 +295,7 @@ def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory
         )
         apply_output(ctx.env, messages, steps, spent, qnet_tokens=qnet_tokens)
         env_steps += 1
-    return finish(task, messages, steps, env_steps=env_steps, oracle=cfg.oracle_terminal)
+    return finish(task, messages, steps, env_steps=env_steps, oracle=cfg.oracle_terminal, decisions=decisions)
 
 
 @dataclass(frozen=True)
