@@ -209,6 +209,8 @@ def test_method_configs_are_validated() -> None:
         make_method_config("qlass", {"n": 4})
     with pytest.raises(QlassError, match="m must be"):
         make_method_config("qlass", {"m": 0})
+    with pytest.raises(QlassError, match=r"method 'qlass': option 'm' expects int, got 2.5"):
+        make_method_config("qlass", {"m": 2.5})
     with pytest.raises(QlassError, match="unknown method"):
         make_method_config("beam", {})
     with pytest.raises(QlassError, match="needs a QNet"):

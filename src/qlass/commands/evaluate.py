@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-import yaml
 
+from ..config import parse_kv
 from ..errors import QlassError
 
 log = logging.getLogger(__name__)
 
 
-def parse_kv(items: list[str], what: str) -> dict[str, Any]:
-    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` with YAML scalar typing."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise QlassError(f"{what}: expected key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return out
+def method_options() -> str:
+    """Every registered method with its options (name, default, help), for ``--list-options``."""
+    from ..config import describe
+    from ..search import METHODS
 
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"qlass:m=4,temperature=0.7"`` → ``("qlass", {"m": 4, "temperature": 0.7})``."""
-    name, _, opts = spec.partition(":")
-    return name.strip(), parse_kv([o for o in opts.split(",") if o.strip()], f"--method {spec}")
+    blocks = []
+    for name, method in METHODS.items():
+        doc = " ".join((method.config.__doc__ or "").split())
+        options = "\n".join(f"  {line}" for line in describe(method.config).splitlines())
+        blocks.append(f"{name}: {doc}\n{options}")
+    return "\n\n".join(blocks)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: str = typer.Option(..., help="Policy: a local causal-LM folder or an OpenAI-compatible base URL (http://.../v1)."),
+        model: Optional[str] = typer.Option(None, help="Policy: a local causal-LM folder or an OpenAI-compatible base URL (http://.../v1)."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: list[str] = typer.Option(["seen"], help="Split(s) to evaluate (repeatable)."),
         method: list[str] = typer.Option(["greedy"], help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood' (repeatable)."),
@@ -49,9 +45,17 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, help="Worker processes / Ray actors (process and ray backends)."),
         ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
         out: Path = typer.Option(Path("runs/eval"), help="Run folder: records.jsonl (resumable), results.md/json, budget curve."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every method's options with their defaults and help, then exit."),
     ) -> None:
         """Evaluate methods on a split: per-task records (resumable), a results table and budget curves."""
         from ..evaluate import run_evaluation
+        from ..search import parse_method
+
+        if list_options:
+            typer.echo(method_options())
+            return
+        if model is None:
+            raise QlassError("qlass eval needs --model (a model folder, 'default' or an OpenAI-compatible base URL)")
 
         methods = []
         for spec in method:
