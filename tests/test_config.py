@@ -170,3 +170,20 @@ def test_pipeline_checks_methods_and_policy_options_before_any_work() -> None:
         resolve({"eval": {"methods": ["best-of-n:n=2.5"]}}, "p.yaml")
     with pytest.raises(QlassError, match=r"p\.yaml: field 'policy': HFPolicy has no option 'autocats'"):
         resolve({"policy": {"autocats": True}}, "p.yaml")
+
+
+def test_list_options_document_pipeline_keys_and_method_options() -> None:
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+
+    run = CliRunner().invoke(app, ["run", "--list-options"])
+    assert run.exit_code == 0, run.output
+    assert "run_dir (default 'runs/qlass')" in run.output
+    assert "\nqdata:\n  keep_intermediate (default False)" in run.output
+    assert "\nexplore:\n  split (default 'train')" in run.output and "  gamma (default 0.9)" in run.output
+    methods = CliRunner().invoke(app, ["eval", "--list-options"])
+    assert methods.exit_code == 0, methods.output
+    assert "\nqlass: Q-guided stepwise search" in methods.output
+    assert "  m (default 2): candidate actions sampled per step" in methods.output
+    assert "  select (default 'qnet')" in methods.output

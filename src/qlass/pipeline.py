@@ -225,6 +225,24 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
     return train_sft(expert_path, base, run / "sft", r.sft)
 
 
+def pipeline_options() -> str:
+    """Every key of a pipeline YAML with its default and help: the top level, then each section."""
+    from .config import describe
+    from .explore import ExploreConfig
+    from .qnet_train import QNetTrainConfig
+    from .sft import SFTConfig
+
+    def indent(text: str) -> str:
+        return "\n".join(f"  {line}" for line in text.splitlines())
+
+    sections = [("expert", [ExpertStage]), ("sft", [SFTConfig]), ("explore", [ExploreStage, ExploreConfig]),
+                ("qdata", [QDataStage]), ("qnet", [QNetTrainConfig]), ("eval", [EvalStage])]
+    top = [f for f in describe(PipelineConfig).splitlines() if f.split(" ", 1)[0] not in dict(sections)]
+    blocks = ["\n".join(top)] + [f"{name}:\n" + "\n".join(indent(describe(c)) for c in classes)
+                                  for name, classes in sections]
+    return "\n\n".join(blocks)
+
+
 STAGES = ("sft", "explore", "qnet", "eval")
 
 
