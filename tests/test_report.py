@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from qlass.compare import paired_rows
 from qlass.report import budget_points, summarise, write_report
 
 
@@ -58,5 +59,27 @@ def test_write_report_files(tmp_path) -> None:
     assert "| e | seen | qlass(m=2) | 2 | 75.0 | 50.0 | 50 | 100 | 0 | 2.5 | 3.0 |" in md
     assert "| e | seen | greedy | 2 | 50.0 | 50.0 | 20 | 100 | 0 | – | 3.0 |" in md
     assert "[oracle]" in md
+    assert "## Paired differences" in md and "| e | seen | qlass(m=2) | greedy | 2 | +25.0 | [+0.0, +50.0] | 1 / 1 / 0 |" in md
+    assert len(data["paired"]) == 2
     assert (tmp_path / "budget.csv").read_text().startswith("env,split,curve,budget_param")
     assert (tmp_path / "budget.png").stat().st_size > 1000
+
+
+def test_paired_differences_use_common_tasks_and_a_seeded_bootstrap() -> None:
+    rows = {r["method"]: r for r in paired_rows(RECORDS)}
+    assert set(rows) == {"qlass(m=2)", "best-of-n(n=2,qnet)"}  # the baseline itself is not compared
+    q = rows["qlass(m=2)"]  # t1: 1.0 - 1.0, t2: 0.5 - 0.0
+    assert (q["tasks"], q["mean_diff"], q["wins"], q["ties"], q["losses"]) == (2, 0.25, 1, 1, 0)
+    assert q["ci_low"] == 0.0 and q["ci_high"] == 0.5
+    b = rows["best-of-n(n=2,qnet)"]  # t1: 0.0 - 1.0, t2: 1.0 - 0.0
+    assert (b["mean_diff"], b["wins"], b["losses"]) == (0.0, 1, 1) and b["ci_low"] == -1.0 and b["ci_high"] == 1.0
+    assert paired_rows(RECORDS) == paired_rows(RECORDS)
+    # only tasks both played count; oracle methods and a missing baseline give no rows
+    extra = [*RECORDS, rec("qlass(m=2)", "qlass", "t3", 1.0, 10, {"m": 2}),
+             rec("qlass(m=2)[oracle]", "qlass", "t1", 1.0, 10, {"m": 2}, oracle=True)]
+    assert {r["method"]: r["tasks"] for r in paired_rows(extra)} == {"qlass(m=2)": 2, "best-of-n(n=2,qnet)": 2}
+    assert paired_rows(RECORDS, baseline="sample") == []
+    constant = [rec("greedy", "greedy", f"t{i}", 0.0, 1) for i in range(5)] + \
+               [rec("qlass(m=2)", "qlass", f"t{i}", 0.5, 1) for i in range(5)]
+    (row,) = paired_rows(constant)
+    assert row["ci_low"] == row["ci_high"] == row["mean_diff"] == 0.5 and row["wins"] == 5

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from .compare import paired_rows, paired_table
 from .jsonl import write_text_atomic
 from .search import argmax
 
@@ -139,13 +140,19 @@ def _plot(points: Sequence[dict[str, Any]], path: Path) -> bool:
 
 
 def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = "qlass results") -> list[dict[str, Any]]:
-    """Write results.json/.md and the budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
+    """Write results.json/.md (the summary rows and, when greedy was run, every other method's paired
+    difference to it) and the budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
     rows = summarise(records)
     points = budget_points(records)
-    write_text_atomic(out_dir / "results.json", json.dumps({"rows": rows, "budget": points}, indent=1) + "\n")
+    paired = paired_rows(records)
+    write_text_atomic(out_dir / "results.json",
+                      json.dumps({"rows": rows, "budget": points, "paired": paired}, indent=1) + "\n")
     md = f"# {title}\n\n{markdown_table(rows)}\n"
     if any(r["oracle"] for r in rows):
         md += "\nRows marked [oracle] use the environment's reward and are not comparable to the others.\n"
+    if paired:
+        md += ("\n## Paired differences\n\nPer task, the method's reward minus the baseline's on the same "
+               "task, averaged; the interval resamples tasks (10,000 times, seeded).\n\n" + paired_table(paired))
     write_text_atomic(out_dir / "results.md", md)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["env", "split", "curve", "budget_param", "completion_tokens", "avg_reward"])
