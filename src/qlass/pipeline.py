@@ -271,6 +271,10 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
         if not (sft_dir / "config.json").exists():
             raise QlassError(f"{config_path}: field 'sft_model': {sft_dir} is not a model folder (no config.json)")
         log.info("stage 1: using the SFT checkpoint %s", sft_dir)
+        ignored = [name for name in ("expert", "sft") if getattr(cfg, name)]
+        if ignored:
+            log.warning("%s: section(s) %s ignored: sft_model is set, so stage 1 does not run",
+                        config_path, ", ".join(ignored))
     else:
         sft_dir = _expert_and_sft(r, default_model_dir() if cfg.model == "default" else Path(cfg.model))
     if stop_after == "sft":
