@@ -38,6 +38,9 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="At most this many tasks per split."),
         qnet: Optional[Path] = typer.Option(None, help="QNet folder (for qlass and best-of-n select=qnet)."),
         max_steps: Optional[int] = typer.Option(None, help="Step limit per episode (sets every method's max_steps)."),
+        oracle_terminal: bool = typer.Option(False, "--oracle-terminal", help="The reference code's shortcut for every "
+                                             "qlass method: episode-ending candidates scored by the true reward "
+                                             "(rows labelled [oracle]; same as qlass:oracle_terminal=true)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value, e.g. autocast=bf16 (repeatable)."),
         seed: int = typer.Option(0, help="Run seed."),
@@ -62,6 +65,8 @@ def register(app: typer.Typer) -> None:
             name, opts = parse_method(spec)
             if max_steps is not None:
                 opts.setdefault("max_steps", max_steps)
+            if oracle_terminal and name == "qlass":
+                opts.setdefault("oracle_terminal", True)
             methods.append((name, opts))
         rows = run_evaluation(
             model=model, env_spec=env, env_kwargs=parse_kv(env_arg, "--env-arg"), splits=split,
