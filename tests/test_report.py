@@ -83,3 +83,47 @@ def test_paired_differences_use_common_tasks_and_a_seeded_bootstrap() -> None:
                [rec("qlass(m=2)", "qlass", f"t{i}", 0.5, 1) for i in range(5)]
     (row,) = paired_rows(constant)
     assert row["ci_low"] == row["ci_high"] == row["mean_diff"] == 0.5 and row["wins"] == 5
+
+
+def _full(r: dict) -> dict:
+    return {"schema_version": 1, "task_type": "x", "steps": 3, "trajectory": {}, **r}
+
+
+def test_report_command_combines_shards_on_common_tasks(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.jsonl import write_jsonl
+
+    shard_a, shard_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(shard_a, [_full(r) for r in RECORDS[:4]])
+    write_jsonl(shard_b, [_full(r) for r in RECORDS[4:]] + [_full(rec("greedy", "greedy", "t3", 1.0, 10))])
+    res = CliRunner().invoke(app, ["report", str(shard_a), str(shard_b), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "| e | seen | greedy | 2 | 50.0 |" in res.output  # t3: only greedy played it
+    res = CliRunner().invoke(app, ["report", str(shard_a), str(shard_b), "--out", str(tmp_path / "r"), "--all-tasks"])
+    assert "| e | seen | greedy | 3 | 66.7 |" in res.output
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["rows"][2]["tasks"] == 3
+
+
+def test_report_reader_names_file_line_and_field(tmp_path) -> None:
+    import pytest
+
+    from qlass.errors import DataError
+    from qlass.jsonl import write_jsonl
+    from qlass.report import read_records
+
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [_full(RECORDS[0]), {**_full(RECORDS[1]), "reward": "high"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl.*line 2: field 'reward' must be int or float, got 'high'"):
+        read_records([bad])
+    twice = tmp_path / "twice.jsonl"
+    write_jsonl(twice, [_full(RECORDS[0])])
+    with pytest.raises(DataError, match=r"line 1: greedy on seen t1 is also recorded at .*twice\.jsonl line 1"):
+        read_records([twice, twice])
+
+
+def test_qnet_choices_of_records_written_before_the_field() -> None:
+    steps = [{"qnet_tokens": 0}, {"qnet_tokens": 12}, {"qnet_tokens": 7}]
+    old = [rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}, trajectory={"steps": steps})]
+    assert summarise(old)[0]["qnet_choices"] == 2

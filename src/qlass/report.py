@@ -30,6 +30,16 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def _qnet_choices(record: dict[str, Any]) -> int | None:
+    """A qlass record's QNet choices; records written before the field existed count the steps
+    that consulted the QNet (the same thing: it is consulted only between distinct actions)."""
+    if "qnet_choices" in record:
+        return record["qnet_choices"]
+    if record["method_name"] == "qlass" and "steps" in record.get("trajectory", {}):
+        return sum(1 for s in record["trajectory"]["steps"] if s.get("qnet_tokens", 0) > 0)
+    return None
+
+
 def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (env, split, method) with averages over its tasks; oracle rows are labelled."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -48,8 +58,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "wall_time": _mean([r["wall_time"] for r in rs]),
             "oracle": any(r["oracle"] for r in rs),
         }
-        if all("qnet_choices" in r for r in rs):
-            row["qnet_choices"] = _mean([r["qnet_choices"] for r in rs])
+        choices = [_qnet_choices(r) for r in rs]
+        if all(c is not None for c in choices):
+            row["qnet_choices"] = _mean(choices)
         rows.append(row)
         if all("oracle_pass_at_n" in r for r in rs):
             rows.append({**row, "method": f"{method} pass@N [oracle]", "oracle": True,
@@ -137,6 +148,52 @@ def _plot(points: Sequence[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "method": (str,), "method_name": (str,), "config": (dict,), "env": (str,), "split": (str,), "task": (str,),
+    "reward": (int, float), "success": (bool,), "prompt_tokens": (int,), "completion_tokens": (int,),
+    "qnet_tokens": (int,), "env_steps": (int,), "wall_time": (int, float), "oracle": (bool,),
+}
+
+
+def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The evaluation records of ``paths`` (``records.jsonl`` files, e.g. shards of one evaluation
+    run on several machines), each checked for the fields the report reads. A (method, env, split,
+    task) key found twice is an error naming both places."""
+    from .errors import DataError
+    from .jsonl import read_jsonl
+
+    seen: dict[tuple[str, ...], str] = {}
+    out = []
+    for path in paths:
+        if not Path(path).exists():
+            raise DataError(str(path), "file not found")
+        for line, rec in enumerate(read_jsonl(path), start=1):
+            for name, kinds in _RECORD_FIELDS.items():
+                value = rec.get(name)
+                if name not in rec or not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+                    want = " or ".join(k.__name__ for k in kinds)
+                    raise DataError(str(path), f"line {line}: field {name!r} must be {want}, got {value!r}")
+            key = (rec["method"], rec["env"], rec["split"], rec["task"])
+            where = f"{path} line {line}"
+            if key in seen:
+                raise DataError(str(path), f"line {line}: {rec['method']} on {rec['split']} {rec['task']} is also "
+                                           f"recorded at {seen[key]}")
+            seen[key] = where
+            out.append(rec)
+    return out
+
+
+def common_tasks(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the (env, split, task) triples that every method of that (env, split) played,
+    so that each row of a report averages over the same tasks (a run stopped part-way)."""
+    methods: dict[tuple[str, str], set[str]] = defaultdict(set)
+    played: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for r in records:
+        methods[(r["env"], r["split"])].add(r["method"])
+        played[(r["env"], r["split"], r["task"])].add(r["method"])
+    return [r for r in records if played[(r["env"], r["split"], r["task"])] == methods[(r["env"], r["split"])]]
 
 
 def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = "qlass results") -> list[dict[str, Any]]:
