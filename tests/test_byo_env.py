@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qlass.jsonl import read_jsonl
 from qlass.tree import read_qdata, read_trees
 
 TESTS = Path(__file__).parent
@@ -48,6 +49,9 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
     assert (run_dir / "qnet" / "config.json").exists()
     rows = json.loads((run_dir / "eval" / "results.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"greedy", "best-of-n(n=2,qnet)", "qlass(m=2)"}
+    searched = [r for r in map(json.loads, (run_dir / "eval" / "records.jsonl").read_text().splitlines())
+                if r["method"] == "qlass(m=2)"]
+    assert searched and all(r["qnet_choices"] == len(r["trajectory"]["decisions"]) for r in searched)
     again = subprocess.run([sys.executable, "-m", "qlass", "run", str(path)], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "complete; nothing to do" in again.stderr
@@ -60,3 +64,13 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
     assert "stopped after stage explore" in done.stdout
     assert not (tmp_path / "reuse" / "sft").exists() and not (tmp_path / "reuse" / "expert.json").exists()
     assert [t.to_dict() for t in read_trees(tmp_path / "reuse" / "trees.jsonl")] == [t.to_dict() for t in trees]
+    assert "section(s) expert, sft ignored" in done.stderr
+    # the reference code's shortcut, asked for on the command line, is labelled wherever it shows
+    oracle = subprocess.run([sys.executable, "-m", "qlass", "eval", "--model", str(run_dir / "sft"), "--qnet",
+                             str(run_dir / "qnet"), "--env", "toy_envs:Corridor", "--env-arg", "step_limit=4",
+                             "--method", "qlass:m=2,max_new_tokens=6", "--oracle-terminal", "--limit", "1",
+                             "--max-steps", "3", "--out", str(tmp_path / "oracle")], env=env, capture_output=True, text=True)
+    assert oracle.returncode == 0, oracle.stderr[-3000:]
+    assert "| corridor | seen | qlass(m=2)[oracle] | 1 |" in oracle.stdout
+    (rec,) = read_jsonl(tmp_path / "oracle" / "records.jsonl")
+    assert rec["oracle"] is True and rec["config"]["oracle_terminal"] is True

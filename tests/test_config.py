@@ -128,5 +128,62 @@ def test_run_folder_accepts_older_config_files_but_not_changed_settings(tmp_path
     del saved["sft"]["gradient_checkpointing"], saved["sft_model"]  # as written by an older qlass
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     _save_resolved(resolve({**data, "sft": {**data["sft"], "threads": 1}, "workers": 2}, "p.yaml"))
-    with pytest.raises(QlassError, match="different settings for sft"):
+    with pytest.raises(QlassError, match=r"other settings \(sft\.lr: 0\.0001 → 0\.0002\)"):
         _save_resolved(resolve({**data, "sft": {"epochs": 1, "lr": 2.0e-4}}, "p.yaml"))
+
+
+def test_run_folder_refuses_changed_settings_of_every_stage_with_outputs(tmp_path: Path) -> None:
+    """Exploration, Q data and QNet settings are checked once their outputs exist (also when stage 1
+    is an existing checkpoint); task limits may grow; a refused run leaves config.yaml as it was."""
+    from qlass.pipeline import _save_resolved, resolve
+
+    run = tmp_path / "run"
+    data = {"run_dir": str(run), "sft_model": "sft-a", "explore": {"limit": 4, "candidates": 2},
+            "qnet": {"lr": 1.0e-4}}
+    _save_resolved(resolve(data, "p.yaml"))
+    saved = (run / "config.yaml").read_text()
+    # nothing done yet: any change is accepted
+    _save_resolved(resolve({**data, "explore": {"limit": 4, "candidates": 3}}, "p.yaml"))
+    _save_resolved(resolve(data, "p.yaml"))
+    (run / "trees.jsonl").write_text("")
+    _save_resolved(resolve({**data, "explore": {"limit": 8, "candidates": 2}}, "p.yaml"))
+    for changed, message in (({"explore": {"limit": 4, "candidates": 3}}, "explore.candidates: 2 → 3"),
+                             ({"sft_model": "sft-b"}, "sft_model: 'sft-a' → 'sft-b'")):
+        with pytest.raises(QlassError, match=re.escape(message)):
+            _save_resolved(resolve({**data, **changed}, "p.yaml"))
+    _save_resolved(resolve({**data, "qnet": {"lr": 2.0e-5}}, "p.yaml"))  # no QNet yet
+    _save_resolved(resolve(data, "p.yaml"))
+    (run / "qnet").mkdir()
+    for changed, message in (({"qnet": {"lr": 2.0e-5}}, "qnet.lr: 0.0001 → 2e-05"),
+                             ({"qdata": {"normalize": True}}, "qdata.normalize: False → True")):
+        with pytest.raises(QlassError, match=re.escape(message)):
+            _save_resolved(resolve({**data, **changed}, "p.yaml"))
+    assert (run / "config.yaml").read_text() == saved
+
+
+def test_pipeline_checks_methods_and_policy_options_before_any_work() -> None:
+    from qlass.pipeline import resolve
+
+    with pytest.raises(QlassError, match=r"p\.yaml: eval\.methods: method 'qlass': unknown option\(s\) 'mm'"):
+        resolve({"eval": {"methods": ["greedy", "qlass:mm=2"]}}, "p.yaml")
+    with pytest.raises(QlassError, match=r"p\.yaml: eval\.methods: method 'best-of-n': option 'n' expects int"):
+        resolve({"eval": {"methods": ["best-of-n:n=2.5"]}}, "p.yaml")
+    with pytest.raises(QlassError, match=r"p\.yaml: field 'policy': HFPolicy has no option 'autocats'"):
+        resolve({"policy": {"autocats": True}}, "p.yaml")
+
+
+def test_list_options_document_pipeline_keys_and_method_options() -> None:
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+
+    run = CliRunner().invoke(app, ["run", "--list-options"])
+    assert run.exit_code == 0, run.output
+    assert "run_dir (default 'runs/qlass')" in run.output
+    assert "\nqdata:\n  keep_intermediate (default False)" in run.output
+    assert "\nexplore:\n  split (default 'train')" in run.output and "  gamma (default 0.9)" in run.output
+    methods = CliRunner().invoke(app, ["eval", "--list-options"])
+    assert methods.exit_code == 0, methods.output
+    assert "\nqlass: Q-guided stepwise search" in methods.output
+    assert "  m (default 2): candidate actions sampled per step" in methods.output
+    assert "  select (default 'qnet')" in methods.output

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qlass.jsonl import read_jsonl
 
@@ -47,6 +48,17 @@ def test_kill_and_rerun_resumes_without_duplicates(tiny_model_dir: Path, tmp_pat
     summary = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in summary["rows"]} == {"greedy", "sample"}
     assert all(r["tasks"] == 6 for r in summary["rows"])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert [m["label"] for m in saved["methods"]] == ["greedy", "sample"]
+    assert saved["methods"][0]["config"]["max_new_tokens"] == 6 and saved["tasks"] == {"seen": 6}
+    # the same labels with other settings would mix two experiments into one row: refused
+    changed = [a.replace("greedy:max_new_tokens=6", "greedy:max_new_tokens=8") for a in eval_cmd(tiny_model_dir, out)]
+    refused = subprocess.run(changed, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert f"{records}: line 1 (method 'greedy'" in refused.stderr and "max_new_tokens: 6 → 8" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert len(read_jsonl(records)) == 12
+    assert yaml.safe_load((out / "config.yaml").read_text()) == saved
 
 
 @pytest.mark.slow

@@ -220,6 +220,32 @@ def test_env_steps_meet_the_replay_floor() -> None:
         assert tree.stats["leaves"] == sum(1 for n in tree.nodes if not kids[n.id] and n.id)
 
 
+class Snapshotting(Rooms):
+    """Rooms with the optional snapshot API: a copy of the episode's state, and its restoration."""
+
+    def snapshot(self) -> dict:
+        return {k: getattr(self, k) for k in ("task", "room", "key", "steps", "score", "done")}
+
+    def restore(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def test_snapshots_cost_one_env_step_per_edge_and_build_the_same_tree() -> None:
+    totals = {"plain": 0, "snap": 0}
+    for i in range(6):
+        graft = bool(i % 2)
+        plain, snap = tree_for(i, expert_graft=graft), tree_for(i, env=Snapshotting(), expert_graft=graft)
+        assert snap.to_dict()["nodes"] == [
+            {**n, "env_steps": snap.to_dict()["nodes"][k]["env_steps"]} for k, n in enumerate(plain.to_dict()["nodes"])]
+        replay_check(snap)
+        assert snap.stats["env_steps"] == snap.edges <= plain.stats["env_steps"]
+        assert snap.stats["resets"] == 1 and snap.stats["restores"] > 0 and plain.stats["restores"] == 0
+        totals["plain"] += plain.stats["env_steps"]
+        totals["snap"] += snap.stats["env_steps"]
+    assert totals["snap"] < totals["plain"]
+
+
 def test_zero_outcome_prunes_every_branch() -> None:
     """A policy that only breaks the lock: the root is expanded once, every branch is pruned."""
     always_fail = ScriptedPolicy(weights=[0, 0, 0, 0, 0, 1, 0, 0], smart=0.0, invalid=0.0)

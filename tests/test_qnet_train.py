@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlass.errors import DataError
+from qlass.errors import DataError, QlassError
 from qlass.policy.render import encode_conversation, render
 from qlass.qnet import QNet
 from qlass.qnet_data import QRecord, make_groups, ranking_metrics, read_qdata, spearman, split_by_tree
@@ -173,7 +173,13 @@ def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path,
     history = list(read_qdata(data)[0].messages)
     good, bad = qnet.score(history, ["Thought: the box\nAction: open", "Thought: the box\nAction: close"])
     assert good > bad
-    assert train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG)) == result  # finished: not redone
+    # finished: not redone (a runtime option may differ), but not handed back for other settings or data
+    assert train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG, threads=1)) == result
+    with pytest.raises(QlassError, match=r"other settings \(lr: 0\.003 → 0\.001\)"):
+        train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**{**CFG, "lr": 1e-3}))
+    other = synthetic_qdata(tmp_path / "other.jsonl", trees=12)
+    with pytest.raises(QlassError, match="other Q data than"):
+        train_qnet(other, tiny_model_dir, out, QNetTrainConfig(**CFG))
 
 
 @pytest.mark.slow

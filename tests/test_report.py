@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from qlass.compare import paired_rows
 from qlass.report import budget_points, summarise, write_report
 
 
@@ -21,8 +22,8 @@ def cand(reward, score, tokens):
 RECORDS = [
     rec("greedy", "greedy", "t1", 1.0, 10),
     rec("greedy", "greedy", "t2", 0.0, 30),
-    rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}),
-    rec("qlass(m=2)", "qlass", "t2", 0.5, 60, {"m": 2}),
+    rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}, qnet_choices=1),
+    rec("qlass(m=2)", "qlass", "t2", 0.5, 60, {"m": 2}, qnet_choices=4),
     rec("best-of-n(n=2,qnet)", "best-of-n", "t1", 0.0, 50, {"n": 2},
         candidates=[cand(0.0, 0.9, 20), cand(1.0, 0.1, 30)], oracle_pass_at_n=1.0),
     rec("best-of-n(n=2,qnet)", "best-of-n", "t2", 1.0, 70, {"n": 2},
@@ -35,6 +36,7 @@ def test_summary_rows_average_over_tasks_and_label_oracle() -> None:
     assert rows["greedy"]["avg_reward"] == 0.5 and rows["greedy"]["success_rate"] == 0.5
     assert rows["greedy"]["completion_tokens"] == 20
     assert rows["qlass(m=2)"]["avg_reward"] == 0.75
+    assert rows["qlass(m=2)"]["qnet_choices"] == 2.5 and "qnet_choices" not in rows["greedy"]
     oracle = rows["best-of-n(n=2,qnet) pass@N [oracle]"]
     assert oracle["avg_reward"] == 1.0 and oracle["oracle"] is True
 
@@ -54,7 +56,74 @@ def test_write_report_files(tmp_path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["rows"]) == 4
     md = (tmp_path / "results.md").read_text()
-    assert "| e | seen | qlass(m=2) | 2 | 75.0 | 50.0 |" in md
+    assert "| e | seen | qlass(m=2) | 2 | 75.0 | 50.0 | 50 | 100 | 0 | 2.5 | 3.0 |" in md
+    assert "| e | seen | greedy | 2 | 50.0 | 50.0 | 20 | 100 | 0 | – | 3.0 |" in md
     assert "[oracle]" in md
+    assert "## Paired differences" in md and "| e | seen | qlass(m=2) | greedy | 2 | +25.0 | [+0.0, +50.0] | 1 / 1 / 0 |" in md
+    assert len(data["paired"]) == 2
     assert (tmp_path / "budget.csv").read_text().startswith("env,split,curve,budget_param")
     assert (tmp_path / "budget.png").stat().st_size > 1000
+
+
+def test_paired_differences_use_common_tasks_and_a_seeded_bootstrap() -> None:
+    rows = {r["method"]: r for r in paired_rows(RECORDS)}
+    assert set(rows) == {"qlass(m=2)", "best-of-n(n=2,qnet)"}  # the baseline itself is not compared
+    q = rows["qlass(m=2)"]  # t1: 1.0 - 1.0, t2: 0.5 - 0.0
+    assert (q["tasks"], q["mean_diff"], q["wins"], q["ties"], q["losses"]) == (2, 0.25, 1, 1, 0)
+    assert q["ci_low"] == 0.0 and q["ci_high"] == 0.5
+    b = rows["best-of-n(n=2,qnet)"]  # t1: 0.0 - 1.0, t2: 1.0 - 0.0
+    assert (b["mean_diff"], b["wins"], b["losses"]) == (0.0, 1, 1) and b["ci_low"] == -1.0 and b["ci_high"] == 1.0
+    assert paired_rows(RECORDS) == paired_rows(RECORDS)
+    # only tasks both played count; oracle methods and a missing baseline give no rows
+    extra = [*RECORDS, rec("qlass(m=2)", "qlass", "t3", 1.0, 10, {"m": 2}),
+             rec("qlass(m=2)[oracle]", "qlass", "t1", 1.0, 10, {"m": 2}, oracle=True)]
+    assert {r["method"]: r["tasks"] for r in paired_rows(extra)} == {"qlass(m=2)": 2, "best-of-n(n=2,qnet)": 2}
+    assert paired_rows(RECORDS, baseline="sample") == []
+    constant = [rec("greedy", "greedy", f"t{i}", 0.0, 1) for i in range(5)] + \
+               [rec("qlass(m=2)", "qlass", f"t{i}", 0.5, 1) for i in range(5)]
+    (row,) = paired_rows(constant)
+    assert row["ci_low"] == row["ci_high"] == row["mean_diff"] == 0.5 and row["wins"] == 5
+
+
+def _full(r: dict) -> dict:
+    return {"schema_version": 1, "task_type": "x", "steps": 3, "trajectory": {}, **r}
+
+
+def test_report_command_combines_shards_on_common_tasks(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.jsonl import write_jsonl
+
+    shard_a, shard_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(shard_a, [_full(r) for r in RECORDS[:4]])
+    write_jsonl(shard_b, [_full(r) for r in RECORDS[4:]] + [_full(rec("greedy", "greedy", "t3", 1.0, 10))])
+    res = CliRunner().invoke(app, ["report", str(shard_a), str(shard_b), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "| e | seen | greedy | 2 | 50.0 |" in res.output  # t3: only greedy played it
+    res = CliRunner().invoke(app, ["report", str(shard_a), str(shard_b), "--out", str(tmp_path / "r"), "--all-tasks"])
+    assert "| e | seen | greedy | 3 | 66.7 |" in res.output
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["rows"][2]["tasks"] == 3
+
+
+def test_report_reader_names_file_line_and_field(tmp_path) -> None:
+    import pytest
+
+    from qlass.errors import DataError
+    from qlass.jsonl import write_jsonl
+    from qlass.report import read_records
+
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [_full(RECORDS[0]), {**_full(RECORDS[1]), "reward": "high"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl.*line 2: field 'reward' must be int or float, got 'high'"):
+        read_records([bad])
+    twice = tmp_path / "twice.jsonl"
+    write_jsonl(twice, [_full(RECORDS[0])])
+    with pytest.raises(DataError, match=r"line 1: greedy on seen t1 is also recorded at .*twice\.jsonl line 1"):
+        read_records([twice, twice])
+
+
+def test_qnet_choices_of_records_written_before_the_field() -> None:
+    steps = [{"qnet_tokens": 0}, {"qnet_tokens": 12}, {"qnet_tokens": 7}]
+    old = [rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}, trajectory={"steps": steps})]
+    assert summarise(old)[0]["qnet_choices"] == 2

@@ -100,6 +100,8 @@ def test_qlass_executes_qnet_argmax_not_the_reward() -> None:
     assert traj.steps[0].completion_tokens == 10  # both candidates were paid for
     assert env.steps == 1 and traj.meta["env_steps"] == 1
     assert traj.meta["oracle"] is False
+    assert traj.meta["decisions"] == [{"step": 0, "actions": ["open door a", "open door b"],
+                                       "values": [0.1, 0.9], "chosen": 1}]
 
 
 def test_oracle_terminal_uses_the_reward_and_is_labelled() -> None:
@@ -110,6 +112,7 @@ def test_oracle_terminal_uses_the_reward_and_is_labelled() -> None:
     assert traj.reward == 1.0
     assert traj.meta["oracle"] is True
     assert traj.meta["env_steps"] == 3  # two probe steps + the real one
+    assert traj.meta["decisions"][0]["values"] == [1.0, 0.0]  # the true rewards decided
 
 
 def test_duplicate_candidates_are_merged_and_ties_go_to_the_first() -> None:
@@ -129,6 +132,7 @@ def test_single_distinct_candidate_skips_the_qnet() -> None:
     ctx = SearchContext(env=TwoDoors(), policy=ScriptedPolicy([A]), qnet=qnet)
     traj = qlass_search(TASK, ctx, QlassConfig(m=2))
     assert qnet.calls == [] and traj.reward == 1.0
+    assert traj.meta["decisions"] == []
 
 
 def test_best_of_n_selects_by_qnet_without_reward_and_reports_oracle_separately() -> None:
@@ -205,6 +209,8 @@ def test_method_configs_are_validated() -> None:
         make_method_config("qlass", {"n": 4})
     with pytest.raises(QlassError, match="m must be"):
         make_method_config("qlass", {"m": 0})
+    with pytest.raises(QlassError, match=r"method 'qlass': option 'm' expects int, got 2.5"):
+        make_method_config("qlass", {"m": 2.5})
     with pytest.raises(QlassError, match="unknown method"):
         make_method_config("beam", {})
     with pytest.raises(QlassError, match="needs a QNet"):

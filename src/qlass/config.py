@@ -26,7 +26,7 @@ import hashlib
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,6 +63,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DataError(str(p), "expected a mapping of option names to values")
     return data
+
+
+def parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` with YAML scalar typing; ``what`` names the
+    option the items came from in errors."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise QlassError(f"{what}: expected key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise QlassError(f"{what}: the value of {key.strip()!r} is not a valid YAML scalar: {value!r}") from None
+    return out
 
 
 def _check_value(name: str, value: Any, hint: Any, source: str) -> Any:
@@ -153,6 +168,14 @@ def config_hash(cfg: Any) -> str:
     runtime = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("runtime")}
     values = {k: v for k, v in to_dict(cfg).items() if k not in runtime}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def config_differences(before: Any, now: Any) -> list[str]:
+    """``"name: old → new"`` for every option of two configs of one class that differs, ``runtime``
+    options left out (they may change between a run and its resumption)."""
+    runtime = {f.name for f in dataclasses.fields(now) if f.metadata.get("runtime")}
+    old, new = to_dict(before), to_dict(now)
+    return [f"{k}: {old[k]!r} → {new[k]!r}" for k in new if k not in runtime and old.get(k) != new[k]]
 
 
 def save_yaml(path: str | Path, data: dict[str, Any]) -> None:

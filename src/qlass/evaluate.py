@@ -6,7 +6,9 @@ last line is cut, so killing and rerunning never duplicates or loses finished wo
 ``method`` (label), ``method_name``, ``config``, ``env``, ``split``, ``task``, ``reward``,
 ``success``, ``prompt_tokens``, ``completion_tokens``, ``qnet_tokens``, ``env_steps``,
 ``wall_time``, ``oracle`` and ``trajectory`` (the conversation record) plus ``candidates`` for
-best-of-n.
+best-of-n and ``qnet_choices`` for qlass (``trajectory.decisions`` lists them). ``config.yaml``
+in the run folder records how the evaluation was made; a rerun whose method settings differ from
+the records' under the same label is refused rather than mixed into one row.
 """
 
 from __future__ import annotations
@@ -16,19 +18,21 @@ import hashlib
 import itertools
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .config import save_yaml
 from .data import trajectory_to_record
 from .envs.base import Env
+from .errors import QlassError
 from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl, read_jsonl
-from .search import METHODS, SearchContext, ValueModel, method_label
 from .policy.base import Policy, ready_policy
-from .errors import QlassError
+from .search import METHODS, SearchContext, ValueModel, method_label
 from .types import Task
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,8 @@ def make_record(run: MethodRun, env_name: str, task: Task, traj, wall: float) ->
         "oracle": bool(meta.get("oracle", False)),
         "trajectory": trajectory_to_record(traj, with_steps=True),
     }
+    if "decisions" in meta:
+        rec["qnet_choices"] = len(meta["decisions"])
     if "candidates" in meta:
         rec["candidates"] = meta["candidates"]
         rec["oracle_pass_at_n"] = meta["oracle_pass_at_n"]
@@ -146,6 +152,31 @@ class _BoundEvalWorker:
             env.close()
 
 
+def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Refuse method lists whose labels collide, and records in ``path`` that were made under a
+    method's label with other settings (resuming would mix them into one row).
+
+    Settings a record does not have (options added since) count as unchanged."""
+    configs: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        cfg = asdict(run.config)
+        if run.label in configs:
+            diff = _differences(configs[run.label], cfg, " vs ")
+            raise QlassError(f"method {run.label!r} is listed twice" + (
+                f" with different settings ({diff}); evaluate the variants into separate run folders" if diff else ""))
+        configs[run.label] = cfg
+    for i, rec in enumerate(records):
+        cfg = configs.get(rec.get("method"))
+        diff = _differences(rec.get("config") or {}, cfg, " → ") if cfg is not None else ""
+        if diff:
+            raise QlassError(f"{path}: line {i + 1} (method {rec['method']!r}, task {rec.get('task')!r}): field 'config' "
+                             f"differs from this run's ({diff}); use another output folder for these settings")
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any], sep: str) -> str:
+    return ", ".join(f"{k}: {before[k]!r}{sep}{now[k]!r}" for k in now if k in before and before[k] != now[k])
+
+
 def evaluate(
     env_name: str,
     tasks: Sequence[Task],
@@ -154,15 +185,22 @@ def evaluate(
     out_dir: Path,
     seed: int = 0,
     executor: Executor | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every method on every task of environment ``env_name`` with ``worker`` (on ``executor``,
     in-process by default), appending to ``out_dir/records.jsonl`` as pairs finish; returns all
-    records (earlier ones included) for these methods and tasks."""
+    records (earlier ones included) for these methods and tasks.
+
+    ``out_dir/config.yaml`` receives ``settings`` (how the run was made) and every method's
+    resolved config, once the records already there are known to match them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "records.jsonl"
     records = read_jsonl(path, repair_tail=True)
-    done = {record_key(r) for r in records}
     runs = list(runs)
+    check_resumable(runs, records, path)
+    save_yaml(out_dir / "config.yaml", {**(settings or {}), "seed": seed, "methods": [
+        {"label": r.label, "name": r.name, "config": asdict(r.config)} for r in runs]})
+    done = {record_key(r) for r in records}
     # task by task, every method on each: a run stopped part-way has comparable rows
     todo = [(run, t, stable_seed(seed, run.label, t.id)) for t in tasks for run in runs
             if (run.label, env_name, t.split, t.id) not in done]
@@ -236,5 +274,12 @@ def run_evaluation(
             raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}")
     # the splits interleaved, so a run stopped part-way covers each of them
     tasks = [t for row in itertools.zip_longest(*tasks_by_split.values()) for t in row if t is not None]
-    records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet), out_dir, seed=seed, executor=executor)
+    settings = {
+        "model": model, "qnet": str(qnet_dir) if qnet_dir is not None else None, "env": env_spec,
+        "env_args": dict(env_kwargs or {}), "splits": list(splits), "task_types": list(task_types or []) or None,
+        "limit": limit, "tasks": {split: len(ts) for split, ts in tasks_by_split.items()},
+        "policy": dict(policy_kwargs or {}), "backend": backend, "workers": workers,
+    }
+    records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet), out_dir, seed=seed, executor=executor,
+                       settings=settings)
     return write_report(records, out_dir)

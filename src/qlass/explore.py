@@ -18,12 +18,15 @@ above when its outcome is non-zero).
 Per-tree caps (nodes, policy tokens, env steps) are checked before each new branch; a branch that
 has started is rolled out to its end, so a cap can be overshot by one rollout.
 
-Env steps. States are restored by replay; the explorer never steps an environment to sample (the
-tree stores every observation, so a node's history is known) nor for merged candidates, and it
-positions its environment by continuing from the current position when that is an ancestor and by
-reset + replay otherwise. Without a snapshot/restore API every root-to-leaf path must be walked
-once by some environment, so ``sum(depth(leaf))`` env steps is the minimum for a tree; the explorer
-spends exactly that (see ``benchmarks/bench_explore.py``).
+Env steps. The explorer never steps an environment to sample (the tree stores every observation,
+so a node's history is known) nor for merged candidates, and it positions its environment by
+continuing from the current position when that is an ancestor and by reset + replay otherwise.
+Without a snapshot/restore API every root-to-leaf path must be walked once by some environment, so
+``sum(depth(leaf))`` env steps is the minimum for a tree; the explorer spends exactly that (see
+``benchmarks/bench_explore.py``). An environment that also offers ``snapshot()`` (an opaque copy
+of the episode's state) and ``restore(state)`` has the state of every expanded node kept, and is
+positioned from the deepest kept ancestor when that is cheaper than continuing, so each edge
+costs one env step.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from .jsonl import append_jsonl
 from .policy.base import Policy, ready_policy
 from .search import normalise_action
 from .tree import BackupConfig, Node, Tree, assign_q, read_trees, tree_from_dict
-from .types import Completion, Step, Task
+from .types import Completion, Step, StepResult, Task
 
 log = logging.getLogger(__name__)
 
@@ -90,27 +93,48 @@ class ExploreConfig:
 
 
 class Cursor:
-    """One environment and the tree path it is positioned at; moves by continuing or by replay."""
+    """One environment and the tree path it is positioned at; moves by continuing, by restoring a
+    snapshot (environments with ``snapshot()``/``restore()``) or by reset + replay, whichever takes
+    the fewest env steps."""
 
     def __init__(self, env: Env) -> None:
         self.env = env
         self.position: tuple[int, ...] | None = None
         self.steps = 0
         self.resets = 0
+        self.restores = 0
+        self.snapshots = callable(getattr(env, "snapshot", None)) and callable(getattr(env, "restore", None))
+        self.saved: dict[int, Any] = {}
 
     def start(self, task: Task) -> str:
         """Reset on ``task`` (a new tree); returns the first observation."""
         self.task = task
         self.resets += 1
         self.position = ()
-        return self.env.reset(task)
+        first = self.env.reset(task)
+        self.saved = {0: self.env.snapshot()} if self.snapshots else {}  # type: ignore[attr-defined]
+        return first
+
+    def recording(self, keep: Callable[[int], bool]) -> _Recording | Env:
+        """The env to step a new chain with: with snapshots, one that also keeps the state after
+        its ``k``-th step when ``keep(k)``; the plain env otherwise."""
+        return _Recording(self.env, keep) if self.snapshots else self.env
 
     def goto(self, tree: Tree, node_id: int) -> int:
-        """Position the env at ``node_id``'s state; returns the env steps this took."""
+        """Position the env at ``node_id``'s state; returns the env steps this took. With snapshots,
+        the state of every node gone to is kept (it is about to get children, each needing it)."""
         path = tree.path(node_id)
         ids = tuple(n.id for n in path)
         pos = self.position
-        if pos is None or ids[: len(pos)] != pos:
+        can_continue = pos is not None and ids[: len(pos)] == pos
+        if self.snapshots:
+            # the deepest ancestor (or the node itself) with a saved state; the root always has one
+            k = max(i for i in range(len(ids) + 1) if (ids[i - 1] if i else 0) in self.saved)
+            if not can_continue or k > len(pos):  # type: ignore[arg-type]
+                self.env.restore(self.saved[ids[k - 1] if k else 0])  # type: ignore[attr-defined]
+                self.restores += 1
+                pos, can_continue = ids[:k], True
+        if not can_continue:
             first = self.env.reset(self.task)
             self.resets += 1
             if first != tree.nodes[0].observation:
@@ -118,7 +142,7 @@ class Cursor:
                                  "exploration needs a deterministic environment")
             pos = ()
         spent = 0
-        for node in path[len(pos):]:
+        for node in path[len(pos):]:  # type: ignore[arg-type]
             result = self.env.step(node.output)
             spent += 1
             if result.observation != node.observation or abs(float(result.reward) - node.reward) > 1e-9:
@@ -126,7 +150,30 @@ class Cursor:
                                  f"{node.depth}); exploration needs a deterministic environment")
         self.position = ids
         self.steps += spent
+        if self.snapshots and node_id not in self.saved:
+            self.saved[node_id] = self.env.snapshot()  # type: ignore[attr-defined]
         return spent
+
+
+class _Recording:
+    """An env proxy that keeps the env's state after each step it makes (``None`` where not kept)."""
+
+    def __init__(self, env: Env, keep: Callable[[int], bool]) -> None:
+        self.env, self.keep = env, keep
+        self.states: list[Any] = []
+
+    def step(self, output: str) -> StepResult:
+        result = self.env.step(output)
+        wanted = not result.done and self.keep(len(self.states))
+        self.states.append(self.env.snapshot() if wanted else None)  # type: ignore[attr-defined]
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+    def keep_states(self, saved: dict[int, Any], nodes: Sequence[Node]) -> None:
+        """Store the kept states of the chain ``nodes`` (stepped in order) into ``saved``."""
+        saved.update((n.id, state) for n, state in zip(nodes, self.states) if state is not None)
 
 
 def _step_of(node: Node) -> Step:
@@ -186,9 +233,11 @@ class TreeBuilder:
         messages = self.tree.history(parent)
         steps = [_step_of(n) for n in self.tree.path(parent)]
         base = len(steps)
-        apply_output(self.env, messages, steps, completion)
+        depth = self.tree.nodes[parent].depth
+        env = self.cursor.recording(lambda k: depth + 1 + k < self.depth)  # only expandable depths
+        apply_output(env, messages, steps, completion)
         first_id = len(self.tree.nodes)
-        continue_episode(self.env, self.policy, messages, steps, self.episode,
+        continue_episode(env, self.policy, messages, steps, self.episode,
                          seed=stable_seed(self.seed, "rollout", first_id))
         chain: list[Node] = []
         for k, step in enumerate(steps[base:]):
@@ -203,6 +252,8 @@ class TreeBuilder:
         if chain[-1].reward <= 0.0:
             for n in chain:
                 n.pruned = True
+        elif isinstance(env, _Recording):
+            env.keep_states(self.cursor.saved, chain)
         return chain
 
     def _expand(self, node_id: int, n: int, limit: int | None = None) -> list[Node]:
@@ -230,10 +281,11 @@ class TreeBuilder:
     def _graft_expert(self, outputs: list[str]) -> list[Node]:
         """The expert chain under the root plus sampled siblings; returns their expandable nodes."""
         self.cursor.goto(self.tree, 0)
+        env = self.cursor.recording(lambda k: True)  # expert steps get siblings at any depth
         parent = 0
         chain = []
         for text in outputs:
-            result = self.env.step(text)
+            result = env.step(text)
             self.cursor.steps += 1
             step = Step(text, parse_action(text), result.observation, float(result.reward), bool(result.done))
             node = self._add(parent, step, "expert", 1)
@@ -242,6 +294,8 @@ class TreeBuilder:
             parent = node.id
             if node.done:
                 break
+        if isinstance(env, _Recording):
+            env.keep_states(self.cursor.saved, chain)
         self.stats["expert_reward"] = chain[-1].reward if chain else None
         todo: list[Node] = [chain[-1]] if chain and self._expandable(chain[-1]) else []
         for node in chain:
@@ -274,6 +328,7 @@ class TreeBuilder:
             stack += self._expand(node.id, self.cfg.candidates)[::-1]
         t = self.tree
         self.stats.update(nodes=len(t.nodes), edges=t.edges, env_steps=self.cursor.steps, resets=self.cursor.resets,
+                          restores=self.cursor.restores,
                           max_depth=max(n.depth for n in t.nodes), expansion_depth=self.depth,
                           leaves=sum(1 for k in t.children() if not k) - (len(t.nodes) == 1),
                           best_reward=max(n.reward for n in t.nodes))

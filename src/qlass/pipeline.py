@@ -6,9 +6,10 @@
 elsewhere, or to compare exploration settings on one SFT model). Every stage writes into the run
 folder and is skipped when its output is complete; the stages
 that are themselves resumable (SFT, exploration, QNet training, evaluation) continue where an
-interrupted run stopped. The resolved configuration is saved as ``config.yaml`` in the run folder;
-rerunning with a changed stage configuration is refused for stages already complete (use a new
-run folder).
+interrupted run stopped. The whole configuration is validated before any work (stage options,
+method specs, policy options) and saved, resolved, as ``config.yaml`` in the run folder; rerunning
+with changed settings for a stage that already has outputs there is refused (use a new run
+folder), while task limits may grow.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import build, config_hash, load_yaml, option, save_yaml, to_dict
+from .config import build, config_differences, load_yaml, option, save_yaml, to_dict
 from .errors import QlassError
 from .executor import BACKENDS
 
@@ -43,6 +44,15 @@ class ExploreStage:
     split: str = option("train", "split the exploration tasks come from")
     limit: int | None = option(None, "at most this many tasks (round-robin over task types)")
     skip: int = option(0, "skip this many tasks first (e.g. those used for expert data)")
+
+
+@dataclass(frozen=True)
+class QDataStage:
+    """How the Q dataset is read from the trees (the backup of Eq. 7 discounts by ``explore.gamma``)."""
+
+    keep_intermediate: bool = option(False, "keep intermediate rewards (as score increments) instead of zeroing them")
+    normalize: bool = option(False, "min-max normalise Q per tree")
+    max_per_tree: int | None = option(300, "at most this many records per tree (None: no limit)")
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ class PipelineConfig:
     expert: dict = option({}, "ExpertStage options")
     sft: dict = option({}, "SFTConfig options")
     explore: dict = option({}, "ExploreStage options plus ExploreConfig options")
+    qdata: dict = option({}, "QDataStage options")
     qnet: dict = option({}, "QNetTrainConfig options")
     eval: dict = option({}, "EvalStage options")
 
@@ -90,12 +101,25 @@ class Resolved:
     sft: Any
     explore_stage: ExploreStage
     explore: Any
+    qdata: QDataStage
     qnet: Any
     eval: EvalStage
     run_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.cfg.run_dir)
+
+    def eval_methods(self) -> list[tuple[str, dict[str, Any]]]:
+        """The evaluation's (method name, options) pairs, ``eval.max_steps`` applied."""
+        from .search import parse_method
+
+        methods = []
+        for spec in self.eval.methods:
+            name, opts = parse_method(spec)
+            if self.eval.max_steps is not None:
+                opts.setdefault("max_steps", self.eval.max_steps)
+            methods.append((name, opts))
+        return methods
 
 
 def _split_options(options: dict[str, Any], cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -106,41 +130,74 @@ def _split_options(options: dict[str, Any], cls: type) -> tuple[dict[str, Any], 
 def resolve(data: dict[str, Any], source: str) -> Resolved:
     """Build and validate every section of a pipeline config (fails before any work starts)."""
     from .explore import ExploreConfig
+    from .policy import check_policy_options
     from .qnet_train import QNetTrainConfig
+    from .search import make_method_config
     from .sft import SFTConfig
 
     cfg = build(PipelineConfig, data, source)
     if cfg.backend not in BACKENDS:
         raise QlassError(f"{source}: field 'backend' must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     stage_opts, explore_opts = _split_options(dict(cfg.explore), ExploreStage)
-    return Resolved(
+    r = Resolved(
         cfg=cfg,
         expert=build(ExpertStage, dict(cfg.expert), f"{source}: expert"),
         sft=build(SFTConfig, dict(cfg.sft), f"{source}: sft"),
         explore_stage=build(ExploreStage, stage_opts, f"{source}: explore"),
         explore=build(ExploreConfig, explore_opts, f"{source}: explore"),
+        qdata=build(QDataStage, dict(cfg.qdata), f"{source}: qdata"),
         qnet=build(QNetTrainConfig, dict(cfg.qnet), f"{source}: qnet"),
         eval=build(EvalStage, dict(cfg.eval), f"{source}: eval"),
     )
+    try:
+        for name, opts in r.eval_methods():
+            make_method_config(name, opts)
+    except QlassError as exc:
+        raise QlassError(f"{source}: eval.methods: {exc}") from None
+    try:
+        check_policy_options(cfg.policy_server or "default", cfg.policy)
+    except QlassError as exc:
+        raise QlassError(f"{source}: field 'policy': {exc}") from None
+    return r
+
+
+def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
+    """Settings of ``new`` that differ from ``old`` (the run folder's saved config) for stages whose
+    outputs exist in the run folder. Compared as resolved configs, so options added since (at
+    their defaults) and runtime options (threads, device) do not count; nor do task limits, which
+    extend a stage rather than change it."""
+    run = new.run_dir
+    if not any((run / p).exists() for p in ("expert.json", "sft", "trees.jsonl", "qnet", "eval")):
+        return []
+    changes = [f"{k}: {a!r} → {b!r}" for k, a, b in (
+        ("model", old.cfg.model, new.cfg.model), ("env", old.cfg.env, new.cfg.env),
+        ("env_args", old.cfg.env_args, new.cfg.env_args), ("task_types", old.cfg.task_types, new.cfg.task_types),
+        ("sft_model", old.cfg.sft_model, new.cfg.sft_model)) if a != b]
+    if (run / "sft" / ".qlass-complete").exists() and not new.cfg.sft_model:
+        changes += [f"expert.{c}" for c in config_differences(old.expert, new.expert)]
+        changes += [f"sft.{c}" for c in config_differences(old.sft, new.sft)]
+    if (run / "trees.jsonl").exists():
+        stage = [c for c in config_differences(old.explore_stage, new.explore_stage) if not c.startswith("limit:")]
+        changes += [f"explore.{c}" for c in stage + config_differences(old.explore, new.explore)]
+    if (run / "qnet").exists():
+        changes += [f"qdata.{c}" for c in config_differences(old.qdata, new.qdata)]
+        changes += [f"qnet.{c}" for c in config_differences(old.qnet, new.qnet)]
+    return changes
 
 
 def _save_resolved(r: Resolved) -> None:
+    """Save the resolved config as ``config.yaml`` in the run folder, refusing settings that differ
+    from the saved ones for stages already (partly) done there."""
     r.run_dir.mkdir(parents=True, exist_ok=True)
-    data = {**to_dict(r.cfg), "expert": to_dict(r.expert), "sft": to_dict(r.sft),
-            "explore": {**to_dict(r.explore_stage), **to_dict(r.explore)}, "qnet": to_dict(r.qnet),
-            "eval": to_dict(r.eval)}
     path = r.run_dir / "config.yaml"
-    if path.exists() and (r.run_dir / "sft" / ".qlass-complete").exists():
-        # compared as resolved configs: options added since (at their defaults) and runtime options
-        # such as threads do not count as changes
-        old = resolve(load_yaml(path), str(path))
-        pairs = {"model": (old.cfg.model, r.cfg.model), "env": (old.cfg.env, r.cfg.env),
-                 "env_args": (old.cfg.env_args, r.cfg.env_args), "task_types": (old.cfg.task_types, r.cfg.task_types),
-                 "expert": (to_dict(old.expert), to_dict(r.expert)), "sft": (config_hash(old.sft), config_hash(r.sft))}
-        changed = [k for k, (before, now) in pairs.items() if before != now]
-        if changed:
-            raise QlassError(f"{path}: the run folder was made with different settings for {', '.join(changed)}; "
-                             "use a new run_dir")
+    if path.exists():
+        changes = _stage_changes(resolve(load_yaml(path), str(path)), r)
+        if changes:
+            raise QlassError(f"{path}: the run folder was made with other settings ({'; '.join(changes)}); "
+                             "use a new run_dir (sft_model: DIR reuses an SFT checkpoint from this one)")
+    data = {**to_dict(r.cfg), "expert": to_dict(r.expert), "sft": to_dict(r.sft),
+            "explore": {**to_dict(r.explore_stage), **to_dict(r.explore)}, "qdata": to_dict(r.qdata),
+            "qnet": to_dict(r.qnet), "eval": to_dict(r.eval)}
     save_yaml(path, data)
 
 
@@ -168,6 +225,24 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
     return train_sft(expert_path, base, run / "sft", r.sft)
 
 
+def pipeline_options() -> str:
+    """Every key of a pipeline YAML with its default and help: the top level, then each section."""
+    from .config import describe
+    from .explore import ExploreConfig
+    from .qnet_train import QNetTrainConfig
+    from .sft import SFTConfig
+
+    def indent(text: str) -> str:
+        return "\n".join(f"  {line}" for line in text.splitlines())
+
+    sections = [("expert", [ExpertStage]), ("sft", [SFTConfig]), ("explore", [ExploreStage, ExploreConfig]),
+                ("qdata", [QDataStage]), ("qnet", [QNetTrainConfig]), ("eval", [EvalStage])]
+    top = [f for f in describe(PipelineConfig).splitlines() if f.split(" ", 1)[0] not in dict(sections)]
+    blocks = ["\n".join(top)] + [f"{name}:\n" + "\n".join(indent(describe(c)) for c in classes)
+                                  for name, classes in sections]
+    return "\n\n".join(blocks)
+
+
 STAGES = ("sft", "explore", "qnet", "eval")
 
 
@@ -181,7 +256,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     from .models import default_model_dir
     from .policy import load_policy
     from .qnet_train import train_qnet
-    from .tree import export_qdata
+    from .tree import BackupConfig, export_qdata
 
     if stop_after is not None and stop_after not in STAGES[:-1]:
         raise QlassError(f"--stop-after must be one of {', '.join(STAGES[:-1])}, got {stop_after!r}")
@@ -196,6 +271,10 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
         if not (sft_dir / "config.json").exists():
             raise QlassError(f"{config_path}: field 'sft_model': {sft_dir} is not a model folder (no config.json)")
         log.info("stage 1: using the SFT checkpoint %s", sft_dir)
+        ignored = [name for name in ("expert", "sft") if getattr(cfg, name)]
+        if ignored:
+            log.warning("%s: section(s) %s ignored: sft_model is set, so stage 1 does not run",
+                        config_path, ", ".join(ignored))
     else:
         sft_dir = _expert_and_sft(r, default_model_dir() if cfg.model == "default" else Path(cfg.model))
     if stop_after == "sft":
@@ -216,7 +295,9 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     policy = functools.partial(load_policy, policy_spec, seed=cfg.seed, **policy_opts)
     explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
                   run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers))
-    counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl")
+    backup = BackupConfig(gamma=r.explore.gamma, keep_intermediate=r.qdata.keep_intermediate,
+                          normalize=r.qdata.normalize)
+    counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl", backup, r.qdata.max_per_tree)
     log.info("Q data: %d records from %d trees", counts["records"], counts["trees"])
     if stop_after == "explore":
         return None
@@ -229,15 +310,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
 
     # 4. evaluation
     log.info("stage 4: evaluation → %s", run / "eval")
-    methods = []
-    from .commands.evaluate import parse_method
-
-    for spec in r.eval.methods:
-        name, opts = parse_method(spec)
-        if r.eval.max_steps is not None:
-            opts.setdefault("max_steps", r.eval.max_steps)
-        methods.append((name, opts))
-    return run_evaluation(model=policy_spec, env_spec=cfg.env, splits=r.eval.splits, methods=methods,
+    return run_evaluation(model=policy_spec, env_spec=cfg.env, splits=r.eval.splits, methods=r.eval_methods(),
                           out_dir=run / "eval", env_kwargs=cfg.env_args, task_types=types, limit=r.eval.limit,
                           qnet_dir=run / "qnet", policy_kwargs=policy_opts, seed=cfg.seed,
                           backend=cfg.backend, workers=cfg.workers)

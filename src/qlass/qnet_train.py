@@ -20,29 +20,38 @@ baseline the QNet must beat.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from .config import config_hash, option, save_yaml, to_dict
+from .config import build, config_differences, config_hash, load_yaml, option, save_yaml, to_dict
+from .errors import QlassError
 from .models import resolve_device
 from .qnet import QNet, backbone_of, sequence_hidden
 from .qnet_data import QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
 from .qnet_pack import PackedRow, pack_records, step_batches
 from .train_utils import (
-    TrainerConfig, load_checkpoint, log_metrics, optimizer_and_schedule, progress_bar, rewind_metrics,
+    TrainerConfig,
+    load_checkpoint,
+    log_metrics,
+    optimizer_and_schedule,
+    progress_bar,
+    rewind_metrics,
     save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
 DONE_MARK = ".qlass-complete"
 RESULT_FILE = "qnet_result.json"
+CONFIG_FILE = "qnet_config.yaml"
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,38 @@ def _apply_lora(qnet: QNet, cfg: QNetTrainConfig) -> Any:
     return peft_model
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_finished(out: Path, cfg: QNetTrainConfig, qdata: str | Path) -> None:
+    """Refuse to hand back a finished QNet made with other settings or other Q data than asked for.
+    (Folders finished before the Q data's digest was recorded are checked on settings only.)"""
+    path = out / CONFIG_FILE
+    if not path.exists():
+        return
+    saved = load_yaml(path)
+    digest = saved.pop("qdata_sha256", None)
+    saved.pop("qdata", None)
+    saved.pop("sft_model", None)
+    try:
+        before = build(QNetTrainConfig, saved, str(path))
+    except QlassError:
+        raise QlassError(f"{out}: holds a finished QNet whose settings ({path}) this qlass cannot read; "
+                         "use a new output folder") from None
+    changed = config_differences(before, cfg)
+    if changed:
+        raise QlassError(f"{out}: holds a finished QNet trained with other settings ({', '.join(changed)}); "
+                         "use a new output folder")
+    if digest is not None and digest != file_digest(qdata):
+        raise QlassError(f"{out}: holds a finished QNet trained on other Q data than {qdata}; use a new output folder")
+
+
 def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg: QNetTrainConfig) -> dict[str, Any]:
     """Train a QNet from the SFT model at ``sft_dir`` on ``qdata``; returns the final validation result.
 
@@ -152,6 +193,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     """
     out = Path(out_dir)
     if (out / DONE_MARK).exists():
+        _check_finished(out, cfg, qdata)
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / RESULT_FILE).read_text())
     if cfg.threads:
@@ -176,7 +218,8 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
                     {"params": head, "lr": cfg.head_lr or cfg.lr}]
     opt, sched = optimizer_and_schedule(param_groups, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, total_steps)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(out / "qnet_config.yaml", {**to_dict(cfg), "qdata": str(qdata), "sft_model": str(sft_dir)})
+    save_yaml(out / CONFIG_FILE, {**to_dict(cfg), "qdata": str(qdata), "qdata_sha256": file_digest(qdata),
+                                  "sft_model": str(sft_dir)})
     chash = config_hash(cfg) + f"-packed-{len(train_records)}-{len(val_records)}-{len(train)}"
     step = load_checkpoint(out, qnet.model, opt, sched, chash)
     if step == 0:  # metrics of a run that died before its first checkpoint are redone

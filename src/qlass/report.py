@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from .compare import paired_rows, paired_table
 from .jsonl import write_text_atomic
 from .search import argmax
 
@@ -27,6 +28,16 @@ BUDGET_NS = (1, 2, 4, 8)
 
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
+
+
+def _qnet_choices(record: dict[str, Any]) -> int | None:
+    """A qlass record's QNet choices; records written before the field existed count the steps
+    that consulted the QNet (the same thing: it is consulted only between distinct actions)."""
+    if "qnet_choices" in record:
+        return record["qnet_choices"]
+    if record["method_name"] == "qlass" and "steps" in record.get("trajectory", {}):
+        return sum(1 for s in record["trajectory"]["steps"] if s.get("qnet_tokens", 0) > 0)
+    return None
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -47,6 +58,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "wall_time": _mean([r["wall_time"] for r in rs]),
             "oracle": any(r["oracle"] for r in rs),
         }
+        choices = [_qnet_choices(r) for r in rs]
+        if all(c is not None for c in choices):
+            row["qnet_choices"] = _mean(choices)
         rows.append(row)
         if all("oracle_pass_at_n" in r for r in rs):
             rows.append({**row, "method": f"{method} pass@N [oracle]", "oracle": True,
@@ -82,15 +96,23 @@ def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return points
 
 
+def _choices_cell(row: dict[str, Any]) -> str:
+    return f"{row['qnet_choices']:.1f}" if "qnet_choices" in row else "–"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The summary rows as a markdown table (reward and success in percent, as in the paper)."""
+    """The summary rows as a markdown table (reward and success in percent, as in the paper).
+
+    "QNet choices/task" counts the steps where Q-guided search chose between two or more distinct
+    actions ("–" for methods that make no such choice)."""
     head = ("| env | split | method | tasks | avg reward | success % | completion tok/task "
-            "| prompt tok/task | QNet tok/task | env steps/task |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            "| prompt tok/task | QNet tok/task | QNet choices/task | env steps/task |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['env']} | {r['split']} | {r['method']} | {r['tasks']} | {100 * r['avg_reward']:.1f} "
         f"| {100 * r['success_rate']:.1f} | {r['completion_tokens']:.0f} | {r['prompt_tokens']:.0f} "
-        f"| {r['qnet_tokens']:.0f} | {r['env_steps']:.1f} |\n"
+        f"| {r['qnet_tokens']:.0f} | {_choices_cell(r)} "
+        f"| {r['env_steps']:.1f} |\n"
         for r in rows
     )
     return head + body
@@ -128,14 +150,66 @@ def _plot(points: Sequence[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "method": (str,), "method_name": (str,), "config": (dict,), "env": (str,), "split": (str,), "task": (str,),
+    "reward": (int, float), "success": (bool,), "prompt_tokens": (int,), "completion_tokens": (int,),
+    "qnet_tokens": (int,), "env_steps": (int,), "wall_time": (int, float), "oracle": (bool,),
+}
+
+
+def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The evaluation records of ``paths`` (``records.jsonl`` files, e.g. shards of one evaluation
+    run on several machines), each checked for the fields the report reads. A (method, env, split,
+    task) key found twice is an error naming both places."""
+    from .errors import DataError
+    from .jsonl import read_jsonl
+
+    seen: dict[tuple[str, ...], str] = {}
+    out = []
+    for path in paths:
+        if not Path(path).exists():
+            raise DataError(str(path), "file not found")
+        for line, rec in enumerate(read_jsonl(path), start=1):
+            for name, kinds in _RECORD_FIELDS.items():
+                value = rec.get(name)
+                if name not in rec or not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+                    want = " or ".join(k.__name__ for k in kinds)
+                    raise DataError(str(path), f"line {line}: field {name!r} must be {want}, got {value!r}")
+            key = (rec["method"], rec["env"], rec["split"], rec["task"])
+            where = f"{path} line {line}"
+            if key in seen:
+                raise DataError(str(path), f"line {line}: {rec['method']} on {rec['split']} {rec['task']} is also "
+                                           f"recorded at {seen[key]}")
+            seen[key] = where
+            out.append(rec)
+    return out
+
+
+def common_tasks(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the (env, split, task) triples that every method of that (env, split) played,
+    so that each row of a report averages over the same tasks (a run stopped part-way)."""
+    methods: dict[tuple[str, str], set[str]] = defaultdict(set)
+    played: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for r in records:
+        methods[(r["env"], r["split"])].add(r["method"])
+        played[(r["env"], r["split"], r["task"])].add(r["method"])
+    return [r for r in records if played[(r["env"], r["split"], r["task"])] == methods[(r["env"], r["split"])]]
+
+
 def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = "qlass results") -> list[dict[str, Any]]:
-    """Write results.json/.md and the budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
+    """Write results.json/.md (the summary rows and, when greedy was run, every other method's paired
+    difference to it) and the budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
     rows = summarise(records)
     points = budget_points(records)
-    write_text_atomic(out_dir / "results.json", json.dumps({"rows": rows, "budget": points}, indent=1) + "\n")
+    paired = paired_rows(records)
+    write_text_atomic(out_dir / "results.json",
+                      json.dumps({"rows": rows, "budget": points, "paired": paired}, indent=1) + "\n")
     md = f"# {title}\n\n{markdown_table(rows)}\n"
     if any(r["oracle"] for r in rows):
         md += "\nRows marked [oracle] use the environment's reward and are not comparable to the others.\n"
+    if paired:
+        md += ("\n## Paired differences\n\nPer task, the method's reward minus the baseline's on the same "
+               "task, averaged; the interval resamples tasks (10,000 times, seeded).\n\n" + paired_table(paired))
     write_text_atomic(out_dir / "results.md", md)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["env", "split", "curve", "budget_param", "completion_tokens", "avg_reward"])

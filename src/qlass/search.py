@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from .agent import EpisodeConfig, apply_output, continue_episode, episode_running, finish, start_messages
+from .config import build, option, parse_kv
 from .envs.base import Env, parse_action
 from .errors import QlassError
 from .policy.base import Policy
@@ -47,12 +49,17 @@ class SearchContext:
     env_pool: Callable[[int], list[Env]] | None = None
 
 
+_MAX_STEPS = "step limit per episode"
+_MAX_NEW = "token limit per agent turn"
+_TEMPERATURE = "sampling temperature"
+
+
 @dataclass(frozen=True)
 class GreedyConfig:
     """Temperature-0 decoding: the SFT agent as it is."""
 
-    max_steps: int = 30
-    max_new_tokens: int = 128
+    max_steps: int = option(30, _MAX_STEPS)
+    max_new_tokens: int = option(128, _MAX_NEW)
 
     def __post_init__(self) -> None:
         EpisodeConfig(self.max_steps, 0.0, self.max_new_tokens)
@@ -62,9 +69,9 @@ class GreedyConfig:
 class SampleConfig:
     """One sampled trajectory at ``temperature``."""
 
-    temperature: float = 0.7
-    max_steps: int = 30
-    max_new_tokens: int = 128
+    temperature: float = option(0.7, _TEMPERATURE)
+    max_steps: int = option(30, _MAX_STEPS)
+    max_new_tokens: int = option(128, _MAX_NEW)
 
     def __post_init__(self) -> None:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
@@ -76,11 +83,11 @@ class BestOfNConfig:
     the QNet's value of each trajectory's final step (``select="qnet"``) or by the policy's mean
     log-likelihood per completion token (``select="likelihood"``)."""
 
-    n: int = 4
-    temperature: float = 0.7
-    select: str = "qnet"
-    max_steps: int = 30
-    max_new_tokens: int = 128
+    n: int = option(4, "trajectories per task")
+    temperature: float = option(0.7, _TEMPERATURE)
+    select: str = option("qnet", "how the winner is chosen: qnet (value of the final step) or likelihood")
+    max_steps: int = option(30, _MAX_STEPS)
+    max_new_tokens: int = option(128, _MAX_NEW)
 
     def __post_init__(self) -> None:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
@@ -95,11 +102,12 @@ class QlassConfig:
     """Q-guided stepwise search: M candidates per step at ``temperature``, execute the QNet argmax
     (duplicates merged; ties go to the earliest candidate)."""
 
-    m: int = 2
-    temperature: float = 0.7
-    max_steps: int = 30
-    max_new_tokens: int = 128
-    oracle_terminal: bool = False
+    m: int = option(2, "candidate actions sampled per step")
+    temperature: float = option(0.7, _TEMPERATURE)
+    max_steps: int = option(30, _MAX_STEPS)
+    max_new_tokens: int = option(128, _MAX_NEW)
+    oracle_terminal: bool = option(False, "score episode-ending candidates by the true reward (the reference "
+                                   "code's shortcut; results are labelled [oracle])")
 
     def __post_init__(self) -> None:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
@@ -257,11 +265,16 @@ def _oracle_scores(task: Task, ctx: SearchContext, outputs: Sequence[str], taken
 
 
 def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory:
-    """Q-guided stepwise search: at every step sample M candidates and execute the QNet's argmax."""
+    """Q-guided stepwise search: at every step sample M candidates and execute the QNet's argmax.
+
+    ``meta["decisions"]`` lists the steps where the QNet chose between two or more distinct
+    actions: the step index, the candidate actions, the values that decided and the chosen index.
+    """
     if ctx.qnet is None and cfg.m > 1:
         raise QlassError("the qlass method needs a QNet (--qnet DIR)")
     messages = start_messages(ctx.env, task)
     steps: list[Step] = []
+    decisions: list[dict[str, Any]] = []
     env_steps = 0
     while episode_running(steps, cfg.max_steps):
         seed = ctx.seed * 1_000_003 + len(steps)
@@ -277,7 +290,11 @@ def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory
                 env_steps += probe_steps
         else:
             scores = [0.0]
-        chosen = completions[keep[argmax(scores)]]
+        pick = argmax(scores)
+        if len(outputs) > 1:
+            decisions.append({"step": len(steps), "actions": [normalise_action(o) for o in outputs],
+                              "values": [float(v) for v in scores], "chosen": pick})
+        chosen = completions[keep[pick]]
         spent = Completion(
             text=chosen.text,
             prompt_tokens=completions[0].prompt_tokens,
@@ -286,7 +303,7 @@ def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory
         )
         apply_output(ctx.env, messages, steps, spent, qnet_tokens=qnet_tokens)
         env_steps += 1
-    return finish(task, messages, steps, env_steps=env_steps, oracle=cfg.oracle_terminal)
+    return finish(task, messages, steps, env_steps=env_steps, oracle=cfg.oracle_terminal, decisions=decisions)
 
 
 @dataclass(frozen=True)
@@ -307,19 +324,17 @@ METHODS: dict[str, Method] = {
 }
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"qlass:m=4,temperature=0.7"`` → ``("qlass", {"m": 4, "temperature": 0.7})``."""
+    name, _, opts = spec.partition(":")
+    return name.strip(), parse_kv([o for o in opts.split(",") if o.strip()], f"method {spec!r}")
+
+
 def make_method_config(name: str, options: dict[str, Any]) -> Any:
     """Build and validate the config of method ``name`` from ``options`` (unknown keys are errors)."""
     if name not in METHODS:
         raise QlassError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    cls = METHODS[name].config
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise QlassError(f"method {name!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as exc:
-        raise QlassError(f"method {name!r}: {exc}") from None
+    return build(METHODS[name].config, options, f"method {name!r}")
 
 
 def method_label(name: str, cfg: Any) -> str:

@@ -66,10 +66,10 @@ def register(app: typer.Typer) -> None:
                                           "e.g. step_limit=100 for long expert paths."),
     ) -> None:
         """Export expert trajectories, each verified by replay to reach reward 1.0."""
+        from ..config import parse_kv
         from ..data import save_trajectories
         from ..envs.base import make_env
         from ..expert import export_expert
-        from .evaluate import parse_kv
 
         progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
         environment = make_env(env, **parse_kv(env_arg, "--env-arg"))

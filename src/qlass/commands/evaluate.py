@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-import yaml
 
+from ..config import parse_kv
 from ..errors import QlassError
 
 log = logging.getLogger(__name__)
 
 
-def parse_kv(items: list[str], what: str) -> dict[str, Any]:
-    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` with YAML scalar typing."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise QlassError(f"{what}: expected key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return out
+def method_options() -> str:
+    """Every registered method with its options (name, default, help), for ``--list-options``."""
+    from ..config import describe
+    from ..search import METHODS
 
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"qlass:m=4,temperature=0.7"`` → ``("qlass", {"m": 4, "temperature": 0.7})``."""
-    name, _, opts = spec.partition(":")
-    return name.strip(), parse_kv([o for o in opts.split(",") if o.strip()], f"--method {spec}")
+    blocks = []
+    for name, method in METHODS.items():
+        doc = " ".join((method.config.__doc__ or "").split())
+        options = "\n".join(f"  {line}" for line in describe(method.config).splitlines())
+        blocks.append(f"{name}: {doc}\n{options}")
+    return "\n\n".join(blocks)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: str = typer.Option(..., help="Policy: a local causal-LM folder or an OpenAI-compatible base URL (http://.../v1)."),
+        model: Optional[str] = typer.Option(None, help="Policy: a local causal-LM folder or an OpenAI-compatible base URL (http://.../v1)."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: list[str] = typer.Option(["seen"], help="Split(s) to evaluate (repeatable)."),
         method: list[str] = typer.Option(["greedy"], help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood' (repeatable)."),
@@ -42,6 +38,9 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="At most this many tasks per split."),
         qnet: Optional[Path] = typer.Option(None, help="QNet folder (for qlass and best-of-n select=qnet)."),
         max_steps: Optional[int] = typer.Option(None, help="Step limit per episode (sets every method's max_steps)."),
+        oracle_terminal: bool = typer.Option(False, "--oracle-terminal", help="The reference code's shortcut for every "
+                                             "qlass method: episode-ending candidates scored by the true reward "
+                                             "(rows labelled [oracle]; same as qlass:oracle_terminal=true)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value, e.g. autocast=bf16 (repeatable)."),
         seed: int = typer.Option(0, help="Run seed."),
@@ -49,15 +48,25 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, help="Worker processes / Ray actors (process and ray backends)."),
         ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
         out: Path = typer.Option(Path("runs/eval"), help="Run folder: records.jsonl (resumable), results.md/json, budget curve."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every method's options with their defaults and help, then exit."),
     ) -> None:
         """Evaluate methods on a split: per-task records (resumable), a results table and budget curves."""
         from ..evaluate import run_evaluation
+        from ..search import parse_method
+
+        if list_options:
+            typer.echo(method_options())
+            return
+        if model is None:
+            raise QlassError("qlass eval needs --model (a model folder, 'default' or an OpenAI-compatible base URL)")
 
         methods = []
         for spec in method:
             name, opts = parse_method(spec)
             if max_steps is not None:
                 opts.setdefault("max_steps", max_steps)
+            if oracle_terminal and name == "qlass":
+                opts.setdefault("oracle_terminal", True)
             methods.append((name, opts))
         rows = run_evaluation(
             model=model, env_spec=env, env_kwargs=parse_kv(env_arg, "--env-arg"), splits=split,

@@ -52,13 +52,12 @@ def register(app: typer.Typer) -> None:
         list_options: bool = typer.Option(False, "--list-options", help="Print every ExploreConfig option with its default and help, then exit."),
     ) -> None:
         """Build one exploration tree per task (paper stage 2) and append it to OUT; rerun to resume."""
-        from ..config import describe, load_config
+        from ..config import describe, load_config, parse_kv
         from ..envs.base import make_env
         from ..evaluate import select_tasks
         from ..executor import make_executor
         from ..explore import ExploreConfig, explore_tasks
         from ..tree import tree_summary
-        from .evaluate import parse_kv
 
         if list_options:
             typer.echo(describe(ExploreConfig))

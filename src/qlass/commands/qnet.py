@@ -20,11 +20,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Regress Q values with MSE; report validation sibling-ranking accuracy of the QNet and of the
         SFT policy's log-likelihood. Rerun the same command to resume."""
-        from ..config import describe, load_config
+        from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
         from ..models import default_model_dir
         from ..qnet_train import QNetTrainConfig, summary_lines, train_qnet
-        from .evaluate import parse_kv
 
         if list_options:
             typer.echo(describe(QNetTrainConfig))

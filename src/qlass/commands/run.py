@@ -11,13 +11,22 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        config: Path = typer.Argument(..., help="Pipeline YAML (see configs/demo.yaml)."),
+        config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (see configs/demo.yaml)."),
         stop_after: Optional[str] = typer.Option(None, help="Stop after this stage: sft, explore or qnet (e.g. "
                                                  "to start a vLLM/SGLang server on the SFT checkpoint)."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every key of a pipeline YAML, "
+                                          "section by section, with its default and help, then exit."),
     ) -> None:
         """Expert data → SFT → exploration trees → Q data → QNet → evaluation, skipping finished stages."""
-        from ..pipeline import run_pipeline
+        from ..errors import QlassError
+        from ..pipeline import pipeline_options, run_pipeline
         from ..report import markdown_table
+
+        if list_options:
+            typer.echo(pipeline_options())
+            return
+        if config is None:
+            raise QlassError("qlass run needs a pipeline YAML (see configs/demo.yaml; --list-options lists its keys)")
 
         rows = run_pipeline(config, stop_after=stop_after)
         if rows is None:

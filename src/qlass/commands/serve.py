@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         max_instances: int = typer.Option(64, help="At most this many environment instances open at once."),
     ) -> None:
         """Serve ENV over HTTP: /create, /reset, /step, /observation, /close (+ /splits, /tasks, /prompt, /expert)."""
+        from ..config import parse_kv
         from ..serve import serve
-        from .evaluate import parse_kv
 
         serve(env, host=host, port=port, env_args=parse_kv(env_arg, "--env-arg"), max_instances=max_instances)

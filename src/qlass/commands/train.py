@@ -19,11 +19,10 @@ def register(app: typer.Typer) -> None:
         list_options: bool = typer.Option(False, "--list-options", help="Print every SFTConfig option with its default and help, then exit."),
     ) -> None:
         """Fine-tune on the agent turns of expert trajectories; rerun the same command to resume."""
-        from ..config import describe, load_config
+        from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
         from ..models import default_model_dir
         from ..sft import SFTConfig, train_sft
-        from .evaluate import parse_kv
 
         if list_options:
             typer.echo(describe(SFTConfig))

@@ -9,6 +9,7 @@ works, but importing the package loads neither torch models nor HTTP code).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import QlassError
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .hf import HFPolicy
     from .openai import OpenAIPolicy
 
-__all__ = ["HFPolicy", "OpenAIPolicy", "Policy", "load_policy"]
+__all__ = ["HFPolicy", "OpenAIPolicy", "Policy", "check_policy_options", "load_policy"]
 
 
 def __getattr__(name: str) -> Any:
@@ -33,6 +34,26 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _policy_class(spec: str) -> type:
+    if spec.startswith(("http://", "https://")):
+        from .openai import OpenAIPolicy
+
+        return OpenAIPolicy
+    from .hf import HFPolicy
+
+    return HFPolicy
+
+
+def check_policy_options(spec: str, options: Mapping[str, Any]) -> None:
+    """Raise :class:`QlassError` if the backend that would serve ``spec`` does not take every key of
+    ``options`` (naming the options it does take)."""
+    cls = _policy_class(spec)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model_dir", "base_url")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise QlassError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; options: {', '.join(accepted)}")
+
+
 def load_policy(spec: str, **options: Any) -> Policy:
     """A policy from a model folder, ``default``, or an ``http(s)://.../v1`` server URL.
 
@@ -40,17 +61,9 @@ def load_policy(spec: str, **options: Any) -> Policy:
     ``autocast=True`` or ``model="name", tokenizer="DIR"``); an option the backend does not take is
     an error naming the options it does take.
     """
-    if spec.startswith(("http://", "https://")):
-        from .openai import OpenAIPolicy as cls
-    else:
-        from .hf import HFPolicy as cls
+    check_policy_options(spec, options)
+    if spec == "default":
+        from ..models import default_model_dir
 
-        if spec == "default":
-            from ..models import default_model_dir
-
-            spec = str(default_model_dir())
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model_dir", "base_url")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise QlassError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; options: {', '.join(accepted)}")
-    return cls(spec, **options)
+        spec = str(default_model_dir())
+    return _policy_class(spec)(spec, **options)
