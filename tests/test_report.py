@@ -54,7 +54,7 @@ def test_budget_curve_reads_best_of_n_prefixes() -> None:
 def test_write_report_files(tmp_path) -> None:
     write_report(RECORDS, tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert len(data["rows"]) == 4
+    assert data["schema_version"] == 1 and len(data["rows"]) == 4
     md = (tmp_path / "results.md").read_text()
     assert "| e | seen | qlass(m=2) | 2 | 75.0 | 50.0 | 50 | 100 | 0 | 2.5 | 3.0 |" in md
     assert "| e | seen | greedy | 2 | 50.0 | 50.0 | 20 | 100 | 0 | – | 3.0 |" in md

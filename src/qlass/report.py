@@ -24,6 +24,7 @@ from .search import argmax
 log = logging.getLogger(__name__)
 
 BUDGET_NS = (1, 2, 4, 8)
+RESULTS_SCHEMA_VERSION = 1
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -203,7 +204,7 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = 
     points = budget_points(records)
     paired = paired_rows(records)
     write_text_atomic(out_dir / "results.json",
-                      json.dumps({"rows": rows, "budget": points, "paired": paired}, indent=1) + "\n")
+                      json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "rows": rows, "budget": points, "paired": paired}, indent=1) + "\n")
     md = f"# {title}\n\n{markdown_table(rows)}\n"
     if any(r["oracle"] for r in rows):
         md += "\nRows marked [oracle] use the environment's reward and are not comparable to the others.\n"
