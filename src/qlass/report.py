@@ -203,8 +203,8 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = 
     rows = summarise(records)
     points = budget_points(records)
     paired = paired_rows(records)
-    write_text_atomic(out_dir / "results.json",
-                      json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "rows": rows, "budget": points, "paired": paired}, indent=1) + "\n")
+    results = {"schema_version": RESULTS_SCHEMA_VERSION, "rows": rows, "budget": points, "paired": paired}
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     md = f"# {title}\n\n{markdown_table(rows)}\n"
     if any(r["oracle"] for r in rows):
         md += "\nRows marked [oracle] use the environment's reward and are not comparable to the others.\n"
