@@ -170,12 +170,18 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def differences(before: Mapping[str, Any], now: Mapping[str, Any], sep: str = " → ") -> list[str]:
+    """``"name: old<sep>new"`` for every key of both mappings whose values differ (a key only one
+    has, such as an option added since, does not count)."""
+    return [f"{k}: {before[k]!r}{sep}{now[k]!r}" for k in now if k in before and before[k] != now[k]]
+
+
 def config_differences(before: Any, now: Any) -> list[str]:
-    """``"name: old → new"`` for every option of two configs of one class that differs, ``runtime``
-    options left out (they may change between a run and its resumption)."""
+    """:func:`differences` of two configs of one class, ``runtime`` options left out (they may
+    change between a run and its resumption)."""
     runtime = {f.name for f in dataclasses.fields(now) if f.metadata.get("runtime")}
-    old, new = to_dict(before), to_dict(now)
-    return [f"{k}: {old[k]!r} → {new[k]!r}" for k in new if k not in runtime and old.get(k) != new[k]]
+    old = {k: v for k, v in to_dict(before).items() if k not in runtime}
+    return differences(old, to_dict(now))
 
 
 def save_yaml(path: str | Path, data: dict[str, Any]) -> None:

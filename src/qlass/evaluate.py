@@ -25,7 +25,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import save_yaml
+from .config import differences, save_yaml
 from .data import trajectory_to_record
 from .envs.base import Env
 from .errors import QlassError
@@ -161,20 +161,16 @@ def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]]
     for run in runs:
         cfg = asdict(run.config)
         if run.label in configs:
-            diff = _differences(configs[run.label], cfg, " vs ")
+            diff = ", ".join(differences(configs[run.label], cfg, " vs "))
             raise QlassError(f"method {run.label!r} is listed twice" + (
                 f" with different settings ({diff}); evaluate the variants into separate run folders" if diff else ""))
         configs[run.label] = cfg
     for i, rec in enumerate(records):
         cfg = configs.get(rec.get("method"))
-        diff = _differences(rec.get("config") or {}, cfg, " → ") if cfg is not None else ""
+        diff = ", ".join(differences(rec.get("config") or {}, cfg)) if cfg is not None else ""
         if diff:
             raise QlassError(f"{path}: line {i + 1} (method {rec['method']!r}, task {rec.get('task')!r}): field 'config' "
                              f"differs from this run's ({diff}); use another output folder for these settings")
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any], sep: str) -> str:
-    return ", ".join(f"{k}: {before[k]!r}{sep}{now[k]!r}" for k in now if k in before and before[k] != now[k])
 
 
 def evaluate(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import build, config_differences, load_yaml, option, save_yaml, to_dict
+from .config import build, config_differences, differences, load_yaml, option, save_yaml, to_dict
 from .errors import QlassError
 from .executor import BACKENDS
 
@@ -169,10 +169,8 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     run = new.run_dir
     if not any((run / p).exists() for p in ("expert.json", "sft", "trees.jsonl", "qnet", "eval")):
         return []
-    changes = [f"{k}: {a!r} → {b!r}" for k, a, b in (
-        ("model", old.cfg.model, new.cfg.model), ("env", old.cfg.env, new.cfg.env),
-        ("env_args", old.cfg.env_args, new.cfg.env_args), ("task_types", old.cfg.task_types, new.cfg.task_types),
-        ("sft_model", old.cfg.sft_model, new.cfg.sft_model)) if a != b]
+    shared = ("model", "env", "env_args", "task_types", "sft_model")
+    changes = differences({k: getattr(old.cfg, k) for k in shared}, {k: getattr(new.cfg, k) for k in shared})
     if (run / "sft" / ".qlass-complete").exists() and not new.cfg.sft_model:
         changes += [f"expert.{c}" for c in config_differences(old.expert, new.expert)]
         changes += [f"sft.{c}" for c in config_differences(old.sft, new.sft)]

@@ -281,17 +281,14 @@ def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory
         completions = ctx.policy.sample([messages], cfg.m, cfg.temperature, cfg.max_new_tokens, seed=seed)[0]
         keep = unique_candidates(completions)
         outputs = [completions[i].text for i in keep]
-        qnet_tokens = 0
+        qnet_tokens, pick = 0, 0
         if len(outputs) > 1:
             scores = list(ctx.qnet.score(messages, outputs))
             qnet_tokens = _qnet_tokens(ctx.qnet)
             if cfg.oracle_terminal:
                 scores, probe_steps = _oracle_scores(task, ctx, outputs, [s.output for s in steps], scores)
                 env_steps += probe_steps
-        else:
-            scores = [0.0]
-        pick = argmax(scores)
-        if len(outputs) > 1:
+            pick = argmax(scores)
             decisions.append({"step": len(steps), "actions": [normalise_action(o) for o in outputs],
                               "values": [float(v) for v in scores], "chosen": pick})
         chosen = completions[keep[pick]]
