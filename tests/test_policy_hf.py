@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlass.policy.hf import SEED_STRIDE, HFPolicy, complete_action
+from qlass.seeding import candidate_seed
 from qlass.policy.render import encode_conversation
 from qlass.types import Message
 
@@ -64,13 +65,13 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(policy: HFPolicy) -> N
 
 
 def test_shared_prefill_equals_separate_calls_with_the_same_generator(policy: HFPolicy) -> None:
-    """Candidate j of one n=4 call (one prefill, batch of 4) equals a lone n=1 call seeded seed + j."""
+    """Candidate j of one n=4 call (one prefill, batch of 4) equals a lone n=1 call on its own stream."""
     before = policy.prefill_tokens
     policy.clear_cache()
     shared = policy.sample([LONGER], n=4, temperature=1.0, max_new_tokens=10, seed=11)[0]
     assert policy.prefill_tokens - before == len(encode_conversation(policy.tokenizer, LONGER)[0])
     for j, cand in enumerate(shared):
-        (alone,) = policy.sample([LONGER], n=1, temperature=1.0, max_new_tokens=10, seed=11 + j)[0]
+        (alone,) = policy.sample([LONGER], n=1, temperature=1.0, max_new_tokens=10, seed=[candidate_seed(11, j)])[0]
         assert (alone.text, alone.completion_tokens) == (cand.text, cand.completion_tokens)
         assert alone.logprob == pytest.approx(cand.logprob, abs=1e-3)
 
@@ -212,3 +213,26 @@ def test_sliding_window_models_take_the_generic_path(tiny_model_dir: Path, tmp_p
     out = policy.sample([HIST, LONGER], 3, 1.0, 6, seed=2)
     assert [len(x) for x in out] == [3, 3]
     assert out[1] == policy.sample([LONGER], 3, 1.0, 6, seed=2 + SEED_STRIDE)[0]
+
+
+def test_consecutive_seeds_share_no_candidate_stream(policy: HFPolicy) -> None:
+    """Bug B1: with seed + j per candidate, candidate 1 of a call seeded s drew from the same stream as
+    candidate 0 of the next step's call seeded s + 1; now each candidate's stream is hashed."""
+    same = 0
+    for s in range(6):
+        later = policy.sample([LONGER], n=2, temperature=1.0, max_new_tokens=10, seed=s)[0][1]
+        next_step = policy.sample([LONGER], n=2, temperature=1.0, max_new_tokens=10, seed=s + 1)[0][0]
+        same += later.text == next_step.text
+    assert same < 3
+
+
+def test_per_history_seeds_do_not_depend_on_the_batch(policy: HFPolicy) -> None:
+    """A list of seeds gives each history its own stream: a history samples the same completions
+    alone and in a call with other histories, in any position (what lockstep waves rely on)."""
+    alone = policy.sample([LONGER], n=2, temperature=1.0, max_new_tokens=10, seed=[77])[0]
+    mixed = policy.sample([HIST, LONGER, HIST[:1]], n=2, temperature=1.0, max_new_tokens=10, seed=[5, 77, 9])
+    for a, b in zip(mixed[1], alone, strict=True):
+        assert (a.text, a.completion_tokens) == (b.text, b.completion_tokens)
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    with pytest.raises(ValueError, match="2 seeds for 3 histories"):
+        policy.sample([HIST, LONGER, HIST], n=1, temperature=1.0, max_new_tokens=4, seed=[1, 2])

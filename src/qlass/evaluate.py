@@ -14,7 +14,6 @@ the records' under the same label is refused rather than mixed into one row.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import logging
 import time
@@ -33,6 +32,7 @@ from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl, read_jsonl
 from .policy.base import Policy, ready_policy
 from .search import METHODS, SearchContext, ValueModel, method_label
+from .seeding import stable_seed
 from .types import Task
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,6 @@ class MethodRun:
     @property
     def label(self) -> str:
         return method_label(self.name, self.config)
-
-
-def stable_seed(*parts: object) -> int:
-    """A seed from text parts that is the same in every process (unlike Python's ``hash``)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def select_tasks(tasks: Sequence[Task], limit: int | None) -> list[Task]:

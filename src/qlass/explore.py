@@ -43,7 +43,7 @@ from .agent import EpisodeConfig, apply_output, continue_episode
 from .config import config_hash, option, to_dict
 from .envs.base import Env, parse_action
 from .errors import QlassError
-from .evaluate import stable_seed
+from .seeding import stable_seed
 from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl
 from .policy.base import Policy, ready_policy

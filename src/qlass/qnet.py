@@ -315,9 +315,10 @@ class QNet:
         return self.score_batch([(history, candidates)])[0]
 
     def score_batch(self, items: Sequence[tuple[History, Sequence[str]]]) -> list[list[float]]:
-        """:meth:`score` for several histories; ``last_tokens`` covers the whole call."""
+        """:meth:`score` for several histories; ``last_tokens`` covers the whole call and
+        ``last_item_tokens`` lists each item's share."""
         results: list[list[float]] = []
-        tokens = 0
+        per_item: list[int] = []
         was_training = self.model.training
         self.model.eval()
         try:
@@ -325,13 +326,15 @@ class QNet:
                 for history, candidates in items:
                     if not candidates:
                         results.append([])
+                        per_item.append(0)
                         continue
                     prefix = self.encode_history(list(history))
                     suffixes = [self.encode_action(c) for c in candidates]
-                    tokens += len(prefix) + sum(len(s) for s in suffixes)
+                    per_item.append(len(prefix) + sum(len(s) for s in suffixes))
                     results.append([float(v) for v in self.values(prefix, suffixes)])
         finally:
             self.model.train(was_training)
-        self.last_tokens = tokens
-        self.total_tokens += tokens
+        self.last_item_tokens = per_item
+        self.last_tokens = sum(per_item)
+        self.total_tokens += self.last_tokens
         return results

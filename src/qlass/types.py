@@ -50,13 +50,16 @@ class Completion:
     """One sampled continuation with its token accounting.
 
     ``logprob`` is the sum of the sampled tokens' log-probabilities under the policy, when the
-    backend reports it (used by likelihood ranking); ``None`` otherwise.
+    backend reports it (used by likelihood ranking); ``None`` otherwise. ``truncated`` is true when
+    the token limit cut the output before its ``Action:`` line was complete: such an output is not
+    an action and is never executed as one.
     """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     logprob: float | None = None
+    truncated: bool = False
 
 
 @dataclass

@@ -3,7 +3,9 @@
 ``sample(histories, n, ...)`` returns, for each history, ``n`` completions produced from one shared
 prefill of that history (never n separate calls). ``temperature == 0`` is greedy decoding (then the
 ``n`` completions are identical and backends may compute one and copy it). Given the same ``seed``,
-a backend returns the same completions.
+a backend returns the same completions. ``seed`` may be one int or a list with one base seed per
+history; with a list, a history's completions do not depend on which other histories share the
+call (what lockstep play relies on, :mod:`qlass.lockstep`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class Policy(Protocol):
         n: int = 1,
         temperature: float = 0.0,
         max_new_tokens: int = 128,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """``n`` completions per history; each is one ``Thought: ...\\nAction: ...`` output."""
 

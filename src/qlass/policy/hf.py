@@ -17,10 +17,13 @@ What one call ``sample(histories, n, ...)`` does:
    counts every generated token (end token included); ``logprob`` sums the sampled tokens'
    log-probabilities under the model (temperature 1).
 
-Sampling is reproducible and independent of batching: candidate ``j`` of history ``i`` draws from
-its own ``torch.Generator`` seeded with ``seed + i * SEED_STRIDE + j`` (so it equals candidate 0 of a
-call with seed ``seed + i * SEED_STRIDE + j``). Temperature 0 is greedy: one row per history,
-copied ``n`` times.
+Sampling is reproducible and independent of batching: history ``i`` has a base seed (``seed[i]``
+when ``seed`` is a list, one per history; ``seed + i * SEED_STRIDE`` when it is one int) and its
+candidate ``j`` draws from its own ``torch.Generator`` seeded with
+:func:`~qlass.seeding.candidate_seed` ``(base, j)`` — the base itself for candidate 0, a hash for
+the others, so no stream is shared between calls seeded ``s`` and ``s + 1``. A history therefore
+samples the same completions whichever other histories share its call. Temperature 0 is greedy:
+one row per history, copied ``n`` times.
 
 Models whose cache is not plain full attention (sliding-window or hybrid layers) still work, one
 history at a time and without reuse across calls.
@@ -39,6 +42,7 @@ import torch
 
 from ..errors import QlassError
 from ..models import resolve_device
+from ..seeding import candidate_seed
 from ..types import Completion, History, Message
 from . import kv
 from .render import encode_conversation, ensure_chat_template, truncate_history
@@ -91,6 +95,20 @@ def fit_history(history: Sequence[Message], fits: Callable[[Sequence[Message]], 
         else:
             lo = mid + 1
     return truncate_history(history, keep, lambda msgs: len(msgs) <= keep + sizes[lo])
+
+
+def history_seeds(seed: int | Sequence[int] | None, count: int, rng: random.Random) -> list[int]:
+    """The base seed of each of ``count`` histories: ``seed`` itself when it is a list (one per history),
+    ``seed + i * SEED_STRIDE`` for one int, fresh draws from ``rng`` for ``None``."""
+    if seed is None:
+        base = rng.getrandbits(31)
+        return [base + i * SEED_STRIDE for i in range(count)]
+    if isinstance(seed, int):
+        return [seed + i * SEED_STRIDE for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} histories")
+    return seeds
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
@@ -169,20 +187,20 @@ class HFPolicy:
         n: int = 1,
         temperature: float = 0.0,
         max_new_tokens: int = 128,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """``n`` completions per history from one shared prefill each (see the module docstring)."""
         if n < 1 or temperature < 0 or max_new_tokens < 1:
             raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {n}, {temperature}, "
                              f"{max_new_tokens})")
-        base = self._rng.getrandbits(31) if seed is None else int(seed)
+        bases = history_seeds(seed, len(histories), self._rng)
         rows = 1 if temperature == 0 else n
         prompts = [self.encode(list(h), reserve=max_new_tokens) for h in histories]
         per_batch = max(1, self.max_batch_rows // rows) if self.plain else 1
         out: list[list[Completion]] = []
         for start in range(0, len(prompts), per_batch):
             group = list(range(start, min(start + per_batch, len(prompts))))
-            seeds = [base + i * SEED_STRIDE + j for i in group for j in range(rows)]
+            seeds = [candidate_seed(bases[i], j) for i in group for j in range(rows)]
             done = self._generate([prompts[i] for i in group], rows, temperature, max_new_tokens, seeds)
             out.extend(c * n if rows == 1 else c for c in done)
         return out

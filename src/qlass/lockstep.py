@@ -1,0 +1,159 @@
+"""Lockstep play: many episodes advance together, their model requests batched wave by wave.
+
+An episode is written as a generator that yields what it needs from the models and receives the
+answers, and steps its own environment in between::
+
+    def my_episode(env, task, seed):
+        messages = start_messages(env, task)
+        while ...:
+            (outs,) = yield Sample([messages], n=2, temperature=0.7, max_new_tokens=64, seeds=[s])
+            scored = yield Score(messages, [o.text for o in outs])      # -> Scored(values, tokens)
+            ...env.step(...)...
+        return trajectory
+
+:func:`drive` runs many such episodes. Each wave it takes the pending request of every live
+episode, answers all :class:`Sample` requests that share ``(n, temperature, max_new_tokens)`` with
+one policy call (each history with its own seed, so an episode's draws do not depend on which
+episodes share its wave) and all :class:`Score` requests with one QNet call, then resumes every
+episode with its answer. An episode that returns frees its slot, which the next queued episode
+takes at once (continuous batching at the level of episodes). Results come out as
+``(index, result)`` in the order episodes finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .policy.base import Policy
+from .types import Completion, History
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Ask the policy for ``n`` completions of each history; history ``i`` uses base seed ``seeds[i]``.
+    Answered with one list of ``n`` completions per history."""
+
+    histories: Sequence[History]
+    n: int
+    temperature: float
+    max_new_tokens: int
+    seeds: Sequence[int]
+
+    def __post_init__(self) -> None:
+        if len(self.seeds) != len(self.histories):
+            raise ValueError(f"Sample: {len(self.seeds)} seeds for {len(self.histories)} histories")
+
+
+@dataclass(frozen=True)
+class Score:
+    """Ask the QNet for the values of ``candidates`` (raw agent outputs) after ``history``.
+    Answered with :class:`Scored`."""
+
+    history: History
+    candidates: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The QNet's values of a :class:`Score` request and the tokens it read for them."""
+
+    values: list[float]
+    tokens: int
+
+
+Request = Sample | Score
+Episode = Generator[Request, Any, T]
+
+
+def _answer_samples(policy: Policy, requests: list[tuple[int, Sample]]) -> dict[int, list[list[Completion]]]:
+    """One policy call per ``(n, temperature, max_new_tokens)`` over every pending Sample request."""
+    groups: dict[tuple[int, float, int], list[tuple[int, Sample]]] = {}
+    for slot, req in requests:
+        groups.setdefault((req.n, req.temperature, req.max_new_tokens), []).append((slot, req))
+    answers: dict[int, list[list[Completion]]] = {}
+    for (n, temperature, max_new), members in groups.items():
+        histories = [h for _, req in members for h in req.histories]
+        seeds = [s for _, req in members for s in req.seeds]
+        outs = policy.sample(histories, n, temperature, max_new, seed=seeds)
+        at = 0
+        for slot, req in members:
+            answers[slot] = outs[at: at + len(req.histories)]
+            at += len(req.histories)
+    return answers
+
+
+def _answer_scores(qnet: Any, requests: list[tuple[int, Score]]) -> dict[int, Scored]:
+    """One QNet call over every pending Score request (``score_batch`` when the QNet has it)."""
+    if qnet is None:
+        raise ValueError("an episode asked for QNet values but no QNet was given")
+    items = [(req.history, list(req.candidates)) for _, req in requests]
+    if hasattr(qnet, "score_batch"):
+        values = qnet.score_batch(items)
+        tokens = list(getattr(qnet, "last_item_tokens", None) or [0] * len(items))
+    else:
+        values, tokens = [], []
+        for history, candidates in items:
+            values.append(qnet.score(history, candidates))
+            tokens.append(int(getattr(qnet, "last_tokens", 0) or 0))
+    return {slot: Scored([float(v) for v in vals], int(tok))
+            for (slot, _), vals, tok in zip(requests, values, tokens, strict=True)}
+
+
+def drive(episodes: Iterable[Callable[[], Episode[T]]], policy: Policy, qnet: Any = None,
+          concurrency: int = 16) -> Iterator[tuple[int, T]]:
+    """Run episodes in lockstep, at most ``concurrency`` live at once; yield ``(index, result)`` as each
+    finishes (``index`` counts ``episodes`` in order). ``episodes`` yields zero-argument callables
+    that start an episode (called only when a slot is free, so an episode can take its environment
+    then); an exception raised by an episode closes the others and propagates."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    queue = enumerate(episodes)
+    live: dict[int, tuple[Episode[T], Request]] = {}  # index -> (generator, its pending request)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(live) < concurrency:
+                nxt = next(queue, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                index, start = nxt
+                gen = start()
+                try:
+                    live[index] = (gen, next(gen))
+                except StopIteration as stop:
+                    yield index, stop.value
+            if not live:
+                return
+            samples = [(i, r) for i, (_, r) in live.items() if isinstance(r, Sample)]
+            scores = [(i, r) for i, (_, r) in live.items() if isinstance(r, Score)]
+            others = [r for _, r in live.values() if not isinstance(r, (Sample, Score))]
+            if others:
+                raise TypeError(f"an episode yielded {others[0]!r}; episodes yield Sample or Score requests")
+            answers: dict[int, Any] = _answer_samples(policy, samples) if samples else {}
+            if scores:
+                answers.update(_answer_scores(qnet, scores))
+            for index in sorted(answers):
+                gen, _ = live[index]
+                try:
+                    live[index] = (gen, gen.send(answers[index]))
+                except StopIteration as stop:
+                    del live[index]
+                    yield index, stop.value
+    finally:
+        for gen, _ in live.values():
+            gen.close()
+
+
+def run_one(episode: Episode[T], policy: Policy, qnet: Any = None) -> T:
+    """Play one episode generator to its end (the sequential path: a wave of one)."""
+    for _, result in drive([lambda: episode], policy, qnet, concurrency=1):
+        return result
+    raise AssertionError("unreachable: drive yields every episode's result")

@@ -1,0 +1,23 @@
+"""Seeds that are the same in every process and independent of how work is batched.
+
+Every random draw in qlass comes from a stream named by what it is for (run seed, method, task,
+step, candidate), never from a counter shared by whatever happens to be computed together: an
+episode samples the same actions whether it plays alone or in a wave with fifteen others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def stable_seed(*parts: object) -> int:
+    """A 32-bit seed from text parts that is the same in every process (unlike Python's ``hash``)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def candidate_seed(base: int, j: int) -> int:
+    """The stream of candidate ``j`` of a history whose base seed is ``base``: ``base`` itself for
+    candidate 0, a hash of both for the others, so candidate ``j`` of seed ``s`` never equals
+    candidate ``j - 1`` of seed ``s + 1`` (consecutive steps seeded ``s``, ``s + 1`` share no stream)."""
+    return base if j == 0 else stable_seed(base, "candidate", j)
