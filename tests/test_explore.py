@@ -26,6 +26,7 @@ from qlass.errors import QlassError
 from qlass.explore import ExploreConfig, build_tree, explore_tasks, tree_seed
 from qlass.jsonl import read_jsonl
 from qlass.search import normalise_action
+from qlass.seeding import candidate_seed
 from qlass.tree import Tree, read_trees
 from qlass.types import Completion, History, Message, StepResult, Task
 
@@ -112,8 +113,9 @@ class Rooms:
 
 
 class ScriptedPolicy:
-    """Chooses among a fixed action list with a seeded RNG (candidate ``j`` of history ``i`` uses
-    ``seed + 1000003 * i + j``, like the HF backend): with probability ``smart`` the sensible action
+    """Chooses among a fixed action list with a seeded RNG (history ``i`` has base seed ``seed[i]``
+    when ``seed`` is a list, else ``seed + 1000003 * i``; its candidate ``j`` draws from
+    ``candidate_seed(base, j)``, like the HF backend): with probability ``smart`` the sensible action
     for the last observation (take a key it sees, open a chest once it took the key), else one drawn
     with ``weights``; at temperature 0 the RNG is seeded by a hash of the history. ``delay`` seconds
     per call imitates a slow model."""
@@ -143,18 +145,20 @@ class ScriptedPolicy:
         return Completion(text, prompt, len(text.split()))
 
     def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
-               max_new_tokens: int = 128, seed: int | None = None) -> list[list[Completion]]:
+               max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
         self.calls += 1
         if self.delay:
             time.sleep(self.delay)
-        base = self.rng.getrandbits(31) if seed is None else seed
+        if seed is None or isinstance(seed, int):
+            start = self.rng.getrandbits(31) if seed is None else seed
+            seed = [start + 1_000_003 * i for i in range(len(histories))]
         out = []
-        for i, h in enumerate(histories):
+        for h, base in zip(histories, seed, strict=True):
             if temperature == 0:
                 digest = hashlib.sha256(json.dumps([m.content for m in h]).encode()).digest()
                 out.append([self._one(h, random.Random(digest))] * n)
             else:
-                out.append([self._one(h, random.Random(base + 1_000_003 * i + j)) for j in range(n)])
+                out.append([self._one(h, random.Random(candidate_seed(base, j))) for j in range(n)])
         return out
 
 
