@@ -1,0 +1,219 @@
+"""The decision benchmark: collection (Monte-Carlo values, resume, lockstep) and the rankers' report.
+
+``Fork`` is a toy environment and ``ScriptedPolicy`` a policy written out by hand: it implements
+the :class:`~qlass.policy.base.Policy` protocol exactly (per-history seeds, ``n`` completions,
+log-probabilities, truncation flags), so for collection it is a real policy whose every draw the
+test can compute, which is what makes the Monte-Carlo values checkable by hand. Both are loadable
+from the CLI as ``test_decisions:Fork`` and ``test_decisions:ScriptedPolicy`` with ``tests/`` on
+``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+import yaml
+
+from qlass.decisions import DecisionConfig, collect_decisions
+from qlass.envs.base import parse_action
+from qlass.jsonl import read_jsonl
+from qlass.seeding import candidate_seed, stable_seed
+from qlass.types import Completion, Message, StepResult, Task
+
+TESTS = Path(__file__).parent
+
+
+def out(action: str) -> str:
+    return f"Thought: t\nAction: {action}"
+
+
+class Fork:
+    """Start at a fork: ``go left`` falls (reward 0, episode over), ``go right`` reaches a bridge
+    (reward 0.2), ``look`` stays. On the bridge ``cross`` wins (1.0), ``jump`` half-wins (0.5),
+    anything else stays."""
+
+    name = "fork"
+
+    def __init__(self, tasks: int = 3) -> None:
+        self.n_tasks = tasks
+        self.at = "start"
+        self.score = 0.0
+
+    def splits(self) -> dict[str, int]:
+        return {"seen": self.n_tasks, "unseen": self.n_tasks}
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        return [Task(f"fork/{split}/{i}", self.name, split, "fork") for i in range(self.n_tasks)]
+
+    def prompt(self) -> list[Message]:
+        return [Message("user", "Cross the river. Answer as:\nThought: ...\nAction: ..."), Message("assistant", "OK")]
+
+    def reset(self, task: Task) -> str:
+        self.at, self.score = "start", 0.0
+        return "You are at a fork."
+
+    def step(self, output: str) -> StepResult:
+        action = parse_action(output)
+        moves = {("start", "go left"): ("river", 0.0, True), ("start", "go right"): ("bridge", 0.2, False),
+                 ("bridge", "cross"): ("far bank", 1.0, True), ("bridge", "jump"): ("water", 0.5, True)}
+        self.at, self.score, done = moves.get((self.at, action), (self.at, self.score, False))
+        return StepResult(f"You are at the {self.at}.", self.score, done)
+
+    def expert(self, task: Task) -> list[str]:
+        return [out("go right"), out("cross")]
+
+    def close(self) -> None:
+        pass
+
+
+GREEDY = {"start": "go right", "bridge": "cross"}
+# candidate j of a sampled call (n > 1) is the j-th entry; one sample (n = 1, a rollout) picks by seed parity
+CANDIDATES = {"start": ["go left", "look", "TRUNCATED", "go right"], "bridge": ["jump", "cross", "wait", "look"]}
+ROLLOUT = {"start": ["go right", "go left"], "bridge": ["cross", "jump"]}
+
+
+def place(history: Sequence[Message]) -> str:
+    return "bridge" if "bridge" in history[-1].content else "start"
+
+
+def rollout_choice(where: str, seed: int) -> str:
+    return ROLLOUT[where][seed % 2]
+
+
+class ScriptedPolicy:
+    """A hand-written policy over Fork (see the module docstring); ``delay`` seconds per call."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.calls: list[tuple[int, int, float]] = []  # (histories, n, temperature) of each call
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None) -> list[list[Completion]]:
+        time.sleep(self.delay)
+        self.calls.append((len(histories), n, temperature))
+        seeds = seed if isinstance(seed, list) else [seed or 0] * len(histories)
+        result = []
+        for history, base in zip(histories, seeds, strict=True):
+            where = place(history)
+            if temperature == 0:
+                result.append([Completion(out(GREEDY[where]), 10, 5, -0.5)] * n)
+            elif n == 1:
+                result.append([Completion(out(rollout_choice(where, candidate_seed(base, 0))), 10, 4, -1.0)])
+            else:
+                picks = [CANDIDATES[where][j % 4] for j in range(n)]
+                result.append([Completion(out("go ri"), 10, max_new_tokens, -3.0, truncated=True) if p == "TRUNCATED"
+                               else Completion(out(p), 10, 2 + j, -1.0 - j) for j, p in enumerate(picks)])
+        return result
+
+
+def expected_rollouts(task: str, step: int, cand: int, where: str, k: int) -> list[tuple[float, int]]:
+    """(final reward, steps after the candidate) of each rollout, computed from the seed formula."""
+    outcomes = []
+    for r in range(k):
+        here, t = where, 0
+        while True:
+            action = rollout_choice(here, stable_seed(0, task, step, cand, r, t))
+            t += 1
+            if here == "start" and action == "go right":
+                here = "bridge"
+                continue
+            outcomes.append(({"go left": 0.0, "cross": 1.0, "jump": 0.5}[action], t))
+            break
+    return outcomes
+
+
+def test_monte_carlo_values_match_hand_computed_ones(tmp_path: Path) -> None:
+    cfg = DecisionConfig(m=5, k=4, max_steps=10, max_new_tokens=16)
+    policy = ScriptedPolicy()
+    recs = collect_decisions(Fork, Fork().tasks("seen")[:1], policy, cfg, tmp_path / "d.jsonl")
+    assert [r["step"] for r in recs] == [0, 1]  # the fork, then the bridge; the greedy path then crosses
+    first, second = recs
+    # step 0: greedy "go right" (anchor) + samples go left, look, a truncated output (dropped), go right (merged)
+    assert first["samples"] == 5 and first["truncated"] == 1 and first["prefix"] == [] and first["played"] == 0
+    assert [c["action"] for c in first["candidates"]] == ["go right", "go left", "look"]
+    assert [c["count"] for c in first["candidates"]] == [2, 1, 1]
+    assert [c["anchor"] for c in first["candidates"]] == [True, False, False]
+    assert [c["terminal"] for c in first["candidates"]] == [False, True, False]
+    assert [c["reward"] for c in first["candidates"]] == [0.2, 0.0, 0.0]
+    assert first["candidates"][0]["logprob"] == -0.5 and first["candidates"][0]["mean_logprob"] == -0.1
+    assert first["candidates"][2]["mean_logprob"] == -2.0 / 3
+    assert first["history"][-1] == {"role": "user", "content": "You are at a fork."}
+    task = "fork/seen/0"
+    for i, where in [(0, "bridge"), (2, "start")]:
+        exp = expected_rollouts(task, 0, i, where, 4)
+        cand = first["candidates"][i]
+        assert cand["rollout_rewards"] == [r for r, _ in exp] and cand["rollout_lengths"] == [n for _, n in exp]
+        assert cand["mean"] == pytest.approx(statistics.fmean(r for r, _ in exp))
+        assert cand["std"] == pytest.approx(statistics.pstdev(r for r, _ in exp))
+    # the seeds give both outcomes somewhere, so the values are not trivially constant
+    assert {r for c in first["candidates"] for r in c["rollout_rewards"]} >= {0.5, 1.0}
+    left = first["candidates"][1]
+    assert left["rollout_rewards"] == [0.0] * 4 and left["rollout_lengths"] == [0] * 4 and left["std"] == 0.0
+    # step 1 on the bridge: cross (anchor, ends at 1.0), jump (ends at 0.5), wait (rolled out), look
+    assert second["prefix"] == [out("go right")]
+    assert [c["action"] for c in second["candidates"]] == ["cross", "jump", "wait", "look"]
+    assert [c["terminal"] for c in second["candidates"]] == [True, True, False, False]
+    assert [c["mean"] for c in second["candidates"][:2]] == [1.0, 0.5]
+    wait = second["candidates"][2]
+    exp = expected_rollouts(task, 1, 2, "bridge", 4)
+    assert wait["rollout_rewards"] == [r for r, _ in exp] and wait["rollout_lengths"] == [1] * 4
+    done = read_jsonl(tmp_path / "d.tasks.jsonl")
+    assert done == [{"split": "seen", "task": task, "decisions": 2, "steps": 2, "stop": "done"}]
+
+
+def test_decision_cap_greedy_rollouts_and_sampled_play(tmp_path: Path) -> None:
+    task = Fork().tasks("seen")[:1]
+    capped = collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3, max_decisions_per_task=1),
+                               tmp_path / "a.jsonl")
+    assert [r["step"] for r in capped] == [0]
+    assert read_jsonl(tmp_path / "a.tasks.jsonl")[0]["stop"] == "decisions"
+    # greedy rollouts: one per candidate, copied K times (rollout from "look": greedy goes right, then crosses)
+    policy = ScriptedPolicy()
+    greedy = collect_decisions(Fork, task, policy, DecisionConfig(m=3, k=3, rollout_temperature=0.0),
+                               tmp_path / "b.jsonl")
+    look = greedy[0]["candidates"][2]
+    assert look["action"] == "look" and look["rollout_rewards"] == [1.0] * 3 and look["rollout_lengths"] == [2] * 3
+    # play=sample executes the first sampled candidate: "go left" at the fork ends the task at step 0
+    sampled = collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3, play="sample"), tmp_path / "c.jsonl")
+    assert [r["step"] for r in sampled] == [0] and sampled[0]["played"] == 1
+
+
+def test_records_do_not_depend_on_concurrency(tmp_path: Path) -> None:
+    tasks = Fork(tasks=4).tasks("seen") + Fork(tasks=4).tasks("unseen")
+    runs = {}
+    for conc in (1, 8):
+        policy = ScriptedPolicy()
+        cfg = DecisionConfig(m=4, k=3, max_steps=6, concurrency=conc)
+        runs[conc] = collect_decisions(lambda: Fork(4), tasks, policy, cfg, tmp_path / f"c{conc}.jsonl")
+        runs[conc, "calls"] = max(h for h, _, _ in policy.calls)
+    key = lambda r: (r["split"], r["task"], r["step"])  # noqa: E731
+    assert sorted(runs[1], key=key) == sorted(runs[8], key=key)
+    assert len(runs[1]) == 16  # 8 tasks x 2 decisions
+    assert runs[1, "calls"] == 1 and runs[8, "calls"] == 8  # lockstep batched 8 histories per policy call
+
+
+def test_settings_check_names_the_changed_field(tmp_path: Path) -> None:
+    task = Fork().tasks("seen")[:1]
+    collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3), tmp_path / "d.jsonl", settings={"model": "x"})
+    with pytest.raises(Exception, match=r"options\.k: 4 → 2"):
+        collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3, k=2), tmp_path / "d.jsonl",
+                          settings={"model": "x"})
+    # concurrency is a runtime option: the rerun resumes (nothing left to do) instead of refusing
+    again = collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3, concurrency=2), tmp_path / "d.jsonl",
+                              settings={"model": "x"})
+    assert len(again) == 2 and len(read_jsonl(tmp_path / "d.jsonl")) == 2
+
+
+def test_config_is_validated() -> None:
+    for bad in ({"m": 1}, {"play": "best"}, {"anchor": "mode"}, {"temperature": 0.0}, {"k": 0},
+                {"max_decisions_per_task": 0}):
+        with pytest.raises(ValueError):
+            DecisionConfig(**bad)
