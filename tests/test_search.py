@@ -192,7 +192,7 @@ def test_best_of_n_plays_its_trajectories_side_by_side_on_the_env_pool() -> None
     traj = best_of_n(TASK, ctx, BestOfNConfig(n=4, max_steps=3))
     assert policy.batches == [4, 4, 4]  # three steps, four trajectories each time
     assert [e.resets for e in envs] == [1, 1, 1, 1] and [e.tries for e in envs] == [3, 3, 3, 3]
-    assert len(set(policy.seeds)) == 3
+    assert len({s for call in policy.seeds for s in call}) == 12  # one stream per trajectory and step
     assert traj.meta["env_steps"] == 12 and len(traj.meta["candidates"]) == 4
     again = Recording()
     waves = [ThreeSteps() for _ in range(3)]
@@ -200,7 +200,11 @@ def test_best_of_n_plays_its_trajectories_side_by_side_on_the_env_pool() -> None
     traj = best_of_n(TASK, ctx, BestOfNConfig(n=5, max_steps=3))
     assert again.batches == [3, 3, 3, 2, 2, 2] and len(traj.meta["candidates"]) == 5
     assert [e.resets for e in waves] == [2, 2, 1]
-    assert again.seeds[:3] == policy.seeds  # the first wave's seeds depend only on the run seed and the step
+    # trajectory k's step t draws from the same stream whatever the size of the pool
+    four = {(k, t): policy.seeds[t][k] for t in range(3) for k in range(4)}
+    three = {(k, t): again.seeds[t][k] for t in range(3) for k in range(3)}
+    three |= {(3 + k, t): again.seeds[3 + t][k] for t in range(3) for k in range(2)}
+    assert all(three[key] == seed for key, seed in four.items())
 
 
 def test_method_configs_are_validated() -> None:

@@ -10,14 +10,20 @@ Conversation layout (what SFT trains on and what every policy reads)::
 
 ``StepResult.reward`` is the task's current score in [0, 1]; a trajectory's reward is the score at
 its last step, and it succeeded when that score is 1.
+
+An output cut off by the token limit (``Completion.truncated``) is never executed as an action: the
+environment receives the text before its unfinished ``Action:`` line and answers as it does any
+output without an action (its format hint), so the step counts and the episode goes on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .envs.base import Env, parse_action
+from .lockstep import Sample, run_one
 from .policy.base import Policy
 from .types import Completion, History, Message, Step, Task, Trajectory
 
@@ -41,8 +47,25 @@ class EpisodeConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-Chooser = Callable[[History, list[Completion]], int]
-"""Picks which of a step's candidate completions to execute (index); used by guided search."""
+class ValueModel(Protocol):
+    """What Q-guided search needs from a QNet: one value per candidate output for a history."""
+
+    def score(self, history: History, candidates: Sequence[str]) -> list[float]:
+        """Values of ``candidates`` (raw agent outputs) after ``history``."""
+
+
+@dataclass
+class SearchContext:
+    """Everything an inference method may use. ``make_env`` builds an auxiliary env (only the oracle
+    needs it); ``env_pool(k)`` gives ``k`` environments to play side by side (``env`` first; the
+    caller owns and closes them)."""
+
+    env: Env
+    policy: Policy
+    qnet: ValueModel | None = None
+    make_env: Callable[[], Env] | None = None
+    seed: int = 0
+    env_pool: Callable[[int], list[Env]] | None = None
 
 
 def observation_message(observation: str) -> Message:
@@ -56,13 +79,23 @@ def start_messages(env: Env, task: Task) -> list[Message]:
     return list(env.prompt()) + [Message("user", first)]
 
 
+def executed_text(completion: Completion) -> str:
+    """What the environment receives for ``completion``: its text, or for a truncated one the text
+    before its unfinished ``Action:`` line (no action, so the env answers with its format hint)."""
+    if not completion.truncated:
+        return completion.text
+    return completion.text.partition("Action:")[0].rstrip()
+
+
 def apply_output(env: Env, messages: list[Message], steps: list[Step], completion: Completion,
                  qnet_tokens: int = 0) -> Step:
-    """Execute one agent output in ``env``, appending the turn to ``messages`` and ``steps``."""
-    result = env.step(completion.text)
+    """Execute one agent output in ``env`` (see :func:`executed_text`), appending the turn to
+    ``messages`` (the output as the agent wrote it) and ``steps``."""
+    sent = executed_text(completion)
+    result = env.step(sent)
     step = Step(
         output=completion.text,
-        action=parse_action(completion.text),
+        action=parse_action(sent),
         observation=result.observation,
         reward=float(result.reward),
         done=bool(result.done),
@@ -81,6 +114,17 @@ def episode_running(steps: Sequence[Step], max_steps: int) -> bool:
     return len(steps) < max_steps and not (steps and steps[-1].done)
 
 
+def play(env: Env, messages: list[Message], steps: list[Step], cfg: EpisodeConfig,
+         seed: int | None = None) -> Generator[Sample, Any, None]:
+    """The episode loop as a lockstep generator (:mod:`qlass.lockstep`): from the env's current state
+    until done or ``cfg.max_steps``, one :class:`~qlass.lockstep.Sample` per step; extends the lists
+    in place. Step ``t`` is seeded ``seed + t`` (unseeded when ``seed`` is None)."""
+    while episode_running(steps, cfg.max_steps):
+        seeds = None if seed is None else [seed + len(steps)]
+        (outs,) = yield Sample([messages], 1, cfg.temperature, cfg.max_new_tokens, seeds)
+        apply_output(env, messages, steps, outs[0])
+
+
 def continue_episode(
     env: Env,
     policy: Policy,
@@ -93,10 +137,7 @@ def continue_episode(
 
     Each step's sampling seed is ``seed + step index`` so a rollout is reproducible.
     """
-    while episode_running(steps, cfg.max_steps):
-        step_seed = None if seed is None else seed + len(steps)
-        completion = policy.sample([messages], 1, cfg.temperature, cfg.max_new_tokens, seed=step_seed)[0][0]
-        apply_output(env, messages, steps, completion)
+    run_one(play(env, messages, steps, cfg, seed), policy)
 
 
 def finish(task: Task, messages: list[Message], steps: Sequence[Step], **meta: object) -> Trajectory:

@@ -1,11 +1,18 @@
 """The evaluation harness: methods × tasks → per-task records, resumable after a crash.
 
+A worker plays ``concurrency`` episodes at once in lockstep (:func:`qlass.lockstep.drive`): the
+policy requests of every live episode are answered by one batched call per wave, the QNet requests
+by another, each episode steps its own environment, and a finished episode's slot is refilled at
+once. Each episode is seeded by the run seed, its method label and its task, and every draw by the
+step and candidate too, so records do not depend on ``concurrency``, the backend or the worker.
+
 Each finished (method, task) appends one record to ``records.jsonl`` in the run folder (whole-line
 appends, fsynced); a rerun skips the (method, env, split, task) keys already recorded and a torn
 last line is cut, so killing and rerunning never duplicates or loses finished work. Record fields:
 ``method`` (label), ``method_name``, ``config``, ``env``, ``split``, ``task``, ``reward``,
 ``success``, ``prompt_tokens``, ``completion_tokens``, ``qnet_tokens``, ``env_steps``,
-``wall_time``, ``oracle`` and ``trajectory`` (the conversation record) plus ``candidates`` for
+``wall_time`` (from the episode's start to its end, shared with the episodes live beside it),
+``oracle`` and ``trajectory`` (the conversation record) plus ``candidates`` for
 best-of-n and ``qnet_choices`` for qlass (``trajectory.decisions`` lists them). ``config.yaml``
 in the run folder records how the evaluation was made; a rerun whose method settings differ from
 the records' under the same label is refused rather than mixed into one row.
@@ -17,7 +24,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from .envs.base import Env
 from .errors import QlassError
 from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl, read_jsonl
+from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
 from .search import METHODS, SearchContext, ValueModel, method_label
 from .seeding import stable_seed
@@ -38,6 +46,10 @@ from .types import Task
 log = logging.getLogger(__name__)
 
 RECORD_SCHEMA_VERSION = 1
+DEFAULT_CONCURRENCY = 16
+"""Episodes a worker keeps live by default."""
+DEFAULT_CACHE_SLOTS = 8
+"""HFPolicy's own default; raised, never lowered, to hold every live conversation."""
 
 
 @dataclass(frozen=True)
@@ -104,45 +116,76 @@ def make_record(run: MethodRun, env_name: str, task: Task, traj, wall: float) ->
     return rec
 
 
+Job = tuple[MethodRun, Task, int]
+"""One episode to play: the method, the task and the episode seed."""
+
+
 class EvalWorker:
     """Plays (method, task) pairs in one worker (executor ``setup``): ``EvalWorker(...)()`` makes the
-    environment, policy and QNet once; calling the result on ``(run, task, seed)`` returns the record.
+    policy, QNet and a first environment once; the result plays jobs ``(run, task, seed)`` —
+    ``concurrency`` of them at once through its ``stream`` method, or one by calling it.
 
     ``policy`` and ``qnet`` may be ready objects (local backend) or picklable factories such as
     ``functools.partial(load_policy, path)`` (process and Ray backends); ``make_env`` must be
     picklable for those backends too."""
 
     def __init__(self, make_env: Callable[[], Env], policy: Policy | Callable[[], Policy],
-                 qnet: ValueModel | Callable[[], ValueModel] | None = None) -> None:
-        self.make_env, self.policy, self.qnet = make_env, policy, qnet
+                 qnet: ValueModel | Callable[[], ValueModel] | None = None, concurrency: int = 1) -> None:
+        if concurrency < 1:
+            raise QlassError(f"concurrency must be >= 1, got {concurrency}")
+        self.make_env, self.policy, self.qnet, self.concurrency = make_env, policy, qnet, concurrency
 
-    def __call__(self) -> Callable[[tuple[MethodRun, Task, int]], dict[str, Any]]:
+    def __call__(self) -> _BoundEvalWorker:
         policy = ready_policy(self.policy)
         qnet = self.qnet() if callable(self.qnet) and not hasattr(self.qnet, "score") else self.qnet
-        return _BoundEvalWorker(self.make_env(), policy, qnet, self.make_env)
+        return _BoundEvalWorker(policy, qnet, self.make_env, self.concurrency)
 
 
 class _BoundEvalWorker:
-    def __init__(self, env: Env, policy: Policy, qnet: ValueModel | None, make_env: Callable[[], Env]) -> None:
-        self.env, self.policy, self.qnet, self.make_env = env, policy, qnet, make_env
-        self.spares: list[Env] = []
+    def __init__(self, policy: Policy, qnet: ValueModel | None, make_env: Callable[[], Env], concurrency: int) -> None:
+        self.policy, self.qnet, self.make_env, self.concurrency = policy, qnet, make_env, concurrency
+        self.envs: list[Env] = [make_env()]
+        self.free: list[Env] = list(self.envs)
 
-    def env_pool(self, k: int) -> list[Env]:
-        """``k`` environments (the main one first), extra ones made on first need and kept."""
-        while len(self.spares) < k - 1:
-            self.spares.append(self.make_env())
-        return [self.env] + self.spares[: k - 1]
+    def _take(self, k: int) -> list[Env]:
+        """``k`` idle environments, made when none is idle (kept for later episodes)."""
+        taken = []
+        for _ in range(k):
+            if not self.free:
+                self.envs.append(self.make_env())
+                self.free.append(self.envs[-1])
+            taken.append(self.free.pop())
+        return taken
 
-    def __call__(self, job: tuple[MethodRun, Task, int]) -> dict[str, Any]:
+    def _episode(self, job: Job) -> Episode[dict[str, Any]]:
+        """One job as a lockstep episode on environments of its own, which it gives back when it ends."""
         run, task, seed = job
-        ctx = SearchContext(env=self.env, policy=self.policy, qnet=self.qnet, make_env=self.make_env, seed=seed,
-                            env_pool=self.env_pool)
-        start = time.perf_counter()
-        traj = METHODS[run.name].run(task, ctx, run.config)
-        return make_record(run, self.env.name, task, traj, time.perf_counter() - start)
+        held = self._take(1)
+
+        def pool(k: int) -> list[Env]:
+            held.extend(self._take(k - len(held)))
+            return held[:k]
+
+        try:
+            ctx = SearchContext(env=held[0], policy=self.policy, qnet=self.qnet, make_env=self.make_env, seed=seed,
+                                env_pool=pool)
+            start = time.perf_counter()
+            traj = yield from METHODS[run.name].episode(task, ctx, run.config)
+            return make_record(run, held[0].name, task, traj, time.perf_counter() - start)
+        finally:
+            self.free.extend(held)
+
+    def stream(self, jobs: Iterable[Job]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Play ``jobs``, ``concurrency`` at a time in lockstep, taking the next job only when a slot is
+        free; yields ``(position in jobs, record)`` as episodes finish."""
+        starters = (functools.partial(self._episode, job) for job in jobs)
+        yield from drive(starters, self.policy, self.qnet, self.concurrency)
+
+    def __call__(self, job: Job) -> dict[str, Any]:
+        return run_one(self._episode(job), self.policy, self.qnet)
 
     def close(self) -> None:
-        for env in [self.env, *self.spares]:
+        for env in self.envs:
             env.close()
 
 
@@ -207,8 +250,31 @@ def evaluate(
             records.append(rec)
             total += rec["reward"]
             progress.update(bar, advance=1, avg=total / i, description=f"{rec['method']} {rec['task']}")
+            log.info("%d/%d episodes done: %s on %s, reward %.2f (average %.3f)", i, len(todo), rec["method"],
+                     rec["task"], rec["reward"], total / i)
     wanted = {(run.label, env_name, t.split, t.id) for run in runs for t in tasks}
     return [r for r in records if record_key(r) in wanted]
+
+
+def live_histories(run: MethodRun) -> int:
+    """How many conversations one episode of ``run`` keeps going at once."""
+    return run.config.n if run.name == "best-of-n" else 1
+
+
+def cache_for(model: str, policy_kwargs: dict[str, Any], conversations: int) -> dict[str, Any]:
+    """``policy_kwargs`` with ``cache_slots`` raised to ``conversations`` for a backend that has
+    prompt caches (a local model), unless set; otherwise unchanged."""
+    from .policy import check_policy_options
+
+    if "cache_slots" in policy_kwargs:
+        return policy_kwargs
+    try:
+        check_policy_options(model, {"cache_slots": conversations})
+    except QlassError:
+        return policy_kwargs
+    slots = max(conversations, DEFAULT_CACHE_SLOTS)
+    log.info("policy cache_slots = %d (one prompt cache per live conversation)", slots)
+    return {**policy_kwargs, "cache_slots": slots}
 
 
 def run_evaluation(
@@ -226,13 +292,15 @@ def run_evaluation(
     backend: str = "local",
     workers: int = 1,
     executor_options: dict[str, Any] | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> list[dict[str, Any]]:
     """Load policy, QNet and environment, evaluate every method on every split, write the report.
 
     ``backend``/``workers`` choose the executor (see :mod:`qlass.executor`): with ``process`` or
-    ``ray`` every worker loads its own policy, QNet and environment. Records do not depend on the
-    backend (each pair's seed comes from the run seed, method and task). Returns the summary rows
-    (see :func:`qlass.report.summarise`).
+    ``ray`` every worker loads its own policy, QNet and environment. Each worker keeps
+    ``concurrency`` episodes live (a local model's ``cache_slots`` is raised to hold all their
+    conversations unless given). Records depend on neither (each pair's seed comes from the run
+    seed, method and task). Returns the summary rows (see :func:`qlass.report.summarise`).
     """
     from .envs.base import make_env
     from .executor import make_executor
@@ -241,6 +309,9 @@ def run_evaluation(
     from .search import make_method_config
 
     runs = [MethodRun(name, make_method_config(name, opts)) for name, opts in methods]
+    if concurrency < 1:
+        raise QlassError(f"concurrency must be >= 1, got {concurrency}")
+    policy_kwargs = cache_for(model, dict(policy_kwargs or {}), concurrency * max(map(live_histories, runs)))
     needs_qnet = [r.label for r in runs if METHODS[r.name].needs_qnet(r.config)]
     qnet: Any = None
     if needs_qnet:
@@ -268,8 +339,8 @@ def run_evaluation(
         "model": model, "qnet": str(qnet_dir) if qnet_dir is not None else None, "env": env_spec,
         "env_args": dict(env_kwargs or {}), "splits": list(splits), "task_types": list(task_types or []) or None,
         "limit": limit, "tasks": {split: len(ts) for split, ts in tasks_by_split.items()},
-        "policy": dict(policy_kwargs or {}), "backend": backend, "workers": workers,
+        "policy": dict(policy_kwargs or {}), "backend": backend, "workers": workers, "concurrency": concurrency,
     }
-    records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet), out_dir, seed=seed, executor=executor,
-                       settings=settings)
+    records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet, concurrency), out_dir, seed=seed,
+                       executor=executor, settings=settings)
     return write_report(records, out_dir)

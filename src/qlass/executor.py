@@ -3,15 +3,20 @@
 Every backend has one interface, :meth:`Executor.run`: ``setup`` is a picklable callable that is
 called once per worker and returns the worker — a callable ``worker(item) -> result``, optionally
 with a ``close()`` method — so expensive state (a model, a simulator) is built once per worker, not
-once per item. ``run`` yields ``(index, result)`` as items finish: in order for the local backend,
-in completion order for the others. Results must not depend on which worker computed them (pass
+once per item. A worker that can work on several items at once also has ``stream(items)``: it takes
+items from the iterator only when it can start them and yields ``(position, result)`` as each
+finishes (``position`` counts the items it took); every backend then feeds it items lazily, so a
+worker pulls more work whenever one of its items ends and no item is given to two workers.
+``run`` yields ``(index, result)`` as items finish: in order for the local backend with a plain
+worker, in completion order otherwise. Results must not depend on which worker computed them (pass
 the seeds inside the items); then every backend gives the same results.
 
 - :class:`LocalExecutor`: this process, no pickling (objects such as a loaded policy can be used).
 - :class:`ProcessExecutor`: ``workers`` spawned processes pulling items from a queue; a worker that
   raises stops the run with its traceback; workers exit as soon as their parent dies, even mid-item.
 - :class:`RayExecutor`: ``workers`` Ray actors (one CPU each by default) on a local or existing
-  cluster (``address``); needs the ``ray`` extra.
+  cluster (``address``); needs the ``ray`` extra. A streaming worker gets an equal share of the
+  items up front (every ``workers``-th item) and streams its results back as they finish.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from .errors import QlassError, require
 
@@ -47,16 +52,26 @@ def _close(worker: Any) -> None:
         close()
 
 
+def _results(worker: Any, items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+    """``(position, result)`` for ``items``: through the worker's ``stream`` when it has one (items
+    taken lazily), else one item after another."""
+    stream = getattr(worker, "stream", None)
+    if callable(stream):
+        yield from stream(iter(items))
+    else:
+        for i, item in enumerate(items):
+            yield i, worker(item)
+
+
 class LocalExecutor:
-    """Items one after another in this process, in order."""
+    """Items in this process: one after another, in order (a streaming worker: as it finishes them)."""
 
     def run(self, setup: Setup, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         if not items:
             return
         worker = setup()
         try:
-            for i, item in enumerate(items):
-                yield i, worker(item)
+            yield from _results(worker, items)
         finally:
             _close(worker)
 
@@ -76,19 +91,22 @@ def _process_main(setup: Setup, tasks: Any, results: Any, parent: int) -> None:
     try:
         worker = setup()
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
-        results.put(("error", None, traceback.format_exc()))
+        results.put(("error", "setting up a worker", traceback.format_exc()))
         return
+    taken: list[int] = []  # queue index of each item this process took, by position
+
+    def pull() -> Iterator[Any]:
+        while (job := tasks.get()) is not None:
+            taken.append(job[0])
+            yield job[1]
+
     try:
-        while True:
-            job = tasks.get()
-            if job is None:
-                break
-            index, item = job
-            try:
-                results.put(("ok", index, worker(item)))
-            except BaseException:  # noqa: BLE001
-                results.put(("error", index, traceback.format_exc()))
-                break
+        for position, value in _results(worker, pull()):
+            results.put(("ok", taken[position], value))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        streaming = callable(getattr(worker, "stream", None))
+        where = f"with items {taken} taken" if streaming else f"on item {taken[-1] if taken else '?'}"
+        results.put(("error", where, traceback.format_exc()))
     finally:
         _close(worker)
 
@@ -127,8 +145,7 @@ class ProcessExecutor:
                                          f"{pending} item(s) unfinished") from None
                     continue
                 if status == "error":
-                    what = "setting up a worker" if index is None else f"item {index}"
-                    raise QlassError(f"a worker process failed on {what}:\n{value}")
+                    raise QlassError(f"a worker process failed {index}:\n{value}")
                 pending -= 1
                 yield index, value
         finally:
@@ -147,6 +164,14 @@ class _RayWorker:
 
     def run(self, index: int, item: Any) -> tuple[int, Any]:
         return index, self.worker(item)
+
+    def streams(self) -> bool:
+        return callable(getattr(self.worker, "stream", None))
+
+    def stream(self, jobs: list[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        """The worker's ``stream`` over ``jobs`` (``(index, item)`` pairs), as ``(index, result)``."""
+        for position, value in self.worker.stream(item for _, item in jobs):
+            yield jobs[position][0], value
 
     def close(self) -> None:
         _close(self.worker)
@@ -175,6 +200,9 @@ class RayExecutor:
         actor_cls = ray.remote(num_cpus=self.cpus_per_worker)(_RayWorker)
         actors = [actor_cls.remote(setup) for _ in range(min(self.workers, len(items)))]
         try:
+            if ray.get(actors[0].streams.remote()):
+                yield from self._streamed(ray, actors, items)
+                return
             todo = list(enumerate(items))[::-1]
             running: dict[Any, Any] = {}
             for actor in actors:
@@ -196,6 +224,25 @@ class RayExecutor:
                 ray.kill(actor)
             if started:
                 ray.shutdown()
+
+    @staticmethod
+    def _streamed(ray: Any, actors: list[Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """Streaming workers: actor ``a`` gets every ``len(actors)``-th item from the ``a``-th on and
+        sends each result back as soon as it is ready."""
+        jobs = list(enumerate(items))
+        pending = [actor.stream.options(num_returns="streaming").remote(jobs[a::len(actors)])
+                   for a, actor in enumerate(actors)]
+        while pending:
+            ready, _ = ray.wait(pending, num_returns=1)
+            for gen in ready:
+                try:
+                    index, value = ray.get(next(gen))
+                except StopIteration:
+                    pending.remove(gen)
+                    continue
+                except ray.exceptions.RayError as exc:
+                    raise QlassError(f"a Ray worker failed: {exc}") from None
+                yield index, value
 
 
 def make_executor(backend: str = "local", workers: int = 2, **options: Any) -> Executor:

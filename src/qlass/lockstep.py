@@ -11,6 +11,9 @@ answers, and steps its own environment in between::
             ...env.step(...)...
         return trajectory
 
+An episode may also yield a list of requests (``[Sample(...), Sample(...)]``, ``[Score(...), ...]``);
+they are answered in the same wave, with a list of answers in the same order.
+
 :func:`drive` runs many such episodes. Each wave it takes the pending request of every live
 episode, answers all :class:`Sample` requests that share ``(n, temperature, max_new_tokens)`` with
 one policy call (each history with its own seed, so an episode's draws do not depend on which
@@ -37,17 +40,18 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Sample:
-    """Ask the policy for ``n`` completions of each history; history ``i`` uses base seed ``seeds[i]``.
-    Answered with one list of ``n`` completions per history."""
+    """Ask the policy for ``n`` completions of each history; history ``i`` uses base seed ``seeds[i]``
+    (``seeds=None``: the policy's own unseeded draws). Answered with one list of ``n`` completions per
+    history."""
 
     histories: Sequence[History]
     n: int
     temperature: float
     max_new_tokens: int
-    seeds: Sequence[int]
+    seeds: Sequence[int] | None
 
     def __post_init__(self) -> None:
-        if len(self.seeds) != len(self.histories):
+        if self.seeds is not None and len(self.seeds) != len(self.histories):
             raise ValueError(f"Sample: {len(self.seeds)} seeds for {len(self.histories)} histories")
 
 
@@ -69,18 +73,22 @@ class Scored:
 
 
 Request = Sample | Score
-Episode = Generator[Request, Any, T]
+Episode = Generator[Request | list[Request], Any, T]
+Slot = tuple[int, int]
+"""(episode index, position of the request in what the episode yielded)."""
 
 
-def _answer_samples(policy: Policy, requests: list[tuple[int, Sample]]) -> dict[int, list[list[Completion]]]:
-    """One policy call per ``(n, temperature, max_new_tokens)`` over every pending Sample request."""
-    groups: dict[tuple[int, float, int], list[tuple[int, Sample]]] = {}
+def _answer_samples(policy: Policy, requests: list[tuple[Slot, Sample]]) -> dict[Slot, list[list[Completion]]]:
+    """One policy call per ``(n, temperature, max_new_tokens)`` over every pending Sample request
+    (unseeded requests apart from seeded ones)."""
+    groups: dict[tuple[int, float, int, bool], list[tuple[Slot, Sample]]] = {}
     for slot, req in requests:
-        groups.setdefault((req.n, req.temperature, req.max_new_tokens), []).append((slot, req))
-    answers: dict[int, list[list[Completion]]] = {}
-    for (n, temperature, max_new), members in groups.items():
+        key = (req.n, req.temperature, req.max_new_tokens, req.seeds is None)
+        groups.setdefault(key, []).append((slot, req))
+    answers: dict[Slot, list[list[Completion]]] = {}
+    for (n, temperature, max_new, unseeded), members in groups.items():
         histories = [h for _, req in members for h in req.histories]
-        seeds = [s for _, req in members for s in req.seeds]
+        seeds = None if unseeded else [s for _, req in members for s in req.seeds or ()]
         outs = policy.sample(histories, n, temperature, max_new, seed=seeds)
         at = 0
         for slot, req in members:
@@ -89,7 +97,7 @@ def _answer_samples(policy: Policy, requests: list[tuple[int, Sample]]) -> dict[
     return answers
 
 
-def _answer_scores(qnet: Any, requests: list[tuple[int, Score]]) -> dict[int, Scored]:
+def _answer_scores(qnet: Any, requests: list[tuple[Slot, Score]]) -> dict[Slot, Scored]:
     """One QNet call over every pending Score request (``score_batch`` when the QNet has it)."""
     if qnet is None:
         raise ValueError("an episode asked for QNet values but no QNet was given")
@@ -106,16 +114,21 @@ def _answer_scores(qnet: Any, requests: list[tuple[int, Score]]) -> dict[int, Sc
             for (slot, _), vals, tok in zip(requests, values, tokens, strict=True)}
 
 
+def _flat(pending: Request | list[Request]) -> list[Request]:
+    return pending if isinstance(pending, list) else [pending]
+
+
 def drive(episodes: Iterable[Callable[[], Episode[T]]], policy: Policy, qnet: Any = None,
           concurrency: int = 16) -> Iterator[tuple[int, T]]:
     """Run episodes in lockstep, at most ``concurrency`` live at once; yield ``(index, result)`` as each
     finishes (``index`` counts ``episodes`` in order). ``episodes`` yields zero-argument callables
     that start an episode (called only when a slot is free, so an episode can take its environment
-    then); an exception raised by an episode closes the others and propagates."""
+    then, and ``episodes`` itself is advanced only then); an exception raised by an episode closes the
+    others and propagates."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     queue = enumerate(episodes)
-    live: dict[int, tuple[Episode[T], Request]] = {}  # index -> (generator, its pending request)
+    live: dict[int, tuple[Episode[T], Request | list[Request]]] = {}  # index -> (generator, what it asked)
     exhausted = False
     try:
         while True:
@@ -132,18 +145,21 @@ def drive(episodes: Iterable[Callable[[], Episode[T]]], policy: Policy, qnet: An
                     yield index, stop.value
             if not live:
                 return
-            samples = [(i, r) for i, (_, r) in live.items() if isinstance(r, Sample)]
-            scores = [(i, r) for i, (_, r) in live.items() if isinstance(r, Score)]
-            others = [r for _, r in live.values() if not isinstance(r, (Sample, Score))]
+            pending = [((i, k), r) for i, (_, asked) in live.items() for k, r in enumerate(_flat(asked))]
+            samples = [(slot, r) for slot, r in pending if isinstance(r, Sample)]
+            scores = [(slot, r) for slot, r in pending if isinstance(r, Score)]
+            others = [r for _, r in pending if not isinstance(r, (Sample, Score))]
             if others:
                 raise TypeError(f"an episode yielded {others[0]!r}; episodes yield Sample or Score requests")
-            answers: dict[int, Any] = _answer_samples(policy, samples) if samples else {}
+            answers: dict[Slot, Any] = _answer_samples(policy, samples) if samples else {}
             if scores:
                 answers.update(_answer_scores(qnet, scores))
-            for index in sorted(answers):
-                gen, _ = live[index]
+            for index in sorted(live):
+                gen, asked = live[index]
+                reply = ([answers[(index, k)] for k in range(len(asked))] if isinstance(asked, list)
+                         else answers[(index, 0)])
                 try:
-                    live[index] = (gen, gen.send(answers[index]))
+                    live[index] = (gen, gen.send(reply))
                 except StopIteration as stop:
                     del live[index]
                     yield index, stop.value

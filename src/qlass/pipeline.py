@@ -63,6 +63,13 @@ class EvalStage:
     limit: int | None = option(None, "at most this many tasks per split (round-robin over task types)")
     methods: list[str] = option(["greedy", "best-of-n:n=4", "qlass:m=2"], "method specs NAME[:k=v,...]")
     max_steps: int | None = option(None, "step limit per episode for every method")
+    concurrency: int = option(16, "episodes each worker plays at once in lockstep (batched policy and QNet "
+                              "calls; results do not depend on it); a local model's cache_slots is raised to "
+                              "hold every live conversation unless policy.cache_slots is set")
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
 
 
 @dataclass(frozen=True)
@@ -311,4 +318,4 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     return run_evaluation(model=policy_spec, env_spec=cfg.env, splits=r.eval.splits, methods=r.eval_methods(),
                           out_dir=run / "eval", env_kwargs=cfg.env_args, task_types=types, limit=r.eval.limit,
                           qnet_dir=run / "qnet", policy_kwargs=policy_opts, seed=cfg.seed,
-                          backend=cfg.backend, workers=cfg.workers)
+                          backend=cfg.backend, workers=cfg.workers, concurrency=r.eval.concurrency)

@@ -1,9 +1,13 @@
 """Inference methods (stage 4): greedy, sample, best-of-n and QLASS's Q-guided stepwise search.
 
-Each method is a plain function ``method(task, ctx, cfg) -> Trajectory`` registered under a name,
-with a small frozen dataclass config validated on construction. Methods never read the
-environment's reward to choose an action; only ``QlassConfig.oracle_terminal`` (the reference
-code's shortcut, off by default) does, and trajectories made with it are labelled ``oracle``.
+Each method is a lockstep episode ``episode(task, ctx, cfg)`` (a generator of policy and QNet
+requests, see :mod:`qlass.lockstep`) registered under a name, with a small frozen dataclass config
+validated on construction. ``Method.run(task, ctx, cfg) -> Trajectory`` plays one episode alone;
+the evaluation plays many at once (:mod:`qlass.evaluate`). Every random draw is seeded from the
+episode seed ``ctx.seed``, the step and the candidate, so an episode samples the same actions alone
+or in a wave with others. Methods never read the environment's reward to choose an action; only
+``QlassConfig.oracle_terminal`` (the reference code's shortcut, off by default) does, and
+trajectories made with it are labelled ``oracle``.
 
 Token accounting lives on each :class:`~qlass.types.Step` (policy prompt/completion tokens, QNet
 tokens); a method that plays several trajectories (best-of-n) reports the tokens of all of them in
@@ -13,41 +17,29 @@ tokens); a method that plays several trajectories (best-of-n) reports the tokens
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from .agent import EpisodeConfig, apply_output, continue_episode, episode_running, finish, start_messages
+from .agent import (
+    EpisodeConfig, SearchContext, ValueModel, apply_output, episode_running, finish, play, start_messages,
+)
+from .candidates import argmax, normalise_action, unique_candidates
 from .config import build, option, parse_kv
-from .envs.base import Env, parse_action
+from .envs.base import Env
 from .errors import QlassError
-from .policy.base import Policy
-from .types import Completion, History, Message, Step, Task, Trajectory
+from .lockstep import Episode, Sample, Score, run_one
+from .search_qlass import QlassConfig, qlass_episode
+from .seeding import stable_seed
+from .types import Message, Step, Task, Trajectory
+
+__all__ = [
+    "BestOfNConfig", "GreedyConfig", "METHODS", "Method", "QlassConfig", "SampleConfig", "SearchContext",
+    "ValueModel", "argmax", "best_of_n", "greedy", "make_method_config", "method_label", "normalise_action",
+    "parse_method", "qlass_search", "sample", "unique_candidates",
+]
 
 log = logging.getLogger(__name__)
-
-
-class ValueModel(Protocol):
-    """What Q-guided search needs from a QNet: one value per candidate output for a history."""
-
-    def score(self, history: History, candidates: Sequence[str]) -> list[float]:
-        """Values of ``candidates`` (raw agent outputs) after ``history``."""
-
-
-@dataclass
-class SearchContext:
-    """Everything a method may use. ``make_env`` builds an auxiliary env (only the oracle needs it);
-    ``env_pool(k)`` gives ``k`` environments to play side by side (``env`` first; the caller owns
-    and closes them)."""
-
-    env: Env
-    policy: Policy
-    qnet: ValueModel | None = None
-    make_env: Callable[[], Env] | None = None
-    seed: int = 0
-    env_pool: Callable[[int], list[Env]] | None = None
-
 
 _MAX_STEPS = "step limit per episode"
 _MAX_NEW = "token limit per agent turn"
@@ -97,66 +89,20 @@ class BestOfNConfig:
             raise ValueError(f"select must be 'qnet' or 'likelihood', got {self.select!r}")
 
 
-@dataclass(frozen=True)
-class QlassConfig:
-    """Q-guided stepwise search: M candidates per step at ``temperature``, execute the QNet argmax
-    (duplicates merged; ties go to the earliest candidate)."""
-
-    m: int = option(2, "candidate actions sampled per step")
-    temperature: float = option(0.7, _TEMPERATURE)
-    max_steps: int = option(30, _MAX_STEPS)
-    max_new_tokens: int = option(128, _MAX_NEW)
-    oracle_terminal: bool = option(False, "score episode-ending candidates by the true reward (the reference "
-                                   "code's shortcut; results are labelled [oracle])")
-
-    def __post_init__(self) -> None:
-        EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
-        if self.m < 1:
-            raise ValueError(f"m must be >= 1, got {self.m}")
-
-
-def normalise_action(output: str) -> str:
-    """The comparison key of an output: its parsed action, lower-cased, whitespace collapsed."""
-    action = parse_action(output)
-    text = action if action is not None else output
-    return re.sub(r"\s+", " ", text.strip().lower())
-
-
-def unique_candidates(completions: Sequence[Completion]) -> list[int]:
-    """Indices of the first completion of each distinct action, in order."""
-    seen: set[str] = set()
-    keep = []
-    for i, c in enumerate(completions):
-        key = normalise_action(c.text)
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return keep
-
-
-def argmax(values: Sequence[float]) -> int:
-    """Index of the largest value; the earliest one wins ties (deterministic)."""
-    best = 0
-    for i, v in enumerate(values):
-        if v > values[best]:
-            best = i
-    return best
-
-
-def greedy(task: Task, ctx: SearchContext, cfg: GreedyConfig) -> Trajectory:
+def greedy_episode(task: Task, ctx: SearchContext, cfg: GreedyConfig) -> Episode[Trajectory]:
     """Play ``task`` with greedy decoding."""
     messages = start_messages(ctx.env, task)
     steps: list[Step] = []
-    continue_episode(ctx.env, ctx.policy, messages, steps, EpisodeConfig(cfg.max_steps, 0.0, cfg.max_new_tokens))
+    yield from play(ctx.env, messages, steps, EpisodeConfig(cfg.max_steps, 0.0, cfg.max_new_tokens), seed=ctx.seed)
     return finish(task, messages, steps, env_steps=len(steps))
 
 
-def sample(task: Task, ctx: SearchContext, cfg: SampleConfig) -> Trajectory:
-    """Play ``task`` with one sampled trajectory."""
+def sample_episode(task: Task, ctx: SearchContext, cfg: SampleConfig) -> Episode[Trajectory]:
+    """Play ``task`` with one sampled trajectory (step ``t`` seeded ``ctx.seed + t``)."""
     messages = start_messages(ctx.env, task)
     steps: list[Step] = []
     ep = EpisodeConfig(cfg.max_steps, cfg.temperature, cfg.max_new_tokens)
-    continue_episode(ctx.env, ctx.policy, messages, steps, ep, seed=ctx.seed)
+    yield from play(ctx.env, messages, steps, ep, seed=ctx.seed)
     return finish(task, messages, steps, env_steps=len(steps))
 
 
@@ -169,23 +115,23 @@ def _likelihood(traj: Trajectory, logprobs: list[float | None]) -> float:
 
 @dataclass
 class _Playthrough:
-    """One best-of-n trajectory in progress, on its own environment."""
+    """One best-of-n trajectory in progress (number ``k``), on its own environment."""
 
+    k: int
     env: Env
     messages: list[Message]
     steps: list[Step] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
 
 
-
-def best_of_n(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Trajectory:
+def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Episode[Trajectory]:
     """N sampled trajectories; returns the selected one with every candidate's summary in ``meta``.
 
     The trajectories are played side by side, one environment each (``ctx.env_pool``; without it,
-    one after another on ``ctx.env``): every step samples the next output of all unfinished ones
-    in one policy call, so a local model decodes them as one batch. Step ``t`` of a wave of
-    trajectories uses seed ``f(ctx.seed, wave, t)``; the policy gives each history of the call its
-    own stream (see :meth:`qlass.policy.hf.HFPolicy.sample`).
+    one after another on ``ctx.env``): every step asks for the next output of all unfinished ones
+    in one request. Step ``t`` of trajectory ``k`` draws from ``stable_seed(ctx.seed, "best-of-n",
+    k, t)``, so the trajectories do not depend on how many are played at once. With
+    ``select="qnet"`` the final steps of all N are scored in one QNet request.
 
     ``meta["candidates"]`` lists, in sampling order, each trajectory's reward (for oracle pass@N
     reporting only), selection score and tokens, so budget curves for any N' <= N can be read
@@ -195,25 +141,27 @@ def best_of_n(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Trajectory:
         raise QlassError("best-of-n with select='qnet' needs a QNet (--qnet DIR) or select='likelihood'")
     envs = ctx.env_pool(cfg.n) if ctx.env_pool is not None else [ctx.env]
     plays: list[_Playthrough] = []
-    for wave, first in enumerate(range(0, cfg.n, len(envs))):
-        group = [_Playthrough(env, start_messages(env, task)) for env in envs[: cfg.n - first]]
-        t = 0
+    for first in range(0, cfg.n, len(envs)):
+        group = [_Playthrough(first + i, env, start_messages(env, task)) for i, env in enumerate(envs[: cfg.n - first])]
         while active := [p for p in group if episode_running(p.steps, cfg.max_steps)]:
-            seed = ctx.seed * 1_000_003 + wave * 10_007 + t * 101
-            outs = ctx.policy.sample([p.messages for p in active], 1, cfg.temperature, cfg.max_new_tokens, seed=seed)
+            seeds = [stable_seed(ctx.seed, "best-of-n", p.k, len(p.steps)) for p in active]
+            outs = yield Sample([p.messages for p in active], 1, cfg.temperature, cfg.max_new_tokens, seeds)
             for p, out in zip(active, outs, strict=True):
                 p.logprobs.append(out[0].logprob)
                 apply_output(p.env, p.messages, p.steps, out[0])
-            t += 1
         plays += group
+    scored = [p for p in plays if p.steps]
+    values: dict[int, tuple[float, int]] = {}
+    if cfg.select == "qnet" and scored:
+        answers = yield [Score(p.messages[:-2], [p.steps[-1].output]) for p in scored]
+        values = {p.k: (float(a.values[0]), a.tokens) for p, a in zip(scored, answers, strict=True)}
     trajs: list[Trajectory] = []
     summaries: list[dict[str, Any]] = []
     for p in plays:
         traj = finish(task, p.messages, p.steps)
         qnet_tokens = 0
-        if cfg.select == "qnet" and p.steps:
-            score = float(ctx.qnet.score(p.messages[:-2], [p.steps[-1].output])[0])
-            qnet_tokens = _qnet_tokens(ctx.qnet)
+        if p.k in values:
+            score, qnet_tokens = values[p.k]
             p.steps[-1].qnet_tokens += qnet_tokens
         else:
             score = _likelihood(traj, p.logprobs) if p.steps else float("-inf")
@@ -237,88 +185,49 @@ def best_of_n(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Trajectory:
     return chosen
 
 
-def _qnet_tokens(qnet: ValueModel) -> int:
-    """Tokens the QNet processed in its last call, when it reports them."""
-    return int(getattr(qnet, "last_tokens", 0) or 0)
-
-
-def _oracle_scores(task: Task, ctx: SearchContext, outputs: Sequence[str], taken: Sequence[str],
-                   scores: list[float]) -> tuple[list[float], int]:
-    """The reference code's shortcut: a candidate that ends the episode is scored by its true reward."""
-    if ctx.make_env is None:
-        raise QlassError("oracle_terminal needs an auxiliary environment (make_env)")
-    probe = ctx.make_env()
-    env_steps = 0
-    try:
-        out = list(scores)
-        for i, text in enumerate(outputs):
-            probe.reset(task)
-            for prev in taken:
-                probe.step(prev)
-            result = probe.step(text)
-            env_steps += len(taken) + 1
-            if result.done:
-                out[i] = float(result.reward)
-        return out, env_steps
-    finally:
-        probe.close()
-
-
-def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory:
-    """Q-guided stepwise search: at every step sample M candidates and execute the QNet's argmax.
-
-    ``meta["decisions"]`` lists the steps where the QNet chose between two or more distinct
-    actions: the step index, the candidate actions, the values that decided and the chosen index.
-    """
-    if ctx.qnet is None and cfg.m > 1:
-        raise QlassError("the qlass method needs a QNet (--qnet DIR)")
-    messages = start_messages(ctx.env, task)
-    steps: list[Step] = []
-    decisions: list[dict[str, Any]] = []
-    env_steps = 0
-    while episode_running(steps, cfg.max_steps):
-        seed = ctx.seed * 1_000_003 + len(steps)
-        completions = ctx.policy.sample([messages], cfg.m, cfg.temperature, cfg.max_new_tokens, seed=seed)[0]
-        keep = unique_candidates(completions)
-        outputs = [completions[i].text for i in keep]
-        qnet_tokens, pick = 0, 0
-        if len(outputs) > 1:
-            scores = list(ctx.qnet.score(messages, outputs))
-            qnet_tokens = _qnet_tokens(ctx.qnet)
-            if cfg.oracle_terminal:
-                scores, probe_steps = _oracle_scores(task, ctx, outputs, [s.output for s in steps], scores)
-                env_steps += probe_steps
-            pick = argmax(scores)
-            decisions.append({"step": len(steps), "actions": [normalise_action(o) for o in outputs],
-                              "values": [float(v) for v in scores], "chosen": pick})
-        chosen = completions[keep[pick]]
-        spent = Completion(
-            text=chosen.text,
-            prompt_tokens=completions[0].prompt_tokens,
-            completion_tokens=sum(c.completion_tokens for c in completions),
-            logprob=chosen.logprob,
-        )
-        apply_output(ctx.env, messages, steps, spent, qnet_tokens=qnet_tokens)
-        env_steps += 1
-    return finish(task, messages, steps, env_steps=env_steps, oracle=cfg.oracle_terminal, decisions=decisions)
+EpisodeFn = Callable[[Task, SearchContext, Any], Episode[Trajectory]]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered inference method: its function and config class."""
+    """A registered inference method: its lockstep episode and config class."""
 
     name: str
-    run: Callable[[Task, SearchContext, Any], Trajectory]
+    episode: EpisodeFn
     config: type
     needs_qnet: Callable[[Any], bool] = field(default=lambda cfg: False)
 
+    def run(self, task: Task, ctx: SearchContext, cfg: Any) -> Trajectory:
+        """Play ``task`` alone (one episode, its requests answered one at a time)."""
+        return run_one(self.episode(task, ctx, cfg), ctx.policy, ctx.qnet)
+
 
 METHODS: dict[str, Method] = {
-    "greedy": Method("greedy", greedy, GreedyConfig),
-    "sample": Method("sample", sample, SampleConfig),
-    "best-of-n": Method("best-of-n", best_of_n, BestOfNConfig, lambda c: c.select == "qnet"),
-    "qlass": Method("qlass", qlass_search, QlassConfig, lambda c: c.m > 1),
+    "greedy": Method("greedy", greedy_episode, GreedyConfig),
+    "sample": Method("sample", sample_episode, SampleConfig),
+    "best-of-n": Method("best-of-n", best_of_n_episode, BestOfNConfig, lambda c: c.select == "qnet"),
+    "qlass": Method("qlass", qlass_episode, QlassConfig, lambda c: c.m > 1),
 }
+
+
+def greedy(task: Task, ctx: SearchContext, cfg: GreedyConfig) -> Trajectory:
+    """Play ``task`` with greedy decoding."""
+    return METHODS["greedy"].run(task, ctx, cfg)
+
+
+def sample(task: Task, ctx: SearchContext, cfg: SampleConfig) -> Trajectory:
+    """Play ``task`` with one sampled trajectory."""
+    return METHODS["sample"].run(task, ctx, cfg)
+
+
+def best_of_n(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Trajectory:
+    """Best-of-N on ``task`` (see :func:`best_of_n_episode`)."""
+    return METHODS["best-of-n"].run(task, ctx, cfg)
+
+
+def qlass_search(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Trajectory:
+    """Q-guided stepwise search on ``task`` (see :func:`qlass.search_qlass.qlass_episode`)."""
+    return METHODS["qlass"].run(task, ctx, cfg)
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -337,7 +246,7 @@ def make_method_config(name: str, options: dict[str, Any]) -> Any:
 def method_label(name: str, cfg: Any) -> str:
     """A short, stable label for tables: ``qlass(m=2)``, ``best-of-n(n=4)``, ``greedy``."""
     if name == "qlass":
-        return f"qlass(m={cfg.m})" + ("[oracle]" if cfg.oracle_terminal else "")
+        return cfg.label()
     if name == "best-of-n":
         return f"best-of-n(n={cfg.n},{cfg.select})"
     return name

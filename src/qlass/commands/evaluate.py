@@ -46,6 +46,10 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Run seed."),
         backend: str = typer.Option("local", help="Executor: local, process or ray (each worker loads its own policy, QNet and env)."),
         workers: int = typer.Option(2, help="Worker processes / Ray actors (process and ray backends)."),
+        concurrency: int = typer.Option(16, help="Episodes each worker plays at once in lockstep (one batched "
+                                        "policy call and one batched QNet call per wave; results do not depend "
+                                        "on it). A local model's cache_slots is raised to hold every live "
+                                        "conversation unless --policy-arg cache_slots=N is given."),
         ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
         out: Path = typer.Option(Path("runs/eval"), help="Run folder: records.jsonl (resumable), results.md/json, budget curve."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every method's options with their defaults and help, then exit."),
@@ -72,7 +76,7 @@ def register(app: typer.Typer) -> None:
             model=model, env_spec=env, env_kwargs=parse_kv(env_arg, "--env-arg"), splits=split,
             methods=methods, task_types=task_types.split(",") if task_types else None, limit=limit,
             qnet_dir=qnet, policy_kwargs=parse_kv(policy_arg, "--policy-arg"), seed=seed, out_dir=out,
-            backend=backend, workers=workers,
+            backend=backend, workers=workers, concurrency=concurrency,
             executor_options={"address": ray_address} if backend == "ray" and ray_address else None,
         )
         from ..report import markdown_table

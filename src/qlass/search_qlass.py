@@ -1,0 +1,148 @@
+"""QLASS's Q-guided stepwise search (stage 4): at every step, M candidate actions; the QNet picks one.
+
+Written as a lockstep episode (:mod:`qlass.lockstep`): each step yields the candidates' policy
+requests, then (when two or more distinct actions remain) one QNet request, so many episodes can
+share batched calls. Options (``QlassConfig``):
+
+- ``anchor="greedy"``: candidate 0 is the temperature-0 action, candidates 1..M-1 are samples, so
+  the search equals greedy decoding wherever the QNet has no choice or prefers candidate 0;
+- ``beta``: select by ``value + beta * mean log-prob per token`` (the policy prior);
+- ``margin``: leave candidate 0 only when another candidate's score exceeds it by more than this;
+- ``oracle_terminal``: the reference code's shortcut (episode-ending candidates scored by the true
+  reward), off by default and labelled ``[oracle]``.
+
+Candidates cut off by the token limit are dropped while a complete one remains. Step ``t`` of an
+episode seeded ``s`` draws from ``stable_seed(s, "qlass", t)`` (candidate ``j`` from
+:func:`~qlass.seeding.candidate_seed` of it), whatever else shares the policy call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .agent import EpisodeConfig, SearchContext, apply_output, episode_running, executed_text, finish, start_messages
+from .candidates import choose, executable, normalise_action, selection_scores, unique_candidates
+from .config import option
+from .errors import QlassError
+from .lockstep import Episode, Sample, Score, Scored
+from .seeding import stable_seed
+from .types import Completion, Message, Step, Task, Trajectory
+
+ANCHORS = ("none", "greedy")
+
+
+@dataclass(frozen=True)
+class QlassConfig:
+    """Q-guided stepwise search: M candidates per step at ``temperature``, execute the QNet argmax
+    (duplicates merged; ties go to the earliest candidate)."""
+
+    m: int = option(2, "candidate actions sampled per step")
+    temperature: float = option(0.7, "sampling temperature")
+    max_steps: int = option(30, "step limit per episode")
+    max_new_tokens: int = option(128, "token limit per agent turn")
+    oracle_terminal: bool = option(False, "score episode-ending candidates by the true reward (the reference "
+                                   "code's shortcut; results are labelled [oracle])")
+    anchor: str = option("none", "none: all M candidates sampled; greedy: candidate 0 is the temperature-0 "
+                         "action and 1..M-1 are samples (qlass then departs from greedy only where the QNet "
+                         "prefers another action)")
+    beta: float = option(0.0, "select by value + beta * the policy's mean log-prob per token (needs logprobs)")
+    margin: float = option(0.0, "leave candidate 0 only when the best score exceeds candidate 0's by more than this")
+
+    def __post_init__(self) -> None:
+        EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
+        if self.m < 1:
+            raise ValueError(f"m must be >= 1, got {self.m}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+
+    def label(self) -> str:
+        """``qlass(m=2)``, with every option that changes the search named: ``qlass(m=2,anchor=greedy,beta=0.5)``."""
+        extra = [f"anchor={self.anchor}"] if self.anchor != "none" else []
+        extra += [f"beta={self.beta:g}"] if self.beta else []
+        extra += [f"margin={self.margin:g}"] if self.margin else []
+        return f"qlass({','.join([f'm={self.m}', *extra])})" + ("[oracle]" if self.oracle_terminal else "")
+
+
+def _candidates(messages: list[Message], cfg: QlassConfig, base: int
+                ) -> Generator[Any, Any, tuple[list[Completion], int]]:
+    """The step's M candidates (policy requests answered in one wave) and the prompt tokens of the
+    requests that made them."""
+    if cfg.anchor == "greedy":
+        asks = [Sample([messages], 1, 0.0, cfg.max_new_tokens, [base])]
+        if cfg.m > 1:
+            asks.append(Sample([messages], cfg.m - 1, cfg.temperature, cfg.max_new_tokens, [base]))
+        answers = yield asks
+    else:
+        answers = [(yield Sample([messages], cfg.m, cfg.temperature, cfg.max_new_tokens, [base]))]
+    completions = [c for (outs,) in answers for c in outs]
+    return completions, sum(outs[0].prompt_tokens for (outs,) in answers)
+
+
+def _oracle_scores(task: Task, ctx: SearchContext, outputs: Sequence[str], taken: Sequence[str],
+                   scores: list[float]) -> tuple[list[float], int]:
+    """The reference code's shortcut: a candidate that ends the episode is scored by its true reward."""
+    if ctx.make_env is None:
+        raise QlassError("oracle_terminal needs an auxiliary environment (make_env)")
+    probe = ctx.make_env()
+    env_steps = 0
+    try:
+        out = list(scores)
+        for i, text in enumerate(outputs):
+            probe.reset(task)
+            for prev in taken:
+                probe.step(prev)
+            result = probe.step(text)
+            env_steps += len(taken) + 1
+            if result.done:
+                out[i] = float(result.reward)
+        return out, env_steps
+    finally:
+        probe.close()
+
+
+def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[Trajectory]:
+    """Q-guided stepwise search on ``ctx.env`` as a lockstep episode.
+
+    ``meta["decisions"]`` lists the steps where the QNet chose between two or more distinct
+    actions: the step index, the candidate actions, the values that decided (plus the selection
+    ``scores`` when ``beta`` is set) and the chosen index.
+    """
+    if ctx.qnet is None and cfg.m > 1:
+        raise QlassError("the qlass method needs a QNet (--qnet DIR)")
+    messages = start_messages(ctx.env, task)
+    steps: list[Step] = []
+    sent: list[str] = []  # what the environment received at each step (for the oracle's replays)
+    decisions: list[dict[str, Any]] = []
+    env_steps = 0
+    while episode_running(steps, cfg.max_steps):
+        base = stable_seed(ctx.seed, "qlass", len(steps))
+        completions, prompt_tokens = yield from _candidates(messages, cfg, base)
+        ok = executable(completions)
+        keep = [ok[i] for i in unique_candidates([completions[i] for i in ok])]
+        qnet_tokens, pick = 0, 0
+        if len(keep) > 1:
+            outputs = [completions[i].text for i in keep]
+            scored: Scored = yield Score(messages, outputs)
+            values, qnet_tokens = list(scored.values), scored.tokens
+            if cfg.oracle_terminal:
+                values, probe_steps = _oracle_scores(task, ctx, outputs, sent, values)
+                env_steps += probe_steps
+            scores = selection_scores(values, [completions[i] for i in keep], cfg.beta)
+            pick = choose(scores, cfg.margin)
+            decision: dict[str, Any] = {"step": len(steps), "actions": [normalise_action(o) for o in outputs],
+                                        "values": [float(v) for v in values], "chosen": pick}
+            if cfg.beta:
+                decision["scores"] = scores
+            decisions.append(decision)
+        chosen = completions[keep[pick]]
+        spent = Completion(text=chosen.text, prompt_tokens=prompt_tokens,
+                           completion_tokens=sum(c.completion_tokens for c in completions),
+                           logprob=chosen.logprob, truncated=chosen.truncated)
+        apply_output(ctx.env, messages, steps, spent, qnet_tokens=qnet_tokens)
+        sent.append(executed_text(spent))
+        env_steps += 1
+    return finish(task, messages, steps, env_steps=env_steps, oracle=cfg.oracle_terminal, decisions=decisions)
