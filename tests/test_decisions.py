@@ -17,8 +17,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 import yaml
@@ -194,8 +194,8 @@ def test_records_do_not_depend_on_concurrency(tmp_path: Path) -> None:
         cfg = DecisionConfig(m=4, k=3, max_steps=6, concurrency=conc)
         runs[conc] = collect_decisions(lambda: Fork(4), tasks, policy, cfg, tmp_path / f"c{conc}.jsonl")
         runs[conc, "calls"] = max(h for h, _, _ in policy.calls)
-    key = lambda r: (r["split"], r["task"], r["step"])  # noqa: E731
-    assert sorted(runs[1], key=key) == sorted(runs[8], key=key)
+    assert runs[1] == runs[8]
+    assert (tmp_path / "c1.jsonl").read_text() == (tmp_path / "c8.jsonl").read_text()  # same order too
     assert len(runs[1]) == 16  # 8 tasks x 2 decisions
     assert runs[1, "calls"] == 1 and runs[8, "calls"] == 8  # lockstep batched 8 histories per policy call
 
@@ -217,3 +217,160 @@ def test_config_is_validated() -> None:
                 {"max_decisions_per_task": 0}):
         with pytest.raises(ValueError):
             DecisionConfig(**bad)
+
+
+def collect_cmd(out_file: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qlass", "decisions", "collect", "--model", "test_decisions:ScriptedPolicy",
+            "--policy-arg", "delay=0.03", "--env", "test_decisions:Fork", "--env-arg", "tasks=6", "--split", "seen",
+            "--split", "unseen", "--set", "k=3", "--concurrency", "2", "--out", str(out_file), *extra]
+
+
+@pytest.mark.slow
+def test_cli_kill_and_rerun_resumes_without_duplicates(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    whole = tmp_path / "whole" / "decisions.jsonl"
+    ran = subprocess.run(collect_cmd(whole), env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert "24 decisions from 12 tasks" in ran.stdout
+    killed = tmp_path / "killed" / "decisions.jsonl"
+    proc = subprocess.Popen(collect_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed.exists() and len(killed.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(read_jsonl(killed))
+    assert 3 <= before < 24, "the run should have been killed part-way"
+    with open(killed, "a") as fh:  # what a kill inside a write would leave: a torn last line
+        fh.write('{"schema_version": 1, "env": "fo')
+    again = subprocess.run(collect_cmd(killed), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "torn last line" in again.stderr and "resuming" in again.stderr
+    # the same decisions, each once, in the same order: the files are identical
+    assert killed.read_text() == whole.read_text()
+    assert len(read_jsonl(killed.with_name("decisions.tasks.jsonl"))) == 12
+    saved = yaml.safe_load(killed.with_name("decisions.config.yaml").read_text())
+    assert saved["options"]["k"] == 3 and saved["splits"] == ["seen", "unseen"] and "concurrency" not in saved["options"]
+    # other settings are refused, naming the field; nothing is added
+    refused = subprocess.run(collect_cmd(killed, "--set", "rollout_temperature=1.0"), env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "options.rollout_temperature: 0.7 → 1.0" in refused.stderr
+    assert killed.read_text() == whole.read_text()
+
+
+def cand(mean: float, logprob: float, mean_logprob: float, anchor: bool = False, terminal: bool = False) -> dict:
+    return {"output": out(f"act {mean} {logprob}"), "action": None, "logprob": logprob, "completion_tokens": 4,
+            "mean_logprob": mean_logprob, "anchor": anchor, "count": 1, "terminal": terminal, "reward": 0.0,
+            "rollout_rewards": [mean], "rollout_lengths": [1], "mean": mean, "std": 0.0}
+
+
+def hand_built() -> list[dict]:
+    """Two decisions. D1 (seen, reversible): values 0.5 (anchor) / 1.0 / 0.0, a unique best.
+    D2 (unseen, irreversible): values 1.0 (anchor) / 1.0 (ends the episode) / 0.0, a tie."""
+    hist = [{"role": "user", "content": "Cross the river."}, {"role": "user", "content": "You are at a fork."}]
+    d1 = [cand(0.5, -0.5, -0.1, anchor=True), cand(1.0, -2.0, -0.5), cand(0.0, -0.4, -0.2)]
+    d2 = [cand(1.0, -1.0, -0.3, anchor=True), cand(1.0, -2.0, -0.1, terminal=True), cand(0.0, -3.0, -0.2)]
+    return [{"schema_version": 1, "env": "fork", "split": split, "task": f"fork/{split}/0", "task_type": "fork",
+             "step": 0, "prefix": [], "history": hist, "played": 0, "samples": 3, "truncated": 0, "candidates": c}
+            for split, c in (("seen", d1), ("unseen", d2))]
+
+
+Q_VALUES = [[0.2, 0.6, 0.1], [0.1, 0.0, 0.9]]
+
+
+def test_report_metrics_on_hand_built_decisions() -> None:
+    from qlass.decision_report import ReportConfig, score_decisions
+
+    result = score_decisions(hand_built(), Q_VALUES, ReportConfig(betas=[0.1, 1.0], margins=[0.3, 0.5]))
+    groups = {g["group"]: g for g in result["groups"]}
+    assert list(groups) == ["all", "split seen", "split unseen", "irreversible", "reversible"]
+    assert groups["all"]["decisions"] == 2 and groups["all"]["unique_best"] == 1
+    assert groups["irreversible"]["decisions"] == 1 and groups["irreversible"]["unique_best"] == 0
+    rows = {r["ranker"]: (r["accuracy"], r["regret"]) for r in groups["all"]["rows"]}
+    # D1 picks (value): qnet 1 (1.0), likelihood 0 (0.5), policy-mode 2 (0.0), anchor 0 (0.5),
+    # qnet+0.1 1 (1.0), qnet+1 ties 0.1/0.1 -> 0 (0.5), margin 0.3 -> 1 (1.0), margin 0.5 -> anchor (0.5)
+    # D2 picks: qnet 2 (0.0), likelihood 1 (1.0, tied best: correct), policy-mode 0, anchor 0, qnet+0.1 2,
+    # qnet+1 [-0.2, -0.1, 0.7] -> 2, both margins -> 2 (0.9 - 0.1 > 0.5)
+    expected = {
+        "oracle": (1.0, 0.0), "qnet": (0.5, 0.5), "qnet+0.1·likelihood": (0.5, 0.5), "qnet+1·likelihood": (0.0, 0.75),
+        "likelihood": (0.5, 0.25), "policy-mode": (0.5, 0.5), "anchor": (0.5, 0.25),
+        "anchor+margin 0.3": (0.5, 0.5), "anchor+margin 0.5": (0.0, 0.75),
+        # random, exactly: D1 1/3 correct, regret 1.0 - 0.5; D2 2/3 correct, regret 1.0 - 2/3
+        "random": (0.5, (0.5 + 1 / 3) / 2)}
+    assert list(rows) == list(expected) and all(rows[k] == pytest.approx(v) for k, v in expected.items())
+    qnet_row = next(r for r in groups["all"]["rows"] if r["ranker"] == "qnet")
+    # qnet - likelihood accuracy per decision: +1, -1; resampling two decisions gives means -1, 0, +1
+    assert qnet_row["vs"]["likelihood"]["accuracy"] == {"mean_diff": 0.0, "ci_low": -1.0, "ci_high": 1.0}
+    assert qnet_row["vs"]["anchor"]["regret"]["mean_diff"] == pytest.approx(0.25)
+    assert "likelihood" not in next(r for r in groups["all"]["rows"] if r["ranker"] == "likelihood")["vs"]
+    assert groups["split seen"]["rows"][0]["vs"] == {}  # one decision: no interval
+    # without a QNet the QNet rankers are gone; without log-probabilities so are the likelihood ones
+    no_q = {r["ranker"] for r in score_decisions(hand_built())["groups"][0]["rows"]}
+    assert no_q == {"oracle", "likelihood", "policy-mode", "anchor", "random"}
+    bare = hand_built()
+    for rec in bare:
+        for c in rec["candidates"]:
+            c["logprob"] = c["mean_logprob"] = None
+    assert {r["ranker"] for r in score_decisions(bare)["groups"][0]["rows"]} == {"oracle", "anchor", "random"}
+
+
+def test_paired_intervals_follow_the_compare_procedure() -> None:
+    import random
+
+    import numpy as np
+
+    from qlass.compare import _bootstrap_interval
+    from qlass.decision_report import _intervals
+
+    rng = random.Random(3)
+    diffs = [rng.choice([-1.0, 0.0, 0.0, 1.0, 1.0]) for _ in range(80)]
+    low, high = _intervals(np.array([diffs, [0.25] * 80]), 10_000, 0)
+    ref = _bootstrap_interval(diffs, 10_000, 0)
+    assert abs(low[0] - ref[0]) <= 0.03 and abs(high[0] - ref[1]) <= 0.03 and low[0] < sum(diffs) / 80 < high[0]
+    assert (low[1], high[1]) == (0.25, 0.25)
+
+
+def test_report_files_with_a_real_qnet(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from qlass.decision_report import qnet_values, write_decision_report
+    from qlass.jsonl import write_jsonl
+    from qlass.qnet import QNet
+    from qlass.search import argmax
+    from qlass.types import Message
+
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, hand_built())
+    qnet = QNet.from_sft(tiny_model_dir)
+    result = write_decision_report([path], tmp_path / "report", qnet)
+    assert result["qnet"] and result["files"] == [str(path)]
+    saved = json.loads((tmp_path / "report" / "decisions.json").read_text())
+    assert saved["groups"] == result["groups"]
+    md = (tmp_path / "report" / "decisions.md").read_text()
+    assert "## all: 2 decisions from 2 tasks, 1 with a unique best" in md and "| qnet |" in md
+    # the qnet ranker picks the argmax of QNet.score on the record's history and outputs; batching does not matter
+    recs = hand_built()
+    batched = qnet_values(recs, qnet, batch=16)
+    for rec, vals in zip(recs, batched):
+        alone = qnet.score([Message(**m) for m in rec["history"]], [c["output"] for c in rec["candidates"]])
+        assert vals == pytest.approx(alone, abs=1e-5)
+    accuracy = statistics.fmean(float(rec["candidates"][argmax(v)]["mean"] == max(c["mean"] for c in rec["candidates"]))
+                                for rec, v in zip(recs, batched))
+    qnet_row = next(r for r in result["groups"][0]["rows"] if r["ranker"] == "qnet")
+    assert qnet_row["accuracy"] == accuracy
+    rows = {r["ranker"] for r in result["groups"][0]["rows"]}
+    assert {"qnet", "qnet+0.3·likelihood", "anchor+margin 0.1"} <= rows
+
+
+def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
+    from qlass.decision_report import read_decisions
+    from qlass.errors import DataError
+    from qlass.jsonl import write_jsonl
+
+    recs = hand_built()
+    recs[1]["candidates"][2]["mean"] = "high"
+    write_jsonl(tmp_path / "bad.jsonl", recs)
+    with pytest.raises(DataError, match=r"bad.jsonl, record 1 \(id 'fork/unseen/0@0'\): field 'candidates\[2\]\.mean'"):
+        read_decisions([tmp_path / "bad.jsonl"])
+    write_jsonl(tmp_path / "a.jsonl", hand_built())
+    with pytest.raises(DataError, match="also in"):
+        read_decisions([tmp_path / "a.jsonl", tmp_path / "a.jsonl"])

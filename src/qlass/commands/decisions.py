@@ -1,0 +1,134 @@
+"""``qlass decisions collect|report``: the decision benchmark (issue 13's measurement of rankers)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import QlassError
+
+log = logging.getLogger(__name__)
+
+EXTRA_CACHE_SLOTS = 2
+
+
+def policy_with_cache(model: str, options: dict[str, Any], concurrency: int) -> Any:
+    """A policy factory for ``model`` whose prompt cache holds every live history: a built-in backend
+    that takes ``cache_slots`` gets ``concurrency + 2`` unless the user set it (a smaller value is
+    kept, with a warning: each turn then re-reads its whole history)."""
+    from ..policy import check_policy_options, load_policy
+    from .explore import policy_factory
+
+    factory = policy_factory(model, options)
+    if factory.func is not load_policy:  # a user's own policy class: its options are its own
+        return factory
+    try:
+        check_policy_options(model, {"cache_slots": 1})
+    except QlassError:  # a server backend: the server keeps its own caches
+        return factory
+    if "cache_slots" in options:
+        if int(options["cache_slots"]) < concurrency:
+            log.warning("cache_slots=%s is below concurrency=%d: prompt caches will be evicted between turns",
+                        options["cache_slots"], concurrency)
+        return factory
+    return policy_factory(model, {**options, "cache_slots": concurrency + EXTRA_CACHE_SLOTS})
+
+
+def register(app: typer.Typer) -> None:
+    dec_app = typer.Typer(help="The decision benchmark: collect decision states with Monte-Carlo candidate values, "
+                               "then score rankers (QNet, likelihood, mixtures, anchor, random, oracle) on them.",
+                          no_args_is_help=True)
+
+    @dec_app.command("collect")
+    def collect(
+        model: str | None = typer.Option(None, help="Policy: model folder, 'default', server URL (http://.../v1) or package.module:Class."),
+        env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
+        split: list[str] = typer.Option(["seen"], help="Split(s) to play (repeatable; interleaved as in qlass eval)."),
+        task_types: str | None = typer.Option(None, help="Comma-separated task types to keep."),
+        limit: int | None = typer.Option(None, help="At most this many tasks per split (round-robin over task types; may grow on rerun)."),
+        out: Path = typer.Option(Path("runs/decisions/decisions.jsonl"), help="Decisions file to append to (resumable); NAME.config.yaml and NAME.tasks.jsonl go beside it."),
+        config: Path | None = typer.Option(None, help="YAML file with DecisionConfig options."),
+        set_: list[str] = typer.Option([], "--set", help="Override a DecisionConfig option: key=value (repeatable)."),
+        concurrency: int | None = typer.Option(None, help="Episodes live at once (sets the concurrency option)."),
+        env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
+        policy_arg: list[str] = typer.Option([], help="Policy option key=value (repeatable)."),
+        seed: int = typer.Option(0, help="Run seed (every draw's seed is derived from it)."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every DecisionConfig option with its default and help, then exit."),
+    ) -> None:
+        """Play the policy on a split, find decision states and value every candidate by K rollouts."""
+        from ..config import describe, load_config, parse_kv
+        from ..decisions import DecisionConfig, collect_decisions
+        from ..envs.base import make_env
+        from ..evaluate import select_tasks
+
+        if list_options:
+            typer.echo(describe(DecisionConfig))
+            return
+        if model is None:
+            raise QlassError("qlass decisions collect needs --model (a model folder, 'default', a server URL or module:Class)")
+        overrides = parse_kv(set_, "--set")
+        if concurrency is not None:
+            overrides["concurrency"] = concurrency
+        cfg = load_config(config, DecisionConfig, overrides)
+        env_kwargs = parse_kv(env_arg, "--env-arg")
+        policy_kwargs = parse_kv(policy_arg, "--policy-arg")
+        types = task_types.split(",") if task_types else None
+        make = functools.partial(make_env, env, **env_kwargs)
+        probe = make()
+        try:
+            by_split = {s: select_tasks(probe.tasks(s, types), limit) for s in split}
+        finally:
+            probe.close()
+        for s, ts in by_split.items():
+            if not ts:
+                raise QlassError(f"{env}: no tasks in split {s!r} for task types {types}")
+        tasks = [t for row in itertools.zip_longest(*by_split.values()) for t in row if t is not None]
+        settings = {"model": model, "env": env, "env_args": env_kwargs, "splits": list(split), "task_types": types,
+                    "limit": limit, "policy": policy_kwargs}
+        policy = policy_with_cache(model, policy_kwargs, cfg.concurrency)()
+        records = collect_decisions(make, tasks, policy, cfg, out, seed=seed, settings=settings)
+        typer.echo(f"{len(records)} decisions from {len(tasks)} tasks in {out}")
+
+    @dec_app.command("report")
+    def report(
+        decisions: list[Path] = typer.Argument(..., help="Decision files written by `qlass decisions collect`."),
+        out: Path = typer.Option(..., help="Folder for decisions.md and decisions.json."),
+        qnet: Path | None = typer.Option(None, help="QNet folder: adds the qnet, qnet+β·likelihood and anchor+margin rankers."),
+        qnet_arg: list[str] = typer.Option([], help="QNet.load option key=value, e.g. threads=1 or device=cpu (repeatable)."),
+        beta: list[float] = typer.Option([], help="β of a qnet+β·likelihood ranker (repeatable; default 0.1, 0.3, 1)."),
+        margin: list[float] = typer.Option([], help="τ of an anchor+margin ranker (repeatable; default 0.05, 0.1, 0.2)."),
+        resamples: int = typer.Option(10_000, help="Bootstrap resamples per interval."),
+        seed: int = typer.Option(0, help="Bootstrap seed."),
+    ) -> None:
+        """Score rankers on the decisions: accuracy, regret, paired bootstrap intervals vs likelihood and anchor."""
+        from ..config import build, parse_kv
+        from ..decision_report import ReportConfig, markdown, write_decision_report
+
+        opts: dict[str, Any] = {"resamples": resamples, "seed": seed}
+        if beta:
+            opts["betas"] = beta
+        if margin:
+            opts["margins"] = margin
+        cfg = build(ReportConfig, opts, "qlass decisions report")
+        model = None
+        if qnet is not None:
+            import inspect
+
+            from ..qnet import QNet
+
+            load_opts = parse_kv(qnet_arg, "--qnet-arg")
+            known = [p for p in inspect.signature(QNet.load).parameters if p not in ("cls", "path")]
+            unknown = sorted(set(load_opts) - set(known))
+            if unknown:
+                raise QlassError(f"--qnet-arg: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            model = QNet.load(qnet, **load_opts)
+        result = write_decision_report(decisions, out, model, cfg)
+        typer.echo(markdown(result))
+        typer.echo(f"decisions.md and decisions.json in {out}")
+
+    app.add_typer(dec_app, name="decisions")

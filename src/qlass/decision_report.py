@@ -1,0 +1,264 @@
+"""The decision benchmark's report: rankers scored on the same decision states.
+
+Every ranker picks one candidate of each decision (see :mod:`qlass.decisions` for the records);
+the candidates' Monte-Carlo values say how good the pick was:
+
+- *accuracy*: the picked candidate's value is the decision's maximum (ties count as correct, so
+  the report also counts decisions with a unique best);
+- *regret*: the maximum value minus the picked one (reward points, ×100 in the tables).
+
+Rankers (ties go to the earliest candidate, as in qlass search):
+
+- ``qnet``: the QNet's value (:meth:`QNet.score`; a checkpoint trained to rank by advantage
+  returns Q − V there);
+- ``likelihood``: the policy's mean log-probability per completion token;
+- ``qnet+β·likelihood``: QNet value + β × mean log-probability, unstandardised — exactly the
+  score an inference-time ``Q + β·likelihood`` selection computes, so a β picked here carries over;
+- ``policy-mode``: the highest summed log-probability (the policy's most likely candidate);
+- ``anchor``: the greedy candidate (only when every decision has one);
+- ``anchor+margin τ``: the QNet's best candidate when its value exceeds the anchor's by more than
+  τ, else the anchor;
+- ``random``: the expected accuracy and regret of a uniform pick, computed exactly;
+- ``oracle``: the best candidate by its true value (accuracy 1, regret 0; the ceiling).
+
+Each ranker is compared with ``likelihood`` and ``anchor`` on the same decisions: the mean paired
+difference with a percentile bootstrap 95% interval (decisions resampled with replacement, seeded,
+``resamples`` times — :mod:`qlass.compare`'s procedure, vectorised because a report asks for a few
+hundred intervals), overall, per split and by whether the choice was irreversible (a candidate
+ended the episode).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .compare import TIE
+from .config import option
+from .errors import DataError, QlassError
+from .jsonl import read_jsonl, write_text_atomic
+from .search import argmax
+from .types import Message
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA_VERSION = 1
+BASELINES = ("likelihood", "anchor")
+_BLOCK = 1000  # bootstrap resamples drawn at once
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Which rankers the report scores and how its intervals are drawn."""
+
+    betas: list[float] = option([0.1, 0.3, 1.0], "β of the qnet+β·likelihood rankers")
+    margins: list[float] = option([0.05, 0.1, 0.2], "τ of the anchor+margin rankers (in QNet value units)")
+    resamples: int = option(10_000, "bootstrap resamples per interval")
+    seed: int = option(0, "seed of the bootstrap")
+    qnet_batch: int = option(16, "decisions per QNet score_batch call")
+
+    def __post_init__(self) -> None:
+        if self.resamples < 100:
+            raise ValueError(f"resamples must be >= 100, got {self.resamples}")
+        if self.qnet_batch < 1:
+            raise ValueError(f"qnet_batch must be >= 1, got {self.qnet_batch}")
+
+
+def _check(path: Path, i: int, rec: dict[str, Any]) -> None:
+    """Raise :class:`DataError` naming the record and field a ranker could not read."""
+    rid = f"{rec.get('task')}@{rec.get('step')}"
+    for name, kind in (("split", str), ("task", str), ("step", int), ("history", list), ("candidates", list)):
+        if not isinstance(rec.get(name), kind):
+            raise DataError(str(path), f"field {name!r} missing or not a {kind.__name__}", i, rid)
+    if len(rec["candidates"]) < 2:
+        raise DataError(str(path), "field 'candidates': a decision needs at least 2", i, rid)
+    if not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in rec["history"]):
+        raise DataError(str(path), "field 'history': every message needs 'role' and 'content'", i, rid)
+    for j, c in enumerate(rec["candidates"]):
+        for name, kinds in (("output", (str,)), ("mean", (int, float)), ("terminal", (bool,)), ("anchor", (bool,)),
+                            ("logprob", (int, float, type(None))), ("mean_logprob", (int, float, type(None)))):
+            if not isinstance(c.get(name), kinds) or isinstance(c.get(name), bool) != (bool in kinds):
+                raise DataError(str(path), f"field 'candidates[{j}].{name}' missing or of the wrong type", i, rid)
+
+
+def read_decisions(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The decision records of ``paths``, each checked; a decision recorded twice is an error."""
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], str] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise QlassError(f"{path}: file not found")
+        for i, rec in enumerate(read_jsonl(path)):
+            _check(path, i, rec)
+            key = (rec.get("env"), rec["split"], rec["task"], rec["step"])
+            if key in seen:
+                raise DataError(str(path), f"decision {key} is also in {seen[key]}", i)
+            seen[key] = f"{path}, record {i}"
+            records.append(rec)
+    return records
+
+
+def qnet_values(records: Sequence[dict[str, Any]], qnet: Any, batch: int = 16) -> list[list[float]]:
+    """The QNet's value of every candidate, one ``score_batch`` call per ``batch`` decisions."""
+    values: list[list[float]] = []
+    for at in range(0, len(records), batch):
+        chunk = records[at: at + batch]
+        items = [([Message(m["role"], m["content"]) for m in r["history"]], [c["output"] for c in r["candidates"]])
+                 for r in chunk]
+        values += [[float(v) for v in vals] for vals in qnet.score_batch(items)]
+        log.info("QNet: %d of %d decisions scored", min(at + batch, len(records)), len(records))
+    return values
+
+
+def _outcome(values: Sequence[float], pick: int) -> tuple[float, float]:
+    best = max(values)
+    return float(values[pick] >= best - TIE), best - values[pick]
+
+
+def _random(values: Sequence[float]) -> tuple[float, float]:
+    best = max(values)
+    return sum(v >= best - TIE for v in values) / len(values), best - sum(values) / len(values)
+
+
+def _anchor(rec: dict[str, Any]) -> int:
+    return next(i for i, c in enumerate(rec["candidates"]) if c["anchor"])
+
+
+def _margin_pick(rec: dict[str, Any], q: Sequence[float], tau: float) -> int:
+    a, best = _anchor(rec), argmax(q)
+    return best if q[best] - q[a] > tau else a
+
+
+def rankers(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | None, cfg: ReportConfig
+            ) -> dict[str, Callable[[int], int] | None]:
+    """Ranker name → function from a decision's index to the picked candidate (``None``: random).
+    QNet rankers need ``q``; likelihood rankers need log-probabilities in every record; anchor
+    rankers need an anchor candidate in every decision."""
+    mean_lp = [[c["mean_logprob"] for c in r["candidates"]] for r in records]
+    sum_lp = [[c["logprob"] for c in r["candidates"]] for r in records]
+    has_lp = all(v is not None for vs in mean_lp + sum_lp for v in vs)
+    has_anchor = all(any(c["anchor"] for c in r["candidates"]) for r in records)
+    out: dict[str, Callable[[int], int] | None] = {"oracle": lambda i: argmax([c["mean"] for c in records[i]["candidates"]])}
+    if q is not None:
+        out["qnet"] = lambda i: argmax(q[i])
+        if has_lp:
+            for beta in cfg.betas:
+                out[f"qnet+{beta:g}·likelihood"] = lambda i, b=beta: argmax(
+                    [v + b * lp for v, lp in zip(q[i], mean_lp[i], strict=True)])
+    if has_lp:
+        out["likelihood"] = lambda i: argmax(mean_lp[i])
+        out["policy-mode"] = lambda i: argmax(sum_lp[i])
+    if has_anchor:
+        out["anchor"] = lambda i: _anchor(records[i])
+        if q is not None:
+            for tau in cfg.margins:
+                out[f"anchor+margin {tau:g}"] = lambda i, t=tau: _margin_pick(records[i], q[i], t)
+    out["random"] = None
+    return out
+
+
+def _intervals(diffs: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap 95% intervals of the mean of each row of ``diffs`` ``[V, n]``, all rows
+    resampled with the same draws (the comparisons are paired on the same decisions)."""
+    rng = np.random.default_rng(seed)
+    n = diffs.shape[1]
+    means = []
+    for at in range(0, resamples, _BLOCK):
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(_BLOCK, resamples - at))
+        means.append(diffs @ counts.T / n)
+    ordered = np.sort(np.concatenate(means, axis=1), axis=1)
+    return ordered[:, int(0.025 * (resamples - 1))], ordered[:, int(0.975 * (resamples - 1))]
+
+
+def _group_rows(scores: dict[str, np.ndarray], members: np.ndarray, cfg: ReportConfig) -> list[dict[str, Any]]:
+    """Per ranker: accuracy, regret and the paired comparisons with each baseline, on ``members``."""
+    names = list(scores)
+    rows = [{"ranker": name, "accuracy": float(scores[name][members, 0].mean()),
+             "regret": float(scores[name][members, 1].mean()), "vs": {}} for name in names]
+    pairs = [(r, b, m) for r in range(len(names)) for b in BASELINES if b in scores and names[r] != b for m in (0, 1)]
+    if not pairs or len(members) < 2:
+        return rows
+    diffs = np.stack([scores[names[r]][members, m] - scores[b][members, m] for r, b, m in pairs])
+    low, high = _intervals(diffs, cfg.resamples, cfg.seed)
+    for (r, b, m), d, lo, hi in zip(pairs, diffs, low, high, strict=True):
+        metric = ("accuracy", "regret")[m]
+        rows[r]["vs"].setdefault(b, {})[metric] = {"mean_diff": float(d.mean()), "ci_low": float(lo),
+                                                   "ci_high": float(hi)}
+    return rows
+
+
+def score_decisions(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | None = None,
+                    cfg: ReportConfig | None = None) -> dict[str, Any]:
+    """Every ranker's accuracy and regret on ``records`` (with QNet values ``q`` when given), overall,
+    per split and by reversibility, with paired bootstrap intervals against the baselines."""
+    cfg = cfg or ReportConfig()
+    if not records:
+        raise QlassError("no decisions to score")
+    values = [[float(c["mean"]) for c in r["candidates"]] for r in records]
+    scores = {}
+    for name, pick in rankers(records, q, cfg).items():
+        scores[name] = np.array([_random(v) if pick is None else _outcome(v, pick(i)) for i, v in enumerate(values)])
+    irreversible = np.array([any(c["terminal"] for c in r["candidates"]) for r in records])
+    splits = np.array([r["split"] for r in records])
+    groups = [("all", np.ones(len(records), bool))]
+    groups += [(f"split {s}", splits == s) for s in dict.fromkeys(splits.tolist())]
+    groups += [("irreversible", irreversible), ("reversible", ~irreversible)]
+    out = []
+    for label, mask in groups:
+        members = np.flatnonzero(mask)
+        if len(members) == 0:
+            continue
+        unique = sum(sum(v >= max(values[i]) - TIE for v in values[i]) == 1 for i in members)
+        out.append({"group": label, "decisions": len(members), "unique_best": int(unique),
+                    "tasks": len({(records[i]["split"], records[i]["task"]) for i in members}),
+                    "rows": _group_rows(scores, members, cfg)})
+    return {"schema_version": REPORT_SCHEMA_VERSION, "config": asdict(cfg), "qnet": q is not None, "groups": out}
+
+
+def _cell(row: dict[str, Any], base: str, metric: str, scale: float) -> str:
+    d = row["vs"].get(base, {}).get(metric)
+    if d is None:
+        return "—"
+    return f"{scale * d['mean_diff']:+.1f} [{scale * d['ci_low']:+.1f}, {scale * d['ci_high']:+.1f}]"
+
+
+def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
+    """The report as markdown: one table per group of decisions."""
+    lines = [f"# {title}", "",
+             ("Accuracy: the ranker picked a candidate whose Monte-Carlo value is the maximum (ties count). Regret: "
+             "maximum minus picked value, in reward points. Δ columns: the ranker minus the baseline on the same "
+             f"decisions, with a paired bootstrap 95% interval ({result['config']['resamples']:,} resamples).")]
+    if not result["qnet"]:
+        lines.append("No QNet was given: the QNet rankers are omitted.")
+    bases = [b for b in BASELINES if any(r["ranker"] == b for r in result["groups"][0]["rows"])]
+    for g in result["groups"]:
+        lines += ["", (f"## {g['group']}: {g['decisions']} decisions from {g['tasks']} tasks, "
+                      f"{g['unique_best']} with a unique best"), ""]
+        head = ["ranker", "accuracy %", "regret"] + [f"Δ {m} vs {b}" for b in bases for m in ("accuracy %", "regret")]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in g["rows"]:
+            cells = [row["ranker"], f"{100 * row['accuracy']:.1f}", f"{100 * row['regret']:.1f}"]
+            cells += [_cell(row, b, m, 100) for b in bases for m in ("accuracy", "regret")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet: Any = None,
+                          cfg: ReportConfig | None = None) -> dict[str, Any]:
+    """Read decision files, score the rankers (the QNet's when ``qnet`` is given) and write
+    ``decisions.md`` and ``decisions.json`` into ``out_dir``; returns the result."""
+    cfg = cfg or ReportConfig()
+    records = read_decisions(paths)
+    q = qnet_values(records, qnet, cfg.qnet_batch) if qnet is not None else None
+    result = {**score_decisions(records, q, cfg), "files": [str(p) for p in paths]}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "decisions.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / "decisions.md", markdown(result))
+    return result
