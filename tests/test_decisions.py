@@ -374,3 +374,24 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", hand_built())
     with pytest.raises(DataError, match="also in"):
         read_decisions([tmp_path / "a.jsonl", tmp_path / "a.jsonl"])
+
+
+def test_a_truncated_greedy_output_is_sent_without_its_action_and_play_goes_on(tmp_path: Path) -> None:
+    class CutGreedy(ScriptedPolicy):
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            if temperature == 0:
+                return [[Completion("Thought: t\nAction: go ri", 10, max_new_tokens, -2.0, truncated=True)] * n
+                        for _ in histories]
+            return super().sample(histories, n, temperature, max_new_tokens, seed)
+
+    recs = collect_decisions(Fork, Fork().tasks("seen")[:1], CutGreedy(), DecisionConfig(m=3, max_steps=3, k=2),
+                             tmp_path / "d.jsonl")
+    # the cut greedy output is never a candidate and never executed as "go ri": the env gets no action, stays
+    assert [r["step"] for r in recs] == [0, 1, 2] and all(r["played"] is None for r in recs)
+    assert [c["action"] for c in recs[1]["candidates"]] == ["go left", "look"]
+    assert not any(c["anchor"] for r in recs for c in r["candidates"])
+    assert recs[2]["prefix"] == ["Thought: t", "Thought: t"] and recs[2]["history"][-1]["content"].startswith(
+        "Observation: You are at the start")
+    # step 2 is the last allowed step: "look" cannot be rolled out, its value is its immediate reward
+    look = recs[2]["candidates"][1]
+    assert look["rollout_rewards"] == [0.0, 0.0] and look["rollout_lengths"] == [0, 0]

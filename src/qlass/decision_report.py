@@ -15,9 +15,9 @@ Rankers (ties go to the earliest candidate, as in qlass search):
 - ``qnet+β·likelihood``: QNet value + β × mean log-probability, unstandardised — exactly the
   score an inference-time ``Q + β·likelihood`` selection computes, so a β picked here carries over;
 - ``policy-mode``: the highest summed log-probability (the policy's most likely candidate);
-- ``anchor``: the greedy candidate (only when every decision has one);
+- ``anchor``: the greedy candidate (only when every decision has one; collection puts it first);
 - ``anchor+margin τ``: the QNet's best candidate when its value exceeds the anchor's by more than
-  τ, else the anchor;
+  τ, else the anchor (qlass search's ``margin`` rule, :func:`qlass.candidates.choose`);
 - ``random``: the expected accuracy and regret of a uniform pick, computed exactly;
 - ``oracle``: the best candidate by its true value (accuracy 1, regret 0; the ceiling).
 
@@ -43,7 +43,7 @@ from .compare import TIE
 from .config import option
 from .errors import DataError, QlassError
 from .jsonl import read_jsonl, write_text_atomic
-from .search import argmax
+from .candidates import argmax, choose
 from .types import Message
 
 log = logging.getLogger(__name__)
@@ -126,15 +126,6 @@ def _random(values: Sequence[float]) -> tuple[float, float]:
     return sum(v >= best - TIE for v in values) / len(values), best - sum(values) / len(values)
 
 
-def _anchor(rec: dict[str, Any]) -> int:
-    return next(i for i, c in enumerate(rec["candidates"]) if c["anchor"])
-
-
-def _margin_pick(rec: dict[str, Any], q: Sequence[float], tau: float) -> int:
-    a, best = _anchor(rec), argmax(q)
-    return best if q[best] - q[a] > tau else a
-
-
 def rankers(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | None, cfg: ReportConfig
             ) -> dict[str, Callable[[int], int] | None]:
     """Ranker name → function from a decision's index to the picked candidate (``None``: random).
@@ -143,7 +134,7 @@ def rankers(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | No
     mean_lp = [[c["mean_logprob"] for c in r["candidates"]] for r in records]
     sum_lp = [[c["logprob"] for c in r["candidates"]] for r in records]
     has_lp = all(v is not None for vs in mean_lp + sum_lp for v in vs)
-    has_anchor = all(any(c["anchor"] for c in r["candidates"]) for r in records)
+    has_anchor = all(r["candidates"][0]["anchor"] for r in records)  # collection puts the anchor first
     out: dict[str, Callable[[int], int] | None] = {"oracle": lambda i: argmax([c["mean"] for c in records[i]["candidates"]])}
     if q is not None:
         out["qnet"] = lambda i: argmax(q[i])
@@ -155,10 +146,10 @@ def rankers(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | No
         out["likelihood"] = lambda i: argmax(mean_lp[i])
         out["policy-mode"] = lambda i: argmax(sum_lp[i])
     if has_anchor:
-        out["anchor"] = lambda i: _anchor(records[i])
+        out["anchor"] = lambda i: 0
         if q is not None:
             for tau in cfg.margins:
-                out[f"anchor+margin {tau:g}"] = lambda i, t=tau: _margin_pick(records[i], q[i], t)
+                out[f"anchor+margin {tau:g}"] = lambda i, t=tau: choose(q[i], t)  # as qlass search's margin
     out["random"] = None
     return out
 

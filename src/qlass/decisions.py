@@ -2,10 +2,12 @@
 
 The policy plays each task (greedy by default). At every step it also samples M candidates (the
 greedy output first when ``anchor="greedy"``); outputs cut off by the token limit are dropped and
-the rest merged by :func:`~qlass.search.normalise_action`. A step where two or more distinct
-candidates remain is a *decision state*. Every candidate of a decision is executed from that state
-and followed by K rollouts to the episode's end with the same continuation policy; its true value
-is the mean final reward of those rollouts. A candidate whose own step ends the episode is its own
+the rest merged by :func:`~qlass.candidates.normalise_action`. A step where two or more distinct
+candidates remain is a *decision state*. The played output is executed as ``qlass eval`` would (a
+truncated one without its unfinished action), so decisions lie on the path that method visits.
+Every candidate of a decision is executed from that state and followed by K rollouts to the
+episode's end with the same continuation policy; its true value is the mean final reward of those
+rollouts. A candidate whose own step ends the episode is its own
 outcome (K identical values, no rollout).
 
 Work is done in chunks of ``concurrency`` tasks: first the chunk's plays, then every rollout of
@@ -30,14 +32,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .agent import apply_output, episode_running, start_messages
+from .agent import apply_output, episode_running, executed_text, start_messages
+from .candidates import normalise_action
 from .config import differences, load_yaml, option, save_yaml
 from .envs.base import Env, parse_action
 from .errors import QlassError
 from .jsonl import append_jsonl, read_jsonl
 from .lockstep import Episode, Sample, drive
 from .policy.base import Policy
-from .search import normalise_action
 from .seeding import stable_seed
 from .types import Completion, Message, Step, Task
 
@@ -175,6 +177,7 @@ def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[
         messages = start_messages(env, task)
         steps: list[Step] = []
         found: list[_Decision] = []
+        sent: list[str] = []  # what the environment received at each step: replaying it restores the state
         limit, anchored = cfg.max_decisions_per_task, cfg.anchor == "greedy"
         while episode_running(steps, cfg.max_steps):
             if limit is not None and len(found) >= limit:
@@ -195,10 +198,9 @@ def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[
                 at = 1 if cfg.play == "sample" and anchored else 0
                 chosen, played = pool_of[at], index.get(at)
             if len(cands) >= 2:
-                found.append(_Decision(task, t, [s.output for s in steps], list(messages), cands, played,
+                found.append(_Decision(task, t, list(sent), list(messages), cands, played,
                                        len(pool_of), sum(c.truncated for c in pool_of)))
-            if chosen.truncated:
-                return _Play(task, found, len(steps), "truncated")
+            sent.append(executed_text(chosen))  # a truncated output is sent without its unfinished action
             apply_output(env, messages, steps, chosen)
         return _Play(task, found, len(steps), "done" if steps and steps[-1].done else "max_steps")
     finally:
