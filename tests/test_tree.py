@@ -13,12 +13,15 @@ from qlass.tree import (
     BackupConfig,
     Node,
     Tree,
+    assign_q,
     compute_q,
+    contrast_pairs,
     export_qdata,
     qdata_records,
     read_qdata,
     read_trees,
     tree_from_dict,
+    tree_summary,
 )
 from qlass.types import Message
 
@@ -227,3 +230,57 @@ def test_data_validate_command_reads_trees_and_qdata(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 1
     assert "bad.jsonl: line 3: field 'q' must be int or float, got str" in done.stderr
+
+
+# -- K rollout chains per branch (schema_version 2) ------------------------------------------------
+def k_rollout_tree() -> Tree:
+    """root ─ 1 sample ─┬ 2 rollout#0 leaf 1.0
+                        ├ 3 rollout#1 leaf 0.0
+                        ├ 4 rollout#2 ─ 5 rollout#2 leaf 1.0
+                        └ 6 sample leaf 0.5
+       root ─ 7 sample leaf 0.3 (a sibling of 1)"""
+    tree = make_tree([(0, 0.0), (1, 1.0, True), (1, 0.0, True), (1, 0.0), (4, 1.0, True), (1, 0.5, True),
+                      (0, 0.3, True)])
+    for i, k in ((2, 0), (3, 1), (4, 2), (5, 2)):
+        tree.nodes[i].rollout = k
+    tree.nodes[6].source = "sample"
+    return tree
+
+
+def test_k_rollout_chains_back_up_as_their_mean() -> None:
+    q = compute_q(k_rollout_tree())
+    mean = (1.0 + 0.0 + 0.9) / 3  # the three chains' Q; the sample child 6 (0.5) is below that mean
+    assert q == pytest.approx({1: 0.9 * mean, 2: 1.0, 3: 0.0, 4: 0.9, 5: 1.0, 6: 0.5, 7: 0.3})
+    lone = k_rollout_tree()
+    lone.nodes[6].reward = 0.8  # an alternative better than the rollouts' mean wins the max
+    assert compute_q(lone)[1] == pytest.approx(0.9 * 0.8)
+
+
+def test_qdata_leaves_out_the_extra_rollout_chains_and_contrast_counts_exported_siblings() -> None:
+    tree = assign_q(k_rollout_tree())
+    recs = qdata_records(tree)
+    assert [r["node_id"] for r in recs] == [1, 2, 6, 7]
+    assert recs[0]["q"] == pytest.approx(0.9 * 1.9 / 3)
+    assert contrast_pairs(tree) == 2  # (1, 7) under the root and (2, 6) under node 1; chains 1 and 2 are not records
+    assert tree_summary([tree])["contrast_pairs"] == 2
+
+
+def test_schema_1_trees_read_with_rollout_0_and_schema_2_round_trips(tmp_path: Path) -> None:
+    tree = k_rollout_tree()
+    rec = json.loads(json.dumps(tree.to_dict()))
+    assert rec["schema_version"] == 2 and [n["rollout"] for n in rec["nodes"]][:6] == [0, 0, 0, 1, 2, 2]
+    assert tree_from_dict(rec).to_dict() == tree.to_dict()
+    old = make_tree(MIXED).to_dict()
+    old["schema_version"] = 1
+    for node in old["nodes"]:
+        del node["rollout"]
+    back = tree_from_dict(old)
+    assert all(n.rollout == 0 for n in back.nodes) and compute_q(back) == compute_q(make_tree(MIXED))
+    for mutate, message in [(lambda r: r["nodes"][6].update(rollout=1), "field 'rollout' must be 0, or >= 1 on a 'rollout' node"),
+                            (lambda r: r["nodes"][3].update(rollout=-1), "field 'rollout' must be 0"),
+                            (lambda r: r["nodes"][3].pop("rollout"), "nodes[3]: missing field 'rollout'")]:
+        bad = json.loads(json.dumps(tree.to_dict()))
+        mutate(bad)
+        with pytest.raises(DataError, match="nodes\\[") as err:
+            tree_from_dict(bad, "t.jsonl", 1)
+        assert message in str(err.value)

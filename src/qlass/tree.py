@@ -15,13 +15,20 @@ Q values (paper Eq. 7) are computed bottom-up by :func:`compute_q`::
     Q(leaf)       = r(leaf)
     Q(s_t, a_t)   = r_t + gamma * max_{a'} Q(s_{t+1}, a')
 
+A sampled branch rolled out K ≥ 2 times has K rollout chains under its first node (``source ==
+"rollout"`` children tagged ``rollout`` 0..K-1): draws of the policy's own continuation, which
+stand for *one* option whose value is their mean. The max above then runs over the node's other
+children and that mean. A node with one rollout chain (K = 1, and every tree of
+``schema_version`` 1) is backed up by Eq. 7 exactly.
+
 By default intermediate rewards are zeroed (``r_t = 0`` below the leaves) and a leaf's ``r`` is its
 outcome (the final cumulative score). With ``keep_intermediate`` every node's ``r_t`` is its reward
 *increment* (its score minus its parent's), so an undiscounted chain sums to the final score. With
 ``normalize`` the Q values of a tree are min–max scaled to [0, 1] (left as they are when all equal).
 
 Formats (see ``docs/formats.md``): ``trees.jsonl`` holds one tree per line (:meth:`Tree.to_dict`);
-``qdata.jsonl`` one record per non-root node (:func:`qdata_records`, :func:`read_qdata`).
+``qdata.jsonl`` one record per non-root node outside the extra rollout chains (those with
+``rollout >= 1`` only inform their branch's mean) (:func:`qdata_records`, :func:`read_qdata`).
 """
 
 from __future__ import annotations
@@ -29,16 +36,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .agent import observation_message
 from .errors import DataError
 from .jsonl import read_jsonl, write_jsonl
 from .types import Message
 
-TREE_SCHEMA_VERSION = 1
+TREE_SCHEMA_VERSION = 2
+READABLE_TREE_VERSIONS = (1, 2)
+"""Version 2 added the node field ``rollout``; version 1 trees read with ``rollout = 0``."""
 QDATA_SCHEMA_VERSION = 1
 SOURCES = ("root", "expert", "sample", "rollout")
 ROLES = ("system", "user", "assistant")
@@ -47,7 +57,9 @@ ROLES = ("system", "user", "assistant")
 @dataclass
 class Node:
     """One tree node (see module docstring). ``env_steps`` counts every env step spent to create it
-    (replay included); ``pruned`` marks nodes whose expansion a zero-outcome rollout stopped."""
+    (replay included); ``pruned`` marks nodes whose expansion a zero-outcome rollout stopped;
+    ``rollout`` is the index of the rollout chain a ``rollout`` node belongs to within its branch
+    (0 for every other node)."""
 
     id: int
     parent: int | None
@@ -63,6 +75,7 @@ class Node:
     env_steps: int = 0
     expanded: bool = False
     pruned: bool = False
+    rollout: int = 0
     q: float | None = None
 
 
@@ -156,8 +169,9 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
     """Validate a ``trees.jsonl`` record and build the :class:`Tree`; errors name file, line, field."""
     where = f"line {line}"
     version = _get(rec, "schema_version", (int,), where, path)
-    if version != TREE_SCHEMA_VERSION:
-        raise DataError(path, f"{where}: field 'schema_version' is {version}; this qlass reads {TREE_SCHEMA_VERSION}")
+    if version not in READABLE_TREE_VERSIONS:
+        raise DataError(path, f"{where}: field 'schema_version' is {version}; this qlass reads "
+                              f"{', '.join(map(str, READABLE_TREE_VERSIONS))}")
     vals = {k: _get(rec, k, kinds, where, path) for k, kinds in _TREE_FIELDS.items()}
     where = f"line {line} (tree {vals['tree_id']!r})"
     prefix = _messages(vals["prefix"], where, "prefix", path)
@@ -167,6 +181,9 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
         if not isinstance(raw, dict):
             raise DataError(path, f"{nw}: must be an object")
         nv = {k: _get(raw, k, kinds, nw, path) for k, kinds in _NODE_FIELDS.items()}
+        nv["rollout"] = _get(raw, "rollout", (int,), nw, path) if version >= 2 else 0
+        if nv["rollout"] < 0 or (nv["rollout"] and nv["source"] != "rollout"):
+            raise DataError(path, f"{nw}: field 'rollout' must be 0, or >= 1 on a 'rollout' node; got {nv['rollout']}")
         parent, action, q = raw.get("parent", "missing"), raw.get("action", "missing"), raw.get("q", "missing")
         if nv["id"] != i:
             raise DataError(path, f"{nw}: field 'id' is {nv['id']}, expected {i} (ids are positions)")
@@ -219,7 +236,8 @@ class BackupConfig:
 
 
 def compute_q(tree: Tree, cfg: BackupConfig = BackupConfig()) -> dict[int, float]:
-    """Q value of every non-root node (see module docstring)."""
+    """Q value of every non-root node (see module docstring: the max over a node's alternatives and
+    the mean of its rollout children)."""
     kids = tree.children()
     q: dict[int, float] = {}
     for n in reversed(tree.nodes[1:]):
@@ -227,8 +245,13 @@ def compute_q(tree: Tree, cfg: BackupConfig = BackupConfig()) -> dict[int, float
         r = n.reward - parent_reward if cfg.keep_intermediate else 0.0
         if not kids[n.id]:
             q[n.id] = r if cfg.keep_intermediate else n.reward
+            continue
+        rollouts = [c for c in kids[n.id] if tree.nodes[c].source == "rollout"]
+        if any(tree.nodes[c].rollout for c in rollouts):  # K >= 2 rollout chains: one option, their mean
+            options = [q[c] for c in kids[n.id] if c not in rollouts] + [sum(q[c] for c in rollouts) / len(rollouts)]
         else:
-            q[n.id] = r + cfg.gamma * max(q[c] for c in kids[n.id])
+            options = [q[c] for c in kids[n.id]]
+        q[n.id] = r + cfg.gamma * max(options)
     if cfg.normalize and q:
         lo, hi = min(q.values()), max(q.values())
         if hi > lo:
@@ -251,17 +274,21 @@ def _rank(tree_id: str, node_id: int) -> str:
 
 def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: int | None = 300
                   ) -> list[dict[str, Any]]:
-    """One Q-dataset record per non-root node, in node-id order.
+    """One Q-dataset record per non-root node outside the extra rollout chains (``rollout >= 1``:
+    they only inform their branch's mean, and their heads would repeat a sibling's action), in
+    node-id order.
 
-    With more than ``max_per_tree`` nodes a deterministic subset is kept: nodes that have siblings
-    first (sibling groups carry the ranking signal), each tier ordered by a stable hash of
+    With more than ``max_per_tree`` such nodes a deterministic subset is kept: nodes that have
+    siblings first (sibling groups carry the ranking signal), each tier ordered by a stable hash of
     (tree id, node id).
     """
     q = compute_q(tree, cfg)
-    kids = tree.children()
-    ids = list(q)
+    ids = [i for i in q if tree.nodes[i].rollout == 0]
+    group_size: dict[int, int] = {}
+    for i in ids:
+        group_size[tree.nodes[i].parent] = group_size.get(tree.nodes[i].parent, 0) + 1  # type: ignore[index]
     if max_per_tree is not None and len(ids) > max_per_tree:
-        lonely = {i for i in ids if len(kids[tree.nodes[i].parent]) < 2}  # type: ignore[index]
+        lonely = {i for i in ids if group_size[tree.nodes[i].parent] < 2}  # type: ignore[index]
         ids = sorted(sorted(ids, key=lambda i: (i in lonely, _rank(tree.tree_id, i)))[:max_per_tree])
     histories: dict[int, list[dict[str, str]]] = {}
     out = []
@@ -315,15 +342,27 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def contrast_pairs(tree: Tree) -> int:
+    """Sibling pairs with different stored Q among the nodes the Q data exports (``rollout == 0``):
+    the ranking signal a tree gives the QNet."""
+    groups: dict[int, list[float]] = {}
+    for n in tree.nodes[1:]:
+        if n.rollout == 0 and n.q is not None:
+            groups.setdefault(n.parent, []).append(n.q)  # type: ignore[arg-type]
+    return sum(abs(a - b) > 1e-9 for qs in groups.values() for k, a in enumerate(qs) for b in qs[k + 1:])
+
+
 def tree_summary(trees: Iterable[Tree]) -> dict[str, Any]:
-    """Totals over trees: nodes, edges, env steps, tokens, steps per edge."""
+    """Totals over trees: nodes, edges, env steps (the nodes' plus probes' that made no node),
+    tokens, steps per edge, contrast pairs."""
     trees = list(trees)
     edges = sum(t.edges for t in trees)
-    steps = sum(n.env_steps for t in trees for n in t.nodes)
+    steps = sum(n.env_steps for t in trees for n in t.nodes) + sum(int(t.stats.get("probe_steps", 0)) for t in trees)
     return {
         "trees": len(trees), "nodes": sum(len(t.nodes) for t in trees), "edges": edges, "env_steps": steps,
         "env_steps_per_edge": steps / edges if edges else 0.0,
         "prompt_tokens": sum(int(t.stats.get("prompt_tokens", 0)) for t in trees),
         "completion_tokens": sum(int(t.stats.get("completion_tokens", 0)) for t in trees),
         "trees_with_success": sum(any(n.reward >= 1.0 - 1e-9 for n in t.nodes) for t in trees),
+        "contrast_pairs": sum(contrast_pairs(t) for t in trees),
     }
