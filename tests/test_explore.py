@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -20,14 +22,20 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
+from toy_envs import Corridor
 
+from qlass.data import save_trajectories
 from qlass.envs.base import FORMAT_HINT, parse_action
 from qlass.errors import QlassError
+from qlass.expert import export_expert
 from qlass.explore import ExploreConfig, build_tree, explore_tasks, tree_seed
+from qlass.explore_config import expert_task_ids, exploration_tasks
 from qlass.jsonl import read_jsonl
+from qlass.perturb import diversity_prompt
+from qlass.pipeline import _exploration_tasks, resolve
 from qlass.search import normalise_action
-from qlass.seeding import candidate_seed
-from qlass.tree import Tree, read_trees
+from qlass.seeding import candidate_seed, stable_seed
+from qlass.tree import Tree, qdata_records, read_trees
 from qlass.types import Completion, History, Message, StepResult, Task
 
 TESTS = Path(__file__).parent
@@ -135,14 +143,20 @@ class ScriptedPolicy:
             return Completion("Thought: I am lost.", prompt, 4)
         action = rng.choices(self.ACTIONS, self.weights)[0]
         if rng.random() < self.smart:
-            last = history[-1].content
-            has_key = any("You take the key" in m.content for m in history)
-            if "a key" in last and not has_key:
-                action = "take key"
-            elif "a chest" in last and has_key:
-                action = "open chest"
+            action = self.sensible(history) or action
         text = f"Thought: I will {action}.\nAction: {action}"
         return Completion(text, prompt, len(text.split()))
+
+    @staticmethod
+    def sensible(history: History) -> str | None:
+        """The sensible action after ``history``, if any: take a key in sight, open a chest once holding it."""
+        last = history[-1].content
+        has_key = any("You take the key" in m.content for m in history)
+        if "a key" in last and not has_key:
+            return "take key"
+        if "a chest" in last and has_key:
+            return "open chest"
+        return None
 
     def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
                max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
@@ -386,3 +400,257 @@ def test_real_sciworld_tree_with_tiny_hf_model(tiny_model_dir: Path, tmp_path: P
     export_qdata(out, tmp_path / "qdata.jsonl")
     recs = read_qdata(tmp_path / "qdata.jsonl")
     assert len(recs) == tree.edges and max(r["q"] for r in recs) == 1.0
+
+
+# -- budget: caps on branches, the graft's share ------------------------------------------------
+def dfs_expanded(tree: Tree) -> int:
+    """Nodes the depth-limited search expanded (the graft expands only the root and expert nodes)."""
+    return sum(1 for n in tree.nodes if n.expanded and n.source in ("sample", "rollout"))
+
+
+@pytest.mark.parametrize("task", [0, 3, 5])
+def test_graft_share_leaves_budget_for_the_depth_limited_search(task: int) -> None:
+    whole = tree_for(task, candidates=3, max_branches=4, graft_share=1.0)
+    assert whole.stats["stopped_by"] == "max_branches" and whole.stats["branches"] == 4
+    assert dfs_expanded(whole) == 0, "the graft spent the whole budget: no search below its siblings"
+    half = tree_for(task, candidates=3, max_branches=4, graft_share=0.5)
+    assert half.stats["graft_stopped_by"] == "max_branches"
+    assert dfs_expanded(half) >= 1 and half.stats["branches"] == 4
+    grafted = [n for n in half.nodes if n.source == "sample" and half.nodes[n.parent].source in ("root", "expert")]
+    assert len([n for n in grafted if not n.done]) == 2, "the graft may roll out half of the 4 branches"
+    replay_check(half)
+
+
+def test_max_branches_counts_rolled_out_branches_not_nodes() -> None:
+    for cap in (1, 3):
+        tree = tree_for(4, expert_graft=False, max_branches=cap)
+        heads = [n for n in tree.nodes if n.source == "sample"]
+        assert tree.stats["stopped_by"] == "max_branches"
+        assert tree.stats["branches"] == cap == sum(1 for n in heads if not n.done)
+        assert tree.stats["branches"] + tree.stats["terminal_alternatives"] == len(heads)
+    assert len(tree.nodes) > 3 * 3, "a branch costs its whole rollout in nodes, not one"
+
+
+# -- every distinct alternative; the order of the expert steps ----------------------------------
+def expert_step_samples(tree: Tree, parent: int, n: int) -> set[str]:
+    """The distinct actions the explorer's seeded policy call at ``parent`` gave (same seed, same history)."""
+    outs = ScriptedPolicy().sample([tree.history(parent)], n, 0.7, 128, seed=stable_seed(tree.seed, "expand", parent))[0]
+    return {normalise_action(c.text) for c in outs}
+
+
+def test_every_distinct_sample_at_an_expert_step_becomes_a_sibling() -> None:
+    kept_more = 0
+    for task in range(6):
+        every, one = tree_for(task, candidates=4), tree_for(task, candidates=4, expert_siblings=1)
+        assert every.config["expert_siblings"] is None
+        for tree, limit in ((every, None), (one, 1)):
+            kids = tree.children()
+            for e in (n for n in tree.nodes if n.source == "expert"):
+                siblings = {normalise_action(tree.nodes[c].output) for c in kids[e.parent] if c != e.id}
+                sampled = expert_step_samples(tree, e.parent, 4) - {normalise_action(e.output)}
+                if limit is None:
+                    assert siblings == sampled
+                else:
+                    assert len(siblings) == min(1, len(sampled)) and siblings <= sampled
+        kept_more += sum(n.source == "sample" for n in every.nodes) > sum(n.source == "sample" for n in one.nodes)
+        assert one.stats["dropped"] >= every.stats["dropped"] == 0
+    assert kept_more >= 3
+
+
+class ScoringPolicy(ScriptedPolicy):
+    """ScriptedPolicy that also reports its own log-probability of an output's action (teacher forcing)."""
+
+    def score_outputs(self, histories: Sequence[History], outputs: Sequence[str]) -> list[tuple[float, int]]:
+        total = sum(self.weights)
+        out = []
+        for history, output in zip(histories, outputs, strict=True):
+            action = parse_action(output)
+            drawn = self.weights[self.ACTIONS.index(action)] / total if action in self.ACTIONS else 0.0
+            sensible = self.sensible(history)
+            p = (1 - self.invalid) * ((1 - self.smart) * drawn + self.smart * (drawn if sensible is None else
+                                                                                float(action == sensible)))
+            out.append((math.log(p) if p > 0 else -1e9, len(output.split())))
+        return out
+
+
+def test_uncertain_first_gives_siblings_to_the_least_likely_expert_steps_first() -> None:
+    policy = ScoringPolicy()
+    tree = tree_for(0, policy=policy, expert_order="uncertain-first", max_branches=2, graft_share=0.5)
+    expert = [n for n in tree.nodes if n.source == "expert"]
+    logprobs = [lp for lp, _ in policy.score_outputs([tree.history(e.parent) for e in expert], [e.output for e in expert])]
+    assert tree.stats["expert_logprobs"] == [round(lp, 4) for lp in logprobs]
+    order = sorted(range(len(expert)), key=lambda i: (logprobs[i], i))
+    assert tree.stats["expert_order"] == [expert[i].depth for i in order] != [1, 2, 3, 4]
+    first = min(n.id for n in tree.nodes if n.source == "sample")
+    assert tree.nodes[first].parent == expert[order[0]].parent, "the least likely expert step is sampled first"
+    assert tree.stats["score_tokens"] == sum(len(e.output.split()) for e in expert)
+    with pytest.raises(QlassError, match="expert_order=uncertain-first"):
+        tree_for(0, expert_order="uncertain-first")
+
+
+def grafted_siblings(tree: Tree) -> list[tuple[int, str]]:
+    """(expert step's parent, action) of the sampled siblings of expert steps, in creation order."""
+    expert_ids = {n.id for n in tree.nodes if n.source in ("root", "expert")}
+    return [(n.parent, normalise_action(n.output)) for n in tree.nodes if n.source == "sample" and n.parent in expert_ids]
+
+
+def test_expert_order_all_gives_every_step_a_sibling_before_any_gets_a_second() -> None:
+    for task in range(6):
+        siblings = grafted_siblings(tree_for(task, candidates=4, expert_order="all"))
+        parents = [p for p, _ in siblings]
+        steps = len(set(parents))
+        assert len(set(parents[:steps])) == steps, f"task {task}: {parents}"
+        assert sorted(siblings) == sorted(grafted_siblings(tree_for(task, candidates=4))), "the same siblings, reordered"
+    root_first = tree_for(0, candidates=4)
+    parents = [n.parent for n in root_first.nodes if n.source == "sample" and root_first.nodes[n.parent].source != "sample"]
+    assert parents[0] == parents[1], "root-first grows all of a step's siblings before the next step"
+
+
+# -- candidate diversity --------------------------------------------------------------------------
+class Obliging(ScriptedPolicy):
+    """ScriptedPolicy that follows a request for a different action (records every history it reads)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.seen: list[History] = []
+
+    def _one(self, history: History, rng: random.Random) -> Completion:
+        self.seen.append(history)
+        avoid = re.findall(r"'([^']*)'", history[-1].content.partition("must differ from")[2])
+        for _ in range(20):
+            comp = super()._one(history, rng)
+            if parse_action(comp.text) not in avoid:
+                break
+        return comp
+
+
+def test_diversity_prompt_extends_the_last_user_turn() -> None:
+    history = [Message("system", "s"), Message("user", "Task: x"), Message("assistant", "Thought: a\nAction: look"),
+               Message("user", "Observation: a room")]
+    out = diversity_prompt(history, ["Thought: a\nAction: go to hall", "Thought: b\nAction: go to hall", "no action"])
+    assert out[:3] == history[:3] and out[3].role == "user"
+    assert out[3].content == ("Observation: a room\n\nGive another reasonable response. Its action must differ "
+                              "from each of these actions: 'go to hall', 'no action'.")
+    assert diversity_prompt(history, []) == history and history[3].content == "Observation: a room"
+    with pytest.raises(ValueError, match="no user turn"):
+        diversity_prompt([Message("assistant", "x")], ["Action: look"])
+
+
+def test_diverse_sampling_asks_for_other_actions_and_the_tree_keeps_the_plain_history() -> None:
+    plain, diverse = Obliging(), Obliging()
+    trees = {False: [tree_for(t, policy=plain, candidates=3) for t in range(6)],
+             True: [tree_for(t, policy=diverse, candidates=3, diverse=True) for t in range(6)]}
+    asked = [h for h in diverse.seen if "must differ from" in h[-1].content]
+    assert asked and not any("must differ from" in h[-1].content for h in plain.seen)
+    for tree in trees[True]:
+        assert not any("must differ" in m.content for n in tree.nodes for m in tree.history(n.id))
+        expert = next(n for n in tree.nodes if n.source == "expert")  # its step was sampled with the request
+        assert any(f"'{expert.action}'" in h[-1].content for h in asked)
+
+    def merged(flag: bool) -> int:
+        return sum(t.stats["merged"] for t in trees[flag])
+
+    def siblings(flag: bool) -> int:
+        return sum(n.source == "sample" for t in trees[flag] for n in t.nodes)
+
+    assert merged(True) < merged(False) and siblings(True) > siblings(False)
+
+
+# -- terminal alternatives, probes -------------------------------------------------------------
+LOCK_BREAKER = [1, 1, 1, 1, 0, 6, 1, 0]  # mostly "open chest"; rooms/2 keeps its chest in the hall
+
+
+def test_terminal_alternatives_are_leaves_without_rollout() -> None:
+    policy = ScriptedPolicy(weights=LOCK_BREAKER, smart=0.0, invalid=0.0)
+    tree = tree_for(2, expert_graft=False, policy=policy, candidates=4)
+    kids = tree.children()
+    terminal = [n for n in tree.nodes if n.source == "sample" and n.done]
+    assert terminal and tree.stats["terminal_alternatives"] == len(terminal)
+    for n in terminal:
+        assert not kids[n.id] and n.pruned == (n.reward == 0.0) and n.q == n.reward
+    assert tree.stats["branches"] == sum(1 for n in tree.nodes if n.source == "sample" and not n.done)
+    assert tree.stats["rollouts"] == tree.stats["branches"]
+
+
+def test_probe_makes_terminal_alternatives_leaves_before_any_rollout() -> None:
+    def leaves(tree: Tree) -> int:
+        return sum(1 for n in tree.nodes if n.source == "sample" and n.done)
+
+    gained = 0
+    for seed in (3, 4, 5, 6):
+        cfg = {"expert_graft": False, "candidates": 4, "max_branches": 1, "seed": seed}
+        plain = tree_for(2, policy=ScriptedPolicy(weights=LOCK_BREAKER, smart=0.0, invalid=0.0), **cfg)
+        probed = tree_for(2, policy=ScriptedPolicy(weights=LOCK_BREAKER, smart=0.0, invalid=0.0), probe=True, **cfg)
+        assert probed.stats["branches"] == plain.stats["branches"] == 1
+        assert leaves(probed) >= leaves(plain)
+        gained += leaves(probed) - leaves(plain)
+        assert probed.stats["probe_steps"] > 0 == plain.stats["probe_steps"]
+        assert sum(n.env_steps for n in probed.nodes) + probed.stats["probe_steps"] == probed.stats["env_steps"]
+        replay_check(probed)
+    assert gained >= 2, "without probes the branch cap stops the tree before its terminal alternatives"
+    for env in (Rooms(), Snapshotting()):  # probes leave the cursor off the tree; later branches still replay right
+        replay_check(tree_for(2, env=env, probe=True, candidates=4))
+
+
+# -- K rollouts per branch ----------------------------------------------------------------------
+def test_k_rollouts_per_branch_back_up_as_their_mean() -> None:
+    mixed = 0
+    for task in range(6):
+        tree = tree_for(task, expert_graft=False, rollouts=3)
+        replay_check(tree)
+        kids = tree.children()
+        for n in tree.nodes:
+            if n.rollout:
+                assert n.source == "rollout" and not n.expanded
+            if n.source != "sample" or n.done:
+                continue
+            rolls = [c for c in kids[n.id] if tree.nodes[c].source == "rollout"]
+            assert sorted(tree.nodes[c].rollout for c in rolls) == [0, 1, 2]
+            outcomes = []
+            for head in rolls:
+                chain = [tree.nodes[head]]
+                while any(tree.nodes[c].source == "rollout" for c in kids[chain[-1].id]):
+                    chain.append(next(tree.nodes[c] for c in kids[chain[-1].id] if tree.nodes[c].source == "rollout"))
+                outcomes.append(chain[-1].reward)
+                assert chain[-1].done or chain[-1].depth == 8
+            mixed += len({o > 0 for o in outcomes}) > 1
+            assert n.pruned == (max(outcomes) == 0.0)
+            others = [tree.nodes[c].q for c in kids[n.id] if c not in rolls]
+            mean = sum(tree.nodes[c].q for c in rolls) / 3
+            assert n.q == pytest.approx(0.9 * max(others + [mean]))
+        records = qdata_records(tree)
+        assert {r["node_id"] for r in records} == {n.id for n in tree.nodes[1:] if n.rollout == 0}
+        assert tree.stats["rollouts"] == 3 * tree.stats["branches"]
+    assert mixed >= 2, "some branches should have both failed and successful rollouts"
+
+
+# -- which tasks are explored (B2) ----------------------------------------------------------------
+def test_exploration_tasks_skip_per_type_and_leave_out_the_expert_tasks(tmp_path: Path) -> None:
+    tasks = [Task(f"x/{kind}/{i}", "x", "train", kind) for kind in ("a", "b") for i in range(4)]
+    assert [t.id for t in exploration_tasks(tasks, skip=2)] == ["x/a/2", "x/a/3", "x/b/2", "x/b/3"]
+    assert [t.id for t in exploration_tasks(tasks, skip=1, limit=3)] == ["x/a/1", "x/b/1", "x/a/2"]
+    env = Corridor()  # expert data as SFT reads it (Rooms' prompt has a system turn, which that format has not)
+    all_tasks = env.tasks("train")
+    export = export_expert(env, all_tasks, per_task_type=4)
+    save_trajectories(tmp_path / "expert.json", export.trajectories)
+    expert = expert_task_ids(tmp_path / "expert.json")
+    assert len(expert) == 4
+    chosen = exploration_tasks(all_tasks, exclude=expert)
+    assert {t.id for t in chosen}.isdisjoint(expert) and len(chosen) == 2
+    (tmp_path / "anon.json").write_text(json.dumps([{"id": "t1", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "Thought: x\nAction: look"}]}]))
+    with pytest.raises(QlassError, match="no 'task' field"):
+        expert_task_ids(tmp_path / "anon.json")
+
+
+def test_pipeline_explores_no_expert_task(tmp_path: Path) -> None:
+    env = Corridor()
+    all_tasks = env.tasks("train")
+    save_trajectories(tmp_path / "expert.json", export_expert(env, all_tasks, per_task_type=3).trajectories)
+    config = {"run_dir": str(tmp_path / "run"), "env": "toy_envs:Corridor", "expert": {"data": str(tmp_path / "expert.json")},
+              "explore": {"exclude_expert": True, "limit": 2}}
+    chosen = _exploration_tasks(resolve(config, "cfg.yaml"), all_tasks, "cfg.yaml")
+    assert [t.id for t in chosen] == ["corridor/3", "corridor/4"]
+    config["expert"] = {}
+    with pytest.raises(QlassError, match="explore.exclude_expert: no expert data"):
+        _exploration_tasks(resolve(config, "cfg.yaml"), all_tasks, "cfg.yaml")

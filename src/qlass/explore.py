@@ -1,179 +1,61 @@
 """Stage 2: exploration trees (paper §4.2, Fig. 2) — construction of one tree per task.
 
 For a task the root is the initial state. *Expanding* a node samples ``candidates`` actions in its
-state in one policy call (``temperature``); actions equal to an existing child's or to each other
-after normalisation (:func:`qlass.search.normalise_action`) are merged. Every new child is executed
-and rolled out to the end of the episode with the policy (:func:`qlass.agent.continue_episode`), so
-that it has an outcome reward; the rollout's steps become a chain under it.
+state (``temperature``; with ``diverse``, every candidate after the node's first child asks for an
+action different from the earlier ones, :func:`qlass.perturb.diversity_prompt`). Outputs cut off
+by the token limit are dropped; actions equal to an existing child's or to each other after
+normalisation (:func:`qlass.search.normalise_action`) are merged. Every new distinct alternative
+is executed; one that ends the episode is a leaf (no rollout). The others are rolled out to the end
+of the episode with the policy (:func:`qlass.agent.continue_episode`) ``rollouts`` times; the
+rollouts' steps become chains under the branch's first node (tagged 0..K-1), and the mean of their
+outcomes is the branch's outcome (the Q backup averages them, :mod:`qlass.tree`). With ``probe``
+every alternative of an expansion is stepped once before any is rolled out, so the terminal ones
+become leaves even when a cap then stops the rollouts.
 
-Pruning (Fig. 2): when a new branch's rollout ends with reward 0, the whole branch (its first node
-and its chain) is marked ``pruned`` and never expanded. Branches with a non-zero outcome are
-expanded node by node, depth-first, down to the maximum expansion depth ``D`` (nodes at depth < D
-are expanded; defaults per environment from the paper's Table 5).
+Pruning (Fig. 2): a branch whose outcome is 0 is marked ``pruned`` and never expanded (so is each
+rollout chain that ended with 0). Branches with a non-zero outcome are expanded node by node along
+their first rollout chain, depth-first, down to the maximum expansion depth ``D`` (nodes at depth
+< D are expanded; defaults per environment from the paper's Table 5).
 
 Expert graft (on when the environment has expert outputs for the task): the expert chain is put
-under the root, and at every expert step one sampled sibling branch (rolled out, then expanded as
-above when its outcome is non-zero).
+under the root, and expert steps get sampled sibling branches (every distinct sample, or at most
+``expert_siblings``), in ``expert_order``: ``root-first``; ``uncertain-first``, the steps whose
+expert output the policy finds least likely (teacher-forced ``score_outputs``) first; or ``all``,
+every step sampled first, then one sibling per step in turn. The graft may spend ``graft_share`` of
+each cap; the depth-limited search then runs on the sibling branches with the rest.
 
-Per-tree caps (nodes, policy tokens, env steps) are checked before each new branch; a branch that
-has started is rolled out to its end, so a cap can be overshot by one rollout.
-
-Env steps. The explorer never steps an environment to sample (the tree stores every observation,
-so a node's history is known) nor for merged candidates, and it positions its environment by
-continuing from the current position when that is an ancestor and by reset + replay otherwise.
-Without a snapshot/restore API every root-to-leaf path must be walked once by some environment, so
-``sum(depth(leaf))`` env steps is the minimum for a tree; the explorer spends exactly that (see
-``benchmarks/bench_explore.py``). An environment that also offers ``snapshot()`` (an opaque copy
-of the episode's state) and ``restore(state)`` has the state of every expanded node kept, and is
-positioned from the deepest kept ancestor when that is cheaper than continuing, so each edge
-costs one env step.
+Per-tree caps (nodes, rolled-out branches, policy tokens, env steps) are checked before each new
+branch; a branch that has started is rolled out to its end, so a cap can be overshot by one branch.
+How the environment is positioned (replay, snapshots) is :mod:`qlass.explore_cursor`; probes spend
+env steps beyond its replay floor (``stats.probe_steps``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .agent import EpisodeConfig, apply_output, continue_episode
-from .config import config_hash, option, to_dict
+from .config import to_dict
 from .envs.base import Env, parse_action
 from .errors import QlassError
-from .seeding import stable_seed
 from .executor import Executor, LocalExecutor
+from .explore_config import CAPS, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
+from .explore_cursor import Cursor, Recording
 from .jsonl import append_jsonl
+from .perturb import diversity_prompt
 from .policy.base import Policy, ready_policy
 from .search import normalise_action
+from .seeding import stable_seed
 from .tree import BackupConfig, Node, Tree, assign_q, read_trees, tree_from_dict
-from .types import Completion, Step, StepResult, Task
+from .types import Completion, Step, Task
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_DEPTH = {"webshop": 3, "sciworld": 6, "alfworld": 8}
-FALLBACK_MAX_DEPTH = 6
-
-
-@dataclass(frozen=True)
-class ExploreConfig:
-    """How exploration trees are built (defaults follow the paper)."""
-
-    max_depth: int | None = option(None, "maximum expansion depth D (None: webshop 3, sciworld 6, alfworld 8, else 6)")
-    candidates: int = option(2, "actions sampled per expansion (one policy call per node)")
-    temperature: float = option(0.7, "sampling temperature of expansions")
-    rollout_temperature: float = option(0.7, "sampling temperature of the rollouts that give new branches an outcome")
-    max_new_tokens: int = option(128, "token limit of one agent output")
-    max_steps: int = option(30, "episode step limit for rollouts (the environment's own limit applies too)")
-    expert_graft: bool = option(True, "graft the environment's expert chain under the root when it has one")
-    expert_siblings: int = option(1, "sampled sibling branches per expert step")
-    max_nodes: int | None = option(300, "per-tree cap on nodes (checked before each new branch)")
-    max_tokens: int | None = option(None, "per-tree cap on policy tokens, prompt + completion")
-    max_env_steps: int | None = option(None, "per-tree cap on environment steps")
-    gamma: float = option(0.9, "discount of the Q values stored in the trees (Eq. 7)")
-
-    def __post_init__(self) -> None:
-        EpisodeConfig(self.max_steps, self.rollout_temperature, self.max_new_tokens)
-        if self.max_depth is not None and self.max_depth < 1:
-            raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
-        if self.candidates < 1 or self.expert_siblings < 0:
-            raise ValueError("candidates must be >= 1 and expert_siblings >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        for name in ("max_nodes", "max_tokens", "max_env_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or null")
-        BackupConfig(gamma=self.gamma)
-
-    def depth_for(self, env_name: str) -> int:
-        """D for an environment."""
-        return self.max_depth if self.max_depth is not None else DEFAULT_MAX_DEPTH.get(env_name, FALLBACK_MAX_DEPTH)
-
-
-class Cursor:
-    """One environment and the tree path it is positioned at; moves by continuing, by restoring a
-    snapshot (environments with ``snapshot()``/``restore()``) or by reset + replay, whichever takes
-    the fewest env steps."""
-
-    def __init__(self, env: Env) -> None:
-        self.env = env
-        self.position: tuple[int, ...] | None = None
-        self.steps = 0
-        self.resets = 0
-        self.restores = 0
-        self.snapshots = callable(getattr(env, "snapshot", None)) and callable(getattr(env, "restore", None))
-        self.saved: dict[int, Any] = {}
-
-    def start(self, task: Task) -> str:
-        """Reset on ``task`` (a new tree); returns the first observation."""
-        self.task = task
-        self.resets += 1
-        self.position = ()
-        first = self.env.reset(task)
-        self.saved = {0: self.env.snapshot()} if self.snapshots else {}  # type: ignore[attr-defined]
-        return first
-
-    def recording(self, keep: Callable[[int], bool]) -> _Recording | Env:
-        """The env to step a new chain with: with snapshots, one that also keeps the state after
-        its ``k``-th step when ``keep(k)``; the plain env otherwise."""
-        return _Recording(self.env, keep) if self.snapshots else self.env
-
-    def goto(self, tree: Tree, node_id: int) -> int:
-        """Position the env at ``node_id``'s state; returns the env steps this took. With snapshots,
-        the state of every node gone to is kept (it is about to get children, each needing it)."""
-        path = tree.path(node_id)
-        ids = tuple(n.id for n in path)
-        pos = self.position
-        can_continue = pos is not None and ids[: len(pos)] == pos
-        if self.snapshots:
-            # the deepest ancestor (or the node itself) with a saved state; the root always has one
-            k = max(i for i in range(len(ids) + 1) if (ids[i - 1] if i else 0) in self.saved)
-            if not can_continue or k > len(pos):  # type: ignore[arg-type]
-                self.env.restore(self.saved[ids[k - 1] if k else 0])  # type: ignore[attr-defined]
-                self.restores += 1
-                pos, can_continue = ids[:k], True
-        if not can_continue:
-            first = self.env.reset(self.task)
-            self.resets += 1
-            if first != tree.nodes[0].observation:
-                raise QlassError(f"{self.env.name}: reset on {self.task.id} gave a different first observation; "
-                                 "exploration needs a deterministic environment")
-            pos = ()
-        spent = 0
-        for node in path[len(pos):]:  # type: ignore[arg-type]
-            result = self.env.step(node.output)
-            spent += 1
-            if result.observation != node.observation or abs(float(result.reward) - node.reward) > 1e-9:
-                raise QlassError(f"{self.env.name}: replaying {self.task.id} diverged at node {node.id} (depth "
-                                 f"{node.depth}); exploration needs a deterministic environment")
-        self.position = ids
-        self.steps += spent
-        if self.snapshots and node_id not in self.saved:
-            self.saved[node_id] = self.env.snapshot()  # type: ignore[attr-defined]
-        return spent
-
-
-class _Recording:
-    """An env proxy that keeps the env's state after each step it makes (``None`` where not kept)."""
-
-    def __init__(self, env: Env, keep: Callable[[int], bool]) -> None:
-        self.env, self.keep = env, keep
-        self.states: list[Any] = []
-
-    def step(self, output: str) -> StepResult:
-        result = self.env.step(output)
-        wanted = not result.done and self.keep(len(self.states))
-        self.states.append(self.env.snapshot() if wanted else None)  # type: ignore[attr-defined]
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.env, name)
-
-    def keep_states(self, saved: dict[int, Any], nodes: Sequence[Node]) -> None:
-        """Store the kept states of the chain ``nodes`` (stepped in order) into ``saved``."""
-        saved.update((n.id, state) for n, state in zip(nodes, self.states) if state is not None)
 
 
 def _step_of(node: Node) -> Step:
@@ -185,125 +67,243 @@ class TreeBuilder:
 
     def __init__(self, env: Env, policy: Policy, task: Task, cfg: ExploreConfig, seed: int) -> None:
         self.env, self.policy, self.task, self.cfg, self.seed = env, policy, task, cfg, seed
+        if (cfg.expert_graft and cfg.expert_siblings != 0 and cfg.expert_order == "uncertain-first"
+                and not callable(getattr(policy, "score_outputs", None))):
+            raise QlassError(f"explore option expert_order=uncertain-first needs a policy that scores outputs "
+                             f"(score_outputs, e.g. a local HF model); {type(policy).__name__} has none")
         self.depth = cfg.depth_for(env.name)
         self.episode = EpisodeConfig(cfg.max_steps, cfg.rollout_temperature, cfg.max_new_tokens)
         self.cursor = Cursor(env)
-        self.stats: dict[str, Any] = {"policy_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                      "merged": 0, "stopped_by": None}
+        self.share = 1.0  # the fraction of each cap the current phase may reach (graft_share in the graft)
+        self.stats: dict[str, Any] = {
+            "policy_calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "score_tokens": 0, "merged": 0,
+            "truncated": 0, "dropped": 0, "branches": 0, "rollouts": 0, "terminal_alternatives": 0,
+            "probe_steps": 0, "stopped_by": None, "graft_stopped_by": None}
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _tokens(self) -> int:
-        return self.stats["prompt_tokens"] + self.stats["completion_tokens"]
+        return self.stats["prompt_tokens"] + self.stats["completion_tokens"] + self.stats["score_tokens"]
 
-    def _cap_hit(self) -> str | None:
-        c = self.cfg
-        if c.max_nodes is not None and len(self.tree.nodes) >= c.max_nodes:
-            return "max_nodes"
-        if c.max_tokens is not None and self._tokens() >= c.max_tokens:
-            return "max_tokens"
-        if c.max_env_steps is not None and self.cursor.steps >= c.max_env_steps:
-            return "max_env_steps"
-        return None
+    def _room(self) -> bool:
+        """Whether the current phase may start new work; else records the cap that stops it."""
+        used = {"max_nodes": len(self.tree.nodes), "max_tokens": self._tokens(), "max_env_steps": self.cursor.steps,
+                "max_branches": self.stats["branches"]}
+        for name in CAPS:
+            cap = getattr(self.cfg, name)
+            if cap is not None and used[name] >= cap * self.share:
+                key = "stopped_by" if self.share >= 1.0 else "graft_stopped_by"
+                self.stats[key] = self.stats[key] or name
+                return False
+        return True
 
     def _expandable(self, node: Node) -> bool:
-        return not (node.done or node.pruned or node.expanded) and node.depth < min(self.depth, self.cfg.max_steps)
+        return (not (node.done or node.pruned or node.expanded) and node.rollout == 0
+                and node.depth < min(self.depth, self.cfg.max_steps))
 
-    def _add(self, parent: int, step: Step, source: str, env_steps: int) -> Node:
+    def _add(self, parent: int, step: Step, source: str, env_steps: int, rollout: int = 0) -> Node:
         node = Node(id=len(self.tree.nodes), parent=parent, depth=self.tree.nodes[parent].depth + 1,
                     output=step.output, action=step.action, observation=step.observation, reward=step.reward,
                     done=step.done, source=source, prompt_tokens=step.prompt_tokens,
-                    completion_tokens=step.completion_tokens, env_steps=env_steps)
+                    completion_tokens=step.completion_tokens, env_steps=env_steps, rollout=rollout)
         self.tree.nodes.append(node)
         return node
 
-    # -- the three operations ----------------------------------------------------------------
-    def _sample(self, node_id: int, n: int) -> list[Completion]:
-        """``n`` candidate outputs in ``node_id``'s state, from one policy call."""
-        history = self.tree.history(node_id)
-        out = self.policy.sample([history], n, self.cfg.temperature, self.cfg.max_new_tokens,
-                                 seed=stable_seed(self.seed, "expand", node_id))[0]
+    def _count_rollout(self, steps: Sequence[Step]) -> None:
+        self.stats["policy_calls"] += len(steps)
+        self.stats["prompt_tokens"] += sum(s.prompt_tokens for s in steps)
+        self.stats["completion_tokens"] += sum(s.completion_tokens for s in steps)
+
+    # -- sampling ----------------------------------------------------------------------------
+    def _call(self, history: Sequence[Any], n: int, seed: int) -> list[Completion]:
+        out = self.policy.sample([history], n, self.cfg.temperature, self.cfg.max_new_tokens, seed=seed)[0]
         self.stats["policy_calls"] += 1
         self.stats["prompt_tokens"] += out[0].prompt_tokens
         self.stats["completion_tokens"] += sum(c.completion_tokens for c in out)
         return out
 
-    def _branch(self, parent: int, completion: Completion, source: str) -> list[Node]:
-        """Execute ``completion`` under ``parent`` and roll out to the end; returns the new chain."""
+    def _sample(self, node_id: int, n: int) -> list[Completion]:
+        """``n`` candidate outputs in ``node_id``'s state: one policy call, or with ``diverse`` the
+        first candidate plainly (when the node has no child yet) and the rest with the request for
+        a different action (the tree keeps the plain history)."""
+        history = self.tree.history(node_id)
+        seed = stable_seed(self.seed, "expand", node_id)
+        if not self.cfg.diverse:
+            return self._call(history, n, seed)
+        previous = [self.tree.nodes[c].output for c in self.tree.children()[node_id]]
+        out = [] if previous else self._call(history, 1, seed)
+        if n > len(out):
+            shown = previous + [c.text for c in out if not c.truncated]
+            out += self._call(diversity_prompt(history, shown), n - len(out), stable_seed(seed, "diverse"))
+        return out
+
+    def _alternatives(self, node_id: int, n: int) -> list[Completion]:
+        """Sample at ``node_id`` (marking it expanded); the new distinct, complete outputs in order."""
+        kids = {normalise_action(self.tree.nodes[c].output) for c in self.tree.children()[node_id]}
+        completions = self._sample(node_id, n)
+        self.tree.nodes[node_id].expanded = True
+        out = []
+        for comp in completions:
+            key = normalise_action(comp.text)
+            if comp.truncated or key in kids:
+                self.stats["truncated" if comp.truncated else "merged"] += 1
+                continue
+            kids.add(key)
+            out.append(comp)
+        return out
+
+    # -- growing branches --------------------------------------------------------------------
+    def _probe(self, parent: int, completion: Completion) -> bool:
+        """Step ``completion`` once under ``parent``: a terminal one becomes a leaf (True); for the
+        others the step is spent (``probe_steps``) and the branch is grown later."""
+        replay = self.cursor.goto(self.tree, parent)
+        step = apply_output(self.cursor.env, [], [], completion)
+        self.cursor.steps += 1
+        if not step.done:
+            self.stats["probe_steps"] += replay + 1
+            self.cursor.position = None  # off the tree
+            return False
+        self._leaf(self._add(parent, step, "sample", replay + 1))
+        self.cursor.position = self.cursor.position + (len(self.tree.nodes) - 1,)  # type: ignore[operator]
+        return True
+
+    def _leaf(self, node: Node) -> None:
+        """A sampled alternative that ended the episode: a leaf, pruned when it failed."""
+        node.pruned = node.reward <= 0.0
+        self.stats["terminal_alternatives"] += 1
+
+    def _chain(self, parent: int, completion: Completion | None, rollout: int) -> tuple[list[Node], Recording | None]:
+        """Execute ``completion`` under ``parent`` (or, when ``completion`` is None, continue from
+        ``parent`` itself) and roll out to the end; returns the new nodes (tagged ``rollout``) and,
+        with snapshots, the recording of their states."""
         replay = self.cursor.goto(self.tree, parent)
         messages = self.tree.history(parent)
         steps = [_step_of(n) for n in self.tree.path(parent)]
         base = len(steps)
         depth = self.tree.nodes[parent].depth
-        env = self.cursor.recording(lambda k: depth + 1 + k < self.depth)  # only expandable depths
-        apply_output(env, messages, steps, completion)
+        env = self.cursor.recording(lambda k: depth + 1 + k < self.depth) if rollout == 0 else self.cursor.env
+        if completion is not None:
+            apply_output(env, messages, steps, completion)
         first_id = len(self.tree.nodes)
-        continue_episode(env, self.policy, messages, steps, self.episode,
-                         seed=stable_seed(self.seed, "rollout", first_id))
+        seed = stable_seed(self.seed, "rollout", first_id) if rollout == 0 else stable_seed(self.seed, "rollout", parent, rollout)
+        if completion is None or not steps[-1].done:
+            continue_episode(env, self.policy, messages, steps, self.episode, seed=seed)
+            self.stats["rollouts"] += 1
+        self._count_rollout(steps[base + (completion is not None):])
         chain: list[Node] = []
         for k, step in enumerate(steps[base:]):
-            parent_id = parent if k == 0 else chain[-1].id
-            chain.append(self._add(parent_id, step, source if k == 0 else "rollout", replay + 1 if k == 0 else 1))
-        rollout = steps[base + 1:]
-        self.stats["policy_calls"] += len(rollout)
-        self.stats["prompt_tokens"] += sum(s.prompt_tokens for s in rollout)
-        self.stats["completion_tokens"] += sum(s.completion_tokens for s in rollout)
-        self.cursor.position = self.cursor.position + tuple(n.id for n in chain)
+            source = "sample" if k == 0 and completion is not None else "rollout"
+            chain.append(self._add(chain[-1].id if chain else parent, step, source, replay + 1 if k == 0 else 1,
+                                   rollout if source == "rollout" else 0))
+        self.cursor.position = self.cursor.position + tuple(n.id for n in chain)  # type: ignore[operator]
         self.cursor.steps += len(chain)
-        if chain[-1].reward <= 0.0:
-            for n in chain:
-                n.pruned = True
-        elif isinstance(env, _Recording):
-            env.keep_states(self.cursor.saved, chain)
-        return chain
+        return chain, env if isinstance(env, Recording) else None
 
-    def _expand(self, node_id: int, n: int, limit: int | None = None) -> list[Node]:
-        """Sample at ``node_id`` and grow a branch for each new distinct action (at most ``limit``);
-        returns the expandable nodes of the new branches, in order."""
-        kids = {normalise_action(self.tree.nodes[c].output) for c in self.tree.children()[node_id]}
-        completions = self._sample(node_id, n)
-        self.tree.nodes[node_id].expanded = True
+    def _branch(self, parent: int, completion: Completion) -> list[Node]:
+        """Grow the branch of ``completion`` under ``parent``: a leaf when it ends the episode, else
+        ``rollouts`` rollouts whose mean outcome decides pruning; returns its expandable nodes."""
+        chain, recording = self._chain(parent, completion, 0)
+        head = chain[0]
+        if head.done:
+            self._leaf(head)
+            return []
+        self.stats["branches"] += 1
+        chains = [chain[1:]] + [self._chain(head.id, None, k)[0] for k in range(1, self.cfg.rollouts)]
+        outcomes = [c[-1].reward if c else head.reward for c in chains]
+        for c, outcome in zip(chains, outcomes):
+            for n in c:
+                n.pruned = outcome <= 0.0
+        head.pruned = sum(outcomes) / len(outcomes) <= 0.0
+        if recording is not None and not head.pruned:
+            recording.keep_states(self.cursor.saved, chain)
+        return [n for n in chain if self._expandable(n)]
+
+    def _prepare(self, parent: int, alternatives: list[Completion], limit: int | None) -> list[Completion]:
+        """At most ``limit`` of ``alternatives`` (the rest dropped); with ``probe``, the terminal
+        ones already added as leaves and left out."""
+        if limit is not None and len(alternatives) > limit:
+            self.stats["dropped"] += len(alternatives) - limit
+            alternatives = alternatives[:limit]
+        if self.cfg.probe:
+            alternatives = [c for c in alternatives if not self._probe(parent, c)]
+        return alternatives
+
+    def _grow(self, parent: int, alternatives: list[Completion]) -> list[Node]:
+        """A branch for each alternative while the caps allow; returns their expandable nodes."""
         todo: list[Node] = []
-        grown = 0
-        for comp in completions:
-            key = normalise_action(comp.text)
-            if key in kids or (limit is not None and grown >= limit):
-                self.stats["merged"] += key in kids
-                continue
-            kids.add(key)
-            if (cap := self._cap_hit()) is not None:
-                self.stats["stopped_by"] = cap
+        for k, comp in enumerate(alternatives):
+            if not self._room():
+                self.stats["dropped"] += len(alternatives) - k
                 break
-            todo += [c for c in self._branch(node_id, comp, "sample") if self._expandable(c)]
-            grown += 1
+            todo += self._branch(parent, comp)
         return todo
 
+    def _expand(self, node_id: int, limit: int | None = None) -> list[Node]:
+        """Sample at ``node_id`` and grow every new distinct alternative (at most ``limit``)."""
+        return self._grow(node_id, self._prepare(node_id, self._alternatives(node_id, self.cfg.candidates), limit))
+
     # -- the whole tree ----------------------------------------------------------------------
-    def _graft_expert(self, outputs: list[str]) -> list[Node]:
-        """The expert chain under the root plus sampled siblings; returns their expandable nodes."""
+    def _expert_chain(self, outputs: list[str]) -> list[Node]:
+        """Step the expert outputs from the root and add them as a chain."""
         self.cursor.goto(self.tree, 0)
         env = self.cursor.recording(lambda k: True)  # expert steps get siblings at any depth
-        parent = 0
-        chain = []
+        chain: list[Node] = []
         for text in outputs:
             result = env.step(text)
             self.cursor.steps += 1
             step = Step(text, parse_action(text), result.observation, float(result.reward), bool(result.done))
-            node = self._add(parent, step, "expert", 1)
-            self.cursor.position = self.cursor.position + (node.id,)
+            node = self._add(chain[-1].id if chain else 0, step, "expert", 1)
+            self.cursor.position = self.cursor.position + (node.id,)  # type: ignore[operator]
             chain.append(node)
-            parent = node.id
             if node.done:
                 break
-        if isinstance(env, _Recording):
+        if isinstance(env, Recording):
             env.keep_states(self.cursor.saved, chain)
         self.stats["expert_reward"] = chain[-1].reward if chain else None
+        return chain
+
+    def _expert_order(self, chain: list[Node]) -> list[Node]:
+        """The expert steps in the order they get siblings (``expert_order``)."""
+        order = list(range(len(chain)))
+        if self.cfg.expert_order == "uncertain-first":
+            scored = self.policy.score_outputs([self.tree.history(n.parent) for n in chain],  # type: ignore[attr-defined]
+                                               [n.output for n in chain])
+            self.stats["policy_calls"] += 1
+            self.stats["score_tokens"] += sum(int(t) for _, t in scored)
+            logprobs = [float(lp) for lp, _ in scored]
+            self.stats["expert_logprobs"] = [round(lp, 4) for lp in logprobs]
+            order.sort(key=lambda i: (logprobs[i], i))
+        self.stats["expert_order"] = [chain[i].depth for i in order]
+        return [chain[i] for i in order]
+
+    def _graft_expert(self, outputs: list[str]) -> list[Node]:
+        """The expert chain under the root plus sampled siblings, within ``graft_share`` of each cap;
+        returns their expandable nodes."""
+        chain = self._expert_chain(outputs)
         todo: list[Node] = [chain[-1]] if chain and self._expandable(chain[-1]) else []
-        for node in chain:
-            if self.stats["stopped_by"] is not None or (cap := self._cap_hit()) is not None:
-                self.stats["stopped_by"] = self.stats["stopped_by"] or cap
-                break
-            if self.cfg.expert_siblings:
-                todo += self._expand(node.parent, self.cfg.candidates, limit=self.cfg.expert_siblings)  # type: ignore[arg-type]
+        if self.cfg.expert_siblings == 0 or not chain:
+            return todo
+        self.share, limit = self.cfg.graft_share, self.cfg.expert_siblings
+        steps = self._expert_order(chain)
+        if self.cfg.expert_order != "all":
+            for node in steps:
+                if not self._room():
+                    break
+                todo += self._expand(node.parent, limit)  # type: ignore[arg-type]
+        else:  # sample at every step first, then one sibling per step in turn
+            queues: list[tuple[int, list[Completion]]] = []
+            for node in steps:
+                if not self._room():
+                    break
+                parent = node.parent
+                queues.append((parent, self._prepare(parent, self._alternatives(parent, self.cfg.candidates), limit)))  # type: ignore[arg-type]
+            while any(alts for _, alts in queues):
+                for parent, alts in queues:
+                    if alts:
+                        todo += self._grow(parent, [alts.pop(0)])
+                if self.stats["graft_stopped_by"] or self.stats["stopped_by"]:
+                    self.stats["dropped"] += sum(len(alts) for _, alts in queues)
+                    break
+        self.share = 1.0
         return todo
 
     def build(self) -> Tree:
@@ -313,19 +313,15 @@ class TreeBuilder:
         root = Node(0, None, 0, "", None, first, 0.0, False, "root")
         self.tree = Tree(tree_id=self.task.id, task=self.task.id, env=self.env.name, split=self.task.split,
                          task_type=self.task.task_type, prefix=list(self.env.prompt()), nodes=[root], seed=self.seed,
-                         config=to_dict(self.cfg), config_hash=config_hash(self.cfg))
-        if outputs:
-            stack = self._graft_expert(outputs)[::-1]
-        else:
-            stack = [root]
-        while stack and self.stats["stopped_by"] is None:
+                         config=to_dict(self.cfg), config_hash=explore_digest(self.cfg))
+        stack = self._graft_expert(outputs)[::-1] if outputs else [root]
+        while stack:  # depth-first over the expandable nodes, with the whole budget
             node = stack.pop()
             if not self._expandable(node):
                 continue
-            if (cap := self._cap_hit()) is not None:
-                self.stats["stopped_by"] = cap
+            if not self._room():
                 break
-            stack += self._expand(node.id, self.cfg.candidates)[::-1]
+            stack += self._expand(node.id)[::-1]
         t = self.tree
         self.stats.update(nodes=len(t.nodes), edges=t.edges, env_steps=self.cursor.steps, resets=self.cursor.resets,
                           restores=self.cursor.restores,
@@ -378,7 +374,7 @@ class _BoundWorker:
 def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: int) -> dict[str, Tree]:
     """Trees already in ``path`` for ``tasks``; refuses trees made with other settings or seed."""
     trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)} if path.exists() else {}
-    want = config_hash(cfg)
+    want = explore_digest(cfg)
     for task in tasks:
         tree = trees.get(task.id)
         if tree is None:
@@ -433,4 +429,13 @@ def explore_tasks(
     return [done[t.id] for t in tasks]
 
 
-__all__ = ["ExploreConfig", "TreeBuilder", "TreeWorker", "build_tree", "explore_tasks", "tree_seed"]
+__all__ = [
+    "ExploreConfig",
+    "TreeBuilder",
+    "TreeWorker",
+    "build_tree",
+    "expert_task_ids",
+    "exploration_tasks",
+    "explore_tasks",
+    "tree_seed",
+]

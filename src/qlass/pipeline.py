@@ -23,6 +23,7 @@ from typing import Any
 from .config import build, config_differences, differences, load_yaml, option, save_yaml, to_dict
 from .errors import QlassError
 from .executor import BACKENDS
+from .types import Task
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,17 @@ class ExpertStage:
 
 @dataclass(frozen=True)
 class ExploreStage:
-    """Which training tasks get exploration trees."""
+    """Which training tasks get exploration trees (see ``qlass.explore_config.exploration_tasks``)."""
 
     split: str = option("train", "split the exploration tasks come from")
     limit: int | None = option(None, "at most this many tasks (round-robin over task types)")
-    skip: int = option(0, "skip this many tasks first (e.g. those used for expert data)")
+    skip: int = option(0, "skip the first this-many tasks of each task type")
+    exclude_expert: bool = option(False, "leave out the tasks of the expert/SFT data (expert.data, else the run's "
+                                         "expert.json), so exploration runs on tasks the SFT model has not seen")
+
+    def __post_init__(self) -> None:
+        if self.skip < 0:
+            raise ValueError(f"skip must be >= 0, got {self.skip}")
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,26 @@ def pipeline_options() -> str:
     return "\n\n".join(blocks)
 
 
+def _exploration_tasks(r: Resolved, tasks: list[Task], config_path: str | Path) -> list[Task]:
+    """The ``explore`` section's selection from ``tasks`` (the split's tasks of the run's types)."""
+    from .explore_config import expert_task_ids, exploration_tasks
+
+    stage, exclude = r.explore_stage, set()
+    if stage.exclude_expert:
+        path = Path(r.expert.data) if r.expert.data else r.run_dir / "expert.json"
+        if not path.exists():
+            raise QlassError(f"{config_path}: explore.exclude_expert: no expert data at {path} (set expert.data to "
+                             "the trajectory file the SFT model was trained on)")
+        exclude = expert_task_ids(path)
+    chosen = exploration_tasks(tasks, stage.skip, stage.limit, exclude)
+    if not chosen:
+        raise QlassError(f"{config_path}: explore: no task left in split {stage.split!r} after skip {stage.skip}"
+                         + (f" and the {len(exclude)} expert tasks" if stage.exclude_expert else ""))
+    log.info("exploring %d tasks%s", len(chosen),
+             f" (none of the {len(exclude)} expert tasks)" if stage.exclude_expert else "")
+    return chosen
+
+
 STAGES = ("sft", "explore", "qnet", "eval")
 
 
@@ -255,7 +282,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows, or
     ``None`` when ``stop_after`` (``sft``, ``explore`` or ``qnet``) ends the run before evaluation."""
     from .envs.base import make_env
-    from .evaluate import run_evaluation, select_tasks
+    from .evaluate import run_evaluation
     from .executor import make_executor
     from .explore import explore_tasks
     from .models import default_model_dir
@@ -289,10 +316,10 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     log.info("stage 2: exploration trees → %s", run / "trees.jsonl")
     env = make_env(cfg.env, **cfg.env_args)
     try:
-        tasks = env.tasks(r.explore_stage.split, types)[r.explore_stage.skip:]
-        tasks = select_tasks(tasks, r.explore_stage.limit)
+        tasks = env.tasks(r.explore_stage.split, types)
     finally:
         env.close()
+    tasks = _exploration_tasks(r, tasks, config_path)
     policy_spec, policy_opts = str(sft_dir), dict(cfg.policy)
     if cfg.policy_server:
         policy_spec = cfg.policy_server

@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: str = typer.Option("train", help="Split the tasks come from."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
-        skip: int = typer.Option(0, help="Skip this many tasks first."),
+        skip: int = typer.Option(0, help="Skip the first this-many tasks of each task type."),
+        exclude_tasks_of: Optional[Path] = typer.Option(None, help="Leave out the tasks of this trajectory file (e.g. the expert/SFT data)."),
         limit: Optional[int] = typer.Option(None, help="At most this many tasks (round-robin over task types)."),
         out: Path = typer.Option(Path("runs/explore/trees.jsonl"), help="trees.jsonl to append to (resumable)."),
         config: Optional[Path] = typer.Option(None, help="YAML file with ExploreConfig options."),
@@ -54,9 +55,9 @@ def register(app: typer.Typer) -> None:
         """Build one exploration tree per task (paper stage 2) and append it to OUT; rerun to resume."""
         from ..config import describe, load_config, parse_kv
         from ..envs.base import make_env
-        from ..evaluate import select_tasks
         from ..executor import make_executor
         from ..explore import ExploreConfig, explore_tasks
+        from ..explore_config import expert_task_ids, exploration_tasks
         from ..tree import tree_summary
 
         if list_options:
@@ -69,12 +70,14 @@ def register(app: typer.Typer) -> None:
         make = functools.partial(make_env, env, **env_kwargs)
         probe = make()
         try:
-            tasks = probe.tasks(split, task_types.split(",") if task_types else None)[skip:]
+            tasks = probe.tasks(split, task_types.split(",") if task_types else None)
         finally:
             probe.close()
-        tasks = select_tasks(tasks, limit)
+        exclude = expert_task_ids(exclude_tasks_of) if exclude_tasks_of else set()
+        tasks = exploration_tasks(tasks, max(skip, 0), limit, exclude)
         if not tasks:
-            raise QlassError(f"{env}: no tasks in split {split!r} (task types {task_types}, skip {skip})")
+            raise QlassError(f"{env}: no tasks in split {split!r} (task types {task_types}, skip {skip} per type, "
+                             f"{len(exclude)} excluded)")
         factory = policy_factory(model, parse_kv(policy_arg, "--policy-arg"))
         options = {"address": ray_address} if backend == "ray" and ray_address else {}
         executor = make_executor(backend, workers, **options)
