@@ -24,6 +24,7 @@ from qlass.envs.base import FORMAT_HINT, parse_action
 from qlass.errors import QlassError
 from qlass.expert import export_expert
 
+GOLDEN = Path(__file__).parent / "data" / "alfworld_golden.json"
 SEEN_GAME = "alfworld/seen/look_at_obj_in_light-AlarmClock-None-DeskLamp-323/trial_T20190909_044715_250790"
 
 if not shared_tarballs():
@@ -140,6 +141,32 @@ def test_invalid_actions_format_hint_and_step_limit(env: AlfWorldEnv) -> None:
         short.close()
     with pytest.raises(QlassError, match="step_limit"):
         AlfWorldEnv(step_limit=0)
+
+
+def test_observations_match_the_recorded_engine() -> None:
+    """Every first observation, observation, reward, done flag and info of 17 recorded episodes (296 steps) (8 games of
+    all splits and task types: walkthroughs with invalid actions, format slips and ETO ``put X in/on Y``
+    moves; seeded random walks over the engine's admissible commands), recorded from the env as it was
+    before its engine caches (tests/data/alfworld_golden.json says how). Two envs play an expert and a
+    random episode of the same game step by step in turn, so state shared between them would show."""
+    data = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    envs = [AlfWorldEnv(step_limit=data["step_limit"]) for _ in range(2)]
+    episodes = data["episodes"]
+    try:
+        for start in range(0, len(episodes), 2):
+            group = list(zip(envs, episodes[start:start + 2]))
+            for env, ep in group:
+                assert env.reset(env.task(ep["task"])) == ep["first"], ep["task"]
+            for i in range(max(len(ep["outputs"]) for _, ep in group)):
+                for env, ep in group:
+                    if i < len(ep["outputs"]):
+                        got = env.step(ep["outputs"][i])
+                        expected = ep["results"][i]
+                        assert [got.observation, got.reward, got.done, got.info] == expected, (ep["task"], i)
+    finally:
+        for env in envs:
+            env.close()
+    assert sum(len(ep["results"]) for ep in episodes) == 296
 
 
 def test_action_normalisation_and_thoughts() -> None:
