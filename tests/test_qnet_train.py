@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qlass.config import load_yaml, save_yaml
 from qlass.errors import DataError, QlassError
 from qlass.policy.render import encode_conversation, render
 from qlass.qnet import QNet
@@ -146,6 +147,14 @@ def test_packing_keeps_unrelated_inputs_apart_and_batches_cover_every_row(tiny_m
     for s in steps[:-1]:  # full as soon as the last row is in (only the final step takes a remainder)
         assert sum(counts[i] for i in s[:-1]) < 8
     assert step_batches([1, 2], 8, seed=0, epoch=0) in ([[0, 1]], [[1, 0]])
+    trees = ["a", "a", "a", "a", "b", "b", "c", "d"]
+    for seed in range(5):  # at least 3 trees per step, however many records the first rows hold
+        steps = step_batches(counts, 8, seed, epoch=0, trees=trees, min_trees=3)
+        assert sorted(i for s in steps for i in s) == list(range(len(counts)))
+        assert all(len({trees[i] for i in s}) >= 3 for s in steps)
+        assert all(len({trees[i] for i in s[:-1]}) < 3 or sum(counts[i] for i in s[:-1]) < 8 for s in steps[:-1])
+    capped = step_batches(counts, 1, 0, 0, trees=["a", "b"] * 4, min_trees=10)  # 2 trees: 2 per step
+    assert len(capped) > 1 and all(len({i % 2 for i in s}) == 2 for s in capped)
 
 
 CFG = dict(epochs=2, lr=3e-3, batch_size=4, max_length=512, max_action_tokens=32, val_fraction=0.25,
@@ -180,16 +189,28 @@ def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path,
     other = synthetic_qdata(tmp_path / "other.jsonl", trees=12)
     with pytest.raises(QlassError, match="other Q data than"):
         train_qnet(other, tiny_model_dir, out, QNetTrainConfig(**CFG))
+    with pytest.raises(QlassError, match=r"other settings \(pair_weight: 0\.0 → 0\.5\)"):
+        train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG, pair_weight=0.5))
+    saved = load_yaml(out / "qnet_config.yaml")
+    del saved["min_trees_per_step"]  # a QNet finished before the option existed took one path per step
+    save_yaml(out / "qnet_config.yaml", saved)
+    with pytest.raises(QlassError, match=r"other settings \(min_trees_per_step: 1 → 4\)"):
+        train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG))
+    assert train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG, min_trees_per_step=1)) == result
 
 
 @pytest.mark.slow
-def test_interrupted_training_resumes_to_the_same_model(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("extra", [{}, {"rank": "dueling", "pair_weight": 0.5, "select_best": True,
+                                        "min_trees_per_step": 2, "epochs": 3, "save_every": 2}])
+def test_interrupted_training_resumes_to_the_same_model(tiny_model_dir: Path, tmp_path: Path, monkeypatch,
+                                                        extra: dict) -> None:
     """A crash cannot be placed at an exact step for real, so one is injected right after the
-    checkpoint of step 5; the resumed run must end where an uninterrupted one does."""
+    checkpoint of step ``save_every``; the resumed run must end where an uninterrupted one does (also with the
+    sibling objectives and best-epoch selection)."""
     import qlass.qnet_train as qt
 
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=8)
-    cfg = QNetTrainConfig(**{**CFG, "epochs": 2, "eval_before": False, "baseline": False})
+    cfg = QNetTrainConfig(**{**CFG, "epochs": 2, "eval_before": False, "baseline": False, **extra})
     whole = train_qnet(data, tiny_model_dir, tmp_path / "whole", cfg)
 
     real_save = qt.save_checkpoint
@@ -201,10 +222,11 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_model_dir: Path, tm
     monkeypatch.setattr(qt, "save_checkpoint", crash_after_first_save)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_qnet(data, tiny_model_dir, tmp_path / "resumed", cfg)
-    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 5
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == cfg.save_every
     monkeypatch.setattr(qt, "save_checkpoint", real_save)
     resumed = train_qnet(data, tiny_model_dir, tmp_path / "resumed", cfg)
     assert resumed["qnet"]["mse"] == pytest.approx(whole["qnet"]["mse"], rel=1e-4)
+    assert resumed["kept_epoch"] == whole["kept_epoch"]
     history = list(read_qdata(data)[0].messages)
     cands = ["Action: open", "Action: drop"]
     assert QNet.load(tmp_path / "resumed").score(history, cands) == \
@@ -224,8 +246,8 @@ def test_cli_reports_qnet_and_sft_ranker(tiny_model_dir: Path, tmp_path: Path) -
                                    str(tmp_path / "q"), "--config", str(cfg), "--set", "lora=true", "--set", "lr=1e-3",
                                    "--set", "head_lr=0.01"])
     assert res.exit_code == 0, res.output
-    assert "QNet (epoch 1): sibling pair accuracy" in res.output
-    assert "SFT log-likelihood ranker: sibling pair accuracy" in res.output
+    assert "QNet (epoch 1, last epoch): sibling pair accuracy" in res.output
+    assert "SFT log-likelihood ranker (per token): sibling pair accuracy" in res.output
     assert not any(k.startswith("base_model") or "lora" in k
                    for k in _safetensors_keys(tmp_path / "q" / "model.safetensors"))  # LoRA merged
     bad = CliRunner().invoke(app, ["train-qnet", str(data), "--model", str(tiny_model_dir), "--out",

@@ -26,6 +26,13 @@ histories lose their oldest turns first (:func:`~qlass.policy.hf.fit_history`, a
 instruction prefix and task turn; the newest turn is always kept), then, if still too long, their
 oldest tokens.
 
+Ranking score (``rank`` in ``qnet.json``, set by training's ``rank`` option): ``q`` scores a
+candidate by the value at its last token, Q(s, a). ``advantage`` and ``dueling`` also read the same
+head at the last token of the history (the end of the generation prompt), V(s), and score Q − V;
+siblings share V, so their order is Q's, but the score no longer carries how far the state is from the
+end (see :mod:`qlass.qnet_loss` for what each rank trains). The saved folder's Auto-class logit is
+always Q; V is the same model's logit on the history alone.
+
 Token accounting: ``last_tokens`` is the number of tokens the QNet processed in its last call (the
 shared history once plus every candidate's own tokens, padding excluded); ``total_tokens`` sums them.
 """
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 META_FILE = "qnet.json"
 PACK_TOKENS = 4096
 SCHEMA_VERSION = 1
+RANKS = ("q", "advantage", "dueling")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -195,12 +203,15 @@ class QNet:
     """A sequence-classification model (one regression output) with qlass's input encoding."""
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int = 4096, max_action_tokens: int = 256,
-                 autocast: bool = False) -> None:
+                 autocast: bool = False, rank: str = "q") -> None:
         if int(model.config.num_labels) != 1:
             raise QlassError(f"a QNet has exactly one output; this model has num_labels={model.config.num_labels}")
         if max_action_tokens < 1 or max_length <= max_action_tokens:
             raise QlassError(f"need 1 <= max_action_tokens < max_length, got {max_action_tokens} and {max_length}")
+        if rank not in RANKS:
+            raise QlassError(f"unknown QNet rank {rank!r}; use one of {', '.join(RANKS)}")
         self.model = model
+        self.rank = rank
         self.tokenizer = ensure_chat_template(tokenizer)
         self.max_length = int(max_length)
         self.max_action_tokens = int(max_action_tokens)
@@ -212,7 +223,7 @@ class QNet:
     # -- construction and files ---------------------------------------------------------------
     @classmethod
     def from_sft(cls, sft_dir: str | Path, max_length: int = 4096, max_action_tokens: int = 256,
-                 autocast: bool = False, seed: int = 0, dtype: str = "float32") -> QNet:
+                 autocast: bool = False, seed: int = 0, dtype: str = "float32", rank: str = "q") -> QNet:
         """A QNet whose backbone is the SFT causal LM in ``sft_dir`` and whose head is fresh (seeded)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -230,13 +241,14 @@ class QNet:
                 id2label={0: "q_value"}, label2id={"q_value": 0}, dtype=_dtype(dtype))
         finally:
             hf_logging.set_verbosity(verbosity)
-        return cls(model, tokenizer, max_length, max_action_tokens, autocast)
+        return cls(model, tokenizer, max_length, max_action_tokens, autocast, rank)
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str = "float32", autocast: bool = False,
+    def load(cls, path: str | Path, dtype: str = "float32", autocast: bool | None = None,
              threads: int | None = None, max_length: int | None = None, device: str = "auto") -> QNet:
         """Load a saved QNet folder (settings from its ``qnet.json`` unless overridden) onto
-        ``device`` (``auto``: a CUDA GPU when visible, else the CPU)."""
+        ``device`` (``auto``: a CUDA GPU when visible, else the CPU). ``autocast=None`` scores under
+        bf16 autocast exactly when training did (recorded in ``qnet.json``), so values match training's."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -250,8 +262,8 @@ class QNet:
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
         model.to(resolve_device(device))
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(model, tokenizer, max_length or meta.get("max_length", 4096),
-                   meta.get("max_action_tokens", 256), autocast)
+        return cls(model, tokenizer, max_length or meta.get("max_length", 4096), meta.get("max_action_tokens", 256),
+                   bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"))
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``."""
@@ -260,9 +272,11 @@ class QNet:
         self.model.config.problem_type = "regression"
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        value_at = "last token of the candidate action" + ("" if self.rank == "q" else
+                                                            " minus the value at the last history token")
         meta = {"schema_version": SCHEMA_VERSION, "max_length": self.max_length,
-                "max_action_tokens": self.max_action_tokens,
-                "value_at": "last token of the candidate action", **(extra or {})}
+                "max_action_tokens": self.max_action_tokens, "rank": self.rank, "autocast": self.autocast,
+                "value_at": value_at, **(extra or {})}
         write_text_atomic(path / META_FILE, json.dumps(meta, indent=2) + "\n")
 
     # -- encoding -----------------------------------------------------------------------------
@@ -292,16 +306,23 @@ class QNet:
 
     # -- values -------------------------------------------------------------------------------
     def values(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Values ``[M]`` of ``prefix + suffix`` per suffix (differentiable), the history computed once."""
+        """Ranking scores ``[M]`` of ``prefix + suffix`` per suffix (differentiable), the history computed
+        once: Q, or Q − V for the ``advantage`` and ``dueling`` ranks."""
         prefix_last, hidden = shared_prefix_hidden(backbone_of(self.model), prefix, suffixes, self.autocast)
-        return self._head(last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes]))
+        q = self._head(last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes]))
+        return q if self.rank == "q" else q - self._head(prefix_last[None])
 
     def values_at(self, ids: Sequence[int], ends: Sequence[int]) -> torch.Tensor:
         """Values ``[K]`` read at positions ``ends`` of one causal forward over ``ids`` (differentiable):
         the value of each input ``ids[: end + 1]`` — how training scores a packed path
         (:mod:`qlass.qnet_pack`)."""
+        return self.heads_at(ids, [ends])[0]
+
+    def heads_at(self, ids: Sequence[int], positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The head read at each list of ``positions`` of one causal forward over ``ids`` (differentiable);
+        training reads Q at the records' last tokens and V at their histories' last tokens this way."""
         hidden = sequence_hidden(backbone_of(self.model), ids, self.autocast)
-        return self._head(hidden[torch.tensor(list(ends), dtype=torch.long, device=hidden.device)])
+        return [self._head(hidden[torch.tensor(list(p), dtype=torch.long, device=hidden.device)]) for p in positions]
 
     def _head(self, last: torch.Tensor) -> torch.Tensor:
         """The regression head on final hidden states ``[K, H]`` → values ``[K]``."""

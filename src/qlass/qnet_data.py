@@ -68,6 +68,16 @@ def split_by_tree(records: Sequence[QRecord], val_fraction: float, seed: int) ->
     return [r for r in records if r.tree_id not in held], [r for r in records if r.tree_id in held]
 
 
+def fold_trees(records: Sequence[QRecord], folds: int, seed: int, source: str) -> list[set[str]]:
+    """The trees of ``records`` (read from ``source``) dealt into ``folds`` disjoint sets (seeded
+    shuffle, then round robin), for cross-validation by tree."""
+    trees = sorted({r.tree_id for r in records})
+    if not 2 <= folds <= len(trees):
+        raise DataError(source, f"{folds}-fold cross-validation needs 2 to {len(trees)} folds (one tree each at least)")
+    random.Random(seed).shuffle(trees)
+    return [set(trees[k::folds]) for k in range(folds)]
+
+
 def make_groups(records: Sequence[QRecord], source: str) -> list[Group]:
     """Sibling groups in first-seen order; siblings must share their history."""
     groups: dict[tuple[str, str], Group] = {}
@@ -108,23 +118,31 @@ def spearman(targets: Sequence[float], preds: Sequence[float]) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def ranking_metrics(keys: Sequence[Hashable], targets: Sequence[float], preds: Sequence[float],
-                    eps: float = 1e-6) -> dict[str, Any]:
-    """Pairwise ranking accuracy among records sharing a key (sibling group) whose targets differ by
-    more than ``eps`` (a tied prediction counts half), and Spearman over all records."""
+def pair_credits(keys: Sequence[Hashable], targets: Sequence[float], preds: Sequence[float],
+                 eps: float = 1e-6) -> list[tuple[Hashable, float]]:
+    """Per pair of records sharing a key (sibling group) whose targets differ by more than ``eps``:
+    its key and 1 if the predictions order it like the targets, 0.5 on a tied prediction, else 0."""
     by_key: dict[Hashable, list[int]] = defaultdict(list)
     for i, k in enumerate(keys):
         by_key[k].append(i)
-    correct, pairs = 0.0, 0
-    for idx in by_key.values():
+    out: list[tuple[Hashable, float]] = []
+    for key, idx in by_key.items():
         for a in range(len(idx)):
             for b in range(a + 1, len(idx)):
                 i, j = idx[a], idx[b]
                 dt = targets[i] - targets[j]
                 if abs(dt) <= eps:
                     continue
-                pairs += 1
                 dp = preds[i] - preds[j]
-                correct += 0.5 if dp == 0 else float((dp > 0) == (dt > 0))
+                out.append((key, 0.5 if dp == 0 else float((dp > 0) == (dt > 0))))
+    return out
+
+
+def ranking_metrics(keys: Sequence[Hashable], targets: Sequence[float], preds: Sequence[float],
+                    eps: float = 1e-6) -> dict[str, Any]:
+    """Pairwise ranking accuracy among records sharing a key (sibling group) whose targets differ by
+    more than ``eps`` (a tied prediction counts half), and Spearman over all records."""
+    credits = pair_credits(keys, targets, preds, eps)
+    correct, pairs = sum(c for _, c in credits), len(credits)
     return {"pair_accuracy": correct / pairs if pairs else None, "pairs": pairs,
             "spearman": spearman(targets, preds), "n": len(targets)}

@@ -13,8 +13,11 @@ template: inputs that are not prefixes of another (a template that is not prefix
 cut to fit ``max_length``) simply get rows of their own. On the reference Q data this cuts the
 tokens a training epoch processes by 7.8x against one shared-prefix forward per sibling group.
 
-:func:`step_batches` groups rows into optimizer steps of at least ``batch_size`` records, in a
-seeded order per epoch, so a resumed run takes the same steps as an uninterrupted one.
+:func:`batch_units` joins the rows that must share an optimizer step (siblings sit on different
+rows, so a pairwise loss needs all rows holding a contrast group in one step), and
+:func:`step_batches` groups those units into optimizer steps of at least ``batch_size`` records from
+at least ``min_trees`` trees, in a seeded order per epoch, so a resumed run takes the same steps as
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -79,11 +82,40 @@ def pack_records(encode_history: Callable[[list[Message]], list[int]], encode_ac
     return rows
 
 
-def step_batches(counts: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Rows (by index; ``counts[i]`` records each) in a seeded per-epoch order, grouped into steps of
-    at least ``batch_size`` records: rows are added until the step holds ``batch_size`` (whole rows,
-    so a step may hold more); an epoch's short remainder joins its last full step. No step is left
-    with a handful of records, whose full-size Adam update would throw a fresh value head off."""
+def batch_units(rows: Sequence[PackedRow], linked: Callable[[QRecord], bool]) -> list[list[int]]:
+    """Rows (by index) grouped so that all rows holding a record of one sibling group for which
+    ``linked(record)`` holds share a unit (connected components; a row without such records is a
+    unit of its own). Units never span trees, and list rows in index order."""
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        for r in row.records:
+            if linked(r):
+                j = first.setdefault((r.tree_id, r.group), i)
+                parent[find(i)] = find(j)
+    units: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(rows)):
+        units[find(i)].append(i)
+    return sorted(units.values())
+
+
+def step_batches(counts: Sequence[int], batch_size: int, seed: int, epoch: int,
+                 trees: Sequence[str] | None = None, min_trees: int = 1) -> list[list[int]]:
+    """Units (by index; ``counts[i]`` records each, from tree ``trees[i]``) in a seeded per-epoch
+    order, grouped into steps: units are added until the step holds at least ``batch_size`` records
+    *and* records of at least ``min_trees`` distinct trees (capped at the number of trees), so a step
+    may hold more than ``batch_size``; an epoch's short remainder joins its last full step. No step is
+    left with a handful of records, whose full-size Adam update would throw a fresh value head off,
+    and no step pulls the model toward one tree's outcome alone."""
+    trees = list(trees) if trees is not None else [str(i) for i in range(len(counts))]
+    need_trees = min(min_trees, len(set(trees)))
     order = list(range(len(counts)))
     random.Random(seed * 1000 + epoch).shuffle(order)
     steps: list[list[int]] = []
@@ -92,7 +124,7 @@ def step_batches(counts: Sequence[int], batch_size: int, seed: int, epoch: int) 
     for i in order:
         current.append(i)
         n += counts[i]
-        if n >= batch_size:
+        if n >= batch_size and len({trees[j] for j in current}) >= need_trees:
             steps.append(current)
             current, n = [], 0
     if current:

@@ -1,4 +1,4 @@
-"""Stage 3: train the QNet on Q data (MSE on the Q targets), validated by sibling ranking.
+"""Stage 3: train the QNet on Q data, validated by sibling ranking.
 
 Q data (``qdata.jsonl``, written by exploration) holds one record per (history, action)::
 
@@ -9,13 +9,18 @@ Training packs the records of each tree into token rows, one per path (:mod:`qla
 record's input (the policy's prompt, then the action, exactly what inference scores) is a prefix of
 its descendants' inputs, so one causal forward over a path gives every value on it
 (:meth:`qlass.qnet.QNet.values_at`), with gradients. An optimizer step covers at least
-``batch_size`` records (whole rows); the loss is the mean squared error over them.
+``batch_size`` records from at least ``min_trees_per_step`` trees (whole rows; with a pairwise loss,
+all rows through a sibling group with contrast together); the loss (:mod:`qlass.qnet_loss`: a
+regression chosen by ``rank`` plus ``pair_weight`` × a Bradley–Terry term over sibling pairs) is
+averaged per record, whatever the rows' lengths.
 
-Validation holds out whole trees (seeded; no tree in both splits). Per epoch it reports MSE,
-pairwise ranking accuracy among siblings with different targets (prediction ties count half) and
-Spearman's rank correlation. At the end the SFT policy's own log-likelihood of each action (summed
-token log-probabilities given the same history) is scored as a ranker on the same split, the
-baseline the QNet must beat.
+Validation holds out whole trees (seeded; no tree in both splits; or given trees, for
+:mod:`qlass.qnet_cv`). Per epoch it reports MSE of Q, pairwise ranking accuracy (by the inference
+score) among siblings with different targets (prediction ties count half) and Spearman's rank
+correlation of Q. ``select_best`` keeps the epoch with the best pair accuracy. At the end the SFT
+policy's own log-likelihood of each action given the same history is scored as a ranker on the same
+split, per token (the ranker reported) and summed (length-biased: a longer thought loses), the
+baseline the QNet must beat; ``val_predictions.jsonl`` keeps every held-out record's scores.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,24 +39,33 @@ import torch
 
 from .config import build, config_differences, config_hash, load_yaml, option, save_yaml, to_dict
 from .errors import QlassError
+from .jsonl import read_jsonl, write_jsonl
 from .models import resolve_device
-from .qnet import QNet, backbone_of, sequence_hidden
-from .qnet_data import QRecord, make_groups, ranking_metrics, read_qdata, split_by_tree
-from .qnet_pack import PackedRow, pack_records, step_batches
+from .qnet import RANKS, QNet
+from .qnet_data import QRecord, make_groups, read_qdata, split_by_tree
+from .qnet_loss import contrast_groups, group_key, state_targets, step_backward
+from .qnet_pack import PackedRow, batch_units, pack_records, step_batches
+from .qnet_validate import loglik_ranker_metrics, loglik_scores, qnet_outputs, validate
 from .train_utils import (
     TrainerConfig,
     load_checkpoint,
+    load_trainable,
     log_metrics,
     optimizer_and_schedule,
     progress_bar,
     rewind_metrics,
     save_checkpoint,
+    trainable_state,
 )
 
 log = logging.getLogger(__name__)
 DONE_MARK = ".qlass-complete"
 RESULT_FILE = "qnet_result.json"
 CONFIG_FILE = "qnet_config.yaml"
+PREDICTIONS_FILE = "val_predictions.jsonl"
+BEST_DIR = "best_epoch"
+LEGACY = {"min_trees_per_step": 1}
+"""How QNets finished before an option existed were trained, where that differs from its default."""
 
 
 @dataclass(frozen=True)
@@ -64,81 +78,44 @@ class QNetTrainConfig(TrainerConfig):
     head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); an Adam step "
                                    "moves the value by up to head_lr x the hidden state's L1 norm (~750 for "
                                    "SmolLM2), so keep it small")
-    batch_size: int = option(64, "records per optimizer step, at least (whole packed paths; paper: 64)")
+    batch_size: int = option(64, "records per optimizer step, at least: whole packed paths (with pair_weight > 0, "
+                             "all paths through a sibling group with contrast, so its pairs meet) are added until "
+                             "the step holds batch_size records from min_trees_per_step trees, so a step may hold "
+                             "more; the loss is the mean over its records (paper: 64 records)")
+    min_trees_per_step: int = option(4, "distinct trees an optimizer step draws records from, at least (capped at "
+                                     "the number of training trees), so no step pulls toward one tree's outcome")
+    rank: str = option("q", "q: regress the value at the action's last token (Q) on q, rank by Q; advantage: also "
+                       "regress the value at the history's last token (V) on the state's value (its sibling "
+                       "group's mean q), rank by Q - V; dueling: regress Q - V on q minus that mean and V on the "
+                       "mean, so lone records teach the ranking score nothing (see qlass.qnet_loss)")
+    pair_weight: float = option(0.0, "weight of a Bradley-Terry loss over sibling pairs with different targets "
+                                "(mean over the step's pairs), added to the regression; 0: off")
+    select_best: bool = option(False, "keep the epoch with the best validation sibling-pair accuracy (ties: lower "
+                               "MSE; no pairs: lowest MSE) instead of the last one")
     max_length: int = option(4096, "longest input in tokens (history + action); oldest turns dropped first")
     max_action_tokens: int = option(256, "tokens reserved for the candidate action (longer ones keep their end)")
-    val_fraction: float = option(0.1, "fraction of trees held out for validation")
+    val_fraction: float = option(0.1, "fraction of trees held out for validation (cross-validation ignores it)")
     eval_before: bool = option(True, "also validate the untrained QNet (epoch 0)")
     baseline: bool = option(True, "rank the validation siblings by the SFT policy's log-likelihood too")
     seed: int = option(0, "seed for the split, batching and head initialisation")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.min_trees_per_step < 1:
+            raise ValueError("epochs, batch_size and min_trees_per_step must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
             raise ValueError(f"lr and head_lr must be > 0, got {self.lr} and {self.head_lr}")
+        if self.rank not in RANKS:
+            raise ValueError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
+        if self.pair_weight < 0:
+            raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
 
 
 def pack(qnet: QNet, records: Sequence[QRecord]) -> list[PackedRow]:
     """``records`` packed into token rows with the QNet's (= the policy's) input encoding."""
     return pack_records(qnet.encode_history, qnet.encode_action, records)
-
-
-def predict(score_row: Callable[[PackedRow], torch.Tensor], rows: Sequence[PackedRow]) -> list[float]:
-    """Scores of every record of ``rows`` (row order, then record order), without gradients."""
-    out: list[float] = []
-    with torch.no_grad():
-        for row in rows:
-            out += [float(v) for v in score_row(row)]
-    return out
-
-
-def _metrics(rows: Sequence[PackedRow], preds: Sequence[float]) -> dict[str, Any]:
-    records = [r for row in rows for r in row.records]
-    return ranking_metrics([(r.tree_id, r.group) for r in records], [r.q for r in records], preds)
-
-
-def validate(qnet: QNet, rows: Sequence[PackedRow]) -> dict[str, Any]:
-    """MSE, sibling ranking accuracy and Spearman of the QNet on the records of ``rows``."""
-    was_training = qnet.model.training
-    qnet.model.eval()
-    preds = predict(lambda row: qnet.values_at(row.ids, row.ends), rows)
-    qnet.model.train(was_training)
-    targets = [t for row in rows for t in row.targets]
-    metrics = _metrics(rows, preds)
-    metrics["mse"] = sum((p - t) ** 2 for p, t in zip(preds, targets, strict=True)) / max(len(targets), 1)
-    return metrics
-
-
-def loglik_ranker_metrics(sft_dir: str | Path, rows: Sequence[PackedRow], autocast: bool = False,
-                          device: str = "cpu") -> dict[str, Any]:
-    """Sibling ranking by the SFT policy's summed log-probability of each action given its history."""
-    from .policy.hf import load_causal_lm
-
-    lm, _ = load_causal_lm(sft_dir)
-    lm.to(device)
-    backbone = backbone_of(lm)
-    head = lm.get_output_embeddings()
-
-    def score(row: PackedRow) -> torch.Tensor:
-        hidden = sequence_hidden(backbone, row.ids, autocast)
-        ids = torch.tensor(row.ids, dtype=torch.long, device=hidden.device)
-        sums = []
-        for end, n in zip(row.ends, row.action_lengths, strict=True):
-            # the action is ids[end-n+1 : end+1]; token p is predicted from the hidden state at p-1
-            logp = torch.log_softmax(head(hidden[end - n:end].to(head.weight.dtype)).float(), dim=-1)
-            sums.append(logp[torch.arange(n), ids[end - n + 1:end + 1]].sum().cpu())
-        return torch.stack(sums)
-
-    return _metrics(rows, predict(score, rows))
-
-
-def _row_loss(qnet: QNet, row: PackedRow) -> torch.Tensor:
-    values = qnet.values_at(row.ids, row.ends)
-    return ((values - torch.tensor(row.targets, device=values.device)) ** 2).sum()
 
 
 def _apply_lora(qnet: QNet, cfg: QNetTrainConfig) -> Any:
@@ -161,22 +138,26 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _check_finished(out: Path, cfg: QNetTrainConfig, qdata: str | Path) -> None:
-    """Refuse to hand back a finished QNet made with other settings or other Q data than asked for.
-    (Folders finished before the Q data's digest was recorded are checked on settings only.)"""
+def _check_finished(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: list[str] | None) -> None:
+    """Refuse to hand back a finished QNet made with other settings, other Q data or other held-out
+    trees than asked for. (Folders finished before the Q data's digest was recorded are checked on
+    settings only; options they predate count as :data:`LEGACY`.)"""
     path = out / CONFIG_FILE
     if not path.exists():
         return
     saved = load_yaml(path)
     digest = saved.pop("qdata_sha256", None)
+    trees = saved.pop("held_out_trees", None)
     saved.pop("qdata", None)
     saved.pop("sft_model", None)
     try:
-        before = build(QNetTrainConfig, saved, str(path))
+        before = build(QNetTrainConfig, {**LEGACY, **saved}, str(path))
     except QlassError:
         raise QlassError(f"{out}: holds a finished QNet whose settings ({path}) this qlass cannot read; "
                          "use a new output folder") from None
     changed = config_differences(before, cfg)
+    if trees != held_out:
+        changed.append("held-out trees")
     if changed:
         raise QlassError(f"{out}: holds a finished QNet trained with other settings ({', '.join(changed)}); "
                          "use a new output folder")
@@ -184,31 +165,52 @@ def _check_finished(out: Path, cfg: QNetTrainConfig, qdata: str | Path) -> None:
         raise QlassError(f"{out}: holds a finished QNet trained on other Q data than {qdata}; use a new output folder")
 
 
-def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg: QNetTrainConfig) -> dict[str, Any]:
-    """Train a QNet from the SFT model at ``sft_dir`` on ``qdata``; returns the final validation result.
+def _split(records: list[QRecord], cfg: QNetTrainConfig, held_out: list[str] | None,
+           source: str) -> tuple[list[QRecord], list[QRecord]]:
+    if held_out is None:
+        return split_by_tree(records, cfg.val_fraction, cfg.seed)
+    missing = sorted(set(held_out) - {r.tree_id for r in records})
+    if missing:
+        raise QlassError(f"{source}: held-out tree(s) {', '.join(missing[:3])} not in the Q data")
+    held = set(held_out)
+    return [r for r in records if r.tree_id not in held], [r for r in records if r.tree_id in held]
+
+
+def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg: QNetTrainConfig,
+               held_out: Collection[str] | None = None) -> dict[str, Any]:
+    """Train a QNet from the SFT model at ``sft_dir`` on ``qdata``; returns the kept epoch's validation
+    result. ``held_out`` names the validation trees (default: a seeded ``val_fraction`` of them).
 
     ``out_dir`` receives the QNet (an ``AutoModelForSequenceClassification`` folder, safetensors),
-    ``metrics.jsonl``, ``qnet_config.yaml`` and ``qnet_result.json``. An interrupted run resumes from
-    its checkpoint; a finished one returns its saved result.
+    ``metrics.jsonl``, ``qnet_config.yaml``, ``qnet_result.json`` and ``val_predictions.jsonl``. An
+    interrupted run resumes from its checkpoint; a finished one returns its saved result.
     """
     out = Path(out_dir)
+    held = sorted(held_out) if held_out is not None else None
     if (out / DONE_MARK).exists():
-        _check_finished(out, cfg, qdata)
+        _check_finished(out, cfg, qdata, held)
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / RESULT_FILE).read_text())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     records = read_qdata(qdata)
     make_groups(records, str(qdata))  # siblings must share their history (else the ranking keys lie)
-    train_records, val_records = split_by_tree(records, cfg.val_fraction, cfg.seed)
-    qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
+    train_records, val_records = _split(records, cfg, held, str(qdata))
+    if cfg.select_best and not val_records:
+        raise QlassError("select_best needs validation trees (val_fraction > 0)")
+    qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed, rank=cfg.rank)
     device = resolve_device(cfg.device)
     qnet.model.to(device)
     train, val = pack(qnet, train_records), pack(qnet, val_records)
     peft_model = _apply_lora(qnet, cfg) if cfg.lora else None
     qnet.model.train()
-    counts = [len(row.records) for row in train]
-    epoch_steps = [step_batches(counts, cfg.batch_size, cfg.seed, e) for e in range(cfg.epochs)]
+    contrast = contrast_groups(train_records) if cfg.pair_weight > 0 else set()
+    units = batch_units(train, lambda r: group_key(r) in contrast)
+    unit_counts = [sum(len(train[i].records) for i in u) for u in units]
+    unit_trees = [train[u[0]].records[0].tree_id for u in units]
+    epoch_steps = [[[i for u in step for i in units[u]] for step in
+                    step_batches(unit_counts, cfg.batch_size, cfg.seed, e, unit_trees, cfg.min_trees_per_step)]
+                   for e in range(cfg.epochs)]
     total_steps = sum(map(len, epoch_steps))
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -219,19 +221,22 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     opt, sched = optimizer_and_schedule(param_groups, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, total_steps)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(out / CONFIG_FILE, {**to_dict(cfg), "qdata": str(qdata), "qdata_sha256": file_digest(qdata),
-                                  "sft_model": str(sft_dir)})
-    chash = config_hash(cfg) + f"-packed-{len(train_records)}-{len(val_records)}-{len(train)}"
+                                  "sft_model": str(sft_dir), **({"held_out_trees": held} if held is not None else {})})
+    val_trees = hashlib.sha256(json.dumps(sorted({r.tree_id for r in val_records})).encode()).hexdigest()[:8]
+    chash = config_hash(cfg) + f"-packed-{len(train_records)}-{len(val_records)}-{len(train)}-{val_trees}"
     step = load_checkpoint(out, qnet.model, opt, sched, chash)
-    if step == 0:  # metrics of a run that died before its first checkpoint are redone
+    if step == 0:  # metrics and snapshot of a run that died before its first checkpoint are redone
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
     rewind_metrics(out, step)
-    log.info("QNet: %d train records (%d trees) packed in %d rows of %d tokens, %d validation records (%d trees) "
-             "in %d rows; %d optimizer steps", len(train_records), len({r.tree_id for r in train_records}),
-             len(train), sum(len(row.ids) for row in train), len(val_records),
-             len({r.tree_id for r in val_records}), len(val), total_steps)
-    history: list[dict[str, Any]] = []
+    baselines = state_targets(train_records)
+    log.info("QNet (rank %s, pair weight %g): %d train records (%d trees) packed in %d rows of %d tokens, %d "
+             "validation records (%d trees) in %d rows; %d optimizer steps", cfg.rank, cfg.pair_weight,
+             len(train_records), len({r.tree_id for r in train_records}), len(train),
+             sum(len(row.ids) for row in train), len(val_records), len({r.tree_id for r in val_records}), len(val),
+             total_steps)
     if step == 0 and val and cfg.eval_before:
-        history.append(_log_epoch(out, 0, step, validate(qnet, val), None))
+        _log_epoch(out, 0, step, validate(qnet, val), None)
     log_every = max(1, total_steps // 20)
     epoch_start = 0
     with progress_bar("qnet") as progress:
@@ -241,70 +246,128 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
             if step >= epoch_end or step >= total_steps:  # done (and validated) before an interruption
                 epoch_start = epoch_end
                 continue
-            epoch_loss, epoch_n = 0.0, 0
+            epoch_mse, epoch_n = 0.0, 0
             for batch in batches[step - epoch_start:]:
                 if step >= total_steps:
                     break
                 started = time.perf_counter()
-                n_records = sum(counts[i] for i in batch)
-                total = 0.0
-                for i in batch:
-                    loss = _row_loss(qnet, train[i])
-                    (loss / n_records).backward()
-                    total += float(loss.detach())
+                stats = step_backward(qnet, [train[i] for i in batch], baselines, cfg.pair_weight)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                epoch_loss, epoch_n = epoch_loss + total, epoch_n + n_records
-                progress.update(bar, advance=1, loss=total / n_records)
-                log_metrics(out, {"kind": "qnet_train", "step": step, "epoch": epoch, "train_mse": total / n_records,
-                                  "lr": sched.get_last_lr()[0], "records": n_records,
+                epoch_mse, epoch_n = epoch_mse + stats.mse_sum, epoch_n + stats.records
+                progress.update(bar, advance=1, loss=stats.loss)
+                log_metrics(out, {"kind": "qnet_train", "step": step, "epoch": epoch, "train_loss": stats.loss,
+                                  "train_mse": stats.mse_sum / stats.records, "pairs": stats.pairs,
+                                  "pair_loss": stats.pair_loss, "lr": sched.get_last_lr()[0],
+                                  "records": stats.records, "trees": len({train[i].records[0].tree_id for i in batch}),
                                   "tokens": sum(len(train[i].ids) for i in batch),
                                   "seconds": round(time.perf_counter() - started, 3)})
                 if step % log_every == 0:
-                    log.info("step %d/%d: train mse %.4f", step, total_steps, total / n_records)
+                    log.info("step %d/%d: train loss %.4f, mse %.4f", step, total_steps, stats.loss,
+                             stats.mse_sum / stats.records)
                 if step % cfg.save_every == 0 and step < total_steps:
                     save_checkpoint(out, qnet.model, opt, sched, step, chash)
             epoch_start = epoch_end
-            train_mse = epoch_loss / epoch_n if epoch_n else None
             if val:
-                history.append(_log_epoch(out, epoch + 1, step, validate(qnet, val), train_mse))
+                metrics = validate(qnet, val)
+                if cfg.select_best and _improves(metrics, _epoch_records(out)):
+                    _save_best(out, qnet.model, epoch + 1, step)
+                _log_epoch(out, epoch + 1, step, metrics, epoch_mse / epoch_n if epoch_n else None)
             save_checkpoint(out, qnet.model, opt, sched, step, chash)
+    kept, kept_by = _kept_epoch(out, qnet.model, cfg.select_best)
     if peft_model is not None:
         qnet.model = peft_model.merge_and_unload()
     qnet.model.eval()
     result: dict[str, Any] = {"train_records": len(train_records), "val_records": len(val_records),
-                              "qnet": _final_metrics(out, history)}
-    if cfg.baseline and val:
-        result["sft_loglik"] = loglik_ranker_metrics(sft_dir, val, cfg.autocast, device)
-        log_metrics(out, {"kind": "sft_loglik_ranker", **result["sft_loglik"]})
+                              "qnet": kept, "kept_epoch": kept.get("epoch"), "kept_by": kept_by}
+    if val:
+        result["sft_loglik"] = _write_predictions(out, qnet, val, sft_dir, cfg, device)
     qnet.model.to("cpu")
     qnet.save(out, extra={"trained_on": str(qdata), "sft_model": str(sft_dir), "validation": result})
     (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    shutil.rmtree(out / BEST_DIR, ignore_errors=True)
     (out / DONE_MARK).write_text("qnet\n")
     return result
 
 
-def _log_epoch(out: Path, epoch: int, step: int, metrics: dict[str, Any], train_mse: float | None) -> dict[str, Any]:
+def _write_predictions(out: Path, qnet: QNet, val: Sequence[PackedRow], sft_dir: str | Path,
+                       cfg: QNetTrainConfig, device: str) -> dict[str, Any] | None:
+    """Write every held-out record's target and scores to ``val_predictions.jsonl``; returns the SFT
+    log-likelihood ranker's metrics (``None`` without ``baseline``)."""
+    q, score = qnet_outputs(qnet, val)
+    means, sums = loglik_scores(sft_dir, val, cfg.autocast, device) if cfg.baseline else (None, None)
+    records = [r for row in val for r in row.records]
+    write_jsonl(out / PREDICTIONS_FILE, [
+        {"tree_id": r.tree_id, "group": r.group, "node_id": r.node_id, "q": r.q, "qnet_q": q[i], "qnet_score": score[i],
+         **({"loglik_mean": means[i], "loglik_sum": sums[i]} if means is not None and sums is not None else {})}
+        for i, r in enumerate(records)])
+    if means is None or sums is None:
+        return None
+    metrics = loglik_ranker_metrics(val, means, sums)
+    log_metrics(out, {"kind": "sft_loglik_ranker", **metrics})
+    return metrics
+
+
+def _selection_key(metrics: dict[str, Any]) -> tuple[float, float]:
+    acc = metrics.get("pair_accuracy")
+    return (-1.0 if acc is None else acc, -metrics["mse"])
+
+
+def _epoch_records(out: Path) -> list[dict[str, Any]]:
+    """Validation records of trained epochs (1, 2, ...) in ``metrics.jsonl``."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in read_jsonl(path) if r.get("kind") == "qnet_val" and r["epoch"] >= 1]
+
+
+def _improves(metrics: dict[str, Any], earlier: list[dict[str, Any]]) -> bool:
+    return all(_selection_key(metrics) > _selection_key(r) for r in earlier)
+
+
+def _save_best(out: Path, model: torch.nn.Module, epoch: int, step: int) -> None:
+    """Snapshot the trainable weights as the best epoch so far (atomically replacing the previous)."""
+    from safetensors.torch import save_file
+
+    tmp = out / (BEST_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+    shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+    tmp.rename(out / BEST_DIR)
+
+
+def _kept_epoch(out: Path, model: torch.nn.Module, select_best: bool) -> tuple[dict[str, Any], str]:
+    """The validation record of the epoch whose weights are kept, and why; with ``select_best`` the
+    best epoch's snapshot is loaded into ``model``."""
+    epochs = _epoch_records(out)
+    if not epochs:
+        return {}, "last epoch"
+    if not select_best:
+        return epochs[-1], "last epoch"
+    best = max(epochs, key=_selection_key)  # the earliest of equals
+    snapshot = out / BEST_DIR
+    saved = json.loads((snapshot / "state.json").read_text())["epoch"] if (snapshot / "state.json").exists() else None
+    if saved != best["epoch"]:
+        raise QlassError(f"{out}: the snapshot of the best epoch ({best['epoch']}) is missing; use a new output folder")
+    if best is not epochs[-1]:
+        load_trainable(snapshot, model)
+    by = "validation pair accuracy" if best.get("pair_accuracy") is not None else "validation MSE (no pairs)"
+    log.info("keeping epoch %d of %d (best %s)", best["epoch"], epochs[-1]["epoch"], by)
+    return best, f"best {by}"
+
+
+def _log_epoch(out: Path, epoch: int, step: int, metrics: dict[str, Any], train_mse: float | None) -> None:
     record = {"kind": "qnet_val", "epoch": epoch, "step": step, "train_mse": train_mse, **metrics}
     log.info("epoch %d: val mse %.4f, sibling pair accuracy %s over %d pairs, spearman %s", epoch,
              metrics["mse"], _fmt(metrics["pair_accuracy"]), metrics["pairs"], _fmt(metrics["spearman"]))
     log_metrics(out, record)
-    return record
-
-
-def _final_metrics(out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The last epoch's validation record (read back from ``metrics.jsonl`` after a resume)."""
-    if history:
-        return history[-1]
-    from .jsonl import read_jsonl
-
-    epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "qnet_val"]
-    return epochs[-1] if epochs else {}
 
 
 def _fmt(x: float | None) -> str:
@@ -316,11 +379,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     q = result.get("qnet") or {}
     if q:
-        lines.append(f"QNet (epoch {q.get('epoch')}): sibling pair accuracy {_fmt(q.get('pair_accuracy'))} "
-                     f"over {q.get('pairs')} pairs, spearman {_fmt(q.get('spearman'))}, mse {_fmt(q.get('mse'))}")
+        lines.append(f"QNet (epoch {q.get('epoch')}, {result.get('kept_by', 'last epoch')}): sibling pair accuracy "
+                     f"{_fmt(q.get('pair_accuracy'))} over {q.get('pairs')} pairs, spearman {_fmt(q.get('spearman'))}, "
+                     f"mse {_fmt(q.get('mse'))}")
     b = result.get("sft_loglik")
     if b:
-        lines.append(f"SFT log-likelihood ranker: sibling pair accuracy {_fmt(b.get('pair_accuracy'))} "
-                     f"over {b.get('pairs')} pairs, spearman {_fmt(b.get('spearman'))}")
+        s = b.get("sum") or {}
+        lines.append(f"SFT log-likelihood ranker (per token): sibling pair accuracy {_fmt(b.get('pair_accuracy'))} "
+                     f"over {b.get('pairs')} pairs, spearman {_fmt(b.get('spearman'))}; summed: "
+                     f"{_fmt(s.get('pair_accuracy'))}")
     return lines
-

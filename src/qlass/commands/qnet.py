@@ -16,10 +16,14 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, help="Output folder: the QNet (HF sequence classifier), metrics.jsonl, qnet_result.json."),
         config: Optional[Path] = typer.Option(None, help="YAML file of QNetTrainConfig options, e.g. configs/qnet-cpu.yaml (defaults: the paper's)."),
         set_: list[str] = typer.Option([], "--set", help="Override one option, key=value (repeatable), e.g. --set epochs=1."),
+        folds: int = typer.Option(0, help="Cross-validate instead: train K QNets on K tree-disjoint splits (OUT/fold-k) and "
+                                  "report pooled held-out sibling-pair accuracy with 95% intervals beside the SFT "
+                                  "log-likelihood ranker's (OUT/cv_summary.json, .md); 0: one QNet."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every QNetTrainConfig option with its default and help, then exit."),
     ) -> None:
-        """Regress Q values with MSE; report validation sibling-ranking accuracy of the QNet and of the
-        SFT policy's log-likelihood. Rerun the same command to resume."""
+        """Train the QNet on Q values (regression by `rank`, optionally a sibling pairwise loss); report
+        validation sibling-ranking accuracy of the QNet and of the SFT policy's log-likelihood, or with
+        --folds K cross-validate by tree. Rerun the same command to resume."""
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
         from ..models import default_model_dir
@@ -32,6 +36,13 @@ def register(app: typer.Typer) -> None:
             raise QlassError("qlass train-qnet needs QDATA and --out DIR")
         cfg = load_config(config, QNetTrainConfig, parse_kv(set_, "--set"))
         sft = default_model_dir() if model == "default" else Path(model)
+        if folds:
+            from ..qnet_cv import cross_validate_qnet, summary_markdown
+
+            for line in summary_markdown(cross_validate_qnet(qdata, sft, out, cfg, folds)):
+                typer.echo(line)
+            typer.echo(str(out))
+            return
         result = train_qnet(qdata, sft, out, cfg)
         for line in summary_lines(result):
             typer.echo(line)
