@@ -206,9 +206,12 @@ def test_settings_check_names_the_changed_field(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"options\.k: 4 → 2"):
         collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3, k=2), tmp_path / "d.jsonl",
                           settings={"model": "x"})
-    # concurrency is a runtime option: the rerun resumes (nothing left to do) instead of refusing
+    with pytest.raises(Exception, match=r"policy\.autocast: \(unset\) → True"):
+        collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3), tmp_path / "d.jsonl",
+                          settings={"model": "x", "policy": {"autocast": True}})
+    # concurrency and the policy's threads are runtime options: the rerun resumes (nothing left to do)
     again = collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3, concurrency=2), tmp_path / "d.jsonl",
-                              settings={"model": "x"})
+                              settings={"model": "x", "policy": {"threads": 2}})
     assert len(again) == 2 and len(read_jsonl(tmp_path / "d.jsonl")) == 2
 
 

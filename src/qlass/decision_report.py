@@ -216,7 +216,8 @@ def _cell(row: dict[str, Any], base: str, metric: str, scale: float) -> str:
     d = row["vs"].get(base, {}).get(metric)
     if d is None:
         return "—"
-    return f"{scale * d['mean_diff']:+.1f} [{scale * d['ci_low']:+.1f}, {scale * d['ci_high']:+.1f}]"
+    lo, mid, hi = (scale * d[k] + 0.0 for k in ("ci_low", "mean_diff", "ci_high"))  # + 0.0: no "-0.0"
+    return f"{mid:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
@@ -231,7 +232,8 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
     for g in result["groups"]:
         lines += ["", (f"## {g['group']}: {g['decisions']} decisions from {g['tasks']} tasks, "
                       f"{g['unique_best']} with a unique best"), ""]
-        head = ["ranker", "accuracy %", "regret"] + [f"Δ {m} vs {b}" for b in bases for m in ("accuracy %", "regret")]
+        head = ["ranker", "accuracy %", "regret (points)"] + [f"Δ {m} vs {b}" for b in bases
+                                                               for m in ("accuracy %", "regret")]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in g["rows"]:
             cells = [row["ranker"], f"{100 * row['accuracy']:.1f}", f"{100 * row['regret']:.1f}"]

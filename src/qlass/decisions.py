@@ -280,6 +280,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _shown(settings: dict[str, Any], key: str) -> str:
+    return repr(settings[key]) if key in settings else "(unset)"
+
+
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to add to ``out`` when it was collected with other settings (naming them); else save
     ``settings`` as ``NAME.config.yaml``. Task limits and runtime options may change."""
@@ -287,10 +291,11 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     if path.exists() and (out.exists() or sidecar(out, "tasks.jsonl").exists()):
         old, new = _flat(load_yaml(path)), _flat(settings)
         changed = [d for d in differences(old, new) if d.split(":")[0] not in RESUMABLE_SETTINGS]
-        changed += [f"{k}: (unset) → {new[k]!r}" for k in new if k not in old and k not in RESUMABLE_SETTINGS
-                    and k.startswith(("options.", "policy.", "env_args."))]
-        changed += [f"{k}: {old[k]!r} → (unset)" for k in old if k not in new and k not in RESUMABLE_SETTINGS
-                    and k.startswith(("policy.", "env_args."))]
+        # a policy or env option set on one run only changes results too (an option added to
+        # DecisionConfig since, absent from the old file, does not count)
+        for k in sorted(set(old) ^ set(new)):
+            if k.startswith(("policy.", "env_args.")) and k not in RESUMABLE_SETTINGS:
+                changed.append(f"{k}: {_shown(old, k)} → {_shown(new, k)}")
         if changed:
             raise QlassError(f"{out} was collected with other settings ({'; '.join(changed)}, see {path}); "
                              "use another output file for these settings")
@@ -326,6 +331,9 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
         for n_chunk, chunk in enumerate(_chunks(todo, cfg.concurrency)):
             plays = [p for _, p in sorted(drive(
                 [lambda t=t: _play(pool, t, cfg, seed) for t in chunk], policy, concurrency=cfg.concurrency))]
+            log.info("decisions: played %d tasks (%d steps), %d decision states with %d candidates to roll out "
+                     "(%.0f s)", len(plays), sum(p.steps for p in plays), sum(len(p.decisions) for p in plays),
+                     sum(len(d.candidates) for p in plays for d in p.decisions), time.perf_counter() - start)
             for rec in _value_decisions(pool, policy, plays, recorded, cfg, seed, env_name, out, done_path):
                 records.append(rec)
                 count += 1
