@@ -1,4 +1,5 @@
-"""Killing ``qlass eval`` mid-run and rerunning it resumes without duplicate or lost records."""
+"""Killing ``qlass eval`` mid-run (lockstep engine on: several live episodes) and rerunning it resumes
+without duplicate or lost records."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from qlass.jsonl import read_jsonl
 TESTS = Path(__file__).parent
 
 
-def eval_cmd(model: Path, out: Path) -> list[str]:
+def eval_cmd(model: Path, out: Path, concurrency: int = 3) -> list[str]:
     return [sys.executable, "-m", "qlass", "eval", "--model", str(model), "--env", "toy_envs:Corridor",
             "--split", "seen", "--method", "greedy:max_new_tokens=6", "--method", "sample:max_new_tokens=6",
-            "--env-arg", "step_limit=6", "--out", str(out)]
+            "--env-arg", "step_limit=6", "--out", str(out), "--concurrency", str(concurrency)]
 
 
 @pytest.mark.slow
@@ -42,6 +43,7 @@ def test_kill_and_rerun_resumes_without_duplicates(tiny_model_dir: Path, tmp_pat
     done = subprocess.run(eval_cmd(tiny_model_dir, out), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr
+    assert f"{12 - before}/{12 - before} episodes done" in done.stderr  # progress lines reach a non-terminal
     recs = read_jsonl(records)
     keys = [(r["method"], r["task"]) for r in recs]
     assert len(keys) == len(set(keys)) == 12  # 2 methods x 6 tasks, each exactly once

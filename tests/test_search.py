@@ -219,3 +219,139 @@ def test_method_configs_are_validated() -> None:
         make_method_config("beam", {})
     with pytest.raises(QlassError, match="needs a QNet"):
         qlass_search(TASK, SearchContext(env=TwoDoors(), policy=ScriptedPolicy([A, B])), QlassConfig(m=2))
+
+
+class Recording(ScriptedPolicy):
+    """Answers by temperature (``greedy`` at 0, ``sampled`` cycled otherwise) and records each call."""
+
+    def __init__(self, greedy: list[Completion], sampled: list[Completion]) -> None:
+        super().__init__([])
+        self.greedy, self.sampled = greedy, sampled
+        self.requests: list[tuple[int, float, list, list]] = []  # n, temperature, seeds, histories
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+        self.requests.append((n, temperature, list(seed), [list(h) for h in histories]))
+        pool = self.greedy if temperature == 0 else self.sampled
+        return [[pool[j % len(pool)] for j in range(n)] for _ in histories]
+
+
+NOTHING = Completion("Thought: wait.\nAction: wait", 10, 5, logprob=-1.0)
+ca, cb = Completion(A, 10, 5, logprob=-1.0), Completion(B, 10, 5, logprob=-2.0)
+
+
+def test_qlass_step_seeds_are_hashed_not_consecutive() -> None:
+    """B1: step t+1 was seeded step t's seed + 1, so a backend giving candidate j the stream seed + j
+    (an OpenAI-compatible server may) reused M-1 streams of the previous step. Step seeds are now
+    hashed from the episode seed and the step: no two steps of an episode lie within M of each other."""
+    policy = Recording([NOTHING], [NOTHING])
+    qlass_search(TASK, SearchContext(env=TwoDoors(), policy=policy, qnet=ScriptedQNet({}), seed=3),
+                 QlassConfig(m=4, max_steps=8))
+    seeds = [req[2][0] for req in policy.requests]
+    assert len(seeds) == 8
+    assert all(abs(a - b) >= 4 for i, a in enumerate(seeds) for b in seeds[i + 1:])
+    other = Recording([NOTHING], [NOTHING])
+    qlass_search(TASK, SearchContext(env=TwoDoors(), policy=other, qnet=ScriptedQNet({}), seed=4),
+                 QlassConfig(m=4, max_steps=8))
+    assert not {req[2][0] for req in other.requests} & set(seeds)
+
+
+def test_truncated_output_is_executed_as_an_invalid_action() -> None:
+    """An output cut off by the token limit never reaches the env as an action: the env gets the text
+    before its unfinished Action line and answers with its format hint; the record keeps the output."""
+    from toy_envs import Corridor
+
+    from qlass.agent import apply_output, start_messages
+    from qlass.envs.base import FORMAT_HINT
+
+    env = Corridor()
+    task = env.tasks("seen")[1]
+    messages = start_messages(env, task)
+    steps: list = []
+    cut = Completion("Thought: east.\nAction: go east", 10, 8, truncated=True)
+    step = apply_output(env, messages, steps, cut)
+    assert step.action is None and step.observation == FORMAT_HINT and step.reward == 0.0
+    assert step.output == cut.text and messages[-2] == Message("assistant", cut.text)
+    step = apply_output(env, messages, steps, Completion(cut.text, 10, 8))
+    assert step.action == "go east" and step.reward > 0  # the same text, complete, moves
+
+
+def test_qlass_drops_truncated_candidates_while_a_complete_one_remains() -> None:
+    qnet = ScriptedQNet({"open door a": 0.1, "open door b": 0.9})
+    cut_b = Completion(B, 10, 5, logprob=-2.0, truncated=True)
+    traj = qlass_search(TASK, SearchContext(env=TwoDoors(), policy=Recording([ca], [cut_b, ca]), qnet=qnet),
+                        QlassConfig(m=2))
+    assert traj.steps[0].action == "open door a" and qnet.calls == []  # B was preferred but cut off
+    assert traj.steps[0].completion_tokens == 10  # both were paid for
+    cut_a = Completion(A, 10, 5, logprob=-1.0, truncated=True)
+    traj = qlass_search(TASK, SearchContext(env=TwoDoors(), policy=Recording([ca], [cut_b, cut_a]), qnet=qnet),
+                        QlassConfig(m=2, max_steps=1))
+    assert traj.steps[0].output == B and traj.steps[0].action is None and not traj.steps[0].done
+    assert traj.steps[0].observation == "Nothing happens." and qnet.calls == []
+
+
+def test_greedy_anchor_makes_candidate_zero_the_greedy_action() -> None:
+    policy = Recording([ca], [cb])
+    qnet = ScriptedQNet({"open door a": 0.5, "open door b": 0.4})
+    traj = qlass_search(TASK, SearchContext(env=TwoDoors(), policy=policy, qnet=qnet, seed=1),
+                        QlassConfig(m=3, anchor="greedy"))
+    assert [(n, t) for n, t, _, _ in policy.requests] == [(1, 0.0), (2, 0.7)]
+    assert qnet.calls == [[A, B]] and traj.steps[0].action == "open door a"  # QNet agrees with greedy
+    assert traj.steps[0].completion_tokens == 15 and traj.steps[0].prompt_tokens == 20  # two requests
+    qnet = ScriptedQNet({"open door a": 0.1, "open door b": 0.9})
+    traj = qlass_search(TASK, SearchContext(env=TwoDoors(), policy=Recording([ca], [cb]), qnet=qnet),
+                        QlassConfig(m=2, anchor="greedy"))
+    assert traj.steps[0].action == "open door b"  # departs from greedy where the QNet prefers another
+    alone = Recording([ca], [cb])
+    traj = qlass_search(TASK, SearchContext(env=TwoDoors(), policy=alone), QlassConfig(m=1, anchor="greedy"))
+    assert traj.steps[0].action == "open door a" and [t for _, t, _, _ in alone.requests] == [0.0]
+
+
+def test_beta_adds_the_policy_prior_and_margin_keeps_candidate_zero() -> None:
+    def run(cfg: QlassConfig, sampled=(ca, cb)):
+        qnet = ScriptedQNet({"open door a": 0.5, "open door b": 0.6})
+        return qlass_search(TASK, SearchContext(env=TwoDoors(), policy=Recording([ca], list(sampled)), qnet=qnet), cfg)
+
+    assert run(QlassConfig(m=2)).steps[0].action == "open door b"
+    # mean log-prob per token: A -1/5, B -2/5; with beta 1: A 0.3 > B 0.2
+    chose_a = run(QlassConfig(m=2, beta=1.0))
+    assert chose_a.steps[0].action == "open door a"
+    assert chose_a.meta["decisions"][0]["scores"] == pytest.approx([0.3, 0.2])
+    assert run(QlassConfig(m=2, margin=0.05)).steps[0].action == "open door b"
+    assert run(QlassConfig(m=2, margin=0.2)).steps[0].action == "open door a"
+    with pytest.raises(QlassError, match="logprobs"):
+        run(QlassConfig(m=2, beta=1.0), sampled=(Completion(A, 10, 5), Completion(B, 10, 5)))
+
+
+def test_diverse_candidates_are_asked_to_differ_and_scored_on_the_real_history() -> None:
+    class Obliging(Recording):
+        """Answers B once asked to differ from A."""
+
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            super().sample(histories, n, temperature, max_new_tokens, seed)
+            return [[cb if "differ" in h[-1].content else ca] * n for h in histories]
+
+    policy = Obliging([ca], [ca])
+    qnet = ScriptedQNet({"open door a": 0.1, "open door b": 0.9})
+    traj = qlass_search(TASK, SearchContext(env=TwoDoors(), policy=policy, qnet=qnet),
+                        QlassConfig(m=3, diverse=True, max_steps=1))
+    first, second, third = (req[3][0] for req in policy.requests)
+    assert first[-1].content == "You see door a and door b."
+    assert second[-1].content.endswith("differ from this action: 'open door a'.")
+    assert third[-1].content.endswith("differ from each of these actions: 'open door a', 'open door b'.")
+    assert second[:-1] == first[:-1] and len({req[2][0] for req in policy.requests}) == 3
+    assert qnet.calls == [[A, B]] and traj.steps[0].action == "open door b"
+    assert traj.messages[2].content == "You see door a and door b."  # the episode keeps the real history
+
+
+def test_labels_name_every_option_that_changes_the_search() -> None:
+    from qlass.search import method_label
+
+    labels = {method_label("qlass", make_method_config("qlass", opts)) for opts in [
+        {}, {"anchor": "greedy"}, {"beta": 0.5}, {"margin": 0.1}, {"diverse": True}, {"oracle_terminal": True},
+        {"anchor": "greedy", "beta": 0.5, "margin": 0.1, "diverse": True}]}
+    assert len(labels) == 7 and "qlass(m=2)" in labels
+    assert "qlass(m=2,anchor=greedy,beta=0.5,margin=0.1,diverse)" in labels
+    with pytest.raises(QlassError, match="anchor must be one of"):
+        make_method_config("qlass", {"anchor": "best"})
+    with pytest.raises(QlassError, match="margin must be"):
+        make_method_config("qlass", {"margin": -1.0})

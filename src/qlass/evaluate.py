@@ -257,8 +257,11 @@ def evaluate(
 
 
 def live_histories(run: MethodRun) -> int:
-    """How many conversations one episode of ``run`` keeps going at once."""
-    return run.config.n if run.name == "best-of-n" else 1
+    """How many prompt caches one episode of ``run`` keeps in use at once (qlass with ``diverse``
+    adds one perturbed prompt per extra candidate each step)."""
+    if run.name == "best-of-n":
+        return run.config.n
+    return run.config.m if run.name == "qlass" and run.config.diverse else 1
 
 
 def cache_for(model: str, policy_kwargs: dict[str, Any], conversations: int) -> dict[str, Any]:

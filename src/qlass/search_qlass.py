@@ -8,6 +8,8 @@ share batched calls. Options (``QlassConfig``):
   the search equals greedy decoding wherever the QNet has no choice or prefers candidate 0;
 - ``beta``: select by ``value + beta * mean log-prob per token`` (the policy prior);
 - ``margin``: leave candidate 0 only when another candidate's score exceeds it by more than this;
+- ``diverse``: candidate ``j >= 1`` is sampled from :func:`qlass.perturb.diversity_prompt` (asked to
+  differ from candidates ``0..j-1``; one request per candidate, the QNet still reads the real history);
 - ``oracle_terminal``: the reference code's shortcut (episode-ending candidates scored by the true
   reward), off by default and labelled ``[oracle]``.
 
@@ -27,7 +29,8 @@ from .candidates import choose, executable, normalise_action, selection_scores, 
 from .config import option
 from .errors import QlassError
 from .lockstep import Episode, Sample, Score, Scored
-from .seeding import stable_seed
+from .perturb import diversity_prompt
+from .seeding import candidate_seed, stable_seed
 from .types import Completion, Message, Step, Task, Trajectory
 
 ANCHORS = ("none", "greedy")
@@ -49,6 +52,8 @@ class QlassConfig:
                          "prefers another action)")
     beta: float = option(0.0, "select by value + beta * the policy's mean log-prob per token (needs logprobs)")
     margin: float = option(0.0, "leave candidate 0 only when the best score exceeds candidate 0's by more than this")
+    diverse: bool = option(False, "candidates after the first are asked to differ from the earlier ones "
+                           "(qlass.perturb.diversity_prompt; one policy request per candidate)")
 
     def __post_init__(self) -> None:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
@@ -64,13 +69,25 @@ class QlassConfig:
         extra = [f"anchor={self.anchor}"] if self.anchor != "none" else []
         extra += [f"beta={self.beta:g}"] if self.beta else []
         extra += [f"margin={self.margin:g}"] if self.margin else []
+        extra += ["diverse"] if self.diverse else []
         return f"qlass({','.join([f'm={self.m}', *extra])})" + ("[oracle]" if self.oracle_terminal else "")
 
 
 def _candidates(messages: list[Message], cfg: QlassConfig, base: int
                 ) -> Generator[Any, Any, tuple[list[Completion], int]]:
-    """The step's M candidates (policy requests answered in one wave) and the prompt tokens of the
-    requests that made them."""
+    """The step's M candidates and the prompt tokens of the policy requests that made them (one wave;
+    one wave per candidate with ``diverse``). Candidate ``j`` draws from ``candidate_seed(base, j)``,
+    except that without ``diverse`` the greedy anchor's samples draw from ``candidate_seed(base, j - 1)``."""
+    first_temperature = 0.0 if cfg.anchor == "greedy" else cfg.temperature
+    if cfg.diverse:
+        (outs,) = yield Sample([messages], 1, first_temperature, cfg.max_new_tokens, [base])
+        completions, prompt_tokens = [outs[0]], outs[0].prompt_tokens
+        for j in range(1, cfg.m):
+            history = diversity_prompt(messages, [c.text for c in completions])
+            (outs,) = yield Sample([history], 1, cfg.temperature, cfg.max_new_tokens, [candidate_seed(base, j)])
+            completions.append(outs[0])
+            prompt_tokens += outs[0].prompt_tokens
+        return completions, prompt_tokens
     if cfg.anchor == "greedy":
         asks = [Sample([messages], 1, 0.0, cfg.max_new_tokens, [base])]
         if cfg.m > 1:
