@@ -41,6 +41,26 @@ def make_worker(factor: int):
     return Multiplier(factor)().run
 
 
+class Batcher:
+    """A streaming worker: holds up to ``width`` items, finishes them newest first, records what it took."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def stream(self, items):
+        held: list[tuple[int, int]] = []
+        for position, item in enumerate(items):
+            held.append((position, item))
+            if len(held) == self.width:
+                yield from ((p, (10 * i, os.getpid())) for p, i in reversed(held))
+                held = []
+        yield from ((p, (10 * i, os.getpid())) for p, i in reversed(held))
+
+
+def make_batcher(width: int) -> Batcher:
+    return Batcher(width)
+
+
 def sleepy_worker(pid_dir: str):
     """A worker that announces its pid, then sleeps ``item`` seconds per item."""
     Path(pid_dir, str(os.getpid())).touch()
@@ -75,6 +95,15 @@ def test_local_executor_in_order() -> None:
     out = list(LocalExecutor().run(functools.partial(make_worker, 3), [1, 2, 5]))
     assert [(i, r[0]) for i, r in out] == [(0, 3), (1, 6), (2, 15)]
     assert list(LocalExecutor().run(functools.partial(make_worker, 3), [])) == []
+
+
+def test_streaming_workers_take_items_lazily_and_results_keep_their_index() -> None:
+    local = list(LocalExecutor().run(functools.partial(make_batcher, 3), [1, 2, 3, 4, 5]))
+    assert [i for i, _ in local] == [2, 1, 0, 4, 3]  # as the worker finishes them
+    assert all(r[0] == 10 * (i + 1) for i, r in local)
+    pooled = list(ProcessExecutor(workers=2).run(functools.partial(make_batcher, 2), list(range(9))))
+    assert sorted(i for i, _ in pooled) == list(range(9))  # every item once, none twice
+    assert all(r[0] == 10 * i for i, r in pooled)
 
 
 def test_process_pool_spreads_work_and_reports_failures() -> None:
@@ -136,3 +165,5 @@ def test_ray_local_cluster_gives_the_same_trees_as_local(tmp_path: Path) -> None
     local = run_backend(LocalExecutor(), tmp_path, "local")
     ray_exec = RayExecutor(workers=2, num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
     assert run_backend(ray_exec, tmp_path, "ray") == local
+    streamed = dict(ray_exec.run(functools.partial(make_batcher, 2), list(range(7))))
+    assert {i: r[0] for i, r in streamed.items()} == {i: 10 * i for i in range(7)}
