@@ -14,6 +14,15 @@ Writes a JSON report. Usage::
 
     python benchmarks/bench_explore.py --model default --task-types find-non-living-thing --limit 2
     python benchmarks/bench_explore.py --trees /work/runs/explore-probe/trees.jsonl
+
+With ``--variant LABEL:key=value,...`` (repeatable) it instead builds the trees of the same tasks
+once per variant of the exploration options and compares the contrast they give the QNet: sibling
+pairs with different Q (:func:`qlass.tree.contrast_pairs`) per 100 policy tokens. On the test
+suite's toy game and scripted policy (seconds, one thread)::
+
+    PYTHONPATH=tests python benchmarks/bench_explore.py --env test_explore:Rooms \
+        --model test_explore:ScriptedPolicy --task-types "" --limit 6 --set max_nodes=40 \
+        --variant "old:expert_siblings=1" --variant "new:graft_share=0.5,probe=true,rollouts=2"
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from qlass.config import build
 from qlass.envs.base import Env, make_env
 from qlass.evaluate import select_tasks
 from qlass.explore import ExploreConfig, explore_tasks
-from qlass.tree import Tree, read_trees, tree_summary
+from qlass.tree import Tree, contrast_pairs, read_trees, tree_summary
 from qlass.types import Task
 
 
@@ -59,6 +68,35 @@ def replay_schedules(env: Env, trees: list[Tree], tasks: dict[str, Task]) -> dic
     return out
 
 
+def compare_variants(args: argparse.Namespace, make: Any, tasks: list[Task]) -> dict[str, Any]:
+    """Build the trees of ``tasks`` once per ``--variant`` and measure their contrast per policy token."""
+    from qlass.commands.evaluate import parse_kv
+    from qlass.commands.explore import policy_factory
+
+    rows = {}
+    for spec in args.variant:
+        label, _, opts = spec.partition(":")
+        options = {**parse_kv(args.set, "--set"), **parse_kv([o for o in opts.split(",") if o], f"--variant {label}")}
+        cfg = build(ExploreConfig, options, f"--variant {label}")
+        policy = policy_factory(args.model, parse_kv(args.policy_arg, "--policy-arg"))()
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            trees = explore_tasks(make, tasks, policy, cfg, Path(tmp) / "trees.jsonl", progress=False)
+        seconds = time.perf_counter() - start
+        s = tree_summary(trees)
+        tokens = s["prompt_tokens"] + s["completion_tokens"] + sum(int(t.stats.get("score_tokens", 0)) for t in trees)
+        rows[label] = {"options": options, "trees": s["trees"], "nodes": s["nodes"], "env_steps": s["env_steps"],
+                       "policy_tokens": tokens, "contrast_pairs": s["contrast_pairs"],
+                       "pairs_per_100_tokens": 100 * s["contrast_pairs"] / max(tokens, 1),
+                       "trees_with_contrast": sum(contrast_pairs(t) > 0 for t in trees),
+                       "stopped_by": [t.stats["stopped_by"] for t in trees], "seconds": seconds}
+        r = rows[label]
+        print(f"{label:>12s}: {r['contrast_pairs']:4d} contrast pairs, {r['policy_tokens']:7d} policy tokens = "
+              f"{r['pairs_per_100_tokens']:.2f} pairs / 100 tokens; {r['nodes']} nodes, {r['env_steps']} env steps, "
+              f"{r['trees_with_contrast']}/{r['trees']} trees with contrast ({seconds:.1f} s)")
+    return {"variants": rows, "tasks": [t.id for t in tasks], "model": args.model}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trees", type=Path, help="existing trees.jsonl to measure (skips building)")
@@ -69,6 +107,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="ExploreConfig option key=value")
     ap.add_argument("--policy-arg", action="append", default=[], help="policy option key=value")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="LABEL:key=value,... exploration options of one variant to compare (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_explore.json"))
     args = ap.parse_args()
 
@@ -76,6 +116,14 @@ def main() -> None:
 
     make = functools.partial(make_env, args.env)
     env = make()
+    if args.variant:
+        chosen = select_tasks(env.tasks(args.split, [t for t in args.task_types.split(",") if t] or None), args.limit)
+        env.close()
+        report = compare_variants(args, make, chosen)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"report: {args.out}")
+        return
     build_s = None
     if args.trees:
         trees = read_trees(args.trees)
@@ -95,7 +143,8 @@ def main() -> None:
     summary = tree_summary(trees)
     schedules = replay_schedules(env, trees, tasks)
     env.close()
-    assert schedules["explorer"]["env_steps"] == summary["env_steps"], "explorer's recorded steps != its schedule"
+    probes = sum(int(t.stats.get("probe_steps", 0)) for t in trees)  # steps of probes that made no node
+    assert schedules["explorer"]["env_steps"] == summary["env_steps"] - probes, "explorer's recorded steps != its schedule"
     report: dict[str, Any] = {
         "trees": summary["trees"], "nodes": summary["nodes"], "edges": summary["edges"],
         "explorer_env_steps_per_edge": summary["env_steps_per_edge"],

@@ -24,12 +24,13 @@ from typing import Sequence
 import pytest
 from toy_envs import Corridor
 
+from qlass.config import to_dict
 from qlass.data import save_trajectories
 from qlass.envs.base import FORMAT_HINT, parse_action
 from qlass.errors import QlassError
 from qlass.expert import export_expert
 from qlass.explore import ExploreConfig, build_tree, explore_tasks, tree_seed
-from qlass.explore_config import expert_task_ids, exploration_tasks
+from qlass.explore_config import expert_task_ids, exploration_tasks, explore_digest
 from qlass.jsonl import read_jsonl
 from qlass.perturb import diversity_prompt
 from qlass.pipeline import _exploration_tasks, resolve
@@ -389,7 +390,10 @@ def test_real_sciworld_tree_with_tiny_hf_model(tiny_model_dir: Path, tmp_path: P
     (tree,) = explore_tasks(make, [task], HFPolicy(tiny_model_dir, threads=1), cfg, out, seed=0, progress=False)
     kids = tree.children()
     assert tree.stats["expert_reward"] == 1.0 and tree.stats["best_reward"] == 1.0
-    assert any(n.source == "sample" for n in tree.nodes) and tree.stats["prompt_tokens"] > 0
+    sampled = sum(n.source == "sample" for n in tree.nodes)  # a random model's 8 tokens are mostly cut off: dropped
+    done = sampled + tree.stats["truncated"] + tree.stats["merged"] + tree.stats["dropped"]
+    assert done == cfg.candidates * sum(n.expanded for n in tree.nodes)
+    assert tree.stats["prompt_tokens"] > 0 and tree.stats["truncated"] > 0
     assert tree.stats["env_steps"] == sum(n.depth for n in tree.nodes if not kids[n.id] and n.id)
     for node in tree.nodes[1:]:
         env.reset(task)
@@ -419,6 +423,16 @@ def test_graft_share_leaves_budget_for_the_depth_limited_search(task: int) -> No
     grafted = [n for n in half.nodes if n.source == "sample" and half.nodes[n.parent].source in ("root", "expert")]
     assert len([n for n in grafted if not n.done]) == 2, "the graft may roll out half of the 4 branches"
     replay_check(half)
+
+
+@pytest.mark.parametrize("task", [1, 2, 4])
+def test_the_graft_goes_on_with_what_the_search_left(task: int) -> None:
+    """Here the graft's siblings all fail, so the search below them has nothing to expand: the rest of
+    the budget goes back to the expert steps not yet tried."""
+    tree = tree_for(task, candidates=3, max_branches=4, graft_share=0.5)
+    assert dfs_expanded(tree) == 0 and tree.stats["graft_stopped_by"] == "max_branches"
+    assert tree.stats["branches"] == 4 and tree.stats["stopped_by"] == "max_branches"
+    assert len({n.parent for n in tree.nodes if n.source == "sample"}) >= 2
 
 
 def test_max_branches_counts_rolled_out_branches_not_nodes() -> None:
@@ -654,3 +668,37 @@ def test_pipeline_explores_no_expert_task(tmp_path: Path) -> None:
     config["expert"] = {}
     with pytest.raises(QlassError, match="explore.exclude_expert: no expert data"):
         _exploration_tasks(resolve(config, "cfg.yaml"), all_tasks, "cfg.yaml")
+
+
+class Cutting(ScriptedPolicy):
+    """ScriptedPolicy whose candidates after the first are cut off by the token limit."""
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+        out = super().sample(histories, n, temperature, max_new_tokens, seed)
+        return [[c if j == 0 else Completion(c.text[:-3], c.prompt_tokens, c.completion_tokens, truncated=True)
+                 for j, c in enumerate(row)] for row in out]
+
+
+def test_truncated_samples_never_become_alternatives() -> None:
+    tree = tree_for(0, expert_graft=False, policy=Cutting(), candidates=3)
+    heads = [n for n in tree.nodes if n.source == "sample"]
+    assert tree.stats["truncated"] == 2 * sum(n.expanded for n in tree.nodes) > 0
+    kids = tree.children()
+    assert all(len([c for c in kids[n.id] if tree.nodes[c].source == "sample"]) <= 1 for n in tree.nodes)
+    assert heads and all(n.action in ScriptedPolicy.ACTIONS or n.action is None for n in heads)
+
+
+def test_new_options_enter_the_digest_and_resume_refuses_mixed_settings(tmp_path: Path) -> None:
+    legacy = small_cfg(expert_siblings=1)
+    before = {k: v for k, v in to_dict(legacy).items() if k not in ("expert_order", "graft_share", "diverse", "probe",
+                                                                     "rollouts", "max_branches")}
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert explore_digest(legacy) == digest, "trees written before the new options resume under the same settings"
+    changed = [small_cfg(expert_siblings=1, **{k: v}) for k, v in (("expert_order", "all"), ("graft_share", 0.5),
+               ("diverse", True), ("probe", True), ("rollouts", 2), ("max_branches", 9))] + [small_cfg()]
+    assert len({explore_digest(c) for c in changed} | {digest}) == len(changed) + 1
+    out = tmp_path / "trees.jsonl"
+    tasks = Rooms().tasks("train")[:2]
+    explore_tasks(Rooms, tasks, ScriptedPolicy(), small_cfg(rollouts=2), out, seed=1, progress=False)
+    with pytest.raises(QlassError, match="other exploration settings"):
+        explore_tasks(Rooms, tasks, ScriptedPolicy(), small_cfg(), out, seed=1, progress=False)

@@ -275,36 +275,39 @@ class TreeBuilder:
         self.stats["expert_order"] = [chain[i].depth for i in order]
         return [chain[i] for i in order]
 
-    def _graft_expert(self, outputs: list[str]) -> list[Node]:
-        """The expert chain under the root plus sampled siblings, within ``graft_share`` of each cap;
-        returns their expandable nodes."""
-        chain = self._expert_chain(outputs)
-        todo: list[Node] = [chain[-1]] if chain and self._expandable(chain[-1]) else []
-        if self.cfg.expert_siblings == 0 or not chain:
-            return todo
-        self.share, limit = self.cfg.graft_share, self.cfg.expert_siblings
-        steps = self._expert_order(chain)
-        if self.cfg.expert_order != "all":
-            for node in steps:
+    def _graft_siblings(self) -> list[Node]:
+        """Grow the queued expert-step siblings (``self.queue``: per expert step its parent and its
+        alternatives, ``None`` until sampled) in ``expert_order`` while the current phase has room;
+        what is left stays queued. Returns the new expandable nodes."""
+        todo: list[Node] = []
+        queue, n, limit = self.queue, self.cfg.candidates, self.cfg.expert_siblings
+        for i, (parent, alts) in enumerate(queue):
+            if alts is None:
                 if not self._room():
-                    break
-                todo += self._expand(node.parent, limit)  # type: ignore[arg-type]
-        else:  # sample at every step first, then one sibling per step in turn
-            queues: list[tuple[int, list[Completion]]] = []
-            for node in steps:
+                    return todo
+                alts = self._prepare(parent, self._alternatives(parent, n), limit)
+                queue[i] = (parent, alts)
+            while alts and self.cfg.expert_order != "all":  # a step's siblings all grown before the next step's
                 if not self._room():
-                    break
-                parent = node.parent
-                queues.append((parent, self._prepare(parent, self._alternatives(parent, self.cfg.candidates), limit)))  # type: ignore[arg-type]
-            while any(alts for _, alts in queues):
-                for parent, alts in queues:
-                    if alts:
-                        todo += self._grow(parent, [alts.pop(0)])
-                if self.stats["graft_stopped_by"] or self.stats["stopped_by"]:
-                    self.stats["dropped"] += sum(len(alts) for _, alts in queues)
-                    break
-        self.share = 1.0
+                    return todo
+                todo += self._branch(parent, alts.pop(0))
+        while any(alts for _, alts in queue):  # "all": every step sampled above, now one sibling per step in turn
+            for parent, alts in queue:
+                if alts:
+                    if not self._room():
+                        return todo
+                    todo += self._branch(parent, alts.pop(0))
         return todo
+
+    def _search(self, stack: list[Node]) -> None:
+        """Depth-first expansion of ``stack`` (popped from the end) while the caps allow."""
+        while stack:
+            node = stack.pop()
+            if not self._expandable(node):
+                continue
+            if not self._room():
+                break
+            stack += self._expand(node.id)[::-1]
 
     def build(self) -> Tree:
         """Explore the task and return its tree, Q values assigned."""
@@ -314,14 +317,21 @@ class TreeBuilder:
         self.tree = Tree(tree_id=self.task.id, task=self.task.id, env=self.env.name, split=self.task.split,
                          task_type=self.task.task_type, prefix=list(self.env.prompt()), nodes=[root], seed=self.seed,
                          config=to_dict(self.cfg), config_hash=explore_digest(self.cfg))
-        stack = self._graft_expert(outputs)[::-1] if outputs else [root]
-        while stack:  # depth-first over the expandable nodes, with the whole budget
-            node = stack.pop()
-            if not self._expandable(node):
-                continue
-            if not self._room():
-                break
-            stack += self._expand(node.id)[::-1]
+        self.queue: list[tuple[int, list[Completion] | None]] = []
+        if not outputs:
+            self._search([root])
+        else:
+            chain = self._expert_chain(outputs)
+            todo = [chain[-1]] if chain and self._expandable(chain[-1]) else []
+            if self.cfg.expert_siblings != 0 and chain:
+                self.queue = [(n.parent, None) for n in self._expert_order(chain)]  # type: ignore[misc]
+                self.share = self.cfg.graft_share
+                todo += self._graft_siblings()
+                self.share = 1.0
+            self._search(todo[::-1])
+            if any(alts is None or alts for _, alts in self.queue) and self._room():
+                self._search(self._graft_siblings()[::-1])  # budget left after the search: the graft goes on
+        self.stats["dropped"] += sum(len(alts) for _, alts in self.queue if alts)
         t = self.tree
         self.stats.update(nodes=len(t.nodes), edges=t.edges, env_steps=self.cursor.steps, resets=self.cursor.resets,
                           restores=self.cursor.restores,
