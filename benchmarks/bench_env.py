@@ -14,7 +14,8 @@ installed), so the second ratio isolates what the direct step path saves. Usage:
                                    [--other-envs alfworld,webshop] [--other-episodes 5]
 
 ``--other-envs`` also times ALFWorld and WebShop (expert episodes of their train split: steps/s and
-reset ms); they have no stock step path to compare with. WebShop reads ``$WEBSHOP_DATA`` (default:
+reset ms, means and per-episode medians, for a first play of each game and for a replay); they
+have no stock step path to compare with. WebShop reads ``$WEBSHOP_DATA`` (default:
 the repository's ``../shared/data/webshop``).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +92,9 @@ def stock_reset(env) -> Callable[[Task], object]:
 
 
 def time_other_env(name: str, episodes: int) -> dict[str, float]:
-    """Steps/s and reset time of ``name`` replaying its first ``episodes`` train experts."""
+    """Steps/s and reset time of ``name`` replaying its first ``episodes`` train experts twice: the
+    first pass plays each game for the first time in this process, the second replays them (what
+    exploration and a multi-method evaluation do; per-process game caches then apply)."""
     from qlass.envs.base import make_env
 
     kwargs: dict = {}
@@ -98,24 +102,31 @@ def time_other_env(name: str, episodes: int) -> dict[str, float]:
         default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "webshop"
         kwargs["data_dir"] = os.environ.get("WEBSHOP_DATA", str(default))
     env = make_env(name, **kwargs)
+    out: dict[str, float] = {}
     try:
         tasks = env.tasks("train")[:episodes]
         plays = [(t, env.expert(t)) for t in tasks]
-        reset_s = step_s = 0.0
-        steps = 0
-        for task, outputs in plays:
-            start = time.perf_counter()
-            env.reset(task)
-            reset_s += time.perf_counter() - start
-            start = time.perf_counter()
-            for out in outputs:
-                env.step(out)
-            step_s += time.perf_counter() - start
-            steps += len(outputs)
+        for label in ("", "replay_"):
+            resets, rates = [], []
+            step_s = 0.0
+            for task, outputs in plays:
+                start = time.perf_counter()
+                env.reset(task)
+                resets.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                for text in outputs:
+                    env.step(text)
+                elapsed = time.perf_counter() - start
+                step_s += elapsed
+                rates.append(len(outputs) / max(elapsed, 1e-9))
+            steps = sum(len(o) for _, o in plays)
+            out.update({f"{label}steps_per_s": steps / max(step_s, 1e-9),
+                        f"{label}steps_per_s_median": statistics.median(rates),
+                        f"{label}reset_ms": 1000 * statistics.fmean(resets),
+                        f"{label}reset_ms_median": 1000 * statistics.median(resets)})
     finally:
         env.close()
-    return {"episodes": len(plays), "steps": steps, "steps_per_s": steps / max(step_s, 1e-9),
-            "reset_ms": 1000 * reset_s / max(len(plays), 1)}
+    return {"episodes": len(plays), "steps": steps, **out}
 
 
 def main() -> None:
@@ -177,8 +188,10 @@ def main() -> None:
     for name in [n for n in args.other_envs.split(",") if n]:
         m = time_other_env(name, args.other_episodes)
         report[name] = m
-        print(f"{name:22s} {m['steps_per_s']:15.1f} steps/s over {m['steps']} expert steps, "
-              f"reset {m['reset_ms']:.1f} ms ({m['episodes']} episodes)")
+        for label, key in (("first play", ""), ("replay", "replay_")):
+            print(f"{name + ', ' + label:22s} {m[key + 'steps_per_s']:15.1f} steps/s over {m['steps']} expert steps "
+                  f"(median per episode {m[key + 'steps_per_s_median']:.1f}), reset {m[key + 'reset_ms']:.1f} ms "
+                  f"(median {m[key + 'reset_ms_median']:.1f}; {m['episodes']} episodes)")
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 

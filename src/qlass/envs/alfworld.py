@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import QlassError, require
 from ..types import Message, StepResult, Task
 from .alfworld_data import SPLIT_FOLDERS, resolve_data_dir
+from .alfworld_engine import AlfredEngine
 from .base import FORMAT_HINT, parse_action
 from .prompt_file import load_prompt
 
@@ -171,14 +172,9 @@ class AlfWorldEnv:
     def _load(self, path: Path) -> None:
         """Load ``path`` into the engine (built on first use; reused across games)."""
         if self._engine is None:
-            import textworld
-            from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
-            from textworld.envs.pddl import PddlEnv
-
-            engine = PddlEnv(textworld.EnvInfos(won=True, extras=["gamefile"]))
-            self._engine = AlfredInfos(AlfredDemangler(shuffle=False)(engine))
+            self._engine = AlfredEngine()
         try:
-            self._engine.load(str(path))
+            self._engine.load(path)
         except (OSError, ValueError, KeyError) as exc:
             self._game = None
             raise QlassError(f"alfworld: cannot load game {path}: {exc}") from None
@@ -188,9 +184,9 @@ class AlfWorldEnv:
         path = self._game_file(task)
         if path != self._game:
             self._load(path)
-        state = self._engine.reset()
+        intro = self._engine.reset()
         self._task, self._steps, self._done, self._won = task, 0, False, False
-        return _first_observation(state.feedback)
+        return _first_observation(intro)
 
     def step(self, output: str) -> StepResult:
         if self._task is None:
@@ -203,9 +199,8 @@ class AlfWorldEnv:
         if action is None:
             observation = FORMAT_HINT
         else:
-            state, _, _ = self._engine.step(normalize_action(action))
-            observation = state.feedback.strip()
-            self._won = bool(state["won"])
+            observation = self._engine.step(normalize_action(action)).strip()
+            self._won = self._engine.won
         self._done = self._won or self._steps >= self.step_limit
         return StepResult(observation, 1.0 if self._won else 0.0, self._done,
                           {"steps": self._steps, "action": action, "won": self._won})
