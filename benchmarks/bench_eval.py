@@ -103,7 +103,7 @@ def main() -> None:
     many, many_records = timed_evaluation(policy, qnet, tasks, runs, args.max_steps, args.concurrency)
     raw = raw_decode(policy, tasks, args.concurrency, args.max_new_tokens)
     single = raw_decode(policy, tasks, 1, args.max_new_tokens)
-    key = lambda r: (r["method"], r["task"])  # noqa: E731
+    key = lambda r: (r["method"], r["task"])
     alone = {key(r): r["trajectory"]["conversations"] for r in one_records}
     same = sum(alone.get(key(r)) == r["trajectory"]["conversations"] for r in many_records)
     ratio = many["episodes_per_hour"] / one["episodes_per_hour"]

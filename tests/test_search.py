@@ -7,16 +7,22 @@ environment's reward would pick A — which is how these tests prove the reward 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 
 from qlass.envs.base import parse_action
+from qlass.errors import QlassError
 from qlass.search import (
-    BestOfNConfig, QlassConfig, SearchContext, argmax, best_of_n, make_method_config, qlass_search,
+    BestOfNConfig,
+    QlassConfig,
+    SearchContext,
+    argmax,
+    best_of_n,
+    make_method_config,
+    qlass_search,
     unique_candidates,
 )
-from qlass.errors import QlassError
 from qlass.types import Completion, History, Message, StepResult, Task
 
 

@@ -18,9 +18,9 @@ output without an action (its format hint), so the step counts and the episode g
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from .envs.base import Env, parse_action
 from .lockstep import Sample, run_one

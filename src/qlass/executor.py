@@ -28,7 +28,8 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 from .errors import QlassError, require
 

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .agent import (
-    EpisodeConfig, SearchContext, ValueModel, apply_output, episode_running, finish, play, start_messages,
+    EpisodeConfig,
+    SearchContext,
+    ValueModel,
+    apply_output,
+    episode_running,
+    finish,
+    play,
+    start_messages,
 )
 from .candidates import argmax, normalise_action, unique_candidates
 from .config import build, option, parse_kv
@@ -34,9 +41,24 @@ from .seeding import stable_seed
 from .types import Message, Step, Task, Trajectory
 
 __all__ = [
-    "BestOfNConfig", "GreedyConfig", "METHODS", "Method", "QlassConfig", "SampleConfig", "SearchContext",
-    "ValueModel", "argmax", "best_of_n", "greedy", "make_method_config", "method_label", "normalise_action",
-    "parse_method", "qlass_search", "sample", "unique_candidates",
+    "METHODS",
+    "BestOfNConfig",
+    "GreedyConfig",
+    "Method",
+    "QlassConfig",
+    "SampleConfig",
+    "SearchContext",
+    "ValueModel",
+    "argmax",
+    "best_of_n",
+    "greedy",
+    "make_method_config",
+    "method_label",
+    "normalise_action",
+    "parse_method",
+    "qlass_search",
+    "sample",
+    "unique_candidates",
 ]
 
 log = logging.getLogger(__name__)
