@@ -33,6 +33,7 @@ import functools
 import json
 import re
 from collections import Counter, defaultdict
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,20 +145,14 @@ def _template_reads(logic: Any, template: str) -> tuple[frozenset[str], tuple] |
     """What a command template's derivation reads: the placeholder names of its ``{...}``
     expressions and the predicates of its queries; None for a template of any other form (or whose
     list rules have conditions), which is then derived every time."""
-    from textworld.envs.pddl.textgen import (
-        ConditionalSymbol,
-        EvalSymbol,
-        ListSymbol,
-        TerminalSymbol,
-        _parse_and_convert,
-    )
+    from textworld.envs.pddl.textgen import ConditionalSymbol, EvalSymbol, ListSymbol, TerminalSymbol
     from textworld.logic import Rule
 
     if any(rule.condition for name in _LIST_RULES for rule in logic.grammar._rules.get(name, ())):
         return None
     names: set[str] = set()
     queries: list[Any] = []
-    for symbol in _parse_and_convert(template, rule_name="symbols"):
+    for symbol in _parsed(template):
         if isinstance(symbol, ListSymbol):
             symbol = symbol.symbol
         if isinstance(symbol, TerminalSymbol):
@@ -173,6 +168,44 @@ def _template_reads(logic: Any, template: str) -> tuple[frozenset[str], tuple] |
     if any(pred.name.startswith("not_") for pred in queries):
         return None
     return frozenset(names), tuple(queries)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(text: str) -> list[Any]:
+    """The grammar symbols of ``text`` (a template or rule name), parsed once; callers derive from
+    deep copies, as the parse leaves them."""
+    from textworld.envs.pddl.textgen import _parse_and_convert
+
+    return _parse_and_convert(text, rule_name="symbols")
+
+
+def _derive(logic: Any, text: str, context: dict[str, Any]) -> str:
+    """``logic.grammar.derive(text, context)`` with the parse of ``text`` kept (the derivation
+    itself is the stock one: expand a stack of symbols until only text is left)."""
+    from textworld.envs.pddl.textgen import (
+        ConditionalSymbol,
+        EvalSymbol,
+        ListSymbol,
+        NonterminalSymbol,
+        TerminalSymbol,
+        copy_context,
+    )
+
+    stack = deepcopy(_parsed(text))[::-1]
+    for symbol in stack:
+        symbol.context = copy_context(context)
+    pieces: list[str] = []
+    while stack:
+        symbol = stack.pop()
+        if isinstance(symbol, TerminalSymbol):
+            pieces.append(str(symbol))
+        elif isinstance(symbol, NonterminalSymbol):
+            stack += logic.grammar.replace(symbol)[::-1]
+        elif isinstance(symbol, (ConditionalSymbol, EvalSymbol, ListSymbol)):
+            stack += symbol.derive()[::-1]
+        else:
+            raise NotImplementedError(f"unknown grammar symbol {symbol!r}")
+    return "".join(pieces)
 
 
 def _context(state: Any, infos: dict[str, Any], mapping: dict) -> dict[str, Any]:
@@ -207,7 +240,7 @@ class AlfredEngine:
         if game.entity_infos is None:
             game.entity_infos = _entity_infos(self._state)
         if game.intro is None:
-            game.intro = game.logic.grammar.derive("#intro#", _context(self._state, game.entity_infos, {}))
+            game.intro = _derive(game.logic, "#intro#", _context(self._state, game.entity_infos, {}))
         self._refresh()
         return game.intro
 
@@ -222,7 +255,7 @@ class AlfredEngine:
         action = self._actions[index]
         try:
             state.apply(action)
-            feedback = game.logic.grammar.derive(action.feedback_rule, _context(state, game.entity_infos, action.mapping))
+            feedback = _derive(game.logic, action.feedback_rule, _context(state, game.entity_infos, action.mapping))
         except ValueError:  # the stock env's answer to any ValueError of a step
             feedback = NOTHING_HAPPENS
         self._refresh()
@@ -259,7 +292,7 @@ class AlfredEngine:
                        tuple(tuple(action.mapping[ph] for ph in pred.parameters) for pred in queries), facts)
                 if key in game.commands:
                     return game.commands[key]
-        derived = game.logic.grammar.derive(template, _context(state, game.entity_infos, action.mapping))
+        derived = _derive(game.logic, template, _context(state, game.entity_infos, action.mapping))
         if key is not None:
             game.commands[key] = derived
         return derived
