@@ -89,6 +89,25 @@ def test_alfworld_data_env_var_is_used(tmp_path: Path, monkeypatch: pytest.Monke
     assert [t.id for t in mine.tasks("seen")] == [SEEN_GAME]
 
 
+def test_an_edited_game_file_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: AlfWorldEnv) -> None:
+    """Games are kept per process by path, modification time and size: a changed file is a new game."""
+    task = env.task(SEEN_GAME)
+    src = env.root / "valid_seen" / task.meta["task_folder"] / task.meta["trial"] / "game.tw-pddl"
+    dst = tmp_path / "json_2.1.1" / "valid_seen" / task.meta["task_folder"] / task.meta["trial"] / "game.tw-pddl"
+    dst.parent.mkdir(parents=True)
+    dst.write_bytes(src.read_bytes())
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
+    mine = AlfWorldEnv()
+    try:
+        assert mine.reset(task).endswith("look at alarmclock under the desklamp.")
+        dst.write_text(src.read_text(encoding="utf-8").replace("under the desklamp.", "under the bright desklamp."),
+                       encoding="utf-8")
+        mine.close()  # the next reset loads the file again
+        assert mine.reset(task).endswith("look at alarmclock under the bright desklamp.")
+    finally:
+        mine.close()
+
+
 def test_splits_tasks_and_types(env: AlfWorldEnv) -> None:
     assert env.splits() == {"train": 3553, "seen": 140, "unseen": 134}
     seen = env.tasks("seen")
