@@ -9,9 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlass.policy.hf import SEED_STRIDE, HFPolicy, complete_action
-from qlass.seeding import candidate_seed
+from qlass.envs.base import parse_action
+from qlass.errors import QlassError
+from qlass.policy import check_policy_options
+from qlass.policy.hf import SEED_STRIDE, HFPolicy
+from qlass.policy.outputs import complete_action
 from qlass.policy.render import encode_conversation
+from qlass.policy.sampling import filter_probs
+from qlass.seeding import candidate_seed
 from qlass.types import Message
 
 HIST = [Message("user", "Instruction: act."), Message("assistant", "OK"), Message("user", "Task: find a plant.")]
@@ -236,3 +241,133 @@ def test_per_history_seeds_do_not_depend_on_the_batch(policy: HFPolicy) -> None:
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
     with pytest.raises(ValueError, match="2 seeds for 3 histories"):
         policy.sample([HIST, LONGER, HIST], n=1, temperature=1.0, max_new_tokens=4, seed=[1, 2])
+
+
+# -- truncation (bug B3) ---------------------------------------------------------------------------
+def test_output_cut_by_the_token_limit_is_flagged_truncated_not_completed(scripted: Path) -> None:
+    """Bug B3: an output cut inside its action line ("Action: go to") came back as if complete."""
+    policy = HFPolicy(scripted, max_length=256)
+    tok = policy.tokenizer
+    plant, animal = ([Message("user", task)] for task in SCRIPTS)
+    ids = tok(SCRIPTS[plant[0].content], add_special_tokens=False)["input_ids"]
+    newline_at = next(i for i in range(len(ids)) if complete_action(tok.decode(ids[: i + 1])))
+    (cut,) = policy.sample([plant], 1, 0.0, newline_at, seed=0)[0]  # one token short of the newline
+    assert cut.truncated and cut.text == tok.decode(ids[:newline_at]).strip()
+    assert cut.text.startswith("Thought: go.\nAction: go to") and cut.completion_tokens == newline_at
+    (whole,) = policy.sample([plant], 1, 0.0, newline_at + 1, seed=0)[0]  # the newline is the last token
+    assert not whole.truncated and whole.text == "Thought: go.\nAction: go to greenhouse"
+    end = len(tok(SCRIPTS[animal[0].content], add_special_tokens=False)["input_ids"])
+    (ended,) = policy.sample([animal], 1, 0.0, end, seed=0)[0]  # the end token is the last token
+    assert not ended.truncated and ended.text == "Thought: look.\nAction: look around"
+    (unclosed,) = policy.sample([animal], 1, 0.0, end - 1, seed=0)[0]  # "Action: look around", not closed
+    assert unclosed.truncated and unclosed.text == "Thought: look.\nAction: look around"
+
+
+# -- top-p / min-p ---------------------------------------------------------------------------------
+def test_filter_probs_keeps_the_nucleus_and_the_min_p_share() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+
+    def kept(**kw: float) -> list[list[bool]]:
+        return (filter_probs(probs, **kw) > 0).tolist()
+
+    assert kept(top_p=0.7) == [[True, True, False, False], [False, False, True, True]]
+    assert kept(top_p=0.8)[0] == [True, True, False, False] and kept(top_p=0.81)[0] == [True, True, True, False]
+    assert kept(top_p=1e-9)[0] == [True, False, False, False]
+    assert kept(min_p=0.5)[0] == [True, True, False, False] and kept(min_p=0.2)[0] == [True, True, True, False]
+    assert kept(min_p=0.2, top_p=0.9)[0] == [True, True, True, False]  # top-p of what min-p left (0.95)
+    assert torch.equal(filter_probs(probs, top_p=0.7)[0], torch.tensor([0.5, 0.3, 0.0, 0.0]))
+
+
+def test_tiny_top_p_samples_the_greedy_output(tiny_model_dir: Path, policy: HFPolicy) -> None:
+    greedy = policy.sample([LONGER], 1, 0.0, 8)[0][0]
+    nucleus = HFPolicy(tiny_model_dir, max_length=512, top_p=1e-6).sample([LONGER], 3, 1.0, 8, seed=4)[0]
+    assert [c.text for c in nucleus] == [greedy.text] * 3
+    assert [c.logprob for c in nucleus] == pytest.approx([greedy.logprob] * 3, abs=1e-3)
+    assert len({c.text for c in policy.sample([LONGER], 3, 1.0, 8, seed=4)[0]}) > 1  # unfiltered: they differ
+
+
+def test_min_p_draws_only_tokens_near_the_most_likely(tiny_model_dir: Path, policy: HFPolicy) -> None:
+    """The random tiny model is nearly flat: 14 first tokens hold at least half the top probability
+    (0.06% of the mass). With min_p = 0.5 every draw is one of them; unfiltered, almost none is."""
+    probs = torch.softmax(policy._prefill(policy.encode(HIST)).logits, dim=-1)
+    near = set(torch.nonzero(probs >= 0.5 * probs.max()).flatten().tolist())
+    assert 1 < len(near) < 100
+    near_texts = {policy.tokenizer.decode([t]).strip() for t in near}
+    drawn = [c.text for c in HFPolicy(tiny_model_dir, max_length=512, min_p=0.5).sample([HIST], 24, 1.0, 1, seed=1)[0]]
+    assert set(drawn) <= near_texts and len(set(drawn)) > 1
+    assert sum(c.text in near_texts for c in policy.sample([HIST], 24, 1.0, 1, seed=1)[0]) < 4
+    with pytest.raises(QlassError, match="top_p must be in"):
+        HFPolicy(tiny_model_dir, top_p=0.0)
+    with pytest.raises(QlassError, match="min_p must be in"):
+        HFPolicy(tiny_model_dir, min_p=1.5)
+    check_policy_options(str(tiny_model_dir), {"top_p": 0.9, "min_p": 0.05, "distinct": True})
+
+
+# -- distinct candidates, on a tiny model taught a skewed choice -------------------------------------
+COLOURS = {"red": 5, "blue": 1, "green": 1, "white": 1}
+PICK = [Message("user", "Task: pick a colour.")]
+
+
+@pytest.fixture(scope="module")
+def colours(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model trained to answer PICK with "pick <colour>", red five times as often as each other."""
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompt = encode_conversation(tok, PICK)[0]
+    seqs = [tok(f"Thought: pick one.\nAction: pick {c}<|im_end|>", add_special_tokens=False)["input_ids"]
+            for c, k in COLOURS.items() for _ in range(k)]
+    width = max(map(len, seqs))
+    x = torch.tensor([prompt + s + [tok.eos_token_id] * (width - len(s)) for s in seqs])
+    y = torch.tensor([[-100] * len(prompt) + s + [-100] * (width - len(s)) for s in seqs])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(input_ids=x, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("colours") / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_distinct_candidates_have_distinct_actions(colours: Path) -> None:
+    """Plain sampling repeats "pick red"; distinct sampling gives the four colours, branching where
+    the model has probability left (min_p keeps the 0.1% junk tokens out, as in practice)."""
+    plain = HFPolicy(colours, max_length=256, min_p=0.05)
+    distinct = HFPolicy(colours, max_length=256, min_p=0.05, distinct=True)
+    repeats = 0
+    for seed in range(4):
+        base = plain.sample([PICK], 4, 1.0, 30, seed=seed)[0]
+        repeats += len({parse_action(c.text) for c in base}) < 4
+        cands = distinct.sample([PICK], 4, 1.0, 30, seed=seed)[0]
+        assert sorted(parse_action(c.text) for c in cands) == sorted(f"pick {c}" for c in COLOURS)
+        assert all(not c.truncated for c in cands)
+        assert sum(c.completion_tokens for c in cands) >= sum(c.completion_tokens for c in base)
+        assert distinct.sample([PICK], 4, 1.0, 30, seed=seed)[0] == cands  # reproducible
+    assert repeats == 4  # plain sampling repeats "pick red" every time
+    assert distinct.sample([PICK], 3, 0.0, 30)[0] == plain.sample([PICK], 3, 0.0, 30)[0]  # greedy: unchanged
+
+
+# -- teacher-forced scoring ------------------------------------------------------------------------
+def test_scores_equal_the_logprob_of_sampled_outputs(colours: Path, scripted: Path) -> None:
+    policy = HFPolicy(colours, max_length=256)
+    sampled = policy.sample([PICK, HIST], 4, 1.0, 30, seed=2)
+    ended = [c for c in sampled[0] if not c.truncated]  # ended with the end-of-turn token
+    assert len(ended) == 4
+    scores = policy.score_outputs([PICK] * 4, [c.text for c in ended])
+    assert [n for _, n in scores] == [c.completion_tokens for c in ended]
+    assert [s for s, _ in scores] == pytest.approx([c.logprob for c in ended], abs=1e-3)
+    mixed = policy.score_outputs([HIST, PICK, LONGER], ["Thought: x\nAction: y", ended[0].text, "Action: look"])
+    alone = [policy.score_outputs([h], [o])[0] for h, o in
+             [(HIST, "Thought: x\nAction: y"), (PICK, ended[0].text), (LONGER, "Action: look")]]
+    assert [n for _, n in mixed] == [n for _, n in alone]
+    assert [s for s, _ in mixed] == pytest.approx([s for s, _ in alone], abs=1e-3)  # batching changes nothing
+    animal = [Message("user", "Task: find an animal.")]
+    scripted_policy = HFPolicy(scripted, max_length=256)
+    (c,) = scripted_policy.sample([animal], 1, 0.0, 40)[0]
+    ((score, count),) = scripted_policy.score_outputs([animal], [c.text])
+    assert count == c.completion_tokens and score == pytest.approx(c.logprob, abs=1e-3) and score > -1
+    ((wrong, _),) = scripted_policy.score_outputs([animal], ["Thought: look.\nAction: go to greenhouse"])
+    assert wrong < score - 5

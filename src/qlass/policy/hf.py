@@ -12,10 +12,14 @@ What one call ``sample(histories, n, ...)`` does:
 3. Decode: each prompt's cache is expanded to its ``n`` rows (one prefill for all candidates); the
    rows of several histories are left-padded into one batch and decoded together by a plain loop
    over ``model(ids, cache=...)``; finished rows leave the batch.
-4. A row stops after the newline that ends its ``Action:`` line, at EOS or at the end-of-turn token.
-   The returned text is ``Thought: ...\\nAction: ...`` without the end token; ``completion_tokens``
-   counts every generated token (end token included); ``logprob`` sums the sampled tokens'
-   log-probabilities under the model (temperature 1).
+4. A token is drawn from the tempered distribution, filtered by ``top_p`` / ``min_p`` when set
+   (:mod:`~qlass.policy.sampling`; with ``distinct``, under its rules). A row stops after the
+   newline that ends its ``Action:`` line, at EOS or at the end-of-turn token. The returned text is
+   ``Thought: ...\\nAction: ...`` without the end token; a row the token limit stopped first comes
+   back as generated with ``truncated=True`` (:func:`~qlass.policy.outputs.final_output`).
+   ``completion_tokens`` counts every generated token (end token included); ``logprob`` sums the
+   sampled tokens' log-probabilities under the model (temperature 1, unfiltered), what
+   :meth:`HFPolicy.score_outputs` computes teacher-forced.
 
 Sampling is reproducible and independent of batching: history ``i`` has a base seed (``seed[i]``
 when ``seed`` is a list, one per history; ``seed + i * SEED_STRIDE`` when it is one int) and its
@@ -40,12 +44,16 @@ from typing import Any
 
 import torch
 
+from ..envs.base import parse_action
 from ..errors import QlassError
 from ..models import resolve_device
 from ..seeding import candidate_seed
 from ..types import Completion, History, Message
 from . import kv
+from .outputs import complete_action, final_output
 from .render import encode_conversation, ensure_chat_template, truncate_history
+from .sampling import DistinctGuard, Row, distinct_rounds, filter_probs
+from .scoring import score_outputs
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +69,6 @@ def default_keep_prefix(messages: Sequence[Message]) -> int:
         if messages[i].role == "user" and not messages[i].content.startswith("Observation:"):
             return i + 1
     return min(1, len(messages))
-
-
-def complete_action(text: str) -> str | None:
-    """``text`` cut after its first complete ``Action:`` line (non-empty and ended by a newline),
-    or ``None`` while no such line exists."""
-    head, sep, tail = text.partition("Action:")
-    if not sep or "\n" not in tail.lstrip(" "):
-        return None
-    action = tail.lstrip(" ").split("\n", 1)[0].strip()
-    return f"{head}Action: {action}" if action else None
 
 
 def fit_history(history: Sequence[Message], fits: Callable[[Sequence[Message]], bool]) -> list[Message]:
@@ -143,6 +141,14 @@ class HFPolicy:
             draws on every device (given the same logits).
         seed: seeds the per-call seeds of calls made with ``seed=None``.
         max_batch_rows: histories are decoded together while their rows fit in this many.
+        top_p: nucleus sampling: draw only from the most likely tokens holding this much probability
+            (1 = off). min_p: draw only tokens at least this fraction as likely as the most likely
+            one (0 = off). Both filter the tempered distribution (:func:`.sampling.filter_probs`).
+        distinct: when ``n > 1`` at temperature > 0, a history's candidates get distinct actions where
+            the model allows it (:mod:`.sampling`). Cost: rows repeating an action are decoded again
+            in further rounds (at most ``n``), each as long as its longest row, so a call whose
+            candidates repeat takes up to ``n`` times the decoding time; ``completion_tokens``
+            include the tokens of the discarded attempts. Off, decoding is unchanged.
     """
 
     def __init__(
@@ -156,7 +162,15 @@ class HFPolicy:
         device: str = "auto",
         seed: int = 0,
         max_batch_rows: int = 32,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        distinct: bool = False,
     ) -> None:
+        if not 0 < top_p <= 1:
+            raise QlassError(f"policy option top_p must be in (0, 1], got {top_p!r}")
+        if not 0 <= min_p <= 1:
+            raise QlassError(f"policy option min_p must be in [0, 1], got {min_p!r}")
+        self.top_p, self.min_p, self.distinct = float(top_p), float(min_p), bool(distinct)
         if threads:
             torch.set_num_threads(int(threads))
         self.model, self.tokenizer = load_causal_lm(model_dir, dtype)
@@ -221,20 +235,32 @@ class HFPolicy:
             ids = ids[-budget:]
         return ids
 
+    def score_outputs(self, histories: Sequence[History], outputs: Sequence[str]) -> list[tuple[float, int]]:
+        """Teacher-forced ``(log-probability, tokens)`` of each ``outputs[i]`` as the reply to
+        ``histories[i]`` (:func:`.scoring.score_outputs`): what sampling reports as ``logprob`` and
+        ``completion_tokens`` for the same output ended by the end-of-turn token."""
+        return score_outputs(self, histories, outputs)
+
     def clear_cache(self) -> None:
         """Forget the cached prompts (frees their memory; the next call prefills from scratch)."""
         self.store.clear()
 
     # -- internals -------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None = None,
-                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits (float32, ``[batch, vocab]``) after ``ids``; ``cache`` grows in place."""
+    def _run(self, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None, keep: int = 1) -> torch.Tensor:
+        """Logits (float32, on the CPU, ``[batch, keep, vocab]``) after each of the last ``keep``
+        positions of ``ids``; ``cache`` grows in place."""
         kwargs: dict[str, Any] = {self._cache_arg: cache}
         if mask is not None:
             kwargs.update(attention_mask=mask, position_ids=positions)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1, :].float().cpu()
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **kwargs)
+        return out.logits[:, -keep:, :].float().cpu()
+
+    def _forward(self, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (float32, ``[batch, vocab]``) after ``ids``; ``cache`` grows in place."""
+        return self._run(ids, cache, mask, positions)[:, -1, :]
 
     def _prefill(self, ids: list[int]) -> kv.Prefix:
         """The cache and next-token logits of ``ids``, computing only what no stored prompt shares."""
@@ -249,21 +275,22 @@ class HFPolicy:
         self.store.put(key, entry)
         return entry
 
-    def _start(self, prompts: list[list[int]], rows: int, extra: int
+    def _start(self, prompts: list[list[int]], counts: list[int], extra: int
                ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Decode state for ``rows`` candidates of each prompt: cache, first logits, mask, positions."""
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(rows)
+        """Decode state for ``counts[i]`` rows of each prompt ``i``: cache, first logits, mask, positions."""
+        repeats = torch.tensor(counts, device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(repeats)
         if not self.plain:  # generic cache classes: one prompt, prefilled fresh, rows repeated
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
             logits = self._forward(torch.tensor([prompts[0]], device=self.device), cache)
             self.prefill_tokens += len(prompts[0])
-            cache.batch_repeat_interleave(rows)
-            return cache, logits.expand(rows, -1), None, lengths
+            cache.batch_repeat_interleave(counts[0])
+            return cache, logits.expand(counts[0], -1), None, lengths
         entries = [self._prefill(p) for p in prompts]
-        cache, mask = kv.batch_cache([e.kv for e in entries], rows, extra)
-        logits = torch.stack([e.logits for e in entries]).repeat_interleave(rows, dim=0)
+        cache, mask = kv.batch_cache([e.kv for e in entries], counts, extra)
+        logits = torch.stack([e.logits for e in entries]).repeat_interleave(repeats.cpu(), dim=0)
         return cache, logits, mask, lengths
 
     def _ends(self, tokens: list[int]) -> bool:
@@ -275,27 +302,69 @@ class HFPolicy:
             self._newline[tok] = "\n" in self.tokenizer.decode([tok])
         return self._newline[tok] and complete_action(self.tokenizer.decode(tokens)) is not None
 
+    def _text(self, tokens: list[int], ended: bool) -> tuple[str, bool]:
+        """The returned text of a row's tokens and whether it is truncated (:func:`final_output`)."""
+        return final_output(self.tokenizer.decode([t for t in tokens if t not in self.stop_ids]), cut=not ended)
+
+    def _row_action(self, row: Row) -> str | None:
+        """The action of a decoded row (``None`` if it has none or was truncated)."""
+        return parse_action(self._text(row.tokens, ended=True)[0]) if row.ended else None
+
+    def _action_if_ends(self, tokens: list[int]) -> str | None:
+        """The action ``tokens`` end with (``""`` if none), or ``None`` while they do not end a row."""
+        if not self._ends(tokens):
+            return None
+        return parse_action(self._text(tokens, ended=True)[0]) or ""
+
     def _generate(self, prompts: list[list[int]], rows: int, temperature: float, max_new_tokens: int,
                   seeds: list[int]) -> list[list[Completion]]:
-        """Decode ``rows`` candidates for every prompt in one batch."""
-        cache, logits, mask, positions = self._start(prompts, rows, max_new_tokens)
-        total = logits.shape[0]
+        """Decode ``rows`` candidates for every prompt in one batch (in rounds when ``distinct``)."""
         gens = [torch.Generator().manual_seed(s) for s in seeds] if temperature > 0 else []
-        tokens: list[list[int]] = [[] for _ in range(total)]
-        logprob = [0.0] * total
+        if self.distinct and rows > 1 and temperature > 0:
+            def decode(todo: list[int], guard: DistinctGuard) -> list[Row]:
+                counts = [sum(1 for r in todo if r // rows == i) for i in range(len(prompts))]
+                live = [i for i, c in enumerate(counts) if c]
+                return self._decode([prompts[i] for i in live], [counts[i] for i in live], temperature,
+                                    max_new_tokens, [gens[r] for r in todo], guard)
+
+            decoded = distinct_rounds(len(prompts), rows, decode, self._action_if_ends, self._row_action)
+        else:
+            decoded = self._decode(prompts, [rows] * len(prompts), temperature, max_new_tokens, gens)
+        out = []
+        for r, row in enumerate(decoded):
+            text, truncated = self._text(row.tokens, row.ended)
+            out.append(Completion(text, len(prompts[r // rows]), len(row.tokens) + row.spent, row.logprob, truncated))
+        return [out[i * rows : (i + 1) * rows] for i in range(len(prompts))]
+
+    def _pick(self, logits: torch.Tensor, active: list[int], temperature: float, gens: list[torch.Generator],
+              tokens: list[list[int]], guard: DistinctGuard | None) -> list[int]:
+        """The next token of each active row: argmax at temperature 0, else a draw from the tempered,
+        filtered distribution with the row's own generator (under ``guard``'s rules when given)."""
+        if temperature == 0:
+            return logits.argmax(dim=-1).tolist()
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if self.top_p < 1 or self.min_p > 0:
+            probs = filter_probs(probs, self.top_p, self.min_p)
+        if guard is not None:
+            return [guard.pick(r, probs[b], gens[r], tokens[r]) for b, r in enumerate(active)]
+        return [int(torch.multinomial(probs[b], 1, generator=gens[r])) for b, r in enumerate(active)]
+
+    def _decode(self, prompts: list[list[int]], counts: list[int], temperature: float, max_new_tokens: int,
+                gens: list[torch.Generator], guard: DistinctGuard | None = None) -> list[Row]:
+        """Decode ``counts[i]`` rows of each prompt ``i`` together; row ``r`` draws with ``gens[r]``."""
+        cache, logits, mask, positions = self._start(prompts, counts, max_new_tokens)
+        total = logits.shape[0]
+        rows = [Row() for _ in range(total)]
         active = list(range(total))  # batch position -> row
         for step in range(max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)
-            if temperature == 0:
-                picks = logits.argmax(dim=-1).tolist()
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                picks = [int(torch.multinomial(probs[b], 1, generator=gens[r])) for b, r in enumerate(active)]
+            picks = self._pick(logits, active, temperature, gens, [row.tokens for row in rows], guard)
             keep = []
             for b, (r, tok) in enumerate(zip(active, picks)):
-                tokens[r].append(tok)
-                logprob[r] += float(logp[b, tok])
-                if not self._ends(tokens[r]):
+                rows[r].tokens.append(tok)
+                rows[r].logprob += float(logp[b, tok])
+                rows[r].ended = self._ends(rows[r].tokens)
+                if not rows[r].ended:
                     keep.append(b)
             if not keep or step == max_new_tokens - 1:
                 break
@@ -307,12 +376,7 @@ class HFPolicy:
                 active = [active[b] for b in keep]
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            feed = torch.tensor([[tokens[r][-1]] for r in active], device=self.device)
+            feed = torch.tensor([[rows[r].tokens[-1]] for r in active], device=self.device)
             logits = self._forward(feed, cache, mask, positions.unsqueeze(1))
             positions = positions + 1
-        out = []
-        for r in range(total):
-            text = self.tokenizer.decode([t for t in tokens[r] if t not in self.stop_ids])
-            text = (complete_action(text + "\n") or text).strip()
-            out.append(Completion(text, len(prompts[r // rows]), len(tokens[r]), logprob[r]))
-        return [out[i * rows : (i + 1) * rows] for i in range(len(prompts))]
+        return rows

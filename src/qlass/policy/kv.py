@@ -111,13 +111,17 @@ def cache_kv(cache: DynamicCache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def batch_cache(prompts: Sequence[KV], rows: int, extra: int) -> tuple[DynamicCache, torch.Tensor | None]:
-    """One decode cache: each prompt's cache repeated ``rows`` times, left-padded to the longest,
-    with ``extra`` free positions; and the ``[batch, longest]`` attention mask (``None`` without
-    padding). Row ``i * rows + j`` is candidate ``j`` of prompt ``i``."""
+def batch_cache(prompts: Sequence[KV], rows: int | Sequence[int], extra: int
+                ) -> tuple[DynamicCache, torch.Tensor | None]:
+    """One decode cache: each prompt's cache repeated for its rows (``rows`` each, or ``rows[i]`` for
+    prompt ``i``), left-padded to the longest, with ``extra`` free positions; and the
+    ``[batch, longest]`` attention mask (``None`` without padding). Prompt ``i``'s rows come after
+    those of prompts ``0 .. i-1``."""
+    counts = [rows] * len(prompts) if isinstance(rows, int) else list(rows)
+    starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
     lengths = [p[0][0].shape[-2] for p in prompts]
     longest = max(lengths)
-    batch = len(prompts) * rows
+    batch = starts[-1]
     layers = []
     for li in range(len(prompts[0])):
         k0, v0 = prompts[0][li]
@@ -125,14 +129,14 @@ def batch_cache(prompts: Sequence[KV], rows: int, extra: int) -> tuple[DynamicCa
         vb = v0.new_zeros(batch, v0.shape[1], longest + extra, v0.shape[-1])
         for i, prompt in enumerate(prompts):
             k, v = prompt[li]
-            kb[i * rows : (i + 1) * rows, :, longest - lengths[i] : longest] = k
-            vb[i * rows : (i + 1) * rows, :, longest - lengths[i] : longest] = v
+            kb[starts[i] : starts[i + 1], :, longest - lengths[i] : longest] = k
+            vb[starts[i] : starts[i + 1], :, longest - lengths[i] : longest] = v
         layers.append(BufferLayer.holding(kb, vb, longest))
     if all(n == longest for n in lengths):
         return new_cache(layers), None
     mask = torch.zeros(batch, longest, dtype=torch.long, device=kb.device)
     for i, n in enumerate(lengths):
-        mask[i * rows : (i + 1) * rows, longest - n :] = 1
+        mask[starts[i] : starts[i + 1], longest - n :] = 1
     return new_cache(layers), mask
 
 
