@@ -26,7 +26,9 @@ import pytest
 from qlass.errors import QlassError
 from qlass.models import default_gguf_path, default_tokenizer_dir
 from qlass.policy import OpenAIPolicy, load_policy
+from qlass.policy.hf import SEED_STRIDE
 from qlass.policy.render import encode_conversation
+from qlass.seeding import candidate_seed
 from qlass.types import Message
 
 KEY = "sk-test-5f0c1d9e"
@@ -234,13 +236,14 @@ def test_timeouts_and_refused_connections_are_retried(scripted: Any) -> None:
         OpenAIPolicy(closed, model="m", endpoint="chat", backoff=0.01, max_retries=2).sample([HIST])
 
 
-def test_fewer_choices_than_n_are_topped_up_with_the_next_seeds(scripted: Any) -> None:
+def test_fewer_choices_than_n_are_topped_up_with_candidate_seeds(scripted: Any) -> None:
     server = scripted(ok("Thought: 1\nAction: a", usage=USAGE), ok("Thought: 2\nAction: b", usage=USAGE),
                       ok("Thought: 3\nAction: c", usage=USAGE))
     policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01)
     comps = policy.sample([HIST], n=3, temperature=1.0, max_new_tokens=8, seed=10)[0]
     assert [c.text[-1] for c in comps] == ["a", "b", "c"]
-    assert [(b["n"], b["seed"]) for _, _, b in server.seen] == [(3, 10), (2, 11), (1, 12)]
+    assert [(b["n"], b["seed"]) for _, _, b in server.seen] == [(3, 10), (2, candidate_seed(10, 1)),
+                                                               (1, candidate_seed(10, 2))]
 
 
 def test_tokens_counted_when_usage_is_missing_or_shared(scripted: Any) -> None:
@@ -336,3 +339,46 @@ def test_pipeline_samples_through_a_policy_server(llama_server: str, tiny_model_
     records = [json.loads(line) for line in (run_dir / "eval" / "records.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"greedy", "qlass(m=2)"}
     assert all(r["prompt_tokens"] > 0 for r in records)
+
+
+def test_choices_cut_by_the_token_limit_are_flagged_truncated(scripted: Any) -> None:
+    """Bug B3: a choice the server cut at max_tokens inside its action line came back as complete."""
+    def choice(text: str, finish: str) -> dict[str, Any]:
+        return {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": text}}
+
+    replies = [(200, {}, {"choices": [c], "usage": USAGE}, 0.0) for c in (
+        choice("Thought: a\nAction: go nor", "length"),                # cut inside the action
+        choice("Thought: a\nAction: go north\nThought: b", "length"),  # cut after a complete action line
+        choice("Thought: a\nAction: go north", "stop"))]               # stopped by a stop sequence
+    server = scripted(*replies)
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01)
+    got = [policy.sample([HIST], 1, 0.0, 9)[0][0] for _ in replies]
+    assert [(c.text, c.truncated) for c in got] == [("Thought: a\nAction: go nor", True),
+                                                    ("Thought: a\nAction: go north", False),
+                                                    ("Thought: a\nAction: go north", False)]
+
+
+def test_top_p_min_p_and_per_history_seeds_are_sent(scripted: Any) -> None:
+    server = scripted(*[ok("Thought: t\nAction: wait", usage=USAGE) for _ in range(6)])
+    plain = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01)
+    plain.sample([HIST], 1, 0.7, 8, seed=1)
+    assert "top_p" not in server.seen[-1][2] and "min_p" not in server.seen[-1][2]
+    filtered = load_policy(server.url, model="m", endpoint="chat", backoff=0.01, top_p=0.9, min_p=0.05)
+    filtered.sample([HIST], 1, 0.7, 8, seed=1)
+    assert (server.seen[-1][2]["top_p"], server.seen[-1][2]["min_p"]) == (0.9, 0.05)
+    filtered.sample([HIST, LONGER], 1, 0.7, 8, seed=[77, 5])  # one base seed per history
+    assert sorted(b["seed"] for _, _, b in server.seen[-2:]) == [5, 77]
+    filtered.sample([HIST, LONGER], 1, 0.7, 8, seed=3)  # one int: history i gets 3 + i * SEED_STRIDE
+    assert sorted(b["seed"] for _, _, b in server.seen[-2:]) == [3, 3 + SEED_STRIDE]
+    with pytest.raises(QlassError, match="top_p must be in"):
+        OpenAIPolicy(server.url, model="m", endpoint="chat", top_p=1.5)
+    with pytest.raises(QlassError, match="cannot score"):
+        plain.score_outputs([HIST], ["Thought: t\nAction: wait"])
+
+
+@pytest.mark.slow
+def test_tiny_top_p_on_a_real_server_samples_the_greedy_output(llama_server: str, key_env: str) -> None:
+    greedy = OpenAIPolicy(llama_server, tokenizer=default_tokenizer_dir(), api_key_env=key_env)
+    nucleus = OpenAIPolicy(llama_server, tokenizer=default_tokenizer_dir(), api_key_env=key_env, top_p=1e-6)
+    (want,) = greedy.sample([LONGER], 1, 0.0, 24)[0]
+    assert [c.text for c in nucleus.sample([LONGER], 2, 1.0, 24, seed=5)[0]] == [want.text] * 2

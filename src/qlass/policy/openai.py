@@ -10,9 +10,15 @@ Two endpoints:
 ``endpoint="auto"`` uses ``completions`` when a tokenizer is given and ``chat`` otherwise.
 
 One request asks for all ``n`` candidates (``"n": n``); servers that return fewer (llama.cpp's
-server ignores ``n``) are asked again for the rest, each extra request with the next seed. Stop
-sequences end the output at the next turn; the text is then cut after its ``Action:`` line, so one
-completion is one ``Thought: ...\\nAction: ...``. Token counts come from the response's ``usage``
+server ignores ``n``) are asked again for the rest. History ``i`` has a base seed as in the local
+backend (``seed[i]`` for a list, ``seed + i * SEED_STRIDE`` for one int), sent with its first
+request; an extra request that already holds ``k`` candidates is sent
+:func:`~qlass.seeding.candidate_seed` ``(base, k)``. Stop sequences end the output at the next
+turn; the text is then cut after its ``Action:`` line, so one completion is one
+``Thought: ...\\nAction: ...``. A choice the server ended on the token limit
+(``finish_reason == "length"``) before its action line was complete is returned as generated with
+``truncated=True`` (:func:`~qlass.policy.outputs.final_output`). ``top_p`` and ``min_p`` are sent
+when set (vLLM, SGLang and llama.cpp take ``min_p``; hosted APIs may refuse it). Token counts come from the response's ``usage``
 (split over the choices by their token counts where ``n > 1``), or are counted with the tokenizer
 when the server reports none. Requests time out, and 429, 5xx and connection errors are retried
 with exponential backoff (honouring ``Retry-After``). The API key is read from an environment
@@ -42,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QlassError
+from ..seeding import candidate_seed
 from ..types import Completion, History, Message
-from .hf import SEED_STRIDE, complete_action, fit_history
+from .hf import fit_history, history_seeds
+from .outputs import final_output
 from .render import encode_conversation, ensure_chat_template, render
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,7 @@ class OpenAIPolicy:
         stop: stop sequences. logprobs: ask for token log-probabilities (``Completion.logprob``).
         max_length: drop the oldest turns so prompt + ``max_new_tokens`` fit (needs ``tokenizer``).
         seed: seeds the per-call seeds of calls made with ``seed=None``.
+        top_p / min_p: nucleus and min-p sampling (sent only when not 1 / 0).
     """
 
     def __init__(
@@ -85,7 +94,14 @@ class OpenAIPolicy:
         logprobs: bool = False,
         max_length: int | None = None,
         seed: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
     ) -> None:
+        if not 0 < top_p <= 1:
+            raise QlassError(f"policy option top_p must be in (0, 1], got {top_p!r}")
+        if not 0 <= min_p <= 1:
+            raise QlassError(f"policy option min_p must be in [0, 1], got {min_p!r}")
+        self.top_p, self.min_p = float(top_p), float(min_p)
         self.base_url = base_url.rstrip("/")
         if isinstance(tokenizer, (str, Path)):
             from transformers import AutoTokenizer
@@ -127,21 +143,26 @@ class OpenAIPolicy:
         n: int = 1,
         temperature: float = 0.0,
         max_new_tokens: int = 128,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """``n`` completions per history, one request per history (all ``n`` in it), sent concurrently."""
         if n < 1 or temperature < 0 or max_new_tokens < 1:
             raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {n}, {temperature}, "
                              f"{max_new_tokens})")
-        base = self._rng.getrandbits(31) if seed is None else int(seed)
+        bases = history_seeds(seed, len(histories), self._rng)
 
         def one(i: int) -> list[Completion]:
-            return self._sample_one(list(histories[i]), n, temperature, max_new_tokens, base + i * SEED_STRIDE)
+            return self._sample_one(list(histories[i]), n, temperature, max_new_tokens, bases[i])
 
         if len(histories) <= 1 or self.concurrency == 1:
             return [one(i) for i in range(len(histories))]
         with ThreadPoolExecutor(min(self.concurrency, len(histories))) as pool:
             return list(pool.map(one, range(len(histories))))
+
+    def score_outputs(self, histories: Sequence[History], outputs: Sequence[str]) -> list[tuple[float, int]]:
+        """Not available: teacher-forced scoring needs the model's log-probabilities of given text."""
+        raise QlassError(f"{self!r} cannot score given outputs (teacher forcing needs a local model folder); "
+                         "use a local policy for likelihood scoring")
 
     # -- requests --------------------------------------------------------------------------
     def _sample_one(self, history: list[Message], n: int, temperature: float, max_new_tokens: int,
@@ -152,6 +173,10 @@ class OpenAIPolicy:
         prompt_ids = encode_conversation(self.tokenizer, history, True)[0] if self.tokenizer is not None else None
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature,
                                 "stop": self.stop}
+        if self.top_p < 1:
+            body["top_p"] = self.top_p
+        if self.min_p > 0:
+            body["min_p"] = self.min_p
         if self.endpoint == "completions":
             path = "/completions"
             body["prompt"] = render(self.tokenizer, history, add_generation_prompt=True)
@@ -165,7 +190,7 @@ class OpenAIPolicy:
         want = 1 if temperature == 0 else n
         got: list[Completion] = []
         while len(got) < want:
-            reply = self._request(path, dict(body, n=want - len(got), seed=seed + len(got)))
+            reply = self._request(path, dict(body, n=want - len(got), seed=candidate_seed(seed, len(got))))
             got.extend(self._parse(reply, path, prompt_ids)[: want - len(got)])
         return got * n if want == 1 else got
 
@@ -220,13 +245,14 @@ class OpenAIPolicy:
         choices = reply.get("choices")
         if not isinstance(choices, list) or not choices:
             raise QlassError(f"{where}: response has no 'choices'")
-        texts, token_lists, logprobs = [], [], []
+        texts, cut, token_lists, logprobs = [], [], [], []
         for k, choice in enumerate(choices):
             try:
                 raw = choice["text"] if path == "/completions" else choice["message"]["content"]
             except (KeyError, TypeError):
                 raise QlassError(f"{where}: choice {k} has no {'text' if path == '/completions' else 'message.content'}") from None
             texts.append(raw or "")
+            cut.append(choice.get("finish_reason") == "length")
             token_lists.append(_token_logprobs(choice.get("logprobs")))
             logprobs.append(sum(token_lists[-1]) if token_lists[-1] else None)
         usage = reply.get("usage") or {}
@@ -237,9 +263,9 @@ class OpenAIPolicy:
             prompt_tokens = len(prompt_ids)
         counts = self._completion_counts(texts, token_lists, usage.get("completion_tokens"), where)
         out = []
-        for text, count, lp in zip(texts, counts, logprobs):
-            text = (complete_action(text + "\n") or text).strip()
-            out.append(Completion(text, int(prompt_tokens), count, lp))
+        for text, stopped_by_limit, count, lp in zip(texts, cut, counts, logprobs):
+            text, truncated = final_output(text, stopped_by_limit)
+            out.append(Completion(text, int(prompt_tokens), count, lp, truncated))
         return out
 
     def _completion_counts(self, texts: list[str], token_lists: list[list[float]], total: int | None,
