@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
 from .errors import DataError, QlassError
 from .jsonl import read_jsonl, write_text_atomic
-from .candidates import argmax, choose
 from .types import Message
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ def rankers(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | No
     sum_lp = [[c["logprob"] for c in r["candidates"]] for r in records]
     has_lp = all(v is not None for vs in mean_lp + sum_lp for v in vs)
     has_anchor = all(r["candidates"][0]["anchor"] for r in records)  # collection puts the anchor first
-    out: dict[str, Callable[[int], int] | None] = {"oracle": lambda i: argmax([c["mean"] for c in records[i]["candidates"]])}
+    true = [[c["mean"] for c in r["candidates"]] for r in records]
+    out: dict[str, Callable[[int], int] | None] = {"oracle": lambda i: argmax(true[i])}
     if q is not None:
         out["qnet"] = lambda i: argmax(q[i])
         if has_lp:
