@@ -346,6 +346,7 @@ def test_distinct_candidates_have_distinct_actions(colours: Path) -> None:
         assert all(not c.truncated for c in cands)
         assert sum(c.completion_tokens for c in cands) >= sum(c.completion_tokens for c in base)
         assert distinct.sample([PICK], 4, 1.0, 30, seed=seed)[0] == cands  # reproducible
+        assert distinct.sample([HIST, PICK], 4, 1.0, 30, seed=[9, seed])[1] == cands  # whatever shares the call
     assert repeats == 4  # plain sampling repeats "pick red" every time
     assert distinct.sample([PICK], 3, 0.0, 30)[0] == plain.sample([PICK], 3, 0.0, 30)[0]  # greedy: unchanged
 

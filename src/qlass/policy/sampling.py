@@ -15,7 +15,9 @@
      round (reached through a different thought) is forbidden; if every token is forbidden the row
      keeps the duplicate ("where the model allows it").
 
-  Rounds stop when all actions differ, when a round adds no new action, or after ``n`` rounds.
+  A history's rounds stop when its actions all differ, when a round adds no new action to it, or
+  after ``n`` rounds; they depend on its own rows only, so a history gets the same candidates
+  whichever histories share the call.
 """
 
 from __future__ import annotations
@@ -159,7 +161,10 @@ def distinct_rounds(histories: int, rows: int, decode: Callable[[list[int], Dist
                 spent[r] += len(row.tokens)
             elif act:
                 fresh[h].add(act)
-        if not redo or len(redo) == len(todo):  # all distinct, or no new action this round
+        # a history whose rows all repeated this round gains nothing from another: it keeps them
+        stuck = {h for h in {r // rows for r in todo} if all(r in redo for r in todo if r // rows == h)}
+        redo = [r for r in redo if r // rows not in stuck]
+        if not redo:
             break
         log.debug("distinct: %d of %d rows repeat an action; decoding them again", len(redo), len(todo))
         for h, new in enumerate(fresh):
