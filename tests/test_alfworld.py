@@ -230,3 +230,17 @@ def test_cli_expert_export(tmp_path: Path) -> None:
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 and all(r["reward"] == 1.0 for r in records)
     assert {r["id"].split("/")[2].split("-")[0] for r in records} == {"pick_and_place_simple", "look_at_obj_in_light"}
+
+
+def test_a_process_that_played_and_closed_envs_exits_cleanly() -> None:
+    """Closing an env must not unload the planner library: dlclose left its C++ exit handlers
+    dangling and the interpreter segfaulted on exit (return code -11) after the tests passed."""
+    code = ("from qlass.envs.alfworld import AlfWorldEnv\n"
+            "for _ in range(2):\n"
+            "    env = AlfWorldEnv()\n"
+            "    task = env.tasks('train')[0]\n"
+            "    env.reset(task)\n"
+            "    env.step(env.expert(task)[0])\n"
+            "    env.close()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -298,9 +298,9 @@ class AlfredEngine:
         return derived
 
     def close(self) -> None:
-        """Unload this engine's planner library."""
-        import fast_downward
-
+        """Free this engine's planner state. The library copy itself stays loaded, as in the stock
+        env: ``dlclose`` of it (``fast_downward.close_lib``) leaves exit handlers registered by its C++
+        runtime pointing into unmapped code, and the process segfaults when it exits."""
         if self._lib is not None:
-            fast_downward.close_lib(self._lib)
+            self._lib.cleanup()
         self._lib, self._game, self._state = None, None, None
