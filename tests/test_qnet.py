@@ -155,3 +155,25 @@ def test_loading_a_non_qnet_folder_is_a_clear_error(tiny_model_dir, tmp_path) ->
         QNet.load(tmp_path)
     with pytest.raises(QlassError, match="num_labels"):
         QNet.load(tiny_model_dir)  # a causal LM: the Auto class gives it the default 2 labels
+
+
+def test_value_requests_read_q_whatever_the_rank(tiny_model_dir) -> None:
+    """A dueling QNet ranks candidates by Q − V, but a trajectory judge (best-of-n, ``Score(value=True)``)
+    gets Q itself: the same numbers a plain-rank QNet with the same weights gives."""
+    from qlass.lockstep import Score, run_one
+
+    dueling = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64, seed=3, rank="dueling")
+    plain = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64, seed=3)
+    history = [Message("user", "You are in a kitchen."), Message("assistant", "Thought: go.\nAction: look"),
+               Message("user", "Observation: a fridge.")]
+    outputs = ["Thought: open it.\nAction: open fridge", "Thought: leave.\nAction: go north"]
+    q = plain.score(history, outputs)
+    assert dueling.score_batch([(history, outputs)], value=True)[0] == pytest.approx(q, abs=1e-5)
+    assert dueling.score(history, outputs) != pytest.approx(q, abs=1e-3)
+
+    def judge():
+        ranked, valued = yield [Score(history, outputs), Score(history, outputs, value=True)]
+        return ranked.values, valued.values
+
+    ranked, valued = run_one(judge(), policy=None, qnet=dueling)
+    assert valued == pytest.approx(q, abs=1e-5) and ranked == pytest.approx(dueling.score(history, outputs), abs=1e-5)

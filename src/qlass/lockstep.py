@@ -58,10 +58,13 @@ class Sample:
 @dataclass(frozen=True)
 class Score:
     """Ask the QNet for the values of ``candidates`` (raw agent outputs) after ``history``.
-    Answered with :class:`Scored`."""
+    Answered with :class:`Scored`. ``value=False`` asks for the QNet's ranking score (what Q-guided
+    search compares between candidates: Q, or Q − V for an advantage/dueling QNet); ``value=True``
+    asks for Q itself, the estimate of the outcome (what judges finished trajectories)."""
 
     history: History
     candidates: Sequence[str]
+    value: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,20 +101,28 @@ def _answer_samples(policy: Policy, requests: list[tuple[Slot, Sample]]) -> dict
 
 
 def _answer_scores(qnet: Any, requests: list[tuple[Slot, Score]]) -> dict[Slot, Scored]:
-    """One QNet call over every pending Score request (``score_batch`` when the QNet has it)."""
+    """One QNet call per kind (ranking score, value) over every pending Score request
+    (``score_batch`` when the QNet has it)."""
     if qnet is None:
         raise ValueError("an episode asked for QNet values but no QNet was given")
-    items = [(req.history, list(req.candidates)) for _, req in requests]
-    if hasattr(qnet, "score_batch"):
-        values = qnet.score_batch(items)
-        tokens = list(getattr(qnet, "last_item_tokens", None) or [0] * len(items))
-    else:
-        values, tokens = [], []
-        for history, candidates in items:
-            values.append(qnet.score(history, candidates))
-            tokens.append(int(getattr(qnet, "last_tokens", 0) or 0))
-    return {slot: Scored([float(v) for v in vals], int(tok))
-            for (slot, _), vals, tok in zip(requests, values, tokens, strict=True)}
+    answers: dict[Slot, Scored] = {}
+    for kind in (False, True):
+        members = [(slot, req) for slot, req in requests if req.value is kind]
+        if not members:
+            continue
+        items = [(req.history, list(req.candidates)) for _, req in members]
+        if hasattr(qnet, "score_batch"):
+            ranked = getattr(qnet, "rank", "q") != "q"  # only such a QNet's ranking score differs from Q
+            values = qnet.score_batch(items, value=True) if kind and ranked else qnet.score_batch(items)
+            tokens = list(getattr(qnet, "last_item_tokens", None) or [0] * len(items))
+        else:
+            values, tokens = [], []
+            for history, candidates in items:
+                values.append(qnet.score(history, candidates))
+                tokens.append(int(getattr(qnet, "last_tokens", 0) or 0))
+        answers.update({slot: Scored([float(v) for v in vals], int(tok))
+                        for (slot, _), vals, tok in zip(members, values, tokens, strict=True)})
+    return answers
 
 
 def _flat(pending: Request | list[Request]) -> list[Request]:

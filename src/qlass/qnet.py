@@ -305,12 +305,12 @@ class QNet:
         return self.encode_history(history) + self.encode_action(action)
 
     # -- values -------------------------------------------------------------------------------
-    def values(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
+    def values(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], value: bool = False) -> torch.Tensor:
         """Ranking scores ``[M]`` of ``prefix + suffix`` per suffix (differentiable), the history computed
-        once: Q, or Q − V for the ``advantage`` and ``dueling`` ranks."""
+        once: Q, or Q − V for the ``advantage`` and ``dueling`` ranks; Q itself with ``value=True``."""
         prefix_last, hidden = shared_prefix_hidden(backbone_of(self.model), prefix, suffixes, self.autocast)
         q = self._head(last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes]))
-        return q if self.rank == "q" else q - self._head(prefix_last[None])
+        return q if self.rank == "q" or value else q - self._head(prefix_last[None])
 
     def values_at(self, ids: Sequence[int], ends: Sequence[int]) -> torch.Tensor:
         """Values ``[K]`` read at positions ``ends`` of one causal forward over ``ids`` (differentiable):
@@ -335,8 +335,9 @@ class QNet:
         """Values of ``candidates`` (raw agent outputs) after ``history``: one shared-prefix batch."""
         return self.score_batch([(history, candidates)])[0]
 
-    def score_batch(self, items: Sequence[tuple[History, Sequence[str]]]) -> list[list[float]]:
-        """:meth:`score` for several histories; ``last_tokens`` covers the whole call and
+    def score_batch(self, items: Sequence[tuple[History, Sequence[str]]], value: bool = False) -> list[list[float]]:
+        """:meth:`score` for several histories (``value=True``: Q itself, the outcome estimate that judges
+        finished trajectories, whatever the rank); ``last_tokens`` covers the whole call and
         ``last_item_tokens`` lists each item's share."""
         results: list[list[float]] = []
         per_item: list[int] = []
@@ -352,7 +353,7 @@ class QNet:
                     prefix = self.encode_history(list(history))
                     suffixes = [self.encode_action(c) for c in candidates]
                     per_item.append(len(prefix) + sum(len(s) for s in suffixes))
-                    results.append([float(v) for v in self.values(prefix, suffixes)])
+                    results.append([float(v) for v in self.values(prefix, suffixes, value)])
         finally:
             self.model.train(was_training)
         self.last_item_tokens = per_item

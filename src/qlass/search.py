@@ -175,7 +175,7 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
     scored = [p for p in plays if p.steps]
     values: dict[int, tuple[float, int]] = {}
     if cfg.select == "qnet" and scored:
-        answers = yield [Score(p.messages[:-2], [p.steps[-1].output]) for p in scored]
+        answers = yield [Score(p.messages[:-2], [p.steps[-1].output], value=True) for p in scored]
         values = {p.k: (float(a.values[0]), a.tokens) for p, a in zip(scored, answers, strict=True)}
     trajs: list[Trajectory] = []
     summaries: list[dict[str, Any]] = []
