@@ -81,6 +81,22 @@ def select_tasks(tasks: Sequence[Task], limit: int | None) -> list[Task]:
     return picked
 
 
+def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str], task_types: Sequence[str] | None,
+                limit: int | None) -> tuple[str, list[Task]]:
+    """The environment's name and the tasks of ``splits`` (each :func:`select_tasks`), the splits
+    interleaved so that a run stopped part-way covers each of them."""
+    probe = make_env()
+    try:
+        env_name = probe.name
+        by_split = {split: select_tasks(probe.tasks(split, task_types), limit) for split in splits}
+    finally:
+        probe.close()
+    for split, tasks in by_split.items():
+        if not tasks:
+            raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}")
+    return env_name, [t for row in itertools.zip_longest(*by_split.values()) for t in row if t is not None]
+
+
 def record_key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
     return (rec["method"], rec["env"], rec["split"], rec["task"])
 
@@ -327,21 +343,11 @@ def run_evaluation(
     policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
     make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
     executor = make_executor(backend, workers, **(executor_options or {}))
-    probe = make()
-    try:
-        env_name = probe.name
-        tasks_by_split = {split: select_tasks(probe.tasks(split, task_types), limit) for split in splits}
-    finally:
-        probe.close()
-    for split, tasks in tasks_by_split.items():
-        if not tasks:
-            raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}")
-    # the splits interleaved, so a run stopped part-way covers each of them
-    tasks = [t for row in itertools.zip_longest(*tasks_by_split.values()) for t in row if t is not None]
+    env_name, tasks = split_tasks(make, env_spec, splits, task_types, limit)
     settings = {
         "model": model, "qnet": str(qnet_dir) if qnet_dir is not None else None, "env": env_spec,
         "env_args": dict(env_kwargs or {}), "splits": list(splits), "task_types": list(task_types or []) or None,
-        "limit": limit, "tasks": {split: len(ts) for split, ts in tasks_by_split.items()},
+        "limit": limit, "tasks": {split: sum(t.split == split for t in tasks) for split in splits},
         "policy": dict(policy_kwargs or {}), "backend": backend, "workers": workers, "concurrency": concurrency,
     }
     records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet, concurrency), out_dir, seed=seed,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ def register(app: typer.Typer) -> None:
         from ..config import describe, load_config, parse_kv
         from ..decisions import DecisionConfig, collect_decisions
         from ..envs.base import make_env
-        from ..evaluate import select_tasks
+        from ..evaluate import split_tasks
 
         if list_options:
             typer.echo(describe(DecisionConfig))
@@ -79,15 +78,7 @@ def register(app: typer.Typer) -> None:
         policy_kwargs = parse_kv(policy_arg, "--policy-arg")
         types = task_types.split(",") if task_types else None
         make = functools.partial(make_env, env, **env_kwargs)
-        probe = make()
-        try:
-            by_split = {s: select_tasks(probe.tasks(s, types), limit) for s in split}
-        finally:
-            probe.close()
-        for s, ts in by_split.items():
-            if not ts:
-                raise QlassError(f"{env}: no tasks in split {s!r} for task types {types}")
-        tasks = [t for row in itertools.zip_longest(*by_split.values()) for t in row if t is not None]
+        _, tasks = split_tasks(make, env, split, types, limit)
         settings = {"model": model, "env": env, "env_args": env_kwargs, "splits": list(split), "task_types": types,
                     "limit": limit, "policy": policy_kwargs}
         policy = policy_with_cache(model, policy_kwargs, cfg.concurrency)()
