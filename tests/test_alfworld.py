@@ -76,13 +76,20 @@ def test_data_dir_errors_name_the_source(tmp_path: Path, monkeypatch: pytest.Mon
         resolve_data_dir(None)
 
 
-def test_alfworld_data_env_var_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: AlfWorldEnv) -> None:
+def _data_dir_with_one_seen_game(env: AlfWorldEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A data folder under ``tmp_path`` holding only SEEN_GAME, made the one ``ALFWORLD_DATA`` names;
+    returns the task, the original game file and its copy."""
     task = env.task(SEEN_GAME)
     src = env.root / "valid_seen" / task.meta["task_folder"] / task.meta["trial"] / "game.tw-pddl"
     dst = tmp_path / "json_2.1.1" / "valid_seen" / task.meta["task_folder"] / task.meta["trial"] / "game.tw-pddl"
     dst.parent.mkdir(parents=True)
     dst.write_bytes(src.read_bytes())
     monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
+    return task, src, dst
+
+
+def test_alfworld_data_env_var_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: AlfWorldEnv) -> None:
+    task, src, dst = _data_dir_with_one_seen_game(env, tmp_path, monkeypatch)
     mine = AlfWorldEnv()
     assert mine.root == tmp_path / "json_2.1.1"
     assert mine.splits() == {"seen": 1}
@@ -91,12 +98,7 @@ def test_alfworld_data_env_var_is_used(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_an_edited_game_file_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: AlfWorldEnv) -> None:
     """Games are kept per process by path, modification time and size: a changed file is a new game."""
-    task = env.task(SEEN_GAME)
-    src = env.root / "valid_seen" / task.meta["task_folder"] / task.meta["trial"] / "game.tw-pddl"
-    dst = tmp_path / "json_2.1.1" / "valid_seen" / task.meta["task_folder"] / task.meta["trial"] / "game.tw-pddl"
-    dst.parent.mkdir(parents=True)
-    dst.write_bytes(src.read_bytes())
-    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
+    task, src, dst = _data_dir_with_one_seen_game(env, tmp_path, monkeypatch)
     mine = AlfWorldEnv()
     try:
         assert mine.reset(task).endswith("look at alarmclock under the desklamp.")

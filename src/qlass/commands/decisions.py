@@ -20,22 +20,17 @@ def policy_with_cache(model: str, options: dict[str, Any], concurrency: int) -> 
     """A policy factory for ``model`` whose prompt cache holds every live history: a built-in backend
     that takes ``cache_slots`` gets ``concurrency + 2`` unless the user set it (a smaller value is
     kept, with a warning: each turn then re-reads its whole history)."""
-    from ..policy import check_policy_options, load_policy
+    from ..evaluate import cache_for
+    from ..policy import load_policy
     from .explore import policy_factory
 
     factory = policy_factory(model, options)
     if factory.func is not load_policy:  # a user's own policy class: its options are its own
         return factory
-    try:
-        check_policy_options(model, {"cache_slots": 1})
-    except QlassError:  # a server backend: the server keeps its own caches
-        return factory
-    if "cache_slots" in options:
-        if int(options["cache_slots"]) < concurrency:
-            log.warning("cache_slots=%s is below concurrency=%d: prompt caches will be evicted between turns",
-                        options["cache_slots"], concurrency)
-        return factory
-    return policy_factory(model, {**options, "cache_slots": concurrency + EXTRA_CACHE_SLOTS})
+    if int(options.get("cache_slots", concurrency)) < concurrency:
+        log.warning("cache_slots=%s is below concurrency=%d: prompt caches will be evicted between turns",
+                    options["cache_slots"], concurrency)
+    return policy_factory(model, cache_for(model, options, concurrency + EXTRA_CACHE_SLOTS))
 
 
 def register(app: typer.Typer) -> None:
