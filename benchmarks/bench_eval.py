@@ -39,6 +39,7 @@ def timed_evaluation(policy: HFPolicy, qnet: QNet, tasks: list, runs: list[Metho
                      concurrency: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate every method on every task with ``concurrency`` live episodes; rates and records."""
     policy.clear_cache()
+    qnet.clear_cache()
     worker = EvalWorker(functools.partial(make_env, "sciworld", step_limit=max_steps), policy, qnet, concurrency)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -91,8 +92,8 @@ def main() -> None:
     model = args.model or default_model_dir()
     slots = max(8, args.concurrency * max(map(live_histories, runs)))
     policy = HFPolicy(model, autocast=args.autocast, threads=args.threads, cache_slots=slots)
-    qnet = (QNet.load(args.qnet, threads=args.threads) if args.qnet
-            else QNet.from_sft(model, autocast=args.autocast))
+    qnet = (QNet.load(args.qnet, threads=args.threads, cache_slots=slots) if args.qnet
+            else QNet.from_sft(model, autocast=args.autocast, cache_slots=slots))
     probe = make_env("sciworld")
     try:
         tasks = select_tasks(probe.tasks(args.split, args.task_types.split(",")), args.tasks)

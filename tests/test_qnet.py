@@ -96,6 +96,34 @@ def test_scores_do_not_depend_on_siblings_and_batch_agrees(qnet: QNet) -> None:
     assert batch[2] == []
 
 
+@pytest.mark.parametrize("rank", ["q", "advantage"])
+def test_history_caches_give_the_same_scores_and_run_only_new_tokens(tiny_model_dir, rank: str) -> None:
+    """With ``cache_slots`` the turns of one episode reuse the previous turn's cache: the same values
+    (fp32) as a QNet without caches, for Q and for a ranking score that reads V, while only each
+    turn's new tokens are run; ``clear_cache`` forgets them."""
+    plain = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64, seed=3, rank=rank)
+    cached = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64, seed=3, rank=rank, cache_slots=4)
+    rng = random.Random(21)
+    history = random_history(rng, 4)
+    cands = [random_text(rng, 4), random_text(rng, 9), ""]
+    turns = [history[:k] for k in range(3, len(history) + 1, 2)]  # every prompt the episode had
+    for value in (False, True):
+        want = [plain.score_batch([(h, cands)], value=value)[0] for h in turns]
+        got = [cached.score_batch([(h, cands)], value=value)[0] for h in turns]
+        assert sum(got, []) == pytest.approx(sum(want, []), abs=1e-5)
+    assert len({round(v, 5) for v in want[-1]}) > 1
+    # each history token is run once, both value kinds included (a turn may re-run the one token
+    # where tokenization joins two turns)
+    last = len(plain.encode_history(turns[-1]))
+    assert last <= cached.prefill_tokens <= last + len(turns)
+    assert cached.prefill_tokens < sum(len(plain.encode_history(h)) for h in turns)
+    assert cached.last_tokens == plain.last_tokens  # token accounting reports what the values read
+    before = cached.prefill_tokens
+    cached.clear_cache()
+    cached.score(turns[-1], cands)
+    assert cached.prefill_tokens - before == last
+
+
 def test_token_accounting(qnet: QNet) -> None:
     rng = random.Random(7)
     history = random_history(rng, 2)

@@ -330,7 +330,8 @@ def run_evaluation(
     runs = [MethodRun(name, make_method_config(name, opts)) for name, opts in methods]
     if concurrency < 1:
         raise QlassError(f"concurrency must be >= 1, got {concurrency}")
-    policy_kwargs = cache_for(model, dict(policy_kwargs or {}), concurrency * max(map(live_histories, runs)))
+    conversations = concurrency * max(map(live_histories, runs))
+    policy_kwargs = cache_for(model, dict(policy_kwargs or {}), conversations)
     needs_qnet = [r.label for r in runs if METHODS[r.name].needs_qnet(r.config)]
     qnet: Any = None
     if needs_qnet:
@@ -339,7 +340,7 @@ def run_evaluation(
         from .qnet import QNet
 
         threads = (policy_kwargs or {}).get("threads")
-        qnet = functools.partial(QNet.load, qnet_dir, threads=threads)
+        qnet = functools.partial(QNet.load, qnet_dir, threads=threads, cache_slots=max(conversations, concurrency))
     policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
     make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
     executor = make_executor(backend, workers, **(executor_options or {}))

@@ -49,6 +49,7 @@ import torch
 from .errors import QlassError
 from .jsonl import write_text_atomic
 from .models import resolve_device
+from .policy import kv
 from .policy.hf import fit_history
 from .policy.render import encode_conversation, ensure_chat_template
 from .types import History, Message
@@ -86,11 +87,40 @@ def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequenc
                          pack_tokens: int = PACK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states of ``prefix + suffix`` for every suffix, the prefix computed once.
 
-    The prefix runs alone and leaves its KV cache. The suffixes then run in one forward:
+    The prefix runs alone and leaves its KV cache (:func:`prefix_state`); the suffixes then run
+    after it (:func:`suffix_hidden`). Returns ``(prefix_last [H], suffix_hidden [M, S, H])`` with
+    ``S`` the longest suffix (rows of shorter suffixes are filled with unused values past their end).
+    Differentiable.
+    """
+    if not prefix:
+        raise ValueError("the shared prefix must not be empty")
+    cache, prefix_last = prefix_state(backbone, prefix, autocast)
+    return prefix_last, suffix_hidden(backbone, cache, len(prefix), suffixes, autocast, packed, pack_tokens)
+
+
+def prefix_state(backbone: Any, ids: Sequence[int], autocast: bool = False, cache: Any = None,
+                 reused: int = 0) -> tuple[Any, torch.Tensor]:
+    """Run ``ids[reused:]`` after ``cache`` (which holds ``ids[:reused]``; a fresh cache when
+    ``None``); returns the cache, now holding all of ``ids``, and the final hidden state of the last
+    token ``[H]`` (float32)."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        cache = DynamicCache(config=backbone.config)
+    with torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = backbone(input_ids=torch.tensor([list(ids[reused:])], dtype=torch.long, device=backbone.device),
+                       cache=cache, use_cache=True)
+    return cache, out.last_hidden_state[0, -1].float()
+
+
+def suffix_hidden(backbone: Any, cache: Any, n_prefix: int, suffixes: Sequence[Sequence[int]],
+                  autocast: bool = False, packed: bool | None = None, pack_tokens: int = PACK_TOKENS) -> torch.Tensor:
+    """Final hidden states ``[M, S, H]`` of every suffix run after a cache of ``n_prefix`` positions
+    (the cache is extended, so pass one that may be changed). The suffixes run in one forward:
 
     - *packed* (sdpa / eager attention): all suffix tokens in a single row after the prefix, with a
       block attention mask (each token sees the whole prefix and the earlier tokens of its own
-      suffix) and positions restarting at ``len(prefix)`` for each suffix — no padding and no copies
+      suffix) and positions restarting at ``n_prefix`` for each suffix — no padding and no copies
       of the prefix cache;
     - *batched* (other attention kernels, which take no custom mask): the cache expanded to one row
       per suffix and the suffixes right-padded (padding sits after every real token, so causality
@@ -98,38 +128,42 @@ def shared_prefix_hidden(backbone: Any, prefix: Sequence[int], suffixes: Sequenc
 
     ``packed=None`` picks the packed layout whenever the attention kernel allows it; a packed row
     holds at most ``pack_tokens`` suffix tokens (more candidates take further rows, each after the
-    same cached prefix), which bounds the attention mask's memory. Returns
-    ``(prefix_last [H], suffix_hidden [M, S, H])`` with ``S`` the longest suffix (rows of
-    shorter suffixes are filled with unused values past their end). Differentiable.
-    """
-    from transformers import DynamicCache
-
-    if not prefix:
-        raise ValueError("the shared prefix must not be empty")
-    device = backbone.device
+    same cached prefix), which bounds the attention mask's memory."""
     lengths = [len(s) for s in suffixes]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = backbone(input_ids=torch.tensor([list(prefix)], dtype=torch.long, device=device),
-                       cache=DynamicCache(config=backbone.config), use_cache=True)
-        prefix_last = out.last_hidden_state[0, -1].float()
-        if max(lengths, default=0) == 0:
-            return prefix_last, prefix_last.new_zeros((len(suffixes), 0, prefix_last.shape[-1]))
-        if packed is None:
-            packed = backbone.config._attn_implementation in ("sdpa", "eager")
+    if max(lengths, default=0) == 0:
+        return torch.zeros((len(suffixes), 0, backbone.config.hidden_size), device=backbone.device)
+    if packed is None:
+        packed = backbone.config._attn_implementation in ("sdpa", "eager")
+    with torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=autocast):
         if packed:
             parts = []
             for k, chunk in enumerate(_pack_chunks(lengths, pack_tokens)):
                 if k:  # forget the previous chunk's suffix tokens
-                    out.cache.crop(-(out.cache.get_seq_length() - len(prefix)))
-                parts.append(_packed_forward(backbone, out.cache, len(prefix), [suffixes[i] for i in chunk],
-                                             max(lengths)))
+                    cache.crop(-(cache.get_seq_length() - n_prefix))
+                parts.append(_packed_forward(backbone, cache, n_prefix, [suffixes[i] for i in chunk], max(lengths)))
             hidden = torch.cat(parts)
         else:
             width = max(lengths)
             rows = [list(s) + [0] * (width - len(s)) for s in suffixes]
-            hidden = backbone(input_ids=torch.tensor(rows, dtype=torch.long, device=device),
-                              cache=_expand_cache(out.cache, len(suffixes)), use_cache=True).last_hidden_state
-    return prefix_last, hidden.float()
+            hidden = backbone(input_ids=torch.tensor(rows, dtype=torch.long, device=backbone.device),
+                              cache=_expand_cache(cache, len(suffixes)), use_cache=True).last_hidden_state
+    return hidden.float()
+
+
+def cache_over(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A :class:`~transformers.DynamicCache` that starts from stored per-layer (keys, values) without
+    copying them (a dynamic layer's update concatenates, so the stored tensors are never written)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    cache.layers = []
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def sequence_hidden(backbone: Any, ids: Sequence[int], autocast: bool = False) -> torch.Tensor:
@@ -203,7 +237,7 @@ class QNet:
     """A sequence-classification model (one regression output) with qlass's input encoding."""
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int = 4096, max_action_tokens: int = 256,
-                 autocast: bool = False, rank: str = "q") -> None:
+                 autocast: bool = False, rank: str = "q", cache_slots: int = 0) -> None:
         if int(model.config.num_labels) != 1:
             raise QlassError(f"a QNet has exactly one output; this model has num_labels={model.config.num_labels}")
         if max_action_tokens < 1 or max_length <= max_action_tokens:
@@ -219,11 +253,14 @@ class QNet:
         self.pad_id = int(model.config.pad_token_id)
         self.last_tokens = 0
         self.total_tokens = 0
+        self.store = kv.PrefixStore(cache_slots if kv.plain_attention(model.config) else 0)
+        self.prefill_tokens = 0
 
     # -- construction and files ---------------------------------------------------------------
     @classmethod
     def from_sft(cls, sft_dir: str | Path, max_length: int = 4096, max_action_tokens: int = 256,
-                 autocast: bool = False, seed: int = 0, dtype: str = "float32", rank: str = "q") -> QNet:
+                 autocast: bool = False, seed: int = 0, dtype: str = "float32", rank: str = "q",
+                 cache_slots: int = 0) -> QNet:
         """A QNet whose backbone is the SFT causal LM in ``sft_dir`` and whose head is fresh (seeded)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -241,14 +278,16 @@ class QNet:
                 id2label={0: "q_value"}, label2id={"q_value": 0}, dtype=_dtype(dtype))
         finally:
             hf_logging.set_verbosity(verbosity)
-        return cls(model, tokenizer, max_length, max_action_tokens, autocast, rank)
+        return cls(model, tokenizer, max_length, max_action_tokens, autocast, rank, cache_slots)
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "float32", autocast: bool | None = None,
-             threads: int | None = None, max_length: int | None = None, device: str = "auto") -> QNet:
+             threads: int | None = None, max_length: int | None = None, device: str = "auto",
+             cache_slots: int = 0) -> QNet:
         """Load a saved QNet folder (settings from its ``qnet.json`` unless overridden) onto
         ``device`` (``auto``: a CUDA GPU when visible, else the CPU). ``autocast=None`` scores under
-        bf16 autocast exactly when training did (recorded in ``qnet.json``), so values match training's."""
+        bf16 autocast exactly when training did (recorded in ``qnet.json``), so values match training's.
+        ``cache_slots > 0`` keeps that many history caches for :meth:`score_batch` (see there)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -263,7 +302,8 @@ class QNet:
         model.to(resolve_device(device))
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, max_length or meta.get("max_length", 4096), meta.get("max_action_tokens", 256),
-                   bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"))
+                   bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"),
+                   cache_slots)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``."""
@@ -309,8 +349,32 @@ class QNet:
         """Ranking scores ``[M]`` of ``prefix + suffix`` per suffix (differentiable), the history computed
         once: Q, or Q − V for the ``advantage`` and ``dueling`` ranks; Q itself with ``value=True``."""
         prefix_last, hidden = shared_prefix_hidden(backbone_of(self.model), prefix, suffixes, self.autocast)
-        q = self._head(last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes]))
+        return self._rank_scores(prefix_last, hidden, [len(s) for s in suffixes], value)
+
+    def _rank_scores(self, prefix_last: torch.Tensor, hidden: torch.Tensor, lengths: Sequence[int],
+                     value: bool) -> torch.Tensor:
+        q = self._head(last_real_hidden(prefix_last, hidden, lengths))
         return q if self.rank == "q" or value else q - self._head(prefix_last[None])
+
+    def _cached_values(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], value: bool) -> torch.Tensor:
+        """:meth:`values` (no gradient) with the history's cache kept in the store: a history that
+        extends a stored one (the next turn of the same episode) runs only its new tokens."""
+        key = tuple(prefix)
+        reused, entry = self.store.lookup(key)
+        backbone = backbone_of(self.model)
+        if entry is None or reused < len(key):
+            cache = kv.prefill_cache(entry.kv if entry else None, reused, len(key),
+                                     self.model.config.get_text_config(decoder=True).num_hidden_layers)
+            cache, last = prefix_state(backbone, key, self.autocast, cache, reused)
+            self.prefill_tokens += len(key) - reused
+            entry = kv.Prefix(kv.cache_kv(cache), last)
+            self.store.put(key, entry)
+        hidden = suffix_hidden(backbone, cache_over(entry.kv), len(key), suffixes, self.autocast)
+        return self._rank_scores(entry.logits, hidden, [len(s) for s in suffixes], value)
+
+    def clear_cache(self) -> None:
+        """Forget the stored history caches (call after changing the weights)."""
+        self.store.clear()
 
     def values_at(self, ids: Sequence[int], ends: Sequence[int]) -> torch.Tensor:
         """Values ``[K]`` read at positions ``ends`` of one causal forward over ``ids`` (differentiable):
@@ -338,7 +402,11 @@ class QNet:
     def score_batch(self, items: Sequence[tuple[History, Sequence[str]]], value: bool = False) -> list[list[float]]:
         """:meth:`score` for several histories (``value=True``: Q itself, the outcome estimate that judges
         finished trajectories, whatever the rank); ``last_tokens`` covers the whole call and
-        ``last_item_tokens`` lists each item's share."""
+        ``last_item_tokens`` lists each item's share (what a model without caches reads).
+
+        With ``cache_slots`` (inference only: the stored caches describe the weights they were made
+        with), a history's KV cache is kept, so the next turn of an episode runs only its new tokens
+        (values equal those without the store up to float rounding)."""
         results: list[list[float]] = []
         per_item: list[int] = []
         was_training = self.model.training
@@ -353,7 +421,9 @@ class QNet:
                     prefix = self.encode_history(list(history))
                     suffixes = [self.encode_action(c) for c in candidates]
                     per_item.append(len(prefix) + sum(len(s) for s in suffixes))
-                    results.append([float(v) for v in self.values(prefix, suffixes, value)])
+                    scores = (self._cached_values(prefix, suffixes, value) if self.store.slots
+                              else self.values(prefix, suffixes, value))
+                    results.append([float(v) for v in scores])
         finally:
             self.model.train(was_training)
         self.last_item_tokens = per_item

@@ -112,6 +112,7 @@ def register(app: typer.Typer) -> None:
             unknown = sorted(set(load_opts) - set(known))
             if unknown:
                 raise QlassError(f"--qnet-arg: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            load_opts.setdefault("cache_slots", 8)  # a task's decisions share their history prefixes
             model = QNet.load(qnet, **load_opts)
         result = write_decision_report(decisions, out, model, cfg)
         typer.echo(markdown(result))
