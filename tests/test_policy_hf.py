@@ -110,6 +110,23 @@ def test_cache_reuse_is_exact_and_prefills_only_new_tokens(tiny_model_dir: Path)
     assert fresh.prefill_tokens == 2 * sum(len(x) for x in ids)
 
 
+def test_autocast_stores_the_cache_in_bf16_with_the_same_answers(tiny_model_dir: Path) -> None:
+    """Under bf16 autocast the cache holds bf16 keys/values (attention reads them in bf16 anyway):
+    completions and log-probabilities equal those of a cache kept as computed (fp32 keys)."""
+    bf16 = HFPolicy(tiny_model_dir, max_length=512, autocast=True)
+    as_computed = HFPolicy(tiny_model_dir, max_length=512, autocast=True)
+    as_computed.kv_dtype = None
+    for h in (HIST, LONGER):
+        for temperature in (0.0, 1.0):
+            a = bf16.sample([h, LONGER], 3, temperature, 10, seed=5)
+            b = as_computed.sample([h, LONGER], 3, temperature, 10, seed=5)
+            assert [[c.text for c in r] for r in a] == [[c.text for c in r] for r in b]
+            assert [c.logprob for r in a for c in r] == pytest.approx([c.logprob for r in b for c in r], abs=1e-4)
+    assert {k.dtype for k, v in bf16._prefill(bf16.encode(LONGER)).kv} == {torch.bfloat16}
+    assert {k.dtype for k, v in as_computed._prefill(as_computed.encode(LONGER)).kv} == {torch.float32}
+    assert HFPolicy(tiny_model_dir, max_length=512).kv_dtype is None  # fp32 runs keep fp32 caches
+
+
 def test_conversations_played_side_by_side_keep_their_caches_with_one_slot_each(tiny_model_dir: Path) -> None:
     """Best-of-n extends N conversations in lockstep: a prompt's cache supersedes the one it extends,
     so N slots hold them all and each turn prefills only its new tokens."""

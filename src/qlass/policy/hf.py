@@ -178,6 +178,9 @@ class HFPolicy:
         self.model.to(self.device)
         self.model_dir = Path(model_dir)
         self.autocast = bool(autocast)
+        # Under bf16 autocast, attention reads keys and values in bf16 anyway: storing them so casts
+        # each new token once instead of the whole cache at every decoding step (same results).
+        self.kv_dtype = torch.bfloat16 if self.autocast else None
         positions = getattr(self.model.config, "max_position_embeddings", None) or max_length
         self.max_length = min(int(max_length), int(positions))
         self.max_batch_rows = max(1, int(max_batch_rows))
@@ -268,7 +271,7 @@ class HFPolicy:
         reused, prefix = self.store.lookup(key)
         if prefix is not None and reused == len(ids):
             return prefix
-        cache = kv.prefill_cache(prefix.kv if prefix else None, reused, len(ids), self._num_layers)
+        cache = kv.prefill_cache(prefix.kv if prefix else None, reused, len(ids), self._num_layers, self.kv_dtype)
         logits = self._forward(torch.tensor([ids[reused:]], device=self.device), cache)[0]
         self.prefill_tokens += len(ids) - reused
         entry = kv.Prefix(kv.cache_kv(cache), logits)

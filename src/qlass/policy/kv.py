@@ -38,11 +38,13 @@ def plain_attention(config: Any) -> bool:
 
 
 class BufferLayer(DynamicLayer):
-    """A :class:`DynamicLayer` whose keys/values are views into a buffer grown by doubling."""
+    """A :class:`DynamicLayer` whose keys/values are views into a buffer grown by doubling, stored in
+    ``dtype`` when given (else the dtype of the first keys/values written)."""
 
-    def __init__(self, capacity: int = 0) -> None:
+    def __init__(self, capacity: int = 0, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.capacity = int(capacity)
+        self.dtype = dtype
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._n = 0
@@ -67,8 +69,8 @@ class BufferLayer(DynamicLayer):
         if self._k is None or self._v is None:
             b, h, _, d = key_states.shape
             cap = max(self.capacity, new)
-            self._k = key_states.new_empty(b, h, cap, d)
-            self._v = value_states.new_empty(b, h, cap, value_states.shape[-1])
+            self._k = key_states.new_empty(b, h, cap, d, dtype=self.dtype or key_states.dtype)
+            self._v = value_states.new_empty(b, h, cap, value_states.shape[-1], dtype=self.dtype or value_states.dtype)
         elif self._n + new > self._k.shape[-2]:
             cap = max(2 * self._k.shape[-2], self._n + new)
             grow = cap - self._k.shape[-2]
@@ -93,10 +95,12 @@ def new_cache(layers: Sequence[DynamicLayer]) -> DynamicCache:
     return cache
 
 
-def prefill_cache(prefix: KV | None, reused: int, capacity: int, num_layers: int) -> DynamicCache:
-    """A cache holding the first ``reused`` positions of ``prefix`` with room for ``capacity`` in all."""
+def prefill_cache(prefix: KV | None, reused: int, capacity: int, num_layers: int,
+                  dtype: torch.dtype | None = None) -> DynamicCache:
+    """A cache holding the first ``reused`` positions of ``prefix`` with room for ``capacity`` in all;
+    a fresh one stores new keys/values in ``dtype`` (default: as computed)."""
     if not prefix or reused == 0:
-        return new_cache([BufferLayer(capacity) for _ in range(num_layers)])
+        return new_cache([BufferLayer(capacity, dtype) for _ in range(num_layers)])
     layers = []
     for k, v in prefix:
         kb = k.new_empty(1, k.shape[1], capacity, k.shape[-1])
