@@ -32,15 +32,16 @@ env steps beyond its replay floor (``stats.probe_steps``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .agent import EpisodeConfig, apply_output, continue_episode
+from .agent import EpisodeConfig, apply_output, play
 from .config import to_dict
 from .envs.base import Env, parse_action
 from .errors import QlassError
@@ -48,12 +49,19 @@ from .executor import Executor, LocalExecutor
 from .explore_config import CAPS, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
 from .explore_cursor import Cursor, Recording
 from .jsonl import append_jsonl
+from .lockstep import Episode, Sample, drive, run_one
 from .perturb import diversity_prompt
 from .policy.base import Policy, ready_policy
 from .search import normalise_action
 from .seeding import stable_seed
 from .tree import BackupConfig, Node, Tree, assign_q, read_trees, tree_from_dict
 from .types import Completion, Step, Task
+
+EXPLORE_CACHE_PER_TREE = 4
+"""Prompt caches a local policy keeps per live tree (its current branch and a few siblings' prefixes)."""
+
+Grows = Generator[Sample, Any, list[Node]]
+"""A lockstep generator (:mod:`qlass.lockstep`) that returns the new expandable nodes."""
 
 log = logging.getLogger(__name__)
 
@@ -114,32 +122,32 @@ class TreeBuilder:
         self.stats["completion_tokens"] += sum(s.completion_tokens for s in steps)
 
     # -- sampling ----------------------------------------------------------------------------
-    def _call(self, history: Sequence[Any], n: int, seed: int) -> list[Completion]:
-        out = self.policy.sample([history], n, self.cfg.temperature, self.cfg.max_new_tokens, seed=seed)[0]
+    def _call(self, history: Sequence[Any], n: int, seed: int) -> Generator[Sample, Any, list[Completion]]:
+        (out,) = yield Sample([history], n, self.cfg.temperature, self.cfg.max_new_tokens, [seed])
         self.stats["policy_calls"] += 1
         self.stats["prompt_tokens"] += out[0].prompt_tokens
         self.stats["completion_tokens"] += sum(c.completion_tokens for c in out)
         return out
 
-    def _sample(self, node_id: int, n: int) -> list[Completion]:
+    def _sample(self, node_id: int, n: int) -> Generator[Sample, Any, list[Completion]]:
         """``n`` candidate outputs in ``node_id``'s state: one policy call, or with ``diverse`` the
         first candidate plainly (when the node has no child yet) and the rest with the request for
         a different action (the tree keeps the plain history)."""
         history = self.tree.history(node_id)
         seed = stable_seed(self.seed, "expand", node_id)
         if not self.cfg.diverse:
-            return self._call(history, n, seed)
+            return (yield from self._call(history, n, seed))
         previous = [self.tree.nodes[c].output for c in self.tree.children()[node_id]]
-        out = [] if previous else self._call(history, 1, seed)
+        out = [] if previous else (yield from self._call(history, 1, seed))
         if n > len(out):
             shown = previous + [c.text for c in out if not c.truncated]
-            out += self._call(diversity_prompt(history, shown), n - len(out), stable_seed(seed, "diverse"))
+            out += yield from self._call(diversity_prompt(history, shown), n - len(out), stable_seed(seed, "diverse"))
         return out
 
-    def _alternatives(self, node_id: int, n: int) -> list[Completion]:
+    def _alternatives(self, node_id: int, n: int) -> Generator[Sample, Any, list[Completion]]:
         """Sample at ``node_id`` (marking it expanded); the new distinct, complete outputs in order."""
         kids = {normalise_action(self.tree.nodes[c].output) for c in self.tree.children()[node_id]}
-        completions = self._sample(node_id, n)
+        completions = yield from self._sample(node_id, n)
         self.tree.nodes[node_id].expanded = True
         out = []
         for comp in completions:
@@ -171,7 +179,8 @@ class TreeBuilder:
         node.pruned = node.reward <= 0.0
         self.stats["terminal_alternatives"] += 1
 
-    def _chain(self, parent: int, completion: Completion | None, rollout: int) -> tuple[list[Node], Recording | None]:
+    def _chain(self, parent: int, completion: Completion | None, rollout: int
+               ) -> Generator[Sample, Any, tuple[list[Node], Recording | None]]:
         """Execute ``completion`` under ``parent`` (or, when ``completion`` is None, continue from
         ``parent`` itself) and roll out to the end; returns the new nodes (tagged ``rollout``) and,
         with snapshots, the recording of their states."""
@@ -186,7 +195,7 @@ class TreeBuilder:
         first_id = len(self.tree.nodes)
         seed = stable_seed(self.seed, "rollout", first_id) if rollout == 0 else stable_seed(self.seed, "rollout", parent, rollout)
         if completion is None or not steps[-1].done:
-            continue_episode(env, self.policy, messages, steps, self.episode, seed=seed)
+            yield from play(env, messages, steps, self.episode, seed)
             self.stats["rollouts"] += 1
         self._count_rollout(steps[base + (completion is not None):])
         chain: list[Node] = []
@@ -198,16 +207,18 @@ class TreeBuilder:
         self.cursor.steps += len(chain)
         return chain, env if isinstance(env, Recording) else None
 
-    def _branch(self, parent: int, completion: Completion) -> list[Node]:
+    def _branch(self, parent: int, completion: Completion) -> Grows:
         """Grow the branch of ``completion`` under ``parent``: a leaf when it ends the episode, else
         ``rollouts`` rollouts whose mean outcome decides pruning; returns its expandable nodes."""
-        chain, recording = self._chain(parent, completion, 0)
+        chain, recording = yield from self._chain(parent, completion, 0)
         head = chain[0]
         if head.done:
             self._leaf(head)
             return []
         self.stats["branches"] += 1
-        chains = [chain[1:]] + [self._chain(head.id, None, k)[0] for k in range(1, self.cfg.rollouts)]
+        chains = [chain[1:]]
+        for k in range(1, self.cfg.rollouts):
+            chains.append((yield from self._chain(head.id, None, k))[0])
         outcomes = [c[-1].reward if c else head.reward for c in chains]
         for c, outcome in zip(chains, outcomes):
             for n in c:
@@ -227,19 +238,20 @@ class TreeBuilder:
             alternatives = [c for c in alternatives if not self._probe(parent, c)]
         return alternatives
 
-    def _grow(self, parent: int, alternatives: list[Completion]) -> list[Node]:
+    def _grow(self, parent: int, alternatives: list[Completion]) -> Grows:
         """A branch for each alternative while the caps allow; returns their expandable nodes."""
         todo: list[Node] = []
         for k, comp in enumerate(alternatives):
             if not self._room():
                 self.stats["dropped"] += len(alternatives) - k
                 break
-            todo += self._branch(parent, comp)
+            todo += yield from self._branch(parent, comp)
         return todo
 
-    def _expand(self, node_id: int, limit: int | None = None) -> list[Node]:
+    def _expand(self, node_id: int, limit: int | None = None) -> Grows:
         """Sample at ``node_id`` and grow every new distinct alternative (at most ``limit``)."""
-        return self._grow(node_id, self._prepare(node_id, self._alternatives(node_id, self.cfg.candidates), limit))
+        alternatives = yield from self._alternatives(node_id, self.cfg.candidates)
+        return (yield from self._grow(node_id, self._prepare(node_id, alternatives, limit)))
 
     # -- the whole tree ----------------------------------------------------------------------
     def _expert_chain(self, outputs: list[str]) -> list[Node]:
@@ -275,7 +287,7 @@ class TreeBuilder:
         self.stats["expert_order"] = [chain[i].depth for i in order]
         return [chain[i] for i in order]
 
-    def _graft_siblings(self) -> list[Node]:
+    def _graft_siblings(self) -> Grows:
         """Grow the queued expert-step siblings (``self.queue``: per expert step its parent and its
         alternatives, ``None`` until sampled) in ``expert_order`` while the current phase has room;
         what is left stays queued. Returns the new expandable nodes."""
@@ -285,21 +297,21 @@ class TreeBuilder:
             if alts is None:
                 if not self._room():
                     return todo
-                alts = self._prepare(parent, self._alternatives(parent, n), limit)
+                alts = self._prepare(parent, (yield from self._alternatives(parent, n)), limit)
                 queue[i] = (parent, alts)
             while alts and self.cfg.expert_order != "all":  # a step's siblings all grown before the next step's
                 if not self._room():
                     return todo
-                todo += self._branch(parent, alts.pop(0))
+                todo += yield from self._branch(parent, alts.pop(0))
         while any(alts for _, alts in queue):  # "all": every step sampled above, now one sibling per step in turn
             for parent, alts in queue:
                 if alts:
                     if not self._room():
                         return todo
-                    todo += self._branch(parent, alts.pop(0))
+                    todo += yield from self._branch(parent, alts.pop(0))
         return todo
 
-    def _search(self, stack: list[Node]) -> None:
+    def _search(self, stack: list[Node]) -> Generator[Sample, Any, None]:
         """Depth-first expansion of ``stack`` (popped from the end) while the caps allow."""
         while stack:
             node = stack.pop()
@@ -307,10 +319,15 @@ class TreeBuilder:
                 continue
             if not self._room():
                 break
-            stack += self._expand(node.id)[::-1]
+            stack += (yield from self._expand(node.id))[::-1]
 
     def build(self) -> Tree:
-        """Explore the task and return its tree, Q values assigned."""
+        """Explore the task and return its tree, Q values assigned (one tree at a time)."""
+        return run_one(self.grow(), self.policy)
+
+    def grow(self) -> Episode[Tree]:
+        """:meth:`build` as a lockstep generator (:mod:`qlass.lockstep`): it yields its policy requests,
+        so several trees can share batched policy calls (see :class:`TreeWorker`'s ``concurrency``)."""
         outputs = self.env.expert(self.task) if self.cfg.expert_graft else []
         first = self.cursor.start(self.task)
         root = Node(0, None, 0, "", None, first, 0.0, False, "root")
@@ -319,18 +336,19 @@ class TreeBuilder:
                          config=to_dict(self.cfg), config_hash=explore_digest(self.cfg))
         self.queue: list[tuple[int, list[Completion] | None]] = []
         if not outputs:
-            self._search([root])
+            yield from self._search([root])
         else:
             chain = self._expert_chain(outputs)
             todo = [chain[-1]] if chain and self._expandable(chain[-1]) else []
             if self.cfg.expert_siblings != 0 and chain:
                 self.queue = [(n.parent, None) for n in self._expert_order(chain)]  # type: ignore[misc]
                 self.share = self.cfg.graft_share
-                todo += self._graft_siblings()
+                todo += yield from self._graft_siblings()
                 self.share = 1.0
-            self._search(todo[::-1])
+            yield from self._search(todo[::-1])
             if any(alts is None or alts for _, alts in self.queue) and self._room():
-                self._search(self._graft_siblings()[::-1])  # budget left after the search: the graft goes on
+                more = yield from self._graft_siblings()  # budget left after the search: the graft goes on
+                yield from self._search(more[::-1])
         self.stats["dropped"] += sum(len(alts) for _, alts in self.queue if alts)
         t = self.tree
         self.stats.update(nodes=len(t.nodes), edges=t.edges, env_steps=self.cursor.steps, resets=self.cursor.resets,
@@ -353,32 +371,56 @@ def tree_seed(run_seed: int, task: Task) -> int:
 
 
 class TreeWorker:
-    """Builds trees in one worker (executor ``setup``): ``TreeWorker(...)()`` makes the env and
-    policy once; calling the result on ``(task, seed)`` returns the tree as a ``trees.jsonl`` record.
+    """Builds trees in one worker (executor ``setup``): ``TreeWorker(...)()`` makes the policy and a
+    first env once; the result builds ``(task, seed)`` jobs into ``trees.jsonl`` records —
+    ``concurrency`` trees at once through its ``stream`` method (their policy requests batched wave by
+    wave, each tree on an environment of its own), or one by calling it. A tree does not depend on
+    ``concurrency`` (its samples are seeded per node), up to the rounding of batched bf16 arithmetic.
 
     ``make_env`` and ``policy`` must be picklable for the process and Ray backends (e.g.
     ``functools.partial(make_env, "sciworld")`` and ``functools.partial(load_policy, path)``);
     ``policy`` may also be a ready :class:`Policy` object for the local backend."""
 
-    def __init__(self, make_env: Callable[[], Env], policy: Policy | Callable[[], Policy], cfg: ExploreConfig) -> None:
-        self.make_env, self.policy, self.cfg = make_env, policy, cfg
+    def __init__(self, make_env: Callable[[], Env], policy: Policy | Callable[[], Policy], cfg: ExploreConfig,
+                 concurrency: int = 1) -> None:
+        if concurrency < 1:
+            raise QlassError(f"concurrency must be >= 1, got {concurrency}")
+        self.make_env, self.policy, self.cfg, self.concurrency = make_env, policy, cfg, concurrency
 
-    def __call__(self) -> Callable[[tuple[Task, int]], dict[str, Any]]:
-        env = self.make_env()
-        policy = ready_policy(self.policy)
-        return _BoundWorker(env, policy, self.cfg)
+    def __call__(self) -> _BoundWorker:
+        return _BoundWorker(self.make_env, ready_policy(self.policy), self.cfg, self.concurrency)
 
 
 class _BoundWorker:
-    def __init__(self, env: Env, policy: Policy, cfg: ExploreConfig) -> None:
-        self.env, self.policy, self.cfg = env, policy, cfg
+    def __init__(self, make_env: Callable[[], Env], policy: Policy, cfg: ExploreConfig, concurrency: int) -> None:
+        self.make_env, self.policy, self.cfg, self.concurrency = make_env, policy, cfg, concurrency
+        self.envs: list[Env] = [make_env()]
+        self.free: list[Env] = list(self.envs)
+
+    def _tree(self, job: tuple[Task, int]) -> Episode[dict[str, Any]]:
+        task, seed = job
+        if not self.free:
+            self.envs.append(self.make_env())
+            self.free.append(self.envs[-1])
+        env = self.free.pop()
+        try:
+            tree = yield from TreeBuilder(env, self.policy, task, self.cfg, seed).grow()
+            return tree.to_dict()
+        finally:
+            self.free.append(env)
+
+    def stream(self, jobs: Iterable[tuple[Task, int]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Build ``jobs``, ``concurrency`` trees at a time in lockstep; yields ``(position, record)`` as
+        trees finish."""
+        starters = (functools.partial(self._tree, job) for job in jobs)
+        yield from drive(starters, self.policy, None, self.concurrency)
 
     def __call__(self, job: tuple[Task, int]) -> dict[str, Any]:
-        task, seed = job
-        return build_tree(self.env, self.policy, task, self.cfg, seed).to_dict()
+        return run_one(self._tree(job), self.policy)
 
     def close(self) -> None:
-        self.env.close()
+        for env in self.envs:
+            env.close()
 
 
 def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: int) -> dict[str, Tree]:
@@ -406,11 +448,13 @@ def explore_tasks(
     seed: int = 0,
     executor: Executor | None = None,
     progress: bool = True,
+    concurrency: int = 1,
 ) -> list[Tree]:
     """Build the tree of every task not yet in ``out_path`` and append each as it finishes.
 
     Resumable: a rerun skips finished tasks (a torn last line is cut first); returns the trees of
-    ``tasks`` in task order. ``executor`` defaults to in-process.
+    ``tasks`` in task order. ``executor`` defaults to in-process; each of its workers builds
+    ``concurrency`` trees at once in lockstep (:class:`TreeWorker`).
     """
     path = Path(out_path)
     done = _finished(path, tasks, cfg, seed)
@@ -425,7 +469,7 @@ def explore_tasks(
     totals = {"nodes": 0, "tokens": 0, "steps": 0}
     with Progress(*columns, disable=not progress) as bar:
         handle = bar.add_task("", total=len(jobs), rate=0.0, **totals)
-        for _, record in (executor or LocalExecutor()).run(TreeWorker(make_env, policy, cfg), jobs):
+        for _, record in (executor or LocalExecutor()).run(TreeWorker(make_env, policy, cfg, concurrency), jobs):
             tree = tree_from_dict(record, "<worker result>")
             append_jsonl(path, record)
             done[tree.tree_id] = tree

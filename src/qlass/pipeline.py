@@ -47,10 +47,14 @@ class ExploreStage:
     skip: int = option(0, "skip the first this-many tasks of each task type")
     exclude_expert: bool = option(False, "leave out the tasks of the expert/SFT data (expert.data, else the run's "
                                          "expert.json), so exploration runs on tasks the SFT model has not seen")
+    concurrency: int = option(8, "trees each worker builds at once in lockstep (batched policy calls); the trees "
+                                 "do not depend on it")
 
     def __post_init__(self) -> None:
         if self.skip < 0:
             raise ValueError(f"skip must be >= 0, got {self.skip}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,8 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
         changes += [f"expert.{c}" for c in config_differences(old.expert, new.expert)]
         changes += [f"sft.{c}" for c in config_differences(old.sft, new.sft)]
     if (run / "trees.jsonl").exists():
-        stage = [c for c in config_differences(old.explore_stage, new.explore_stage) if not c.startswith("limit:")]
+        stage = [c for c in config_differences(old.explore_stage, new.explore_stage)
+                 if not c.startswith(("limit:", "concurrency:"))]
         changes += [f"explore.{c}" for c in stage + config_differences(old.explore, new.explore)]
     if (run / "qnet").exists():
         changes += [f"qdata.{c}" for c in config_differences(old.qdata, new.qdata)]
@@ -282,7 +287,8 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows, or
     ``None`` when ``stop_after`` (``sft``, ``explore`` or ``qnet``) ends the run before evaluation."""
     from .envs.base import make_env
-    from .evaluate import run_evaluation
+    from .evaluate import cache_for, run_evaluation
+    from .explore import EXPLORE_CACHE_PER_TREE
     from .executor import make_executor
     from .explore import explore_tasks
     from .models import default_model_dir
@@ -324,9 +330,12 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     if cfg.policy_server:
         policy_spec = cfg.policy_server
         policy_opts.setdefault("tokenizer", str(sft_dir))
+    concurrency = r.explore_stage.concurrency
+    policy_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
     policy = functools.partial(load_policy, policy_spec, seed=cfg.seed, **policy_opts)
     explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
-                  run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers))
+                  run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers),
+                  concurrency=concurrency)
     backup = BackupConfig(gamma=r.explore.gamma, keep_intermediate=r.qdata.keep_intermediate,
                           normalize=r.qdata.normalize)
     counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl", backup, r.qdata.max_per_tree)

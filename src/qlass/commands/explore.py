@@ -20,12 +20,17 @@ def _instantiate(spec: str, options: dict[str, Any]) -> Any:
     return load_object(spec, "policy")(**options)
 
 
+def is_class_spec(spec: str) -> bool:
+    """Whether a policy spec names a user's own class (``package.module:Class``), not a model or server."""
+    return bool(_CLASS_SPEC.match(spec)) and not Path(spec).exists()
+
+
 def policy_factory(spec: str, options: dict[str, Any]) -> functools.partial:
     """A picklable policy factory: a model folder, ``default``, a server URL, or a user's own class
     as ``package.module:Class`` (constructed with ``options``)."""
     from ..policy import load_policy
 
-    if _CLASS_SPEC.match(spec) and not Path(spec).exists():
+    if is_class_spec(spec):
         return functools.partial(_instantiate, spec, options)
     return functools.partial(load_policy, spec, **options)
 
@@ -48,6 +53,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Run seed (each tree's seed is derived from it and the task id)."),
         backend: str = typer.Option("local", help="Executor: local, process or ray."),
         workers: int = typer.Option(2, help="Worker processes / Ray actors (process and ray backends)."),
+        concurrency: int = typer.Option(8, help="Trees each worker builds at once in lockstep (batched policy calls); "
+                                               "the trees do not depend on it."),
         ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
         progress: bool = typer.Option(True, help="Show the progress display."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every ExploreConfig option with its default and help, then exit."),
@@ -56,7 +63,8 @@ def register(app: typer.Typer) -> None:
         from ..config import describe, load_config, parse_kv
         from ..envs.base import make_env
         from ..executor import make_executor
-        from ..explore import ExploreConfig, explore_tasks
+        from ..evaluate import cache_for
+        from ..explore import EXPLORE_CACHE_PER_TREE, ExploreConfig, explore_tasks
         from ..explore_config import expert_task_ids, exploration_tasks
         from ..tree import tree_summary
 
@@ -78,12 +86,18 @@ def register(app: typer.Typer) -> None:
         if not tasks:
             raise QlassError(f"{env}: no tasks in split {split!r} (task types {task_types}, skip {skip} per type, "
                              f"{len(exclude)} excluded)")
-        factory = policy_factory(model, parse_kv(policy_arg, "--policy-arg"))
+        if concurrency < 1:
+            raise QlassError(f"--concurrency must be >= 1, got {concurrency}")
+        policy_opts = parse_kv(policy_arg, "--policy-arg")
+        if not is_class_spec(model):  # a user's class takes the options it declares
+            policy_opts = cache_for(model, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
+        factory = policy_factory(model, policy_opts)
         options = {"address": ray_address} if backend == "ray" and ray_address else {}
         executor = make_executor(backend, workers, **options)
         policy = factory() if backend == "local" else factory
         start = time.perf_counter()
-        trees = explore_tasks(make, tasks, policy, cfg, out, seed=seed, executor=executor, progress=progress)
+        trees = explore_tasks(make, tasks, policy, cfg, out, seed=seed, executor=executor, progress=progress,
+                              concurrency=concurrency)
         s = tree_summary(trees)
         typer.echo(f"{s['trees']} trees, {s['nodes']} nodes, {s['edges']} edges, {s['env_steps']} env steps "
                    f"({s['env_steps_per_edge']:.2f} per edge), {s['trees_with_success']} with a reward-1 leaf, "
