@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,82 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     result = qlass_cli("data", "validate", str(tmp_path / "nope.json"))
     assert result.returncode == 2
     assert "nope.json: file not found" in result.stderr
+
+
+def as_role_content(rec: dict, key: str = "conversations", system: str | None = None) -> dict:
+    """``rec`` with ``{"role", "content"}`` turns under ``key`` (and a leading system turn if given)."""
+    roles = {"human": "user", "gpt": "assistant"}
+    turns = [{"role": roles[t["from"]], "content": t["value"]} for t in rec["conversations"]]
+    if system is not None:
+        turns.insert(0, {"role": "system", "content": system})
+    return {k: v for k, v in rec.items() if k != "conversations"} | {key: turns}
+
+
+def test_role_content_and_messages_files_load_like_from_value(tmp_path: Path) -> None:
+    reference = load_trajectories(write(tmp_path, [GOOD], "ref.json"))
+    files = [write(tmp_path, [as_role_content(GOOD)], "role_content.json"),
+             write(tmp_path, [as_role_content(GOOD, "messages")], "messages.jsonl"),
+             write(tmp_path, [{k: v for k, v in GOOD.items() if k != "conversations"}
+                              | {"messages": GOOD["conversations"]}], "messages_from_value.jsonl")]
+    for path in files:
+        result = qlass_cli("data", "validate", str(path))
+        assert result.returncode == 0, result.stderr
+        assert "1 records, 1 valid, 0 invalid (0 problems), 6 turns" in result.stdout
+        assert load_trajectories(path) == reference
+    save_trajectories(tmp_path / "out.jsonl", load_trajectories(files[1]))  # writing stays canonical
+    written = json.loads((tmp_path / "out.jsonl").read_text())
+    assert "messages" not in written and written["conversations"] == GOOD["conversations"]
+
+
+def test_leading_system_turn_is_kept_as_a_system_message(tmp_path: Path) -> None:
+    path = write(tmp_path, [as_role_content(GOOD, "messages", system="You are a helpful agent.")], "sys.jsonl")
+    result = qlass_cli("data", "validate", str(path))
+    assert result.returncode == 0, result.stderr
+    (traj,) = load_trajectories(path)
+    assert traj.messages[0] == Message("system", "You are a helpful agent.") and len(traj.messages) == 7
+    save_trajectories(tmp_path / "out.json", [traj])
+    assert json.loads((tmp_path / "out.json").read_text())[0]["conversations"][0] == {
+        "from": "system", "value": "You are a helpful agent."}
+    assert load_trajectories(tmp_path / "out.json") == [traj]
+
+
+def test_mixed_or_unknown_turn_shapes_name_file_record_and_field(tmp_path: Path) -> None:
+    mixed = json.loads(json.dumps(GOOD))
+    mixed["conversations"][2] = {"role": "user", "content": "Your task is to find a plant."}
+    both = json.loads(json.dumps(GOOD)) | {"id": "both"}
+    both["conversations"][1] = {"from": "gpt", "content": "OK"}
+    neither = json.loads(json.dumps(GOOD)) | {"id": "neither"}
+    neither["conversations"][4] = {"speaker": "env", "text": "Observation: ..."}
+    two_lists = as_role_content(GOOD, "messages") | {"id": "two", "conversations": GOOD["conversations"]}
+    result = qlass_cli("data", "validate", str(write(tmp_path, [mixed, both, neither, two_lists], "mixed.jsonl")))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("mixed.jsonl, record 0 (id 't0'): conversations[2]: has 'role'/'content' keys but earlier turns have "
+            "'from'/'value'") in result.stderr
+    assert "mixed.jsonl, record 1 (id 'both'): conversations[1]: mixes 'from'/'value' with 'role'/'content'" in result.stderr
+    assert ("mixed.jsonl, record 2 (id 'neither'): conversations[4]: expected an object with 'from' and 'value' or "
+            "'role' and 'content', got a JSON object with keys ['speaker', 'text']") in result.stderr
+    assert "mixed.jsonl, record 3 (id 'two'): fields 'conversations' and 'messages': both present" in result.stderr
+    assert "4 records, 0 valid, 4 invalid" in result.stdout
+
+
+def test_unknown_role_and_late_system_turn(tmp_path: Path) -> None:
+    tool = as_role_content(GOOD, "messages")
+    tool["messages"][3] = {"role": "tool", "content": "Thought: t\nAction: look"}
+    late = as_role_content(GOOD, "messages") | {"id": "late"}
+    late["messages"].insert(2, {"role": "system", "content": "Be brief."})
+    result = qlass_cli("data", "validate", str(write(tmp_path, [tool, late], "roles.json")))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "roles.json, record 0 (id 't0'): messages[3].role: 'tool' is not a known role" in result.stderr
+    assert "roles.json, record 1 (id 'late'): messages[2].role: a system turn may only be the first turn" in result.stderr
+
+
+def test_valid_json_of_another_shape_is_not_called_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "eval_output.json"
+    path.write_text(json.dumps({"model": "m", "accuracy": 0.5, "results": [GOOD]}, indent=2))
+    expected = ("eval_output.json: valid JSON of another shape: a JSON object with keys ['model', 'accuracy', "
+                "'results']; expected a list of trajectory records or JSON Lines")
+    with pytest.raises(DataError, match=re.escape(expected)):
+        validate_file(path)
+    result = qlass_cli("data", "validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert expected in result.stderr and "invalid JSON" not in result.stderr

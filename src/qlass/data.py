@@ -9,6 +9,11 @@ A file is a JSON list or JSON Lines of records::
 ``Thought: ...\nAction: ...`` outputs. Short acknowledgement turns (``OK``) before the first action,
 as in ETO's SFT files, are accepted. Every problem is reported with the file, the record's index
 and id, and the field.
+
+Reading also accepts the common chat shape: the turns under ``messages`` instead of
+``conversations``, and ``{"role": "user"|"assistant"|"system", "content": ...}`` turns instead of
+``{"from", "value"}`` (one shape per record). A ``system`` turn may only come first; it is kept as a
+system message, part of the instruction prefix. Writing always uses the canonical form above.
 """
 
 from __future__ import annotations
@@ -21,10 +26,15 @@ from typing import Any, Iterable
 
 from .errors import DataError
 from .jsonl import write_text_atomic
-from .types import Message, Step, Trajectory
+from .types import Message, Role, Step, Trajectory
 
 ROLE_FROM_ETO = {"human": "user", "gpt": "assistant", "system": "system"}
 ETO_FROM_ROLE = {v: k for k, v in ROLE_FROM_ETO.items()}
+ROLES: dict[str, Role] = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant",
+                          "system": "system"}
+"""Accepted turn roles (either turn shape) and the message role each becomes."""
+TURN_LISTS = ("conversations", "messages")
+TURN_SHAPES = (("from", "value"), ("role", "content"))
 ACTION_LINE = re.compile(r"^\s*Action:\s*\S", re.MULTILINE)
 ACKNOWLEDGEMENTS = {"ok", "ok.", "okay", "okay."}
 MAX_REPORTED = 50
@@ -77,8 +87,79 @@ def _load_raw(path: Path) -> list[Any]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise DataError(str(path), f"line {lineno} (record {len(out)}): invalid JSON: {exc.msg}") from None
+            try:
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                raise DataError(str(path), f"line {lineno} (record {len(out)}): invalid JSON: {exc.msg}") from None
+            raise DataError(str(path), f"valid JSON of another shape: {_describe(whole)}; "
+                                       "expected a list of trajectory records or JSON Lines") from None
     return out
+
+
+def _describe(data: Any) -> str:
+    """A short description of a JSON value's shape, for error messages."""
+    if isinstance(data, dict):
+        keys = list(data)
+        shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
+        return f"a JSON object with keys [{shown}]"
+    kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    kind = kinds.get(type(data), type(data).__name__)
+    return f"a JSON {kind}"
+
+
+def _parse_turns(rec: dict[str, Any]) -> tuple[list[Message], list[str]]:
+    """The record's turns as messages, and the problems found in them (each naming its field path)."""
+    present = [k for k in TURN_LISTS if k in rec]
+    if len(present) > 1:
+        return [], ["fields 'conversations' and 'messages': both present; a record has one list of turns"]
+    key = present[0] if present else "conversations"
+    conv = rec.get(key)
+    if not isinstance(conv, list) or not conv:
+        name = f"field {key!r}" if present else "field 'conversations' (or 'messages')"
+        return [], [f"{name}: missing or not a non-empty list"]
+    messages: list[Message] = []
+    problems: list[str] = []
+    shape: tuple[str, str] | None = None
+    expected = "user"
+    seen_action = False
+    for i, turn in enumerate(conv):
+        where = f"{key}[{i}]"
+        shapes = [s for s in TURN_SHAPES if s[0] in turn or s[1] in turn] if isinstance(turn, dict) else []
+        if len(shapes) != 1:
+            what = ("mixes 'from'/'value' with 'role'/'content' keys" if shapes else
+                    f"expected an object with 'from' and 'value' or 'role' and 'content', got {_describe(turn)}")
+            problems.append(f"{where}: {what}")
+            continue
+        rkey, vkey = shapes[0]
+        if shape is None:
+            shape = shapes[0]
+        elif shape != shapes[0]:
+            problems.append(f"{where}: has '{rkey}'/'{vkey}' keys but earlier turns have '{shape[0]}'/'{shape[1]}'; "
+                            "use one turn shape per record")
+            continue
+        raw, value = turn.get(rkey), turn.get(vkey)
+        role = ROLES.get(raw) if isinstance(raw, str) else None
+        if role is None:
+            problems.append(f"{where}.{rkey}: {raw!r} is not a known role ({', '.join(map(repr, ROLES))})")
+            continue
+        if not isinstance(value, str):
+            problems.append(f"{where}.{vkey}: missing or not a string")
+            continue
+        messages.append(Message(role, value))
+        if role == "system":
+            if i != 0:
+                problems.append(f"{where}.{rkey}: a system turn may only be the first turn")
+            continue
+        if role != expected:
+            problems.append(f"{where}.{rkey}: roles must alternate user/assistant (human/gpt) starting with user; "
+                            f"got {raw!r} where {'a user' if expected == 'user' else 'an assistant'} turn was expected")
+        expected = "assistant" if role == "user" else "user"
+        if role == "assistant":
+            if ACTION_LINE.search(value):
+                seen_action = True
+            elif seen_action or value.strip().lower() not in ACKNOWLEDGEMENTS:
+                problems.append(f"{where}.{vkey}: agent turn has no 'Action:' line")
+    return messages, problems
 
 
 def record_problems(rec: Any) -> list[str]:
@@ -88,31 +169,7 @@ def record_problems(rec: Any) -> list[str]:
     problems = []
     if "id" not in rec or not isinstance(rec["id"], (str, int)) or rec["id"] == "":
         problems.append("field 'id': missing or not a non-empty string")
-    conv = rec.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        return problems + ["field 'conversations': missing or not a non-empty list"]
-    expected = "human"
-    seen_action = False
-    for i, turn in enumerate(conv):
-        where = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            problems.append(f"{where}: expected an object with 'from' and 'value'")
-            continue
-        role, value = turn.get("from"), turn.get("value")
-        if role not in ("human", "gpt"):
-            problems.append(f"{where}.from: {role!r} is not 'human' or 'gpt'")
-            continue
-        if not isinstance(value, str):
-            problems.append(f"{where}.value: missing or not a string")
-            continue
-        if role != expected:
-            problems.append(f"{where}.from: roles must alternate human/gpt starting with human; got {role!r} where {expected!r} was expected")
-        expected = "gpt" if role == "human" else "human"
-        if role == "gpt":
-            if ACTION_LINE.search(value):
-                seen_action = True
-            elif seen_action or value.strip().lower() not in ACKNOWLEDGEMENTS:
-                problems.append(f"{where}.value: agent turn has no 'Action:' line")
+    problems += _parse_turns(rec)[1]
     if "reward" in rec:
         r = rec["reward"]
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 <= float(r) <= 1.0:
@@ -123,9 +180,12 @@ def record_problems(rec: Any) -> list[str]:
 
 
 def record_to_trajectory(rec: dict[str, Any]) -> Trajectory:
-    """Convert a *valid* record to a :class:`Trajectory` (unknown fields go to ``meta``)."""
-    messages = [Message(ROLE_FROM_ETO[t["from"]], t["value"]) for t in rec["conversations"]]
-    known = {"id", "conversations", "reward", "success", "task", "steps"}
+    """Convert a *valid* record (either turn shape) to a :class:`Trajectory` (unknown fields go to ``meta``)."""
+    messages, problems = _parse_turns(rec)
+    turns = rec.get("conversations", rec.get("messages"))
+    if not isinstance(turns, list) or len(messages) != len(turns):  # never drop an unreadable turn
+        raise ValueError(f"record {rec.get('id')!r}: {problems[0] if problems else 'no turns'}")
+    known = {"id", "conversations", "messages", "reward", "success", "task", "steps"}
     steps = [Step(**s) for s in rec.get("steps", [])]
     return Trajectory(
         id=str(rec["id"]),
