@@ -3,7 +3,8 @@
 - llama.cpp's server (``llama_cpp.server``, built by ``scripts/setup.sh --test``) serving the default
   model's GGUF: both endpoints, n candidates, token accounting, seeds, stopping, the API key.
 - A small scripted HTTP server (the standard library's) for what llama.cpp will not do on demand:
-  503/429/400 answers, a slow answer, a closed port, missing usage, fewer choices than asked.
+  503/429/400 answers, a slow answer, a closed port, missing usage, fewer choices than asked,
+  redirects, echoed keys and malformed replies.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def test_api_key_is_required_and_never_shown(llama_server: str, monkeypatch: pyt
 
 # -- a scripted local HTTP server ------------------------------------------------------------------
 class Scripted(ThreadingHTTPServer):
-    """Answers POSTs with scripted (status, headers, body, delay) replies; records what it got."""
+    """Answers GETs and POSTs with scripted (status, headers, body, delay) replies, a ``bytes`` body sent
+    as is and any other JSON-encoded; records (path, headers, JSON body or ``None``) of what it got."""
 
     def __init__(self, replies: list[tuple[int, dict[str, str], Any, float]]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -151,11 +153,16 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    def do_GET(self) -> None:
+        self._answer(None)
+
+    def _answer(self, body: Any) -> None:
         self.server.seen.append((self.path, dict(self.headers), body))
         status, headers, reply, delay = self.server.replies.pop(0) if self.server.replies else (500, {}, {}, 0)
         time.sleep(delay)
-        data = json.dumps(reply).encode()
+        data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
         try:
             self.send_response(status)
             for k, v in {"Content-Type": "application/json", **headers}.items():
@@ -227,13 +234,23 @@ def test_client_errors_are_not_retried(scripted: Any) -> None:
     assert len(server.seen) == 1
 
 
-def test_timeouts_and_refused_connections_are_retried(scripted: Any) -> None:
+def test_timeouts_are_retried(scripted: Any) -> None:
     slow = scripted((200, {}, {}, 2.0), ok("Thought: t\nAction: look around", usage=USAGE))
     policy = OpenAIPolicy(slow.url, model="m", endpoint="chat", timeout=0.5, backoff=0.01, max_retries=2)
     assert policy.sample([HIST])[0][0].text == "Thought: t\nAction: look around"
+    assert len(slow.seen) == 2
+
+
+def test_a_refused_connection_fails_fast_naming_the_url() -> None:
+    """A dead server is not retried like a 503: the default policy (backoff 1 s, 5 retries) waited >= 15 s."""
     closed = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
-    with pytest.raises(QlassError, match="giving up after 3 attempts"):
-        OpenAIPolicy(closed, model="m", endpoint="chat", backoff=0.01, max_retries=2).sample([HIST])
+    for make in (lambda: OpenAIPolicy(closed, model="m", endpoint="chat").sample([HIST]),  # a generation
+                 lambda: OpenAIPolicy(closed, endpoint="chat")):  # GET /models, to find the model name
+        start = time.monotonic()
+        with pytest.raises(QlassError, match="connection refused") as err:
+            make()
+        assert time.monotonic() - start < 1.0
+        assert closed in str(err.value)
 
 
 def test_fewer_choices_than_n_are_topped_up_with_candidate_seeds(scripted: Any) -> None:
@@ -273,14 +290,91 @@ def test_api_key_sent_in_header_only(scripted: Any, key_env: str, caplog: pytest
 def test_bad_replies_and_options_are_clear_errors(scripted: Any) -> None:
     server = scripted((200, {}, {"choices": []}, 0), ok("x", chat=False))
     policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01)
-    with pytest.raises(QlassError, match="no 'choices'"):
+    with pytest.raises(QlassError, match="choices is an empty list"):
         policy.sample([HIST])
-    with pytest.raises(QlassError, match="message.content"):
+    with pytest.raises(QlassError, match=r"choices\[0\]\.message is missing"):
         policy.sample([HIST])
     with pytest.raises(QlassError, match="tokenizer"):
         OpenAIPolicy(server.url, model="m", endpoint="completions")
     with pytest.raises(QlassError, match="no option 'autocast'"):
         load_policy(server.url, model="m", autocast=True)
+
+
+def test_a_redirect_to_another_origin_does_not_carry_the_key(scripted: Any, key_env: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Bug 18.6: urllib's redirect handler forwarded ``Authorization`` to whatever host a 302 named."""
+    caplog.set_level(logging.WARNING)
+    elsewhere = scripted((200, {}, {"data": [{"id": "moved"}]}, 0))  # another port: another origin
+    api = scripted((302, {"Location": elsewhere.url + "/models"}, {}, 0))
+    policy = OpenAIPolicy(api.url, endpoint="chat", api_key_env=key_env)  # GET /models follows the 302
+    assert policy.model == "moved"
+    assert api.seen[0][1]["Authorization"] == f"Bearer {KEY}"
+    ((path, headers, _),) = elsewhere.seen
+    assert path == "/v1/models" and "authorization" not in {k.lower() for k in headers} and KEY not in str(headers)
+    origins = [s.url.removesuffix("/v1") for s in (api, elsewhere)]
+    assert all(o in caplog.text for o in origins) and "without the API key" in caplog.text
+    same = scripted((307, {"Location": "/v1/models-here"}, {}, 0), (200, {}, {"data": [{"id": "here"}]}, 0))
+    assert OpenAIPolicy(same.url, endpoint="chat", api_key_env=key_env).model == "here"
+    assert [(p, h["Authorization"]) for p, h, _ in same.seen] == [("/v1/models", f"Bearer {KEY}"),
+                                                               ("/v1/models-here", f"Bearer {KEY}")]
+
+
+def test_an_echoed_key_is_redacted_in_errors_and_logs(scripted: Any, key_env: str, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Bug 18.6: a server (or proxy) echoing the request headers put the key into errors and retry warnings."""
+    caplog.set_level(logging.DEBUG)
+    echo = f"you sent Authorization: Bearer {KEY}"
+    server = scripted((503, {}, {"error": echo}, 0), (401, {}, {"error": echo}, 0),
+                      (200, {"Content-Type": "text/html"}, f"<html>{echo}</html>".encode(), 0))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", api_key_env=key_env, backoff=0.01)
+    with pytest.raises(QlassError, match="HTTP 401") as denied:
+        policy.sample([HIST])  # a 503 (retried, logged), then a 401
+    with pytest.raises(QlassError, match="not JSON") as garbled:
+        policy.sample([HIST])
+    for err in (denied, garbled):
+        assert KEY not in str(err.value) and "Bearer ***" in str(err.value)
+    assert "HTTP 503" in caplog.text and "Bearer ***" in caplog.text and KEY not in caplog.text
+    monkeypatch.setenv("QLASS_BAD_KEY", "sk-abc\nX-Injected: 1")  # http.client's own error quoted the header
+    with pytest.raises(QlassError, match="QLASS_BAD_KEY") as bad:
+        OpenAIPolicy(server.url, model="m", endpoint="chat", api_key_env="QLASS_BAD_KEY").sample([HIST])
+    assert "sk-abc" not in str(bad.value)
+
+
+def _chat(**choice: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "finish_reason": "stop", **choice}], "usage": USAGE}
+
+
+GOOD = {"role": "assistant", "content": "Thought: t\nAction: wait"}
+
+
+@pytest.mark.parametrize(("endpoint", "reply", "field"), [
+    ("chat", {"usage": USAGE}, "choices is missing"),
+    ("chat", {"choices": ["Thought: t"]}, r"choices\[0\] is a string"),
+    ("chat", _chat(message="Thought: t"), r"choices\[0\]\.message is a string"),
+    ("chat", _chat(message={"role": "assistant", "content": 5}), r"choices\[0\]\.message\.content is a number"),
+    ("chat", _chat(message={"role": "assistant", "content": ["Thought: t"]}), r"choices\[0\]\.message\.content is a list"),
+    ("completions", _chat(text=5), r"choices\[0\]\.text is a number"),
+    ("chat", {**_chat(message=GOOD), "usage": [50, 9]}, "usage is a list"),
+    ("chat", {**_chat(message=GOOD), "usage": {"prompt_tokens": "ten", "completion_tokens": 9}},
+     r"usage\.prompt_tokens is a string"),
+    ("chat", {**_chat(message=GOOD), "usage": {"prompt_tokens": 50, "completion_tokens": 9.5}},
+     r"usage\.completion_tokens is a number, expected a non-negative integer"),
+    ("chat", _chat(message=GOOD, logprobs=[-0.5]), r"choices\[0\]\.logprobs is a list"),
+    ("chat", _chat(message=GOOD, logprobs={"content": [{"token": "T", "logprob": "low"}]}),
+     r"choices\[0\]\.logprobs\.content\[0\]\.logprob is a string"),
+    ("completions", _chat(text="Thought: t\nAction: wait", logprobs={"token_logprobs": [-0.5, "x"]}),
+     r"choices\[0\]\.logprobs\.token_logprobs\[1\] is a string"),
+])
+def test_malformed_replies_name_the_url_and_the_field(scripted: Any, endpoint: str, reply: dict[str, Any],
+                                                      field: str) -> None:
+    """Bug 18.6: mistyped fields crashed with TypeError, AttributeError or ValueError, or passed silently."""
+    server = scripted((200, {}, reply, 0))
+    tokenizer = default_tokenizer_dir() if endpoint == "completions" else None
+    policy = OpenAIPolicy(server.url, model="m", endpoint=endpoint, tokenizer=tokenizer, backoff=0.01)
+    with pytest.raises(QlassError, match=f"malformed response: {field}") as err:
+        policy.sample([HIST])
+    assert str(err.value).startswith(f"{server.url}/{'chat/' if endpoint == 'chat' else ''}completions: ")
+    assert len(server.seen) == 1  # a broken reply is not retried
 
 
 def test_max_length_drops_oldest_turns_before_sending(scripted: Any) -> None:

@@ -20,10 +20,17 @@ turn; the text is then cut after its ``Action:`` line, so one completion is one
 ``truncated=True`` (:func:`~qlass.policy.outputs.final_output`). ``top_p`` and ``min_p`` are sent
 when set (vLLM, SGLang and llama.cpp take ``min_p``; hosted APIs may refuse it). Token counts come from the response's ``usage``
 (split over the choices by their token counts where ``n > 1``), or are counted with the tokenizer
-when the server reports none. Requests time out, and 429, 5xx and connection errors are retried
-with exponential backoff (honouring ``Retry-After``). The API key is read from an environment
-variable (``OPENAI_API_KEY`` unless told otherwise), sent only in the ``Authorization`` header and
-never logged or shown.
+when the server reports none. A reply of the wrong shape (a missing or mistyped field) is a
+:class:`~qlass.errors.QlassError` naming the URL and the field path, e.g. ``choices[0].message.content``.
+
+Requests time out; 429, 5xx, timeouts and broken connections are retried with exponential backoff
+(honouring ``Retry-After``). A refused connection (nothing listens there) is not retried: it fails
+at once, naming the URL. The API key is read from an environment variable (``OPENAI_API_KEY``
+unless told otherwise) and sent only in the ``Authorization`` header; error texts and log lines
+show it as ``***`` (a server or proxy may echo it back). Redirects are followed as curl and
+``requests`` follow them: one to the same origin keeps the header, one to another origin (scheme,
+host or port differ) goes without it, with a warning naming both origins, so the key never reaches
+a host it was not given for.
 
 Transport is the standard library's ``urllib`` rather than ``httpx``: a request here lasts
 seconds (a whole generation), so connection pooling would save nothing measurable, while the retry,
@@ -42,7 +49,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -58,6 +65,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STOP = ("\nObservation:", "\nThought:", "<|im_end|>")
 _RETRY_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_MISSING = object()
 
 
 class OpenAIPolicy:
@@ -123,10 +132,13 @@ class OpenAIPolicy:
         self.stop = list(stop)
         self.logprobs = bool(logprobs)
         self.max_length = max_length
-        self._api_key = os.environ.get(api_key_env) or None
+        self._api_key = os.environ.get(api_key_env, "").strip() or None
         if self._api_key is None:
             log.debug("no API key in $%s; sending requests without one", api_key_env)
-        self._opener = _opener_for(self.base_url)
+        elif not all("!" <= ch <= "~" for ch in self._api_key):
+            raise QlassError(f"${api_key_env} holds spaces, control or non-ASCII characters, which an HTTP "
+                             "header cannot carry")
+        self._opener = _opener_for(self.base_url, self._redact)
         self._rng = random.Random(seed)
         self._jitter = random.Random(seed + 1)
         self.model = model or ""
@@ -210,15 +222,22 @@ class OpenAIPolicy:
                     raw = resp.read()
                 break
             except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode("utf-8", "replace")
+                try:
+                    detail = self._redact(exc.read(65536).decode("utf-8", "replace"))[:300]
+                except (OSError, http.client.HTTPException):
+                    detail = "(body unreadable)"
                 if exc.code != 429 and exc.code < 500:
-                    raise QlassError(f"{url}: HTTP {exc.code}: {detail}") from None
+                    where = url if exc.url == url else f"{url} (redirected to {self._redact(exc.url)})"
+                    raise QlassError(f"{where}: HTTP {exc.code}: {detail}") from None
                 problem = f"HTTP {exc.code}: {detail}"
                 retry_after = exc.headers.get("Retry-After", "") if exc.headers else ""
                 if retry_after.strip().replace(".", "", 1).isdigit():
                     delay = min(self.max_backoff, float(retry_after))
             except _RETRY_ERRORS as exc:
-                problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+                reason = getattr(exc, "reason", exc)
+                if isinstance(reason, ConnectionRefusedError):
+                    raise QlassError(f"{url}: connection refused (is the server running?); not retried") from None
+                problem = self._redact(f"{type(exc).__name__}: {reason}")
             if attempt == self.max_retries:
                 raise QlassError(f"{url}: giving up after {attempt + 1} attempts; last error {problem}")
             log.warning("%s: %s; retrying in %.1f s", url, problem, delay)
@@ -226,46 +245,59 @@ class OpenAIPolicy:
         try:
             reply = json.loads(raw)
         except ValueError:
-            raise QlassError(f"{url}: response is not JSON: {raw[:200]!r}") from None
+            shown = self._redact(raw[:4096].decode("utf-8", "replace"))[:200]
+            raise QlassError(f"{url}: response is not JSON: {shown!r}") from None
         if not isinstance(reply, dict):
             raise QlassError(f"{url}: response is not a JSON object")
         return reply
 
+    def _redact(self, text: str) -> str:
+        """``text`` with the API key shown as ``***``."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
     def _first_model(self) -> str:
-        reply = self._request("/models")
-        try:
-            return str(reply["data"][0]["id"])
-        except (KeyError, IndexError, TypeError):
-            raise QlassError(f"{self.base_url}/models lists no model; pass model=<name>") from None
+        data = self._request("/models").get("data")
+        first = data[0] if isinstance(data, list) and data else None
+        if not isinstance(first, dict) or not isinstance(first.get("id"), str) or not first["id"]:
+            raise QlassError(f"{self.base_url}/models lists no model (no string data[0].id); pass model=<name>")
+        return first["id"]
 
     # -- responses -------------------------------------------------------------------------
     def _parse(self, reply: dict[str, Any], path: str, prompt_ids: list[int] | None) -> list[Completion]:
         """Completions from one reply, with per-choice token counts (see the module docstring)."""
         where = f"{self.base_url}{path}"
-        choices = reply.get("choices")
+        choices = reply.get("choices", _MISSING)
         if not isinstance(choices, list) or not choices:
-            raise QlassError(f"{where}: response has no 'choices'")
+            raise _malformed(where, "choices", choices, "a non-empty list")
         texts, cut, token_lists, logprobs = [], [], [], []
         for k, choice in enumerate(choices):
-            try:
-                raw = choice["text"] if path == "/completions" else choice["message"]["content"]
-            except (KeyError, TypeError):
-                raise QlassError(f"{where}: choice {k} has no {'text' if path == '/completions' else 'message.content'}") from None
+            if not isinstance(choice, dict):
+                raise _malformed(where, f"choices[{k}]", choice, "an object")
+            holder, field, name = choice, f"choices[{k}].text", "text"
+            if path != "/completions":
+                holder, field, name = choice.get("message", _MISSING), f"choices[{k}].message.content", "content"
+                if not isinstance(holder, dict):
+                    raise _malformed(where, f"choices[{k}].message", holder, "an object")
+            raw = holder.get(name, _MISSING)
+            if raw is not None and not isinstance(raw, str):
+                raise _malformed(where, field, raw, "a string")
             texts.append(raw or "")
             cut.append(choice.get("finish_reason") == "length")
-            token_lists.append(_token_logprobs(choice.get("logprobs")))
+            token_lists.append(_token_logprobs(choice.get("logprobs"), where, f"choices[{k}].logprobs"))
             logprobs.append(sum(token_lists[-1]) if token_lists[-1] else None)
-        usage = reply.get("usage") or {}
-        prompt_tokens = usage.get("prompt_tokens")
+        usage = reply.get("usage")
+        if usage is not None and not isinstance(usage, dict):
+            raise _malformed(where, "usage", usage, "an object")
+        prompt_tokens, total = (_count(usage or {}, name, where) for name in ("prompt_tokens", "completion_tokens"))
         if prompt_tokens is None:
             if prompt_ids is None:
                 raise QlassError(f"{where}: response has no usage.prompt_tokens; pass tokenizer= to count them")
             prompt_tokens = len(prompt_ids)
-        counts = self._completion_counts(texts, token_lists, usage.get("completion_tokens"), where)
+        counts = self._completion_counts(texts, token_lists, total, where)
         out = []
         for text, stopped_by_limit, count, lp in zip(texts, cut, counts, logprobs):
             text, truncated = final_output(text, stopped_by_limit)
-            out.append(Completion(text, int(prompt_tokens), count, lp, truncated))
+            out.append(Completion(text, prompt_tokens, count, lp, truncated))
         return out
 
     def _completion_counts(self, texts: list[str], token_lists: list[list[float]], total: int | None,
@@ -273,24 +305,61 @@ class OpenAIPolicy:
         if all(token_lists):
             return [len(t) for t in token_lists]
         if total is not None and len(texts) == 1:
-            return [int(total)]
+            return [total]
         if self.tokenizer is not None:
             counted = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-            return counted if total is None else _apportion(int(total), counted)
+            return counted if total is None else _apportion(total, counted)
         if total is None:
             raise QlassError(f"{where}: response has no usage.completion_tokens; pass tokenizer= to count them")
-        return _apportion(int(total), [1] * len(texts))
+        return _apportion(total, [1] * len(texts))
 
 
-def _token_logprobs(logprobs: Any) -> list[float]:
+def _token_logprobs(logprobs: Any, where: str, field: str) -> list[float]:
     """Sampled tokens' log-probabilities from a completions or chat ``logprobs`` object ([] if none)."""
-    if not isinstance(logprobs, dict):
+    if logprobs is None:
         return []
-    if isinstance(logprobs.get("token_logprobs"), list):
-        return [float(x) for x in logprobs["token_logprobs"] if x is not None]
-    if isinstance(logprobs.get("content"), list):
-        return [float(x["logprob"]) for x in logprobs["content"] if isinstance(x, dict) and "logprob" in x]
-    return []
+    if not isinstance(logprobs, dict):
+        raise _malformed(where, field, logprobs, "an object or null")
+    if logprobs.get("token_logprobs") is not None:  # completions: {"token_logprobs": [x, ...]}
+        values = logprobs["token_logprobs"]
+        if not isinstance(values, list):
+            raise _malformed(where, f"{field}.token_logprobs", values, "a list")
+        paths = [f"{field}.token_logprobs[{i}]" for i in range(len(values))]
+    elif logprobs.get("content") is not None:  # chat: {"content": [{"logprob": x, ...}, ...]}
+        entries = logprobs["content"]
+        if not isinstance(entries, list):
+            raise _malformed(where, f"{field}.content", entries, "a list")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise _malformed(where, f"{field}.content[{i}]", entry, "an object")
+        values = [entry.get("logprob", _MISSING) for entry in entries]
+        paths = [f"{field}.content[{i}].logprob" for i in range(len(values))]
+    else:
+        return []
+    for value, path in zip(values, paths):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise _malformed(where, path, value, "a number")
+    return [float(x) for x in values if x is not None]
+
+
+def _count(usage: dict[str, Any], name: str, where: str) -> int | None:
+    """``usage[name]`` as a token count, ``None`` when the server left it out."""
+    value = usage.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise _malformed(where, f"usage.{name}", value, "a non-negative integer")
+    return value
+
+
+def _malformed(where: str, field: str, value: Any, expected: str) -> QlassError:
+    """The error for a reply field of the wrong shape; it names the field and the JSON type, never the value."""
+    if value is _MISSING or value is None:
+        got = "missing" if value is _MISSING else "null"
+    elif isinstance(value, (list, dict)) and not value:
+        got = "an empty list" if isinstance(value, list) else "an empty object"
+    else:
+        kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+        got = kinds.get(type(value), type(value).__name__)
+    return QlassError(f"{where}: malformed response: {field} is {got}, expected {expected}")
 
 
 def _apportion(total: int, weights: list[int]) -> list[int]:
@@ -303,8 +372,36 @@ def _apportion(total: int, weights: list[int]) -> list[int]:
     return parts
 
 
-def _opener_for(base_url: str) -> urllib.request.OpenerDirector:
-    """An opener that ignores proxy settings for loopback servers (uses them otherwise)."""
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``, the port filled in from the scheme when absent."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port out of range: an origin of its own
+        port = parts.netloc.rpartition(":")[2]
+    return f"{scheme}://{parts.hostname or ''}:{port}"
+
+
+class _KeepKeyInOrigin(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, dropping ``Authorization`` from one that leaves the origin (scheme, host, port)."""
+
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        self.redact = redact
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and new.has_header("Authorization") and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+            log.warning("%s redirected to another origin, %s; following without the API key",
+                        self.redact(_origin(req.full_url)), self.redact(_origin(newurl)))
+        return new
+
+
+def _opener_for(base_url: str, redact: Callable[[str], str]) -> urllib.request.OpenerDirector:
+    """An opener that keeps the API key within the origin (see :class:`_KeepKeyInOrigin`) and ignores
+    proxy settings for loopback servers (uses them otherwise)."""
     parts = urllib.parse.urlsplit(base_url)
     if parts.scheme not in ("http", "https"):
         raise QlassError(f"{base_url}: not an http(s) URL")
@@ -313,4 +410,5 @@ def _opener_for(base_url: str) -> urllib.request.OpenerDirector:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    return urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else urllib.request.build_opener()
+    proxies = urllib.request.ProxyHandler({}) if loopback else urllib.request.ProxyHandler()
+    return urllib.request.build_opener(proxies, _KeepKeyInOrigin(redact))
