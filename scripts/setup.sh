@@ -27,6 +27,17 @@ if ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
   fi
 fi
 
+# The viewer's tests (tests/test_view.py) open its page in headless Chromium (Debian's chromium).
+if [ "$test_mode" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  echo "[setup] chromium not found; installing it for the viewer's browser tests"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "[setup] please install Chromium (a 'chromium' command) for tests/test_view.py; they fail without it" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi

@@ -13,7 +13,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run", "serve"]
+COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run", "serve", "view"]
 
 app = typer.Typer(
     name="qlass",

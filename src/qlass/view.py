@@ -1,0 +1,350 @@
+"""``qlass view``: one self-contained, offline HTML page for trees, episodes, decisions and results.
+
+:func:`write_view` reads a ``trees.jsonl``, an evaluation ``records.jsonl``, a decisions file
+(``qlass decisions collect``) or a whole run folder (every such file under it, plus the
+``results.json`` / ``results.md`` / ``budget.csv`` of its evaluation folders) and writes one HTML
+file. The page's script and styles are inline (``qlass/view_assets``); the data sits in a
+``<script type="application/json">`` block whose ``<``, ``>`` and ``&`` are JSON-escaped, and the
+script builds the page with ``textContent`` only, so no environment or model text is ever parsed as
+HTML. A Content-Security-Policy allows only the page's own script (by hash) and no network access.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import QlassError
+from .jsonl import read_jsonl, write_text_atomic
+from .tree import BackupConfig, Tree, compute_q, contrast_pairs, tree_from_dict, tree_summary
+
+log = logging.getLogger(__name__)
+
+VIEW_SCHEMA_VERSION = 1
+KINDS = ("trees", "records", "decisions")
+MAX_SCAN_DEPTH = 3
+"""How deep below a run folder :func:`find_inputs` looks for input files."""
+
+
+# -- what a file is --------------------------------------------------------------------------
+def _first_record(path: Path) -> dict[str, Any] | None:
+    """The first JSON object of a JSON Lines file (None when the file has no record)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise QlassError(f"{path}: the first line is JSON but not an object")
+                    return rec
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QlassError(f"{path}: not JSON Lines ({exc})") from None
+    return None
+
+
+def _kind_of(rec: dict[str, Any]) -> str | None:
+    if "nodes" in rec and "tree_id" in rec:
+        return "trees"
+    if "method" in rec and "trajectory" in rec:
+        return "records"
+    if "candidates" in rec and "history" in rec:
+        return "decisions"
+    return None
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+    """``run`` for a folder, else ``trees``, ``records`` or ``decisions`` by the file's first record;
+    anything else raises :class:`QlassError` naming the path."""
+    p = Path(path)
+    if not p.exists():
+        raise QlassError(f"{p}: no such file or folder")
+    if p.is_dir():
+        return "run"
+    rec = _first_record(p)
+    if rec is None:
+        raise QlassError(f"{p}: the file holds no record")
+    kind = _kind_of(rec)
+    if kind is None:
+        raise QlassError(f"{p}: not a trees.jsonl, records.jsonl or decisions file "
+                         f"(its first record has the fields {', '.join(sorted(rec)[:12])})")
+    return kind
+
+
+def _walk(root: Path, depth: int = 0) -> Iterator[Path]:
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        if e.is_dir() and depth < MAX_SCAN_DEPTH:
+            yield from _walk(e, depth + 1)
+        elif e.is_file():
+            yield e
+
+
+def find_inputs(folder: str | os.PathLike) -> dict[str, list[Path]]:
+    """The viewable files under a run folder: ``trees``, ``records`` and ``decisions`` (JSON Lines
+    files recognised by their first record) and ``results`` (``results.json`` files)."""
+    found: dict[str, list[Path]] = {k: [] for k in (*KINDS, "results")}
+    for p in _walk(Path(folder)):
+        if p.name == "results.json":
+            found["results"].append(p)
+        elif p.suffix == ".jsonl" and not p.name.endswith(".tasks.jsonl"):
+            try:
+                rec = _first_record(p)
+            except QlassError:
+                log.debug("skipping %s: not JSON Lines", p)
+                continue
+            kind = _kind_of(rec) if rec else None
+            if kind:
+                found[kind].append(p)
+    return found
+
+
+# -- the page's data ---------------------------------------------------------------------------
+def _label(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base)) or path.name
+    except ValueError:
+        return str(path)
+
+
+def tree_view(tree: Tree, raw: dict[str, Any]) -> dict[str, Any]:
+    """The page's record of one tree: its nodes (Q backed up where the file has none) and summary."""
+    qs = [n.q for n in tree.nodes[1:]]
+    computed = bool(qs) and any(q is None for q in qs)
+    if computed:
+        gamma = float(tree.config.get("gamma", BackupConfig.gamma))
+        backed = compute_q(tree, BackupConfig(gamma=gamma))
+        for n in tree.nodes:
+            n.q = backed.get(n.id)
+    nodes = []
+    for n, rn in zip(tree.nodes, raw["nodes"]):
+        nodes.append({
+            "id": n.id, "parent": n.parent, "depth": n.depth, "source": n.source, "rollout": n.rollout,
+            "output": n.output, "action": n.action, "observation": n.observation, "reward": n.reward,
+            "done": n.done, "q": n.q, "expanded": n.expanded, "pruned": n.pruned,
+            "merged": int(rn.get("merged", 0) or 0), "env_steps": n.env_steps,
+            "tokens": n.prompt_tokens + n.completion_tokens,
+        })
+    summ = tree_summary([tree])
+    stats = tree.stats
+    summary = {
+        "nodes": len(tree.nodes),
+        "branches": int(stats.get("branches", sum(n.source == "sample" for n in tree.nodes))),
+        "contrast_pairs": contrast_pairs(tree),
+        "env_steps": summ["env_steps"],
+        "prompt_tokens": summ["prompt_tokens"], "completion_tokens": summ["completion_tokens"],
+        "tokens": summ["prompt_tokens"] + summ["completion_tokens"],
+        "max_depth": max(n.depth for n in tree.nodes),
+        "leaves": len(tree.nodes) - len({n.parent for n in tree.nodes[1:]}),
+        "best_reward": max(n.reward for n in tree.nodes),
+        "pruned": sum(n.pruned for n in tree.nodes), "merged": int(stats.get("merged", 0)),
+        "stopped_by": stats.get("stopped_by"), "q_computed": computed,
+    }
+    return {"tree_id": tree.tree_id, "task": tree.task, "env": tree.env, "split": tree.split,
+            "task_type": tree.task_type, "summary": summary, "nodes": nodes}
+
+
+def read_tree_views(path: Path) -> list[dict[str, Any]]:
+    """Every tree of a ``trees.jsonl`` file, validated, as page records."""
+    out = []
+    for line, rec in enumerate(read_jsonl(path), start=1):
+        out.append(tree_view(tree_from_dict(rec, str(path), line), rec))
+    return out
+
+
+def first_observation(traj: dict[str, Any]) -> str:
+    """The task and first observation of an episode: the user turn before its first agent step."""
+    conv = traj.get("conversations") or []
+    steps = traj.get("steps") or []
+    gpt = [i for i, t in enumerate(conv) if t.get("from") == "gpt"]
+    at = gpt[-len(steps)] - 1 if steps and len(gpt) >= len(steps) else len(conv) - 1
+    while at >= 0 and conv[at].get("from") != "human":
+        at -= 1
+    return str(conv[at].get("value", "")) if at >= 0 else ""
+
+
+def episode_view(rec: dict[str, Any], source: str) -> dict[str, Any]:
+    """The page's record of one evaluation record."""
+    traj = rec.get("trajectory") or {}
+    steps = [{"output": s.get("output", ""), "action": s.get("action"), "observation": s.get("observation", ""),
+              "reward": s.get("reward"), "done": bool(s.get("done", False))} for s in traj.get("steps") or []]
+    decisions = [{"step": d.get("step"), "actions": d.get("actions", []), "values": d.get("values", []),
+                  "scores": d.get("scores"), "chosen": d.get("chosen")} for d in traj.get("decisions") or []]
+    keep = ("method", "method_name", "env", "split", "task", "task_type", "reward", "success", "prompt_tokens",
+            "completion_tokens", "qnet_tokens", "env_steps", "wall_time", "oracle", "oracle_pass_at_n")
+    out = {k: rec.get(k) for k in keep}
+    out.update(source=source, first_observation=first_observation(traj), steps=steps, decisions=decisions,
+               candidates=rec.get("candidates") or [])
+    return out
+
+
+def read_episode_views(path: Path, source: str) -> list[dict[str, Any]]:
+    """Every record of an evaluation ``records.jsonl``, validated, as page records."""
+    from .report import read_records
+
+    return [episode_view(r, source) for r in read_records([path])]
+
+
+def decision_view(rec: dict[str, Any], source: str) -> dict[str, Any]:
+    """The page's record of one decision state (``qlass decisions collect``)."""
+    history = rec.get("history") or []
+    state = next((m["content"] for m in reversed(history) if m.get("role") == "user"), "")
+    keep = ("output", "action", "mean", "std", "reward", "terminal", "anchor", "count", "rollout_rewards",
+            "mean_logprob", "completion_tokens")
+    return {"source": source, "env": rec.get("env", ""), "split": rec["split"], "task": rec["task"],
+            "task_type": rec.get("task_type", ""), "step": rec["step"], "state": state, "played": rec.get("played"),
+            "samples": rec.get("samples"), "truncated": rec.get("truncated"),
+            "candidates": [{k: c.get(k) for k in keep} for c in rec["candidates"]]}
+
+
+def read_decision_views(path: Path, source: str) -> list[dict[str, Any]]:
+    """Every record of a decisions file, validated, as page records."""
+    from .decision_report import read_decisions
+
+    return [decision_view(r, source) for r in read_decisions([path])]
+
+
+def _budget_csv(path: Path) -> list[dict[str, Any]]:
+    points = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                points.append({"env": row["env"], "split": row["split"], "curve": row["curve"],
+                               "budget_param": row["budget_param"],
+                               "completion_tokens": float(row["completion_tokens"]),
+                               "avg_reward": float(row["avg_reward"])})
+            except (KeyError, ValueError) as exc:
+                raise QlassError(f"{path}: not a budget.csv row ({exc})") from None
+    return points
+
+
+def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any] | None:
+    """The results of an evaluation folder: ``results.json`` when present, else ``results.md`` and
+    ``budget.csv``, else computed from its records as ``qlass report`` would."""
+    rj = folder / "results.json"
+    if rj.is_file():
+        try:
+            data = json.loads(rj.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise QlassError(f"{rj}: not JSON ({exc})") from None
+        if isinstance(data, dict) and isinstance(data.get("rows"), list):
+            return {"name": name, "rows": data["rows"], "paired": data.get("paired") or [],
+                    "budget": data.get("budget") or [], "markdown": None}
+        log.warning("%s: no 'rows' list; not a qlass results file", rj)
+    md, bc = folder / "results.md", folder / "budget.csv"
+    if md.is_file() or bc.is_file():
+        return {"name": name, "rows": [], "paired": [], "budget": _budget_csv(bc) if bc.is_file() else [],
+                "markdown": md.read_text(encoding="utf-8") if md.is_file() else None}
+    if not records:
+        return None
+    from .compare import paired_rows
+    from .report import budget_points, read_records, summarise
+
+    recs = read_records(records)
+    return {"name": name, "rows": summarise(recs), "paired": paired_rows(recs), "budget": budget_points(recs),
+            "markdown": None}
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[str, Any]:
+    """Everything the page shows for ``path`` (see :func:`detect_kind`)."""
+    p = Path(path)
+    kind = detect_kind(p)
+    if kind == "run":
+        base, found = p, find_inputs(p)
+    else:
+        base, found = p.parent, {k: [p] if k == kind else [] for k in (*KINDS, "results")}
+    data: dict[str, Any] = {"schema_version": VIEW_SCHEMA_VERSION, "title": title or f"qlass view: {p.resolve().name}",
+                            "source": str(p), "kind": kind, "trees": [], "episodes": [], "decisions": [],
+                            "results": [], "files": []}
+    for f in found["trees"]:
+        data["trees"] += read_tree_views(f)
+    for f in found["records"]:
+        data["episodes"] += read_episode_views(f, _label(f, base))
+    for f in found["decisions"]:
+        data["decisions"] += read_decision_views(f, _label(f, base))
+    if kind == "run" or kind == "records":
+        folders = sorted({f.parent for f in found["records"]} | {f.parent for f in found["results"]})
+        for folder in folders:
+            recs = [f for f in found["records"] if f.parent == folder]
+            res = results_view(folder, _label(folder, base) if folder != base else (p.name or str(p)), recs)
+            if res:
+                data["results"].append(res)
+    data["files"] = [_label(f, base) for k in KINDS for f in found[k]]
+    if not (data["trees"] or data["episodes"] or data["decisions"] or data["results"]):
+        raise QlassError(f"{p}: found no trees, evaluation records, decisions or results to show")
+    return _finite(data)
+
+
+# -- the page ---------------------------------------------------------------------------------
+def _asset(name: str) -> str:
+    return resources.files("qlass").joinpath("view_assets", name).read_text(encoding="utf-8")
+
+
+def data_block(data: dict[str, Any]) -> str:
+    """``data`` as JSON that is safe inside a ``<script>`` element: ``<``, ``>`` and ``&`` are
+    written as ``\\u003c``, ``\\u003e`` and ``\\u0026`` (so no ``</script>`` or ``<!--`` can appear)."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def render_html(data: dict[str, Any]) -> str:
+    """The whole page: inline styles, the data block and the script, under a Content-Security-Policy
+    that runs only this script (by its hash) and allows no network request."""
+    js, css = _asset("view.js"), _asset("view.css")
+    if "</" in js or "</" in css:
+        raise QlassError("qlass/view_assets: the page's script and styles must not contain '</'")
+    digest = base64.b64encode(hashlib.sha256(js.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
+           "base-uri 'none'; form-action 'none'")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{csp}\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{html.escape(str(data.get('title', 'qlass view')))}</title>\n"
+        f"<style>\n{css}</style>\n</head>\n<body>\n"
+        "<noscript>This page draws its content with JavaScript; please enable it.</noscript>\n"
+        "<div id=\"app\"></div>\n"
+        f"<script type=\"application/json\" id=\"qlass-data\">{data_block(data)}</script>\n"
+        f"<script>{js}</script>\n</body>\n</html>\n"
+    )
+
+
+def write_view(path: str | os.PathLike, out: str | os.PathLike, title: str | None = None) -> Path:
+    """Write the page for ``path`` (a trees, records or decisions file, or a run folder) to ``out``;
+    returns ``out``. Bad input raises :class:`QlassError` naming the path."""
+    o = Path(out)
+    if o.is_dir():
+        raise QlassError(f"{o}: is a folder; give the page's file name (e.g. {o / 'view.html'})")
+    data = load_view_data(path, title)
+    page = render_html(data)
+    write_text_atomic(o, page)
+    log.info("wrote %s (%.1f MB): %d trees (%d nodes), %d episodes, %d decisions, %d result sets",
+             o, len(page.encode("utf-8")) / 1e6, len(data["trees"]), sum(len(t["nodes"]) for t in data["trees"]),
+             len(data["episodes"]), len(data["decisions"]), len(data["results"]))
+    return o

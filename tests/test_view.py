@@ -1,0 +1,374 @@
+"""``qlass view``: the offline HTML page, read back by headless Chromium (Debian's ``chromium``).
+
+The test data is written with the project's own writers: trees through :class:`qlass.tree.Tree`,
+evaluation records through :func:`qlass.evaluate.make_record` (plus ``write_report`` for the
+results files) and decision states through :func:`qlass.decisions.decision_record`.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from qlass.decisions import _Candidate, _Decision, decision_record
+from qlass.errors import QlassError
+from qlass.evaluate import MethodRun, make_record
+from qlass.jsonl import write_jsonl
+from qlass.report import write_report
+from qlass.search import make_method_config
+from qlass.tree import Node, Tree, assign_q
+from qlass.types import Completion, Message, Step, Task, Trajectory
+from qlass.view import data_block, detect_kind, load_view_data, write_view
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.usefixtures("require_chromium")
+
+
+@pytest.fixture
+def require_chromium() -> None:
+    """Browser tests fail (not skip) without Chromium: the test setup installs it."""
+    assert CHROMIUM is not None, "needs Debian's chromium: run `bash scripts/setup.sh --test`"
+
+HOOK = "http://127.0.0.1:{port}"
+PLANT = ('<script>document.title="pwned";document.body.setAttribute("data-pwned","1")</script></div></section>'
+         '<img id="planted-img" src="{hook}/img" onerror="document.body.setAttribute(\'data-pwned\',\'2\')">'
+         '<link rel="stylesheet" href="{hook}/css"><b id="planted">bold</b><!-- ')
+
+
+# -- test data, through the project's writers --------------------------------------------------
+def make_tree(task: str, n: int, seed: int = 0, planted: str = "") -> Tree:
+    """A tree of ``n`` nodes: an expert chain, sampled branches at its steps, rollout chains below."""
+    rng = random.Random(seed)
+    nodes = [Node(0, None, 0, "", None, f"Your task is {task}. {planted}", 0.0, False, "root")]
+
+    def node(parent: int, source: str) -> Node:
+        p = nodes[parent]
+        i = len(nodes)
+        act = f"go to room {i}"
+        done = rng.random() < 0.05
+        reward = min(1.0, p.reward + rng.choice([0.0, 0.0, 0.25])) if not done else rng.choice([0.0, 1.0])
+        nd = Node(i, parent, p.depth + 1, f"Thought: try {i}.\nAction: {act}", act, f"You are in room {i}.",
+                  reward, done, source, prompt_tokens=50, completion_tokens=9, env_steps=1, pruned=rng.random() < 0.1)
+        nodes.append(nd)
+        return nd
+
+    chain = [0]
+    for _ in range(min(8, n - 1)):
+        chain.append(node(chain[-1], "expert").id)
+    while len(nodes) < n:
+        base = rng.choice(chain[:-1])
+        head = node(base, "sample")
+        tip = head
+        for _ in range(rng.randint(0, 6)):
+            if len(nodes) >= n or tip.done:
+                break
+            tip = node(tip.id, "rollout")
+    if planted:
+        nodes[-1].observation = planted
+        nodes[-1].output = "Thought: " + planted + "\nAction: look"
+    tree = Tree(tree_id=task, task=task, env="toy", split="train", task_type="toy", prefix=[Message("user", "rules")],
+                nodes=nodes, config={"gamma": 0.9}, stats={"merged": 3, "branches": 5, "prompt_tokens": 1000,
+                                                           "completion_tokens": 200})
+    return assign_q(tree)
+
+
+def make_episode(method: str, options: dict, task: Task, rewards: list[float], decisions: list[dict] | None = None,
+                 planted: str = "") -> dict:
+    """An evaluation record written by :func:`make_record` for a played episode."""
+    run = MethodRun(method, make_method_config(method, options))
+    steps, msgs = [], [Message("user", "You are an agent."), Message("assistant", "OK"),
+                       Message("user", f"Your task is {task.id}.")]
+    for t, r in enumerate(rewards):
+        obs = f"You see thing {t}." + (planted if t == 1 else "")
+        out = f"Thought: step {t}.\nAction: act {t}"
+        steps.append(Step(out, f"act {t}", obs, r, t == len(rewards) - 1, 100, 10, 5 if decisions else 0))
+        msgs += [Message("assistant", out), Message("user", "Observation: " + obs)]
+    meta = {"decisions": decisions} if decisions is not None else {}
+    traj = Trajectory(task.id, msgs, rewards[-1], rewards[-1] >= 1.0, task.id, steps, meta)
+    return make_record(run, "toy", task, traj, 1.5)
+
+
+def make_decision(task: Task, step: int, planted: str = "") -> dict:
+    """A decision state as ``qlass decisions collect`` writes it."""
+    cands = [_Candidate(Completion(f"Thought: a.\nAction: open door {k}{planted if k == 1 else ''}", 20, 8, -2.0 - k),
+                        anchor=k == 0, count=1 + k, terminal=k == 2, reward=0.0, rewards=[0.0, k / 2], lengths=[3, 2])
+             for k in range(3)]
+    dec = _Decision(task, step, ["Thought: x.\nAction: look"] * step,
+                    [Message("user", "rules"), Message("user", "Observation: a room" + planted)], cands, 0, 4, 1)
+    return decision_record("toy", dec)
+
+
+TASKS = [Task(f"toy/t{i}", "toy", "seen" if i < 2 else "unseen", "kind") for i in range(3)]
+QDECISIONS = [{"step": 0, "actions": ["act 0", "jump"], "values": [0.4, 0.1], "chosen": 0},
+              {"step": 1, "actions": ["act 1", "wait", "run"], "values": [0.2, 0.7, 0.3], "chosen": 1}]
+
+
+def make_run(root: Path, planted: str = "") -> dict[str, int]:
+    """A run folder (trees, an evaluation folder with its report, a decisions file); returns the counts."""
+    trees = [make_tree("toy/t0", 40, 1, planted), make_tree("toy/t1", 25, 2)]
+    write_jsonl(root / "trees.jsonl", [t.to_dict() for t in trees])
+    recs = []
+    for task in TASKS:
+        recs.append(make_episode("greedy", {}, task, [0.0, 0.5, 0.5], planted=planted))
+        recs.append(make_episode("qlass", {"m": 2}, task, [0.0, 0.5, 1.0], QDECISIONS, planted=planted))
+    write_jsonl(root / "eval" / "records.jsonl", recs)
+    write_report(recs, root / "eval")
+    decs = [make_decision(TASKS[0], 1, planted), make_decision(TASKS[0], 3), make_decision(TASKS[2], 0)]
+    write_jsonl(root / "decisions" / "decisions.jsonl", decs)
+    return {"nodes": sum(len(t.nodes) for t in trees), "episodes": len(recs),
+            "qnet_decisions": sum(len(r["trajectory"].get("decisions", [])) for r in recs), "decisions": len(decs)}
+
+
+# -- reading the page back ---------------------------------------------------------------------
+class Dom(HTMLParser):
+    """Elements, classes, attributes and the visible text of a dumped DOM."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.text: list[str] = []
+        self.title = ""
+        self._titles = 0
+        self._in: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+        if tag in ("script", "style", "title"):
+            self._in.append(tag)
+            self._titles += tag == "title"
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._in and self._in[-1] == tag:
+            self._in.pop()
+
+    def handle_data(self, data: str) -> None:
+        if self._in and self._in[-1] == "title":
+            if self._titles == 1:  # the page's own title, not an SVG tooltip
+                self.title += data
+        elif not self._in:
+            self.text.append(data)
+
+    def with_class(self, cls: str) -> list[dict[str, str]]:
+        return [a for _, a in self.tags if cls in a.get("class", "").split()]
+
+    def attr(self, tag: str, name: str) -> str | None:
+        return next((a.get(name) for t, a in self.tags if t == tag and name in a), None)
+
+
+def chromium(args: list[str], url: str, profile: Path, timeout: int = 120) -> str:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-default-apps", "--mute-audio", f"--user-data-dir={profile}", *args, url]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def dump(page: Path, tmp_path: Path, fragment: str = "") -> Dom:
+    text = chromium(["--dump-dom"], page.resolve().as_uri() + fragment, tmp_path / "profile")
+    dom = Dom(text)
+    assert dom.attr("body", "data-ready") == "1", "the page's script did not finish"
+    return dom
+
+
+# -- without a browser -------------------------------------------------------------------------
+def test_kinds_and_counts(tmp_path: Path) -> None:
+    counts = make_run(tmp_path)
+    assert detect_kind(tmp_path) == "run"
+    assert detect_kind(tmp_path / "trees.jsonl") == "trees"
+    assert detect_kind(tmp_path / "eval" / "records.jsonl") == "records"
+    assert detect_kind(tmp_path / "decisions" / "decisions.jsonl") == "decisions"
+    data = load_view_data(tmp_path)
+    assert sum(len(t["nodes"]) for t in data["trees"]) == counts["nodes"]
+    assert len(data["episodes"]) == counts["episodes"] and len(data["decisions"]) == counts["decisions"]
+    assert [r["name"] for r in data["results"]] == ["eval"] and data["results"][0]["paired"]
+    assert data["episodes"][0]["first_observation"] == "Your task is toy/t0."
+    tree = data["trees"][0]
+    assert tree["summary"]["nodes"] == 40 and tree["summary"]["merged"] == 3 and tree["summary"]["contrast_pairs"] > 0
+    only = load_view_data(tmp_path / "eval" / "records.jsonl")
+    assert not only["trees"] and len(only["episodes"]) == counts["episodes"] and only["results"]
+
+
+def test_data_block_is_inert_and_round_trips() -> None:
+    data = {"obs": PLANT + "</script><!-- & \u2028", "n": [1, 2.5, None]}
+    block = data_block(data)
+    assert "<" not in block and ">" not in block and "&" not in block
+    assert json.loads(block) == data
+
+
+def test_bad_input_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(QlassError, match=re.escape(str(missing))):
+        write_view(missing, tmp_path / "v.html")
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"hello": 1}\n')
+    with pytest.raises(QlassError, match=re.escape(str(other))):
+        write_view(other, tmp_path / "v.html")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(QlassError, match="found no trees"):
+        write_view(empty, tmp_path / "v.html")
+    proc = subprocess.run([sys.executable, "-m", "qlass", "view", str(other), "--out", str(tmp_path / "v.html")],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and str(other) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_page_is_self_contained(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    page = write_view(tmp_path, tmp_path / "view.html").read_text(encoding="utf-8")
+    assert "default-src 'none'" in page
+    code = re.sub(r'<script type="application/json" id="qlass-data">.*?</script>', "", page, flags=re.DOTALL)
+    for needle in ("src=", "href=", "<link", "url(", "@import", "fetch(", "XMLHttpRequest", "WebSocket",
+                   "EventSource", "sendBeacon", "import(", "innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+        assert needle not in code, needle
+    assert code.count("<script") == 1
+
+
+# -- in headless Chromium ----------------------------------------------------------------------
+@pytest.mark.slow
+@needs_chromium
+def test_browser_shows_every_node_and_decision(tmp_path: Path) -> None:
+    counts = make_run(tmp_path / "run")
+    page = write_view(tmp_path / "run", tmp_path / "view.html", title="toy run")
+    dom = dump(page, tmp_path, "#expand=all")
+    assert dom.title == "toy run"
+    assert len(dom.with_class("node")) == counts["nodes"]
+    assert len(dom.with_class("qnet-decision")) == counts["qnet_decisions"]
+    assert len(dom.with_class("bench-decision")) == counts["decisions"]
+    assert len(dom.with_class("episode")) == counts["episodes"]
+    assert len(dom.with_class("q-best")) > 0 and len(dom.with_class("contrast")) > 0
+    assert sum(t == "svg" for t, _ in dom.tags) == 2  # one budget chart per (env, split)
+    # without expand=all, a task shows two methods side by side (greedy and the qlass method with decisions)
+    default = dump(page, tmp_path, "#tab=episodes")
+    methods = [a["data-method"] for a in default.with_class("episode")]
+    assert methods[:2] == ["greedy", "qlass(m=2)"]
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _Hook.hits.append(self.path)
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_planted_markup_shows_as_text_and_never_runs(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        hook = HOOK.format(port=server.server_address[1])
+        plant = PLANT.format(hook=hook)
+        counts = make_run(tmp_path / "run", planted=plant)
+        title = "<b>run</b> & </title><script>document.title='x'</script>"
+        page = write_view(tmp_path / "run", tmp_path / "view.html", title=title)
+        dom = dump(page, tmp_path, "#expand=all")
+    finally:
+        server.shutdown()
+    assert _Hook.hits == [], "the page made a network request"
+    assert dom.title == title
+    assert dom.attr("body", "data-pwned") is None
+    assert not [a for _, a in dom.tags if a.get("id") in ("planted", "planted-img")]
+    assert sum(t == "script" for t, _ in dom.tags) == 2 and not any(t in ("img", "link") for t, _ in dom.tags)
+    text = "".join(dom.text)
+    assert text.count('<script>document.title="pwned"') >= 4  # tree rows, episodes, decisions
+    assert len(dom.with_class("node")) == counts["nodes"]  # the markup broke no element apart
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_screenshot(tmp_path: Path) -> None:
+    make_run(tmp_path / "run")
+    page = write_view(tmp_path / "run", tmp_path / "view.html")
+    shot = tmp_path / "trees.png"
+    chromium([f"--screenshot={shot}", "--window-size=1280,900", "--hide-scrollbars"], page.resolve().as_uri(),
+             tmp_path / "profile")
+    raw = shot.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 10_000
+    assert struct.unpack(">II", raw[16:24]) == (1280, 900)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_big_tree_renders_in_proportion(tmp_path: Path) -> None:
+    """A 1,000-node tree against a 100-node tree in the same page: its first view (collapsed beyond a
+    budget of visible nodes) costs about the same, its full expansion about 10x, never 100x."""
+    trees = [make_tree("toy/small", 100, 3), make_tree("toy/big", 1000, 4)]
+    write_jsonl(tmp_path / "trees.jsonl", [t.to_dict() for t in trees])
+    page = write_view(tmp_path / "trees.jsonl", tmp_path / "view.html")
+    dom = dump(page, tmp_path, "#bench=5")
+    assert dom.attr("body", "data-bench") == "done"
+    secs = {int(a["data-nodes"]): a for a in dom.with_class("tree")}
+    small, big = secs[100], secs[1000]
+    assert int(small["data-visible"]) == 100 and int(big["data-visible"]) <= 160
+    floor = 0.2  # ms: below the browser's timer resolution a ratio means nothing
+    initial = float(big["data-ms-initial"]) / max(float(small["data-ms-initial"]), floor)
+    full = float(big["data-ms-full"]) / max(float(small["data-ms-full"]), floor)
+    assert initial < 4, (initial, big, small)
+    assert full < 30, (full, big, small)
+
+
+CLICKS = r"""
+(function () {
+  var log = [];
+  function click(el) { el.dispatchEvent(new MouseEvent("click", { bubbles: true })); }
+  function count(sel) { return document.querySelectorAll(sel).length; }
+  try {
+    var tog = document.querySelector("#panel-trees .node .node .tog");
+    click(tog); log.push(count("#panel-trees .node"));
+    click(tog); log.push(count("#panel-trees .node"));
+    click(document.querySelector("#panel-trees .node .node .act"));
+    log.push(document.querySelector("aside.detail h3").textContent);
+    click(document.querySelectorAll("#panel-trees .toolbar button")[0]);
+    click(document.querySelector(".more button")); log.push(count("#panel-trees .node"));
+    document.querySelectorAll("#panel-episodes input[type=checkbox]").forEach(function (c) {
+      c.checked = true; c.dispatchEvent(new Event("change")); });
+    log.push(count(".episode"));
+    var outcome = document.querySelectorAll("#panel-episodes select")[1];
+    outcome.value = "success"; outcome.dispatchEvent(new Event("change")); log.push(count(".episode"));
+  } catch (e) { log.push("error: " + e); }
+  document.body.setAttribute("data-clicks", JSON.stringify(log));
+})();
+"""
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_clicks_open_close_and_filter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clicks dispatched by a script added to the page's own (hashed) script: a node closes and
+    reopens, a row shows its details, a wide node shows 100 children and then the rest, the
+    episode filters redraw."""
+    import qlass.view
+
+    make_run(tmp_path / "run")
+    star = [Node(0, None, 0, "", None, "start", 0.0, False, "root")]
+    star += [Node(i, 0, 1, f"Action: a{i}", f"a{i}", "o", float(i % 2), True, "sample") for i in range(1, 151)]
+    wide = assign_q(Tree("toy/wide", "toy/wide", "toy", "train", "x", [], star))
+    with open(tmp_path / "run" / "trees.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(wide.to_dict()) + "\n")
+    asset = qlass.view._asset
+    monkeypatch.setattr(qlass.view, "_asset", lambda name: asset(name) + (CLICKS if name == "view.js" else ""))
+    page = write_view(tmp_path / "run", tmp_path / "view.html")
+    log = json.loads(dump(page, tmp_path).attr("body", "data-clicks"))
+    closed, reopened, title, with_star, episodes, successes = log
+    assert closed < reopened == 40 and title == "toy/t0 · node #1"
+    assert with_star == 40 + 25 + 151
+    assert episodes == 6 and successes == 3
