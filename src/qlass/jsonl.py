@@ -18,12 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append ``record`` as one line in a single write, flushed and fsynced."""
+    """Append ``record`` as one line in a single write, flushed and fsynced; a last line without its
+    newline (a hand-edited or concatenated file) is ended first, so records are never glued."""
     line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a", encoding="utf-8") as fh:
-        fh.write(line)
+    with open(p, "a+b") as fh:
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                line = "\n" + line
+        fh.write(line.encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -33,7 +38,9 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
 
     A malformed line raises :class:`DataError` naming file and line. With ``repair_tail``, an
     unterminated, unparsable *last* line (the mark of an interrupted append) is logged, cut from
-    the file and skipped, so a resumed run redoes that unit of work.
+    the file and skipped, so a resumed run redoes that unit of work — but only a line that one of
+    our appends could have left: after earlier records, or starting like a JSON object. Any other
+    file is not ours to cut (e.g. ``--out notes.txt``) and is refused.
     """
     p = Path(path)
     if not p.exists():
@@ -48,6 +55,9 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
+                if repair_tail and is_last and not records and not line.lstrip().startswith(b"{"):
+                    raise DataError(str(p), "not a JSON Lines file (its only line is not a JSON object); "
+                                            "refusing to overwrite it: choose another output path") from None
                 if repair_tail and is_last:
                     log.warning("%s: cutting a torn last line (%d bytes) left by an interrupted write",
                                 p, len(line))

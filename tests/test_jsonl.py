@@ -1,0 +1,52 @@
+"""Crash-safe JSON Lines: appends never glue records, repairs cut only what an append could leave."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlass.errors import DataError
+from qlass.jsonl import append_jsonl, read_jsonl
+
+
+def test_append_after_a_last_line_without_newline_starts_a_new_line(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"a": 1}))  # hand-edited / concatenated: no final newline
+    append_jsonl(path, {"b": 2})
+    append_jsonl(path, {"c": 3})
+    assert read_jsonl(path) == [{"a": 1}, {"b": 2}, {"c": 3}]
+    assert path.read_text().count("\n") == 3
+
+
+def test_a_torn_tail_after_records_is_cut_and_a_torn_first_record_too(tmp_path: Path) -> None:
+    path = tmp_path / "trees.jsonl"
+    path.write_text('{"a": 1}\n{"b": ')
+    assert read_jsonl(path, repair_tail=True) == [{"a": 1}]
+    assert path.read_text() == '{"a": 1}\n'
+    first = tmp_path / "first.jsonl"
+    first.write_text('{"schema_version": 1, "tre')  # killed during the very first append
+    assert read_jsonl(first, repair_tail=True) == [] and first.read_text() == ""
+
+
+def test_a_file_that_is_not_ours_is_never_cut(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(DataError, match="not a JSON Lines file"):
+        read_jsonl(notes, repair_tail=True)
+    assert notes.read_text() == "my notes"
+
+
+def test_explore_out_on_a_notes_file_is_a_clear_error_and_keeps_it(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    done = subprocess.run([sys.executable, "-m", "qlass", "explore", "--model", "test_explore:ScriptedPolicy",
+                           "--env", "test_explore:Rooms", "--limit", "1", "--out", str(notes), "--no-progress"],
+                          capture_output=True, text=True, check=False,
+                          env={"PYTHONPATH": str(Path(__file__).parent), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2, done.stderr
+    assert "not a JSON Lines file" in done.stderr and str(notes) in done.stderr and "Traceback" not in done.stderr
+    assert notes.read_text() == "my notes"
