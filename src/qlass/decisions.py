@@ -38,6 +38,7 @@ from .config import differences, load_yaml, option, save_yaml
 from .envs.base import Env, parse_action
 from .errors import QlassError
 from .jsonl import append_jsonl, read_jsonl
+from .locking import writes_to
 from .lockstep import Episode, Sample, drive
 from .policy.base import Policy
 from .seeding import stable_seed
@@ -307,6 +308,7 @@ def _chunks(items: Sequence[Task], size: int) -> Iterator[list[Task]]:
         yield list(items[at: at + size])
 
 
+@writes_to("out", folder=False)
 def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy: Policy, cfg: DecisionConfig,
                       out: str | Path, seed: int = 0, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Find the decision states of ``tasks`` and value their candidates (see the module docstring),

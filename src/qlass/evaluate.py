@@ -37,6 +37,7 @@ from .envs.base import Env
 from .errors import QlassError
 from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl, read_jsonl
+from .locking import writes_to
 from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
 from .search import METHODS, SearchContext, ValueModel, method_label
@@ -226,6 +227,7 @@ def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]]
                              f"differs from this run's ({diff}); use another output folder for these settings")
 
 
+@writes_to("out_dir", folder=True)
 def evaluate(
     env_name: str,
     tasks: Sequence[Task],

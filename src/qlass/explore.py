@@ -49,6 +49,7 @@ from .executor import Executor, LocalExecutor
 from .explore_config import CAPS, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
 from .explore_cursor import Cursor, Recording
 from .jsonl import append_jsonl
+from .locking import writes_to
 from .lockstep import Episode, Sample, drive, run_one
 from .perturb import diversity_prompt
 from .policy.base import Policy, ready_policy
@@ -439,6 +440,7 @@ def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: i
     return trees
 
 
+@writes_to("out_path", folder=False)
 def explore_tasks(
     make_env: Callable[[], Env],
     tasks: Sequence[Task],

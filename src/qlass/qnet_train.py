@@ -40,6 +40,7 @@ import torch
 from .config import build, config_differences, config_hash, load_yaml, option, save_yaml, to_dict
 from .errors import QlassError
 from .jsonl import read_jsonl, write_jsonl
+from .locking import writes_to
 from .models import resolve_device
 from .qnet import RANKS, QNet
 from .qnet_data import QRecord, make_groups, read_qdata, split_by_tree
@@ -176,6 +177,7 @@ def _split(records: list[QRecord], cfg: QNetTrainConfig, held_out: list[str] | N
     return [r for r in records if r.tree_id not in held], [r for r in records if r.tree_id in held]
 
 
+@writes_to("out_dir", folder=True)
 def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg: QNetTrainConfig,
                held_out: Collection[str] | None = None) -> dict[str, Any]:
     """Train a QNet from the SFT model at ``sft_dir`` on ``qdata``; returns the kept epoch's validation

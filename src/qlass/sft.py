@@ -42,6 +42,7 @@ import torch
 from .config import config_hash, load_config, option, save_config
 from .data import ACTION_LINE, load_trajectories
 from .errors import QlassError
+from .locking import writes_to
 from .models import resolve_device
 from .policy.hf import default_keep_prefix, load_causal_lm
 from .policy.render import encode_conversation, truncate_history
@@ -262,6 +263,7 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     return step
 
 
+@writes_to("out_dir", folder=True)
 def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: SFTConfig) -> Path:
     """Fine-tune the causal LM at ``model_dir`` on the trajectories in ``data``; returns ``out_dir``.
 

@@ -1,0 +1,75 @@
+"""One writer per output: an advisory lock held while a command writes a run folder or an output file.
+
+A second process that would write the same folder or file (two ``qlass eval --out DIR``, two
+``qlass explore --out F``) is refused with a message naming the holder, instead of doubling every
+record. The lock is ``fcntl.flock`` on a small file (``DIR/.qlass.lock``, or ``.NAME.lock`` beside a
+file): the kernel releases it when its holder exits, however it exits, so a lock left by a killed
+process never blocks a rerun. The lock file itself stays (it only names the last holder).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import inspect
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import QlassError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def lock_path(target: Path, folder: bool) -> Path:
+    """Where the lock of ``target`` lives: inside a folder, beside a file."""
+    return target / ".qlass.lock" if folder else target.with_name(f".{target.name}.lock")
+
+
+@contextmanager
+def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
+    """Hold the writer lock of ``target`` (a folder, or a file when ``folder`` is false) for the block;
+    :class:`QlassError` naming the holder when another process holds it."""
+    target = Path(target)
+    path = lock_path(target, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise QlassError(f"{target} is being written by another qlass process ({holder}); wait for it to "
+                             "finish or choose another output") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing the file releases the lock
+
+
+def writes_to(param: str, folder: bool) -> Callable[[F], F]:
+    """Decorator: the call holds the writer lock of its argument ``param`` (see :func:`writer_lock`)."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with writer_lock(bound.arguments[param], folder):
+                return fn(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate
+
+
+__all__ = ["lock_path", "writer_lock", "writes_to"]

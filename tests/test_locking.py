@@ -1,0 +1,87 @@
+"""One writer per output: a second process is refused while the first writes; a killed holder
+never blocks a rerun."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qlass.decisions import DecisionConfig, collect_decisions
+from qlass.errors import QlassError
+from qlass.evaluate import evaluate
+from qlass.explore import ExploreConfig, explore_tasks
+from qlass.locking import lock_path, writer_lock
+from qlass.qnet_train import QNetTrainConfig, train_qnet
+from qlass.sft import SFTConfig, train_sft
+from qlass.tree import read_trees
+
+TESTS = Path(__file__).parent
+HOLD = ("import sys, time; from qlass.locking import writer_lock\n"
+        "with writer_lock(sys.argv[1], sys.argv[2] == 'folder'):\n"
+        "    print('held', flush=True); time.sleep(600)\n")
+
+
+def hold(target: Path, folder: bool) -> subprocess.Popen:
+    """Another process holding the writer lock of ``target``."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target), "folder" if folder else "file"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_every_writer_refuses_an_output_another_process_writes(tmp_path: Path) -> None:
+    folder, file = tmp_path / "out", tmp_path / "trees.jsonl"
+    holders = [hold(folder, True), hold(file, False)]
+    try:
+        calls = [lambda: explore_tasks(list, [], None, ExploreConfig(), file),
+                 lambda: collect_decisions(list, [], None, DecisionConfig(), file),
+                 lambda: evaluate("toy", [], [], None, folder),
+                 lambda: train_sft("data.json", "model", folder, SFTConfig()),
+                 lambda: train_qnet("qdata.jsonl", "model", folder, QNetTrainConfig())]
+        for call in calls:
+            with pytest.raises(QlassError, match=r"is being written by another qlass process \(pid \d+ on "):
+                call()
+        assert not file.exists() and list(folder.iterdir()) == [lock_path(folder, True)]
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
+    proc = hold(tmp_path / "run", True)
+    with pytest.raises(QlassError, match="another qlass process"):
+        with writer_lock(tmp_path / "run", True):
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with writer_lock(tmp_path / "run", True):
+        assert f"pid {os.getpid()}" in lock_path(tmp_path / "run", True).read_text()
+
+
+@pytest.mark.slow
+def test_two_explore_commands_on_one_file_do_not_double_the_trees(tmp_path: Path) -> None:
+    """The review's reproduction: two `qlass explore` on one file at once. The second is refused
+    with a clear message; the first writes each tree once."""
+    out = tmp_path / "trees.jsonl"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "qlass", "explore", "--model", "test_explore:ScriptedPolicy", "--env",
+           "test_explore:Rooms", "--set", "max_depth=2", "--set", "max_steps=6", "--out", str(out), "--no-progress"]
+    first = subprocess.Popen(cmd + ["--policy-arg", "delay=0.2"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not lock_path(out, False).exists():
+        time.sleep(0.02)
+    time.sleep(0.5)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
+    assert second.returncode == 2 and "being written by another qlass process" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    trees = read_trees(out)
+    assert len(trees) == len({t.tree_id for t in trees}) == 6
