@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -24,6 +25,8 @@ from qlass.envs.http import HttpEnv
 from qlass.errors import QlassError
 from qlass.serve import BackgroundServer, EnvPool
 from qlass.types import Message, StepResult, Task
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 class Keypad:
@@ -133,7 +136,7 @@ def test_bad_requests_get_4xx_with_a_message(server: BackgroundServer) -> None:
         ("POST", "/reset", {"id": env_id, "task": "keypad/train/99"}, 404, "unknown task"),
         ("POST", "/reset", {"id": env_id, "data_idx": 17}, 404, "out of range"),
         ("POST", "/reset", {"id": env_id, "task": "keypad/train/12", "game": 0}, 400, "exactly one of 'task'"),
-        ("GET", "/tasks?split=nope", None, 500, "unknown split nope"),
+        ("GET", "/tasks?split=nope", None, 500, "environment error on /tasks (see the server log"),
         ("GET", "/observation", None, 400, "id: Field required"),
         ("POST", "/close", {"id": 12345}, 404, "unknown environment id"),
     ]
@@ -142,14 +145,73 @@ def test_bad_requests_get_4xx_with_a_message(server: BackgroundServer) -> None:
         assert status == want_status and want_text in answer["error"], (path, body, status, answer)
     status, answer = _raw(url, "POST", "/step", b"{not json")
     assert status == 400 and "malformed request" in answer["error"]
-    # an environment that raises: 500 with the message, and the server keeps serving
+    # an environment that raises: 500 without its internals, and the server keeps serving
     assert _raw(url, "POST", "/reset", json.dumps({"id": env_id, "data_idx": 0}).encode())[0] == 200
     status, answer = _raw(url, "POST", "/step", json.dumps({"id": env_id, "action": "press 9"}).encode())
-    assert status == 500 and "keypad short-circuit" in answer["error"]
+    assert status == 500 and "environment error on /step" in answer["error"]
+    assert "short-circuit" not in answer["error"] and "RuntimeError" not in answer["error"]
     status, answer = _raw(url, "POST", "/step", json.dumps({"id": env_id, "action": "press 1"}).encode())
     assert status == 200 and answer["observation"] == "Display: 1" and answer["reward"] == 0.5
     assert _raw(url, "GET", f"/observation?id={env_id}") == (200, "Display: 1")
     assert _raw(url, "POST", "/close", json.dumps({"id": env_id}).encode()) == (200, {"id": env_id, "closed": True})
+
+
+def _status_and_body(url: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                     chunked: bool = False) -> tuple[int, bytes]:
+    """One request, answering the status and the raw body (for pages that are not JSON, chunked uploads)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})},
+                     encode_chunked=chunked)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_every_failure_has_one_shape_and_no_environment_internals(server: BackgroundServer,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Unknown paths, wrong methods and unreadable bodies answer ``{"error"}`` like every other failure;
+    an environment's exception text is only in the server log, under the reference the answer gives."""
+    url = server.url
+    for method, path, body, want in [("GET", "/nope", None, 404), ("GET", "/step", None, 405),
+                                     ("POST", "/", b"{}", 405), ("POST", "/close", b"\xff\xfe", 400),
+                                     ("POST", "/step", b"[1, 2]", 400)]:
+        status, answer = _raw(url, method, path, body)
+        assert status == want and list(answer) == ["error"] and isinstance(answer["error"], str), (path, status, answer)
+    env_id = _raw(url, "POST", "/create")[1]["id"]
+    try:
+        assert _raw(url, "POST", "/reset", json.dumps({"id": env_id, "data_idx": 0}).encode())[0] == 200
+        with caplog.at_level(logging.ERROR, logger="qlass.serve"):
+            status, answer = _raw(url, "POST", "/step", json.dumps({"id": env_id, "action": "press 9"}).encode())
+        assert status == 500 and list(answer) == ["error"]
+        assert "short-circuit" not in answer["error"] and "RuntimeError" not in answer["error"]
+        ref = answer["error"].rsplit("reference ", 1)[1].rstrip(")")
+        logged = [r for r in caplog.records if ref in r.getMessage()]
+        assert logged and logged[0].exc_info and "keypad short-circuit" in str(logged[0].exc_info[1])
+    finally:
+        _raw(url, "POST", "/close", json.dumps({"id": env_id}).encode())
+
+
+def test_request_size_limit_and_api_pages_only_when_asked() -> None:
+    with BackgroundServer(EnvPool(SPEC), max_request_bytes=2000) as small, \
+            BackgroundServer(EnvPool(SPEC), docs=True) as documented:
+        env_id = _raw(small.url, "POST", "/create")[1]["id"]
+        assert _raw(small.url, "POST", "/reset", json.dumps({"id": env_id, "data_idx": 0}).encode())[0] == 200
+        big = json.dumps({"id": env_id, "output": "x" * 5000 + "\nAction: press 1"}).encode()
+        status, answer = _raw(small.url, "POST", "/step", big)
+        assert status == 413 and answer == {"error": "request body over the server's limit of 2000 bytes"}
+        # no Content-Length to go by: the body is counted as it arrives
+        status, raw = _status_and_body(small.url, "POST", "/step", iter([big[:1500], big[1500:]]), chunked=True)
+        assert status == 413 and "limit of 2000 bytes" in json.loads(raw)["error"]
+        fits = json.dumps({"id": env_id, "output": "Action: press 1"}).encode()
+        status, raw = _status_and_body(small.url, "POST", "/step", iter([fits[:10], fits[10:]]), chunked=True)
+        assert status == 200 and json.loads(raw)["observation"] == "Display: 1"  # still serving, chunks joined
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert _raw(small.url, "GET", path) == (404, {"error": "Not Found"})
+            status, page = _status_and_body(documented.url, "GET", path)
+            assert status == 200 and page
 
 
 def test_instance_limit_and_client_errors(server: BackgroundServer) -> None:
@@ -160,7 +222,7 @@ def test_instance_limit_and_client_errors(server: BackgroundServer) -> None:
         with pytest.raises(QlassError, match=r"step\(\) before reset\(\)"):
             envs[0].step("Action: press 1")
         envs[0].reset(envs[0].tasks("seen")[0])
-        with pytest.raises(QlassError, match="HTTP 500: environment error: RuntimeError: keypad short-circuit"):
+        with pytest.raises(QlassError, match="HTTP 500: environment error on /step"):
             envs[0].step("Action: press 9")
     finally:
         for e in envs:
@@ -267,3 +329,23 @@ def test_alfworld_through_qlass_serve_matches_in_process() -> None:
         proc.terminate()
         proc.wait(timeout=30)
         local.close()
+
+
+def test_qlass_serve_command_takes_the_limit_and_docs_options() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", "toy_envs:Corridor", "--port", str(port),
+                             "--max-request-bytes", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        _wait_for(url, proc, 60)
+        assert _raw(url, "GET", "/openapi.json") == (404, {"error": "Not Found"})
+        status, answer = _raw(url, "POST", "/create", json.dumps({"pad": "x" * 200}).encode())
+        assert status == 413 and "limit of 100 bytes" in answer["error"]
+        assert _raw(url, "POST", "/create", b"{}") == (200, {"id": 0})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

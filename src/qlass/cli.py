@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import typer
@@ -44,8 +45,35 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"qlass.commands.{_name}").register(app)
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error base classes: click's own and the copy that newer typer vendors as
+    ``typer._click`` (a different class, so both are needed)."""
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def os_error_message(exc: OSError) -> str:
+    """A one-line message for a failed file operation, naming the path and what is wrong with it."""
+    path = exc.filename2 if isinstance(exc, IsADirectoryError) and exc.filename2 else exc.filename
+    if path is None:
+        return exc.strerror or str(exc)
+    if isinstance(exc, IsADirectoryError):
+        return f"{path}: is a folder; a file is expected here"
+    if isinstance(exc, FileExistsError) and not os.path.isdir(path):
+        return f"{path}: is a file; a folder is expected here"
+    if isinstance(exc, NotADirectoryError):
+        return f"{path}: a file is in the way where a folder is expected (in this path)"
+    return f"{path}: {exc.strerror or exc}"
+
+
 def main() -> None:
-    """Entry point: run the app, turning :class:`QlassError` into a clear message and exit code 2."""
+    """Entry point: run the app, turning :class:`QlassError`, usage errors and failed file operations
+    into a clear message (no traceback; ``-v`` logs it) and a non-zero exit code."""
     try:
         code = app(standalone_mode=False)
     except QlassError as exc:
@@ -55,11 +83,11 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except _usage_errors() as exc:  # click's (or typer's vendored click's) usage errors: show, exit 2
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except OSError as exc:  # a path of the wrong kind, a full disk, no permission ...
+        logging.getLogger(__name__).debug("failed file operation", exc_info=True)
+        typer.echo(f"error: {os_error_message(exc)}", err=True)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

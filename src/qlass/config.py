@@ -23,10 +23,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,13 +50,36 @@ def option(default: Any, help: str, runtime: bool = False) -> Any:
     return dataclasses.field(default=default, metadata=meta)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path`` (empty file → empty mapping)."""
+    """A YAML mapping from ``path`` (empty file → empty mapping); a file that is not UTF-8, not
+    YAML or gives a key twice is a :class:`DataError` naming it."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_bytes().decode("utf-8"), Loader=_StrictLoader)
     except FileNotFoundError:
         raise DataError(str(p), "file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(str(p), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise DataError(str(p), "invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         raise DataError(str(p), f"invalid YAML: {exc}") from None
     if data is None:
@@ -136,6 +160,46 @@ def _checked(cls: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
     return {k: _check_value(k, v, types_of.get(k, Any), source) for k, v in data.items()}
 
 
+def check_minimums(cfg: Any, **minimums: int) -> None:
+    """Raise :class:`ValueError` (reported by :func:`build` with its source) for a field of ``cfg``
+    below its minimum; ``None`` (no limit) passes. For ``__post_init__`` checks of limits."""
+    for name, low in minimums.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_call_options(target: Any, options: Mapping[str, Any], source: str,
+                       skip: Collection[str] = ()) -> dict[str, Any]:
+    """``options`` checked against the parameters of ``target`` (a class or function) before it is
+    called with them: an unknown name is an error naming the accepted ones (with the closest), a
+    required one missing or a value of the wrong type for an annotated parameter too (see
+    :func:`_check_value`). ``skip``: parameters given otherwise. A target that takes ``**kwargs`` or
+    has no readable signature accepts any name."""
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return dict(options)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = {n: p for n, p in sig.parameters.items() if p.kind in kinds and n not in skip}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        unknown = [k for k in options if k not in params]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), list(params), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise QlassError(f"{source} has no option {', '.join(hints)}; options: {', '.join(params) or 'none'}")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in options]
+    if missing:
+        raise QlassError(f"{source}: required option(s) {', '.join(map(repr, missing))} not given")
+    try:
+        types_of = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except (NameError, TypeError, AttributeError):  # annotations that do not resolve: only names are checked
+        types_of = {}
+    return {k: _check_value(k, v, types_of[k], source) if k in types_of else v for k, v in options.items()}
+
+
 def build(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
     """``cls(**data)`` with unknown keys, wrong types and rejected values reported against ``source``."""
     checked = _checked(cls, data, source)
@@ -182,6 +246,57 @@ def config_differences(before: Any, now: Any) -> list[str]:
     runtime = {f.name for f in dataclasses.fields(now) if f.metadata.get("runtime")}
     old = {k: v for k, v in to_dict(before).items() if k not in runtime}
     return differences(old, to_dict(now))
+
+
+RUNTIME_SETTINGS = frozenset({"threads", "device", "cache_slots", "max_batch_rows", "concurrency", "workers",
+                              "backend", "timeout", "max_retries", "backoff", "max_backoff", "api_key_env"})
+"""Setting names (at any depth) that change where or how fast work runs, not what it produces."""
+OPEN_SETTINGS = ("policy", "env_args")
+"""Mappings of constructor options: an option set on one side only is a change (the other used its default)."""
+_UNSET = object()
+
+
+def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: Collection[str] = (),
+                    open_: Collection[str] = OPEN_SETTINGS, prefix: str = "") -> list[str]:
+    """``"name: old → new"`` for every recorded setting of ``before`` that ``now`` changes; nested
+    mappings by dotted name (``policy.dtype``). Left out: :data:`RUNTIME_SETTINGS` names at any
+    depth, the dotted names in ``ignore``, and a name that one side lacks (recorded by an older or
+    newer qlass: unknown, taken as compatible) — except for the mappings named in ``open_``
+    (constructor options): one missing counts as empty, and an option set on one run only is a
+    change (the other run used the constructor's default)."""
+    changes: list[str] = []
+    is_open = prefix[:-1] in open_
+    for key in list(now) + [k for k in before if k not in now]:
+        name = f"{prefix}{key}"
+        if key in RUNTIME_SETTINGS or name in ignore:
+            continue
+        old, new = before.get(key, _UNSET), now.get(key, _UNSET)
+        if name in open_:
+            old, new = ({} if v is _UNSET else v for v in (old, new))
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes += setting_changes(old, new, ignore, open_, f"{name}.")
+        elif old is _UNSET or new is _UNSET:
+            if is_open:
+                changes.append(f"{name}: {'(unset)' if old is _UNSET else repr(old)} → "
+                               f"{'(unset)' if new is _UNSET else repr(new)}")
+        elif old != new:
+            changes.append(f"{name}: {old!r} → {new!r}")
+    return changes
+
+
+def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: Collection[str] = (),
+                   advice: str = "use another output for these settings",
+                   recorded: Mapping[str, Any] | None = None) -> None:
+    """Refuse to add to ``what`` when the settings recorded in the YAML file ``path`` (or ``recorded``,
+    as read from it) differ from ``now`` (:func:`setting_changes`), naming every difference; a missing
+    file records nothing."""
+    if recorded is None:
+        if not Path(path).exists():
+            return
+        recorded = load_yaml(path)
+    changes = setting_changes(recorded, now, ignore)
+    if changes:
+        raise QlassError(f"{what} was made with other settings ({'; '.join(changes)}; see {path}); {advice}")
 
 
 def save_yaml(path: str | Path, data: dict[str, Any]) -> None:

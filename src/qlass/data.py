@@ -37,6 +37,12 @@ TURN_LISTS = ("conversations", "messages")
 TURN_SHAPES = (("from", "value"), ("role", "content"))
 ACTION_LINE = re.compile(r"^\s*Action:\s*\S", re.MULTILINE)
 ACKNOWLEDGEMENTS = {"ok", "ok.", "okay", "okay."}
+STEP_FIELDS: dict[str, tuple[type, ...]] = {
+    "output": (str,), "action": (str, type(None)), "observation": (str,), "reward": (int, float), "done": (bool,),
+    "prompt_tokens": (int,), "completion_tokens": (int,), "qnet_tokens": (int,),
+}
+"""The fields of a record's ``steps`` objects (:class:`~qlass.types.Step`) and their JSON types."""
+STEP_REQUIRED = ("output", "action", "observation", "reward", "done")
 MAX_REPORTED = 50
 
 
@@ -72,6 +78,14 @@ def _load_raw(path: Path) -> list[Any]:
     stripped = text.lstrip()
     if not stripped:
         raise DataError(str(path), "file is empty")
+    try:
+        return _parse_records(path, text, stripped)
+    except RecursionError:
+        raise DataError(str(path), "JSON nested too deeply") from None
+
+
+def _parse_records(path: Path, text: str, stripped: str) -> list[Any]:
+    """The records of a JSON list or JSON Lines ``text`` read from ``path``."""
     if stripped.startswith("["):
         try:
             data = json.loads(text)
@@ -176,6 +190,28 @@ def record_problems(rec: Any) -> list[str]:
             problems.append(f"field 'reward': {r!r} is not a number in [0, 1]")
     if "success" in rec and not isinstance(rec["success"], bool):
         problems.append(f"field 'success': {rec['success']!r} is not true/false")
+    return problems + _step_problems(rec.get("steps", []))
+
+
+def _step_problems(steps: Any) -> list[str]:
+    """Problems of a record's optional ``steps``: a list of objects with the :data:`STEP_FIELDS`."""
+    if not isinstance(steps, list):
+        return [f"field 'steps': expected a list of step objects, got {_describe(steps)}"]
+    problems = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            problems.append(f"field 'steps[{i}]': expected an object, got {_describe(step)}")
+            continue
+        unknown = [k for k in step if k not in STEP_FIELDS]
+        missing = [k for k in STEP_REQUIRED if k not in step]
+        if unknown or missing:
+            problems.append(f"field 'steps[{i}]': " + "; ".join(
+                ([f"unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else []) +
+                ([f"missing {', '.join(map(repr, missing))}"] if missing else [])) + f" (keys: {', '.join(STEP_FIELDS)})")
+        for name, kinds in STEP_FIELDS.items():
+            value = step.get(name)
+            if name in step and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+                problems.append(f"field 'steps[{i}].{name}': {value!r} is not {' or '.join(k.__name__ for k in kinds)}")
     return problems
 
 

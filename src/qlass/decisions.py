@@ -34,9 +34,8 @@ from typing import Any
 
 from .agent import apply_output, episode_running, executed_text, start_messages
 from .candidates import normalise_action
-from .config import differences, load_yaml, option, save_yaml
+from .config import check_recorded, option, save_yaml
 from .envs.base import Env, parse_action
-from .errors import QlassError
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, Sample, drive
@@ -48,8 +47,8 @@ log = logging.getLogger(__name__)
 
 DECISIONS_SCHEMA_VERSION = 1
 PROGRESS_EVERY_S = 30.0
-# settings that may change between a run and its resumption: they do not change any record
-RESUMABLE_SETTINGS = ("limit", "policy.threads", "policy.device", "policy.cache_slots", "policy.max_batch_rows")
+# settings that may change between a run and its resumption besides the runtime ones (threads, device, ...)
+RESUMABLE_SETTINGS = ("limit",)
 
 
 @dataclass(frozen=True)
@@ -271,35 +270,13 @@ def sidecar(out: Path, suffix: str) -> Path:
     return out.with_name(f"{out.stem}.{suffix}")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("options", "policy", "env_args"):
-            flat.update(_flat(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _shown(settings: dict[str, Any], key: str) -> str:
-    return repr(settings[key]) if key in settings else "(unset)"
-
-
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to add to ``out`` when it was collected with other settings (naming them); else save
-    ``settings`` as ``NAME.config.yaml``. Task limits and runtime options may change."""
+    """Refuse to add to ``out`` when it was collected with other settings (naming them,
+    :func:`qlass.config.check_recorded`); else save ``settings`` as ``NAME.config.yaml``. Task limits
+    and runtime options may change; an option added to DecisionConfig since does not count."""
     path = sidecar(out, "config.yaml")
-    if path.exists() and (out.exists() or sidecar(out, "tasks.jsonl").exists()):
-        old, new = _flat(load_yaml(path)), _flat(settings)
-        changed = [d for d in differences(old, new) if d.split(":")[0] not in RESUMABLE_SETTINGS]
-        # a policy or env option set on one run only changes results too (an option added to
-        # DecisionConfig since, absent from the old file, does not count)
-        for k in sorted(set(old) ^ set(new)):
-            if k.startswith(("policy.", "env_args.")) and k not in RESUMABLE_SETTINGS:
-                changed.append(f"{k}: {_shown(old, k)} → {_shown(new, k)}")
-        if changed:
-            raise QlassError(f"{out} was collected with other settings ({'; '.join(changed)}, see {path}); "
-                             "use another output file for these settings")
+    if out.exists() or sidecar(out, "tasks.jsonl").exists():
+        check_recorded(path, settings, str(out), RESUMABLE_SETTINGS, "use another output file for these settings")
     save_yaml(path, settings)
 
 

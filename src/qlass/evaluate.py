@@ -14,8 +14,9 @@ last line is cut, so killing and rerunning never duplicates or loses finished wo
 ``wall_time`` (from the episode's start to its end, shared with the episodes live beside it),
 ``oracle`` and ``trajectory`` (the conversation record) plus ``candidates`` for
 best-of-n and ``qnet_choices`` for qlass (``trajectory.decisions`` lists them). ``config.yaml``
-in the run folder records how the evaluation was made; a rerun whose method settings differ from
-the records' under the same label is refused rather than mixed into one row.
+in the run folder records how the evaluation was made; a rerun with another model, QNet,
+environment, environment or policy option or seed, or with other method settings under a recorded
+label, is refused, naming the differences, rather than mixed into the same folder or row.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import differences, save_yaml
+from .config import check_recorded, differences, load_yaml, save_yaml
 from .data import trajectory_to_record
 from .envs.base import Env
 from .errors import QlassError
@@ -40,6 +41,7 @@ from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
+from .report import check_record
 from .search import METHODS, SearchContext, ValueModel, method_label
 from .seeding import stable_seed
 from .types import Task
@@ -51,6 +53,9 @@ DEFAULT_CONCURRENCY = 16
 """Episodes a worker keeps live by default."""
 DEFAULT_CACHE_SLOTS = 8
 """HFPolicy's own default; raised, never lowered, to hold every live conversation."""
+RESUMABLE_SETTINGS = ("limit", "splits", "task_types", "tasks", "methods")
+"""``config.yaml`` entries a rerun may change besides the runtime ones: which tasks are played (records
+are keyed by task) and the method list (each method's settings are checked per record)."""
 
 
 @dataclass(frozen=True)
@@ -242,14 +247,29 @@ def evaluate(
     in-process by default), appending to ``out_dir/records.jsonl`` as pairs finish; returns all
     records (earlier ones included) for these methods and tasks.
 
-    ``out_dir/config.yaml`` receives ``settings`` (how the run was made) and every method's
-    resolved config, once the records already there are known to match them."""
+    ``out_dir/config.yaml`` receives ``settings`` (how the run was made) with ``seed`` and every
+    method's resolved config, once the records already there are known to match them: a folder
+    with records whose ``config.yaml`` records other settings is refused, naming them (runtime
+    options and :data:`RESUMABLE_SETTINGS` may change; a setting an older ``config.yaml`` lacks counts
+    as unchanged, and ``qnet`` is compared only when both runs use one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "records.jsonl"
     records = read_jsonl(path, repair_tail=True)
+    for line, rec in enumerate(records, start=1):  # a damaged or foreign record is named, not a KeyError
+        check_record(rec, str(path), line)
     runs = list(runs)
     check_resumable(runs, records, path)
-    save_yaml(out_dir / "config.yaml", {**(settings or {}), "seed": seed, "methods": [
+    settings = {**(settings or {}), "seed": seed}
+    config = out_dir / "config.yaml"
+    if records and config.exists():
+        recorded = load_yaml(config)
+        if settings.get("qnet") is None:  # this run uses no QNet: the one earlier records used stays recorded
+            settings["qnet"] = recorded.get("qnet")
+        elif recorded.get("qnet") is None:  # no earlier record used a QNet
+            recorded["qnet"] = settings["qnet"]
+        check_recorded(config, settings, str(out_dir), RESUMABLE_SETTINGS,
+                       "use another output folder for these settings", recorded)
+    save_yaml(config, {**settings, "methods": [
         {"label": r.label, "name": r.name, "config": asdict(r.config)} for r in runs]})
     done = {record_key(r) for r in records}
     # task by task, every method on each: a run stopped part-way has comparable rows
@@ -258,8 +278,8 @@ def evaluate(
     if len(todo) < len(runs) * len(tasks):
         log.info("resuming: %d of %d (method, task) pairs already in %s",
                  len(runs) * len(tasks) - len(todo), len(runs) * len(tasks), path)
-    columns = (TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("avg reward {task.fields[avg]:.3f}"))
+    columns = (TextColumn("[bold]eval[/]"), TextColumn("{task.description}", markup=False),  # a task id is text
+               BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("avg reward {task.fields[avg]:.3f}"))
     with Progress(*columns, transient=False) as progress:
         bar = progress.add_task("", total=len(todo), avg=0.0)
         total = 0.0
@@ -348,7 +368,7 @@ def run_evaluation(
     executor = make_executor(backend, workers, **(executor_options or {}))
     env_name, tasks = split_tasks(make, env_spec, splits, task_types, limit)
     settings = {
-        "model": model, "qnet": str(qnet_dir) if qnet_dir is not None else None, "env": env_spec,
+        "model": model, "qnet": str(qnet_dir) if qnet is not None else None, "env": env_spec,
         "env_args": dict(env_kwargs or {}), "splits": list(splits), "task_types": list(task_types or []) or None,
         "limit": limit, "tasks": {split: sum(t.split == split for t in tasks) for split in splits},
         "policy": dict(policy_kwargs or {}), "backend": backend, "workers": workers, "concurrency": concurrency,

@@ -42,11 +42,11 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .agent import EpisodeConfig, apply_output, play
-from .config import to_dict
+from .config import check_recorded, differences, save_yaml, to_dict
 from .envs.base import Env, parse_action
 from .errors import QlassError
 from .executor import Executor, LocalExecutor
-from .explore_config import CAPS, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
+from .explore_config import CAPS, LEGACY, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
 from .explore_cursor import Cursor, Recording
 from .jsonl import append_jsonl
 from .locking import writes_to
@@ -424,17 +424,32 @@ class _BoundWorker:
             env.close()
 
 
-def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: int) -> dict[str, Tree]:
-    """Trees already in ``path`` for ``tasks``; refuses trees made with other settings or seed."""
+def settings_file(path: Path) -> Path:
+    """``NAME.config.yaml`` beside the trees file ``NAME.jsonl``: what made its trees (policy, env, seed)."""
+    return path.with_name(f"{path.stem}.config.yaml")
+
+
+def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: int,
+              settings: dict[str, Any] | None = None) -> dict[str, Tree]:
+    """Trees already in ``path`` for ``tasks``; refuses trees made with other exploration settings or
+    seed (each tree records both) and, given ``settings`` (model, env, env_args, policy options), a
+    file whose :func:`settings_file` records others, naming the differences; then records ``settings``
+    and the seed there. A file without that record resumes on each tree's settings and seed alone."""
     trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)} if path.exists() else {}
+    if settings is not None:
+        settings = {**settings, "seed": run_seed}
+        if trees:
+            check_recorded(settings_file(path), settings, str(path), advice="use a new output file")
+        save_yaml(settings_file(path), settings)
     want = explore_digest(cfg)
     for task in tasks:
         tree = trees.get(task.id)
         if tree is None:
             continue
         if tree.config_hash != want:
+            diff = "; ".join(differences({**LEGACY, **tree.config}, to_dict(cfg)))
             raise QlassError(f"{path}: tree {task.id!r} was made with other exploration settings "
-                             f"(config hash {tree.config_hash}, now {want}); use a new output file")
+                             f"({diff or f'config hash {tree.config_hash}, now {want}'}); use a new output file")
         if tree.seed != tree_seed(run_seed, task):
             raise QlassError(f"{path}: tree {task.id!r} was made with another run seed; use a new output file")
     return trees
@@ -451,22 +466,26 @@ def explore_tasks(
     executor: Executor | None = None,
     progress: bool = True,
     concurrency: int = 1,
+    settings: dict[str, Any] | None = None,
 ) -> list[Tree]:
     """Build the tree of every task not yet in ``out_path`` and append each as it finishes.
 
     Resumable: a rerun skips finished tasks (a torn last line is cut first); returns the trees of
     ``tasks`` in task order. ``executor`` defaults to in-process; each of its workers builds
-    ``concurrency`` trees at once in lockstep (:class:`TreeWorker`).
+    ``concurrency`` trees at once in lockstep (:class:`TreeWorker`). ``settings`` describe the
+    policy and environment (``model``, ``env``, ``env_args``, ``policy``); with the seed they are
+    checked against and saved to ``NAME.config.yaml`` (see :func:`_finished`).
     """
     path = Path(out_path)
-    done = _finished(path, tasks, cfg, seed)
+    done = _finished(path, tasks, cfg, seed, settings)
     todo = [t for t in tasks if t.id not in done]
     if len(todo) < len(tasks):
         log.info("resuming: %d of %d trees already in %s", len(tasks) - len(todo), len(tasks), path)
     jobs = [(t, tree_seed(seed, t)) for t in todo]
     columns = (TextColumn("[bold]explore[/]"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[nodes]} nodes  {task.fields[tokens]} tok  {task.fields[steps]} env steps  "
-                          "{task.fields[rate]:.1f} nodes/min"), TimeElapsedColumn(), TextColumn("{task.description}"))
+                          "{task.fields[rate]:.1f} nodes/min"), TimeElapsedColumn(),
+               TextColumn("{task.description}", markup=False))  # a tree id is text, never markup
     start = time.perf_counter()
     totals = {"nodes": 0, "tokens": 0, "steps": 0}
     with Progress(*columns, disable=not progress) as bar:

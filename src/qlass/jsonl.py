@@ -6,9 +6,11 @@ Every resumable stage (exploration, evaluation) appends one finished unit of wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,7 +25,7 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a+b") as fh:
+    with _naming(p), open(p, "a+b") as fh:
         if fh.tell() > 0:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":
@@ -54,7 +56,9 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
         if line.strip():
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except RecursionError:
+                raise DataError(str(p), f"line {lineno}: JSON nested too deeply") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a torn tail may end mid-character
                 if repair_tail and is_last and not records and not line.lstrip().startswith(b"{"):
                     raise DataError(str(p), "not a JSON Lines file (its only line is not a JSON object); "
                                             "refusing to overwrite it: choose another output path") from None
@@ -64,6 +68,9 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
                     with open(p, "r+b") as fh:
                         fh.truncate(offset)
                     break
+                if isinstance(exc, UnicodeDecodeError):
+                    raise DataError(str(p), f"line {lineno}: not UTF-8 text ({exc.reason} at byte "
+                                            f"{offset + exc.start} of the file)") from None
                 raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
@@ -78,12 +85,29 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> N
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers never see a half-written file."""
+    """Replace ``path`` with ``text`` so readers never see a half-written file; a failed write
+    (a full disk, ``path`` a folder) names ``path`` and leaves no temporary file behind."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
+    try:
+        with _naming(p):
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)  # still there only when writing failed
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raise a failed write (a full disk has no file name) as the same kind of :class:`OSError`
+    naming ``path``, the file the user knows."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc

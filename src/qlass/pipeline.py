@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import build, config_differences, differences, load_yaml, option, save_yaml, to_dict
+from .config import build, check_minimums, config_differences, load_yaml, option, save_yaml, setting_changes, to_dict
 from .errors import QlassError
 from .executor import BACKENDS
 from .types import Task
@@ -37,6 +37,9 @@ class ExpertStage:
     max_steps: int | None = option(None, "skip expert trajectories longer than this")
     data: str | None = option(None, "use this existing trajectory file instead of exporting")
 
+    def __post_init__(self) -> None:
+        check_minimums(self, per_task=1, max_steps=1)
+
 
 @dataclass(frozen=True)
 class ExploreStage:
@@ -51,10 +54,7 @@ class ExploreStage:
                                  "do not depend on it")
 
     def __post_init__(self) -> None:
-        if self.skip < 0:
-            raise ValueError(f"skip must be >= 0, got {self.skip}")
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        check_minimums(self, limit=1, skip=0, concurrency=1)
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,9 @@ class QDataStage:
     keep_intermediate: bool = option(False, "keep intermediate rewards (as score increments) instead of zeroing them")
     normalize: bool = option(False, "min-max normalise Q per tree")
     max_per_tree: int | None = option(300, "at most this many records per tree (None: no limit)")
+
+    def __post_init__(self) -> None:
+        check_minimums(self, max_per_tree=1)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,7 @@ class EvalStage:
                               "hold every live conversation unless policy.cache_slots is set")
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        check_minimums(self, limit=1, max_steps=1, concurrency=1)
 
 
 @dataclass(frozen=True)
@@ -181,14 +183,17 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
 
 def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     """Settings of ``new`` that differ from ``old`` (the run folder's saved config) for stages whose
-    outputs exist in the run folder. Compared as resolved configs, so options added since (at
-    their defaults) and runtime options (threads, device) do not count; nor do task limits, which
-    extend a stage rather than change it."""
+    outputs exist in the run folder. Compared as resolved configs, so options added since count at
+    their defaults, and runtime options (threads, device, cache_slots, ...: ``RUNTIME_SETTINGS``)
+    do not count; nor do task limits, which extend a stage rather than change it. A policy option
+    set in one config only is a change."""
     run = new.run_dir
     if not any((run / p).exists() for p in ("expert.json", "sft", "trees.jsonl", "qnet", "eval")):
         return []
-    shared = ("model", "env", "env_args", "task_types", "sft_model")
-    changes = differences({k: getattr(old.cfg, k) for k in shared}, {k: getattr(new.cfg, k) for k in shared})
+    shared = ["model", "env", "env_args", "task_types", "sft_model"]
+    if any((run / p).exists() for p in ("trees.jsonl", "eval")):  # made by the policy: its settings count
+        shared += ["seed", "policy", "policy_server"]
+    changes = setting_changes({k: getattr(old.cfg, k) for k in shared}, {k: getattr(new.cfg, k) for k in shared})
     if (run / "sft" / ".qlass-complete").exists() and not new.cfg.sft_model:
         changes += [f"expert.{c}" for c in config_differences(old.expert, new.expert)]
         changes += [f"sft.{c}" for c in config_differences(old.sft, new.sft)]
@@ -335,7 +340,8 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     policy = functools.partial(load_policy, policy_spec, seed=cfg.seed, **policy_opts)
     explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
                   run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers),
-                  concurrency=concurrency)
+                  concurrency=concurrency, settings={"model": policy_spec, "env": cfg.env,
+                                                     "env_args": dict(cfg.env_args), "policy": policy_opts})
     backup = BackupConfig(gamma=r.explore.gamma, keep_intermediate=r.qdata.keep_intermediate,
                           normalize=r.qdata.normalize)
     counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl", backup, r.qdata.max_per_tree)

@@ -49,6 +49,7 @@ from .qnet_pack import PackedRow, batch_units, pack_records, step_batches
 from .qnet_validate import loglik_ranker_metrics, loglik_scores, qnet_outputs, validate
 from .train_utils import (
     TrainerConfig,
+    latest_checkpoint,
     load_checkpoint,
     load_trainable,
     log_metrics,
@@ -139,31 +140,36 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _check_finished(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: list[str] | None) -> None:
-    """Refuse to hand back a finished QNet made with other settings, other Q data or other held-out
-    trees than asked for. (Folders finished before the Q data's digest was recorded are checked on
-    settings only; options they predate count as :data:`LEGACY`.)"""
+def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: list[str] | None,
+               sft_dir: str | Path, finished: bool) -> None:
+    """Refuse to hand back a finished QNet, or to resume one in training, made with other settings,
+    other Q data, another SFT model or other held-out trees than asked for. (Folders made before the
+    Q data's digest or the SFT model was recorded are checked on what they record; options they
+    predate count as :data:`LEGACY`.)"""
     path = out / CONFIG_FILE
     if not path.exists():
         return
+    held = "a finished QNet" if finished else "a QNet in training"
     saved = load_yaml(path)
     digest = saved.pop("qdata_sha256", None)
     trees = saved.pop("held_out_trees", None)
     saved.pop("qdata", None)
-    saved.pop("sft_model", None)
+    sft_model = saved.pop("sft_model", None)
     try:
         before = build(QNetTrainConfig, {**LEGACY, **saved}, str(path))
     except QlassError:
-        raise QlassError(f"{out}: holds a finished QNet whose settings ({path}) this qlass cannot read; "
+        raise QlassError(f"{out}: holds {held} whose settings ({path}) this qlass cannot read; "
                          "use a new output folder") from None
     changed = config_differences(before, cfg)
     if trees != held_out:
         changed.append("held-out trees")
+    if sft_model is not None and sft_model != str(sft_dir):
+        changed.append(f"sft_model: {sft_model!r} → {str(sft_dir)!r}")
     if changed:
-        raise QlassError(f"{out}: holds a finished QNet trained with other settings ({', '.join(changed)}); "
+        raise QlassError(f"{out}: holds {held} trained with other settings ({', '.join(changed)}); "
                          "use a new output folder")
     if digest is not None and digest != file_digest(qdata):
-        raise QlassError(f"{out}: holds a finished QNet trained on other Q data than {qdata}; use a new output folder")
+        raise QlassError(f"{out}: holds {held} trained on other Q data than {qdata}; use a new output folder")
 
 
 def _split(records: list[QRecord], cfg: QNetTrainConfig, held_out: list[str] | None,
@@ -190,9 +196,11 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     held = sorted(held_out) if held_out is not None else None
     if (out / DONE_MARK).exists():
-        _check_finished(out, cfg, qdata, held)
+        _check_run(out, cfg, qdata, held, sft_dir, finished=True)
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / RESULT_FILE).read_text())
+    if latest_checkpoint(out) is not None:
+        _check_run(out, cfg, qdata, held, sft_dir, finished=False)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     records = read_qdata(qdata)
@@ -248,7 +256,8 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
             if step >= epoch_end or step >= total_steps:  # done (and validated) before an interruption
                 epoch_start = epoch_end
                 continue
-            epoch_mse, epoch_n = 0.0, 0
+            # a resumed epoch's train_mse covers its steps before the interruption too
+            epoch_mse, epoch_n = _epoch_so_far(out, epoch) if step > epoch_start else (0.0, 0)
             for batch in batches[step - epoch_start:]:
                 if step >= total_steps:
                     break
@@ -263,7 +272,8 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
                 epoch_mse, epoch_n = epoch_mse + stats.mse_sum, epoch_n + stats.records
                 progress.update(bar, advance=1, loss=stats.loss)
                 log_metrics(out, {"kind": "qnet_train", "step": step, "epoch": epoch, "train_loss": stats.loss,
-                                  "train_mse": stats.mse_sum / stats.records, "pairs": stats.pairs,
+                                  "train_mse": stats.mse_sum / stats.records, "mse_sum": stats.mse_sum,
+                                  "pairs": stats.pairs,
                                   "pair_loss": stats.pair_loss, "lr": sched.get_last_lr()[0],
                                   "records": stats.records, "trees": len({train[i].records[0].tree_id for i in batch}),
                                   "tokens": sum(len(train[i].ids) for i in batch),
@@ -271,7 +281,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
                 if step % log_every == 0:
                     log.info("step %d/%d: train loss %.4f, mse %.4f", step, total_steps, stats.loss,
                              stats.mse_sum / stats.records)
-                if step % cfg.save_every == 0 and step < total_steps:
+                if step % cfg.save_every == 0 and step < min(epoch_end, total_steps):  # epoch ends: after validation
                     save_checkpoint(out, qnet.model, opt, sched, step, chash)
             epoch_start = epoch_end
             if val:
@@ -326,6 +336,17 @@ def _epoch_records(out: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [r for r in read_jsonl(path) if r.get("kind") == "qnet_val" and r["epoch"] >= 1]
+
+
+def _epoch_so_far(out: Path, epoch: int) -> tuple[float, int]:
+    """The squared-error sum and record count of ``epoch``'s steps already in ``metrics.jsonl`` (rewound
+    to the checkpoint), summed in step order as the uninterrupted run sums them."""
+    total, count = 0.0, 0
+    for r in read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []:
+        if r.get("kind") == "qnet_train" and r.get("epoch") == epoch:
+            total += r["mse_sum"] if "mse_sum" in r else r["train_mse"] * r["records"]
+            count += r["records"]
+    return total, count
 
 
 def _improves(metrics: dict[str, Any], earlier: list[dict[str, Any]]) -> bool:

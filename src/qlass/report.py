@@ -156,12 +156,41 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "reward": (int, float), "success": (bool,), "prompt_tokens": (int,), "completion_tokens": (int,),
     "qnet_tokens": (int,), "env_steps": (int,), "wall_time": (int, float), "oracle": (bool,),
 }
+_CANDIDATE_FIELDS: dict[str, tuple[type, ...]] = {"reward": (int, float), "score": (int, float),
+                                                  "completion_tokens": (int,)}
+
+
+def check_record(rec: dict[str, Any], path: str, line: int) -> None:
+    """Raise :class:`DataError` naming the field of ``rec`` that the report cannot read: its schema
+    version, a missing or mistyped field, a reward outside [0, 1], a malformed best-of-n candidate."""
+    from .errors import DataError
+    from .evaluate import RECORD_SCHEMA_VERSION
+
+    if rec.get("schema_version") != RECORD_SCHEMA_VERSION:
+        raise DataError(path, f"line {line}: field 'schema_version' is {rec.get('schema_version')!r}; "
+                              f"this qlass reads {RECORD_SCHEMA_VERSION}")
+    for name, kinds in _RECORD_FIELDS.items():
+        value = rec.get(name)
+        if name not in rec or not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            want = " or ".join(k.__name__ for k in kinds)
+            raise DataError(path, f"line {line}: field {name!r} must be {want}, got {value!r}")
+    if not -1e-9 <= rec["reward"] <= 1.0 + 1e-9:  # rewards are in [0, 1], give or take rounding
+        raise DataError(path, f"line {line}: field 'reward' must be in [0, 1], got {rec['reward']!r}")
+    candidates = rec.get("candidates", [])
+    if not isinstance(candidates, list):
+        raise DataError(path, f"line {line}: field 'candidates' must be a list, got {type(candidates).__name__}")
+    for k, cand in enumerate(candidates):
+        for name, kinds in _CANDIDATE_FIELDS.items():
+            value = cand.get(name) if isinstance(cand, dict) else None
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                want = " or ".join(t.__name__ for t in kinds)
+                raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {value!r}")
 
 
 def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """The evaluation records of ``paths`` (``records.jsonl`` files, e.g. shards of one evaluation
-    run on several machines), each checked for the fields the report reads. A (method, env, split,
-    task) key found twice is an error naming both places."""
+    run on several machines), each checked for the fields the report reads (:func:`check_record`). A
+    (method, env, split, task) key found twice is an error naming both places."""
     from .errors import DataError
     from .jsonl import read_jsonl
 
@@ -171,11 +200,7 @@ def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not Path(path).exists():
             raise DataError(str(path), "file not found")
         for line, rec in enumerate(read_jsonl(path), start=1):
-            for name, kinds in _RECORD_FIELDS.items():
-                value = rec.get(name)
-                if name not in rec or not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
-                    want = " or ".join(k.__name__ for k in kinds)
-                    raise DataError(str(path), f"line {line}: field {name!r} must be {want}, got {value!r}")
+            check_record(rec, str(path), line)
             key = (rec["method"], rec["env"], rec["split"], rec["task"])
             where = f"{path} line {line}"
             if key in seen:

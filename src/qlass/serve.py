@@ -19,16 +19,20 @@ Extensions that let :class:`qlass.envs.http.HttpEnv` implement the whole Env pro
     GET /expert?task=ID                  -> {"outputs": ["Thought: ...\\nAction: ...", ...]}
 
 Every instance is its own environment object (``make_env(ENV, **env_args)``), used by one request
-at a time. Bad requests (unknown id or task, malformed body, step before reset, too many
-instances) are answered with a 4xx status and ``{"error": message}``; an environment that fails
-answers 500 with the message — the server keeps running either way. Nothing here authenticates:
-the server binds to 127.0.0.1 unless told otherwise.
+at a time. Every failure is answered as ``{"error": message}`` with its status: 4xx for bad requests
+(unknown id, task or path, wrong method, malformed body, a body over ``max_request_bytes`` (413),
+step before reset, too many instances, a :class:`~qlass.errors.QlassError` the environment raises);
+500 for any other environment exception, whose text and traceback go to the server's log only (the
+answer carries a reference to find them there) — the server keeps running either way. The
+interactive API pages (``/docs``, ``/redoc``, ``/openapi.json``) are served only with ``docs=True``.
+Nothing here authenticates: the server binds to 127.0.0.1 unless told otherwise.
 """
 
 import json
 import logging
 import socket
 import threading
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,6 +43,8 @@ from .types import Task
 log = logging.getLogger(__name__)
 
 PROTOCOL = "agentgym+qlass/1"
+MAX_REQUEST_BYTES = 1 << 20
+"""Default limit on a request body (a step's model output is a few kilobytes)."""
 
 
 class ServeError(Exception):
@@ -177,8 +183,46 @@ class EnvPool:
             return list(self.meta.expert(task))
 
 
-def create_app(pool: EnvPool) -> Any:
-    """The FastAPI application serving ``pool`` (see the module docstring for the endpoints).
+class _BodyLimit:
+    """ASGI middleware: reads a request's body up to ``limit`` bytes and refuses a longer one with 413
+    before the application sees it (so a huge body is never held in memory)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        body, too_big = bytearray(), declared.isdigit() and int(declared) > self.limit
+        while not too_big:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            too_big = len(body) > self.limit
+            if not message.get("more_body", False):
+                break
+        if too_big:
+            answer = JSONResponse({"error": f"request body over the server's limit of {self.limit} bytes"}, 413)
+            return await answer(scope, receive, send)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES) -> Any:
+    """The FastAPI application serving ``pool`` (see the module docstring for the endpoints); ``docs``
+    serves the interactive API pages, ``max_request_bytes`` limits request bodies.
 
     (This module does not use postponed annotations: FastAPI reads the request models from the
     annotations of the endpoint functions defined in here.)"""
@@ -187,6 +231,7 @@ def create_app(pool: EnvPool) -> Any:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict
+    from starlette.exceptions import HTTPException
 
     class IdBody(BaseModel):
         model_config = ConfigDict(extra="ignore")
@@ -201,7 +246,15 @@ def create_app(pool: EnvPool) -> Any:
         output: str | None = None
         action: str | None = None
 
-    app = FastAPI(title=f"qlass environment server: {pool.name}", version=PROTOCOL)
+    if max_request_bytes < 1:
+        raise QlassError(f"serve: max_request_bytes must be >= 1, got {max_request_bytes}")
+    app = FastAPI(title=f"qlass environment server: {pool.name}", version=PROTOCOL, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
+    app.add_middleware(_BodyLimit, limit=max_request_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:  # unknown path, wrong method ...
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ServeError)
     async def _refused(request: Request, exc: ServeError) -> JSONResponse:
@@ -218,8 +271,10 @@ def create_app(pool: EnvPool) -> Any:
 
     @app.exception_handler(Exception)
     async def _failed(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("environment error on %s", request.url.path)
-        return JSONResponse({"error": f"environment error: {type(exc).__name__}: {exc}"}, status_code=500)
+        ref = uuid.uuid4().hex[:8]  # the exception's text stays in the log: it may hold paths or secrets
+        log.exception("environment error %s on %s", ref, request.url.path)
+        return JSONResponse({"error": f"environment error on {request.url.path} (see the server log, "
+                                      f"reference {ref})"}, status_code=500)
 
     @app.get("/")
     def root() -> dict[str, Any]:
@@ -293,16 +348,16 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         sock.bind((host, port))
         sock.listen(128)  # connections queue from now on, before the server thread accepts them
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0..65535
         sock.close()
         raise QlassError(f"serve: cannot listen on {host}:{port}: {exc}") from None
     return sock
 
 
-def _server(pool: EnvPool) -> Any:
+def _server(pool: EnvPool, **app_options: Any) -> Any:
     uvicorn = require("uvicorn", "serve")
     # a long keep-alive so that clients thinking for seconds between steps keep their connection
-    return uvicorn.Server(uvicorn.Config(create_app(pool), log_level="warning", timeout_keep_alive=75))
+    return uvicorn.Server(uvicorn.Config(create_app(pool, **app_options), log_level="warning", timeout_keep_alive=75))
 
 
 def _url(host: str, port: int) -> str:
@@ -313,14 +368,14 @@ class BackgroundServer:
     """A server on its own thread (tests, notebooks): ``url`` while running, ``stop()`` to end it.
 
     The socket is bound before the thread starts, so ``port=0`` picks a free port and ``url`` is
-    valid as soon as the constructor returns.
+    valid as soon as the constructor returns. ``app_options`` go to :func:`create_app`.
     """
 
-    def __init__(self, pool: EnvPool, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, pool: EnvPool, host: str = "127.0.0.1", port: int = 0, **app_options: Any) -> None:
         self.pool = pool
         self._sock = _bind(host, port)
         self.url = _url(host, self._sock.getsockname()[1])
-        self._server = _server(pool)
+        self._server = _server(pool, **app_options)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
 
@@ -337,8 +392,9 @@ class BackgroundServer:
 
 
 def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: dict[str, Any] | None = None,
-          max_instances: int = 64) -> None:
-    """Serve ``env_spec`` on ``host:port`` until interrupted (the ``qlass serve`` command)."""
+          max_instances: int = 64, docs: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+    """Serve ``env_spec`` on ``host:port`` until interrupted (the ``qlass serve`` command); ``docs`` and
+    ``max_request_bytes`` as in :func:`create_app`."""
     require("uvicorn", "serve")
     sock = _bind(host, port)
     try:
@@ -348,7 +404,7 @@ def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: di
                 log.warning("serving on %s: anyone who can reach it can drive the environment (no authentication)", host)
             sizes = ", ".join(f"{k} {v}" for k, v in pool.splits().items())
             log.info("serving %s (%s) on %s", pool.name, sizes, _url(host, sock.getsockname()[1]))
-            _server(pool).run(sockets=[sock])
+            _server(pool, docs=docs, max_request_bytes=max_request_bytes).run(sockets=[sock])
         finally:
             pool.shutdown()
     finally:

@@ -33,19 +33,20 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import config_hash, load_config, option, save_config
+from .config import build, check_recorded, config_hash, load_yaml, option, save_yaml, to_dict
 from .data import ACTION_LINE, load_trajectories
 from .errors import QlassError
 from .locking import writes_to
 from .models import resolve_device
 from .policy.hf import default_keep_prefix, load_causal_lm
 from .policy.render import encode_conversation, truncate_history
+from .qnet_train import file_digest
 from .train_utils import (
     CHECKPOINT,
     TrainerConfig,
@@ -66,6 +67,9 @@ from .types import Message
 
 log = logging.getLogger(__name__)
 DONE_MARK = ".qlass-complete"
+CONFIG_FILE = "sft_config.yaml"
+MADE_FROM = ("data", "data_sha256", "base_model")
+"""What ``sft_config.yaml`` records beside the SFTConfig options: the data (path, SHA-256) and the base model."""
 Example = tuple[list[int], list[int]]
 """Input ids and labels (-100 where no loss is taken) of one training sequence."""
 
@@ -251,10 +255,10 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise QlassError(f"{run}: no SFT checkpoint here")
-    cfg_file = next((p for p in (run / "sft_config.yaml", ckpt / "sft_config.yaml") if p.exists()), None)
+    cfg_file = next((p for p in (run / CONFIG_FILE, ckpt / CONFIG_FILE) if p.exists()), None)
     if cfg_file is None:
-        raise QlassError(f"{run}: no sft_config.yaml beside the checkpoint")
-    cfg = load_config(cfg_file, SFTConfig)
+        raise QlassError(f"{run}: no {CONFIG_FILE} beside the checkpoint")
+    cfg = build(SFTConfig, {k: v for k, v in load_yaml(cfg_file).items() if k not in MADE_FROM}, str(cfg_file))
     model, tokenizer = _build_model(model_dir, cfg)
     step = load_trainable(ckpt, model)
     dest = Path(dest)
@@ -263,17 +267,33 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     return step
 
 
+def _check_run(out: Path, cfg: SFTConfig, made_from: dict[str, Any]) -> None:
+    """Refuse to resume or hand back the run in ``out`` when its ``sft_config.yaml`` records other
+    settings, data (by digest; the path may change) or base model, naming them. What an older file
+    lacks (the data's digest, the base model, options added since) counts as unchanged."""
+    runtime = [f.name for f in fields(cfg) if f.metadata.get("runtime")]
+    check_recorded(out / CONFIG_FILE, {**to_dict(cfg), **made_from}, str(out), ["data", *runtime],
+                   "use a new output folder")
+
+
 @writes_to("out_dir", folder=True)
 def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: SFTConfig) -> Path:
     """Fine-tune the causal LM at ``model_dir`` on the trajectories in ``data``; returns ``out_dir``.
 
     ``out_dir`` receives a plain HF causal-LM folder (safetensors, tokenizer, chat template),
     ``metrics.jsonl`` (per step: train loss, lr, tokens/s; per epoch: validation loss, with the
-    untrained model's at step 0) and ``sft_config.yaml``. An interrupted run resumes from its last
-    checkpoint (every ``save_every`` steps and at each epoch end) and ends with the same weights.
+    untrained model's at step 0) and ``sft_config.yaml`` (the options, the data's path and SHA-256,
+    the base model). An interrupted run resumes from its last checkpoint (every ``save_every`` steps
+    and at each epoch end) and ends with the same weights; resuming or rerunning a finished run with
+    other options, data or base model is refused, naming them.
     """
     out = Path(out_dir)
     run_id = config_hash(cfg)
+    made_from = {"data": str(data), "base_model": str(model_dir)}
+    if Path(data).is_file():  # else load_trajectories names the problem
+        made_from["data_sha256"] = file_digest(data)
+    if (out / DONE_MARK).exists() or latest_checkpoint(out) is not None:
+        _check_run(out, cfg, made_from)
     if (out / DONE_MARK).exists():
         made_with = (out / DONE_MARK).read_text().split()
         if len(made_with) > 1 and made_with[1] != run_id:
@@ -298,9 +318,11 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, sched_plan.total_steps)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(out / "sft_config.yaml", cfg)
+    save_yaml(out / CONFIG_FILE, {**to_dict(cfg), **made_from})
     chash = f"{run_id}-{len(train)}-{len(val)}"
     step = load_checkpoint(out, model, opt, sched, chash)
+    if step == 0:  # metrics of a run that died before its first checkpoint are redone (step-0 validation too)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     rewind_metrics(out, step)
     lengths = [len(e[0]) for e in train]
     log.info("SFT: %d train / %d val trajectories (%d / %d sequences, %d labelled train tokens), "

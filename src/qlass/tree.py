@@ -198,8 +198,10 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
             raise DataError(path, f"{nw}: field 'source' must be one of {SOURCES}, got {nv['source']!r}")
         if action is not None and not isinstance(action, str):
             raise DataError(path, f"{nw}: field 'action' must be str or null")
-        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float))):
-            raise DataError(path, f"{nw}: field 'q' must be a number or null")
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q)):
+            raise DataError(path, f"{nw}: field 'q' must be a finite number or null, got {q!r}")
+        if not -1e-9 <= nv["reward"] <= 1.0 + 1e-9:  # rewards are in [0, 1], give or take rounding
+            raise DataError(path, f"{nw}: field 'reward' must be in [0, 1], got {nv['reward']!r}")
         nodes.append(Node(parent=parent, action=action, q=None if q is None else float(q),
                           **{**nv, "reward": float(nv["reward"])}))
     if not nodes:
@@ -324,13 +326,18 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
     p = str(path)
     if not Path(path).exists():
         raise DataError(p, "file not found")
-    out = []
+    out: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], int] = {}
     for line, rec in enumerate(read_jsonl(path), start=1):
         where = f"line {line}"
         vals = {k: _get(rec, k, kinds, where, p) for k, kinds in _QDATA_FIELDS.items()}
         if vals["schema_version"] != QDATA_SCHEMA_VERSION:
             raise DataError(p, f"{where}: field 'schema_version' is {vals['schema_version']}; "
                                f"this qlass reads {QDATA_SCHEMA_VERSION}")
+        key = (vals["tree_id"], vals["node_id"])
+        if key in seen:
+            raise DataError(p, f"{where}: node {key[1]} of tree {key[0]!r} is also at line {seen[key]}")
+        seen[key] = line
         msgs = _messages(vals["messages"], where, "messages", p)
         if not msgs:
             raise DataError(p, f"{where}: field 'messages' is empty")

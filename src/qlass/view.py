@@ -47,7 +47,7 @@ def _first_record(path: Path) -> dict[str, Any] | None:
                     if not isinstance(rec, dict):
                         raise QlassError(f"{path}: the first line is JSON but not an object")
                     return rec
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise QlassError(f"{path}: not JSON Lines ({exc})") from None
     return None
 

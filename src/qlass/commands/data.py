@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
     @data_app.command("validate")
     def validate(
-        files: list[Path] = typer.Argument(..., help="Trajectory files (JSON/JSONL), trees.jsonl or qdata.jsonl."),
+        files: list[Path] = typer.Argument(..., dir_okay=False, help="Trajectory files (JSON/JSONL), trees.jsonl or qdata.jsonl."),
         kind: str = typer.Option("auto", help="trajectories, trees, qdata, or auto (from the first record's fields)."),
     ) -> None:
         """Check every record (trajectories: ids, role order, Action lines, rewards; trees and Q data:
@@ -56,12 +56,12 @@ def register(app: typer.Typer) -> None:
 
     @data_app.command("expert")
     def expert(
-        out: Path = typer.Option(..., help="Output file (.json: a JSON list; otherwise JSON Lines)."),
+        out: Path = typer.Option(..., dir_okay=False, help="Output file (.json: a JSON list; otherwise JSON Lines)."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: str = typer.Option("train", help="Split to take tasks from."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types (default: all)."),
-        per_task: Optional[int] = typer.Option(None, help="At most this many trajectories per task type."),
-        max_steps: Optional[int] = typer.Option(None, help="Skip expert trajectories longer than this."),
+        per_task: Optional[int] = typer.Option(None, min=1, help="At most this many trajectories per task type."),
+        max_steps: Optional[int] = typer.Option(None, min=1, help="Skip expert trajectories longer than this."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable), "
                                           "e.g. step_limit=100 for long expert paths."),
     ) -> None:
@@ -96,8 +96,8 @@ def _detect_kind(path: Path) -> str:
     from ..errors import DataError
 
     try:
-        with path.open(encoding="utf-8") as fh:
-            first = fh.readline().strip()
+        with path.open("rb") as fh:  # undecodable bytes are reported by the file's reader, with their place
+            first = fh.readline().decode("utf-8", errors="replace").strip()
     except FileNotFoundError:
         raise DataError(str(path), "file not found") from None
     except OSError as exc:

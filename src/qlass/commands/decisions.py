@@ -44,11 +44,11 @@ def register(app: typer.Typer) -> None:
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: list[str] = typer.Option(["seen"], help="Split(s) to play (repeatable; interleaved as in qlass eval)."),
         task_types: str | None = typer.Option(None, help="Comma-separated task types to keep."),
-        limit: int | None = typer.Option(None, help="At most this many tasks per split (round-robin over task types; may grow on rerun)."),
-        out: Path = typer.Option(Path("runs/decisions/decisions.jsonl"), help="Decisions file to append to (resumable); NAME.config.yaml and NAME.tasks.jsonl go beside it."),
-        config: Path | None = typer.Option(None, help="YAML file with DecisionConfig options."),
+        limit: int | None = typer.Option(None, min=1, help="At most this many tasks per split (round-robin over task types; may grow on rerun)."),
+        out: Path = typer.Option(Path("runs/decisions/decisions.jsonl"), dir_okay=False, help="Decisions file to append to (resumable); NAME.config.yaml and NAME.tasks.jsonl go beside it."),
+        config: Path | None = typer.Option(None, dir_okay=False, help="YAML file with DecisionConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override a DecisionConfig option: key=value (repeatable)."),
-        concurrency: int | None = typer.Option(None, help="Episodes live at once (sets the concurrency option)."),
+        concurrency: int | None = typer.Option(None, min=1, help="Episodes live at once (sets the concurrency option)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value (repeatable)."),
         seed: int = typer.Option(0, help="Run seed (every draw's seed is derived from it)."),
@@ -82,13 +82,13 @@ def register(app: typer.Typer) -> None:
 
     @dec_app.command("report")
     def report(
-        decisions: list[Path] = typer.Argument(..., help="Decision files written by `qlass decisions collect`."),
-        out: Path = typer.Option(..., help="Folder for decisions.md and decisions.json."),
-        qnet: Path | None = typer.Option(None, help="QNet folder: adds the qnet, qnet+β·likelihood and anchor+margin rankers."),
+        decisions: list[Path] = typer.Argument(..., dir_okay=False, help="Decision files written by `qlass decisions collect`."),
+        out: Path = typer.Option(..., file_okay=False, help="Folder for decisions.md and decisions.json."),
+        qnet: Path | None = typer.Option(None, file_okay=False, help="QNet folder: adds the qnet, qnet+β·likelihood and anchor+margin rankers."),
         qnet_arg: list[str] = typer.Option([], help="QNet.load option key=value, e.g. threads=1 or device=cpu (repeatable)."),
         beta: list[float] = typer.Option([], help="β of a qnet+β·likelihood ranker (repeatable; default 0.1, 0.3, 1)."),
         margin: list[float] = typer.Option([], help="τ of an anchor+margin ranker (repeatable; default 0.05, 0.1, 0.2)."),
-        resamples: int = typer.Option(10_000, help="Bootstrap resamples per interval."),
+        resamples: int = typer.Option(10_000, min=1, help="Bootstrap resamples per interval."),
         seed: int = typer.Option(0, help="Bootstrap seed."),
     ) -> None:
         """Score rankers on the decisions: accuracy, regret, paired bootstrap intervals vs likelihood and anchor."""
@@ -103,15 +103,10 @@ def register(app: typer.Typer) -> None:
         cfg = build(ReportConfig, opts, "qlass decisions report")
         model = None
         if qnet is not None:
-            import inspect
-
+            from ..config import check_call_options
             from ..qnet import QNet
 
-            load_opts = parse_kv(qnet_arg, "--qnet-arg")
-            known = [p for p in inspect.signature(QNet.load).parameters if p not in ("cls", "path")]
-            unknown = sorted(set(load_opts) - set(known))
-            if unknown:
-                raise QlassError(f"--qnet-arg: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            load_opts = check_call_options(QNet.load, parse_kv(qnet_arg, "--qnet-arg"), "--qnet-arg", skip=("path",))
             load_opts.setdefault("cache_slots", 8)  # a task's decisions share their history prefixes
             model = QNet.load(qnet, **load_opts)
         result = write_decision_report(decisions, out, model, cfg)

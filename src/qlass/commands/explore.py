@@ -42,18 +42,18 @@ def register(app: typer.Typer) -> None:
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: str = typer.Option("train", help="Split the tasks come from."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
-        skip: int = typer.Option(0, help="Skip the first this-many tasks of each task type."),
-        exclude_tasks_of: Optional[Path] = typer.Option(None, help="Leave out the tasks of this trajectory file (e.g. the expert/SFT data)."),
-        limit: Optional[int] = typer.Option(None, help="At most this many tasks (round-robin over task types)."),
-        out: Path = typer.Option(Path("runs/explore/trees.jsonl"), help="trees.jsonl to append to (resumable)."),
-        config: Optional[Path] = typer.Option(None, help="YAML file with ExploreConfig options."),
+        skip: int = typer.Option(0, min=0, help="Skip the first this-many tasks of each task type."),
+        exclude_tasks_of: Optional[Path] = typer.Option(None, dir_okay=False, help="Leave out the tasks of this trajectory file (e.g. the expert/SFT data)."),
+        limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks (round-robin over task types)."),
+        out: Path = typer.Option(Path("runs/explore/trees.jsonl"), dir_okay=False, help="trees.jsonl to append to (resumable)."),
+        config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file with ExploreConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override an ExploreConfig option: key=value (repeatable)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value (repeatable)."),
         seed: int = typer.Option(0, help="Run seed (each tree's seed is derived from it and the task id)."),
         backend: str = typer.Option("local", help="Executor: local, process or ray."),
-        workers: int = typer.Option(2, help="Worker processes / Ray actors (process and ray backends)."),
-        concurrency: int = typer.Option(8, help="Trees each worker builds at once in lockstep (batched policy calls); "
+        workers: int = typer.Option(2, min=1, help="Worker processes / Ray actors (process and ray backends)."),
+        concurrency: int = typer.Option(8, min=1, help="Trees each worker builds at once in lockstep (batched policy calls); "
                                                "the trees do not depend on it."),
         ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
         progress: bool = typer.Option(True, help="Show the progress display."),
@@ -96,8 +96,9 @@ def register(app: typer.Typer) -> None:
         executor = make_executor(backend, workers, **options)
         policy = factory() if backend == "local" else factory
         start = time.perf_counter()
+        settings = {"model": model, "env": env, "env_args": env_kwargs, "policy": policy_opts}
         trees = explore_tasks(make, tasks, policy, cfg, out, seed=seed, executor=executor, progress=progress,
-                              concurrency=concurrency)
+                              concurrency=concurrency, settings=settings)
         s = tree_summary(trees)
         typer.echo(f"{s['trees']} trees, {s['nodes']} nodes, {s['edges']} edges, {s['env_steps']} env steps "
                    f"({s['env_steps_per_edge']:.2f} per edge), {s['trees_with_success']} with a reward-1 leaf, "
@@ -107,12 +108,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("qdata")
     def qdata_cmd(
-        trees: Path = typer.Argument(..., help="trees.jsonl written by `qlass explore`."),
-        out: Path = typer.Option(..., help="qdata.jsonl to write (one record per non-root node)."),
-        gamma: float = typer.Option(0.9, help="Discount of Eq. 7."),
+        trees: Path = typer.Argument(..., dir_okay=False, help="trees.jsonl written by `qlass explore`."),
+        out: Path = typer.Option(..., dir_okay=False, help="qdata.jsonl to write (one record per non-root node)."),
+        gamma: float = typer.Option(0.9, min=0.0, max=1.0, help="Discount of Eq. 7."),
         keep_intermediate: bool = typer.Option(False, help="Keep intermediate rewards (as score increments) instead of zeroing them."),
         normalize: bool = typer.Option(False, help="Min-max normalise Q per tree."),
-        max_per_tree: int = typer.Option(300, help="At most this many records per tree (0: no limit)."),
+        max_per_tree: int = typer.Option(300, min=0, help="At most this many records per tree (0: no limit)."),
     ) -> None:
         """Compute Q values (Bellman backup, Eq. 7) and export the Q dataset for QNet training."""
         from ..tree import BackupConfig, export_qdata, read_qdata

@@ -11,12 +11,12 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("train-qnet")
     def train_qnet_cmd(
-        qdata: Optional[Path] = typer.Argument(None, help="Q data (qdata.jsonl) written by exploration."),
+        qdata: Optional[Path] = typer.Argument(None, dir_okay=False, help="Q data (qdata.jsonl) written by exploration."),
         model: str = typer.Option("default", help="SFT policy folder (HF causal LM) that initialises the backbone, or 'default'."),
-        out: Optional[Path] = typer.Option(None, help="Output folder: the QNet (HF sequence classifier), metrics.jsonl, qnet_result.json."),
-        config: Optional[Path] = typer.Option(None, help="YAML file of QNetTrainConfig options, e.g. configs/qnet-cpu.yaml (defaults: the paper's)."),
+        out: Optional[Path] = typer.Option(None, file_okay=False, help="Output folder: the QNet (HF sequence classifier), metrics.jsonl, qnet_result.json."),
+        config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file of QNetTrainConfig options, e.g. configs/qnet-cpu.yaml (defaults: the paper's)."),
         set_: list[str] = typer.Option([], "--set", help="Override one option, key=value (repeatable), e.g. --set epochs=1."),
-        folds: int = typer.Option(0, help="Cross-validate instead: train K QNets on K tree-disjoint splits (OUT/fold-k) and "
+        folds: int = typer.Option(0, min=0, help="Cross-validate instead: train K QNets on K tree-disjoint splits (OUT/fold-k) and "
                                   "report pooled held-out sibling-pair accuracy with 95% intervals beside the SFT "
                                   "log-likelihood ranker's (OUT/cv_summary.json, .md); 0: one QNet."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every QNetTrainConfig option with its default and help, then exit."),

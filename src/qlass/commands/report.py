@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
-        records: list[Path] = typer.Argument(..., help="records.jsonl file(s) of one or more evaluation runs."),
-        out: Path = typer.Option(..., help="Folder for results.md/json and budget.csv/png."),
+        records: list[Path] = typer.Argument(..., dir_okay=False, help="records.jsonl file(s) of one or more evaluation runs."),
+        out: Path = typer.Option(..., file_okay=False, help="Folder for results.md/json and budget.csv/png."),
         all_tasks: bool = typer.Option(False, "--all-tasks", help="Average every method over all of its records, "
                                        "not only over the tasks every method played."),
         title: str = typer.Option("qlass results", help="Title of results.md."),

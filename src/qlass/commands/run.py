@@ -11,7 +11,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (see configs/demo.yaml)."),
+        config: Optional[Path] = typer.Argument(None, dir_okay=False, help="Pipeline YAML (see configs/demo.yaml)."),
         stop_after: Optional[str] = typer.Option(None, help="Stop after this stage: sft, explore or qnet (e.g. "
                                                  "to start a vLLM/SGLang server on the SFT checkpoint)."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every key of a pipeline YAML, "

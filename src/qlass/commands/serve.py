@@ -10,12 +10,15 @@ def register(app: typer.Typer) -> None:
     def serve_cmd(
         env: str = typer.Argument(..., help="Environment name (sciworld, alfworld, webshop) or package.module:Class."),
         host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; the server has no authentication)."),
-        port: int = typer.Option(8000, help="TCP port."),
+        port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
-        max_instances: int = typer.Option(64, help="At most this many environment instances open at once."),
+        max_instances: int = typer.Option(64, min=1, help="At most this many environment instances open at once."),
+        max_request_bytes: int = typer.Option(1 << 20, min=1, help="Refuse a request body over this many bytes (413)."),
+        docs: bool = typer.Option(False, "--docs", help="Also serve the interactive API pages (/docs, /redoc, /openapi.json)."),
     ) -> None:
         """Serve ENV over HTTP: /create, /reset, /step, /observation, /close (+ /splits, /tasks, /prompt, /expert)."""
         from ..config import parse_kv
         from ..serve import serve
 
-        serve(env, host=host, port=port, env_args=parse_kv(env_arg, "--env-arg"), max_instances=max_instances)
+        serve(env, host=host, port=port, env_args=parse_kv(env_arg, "--env-arg"), max_instances=max_instances,
+              docs=docs, max_request_bytes=max_request_bytes)

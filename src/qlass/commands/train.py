@@ -11,10 +11,10 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("sft")
     def sft(
-        data: Optional[Path] = typer.Option(None, help="Expert trajectories (conversation JSON/JSONL)."),
+        data: Optional[Path] = typer.Option(None, dir_okay=False, help="Expert trajectories (conversation JSON/JSONL)."),
         model: str = typer.Option("default", help="Base causal-LM folder, or 'default' (SmolLM2-135M-Instruct)."),
-        out: Optional[Path] = typer.Option(None, help="Output folder: the fine-tuned model (HF format), metrics.jsonl, checkpoint."),
-        config: Optional[Path] = typer.Option(None, help="YAML file of SFTConfig options, e.g. configs/sft-cpu.yaml (defaults: paper Table 5)."),
+        out: Optional[Path] = typer.Option(None, file_okay=False, help="Output folder: the fine-tuned model (HF format), metrics.jsonl, checkpoint."),
+        config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file of SFTConfig options, e.g. configs/sft-cpu.yaml (defaults: paper Table 5)."),
         set_: list[str] = typer.Option([], "--set", help="Override one option, key=value (repeatable), e.g. --set epochs=1."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every SFTConfig option with its default and help, then exit."),
     ) -> None:
@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("sft-export")
     def sft_export(
-        run: Path = typer.Argument(..., help="An SFT output folder (or a copy of its checkpoint folder with sft_config.yaml)."),
-        dest: Path = typer.Argument(..., help="Where to write the HF causal-LM folder."),
+        run: Path = typer.Argument(..., file_okay=False, help="An SFT output folder (or a copy of its checkpoint folder with sft_config.yaml)."),
+        dest: Path = typer.Argument(..., file_okay=False, help="Where to write the HF causal-LM folder."),
         model: str = typer.Option("default", help="The run's base causal-LM folder, or 'default'."),
     ) -> None:
         """Write the latest checkpoint of an SFT run as a plain HF model folder (to evaluate it mid-training)."""

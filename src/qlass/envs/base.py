@@ -63,6 +63,8 @@ class Env(Protocol):
 
 
 EnvFactory = Callable[..., Env]
+ENV_MEMBERS = ("tasks", "reset", "step")
+"""What anything :func:`make_env` builds must have, at least, to be taken for an environment."""
 _BUILTIN: dict[str, tuple[str, str]] = {
     "sciworld": ("qlass.envs.sciworld", "ScienceWorldEnv"),
     "alfworld": ("qlass.envs.alfworld", "AlfWorldEnv"),
@@ -84,14 +86,25 @@ class EnvRegistry:
         return sorted(set(_BUILTIN) | set(self._factories))
 
     def make(self, spec: str, **kwargs: Any) -> Env:
+        """Build ``spec`` with constructor options ``kwargs``, checked first against its signature
+        (names, required ones, annotated types) so that a mistyped option is a clear error."""
+        from ..config import check_call_options
+
         if spec in self._factories:
-            return self._factories[spec](**kwargs)
-        if spec in _BUILTIN:
-            return load_object(":".join(_BUILTIN[spec]), "environment")(**kwargs)
-        if ":" in spec:
-            return load_object(spec, "environment")(**kwargs)
-        raise QlassError(f"unknown environment {spec!r}; known: {', '.join(self.names())} "
-                         "or 'package.module:Class'")
+            factory = self._factories[spec]
+        elif spec in _BUILTIN:
+            factory = load_object(":".join(_BUILTIN[spec]), "environment")
+        elif ":" in spec:
+            factory = load_object(spec, "environment")
+        else:
+            raise QlassError(f"unknown environment {spec!r}; known: {', '.join(self.names())} "
+                             "or 'package.module:Class'")
+        env = factory(**check_call_options(factory, kwargs, f"environment {spec!r}"))
+        lacking = [m for m in ENV_MEMBERS if not hasattr(env, m)]
+        if lacking:
+            raise QlassError(f"environment {spec!r} built a {type(env).__name__}, not an environment "
+                             f"(it lacks {', '.join(lacking)})")
+        return env
 
 
 _REGISTRY = EnvRegistry()

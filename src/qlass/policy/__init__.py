@@ -8,11 +8,9 @@ works, but importing the package loads neither torch models nor HTTP code).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import QlassError
 from .base import Policy
 
 if TYPE_CHECKING:
@@ -46,12 +44,11 @@ def _policy_class(spec: str) -> type:
 
 def check_policy_options(spec: str, options: Mapping[str, Any]) -> None:
     """Raise :class:`QlassError` if the backend that would serve ``spec`` does not take every key of
-    ``options`` (naming the options it does take)."""
+    ``options`` (naming the options it does take) or one has a value of the wrong type."""
+    from ..config import check_call_options
+
     cls = _policy_class(spec)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model_dir", "base_url")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise QlassError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; options: {', '.join(accepted)}")
+    check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
 
 
 def load_policy(spec: str, **options: Any) -> Policy:

@@ -1,0 +1,256 @@
+"""Ordinary mistakes get a message, never a traceback: every command is run (``python -m qlass``, a
+real subprocess) on a table of bad inputs, and each must exit non-zero, print no traceback and name
+the file, record, option or field at fault. Also: task ids and environment text are shown as text,
+never parsed as rich markup.
+
+Every case fails before a model would be loaded (a nonexistent model folder is given where one is
+needed); only the evaluation markup test loads the tiny model. ``MarkupCorridor`` and ``EastWalker``
+below are loadable from the CLI as ``test_cli_errors:...`` with ``tests/`` on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from toy_envs import Corridor
+
+from qlass.types import Completion, History, Task
+
+TESTS = Path(__file__).resolve().parent
+NO_MODEL = "/nonexistent/model"
+
+
+class MarkupCorridor(Corridor):
+    """Corridor whose task ids and observations look like rich markup."""
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        ids = ["c/[/]{}", "[bold]x[/]{}", "[red{}"]
+        return [Task(ids[i % 3].format(i), "m", split, "walk", t.meta)
+                for i, t in enumerate(super().tasks(split, task_types))]
+
+    def reset(self, task: Task) -> str:
+        return super().reset(task) + " [/] [bold]not bold[/bold]"
+
+
+class EastWalker:
+    """A policy that always walks east."""
+
+    def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
+        return [[Completion("Thought: east.\nAction: go east", 1, 1)] * n for _ in histories]
+
+
+def _trajectory(**extra: object) -> dict:
+    return {"id": "corridor/0", "task": "corridor/0", "reward": 1.0, "success": True,
+            "conversations": [{"from": "human", "value": "Walk east."},
+                              {"from": "gpt", "value": "Thought: go.\nAction: go east"}], **extra}
+
+
+def _record(**extra: object) -> dict:
+    rec = {"schema_version": 1, "method": "greedy", "method_name": "greedy", "config": {}, "env": "corridor",
+           "split": "seen", "task": "corridor/100", "task_type": "walk", "reward": 0.5, "success": False,
+           "prompt_tokens": 10, "completion_tokens": 5, "qnet_tokens": 0, "env_steps": 1, "steps": 1,
+           "wall_time": 0.1, "oracle": False, "trajectory": {}}
+    return {**rec, **extra}
+
+
+def _tree(node_reward: float = 1.0, q: float | None = None) -> dict:
+    from qlass.tree import Node, Tree
+    from qlass.types import Message
+
+    nodes = [Node(0, None, 0, "", None, "start", 0.0, False, "root"),
+             Node(1, 0, 1, "Thought: go\nAction: go east", "go east", "room 1", node_reward, True, "sample", q=q)]
+    return Tree("corridor/0", "corridor/0", "corridor", "train", "walk", [Message("user", "Walk")], nodes).to_dict()
+
+
+def _lines(*records: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+PIPELINE = f"run_dir: {{tmp}}/run\nmodel: {NO_MODEL}\nenv: toy_envs:Corridor\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Good and damaged input files, a plain file and a folder; name → path."""
+    from qlass.tree import export_qdata
+
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    texts = {
+        "expert.json": json.dumps([_trajectory()]),
+        "trees.jsonl": _lines(_tree()),
+        "records.jsonl": _lines(_record()),
+        "trees_reward.jsonl": _lines(_tree(node_reward=7.5)),
+        "trees_nan.jsonl": _lines(_tree(q=float("nan"))),
+        "trees_v99.jsonl": _lines({**_tree(), "schema_version": 99}),
+        "records_v99.jsonl": _lines(_record(schema_version=99)),
+        "records_reward.jsonl": _lines(_record(reward=42)),
+        "records_no_task.jsonl": _lines({k: v for k, v in _record().items() if k != "task"}),
+        "records_no_score.jsonl": _lines(_record(method="best-of-n", method_name="best-of-n",
+                                                 candidates=[{"reward": 1.0, "completion_tokens": 3}])),
+        "steps.jsonl": _lines(_trajectory(steps=[{"foo": 1}])),
+        "deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n",
+        "dup.yaml": "max_depth: 2\nmax_depth: 3\n",
+        "afile": "not a folder\n",
+        "pipe_qdata.yaml": PIPELINE.format(tmp=tmp) + "qdata: {max_per_tree: -2}\n",
+        "pipe_limit.yaml": PIPELINE.format(tmp=tmp) + "explore: {limit: 0}\n",
+        "pipe_env.yaml": PIPELINE.format(tmp=tmp) + "env_args: {steplimit: 2}\n",
+        "pipe_run_dir.yaml": PIPELINE.format(tmp=tmp).replace(f"{tmp}/run", f"{tmp}/afile"),
+    }
+    for name, text in texts.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    export_qdata(tmp / "trees.jsonl", tmp / "qdata.jsonl")
+    qdata = (tmp / "qdata.jsonl").read_text(encoding="utf-8")
+    (tmp / "qdata_dup.jsonl").write_text(qdata + qdata, encoding="utf-8")
+    (tmp / "qdata_v99.jsonl").write_text(qdata.replace('"schema_version": 1', '"schema_version": 99'), encoding="utf-8")
+    for name in ("trees.jsonl", "qdata.jsonl", "records.jsonl", "expert.json"):  # \xff\xfe inside a string
+        raw = (tmp / name).read_bytes()
+        (tmp / f"nonutf8_{name}").write_bytes(raw.replace(b'corridor/0', b'corridor/\xff\xfe0', 1)
+                                             .replace(b'corridor/100', b'corridor/\xff\xfe100', 1))
+    (tmp / "nonutf8.yaml").write_bytes(b"epochs: \xff\n")
+    (tmp / "adir").mkdir()
+    for name in ("resume_v99", "resume_no_task", "resume_nonutf8"):
+        (tmp / name).mkdir()
+    (tmp / "resume_v99" / "records.jsonl").write_text(_lines(_record(schema_version=99)), encoding="utf-8")
+    (tmp / "resume_no_task" / "records.jsonl").write_text((tmp / "records_no_task.jsonl").read_text(), encoding="utf-8")
+    (tmp / "resume_nonutf8" / "records.jsonl").write_bytes((tmp / "nonutf8_records.jsonl").read_bytes())
+    return {**{p.stem: str(p) for p in tmp.iterdir()}, "tmp": str(tmp)}
+
+
+ENV = ["--env", "toy_envs:Corridor"]
+# (case, argv with {file} placeholders, texts the error output must contain: the file, record, option or field)
+CASES: list[tuple[str, list[str], list[str]]] = [
+    # usage errors (typer's vendored click)
+    ("no command", [], ["Usage"]),
+    ("no subcommand", ["data"], ["Usage"]),
+    ("unknown command", ["trian-qnet"], ["No such command 'trian-qnet'", "train-qnet"]),
+    ("unknown option", ["sft", "--bogus"], ["No such option: --bogus"]),
+    ("unknown root option", ["--version"], ["--version"]),
+    ("missing argument", ["qdata"], ["Missing argument"]),
+    ("extra argument", ["envs", "extra"], ["extra"]),
+    ("unknown subcommand", ["model", "nope"], ["No such command 'nope'"]),
+    ("not an integer", ["eval", "--limit", "abc"], ["'--limit'"]),
+    ("not a number", ["qdata", "{trees}", "--out", "{tmp}/q.jsonl", "--gamma", "abc"], ["'--gamma'"]),
+    ("unknown kind", ["data", "validate", "--kind", "bogus", "{trees}"], ["--kind", "bogus"]),
+    # negative or zero limits, values out of range
+    ("max-per-tree < 0", ["qdata", "{trees}", "--out", "{tmp}/q.jsonl", "--max-per-tree", "-3"], ["'--max-per-tree'"]),
+    ("gamma > 1", ["qdata", "{trees}", "--out", "{tmp}/q.jsonl", "--gamma", "2"], ["'--gamma'"]),
+    ("per-task 0", ["data", "expert", *ENV, "--per-task", "0", "--out", "{tmp}/x.json"], ["'--per-task'"]),
+    ("max-steps < 0", ["data", "expert", *ENV, "--max-steps", "-1", "--out", "{tmp}/x.json"], ["'--max-steps'"]),
+    ("skip < 0", ["explore", "--model", NO_MODEL, *ENV, "--skip", "-1", "--out", "{tmp}/t.jsonl"], ["'--skip'"]),
+    ("eval limit 0", ["eval", "--model", NO_MODEL, *ENV, "--limit", "0"], ["'--limit'"]),
+    ("decisions limit < 0", ["decisions", "collect", "--model", NO_MODEL, *ENV, "--limit", "-1"], ["'--limit'"]),
+    ("folds < 0", ["train-qnet", "{qdata}", "--folds", "-1", "--out", "{tmp}/qn"], ["'--folds'"]),
+    ("port too big", ["serve", "toy_envs:Corridor", "--port", "99999"], ["'--port'"]),
+    ("no instances", ["serve", "toy_envs:Corridor", "--max-instances", "0"], ["'--max-instances'"]),
+    ("pipeline max_per_tree < 0", ["run", "{pipe_qdata}"], ["pipe_qdata.yaml", "qdata", "max_per_tree"]),
+    ("pipeline limit 0", ["run", "{pipe_limit}"], ["pipe_limit.yaml", "explore", "limit"]),
+    # environment and policy constructor options
+    ("env option misspelt", ["eval", "--model", NO_MODEL, *ENV, "--env-arg", "steplimit=4"],
+     ["environment 'toy_envs:Corridor'", "'steplimit'", "did you mean 'step_limit'"]),
+    ("env option type", ["data", "expert", *ENV, "--env-arg", "step_limit=abc", "--out", "{tmp}/x.json"],
+     ["'step_limit'", "expects int"]),
+    ("not an environment", ["explore", "--model", NO_MODEL, "--env", "json:dumps", "--out", "{tmp}/t.jsonl"],
+     ["json:dumps"]),
+    ("serve env option", ["serve", "toy_envs:Corridor", "--port", "0", "--env-arg", "steplimit=1"], ["'steplimit'"]),
+    ("decisions env option", ["decisions", "collect", "--model", NO_MODEL, *ENV, "--env-arg", "tasks_per_split=x"],
+     ["'tasks_per_split'", "expects int"]),
+    ("pipeline env option", ["run", "{pipe_env}"], ["'steplimit'", "did you mean 'step_limit'"]),
+    ("qnet option misspelt", ["decisions", "report", "{records}", "--out", "{tmp}/d", "--qnet", "{adir}",
+                              "--qnet-arg", "threds=1"], ["--qnet-arg", "'threds'", "did you mean 'threads'"]),
+    ("policy option type", ["eval", "--model", NO_MODEL, *ENV, "--policy-arg", "threads=abc"], ["'threads'", "expects int"]),
+    ("policy option bool", ["explore", "--model", NO_MODEL, *ENV, "--policy-arg", "autocast=maybe",
+                            "--out", "{tmp}/t.jsonl"], ["'autocast'", "expects bool"]),
+    # files that are not UTF-8: the file, the line and the byte
+    ("report not UTF-8", ["report", "{nonutf8_records}", "--out", "{tmp}/r"],
+     ["nonutf8_records.jsonl", "line 1", "not UTF-8", "byte "]),
+    ("validate trees not UTF-8", ["data", "validate", "{nonutf8_trees}"], ["nonutf8_trees.jsonl", "line 1", "not UTF-8"]),
+    ("validate trajectories not UTF-8", ["data", "validate", "{nonutf8_expert}"], ["nonutf8_expert.json", "not UTF-8"]),
+    ("qdata not UTF-8", ["qdata", "{nonutf8_trees}", "--out", "{tmp}/q.jsonl"], ["nonutf8_trees.jsonl", "not UTF-8"]),
+    ("train-qnet not UTF-8", ["train-qnet", "{nonutf8_qdata}", "--model", NO_MODEL, "--out", "{tmp}/qn"],
+     ["nonutf8_qdata.jsonl", "not UTF-8"]),
+    ("config not UTF-8", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--config", "{nonutf8}", "--out", "{tmp}/s"],
+     ["nonutf8.yaml", "not UTF-8", "byte 8"]),
+    ("pipeline not UTF-8", ["run", "{nonutf8}"], ["nonutf8.yaml", "not UTF-8"]),
+    ("view not UTF-8", ["view", "{nonutf8_trees}", "--out", "{tmp}/v.html"], ["nonutf8_trees.jsonl"]),
+    ("decisions not UTF-8", ["decisions", "report", "{nonutf8_records}", "--out", "{tmp}/d"], ["nonutf8_records.jsonl"]),
+    ("eval resume not UTF-8", ["eval", "--model", NO_MODEL, *ENV, "--out", "{resume_nonutf8}"],
+     ["resume_nonutf8/records.jsonl", "not UTF-8"]),
+    ("too deep", ["report", "{deep}", "--out", "{tmp}/r"], ["deep.jsonl", "line 1", "nested too deeply"]),
+    ("trajectories too deep", ["data", "validate", "{deep}"], ["deep.jsonl", "nested too deeply"]),
+    ("yaml key twice", ["explore", "--model", NO_MODEL, *ENV, "--config", "{dup}", "--out", "{tmp}/t.jsonl"],
+     ["dup.yaml", "'max_depth' given twice"]),
+    # a file where a folder is expected and vice versa
+    ("out is a folder", ["qdata", "{trees}", "--out", "{adir}"], ["'--out'", "adir", "is a directory"]),
+    ("expert out is a folder", ["data", "expert", *ENV, "--out", "{adir}"], ["'--out'", "adir"]),
+    ("report out is a file", ["report", "{records}", "--out", "{afile}"], ["'--out'", "afile", "is a file"]),
+    ("sft out is a file", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--out", "{afile}"], ["'--out'", "afile"]),
+    ("qnet out is a file", ["train-qnet", "{qdata}", "--model", NO_MODEL, "--out", "{afile}"], ["'--out'", "afile"]),
+    ("config is a folder", ["sft", "--data", "{expert}", "--config", "{adir}", "--out", "{tmp}/s"], ["'--config'", "adir"]),
+    ("input is a folder", ["report", "{adir}", "--out", "{tmp}/r"], ["adir", "is a directory"]),
+    ("validate a folder", ["data", "validate", "{adir}"], ["adir", "is a directory"]),
+    ("view out is a folder", ["view", "{trees}", "--out", "{adir}"], ["'--out'", "adir"]),
+    ("export run is a file", ["sft-export", "{afile}", "{tmp}/exp"], ["afile", "is a file"]),
+    ("a file in the path", ["eval", "--model", NO_MODEL, *ENV, "--out", "{afile}/sub"],
+     ["afile", "a file is in the way"]),
+    ("run_dir is a file", ["run", "{pipe_run_dir}"], ["afile"]),
+    # records: schema versions, missing fields, values out of range
+    ("records schema 99", ["report", "{records_v99}", "--out", "{tmp}/r"], ["records_v99.jsonl", "line 1", "'schema_version'", "99"]),
+    ("records reward 42", ["report", "{records_reward}", "--out", "{tmp}/r"], ["records_reward.jsonl", "'reward'", "[0, 1]"]),
+    ("records without task", ["report", "{records_no_task}", "--out", "{tmp}/r"], ["records_no_task.jsonl", "'task'"]),
+    ("candidate without score", ["report", "{records_no_score}", "--out", "{tmp}/r"],
+     ["records_no_score.jsonl", "'candidates[0].score'"]),
+    ("eval resume schema 99", ["eval", "--model", NO_MODEL, *ENV, "--out", "{resume_v99}"],
+     ["resume_v99/records.jsonl", "'schema_version'", "99"]),
+    ("eval resume without task", ["eval", "--model", NO_MODEL, *ENV, "--out", "{resume_no_task}"],
+     ["resume_no_task/records.jsonl", "'task'"]),
+    ("tree reward 7.5", ["data", "validate", "{trees_reward}"], ["trees_reward.jsonl", "nodes[1]", "'reward'", "[0, 1]"]),
+    ("tree q NaN", ["data", "validate", "{trees_nan}"], ["trees_nan.jsonl", "nodes[1]", "'q'"]),
+    ("trees schema 99", ["qdata", "{trees_v99}", "--out", "{tmp}/q.jsonl"], ["trees_v99.jsonl", "'schema_version'", "99"]),
+    ("qdata twice", ["data", "validate", "--kind", "qdata", "{qdata_dup}"], ["qdata_dup.jsonl", "line 2", "also at line 1"]),
+    ("qdata schema 99", ["data", "validate", "{qdata_v99}"], ["qdata_v99.jsonl", "'schema_version'"]),
+    ("steps malformed", ["data", "validate", "{steps}"], ["steps.jsonl", "record 0", "'steps[0]'", "'foo'"]),
+]
+
+
+def qlass(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "COLUMNS": "300"}  # wide enough that no logged line is wrapped
+    return subprocess.run([sys.executable, "-m", "qlass", *args], check=False, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv,named", [pytest.param(a, n, id=c) for c, a, n in CASES])
+def test_bad_input_is_a_message_naming_what_is_wrong(files: dict[str, str], argv: list[str], named: list[str]) -> None:
+    result = qlass(*(a.format(**files) for a in argv))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    missing = [text for text in named if text not in output]
+    assert not missing, f"{missing} not in:\n{output}"
+
+
+def test_markup_in_task_ids_and_observations_is_shown_as_text(tmp_path: Path) -> None:
+    out = tmp_path / "trees.jsonl"
+    result = qlass("explore", "--model", "test_cli_errors:EastWalker", "--env", "test_cli_errors:MarkupCorridor",
+                   "--limit", "3", "--set", "max_depth=1", "--set", "max_nodes=3", "--out", str(out))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    trees = [json.loads(line)["tree_id"] for line in out.read_text().splitlines()]
+    assert sorted(trees) == sorted(["c/[/]0", "[bold]x[/]1", "[red2"])
+    assert trees[-1] in result.stderr  # the progress display shows the last tree's id as it is
+
+
+def test_markup_in_task_ids_is_shown_as_text_in_evaluation(tmp_path: Path, tiny_model_dir: Path) -> None:
+    result = qlass("eval", "--model", str(tiny_model_dir), "--env", "test_cli_errors:MarkupCorridor", "--limit", "2",
+                   "--max-steps", "1", "--method", "greedy:max_new_tokens=4", "--out", str(tmp_path / "eval"),
+                   timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "on c/[/]0" in result.stderr and "[bold]x[/]1" in result.stderr  # logged and shown literally
+    tasks = [json.loads(line)["task"] for line in (tmp_path / "eval" / "records.jsonl").read_text().splitlines()]
+    assert tasks == ["c/[/]0", "[bold]x[/]1"] and (tmp_path / "eval" / "results.md").exists()

@@ -1,0 +1,303 @@
+"""No silent mixing (issue 18, item 1) and resume bookkeeping (item 8).
+
+Every resumable output records what produced it; a rerun with another model, QNet, seed,
+environment option or policy option is refused naming the option, runtime options may change, and
+an unchanged rerun resumes without duplicates. Evaluation runs in-process with
+``qlass.policy.load_policy`` and ``QNet.load`` replaced by the toy ``ScriptedPolicy`` and a
+fixed-table QNet (so ``--model`` and ``--qnet`` are names, not folders); exploration and decision
+collection load ``test_explore:ScriptedPolicy`` through the CLI, as a user's own class.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from test_explore import ScriptedPolicy
+from test_qnet_train import CFG, synthetic_qdata
+from test_sft import write_data
+from typer.testing import CliRunner
+
+from qlass import qnet_train as qt
+from qlass import sft
+from qlass.cli import app
+from qlass.config import setting_changes
+from qlass.errors import QlassError
+from qlass.jsonl import read_jsonl
+from qlass.tree import read_trees
+
+
+class OtherPolicy(ScriptedPolicy):
+    """Another policy, as another model would be: sensible whenever it can be."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**{"smart": 1.0, **options})
+
+
+class TableQNet:
+    """A QNet stand-in: values an action by whether it handles the key or the chest."""
+
+    def score(self, history, candidates) -> list[float]:
+        return [1.0 if "key" in c or "chest" in c else 0.0 for c in candidates]
+
+
+def invoke(args: list[str]) -> None:
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+
+
+def refused(args: list[str], named: str, *unchanged: Path) -> None:
+    """The command is refused naming ``named``, and leaves every ``unchanged`` file as it was."""
+    before = [p.read_bytes() for p in unchanged]
+    res = CliRunner().invoke(app, args)
+    assert isinstance(res.exception, QlassError), f"{res.output}\n{res.exception!r}"
+    assert named in str(res.exception), str(res.exception)
+    assert [p.read_bytes() for p in unchanged] == before
+
+
+def options(base: dict[str, str], extra: list[str], **changed: str | None) -> list[str]:
+    """``base`` options with ``changed`` ones replaced (``None``: left out), then ``extra``."""
+    args = []
+    for key, value in {**base, **{f"--{k.replace('_', '-')}": v for k, v in changed.items()}}.items():
+        args += [key, value] if value is not None else []
+    return args + extra
+
+
+def test_setting_changes_name_differences_and_leave_out_runtime_and_unknown_ones() -> None:
+    before = {"model": "a", "seed": 0, "policy": {"dtype": "float32", "threads": 4}, "env_args": {},
+              "options": {"k": 3}, "concurrency": 8}
+    now = {"model": "a", "seed": 0, "policy": {"dtype": "float32", "threads": 1, "cache_slots": 9, "top_p": 0.9},
+           "env_args": {"step_limit": 5}, "options": {"k": 3, "added_since": 1}, "concurrency": 2, "new_field": 1}
+    assert setting_changes(before, now) == ["policy.top_p: (unset) → 0.9", "env_args.step_limit: (unset) → 5"]
+    assert setting_changes({**before, "model": "b"}, before) == ["model: 'b' → 'a'"]
+    assert setting_changes(now, {**now, "env_args": {}}, ignore=("env_args",)) == []
+    assert setting_changes({"model": "a"}, {"model": "a", "policy": {"autocast": True}, "env_args": {}}) == [
+        "policy.autocast: (unset) → True"]  # constructor options not recorded: none were set
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+EVAL = {"--model": "model-a", "--qnet": "qnet-a", "--seed": "0", "--env-arg": "step_limit=5", "--limit": "2",
+        "--concurrency": "2"}
+METHODS = ["--method", "greedy:max_new_tokens=20", "--method", "qlass:m=2,max_new_tokens=20"]
+
+
+def eval_args(out: Path, *extra: str, methods: list[str] = METHODS, **changed: str | None) -> list[str]:
+    return ["eval", "--env", "test_explore:Rooms", "--split", "train", "--out", str(out), *methods,
+            *options(EVAL, list(extra), **changed)]
+
+
+@pytest.fixture
+def toy_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load_policy`` gives a ScriptedPolicy and ``QNet.load`` a TableQNet, whatever they are asked for."""
+    import qlass.policy
+    from qlass.qnet import QNet
+
+    monkeypatch.setattr(qlass.policy, "load_policy", lambda spec, **opts: ScriptedPolicy())
+    monkeypatch.setattr(QNet, "load", classmethod(lambda cls, path, **kw: TableQNet()))
+
+
+def test_eval_resume_with_other_model_qnet_seed_env_or_policy_option_is_refused(tmp_path: Path, toy_models) -> None:
+    out = tmp_path / "eval"
+    records, config = out / "records.jsonl", out / "config.yaml"
+    invoke(eval_args(out))
+    assert len(read_jsonl(records)) == 4
+    saved = yaml.safe_load(config.read_text())
+    assert (saved["model"], saved["qnet"], saved["seed"], saved["env_args"]) == ("model-a", "qnet-a", 0, {"step_limit": 5})
+    for named, changed, extra in (("model: 'model-a' → 'model-b'", {"model": "model-b"}, []),
+                                  ("qnet: 'qnet-a' → 'qnet-b'", {"qnet": "qnet-b"}, []),
+                                  ("seed: 0 → 7", {"seed": "7"}, []),
+                                  ("env_args.step_limit: 5 → 6", {"env_arg": "step_limit=6"}, []),
+                                  ("policy.top_p: (unset) → 0.9", {}, ["--policy-arg", "top_p=0.9"])):
+        refused(eval_args(out, *extra, **changed), named, records, config)
+    # runtime options may change, and an unchanged rerun plays nothing again
+    played = records.read_bytes()
+    invoke(eval_args(out, "--policy-arg", "threads=1", "--policy-arg", "cache_slots=3", concurrency="1",
+                     workers="3"))
+    invoke(eval_args(out))
+    assert records.read_bytes() == played
+    # a run without a QNet adds to the folder (none of its records used one); the recorded QNet stays
+    invoke(eval_args(out, methods=["--method", "greedy:max_new_tokens=20"], limit="3", qnet=None))
+    assert yaml.safe_load(config.read_text())["qnet"] == "qnet-a"
+    keys = [(r["method"], r["task"]) for r in read_jsonl(records)]
+    assert len(keys) == len(set(keys)) == 5
+
+
+def test_eval_config_written_before_the_check_still_resumes(tmp_path: Path, toy_models) -> None:
+    out = tmp_path / "eval"
+    invoke(eval_args(out))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for field in ("qnet", "seed", "workers"):  # unknown: taken as unchanged
+        del saved[field]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    invoke(eval_args(out))
+    assert len(read_jsonl(out / "records.jsonl")) == 4
+    refused(eval_args(out, model="model-b"), "model: 'model-a' → 'model-b'", out / "records.jsonl")
+
+
+# -- exploration -----------------------------------------------------------------------------------
+
+EXPLORE = {"--model": "test_explore:ScriptedPolicy", "--seed": "0", "--env-arg": "step_limit=6", "--limit": "2",
+           "--set": "max_depth=2"}
+
+
+def explore_args(out: Path, *extra: str, **changed: str) -> list[str]:
+    return ["explore", "--env", "test_explore:Rooms", "--set", "candidates=2", "--set", "max_steps=6",
+            "--no-progress", "--out", str(out), *options(EXPLORE, list(extra), **changed)]
+
+
+def test_explore_resume_with_other_model_seed_env_policy_or_explore_option_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "trees.jsonl"
+    sidecar = tmp_path / "trees.config.yaml"
+    invoke(explore_args(out))
+    assert len(read_trees(out)) == 2
+    assert yaml.safe_load(sidecar.read_text()) == {"model": "test_explore:ScriptedPolicy", "env": "test_explore:Rooms",
+                                                   "env_args": {"step_limit": 6}, "policy": {}, "seed": 0}
+    for named, changed, extra in (("model: 'test_explore:ScriptedPolicy' → 'test_no_mixing:OtherPolicy'",
+                                   {"model": "test_no_mixing:OtherPolicy"}, []),
+                                  ("seed: 0 → 7", {"seed": "7"}, []),
+                                  ("env_args.step_limit: 6 → 7", {"env_arg": "step_limit=7"}, []),
+                                  ("policy.smart: (unset) → 0.9", {}, ["--policy-arg", "smart=0.9"]),
+                                  ("max_depth: 2 → 3", {"set": "max_depth=3"}, [])):
+        refused(explore_args(out, *extra, **changed), named, out, sidecar)
+    # runtime options may change; an unchanged rerun builds nothing; the limit may grow
+    trees = out.read_bytes()
+    invoke(explore_args(out, concurrency="1", workers="3"))
+    assert out.read_bytes() == trees
+    invoke(explore_args(out, limit="3"))
+    ids = [t.tree_id for t in read_trees(out)]
+    assert len(ids) == len(set(ids)) == 3 and out.read_bytes().startswith(trees)
+
+
+def test_trees_without_a_settings_record_still_resume(tmp_path: Path) -> None:
+    out = tmp_path / "trees.jsonl"
+    invoke(explore_args(out))
+    (tmp_path / "trees.config.yaml").unlink()  # as written before the record existed
+    trees = out.read_bytes()
+    invoke(explore_args(out))
+    assert out.read_bytes() == trees and (tmp_path / "trees.config.yaml").exists()
+    refused(explore_args(out, model="test_no_mixing:OtherPolicy"), "model:", out)
+
+
+# -- decision files --------------------------------------------------------------------------------
+
+DECIDE = {"--model": "test_explore:ScriptedPolicy", "--seed": "0", "--env-arg": "step_limit=4", "--limit": "2",
+          "--set": "k=1"}
+
+
+def decide_args(out: Path, *extra: str, **changed: str) -> list[str]:
+    return ["decisions", "collect", "--env", "test_explore:Rooms", "--split", "train", "--set", "m=3",
+            "--set", "max_steps=4", "--out", str(out), *options(DECIDE, list(extra), **changed)]
+
+
+def test_decision_file_resume_with_other_model_seed_env_or_policy_option_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "d.jsonl"
+    done, config = tmp_path / "d.tasks.jsonl", tmp_path / "d.config.yaml"
+    invoke(decide_args(out))
+    assert len(read_jsonl(done)) == 2
+    for named, changed, extra in (("model: 'test_explore:ScriptedPolicy' → 'test_no_mixing:OtherPolicy'",
+                                   {"model": "test_no_mixing:OtherPolicy"}, []),
+                                  ("seed: 0 → 7", {"seed": "7"}, []),
+                                  ("env_args.step_limit: 4 → 5", {"env_arg": "step_limit=5"}, []),
+                                  ("policy.smart: (unset) → 0.9", {}, ["--policy-arg", "smart=0.9"]),
+                                  ("options.k: 1 → 2", {"set": "k=2"}, [])):
+        refused(decide_args(out, *extra, **changed), named, done, config)
+    decisions = out.read_bytes() if out.exists() else b""
+    invoke(decide_args(out, concurrency="1"))
+    invoke(decide_args(out, limit="3"))
+    assert [(r["split"], r["task"]) for r in read_jsonl(done)] == [("train", f"rooms/{i}") for i in range(3)]
+    assert (out.read_bytes() if out.exists() else b"").startswith(decisions)
+
+
+# -- qlass run folders -----------------------------------------------------------------------------
+
+def test_run_folder_refuses_other_seed_policy_or_server_once_the_policy_made_outputs(tmp_path: Path) -> None:
+    from qlass.pipeline import _save_resolved, resolve
+
+    base = {"run_dir": str(tmp_path / "run"), "model": "m", "env": "test_explore:Rooms", "policy": {"threads": 1}}
+    _save_resolved(resolve(base, "p.yaml"))
+    _save_resolved(resolve({**base, "seed": 3}, "p.yaml"))  # nothing made by the policy yet
+    (tmp_path / "run" / "trees.jsonl").write_text("")
+    for named, changed in (("policy.dtype: (unset) → 'bfloat16'", {"policy": {"threads": 1, "dtype": "bfloat16"}}),
+                           ("seed: 3 → 0", {}),
+                           ("policy_server: None → 'http://127.0.0.1:9/v1'",
+                            {"seed": 3, "policy": {}, "policy_server": "http://127.0.0.1:9/v1"})):
+        with pytest.raises(QlassError, match="other settings") as err:
+            _save_resolved(resolve({**base, **changed}, "p.yaml"))
+        assert named in str(err.value)
+    _save_resolved(resolve({**base, "seed": 3, "policy": {"threads": 4, "cache_slots": 20}}, "p.yaml"))  # runtime
+
+
+# -- SFT and QNet runs, and their resume bookkeeping -----------------------------------------------
+
+def _val_steps(out: Path) -> list[int]:
+    return [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "val_loss" in m]
+
+
+def test_sft_killed_before_its_first_checkpoint_logs_step_0_once_and_refuses_other_data_or_base(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_data(tmp_path / "data.json", n=5)
+    cfg = sft.SFTConfig(epochs=1, lr=1e-3, batch_size=1, micro_batch=1, val_fraction=0.2, save_every=2, threads=1)
+    out = tmp_path / "sft"
+
+    def killed(*args, **kwargs) -> None:
+        raise RuntimeError("killed before the first checkpoint")
+
+    real = sft.save_checkpoint
+    monkeypatch.setattr(sft, "save_checkpoint", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        sft.train_sft(data, tiny_model_dir, out, cfg)
+    assert _val_steps(out) == [0]
+    monkeypatch.setattr(sft, "save_checkpoint", real)
+    sft.train_sft(data, tiny_model_dir, out, cfg)
+    assert _val_steps(out) == [0, 4]
+    recorded = yaml.safe_load((out / "sft_config.yaml").read_text())
+    assert recorded["base_model"] == str(tiny_model_dir) and len(recorded["data_sha256"]) == 64
+    # a finished run: handed back for a moved copy of its data or a runtime change, refused otherwise
+    shutil.copy(data, tmp_path / "moved.json")
+    assert sft.train_sft(tmp_path / "moved.json", tiny_model_dir, out,
+                         replace(cfg, gradient_checkpointing=True, threads=2)) == out
+    other = write_data(tmp_path / "other.json", n=6)
+    with pytest.raises(QlassError, match="data_sha256"):
+        sft.train_sft(other, tiny_model_dir, out, cfg)
+    (tmp_path / "base").symlink_to(tiny_model_dir)
+    with pytest.raises(QlassError, match="base_model"):
+        sft.train_sft(data, tmp_path / "base", out, cfg)
+    with pytest.raises(QlassError, match=r"lr: 0\.001 → 0\.002"):
+        sft.train_sft(data, tiny_model_dir, out, replace(cfg, lr=2e-3))
+
+
+def test_resumed_qnet_epoch_reports_the_whole_epochs_train_mse_and_refuses_another_sft_model(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=8)
+    cfg = qt.QNetTrainConfig(**{**CFG, "eval_before": False, "baseline": False, "threads": 1, "save_every": 3})
+    whole = qt.train_qnet(data, tiny_model_dir, tmp_path / "whole", cfg)
+    real = qt.save_checkpoint
+
+    def crash_after_first_save(*args, **kwargs) -> None:
+        real(*args, **kwargs)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(qt, "save_checkpoint", crash_after_first_save)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        qt.train_qnet(data, tiny_model_dir, out, cfg)
+    assert not [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "qnet_val"], "killed mid-epoch"
+    monkeypatch.setattr(qt, "save_checkpoint", real)
+    (tmp_path / "base").symlink_to(tiny_model_dir)
+    with pytest.raises(QlassError, match="a QNet in training trained with other settings .*sft_model"):
+        qt.train_qnet(data, tmp_path / "base", out, cfg)
+    with pytest.raises(QlassError, match="other Q data"):
+        qt.train_qnet(synthetic_qdata(tmp_path / "other.jsonl", trees=8, seed=1), tiny_model_dir, out, cfg)
+    resumed = qt.train_qnet(data, tiny_model_dir, out, cfg)
+
+    def epochs(run: Path) -> list[tuple[int, float]]:
+        return [(r["epoch"], r["train_mse"]) for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "qnet_val"]
+
+    assert epochs(out) == epochs(tmp_path / "whole")
+    assert resumed["qnet"]["train_mse"] == whole["qnet"]["train_mse"]
+    assert json.loads((out / "qnet_result.json").read_text())["kept_epoch"] == whole["kept_epoch"]
