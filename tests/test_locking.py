@@ -85,3 +85,25 @@ def test_two_explore_commands_on_one_file_do_not_double_the_trees(tmp_path: Path
     assert "Traceback" not in second.stderr
     trees = read_trees(out)
     assert len(trees) == len({t.tree_id for t in trees}) == 6
+
+
+def test_qlass_eval_on_a_folder_another_process_writes_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The real `qlass eval` command, while another process holds the folder: a clear refusal, no
+    traceback, no records written; once the holder is gone the same command runs."""
+    out = tmp_path / "eval"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "qlass", "eval", "--model", str(tiny_model_dir), "--env", "toy_envs:Corridor",
+           "--env-arg", "step_limit=3", "--method", "greedy:max_new_tokens=4", "--limit", "1", "--max-steps", "2",
+           "--out", str(out)]
+    holder = hold(out, True)
+    try:
+        refused = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "being written by another qlass process" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (out / "records.jsonl").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "records.jsonl").read_text().count("\n") == 1
