@@ -95,11 +95,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "records_no_score.jsonl": _lines(_record(method="best-of-n", method_name="best-of-n",
                                                  candidates=[{"reward": 1.0, "completion_tokens": 3}])),
         "steps.jsonl": _lines(_trajectory(steps=[{"foo": 1}])),
+        "empty.json": "[]\n",
         "deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n",
         "dup.yaml": "max_depth: 2\nmax_depth: 3\n",
         "afile": "not a folder\n",
         "pipe_qdata.yaml": PIPELINE.format(tmp=tmp) + "qdata: {max_per_tree: -2}\n",
         "pipe_limit.yaml": PIPELINE.format(tmp=tmp) + "explore: {limit: 0}\n",
+        "pipe_limt.yaml": PIPELINE.format(tmp=tmp) + "explore: {limt: 2}\n",
         "pipe_env.yaml": PIPELINE.format(tmp=tmp) + "env_args: {steplimit: 2}\n",
         "pipe_run_dir.yaml": PIPELINE.format(tmp=tmp).replace(f"{tmp}/run", f"{tmp}/afile"),
     }
@@ -151,11 +153,17 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("no instances", ["serve", "toy_envs:Corridor", "--max-instances", "0"], ["'--max-instances'"]),
     ("pipeline max_per_tree < 0", ["run", "{pipe_qdata}"], ["pipe_qdata.yaml", "qdata", "max_per_tree"]),
     ("pipeline limit 0", ["run", "{pipe_limit}"], ["pipe_limit.yaml", "explore", "limit"]),
+    ("pipeline explore option misspelt", ["run", "{pipe_limt}"],  # the stage's keys and the search's
+     ["pipe_limt.yaml", "'limt'", "did you mean 'limit'", "ExploreStage", "ExploreConfig", "skip", "max_depth"]),
     # environment and policy constructor options
     ("env option misspelt", ["eval", "--model", NO_MODEL, *ENV, "--env-arg", "steplimit=4"],
      ["environment 'toy_envs:Corridor'", "'steplimit'", "did you mean 'step_limit'"]),
     ("env option type", ["data", "expert", *ENV, "--env-arg", "step_limit=abc", "--out", "{tmp}/x.json"],
      ["'step_limit'", "expects int"]),
+    ("model URL scheme", ["eval", "--model", "ftp://127.0.0.1:9/v1", *ENV, "--out", "{tmp}/e_ftp"],
+     ["'ftp://127.0.0.1:9/v1'", "unsupported URL scheme 'ftp'"]),
+    ("no trajectories", ["sft", "--data", "{empty}", "--model", NO_MODEL, "--out", "{tmp}/s_empty"],
+     ["empty.json", "no training examples"]),
     ("not an environment", ["explore", "--model", NO_MODEL, "--env", "json:dumps", "--out", "{tmp}/t.jsonl"],
      ["json:dumps"]),
     ("serve env option", ["serve", "toy_envs:Corridor", "--port", "0", "--env-arg", "steplimit=1"], ["'steplimit'"]),
@@ -254,3 +262,55 @@ def test_markup_in_task_ids_is_shown_as_text_in_evaluation(tmp_path: Path, tiny_
     assert "on c/[/]0" in result.stderr and "[bold]x[/]1" in result.stderr  # logged and shown literally
     tasks = [json.loads(line)["task"] for line in (tmp_path / "eval" / "records.jsonl").read_text().splitlines()]
     assert tasks == ["c/[/]0", "[bold]x[/]1"] and (tmp_path / "eval" / "results.md").exists()
+
+
+def test_expert_export_resumed_with_other_env_options_is_refused(tmp_path: Path) -> None:
+    """The progress file of an export made with step_limit=1 (where longer experts are excluded) is
+    not reused by a rerun with step_limit=12: the difference is named."""
+    from qlass.expert import export_expert
+
+    out = tmp_path / "x.json"
+    progress = tmp_path / ".x.json.progress.jsonl"  # as a killed `qlass data expert --out x.json` leaves it
+    env = Corridor(step_limit=1, tasks_per_split=16)
+    assert export_expert(env, env.tasks("train"), progress_file=progress).excluded
+    args = ["data", "expert", *ENV, "--env-arg", "tasks_per_split=16", "--out", str(out)]
+    result = qlass(*args, "--env-arg", "step_limit=12")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    assert "step_limit: 1 → 12" in output and str(progress) in output and not out.exists(), output
+    result = qlass(*args, "--env-arg", "step_limit=1")  # the same settings resume
+    assert result.returncode == 0 and "excluded 10" in result.stdout, result.stdout + result.stderr
+
+
+def test_qnet_given_another_model_folder_names_the_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "records.jsonl").write_text(_lines(_record()), encoding="utf-8")
+    result = qlass("decisions", "report", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "d"),
+                   "--qnet", str(tiny_model_dir), timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    assert f"{tiny_model_dir}: not a QNet folder" in output and "num_labels=2" in output, output
+
+
+@pytest.mark.parametrize("loader", ["policy", "qnet", "qnet from sft"])
+def test_truncated_weights_are_a_message_naming_the_folder(tmp_path: Path, tiny_model_dir: Path, files: dict[str, str],
+                                                           loader: str) -> None:
+    import shutil
+
+    from qlass.qnet import QNet
+
+    folder = tmp_path / "model"
+    if loader == "qnet":
+        QNet.from_sft(tiny_model_dir, max_length=256, max_action_tokens=32).save(folder)
+    else:
+        shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (tmp_path / "records.jsonl").write_text(_lines(_record()), encoding="utf-8")
+    argv = {"policy": ["eval", "--model", str(folder), *ENV, "--limit", "1", "--out", str(tmp_path / "eval")],
+            "qnet": ["decisions", "report", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "d"),
+                     "--qnet", str(folder)],
+            "qnet from sft": ["train-qnet", files["qdata"], "--model", str(folder), "--out", str(tmp_path / "qn")]}
+    result = qlass(*argv[loader], timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    assert f"{folder}: cannot load the" in output and "Error while deserializing header" in output, output

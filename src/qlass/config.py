@@ -145,17 +145,23 @@ def _check_value(name: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
-def _checked(cls: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """``data`` with every key known to ``cls`` and every value of the declared type, else an error."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields, key=str)
+def check_known(data: Mapping[str, Any], known: Collection[str], source: str, owner: str) -> None:
+    """Raise :class:`QlassError` for keys of ``data`` not in ``known`` (the options of ``owner``),
+    each with the closest known name, and listing the known ones."""
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            close = difflib.get_close_matches(str(key), list(known), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise QlassError(f"{source}: unknown option(s) {', '.join(hints)} for {cls.__name__}; "
-                         f"known: {', '.join(sorted(fields))}")
+        raise QlassError(f"{source}: unknown option(s) {', '.join(hints)} for {owner}; "
+                         f"known: {', '.join(sorted(known))}")
+
+
+def _checked(cls: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with every key known to ``cls`` and every value of the declared type, else an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    check_known(data, fields, source, cls.__name__)
     types_of = typing.get_type_hints(cls)
     return {k: _check_value(k, v, types_of.get(k, Any), source) for k, v in data.items()}
 

@@ -6,11 +6,13 @@ exactly what the policy sees later. A trajectory is kept only if its replay reac
 the others are excluded and reported (count and ids), never silently dropped.
 
 Long exports can keep a progress file (JSON Lines, one finished task per line): a rerun after a
-crash reuses the tasks recorded there and verifies only the rest.
+crash reuses the tasks recorded there and verifies only the rest. Each line records what decided
+its result (environment, options, split, ``max_steps``); a rerun with other ones is refused.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any
 from rich.progress import Progress
 
 from .agent import apply_output, finish, start_messages
+from .config import check_recorded
 from .data import record_to_trajectory, trajectory_to_record
 from .envs.base import Env
 from .jsonl import append_jsonl, read_jsonl
@@ -63,11 +66,36 @@ def verify_expert(env: Env, task: Task, max_steps: int | None = None) -> tuple[T
     return traj, ""
 
 
-def _load_progress(path: Path | None, max_steps: int | None) -> dict[str, dict[str, Any]]:
-    """Finished tasks recorded in ``path`` under the same ``max_steps`` (others are redone)."""
+def _made_with(env: Env, max_steps: int | None) -> dict[str, Any]:
+    """What decides a task's result besides the task: the environment (its class as
+    ``module:Class``), its constructor options as read back from the instance (those with
+    plain values), and ``max_steps``. A progress record adds the task's split."""
+    cls = type(env)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    options = {}
+    for name in params:
+        value = getattr(env, name, getattr(env, f"_{name}", None))
+        if isinstance(value, (str, int, float, bool)):
+            options[name] = value
+    return {"env": f"{cls.__module__}:{cls.__qualname__}", "env_args": options, "max_steps": max_steps}
+
+
+def _load_progress(path: Path | None, made_with: dict[str, Any], splits: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Finished tasks recorded in ``path``; a record made with other settings (environment, its
+    options, the task's split, ``max_steps``: see :func:`_made_with`) is refused, naming them."""
     if path is None:
         return {}
-    done = {rec["task"]: rec for rec in read_jsonl(path, repair_tail=True) if rec.get("max_steps") == max_steps}
+    done = {}
+    for rec in read_jsonl(path, repair_tail=True):
+        recorded = {k: rec.get(k) for k in ("env", "env_args", "max_steps", "split") if k in rec}
+        now = {**made_with, "split": splits.get(rec.get("task"), rec.get("split"))}
+        check_recorded(path, now, f"the unfinished expert export (its task {rec.get('task')!r})",
+                       advice="rerun with the same settings, or delete that progress file to start over",
+                       recorded={"env_args": {}, "max_steps": None, **recorded})
+        done[rec["task"]] = rec
     if done:
         log.info("resuming expert export: %d tasks already done in %s", len(done), path)
     return done
@@ -84,10 +112,13 @@ def export_expert(
     """Verified expert trajectories for ``tasks``: at most ``per_task_type`` per task type (taking
     tasks in order, skipping excluded ones), each at most ``max_steps`` actions long.
 
-    With ``progress_file``, every finished task is appended there and reused by a later call.
+    With ``progress_file``, every finished task is appended there and reused by a later call made
+    with the same environment class, constructor options, split and ``max_steps`` (recorded with
+    each task); a call with others is refused, naming them.
     """
     path = Path(progress_file) if progress_file is not None else None
-    done = _load_progress(path, max_steps)
+    made_with = _made_with(env, max_steps)
+    done = _load_progress(path, made_with, {t.id: t.split for t in tasks})
     out = ExpertExport()
     kept: dict[str, int] = {}
     with Progress(transient=True) as bar:
@@ -103,7 +134,7 @@ def export_expert(
             else:
                 traj, why = verify_expert(env, task, max_steps)
                 if path is not None:
-                    append_jsonl(path, {"task": task.id, "max_steps": max_steps, "excluded": why,
+                    append_jsonl(path, {"task": task.id, **made_with, "split": task.split, "excluded": why,
                                         "trajectory": trajectory_to_record(traj) if traj else None})
             if traj is None:
                 out.excluded[task.id] = why

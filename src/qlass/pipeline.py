@@ -149,6 +149,7 @@ def _split_options(options: dict[str, Any], cls: type) -> tuple[dict[str, Any], 
 
 def resolve(data: dict[str, Any], source: str) -> Resolved:
     """Build and validate every section of a pipeline config (fails before any work starts)."""
+    from .config import check_known
     from .explore import ExploreConfig
     from .policy import check_policy_options
     from .qnet_train import QNetTrainConfig
@@ -158,6 +159,8 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     cfg = build(PipelineConfig, data, source)
     if cfg.backend not in BACKENDS:
         raise QlassError(f"{source}: field 'backend' must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    check_known(cfg.explore, set(ExploreStage.__dataclass_fields__) | set(ExploreConfig.__dataclass_fields__),
+                f"{source}: explore", "ExploreStage or ExploreConfig")
     stage_opts, explore_opts = _split_options(dict(cfg.explore), ExploreStage)
     r = Resolved(
         cfg=cfg,

@@ -262,6 +262,7 @@ class QNet:
                  autocast: bool = False, seed: int = 0, dtype: str = "float32", rank: str = "q",
                  cache_slots: int = 0) -> QNet:
         """A QNet whose backbone is the SFT causal LM in ``sft_dir`` and whose head is fresh (seeded)."""
+        from safetensors import SafetensorError
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -276,6 +277,8 @@ class QNet:
             model = AutoModelForSequenceClassification.from_pretrained(
                 sft_dir, num_labels=1, problem_type="regression", pad_token_id=pad_id_of(tokenizer),
                 id2label={0: "q_value"}, label2id={"q_value": 0}, dtype=_dtype(dtype))
+        except (SafetensorError, OSError) as exc:  # a truncated or corrupt weights file, say
+            raise QlassError(f"{sft_dir}: cannot load the model's weights ({' '.join(str(exc).split())})") from None
         finally:
             hf_logging.set_verbosity(verbosity)
         return cls(model, tokenizer, max_length, max_action_tokens, autocast, rank, cache_slots)
@@ -288,7 +291,8 @@ class QNet:
         ``device`` (``auto``: a CUDA GPU when visible, else the CPU). ``autocast=None`` scores under
         bf16 autocast exactly when training did (recorded in ``qnet.json``), so values match training's.
         ``cache_slots > 0`` keeps that many history caches for :meth:`score_batch` (see there)."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from safetensors import SafetensorError
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         path = Path(path)
@@ -298,7 +302,14 @@ class QNet:
             torch.set_num_threads(int(threads))
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         hf_logging.disable_progress_bar()
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
+        labels = AutoConfig.from_pretrained(path).num_labels
+        if labels != 1:
+            raise QlassError(f"{path}: not a QNet folder (a QNet has exactly one output; this model has "
+                             f"num_labels={labels}: an SFT or other model folder?)")
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
+        except (SafetensorError, OSError) as exc:  # a truncated or corrupt weights file, say
+            raise QlassError(f"{path}: cannot load the QNet's weights ({' '.join(str(exc).split())})") from None
         model.to(resolve_device(device))
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, max_length or meta.get("max_length", 4096), meta.get("max_action_tokens", 256),

@@ -41,7 +41,7 @@ import torch
 
 from .config import build, check_recorded, config_hash, load_yaml, option, save_yaml, to_dict
 from .data import ACTION_LINE, load_trajectories
-from .errors import QlassError
+from .errors import DataError, QlassError
 from .locking import writes_to
 from .models import resolve_device
 from .policy.hf import default_keep_prefix, load_causal_lm
@@ -303,6 +303,8 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     trajectories = load_trajectories(data)
+    if not trajectories:
+        raise DataError(str(data), "no trajectories: no training examples")
     model, tokenizer = _build_model(model_dir, cfg)
     model.to(resolve_device(cfg.device))
     if cfg.gradient_checkpointing:
@@ -314,6 +316,9 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     train = _encode_all(tokenizer, trajectories, train_idx, cfg.max_length, data)
     val = _encode_all(tokenizer, trajectories, val_idx, cfg.max_length, data)
     model.train()
+    if not train:
+        raise DataError(str(data), f"no training examples ({len(trajectories)} trajectories, {len(train_idx)} "
+                                   f"left for training with val_fraction={cfg.val_fraction})")
     sched_plan = plan(len(train), cfg.batch_size, cfg.micro_batch, cfg.epochs, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, sched_plan.total_steps)

@@ -8,6 +8,7 @@ works, but importing the package loads neither torch models nor HTTP code).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,13 @@ def __getattr__(name: str) -> Any:
 
 
 def _policy_class(spec: str) -> type:
-    if spec.startswith(("http://", "https://")):
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", spec)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        from ..errors import QlassError
+
+        raise QlassError(f"model {spec!r}: unsupported URL scheme {scheme.group(1)!r}; give a model folder, "
+                         "'default' or an OpenAI-compatible server's http(s)://host:port/v1 URL")
+    if spec.lower().startswith(("http://", "https://")):
         from .openai import OpenAIPolicy
 
         return OpenAIPolicy

@@ -121,7 +121,12 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
         raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     hf_logging.disable_progress_bar()
     tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
+    except (SafetensorError, OSError) as exc:  # a truncated or corrupt weights file, say
+        raise QlassError(f"{path}: cannot load the model's weights ({' '.join(str(exc).split())})") from None
     return model, tokenizer
 
 
