@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qlass.data import load_trajectories
 from qlass.errors import QlassError
 from qlass.policy.render import ensure_chat_template, render
-from qlass.sft import SFTConfig, encode_windows, export_checkpoint, prefix_length, train_sft
-from qlass.types import Message
+from qlass.sft import SFTConfig, encode_windows, export_checkpoint, limit_trajectories, prefix_length, train_sft
+from qlass.types import Message, Trajectory
 
 INSTRUCTION = "You are an agent in a house. Answer with a Thought line and an Action line."
 EXAMPLE = [("user", "Your task is to find a(n) animal.\nThis room is called the hallway."),
@@ -186,3 +186,33 @@ def test_resume_after_sigkill_reaches_the_same_weights(tiny_model_dir, tmp_path:
     losses = [(m["step"], round(m["train_loss"], 5)) for m in _metrics(out) if "train_loss" in m]
     assert losses == [(m["step"], round(m["train_loss"], 5)) for m in _metrics(full) if "train_loss" in m]
     assert [m["step"] for m in _metrics(out) if "val_loss" in m] == [0, 3, 6]
+
+
+def _typed(n_per_type: dict[str, int]) -> list[Trajectory]:
+    return [Trajectory(id=f"env/{t}/{i}", messages=[], reward=1.0, success=True, task=f"env/{t}/{i}")
+            for t, n in n_per_type.items() for i in range(n)]
+
+
+def test_limited_supervision_keeps_a_seeded_share_of_every_task_type() -> None:
+    trajs = _typed({"a": 10, "b": 6, "c": 2})
+    ten = limit_trajectories(trajs, 10, seed=0)
+    assert len(ten) == 10 and ten == limit_trajectories(trajs, 10, seed=0)
+    counts = {t: sum(x.task.split("/")[1] == t for x in ten) for t in "abc"}
+    assert counts == {"a": 4, "b": 4, "c": 2}  # round-robin over types until a type runs out
+    assert [trajs.index(x) for x in ten] == sorted(trajs.index(x) for x in ten)  # file order kept
+    assert limit_trajectories(trajs, 10, seed=1) != ten
+    assert len(limit_trajectories(trajs, 0.5, seed=0)) == 9 and len(limit_trajectories(trajs, 0.01, seed=0)) == 1
+    assert limit_trajectories(trajs, 100, seed=0) == trajs and limit_trajectories(trajs, None, seed=0) == trajs
+    for bad in (0, -1, 2.5, 1.0000001):
+        with pytest.raises(ValueError, match="max_trajectories"):
+            SFTConfig(max_trajectories=bad)
+
+
+def test_sft_with_max_trajectories_trains_on_the_subset(tiny_model_dir, tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data.json", n=12)
+    cfg = SFTConfig(epochs=1, lr=1e-3, batch_size=2, micro_batch=2, val_fraction=0.25, save_every=100, threads=1,
+                    max_trajectories=4)
+    out = train_sft(data, tiny_model_dir, tmp_path / "sft", cfg)
+    steps = [m for m in _metrics(out) if "train_loss" in m]
+    assert len(steps) == 2  # 4 trajectories, 1 held out → 3 train sequences → 2 steps of 2
+    assert "max_trajectories: 4" in (out / "sft_config.yaml").read_text()

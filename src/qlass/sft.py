@@ -63,7 +63,7 @@ from .train_utils import (
     save_checkpoint,
     steps_from,
 )
-from .types import Message
+from .types import Message, Trajectory
 
 log = logging.getLogger(__name__)
 DONE_MARK = ".qlass-complete"
@@ -87,10 +87,16 @@ class SFTConfig(TrainerConfig):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: about half the peak "
                                           "memory (SmolLM2, 2 x 2048 tokens: 6.4 -> 3.3 GB) for more compute",
                                           runtime=True)
+    max_trajectories: float | None = option(None, "limited supervision (paper Table 3): train on at most this many "
+                                                  "trajectories (a whole number >= 1) or this fraction of them "
+                                                  "(0 < x < 1): a seeded subset spread evenly over task types")
     seed: int = option(0, "seed for the split, batch order and initialisation")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        cap = self.max_trajectories
+        if cap is not None and not (0 < cap < 1 or (cap >= 1 and float(cap).is_integer())):
+            raise ValueError(f"max_trajectories must be a whole number >= 1 or a fraction in (0, 1), got {cap}")
         for name in ("epochs", "batch_size", "micro_batch", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -199,6 +205,28 @@ def evaluate_loss(model: Any, examples: Sequence[Example], pad_id: int, micro_ba
     return total / max(count, 1)
 
 
+def limit_trajectories(trajectories: Sequence[Trajectory], cap: float | None, seed: int) -> list[Trajectory]:
+    """Limited supervision: ``cap`` trajectories (``cap >= 1``) or that fraction of them (``0 < cap < 1``,
+    rounded, at least one), drawn with ``seed`` round-robin over task types (the middle part of a
+    ``env/type/index`` task id) so every type keeps its share; kept in file order. ``None``: all."""
+    n = len(trajectories)
+    if cap is None or n == 0:
+        return list(trajectories)
+    keep = max(1, min(n, round(cap * n) if cap < 1 else int(cap)))
+    groups: dict[str, list[int]] = {}
+    for i, traj in enumerate(trajectories):
+        parts = (traj.task or traj.id).split("/")
+        groups.setdefault(parts[-2] if len(parts) >= 3 else "", []).append(i)
+    rng = random.Random(seed)
+    queues = [rng.sample(members, len(members)) for _, members in sorted(groups.items())]
+    picked: list[int] = []
+    while len(picked) < keep:
+        for queue in queues:
+            if queue and len(picked) < keep:
+                picked.append(queue.pop())
+    return [trajectories[i] for i in sorted(picked)]
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded train/validation split of ``n`` trajectories (at least one stays in training)."""
     order = list(range(n))
@@ -305,6 +333,11 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     trajectories = load_trajectories(data)
     if not trajectories:
         raise DataError(str(data), "no trajectories: no training examples")
+    if cfg.max_trajectories is not None:
+        total = len(trajectories)
+        trajectories = limit_trajectories(trajectories, cfg.max_trajectories, cfg.seed)
+        log.info("limited supervision: %d of %d trajectories (max_trajectories=%s)", len(trajectories), total,
+                 cfg.max_trajectories)
     model, tokenizer = _build_model(model_dir, cfg)
     model.to(resolve_device(cfg.device))
     if cfg.gradient_checkpointing:
