@@ -216,3 +216,17 @@ def test_sft_with_max_trajectories_trains_on_the_subset(tiny_model_dir, tmp_path
     steps = [m for m in _metrics(out) if "train_loss" in m]
     assert len(steps) == 2  # 4 trajectories, 1 held out → 3 train sequences → 2 steps of 2
     assert "max_trajectories: 4" in (out / "sft_config.yaml").read_text()
+
+
+def test_an_added_option_at_its_default_keeps_earlier_runs_hash() -> None:
+    """Finished SFT runs made before max_trajectories existed must resume: at its default the option
+    is left out of the config hash; set, it changes the hash."""
+    import hashlib
+
+    from qlass.config import config_hash, to_dict
+
+    cfg = SFTConfig(epochs=2, threads=1)
+    runtime = {"threads", "device", "gradient_checkpointing", "max_trajectories"}
+    before = {k: v for k, v in to_dict(cfg).items() if k not in runtime}
+    assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert config_hash(SFTConfig(epochs=2, threads=1, max_trajectories=4)) != config_hash(cfg)

@@ -39,12 +39,14 @@ from .jsonl import write_text_atomic
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, runtime: bool = False) -> Any:
+def option(default: Any, help: str, runtime: bool = False, added: bool = False) -> Any:
     """A dataclass field with a default and a help string (lists/dicts are copied per instance).
 
     ``runtime=True`` marks a setting that changes where or how fast work runs but not its result
-    (threads, device): :func:`config_hash` leaves it out, so a run may resume with another value."""
-    meta = {"help": help, "runtime": runtime}
+    (threads, device): :func:`config_hash` leaves it out, so a run may resume with another value.
+    ``added=True`` marks an option added after runs were recorded, whose default reproduces them:
+    at its default :func:`config_hash` leaves it out, so those runs keep their hash."""
+    meta = {"help": help, "runtime": runtime, "added": added}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -235,7 +237,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def config_hash(cfg: Any) -> str:
     """A short stable hash of the values of a config that affect results (used to refuse resuming
     with changed settings); ``runtime`` options are left out."""
-    runtime = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("runtime")}
+    fields = dataclasses.fields(cfg)
+    runtime = {f.name for f in fields if f.metadata.get("runtime")}
+    runtime |= {f.name for f in fields if f.metadata.get("added") and getattr(cfg, f.name) == f.default}
     values = {k: v for k, v in to_dict(cfg).items() if k not in runtime}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

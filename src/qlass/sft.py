@@ -89,7 +89,8 @@ class SFTConfig(TrainerConfig):
                                           runtime=True)
     max_trajectories: float | None = option(None, "limited supervision (paper Table 3): train on at most this many "
                                                   "trajectories (a whole number >= 1) or this fraction of them "
-                                                  "(0 < x < 1): a seeded subset spread evenly over task types")
+                                                  "(0 < x < 1): a seeded subset spread evenly over task types",
+                                                  added=True)
     seed: int = option(0, "seed for the split, batch order and initialisation")
 
     def __post_init__(self) -> None:
