@@ -50,7 +50,7 @@ from .errors import QlassError
 from .jsonl import write_text_atomic
 from .models import resolve_device
 from .policy import kv
-from .policy.hf import fit_history
+from .policy.hf import fit_history, loading_weights
 from .policy.render import encode_conversation, ensure_chat_template
 from .types import History, Message
 
@@ -262,7 +262,6 @@ class QNet:
                  autocast: bool = False, seed: int = 0, dtype: str = "float32", rank: str = "q",
                  cache_slots: int = 0) -> QNet:
         """A QNet whose backbone is the SFT causal LM in ``sft_dir`` and whose head is fresh (seeded)."""
-        from safetensors import SafetensorError
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -274,11 +273,10 @@ class QNet:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                sft_dir, num_labels=1, problem_type="regression", pad_token_id=pad_id_of(tokenizer),
-                id2label={0: "q_value"}, label2id={"q_value": 0}, dtype=_dtype(dtype))
-        except (SafetensorError, OSError) as exc:  # a truncated or corrupt weights file, say
-            raise QlassError(f"{sft_dir}: cannot load the model's weights ({' '.join(str(exc).split())})") from None
+            with loading_weights(sft_dir, "model"):
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    sft_dir, num_labels=1, problem_type="regression", pad_token_id=pad_id_of(tokenizer),
+                    id2label={0: "q_value"}, label2id={"q_value": 0}, dtype=_dtype(dtype))
         finally:
             hf_logging.set_verbosity(verbosity)
         return cls(model, tokenizer, max_length, max_action_tokens, autocast, rank, cache_slots)
@@ -291,7 +289,6 @@ class QNet:
         ``device`` (``auto``: a CUDA GPU when visible, else the CPU). ``autocast=None`` scores under
         bf16 autocast exactly when training did (recorded in ``qnet.json``), so values match training's.
         ``cache_slots > 0`` keeps that many history caches for :meth:`score_batch` (see there)."""
-        from safetensors import SafetensorError
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -306,10 +303,8 @@ class QNet:
         if labels != 1:
             raise QlassError(f"{path}: not a QNet folder (a QNet has exactly one output; this model has "
                              f"num_labels={labels}: an SFT or other model folder?)")
-        try:
+        with loading_weights(path, "QNet"):
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
-        except (SafetensorError, OSError) as exc:  # a truncated or corrupt weights file, say
-            raise QlassError(f"{path}: cannot load the QNet's weights ({' '.join(str(exc).split())})") from None
         model.to(resolve_device(device))
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, max_length or meta.get("max_length", 4096), meta.get("max_action_tokens", 256),

@@ -35,10 +35,11 @@ history at a time and without reuse across calls.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +122,20 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
         raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     hf_logging.disable_progress_bar()
     tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(path))
+    with loading_weights(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def loading_weights(path: Path, what: str) -> Iterator[None]:
+    """A truncated or corrupt weights file in ``path`` as one :class:`QlassError` naming the folder."""
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
-    except (SafetensorError, OSError) as exc:  # a truncated or corrupt weights file, say
-        raise QlassError(f"{path}: cannot load the model's weights ({' '.join(str(exc).split())})") from None
-    return model, tokenizer
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise QlassError(f"{path}: cannot load the {what}'s weights ({' '.join(str(exc).split())})") from None
 
 
 class HFPolicy:
