@@ -37,7 +37,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "py4j"):
+    for noisy in ("httpx", "urllib3", "filelock", "py4j", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
