@@ -154,7 +154,8 @@ class HFPolicy:
             Sampling draws on the CPU from each candidate's own generator, so seeds give the same
             draws on every device (given the same logits).
         seed: seeds the per-call seeds of calls made with ``seed=None``.
-        max_batch_rows: histories are decoded together while their rows fit in this many.
+        max_batch_rows: histories are decoded together while their rows fit in this many (64: a lockstep
+            wave of 16 episodes mixing greedy, best-of-4 and qlass m=2 holds about 40 rows).
         top_p: nucleus sampling: draw only from the most likely tokens holding this much probability
             (1 = off). min_p: draw only tokens at least this fraction as likely as the most likely
             one (0 = off). Both filter the tempered distribution (:func:`.sampling.filter_probs`).
@@ -175,7 +176,7 @@ class HFPolicy:
         threads: int | None = None,
         device: str = "auto",
         seed: int = 0,
-        max_batch_rows: int = 32,
+        max_batch_rows: int = 64,
         top_p: float = 1.0,
         min_p: float = 0.0,
         distinct: bool = False,
