@@ -154,7 +154,7 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .policy import check_policy_options
     from .qnet_train import QNetTrainConfig
     from .search import make_method_config
-    from .sft import SFTConfig
+    from .training.sft import SFTConfig
 
     cfg = build(PipelineConfig, data, source)
     if cfg.backend not in BACKENDS:
@@ -231,7 +231,7 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
     from .data import save_trajectories
     from .envs.base import make_env
     from .expert import export_expert
-    from .sft import train_sft
+    from .training.sft import train_sft
 
     cfg, run = r.cfg, r.run_dir
     expert_path = Path(r.expert.data) if r.expert.data else run / "expert.json"
@@ -255,7 +255,7 @@ def pipeline_options() -> str:
     from .config import describe
     from .explore import ExploreConfig
     from .qnet_train import QNetTrainConfig
-    from .sft import SFTConfig
+    from .training.sft import SFTConfig
 
     def indent(text: str) -> str:
         return "\n".join(f"  {line}" for line in text.splitlines())

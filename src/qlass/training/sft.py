@@ -1,4 +1,5 @@
-"""Stage 1: behaviour cloning on expert trajectories (loss on the agent's turns only).
+"""Stage 1: behaviour cloning on expert trajectories (loss on the agent's turns only), trained by TRL's
+``SFTTrainer`` on sequences tokenized here.
 
 Token layout — the ids come from :func:`qlass.policy.render.encode_conversation`, the very ids the
 policy later samples from::
@@ -21,49 +22,47 @@ into windows with :func:`~qlass.policy.render.truncate_history`, newest first: e
 prefix plus as many of the most recent not-yet-covered turns as fit (oldest turns dropped first,
 as the policy does at inference), and trains on the agent turns it newly covers. So every agent
 turn is trained on once, and no turn is dropped; a conversation that fits is one window.
+
+Why ``SFTTrainer`` takes these sequences as they are: given a dataset that already holds
+``input_ids`` and ``labels`` (and ``skip_prepare_dataset``), it neither re-renders nor re-masks,
+and its loss is the mean next-token cross-entropy over the labelled tokens of an optimizer step
+(all micro-batches and processes), projecting only labelled positions through the LM head — the
+loss this project trained with before. TRL's own ``assistant_only_loss`` cannot express the mask:
+it would also train on the prefix's example turns and does not know the windows.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import random
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .config import build, check_recorded, config_hash, load_yaml, option, save_yaml, to_dict
-from .data import ACTION_LINE, load_trajectories
-from .errors import DataError, QlassError
-from .locking import writes_to
-from .models import resolve_device
-from .policy.hf import default_keep_prefix, load_causal_lm
-from .policy.render import encode_conversation, truncate_history
-from .qnet_train import file_digest
-from .train_utils import (
-    CHECKPOINT,
+from ..config import check_recorded, config_hash, option, save_yaml, to_dict
+from ..data import ACTION_LINE, load_trajectories
+from ..errors import DataError, QlassError
+from ..policy.hf import default_keep_prefix, load_causal_lm
+from ..policy.render import encode_conversation, truncate_history
+from ..qnet_train import file_digest
+from ..types import Message, Trajectory
+from .common import (
+    LengthGroupedSampler,
+    MetricsLog,
+    SaveAtEpochEnd,
     TrainerConfig,
-    epoch_batches,
-    latest_checkpoint,
-    load_checkpoint,
-    load_trainable,
-    log_metrics,
-    optimizer_and_schedule,
-    pad,
-    plan,
-    progress_bar,
-    rewind_metrics,
-    save_checkpoint,
-    steps_from,
+    checkpoint_step,
+    is_main_process,
+    last_checkpoint,
+    main_process_lock,
+    prepare_resume,
+    quiet,
+    remove_checkpoints,
+    training_arguments,
 )
-from .types import Message, Trajectory
 
 log = logging.getLogger(__name__)
 DONE_MARK = ".qlass-complete"
@@ -80,8 +79,8 @@ class SFTConfig(TrainerConfig):
 
     epochs: int = option(3, "passes over the training data")
     lr: float = option(1e-5, "peak learning rate")
-    batch_size: int = option(64, "effective batch size (sequences per optimizer step)")
-    micro_batch: int = option(2, "sequences per forward pass; batch_size/micro_batch passes are accumulated")
+    batch_size: int = option(64, "effective batch size (sequences per optimizer step, over all processes)")
+    micro_batch: int = option(2, "sequences per forward pass (per process); the passes of a batch_size are accumulated")
     max_length: int = option(4096, "longest sequence in tokens; longer conversations are windowed, oldest turns dropped first")
     val_fraction: float = option(0.1, "fraction of trajectories held out for the validation loss")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: about half the peak "
@@ -165,46 +164,6 @@ def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int)
     return windows
 
 
-def _keeps_logits_subset(model: Any) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (then only labelled positions are projected)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def token_loss(model: Any, batch: Sequence[Example], pad_id: int, autocast: bool) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the labelled tokens of a padded micro-batch, and their count.
-
-    Only positions whose next token is labelled go through the LM head (``logits_to_keep``), which
-    saves the vocabulary projection for the context tokens.
-    """
-    device = next(model.parameters()).device
-    ids = pad([b[0] for b in batch], pad_id).to(device)
-    labels = pad([b[1] for b in batch], -100).to(device)
-    attn = pad([[1] * len(b[0]) for b in batch], 0).to(device)
-    targets = labels[:, 1:]
-    keep = torch.cat([targets != -100, torch.zeros(len(batch), 1, dtype=torch.bool, device=device)], dim=1)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        if _keeps_logits_subset(model):
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
-        else:
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[keep]
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    gold = targets[targets != -100]
-    return torch.nn.functional.cross_entropy(logits, gold, reduction="sum"), int(gold.numel())
-
-
-def evaluate_loss(model: Any, examples: Sequence[Example], pad_id: int, micro_batch: int, autocast: bool) -> float:
-    """Mean per-token loss on ``examples`` (no gradients; the model is left in training mode)."""
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    with torch.no_grad():
-        for i in range(0, len(order), micro_batch):
-            loss, n = token_loss(model, [examples[j] for j in order[i:i + micro_batch]], pad_id, autocast)
-            total, count = total + float(loss), count + n
-    model.train()
-    return total / max(count, 1)
-
 
 def limit_trajectories(trajectories: Sequence[Trajectory], cap: float | None, seed: int) -> list[Trajectory]:
     """Limited supervision: ``cap`` trajectories (``cap >= 1``) or that fraction of them (``0 < cap < 1``,
@@ -251,47 +210,73 @@ def _encode_all(tokenizer: Any, trajectories: Sequence[Any], indices: Sequence[i
     return examples
 
 
+
 def _labelled(example: Example) -> int:
     return sum(1 for x in example[1][1:] if x != -100)
 
 
-def _build_model(model_dir: str | Path, cfg: SFTConfig) -> tuple[Any, Any]:
-    """The model to train (seeded; LoRA-wrapped when asked) and its tokenizer."""
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_causal_lm(model_dir)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
+def _dataset(examples: Sequence[Example]) -> Any:
+    from datasets import Dataset
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
-    return model, tokenizer
+    return Dataset.from_dict({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
 
 
-def _save_model(model: Any, tokenizer: Any, dest: Path, lora: bool) -> None:
-    """Save a plain HF causal-LM folder (LoRA adapters merged into the weights)."""
-    if lora:
-        model = model.merge_and_unload()
-    model.eval()
-    model.save_pretrained(dest, safe_serialization=True)
-    tokenizer.save_pretrained(dest)
+def _trainer_class() -> type:
+    """``SFTTrainer`` drawing length-grouped micro-batches in a seeded per-epoch order."""
+    from trl import SFTTrainer
+
+    class WindowSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> LengthGroupedSampler:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthGroupedSampler([len(ids) for ids in dataset["input_ids"]],
+                                        self.args.per_device_train_batch_size, self.args.seed)
+
+    return WindowSFTTrainer
+
+
+def _lora_config(cfg: TrainerConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def save_merged(trainer: Any, model_dir: str | Path, tokenizer: Any, out: Path, lora: bool) -> None:
+    """Save the trained model as a plain HF causal-LM folder at ``out`` (LoRA adapters merged into
+    the base weights). Every process calls it (the Trainer gathers sharded weights); the main one writes."""
+    if not lora:
+        trainer.save_model(str(out))
+        return
+    adapter = out / "adapter"
+    trainer.save_model(str(adapter))
+    if is_main_process():
+        from peft import PeftModel
+
+        base, _ = load_causal_lm(model_dir)
+        PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        shutil.rmtree(adapter)
 
 
 def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Path) -> int:
-    """Write the latest checkpoint of the SFT run in ``run_dir`` (or a checkpoint folder holding its
-    ``sft_config.yaml``) as a plain HF causal-LM folder at ``dest``, e.g. to evaluate a run before
-    it ends; ``model_dir`` is the run's base model. Returns the checkpoint's step."""
+    """Write the latest checkpoint of the SFT run in ``run_dir`` (or a ``checkpoint-N`` folder) as a
+    plain HF causal-LM folder at ``dest``, e.g. to evaluate a run before it ends; ``model_dir`` is the
+    run's base model (needed for a LoRA run). Returns the checkpoint's step."""
     run = Path(run_dir)
-    ckpt = latest_checkpoint(run)
+    ckpt = last_checkpoint(run)
     if ckpt is None:
         raise QlassError(f"{run}: no SFT checkpoint here")
-    cfg_file = next((p for p in (run / CONFIG_FILE, ckpt / CONFIG_FILE) if p.exists()), None)
-    if cfg_file is None:
-        raise QlassError(f"{run}: no {CONFIG_FILE} beside the checkpoint")
-    cfg = build(SFTConfig, {k: v for k, v in load_yaml(cfg_file).items() if k not in MADE_FROM}, str(cfg_file))
-    model, tokenizer = _build_model(model_dir, cfg)
-    step = load_trainable(ckpt, model)
+    if (ckpt / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base, tokenizer = load_causal_lm(model_dir)
+        model = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
+    else:
+        model, tokenizer = load_causal_lm(ckpt)
     dest = Path(dest)
-    _save_model(model, tokenizer, dest, cfg.lora)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    step = checkpoint_step(ckpt)
     (dest / "sft_checkpoint.json").write_text(json.dumps({"run": str(run.resolve()), "step": step}) + "\n")
     return step
 
@@ -305,23 +290,31 @@ def _check_run(out: Path, cfg: SFTConfig, made_from: dict[str, Any]) -> None:
                    "use a new output folder")
 
 
-@writes_to("out_dir", folder=True)
+
 def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: SFTConfig) -> Path:
     """Fine-tune the causal LM at ``model_dir`` on the trajectories in ``data``; returns ``out_dir``.
 
     ``out_dir`` receives a plain HF causal-LM folder (safetensors, tokenizer, chat template),
-    ``metrics.jsonl`` (per step: train loss, lr, tokens/s; per epoch: validation loss, with the
+    ``metrics.jsonl`` (per step: train loss, lr, grad norm; per epoch: validation loss, with the
     untrained model's at step 0) and ``sft_config.yaml`` (the options, the data's path and SHA-256,
-    the base model). An interrupted run resumes from its last checkpoint (every ``save_every`` steps
-    and at each epoch end) and ends with the same weights; resuming or rerunning a finished run with
-    other options, data or base model is refused, naming them.
+    the base model). An interrupted run resumes from its last ``checkpoint-N`` (every ``save_every``
+    steps and at each epoch end) and ends with the same weights; resuming or rerunning a finished run
+    with other options, data or base model is refused, naming them. Runs as it is and under
+    ``accelerate launch`` (``batch_size`` is then split over the processes).
     """
     out = Path(out_dir)
+    with main_process_lock(out):
+        return _train_sft(data, model_dir, out, cfg)
+
+
+def _train_sft(data: str | Path, model_dir: str | Path, out: Path, cfg: SFTConfig) -> Path:
+    from trl import SFTConfig as TRLConfig
+
     run_id = config_hash(cfg)
     made_from = {"data": str(data), "base_model": str(model_dir)}
     if Path(data).is_file():  # else load_trajectories names the problem
         made_from["data_sha256"] = file_digest(data)
-    if (out / DONE_MARK).exists() or latest_checkpoint(out) is not None:
+    if (out / DONE_MARK).exists() or last_checkpoint(out) is not None:
         _check_run(out, cfg, made_from)
     if (out / DONE_MARK).exists():
         made_with = (out / DONE_MARK).read_text().split()
@@ -329,8 +322,6 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
             raise QlassError(f"{out}: holds a finished SFT run made with other settings; use a new output folder")
         log.info("%s is complete; nothing to do", out)
         return out
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     trajectories = load_trajectories(data)
     if not trajectories:
         raise DataError(str(data), "no trajectories: no training examples")
@@ -339,83 +330,32 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
         trajectories = limit_trajectories(trajectories, cfg.max_trajectories, cfg.seed)
         log.info("limited supervision: %d of %d trajectories (max_trajectories=%s)", len(trajectories), total,
                  cfg.max_trajectories)
-    model, tokenizer = _build_model(model_dir, cfg)
-    model.to(resolve_device(cfg.device))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora:
-            model.enable_input_require_grads()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, tokenizer = load_causal_lm(model_dir)
     train_idx, val_idx = split_indices(len(trajectories), cfg.val_fraction, cfg.seed)
     train = _encode_all(tokenizer, trajectories, train_idx, cfg.max_length, data)
-    val = _encode_all(tokenizer, trajectories, val_idx, cfg.max_length, data)
-    model.train()
+    val = sorted(_encode_all(tokenizer, trajectories, val_idx, cfg.max_length, data), key=lambda e: len(e[0]))
     if not train:
         raise DataError(str(data), f"no training examples ({len(trajectories)} trajectories, {len(train_idx)} "
                                    f"left for training with val_fraction={cfg.val_fraction})")
-    sched_plan = plan(len(train), cfg.batch_size, cfg.micro_batch, cfg.epochs, cfg.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, sched_plan.total_steps)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(out / CONFIG_FILE, {**to_dict(cfg), **made_from})
-    chash = f"{run_id}-{len(train)}-{len(val)}"
-    step = load_checkpoint(out, model, opt, sched, chash)
-    if step == 0:  # metrics of a run that died before its first checkpoint are redone (step-0 validation too)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    rewind_metrics(out, step)
-    lengths = [len(e[0]) for e in train]
-    log.info("SFT: %d train / %d val trajectories (%d / %d sequences, %d labelled train tokens), "
-             "%d optimizer steps of %d x %d sequences", len(train_idx), len(val_idx), len(train), len(val),
-             sum(map(_labelled, train)), sched_plan.total_steps, sched_plan.accumulation, cfg.micro_batch)
-    if step == 0 and val:
-        val_loss = evaluate_loss(model, val, pad_id, cfg.micro_batch, cfg.autocast)
-        log.info("validation loss before training: %.4f", val_loss)
-        log_metrics(out, {"step": 0, "epoch": 0, "val_loss": val_loss})
-    per_epoch = sched_plan.steps_per_epoch
-    log_every = max(1, sched_plan.total_steps // 20)
-    with progress_bar("sft") as progress:
-        bar = progress.add_task("", total=sched_plan.total_steps, completed=step, loss=float("nan"))
-        for epoch in range(step // per_epoch, math.ceil(sched_plan.total_steps / per_epoch)):
-            batches = epoch_batches(lengths, cfg.micro_batch, cfg.seed, epoch)
-            stepped = False
-            for micro_batches in steps_from(batches, sched_plan.accumulation, step - epoch * per_epoch):
-                if step >= sched_plan.total_steps:
-                    break
-                started = time.perf_counter()
-                n_tokens = sum(_labelled(train[i]) for mb in micro_batches for i in mb)
-                total = 0.0
-                for mb in micro_batches:
-                    loss, _ = token_loss(model, [train[i] for i in mb], pad_id, cfg.autocast)
-                    (loss / max(n_tokens, 1)).backward()
-                    total += float(loss.detach())
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                stepped = True
-                seconds = time.perf_counter() - started
-                train_loss = total / max(n_tokens, 1)
-                progress.update(bar, advance=1, loss=train_loss)
-                n_seq = sum(len(mb) for mb in micro_batches)
-                log_metrics(out, {"step": step, "epoch": epoch, "train_loss": train_loss, "lr": sched.get_last_lr()[0],
-                                  "sequences": n_seq, "seconds": round(seconds, 3),
-                                  "tokens_per_s": round(sum(len(train[i][0]) for mb in micro_batches for i in mb) / seconds, 1)})
-                if step % log_every == 0:
-                    log.info("step %d/%d: train loss %.4f", step, sched_plan.total_steps, train_loss)
-                epoch_ends = step == sched_plan.total_steps or step % per_epoch == 0
-                if step % cfg.save_every == 0 and not epoch_ends:  # epoch ends are saved after validation
-                    save_checkpoint(out, model, opt, sched, step, chash)
-            if not stepped:  # resumed after the last step, before the model was saved
-                continue
-            if val:
-                val_loss = evaluate_loss(model, val, pad_id, cfg.micro_batch, cfg.autocast)
-                log.info("epoch %d: validation loss %.4f", epoch + 1, val_loss)
-                log_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": val_loss})
-            save_checkpoint(out, model, opt, sched, step, chash)
-    _save_model(model, tokenizer, out, cfg.lora)
-    for leftover in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
-        shutil.rmtree(out / leftover, ignore_errors=True)
-    (out / DONE_MARK).write_text(f"sft {run_id}\n")
+    if is_main_process():
+        save_yaml(out / CONFIG_FILE, {**to_dict(cfg), **made_from})
+    resume = prepare_resume(out)
+    log.info("SFT: %d train / %d val trajectories (%d / %d sequences, %d labelled train tokens)",
+             len(train_idx), len(val_idx), len(train), len(val), sum(_labelled(e) for e in train))
+    args = TRLConfig(**training_arguments(cfg, out, epochs=cfg.epochs, lr=cfg.lr, micro_batch=cfg.micro_batch,
+                                          batch_size=cfg.batch_size, seed=cfg.seed, evaluate=bool(val),
+                                          gradient_checkpointing=cfg.gradient_checkpointing),
+                     eval_on_start=bool(val) and resume is None, max_length=cfg.max_length,
+                     dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = quiet(_trainer_class()(model=model, args=args, train_dataset=_dataset(train),
+                               eval_dataset=_dataset(val) if val else None, processing_class=tokenizer,
+                               peft_config=_lora_config(cfg) if cfg.lora else None,
+                               callbacks=[MetricsLog(out), SaveAtEpochEnd()]))
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    save_merged(trainer, model_dir, tokenizer, out, cfg.lora)
+    if is_main_process():
+        remove_checkpoints(out)
+        (out / DONE_MARK).write_text(f"sft {run_id}\n")
+    trainer.accelerator.wait_for_everyone()
     return out
