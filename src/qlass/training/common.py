@@ -26,20 +26,21 @@ import random
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from ..config import option
+from ..config import check_recorded, config_hash, option, to_dict
 from ..errors import QlassError
 from ..jsonl import append_jsonl, read_jsonl, write_jsonl
 from ..locking import writer_lock
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
+DONE_MARK = ".qlass-complete"
 RENAME = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "val_loss"}
 """Trainer log names → ``metrics.jsonl`` names."""
 STATE = "trainer_state.json"
@@ -73,6 +74,25 @@ class TrainerConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, kind: str) -> bool:
+    """Whether ``out`` holds this finished run (``DONE_MARK`` reading ``kind`` and the config hash).
+    A finished run, or one with a checkpoint, made with other settings (runtime ones aside), other data
+    (by digest; the path may change) or another base model than ``made_from`` is refused, naming them;
+    what an older ``config_file`` lacks (a digest, options added since) counts as unchanged."""
+    done = (out / DONE_MARK).exists()
+    if done or last_checkpoint(out) is not None:
+        runtime = [f.name for f in fields(cfg) if f.metadata.get("runtime")]
+        check_recorded(out / config_file, {**to_dict(cfg), **made_from}, str(out), ["data", *runtime],
+                       "use a new output folder")
+    if not done:
+        return False
+    made_with = (out / DONE_MARK).read_text().split()
+    if len(made_with) > 1 and made_with[1] != config_hash(cfg):
+        raise QlassError(f"{out}: holds a finished {kind.upper()} run made with other settings; use a new output folder")
+    log.info("%s is complete; nothing to do", out)
+    return True
 
 
 def world_size() -> int:

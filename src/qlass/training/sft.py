@@ -38,11 +38,11 @@ import logging
 import random
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import check_recorded, config_hash, option, save_yaml, to_dict
+from ..config import config_hash, option, save_yaml, to_dict
 from ..data import ACTION_LINE, load_trajectories
 from ..errors import DataError, QlassError
 from ..policy.hf import default_keep_prefix, load_causal_lm
@@ -50,11 +50,13 @@ from ..policy.render import encode_conversation, truncate_history
 from ..qnet_train import file_digest
 from ..types import Message, Trajectory
 from .common import (
+    DONE_MARK,
     LengthGroupedSampler,
     MetricsLog,
     SaveAtEpochEnd,
     TrainerConfig,
     checkpoint_step,
+    finished,
     is_main_process,
     last_checkpoint,
     main_process_lock,
@@ -65,7 +67,6 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-DONE_MARK = ".qlass-complete"
 CONFIG_FILE = "sft_config.yaml"
 MADE_FROM = ("data", "data_sha256", "base_model")
 """What ``sft_config.yaml`` records beside the SFTConfig options: the data (path, SHA-256) and the base model."""
@@ -128,8 +129,9 @@ def _assistant_runs(mask: Sequence[bool]) -> list[tuple[int, int]]:
     return runs
 
 
-def _window_example(tokenizer: Any, msgs: Sequence[Message], first_target: int, max_length: int) -> Example:
-    """Ids of ``msgs`` with labels on its assistant turns at message index >= ``first_target``."""
+def labelled_example(tokenizer: Any, msgs: Sequence[Message], first_target: int, max_length: int) -> Example:
+    """Ids of ``msgs`` with labels on its assistant turns at message index >= ``first_target`` (the
+    last ``max_length`` tokens)."""
     ids, mask = encode_conversation(tokenizer, msgs, add_generation_prompt=False)
     assistant = [i for i, m in enumerate(msgs) if m.role == "assistant"]
     runs = _assistant_runs(mask)
@@ -157,7 +159,7 @@ def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int)
     while end > keep:
         window = truncate_history(msgs[:end], keep, fits)
         first = end - (len(window) - keep)  # index in ``msgs`` of the window's oldest body turn
-        windows.append(_window_example(tokenizer, window, keep, max_length))
+        windows.append(labelled_example(tokenizer, window, keep, max_length))
         end = first
         while end > keep and msgs[end - 1].role != "assistant":
             end -= 1
@@ -234,7 +236,7 @@ def _trainer_class() -> type:
     return WindowSFTTrainer
 
 
-def _lora_config(cfg: TrainerConfig) -> Any:
+def lora_config(cfg: TrainerConfig) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -281,15 +283,6 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     return step
 
 
-def _check_run(out: Path, cfg: SFTConfig, made_from: dict[str, Any]) -> None:
-    """Refuse to resume or hand back the run in ``out`` when its ``sft_config.yaml`` records other
-    settings, data (by digest; the path may change) or base model, naming them. What an older file
-    lacks (the data's digest, the base model, options added since) counts as unchanged."""
-    runtime = [f.name for f in fields(cfg) if f.metadata.get("runtime")]
-    check_recorded(out / CONFIG_FILE, {**to_dict(cfg), **made_from}, str(out), ["data", *runtime],
-                   "use a new output folder")
-
-
 
 def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: SFTConfig) -> Path:
     """Fine-tune the causal LM at ``model_dir`` on the trajectories in ``data``; returns ``out_dir``.
@@ -310,17 +303,10 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
 def _train_sft(data: str | Path, model_dir: str | Path, out: Path, cfg: SFTConfig) -> Path:
     from trl import SFTConfig as TRLConfig
 
-    run_id = config_hash(cfg)
     made_from = {"data": str(data), "base_model": str(model_dir)}
     if Path(data).is_file():  # else load_trajectories names the problem
         made_from["data_sha256"] = file_digest(data)
-    if (out / DONE_MARK).exists() or last_checkpoint(out) is not None:
-        _check_run(out, cfg, made_from)
-    if (out / DONE_MARK).exists():
-        made_with = (out / DONE_MARK).read_text().split()
-        if len(made_with) > 1 and made_with[1] != run_id:
-            raise QlassError(f"{out}: holds a finished SFT run made with other settings; use a new output folder")
-        log.info("%s is complete; nothing to do", out)
+    if finished(out, cfg, made_from, CONFIG_FILE, "sft"):
         return out
     trajectories = load_trajectories(data)
     if not trajectories:
@@ -350,12 +336,12 @@ def _train_sft(data: str | Path, model_dir: str | Path, out: Path, cfg: SFTConfi
                      dataset_kwargs={"skip_prepare_dataset": True})
     trainer = quiet(_trainer_class()(model=model, args=args, train_dataset=_dataset(train),
                                eval_dataset=_dataset(val) if val else None, processing_class=tokenizer,
-                               peft_config=_lora_config(cfg) if cfg.lora else None,
+                               peft_config=lora_config(cfg) if cfg.lora else None,
                                callbacks=[MetricsLog(out), SaveAtEpochEnd()]))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_merged(trainer, model_dir, tokenizer, out, cfg.lora)
     if is_main_process():
         remove_checkpoints(out)
-        (out / DONE_MARK).write_text(f"sft {run_id}\n")
+        (out / DONE_MARK).write_text(f"sft {config_hash(cfg)}\n")
     trainer.accelerator.wait_for_everyone()
     return out
