@@ -148,7 +148,8 @@ def test_cli_trains_and_rejects_unknown_option(tiny_model_dir, tmp_path: Path) -
            "--config", str(cfg)]
     bad = subprocess.run(cmd + ["--out", str(tmp_path / "x"), "--set", "epoch=2"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "--set" in bad.stderr and "'epoch' (did you mean 'epochs'?)" in bad.stderr
-    ok = subprocess.run(cmd + ["--out", str(tmp_path / "cli"), "--set", "micro_batch=1"], capture_output=True, text=True, check=False)
+    ok = subprocess.run(cmd + ["--out", str(tmp_path / "cli"), "--set", "micro_batch=1", "--set", "autocast=true"],
+                        capture_output=True, text=True, check=False)  # bf16 mixed precision on the CPU
     assert ok.returncode == 0, ok.stderr
     steps = [m for m in _metrics(tmp_path / "cli") if "train_loss" in m]
     assert [m["step"] for m in steps] == [1, 2]  # 3 train trajectories in batches of 2: the last one short
