@@ -721,7 +721,7 @@ def test_truncated_samples_never_become_alternatives() -> None:
 def test_new_options_enter_the_digest_and_resume_refuses_mixed_settings(tmp_path: Path) -> None:
     legacy = small_cfg(expert_siblings=1)
     before = {k: v for k, v in to_dict(legacy).items() if k not in ("expert_order", "graft_share", "diverse", "probe",
-                                                                     "rollouts", "max_branches")}
+                                                                     "rollouts", "max_branches", "paraphrase")}
     digest = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert explore_digest(legacy) == digest, "trees written before the new options resume under the same settings"
     changed = [small_cfg(expert_siblings=1, **{k: v}) for k, v in (("expert_order", "all"), ("graft_share", 0.5),

@@ -266,6 +266,22 @@ def test_agentgym_style_requests_and_dialect(server: BackgroundServer) -> None:
         env.close()
 
 
+def test_agentgym_dialects_without_task_names_say_so(server: BackgroundServer) -> None:
+    """Task types come only from reset answers that name the task (tests/test_serve_agentgym.py plays
+    the dialects that do); a dialect or an answer that does not gets a clear error."""
+    shop = HttpEnv(server.url, dialect="agentgym-webshop", splits={"seen": [0, 2]})
+    sci = HttpEnv(server.url, dialect="agentgym-sciworld", splits={"seen": [0, 2]})
+    try:
+        with pytest.raises(QlassError, match="dialect 'agentgym-webshop' knows no task types"):
+            shop.tasks("seen", ["len3"])
+        assert [t.task_type for t in sci.tasks("seen")] == ["", ""]  # no request without task types
+        with pytest.raises(QlassError, match="/reset answer for index 0 does not name its task.*'task_name'"):
+            sci.tasks("seen", ["len3"])  # this server's answer has no 'task_name'
+    finally:
+        shop.close()
+        sci.close()
+
+
 def test_stale_keep_alive_connection_is_reopened() -> None:
     first = BackgroundServer(EnvPool(SPEC))
     env = HttpEnv(first.url)

@@ -86,6 +86,26 @@ def test_list_requests_are_answered_in_one_wave_in_order_and_calls_group_by_sett
     assert sorted(policy.calls, key=str) == sorted([(1, 0.0, [5, 5]), (3, 0.7, [5, 5]), (1, 0.0, None)], key=str)
 
 
+
+class JobRecorder(Recorder):
+    """A policy that also takes mixed settings in one call (``sample_jobs``); records each call."""
+
+    def sample_jobs(self, jobs):
+        self.calls.append(("jobs", [(j.n, j.temperature, j.max_new_tokens, j.seed) for j in jobs]))
+        return [[Completion(f"{len(j.history)}:{j.seed}:{k}", 3, 2) for k in range(j.n)] for j in jobs]
+
+
+def test_a_policy_with_sample_jobs_gets_the_whole_wave_in_one_call() -> None:
+    policy = JobRecorder()
+
+    def two_kinds():
+        greedy, sampled = yield [Sample([[]], 1, 0.0, 8, [5]), Sample([[]], 3, 0.7, 16, [6])]
+        return [c.text for c in greedy[0]], [c.text for c in sampled[0]]
+
+    out = dict(drive([two_kinds, two_kinds], policy, None, concurrency=2))
+    assert out[0] == (["0:5:0"], ["0:6:0", "0:6:1", "0:6:2"]) == out[1]
+    assert policy.calls == [("jobs", [(1, 0.0, 8, 5), (3, 0.7, 16, 6)] * 2)]
+
 def test_an_episode_that_fails_closes_the_others() -> None:
     closed = []
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qlass.envs.base import parse_action
 from qlass.errors import QlassError
 from qlass.policy import check_policy_options
+from qlass.policy.base import SampleJob
 from qlass.policy.hf import SEED_STRIDE, HFPolicy
 from qlass.policy.outputs import complete_action
 from qlass.policy.render import encode_conversation
@@ -259,6 +260,26 @@ def test_per_history_seeds_do_not_depend_on_the_batch(policy: HFPolicy) -> None:
     with pytest.raises(ValueError, match="2 seeds for 3 histories"):
         policy.sample([HIST, LONGER, HIST], n=1, temperature=1.0, max_new_tokens=4, seed=[1, 2])
 
+
+
+def test_jobs_of_mixed_settings_in_one_batch_match_separate_calls(tiny_model_dir: Path) -> None:
+    """``sample_jobs`` decodes histories with different n, temperature and token limit together (what a
+    lockstep wave of greedy, best-of-n and qlass episodes asks); each job gets what ``sample`` gives
+    its history alone, also when ``max_batch_rows`` splits the wave."""
+    jobs = [SampleJob(HIST, 1, 0.0, 12, 3), SampleJob(LONGER, 3, 1.0, 10, 77), SampleJob(HIST[:1], 2, 0.7, 5, 9),
+            SampleJob(LONGER, 2, 0.0, 7, 4)]
+    for rows in (32, 3):
+        policy = HFPolicy(tiny_model_dir, max_length=512, max_batch_rows=rows)
+        together = policy.sample_jobs(jobs)
+        for job, got in zip(jobs, together, strict=True):
+            alone = policy.sample([job.history], job.n, job.temperature, job.max_new_tokens, seed=[job.seed])[0]
+            assert len(got) == job.n
+            for a, b in zip(got, alone, strict=True):
+                assert (a.text, a.completion_tokens, a.truncated) == (b.text, b.completion_tokens, b.truncated)
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+        assert all(c.completion_tokens <= 5 for c in together[2])
+    with pytest.raises(ValueError, match="temperature >= 0"):
+        policy.sample_jobs([SampleJob(HIST, 1, -1.0, 4, 0)])
 
 # -- truncation (bug B3) ---------------------------------------------------------------------------
 def test_output_cut_by_the_token_limit_is_flagged_truncated_not_completed(scripted: Path) -> None:

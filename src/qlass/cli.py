@@ -14,7 +14,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run", "serve", "view"]
+COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run", "serve", "view", "rft", "paraphrase"]
 
 app = typer.Typer(
     name="qlass",
@@ -37,7 +37,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "py4j"):
+    for noisy in ("httpx", "urllib3", "filelock", "py4j", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

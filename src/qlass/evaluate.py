@@ -296,10 +296,15 @@ def evaluate(
 
 def live_histories(run: MethodRun) -> int:
     """How many prompt caches one episode of ``run`` keeps in use at once (qlass with ``diverse``
-    adds one perturbed prompt per extra candidate each step)."""
+    adds one perturbed prompt per extra candidate each step, with ``paraphrase`` alone one
+    paraphrased prompt)."""
     if run.name == "best-of-n":
         return run.config.n
-    return run.config.m if run.name == "qlass" and run.config.diverse else 1
+    if run.name != "qlass":
+        return 1
+    if run.config.diverse:
+        return run.config.m
+    return 2 if getattr(run.config, "paraphrase", None) else 1
 
 
 def cache_for(model: str, policy_kwargs: dict[str, Any], conversations: int) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 For a task the root is the initial state. *Expanding* a node samples ``candidates`` actions in its
 state (``temperature``; with ``diverse``, every candidate after the node's first child asks for an
-action different from the earlier ones, :func:`qlass.perturb.diversity_prompt`). Outputs cut off
+action different from the earlier ones, :func:`qlass.perturb.diversity_prompt`; with ``paraphrase``,
+every candidate after the node's first child reads the task description paraphrased,
+:mod:`qlass.paraphrase`; the tree keeps the real conversation). Outputs cut off
 by the token limit are dropped; actions equal to an existing child's or to each other after
 normalisation (:func:`qlass.search.normalise_action`) are merged. Every new distinct alternative
 is executed; one that ends the episode is a leaf (no rollout). The others are rolled out to the end
@@ -130,19 +132,38 @@ class TreeBuilder:
         self.stats["completion_tokens"] += sum(c.completion_tokens for c in out)
         return out
 
-    def _sample(self, node_id: int, n: int) -> Generator[Sample, Any, list[Completion]]:
-        """``n`` candidate outputs in ``node_id``'s state: one policy call, or with ``diverse`` the
-        first candidate plainly (when the node has no child yet) and the rest with the request for
-        a different action (the tree keeps the plain history)."""
+    def _calls(self, asks: list[tuple[Sequence[Any], int, int]]) -> Generator[Any, Any, list[Completion]]:
+        """``(history, n, seed)`` requests answered in one wave; their completions in order."""
+        answers = yield [Sample([h], n, self.cfg.temperature, self.cfg.max_new_tokens, [s]) for h, n, s in asks]
+        out = []
+        for (outs,) in answers:
+            self.stats["policy_calls"] += 1
+            self.stats["prompt_tokens"] += outs[0].prompt_tokens
+            self.stats["completion_tokens"] += sum(c.completion_tokens for c in outs)
+            out += outs
+        return out
+
+    def _sample(self, node_id: int, n: int) -> Generator[Any, Any, list[Completion]]:
+        """``n`` candidate outputs in ``node_id``'s state: one policy call, or with ``diverse`` or
+        ``paraphrase`` the first candidate plainly (when the node has no child yet) and the rest
+        perturbed — with the request for a different action (after the first), with the task
+        description paraphrased (in the same wave as the first), or both (the tree keeps the plain
+        history)."""
         history = self.tree.history(node_id)
         seed = stable_seed(self.seed, "expand", node_id)
-        if not self.cfg.diverse:
+        table = self.cfg.paraphrases
+        if not self.cfg.diverse and table is None:
             return (yield from self._call(history, n, seed))
         previous = [self.tree.nodes[c].output for c in self.tree.children()[node_id]]
+        shown = table.perturb(history, self.task.id) if table is not None else history
+        if not self.cfg.diverse:
+            plain = [] if previous else [(history, 1, seed)]
+            rest = [(shown, n - len(plain), stable_seed(seed, "paraphrase"))] if n > len(plain) else []
+            return (yield from self._calls(plain + rest))
         out = [] if previous else (yield from self._call(history, 1, seed))
         if n > len(out):
-            shown = previous + [c.text for c in out if not c.truncated]
-            out += yield from self._call(diversity_prompt(history, shown), n - len(out), stable_seed(seed, "diverse"))
+            differ = previous + [c.text for c in out if not c.truncated]
+            out += yield from self._call(diversity_prompt(shown, differ), n - len(out), stable_seed(seed, "diverse"))
         return out
 
     def _alternatives(self, node_id: int, n: int) -> Generator[Sample, Any, list[Completion]]:
@@ -479,6 +500,10 @@ def explore_tasks(
     path = Path(out_path)
     done = _finished(path, tasks, cfg, seed, settings)
     todo = [t for t in tasks if t.id not in done]
+    missing = cfg.paraphrases.missing(t.id for t in todo) if cfg.paraphrases is not None else []
+    if missing:
+        raise QlassError(f"{cfg.paraphrase}: no paraphrase of {len(missing)} task(s) to explore (first: {missing[0]!r}); "
+                         "add them with qlass paraphrase")
     if len(todo) < len(tasks):
         log.info("resuming: %d of %d trees already in %s", len(tasks) - len(todo), len(tasks), path)
     jobs = [(t, tree_seed(seed, t)) for t in todo]

@@ -3,6 +3,7 @@ expert/SFT tasks when asked: :func:`exploration_tasks`, :func:`expert_task_ids`)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Collection, Sequence
@@ -14,6 +15,7 @@ from .config import option, to_dict
 from .data import load_trajectories
 from .errors import QlassError
 from .evaluate import select_tasks
+from .paraphrase import ParaphraseTable, load_paraphrases
 from .tree import BackupConfig
 from .types import Task
 
@@ -22,7 +24,7 @@ FALLBACK_MAX_DEPTH = 6
 EXPERT_ORDERS = ("root-first", "uncertain-first", "all")
 CAPS = ("max_nodes", "max_tokens", "max_env_steps", "max_branches")
 LEGACY = {"expert_order": "root-first", "graft_share": 1.0, "diverse": False, "probe": False, "rollouts": 1,
-          "max_branches": None}
+          "max_branches": None, "paraphrase": None}
 """Options added after the first trees were written, at the values that build those trees: left out
 of the config digest, so older trees.jsonl files resume under the same settings."""
 
@@ -32,7 +34,8 @@ class ExploreConfig:
     """How exploration trees are built (defaults follow the paper)."""
 
     max_depth: int | None = option(None, "maximum expansion depth D (None: webshop 3, sciworld 6, alfworld 8, else 6)")
-    candidates: int = option(2, "actions sampled per expansion (one policy call per node; two with diverse and no child yet)")
+    candidates: int = option(2, "actions sampled per expansion (one policy call per node; two with diverse or "
+                                "paraphrase and no child yet)")
     temperature: float = option(0.7, "sampling temperature of expansions")
     rollout_temperature: float = option(0.7, "sampling temperature of the rollouts that give new branches an outcome")
     max_new_tokens: int = option(128, "token limit of one agent output")
@@ -48,6 +51,9 @@ class ExploreConfig:
                                      "search goes on with the rest")
     diverse: bool = option(False, "sample alternatives with a request for an action different from the node's "
                                   "children and earlier candidates (perturb.diversity_prompt)")
+    paraphrase: str | None = option(None, "a paraphrase cache (qlass paraphrase): alternatives after a node's first "
+                                          "are sampled with the task description paraphrased (task perturbation); "
+                                          "null: off", added=True)
     probe: bool = option(False, "step every distinct alternative once before rolling any out (terminal ones "
                                 "become leaves at no token cost)")
     rollouts: int = option(1, "rollouts per sampled branch; their mean outcome is the branch's (pruning, Q)")
@@ -77,6 +83,12 @@ class ExploreConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or null")
         BackupConfig(gamma=self.gamma)
+        _ = self.paraphrases  # read and check the cache now rather than in the first tree
+
+    @functools.cached_property
+    def paraphrases(self) -> ParaphraseTable | None:
+        """The paraphrase cache, read once (``None`` without ``paraphrase``)."""
+        return load_paraphrases(self.paraphrase) if self.paraphrase is not None else None
 
     def depth_for(self, env_name: str) -> int:
         """D for an environment."""

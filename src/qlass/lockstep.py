@@ -15,9 +15,10 @@ An episode may also yield a list of requests (``[Sample(...), Sample(...)]``, ``
 they are answered in the same wave, with a list of answers in the same order.
 
 :func:`drive` runs many such episodes. Each wave it takes the pending request of every live
-episode, answers all :class:`Sample` requests that share ``(n, temperature, max_new_tokens)`` with
-one policy call (each history with its own seed, so an episode's draws do not depend on which
-episodes share its wave) and all :class:`Score` requests with one QNet call, then resumes every
+episode, answers all :class:`Sample` requests with one policy call (a policy with ``sample_jobs``
+decodes rows of any ``n``, temperature and token limit together; otherwise one call per
+``(n, temperature, max_new_tokens)``), each history with its own seed so that an episode's draws do
+not depend on which episodes share its wave, and all :class:`Score` requests with one QNet call, then resumes every
 episode with its answer. An episode that returns frees its slot, which the next queued episode
 takes at once (continuous batching at the level of episodes). Results come out as
 ``(index, result)`` in the order episodes finish.
@@ -30,7 +31,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .policy.base import Policy
+from .policy.base import Policy, SampleJob
 from .types import Completion, History
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,23 @@ Slot = tuple[int, int]
 
 
 def _answer_samples(policy: Policy, requests: list[tuple[Slot, Sample]]) -> dict[Slot, list[list[Completion]]]:
-    """One policy call per ``(n, temperature, max_new_tokens)`` over every pending Sample request
-    (unseeded requests apart from seeded ones)."""
+    """Every pending Sample request in one policy call when the policy takes mixed settings
+    (``sample_jobs``), else one call per ``(n, temperature, max_new_tokens)`` (unseeded requests apart
+    from seeded ones)."""
+    answers: dict[Slot, list[list[Completion]]] = {}
+    if hasattr(policy, "sample_jobs"):
+        jobs = [SampleJob(h, req.n, req.temperature, req.max_new_tokens, None if req.seeds is None else req.seeds[k])
+                for _, req in requests for k, h in enumerate(req.histories)]
+        outs = policy.sample_jobs(jobs)
+        at = 0
+        for slot, req in requests:
+            answers[slot] = outs[at: at + len(req.histories)]
+            at += len(req.histories)
+        return answers
     groups: dict[tuple[int, float, int, bool], list[tuple[Slot, Sample]]] = {}
     for slot, req in requests:
         key = (req.n, req.temperature, req.max_new_tokens, req.seeds is None)
         groups.setdefault(key, []).append((slot, req))
-    answers: dict[Slot, list[list[Completion]]] = {}
     for (n, temperature, max_new, unseeded), members in groups.items():
         histories = [h for _, req in members for h in req.histories]
         seeds = None if unseeded else [s for _, req in members for s in req.seeds or ()]

@@ -6,6 +6,8 @@ the Q data and an episode's record keep the unperturbed conversation, so the QNe
 - :func:`diversity_prompt`: the last user turn also asks for a response whose action differs from
   the actions already taken or sampled in this state (the authors' code does this for every sample
   after the first, behind ``--disable_perturb``).
+- :func:`paraphrase_prompt`: the task description, in every user turn that shows it, replaced by a
+  paraphrase (task perturbation, paper Fig. 9; the paraphrases come from :mod:`qlass.paraphrase`).
 """
 
 from __future__ import annotations
@@ -41,4 +43,14 @@ def diversity_prompt(history: History, previous_outputs: Sequence[str]) -> list[
     return out
 
 
-__all__ = ["diversity_prompt"]
+def paraphrase_prompt(history: History, original: str, paraphrase: str) -> list[Message]:
+    """``history`` with ``original`` (a task description) replaced by ``paraphrase`` in every user turn
+    that contains it: the task turn, and observations that repeat the task (WebShop's pages).
+
+    Raises ``ValueError`` when no user turn contains ``original``."""
+    if not original or not any(m.role == "user" and original in m.content for m in history):
+        raise ValueError("paraphrase_prompt: no user turn of the history contains the task description")
+    return [Message("user", m.content.replace(original, paraphrase)) if m.role == "user" else m for m in history]
+
+
+__all__ = ["diversity_prompt", "paraphrase_prompt"]

@@ -10,6 +10,12 @@ interrupted run stopped. The whole configuration is validated before any work (s
 method specs, policy options) and saved, resolved, as ``config.yaml`` in the run folder; rerunning
 with changed settings for a stage that already has outputs there is refused (use a new run
 folder), while task limits may grow.
+
+Optional agents trained again after the main evaluation, each evaluated greedily on the same tasks
+(their rows, ``rft (greedy)`` and ``self-train[q] (greedy)`` ..., join the main rows in
+``results/``): ``rft:`` the RFT baseline (:mod:`qlass.rft`) into ``rft/``; ``self_train:`` tree-guided
+self-training with each process reward of ``self_train.rewards`` (:mod:`qlass.self_train`) into
+``self-train/<reward>/``. Stage 3 (QNet) is skipped when no evaluation method uses a QNet.
 """
 
 from __future__ import annotations
@@ -86,6 +92,36 @@ class EvalStage:
 
 
 @dataclass(frozen=True)
+class RetrainOptions:
+    """How an agent trained again (RFT, self-training) is fine-tuned."""
+
+    sft: dict = option({}, "SFTConfig options for this agent's fine-tuning, on top of the run's sft section")
+
+
+@dataclass(frozen=True)
+class SelfTrainStage:
+    """Which self-trained agents the run makes (one per process reward) and what they start from."""
+
+    rewards: list[str] = option(["q", "avg", "reward"], "process rewards, one agent each: q (Q-value, Eq. 7), avg "
+                                                        "(average reward of the leaves below), reward (the node's own)")
+    init: str = option("base", "fine-tune from the 'base' model or from the 'sft' checkpoint")
+
+    def __post_init__(self) -> None:
+        from .rft import INITS
+        from .self_train import check_reward
+
+        if not self.rewards or len(set(self.rewards)) != len(self.rewards):
+            raise ValueError(f"rewards must be a non-empty list without repeats, got {self.rewards}")
+        for reward in self.rewards:
+            try:
+                check_reward(reward)
+            except QlassError as exc:
+                raise ValueError(str(exc)) from None
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole QLASS run; stage sections take the options of their stage's config class."""
 
@@ -110,6 +146,22 @@ class PipelineConfig:
     qdata: dict = option({}, "QDataStage options")
     qnet: dict = option({}, "QNetTrainConfig options")
     eval: dict = option({}, "EvalStage options")
+    rft: dict | None = option(None, "the RFT baseline: RFTConfig options plus sft (absent: no RFT; {}: defaults)",
+                              added=True)
+    self_train: dict | None = option(None, "tree-guided self-training (paper Fig. 4): SelfTrainStage and "
+                                           "SelfTrainConfig options plus sft (absent: none; {}: all three rewards)",
+                                     added=True)
+
+
+@dataclass(frozen=True)
+class Retrain:
+    """A resolved ``rft`` or ``self_train`` section: its stage config(s), the fine-tuning config and the
+    section's own SFT overrides (as written, for ``config.yaml``)."""
+
+    stage: Any
+    sft: Any
+    sft_overrides: dict[str, Any]
+    select: Any = None
 
 
 @dataclass
@@ -124,6 +176,8 @@ class Resolved:
     qdata: QDataStage
     qnet: Any
     eval: EvalStage
+    rft: Retrain | None = None
+    self_train: Retrain | None = None
     run_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -181,7 +235,44 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
         check_policy_options(cfg.policy_server or "default", cfg.policy)
     except QlassError as exc:
         raise QlassError(f"{source}: field 'policy': {exc}") from None
+    r.rft = _retrain_section(cfg, "rft", source)
+    r.self_train = _retrain_section(cfg, "self_train", source)
     return r
+
+
+def _retrain_section(cfg: PipelineConfig, name: str, source: str) -> Retrain | None:
+    """The ``rft`` or ``self_train`` section built and checked (``None`` when absent)."""
+    from .config import check_known
+    from .rft import RFTConfig
+    from .self_train import SelfTrainConfig
+    from .training.sft import SFTConfig
+
+    section = getattr(cfg, name)
+    if section is None:
+        return None
+    where = f"{source}: {name}"
+    classes = [RFTConfig] if name == "rft" else [SelfTrainStage, SelfTrainConfig]
+    known = {f for c in classes + [RetrainOptions] for f in c.__dataclass_fields__}
+    check_known(section, known, where, " or ".join(c.__name__ for c in classes) + " or sft")
+    options = build(RetrainOptions, {k: v for k, v in section.items() if k == "sft"}, where)
+    built = [build(c, {k: v for k, v in section.items() if k in c.__dataclass_fields__}, where) for c in classes]
+    sft = build(SFTConfig, {**dict(cfg.sft), **options.sft}, f"{where}.sft")
+    if sft.max_trajectories is not None:
+        raise QlassError(f"{where}: sft.max_trajectories would cap the expert data and the agent's own trajectories "
+                         "together; limited supervision with RFT or self-training is not supported (set "
+                         f"{name}: {{sft: {{max_trajectories: null}}}} to train this agent on all of them)")
+    if cfg.policy_server:
+        raise QlassError(f"{where}: not available with policy_server (the agent trained here is evaluated as a local "
+                         "model folder); run it without policy_server")
+    return Retrain(built[0], sft, dict(options.sft), built[1] if len(built) > 1 else None)
+
+
+def _retrain_dict(section: Retrain | None) -> dict[str, Any] | None:
+    """A resolved ``rft``/``self_train`` section as it is saved in ``config.yaml``."""
+    if section is None:
+        return None
+    parts = [section.stage] + ([section.select] if section.select is not None else [])
+    return {k: v for part in parts for k, v in to_dict(part).items()} | {"sft": dict(section.sft_overrides)}
 
 
 def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
@@ -191,10 +282,11 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     do not count; nor do task limits, which extend a stage rather than change it. A policy option
     set in one config only is a change."""
     run = new.run_dir
-    if not any((run / p).exists() for p in ("expert.json", "sft", "trees.jsonl", "qnet", "eval")):
+    if not any((run / p).exists() for p in ("expert.json", "sft", "trees.jsonl", "qnet", "eval", RFT_DIR,
+                                             SELF_TRAIN_DIR)):
         return []
     shared = ["model", "env", "env_args", "task_types", "sft_model"]
-    if any((run / p).exists() for p in ("trees.jsonl", "eval")):  # made by the policy: its settings count
+    if any((run / p).exists() for p in ("trees.jsonl", "eval", RFT_DIR)):  # made by the policy: its settings count
         shared += ["seed", "policy", "policy_server"]
     changes = setting_changes({k: getattr(old.cfg, k) for k in shared}, {k: getattr(new.cfg, k) for k in shared})
     if (run / "sft" / ".qlass-complete").exists() and not new.cfg.sft_model:
@@ -207,6 +299,11 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     if (run / "qnet").exists():
         changes += [f"qdata.{c}" for c in config_differences(old.qdata, new.qdata)]
         changes += [f"qnet.{c}" for c in config_differences(old.qnet, new.qnet)]
+    for name, folder in (("rft", RFT_DIR), ("self_train", SELF_TRAIN_DIR)):
+        before, now = _retrain_dict(getattr(old, name)), _retrain_dict(getattr(new, name))
+        if (run / folder).exists() and before is not None and now is not None:
+            changes += [f"{name}.{c}" for c in setting_changes(before, now, ignore=("limit", "rewards"),
+                                                               open_=("sft",))]
     return changes
 
 
@@ -223,6 +320,9 @@ def _save_resolved(r: Resolved) -> None:
     data = {**to_dict(r.cfg), "expert": to_dict(r.expert), "sft": to_dict(r.sft),
             "explore": {**to_dict(r.explore_stage), **to_dict(r.explore)}, "qdata": to_dict(r.qdata),
             "qnet": to_dict(r.qnet), "eval": to_dict(r.eval)}
+    for name in ("rft", "self_train"):  # written only when set: runs without them keep their config.yaml as it was
+        if getattr(r, name) is not None:
+            data[name] = _retrain_dict(getattr(r, name))
     save_yaml(path, data)
 
 
@@ -255,13 +355,16 @@ def pipeline_options() -> str:
     from .config import describe
     from .explore import ExploreConfig
     from .qnet_train import QNetTrainConfig
+    from .rft import RFTConfig
+    from .self_train import SelfTrainConfig
     from .training.sft import SFTConfig
 
     def indent(text: str) -> str:
         return "\n".join(f"  {line}" for line in text.splitlines())
 
     sections = [("expert", [ExpertStage]), ("sft", [SFTConfig]), ("explore", [ExploreStage, ExploreConfig]),
-                ("qdata", [QDataStage]), ("qnet", [QNetTrainConfig]), ("eval", [EvalStage])]
+                ("qdata", [QDataStage]), ("qnet", [QNetTrainConfig]), ("eval", [EvalStage]),
+                ("rft", [RFTConfig, RetrainOptions]), ("self_train", [SelfTrainStage, SelfTrainConfig, RetrainOptions])]
     top = [f for f in describe(PipelineConfig).splitlines() if f.split(" ", 1)[0] not in dict(sections)]
     blocks = ["\n".join(top)] + [f"{name}:\n" + "\n".join(indent(describe(c)) for c in classes)
                                   for name, classes in sections]
@@ -289,6 +392,9 @@ def _exploration_tasks(r: Resolved, tasks: list[Task], config_path: str | Path) 
 
 
 STAGES = ("sft", "explore", "qnet", "eval")
+RFT_DIR = "rft"
+SELF_TRAIN_DIR = "self-train"
+RESULTS_DIR = "results"
 
 
 def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list[dict[str, Any]] | None:
@@ -318,6 +424,8 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
             raise QlassError(f"{config_path}: field 'sft_model': {sft_dir} is not a model folder (no config.json)")
         log.info("stage 1: using the SFT checkpoint %s", sft_dir)
         ignored = [name for name in ("expert", "sft") if getattr(cfg, name)]
+        if r.rft is not None or r.self_train is not None:  # their fine-tuning reads both
+            ignored = []
         if ignored:
             log.warning("%s: section(s) %s ignored: sft_model is set, so stage 1 does not run",
                         config_path, ", ".join(ignored))
@@ -353,14 +461,98 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
         return None
 
     # 3. QNet
-    log.info("stage 3: QNet → %s", run / "qnet")
-    train_qnet(run / "qdata.jsonl", sft_dir, run / "qnet", r.qnet)
+    if stop_after == "qnet" or _uses_qnet(r):
+        log.info("stage 3: QNet → %s", run / "qnet")
+        train_qnet(run / "qdata.jsonl", sft_dir, run / "qnet", r.qnet)
+    else:
+        log.info("stage 3 skipped: no evaluation method uses a QNet")
     if stop_after == "qnet":
         return None
 
     # 4. evaluation
     log.info("stage 4: evaluation → %s", run / "eval")
-    return run_evaluation(model=policy_spec, env_spec=cfg.env, splits=r.eval.splits, methods=r.eval_methods(),
+    rows = run_evaluation(model=policy_spec, env_spec=cfg.env, splits=r.eval.splits, methods=r.eval_methods(),
                           out_dir=run / "eval", env_kwargs=cfg.env_args, task_types=types, limit=r.eval.limit,
                           qnet_dir=run / "qnet", policy_kwargs=policy_opts, seed=cfg.seed,
                           backend=cfg.backend, workers=cfg.workers, concurrency=r.eval.concurrency)
+    agents = _retrained_agents(r, sft_dir, config_path)
+    return _combined_report(r, agents) if agents else rows
+
+
+def _uses_qnet(r: Resolved) -> bool:
+    """Whether an evaluation method of the run needs a QNet."""
+    from .search import METHODS, make_method_config
+
+    return any(METHODS[name].needs_qnet(make_method_config(name, opts)) for name, opts in r.eval_methods())
+
+
+def _expert_data(r: Resolved, config_path: str | Path, section: str) -> Path:
+    """The expert trajectories the SFT model was trained on (``expert.data``, else the run's expert.json)."""
+    path = Path(r.expert.data) if r.expert.data else r.run_dir / "expert.json"
+    if not path.exists():
+        raise QlassError(f"{config_path}: {section}: no expert data at {path} (set expert.data to the trajectory "
+                         "file the SFT model was trained on)")
+    return path
+
+
+def _retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> list[tuple[str, Path]]:
+    """Train (or resume) the RFT and self-trained agents the config asks for and evaluate each greedily
+    on the evaluation's tasks; returns (row label prefix, evaluation folder) per agent."""
+    import dataclasses
+
+    from .evaluate import run_evaluation
+    from .models import default_model_dir
+    from .rft import run_rft
+    from .self_train import self_train
+
+    cfg, run = r.cfg, r.run_dir
+    base = default_model_dir() if cfg.model == "default" else Path(cfg.model)
+    agents: list[tuple[str, Path, Path]] = []
+    if r.rft is not None:
+        rft_cfg = r.rft.stage
+        if rft_cfg.max_steps is None and r.eval.max_steps is not None:
+            rft_cfg = dataclasses.replace(rft_cfg, max_steps=r.eval.max_steps)
+        log.info("RFT baseline → %s", run / RFT_DIR)
+        agent, _ = run_rft(str(sft_dir), _expert_data(r, config_path, "rft"), base, cfg.env, run / RFT_DIR, rft_cfg,
+                           r.rft.sft, env_kwargs=cfg.env_args, task_types=cfg.task_types, policy_kwargs=cfg.policy,
+                           seed=cfg.seed, backend=cfg.backend, workers=cfg.workers, concurrency=r.eval.concurrency)
+        agents.append(("rft", agent, run / RFT_DIR / "eval"))
+    if r.self_train is not None:
+        stage = r.self_train.stage
+        start = base if stage.init == "base" else sft_dir
+        for reward in stage.rewards:
+            out = run / SELF_TRAIN_DIR / reward
+            log.info("self-training guided by process reward %r → %s", reward, out)
+            agent, _, _ = self_train(run / "trees.jsonl", _expert_data(r, config_path, "self_train"), start, out,
+                                     reward, r.self_train.sft, r.self_train.select)
+            agents.append((f"self-train[{reward}]", agent, out / "eval"))
+    greedy = next(((n, o) for n, o in r.eval_methods() if n == "greedy"),
+                  ("greedy", {} if r.eval.max_steps is None else {"max_steps": r.eval.max_steps}))
+    for label, agent, out in agents:
+        log.info("evaluating the %s agent greedily → %s", label, out)
+        run_evaluation(model=str(agent), env_spec=cfg.env, splits=r.eval.splits, methods=[greedy], out_dir=out,
+                       env_kwargs=cfg.env_args, task_types=cfg.task_types, limit=r.eval.limit,
+                       policy_kwargs=dict(cfg.policy), seed=cfg.seed, backend=cfg.backend, workers=cfg.workers,
+                       concurrency=r.eval.concurrency)
+    return [(label, out) for label, _, out in agents]
+
+
+def _combined_report(r: Resolved, agents: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+    """One table (``results/``) of the main evaluation's rows and each retrained agent's greedy row
+    (``<agent> (greedy)``), over the tasks every row played, with paired differences to greedy."""
+    from .jsonl import read_jsonl
+    from .report import common_tasks, write_report
+    from .search import make_method_config, method_label
+
+    labels = {method_label(name, make_method_config(name, opts)) for name, opts in r.eval_methods()}
+    records = [rec for rec in read_jsonl(r.run_dir / "eval" / "records.jsonl") if rec["method"] in labels]
+    for prefix, out in agents:
+        for rec in read_jsonl(out / "records.jsonl"):
+            if rec["method"] == "greedy":
+                name = f"{prefix} (greedy)"
+                records.append({**rec, "method": name, "method_name": name})
+    out_dir = r.run_dir / RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = write_report(common_tasks(records), out_dir, title="qlass results with the retrained agents")
+    log.info("results with the retrained agents → %s", out_dir / "results.md")
+    return rows

@@ -10,6 +10,10 @@ share batched calls. Options (``QlassConfig``):
 - ``margin``: leave candidate 0 only when another candidate's score exceeds it by more than this;
 - ``diverse``: candidate ``j >= 1`` is sampled from :func:`qlass.perturb.diversity_prompt` (asked to
   differ from candidates ``0..j-1``; one request per candidate, the QNet still reads the real history);
+- ``paraphrase``: a paraphrase cache (:mod:`qlass.paraphrase`, ``qlass paraphrase``): candidates
+  ``1..M-1`` are sampled from the conversation with the task description paraphrased (task
+  perturbation, paper Fig. 9; with ``diverse`` too, each also asked to differ); candidate 0 and the
+  QNet read the real conversation, which the episode keeps;
 - ``oracle_terminal``: the reference code's shortcut (episode-ending candidates scored by the true
   reward), off by default and labelled ``[oracle]``.
 
@@ -20,8 +24,10 @@ episode seeded ``s`` draws from ``stable_seed(s, "qlass", t)`` (candidate ``j`` 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .agent import EpisodeConfig, SearchContext, apply_output, episode_running, executed_text, finish, start_messages
@@ -29,6 +35,7 @@ from .candidates import choose, executable, normalise_action, selection_scores, 
 from .config import option
 from .errors import QlassError
 from .lockstep import Episode, Sample, Score, Scored
+from .paraphrase import ParaphraseTable, load_paraphrases
 from .perturb import diversity_prompt
 from .seeding import candidate_seed, stable_seed
 from .types import Completion, Message, Step, Task, Trajectory
@@ -54,11 +61,17 @@ class QlassConfig:
     margin: float = option(0.0, "leave candidate 0 only when the best score exceeds candidate 0's by more than this")
     diverse: bool = option(False, "candidates after the first are asked to differ from the earlier ones "
                            "(qlass.perturb.diversity_prompt; one policy request per candidate)")
+    paraphrase: str | None = option(None, "a paraphrase cache (qlass paraphrase): candidates after the first see "
+                                    "the task description paraphrased (task perturbation); null: off", added=True)
 
     def __post_init__(self) -> None:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
         if self.m < 1:
             raise ValueError(f"m must be >= 1, got {self.m}")
+        if self.paraphrase is not None:
+            if self.m < 2:
+                raise ValueError("paraphrase perturbs candidates 2..m; it needs m >= 2")
+            _ = self.paraphrases  # read and check the cache now rather than in the first episode
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
         if self.margin < 0:
@@ -70,25 +83,37 @@ class QlassConfig:
         extra += [f"beta={self.beta:g}"] if self.beta else []
         extra += [f"margin={self.margin:g}"] if self.margin else []
         extra += ["diverse"] if self.diverse else []
+        extra += [f"paraphrase={Path(self.paraphrase).stem}"] if self.paraphrase else []
         return f"qlass({','.join([f'm={self.m}', *extra])})" + ("[oracle]" if self.oracle_terminal else "")
 
+    @functools.cached_property
+    def paraphrases(self) -> ParaphraseTable | None:
+        """The paraphrase cache, read once (``None`` without ``paraphrase``)."""
+        return load_paraphrases(self.paraphrase) if self.paraphrase is not None else None
 
-def _candidates(messages: list[Message], cfg: QlassConfig, base: int
+
+def _candidates(messages: list[Message], cfg: QlassConfig, base: int, task: Task
                 ) -> Generator[Any, Any, tuple[list[Completion], int]]:
     """The step's M candidates and the prompt tokens of the policy requests that made them (one wave;
     one wave per candidate with ``diverse``). Candidate ``j`` draws from ``candidate_seed(base, j)``,
-    except that without ``diverse`` the greedy anchor's samples draw from ``candidate_seed(base, j - 1)``."""
+    except that without ``diverse`` the greedy anchor's samples draw from ``candidate_seed(base, j - 1)``
+    and the paraphrased candidates ``1..M-1`` from ``candidate_seed(stable_seed(base, "paraphrase"), j - 1)``."""
     first_temperature = 0.0 if cfg.anchor == "greedy" else cfg.temperature
+    perturbed = cfg.paraphrases.perturb(messages, task.id) if cfg.paraphrases is not None else None
     if cfg.diverse:
         (outs,) = yield Sample([messages], 1, first_temperature, cfg.max_new_tokens, [base])
         completions, prompt_tokens = [outs[0]], outs[0].prompt_tokens
         for j in range(1, cfg.m):
-            history = diversity_prompt(messages, [c.text for c in completions])
+            history = diversity_prompt(perturbed or messages, [c.text for c in completions])
             (outs,) = yield Sample([history], 1, cfg.temperature, cfg.max_new_tokens, [candidate_seed(base, j)])
             completions.append(outs[0])
             prompt_tokens += outs[0].prompt_tokens
         return completions, prompt_tokens
-    if cfg.anchor == "greedy":
+    if perturbed is not None:
+        answers = yield [Sample([messages], 1, first_temperature, cfg.max_new_tokens, [base]),
+                         Sample([perturbed], cfg.m - 1, cfg.temperature, cfg.max_new_tokens,
+                                [stable_seed(base, "paraphrase")])]
+    elif cfg.anchor == "greedy":
         asks = [Sample([messages], 1, 0.0, cfg.max_new_tokens, [base])]
         if cfg.m > 1:
             asks.append(Sample([messages], cfg.m - 1, cfg.temperature, cfg.max_new_tokens, [base]))
@@ -137,7 +162,7 @@ def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[T
     env_steps = 0
     while episode_running(steps, cfg.max_steps):
         base = stable_seed(ctx.seed, "qlass", len(steps))
-        completions, prompt_tokens = yield from _candidates(messages, cfg, base)
+        completions, prompt_tokens = yield from _candidates(messages, cfg, base, task)
         ok = executable(completions)
         keep = [ok[i] for i in unique_candidates([completions[i] for i in ok])]
         qnet_tokens, pick = 0, 0

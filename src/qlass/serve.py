@@ -18,6 +18,9 @@ Extensions that let :class:`qlass.envs.http.HttpEnv` implement the whole Env pro
     GET /prompt      -> {"messages": [{"role", "content"}]}
     GET /expert?task=ID                  -> {"outputs": ["Thought: ...\\nAction: ...", ...]}
 
+``protocol="agentgym"`` (``qlass serve ENV --protocol agentgym``) answers instead exactly as
+AgentGym's own server for ENV does (sciworld, alfworld, webshop): see :mod:`qlass.serve_agentgym`.
+
 Every instance is its own environment object (``make_env(ENV, **env_args)``), used by one request
 at a time. Every failure is answered as ``{"error": message}`` with its status: 4xx for bad requests
 (unknown id, task or path, wrong method, malformed body, a body over ``max_request_bytes`` (413),
@@ -43,6 +46,7 @@ from .types import Task
 log = logging.getLogger(__name__)
 
 PROTOCOL = "agentgym+qlass/1"
+PROTOCOLS = ("qlass", "agentgym")
 MAX_REQUEST_BYTES = 1 << 20
 """Default limit on a request body (a step's model output is a few kilobytes)."""
 
@@ -62,6 +66,7 @@ class _Instance:
     task: Task | None = None
     observation: str = ""
     done: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # what a protocol keeps per episode
 
 
 def task_dict(task: Task) -> dict[str, Any]:
@@ -220,9 +225,12 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES) -> Any:
+def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES,
+               protocol: str = "qlass", agentgym_games: str | None = None) -> Any:
     """The FastAPI application serving ``pool`` (see the module docstring for the endpoints); ``docs``
-    serves the interactive API pages, ``max_request_bytes`` limits request bodies.
+    serves the interactive API pages, ``max_request_bytes`` limits request bodies; ``protocol`` is
+    ``qlass`` or ``agentgym`` (``agentgym_games``: AgentGym's ALFWorld game list folder, see
+    :mod:`qlass.serve_agentgym`).
 
     (This module does not use postponed annotations: FastAPI reads the request models from the
     annotations of the endpoint functions defined in here.)"""
@@ -248,9 +256,18 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
 
     if max_request_bytes < 1:
         raise QlassError(f"serve: max_request_bytes must be >= 1, got {max_request_bytes}")
+    if protocol not in PROTOCOLS:
+        raise QlassError(f"serve: unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     app = FastAPI(title=f"qlass environment server: {pool.name}", version=PROTOCOL, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.add_middleware(_BodyLimit, limit=max_request_bytes)
+    if protocol == "agentgym":
+        from .serve_agentgym import add_routes
+
+        add_routes(app, pool, agentgym_games)
+        return app
+    if agentgym_games is not None:
+        raise QlassError("serve: agentgym_games needs protocol 'agentgym'")
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:  # unknown path, wrong method ...
@@ -392,10 +409,19 @@ class BackgroundServer:
 
 
 def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: dict[str, Any] | None = None,
-          max_instances: int = 64, docs: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
-    """Serve ``env_spec`` on ``host:port`` until interrupted (the ``qlass serve`` command); ``docs`` and
-    ``max_request_bytes`` as in :func:`create_app`."""
+          max_instances: int = 64, docs: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES,
+          protocol: str = "qlass", agentgym_games: str | None = None) -> None:
+    """Serve ``env_spec`` on ``host:port`` until interrupted (the ``qlass serve`` command); ``docs``,
+    ``max_request_bytes``, ``protocol`` and ``agentgym_games`` as in :func:`create_app`. With
+    ``protocol="agentgym"`` the environment's options default to AgentGym's game variant and step limit."""
     require("uvicorn", "serve")
+    if protocol not in PROTOCOLS:
+        raise QlassError(f"serve: unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if protocol == "agentgym":
+        from .serve_agentgym import default_env_args
+
+        env_args = default_env_args(env_spec, env_args)
+        log.info("agentgym protocol: %s options %s", env_spec, env_args)
     sock = _bind(host, port)
     try:
         pool = EnvPool(env_spec, env_args, max_instances)
@@ -404,7 +430,8 @@ def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: di
                 log.warning("serving on %s: anyone who can reach it can drive the environment (no authentication)", host)
             sizes = ", ".join(f"{k} {v}" for k, v in pool.splits().items())
             log.info("serving %s (%s) on %s", pool.name, sizes, _url(host, sock.getsockname()[1]))
-            _server(pool, docs=docs, max_request_bytes=max_request_bytes).run(sockets=[sock])
+            _server(pool, docs=docs, max_request_bytes=max_request_bytes, protocol=protocol,
+                    agentgym_games=agentgym_games).run(sockets=[sock])
         finally:
             pool.shutdown()
     finally:

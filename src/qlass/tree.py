@@ -261,6 +261,22 @@ def compute_q(tree: Tree, cfg: BackupConfig = BackupConfig()) -> dict[int, float
     return dict(sorted(q.items()))
 
 
+def mean_leaf_outcome(tree: Tree) -> dict[int, float]:
+    """The "average reward" process reward of every non-root node: the mean outcome (final reward)
+    of the leaves under it, itself included when it is a leaf — a Monte Carlo estimate of the
+    node's value, where Eq. 7 takes the best branch instead."""
+    kids = tree.children()
+    total: dict[int, float] = {}
+    count: dict[int, int] = {}
+    for n in reversed(tree.nodes):
+        if not kids[n.id]:
+            total[n.id], count[n.id] = n.reward, 1
+        else:
+            total[n.id] = sum(total[c] for c in kids[n.id])
+            count[n.id] = sum(count[c] for c in kids[n.id])
+    return {i: total[i] / count[i] for i in range(1, len(tree.nodes))}
+
+
 def assign_q(tree: Tree, cfg: BackupConfig = BackupConfig()) -> Tree:
     """Store :func:`compute_q` on the nodes (the root keeps ``q = None``); returns ``tree``."""
     q = compute_q(tree, cfg)

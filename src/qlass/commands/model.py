@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 
@@ -23,5 +25,17 @@ def register(app: typer.Typer) -> None:
         from ..models import default_gguf_path
 
         typer.echo(str(default_gguf_path()))
+
+    @model_app.command("export-gguf")
+    def export_gguf_cmd(
+        sft_dir: Path = typer.Argument(..., help="An HF causal-LM folder (Llama architecture), e.g. `qlass sft`'s output."),
+        out: Path | None = typer.Option(None, "--out", help="GGUF file to write (default: SFT_DIR-DTYPE.gguf beside the folder)."),
+        dtype: str = typer.Option("f16", "--dtype", help="Type of the weight matrices: f16, f32 or bf16 (norms stay f32)."),
+    ) -> None:
+        """Export SFT_DIR to one GGUF file with its tokenizer and chat template, for llama.cpp's server
+        (then point policy_server / --policy-server at the server); print the file's path."""
+        from ..gguf_export import export_gguf
+
+        typer.echo(str(export_gguf(sft_dir, out, dtype)))
 
     app.add_typer(model_app, name="model")

@@ -1,4 +1,5 @@
-"""``qlass train-qnet``: train the QNet (stage 3) on Q data from exploration."""
+"""``qlass train-qnet``: train the QNet (stage 3) on Q data from exploration; ``qlass train-qnet-head``:
+fit only its value head on the frozen SFT model."""
 
 from __future__ import annotations
 
@@ -45,5 +46,32 @@ def register(app: typer.Typer) -> None:
             return
         result = train_qnet(qdata, sft, out, cfg)
         for line in summary_lines(result):
+            typer.echo(line)
+        typer.echo(str(out))
+
+    @app.command("train-qnet-head")
+    def train_qnet_head_cmd(
+        qdata: Optional[Path] = typer.Argument(None, dir_okay=False, help="Q data (qdata.jsonl) written by exploration."),
+        model: str = typer.Option("default", help="SFT policy folder (HF causal LM): the frozen backbone, or 'default'."),
+        out: Optional[Path] = typer.Option(None, file_okay=False, help="Output folder: the QNet, features.jsonl, qnet_head_result.json/.md."),
+        config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file of QNetHeadConfig options."),
+        set_: list[str] = typer.Option([], "--set", help="Override one option, key=value (repeatable), e.g. --set folds=3."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every QNetHeadConfig option with its default and help, then exit."),
+    ) -> None:
+        """Fit a head-only QNet: the SFT model's hidden states as features, a ridge value head picked by
+        cross-validation by tree against the SFT log-likelihood ranker. Rerun to resume."""
+        from ..config import describe, load_config, parse_kv
+        from ..errors import QlassError
+        from ..models import default_model_dir
+        from ..qnet_head import QNetHeadConfig, result_markdown, train_qnet_head
+
+        if list_options:
+            typer.echo(describe(QNetHeadConfig))
+            return
+        if qdata is None or out is None:
+            raise QlassError("qlass train-qnet-head needs QDATA and --out DIR")
+        cfg = load_config(config, QNetHeadConfig, parse_kv(set_, "--set"))
+        sft = default_model_dir() if model == "default" else Path(model)
+        for line in result_markdown(train_qnet_head(qdata, sft, out, cfg)):
             typer.echo(line)
         typer.echo(str(out))

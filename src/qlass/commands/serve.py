@@ -15,10 +15,15 @@ def register(app: typer.Typer) -> None:
         max_instances: int = typer.Option(64, min=1, help="At most this many environment instances open at once."),
         max_request_bytes: int = typer.Option(1 << 20, min=1, help="Refuse a request body over this many bytes (413)."),
         docs: bool = typer.Option(False, "--docs", help="Also serve the interactive API pages (/docs, /redoc, /openapi.json)."),
+        protocol: str = typer.Option("qlass", help="qlass: qlass's answers and task listings (for HttpEnv); agentgym: "
+                                     "answer exactly as AgentGym's server for ENV (sciworld, alfworld, webshop), with "
+                                     "its task indices, game variant and step limit."),
+        agentgym_games: str = typer.Option(None, help="alfworld with --protocol agentgym: the folder with AgentGym's "
+                                           "mappings_train.json and mappings_test.json (agentenv-alfworld/configs)."),
     ) -> None:
         """Serve ENV over HTTP: /create, /reset, /step, /observation, /close (+ /splits, /tasks, /prompt, /expert)."""
         from ..config import parse_kv
         from ..serve import serve
 
         serve(env, host=host, port=port, env_args=parse_kv(env_arg, "--env-arg"), max_instances=max_instances,
-              docs=docs, max_request_bytes=max_request_bytes)
+              docs=docs, max_request_bytes=max_request_bytes, protocol=protocol, agentgym_games=agentgym_games)

@@ -5,7 +5,9 @@ played by ``textworld.envs.PddlEnv`` behind ``AlfredDemangler`` (readable object
 ``desk 1``) and ``AlfredInfos``, as ``alfworld`` 0.4.2 does in its text-only setting.
 
 Splits: ``train`` (``json_2.1.1/train``, 3,553 games), ``seen`` (``valid_seen``, 140) and
-``unseen`` (``valid_unseen``, 134). Task ids are ``alfworld/<split>/<task folder>/<trial folder>``;
+``unseen`` (``valid_unseen``, 134); the games of ALFWorld's ``valid_train`` folder (AgentGym's test games)
+can be played and listed by that name too, but are not a split. Task ids are
+``alfworld/<split>/<task folder>/<trial folder>``;
 the task type is the first part of the task folder name (``pick_and_place_simple``, ...). Where the
 games come from: see :mod:`qlass.envs.alfworld_data`.
 
@@ -37,6 +39,8 @@ from .prompt_file import load_prompt
 log = logging.getLogger(__name__)
 
 SPLITS = tuple(SPLIT_FOLDERS)
+PLAYABLE_FOLDERS = {**SPLIT_FOLDERS, "valid_train": "valid_train"}
+"""Folders whose games can be played by task id: the splits, and ``valid_train`` (AgentGym's test games)."""
 GAME_FILE = "game.tw-pddl"
 EPISODE_OVER = "The episode is over."
 _PUT_RE = re.compile(r"^put (.+?) (?:in/on|in|on) (.+)$")
@@ -110,10 +114,10 @@ class AlfWorldEnv:
     # -- tasks -----------------------------------------------------------------------------
     def _games(self, split: str) -> list[tuple[str, str]]:
         """(task folder, trial folder) of every game of ``split``, sorted."""
-        if split not in SPLIT_FOLDERS:
+        if split not in PLAYABLE_FOLDERS:
             raise QlassError(f"alfworld: unknown split {split!r}; known: {', '.join(SPLITS)}")
         if split not in self._index:
-            folder = self.root / SPLIT_FOLDERS[split]
+            folder = self.root / PLAYABLE_FOLDERS[split]
             if not folder.is_dir():
                 raise QlassError(f"alfworld: split {split!r} needs the folder {folder}, which does not exist")
             self._index[split] = sorted(
@@ -147,7 +151,7 @@ class AlfWorldEnv:
     def task(self, task_id: str) -> Task:
         """The task with id ``alfworld/<split>/<task folder>/<trial folder>``."""
         parts = task_id.split("/")
-        if len(parts) != 4 or parts[0] != self.name or parts[1] not in SPLIT_FOLDERS:
+        if len(parts) != 4 or parts[0] != self.name or parts[1] not in PLAYABLE_FOLDERS:
             raise QlassError(f"alfworld: malformed task id {task_id!r} "
                              "(expected alfworld/<train|seen|unseen>/<task folder>/<trial folder>)")
         if (parts[2], parts[3]) not in set(self._games(parts[1])):
@@ -162,9 +166,9 @@ class AlfWorldEnv:
         if task.env != self.name:
             raise QlassError(f"alfworld: cannot play task {task.id!r} of env {task.env!r}")
         parts = task.id.split("/")
-        if len(parts) != 4 or parts[1] not in SPLIT_FOLDERS:
+        if len(parts) != 4 or parts[1] not in PLAYABLE_FOLDERS:
             raise QlassError(f"alfworld: malformed task id {task.id!r}")
-        path = self.root / SPLIT_FOLDERS[parts[1]] / parts[2] / parts[3] / GAME_FILE
+        path = self.root / PLAYABLE_FOLDERS[parts[1]] / parts[2] / parts[3] / GAME_FILE
         if not path.is_file():
             raise QlassError(f"alfworld: task {task.id!r} has no game file at {path}")
         return path
@@ -204,6 +208,12 @@ class AlfWorldEnv:
         self._done = self._won or self._steps >= self.step_limit
         return StepResult(observation, 1.0 if self._won else 0.0, self._done,
                           {"steps": self._steps, "action": action, "won": self._won})
+
+    def admissible_commands(self) -> list[str]:
+        """The commands the engine accepts in the current state, sorted (ALFWorld's ``admissible_commands``)."""
+        if self._task is None:
+            raise QlassError("alfworld: admissible_commands() before reset()")
+        return self._engine.commands()
 
     def walkthrough(self, task: Task) -> list[str]:
         """The game file's expert action list (empty if it has none)."""

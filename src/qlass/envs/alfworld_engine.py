@@ -261,6 +261,10 @@ class AlfredEngine:
         self._refresh()
         return feedback
 
+    def commands(self) -> list[str]:
+        """The admissible commands of the current state, sorted (as TextWorld lists them)."""
+        return sorted(self._commands)
+
     def _refresh(self) -> None:
         """The applicable actions of the current state, their commands and whether the goal holds."""
         game, state = self._game, self._state

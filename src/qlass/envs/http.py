@@ -11,7 +11,11 @@ original servers, which know tasks only by integer index and take a bare action:
 the ``Action:`` line itself (no action → :data:`~qlass.envs.base.FORMAT_HINT`, a step, no request),
 tasks are index ranges given as ``splits={"seen": [0, 140], ...}`` (ids ``<name>/<split>/<index>``),
 the prompt is a built-in prompt name or a prompt file (``prompt="alfworld"``) and ``step_limit``
-ends episodes on the client side.
+ends episodes on the client side. Where the reset answer names the task (``agentgym-sciworld``:
+``task_name`` and ``var_num``; ``agentgym-alfworld``: ``task_type``, the game's task and trial
+folders), the client keeps it in the task's ``meta`` (``task_name``/``variation``,
+``task_folder``/``trial``), and ``tasks(split, task_types)`` learns each index's type by resetting
+it once (remembered by the client), so ``--task-types`` works with these dialects.
 
 Transport is the standard library's ``http.client`` with one kept-alive connection per client
 (a step is milliseconds of server work, so reconnecting each time would dominate on remote
@@ -26,7 +30,7 @@ import http.client
 import json
 import logging
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,13 +57,26 @@ class Dialect:
     reward_key: str = "reward"
     reward_scale: float = 1.0
     first_obs_keys: tuple[str, ...] = ("observation",)  # joined by newlines; () = GET /observation
+    describe: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]] | None = None  # reset answer -> type, meta
+
+
+def _sciworld_names(answer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Task type and meta from an AgentGym ScienceWorld reset answer."""
+    return str(answer["task_name"]), {"task_name": str(answer["task_name"]), "variation": int(answer["var_num"])}
+
+
+def _alfworld_names(answer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Task type and meta from an AgentGym ALFWorld reset answer (``task_type``: ``<task folder>/<trial>``)."""
+    folder, _, trial = str(answer["task_type"]).partition("/")
+    return folder.split("-")[0], {"task_folder": folder, "trial": trial}
 
 
 DIALECTS: dict[str, Dialect] = {
     "qlass": Dialect(),
-    "agentgym-alfworld": Dialect(reset_key="game", reset_extra={"world_type": "Text"}, step_key="action"),
+    "agentgym-alfworld": Dialect(reset_key="game", reset_extra={"world_type": "Text"}, step_key="action",
+                                 describe=_alfworld_names),
     "agentgym-sciworld": Dialect(reset_key="data_idx", step_key="action", reward_key="score", reward_scale=0.01,
-                                 first_obs_keys=("task_description", "observation")),
+                                 first_obs_keys=("task_description", "observation"), describe=_sciworld_names),
     "agentgym-webshop": Dialect(id_key="env_idx", reset_key="session_id", step_key="action", obs_key="state",
                                 first_obs_keys=()),
 }
@@ -171,6 +188,7 @@ class HttpEnv:
         if not isinstance(self._id, int):
             raise QlassError(f"env server {url}: /create answered {created!r}, expected an id")
         self._prompt: list[Message] | None = None
+        self._described: dict[int, tuple[str, dict[str, Any]]] = {}  # task index -> type and meta from its reset
         self._task: Task | None = None
         self._steps, self._done, self._reward = 0, True, 0.0
 
@@ -201,9 +219,39 @@ class HttpEnv:
         if split not in self._ranges:
             raise QlassError(f"http env: unknown split {split!r}; configured: {', '.join(self._ranges) or 'none'} "
                              "(pass splits={name: [first, end)})")
-        if task_types:
+        if not task_types:
+            return [Task(f"{self.name}/{split}/{i}", self.name, split, "", {"index": i}) for i in self._ranges[split]]
+        if self.dialect.describe is None:
             raise QlassError(f"http env: dialect {self.dialect_name!r} knows no task types")
-        return [Task(f"{self.name}/{split}/{i}", self.name, split, "", {"index": i}) for i in self._ranges[split]]
+        found = []
+        for n, i in enumerate(self._ranges[split]):
+            if i not in self._described:
+                if n % 100 == 0:
+                    log.info("http env: learning task types by reset, index %d (%d of %d)", i, n, len(self._ranges[split]))
+                self._describe(i, self._reset_answer(i))
+            task_type, meta = self._described[i]
+            found.append(Task(f"{self.name}/{split}/{i}", self.name, split, task_type, {"index": i, **meta}))
+        unknown = sorted(set(task_types) - {t.task_type for t in found})
+        if unknown:
+            raise QlassError(f"http env: no task of type(s) {', '.join(unknown)} in split {split!r}; its types: "
+                             f"{', '.join(sorted({t.task_type for t in found}))}")
+        return [t for t in found if t.task_type in set(task_types)]
+
+    def _reset_answer(self, index: int) -> Any:
+        """Reset the server's instance to task ``index`` (AgentGym dialects); ends the client's episode."""
+        self._task, self._done = None, True
+        return self._post("/reset", {self.dialect.reset_key: index, **self.dialect.reset_extra})
+
+    def _describe(self, index: int, answer: Any) -> dict[str, Any]:
+        """Remember what the reset answer says of task ``index``; returns its meta ({} if nothing)."""
+        if self.dialect.describe is None:
+            return {}
+        try:
+            self._described[index] = self.dialect.describe(answer)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QlassError(f"env server {self._client.url}: /reset answer for index {index} does not name its task "
+                             f"({type(exc).__name__}: {exc}): {answer!r}") from None
+        return self._described[index][1]
 
     def prompt(self) -> list[Message]:
         if self._prompt is None:
@@ -228,7 +276,8 @@ class HttpEnv:
         else:
             if "index" not in task.meta:
                 raise QlassError(f"http env: task {task.id!r} has no 'index' for an AgentGym server")
-            answer = self._post("/reset", {d.reset_key: int(task.meta["index"]), **d.reset_extra})
+            answer = self._reset_answer(int(task.meta["index"]))
+            task.meta.update(self._describe(int(task.meta["index"]), answer))  # the task's name and variation
         if d.first_obs_keys:
             missing = [k for k in d.first_obs_keys if not isinstance(answer, dict) or k not in answer]
             if missing:

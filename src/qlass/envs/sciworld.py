@@ -168,6 +168,7 @@ class ScienceWorldEnv:
         self._index = _split_index(self._jvm)
         self._agent: Any = None
         self._task_id: str | None = None
+        self.description = ""  # the current episode's task description (the first line(s) reset returns)
         self._steps, self._done, self._score, self._raw, self._completed = 0, True, 0.0, 0, False
 
     # -- tasks -----------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class ScienceWorldEnv:
             raise QlassError(f"sciworld: cannot play task {task.id!r} of env {task.env!r}")
         self._load(task)
         self._steps, self._done, self._score, self._raw = 0, False, 0.0, 0
-        desc = str(self._sim.getTaskDescription())
+        self.description = desc = str(self._sim.getTaskDescription())
         look = str(self._sim.freeActionLook()).strip()
         return f"{desc}\n{look}"
 

@@ -6,13 +6,31 @@ prefill of that history (never n separate calls). ``temperature == 0`` is greedy
 a backend returns the same completions. ``seed`` may be one int or a list with one base seed per
 history; with a list, a history's completions do not depend on which other histories share the
 call (what lockstep play relies on, :mod:`qlass.lockstep`).
+
+A backend may also offer ``sample_jobs(jobs)``: one call for histories that each want their own
+``n``, temperature and token limit (:class:`SampleJob`), answered as ``sample`` would answer each
+alone. Lockstep play uses it to decode a whole wave of mixed requests in one batch.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from ..types import Completion, History
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One history of a mixed call: ``n`` completions at ``temperature`` of at most ``max_new_tokens``,
+    from base seed ``seed`` (``None``: the policy's own unseeded draw)."""
+
+    history: History
+    n: int
+    temperature: float
+    max_new_tokens: int
+    seed: int | None = None
 
 
 @runtime_checkable

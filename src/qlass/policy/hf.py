@@ -51,6 +51,7 @@ from ..models import resolve_device
 from ..seeding import candidate_seed
 from ..types import Completion, History, Message
 from . import kv
+from .base import SampleJob
 from .outputs import complete_action, final_output
 from .render import encode_conversation, ensure_chat_template, truncate_history
 from .sampling import DistinctGuard, Row, distinct_rounds, filter_probs
@@ -153,7 +154,8 @@ class HFPolicy:
             Sampling draws on the CPU from each candidate's own generator, so seeds give the same
             draws on every device (given the same logits).
         seed: seeds the per-call seeds of calls made with ``seed=None``.
-        max_batch_rows: histories are decoded together while their rows fit in this many.
+        max_batch_rows: histories are decoded together while their rows fit in this many (64: a lockstep
+            wave of 16 episodes mixing greedy, best-of-4 and qlass m=2 holds about 40 rows).
         top_p: nucleus sampling: draw only from the most likely tokens holding this much probability
             (1 = off). min_p: draw only tokens at least this fraction as likely as the most likely
             one (0 = off). Both filter the tempered distribution (:func:`.sampling.filter_probs`).
@@ -174,7 +176,7 @@ class HFPolicy:
         threads: int | None = None,
         device: str = "auto",
         seed: int = 0,
-        max_batch_rows: int = 32,
+        max_batch_rows: int = 64,
         top_p: float = 1.0,
         min_p: float = 0.0,
         distinct: bool = False,
@@ -224,16 +226,43 @@ class HFPolicy:
             raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {n}, {temperature}, "
                              f"{max_new_tokens})")
         bases = history_seeds(seed, len(histories), self._rng)
-        rows = 1 if temperature == 0 else n
-        prompts = [self.encode(list(h), reserve=max_new_tokens) for h in histories]
-        per_batch = max(1, self.max_batch_rows // rows) if self.plain else 1
-        out: list[list[Completion]] = []
-        for start in range(0, len(prompts), per_batch):
-            group = list(range(start, min(start + per_batch, len(prompts))))
-            seeds = [candidate_seed(bases[i], j) for i in group for j in range(rows)]
-            done = self._generate([prompts[i] for i in group], rows, temperature, max_new_tokens, seeds)
-            out.extend(c * n if rows == 1 else c for c in done)
-        return out
+        return self.sample_jobs([SampleJob(h, n, temperature, max_new_tokens, b) for h, b in zip(histories, bases)])
+
+    def sample_jobs(self, jobs: Sequence[SampleJob]) -> list[list[Completion]]:
+        """The completions of each job, as :meth:`sample` gives them for its history alone, with the rows
+        of jobs of any ``n``, temperature and token limit decoded together (``max_batch_rows`` at a
+        time). Under ``distinct``, jobs with several sampled candidates keep their own rounds."""
+        for job in jobs:
+            if job.n < 1 or job.temperature < 0 or job.max_new_tokens < 1:
+                raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {job.n}, "
+                                 f"{job.temperature}, {job.max_new_tokens})")
+        rows = [1 if job.temperature == 0 else job.n for job in jobs]
+        bases = [job.seed if job.seed is not None else self._rng.getrandbits(31) for job in jobs]
+        prompts = [self.encode(list(job.history), reserve=job.max_new_tokens) for job in jobs]
+        rounds = [i for i in range(len(jobs)) if self.distinct and rows[i] > 1]
+        order = [i for i in range(len(jobs)) if not (self.distinct and rows[i] > 1)]
+        out: dict[int, list[Completion]] = {}
+        groups: dict[tuple[int, float, int], list[int]] = {}
+        for i in rounds:  # distinct candidates: in rounds, histories of the same settings together
+            groups.setdefault((rows[i], jobs[i].temperature, jobs[i].max_new_tokens), []).append(i)
+        for (n, temperature, max_new), members in groups.items():
+            per_batch = max(1, self.max_batch_rows // n) if self.plain else 1
+            for start in range(0, len(members), per_batch):
+                part = members[start: start + per_batch]
+                seeds = [candidate_seed(bases[i], j) for i in part for j in range(n)]
+                out.update(zip(part, self._distinct([prompts[i] for i in part], n, temperature, max_new, seeds)))
+        batch: list[int] = []
+        for i in [*order, None]:
+            full = i is None or (batch and (not self.plain or sum(rows[b] for b in batch) + rows[i] > self.max_batch_rows))
+            if full and batch:
+                done = self._generate([prompts[b] for b in batch], [rows[b] for b in batch],
+                                      [jobs[b].temperature for b in batch], [jobs[b].max_new_tokens for b in batch],
+                                      [[candidate_seed(bases[b], j) for j in range(rows[b])] for b in batch])
+                out.update(zip(batch, done))
+                batch = []
+            if i is not None:
+                batch.append(i)
+        return [out[i] * jobs[i].n if rows[i] == 1 else out[i] for i in range(len(jobs))]
 
     def encode(self, history: Sequence[Message], reserve: int = 0) -> list[int]:
         """Prompt ids of ``history``, oldest turns dropped so that ``reserve`` new tokens still fit."""
@@ -332,57 +361,80 @@ class HFPolicy:
             return None
         return parse_action(self._text(tokens, ended=True)[0]) or ""
 
-    def _generate(self, prompts: list[list[int]], rows: int, temperature: float, max_new_tokens: int,
-                  seeds: list[int]) -> list[list[Completion]]:
-        """Decode ``rows`` candidates for every prompt in one batch (in rounds when ``distinct``)."""
-        gens = [torch.Generator().manual_seed(s) for s in seeds] if temperature > 0 else []
-        if self.distinct and rows > 1 and temperature > 0:
-            def decode(todo: list[int], guard: DistinctGuard) -> list[Row]:
-                counts = [sum(1 for r in todo if r // rows == i) for i in range(len(prompts))]
-                live = [i for i, c in enumerate(counts) if c]
-                return self._decode([prompts[i] for i in live], [counts[i] for i in live], temperature,
-                                    max_new_tokens, [gens[r] for r in todo], guard)
+    def _generate(self, prompts: list[list[int]], rows: list[int], temperatures: list[float], limits: list[int],
+                  seeds: list[list[int]]) -> list[list[Completion]]:
+        """Decode ``rows[i]`` candidates of prompt ``i`` at ``temperatures[i]``, at most ``limits[i]`` tokens
+        each, all in one batch; candidate ``j`` of prompt ``i`` draws from seed ``seeds[i][j]``."""
+        per_row = [(i, temperatures[i], limits[i]) for i in range(len(prompts)) for _ in range(rows[i])]
+        gens = [torch.Generator().manual_seed(s) if temperatures[i] > 0 else None
+                for i in range(len(prompts)) for s in seeds[i]]
+        decoded = self._decode(prompts, rows, [t for _, t, _ in per_row], [m for _, _, m in per_row], gens)
+        return self._completions(prompts, [i for i, _, _ in per_row], decoded, rows)
 
-            decoded = distinct_rounds(len(prompts), rows, decode, self._action_if_ends, self._row_action)
-        else:
-            decoded = self._decode(prompts, [rows] * len(prompts), temperature, max_new_tokens, gens)
-        out = []
+    def _distinct(self, prompts: list[list[int]], rows: int, temperature: float, max_new_tokens: int,
+                  seeds: list[int]) -> list[list[Completion]]:
+        """``rows`` candidates of each prompt with distinct actions where the model allows (:mod:`.sampling`)."""
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+        def decode(todo: list[int], guard: DistinctGuard) -> list[Row]:
+            counts = [sum(1 for r in todo if r // rows == i) for i in range(len(prompts))]
+            live = [i for i, c in enumerate(counts) if c]
+            return self._decode([prompts[i] for i in live], [counts[i] for i in live], [temperature] * len(todo),
+                                [max_new_tokens] * len(todo), [gens[r] for r in todo], guard)
+
+        decoded = distinct_rounds(len(prompts), rows, decode, self._action_if_ends, self._row_action)
+        return self._completions(prompts, [r // rows for r in range(len(decoded))], decoded, [rows] * len(prompts))
+
+    def _completions(self, prompts: list[list[int]], owner: list[int], decoded: list[Row],
+                     rows: list[int]) -> list[list[Completion]]:
+        """The decoded rows as completions, grouped by prompt (``owner[r]``: the prompt of row ``r``)."""
+        out: list[list[Completion]] = [[] for _ in prompts]
         for r, row in enumerate(decoded):
             text, truncated = self._text(row.tokens, row.ended)
-            out.append(Completion(text, len(prompts[r // rows]), len(row.tokens) + row.spent, row.logprob, truncated))
-        return [out[i * rows : (i + 1) * rows] for i in range(len(prompts))]
+            prompt = owner[r]
+            out[prompt].append(Completion(text, len(prompts[prompt]), len(row.tokens) + row.spent, row.logprob,
+                                          truncated))
+        assert [len(o) for o in out] == rows
+        return out
 
-    def _pick(self, logits: torch.Tensor, active: list[int], temperature: float, gens: list[torch.Generator],
-              tokens: list[list[int]], guard: DistinctGuard | None) -> list[int]:
-        """The next token of each active row: argmax at temperature 0, else a draw from the tempered,
-        filtered distribution with the row's own generator (under ``guard``'s rules when given)."""
-        if temperature == 0:
-            return logits.argmax(dim=-1).tolist()
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if self.top_p < 1 or self.min_p > 0:
-            probs = filter_probs(probs, self.top_p, self.min_p)
-        if guard is not None:
-            return [guard.pick(r, probs[b], gens[r], tokens[r]) for b, r in enumerate(active)]
-        return [int(torch.multinomial(probs[b], 1, generator=gens[r])) for b, r in enumerate(active)]
+    def _pick(self, logits: torch.Tensor, active: list[int], temperatures: list[float],
+              gens: list[torch.Generator | None], tokens: list[list[int]], guard: DistinctGuard | None) -> list[int]:
+        """The next token of each active row: argmax for a row at temperature 0, else a draw from its
+        tempered, filtered distribution with the row's own generator (under ``guard``'s rules when given)."""
+        picks = logits.argmax(dim=-1).tolist()
+        by_temperature: dict[float, list[int]] = {}
+        for b, r in enumerate(active):
+            if temperatures[r] > 0:
+                by_temperature.setdefault(temperatures[r], []).append(b)
+        for temperature, batch in by_temperature.items():
+            probs = torch.softmax(logits[batch] / temperature, dim=-1)
+            if self.top_p < 1 or self.min_p > 0:
+                probs = filter_probs(probs, self.top_p, self.min_p)
+            for k, b in enumerate(batch):
+                r = active[b]
+                picks[b] = (guard.pick(r, probs[k], gens[r], tokens[r]) if guard is not None
+                            else int(torch.multinomial(probs[k], 1, generator=gens[r])))
+        return picks
 
-    def _decode(self, prompts: list[list[int]], counts: list[int], temperature: float, max_new_tokens: int,
-                gens: list[torch.Generator], guard: DistinctGuard | None = None) -> list[Row]:
-        """Decode ``counts[i]`` rows of each prompt ``i`` together; row ``r`` draws with ``gens[r]``."""
-        cache, logits, mask, positions = self._start(prompts, counts, max_new_tokens)
+    def _decode(self, prompts: list[list[int]], counts: list[int], temperatures: list[float], limits: list[int],
+                gens: list[torch.Generator | None], guard: DistinctGuard | None = None) -> list[Row]:
+        """Decode ``counts[i]`` rows of each prompt ``i`` together; row ``r`` samples at ``temperatures[r]``
+        with ``gens[r]`` and stops after at most ``limits[r]`` tokens."""
+        cache, logits, mask, positions = self._start(prompts, counts, max(limits))
         total = logits.shape[0]
         rows = [Row() for _ in range(total)]
         active = list(range(total))  # batch position -> row
-        for step in range(max_new_tokens):
+        while True:
             logp = torch.log_softmax(logits, dim=-1)
-            picks = self._pick(logits, active, temperature, gens, [row.tokens for row in rows], guard)
+            picks = self._pick(logits, active, temperatures, gens, [row.tokens for row in rows], guard)
             keep = []
             for b, (r, tok) in enumerate(zip(active, picks)):
                 rows[r].tokens.append(tok)
                 rows[r].logprob += float(logp[b, tok])
                 rows[r].ended = self._ends(rows[r].tokens)
-                if not rows[r].ended:
+                if not rows[r].ended and len(rows[r].tokens) < limits[r]:
                     keep.append(b)
-            if not keep or step == max_new_tokens - 1:
+            if not keep:
                 break
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=self.device)

@@ -67,6 +67,8 @@ DEFAULT_STOP = ("\nObservation:", "\nThought:", "<|im_end|>")
 _RETRY_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MISSING = object()
+LLAMA_CPP_PLAIN = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+_OWN_FIELDS = {"model", "prompt", "messages", "max_tokens", "temperature", "stop", "n", "seed", "logprobs"}
 
 
 class OpenAIPolicy:
@@ -85,6 +87,11 @@ class OpenAIPolicy:
         max_length: drop the oldest turns so prompt + ``max_new_tokens`` fit (needs ``tokenizer``).
         seed: seeds the per-call seeds of calls made with ``seed=None``.
         top_p / min_p: nucleus and min-p sampling (sent only when not 1 / 0).
+        extra_body: more fields for every request, e.g. a server's own sampling options. llama.cpp's
+            server (``llama_cpp.server``) filters and penalizes by default (top_k 40, top_p 0.95,
+            min_p 0.05, repeat_penalty 1.1); :data:`LLAMA_CPP_PLAIN` turns that off, so greedy decoding
+            and sampling follow the model's own distribution as the local backend does. Fields this
+            class sets itself (model, prompt, n, temperature ...) cannot be given here.
     """
 
     def __init__(
@@ -105,7 +112,14 @@ class OpenAIPolicy:
         seed: int = 0,
         top_p: float = 1.0,
         min_p: float = 0.0,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
+        self.extra_body = dict(extra_body or {})
+        given = {"top_p": top_p < 1, "min_p": min_p > 0}
+        clash = sorted(k for k in self.extra_body if k in _OWN_FIELDS or given.get(k))
+        if clash:
+            raise QlassError(f"policy option extra_body sets {', '.join(clash)}, which qlass sets itself "
+                             "(give top_p / min_p once, as policy options or in extra_body)")
         if not 0 < top_p <= 1:
             raise QlassError(f"policy option top_p must be in (0, 1], got {top_p!r}")
         if not 0 <= min_p <= 1:
@@ -183,8 +197,8 @@ class OpenAIPolicy:
             budget = self.max_length - max_new_tokens
             history = fit_history(history, lambda m: len(encode_conversation(self.tokenizer, m, True)[0]) <= budget)
         prompt_ids = encode_conversation(self.tokenizer, history, True)[0] if self.tokenizer is not None else None
-        body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature,
-                                "stop": self.stop}
+        body: dict[str, Any] = {**self.extra_body, "model": self.model, "max_tokens": max_new_tokens,
+                                "temperature": temperature, "stop": self.stop}
         if self.top_p < 1:
             body["top_p"] = self.top_p
         if self.min_p > 0:

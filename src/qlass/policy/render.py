@@ -14,7 +14,8 @@ followed by the candidate's tokens — the very sequence the policy produced it 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..types import Message
 

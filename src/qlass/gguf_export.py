@@ -1,0 +1,365 @@
+"""Export an SFT folder (a plain HF causal-LM folder) to one GGUF file that llama.cpp serves.
+
+A CPU user then runs the model with llama.cpp's server and points ``policy_server`` (or
+``qlass eval --policy-server``) at it; prompts are still rendered by the SFT folder's tokenizer.
+
+What is written, with the ``gguf`` package's writer, tensor-name map and constants:
+
+- hyperparameters (``llama.*``: context, widths, heads, RoPE base and head size, RMS epsilon);
+- the weights, streamed one tensor at a time (memory: one tensor, not the model). Matrices in the
+  asked type (``f16`` by default, ``f32``, ``bf16``), 1-D tensors (norms) always in f32. The query
+  and key projections are reordered from HF's rotate-half RoPE layout to llama.cpp's interleaved
+  pairs, so both compute the same attention. A tied output matrix is not written (llama.cpp reads
+  the embedding instead);
+- the tokenizer: every token of ``tokenizer.json`` (vocab and added tokens) with its type
+  (added special tokens are control tokens, other added tokens user-defined), the BPE merges, the
+  special token ids, whether BOS/EOS are added, the pre-tokenizer llama.cpp must use, and the chat
+  template (the plain ChatML one qlass renders with when the folder has none).
+
+Only what llama.cpp reproduces exactly is accepted: Llama-architecture models
+(``LlamaForCausalLM``, SiLU, no biases, default or linear RoPE) with a byte-level BPE tokenizer
+whose pre-tokenizer is GPT-2's (optionally after splitting digits one by one, as SmolLM's does).
+Anything else is a :class:`~qlass.errors.QlassError` naming the file and the field. The file is
+written beside its final name and renamed when complete, so an interrupted export leaves no
+truncated GGUF behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import QlassError
+from .policy.render import CHATML_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("f16", "f32", "bf16")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by llama.cpp; older HF checkpoints stored it
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor to write: where it comes from, its GGUF name and how to reorder it."""
+
+    file: Path
+    key: str
+    name: str
+    shape: tuple[int, ...]
+    heads: int = 0  # > 0: a query/key projection with this many heads, reordered for llama.cpp's RoPE
+
+
+@dataclass(frozen=True)
+class _Vocab:
+    """The token list (one per embedding row), each token's llama.cpp type, and the pre-tokenizer."""
+
+    tokens: list[str]
+    types: list[int]
+    pre: str
+
+
+def default_output(model_dir: Path, dtype: str) -> Path:
+    """``<model_dir>-<dtype>.gguf`` beside the folder (e.g. ``runs/demo/sft-f16.gguf``)."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(f"{model_dir.resolve().name}-{dtype}.gguf")
+
+
+def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str = "f16") -> Path:
+    """Write ``model_dir`` (an HF Llama causal-LM folder) as a GGUF file for llama.cpp; return its path.
+
+    ``dtype`` is the type of the weight matrices (``f16``, ``f32`` or ``bf16``); ``out`` defaults
+    to :func:`default_output`.
+    """
+    import gguf
+
+    model_dir = Path(model_dir)
+    if dtype not in DTYPES:
+        raise QlassError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    config = _read_config(model_dir)
+    n_vocab = _int_field(config, "vocab_size", model_dir / "config.json")
+    vocab = _read_vocab(model_dir, n_vocab)
+    tensors = _plan_tensors(model_dir, config)
+    out = Path(out) if out is not None else default_output(model_dir, dtype)
+    if out.is_dir():
+        raise QlassError(f"{out}: is a folder; give the GGUF file's path with --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+
+    matrix_type = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32,
+                   "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        writer.add_name(model_dir.resolve().name)
+        writer.add_file_type(file_type)
+        _add_hparams(writer, config, model_dir / "config.json")
+        _add_tokenizer(writer, model_dir, vocab, n_vocab)
+        types = [gguf.GGMLQuantizationType.F32 if len(t.shape) == 1 else matrix_type for t in tensors]
+        # Every tensor is declared before any data is written (the header comes first); bf16 has no
+        # numpy type, so it is declared by its GGML type with a 2-byte placeholder numpy type.
+        np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+        for t, qtype in zip(tensors, types):
+            item = np.dtype(np_dtype.get(qtype, np.uint16))
+            writer.add_tensor_info(t.name, t.shape, item, int(np.prod(t.shape)) * item.itemsize,
+                                   raw_dtype=None if qtype in np_dtype else qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        step = max(1, len(tensors) // 10)
+        for i, (array, qtype) in enumerate(zip(_load_tensors(tensors), types), start=1):
+            writer.write_tensor_data(gguf.quants.quantize(array, qtype))
+            if i % step == 0 or i == len(tensors):
+                log.info("gguf export: %d/%d tensors written", i, len(tensors))
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    writer.close()
+    partial.replace(out)
+    log.info("wrote %s (%s, %.0f MB)", out, dtype, out.stat().st_size / 2**20)
+    return out
+
+
+# -- reading and checking the folder ---------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QlassError(f"{path}: missing; an HF causal-LM folder (e.g. `qlass sft`'s output) is expected") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QlassError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise QlassError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    if not model_dir.is_dir():
+        raise QlassError(f"{model_dir}: not a folder; an HF causal-LM folder (e.g. `qlass sft`'s output) is expected")
+    path = model_dir / "config.json"
+    config = _read_json(path)
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 else archs
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise QlassError(f"{path}: architectures is {arch!r}; GGUF export supports "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)} (a QNet folder cannot be served as a policy)")
+    checks = {"hidden_act": ("silu",), "attention_bias": (False, None), "mlp_bias": (False, None)}
+    for key, allowed in checks.items():
+        if config.get(key) not in allowed:
+            raise QlassError(f"{path}: {key} is {config.get(key)!r}; GGUF export supports only {allowed[0]!r}")
+    return config
+
+
+def _int_field(config: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise QlassError(f"{path}: {key} is {value!r}, expected a positive integer")
+    return value
+
+
+def _rope(config: dict[str, Any], path: Path) -> tuple[float, str, float]:
+    """(base, scaling type, factor) from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
+    ``rope_scaling`` (earlier versions)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise QlassError(f"{path}: rope_parameters is {params!r}, expected an object")
+    base = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise QlassError(f"{path}: rope_type is {kind!r}; GGUF export supports 'default' and 'linear' RoPE")
+    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
+    return float(base), kind, factor
+
+
+def _describe(pre: Any) -> str:
+    """A pre-tokenizer as a short readable expression, e.g. ``Sequence[Split, ByteLevel(use_regex=False)]``."""
+    if not isinstance(pre, dict):
+        return repr(pre)
+    if pre.get("type") == "Sequence":
+        return "Sequence[" + ", ".join(_describe(p) for p in pre.get("pretokenizers", [])) + "]"
+    opts = ", ".join(f"{k}={v!r}" for k, v in pre.items() if k not in ("type", "trim_offsets"))
+    return f"{pre.get('type')}({opts})"
+
+
+def _pre_tokenizer(pre: Any) -> str | None:
+    """llama.cpp's name for an HF pre-tokenizer it reproduces exactly, else ``None``.
+
+    GPT-2's byte-level split is ``gpt-2``; SmolLM's (digits split one by one, then GPT-2's split)
+    is ``smollm``.
+    """
+    def gpt2(p: Any) -> bool:
+        return (isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True)
+                and not p.get("add_prefix_space", False))
+
+    if gpt2(pre):
+        return "gpt-2"
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers") or []
+        if (len(parts) == 2 and parts[0] == {"type": "Digits", "individual_digits": True} and gpt2(parts[1])):
+            return "smollm"
+    return None
+
+
+def _read_vocab(model_dir: Path, n_vocab: int) -> _Vocab:
+    """Tokens (padded to the model's vocabulary size), their llama.cpp types and the pre-tokenizer."""
+    from gguf import TokenType
+
+    path = model_dir / "tokenizer.json"
+    spec = _read_json(path)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not isinstance(model.get("vocab"), dict):
+        raise QlassError(f"{path}: model is {model.get('type')!r} (byte_fallback={model.get('byte_fallback')!r}); "
+                         "GGUF export supports byte-level BPE tokenizers (GPT-2 style) only")
+    if spec.get("normalizer") is not None:
+        raise QlassError(f"{path}: normalizer is {_describe(spec['normalizer'])}; GGUF export supports none")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+    if pre is None:
+        raise QlassError(f"{path}: pre_tokenizer is {_describe(spec.get('pre_tokenizer'))}; GGUF export supports "
+                         "ByteLevel(use_regex=True) alone or after Digits(individual_digits=True)")
+    text: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    types: dict[int, int] = dict.fromkeys(text, int(TokenType.NORMAL))
+    for k, added in enumerate(spec.get("added_tokens") or []):
+        if not isinstance(added, dict) or not isinstance(added.get("id"), int) or not isinstance(added.get("content"), str):
+            raise QlassError(f"{path}: added_tokens[{k}] is {added!r}, expected an object with an integer id and a content")
+        text[added["id"]] = added["content"]
+        types[added["id"]] = int(TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
+    if max(text) >= n_vocab:
+        raise QlassError(f"{path}: token id {max(text)} does not fit the model's vocab_size {n_vocab} (config.json)")
+    tokens = [text.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    return _Vocab(tokens, [types.get(i, int(TokenType.UNUSED)) for i in range(n_vocab)], pre)
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")))
+        raise QlassError(f"{model_dir}: no *.safetensors weights" + (f" (found {found}; re-save the model with "
+                                                                    "save_pretrained(safe_serialization=True))"
+                                                                    if found else ""))
+    return files
+
+
+def _plan_tensors(model_dir: Path, config: dict[str, Any]) -> list[_Tensor]:
+    """Every weight with its GGUF name, checked against what llama.cpp's Llama graph reads."""
+    import gguf
+    from safetensors import SafetensorError, safe_open
+
+    path = model_dir / "config.json"
+    blocks = _int_field(config, "num_hidden_layers", path)
+    heads = _int_field(config, "num_attention_heads", path)
+    kv_heads = _int_field(config, "num_key_value_heads", path, default=heads)
+    tied = bool(config.get("tie_word_embeddings", False))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
+    wanted = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA]) - {gguf.MODEL_TENSOR.ROPE_FREQS,
+                                                                gguf.MODEL_TENSOR.ATTN_ROT_EMBD}
+    plan: list[_Tensor] = []
+    for file in _safetensors_files(model_dir):
+        try:
+            with safe_open(file, framework="pt") as f:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in sorted(f.keys())}
+        except (SafetensorError, OSError) as exc:
+            raise QlassError(f"{file}: cannot read the safetensors file ({exc})") from None
+        for key, shape in shapes.items():
+            if key.endswith(SKIPPED_SUFFIXES) or (tied and key == "lm_head.weight"):
+                continue
+            found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+            if found is None or found[0] not in wanted:
+                raise QlassError(f"{file}: tensor {key!r} has no place in llama.cpp's Llama model")
+            kind, name = found
+            n = heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads if kind == gguf.MODEL_TENSOR.ATTN_K else 0
+            plan.append(_Tensor(file, key, name, shape, n))
+    have = {t.name for t in plan}
+    required = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
+    required += [f"blk.{b}.{part}.weight" for b in range(blocks) for part in
+                 ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+    missing = [n for n in required if n not in have]
+    if missing:
+        raise QlassError(f"{model_dir}: the weights lack {len(missing)} tensor(s) a Llama model needs "
+                         f"(GGUF names: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
+    return plan
+
+
+def _load_tensors(plan: list[_Tensor]) -> Iterator[np.ndarray]:
+    """Each planned tensor as float32 numpy, in plan order (query/key rows reordered for llama.cpp)."""
+    from safetensors import safe_open
+
+    with ExitStack() as stack:
+        opened: dict[Path, Any] = {}
+        for t in plan:
+            if t.file not in opened:
+                opened[t.file] = stack.enter_context(safe_open(t.file, framework="pt"))
+            array = opened[t.file].get_tensor(t.key).float().numpy()
+            yield _interleave_rope(array, t.heads) if t.heads else array
+
+
+def _interleave_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder a query/key projection's output rows from HF's rotate-half RoPE layout (dimension
+    ``j`` pairs with ``j + d/2`` within a head) to llama.cpp's (dimension ``2j`` pairs with ``2j + 1``)."""
+    rows = w.shape[0]
+    half = rows // heads // 2
+    return np.ascontiguousarray(w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+# -- metadata ------------------------------------------------------------------------------------
+def _add_hparams(writer: Any, config: dict[str, Any], path: Path) -> None:
+    import gguf
+
+    hidden = _int_field(config, "hidden_size", path)
+    heads = _int_field(config, "num_attention_heads", path)
+    head_dim = _int_field(config, "head_dim", path) if config.get("head_dim") is not None else hidden // heads
+    base, kind, factor = _rope(config, path)
+    eps = config.get("rms_norm_eps")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise QlassError(f"{path}: rms_norm_eps is {eps!r}, expected a positive number")
+    writer.add_context_length(_int_field(config, "max_position_embeddings", path))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(_int_field(config, "num_hidden_layers", path))
+    writer.add_feed_forward_length(_int_field(config, "intermediate_size", path))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(_int_field(config, "num_key_value_heads", path, default=heads))
+    writer.add_layer_norm_rms_eps(float(eps))
+    writer.add_rope_freq_base(base)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    writer.add_vocab_size(_int_field(config, "vocab_size", path))
+
+
+def _add_tokenizer(writer: Any, model_dir: Path, vocab: _Vocab, n_vocab: int) -> None:
+    import gguf
+    from tokenizers import Tokenizer
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_add_space_prefix(False)
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    except ValueError as exc:
+        raise QlassError(f"{model_dir / 'tokenizer.json'}: {exc}") from None
+    if not special.merges:
+        raise QlassError(f"{model_dir / 'tokenizer.json'}: model.merges is empty; a BPE tokenizer needs its merges")
+    # Whether BOS/EOS are added is measured on the tokenizer itself rather than read from its
+    # post-processor's template, so llama.cpp adds exactly what HF adds.
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a", add_special_tokens=True).ids
+    ids = special.special_token_ids
+    special.add_special_token["bos"] = "bos" in ids and full[:1] == [ids["bos"]] != plain[:1]
+    special.add_special_token["eos"] = "eos" in ids and full[-1:] == [ids["eos"]] != plain[-1:]
+    if special.chat_template is None:
+        special.chat_template = CHATML_TEMPLATE  # what qlass renders with for a folder without one
+    special.add_to_gguf(writer, quiet=True)

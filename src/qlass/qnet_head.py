@@ -1,0 +1,265 @@
+"""A head-only QNet: the SFT model's own hidden states, a value head fitted in closed form
+(``qlass train-qnet-head``).
+
+Full fine-tuning a 135M-parameter QNet on a few dozen trees takes tens of optimizer steps and about
+an hour per model on this CPU, too slow to cross-validate. Here the backbone stays the SFT model
+(frozen) and only the value head is learned:
+
+1. **Features.** Each Q record's input (history + action, encoded exactly as :class:`~qlass.qnet.QNet`
+   encodes it) runs once through the SFT backbone, histories shared by siblings and by the nodes of
+   one tree path computed once (a cache of recent histories). The hidden state at the action's last
+   token is the record's feature — what the QNet's head reads. The same pass gives the SFT policy's
+   log-likelihood of the action (its language-model head over the same hidden states), the baseline
+   to beat. Features are appended to ``OUT/features.jsonl`` as they are computed, so a killed run
+   resumes without redoing them.
+2. **Head.** Ridge regression of Q on the features, either on the records as they are or on
+   *contrasts* (features and targets minus their sibling group's mean, over groups with at least two
+   records): a linear head ranks siblings by ``w · x`` whichever its offset, so contrasts spend all of
+   the data's information on the ranking. The L2 strength (and the contrast mode) is picked by
+   k-fold cross-validation by tree on held-out sibling-pair accuracy
+   (:func:`qlass.qnet_cv.pooled_summary`, with the tree-bootstrap interval of the difference to the
+   SFT log-likelihood ranker on the same pairs).
+3. **Output.** An ordinary QNet folder (``AutoModelForSequenceClassification``, one label: the SFT
+   backbone and the fitted head), so ``qlass eval --qnet`` and ``qlass decisions report --qnet``
+   load it like any other. The head has no bias, so the values of a head fitted on contrasts are
+   offsets that rank candidates (what Q-guided search needs), not calibrated outcome estimates
+   (``qnet.json`` records ``calibrated: false``); prefer a head fitted on the plain records where Q
+   itself judges finished trajectories (Best-of-N with ``select=qnet``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import option, to_dict
+from .errors import DataError, QlassError
+from .jsonl import append_jsonl, read_jsonl, write_text_atomic
+from .locking import writes_to
+from .policy import kv
+from .qnet import QNet, backbone_of, cache_over, last_real_hidden, prefix_state, suffix_hidden
+from .qnet_cv import pooled_summary
+from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.jsonl"
+RESULT_FILE = "qnet_head_result.json"
+PROGRESS_EVERY_S = 30.0
+
+
+@dataclass
+class QNetHeadConfig:
+    """Options of ``qlass train-qnet-head``."""
+
+    l2: list[float] = option([0.1, 1.0, 10.0, 100.0, 1000.0], "ridge strengths tried (the best by "
+                             "cross-validated pair accuracy is kept)")
+    contrast: list[bool] = option([True, False], "fit on sibling contrasts (true), on the plain records (false), "
+                                  "or try both")
+    folds: int = option(5, "folds of the cross-validation by tree that picks l2 and contrast")
+    max_length: int = option(2048, "longest input in tokens (history + action); oldest turns dropped first")
+    max_action_tokens: int = option(96, "tokens reserved for the candidate action")
+    autocast: bool = option(True, "compute features under bf16 autocast (the saved QNet scores so too)")
+    cache_slots: int = option(8, "histories whose caches are kept while computing features")
+    threads: int | None = option(None, "torch threads (None: torch's default)")
+    seed: int = option(0, "seed of the fold split and the bootstrap")
+
+    def __post_init__(self) -> None:
+        self.l2 = [float(x) for x in self.l2]
+        self.contrast = [bool(x) for x in self.contrast]
+        if not self.l2 or min(self.l2) <= 0:
+            raise QlassError(f"qnet-head: l2 needs positive strengths, got {list(self.l2)}")
+        if not self.contrast:
+            raise QlassError("qnet-head: contrast needs at least one of true, false")
+        if self.folds < 2:
+            raise QlassError(f"qnet-head: folds must be >= 2, got {self.folds}")
+        if self.max_action_tokens < 1 or self.max_length <= self.max_action_tokens:
+            raise QlassError("qnet-head: need 1 <= max_action_tokens < max_length")
+
+
+def _record_key(r: QRecord) -> str:
+    return f"{r.tree_id}/{r.node_id}"
+
+
+def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, source: str,
+                    cache_slots: int = 8) -> dict[str, tuple[np.ndarray, float, float]]:
+    """Per record key (``tree/node``): its feature (the SFT backbone's hidden state at the action's last
+    token), and the SFT policy's mean and summed log-probability of the action's tokens. Computed
+    records are appended to ``out`` (one line per sibling group) and read back on a rerun."""
+    have: dict[str, tuple[np.ndarray, float, float]] = {}
+    for row in read_jsonl(out, repair_tail=True):
+        for key, feat, mean, total in zip(row["keys"], row["features"], row["loglik_mean"], row["loglik_sum"],
+                                          strict=True):
+            have[key] = (np.asarray(feat, np.float32), float(mean), float(total))
+    groups = [g for g in make_groups(records, source) if any(_record_key(r) not in have for r in g.records)]
+    if have:
+        log.info("features: %d records already in %s, %d groups to compute", len(have), out, len(groups))
+    groups.sort(key=lambda g: (g.tree_id, len(g.messages)))  # a tree's paths in order: histories extend
+    backbone, head = backbone_of(lm), lm.get_output_embeddings()
+    layers = lm.config.get_text_config(decoder=True).num_hidden_layers
+    store = kv.PrefixStore(cache_slots if kv.plain_attention(lm.config) else 0)
+    start = last_log = time.perf_counter()
+    with torch.no_grad():
+        for n, group in enumerate(groups, 1):
+            prefix = qnet.encode_history(group.messages)
+            suffixes = [qnet.encode_action(r.action) for r in group.records]
+            key = tuple(prefix)
+            reused, entry = store.lookup(key)
+            if entry is None or reused < len(key):
+                cache = kv.prefill_cache(entry.kv if entry else None, reused, len(key), layers)
+                cache, last = prefix_state(backbone, key, qnet.autocast, cache, reused)
+                entry = kv.Prefix(kv.cache_kv(cache), last)
+                if store.slots:
+                    store.put(key, entry)
+            hidden = suffix_hidden(backbone, cache_over(entry.kv), len(key), suffixes, qnet.autocast)
+            lengths = [len(s) for s in suffixes]
+            feats = last_real_hidden(entry.logits, hidden, lengths)
+            means, sums = [], []
+            for i, ids in enumerate(suffixes):
+                if not ids:
+                    means.append(0.0)
+                    sums.append(0.0)
+                    continue
+                states = torch.cat([entry.logits[None], hidden[i, : len(ids) - 1]])  # each predicts the next token
+                logp = torch.log_softmax(head(states.to(head.weight.dtype)).float(), dim=-1)
+                total = float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
+                sums.append(total)
+                means.append(total / len(ids))
+            keys = [_record_key(r) for r in group.records]
+            append_jsonl(out, {"keys": keys, "features": [[round(float(x), 5) for x in f] for f in feats],
+                               "loglik_mean": means, "loglik_sum": sums})
+            for k, f, m, s in zip(keys, feats, means, sums):
+                have[k] = (f.numpy().astype(np.float32), m, s)
+            if time.perf_counter() - last_log > PROGRESS_EVERY_S:
+                last_log = time.perf_counter()
+                log.info("features: %d of %d groups (%.0f s)", n, len(groups), last_log - start)
+    return have
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, groups: Sequence[str], l2: float, contrast: bool) -> np.ndarray:
+    """Ridge weights ``w`` (no offset) of ``y ≈ x·w`` — on sibling contrasts when ``contrast`` (each
+    group's rows minus the group's mean, groups of one dropped), else on the rows centred over all
+    records (the offset a bias would take is left out: the head has none)."""
+    if contrast:
+        index: dict[str, list[int]] = defaultdict(list)
+        for i, g in enumerate(groups):
+            index[g].append(i)
+        rows = [idx for idx in index.values() if len(idx) > 1]
+        if not rows:
+            raise QlassError("qnet-head: no sibling group has two records; fit with contrast: [false]")
+        xs = np.concatenate([x[idx] - x[idx].mean(0) for idx in rows])
+        ys = np.concatenate([y[idx] - y[idx].mean() for idx in rows])
+    else:
+        xs, ys = x - x.mean(0), y - y.mean()
+    a = xs.T @ xs + l2 * np.eye(x.shape[1])
+    return np.linalg.solve(a, xs.T @ ys)
+
+
+def _prediction_rows(records: Sequence[QRecord], feats: dict[str, tuple[np.ndarray, float, float]],
+                     w: np.ndarray) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        f, mean, total = feats[_record_key(r)]
+        score = float(f @ w)
+        rows.append({"tree_id": r.tree_id, "group": r.group, "node_id": r.node_id, "q": r.q, "qnet_score": score,
+                     "qnet_q": score, "loglik_mean": mean, "loglik_sum": total})
+    return rows
+
+
+def cross_validate_head(records: Sequence[QRecord], feats: dict[str, tuple[np.ndarray, float, float]],
+                        cfg: QNetHeadConfig, source: str) -> list[dict[str, Any]]:
+    """Pooled held-out results (:func:`pooled_summary`) of every ``(l2, contrast)`` setting, best first."""
+    folds = fold_trees(records, cfg.folds, cfg.seed, source)
+    results = []
+    for contrast in cfg.contrast:
+        for l2 in cfg.l2:
+            rows: list[dict[str, Any]] = []
+            for held in folds:
+                train = [r for r in records if r.tree_id not in held]
+                x = np.stack([feats[_record_key(r)][0] for r in train]).astype(np.float64)
+                y = np.array([r.q for r in train])
+                w = fit_head(x, y, [f"{r.tree_id}/{r.group}" for r in train], l2, contrast)
+                rows += _prediction_rows([r for r in records if r.tree_id in held], feats, w)
+            summary = pooled_summary(rows, cfg.seed)
+            results.append({"l2": l2, "contrast": contrast, **summary})
+    def accuracy(res: dict[str, Any]) -> float:
+        acc = res["rankers"].get("qnet", {}).get("pair_accuracy")
+        return -1.0 if acc is None else acc
+    return sorted(results, key=lambda res: (-accuracy(res), -res["l2"]))
+
+
+@writes_to("out_dir", folder=True)
+def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg: QNetHeadConfig) -> dict[str, Any]:
+    """Fit a head-only QNet on ``qdata`` from the SFT model in ``sft_dir`` (see the module docstring):
+    cross-validate the head's settings, fit the best on every record, save the QNet to ``out_dir``
+    with ``qnet_head_result.json`` / ``.md``; returns the result."""
+    from .policy.hf import load_causal_lm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    records = read_qdata(qdata)
+    trees = len({r.tree_id for r in records})
+    if trees < cfg.folds:
+        raise DataError(str(qdata), f"{trees} trees cannot be split into {cfg.folds} folds; lower folds")
+    settings = {"qdata": str(qdata), "sft": str(sft_dir), "max_length": cfg.max_length,
+                "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast}
+    stamp = out / "features.settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != settings:
+        raise QlassError(f"{out}: its features were computed with {stamp.read_text().strip()}, not {settings}; "
+                         "use another --out")
+    write_text_atomic(stamp, json.dumps(settings) + "\n")
+    qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
+    lm, _ = load_causal_lm(sft_dir)
+    feats = record_features(qnet, lm, records, out / FEATURES_FILE, str(qdata), cfg.cache_slots)
+    del lm
+    missing = [_record_key(r) for r in records if _record_key(r) not in feats]
+    if missing:
+        raise QlassError(f"{out / FEATURES_FILE}: no features for records {missing[:3]}")
+    results = cross_validate_head(records, feats, cfg, str(qdata))
+    best = results[0]
+    x = np.stack([feats[_record_key(r)][0] for r in records]).astype(np.float64)
+    w = fit_head(x, np.array([r.q for r in records]), [f"{r.tree_id}/{r.group}" for r in records], best["l2"],
+                 best["contrast"])
+    with torch.no_grad():
+        qnet.model.score.weight.copy_(torch.tensor(w, dtype=qnet.model.score.weight.dtype)[None])
+    result = {"records": len(records), "trees": trees, "kept": {"l2": best["l2"], "contrast": best["contrast"]},
+              "cross_validation": results, "settings": to_dict(cfg)}
+    qnet.save(out, extra={"head_only": True, "calibrated": not best["contrast"], "l2": best["l2"]})
+    write_text_atomic(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "qnet_head_result.md", "\n".join(result_markdown(result)) + "\n")
+    return result
+
+
+def result_markdown(result: dict[str, Any]) -> list[str]:
+    """The cross-validation table (every setting tried, best first) as Markdown lines."""
+    kept = result["kept"]
+    lines = [(f"Head-only QNet: {result['records']} records from {result['trees']} trees; kept l2 {kept['l2']:g}, "
+              f"{'sibling contrasts' if kept['contrast'] else 'plain records'}."), "",
+             (f"{result['settings']['folds']}-fold cross-validation by tree (held-out sibling pairs, 95% tree-bootstrap "
+              "intervals):"), "",
+             "| l2 | fit on | head pair accuracy | 95% interval | SFT log-lik (per token) | head − log-lik [95%] | pairs |",
+             "|---|---|---|---|---|---|---|"]
+    for res in result["cross_validation"]:
+        head, lik = res["rankers"].get("qnet", {}), res["rankers"].get("sft_loglik", {})
+        diff = res.get("qnet_minus_sft_loglik")
+
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.3f}"
+
+        ci = head.get("ci95")
+        lines.append(f"| {res['l2']:g} | {'contrasts' if res['contrast'] else 'records'} | {fmt(head.get('pair_accuracy'))} "
+                     f"| {'n/a' if not ci else f'{ci[0]:.3f} – {ci[1]:.3f}'} | {fmt(lik.get('pair_accuracy'))} | "
+                     + ("n/a" if not diff else f"{diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]")
+                     + f" | {head.get('pairs', 0)} |")
+    return lines

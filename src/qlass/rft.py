@@ -1,0 +1,263 @@
+"""The RFT baseline (rejection-sampling fine-tuning): fine-tune again on the agent's own successes.
+
+    SFT agent ─► K sampled episodes per training task ─► keep reward >= min_reward ─► expert data
+    + the kept ones (duplicates dropped) ─► SFT (from the base model, or the SFT checkpoint)
+
+This is the RFT row of the paper's Table 2, as ETO describes it: the SFT agent explores the training
+tasks, its successful trajectories are added to the expert trajectories, and the agent is trained
+on the augmented set. Rejection sampling fine-tuning (Yuan et al., 2023) trains the *base* model on
+the augmented data, so ``init="base"`` is the default; ``init="sft"`` continues from the SFT
+checkpoint instead.
+
+Sampling reuses the evaluation harness (:func:`qlass.evaluate.evaluate`): draw ``k`` of a task is the
+``sample`` method under its own label ``sample#k``, so its seed is ``stable_seed(seed, "sample#k",
+task)``, episodes are played in lockstep, and ``samples/records.jsonl`` resumes after a crash like
+any evaluation (a rerun with other sampling settings is refused, naming them). The training data
+(``data.json``) is written from the finished records in task and draw order, so a rerun writes the
+same file and the SFT run (``sft/``) resumes too.
+
+Duplicates: two trajectories of one task with the same action sequence are the same behaviour
+(their thoughts may differ); a kept sample that repeats an expert trajectory or an earlier kept
+sample is dropped, and the count reported. So is one that is not valid training data (an agent
+turn without an ``Action:`` line, which the trajectory format refuses).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import check_minimums, option, save_yaml, to_dict
+from .data import load_trajectories, record_problems, record_to_trajectory, save_trajectories, trajectory_to_record
+from .envs.base import parse_action
+from .errors import QlassError
+from .evaluate import DEFAULT_CONCURRENCY, EvalWorker, MethodRun, cache_for, evaluate, split_tasks
+from .search import SampleConfig
+from .types import Trajectory
+
+log = logging.getLogger(__name__)
+
+INITS = ("base", "sft")
+DATA_FILE = "data.json"
+SAMPLES_DIR = "samples"
+MODEL_DIR = "sft"
+
+
+@dataclass(frozen=True)
+class RFTConfig:
+    """How the RFT baseline samples, filters and starts its fine-tuning."""
+
+    samples: int = option(4, "sampled episodes per training task (K)")
+    temperature: float = option(0.7, "sampling temperature of the SFT agent")
+    max_steps: int | None = option(None, "step limit per sampled episode (None: the sample method's 30; in "
+                                         "qlass run: eval.max_steps when set)")
+    max_new_tokens: int = option(128, "token limit per agent turn")
+    min_reward: float = option(1.0, "keep a sampled trajectory whose final reward is at least this (1.0: successes)")
+    init: str = option("base", "fine-tune from the 'base' model (as rejection-sampling fine-tuning does) or from "
+                               "the 'sft' checkpoint")
+    split: str = option("train", "split the sampled tasks come from")
+    limit: int | None = option(None, "at most this many tasks (round-robin over task types; None: all)")
+
+    def __post_init__(self) -> None:
+        check_minimums(self, samples=1, limit=1, max_steps=1)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not 0.0 <= self.min_reward <= 1.0:
+            raise ValueError(f"min_reward must be in [0, 1], got {self.min_reward}")
+        self.sample_config()  # temperature, max_new_tokens checked as the sampling episode checks them
+
+    def sample_config(self) -> SampleConfig:
+        """The ``sample`` method's config for every draw."""
+        steps = {} if self.max_steps is None else {"max_steps": self.max_steps}
+        return SampleConfig(temperature=self.temperature, max_new_tokens=self.max_new_tokens, **steps)
+
+
+@dataclass(frozen=True)
+class DrawRun(MethodRun):
+    """Draw ``draw`` of the ``sample`` method: its own record label, hence its own seed stream."""
+
+    draw: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"sample#{self.draw}"
+
+
+@dataclass
+class AugmentedData:
+    """Expert trajectories plus the agent's own, and what was left out of the latter."""
+
+    trajectories: list[Trajectory]
+    expert: int
+    added: int
+    duplicates: int
+    unusable: int = 0
+    below_threshold: int = 0
+
+
+def action_key(traj: Trajectory) -> tuple[str, tuple[str | None, ...]]:
+    """What makes two trajectories the same behaviour: the task and the sequence of actions."""
+    return traj.task or "", tuple(parse_action(m.content) for m in traj.messages if m.role == "assistant")
+
+
+def augment(expert: Sequence[Trajectory], extra: Iterable[Trajectory]) -> AugmentedData:
+    """``expert`` followed by every trajectory of ``extra`` whose :func:`action_key` is new (neither
+    an expert trajectory's nor an earlier extra one's) and that is valid training data (an agent turn
+    without an ``Action:`` line is not: such trajectories are counted as unusable and logged); an id
+    already taken is an error."""
+    seen = {action_key(t) for t in expert}
+    ids = {t.id for t in expert}
+    out, duplicates, unusable = list(expert), 0, []
+    for traj in extra:
+        if traj.id in ids:
+            raise QlassError(f"trajectory id {traj.id!r} is used twice in the augmented data")
+        problems = record_problems(trajectory_to_record(traj))
+        if problems:
+            unusable.append(f"{traj.id} ({problems[0]})")
+            continue
+        key = action_key(traj)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        ids.add(traj.id)
+        out.append(traj)
+    if unusable:
+        log.info("%d trajectories left out as training data: %s", len(unusable),
+                 "; ".join(unusable[:3]) + (" ..." if len(unusable) > 3 else ""))
+    return AugmentedData(out, len(expert), len(out) - len(expert), duplicates, len(unusable))
+
+
+def kept_samples(records: Sequence[dict[str, Any]], task_order: Sequence[str], min_reward: float
+                 ) -> tuple[list[Trajectory], int]:
+    """The sampled trajectories of ``records`` with reward >= ``min_reward``, in task then draw order,
+    each with the id ``<task>#rft<k>``; and how many fell below the threshold."""
+    rank = {t: i for i, t in enumerate(task_order)}
+    ordered = sorted(records, key=lambda r: (rank.get(r["task"], len(rank)), int(r["method"].split("#")[1])))
+    kept, below = [], 0
+    for rec in ordered:
+        if rec["reward"] < min_reward - 1e-9:
+            below += 1
+            continue
+        traj = record_to_trajectory(rec["trajectory"])
+        traj.id = f"{rec['task']}#rft{rec['method'].split('#')[1]}"
+        traj.meta = {**traj.meta, "source": "rft", "draw": int(rec["method"].split("#")[1])}
+        kept.append(traj)
+    return kept, below
+
+
+def sample_training_tasks(
+    model: str,
+    env_spec: str,
+    out_dir: Path,
+    cfg: RFTConfig,
+    env_kwargs: dict[str, Any] | None = None,
+    task_types: Sequence[str] | None = None,
+    policy_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    backend: str = "local",
+    workers: int = 1,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    policy: Any = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Play ``cfg.samples`` sampled episodes of the agent ``model`` on each task of ``cfg.split``
+    (``cfg.limit`` of them, round-robin over task types); records go to ``out_dir/records.jsonl``
+    (resumable). ``policy``: a ready policy or a picklable factory to sample with instead of
+    ``load_policy(model, **policy_kwargs)`` (e.g. a user's own policy class; ``model`` then only
+    names it in ``config.yaml``). Returns the records of these tasks and draws, and the task ids in
+    order."""
+    from .envs.base import make_env
+    from .executor import make_executor
+    from .policy import load_policy
+
+    if concurrency < 1:
+        raise QlassError(f"concurrency must be >= 1, got {concurrency}")
+    sample = cfg.sample_config()
+    runs = [DrawRun("sample", sample, draw=k) for k in range(cfg.samples)]
+    policy_kwargs = dict(policy_kwargs or {}) if policy is not None else cache_for(model, dict(policy_kwargs or {}),
+                                                                                   concurrency)
+    make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
+    env_name, tasks = split_tasks(make, env_spec, [cfg.split], task_types, cfg.limit)
+    settings = {
+        "model": model, "qnet": None, "env": env_spec, "env_args": dict(env_kwargs or {}), "splits": [cfg.split],
+        "task_types": list(task_types or []) or None, "limit": cfg.limit, "tasks": {cfg.split: len(tasks)},
+        "policy": policy_kwargs, "backend": backend, "workers": workers, "concurrency": concurrency,
+    }
+    log.info("RFT: %d sampled episodes on each of %d %s tasks → %s", cfg.samples, len(tasks), cfg.split, out_dir)
+    if policy is None:
+        policy = functools.partial(load_policy, model, **policy_kwargs)
+    worker = EvalWorker(make, policy, None, concurrency)
+    records = evaluate(env_name, tasks, runs, worker, out_dir, seed=seed, executor=make_executor(backend, workers),
+                       settings=settings)
+    return records, [t.id for t in tasks]
+
+
+def write_augmented_data(expert_path: str | Path, extra: Sequence[Trajectory], out_dir: Path, what: str
+                         ) -> AugmentedData:
+    """Write ``out_dir/data.json``: the expert data of ``expert_path`` plus ``extra``, duplicates
+    dropped (:func:`augment`). ``what`` names the agent in logs."""
+    expert = load_trajectories(expert_path)
+    if not expert:
+        raise QlassError(f"{expert_path}: no expert trajectories")
+    data = augment(expert, extra)
+    log.info("%s: %d expert + %d own trajectories (%d duplicates of earlier ones and %d unusable ones left out) → %s",
+             what, data.expert, data.added, data.duplicates, data.unusable, out_dir / DATA_FILE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, fresh = out_dir / DATA_FILE, out_dir / (DATA_FILE + ".new")
+    save_trajectories(fresh, data.trajectories)
+    if (out_dir / MODEL_DIR).exists() and path.exists() and path.read_bytes() != fresh.read_bytes():
+        fresh.unlink()
+        raise QlassError(f"{path}: the agent in {out_dir / MODEL_DIR} was (partly) trained on other data than "
+                         f"these settings give ({data.expert} expert + {data.added} own trajectories now); "
+                         "use a new output folder")
+    fresh.replace(path)
+    return data
+
+
+def run_rft(
+    model: str,
+    expert: str | Path,
+    base: str | Path,
+    env_spec: str,
+    out_dir: str | Path,
+    cfg: RFTConfig,
+    sft_cfg: Any,
+    env_kwargs: dict[str, Any] | None = None,
+    task_types: Sequence[str] | None = None,
+    policy_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    backend: str = "local",
+    workers: int = 1,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    policy: Any = None,
+) -> tuple[Path, AugmentedData]:
+    """The whole RFT baseline: sample with the SFT agent ``model`` (a model folder or server URL),
+    keep the successes, fine-tune ``base`` (``cfg.init="base"``) or the local SFT folder ``model``
+    (``"sft"``) on the expert data of ``expert`` plus them (``sft_cfg``: a
+    :class:`~qlass.training.sft.SFTConfig`; ``policy``: see :func:`sample_training_tasks`). Writes
+    ``out_dir/samples/`` (records), ``out_dir/data.json``, ``out_dir/sft/`` (the RFT agent) and
+    ``out_dir/rft_config.yaml``; every part resumes. Returns the agent's folder and the data summary."""
+    from .training.sft import train_sft
+
+    out = Path(out_dir)
+    expert_path = Path(expert)
+    if not expert_path.is_file():
+        raise QlassError(f"{expert_path}: expert trajectory file not found (RFT adds its samples to it)")
+    load_trajectories(expert_path)  # a bad record is named before any sampling
+    train_from = Path(base) if cfg.init == "base" else Path(model)
+    if not (train_from / "config.json").is_file():
+        which = "base model" if cfg.init == "base" else "SFT checkpoint (init='sft' fine-tunes the sampling agent)"
+        raise QlassError(f"{train_from}: the {which} is not a local model folder (no config.json)")
+    records, order = sample_training_tasks(model, env_spec, out / SAMPLES_DIR, cfg, env_kwargs, task_types,
+                                           policy_kwargs, seed, backend, workers, concurrency, policy)
+    kept, below = kept_samples(records, order, cfg.min_reward)
+    log.info("RFT: %d of %d sampled episodes reach reward %.2f", len(kept), len(records), cfg.min_reward)
+    save_yaml(out / "rft_config.yaml", {**to_dict(cfg), "model": str(model), "expert": str(expert_path),
+                                         "train_from": str(train_from), "seed": seed})
+    data = write_augmented_data(expert_path, kept, out, "RFT")
+    data.below_threshold = below
+    return train_sft(out / DATA_FILE, train_from, out / MODEL_DIR, sft_cfg), data

@@ -1,0 +1,78 @@
+"""The head-only QNet: features from the frozen SFT model, a ridge head picked by cross-validation by
+tree, saved as an ordinary QNet folder; resumes from its feature file; named errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_qnet_train import synthetic_qdata
+
+from qlass.errors import DataError, QlassError
+from qlass.policy.hf import load_causal_lm
+from qlass.qnet import QNet, backbone_of, sequence_hidden
+from qlass.qnet_data import read_qdata
+from qlass.qnet_head import FEATURES_FILE, QNetHeadConfig, fit_head, train_qnet_head
+
+CFG = {"folds": 4, "l2": [0.01, 1.0], "max_length": 256, "max_action_tokens": 32, "autocast": False}
+
+
+def test_contrast_fit_ranks_siblings_and_ignores_what_they_share() -> None:
+    """Siblings share a large per-group offset in feature 0; only feature 1 tells them apart."""
+    rng = np.random.default_rng(0)
+    groups = [f"g{i // 2}" for i in range(40)]
+    offset = np.repeat(rng.normal(0, 10, 20), 2)
+    good = np.tile([1.0, 0.0], 20)
+    x = np.stack([offset, good + rng.normal(0, 0.01, 40)], axis=1)
+    y = 0.5 * good + 0.01 * offset  # the group offset moves the targets a little too
+    w = fit_head(x, y, groups, l2=1e-3, contrast=True)
+    assert w[1] == pytest.approx(0.5, abs=0.02) and abs(w[0]) < 0.02
+    with pytest.raises(QlassError, match="no sibling group has two records"):
+        fit_head(x[::2], y[::2], groups[::2], 1.0, contrast=True)
+
+
+def test_head_learns_to_rank_resumes_and_saves_a_loadable_qnet(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=16)
+    out = tmp_path / "head"
+    result = train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**CFG))
+    best = result["cross_validation"][0]
+    assert (result["kept"]["l2"], result["kept"]["contrast"]) == (best["l2"], best["contrast"])
+    assert len(result["cross_validation"]) == 4  # 2 strengths x contrasts / plain records
+    assert best["rankers"]["qnet"]["pair_accuracy"] >= 0.9 and best["rankers"]["qnet"]["pairs"] == 16 * 3
+    assert "sft_loglik" in best["rankers"] and best["qnet_minus_sft_loglik"]["ci95"] is not None
+    # the saved folder is a QNet whose backbone is the SFT model and whose scores rank the siblings
+    qnet = QNet.load(out)
+    assert json.loads((out / "qnet.json").read_text())["head_only"] is True
+    history = list(read_qdata(data)[0].messages)
+    good, bad = qnet.score(history, ["Thought: the box\nAction: open", "Thought: the box\nAction: close"])
+    assert good > bad
+    # features are what the SFT backbone computes at the action's last token
+    lm, _ = load_causal_lm(tiny_model_dir)
+    rec = read_qdata(data)[0]
+    ids = qnet.encode(list(rec.messages), rec.action)
+    with torch.no_grad():
+        direct = sequence_hidden(backbone_of(lm), ids)[-1]
+    row = json.loads((out / FEATURES_FILE).read_text().splitlines()[0])
+    key = f"{rec.tree_id}/{rec.node_id}"
+    assert np.allclose(row["features"][row["keys"].index(key)], direct.numpy(), atol=1e-3)
+    # a rerun reads the features back instead of recomputing them (a killed run resumes from them)
+    lines = (out / FEATURES_FILE).read_text()
+    (out / FEATURES_FILE).write_text(lines + lines.splitlines()[0][:40])  # a torn last line, as after kill -9
+    again = train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**CFG))
+    assert again["kept"] == result["kept"]
+    assert (out / FEATURES_FILE).read_text().count("\n") == lines.count("\n")
+    with pytest.raises(QlassError, match="features were computed with"):
+        train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**{**CFG, "max_action_tokens": 16}))
+
+
+def test_bad_settings_and_too_few_trees_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=3)
+    with pytest.raises(DataError, match="3 trees cannot be split into 4 folds"):
+        train_qnet_head(data, tiny_model_dir, tmp_path / "out", QNetHeadConfig(**CFG))
+    with pytest.raises(QlassError, match="positive strengths"):
+        QNetHeadConfig(l2=[0.0])
+    with pytest.raises(QlassError, match="folds must be >= 2"):
+        QNetHeadConfig(folds=1)

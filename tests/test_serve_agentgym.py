@@ -1,0 +1,382 @@
+"""``qlass serve ENV --protocol agentgym`` against clients that make exactly the requests and read exactly
+the answer fields of AgentGym's own clients (``agentenv.envs.sciworld/alfworld/webshop``: create,
+reset, step, close, and WebShop's ``GET /observation``), on real ``qlass serve`` processes bound to
+127.0.0.1 with the real environments; plus :class:`~qlass.envs.http.HttpEnv`'s AgentGym dialects
+against the same servers (task names kept from the reset answer, ``--task-types``)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from itertools import product as combinations
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'qlass[serve]'")
+pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'qlass[serve]'")
+
+from qlass.envs.http import HttpEnv
+from qlass.errors import QlassError
+
+WEBSHOP_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "webshop"
+pytestmark = pytest.mark.slow
+
+
+# -- the AgentGym-shaped clients -----------------------------------------------------------------
+class AgentGymClient:
+    """The HTTP side of AgentGym's ``BaseEnvClient`` subclasses: JSON POSTs with the instance id added
+    to the body under ``id_key``, GETs with it in the query, and every answer required to be HTTP 200."""
+
+    def __init__(self, url: str, id_key: str = "id") -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port, self.id_key = host, int(port), id_key
+        self.env_id: Any = None
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def post(self, path: str, data: dict[str, Any]) -> Any:
+        data[self.id_key] = self.env_id
+        status, answer = self.request("POST", f"/{path}", data)
+        assert status == 200, (path, status, answer)
+        return answer
+
+    def get(self, path: str) -> Any:
+        status, answer = self.request("GET", f"/{path}?{self.id_key}={self.env_id}")
+        assert status == 200, (path, status, answer)
+        return answer
+
+
+class SciWorldClient(AgentGymClient):
+    """``SciworldEnvClient``: ``create()["id"]``; reset reads ``task_description`` and ``observation``;
+    step reads ``observation``, ``reward``, ``score`` and ``done`` (its reward is the score)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        status, created = self.request("POST", "/create")
+        assert status == 200
+        self.env_id = created["id"]
+
+    def reset(self, data_idx: int) -> dict[str, Any]:
+        response = self.post("reset", {"data_idx": data_idx})
+        self.info = {"observation": response["task_description"] + "\n" + response["observation"],
+                     "reward": 0, "score": 0, "done": False}
+        return response
+
+    def step(self, action: str) -> tuple[str, float, bool]:
+        response = self.post("step", {"action": action})
+        self.info = {k: response[k] for k in ("observation", "reward", "score", "done")}
+        return response["observation"], response["score"], response["done"]
+
+    def close(self) -> Any:
+        return self.post("close", {})
+
+
+class AlfWorldClient(AgentGymClient):
+    """``AlfWorldEnvClient``: reset with ``game`` and ``world_type`` reads ``observation`` and
+    ``available_actions``; step reads those, ``reward`` and ``done``."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        status, created = self.request("POST", "/create")
+        assert status == 200
+        self.env_id = created["id"]
+
+    def reset(self, game: int, world_type: str = "Text") -> dict[str, Any]:
+        response = self.post("reset", {"game": game, "world_type": world_type})
+        self.info = {"observation": response["observation"], "available_actions": response["available_actions"],
+                     "reward": 0, "done": False}
+        return response
+
+    def step(self, action: str) -> tuple[str, float, bool]:
+        response = self.post("step", {"action": action})
+        self.info = {k: response[k] for k in ("observation", "available_actions", "reward", "done")}
+        return response["observation"], response["reward"], response["done"]
+
+
+class WebShopClient(AgentGymClient):
+    """``WebshopEnvClient``: the id is ``create``'s bare answer, sent as ``env_idx``; reset sends
+    ``session_id`` and replaces the answer's first item by ``GET /observation``; step reads ``state``,
+    ``reward`` and ``done``."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, id_key="env_idx")
+        status, created = self.request("POST", "/create")
+        assert status == 200
+        self.env_id = created
+
+    def reset(self, idx: int) -> list[Any]:
+        response = self.post("reset", {"session_id": idx})
+        response[0] = self.get("observation")
+        return response
+
+    def step(self, action: str) -> tuple[str, float, bool]:
+        response = self.post("step", {"action": action})
+        return response["state"], response["reward"], response["done"]
+
+
+# -- servers -------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], seconds: float = 180) -> tuple[subprocess.Popen, str]:
+    """``qlass serve ARGS --protocol agentgym`` on a free loopback port, once it answers ``GET /``."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", *args, "--protocol", "agentgym", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"qlass serve exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if AgentGymClient(url).request("GET", "/")[0] == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise AssertionError(f"qlass serve did not answer on {url} within {seconds} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+# -- ScienceWorld --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sciworld_server():
+    pytest.importorskip("scienceworld", reason="needs the sciworld extra")
+    proc, url = _start(["sciworld"])
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def sciworld_local():
+    """The in-process env with AgentGym's variant (no simplification) and a generous step limit."""
+    from qlass.envs.sciworld import ScienceWorldEnv
+
+    env = ScienceWorldEnv(step_limit=100, simplification="")
+    yield env
+    env.close()
+
+
+def _agentgym_sciworld_games(env: Any) -> list[tuple[str, int]]:
+    """AgentGym's ``data_idx`` list, written from its server's rule: ScienceWorld's tasks in their own
+    order without 5-1, 5-2, 9-1..9-3, 10-1, 10-2, each task's variations 0..max-1."""
+    from scienceworld.constants import ID2TASK
+
+    skipped = {"5-1", "5-2", "9-1", "9-2", "9-3", "10-1", "10-2"}
+    return [(name, v) for tid, name in ID2TASK.items() if tid not in skipped
+            for v in range(env._sim.getTaskMaxVariations(name))]
+
+
+@pytest.mark.sciworld
+def test_sciworld_agentgym_client_plays_an_episode(sciworld_server: str, sciworld_local: Any) -> None:
+    games = _agentgym_sciworld_games(sciworld_local)
+    client = SciWorldClient(sciworld_server)
+    try:
+        for data_idx in (0, 1, len(games) // 2, len(games) - 1):  # the index maps as AgentGym's server maps it
+            answer = client.reset(data_idx)
+            assert (answer["task_name"], answer["var_num"]) == games[data_idx]
+        data_idx = games.index(("find-plant", 3))
+        answer = client.reset(data_idx)
+        task = sciworld_local.task("sciworld/find-plant/3")
+        assert client.info["observation"] == sciworld_local.reset(task)  # description, then the room
+        assert answer["task_description"].startswith("Your task is to find a(n) plant")
+        assert "(that is closed)" in answer["observation"]  # no 'easy' simplification: doors start closed
+        assert (answer["score"], answer["reward"], answer["done"]) == (0, 0, False)
+        gold = [o.split("Action: ", 1)[1] for o in sciworld_local.expert(task)]
+        sciworld_local.reset(task)
+        scores = []
+        for action in gold:
+            observation, score, done = client.step(action)
+            local = sciworld_local.step(f"Action: {action}")
+            assert observation == local.observation and score == local.info["score"]
+            assert client.info["reward"] == score - (scores[-1] if scores else 0)  # reward: the change in score
+            scores.append(score)
+        assert done and scores[-1] == 100 and any(0 < s < 100 for s in scores)
+        # a finished task is refused as AgentGym's server refuses it: HTTP 200 with an error field
+        status, answer = client.request("POST", "/step", {"id": client.env_id, "action": "look around"})
+        assert status == 200 and answer == {"error": f"The task with environment {client.env_id} has finished."}
+        status, answer = client.request("GET", f"/observation?id={client.env_id}")
+        assert status == 200 and "has finished" in answer["error"]
+    finally:
+        assert client.close() is True
+
+
+@pytest.mark.sciworld
+def test_sciworld_step_limit_failure_and_errors_as_agentgym_sends_them(sciworld_server: str,
+                                                                       sciworld_local: Any) -> None:
+    games = _agentgym_sciworld_games(sciworld_local)
+    client = SciWorldClient(sciworld_server)
+    try:
+        client.reset(games.index(("find-plant", 3)))
+        done_at = next(n for n in range(1, 102) if client.step("look around")[2])
+        assert done_at == 100  # AgentGym's limit of 100 steps, not qlass's default 30
+        client.reset(games.index(("find-plant", 3)))
+        _, score, done = client.step("focus on agent")  # focusing on a wrong object fails the task
+        assert (score, client.info["reward"], done) == (-100, -100, True)
+        for body, want in [({"id": client.env_id, "data_idx": len(games)}, f"data_idx {len(games)} out of range"),
+                           ({"id": 999, "data_idx": 0}, "unknown environment id 999")]:
+            status, answer = client.request("POST", "/reset", body)
+            assert status == 200 and want in answer["error"], (body, status, answer)
+        status, answer = client.request("POST", "/step", {"id": client.env_id})  # FastAPI's own answer, as AgentGym's
+        assert status == 422 and answer["detail"][0]["loc"] == ["body", "action"]
+    finally:
+        client.close()
+    status, answer = client.request("POST", "/close", {"id": client.env_id})
+    assert status == 200 and "unknown environment id" in answer["error"]
+
+
+@pytest.mark.sciworld
+def test_http_env_agentgym_sciworld_dialect_keeps_task_names(sciworld_server: str, sciworld_local: Any) -> None:
+    games = _agentgym_sciworld_games(sciworld_local)
+    first = games.index(("find-plant", 0))
+    env = HttpEnv(sciworld_server, dialect="agentgym-sciworld", splits={"seen": [first - 2, first + 2]},
+                  prompt="sciworld", step_limit=5)
+    try:
+        plants = env.tasks("seen", ["find-plant"])  # --task-types: learned from the reset answers
+        assert [t.meta for t in plants] == [{"index": first + i, "task_name": "find-plant", "variation": i}
+                                            for i in (0, 1)]
+        assert all(t.task_type == "find-plant" for t in plants)
+        with pytest.raises(QlassError, match="no task of type.*boil.*its types: find-non-living-thing, find-plant"):
+            env.tasks("seen", ["boil"])
+        task = env.tasks("seen")[0]
+        assert task.meta == {"index": first - 2}
+        assert env.reset(task).startswith("Your task is to find a(n) non-living thing")
+        assert task.meta == {"index": first - 2, "task_name": "find-non-living-thing", "variation": games[first - 2][1]}
+        result = env.step("Thought: ok.\nAction: look around")
+        assert "This room is called" in result.observation and result.reward == 0.0 and not result.done
+    finally:
+        env.close()
+
+
+# -- ALFWorld ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def alfworld_local():
+    pytest.importorskip("textworld", reason="needs the alfworld extra")
+    from qlass.envs.alfworld import AlfWorldEnv
+    from qlass.envs.alfworld_data import shared_tarballs
+
+    if not shared_tarballs() and not os.environ.get("ALFWORLD_DATA"):
+        pytest.skip("no ALFWorld data")
+    env = AlfWorldEnv(step_limit=50)
+    yield env
+    env.close()
+
+
+def _mapping(games: list[tuple[str, str]], first: int) -> list[dict[str, Any]]:
+    return [{"item_id": first + i, "task_type": folder, "task_id": trial} for i, (folder, trial) in enumerate(games)]
+
+
+def test_alfworld_agentgym_client_plays_a_game(alfworld_local: Any, tmp_path: Path) -> None:
+    train = [(t.meta["task_folder"], t.meta["trial"]) for t in alfworld_local.tasks("train")[:2]]
+    test_game = alfworld_local.tasks("valid_train", ["pick_heat_then_place_in_recep"])[0]
+    (tmp_path / "mappings_train.json").write_text(json.dumps(_mapping(train, 0)))
+    (tmp_path / "mappings_test.json").write_text(
+        json.dumps(_mapping([(test_game.meta["task_folder"], test_game.meta["trial"])], 2)))
+    proc, url = _start(["alfworld", "--agentgym-games", str(tmp_path)])
+    try:
+        client = AlfWorldClient(url)
+        answer = client.reset(0)
+        assert answer["task_type"] == "/".join(train[0])
+        answer = client.reset(2)  # AgentGym's test games come after its train games, from valid_train
+        assert answer["task_type"] == f"{test_game.meta['task_folder']}/{test_game.meta['trial']}"
+        assert answer["observation"] == alfworld_local.reset(test_game)
+        assert answer["observation"].startswith("You are in the middle of a room")
+        walkthrough = alfworld_local.walkthrough(test_game)
+        for n, action in enumerate(walkthrough):
+            assert action in client.info["available_actions"]
+            assert client.info["available_actions"] == sorted(client.info["available_actions"])
+            observation, reward, done = client.step(action)
+            assert observation == alfworld_local.step(f"Action: {action}").observation
+            assert (reward, done) == ((1.0, True) if n == len(walkthrough) - 1 else (0.0, False))
+        status, answer = client.request("POST", "/step", {"id": client.env_id, "action": "look"})
+        assert status == 200 and answer == {"error": f"The task with environment {client.env_id} has finished."}
+        client.reset(1)
+        done_at = next(n for n in range(1, 52) if client.step("look")[2])
+        assert done_at == 50  # AgentGym's ALFWorld ends an episode after 50 steps
+        status, answer = client.request("POST", "/reset", {"id": client.env_id, "game": 0, "world_type": "Nope"})
+        assert status == 200 and "world_type must be one of" in answer["error"]
+        actions = client.post("reset", {"game": 0, "world_type": "Text"})["available_actions"]
+        assert client.get("available_actions") == actions and "look" in actions
+
+        env = HttpEnv(url, dialect="agentgym-alfworld", splits={"test": [0, 3]}, prompt="alfworld")
+        try:
+            heat = env.tasks("test", ["pick_heat_then_place_in_recep"])
+            assert [t.meta for t in heat] == [{"index": 2, "task_folder": test_game.meta["task_folder"],
+                                               "trial": test_game.meta["trial"]}]
+            assert env.reset(heat[0]) == alfworld_local.reset(test_game)
+        finally:
+            env.close()
+    finally:
+        _stop(proc)
+    proc = subprocess.run([sys.executable, "-m", "qlass", "serve", "alfworld", "--protocol", "agentgym", "--port",
+                           str(_free_port())], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "--agentgym-games DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- WebShop -------------------------------------------------------------------------------------
+def _webshop_goal_order(shop: Any) -> list[tuple[str, tuple]]:
+    """WebShop's goal list, written from its code's rule: products in catalog order, each one's
+    option combinations (option names sorted), then ``random.seed(233); random.shuffle(goals)``."""
+    goals = []
+    for product in shop.products:
+        if product.asin in shop.instructions:
+            names = sorted(product.options)
+            goals += [(product.asin, tuple(zip(names, c))) for c in combinations(*(product.options[n] for n in names))]
+    random.seed(233)
+    random.shuffle(goals)
+    return goals
+
+
+@pytest.mark.skipif(not (WEBSHOP_DATA / "products_1k.jsonl.xz").is_file(), reason=f"no WebShop data at {WEBSHOP_DATA}")
+def test_webshop_agentgym_client_buys_the_goal() -> None:
+    pytest.importorskip("bm25s", reason="needs the webshop extra")
+    from qlass.envs.webshop import WebShopEnv
+
+    local = WebShopEnv(data_dir=WEBSHOP_DATA)
+    order = _webshop_goal_order(local.shop)
+    proc, url = _start(["webshop", "--env-arg", f"data_dir={WEBSHOP_DATA}"])
+    try:
+        client = WebShopClient(url)
+        assert isinstance(client.env_id, int)
+        by_key = {(g.asin, tuple(g.options.items())): i for i, g in enumerate(local.shop.goals)}
+        session = next(i for i in range(20, 200) if local.expert(local.task(f"webshop/{by_key[order[i]]}")))
+        task = local.task(f"webshop/{by_key[order[session]]}")
+        response = client.reset(session)
+        assert response[1] is None and response[0] == local.reset(task)
+        assert local.goal(task).instruction in response[0]
+        outputs = local.expert(task)
+        for n, output in enumerate(outputs):
+            state, reward, done = client.step(output.split("Action: ", 1)[1])
+            local_result = local.step(output)
+            assert (state, reward, done) == (local_result.observation, local_result.reward, local_result.done)
+            assert done == (n == len(outputs) - 1)
+        assert reward == local_result.reward > 0
+        status, answer = client.request("POST", "/step", {"env_idx": 12345, "action": "search[x]"})
+        assert status == 500 and "unknown environment id 12345" in answer["error"]  # AgentGym's WebShop server fails with 500
+        assert client.post("close", {}) is True
+    finally:
+        _stop(proc)
+        local.close()
