@@ -26,8 +26,9 @@ turn is trained on once, and no turn is dropped; a conversation that fits is one
 Why ``SFTTrainer`` takes these sequences as they are: given a dataset that already holds
 ``input_ids`` and ``labels`` (and ``skip_prepare_dataset``), it neither re-renders nor re-masks,
 and its loss is the mean next-token cross-entropy over the labelled tokens of an optimizer step
-(all micro-batches and processes), projecting only labelled positions through the LM head — the
-loss this project trained with before. TRL's own ``assistant_only_loss`` cannot express the mask:
+(all micro-batches and processes) — the loss this project trained with before. The trainer here
+computes that loss itself (:func:`labelled_token_loss`), projecting only labelled positions through
+the LM head. TRL's own ``assistant_only_loss`` cannot express the mask:
 it would also train on the prefix's example turns and does not know the windows.
 """
 
@@ -41,6 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..config import config_hash, option, save_yaml, to_dict
 from ..data import ACTION_LINE, load_trajectories
@@ -224,7 +227,8 @@ def _dataset(examples: Sequence[Example]) -> Any:
 
 
 def _trainer_class() -> type:
-    """``SFTTrainer`` drawing length-grouped micro-batches in a seeded per-epoch order."""
+    """``SFTTrainer`` drawing length-grouped micro-batches in a seeded per-epoch order, whose loss projects
+    only the labelled positions through the LM head (:func:`labelled_token_loss`)."""
     from trl import SFTTrainer
 
     class WindowSFTTrainer(SFTTrainer):
@@ -233,7 +237,49 @@ def _trainer_class() -> type:
             return LengthGroupedSampler([len(ids) for ids in dataset["input_ids"]],
                                         self.args.per_device_train_batch_size, self.args.seed)
 
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss, outputs, stats = labelled_token_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients; the count is global
+            # the metrics SFTTrainer logs (its ``log`` averages ``_metrics`` over the logging interval)
+            mode = "train" if model.training else "eval"
+            n, entropy, correct = (self.accelerator.gather_for_metrics(x).sum() for x in stats)
+            self._metrics[mode]["entropy"].append((entropy / n).item() if n > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((correct / n).item() if n > 0 else 0.0)
+            if mode == "train":
+                mask = inputs["attention_mask"]
+                self._total_train_tokens += self.accelerator.gather_for_metrics(mask.sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
     return WindowSFTTrainer
+
+
+def labelled_token_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any, tuple]:
+    """Next-token cross-entropy over the labelled tokens of a padded micro-batch, summed and divided by
+    ``num_items_in_batch`` (the labelled tokens of the whole optimizer step; this micro-batch's when
+    ``None``); the model's output; and (labelled tokens, summed entropy, top-1 hits) for the logs.
+
+    Only positions whose next token is labelled go through the LM head (transformers' boolean
+    ``logits_to_keep``), so the vocabulary projection is skipped for the context — 85% of the tokens
+    of the reference SFT data. TRL's fused LM head would score every position on a device
+    without Triton (CPU), and compute entropy and top-1 inside its tiled kernel, backward included.
+    """
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    labelled = targets != -100
+    keep = torch.nn.functional.pad(labelled, (0, 1))  # position t predicts token t + 1; the last predicts none
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=keep)
+    logits = outputs.logits.float()
+    gold = targets[labelled]
+    total = torch.nn.functional.cross_entropy(logits, gold, reduction="sum")
+    count = gold.numel() if num_items_in_batch is None else num_items_in_batch
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum()
+        correct = (logits.argmax(dim=-1) == gold).sum()
+    return total / torch.as_tensor(count).clamp(min=1), outputs, (labelled.sum(), entropy, correct)
 
 
 def lora_config(cfg: TrainerConfig) -> Any:
