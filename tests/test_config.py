@@ -11,7 +11,7 @@ import pytest
 
 from qlass.config import build, describe, help_text, load_config, option, save_config
 from qlass.errors import DataError, QlassError
-from qlass.sft import SFTConfig
+from qlass.training.sft import SFTConfig
 
 
 @dataclass(frozen=True)

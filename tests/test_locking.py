@@ -18,7 +18,7 @@ from qlass.evaluate import evaluate
 from qlass.explore import ExploreConfig, explore_tasks
 from qlass.locking import lock_path, writer_lock
 from qlass.qnet_train import QNetTrainConfig, train_qnet
-from qlass.sft import SFTConfig, train_sft
+from qlass.training.sft import SFTConfig, train_sft
 from qlass.tree import read_trees
 
 TESTS = Path(__file__).parent

@@ -20,14 +20,15 @@ import yaml
 from test_explore import ScriptedPolicy
 from test_qnet_train import CFG, synthetic_qdata
 from test_sft import write_data
+from transformers import Trainer
 from typer.testing import CliRunner
 
 from qlass import qnet_train as qt
-from qlass import sft
 from qlass.cli import app
 from qlass.config import setting_changes
 from qlass.errors import QlassError
 from qlass.jsonl import read_jsonl
+from qlass.training import sft
 from qlass.tree import read_trees
 
 
@@ -247,12 +248,11 @@ def test_sft_killed_before_its_first_checkpoint_logs_step_0_once_and_refuses_oth
     def killed(*args, **kwargs) -> None:
         raise RuntimeError("killed before the first checkpoint")
 
-    real = sft.save_checkpoint
-    monkeypatch.setattr(sft, "save_checkpoint", killed)
-    with pytest.raises(RuntimeError, match="killed"):
-        sft.train_sft(data, tiny_model_dir, out, cfg)
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_checkpoint", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            sft.train_sft(data, tiny_model_dir, out, cfg)
     assert _val_steps(out) == [0]
-    monkeypatch.setattr(sft, "save_checkpoint", real)
     sft.train_sft(data, tiny_model_dir, out, cfg)
     assert _val_steps(out) == [0, 4]
     recorded = yaml.safe_load((out / "sft_config.yaml").read_text())

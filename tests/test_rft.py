@@ -23,7 +23,7 @@ from qlass.errors import QlassError
 from qlass.expert import export_expert
 from qlass.jsonl import read_jsonl
 from qlass.rft import RFTConfig, action_key, augment, kept_samples, run_rft
-from qlass.sft import SFTConfig
+from qlass.training.sft import SFTConfig
 from qlass.types import Completion, History, Message, Trajectory
 
 TESTS = Path(__file__).resolve().parent

@@ -25,7 +25,7 @@ from qlass.self_train import (
     select_trajectories,
     self_train,
 )
-from qlass.sft import SFTConfig
+from qlass.training.sft import SFTConfig
 from qlass.tree import Node, Tree, compute_q, mean_leaf_outcome
 
 TESTS = Path(__file__).resolve().parent
@@ -136,7 +136,7 @@ def _expert(path: Path) -> Path:
 
 def test_self_train_fine_tunes_on_expert_plus_selection_and_resumes(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import qlass.sft
+    import qlass.training.sft
 
     expert = _expert(tmp_path / "expert.json")
     # corridor/0 needs one step east: its tree's best path is the expert's own action, a duplicate
@@ -148,17 +148,17 @@ def test_self_train_fine_tunes_on_expert_plus_selection_and_resumes(
     trees = tmp_path / "trees.jsonl"
     write_jsonl(trees, [first.to_dict(), hand_tree().to_dict()])
     out = tmp_path / "q"
-    real = qlass.sft.train_sft
+    real = qlass.training.sft.train_sft
 
     def killed(*args: object, **kwargs: object) -> None:
         # stands for a crash during fine-tuning, which SFT's own tests produce for real
         raise RuntimeError("killed during fine-tuning")
 
-    monkeypatch.setattr(qlass.sft, "train_sft", killed)
+    monkeypatch.setattr(qlass.training.sft, "train_sft", killed)
     with pytest.raises(RuntimeError, match="killed"):
         self_train(trees, expert, tiny_model_dir, out, "q", TINY_SFT)
     written = (out / "data.json").read_bytes()
-    monkeypatch.setattr(qlass.sft, "train_sft", real)
+    monkeypatch.setattr(qlass.training.sft, "train_sft", real)
     agent, data, summary = self_train(trees, expert, tiny_model_dir, out, "q", TINY_SFT)
     assert (out / "data.json").read_bytes() == written, "the rerun selects the same data"
     assert (agent / ".qlass-complete").exists()

@@ -68,7 +68,8 @@ class ValidationReport:
             raise DataError(self.path, f"{self.invalid_records} invalid record(s), {len(self.errors)} problem(s):\n{text}")
 
 
-def _load_raw(path: Path) -> list[Any]:
+def load_records(path: Path) -> list[Any]:
+    """The raw records of a JSON list or JSON Lines file; :class:`DataError` naming it when unreadable."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -253,7 +254,7 @@ def trajectory_to_record(traj: Trajectory, with_steps: bool = True) -> dict[str,
 def validate_file(path: str | Path) -> ValidationReport:
     """Validate every record of a trajectory file; raises :class:`DataError` only if unreadable."""
     p = Path(path)
-    raw = _load_raw(p)
+    raw = load_records(p)
     report = ValidationReport(path=str(p), records=len(raw))
     seen: dict[str, int] = {}
     for idx, rec in enumerate(raw):

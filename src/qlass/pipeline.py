@@ -208,7 +208,7 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .policy import check_policy_options
     from .qnet_train import QNetTrainConfig
     from .search import make_method_config
-    from .sft import SFTConfig
+    from .training.sft import SFTConfig
 
     cfg = build(PipelineConfig, data, source)
     if cfg.backend not in BACKENDS:
@@ -245,7 +245,7 @@ def _retrain_section(cfg: PipelineConfig, name: str, source: str) -> Retrain | N
     from .config import check_known
     from .rft import RFTConfig
     from .self_train import SelfTrainConfig
-    from .sft import SFTConfig
+    from .training.sft import SFTConfig
 
     section = getattr(cfg, name)
     if section is None:
@@ -331,7 +331,7 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
     from .data import save_trajectories
     from .envs.base import make_env
     from .expert import export_expert
-    from .sft import train_sft
+    from .training.sft import train_sft
 
     cfg, run = r.cfg, r.run_dir
     expert_path = Path(r.expert.data) if r.expert.data else run / "expert.json"
@@ -357,7 +357,7 @@ def pipeline_options() -> str:
     from .qnet_train import QNetTrainConfig
     from .rft import RFTConfig
     from .self_train import SelfTrainConfig
-    from .sft import SFTConfig
+    from .training.sft import SFTConfig
 
     def indent(text: str) -> str:
         return "\n".join(f"  {line}" for line in text.splitlines())

@@ -48,17 +48,16 @@ from .qnet_loss import contrast_groups, group_key, state_targets, step_backward
 from .qnet_pack import PackedRow, batch_units, pack_records, step_batches
 from .qnet_validate import loglik_ranker_metrics, loglik_scores, qnet_outputs, validate
 from .train_utils import (
-    TrainerConfig,
     latest_checkpoint,
     load_checkpoint,
     load_trainable,
     log_metrics,
     optimizer_and_schedule,
     progress_bar,
-    rewind_metrics,
     save_checkpoint,
     trainable_state,
 )
+from .training.common import TrainerConfig, rewind_metrics
 
 log = logging.getLogger(__name__)
 DONE_MARK = ".qlass-complete"

@@ -238,10 +238,10 @@ def run_rft(
     """The whole RFT baseline: sample with the SFT agent ``model`` (a model folder or server URL),
     keep the successes, fine-tune ``base`` (``cfg.init="base"``) or the local SFT folder ``model``
     (``"sft"``) on the expert data of ``expert`` plus them (``sft_cfg``: a
-    :class:`~qlass.sft.SFTConfig`; ``policy``: see :func:`sample_training_tasks`). Writes
+    :class:`~qlass.training.sft.SFTConfig`; ``policy``: see :func:`sample_training_tasks`). Writes
     ``out_dir/samples/`` (records), ``out_dir/data.json``, ``out_dir/sft/`` (the RFT agent) and
     ``out_dir/rft_config.yaml``; every part resumes. Returns the agent's folder and the data summary."""
-    from .sft import train_sft
+    from .training.sft import train_sft
 
     out = Path(out_dir)
     expert_path = Path(expert)

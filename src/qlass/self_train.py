@@ -24,7 +24,7 @@ reward mostly pick the grafted expert trajectory itself (on the 12 reference tre
 
 The selected trajectories are added to the expert data (a trajectory whose action sequence repeats
 an expert trajectory of its task is dropped and counted: :func:`qlass.rft.augment`) and the agent is
-fine-tuned on the union (:func:`qlass.sft.train_sft`). ``selection.json`` records every
+fine-tuned on the union (:func:`qlass.training.sft.train_sft`). ``selection.json`` records every
 task's path, its process rewards and outcome, and the mean outcome of the selection.
 """
 
@@ -162,9 +162,9 @@ def self_train(trees: str | Path, expert: str | Path, model_dir: str | Path, out
     """Select one trajectory per tree with the process reward ``reward`` (:func:`select_trajectories`),
     write ``out_dir/selection.json`` and ``out_dir/data.json`` (the expert data of ``expert`` plus the
     selection) and fine-tune ``model_dir`` on it into ``out_dir/sft`` (``sft_cfg``: a
-    :class:`~qlass.sft.SFTConfig`; resumable). Returns the agent's folder, the data summary and the
+    :class:`~qlass.training.sft.SFTConfig`; resumable). Returns the agent's folder, the data summary and the
     selection summary."""
-    from .sft import train_sft
+    from .training.sft import train_sft
 
     out = Path(out_dir)
     if not (Path(model_dir) / "config.json").is_file():

@@ -1,24 +1,10 @@
-"""Pieces shared by the SFT and QNet trainers: batching, optimizer + schedule, checkpoints, progress.
-
-A trainer built from these pieces has this shape (see :func:`qlass.sft.train_sft`)::
-
-    sched_plan = plan(n_train, batch_size, micro_batch, epochs, max_steps)
-    opt, sched = optimizer_and_schedule(params, lr, weight_decay, warmup_ratio, sched_plan.total_steps)
-    step = load_checkpoint(out, model, opt, sched, cfg_hash)      # 0 on a fresh run
-    rewind_metrics(out, step)                                      # forget steps redone after a crash
-    for epoch in range(step // sched_plan.steps_per_epoch, epochs):
-        batches = epoch_batches(lengths, micro_batch, seed, epoch)  # same order on every run
-        for micro_batches in steps_from(batches, sched_plan.accumulation, step - epoch * per_epoch):
-            ...  # forward/backward each micro-batch, opt.step(), sched.step(), step += 1
-            log_metrics(out, {"step": step, ...}); save_checkpoint(...) every K steps
-        save_checkpoint(...)                                       # and at each epoch end
+"""Pieces of the QNet trainer's own loop: optimizer + schedule, checkpoints, progress.
 
 Checkpoints hold the trainable weights (safetensors), the optimizer and scheduler state, the RNG
 states (torch, Python) and the step and config hash. They are written to a temporary folder and
 swapped in by renames, so a killed process leaves either the previous or the new checkpoint, never
-a half-written one. A run resumes only from a checkpoint made with the same config hash. Since
-batch order is a pure function of (seed, epoch) and the RNG states are restored, a resumed run
-takes the same steps as an uninterrupted one.
+a half-written one. A run resumes only from a checkpoint made with the same config hash. (SFT and
+DPO run on transformers' Trainer, see :mod:`qlass.training`.)
 """
 
 from __future__ import annotations
@@ -28,87 +14,18 @@ import logging
 import math
 import random
 import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import option
 from .errors import QlassError
-from .jsonl import append_jsonl, read_jsonl, write_jsonl
+from .jsonl import append_jsonl
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Settings every trainer shares (SFT and QNet configs extend it with their own)."""
-
-    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup (then cosine decay to 0)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
-    lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    autocast: bool = option(False, "bf16 autocast (on CPU 1.6-2.2x faster on AVX512-BF16/AMX machines; GPUs)")
-    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N",
-                         runtime=True)
-    threads: int | None = option(None, "torch CPU threads (None: torch's default)", runtime=True)
-    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
-    save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
-
-    def __post_init__(self) -> None:
-        if self.save_every < 1 or self.lora_r < 1:
-            raise ValueError(f"save_every and lora_r must be >= 1, got {self.save_every} and {self.lora_r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-
 CHECKPOINT = "checkpoint"
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How many optimizer steps a run takes, and how micro-batches group into them."""
-
-    steps_per_epoch: int
-    accumulation: int
-    total_steps: int
-
-
-def plan(n_examples: int, batch_size: int, micro_batch: int, epochs: int, max_steps: int | None) -> Schedule:
-    """Optimizer steps for ``epochs`` passes at effective ``batch_size`` (capped by ``max_steps``)."""
-    if n_examples == 0:
-        raise QlassError("no training examples")
-    accumulation = max(1, math.ceil(batch_size / micro_batch))
-    per_epoch = max(1, math.ceil(n_examples / (accumulation * micro_batch)))
-    total = per_epoch * epochs if max_steps is None else min(per_epoch * epochs, max_steps)
-    return Schedule(per_epoch, accumulation, total)
-
-
-def epoch_batches(lengths: Sequence[int], micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length-grouped micro-batches in a seeded, per-epoch shuffled order."""
-    rng = random.Random(seed * 1000 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = micro_batch * 16
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + micro_batch] for i in range(0, len(chunk), micro_batch)]
-    rng.shuffle(batches)
-    return batches
-
-
-def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    """Right-pad integer rows into a tensor."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def optimizer_and_schedule(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float,
@@ -206,23 +123,3 @@ def progress_bar(description: str) -> Progress:
 def log_metrics(out_dir: Path, record: dict[str, Any]) -> None:
     """Append one metrics record to ``out_dir/metrics.jsonl``."""
     append_jsonl(out_dir / "metrics.jsonl", record)
-
-
-def rewind_metrics(out_dir: Path, step: int) -> None:
-    """Drop records of steps after ``step`` from ``out_dir/metrics.jsonl`` (they are redone on resume).
-
-    Records without a ``step`` field are kept.
-    """
-    path = out_dir / "metrics.jsonl"
-    records = read_jsonl(path, repair_tail=True)
-    kept = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= step]
-    if len(kept) != len(records):
-        log.info("%s: dropping %d record(s) after step %d", path, len(records) - len(kept), step)
-        write_jsonl(path, kept)
-
-
-def steps_from(batches: list[list[int]], accumulation: int, skip_steps: int) -> Iterator[list[list[int]]]:
-    """Group an epoch's micro-batches into optimizer steps, skipping the first ``skip_steps``."""
-    for k, start in enumerate(range(0, len(batches), accumulation)):
-        if k >= skip_steps:
-            yield batches[start:start + accumulation]

@@ -1,0 +1,1 @@
+"""Training on transformers' Trainer and TRL: SFT (:mod:`.sft`), DPO (:mod:`.dpo`); shared plumbing in :mod:`.common`."""

@@ -1,0 +1,271 @@
+"""What the trainers share on top of transformers' ``Trainer`` (TRL's trainers are ``Trainer`` subclasses).
+
+- :class:`TrainerConfig`: the options every trainer has, mapped onto ``TrainingArguments`` by
+  :func:`training_arguments` (``batch_size`` is the global batch: sequences per optimizer step over
+  all processes, so a run takes the same steps on one CPU and under ``accelerate launch``).
+- Checkpoints are the ``Trainer``'s own ``checkpoint-N`` folders (weights, optimizer, scheduler, RNG
+  states, trainer state) every ``save_every`` steps and at each epoch end, the last one kept.
+  ``trainer_state.json`` is written last, so :func:`last_checkpoint` takes the newest folder that
+  has it (a process killed while writing leaves an incomplete one, which is removed).
+- :class:`MetricsLog` appends what the ``Trainer`` logs to ``metrics.jsonl`` (``train_loss``,
+  ``val_loss``...); :func:`rewind_metrics` drops records of steps redone after a resume.
+- :class:`LengthGroupedSampler`: micro-batches of similar lengths in a seeded order that depends only
+  on (seed, epoch), so a resumed run sees the batches of an uninterrupted one.
+
+Under ``accelerate launch`` every process runs the same function; only the main one (``RANK`` 0)
+takes the writer lock and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..config import check_recorded, config_hash, option, to_dict
+from ..errors import QlassError
+from ..jsonl import append_jsonl, read_jsonl, write_jsonl
+from ..locking import writer_lock
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.jsonl"
+DONE_MARK = ".qlass-complete"
+RENAME = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "val_loss"}
+"""Trainer log names → ``metrics.jsonl`` names."""
+STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Settings every trainer shares (SFT, DPO and QNet configs extend it with their own)."""
+
+    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup (then cosine decay to 0)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
+    lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    autocast: bool = option(False, "bf16 mixed precision (on CPU 1.6-2.2x faster on AVX512-BF16/AMX machines; GPUs)")
+    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N (the "
+                         "Trainer-based ones take auto or cpu: accelerate launch places their processes)",
+                         runtime=True)
+    threads: int | None = option(None, "torch CPU threads (None: torch's default)", runtime=True)
+    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
+    save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
+    report_to: str = option("none", "where the Trainer also reports metrics: none, tensorboard, wandb, all, or a "
+                            "comma-separated list (metrics.jsonl is always written)", runtime=True)
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1 or self.lora_r < 1:
+            raise ValueError(f"save_every and lora_r must be >= 1, got {self.save_every} and {self.lora_r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, kind: str) -> bool:
+    """Whether ``out`` holds this finished run (``DONE_MARK`` reading ``kind`` and the config hash).
+    A finished run, or one with a checkpoint, made with other settings (runtime ones aside), other data
+    (by digest; the path may change) or another base model than ``made_from`` is refused, naming them;
+    what an older ``config_file`` lacks (a digest, options added since) counts as unchanged."""
+    done = (out / DONE_MARK).exists()
+    if done or last_checkpoint(out) is not None:
+        runtime = [f.name for f in fields(cfg) if f.metadata.get("runtime")]
+        check_recorded(out / config_file, {**to_dict(cfg), **made_from}, str(out), ["data", *runtime],
+                       "use a new output folder")
+    if not done:
+        return False
+    made_with = (out / DONE_MARK).read_text().split()
+    if len(made_with) > 1 and made_with[1] != config_hash(cfg):
+        raise QlassError(f"{out}: holds a finished {kind.upper()} run made with other settings; use a new output folder")
+    log.info("%s is complete; nothing to do", out)
+    return True
+
+
+def world_size() -> int:
+    """Processes of this run (``WORLD_SIZE`` set by ``accelerate launch``/torchrun; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (global rank 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main_process_lock(out: Path) -> AbstractContextManager[None]:
+    """The writer lock of ``out`` for the main process (the others run under it)."""
+    return writer_lock(out, folder=True) if is_main_process() else nullcontext()
+
+
+def accumulation(batch_size: int, micro_batch: int) -> int:
+    """Micro-batches each process accumulates per optimizer step for a global ``batch_size``."""
+    return max(1, math.ceil(batch_size / (micro_batch * world_size())))
+
+
+def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float, micro_batch: int,
+                       batch_size: int, seed: int, evaluate: bool, gradient_checkpointing: bool = False) -> dict[str, Any]:
+    """``TrainingArguments`` keywords for ``cfg`` (TRL's configs take them too)."""
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise QlassError(f"device {cfg.device!r}: this trainer takes auto or cpu (pick GPUs with CUDA_VISIBLE_DEVICES "
+                         "or accelerate launch)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return {
+        "output_dir": str(out), "num_train_epochs": epochs, "max_steps": cfg.max_steps or -1,
+        "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": cfg.warmup_ratio,
+        "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.grad_clip,
+        "per_device_train_batch_size": micro_batch, "per_device_eval_batch_size": micro_batch,
+        "gradient_accumulation_steps": accumulation(batch_size, micro_batch),
+        "bf16": cfg.autocast, "use_cpu": cfg.device == "cpu" or not torch.cuda.is_available(), "seed": seed, "data_seed": seed,
+        "activation_checkpointing": gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
+        "eval_strategy": "epoch" if evaluate else "no", "save_strategy": "steps", "save_steps": cfg.save_every,
+        "save_total_limit": 1, "logging_steps": 1, "report_to": [s.strip() for s in cfg.report_to.split(",")],
+        "disable_tqdm": True, "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``out`` (``out`` itself when it is one), else ``None``."""
+    if (out / STATE).exists():
+        return out
+    found = [p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit() and (p / STATE).exists()]
+    return max(found, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was saved after."""
+    return int(json.loads((ckpt / STATE).read_text())["global_step"])
+
+
+def prepare_resume(out: Path) -> Path | None:
+    """The checkpoint to resume from (``None``: a fresh run). The main process removes incomplete
+    checkpoints, forgets metrics logged after the checkpoint, or all of them on a fresh start."""
+    if (out / "checkpoint" / "state.json").exists():
+        raise QlassError(f"{out}: holds a checkpoint of an older qlass (checkpoint/); finish the run with that "
+                         "version or delete the folder to start over")
+    ckpt = last_checkpoint(out)
+    if is_main_process():
+        for partial in out.glob("checkpoint-*"):
+            if not (partial / STATE).exists():
+                shutil.rmtree(partial, ignore_errors=True)
+        if ckpt is None:
+            (out / METRICS).unlink(missing_ok=True)
+        else:
+            rewind_metrics(out, checkpoint_step(ckpt))
+            log.info("resuming from %s", ckpt)
+    return ckpt
+
+
+def remove_checkpoints(out: Path) -> None:
+    """Drop the ``checkpoint-N`` folders and the Trainer's leftovers once the final model is saved."""
+    for ckpt in out.glob("checkpoint-*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    (out / "training_args.bin").unlink(missing_ok=True)
+
+
+def rewind_metrics(out_dir: Path, step: int) -> None:
+    """Drop records of steps after ``step`` from ``out_dir/metrics.jsonl`` (they are redone on resume).
+
+    Records without a ``step`` field are kept.
+    """
+    path = out_dir / METRICS
+    records = read_jsonl(path, repair_tail=True)
+    kept = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= step]
+    if len(kept) != len(records):
+        log.info("%s: dropping %d record(s) after step %d", path, len(records) - len(kept), step)
+        write_jsonl(path, kept)
+
+
+class MetricsLog(TrainerCallback):
+    """Appends the Trainer's logs to ``metrics.jsonl`` (main process): per step ``train_loss``, ``lr``,
+    ``grad_norm``; per evaluation ``val_loss`` and the trainer's other ``eval_*`` metrics (``val_*``, or
+    without the prefix for names with a ``/``); the end-of-training summary with ``kind: summary``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record: dict[str, Any] = {"step": state.global_step, "epoch": round(float(state.epoch or 0), 4)}
+        summary = "train_runtime" in logs
+        if summary:
+            record["kind"] = "summary"
+        for key, value in logs.items():
+            if key == "epoch":
+                continue
+            name = "mean_train_loss" if summary and key == "train_loss" else RENAME.get(key, key)
+            if name.startswith("eval_") and not name.endswith(("_runtime", "_per_second")):
+                name = name[len("eval_"):]
+                name = name if "/" in name else f"val_{name}"
+            record[name] = value
+        if "val_loss" in record:
+            log.info("step %d: validation loss %.4f", state.global_step, record["val_loss"])
+        elif "train_loss" in record and state.global_step % max(1, state.max_steps // 20) == 0:
+            log.info("step %d/%d: train loss %.4f", state.global_step, state.max_steps, record["train_loss"])
+        append_jsonl(self.out / METRICS, record)
+
+
+def quiet(trainer: Any) -> Any:
+    """``trainer`` without the callbacks that print every log to stdout (:class:`MetricsLog` logs)."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+class SaveAtEpochEnd(TrainerCallback):
+    """Checkpoint at each epoch end too (after its validation), besides every ``save_steps``."""
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **_: Any) -> Any:
+        control.should_save = True
+        return control
+
+
+def length_grouped_order(lengths: Sequence[int], micro_batch: int, seed: int, epoch: int) -> list[int]:
+    """All indices in a seeded per-epoch order where each run of ``micro_batch`` consecutive indices
+    (a micro-batch) holds sequences of similar length: shuffled, sorted by length within windows of
+    16 micro-batches, cut into micro-batches that are shuffled again (the one short one last)."""
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = micro_batch * 16
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + micro_batch] for i in range(0, len(chunk), micro_batch)]
+    short = [b for b in batches if len(b) < micro_batch]
+    full = [b for b in batches if len(b) == micro_batch]
+    rng.shuffle(full)
+    return [i for b in full + short for i in b]
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """:func:`length_grouped_order` as a sampler (the Trainer calls ``set_epoch``)."""
+
+    def __init__(self, lengths: Sequence[int], micro_batch: int, seed: int) -> None:
+        self.lengths, self.micro_batch, self.seed, self.epoch = list(lengths), micro_batch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(length_grouped_order(self.lengths, self.micro_batch, self.seed, self.epoch))

@@ -1,0 +1,255 @@
+"""DPO on preference pairs of trajectories, trained by TRL's ``DPOTrainer`` (the building block of the
+ETO baseline: a successful and a failed trajectory of one task).
+
+A pair file is a JSON list or JSON Lines of records::
+
+    {"id": "...", "chosen": {trajectory record}, "rejected": {trajectory record}}
+
+where each side is a record of the project's conversation format (:mod:`qlass.data`). Both sides
+must start from the same prompt (the messages up to the task turn, :func:`qlass.training.sft.prefix_length`),
+hold at least one agent turn after it and differ; when both carry a ``reward``, the chosen one's may
+not be lower. Every problem is reported with the file, the record and the field before training.
+
+The log-probabilities DPO compares are summed over the agent turns after the task turn only (end of
+turn included), as SFT trains on them: the observations are context, not the policy's output. The
+pairs are tokenized here (:func:`qlass.policy.render.encode_conversation`, what the policy reads) and
+handed to the trainer with those masks; the reference model is the starting model (for LoRA, the
+model with the adapters off).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import config_hash, option, save_yaml, to_dict
+from ..data import ValidationReport, load_records, record_problems, record_to_trajectory
+from ..errors import DataError
+from ..policy.hf import load_causal_lm
+from ..qnet_train import file_digest
+from ..types import Trajectory
+from .common import (
+    DONE_MARK,
+    MetricsLog,
+    SaveAtEpochEnd,
+    TrainerConfig,
+    finished,
+    is_main_process,
+    main_process_lock,
+    prepare_resume,
+    quiet,
+    remove_checkpoints,
+    training_arguments,
+)
+from .sft import labelled_example, lora_config, prefix_length, save_merged
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "dpo_config.yaml"
+SIDES = ("chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainerConfig):
+    """DPO settings (TRL's sigmoid loss)."""
+
+    epochs: int = option(3, "passes over the training pairs")
+    lr: float = option(1e-6, "peak learning rate")
+    beta: float = option(0.1, "DPO beta: the strength of the pull toward the reference (starting) model")
+    batch_size: int = option(32, "pairs per optimizer step, over all processes")
+    micro_batch: int = option(1, "pairs per forward pass per process (each pair is two sequences)")
+    max_length: int = option(4096, "longest side of a pair in tokens; a longer pair is an error naming it")
+    val_fraction: float = option(0.1, "fraction of pairs held out; evaluation reports the DPO loss, reward "
+                                      "accuracy and margin")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, more "
+                                          "compute)", runtime=True)
+    seed: int = option(0, "seed for the split, batch order and initialisation")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("epochs", "batch_size", "micro_batch", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.beta <= 0:
+            raise ValueError(f"lr and beta must be > 0, got {self.lr} and {self.beta}")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """Two trajectories of one prompt, the chosen one preferred."""
+
+    id: str
+    chosen: Trajectory
+    rejected: Trajectory
+
+
+def _pair_problems(rec: Any) -> list[str]:
+    if not isinstance(rec, dict):
+        return [f"expected a JSON object with 'id', 'chosen' and 'rejected', got {type(rec).__name__}"]
+    problems = []
+    if not isinstance(rec.get("id"), (str, int)) or rec.get("id") == "":
+        problems.append("field 'id': missing or not a non-empty string")
+    unknown = sorted(set(rec) - {"id", *SIDES})
+    if unknown:
+        problems.append(f"unknown field(s) {', '.join(map(repr, unknown))} (a pair has 'id', 'chosen', 'rejected')")
+    for side in SIDES:
+        if side not in rec:
+            problems.append(f"field {side!r}: missing")
+            continue
+        side_rec = rec[side]
+        if isinstance(side_rec, dict) and "id" not in side_rec:  # a side needs no id of its own
+            side_rec = {**side_rec, "id": f"{rec.get('id')}/{side}"}
+        problems += [f"field {side!r}: {p}" for p in record_problems(side_rec)]
+    if problems:
+        return problems
+    sides = [record_to_trajectory({"id": f"{rec['id']}/{s}", **rec[s]}) for s in SIDES]
+    keeps = [prefix_length(t.messages) for t in sides]
+    for side, traj, keep in zip(SIDES, sides, keeps):
+        if not any(m.role == "assistant" for m in traj.messages[keep:]):
+            problems.append(f"field {side!r}: no agent turn after the task turn")
+    if sides[0].messages[:keeps[0]] != sides[1].messages[:keeps[1]]:
+        problems.append("fields 'chosen' and 'rejected': the prompts (instruction and task turns) differ")
+    elif sides[0].messages == sides[1].messages:
+        problems.append("fields 'chosen' and 'rejected': the same conversation")
+    if "reward" in rec["chosen"] and "reward" in rec["rejected"] and sides[0].reward < sides[1].reward:
+        problems.append(f"field 'chosen.reward': {sides[0].reward} is below the rejected one's {sides[1].reward}")
+    return problems
+
+
+def load_pairs(path: str | Path) -> list[PreferencePair]:
+    """Read a pair file; :class:`~qlass.errors.DataError` listing every invalid record (file, record, field)."""
+    p = Path(path)
+    raw = load_records(p)
+    report = ValidationReport(path=str(p), records=len(raw))
+    pairs, seen = [], {}
+    for i, rec in enumerate(raw):
+        problems = _pair_problems(rec)
+        rid = str(rec["id"]) if isinstance(rec, dict) and "id" in rec else None
+        if rid is not None and rid in seen:
+            problems.append(f"field 'id': duplicate of record {seen[rid]}")
+        elif rid is not None:
+            seen[rid] = i
+        if problems:
+            label = f"record {i}" + (f" (id {rid!r})" if rid is not None else "")
+            report.errors += [f"{p}, {label}: {msg}" for msg in problems]
+            report.invalid_records += 1
+        else:
+            pairs.append(PreferencePair(rid, *(record_to_trajectory({"id": f"{rid}/{s}", **rec[s]}) for s in SIDES)))
+    report.raise_if_bad()
+    if not pairs:
+        raise DataError(str(p), "no preference pairs")
+    return pairs
+
+
+def encode_pair(tokenizer: Any, pair: PreferencePair) -> dict[str, list[int]]:
+    """The pair as the trainer's columns: the shared prompt ids, each side's completion ids and its
+    mask (1 on the agent turns after the task turn)."""
+    sides = []
+    for traj in (pair.chosen, pair.rejected):
+        keep = prefix_length(traj.messages)
+        end = max(i + 1 for i, m in enumerate(traj.messages) if m.role == "assistant")
+        ids, labels = labelled_example(tokenizer, traj.messages[:end], keep, 1 << 30)
+        sides.append((ids, [int(x != -100) for x in labels]))
+    (a, mask_a), (b, mask_b) = sides
+    shared = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = min(shared, mask_a.index(1), mask_b.index(1))
+    return {"prompt_ids": a[:start], "chosen_ids": a[start:], "chosen_mask": mask_a[start:],
+            "rejected_ids": b[start:], "rejected_mask": mask_b[start:]}
+
+
+def _encode_all(tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int, path: str | Path) -> list[dict]:
+    rows, too_long = [], []
+    for pair in pairs:
+        row = encode_pair(tokenizer, pair)
+        longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        if longest > max_length:
+            too_long.append(f"{path}, pair {pair.id!r}: {longest} tokens > max_length {max_length}")
+        rows.append(row)
+    if too_long:
+        report = ValidationReport(path=str(path), records=len(pairs), errors=too_long, invalid_records=len(too_long))
+        report.raise_if_bad()
+    return rows
+
+
+def _trainer_class() -> type:
+    """``DPOTrainer`` on pairs tokenized here, its completion mask limited to the agent turns."""
+    import torch
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import pad
+
+    class AgentTurnCollator(DataCollatorForPreference):
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            out = super().torch_call(examples)
+            masks = [[0] * len(e["prompt_ids"]) + e[f"{side}_mask"] for side in SIDES for e in examples]
+            out["completion_mask"] = pad([torch.tensor(m, dtype=torch.long) for m in masks], padding_value=0,
+                                         padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+            return out
+
+    class PairDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset: Any, *_: Any, **__: Any) -> Any:
+            return dataset  # tokenized by encode_pair
+
+    return PairDPOTrainer, AgentTurnCollator
+
+
+def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: DPOConfig) -> Path:
+    """Train the causal LM at ``model_dir`` with DPO on the preference pairs in ``pairs``; returns ``out_dir``.
+
+    ``out_dir`` receives a plain HF causal-LM folder, ``metrics.jsonl`` (per step the DPO loss and
+    TRL's reward metrics; per epoch the held-out ones: ``val_loss``, ``rewards/accuracies``,
+    ``rewards/margins``...) and ``dpo_config.yaml``. Resumes from its last ``checkpoint-N``; a finished
+    folder is handed back for the same settings and data, refused otherwise. Runs as it is and under
+    ``accelerate launch``.
+    """
+    out = Path(out_dir)
+    with main_process_lock(out):
+        return _train_dpo(pairs, model_dir, out, cfg)
+
+
+def _train_dpo(path: str | Path, model_dir: str | Path, out: Path, cfg: DPOConfig) -> Path:
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+
+    made_from = {"data": str(path), "base_model": str(model_dir)}
+    if Path(path).is_file():
+        made_from["data_sha256"] = file_digest(path)
+    if finished(out, cfg, made_from, CONFIG_FILE, "dpo"):
+        return out
+    pairs = load_pairs(path)
+    model, tokenizer = load_causal_lm(model_dir)
+    rows = _encode_all(tokenizer, pairs, cfg.max_length, path)
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = min(round(len(rows) * cfg.val_fraction), len(rows) - 1)
+    train = [rows[i] for i in sorted(order[n_val:])]
+    val = [rows[i] for i in sorted(order[:n_val])]
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        save_yaml(out / CONFIG_FILE, {**to_dict(cfg), **made_from})
+    resume = prepare_resume(out)
+    log.info("DPO: %d train / %d held-out pairs", len(train), len(val))
+    args = TRLConfig(**training_arguments(cfg, out, epochs=cfg.epochs, lr=cfg.lr, micro_batch=cfg.micro_batch,
+                                          batch_size=cfg.batch_size, seed=cfg.seed, evaluate=bool(val),
+                                          gradient_checkpointing=cfg.gradient_checkpointing),
+                     eval_on_start=bool(val) and resume is None, beta=cfg.beta, max_length=None,
+                     remove_unused_columns=False)
+    trainer_cls, collator_cls = _trainer_class()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = quiet(trainer_cls(model=model, args=args, data_collator=collator_cls(pad_token_id=pad_id),
+                                train_dataset=Dataset.from_list(train),
+                                eval_dataset=Dataset.from_list(val) if val else None, processing_class=tokenizer,
+                                peft_config=lora_config(cfg) if cfg.lora else None,
+                                callbacks=[MetricsLog(out), SaveAtEpochEnd()]))
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    save_merged(trainer, model_dir, tokenizer, out, cfg.lora)
+    if is_main_process():
+        remove_checkpoints(out)
+        (out / DONE_MARK).write_text(f"dpo {config_hash(cfg)}\n")
+    trainer.accelerator.wait_for_everyone()
+    return out
