@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_policy_openai import KEY, _free_port, _wait_ready
+from test_policy_openai import KEY, _free_port, running_llama_server
 from toy_envs import Corridor
 
 from qlass.agent import EpisodeConfig, run_episode
@@ -250,24 +250,9 @@ def served_default_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     done = subprocess.run([sys.executable, "-m", "qlass", "model", "export-gguf", str(model), "--out", str(path),
                            "--dtype", "f32"], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and done.stdout.strip() == str(path), done.stderr[-2000:]
-    port = _free_port()
     # f32 KV cache (GGML type 0) so that nothing but the order of float additions differs from HF's fp32.
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1", "--port", str(port),
-           "--n_ctx", "2048", "--n_threads", "1", "--type_k", "0", "--type_v", "0", "--api_key", KEY]
-    log_path = folder / "server.log"
-    with open(log_path, "w") as log_file:  # a file, not a pipe: a full pipe would block the server
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_ready(proc, url, log_path, timeout=120)
+    with running_llama_server(path, folder, "--n_threads", "1", "--type_k", "0", "--type_v", "0") as url:
         yield path, url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class ShownCorridor(Corridor):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -48,13 +49,14 @@ def _free_port() -> int:
 
 
 # -- a real llama.cpp server ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is built by scripts/setup.sh --test")
+@contextlib.contextmanager
+def running_llama_server(model: Path, folder: Path, *args: str) -> Iterator[str]:
+    """llama.cpp's server on a free loopback port serving ``model`` (extra command-line ``args``), its
+    log in ``folder``; yields its base URL once it answers, stops it on exit."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("llama") / "server.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--api_key", KEY, "--model_alias", "smol"]
+    log_path = folder / "server.log"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "2048", "--api_key", KEY, *args]
     # Output to a file, not a pipe: a full pipe would block the server.
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
@@ -69,6 +71,14 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is built by scripts/setup.sh --test")
+    with running_llama_server(default_gguf_path(), tmp_path_factory.mktemp("llama"), "--n_threads", "2",
+                              "--model_alias", "smol") as url:
+        yield url
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
