@@ -150,6 +150,25 @@ def suffix_hidden(backbone: Any, cache: Any, n_prefix: int, suffixes: Sequence[S
     return hidden.float()
 
 
+def stored_prefix_hidden(backbone: Any, store: kv.PrefixStore, prefix: Sequence[int],
+                         suffixes: Sequence[Sequence[int]], autocast: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`shared_prefix_hidden` (no gradient) with the prefix's cache kept in ``store``: a prefix
+    that extends a stored one (the next turn of an episode, a deeper node of a tree path) runs only
+    its new tokens. Returns ``(prefix_last, suffix_hidden, prefix tokens computed)``."""
+    key = tuple(prefix)
+    reused, entry = store.lookup(key)
+    computed = 0
+    if entry is None or reused < len(key):
+        cache = kv.prefill_cache(entry.kv if entry else None, reused, len(key),
+                                 backbone.config.get_text_config(decoder=True).num_hidden_layers)
+        cache, last = prefix_state(backbone, key, autocast, cache, reused)
+        computed = len(key) - reused
+        entry = kv.Prefix(kv.cache_kv(cache), last)
+        store.put(key, entry)
+    return entry.logits, suffix_hidden(backbone, cache_over(entry.kv), len(key), suffixes, autocast), computed
+
+
 def cache_over(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     """A :class:`~transformers.DynamicCache` that starts from stored per-layer (keys, values) without
     copying them (a dynamic layer's update concatenates, so the stored tensors are never written)."""
@@ -365,18 +384,10 @@ class QNet:
     def _cached_values(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], value: bool) -> torch.Tensor:
         """:meth:`values` (no gradient) with the history's cache kept in the store: a history that
         extends a stored one (the next turn of the same episode) runs only its new tokens."""
-        key = tuple(prefix)
-        reused, entry = self.store.lookup(key)
-        backbone = backbone_of(self.model)
-        if entry is None or reused < len(key):
-            cache = kv.prefill_cache(entry.kv if entry else None, reused, len(key),
-                                     self.model.config.get_text_config(decoder=True).num_hidden_layers)
-            cache, last = prefix_state(backbone, key, self.autocast, cache, reused)
-            self.prefill_tokens += len(key) - reused
-            entry = kv.Prefix(kv.cache_kv(cache), last)
-            self.store.put(key, entry)
-        hidden = suffix_hidden(backbone, cache_over(entry.kv), len(key), suffixes, self.autocast)
-        return self._rank_scores(entry.logits, hidden, [len(s) for s in suffixes], value)
+        prefix_last, hidden, computed = stored_prefix_hidden(backbone_of(self.model), self.store, prefix, suffixes,
+                                                             self.autocast)
+        self.prefill_tokens += computed
+        return self._rank_scores(prefix_last, hidden, [len(s) for s in suffixes], value)
 
     def clear_cache(self) -> None:
         """Forget the stored history caches (call after changing the weights)."""

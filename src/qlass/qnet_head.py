@@ -46,7 +46,7 @@ from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl, write_text_atomic
 from .locking import writes_to
 from .policy import kv
-from .qnet import QNet, backbone_of, cache_over, last_real_hidden, prefix_state, suffix_hidden
+from .qnet import QNet, backbone_of, last_real_hidden, stored_prefix_hidden
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 
@@ -105,31 +105,21 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
         log.info("features: %d records already in %s, %d groups to compute", len(have), out, len(groups))
     groups.sort(key=lambda g: (g.tree_id, len(g.messages)))  # a tree's paths in order: histories extend
     backbone, head = backbone_of(lm), lm.get_output_embeddings()
-    layers = lm.config.get_text_config(decoder=True).num_hidden_layers
     store = kv.PrefixStore(cache_slots if kv.plain_attention(lm.config) else 0)
     start = last_log = time.perf_counter()
     with torch.no_grad():
         for n, group in enumerate(groups, 1):
             prefix = qnet.encode_history(group.messages)
             suffixes = [qnet.encode_action(r.action) for r in group.records]
-            key = tuple(prefix)
-            reused, entry = store.lookup(key)
-            if entry is None or reused < len(key):
-                cache = kv.prefill_cache(entry.kv if entry else None, reused, len(key), layers)
-                cache, last = prefix_state(backbone, key, qnet.autocast, cache, reused)
-                entry = kv.Prefix(kv.cache_kv(cache), last)
-                if store.slots:
-                    store.put(key, entry)
-            hidden = suffix_hidden(backbone, cache_over(entry.kv), len(key), suffixes, qnet.autocast)
-            lengths = [len(s) for s in suffixes]
-            feats = last_real_hidden(entry.logits, hidden, lengths)
+            prefix_last, hidden, _ = stored_prefix_hidden(backbone, store, prefix, suffixes, qnet.autocast)
+            feats = last_real_hidden(prefix_last, hidden, [len(s) for s in suffixes])
             means, sums = [], []
             for i, ids in enumerate(suffixes):
                 if not ids:
                     means.append(0.0)
                     sums.append(0.0)
                     continue
-                states = torch.cat([entry.logits[None], hidden[i, : len(ids) - 1]])  # each predicts the next token
+                states = torch.cat([prefix_last[None], hidden[i, : len(ids) - 1]])  # each predicts the next token
                 logp = torch.log_softmax(head(states.to(head.weight.dtype)).float(), dim=-1)
                 total = float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
                 sums.append(total)
