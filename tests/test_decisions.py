@@ -409,3 +409,18 @@ def test_local_policies_keep_a_prompt_cache_per_live_history(tiny_model_dir: Pat
     assert "cache_slots" not in policy_with_cache("http://127.0.0.1:9/v1", {}, 16).keywords  # the server's own
     scripted = policy_with_cache("test_decisions:ScriptedPolicy", {"delay": 0.0}, 16)
     assert isinstance(scripted(), ScriptedPolicy)
+
+
+def test_offset_continues_where_a_limit_stopped() -> None:
+    from toy_envs import Corridor
+
+    from qlass.evaluate import split_tasks
+
+    def ids(limit: int | None, offset: int = 0) -> list[str]:
+        return [t.id for t in split_tasks(lambda: Corridor(tasks_per_split=10), "corridor", ["train", "seen"],
+                                          None, limit, offset)[1]]
+
+    first, second = ids(3), ids(4, offset=3)
+    assert not set(first) & set(second) and len(second) == 8
+    assert sorted(first + second) == sorted(ids(7))
+    assert ids(None, offset=8) == ["corridor/8", "corridor/108", "corridor/9", "corridor/109"]

@@ -88,13 +88,15 @@ def select_tasks(tasks: Sequence[Task], limit: int | None) -> list[Task]:
 
 
 def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str], task_types: Sequence[str] | None,
-                limit: int | None) -> tuple[str, list[Task]]:
-    """The environment's name and the tasks of ``splits`` (each :func:`select_tasks`), the splits
+                limit: int | None, offset: int = 0) -> tuple[str, list[Task]]:
+    """The environment's name and the tasks of ``splits`` (each :func:`select_tasks`, after skipping
+    the first ``offset`` of that order: ``offset=30`` continues where ``limit=30`` stopped), the splits
     interleaved so that a run stopped part-way covers each of them."""
     probe = make_env()
     try:
         env_name = probe.name
-        by_split = {split: select_tasks(probe.tasks(split, task_types), limit) for split in splits}
+        by_split = {split: select_tasks(probe.tasks(split, task_types), None if limit is None else offset + limit)[offset:]
+                    for split in splits}
     finally:
         probe.close()
     for split, tasks in by_split.items():

@@ -187,6 +187,30 @@ def cross_validate_head(records: Sequence[QRecord], feats: dict[str, tuple[np.nd
     return sorted(results, key=lambda res: (-accuracy(res), -res["l2"]))
 
 
+def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg: QNetHeadConfig, source: str
+                ) -> tuple[QNet, dict[str, tuple[np.ndarray, float, float]]]:
+    """A QNet on the SFT backbone (its head still untrained) and every record's features, computed
+    into ``out/features.jsonl`` (resumable; a folder whose features came from other inputs or
+    settings is refused)."""
+    from .policy.hf import load_causal_lm
+
+    settings = {"qdata": source, "sft": str(sft_dir), "max_length": cfg.max_length,
+                "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast}
+    stamp = out / "features.settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != settings:
+        raise QlassError(f"{out}: its features were computed with {stamp.read_text().strip()}, not {settings}; "
+                         "use another --out")
+    write_text_atomic(stamp, json.dumps(settings) + "\n")
+    qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
+    lm, _ = load_causal_lm(sft_dir)
+    feats = record_features(qnet, lm, records, out / FEATURES_FILE, source, cfg.cache_slots)
+    del lm
+    missing = [_record_key(r) for r in records if _record_key(r) not in feats]
+    if missing:
+        raise QlassError(f"{out / FEATURES_FILE}: no features for records {missing[:3]}")
+    return qnet, feats
+
+
 @writes_to("out_dir", folder=True)
 def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg: QNetHeadConfig) -> dict[str, Any]:
     """Fit a head-only QNet on ``qdata`` from the SFT model in ``sft_dir`` (see the module docstring):
@@ -202,20 +226,7 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     trees = len({r.tree_id for r in records})
     if trees < cfg.folds:
         raise DataError(str(qdata), f"{trees} trees cannot be split into {cfg.folds} folds; lower folds")
-    settings = {"qdata": str(qdata), "sft": str(sft_dir), "max_length": cfg.max_length,
-                "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast}
-    stamp = out / "features.settings.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != settings:
-        raise QlassError(f"{out}: its features were computed with {stamp.read_text().strip()}, not {settings}; "
-                         "use another --out")
-    write_text_atomic(stamp, json.dumps(settings) + "\n")
-    qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
-    lm, _ = load_causal_lm(sft_dir)
-    feats = record_features(qnet, lm, records, out / FEATURES_FILE, str(qdata), cfg.cache_slots)
-    del lm
-    missing = [_record_key(r) for r in records if _record_key(r) not in feats]
-    if missing:
-        raise QlassError(f"{out / FEATURES_FILE}: no features for records {missing[:3]}")
+    qnet, feats = features_of(records, sft_dir, out, cfg, str(qdata))
     results = cross_validate_head(records, feats, cfg, str(qdata))
     best = results[0]
     x = np.stack([feats[_record_key(r)][0] for r in records]).astype(np.float64)

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         split: list[str] = typer.Option(["seen"], help="Split(s) to play (repeatable; interleaved as in qlass eval)."),
         task_types: str | None = typer.Option(None, help="Comma-separated task types to keep."),
         limit: int | None = typer.Option(None, min=1, help="At most this many tasks per split (round-robin over task types; may grow on rerun)."),
+        offset: int = typer.Option(0, min=0, help="Skip the first N tasks of each split's round-robin order: a second collector with --offset 30 takes the tasks after a first one's --limit 30."),
         out: Path = typer.Option(Path("runs/decisions/decisions.jsonl"), dir_okay=False, help="Decisions file to append to (resumable); NAME.config.yaml and NAME.tasks.jsonl go beside it."),
         config: Path | None = typer.Option(None, dir_okay=False, help="YAML file with DecisionConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override a DecisionConfig option: key=value (repeatable)."),
@@ -73,9 +74,11 @@ def register(app: typer.Typer) -> None:
         policy_kwargs = parse_kv(policy_arg, "--policy-arg")
         types = task_types.split(",") if task_types else None
         make = functools.partial(make_env, env, **env_kwargs)
-        _, tasks = split_tasks(make, env, split, types, limit)
+        _, tasks = split_tasks(make, env, split, types, limit, offset)
         settings = {"model": model, "env": env, "env_args": env_kwargs, "splits": list(split), "task_types": types,
                     "limit": limit, "policy": policy_kwargs}
+        if offset:
+            settings["offset"] = offset  # only when set: files collected before the option keep their settings
         policy = policy_with_cache(model, policy_kwargs, cfg.concurrency)()
         records = collect_decisions(make, tasks, policy, cfg, out, seed=seed, settings=settings)
         typer.echo(f"{len(records)} decisions from {len(tasks)} tasks in {out}")
@@ -112,5 +115,41 @@ def register(app: typer.Typer) -> None:
         result = write_decision_report(decisions, out, model, cfg)
         typer.echo(markdown(result))
         typer.echo(f"decisions.md and decisions.json in {out}")
+
+    @dec_app.command("to-qdata")
+    def to_qdata(
+        decisions: list[Path] = typer.Argument(..., dir_okay=False, help="Decision files written by `qlass decisions collect`."),
+        out: Path = typer.Option(..., dir_okay=False, help="Q data file to write (qdata.jsonl format)."),
+    ) -> None:
+        """Write decision states as Q data: one sibling group per decision, each candidate's Monte-Carlo
+        value as its target, the task as its tree (for `qlass train-qnet-head` / `train-qnet`)."""
+        from ..decision_head import write_decision_qdata
+
+        typer.echo(f"{write_decision_qdata(decisions, out)} records in {out}")
+
+    @dec_app.command("cv-head")
+    def cv_head(
+        decisions: list[Path] = typer.Argument(..., dir_okay=False, help="Decision files to score (held out by task in turn)."),
+        out: Path = typer.Option(..., file_okay=False, help="Folder for features.jsonl (resumable), decisions.md and decision_cv.json."),
+        model: str = typer.Option("default", help="SFT policy folder: the frozen backbone, or 'default'."),
+        extra: list[Path] = typer.Option([], dir_okay=False, help="Decision files used only for fitting, never scored (repeatable), e.g. from training tasks."),
+        config: Path | None = typer.Option(None, dir_okay=False, help="YAML file of QNetHeadConfig options."),
+        set_: list[str] = typer.Option([], "--set", help="Override a QNetHeadConfig option: key=value (repeatable)."),
+        resamples: int = typer.Option(10_000, min=1, help="Bootstrap resamples per interval."),
+    ) -> None:
+        """Nested cross-validation by task of a head-only QNet on decision states, scored by the decision
+        benchmark against the likelihood, anchor and random rankers. Rerun to resume the features."""
+        from ..config import build, load_config, parse_kv
+        from ..decision_head import cross_validate_on_decisions, cv_markdown
+        from ..decision_report import ReportConfig
+        from ..models import default_model_dir
+        from ..qnet_head import QNetHeadConfig
+
+        cfg = load_config(config, QNetHeadConfig, parse_kv(set_, "--set"))
+        report_cfg = build(ReportConfig, {"resamples": resamples}, "qlass decisions cv-head")
+        sft = default_model_dir() if model == "default" else Path(model)
+        result = cross_validate_on_decisions(decisions, sft, out, cfg, report_cfg, extra)
+        typer.echo(cv_markdown(result))
+        typer.echo(f"decisions.md and decision_cv.json in {out}")
 
     app.add_typer(dec_app, name="decisions")

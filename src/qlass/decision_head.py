@@ -1,0 +1,144 @@
+"""Value heads learned from decision states (``qlass decisions to-qdata`` and ``qlass decisions cv-head``).
+
+A decision record (:mod:`qlass.decisions`) is a state where the policy's samples disagree, with a
+Monte-Carlo value for every distinct candidate — exactly the supervision a ranker needs, at exactly
+the states where ranking matters. Trees (stage 2) mostly hold expert-path states; a head fitted on
+them ranked tree siblings above the likelihood but not decisions (docs/results.md). Here decision
+states become Q data:
+
+- one *sibling group* per decision (its history; one record per candidate, the candidate's full
+  output as the action, its Monte-Carlo mean as the target), the decision's task as the "tree", so
+  every cross-validation by tree is a cross-validation by task;
+- :func:`write_decision_qdata` writes them as an ordinary ``qdata.jsonl`` (so ``qlass
+  train-qnet-head`` or ``qlass train-qnet`` can fit a QNet on decisions of training tasks, and
+  ``qlass decisions report --qnet`` scores it on held-out decisions);
+- :func:`cross_validate_on_decisions` measures the idea on one decision set without a second
+  collection: nested cross-validation by task — each outer fold's head is fitted on the other tasks'
+  decisions (plus any ``extra`` decisions, e.g. from training tasks, which are never scored), its
+  ridge strength and fit mode picked by an inner cross-validation on those training tasks only — and
+  the pooled held-out values go through the decision benchmark's own report, so the head is compared
+  with the likelihood, anchor and random rankers on the same decisions with paired intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import to_dict
+from .decision_report import ReportConfig, markdown, read_decisions, score_decisions
+from .errors import QlassError
+from .jsonl import write_jsonl, write_text_atomic
+from .locking import writes_to
+from .qnet_data import QRecord, fold_trees
+from .qnet_head import QNetHeadConfig, cross_validate_head, features_of, fit_head
+from .tree import QDATA_SCHEMA_VERSION
+from .types import Message
+
+log = logging.getLogger(__name__)
+
+MAX_CANDIDATES = 1000  # node ids are step * MAX_CANDIDATES + candidate + 1
+RESULT_FILE = "decision_cv.json"
+
+
+def _tree_id(rec: dict[str, Any]) -> str:
+    return f"{rec['split']}/{rec['task']}"
+
+
+def decision_qrecords(records: Sequence[dict[str, Any]]) -> list[QRecord]:
+    """Q records of checked decision records (:func:`qlass.decision_report.read_decisions`): one
+    sibling group per decision, one record per candidate with its Monte-Carlo mean as ``q``."""
+    out = []
+    for rec in records:
+        tree, step = _tree_id(rec), int(rec["step"])
+        if len(rec["candidates"]) >= MAX_CANDIDATES:
+            raise QlassError(f"decision {tree}@{step}: {len(rec['candidates'])} candidates; at most "
+                             f"{MAX_CANDIDATES - 1} are supported")
+        messages = tuple(Message(m["role"], m["content"]) for m in rec["history"])
+        for j, cand in enumerate(rec["candidates"]):
+            out.append(QRecord(tree_id=tree, task=rec["task"], node_id=step * MAX_CANDIDATES + j + 1, parent_id=step,
+                               group=f"{tree}:{step}", depth=step + 1, messages=messages, action=cand["output"],
+                               q=float(cand["mean"])))
+    return out
+
+
+def _qdata_row(r: QRecord) -> dict[str, Any]:
+    return {"schema_version": QDATA_SCHEMA_VERSION, "tree_id": r.tree_id, "task": r.task, "node_id": r.node_id,
+            "parent_id": r.parent_id, "group": r.group, "depth": r.depth,
+            "messages": [{"role": m.role, "content": m.content} for m in r.messages], "action": r.action, "q": r.q}
+
+
+@writes_to("out", folder=False)
+def write_decision_qdata(paths: Sequence[str | Path], out: str | Path) -> int:
+    """Write the decisions of ``paths`` as Q data (``qdata.jsonl`` format) to ``out``; returns the
+    number of records."""
+    records = decision_qrecords(read_decisions(paths))
+    write_jsonl(out, [_qdata_row(r) for r in records])
+    return len(records)
+
+
+def _candidate_values(records: Sequence[QRecord], feats: dict[str, tuple[np.ndarray, float, float]],
+                      w: np.ndarray) -> dict[tuple[str, int], float]:
+    return {(r.tree_id, r.node_id): float(feats[f"{r.tree_id}/{r.node_id}"][0] @ w) for r in records}
+
+
+@writes_to("out_dir", folder=True)
+def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path, out_dir: str | Path,
+                                cfg: QNetHeadConfig, report: ReportConfig | None = None,
+                                extra: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Nested cross-validation by task of a head-only QNet on the decisions of ``paths`` (see the
+    module docstring): every decision is scored by a head that never saw its task; ``extra``
+    decisions only ever train. Writes ``features.jsonl`` (resumable), ``decisions.md`` and
+    ``decision_cv.json`` to ``out_dir`` and returns the result."""
+    report = report or ReportConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scored = read_decisions(paths)
+    trained_only = read_decisions(extra) if extra else []
+    held_trees = {_tree_id(r) for r in scored}
+    clash = held_trees & {_tree_id(r) for r in trained_only}
+    if clash:
+        raise QlassError(f"tasks {sorted(clash)[:3]} are both in the scored decisions and in the extra ones: "
+                         "a head would be scored on a task it was fitted on")
+    records = decision_qrecords(scored)
+    extra_records = decision_qrecords(trained_only)
+    source = ",".join(str(p) for p in [*paths, *extra])
+    _, feats = features_of(records + extra_records, sft_dir, out, cfg, source)
+    folds = fold_trees(records, cfg.folds, cfg.seed, ",".join(map(str, paths)))
+    values: dict[tuple[str, int], float] = {}
+    kept = []
+    for k, held in enumerate(folds, 1):
+        train = [r for r in records if r.tree_id not in held] + extra_records
+        inner = QNetHeadConfig(**{**to_dict(cfg), "folds": min(cfg.folds, len({r.tree_id for r in train}))})
+        best = cross_validate_head(train, feats, inner, source)[0]
+        x = np.stack([feats[f"{r.tree_id}/{r.node_id}"][0] for r in train]).astype(np.float64)
+        w = fit_head(x, np.array([r.q for r in train]), [f"{r.tree_id}/{r.group}" for r in train], best["l2"],
+                     best["contrast"])
+        values.update(_candidate_values([r for r in records if r.tree_id in held], feats, w))
+        kept.append({"fold": k, "tasks": len(held), "l2": best["l2"], "contrast": best["contrast"]})
+        log.info("fold %d/%d: %d held-out tasks, kept l2 %g on %s", k, len(folds), len(held), best["l2"],
+                 "contrasts" if best["contrast"] else "records")
+    q = [[values[(_tree_id(d), int(d["step"]) * MAX_CANDIDATES + j + 1)] for j in range(len(d["candidates"]))]
+         for d in scored]
+    result = {**score_decisions(scored, q, report), "files": [str(p) for p in paths],
+              "extra": [str(p) for p in extra], "extra_decisions": len(trained_only), "folds": kept,
+              "settings": to_dict(cfg)}
+    write_text_atomic(out / RESULT_FILE, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / "decisions.md", cv_markdown(result))
+    return result
+
+
+def cv_markdown(result: dict[str, Any]) -> str:
+    """The decision report of cross-validated head values, with a line on how they were obtained."""
+    kept = ", ".join(f"fold {f['fold']}: l2 {f['l2']:g} on {'contrasts' if f['contrast'] else 'records'}"
+                     for f in result["folds"])
+    note = (f"\nThe `qnet` rankers below use a head-only QNet cross-validated by task ({len(result['folds'])} folds): "
+            "each decision is valued by a head fitted on other tasks' decisions"
+            + (f" and {result['extra_decisions']} extra decisions" if result["extra_decisions"] else "")
+            + f"; the head's settings were picked by an inner cross-validation on its training tasks ({kept}).\n")
+    return markdown(result, "Decision benchmark, head-only QNet cross-validated on decisions") + note
