@@ -134,6 +134,8 @@ def make_record(run: MethodRun, env_name: str, task: Task, traj, wall: float) ->
     }
     if "decisions" in meta:
         rec["qnet_choices"] = len(meta["decisions"])
+    if "trials" in meta:
+        rec["trials"] = meta["trials"]
     if "candidates" in meta:
         rec["candidates"] = meta["candidates"]
         rec["oracle_pass_at_n"] = meta["oracle_pass_at_n"]

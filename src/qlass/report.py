@@ -3,7 +3,8 @@
 ``summarise`` groups records by (env, split, method) into average reward, success rate and tokens
 per task (a Table-2-style view); ``budget_points`` gives average reward against completion tokens
 per task — best-of-n at every N' <= N read from one best-of-n run (its first N' candidates, the
-same selection rule), and each qlass(m=...) run as one point. ``write_report`` writes
+same selection rule), reflexion at every trial count T' <= T read from one run (its first T' trials),
+and each qlass(m=...) run as one point. ``write_report`` writes
 ``results.json``, ``results.md``, ``budget.csv`` and ``budget.png``.
 """
 
@@ -87,6 +88,13 @@ def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     tokens.append(sum(c["completion_tokens"] for c in cands))
                 points.append({"env": env, "split": split, "curve": "best-of-n", "budget_param": n,
                                "completion_tokens": _mean(tokens), "avg_reward": _mean(rewards)})
+        elif rs[0]["method_name"] == "reflexion" and all("trials" in r for r in rs):
+            for t in range(1, rs[0]["config"]["trials"] + 1):
+                played = [r["trials"][:t] for r in rs]  # an episode that succeeded earlier stopped there
+                tokens = [sum(tr["completion_tokens"] for tr in ts) + sum(tr.get("reflection_completion_tokens", 0)
+                                                                          for tr in ts[:-1]) for ts in played]
+                points.append({"env": env, "split": split, "curve": "reflexion", "budget_param": t,
+                               "completion_tokens": _mean(tokens), "avg_reward": _mean([ts[-1]["reward"] for ts in played])})
         elif rs[0]["method_name"] in ("qlass", "greedy", "sample"):
             curve = "qlass" if rs[0]["method_name"] == "qlass" else rs[0]["method_name"]
             param = rs[0]["config"].get("m", 1)

@@ -1,4 +1,5 @@
-"""Inference methods (stage 4): greedy, sample, best-of-n and QLASS's Q-guided stepwise search.
+"""Inference methods (stage 4): greedy, sample, best-of-n, QLASS's Q-guided stepwise search and the
+Reflexion baseline (:mod:`qlass.reflexion`, several trials per task).
 
 Each method is a lockstep episode ``episode(task, ctx, cfg)`` (a generator of policy and QNet
 requests, see :mod:`qlass.lockstep`) registered under a name, with a small frozen dataclass config
@@ -36,6 +37,7 @@ from .config import build, option, parse_kv
 from .envs.base import Env
 from .errors import QlassError
 from .lockstep import Episode, Sample, Score, run_one
+from .reflexion import ReflexionConfig, reflexion_episode
 from .search_qlass import QlassConfig, qlass_episode
 from .seeding import stable_seed
 from .types import Message, Step, Task, Trajectory
@@ -46,6 +48,7 @@ __all__ = [
     "GreedyConfig",
     "Method",
     "QlassConfig",
+    "ReflexionConfig",
     "SampleConfig",
     "SearchContext",
     "ValueModel",
@@ -229,6 +232,7 @@ METHODS: dict[str, Method] = {
     "sample": Method("sample", sample_episode, SampleConfig),
     "best-of-n": Method("best-of-n", best_of_n_episode, BestOfNConfig, lambda c: c.select == "qnet"),
     "qlass": Method("qlass", qlass_episode, QlassConfig, lambda c: c.m > 1),
+    "reflexion": Method("reflexion", reflexion_episode, ReflexionConfig),
 }
 
 
@@ -266,8 +270,9 @@ def make_method_config(name: str, options: dict[str, Any]) -> Any:
 
 
 def method_label(name: str, cfg: Any) -> str:
-    """A short, stable label for tables: ``qlass(m=2)``, ``best-of-n(n=4)``, ``greedy``."""
-    if name == "qlass":
+    """A short, stable label for tables: ``qlass(m=2)``, ``best-of-n(n=4)``, ``reflexion(trials=3)``,
+    ``greedy``."""
+    if name in ("qlass", "reflexion"):
         return cfg.label()
     if name == "best-of-n":
         return f"best-of-n(n={cfg.n},{cfg.select})"

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None, help="Policy: a local causal-LM folder or an OpenAI-compatible base URL (http://.../v1)."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: list[str] = typer.Option(["seen"], help="Split(s) to evaluate (repeatable)."),
-        method: list[str] = typer.Option(["greedy"], help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood' (repeatable)."),
+        method: list[str] = typer.Option(["greedy"], help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood', 'reflexion:trials=3' (repeatable)."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
         limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks per split."),
         qnet: Optional[Path] = typer.Option(None, file_okay=False, help="QNet folder (for qlass and best-of-n select=qnet)."),
