@@ -106,10 +106,16 @@ def test_pipeline_config_checks_every_section_before_any_work(tmp_path: Path) ->
     with pytest.raises(QlassError, match=r"p\.yaml: sft.*micro_bach"):
         resolve({"sft": {"micro_bach": 2}}, "p.yaml")
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("demo.yaml", "reference.yaml", "reference-wide.yaml", "paper.yaml"):
-        from qlass.config import load_yaml
+    from qlass.config import load_extended_yaml
 
-        resolve(load_yaml(root / name), name)
+    pipelines = [p for p in sorted(root.glob("*.yaml")) if not p.name.endswith("-cpu.yaml")]  # not stage configs
+    assert len(pipelines) >= 7
+    for path in pipelines:
+        resolve(load_extended_yaml(path), path.name)
+    reduced = resolve(load_extended_yaml(root / "limited-supervision-reduced.yaml"), "reduced")
+    full = resolve(load_extended_yaml(root / "limited-supervision.yaml"), "full")
+    assert reduced.sft.max_trajectories == 20 and full.sft.max_trajectories is None
+    assert (reduced.expert, reduced.explore, reduced.eval) == (full.expert, full.explore, full.eval)
 
 
 def test_run_folder_accepts_older_config_files_but_not_changed_settings(tmp_path: Path) -> None:
@@ -187,3 +193,22 @@ def test_list_options_document_pipeline_keys_and_method_options() -> None:
     assert "\nqlass: Q-guided stepwise search" in methods.output
     assert "  m (default 2): candidate actions sampled per step" in methods.output
     assert "  select (default 'qnet')" in methods.output
+
+
+def test_extends_merges_sections_and_refuses_cycles(tmp_path: Path) -> None:
+    from qlass.config import load_extended_yaml
+
+    (tmp_path / "base.yaml").write_text("run_dir: runs/full\nseed: 0\nsft: {epochs: 2, lr: 1.0e-4}\n"
+                                        "eval: {methods: [greedy, 'qlass:m=2']}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "limited.yaml").write_text("extends: ../base.yaml\nrun_dir: runs/limited\n"
+                                                   "sft: {max_trajectories: 0.5}\neval: {methods: [greedy]}\n")
+    data = load_extended_yaml(tmp_path / "sub" / "limited.yaml")
+    assert data == {"run_dir": "runs/limited", "seed": 0, "sft": {"epochs": 2, "lr": 1.0e-4, "max_trajectories": 0.5},
+                    "eval": {"methods": ["greedy"]}}  # sections merged key by key, lists replaced
+    (tmp_path / "base.yaml").write_text("extends: sub/limited.yaml\nseed: 1\n")
+    with pytest.raises(DataError, match="already in the chain"):
+        load_extended_yaml(tmp_path / "sub" / "limited.yaml")
+    (tmp_path / "base.yaml").write_text("extends: 3\n")
+    with pytest.raises(DataError, match="field 'extends' must be the name of a YAML file"):
+        load_extended_yaml(tmp_path / "base.yaml")

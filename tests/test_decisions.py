@@ -324,13 +324,13 @@ def test_paired_intervals_follow_the_compare_procedure() -> None:
 
     import numpy as np
 
-    from qlass.compare import _bootstrap_interval
+    from qlass.compare import bootstrap_interval
     from qlass.decision_report import _intervals
 
     rng = random.Random(3)
     diffs = [rng.choice([-1.0, 0.0, 0.0, 1.0, 1.0]) for _ in range(80)]
     low, high = _intervals(np.array([diffs, [0.25] * 80]), 10_000, 0)
-    ref = _bootstrap_interval(diffs, 10_000, 0)
+    ref = bootstrap_interval(diffs, 10_000, 0)
     assert abs(low[0] - ref[0]) <= 0.03 and abs(high[0] - ref[1]) <= 0.03 and low[0] < sum(diffs) / 80 < high[0]
     assert (low[1], high[1]) == (0.25, 0.25)
 

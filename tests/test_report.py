@@ -127,3 +127,34 @@ def test_qnet_choices_of_records_written_before_the_field() -> None:
     steps = [{"qnet_tokens": 0}, {"qnet_tokens": 12}, {"qnet_tokens": 7}]
     old = [rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}, trajectory={"steps": steps})]
     assert summarise(old)[0]["qnet_choices"] == 2
+
+
+def test_side_by_side_pairs_each_setting_with_the_first_on_common_tasks(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.jsonl import write_jsonl
+
+    full = [rec("greedy", "greedy", t, r, 10) for t, r in (("t1", 1.0), ("t2", 1.0), ("t3", 0.5))]
+    full += [rec("qlass(m=2)", "qlass", t, 1.0, 40, {"m": 2}) for t in ("t1", "t2", "t3")]
+    limited = [rec("greedy", "greedy", t, r, 10) for t, r in (("t1", 0.0), ("t2", 1.0))]  # t3 not played
+    limited += [rec("qlass(m=2)", "qlass", t, 1.0, 40, {"m": 2}) for t in ("t1", "t2")]
+    limited += [rec("sample", "sample", "t1", 1.0, 10)]  # only one side ran it: no row
+    a, b = tmp_path / "full.jsonl", tmp_path / "limited.jsonl"
+    write_jsonl(a, [_full(r) for r in full])
+    write_jsonl(b, [_full(r) for r in limited])
+    out = tmp_path / "t3"
+    res = CliRunner().invoke(app, ["report", "--side", f"full={a}", "--side", f"limited={b}", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["method"]: r for r in json.loads((out / "sides.json").read_text())["rows"]}
+    assert set(rows) == {"greedy", "qlass(m=2)"}
+    g = rows["greedy"]
+    assert g["tasks"] == 2 and g["sides"]["full"]["avg_reward"] == 1.0 and g["sides"]["limited"]["avg_reward"] == 0.5
+    assert g["sides"]["limited"]["vs_first"]["mean_diff"] == -0.5
+    assert g["sides"]["limited"]["vs_first"]["ci_low"] == -1.0 and g["sides"]["limited"]["vs_first"]["ci_high"] == 0.0
+    assert "| e | seen | greedy | 2 | 100.0 | 50.0 | -50.0 [-100.0, +0.0] |" in (out / "sides.md").read_text()
+    for bad, message in ((["--side", f"full={a}"], "at least two"), (["--side", f"x{a}", "--side", f"y={b}"], "LABEL=RECORDS"),
+                         (["--side", f"full={a}", "--side", f"full={b}"], "given twice"),
+                         ([str(a), "--side", f"full={a}", "--side", f"y={b}"], "not both")):
+        res = CliRunner().invoke(app, ["report", *bad, "--out", str(tmp_path / "bad")])
+        assert res.exit_code != 0 and message in res.output + str(res.exception)

@@ -16,7 +16,7 @@ from typing import Any
 TIE = 1e-9
 
 
-def _bootstrap_interval(diffs: Sequence[float], resamples: int, seed: int) -> tuple[float, float]:
+def bootstrap_interval(diffs: Sequence[float], resamples: int, seed: int) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean of ``diffs``."""
     rng = random.Random(seed)
     n = len(diffs)
@@ -44,7 +44,7 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
         if not tasks:
             continue
         diffs = [by_task[t] - base[t] for t in tasks]
-        low, high = _bootstrap_interval(diffs, resamples, seed)
+        low, high = bootstrap_interval(diffs, resamples, seed)
         rows.append({"env": env, "split": split, "method": method, "baseline": baseline, "tasks": len(tasks),
                      "mean_diff": sum(diffs) / len(diffs), "ci_low": low, "ci_high": high,
                      "wins": sum(d > TIE for d in diffs), "ties": sum(abs(d) <= TIE for d in diffs),

@@ -91,6 +91,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def merge_mappings(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over``: mappings present in both are merged key by key, anything else
+    (lists included) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_mappings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_extended_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping (:func:`load_yaml`) whose optional ``extends: FILE`` (relative to it) names a
+    base file it overrides (:func:`merge_mappings`); bases may extend others, a cycle is an error."""
+    p = Path(path)
+    data = load_yaml(p)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise DataError(str(p), "field 'extends' must be the name of a YAML file")
+    base_path = (p.parent / base).resolve()
+    chain = (*_chain, p.resolve())
+    if base_path in chain:
+        raise DataError(str(p), f"field 'extends': {base} is already in the chain {' → '.join(map(str, chain))}")
+    return merge_mappings(load_extended_yaml(base_path, chain), data)
+
+
 def parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
     """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` with YAML scalar typing; ``what`` names the
     option the items came from in errors."""

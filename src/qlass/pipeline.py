@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import build, check_minimums, config_differences, load_yaml, option, save_yaml, setting_changes, to_dict
+from .config import build, check_minimums, config_differences, load_extended_yaml, load_yaml, option, save_yaml, setting_changes, to_dict
 from .errors import QlassError
 from .executor import BACKENDS
 from .types import Task
@@ -366,6 +366,8 @@ def pipeline_options() -> str:
                 ("qdata", [QDataStage]), ("qnet", [QNetTrainConfig]), ("eval", [EvalStage]),
                 ("rft", [RFTConfig, RetrainOptions]), ("self_train", [SelfTrainStage, SelfTrainConfig, RetrainOptions])]
     top = [f for f in describe(PipelineConfig).splitlines() if f.split(" ", 1)[0] not in dict(sections)]
+    top.append("extends (default None): a pipeline YAML (path relative to this one) whose keys this file overrides, "
+               "section by section")
     blocks = ["\n".join(top)] + [f"{name}:\n" + "\n".join(indent(describe(c)) for c in classes)
                                   for name, classes in sections]
     return "\n\n".join(blocks)
@@ -412,7 +414,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
 
     if stop_after is not None and stop_after not in STAGES[:-1]:
         raise QlassError(f"--stop-after must be one of {', '.join(STAGES[:-1])}, got {stop_after!r}")
-    r = resolve(load_yaml(config_path), str(config_path))
+    r = resolve(load_extended_yaml(config_path), str(config_path))
     _save_resolved(r)
     cfg, run = r.cfg, r.run_dir
     types = cfg.task_types

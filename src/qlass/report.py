@@ -18,7 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compare import paired_rows, paired_table
+from .compare import bootstrap_interval, paired_rows, paired_table
+from .errors import QlassError
 from .jsonl import write_text_atomic
 from .search import argmax
 
@@ -252,4 +253,67 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = 
     write_text_atomic(out_dir / "budget.csv", buf.getvalue())
     if points:
         _plot(points, out_dir / "budget.png")
+    return rows
+
+
+def side_by_side(sides: dict[str, Sequence[dict[str, Any]]], resamples: int = 10_000, seed: int = 0
+                 ) -> list[dict[str, Any]]:
+    """The same methods run under several settings (``sides``: label → records, e.g. full and limited
+    expert data, paper Table 3): per (env, split, method) that every side ran, each side's average
+    reward and success rate on the tasks all sides played, and every later side's paired difference
+    to the first side (per task, bootstrap 95% interval as in :mod:`qlass.compare`)."""
+    labels = list(sides)
+    reward: dict[str, dict[tuple[str, str, str], dict[str, float]]] = {}
+    for label, records in sides.items():
+        reward[label] = defaultdict(dict)
+        for r in records:
+            reward[label][(r["env"], r["split"], r["method"])][r["task"]] = float(r["reward"])
+    rows = []
+    for key in sorted(set.intersection(*(set(reward[label]) for label in labels))):
+        tasks = sorted(set.intersection(*(set(reward[label][key]) for label in labels)))
+        if not tasks:
+            continue
+        row: dict[str, Any] = {"env": key[0], "split": key[1], "method": key[2], "tasks": len(tasks), "sides": {}}
+        for label in labels:
+            vals = [reward[label][key][t] for t in tasks]
+            row["sides"][label] = {"avg_reward": _mean(vals), "success_rate": _mean([float(v >= 1.0 - 1e-9) for v in vals])}
+        for label in labels[1:]:
+            diffs = [reward[label][key][t] - reward[labels[0]][key][t] for t in tasks]
+            low, high = bootstrap_interval(diffs, resamples, seed)
+            row["sides"][label]["vs_first"] = {"mean_diff": _mean(diffs), "ci_low": low, "ci_high": high}
+        rows.append(row)
+    return rows
+
+
+def side_by_side_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+    """The rows of :func:`side_by_side` as markdown: average reward per side, then each later side's
+    paired difference to the first (reward points)."""
+    head = (["env", "split", "method", "tasks"] + [f"{label}: avg reward" for label in labels]
+            + [f"{label} − {labels[0]} [95%]" for label in labels[1:]])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["env"], r["split"], r["method"], str(r["tasks"])]
+        cells += [f"{100 * r['sides'][label]['avg_reward']:.1f}" for label in labels]
+        for label in labels[1:]:
+            d = r["sides"][label]["vs_first"]
+            cells.append(f"{100 * d['mean_diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_side_by_side(sides: dict[str, Sequence[dict[str, Any]]], out_dir: Path, title: str = "qlass results"
+                       ) -> list[dict[str, Any]]:
+    """Write ``sides.md`` and ``sides.json`` (:func:`side_by_side`) into ``out_dir``; returns the rows."""
+    if len(sides) < 2:
+        raise QlassError("a side-by-side table needs at least two labelled runs")
+    rows = side_by_side(sides)
+    if not rows:
+        raise QlassError(f"runs {', '.join(sides)} have no method played on the same tasks in all of them")
+    labels = list(sides)
+    write_text_atomic(out_dir / "sides.json", json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "sides": labels,
+                                                          "rows": rows}, indent=1) + "\n")
+    md = (f"# {title}\n\nThe same methods under {len(labels)} settings ({', '.join(labels)}), each averaged over the "
+          f"tasks every setting played; the last columns are the paired difference to {labels[0]} on those tasks "
+          "(per task, bootstrap 95% interval, 10,000 resamples).\n\n" + side_by_side_table(rows, labels))
+    write_text_atomic(out_dir / "sides.md", md)
     return rows

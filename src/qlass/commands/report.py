@@ -13,16 +13,37 @@ log = logging.getLogger(__name__)
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
-        records: list[Path] = typer.Argument(..., dir_okay=False, help="records.jsonl file(s) of one or more evaluation runs."),
-        out: Path = typer.Option(..., file_okay=False, help="Folder for results.md/json and budget.csv/png."),
+        records: list[Path] = typer.Argument(None, dir_okay=False, help="records.jsonl file(s) of one or more evaluation runs."),
+        out: Path = typer.Option(..., file_okay=False, help="Folder for results.md/json and budget.csv/png (sides.md/json with --side)."),
+        side: list[str] = typer.Option([], help="LABEL=RECORDS (repeatable, at least two; instead of RECORDS): the same methods "
+                                       "run under several settings, e.g. full=runs/a/eval/records.jsonl limited=runs/b/eval/records.jsonl "
+                                       "(paper Table 3), side by side with paired differences to the first."),
         all_tasks: bool = typer.Option(False, "--all-tasks", help="Average every method over all of its records, "
                                        "not only over the tasks every method played."),
         title: str = typer.Option("qlass results", help="Title of results.md."),
     ) -> None:
         """Rebuild the results table, paired differences and budget curve from records (several runs'
         shards combined, or a run stopped part-way: by default restricted to tasks every method played)."""
-        from ..report import common_tasks, markdown_table, read_records, write_report
+        from ..errors import QlassError
+        from ..report import common_tasks, markdown_table, read_records, side_by_side_table, write_report, write_side_by_side
 
+        if side:
+            if records:
+                raise QlassError("qlass report takes RECORDS or --side LABEL=RECORDS, not both")
+            sides = {}
+            for item in side:
+                label, sep, path = item.partition("=")
+                if not sep or not label or not path:
+                    raise QlassError(f"--side {item!r}: expected LABEL=RECORDS")
+                if label in sides:
+                    raise QlassError(f"--side {label}: label given twice")
+                sides[label] = read_records([Path(path)])
+            rows = write_side_by_side(sides, out, title=title)
+            typer.echo(side_by_side_table(rows, list(sides)))
+            typer.echo(f"sides.md/json in {out}")
+            return
+        if not records:
+            raise QlassError("qlass report needs RECORDS (records.jsonl files) or --side LABEL=RECORDS twice or more")
         recs = read_records(records)
         if not all_tasks:
             kept = common_tasks(recs)
