@@ -14,7 +14,7 @@ import typer
 
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run", "serve", "view", "rft", "paraphrase"]
+COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run", "serve", "view", "rft", "eto", "paraphrase"]
 
 app = typer.Typer(
     name="qlass",

@@ -12,17 +12,19 @@ with changed settings for a stage that already has outputs there is refused (use
 folder), while task limits may grow.
 
 Optional agents trained again after the main evaluation, each evaluated greedily on the same tasks
-(their rows, ``rft (greedy)`` and ``self-train[q] (greedy)`` ..., join the main rows in
-``results/``): ``rft:`` the RFT baseline (:mod:`qlass.rft`) into ``rft/``; ``self_train:`` tree-guided
-self-training with each process reward of ``self_train.rewards`` (:mod:`qlass.self_train`) into
-``self-train/<reward>/``. Stage 3 (QNet) is skipped when no evaluation method uses a QNet.
+(their rows, ``rft (greedy)``, ``eto (greedy)`` and ``self-train[q] (greedy)`` ..., join the main rows
+in ``results/``): ``rft:`` the RFT baseline (:mod:`qlass.rft`) into ``rft/``; ``eto:`` the ETO baseline
+(:mod:`qlass.eto`, DPO on the SFT agent's failures paired with the expert trajectories) into
+``eto/``; ``self_train:`` tree-guided self-training with each process reward of
+``self_train.rewards`` (:mod:`qlass.self_train`) into ``self-train/<reward>/``. Stage 3 (QNet) is
+skipped when no evaluation method uses a QNet.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,13 @@ class RetrainOptions:
 
 
 @dataclass(frozen=True)
+class ETOOptions:
+    """How the ETO agent is trained."""
+
+    dpo: dict = option({}, "DPOConfig options for the DPO of every round")
+
+
+@dataclass(frozen=True)
 class SelfTrainStage:
     """Which self-trained agents the run makes (one per process reward) and what they start from."""
 
@@ -151,6 +160,8 @@ class PipelineConfig:
     self_train: dict | None = option(None, "tree-guided self-training (paper Fig. 4): SelfTrainStage and "
                                            "SelfTrainConfig options plus sft (absent: none; {}: all three rewards)",
                                      added=True)
+    eto: dict | None = option(None, "the ETO baseline: ETOConfig options plus dpo (absent: no ETO; {}: defaults)",
+                              added=True)
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,18 @@ class Retrain:
     sft: Any
     sft_overrides: dict[str, Any]
     select: Any = None
+
+
+@dataclass(frozen=True)
+class ETOSection:
+    """A resolved ``eto`` section: its :class:`~qlass.eto.ETOConfig` and the DPO settings of its rounds."""
+
+    stage: Any
+    dpo: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as it is saved in ``config.yaml`` (the DPO settings resolved)."""
+        return {**to_dict(self.stage), "dpo": to_dict(self.dpo)}
 
 
 @dataclass
@@ -178,6 +201,7 @@ class Resolved:
     eval: EvalStage
     rft: Retrain | None = None
     self_train: Retrain | None = None
+    eto: ETOSection | None = None
     run_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -237,6 +261,7 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
         raise QlassError(f"{source}: field 'policy': {exc}") from None
     r.rft = _retrain_section(cfg, "rft", source)
     r.self_train = _retrain_section(cfg, "self_train", source)
+    r.eto = _eto_section(cfg, source)
     return r
 
 
@@ -261,10 +286,36 @@ def _retrain_section(cfg: PipelineConfig, name: str, source: str) -> Retrain | N
         raise QlassError(f"{where}: sft.max_trajectories would cap the expert data and the agent's own trajectories "
                          "together; limited supervision with RFT or self-training is not supported (set "
                          f"{name}: {{sft: {{max_trajectories: null}}}} to train this agent on all of them)")
+    _check_local_agent(cfg, where)
+    return Retrain(built[0], sft, dict(options.sft), built[1] if len(built) > 1 else None)
+
+
+def _check_local_agent(cfg: PipelineConfig, where: str) -> None:
+    """Refuse a section that trains an agent when the run samples through a server."""
     if cfg.policy_server:
         raise QlassError(f"{where}: not available with policy_server (the agent trained here is evaluated as a local "
                          "model folder); run it without policy_server")
-    return Retrain(built[0], sft, dict(options.sft), built[1] if len(built) > 1 else None)
+
+
+def _eto_section(cfg: PipelineConfig, source: str) -> ETOSection | None:
+    """The ``eto`` section built and checked (``None`` when absent)."""
+    from .config import check_known
+    from .eto import ETOConfig
+    from .training.dpo import DPOConfig
+
+    if cfg.eto is None:
+        return None
+    where = f"{source}: eto"
+    check_known(cfg.eto, set(ETOConfig.__dataclass_fields__) | {"dpo"}, where, "ETOConfig or dpo")
+    options = build(ETOOptions, {k: v for k, v in cfg.eto.items() if k == "dpo"}, where)
+    stage = build(ETOConfig, {k: v for k, v in cfg.eto.items() if k != "dpo"}, where)
+    dpo = build(DPOConfig, options.dpo, f"{where}.dpo")
+    try:
+        stage.dpo_for(dpo, 2)
+    except QlassError as exc:
+        raise QlassError(f"{where}: {exc}") from None
+    _check_local_agent(cfg, where)
+    return ETOSection(stage, dpo)
 
 
 def _retrain_dict(section: Retrain | None) -> dict[str, Any] | None:
@@ -283,10 +334,11 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     set in one config only is a change."""
     run = new.run_dir
     if not any((run / p).exists() for p in ("expert.json", "sft", "trees.jsonl", "qnet", "eval", RFT_DIR,
-                                             SELF_TRAIN_DIR)):
+                                             SELF_TRAIN_DIR, ETO_DIR)):
         return []
     shared = ["model", "env", "env_args", "task_types", "sft_model"]
-    if any((run / p).exists() for p in ("trees.jsonl", "eval", RFT_DIR)):  # made by the policy: its settings count
+    made_by_policy = ("trees.jsonl", "eval", RFT_DIR, ETO_DIR)
+    if any((run / p).exists() for p in made_by_policy):  # its settings count
         shared += ["seed", "policy", "policy_server"]
     changes = setting_changes({k: getattr(old.cfg, k) for k in shared}, {k: getattr(new.cfg, k) for k in shared})
     if (run / "sft" / ".qlass-complete").exists() and not new.cfg.sft_model:
@@ -304,6 +356,10 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
         if (run / folder).exists() and before is not None and now is not None:
             changes += [f"{name}.{c}" for c in setting_changes(before, now, ignore=("limit", "rewards"),
                                                                open_=("sft",))]
+    if (run / ETO_DIR).exists() and old.eto is not None and new.eto is not None:
+        runtime = tuple(f"dpo.{f.name}" for f in fields(new.eto.dpo) if f.metadata.get("runtime"))
+        changes += [f"eto.{c}" for c in setting_changes(old.eto.as_dict(), new.eto.as_dict(),
+                                                        ignore=("iterations", *runtime), open_=("later_dpo",))]
     return changes
 
 
@@ -323,6 +379,8 @@ def _save_resolved(r: Resolved) -> None:
     for name in ("rft", "self_train"):  # written only when set: runs without them keep their config.yaml as it was
         if getattr(r, name) is not None:
             data[name] = _retrain_dict(getattr(r, name))
+    if r.eto is not None:
+        data["eto"] = r.eto.as_dict()
     save_yaml(path, data)
 
 
@@ -353,6 +411,7 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
 def pipeline_options() -> str:
     """Every key of a pipeline YAML with its default and help: the top level, then each section."""
     from .config import describe
+    from .eto import ETOConfig
     from .explore import ExploreConfig
     from .qnet_train import QNetTrainConfig
     from .rft import RFTConfig
@@ -364,7 +423,8 @@ def pipeline_options() -> str:
 
     sections = [("expert", [ExpertStage]), ("sft", [SFTConfig]), ("explore", [ExploreStage, ExploreConfig]),
                 ("qdata", [QDataStage]), ("qnet", [QNetTrainConfig]), ("eval", [EvalStage]),
-                ("rft", [RFTConfig, RetrainOptions]), ("self_train", [SelfTrainStage, SelfTrainConfig, RetrainOptions])]
+                ("rft", [RFTConfig, RetrainOptions]), ("eto", [ETOConfig, ETOOptions]),
+                ("self_train", [SelfTrainStage, SelfTrainConfig, RetrainOptions])]
     top = [f for f in describe(PipelineConfig).splitlines() if f.split(" ", 1)[0] not in dict(sections)]
     top.append("extends (default None): a pipeline YAML (path relative to this one) whose keys this file overrides, "
                "section by section")
@@ -395,6 +455,7 @@ def _exploration_tasks(r: Resolved, tasks: list[Task], config_path: str | Path) 
 
 STAGES = ("sft", "explore", "qnet", "eval")
 RFT_DIR = "rft"
+ETO_DIR = "eto"
 SELF_TRAIN_DIR = "self-train"
 RESULTS_DIR = "results"
 
@@ -428,6 +489,8 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
         ignored = [name for name in ("expert", "sft") if getattr(cfg, name)]
         if r.rft is not None or r.self_train is not None:  # their fine-tuning reads both
             ignored = []
+        elif r.eto is not None:  # its pairs read the expert data
+            ignored = [name for name in ignored if name != "expert"]
         if ignored:
             log.warning("%s: section(s) %s ignored: sft_model is set, so stage 1 does not run",
                         config_path, ", ".join(ignored))
@@ -498,10 +561,11 @@ def _expert_data(r: Resolved, config_path: str | Path, section: str) -> Path:
 
 
 def _retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> list[tuple[str, Path]]:
-    """Train (or resume) the RFT and self-trained agents the config asks for and evaluate each greedily
-    on the evaluation's tasks; returns (row label prefix, evaluation folder) per agent."""
+    """Train (or resume) the RFT, ETO and self-trained agents the config asks for and evaluate each
+    greedily on the evaluation's tasks; returns (row label prefix, evaluation folder) per agent."""
     import dataclasses
 
+    from .eto import run_eto
     from .evaluate import run_evaluation
     from .models import default_model_dir
     from .rft import run_rft
@@ -519,6 +583,15 @@ def _retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> li
                            r.rft.sft, env_kwargs=cfg.env_args, task_types=cfg.task_types, policy_kwargs=cfg.policy,
                            seed=cfg.seed, backend=cfg.backend, workers=cfg.workers, concurrency=r.eval.concurrency)
         agents.append(("rft", agent, run / RFT_DIR / "eval"))
+    if r.eto is not None:
+        eto_cfg = r.eto.stage
+        if eto_cfg.max_steps is None and r.eval.max_steps is not None:
+            eto_cfg = dataclasses.replace(eto_cfg, max_steps=r.eval.max_steps)
+        log.info("ETO baseline → %s", run / ETO_DIR)
+        agent, _ = run_eto(sft_dir, _expert_data(r, config_path, "eto"), cfg.env, run / ETO_DIR, eto_cfg, r.eto.dpo,
+                           env_kwargs=cfg.env_args, task_types=cfg.task_types, policy_kwargs=cfg.policy,
+                           seed=cfg.seed, backend=cfg.backend, workers=cfg.workers, concurrency=r.eval.concurrency)
+        agents.append(("eto", agent, run / ETO_DIR / "eval"))
     if r.self_train is not None:
         stage = r.self_train.stage
         start = base if stage.init == "base" else sft_dir

@@ -24,7 +24,6 @@ turn without an ``Action:`` line, which the trajectory format refuses).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ from .config import check_minimums, option, save_yaml, to_dict
 from .data import load_trajectories, record_problems, record_to_trajectory, save_trajectories, trajectory_to_record
 from .envs.base import parse_action
 from .errors import QlassError
-from .evaluate import DEFAULT_CONCURRENCY, EvalWorker, MethodRun, cache_for, evaluate, split_tasks
+from .evaluate import DEFAULT_CONCURRENCY, MethodRun
+from .rollouts import play_split
 from .search import SampleConfig
 from .types import Trajectory
 
@@ -166,34 +166,13 @@ def sample_training_tasks(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Play ``cfg.samples`` sampled episodes of the agent ``model`` on each task of ``cfg.split``
     (``cfg.limit`` of them, round-robin over task types); records go to ``out_dir/records.jsonl``
-    (resumable). ``policy``: a ready policy or a picklable factory to sample with instead of
-    ``load_policy(model, **policy_kwargs)`` (e.g. a user's own policy class; ``model`` then only
-    names it in ``config.yaml``). Returns the records of these tasks and draws, and the task ids in
-    order."""
-    from .envs.base import make_env
-    from .executor import make_executor
-    from .policy import load_policy
-
-    if concurrency < 1:
-        raise QlassError(f"concurrency must be >= 1, got {concurrency}")
+    (resumable). ``policy``: see :func:`qlass.rollouts.play_split` (e.g. a user's own policy class;
+    ``model`` then only names it in ``config.yaml``). Returns the records of these tasks and draws,
+    and the task ids in order."""
     sample = cfg.sample_config()
     runs = [DrawRun("sample", sample, draw=k) for k in range(cfg.samples)]
-    policy_kwargs = dict(policy_kwargs or {}) if policy is not None else cache_for(model, dict(policy_kwargs or {}),
-                                                                                   concurrency)
-    make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
-    env_name, tasks = split_tasks(make, env_spec, [cfg.split], task_types, cfg.limit)
-    settings = {
-        "model": model, "qnet": None, "env": env_spec, "env_args": dict(env_kwargs or {}), "splits": [cfg.split],
-        "task_types": list(task_types or []) or None, "limit": cfg.limit, "tasks": {cfg.split: len(tasks)},
-        "policy": policy_kwargs, "backend": backend, "workers": workers, "concurrency": concurrency,
-    }
-    log.info("RFT: %d sampled episodes on each of %d %s tasks → %s", cfg.samples, len(tasks), cfg.split, out_dir)
-    if policy is None:
-        policy = functools.partial(load_policy, model, **policy_kwargs)
-    worker = EvalWorker(make, policy, None, concurrency)
-    records = evaluate(env_name, tasks, runs, worker, out_dir, seed=seed, executor=make_executor(backend, workers),
-                       settings=settings)
-    return records, [t.id for t in tasks]
+    return play_split(model, env_spec, out_dir, runs, cfg.split, cfg.limit, env_kwargs, task_types, policy_kwargs,
+                      seed, backend, workers, concurrency, policy, what="RFT sampling")
 
 
 def write_augmented_data(expert_path: str | Path, extra: Sequence[Trajectory], out_dir: Path, what: str

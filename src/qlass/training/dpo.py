@@ -88,7 +88,8 @@ class PreferencePair:
     rejected: Trajectory
 
 
-def _pair_problems(rec: Any) -> list[str]:
+def pair_problems(rec: Any) -> list[str]:
+    """Problems of one pair record, each naming the field; empty when the pair is valid training data."""
     if not isinstance(rec, dict):
         return [f"expected a JSON object with 'id', 'chosen' and 'rejected', got {type(rec).__name__}"]
     problems = []
@@ -128,7 +129,7 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     report = ValidationReport(path=str(p), records=len(raw))
     pairs, seen = [], {}
     for i, rec in enumerate(raw):
-        problems = _pair_problems(rec)
+        problems = pair_problems(rec)
         rid = str(rec["id"]) if isinstance(rec, dict) and "id" in rec else None
         if rid is not None and rid in seen:
             problems.append(f"field 'id': duplicate of record {seen[rid]}")
