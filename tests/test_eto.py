@@ -35,8 +35,9 @@ ENV = "toy_envs:Corridor"
 EAST = "Thought: The goal is further east.\nAction: go east"
 WEST = "Thought: Maybe west.\nAction: go west"
 TINY_DPO = DPOConfig(epochs=1, lr=1e-3, batch_size=2, micro_batch=1, val_fraction=0.0, warmup_ratio=0.0, threads=1)
-# greedy exploration with 2 steps: the walker reaches the goal of the 1- and 2-room tasks and fails the 3-room ones
-EXPLORE = ETOConfig(max_steps=2, max_new_tokens=24)
+# greedy exploration with 2 steps: the walker reaches the goal of the 1- and 2-room tasks and fails the 3-room ones;
+# tasks="split" also plays corridor/5, which has no expert trajectory
+EXPLORE = ETOConfig(max_steps=2, max_new_tokens=24, tasks="split")
 
 
 def _env() -> dict[str, str]:
@@ -203,8 +204,10 @@ def test_killed_eto_command_resumes_without_redoing_round_one(walker: tuple[Path
     assert (out / "round-1" / "dpo" / "model.safetensors").stat().st_mtime_ns == weights
     assert (out / "round-1" / "explore" / "records.jsonl").read_bytes() == explored
     assert f"the ETO agent: {out / 'round-2' / 'dpo'}" in rerun.stdout
-    assert "round 1: 6 episodes" in rerun.stdout and "round 2: 6 episodes" in rerun.stdout
-    assert len(read_jsonl(out / "round-2" / "explore" / "records.jsonl")) == 6
+    # by default only the expert data's tasks are explored: corridor/5 has no expert trajectory
+    assert "round 1: 5 episodes" in rerun.stdout and "round 2: 5 episodes" in rerun.stdout
+    explored_tasks = {r["task"] for r in read_jsonl(out / "round-2" / "explore" / "records.jsonl")}
+    assert explored_tasks == {f"corridor/{i}" for i in range(5)}
     refused = subprocess.run(cmd + ["--eto", "temperature=0.5"], env=_env(), capture_output=True, text=True,
                              check=False)
     assert refused.returncode == 2 and "temperature: 0.0 → 0.5" in refused.stderr
@@ -262,3 +265,19 @@ def test_pipeline_eto_section_is_checked_before_any_work() -> None:
     assert resolve({}, "p.yaml").eto is None
     options = pipeline_options()
     assert "\neto:\n" in options and "later_dpo" in options and "dpo" in options.split("\neto:\n")[1].split("\n\n")[0]
+
+
+def test_under_limited_supervision_eto_pairs_only_with_the_experts_sft_saw(walker: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    from qlass.pipeline import _supervised_expert_data, resolve
+    from qlass.training.sft import limit_trajectories
+
+    _, expert = walker
+    config = {"run_dir": str(tmp_path / "run"), "env": ENV, "expert": {"data": str(expert)}, "sft": {"seed": 3},
+              "eto": {"limit": 3}}
+    assert _supervised_expert_data(resolve(config, "p.yaml"), "p.yaml", "eto") == expert
+    limited = resolve({**config, "sft": {"seed": 3, "max_trajectories": 2}}, "p.yaml")
+    path = _supervised_expert_data(limited, "p.yaml", "eto")
+    assert path == tmp_path / "run" / "expert-sft.json"
+    subset = [t.id for t in load_trajectories(path)]
+    assert subset == [t.id for t in limit_trajectories(load_trajectories(expert), 2, 3)] and len(subset) == 2

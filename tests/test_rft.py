@@ -259,3 +259,19 @@ def test_pipeline_sections_for_retrained_agents_are_checked_before_any_work() ->
     assert (r.rft.sft.epochs, r.rft.sft.lr) == (1, 1e-4)
     assert resolve({}, "p.yaml").rft is None and resolve({"self_train": {}}, "p.yaml").self_train.stage.rewards == [
         "q", "avg", "reward"]
+
+
+def test_tasks_expert_samples_only_the_expert_datas_tasks(tmp_path: Path) -> None:
+    from qlass.rft import sample_training_tasks
+
+    cfg = RFTConfig(samples=1, max_steps=2, max_new_tokens=16, tasks="expert")
+    records, order = sample_training_tasks("test_rft:SeededWalker", ENV, tmp_path / "s", cfg, {"step_limit": 2},
+                                           policy=SeededWalker(), expert_tasks={"corridor/1", "corridor/4", "other/9"})
+    assert order == ["corridor/1", "corridor/4"] and sorted(r["task"] for r in records) == order
+    with pytest.raises(QlassError, match="none of the 1 given tasks is in split 'train'"):
+        sample_training_tasks("test_rft:SeededWalker", ENV, tmp_path / "t", cfg, {"step_limit": 2},
+                              policy=SeededWalker(), expert_tasks={"corridor/100"})
+    with pytest.raises(QlassError, match="needs the expert data's task ids"):
+        sample_training_tasks("test_rft:SeededWalker", ENV, tmp_path / "u", cfg, policy=SeededWalker())
+    with pytest.raises(QlassError, match="tasks must be one of expert, split"):
+        build(RFTConfig, {"tasks": "all"}, "rft")

@@ -61,7 +61,7 @@ from .errors import QlassError
 from .evaluate import DEFAULT_CONCURRENCY, MethodRun
 from .jsonl import write_jsonl, write_text_atomic
 from .qnet_train import file_digest
-from .rollouts import play_split
+from .rollouts import TASK_SOURCES, play_split
 from .search import GreedyConfig, SampleConfig
 from .training.common import DONE_MARK
 from .training.dpo import DPOConfig, pair_problems, train_dpo
@@ -96,10 +96,15 @@ class ETOConfig:
     later_dpo: dict = option({}, "DPO options for rounds 2 and later, on top of the DPO settings (ETO's script: "
                                  "{beta: 0.5, lr: 5.0e-7})")
     split: str = option("train", "split the explored tasks come from")
+    tasks: str = option("expert", "which tasks of split are explored: 'expert' (those with a trajectory in the "
+                                  "expert data, as ETO explores them: every failure can be paired) or 'split' "
+                                  "(all of the split's)")
     limit: int | None = option(None, "at most this many tasks (round-robin over task types; None: all)")
 
     def __post_init__(self) -> None:
         check_minimums(self, iterations=1, max_steps=1, limit=1, rejected_extra_turns=0)
+        if self.tasks not in TASK_SOURCES:
+            raise ValueError(f"tasks must be one of {', '.join(TASK_SOURCES)}, got {self.tasks!r}")
         if not 0.0 <= self.min_reward <= 1.0:
             raise ValueError(f"min_reward must be in [0, 1], got {self.min_reward}")
         self.explore_run()  # temperature, max_new_tokens checked as the episode checks them
@@ -280,7 +285,8 @@ def run_eto(
         log.info("ETO round %d/%d: %s explores the %s tasks", k, cfg.iterations, agent, cfg.split)
         records, order = play_split(str(agent), env_spec, round_dir / EXPLORE_DIR, [cfg.explore_run()], cfg.split,
                                     cfg.limit, env_kwargs, task_types, policy_kwargs, seed + k - 1, backend, workers,
-                                    concurrency, what=f"ETO round {k} exploration")
+                                    concurrency, what=f"ETO round {k} exploration",
+                                    only=set(experts) if cfg.tasks == "expert" else None)
         pairs = failure_pairs(records, order, experts, cfg, expert_path)
         log.info("ETO round %d: %d episodes (average reward %.3f), %d failures below %.2f → %d pairs (%d without an "
                  "expert trajectory, %d where the expert is no better, %d unusable left out)", k, pairs.episodes,

@@ -560,6 +560,21 @@ def _expert_data(r: Resolved, config_path: str | Path, section: str) -> Path:
     return path
 
 
+def _supervised_expert_data(r: Resolved, config_path: str | Path, section: str) -> Path:
+    """The expert trajectories the SFT model actually saw: under limited supervision
+    (``sft.max_trajectories``) the same seeded subset, written to ``expert-sft.json`` in the run folder,
+    so a baseline that reads expert data (ETO's pairs) gets no more supervision than SFT had."""
+    from .data import load_trajectories, save_trajectories
+    from .training.sft import limit_trajectories
+
+    path = _expert_data(r, config_path, section)
+    if r.sft.max_trajectories is None:
+        return path
+    subset = r.run_dir / "expert-sft.json"
+    save_trajectories(subset, limit_trajectories(load_trajectories(path), r.sft.max_trajectories, r.sft.seed))
+    return subset
+
+
 def _retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> list[tuple[str, Path]]:
     """Train (or resume) the RFT, ETO and self-trained agents the config asks for and evaluate each
     greedily on the evaluation's tasks; returns (row label prefix, evaluation folder) per agent."""
@@ -588,7 +603,8 @@ def _retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> li
         if eto_cfg.max_steps is None and r.eval.max_steps is not None:
             eto_cfg = dataclasses.replace(eto_cfg, max_steps=r.eval.max_steps)
         log.info("ETO baseline → %s", run / ETO_DIR)
-        agent, _ = run_eto(sft_dir, _expert_data(r, config_path, "eto"), cfg.env, run / ETO_DIR, eto_cfg, r.eto.dpo,
+        agent, _ = run_eto(sft_dir, _supervised_expert_data(r, config_path, "eto"), cfg.env, run / ETO_DIR, eto_cfg,
+                           r.eto.dpo,
                            env_kwargs=cfg.env_args, task_types=cfg.task_types, policy_kwargs=cfg.policy,
                            seed=cfg.seed, backend=cfg.backend, workers=cfg.workers, concurrency=r.eval.concurrency)
         agents.append(("eto", agent, run / ETO_DIR / "eval"))

@@ -25,7 +25,7 @@ turn without an ``Action:`` line, which the trajectory format refuses).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from .data import load_trajectories, record_problems, record_to_trajectory, save
 from .envs.base import parse_action
 from .errors import QlassError
 from .evaluate import DEFAULT_CONCURRENCY, MethodRun
-from .rollouts import play_split
+from .rollouts import TASK_SOURCES, play_split
 from .search import SampleConfig
 from .types import Trajectory
 
@@ -60,10 +60,14 @@ class RFTConfig:
     init: str = option("base", "fine-tune from the 'base' model (as rejection-sampling fine-tuning does) or from "
                                "the 'sft' checkpoint")
     split: str = option("train", "split the sampled tasks come from")
+    tasks: str = option("split", "which tasks of split are sampled: 'split' (all of the split's) or 'expert' (those "
+                                 "with a trajectory in the expert data)", added=True)
     limit: int | None = option(None, "at most this many tasks (round-robin over task types; None: all)")
 
     def __post_init__(self) -> None:
         check_minimums(self, samples=1, limit=1, max_steps=1)
+        if self.tasks not in TASK_SOURCES:
+            raise ValueError(f"tasks must be one of {', '.join(TASK_SOURCES)}, got {self.tasks!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not 0.0 <= self.min_reward <= 1.0:
@@ -163,16 +167,21 @@ def sample_training_tasks(
     workers: int = 1,
     concurrency: int = DEFAULT_CONCURRENCY,
     policy: Any = None,
+    expert_tasks: Collection[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Play ``cfg.samples`` sampled episodes of the agent ``model`` on each task of ``cfg.split``
-    (``cfg.limit`` of them, round-robin over task types); records go to ``out_dir/records.jsonl``
+    (``cfg.limit`` of them, round-robin over task types; with ``cfg.tasks == "expert"``, of those in
+    ``expert_tasks``); records go to ``out_dir/records.jsonl``
     (resumable). ``policy``: see :func:`qlass.rollouts.play_split` (e.g. a user's own policy class;
     ``model`` then only names it in ``config.yaml``). Returns the records of these tasks and draws,
     and the task ids in order."""
     sample = cfg.sample_config()
     runs = [DrawRun("sample", sample, draw=k) for k in range(cfg.samples)]
+    if cfg.tasks == "expert" and expert_tasks is None:
+        raise QlassError("RFT with tasks='expert' needs the expert data's task ids")
     return play_split(model, env_spec, out_dir, runs, cfg.split, cfg.limit, env_kwargs, task_types, policy_kwargs,
-                      seed, backend, workers, concurrency, policy, what="RFT sampling")
+                      seed, backend, workers, concurrency, policy, what="RFT sampling",
+                      only=expert_tasks if cfg.tasks == "expert" else None)
 
 
 def write_augmented_data(expert_path: str | Path, extra: Sequence[Trajectory], out_dir: Path, what: str
@@ -226,13 +235,13 @@ def run_rft(
     expert_path = Path(expert)
     if not expert_path.is_file():
         raise QlassError(f"{expert_path}: expert trajectory file not found (RFT adds its samples to it)")
-    load_trajectories(expert_path)  # a bad record is named before any sampling
+    expert_tasks = {t.task for t in load_trajectories(expert_path) if t.task}  # a bad record is named first
     train_from = Path(base) if cfg.init == "base" else Path(model)
     if not (train_from / "config.json").is_file():
         which = "base model" if cfg.init == "base" else "SFT checkpoint (init='sft' fine-tunes the sampling agent)"
         raise QlassError(f"{train_from}: the {which} is not a local model folder (no config.json)")
     records, order = sample_training_tasks(model, env_spec, out / SAMPLES_DIR, cfg, env_kwargs, task_types,
-                                           policy_kwargs, seed, backend, workers, concurrency, policy)
+                                           policy_kwargs, seed, backend, workers, concurrency, policy, expert_tasks)
     kept, below = kept_samples(records, order, cfg.min_reward)
     log.info("RFT: %d of %d sampled episodes reach reward %.2f", len(kept), len(records), cfg.min_reward)
     save_yaml(out / "rft_config.yaml", {**to_dict(cfg), "model": str(model), "expert": str(expert_path),

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import QlassError
-from .evaluate import EvalWorker, MethodRun, cache_for, evaluate, live_histories, split_tasks
+from .evaluate import EvalWorker, MethodRun, cache_for, evaluate, live_histories, select_tasks, split_tasks
 
 log = logging.getLogger(__name__)
+
+TASK_SOURCES = ("expert", "split")
+"""Which tasks a baseline plays: those of its expert data, or its split's."""
 
 
 def play_split(
@@ -36,9 +39,11 @@ def play_split(
     concurrency: int,
     policy: Any = None,
     what: str = "playing",
+    only: Collection[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Play every run of ``runs`` on each task of ``split`` (``limit`` of them, round-robin over task
-    types) with the agent ``model``; records go to ``out_dir/records.jsonl`` (resumable). ``policy``:
+    types; with ``only``, of the split's tasks whose id it holds, e.g. the expert data's) with the agent
+    ``model``; records go to ``out_dir/records.jsonl`` (resumable). ``policy``:
     a ready policy or a picklable factory to play with instead of ``load_policy(model,
     **policy_kwargs)`` (``model`` then only names it in ``config.yaml``); ``what`` starts the log line.
     Returns the records of these
@@ -54,7 +59,14 @@ def play_split(
         policy_kwargs = cache_for(model, policy_kwargs, concurrency * max(map(live_histories, runs)))
         policy = functools.partial(load_policy, model, **policy_kwargs)
     make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
-    env_name, tasks = split_tasks(make, env_spec, [split], task_types, limit)
+    if only is None:
+        env_name, tasks = split_tasks(make, env_spec, [split], task_types, limit)
+    else:
+        env_name, every = split_tasks(make, env_spec, [split], task_types, None)
+        tasks = select_tasks([t for t in every if t.id in only], limit)
+        if not tasks:
+            raise QlassError(f"{env_spec}: none of the {len(only)} given tasks is in split {split!r} "
+                             f"(task types {list(task_types or []) or 'all'})")
     settings = {
         "model": model, "qnet": None, "env": env_spec, "env_args": dict(env_kwargs or {}), "splits": [split],
         "task_types": list(task_types or []) or None, "limit": limit, "tasks": {split: len(tasks)},
