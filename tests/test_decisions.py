@@ -424,3 +424,22 @@ def test_offset_continues_where_a_limit_stopped() -> None:
     assert not set(first) & set(second) and len(second) == 8
     assert sorted(first + second) == sorted(ids(7))
     assert ids(None, offset=8) == ["corridor/8", "corridor/108", "corridor/9", "corridor/109"]
+
+
+def test_split_half_check_scores_the_first_half_against_the_second() -> None:
+    from qlass.decision_report import markdown, score_decisions, split_half
+
+    recs = hand_built()
+    # D1: rollouts [1, 0, 0, 0] / [0, 0, 1, 1] / [0.5, 0.5, 0.5, 0.5]: first halves 0.5, 0.0, 0.5 -> pick 0,
+    # second halves 0.0, 1.0, 0.5 -> wrong; random 1/3
+    for c, rolls in zip(recs[0]["candidates"], ([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.5] * 4)):
+        c["rollout_rewards"] = rolls
+    # D2: candidate 1 ended the episode (exact 1.0 in both halves); [1, 1] / [0, 0]: first 1.0, 1.0, 0.0 ->
+    # pick 0, second 1.0, 1.0, 0.0 -> right (ties count); random 2/3
+    for c, rolls in zip(recs[1]["candidates"], ([1.0, 1.0], [1.0], [0.0, 0.0])):
+        c["rollout_rewards"] = rolls
+    assert split_half(recs) == {"decisions": 2, "first_half_accuracy": 0.5, "random_accuracy": pytest.approx(0.5)}
+    assert "scores 50.0% against the second half (random: 50.0%; 2 decisions)" in markdown(score_decisions(recs))
+    recs[0]["candidates"][2]["rollout_rewards"] = [0.5]  # one rollout: that decision cannot be split
+    assert split_half(recs)["decisions"] == 1
+    assert split_half([recs[0]]) is None

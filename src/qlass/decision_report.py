@@ -185,6 +185,36 @@ def _group_rows(scores: dict[str, np.ndarray], members: np.ndarray, cfg: ReportC
     return rows
 
 
+def split_half(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """How far the Monte-Carlo values can separate rankers: each candidate's rollouts split in two
+    halves (first and second), a ranker that picks by the first half's means scored against the
+    second half's (an episode-ending candidate's outcome is exact, the same in both halves), beside
+    a uniform pick scored the same way. ``None`` when no decision has a non-terminal candidate with
+    two rollouts or more."""
+    used, picks, chance = 0, [], []
+    for rec in records:
+        halves = []
+        for c in rec["candidates"]:
+            rolls = c.get("rollout_rewards") or []
+            if c["terminal"] or len(rolls) < 2:
+                if not c["terminal"]:
+                    break
+                halves.append((float(c["mean"]), float(c["mean"])))
+            else:
+                k = len(rolls) // 2
+                halves.append((float(np.mean(rolls[:k])), float(np.mean(rolls[k:]))))
+        else:
+            if all(c["terminal"] for c in rec["candidates"]):
+                continue
+            used += 1
+            first, second = [h[0] for h in halves], [h[1] for h in halves]
+            picks.append(_outcome(second, argmax(first))[0])
+            chance.append(_random(second)[0])
+    if not used:
+        return None
+    return {"decisions": used, "first_half_accuracy": float(np.mean(picks)), "random_accuracy": float(np.mean(chance))}
+
+
 def score_decisions(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | None = None,
                     cfg: ReportConfig | None = None) -> dict[str, Any]:
     """Every ranker's accuracy and regret on ``records`` (with QNet values ``q`` when given), overall,
@@ -210,7 +240,8 @@ def score_decisions(records: Sequence[dict[str, Any]], q: Sequence[Sequence[floa
         out.append({"group": label, "decisions": len(members), "unique_best": int(unique),
                     "tasks": len({(records[i]["split"], records[i]["task"]) for i in members}),
                     "rows": _group_rows(scores, members, cfg)})
-    return {"schema_version": REPORT_SCHEMA_VERSION, "config": asdict(cfg), "qnet": q is not None, "groups": out}
+    return {"schema_version": REPORT_SCHEMA_VERSION, "config": asdict(cfg), "qnet": q is not None, "groups": out,
+            "split_half": split_half(records)}
 
 
 def _cell(row: dict[str, Any], base: str, metric: str, scale: float) -> str:
@@ -229,6 +260,13 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
              f"decisions, with a paired bootstrap 95% interval ({result['config']['resamples']:,} resamples).")]
     if not result["qnet"]:
         lines.append("No QNet was given: the QNet rankers are omitted.")
+    half = result.get("split_half")
+    if half:
+        lines += ["", (f"Measurement check: splitting each candidate's rollouts in two halves, a ranker that picks by "
+                       f"the first half scores {100 * half['first_half_accuracy']:.1f}% against the second half "
+                       f"(random: {100 * half['random_accuracy']:.1f}%; {half['decisions']} decisions). The values "
+                       "separate a ranker that knows the candidates' worth from chance this far; accuracy below that "
+                       "is the ranker's, not the measurement's.")]
     bases = [b for b in BASELINES if any(r["ranker"] == b for r in result["groups"][0]["rows"])]
     for g in result["groups"]:
         lines += ["", (f"## {g['group']}: {g['decisions']} decisions from {g['tasks']} tasks, "
