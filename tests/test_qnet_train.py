@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qlass.config import load_yaml, save_yaml
 from qlass.errors import DataError, QlassError
@@ -210,6 +211,24 @@ def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path,
     with pytest.raises(QlassError, match=r"other settings \(min_trees_per_step: 1 → 4\)"):
         train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG))
     assert train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG, min_trees_per_step=1)) == result
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_the_same_qnet(tiny_model_dir: Path, tmp_path: Path, lora: bool) -> None:
+    """Recomputing activations saves memory but must not change what is learnt (nor the run's settings)."""
+    from transformers import AutoModelForSequenceClassification
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=6)
+    opts = {**CFG, "epochs": 1, "rank": "dueling", "pair_weight": 0.5, "eval_before": False, "baseline": False,
+            "threads": 1, "lora": lora, "lora_r": 4, "lora_dropout": 0.0}
+    plain = train_qnet(data, tiny_model_dir, tmp_path / "plain", QNetTrainConfig(**opts))
+    recomputed = train_qnet(data, tiny_model_dir, tmp_path / "ckpt", QNetTrainConfig(**opts, gradient_checkpointing=True))
+    assert recomputed["qnet"]["mse"] == pytest.approx(plain["qnet"]["mse"], rel=1e-4)
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).state_dict()
+    assert not torch.allclose(b["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
 KILLER = """

@@ -116,6 +116,8 @@ class QNetTrainConfig(TrainerConfig):
     val_fraction: float = option(0.1, "fraction of trees held out for validation (cross-validation ignores it)")
     eval_before: bool = option(True, "also validate the untrained QNet (epoch 0)")
     baseline: bool = option(True, "rank the validation siblings by the SFT policy's log-likelihood too")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory for long "
+                                          "rows, more compute)", runtime=True)
     seed: int = option(0, "seed for the split, batching and head initialisation")
 
     def __post_init__(self) -> None:
@@ -226,7 +228,7 @@ def _train_qnet(qdata: str | Path, sft_dir: str | Path, out: Path, cfg: QNetTrai
         raise QlassError(f"{qdata}: no training records left (every tree is held out)")
     # one micro-batch per process per optimizer step (module docstring); also sets the threads, checks the device
     arguments = training_arguments(cfg, out, epochs=1, lr=cfg.lr, micro_batch=1, batch_size=1, seed=cfg.seed,
-                                   evaluate=False)
+                                   evaluate=False, gradient_checkpointing=cfg.gradient_checkpointing)
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed, rank=cfg.rank)
     train, val = pack(qnet, train_records), pack(qnet, val_records)
     shares, ends = schedule(train, cfg, world_size())
