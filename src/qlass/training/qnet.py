@@ -226,7 +226,7 @@ def _train_qnet(qdata: str | Path, sft_dir: str | Path, out: Path, cfg: QNetTrai
         raise QlassError("select_best needs validation trees (val_fraction > 0)")
     if not train_records:
         raise QlassError(f"{qdata}: no training records left (every tree is held out)")
-    # one micro-batch per process per optimizer step (module docstring); also sets the threads, checks the device
+    # one micro-batch per process per optimizer step (see .qnet_trainer); also sets the threads, checks the device
     arguments = training_arguments(cfg, out, epochs=1, lr=cfg.lr, micro_batch=1, batch_size=1, seed=cfg.seed,
                                    evaluate=False, gradient_checkpointing=cfg.gradient_checkpointing)
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed, rank=cfg.rank)
