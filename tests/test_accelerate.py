@@ -1,7 +1,8 @@
-"""`qlass sft` and `qlass dpo` under `accelerate launch --num_processes 2 --cpu` (gloo) take the same
-optimizer steps as one process at the same global batch: the two processes split each step's
-micro-batches, and the loss is normalised over the whole step. Tolerance: per-step train loss and
-validation loss within 1e-4 relative, final weights within 1e-5 (float sums in another order)."""
+"""`qlass sft`, `qlass dpo` and `qlass train-qnet` under `accelerate launch --num_processes 2 --cpu` (gloo)
+take the same optimizer steps as one process at the same global batch: the two processes split each
+step's micro-batches (the QNet: each step's packed rows), and the loss is normalised over the whole
+step. Tolerance: per-step train loss and validation metrics within 1e-4 relative, final weights within
+1e-5 (float sums in another order)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from test_dpo import write_pairs
+from test_qnet_train import synthetic_qdata
 from test_sft import write_data
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qlass"]
@@ -33,13 +35,13 @@ def _curve(out: Path, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in records if key in r and r.get("kind") != "summary"]
 
 
-def _same_run(one: Path, two: Path, keys: tuple[str, ...]) -> None:
+def _same_run(one: Path, two: Path, keys: tuple[str, ...], auto: type = AutoModelForCausalLM) -> None:
     for key in keys:
         a, b = _curve(one, key), _curve(two, key)
         assert a and [s for s, _ in a] == [s for s, _ in b], key
         assert all(y == pytest.approx(x, rel=1e-4) for (_, x), (_, y) in zip(a, b)), (key, a, b)
-    wa = AutoModelForCausalLM.from_pretrained(one).state_dict()
-    wb = AutoModelForCausalLM.from_pretrained(two).state_dict()
+    wa = auto.from_pretrained(one).state_dict()
+    wb = auto.from_pretrained(two).state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     assert not list(two.glob("checkpoint-*")) and (two / ".qlass-complete").exists()
 
@@ -64,3 +66,36 @@ def test_dpo_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path) 
     _run(LAUNCH + ["dpo", "--out", "two"] + opts, tmp_path)
     _same_run(tmp_path / "one", tmp_path / "two", ("train_loss",))
     assert len(_curve(tmp_path / "two", "train_loss")) == 4
+
+
+def _mixed_qdata(path: Path) -> Path:
+    """Trees of 4 sibling groups (8 records) and of 1 (2 records): with pairs, each tree is one unit, so
+    with batch_size 8 a step is one big tree (the second process holds no row: blank passes) or several
+    small ones (dealt to both processes)."""
+    big = synthetic_qdata(path.with_name("big.jsonl"), trees=4, groups=4, seed=0).read_text().splitlines()
+    small = [json.loads(line) for line in synthetic_qdata(path.with_name("small.jsonl"), trees=6, groups=1,
+                                                          seed=1).read_text().splitlines()]
+    for r in small:
+        r["tree_id"], r["group"] = "s" + r["tree_id"], "s" + r["group"]
+    path.write_text("\n".join(big + [json.dumps(r) for r in small]) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_qnet_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _mixed_qdata(tmp_path / "q.jsonl")
+    opts = ["q.jsonl", "--model", str(tiny_model_dir)] + [
+        x for kv in ("epochs=2", "lr=3e-3", "batch_size=8", "min_trees_per_step=1", "pair_weight=0.5",
+                     "rank=dueling", "max_length=512", "max_action_tokens=32", "val_fraction=0.3", "warmup_ratio=0",
+                     "threads=1") for x in ("--set", kv)]
+    _run(ONE + ["train-qnet", "--out", "one"] + opts, tmp_path)
+    _run(LAUNCH + ["train-qnet", "--out", "two"] + opts, tmp_path)
+    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss", "train_mse", "pair_loss", "val_mse",
+                                                   "val_pair_accuracy"), AutoModelForSequenceClassification)
+    steps = [r for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())
+             if "train_loss" in r]
+    assert {r["trees"] == 1 for r in steps} == {True, False}  # both a one-unit step and dealt ones
+    assert sum(r["pairs"] for r in steps) > 0
+    one, two = (json.loads((tmp_path / run / "qnet_result.json").read_text()) for run in ("one", "two"))
+    assert two["qnet"]["pair_accuracy"] == one["qnet"]["pair_accuracy"]
+    assert two["sft_loglik"] == one["sft_loglik"]

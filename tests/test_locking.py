@@ -17,7 +17,7 @@ from qlass.errors import QlassError
 from qlass.evaluate import evaluate
 from qlass.explore import ExploreConfig, explore_tasks
 from qlass.locking import lock_path, writer_lock
-from qlass.qnet_train import QNetTrainConfig, train_qnet
+from qlass.training.qnet import QNetTrainConfig, train_qnet
 from qlass.training.sft import SFTConfig, train_sft
 from qlass.tree import read_trees
 

@@ -23,12 +23,12 @@ from test_sft import write_data
 from transformers import Trainer
 from typer.testing import CliRunner
 
-from qlass import qnet_train as qt
 from qlass.cli import app
 from qlass.config import setting_changes
 from qlass.errors import QlassError
 from qlass.jsonl import read_jsonl
 from qlass.training import sft
+from qlass.training.qnet import QNetTrainConfig, train_qnet
 from qlass.tree import read_trees
 
 
@@ -274,30 +274,31 @@ def test_sft_killed_before_its_first_checkpoint_logs_step_0_once_and_refuses_oth
 def test_resumed_qnet_epoch_reports_the_whole_epochs_train_mse_and_refuses_another_sft_model(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=8)
-    cfg = qt.QNetTrainConfig(**{**CFG, "eval_before": False, "baseline": False, "threads": 1, "save_every": 3})
-    whole = qt.train_qnet(data, tiny_model_dir, tmp_path / "whole", cfg)
-    real = qt.save_checkpoint
+    cfg = QNetTrainConfig(**{**CFG, "eval_before": False, "baseline": False, "threads": 1, "save_every": 3})
+    whole = train_qnet(data, tiny_model_dir, tmp_path / "whole", cfg)
+    real = Trainer._save_checkpoint
 
-    def crash_after_first_save(*args, **kwargs) -> None:
-        real(*args, **kwargs)
+    def crash_after_first_save(self, *args, **kwargs) -> None:
+        real(self, *args, **kwargs)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(qt, "save_checkpoint", crash_after_first_save)
     out = tmp_path / "resumed"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        qt.train_qnet(data, tiny_model_dir, out, cfg)
-    assert not [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "qnet_val"], "killed mid-epoch"
-    monkeypatch.setattr(qt, "save_checkpoint", real)
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_checkpoint", crash_after_first_save)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train_qnet(data, tiny_model_dir, out, cfg)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_loss" in r] == [1, 2, 3]
+    assert not [r for r in read_jsonl(out / "metrics.jsonl") if "val_mse" in r], "killed mid-epoch"
     (tmp_path / "base").symlink_to(tiny_model_dir)
     with pytest.raises(QlassError, match="a QNet in training trained with other settings .*sft_model"):
-        qt.train_qnet(data, tmp_path / "base", out, cfg)
+        train_qnet(data, tmp_path / "base", out, cfg)
     with pytest.raises(QlassError, match="other Q data"):
-        qt.train_qnet(synthetic_qdata(tmp_path / "other.jsonl", trees=8, seed=1), tiny_model_dir, out, cfg)
-    resumed = qt.train_qnet(data, tiny_model_dir, out, cfg)
+        train_qnet(synthetic_qdata(tmp_path / "other.jsonl", trees=8, seed=1), tiny_model_dir, out, cfg)
+    resumed = train_qnet(data, tiny_model_dir, out, cfg)
 
-    def epochs(run: Path) -> list[tuple[int, float]]:
-        return [(r["epoch"], r["train_mse"]) for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "qnet_val"]
+    def validations(run: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["val_mse"]) for r in read_jsonl(run / "metrics.jsonl") if "val_mse" in r]
 
-    assert epochs(out) == epochs(tmp_path / "whole")
-    assert resumed["qnet"]["train_mse"] == whole["qnet"]["train_mse"]
+    assert validations(out) == validations(tmp_path / "whole")
+    assert resumed["qnet"]["train_mse"] == whole["qnet"]["train_mse"]  # the epoch's steps before the crash count
     assert json.loads((out / "qnet_result.json").read_text())["kept_epoch"] == whole["kept_epoch"]

@@ -25,10 +25,9 @@ from qlass.qnet_loss import (
     scores_of,
     sibling_pairs,
     state_targets,
-    step_backward,
 )
 from qlass.qnet_pack import batch_units
-from qlass.qnet_train import QNetTrainConfig, pack, train_qnet
+from qlass.training.qnet import QNetTrainConfig, QNetTrainer, StepShares, pack, schedule, train_qnet
 
 EARLY = ["go", "teleport", "walk"]
 LATE = ["focus", "move", "pick"]
@@ -85,16 +84,29 @@ def test_units_keep_every_contrast_pair_in_one_step(tiny_model_dir: Path, tmp_pa
         assert len(sibling_pairs(inside)) == len(sibling_pairs([r for r in records if r.tree_id == tree])) == 3
 
 
-@pytest.mark.parametrize("rank", ["q", "advantage", "dueling"])
-def test_two_pass_pair_gradient_equals_the_joint_loss(tiny_model_dir: Path, tmp_path: Path, rank: str) -> None:
-    """step_backward backpropagates row by row with pair coefficients from a no-grad pass; its gradient
-    must equal that of the whole step's loss written out with every row's graph at once."""
+@pytest.mark.parametrize("rank,processes", [("q", 1), ("advantage", 2), ("dueling", 3)])
+def test_trainer_step_gradient_equals_the_joint_loss(tiny_model_dir: Path, tmp_path: Path, rank: str,
+                                                     processes: int) -> None:
+    """QNetTrainer.training_step backpropagates row by row with pair coefficients from a no-grad pass;
+    the gradients of all the shares a step is dealt into (one per process; here summed in one process)
+    must equal those of the whole step's loss written out with every row's graph at once."""
+    from transformers import TrainingArguments
+
     qnet = QNet.from_sft(tiny_model_dir, max_length=512, max_action_tokens=32, seed=4, rank=rank)
     records = read_qdata(synthetic_qdata(tmp_path / "q.jsonl", trees=2, seed=2))
     rows = pack(qnet, records)
-    base = state_targets(records)
     weight = 0.7
-    stats = step_backward(qnet, rows, base, weight)
+    cfg = QNetTrainConfig(epochs=1, batch_size=len(records), min_trees_per_step=2, rank=rank, pair_weight=weight)
+    shares, ends = schedule(rows, cfg, processes)
+    assert ends == [1] and len(shares) == processes  # one step: both trees' units, dealt to the processes
+    assert sorted(i for s in shares for i in s.rows) == list(range(len(rows)))
+    assert all(s.passes == max(len(t.rows) for t in shares) for s in shares)
+    base = state_targets(records)
+    trainer = QNetTrainer(model=qnet.model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True,
+                                                                   report_to=[]),
+                          rank=rank, pair_weight=weight, head_lr=1e-3, epoch_ends=ends)
+    batches = StepShares(rows, shares, base)
+    loss = sum(float(trainer.training_step(qnet.model, batches[i])) for i in range(processes))
     two_pass = {n: p.grad.clone() for n, p in qnet.model.named_parameters() if p.grad is not None}
     qnet.model.zero_grad(set_to_none=True)
 
@@ -108,8 +120,8 @@ def test_two_pass_pair_gradient_equals_the_joint_loss(tiny_model_dir: Path, tmp_
     hi, lo = (torch.tensor(x) for x in zip(*pairs))
     bt = F.softplus(scores[lo] - scores[hi]).mean()
     (per_record.mean() + weight * bt).backward()
-    assert stats.pairs == len(pairs) == 6 and stats.records == len(flat)
-    assert stats.loss == pytest.approx(float(per_record.mean() + weight * bt), rel=1e-5)
+    assert shares[0].pairs == len(pairs) == 6 and shares[0].records == len(flat)
+    assert loss == pytest.approx(float((per_record.mean() + weight * bt).detach()), rel=1e-5)
     assert two_pass.keys() == {n for n, p in qnet.model.named_parameters() if p.grad is not None}
     for name, grad in two_pass.items():
         torch.testing.assert_close(grad, dict(qnet.model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
@@ -173,13 +185,17 @@ def test_select_best_keeps_the_best_validation_epoch(tiny_model_dir: Path, tmp_p
     out = tmp_path / "qnet"
     cfg = QNetTrainConfig(**{**CFG, "epochs": 4, "lr": 3e-2, "val_fraction": 0.25}, select_best=True)
     result = train_qnet(data, tiny_model_dir, out, cfg)
-    epochs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "qnet_val"]
-    trained = [e for e in epochs if e["epoch"] >= 1]
-    best = max(trained, key=lambda e: (e["pair_accuracy"], -e["mse"]))
+    trained = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if "val_mse" in r and r["epoch"] >= 1]
+    best = max(trained, key=lambda e: (e["val_pair_accuracy"], -e["val_mse"]))
     assert best is not trained[-1]  # this lr overshoots after the best epoch, so keeping it matters
     saved = json.loads((out / "qnet_result.json").read_text())
     assert saved["kept_epoch"] == best["epoch"] and saved["kept_by"] == "best validation pair accuracy"
-    assert saved["qnet"] == result["qnet"] == best
+    assert saved["qnet"] == result["qnet"]
+    assert {k: saved["qnet"][k] for k in ("epoch", "step", "mse", "pair_accuracy", "pairs", "n")} == {
+        "epoch": best["epoch"], "step": best["step"], "mse": best["val_mse"], "pair_accuracy": best["val_pair_accuracy"],
+        "pairs": best["val_pairs"], "n": best["val_records"]}
+    best = saved["qnet"]
     preds = [json.loads(x) for x in (out / "val_predictions.jsonl").read_text().splitlines()]
     assert len(preds) == best["n"]
     mse = sum((p["qnet_q"] - p["q"]) ** 2 for p in preds) / len(preds)

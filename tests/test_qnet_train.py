@@ -1,13 +1,16 @@
 """QNet training on synthetic Q data with a tiny random model: reading and validating qdata, the
-split by tree, ranking metrics, train/inference input identity, learning, resume, the CLI."""
+split by tree, ranking metrics, train/inference input identity, learning, resume after kill -9, the CLI."""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qlass.config import load_yaml, save_yaml
 from qlass.errors import DataError, QlassError
@@ -15,7 +18,7 @@ from qlass.policy.render import encode_conversation, render
 from qlass.qnet import QNet
 from qlass.qnet_data import QRecord, make_groups, ranking_metrics, read_qdata, spearman, split_by_tree
 from qlass.qnet_pack import step_batches
-from qlass.qnet_train import QNetTrainConfig, pack, train_qnet
+from qlass.training.qnet import QNetTrainConfig, pack, train_qnet
 from qlass.types import Message
 
 GOOD = ["north", "open", "take", "look"]
@@ -161,6 +164,11 @@ CFG = dict(epochs=2, lr=3e-3, batch_size=4, max_length=512, max_action_tokens=32
            warmup_ratio=0.0, save_every=5, seed=0)
 
 
+def val_records(out: Path) -> list[dict]:
+    """The validation records of a QNet run's ``metrics.jsonl``."""
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_mse" in r]
+
+
 @pytest.mark.slow
 def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
@@ -168,15 +176,21 @@ def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path,
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=16)
     out = tmp_path / "qnet"
     result = train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG))
-    epochs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "qnet_val"]
+    epochs = val_records(out)
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     before, after = epochs[0], epochs[-1]
-    assert after["pairs"] == 4 * 3 and after["pair_accuracy"] >= 0.9
-    assert after["pair_accuracy"] >= before["pair_accuracy"] + 0.25
-    assert after["mse"] < before["mse"] / 2
-    assert result["qnet"]["pair_accuracy"] == after["pair_accuracy"]
-    assert result["sft_loglik"]["pairs"] == after["pairs"] and 0.0 <= result["sft_loglik"]["pair_accuracy"] <= 1.0
-    assert not (out / "checkpoint").exists()
+    assert after["val_pairs"] == 4 * 3 and after["val_pair_accuracy"] >= 0.9
+    assert after["val_pair_accuracy"] >= before["val_pair_accuracy"] + 0.25
+    assert after["val_mse"] < before["val_mse"] / 2
+    assert result["qnet"]["pair_accuracy"] == after["val_pair_accuracy"] and result["qnet"]["epoch"] == 2
+    assert result["qnet"]["mse"] == after["val_mse"] and result["qnet"]["n"] == after["val_records"] == 24
+    assert result["sft_loglik"]["pairs"] == after["val_pairs"] and 0.0 <= result["sft_loglik"]["pair_accuracy"] <= 1.0
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    assert all(r["records"] >= CFG["batch_size"] and r["trees"] >= 4 for r in steps)  # min_trees_per_step's default
+    second = [r for r in steps if r["step"] > epochs[1]["step"]]  # the kept epoch's steps
+    assert result["qnet"]["train_mse"] == pytest.approx(sum(r["train_mse"] * r["records"] for r in second)
+                                                        / sum(r["records"] for r in second))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("checkpoint", "best_epoch", "trained"))]
     AutoModelForSequenceClassification.from_pretrained(out)  # loads with the Auto class
     qnet = QNet.load(out)
     history = list(read_qdata(data)[0].messages)
@@ -199,38 +213,73 @@ def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path,
     assert train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG, min_trees_per_step=1)) == result
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_the_same_qnet(tiny_model_dir: Path, tmp_path: Path, lora: bool) -> None:
+    """Recomputing activations saves memory but must not change what is learnt (nor the run's settings)."""
+    from transformers import AutoModelForSequenceClassification
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=6)
+    opts = {**CFG, "epochs": 1, "rank": "dueling", "pair_weight": 0.5, "eval_before": False, "baseline": False,
+            "threads": 1, "lora": lora, "lora_r": 4, "lora_dropout": 0.0}
+    plain = train_qnet(data, tiny_model_dir, tmp_path / "plain", QNetTrainConfig(**opts))
+    recomputed = train_qnet(data, tiny_model_dir, tmp_path / "ckpt", QNetTrainConfig(**opts, gradient_checkpointing=True))
+    assert recomputed["qnet"]["mse"] == pytest.approx(plain["qnet"]["mse"], rel=1e-4)
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).state_dict()
+    assert not torch.allclose(b["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+KILLER = """
+import os, sys
+from transformers import Trainer
+from qlass.training.qnet import QNetTrainConfig, train_qnet
+original = Trainer._save_checkpoint
+def save_then_die(self, model, trial):
+    original(self, model, trial)
+    if self.state.global_step == int(sys.argv[4]):
+        os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no flush
+Trainer._save_checkpoint = save_then_die
+train_qnet(sys.argv[1], sys.argv[2], sys.argv[3], QNetTrainConfig(**eval(sys.argv[5])))
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"rank": "dueling", "pair_weight": 0.5, "select_best": True,
-                                        "min_trees_per_step": 2, "epochs": 3, "save_every": 2}])
-def test_interrupted_training_resumes_to_the_same_model(tiny_model_dir: Path, tmp_path: Path, monkeypatch,
-                                                        extra: dict) -> None:
-    """A crash cannot be placed at an exact step for real, so one is injected right after the
-    checkpoint of step ``save_every``; the resumed run must end where an uninterrupted one does (also with the
-    sibling objectives and best-epoch selection)."""
-    import qlass.qnet_train as qt
-
+@pytest.mark.parametrize("extra", [{}, {"rank": "dueling", "pair_weight": 0.5, "select_best": True, "lr": 3e-2,
+                                        "min_trees_per_step": 2, "epochs": 3, "lora": True,
+                                        "lora_r": 4, "lora_dropout": 0.3, "head_lr": 1e-2}])
+def test_killed_training_resumes_to_the_same_model(tiny_model_dir: Path, tmp_path: Path, extra: dict) -> None:
+    """A run killed (SIGKILL) right after a mid-run checkpoint and rerun ends with the weights, losses and
+    validation of an uninterrupted run (also with the sibling objectives, LoRA with dropout, whose RNG
+    state matters, and best-epoch selection: the kill comes after the first epoch's snapshot)."""
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=8)
-    cfg = QNetTrainConfig(**{**CFG, "epochs": 2, "eval_before": False, "baseline": False, **extra})
+    opts = {**CFG, "epochs": 2, "save_every": 2, "eval_before": False, "baseline": False, "threads": 1, **extra}
+    cfg = QNetTrainConfig(**opts)
     whole = train_qnet(data, tiny_model_dir, tmp_path / "whole", cfg)
-
-    real_save = qt.save_checkpoint
-
-    def crash_after_first_save(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(qt, "save_checkpoint", crash_after_first_save)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_qnet(data, tiny_model_dir, tmp_path / "resumed", cfg)
-    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == cfg.save_every
-    monkeypatch.setattr(qt, "save_checkpoint", real_save)
-    resumed = train_qnet(data, tiny_model_dir, tmp_path / "resumed", cfg)
+    first_end = val_records(tmp_path / "whole")[0]["step"]
+    kill_at = next(s for s in range(cfg.save_every, 1000, cfg.save_every) if s > first_end)  # mid-epoch 2
+    out = tmp_path / "resumed"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(data), str(tiny_model_dir), str(out), str(kill_at),
+                           repr(opts)], capture_output=True, text=True, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert json.loads((out / f"checkpoint-{kill_at}" / "trainer_state.json").read_text())["global_step"] == kill_at
+    assert (out / "best_epoch").exists() == cfg.select_best
+    resumed = train_qnet(data, tiny_model_dir, out, cfg)
     assert resumed["qnet"]["mse"] == pytest.approx(whole["qnet"]["mse"], rel=1e-4)
-    assert resumed["kept_epoch"] == whole["kept_epoch"]
+    assert resumed["qnet"]["train_mse"] == pytest.approx(whole["qnet"]["train_mse"], rel=1e-5)
+    assert resumed["kept_epoch"] == whole["kept_epoch"] and resumed["kept_by"] == whole["kept_by"]
+
+    def losses(run: Path) -> list[tuple[int, float]]:
+        return [(r["step"], round(r["train_loss"], 5)) for r in map(json.loads, (run / "metrics.jsonl").read_text()
+                                                                    .splitlines()) if "train_loss" in r]
+
+    assert losses(out) == losses(tmp_path / "whole")
+    assert [r["step"] for r in val_records(out)] == [r["step"] for r in val_records(tmp_path / "whole")]
     history = list(read_qdata(data)[0].messages)
     cands = ["Action: open", "Action: drop"]
-    assert QNet.load(tmp_path / "resumed").score(history, cands) == \
-        pytest.approx(QNet.load(tmp_path / "whole").score(history, cands), abs=1e-5)
+    assert QNet.load(out).score(history, cands) == pytest.approx(QNet.load(tmp_path / "whole").score(history, cands),
+                                                                 abs=1e-5)
 
 
 @pytest.mark.slow

@@ -230,7 +230,7 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .config import check_known
     from .explore import ExploreConfig
     from .policy import check_policy_options
-    from .qnet_train import QNetTrainConfig
+    from .training.qnet import QNetTrainConfig
     from .search import make_method_config
     from .training.sft import SFTConfig
 
@@ -413,7 +413,7 @@ def pipeline_options() -> str:
     from .config import describe
     from .eto import ETOConfig
     from .explore import ExploreConfig
-    from .qnet_train import QNetTrainConfig
+    from .training.qnet import QNetTrainConfig
     from .rft import RFTConfig
     from .self_train import SelfTrainConfig
     from .training.sft import SFTConfig
@@ -470,7 +470,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     from .explore import explore_tasks
     from .models import default_model_dir
     from .policy import load_policy
-    from .qnet_train import train_qnet
+    from .training.qnet import train_qnet
     from .tree import BackupConfig, export_qdata
 
     if stop_after is not None and stop_after not in STAGES[:-1]:

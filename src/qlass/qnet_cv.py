@@ -1,7 +1,7 @@
 """k-fold cross-validation of the QNet by tree: K models on K tree-disjoint splits, their held-out
 predictions pooled.
 
-Each fold is an ordinary :func:`qlass.qnet_train.train_qnet` run in ``OUT/fold-k`` with that fold's
+Each fold is an ordinary :func:`qlass.training.qnet.train_qnet` run in ``OUT/fold-k`` with that fold's
 trees held out (resumable, refused for other settings like any QNet folder); its
 ``val_predictions.jsonl`` holds every held-out record's QNet score and the SFT policy's
 log-likelihoods. Pooled over the folds every tree is held out exactly once, so a small Q data set
@@ -27,7 +27,7 @@ import numpy as np
 from .config import to_dict
 from .jsonl import read_jsonl, write_text_atomic
 from .qnet_data import fold_trees, pair_credits, read_qdata, spearman
-from .qnet_train import PREDICTIONS_FILE, QNetTrainConfig, train_qnet
+from .training.qnet import PREDICTIONS_FILE, QNetTrainConfig, train_qnet
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Q data for the QNet: reading ``qdata.jsonl``, the split by tree, sibling groups, ranking metrics.
 
 The record format is fixed by exploration (:func:`qlass.tree.qdata_records`; see also
-:mod:`qlass.qnet_train`); every problem is reported with the file, the line and the field.
+:mod:`qlass.training.qnet`); every problem is reported with the file, the line and the field.
 """
 
 from __future__ import annotations

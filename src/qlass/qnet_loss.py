@@ -25,15 +25,16 @@ more than :data:`PAIR_EPS`, ``softplus(score_lo − score_hi)`` (Bradley–Terry
 averaged over the step's pairs and added with weight ``pair_weight`` to the per-record mean above.
 Siblings sit on different packed rows; their rows share a step (:func:`qlass.qnet_pack.batch_units`),
 and the pair term's gradient with respect to each score depends only on the step's scores, so a
-first pass without gradients computes those coefficients and every row is then backpropagated on
-its own (exact for a deterministic forward; a step keeps one row's graph at a time, as without pairs).
+first pass without gradients computes those coefficients (:func:`pair_coefficients`) and every row
+is then backpropagated on its own with ``coefficient × score`` added to its loss (exact for a
+deterministic forward; a step keeps one row's graph at a time, as without pairs). The trainer is
+:class:`qlass.training.qnet.QNetTrainer`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -109,53 +110,14 @@ def record_losses(rank: str, q: torch.Tensor, v: torch.Tensor | None, targets: t
     return ((q - v) - (targets - baselines)) ** 2 + state
 
 
-@dataclass
-class StepStats:
-    """What one optimizer step saw: summed losses over its records and pairs."""
-
-    records: int
-    loss: float
-    """the per-record mean loss plus ``pair_weight`` × the pair mean (what was minimised)"""
-    mse_sum: float
-    """Σ (Q − q)² over the records"""
-    pairs: int
-    pair_loss: float
-    """mean Bradley–Terry loss over the pairs (0 without pairs)"""
-
-
-def step_backward(qnet: QNet, rows: Sequence[PackedRow], baselines: dict[tuple[str, str], float],
-                  pair_weight: float) -> StepStats:
-    """Accumulate the gradients of one optimizer step over ``rows`` (see the module docstring for the
-    loss); the caller clips and steps the optimizer."""
-    records = [r for row in rows for r in row.records]
-    n = len(records)
-    offsets = [0]
-    for row in rows:
-        offsets.append(offsets[-1] + len(row.records))
-    pairs = sibling_pairs(records) if pair_weight > 0 else []
-    coeff: torch.Tensor | None = None
-    pair_loss = 0.0
-    if pairs:
-        in_pairs = {i for p in pairs for i in p}
-        scores = torch.zeros(n)
-        with torch.no_grad():
-            for k, row in enumerate(rows):
-                if any(offsets[k] <= i < offsets[k + 1] for i in in_pairs):
-                    scores[offsets[k]:offsets[k + 1]] = scores_of(*row_outputs(qnet, row)).cpu()
-        scores.requires_grad_(True)
-        hi, lo = (torch.tensor(x) for x in zip(*pairs))
-        bt = F.softplus(scores[lo] - scores[hi]).mean()
-        (coeff,) = torch.autograd.grad(bt, scores)
-        pair_loss = float(bt.detach())
-    total, mse_sum = 0.0, 0.0
-    for k, row in enumerate(rows):
-        q, v = row_outputs(qnet, row)
-        targets = torch.tensor(row.targets, device=q.device)
-        base = torch.tensor([baselines[group_key(r)] for r in row.records], device=q.device)
-        loss = record_losses(qnet.rank, q, v, targets, base).sum() / n
-        total += float(loss.detach())
-        mse_sum += float(((q.detach() - targets) ** 2).sum())
-        if coeff is not None:
-            loss = loss + pair_weight * (coeff[offsets[k]:offsets[k + 1]].to(q.device) * scores_of(q, v)).sum()
-        loss.backward()
-    return StepStats(n, total + pair_weight * pair_loss, mse_sum, len(pairs), pair_loss)
+def pair_coefficients(scores: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
+                      step_pairs: int) -> tuple[torch.Tensor, float]:
+    """``(d bt / d scores, bt)`` for ``bt = Σ softplus(scores[lo] − scores[hi]) / step_pairs``: the
+    Bradley–Terry term of the pairs ``(hi[i], lo[i])`` (indices into ``scores``, better first) as
+    their share of the mean over the ``step_pairs`` pairs of the whole optimizer step (under several
+    processes each holds some of them). Adding ``pair_weight × (coefficient × score).sum()`` to a row's
+    loss gives the row its exact share of the pair term's gradient."""
+    scores = scores.detach().requires_grad_(True)
+    bt = F.softplus(scores[lo] - scores[hi]).sum() / step_pairs
+    (coeff,) = torch.autograd.grad(bt, scores)
+    return coeff, float(bt.detach())

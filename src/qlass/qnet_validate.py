@@ -2,9 +2,10 @@
 ranker, the baseline a QNet must beat on the same sibling pairs.
 
 The QNet is judged by its inference score (Q, or Q − V for the advantage ranks) on sibling pairs with
-different targets, and by Spearman and MSE of Q (an estimate of q under every rank). The policy's
-log-likelihood of an action is reported per action token (the ranker) and summed beside it: the sum
-is length-biased, a longer thought losing whatever its action.
+different targets, and by Spearman and MSE of Q (an estimate of q under every rank): per epoch
+through the trainer's evaluation loop (:mod:`qlass.training.qnet`), at the end on the saved model
+(:func:`qnet_outputs`). The policy's log-likelihood of an action is reported per action token (the
+ranker) and summed beside it: the sum is length-biased, a longer thought losing whatever its action.
 """
 
 from __future__ import annotations
@@ -47,11 +48,6 @@ def outputs_metrics(rows: Sequence[PackedRow], q: Sequence[float], score: Sequen
     metrics["spearman"] = spearman(targets, q)
     metrics["mse"] = sum((p - t) ** 2 for p, t in zip(q, targets, strict=True)) / max(len(targets), 1)
     return metrics
-
-
-def validate(qnet: QNet, rows: Sequence[PackedRow]) -> dict[str, Any]:
-    """MSE, sibling ranking accuracy and Spearman of the QNet on the records of ``rows``."""
-    return outputs_metrics(rows, *qnet_outputs(qnet, rows))
 
 
 def loglik_scores(sft_dir: str | Path, rows: Sequence[PackedRow], autocast: bool = False,

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
         from ..models import default_model_dir
-        from ..qnet_train import QNetTrainConfig, summary_lines, train_qnet
+        from ..training.qnet import QNetTrainConfig, summary_lines, train_qnet
 
         if list_options:
             typer.echo(describe(QNetTrainConfig))

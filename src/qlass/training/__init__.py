@@ -1,1 +1,2 @@
-"""Training on transformers' Trainer and TRL: SFT (:mod:`.sft`), DPO (:mod:`.dpo`); shared plumbing in :mod:`.common`."""
+"""Training on transformers' Trainer and TRL: SFT (:mod:`.sft`), DPO (:mod:`.dpo`), the QNet (:mod:`.qnet`); shared
+plumbing in :mod:`.common`."""

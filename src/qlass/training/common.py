@@ -18,6 +18,7 @@ takes the writer lock and writes files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -74,6 +75,15 @@ class TrainerConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, kind: str) -> bool:

@@ -30,13 +30,13 @@ from ..config import config_hash, option, save_yaml, to_dict
 from ..data import ValidationReport, load_records, record_problems, record_to_trajectory
 from ..errors import DataError
 from ..policy.hf import load_causal_lm
-from ..qnet_train import file_digest
 from ..types import Trajectory
 from .common import (
     DONE_MARK,
     MetricsLog,
     SaveAtEpochEnd,
     TrainerConfig,
+    file_digest,
     finished,
     is_main_process,
     main_process_lock,

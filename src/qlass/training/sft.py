@@ -50,7 +50,6 @@ from ..data import ACTION_LINE, load_trajectories
 from ..errors import DataError, QlassError
 from ..policy.hf import default_keep_prefix, load_causal_lm
 from ..policy.render import encode_conversation, truncate_history
-from ..qnet_train import file_digest
 from ..types import Message, Trajectory
 from .common import (
     DONE_MARK,
@@ -59,6 +58,7 @@ from .common import (
     SaveAtEpochEnd,
     TrainerConfig,
     checkpoint_step,
+    file_digest,
     finished,
     is_main_process,
     last_checkpoint,
