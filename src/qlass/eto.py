@@ -60,7 +60,7 @@ from .data import load_trajectories, record_to_trajectory, trajectory_to_record
 from .errors import QlassError
 from .evaluate import DEFAULT_CONCURRENCY, MethodRun
 from .jsonl import write_jsonl, write_text_atomic
-from .qnet_train import file_digest
+from .training.common import file_digest
 from .rollouts import TASK_SOURCES, play_split
 from .search import GreedyConfig, SampleConfig
 from .training.common import DONE_MARK
