@@ -269,15 +269,16 @@ def test_pipeline_eto_section_is_checked_before_any_work() -> None:
 
 def test_under_limited_supervision_eto_pairs_only_with_the_experts_sft_saw(walker: tuple[Path, Path],
                                                                           tmp_path: Path) -> None:
-    from qlass.pipeline import _supervised_expert_data, resolve
+    from qlass.pipeline import resolve
+    from qlass.pipeline_retrain import supervised_expert_data
     from qlass.training.sft import limit_trajectories
 
     _, expert = walker
     config = {"run_dir": str(tmp_path / "run"), "env": ENV, "expert": {"data": str(expert)}, "sft": {"seed": 3},
               "eto": {"limit": 3}}
-    assert _supervised_expert_data(resolve(config, "p.yaml"), "p.yaml", "eto") == expert
+    assert supervised_expert_data(resolve(config, "p.yaml"), "p.yaml", "eto") == expert
     limited = resolve({**config, "sft": {"seed": 3, "max_trajectories": 2}}, "p.yaml")
-    path = _supervised_expert_data(limited, "p.yaml", "eto")
+    path = supervised_expert_data(limited, "p.yaml", "eto")
     assert path == tmp_path / "run" / "expert-sft.json"
     subset = [t.id for t in load_trajectories(path)]
     assert subset == [t.id for t in limit_trajectories(load_trajectories(expert), 2, 3)] and len(subset) == 2
