@@ -216,7 +216,6 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     """Fit a head-only QNet on ``qdata`` from the SFT model in ``sft_dir`` (see the module docstring):
     cross-validate the head's settings, fit the best on every record, save the QNet to ``out_dir``
     with ``qnet_head_result.json`` / ``.md``; returns the result."""
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
