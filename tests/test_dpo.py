@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint_killer
 import pytest
 import torch
 from test_sft import record
@@ -131,18 +132,7 @@ def test_cli_lora_run(tiny_model_dir, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "beta must be > 0" in bad.stderr
 
 
-KILLER = """
-import os, sys
-from transformers import Trainer
-from qlass.training.dpo import DPOConfig, train_dpo
-original = Trainer._save_checkpoint
-def save_then_die(self, model, trial):
-    original(self, model, trial)
-    if self.state.global_step == int(sys.argv[4]):
-        os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no flush
-Trainer._save_checkpoint = save_then_die
-train_dpo(sys.argv[1], sys.argv[2], sys.argv[3], DPOConfig(**eval(sys.argv[5])))
-"""
+KILLER = checkpoint_killer.script("qlass.training.dpo", "DPOConfig", "train_dpo")
 
 
 def test_resume_after_sigkill_reaches_the_same_weights(tiny_model_dir, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint_killer
 import pytest
 import torch
 
@@ -231,18 +232,7 @@ def test_gradient_checkpointing_trains_the_same_qnet(tiny_model_dir: Path, tmp_p
     assert not torch.allclose(b["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
-KILLER = """
-import os, sys
-from transformers import Trainer
-from qlass.training.qnet import QNetTrainConfig, train_qnet
-original = Trainer._save_checkpoint
-def save_then_die(self, model, trial):
-    original(self, model, trial)
-    if self.state.global_step == int(sys.argv[4]):
-        os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no flush
-Trainer._save_checkpoint = save_then_die
-train_qnet(sys.argv[1], sys.argv[2], sys.argv[3], QNetTrainConfig(**eval(sys.argv[5])))
-"""
+KILLER = checkpoint_killer.script("qlass.training.qnet", "QNetTrainConfig", "train_qnet")
 
 
 @pytest.mark.slow

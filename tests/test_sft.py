@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint_killer
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,18 +157,7 @@ def test_cli_trains_and_rejects_unknown_option(tiny_model_dir, tmp_path: Path) -
     AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
 
 
-KILLER = """
-import os, sys
-from transformers import Trainer
-from qlass.training.sft import SFTConfig, train_sft
-original = Trainer._save_checkpoint
-def save_then_die(self, model, trial):
-    original(self, model, trial)
-    if self.state.global_step == int(sys.argv[4]):
-        os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no flush
-Trainer._save_checkpoint = save_then_die
-train_sft(sys.argv[1], sys.argv[2], sys.argv[3], SFTConfig(**eval(sys.argv[5])))
-"""
+KILLER = checkpoint_killer.script("qlass.training.sft", "SFTConfig", "train_sft")
 
 
 @pytest.mark.parametrize("lora", [False, True])
