@@ -411,7 +411,7 @@ def test_local_policies_keep_a_prompt_cache_per_live_history(tiny_model_dir: Pat
     assert isinstance(scripted(), ScriptedPolicy)
 
 
-def test_offset_continues_where_a_limit_stopped() -> None:
+def test_offset_continues_where_a_limit_stopped_and_exclusions_come_first() -> None:
     from toy_envs import Corridor
 
     from qlass.evaluate import split_tasks
@@ -424,6 +424,8 @@ def test_offset_continues_where_a_limit_stopped() -> None:
     assert not set(first) & set(second) and len(second) == 8
     assert sorted(first + second) == sorted(ids(7))
     assert ids(None, offset=8) == ["corridor/8", "corridor/108", "corridor/9", "corridor/109"]
+    kept = split_tasks(lambda: Corridor(tasks_per_split=10), "corridor", ["train"], None, 3, 0, {"corridor/0", "corridor/2"})
+    assert [t.id for t in kept[1]] == ["corridor/1", "corridor/3", "corridor/4"]
 
 
 def test_split_half_check_scores_the_first_half_against_the_second() -> None:
@@ -443,3 +445,20 @@ def test_split_half_check_scores_the_first_half_against_the_second() -> None:
     recs[0]["candidates"][2]["rollout_rewards"] = [0.5]  # one rollout: that decision cannot be split
     assert split_half(recs)["decisions"] == 1
     assert split_half([recs[0]]) is None
+
+
+def test_cli_leaves_out_the_tasks_of_a_trajectory_file(tmp_path: Path) -> None:
+    from qlass.data import save_trajectories
+    from qlass.types import Message, Trajectory
+
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    sft_data = tmp_path / "expert.json"
+    msgs = [Message("user", "go"), Message("assistant", "Thought: a.\nAction: left")]
+    save_trajectories(sft_data, [Trajectory(f"e{i}", msgs, 1.0, True, f"fork/seen/{i}") for i in range(5)])
+    out = tmp_path / "d.jsonl"
+    ran = subprocess.run(collect_cmd(out, "--exclude-tasks-of", str(sft_data)), env=env, check=False,
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    finished = {json.loads(x)["task"] for x in out.with_suffix(".tasks.jsonl").read_text().splitlines()}
+    assert finished == {"fork/seen/5"} | {f"fork/unseen/{i}" for i in range(6)}
+    assert "exclude_tasks_of" in out.with_suffix(".config.yaml").read_text()

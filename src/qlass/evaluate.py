@@ -25,7 +25,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,14 +88,15 @@ def select_tasks(tasks: Sequence[Task], limit: int | None) -> list[Task]:
 
 
 def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str], task_types: Sequence[str] | None,
-                limit: int | None, offset: int = 0) -> tuple[str, list[Task]]:
-    """The environment's name and the tasks of ``splits`` (each :func:`select_tasks`, after skipping
-    the first ``offset`` of that order: ``offset=30`` continues where ``limit=30`` stopped), the splits
-    interleaved so that a run stopped part-way covers each of them."""
+                limit: int | None, offset: int = 0, exclude: Collection[str] = ()) -> tuple[str, list[Task]]:
+    """The environment's name and the tasks of ``splits`` whose id is not in ``exclude`` (each
+    :func:`select_tasks`, after skipping the first ``offset`` of that order: ``offset=30`` continues
+    where ``limit=30`` stopped), the splits interleaved so that a run stopped part-way covers each."""
     probe = make_env()
     try:
         env_name = probe.name
-        by_split = {split: select_tasks(probe.tasks(split, task_types), None if limit is None else offset + limit)[offset:]
+        by_split = {split: select_tasks([t for t in probe.tasks(split, task_types) if t.id not in exclude],
+                                        None if limit is None else offset + limit)[offset:]
                     for split in splits}
     finally:
         probe.close()

@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         task_types: str | None = typer.Option(None, help="Comma-separated task types to keep."),
         limit: int | None = typer.Option(None, min=1, help="At most this many tasks per split (round-robin over task types; may grow on rerun)."),
         offset: int = typer.Option(0, min=0, help="Skip the first N tasks of each split's round-robin order: a second collector with --offset 30 takes the tasks after a first one's --limit 30."),
+        exclude_tasks_of: Path | None = typer.Option(None, dir_okay=False, help="Leave out the tasks of this trajectory file (e.g. the expert/SFT data, to collect training-split decisions on tasks the SFT model never saw)."),
         out: Path = typer.Option(Path("runs/decisions/decisions.jsonl"), dir_okay=False, help="Decisions file to append to (resumable); NAME.config.yaml and NAME.tasks.jsonl go beside it."),
         config: Path | None = typer.Option(None, dir_okay=False, help="YAML file with DecisionConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override a DecisionConfig option: key=value (repeatable)."),
@@ -60,6 +61,7 @@ def register(app: typer.Typer) -> None:
         from ..decisions import DecisionConfig, collect_decisions
         from ..envs.base import make_env
         from ..evaluate import split_tasks
+        from ..explore_config import expert_task_ids
 
         if list_options:
             typer.echo(describe(DecisionConfig))
@@ -74,11 +76,15 @@ def register(app: typer.Typer) -> None:
         policy_kwargs = parse_kv(policy_arg, "--policy-arg")
         types = task_types.split(",") if task_types else None
         make = functools.partial(make_env, env, **env_kwargs)
-        _, tasks = split_tasks(make, env, split, types, limit, offset)
+        exclude = expert_task_ids(exclude_tasks_of) if exclude_tasks_of else set()
+        _, tasks = split_tasks(make, env, split, types, limit, offset, exclude)
         settings = {"model": model, "env": env, "env_args": env_kwargs, "splits": list(split), "task_types": types,
                     "limit": limit, "policy": policy_kwargs}
+        # set only when used: files collected before these options keep their settings
         if offset:
-            settings["offset"] = offset  # only when set: files collected before the option keep their settings
+            settings["offset"] = offset
+        if exclude_tasks_of:
+            settings["exclude_tasks_of"] = str(exclude_tasks_of)
         policy = policy_with_cache(model, policy_kwargs, cfg.concurrency)()
         records = collect_decisions(make, tasks, policy, cfg, out, seed=seed, settings=settings)
         typer.echo(f"{len(records)} decisions from {len(tasks)} tasks in {out}")
