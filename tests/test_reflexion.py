@@ -79,6 +79,8 @@ def test_trials_stop_at_the_limit_and_memory_keeps_the_latest() -> None:
 def test_config_and_label() -> None:
     cfg = make_method_config("reflexion", {"trials": 2})
     assert method_label("reflexion", cfg) == "reflexion(trials=2)"
+    other = make_method_config("reflexion", {"trials": 2, "memory": 1, "temperature": 0.7, "max_steps": 9})
+    assert method_label("reflexion", other) == "reflexion(trials=2,memory=1,temperature=0.7)"
     for bad in ({"trials": 0}, {"memory": 0}, {"reflection_tokens": 0}, {"temperature": -1.0}):
         with pytest.raises(QlassError):
             make_method_config("reflexion", bad)

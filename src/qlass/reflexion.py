@@ -21,7 +21,7 @@ after trial ``k`` from ``stable_seed(ctx.seed, "reflexion-note", k)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .agent import EpisodeConfig, SearchContext, finish, play, start_messages
@@ -53,7 +53,11 @@ class ReflexionConfig:
             raise ValueError("trials, memory and reflection_tokens must be >= 1")
 
     def label(self) -> str:
-        return f"reflexion(trials={self.trials})"
+        """``reflexion(trials=3)``, with every other option that changes the play named when not at its
+        default: ``reflexion(trials=3,memory=1,temperature=0.7)``."""
+        extra = [f"{f.name}={getattr(self, f.name):g}" for f in fields(self)
+                 if f.name in ("success", "memory", "temperature") and getattr(self, f.name) != f.default]
+        return f"reflexion({','.join([f'trials={self.trials}', *extra])})"
 
 
 def with_memory(messages: list[Message], reflections: list[str], memory: int) -> list[Message]:
