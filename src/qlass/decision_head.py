@@ -36,7 +36,7 @@ from .errors import QlassError
 from .jsonl import write_jsonl, write_text_atomic
 from .locking import writes_to
 from .qnet_data import QRecord, fold_trees
-from .qnet_head import QNetHeadConfig, cross_validate_head, features_of, fit_head
+from .qnet_head import QNetHeadConfig, cross_validate_head, features_of, fit_records, record_key
 from .tree import QDATA_SCHEMA_VERSION
 from .types import Message
 
@@ -84,7 +84,7 @@ def write_decision_qdata(paths: Sequence[str | Path], out: str | Path) -> int:
 
 def _candidate_values(records: Sequence[QRecord], feats: dict[str, tuple[np.ndarray, float, float]],
                       w: np.ndarray) -> dict[tuple[str, int], float]:
-    return {(r.tree_id, r.node_id): float(feats[f"{r.tree_id}/{r.node_id}"][0] @ w) for r in records}
+    return {(r.tree_id, r.node_id): float(feats[record_key(r)][0] @ w) for r in records}
 
 
 @writes_to("out_dir", folder=True)
@@ -116,9 +116,7 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
         train = [r for r in records if r.tree_id not in held] + extra_records
         inner = QNetHeadConfig(**{**to_dict(cfg), "folds": min(cfg.folds, len({r.tree_id for r in train}))})
         best = cross_validate_head(train, feats, inner, source)[0]
-        x = np.stack([feats[f"{r.tree_id}/{r.node_id}"][0] for r in train]).astype(np.float64)
-        w = fit_head(x, np.array([r.q for r in train]), [f"{r.tree_id}/{r.group}" for r in train], best["l2"],
-                     best["contrast"])
+        w = fit_records(train, feats, best["l2"], best["contrast"])
         values.update(_candidate_values([r for r in records if r.tree_id in held], feats, w))
         kept.append({"fold": k, "tasks": len(held), "l2": best["l2"], "contrast": best["contrast"]})
         log.info("fold %d/%d: %d held-out tasks, kept l2 %g on %s", k, len(folds), len(held), best["l2"],

@@ -191,28 +191,25 @@ def split_half(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     second half's (an episode-ending candidate's outcome is exact, the same in both halves), beside
     a uniform pick scored the same way. ``None`` when no decision has a non-terminal candidate with
     two rollouts or more."""
-    used, picks, chance = 0, [], []
+    picks, chance = [], []
     for rec in records:
+        cands = rec["candidates"]
+        if all(c["terminal"] for c in cands) or any(
+                not c["terminal"] and len(c.get("rollout_rewards") or []) < 2 for c in cands):
+            continue
         halves = []
-        for c in rec["candidates"]:
-            rolls = c.get("rollout_rewards") or []
-            if c["terminal"] or len(rolls) < 2:
-                if not c["terminal"]:
-                    break
-                halves.append((float(c["mean"]), float(c["mean"])))
-            else:
-                k = len(rolls) // 2
-                halves.append((float(np.mean(rolls[:k])), float(np.mean(rolls[k:]))))
-        else:
-            if all(c["terminal"] for c in rec["candidates"]):
-                continue
-            used += 1
-            first, second = [h[0] for h in halves], [h[1] for h in halves]
-            picks.append(_outcome(second, argmax(first))[0])
-            chance.append(_random(second)[0])
-    if not used:
+        for c in cands:
+            rolls = c["rollout_rewards"]
+            k = len(rolls) // 2
+            halves.append((float(c["mean"]),) * 2 if c["terminal"]
+                          else (float(np.mean(rolls[:k])), float(np.mean(rolls[k:]))))
+        first, second = [h[0] for h in halves], [h[1] for h in halves]
+        picks.append(_outcome(second, argmax(first))[0])
+        chance.append(_random(second)[0])
+    if not picks:
         return None
-    return {"decisions": used, "first_half_accuracy": float(np.mean(picks)), "random_accuracy": float(np.mean(chance))}
+    return {"decisions": len(picks), "first_half_accuracy": float(np.mean(picks)),
+            "random_accuracy": float(np.mean(chance))}
 
 
 def score_decisions(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | None = None,

@@ -86,7 +86,8 @@ class QNetHeadConfig:
             raise QlassError("qnet-head: need 1 <= max_action_tokens < max_length")
 
 
-def _record_key(r: QRecord) -> str:
+def record_key(r: QRecord) -> str:
+    """A record's key in the features (``tree/node``)."""
     return f"{r.tree_id}/{r.node_id}"
 
 
@@ -100,7 +101,7 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
         for key, feat, mean, total in zip(row["keys"], row["features"], row["loglik_mean"], row["loglik_sum"],
                                           strict=True):
             have[key] = (np.asarray(feat, np.float32), float(mean), float(total))
-    groups = [g for g in make_groups(records, source) if any(_record_key(r) not in have for r in g.records)]
+    groups = [g for g in make_groups(records, source) if any(record_key(r) not in have for r in g.records)]
     if have:
         log.info("features: %d records already in %s, %d groups to compute", len(have), out, len(groups))
     groups.sort(key=lambda g: (g.tree_id, len(g.messages)))  # a tree's paths in order: histories extend
@@ -124,7 +125,7 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
                 total = float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
                 sums.append(total)
                 means.append(total / len(ids))
-            keys = [_record_key(r) for r in group.records]
+            keys = [record_key(r) for r in group.records]
             append_jsonl(out, {"keys": keys, "features": [[round(float(x), 5) for x in f] for f in feats],
                                "loglik_mean": means, "loglik_sum": sums})
             for k, f, m, s in zip(keys, feats, means, sums):
@@ -154,11 +155,18 @@ def fit_head(x: np.ndarray, y: np.ndarray, groups: Sequence[str], l2: float, con
     return np.linalg.solve(a, xs.T @ ys)
 
 
+def fit_records(records: Sequence[QRecord], feats: dict[str, tuple[np.ndarray, float, float]], l2: float,
+                contrast: bool) -> np.ndarray:
+    """:func:`fit_head` on ``records`` (their features from ``feats``, their Q, their sibling groups)."""
+    x = np.stack([feats[record_key(r)][0] for r in records]).astype(np.float64)
+    return fit_head(x, np.array([r.q for r in records]), [f"{r.tree_id}/{r.group}" for r in records], l2, contrast)
+
+
 def _prediction_rows(records: Sequence[QRecord], feats: dict[str, tuple[np.ndarray, float, float]],
                      w: np.ndarray) -> list[dict[str, Any]]:
     rows = []
     for r in records:
-        f, mean, total = feats[_record_key(r)]
+        f, mean, total = feats[record_key(r)]
         score = float(f @ w)
         rows.append({"tree_id": r.tree_id, "group": r.group, "node_id": r.node_id, "q": r.q, "qnet_score": score,
                      "qnet_q": score, "loglik_mean": mean, "loglik_sum": total})
@@ -175,9 +183,7 @@ def cross_validate_head(records: Sequence[QRecord], feats: dict[str, tuple[np.nd
             rows: list[dict[str, Any]] = []
             for held in folds:
                 train = [r for r in records if r.tree_id not in held]
-                x = np.stack([feats[_record_key(r)][0] for r in train]).astype(np.float64)
-                y = np.array([r.q for r in train])
-                w = fit_head(x, y, [f"{r.tree_id}/{r.group}" for r in train], l2, contrast)
+                w = fit_records(train, feats, l2, contrast)
                 rows += _prediction_rows([r for r in records if r.tree_id in held], feats, w)
             summary = pooled_summary(rows, cfg.seed)
             results.append({"l2": l2, "contrast": contrast, **summary})
@@ -205,7 +211,7 @@ def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg:
     lm, _ = load_causal_lm(sft_dir)
     feats = record_features(qnet, lm, records, out / FEATURES_FILE, source, cfg.cache_slots)
     del lm
-    missing = [_record_key(r) for r in records if _record_key(r) not in feats]
+    missing = [record_key(r) for r in records if record_key(r) not in feats]
     if missing:
         raise QlassError(f"{out / FEATURES_FILE}: no features for records {missing[:3]}")
     return qnet, feats
@@ -227,9 +233,7 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     qnet, feats = features_of(records, sft_dir, out, cfg, str(qdata))
     results = cross_validate_head(records, feats, cfg, str(qdata))
     best = results[0]
-    x = np.stack([feats[_record_key(r)][0] for r in records]).astype(np.float64)
-    w = fit_head(x, np.array([r.q for r in records]), [f"{r.tree_id}/{r.group}" for r in records], best["l2"],
-                 best["contrast"])
+    w = fit_records(records, feats, best["l2"], best["contrast"])
     with torch.no_grad():
         qnet.model.score.weight.copy_(torch.tensor(w, dtype=qnet.model.score.weight.dtype)[None])
     result = {"records": len(records), "trees": trees, "kept": {"l2": best["l2"], "contrast": best["contrast"]},
