@@ -113,6 +113,7 @@ def test_eval_resume_with_other_model_qnet_seed_env_or_policy_option_is_refused(
                                   ("qnet: 'qnet-a' → 'qnet-b'", {"qnet": "qnet-b"}, []),
                                   ("seed: 0 → 7", {"seed": "7"}, []),
                                   ("env_args.step_limit: 5 → 6", {"env_arg": "step_limit=6"}, []),
+                                  ("offset: 0 → 1", {"offset": "1"}, []),
                                   ("policy.top_p: (unset) → 0.9", {}, ["--policy-arg", "top_p=0.9"])):
         refused(eval_args(out, *extra, **changed), named, records, config)
     # runtime options may change, and an unchanged rerun plays nothing again
@@ -205,13 +206,31 @@ def test_decision_file_resume_with_other_model_seed_env_or_policy_option_is_refu
                                   ("seed: 0 → 7", {"seed": "7"}, []),
                                   ("env_args.step_limit: 4 → 5", {"env_arg": "step_limit=5"}, []),
                                   ("policy.smart: (unset) → 0.9", {}, ["--policy-arg", "smart=0.9"]),
-                                  ("options.k: 1 → 2", {"set": "k=2"}, [])):
+                                  ("options.k: 1 → 2", {"set": "k=2"}, []),
+                                  ("offset: 0 → 1", {"offset": "1"}, [])):
         refused(decide_args(out, *extra, **changed), named, done, config)
     decisions = out.read_bytes() if out.exists() else b""
     invoke(decide_args(out, concurrency="1"))
     invoke(decide_args(out, limit="3"))
     assert [(r["split"], r["task"]) for r in read_jsonl(done)] == [("train", f"rooms/{i}") for i in range(3)]
     assert (out.read_bytes() if out.exists() else b"").startswith(decisions)
+
+
+def test_eval_offset_takes_the_tasks_after_a_limit_and_a_folder_without_it_still_resumes(
+        tmp_path: Path, toy_models) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    invoke(eval_args(first, methods=["--method", "greedy:max_new_tokens=20"], limit="2", qnet=None))
+    invoke(eval_args(second, "--offset", "2", methods=["--method", "greedy:max_new_tokens=20"], limit="2", qnet=None))
+    tasks = [[r["task"] for r in read_jsonl(d / "records.jsonl")] for d in (first, second)]
+    assert tasks == [["rooms/0", "rooms/1"], ["rooms/2", "rooms/3"]]
+    assert yaml.safe_load((second / "config.yaml").read_text())["offset"] == 2
+    # a folder recorded before the option (no offset key) resumes; the offset is then recorded as 0
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    del saved["offset"]
+    (first / "config.yaml").write_text(yaml.safe_dump(saved))
+    played = (first / "records.jsonl").read_bytes()
+    invoke(eval_args(first, methods=["--method", "greedy:max_new_tokens=20"], limit="2", qnet=None))
+    assert (first / "records.jsonl").read_bytes() == played
 
 
 # -- qlass run folders -----------------------------------------------------------------------------

@@ -344,8 +344,13 @@ def run_evaluation(
     workers: int = 1,
     executor_options: dict[str, Any] | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Load policy, QNet and environment, evaluate every method on every split, write the report.
+
+    ``offset`` skips the first tasks of each split's round-robin order (see :func:`split_tasks`), so
+    an evaluation can take tasks that another run (a decision benchmark, say) used; a folder keeps
+    the offset it started with.
 
     ``backend``/``workers`` choose the executor (see :mod:`qlass.executor`): with ``process`` or
     ``ray`` every worker loads its own policy, QNet and environment. Each worker keeps
@@ -376,12 +381,15 @@ def run_evaluation(
     policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
     make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
     executor = make_executor(backend, workers, **(executor_options or {}))
-    env_name, tasks = split_tasks(make, env_spec, splits, task_types, limit)
+    if offset < 0:
+        raise QlassError(f"offset must be >= 0, got {offset}")
+    env_name, tasks = split_tasks(make, env_spec, splits, task_types, limit, offset)
     settings = {
         "model": model, "qnet": str(qnet_dir) if qnet is not None else None, "env": env_spec,
         "env_args": dict(env_kwargs or {}), "splits": list(splits), "task_types": list(task_types or []) or None,
         "limit": limit, "tasks": {split: sum(t.split == split for t in tasks) for split in splits},
         "policy": dict(policy_kwargs or {}), "backend": backend, "workers": workers, "concurrency": concurrency,
+        "offset": offset,  # a folder made before the option lacks it: taken as compatible
     }
     records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet, concurrency), out_dir, seed=seed,
                        executor=executor, settings=settings)

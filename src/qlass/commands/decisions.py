@@ -78,13 +78,11 @@ def register(app: typer.Typer) -> None:
         make = functools.partial(make_env, env, **env_kwargs)
         exclude = expert_task_ids(exclude_tasks_of) if exclude_tasks_of else set()
         _, tasks = split_tasks(make, env, split, types, limit, offset, exclude)
+        # always recorded, so a rerun that changes them is refused (files collected before these
+        # options lack them, which counts as compatible)
         settings = {"model": model, "env": env, "env_args": env_kwargs, "splits": list(split), "task_types": types,
-                    "limit": limit, "policy": policy_kwargs}
-        # set only when used: files collected before these options keep their settings
-        if offset:
-            settings["offset"] = offset
-        if exclude_tasks_of:
-            settings["exclude_tasks_of"] = str(exclude_tasks_of)
+                    "limit": limit, "policy": policy_kwargs, "offset": offset,
+                    "exclude_tasks_of": str(exclude_tasks_of) if exclude_tasks_of else None}
         policy = policy_with_cache(model, policy_kwargs, cfg.concurrency)()
         records = collect_decisions(make, tasks, policy, cfg, out, seed=seed, settings=settings)
         typer.echo(f"{len(records)} decisions from {len(tasks)} tasks in {out}")

@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         method: list[str] = typer.Option(["greedy"], help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood', 'reflexion:trials=3' (repeatable)."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
         limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks per split."),
+        offset: int = typer.Option(0, min=0, help="Skip the first N tasks of each split's round-robin order "
+                                   "(e.g. the tasks a decision benchmark used: --offset 40 --limit 30)."),
         qnet: Optional[Path] = typer.Option(None, file_okay=False, help="QNet folder (for qlass and best-of-n select=qnet)."),
         max_steps: Optional[int] = typer.Option(None, min=1, help="Step limit per episode (sets every method's max_steps)."),
         oracle_terminal: bool = typer.Option(False, "--oracle-terminal", help="The reference code's shortcut for every "
@@ -76,7 +78,7 @@ def register(app: typer.Typer) -> None:
             model=model, env_spec=env, env_kwargs=parse_kv(env_arg, "--env-arg"), splits=split,
             methods=methods, task_types=task_types.split(",") if task_types else None, limit=limit,
             qnet_dir=qnet, policy_kwargs=parse_kv(policy_arg, "--policy-arg"), seed=seed, out_dir=out,
-            backend=backend, workers=workers, concurrency=concurrency,
+            backend=backend, workers=workers, concurrency=concurrency, offset=offset,
             executor_options={"address": ray_address} if backend == "ray" and ray_address else None,
         )
         from ..report import markdown_table
