@@ -224,7 +224,7 @@ def test_eval_offset_takes_the_tasks_after_a_limit_and_a_folder_without_it_still
     tasks = [[r["task"] for r in read_jsonl(d / "records.jsonl")] for d in (first, second)]
     assert tasks == [["rooms/0", "rooms/1"], ["rooms/2", "rooms/3"]]
     assert yaml.safe_load((second / "config.yaml").read_text())["offset"] == 2
-    # a folder recorded before the option (no offset key) resumes; the offset is then recorded as 0
+    # a folder recorded before the option (no offset key) resumes without playing anything again
     saved = yaml.safe_load((first / "config.yaml").read_text())
     del saved["offset"]
     (first / "config.yaml").write_text(yaml.safe_dump(saved))

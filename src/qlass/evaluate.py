@@ -349,8 +349,8 @@ def run_evaluation(
     """Load policy, QNet and environment, evaluate every method on every split, write the report.
 
     ``offset`` skips the first tasks of each split's round-robin order (see :func:`split_tasks`), so
-    an evaluation can take tasks that another run (a decision benchmark, say) used; a folder keeps
-    the offset it started with.
+    an evaluation can leave out the tasks another run (a decision benchmark, say) used; a folder
+    keeps the offset it started with.
 
     ``backend``/``workers`` choose the executor (see :mod:`qlass.executor`): with ``process`` or
     ``ray`` every worker loads its own policy, QNet and environment. Each worker keeps
@@ -380,9 +380,9 @@ def run_evaluation(
         qnet = functools.partial(QNet.load, qnet_dir, threads=threads, cache_slots=max(conversations, concurrency))
     policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
     make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
-    executor = make_executor(backend, workers, **(executor_options or {}))
     if offset < 0:
         raise QlassError(f"offset must be >= 0, got {offset}")
+    executor = make_executor(backend, workers, **(executor_options or {}))
     env_name, tasks = split_tasks(make, env_spec, splits, task_types, limit, offset)
     settings = {
         "model": model, "qnet": str(qnet_dir) if qnet is not None else None, "env": env_spec,
