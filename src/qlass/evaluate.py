@@ -92,6 +92,8 @@ def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str
     """The environment's name and the tasks of ``splits`` whose id is not in ``exclude`` (each
     :func:`select_tasks`, after skipping the first ``offset`` of that order: ``offset=30`` continues
     where ``limit=30`` stopped), the splits interleaved so that a run stopped part-way covers each."""
+    if offset < 0:
+        raise QlassError(f"offset must be >= 0, got {offset}")
     probe = make_env()
     try:
         env_name = probe.name
@@ -380,10 +382,8 @@ def run_evaluation(
         qnet = functools.partial(QNet.load, qnet_dir, threads=threads, cache_slots=max(conversations, concurrency))
     policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
     make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
-    if offset < 0:
-        raise QlassError(f"offset must be >= 0, got {offset}")
-    executor = make_executor(backend, workers, **(executor_options or {}))
     env_name, tasks = split_tasks(make, env_spec, splits, task_types, limit, offset)
+    executor = make_executor(backend, workers, **(executor_options or {}))
     settings = {
         "model": model, "qnet": str(qnet_dir) if qnet is not None else None, "env": env_spec,
         "env_args": dict(env_kwargs or {}), "splits": list(splits), "task_types": list(task_types or []) or None,
