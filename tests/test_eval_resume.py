@@ -79,3 +79,21 @@ def test_process_workers_give_the_same_records_as_in_process(tiny_model_dir: Pat
                             for r in read_jsonl(out / "records.jsonl")}
     assert len(results["local"]) == 12
     assert results["process"] == results["local"]
+
+
+def test_qlass_select_controls_run_from_the_cli_without_a_qnet(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The no-QNet controls of qlass (select=likelihood / random) run with a real HF policy and no --qnet,
+    spending no QNet tokens (their choices are checked with a scripted policy in test_search.py: the
+    tiny random model's outputs are all cut off, so it never offers two distinct actions)."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "controls"
+    cmd = [sys.executable, "-m", "qlass", "eval", "--model", str(tiny_model_dir), "--env", "toy_envs:Corridor",
+           "--split", "seen", "--limit", "3", "--env-arg", "step_limit=4", "--out", str(out),
+           "--method", "qlass:m=3,anchor=greedy,select=likelihood,max_new_tokens=6",
+           "--method", "qlass:m=3,anchor=greedy,select=random,max_new_tokens=6"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    recs = read_jsonl(out / "records.jsonl")
+    assert {r["method"] for r in recs} == {"qlass(m=3,anchor=greedy,select=likelihood)",
+                                           "qlass(m=3,anchor=greedy,select=random)"}
+    assert len(recs) == 6 and all(r["qnet_tokens"] == 0 for r in recs)

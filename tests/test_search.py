@@ -361,3 +361,32 @@ def test_labels_name_every_option_that_changes_the_search() -> None:
         make_method_config("qlass", {"anchor": "best"})
     with pytest.raises(QlassError, match="margin must be"):
         make_method_config("qlass", {"margin": -1.0})
+
+
+def test_select_controls_pick_without_a_qnet() -> None:
+    """select=likelihood / random use the same candidates as the QNet would, but no QNet: the controls
+    that tell a QNet's gain over greedy from the gain of leaving greedy at all."""
+    from qlass.search import METHODS, method_label
+
+    by_lik = qlass_search(TASK, SearchContext(env=TwoDoors(), policy=Recording([cb], [ca])),
+                          QlassConfig(m=2, anchor="greedy", select="likelihood"))
+    # mean log-prob per token: greedy B -2/5 < sampled A -1/5, so the likelihood leaves greedy
+    assert by_lik.steps[0].action == "open door a" and by_lik.steps[0].qnet_tokens == 0
+    assert by_lik.meta["decisions"][0]["values"] == pytest.approx([-0.4, -0.2])
+    assert not METHODS["qlass"].needs_qnet(QlassConfig(m=2, select="random"))
+    assert METHODS["qlass"].needs_qnet(QlassConfig(m=2))
+
+    def pick(seed: int) -> str:
+        traj = qlass_search(TASK, SearchContext(env=TwoDoors(), policy=Recording([ca], [cb]), seed=seed),
+                            QlassConfig(m=2, anchor="greedy", select="random", max_steps=1))
+        return traj.steps[0].action
+
+    picks = [pick(seed) for seed in range(16)]
+    assert picks == [pick(seed) for seed in range(16)]  # seeded: the same episode seed, the same pick
+    assert set(picks) == {"open door a", "open door b"}  # and not always candidate 0
+    with pytest.raises(QlassError, match="select must be one of"):
+        make_method_config("qlass", {"select": "reward"})
+    with pytest.raises(QlassError, match="select=likelihood uses none"):
+        make_method_config("qlass", {"select": "likelihood", "beta": 1.0})
+    label = method_label("qlass", make_method_config("qlass", {"select": "likelihood", "anchor": "greedy"}))
+    assert label == "qlass(m=2,anchor=greedy,select=likelihood)"

@@ -14,6 +14,10 @@ share batched calls. Options (``QlassConfig``):
   ``1..M-1`` are sampled from the conversation with the task description paraphrased (task
   perturbation, paper Fig. 9; with ``diverse`` too, each also asked to differ); candidate 0 and the
   QNet read the real conversation, which the episode keeps;
+- ``select``: what picks among the distinct candidates — ``qnet`` (the QNet's value, plus ``beta`` ×
+  the likelihood), or the controls that use the same candidates without a QNet: ``likelihood`` (the
+  policy's mean log-prob per token) and ``random`` (a seeded uniform pick); with ``anchor="greedy"``
+  they tell how much of a gain over greedy comes from the QNet rather than from leaving greedy at all;
 - ``oracle_terminal``: the reference code's shortcut (episode-ending candidates scored by the true
   reward), off by default and labelled ``[oracle]``.
 
@@ -25,13 +29,14 @@ episode seeded ``s`` draws from ``stable_seed(s, "qlass", t)`` (candidate ``j`` 
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .agent import EpisodeConfig, SearchContext, apply_output, episode_running, executed_text, finish, start_messages
-from .candidates import choose, executable, normalise_action, selection_scores, unique_candidates
+from .candidates import choose, executable, mean_logprob, normalise_action, selection_scores, unique_candidates
 from .config import option
 from .errors import QlassError
 from .lockstep import Episode, Sample, Score, Scored
@@ -41,6 +46,7 @@ from .seeding import candidate_seed, stable_seed
 from .types import Completion, Message, Step, Task, Trajectory
 
 ANCHORS = ("none", "greedy")
+SELECTS = ("qnet", "likelihood", "random")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class QlassConfig:
                            "(qlass.perturb.diversity_prompt; one policy request per candidate)")
     paraphrase: str | None = option(None, "a paraphrase cache (qlass paraphrase): candidates after the first see "
                                     "the task description paraphrased (task perturbation); null: off", added=True)
+    select: str = option("qnet", "what picks among the distinct candidates: qnet (value + beta * likelihood); "
+                         "the no-QNet controls likelihood (mean log-prob per token) and random (seeded uniform)",
+                         added=True)
 
     def __post_init__(self) -> None:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
@@ -76,6 +85,10 @@ class QlassConfig:
             raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {', '.join(SELECTS)}, got {self.select!r}")
+        if self.select != "qnet" and (self.beta or self.oracle_terminal):
+            raise ValueError(f"beta and oracle_terminal weigh QNet values; select={self.select} uses none")
 
     def label(self) -> str:
         """``qlass(m=2)``, with every option that changes the search named: ``qlass(m=2,anchor=greedy,beta=0.5)``."""
@@ -84,6 +97,7 @@ class QlassConfig:
         extra += [f"margin={self.margin:g}"] if self.margin else []
         extra += ["diverse"] if self.diverse else []
         extra += [f"paraphrase={Path(self.paraphrase).stem}"] if self.paraphrase else []
+        extra += [f"select={self.select}"] if self.select != "qnet" else []
         return f"qlass({','.join([f'm={self.m}', *extra])})" + ("[oracle]" if self.oracle_terminal else "")
 
     @functools.cached_property
@@ -149,11 +163,12 @@ def _oracle_scores(task: Task, ctx: SearchContext, outputs: Sequence[str], taken
 def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[Trajectory]:
     """Q-guided stepwise search on ``ctx.env`` as a lockstep episode.
 
-    ``meta["decisions"]`` lists the steps where the QNet chose between two or more distinct
-    actions: the step index, the candidate actions, the values that decided (plus the selection
+    ``meta["decisions"]`` lists the steps where the QNet (or ``select``'s control) chose between two
+    or more distinct actions: the step index, the candidate actions, the values that decided (mean
+    log-probs with ``select="likelihood"``, the uniform draws with ``"random"``; plus the selection
     ``scores`` when ``beta`` is set) and the chosen index.
     """
-    if ctx.qnet is None and cfg.m > 1:
+    if ctx.qnet is None and cfg.m > 1 and cfg.select == "qnet":
         raise QlassError("the qlass method needs a QNet (--qnet DIR)")
     messages = start_messages(ctx.env, task)
     steps: list[Step] = []
@@ -168,8 +183,14 @@ def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[T
         qnet_tokens, pick = 0, 0
         if len(keep) > 1:
             outputs = [completions[i].text for i in keep]
-            scored: Scored = yield Score(messages, outputs)
-            values, qnet_tokens = list(scored.values), scored.tokens
+            if cfg.select == "likelihood":
+                values = [mean_logprob(completions[i]) for i in keep]
+            elif cfg.select == "random":
+                draw = random.Random(stable_seed(base, "select"))
+                values = [draw.random() for _ in keep]
+            else:
+                scored: Scored = yield Score(messages, outputs)
+                values, qnet_tokens = list(scored.values), scored.tokens
             if cfg.oracle_terminal:
                 values, probe_steps = _oracle_scores(task, ctx, outputs, sent, values)
                 env_steps += probe_steps
