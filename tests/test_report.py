@@ -158,3 +158,24 @@ def test_side_by_side_pairs_each_setting_with_the_first_on_common_tasks(tmp_path
                          ([str(a), "--side", f"full={a}", "--side", f"y={b}"], "not both")):
         res = CliRunner().invoke(app, ["report", *bad, "--out", str(tmp_path / "bad")])
         assert res.exit_code != 0 and message in res.output + str(res.exception)
+
+
+def test_report_pairs_against_each_baseline_asked_for(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.jsonl import write_jsonl
+
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, [_full(r) for r in RECORDS])
+    res = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r"),
+                                   "--baseline", "greedy", "--baseline", "best-of-n(n=2,qnet)"])
+    assert res.exit_code == 0, res.output
+    paired = json.loads((tmp_path / "r" / "results.json").read_text())["paired"]
+    pairs = {(p["method"], p["baseline"]): round(p["mean_diff"], 3) for p in paired}
+    # qlass 1.0, 0.5 vs greedy 1.0, 0.0 and best-of-n 0.0, 1.0
+    assert pairs == {("qlass(m=2)", "greedy"): 0.25, ("best-of-n(n=2,qnet)", "greedy"): 0.0,
+                     ("greedy", "best-of-n(n=2,qnet)"): 0.0, ("qlass(m=2)", "best-of-n(n=2,qnet)"): 0.25}
+    assert "| qlass(m=2) | best-of-n(n=2,qnet) | 2 | +25.0 |" in (tmp_path / "r" / "results.md").read_text()
+    res = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r"), "--baseline", "beam"])
+    assert res.exit_code != 0 and "--baseline 'beam': no such method" in str(res.exception)

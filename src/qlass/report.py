@@ -231,12 +231,14 @@ def common_tasks(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if played[(r["env"], r["split"], r["task"])] == methods[(r["env"], r["split"])]]
 
 
-def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = "qlass results") -> list[dict[str, Any]]:
-    """Write results.json/.md (the summary rows and, when greedy was run, every other method's paired
-    difference to it) and the budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
+def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = "qlass results",
+                 baselines: Sequence[str] = ("greedy",)) -> list[dict[str, Any]]:
+    """Write results.json/.md (the summary rows and, for each of ``baselines`` that was run, every
+    other method's paired difference to it) and the budget curve (CSV + PNG) into ``out_dir``;
+    returns the rows."""
     rows = summarise(records)
     points = budget_points(records)
-    paired = paired_rows(records)
+    paired = [row for baseline in baselines for row in paired_rows(records, baseline)]
     results = {"schema_version": RESULTS_SCHEMA_VERSION, "rows": rows, "budget": points, "paired": paired}
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     md = f"# {title}\n\n{markdown_table(rows)}\n"

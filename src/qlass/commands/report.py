@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
         all_tasks: bool = typer.Option(False, "--all-tasks", help="Average every method over all of its records, "
                                        "not only over the tasks every method played."),
         title: str = typer.Option("qlass results", help="Title of results.md."),
+        baseline: list[str] = typer.Option([], help="Method label the paired differences are taken against "
+                                           "(repeatable), e.g. --baseline greedy --baseline 'best-of-n(n=4,qnet)'; "
+                                           "default: greedy, when it was run."),
     ) -> None:
         """Rebuild the results table, paired differences and budget curve from records (several runs'
         shards combined, or a run stopped part-way: by default restricted to tasks every method played)."""
@@ -45,12 +48,16 @@ def register(app: typer.Typer) -> None:
         if not records:
             raise QlassError("qlass report needs RECORDS (records.jsonl files) or --side LABEL=RECORDS twice or more")
         recs = read_records(records)
+        missing = [b for b in baseline if b not in {r["method"] for r in recs}]
+        if missing:
+            labels = ", ".join(sorted({r["method"] for r in recs}))
+            raise QlassError(f"--baseline {missing[0]!r}: no such method in the records (they hold: {labels})")
         if not all_tasks:
             kept = common_tasks(recs)
             if len(kept) < len(recs):
                 log.info("kept %d of %d records: the tasks every method played (--all-tasks keeps all)",
                          len(kept), len(recs))
             recs = kept
-        rows = write_report(recs, out, title=title)
+        rows = write_report(recs, out, title=title, baselines=baseline or ("greedy",))
         typer.echo(markdown_table(rows))
         typer.echo(f"results.md/json and budget curve in {out}")
