@@ -231,7 +231,7 @@ METHODS: dict[str, Method] = {
     "greedy": Method("greedy", greedy_episode, GreedyConfig),
     "sample": Method("sample", sample_episode, SampleConfig),
     "best-of-n": Method("best-of-n", best_of_n_episode, BestOfNConfig, lambda c: c.select == "qnet"),
-    "qlass": Method("qlass", qlass_episode, QlassConfig, lambda c: c.m > 1 and c.select == "qnet"),
+    "qlass": Method("qlass", qlass_episode, QlassConfig, lambda c: c.needs_qnet),
     "reflexion": Method("reflexion", reflexion_episode, ReflexionConfig),
 }
 

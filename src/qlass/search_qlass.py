@@ -100,6 +100,11 @@ class QlassConfig:
         extra += [f"select={self.select}"] if self.select != "qnet" else []
         return f"qlass({','.join([f'm={self.m}', *extra])})" + ("[oracle]" if self.oracle_terminal else "")
 
+    @property
+    def needs_qnet(self) -> bool:
+        """Whether the search asks a QNet: two or more candidates picked by ``select="qnet"``."""
+        return self.m > 1 and self.select == "qnet"
+
     @functools.cached_property
     def paraphrases(self) -> ParaphraseTable | None:
         """The paraphrase cache, read once (``None`` without ``paraphrase``)."""
@@ -168,7 +173,7 @@ def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[T
     log-probs with ``select="likelihood"``, the uniform draws with ``"random"``; plus the selection
     ``scores`` when ``beta`` is set) and the chosen index.
     """
-    if ctx.qnet is None and cfg.m > 1 and cfg.select == "qnet":
+    if ctx.qnet is None and cfg.needs_qnet:
         raise QlassError("the qlass method needs a QNet (--qnet DIR)")
     messages = start_messages(ctx.env, task)
     steps: list[Step] = []

@@ -48,9 +48,10 @@ def register(app: typer.Typer) -> None:
         if not records:
             raise QlassError("qlass report needs RECORDS (records.jsonl files) or --side LABEL=RECORDS twice or more")
         recs = read_records(records)
-        missing = [b for b in baseline if b not in {r["method"] for r in recs}]
+        methods = {r["method"] for r in recs}
+        missing = [b for b in baseline if b not in methods]
         if missing:
-            labels = ", ".join(sorted({r["method"] for r in recs}))
+            labels = ", ".join(sorted(methods))
             raise QlassError(f"--baseline {missing[0]!r}: no such method in the records (they hold: {labels})")
         if not all_tasks:
             kept = common_tasks(recs)
