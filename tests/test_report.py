@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qlass.compare import paired_rows
+from qlass.compare import bootstrap_interval, paired_rows
 from qlass.report import budget_points, summarise, write_report
 
 
@@ -83,6 +83,18 @@ def test_paired_differences_use_common_tasks_and_a_seeded_bootstrap() -> None:
                [rec("qlass(m=2)", "qlass", f"t{i}", 0.5, 1) for i in range(5)]
     (row,) = paired_rows(constant)
     assert row["ci_low"] == row["ci_high"] == row["mean_diff"] == 0.5 and row["wins"] == 5
+
+
+def test_paired_rows_pool_the_splits_of_an_environment() -> None:
+    # the same task id in two splits is two tasks; a method seen on one split only gets no pooled row
+    unseen = [{**r, "split": "unseen"} for r in RECORDS if r["method"] in ("greedy", "qlass(m=2)")]
+    unseen[2]["reward"] = 0.0  # qlass on unseen t1: 0.0 - 1.0
+    rows = {(r["split"], r["method"]): r for r in paired_rows([*RECORDS, *unseen])}
+    assert ("all", "best-of-n(n=2,qnet)") not in rows
+    pooled = rows[("all", "qlass(m=2)")]  # seen: 0, +0.5; unseen: -1.0, +0.5
+    assert (pooled["tasks"], pooled["mean_diff"], pooled["wins"], pooled["ties"], pooled["losses"]) == (4, 0.0, 2, 1, 1)
+    assert (pooled["ci_low"], pooled["ci_high"]) == bootstrap_interval([0.0, 0.5, -1.0, 0.5], 10_000, 0)
+    assert rows[("unseen", "qlass(m=2)")]["mean_diff"] == -0.25
 
 
 def _full(r: dict) -> dict:

@@ -3,7 +3,9 @@
 Average rewards over a few dozen tasks differ by chance; since every method plays the same tasks,
 the honest comparison is paired: per task, a method's reward minus the baseline's. ``paired_rows``
 gives, per (env, split) and method, the mean difference with a percentile bootstrap 95% interval
-(tasks resampled with replacement, seeded) and the wins, ties and losses against the baseline.
+(tasks resampled with replacement, seeded) and the wins, ties and losses against the baseline; where
+a method and the baseline share tasks of more than one split of an environment, one more row (split
+``all``) pools them, each (split, task) counted once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def bootstrap_interval(diffs: Sequence[float], resamples: int, seed: int) -> tup
 
 def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", resamples: int = 10_000,
                 seed: int = 0) -> list[dict[str, Any]]:
-    """Every other method against ``baseline`` on the tasks both played, per (env, split).
+    """Every other method against ``baseline`` on the tasks both played, per (env, split), then pooled
+    over the splits (split ``all``) where there are several.
 
     Oracle methods are left out (they read the reward). Empty when the baseline was not run."""
     reward: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
@@ -35,6 +38,7 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
         reward[(r["env"], r["split"], r["method"])][r["task"]] = float(r["reward"])
         if r.get("oracle"):
             oracle.add(r["method"])
+    pairs: dict[tuple[str, str], dict[tuple[str, str], float]] = defaultdict(dict)  # (env, method) -> diffs
     rows = []
     for (env, split, method), by_task in sorted(reward.items()):
         base = reward.get((env, split, baseline))
@@ -44,12 +48,21 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
         if not tasks:
             continue
         diffs = [by_task[t] - base[t] for t in tasks]
-        low, high = bootstrap_interval(diffs, resamples, seed)
-        rows.append({"env": env, "split": split, "method": method, "baseline": baseline, "tasks": len(tasks),
-                     "mean_diff": sum(diffs) / len(diffs), "ci_low": low, "ci_high": high,
-                     "wins": sum(d > TIE for d in diffs), "ties": sum(abs(d) <= TIE for d in diffs),
-                     "losses": sum(d < -TIE for d in diffs)})
+        pairs[(env, method)].update(((split, t), d) for t, d in zip(tasks, diffs))
+        rows.append(_paired_row(env, split, method, baseline, diffs, resamples, seed))
+    for (env, method), by_key in sorted(pairs.items()):
+        if len({split for split, _ in by_key}) > 1:
+            rows.append(_paired_row(env, "all", method, baseline, [by_key[k] for k in sorted(by_key)], resamples, seed))
     return rows
+
+
+def _paired_row(env: str, split: str, method: str, baseline: str, diffs: Sequence[float], resamples: int,
+                seed: int) -> dict[str, Any]:
+    low, high = bootstrap_interval(diffs, resamples, seed)
+    return {"env": env, "split": split, "method": method, "baseline": baseline, "tasks": len(diffs),
+            "mean_diff": sum(diffs) / len(diffs), "ci_low": low, "ci_high": high,
+            "wins": sum(d > TIE for d in diffs), "ties": sum(abs(d) <= TIE for d in diffs),
+            "losses": sum(d < -TIE for d in diffs)}
 
 
 def paired_table(rows: Sequence[dict[str, Any]]) -> str:
