@@ -91,6 +91,14 @@ def test_long_conversation_is_windowed_newest_first_and_every_turn_trained(tok) 
     assert sorted(acts) == sorted(f"Action: act {k}<|im_end|>" for k in range(30))  # each turn once
     for ids, _ in windows:  # every window keeps the instruction and the task turn
         assert tok.decode(ids).count("Task: count to 29.") == 1
+    # each trained turn follows its own observation (turn 0: the task turn), as at inference; a cut
+    # window's oldest agent turn, whose observation was dropped, is context only there
+    for ids, labels in windows:
+        first = labels.index(next(lab for lab in labels if lab != -100))
+        before = tok.decode(ids[:first])
+        k = int(tok.decode([t for t in labels if t != -100]).split("Action: act ")[1].split("<")[0])
+        last_user = before[before.rindex("<|im_start|>user"):]
+        assert last_user.startswith(f"<|im_start|>user\n{f'Observation: step {k - 1} ' if k else 'Task:'}"), last_user
 
 
 def _metrics(out: Path) -> list[dict]:

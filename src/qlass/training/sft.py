@@ -20,8 +20,11 @@ falls back to: the prefix ends before the first agent turn with an ``Action:`` l
 Long conversations (:func:`encode_windows`): a conversation longer than ``max_length`` tokens is cut
 into windows with :func:`~qlass.policy.render.truncate_history`, newest first: each window is the
 prefix plus as many of the most recent not-yet-covered turns as fit (oldest turns dropped first,
-as the policy does at inference), and trains on the agent turns it newly covers. So every agent
-turn is trained on once, and no turn is dropped; a conversation that fits is one window.
+as the policy does at inference), and trains on the agent turns it newly covers that follow their
+own observation: the oldest agent turn of a cut window lost its observation with the dropped turns
+and is context only there (the next window trains it). So every agent turn is trained on once, in
+the context the policy would see it in, and no turn is dropped; a conversation that fits is one
+window.
 
 Why ``SFTTrainer`` takes these sequences as they are: given a dataset that already holds
 ``input_ids`` and ``labels`` (and ``skip_prepare_dataset``), it neither re-renders nor re-masks,
@@ -150,7 +153,12 @@ def labelled_example(tokenizer: Any, msgs: Sequence[Message], first_target: int,
 
 def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int) -> list[Example]:
     """Training sequences of one conversation: one if it fits in ``max_length``, else windows that
-    keep the prefix and the newest uncovered turns (see the module docstring), newest first."""
+    keep the prefix and the newest uncovered turns (see the module docstring), newest first.
+
+    A window that had to drop older turns starts with an agent turn whose observation was dropped
+    with them; that turn is context only (it is trained in the next, older window, where it is the
+    newest turn after its observation), so no agent turn is trained on a conversation in which the
+    task turn stands where its observation should be."""
     keep = prefix_length(messages)
     msgs = list(messages)
     end = max((i + 1 for i, m in enumerate(msgs) if m.role == "assistant" and i >= keep), default=0)
@@ -162,12 +170,12 @@ def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int)
     while end > keep:
         window = truncate_history(msgs[:end], keep, fits)
         first = end - (len(window) - keep)  # index in ``msgs`` of the window's oldest body turn
-        windows.append(labelled_example(tokenizer, window, keep, max_length))
-        end = first
+        context_only = first > keep and end - first >= 3  # its observation dropped, and a newer turn to train
+        windows.append(labelled_example(tokenizer, window, keep + context_only, max_length))
+        end = first + 1 if context_only else first
         while end > keep and msgs[end - 1].role != "assistant":
             end -= 1
     return windows
-
 
 
 def limit_trajectories(trajectories: Sequence[Trajectory], cap: float | None, seed: int) -> list[Trajectory]:
