@@ -410,3 +410,24 @@ def test_scores_equal_the_logprob_of_sampled_outputs(colours: Path, scripted: Pa
     assert count == c.completion_tokens and score == pytest.approx(c.logprob, abs=1e-3) and score > -1
     ((wrong, _),) = scripted_policy.score_outputs([animal], ["Thought: look.\nAction: go to greenhouse"])
     assert wrong < score - 5
+
+
+def test_a_prompt_longer_than_the_fine_tuning_length_is_warned_once(tiny_model_dir: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    model = tmp_path / "sft"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "sft_config.yaml").write_text("epochs: 2\nmax_length: 60\n")
+    policy = HFPolicy(model, max_length=512)
+    assert policy.trained_length == 60
+    with caplog.at_level("WARNING", logger="qlass.policy.hf"):
+        short = policy.encode(HIST[:1], reserve=8)
+        assert len(short) <= 60 and not caplog.records
+        policy.encode(LONGER, reserve=8)
+        policy.encode(LONGER, reserve=8)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "longer than the 60 tokens this model was fine-tuned at" in warning and "max_length=60" in warning
+    # a folder without the record (a base model) or with a malformed one: no fine-tuning length, no warning
+    (model / "sft_config.yaml").write_text("max_length: [")
+    assert HFPolicy(model).trained_length is None and HFPolicy(tiny_model_dir).trained_length is None

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..envs.base import parse_action
 from ..errors import QlassError
@@ -95,6 +96,20 @@ def fit_history(history: Sequence[Message], fits: Callable[[Sequence[Message]], 
         else:
             lo = mid + 1
     return truncate_history(history, keep, lambda msgs: len(msgs) <= keep + sizes[lo])
+
+
+SFT_RECORD = "sft_config.yaml"
+"""The options file ``qlass sft`` writes into the model folder it makes (its ``max_length`` is read here)."""
+
+
+def fine_tuned_length(model_dir: Path) -> int | None:
+    """The ``max_length`` that ``qlass sft`` fine-tuned the model in ``model_dir`` at, if it recorded one."""
+    try:
+        data = yaml.safe_load((model_dir / SFT_RECORD).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = data.get("max_length") if isinstance(data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def history_seeds(seed: int | Sequence[int] | None, count: int, rng: random.Random) -> list[int]:
@@ -192,6 +207,8 @@ class HFPolicy:
         self.device = torch.device(resolve_device(device))
         self.model.to(self.device)
         self.model_dir = Path(model_dir)
+        self.trained_length = fine_tuned_length(self.model_dir)
+        self._warned_length = False
         self.autocast = bool(autocast)
         # Under bf16 autocast, attention reads keys and values in bf16 anyway: storing them so casts
         # each new token once instead of the whole cache at every decoding step (same results).
@@ -271,6 +288,7 @@ class HFPolicy:
             raise QlassError(f"max_new_tokens ({reserve}) leaves no room for a prompt in max_length {self.max_length}")
         ids, _ = encode_conversation(self.tokenizer, history, add_generation_prompt=True)
         if len(ids) <= budget:
+            self._check_trained_length(len(ids))
             return ids
         short = fit_history(history, lambda msgs: len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget)
         ids, _ = encode_conversation(self.tokenizer, short, True)
@@ -278,7 +296,17 @@ class HFPolicy:
         if len(ids) > budget:
             log.warning("prompt of %d tokens cut from the left to %d even after dropping old turns", len(ids), budget)
             ids = ids[-budget:]
+        self._check_trained_length(len(ids))
         return ids
+
+    def _check_trained_length(self, tokens: int) -> None:
+        """Warn once when a prompt is longer than the sequences the model was fine-tuned on."""
+        if self.trained_length and tokens > self.trained_length and not self._warned_length:
+            self._warned_length = True
+            log.warning("%s: a prompt of %d tokens is longer than the %d tokens this model was fine-tuned at (%s "
+                        "max_length): it reads a context it never saw in training; fine-tune with a larger max_length "
+                        "or give the policy max_length=%d", self.model_dir, tokens, self.trained_length,
+                        SFT_RECORD, self.trained_length)
 
     def score_outputs(self, histories: Sequence[History], outputs: Sequence[str]) -> list[tuple[float, int]]:
         """Teacher-forced ``(log-probability, tokens)`` of each ``outputs[i]`` as the reply to

@@ -51,7 +51,7 @@ import torch
 from ..config import config_hash, option, save_yaml, to_dict
 from ..data import ACTION_LINE, load_trajectories
 from ..errors import DataError, QlassError
-from ..policy.hf import default_keep_prefix, load_causal_lm
+from ..policy.hf import SFT_RECORD, default_keep_prefix, load_causal_lm
 from ..policy.render import encode_conversation, truncate_history
 from ..types import Message, Trajectory
 from .common import (
@@ -73,7 +73,7 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "sft_config.yaml"
+CONFIG_FILE = SFT_RECORD
 MADE_FROM = ("data", "data_sha256", "base_model")
 """What ``sft_config.yaml`` records beside the SFTConfig options: the data (path, SHA-256) and the base model."""
 Example = tuple[list[int], list[int]]
