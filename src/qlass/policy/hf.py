@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from ..config import load_yaml
 from ..envs.base import parse_action
-from ..errors import QlassError
+from ..errors import DataError, QlassError
 from ..models import resolve_device
 from ..seeding import candidate_seed
 from ..types import Completion, History, Message
@@ -105,10 +105,9 @@ SFT_RECORD = "sft_config.yaml"
 def fine_tuned_length(model_dir: Path) -> int | None:
     """The ``max_length`` that ``qlass sft`` fine-tuned the model in ``model_dir`` at, if it recorded one."""
     try:
-        data = yaml.safe_load((model_dir / SFT_RECORD).read_text())
-    except (OSError, yaml.YAMLError):
+        value = load_yaml(model_dir / SFT_RECORD).get("max_length")
+    except (DataError, OSError):
         return None
-    value = data.get("max_length") if isinstance(data, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
@@ -287,15 +286,13 @@ class HFPolicy:
         if budget < 1:
             raise QlassError(f"max_new_tokens ({reserve}) leaves no room for a prompt in max_length {self.max_length}")
         ids, _ = encode_conversation(self.tokenizer, history, add_generation_prompt=True)
-        if len(ids) <= budget:
-            self._check_trained_length(len(ids))
-            return ids
-        short = fit_history(history, lambda msgs: len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget)
-        ids, _ = encode_conversation(self.tokenizer, short, True)
-        log.debug("history of %d messages truncated to %d", len(history), len(short))
         if len(ids) > budget:
-            log.warning("prompt of %d tokens cut from the left to %d even after dropping old turns", len(ids), budget)
-            ids = ids[-budget:]
+            short = fit_history(history, lambda msgs: len(encode_conversation(self.tokenizer, msgs, True)[0]) <= budget)
+            ids, _ = encode_conversation(self.tokenizer, short, True)
+            log.debug("history of %d messages truncated to %d", len(history), len(short))
+            if len(ids) > budget:
+                log.warning("prompt of %d tokens cut from the left to %d even after dropping old turns", len(ids), budget)
+                ids = ids[-budget:]
         self._check_trained_length(len(ids))
         return ids
 
