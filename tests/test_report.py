@@ -191,3 +191,39 @@ def test_report_pairs_against_each_baseline_asked_for(tmp_path) -> None:
     assert "| qlass(m=2) | best-of-n(n=2,qnet) | 2 | +25.0 |" in (tmp_path / "r" / "results.md").read_text()
     res = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r"), "--baseline", "beam"])
     assert res.exit_code != 0 and "--baseline 'beam': no such method" in str(res.exception)
+
+
+def test_report_confidence_level_widens_the_interval_and_is_named(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.errors import QlassError
+    from qlass.jsonl import write_jsonl
+
+    diffs = [0.1 * i - 0.3 for i in range(12)]
+    low95, high95 = bootstrap_interval(diffs, 10_000, 0)
+    low50, high50 = bootstrap_interval(diffs, 10_000, 0, confidence=0.5)
+    low99, high99 = bootstrap_interval(diffs, 10_000, 0, confidence=0.99)
+    assert low99 < low95 < low50 < sum(diffs) / len(diffs) < high50 < high95 < high99
+    for bad in (0.0, 1.0, 95.0):
+        try:
+            bootstrap_interval(diffs, 100, 0, confidence=bad)
+        except QlassError as err:
+            assert "between 0 and 1" in str(err)
+        else:
+            raise AssertionError(f"confidence {bad} accepted")
+
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, [_full(r) for r in RECORDS])
+    res = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r"), "--confidence", "0.975"])
+    assert res.exit_code == 0, res.output
+    paired = json.loads((tmp_path / "r" / "results.json").read_text())["paired"]
+    assert {p["confidence"] for p in paired} == {0.975}
+    assert "| 97.5% CI (bootstrap) |" in (tmp_path / "r" / "results.md").read_text()
+    sides = ["--side", f"a={path}", "--side", f"b={path}"]
+    res = CliRunner().invoke(app, ["report", *sides, "--out", str(tmp_path / "s"), "--confidence", "0.9"])
+    assert res.exit_code == 0, res.output
+    assert "b − a [90%]" in (tmp_path / "s" / "sides.md").read_text()
+    res = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "x"), "--confidence", "95"])
+    assert res.exit_code != 0 and "confidence must be between 0 and 1" in str(res.exception)
+    assert not (tmp_path / "x").exists()

@@ -2,8 +2,8 @@
 
 Average rewards over a few dozen tasks differ by chance; since every method plays the same tasks,
 the honest comparison is paired: per task, a method's reward minus the baseline's. ``paired_rows``
-gives, per (env, split) and method, the mean difference with a percentile bootstrap 95% interval
-(tasks resampled with replacement, seeded) and the wins, ties and losses against the baseline; where
+gives, per (env, split) and method, the mean difference with a percentile bootstrap interval (95%
+unless asked otherwise; tasks resampled with replacement, seeded) and the wins, ties and losses against the baseline; where
 a method and the baseline share tasks of more than one split of an environment, one more row (split
 ``all``) pools them, each (split, task) counted once.
 """
@@ -15,19 +15,35 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import QlassError
+
 TIE = 1e-9
 
 
-def bootstrap_interval(diffs: Sequence[float], resamples: int, seed: int) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean of ``diffs``."""
+def check_confidence(confidence: float) -> float:
+    """``confidence`` if it is a level strictly between 0 and 1, else a :class:`QlassError`."""
+    if not 0.0 < confidence < 1.0:
+        raise QlassError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
+    return confidence
+
+
+def confidence_label(confidence: float) -> str:
+    """``0.95`` → ``'95%'``, ``0.975`` → ``'97.5%'``."""
+    return f"{100 * confidence:g}%"
+
+
+def bootstrap_interval(diffs: Sequence[float], resamples: int, seed: int, confidence: float = 0.95
+                       ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``diffs`` at level ``confidence``."""
+    tail = (1.0 - check_confidence(confidence)) / 2
     rng = random.Random(seed)
     n = len(diffs)
     means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
+    return means[int(tail * (resamples - 1))], means[int((1.0 - tail) * (resamples - 1))]
 
 
 def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", resamples: int = 10_000,
-                seed: int = 0) -> list[dict[str, Any]]:
+                seed: int = 0, confidence: float = 0.95) -> list[dict[str, Any]]:
     """Every other method against ``baseline`` on the tasks both played, per (env, split), then pooled
     over the splits (split ``all``) where there are several.
 
@@ -49,25 +65,28 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
             continue
         diffs = [by_task[t] - base[t] for t in tasks]
         pairs[(env, method)].update(((split, t), d) for t, d in zip(tasks, diffs))
-        rows.append(_paired_row(env, split, method, baseline, diffs, resamples, seed))
+        rows.append(_paired_row(env, split, method, baseline, diffs, resamples, seed, confidence))
     for (env, method), by_key in sorted(pairs.items()):
         if len({split for split, _ in by_key}) > 1:
-            rows.append(_paired_row(env, "all", method, baseline, [by_key[k] for k in sorted(by_key)], resamples, seed))
+            rows.append(_paired_row(env, "all", method, baseline, [by_key[k] for k in sorted(by_key)], resamples, seed,
+                                    confidence))
     return rows
 
 
 def _paired_row(env: str, split: str, method: str, baseline: str, diffs: Sequence[float], resamples: int,
-                seed: int) -> dict[str, Any]:
-    low, high = bootstrap_interval(diffs, resamples, seed)
+                seed: int, confidence: float) -> dict[str, Any]:
+    low, high = bootstrap_interval(diffs, resamples, seed, confidence)
     return {"env": env, "split": split, "method": method, "baseline": baseline, "tasks": len(diffs),
-            "mean_diff": sum(diffs) / len(diffs), "ci_low": low, "ci_high": high,
+            "mean_diff": sum(diffs) / len(diffs), "ci_low": low, "ci_high": high, "confidence": confidence,
             "wins": sum(d > TIE for d in diffs), "ties": sum(abs(d) <= TIE for d in diffs),
             "losses": sum(d < -TIE for d in diffs)}
 
 
-def paired_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The paired rows as a markdown table (differences in reward points, as in the paper's %)."""
-    head = ("| env | split | method | vs | tasks | Δ avg reward | 95% CI (bootstrap) | wins / ties / losses |\n"
+def paired_table(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> str:
+    """The paired rows (of level ``confidence``) as a markdown table (differences in reward points, as in
+    the paper's %)."""
+    head = (f"| env | split | method | vs | tasks | Δ avg reward | {confidence_label(confidence)} CI (bootstrap) "
+            "| wins / ties / losses |\n"
             "|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['env']} | {r['split']} | {r['method']} | {r['baseline']} | {r['tasks']} "

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compare import bootstrap_interval, paired_rows, paired_table
+from .compare import bootstrap_interval, check_confidence, confidence_label, paired_rows, paired_table
 from .errors import QlassError
 from .jsonl import write_text_atomic
 from .search import argmax
@@ -232,13 +232,14 @@ def common_tasks(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = "qlass results",
-                 baselines: Sequence[str] = ("greedy",)) -> list[dict[str, Any]]:
+                 baselines: Sequence[str] = ("greedy",), confidence: float = 0.95) -> list[dict[str, Any]]:
     """Write results.json/.md (the summary rows and, for each of ``baselines`` that was run, every
-    other method's paired difference to it) and the budget curve (CSV + PNG) into ``out_dir``;
-    returns the rows."""
+    other method's paired difference to it, with bootstrap intervals at level ``confidence``) and the
+    budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
+    check_confidence(confidence)
     rows = summarise(records)
     points = budget_points(records)
-    paired = [row for baseline in baselines for row in paired_rows(records, baseline)]
+    paired = [row for baseline in baselines for row in paired_rows(records, baseline, confidence=confidence)]
     results = {"schema_version": RESULTS_SCHEMA_VERSION, "rows": rows, "budget": points, "paired": paired}
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     md = f"# {title}\n\n{markdown_table(rows)}\n"
@@ -246,7 +247,8 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = 
         md += "\nRows marked [oracle] use the environment's reward and are not comparable to the others.\n"
     if paired:
         md += ("\n## Paired differences\n\nPer task, the method's reward minus the baseline's on the same "
-               "task, averaged; the interval resamples tasks (10,000 times, seeded).\n\n" + paired_table(paired))
+               "task, averaged; the interval resamples tasks (10,000 times, seeded).\n\n"
+               + paired_table(paired, confidence))
     write_text_atomic(out_dir / "results.md", md)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["env", "split", "curve", "budget_param", "completion_tokens", "avg_reward"])
@@ -258,12 +260,12 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = 
     return rows
 
 
-def side_by_side(sides: dict[str, Sequence[dict[str, Any]]], resamples: int = 10_000, seed: int = 0
-                 ) -> list[dict[str, Any]]:
+def side_by_side(sides: dict[str, Sequence[dict[str, Any]]], resamples: int = 10_000, seed: int = 0,
+                 confidence: float = 0.95) -> list[dict[str, Any]]:
     """The same methods run under several settings (``sides``: label → records, e.g. full and limited
     expert data, paper Table 3): per (env, split, method) that every side ran, each side's average
     reward and success rate on the tasks all sides played, and every later side's paired difference
-    to the first side (per task, bootstrap 95% interval as in :mod:`qlass.compare`)."""
+    to the first side (per task, bootstrap interval at level ``confidence`` as in :mod:`qlass.compare`)."""
     labels = list(sides)
     reward: dict[str, dict[tuple[str, str, str], dict[str, float]]] = {}
     for label, records in sides.items():
@@ -281,17 +283,17 @@ def side_by_side(sides: dict[str, Sequence[dict[str, Any]]], resamples: int = 10
             row["sides"][label] = {"avg_reward": _mean(vals), "success_rate": _mean([float(v >= 1.0 - 1e-9) for v in vals])}
         for label in labels[1:]:
             diffs = [reward[label][key][t] - reward[labels[0]][key][t] for t in tasks]
-            low, high = bootstrap_interval(diffs, resamples, seed)
+            low, high = bootstrap_interval(diffs, resamples, seed, confidence)
             row["sides"][label]["vs_first"] = {"mean_diff": _mean(diffs), "ci_low": low, "ci_high": high}
         rows.append(row)
     return rows
 
 
-def side_by_side_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+def side_by_side_table(rows: Sequence[dict[str, Any]], labels: Sequence[str], confidence: float = 0.95) -> str:
     """The rows of :func:`side_by_side` as markdown: average reward per side, then each later side's
-    paired difference to the first (reward points)."""
+    paired difference to the first (reward points) with its interval of level ``confidence``."""
     head = (["env", "split", "method", "tasks"] + [f"{label}: avg reward" for label in labels]
-            + [f"{label} − {labels[0]} [95%]" for label in labels[1:]])
+            + [f"{label} − {labels[0]} [{confidence_label(confidence)}]" for label in labels[1:]])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["env"], r["split"], r["method"], str(r["tasks"])]
@@ -303,19 +305,22 @@ def side_by_side_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) ->
     return "\n".join(lines) + "\n"
 
 
-def write_side_by_side(sides: dict[str, Sequence[dict[str, Any]]], out_dir: Path, title: str = "qlass results"
-                       ) -> list[dict[str, Any]]:
-    """Write ``sides.md`` and ``sides.json`` (:func:`side_by_side`) into ``out_dir``; returns the rows."""
+def write_side_by_side(sides: dict[str, Sequence[dict[str, Any]]], out_dir: Path, title: str = "qlass results",
+                       confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Write ``sides.md`` and ``sides.json`` (:func:`side_by_side`, intervals at level ``confidence``) into
+    ``out_dir``; returns the rows."""
     if len(sides) < 2:
         raise QlassError("a side-by-side table needs at least two labelled runs")
-    rows = side_by_side(sides)
+    check_confidence(confidence)
+    rows = side_by_side(sides, confidence=confidence)
     if not rows:
         raise QlassError(f"runs {', '.join(sides)} have no method played on the same tasks in all of them")
     labels = list(sides)
     write_text_atomic(out_dir / "sides.json", json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "sides": labels,
-                                                          "rows": rows}, indent=1) + "\n")
+                                                          "confidence": confidence, "rows": rows}, indent=1) + "\n")
     md = (f"# {title}\n\nThe same methods under {len(labels)} settings ({', '.join(labels)}), each averaged over the "
           f"tasks every setting played; the last columns are the paired difference to {labels[0]} on those tasks "
-          "(per task, bootstrap 95% interval, 10,000 resamples).\n\n" + side_by_side_table(rows, labels))
+          f"(per task, bootstrap {confidence_label(confidence)} interval, 10,000 resamples).\n\n"
+          + side_by_side_table(rows, labels, confidence))
     write_text_atomic(out_dir / "sides.md", md)
     return rows

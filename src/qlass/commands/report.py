@@ -24,12 +24,16 @@ def register(app: typer.Typer) -> None:
         baseline: list[str] = typer.Option([], help="Method label the paired differences are taken against "
                                            "(repeatable), e.g. --baseline greedy --baseline 'best-of-n(n=4,qnet)'; "
                                            "default: greedy, when it was run."),
+        confidence: float = typer.Option(0.95, help="Level of the paired bootstrap intervals, e.g. 0.975 for a "
+                                         "second look at data already tested at 0.95 (Bonferroni over two looks)."),
     ) -> None:
         """Rebuild the results table, paired differences and budget curve from records (several runs'
         shards combined, or a run stopped part-way: by default restricted to tasks every method played)."""
+        from ..compare import check_confidence
         from ..errors import QlassError
         from ..report import common_tasks, markdown_table, read_records, side_by_side_table, write_report, write_side_by_side
 
+        check_confidence(confidence)
         if side:
             if records:
                 raise QlassError("qlass report takes RECORDS or --side LABEL=RECORDS, not both")
@@ -41,8 +45,8 @@ def register(app: typer.Typer) -> None:
                 if label in sides:
                     raise QlassError(f"--side {label}: label given twice")
                 sides[label] = read_records([Path(path)])
-            rows = write_side_by_side(sides, out, title=title)
-            typer.echo(side_by_side_table(rows, list(sides)))
+            rows = write_side_by_side(sides, out, title=title, confidence=confidence)
+            typer.echo(side_by_side_table(rows, list(sides), confidence))
             typer.echo(f"sides.md/json in {out}")
             return
         if not records:
@@ -59,6 +63,6 @@ def register(app: typer.Typer) -> None:
                 log.info("kept %d of %d records: the tasks every method played (--all-tasks keeps all)",
                          len(kept), len(recs))
             recs = kept
-        rows = write_report(recs, out, title=title, baselines=baseline or ("greedy",))
+        rows = write_report(recs, out, title=title, baselines=baseline or ("greedy",), confidence=confidence)
         typer.echo(markdown_table(rows))
         typer.echo(f"results.md/json and budget curve in {out}")
