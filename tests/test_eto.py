@@ -235,6 +235,11 @@ def test_pipeline_trains_and_evaluates_the_eto_agent(walker: tuple[Path, Path], 
     results = json.loads((run / "results" / "results.json").read_text())
     assert [p["method"] for p in results["paired"]] == ["eto (greedy)"]
     assert "| corridor | seen | eto (greedy) | 3 |" in (run / "results" / "results.md").read_text()
+    from qlass.report import read_records  # the table's records, readable by qlass report (--side)
+    combined = read_records([run / "results" / "records.jsonl"])
+    tasks = {r["task"] for r in combined}
+    assert len(tasks) == 3 and sorted((r["method"], r["task"]) for r in combined) == sorted(
+        (m, t) for m in ("greedy", "eto (greedy)") for t in tasks)
     eto_cfg = yaml.safe_load((run / "eto" / "eto_config.yaml").read_text())
     assert eto_cfg["max_steps"] == 2 and eto_cfg["model"] == str(sft)  # eval.max_steps applies
     assert [p.id for p in load_pairs(run / "eto" / "round-1" / "pairs.jsonl")] == ["corridor/2"]

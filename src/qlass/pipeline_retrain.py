@@ -226,8 +226,9 @@ def retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> lis
 
 def combined_report(r: Resolved, agents: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     """One table (``results/``) of the main evaluation's rows and each retrained agent's greedy row
-    (``<agent> (greedy)``), over the tasks every row played, with paired differences to greedy."""
-    from .jsonl import read_jsonl
+    (``<agent> (greedy)``), over the tasks every row played, with paired differences to greedy; the
+    records it was built from go beside it (``results/records.jsonl``, e.g. for ``qlass report --side``)."""
+    from .jsonl import read_jsonl, write_jsonl
     from .report import common_tasks, write_report
     from .search import make_method_config, method_label
 
@@ -240,6 +241,7 @@ def combined_report(r: Resolved, agents: list[tuple[str, Path]]) -> list[dict[st
                 records.append({**rec, "method": name, "method_name": name})
     out_dir = r.run_dir / RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "records.jsonl", records)
     rows = write_report(common_tasks(records), out_dir, title="qlass results with the retrained agents")
     log.info("results with the retrained agents → %s", out_dir / "results.md")
     return rows
