@@ -21,7 +21,7 @@ from toy_envs import Corridor
 from transformers import AutoModelForCausalLM
 
 from qlass.config import build
-from qlass.data import load_trajectories, save_trajectories, trajectory_to_record
+from qlass.data import load_trajectories, record_to_trajectory, save_trajectories, trajectory_to_record
 from qlass.envs.base import parse_action
 from qlass.errors import QlassError
 from qlass.eto import ETOConfig, experts_by_task, failure_pairs, run_eto
@@ -110,6 +110,40 @@ def test_each_failure_is_paired_with_the_expert_of_its_task(tmp_path: Path) -> N
         experts_by_task([dataclasses.replace(t, task=None) for t in experts.values()], "x.json")
 
 
+def test_a_pair_longer_than_dpo_max_length_loses_its_last_rejected_turns(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from qlass.training.dpo import PreferencePair, encode_pair, pair_length
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+    def tokens(pair: PreferencePair) -> int:
+        return pair_length(encode_pair(tokenizer, pair))
+
+    env = Corridor()
+    experts = {t.task: t for t in export_expert(env, env.tasks("train"), per_task_type=6).trajectories}
+    loop = [EAST, WEST, EAST, WEST, EAST, WEST]  # a failure that loops: 6 agent turns
+    records = [_record("corridor/2", loop, step_limit=6)]
+    whole = failure_pairs(records, ["corridor/2"], experts, EXPLORE, "e").pairs[0]
+
+    def length(pair: dict) -> int:
+        sides = [record_to_trajectory({"id": f"x/{s}", **pair[s]}) for s in ("chosen", "rejected")]
+        return tokens(PreferencePair(pair["id"], *sides))
+
+    full = length(whole)
+    limit = full - 1  # one token too long: the last rejected turn goes, nothing more
+    got = failure_pairs(records, ["corridor/2"], experts, EXPLORE, "e", tokens, limit)
+    [pair] = got.pairs
+    assert (got.shortened, got.unusable) == (1, 0) and length(pair) <= limit
+    assert _turns(pair["rejected"]) == _turns(whole["rejected"])[:-2]  # one agent turn and its observation fewer
+    assert got.summary()["shortened"] == 1
+    # a pair that fits is left whole; one that does not fit with a single rejected turn is unusable
+    same = failure_pairs(records, ["corridor/2"], experts, EXPLORE, "e", tokens, full)
+    assert same.shortened == 0 and same.pairs == [whole]
+    none = failure_pairs(records, ["corridor/2"], experts, EXPLORE, "e", tokens, 10)
+    assert (none.pairs, none.unusable, none.shortened) == ([], 1, 0)
+
+
 def test_a_round_trains_a_loadable_agent_and_a_rerun_adds_rounds_only(walker: tuple[Path, Path],
                                                                        tmp_path: Path) -> None:
     sft, expert = walker
@@ -127,7 +161,8 @@ def test_a_round_trains_a_loadable_agent_and_a_rerun_adds_rounds_only(walker: tu
     rejected = [parse_action(m.content) for m in pairs[0].rejected.messages[3:] if m.role == "assistant"]
     assert rejected == ["go east", "go east"] and pairs[0].rejected.reward == pytest.approx(2 / 3)
     assert summary == {"episodes": 6, "mean_reward": pytest.approx(sum(r["reward"] for r in records) / 6),
-                       "failures": 2, "no_expert": 1, "expert_not_better": 0, "unusable": 0, "pairs": 1}
+                       "failures": 2, "no_expert": 1, "expert_not_better": 0, "unusable": 0, "shortened": 0,
+                       "pairs": 1}
     trained = AutoModelForCausalLM.from_pretrained(agent).state_dict()
     start = AutoModelForCausalLM.from_pretrained(sft).state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start), "DPO changed the agent"

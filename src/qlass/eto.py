@@ -31,7 +31,9 @@ counted as ``expert_not_better``. It cuts a failure to the expert's number of ag
 (``rejected_extra_turns: 5`` does the same; by default the whole failure is kept). The first expert
 trajectory of a task in the expert file is its chosen side; a failure whose task has no expert
 trajectory is skipped and counted (``no_expert``), as is one that is not valid training data (an agent
-turn without an ``Action:`` line: ``unusable``).
+turn without an ``Action:`` line: ``unusable``). A pair longer than DPO's ``max_length`` (a failure that
+loops over long pages) loses the rejected side's last agent turns until it fits (``shortened``); one
+that does not fit with a single rejected turn is ``unusable``.
 
 Output folder::
 
@@ -50,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,7 @@ from .training.common import file_digest
 from .rollouts import TASK_SOURCES, play_split
 from .search import GreedyConfig, SampleConfig
 from .training.common import DONE_MARK
-from .training.dpo import DPOConfig, pair_problems, train_dpo
+from .training.dpo import DPOConfig, PreferencePair, encode_pair, pair_length, pair_problems, train_dpo
 from .training.sft import prefix_length
 from .types import Trajectory
 
@@ -135,6 +137,7 @@ class RoundPairs:
     no_expert: int = 0
     expert_not_better: int = 0
     unusable: int = 0
+    shortened: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The counts as saved in ``summary.json`` (the pairs left out)."""
@@ -171,12 +174,16 @@ def _cut(failure: Trajectory, expert: Trajectory, extra: int | None) -> Trajecto
 
 
 def failure_pairs(records: Sequence[Mapping[str, Any]], task_order: Sequence[str], experts: Mapping[str, Trajectory],
-                  cfg: ETOConfig, expert_path: str | Path) -> RoundPairs:
+                  cfg: ETOConfig, expert_path: str | Path,
+                  pair_tokens: Callable[[PreferencePair], int] | None = None, max_length: int | None = None
+                  ) -> RoundPairs:
     """The pairs of one round's exploration ``records`` (one per task), in ``task_order``: each failure
     (reward < ``cfg.min_reward``) whose task has an expert trajectory with a higher reward, as
     ``{"id": task, "chosen": expert, "rejected": failure}``. A failure played from another prompt than
     its expert trajectory's is an error naming both (the expert data do not belong to this
-    environment); one that is not valid training data is counted as unusable and logged."""
+    environment); one that is not valid training data is counted as unusable and logged. With
+    ``pair_tokens`` (a pair's length in tokens) and ``max_length``, a longer pair has its rejected
+    side shortened to fit (:func:`_fit`)."""
     rank = {t: i for i, t in enumerate(task_order)}
     ordered = sorted(records, key=lambda r: rank.get(r["task"], len(rank)))
     out = RoundPairs([], len(ordered), sum(r["reward"] for r in ordered) / max(len(ordered), 1))
@@ -198,18 +205,43 @@ def failure_pairs(records: Sequence[Mapping[str, Any]], task_order: Sequence[str
             raise QlassError(f"{expert_path}: expert trajectory {expert.id!r} of task {rec['task']!r} starts from "
                              "another prompt (instruction and task turns) than the agent was given; ETO needs expert "
                              "data of this environment")
-        pair = {"id": rec["task"], "chosen": _side(expert), "rejected": _side(_cut(failure, expert,
-                                                                                  cfg.rejected_extra_turns))}
+        rejected = _cut(failure, expert, cfg.rejected_extra_turns)
+        if pair_tokens is not None and max_length is not None and any(
+                m.role == "assistant" for m in rejected.messages[prefix_length(rejected.messages):]):
+            fitted = _fit(PreferencePair(rec["task"], expert, rejected), pair_tokens, max_length)
+            if fitted is None:
+                unusable.append(f"{rec['task']} (longer than max_length {max_length} tokens with one rejected turn)")
+                continue
+            out.shortened += fitted is not rejected
+            rejected = fitted
+        pair = {"id": rec["task"], "chosen": _side(expert), "rejected": _side(rejected)}
         problems = pair_problems(pair)
         if problems:
             unusable.append(f"{rec['task']} ({problems[0]})")
             continue
         out.pairs.append(pair)
     out.unusable = len(unusable)
+    if out.shortened:
+        log.info("%d failures shortened (their last agent turns dropped) to fit max_length %s", out.shortened,
+                 max_length)
     if unusable:
         log.info("%d failures left out as training data: %s", len(unusable),
                  "; ".join(unusable[:3]) + (" ..." if len(unusable) > 3 else ""))
     return out
+
+
+def _fit(pair: PreferencePair, pair_tokens: Callable[[PreferencePair], int], max_length: int) -> Trajectory | None:
+    """``pair.rejected`` with its last agent turns (and the observations after them) dropped until the
+    pair is at most ``max_length`` tokens; ``pair.rejected`` itself when it fits, None when even its
+    first agent turn does not."""
+    rejected = pair.rejected
+    while pair_tokens(dataclasses.replace(pair, rejected=rejected)) > max_length:
+        keep = prefix_length(rejected.messages)
+        turns = [i for i, m in enumerate(rejected.messages) if m.role == "assistant" and i >= keep]
+        if len(turns) <= 1:
+            return None
+        rejected = dataclasses.replace(rejected, messages=rejected.messages[:turns[-2] + 1], steps=[], meta={})
+    return rejected
 
 
 def _settings(model: str, expert_path: Path, env_spec: str, cfg: ETOConfig, dpo_cfg: DPOConfig,
@@ -287,7 +319,8 @@ def run_eto(
                                     cfg.limit, env_kwargs, task_types, policy_kwargs, seed + k - 1, backend, workers,
                                     concurrency, what=f"ETO round {k} exploration",
                                     only=set(experts) if cfg.tasks == "expert" else None)
-        pairs = failure_pairs(records, order, experts, cfg, expert_path)
+        pairs = failure_pairs(records, order, experts, cfg, expert_path, _pair_tokens(agent),
+                              cfg.dpo_for(dpo_cfg, k).max_length)
         log.info("ETO round %d: %d episodes (average reward %.3f), %d failures below %.2f → %d pairs (%d without an "
                  "expert trajectory, %d where the expert is no better, %d unusable left out)", k, pairs.episodes,
                  pairs.mean_reward, pairs.failures, cfg.min_reward, len(pairs.pairs), pairs.no_expert,
@@ -303,3 +336,11 @@ def run_eto(
         log.info("ETO round %d: DPO from %s on %d pairs → %s", k, agent, len(pairs.pairs), round_dir / MODEL_DIR)
         agent = train_dpo(path, agent, round_dir / MODEL_DIR, cfg.dpo_for(dpo_cfg, k))
     return agent, summaries
+
+
+def _pair_tokens(model: Path) -> Callable[[PreferencePair], int]:
+    """A pair's length in tokens as DPO encodes it, with ``model``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    return lambda pair: pair_length(encode_pair(tokenizer, pair))

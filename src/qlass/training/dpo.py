@@ -163,11 +163,17 @@ def encode_pair(tokenizer: Any, pair: PreferencePair) -> dict[str, list[int]]:
             "rejected_ids": b[start:], "rejected_mask": mask_b[start:]}
 
 
+def pair_length(row: dict[str, list[int]]) -> int:
+    """Tokens of the longer side of an encoded pair (:func:`encode_pair`), prompt included: what
+    ``max_length`` bounds."""
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
 def _encode_all(tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int, path: str | Path) -> list[dict]:
     rows, too_long = [], []
     for pair in pairs:
         row = encode_pair(tokenizer, pair)
-        longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        longest = pair_length(row)
         if longest > max_length:
             too_long.append(f"{path}, pair {pair.id!r}: {longest} tokens > max_length {max_length}")
         rows.append(row)
