@@ -322,3 +322,19 @@ def test_under_limited_supervision_eto_pairs_only_with_the_experts_sft_saw(walke
     assert path == tmp_path / "run" / "expert-sft.json"
     subset = [t.id for t in load_trajectories(path)]
     assert subset == [t.id for t in limit_trajectories(load_trajectories(expert), 2, 3)] and len(subset) == 2
+
+
+def test_new_pairs_are_refused_only_once_dpo_has_started_on_the_old_ones(tmp_path: Path) -> None:
+    from qlass.eto import RoundPairs, _write_pairs
+
+    old, new = RoundPairs([{"id": "a"}], 1, 0.0), RoundPairs([{"id": "b"}], 1, 0.0)
+    _write_pairs(tmp_path, old)
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / ".qlass.lock").write_text("")  # DPO refused the old pairs before training: no config
+    _write_pairs(tmp_path, new)
+    assert read_jsonl(tmp_path / "pairs.jsonl") == [{"id": "b"}]
+    (tmp_path / "dpo" / "dpo_config.yaml").write_text("lr: 1.0\n")  # DPO started on the pairs now written
+    _write_pairs(tmp_path, new)  # the same pairs again: fine
+    with pytest.raises(QlassError, match=r"pairs\.jsonl: the agent in .*dpo was \(partly\) trained on other pairs"):
+        _write_pairs(tmp_path, old)
+    assert read_jsonl(tmp_path / "pairs.jsonl") == [{"id": "b"}] and not (tmp_path / "pairs.jsonl.new").exists()

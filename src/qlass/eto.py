@@ -66,6 +66,7 @@ from .training.common import file_digest
 from .rollouts import TASK_SOURCES, play_split
 from .search import GreedyConfig, SampleConfig
 from .training.common import DONE_MARK
+from .training.dpo import CONFIG_FILE as DPO_CONFIG_FILE
 from .training.dpo import DPOConfig, PreferencePair, encode_pair, pair_length, pair_problems, train_dpo
 from .training.sft import prefix_length
 from .types import Trajectory
@@ -266,7 +267,8 @@ def _write_pairs(round_dir: Path, pairs: RoundPairs) -> Path:
     (partly) trained on."""
     path, fresh = round_dir / PAIRS_FILE, round_dir / (PAIRS_FILE + ".new")
     write_jsonl(fresh, pairs.pairs)
-    if (round_dir / MODEL_DIR).exists() and path.exists() and path.read_bytes() != fresh.read_bytes():
+    started = (round_dir / MODEL_DIR / DPO_CONFIG_FILE).exists()  # DPO writes it once its pairs are accepted
+    if started and path.exists() and path.read_bytes() != fresh.read_bytes():
         fresh.unlink()
         raise QlassError(f"{path}: the agent in {round_dir / MODEL_DIR} was (partly) trained on other pairs than this "
                          f"exploration gives now ({len(pairs.pairs)} pairs); use a new output folder")
