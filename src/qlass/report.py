@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compare import bootstrap_interval, check_confidence, confidence_label, paired_rows, paired_table
+from .compare import bootstrap_interval, confidence_label, paired_rows, paired_table
 from .errors import QlassError
 from .jsonl import write_text_atomic
 from .search import argmax
@@ -236,7 +236,6 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = 
     """Write results.json/.md (the summary rows and, for each of ``baselines`` that was run, every
     other method's paired difference to it, with bootstrap intervals at level ``confidence``) and the
     budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
-    check_confidence(confidence)
     rows = summarise(records)
     points = budget_points(records)
     paired = [row for baseline in baselines for row in paired_rows(records, baseline, confidence=confidence)]
@@ -311,7 +310,6 @@ def write_side_by_side(sides: dict[str, Sequence[dict[str, Any]]], out_dir: Path
     ``out_dir``; returns the rows."""
     if len(sides) < 2:
         raise QlassError("a side-by-side table needs at least two labelled runs")
-    check_confidence(confidence)
     rows = side_by_side(sides, confidence=confidence)
     if not rows:
         raise QlassError(f"runs {', '.join(sides)} have no method played on the same tasks in all of them")
