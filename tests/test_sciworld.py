@@ -85,6 +85,27 @@ def test_expert_reaches_full_reward(env: ScienceWorldEnv) -> None:
     assert all(0.0 <= r.reward <= 1.0 for r in results)
 
 
+def test_valid_actions_list_the_objects_in_view_and_need_a_reset() -> None:
+    fresh = ScienceWorldEnv(step_limit=8)
+    try:
+        with pytest.raises(QlassError, match="before reset"):
+            fresh.valid_actions()
+        task = fresh.tasks("seen", ["find-animal"])[0]
+        fresh.reset(task)
+        gold = [parse_action(o) for o in fresh.expert(task)]
+        fresh.reset(task)
+        first_focus = next(i for i, a in enumerate(gold) if a.startswith("focus on "))
+        for action in gold[:first_focus]:
+            fresh.step(act(action))
+        actions = fresh.valid_actions()
+        assert actions == sorted(set(actions)) and "look around" in actions
+        assert gold[first_focus] in actions  # the gold focus object is in view
+        focus = [a for a in actions if a.startswith("focus on ")]
+        assert len(focus) > 3 and "focus on air" in focus
+    finally:
+        fresh.close()
+
+
 def test_meta_commands_and_unknown_actions_are_observations(env: ScienceWorldEnv) -> None:
     env.reset(env.tasks("train", ["find-plant"])[0])
     task = env.step(act("task"))

@@ -252,6 +252,16 @@ class ScienceWorldEnv:
         return StepResult(observation, self._score, self._done,
                           {"steps": self._steps, "score": self._raw, "action": action, "failed": failed})
 
+    def valid_actions(self) -> list[str]:
+        """The actions ScienceWorld accepts in the current state (its valid action-object
+        combinations, sorted, without repeats), e.g. every ``focus on OBJ`` for the objects in view."""
+        if self._task_id is None:
+            raise QlassError("sciworld: valid_actions() before reset()")
+        with self._jvm.lock:
+            self._jvm.enter(self)
+            actions = [str(a) for a in self._sim.getValidActionObjectCombinations()]
+        return sorted(set(actions))
+
     def expert(self, task: Task) -> list[str]:
         """ScienceWorld's gold action sequence, each action with a short templated thought."""
         self._load(task, gold=True)

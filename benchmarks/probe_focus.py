@@ -1,0 +1,238 @@
+"""Knowledge probe (REVIEW-GUIDANCE H8): does the SFT policy, or a QNet, know which object to focus on?
+
+In the six reference task types the decisive step is a ``focus on OBJ`` that needs world knowledge
+(which object is an animal, a plant, living; which animal lives longest). For each held-out
+ScienceWorld task this replays the gold actions up to the gold path's first ``focus on``; at that
+state every ``focus on OBJ`` the simulator accepts is a candidate, written as the expert data write
+it (templated thought + action), and labelled by executing it from the same state: *right* if the
+score rises and the task does not fail, *wrong* if the task fails (ScienceWorld ends a task on a
+wrong focus); a candidate that does neither is left out and counted. Each candidate is scored by
+the policy's likelihood (mean log-probability per token, teacher-forced), its summed log-probability,
+and each QNet given (alone and + 1 × likelihood).
+
+Per state: top-1 (the ranker's best candidate is right; random's expectation is right / all) and
+the within-state AUC (a right candidate scored above a wrong one; ties count half). Printed and
+written: each ranker's mean over states, by split and task type, and each ranker minus the
+likelihood with a paired bootstrap 95% interval over states. The baseline is the likelihood, in
+the same run. Usage::
+
+    python benchmarks/probe_focus.py --model runs/reference/sft [--qnet NAME=DIR ...] \\
+        [--per-type 5] [--threads 1] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Any, Callable
+
+from qlass.agent import observation_message, start_messages
+from qlass.compare import bootstrap_interval
+from qlass.envs.base import parse_action
+from qlass.envs.sciworld import ScienceWorldEnv
+from qlass.envs.sciworld_thoughts import expert_thought
+from qlass.policy import load_policy
+from qlass.qnet import QNet
+from qlass.types import Message, Task
+
+log = logging.getLogger("probe_focus")
+TASK_TYPES = ["find-plant", "find-animal", "find-living-thing", "find-non-living-thing",
+              "lifespan-longest-lived", "lifespan-shortest-lived"]
+
+
+@dataclass
+class FocusState:
+    """One probed state: the history before the gold focus and its labelled candidates."""
+
+    task: str
+    split: str
+    task_type: str
+    history: list[Message]
+    candidates: list[str]  # agent outputs (thought + action)
+    right: list[bool]
+    left_out: int = 0
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+
+def output_for(action: str) -> str:
+    """An agent output for ``action``, as the expert SFT data write one."""
+    return f"Thought: {expert_thought(action)}\nAction: {action}"
+
+
+def replay(env: ScienceWorldEnv, task: Task, outputs: list[str]) -> tuple[list[Message], float] | None:
+    """Reset on ``task`` and play ``outputs``: the conversation and the last score, or None if the
+    episode ended on the way."""
+    messages = start_messages(env, task)
+    score = 0.0
+    for out in outputs:
+        result = env.step(out)
+        messages += [Message("assistant", out), observation_message(result.observation)]
+        if result.done:
+            return None
+        score = float(result.info.get("score", 0))
+    return messages, score
+
+
+def probe_state(env: ScienceWorldEnv, task: Task) -> FocusState | None:
+    """The labelled focus state of ``task``, or None if its gold path has no focus to probe."""
+    gold = env.expert(task)
+    actions = [parse_action(o) or "" for o in gold]
+    at = next((i for i, a in enumerate(actions) if a.startswith("focus on ")), None)
+    if at is None:
+        return None
+    start = replay(env, task, gold[:at])
+    if start is None:
+        return None
+    history, before = start
+    focus = sorted({a for a in env.valid_actions() if a.startswith("focus on ")} | {actions[at]})
+    state = FocusState(task.id, task.split, task.meta["task_name"], history, [], [])
+    for action in focus:
+        if replay(env, task, gold[:at]) is None:
+            raise RuntimeError(f"{task.id}: the gold prefix did not replay")
+        result = env.step(output_for(action))
+        failed, score = bool(result.info.get("failed")), float(result.info.get("score", 0))
+        if not failed and score <= before:
+            state.left_out += 1
+            continue
+        state.candidates.append(output_for(action))
+        state.right.append(not failed)
+    return state if any(state.right) and not all(state.right) else None
+
+
+def auc(scores: list[float], right: list[bool]) -> float:
+    """Share of (right, wrong) candidate pairs whose right one scores higher (ties: half)."""
+    pos = [s for s, r in zip(scores, right) if r]
+    neg = [s for s, r in zip(scores, right) if not r]
+    return mean(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+
+
+def top1(scores: list[float], right: list[bool]) -> float:
+    """1 if the highest-scored candidate (the first of equals) is right."""
+    return float(right[max(range(len(scores)), key=lambda i: (scores[i], -i))])
+
+
+def rankers(state: FocusState) -> dict[str, list[float]]:
+    """Every ranker's scores of the state's candidates (the QNets' also + 1 × likelihood)."""
+    out = dict(state.scores)
+    for name, values in state.scores.items():
+        if name not in ("likelihood", "summed log-prob"):
+            out[f"{name} + 1·likelihood"] = [v + lik for v, lik in zip(values, state.scores["likelihood"])]
+    return out
+
+
+def summarise(states: list[FocusState], resamples: int, seed: int) -> dict[str, Any]:
+    """Each ranker's mean top-1 and AUC by group, and its paired difference to the likelihood."""
+    groups: dict[str, list[FocusState]] = {"all": states}
+    for s in states:
+        groups.setdefault(s.split, []).append(s)
+        groups.setdefault(s.task_type, []).append(s)
+    out: dict[str, Any] = {}
+    for gname, members in groups.items():
+        per = [rankers(s) for s in members]
+        names = list(per[0])
+        row: dict[str, Any] = {"states": len(members),
+                               "random top-1": mean(sum(s.right) / len(s.right) for s in members),
+                               "candidates": mean(len(s.right) for s in members)}
+        for name in names:
+            t = [top1(p[name], s.right) for p, s in zip(per, members)]
+            a = [auc(p[name], s.right) for p, s in zip(per, members)]
+            entry = {"top-1": mean(t), "auc": mean(a)}
+            if name != "likelihood":
+                base_t = [top1(p["likelihood"], s.right) for p, s in zip(per, members)]
+                base_a = [auc(p["likelihood"], s.right) for p, s in zip(per, members)]
+                dt = [x - y for x, y in zip(t, base_t)]
+                da = [x - y for x, y in zip(a, base_a)]
+                entry["top-1 - likelihood"] = [mean(dt), *bootstrap_interval(dt, resamples, seed)]
+                entry["auc - likelihood"] = [mean(da), *bootstrap_interval(da, resamples, seed)]
+            row[name] = entry
+        out[gname] = row
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as tables: one per group."""
+    lines = ["# Focus knowledge probe", ""]
+    for gname, row in summary.items():
+        lines += [f"## {gname}: {row['states']} states, {row['candidates']:.1f} candidates each, "
+                  f"random top-1 {100 * row['random top-1']:.1f}%", "",
+                  "| ranker | top-1 % | AUC | top-1 − likelihood [95%] | AUC − likelihood [95%] |",
+                  "|---|---|---|---|---|"]
+        for name, e in row.items():
+            if not isinstance(e, dict):
+                continue
+            dt, da = e.get("top-1 - likelihood"), e.get("auc - likelihood")
+            fmt = (lambda d, k: f"{k * d[0]:+.1f} [{k * d[1]:+.1f}, {k * d[2]:+.1f}]" if d else "–")
+            lines.append(f"| {name} | {100 * e['top-1']:.1f} | {e['auc']:.3f} | {fmt(dt, 100)} | {fmt(da, 1)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def score_states(states: list[FocusState], name: str, score: Callable[[FocusState], list[float]]) -> None:
+    """Store ``score(state)`` under ``name`` for every state, logging progress."""
+    started = time.time()
+    for k, state in enumerate(states, 1):
+        state.scores[name] = score(state)
+        if k % 10 == 0 or k == len(states):
+            log.info("%s: %d/%d states scored (%.0f s)", name, k, len(states), time.time() - started)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="SFT policy folder")
+    ap.add_argument("--qnet", action="append", default=[], help="NAME=DIR of a QNet to score (repeatable)")
+    ap.add_argument("--splits", default="seen,unseen")
+    ap.add_argument("--per-type", type=int, default=5, help="tasks per task type and split (the first ones)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resamples", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    qnets = dict(q.split("=", 1) for q in args.qnet)
+
+    env = ScienceWorldEnv(step_limit=100)
+    states: list[FocusState] = []
+    started = time.time()
+    for split in args.splits.split(","):
+        for ttype in TASK_TYPES:
+            for task in env.tasks(split, [ttype])[: args.per_type]:
+                state = probe_state(env, task)
+                if state is None:
+                    log.info("%s: no focus state with both right and wrong candidates; skipped", task.id)
+                    continue
+                states.append(state)
+    env.close()
+    log.info("%d focus states labelled in %.0f s", len(states), time.time() - started)
+
+    policy = load_policy(args.model, autocast=True, threads=args.threads)
+
+    def likelihood(state: FocusState) -> list[float]:
+        scored = policy.score_outputs([state.history] * len(state.candidates), state.candidates)
+        state.scores["summed log-prob"] = [s for s, _ in scored]
+        return [s / n for s, n in scored]
+
+    score_states(states, "likelihood", likelihood)
+    for name, path in qnets.items():
+        qnet = QNet.load(path, threads=args.threads)
+        score_states(states, name, lambda s, q=qnet: q.score(s.history, s.candidates))
+
+    summary = summarise(states, args.resamples, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps({
+        "args": vars(args), "summary": summary,
+        "states": [{"task": s.task, "split": s.split, "task_type": s.task_type, "right": s.right,
+                    "candidates": s.candidates, "left_out": s.left_out, "scores": s.scores} for s in states]},
+        indent=1))
+    text = markdown(summary)
+    (out / "probe.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
