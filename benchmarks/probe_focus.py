@@ -128,9 +128,9 @@ def rankers(state: FocusState) -> dict[str, list[float]]:
 def summarise(states: list[FocusState], resamples: int, seed: int) -> dict[str, Any]:
     """Each ranker's mean top-1 and AUC by group, and its paired difference to the likelihood."""
     groups: dict[str, list[FocusState]] = {"all": states}
-    for s in states:
-        groups.setdefault(s.split, []).append(s)
-        groups.setdefault(s.task_type, []).append(s)
+    for key in ("split", "task_type"):
+        for s in states:
+            groups.setdefault(getattr(s, key), []).append(s)
     out: dict[str, Any] = {}
     for gname, members in groups.items():
         per = [rankers(s) for s in members]
@@ -166,8 +166,9 @@ def markdown(summary: dict[str, Any]) -> str:
             if not isinstance(e, dict):
                 continue
             dt, da = e.get("top-1 - likelihood"), e.get("auc - likelihood")
-            fmt = (lambda d, k: f"{k * d[0]:+.1f} [{k * d[1]:+.1f}, {k * d[2]:+.1f}]" if d else "–")
-            lines.append(f"| {name} | {100 * e['top-1']:.1f} | {e['auc']:.3f} | {fmt(dt, 100)} | {fmt(da, 1)} |")
+            top = f"{100 * dt[0]:+.1f} [{100 * dt[1]:+.1f}, {100 * dt[2]:+.1f}]" if dt else "–"
+            area = f"{da[0]:+.3f} [{da[1]:+.3f}, {da[2]:+.3f}]" if da else "–"
+            lines.append(f"| {name} | {100 * e['top-1']:.1f} | {e['auc']:.3f} | {top} | {area} |")
         lines.append("")
     return "\n".join(lines)
 
