@@ -17,7 +17,7 @@ likelihood with a paired bootstrap 95% interval over states. The baseline is the
 the same run. Usage::
 
     python benchmarks/probe_focus.py --model runs/reference/sft [--qnet NAME=DIR ...] \\
-        [--per-type 5] [--threads 1] --out DIR
+        [--per-type 5] [--offset 0] [--exclude decisions.jsonl ...] [--threads 1] --out DIR
 """
 
 from __future__ import annotations
@@ -187,7 +187,10 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="SFT policy folder")
     ap.add_argument("--qnet", action="append", default=[], help="NAME=DIR of a QNet to score (repeatable)")
     ap.add_argument("--splits", default="seen,unseen")
-    ap.add_argument("--per-type", type=int, default=5, help="tasks per task type and split (the first ones)")
+    ap.add_argument("--per-type", type=int, default=5, help="tasks per task type and split")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many tasks of each type and split first")
+    ap.add_argument("--exclude", action="append", default=[],
+                    help="JSONL file whose records' tasks are left out, e.g. a decisions file (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resamples", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
@@ -196,12 +199,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     qnets = dict(q.split("=", 1) for q in args.qnet)
 
+    excluded = {json.loads(line)["task"] for path in args.exclude for line in open(path) if line.strip()}
     env = ScienceWorldEnv(step_limit=100)
     states: list[FocusState] = []
     started = time.time()
     for split in args.splits.split(","):
         for ttype in TASK_TYPES:
-            for task in env.tasks(split, [ttype])[: args.per_type]:
+            for task in env.tasks(split, [ttype])[args.offset: args.offset + args.per_type]:
+                if task.id in excluded:
+                    log.info("%s: in an --exclude file; skipped", task.id)
+                    continue
                 state = probe_state(env, task)
                 if state is None:
                     log.info("%s: no focus state with both right and wrong candidates; skipped", task.id)
