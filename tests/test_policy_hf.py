@@ -111,7 +111,7 @@ def test_cache_reuse_is_exact_and_prefills_only_new_tokens(tiny_model_dir: Path)
     assert fresh.prefill_tokens == 2 * sum(len(x) for x in ids)
 
 
-def test_autocast_stores_the_cache_in_bf16_with_the_same_answers(tiny_model_dir: Path) -> None:
+def test_autocast_stores_the_cache_in_bf16_with_the_same_answers(tiny_model_dir: Path, native_bf16: None) -> None:
     """Under bf16 autocast the cache holds bf16 keys/values (attention reads them in bf16 anyway):
     completions and log-probabilities equal those of a cache kept as computed (fp32 keys)."""
     bf16 = HFPolicy(tiny_model_dir, max_length=512, autocast=True)

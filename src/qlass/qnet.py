@@ -52,6 +52,7 @@ from .models import resolve_device
 from .policy import kv
 from .policy.hf import fit_history, loading_weights
 from .policy.render import encode_conversation, ensure_chat_template
+from .precision import bf16_autocast
 from .types import History, Message
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def prefix_state(backbone: Any, ids: Sequence[int], autocast: bool = False, cach
 
     if cache is None:
         cache = DynamicCache(config=backbone.config)
-    with torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(backbone.device, autocast):
         out = backbone(input_ids=torch.tensor([list(ids[reused:])], dtype=torch.long, device=backbone.device),
                        cache=cache, use_cache=True)
     return cache, out.last_hidden_state[0, -1].float()
@@ -134,7 +135,7 @@ def suffix_hidden(backbone: Any, cache: Any, n_prefix: int, suffixes: Sequence[S
         return torch.zeros((len(suffixes), 0, backbone.config.hidden_size), device=backbone.device)
     if packed is None:
         packed = backbone.config._attn_implementation in ("sdpa", "eager")
-    with torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(backbone.device, autocast):
         if packed:
             parts = []
             for k, chunk in enumerate(_pack_chunks(lengths, pack_tokens)):
@@ -188,7 +189,7 @@ def cache_over(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
 def sequence_hidden(backbone: Any, ids: Sequence[int], autocast: bool = False) -> torch.Tensor:
     """Final hidden states ``[T, H]`` (float32) of one causal forward over ``ids`` (differentiable)."""
     device = backbone.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(device, autocast):
         out = backbone(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), use_cache=False)
     return out.last_hidden_state[0].float()
 
@@ -408,7 +409,7 @@ class QNet:
     def _head(self, last: torch.Tensor) -> torch.Tensor:
         """The regression head on final hidden states ``[K, H]`` → values ``[K]``."""
         head = self.model.score
-        with torch.autocast(last.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with bf16_autocast(last.device, self.autocast):
             out = head(last.to(head.weight.dtype))
         return out.float().squeeze(-1)
 

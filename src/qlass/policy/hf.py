@@ -49,6 +49,7 @@ from ..config import load_yaml
 from ..envs.base import parse_action
 from ..errors import DataError, QlassError
 from ..models import resolve_device
+from ..precision import use_autocast
 from ..seeding import candidate_seed
 from ..types import Completion, History, Message
 from . import kv
@@ -159,7 +160,8 @@ class HFPolicy:
     Args:
         model_dir: a causal-LM folder (``AutoModelForCausalLM`` loads it).
         dtype: weight dtype, ``float32`` (default), ``bfloat16`` or ``float16``.
-        autocast: run forwards under bf16 autocast (1.6–2.2× faster on AVX512-BF16/AMX CPUs).
+        autocast: run forwards under bf16 autocast (1.6–2.2× faster on AVX512-BF16/AMX CPUs); on a CPU
+            without native bf16 the policy runs fp32 and says so (see :mod:`qlass.precision`).
         max_length: longest prompt + completion in tokens (capped by the model's positions).
         cache_slots: prompt caches kept for reuse across calls (0 disables reuse); each holds one
             prompt's keys/values (SmolLM2-135M: 46 KB per token in float32).
@@ -208,7 +210,7 @@ class HFPolicy:
         self.model_dir = Path(model_dir)
         self.trained_length = fine_tuned_length(self.model_dir)
         self._warned_length = False
-        self.autocast = bool(autocast)
+        self.autocast = use_autocast(bool(autocast), self.device)
         # Under bf16 autocast, attention reads keys and values in bf16 anyway: storing them so casts
         # each new token once instead of the whole cache at every decoding step (same results).
         self.kv_dtype = torch.bfloat16 if self.autocast else None

@@ -1,0 +1,68 @@
+"""bf16 autocast is used only where the hardware runs bf16 natively.
+
+Whether this machine's CPU has native bf16 is fixed, so the other case is produced by replacing
+oneDNN's capability check (the one stand-in here: a CPU cannot be made to lose or gain an
+instruction set); everything downstream — the warning, the policy, the QNet forward, the trainer
+arguments — runs for real.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlass import precision
+from qlass.policy.hf import HFPolicy
+from qlass.qnet import QNet
+from qlass.training.common import TrainerConfig, training_arguments
+from qlass.types import Message
+
+
+@pytest.fixture(params=[False, True], ids=["no-native-bf16", "native-bf16"])
+def cpu_bf16(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    """This CPU as one without (False) or with (True) native bf16 kernels."""
+    precision.cpu_runs_bf16.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: request.param)
+    yield request.param
+    precision.cpu_runs_bf16.cache_clear()
+
+
+def test_autocast_follows_the_cpu_and_warns_once_without_bf16(cpu_bf16: bool, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="qlass.precision"):
+        assert precision.use_autocast(True, "cpu") is cpu_bf16
+        assert precision.use_autocast(True, torch.device("cpu")) is cpu_bf16
+        assert precision.use_autocast(False, "cpu") is False
+    warnings = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warnings) == (0 if cpu_bf16 else 1)
+    with precision.bf16_autocast("cpu", True):
+        assert torch.is_autocast_enabled("cpu") is cpu_bf16
+    with precision.bf16_autocast("cpu", False):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_policy_and_qnet_run_fp32_on_a_cpu_without_bf16(cpu_bf16: bool, tiny_model_dir: Path) -> None:
+    policy = HFPolicy(tiny_model_dir, max_length=256, autocast=True)
+    assert policy.autocast is cpu_bf16
+    assert policy.kv_dtype == (torch.bfloat16 if cpu_bf16 else None)
+    history = [Message("user", "Task: look around.")]
+    out = policy.sample([history], n=2, temperature=1.0, max_new_tokens=6, seed=1)
+    assert len(out[0]) == 2
+    qnet = QNet.from_sft(tiny_model_dir, max_length=256, max_action_tokens=32, autocast=True)
+    scored = qnet.score_batch([(history, ["Action: look around", "Action: inventory"])])
+    assert len(scored[0]) == 2 and all(torch.isfinite(torch.tensor(scored[0])))
+    if not cpu_bf16:  # fp32 throughout: the same values as a QNet built without autocast
+        plain = QNet(qnet.model, qnet.tokenizer, 256, 32, autocast=False)
+        assert scored == plain.score_batch([(history, ["Action: look around", "Action: inventory"])])
+
+
+def test_trainer_bf16_only_where_it_runs_natively(cpu_bf16: bool, tmp_path: Path) -> None:
+    cfg = TrainerConfig(autocast=True, device="cpu")
+    args = training_arguments(cfg, tmp_path, epochs=1, lr=1e-4, micro_batch=1, batch_size=1, seed=0, evaluate=False)
+    assert args["bf16"] is cpu_bf16 and args["use_cpu"] is True
+    off = training_arguments(TrainerConfig(autocast=False, device="cpu"), tmp_path, epochs=1, lr=1e-4,
+                             micro_batch=1, batch_size=1, seed=0, evaluate=False)
+    assert off["bf16"] is False
