@@ -59,9 +59,9 @@ def test_sft_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_dpo_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path) -> None:
-    write_pairs(tmp_path / "pairs.jsonl", 8)
+    write_pairs(tmp_path / "pairs.jsonl", 4)  # one pair per process and step
     opts = ["--pairs", "pairs.jsonl", "--model", str(tiny_model_dir), "--set", "epochs=2", "--set", "lr=1e-3",
-            "--set", "batch_size=4", "--set", "micro_batch=1", "--set", "val_fraction=0", "--set", "threads=1"]
+            "--set", "batch_size=2", "--set", "micro_batch=1", "--set", "val_fraction=0", "--set", "threads=1"]
     _run(ONE + ["dpo", "--out", "one"] + opts, tmp_path)
     _run(LAUNCH + ["dpo", "--out", "two"] + opts, tmp_path)
     _same_run(tmp_path / "one", tmp_path / "two", ("train_loss",))

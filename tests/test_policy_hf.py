@@ -359,8 +359,8 @@ def colours(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     x = torch.tensor([prompt + s + [tok.eos_token_id] * (width - len(s)) for s in seqs])
     y = torch.tensor([[-100] * len(prompt) + s + [-100] * (width - len(s)) for s in seqs])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        loss = model(input_ids=x, labels=y).loss
+    for _ in range(150):  # logits (49k wide) only where there are labels: the same loss, 3x faster
+        loss = model(input_ids=x, labels=y[:, -(width + 1):], logits_to_keep=width + 1).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
