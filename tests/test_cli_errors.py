@@ -244,6 +244,24 @@ def test_bad_input_is_a_message_naming_what_is_wrong(files: dict[str, str], argv
     assert not missing, f"{missing} not in:\n{output}"
 
 
+@pytest.mark.parametrize("argv", [
+    ["sft", "--data", "{expert}", "--model", NO_MODEL, "--config", "{nonutf8}", "--out", "{tmp}/s"],
+    ["dpo", "--pairs", "{expert}", "--model", NO_MODEL, "--set", "beta=0", "--out", "{tmp}/d"],
+    ["train-qnet", "{qdata}", "--model", NO_MODEL, "--set", "rank=nope", "--out", "{tmp}/qn"],
+    ["run", "{pipe_limit}"],
+], ids=["sft", "dpo", "train-qnet", "run"])
+def test_config_mistakes_are_reported_before_torch_is_loaded(files: dict[str, str], argv: list[str]) -> None:
+    """A mistake in a trainer's or the pipeline's options is found before torch and transformers are
+    imported (seconds on every error otherwise)."""
+    code = ("import sys\nfrom qlass.cli import main\ntry:\n    main()\nfinally:\n"
+            "    print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", code, *(a.format(**files) for a in argv)], check=False,
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "error:" in result.stderr, result.stderr
+    assert "torch loaded: False" in result.stderr, result.stderr
+
+
 def test_markup_in_task_ids_and_observations_is_shown_as_text(tmp_path: Path) -> None:
     out = tmp_path / "trees.jsonl"
     result = qlass("explore", "--model", "test_cli_errors:EastWalker", "--env", "test_cli_errors:MarkupCorridor",

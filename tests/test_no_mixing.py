@@ -321,3 +321,51 @@ def test_resumed_qnet_epoch_reports_the_whole_epochs_train_mse_and_refuses_anoth
     assert validations(out) == validations(tmp_path / "whole")
     assert resumed["qnet"]["train_mse"] == whole["qnet"]["train_mse"]  # the epoch's steps before the crash count
     assert json.loads((out / "qnet_result.json").read_text())["kept_epoch"] == whole["kept_epoch"]
+
+
+@pytest.mark.parametrize("trainer", ["sft", "qnet"])
+def test_a_checkpoint_is_not_resumed_where_it_would_compute_in_another_precision(
+        trainer: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16-autocast run checkpointed on a CPU with native bf16 is refused on one where qlass would
+    continue it in fp32 (qlass.precision), naming the precision; finished, it is handed back anywhere.
+    Only the CPU's bf16 capability check is replaced (a CPU cannot be given an instruction set)."""
+    import torch
+
+    from qlass import precision
+
+    def cpu_with_bf16(native: bool) -> None:
+        precision.cpu_runs_bf16.cache_clear()
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+
+    if trainer == "sft":
+        data = write_data(tmp_path / "data.json", n=5)
+        cfg = sft.SFTConfig(epochs=1, lr=1e-3, batch_size=1, micro_batch=1, val_fraction=0.2, save_every=2,
+                            threads=1, autocast=True)
+        run = sft.train_sft
+    else:
+        data = synthetic_qdata(tmp_path / "q.jsonl", trees=8)
+        cfg = QNetTrainConfig(**{**CFG, "eval_before": False, "baseline": False, "threads": 1, "save_every": 3,
+                                 "autocast": True})
+        run = train_qnet
+    out = tmp_path / "run"
+    real = Trainer._save_checkpoint
+
+    def crash_after_first_save(self, *args, **kwargs) -> None:
+        real(self, *args, **kwargs)
+        raise RuntimeError("simulated crash")
+
+    try:
+        cpu_with_bf16(True)
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, "_save_checkpoint", crash_after_first_save)
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                run(data, tiny_model_dir, out, cfg)
+        cpu_with_bf16(False)
+        with pytest.raises(QlassError, match="precision: 'bf16' → 'fp32'"):
+            run(data, tiny_model_dir, out, cfg)
+        cpu_with_bf16(True)
+        run(data, tiny_model_dir, out, cfg)
+        cpu_with_bf16(False)
+        run(data, tiny_model_dir, out, cfg)  # finished: handed back, not refused
+    finally:
+        precision.cpu_runs_bf16.cache_clear()

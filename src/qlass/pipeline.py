@@ -185,9 +185,9 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .config import check_known
     from .explore import ExploreConfig
     from .policy import check_policy_options
-    from .training.qnet import QNetTrainConfig
+    from .training.configs import QNetTrainConfig
     from .search import make_method_config
-    from .training.sft import SFTConfig
+    from .training.configs import SFTConfig
 
     cfg = build(PipelineConfig, data, source)
     if cfg.backend not in BACKENDS:
@@ -307,10 +307,10 @@ def pipeline_options() -> str:
     from .config import describe
     from .eto import ETOConfig
     from .explore import ExploreConfig
-    from .training.qnet import QNetTrainConfig
+    from .training.configs import QNetTrainConfig
     from .rft import RFTConfig
     from .self_train import SelfTrainConfig
-    from .training.sft import SFTConfig
+    from .training.configs import SFTConfig
 
     def indent(text: str) -> str:
         return "\n".join(f"  {line}" for line in text.splitlines())
@@ -360,7 +360,6 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     from .explore import explore_tasks
     from .models import default_model_dir
     from .policy import load_policy
-    from .training.qnet import train_qnet
     from .tree import BackupConfig, export_qdata
 
     if stop_after is not None and stop_after not in STAGES[:-1]:
@@ -417,6 +416,8 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
 
     # 3. QNet
     if stop_after == "qnet" or _uses_qnet(r):
+        from .training.qnet import train_qnet
+
         log.info("stage 3: QNet → %s", run / "qnet")
         train_qnet(run / "qdata.jsonl", sft_dir, run / "qnet", r.qnet)
     else:

@@ -91,7 +91,7 @@ def retrain_section(cfg: PipelineConfig, name: str, source: str) -> Retrain | No
     from .config import check_known
     from .rft import RFTConfig
     from .self_train import SelfTrainConfig
-    from .training.sft import SFTConfig
+    from .training.configs import SFTConfig
 
     section = getattr(cfg, name)
     if section is None:
@@ -120,12 +120,12 @@ def check_local_agent(cfg: PipelineConfig, where: str) -> None:
 
 def eto_section(cfg: PipelineConfig, source: str) -> ETOSection | None:
     """The ``eto`` section built and checked (``None`` when absent)."""
-    from .config import check_known
-    from .eto import ETOConfig
-    from .training.dpo import DPOConfig
-
     if cfg.eto is None:
         return None
+    from .config import check_known
+    from .eto import ETOConfig
+    from .training.configs import DPOConfig
+
     where = f"{source}: eto"
     check_known(cfg.eto, set(ETOConfig.__dataclass_fields__) | {"dpo"}, where, "ETOConfig or dpo")
     options = build(ETOOptions, {k: v for k, v in cfg.eto.items() if k == "dpo"}, where)

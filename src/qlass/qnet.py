@@ -53,6 +53,7 @@ from .policy import kv
 from .policy.hf import fit_history, loading_weights
 from .policy.render import encode_conversation, ensure_chat_template
 from .precision import bf16_autocast
+from .training.configs import RANKS
 from .types import History, Message
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 META_FILE = "qnet.json"
 PACK_TOKENS = 4096
 SCHEMA_VERSION = 1
-RANKS = ("q", "advantage", "dueling")
 
 
 def _dtype(name: str) -> torch.dtype:

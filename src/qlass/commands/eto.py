@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         Rerun the same command to resume. Evaluate the agent with `qlass eval`."""
         from ..config import build, describe, load_config, parse_kv
         from ..eto import ETOConfig, run_eto
-        from ..training.dpo import DPOConfig
+        from ..training.configs import DPOConfig
 
         if list_options:
             typer.echo(describe(ETOConfig))

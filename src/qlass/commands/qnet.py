@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
         from ..models import default_model_dir
-        from ..training.qnet import QNetTrainConfig, summary_lines, train_qnet
+        from ..training.configs import QNetTrainConfig
 
         if list_options:
             typer.echo(describe(QNetTrainConfig))
@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(line)
             typer.echo(str(out))
             return
+        from ..training.qnet import summary_lines, train_qnet
+
         result = train_qnet(qdata, sft, out, cfg)
         for line in summary_lines(result):
             typer.echo(line)

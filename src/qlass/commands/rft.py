@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         successful ones, fine-tune on the expert data plus them; rerun the same command to resume."""
         from ..config import build, describe, load_config, parse_kv
         from ..rft import RFTConfig, run_rft
-        from ..training.sft import SFTConfig
+        from ..training.configs import SFTConfig
         from .explore import is_class_spec, policy_factory
 
         if list_options:
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         expert data plus the selection; rerun the same command to resume. Evaluate the agent with `qlass eval`."""
         from ..config import build, load_config, parse_kv
         from ..self_train import SelfTrainConfig, check_reward, self_train
-        from ..training.sft import SFTConfig
+        from ..training.configs import SFTConfig
 
         if trees is None or expert is None or out is None:
             raise QlassError("qlass self-train needs TREES (a trees.jsonl), --expert FILE and --out DIR")

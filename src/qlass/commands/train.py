@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
         from ..models import default_model_dir
-        from ..training.sft import SFTConfig, train_sft
+        from ..training.configs import SFTConfig
 
         if list_options:
             typer.echo(describe(SFTConfig))
@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
             raise QlassError("qlass sft needs --data FILE and --out DIR")
         cfg = load_config(config, SFTConfig, parse_kv(set_, "--set"))
         base = default_model_dir() if model == "default" else Path(model)
+        from ..training.sft import train_sft
+
         typer.echo(str(train_sft(data, base, out, cfg)))
 
     @app.command("sft-export")
@@ -65,7 +67,7 @@ def register(app: typer.Typer) -> None:
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
         from ..models import default_model_dir
-        from ..training.dpo import DPOConfig, train_dpo
+        from ..training.configs import DPOConfig
 
         if list_options:
             typer.echo(describe(DPOConfig))
@@ -74,4 +76,6 @@ def register(app: typer.Typer) -> None:
             raise QlassError("qlass dpo needs --pairs FILE and --out DIR")
         cfg = load_config(config, DPOConfig, parse_kv(set_, "--set"))
         base = default_model_dir() if model == "default" else Path(model)
+        from ..training.dpo import train_dpo
+
         typer.echo(str(train_dpo(pairs, base, out, cfg)))

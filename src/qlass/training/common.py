@@ -1,7 +1,7 @@
 """What the trainers share on top of transformers' ``Trainer`` (TRL's trainers are ``Trainer`` subclasses).
 
-- :class:`TrainerConfig`: the options every trainer has, mapped onto ``TrainingArguments`` by
-  :func:`training_arguments` (``batch_size`` is the global batch: sequences per optimizer step over
+- :class:`~.configs.TrainerConfig` (in :mod:`.configs`, beside each trainer's own options): the
+  options every trainer has, mapped onto ``TrainingArguments`` by :func:`training_arguments` (``batch_size`` is the global batch: sequences per optimizer step over
   all processes, so a run takes the same steps on one CPU and under ``accelerate launch``).
 - Checkpoints are the ``Trainer``'s own ``checkpoint-N`` folders (weights, optimizer, scheduler, RNG
   states, trainer state) every ``save_every`` steps and at each epoch end, the last one kept.
@@ -27,18 +27,19 @@ import random
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from ..config import check_recorded, config_hash, option, to_dict
+from ..config import check_recorded, config_hash, to_dict
 from ..errors import QlassError
 from ..jsonl import append_jsonl, read_jsonl, write_jsonl
 from ..locking import writer_lock
 from ..precision import use_autocast
+from .configs import TrainerConfig
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -46,36 +47,6 @@ DONE_MARK = ".qlass-complete"
 RENAME = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "val_loss"}
 """Trainer log names → ``metrics.jsonl`` names."""
 STATE = "trainer_state.json"
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Settings every trainer shares (SFT, DPO and QNet configs extend it with their own)."""
-
-    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup (then cosine decay to 0)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
-    lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    autocast: bool = option(False, "bf16 mixed precision (GPUs; on CPU 1.6-2.2x faster with native bf16, fp32 on CPUs without it)")
-    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N (the "
-                         "Trainer-based ones take auto or cpu: accelerate launch places their processes)",
-                         runtime=True)
-    threads: int | None = option(None, "torch CPU threads (None: torch's default)", runtime=True)
-    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
-    save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
-    report_to: str = option("none", "where the Trainer also reports metrics: none, tensorboard, wandb, all, or a "
-                            "comma-separated list (metrics.jsonl is always written)", runtime=True)
-
-    def __post_init__(self) -> None:
-        if self.save_every < 1 or self.lora_r < 1:
-            raise ValueError(f"save_every and lora_r must be >= 1, got {self.save_every} and {self.lora_r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 def file_digest(path: str | Path) -> str:
@@ -91,12 +62,13 @@ def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, k
     """Whether ``out`` holds this finished run (``DONE_MARK`` reading ``kind`` and the config hash).
     A finished run, or one with a checkpoint, made with other settings (runtime ones aside), other data
     (by digest; the path may change) or another base model than ``made_from`` is refused, naming them;
-    what an older ``config_file`` lacks (a digest, options added since) counts as unchanged."""
+    so is resuming a checkpoint where it would compute in another precision (a finished run is handed
+    back wherever it was made); what an older ``config_file`` lacks (a digest, options added since)
+    counts as unchanged."""
     done = (out / DONE_MARK).exists()
     if done or last_checkpoint(out) is not None:
-        runtime = [f.name for f in fields(cfg) if f.metadata.get("runtime")]
-        check_recorded(out / config_file, {**to_dict(cfg), **made_from}, str(out), ["data", *runtime],
-                       "use a new output folder")
+        ignore = ["data", *(f.name for f in fields(cfg) if f.metadata.get("runtime")), *(["precision"] if done else [])]
+        check_recorded(out / config_file, {**to_dict(cfg), **made_from}, str(out), ignore, "use a new output folder")
     if not done:
         return False
     made_with = (out / DONE_MARK).read_text().split()
@@ -126,6 +98,17 @@ def accumulation(batch_size: int, micro_batch: int) -> int:
     return max(1, math.ceil(batch_size / (micro_batch * world_size())))
 
 
+def _on_cpu(cfg: TrainerConfig) -> bool:
+    return cfg.device == "cpu" or not torch.cuda.is_available()
+
+
+def effective_precision(cfg: TrainerConfig) -> str:
+    """What a run of ``cfg`` computes in on this machine: ``bf16`` (autocast) or ``fp32`` (no autocast
+    asked for, or a CPU without native bf16, :mod:`qlass.precision`). Recorded with the run, so that
+    resuming it where it would compute in the other is refused instead of mixing the two."""
+    return "bf16" if use_autocast(cfg.autocast, "cpu" if _on_cpu(cfg) else "cuda") else "fp32"
+
+
 def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float, micro_batch: int,
                        batch_size: int, seed: int, evaluate: bool, gradient_checkpointing: bool = False) -> dict[str, Any]:
     """``TrainingArguments`` keywords for ``cfg`` (TRL's configs take them too)."""
@@ -134,14 +117,14 @@ def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float,
                          "or accelerate launch)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    use_cpu = _on_cpu(cfg)
     return {
         "output_dir": str(out), "num_train_epochs": epochs, "max_steps": cfg.max_steps or -1,
         "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": cfg.warmup_ratio,
         "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.grad_clip,
         "per_device_train_batch_size": micro_batch, "per_device_eval_batch_size": micro_batch,
         "gradient_accumulation_steps": accumulation(batch_size, micro_batch),
-        "bf16": use_autocast(cfg.autocast, "cpu" if use_cpu else "cuda"), "use_cpu": use_cpu, "seed": seed, "data_seed": seed,
+        "bf16": effective_precision(cfg) == "bf16", "use_cpu": use_cpu, "seed": seed, "data_seed": seed,
         "activation_checkpointing": gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
         "eval_strategy": "epoch" if evaluate else "no", "save_strategy": "steps", "save_steps": cfg.save_every,

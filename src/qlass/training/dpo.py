@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import config_hash, option, save_yaml, to_dict
+from ..config import config_hash, save_yaml, to_dict
 from ..data import ValidationReport, load_records, record_problems, record_to_trajectory
 from ..errors import DataError
 from ..policy.hf import load_causal_lm
@@ -35,7 +35,7 @@ from .common import (
     DONE_MARK,
     MetricsLog,
     SaveAtEpochEnd,
-    TrainerConfig,
+    effective_precision,
     file_digest,
     finished,
     is_main_process,
@@ -45,38 +45,12 @@ from .common import (
     remove_checkpoints,
     training_arguments,
 )
+from .configs import DPOConfig
 from .sft import labelled_example, lora_config, prefix_length, save_merged
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "dpo_config.yaml"
 SIDES = ("chosen", "rejected")
-
-
-@dataclass(frozen=True)
-class DPOConfig(TrainerConfig):
-    """DPO settings (TRL's sigmoid loss)."""
-
-    epochs: int = option(3, "passes over the training pairs")
-    lr: float = option(1e-6, "peak learning rate")
-    beta: float = option(0.1, "DPO beta: the strength of the pull toward the reference (starting) model")
-    batch_size: int = option(32, "pairs per optimizer step, over all processes")
-    micro_batch: int = option(1, "pairs per forward pass per process (each pair is two sequences)")
-    max_length: int = option(4096, "longest side of a pair in tokens; a longer pair is an error naming it")
-    val_fraction: float = option(0.1, "fraction of pairs held out; evaluation reports the DPO loss, reward "
-                                      "accuracy and margin")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, more "
-                                          "compute)", runtime=True)
-    seed: int = option(0, "seed for the split, batch order and initialisation")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("epochs", "batch_size", "micro_batch", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0 or self.beta <= 0:
-            raise ValueError(f"lr and beta must be > 0, got {self.lr} and {self.beta}")
 
 
 @dataclass(frozen=True)
@@ -223,7 +197,7 @@ def _train_dpo(path: str | Path, model_dir: str | Path, out: Path, cfg: DPOConfi
     from datasets import Dataset
     from trl import DPOConfig as TRLConfig
 
-    made_from = {"data": str(path), "base_model": str(model_dir)}
+    made_from = {"data": str(path), "base_model": str(model_dir), "precision": effective_precision(cfg)}
     if Path(path).is_file():
         made_from["data_sha256"] = file_digest(path)
     if finished(out, cfg, made_from, CONFIG_FILE, "dpo"):

@@ -33,18 +33,17 @@ import json
 import logging
 import shutil
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
-from ..config import build, config_differences, load_yaml, option, save_yaml, to_dict
+from ..config import build, config_differences, load_yaml, save_yaml, to_dict
 from ..errors import QlassError
 from ..jsonl import append_jsonl, write_jsonl
 from ..models import resolve_device
-from ..qnet import RANKS, QNet
+from ..qnet import QNet
 from ..qnet_data import QRecord, make_groups, read_qdata, split_by_tree
 from ..qnet_loss import state_targets
 from ..qnet_pack import PackedRow, pack_records
@@ -53,7 +52,7 @@ from .common import (
     DONE_MARK,
     METRICS,
     MetricsLog,
-    TrainerConfig,
+    effective_precision,
     file_digest,
     is_main_process,
     last_checkpoint,
@@ -64,6 +63,7 @@ from .common import (
     training_arguments,
     world_size,
 )
+from .configs import QNetTrainConfig
 from .qnet_trainer import (
     BEST_MARK,
     EpochEnds,
@@ -87,53 +87,6 @@ LEGACY = {"min_trees_per_step": 1}
 """How QNets finished before an option existed were trained, where that differs from its default."""
 
 
-@dataclass(frozen=True)
-class QNetTrainConfig(TrainerConfig):
-    """QNet training settings; defaults follow the paper's reference code, CPU runs override them.
-    With ``lora`` the value head is trained in full beside the adapters."""
-
-    epochs: int = option(2, "passes over the training records")
-    lr: float = option(2e-5, "peak learning rate")
-    head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); an Adam step "
-                                   "moves the value by up to head_lr x the hidden state's L1 norm (~750 for "
-                                   "SmolLM2), so keep it small")
-    batch_size: int = option(64, "records per optimizer step, at least: whole packed paths (with pair_weight > 0, "
-                             "all paths through a sibling group with contrast, so its pairs meet) are added until "
-                             "the step holds batch_size records from min_trees_per_step trees, so a step may hold "
-                             "more; the loss is the mean over its records (paper: 64 records)")
-    min_trees_per_step: int = option(4, "distinct trees an optimizer step draws records from, at least (capped at "
-                                     "the number of training trees), so no step pulls toward one tree's outcome")
-    rank: str = option("q", "q: regress the value at the action's last token (Q) on q, rank by Q; advantage: also "
-                       "regress the value at the history's last token (V) on the state's value (its sibling "
-                       "group's mean q), rank by Q - V; dueling: regress Q - V on q minus that mean and V on the "
-                       "mean, so lone records teach the ranking score nothing (see qlass.qnet_loss)")
-    pair_weight: float = option(0.0, "weight of a Bradley-Terry loss over sibling pairs with different targets "
-                                "(mean over the step's pairs), added to the regression; 0: off")
-    select_best: bool = option(False, "keep the epoch with the best validation sibling-pair accuracy (ties: lower "
-                               "MSE; no pairs: lowest MSE) instead of the last one")
-    max_length: int = option(4096, "longest input in tokens (history + action); oldest turns dropped first")
-    max_action_tokens: int = option(256, "tokens reserved for the candidate action (longer ones keep their end)")
-    val_fraction: float = option(0.1, "fraction of trees held out for validation (cross-validation ignores it)")
-    eval_before: bool = option(True, "also validate the untrained QNet (epoch 0)")
-    baseline: bool = option(True, "rank the validation siblings by the SFT policy's log-likelihood too")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory for long "
-                                          "rows, more compute)", runtime=True)
-    seed: int = option(0, "seed for the split, batching and head initialisation")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.epochs < 1 or self.batch_size < 1 or self.min_trees_per_step < 1:
-            raise ValueError("epochs, batch_size and min_trees_per_step must be >= 1")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
-            raise ValueError(f"lr and head_lr must be > 0, got {self.lr} and {self.head_lr}")
-        if self.rank not in RANKS:
-            raise ValueError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
-        if self.pair_weight < 0:
-            raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
-
-
 def pack(qnet: QNet, records: Sequence[QRecord]) -> list[PackedRow]:
     """``records`` packed into token rows with the QNet's (= the policy's) input encoding."""
     return pack_records(qnet.encode_history, qnet.encode_action, records)
@@ -144,7 +97,8 @@ def pack(qnet: QNet, records: Sequence[QRecord]) -> list[PackedRow]:
 def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: list[str] | None,
                sft_dir: str | Path, finished: bool) -> None:
     """Refuse to hand back a finished QNet, or to resume one in training, made with other settings,
-    other Q data, another SFT model or other held-out trees than asked for. (Folders made before the
+    other Q data, another SFT model or other held-out trees than asked for, and one in training where
+    it would compute in another precision (:func:`.common.effective_precision`). (Folders made before the
     Q data's digest or the SFT model was recorded are checked on what they record; options they
     predate count as :data:`LEGACY`.)"""
     path = out / CONFIG_FILE
@@ -156,6 +110,7 @@ def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: lis
     trees = saved.pop("held_out_trees", None)
     saved.pop("qdata", None)
     sft_model = saved.pop("sft_model", None)
+    precision = saved.pop("precision", None)
     try:
         before = build(QNetTrainConfig, {**LEGACY, **saved}, str(path))
     except QlassError:
@@ -166,6 +121,8 @@ def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: lis
         changed.append("held-out trees")
     if sft_model is not None and sft_model != str(sft_dir):
         changed.append(f"sft_model: {sft_model!r} → {str(sft_dir)!r}")
+    if not finished and precision is not None and precision != effective_precision(cfg):
+        changed.append(f"precision: {precision!r} → {effective_precision(cfg)!r} (where this machine runs it)")
     if changed:
         raise QlassError(f"{out}: holds {held} trained with other settings ({', '.join(changed)}); "
                          "use a new output folder")
@@ -235,7 +192,8 @@ def _train_qnet(qdata: str | Path, sft_dir: str | Path, out: Path, cfg: QNetTrai
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_yaml(out / CONFIG_FILE, {**to_dict(cfg), "qdata": str(qdata), "qdata_sha256": file_digest(qdata),
-                                      "sft_model": str(sft_dir), **({"held_out_trees": held} if held is not None else {})})
+                                      "sft_model": str(sft_dir), "precision": effective_precision(cfg),
+                                      **({"held_out_trees": held} if held is not None else {})})
     resume = prepare_resume(out)
     if resume is None and is_main_process():  # snapshots of a run that died before its first checkpoint
         for leftover in (BEST_DIR, BEST_DIR + ".tmp", TRAINED_DIR):

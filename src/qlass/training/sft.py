@@ -42,13 +42,12 @@ import logging
 import random
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import config_hash, option, save_yaml, to_dict
+from ..config import config_hash, save_yaml, to_dict
 from ..data import ACTION_LINE, load_trajectories
 from ..errors import DataError, QlassError
 from ..policy.hf import SFT_RECORD, default_keep_prefix, load_causal_lm
@@ -61,6 +60,7 @@ from .common import (
     SaveAtEpochEnd,
     TrainerConfig,
     checkpoint_step,
+    effective_precision,
     file_digest,
     finished,
     is_main_process,
@@ -71,46 +71,12 @@ from .common import (
     remove_checkpoints,
     training_arguments,
 )
+from .configs import SFTConfig
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = SFT_RECORD
-MADE_FROM = ("data", "data_sha256", "base_model")
-"""What ``sft_config.yaml`` records beside the SFTConfig options: the data (path, SHA-256) and the base model."""
 Example = tuple[list[int], list[int]]
 """Input ids and labels (-100 where no loss is taken) of one training sequence."""
-
-
-@dataclass(frozen=True)
-class SFTConfig(TrainerConfig):
-    """SFT settings; defaults are the paper's (Table 5), CPU runs override them in YAML."""
-
-    epochs: int = option(3, "passes over the training data")
-    lr: float = option(1e-5, "peak learning rate")
-    batch_size: int = option(64, "effective batch size (sequences per optimizer step, over all processes)")
-    micro_batch: int = option(2, "sequences per forward pass (per process); the passes of a batch_size are accumulated")
-    max_length: int = option(4096, "longest sequence in tokens; longer conversations are windowed, oldest turns dropped first")
-    val_fraction: float = option(0.1, "fraction of trajectories held out for the validation loss")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: about half the peak "
-                                          "memory (SmolLM2, 2 x 2048 tokens: 6.4 -> 3.3 GB) for more compute",
-                                          runtime=True)
-    max_trajectories: float | None = option(None, "limited supervision (paper Table 3): train on at most this many "
-                                                  "trajectories (a whole number >= 1) or this fraction of them "
-                                                  "(0 < x < 1): a seeded subset spread evenly over task types",
-                                                  added=True)
-    seed: int = option(0, "seed for the split, batch order and initialisation")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        cap = self.max_trajectories
-        if cap is not None and not (0 < cap < 1 or (cap >= 1 and float(cap).is_integer())):
-            raise ValueError(f"max_trajectories must be a whole number >= 1 or a fraction in (0, 1), got {cap}")
-        for name in ("epochs", "batch_size", "micro_batch", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
 def prefix_length(messages: Sequence[Message]) -> int:
@@ -357,7 +323,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
 def _train_sft(data: str | Path, model_dir: str | Path, out: Path, cfg: SFTConfig) -> Path:
     from trl import SFTConfig as TRLConfig
 
-    made_from = {"data": str(data), "base_model": str(model_dir)}
+    made_from = {"data": str(data), "base_model": str(model_dir), "precision": effective_precision(cfg)}
     if Path(data).is_file():  # else load_trajectories names the problem
         made_from["data_sha256"] = file_digest(data)
     if finished(out, cfg, made_from, CONFIG_FILE, "sft"):

@@ -1,0 +1,150 @@
+"""The trainers' options (SFT, DPO, QNet) as plain dataclasses, apart from the trainers themselves, so a
+command or pipeline checks a config — and reports a mistake in it — without importing torch or
+transformers first (seconds saved on every error). :mod:`.common`, :mod:`.sft`, :mod:`.dpo` and
+:mod:`.qnet` use these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import option
+
+RANKS = ("q", "advantage", "dueling")
+"""What a QNet ranks candidates by (see :mod:`qlass.qnet_loss`)."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Settings every trainer shares (SFT, DPO and QNet configs extend it with their own)."""
+
+    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup (then cosine decay to 0)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
+    lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    autocast: bool = option(False, "bf16 mixed precision (GPUs; on CPU 1.6-2.2x faster with native bf16, fp32 on CPUs without it)")
+    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N (the "
+                         "Trainer-based ones take auto or cpu: accelerate launch places their processes)",
+                         runtime=True)
+    threads: int | None = option(None, "torch CPU threads (None: torch's default)", runtime=True)
+    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
+    save_every: int = option(50, "checkpoint every N optimizer steps (and at each epoch end)")
+    report_to: str = option("none", "where the Trainer also reports metrics: none, tensorboard, wandb, all, or a "
+                            "comma-separated list (metrics.jsonl is always written)", runtime=True)
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1 or self.lora_r < 1:
+            raise ValueError(f"save_every and lora_r must be >= 1, got {self.save_every} and {self.lora_r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainerConfig):
+    """SFT settings; defaults are the paper's (Table 5), CPU runs override them in YAML."""
+
+    epochs: int = option(3, "passes over the training data")
+    lr: float = option(1e-5, "peak learning rate")
+    batch_size: int = option(64, "effective batch size (sequences per optimizer step, over all processes)")
+    micro_batch: int = option(2, "sequences per forward pass (per process); the passes of a batch_size are accumulated")
+    max_length: int = option(4096, "longest sequence in tokens; longer conversations are windowed, oldest turns dropped first")
+    val_fraction: float = option(0.1, "fraction of trajectories held out for the validation loss")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: about half the peak "
+                                          "memory (SmolLM2, 2 x 2048 tokens: 6.4 -> 3.3 GB) for more compute",
+                                          runtime=True)
+    max_trajectories: float | None = option(None, "limited supervision (paper Table 3): train on at most this many "
+                                                  "trajectories (a whole number >= 1) or this fraction of them "
+                                                  "(0 < x < 1): a seeded subset spread evenly over task types",
+                                                  added=True)
+    seed: int = option(0, "seed for the split, batch order and initialisation")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cap = self.max_trajectories
+        if cap is not None and not (0 < cap < 1 or (cap >= 1 and float(cap).is_integer())):
+            raise ValueError(f"max_trajectories must be a whole number >= 1 or a fraction in (0, 1), got {cap}")
+        for name in ("epochs", "batch_size", "micro_batch", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainerConfig):
+    """DPO settings (TRL's sigmoid loss)."""
+
+    epochs: int = option(3, "passes over the training pairs")
+    lr: float = option(1e-6, "peak learning rate")
+    beta: float = option(0.1, "DPO beta: the strength of the pull toward the reference (starting) model")
+    batch_size: int = option(32, "pairs per optimizer step, over all processes")
+    micro_batch: int = option(1, "pairs per forward pass per process (each pair is two sequences)")
+    max_length: int = option(4096, "longest side of a pair in tokens; a longer pair is an error naming it")
+    val_fraction: float = option(0.1, "fraction of pairs held out; evaluation reports the DPO loss, reward "
+                                      "accuracy and margin")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, more "
+                                          "compute)", runtime=True)
+    seed: int = option(0, "seed for the split, batch order and initialisation")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("epochs", "batch_size", "micro_batch", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.beta <= 0:
+            raise ValueError(f"lr and beta must be > 0, got {self.lr} and {self.beta}")
+
+
+@dataclass(frozen=True)
+class QNetTrainConfig(TrainerConfig):
+    """QNet training settings; defaults follow the paper's reference code, CPU runs override them.
+    With ``lora`` the value head is trained in full beside the adapters."""
+
+    epochs: int = option(2, "passes over the training records")
+    lr: float = option(2e-5, "peak learning rate")
+    head_lr: float | None = option(None, "peak learning rate of the fresh value head (None: lr); an Adam step "
+                                   "moves the value by up to head_lr x the hidden state's L1 norm (~750 for "
+                                   "SmolLM2), so keep it small")
+    batch_size: int = option(64, "records per optimizer step, at least: whole packed paths (with pair_weight > 0, "
+                             "all paths through a sibling group with contrast, so its pairs meet) are added until "
+                             "the step holds batch_size records from min_trees_per_step trees, so a step may hold "
+                             "more; the loss is the mean over its records (paper: 64 records)")
+    min_trees_per_step: int = option(4, "distinct trees an optimizer step draws records from, at least (capped at "
+                                     "the number of training trees), so no step pulls toward one tree's outcome")
+    rank: str = option("q", "q: regress the value at the action's last token (Q) on q, rank by Q; advantage: also "
+                       "regress the value at the history's last token (V) on the state's value (its sibling "
+                       "group's mean q), rank by Q - V; dueling: regress Q - V on q minus that mean and V on the "
+                       "mean, so lone records teach the ranking score nothing (see qlass.qnet_loss)")
+    pair_weight: float = option(0.0, "weight of a Bradley-Terry loss over sibling pairs with different targets "
+                                "(mean over the step's pairs), added to the regression; 0: off")
+    select_best: bool = option(False, "keep the epoch with the best validation sibling-pair accuracy (ties: lower "
+                               "MSE; no pairs: lowest MSE) instead of the last one")
+    max_length: int = option(4096, "longest input in tokens (history + action); oldest turns dropped first")
+    max_action_tokens: int = option(256, "tokens reserved for the candidate action (longer ones keep their end)")
+    val_fraction: float = option(0.1, "fraction of trees held out for validation (cross-validation ignores it)")
+    eval_before: bool = option(True, "also validate the untrained QNet (epoch 0)")
+    baseline: bool = option(True, "rank the validation siblings by the SFT policy's log-likelihood too")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory for long "
+                                          "rows, more compute)", runtime=True)
+    seed: int = option(0, "seed for the split, batching and head initialisation")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs < 1 or self.batch_size < 1 or self.min_trees_per_step < 1:
+            raise ValueError("epochs, batch_size and min_trees_per_step must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ValueError(f"lr and head_lr must be > 0, got {self.lr} and {self.head_lr}")
+        if self.rank not in RANKS:
+            raise ValueError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
+        if self.pair_weight < 0:
+            raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
