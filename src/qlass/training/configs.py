@@ -43,6 +43,15 @@ class TrainerConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
+def _check_sequence_options(cfg: SFTConfig | DPOConfig) -> None:
+    """The checks SFT and DPO share: sizes of at least 1 and a held-out fraction in [0, 1)."""
+    for name in ("epochs", "batch_size", "micro_batch", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+
+
 @dataclass(frozen=True)
 class SFTConfig(TrainerConfig):
     """SFT settings; defaults are the paper's (Table 5), CPU runs override them in YAML."""
@@ -67,11 +76,7 @@ class SFTConfig(TrainerConfig):
         cap = self.max_trajectories
         if cap is not None and not (0 < cap < 1 or (cap >= 1 and float(cap).is_integer())):
             raise ValueError(f"max_trajectories must be a whole number >= 1 or a fraction in (0, 1), got {cap}")
-        for name in ("epochs", "batch_size", "micro_batch", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _check_sequence_options(self)
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -94,11 +99,7 @@ class DPOConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("epochs", "batch_size", "micro_batch", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _check_sequence_options(self)
         if self.lr <= 0 or self.beta <= 0:
             raise ValueError(f"lr and beta must be > 0, got {self.lr} and {self.beta}")
 
