@@ -185,9 +185,8 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .config import check_known
     from .explore import ExploreConfig
     from .policy import check_policy_options
-    from .training.configs import QNetTrainConfig
     from .search import make_method_config
-    from .training.configs import SFTConfig
+    from .training.configs import QNetTrainConfig, SFTConfig
 
     cfg = build(PipelineConfig, data, source)
     if cfg.backend not in BACKENDS:
@@ -307,10 +306,9 @@ def pipeline_options() -> str:
     from .config import describe
     from .eto import ETOConfig
     from .explore import ExploreConfig
-    from .training.configs import QNetTrainConfig
     from .rft import RFTConfig
     from .self_train import SelfTrainConfig
-    from .training.configs import SFTConfig
+    from .training.configs import QNetTrainConfig, SFTConfig
 
     def indent(text: str) -> str:
         return "\n".join(f"  {line}" for line in text.splitlines())

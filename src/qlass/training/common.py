@@ -1,8 +1,9 @@
 """What the trainers share on top of transformers' ``Trainer`` (TRL's trainers are ``Trainer`` subclasses).
 
 - :class:`~.configs.TrainerConfig` (in :mod:`.configs`, beside each trainer's own options): the
-  options every trainer has, mapped onto ``TrainingArguments`` by :func:`training_arguments` (``batch_size`` is the global batch: sequences per optimizer step over
-  all processes, so a run takes the same steps on one CPU and under ``accelerate launch``).
+  options every trainer has, mapped onto ``TrainingArguments`` by :func:`training_arguments`
+  (``batch_size`` is the global batch: sequences per optimizer step over all processes, so a run
+  takes the same steps on one CPU and under ``accelerate launch``).
 - Checkpoints are the ``Trainer``'s own ``checkpoint-N`` folders (weights, optimizer, scheduler, RNG
   states, trainer state) every ``save_every`` steps and at each epoch end, the last one kept.
   ``trainer_state.json`` is written last, so :func:`last_checkpoint` takes the newest folder that
@@ -67,7 +68,8 @@ def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, k
     counts as unchanged."""
     done = (out / DONE_MARK).exists()
     if done or last_checkpoint(out) is not None:
-        ignore = ["data", *(f.name for f in fields(cfg) if f.metadata.get("runtime")), *(["precision"] if done else [])]
+        runtime = [f.name for f in fields(cfg) if f.metadata.get("runtime")]
+        ignore = ["data", *runtime, *(["precision"] if done else [])]
         check_recorded(out / config_file, {**to_dict(cfg), **made_from}, str(out), ignore, "use a new output folder")
     if not done:
         return False

@@ -121,8 +121,9 @@ def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: lis
         changed.append("held-out trees")
     if sft_model is not None and sft_model != str(sft_dir):
         changed.append(f"sft_model: {sft_model!r} → {str(sft_dir)!r}")
-    if not finished and precision is not None and precision != effective_precision(cfg):
-        changed.append(f"precision: {precision!r} → {effective_precision(cfg)!r} (where this machine runs it)")
+    now = effective_precision(cfg)
+    if not finished and precision is not None and precision != now:
+        changed.append(f"precision: {precision!r} → {now!r} (where this machine runs it)")
     if changed:
         raise QlassError(f"{out}: holds {held} trained with other settings ({', '.join(changed)}); "
                          "use a new output folder")
