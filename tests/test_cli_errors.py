@@ -101,6 +101,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "afile": "not a folder\n",
         "pipe_qdata.yaml": PIPELINE.format(tmp=tmp) + "qdata: {max_per_tree: -2}\n",
         "pipe_limit.yaml": PIPELINE.format(tmp=tmp) + "explore: {limit: 0}\n",
+        "pipe_eto.yaml": PIPELINE.format(tmp=tmp) + "eto: {iterations: 0}\n",
         "pipe_limt.yaml": PIPELINE.format(tmp=tmp) + "explore: {limt: 2}\n",
         "pipe_env.yaml": PIPELINE.format(tmp=tmp) + "env_args: {steplimit: 2}\n",
         "pipe_run_dir.yaml": PIPELINE.format(tmp=tmp).replace(f"{tmp}/run", f"{tmp}/afile"),
@@ -249,7 +250,9 @@ def test_bad_input_is_a_message_naming_what_is_wrong(files: dict[str, str], argv
     ["dpo", "--pairs", "{expert}", "--model", NO_MODEL, "--set", "beta=0", "--out", "{tmp}/d"],
     ["train-qnet", "{qdata}", "--model", NO_MODEL, "--set", "rank=nope", "--out", "{tmp}/qn"],
     ["run", "{pipe_limit}"],
-], ids=["sft", "dpo", "train-qnet", "run"])
+    ["eto", "--model", NO_MODEL, "--expert", "{expert}", "--eto", "iterations=0", "--out", "{tmp}/e"],
+    ["run", "{pipe_eto}"],
+], ids=["sft", "dpo", "train-qnet", "run", "eto", "run-eto"])
 def test_config_mistakes_are_reported_before_torch_is_loaded(files: dict[str, str], argv: list[str]) -> None:
     """A mistake in a trainer's or the pipeline's options is found before torch and transformers are
     imported (seconds on every error otherwise)."""

@@ -209,13 +209,13 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
             make_method_config(name, opts)
     except QlassError as exc:
         raise QlassError(f"{source}: eval.methods: {exc}") from None
-    try:
-        check_policy_options(cfg.policy_server or "default", cfg.policy)
-    except QlassError as exc:
-        raise QlassError(f"{source}: field 'policy': {exc}") from None
     r.rft = retrain_section(cfg, "rft", source)
     r.self_train = retrain_section(cfg, "self_train", source)
     r.eto = eto_section(cfg, source)
+    try:  # last: checking the options against the local backend's signature imports torch
+        check_policy_options(cfg.policy_server or "default", cfg.policy)
+    except QlassError as exc:
+        raise QlassError(f"{source}: field 'policy': {exc}") from None
     return r
 
 
@@ -304,7 +304,7 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
 def pipeline_options() -> str:
     """Every key of a pipeline YAML with its default and help: the top level, then each section."""
     from .config import describe
-    from .eto import ETOConfig
+    from .eto_config import ETOConfig
     from .explore import ExploreConfig
     from .rft import RFTConfig
     from .self_train import SelfTrainConfig

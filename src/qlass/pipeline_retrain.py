@@ -76,7 +76,7 @@ class Retrain:
 
 @dataclass(frozen=True)
 class ETOSection:
-    """A resolved ``eto`` section: its :class:`~qlass.eto.ETOConfig` and the DPO settings of its rounds."""
+    """A resolved ``eto`` section: its :class:`~qlass.eto_config.ETOConfig` and the DPO settings of its rounds."""
 
     stage: Any
     dpo: Any
@@ -123,7 +123,7 @@ def eto_section(cfg: PipelineConfig, source: str) -> ETOSection | None:
     if cfg.eto is None:
         return None
     from .config import check_known
-    from .eto import ETOConfig
+    from .eto_config import ETOConfig
     from .training.configs import DPOConfig
 
     where = f"{source}: eto"

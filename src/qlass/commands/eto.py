@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         paired with the expert trajectory of its task, DPO on the pairs; repeated for --eto iterations=N rounds.
         Rerun the same command to resume. Evaluate the agent with `qlass eval`."""
         from ..config import build, describe, load_config, parse_kv
-        from ..eto import ETOConfig, run_eto
+        from ..eto_config import ETOConfig
         from ..training.configs import DPOConfig
 
         if list_options:
@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
             raise QlassError("qlass eto needs --model (the SFT agent's folder), --expert FILE and --out DIR")
         cfg = build(ETOConfig, parse_kv(eto_set, "--eto"), "--eto")
         dpo_cfg = load_config(config, DPOConfig, parse_kv(set_, "--set"))
+        from ..eto import run_eto
+
         agent, rounds = run_eto(model, expert, env, out, cfg, dpo_cfg, env_kwargs=parse_kv(env_arg, "--env-arg"),
                                 task_types=task_types.split(",") if task_types else None,
                                 policy_kwargs=parse_kv(policy_arg, "--policy-arg"), seed=seed, backend=backend,
