@@ -8,6 +8,7 @@ arguments — runs for real.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +67,21 @@ def test_trainer_bf16_only_where_it_runs_natively(cpu_bf16: bool, tmp_path: Path
     off = training_arguments(TrainerConfig(autocast=False, device="cpu"), tmp_path, epochs=1, lr=1e-4,
                              micro_batch=1, batch_size=1, seed=0, evaluate=False)
     assert off["bf16"] is False
+
+
+def test_a_saved_qnet_records_the_precision_it_ran_in(cpu_bf16: bool, tiny_model_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 asked for on a CPU without native bf16 runs fp32, and ``qnet.json`` says fp32: loaded on a
+    machine with bf16 it still scores in fp32, as it was trained (not in the bf16 it never ran in)."""
+    qnet = QNet.from_sft(tiny_model_dir, max_length=256, max_action_tokens=32, autocast=True)
+    qnet.save(tmp_path / "qnet")
+    assert json.loads((tmp_path / "qnet" / "qnet.json").read_text())["autocast"] is cpu_bf16
+    precision.cpu_runs_bf16.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # the other machine
+    loaded = QNet.load(tmp_path / "qnet")
+    assert loaded.autocast is cpu_bf16
+    history = [Message("user", "Task: look around.")]
+    scored = loaded.score(history, ["Action: look around", "Action: inventory"])
+    if not cpu_bf16:
+        assert scored == QNet(loaded.model, loaded.tokenizer, 256, 32, autocast=False).score(
+            history, ["Action: look around", "Action: inventory"])

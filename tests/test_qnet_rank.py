@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from test_qnet_train import synthetic_qdata
 
+from qlass import precision
 from qlass.config import load_yaml
 from qlass.errors import QlassError
 from qlass.qnet import QNet
@@ -162,9 +163,9 @@ def test_dueling_qnet_saves_its_rank_and_scores_q_minus_v(tiny_model_dir: Path, 
     train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**{**CFG, "epochs": 1, "val_fraction": 0.34},
                                                           rank="dueling", autocast=True))
     meta = json.loads((out / "qnet.json").read_text())
-    assert meta["rank"] == "dueling" and meta["autocast"] is True
+    assert meta["rank"] == "dueling" and meta["autocast"] is precision.use_autocast(True, "cpu")
     qnet = QNet.load(out)
-    assert qnet.rank == "dueling" and qnet.autocast is True  # scored as trained (B5)
+    assert qnet.rank == "dueling" and qnet.autocast is meta["autocast"]  # scored as trained (B5)
     assert QNet.load(out, autocast=False).autocast is False
     auto = AutoModelForSequenceClassification.from_pretrained(out).eval()
     fp32 = QNet.load(out, autocast=False)

@@ -52,7 +52,7 @@ from .models import resolve_device
 from .policy import kv
 from .policy.hf import fit_history, loading_weights
 from .policy.render import encode_conversation, ensure_chat_template
-from .precision import bf16_autocast
+from .precision import bf16_autocast, use_autocast
 from .training.configs import RANKS
 from .types import History, Message
 
@@ -332,7 +332,9 @@ class QNet:
                    cache_slots)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``."""
+        """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``.
+        ``autocast`` is recorded as it takes effect where the model is now (a CPU without native bf16
+        runs fp32 though bf16 was asked for), so a load anywhere scores in the precision it trained in."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.config.problem_type = "regression"
@@ -341,7 +343,8 @@ class QNet:
         value_at = "last token of the candidate action" + ("" if self.rank == "q" else
                                                             " minus the value at the last history token")
         meta = {"schema_version": SCHEMA_VERSION, "max_length": self.max_length,
-                "max_action_tokens": self.max_action_tokens, "rank": self.rank, "autocast": self.autocast,
+                "max_action_tokens": self.max_action_tokens, "rank": self.rank,
+                "autocast": use_autocast(self.autocast, self.model.device),
                 "value_at": value_at, **(extra or {})}
         write_text_atomic(path / META_FILE, json.dumps(meta, indent=2) + "\n")
 
