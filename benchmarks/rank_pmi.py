@@ -32,15 +32,21 @@ from typing import Any
 import torch
 
 from qlass.decision_report import ReportConfig, read_decisions, score_decisions
-from qlass.policy.render import encode_conversation, ensure_chat_template
+from qlass.errors import QlassError
+from qlass.policy.hf import load_causal_lm
+from qlass.policy.render import encode_conversation
 from qlass.types import Message
 
 log = logging.getLogger("rank_pmi")
 Scores = dict[str, dict[str, float]]  # context -> {"out": summed log-prob, "out_n", "act", "act_n"}
 
 
-def contexts(history: Sequence[Message]) -> dict[str, list[Message]]:
-    """The three contexts an output is scored after (see the module docstring)."""
+def contexts(history: Sequence[Message], where: str) -> dict[str, list[Message]]:
+    """The three contexts an output is scored after (see the module docstring); ``where`` names the
+    record in the error for a history not laid out as qlass's agents write it."""
+    if [m.role for m in history[:3]] != ["user", "assistant", "user"]:
+        raise QlassError(f"{where}: history does not start with the instruction turns and the task "
+                         "(user, assistant, user); cannot build the contexts without the episode")
     head, task = list(history[:2]), history[2].content.split("\n")[0]
     return {"full": list(history), "task": head + [Message("user", task)], "none": head + [Message("user", "")]}
 
@@ -80,7 +86,7 @@ def score_record(lm: Any, tokenizer: Any, end_id: int, rec: dict[str, Any]) -> l
     history = [Message(m["role"], m["content"]) for m in rec["history"]]
     replies = [reply(tokenizer, c["output"], end_id) for c in rec["candidates"]]
     out: list[Scores] = [{} for _ in replies]
-    for name, ctx in contexts(history).items():
+    for name, ctx in contexts(history, f"decision {rec['task']} step {rec['step']}").items():
         prompt = encode_conversation(tokenizer, ctx, add_generation_prompt=True)[0]
         for scores, lp, (ids, first) in zip(out, token_logprobs(lm, prompt, [ids for ids, _ in replies]), replies,
                                             strict=True):
@@ -147,12 +153,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch.set_num_threads(args.threads)
+    try:
+        run(args)
+    except QlassError as err:  # bad input: one line naming the file and record, no traceback
+        raise SystemExit(f"error: {err}") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    """Score every decision, then write and print the table (see the module docstring)."""
     records = read_decisions(args.decisions)
-    tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(args.model))
-    lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    lm, tokenizer = load_causal_lm(args.model)  # fp32
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     started, scores = time.time(), []
     for k, rec in enumerate(records, 1):
