@@ -68,6 +68,39 @@ def test_head_learns_to_rank_resumes_and_saves_a_loadable_qnet(tiny_model_dir: P
         train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**{**CFG, "max_action_tokens": 16}))
 
 
+def test_features_are_not_resumed_in_another_precision(tiny_model_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features computed in fp32 (bf16 asked for, on a CPU without native bf16) are refused where this
+    machine would compute the rest in bf16, naming the precision; a stamp from before the precision
+    was recorded is checked on the rest. Only the CPU's bf16 capability check is replaced (a CPU
+    cannot be given an instruction set)."""
+    from qlass import precision
+
+    def cpu_with_bf16(native: bool) -> None:
+        precision.cpu_runs_bf16.cache_clear()
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=4)
+    out = tmp_path / "head"
+    cfg = QNetHeadConfig(**{**CFG, "autocast": True, "l2": [1.0]})
+    try:
+        cpu_with_bf16(False)
+        train_qnet_head(data, tiny_model_dir, out, cfg)
+        stamp = out / "features.settings.json"
+        assert json.loads(stamp.read_text())["precision"] == "fp32"
+        cpu_with_bf16(True)
+        with pytest.raises(QlassError, match='features were computed with .*"precision": "fp32".*"precision": "bf16"'):
+            train_qnet_head(data, tiny_model_dir, out, cfg)
+        legacy = json.loads(stamp.read_text())
+        del legacy["precision"]
+        stamp.write_text(json.dumps(legacy) + "\n")
+        cpu_with_bf16(False)
+        train_qnet_head(data, tiny_model_dir, out, cfg)  # an older stamp: accepted, and now records it
+        assert json.loads(stamp.read_text())["precision"] == "fp32"
+    finally:
+        precision.cpu_runs_bf16.cache_clear()
+
+
 def test_bad_settings_and_too_few_trees_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=3)
     with pytest.raises(DataError, match="3 trees cannot be split into 4 folds"):

@@ -46,6 +46,7 @@ from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl, write_text_atomic
 from .locking import writes_to
 from .policy import kv
+from .precision import use_autocast
 from .qnet import QNet, backbone_of, last_real_hidden, stored_prefix_hidden
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
@@ -197,18 +198,22 @@ def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg:
                 ) -> tuple[QNet, dict[str, tuple[np.ndarray, float, float]]]:
     """A QNet on the SFT backbone (its head still untrained) and every record's features, computed
     into ``out/features.jsonl`` (resumable; a folder whose features came from other inputs or
-    settings is refused)."""
+    settings, or in another precision than this machine computes them in, is refused; one stamped
+    before the precision was recorded is checked on the rest)."""
     from .policy.hf import load_causal_lm
 
-    settings = {"qdata": source, "sft": str(sft_dir), "max_length": cfg.max_length,
-                "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast}
-    stamp = out / "features.settings.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != settings:
-        raise QlassError(f"{out}: its features were computed with {stamp.read_text().strip()}, not {settings}; "
-                         "use another --out")
-    write_text_atomic(stamp, json.dumps(settings) + "\n")
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
     lm, _ = load_causal_lm(sft_dir)
+    settings = {"qdata": source, "sft": str(sft_dir), "max_length": cfg.max_length,
+                "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast,
+                "precision": "bf16" if use_autocast(cfg.autocast, lm.device) else "fp32"}
+    stamp = out / "features.settings.json"
+    if stamp.exists():
+        saved = json.loads(stamp.read_text())
+        if {"precision": settings["precision"], **saved} != settings:
+            raise QlassError(f"{out}: its features were computed with {stamp.read_text().strip()}, not "
+                             f"{json.dumps(settings)}; use another --out")
+    write_text_atomic(stamp, json.dumps(settings) + "\n")
     feats = record_features(qnet, lm, records, out / FEATURES_FILE, source, cfg.cache_slots)
     del lm
     missing = [record_key(r) for r in records if record_key(r) not in feats]
