@@ -33,7 +33,8 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("f16", "--dtype", help="Type of the weight matrices: f16, f32 or bf16 (norms stay f32)."),
     ) -> None:
         """Export SFT_DIR to one GGUF file with its tokenizer and chat template, for llama.cpp's server
-        (then point policy_server / --policy-server at the server); print the file's path."""
+        (then give the server's URL as the policy: `qlass eval --model http://HOST:PORT/v1`, or `policy_server` in a
+        pipeline YAML); print the file's path."""
         from ..gguf_export import export_gguf
 
         typer.echo(str(export_gguf(sft_dir, out, dtype)))
