@@ -167,7 +167,7 @@ def test_run_folder_refuses_changed_settings_of_every_stage_with_outputs(tmp_pat
     assert (run / "config.yaml").read_text() == saved
 
 
-def test_pipeline_checks_methods_and_policy_options_before_any_work() -> None:
+def test_pipeline_checks_methods_policy_and_env_options_before_any_work() -> None:
     from qlass.pipeline import resolve
 
     with pytest.raises(QlassError, match=r"p\.yaml: eval\.methods: method 'qlass': unknown option\(s\) 'mm'"):
@@ -176,6 +176,11 @@ def test_pipeline_checks_methods_and_policy_options_before_any_work() -> None:
         resolve({"eval": {"methods": ["best-of-n:n=2.5"]}}, "p.yaml")
     with pytest.raises(QlassError, match=r"p\.yaml: field 'policy': HFPolicy has no option 'autocats'"):
         resolve({"policy": {"autocats": True}}, "p.yaml")
+    with pytest.raises(QlassError, match=r"p\.yaml: field 'env_args': environment 'sciworld' has no option 'step_limt' "
+                                         r"\(did you mean 'step_limit'\?\)"):
+        resolve({"env_args": {"step_limt": 3}}, "p.yaml")
+    with pytest.raises(QlassError, match=r"p\.yaml: field 'env_args': unknown environment 'nosuch'"):
+        resolve({"env": "nosuch"}, "p.yaml")
 
 
 def test_list_options_document_pipeline_keys_and_method_options() -> None:
@@ -193,6 +198,33 @@ def test_list_options_document_pipeline_keys_and_method_options() -> None:
     assert "\nqlass: Q-guided stepwise search" in methods.output
     assert "  m (default 2): candidate actions sampled per step" in methods.output
     assert "  select (default 'qnet')" in methods.output
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["sft"], ["lr (default "]),
+    (["dpo"], ["beta (default "]),
+    (["explore"], ["candidates (default "]),
+    (["train-qnet"], ["pair_weight (default "]),
+    (["train-qnet-head"], ["l2 (default "]),
+    (["decisions", "collect"], ["k (default 4): rollouts per candidate"]),
+    (["decisions", "cv-head"], ["l2 (default ", "folds (default "]),
+    (["rft"], ["--rft (RFT options):\nsamples (default 4)", "--set / --config (SFTConfig):\n", "lr (default "]),
+    (["eto"], ["--eto (ETO options):\niterations (default 1)", "--set / --config (DPOConfig):\n", "beta (default "]),
+    (["self-train"], ["lr (default "]),
+    (["paraphrase"], ["samples (default 4)", "temperature (default 0.9)"]),
+])
+def test_every_command_with_set_options_lists_them(command: list[str], expected: list[str]) -> None:
+    """What the README promises: every command that takes `--set` (a config section) lists its keys
+    with `--list-options`, without its other required arguments."""
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+
+    assert "--set" in CliRunner().invoke(app, [*command, "--help"], terminal_width=200).output
+    result = CliRunner().invoke(app, [*command, "--list-options"])
+    assert result.exit_code == 0, result.output
+    for text in expected:
+        assert text in result.output, (text, result.output)
 
 
 def test_extends_merges_sections_and_refuses_cycles(tmp_path: Path) -> None:

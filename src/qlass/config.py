@@ -361,3 +361,9 @@ def describe(cls: type) -> str:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def describe_sections(sections: Sequence[tuple[str, type]]) -> str:
+    """:func:`describe` of several option classes, each under its heading (for a command whose
+    options come from more than one class, such as ``--rft`` and ``--set``)."""
+    return "\n\n".join(f"{title}:\n{describe(cls)}" for title, cls in sections)

@@ -183,6 +183,7 @@ def _split_options(options: dict[str, Any], cls: type) -> tuple[dict[str, Any], 
 def resolve(data: dict[str, Any], source: str) -> Resolved:
     """Build and validate every section of a pipeline config (fails before any work starts)."""
     from .config import check_known
+    from .envs.base import check_env_options
     from .explore import ExploreConfig
     from .policy import check_policy_options
     from .search import make_method_config
@@ -212,6 +213,10 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     r.rft = retrain_section(cfg, "rft", source)
     r.self_train = retrain_section(cfg, "self_train", source)
     r.eto = eto_section(cfg, source)
+    try:  # imports the environment's module (not its simulator): an unknown option fails here, not mid-run
+        check_env_options(cfg.env, cfg.env_args)
+    except QlassError as exc:
+        raise QlassError(f"{source}: field 'env_args': {exc}") from None
     try:  # last: checking the options against the local backend's signature imports torch
         check_policy_options(cfg.policy_server or "default", cfg.policy)
     except QlassError as exc:

@@ -133,22 +133,28 @@ def register(app: typer.Typer) -> None:
 
     @dec_app.command("cv-head")
     def cv_head(
-        decisions: list[Path] = typer.Argument(..., dir_okay=False, help="Decision files to score (held out by task in turn)."),
-        out: Path = typer.Option(..., file_okay=False, help="Folder for features.jsonl (resumable), decisions.md and decision_cv.json."),
+        decisions: list[Path] | None = typer.Argument(None, dir_okay=False, help="Decision files to score (held out by task in turn)."),
+        out: Path | None = typer.Option(None, file_okay=False, help="Folder for features.jsonl (resumable), decisions.md and decision_cv.json."),
         model: str = typer.Option("default", help="SFT policy folder: the frozen backbone, or 'default'."),
         extra: list[Path] = typer.Option([], dir_okay=False, help="Decision files used only for fitting, never scored (repeatable), e.g. from training tasks."),
         config: Path | None = typer.Option(None, dir_okay=False, help="YAML file of QNetHeadConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override a QNetHeadConfig option: key=value (repeatable)."),
         resamples: int = typer.Option(10_000, min=1, help="Bootstrap resamples per interval."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every QNetHeadConfig option (--set, --config) with its default and help, then exit."),
     ) -> None:
         """Nested cross-validation by task of a head-only QNet on decision states, scored by the decision
         benchmark against the likelihood, anchor and random rankers. Rerun to resume the features."""
-        from ..config import build, load_config, parse_kv
+        from ..config import build, describe, load_config, parse_kv
         from ..decision_head import cross_validate_on_decisions, cv_markdown
         from ..decision_report import ReportConfig
         from ..models import default_model_dir
         from ..qnet_head import QNetHeadConfig
 
+        if list_options:
+            typer.echo(describe(QNetHeadConfig))
+            return
+        if not decisions or out is None:
+            raise QlassError("qlass decisions cv-head needs DECISIONS (one or more decision files) and --out DIR")
         cfg = load_config(config, QNetHeadConfig, parse_kv(set_, "--set"))
         report_cfg = build(ReportConfig, {"resamples": resamples}, "qlass decisions cv-head")
         sft = default_model_dir() if model == "default" else Path(model)

@@ -28,17 +28,17 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("local", help="Executor for exploration: local, process or ray."),
         workers: int = typer.Option(2, min=1, help="Worker processes / Ray actors (process and ray backends)."),
         concurrency: int = typer.Option(16, min=1, help="Episodes each worker plays at once in lockstep."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every ETO option with its default and help, then exit."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every ETO option (--eto) and DPOConfig option (--set, --config) with its default and help, then exit."),
     ) -> None:
         """Exploration-based trajectory optimisation: the SFT agent plays the training tasks, each failure is
         paired with the expert trajectory of its task, DPO on the pairs; repeated for --eto iterations=N rounds.
         Rerun the same command to resume. Evaluate the agent with `qlass eval`."""
-        from ..config import build, describe, load_config, parse_kv
+        from ..config import build, describe_sections, load_config, parse_kv
         from ..eto_config import ETOConfig
         from ..training.configs import DPOConfig
 
         if list_options:
-            typer.echo(describe(ETOConfig))
+            typer.echo(describe_sections([("--eto (ETO options)", ETOConfig), ("--set / --config (DPOConfig)", DPOConfig)]))
             return
         if model is None or expert is None or out is None:
             raise QlassError("qlass eto needs --model (the SFT agent's folder), --expert FILE and --out DIR")

@@ -24,15 +24,19 @@ def register(app: typer.Typer) -> None:
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value (repeatable)."),
         seed: int = typer.Option(0, help="Run seed (each task's samples and template variant are drawn from it and the task id)."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every sampling option (--set) with its default and help, then exit."),
     ) -> None:
         """Paraphrase the task descriptions of a split, keep those that keep every goal constraint and cache
         them for the paraphrase option of `qlass explore` and the qlass method (task perturbation)."""
-        from ..config import build, parse_kv
+        from ..config import build, describe, parse_kv
         from ..envs.base import make_env
         from ..evaluate import select_tasks
         from ..paraphrase import ParaphraseConfig, build_paraphrases
         from .explore import policy_factory
 
+        if list_options:
+            typer.echo(describe(ParaphraseConfig))
+            return
         if source is None or out is None:
             raise QlassError("qlass paraphrase needs --source (template, or a model folder / server URL / "
                              "module:Class) and --out FILE")

@@ -35,17 +35,17 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("local", help="Executor for sampling: local, process or ray."),
         workers: int = typer.Option(2, min=1, help="Worker processes / Ray actors (process and ray backends)."),
         concurrency: int = typer.Option(16, min=1, help="Episodes each worker plays at once in lockstep."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every RFT option with its default and help, then exit."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every RFT option (--rft) and SFTConfig option (--set, --config) with its default and help, then exit."),
     ) -> None:
         """Rejection-sampling fine-tuning: sample K episodes per training task with the SFT agent, keep the
         successful ones, fine-tune on the expert data plus them; rerun the same command to resume."""
-        from ..config import build, describe, load_config, parse_kv
+        from ..config import build, describe_sections, load_config, parse_kv
         from ..rft import RFTConfig, run_rft
         from ..training.configs import SFTConfig
         from .explore import is_class_spec, policy_factory
 
         if list_options:
-            typer.echo(describe(RFTConfig))
+            typer.echo(describe_sections([("--rft (RFT options)", RFTConfig), ("--set / --config (SFTConfig)", SFTConfig)]))
             return
         if model is None or expert is None or out is None:
             raise QlassError("qlass rft needs --model (the SFT agent), --expert FILE and --out DIR")
@@ -75,13 +75,17 @@ def register(app: typer.Typer) -> None:
         prefer_agent: bool = typer.Option(True, help="Choose among the agent's own nodes where there are any, taking a grafted expert step only where it has no alternative (--no-prefer-agent: expert nodes compete too)."),
         config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file of SFTConfig options for the fine-tuning."),
         set_: list[str] = typer.Option([], "--set", help="Override one SFTConfig option, key=value (repeatable)."),
+        list_options: bool = typer.Option(False, "--list-options", help="Print every SFTConfig option (--set, --config) with its default and help, then exit."),
     ) -> None:
         """Select one trajectory per exploration tree by a process reward (paper Fig. 4) and fine-tune on the
         expert data plus the selection; rerun the same command to resume. Evaluate the agent with `qlass eval`."""
-        from ..config import build, load_config, parse_kv
+        from ..config import build, describe, load_config, parse_kv
         from ..self_train import SelfTrainConfig, check_reward, self_train
         from ..training.configs import SFTConfig
 
+        if list_options:
+            typer.echo(describe(SFTConfig))
+            return
         if trees is None or expert is None or out is None:
             raise QlassError("qlass self-train needs TREES (a trees.jsonl), --expert FILE and --out DIR")
         check_reward(reward)

@@ -13,7 +13,7 @@ class is reached as ``package.module:Class``.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from ..errors import QlassError
 from ..imports import load_object
@@ -85,21 +85,27 @@ class EnvRegistry:
     def names(self) -> list[str]:
         return sorted(set(_BUILTIN) | set(self._factories))
 
-    def make(self, spec: str, **kwargs: Any) -> Env:
-        """Build ``spec`` with constructor options ``kwargs``, checked first against its signature
-        (names, required ones, annotated types) so that a mistyped option is a clear error."""
+    def factory(self, spec: str) -> EnvFactory:
+        """The factory ``spec`` names (a registered or built-in name, or ``package.module:Class``)."""
+        if spec in self._factories:
+            return self._factories[spec]
+        if spec in _BUILTIN:
+            return load_object(":".join(_BUILTIN[spec]), "environment")
+        if ":" in spec:
+            return load_object(spec, "environment")
+        raise QlassError(f"unknown environment {spec!r}; known: {', '.join(self.names())} "
+                         "or 'package.module:Class'")
+
+    def check(self, spec: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """``kwargs`` checked against the signature of ``spec``'s factory (names, required ones,
+        annotated types), without building the environment; a mistyped option is a clear error."""
         from ..config import check_call_options
 
-        if spec in self._factories:
-            factory = self._factories[spec]
-        elif spec in _BUILTIN:
-            factory = load_object(":".join(_BUILTIN[spec]), "environment")
-        elif ":" in spec:
-            factory = load_object(spec, "environment")
-        else:
-            raise QlassError(f"unknown environment {spec!r}; known: {', '.join(self.names())} "
-                             "or 'package.module:Class'")
-        env = factory(**check_call_options(factory, kwargs, f"environment {spec!r}"))
+        return check_call_options(self.factory(spec), dict(kwargs), f"environment {spec!r}")
+
+    def make(self, spec: str, **kwargs: Any) -> Env:
+        """Build ``spec`` with constructor options ``kwargs``, checked first (:meth:`check`)."""
+        env = self.factory(spec)(**self.check(spec, kwargs))
         lacking = [m for m in ENV_MEMBERS if not hasattr(env, m)]
         if lacking:
             raise QlassError(f"environment {spec!r} built a {type(env).__name__}, not an environment "
@@ -123,3 +129,9 @@ def registered_envs() -> list[str]:
 def make_env(spec: str, **kwargs: Any) -> Env:
     """Build an environment by registered name or ``package.module:Class``."""
     return _REGISTRY.make(spec, **kwargs)
+
+
+def check_env_options(spec: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise :class:`QlassError` if environment ``spec`` is unknown or does not take ``kwargs``
+    (as :func:`make_env` would), without building it."""
+    _REGISTRY.check(spec, kwargs)
