@@ -69,6 +69,17 @@ def _tree(node_reward: float = 1.0, q: float | None = None) -> dict:
     return Tree("corridor/0", "corridor/0", "corridor", "train", "walk", [Message("user", "Walk")], nodes).to_dict()
 
 
+def _decision(candidate: dict | None = None, **extra: object) -> dict:
+    """A decision record (``qlass decisions collect``'s format) with two candidates; ``candidate``
+    replaces the second one."""
+    cand = {"output": "Thought: go.\nAction: go east", "action": "go east", "count": 1, "terminal": False,
+            "anchor": False, "mean": 0.5, "logprob": -1.0, "mean_logprob": -0.1, "rollout_rewards": [0.5]}
+    rec = {"schema_version": 1, "env": "corridor", "split": "seen", "task": "corridor/0", "task_type": "walk",
+           "step": 0, "prefix": [], "history": [{"role": "user", "content": "Walk east."}],
+           "candidates": [{**cand, "anchor": True, "mean": 1.0}, candidate if candidate is not None else cand]}
+    return {**rec, **extra}
+
+
 def _lines(*records: dict) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
@@ -95,6 +106,21 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "records_no_score.jsonl": _lines(_record(method="best-of-n", method_name="best-of-n",
                                                  candidates=[{"reward": 1.0, "completion_tokens": 3}])),
         "steps.jsonl": _lines(_trajectory(steps=[{"foo": 1}])),
+        "trees_inplace.jsonl": _lines(_tree()),
+        "trees_gamma.jsonl": _lines({**_tree(), "config": {"gamma": "abc"}}),
+        "records_inplace.jsonl": _lines(_record()),
+        "records_tokens.jsonl": _lines(_record(prompt_tokens=-5)),
+        "records_cand7.jsonl": _lines(_record(method="best-of-n", method_name="best-of-n",
+                                              candidates=[{"reward": 7.0, "score": 0.9, "completion_tokens": 3}])),
+        "records_traj.jsonl": _lines(_record(trajectory={"steps": [1, 2]})),
+        "dec.jsonl": _lines(_decision()),
+        "dec_inplace.jsonl": _lines(_decision()),
+        "dec_cand_num.jsonl": _lines(_decision(candidate=2)),  # type: ignore[arg-type]
+        "dec_nan.jsonl": _lines(_decision(candidate={**_decision()["candidates"][1], "mean": float("nan")})),
+        "dec_v0.jsonl": _lines({k: v for k, v in _decision().items() if k != "schema_version"}),
+        "dec_envs.jsonl": _lines(_decision(), _decision(env="other", task="corridor/1")),
+        "blank.jsonl": "\n\n",
+        "pipe_empty.yaml": "# nothing yet\n",
         "empty.json": "[]\n",
         "deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n",
         "dup.yaml": "max_depth: 2\nmax_depth: 3\n",
@@ -118,8 +144,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                                              .replace(b'corridor/100', b'corridor/\xff\xfe100', 1))
     (tmp / "nonutf8.yaml").write_bytes(b"epochs: \xff\n")
     (tmp / "adir").mkdir()
-    for name in ("resume_v99", "resume_no_task", "resume_nonutf8"):
+    for name in ("resume_v99", "resume_no_task", "resume_nonutf8", "foreign"):
         (tmp / name).mkdir()
+    (tmp / "foreign" / "records.jsonl").write_text(_lines(_record()), encoding="utf-8")  # no config.yaml beside
+    for name, extra in (("model_notok", {}), ("qnet_badmeta", {"qnet.json": "{oops"})):  # no tokenizer files
+        (tmp / name).mkdir()
+        for file, text in {"config.json": '{"model_type": "llama", "num_labels": 1}', **extra}.items():
+            (tmp / name / file).write_text(text, encoding="utf-8")
     (tmp / "resume_v99" / "records.jsonl").write_text(_lines(_record(schema_version=99)), encoding="utf-8")
     (tmp / "resume_no_task" / "records.jsonl").write_text((tmp / "records_no_task.jsonl").read_text(), encoding="utf-8")
     (tmp / "resume_nonutf8" / "records.jsonl").write_bytes((tmp / "nonutf8_records.jsonl").read_bytes())
@@ -225,6 +256,37 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("qdata twice", ["data", "validate", "--kind", "qdata", "{qdata_dup}"], ["qdata_dup.jsonl", "line 2", "also at line 1"]),
     ("qdata schema 99", ["data", "validate", "{qdata_v99}"], ["qdata_v99.jsonl", "'schema_version'"]),
     ("steps malformed", ["data", "validate", "{steps}"], ["steps.jsonl", "record 0", "'steps[0]'", "'foo'"]),
+    ("records negative tokens", ["report", "{records_tokens}", "--out", "{tmp}/r"], ["records_tokens.jsonl", "'prompt_tokens'", "-5"]),
+    ("candidate reward 7", ["report", "{records_cand7}", "--out", "{tmp}/r"], ["records_cand7.jsonl", "'candidates[0].reward'"]),
+    ("trajectory steps not objects", ["view", "{records_traj}", "--out", "{tmp}/v.html"], ["records_traj.jsonl", "'trajectory'"]),
+    ("no records", ["report", "{blank}", "--out", "{tmp}/r"], ["blank.jsonl", "no records"]),
+    ("tree gamma a string", ["data", "validate", "{trees_gamma}"], ["trees_gamma.jsonl", "'config.gamma'", "'abc'"]),
+    # decision files
+    ("decision candidate not an object", ["decisions", "report", "{dec_cand_num}", "--out", "{tmp}/dr"],
+     ["dec_cand_num.jsonl", "'candidates[1]' must be an object"]),
+    ("decision value NaN", ["decisions", "to-qdata", "{dec_nan}", "--out", "{tmp}/dq.jsonl"],
+     ["dec_nan.jsonl", "'candidates[1].mean'", "[0, 1]"]),
+    ("decision without schema", ["decisions", "report", "{dec_v0}", "--out", "{tmp}/dr"], ["dec_v0.jsonl", "'schema_version'"]),
+    ("decisions of two envs", ["decisions", "to-qdata", "{dec_envs}", "--out", "{tmp}/dq.jsonl"], ["2 environments", "corridor, other"]),
+    ("collect onto records", ["decisions", "collect", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1",
+                              "--out", "{records}"], ["records.jsonl", "'history'"]),
+    # outputs that would destroy an input, runs that would adopt foreign records
+    ("qdata over its trees", ["qdata", "{trees_inplace}", "--out", "{trees_inplace}"], ["trees_inplace.jsonl", "also an input"]),
+    ("to-qdata over its decisions", ["decisions", "to-qdata", "{dec_inplace}", "--out", "{dec_inplace}"],
+     ["dec_inplace.jsonl", "also an input"]),
+    ("view over its records", ["view", "{records_inplace}", "--out", "{records_inplace}"],
+     ["records_inplace.jsonl", "not an HTML page"]),
+    ("eval onto foreign records", ["eval", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1", "--out", "{foreign}"],
+     ["foreign/records.jsonl", "config.yaml is missing"]),
+    ("empty pipeline", ["run", "{pipe_empty}"], ["pipe_empty.yaml", "holds no settings"]),
+    ("model without tokenizer", ["sft", "--data", "{expert}", "--model", "{model_notok}", "--out", "{tmp}/s"],
+     ["model_notok", "no usable tokenizer"]),
+    ("qnet.json damaged", ["decisions", "report", "{dec}", "--out", "{tmp}/dr", "--qnet", "{qnet_badmeta}"],
+     ["qnet_badmeta/qnet.json", "not valid JSON"]),
+    ("env not callable", ["data", "expert", "--env", "os:path", "--out", "{tmp}/x.json"], ["'os:path'", "not a class or function"]),
+    ("option NaN", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--set", "lr=nan", "--out", "{tmp}/s"], ["'lr'", "finite", "nan"]),
+    ("method option inf", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:beta=inf", "--out", "{tmp}/e"],
+     ["'beta'", "finite"]),
 ]
 
 

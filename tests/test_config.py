@@ -244,3 +244,18 @@ def test_extends_merges_sections_and_refuses_cycles(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text("extends: 3\n")
     with pytest.raises(DataError, match="field 'extends' must be the name of a YAML file"):
         load_extended_yaml(tmp_path / "base.yaml")
+
+
+def test_float_options_must_be_finite_also_inside_lists() -> None:
+    """NaN passes every `x <= 0` range check, so non-finite floats are refused where options are built."""
+    from qlass.config import build, parse_kv
+    from qlass.qnet_head import QNetHeadConfig
+    from qlass.training.configs import SFTConfig
+
+    with pytest.raises(QlassError, match=r"c\.yaml: option 'grad_clip' must be a finite number, got nan"):
+        build(SFTConfig, {"grad_clip": float("nan")}, "c.yaml")
+    with pytest.raises(QlassError, match=r"--set: option 'l2\[1\]' must be a finite number, got inf"):
+        build(QNetHeadConfig, parse_kv(["l2=[1, .inf]"], "--set"), "--set")
+    with pytest.raises(QlassError, match=r"option 'contrast\[0\]' expects bool, got 'yes'"):
+        build(QNetHeadConfig, {"contrast": ["yes"]}, "c.yaml")
+    assert build(QNetHeadConfig, {"l2": [1, 2.5]}, "c.yaml").l2 == [1.0, 2.5]

@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -162,10 +163,15 @@ def _check_value(name: str, value: Any, hint: Any, source: str) -> Any:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise QlassError(f"{source}: option {name!r} must be a finite number, got {value!r}")
     elif base is str:
         ok = isinstance(value, str)
     elif base in (list, tuple):
         ok = isinstance(value, (list, tuple))
+        item = typing.get_args(hint)
+        if ok and len(item) == 1:
+            value = type(value)(_check_value(f"{name}[{i}]", v, item[0], source) for i, v in enumerate(value))
     elif base is dict:
         ok = isinstance(value, Mapping)
     else:

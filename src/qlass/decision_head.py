@@ -33,7 +33,7 @@ import numpy as np
 from .config import to_dict
 from .decision_report import ReportConfig, markdown, read_decisions, score_decisions
 from .errors import QlassError
-from .jsonl import write_jsonl, write_text_atomic
+from .jsonl import refuse_overwriting_inputs, write_jsonl, write_text_atomic
 from .locking import writes_to
 from .qnet_data import QRecord, fold_trees
 from .qnet_head import QNetHeadConfig, cross_validate_head, features_of, fit_records, record_key
@@ -52,7 +52,12 @@ def _tree_id(rec: dict[str, Any]) -> str:
 
 def decision_qrecords(records: Sequence[dict[str, Any]]) -> list[QRecord]:
     """Q records of checked decision records (:func:`qlass.decision_report.read_decisions`): one
-    sibling group per decision, one record per candidate with its Monte-Carlo mean as ``q``."""
+    sibling group per decision, one record per candidate with its Monte-Carlo mean as ``q``. The
+    tasks name the trees, so decisions of two environments are refused rather than mixed."""
+    envs = sorted({str(rec.get("env")) for rec in records})
+    if len(envs) > 1:
+        raise QlassError(f"decisions from {len(envs)} environments ({', '.join(envs)}); use one environment's "
+                         "decisions at a time")
     out = []
     for rec in records:
         tree, step = _tree_id(rec), int(rec["step"])
@@ -77,7 +82,10 @@ def _qdata_row(r: QRecord) -> dict[str, Any]:
 def write_decision_qdata(paths: Sequence[str | Path], out: str | Path) -> int:
     """Write the decisions of ``paths`` as Q data (``qdata.jsonl`` format) to ``out``; returns the
     number of records."""
+    refuse_overwriting_inputs(out, paths)
     records = decision_qrecords(read_decisions(paths))
+    if not records:
+        raise QlassError(f"{', '.join(map(str, paths))}: no decisions (nothing to export)")
     write_jsonl(out, [_qdata_row(r) for r in records])
     return len(records)
 

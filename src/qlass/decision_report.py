@@ -35,21 +35,23 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
+from .decisions import DECISIONS_SCHEMA_VERSION as SCHEMA_VERSION
 from .errors import DataError, QlassError
 from .jsonl import read_jsonl, write_text_atomic
-from .types import Message
+from .types import Message, Role
 
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA_VERSION = 1
 BASELINES = ("likelihood", "anchor")
+ROLES: tuple[str, ...] = get_args(Role)
 _BLOCK = 1000  # bootstrap resamples drawn at once
 
 
@@ -70,21 +72,49 @@ class ReportConfig:
             raise ValueError(f"qnet_batch must be >= 1, got {self.qnet_batch}")
 
 
-def _check(path: Path, i: int, rec: dict[str, Any]) -> None:
-    """Raise :class:`DataError` naming the record and field a ranker could not read."""
+def _number(value: Any, low: float, high: float) -> bool:
+    """Whether ``value`` is a real number (not a bool) within ``[low, high]`` (so also finite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_decision(path: Path, i: int, rec: Any) -> None:
+    """Raise :class:`DataError` naming the record and field of a decision record that a ranker, the
+    Q-data export or a resumed collection could not read, or that holds an impossible value."""
+    if not isinstance(rec, dict):
+        raise DataError(str(path), f"a decision record is a JSON object, got {type(rec).__name__}", i)
     rid = f"{rec.get('task')}@{rec.get('step')}"
-    for name, kind in (("split", str), ("task", str), ("step", int), ("history", list), ("candidates", list)):
+    if rec.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(str(path), f"field 'schema_version' must be {SCHEMA_VERSION}, got {rec.get('schema_version')!r}"
+                        " (not a decision file, or one from another version)", i, rid)
+    for name, kind in (("split", str), ("task", str), ("history", list), ("candidates", list)):
         if not isinstance(rec.get(name), kind):
             raise DataError(str(path), f"field {name!r} missing or not a {kind.__name__}", i, rid)
+    if not _number(rec.get("step"), 0, float("inf")) or not isinstance(rec["step"], int):
+        raise DataError(str(path), f"field 'step' must be an integer >= 0, got {rec.get('step')!r}", i, rid)
     if len(rec["candidates"]) < 2:
         raise DataError(str(path), "field 'candidates': a decision needs at least 2", i, rid)
-    if not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in rec["history"]):
-        raise DataError(str(path), "field 'history': every message needs 'role' and 'content'", i, rid)
+    for k, m in enumerate(rec["history"]):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise DataError(str(path), f"field 'history[{k}]': a message needs 'role' ({', '.join(ROLES)}) and "
+                            "'content' (a string)", i, rid)
     for j, c in enumerate(rec["candidates"]):
-        for name, kinds in (("output", (str,)), ("mean", (int, float)), ("terminal", (bool,)), ("anchor", (bool,)),
-                            ("logprob", (int, float, type(None))), ("mean_logprob", (int, float, type(None)))):
-            if not isinstance(c.get(name), kinds) or isinstance(c.get(name), bool) != (bool in kinds):
-                raise DataError(str(path), f"field 'candidates[{j}].{name}' missing or of the wrong type", i, rid)
+        if not isinstance(c, dict):
+            raise DataError(str(path), f"field 'candidates[{j}]' must be an object, got {type(c).__name__}", i, rid)
+        for name, ok, expected in (
+                ("output", isinstance(c.get("output"), str), "a string"),
+                ("mean", _number(c.get("mean"), 0.0, 1.0), "a number in [0, 1]"),
+                ("terminal", isinstance(c.get("terminal"), bool), "true or false"),
+                ("anchor", isinstance(c.get("anchor"), bool), "true or false"),
+                ("logprob", c.get("logprob") is None or _number(c.get("logprob"), -float("inf"), 0.0),
+                 "null or a finite number <= 0"),
+                ("mean_logprob", c.get("mean_logprob") is None or _number(c.get("mean_logprob"), -float("inf"), 0.0),
+                 "null or a finite number <= 0"),
+                ("rollout_rewards", c.get("rollout_rewards") is None or (
+                    isinstance(c["rollout_rewards"], list) and all(_number(r, 0.0, 1.0) for r in c["rollout_rewards"])),
+                 "null or a list of numbers in [0, 1]")):
+            if not ok:
+                raise DataError(str(path), f"field 'candidates[{j}].{name}' must be {expected}, got "
+                                f"{c.get(name)!r}", i, rid)
 
 
 def read_decisions(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -95,7 +125,7 @@ def read_decisions(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not path.exists():
             raise QlassError(f"{path}: file not found")
         for i, rec in enumerate(read_jsonl(path)):
-            _check(path, i, rec)
+            check_decision(path, i, rec)
             key = (rec.get("env"), rec["split"], rec["task"], rec["step"])
             if key in seen:
                 raise DataError(str(path), f"decision {key} is also in {seen[key]}", i)

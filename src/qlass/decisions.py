@@ -36,6 +36,7 @@ from .agent import apply_output, episode_running, executed_text, start_messages
 from .candidates import normalise_action
 from .config import check_recorded, option, save_yaml
 from .envs.base import Env, parse_action
+from .errors import DataError
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, Sample, drive
@@ -294,11 +295,19 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
     ``settings`` (model, env, ...) describe the run; with ``seed`` and ``cfg``'s options they are
     checked against and saved to ``NAME.config.yaml``. A local policy should keep at least
     ``cfg.concurrency`` prompt caches (``HFPolicy(cache_slots=...)``), or each turn re-reads its history."""
+    from .decision_report import check_decision  # it reads this module's schema version
+
     out = Path(out)
-    check_settings(out, {**(settings or {}), "seed": seed, "options": cfg.options()})
     records = read_jsonl(out, repair_tail=True)
+    for i, rec in enumerate(records):
+        check_decision(out, i, rec)
     done_path = sidecar(out, "tasks.jsonl")
-    finished = {(r["split"], r["task"]) for r in read_jsonl(done_path, repair_tail=True)}
+    done = read_jsonl(done_path, repair_tail=True)
+    for i, rec in enumerate(done):
+        if not isinstance(rec.get("split"), str) or not isinstance(rec.get("task"), str):
+            raise DataError(str(done_path), "a finished-task record needs 'split' and 'task' (strings)", i)
+    check_settings(out, {**(settings or {}), "seed": seed, "options": cfg.options()})
+    finished = {(r["split"], r["task"]) for r in done}
     recorded = {(r["split"], r["task"], r["step"]) for r in records}
     todo = [t for t in tasks if (t.split, t.id) not in finished]
     if len(todo) < len(tasks):

@@ -268,7 +268,11 @@ def evaluate(
     check_resumable(runs, records, path)
     settings = {**(settings or {}), "seed": seed}
     config = out_dir / "config.yaml"
-    if records and config.exists():
+    if records and not config.exists():
+        raise QlassError(f"{path} holds {len(records)} records but {config} is missing, so the settings they "
+                         "were made with are unknown and resuming could mix them with this run's; use another "
+                         "output folder (or move the records away)")
+    if records:
         recorded = load_yaml(config)
         if settings.get("qnet") is None:  # this run uses no QNet: the one earlier records used stays recorded
             settings["qnet"] = recorded.get("qnet")

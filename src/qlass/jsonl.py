@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DataError
+from .errors import DataError, QlassError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,17 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
             records.append(obj)
         offset += len(line) + 1
     return records
+
+
+def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Raise :class:`QlassError` if ``out`` is one of ``inputs`` (writing it would destroy that input)."""
+    o = Path(out)
+    if not o.exists():
+        return
+    for p in inputs:
+        if Path(p).exists() and o.samefile(p):
+            raise QlassError(f"{o}: is also an input of this command; writing it would destroy that input "
+                             "(give another output path)")
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:

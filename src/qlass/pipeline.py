@@ -367,7 +367,12 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
 
     if stop_after is not None and stop_after not in STAGES[:-1]:
         raise QlassError(f"--stop-after must be one of {', '.join(STAGES[:-1])}, got {stop_after!r}")
-    r = resolve(load_extended_yaml(config_path), str(config_path))
+    data = load_extended_yaml(config_path)
+    if not data:
+        raise QlassError(f"{config_path}: holds no settings, so every stage would run at its defaults in "
+                         "runs/qlass; write at least run_dir (see configs/demo.yaml; qlass run --list-options "
+                         "lists every key)")
+    r = resolve(data, str(config_path))
     _save_resolved(r)
     cfg, run = r.cfg, r.run_dir
     types = cfg.task_types

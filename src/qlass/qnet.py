@@ -50,7 +50,7 @@ from .errors import QlassError
 from .jsonl import write_text_atomic
 from .models import resolve_device
 from .policy import kv
-from .policy.hf import fit_history, loading_weights
+from .policy.hf import fit_history, load_tokenizer, loading_weights
 from .policy.render import encode_conversation, ensure_chat_template
 from .precision import bf16_autocast, use_autocast
 from .training.configs import RANKS
@@ -61,6 +61,20 @@ log = logging.getLogger(__name__)
 META_FILE = "qnet.json"
 PACK_TOKENS = 4096
 SCHEMA_VERSION = 1
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The QNet folder's ``qnet.json`` (``{}`` when absent); a damaged one is a :class:`QlassError` naming it."""
+    meta_path = path / META_FILE
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QlassError(f"{meta_path}: not valid JSON ({exc}); it is written by `qlass train-qnet`") from None
+    if not isinstance(meta, dict):
+        raise QlassError(f"{meta_path}: must be a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -282,13 +296,13 @@ class QNet:
                  autocast: bool = False, seed: int = 0, dtype: str = "float32", rank: str = "q",
                  cache_slots: int = 0) -> QNet:
         """A QNet whose backbone is the SFT causal LM in ``sft_dir`` and whose head is fresh (seeded)."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
         sft_dir = Path(sft_dir)
         if not (sft_dir / "config.json").exists():
             raise QlassError(f"{sft_dir}: not a model folder (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+        tokenizer = load_tokenizer(sft_dir)
         torch.manual_seed(seed)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
@@ -309,7 +323,7 @@ class QNet:
         ``device`` (``auto``: a CUDA GPU when visible, else the CPU). ``autocast=None`` scores under
         bf16 autocast exactly when training did (recorded in ``qnet.json``), so values match training's.
         ``cache_slots > 0`` keeps that many history caches for :meth:`score_batch` (see there)."""
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
         path = Path(path)
@@ -317,7 +331,7 @@ class QNet:
             raise QlassError(f"{path}: not a QNet folder (no config.json)")
         if threads:
             torch.set_num_threads(int(threads))
-        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+        meta = _read_meta(path)
         hf_logging.disable_progress_bar()
         labels = AutoConfig.from_pretrained(path).num_labels
         if labels != 1:
@@ -326,7 +340,7 @@ class QNet:
         with loading_weights(path, "QNet"):
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
         model.to(resolve_device(device))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         return cls(model, tokenizer, max_length or meta.get("max_length", 4096), meta.get("max_action_tokens", 256),
                    bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"),
                    cache_slots)

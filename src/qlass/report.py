@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -185,6 +186,13 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
             raise DataError(path, f"line {line}: field {name!r} must be {want}, got {value!r}")
     if not -1e-9 <= rec["reward"] <= 1.0 + 1e-9:  # rewards are in [0, 1], give or take rounding
         raise DataError(path, f"line {line}: field 'reward' must be in [0, 1], got {rec['reward']!r}")
+    for name in ("prompt_tokens", "completion_tokens", "qnet_tokens", "env_steps", "wall_time"):
+        if not 0 <= rec[name] < math.inf:
+            raise DataError(path, f"line {line}: field {name!r} must be a finite number >= 0, got {rec[name]!r}")
+    traj = rec.get("trajectory", {})
+    steps = traj.get("steps", []) if isinstance(traj, dict) else None
+    if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
+        raise DataError(path, f"line {line}: field 'trajectory' must be an object whose 'steps' is a list of objects")
     candidates = rec.get("candidates", [])
     if not isinstance(candidates, list):
         raise DataError(path, f"line {line}: field 'candidates' must be a list, got {type(candidates).__name__}")
@@ -194,6 +202,12 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
             if not isinstance(value, kinds) or isinstance(value, bool):
                 want = " or ".join(t.__name__ for t in kinds)
                 raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {value!r}")
+        # a trajectory that never stepped scores -inf; no other value may be infinite or NaN
+        for name, ok, want in (("reward", -1e-9 <= cand["reward"] <= 1.0 + 1e-9, "in [0, 1]"),
+                               ("score", cand["score"] == -math.inf or math.isfinite(cand["score"]), "finite (or -inf)"),
+                               ("completion_tokens", cand["completion_tokens"] >= 0, ">= 0")):
+            if not ok:
+                raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {cand[name]!r}")
 
 
 def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:

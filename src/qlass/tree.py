@@ -43,7 +43,7 @@ from typing import Any
 
 from .agent import observation_message
 from .errors import DataError
-from .jsonl import read_jsonl, write_jsonl
+from .jsonl import read_jsonl, refuse_overwriting_inputs, write_jsonl
 from .types import Message
 
 TREE_SCHEMA_VERSION = 2
@@ -174,6 +174,9 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
                               f"{', '.join(map(str, READABLE_TREE_VERSIONS))}")
     vals = {k: _get(rec, k, kinds, where, path) for k, kinds in _TREE_FIELDS.items()}
     where = f"line {line} (tree {vals['tree_id']!r})"
+    gamma = vals["config"].get("gamma", BackupConfig.gamma)
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0.0 <= gamma <= 1.0:
+        raise DataError(path, f"{where}: field 'config.gamma' must be a number in [0, 1], got {gamma!r}")
     prefix = _messages(vals["prefix"], where, "prefix", path)
     nodes: list[Node] = []
     for i, raw in enumerate(vals["nodes"]):
@@ -323,7 +326,10 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
 def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
                  max_per_tree: int | None = 300) -> dict[str, Any]:
     """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
+    refuse_overwriting_inputs(out_path, [trees_path])
     trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
+    if not trees:
+        raise DataError(str(trees_path), "holds no trees (nothing to export)")
     records = [r for t in trees for r in qdata_records(t, cfg, max_per_tree)]
     write_jsonl(out_path, records)
     return {"trees": len(trees), "records": len(records),

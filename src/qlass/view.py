@@ -104,8 +104,9 @@ def find_inputs(folder: str | os.PathLike) -> dict[str, list[Path]]:
         elif p.suffix == ".jsonl" and not p.name.endswith(".tasks.jsonl"):
             try:
                 rec = _first_record(p)
-            except QlassError:
-                log.debug("skipping %s: not JSON Lines", p)
+            except QlassError as exc:  # a file qlass writes under these names is worth a word; others are not
+                known = p.name in ("trees.jsonl", "records.jsonl", "qdata.jsonl") or "decisions" in p.name
+                (log.warning if known else log.debug)("skipping %s: %s", p, exc)
                 continue
             kind = _kind_of(rec) if rec else None
             if kind:
@@ -341,6 +342,9 @@ def write_view(path: str | os.PathLike, out: str | os.PathLike, title: str | Non
     o = Path(out)
     if o.is_dir():
         raise QlassError(f"{o}: is a folder; give the page's file name (e.g. {o / 'view.html'})")
+    if o.is_file() and not o.read_bytes()[:15].lower().startswith(b"<!doctype html"):
+        raise QlassError(f"{o}: exists and is not an HTML page (an input of this command?); the page is only "
+                         "written over an earlier page (give another output path)")
     data = load_view_data(path, title)
     page = render_html(data)
     write_text_atomic(o, page)

@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
                 if label in sides:
                     raise QlassError(f"--side {label}: label given twice")
                 sides[label] = read_records([Path(path)])
+                if not sides[label]:
+                    raise QlassError(f"--side {label}: {path} holds no records")
             rows = write_side_by_side(sides, out, title=title, confidence=confidence)
             typer.echo(side_by_side_table(rows, list(sides), confidence))
             typer.echo(f"sides.md/json in {out}")
@@ -52,6 +54,8 @@ def register(app: typer.Typer) -> None:
         if not records:
             raise QlassError("qlass report needs RECORDS (records.jsonl files) or --side LABEL=RECORDS twice or more")
         recs = read_records(records)
+        if not recs:
+            raise QlassError(f"{', '.join(map(str, records))}: no records to report")
         methods = {r["method"] for r in recs}
         missing = [b for b in baseline if b not in methods]
         if missing:

@@ -92,7 +92,11 @@ class EnvRegistry:
         if spec in _BUILTIN:
             return load_object(":".join(_BUILTIN[spec]), "environment")
         if ":" in spec:
-            return load_object(spec, "environment")
+            factory = load_object(spec, "environment")
+            if not callable(factory):
+                raise QlassError(f"environment {spec!r} is a {type(factory).__name__}, not a class or function "
+                                 "that builds an environment")
+            return factory
         raise QlassError(f"unknown environment {spec!r}; known: {', '.join(self.names())} "
                          "or 'package.module:Class'")
 

@@ -128,7 +128,7 @@ def history_seeds(seed: int | Sequence[int] | None, count: int, rng: random.Rand
 
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """Load a causal-LM folder and its tokenizer (with a chat template), quietly and in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
@@ -137,10 +137,23 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     if dtype not in _DTYPES:
         raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     hf_logging.disable_progress_bar()
-    tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(path))
+    tokenizer = ensure_chat_template(load_tokenizer(path))
     with loading_weights(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
     return model, tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of model folder ``path``; a folder without a usable one is a :class:`QlassError`
+    naming it (not transformers' traceback)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QlassError(f"{path}: no usable tokenizer in this model folder (tokenizer.json and "
+                         f"tokenizer_config.json, as save_pretrained writes them): {first}") from None
 
 
 @contextlib.contextmanager
