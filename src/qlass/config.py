@@ -129,6 +129,8 @@ def parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise QlassError(f"{what}: expected key=value, got {item!r}")
+        if key.strip() in out:
+            raise QlassError(f"{what}: {key.strip()!r} is given twice")
         try:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:

@@ -182,8 +182,9 @@ def record_problems(rec: Any) -> list[str]:
     if not isinstance(rec, dict):
         return [f"expected a JSON object, got {type(rec).__name__}"]
     problems = []
-    if "id" not in rec or not isinstance(rec["id"], (str, int)) or rec["id"] == "":
-        problems.append("field 'id': missing or not a non-empty string")
+    rid = rec.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+        problems.append("field 'id': missing, or not a non-empty string or an integer")
     problems += _parse_turns(rec)[1]
     if "reward" in rec:
         r = rec["reward"]

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .config import to_dict
-from .decision_report import ReportConfig, markdown, read_decisions, score_decisions
+from .decision_report import ReportConfig, markdown, one_environment, read_decisions, score_decisions
 from .errors import QlassError
 from .jsonl import refuse_overwriting_inputs, write_jsonl, write_text_atomic
 from .locking import writes_to
@@ -54,10 +54,7 @@ def decision_qrecords(records: Sequence[dict[str, Any]]) -> list[QRecord]:
     """Q records of checked decision records (:func:`qlass.decision_report.read_decisions`): one
     sibling group per decision, one record per candidate with its Monte-Carlo mean as ``q``. The
     tasks name the trees, so decisions of two environments are refused rather than mixed."""
-    envs = sorted({str(rec.get("env")) for rec in records})
-    if len(envs) > 1:
-        raise QlassError(f"decisions from {len(envs)} environments ({', '.join(envs)}); use one environment's "
-                         "decisions at a time")
+    one_environment(records)
     out = []
     for rec in records:
         tree, step = _tree_id(rec), int(rec["step"])

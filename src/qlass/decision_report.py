@@ -134,6 +134,15 @@ def read_decisions(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return records
 
 
+def one_environment(records: Sequence[dict[str, Any]]) -> None:
+    """Raise :class:`QlassError` when ``records`` come from more than one environment: their tasks
+    and step counts are not comparable, and a task names a tree only within one environment."""
+    envs = sorted({str(rec.get("env")) for rec in records})
+    if len(envs) > 1:
+        raise QlassError(f"decisions from {len(envs)} environments ({', '.join(envs)}); use one environment's "
+                         "decisions at a time")
+
+
 def qnet_values(records: Sequence[dict[str, Any]], qnet: Any, batch: int = 16) -> list[list[float]]:
     """The QNet's value of every candidate, one ``score_batch`` call per ``batch`` decisions."""
     values: list[list[float]] = []
@@ -314,6 +323,7 @@ def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet
     ``decisions.md`` and ``decisions.json`` into ``out_dir``; returns the result."""
     cfg = cfg or ReportConfig()
     records = read_decisions(paths)
+    one_environment(records)
     q = qnet_values(records, qnet, cfg.qnet_batch) if qnet is not None else None
     result = {**score_decisions(records, q, cfg), "files": [str(p) for p in paths]}
     out = Path(out_dir)
