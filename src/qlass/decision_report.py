@@ -35,7 +35,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
@@ -45,13 +45,13 @@ from .config import option
 from .decisions import DECISIONS_SCHEMA_VERSION as SCHEMA_VERSION
 from .errors import DataError, QlassError
 from .jsonl import read_jsonl, write_text_atomic
-from .types import Message, Role
+from .tree import ROLES
+from .types import Message
 
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA_VERSION = 1
 BASELINES = ("likelihood", "anchor")
-ROLES: tuple[str, ...] = get_args(Role)
 _BLOCK = 1000  # bootstrap resamples drawn at once
 
 
@@ -89,8 +89,9 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
     for name, kind in (("split", str), ("task", str), ("history", list), ("candidates", list)):
         if not isinstance(rec.get(name), kind):
             raise DataError(str(path), f"field {name!r} missing or not a {kind.__name__}", i, rid)
-    if not _number(rec.get("step"), 0, float("inf")) or not isinstance(rec["step"], int):
-        raise DataError(str(path), f"field 'step' must be an integer >= 0, got {rec.get('step')!r}", i, rid)
+    step = rec.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise DataError(str(path), f"field 'step' must be an integer >= 0, got {step!r}", i, rid)
     if len(rec["candidates"]) < 2:
         raise DataError(str(path), "field 'candidates': a decision needs at least 2", i, rid)
     for k, m in enumerate(rec["history"]):

@@ -26,7 +26,6 @@ truncated GGUF behind.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import QlassError
+from .jsonl import read_json_object
 from .policy.render import CHATML_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -132,14 +132,9 @@ def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str
 # -- reading and checking the folder ---------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path)
     except FileNotFoundError:
         raise QlassError(f"{path}: missing; an HF causal-LM folder (e.g. `qlass sft`'s output) is expected") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QlassError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise QlassError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:

@@ -79,6 +79,19 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
     return records
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path``; not JSON, not UTF-8 or not an object is a :class:`QlassError`
+    naming it. A missing file raises ``FileNotFoundError`` (the caller says what was expected)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QlassError(f"{p}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise QlassError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
     """Raise :class:`QlassError` if ``out`` is one of ``inputs`` (writing it would destroy that input)."""
     o = Path(out)

@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import QlassError
-from .jsonl import write_text_atomic
+from .jsonl import read_json_object, write_text_atomic
 from .models import resolve_device
 from .policy import kv
 from .policy.hf import fit_history, load_tokenizer, loading_weights
@@ -61,20 +61,6 @@ log = logging.getLogger(__name__)
 META_FILE = "qnet.json"
 PACK_TOKENS = 4096
 SCHEMA_VERSION = 1
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    """The QNet folder's ``qnet.json`` (``{}`` when absent); a damaged one is a :class:`QlassError` naming it."""
-    meta_path = path / META_FILE
-    if not meta_path.exists():
-        return {}
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QlassError(f"{meta_path}: not valid JSON ({exc}); it is written by `qlass train-qnet`") from None
-    if not isinstance(meta, dict):
-        raise QlassError(f"{meta_path}: must be a JSON object, got {type(meta).__name__}")
-    return meta
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -331,7 +317,7 @@ class QNet:
             raise QlassError(f"{path}: not a QNet folder (no config.json)")
         if threads:
             torch.set_num_threads(int(threads))
-        meta = _read_meta(path)
+        meta = read_json_object(path / META_FILE) if (path / META_FILE).exists() else {}
         hf_logging.disable_progress_bar()
         labels = AutoConfig.from_pretrained(path).num_labels
         if labels != 1:

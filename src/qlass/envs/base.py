@@ -72,6 +72,12 @@ _BUILTIN: dict[str, tuple[str, str]] = {
 }
 
 
+def _checked(factory: EnvFactory, spec: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    from ..config import check_call_options
+
+    return check_call_options(factory, dict(kwargs), f"environment {spec!r}")
+
+
 class EnvRegistry:
     """Names → environment factories; built-ins are imported lazily so missing extras only matter
     when used."""
@@ -103,13 +109,12 @@ class EnvRegistry:
     def check(self, spec: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """``kwargs`` checked against the signature of ``spec``'s factory (names, required ones,
         annotated types), without building the environment; a mistyped option is a clear error."""
-        from ..config import check_call_options
-
-        return check_call_options(self.factory(spec), dict(kwargs), f"environment {spec!r}")
+        return _checked(self.factory(spec), spec, kwargs)
 
     def make(self, spec: str, **kwargs: Any) -> Env:
         """Build ``spec`` with constructor options ``kwargs``, checked first (:meth:`check`)."""
-        env = self.factory(spec)(**self.check(spec, kwargs))
+        factory = self.factory(spec)
+        env = factory(**_checked(factory, spec, kwargs))
         lacking = [m for m in ENV_MEMBERS if not hasattr(env, m)]
         if lacking:
             raise QlassError(f"environment {spec!r} built a {type(env).__name__}, not an environment "
