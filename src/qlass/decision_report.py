@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,8 +74,9 @@ class ReportConfig:
 
 
 def _number(value: Any, low: float, high: float) -> bool:
-    """Whether ``value`` is a real number (not a bool) within ``[low, high]`` (so also finite)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+    """Whether ``value`` is a finite real number (not a bool) within ``[low, high]``."""
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return real and math.isfinite(value) and low <= value <= high
 
 
 def check_decision(path: Path, i: int, rec: Any) -> None:
