@@ -178,6 +178,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("gamma > 1", ["qdata", "{trees}", "--out", "{tmp}/q.jsonl", "--gamma", "2"], ["'--gamma'"]),
     ("per-task 0", ["data", "expert", *ENV, "--per-task", "0", "--out", "{tmp}/x.json"], ["'--per-task'"]),
     ("max-steps < 0", ["data", "expert", *ENV, "--max-steps", "-1", "--out", "{tmp}/x.json"], ["'--max-steps'"]),
+    ("expert from no tasks", ["data", "expert", *ENV, "--env-arg", "tasks_per_split=0", "--out", "{tmp}/x.json"],
+     ["toy_envs:Corridor", "no tasks in split 'train'"]),
     ("skip < 0", ["explore", "--model", NO_MODEL, *ENV, "--skip", "-1", "--out", "{tmp}/t.jsonl"], ["'--skip'"]),
     ("eval limit 0", ["eval", "--model", NO_MODEL, *ENV, "--limit", "0"], ["'--limit'"]),
     ("decisions limit < 0", ["decisions", "collect", "--model", NO_MODEL, *ENV, "--limit", "-1"], ["'--limit'"]),
@@ -270,6 +272,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("decision without schema", ["decisions", "report", "{dec_v0}", "--out", "{tmp}/dr"], ["dec_v0.jsonl", "'schema_version'"]),
     ("decisions of two envs", ["decisions", "to-qdata", "{dec_envs}", "--out", "{tmp}/dq.jsonl"], ["2 environments", "corridor, other"]),
     ("report of two envs", ["decisions", "report", "{dec_envs}", "--out", "{tmp}/dr"], ["2 environments", "corridor, other"]),
+    ("decisions read before the qnet loads", ["decisions", "report", "{dec_v0}", "--out", "{tmp}/dr", "--qnet",
+                                              "{qnet_badmeta}"], ["dec_v0.jsonl", "'schema_version'"]),
     ("collect onto records", ["decisions", "collect", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1",
                               "--out", "{records}"], ["records.jsonl", "'history'"]),
     # outputs that would destroy an input, runs that would adopt foreign records
@@ -370,9 +374,9 @@ def test_expert_export_resumed_with_other_env_options_is_refused(tmp_path: Path)
     assert result.returncode == 0 and "excluded 10" in result.stdout, result.stdout + result.stderr
 
 
-def test_qnet_given_another_model_folder_names_the_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
-    (tmp_path / "records.jsonl").write_text(_lines(_record()), encoding="utf-8")
-    result = qlass("decisions", "report", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "d"),
+def test_qnet_given_another_model_folder_names_the_folder(tmp_path: Path, tiny_model_dir: Path,
+                                                          files: dict[str, str]) -> None:
+    result = qlass("decisions", "report", files["dec"], "--out", str(tmp_path / "d"),
                    "--qnet", str(tiny_model_dir), timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output, output
@@ -393,10 +397,8 @@ def test_truncated_weights_are_a_message_naming_the_folder(tmp_path: Path, tiny_
         shutil.copytree(tiny_model_dir, folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    (tmp_path / "records.jsonl").write_text(_lines(_record()), encoding="utf-8")
     argv = {"policy": ["eval", "--model", str(folder), *ENV, "--limit", "1", "--out", str(tmp_path / "eval")],
-            "qnet": ["decisions", "report", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "d"),
-                     "--qnet", str(folder)],
+            "qnet": ["decisions", "report", files["dec"], "--out", str(tmp_path / "d"), "--qnet", str(folder)],
             "qnet from sft": ["train-qnet", files["qdata"], "--model", str(folder), "--out", str(tmp_path / "qn")]}
     result = qlass(*argv[loader], timeout=300)
     output = result.stdout + result.stderr

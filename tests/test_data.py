@@ -185,3 +185,21 @@ def test_valid_json_of_another_shape_is_not_called_invalid(tmp_path: Path) -> No
     result = qlass_cli("data", "validate", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert expected in result.stderr and "invalid JSON" not in result.stderr
+
+
+def test_a_byte_order_mark_is_read_like_any_utf8_file(tmp_path: Path) -> None:
+    """Editors on Windows save UTF-8 with a BOM; every reader accepts it, as `report` always did."""
+    bom = "\ufeff".encode()
+    for name in ("bom.json", "bom.jsonl"):
+        path = write(tmp_path, [GOOD], name)
+        path.write_bytes(bom + path.read_bytes())
+        (traj,) = load_trajectories(path)
+        assert traj.id == "t0"
+        result = qlass_cli("data", "validate", str(path))
+        assert result.returncode == 0, result.stderr
+        assert "1 records, 1 valid" in result.stdout
+    tree = tmp_path / "trees.jsonl"
+    tree.write_bytes(bom + json.dumps({"tree_id": "x", "nodes": []}).encode() + b"\n")
+    result = qlass_cli("data", "validate", str(tree))  # read as a tree (one with problems), not as broken JSON
+    assert result.returncode == 1 and "missing field 'schema_version'" in result.stdout + result.stderr, result
+    assert "BOM" not in result.stdout + result.stderr

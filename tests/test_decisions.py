@@ -25,6 +25,7 @@ import yaml
 
 from qlass.decisions import DecisionConfig, collect_decisions
 from qlass.envs.base import parse_action
+from qlass.errors import QlassError
 from qlass.jsonl import read_jsonl
 from qlass.seeding import candidate_seed, stable_seed
 from qlass.types import Completion, Message, StepResult, Task
@@ -426,6 +427,8 @@ def test_offset_continues_where_a_limit_stopped_and_exclusions_come_first() -> N
     assert ids(None, offset=8) == ["corridor/8", "corridor/108", "corridor/9", "corridor/109"]
     kept = split_tasks(lambda: Corridor(tasks_per_split=10), "corridor", ["train"], None, 3, 0, {"corridor/0", "corridor/2"})
     assert [t.id for t in kept[1]] == ["corridor/1", "corridor/3", "corridor/4"]
+    with pytest.raises(QlassError, match=r"no tasks in split 'train' .* after skipping the first 10 \(offset\)"):
+        ids(None, offset=10)
 
 
 def test_split_half_check_scores_the_first_half_against_the_second() -> None:

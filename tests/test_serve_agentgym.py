@@ -334,6 +334,7 @@ def test_alfworld_agentgym_client_plays_a_game(alfworld_local: Any, tmp_path: Pa
     proc = subprocess.run([sys.executable, "-m", "qlass", "serve", "alfworld", "--protocol", "agentgym", "--port",
                            str(_free_port())], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0 and "--agentgym-games DIR" in proc.stderr and "Traceback" not in proc.stderr
+    assert "serving" not in proc.stderr  # refused before it says it is serving
 
 
 # -- WebShop -------------------------------------------------------------------------------------

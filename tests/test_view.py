@@ -372,3 +372,13 @@ def test_clicks_open_close_and_filter(tmp_path: Path, monkeypatch: pytest.Monkey
     assert closed < reopened == 40 and title == "toy/t0 · node #1"
     assert with_star == 40 + 25 + 151
     assert episodes == 6 and successes == 3
+
+
+def test_files_saved_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
+    counts = make_run(tmp_path)
+    for name in ("trees.jsonl", "eval/records.jsonl", "decisions/decisions.jsonl"):
+        path = tmp_path / name
+        path.write_bytes("\ufeff".encode() + path.read_bytes())
+    data = load_view_data(tmp_path)
+    assert sum(len(t["nodes"]) for t in data["trees"]) == counts["nodes"]
+    assert len(data["episodes"]) == counts["episodes"] and len(data["decisions"]) == counts["decisions"]

@@ -71,7 +71,7 @@ class ValidationReport:
 def load_records(path: Path) -> list[Any]:
     """The raw records of a JSON list or JSON Lines file; :class:`DataError` naming it when unreadable."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(str(path), "file not found") from None
     except UnicodeDecodeError as exc:

@@ -321,12 +321,15 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
 
 
 def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet: Any = None,
-                          cfg: ReportConfig | None = None) -> dict[str, Any]:
-    """Read decision files, score the rankers (the QNet's when ``qnet`` is given) and write
-    ``decisions.md`` and ``decisions.json`` into ``out_dir``; returns the result."""
+                          cfg: ReportConfig | None = None, load_qnet: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Read decision files, score the rankers (the QNet's when ``qnet`` is given, or the one
+    ``load_qnet`` returns: called once the files are read and checked, so that a bad file is reported
+    before a model loads) and write ``decisions.md`` and ``decisions.json`` into ``out_dir``."""
     cfg = cfg or ReportConfig()
     records = read_decisions(paths)
     one_environment(records)
+    if load_qnet is not None:
+        qnet = load_qnet()
     q = qnet_values(records, qnet, cfg.qnet_batch) if qnet is not None else None
     result = {**score_decisions(records, q, cfg), "files": [str(p) for p in paths]}
     out = Path(out_dir)

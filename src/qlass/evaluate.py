@@ -104,7 +104,8 @@ def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str
         probe.close()
     for split, tasks in by_split.items():
         if not tasks:
-            raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}")
+            skipped = f" after skipping the first {offset} (offset)" if offset else ""
+            raise QlassError(f"{env_spec}: no tasks in split {split!r} for task types {task_types}{skipped}")
     return env_name, [t for row in itertools.zip_longest(*by_split.values()) for t in row if t is not None]
 
 

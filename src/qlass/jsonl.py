@@ -84,7 +84,7 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     naming it. A missing file raises ``FileNotFoundError`` (the caller says what was expected)."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QlassError(f"{p}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):

@@ -428,10 +428,11 @@ def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: di
         try:
             if host not in ("127.0.0.1", "localhost", "::1"):
                 log.warning("serving on %s: anyone who can reach it can drive the environment (no authentication)", host)
+            server = _server(pool, docs=docs, max_request_bytes=max_request_bytes, protocol=protocol,
+                             agentgym_games=agentgym_games)  # refuses a missing game list before announcing
             sizes = ", ".join(f"{k} {v}" for k, v in pool.splits().items())
             log.info("serving %s (%s) on %s", pool.name, sizes, _url(host, sock.getsockname()[1]))
-            _server(pool, docs=docs, max_request_bytes=max_request_bytes, protocol=protocol,
-                    agentgym_games=agentgym_games).run(sockets=[sock])
+            server.run(sockets=[sock])
         finally:
             pool.shutdown()
     finally:

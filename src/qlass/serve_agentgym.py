@@ -130,7 +130,7 @@ def _alfworld_index(pool: Any, games: str | Path | None) -> list[str]:
     for name, folder in ALFWORLD_MAPPINGS:
         path = Path(games) / name
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
         except OSError as exc:
             raise QlassError(f"serve: cannot read AgentGym's game list {path}: {exc}") from None
         except json.JSONDecodeError as exc:

@@ -40,7 +40,7 @@ MAX_SCAN_DEPTH = 3
 def _first_record(path: Path) -> dict[str, Any] | None:
     """The first JSON object of a JSON Lines file (None when the file has no record)."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             for line in fh:
                 if line.strip():
                     rec = json.loads(line)
@@ -221,7 +221,7 @@ def read_decision_views(path: Path, source: str) -> list[dict[str, Any]]:
 
 def _budget_csv(path: Path) -> list[dict[str, Any]]:
     points = []
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
         for row in csv.DictReader(fh):
             try:
                 points.append({"env": row["env"], "split": row["split"], "curve": row["curve"],
@@ -239,7 +239,7 @@ def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any]
     rj = folder / "results.json"
     if rj.is_file():
         try:
-            data = json.loads(rj.read_text(encoding="utf-8"))
+            data = json.loads(rj.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise QlassError(f"{rj}: not JSON ({exc})") from None
         if isinstance(data, dict) and isinstance(data.get("rows"), list):
@@ -249,7 +249,7 @@ def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any]
     md, bc = folder / "results.md", folder / "budget.csv"
     if md.is_file() or bc.is_file():
         return {"name": name, "rows": [], "paired": [], "budget": _budget_csv(bc) if bc.is_file() else [],
-                "markdown": md.read_text(encoding="utf-8") if md.is_file() else None}
+                "markdown": md.read_text(encoding="utf-8-sig") if md.is_file() else None}
     if not records:
         return None
     from .compare import paired_rows

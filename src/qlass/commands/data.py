@@ -69,12 +69,16 @@ def register(app: typer.Typer) -> None:
         from ..config import parse_kv
         from ..data import save_trajectories
         from ..envs.base import make_env
+        from ..errors import QlassError
         from ..expert import export_expert
 
         progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
         environment = make_env(env, **parse_kv(env_arg, "--env-arg"))
         try:
-            tasks = environment.tasks(split, task_types.split(",") if task_types else None)
+            types = task_types.split(",") if task_types else None
+            tasks = environment.tasks(split, types)
+            if not tasks:
+                raise QlassError(f"{env}: no tasks in split {split!r}" + (f" for task types {types}" if types else ""))
             result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps,
                                    progress_file=progress)
         finally:
@@ -97,7 +101,7 @@ def _detect_kind(path: Path) -> str:
 
     try:
         with path.open("rb") as fh:  # undecodable bytes are reported by the file's reader, with their place
-            first = fh.readline().decode("utf-8", errors="replace").strip()
+            first = fh.readline().decode("utf-8-sig", errors="replace").strip()
     except FileNotFoundError:
         raise DataError(str(path), "file not found") from None
     except OSError as exc:

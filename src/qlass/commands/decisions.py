@@ -108,15 +108,15 @@ def register(app: typer.Typer) -> None:
         if margin:
             opts["margins"] = margin
         cfg = build(ReportConfig, opts, "qlass decisions report")
-        model = None
+        load_qnet = None
         if qnet is not None:
             from ..config import check_call_options
             from ..qnet import QNet
 
             load_opts = check_call_options(QNet.load, parse_kv(qnet_arg, "--qnet-arg"), "--qnet-arg", skip=("path",))
             load_opts.setdefault("cache_slots", 8)  # a task's decisions share their history prefixes
-            model = QNet.load(qnet, **load_opts)
-        result = write_decision_report(decisions, out, model, cfg)
+            load_qnet = functools.partial(QNet.load, qnet, **load_opts)
+        result = write_decision_report(decisions, out, cfg=cfg, load_qnet=load_qnet)
         typer.echo(markdown(result))
         typer.echo(f"decisions.md and decisions.json in {out}")
 

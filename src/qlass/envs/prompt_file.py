@@ -46,4 +46,4 @@ def load_prompt(name_or_path: str) -> list[Message]:
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise QlassError(f"prompt {name_or_path!r} is neither a built-in prompt nor a readable file")
-    return parse_prompt(path.read_text(encoding="utf-8"))
+    return parse_prompt(path.read_text(encoding="utf-8-sig"))
