@@ -203,3 +203,14 @@ def test_a_byte_order_mark_is_read_like_any_utf8_file(tmp_path: Path) -> None:
     result = qlass_cli("data", "validate", str(tree))  # read as a tree (one with problems), not as broken JSON
     assert result.returncode == 1 and "missing field 'schema_version'" in result.stdout + result.stderr, result
     assert "BOM" not in result.stdout + result.stderr
+
+
+def test_validate_checks_every_file_past_one_that_cannot_be_read(tmp_path: Path) -> None:
+    good = write(tmp_path, [GOOD], "good.json")
+    bad = write(tmp_path, [{**GOOD, "reward": 7}], "bad.json")
+    missing = tmp_path / "missing.json"
+    result = qlass_cli("data", "validate", str(good), str(missing), str(bad))
+    assert result.returncode == 2, result  # a file could not be read
+    assert f"{good}: 1 records, 1 valid" in result.stdout and f"{bad}: 1 records, 0 valid" in result.stdout
+    assert f"error: {missing}: file not found" in result.stderr and "'reward'" in result.stderr
+    assert qlass_cli("data", "validate", str(good), str(bad)).returncode == 1

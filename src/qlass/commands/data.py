@@ -20,39 +20,19 @@ def register(app: typer.Typer) -> None:
         kind: str = typer.Option("auto", help="trajectories, trees, qdata, or auto (from the first record's fields)."),
     ) -> None:
         """Check every record (trajectories: ids, role order, Action lines, rewards; trees and Q data:
-        their schemas); exit 1 if any is invalid, 2 if a file cannot be read."""
-        from ..data import validate_file
+        their schemas) of every file; exit 1 if any record is invalid, 2 if a file cannot be read."""
         from ..errors import DataError
-        from ..tree import read_qdata, read_trees
 
         if kind not in ("auto", "trajectories", "trees", "qdata"):
             raise typer.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")
-        bad = False
+        bad = unreadable = False
         for path in files:
-            what = _detect_kind(path) if kind == "auto" else kind
-            if what == "trajectories":
-                report = validate_file(path)
-                n_turns = sum(len(t.messages) for t in report.trajectories)
-                typer.echo(f"{path}: {report.records} records, {len(report.trajectories)} valid, "
-                           f"{report.invalid_records} invalid ({len(report.errors)} problems), {n_turns} turns in valid records")
-                for err in report.errors:
-                    typer.echo(err, err=True)
-                bad |= not report.ok
-                continue
             try:
-                if what == "trees":
-                    trees = read_trees(path)
-                    typer.echo(f"{path}: {len(trees)} trees, {sum(len(t.nodes) for t in trees)} nodes, all valid")
-                else:
-                    records = read_qdata(path)
-                    n_trees = len({r["tree_id"] for r in records})
-                    typer.echo(f"{path}: {len(records)} Q records from {n_trees} trees, all valid")
-            except DataError as exc:
-                if exc.index is None and "file not found" in exc.problem:
-                    raise
-                typer.echo(str(exc), err=True)
-                bad = True
-        raise typer.Exit(1 if bad else 0)
+                bad |= not _validate(path, _detect_kind(path) if kind == "auto" else kind)
+            except DataError as exc:  # the file as a whole: the next files are still checked
+                typer.echo(f"error: {exc}", err=True)
+                unreadable = True
+        raise typer.Exit(2 if unreadable else 1 if bad else 0)
 
     @data_app.command("expert")
     def expert(
@@ -91,6 +71,36 @@ def register(app: typer.Typer) -> None:
                    f"excluded {len(result.excluded)}" + (f": {', '.join(result.excluded)}" if result.excluded else ""))
 
     app.add_typer(data_app, name="data")
+
+
+def _validate(path: Path, what: str) -> bool:
+    """Check one file of kind ``what``, printing its summary and problems; False if a record is invalid.
+    A file that cannot be read as a whole raises :class:`DataError`."""
+    from ..data import validate_file
+    from ..errors import DataError
+    from ..tree import read_qdata, read_trees
+
+    if what == "trajectories":
+        report = validate_file(path)
+        n_turns = sum(len(t.messages) for t in report.trajectories)
+        typer.echo(f"{path}: {report.records} records, {len(report.trajectories)} valid, "
+                   f"{report.invalid_records} invalid ({len(report.errors)} problems), {n_turns} turns in valid records")
+        for err in report.errors:
+            typer.echo(err, err=True)
+        return report.ok
+    try:
+        if what == "trees":
+            trees = read_trees(path)
+            typer.echo(f"{path}: {len(trees)} trees, {sum(len(t.nodes) for t in trees)} nodes, all valid")
+        else:
+            records = read_qdata(path)
+            typer.echo(f"{path}: {len(records)} Q records from {len({r['tree_id'] for r in records})} trees, all valid")
+    except DataError as exc:
+        if exc.index is None and "file not found" in exc.problem:
+            raise
+        typer.echo(str(exc), err=True)
+        return False
+    return True
 
 
 def _detect_kind(path: Path) -> str:
