@@ -320,6 +320,39 @@ def test_report_metrics_on_hand_built_decisions() -> None:
     assert {r["ranker"] for r in score_decisions(bare)["groups"][0]["rows"]} == {"oracle", "anchor", "random"}
 
 
+def test_anchor_rankers_are_scored_on_the_decisions_that_have_an_anchor() -> None:
+    """A decision whose greedy output was cut off has no anchor: the anchor rankers leave the tables
+    over all decisions and get a group of their own, beside every other ranker on the same decisions."""
+    from qlass.decision_report import ANCHORED, ReportConfig, markdown, score_decisions
+
+    records = hand_built()
+    records.append({**records[0], "task": "fork/seen/1",
+                    "candidates": [cand(0.0, -0.1, -0.05), cand(1.0, -2.0, -0.9)]})  # no anchor; likelihood wrong
+    result = score_decisions(records, Q_VALUES + [[0.0, 0.5]], ReportConfig(betas=[0.1], margins=[0.3]))
+    groups = {g["group"]: g for g in result["groups"]}
+    assert list(groups) == ["all", "split seen", "split unseen", "irreversible", "reversible", ANCHORED]
+    anchor_rows = {"anchor", "anchor+margin 0.3"}
+    for label in ("all", "split seen", "reversible"):  # each holds the anchorless decision
+        assert not anchor_rows & {r["ranker"] for r in groups[label]["rows"]}
+        assert all("anchor" not in r["vs"] for r in groups[label]["rows"])
+    assert anchor_rows <= {r["ranker"] for r in groups["irreversible"]["rows"]}  # D2 only: anchored
+    only = groups[ANCHORED]
+    assert only["decisions"] == 2 and only["tasks"] == 2
+    rows = {r["ranker"]: r for r in only["rows"]}
+    # the same two decisions as the hand-built report: the same numbers
+    assert (rows["anchor"]["accuracy"], rows["anchor"]["regret"]) == pytest.approx((0.5, 0.25))
+    assert rows["likelihood"]["accuracy"] == pytest.approx(0.5)
+    assert rows["qnet"]["vs"]["anchor"]["regret"]["mean_diff"] == pytest.approx(0.25)
+    assert groups["all"]["decisions"] == 3
+    assert rows["likelihood"]["accuracy"] != next(r for r in groups["all"]["rows"] if r["ranker"] == "likelihood")["accuracy"]
+    text = markdown(result)
+    assert "1 decision(s) have no greedy anchor" in text and f"## {ANCHORED}: 2 decisions" in text
+    assert "Δ accuracy % vs anchor" in text.split(f"## {ANCHORED}")[1]
+    assert "Δ accuracy % vs anchor" not in text.split("## split seen")[0]
+    # every decision anchored: no extra group, the anchor rankers in every table
+    assert [g["group"] for g in score_decisions(hand_built(), Q_VALUES)["groups"]][-1] == "reversible"
+
+
 def test_paired_intervals_follow_the_compare_procedure() -> None:
     import random
 

@@ -15,7 +15,9 @@ Rankers (ties go to the earliest candidate, as in qlass search):
 - ``qnet+β·likelihood``: QNet value + β × mean log-probability, unstandardised — exactly the
   score an inference-time ``Q + β·likelihood`` selection computes, so a β picked here carries over;
 - ``policy-mode``: the highest summed log-probability (the policy's most likely candidate);
-- ``anchor``: the greedy candidate (only when every decision has one; collection puts it first);
+- ``anchor``: the greedy candidate (collection puts it first). A decision whose greedy output was cut
+  off by the token limit has none: when some decisions lack it, the anchor rankers are scored in a
+  group of their own, ``with a greedy anchor``, beside every other ranker on the same decisions;
 - ``anchor+margin τ``: the QNet's best candidate when its value exceeds the anchor's by more than
   τ, else the anchor (qlass search's ``margin`` rule, :func:`qlass.candidates.choose`);
 - ``random``: the expected accuracy and regret of a uniform pick, computed exactly;
@@ -25,7 +27,7 @@ Each ranker is compared with ``likelihood`` and ``anchor`` on the same decisions
 difference with a percentile bootstrap 95% interval (decisions resampled with replacement, seeded,
 ``resamples`` times — :mod:`qlass.compare`'s procedure, vectorised because a report asks for a few
 hundred intervals), overall, per split and by whether the choice was irreversible (a candidate
-ended the episode).
+ended the episode). A ranker appears in a group only when it picks in every decision of the group.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 REPORT_SCHEMA_VERSION = 1
 BASELINES = ("likelihood", "anchor")
 _BLOCK = 1000  # bootstrap resamples drawn at once
+NO_PICK = -1  # a ranker's pick where it has none (the anchor rankers in a decision without an anchor)
+ANCHORED = "with a greedy anchor"
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,11 @@ def _outcome(values: Sequence[float], pick: int) -> tuple[float, float]:
     return float(values[pick] >= best - TIE), best - values[pick]
 
 
+def _pick_outcome(values: Sequence[float], pick: int) -> tuple[float, float]:
+    """:func:`_outcome`, or NaNs where the ranker has no pick."""
+    return (math.nan, math.nan) if pick == NO_PICK else _outcome(values, pick)
+
+
 def _random(values: Sequence[float]) -> tuple[float, float]:
     best = max(values)
     return sum(v >= best - TIE for v in values) / len(values), best - sum(values) / len(values)
@@ -170,13 +179,13 @@ def _random(values: Sequence[float]) -> tuple[float, float]:
 
 def rankers(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | None, cfg: ReportConfig
             ) -> dict[str, Callable[[int], int] | None]:
-    """Ranker name → function from a decision's index to the picked candidate (``None``: random).
-    QNet rankers need ``q``; likelihood rankers need log-probabilities in every record; anchor
-    rankers need an anchor candidate in every decision."""
+    """Ranker name → function from a decision's index to the picked candidate (``None``: random;
+    :data:`NO_PICK`: the ranker has no pick there). QNet rankers need ``q``; likelihood rankers need
+    log-probabilities in every record; anchor rankers pick only in decisions with an anchor."""
     mean_lp = [[c["mean_logprob"] for c in r["candidates"]] for r in records]
     sum_lp = [[c["logprob"] for c in r["candidates"]] for r in records]
     has_lp = all(v is not None for vs in mean_lp + sum_lp for v in vs)
-    has_anchor = all(r["candidates"][0]["anchor"] for r in records)  # collection puts the anchor first
+    anchored = [bool(r["candidates"][0]["anchor"]) for r in records]  # collection puts the anchor first
     true = [[c["mean"] for c in r["candidates"]] for r in records]
     out: dict[str, Callable[[int], int] | None] = {"oracle": lambda i: argmax(true[i])}
     if q is not None:
@@ -188,11 +197,11 @@ def rankers(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | No
     if has_lp:
         out["likelihood"] = lambda i: argmax(mean_lp[i])
         out["policy-mode"] = lambda i: argmax(sum_lp[i])
-    if has_anchor:
-        out["anchor"] = lambda i: 0
+    if any(anchored):
+        out["anchor"] = lambda i: 0 if anchored[i] else NO_PICK
         if q is not None:
-            for tau in cfg.margins:
-                out[f"anchor+margin {tau:g}"] = lambda i, t=tau: choose(q[i], t)  # as qlass search's margin
+            for tau in cfg.margins:  # as qlass search's margin rule
+                out[f"anchor+margin {tau:g}"] = lambda i, t=tau: choose(q[i], t) if anchored[i] else NO_PICK
     out["random"] = None
     return out
 
@@ -211,11 +220,12 @@ def _intervals(diffs: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray
 
 
 def _group_rows(scores: dict[str, np.ndarray], members: np.ndarray, cfg: ReportConfig) -> list[dict[str, Any]]:
-    """Per ranker: accuracy, regret and the paired comparisons with each baseline, on ``members``."""
-    names = list(scores)
+    """Per ranker that picks in every decision of ``members``: accuracy, regret and the paired
+    comparisons with each baseline among them."""
+    names = [name for name, s in scores.items() if not np.isnan(s[members]).any()]
     rows = [{"ranker": name, "accuracy": float(scores[name][members, 0].mean()),
              "regret": float(scores[name][members, 1].mean()), "vs": {}} for name in names]
-    pairs = [(r, b, m) for r in range(len(names)) for b in BASELINES if b in scores and names[r] != b for m in (0, 1)]
+    pairs = [(r, b, m) for r in range(len(names)) for b in BASELINES if b in names and names[r] != b for m in (0, 1)]
     if not pairs or len(members) < 2:
         return rows
     diffs = np.stack([scores[names[r]][members, m] - scores[b][members, m] for r, b, m in pairs])
@@ -264,12 +274,15 @@ def score_decisions(records: Sequence[dict[str, Any]], q: Sequence[Sequence[floa
     values = [[float(c["mean"]) for c in r["candidates"]] for r in records]
     scores = {}
     for name, pick in rankers(records, q, cfg).items():
-        scores[name] = np.array([_random(v) if pick is None else _outcome(v, pick(i)) for i, v in enumerate(values)])
+        scores[name] = np.array([_random(v) if pick is None else _pick_outcome(v, pick(i)) for i, v in enumerate(values)])
+    anchored = np.array([bool(r["candidates"][0]["anchor"]) for r in records])
     irreversible = np.array([any(c["terminal"] for c in r["candidates"]) for r in records])
     splits = np.array([r["split"] for r in records])
     groups = [("all", np.ones(len(records), bool))]
     groups += [(f"split {s}", splits == s) for s in dict.fromkeys(splits.tolist())]
     groups += [("irreversible", irreversible), ("reversible", ~irreversible)]
+    if anchored.any() and not anchored.all():
+        groups.append((ANCHORED, anchored))
     out = []
     for label, mask in groups:
         members = np.flatnonzero(mask)
@@ -306,8 +319,14 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
                        f"(random: {100 * half['random_accuracy']:.1f}%; {half['decisions']} decisions). The values "
                        "separate a ranker that knows the candidates' worth from chance this far; accuracy below that "
                        "is the ranker's, not the measurement's.")]
-    bases = [b for b in BASELINES if any(r["ranker"] == b for r in result["groups"][0]["rows"])]
+    anchored = next((g for g in result["groups"] if g["group"] == ANCHORED), None)
+    if anchored:
+        missing = result["groups"][0]["decisions"] - anchored["decisions"]
+        lines += ["", (f"{missing} decision(s) have no greedy anchor among their candidates (its output was cut off by "
+                       f"the token limit), so the anchor rankers are scored only in the last table, \"{ANCHORED}\", "
+                       "beside every other ranker on the same decisions.")]
     for g in result["groups"]:
+        bases = [b for b in BASELINES if any(r["ranker"] == b for r in g["rows"])]
         lines += ["", (f"## {g['group']}: {g['decisions']} decisions from {g['tasks']} tasks, "
                       f"{g['unique_best']} with a unique best"), ""]
         head = ["ranker", "accuracy %", "regret (points)"] + [f"Δ {m} vs {b}" for b in bases
