@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import DataError, QlassError
+from .errors import DataError, MissingFileError, QlassError
 from .jsonl import write_text_atomic
 
 T = TypeVar("T")
@@ -78,7 +78,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.load(p.read_bytes().decode("utf-8"), Loader=_StrictLoader)
     except FileNotFoundError:
-        raise DataError(str(p), "file not found") from None
+        raise MissingFileError(str(p)) from None
     except UnicodeDecodeError as exc:
         raise DataError(str(p), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except RecursionError:

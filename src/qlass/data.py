@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DataError
+from .errors import DataError, MissingFileError
 from .jsonl import write_text_atomic
 from .types import Message, Role, Step, Trajectory
 
@@ -73,7 +73,7 @@ def load_records(path: Path) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise DataError(str(path), "file not found") from None
+        raise MissingFileError(str(path)) from None
     except UnicodeDecodeError as exc:
         raise DataError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     stripped = text.lstrip()

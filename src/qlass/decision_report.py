@@ -46,7 +46,7 @@ from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
 from .decisions import DECISIONS_SCHEMA_VERSION as SCHEMA_VERSION
-from .errors import DataError, QlassError
+from .errors import DataError, MissingFileError, QlassError
 from .jsonl import read_jsonl, write_text_atomic
 from .tree import ROLES
 from .types import Message
@@ -130,7 +130,7 @@ def read_decisions(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     seen: dict[tuple[Any, ...], str] = {}
     for path in map(Path, paths):
         if not path.exists():
-            raise QlassError(f"{path}: file not found")
+            raise MissingFileError(str(path))
         for i, rec in enumerate(read_jsonl(path)):
             check_decision(path, i, rec)
             key = (rec.get("env"), rec["split"], rec["task"], rec["step"])

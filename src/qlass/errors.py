@@ -20,6 +20,13 @@ class DataError(QlassError):
         self.path, self.index, self.record_id, self.problem = path, index, record_id, problem
 
 
+class MissingFileError(DataError):
+    """An input file that does not exist."""
+
+    def __init__(self, path: str):
+        super().__init__(path, "file not found")
+
+
 class MissingExtraError(QlassError):
     """An optional dependency is not installed."""
 

@@ -214,14 +214,14 @@ def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """The evaluation records of ``paths`` (``records.jsonl`` files, e.g. shards of one evaluation
     run on several machines), each checked for the fields the report reads (:func:`check_record`). A
     (method, env, split, task) key found twice is an error naming both places."""
-    from .errors import DataError
+    from .errors import DataError, MissingFileError
     from .jsonl import read_jsonl
 
     seen: dict[tuple[str, ...], str] = {}
     out = []
     for path in paths:
         if not Path(path).exists():
-            raise DataError(str(path), "file not found")
+            raise MissingFileError(str(path))
         for line, rec in enumerate(read_jsonl(path), start=1):
             check_record(rec, str(path), line)
             key = (rec["method"], rec["env"], rec["split"], rec["task"])

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import observation_message
-from .errors import DataError
+from .errors import DataError, MissingFileError
 from .jsonl import read_jsonl, refuse_overwriting_inputs, write_jsonl
 from .types import Message
 
@@ -216,7 +216,7 @@ def read_trees(path: str | os.PathLike, repair_tail: bool = False) -> list[Tree]
     """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error)."""
     trees, seen = [], set()
     if not Path(path).exists():
-        raise DataError(str(path), "file not found")
+        raise MissingFileError(str(path))
     for line, rec in enumerate(read_jsonl(path, repair_tail=repair_tail), start=1):
         tree = tree_from_dict(rec, str(path), line)
         if tree.tree_id in seen:
@@ -347,7 +347,7 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
     naming the file, line and field."""
     p = str(path)
     if not Path(path).exists():
-        raise DataError(p, "file not found")
+        raise MissingFileError(p)
     out: list[dict[str, Any]] = []
     seen: dict[tuple[str, int], int] = {}
     for line, rec in enumerate(read_jsonl(path), start=1):

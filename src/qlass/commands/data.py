@@ -77,7 +77,7 @@ def _validate(path: Path, what: str) -> bool:
     """Check one file of kind ``what``, printing its summary and problems; False if a record is invalid.
     A file that cannot be read as a whole raises :class:`DataError`."""
     from ..data import validate_file
-    from ..errors import DataError
+    from ..errors import DataError, MissingFileError
     from ..tree import read_qdata, read_trees
 
     if what == "trajectories":
@@ -96,7 +96,7 @@ def _validate(path: Path, what: str) -> bool:
             records = read_qdata(path)
             typer.echo(f"{path}: {len(records)} Q records from {len({r['tree_id'] for r in records})} trees, all valid")
     except DataError as exc:
-        if exc.index is None and "file not found" in exc.problem:
+        if isinstance(exc, MissingFileError):
             raise
         typer.echo(str(exc), err=True)
         return False

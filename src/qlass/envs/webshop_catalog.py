@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, MissingFileError
 
 PROCESSED_NAMES = ("products_1k.jsonl.xz", "products_1k.jsonl", "products.jsonl.xz", "products.jsonl")
 ORIGINAL_NAMES = ("items_shuffle_1000.json", "items_shuffle.json")
@@ -216,7 +216,7 @@ def load_attributes(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except FileNotFoundError:
-        raise DataError(str(path), "file not found") from None
+        raise MissingFileError(str(path)) from None
     except json.JSONDecodeError as exc:
         raise DataError(str(path), f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
     if not isinstance(data, dict):
