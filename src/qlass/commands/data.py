@@ -107,13 +107,13 @@ def _detect_kind(path: Path) -> str:
     """``trees``, ``qdata`` or ``trajectories`` from the first record's fields."""
     import json
 
-    from ..errors import DataError
+    from ..errors import DataError, MissingFileError
 
     try:
         with path.open("rb") as fh:  # undecodable bytes are reported by the file's reader, with their place
             first = fh.readline().decode("utf-8-sig", errors="replace").strip()
     except FileNotFoundError:
-        raise DataError(str(path), "file not found") from None
+        raise MissingFileError(str(path)) from None
     except OSError as exc:
         raise DataError(str(path), f"cannot read: {exc.strerror or exc}") from None
     try:
