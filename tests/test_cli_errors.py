@@ -119,6 +119,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "dec_nan.jsonl": _lines(_decision(candidate={**_decision()["candidates"][1], "mean": float("nan")})),
         "dec_v0.jsonl": _lines({k: v for k, v in _decision().items() if k != "schema_version"}),
         "dec_envs.jsonl": _lines(_decision(), _decision(env="other", task="corridor/1")),
+        "dec_anchor2.jsonl": _lines(_decision(candidate={**_decision()["candidates"][1], "anchor": True})),
+        "dec_nolp.jsonl": _lines(_decision(task="corridor/1", candidates=[
+            {**c, "logprob": None, "mean_logprob": None} for c in _decision()["candidates"]])),
+        "dec_surrogate.jsonl": _lines(_decision(history=[{"role": "user", "content": "Walk \ud800 east."}])),
+        "dec_vtrue.jsonl": _lines(_decision(schema_version=True)),
         "blank.jsonl": "\n\n",
         "traj_id_bool.json": json.dumps([_trajectory(id=True)]),
         "pipe_empty.yaml": "# nothing yet\n",
@@ -145,8 +150,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                                              .replace(b'corridor/100', b'corridor/\xff\xfe100', 1))
     (tmp / "nonutf8.yaml").write_bytes(b"epochs: \xff\n")
     (tmp / "adir").mkdir()
-    for name in ("resume_v99", "resume_no_task", "resume_nonutf8", "foreign"):
+    for name in ("resume_v99", "resume_no_task", "resume_nonutf8", "foreign", "report_inplace", "dec_nocfg",
+                 "dec_cfg_empty"):
         (tmp / name).mkdir()
+    (tmp / "report_inplace" / "decisions.json").write_text(_lines(_decision()), encoding="utf-8")
+    for name in ("dec_nocfg", "dec_cfg_empty"):  # decisions without (usable) settings beside them
+        (tmp / name / "d.jsonl").write_text(_lines(_decision()), encoding="utf-8")
+    (tmp / "dec_cfg_empty" / "d.config.yaml").write_text("{}\n", encoding="utf-8")
     (tmp / "foreign" / "records.jsonl").write_text(_lines(_record()), encoding="utf-8")  # no config.yaml beside
     for name, extra in (("model_notok", {}), ("qnet_badmeta", {"qnet.json": "{oops"})):  # no tokenizer files
         (tmp / name).mkdir()
@@ -270,8 +280,34 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("decision value NaN", ["decisions", "to-qdata", "{dec_nan}", "--out", "{tmp}/dq.jsonl"],
      ["dec_nan.jsonl", "'candidates[1].mean'", "[0, 1]"]),
     ("decision without schema", ["decisions", "report", "{dec_v0}", "--out", "{tmp}/dr"], ["dec_v0.jsonl", "'schema_version'"]),
-    ("decisions of two envs", ["decisions", "to-qdata", "{dec_envs}", "--out", "{tmp}/dq.jsonl"], ["2 environments", "corridor, other"]),
-    ("report of two envs", ["decisions", "report", "{dec_envs}", "--out", "{tmp}/dr"], ["2 environments", "corridor, other"]),
+    ("decisions of two envs", ["decisions", "to-qdata", "{dec_envs}", "--out", "{tmp}/dq.jsonl"],
+     ["dec_envs.jsonl, record 1", "'env' is 'other'", "record 0 is 'corridor'"]),
+    ("report of two envs", ["decisions", "report", "{dec_envs}", "--out", "{tmp}/dr"],
+     ["dec_envs.jsonl, record 1", "'env' is 'other'", "dec_envs.jsonl, record 0 is 'corridor'"]),
+    ("decision anchor not first", ["decisions", "report", "{dec_anchor2}", "--out", "{tmp}/dr"],
+     ["dec_anchor2.jsonl", "record 0", "'candidates[1].anchor'"]),
+    ("log-probabilities in some files only", ["decisions", "report", "{dec}", "{dec_nolp}", "--out", "{tmp}/dr"],
+     ["dec_nolp.jsonl", "record 0", "log-probabilities are missing", "dec.jsonl, record 0"]),
+    ("decision text not text", ["decisions", "to-qdata", "{dec_surrogate}", "--out", "{tmp}/dq.jsonl"],
+     ["dec_surrogate.jsonl", "record 0", "'history[0].content'", "surrogate"]),
+    ("decision schema a bool", ["decisions", "report", "{dec_vtrue}", "--out", "{tmp}/dr"],
+     ["dec_vtrue.jsonl", "'schema_version'", "True"]),
+    ("decisions file empty", ["decisions", "report", "{dec}", "{blank}", "--out", "{tmp}/dr"],
+     ["blank.jsonl", "no decision records"]),
+    ("report over its decisions", ["decisions", "report", "{tmp}/report_inplace/decisions.json", "--out",
+                                   "{tmp}/report_inplace"], ["report_inplace/decisions.json", "also an input"]),
+    ("qnet rankers without a qnet", ["decisions", "report", "{dec}", "--out", "{tmp}/dr", "--beta", "0.5"],
+     ["--beta", "give --qnet"]),
+    ("bootstrap seed negative", ["decisions", "report", "{dec}", "--out", "{tmp}/dr", "--seed", "-1"], ["'--seed'"]),
+    ("collect onto decisions without settings", ["decisions", "collect", "--model", "test_cli_errors:EastWalker", *ENV,
+                                                 "--limit", "1", "--out", "{tmp}/dec_nocfg/d.jsonl"],
+     ["dec_nocfg/d.jsonl holds earlier work", "d.config.yaml is missing"]),
+    ("collect onto decisions with empty settings", ["decisions", "collect", "--model", "test_cli_errors:EastWalker",
+                                                    *ENV, "--limit", "1", "--out", "{tmp}/dec_cfg_empty/d.jsonl"],
+     ["dec_cfg_empty/d.config.yaml does not record", "'model'", "'options'"]),
+    ("policy option unknown", ["decisions", "collect", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1",
+                               "--policy-arg", "speed=2", "--out", "{tmp}/dpa.jsonl"],
+     ["'test_cli_errors:EastWalker' (--policy-arg)", "no option 'speed'"]),
     ("decisions read before the qnet loads", ["decisions", "report", "{dec_v0}", "--out", "{tmp}/dr", "--qnet",
                                               "{qnet_badmeta}"], ["dec_v0.jsonl", "'schema_version'"]),
     ("collect onto records", ["decisions", "collect", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_qnet_train import BAD, FILLER, GOOD
 
-from qlass.decision_head import cross_validate_on_decisions, decision_qrecords, write_decision_qdata
+from qlass.decision_head import cross_validate_on_decisions, write_decision_qdata
 from qlass.decision_report import read_decisions
 from qlass.errors import QlassError
 from qlass.qnet_data import make_groups, read_qdata
@@ -97,8 +97,18 @@ def test_cli_names_a_bad_decision_record(tmp_path: Path) -> None:
     assert not (tmp_path / "q.jsonl").exists()
 
 
-def test_candidate_limit_is_checked() -> None:
-    rec = {"split": "seen", "task": "t", "step": 0, "history": [{"role": "user", "content": "x"}],
-           "candidates": [candidate("north", 0.5, -0.1, False)] * 1000}
-    with pytest.raises(QlassError, match="1000 candidates"):
-        decision_qrecords([rec])
+def test_candidate_limit_is_checked_when_read(tmp_path: Path) -> None:
+    rec = json.loads(decision_file(tmp_path / "d.jsonl", tasks=1).read_text().splitlines()[0])
+    rec["candidates"] = [candidate("north", 0.5, -0.1, False)] * 1000  # node ids hold at most 999 a step
+    (tmp_path / "big.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(QlassError, match=r"big.jsonl, record 0 .*'candidates': a decision needs 2 to 999, got 1000"):
+        read_decisions([tmp_path / "big.jsonl"])
+
+
+def test_cross_validation_refuses_extra_decisions_of_another_environment(tmp_path: Path) -> None:
+    scored = decision_file(tmp_path / "d.jsonl", tasks=2)
+    other = decision_file(tmp_path / "e.jsonl", tasks=2, first=5)
+    other.write_text(other.read_text().replace('"env": "toy"', '"env": "alfworld"'))
+    with pytest.raises(QlassError, match=r"scored decisions are from 'toy' \(.*d.jsonl\), the extra ones from "
+                                         r"'alfworld' \(.*e.jsonl\)"):
+        cross_validate_on_decisions([scored], "unused-model", tmp_path / "cv", QNetHeadConfig(), extra=[other])

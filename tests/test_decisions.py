@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -353,6 +354,17 @@ def test_anchor_rankers_are_scored_on_the_decisions_that_have_an_anchor() -> Non
     assert [g["group"] for g in score_decisions(hand_built(), Q_VALUES)["groups"]][-1] == "reversible"
 
 
+def test_report_options_are_checked() -> None:
+    from qlass.decision_report import ReportConfig
+
+    for bad, why in (({"betas": [0.1, 0.1]}, "distinct"), ({"betas": [0.1, 0.1000001]}, "distinct"),
+                     ({"margins": [0.05, 0.05]}, "distinct"), ({"margins": [-1.0]}, ">= 0"), ({"seed": -1}, ">= 0"),
+                     ({"resamples": 99}, ">= 100")):
+        with pytest.raises(ValueError, match=why):
+            ReportConfig(**bad)
+    assert ReportConfig(betas=[0.1, 0.3], margins=[0.0]).margins == [0.0]
+
+
 def test_paired_intervals_follow_the_compare_procedure() -> None:
     import random
 
@@ -412,6 +424,44 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", hand_built())
     with pytest.raises(DataError, match="also in"):
         read_decisions([tmp_path / "a.jsonl", tmp_path / "a.jsonl"])
+    for field, change in (("candidates[2].anchor", lambda c: c[2].update(anchor=True)),  # the anchor is candidate 0
+                          ("candidates[1]': log-probabilities", lambda c: c[1].update(logprob=None, mean_logprob=None)),
+                          ("candidates[0]': log-probabilities", lambda c: c[0].update(mean_logprob=None)),
+                          ("candidates[1].output' holds an unpaired surrogate", lambda c: c[1].update(output="\udc80"))):
+        recs = hand_built()
+        change(recs[1]["candidates"])
+        (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))  # \\udc80 escaped
+        with pytest.raises(DataError, match=rf"bad.jsonl, record 1 .*field '{re.escape(field)}"):
+            read_decisions([tmp_path / "bad.jsonl"])
+
+
+def test_resuming_a_collection_needs_its_recorded_settings(tmp_path: Path) -> None:
+    """Decisions (or finished tasks) without a settings file, or with one that records none, could be
+    of any settings: a collection does not add to them. An empty file is no earlier work."""
+    from qlass.decisions import check_settings
+    from qlass.errors import QlassError
+    from qlass.jsonl import write_jsonl
+
+    settings = {"model": "m", "env": "fork", "seed": 0, "options": {"m": 4}}
+    out = tmp_path / "d.jsonl"
+    write_jsonl(out, hand_built())
+    with pytest.raises(QlassError, match=r"d.jsonl holds earlier work but .*d.config.yaml is missing"):
+        check_settings(out, settings)
+    (tmp_path / "d.config.yaml").write_text("seed: 0\n")
+    with pytest.raises(QlassError, match=r"d.config.yaml does not record 'model', 'env', 'options'"):
+        check_settings(out, settings)
+    out.unlink()
+    (tmp_path / "d.config.yaml").unlink()
+    (tmp_path / "d.tasks.jsonl").write_text('{"split": "seen", "task": "fork/seen/0"}\n')
+    with pytest.raises(QlassError, match="d.tasks.jsonl holds earlier work"):
+        check_settings(out, settings)
+    (tmp_path / "d.tasks.jsonl").write_text("")
+    out.write_text("")
+    check_settings(out, settings)  # nothing recorded yet: the settings are saved
+    check_settings(out, settings)
+    with pytest.raises(QlassError, match=r"options.m: 4 → 3"):
+        out.write_text(json.dumps(hand_built()[0]) + "\n")
+        check_settings(out, {**settings, "options": {"m": 3}})
 
 
 def test_a_truncated_greedy_output_is_sent_without_its_action_and_play_goes_on(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .config import to_dict
-from .decision_report import ReportConfig, markdown, one_environment, read_decisions, score_decisions
+from .decision_report import MAX_CANDIDATES, ReportConfig, markdown, one_environment, read_decisions, score_decisions
 from .errors import QlassError
 from .jsonl import refuse_overwriting_inputs, write_jsonl, write_text_atomic
 from .locking import writes_to
@@ -42,7 +42,6 @@ from .types import Message
 
 log = logging.getLogger(__name__)
 
-MAX_CANDIDATES = 1000  # node ids are step * MAX_CANDIDATES + candidate + 1
 RESULT_FILE = "decision_cv.json"
 
 
@@ -57,10 +56,7 @@ def decision_qrecords(records: Sequence[dict[str, Any]]) -> list[QRecord]:
     one_environment(records)
     out = []
     for rec in records:
-        tree, step = _tree_id(rec), int(rec["step"])
-        if len(rec["candidates"]) >= MAX_CANDIDATES:
-            raise QlassError(f"decision {tree}@{step}: {len(rec['candidates'])} candidates; at most "
-                             f"{MAX_CANDIDATES - 1} are supported")
+        tree, step = _tree_id(rec), int(rec["step"])  # node ids: checked decisions have < MAX_CANDIDATES
         messages = tuple(Message(m["role"], m["content"]) for m in rec["history"])
         for j, cand in enumerate(rec["candidates"]):
             out.append(QRecord(tree_id=tree, task=rec["task"], node_id=step * MAX_CANDIDATES + j + 1, parent_id=step,
@@ -102,9 +98,14 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
     ``decision_cv.json`` to ``out_dir`` and returns the result."""
     report = report or ReportConfig()
     out = Path(out_dir)
+    for name in ("features.jsonl", RESULT_FILE, "decisions.md"):
+        refuse_overwriting_inputs(out / name, [*paths, *extra])
     out.mkdir(parents=True, exist_ok=True)
     scored = read_decisions(paths)
     trained_only = read_decisions(extra) if extra else []
+    if trained_only and trained_only[0]["env"] != scored[0]["env"]:
+        raise QlassError(f"the scored decisions are from {scored[0]['env']!r} ({paths[0]}), the extra ones from "
+                         f"{trained_only[0]['env']!r} ({extra[0]}): use one environment's decisions at a time")
     held_trees = {_tree_id(r) for r in scored}
     clash = held_trees & {_tree_id(r) for r in trained_only}
     if clash:

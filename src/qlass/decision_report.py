@@ -47,7 +47,7 @@ from .compare import TIE
 from .config import option
 from .decisions import DECISIONS_SCHEMA_VERSION as SCHEMA_VERSION
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import read_jsonl, write_text_atomic
+from .jsonl import read_jsonl, refuse_overwriting_inputs, write_text_atomic
 from .tree import ROLES
 from .types import Message
 
@@ -58,6 +58,7 @@ BASELINES = ("likelihood", "anchor")
 _BLOCK = 1000  # bootstrap resamples drawn at once
 NO_PICK = -1  # a ranker's pick where it has none (the anchor rankers in a decision without an anchor)
 ANCHORED = "with a greedy anchor"
+MAX_CANDIDATES = 1000  # Q-data node ids are step * MAX_CANDIDATES + candidate + 1 (qlass.decision_head)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,15 @@ class ReportConfig:
     qnet_batch: int = option(16, "decisions per QNet score_batch call")
 
     def __post_init__(self) -> None:
+        for name in ("betas", "margins"):
+            values = getattr(self, name)
+            if len(set(values)) < len(values) or len({f"{v:g}" for v in values}) < len(values):
+                raise ValueError(f"{name} must be distinct (as the report prints them, to 6 significant digits), "
+                                 f"got {values}")
+        if any(tau < 0 for tau in self.margins):
+            raise ValueError(f"margins must be >= 0 (as qlass search's margin), got {self.margins}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.resamples < 100:
             raise ValueError(f"resamples must be >= 100, got {self.resamples}")
         if self.qnet_batch < 1:
@@ -83,27 +93,41 @@ def _number(value: Any, low: float, high: float) -> bool:
     return real and math.isfinite(value) and low <= value <= high
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (JSON's ``\\ud800`` escapes decode to lone surrogates that cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_decision(path: Path, i: int, rec: Any) -> None:
     """Raise :class:`DataError` naming the record and field of a decision record that a ranker, the
     Q-data export or a resumed collection could not read, or that holds an impossible value."""
     if not isinstance(rec, dict):
         raise DataError(str(path), f"a decision record is a JSON object, got {type(rec).__name__}", i)
     rid = f"{rec.get('task')}@{rec.get('step')}"
-    if rec.get("schema_version") != SCHEMA_VERSION:
+    version = rec.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise DataError(str(path), f"field 'schema_version' must be {SCHEMA_VERSION}, got {rec.get('schema_version')!r}"
                         " (not a decision file, or one from another version)", i, rid)
-    for name, kind in (("split", str), ("task", str), ("history", list), ("candidates", list)):
+    for name, kind in (("env", str), ("split", str), ("task", str), ("history", list), ("candidates", list)):
         if not isinstance(rec.get(name), kind):
             raise DataError(str(path), f"field {name!r} missing or not a {kind.__name__}", i, rid)
     step = rec.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise DataError(str(path), f"field 'step' must be an integer >= 0, got {step!r}", i, rid)
-    if len(rec["candidates"]) < 2:
-        raise DataError(str(path), "field 'candidates': a decision needs at least 2", i, rid)
+    if not 2 <= len(rec["candidates"]) < MAX_CANDIDATES:
+        raise DataError(str(path), f"field 'candidates': a decision needs 2 to {MAX_CANDIDATES - 1}, got "
+                        f"{len(rec['candidates'])}", i, rid)
     for k, m in enumerate(rec["history"]):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise DataError(str(path), f"field 'history[{k}]': a message needs 'role' ({', '.join(ROLES)}) and "
                             "'content' (a string)", i, rid)
+        if not _utf8(m["content"]):
+            raise DataError(str(path), f"field 'history[{k}].content' holds an unpaired surrogate (\\ud800-\\udfff), "
+                            "which is not text", i, rid)
     for j, c in enumerate(rec["candidates"]):
         if not isinstance(c, dict):
             raise DataError(str(path), f"field 'candidates[{j}]' must be an object, got {type(c).__name__}", i, rid)
@@ -122,21 +146,48 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
             if not ok:
                 raise DataError(str(path), f"field 'candidates[{j}].{name}' must be {expected}, got "
                                 f"{c.get(name)!r}", i, rid)
+        if not _utf8(c["output"]):
+            raise DataError(str(path), f"field 'candidates[{j}].output' holds an unpaired surrogate (\\ud800-\\udfff), "
+                            "which is not text", i, rid)
+        if j > 0 and c["anchor"]:
+            raise DataError(str(path), f"field 'candidates[{j}].anchor' is true: the greedy anchor is candidate 0 "
+                            "or none (collection puts it first)", i, rid)
+        if (c.get("logprob") is None) != (rec["candidates"][0].get("logprob") is None) or (
+                c.get("mean_logprob") is None) != (c.get("logprob") is None):
+            raise DataError(str(path), f"field 'candidates[{j}]': log-probabilities ('logprob', 'mean_logprob') "
+                            "must be given for every candidate of a decision or for none", i, rid)
 
 
 def read_decisions(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """The decision records of ``paths``, each checked; a decision recorded twice is an error."""
+    """The decision records of ``paths``, each checked. Refused: a file without decisions, a
+    decision recorded twice, decisions of two environments, and log-probabilities in some decisions
+    only (the likelihood rankers would silently drop out)."""
     records: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], str] = {}
+    first_at = ""  # where the first decision was read
     for path in map(Path, paths):
         if not path.exists():
             raise MissingFileError(str(path))
-        for i, rec in enumerate(read_jsonl(path)):
+        rows = read_jsonl(path)
+        if not rows:
+            raise DataError(str(path), "holds no decision records")
+        for i, rec in enumerate(rows):
             check_decision(path, i, rec)
-            key = (rec.get("env"), rec["split"], rec["task"], rec["step"])
+            rid, here = f"{rec['task']}@{rec['step']}", f"{path}, record {i}"
+            key = (rec["env"], rec["split"], rec["task"], rec["step"])
             if key in seen:
                 raise DataError(str(path), f"decision {key} is also in {seen[key]}", i)
-            seen[key] = f"{path}, record {i}"
+            seen[key] = here
+            if records and rec["env"] != records[0]["env"]:
+                raise DataError(str(path), f"field 'env' is {rec['env']!r} but {first_at} is "
+                                f"{records[0]['env']!r}: use one environment's decisions at a time", i, rid)
+            has_lp = rec["candidates"][0].get("logprob") is not None
+            if records and has_lp != (records[0]["candidates"][0].get("logprob") is not None):
+                raise DataError(str(path), f"log-probabilities are {'given' if has_lp else 'missing (null)'} here but "
+                                f"{'missing' if has_lp else 'given'} in {first_at}: the likelihood rankers need "
+                                "them in every decision (collected by another backend? report the files separately)",
+                                i, rid)
+            first_at = first_at or here
             records.append(rec)
     return records
 
@@ -345,8 +396,9 @@ def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet
     ``load_qnet`` returns: called once the files are read and checked, so that a bad file is reported
     before a model loads) and write ``decisions.md`` and ``decisions.json`` into ``out_dir``."""
     cfg = cfg or ReportConfig()
-    records = read_decisions(paths)
-    one_environment(records)
+    records = read_decisions(paths)  # one environment's
+    refuse_overwriting_inputs(Path(out_dir) / "decisions.json", paths)
+    refuse_overwriting_inputs(Path(out_dir) / "decisions.md", paths)
     if load_qnet is not None:
         qnet = load_qnet()
     q = qnet_values(records, qnet, cfg.qnet_batch) if qnet is not None else None

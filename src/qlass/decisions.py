@@ -34,9 +34,9 @@ from typing import Any
 
 from .agent import apply_output, episode_running, executed_text, start_messages
 from .candidates import normalise_action
-from .config import check_recorded, option, save_yaml
+from .config import check_recorded, load_yaml, option, save_yaml
 from .envs.base import Env, parse_action
-from .errors import DataError
+from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, Sample, drive
@@ -276,14 +276,45 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     :func:`qlass.config.check_recorded`); else save ``settings`` as ``NAME.config.yaml``. Task limits
     and runtime options may change; an option added to DecisionConfig since does not count."""
     path = sidecar(out, "config.yaml")
-    if out.exists() or sidecar(out, "tasks.jsonl").exists():
-        check_recorded(path, settings, str(out), RESUMABLE_SETTINGS, "use another output file for these settings")
+    started = [f for f in (out, sidecar(out, "tasks.jsonl")) if f.exists() and f.stat().st_size > 0]
+    if started:
+        if not path.exists():
+            raise QlassError(f"{started[0]} holds earlier work but {path} is missing, so its settings are unknown "
+                             "and new decisions could mix with others; use another output file (or restore it)")
+        recorded = load_yaml(path)
+        missing = [k for k in ("model", "env", "seed", "options") if k in settings and k not in recorded]
+        if missing:
+            raise QlassError(f"{path} does not record {', '.join(map(repr, missing))}, so the settings of "
+                             f"{started[0]} are unknown and new decisions could mix with others; use another output "
+                             "file (or restore it)")
+        check_recorded(path, settings, str(out), RESUMABLE_SETTINGS, "use another output file for these settings",
+                       recorded=recorded)
     save_yaml(path, settings)
 
 
 def _chunks(items: Sequence[Task], size: int) -> Iterator[list[Task]]:
     for at in range(0, len(items), size):
         yield list(items[at: at + size])
+
+
+def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: dict[str, Any] | None = None
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The decisions and finished tasks already in ``out`` and its ``NAME.tasks.jsonl``, checked
+    (a torn last line is cut), after refusing other settings (:func:`check_settings`, which saves
+    them). :func:`collect_decisions` starts with it; calling it first reports a problem before a
+    model loads."""
+    from .decision_report import check_decision  # it reads this module's schema version
+
+    records = read_jsonl(out, repair_tail=True)
+    for i, rec in enumerate(records):
+        check_decision(out, i, rec)
+    done_path = sidecar(out, "tasks.jsonl")
+    done = read_jsonl(done_path, repair_tail=True)
+    for i, rec in enumerate(done):
+        if not isinstance(rec.get("split"), str) or not isinstance(rec.get("task"), str):
+            raise DataError(str(done_path), "a finished-task record needs 'split' and 'task' (strings)", i)
+    check_settings(out, {**(settings or {}), "seed": seed, "options": cfg.options()})
+    return records, done
 
 
 @writes_to("out", folder=False)
@@ -295,18 +326,9 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
     ``settings`` (model, env, ...) describe the run; with ``seed`` and ``cfg``'s options they are
     checked against and saved to ``NAME.config.yaml``. A local policy should keep at least
     ``cfg.concurrency`` prompt caches (``HFPolicy(cache_slots=...)``), or each turn re-reads its history."""
-    from .decision_report import check_decision  # it reads this module's schema version
-
     out = Path(out)
-    records = read_jsonl(out, repair_tail=True)
-    for i, rec in enumerate(records):
-        check_decision(out, i, rec)
+    records, done = check_collection(out, cfg, seed, settings)
     done_path = sidecar(out, "tasks.jsonl")
-    done = read_jsonl(done_path, repair_tail=True)
-    for i, rec in enumerate(done):
-        if not isinstance(rec.get("split"), str) or not isinstance(rec.get("task"), str):
-            raise DataError(str(done_path), "a finished-task record needs 'split' and 'task' (strings)", i)
-    check_settings(out, {**(settings or {}), "seed": seed, "options": cfg.options()})
     finished = {(r["split"], r["task"]) for r in done}
     recorded = {(r["split"], r["task"], r["step"]) for r in records}
     todo = [t for t in tasks if (t.split, t.id) not in finished]

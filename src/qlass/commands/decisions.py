@@ -58,10 +58,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Play the policy on a split, find decision states and value every candidate by K rollouts."""
         from ..config import describe, load_config, parse_kv
-        from ..decisions import DecisionConfig, collect_decisions
+        from ..decisions import DecisionConfig, check_collection, collect_decisions
         from ..envs.base import make_env
         from ..evaluate import split_tasks
         from ..explore_config import expert_task_ids
+        from ..locking import writer_lock
 
         if list_options:
             typer.echo(describe(DecisionConfig))
@@ -83,6 +84,8 @@ def register(app: typer.Typer) -> None:
         settings = {"model": model, "env": env, "env_args": env_kwargs, "splits": list(split), "task_types": types,
                     "limit": limit, "policy": policy_kwargs, "offset": offset,
                     "exclude_tasks_of": str(exclude_tasks_of) if exclude_tasks_of else None}
+        with writer_lock(out, folder=False):
+            check_collection(out, cfg, seed, settings)  # before the model loads
         policy = policy_with_cache(model, policy_kwargs, cfg.concurrency)()
         records = collect_decisions(make, tasks, policy, cfg, out, seed=seed, settings=settings)
         typer.echo(f"{len(records)} decisions from {len(tasks)} tasks in {out}")
@@ -95,12 +98,15 @@ def register(app: typer.Typer) -> None:
         qnet_arg: list[str] = typer.Option([], help="QNet.load option key=value, e.g. threads=1 or device=cpu (repeatable)."),
         beta: list[float] = typer.Option([], help="β of a qnet+β·likelihood ranker (repeatable; default 0.1, 0.3, 1)."),
         margin: list[float] = typer.Option([], help="τ of an anchor+margin ranker (repeatable; default 0.05, 0.1, 0.2)."),
-        resamples: int = typer.Option(10_000, min=1, help="Bootstrap resamples per interval."),
-        seed: int = typer.Option(0, help="Bootstrap seed."),
+        resamples: int = typer.Option(10_000, min=100, help="Bootstrap resamples per interval."),
+        seed: int = typer.Option(0, min=0, help="Bootstrap seed."),
     ) -> None:
         """Score rankers on the decisions: accuracy, regret, paired bootstrap intervals vs likelihood and anchor."""
         from ..config import build, parse_kv
         from ..decision_report import ReportConfig, markdown, write_decision_report
+
+        if qnet is None and (beta or margin or qnet_arg):
+            raise QlassError("--beta, --margin and --qnet-arg set the QNet's rankers: give --qnet too")
 
         opts: dict[str, Any] = {"resamples": resamples, "seed": seed}
         if beta:
@@ -139,7 +145,7 @@ def register(app: typer.Typer) -> None:
         extra: list[Path] = typer.Option([], dir_okay=False, help="Decision files used only for fitting, never scored (repeatable), e.g. from training tasks."),
         config: Path | None = typer.Option(None, dir_okay=False, help="YAML file of QNetHeadConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override a QNetHeadConfig option: key=value (repeatable)."),
-        resamples: int = typer.Option(10_000, min=1, help="Bootstrap resamples per interval."),
+        resamples: int = typer.Option(10_000, min=100, help="Bootstrap resamples per interval."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every QNetHeadConfig option (--set, --config) with its default and help, then exit."),
     ) -> None:
         """Nested cross-validation by task of a head-only QNet on decision states, scored by the decision

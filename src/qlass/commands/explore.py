@@ -17,7 +17,10 @@ _CLASS_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def _instantiate(spec: str, options: dict[str, Any]) -> Any:
-    return load_object(spec, "policy")(**options)
+    from ..config import check_call_options
+
+    cls = load_object(spec, "policy")
+    return cls(**check_call_options(cls, options, f"policy {spec!r} (--policy-arg)"))
 
 
 def is_class_spec(spec: str) -> bool:
