@@ -6,6 +6,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -259,3 +260,28 @@ def test_float_options_must_be_finite_also_inside_lists() -> None:
     with pytest.raises(QlassError, match=r"option 'contrast\[0\]' expects bool, got 'yes'"):
         build(QNetHeadConfig, {"contrast": ["yes"]}, "c.yaml")
     assert build(QNetHeadConfig, {"l2": [1, 2.5]}, "c.yaml").l2 == [1.0, 2.5]
+
+
+def test_bracketed_words_in_option_help_are_shown() -> None:
+    """The help is rendered with rich markup, where ``[word]`` is a style tag and vanishes unless
+    escaped: every bracketed word of every option's help must reach ``--help``."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+
+    def commands(cmd: Any, path: list[str]):  # typer's own (vendored) click command classes
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from commands(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    shown = 0
+    for path, cmd in commands(get_command(app), []):
+        for param in cmd.params:
+            for word in re.findall(r"\[[a-z_]+\]", (getattr(param, "help", None) or "").replace("\\[", "[")):
+                out = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400"}).output
+                assert word in out, f"qlass {' '.join(path)} --help lost {word}"
+                shown += 1
+    assert shown >= 1  # eval's --oracle-terminal: "rows labelled [oracle]"

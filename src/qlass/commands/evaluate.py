@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         max_steps: Optional[int] = typer.Option(None, min=1, help="Step limit per episode (sets every method's max_steps)."),
         oracle_terminal: bool = typer.Option(False, "--oracle-terminal", help="The reference code's shortcut for every "
                                              "qlass method: episode-ending candidates scored by the true reward "
-                                             "(rows labelled [oracle]; same as qlass:oracle_terminal=true)."),
+                                             "(rows labelled \\[oracle]; same as qlass:oracle_terminal=true)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value, e.g. autocast=true (repeatable)."),
         seed: int = typer.Option(0, help="Run seed."),
