@@ -76,7 +76,8 @@ def _decision(candidate: dict | None = None, **extra: object) -> dict:
             "anchor": False, "mean": 0.5, "logprob": -1.0, "mean_logprob": -0.1, "rollout_rewards": [0.5]}
     rec = {"schema_version": 1, "env": "corridor", "split": "seen", "task": "corridor/0", "task_type": "walk",
            "step": 0, "prefix": [], "history": [{"role": "user", "content": "Walk east."}],
-           "candidates": [{**cand, "anchor": True, "mean": 1.0}, candidate if candidate is not None else cand]}
+           "candidates": [{**cand, "anchor": True, "mean": 1.0, "rollout_rewards": [1.0]},
+                          candidate if candidate is not None else cand]}
     return {**rec, **extra}
 
 

@@ -149,6 +149,10 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
         if not _utf8(c["output"]):
             raise DataError(str(path), f"field 'candidates[{j}].output' holds an unpaired surrogate (\\ud800-\\udfff), "
                             "which is not text", i, rid)
+        rolls = c.get("rollout_rewards")
+        if rolls and abs(float(np.mean(rolls)) - c["mean"]) > 1e-9:
+            raise DataError(str(path), f"field 'candidates[{j}].mean' is {c['mean']!r} but its 'rollout_rewards' "
+                            f"average {float(np.mean(rolls))!r}", i, rid)
         if j > 0 and c["anchor"]:
             raise DataError(str(path), f"field 'candidates[{j}].anchor' is true: the greedy anchor is candidate 0 "
                             "or none (collection puts it first)", i, rid)
