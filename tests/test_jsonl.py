@@ -50,3 +50,27 @@ def test_explore_out_on_a_notes_file_is_a_clear_error_and_keeps_it(tmp_path: Pat
     assert done.returncode == 2, done.stderr
     assert "not a JSON Lines file" in done.stderr and str(notes) in done.stderr and "Traceback" not in done.stderr
     assert notes.read_text() == "my notes"
+
+
+def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path: Path) -> None:
+    """``json`` keeps the last of two equal keys without a word: every reader of user files refuses."""
+    from qlass.data import load_records
+    from qlass.errors import QlassError
+    from qlass.jsonl import read_json_object
+
+    lines = tmp_path / "d.jsonl"
+    lines.write_text('{"task": "a", "step": 1}\n{"task": "b", "step": 1, "step": 99}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: line 2: key 'step' appears twice"):
+        read_jsonl(lines)
+    with pytest.raises(DataError, match=r"d.jsonl: line 2 \(record 1\): key 'step' appears twice"):
+        load_records(lines)
+    listed = tmp_path / "t.json"
+    listed.write_text('[{"id": "a", "conversations": [{"from": "human", "from": "gpt"}]}]')
+    with pytest.raises(DataError, match=r"t.json: key 'from' appears twice"):
+        load_records(listed)
+    obj = tmp_path / "qnet.json"
+    obj.write_text('{"rank": "q", "rank": "advantage"}')
+    with pytest.raises(QlassError, match=r"qnet.json: not valid JSON \(key 'rank' appears twice"):
+        read_json_object(obj)
+    lines.write_text('{"task": "a", "nested": {"x": 1}, "other": {"x": 2}}\n')  # equal keys in different objects
+    assert read_jsonl(lines)[0]["other"] == {"x": 2}

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, MissingFileError
-from .jsonl import write_text_atomic
+from .jsonl import DuplicateKeyError, loads, write_text_atomic
 from .types import Message, Role, Step, Trajectory
 
 ROLE_FROM_ETO = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -89,7 +89,9 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[Any]:
     """The records of a JSON list or JSON Lines ``text`` read from ``path``."""
     if stripped.startswith("["):
         try:
-            data = json.loads(text)
+            data = loads(text)
+        except DuplicateKeyError as exc:
+            raise DataError(str(path), str(exc)) from None
         except json.JSONDecodeError as exc:
             raise DataError(str(path), f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         if not isinstance(data, list):
@@ -100,7 +102,9 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[Any]:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            out.append(loads(line))
+        except DuplicateKeyError as exc:
+            raise DataError(str(path), f"line {lineno} (record {len(out)}): {exc}") from None
         except json.JSONDecodeError as exc:
             try:
                 whole = json.loads(text)

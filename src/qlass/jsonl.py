@@ -19,6 +19,30 @@ from .errors import DataError, QlassError
 log = logging.getLogger(__name__)
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object that gives one key twice (``json`` would silently keep the last value)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"key {key!r} appears twice in one object")
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return obj
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` that refuses an object giving a key twice (:class:`DuplicateKeyError`)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append ``record`` as one line in a single write, flushed and fsynced; a last line without its
     newline (a hand-edited or concatenated file) is ended first, so records are never glued."""
@@ -55,9 +79,11 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
         is_last = lineno == len(lines)
         if line.strip():
             try:
-                obj = json.loads(line)
+                obj = loads(line)
             except RecursionError:
                 raise DataError(str(p), f"line {lineno}: JSON nested too deeply") from None
+            except DuplicateKeyError as exc:
+                raise DataError(str(p), f"line {lineno}: {exc}") from None
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a torn tail may end mid-character
                 if repair_tail and is_last and not records and not line.lstrip().startswith(b"{"):
                     raise DataError(str(p), "not a JSON Lines file (its only line is not a JSON object); "
@@ -84,8 +110,8 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     naming it. A missing file raises ``FileNotFoundError`` (the caller says what was expected)."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = loads(p.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError, DuplicateKeyError) as exc:
         raise QlassError(f"{p}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise QlassError(f"{p}: expected a JSON object, got {type(data).__name__}")
