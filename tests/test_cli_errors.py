@@ -110,6 +110,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "trees_inplace.jsonl": _lines(_tree()),
         "trees_gamma.jsonl": _lines({**_tree(), "config": {"gamma": "abc"}}),
         "records_inplace.jsonl": _lines(_record()),
+        "records_disjoint.jsonl": _lines(_record(), _record(method="sample", method_name="sample", task="corridor/101")),
+        "records_cfg_mix.jsonl": _lines(_record(config={"max_steps": 20}),
+                                        _record(task="corridor/101", config={"max_steps": 40})),
         "records_tokens.jsonl": _lines(_record(prompt_tokens=-5)),
         "records_cand7.jsonl": _lines(_record(method="best-of-n", method_name="best-of-n",
                                               candidates=[{"reward": 7.0, "score": 0.9, "completion_tokens": 3}])),
@@ -152,8 +155,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (tmp / "nonutf8.yaml").write_bytes(b"epochs: \xff\n")
     (tmp / "adir").mkdir()
     for name in ("resume_v99", "resume_no_task", "resume_nonutf8", "foreign", "report_inplace", "dec_nocfg",
-                 "dec_cfg_empty"):
+                 "dec_cfg_empty", "eval_cfg_empty", "eval_other_env", "eval_twice"):
         (tmp / name).mkdir()
+    (tmp / "eval_cfg_empty" / "config.yaml").write_text("{}\n", encoding="utf-8")
+    for name, recs in (("eval_cfg_empty", [_record()]), ("eval_other_env", [_record(env="sciworld")]),
+                       ("eval_twice", [_record(), _record(reward=0.0)])):
+        (tmp / name / "records.jsonl").write_text(_lines(*recs), encoding="utf-8")
     (tmp / "report_inplace" / "decisions.json").write_text(_lines(_decision()), encoding="utf-8")
     for name in ("dec_nocfg", "dec_cfg_empty"):  # decisions without (usable) settings beside them
         (tmp / name / "d.jsonl").write_text(_lines(_decision()), encoding="utf-8")
@@ -321,6 +328,25 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["records_inplace.jsonl", "not an HTML page"]),
     ("eval onto foreign records", ["eval", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1", "--out", "{foreign}"],
      ["foreign/records.jsonl", "config.yaml is missing"]),
+    ("eval onto records with empty settings", ["eval", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1",
+                                               "--out", "{eval_cfg_empty}"],
+     ["eval_cfg_empty/config.yaml does not record 'model', 'env'"]),
+    ("eval onto records of another env", ["eval", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1",
+                                          "--out", "{eval_other_env}"],
+     ["eval_other_env/records.jsonl", "line 1", "'env' is 'sciworld'"]),
+    ("eval onto a record given twice", ["eval", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1",
+                                        "--out", "{eval_twice}"],
+     ["eval_twice/records.jsonl", "line 2", "also recorded at line 1"]),
+    ("eval on a split the env lacks", ["eval", "--model", NO_MODEL, *ENV, "--split", "nosuch", "--out", "{tmp}/e"],
+     ["no split 'nosuch'", "train, seen"]),
+    ("report with no task every method played", ["report", "{records_disjoint}", "--out", "{tmp}/r"],
+     ["no task was played by every method", "greedy 1, sample 1", "--all-tasks"]),
+    ("report mixing one method's settings", ["report", "{records_cfg_mix}", "--out", "{tmp}/r", "--all-tasks"],
+     ["records_cfg_mix.jsonl", "line 2", "max_steps: 20 → 40", "line 1"]),
+    ("report baseline twice", ["report", "{records}", "--out", "{tmp}/r", "--baseline", "greedy", "--baseline", "greedy"],
+     ["--baseline 'greedy' is given twice"]),
+    ("report sides with a baseline", ["report", "--side", "a={records}", "--side", "b={records_inplace}", "--baseline",
+                                      "greedy", "--out", "{tmp}/r"], ["--baseline and --all-tasks apply to RECORDS"]),
     ("empty pipeline", ["run", "{pipe_empty}"], ["pipe_empty.yaml", "holds no settings"]),
     ("method option twice", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:m=2,m=3", "--out", "{tmp}/e"],
      ["'m' is given twice"]),

@@ -220,7 +220,11 @@ def test_report_confidence_level_widens_the_interval_and_is_named(tmp_path) -> N
     paired = json.loads((tmp_path / "r" / "results.json").read_text())["paired"]
     assert {p["confidence"] for p in paired} == {0.975}
     assert "| 97.5% CI (bootstrap) |" in (tmp_path / "r" / "results.md").read_text()
-    sides = ["--side", f"a={path}", "--side", f"b={path}"]
+    same = CliRunner().invoke(app, ["report", "--side", f"a={path}", "--side", f"b={path}", "--out", str(tmp_path / "s")])
+    assert same.exit_code != 0 and "is also side a's file" in str(same.exception)  # every difference would be 0
+    other = tmp_path / "b.jsonl"
+    other.write_text(path.read_text())
+    sides = ["--side", f"a={path}", "--side", f"b={other}"]
     res = CliRunner().invoke(app, ["report", *sides, "--out", str(tmp_path / "s"), "--confidence", "0.9"])
     assert res.exit_code == 0, res.output
     assert "b − a [90%]" in (tmp_path / "s" / "sides.md").read_text()

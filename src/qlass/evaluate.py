@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import check_recorded, differences, load_yaml, save_yaml
 from .data import trajectory_to_record
 from .envs.base import Env
-from .errors import QlassError
+from .errors import DataError, QlassError
 from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
@@ -97,6 +97,10 @@ def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str
     probe = make_env()
     try:
         env_name = probe.name
+        known = probe.splits()
+        unknown = [split for split in splits if split not in known]
+        if unknown:
+            raise QlassError(f"{env_spec}: no split {unknown[0]!r}; its splits: {', '.join(known)}")
         by_split = {split: select_tasks([t for t in probe.tasks(split, task_types) if t.id not in exclude],
                                         None if limit is None else offset + limit)[offset:]
                     for split in splits}
@@ -263,8 +267,16 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "records.jsonl"
     records = read_jsonl(path, repair_tail=True)
+    first_at: dict[tuple[str, ...], int] = {}
     for line, rec in enumerate(records, start=1):  # a damaged or foreign record is named, not a KeyError
         check_record(rec, str(path), line)
+        if rec["env"] != env_name:
+            raise DataError(str(path), f"line {line}: field 'env' is {rec['env']!r}, not this run's {env_name!r}; "
+                                       "use another output folder")
+        if record_key(rec) in first_at:
+            raise DataError(str(path), f"line {line}: {rec['method']} on {rec['split']} {rec['task']} is also "
+                                       f"recorded at line {first_at[record_key(rec)]}")
+        first_at[record_key(rec)] = line
     runs = list(runs)
     check_resumable(runs, records, path)
     settings = {**(settings or {}), "seed": seed}
@@ -275,6 +287,11 @@ def evaluate(
                          "output folder (or move the records away)")
     if records:
         recorded = load_yaml(config)
+        missing = [k for k in ("model", "env") if k in settings and k not in recorded]  # every eval config.yaml names them
+        if missing:
+            raise QlassError(f"{config} does not record {', '.join(map(repr, missing))}, so the settings the "
+                             f"records of {path} were made with are unknown and resuming could mix them with this "
+                             "run's; use another output folder (or restore it)")
         if settings.get("qnet") is None:  # this run uses no QNet: the one earlier records used stays recorded
             settings["qnet"] = recorded.get("qnet")
         elif recorded.get("qnet") is None:  # no earlier record used a QNet

@@ -217,7 +217,10 @@ def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     from .errors import DataError, MissingFileError
     from .jsonl import read_jsonl
 
+    from .config import setting_changes
+
     seen: dict[tuple[str, ...], str] = {}
+    first: dict[str, tuple[dict[str, Any], str]] = {}  # method label → its first record's config, where
     out = []
     for path in paths:
         if not Path(path).exists():
@@ -230,6 +233,11 @@ def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
                 raise DataError(str(path), f"line {line}: {rec['method']} on {rec['split']} {rec['task']} is also "
                                            f"recorded at {seen[key]}")
             seen[key] = where
+            config, at = first.setdefault(rec["method"], (rec["config"], where))
+            changes = setting_changes(config, rec["config"])
+            if changes:
+                raise DataError(str(path), f"line {line}: {rec['method']} ran with other settings than at {at} "
+                                           f"({'; '.join(changes)}): one row would mix them")
             out.append(rec)
     return out
 

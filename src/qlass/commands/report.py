@@ -34,16 +34,26 @@ def register(app: typer.Typer) -> None:
         from ..report import common_tasks, markdown_table, read_records, side_by_side_table, write_report, write_side_by_side
 
         check_confidence(confidence)
+        twice = sorted({b for b in baseline if baseline.count(b) > 1})
+        if twice:
+            raise QlassError(f"--baseline {twice[0]!r} is given twice")
         if side:
             if records:
                 raise QlassError("qlass report takes RECORDS or --side LABEL=RECORDS, not both")
-            sides = {}
+            if baseline or all_tasks:
+                raise QlassError("--baseline and --all-tasks apply to RECORDS, not to --side (sides are compared "
+                                 "with the first)")
+            sides, files = {}, {}
             for item in side:
                 label, sep, path = item.partition("=")
                 if not sep or not label or not path:
                     raise QlassError(f"--side {item!r}: expected LABEL=RECORDS")
                 if label in sides:
                     raise QlassError(f"--side {label}: label given twice")
+                same = [other for other, f in files.items() if Path(path).exists() and f.exists() and f.samefile(path)]
+                if same:
+                    raise QlassError(f"--side {label}: {path} is also side {same[0]}'s file")
+                files[label] = Path(path)
                 sides[label] = read_records([Path(path)])
                 if not sides[label]:
                     raise QlassError(f"--side {label}: {path} holds no records")
@@ -63,6 +73,13 @@ def register(app: typer.Typer) -> None:
             raise QlassError(f"--baseline {missing[0]!r}: no such method in the records (they hold: {labels})")
         if not all_tasks:
             kept = common_tasks(recs)
+            if not kept:
+                counts: dict[str, int] = {}
+                for r in recs:
+                    counts[r["method"]] = counts.get(r["method"], 0) + 1
+                raise QlassError("no task was played by every method (records per method: "
+                                 + ", ".join(f"{m} {n}" for m, n in sorted(counts.items()))
+                                 + "); --all-tasks averages each method over its own tasks")
             if len(kept) < len(recs):
                 log.info("kept %d of %d records: the tasks every method played (--all-tasks keeps all)",
                          len(kept), len(recs))
