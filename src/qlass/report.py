@@ -213,11 +213,11 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
 def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """The evaluation records of ``paths`` (``records.jsonl`` files, e.g. shards of one evaluation
     run on several machines), each checked for the fields the report reads (:func:`check_record`). A
-    (method, env, split, task) key found twice is an error naming both places."""
+    (method, env, split, task) key found twice is an error naming both places, and so is a method
+    label whose records ran with different settings (``config``), which one row would mix."""
+    from .config import setting_changes
     from .errors import DataError, MissingFileError
     from .jsonl import read_jsonl
-
-    from .config import setting_changes
 
     seen: dict[tuple[str, ...], str] = {}
     first: dict[str, tuple[dict[str, Any], str]] = {}  # method label → its first record's config, where
