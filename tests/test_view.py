@@ -255,6 +255,14 @@ def test_browser_shows_every_node_and_decision(tmp_path: Path) -> None:
     default = dump(page, tmp_path, "#tab=episodes")
     methods = [a["data-method"] for a in default.with_class("episode")]
     assert methods[:2] == ["greedy", "qlass(m=2)"]
+    # the paired table names the level its intervals were drawn at
+    assert "95% CI" in " ".join(dom.text)
+    results = tmp_path / "run" / "eval" / "results.json"
+    data = json.loads(results.read_text())
+    data["paired"] = [{**r, "confidence": 0.975} for r in data["paired"]]  # qlass report --confidence 0.975
+    results.write_text(json.dumps(data))
+    text = " ".join(dump(write_view(tmp_path / "run", tmp_path / "view2.html"), tmp_path).text)
+    assert "97.5% CI" in text and "95% CI" not in text
 
 
 class _Hook(http.server.BaseHTTPRequestHandler):

@@ -170,6 +170,35 @@ _CANDIDATE_FIELDS: dict[str, tuple[type, ...]] = {"reward": (int, float), "score
                                                   "completion_tokens": (int,)}
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
+    """A Reflexion record's ``trials`` (one object per trial played) against its ``config.trials``."""
+    from .errors import DataError
+
+    trials, allowed = rec["trials"], rec["config"].get("trials")
+    if not isinstance(allowed, int) or isinstance(allowed, bool) or allowed < 1:
+        raise DataError(path, f"line {line}: field 'config.trials' must be an integer >= 1 (a record with "
+                              f"'trials'), got {allowed!r}")
+    if not isinstance(trials, list) or not 1 <= len(trials) <= allowed:
+        raise DataError(path, f"line {line}: field 'trials' must be a list of 1 to config.trials ({allowed}) "
+                              f"objects, got {trials!r:.80}")
+    for k, trial in enumerate(trials):
+        for name, ok, want in (("reward", lambda v: _number(v) and -1e-9 <= v <= 1.0 + 1e-9, "a number in [0, 1]"),
+                               ("completion_tokens", _count, "an integer >= 0"),
+                               ("reflection_completion_tokens", lambda v: v is None or _count(v), "an integer >= 0")):
+            value = trial.get(name) if isinstance(trial, dict) else None
+            if not isinstance(trial, dict) or (name != "reflection_completion_tokens" and name not in trial) \
+                    or not ok(value):
+                raise DataError(path, f"line {line}: field 'trials[{k}].{name}' must be {want}, got {value!r}")
+
+
 def check_record(rec: dict[str, Any], path: str, line: int) -> None:
     """Raise :class:`DataError` naming the field of ``rec`` that the report cannot read: its schema
     version, a missing or mistyped field, a reward outside [0, 1], a malformed best-of-n candidate."""
@@ -193,6 +222,16 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
     steps = traj.get("steps", []) if isinstance(traj, dict) else None
     if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
         raise DataError(path, f"line {line}: field 'trajectory' must be an object whose 'steps' is a list of objects")
+    for k, st in enumerate(steps):
+        if "qnet_tokens" in st and not _count(st["qnet_tokens"]):
+            raise DataError(path, f"line {line}: field 'trajectory.steps[{k}].qnet_tokens' must be an integer >= 0, "
+                                  f"got {st['qnet_tokens']!r}")
+    for name, ok, want in (("qnet_choices", _count, "an integer >= 0"),
+                           ("oracle_pass_at_n", lambda v: _number(v) and -1e-9 <= v <= 1.0 + 1e-9, "a number in [0, 1]")):
+        if name in rec and not ok(rec[name]):
+            raise DataError(path, f"line {line}: field {name!r} must be {want}, got {rec[name]!r}")
+    if "trials" in rec:
+        _check_trials(rec, path, line)
     candidates = rec.get("candidates", [])
     if not isinstance(candidates, list):
         raise DataError(path, f"line {line}: field 'candidates' must be a list, got {type(candidates).__name__}")

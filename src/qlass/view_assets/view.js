@@ -608,11 +608,17 @@
           }), function (i) { return res.rows[i].oracle ? "oracle" : ""; }));
       }
       if (res.paired.length) {
-        add(sec, h("div", "dim", "Paired differences: per task, the method's reward minus the baseline's, averaged (reward points); bootstrap 95% interval"),
-          table(["env", "split", "method", "vs", "tasks", "Δ avg reward", "95% CI", "wins / ties / losses"], res.paired.map(function (r) {
+        // the interval's level as the report recorded it (files made before it was recorded: 95%)
+        var level = function (r) { return String(Math.round(1000 * (isNum(r.confidence) ? r.confidence : 0.95)) / 10) + "%"; };
+        var oneLevel = res.paired.every(function (r) { return level(r) === level(res.paired[0]); });
+        add(sec, h("div", "dim", "Paired differences: per task, the method's reward minus the baseline's, averaged (reward points); bootstrap " +
+          (oneLevel ? level(res.paired[0]) + " " : "") + "interval"),
+          table(["env", "split", "method", "vs", "tasks", "Δ avg reward", oneLevel ? level(res.paired[0]) + " CI" : "CI (level)",
+            "wins / ties / losses"], res.paired.map(function (r) {
             var sig = r.ci_low > 0 ? "good" : (r.ci_high < 0 ? "bad" : "");
             return [r.env, r.split, r.method, r.baseline, N(r.tasks), N((r.mean_diff >= 0 ? "+" : "") + pct(r.mean_diff), sig),
-              N("[" + pct(r.ci_low) + ", " + pct(r.ci_high) + "]"), N(r.wins + " / " + r.ties + " / " + r.losses)];
+              N("[" + pct(r.ci_low) + ", " + pct(r.ci_high) + "]" + (oneLevel ? "" : " (" + level(r) + ")")),
+              N(r.wins + " / " + r.ties + " / " + r.losses)];
           })));
       }
       if (res.markdown) add(sec, h("div", "dim", "results.md"), pre(res.markdown));
