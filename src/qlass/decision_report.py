@@ -149,10 +149,10 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
         if not _utf8(c["output"]):
             raise DataError(str(path), f"field 'candidates[{j}].output' holds an unpaired surrogate (\\ud800-\\udfff), "
                             "which is not text", i, rid)
-        rolls = c.get("rollout_rewards")
-        if rolls and abs(float(np.mean(rolls)) - c["mean"]) > 1e-9:
+        average = float(np.mean(c["rollout_rewards"])) if c.get("rollout_rewards") else c["mean"]
+        if abs(average - c["mean"]) > 1e-9:
             raise DataError(str(path), f"field 'candidates[{j}].mean' is {c['mean']!r} but its 'rollout_rewards' "
-                            f"average {float(np.mean(rolls))!r}", i, rid)
+                            f"average {average!r}", i, rid)
         if j > 0 and c["anchor"]:
             raise DataError(str(path), f"field 'candidates[{j}].anchor' is true: the greedy anchor is candidate 0 "
                             "or none (collection puts it first)", i, rid)
@@ -401,8 +401,8 @@ def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet
     before a model loads) and write ``decisions.md`` and ``decisions.json`` into ``out_dir``."""
     cfg = cfg or ReportConfig()
     records = read_decisions(paths)  # one environment's
-    refuse_overwriting_inputs(Path(out_dir) / "decisions.json", paths)
-    refuse_overwriting_inputs(Path(out_dir) / "decisions.md", paths)
+    for name in ("decisions.json", "decisions.md"):
+        refuse_overwriting_inputs(Path(out_dir) / name, paths)
     if load_qnet is not None:
         qnet = load_qnet()
     q = qnet_values(records, qnet, cfg.qnet_batch) if qnet is not None else None

@@ -178,6 +178,10 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _reward(value: Any) -> bool:
+    return _number(value) and -1e-9 <= value <= 1.0 + 1e-9  # rewards are in [0, 1], give or take rounding
+
+
 def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
     """A Reflexion record's ``trials`` (one object per trial played) against its ``config.trials``."""
     from .errors import DataError
@@ -190,12 +194,11 @@ def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
         raise DataError(path, f"line {line}: field 'trials' must be a list of 1 to config.trials ({allowed}) "
                               f"objects, got {trials!r:.80}")
     for k, trial in enumerate(trials):
-        for name, ok, want in (("reward", lambda v: _number(v) and -1e-9 <= v <= 1.0 + 1e-9, "a number in [0, 1]"),
+        for name, ok, want in (("reward", _reward, "a number in [0, 1]"),
                                ("completion_tokens", _count, "an integer >= 0"),
                                ("reflection_completion_tokens", lambda v: v is None or _count(v), "an integer >= 0")):
             value = trial.get(name) if isinstance(trial, dict) else None
-            if not isinstance(trial, dict) or (name != "reflection_completion_tokens" and name not in trial) \
-                    or not ok(value):
+            if not isinstance(trial, dict) or not ok(value):
                 raise DataError(path, f"line {line}: field 'trials[{k}].{name}' must be {want}, got {value!r}")
 
 
@@ -213,7 +216,7 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
         if name not in rec or not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
             want = " or ".join(k.__name__ for k in kinds)
             raise DataError(path, f"line {line}: field {name!r} must be {want}, got {value!r}")
-    if not -1e-9 <= rec["reward"] <= 1.0 + 1e-9:  # rewards are in [0, 1], give or take rounding
+    if not _reward(rec["reward"]):
         raise DataError(path, f"line {line}: field 'reward' must be in [0, 1], got {rec['reward']!r}")
     for name in ("prompt_tokens", "completion_tokens", "qnet_tokens", "env_steps", "wall_time"):
         if not 0 <= rec[name] < math.inf:
@@ -227,7 +230,7 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
             raise DataError(path, f"line {line}: field 'trajectory.steps[{k}].qnet_tokens' must be an integer >= 0, "
                                   f"got {st['qnet_tokens']!r}")
     for name, ok, want in (("qnet_choices", _count, "an integer >= 0"),
-                           ("oracle_pass_at_n", lambda v: _number(v) and -1e-9 <= v <= 1.0 + 1e-9, "a number in [0, 1]")):
+                           ("oracle_pass_at_n", _reward, "a number in [0, 1]")):
         if name in rec and not ok(rec[name]):
             raise DataError(path, f"line {line}: field {name!r} must be {want}, got {rec[name]!r}")
     if "trials" in rec:
@@ -242,7 +245,7 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
                 want = " or ".join(t.__name__ for t in kinds)
                 raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {value!r}")
         # a trajectory that never stepped scores -inf; no other value may be infinite or NaN
-        for name, ok, want in (("reward", -1e-9 <= cand["reward"] <= 1.0 + 1e-9, "in [0, 1]"),
+        for name, ok, want in (("reward", _reward(cand["reward"]), "in [0, 1]"),
                                ("score", cand["score"] == -math.inf or math.isfinite(cand["score"]), "finite (or -inf)"),
                                ("completion_tokens", cand["completion_tokens"] >= 0, ">= 0")):
             if not ok:
