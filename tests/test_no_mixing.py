@@ -185,6 +185,16 @@ def test_trees_without_a_settings_record_still_resume(tmp_path: Path) -> None:
     refused(explore_args(out, model="test_no_mixing:OtherPolicy"), "model:", out)
 
 
+def test_trees_with_an_emptied_settings_record_are_refused(tmp_path: Path) -> None:
+    """A settings record that exists but no longer names the model, env or seed (emptied or cut by
+    hand) is not a file from before the record existed: resuming is refused and the record kept."""
+    out, sidecar = tmp_path / "trees.jsonl", tmp_path / "trees.config.yaml"
+    invoke(explore_args(out))
+    for text, named in (("", "'model', 'env', 'seed'"), ("model: test_explore:ScriptedPolicy\n", "'env', 'seed'")):
+        sidecar.write_text(text)
+        refused(explore_args(out, model="test_no_mixing:OtherPolicy"), f"does not record {named}", out, sidecar)
+
+
 # -- decision files --------------------------------------------------------------------------------
 
 DECIDE = {"--model": "test_explore:ScriptedPolicy", "--seed": "0", "--env-arg": "step_limit=4", "--limit": "2",

@@ -44,7 +44,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .agent import EpisodeConfig, apply_output, play
-from .config import check_recorded, differences, save_yaml, to_dict
+from .config import check_recorded, differences, load_yaml, save_yaml, to_dict
 from .envs.base import Env, parse_action
 from .errors import QlassError
 from .executor import Executor, LocalExecutor
@@ -455,12 +455,20 @@ def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: i
     """Trees already in ``path`` for ``tasks``; refuses trees made with other exploration settings or
     seed (each tree records both) and, given ``settings`` (model, env, env_args, policy options), a
     file whose :func:`settings_file` records others, naming the differences; then records ``settings``
-    and the seed there. A file without that record resumes on each tree's settings and seed alone."""
+    and the seed there. A file without that record (trees written before it existed) resumes on each
+    tree's settings and seed alone; a record that lacks the model, env or seed is refused."""
     trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)} if path.exists() else {}
     if settings is not None:
         settings = {**settings, "seed": run_seed}
-        if trees:
-            check_recorded(settings_file(path), settings, str(path), advice="use a new output file")
+        sidecar = settings_file(path)
+        if trees and sidecar.exists():
+            recorded = load_yaml(sidecar)
+            missing = [k for k in ("model", "env", "seed") if k in settings and k not in recorded]
+            if missing:
+                raise QlassError(f"{sidecar} does not record {', '.join(map(repr, missing))}, so the settings of "
+                                 f"{path} are unknown and new trees could mix with others; use a new output file "
+                                 "(or restore it)")
+            check_recorded(sidecar, settings, str(path), advice="use a new output file", recorded=recorded)
         save_yaml(settings_file(path), settings)
     want = explore_digest(cfg)
     for task in tasks:
