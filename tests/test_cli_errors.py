@@ -10,6 +10,7 @@ below are loadable from the CLI as ``test_cli_errors:...`` with ``tests/`` on ``
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -104,14 +105,16 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "records_v99.jsonl": _lines(_record(schema_version=99)),
         "records_reward.jsonl": _lines(_record(reward=42)),
         "records_no_task.jsonl": _lines({k: v for k, v in _record().items() if k != "task"}),
-        "records_no_score.jsonl": _lines(_record(method="best-of-n", method_name="best-of-n",
+        "records_no_score.jsonl": _lines(_record(method="best-of-n(n=1,qnet)", method_name="best-of-n", config={"n": 1},
                                                  candidates=[{"reward": 1.0, "completion_tokens": 3}])),
         "steps.jsonl": _lines(_trajectory(steps=[{"foo": 1}])),
         "trees_inplace.jsonl": _lines(_tree()),
         "trees_gamma.jsonl": _lines({**_tree(), "config": {"gamma": "abc"}}),
         "records_inplace.jsonl": _lines(_record()),
-        "records_choices.jsonl": _lines(_record(method="qlass(m=2)", method_name="qlass", qnet_choices=-1000)),
-        "records_pass.jsonl": _lines(_record(method="best-of-n", method_name="best-of-n", oracle_pass_at_n=5.0)),
+        "records_choices.jsonl": _lines(_record(method="qlass(m=2)", method_name="qlass", config={"m": 2},
+                                                qnet_choices=-1000)),
+        "records_pass.jsonl": _lines(_record(method="best-of-n(n=1,qnet)", method_name="best-of-n", config={"n": 1},
+                                             oracle_pass_at_n=5.0)),
         "records_trials.jsonl": _lines(_record(method="reflexion", method_name="reflexion", config={"trials": 2},
                                                trials=[{"reward": 5, "completion_tokens": 3}])),
         "records_trials_cfg.jsonl": _lines(_record(method="reflexion", method_name="reflexion",
@@ -120,9 +123,20 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "records_cfg_mix.jsonl": _lines(_record(config={"max_steps": 20}),
                                         _record(task="corridor/101", config={"max_steps": 40})),
         "records_tokens.jsonl": _lines(_record(prompt_tokens=-5)),
-        "records_cand7.jsonl": _lines(_record(method="best-of-n", method_name="best-of-n",
+        "records_cand7.jsonl": _lines(_record(method="best-of-n(n=1,qnet)", method_name="best-of-n", config={"n": 1},
                                               candidates=[{"reward": 7.0, "score": 0.9, "completion_tokens": 3}])),
         "records_traj.jsonl": _lines(_record(trajectory={"steps": [1, 2]})),
+        "records_label.jsonl": _lines(_record(method_name="qlass", config={"m": 2})),
+        "records_bon_n.jsonl": _lines(_record(method="best-of-n(n=4,qnet)", method_name="best-of-n", config={"n": 2})),
+        "records_bon_m40.jsonl": _lines(_record(method="qlass(m=40)", method_name="qlass", config={"m": 4})),
+        "records_bon_empty.jsonl": _lines(_record(method="best-of-n(n=2,qnet)", method_name="best-of-n",
+                                                  config={"n": 2}, candidates=[])),
+        "records_conv.jsonl": _lines(_record(trajectory={"steps": [], "conversations": "Walk east."})),
+        "records_decs.jsonl": _lines(_record(trajectory={"decisions": [1]})),
+        "trees_merged.jsonl": _lines({**_tree(), "nodes": [_tree()["nodes"][0],
+                                                           {**_tree()["nodes"][1], "merged": "x"}]}),
+        "trees_branches.jsonl": _lines({**_tree(), "stats": {"branches": "5"}}),
+        "trees_twice.jsonl": _lines(_tree(), _tree()),
         "dec.jsonl": _lines(_decision()),
         "dec_inplace.jsonl": _lines(_decision()),
         "dec_cand_num.jsonl": _lines(_decision(candidate=2)),  # type: ignore[arg-type]
@@ -144,6 +158,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "pipe_qdata.yaml": PIPELINE.format(tmp=tmp) + "qdata: {max_per_tree: -2}\n",
         "pipe_limit.yaml": PIPELINE.format(tmp=tmp) + "explore: {limit: 0}\n",
         "pipe_eto.yaml": PIPELINE.format(tmp=tmp) + "eto: {iterations: 0}\n",
+        "pipe_steps.yaml": PIPELINE.format(tmp=tmp) + "eval: {max_steps: 3, methods: ['greedy:max_steps=5']}\n",
         "pipe_limt.yaml": PIPELINE.format(tmp=tmp) + "explore: {limt: 2}\n",
         "pipe_env.yaml": PIPELINE.format(tmp=tmp) + "env_args: {steplimit: 2}\n",
         "pipe_run_dir.yaml": PIPELINE.format(tmp=tmp).replace(f"{tmp}/run", f"{tmp}/afile"),
@@ -159,6 +174,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         (tmp / f"nonutf8_{name}").write_bytes(raw.replace(b'corridor/0', b'corridor/\xff\xfe0', 1)
                                              .replace(b'corridor/100', b'corridor/\xff\xfe100', 1))
     (tmp / "nonutf8.yaml").write_bytes(b"epochs: \xff\n")
+    (tmp / "records_badgz.gz").write_bytes(gzip.compress(_lines(_record()).encode())[:-12])
+    (tmp / "dec_gz.jsonl").write_bytes(gzip.compress(_lines(_decision()).encode()))
+    (tmp / "results_bad").mkdir()
+    (tmp / "results_bad" / "results.json").write_text(json.dumps({"schema_version": 1, "rows": [1]}), encoding="utf-8")
     (tmp / "adir").mkdir()
     for name in ("resume_v99", "resume_no_task", "resume_nonutf8", "foreign", "report_inplace", "dec_nocfg",
                  "dec_cfg_empty", "eval_cfg_empty", "eval_other_env", "eval_twice"):
@@ -369,6 +388,48 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["qnet_badmeta/qnet.json", "not valid JSON"]),
     ("env not callable", ["data", "expert", "--env", "os:path", "--out", "{tmp}/x.json"], ["'os:path'", "not a class or function"]),
     ("option NaN", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--set", "lr=nan", "--out", "{tmp}/s"], ["'lr'", "finite", "nan"]),
+    ("method max_steps against --max-steps", ["eval", "--model", NO_MODEL, *ENV, "--method", "greedy:max_steps=5",
+                                              "--max-steps", "3", "--out", "{tmp}/e"],
+     ["'greedy:max_steps=5' sets max_steps=5", "--max-steps sets 3"]),
+    ("method oracle off against --oracle-terminal", ["eval", "--model", NO_MODEL, *ENV, "--method",
+                                                     "qlass:oracle_terminal=false", "--oracle-terminal", "--out",
+                                                     "{tmp}/e"], ["oracle_terminal=False", "--oracle-terminal"]),
+    ("pipeline max_steps against a method's", ["run", "{pipe_steps}"],
+     ["pipe_steps.yaml", "eval.methods", "max_steps=5", "eval.max_steps sets 3"]),
+    ("qlass m absurd", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:m=100000", "--out", "{tmp}/e"],
+     ["m must be <= 256, got 100000"]),
+    ("best-of-n n absurd", ["eval", "--model", NO_MODEL, *ENV, "--method", "best-of-n:n=5000", "--out", "{tmp}/e"],
+     ["n must be <= 256"]),
+    ("reflexion trials absurd", ["eval", "--model", NO_MODEL, *ENV, "--method", "reflexion:trials=1000000000",
+                                 "--out", "{tmp}/e"], ["trials must be <= 100"]),
+    ("explore rollouts absurd", ["explore", "--model", NO_MODEL, *ENV, "--set", "rollouts=9999", "--out",
+                                 "{tmp}/t.jsonl"], ["rollouts must be <= 256"]),
+    ("decisions k absurd", ["decisions", "collect", "--model", NO_MODEL, *ENV, "--set", "k=9999", "--out",
+                            "{tmp}/dk.jsonl"], ["k must be <= 256"]),
+    ("label of another method", ["report", "{records_label}", "--out", "{tmp}/r"],
+     ["records_label.jsonl", "line 1", "'method' is 'greedy', not a label of method_name 'qlass'"]),
+    ("best-of-n n against its label", ["report", "{records_bon_n}", "--out", "{tmp}/r"],
+     ["records_bon_n.jsonl", "'config.n' is 2", "best-of-n(n=4,qnet)"]),
+    ("qlass m a prefix of its label's", ["report", "{records_bon_m40}", "--out", "{tmp}/r"],
+     ["records_bon_m40.jsonl", "'config.m' is 4", "qlass(m=40)"]),
+    ("best-of-n without its candidates", ["report", "{records_bon_empty}", "--out", "{tmp}/r"],
+     ["records_bon_empty.jsonl", "'candidates' holds 0 trajectories; config.n is 2"]),
+    ("trajectory conversations a string", ["view", "{records_conv}", "--out", "{tmp}/v.html"],
+     ["records_conv.jsonl", "line 1", "'trajectory.conversations' must be a list of objects"]),
+    ("trajectory decisions of numbers", ["view", "{records_decs}", "--out", "{tmp}/v.html"],
+     ["records_decs.jsonl", "'trajectory.decisions'"]),
+    ("tree node merged a string", ["view", "{trees_merged}", "--out", "{tmp}/v.html"],
+     ["trees_merged.jsonl", "nodes[1]: field 'merged'", "'x'"]),
+    ("tree stats branches a string", ["view", "{trees_branches}", "--out", "{tmp}/v.html"],
+     ["trees_branches.jsonl", "'stats.branches'", "'5'"]),
+    ("view of a tree given twice", ["view", "{trees_twice}", "--out", "{tmp}/v.html"],
+     ["trees_twice.jsonl", "line 2", "appears twice"]),
+    ("results.json rows not objects", ["view", "{results_bad}", "--out", "{tmp}/v.html"],
+     ["results_bad/results.json", "'rows[0]' must be an object"]),
+    ("gzipped records damaged", ["report", "{records_badgz}", "--out", "{tmp}/r"],
+     ["records_badgz.gz", "gzip-compressed but damaged"]),
+    ("collect onto a gzipped file", ["decisions", "collect", "--model", "test_cli_errors:EastWalker", *ENV, "--limit",
+                                     "1", "--out", "{dec_gz}"], ["dec_gz.jsonl", "gzip-compressed", "gunzip"]),
     ("method option inf", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:beta=inf", "--out", "{tmp}/e"],
      ["'beta'", "finite"]),
 ]

@@ -231,3 +231,30 @@ def test_report_confidence_level_widens_the_interval_and_is_named(tmp_path) -> N
     res = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "x"), "--confidence", "95"])
     assert res.exit_code != 0 and "confidence must be between 0 and 1" in str(res.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_report_reads_gzipped_records_like_plain_ones_and_escapes_bars_in_labels(tmp_path) -> None:
+    """Shipped reference records are gzipped: the report reads them as they are. A ``|`` in a label
+    (a paraphrase cache's name) stays inside its cell of the markdown tables."""
+    import gzip
+
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.jsonl import write_jsonl
+
+    plain, packed = tmp_path / "records.jsonl", tmp_path / "packed" / "records.jsonl.gz"
+    bar = [_full(rec("qlass(m=2,paraphrase=a|b)", "qlass", t, 1.0, 9, {"m": 2})) for t in ("t1", "t2")]
+    write_jsonl(plain, [_full(r) for r in RECORDS[:2]] + bar)
+    packed.parent.mkdir()
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    for src, out in ((plain, tmp_path / "r1"), (packed, tmp_path / "r2")):
+        res = CliRunner().invoke(app, ["report", str(src), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "r1" / "results.md").read_text() == (tmp_path / "r2" / "results.md").read_text()
+    md = (tmp_path / "r1" / "results.md").read_text()
+    lines = md.splitlines()
+    heads = [line for line in lines if line.startswith("| env | split | method |")]
+    rows = [line for line in lines if "paraphrase=a" in line]
+    assert len(heads) == len(rows) == 2 and all(r"a\|b" in line for line in rows)
+    assert [line.replace(r"\|", "").count("|") for line in rows] == [line.count("|") for line in heads]

@@ -202,6 +202,24 @@ def test_kinds_and_counts(tmp_path: Path) -> None:
     assert not only["trees"] and len(only["episodes"]) == counts["episodes"] and only["results"]
 
 
+def test_gzipped_records_and_several_runs_in_one_folder(tmp_path: Path) -> None:
+    """Records shipped gzipped are found and shown; a folder holding two runs' records of the same
+    tasks (no results.json beside them) shows one result set per file instead of refusing to mix them."""
+    import gzip
+
+    counts = make_run(tmp_path)
+    plain = (tmp_path / "eval" / "records.jsonl").read_bytes()
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "records.jsonl").write_bytes(plain)
+    (tmp_path / "more" / "records-again.jsonl.gz").write_bytes(gzip.compress(plain))
+    assert detect_kind(tmp_path / "more" / "records-again.jsonl.gz") == "records"
+    data = load_view_data(tmp_path)
+    assert len(data["episodes"]) == 3 * counts["episodes"]
+    names = [r["name"] for r in data["results"]]
+    assert names == ["eval", "more/records-again.jsonl.gz", "more/records.jsonl"], names
+    assert data["results"][1]["rows"] == data["results"][2]["rows"] and data["results"][1]["paired"]
+
+
 def test_data_block_is_inert_and_round_trips() -> None:
     data = {"obs": PLANT + "</script><!-- & \u2028", "n": [1, 2.5, None]}
     block = data_block(data)

@@ -28,6 +28,16 @@ from .policy.base import Policy
 from .types import Completion, History, Message, Step, Task, Trajectory
 
 SUCCESS_THRESHOLD = 1.0 - 1e-9
+MAX_SAMPLES = 256
+"""Most samples one setting may ask for: candidates per step, trajectories per task, rollouts per
+branch or candidate. A larger value is a typo that would stall a run in one enormous policy call."""
+
+
+def check_sample_counts(**counts: int) -> None:
+    """Raise ``ValueError`` for a count above :data:`MAX_SAMPLES` (``m=1000`` → names ``m``)."""
+    for name, value in counts.items():
+        if value > MAX_SAMPLES:
+            raise ValueError(f"{name} must be <= {MAX_SAMPLES}, got {value}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,12 @@ from .errors import QlassError
 TIE = 1e-9
 
 
+def md_cell(text: Any) -> str:
+    """``text`` as one markdown table cell: a ``|`` (in a method label or split name) escaped, line
+    breaks as spaces, so the row keeps its columns."""
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def check_confidence(confidence: float) -> float:
     """``confidence`` if it is a level strictly between 0 and 1, else a :class:`QlassError`."""
     if not 0.0 < confidence < 1.0:
@@ -89,7 +95,8 @@ def paired_table(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> st
             "| wins / ties / losses |\n"
             "|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['env']} | {r['split']} | {r['method']} | {r['baseline']} | {r['tasks']} "
+        f"| {md_cell(r['env'])} | {md_cell(r['split'])} | {md_cell(r['method'])} | {md_cell(r['baseline'])} "
+        f"| {r['tasks']} "
         f"| {100 * r['mean_diff']:+.1f} | [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] "
         f"| {r['wins']} / {r['ties']} / {r['losses']} |\n"
         for r in rows

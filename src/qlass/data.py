@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, MissingFileError
-from .jsonl import DuplicateKeyError, loads, write_text_atomic
+from .jsonl import GZIP_MAGIC, DuplicateKeyError, gunzip, loads, write_text_atomic
 from .types import Message, Role, Step, Trajectory
 
 ROLE_FROM_ETO = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -69,9 +69,11 @@ class ValidationReport:
 
 
 def load_records(path: Path) -> list[Any]:
-    """The raw records of a JSON list or JSON Lines file; :class:`DataError` naming it when unreadable."""
+    """The raw records of a JSON list or JSON Lines file, gzip-compressed or not; :class:`DataError`
+    naming it when unreadable."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+        text = (gunzip(raw, path) if raw[:2] == GZIP_MAGIC else raw).decode("utf-8-sig")
     except FileNotFoundError:
         raise MissingFileError(str(path)) from None
     except UnicodeDecodeError as exc:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .agent import apply_output, episode_running, executed_text, start_messages
+from .agent import apply_output, check_sample_counts, episode_running, executed_text, start_messages
 from .candidates import normalise_action
 from .config import check_recorded, load_yaml, option, save_yaml
 from .envs.base import Env, parse_action
@@ -82,6 +82,7 @@ class DecisionConfig:
             raise ValueError(f"temperature must be > 0 (candidates are sampled), got {self.temperature}")
         if self.k < 1 or self.max_steps < 1 or self.max_new_tokens < 1 or self.concurrency < 1:
             raise ValueError("k, max_steps, max_new_tokens and concurrency must be >= 1")
+        check_sample_counts(m=self.m, k=self.k)
         if self.rollout_temperature < 0:
             raise ValueError(f"rollout_temperature must be >= 0, got {self.rollout_temperature}")
         if self.max_decisions_per_task is not None and self.max_decisions_per_task < 1:

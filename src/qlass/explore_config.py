@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .agent import EpisodeConfig
+from .agent import EpisodeConfig, check_sample_counts
 from .config import option, to_dict
 from .data import load_trajectories
 from .errors import QlassError
@@ -79,6 +79,7 @@ class ExploreConfig:
             raise ValueError(f"graft_share must be in (0, 1], got {self.graft_share}")
         if self.rollouts < 1:
             raise ValueError(f"rollouts must be >= 1, got {self.rollouts}")
+        check_sample_counts(candidates=self.candidates, rollouts=self.rollouts)
         for name in CAPS:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or null")

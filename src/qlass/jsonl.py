@@ -7,9 +7,11 @@ Every resumable stage (exploration, evaluation) appends one finished unit of wor
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,6 +19,8 @@ from typing import Any, Iterable
 from .errors import DataError, QlassError
 
 log = logging.getLogger(__name__)
+
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class DuplicateKeyError(ValueError):
@@ -43,6 +47,14 @@ def loads(text: str | bytes) -> Any:
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
+def gunzip(raw: bytes, path: str | os.PathLike) -> bytes:
+    """The decompressed ``raw`` bytes of the gzip file ``path``; a damaged one is a :class:`DataError`."""
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(str(path), f"gzip-compressed but damaged ({exc})") from None
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append ``record`` as one line in a single write, flushed and fsynced; a last line without its
     newline (a hand-edited or concatenated file) is ended first, so records are never glued."""
@@ -67,11 +79,19 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
     the file and skipped, so a resumed run redoes that unit of work — but only a line that one of
     our appends could have left: after earlier records, or starting like a JSON object. Any other
     file is not ours to cut (e.g. ``--out notes.txt``) and is refused.
+
+    A gzip-compressed file (e.g. ``records.jsonl.gz``) is read decompressed; one that a run would
+    append to (``repair_tail``) is refused, since appends cannot go into it.
     """
     p = Path(path)
     if not p.exists():
         return []
     raw = p.read_bytes()
+    if raw[:2] == GZIP_MAGIC:
+        if repair_tail:
+            raise DataError(str(p), "gzip-compressed: a run cannot append to it; decompress it first (gunzip) "
+                                    "or choose another output path")
+        raw = gunzip(raw, p)
     records: list[dict[str, Any]] = []
     offset = 0
     lines = raw.split(b"\n")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .agent import check_sample_counts
 from .config import check_recorded, option
 from .envs.base import Env
 from .errors import DataError, QlassError
@@ -70,6 +71,7 @@ class ParaphraseConfig:
     def __post_init__(self) -> None:
         if self.samples < 1 or self.batch < 1 or self.max_new_tokens < 1:
             raise ValueError("samples, batch and max_new_tokens must be >= 1")
+        check_sample_counts(samples=self.samples)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 

@@ -164,13 +164,13 @@ class Resolved:
 
     def eval_methods(self) -> list[tuple[str, dict[str, Any]]]:
         """The evaluation's (method name, options) pairs, ``eval.max_steps`` applied."""
-        from .search import parse_method
+        from .search import parse_method, set_method_option
 
         methods = []
         for spec in self.eval.methods:
             name, opts = parse_method(spec)
             if self.eval.max_steps is not None:
-                opts.setdefault("max_steps", self.eval.max_steps)
+                set_method_option(spec, opts, "max_steps", self.eval.max_steps, "eval.max_steps")
             methods.append((name, opts))
         return methods
 

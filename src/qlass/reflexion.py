@@ -35,11 +35,15 @@ REFLECT_PROMPT = ("You did not complete the task. In two or three sentences, exp
 MEMORY_HEADER = "Reflections on your earlier attempts at this task:"
 
 
+MAX_TRIALS = 100
+"""Most attempts per task: a larger value is a typo that would replay a failing task until stopped."""
+
+
 @dataclass(frozen=True)
 class ReflexionConfig:
     """Up to ``trials`` attempts at a task, a self-reflection after each failed one."""
 
-    trials: int = option(3, "attempts per task (1: the plain agent)")
+    trials: int = option(3, "attempts per task (1: the plain agent; at most 100)")
     success: float = option(1.0, "a trial whose final reward is at least this ends the episode")
     memory: int = option(3, "most recent reflections shown to a trial")
     temperature: float = option(0.0, "sampling temperature of the actions")
@@ -51,6 +55,8 @@ class ReflexionConfig:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
         if self.trials < 1 or self.memory < 1 or self.reflection_tokens < 1:
             raise ValueError("trials, memory and reflection_tokens must be >= 1")
+        if self.trials > MAX_TRIALS:
+            raise ValueError(f"trials must be <= {MAX_TRIALS}, got {self.trials}")
 
     def label(self) -> str:
         """``reflexion(trials=3)``, with every other option that changes the play named when not at its

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compare import bootstrap_interval, confidence_label, paired_rows, paired_table
+from .compare import bootstrap_interval, confidence_label, md_cell, paired_rows, paired_table
 from .errors import QlassError
 from .jsonl import write_text_atomic
 from .search import argmax
@@ -120,7 +120,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             "| prompt tok/task | QNet tok/task | QNet choices/task | env steps/task |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['env']} | {r['split']} | {r['method']} | {r['tasks']} | {100 * r['avg_reward']:.1f} "
+        f"| {md_cell(r['env'])} | {md_cell(r['split'])} | {md_cell(r['method'])} | {r['tasks']} "
+        f"| {100 * r['avg_reward']:.1f} "
         f"| {100 * r['success_rate']:.1f} | {r['completion_tokens']:.0f} | {r['prompt_tokens']:.0f} "
         f"| {r['qnet_tokens']:.0f} | {_choices_cell(r)} "
         f"| {r['env_steps']:.1f} |\n"
@@ -202,6 +203,33 @@ def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
                 raise DataError(path, f"line {line}: field 'trials[{k}].{name}' must be {want}, got {value!r}")
 
 
+_BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n"}
+"""The option a method's label and budget point are read from (its first in the label)."""
+
+
+def _check_label(rec: dict[str, Any], path: str, line: int) -> None:
+    """A record's ``method`` label against its ``method_name`` and the budget option of its ``config``:
+    the label names the row, the name and option place its budget point (a mismatch moves a point to
+    another curve or budget)."""
+    from .errors import DataError
+
+    label, name = rec["method"], rec["method_name"]
+    rest = label[len(name):] if label.startswith(name) else "?"
+    if rest[:1] not in ("", "(", "[", "#"):  # qlass(m=2), qlass(m=2)[oracle], sample#0 (RFT), eto (greedy)
+        raise DataError(path, f"line {line}: field 'method' is {label!r}, not a label of method_name {name!r}")
+    option = _BUDGET_OPTIONS.get(name)
+    if option is None:
+        return
+    value = rec["config"].get(option)
+    prefix = f"{name}({option}={value}"
+    if not _count(value) or value < 1 or not label.startswith((prefix + ",", prefix + ")")):
+        raise DataError(path, f"line {line}: field 'config.{option}' is {value!r} but the label is {label!r}")
+    if name == "best-of-n" and "candidates" in rec and isinstance(rec["candidates"], list) \
+            and len(rec["candidates"]) != value:
+        raise DataError(path, f"line {line}: field 'candidates' holds {len(rec['candidates'])} trajectories; "
+                              f"config.n is {value}")
+
+
 def check_record(rec: dict[str, Any], path: str, line: int) -> None:
     """Raise :class:`DataError` naming the field of ``rec`` that the report cannot read: its schema
     version, a missing or mistyped field, a reward outside [0, 1], a malformed best-of-n candidate."""
@@ -218,6 +246,7 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
             raise DataError(path, f"line {line}: field {name!r} must be {want}, got {value!r}")
     if not _reward(rec["reward"]):
         raise DataError(path, f"line {line}: field 'reward' must be in [0, 1], got {rec['reward']!r}")
+    _check_label(rec, path, line)
     for name in ("prompt_tokens", "completion_tokens", "qnet_tokens", "env_steps", "wall_time"):
         if not 0 <= rec[name] < math.inf:
             raise DataError(path, f"line {line}: field {name!r} must be a finite number >= 0, got {rec[name]!r}")
@@ -225,6 +254,11 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
     steps = traj.get("steps", []) if isinstance(traj, dict) else None
     if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
         raise DataError(path, f"line {line}: field 'trajectory' must be an object whose 'steps' is a list of objects")
+    for name in ("conversations", "decisions"):
+        value = traj.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise DataError(path, f"line {line}: field 'trajectory.{name}' must be a list of objects, "
+                                  f"got {value!r:.80}")
     for k, st in enumerate(steps):
         if "qnet_tokens" in st and not _count(st["qnet_tokens"]):
             raise DataError(path, f"line {line}: field 'trajectory.steps[{k}].qnet_tokens' must be an integer >= 0, "
@@ -357,9 +391,9 @@ def side_by_side_table(rows: Sequence[dict[str, Any]], labels: Sequence[str], co
     paired difference to the first (reward points) with its interval of level ``confidence``."""
     head = (["env", "split", "method", "tasks"] + [f"{label}: avg reward" for label in labels]
             + [f"{label} − {labels[0]} [{confidence_label(confidence)}]" for label in labels[1:]])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(map(md_cell, head)) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["env"], r["split"], r["method"], str(r["tasks"])]
+        cells = [md_cell(r["env"]), md_cell(r["split"]), md_cell(r["method"]), str(r["tasks"])]
         cells += [f"{100 * r['sides'][label]['avg_reward']:.1f}" for label in labels]
         for label in labels[1:]:
             d = r["sides"][label]["vs_first"]

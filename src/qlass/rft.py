@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .agent import check_sample_counts
 from .config import check_minimums, option, save_yaml, to_dict
 from .data import load_trajectories, record_problems, record_to_trajectory, save_trajectories, trajectory_to_record
 from .envs.base import parse_action
@@ -66,6 +67,7 @@ class RFTConfig:
 
     def __post_init__(self) -> None:
         check_minimums(self, samples=1, limit=1, max_steps=1)
+        check_sample_counts(samples=self.samples)
         if self.tasks not in TASK_SOURCES:
             raise ValueError(f"tasks must be one of {', '.join(TASK_SOURCES)}, got {self.tasks!r}")
         if self.init not in INITS:

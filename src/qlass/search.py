@@ -27,6 +27,7 @@ from .agent import (
     SearchContext,
     ValueModel,
     apply_output,
+    check_sample_counts,
     episode_running,
     finish,
     play,
@@ -61,6 +62,7 @@ __all__ = [
     "parse_method",
     "qlass_search",
     "sample",
+    "set_method_option",
     "unique_candidates",
 ]
 
@@ -100,7 +102,7 @@ class BestOfNConfig:
     the QNet's value of each trajectory's final step (``select="qnet"``) or by the policy's mean
     log-likelihood per completion token (``select="likelihood"``)."""
 
-    n: int = option(4, "trajectories per task")
+    n: int = option(4, "trajectories per task (1 to 256)")
     temperature: float = option(0.7, _TEMPERATURE)
     select: str = option("qnet", "how the winner is chosen: qnet (value of the final step) or likelihood")
     max_steps: int = option(30, _MAX_STEPS)
@@ -110,6 +112,7 @@ class BestOfNConfig:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        check_sample_counts(n=self.n)
         if self.select not in ("qnet", "likelihood"):
             raise ValueError(f"select must be 'qnet' or 'likelihood', got {self.select!r}")
 
@@ -260,6 +263,14 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """``"qlass:m=4,temperature=0.7"`` → ``("qlass", {"m": 4, "temperature": 0.7})``."""
     name, _, opts = spec.partition(":")
     return name.strip(), parse_kv([o for o in opts.split(",") if o.strip()], f"method {spec!r}")
+
+
+def set_method_option(spec: str, opts: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set option ``key`` of method ``spec`` (parsed into ``opts``) to ``value``, which ``source`` (e.g.
+    ``--max-steps``) sets for every method; the spec giving it another value is an error naming both."""
+    if key in opts and opts[key] != value:
+        raise QlassError(f"method {spec!r} sets {key}={opts[key]!r} but {source} sets {value!r}: give one of them")
+    opts[key] = value
 
 
 def make_method_config(name: str, options: dict[str, Any]) -> Any:

@@ -35,7 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .agent import EpisodeConfig, SearchContext, apply_output, episode_running, executed_text, finish, start_messages
+from .agent import (
+    EpisodeConfig,
+    SearchContext,
+    apply_output,
+    check_sample_counts,
+    episode_running,
+    executed_text,
+    finish,
+    start_messages,
+)
 from .candidates import choose, executable, mean_logprob, normalise_action, selection_scores, unique_candidates
 from .config import option
 from .errors import QlassError
@@ -54,7 +63,7 @@ class QlassConfig:
     """Q-guided stepwise search: M candidates per step at ``temperature``, execute the QNet argmax
     (duplicates merged; ties go to the earliest candidate)."""
 
-    m: int = option(2, "candidate actions sampled per step")
+    m: int = option(2, "candidate actions sampled per step (1 to 256)")
     temperature: float = option(0.7, "sampling temperature")
     max_steps: int = option(30, "step limit per episode")
     max_new_tokens: int = option(128, "token limit per agent turn")
@@ -77,6 +86,7 @@ class QlassConfig:
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
         if self.m < 1:
             raise ValueError(f"m must be >= 1, got {self.m}")
+        check_sample_counts(m=self.m)
         if self.paraphrase is not None:
             if self.m < 2:
                 raise ValueError("paraphrase perturbs candidates 2..m; it needs m >= 2")

@@ -165,6 +165,14 @@ def _messages(value: list[Any], where: str, name: str, path: str) -> list[Messag
     return out
 
 
+_COUNTED_STATS = ("branches", "merged", "probe_steps", "prompt_tokens", "completion_tokens", "score_tokens")
+"""The tree statistics that summaries add up (optional; an integer >= 0 where present)."""
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) -> Tree:
     """Validate a ``trees.jsonl`` record and build the :class:`Tree`; errors name file, line, field."""
     where = f"line {line}"
@@ -177,6 +185,12 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
     gamma = vals["config"].get("gamma", BackupConfig.gamma)
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0.0 <= gamma <= 1.0:
         raise DataError(path, f"{where}: field 'config.gamma' must be a number in [0, 1], got {gamma!r}")
+    for key in _COUNTED_STATS:
+        if key in vals["stats"] and not _is_count(vals["stats"][key]):
+            raise DataError(path, f"{where}: field 'stats.{key}' must be an integer >= 0, got {vals['stats'][key]!r}")
+    if not isinstance(vals["stats"].get("stopped_by"), (str, type(None))):
+        raise DataError(path, f"{where}: field 'stats.stopped_by' must be a cap's name or null, "
+                              f"got {vals['stats']['stopped_by']!r}")
     prefix = _messages(vals["prefix"], where, "prefix", path)
     nodes: list[Node] = []
     for i, raw in enumerate(vals["nodes"]):
@@ -190,6 +204,8 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
         parent, action, q = raw.get("parent", "missing"), raw.get("action", "missing"), raw.get("q", "missing")
         if nv["id"] != i:
             raise DataError(path, f"{nw}: field 'id' is {nv['id']}, expected {i} (ids are positions)")
+        if "merged" in raw and not _is_count(raw["merged"]):
+            raise DataError(path, f"{nw}: field 'merged' must be an integer >= 0, got {raw['merged']!r}")
         if i == 0:
             if parent is not None or nv["depth"] != 0 or nv["source"] != "root":
                 raise DataError(path, f"{nw}: the root must have parent null, depth 0 and source 'root'")

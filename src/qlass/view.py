@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import base64
 import csv
+import gzip
 import hashlib
 import html
 import json
 import logging
 import math
 import os
+import zlib
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import QlassError
-from .jsonl import read_jsonl, write_text_atomic
+from .errors import DataError, QlassError
+from .jsonl import GZIP_MAGIC, read_jsonl, write_text_atomic
 from .tree import BackupConfig, Tree, compute_q, contrast_pairs, tree_from_dict, tree_summary
 
 log = logging.getLogger(__name__)
@@ -38,17 +40,22 @@ MAX_SCAN_DEPTH = 3
 
 # -- what a file is --------------------------------------------------------------------------
 def _first_record(path: Path) -> dict[str, Any] | None:
-    """The first JSON object of a JSON Lines file (None when the file has no record)."""
+    """The first JSON object of a JSON Lines file, gzip-compressed or not (None when the file has no
+    record)."""
+    with open(path, "rb") as fh:
+        opener = gzip.open if fh.read(2) == GZIP_MAGIC else open
     try:
-        with open(path, encoding="utf-8-sig") as fh:
+        with opener(path, "rt", encoding="utf-8-sig") as fh:
             for line in fh:
                 if line.strip():
                     rec = json.loads(line)
                     if not isinstance(rec, dict):
                         raise QlassError(f"{path}: the first line is JSON but not an object")
                     return rec
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, EOFError, zlib.error) as exc:
         raise QlassError(f"{path}: not JSON Lines ({exc})") from None
+    except gzip.BadGzipFile as exc:
+        raise QlassError(f"{path}: gzip-compressed but damaged ({exc})") from None
     return None
 
 
@@ -101,7 +108,7 @@ def find_inputs(folder: str | os.PathLike) -> dict[str, list[Path]]:
     for p in _walk(Path(folder)):
         if p.name == "results.json":
             found["results"].append(p)
-        elif p.suffix == ".jsonl" and not p.name.endswith(".tasks.jsonl"):
+        elif p.name.endswith((".jsonl", ".jsonl.gz")) and not p.name.endswith((".tasks.jsonl", ".tasks.jsonl.gz")):
             try:
                 rec = _first_record(p)
             except QlassError as exc:  # a file qlass writes under these names is worth a word; others are not
@@ -160,10 +167,15 @@ def tree_view(tree: Tree, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_tree_views(path: Path) -> list[dict[str, Any]]:
-    """Every tree of a ``trees.jsonl`` file, validated, as page records."""
-    out = []
+    """Every tree of a ``trees.jsonl`` file, validated (a tree id given twice is an error, as in
+    :func:`qlass.tree.read_trees`), as page records."""
+    out, seen = [], set()
     for line, rec in enumerate(read_jsonl(path), start=1):
-        out.append(tree_view(tree_from_dict(rec, str(path), line), rec))
+        tree = tree_from_dict(rec, str(path), line)
+        if tree.tree_id in seen:
+            raise DataError(str(path), f"line {line}: tree {tree.tree_id!r} appears twice")
+        seen.add(tree.tree_id)
+        out.append(tree_view(tree, rec))
     return out
 
 
@@ -233,9 +245,27 @@ def _budget_csv(path: Path) -> list[dict[str, Any]]:
     return points
 
 
+def check_results(data: dict[str, Any], path: Path) -> None:
+    """Raise :class:`DataError` unless ``data`` (a ``results.json``, :func:`qlass.report.write_report`)
+    has a schema version this qlass reads and lists of objects under ``rows``, ``paired`` and ``budget``."""
+    from .report import RESULTS_SCHEMA_VERSION
+
+    if data.get("schema_version") != RESULTS_SCHEMA_VERSION:
+        raise DataError(str(path), f"field 'schema_version' is {data.get('schema_version')!r}; this qlass reads "
+                                   f"{RESULTS_SCHEMA_VERSION}")
+    for name in ("rows", "paired", "budget"):
+        items = data.get(name) or []
+        if not isinstance(items, list):
+            raise DataError(str(path), f"field {name!r} must be a list of objects, got {items!r:.80}")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise DataError(str(path), f"field '{name}[{i}]' must be an object, got {item!r:.80}")
+
+
 def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any] | None:
     """The results of an evaluation folder: ``results.json`` when present, else ``results.md`` and
-    ``budget.csv``, else computed from its records as ``qlass report`` would."""
+    ``budget.csv``, else computed from its ``records`` files as ``qlass report`` would (the caller
+    passes one file at a time where a folder holds several runs' records)."""
     rj = folder / "results.json"
     if rj.is_file():
         try:
@@ -243,6 +273,7 @@ def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any]
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise QlassError(f"{rj}: not JSON ({exc})") from None
         if isinstance(data, dict) and isinstance(data.get("rows"), list):
+            check_results(data, rj)
             return {"name": name, "rows": data["rows"], "paired": data.get("paired") or [],
                     "budget": data.get("budget") or [], "markdown": None}
         log.warning("%s: no 'rows' list; not a qlass results file", rj)
@@ -292,9 +323,13 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
         folders = sorted({f.parent for f in found["records"]} | {f.parent for f in found["results"]})
         for folder in folders:
             recs = [f for f in found["records"] if f.parent == folder]
-            res = results_view(folder, _label(folder, base) if folder != base else (p.name or str(p)), recs)
-            if res:
-                data["results"].append(res)
+            name = _label(folder, base) if folder != base else (p.name or str(p))
+            summarised = any((folder / f).is_file() for f in ("results.json", "results.md", "budget.csv"))
+            if len(recs) > 1 and not summarised:  # several runs' records (or shards): one result set each
+                sets = [results_view(folder, _label(f, base), [f]) for f in recs]
+            else:
+                sets = [results_view(folder, name, recs)]
+            data["results"] += [res for res in sets if res]
     data["files"] = [_label(f, base) for k in KINDS for f in found[k]]
     if not (data["trees"] or data["episodes"] or data["decisions"] or data["results"]):
         raise QlassError(f"{p}: found no trees, evaluation records, decisions or results to show")

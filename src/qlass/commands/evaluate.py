@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate methods on a split: per-task records (resumable), a results table and budget curves."""
         from ..evaluate import run_evaluation
-        from ..search import parse_method
+        from ..search import parse_method, set_method_option
 
         if list_options:
             typer.echo(method_options())
@@ -70,9 +70,9 @@ def register(app: typer.Typer) -> None:
         for spec in method:
             name, opts = parse_method(spec)
             if max_steps is not None:
-                opts.setdefault("max_steps", max_steps)
+                set_method_option(spec, opts, "max_steps", max_steps, "--max-steps")
             if oracle_terminal and name == "qlass":
-                opts.setdefault("oracle_terminal", True)
+                set_method_option(spec, opts, "oracle_terminal", True, "--oracle-terminal")
             methods.append((name, opts))
         rows = run_evaluation(
             model=model, env_spec=env, env_kwargs=parse_kv(env_arg, "--env-arg"), splits=split,
