@@ -203,6 +203,12 @@ def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
                 raise DataError(path, f"line {line}: field 'trials[{k}].{name}' must be {want}, got {value!r}")
 
 
+_OTHER_FILES = {("tree_id", "nodes"): "a trees file (qlass explore)",
+                 ("history", "candidates"): "a decisions file (qlass decisions collect; see qlass decisions report)",
+                 ("tree_id", "node_id"): "a Q-data file (qlass qdata)",
+                 ("conversations",): "a trajectory file (expert or SFT data)"}
+"""Files of other stages, known by their fields, which the report names instead of a wrong field."""
+
 _BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n"}
 """The option a method's label and budget point are read from (its first in the label)."""
 
@@ -236,6 +242,9 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
     from .errors import DataError
     from .evaluate import RECORD_SCHEMA_VERSION
 
+    for fields, other in _OTHER_FILES.items():
+        if "method" not in rec and rec.keys() >= set(fields):
+            raise DataError(path, f"line {line}: this is {other}, not evaluation records (qlass eval's records.jsonl)")
     if rec.get("schema_version") != RECORD_SCHEMA_VERSION:
         raise DataError(path, f"line {line}: field 'schema_version' is {rec.get('schema_version')!r}; "
                               f"this qlass reads {RECORD_SCHEMA_VERSION}")
