@@ -258,3 +258,24 @@ def test_report_reads_gzipped_records_like_plain_ones_and_escapes_bars_in_labels
     rows = [line for line in lines if "paraphrase=a" in line]
     assert len(heads) == len(rows) == 2 and all(r"a\|b" in line for line in rows)
     assert [line.replace(r"\|", "").count("|") for line in rows] == [line.count("|") for line in heads]
+
+
+def test_the_shipped_reference_records_rebuild_their_published_tables(tmp_path) -> None:
+    """docs/results.md's 180-task table (docs/reference/guidance/episodes180) comes from the gzipped
+    reference records by the command written there; this qlass must still read them and rebuild
+    results.json and results.md byte for byte."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+
+    ref = Path(__file__).resolve().parents[1] / "docs" / "reference" / "guidance"
+    records = [ref / "episodes60" / "records.jsonl.gz", ref / "ablations60" / "records.jsonl.gz",
+               ref / "episodes120" / "records-more.jsonl.gz", ref / "episodes180" / "records-third.jsonl.gz"]
+    res = CliRunner().invoke(app, ["report", *map(str, records), "--all-tasks", "--baseline",
+                                   "qlass(m=4,anchor=greedy,select=random)", "--baseline", "greedy",
+                                   "--confidence", "0.975", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    for name in ("results.json", "results.md"):
+        assert (tmp_path / name).read_bytes() == (ref / "episodes180" / name).read_bytes(), name
