@@ -109,6 +109,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                                                  candidates=[{"reward": 1.0, "completion_tokens": 3}])),
         "steps.jsonl": _lines(_trajectory(steps=[{"foo": 1}])),
         "trees_inplace.jsonl": _lines(_tree()),
+        "trees_target.jsonl": _lines(_tree()),
+        "expert_target.json": json.dumps([_trajectory()]),
         "trees_gamma.jsonl": _lines({**_tree(), "config": {"gamma": "abc"}}),
         "records_inplace.jsonl": _lines(_record()),
         "records_choices.jsonl": _lines(_record(method="qlass(m=2)", method_name="qlass", config={"m": 2},
@@ -150,6 +152,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "dec_vtrue.jsonl": _lines(_decision(schema_version=True)),
         "blank.jsonl": "\n\n",
         "traj_id_bool.json": json.dumps([_trajectory(id=True)]),
+        "traj_surrogate.json": json.dumps([_trajectory(conversations=[{"from": "human", "value": "Walk \ud800"},
+                                                                      {"from": "gpt", "value": "Action: go east"}])]),
+        "pair_id_bool.json": json.dumps([{"id": True, "chosen": _trajectory(), "rejected": _trajectory()}]),
         "pipe_empty.yaml": "# nothing yet\n",
         "empty.json": "[]\n",
         "deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n",
@@ -168,6 +173,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     export_qdata(tmp / "trees.jsonl", tmp / "qdata.jsonl")
     qdata = (tmp / "qdata.jsonl").read_text(encoding="utf-8")
     (tmp / "qdata_dup.jsonl").write_text(qdata + qdata, encoding="utf-8")
+    (tmp / "qdata_q5.jsonl").write_text(_lines({**json.loads(qdata.splitlines()[0]), "q": 5.0}), encoding="utf-8")
     (tmp / "qdata_v99.jsonl").write_text(qdata.replace('"schema_version": 1', '"schema_version": 99'), encoding="utf-8")
     for name in ("trees.jsonl", "qdata.jsonl", "records.jsonl", "expert.json"):  # \xff\xfe inside a string
         raw = (tmp / name).read_bytes()
@@ -433,6 +439,26 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["records_badgz.gz", "gzip-compressed but damaged"]),
     ("collect onto a gzipped file", ["decisions", "collect", "--model", "test_cli_errors:EastWalker", *ENV, "--limit",
                                      "1", "--out", "{dec_gz}"], ["dec_gz.jsonl", "gzip-compressed", "gunzip"]),
+    ("trajectory text not text", ["data", "validate", "{traj_surrogate}"],
+     ["traj_surrogate.json", "record 0", "conversations[0].value", "unpaired surrogate"]),
+    ("pair id a bool", ["dpo", "--pairs", "{pair_id_bool}", "--model", NO_MODEL, "--out", "{tmp}/d"],
+     ["pair_id_bool.json", "record 0", "field 'id'"]),
+    ("qnet target out of range", ["train-qnet", "{qdata_q5}", "--model", NO_MODEL, "--out", "{tmp}/qn"],
+     ["qdata_q5.jsonl", "line 1", "field 'q' must be a number in [0, 1]", "5.0"]),
+    ("training threads negative", ["train-qnet", "{qdata}", "--model", NO_MODEL, "--set", "threads=-3", "--out",
+                                   "{tmp}/qn"], ["threads must be >= 1 or null, got -3"]),
+    ("policy threads negative", ["eval", "--model", "{model_notok}", *ENV, "--policy-arg", "threads=-1",
+                                 "--out", "{tmp}/e"], ["threads must be an integer >= 1, got -1"]),
+    ("sft over its base model", ["sft", "--data", "{expert}", "--model", "{adir}", "--out", "{adir}"],
+     ["adir", "is also the model this run starts from"]),
+    ("qdata over an expert file", ["qdata", "{trees}", "--out", "{expert_target}"],
+     ["expert_target.json", "is not a Q-data file"]),
+    ("expert export over a trees file", ["data", "expert", *ENV, "--out", "{trees_target}"],
+     ["trees_target.jsonl", "is not a trajectory file"]),
+    ("expert export from a split the env lacks", ["data", "expert", *ENV, "--split", "nosuch", "--out", "{tmp}/x.json"],
+     ["no split 'nosuch'", "train, seen"]),
+    ("paraphrase a split the env lacks", ["paraphrase", *ENV, "--source", "template", "--split", "nosuch", "--out",
+                                          "{tmp}/p.jsonl"], ["no split 'nosuch'"]),
     ("method option inf", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:beta=inf", "--out", "{tmp}/e"],
      ["'beta'", "finite"]),
 ]

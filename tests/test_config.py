@@ -168,6 +168,33 @@ def test_run_folder_refuses_changed_settings_of_every_stage_with_outputs(tmp_pat
     assert (run / "config.yaml").read_text() == saved
 
 
+def test_run_folder_refuses_a_reused_expert_export_of_other_settings_or_unknown_settings(tmp_path: Path) -> None:
+    """expert.json is reused once written, so changing the expert settings is refused from then on
+    (not only once SFT finished); a run folder holding outputs whose config.yaml is gone or emptied is
+    refused rather than resumed under whatever settings come; a missing expert.data is an error, not
+    a file to export into."""
+    from qlass.pipeline import _expert_and_sft, _save_resolved, resolve
+
+    run = tmp_path / "run"
+    data = {"run_dir": str(run), "env": "toy_envs:Corridor"}
+    _save_resolved(resolve(data, "p.yaml"))
+    (run / "expert.json").write_text("[]")
+    with pytest.raises(QlassError, match=re.escape("expert.per_task: 10 → 2")):
+        _save_resolved(resolve({**data, "expert": {"per_task": 2}}, "p.yaml"))
+    (run / "config.yaml").write_text("{}\n")
+    with pytest.raises(QlassError, match=r"holds expert\.json but .*config\.yaml does not record 'model', 'env'"):
+        _save_resolved(resolve(data, "p.yaml"))
+    (run / "config.yaml").unlink()
+    with pytest.raises(QlassError, match=r"holds expert\.json but .*config\.yaml is missing"):
+        _save_resolved(resolve(data, "p.yaml"))
+    assert not (run / "config.yaml").exists()
+    gone = tmp_path / "nowhere" / "expert.json"
+    with pytest.raises(QlassError, match=r"expert\.data: .*nowhere/expert\.json not found"):
+        _expert_and_sft(resolve({**data, "run_dir": str(tmp_path / "r2"), "expert": {"data": str(gone)}}, "p.yaml"),
+                        tmp_path / "base")
+    assert not gone.exists()
+
+
 def test_pipeline_checks_methods_policy_and_env_options_before_any_work() -> None:
     from qlass.pipeline import resolve
 
@@ -182,6 +209,11 @@ def test_pipeline_checks_methods_policy_and_env_options_before_any_work() -> Non
         resolve({"env_args": {"step_limt": 3}}, "p.yaml")
     with pytest.raises(QlassError, match=r"p\.yaml: field 'env_args': unknown environment 'nosuch'"):
         resolve({"env": "nosuch"}, "p.yaml")
+    for section, message in (({"eval": {"methods": []}}, "splits and methods must each name at least one"),
+                             ({"eval": {"splits": []}}, "splits and methods must each name at least one"),
+                             ({"workers": 0}, "field 'workers' must be >= 1, got 0")):
+        with pytest.raises(QlassError, match=re.escape(message)):
+            resolve(section, "p.yaml")
 
 
 def test_list_options_document_pipeline_keys_and_method_options() -> None:

@@ -195,7 +195,8 @@ def test_bad_eto_inputs_are_named_errors(walker: tuple[Path, Path], tmp_path: Pa
                              ({"min_reward": 1.5}, r"min_reward must be in \[0, 1\]"),
                              ({"temperature": -1}, "temperature must be >= 0"),
                              ({"rejected_extra_turns": -1}, "rejected_extra_turns must be >= 0"),
-                             ({"iteratons": 2}, "did you mean 'iterations'")):
+                             ({"iteratons": 2}, "did you mean 'iterations'"),
+                             ({"iterations": 100_000}, "iterations must be <= 100, got 100000")):
         with pytest.raises(QlassError, match=message):
             build(ETOConfig, options, "--eto")
     with pytest.raises(QlassError, match=r"missing\.json: expert trajectory file not found"):
@@ -205,6 +206,13 @@ def test_bad_eto_inputs_are_named_errors(walker: tuple[Path, Path], tmp_path: Pa
     with pytest.raises(QlassError, match=r"later_dpo: unknown option\(s\) 'bta'"):
         run_eto(sft, expert, ENV, tmp_path / "c", ETOConfig(later_dpo={"bta": 0.5}), TINY_DPO)
     assert not any((tmp_path / d).exists() for d in "abc"), "refused before any work"
+    # a folder holding a round whose eto_config.yaml is gone or emptied: its settings are unknown
+    (tmp_path / "e" / "round-1").mkdir(parents=True)
+    with pytest.raises(QlassError, match=r"e holds earlier work but .*eto_config\.yaml is missing"):
+        run_eto(sft, expert, ENV, tmp_path / "e", EXPLORE, TINY_DPO)
+    (tmp_path / "e" / "eto_config.yaml").write_text("{}\n")
+    with pytest.raises(QlassError, match=r"eto_config\.yaml does not record 'model', 'env', 'seed'"):
+        run_eto(sft, expert, ENV, tmp_path / "e", EXPLORE, TINY_DPO)
     # nothing is a failure below reward 0: a clear error after exploring, and no training
     with pytest.raises(QlassError, match=r"ETO round 1: no failure pairs to train on \(6 episodes, 0 below min_reward"):
         run_eto(sft, expert, ENV, tmp_path / "d", dataclasses.replace(EXPLORE, min_reward=0.0), TINY_DPO,

@@ -212,6 +212,14 @@ def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path,
     with pytest.raises(QlassError, match=r"other settings \(min_trees_per_step: 1 → 4\)"):
         train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG))
     assert train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**CFG, min_trees_per_step=1)) == result
+    # the record of its settings emptied or deleted: not handed back for whatever is asked
+    for emptied in (True, False):
+        if emptied:
+            save_yaml(out / "qnet_config.yaml", {})
+        else:
+            (out / "qnet_config.yaml").unlink()
+        with pytest.raises(QlassError, match="is missing" if not emptied else "does not record its Q data"):
+            train_qnet(data, tiny_model_dir, out, QNetTrainConfig(**{**CFG, "epochs": 5}))
 
 
 @pytest.mark.parametrize("lora", [False, True])

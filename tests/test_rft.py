@@ -127,6 +127,7 @@ def test_rft_keeps_successes_adds_them_once_and_resumes(tiny_model_dir: Path, tm
         run_rft("test_rft:SeededWalker", expert, tiny_model_dir, ENV, out, RFTConfig(samples=3, max_steps=4, limit=6,
                 max_new_tokens=16, min_reward=0.0), TINY_SFT, env_kwargs={"step_limit": 4}, policy=SeededWalker())
     assert (out / "data.json").read_bytes() == before
+    assert yaml.safe_load((out / "rft_config.yaml").read_text())["min_reward"] == cfg.min_reward, "the refused run's"
     with pytest.raises(QlassError, match=r"line 1 .*field 'config' differs .*temperature: 0\.7 → 0\.9"):
         run_rft("test_rft:SeededWalker", expert, tiny_model_dir, ENV, out, RFTConfig(samples=3, max_steps=4, limit=6,
                 max_new_tokens=16, temperature=0.9), TINY_SFT, env_kwargs={"step_limit": 4}, policy=SeededWalker())

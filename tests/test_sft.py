@@ -121,6 +121,27 @@ def test_training_lowers_loss_and_saves_a_loadable_model(tiny_model_dir, tok, tm
         train_sft(data, tiny_model_dir, out, SFTConfig(epochs=1))
 
 
+def test_a_diverging_run_stops_with_an_error_and_the_base_model_is_never_the_output(tiny_model_dir,
+                                                                                 tmp_path: Path) -> None:
+    """A learning rate that makes the loss NaN stops the run at that step, naming it (transformers
+    would log the NaN away and save NaN weights as a finished model); ``--out`` equal to the base
+    model folder is refused before anything is written."""
+    import shutil
+
+    data = write_data(tmp_path / "data.json", n=4)
+    cfg = SFTConfig(epochs=3, lr=1e30, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1, grad_clip=0.0,
+                    warmup_ratio=0.0)
+    with pytest.raises(QlassError, match=r"training diverged at step \d+ \(train_loss nan|training diverged at step"):
+        train_sft(data, tiny_model_dir, tmp_path / "nan", cfg)
+    assert not (tmp_path / "nan" / ".qlass-complete").exists()
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    with pytest.raises(QlassError, match="is also the model this run starts from"):
+        train_sft(data, base, base, SFTConfig(epochs=1, threads=1))
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, tmp_path: Path, lora: bool) -> None:
     """Recomputing activations saves memory but must not change what is learnt (nor the run's hash)."""

@@ -186,7 +186,9 @@ def test_qdata_cap_keeps_sibling_groups_first_deterministically() -> None:
 
 @pytest.mark.parametrize("mutate,message", [
     (lambda r: r.pop("q"), "line 2: missing field 'q'"),
-    (lambda r: r.update(q=float("nan")), "line 2: field 'q' must be finite"),
+    (lambda r: r.update(q=float("nan")), "line 2: field 'q' must be a number in [0, 1], got nan"),
+    (lambda r: r.update(q=1e300), "line 2: field 'q' must be a number in [0, 1], got 1e+300"),
+    (lambda r: r.update(q=-5), "line 2: field 'q' must be a number in [0, 1], got -5"),
     (lambda r: r.update(node_id="3"), "line 2: field 'node_id' must be int, got str"),
     (lambda r: r.update(group="t/b:9"), "line 2: field 'group' must be '<tree_id>:<parent_id>'"),
     (lambda r: r.update(messages=[]), "line 2: field 'messages' is empty"),

@@ -333,14 +333,23 @@ def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: C
 
 def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: Collection[str] = (),
                    advice: str = "use another output for these settings",
-                   recorded: Mapping[str, Any] | None = None) -> None:
+                   recorded: Mapping[str, Any] | None = None, required: Collection[str] = ()) -> None:
     """Refuse to add to ``what`` when the settings recorded in the YAML file ``path`` (or ``recorded``,
     as read from it) differ from ``now`` (:func:`setting_changes`), naming every difference; a missing
-    file records nothing."""
+    file records nothing. ``required`` (given when ``what`` holds earlier work): settings of ``now``
+    that the file must record — a missing file, or one emptied or cut by hand, is refused too, since
+    the earlier work's settings are then unknown."""
     if recorded is None:
         if not Path(path).exists():
+            if required:
+                raise QlassError(f"{what} holds earlier work but {path} is missing, so its settings are unknown "
+                                 f"and new work could mix with others; {advice} (or restore the file)")
             return
         recorded = load_yaml(path)
+    missing = [k for k in required if k in now and k not in recorded]
+    if missing:
+        raise QlassError(f"{path} does not record {', '.join(map(repr, missing))}, so the settings of {what} are "
+                         f"unknown and new work could mix with others; {advice} (or restore the file)")
     changes = setting_changes(recorded, now, ignore)
     if changes:
         raise QlassError(f"{what} was made with other settings ({'; '.join(changes)}; see {path}); {advice}")

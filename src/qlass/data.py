@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DataError, MissingFileError
+from .errors import DataError, MissingFileError, QlassError
 from .jsonl import GZIP_MAGIC, DuplicateKeyError, gunzip, loads, write_text_atomic
 from .types import Message, Role, Step, Trajectory
 
@@ -117,6 +118,31 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[Any]:
     return out
 
 
+def refuse_replacing_other_kind(out: str | Path, kind: str, fields: Collection[str]) -> None:
+    """Raise :class:`QlassError` when ``out`` is a non-empty file whose first record is not ``kind`` (lacks
+    one of ``fields``): an input of another stage given as the output by mistake would be lost."""
+    p = Path(out)
+    if not p.is_file() or not p.read_bytes().strip():
+        return
+    try:
+        first = load_records(p)[0]
+    except (DataError, IndexError):
+        first = None
+    if not (isinstance(first, dict) and first.keys() >= set(fields)):
+        raise QlassError(f"{p}: exists and is not {kind} (an input of another stage?); it is only written over a "
+                         "file of its kind (give another output path)")
+
+
+def is_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (JSON's ``\\ud800`` escapes decode to lone surrogates that
+    cannot, and tokenizers refuse)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _describe(data: Any) -> str:
     """A short description of a JSON value's shape, for error messages."""
     if isinstance(data, dict):
@@ -165,6 +191,9 @@ def _parse_turns(rec: dict[str, Any]) -> tuple[list[Message], list[str]]:
             continue
         if not isinstance(value, str):
             problems.append(f"{where}.{vkey}: missing or not a string")
+            continue
+        if not is_text(value):
+            problems.append(f"{where}.{vkey}: holds an unpaired surrogate (\\ud800-\\udfff), which is not text")
             continue
         messages.append(Message(role, value))
         if role == "system":

@@ -45,6 +45,7 @@ import numpy as np
 from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
+from .data import is_text
 from .decisions import DECISIONS_SCHEMA_VERSION as SCHEMA_VERSION
 from .errors import DataError, MissingFileError, QlassError
 from .jsonl import read_jsonl, refuse_overwriting_inputs, write_text_atomic
@@ -93,15 +94,6 @@ def _number(value: Any, low: float, high: float) -> bool:
     return real and math.isfinite(value) and low <= value <= high
 
 
-def _utf8(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8 (JSON's ``\\ud800`` escapes decode to lone surrogates that cannot)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def check_decision(path: Path, i: int, rec: Any) -> None:
     """Raise :class:`DataError` naming the record and field of a decision record that a ranker, the
     Q-data export or a resumed collection could not read, or that holds an impossible value."""
@@ -125,7 +117,7 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise DataError(str(path), f"field 'history[{k}]': a message needs 'role' ({', '.join(ROLES)}) and "
                             "'content' (a string)", i, rid)
-        if not _utf8(m["content"]):
+        if not is_text(m["content"]):
             raise DataError(str(path), f"field 'history[{k}].content' holds an unpaired surrogate (\\ud800-\\udfff), "
                             "which is not text", i, rid)
     for j, c in enumerate(rec["candidates"]):
@@ -146,7 +138,7 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
             if not ok:
                 raise DataError(str(path), f"field 'candidates[{j}].{name}' must be {expected}, got "
                                 f"{c.get(name)!r}", i, rid)
-        if not _utf8(c["output"]):
+        if not is_text(c["output"]):
             raise DataError(str(path), f"field 'candidates[{j}].output' holds an unpaired surrogate (\\ud800-\\udfff), "
                             "which is not text", i, rid)
         average = float(np.mean(c["rollout_rewards"])) if c.get("rollout_rewards") else c["mean"]

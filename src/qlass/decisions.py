@@ -34,9 +34,9 @@ from typing import Any
 
 from .agent import apply_output, check_sample_counts, episode_running, executed_text, start_messages
 from .candidates import normalise_action
-from .config import check_recorded, load_yaml, option, save_yaml
+from .config import check_recorded, option, save_yaml
 from .envs.base import Env, parse_action
-from .errors import DataError, QlassError
+from .errors import DataError
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, Sample, drive
@@ -279,17 +279,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     path = sidecar(out, "config.yaml")
     started = [f for f in (out, sidecar(out, "tasks.jsonl")) if f.exists() and f.stat().st_size > 0]
     if started:
-        if not path.exists():
-            raise QlassError(f"{started[0]} holds earlier work but {path} is missing, so its settings are unknown "
-                             "and new decisions could mix with others; use another output file (or restore it)")
-        recorded = load_yaml(path)
-        missing = [k for k in ("model", "env", "seed", "options") if k in settings and k not in recorded]
-        if missing:
-            raise QlassError(f"{path} does not record {', '.join(map(repr, missing))}, so the settings of "
-                             f"{started[0]} are unknown and new decisions could mix with others; use another output "
-                             "file (or restore it)")
-        check_recorded(path, settings, str(out), RESUMABLE_SETTINGS, "use another output file for these settings",
-                       recorded=recorded)
+        check_recorded(path, settings, str(started[0]), RESUMABLE_SETTINGS, "use another output file for these "
+                       "settings", required=("model", "env", "seed", "options"))
     save_yaml(path, settings)
 
 

@@ -258,7 +258,9 @@ def run_eto(
         raise QlassError(f"{agent}: the SFT agent is not a local model folder (no config.json); ETO trains it")
     env_kwargs, policy_kwargs = dict(env_kwargs or {}), dict(policy_kwargs or {})
     settings = _settings(str(agent), expert_path, env_spec, cfg, dpo_cfg, env_kwargs, task_types, policy_kwargs, seed)
-    check_recorded(out / CONFIG_FILE, settings, str(out), ["iterations", "expert"], "use a new output folder")
+    started = out.is_dir() and any(out.glob("round-*"))
+    check_recorded(out / CONFIG_FILE, settings, str(out), ["iterations", "expert"], "use a new output folder",
+                   required=("model", "env", "seed") if started else ())
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(out / CONFIG_FILE, settings)
     summaries = []

@@ -12,6 +12,9 @@ from .rollouts import TASK_SOURCES
 from .search import GreedyConfig, SampleConfig
 from .training.configs import DPOConfig
 
+MAX_ITERATIONS = 100
+"""Most explore-train rounds: each fine-tunes a model, so a larger value is a typo, not a setting."""
+
 
 @dataclass(frozen=True)
 class ETOConfig:
@@ -38,6 +41,8 @@ class ETOConfig:
 
     def __post_init__(self) -> None:
         check_minimums(self, iterations=1, max_steps=1, limit=1, rejected_extra_turns=0)
+        if self.iterations > MAX_ITERATIONS:
+            raise ValueError(f"iterations must be <= {MAX_ITERATIONS}, got {self.iterations}")
         if self.tasks not in TASK_SOURCES:
             raise ValueError(f"tasks must be one of {', '.join(TASK_SOURCES)}, got {self.tasks!r}")
         if not 0.0 <= self.min_reward <= 1.0:

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import check_recorded, differences, load_yaml, save_yaml
 from .data import trajectory_to_record
-from .envs.base import Env
+from .envs.base import Env, check_splits
 from .errors import DataError, QlassError
 from .executor import Executor, LocalExecutor
 from .jsonl import append_jsonl, read_jsonl
@@ -97,10 +97,7 @@ def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str
     probe = make_env()
     try:
         env_name = probe.name
-        known = probe.splits()
-        unknown = [split for split in splits if split not in known]
-        if unknown:
-            raise QlassError(f"{env_spec}: no split {unknown[0]!r}; its splits: {', '.join(known)}")
+        check_splits(probe, splits, env_spec)
         by_split = {split: select_tasks([t for t in probe.tasks(split, task_types) if t.id not in exclude],
                                         None if limit is None else offset + limit)[offset:]
                     for split in splits}

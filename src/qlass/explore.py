@@ -44,7 +44,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .agent import EpisodeConfig, apply_output, play
-from .config import check_recorded, differences, load_yaml, save_yaml, to_dict
+from .config import check_recorded, differences, save_yaml, to_dict
 from .envs.base import Env, parse_action
 from .errors import QlassError
 from .executor import Executor, LocalExecutor
@@ -461,14 +461,9 @@ def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: i
     if settings is not None:
         settings = {**settings, "seed": run_seed}
         sidecar = settings_file(path)
-        if trees and sidecar.exists():
-            recorded = load_yaml(sidecar)
-            missing = [k for k in ("model", "env", "seed") if k in settings and k not in recorded]
-            if missing:
-                raise QlassError(f"{sidecar} does not record {', '.join(map(repr, missing))}, so the settings of "
-                                 f"{path} are unknown and new trees could mix with others; use a new output file "
-                                 "(or restore it)")
-            check_recorded(sidecar, settings, str(path), advice="use a new output file", recorded=recorded)
+        if trees:
+            check_recorded(sidecar, settings, str(path), advice="use a new output file",
+                           required=("model", "env", "seed") if sidecar.exists() else ())
         save_yaml(settings_file(path), settings)
     want = explore_digest(cfg)
     for task in tasks:

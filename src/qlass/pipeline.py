@@ -106,6 +106,8 @@ class EvalStage:
 
     def __post_init__(self) -> None:
         check_minimums(self, limit=1, max_steps=1, concurrency=1)
+        if not self.splits or not self.methods:
+            raise ValueError("splits and methods must each name at least one")
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,8 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     cfg = build(PipelineConfig, data, source)
     if cfg.backend not in BACKENDS:
         raise QlassError(f"{source}: field 'backend' must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.workers < 1:
+        raise QlassError(f"{source}: field 'workers' must be >= 1, got {cfg.workers}")
     check_known(cfg.explore, set(ExploreStage.__dataclass_fields__) | set(ExploreConfig.__dataclass_fields__),
                 f"{source}: explore", "ExploreStage or ExploreConfig")
     stage_opts, explore_opts = _split_options(dict(cfg.explore), ExploreStage)
@@ -224,6 +228,12 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     return r
 
 
+def _started(run: Path) -> list[str]:
+    """The stage outputs already in the run folder ``run``."""
+    return [p for p in ("expert.json", "sft", "trees.jsonl", "qnet", "eval", RFT_DIR, SELF_TRAIN_DIR, ETO_DIR)
+            if (run / p).exists()]
+
+
 def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     """Settings of ``new`` that differ from ``old`` (the run folder's saved config) for stages whose
     outputs exist in the run folder. Compared as resolved configs, so options added since count at
@@ -231,16 +241,16 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     do not count; nor do task limits, which extend a stage rather than change it. A policy option
     set in one config only is a change."""
     run = new.run_dir
-    if not any((run / p).exists() for p in ("expert.json", "sft", "trees.jsonl", "qnet", "eval", RFT_DIR,
-                                             SELF_TRAIN_DIR, ETO_DIR)):
+    if not _started(run):
         return []
     shared = ["model", "env", "env_args", "task_types", "sft_model"]
     made_by_policy = ("trees.jsonl", "eval", RFT_DIR, ETO_DIR)
     if any((run / p).exists() for p in made_by_policy):  # its settings count
         shared += ["seed", "policy", "policy_server"]
     changes = setting_changes({k: getattr(old.cfg, k) for k in shared}, {k: getattr(new.cfg, k) for k in shared})
+    if not new.cfg.sft_model and ((run / "sft" / ".qlass-complete").exists() or (run / "expert.json").exists()):
+        changes += [f"expert.{c}" for c in config_differences(old.expert, new.expert)]  # expert.json is reused
     if (run / "sft" / ".qlass-complete").exists() and not new.cfg.sft_model:
-        changes += [f"expert.{c}" for c in config_differences(old.expert, new.expert)]
         changes += [f"sft.{c}" for c in config_differences(old.sft, new.sft)]
     if (run / "trees.jsonl").exists():
         stage = [c for c in config_differences(old.explore_stage, new.explore_stage)
@@ -266,8 +276,15 @@ def _save_resolved(r: Resolved) -> None:
     from the saved ones for stages already (partly) done there."""
     r.run_dir.mkdir(parents=True, exist_ok=True)
     path = r.run_dir / "config.yaml"
-    if path.exists():
-        changes = _stage_changes(resolve(load_yaml(path), str(path)), r)
+    started = _started(r.run_dir)
+    if started:
+        recorded = load_yaml(path) if path.exists() else {}
+        missing = [k for k in ("model", "env") if k not in recorded]
+        if missing:
+            what = f"{path} does not record {', '.join(map(repr, missing))}" if path.exists() else f"{path} is missing"
+            raise QlassError(f"{r.run_dir} holds {started[0]} but {what}, so the settings that made it are unknown "
+                             "and later stages could mix with others; use a new run_dir (or restore config.yaml)")
+        changes = _stage_changes(resolve(recorded, str(path)), r)
         if changes:
             raise QlassError(f"{path}: the run folder was made with other settings ({'; '.join(changes)}); "
                              "use a new run_dir (sft_model: DIR reuses an SFT checkpoint from this one)")
@@ -291,6 +308,9 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
 
     cfg, run = r.cfg, r.run_dir
     expert_path = Path(r.expert.data) if r.expert.data else run / "expert.json"
+    if r.expert.data and not expert_path.exists():
+        raise QlassError(f"expert.data: {expert_path} not found (it names expert trajectories to use instead of "
+                         "exporting them; leave it out to export them into the run folder)")
     if not expert_path.exists():
         log.info("stage 1a: exporting expert trajectories to %s", expert_path)
         env = make_env(cfg.env, **cfg.env_args)

@@ -315,8 +315,10 @@ class QNet:
         path = Path(path)
         if not (path / "config.json").exists():
             raise QlassError(f"{path}: not a QNet folder (no config.json)")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise QlassError(f"QNet option threads must be an integer >= 1, got {threads!r}")
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         meta = read_json_object(path / META_FILE) if (path / META_FILE).exists() else {}
         hf_logging.disable_progress_bar()
         labels = AutoConfig.from_pretrained(path).num_labels

@@ -246,8 +246,10 @@ def run_rft(
                                            policy_kwargs, seed, backend, workers, concurrency, policy, expert_tasks)
     kept, below = kept_samples(records, order, cfg.min_reward)
     log.info("RFT: %d of %d sampled episodes reach reward %.2f", len(kept), len(records), cfg.min_reward)
-    save_yaml(out / "rft_config.yaml", {**to_dict(cfg), "model": str(model), "expert": str(expert_path),
-                                         "train_from": str(train_from), "seed": seed})
     data = write_augmented_data(expert_path, kept, out, "RFT")
     data.below_threshold = below
-    return train_sft(out / DATA_FILE, train_from, out / MODEL_DIR, sft_cfg), data
+    agent = train_sft(out / DATA_FILE, train_from, out / MODEL_DIR, sft_cfg)
+    # written once the agent exists (a rerun refused by train_sft leaves the record of what made it)
+    save_yaml(out / "rft_config.yaml", {**to_dict(cfg), "model": str(model), "expert": str(expert_path),
+                                         "train_from": str(train_from), "seed": seed})
+    return agent, data

@@ -34,7 +34,6 @@ Formats (see ``docs/formats.md``): ``trees.jsonl`` holds one tree per line (:met
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import observation_message
+from .data import refuse_replacing_other_kind
 from .errors import DataError, MissingFileError
 from .jsonl import read_jsonl, refuse_overwriting_inputs, write_jsonl
 from .types import Message
@@ -217,8 +217,8 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
             raise DataError(path, f"{nw}: field 'source' must be one of {SOURCES}, got {nv['source']!r}")
         if action is not None and not isinstance(action, str):
             raise DataError(path, f"{nw}: field 'action' must be str or null")
-        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q)):
-            raise DataError(path, f"{nw}: field 'q' must be a finite number or null, got {q!r}")
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not -1e-9 <= q <= 1.0 + 1e-9):
+            raise DataError(path, f"{nw}: field 'q' must be a number in [0, 1] or null, got {q!r}")
         if not -1e-9 <= nv["reward"] <= 1.0 + 1e-9:  # rewards are in [0, 1], give or take rounding
             raise DataError(path, f"{nw}: field 'reward' must be in [0, 1], got {nv['reward']!r}")
         nodes.append(Node(parent=parent, action=action, q=None if q is None else float(q),
@@ -343,6 +343,7 @@ def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg
                  max_per_tree: int | None = 300) -> dict[str, Any]:
     """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
     refuse_overwriting_inputs(out_path, [trees_path])
+    refuse_replacing_other_kind(out_path, "a Q-data file", ("tree_id", "node_id", "q"))
     trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
     if not trees:
         raise DataError(str(trees_path), "holds no trees (nothing to export)")
@@ -379,8 +380,8 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
         msgs = _messages(vals["messages"], where, "messages", p)
         if not msgs:
             raise DataError(p, f"{where}: field 'messages' is empty")
-        if not math.isfinite(float(vals["q"])):
-            raise DataError(p, f"{where}: field 'q' must be finite, got {vals['q']}")
+        if not -1e-9 <= float(vals["q"]) <= 1.0 + 1e-9:  # NaN too; Q backs up rewards in [0, 1] with gamma <= 1
+            raise DataError(p, f"{where}: field 'q' must be a number in [0, 1], got {vals['q']}")
         if vals["group"] != f"{vals['tree_id']}:{vals['parent_id']}":
             raise DataError(p, f"{where}: field 'group' must be '<tree_id>:<parent_id>', got {vals['group']!r}")
         out.append({**vals, "q": float(vals["q"])})

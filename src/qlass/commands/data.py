@@ -47,14 +47,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export expert trajectories, each verified by replay to reach reward 1.0."""
         from ..config import parse_kv
-        from ..data import save_trajectories
-        from ..envs.base import make_env
+        from ..data import refuse_replacing_other_kind, save_trajectories
+        from ..envs.base import check_splits, make_env
         from ..errors import QlassError
         from ..expert import export_expert
 
+        refuse_replacing_other_kind(out, "a trajectory file", ("id",))
         progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
         environment = make_env(env, **parse_kv(env_arg, "--env-arg"))
         try:
+            check_splits(environment, [split], env)
             types = task_types.split(",") if task_types else None
             tasks = environment.tasks(split, types)
             if not tasks:

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         """Paraphrase the task descriptions of a split, keep those that keep every goal constraint and cache
         them for the paraphrase option of `qlass explore` and the qlass method (task perturbation)."""
         from ..config import build, describe, parse_kv
-        from ..envs.base import make_env
+        from ..envs.base import check_splits, make_env
         from ..evaluate import select_tasks
         from ..paraphrase import ParaphraseConfig, build_paraphrases
         from .explore import policy_factory
@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
         make = functools.partial(make_env, env, **env_kwargs)
         probe = make()
         try:
+            check_splits(probe, [split], env)
             tasks = select_tasks(probe.tasks(split, task_types.split(",") if task_types else None), limit)
         finally:
             probe.close()

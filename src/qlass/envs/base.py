@@ -125,6 +125,15 @@ class EnvRegistry:
 _REGISTRY = EnvRegistry()
 
 
+def check_splits(env: Env, splits: Sequence[str], spec: str) -> None:
+    """Raise :class:`QlassError` naming the first of ``splits`` that ``env`` (made from ``spec``) lacks,
+    with the splits it has (an environment may hand any name its default tasks)."""
+    known = env.splits()
+    unknown = [split for split in splits if split not in known]
+    if unknown:
+        raise QlassError(f"{spec}: no split {unknown[0]!r}; its splits: {', '.join(known)}")
+
+
 def register_env(name: str, factory: EnvFactory) -> None:
     """Make ``factory`` available as ``make_env(name)`` and ``--env name``."""
     _REGISTRY.register(name, factory)

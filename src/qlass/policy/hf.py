@@ -215,8 +215,10 @@ class HFPolicy:
         if not 0 <= min_p <= 1:
             raise QlassError(f"policy option min_p must be in [0, 1], got {min_p!r}")
         self.top_p, self.min_p, self.distinct = float(top_p), float(min_p), bool(distinct)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise QlassError(f"policy option threads must be an integer >= 1, got {threads!r}")
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         self.model, self.tokenizer = load_causal_lm(model_dir, dtype)
         self.device = torch.device(resolve_device(device))
         self.model.to(self.device)

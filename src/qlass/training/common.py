@@ -48,6 +48,8 @@ DONE_MARK = ".qlass-complete"
 RENAME = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "val_loss"}
 """Trainer log names → ``metrics.jsonl`` names."""
 STATE = "trainer_state.json"
+DIVERGED = ("train_loss", "grad_norm", "train_mse", "val_loss")
+"""Logged values that, once NaN or infinite, mean the run has diverged (:class:`MetricsLog` stops it)."""
 
 
 def file_digest(path: str | Path) -> str:
@@ -78,6 +80,15 @@ def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, k
         raise QlassError(f"{out}: holds a finished {kind.upper()} run made with other settings; use a new output folder")
     log.info("%s is complete; nothing to do", out)
     return True
+
+
+def refuse_output_over_model(out: Path, model_dir: str | Path) -> None:
+    """Raise :class:`QlassError` when ``out`` is the model folder a trainer starts from: its weights and
+    config would be overwritten by the run's (the base model destroyed)."""
+    model = Path(model_dir)
+    if out.exists() and model.exists() and out.samefile(model):
+        raise QlassError(f"{out}: is also the model this run starts from (--model); training would overwrite it "
+                         "(give another output folder)")
 
 
 def world_size() -> int:
@@ -130,7 +141,7 @@ def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float,
         "activation_checkpointing": gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
         "eval_strategy": "epoch" if evaluate else "no", "save_strategy": "steps", "save_steps": cfg.save_every,
-        "save_total_limit": 1, "logging_steps": 1, "report_to": [s.strip() for s in cfg.report_to.split(",")],
+        "save_total_limit": 1, "logging_steps": 1, "logging_nan_inf_filter": False, "report_to": [s.strip() for s in cfg.report_to.split(",")],
         "disable_tqdm": True, "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(),
     }
 
@@ -210,11 +221,16 @@ class MetricsLog(TrainerCallback):
                 name = name[len("eval_"):]
                 name = name if "/" in name else f"val_{name}"
             record[name] = value
+        append_jsonl(self.out / METRICS, record)
+        broken = [k for k in DIVERGED if isinstance(record.get(k), float) and not math.isfinite(record[k])]
+        if broken:
+            values = ", ".join(f"{k} {record[k]}" for k in broken)
+            raise QlassError(f"{self.out}: training diverged at step {state.global_step} ({values}; see {METRICS}): "
+                             "no usable weights will come of it; lower lr, or check the targets' scale")
         if "val_loss" in record:
             log.info("step %d: validation loss %.4f", state.global_step, record["val_loss"])
         elif "train_loss" in record and state.global_step % max(1, state.max_steps // 20) == 0:
             log.info("step %d/%d: train loss %.4f", state.global_step, state.max_steps, record["train_loss"])
-        append_jsonl(self.out / METRICS, record)
 
 
 def quiet(trainer: Any) -> Any:

@@ -41,6 +41,12 @@ class TrainerConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"grad_clip and weight_decay must be >= 0, got {self.grad_clip} and {self.weight_decay}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 def _check_sequence_options(cfg: SFTConfig | DPOConfig) -> None:

@@ -42,6 +42,7 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
+    refuse_output_over_model,
     remove_checkpoints,
     training_arguments,
 )
@@ -67,7 +68,7 @@ def pair_problems(rec: Any) -> list[str]:
     if not isinstance(rec, dict):
         return [f"expected a JSON object with 'id', 'chosen' and 'rejected', got {type(rec).__name__}"]
     problems = []
-    if not isinstance(rec.get("id"), (str, int)) or rec.get("id") == "":
+    if isinstance(rec.get("id"), bool) or not isinstance(rec.get("id"), (str, int)) or rec.get("id") == "":
         problems.append("field 'id': missing or not a non-empty string")
     unknown = sorted(set(rec) - {"id", *SIDES})
     if unknown:
@@ -189,6 +190,7 @@ def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg
     ``accelerate launch``.
     """
     out = Path(out_dir)
+    refuse_output_over_model(out, model_dir)
     with main_process_lock(out):
         return _train_dpo(pairs, model_dir, out, cfg)
 

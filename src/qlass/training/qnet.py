@@ -59,6 +59,7 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
+    refuse_output_over_model,
     remove_checkpoints,
     training_arguments,
     world_size,
@@ -102,10 +103,12 @@ def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: lis
     Q data's digest or the SFT model was recorded are checked on what they record; options they
     predate count as :data:`LEGACY`.)"""
     path = out / CONFIG_FILE
-    if not path.exists():
-        return
     held = "a finished QNet" if finished else "a QNet in training"
-    saved = load_yaml(path)
+    saved = load_yaml(path) if path.exists() else {}
+    if "qdata" not in saved:  # every qlass that trained QNets recorded it: the file is gone or emptied
+        what = f"{path} does not record its Q data or settings" if path.exists() else f"{path} is missing"
+        raise QlassError(f"{out}: holds {held} but {what}, so what it was trained with is unknown; "
+                         "use a new output folder (or restore the file)")
     digest = saved.pop("qdata_sha256", None)
     trees = saved.pop("held_out_trees", None)
     saved.pop("qdata", None)
@@ -165,6 +168,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     ``accelerate launch`` (the same optimizer steps, dealt to the processes).
     """
     out = Path(out_dir)
+    refuse_output_over_model(out, sft_dir)
     with main_process_lock(out):
         return _train_qnet(qdata, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)
 

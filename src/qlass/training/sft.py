@@ -68,6 +68,7 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
+    refuse_output_over_model,
     remove_checkpoints,
     training_arguments,
 )
@@ -316,6 +317,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     ``accelerate launch`` (``batch_size`` is then split over the processes).
     """
     out = Path(out_dir)
+    refuse_output_over_model(out, model_dir)
     with main_process_lock(out):
         return _train_sft(data, model_dir, out, cfg)
 
