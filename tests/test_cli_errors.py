@@ -163,6 +163,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "pipe_qdata.yaml": PIPELINE.format(tmp=tmp) + "qdata: {max_per_tree: -2}\n",
         "pipe_limit.yaml": PIPELINE.format(tmp=tmp) + "explore: {limit: 0}\n",
         "pipe_eto.yaml": PIPELINE.format(tmp=tmp) + "eto: {iterations: 0}\n",
+        "pipe_split.yaml": PIPELINE.format(tmp=tmp) + "eval: {splits: [seen, nosuch]}\n",
         "pipe_steps.yaml": PIPELINE.format(tmp=tmp) + "eval: {max_steps: 3, methods: ['greedy:max_steps=5']}\n",
         "pipe_limt.yaml": PIPELINE.format(tmp=tmp) + "explore: {limt: 2}\n",
         "pipe_env.yaml": PIPELINE.format(tmp=tmp) + "env_args: {steplimit: 2}\n",
@@ -459,6 +460,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["no split 'nosuch'", "train, seen"]),
     ("paraphrase a split the env lacks", ["paraphrase", *ENV, "--source", "template", "--split", "nosuch", "--out",
                                           "{tmp}/p.jsonl"], ["no split 'nosuch'"]),
+    ("pipeline split the env lacks", ["run", "{pipe_split}"],
+     ["pipe_split.yaml", "field 'eval.splits'", "no split 'nosuch'"]),
     ("method option inf", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:beta=inf", "--out", "{tmp}/e"],
      ["'beta'", "finite"]),
 ]

@@ -271,6 +271,28 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     return changes
 
 
+def _check_splits(r: Resolved, source: str) -> None:
+    """Refuse a split the environment lacks in any stage before the first stage runs (an environment
+    may hand an unknown split its default tasks; a typo in eval.splits would otherwise surface after SFT)."""
+    from .envs.base import check_splits, make_env
+
+    used = {"explore.split": [r.explore_stage.split], "eval.splits": list(r.eval.splits)}
+    if not r.cfg.sft_model and not r.expert.data:
+        used["expert.split"] = [r.expert.split]
+    for name, section in (("rft", r.rft), ("eto", r.eto)):
+        if section is not None:
+            used[f"{name}.split"] = [section.stage.split]
+    env = make_env(r.cfg.env, **r.cfg.env_args)
+    try:
+        for field_name, splits in used.items():
+            try:
+                check_splits(env, splits, r.cfg.env)
+            except QlassError as exc:
+                raise QlassError(f"{source}: field {field_name!r}: {exc}") from None
+    finally:
+        env.close()
+
+
 def _save_resolved(r: Resolved) -> None:
     """Save the resolved config as ``config.yaml`` in the run folder, refusing settings that differ
     from the saved ones for stages already (partly) done there."""
@@ -393,6 +415,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
                          "runs/qlass; write at least run_dir (see configs/demo.yaml; qlass run --list-options "
                          "lists every key)")
     r = resolve(data, str(config_path))
+    _check_splits(r, str(config_path))
     _save_resolved(r)
     cfg, run = r.cfg, r.run_dir
     types = cfg.task_types
