@@ -85,3 +85,29 @@ def test_a_saved_qnet_records_the_precision_it_ran_in(cpu_bf16: bool, tiny_model
     if not cpu_bf16:
         assert scored == QNet(loaded.model, loaded.tokenizer, 256, 32, autocast=False).score(
             history, ["Action: look around", "Action: inventory"])
+
+
+def test_an_evaluation_records_the_precision_its_policy_ran_in(cpu_bf16: bool, tiny_model_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``autocast: true`` says what was asked; ``precision`` in config.yaml says what ran, and resuming
+    the folder on a machine where the policy would compute in the other precision is refused."""
+    import yaml
+
+    from qlass.errors import QlassError
+    from qlass.evaluate import run_evaluation
+
+    def evaluate(limit: int) -> None:
+        run_evaluation(model=str(tiny_model_dir), env_spec="toy_envs:Corridor", env_kwargs={"step_limit": 1},
+                       splits=["seen"], methods=[("greedy", {"max_steps": 1, "max_new_tokens": 4})], limit=limit,
+                       policy_kwargs={"autocast": True, "threads": 1}, out_dir=tmp_path / "eval")
+
+    evaluate(1)
+    ran = "bf16" if cpu_bf16 else "fp32"
+    assert yaml.safe_load((tmp_path / "eval" / "config.yaml").read_text())["precision"] == ran
+    precision.cpu_runs_bf16.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: not cpu_bf16)  # the other machine
+    other = "fp32" if cpu_bf16 else "bf16"
+    with pytest.raises(QlassError, match=f"precision: '{ran}' → '{other}'"):
+        evaluate(2)
+    assert precision.policy_precision("http://localhost:1/v1", {"autocast": True}) is None
+    assert precision.policy_precision(str(tiny_model_dir), {"dtype": "bfloat16"}) == "bfloat16"

@@ -41,6 +41,7 @@ from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, Sample, drive
 from .policy.base import Policy
+from .precision import with_precision
 from .seeding import stable_seed
 from .types import Completion, Message, Step, Task
 
@@ -305,7 +306,7 @@ def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: di
     for i, rec in enumerate(done):
         if not isinstance(rec.get("split"), str) or not isinstance(rec.get("task"), str):
             raise DataError(str(done_path), "a finished-task record needs 'split' and 'task' (strings)", i)
-    check_settings(out, {**(settings or {}), "seed": seed, "options": cfg.options()})
+    check_settings(out, with_precision({**(settings or {}), "seed": seed, "options": cfg.options()}))
     return records, done
 
 

@@ -41,6 +41,7 @@ from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
+from .precision import with_precision
 from .report import check_record
 from .search import METHODS, SearchContext, ValueModel, method_label
 from .seeding import stable_seed
@@ -276,7 +277,7 @@ def evaluate(
         first_at[record_key(rec)] = line
     runs = list(runs)
     check_resumable(runs, records, path)
-    settings = {**(settings or {}), "seed": seed}
+    settings = with_precision({**(settings or {}), "seed": seed})
     config = out_dir / "config.yaml"
     if records and not config.exists():
         raise QlassError(f"{path} holds {len(records)} records but {config} is missing, so the settings they "

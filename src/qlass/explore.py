@@ -55,6 +55,7 @@ from .locking import writes_to
 from .lockstep import Episode, Sample, drive, run_one
 from .perturb import diversity_prompt
 from .policy.base import Policy, ready_policy
+from .precision import with_precision
 from .search import normalise_action
 from .seeding import stable_seed
 from .tree import BackupConfig, Node, Tree, assign_q, read_trees, tree_from_dict
@@ -459,7 +460,7 @@ def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: i
     tree's settings and seed alone; a record that lacks the model, env or seed is refused."""
     trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)} if path.exists() else {}
     if settings is not None:
-        settings = {**settings, "seed": run_seed}
+        settings = with_precision({**settings, "seed": run_seed})
         sidecar = settings_file(path)
         if trees:
             check_recorded(sidecar, settings, str(path), advice="use a new output file",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -45,3 +47,26 @@ def bf16_autocast(device: Any, requested: bool) -> Any:
 
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast(requested, device))
+
+
+def policy_precision(spec: str, options: Mapping[str, Any]) -> str | None:
+    """What the local-model policy ``spec`` (a model folder or ``default``) with ``options`` computes in
+    on this machine: its ``dtype`` when not float32, else ``bf16`` (autocast where it runs natively) or
+    ``fp32``; ``None`` for a server URL or a user's policy class, whose precision is their own."""
+    if spec != "default" and not Path(spec).is_dir():
+        return None
+    from .models import resolve_device
+
+    dtype = str(options.get("dtype", "float32"))
+    if dtype != "float32":
+        return dtype
+    device = resolve_device(str(options.get("device", "auto")))
+    return "bf16" if use_autocast(bool(options.get("autocast", False)), device) else "fp32"
+
+
+def with_precision(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's recorded ``settings`` (``model``, ``policy``) with ``precision`` added where a local model
+    plays (:func:`policy_precision`): ``autocast: true`` alone says what was asked, not what ran, and a
+    run resumed where it would compute in another precision is refused like any changed setting."""
+    precision = policy_precision(str(settings["model"]), settings.get("policy") or {}) if "model" in settings else None
+    return {**settings, "precision": precision} if precision else dict(settings)
