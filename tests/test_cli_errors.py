@@ -462,6 +462,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
                                           "{tmp}/p.jsonl"], ["no split 'nosuch'"]),
     ("pipeline split the env lacks", ["run", "{pipe_split}"],
      ["pipe_split.yaml", "field 'eval.splits'", "no split 'nosuch'"]),
+    ("trainer device not a trainer's", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--set", "device=cuda:x",
+                                        "--out", "{tmp}/s"], ["device must be one of auto, cpu, cuda", "'cuda:x'"]),
     ("method option inf", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:beta=inf", "--out", "{tmp}/e"],
      ["'beta'", "finite"]),
 ]

@@ -58,7 +58,8 @@ class ExpertStage:
     split: str = option("train", "split the expert tasks come from")
     per_task: int | None = option(10, "verified expert trajectories per task type")
     max_steps: int | None = option(None, "skip expert trajectories longer than this")
-    data: str | None = option(None, "use this existing trajectory file instead of exporting")
+    data: str | None = option(None, "use this existing trajectory file instead of exporting (a relative path is "
+                                    "taken from the working directory, as run_dir is)")
 
     def __post_init__(self) -> None:
         check_minimums(self, per_task=1, max_steps=1)

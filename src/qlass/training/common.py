@@ -125,9 +125,6 @@ def effective_precision(cfg: TrainerConfig) -> str:
 def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float, micro_batch: int,
                        batch_size: int, seed: int, evaluate: bool, gradient_checkpointing: bool = False) -> dict[str, Any]:
     """``TrainingArguments`` keywords for ``cfg`` (TRL's configs take them too)."""
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise QlassError(f"device {cfg.device!r}: this trainer takes auto or cpu (pick GPUs with CUDA_VISIBLE_DEVICES "
-                         "or accelerate launch)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     use_cpu = _on_cpu(cfg)

@@ -13,6 +13,10 @@ RANKS = ("q", "advantage", "dueling")
 """What a QNet ranks candidates by (see :mod:`qlass.qnet_loss`)."""
 
 
+TRAINER_DEVICES = ("auto", "cpu", "cuda")
+"""The devices a Trainer-based run takes (accelerate places the processes of a multi-GPU run)."""
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """Settings every trainer shares (SFT, DPO and QNet configs extend it with their own)."""
@@ -25,8 +29,8 @@ class TrainerConfig:
     lora_alpha: int = option(32, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
     autocast: bool = option(False, "bf16 mixed precision (GPUs; on CPU 1.6-2.2x faster with native bf16, fp32 on CPUs without it)")
-    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu, cuda, cuda:N (the "
-                         "Trainer-based ones take auto or cpu: accelerate launch places their processes)",
+    device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu or cuda (pick GPUs with "
+                         "CUDA_VISIBLE_DEVICES; accelerate launch places the processes of a multi-GPU run)",
                          runtime=True)
     threads: int | None = option(None, "torch CPU threads (None: torch's default)", runtime=True)
     grad_clip: float = option(1.0, "gradient norm clip (0: off)")
@@ -41,6 +45,9 @@ class TrainerConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.device not in TRAINER_DEVICES:
+            raise ValueError(f"device must be one of {', '.join(TRAINER_DEVICES)}, got {self.device!r} (pick GPUs "
+                             "with CUDA_VISIBLE_DEVICES or accelerate launch)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
         if self.grad_clip < 0 or self.weight_decay < 0:
