@@ -445,7 +445,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("pair id a bool", ["dpo", "--pairs", "{pair_id_bool}", "--model", NO_MODEL, "--out", "{tmp}/d"],
      ["pair_id_bool.json", "record 0", "field 'id'"]),
     ("qnet target out of range", ["train-qnet", "{qdata_q5}", "--model", NO_MODEL, "--out", "{tmp}/qn"],
-     ["qdata_q5.jsonl", "line 1", "field 'q' must be a number in [0, 1]", "5.0"]),
+     ["qdata_q5.jsonl", "line 1", "field 'q' must be a number in [-1, 1]", "5.0"]),
     ("training threads negative", ["train-qnet", "{qdata}", "--model", NO_MODEL, "--set", "threads=-3", "--out",
                                    "{tmp}/qn"], ["threads must be >= 1 or null, got -3"]),
     ("policy threads negative", ["eval", "--model", "{model_notok}", *ENV, "--policy-arg", "threads=-1",

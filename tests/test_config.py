@@ -185,9 +185,12 @@ def test_run_folder_refuses_a_reused_expert_export_of_other_settings_or_unknown_
     with pytest.raises(QlassError, match=r"holds expert\.json but .*config\.yaml does not record 'model', 'env'"):
         _save_resolved(resolve(data, "p.yaml"))
     (run / "config.yaml").unlink()
-    with pytest.raises(QlassError, match=r"holds expert\.json but .*config\.yaml is missing"):
+    (run / "trees.jsonl").write_text("")
+    with pytest.raises(QlassError, match=r"holds trees\.jsonl but .*config\.yaml is missing"):
         _save_resolved(resolve(data, "p.yaml"))
     assert not (run / "config.yaml").exists()
+    (run / "trees.jsonl").unlink()  # an expert file put in a new run folder by hand is used, not refused
+    _save_resolved(resolve({**data, "expert": {"data": str(run / "expert.json")}}, "p.yaml"))
     gone = tmp_path / "nowhere" / "expert.json"
     with pytest.raises(QlassError, match=r"expert\.data: .*nowhere/expert\.json not found"):
         _expert_and_sft(resolve({**data, "run_dir": str(tmp_path / "r2"), "expert": {"data": str(gone)}}, "p.yaml"),

@@ -214,3 +214,29 @@ def test_validate_checks_every_file_past_one_that_cannot_be_read(tmp_path: Path)
     assert f"{good}: 1 records, 1 valid" in result.stdout and f"{bad}: 1 records, 0 valid" in result.stdout
     assert f"error: {missing}: file not found" in result.stderr and "'reward'" in result.stderr
     assert qlass_cli("data", "validate", str(good), str(bad)).returncode == 1
+
+
+def test_outputs_are_written_only_over_files_of_their_kind(tmp_path: Path) -> None:
+    """An empty export ([]) or a file of the output's kind may be replaced; a pair file, trees file or
+    text is refused; of a JSON Lines file only the first record is read."""
+    import json
+
+    from qlass.data import refuse_replacing_other_kind
+    from qlass.errors import QlassError
+
+    def trajectories(r: dict) -> bool:
+        return "id" in r and ("conversations" in r or "messages" in r)
+
+    traj = {"id": "t/0", "conversations": [{"from": "human", "value": "Walk."}]}
+    cases = {"empty.json": ("[]", True), "blank.json": ("\n", True), "list.json": (json.dumps([traj], indent=1), True),
+             "lines.jsonl": (json.dumps(traj) + "\n" + "{not json" * 1000 + "\n", True),
+             "pairs.json": (json.dumps([{"id": "p", "chosen": traj, "rejected": traj}]), False),
+             "trees.jsonl": (json.dumps({"tree_id": "t", "nodes": []}) + "\n", False), "notes.txt": ("hello\n", False)}
+    for name, (text, allowed) in cases.items():
+        (tmp_path / name).write_text(text)
+        if allowed:
+            refuse_replacing_other_kind(tmp_path / name, "a trajectory file", trajectories)
+        else:
+            with pytest.raises(QlassError, match=f"{name}: exists and is not a trajectory file"):
+                refuse_replacing_other_kind(tmp_path / name, "a trajectory file", trajectories)
+    refuse_replacing_other_kind(tmp_path / "missing.json", "a trajectory file", trajectories)

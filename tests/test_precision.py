@@ -111,3 +111,6 @@ def test_an_evaluation_records_the_precision_its_policy_ran_in(cpu_bf16: bool, t
         evaluate(2)
     assert precision.policy_precision("http://localhost:1/v1", {"autocast": True}) is None
     assert precision.policy_precision(str(tiny_model_dir), {"dtype": "bfloat16"}) == "bfloat16"
+    # workers elsewhere (a Ray cluster, GPUs this driver lacks): nothing is worked out or recorded here
+    remote = {"model": str(tiny_model_dir), "policy": {"device": "cuda", "autocast": True}}
+    assert precision.with_precision(remote, here=False) == remote

@@ -92,6 +92,18 @@ def test_keep_intermediate_rewards_as_increments() -> None:
     assert q == pytest.approx({2: 0.3, 4: 0.8, 3: 0.72, 1: 0.2 + 0.9 * 0.72, 5: 0.0})
 
 
+def test_a_score_that_falls_gives_negative_q_that_the_q_data_keeps(tmp_path: Path) -> None:
+    """With increments, a step whose score drops (ScienceWorld's score falls to 0 on failure) has a
+    negative Q; Q values lie in [-1, 1], so the export reads back."""
+    tree = make_tree([(0, 0.5), (1, 0.0, True)])
+    cfg = BackupConfig(keep_intermediate=True)
+    assert compute_q(tree, cfg)[2] == pytest.approx(-0.5)
+    trees, qdata = tmp_path / "trees.jsonl", tmp_path / "qdata.jsonl"
+    write_jsonl(trees, [tree.to_dict()])
+    export_qdata(trees, qdata, cfg)
+    assert sorted(r["q"] for r in read_qdata(qdata)) == pytest.approx([-0.5, 0.5 - 0.9 * 0.5])
+
+
 def test_min_max_normalisation_per_tree() -> None:
     tree = make_tree([(0, 0.0), (1, 1.0, True), (0, 0.5, True)])
     assert compute_q(tree) == pytest.approx({1: 0.9, 2: 1.0, 3: 0.5})
@@ -186,9 +198,9 @@ def test_qdata_cap_keeps_sibling_groups_first_deterministically() -> None:
 
 @pytest.mark.parametrize("mutate,message", [
     (lambda r: r.pop("q"), "line 2: missing field 'q'"),
-    (lambda r: r.update(q=float("nan")), "line 2: field 'q' must be a number in [0, 1], got nan"),
-    (lambda r: r.update(q=1e300), "line 2: field 'q' must be a number in [0, 1], got 1e+300"),
-    (lambda r: r.update(q=-5), "line 2: field 'q' must be a number in [0, 1], got -5"),
+    (lambda r: r.update(q=float("nan")), "line 2: field 'q' must be a number in [-1, 1], got nan"),
+    (lambda r: r.update(q=1e300), "line 2: field 'q' must be a number in [-1, 1], got 1e+300"),
+    (lambda r: r.update(q=-5), "line 2: field 'q' must be a number in [-1, 1], got -5"),
     (lambda r: r.update(node_id="3"), "line 2: field 'node_id' must be int, got str"),
     (lambda r: r.update(group="t/b:9"), "line 2: field 'group' must be '<tree_id>:<parent_id>'"),
     (lambda r: r.update(messages=[]), "line 2: field 'messages' is empty"),

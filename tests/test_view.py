@@ -220,6 +220,18 @@ def test_gzipped_records_and_several_runs_in_one_folder(tmp_path: Path) -> None:
     assert data["results"][1]["rows"] == data["results"][2]["rows"] and data["results"][1]["paired"]
 
 
+def test_results_written_before_their_schema_version_are_shown(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    results = tmp_path / "eval" / "results.json"
+    data = json.loads(results.read_text())
+    del data["schema_version"]  # as written before the field existed
+    results.write_text(json.dumps(data))
+    assert load_view_data(tmp_path)["results"][0]["rows"] == data["rows"]
+    results.write_text(json.dumps({**data, "schema_version": 7}))
+    with pytest.raises(QlassError, match=r"results\.json: field 'schema_version' is 7"):
+        load_view_data(tmp_path)
+
+
 def test_data_block_is_inert_and_round_trips() -> None:
     data = {"obs": PLANT + "</script><!-- & \u2028", "n": [1, 2.5, None]}
     block = data_block(data)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -118,17 +118,22 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[Any]:
     return out
 
 
-def refuse_replacing_other_kind(out: str | Path, kind: str, fields: Collection[str]) -> None:
-    """Raise :class:`QlassError` when ``out`` is a non-empty file whose first record is not ``kind`` (lacks
-    one of ``fields``): an input of another stage given as the output by mistake would be lost."""
+def refuse_replacing_other_kind(out: str | Path, kind: str, is_kind: Callable[[dict[str, Any]], bool]) -> None:
+    """Raise :class:`QlassError` when ``out`` is a file holding records whose first is not ``kind``
+    (``is_kind`` says no): an input of another stage given as the output by mistake would be lost. An
+    empty file or list passes; only the first record of a JSON Lines file is read."""
     p = Path(out)
-    if not p.is_file() or not p.read_bytes().strip():
+    if not p.is_file():
+        return
+    with open(p, "rb") as fh:
+        line = next((raw for raw in fh if raw.strip()), b"").strip()
+    if not line or line == b"[]":
         return
     try:
-        first = load_records(p)[0]
-    except (DataError, IndexError):
+        first = load_records(p)[0] if line.startswith(b"[") else loads(line)  # a JSON list is read whole
+    except (DataError, IndexError, ValueError):
         first = None
-    if not (isinstance(first, dict) and first.keys() >= set(fields)):
+    if not (isinstance(first, dict) and is_kind(first)):
         raise QlassError(f"{p}: exists and is not {kind} (an input of another stage?); it is only written over a "
                          "file of its kind (give another output path)")
 

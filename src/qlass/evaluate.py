@@ -36,7 +36,7 @@ from .config import check_recorded, differences, load_yaml, save_yaml
 from .data import trajectory_to_record
 from .envs.base import Env, check_splits
 from .errors import DataError, QlassError
-from .executor import Executor, LocalExecutor
+from .executor import Executor, LocalExecutor, runs_here
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, drive, run_one
@@ -277,7 +277,7 @@ def evaluate(
         first_at[record_key(rec)] = line
     runs = list(runs)
     check_resumable(runs, records, path)
-    settings = with_precision({**(settings or {}), "seed": seed})
+    settings = with_precision({**(settings or {}), "seed": seed}, here=runs_here(executor))
     config = out_dir / "config.yaml"
     if records and not config.exists():
         raise QlassError(f"{path} holds {len(records)} records but {config} is missing, so the settings they "

@@ -64,6 +64,12 @@ def _results(worker: Any, items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
             yield i, worker(item)
 
 
+def runs_here(executor: Executor | None) -> bool:
+    """Whether ``executor``'s workers run on this machine (in-process or local processes; a Ray
+    cluster's may run elsewhere, on other hardware)."""
+    return executor is None or isinstance(executor, (LocalExecutor, ProcessExecutor))
+
+
 class LocalExecutor:
     """Items in this process: one after another, in order (a streaming worker: as it finishes them)."""
 

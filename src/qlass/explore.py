@@ -47,7 +47,7 @@ from .agent import EpisodeConfig, apply_output, play
 from .config import check_recorded, differences, save_yaml, to_dict
 from .envs.base import Env, parse_action
 from .errors import QlassError
-from .executor import Executor, LocalExecutor
+from .executor import Executor, LocalExecutor, runs_here
 from .explore_config import CAPS, LEGACY, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
 from .explore_cursor import Cursor, Recording
 from .jsonl import append_jsonl
@@ -452,15 +452,16 @@ def settings_file(path: Path) -> Path:
 
 
 def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: int,
-              settings: dict[str, Any] | None = None) -> dict[str, Tree]:
+              settings: dict[str, Any] | None = None, here: bool = True) -> dict[str, Tree]:
     """Trees already in ``path`` for ``tasks``; refuses trees made with other exploration settings or
     seed (each tree records both) and, given ``settings`` (model, env, env_args, policy options), a
     file whose :func:`settings_file` records others, naming the differences; then records ``settings``
-    and the seed there. A file without that record (trees written before it existed) resumes on each
-    tree's settings and seed alone; a record that lacks the model, env or seed is refused."""
+    and the seed there (and the policy's precision when it runs ``here``, :func:`~qlass.precision.with_precision`).
+    A file without that record (trees written before it existed) resumes on each tree's settings and
+    seed alone; a record that lacks the model, env or seed is refused."""
     trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)} if path.exists() else {}
     if settings is not None:
-        settings = with_precision({**settings, "seed": run_seed})
+        settings = with_precision({**settings, "seed": run_seed}, here)
         sidecar = settings_file(path)
         if trees:
             check_recorded(sidecar, settings, str(path), advice="use a new output file",
@@ -502,7 +503,7 @@ def explore_tasks(
     checked against and saved to ``NAME.config.yaml`` (see :func:`_finished`).
     """
     path = Path(out_path)
-    done = _finished(path, tasks, cfg, seed, settings)
+    done = _finished(path, tasks, cfg, seed, settings, runs_here(executor))
     todo = [t for t in tasks if t.id not in done]
     missing = cfg.paraphrases.missing(t.id for t in todo) if cfg.paraphrases is not None else []
     if missing:

@@ -300,12 +300,13 @@ def _save_resolved(r: Resolved) -> None:
     r.run_dir.mkdir(parents=True, exist_ok=True)
     path = r.run_dir / "config.yaml"
     started = _started(r.run_dir)
-    if started:
+    made = [p for p in started if p != "expert.json"]  # an expert file may be put there before the first run
+    if made or (started and path.exists()):
         recorded = load_yaml(path) if path.exists() else {}
         missing = [k for k in ("model", "env") if k not in recorded]
         if missing:
             what = f"{path} does not record {', '.join(map(repr, missing))}" if path.exists() else f"{path} is missing"
-            raise QlassError(f"{r.run_dir} holds {started[0]} but {what}, so the settings that made it are unknown "
+            raise QlassError(f"{r.run_dir} holds {(made or started)[0]} but {what}, so the settings that made it are unknown "
                              "and later stages could mix with others; use a new run_dir (or restore config.yaml)")
         changes = _stage_changes(resolve(recorded, str(path)), r)
         if changes:

@@ -64,9 +64,11 @@ def policy_precision(spec: str, options: Mapping[str, Any]) -> str | None:
     return "bf16" if use_autocast(bool(options.get("autocast", False)), device) else "fp32"
 
 
-def with_precision(settings: Mapping[str, Any]) -> dict[str, Any]:
+def with_precision(settings: Mapping[str, Any], here: bool = True) -> dict[str, Any]:
     """A run's recorded ``settings`` (``model``, ``policy``) with ``precision`` added where a local model
-    plays (:func:`policy_precision`): ``autocast: true`` alone says what was asked, not what ran, and a
-    run resumed where it would compute in another precision is refused like any changed setting."""
-    precision = policy_precision(str(settings["model"]), settings.get("policy") or {}) if "model" in settings else None
+    plays on this machine (:func:`policy_precision`; ``here=False``: the workers run elsewhere, e.g. on a
+    Ray cluster, and nothing is added): ``autocast: true`` alone says what was asked, not what ran, and
+    a run resumed where it would compute in another precision is refused like any changed setting."""
+    local = here and "model" in settings
+    precision = policy_precision(str(settings["model"]), settings.get("policy") or {}) if local else None
     return {**settings, "precision": precision} if precision else dict(settings)

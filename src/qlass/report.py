@@ -206,7 +206,8 @@ def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
 _OTHER_FILES = {("tree_id", "nodes"): "a trees file (qlass explore)",
                  ("history", "candidates"): "a decisions file (qlass decisions collect; see qlass decisions report)",
                  ("tree_id", "node_id"): "a Q-data file (qlass qdata)",
-                 ("conversations",): "a trajectory file (expert or SFT data)"}
+                 ("conversations",): "a trajectory file (expert or SFT data)",
+                 ("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)"}
 """Files of other stages, known by their fields, which the report names instead of a wrong field."""
 
 _BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n"}

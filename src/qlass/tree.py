@@ -169,6 +169,12 @@ _COUNTED_STATS = ("branches", "merged", "probe_steps", "prompt_tokens", "complet
 """The tree statistics that summaries add up (optional; an integer >= 0 where present)."""
 
 
+def _q_value(q: float) -> bool:
+    """Whether ``q`` is a possible Q value: rewards lie in [0, 1] and gamma <= 1, so a backed-up Q lies in
+    [0, 1], and one built from reward increments (``keep_intermediate``) in [-1, 1] (NaN is not)."""
+    return -1.0 - 1e-9 <= q <= 1.0 + 1e-9
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -217,8 +223,8 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
             raise DataError(path, f"{nw}: field 'source' must be one of {SOURCES}, got {nv['source']!r}")
         if action is not None and not isinstance(action, str):
             raise DataError(path, f"{nw}: field 'action' must be str or null")
-        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not -1e-9 <= q <= 1.0 + 1e-9):
-            raise DataError(path, f"{nw}: field 'q' must be a number in [0, 1] or null, got {q!r}")
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not _q_value(q)):
+            raise DataError(path, f"{nw}: field 'q' must be a number in [-1, 1] or null, got {q!r}")
         if not -1e-9 <= nv["reward"] <= 1.0 + 1e-9:  # rewards are in [0, 1], give or take rounding
             raise DataError(path, f"{nw}: field 'reward' must be in [0, 1], got {nv['reward']!r}")
         nodes.append(Node(parent=parent, action=action, q=None if q is None else float(q),
@@ -343,7 +349,7 @@ def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg
                  max_per_tree: int | None = 300) -> dict[str, Any]:
     """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
     refuse_overwriting_inputs(out_path, [trees_path])
-    refuse_replacing_other_kind(out_path, "a Q-data file", ("tree_id", "node_id", "q"))
+    refuse_replacing_other_kind(out_path, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
     trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
     if not trees:
         raise DataError(str(trees_path), "holds no trees (nothing to export)")
@@ -380,8 +386,8 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
         msgs = _messages(vals["messages"], where, "messages", p)
         if not msgs:
             raise DataError(p, f"{where}: field 'messages' is empty")
-        if not -1e-9 <= float(vals["q"]) <= 1.0 + 1e-9:  # NaN too; Q backs up rewards in [0, 1] with gamma <= 1
-            raise DataError(p, f"{where}: field 'q' must be a number in [0, 1], got {vals['q']}")
+        if not _q_value(vals["q"]):
+            raise DataError(p, f"{where}: field 'q' must be a number in [-1, 1], got {vals['q']}")
         if vals["group"] != f"{vals['tree_id']}:{vals['parent_id']}":
             raise DataError(p, f"{where}: field 'group' must be '<tree_id>:<parent_id>', got {vals['group']!r}")
         out.append({**vals, "q": float(vals["q"])})

@@ -247,10 +247,11 @@ def _budget_csv(path: Path) -> list[dict[str, Any]]:
 
 def check_results(data: dict[str, Any], path: Path) -> None:
     """Raise :class:`DataError` unless ``data`` (a ``results.json``, :func:`qlass.report.write_report`)
-    has a schema version this qlass reads and lists of objects under ``rows``, ``paired`` and ``budget``."""
+    has a schema version this qlass reads (or none: written before the field, in the same layout) and
+    lists of objects under ``rows``, ``paired`` and ``budget``."""
     from .report import RESULTS_SCHEMA_VERSION
 
-    if data.get("schema_version") != RESULTS_SCHEMA_VERSION:
+    if data.get("schema_version", RESULTS_SCHEMA_VERSION) != RESULTS_SCHEMA_VERSION:  # files before it: the same
         raise DataError(str(path), f"field 'schema_version' is {data.get('schema_version')!r}; this qlass reads "
                                    f"{RESULTS_SCHEMA_VERSION}")
     for name in ("rows", "paired", "budget"):

@@ -52,7 +52,8 @@ def register(app: typer.Typer) -> None:
         from ..errors import QlassError
         from ..expert import export_expert
 
-        refuse_replacing_other_kind(out, "a trajectory file", ("id",))
+        refuse_replacing_other_kind(out, "a trajectory file",
+                                    lambda r: "id" in r and ("conversations" in r or "messages" in r))
         progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
         environment = make_env(env, **parse_kv(env_arg, "--env-arg"))
         try:
