@@ -464,6 +464,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["pipe_split.yaml", "field 'eval.splits'", "no split 'nosuch'"]),
     ("trainer device not a trainer's", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--set", "device=cuda:x",
                                         "--out", "{tmp}/s"], ["device must be one of auto, cpu, cuda", "'cuda:x'"]),
+    ("trees written gzipped", ["explore", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1", "--out",
+                               "{tmp}/t.jsonl.gz"], ["t.jsonl.gz", "give a name without .gz"]),
+    ("qdata written gzipped", ["qdata", "{trees}", "--out", "{tmp}/q.jsonl.gz"], ["q.jsonl.gz", "without .gz"]),
     ("method option inf", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:beta=inf", "--out", "{tmp}/e"],
      ["'beta'", "finite"]),
 ]

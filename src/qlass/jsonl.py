@@ -55,11 +55,20 @@ def gunzip(raw: bytes, path: str | os.PathLike) -> bytes:
         raise DataError(str(path), f"gzip-compressed but damaged ({exc})") from None
 
 
+def check_plain_output(path: str | os.PathLike) -> None:
+    """Raise :class:`QlassError` for an output named ``*.gz``: qlass writes plain text (appended to as
+    work finishes), which that name would mislabel; compress the file once the run is done."""
+    if Path(path).name.endswith(".gz"):
+        raise QlassError(f"{path}: qlass writes its outputs uncompressed; give a name without .gz (gzip the file "
+                         "when the run is done: every qlass reader takes it compressed)")
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append ``record`` as one line in a single write, flushed and fsynced; a last line without its
     newline (a hand-edited or concatenated file) is ended first, so records are never glued."""
     line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
     p = Path(path)
+    check_plain_output(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     with _naming(p), open(p, "a+b") as fh:
         if fh.tell() > 0:
@@ -158,6 +167,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` so readers never see a half-written file; a failed write
     (a full disk, ``path`` a folder) names ``path`` and leaves no temporary file behind."""
     p = Path(path)
+    check_plain_output(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import QlassError
+from .jsonl import check_plain_output
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +35,8 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
     """Hold the writer lock of ``target`` (a folder, or a file when ``folder`` is false) for the block;
     :class:`QlassError` naming the holder when another process holds it."""
     target = Path(target)
+    if not folder:
+        check_plain_output(target)
     path = lock_path(target, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
