@@ -285,17 +285,12 @@ def evaluate(
                          "output folder (or move the records away)")
     if records:
         recorded = load_yaml(config)
-        missing = [k for k in ("model", "env") if k in settings and k not in recorded]  # every eval config.yaml names them
-        if missing:
-            raise QlassError(f"{config} does not record {', '.join(map(repr, missing))}, so the settings the "
-                             f"records of {path} were made with are unknown and resuming could mix them with this "
-                             "run's; use another output folder (or restore it)")
         if settings.get("qnet") is None:  # this run uses no QNet: the one earlier records used stays recorded
             settings["qnet"] = recorded.get("qnet")
         elif recorded.get("qnet") is None:  # no earlier record used a QNet
             recorded["qnet"] = settings["qnet"]
-        check_recorded(config, settings, str(out_dir), RESUMABLE_SETTINGS,
-                       "use another output folder for these settings", recorded)
+        check_recorded(config, settings, str(out_dir), RESUMABLE_SETTINGS,  # every eval config.yaml names model, env
+                       "use another output folder for these settings", recorded, required=("model", "env"))
     save_yaml(config, {**settings, "methods": [
         {"label": r.label, "name": r.name, "config": asdict(r.config)} for r in runs]})
     done = {record_key(r) for r in records}

@@ -234,9 +234,10 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
     return Tree(prefix=prefix, nodes=nodes, **{k: v for k, v in vals.items() if k not in ("prefix", "nodes")})
 
 
-def read_trees(path: str | os.PathLike, repair_tail: bool = False) -> list[Tree]:
-    """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error)."""
-    trees, seen = [], set()
+def read_tree_records(path: str | os.PathLike, repair_tail: bool = False) -> list[tuple[Tree, dict[str, Any]]]:
+    """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error), with the
+    record it was read from."""
+    out, seen = [], set()
     if not Path(path).exists():
         raise MissingFileError(str(path))
     for line, rec in enumerate(read_jsonl(path, repair_tail=repair_tail), start=1):
@@ -244,8 +245,13 @@ def read_trees(path: str | os.PathLike, repair_tail: bool = False) -> list[Tree]
         if tree.tree_id in seen:
             raise DataError(str(path), f"line {line}: tree {tree.tree_id!r} appears twice")
         seen.add(tree.tree_id)
-        trees.append(tree)
-    return trees
+        out.append((tree, rec))
+    return out
+
+
+def read_trees(path: str | os.PathLike, repair_tail: bool = False) -> list[Tree]:
+    """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error)."""
+    return [tree for tree, _ in read_tree_records(path, repair_tail)]
 
 
 # -- Q backup -------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
-from .jsonl import GZIP_MAGIC, read_jsonl, write_text_atomic
-from .tree import BackupConfig, Tree, compute_q, contrast_pairs, tree_from_dict, tree_summary
+from .jsonl import GZIP_MAGIC, write_text_atomic
+from .tree import BackupConfig, Tree, compute_q, contrast_pairs, read_tree_records, tree_summary
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +167,8 @@ def tree_view(tree: Tree, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_tree_views(path: Path) -> list[dict[str, Any]]:
-    """Every tree of a ``trees.jsonl`` file, validated (a tree id given twice is an error, as in
-    :func:`qlass.tree.read_trees`), as page records."""
-    out, seen = [], set()
-    for line, rec in enumerate(read_jsonl(path), start=1):
-        tree = tree_from_dict(rec, str(path), line)
-        if tree.tree_id in seen:
-            raise DataError(str(path), f"line {line}: tree {tree.tree_id!r} appears twice")
-        seen.add(tree.tree_id)
-        out.append(tree_view(tree, rec))
-    return out
+    """Every tree of a ``trees.jsonl`` file, validated (:func:`qlass.tree.read_tree_records`), as page records."""
+    return [tree_view(tree, rec) for tree, rec in read_tree_records(path)]
 
 
 def first_observation(traj: dict[str, Any]) -> str:
