@@ -467,6 +467,10 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("trees written gzipped", ["explore", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1", "--out",
                                "{tmp}/t.jsonl.gz"], ["t.jsonl.gz", "give a name without .gz"]),
     ("qdata written gzipped", ["qdata", "{trees}", "--out", "{tmp}/q.jsonl.gz"], ["q.jsonl.gz", "without .gz"]),
+    ("qnet head over its model", ["train-qnet-head", "{qdata}", "--model", "{adir}", "--out", "{adir}"],
+     ["adir", "is also the model this run starts from"]),
+    ("qnet head threads negative", ["train-qnet-head", "{qdata}", "--model", NO_MODEL, "--set", "threads=-2",
+                                    "--out", "{tmp}/qh"], ["threads must be >= 1 or null, got -2"]),
     ("method option inf", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:beta=inf", "--out", "{tmp}/e"],
      ["'beta'", "finite"]),
 ]

@@ -50,6 +50,7 @@ from .precision import use_autocast
 from .qnet import QNet, backbone_of, last_real_hidden, stored_prefix_hidden
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
+from .training.common import refuse_output_over_model
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class QNetHeadConfig:
             raise QlassError(f"qnet-head: folds must be >= 2, got {self.folds}")
         if self.max_action_tokens < 1 or self.max_length <= self.max_action_tokens:
             raise QlassError("qnet-head: need 1 <= max_action_tokens < max_length")
+        if self.threads is not None and self.threads < 1:
+            raise QlassError(f"qnet-head: threads must be >= 1 or null, got {self.threads}")
 
 
 def record_key(r: QRecord) -> str:
@@ -228,6 +231,7 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     cross-validate the head's settings, fit the best on every record, save the QNet to ``out_dir``
     with ``qnet_head_result.json`` / ``.md``; returns the result."""
     out = Path(out_dir)
+    refuse_output_over_model(out, sft_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
