@@ -473,6 +473,10 @@ CASES: list[tuple[str, list[str], list[str]]] = [
                                     "--out", "{tmp}/qh"], ["threads must be >= 1 or null, got -2"]),
     ("method option inf", ["eval", "--model", NO_MODEL, *ENV, "--method", "qlass:beta=inf", "--out", "{tmp}/e"],
      ["'beta'", "finite"]),
+    ("report_to unknown", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--set", "report_to=wandb,foo",
+                           "--out", "{tmp}/s"], ["report_to", "unknown integration 'foo'", "tensorboard"]),
+    ("report_to not installed", ["train-qnet", "{qdata}", "--model", NO_MODEL, "--set", "report_to=clearml", "--out",
+                                 "{tmp}/qn"], ["report_to", "'clearml' is not installed"]),
 ]
 
 

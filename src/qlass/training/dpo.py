@@ -35,6 +35,7 @@ from .common import (
     DONE_MARK,
     MetricsLog,
     SaveAtEpochEnd,
+    check_report_to,
     effective_precision,
     file_digest,
     finished,
@@ -191,6 +192,7 @@ def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg
     """
     out = Path(out_dir)
     refuse_output_over_model(out, model_dir)
+    check_report_to(cfg.report_to)
     with main_process_lock(out):
         return _train_dpo(pairs, model_dir, out, cfg)
 

@@ -52,6 +52,7 @@ from .common import (
     DONE_MARK,
     METRICS,
     MetricsLog,
+    check_report_to,
     effective_precision,
     file_digest,
     is_main_process,
@@ -169,6 +170,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     """
     out = Path(out_dir)
     refuse_output_over_model(out, sft_dir)
+    check_report_to(cfg.report_to)
     with main_process_lock(out):
         return _train_qnet(qdata, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)
 

@@ -59,6 +59,7 @@ from .common import (
     MetricsLog,
     SaveAtEpochEnd,
     TrainerConfig,
+    check_report_to,
     checkpoint_step,
     effective_precision,
     file_digest,
@@ -318,6 +319,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     """
     out = Path(out_dir)
     refuse_output_over_model(out, model_dir)
+    check_report_to(cfg.report_to)
     with main_process_lock(out):
         return _train_sft(data, model_dir, out, cfg)
 
