@@ -18,6 +18,7 @@ from qlass.errors import QlassError
 from qlass.policy.render import ensure_chat_template, render
 from qlass.training.sft import (
     SFTConfig,
+    _encode_all,
     encode_windows,
     export_checkpoint,
     limit_trajectories,
@@ -60,13 +61,26 @@ def tok(tiny_model_dir):
 def test_loss_mask_is_exactly_the_agent_turns_after_the_task(tok, tmp_path: Path) -> None:
     messages = load_trajectories(write_data(tmp_path / "d.json", n=1))[0].messages
     assert prefix_length(messages) == 7  # instruction, OK, 4 example turns, task turn
-    [(ids, labels)] = encode_windows(tok, messages, max_length=4096)
+    [(ids, labels)], cut = encode_windows(tok, messages, max_length=4096)
+    assert cut == 0
     trained = tok.decode([t for t in labels if t != -100])
     assert trained == ("Thought: The kitchen may have plants.\nAction: go to kitchen<|im_end|>\n"
                        "Thought: The fern is a plant.\nAction: focus on fern<|im_end|>\n")
     # the ids are exactly the rendered conversation (what the policy reads), up to the last agent turn
     assert tok.decode(ids) == render(tok, messages[:-1], add_generation_prompt=False)
     assert len(ids) == len(labels) and all(lab in (-100, t) for t, lab in zip(ids, labels))
+
+
+def test_training_data_cut_below_the_task_is_reported(tok, tmp_path: Path, caplog) -> None:
+    data = write_data(tmp_path / "d.json", n=3)
+    trajectories = load_trajectories(data)
+    with caplog.at_level("WARNING", logger="qlass.training.sft"):
+        examples = _encode_all(tok, trajectories, range(3), 4096, data)
+        assert not caplog.records
+        examples = _encode_all(tok, trajectories, range(3), 32, data)
+    assert all(len(ids) == 32 for ids, _ in examples)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert f"{data}: {len(examples)} of {len(examples)} training sequences are longer than max_length (32" in warning
 
 
 def test_prefix_fallback_without_observation_markers() -> None:
@@ -81,8 +95,9 @@ def test_long_conversation_is_windowed_newest_first_and_every_turn_trained(tok) 
     for k in range(30):
         messages += [Message("assistant", f"Thought: t{k}\nAction: act {k}"),
                      Message("user", f"Observation: step {k} " + "word " * 10)]
-    [(full, _)] = encode_windows(tok, messages, max_length=100_000)
-    windows = encode_windows(tok, messages, max_length=300)
+    [(full, _)], _ = encode_windows(tok, messages, max_length=100_000)
+    windows, cut = encode_windows(tok, messages, max_length=300)
+    assert cut == 0  # the prefix and a turn always fit: no window lost its start
     assert len(windows) > 2 and all(len(ids) <= 300 for ids, _ in windows) and len(full) > 300
     newest = tok.decode(windows[0][0])
     assert "Task: count to 29." in newest and "Action: act 29" in newest and "Action: act 0\n" not in newest
@@ -99,6 +114,9 @@ def test_long_conversation_is_windowed_newest_first_and_every_turn_trained(tok) 
         k = int(tok.decode([t for t in labels if t != -100]).split("Action: act ")[1].split("<")[0])
         last_user = before[before.rindex("<|im_start|>user"):]
         assert last_user.startswith(f"<|im_start|>user\n{f'Observation: step {k - 1} ' if k else 'Task:'}"), last_user
+    # a max_length below the prefix and one turn: every window is cut from the left, and counted
+    short, cut = encode_windows(tok, messages, max_length=40)
+    assert cut == len(short) > 0 and all(len(ids) == 40 for ids, _ in short)
 
 
 def _metrics(out: Path) -> list[dict]:

@@ -119,9 +119,10 @@ def labelled_example(tokenizer: Any, msgs: Sequence[Message], first_target: int,
     return ids[-max_length:], labels[-max_length:]
 
 
-def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int) -> list[Example]:
+def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int) -> tuple[list[Example], int]:
     """Training sequences of one conversation: one if it fits in ``max_length``, else windows that
-    keep the prefix and the newest uncovered turns (see the module docstring), newest first.
+    keep the prefix and the newest uncovered turns (see the module docstring), newest first; and how
+    many of them were cut from the left because even the prefix and one turn exceed ``max_length``.
 
     A window that had to drop older turns starts with an agent turn whose observation was dropped
     with them; that turn is context only (it is trained in the next, older window, where it is the
@@ -131,6 +132,7 @@ def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int)
     msgs = list(messages)
     end = max((i + 1 for i, m in enumerate(msgs) if m.role == "assistant" and i >= keep), default=0)
     windows: list[Example] = []
+    cut = 0
 
     def fits(m: Sequence[Message]) -> bool:
         return len(encode_conversation(tokenizer, m, add_generation_prompt=False)[0]) <= max_length
@@ -140,10 +142,11 @@ def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int)
         first = end - (len(window) - keep)  # index in ``msgs`` of the window's oldest body turn
         context_only = first > keep and end - first >= 3  # its observation dropped, and a newer turn to train
         windows.append(labelled_example(tokenizer, window, keep + context_only, max_length))
+        cut += not fits(window)
         end = first + 1 if context_only else first
         while end > keep and msgs[end - 1].role != "assistant":
             end -= 1
-    return windows
+    return windows, cut
 
 
 def limit_trajectories(trajectories: Sequence[Trajectory], cap: float | None, seed: int) -> list[Trajectory]:
@@ -180,14 +183,20 @@ def _encode_all(tokenizer: Any, trajectories: Sequence[Any], indices: Sequence[i
                 data: str | Path) -> list[Example]:
     examples: list[Example] = []
     empty = []
+    cut = 0
     for i in indices:
-        windows = encode_windows(tokenizer, trajectories[i].messages, max_length)
+        windows, n_cut = encode_windows(tokenizer, trajectories[i].messages, max_length)
         if not windows:
             empty.append(trajectories[i].id)
         examples.extend(windows)
+        cut += n_cut
     if empty:
         raise QlassError(f"{data}: no agent turn after the task turn in record(s) {', '.join(map(repr, empty[:5]))}"
                          + (f" and {len(empty) - 5} more" if len(empty) > 5 else ""))
+    if cut:
+        log.warning("%s: %d of %d training sequences are longer than max_length (%d tokens) even with only the "
+                    "instructions, the task and one turn, so their oldest tokens were cut (raise max_length)",
+                    data, cut, len(examples), max_length)
     return examples
 
 
