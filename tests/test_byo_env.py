@@ -8,12 +8,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import pytest
 import yaml
+from toy_envs import Corridor
 
+from qlass.envs.base import env_reset, env_step, env_tasks
+from qlass.errors import QlassError
 from qlass.jsonl import read_jsonl
 from qlass.tree import read_qdata, read_trees
+from qlass.types import StepResult, Task
 
 TESTS = Path(__file__).parent
 
@@ -74,3 +80,79 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
     assert "| corridor | seen | qlass(m=2)[oracle] | 1 |" in oracle.stdout
     (rec,) = read_jsonl(tmp_path / "oracle" / "records.jsonl")
     assert rec["oracle"] is True and rec["config"]["oracle_terminal"] is True
+
+
+class _Broken(Corridor):
+    """Corridor whose ``step``/``reset``/``tasks`` answer ``answer`` (an exception is raised)."""
+
+    def __init__(self, method: str, answer: object) -> None:
+        super().__init__()
+        self.method, self.answer = method, answer
+
+    def _answer(self, real: object) -> object:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer(real) if callable(self.answer) else self.answer
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        real = super().tasks(split, task_types)
+        return self._answer(real) if self.method == "tasks" else real  # type: ignore[return-value]
+
+    def reset(self, task: Task) -> str:
+        real = super().reset(task)
+        return self._answer(real) if self.method == "reset" else real  # type: ignore[return-value]
+
+    def step(self, output: str) -> StepResult:
+        real = super().step(output)
+        return self._answer(real) if self.method == "step" else real  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("method,answer,message", [
+    ("step", lambda r: (r.observation, r.reward, r.done), "step() returned a tuple, not a StepResult"),
+    ("step", lambda r: StepResult(7, r.reward, r.done), "step() returned an observation of type int, not a string"),
+    ("step", lambda r: StepResult(r.observation, "0.5", r.done), "step() returned reward '0.5'; it must be a finite number"),
+    ("step", lambda r: StepResult(r.observation, float("nan"), r.done), "step() returned reward nan"),
+    ("step", lambda r: StepResult(r.observation, True, r.done), "step() returned reward True"),
+    ("step", lambda r: StepResult(r.observation, r.reward, None), "step() returned done None; it must be true or false"),
+    ("step", lambda r: StepResult(r.observation, r.reward, r.done, ["x"]), "step() returned info of type list, not a dict"),
+    ("step", RuntimeError("simulator crashed"), "step() raised RuntimeError: simulator crashed (at "),
+    ("reset", None, "reset('corridor/0') returned a NoneType, not the first observation as a string"),
+    ("reset", KeyError("room"), "reset('corridor/0') raised KeyError: 'room'"),
+    ("tasks", "corridor/0", "tasks('train') returned a str, not a list of Task"),
+    ("tasks", ["corridor/0"], "tasks('train')[0] is 'corridor/0', not a Task"),
+    ("tasks", lambda real: real + real[:1], "tasks('train') lists task 'corridor/0' twice"),
+])
+def test_what_a_user_environment_returns_is_checked(method: str, answer: object, message: str) -> None:
+    env = _Broken(method, answer)
+    with pytest.raises(QlassError) as err:
+        [task] = env_tasks(env, "train")[:1]
+        env_reset(env, task)
+        env_step(env, "Action: go east")
+    assert f"environment test_byo_env:_Broken: {message}" in str(err.value)
+
+
+def test_numbers_of_other_types_are_taken_as_rewards_and_done() -> None:
+    class NumpyLike(Corridor):
+        def step(self, output: str) -> StepResult:
+            real = super().step(output)
+            return StepResult(real.observation, np.float32(real.reward), np.bool_(real.done))
+
+    env = NumpyLike()
+    env_reset(env, env_tasks(env, "train")[0])
+    result = env_step(env, "Action: go east")
+    assert float(result.reward) == 1.0 and bool(result.done)
+
+
+def test_a_user_environment_error_is_a_message_from_the_cli(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "qlass", "explore", "--model", "test_cli_errors:EastWalker",
+                             "--env", "test_byo_env:CrashingCorridor", "--limit", "1", "--out",
+                             str(tmp_path / "t.jsonl")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "environment test_byo_env:CrashingCorridor: step() raised RuntimeError: simulator crashed (at " in result.stderr
+    assert "test_byo_env.py:" in result.stderr
+
+
+class CrashingCorridor(Corridor):
+    def step(self, output: str) -> StepResult:
+        raise RuntimeError("simulator crashed")

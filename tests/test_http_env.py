@@ -11,8 +11,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -365,3 +367,64 @@ def test_qlass_serve_command_takes_the_limit_and_docs_options() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class _Malformed(BaseHTTPRequestHandler):
+    """A qlass-dialect server whose answer at one endpoint is replaced (``server.answers``)."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _answer(self, path: str, normal: Any) -> None:
+        body = json.dumps(self.server.answers.get(path, normal)).encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        normal = {"/splits": {"env": "fake", "splits": {"train": 1}},
+                  "/tasks": {"tasks": [{"id": "t/0", "env": "fake", "split": "train"}]},
+                  "/prompt": {"messages": [{"role": "user", "content": "Go."}]},
+                  "/expert": {"outputs": ["Action: go"]}}[path]
+        self._answer(path, normal)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        normal = {"/create": {"id": 0}, "/reset": {"id": 0, "observation": "Start."},
+                  "/step": {"observation": "o", "reward": 1.0, "done": True}, "/close": {"closed": True}}[self.path]
+        self._answer(self.path, normal)
+
+
+@pytest.mark.parametrize("path,answer,message", [
+    ("/splits", {"env": "fake"}, "/splits answer lacks 'splits'"),
+    ("/splits", {"env": "fake", "splits": {"train": "many"}}, "/splits answer's 'train' must be an integer, got 'many'"),
+    ("/tasks", {"tasks": None}, "/tasks answer's 'tasks' must be a list, got None"),
+    ("/tasks", {"tasks": [{"id": 5, "env": "fake", "split": "train"}]}, "/tasks answer's 'id' must be a string, got 5"),
+    ("/prompt", {"messages": [{"role": "user"}]}, "/prompt answer lacks 'content'"),
+    ("/expert", {"outputs": [1]}, "/expert answer's 'outputs' must be a list of strings"),
+    ("/reset", {"id": 0, "observation": None}, "/reset answer's 'observation' must be a string, got None"),
+    ("/step", {"observation": "o", "reward": "abc", "done": True}, "/step answer's 'reward' must be a number, got 'abc'"),
+    ("/step", {"observation": "o", "reward": 1, "done": "yes"}, "/step answer's 'done' must be true or false"),
+    ("/step", ["o", 1, True], "/step answer lacks 'observation'"),
+])
+def test_malformed_server_answers_name_the_endpoint_and_field(path: str, answer: Any, message: str) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Malformed)
+    httpd.answers = {path: answer}  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with pytest.raises(QlassError) as err:
+            env = HttpEnv(url)
+            env.prompt()
+            [task] = env.tasks("train")
+            env.expert(task)
+            env.reset(task)
+            env.step("Action: go")
+        assert f"env server {url}: {message}" in str(err.value)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .envs.base import Env, parse_action
+from .envs.base import Env, env_reset, env_step, parse_action
 from .lockstep import Sample, run_one
 from .policy.base import Policy
 from .types import Completion, History, Message, Step, Task, Trajectory
@@ -85,7 +85,7 @@ def observation_message(observation: str) -> Message:
 
 def start_messages(env: Env, task: Task) -> list[Message]:
     """Reset ``env`` on ``task`` and return the opening conversation (prefix + first observation)."""
-    first = env.reset(task)
+    first = env_reset(env, task)
     return list(env.prompt()) + [Message("user", first)]
 
 
@@ -102,7 +102,7 @@ def apply_output(env: Env, messages: list[Message], steps: list[Step], completio
     """Execute one agent output in ``env`` (see :func:`executed_text`), appending the turn to
     ``messages`` (the output as the agent wrote it) and ``steps``."""
     sent = executed_text(completion)
-    result = env.step(sent)
+    result = env_step(env, sent)
     step = Step(
         output=completion.text,
         action=parse_action(sent),

@@ -77,6 +77,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except QlassError as exc:
+        logging.getLogger(__name__).debug("error", exc_info=True)  # -v: where it came from (an env's own code)
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Exit as exc:

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import check_recorded, differences, load_yaml, save_yaml
 from .data import trajectory_to_record
-from .envs.base import Env, check_splits
+from .envs.base import Env, check_splits, env_tasks
 from .errors import DataError, QlassError
 from .executor import Executor, LocalExecutor, runs_here
 from .jsonl import append_jsonl, read_jsonl
@@ -99,7 +99,7 @@ def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str
     try:
         env_name = probe.name
         check_splits(probe, splits, env_spec)
-        by_split = {split: select_tasks([t for t in probe.tasks(split, task_types) if t.id not in exclude],
+        by_split = {split: select_tasks([t for t in env_tasks(probe, split, task_types) if t.id not in exclude],
                                         None if limit is None else offset + limit)[offset:]
                     for split in splits}
     finally:

@@ -45,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .agent import EpisodeConfig, apply_output, play
 from .config import check_recorded, differences, save_yaml, to_dict
-from .envs.base import Env, parse_action
+from .envs.base import Env, env_step, parse_action
 from .errors import QlassError
 from .executor import Executor, LocalExecutor, runs_here
 from .explore_config import CAPS, LEGACY, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
@@ -283,7 +283,7 @@ class TreeBuilder:
         env = self.cursor.recording(lambda k: True)  # expert steps get siblings at any depth
         chain: list[Node] = []
         for text in outputs:
-            result = env.step(text)
+            result = env_step(env, text)
             self.cursor.steps += 1
             step = Step(text, parse_action(text), result.observation, float(result.reward), bool(result.done))
             node = self._add(chain[-1].id if chain else 0, step, "expert", 1)

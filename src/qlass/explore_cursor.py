@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .envs.base import Env
+from .envs.base import Env, env_reset, env_step
 from .errors import QlassError
 from .tree import Node, Tree
 from .types import StepResult, Task
@@ -41,7 +41,7 @@ class Cursor:
         self.task = task
         self.resets += 1
         self.position = ()
-        first = self.env.reset(task)
+        first = env_reset(self.env, task)
         self.saved = {0: self.env.snapshot()} if self.snapshots else {}  # type: ignore[attr-defined]
         return first
 
@@ -65,7 +65,7 @@ class Cursor:
                 self.restores += 1
                 pos, can_continue = ids[:k], True
         if not can_continue:
-            first = self.env.reset(self.task)
+            first = env_reset(self.env, self.task)
             self.resets += 1
             if first != tree.nodes[0].observation:
                 raise QlassError(f"{self.env.name}: reset on {self.task.id} gave a different first observation; "
@@ -73,7 +73,7 @@ class Cursor:
             pos = ()
         spent = 0
         for node in path[len(pos):]:  # type: ignore[arg-type]
-            result = self.env.step(node.output)
+            result = env_step(self.env, node.output)
             spent += 1
             if result.observation != node.observation or abs(float(result.reward) - node.reward) > 1e-9:
                 raise QlassError(f"{self.env.name}: replaying {self.task.id} diverged at node {node.id} (depth "
@@ -93,7 +93,7 @@ class Recording:
         self.states: list[Any] = []
 
     def step(self, output: str) -> StepResult:
-        result = self.env.step(output)
+        result = env_step(self.env, output)
         wanted = not result.done and self.keep(len(self.states))
         self.states.append(self.env.snapshot() if wanted else None)  # type: ignore[attr-defined]
         return result

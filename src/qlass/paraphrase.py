@@ -33,7 +33,7 @@ from typing import Any
 
 from .agent import check_sample_counts
 from .config import check_recorded, option
-from .envs.base import Env
+from .envs.base import Env, env_reset
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
@@ -189,7 +189,7 @@ class _Job:
 
 
 def _job(env: Env, task: Task) -> _Job:
-    first = env.reset(task)
+    first = env_reset(env, task)
     try:
         text = task_text(env.name, task, first)
         attributes = env.goal(task).attributes if env.name == "webshop" else ()  # type: ignore[attr-defined]

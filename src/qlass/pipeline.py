@@ -326,7 +326,7 @@ def _save_resolved(r: Resolved) -> None:
 def _expert_and_sft(r: Resolved, base: Path) -> Path:
     """Stage 1: export verified expert trajectories (unless given) and fine-tune ``base`` on them."""
     from .data import save_trajectories
-    from .envs.base import make_env
+    from .envs.base import env_tasks, make_env
     from .expert import export_expert
     from .training.sft import train_sft
 
@@ -339,7 +339,7 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
         log.info("stage 1a: exporting expert trajectories to %s", expert_path)
         env = make_env(cfg.env, **cfg.env_args)
         try:
-            tasks = env.tasks(r.expert.split, cfg.task_types)
+            tasks = env_tasks(env, r.expert.split, cfg.task_types)
             result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps)
         finally:
             env.close()
@@ -400,7 +400,7 @@ STAGES = ("sft", "explore", "qnet", "eval")
 def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list[dict[str, Any]] | None:
     """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows, or
     ``None`` when ``stop_after`` (``sft``, ``explore`` or ``qnet``) ends the run before evaluation."""
-    from .envs.base import make_env
+    from .envs.base import env_tasks, make_env
     from .evaluate import cache_for, run_evaluation
     from .explore import EXPLORE_CACHE_PER_TREE
     from .executor import make_executor
@@ -445,7 +445,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     log.info("stage 2: exploration trees → %s", run / "trees.jsonl")
     env = make_env(cfg.env, **cfg.env_args)
     try:
-        tasks = env.tasks(r.explore_stage.split, types)
+        tasks = env_tasks(env, r.explore_stage.split, types)
     finally:
         env.close()
     tasks = _exploration_tasks(r, tasks, config_path)

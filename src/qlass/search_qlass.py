@@ -47,6 +47,7 @@ from .agent import (
 )
 from .candidates import choose, executable, mean_logprob, normalise_action, selection_scores, unique_candidates
 from .config import option
+from .envs.base import env_reset, env_step
 from .errors import QlassError
 from .lockstep import Episode, Sample, Score, Scored
 from .paraphrase import ParaphraseTable, load_paraphrases
@@ -163,10 +164,10 @@ def _oracle_scores(task: Task, ctx: SearchContext, outputs: Sequence[str], taken
     try:
         out = list(scores)
         for i, text in enumerate(outputs):
-            probe.reset(task)
+            env_reset(probe, task)
             for prev in taken:
-                probe.step(prev)
-            result = probe.step(text)
+                env_step(probe, prev)
+            result = env_step(probe, text)
             env_steps += len(taken) + 1
             if result.done:
                 out[i] = float(result.reward)

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         """Export expert trajectories, each verified by replay to reach reward 1.0."""
         from ..config import parse_kv
         from ..data import refuse_replacing_other_kind, save_trajectories
-        from ..envs.base import check_splits, make_env
+        from ..envs.base import check_splits, env_tasks, make_env
         from ..errors import QlassError
         from ..expert import export_expert
 
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         try:
             check_splits(environment, [split], env)
             types = task_types.split(",") if task_types else None
-            tasks = environment.tasks(split, types)
+            tasks = env_tasks(environment, split, types)
             if not tasks:
                 raise QlassError(f"{env}: no tasks in split {split!r}" + (f" for task types {types}" if types else ""))
             result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps,

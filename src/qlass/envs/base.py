@@ -12,7 +12,10 @@ class is reached as ``package.module:Class``.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
+import traceback
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from ..errors import QlassError
@@ -60,6 +63,85 @@ class Env(Protocol):
 
     def close(self) -> None:
         """Release resources (simulators, JVMs, sockets)."""
+
+
+def env_label(env: Env) -> str:
+    """``module:Class`` of ``env``, as its errors name it."""
+    cls = type(env)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _failed(env: Env, call: str, exc: Exception) -> QlassError:
+    """The error for an exception an environment's own code raised: its class, the call, the
+    exception and where it was raised (the traceback is logged with ``-v``)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return QlassError(f"environment {env_label(env)}: {call} raised {type(exc).__name__}: {exc}{where}")
+
+
+def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+    """``env.tasks(split, task_types)``, checked: a list of :class:`~qlass.types.Task` with distinct
+    string ids, or a :class:`QlassError` naming the environment and what it returned."""
+    try:
+        tasks = env.tasks(split, task_types)
+    except QlassError:
+        raise
+    except Exception as exc:
+        raise _failed(env, f"tasks({split!r})", exc) from exc
+    if not isinstance(tasks, (list, tuple)):
+        raise QlassError(f"environment {env_label(env)}: tasks({split!r}) returned a {type(tasks).__name__}, "
+                         "not a list of Task")
+    seen: set[str] = set()
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Task) or not isinstance(task.id, str):
+            raise QlassError(f"environment {env_label(env)}: tasks({split!r})[{i}] is {task!r}, not a Task with "
+                             "a string id")
+        if task.id in seen:
+            raise QlassError(f"environment {env_label(env)}: tasks({split!r}) lists task {task.id!r} twice")
+        seen.add(task.id)
+    return list(tasks)
+
+
+def env_reset(env: Env, task: Task) -> str:
+    """``env.reset(task)``, checked: the first observation (a string), or a :class:`QlassError` naming
+    the environment, the task and what went wrong."""
+    try:
+        observation = env.reset(task)
+    except QlassError:
+        raise
+    except Exception as exc:
+        raise _failed(env, f"reset({task.id!r})", exc) from exc
+    if not isinstance(observation, str):
+        raise QlassError(f"environment {env_label(env)}: reset({task.id!r}) returned a "
+                         f"{type(observation).__name__}, not the first observation as a string")
+    return observation
+
+
+def env_step(env: Env, output: str) -> StepResult:
+    """``env.step(output)``, checked: a :class:`~qlass.types.StepResult` whose observation is a string,
+    reward a finite number, done true or false and info a dict; else a :class:`QlassError` naming the
+    environment and the field."""
+    try:
+        result = env.step(output)
+    except QlassError:
+        raise
+    except Exception as exc:
+        raise _failed(env, "step()", exc) from exc
+    label = env_label(env)
+    if not isinstance(result, StepResult):
+        raise QlassError(f"environment {label}: step() returned a {type(result).__name__}, not a StepResult")
+    reward, done = result.reward, result.done
+    if not isinstance(result.observation, str):
+        raise QlassError(f"environment {label}: step() returned an observation of type "
+                         f"{type(result.observation).__name__}, not a string")
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+        raise QlassError(f"environment {label}: step() returned reward {reward!r}; it must be a finite number")
+    if not isinstance(done, bool) and done not in (0, 1):
+        raise QlassError(f"environment {label}: step() returned done {done!r}; it must be true or false")
+    if not isinstance(result.info, dict):
+        raise QlassError(f"environment {label}: step() returned info of type {type(result.info).__name__}, "
+                         "not a dict")
+    return result
 
 
 EnvFactory = Callable[..., Env]

@@ -42,6 +42,8 @@ from .prompt_file import load_prompt
 log = logging.getLogger(__name__)
 
 EPISODE_OVER = "The episode is over."
+_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+          list: "a list"}
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest)
 
 
@@ -152,6 +154,20 @@ class HttpClient:
             raise QlassError(f"{where}: HTTP {status}: {message}")
         return data
 
+    def field(self, answer: Any, endpoint: str, key: str, kind: type, optional: bool = False) -> Any:
+        """``answer[key]`` of ``kind`` (``float`` takes any number), or a :class:`QlassError` naming the
+        server, the endpoint and the field; ``optional``: a missing or null field gives ``None``."""
+        value = answer.get(key) if isinstance(answer, dict) else None
+        if value is None and optional and isinstance(answer, dict):
+            return None
+        if not isinstance(answer, dict) or key not in answer:
+            raise QlassError(f"env server {self.url}: {endpoint} answer lacks {key!r}: {str(answer)[:200]}")
+        ok = isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            raise QlassError(f"env server {self.url}: {endpoint} answer's {key!r} must be {_KINDS[kind]}, got "
+                             f"{repr(value)[:100]}")
+        return value
+
     def close(self) -> None:
         self._drop()
 
@@ -182,7 +198,7 @@ class HttpEnv:
         self._ranges = self._check_ranges(splits or {})
         self._prompt_spec, self.step_limit = prompt, step_limit
         self._client = HttpClient(url, timeout)
-        self.name = name or (self._client.request("GET", "/splits")["env"] if self._native else "http")
+        self.name = name or (self._native_splits()[0] if self._native else "http")
         created = self._client.request("POST", "/create")
         self._id = created if isinstance(created, int) else created.get("id") if isinstance(created, dict) else None
         if not isinstance(self._id, int):
@@ -206,16 +222,32 @@ class HttpEnv:
         return self._client.request("POST", path, {self.dialect.id_key: self._id, **body})
 
     # -- tasks -----------------------------------------------------------------------------
+    def _native_splits(self) -> tuple[str, dict[str, int]]:
+        """The qlass server's environment name and split sizes (``GET /splits``), checked."""
+        answer = self._client.request("GET", "/splits")
+        name = self._client.field(answer, "/splits", "env", str)
+        sizes = self._client.field(answer, "/splits", "splits", dict)
+        for split, size in sizes.items():
+            self._client.field(sizes, "/splits", split, int)
+        return name, sizes
+
     def splits(self) -> dict[str, int]:
         if self._native:
-            return {str(k): int(v) for k, v in self._client.request("GET", "/splits")["splits"].items()}
+            return self._native_splits()[1]
         return {split: len(r) for split, r in self._ranges.items()}
+
+    def _native_task(self, d: Any) -> Task:
+        """A task of a qlass server's ``/tasks`` answer, checked."""
+        field = self._client.field
+        return Task(field(d, "/tasks", "id", str), field(d, "/tasks", "env", str), field(d, "/tasks", "split", str),
+                    field(d, "/tasks", "task_type", str, optional=True) or "",
+                    field(d, "/tasks", "meta", dict, optional=True) or {})
 
     def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
         if self._native:
             query = {"split": split, **({"task_types": ",".join(task_types)} if task_types else {})}
-            return [Task(d["id"], d["env"], d["split"], d.get("task_type", ""), d.get("meta") or {})
-                    for d in self._client.request("GET", "/tasks", query=query)["tasks"]]
+            answer = self._client.request("GET", "/tasks", query=query)
+            return [self._native_task(d) for d in self._client.field(answer, "/tasks", "tasks", list)]
         if split not in self._ranges:
             raise QlassError(f"http env: unknown split {split!r}; configured: {', '.join(self._ranges) or 'none'} "
                              "(pass splits={name: [first, end)})")
@@ -256,7 +288,10 @@ class HttpEnv:
     def prompt(self) -> list[Message]:
         if self._prompt is None:
             if self._native:
-                self._prompt = [Message(m["role"], m["content"]) for m in self._client.request("GET", "/prompt")["messages"]]
+                field = self._client.field
+                messages = field(self._client.request("GET", "/prompt"), "/prompt", "messages", list)
+                self._prompt = [Message(field(m, "/prompt", "role", str), field(m, "/prompt", "content", str))
+                                for m in messages]
             elif self._prompt_spec:
                 self._prompt = load_prompt(self._prompt_spec)
             else:
@@ -266,7 +301,11 @@ class HttpEnv:
     def expert(self, task: Task) -> list[str]:
         if not self._native:
             return []
-        return list(self._client.request("GET", "/expert", query={"task": task.id})["outputs"])
+        answer = self._client.request("GET", "/expert", query={"task": task.id})
+        outputs = self._client.field(answer, "/expert", "outputs", list)
+        if not all(isinstance(o, str) for o in outputs):
+            raise QlassError(f"env server {self._client.url}: /expert answer's 'outputs' must be a list of strings")
+        return outputs
 
     # -- episodes --------------------------------------------------------------------------
     def reset(self, task: Task) -> str:
@@ -282,7 +321,8 @@ class HttpEnv:
             missing = [k for k in d.first_obs_keys if not isinstance(answer, dict) or k not in answer]
             if missing:
                 raise QlassError(f"env server {self._client.url}: /reset answer lacks {', '.join(missing)}")
-            first = "\n".join(str(answer[k]) for k in d.first_obs_keys)
+            first = ("\n".join(str(answer[k]) for k in d.first_obs_keys) if not self._native
+                     else self._client.field(answer, "/reset", "observation", str))
         else:
             first = str(self._client.request("GET", "/observation", query={d.id_key: self._id}))
         self._task, self._steps, self._done, self._reward = task, 0, False, 0.0
@@ -292,9 +332,9 @@ class HttpEnv:
         if self._task is None:
             raise QlassError("http env: step() before reset()")
         if self._native:
-            answer = self._post("/step", {"output": output})
-            return StepResult(str(answer["observation"]), float(answer["reward"]), bool(answer["done"]),
-                              dict(answer.get("info") or {}))
+            answer, field = self._post("/step", {"output": output}), self._client.field
+            return StepResult(field(answer, "/step", "observation", str), float(field(answer, "/step", "reward", float)),
+                              field(answer, "/step", "done", bool), field(answer, "/step", "info", dict, optional=True) or {})
         if self._done:
             return StepResult(EPISODE_OVER, self._reward, True, {"steps": self._steps})
         self._steps += 1
