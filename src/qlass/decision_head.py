@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import to_dict
 from .decision_report import MAX_CANDIDATES, ReportConfig, markdown, one_environment, read_decisions, score_decisions
-from .errors import QlassError
+from .errors import DataError, QlassError
 from .jsonl import refuse_overwriting_inputs, write_jsonl, write_text_atomic
 from .locking import writes_to
 from .qnet_data import QRecord, fold_trees
@@ -114,8 +114,15 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
     records = decision_qrecords(scored)
     extra_records = decision_qrecords(trained_only)
     source = ",".join(str(p) for p in [*paths, *extra])
+    folds = fold_trees(records, cfg.folds, cfg.seed, ",".join(map(str, paths)))  # checked before the model loads
+    extra_trees = {r.tree_id for r in extra_records}
+    for k, held in enumerate(folds, 1):
+        fitted_on = len({r.tree_id for r in records if r.tree_id not in held} | extra_trees)
+        if fitted_on < 2:
+            raise DataError(source, f"fold {k} would fit its head on {fitted_on} task(s), and the head's settings "
+                                    "are picked by cross-validation inside the fold (2 tasks at least): add "
+                                    "decisions from more tasks (or --extra ones) or lower folds")
     _, feats = features_of(records + extra_records, sft_dir, out, cfg, source)
-    folds = fold_trees(records, cfg.folds, cfg.seed, ",".join(map(str, paths)))
     values: dict[tuple[str, int], float] = {}
     kept = []
     for k, held in enumerate(folds, 1):

@@ -73,7 +73,8 @@ def fold_trees(records: Sequence[QRecord], folds: int, seed: int, source: str) -
     shuffle, then round robin), for cross-validation by tree."""
     trees = sorted({r.tree_id for r in records})
     if not 2 <= folds <= len(trees):
-        raise DataError(source, f"{folds}-fold cross-validation needs 2 to {len(trees)} folds (one tree each at least)")
+        raise DataError(source, f"{len(trees)} tree(s) cannot be dealt into {folds} folds (cross-validation by tree "
+                                "needs 2 folds and a tree in each at least): lower folds or add trees")
     random.Random(seed).shuffle(trees)
     return [set(trees[k::folds]) for k in range(folds)]
 
