@@ -211,6 +211,11 @@ def test_bad_inputs_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -> No
         export_gguf(no_weights)
     with pytest.raises(QlassError, match="--dtype 'q4'"):
         export_gguf(tiny_model_dir, tmp_path / "x.gguf", "q4")
+    own = copy("own")
+    weights = (own / "model.safetensors").read_bytes()
+    with pytest.raises(QlassError, match=r"own/model\.safetensors: exists and is not a GGUF file"):
+        export_gguf(own, own / "model.safetensors")  # the export replaced the weights it read
+    assert (own / "model.safetensors").read_bytes() == weights
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written
 
     done = subprocess.run([sys.executable, "-m", "qlass", "model", "export-gguf", str(qnet), "--out",

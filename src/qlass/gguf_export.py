@@ -66,6 +66,10 @@ class _Vocab:
     pre: str
 
 
+GGUF_MAGIC = b"GGUF"
+"""The first bytes of a GGUF file: an existing ``--out`` without them is not replaced."""
+
+
 def default_output(model_dir: Path, dtype: str) -> Path:
     """``<model_dir>-<dtype>.gguf`` beside the folder (e.g. ``runs/demo/sft-f16.gguf``)."""
     model_dir = Path(model_dir)
@@ -90,6 +94,11 @@ def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str
     out = Path(out) if out is not None else default_output(model_dir, dtype)
     if out.is_dir():
         raise QlassError(f"{out}: is a folder; give the GGUF file's path with --out")
+    if out.is_file():
+        with out.open("rb") as f:
+            if f.read(4) != GGUF_MAGIC:  # the model's own weights, or any other file: never replaced
+                raise QlassError(f"{out}: exists and is not a GGUF file; the export would replace it (give another "
+                                 "--out)")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
 
