@@ -138,7 +138,7 @@ def test_bad_requests_get_4xx_with_a_message(server: BackgroundServer) -> None:
         ("POST", "/reset", {"id": env_id, "task": "keypad/train/99"}, 404, "unknown task"),
         ("POST", "/reset", {"id": env_id, "data_idx": 17}, 404, "out of range"),
         ("POST", "/reset", {"id": env_id, "task": "keypad/train/12", "game": 0}, 400, "exactly one of 'task'"),
-        ("GET", "/tasks?split=nope", None, 500, "environment error on /tasks (see the server log"),
+        ("GET", "/tasks?split=nope", None, 404, "unknown split 'nope'; splits: train, seen"),
         ("GET", "/observation", None, 400, "id: Field required"),
         ("POST", "/close", {"id": 12345}, 404, "unknown environment id"),
     ]

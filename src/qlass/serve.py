@@ -23,7 +23,7 @@ AgentGym's own server for ENV does (sciworld, alfworld, webshop): see :mod:`qlas
 
 Every instance is its own environment object (``make_env(ENV, **env_args)``), used by one request
 at a time. Every failure is answered as ``{"error": message}`` with its status: 4xx for bad requests
-(unknown id, task or path, wrong method, malformed body, a body over ``max_request_bytes`` (413),
+(unknown id, task, split or path, wrong method, malformed body, a body over ``max_request_bytes`` (413),
 step before reset, too many instances, a :class:`~qlass.errors.QlassError` the environment raises);
 500 for any other environment exception, whose text and traceback go to the server's log only (the
 answer carries a reference to find them there) — the server keeps running either way. The
@@ -344,6 +344,9 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
 
     @app.get("/tasks")
     def tasks(split: str = Query(...), task_types: str | None = Query(None)) -> dict[str, Any]:
+        known = pool.splits()
+        if split not in known:  # an environment may hand any name its default tasks
+            raise ServeError(404, f"unknown split {split!r}; splits: {', '.join(known)}")
         types = [t for t in task_types.split(",") if t] if task_types else None
         return {"tasks": [task_dict(t) for t in pool.tasks(split, types)]}
 
