@@ -15,7 +15,7 @@ import pytest
 import yaml
 from toy_envs import Corridor
 
-from qlass.envs.base import env_reset, env_step, env_tasks
+from qlass.envs.base import env_reset, env_step, env_tasks, make_env
 from qlass.errors import QlassError
 from qlass.jsonl import read_jsonl
 from qlass.tree import read_qdata, read_trees
@@ -156,3 +156,21 @@ def test_a_user_environment_error_is_a_message_from_the_cli(tmp_path: Path) -> N
 class CrashingCorridor(Corridor):
     def step(self, output: str) -> StepResult:
         raise RuntimeError("simulator crashed")
+
+
+@pytest.mark.parametrize("source,message", [
+    ("class Env:\n    def f(:\n", "cannot load environment 'mod_{n}:Env': {path}:2: invalid syntax"),
+    ("raise RuntimeError('no licence')\n", "cannot load environment 'mod_{n}:Env': importing mod_{n} raised "
+                                          "RuntimeError: no licence (at {path}:1)"),
+    ("class Env:\n    def __init__(self):\n        raise OSError('simulator missing')\n",
+     "environment 'mod_{n}:Env': building it raised OSError: simulator missing (at {path}:3)"),
+])
+def test_a_user_environment_that_fails_to_load_or_build_is_named(source: str, message: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    n = abs(hash(source)) % 10**6  # a fresh module name per case
+    path = tmp_path / f"mod_{n}.py"
+    path.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(QlassError) as err:
+        make_env(f"mod_{n}:Env")
+    assert message.format(n=n, path=path) in str(err.value)

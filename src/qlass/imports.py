@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import traceback
 from typing import Any
 
 from .errors import QlassError
@@ -15,6 +16,16 @@ def load_object(spec: str, what: str) -> Any:
     if not sep or not module or not name:
         raise QlassError(f"cannot load {what} {spec!r}: expected 'package.module:Name'")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise QlassError(f"cannot load {what} {spec!r}: {exc}") from None
+        loaded = importlib.import_module(module)
+    except ImportError as exc:
+        raise QlassError(f"cannot load {what} {spec!r}: {exc}") from exc
+    except SyntaxError as exc:
+        raise QlassError(f"cannot load {what} {spec!r}: {exc.filename}:{exc.lineno}: {exc.msg}") from exc
+    except Exception as exc:  # the module's own code failed while it was imported
+        frames = traceback.extract_tb(exc.__traceback__)
+        raise QlassError(f"cannot load {what} {spec!r}: importing {module} raised {type(exc).__name__}: {exc} "
+                         f"(at {frames[-1].filename}:{frames[-1].lineno})") from exc
+    try:
+        return getattr(loaded, name)
+    except AttributeError as exc:
+        raise QlassError(f"cannot load {what} {spec!r}: {exc}") from exc

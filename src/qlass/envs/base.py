@@ -196,7 +196,15 @@ class EnvRegistry:
     def make(self, spec: str, **kwargs: Any) -> Env:
         """Build ``spec`` with constructor options ``kwargs``, checked first (:meth:`check`)."""
         factory = self.factory(spec)
-        env = factory(**_checked(factory, spec, kwargs))
+        options = _checked(factory, spec, kwargs)
+        try:
+            env = factory(**options)
+        except QlassError:
+            raise
+        except Exception as exc:  # the environment's own constructor failed (a missing simulator, data ...)
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+            raise QlassError(f"environment {spec!r}: building it raised {type(exc).__name__}: {exc}{where}") from exc
         lacking = [m for m in ENV_MEMBERS if not hasattr(env, m)]
         if lacking:
             raise QlassError(f"environment {spec!r} built a {type(env).__name__}, not an environment "
