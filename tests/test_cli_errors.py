@@ -47,6 +47,22 @@ class EastWalker:
         return [[Completion("Thought: east.\nAction: go east", 1, 1)] * n for _ in histories]
 
 
+class TextOnly:
+    """A policy that answers bare strings instead of Completion objects."""
+
+    def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[str]]:
+        return [["Thought: east.\nAction: go east"] * n for _ in histories]
+
+
+class Offline:
+    """A policy whose backend is down."""
+
+    def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
+        raise ConnectionError("backend down")
+
+
 def _trajectory(**extra: object) -> dict:
     return {"id": "corridor/0", "task": "corridor/0", "reward": 1.0, "success": True,
             "conversations": [{"from": "human", "value": "Walk east."},
@@ -479,6 +495,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("cv-head fold fitted on one task", ["decisions", "cv-head", "{dec_two_tasks}", "--model", NO_MODEL, "--set",
                                          "folds=2", "--out", "{tmp}/cv"],
      ["dec_two_tasks.jsonl", "fold 1 would fit its head on 1 task(s)"]),
+    ("policy answers strings", ["explore", "--model", "test_cli_errors:TextOnly", *ENV, "--limit", "1", "--out",
+                                "{tmp}/tp.jsonl"], ["policy 'test_cli_errors:TextOnly': sample()", "returned a str"]),
+    ("policy raises", ["decisions", "collect", "--model", "test_cli_errors:Offline", *ENV, "--limit", "1", "--out",
+                       "{tmp}/dp.jsonl"], ["policy 'test_cli_errors:Offline': sample() raised ConnectionError: "
+                                          "backend down (at ", "test_cli_errors.py:"]),
     ("report_to unknown", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--set", "report_to=wandb,foo",
                            "--out", "{tmp}/s"], ["report_to", "unknown integration 'foo'", "tensorboard"]),
     ("report_to not installed", ["train-qnet", "{qdata}", "--model", NO_MODEL, "--set", "report_to=clearml", "--out",

@@ -46,3 +46,15 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - exercised by tests through a fake module name
         raise MissingExtraError(extra, module) from exc
+
+
+def raised_in_user_code(what: str, exc: BaseException) -> QlassError:
+    """The error for an exception that a user's own code (an environment, a policy, a module) raised:
+    ``what`` failed, the exception and where it was raised; chain it (``raise ... from exc``) so that
+    ``qlass -v`` logs the whole traceback."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return QlassError(f"{what} raised {type(exc).__name__}: {exc}{where}")
+

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import traceback
 from typing import Any
 
-from .errors import QlassError
+from .errors import QlassError, raised_in_user_code
 
 
 def load_object(spec: str, what: str) -> Any:
@@ -22,9 +21,7 @@ def load_object(spec: str, what: str) -> Any:
     except SyntaxError as exc:
         raise QlassError(f"cannot load {what} {spec!r}: {exc.filename}:{exc.lineno}: {exc.msg}") from exc
     except Exception as exc:  # the module's own code failed while it was imported
-        frames = traceback.extract_tb(exc.__traceback__)
-        raise QlassError(f"cannot load {what} {spec!r}: importing {module} raised {type(exc).__name__}: {exc} "
-                         f"(at {frames[-1].filename}:{frames[-1].lineno})") from exc
+        raise raised_in_user_code(f"cannot load {what} {spec!r}: importing {module}", exc) from exc
     try:
         return getattr(loaded, name)
     except AttributeError as exc:

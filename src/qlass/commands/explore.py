@@ -11,16 +11,8 @@ from typing import Any, Optional
 import typer
 
 from ..errors import QlassError
-from ..imports import load_object
 
 _CLASS_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def _instantiate(spec: str, options: dict[str, Any]) -> Any:
-    from ..config import check_call_options
-
-    cls = load_object(spec, "policy")
-    return cls(**check_call_options(cls, options, f"policy {spec!r} (--policy-arg)"))
 
 
 def is_class_spec(spec: str) -> bool:
@@ -34,7 +26,9 @@ def policy_factory(spec: str, options: dict[str, Any]) -> functools.partial:
     from ..policy import load_policy
 
     if is_class_spec(spec):
-        return functools.partial(_instantiate, spec, options)
+        from ..policy.user import UserPolicy
+
+        return functools.partial(UserPolicy, spec, options)
     return functools.partial(load_policy, spec, **options)
 
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import traceback
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
-from ..errors import QlassError
+from ..errors import QlassError, raised_in_user_code
 from ..imports import load_object
 from ..types import Message, StepResult, Task
 
@@ -72,11 +71,8 @@ def env_label(env: Env) -> str:
 
 
 def _failed(env: Env, call: str, exc: Exception) -> QlassError:
-    """The error for an exception an environment's own code raised: its class, the call, the
-    exception and where it was raised (the traceback is logged with ``-v``)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return QlassError(f"environment {env_label(env)}: {call} raised {type(exc).__name__}: {exc}{where}")
+    """The error for an exception an environment's own code raised (its class, the call, where)."""
+    return raised_in_user_code(f"environment {env_label(env)}: {call}", exc)
 
 
 def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
@@ -202,9 +198,7 @@ class EnvRegistry:
         except QlassError:
             raise
         except Exception as exc:  # the environment's own constructor failed (a missing simulator, data ...)
-            frames = traceback.extract_tb(exc.__traceback__)
-            where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-            raise QlassError(f"environment {spec!r}: building it raised {type(exc).__name__}: {exc}{where}") from exc
+            raise raised_in_user_code(f"environment {spec!r}: building it", exc) from exc
         lacking = [m for m in ENV_MEMBERS if not hasattr(env, m)]
         if lacking:
             raise QlassError(f"environment {spec!r} built a {type(env).__name__}, not an environment "
