@@ -490,12 +490,14 @@ def test_a_truncated_greedy_output_is_sent_without_its_action_and_play_goes_on(t
 
 def test_local_policies_keep_a_prompt_cache_per_live_history(tiny_model_dir: Path) -> None:
     from qlass.commands.decisions import policy_with_cache
+    from qlass.policy.user import UserPolicy
 
     assert policy_with_cache(str(tiny_model_dir), {}, 16).keywords == {"cache_slots": 18}
     assert policy_with_cache(str(tiny_model_dir), {"cache_slots": 4}, 16).keywords == {"cache_slots": 4}
     assert "cache_slots" not in policy_with_cache("http://127.0.0.1:9/v1", {}, 16).keywords  # the server's own
     scripted = policy_with_cache("test_decisions:ScriptedPolicy", {"delay": 0.0}, 16)
-    assert isinstance(scripted(), ScriptedPolicy)
+    built = scripted()  # the user's class, its answers checked
+    assert isinstance(built, UserPolicy) and isinstance(built._policy, ScriptedPolicy)
 
 
 def test_offset_continues_where_a_limit_stopped_and_exclusions_come_first() -> None:

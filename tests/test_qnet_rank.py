@@ -243,4 +243,4 @@ def test_cross_validation_pools_every_tree_once(tiny_model_dir: Path, tmp_path: 
     again = CliRunner().invoke(app, args)  # finished folds are not retrained
     assert again.exit_code == 0 and json.loads((tmp_path / "cv" / "cv_summary.json").read_text()) == summary
     bad = CliRunner().invoke(app, args[:-1] + ["7"])
-    assert bad.exit_code != 0 and "needs 2 to 6 folds" in str(bad.exception or bad.output)
+    assert bad.exit_code != 0 and "6 tree(s) cannot be dealt into 7 folds" in str(bad.exception or bad.output)
