@@ -500,6 +500,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("policy raises", ["decisions", "collect", "--model", "test_cli_errors:Offline", *ENV, "--limit", "1", "--out",
                        "{tmp}/dp.jsonl"], ["policy 'test_cli_errors:Offline': sample() raised ConnectionError: "
                                           "backend down (at ", "test_cli_errors.py:"]),
+    ("user policy cannot score", ["explore", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1", "--set",
+                                  "expert_order=uncertain-first", "--out", "{tmp}/tu.jsonl"],
+     ["expert_order=uncertain-first needs a policy that scores outputs", "test_cli_errors:EastWalker has none"]),
     ("report_to unknown", ["sft", "--data", "{expert}", "--model", NO_MODEL, "--set", "report_to=wandb,foo",
                            "--out", "{tmp}/s"], ["report_to", "unknown integration 'foo'", "tensorboard"]),
     ("report_to not installed", ["train-qnet", "{qdata}", "--model", NO_MODEL, "--set", "report_to=clearml", "--out",
