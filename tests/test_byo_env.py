@@ -174,3 +174,14 @@ def test_a_user_environment_that_fails_to_load_or_build_is_named(source: str, me
     with pytest.raises(QlassError) as err:
         make_env(f"mod_{n}:Env")
     assert message.format(n=n, path=path) in str(err.value)
+
+
+def test_eval_plays_a_users_policy_class(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "qlass", "eval", "--model", "test_cli_errors:EastWalker", "--env",
+                             "toy_envs:Corridor", "--limit", "2", "--method", "greedy", "--out", str(tmp_path / "e")],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_jsonl(tmp_path / "e" / "records.jsonl")
+    assert [(r["task"], r["trajectory"]["reward"]) for r in records] == [("corridor/100", 1.0), ("corridor/101", 1.0)]
+    assert yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())["model"] == "test_cli_errors:EastWalker"

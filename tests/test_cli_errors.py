@@ -55,6 +55,14 @@ class TextOnly:
         return [["Thought: east.\nAction: go east"] * n for _ in histories]
 
 
+class Uncounted:
+    """A policy whose completions carry no token counts."""
+
+    def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
+        return [[Completion("Thought: east.\nAction: go east", None, None)] * n for _ in histories]  # type: ignore[arg-type]
+
+
 class Offline:
     """A policy whose backend is down."""
 
@@ -497,6 +505,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["dec_two_tasks.jsonl", "fold 1 would fit its head on 1 task(s)"]),
     ("policy answers strings", ["explore", "--model", "test_cli_errors:TextOnly", *ENV, "--limit", "1", "--out",
                                 "{tmp}/tp.jsonl"], ["policy 'test_cli_errors:TextOnly': sample()", "returned a str"]),
+    ("policy completions uncounted", ["eval", "--model", "test_cli_errors:Uncounted", *ENV, "--limit", "1", "--out",
+                                      "{tmp}/eu"], ["policy 'test_cli_errors:Uncounted': sample()",
+                                                    "prompt_tokens is None, not a whole number >= 0"]),
     ("policy raises", ["decisions", "collect", "--model", "test_cli_errors:Offline", *ENV, "--limit", "1", "--out",
                        "{tmp}/dp.jsonl"], ["policy 'test_cli_errors:Offline': sample() raised ConnectionError: "
                                           "backend down (at ", "test_cli_errors.py:"]),

@@ -331,10 +331,10 @@ def live_histories(run: MethodRun) -> int:
 
 def cache_for(model: str, policy_kwargs: dict[str, Any], conversations: int) -> dict[str, Any]:
     """``policy_kwargs`` with ``cache_slots`` raised to ``conversations`` for a backend that has
-    prompt caches (a local model), unless set; otherwise unchanged."""
-    from .policy import check_policy_options
+    prompt caches (a local model), unless set; otherwise (a server, a user's class) unchanged."""
+    from .policy import check_policy_options, is_class_spec
 
-    if "cache_slots" in policy_kwargs:
+    if "cache_slots" in policy_kwargs or is_class_spec(model):
         return policy_kwargs
     try:
         check_policy_options(model, {"cache_slots": conversations})

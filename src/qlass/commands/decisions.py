@@ -21,12 +21,11 @@ def policy_with_cache(model: str, options: dict[str, Any], concurrency: int) -> 
     that takes ``cache_slots`` gets ``concurrency + 2`` unless the user set it (a smaller value is
     kept, with a warning: each turn then re-reads its whole history)."""
     from ..evaluate import cache_for
-    from ..policy import load_policy
+    from ..policy import is_class_spec
     from .explore import policy_factory
 
-    factory = policy_factory(model, options)
-    if factory.func is not load_policy:  # a user's own policy class: its options are its own
-        return factory
+    if is_class_spec(model):  # a user's own policy class: its options are its own
+        return policy_factory(model, options)
     if int(options.get("cache_slots", concurrency)) < concurrency:
         log.warning("cache_slots=%s is below concurrency=%d: prompt caches will be evicted between turns",
                     options["cache_slots"], concurrency)

@@ -30,7 +30,7 @@ def method_options() -> str:
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: Optional[str] = typer.Option(None, help="Policy: a local causal-LM folder or an OpenAI-compatible base URL (http://.../v1)."),
+        model: Optional[str] = typer.Option(None, help="Policy: a local causal-LM folder, 'default', an OpenAI-compatible base URL (http://.../v1) or package.module:Class."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: list[str] = typer.Option(["seen"], help="Split(s) to evaluate (repeatable)."),
         method: list[str] = typer.Option(["greedy"], help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood', 'reflexion:trials=3' (repeatable)."),
@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(method_options())
             return
         if model is None:
-            raise QlassError("qlass eval needs --model (a model folder, 'default' or an OpenAI-compatible base URL)")
+            raise QlassError("qlass eval needs --model (a model folder, 'default', an OpenAI-compatible base URL or "
+                             "package.module:Class)")
 
         methods = []
         for spec in method:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -12,23 +11,12 @@ import typer
 
 from ..errors import QlassError
 
-_CLASS_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def is_class_spec(spec: str) -> bool:
-    """Whether a policy spec names a user's own class (``package.module:Class``), not a model or server."""
-    return bool(_CLASS_SPEC.match(spec)) and not Path(spec).exists()
-
 
 def policy_factory(spec: str, options: dict[str, Any]) -> functools.partial:
     """A picklable policy factory: a model folder, ``default``, a server URL, or a user's own class
-    as ``package.module:Class`` (constructed with ``options``)."""
+    as ``package.module:Class`` (see :func:`qlass.policy.load_policy`)."""
     from ..policy import load_policy
 
-    if is_class_spec(spec):
-        from ..policy.user import UserPolicy
-
-        return functools.partial(UserPolicy, spec, options)
     return functools.partial(load_policy, spec, **options)
 
 
@@ -86,8 +74,7 @@ def register(app: typer.Typer) -> None:
         if concurrency < 1:
             raise QlassError(f"--concurrency must be >= 1, got {concurrency}")
         policy_opts = parse_kv(policy_arg, "--policy-arg")
-        if not is_class_spec(model):  # a user's class takes the options it declares
-            policy_opts = cache_for(model, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
+        policy_opts = cache_for(model, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
         factory = policy_factory(model, policy_opts)
         options = {"address": ray_address} if backend == "ray" and ray_address else {}
         executor = make_executor(backend, workers, **options)

@@ -40,9 +40,10 @@ def register(app: typer.Typer) -> None:
         """Rejection-sampling fine-tuning: sample K episodes per training task with the SFT agent, keep the
         successful ones, fine-tune on the expert data plus them; rerun the same command to resume."""
         from ..config import build, describe_sections, load_config, parse_kv
+        from ..policy import is_class_spec
         from ..rft import RFTConfig, run_rft
         from ..training.configs import SFTConfig
-        from .explore import is_class_spec, policy_factory
+        from .explore import policy_factory
 
         if list_options:
             typer.echo(describe_sections([("--rft (RFT options)", RFTConfig), ("--set / --config (SFTConfig)", SFTConfig)]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import Policy
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .hf import HFPolicy
     from .openai import OpenAIPolicy
 
-__all__ = ["HFPolicy", "OpenAIPolicy", "Policy", "check_policy_options", "load_policy"]
+__all__ = ["HFPolicy", "OpenAIPolicy", "Policy", "check_policy_options", "is_class_spec", "load_policy"]
 
 
 def __getattr__(name: str) -> Any:
@@ -31,6 +32,9 @@ def __getattr__(name: str) -> Any:
 
         return OpenAIPolicy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_CLASS_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def _policy_class(spec: str) -> type:
@@ -49,23 +53,39 @@ def _policy_class(spec: str) -> type:
     return HFPolicy
 
 
+def is_class_spec(spec: str) -> bool:
+    """Whether a policy spec names a user's own class (``package.module:Class``), not a model or server."""
+    return bool(_CLASS_SPEC.match(spec)) and not Path(spec).exists()
+
+
 def check_policy_options(spec: str, options: Mapping[str, Any]) -> None:
-    """Raise :class:`QlassError` if the backend that would serve ``spec`` does not take every key of
-    ``options`` (naming the options it does take) or one has a value of the wrong type."""
+    """Raise :class:`QlassError` if the backend that would serve ``spec`` (a user's class: its
+    constructor) does not take every key of ``options`` (naming the options it does take) or one has a
+    value of the wrong type."""
     from ..config import check_call_options
 
+    if is_class_spec(spec):
+        from ..imports import load_object
+
+        check_call_options(load_object(spec, "policy"), options, f"policy {spec!r} (--policy-arg)")
+        return
     cls = _policy_class(spec)
     check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
 
 
 def load_policy(spec: str, **options: Any) -> Policy:
-    """A policy from a model folder, ``default``, or an ``http(s)://.../v1`` server URL.
+    """A policy from a model folder, ``default``, an ``http(s)://.../v1`` server URL, or a user's own
+    class named ``package.module:Class`` (built and checked by :class:`~qlass.policy.user.UserPolicy`).
 
     ``options`` go to the backend's constructor (:class:`HFPolicy` or :class:`OpenAIPolicy`, e.g.
-    ``autocast=True`` or ``model="name", tokenizer="DIR"``); an option the backend does not take is
-    an error naming the options it does take.
+    ``autocast=True`` or ``model="name", tokenizer="DIR"``; a user's class: the options it declares);
+    an option the backend does not take is an error naming the options it does take.
     """
     check_policy_options(spec, options)
+    if is_class_spec(spec):
+        from .user import UserPolicy
+
+        return UserPolicy(spec, dict(options))  # type: ignore[return-value]
     if spec == "default":
         from ..models import default_model_dir
 

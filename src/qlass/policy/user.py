@@ -1,17 +1,32 @@
 """A user's own policy class, named ``package.module:Class`` where a command takes ``--model``
-(``explore``, ``decisions collect``, ``rft``, ``paraphrase``): built with the ``--policy-arg``
+(:func:`qlass.policy.load_policy`): built with the ``--policy-arg``
 options its constructor declares, and its answers checked, so that a mistake in it is one line
 naming the class and what it returned (``qlass -v`` logs the traceback) instead of a traceback
 from deep inside the search."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from ..errors import QlassError, raised_in_user_code
 from ..imports import load_object
 from ..types import Completion, History
+
+
+def _completion_problem(c: Completion) -> str:
+    """What is wrong with the fields of ``c`` ('' if nothing)."""
+    if not isinstance(c.text, str):
+        return f"text is a {type(c.text).__name__}, not a string"
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{name} is {value!r}, not a whole number >= 0"
+    lp = c.logprob
+    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp)):
+        return f"logprob is {lp!r}, not a finite number or None"
+    return ""
 
 
 class UserPolicy:
@@ -49,10 +64,13 @@ class UserPolicy:
             if not isinstance(completions, list) or len(completions) != n:
                 got = f"{len(completions)} items" if isinstance(completions, list) else f"a {type(completions).__name__}"
                 raise QlassError(f"{where} returned {got} for history {i}; it must return n Completion objects")
-            wrong = next((c for c in completions if not isinstance(c, Completion)), None)
-            if wrong is not None:
-                raise QlassError(f"{where} returned a {type(wrong).__name__} for history {i} "
-                                 "(qlass.types.Completion expected, with the text and its token counts)")
+            for c in completions:
+                if not isinstance(c, Completion):
+                    raise QlassError(f"{where} returned a {type(c).__name__} for history {i} "
+                                     "(qlass.types.Completion expected, with the text and its token counts)")
+                problem = _completion_problem(c)
+                if problem:
+                    raise QlassError(f"{where} returned a Completion for history {i} whose {problem}")
         return answer
 
     def __getattr__(self, name: str) -> Any:
