@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from toy_envs import Corridor
 
+from qlass.policy.base import SampleJob
 from qlass.types import Completion, History, Task
 
 TESTS = Path(__file__).resolve().parent
@@ -61,6 +62,17 @@ class Uncounted:
     def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
                max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
         return [[Completion("Thought: east.\nAction: go east", None, None)] * n for _ in histories]  # type: ignore[arg-type]
+
+
+class HalfBatch:
+    """A policy offering mixed-settings batches (sample_jobs) that drops the last job's answer."""
+
+    def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
+        return [[Completion("Thought: east.\nAction: go east", 1, 1)] * n for _ in histories]
+
+    def sample_jobs(self, jobs: Sequence[SampleJob]) -> list[list[Completion]]:
+        return [[Completion("Thought: east.\nAction: go east", 1, 1)] * job.n for job in jobs[:-1]]
 
 
 class Offline:
@@ -508,6 +520,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("policy completions uncounted", ["eval", "--model", "test_cli_errors:Uncounted", *ENV, "--limit", "1", "--out",
                                       "{tmp}/eu"], ["policy 'test_cli_errors:Uncounted': sample()",
                                                     "prompt_tokens is None, not a whole number >= 0"]),
+    ("policy batch short", ["eval", "--model", "test_cli_errors:HalfBatch", *ENV, "--limit", "1", "--out",
+                            "{tmp}/eh"], ["policy 'test_cli_errors:HalfBatch': sample_jobs() of 1 jobs returned 0 list(s)"]),
     ("policy raises", ["decisions", "collect", "--model", "test_cli_errors:Offline", *ENV, "--limit", "1", "--out",
                        "{tmp}/dp.jsonl"], ["policy 'test_cli_errors:Offline': sample() raised ConnectionError: "
                                           "backend down (at ", "test_cli_errors.py:"]),

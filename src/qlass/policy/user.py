@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import QlassError, raised_in_user_code
 from ..imports import load_object
 from ..types import Completion, History
+from .base import SampleJob
 
 
 def _completion_problem(c: Completion) -> str:
@@ -49,21 +50,33 @@ class UserPolicy:
     def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0, max_new_tokens: int = 128,
                seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
         """The class's ``sample``, checked: one list of ``n`` :class:`~qlass.types.Completion` per history."""
+        answer = self._call("sample()", self._policy.sample, histories, n=n, temperature=temperature,
+                            max_new_tokens=max_new_tokens, seed=seed)
+        return self._checked(f"sample() of {len(histories)} histories, n={n}", answer, [n] * len(histories))
+
+    def _sample_jobs(self, jobs: Sequence[SampleJob]) -> list[list[Completion]]:
+        """The class's ``sample_jobs``, checked like :meth:`sample` (each job's ``n`` completions)."""
+        answer = self._call("sample_jobs()", self._policy.sample_jobs, jobs)
+        return self._checked(f"sample_jobs() of {len(jobs)} jobs", answer, [job.n for job in jobs])
+
+    def _call(self, what: str, method: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            answer = self._policy.sample(histories, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                         seed=seed)
+            return method(*args, **kwargs)
         except QlassError:
             raise
         except Exception as exc:
-            raise raised_in_user_code(f"policy {self.spec!r}: sample()", exc) from exc
-        where = f"policy {self.spec!r}: sample() of {len(histories)} histories, n={n}"
-        if not isinstance(answer, list) or len(answer) != len(histories):
+            raise raised_in_user_code(f"policy {self.spec!r}: {what}", exc) from exc
+
+    def _checked(self, call: str, answer: Any, counts: list[int]) -> list[list[Completion]]:
+        """``answer`` if it holds ``counts[i]`` Completion objects for history ``i``, else a QlassError."""
+        where = f"policy {self.spec!r}: {call}"
+        if not isinstance(answer, list) or len(answer) != len(counts):
             got = f"{len(answer)} list(s)" if isinstance(answer, list) else f"a {type(answer).__name__}"
             raise QlassError(f"{where} returned {got}; it must return one list per history")
-        for i, completions in enumerate(answer):
+        for i, (completions, n) in enumerate(zip(answer, counts)):
             if not isinstance(completions, list) or len(completions) != n:
                 got = f"{len(completions)} items" if isinstance(completions, list) else f"a {type(completions).__name__}"
-                raise QlassError(f"{where} returned {got} for history {i}; it must return n Completion objects")
+                raise QlassError(f"{where} returned {got} for history {i}; it must return {n} Completion objects")
             for c in completions:
                 if not isinstance(c, Completion):
                     raise QlassError(f"{where} returned a {type(c).__name__} for history {i} "
@@ -76,4 +89,7 @@ class UserPolicy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "_policy":  # not built yet (copy, pickle): no such attribute
             raise AttributeError(name)
+        if name == "sample_jobs":  # offered only when the class offers it (lockstep play asks hasattr)
+            getattr(self._policy, name)
+            return self._sample_jobs
         return getattr(self._policy, name)
