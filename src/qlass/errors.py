@@ -57,4 +57,3 @@ def raised_in_user_code(what: str, exc: BaseException) -> QlassError:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return QlassError(f"{what} raised {type(exc).__name__}: {exc}{where}")
-

@@ -24,7 +24,7 @@ from rich.progress import Progress
 from .agent import apply_output, finish, start_messages
 from .config import check_recorded
 from .data import record_to_trajectory, trajectory_to_record
-from .envs.base import Env
+from .envs.base import Env, env_label
 from .jsonl import append_jsonl, read_jsonl
 from .types import Completion, Step, Task, Trajectory
 
@@ -80,7 +80,7 @@ def _made_with(env: Env, max_steps: int | None) -> dict[str, Any]:
         value = getattr(env, name, getattr(env, f"_{name}", None))
         if isinstance(value, (str, int, float, bool)):
             options[name] = value
-    return {"env": f"{cls.__module__}:{cls.__qualname__}", "env_args": options, "max_steps": max_steps}
+    return {"env": env_label(env), "env_args": options, "max_steps": max_steps}
 
 
 def _load_progress(path: Path | None, made_with: dict[str, Any], splits: dict[str, str]) -> dict[str, dict[str, Any]]:

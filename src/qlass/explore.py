@@ -81,8 +81,9 @@ class TreeBuilder:
         self.env, self.policy, self.task, self.cfg, self.seed = env, policy, task, cfg, seed
         if (cfg.expert_graft and cfg.expert_siblings != 0 and cfg.expert_order == "uncertain-first"
                 and not callable(getattr(policy, "score_outputs", None))):
+            name = getattr(policy, "spec", type(policy).__name__)  # a user's class: its module:Class
             raise QlassError(f"explore option expert_order=uncertain-first needs a policy that scores outputs "
-                             f"(score_outputs, e.g. a local HF model); {getattr(policy, 'spec', type(policy).__name__)} has none")
+                             f"(score_outputs, e.g. a local HF model); {name} has none")
         self.depth = cfg.depth_for(env.name)
         self.episode = EpisodeConfig(cfg.max_steps, cfg.rollout_temperature, cfg.max_new_tokens)
         self.cursor = Cursor(env)

@@ -162,8 +162,8 @@ class HttpClient:
             return None
         if not isinstance(answer, dict) or key not in answer:
             raise QlassError(f"env server {self.url}: {endpoint} answer lacks {key!r}: {str(answer)[:200]}")
-        ok = isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool))
-        if not ok:
+        accepted = (int, float) if kind is float else kind
+        if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
             raise QlassError(f"env server {self.url}: {endpoint} answer's {key!r} must be {_KINDS[kind]}, got "
                              f"{repr(value)[:100]}")
         return value
@@ -227,7 +227,7 @@ class HttpEnv:
         answer = self._client.request("GET", "/splits")
         name = self._client.field(answer, "/splits", "env", str)
         sizes = self._client.field(answer, "/splits", "splits", dict)
-        for split, size in sizes.items():
+        for split in sizes:
             self._client.field(sizes, "/splits", split, int)
         return name, sizes
 
@@ -333,8 +333,9 @@ class HttpEnv:
             raise QlassError("http env: step() before reset()")
         if self._native:
             answer, field = self._post("/step", {"output": output}), self._client.field
-            return StepResult(field(answer, "/step", "observation", str), float(field(answer, "/step", "reward", float)),
-                              field(answer, "/step", "done", bool), field(answer, "/step", "info", dict, optional=True) or {})
+            return StepResult(field(answer, "/step", "observation", str),
+                              float(field(answer, "/step", "reward", float)), field(answer, "/step", "done", bool),
+                              field(answer, "/step", "info", dict, optional=True) or {})
         if self._done:
             return StepResult(EPISODE_OVER, self._reward, True, {"steps": self._steps})
         self._steps += 1

@@ -59,16 +59,11 @@ def is_class_spec(spec: str) -> bool:
 
 
 def check_policy_options(spec: str, options: Mapping[str, Any]) -> None:
-    """Raise :class:`QlassError` if the backend that would serve ``spec`` (a user's class: its
-    constructor) does not take every key of ``options`` (naming the options it does take) or one has a
-    value of the wrong type."""
+    """Raise :class:`QlassError` if the backend that would serve ``spec`` (a model folder or server) does
+    not take every key of ``options`` (naming the options it does take) or one has a value of the wrong
+    type. A user's class checks its options itself (:class:`~qlass.policy.user.UserPolicy`)."""
     from ..config import check_call_options
 
-    if is_class_spec(spec):
-        from ..imports import load_object
-
-        check_call_options(load_object(spec, "policy"), options, f"policy {spec!r} (--policy-arg)")
-        return
     cls = _policy_class(spec)
     check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
 
@@ -81,11 +76,11 @@ def load_policy(spec: str, **options: Any) -> Policy:
     ``autocast=True`` or ``model="name", tokenizer="DIR"``; a user's class: the options it declares);
     an option the backend does not take is an error naming the options it does take.
     """
-    check_policy_options(spec, options)
     if is_class_spec(spec):
         from .user import UserPolicy
 
         return UserPolicy(spec, dict(options))  # type: ignore[return-value]
+    check_policy_options(spec, options)
     if spec == "default":
         from ..models import default_model_dir
 

@@ -75,7 +75,8 @@ class UserPolicy:
             raise QlassError(f"{where} returned {got}; it must return one list per history")
         for i, (completions, n) in enumerate(zip(answer, counts)):
             if not isinstance(completions, list) or len(completions) != n:
-                got = f"{len(completions)} items" if isinstance(completions, list) else f"a {type(completions).__name__}"
+                got = (f"{len(completions)} items" if isinstance(completions, list)
+                       else f"a {type(completions).__name__}")
                 raise QlassError(f"{where} returned {got} for history {i}; it must return {n} Completion objects")
             for c in completions:
                 if not isinstance(c, Completion):
