@@ -74,3 +74,51 @@ def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path: Path) 
         read_json_object(obj)
     lines.write_text('{"task": "a", "nested": {"x": 1}, "other": {"x": 2}}\n')  # equal keys in different objects
     assert read_jsonl(lines)[0]["other"] == {"x": 2}
+
+
+def test_outputs_that_are_not_regular_files_are_refused_and_kept(tmp_path: Path) -> None:
+    """``--out`` naming a FIFO (or, as root, ``/dev/null``) was replaced by a regular file: the atomic
+    rename went over whatever the path was, and a resumed run blocked reading the pipe."""
+    import os
+    import stat
+
+    from qlass.errors import QlassError
+    from qlass.jsonl import write_jsonl, write_text_atomic
+    from qlass.locking import writer_lock
+
+    fifo = tmp_path / "out.jsonl"
+    os.mkfifo(fifo)
+    writers = [lambda: write_text_atomic(fifo, "x\n"), lambda: write_jsonl(fifo, [{"a": 1}]),
+               lambda: append_jsonl(fifo, {"a": 1}), lambda: read_jsonl(fifo, repair_tail=True),
+               lambda: writer_lock(fifo, folder=False).__enter__()]
+    for write in writers:
+        with pytest.raises(QlassError, match=r"out.jsonl: is a named pipe \(FIFO\), not a regular file"):
+            write()
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    env = {"PYTHONPATH": str(Path(__file__).parent), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "qlass", "data", "expert", "--env", "toy_envs:Corridor", "--split",
+                           "train", "--out", str(fifo)], capture_output=True, text=True, check=False, env=env,
+                          timeout=60)
+    assert done.returncode == 2 and "is a named pipe (FIFO), not a regular file" in done.stderr, done.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+@pytest.mark.parametrize("record,field,problem", [
+    ({"candidates": [{"score": float("nan")}]}, "candidates[0].score", "is nan"),
+    ({"q": float("inf")}, "q", "is inf"),
+    ({"trajectory": {"steps": [{"output": "Action: \ud800"}]}}, "trajectory.steps[0].output", "not valid Unicode"),
+])
+def test_a_record_that_would_not_read_back_is_never_written(tmp_path: Path, record: dict, field: str,
+                                                            problem: str) -> None:
+    """A NaN (bare ``NaN``, not JSON) was written and then refused by every reader; a lone surrogate was a
+    UnicodeEncodeError traceback."""
+    from qlass.errors import QlassError
+    from qlass.jsonl import write_jsonl
+
+    path = tmp_path / "records.jsonl"
+    append_jsonl(path, {"ok": 1, "score": float("-inf")})  # -inf (an impossible candidate) reads back
+    for write in (lambda: append_jsonl(path, record), lambda: write_jsonl(tmp_path / "all.jsonl", [record])):
+        with pytest.raises(QlassError, match="refusing to write a record whose field") as err:
+            write()
+        assert repr(field) in str(err.value) and problem in str(err.value)
+    assert read_jsonl(path) == [{"ok": 1, "score": float("-inf")}] and not (tmp_path / "all.jsonl").exists()

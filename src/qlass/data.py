@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import GZIP_MAGIC, DuplicateKeyError, gunzip, loads, write_text_atomic
+from .jsonl import GZIP_MAGIC, DuplicateKeyError, check_output_file, gunzip, is_text, loads, write_text_atomic
 from .types import Message, Role, Step, Trajectory
 
 ROLE_FROM_ETO = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -121,8 +121,10 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[Any]:
 def refuse_replacing_other_kind(out: str | Path, kind: str, is_kind: Callable[[dict[str, Any]], bool]) -> None:
     """Raise :class:`QlassError` when ``out`` is a file holding records whose first is not ``kind``
     (``is_kind`` says no): an input of another stage given as the output by mistake would be lost. An
-    empty file or list passes; only the first record of a JSON Lines file is read."""
+    empty file or list passes; only the first record of a JSON Lines file is read. A device, pipe or
+    socket is refused (:func:`~qlass.jsonl.check_output_file`)."""
     p = Path(out)
+    check_output_file(p)
     if not p.is_file():
         return
     with open(p, "rb") as fh:
@@ -136,16 +138,6 @@ def refuse_replacing_other_kind(out: str | Path, kind: str, is_kind: Callable[[d
     if not (isinstance(first, dict) and is_kind(first)):
         raise QlassError(f"{p}: exists and is not {kind} (an input of another stage?); it is only written over a "
                          "file of its kind (give another output path)")
-
-
-def is_text(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8 (JSON's ``\\ud800`` escapes decode to lone surrogates that
-    cannot, and tokenizers refuse)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _describe(data: Any) -> str:

@@ -45,10 +45,9 @@ import numpy as np
 from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
-from .data import is_text
 from .decisions import DECISIONS_SCHEMA_VERSION as SCHEMA_VERSION
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import read_jsonl, refuse_overwriting_inputs, write_text_atomic
+from .jsonl import is_text, read_jsonl, refuse_overwriting_inputs, write_text_atomic
 from .tree import ROLES
 from .types import Message
 

@@ -10,9 +10,11 @@ import contextlib
 import gzip
 import json
 import logging
+import math
 import os
+import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -55,27 +57,97 @@ def gunzip(raw: bytes, path: str | os.PathLike) -> bytes:
         raise DataError(str(path), f"gzip-compressed but damaged ({exc})") from None
 
 
-def check_plain_output(path: str | os.PathLike) -> None:
-    """Raise :class:`QlassError` for an output named ``*.gz``: qlass writes plain text (appended to as
-    work finishes), which that name would mislabel; compress the file once the run is done."""
-    if Path(path).name.endswith(".gz"):
+def check_output_file(path: str | os.PathLike) -> None:
+    """Raise :class:`QlassError` for an output path qlass must not write: one named ``*.gz`` (qlass
+    writes plain text, appended to as work finishes; compress the file once the run is done), or an
+    existing device, named pipe or socket (a write would replace it with a regular file, or block)."""
+    p = Path(path)
+    if p.name.endswith(".gz"):
         raise QlassError(f"{path}: qlass writes its outputs uncompressed; give a name without .gz (gzip the file "
                          "when the run is done: every qlass reader takes it compressed)")
+    try:
+        mode = p.stat().st_mode
+    except OSError:  # missing (or unreadable: the write itself names the problem)
+        return
+    kind = _special_kind(mode)
+    if kind:
+        raise QlassError(f"{path}: is {kind}, not a regular file; qlass writes its outputs to files (give a file "
+                         "path)")
+
+
+def _special_kind(mode: int) -> str | None:
+    """What a path of ``mode`` is when it is neither a regular file nor a folder."""
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
+
+
+def json_line(record: dict[str, Any], path: str | os.PathLike) -> str:
+    """``record`` as one JSON line (newline included) that qlass's readers take back: a NaN or +inf number (not
+    JSON; every reader refuses it) or text that is not Unicode (a lone surrogate, which UTF-8 cannot
+    hold) is a :class:`QlassError` naming ``path`` and the field, before anything is written. -inf (the
+    score of an impossible candidate) is written as ``-Infinity``, which the readers take."""
+    try:
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        bad = _find(record, lambda v: isinstance(v, float) and (math.isnan(v) or v == math.inf))
+        if bad is not None:
+            raise QlassError(f"{path}: refusing to write a record whose field {bad[0]!r} is {bad[1]!r}; "
+                             "it would not read back") from None
+        text = json.dumps(record, ensure_ascii=False)  # only -inf values
+    if not is_text(text):
+        bad = _find(record, lambda v: isinstance(v, str) and not is_text(v))
+        field = bad[0] if bad else "?"
+        raise QlassError(f"{path}: refusing to write a record whose field {field!r} holds text that is not "
+                         "valid Unicode (a lone surrogate); it would not read back")
+    return text + "\n"
+
+
+def is_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (JSON's ``\\ud800`` escapes decode to lone surrogates that
+    cannot, and tokenizers refuse)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _find(value: Any, bad: Callable[[Any], bool], where: str = "") -> tuple[str, Any] | None:
+    """The first ``(field path, value)`` in ``value`` (nested dicts and lists) that ``bad`` picks, keys
+    included; None if there is none."""
+    if bad(value):
+        return where or "(the record)", value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if bad(key):
+                return f"{where}.{key}" if where else str(key), key
+            found = _find(item, bad, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _find(item, bad, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append ``record`` as one line in a single write, flushed and fsynced; a last line without its
     newline (a hand-edited or concatenated file) is ended first, so records are never glued."""
-    line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
     p = Path(path)
-    check_plain_output(p)
+    line = json_line(record, p).encode("utf-8")
+    check_output_file(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     with _naming(p), open(p, "a+b") as fh:
         if fh.tell() > 0:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":
-                line = "\n" + line
-        fh.write(line.encode("utf-8"))
+                line = b"\n" + line
+        fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -95,6 +167,8 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
     p = Path(path)
     if not p.exists():
         return []
+    if repair_tail:
+        check_output_file(p)  # a run's own file: a pipe would block the read, a device be replaced
     raw = p.read_bytes()
     if raw[:2] == GZIP_MAGIC:
         if repair_tail:
@@ -160,14 +234,14 @@ def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
     """Write ``records`` to ``path`` atomically (temporary file, then rename)."""
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(path, "".join(json_line(r, path) for r in records))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` so readers never see a half-written file; a failed write
     (a full disk, ``path`` a folder) names ``path`` and leaves no temporary file behind."""
     p = Path(path)
-    check_plain_output(p)
+    check_output_file(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:

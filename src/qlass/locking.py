@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import QlassError
-from .jsonl import check_plain_output
+from .jsonl import check_output_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,7 +36,7 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
     :class:`QlassError` naming the holder when another process holds it."""
     target = Path(target)
     if not folder:
-        check_plain_output(target)
+        check_output_file(target)
     path = lock_path(target, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
