@@ -15,11 +15,13 @@ import pytest
 import yaml
 from toy_envs import Corridor
 
-from qlass.envs.base import env_reset, env_step, env_tasks, make_env
+from qlass.agent import start_messages
+from qlass.envs.base import check_splits, env_reset, env_step, env_tasks, make_env
 from qlass.errors import QlassError
+from qlass.expert import verify_expert
 from qlass.jsonl import read_jsonl
 from qlass.tree import read_qdata, read_trees
-from qlass.types import StepResult, Task
+from qlass.types import Message, StepResult, Task
 
 TESTS = Path(__file__).parent
 
@@ -114,6 +116,11 @@ class _Broken(Corridor):
     ("step", lambda r: StepResult(r.observation, float("nan"), r.done), "step() returned reward nan"),
     ("step", lambda r: StepResult(r.observation, True, r.done), "step() returned reward True"),
     ("step", lambda r: StepResult(r.observation, r.reward, None), "step() returned done None; it must be true or false"),
+    ("step", lambda r: StepResult(r.observation, 7.0, r.done), "step() returned reward 7.0; rewards are scores in [0, 1]"),
+    ("step", lambda r: StepResult(r.observation, -3.0, r.done), "step() returned reward -3.0; rewards are scores in"),
+    ("step", lambda r: StepResult("room \ud800", r.reward, r.done), "step() returned an observation that is not valid "
+                                                                     "Unicode (it holds a lone surrogate"),
+    ("reset", "Task: \udc00", "reset('corridor/0') returned an observation that is not valid Unicode"),
     ("step", lambda r: StepResult(r.observation, r.reward, r.done, ["x"]), "step() returned info of type list, not a dict"),
     ("step", RuntimeError("simulator crashed"), "step() raised RuntimeError: simulator crashed (at "),
     ("reset", None, "reset('corridor/0') returned a NoneType, not the first observation as a string"),
@@ -151,6 +158,106 @@ def test_a_user_environment_error_is_a_message_from_the_cli(tmp_path: Path) -> N
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "environment test_byo_env:CrashingCorridor: step() raised RuntimeError: simulator crashed (at " in result.stderr
     assert "test_byo_env.py:" in result.stderr
+
+
+class Odd(Corridor):
+    """Corridor whose ``prompt``/``splits``/``expert``/``close`` answer ``answer`` (an exception is raised)."""
+
+    def __init__(self, method: str = "", answer: object = None) -> None:
+        super().__init__()
+        self.method, self.answer = method, answer
+
+    def _answer(self, method: str, real: object) -> object:
+        if method != self.method:
+            return real
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def splits(self) -> dict[str, int]:
+        return self._answer("splits", super().splits())  # type: ignore[return-value]
+
+    def prompt(self) -> list[Message]:
+        return self._answer("prompt", super().prompt())  # type: ignore[return-value]
+
+    def expert(self, task: Task) -> list[str]:
+        return self._answer("expert", super().expert(task))  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._answer("close", None)
+
+
+@pytest.mark.parametrize("method,answer,message", [
+    ("prompt", "Walk east.", "prompt() returned a str, not a list of Message"),
+    ("prompt", [{"role": "user", "content": "Walk"}], "prompt()[0] is {'role': 'user', 'content': 'Walk'}, not a "
+                                                        "Message"),
+    ("prompt", [Message("user", "Walk \ud800")], "prompt() returned message 0 that is not valid Unicode"),
+    ("prompt", FileNotFoundError("prompts/corridor.txt"), "prompt() raised FileNotFoundError: prompts/corridor.txt (at "),
+    ("splits", None, "splits() returned a NoneType, not a dict of split names to task counts"),
+    ("splits", {"train": "6"}, "splits() gives 'train': '6'; each split must be a name"),
+    ("splits", RuntimeError("cannot list splits"), "splits() raised RuntimeError: cannot list splits"),
+    ("expert", "Thought: go\nAction: go east", "expert('corridor/0') returned a str, not a list of outputs"),
+    ("expert", [1, 2], "expert('corridor/0')[0] is 1, not an output string"),
+    ("expert", KeyError("no walkthrough"), "expert('corridor/0') raised KeyError: 'no walkthrough'"),
+])
+def test_the_rest_of_a_user_environment_is_checked_too(method: str, answer: object, message: str) -> None:
+    """prompt, splits and expert were called bare: tracebacks, an OSError printed as if qlass's own file error
+    (``error: prompts/corridor.txt``), and an expert string replayed letter by letter."""
+    env = Odd(method, answer)
+    with pytest.raises(QlassError) as err:
+        check_splits(env, ["train"], "test_byo_env:Odd")
+        task = env_tasks(env, "train")[0]
+        start_messages(env, task)
+        verify_expert(env, task)
+    assert f"environment test_byo_env:Odd: {message}" in str(err.value)
+
+
+class Nameless(Corridor):
+    name = None  # type: ignore[assignment]
+
+
+class NoExpert:
+    name = "no-expert"
+
+    def __init__(self) -> None:
+        self.inner = Corridor()
+        self.splits, self.tasks, self.prompt = self.inner.splits, self.inner.tasks, self.inner.prompt
+        self.reset, self.step = self.inner.reset, self.inner.step
+
+
+def test_make_env_needs_the_whole_contract() -> None:
+    with pytest.raises(QlassError, match=r"built a NoExpert, not an environment \(it lacks the method\(s\) expert, "
+                                         r"close; see docs/environments.md\)"):
+        make_env("test_byo_env:NoExpert")
+    with pytest.raises(QlassError, match="built a Nameless whose name is None; it needs a `name` attribute"):
+        make_env("test_byo_env:Nameless")
+
+
+def test_a_failing_close_is_a_warning_and_the_export_is_kept(tmp_path: Path) -> None:
+    """A close() that raised escaped the command's ``finally``: the finished export was never written."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "expert.json"
+    result = subprocess.run([sys.executable, "-m", "qlass", "data", "expert", "--env", "test_byo_env:CloseFails",
+                             "--split", "train", "--out", str(out)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(json.loads(out.read_text())) == 6
+    assert "environment test_byo_env:CloseFails: close() raised OSError: socket already closed" in result.stderr
+    prompt = subprocess.run([sys.executable, "-m", "qlass", "eval", "--model", "test_cli_errors:EastWalker", "--env",
+                             "test_byo_env:PromptMissing", "--limit", "1", "--out", str(tmp_path / "e")], env=env,
+                            capture_output=True, text=True)
+    assert prompt.returncode == 2 and "Traceback" not in prompt.stderr, prompt.stderr
+    assert ("error: environment test_byo_env:PromptMissing: prompt() raised FileNotFoundError: prompts/corridor.txt"
+            in prompt.stderr)
+
+
+class CloseFails(Corridor):
+    def close(self) -> None:
+        raise OSError("socket already closed")
+
+
+class PromptMissing(Corridor):
+    def prompt(self) -> list[Message]:
+        raise FileNotFoundError("prompts/corridor.txt")
 
 
 class CrashingCorridor(Corridor):

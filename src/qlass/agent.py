@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .envs.base import Env, env_reset, env_step, parse_action
+from .envs.base import Env, env_prompt, env_reset, env_step, parse_action
 from .lockstep import Sample, run_one
 from .policy.base import Policy
 from .types import Completion, History, Message, Step, Task, Trajectory
@@ -86,7 +86,7 @@ def observation_message(observation: str) -> Message:
 def start_messages(env: Env, task: Task) -> list[Message]:
     """Reset ``env`` on ``task`` and return the opening conversation (prefix + first observation)."""
     first = env_reset(env, task)
-    return list(env.prompt()) + [Message("user", first)]
+    return env_prompt(env) + [Message("user", first)]
 
 
 def executed_text(completion: Completion) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 from .agent import apply_output, check_sample_counts, episode_running, executed_text, start_messages
 from .candidates import normalise_action
 from .config import check_recorded, option, save_yaml
-from .envs.base import Env, parse_action
+from .envs.base import Env, env_close, parse_action
 from .errors import DataError
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
@@ -118,7 +118,7 @@ class EnvPool:
 
     def close(self) -> None:
         for env in self.made:
-            env.close()
+            env_close(env)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import check_recorded, differences, load_yaml, save_yaml
 from .data import trajectory_to_record
-from .envs.base import Env, check_splits, env_tasks
+from .envs.base import Env, check_splits, env_close, env_tasks
 from .errors import DataError, QlassError
 from .executor import Executor, LocalExecutor, runs_here
 from .jsonl import append_jsonl, read_jsonl
@@ -103,7 +103,7 @@ def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str
                                         None if limit is None else offset + limit)[offset:]
                     for split in splits}
     finally:
-        probe.close()
+        env_close(probe)
     for split, tasks in by_split.items():
         if not tasks:
             skipped = f" after skipping the first {offset} (offset)" if offset else ""
@@ -218,7 +218,7 @@ class _BoundEvalWorker:
 
     def close(self) -> None:
         for env in self.envs:
-            env.close()
+            env_close(env)
 
 
 def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]], path: Path) -> None:

@@ -24,7 +24,7 @@ from rich.progress import Progress
 from .agent import apply_output, finish, start_messages
 from .config import check_recorded
 from .data import record_to_trajectory, trajectory_to_record
-from .envs.base import Env, env_label
+from .envs.base import Env, env_expert, env_label
 from .jsonl import append_jsonl, read_jsonl
 from .types import Completion, Step, Task, Trajectory
 
@@ -52,7 +52,7 @@ def replay_expert(env: Env, task: Task, outputs: Sequence[str]) -> Trajectory:
 
 def verify_expert(env: Env, task: Task, max_steps: int | None = None) -> tuple[Trajectory | None, str]:
     """The verified expert trajectory of ``task``, or ``None`` and the reason it was excluded."""
-    outputs = env.expert(task)
+    outputs = env_expert(env, task)
     if not outputs:
         return None, "no expert trajectory"
     if max_steps is not None and len(outputs) > max_steps:

@@ -45,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .agent import EpisodeConfig, apply_output, play
 from .config import check_recorded, differences, save_yaml, to_dict
-from .envs.base import Env, env_step, parse_action
+from .envs.base import Env, env_close, env_expert, env_prompt, env_step, parse_action
 from .errors import QlassError
 from .executor import Executor, LocalExecutor, runs_here
 from .explore_config import CAPS, LEGACY, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
@@ -352,11 +352,11 @@ class TreeBuilder:
     def grow(self) -> Episode[Tree]:
         """:meth:`build` as a lockstep generator (:mod:`qlass.lockstep`): it yields its policy requests,
         so several trees can share batched policy calls (see :class:`TreeWorker`'s ``concurrency``)."""
-        outputs = self.env.expert(self.task) if self.cfg.expert_graft else []
+        outputs = env_expert(self.env, self.task) if self.cfg.expert_graft else []
         first = self.cursor.start(self.task)
         root = Node(0, None, 0, "", None, first, 0.0, False, "root")
         self.tree = Tree(tree_id=self.task.id, task=self.task.id, env=self.env.name, split=self.task.split,
-                         task_type=self.task.task_type, prefix=list(self.env.prompt()), nodes=[root], seed=self.seed,
+                         task_type=self.task.task_type, prefix=env_prompt(self.env), nodes=[root], seed=self.seed,
                          config=to_dict(self.cfg), config_hash=explore_digest(self.cfg))
         self.queue: list[tuple[int, list[Completion] | None]] = []
         if not outputs:
@@ -444,7 +444,7 @@ class _BoundWorker:
 
     def close(self) -> None:
         for env in self.envs:
-            env.close()
+            env_close(env)
 
 
 def settings_file(path: Path) -> Path:

@@ -33,7 +33,7 @@ from typing import Any
 
 from .agent import check_sample_counts
 from .config import check_recorded, option
-from .envs.base import Env, env_reset
+from .envs.base import Env, env_close, env_reset
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
@@ -289,7 +289,7 @@ def build_paraphrases(
                      counts["rejected"])
         return counts
     finally:
-        env.close()
+        env_close(env)
 
 
 __all__ = ["ParaphraseConfig", "ParaphraseTable", "build_paraphrases", "clean_output",

@@ -275,7 +275,7 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
 def _check_splits(r: Resolved, source: str) -> None:
     """Refuse a split the environment lacks in any stage before the first stage runs (an environment
     may hand an unknown split its default tasks; a typo in eval.splits would otherwise surface after SFT)."""
-    from .envs.base import check_splits, make_env
+    from .envs.base import check_splits, env_close, make_env
 
     used = {"explore.split": [r.explore_stage.split], "eval.splits": list(r.eval.splits)}
     if not r.cfg.sft_model and not r.expert.data:
@@ -291,7 +291,7 @@ def _check_splits(r: Resolved, source: str) -> None:
             except QlassError as exc:
                 raise QlassError(f"{source}: field {field_name!r}: {exc}") from None
     finally:
-        env.close()
+        env_close(env)
 
 
 def _save_resolved(r: Resolved) -> None:
@@ -326,7 +326,7 @@ def _save_resolved(r: Resolved) -> None:
 def _expert_and_sft(r: Resolved, base: Path) -> Path:
     """Stage 1: export verified expert trajectories (unless given) and fine-tune ``base`` on them."""
     from .data import save_trajectories
-    from .envs.base import env_tasks, make_env
+    from .envs.base import env_close, env_tasks, make_env
     from .expert import export_expert
     from .training.sft import train_sft
 
@@ -342,7 +342,7 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
             tasks = env_tasks(env, r.expert.split, cfg.task_types)
             result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps)
         finally:
-            env.close()
+            env_close(env)
         if not result.trajectories:
             raise QlassError(f"no expert trajectory could be verified for {cfg.env} {cfg.task_types}")
         save_trajectories(expert_path, result.trajectories)
@@ -400,7 +400,7 @@ STAGES = ("sft", "explore", "qnet", "eval")
 def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list[dict[str, Any]] | None:
     """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows, or
     ``None`` when ``stop_after`` (``sft``, ``explore`` or ``qnet``) ends the run before evaluation."""
-    from .envs.base import env_tasks, make_env
+    from .envs.base import env_close, env_tasks, make_env
     from .evaluate import cache_for, run_evaluation
     from .explore import EXPLORE_CACHE_PER_TREE
     from .executor import make_executor
@@ -447,7 +447,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     try:
         tasks = env_tasks(env, r.explore_stage.split, types)
     finally:
-        env.close()
+        env_close(env)
     tasks = _exploration_tasks(r, tasks, config_path)
     policy_spec, policy_opts = str(sft_dir), dict(cfg.policy)
     if cfg.policy_server:

@@ -47,7 +47,7 @@ from .agent import (
 )
 from .candidates import choose, executable, mean_logprob, normalise_action, selection_scores, unique_candidates
 from .config import option
-from .envs.base import env_reset, env_step
+from .envs.base import env_close, env_reset, env_step
 from .errors import QlassError
 from .lockstep import Episode, Sample, Score, Scored
 from .paraphrase import ParaphraseTable, load_paraphrases
@@ -173,7 +173,7 @@ def _oracle_scores(task: Task, ctx: SearchContext, outputs: Sequence[str], taken
                 out[i] = float(result.reward)
         return out, env_steps
     finally:
-        probe.close()
+        env_close(probe)
 
 
 def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[Trajectory]:

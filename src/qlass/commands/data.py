@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         """Export expert trajectories, each verified by replay to reach reward 1.0."""
         from ..config import parse_kv
         from ..data import refuse_replacing_other_kind, save_trajectories
-        from ..envs.base import check_splits, env_tasks, make_env
+        from ..envs.base import check_splits, env_close, env_tasks, make_env
         from ..errors import QlassError
         from ..expert import export_expert
 
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
             result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps,
                                    progress_file=progress)
         finally:
-            environment.close()
+            env_close(environment)
         save_trajectories(out, result.trajectories)
         progress.unlink(missing_ok=True)
         for task_id, why in result.excluded.items():

@@ -9,7 +9,7 @@ def register(app: typer.Typer) -> None:
     @app.command("envs")
     def envs() -> None:
         """List every registered environment, its splits and their sizes (or what to install)."""
-        from ..envs.base import make_env, registered_envs
+        from ..envs.base import env_close, env_splits, make_env, registered_envs
         from ..errors import QlassError
 
         for name in registered_envs():
@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{name}: unavailable — {exc}")
                 continue
             try:
-                sizes = ", ".join(f"{split} {n}" for split, n in env.splits().items())
+                sizes = ", ".join(f"{split} {n}" for split, n in env_splits(env).items())
             finally:
-                env.close()
+                env_close(env)
             typer.echo(f"{name}: {sizes}")

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build one exploration tree per task (paper stage 2) and append it to OUT; rerun to resume."""
         from ..config import describe, load_config, parse_kv
-        from ..envs.base import env_tasks, make_env
+        from ..envs.base import env_close, env_tasks, make_env
         from ..executor import make_executor
         from ..evaluate import cache_for
         from ..explore import EXPLORE_CACHE_PER_TREE, ExploreConfig, explore_tasks
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         try:
             tasks = env_tasks(probe, split, task_types.split(",") if task_types else None)
         finally:
-            probe.close()
+            env_close(probe)
         exclude = expert_task_ids(exclude_tasks_of) if exclude_tasks_of else set()
         tasks = exploration_tasks(tasks, max(skip, 0), limit, exclude)
         if not tasks:

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         """Paraphrase the task descriptions of a split, keep those that keep every goal constraint and cache
         them for the paraphrase option of `qlass explore` and the qlass method (task perturbation)."""
         from ..config import build, describe, parse_kv
-        from ..envs.base import check_splits, env_tasks, make_env
+        from ..envs.base import check_splits, env_close, env_tasks, make_env
         from ..evaluate import select_tasks
         from ..paraphrase import ParaphraseConfig, build_paraphrases
         from .explore import policy_factory
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             check_splits(probe, [split], env)
             tasks = select_tasks(env_tasks(probe, split, task_types.split(",") if task_types else None), limit)
         finally:
-            probe.close()
+            env_close(probe)
         if not tasks:
             raise QlassError(f"{env}: no tasks in split {split!r} (task types {task_types})")
         policy = None if source == "template" else policy_factory(source, policy_opts)

@@ -12,6 +12,7 @@ class is reached as ``package.module:Class``.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import re
@@ -19,8 +20,13 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from ..errors import QlassError, raised_in_user_code
 from ..imports import load_object
+from ..jsonl import is_text
 from ..types import Message, StepResult, Task
 
+log = logging.getLogger(__name__)
+
+REWARD_SLACK = 1e-9
+"""How far outside [0, 1] a reward may stray by rounding (a sum of float parts) and still be taken."""
 ACTION_RE = re.compile(r"^\s*Action:\s*(.*?)\s*$", re.MULTILINE)
 FORMAT_HINT = (
     "Invalid format: no action found. Reply with one thought line and one action line, exactly:\n"
@@ -75,15 +81,80 @@ def _failed(env: Env, call: str, exc: Exception) -> QlassError:
     return raised_in_user_code(f"environment {env_label(env)}: {call}", exc)
 
 
-def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
-    """``env.tasks(split, task_types)``, checked: a list of :class:`~qlass.types.Task` with distinct
-    string ids, or a :class:`QlassError` naming the environment and what it returned."""
+def _call(env: Env, call: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, an environment's own code: an exception from it (an ``OSError`` too, which is not one of
+    qlass's file errors) is a :class:`QlassError` naming the environment, ``call`` and where it was raised."""
     try:
-        tasks = env.tasks(split, task_types)
+        return fn()
     except QlassError:
         raise
     except Exception as exc:
-        raise _failed(env, f"tasks({split!r})", exc) from exc
+        raise _failed(env, call, exc) from exc
+
+
+def _check_text(env: Env, call: str, what: str, text: str) -> None:
+    """Refuse ``text`` (of type str) holding a lone surrogate: UTF-8 cannot hold it, so no record or
+    tokenizer could take it."""
+    if not is_text(text):
+        raise QlassError(f"environment {env_label(env)}: {call} returned {what} that is not valid Unicode "
+                         "(it holds a lone surrogate, e.g. a '\\ud800' JSON escape)")
+
+
+def env_splits(env: Env) -> dict[str, int]:
+    """``env.splits()``, checked: split names (strings) and their task counts (whole numbers >= 0)."""
+    splits = _call(env, "splits()", env.splits)
+    if not isinstance(splits, Mapping):
+        raise QlassError(f"environment {env_label(env)}: splits() returned a {type(splits).__name__}, not a "
+                         "dict of split names to task counts")
+    for name, count in splits.items():
+        if not isinstance(name, str) or isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise QlassError(f"environment {env_label(env)}: splits() gives {name!r}: {count!r}; each split must be "
+                             "a name (string) with its number of tasks (a whole number >= 0)")
+    return dict(splits)
+
+
+def env_prompt(env: Env) -> list[Message]:
+    """``env.prompt()``, checked: a list of :class:`~qlass.types.Message` with string roles and text."""
+    prompt = _call(env, "prompt()", env.prompt)
+    if not isinstance(prompt, (list, tuple)):
+        raise QlassError(f"environment {env_label(env)}: prompt() returned a {type(prompt).__name__}, not a list "
+                         "of Message")
+    for i, message in enumerate(prompt):
+        if not (isinstance(message, Message) and isinstance(message.role, str) and isinstance(message.content, str)):
+            raise QlassError(f"environment {env_label(env)}: prompt()[{i}] is {message!r:.80}, not a Message with "
+                             "a string role and content")
+        _check_text(env, "prompt()", f"message {i}", message.content)
+    return list(prompt)
+
+
+def env_expert(env: Env, task: Task) -> list[str]:
+    """``env.expert(task)``, checked: a list of output strings (``Thought: ...\\nAction: ...``)."""
+    outputs = _call(env, f"expert({task.id!r})", lambda: env.expert(task))
+    if not isinstance(outputs, (list, tuple)):
+        raise QlassError(f"environment {env_label(env)}: expert({task.id!r}) returned a {type(outputs).__name__}, "
+                         "not a list of outputs (strings)")
+    for i, output in enumerate(outputs):
+        if not isinstance(output, str):
+            raise QlassError(f"environment {env_label(env)}: expert({task.id!r})[{i}] is {output!r:.80}, not an "
+                             "output string")
+        _check_text(env, f"expert({task.id!r})", f"output {i}", output)
+    return list(outputs)
+
+
+def env_close(env: Env) -> None:
+    """``env.close()``, best effort: a failure is logged as a warning (closing must never lose the
+    work a command has done)."""
+    try:
+        env.close()
+    except Exception as exc:  # noqa: BLE001 - any failure of a user's cleanup
+        log.warning("%s", raised_in_user_code(f"environment {env_label(env)}: close()", exc))
+        log.debug("close() failed", exc_info=True)
+
+
+def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+    """``env.tasks(split, task_types)``, checked: a list of :class:`~qlass.types.Task` with distinct
+    string ids, or a :class:`QlassError` naming the environment and what it returned."""
+    tasks = _call(env, f"tasks({split!r})", lambda: env.tasks(split, task_types))
     if not isinstance(tasks, (list, tuple)):
         raise QlassError(f"environment {env_label(env)}: tasks({split!r}) returned a {type(tasks).__name__}, "
                          "not a list of Task")
@@ -101,28 +172,19 @@ def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> 
 def env_reset(env: Env, task: Task) -> str:
     """``env.reset(task)``, checked: the first observation (a string), or a :class:`QlassError` naming
     the environment, the task and what went wrong."""
-    try:
-        observation = env.reset(task)
-    except QlassError:
-        raise
-    except Exception as exc:
-        raise _failed(env, f"reset({task.id!r})", exc) from exc
+    observation = _call(env, f"reset({task.id!r})", lambda: env.reset(task))
     if not isinstance(observation, str):
         raise QlassError(f"environment {env_label(env)}: reset({task.id!r}) returned a "
                          f"{type(observation).__name__}, not the first observation as a string")
+    _check_text(env, f"reset({task.id!r})", "an observation", observation)
     return observation
 
 
 def env_step(env: Env, output: str) -> StepResult:
     """``env.step(output)``, checked: a :class:`~qlass.types.StepResult` whose observation is a string,
-    reward a finite number, done true or false and info a dict; else a :class:`QlassError` naming the
+    reward a number in [0, 1], done true or false and info a dict; else a :class:`QlassError` naming the
     environment and the field."""
-    try:
-        result = env.step(output)
-    except QlassError:
-        raise
-    except Exception as exc:
-        raise _failed(env, "step()", exc) from exc
+    result = _call(env, "step()", lambda: env.step(output))
     label = env_label(env)
     if not isinstance(result, StepResult):
         raise QlassError(f"environment {label}: step() returned a {type(result).__name__}, not a StepResult")
@@ -130,8 +192,12 @@ def env_step(env: Env, output: str) -> StepResult:
     if not isinstance(result.observation, str):
         raise QlassError(f"environment {label}: step() returned an observation of type "
                          f"{type(result.observation).__name__}, not a string")
+    _check_text(env, "step()", "an observation", result.observation)
     if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
         raise QlassError(f"environment {label}: step() returned reward {reward!r}; it must be a finite number")
+    if not -REWARD_SLACK <= reward <= 1 + REWARD_SLACK:
+        raise QlassError(f"environment {label}: step() returned reward {reward!r}; rewards are scores in [0, 1] "
+                         "(scale a raw score, e.g. ScienceWorld's 0-100, into it)")
     if not isinstance(done, bool) and done not in (0, 1):
         raise QlassError(f"environment {label}: step() returned done {done!r}; it must be true or false")
     if not isinstance(result.info, dict):
@@ -141,8 +207,9 @@ def env_step(env: Env, output: str) -> StepResult:
 
 
 EnvFactory = Callable[..., Env]
-ENV_MEMBERS = ("tasks", "reset", "step")
-"""What anything :func:`make_env` builds must have, at least, to be taken for an environment."""
+ENV_MEMBERS = ("splits", "tasks", "prompt", "reset", "step", "expert", "close")
+"""The methods anything :func:`make_env` builds must have (besides a ``name``) to be taken for an
+environment: the contract of docs/environments.md."""
 _BUILTIN: dict[str, tuple[str, str]] = {
     "sciworld": ("qlass.envs.sciworld", "ScienceWorldEnv"),
     "alfworld": ("qlass.envs.alfworld", "AlfWorldEnv"),
@@ -199,10 +266,14 @@ class EnvRegistry:
             raise
         except Exception as exc:  # the environment's own constructor failed (a missing simulator, data ...)
             raise raised_in_user_code(f"environment {spec!r}: building it", exc) from exc
-        lacking = [m for m in ENV_MEMBERS if not hasattr(env, m)]
+        lacking = [m for m in ENV_MEMBERS if not callable(getattr(env, m, None))]
         if lacking:
             raise QlassError(f"environment {spec!r} built a {type(env).__name__}, not an environment "
-                             f"(it lacks {', '.join(lacking)})")
+                             f"(it lacks the method(s) {', '.join(lacking)}; see docs/environments.md)")
+        name = _call(env, "reading its name", lambda: getattr(env, "name", None))
+        if not isinstance(name, str) or not name:
+            raise QlassError(f"environment {spec!r} built a {type(env).__name__} whose name is {name!r}; it needs "
+                             "a `name` attribute, a short string such as 'corridor'")
         return env
 
 
@@ -212,7 +283,7 @@ _REGISTRY = EnvRegistry()
 def check_splits(env: Env, splits: Sequence[str], spec: str) -> None:
     """Raise :class:`QlassError` naming the first of ``splits`` that ``env`` (made from ``spec``) lacks,
     with the splits it has (an environment may hand any name its default tasks)."""
-    known = env.splits()
+    known = env_splits(env)
     unknown = [split for split in splits if split not in known]
     if unknown:
         raise QlassError(f"{spec}: no split {unknown[0]!r}; its splits: {', '.join(known)}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import QlassError, raised_in_user_code
 from ..imports import load_object
+from ..jsonl import is_text
 from ..types import Completion, History
 from .base import SampleJob
 
@@ -20,13 +21,16 @@ def _completion_problem(c: Completion) -> str:
     """What is wrong with the fields of ``c`` ('' if nothing)."""
     if not isinstance(c.text, str):
         return f"text is a {type(c.text).__name__}, not a string"
+    if not is_text(c.text):
+        return "text is not valid Unicode (it holds a lone surrogate)"
     for name in ("prompt_tokens", "completion_tokens"):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{name} is {value!r}, not a whole number >= 0"
     lp = c.logprob
-    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp)):
-        return f"logprob is {lp!r}, not a finite number or None"
+    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp)
+                           or lp > 0):
+        return f"logprob is {lp!r}, not a finite number <= 0 (a sum of log-probabilities) or None"
     return ""
 
 
