@@ -378,6 +378,18 @@ GOOD = {"role": "assistant", "content": "Thought: t\nAction: wait"}
      r"choices\[0\]\.logprobs\.content\[0\]\.logprob is a string"),
     ("completions", _chat(text="Thought: t\nAction: wait", logprobs={"token_logprobs": [-0.5, "x"]}),
      r"choices\[0\]\.logprobs\.token_logprobs\[1\] is a string"),
+    # a NaN, +inf or positive log-probability went into records.jsonl, which every reader then refused
+    ("chat", _chat(message=GOOD, logprobs={"content": [{"token": "T", "logprob": float("nan")}]}),
+     r"choices\[0\]\.logprobs\.content\[0\]\.logprob is nan, expected a log-probability \(a number <= 0\)"),
+    ("chat", _chat(message=GOOD, logprobs={"content": [{"token": "T", "logprob": 7.5}]}),
+     r"choices\[0\]\.logprobs\.content\[0\]\.logprob is 7.5, expected a log-probability"),
+    ("completions", _chat(text="Thought: t\nAction: wait", logprobs={"token_logprobs": [-0.5, float("inf")]}),
+     r"choices\[0\]\.logprobs\.token_logprobs\[1\] is inf, expected a log-probability"),
+    # a lone surrogate (JSON-legal "\ud83d") crashed the records writer with UnicodeEncodeError
+    ("chat", _chat(message={"role": "assistant", "content": "Thought: \ud83d\nAction: wait"}),
+     r"choices\[0\]\.message\.content is not valid Unicode"),
+    ("chat", {**_chat(message=GOOD), "usage": {"prompt_tokens": 10**30, "completion_tokens": 9}},
+     r"usage\.prompt_tokens is 1000000000000000000000000000000, more tokens than any request could hold"),
 ])
 def test_malformed_replies_name_the_url_and_the_field(scripted: Any, endpoint: str, reply: dict[str, Any],
                                                       field: str) -> None:
@@ -490,3 +502,83 @@ def test_tiny_top_p_on_a_real_server_samples_the_greedy_output(llama_server: str
     nucleus = OpenAIPolicy(llama_server, tokenizer=default_tokenizer_dir(), api_key_env=key_env, top_p=1e-6)
     (want,) = greedy.sample([LONGER], 1, 0.0, 24)[0]
     assert [c.text for c in nucleus.sample([LONGER], 2, 1.0, 24, seed=5)[0]] == [want.text] * 2
+
+
+@pytest.mark.parametrize("reply,message", [
+    ({"error": {"message": "maximum context length is 2048 tokens", "code": 400}},
+     "the server answered an error: maximum context length is 2048 tokens"),  # was "choices is missing"
+    (b"[" * 100_000 + b"]" * 100_000, r"response is not usable JSON \(nested too deeply\)"),  # a RecursionError
+    (b'{"choices": "\xff"}', r"response is not UTF-8 text \(byte 13"),
+])
+def test_odd_answers_are_one_line_naming_the_url(scripted: Any, reply: Any, message: str) -> None:
+    server = scripted((200, {}, reply, 0))
+    with pytest.raises(QlassError, match=message) as err:
+        OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01).sample([HIST])
+    assert str(err.value).startswith(f"{server.url}/chat/completions: ")
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("timeout", -1, "timeout must be > 0, got -1"), ("timeout", 0, "timeout must be > 0, got 0"),
+    ("max_retries", -1, "max_retries must be >= 0, got -1"), ("backoff", -1.0, "backoff must be >= 0"),
+    ("max_backoff", -5.0, "max_backoff must be >= 0"),
+])
+def test_retry_options_out_of_range_are_refused(scripted: Any, option: str, value: float, message: str) -> None:
+    """They were tracebacks (socket ValueError, UnboundLocalError, negative sleep) or, for timeout=0, a
+    non-blocking socket retried for 30 s."""
+    with pytest.raises(QlassError, match=f"policy option {message}"):
+        load_policy(scripted().url, model="m", endpoint="chat", **{option: value})
+
+
+def test_an_odd_retry_after_falls_back_to_the_backoff(scripted: Any) -> None:
+    """``Retry-After: ²`` passed ``str.isdigit`` and crashed in ``float()``."""
+    server = scripted((429, {"Retry-After": "\u00b2"}, {}, 0), ok("Thought: t\nAction: wait", usage=USAGE))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01, max_retries=1)
+    assert policy.sample([HIST])[0][0].text == "Thought: t\nAction: wait" and len(server.seen) == 2
+
+
+def test_null_content_is_played_empty_with_one_warning(scripted: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    null = (200, {}, _chat(message={"role": "assistant", "content": None}), 0.0)
+    server = scripted(null, null)
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01)
+    assert [policy.sample([HIST])[0][0].text for _ in range(2)] == ["", ""]
+    assert caplog.text.count("choices[0].message.content is null") == 1
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    """Sends its headers at once, then the body one byte every 0.2 s."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps(_chat(message=GOOD)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.2)
+
+
+def test_timeout_bounds_an_answer_that_trickles_in() -> None:
+    """The timeout was per socket read: each byte restarted it, so a trickling server held the request (here
+    for about 40 s); now the whole answer must arrive within it, and the request is retried as a timeout."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        policy = OpenAIPolicy(f"http://127.0.0.1:{server.server_address[1]}/v1", model="m", endpoint="chat",
+                              timeout=1.0, max_retries=1, backoff=0.01)
+        start = time.monotonic()
+        with pytest.raises(QlassError, match=r"giving up after 2 attempts; last error TimeoutError: .*did not arrive "
+                                             r"within 1 s"):
+            policy.sample([HIST])
+        assert time.monotonic() - start < 10
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -23,14 +23,15 @@ when set (vLLM, SGLang and llama.cpp take ``min_p``; hosted APIs may refuse it).
 when the server reports none. A reply of the wrong shape (a missing or mistyped field) is a
 :class:`~qlass.errors.QlassError` naming the URL and the field path, e.g. ``choices[0].message.content``.
 
-Requests time out; 429, 5xx, timeouts and broken connections are retried with exponential backoff
-(honouring ``Retry-After``). A refused connection (nothing listens there) is not retried: it fails
-at once, naming the URL. The API key is read from an environment variable (``OPENAI_API_KEY``
-unless told otherwise) and sent only in the ``Authorization`` header; error texts and log lines
-show it as ``***`` (a server or proxy may echo it back). Redirects are followed as curl and
-``requests`` follow them: one to the same origin keeps the header, one to another origin (scheme,
-host or port differ) goes without it, with a warning naming both origins, so the key never reaches
-a host it was not given for.
+Requests time out (the whole answer must arrive within ``timeout``); 429, 5xx, timeouts and broken
+connections are retried with exponential backoff (honouring ``Retry-After``). A refused connection
+(nothing listens there) is not retried: it fails at once, naming the URL. The API key is read from
+an environment variable (``OPENAI_API_KEY`` unless told otherwise) and sent only in the
+``Authorization`` header; error texts and log lines show it as ``***`` (a server or proxy may echo
+it back). Redirects are followed as curl and ``requests`` follow them: one to the same origin keeps
+the header, one to another origin (scheme, host or port differ) goes without it, with a warning
+naming both origins, so the key never reaches a host it was not given for. Log-probabilities must be
+numbers <= 0 and texts valid Unicode; an HTTP 200 answer carrying ``{"error": ...}`` shows its message.
 
 Transport is the standard library's ``urllib`` rather than ``httpx``: a request here lasts
 seconds (a whole generation), so connection pooling would save nothing measurable, while the retry,
@@ -43,8 +44,10 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -55,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QlassError
+from ..jsonl import is_text
 from ..seeding import candidate_seed
 from ..types import Completion, History, Message
 from .hf import fit_history, history_seeds
@@ -68,6 +72,10 @@ _RETRY_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.clie
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MISSING = object()
 LLAMA_CPP_PLAIN = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+LOGPROB_SLACK = 1e-4
+"""How far above 0 a server's token log-probability may round and still be taken."""
+MAX_TOKEN_COUNT = 10**9
+"""More tokens than this in one request's ``usage`` is a broken server or proxy, not a count."""
 _OWN_FIELDS = {"model", "prompt", "messages", "max_tokens", "temperature", "stop", "n", "seed", "logprobs"}
 
 
@@ -81,7 +89,8 @@ class OpenAIPolicy:
         tokenizer: a tokenizer folder (or tokenizer object) of the served model: renders prompts for
             ``completions``, counts tokens the server does not report, enables ``max_length``.
         api_key_env: environment variable holding the API key (none needed for local servers).
-        timeout: seconds per request. max_retries / backoff / max_backoff: retry policy.
+        timeout: seconds a request may take, the whole answer's arrival included (> 0).
+            max_retries / backoff / max_backoff: retry policy (>= 0).
         concurrency: histories of one call sent at once (each its own request).
         stop: stop sequences. logprobs: ask for token log-probabilities (``Completion.logprob``).
         max_length: drop the oldest turns so prompt + ``max_new_tokens`` fit (needs ``tokenizer``).
@@ -140,6 +149,10 @@ class OpenAIPolicy:
         if max_length is not None and self.tokenizer is None:
             raise QlassError("max_length needs tokenizer= to count prompt tokens")
         self.endpoint = endpoint
+        for name, value, positive in (("timeout", timeout, True), ("max_retries", max_retries, False),
+                                      ("backoff", backoff, False), ("max_backoff", max_backoff, False)):
+            if (value <= 0) if positive else (value < 0):
+                raise QlassError(f"policy option {name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
         self.timeout, self.max_retries = float(timeout), int(max_retries)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.concurrency = max(1, int(concurrency))
@@ -155,6 +168,7 @@ class OpenAIPolicy:
         self._opener = _opener_for(self.base_url, self._redact)
         self._rng = random.Random(seed)
         self._jitter = random.Random(seed + 1)
+        self._warned_null = False
         self.model = model or ""
         if not self.model:
             self.model = self._first_model()
@@ -232,8 +246,9 @@ class OpenAIPolicy:
             try:
                 log.debug("%s %s (attempt %d)", "GET" if data is None else "POST", url, attempt + 1)
                 request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+                deadline = time.monotonic() + self.timeout
                 with self._opener.open(request, timeout=self.timeout) as resp:
-                    raw = resp.read()
+                    raw = _read_by(resp, deadline, url, self.timeout)
                 break
             except urllib.error.HTTPError as exc:
                 try:
@@ -244,8 +259,8 @@ class OpenAIPolicy:
                     where = url if exc.url == url else f"{url} (redirected to {self._redact(exc.url)})"
                     raise QlassError(f"{where}: HTTP {exc.code}: {detail}") from None
                 problem = f"HTTP {exc.code}: {detail}"
-                retry_after = exc.headers.get("Retry-After", "") if exc.headers else ""
-                if retry_after.strip().replace(".", "", 1).isdigit():
+                retry_after = (exc.headers.get("Retry-After", "") if exc.headers else "").strip()
+                if re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,9})?", retry_after):  # seconds (ASCII digits only)
                     delay = min(self.max_backoff, float(retry_after))
             except _RETRY_ERRORS as exc:
                 reason = getattr(exc, "reason", exc)
@@ -257,7 +272,11 @@ class OpenAIPolicy:
             log.warning("%s: %s; retrying in %.1f s", url, problem, delay)
             time.sleep(delay)
         try:
-            reply = json.loads(raw)
+            reply = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise QlassError(f"{url}: response is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        except RecursionError:
+            raise QlassError(f"{url}: response is not usable JSON (nested too deeply)") from None
         except ValueError:
             shown = self._redact(raw[:4096].decode("utf-8", "replace"))[:200]
             raise QlassError(f"{url}: response is not JSON: {shown!r}") from None
@@ -281,6 +300,10 @@ class OpenAIPolicy:
         """Completions from one reply, with per-choice token counts (see the module docstring)."""
         where = f"{self.base_url}{path}"
         choices = reply.get("choices", _MISSING)
+        if choices is _MISSING and reply.get("error") is not None:  # an error answered with HTTP 200
+            error = reply["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise QlassError(f"{where}: the server answered an error: {self._redact(str(message))[:300]}")
         if not isinstance(choices, list) or not choices:
             raise _malformed(where, "choices", choices, "a non-empty list")
         texts, cut, token_lists, logprobs = [], [], [], []
@@ -295,6 +318,12 @@ class OpenAIPolicy:
             raw = holder.get(name, _MISSING)
             if raw is not None and not isinstance(raw, str):
                 raise _malformed(where, field, raw, "a string")
+            if raw is not None and not is_text(raw):
+                raise QlassError(f"{where}: malformed response: {field} is not valid Unicode (it holds a lone "
+                                 "surrogate, a '\\ud800'-style escape)")
+            if raw is None and not self._warned_null:
+                log.warning("%s: %s is null (a refusal or a tool call?); played as an empty output", where, field)
+                self._warned_null = True
             texts.append(raw or "")
             cut.append(choice.get("finish_reason") == "length")
             token_lists.append(_token_logprobs(choice.get("logprobs"), where, f"choices[{k}].logprobs"))
@@ -353,7 +382,24 @@ def _token_logprobs(logprobs: Any, where: str, field: str) -> list[float]:
     for value, path in zip(values, paths):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise _malformed(where, path, value, "a number")
+        if value is not None and (math.isnan(value) or value > LOGPROB_SLACK):
+            raise QlassError(f"{where}: malformed response: {path} is {value!r}, expected a log-probability "
+                             "(a number <= 0)")
     return [float(x) for x in values if x is not None]
+
+
+def _read_by(resp: http.client.HTTPResponse, deadline: float, url: str, timeout: float) -> bytes:
+    """The body of ``resp``, read as it arrives; past ``deadline`` a :class:`TimeoutError` (retried):
+    the socket timeout alone restarts with every byte, so a server trickling its answer would hold
+    the request for ever."""
+    parts = []
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}: the answer did not arrive within {timeout:g} s (raise timeout=...)")
+        part = resp.read1(65536)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
 
 
 def _count(usage: dict[str, Any], name: str, where: str) -> int | None:
@@ -361,6 +407,9 @@ def _count(usage: dict[str, Any], name: str, where: str) -> int | None:
     value = usage.get(name)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise _malformed(where, f"usage.{name}", value, "a non-negative integer")
+    if value is not None and value > MAX_TOKEN_COUNT:
+        raise QlassError(f"{where}: malformed response: usage.{name} is {value}, more tokens than any request "
+                         "could hold")
     return value
 
 
