@@ -64,6 +64,18 @@ class Uncounted:
         return [[Completion("Thought: east.\nAction: go east", None, None)] * n for _ in histories]  # type: ignore[arg-type]
 
 
+class Garbled:
+    """A policy whose completion holds a lone surrogate and claims a positive log-probability."""
+
+    def __init__(self, what: str = "text") -> None:
+        self.what = what
+
+    def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
+        text, lp = ("Thought: \ud800\nAction: go east", -1.0) if self.what == "text" else ("Action: go east", 3.0)
+        return [[Completion(text, 5, 5, lp)] * n for _ in histories]
+
+
 class HalfBatch:
     """A policy offering mixed-settings batches (sample_jobs) that drops the last job's answer."""
 
@@ -520,6 +532,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("policy completions uncounted", ["eval", "--model", "test_cli_errors:Uncounted", *ENV, "--limit", "1", "--out",
                                       "{tmp}/eu"], ["policy 'test_cli_errors:Uncounted': sample()",
                                                     "prompt_tokens is None, not a whole number >= 0"]),
+    ("policy text not unicode", ["eval", "--model", "test_cli_errors:Garbled", *ENV, "--limit", "1", "--out",
+                                 "{tmp}/eg"], ["policy 'test_cli_errors:Garbled': sample()",
+                                               "text is not valid Unicode (it holds a lone surrogate)"]),
+    ("policy logprob positive", ["eval", "--model", "test_cli_errors:Garbled", "--policy-arg", "what=logprob", *ENV,
+                                 "--limit", "1", "--out", "{tmp}/el"], ["logprob is 3.0, not a finite number <= 0"]),
     ("policy batch short", ["eval", "--model", "test_cli_errors:HalfBatch", *ENV, "--limit", "1", "--out",
                             "{tmp}/eh"], ["policy 'test_cli_errors:HalfBatch': sample_jobs() of 1 jobs returned 0 list(s)"]),
     ("policy raises", ["decisions", "collect", "--model", "test_cli_errors:Offline", *ENV, "--limit", "1", "--out",
