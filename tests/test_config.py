@@ -320,3 +320,27 @@ def test_bracketed_words_in_option_help_are_shown() -> None:
                 assert word in out, f"qlass {' '.join(path)} --help lost {word}"
                 shown += 1
     assert shown >= 1  # eval's --oracle-terminal: "rows labelled [oracle]"
+
+
+def _alias_bomb(levels: int) -> str:
+    """A YAML flow list whose aliases expand to 10 ** levels values (a few hundred bytes of text)."""
+    rows = ["&l0 [" + ", ".join(["1"] * 10) + "]"]
+    rows += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(rows) + "]"
+
+
+def test_an_alias_bomb_is_refused_and_values_in_messages_are_bounded(tmp_path: Path) -> None:
+    """A config whose aliases expand to millions of values was printed whole in the type error: 254 MB of
+    message (1 GB of memory) for 8 levels, one level more exhausts memory."""
+    from qlass.config import parse_kv
+
+    path = write(tmp_path, f"epochs: {_alias_bomb(6)}\n")
+    with pytest.raises(DataError, match="cfg.yaml: holds more than 100000 values once its aliases") as err:
+        load_config(path, Demo)
+    assert len(str(err.value)) < 300
+    with pytest.raises(QlassError, match="'epochs' holds more than 100000 values") as err:
+        parse_kv([f"epochs={_alias_bomb(6)}"], "--set")
+    listed = write(tmp_path, "epochs: [" + ", ".join(map(str, range(5000))) + "]\n")
+    with pytest.raises(QlassError, match=r"option 'epochs' expects int, got \[0, 1, 2, 3, 4, 5, 6, 7, \.\.\.\] "
+                                         r"\(list\)"):
+        load_config(listed, Demo)

@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import json
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -55,6 +56,21 @@ def option(default: Any, help: str, runtime: bool = False, added: bool = False) 
 
 class _StrictLoader(yaml.SafeLoader):
     """Safe YAML that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+
+MAX_YAML_VALUES = 100_000
+"""Most values (aliases counted again) a configuration file may hold."""
+
+
+def _short_repr() -> reprlib.Repr:
+    """A repr bounded in depth, items and length, for user values in error messages."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxtuple = 3, 8, 8, 8
+    short.maxstring = short.maxother = 200
+    return short
+
+
+_SHORT = _short_repr()
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -89,7 +105,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise DataError(str(p), "expected a mapping of option names to values")
+    if _expands_beyond(data, MAX_YAML_VALUES):
+        raise DataError(str(p), f"holds more than {MAX_YAML_VALUES} values once its aliases (*name) are expanded; "
+                                "a configuration never needs that many (an alias bomb?)")
     return data
+
+
+def _expands_beyond(data: Any, limit: int) -> bool:
+    """Whether ``data`` holds more than ``limit`` values counting every alias of a shared value again
+    (what printing, hashing or copying it costs), without expanding it."""
+    count, stack = 0, [data]
+    while stack:
+        count += 1
+        if count > limit:
+            return True
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def merge_mappings(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,8 +168,12 @@ def parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
             raise QlassError(f"{what}: {key.strip()!r} is given twice")
         try:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            raise QlassError(f"{what}: the value of {key.strip()!r} is not a valid YAML scalar: {value!r}") from None
+        except (yaml.YAMLError, RecursionError):
+            raise QlassError(f"{what}: the value of {key.strip()!r} is not a valid YAML scalar: "
+                             f"{_SHORT.repr(value)}") from None
+        if _expands_beyond(out[key.strip()], MAX_YAML_VALUES):
+            raise QlassError(f"{what}: the value of {key.strip()!r} holds more than {MAX_YAML_VALUES} values once "
+                             "its aliases (*name) are expanded")
     return out
 
 
@@ -180,7 +219,7 @@ def _check_value(name: str, value: Any, hint: Any, source: str) -> Any:
         return value
     if not ok:
         raise QlassError(f"{source}: option {name!r} expects {getattr(base, '__name__', base)}, "
-                         f"got {value!r} ({type(value).__name__})")
+                         f"got {_SHORT.repr(value)} ({type(value).__name__})")
     return value
 
 
