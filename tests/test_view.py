@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import random
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -420,3 +422,117 @@ def test_files_saved_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
     data = load_view_data(tmp_path)
     assert sum(len(t["nodes"]) for t in data["trees"]) == counts["nodes"]
     assert len(data["episodes"]) == counts["episodes"] and len(data["decisions"]) == counts["decisions"]
+
+
+# -- what the viewer reads: links, long lines, pipes, a torn tail (through the CLI) ----------------
+PROBE = ("import atexit, sys; from qlass.cli import main; atexit.register(lambda: print('rchar', "
+         "open('/proc/self/io').read().split()[1], file=sys.stderr)); main()")
+"""``qlass`` that reports on exit how many bytes it read (Linux's /proc/self/io)."""
+
+
+def qlass_view(*args: str, timeout: float = 120, probe: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", PROBE] if probe else [sys.executable, "-m", "qlass"]
+    return subprocess.run([*cmd, "view", *args], check=False, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def bytes_read(result: subprocess.CompletedProcess) -> int:
+    return int(re.search(r"^rchar (\d+)$", result.stderr, re.MULTILINE).group(1))
+
+
+def page_data(page: Path) -> dict:
+    text = page.read_text(encoding="utf-8")
+    return json.loads(re.search(r'<script type="application/json" id="qlass-data">(.*?)</script>', text, re.S)[1])
+
+
+def test_links_show_each_folder_and_file_once(tmp_path: Path) -> None:
+    """Links back to a parent folder (run/up -> ..) and to the folder itself (self -> .), and a second name
+    for a records file, are followed once: each file was shown up to four times (three links deep)."""
+    root = tmp_path / "loop"
+    counts = make_run(root / "run")
+    (root / "run" / "up").symlink_to("..")
+    (root / "self").symlink_to(".")
+    (root / "run" / "eval" / "same.jsonl").symlink_to("records.jsonl")
+    result = qlass_view(str(root), "--out", str(tmp_path / "v.html"))
+    assert result.returncode == 0, result.stderr
+    data = page_data(tmp_path / "v.html")
+    assert data["files"] == ["run/trees.jsonl", "run/eval/records.jsonl", "run/decisions/decisions.jsonl"]
+    assert sum(len(t["nodes"]) for t in data["trees"]) == counts["nodes"]
+    assert len(data["episodes"]) == counts["episodes"] and len(data["decisions"]) == counts["decisions"]
+    assert [r["name"] for r in data["results"]] == ["run/eval"]
+
+
+def test_files_are_told_apart_by_the_start_of_their_first_line(tmp_path: Path) -> None:
+    """Unrelated 8 MiB one-line .jsonl files in a run folder, and an --out over one, are not read whole
+    (at most 1 MiB of a first line is read to tell a file's kind; all of it was, twice over in memory);
+    a tree whose line is longer than that is still told by the fields that begin it."""
+    run, page, size = tmp_path / "run", tmp_path / "v.html", 8 << 20
+    counts = make_run(run)
+    before = qlass_view(str(run), "--out", str(page), probe=True)
+    assert before.returncode == 0, before.stderr
+    (run / "notes.jsonl").write_text('{"note": "' + "a" * size + '"}\n')
+    (run / "blob.jsonl").write_bytes(b"a" * size)
+    after = qlass_view(str(run), "--out", str(page), probe=True)
+    assert after.returncode == 0, after.stderr
+    assert bytes_read(after) - bytes_read(before) < 6 << 20, (bytes_read(before), bytes_read(after))
+    assert len(page_data(page)["episodes"]) == counts["episodes"]
+    (tmp_path / "small.txt").write_text("not a page\n")
+    refused = [qlass_view(str(run), "--out", str(out), probe=True) for out in (tmp_path / "small.txt",
+                                                                                 run / "notes.jsonl")]
+    assert [r.returncode for r in refused] == [2, 2] and "exists and is not an HTML page" in refused[1].stderr
+    assert bytes_read(refused[1]) - bytes_read(refused[0]) < 1 << 20, [bytes_read(r) for r in refused]
+    big = make_tree("toy/big", 12, 5)
+    big.nodes[-1].observation = "x" * (3 << 19)
+    write_jsonl(run / "big" / "trees.jsonl", [big.to_dict()])
+    for path in (run, run / "big" / "trees.jsonl"):
+        result = qlass_view(str(path), "--out", str(page))
+        assert result.returncode == 0, result.stderr
+        assert "toy/big" in [t["tree_id"] for t in page_data(page)["trees"]]
+
+
+def test_a_pipe_or_device_is_refused_never_opened(tmp_path: Path) -> None:
+    """A named pipe or device given as the input is refused (a pipe blocked qlass view for ever, /dev/null
+    was 'a file with no record'); one inside a run folder is passed over; one given as --out is refused
+    before anything is read, and left as it is."""
+    run = tmp_path / "run"
+    counts = make_run(run)
+    os.mkfifo(run / "eval" / "live.jsonl")
+    fifo = tmp_path / "records.jsonl"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/null")):
+        result = qlass_view(str(path), "--out", str(tmp_path / "v.html"), timeout=60)
+        assert result.returncode == 2 and f"{path}: not a regular file or folder" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    result = qlass_view(str(run), "--out", str(tmp_path / "v.html"), timeout=60)
+    assert result.returncode == 0 and len(page_data(tmp_path / "v.html")["episodes"]) == counts["episodes"]
+    result = qlass_view(str(run), "--out", str(fifo), timeout=60)
+    assert result.returncode == 2 and f"{fifo}: is a named pipe (FIFO), not a regular file" in result.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """A records or trees file whose last line was cut short (a writer killed mid-line, or a run still
+    writing it; qlass eval cuts such a line and resumes) is shown without that line and a warning naming
+    the file and line, and left as it is (the page was refused); a malformed line before the last one is
+    still refused, naming the file and line."""
+    run, page = tmp_path / "run", tmp_path / "v.html"
+    counts = make_run(run)
+    records, trees, more = run / "eval" / "records.jsonl", run / "trees.jsonl", run / "more" / "records.jsonl"
+    more.parent.mkdir()
+    for path in (records, trees, more):
+        whole = records.read_bytes() if path == more else path.read_bytes()
+        path.write_bytes(whole + whole[:40])
+    written = {p: p.read_bytes() for p in (records, trees, more)}
+    result = qlass_view(str(run), "--out", str(page))
+    assert result.returncode == 0, result.stderr
+    for path, line in ((records, 7), (trees, 3), (more, 7)):
+        assert f"{path}: skipping line {line}, cut short" in result.stderr, result.stderr
+        assert path.read_bytes() == written[path]
+    data = page_data(page)
+    assert len(data["episodes"]) == 2 * counts["episodes"]
+    assert sum(len(t["nodes"]) for t in data["trees"]) == counts["nodes"]
+    assert [r["name"] for r in data["results"]] == ["eval", "more"] and data["results"][1]["rows"]
+    lines = written[more].split(b"\n")
+    more.write_bytes(b"\n".join([lines[0], lines[1][:40], *lines[2:]]))
+    result = qlass_view(str(run), "--out", str(page))
+    assert result.returncode == 2 and f"error: {more}: line 2: invalid JSON" in result.stderr, result.stderr

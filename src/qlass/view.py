@@ -12,6 +12,8 @@ HTML. A Content-Security-Policy allows only the page's own script (by hash) and 
 from __future__ import annotations
 
 import base64
+import codecs
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -20,14 +22,16 @@ import json
 import logging
 import math
 import os
+import re
+import stat
+import tempfile
 import zlib
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
-from .jsonl import GZIP_MAGIC, write_text_atomic
+from .jsonl import GZIP_MAGIC, check_output_file, write_text_atomic
 from .tree import BackupConfig, Tree, compute_q, contrast_pairs, read_tree_records, tree_summary
 
 log = logging.getLogger(__name__)
@@ -39,66 +43,140 @@ MAX_SCAN_DEPTH = 3
 
 
 # -- what a file is --------------------------------------------------------------------------
-def _first_record(path: Path) -> dict[str, Any] | None:
-    """The first JSON object of a JSON Lines file, gzip-compressed or not (None when the file has no
-    record)."""
-    with open(path, "rb") as fh:
-        opener = gzip.open if fh.read(2) == GZIP_MAGIC else open
+SNIFF_BYTES = 1 << 20
+"""How much of a file's first line :func:`_first_fields` reads to tell what the file is."""
+
+
+def _first_line(path: Path) -> tuple[bytes, bool] | None:
+    """The first non-blank line of ``path`` (decompressed where gzip-compressed, without a byte order mark),
+    at most :data:`SNIFF_BYTES` of it, and whether that is the whole line; None when the file has none."""
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        with gzip.GzipFile(fileobj=raw) if compressed else contextlib.nullcontext(raw) as fh:
+            if fh.read(3) != codecs.BOM_UTF8:
+                fh.seek(0)
+            line = fh.readline(SNIFF_BYTES)
+            while line and not line.strip():
+                line = fh.readline(SNIFF_BYTES)
+    return (line, line.endswith(b"\n") or len(line) < SNIFF_BYTES) if line else None
+
+
+def _leading_fields(text: str) -> set[str] | None:
+    """The fields of the JSON object that ``text`` begins, as far as ``text`` reaches (None when ``text``
+    does not begin an object)."""
+    skip, decoder = re.compile(r"\s*").match, json.JSONDecoder()
+    at = skip(text).end()
+    if not text.startswith("{", at):
+        return None
+    fields: set[str] = set()
+    while text.startswith('"', at := skip(text, at + 1).end()):
+        try:
+            name, at = json.decoder.scanstring(text, at + 1)
+            if not text.startswith(":", at := skip(text, at).end()):
+                break
+            fields.add(name)
+            at = decoder.raw_decode(text, skip(text, at + 1).end())[1]
+        except (ValueError, RecursionError):  # the text ends inside this field
+            break
+        if not text.startswith(",", at := skip(text, at).end()):
+            break
+    return fields
+
+
+def _first_fields(path: Path) -> set[str] | None:
+    """The fields of the first record of a JSON Lines file, gzip-compressed or not (None when the file has
+    no record). Only :data:`SNIFF_BYTES` of the first line are read: of a longer one, the fields that
+    begin within them (qlass writes the fields that tell a file's kind before the long ones)."""
     try:
-        with opener(path, "rt", encoding="utf-8-sig") as fh:
-            for line in fh:
-                if line.strip():
-                    rec = json.loads(line)
-                    if not isinstance(rec, dict):
-                        raise QlassError(f"{path}: the first line is JSON but not an object")
-                    return rec
+        first = _first_line(path)
+        if first is None:
+            return None
+        line, whole = first
+        if not whole:
+            fields = _leading_fields(codecs.getincrementaldecoder("utf-8")().decode(line))
+            if fields is None:
+                raise QlassError(f"{path}: the first line is longer than {SNIFF_BYTES >> 20} MiB and does not "
+                                 "begin a JSON object; not JSON Lines")
+            return fields
+        rec = json.loads(line.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, EOFError, zlib.error) as exc:
         raise QlassError(f"{path}: not JSON Lines ({exc})") from None
     except gzip.BadGzipFile as exc:
         raise QlassError(f"{path}: gzip-compressed but damaged ({exc})") from None
-    return None
+    if not isinstance(rec, dict):
+        raise QlassError(f"{path}: the first line is JSON but not an object")
+    return set(rec)
 
 
-def _kind_of(rec: dict[str, Any]) -> str | None:
-    if "nodes" in rec and "tree_id" in rec:
+def _kind_of(fields: set[str]) -> str | None:
+    if "nodes" in fields and "tree_id" in fields:
         return "trees"
-    if "method" in rec and "trajectory" in rec:
+    if "method" in fields and "trajectory" in fields:
         return "records"
-    if "candidates" in rec and "history" in rec:
+    if "candidates" in fields and "history" in fields:
         return "decisions"
     return None
 
 
 def detect_kind(path: str | os.PathLike) -> str:
     """``run`` for a folder, else ``trees``, ``records`` or ``decisions`` by the file's first record;
-    anything else raises :class:`QlassError` naming the path."""
+    anything else (a named pipe or device included: reading one could block for ever) raises
+    :class:`QlassError` naming the path."""
     p = Path(path)
-    if not p.exists():
-        raise QlassError(f"{p}: no such file or folder")
-    if p.is_dir():
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise QlassError(f"{p}: no such file or folder") from None
+    if stat.S_ISDIR(mode):
         return "run"
-    rec = _first_record(p)
-    if rec is None:
+    if not stat.S_ISREG(mode):
+        raise QlassError(f"{p}: not a regular file or folder; qlass view reads trees, records and decisions files "
+                         "and run folders")
+    fields = _first_fields(p)
+    if fields is None:
         raise QlassError(f"{p}: the file holds no record")
-    kind = _kind_of(rec)
+    kind = _kind_of(fields)
     if kind is None:
         raise QlassError(f"{p}: not a trees.jsonl, records.jsonl or decisions file "
-                         f"(its first record has the fields {', '.join(sorted(rec)[:12])})")
+                         f"(its first record has the fields {', '.join(sorted(fields)[:12]) or '(none)'})")
     return kind
 
 
-def _walk(root: Path, depth: int = 0) -> Iterator[Path]:
+def _walk(root: Path) -> list[Path]:
+    """The regular files under ``root`` and its folders down to :data:`MAX_SCAN_DEPTH` (hidden names left
+    out), in path order. Links are followed, but each folder is read and each file listed once, where it is
+    nearest ``root`` (a link to a parent folder would loop)."""
+    top = _identity(root)
+    seen, found, level = {top[1]} if top else set(), [], [root]
+    for depth in range(MAX_SCAN_DEPTH + 1):
+        below = []
+        for folder in level:
+            try:
+                entries = sorted(folder.iterdir())
+            except OSError:
+                continue
+            for e in entries:
+                ident = _identity(e)
+                if e.name.startswith(".") or ident is None or ident[1] in seen:
+                    continue
+                seen.add(ident[1])
+                if stat.S_ISDIR(ident[0]) and depth < MAX_SCAN_DEPTH:
+                    below.append(e)
+                elif stat.S_ISREG(ident[0]):
+                    found.append(e)
+        level = below
+    return sorted(found, key=lambda p: p.parts)
+
+
+def _identity(path: Path) -> tuple[int, tuple[int, int]] | None:
+    """The mode of ``path`` and its (device, inode), links followed; None when it cannot be read (a
+    dangling link)."""
     try:
-        entries = sorted(root.iterdir())
+        st = path.stat()
     except OSError:
-        return
-    for e in entries:
-        if e.name.startswith("."):
-            continue
-        if e.is_dir() and depth < MAX_SCAN_DEPTH:
-            yield from _walk(e, depth + 1)
-        elif e.is_file():
-            yield e
+        return None
+    return st.st_mode, (st.st_dev, st.st_ino)
 
 
 def find_inputs(folder: str | os.PathLike) -> dict[str, list[Path]]:
@@ -110,12 +188,12 @@ def find_inputs(folder: str | os.PathLike) -> dict[str, list[Path]]:
             found["results"].append(p)
         elif p.name.endswith((".jsonl", ".jsonl.gz")) and not p.name.endswith((".tasks.jsonl", ".tasks.jsonl.gz")):
             try:
-                rec = _first_record(p)
+                fields = _first_fields(p)
             except QlassError as exc:  # a file qlass writes under these names is worth a word; others are not
                 known = p.name in ("trees.jsonl", "records.jsonl", "qdata.jsonl") or "decisions" in p.name
                 (log.warning if known else log.debug)("skipping %s: %s", p, exc)
                 continue
-            kind = _kind_of(rec) if rec else None
+            kind = _kind_of(fields) if fields else None
             if kind:
                 found[kind].append(p)
     return found
@@ -295,8 +373,62 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def _torn_tail(path: Path) -> int | None:
+    """Where the last line of ``path`` starts when that line is torn: not ended by a newline and not JSON
+    (a writer killed mid-line, or a run still writing it); None otherwise, and for a gzip-compressed file
+    (nothing appends to one)."""
+    with open(path, "rb") as fh:
+        if fh.read(2) == GZIP_MAGIC:
+            return None
+        start, blocks = fh.seek(0, os.SEEK_END), []
+        while start > 0 and not (blocks and b"\n" in blocks[-1]):  # back to the last newline
+            step = min(start, 1 << 16)
+            start -= step
+            fh.seek(start)
+            blocks.append(fh.read(step))
+    tail = b"".join(reversed(blocks))
+    cut = tail.rfind(b"\n") + 1
+    return None if not tail[cut:].strip() or _is_json(tail[cut:]) else start + cut
+
+
+def _is_json(line: bytes) -> bool:
+    """Whether ``line`` is one JSON value in UTF-8."""
+    try:
+        json.loads(line.decode("utf-8-sig"))
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _copy_head(src: Path, dst: Path, size: int) -> int:
+    """Copy the first ``size`` bytes of ``src`` to a new file ``dst``; returns the number of lines they end."""
+    lines = 0
+    with open(src, "rb") as fi, open(dst, "xb") as fo:
+        while size > 0 and (block := fi.read(min(1 << 20, size))):
+            fo.write(block)
+            lines += block.count(b"\n")
+            size -= len(block)
+    return lines
+
+
+def _readable(paths: list[Path], spare: Path) -> dict[Path, Path]:
+    """Each of ``paths`` mapped to the file to read: itself, or where its last line is torn (``qlass eval``
+    cuts such a line and resumes) a copy in the folder ``spare`` without that line, with a warning naming
+    the file and line; the viewer only reads, so the file itself is left as it is."""
+    read = {}
+    for i, path in enumerate(paths):
+        cut = _torn_tail(path)
+        read[path] = path if cut is None else spare / f"{i}-{path.name}"
+        if cut is not None:
+            line = _copy_head(path, read[path], cut) + 1
+            log.warning("%s: skipping line %d, cut short (a writer killed mid-line, or a run still writing it)",
+                        path, line)
+    return read
+
+
 def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[str, Any]:
-    """Everything the page shows for ``path`` (see :func:`detect_kind`)."""
+    """Everything the page shows for ``path`` (see :func:`detect_kind`); a file's torn last line is left
+    out (:func:`_readable`)."""
     p = Path(path)
     kind = detect_kind(p)
     if kind == "run":
@@ -306,27 +438,43 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
     data: dict[str, Any] = {"schema_version": VIEW_SCHEMA_VERSION, "title": title or f"qlass view: {p.resolve().name}",
                             "source": str(p), "kind": kind, "trees": [], "episodes": [], "decisions": [],
                             "results": [], "files": []}
+    with tempfile.TemporaryDirectory(prefix="qlass-view-") as spare:
+        read = _readable([f for k in KINDS for f in found[k]], Path(spare))
+        try:
+            _gather(data, p, base, found, read)
+        except QlassError as exc:  # an error in a copy names the file the user knows
+            message = str(exc)
+            for f, copy in read.items():
+                message = message.replace(str(copy), str(f))
+            if message == str(exc):
+                raise
+            raise QlassError(message) from exc
+    data["files"] = [_label(f, base) for k in KINDS for f in found[k]]
+    if not (data["trees"] or data["episodes"] or data["decisions"] or data["results"]):
+        raise QlassError(f"{p}: found no trees, evaluation records, decisions or results to show")
+    return _finite(data)
+
+
+def _gather(data: dict[str, Any], p: Path, base: Path, found: dict[str, list[Path]], read: dict[Path, Path]) -> None:
+    """Add to ``data`` the trees, episodes, decisions and results of the ``found`` files (each read from
+    ``read[file]``) of the input ``p``, labelled relative to ``base``."""
     for f in found["trees"]:
-        data["trees"] += read_tree_views(f)
+        data["trees"] += read_tree_views(read[f])
     for f in found["records"]:
-        data["episodes"] += read_episode_views(f, _label(f, base))
+        data["episodes"] += read_episode_views(read[f], _label(f, base))
     for f in found["decisions"]:
-        data["decisions"] += read_decision_views(f, _label(f, base))
-    if kind == "run" or kind == "records":
+        data["decisions"] += read_decision_views(read[f], _label(f, base))
+    if data["kind"] == "run" or data["kind"] == "records":
         folders = sorted({f.parent for f in found["records"]} | {f.parent for f in found["results"]})
         for folder in folders:
             recs = [f for f in found["records"] if f.parent == folder]
             name = _label(folder, base) if folder != base else (p.name or str(p))
             summarised = any((folder / f).is_file() for f in ("results.json", "results.md", "budget.csv"))
             if len(recs) > 1 and not summarised:  # several runs' records (or shards): one result set each
-                sets = [results_view(folder, _label(f, base), [f]) for f in recs]
+                sets = [results_view(folder, _label(f, base), [read[f]]) for f in recs]
             else:
-                sets = [results_view(folder, name, recs)]
+                sets = [results_view(folder, name, [read[f] for f in recs])]
             data["results"] += [res for res in sets if res]
-    data["files"] = [_label(f, base) for k in KINDS for f in found[k]]
-    if not (data["trees"] or data["episodes"] or data["decisions"] or data["results"]):
-        raise QlassError(f"{p}: found no trees, evaluation records, decisions or results to show")
-    return _finite(data)
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -364,13 +512,20 @@ def render_html(data: dict[str, Any]) -> str:
     )
 
 
+def _head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of ``path``."""
+    with open(path, "rb") as fh:
+        return fh.read(size)
+
+
 def write_view(path: str | os.PathLike, out: str | os.PathLike, title: str | None = None) -> Path:
     """Write the page for ``path`` (a trees, records or decisions file, or a run folder) to ``out``;
     returns ``out``. Bad input raises :class:`QlassError` naming the path."""
     o = Path(out)
     if o.is_dir():
         raise QlassError(f"{o}: is a folder; give the page's file name (e.g. {o / 'view.html'})")
-    if o.is_file() and not o.read_bytes()[:15].lower().startswith(b"<!doctype html"):
+    check_output_file(o)  # a named pipe or device is never opened, nor replaced
+    if o.is_file() and not _head(o, 15).lower().startswith(b"<!doctype html"):
         raise QlassError(f"{o}: exists and is not an HTML page (an input of this command?); the page is only "
                          "written over an earlier page (give another output path)")
     data = load_view_data(path, title)
