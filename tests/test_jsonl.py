@@ -25,6 +25,10 @@ def test_append_after_a_last_line_without_newline_starts_a_new_line(tmp_path: Pa
 def test_a_torn_tail_after_records_is_cut_and_a_torn_first_record_too(tmp_path: Path) -> None:
     path = tmp_path / "trees.jsonl"
     path.write_text('{"a": 1}\n{"b": ')
+    assert read_jsonl(path, skip_torn_tail=True) == [{"a": 1}]  # a reader that only shows it: left as it is
+    assert path.read_text() == '{"a": 1}\n{"b": '
+    with pytest.raises(DataError, match="line 2: invalid JSON"):
+        read_jsonl(path)
     assert read_jsonl(path, repair_tail=True) == [{"a": 1}]
     assert path.read_text() == '{"a": 1}\n'
     first = tmp_path / "first.jsonl"

@@ -153,17 +153,18 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
                             "must be given for every candidate of a decision or for none", i, rid)
 
 
-def read_decisions(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> list[dict[str, Any]]:
     """The decision records of ``paths``, each checked. Refused: a file without decisions, a
     decision recorded twice, decisions of two environments, and log-probabilities in some decisions
-    only (the likelihood rankers would silently drop out)."""
+    only (the likelihood rankers would silently drop out). ``skip_torn_tail``: see
+    :func:`~qlass.jsonl.read_jsonl`."""
     records: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], str] = {}
     first_at = ""  # where the first decision was read
     for path in map(Path, paths):
         if not path.exists():
             raise MissingFileError(str(path))
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, skip_torn_tail=skip_torn_tail)
         if not rows:
             raise DataError(str(path), "holds no decision records")
         for i, rec in enumerate(rows):

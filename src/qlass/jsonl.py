@@ -152,14 +152,17 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tail: bool = False
+               ) -> list[dict[str, Any]]:
     """Read every record of a JSONL file.
 
     A malformed line raises :class:`DataError` naming file and line. With ``repair_tail``, an
     unterminated, unparsable *last* line (the mark of an interrupted append) is logged, cut from
     the file and skipped, so a resumed run redoes that unit of work — but only a line that one of
     our appends could have left: after earlier records, or starting like a JSON object. Any other
-    file is not ours to cut (e.g. ``--out notes.txt``) and is refused.
+    file is not ours to cut (e.g. ``--out notes.txt``) and is refused. With ``skip_torn_tail`` (a
+    reader that only shows a file, which may still be being written), such a last line is skipped
+    with a warning and the file left as it is.
 
     A gzip-compressed file (e.g. ``records.jsonl.gz``) is read decompressed; one that a run would
     append to (``repair_tail``) is refused, since appends cannot go into it.
@@ -196,6 +199,10 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False) -> list[dict[
                                 p, len(line))
                     with open(p, "r+b") as fh:
                         fh.truncate(offset)
+                    break
+                if skip_torn_tail and is_last:
+                    log.warning("%s: skipping line %d, cut short (a writer killed mid-line, or a run still "
+                                "writing it)", p, lineno)
                     break
                 if isinstance(exc, UnicodeDecodeError):
                     raise DataError(str(p), f"line {lineno}: not UTF-8 text ({exc.reason} at byte "

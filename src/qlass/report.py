@@ -296,11 +296,12 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
                 raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {cand[name]!r}")
 
 
-def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+def read_records(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> list[dict[str, Any]]:
     """The evaluation records of ``paths`` (``records.jsonl`` files, e.g. shards of one evaluation
     run on several machines), each checked for the fields the report reads (:func:`check_record`). A
     (method, env, split, task) key found twice is an error naming both places, and so is a method
-    label whose records ran with different settings (``config``), which one row would mix."""
+    label whose records ran with different settings (``config``), which one row would mix.
+    ``skip_torn_tail``: see :func:`~qlass.jsonl.read_jsonl`."""
     from .config import setting_changes
     from .errors import DataError, MissingFileError
     from .jsonl import read_jsonl
@@ -311,7 +312,7 @@ def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     for path in paths:
         if not Path(path).exists():
             raise MissingFileError(str(path))
-        for line, rec in enumerate(read_jsonl(path), start=1):
+        for line, rec in enumerate(read_jsonl(path, skip_torn_tail=skip_torn_tail), start=1):
             check_record(rec, str(path), line)
             key = (rec["method"], rec["env"], rec["split"], rec["task"])
             where = f"{path} line {line}"

@@ -234,13 +234,15 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
     return Tree(prefix=prefix, nodes=nodes, **{k: v for k, v in vals.items() if k not in ("prefix", "nodes")})
 
 
-def read_tree_records(path: str | os.PathLike, repair_tail: bool = False) -> list[tuple[Tree, dict[str, Any]]]:
+def read_tree_records(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tail: bool = False
+                      ) -> list[tuple[Tree, dict[str, Any]]]:
     """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error), with the
-    record it was read from."""
+    record it was read from; ``repair_tail`` and ``skip_torn_tail`` as :func:`~qlass.jsonl.read_jsonl`
+    takes them."""
     out, seen = [], set()
     if not Path(path).exists():
         raise MissingFileError(str(path))
-    for line, rec in enumerate(read_jsonl(path, repair_tail=repair_tail), start=1):
+    for line, rec in enumerate(read_jsonl(path, repair_tail, skip_torn_tail), start=1):
         tree = tree_from_dict(rec, str(path), line)
         if tree.tree_id in seen:
             raise DataError(str(path), f"line {line}: tree {tree.tree_id!r} appears twice")

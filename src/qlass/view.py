@@ -24,7 +24,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -246,7 +245,7 @@ def tree_view(tree: Tree, raw: dict[str, Any]) -> dict[str, Any]:
 
 def read_tree_views(path: Path) -> list[dict[str, Any]]:
     """Every tree of a ``trees.jsonl`` file, validated (:func:`qlass.tree.read_tree_records`), as page records."""
-    return [tree_view(tree, rec) for tree, rec in read_tree_records(path)]
+    return [tree_view(tree, rec) for tree, rec in read_tree_records(path, skip_torn_tail=True)]
 
 
 def first_observation(traj: dict[str, Any]) -> str:
@@ -279,7 +278,7 @@ def read_episode_views(path: Path, source: str) -> list[dict[str, Any]]:
     """Every record of an evaluation ``records.jsonl``, validated, as page records."""
     from .report import read_records
 
-    return [episode_view(r, source) for r in read_records([path])]
+    return [episode_view(r, source) for r in read_records([path], skip_torn_tail=True)]
 
 
 def decision_view(rec: dict[str, Any], source: str) -> dict[str, Any]:
@@ -298,7 +297,7 @@ def read_decision_views(path: Path, source: str) -> list[dict[str, Any]]:
     """Every record of a decisions file, validated, as page records."""
     from .decision_report import read_decisions
 
-    return [decision_view(r, source) for r in read_decisions([path])]
+    return [decision_view(r, source) for r in read_decisions([path], skip_torn_tail=True)]
 
 
 def _budget_csv(path: Path) -> list[dict[str, Any]]:
@@ -357,7 +356,7 @@ def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any]
     from .compare import paired_rows
     from .report import budget_points, read_records, summarise
 
-    recs = read_records(records)
+    recs = read_records(records, skip_torn_tail=True)
     return {"name": name, "rows": summarise(recs), "paired": paired_rows(recs), "budget": budget_points(recs),
             "markdown": None}
 
@@ -373,62 +372,9 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def _torn_tail(path: Path) -> int | None:
-    """Where the last line of ``path`` starts when that line is torn: not ended by a newline and not JSON
-    (a writer killed mid-line, or a run still writing it); None otherwise, and for a gzip-compressed file
-    (nothing appends to one)."""
-    with open(path, "rb") as fh:
-        if fh.read(2) == GZIP_MAGIC:
-            return None
-        start, blocks = fh.seek(0, os.SEEK_END), []
-        while start > 0 and not (blocks and b"\n" in blocks[-1]):  # back to the last newline
-            step = min(start, 1 << 16)
-            start -= step
-            fh.seek(start)
-            blocks.append(fh.read(step))
-    tail = b"".join(reversed(blocks))
-    cut = tail.rfind(b"\n") + 1
-    return None if not tail[cut:].strip() or _is_json(tail[cut:]) else start + cut
-
-
-def _is_json(line: bytes) -> bool:
-    """Whether ``line`` is one JSON value in UTF-8."""
-    try:
-        json.loads(line.decode("utf-8-sig"))
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
-def _copy_head(src: Path, dst: Path, size: int) -> int:
-    """Copy the first ``size`` bytes of ``src`` to a new file ``dst``; returns the number of lines they end."""
-    lines = 0
-    with open(src, "rb") as fi, open(dst, "xb") as fo:
-        while size > 0 and (block := fi.read(min(1 << 20, size))):
-            fo.write(block)
-            lines += block.count(b"\n")
-            size -= len(block)
-    return lines
-
-
-def _readable(paths: list[Path], spare: Path) -> dict[Path, Path]:
-    """Each of ``paths`` mapped to the file to read: itself, or where its last line is torn (``qlass eval``
-    cuts such a line and resumes) a copy in the folder ``spare`` without that line, with a warning naming
-    the file and line; the viewer only reads, so the file itself is left as it is."""
-    read = {}
-    for i, path in enumerate(paths):
-        cut = _torn_tail(path)
-        read[path] = path if cut is None else spare / f"{i}-{path.name}"
-        if cut is not None:
-            line = _copy_head(path, read[path], cut) + 1
-            log.warning("%s: skipping line %d, cut short (a writer killed mid-line, or a run still writing it)",
-                        path, line)
-    return read
-
-
 def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[str, Any]:
-    """Everything the page shows for ``path`` (see :func:`detect_kind`); a file's torn last line is left
-    out (:func:`_readable`)."""
+    """Everything the page shows for ``path`` (see :func:`detect_kind`); a file's torn last line (a
+    writer killed mid-line, or a run still writing it) is left out with a warning, the file left as it is."""
     p = Path(path)
     kind = detect_kind(p)
     if kind == "run":
@@ -438,43 +384,27 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
     data: dict[str, Any] = {"schema_version": VIEW_SCHEMA_VERSION, "title": title or f"qlass view: {p.resolve().name}",
                             "source": str(p), "kind": kind, "trees": [], "episodes": [], "decisions": [],
                             "results": [], "files": []}
-    with tempfile.TemporaryDirectory(prefix="qlass-view-") as spare:
-        read = _readable([f for k in KINDS for f in found[k]], Path(spare))
-        try:
-            _gather(data, p, base, found, read)
-        except QlassError as exc:  # an error in a copy names the file the user knows
-            message = str(exc)
-            for f, copy in read.items():
-                message = message.replace(str(copy), str(f))
-            if message == str(exc):
-                raise
-            raise QlassError(message) from exc
-    data["files"] = [_label(f, base) for k in KINDS for f in found[k]]
-    if not (data["trees"] or data["episodes"] or data["decisions"] or data["results"]):
-        raise QlassError(f"{p}: found no trees, evaluation records, decisions or results to show")
-    return _finite(data)
-
-
-def _gather(data: dict[str, Any], p: Path, base: Path, found: dict[str, list[Path]], read: dict[Path, Path]) -> None:
-    """Add to ``data`` the trees, episodes, decisions and results of the ``found`` files (each read from
-    ``read[file]``) of the input ``p``, labelled relative to ``base``."""
     for f in found["trees"]:
-        data["trees"] += read_tree_views(read[f])
+        data["trees"] += read_tree_views(f)
     for f in found["records"]:
-        data["episodes"] += read_episode_views(read[f], _label(f, base))
+        data["episodes"] += read_episode_views(f, _label(f, base))
     for f in found["decisions"]:
-        data["decisions"] += read_decision_views(read[f], _label(f, base))
-    if data["kind"] == "run" or data["kind"] == "records":
+        data["decisions"] += read_decision_views(f, _label(f, base))
+    if kind == "run" or kind == "records":
         folders = sorted({f.parent for f in found["records"]} | {f.parent for f in found["results"]})
         for folder in folders:
             recs = [f for f in found["records"] if f.parent == folder]
             name = _label(folder, base) if folder != base else (p.name or str(p))
             summarised = any((folder / f).is_file() for f in ("results.json", "results.md", "budget.csv"))
             if len(recs) > 1 and not summarised:  # several runs' records (or shards): one result set each
-                sets = [results_view(folder, _label(f, base), [read[f]]) for f in recs]
+                sets = [results_view(folder, _label(f, base), [f]) for f in recs]
             else:
-                sets = [results_view(folder, name, [read[f] for f in recs])]
+                sets = [results_view(folder, name, recs)]
             data["results"] += [res for res in sets if res]
+    data["files"] = [_label(f, base) for k in KINDS for f in found[k]]
+    if not (data["trees"] or data["episodes"] or data["decisions"] or data["results"]):
+        raise QlassError(f"{p}: found no trees, evaluation records, decisions or results to show")
+    return _finite(data)
 
 
 # -- the page ---------------------------------------------------------------------------------
