@@ -4,6 +4,7 @@ subprocess for ALFWorld)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -102,6 +103,10 @@ def _raw(url: str, method: str, path: str, body: bytes | None = None) -> tuple[i
         return resp.status, json.loads(resp.read())
     finally:
         conn.close()
+
+
+def _triple(result: StepResult) -> tuple[str, float, bool]:
+    return result.observation, result.reward, result.done
 
 
 def _play(env: Any, task: Task, outputs: list[str]) -> list[tuple[str, float, bool]]:
@@ -370,13 +375,22 @@ def test_qlass_serve_command_takes_the_limit_and_docs_options() -> None:
 
 
 class _Malformed(BaseHTTPRequestHandler):
-    """A qlass-dialect server whose answer at one endpoint is replaced (``server.answers``)."""
+    """A qlass-dialect server whose answer at an endpoint is replaced (``server.answers``: path → a JSON
+    value, or a function that answers through the handler, for what ``qlass serve`` never sends)."""
+
+    NORMAL: dict[str, Any] = {
+        "/splits": {"env": "fake", "splits": {"train": 1}},
+        "/tasks": {"tasks": [{"id": "t/0", "env": "fake", "split": "train"}]},
+        "/prompt": {"messages": [{"role": "user", "content": "Go."}]},
+        "/expert": {"outputs": ["Action: go"]},
+        "/create": {"id": 0}, "/reset": {"id": 0, "observation": "Start."},
+        "/step": {"observation": "o", "reward": 1.0, "done": True}, "/close": {"closed": True}}
 
     def log_message(self, *args: object) -> None:
         pass
 
-    def _answer(self, path: str, normal: Any) -> None:
-        body = json.dumps(self.server.answers.get(path, normal)).encode()  # type: ignore[attr-defined]
+    def send_json(self, value: Any) -> None:
+        body = json.dumps(value).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -385,46 +399,296 @@ class _Malformed(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
-        normal = {"/splits": {"env": "fake", "splits": {"train": 1}},
-                  "/tasks": {"tasks": [{"id": "t/0", "env": "fake", "split": "train"}]},
-                  "/prompt": {"messages": [{"role": "user", "content": "Go."}]},
-                  "/expert": {"outputs": ["Action: go"]}}[path]
-        self._answer(path, normal)
+        answer = self.server.answers.get(path, self.NORMAL[path])  # type: ignore[attr-defined]
+        if callable(answer):
+            answer(self)
+        else:
+            self.send_json(answer)
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        normal = {"/create": {"id": 0}, "/reset": {"id": 0, "observation": "Start."},
-                  "/step": {"observation": "o", "reward": 1.0, "done": True}, "/close": {"closed": True}}[self.path]
-        self._answer(self.path, normal)
+        self.do_GET()
+
+
+class _KeptAlive(_Malformed):
+    """:class:`_Malformed` keeping connections open between requests, as ``qlass serve`` does."""
+
+    protocol_version = "HTTP/1.1"
+
+
+class _AgentGymSciworld(_Malformed):
+    """AgentGym's ScienceWorld server's answers (``agentenv_sciworld``), one replaceable; ``/observation`` as
+    AgentGym's WebShop server answers it."""
+
+    NORMAL = {"/create": {"id": 0}, "/close": True, "/observation": "WebShop [SEP] Search",
+              "/reset": {"task_name": "boil", "var_num": 0, "task_description": "Your task is to boil water.",
+                         "observation": "This room is called the kitchen.", "reward": 0, "score": 0,
+                         "deleted": False, "done": False},
+              "/step": {"observation": "You boil.", "reward": 50, "score": 50, "done": False}}
+
+
+@contextlib.contextmanager
+def _serving(answers: dict[str, Any], handler: type[_Malformed] = _Malformed) -> Iterator[ThreadingHTTPServer]:
+    """A stand-in server on loopback (``.url``; ``.answers`` may be changed while it runs)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.answers = answers  # type: ignore[attr-defined]
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _writes(data: bytes, gap: float = 0.0, close: bool = True) -> Callable[[BaseHTTPRequestHandler], None]:
+    """An answer written as raw bytes (``gap``: seconds between bytes), then the connection closed unless
+    ``close`` is false; for malformed HTTP, which no real server sends on purpose."""
+    def write(handler: BaseHTTPRequestHandler) -> None:
+        handler.close_connection = close
+        try:
+            for i in range(0, len(data), 1 if gap else len(data)):
+                handler.wfile.write(data[i:i + 1] if gap else data)
+                handler.wfile.flush()
+                time.sleep(gap)
+        except OSError:  # the client gave up
+            handler.close_connection = True
+    return write
+
+
+def _drop(handler: BaseHTTPRequestHandler) -> None:
+    """Close the connection without answering (a proxy or worker dying after the request arrived)."""
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _json_answer(body: bytes, status: str = "200 OK", headers: str = "") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
+            .encode() + body)
 
 
 @pytest.mark.parametrize("path,answer,message", [
     ("/splits", {"env": "fake"}, "/splits answer lacks 'splits'"),
-    ("/splits", {"env": "fake", "splits": {"train": "many"}}, "/splits answer's 'train' must be an integer, got 'many'"),
+    ("/create", {"id": True}, "/create answered {'id': True}, expected an id"),
+    ("/splits", {"env": "fake", "splits": {"train": "many"}},
+     "/splits answer's 'train' must be an integer, got 'many'"),
     ("/tasks", {"tasks": None}, "/tasks answer's 'tasks' must be a list, got None"),
     ("/tasks", {"tasks": [{"id": 5, "env": "fake", "split": "train"}]}, "/tasks answer's 'id' must be a string, got 5"),
     ("/prompt", {"messages": [{"role": "user"}]}, "/prompt answer lacks 'content'"),
     ("/expert", {"outputs": [1]}, "/expert answer's 'outputs' must be a list of strings"),
     ("/reset", {"id": 0, "observation": None}, "/reset answer's 'observation' must be a string, got None"),
-    ("/step", {"observation": "o", "reward": "abc", "done": True}, "/step answer's 'reward' must be a number, got 'abc'"),
+    ("/step", {"observation": "o", "reward": "abc", "done": True},
+     "/step answer's 'reward' must be a number, got 'abc'"),
     ("/step", {"observation": "o", "reward": 1, "done": "yes"}, "/step answer's 'done' must be true or false"),
     ("/step", ["o", 1, True], "/step answer lacks 'observation'"),
 ])
 def test_malformed_server_answers_name_the_endpoint_and_field(path: str, answer: Any, message: str) -> None:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Malformed)
-    httpd.answers = {path: answer}  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with _serving({path: answer}) as fake:
         with pytest.raises(QlassError) as err:
-            env = HttpEnv(url)
+            env = HttpEnv(fake.url)
             env.prompt()
             [task] = env.tasks("train")
             env.expert(task)
             env.reset(task)
             env.step("Action: go")
-        assert f"env server {url}: {message}" in str(err.value)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+        assert f"env server {fake.url}: {message}" in str(err.value)
+
+
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("answer,message", [
+    (_writes(b"SPLAT 999 whatever\r\n\r\n"), "malformed HTTP answer: bad status line 'SPLAT 999 whatever'"),
+    (_writes(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"observ"), "answer ended after 8 of 500 bytes"),
+    (_writes(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
+     "malformed or truncated chunked answer (after 0 bytes)"),
+    (_writes(_json_answer(b"{}", headers="".join(f"X-{i}: a\r\n" for i in range(150))), close=False),
+     "malformed HTTP answer: HTTPException: got more than 100 headers"),
+    (_writes(_json_answer(b"{}", headers=f"X-Big: {'a' * 70_000}\r\n"), close=False),
+     "malformed HTTP answer: LineTooLong: got more than 65536 bytes when reading header line"),
+    (_writes(_json_answer(b'{"observation": "room \xff", "reward": 1, "done": true}'), close=False),
+     "HTTP 200 OK, answer is not valid UTF-8 (byte 0xff at offset 22)"),
+    (_writes(_json_answer(_DEEP), close=False), "HTTP 200 OK, answer nested too deeply"),
+    (_writes(_json_answer(b"", status="500 Internal Server Error"), close=False),
+     "HTTP 500 Internal Server Error with an empty answer"),
+    (_writes(_json_answer(b"", status="302 Found", headers="Location: http://elsewhere:8000/step\r\n"), close=False),
+     "HTTP 302 Found, a redirect to http://elsewhere:8000/step, which the client does not follow: give the final "
+     "address as url="),
+])
+def test_broken_http_answers_are_one_line_and_the_connection_is_replaced(answer: Any, message: str) -> None:
+    """Answers that are not HTTP, not whole, not UTF-8 or too deep for the decoder were raw exceptions from
+    http.client and json; now one line naming server and endpoint, and the next request gets a fresh connection
+    (reading on would take the broken answer's leftovers for the next answer)."""
+    with _serving({"/step": answer}, _KeptAlive) as fake:
+        env = HttpEnv(fake.url)
+        try:
+            [task] = env.tasks("train")
+            env.reset(task)
+            with pytest.raises(QlassError) as err:
+                env.step("Action: go")
+            assert str(err.value) == f"env server {fake.url} (POST /step): {message}"
+            assert env.tasks("train") == [task]
+        finally:
+            env.close()
+
+
+def test_closing_is_best_effort_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """A failing /close is a warning naming server and instance, never an exception (an escaping one lost a
+    finished `qlass data expert` export); the client is closed either way."""
+    for answer, problem in [(_writes(b"SPLAT\r\n\r\n"), "malformed HTTP answer: bad status line 'SPLAT'"),
+                            ({"error": "no such instance"}, "HTTP 200: no such instance")]:
+        with _serving({"/close": answer}, _KeptAlive) as fake:
+            env = HttpEnv(fake.url)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="qlass.envs.http"):
+                env.close()
+                env.close()  # once only
+            assert [r.getMessage() for r in caplog.records] == [
+                f"http env: could not close instance 0 on env server {fake.url}: env server {fake.url} (POST /close): "
+                f"{problem}"]
+
+
+def test_a_step_is_never_sent_twice() -> None:
+    """A connection that dies after a /step went out may have applied it: the client says so instead of
+    sending it again (the server applied it twice, silently); GETs and resets are still sent again, and a
+    connection the server closed while the client was idle is replaced before a step goes out."""
+    dropped: list[str] = []
+
+    def drop_once(handler: _Malformed) -> None:
+        path = handler.path.split("?")[0]
+        if path == "/step" or path not in dropped:
+            dropped.append(path)
+            _drop(handler)
+        else:
+            handler.send_json(handler.NORMAL[path])
+
+    with _serving({"/tasks": drop_once, "/reset": drop_once, "/step": drop_once}, _KeptAlive) as fake:
+        env = HttpEnv(fake.url)
+        try:
+            [task] = env.tasks("train")
+            assert env.reset(task) == "Start."
+            with pytest.raises(QlassError) as err:
+                env.step("Action: go")
+            assert str(err.value).startswith(f"env server {fake.url} (POST /step): connection lost during POST /step; "
+                                             "the step may have been applied on the server (")
+            assert dropped == ["/tasks", "/reset", "/step"]
+        finally:
+            env.close()
+    with BackgroundServer(EnvPool(SPEC)) as real:
+        real._server.config.timeout_keep_alive = 0.2  # uvicorn closes connections idle this long (here: 75 s)
+        env = HttpEnv(real.url)
+        try:
+            task = env.tasks("train")[0]
+            env.reset(task)
+            time.sleep(0.6)  # the server has closed the kept connection
+            assert _triple(env.step("Action: press 1")) == ("Display: 1", 0.5, False)  # applied once
+            env._client._last_used -= 60  # as after a minute of thinking: a fresh connection, not the kept one
+            assert _triple(env.step("Action: press 2")) == ("Display: 12", 1.0, True)
+        finally:
+            env.close()
+
+
+def test_timeout_bounds_the_whole_answer() -> None:
+    """A server trickling its answer a byte at a time held the client for ever (the timeout was per read)."""
+    answer = b'HTTP/1.0 200 OK\r\n\r\n{"observation": "o", "reward": 1.0, "done": true}'
+    with _serving({"/step": _writes(answer, gap=0.1)}) as fake:
+        env = HttpEnv(fake.url, timeout=1)
+        try:
+            env.reset(env.tasks("train")[0])
+            start = time.monotonic()
+            with pytest.raises(QlassError, match=r"\(POST /step\): no answer within 1 s \(raise timeout=\.\.\.\)"):
+                env.step("Action: go")
+            assert time.monotonic() - start < 4  # about 1 s; the whole answer takes 7 s
+        finally:
+            env.close()
+
+
+def test_answers_over_the_size_limit_are_refused() -> None:
+    """Any answer was read whole (a 1000 MiB observation took 3 GiB); now up to max_answer_bytes (64 MiB)."""
+    big = json.dumps({"observation": "x" * 5000, "reward": 1.0, "done": True}).encode()
+    for answer, message in [(big, f"answer of {len(big)} bytes is over the limit of 1000 bytes"),
+                            (b"HTTP/1.0 200 OK\r\n\r\n" + big, "answer is over the limit of 1000 bytes")]:
+        with _serving({"/step": _writes(answer if answer.startswith(b"HTTP") else _json_answer(answer))}) as fake:
+            env = HttpEnv(fake.url, max_answer_bytes=1000)
+            try:
+                env.reset(env.tasks("train")[0])
+                with pytest.raises(QlassError) as err:
+                    env.step("Action: go")
+                assert str(err.value) == f"env server {fake.url} (POST /step): {message} (raise max_answer_bytes=...)"
+            finally:
+                env.close()
+    huge = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (65 * 2**20)  # and then nothing: refused at once
+    with _serving({"/step": _writes(huge, close=False)}, _KeptAlive) as fake:
+        env = HttpEnv(fake.url, timeout=10)
+        try:
+            env.reset(env.tasks("train")[0])
+            with pytest.raises(QlassError, match=f"answer of {65 * 2**20} bytes is over the limit of {64 * 2**20} "):
+                env.step("Action: go")
+        finally:
+            env.close()
+    with pytest.raises(QlassError, match="max_answer_bytes must be an integer >= 1, got 0"):
+        HttpEnv(fake.url, max_answer_bytes=0)
+
+
+@pytest.mark.parametrize("url,timeout,message", [
+    ("http://127.0.0.1:99999", 5, "url='http://127.0.0.1:99999' is not a server address (Port out of range 0-65535)"),
+    ("127.0.0.1:abc", 5, "url='127.0.0.1:abc' is not a server address (Port could not be cast to integer value"),
+    ("http://[::1", 5, "url='http://[::1' is not a server address (Invalid IPv6 URL)"),
+    ("ftp://host:1", 5, "url must look like http://HOST:PORT, got 'ftp://host:1'"),
+    ("http://127.0.0.1:1", "5", "timeout must be a number of seconds > 0, got '5'"),
+    ("http://127.0.0.1:1", float("inf"), "timeout must be a number of seconds > 0, got inf"),
+])
+def test_bad_options_name_the_option(url: str, timeout: Any, message: str) -> None:
+    with pytest.raises(QlassError) as err:
+        HttpEnv(url, timeout=timeout)
+    assert str(err.value).startswith(f"http env: {message}")
+
+
+@pytest.mark.parametrize("path,answer,message", [
+    ("/step", {"observation": "o", "score": 50, "done": "false"}, "/step answer's 'done' must be true or false, got "
+     "'false'"),
+    ("/step", {"observation": "o", "reward": 50, "score": 50}, "/step answer lacks 'done'"),
+    ("/step", {"observation": None, "score": 50, "done": False}, "/step answer's 'observation' must be a string, got "
+     "None"),
+    ("/step", {"observation": "o", "score": "50", "done": False}, "/step answer's 'score' must be a number, got '50'"),
+    ("/step", _writes(_json_answer(b'{"observation": "o", "score": 1e400, "done": false}')),
+     "/step answer's 'score' must be a finite number, got inf"),
+    ("/step", {"observation": "o", "score": "n/a", "done": False},
+     "/step answer's 'score' must be a number, got 'n/a'"),
+    ("/step", {"observation": "o", "score": [1], "done": False}, "/step answer's 'score' must be a number, got [1]"),
+    ("/reset", {**_AgentGymSciworld.NORMAL["/reset"], "observation": None},
+     "/reset answer's 'observation' must be a string, got None"),
+])
+def test_agentgym_answers_are_checked_field_by_field(path: str, answer: Any, message: str) -> None:
+    """The AgentGym dialects coerced what they got ("done": "false" ended the episode, a null observation
+    read 'None', an infinite score was a success, "n/a" a raw ValueError); AgentGym's own answers still pass."""
+    with _serving({}, _AgentGymSciworld) as fake:
+        env = HttpEnv(fake.url, dialect="agentgym-sciworld", splits={"train": [0, 1]})
+        try:
+            [task] = env.tasks("train")
+            assert env.reset(task) == "Your task is to boil water.\nThis room is called the kitchen."
+            assert _triple(env.step("Action: boil water")) == ("You boil.", 0.5, False)
+            fake.answers["/step"] = {"observation": "Failed.", "reward": -150, "score": -100, "done": True}
+            assert _triple(env.step("Action: drink water")) == ("Failed.", 0.0, True)
+            fake.answers[path] = answer
+            with pytest.raises(QlassError) as err:
+                env.reset(task)
+                env.step("Action: boil water")
+            assert str(err.value).startswith(f"env server {fake.url}: {message}")
+        finally:
+            env.close()
+
+
+def test_agentgym_webshop_observation_must_be_a_string() -> None:
+    with _serving({}, _AgentGymSciworld) as fake:
+        env = HttpEnv(fake.url, dialect="agentgym-webshop", splits={"train": [0, 1]})
+        try:
+            [task] = env.tasks("train")
+            assert env.reset(task) == "WebShop [SEP] Search"
+            fake.answers["/observation"] = 12345
+            with pytest.raises(QlassError, match=f"env server {fake.url}: /observation answer must be a string, got "
+                                                 "12345"):
+                env.reset(task)
+        finally:
+            env.close()
