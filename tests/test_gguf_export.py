@@ -8,12 +8,16 @@
   episode on the toy corridor through qlass's OpenAI backend plays exactly the HF policy's episode.
 - Bad inputs (not a folder, a QNet folder, another architecture, an unsupported tokenizer, missing
   weights) are QlassErrors naming the file and field; the command prints them without a traceback.
+  An existing --out is replaced only when it is a GGUF file (not a pipe or socket); ``export-gguf .``
+  writes beside the folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -222,6 +226,57 @@ def test_bad_inputs_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -> No
                            str(tmp_path / "q.gguf")], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "architectures is 'LlamaForSequenceClassification'" in done.stderr
+
+
+def _copy(model_dir: Path, to: Path) -> Path:
+    return Path(shutil.copytree(model_dir, to))
+
+
+def test_out_that_is_a_pipe_or_socket_is_refused_not_replaced(tiny_model_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing --out is replaced only when it is a GGUF file (a link to one included): a named pipe or a
+    socket (or, as root, /dev/null) was replaced by a regular file holding the GGUF."""
+    import socket
+
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(QlassError, match=r"pipe\.gguf: exists and is a named pipe \(FIFO\), not a GGUF file"):
+        export_gguf(tiny_model_dir, fifo)
+    monkeypatch.chdir(tmp_path)  # a relative name: a socket's path must be short
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("s.gguf")
+        with pytest.raises(QlassError, match=r"s\.gguf: exists and is a socket, not a GGUF file"):
+            export_gguf(tiny_model_dir, "s.gguf")
+        assert stat.S_ISSOCK(os.stat("s.gguf").st_mode)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.gguf", "s.gguf"]  # nothing half-written
+
+    # the file written first and renamed: a pipe there blocked the export for ever
+    os.mkfifo(tmp_path / "m.gguf.partial")
+    done = subprocess.run([sys.executable, "-m", "qlass", "model", "export-gguf", str(tiny_model_dir), "--out",
+                           str(tmp_path / "m.gguf")], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "m.gguf.partial: exists and is a named pipe (FIFO)" in done.stderr
+    assert stat.S_ISFIFO((tmp_path / "m.gguf.partial").stat().st_mode) and not (tmp_path / "m.gguf").exists()
+
+
+def test_folder_given_as_dot_and_out_linked_to_a_gguf_file(tiny_model_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cd MODEL && qlass model export-gguf .`` writes beside the folder (a ValueError traceback before);
+    an --out that links to a GGUF file is replaced like the file itself."""
+    model = _copy(tiny_model_dir, tmp_path / "sft")
+    done = subprocess.run([sys.executable, "-m", "qlass", "model", "export-gguf", "."], cwd=model,
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(tmp_path / "sft-f16.gguf")
+    assert (tmp_path / "sft-f16.gguf").read_bytes()[:4] == b"GGUF"
+    (model / "sub").mkdir()
+    monkeypatch.chdir(model / "sub")
+    assert default_output(Path(".."), "bf16").resolve() == tmp_path / "sft-bf16.gguf"
+    link = tmp_path / "link.gguf"
+    link.symlink_to(tmp_path / "sft-f16.gguf")
+    assert export_gguf("..", link, "f32") == link
+    assert link.read_bytes()[:4] == b"GGUF"
 
 
 def test_extra_body_is_sent_but_cannot_override_what_qlass_sets() -> None:

@@ -21,12 +21,14 @@ Only what llama.cpp reproduces exactly is accepted: Llama-architecture models
 whose pre-tokenizer is GPT-2's (optionally after splitting digits one by one, as SmolLM's does).
 Anything else is a :class:`~qlass.errors.QlassError` naming the file and the field. The file is
 written beside its final name and renamed when complete, so an interrupted export leaves no
-truncated GGUF behind.
+truncated GGUF behind; an existing ``--out`` is replaced only when it is a GGUF file (never the
+model's weights, a named pipe or a device).
 """
 
 from __future__ import annotations
 
 import logging
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -71,8 +73,13 @@ GGUF_MAGIC = b"GGUF"
 
 
 def default_output(model_dir: Path, dtype: str) -> Path:
-    """``<model_dir>-<dtype>.gguf`` beside the folder (e.g. ``runs/demo/sft-f16.gguf``)."""
+    """``<model_dir>-<dtype>.gguf`` beside the folder (e.g. ``runs/demo/sft-f16.gguf``); a folder spelled
+    ``.`` or ending in ``..`` is resolved first, so its file too lands beside it."""
     model_dir = Path(model_dir)
+    if model_dir.name in ("", ".."):
+        model_dir = model_dir.resolve()
+    if not model_dir.name:
+        raise QlassError(f"{model_dir}: has no folder beside which to write the GGUF file; give its path with --out")
     return model_dir.with_name(f"{model_dir.resolve().name}-{dtype}.gguf")
 
 
@@ -92,15 +99,9 @@ def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str
     vocab = _read_vocab(model_dir, n_vocab)
     tensors = _plan_tensors(model_dir, config)
     out = Path(out) if out is not None else default_output(model_dir, dtype)
-    if out.is_dir():
-        raise QlassError(f"{out}: is a folder; give the GGUF file's path with --out")
-    if out.is_file():
-        with out.open("rb") as f:
-            if f.read(4) != GGUF_MAGIC:  # the model's own weights, or any other file: never replaced
-                raise QlassError(f"{out}: exists and is not a GGUF file; the export would replace it (give another "
-                                 "--out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
+    _check_out(out, partial)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     matrix_type = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32,
                    "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
@@ -136,6 +137,42 @@ def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str
     partial.replace(out)
     log.info("wrote %s (%s, %.0f MB)", out, dtype, out.stat().st_size / 2**20)
     return out
+
+
+def _kind(path: Path) -> str | None:
+    """What ``path`` is (links followed): ``None`` when there is nothing there, else e.g. ``'a named pipe (FIFO)'``."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # missing, or not reachable: creating the file names the problem
+        return None
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _check_out(out: Path, partial: Path) -> None:
+    """Refuse an existing ``out`` that the export would replace but must not: a folder, anything but a regular
+    file (a named pipe, device or socket, which the final rename would replace by the GGUF) and a regular file
+    that is not a GGUF file (e.g. the model's own weights). ``partial`` (written first) may only be a regular
+    file, e.g. left by an interrupted export."""
+    kind = _kind(out)
+    if kind == "a folder":
+        raise QlassError(f"{out}: is a folder; give the GGUF file's path with --out")
+    if kind not in (None, "a regular file"):
+        raise QlassError(f"{out}: exists and is {kind}, not a GGUF file; the export would replace it (give another "
+                         "--out)")
+    if kind is not None:
+        with out.open("rb") as f:
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:  # the model's own weights, or any other file: never replaced
+                raise QlassError(f"{out}: exists and is not a GGUF file; the export would replace it (give another "
+                                 "--out)")
+    kind = _kind(partial)
+    if kind not in (None, "a regular file"):
+        raise QlassError(f"{partial}: exists and is {kind}; the export writes the GGUF file there first (remove it "
+                         "or give another --out)")
 
 
 # -- reading and checking the folder ---------------------------------------------------------------
