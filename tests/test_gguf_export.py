@@ -7,9 +7,9 @@
 - The default model exported in f32 and served by llama.cpp's server on 127.0.0.1: one greedy
   episode on the toy corridor through qlass's OpenAI backend plays exactly the HF policy's episode.
 - Bad inputs (not a folder, a QNet folder, another architecture, an unsupported tokenizer, missing
-  weights) are QlassErrors naming the file and field; the command prints them without a traceback.
-  An existing --out is replaced only when it is a GGUF file (not a pipe or socket); ``export-gguf .``
-  writes beside the folder.
+  weights, fields of the wrong type, sizes that do not fit the weights) are QlassErrors naming the
+  file and field; the command prints them without a traceback. An existing --out is replaced only
+  when it is a GGUF file (not a pipe or socket); ``export-gguf .`` writes beside the folder.
 """
 
 from __future__ import annotations
@@ -277,6 +277,119 @@ def test_folder_given_as_dot_and_out_linked_to_a_gguf_file(tiny_model_dir: Path,
     link.symlink_to(tmp_path / "sft-f16.gguf")
     assert export_gguf("..", link, "f32") == link
     assert link.read_bytes()[:4] == b"GGUF"
+
+
+def _set(key: str, value: object):
+    """An edit of a parsed JSON object: ``key`` (dotted for nested objects) set to ``value``."""
+    def edit(data: dict) -> None:
+        *parents, last = key.split(".")
+        for part in parents:
+            data = data[part]
+        data[last] = value
+    return edit
+
+
+def _without_head_dim(heads: int):
+    def edit(data: dict) -> None:
+        del data["head_dim"]
+        data["num_attention_heads"] = heads
+    return edit
+
+
+def _transformers4_rope(scaling: object):
+    """RoPE as transformers 4 wrote it: ``rope_theta`` and ``rope_scaling`` instead of ``rope_parameters``."""
+    def edit(data: dict) -> None:
+        data["rope_theta"] = data.pop("rope_parameters")["rope_theta"]
+        data["rope_scaling"] = scaling
+    return edit
+
+
+# config.json edits (the tiny model: hidden 64, 4 heads of 16, 4 KV heads, 2 layers, ffn 256, vocab 49152)
+# and the one-line error each gives; before, a traceback (reshape, TypeError, struct) or a broken GGUF.
+CONFIG_CASES = [
+    (_without_head_dim(7), r"num_attention_heads 7 does not divide hidden_size 64"),
+    (_set("num_key_value_heads", 3), r"num_key_value_heads 3 does not divide num_attention_heads 4"),
+    (_set("head_dim", 15), r"the head size 15 is odd"),
+    (_set("num_key_value_heads", 2), r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has "
+                                     r"shape \[64, 64\]; config\.json's sizes give \[32, 64\]"),
+    (_set("hidden_size", 32), r"tensor 'model\.embed_tokens\.weight' has shape \[49152, 64\]; .* give \[49152, 32\]"),
+    (_set("vocab_size", 49153), r"tensor 'model\.embed_tokens\.weight' has shape \[49152, 64\]; .* \[49153, 64\]"),
+    (_set("intermediate_size", 128), r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \[64, 256\]"),
+    (_set("max_position_embeddings", 2**40), r"max_position_embeddings is 1099511627776, expected a positive integer"),
+    (_set("rope_parameters.rope_theta", "1e4"), r"rope_parameters\.rope_theta is '1e4', expected a positive number"),
+    (_set("rms_norm_eps", 1e300), r"rms_norm_eps is 1e\+300, expected a positive number"),
+    (_transformers4_rope("linear"), r"config\.json: rope_scaling is 'linear', expected an object"),
+    (_set("tie_word_embeddings", "false"), r"tie_word_embeddings is 'false'; GGUF export supports only False or True"),
+    (_set("bos_token_id", -1), r"config\.json: bos_token_id is -1, expected a token id"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), CONFIG_CASES)
+def test_config_fields_and_weight_shapes_are_checked(tiny_model_dir: Path, tmp_path: Path, edit, message: str) -> None:
+    model = _copy(tiny_model_dir, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    edit(config)
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QlassError, match=message):
+        export_gguf(model, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("m.gguf*"))
+
+
+TOKENIZER_CASES = [
+    (_set("model", 5), r"tokenizer\.json: model is 5, expected an object"),
+    (_set("model.vocab.zzzq", "7"), r"tokenizer\.json: model\.vocab\['zzzq'\] is '7', expected a token id"),
+    (_set("added_tokens", "abc"), r"tokenizer\.json: added_tokens is 'abc', expected a list"),
+    (_set("pre_tokenizer", {"type": "Sequence", "pretokenizers": 5}), r"pre_tokenizer is Sequence\(pretokenizers=5\)"),
+    (_set("post_processor", 5), r"tokenizer\.json: not a tokenizer the tokenizers library reads \(.*PostProcessor"),
+    (_set("model.merges", 5), r"tokenizer\.json: not a tokenizer the tokenizers library reads \(.*MergeType"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), TOKENIZER_CASES)
+def test_tokenizer_fields_are_checked(tiny_model_dir: Path, tmp_path: Path, edit, message: str) -> None:
+    model = _copy(tiny_model_dir, tmp_path / "m")
+    spec = json.loads((model / "tokenizer.json").read_text())
+    edit(spec)
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(QlassError, match=message):
+        export_gguf(model, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("m.gguf*"))
+
+
+def test_other_files_of_the_folder_are_checked(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The chat template's files and the weights' names and types; each before any GGUF is written."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def export(name: str, edit) -> None:
+        model = _copy(tiny_model_dir, tmp_path / name)
+        edit(model)
+        export_gguf(model, tmp_path / "m.gguf")
+
+    cases = [
+        ("list", lambda m: (m / "tokenizer_config.json").write_text("[1]"),
+         r"list/tokenizer_config\.json: expected a JSON object, got list"),
+        ("template", lambda m: _edit_json(m / "tokenizer_config.json", chat_template=5),  # was ChatML, silently
+         r"template/tokenizer_config\.json: chat_template is 5, expected text or a list of \{name, template\}"),
+        ("jinja", lambda m: (m / "chat_template.jinja").write_bytes(b"\xff{{ messages }}"),
+         r"jinja/chat_template\.jinja: not UTF-8 text"),
+    ]
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    norm = {"model.norm.weight": weights["model.norm.weight"]}
+    cases += [
+        ("twice", lambda m: save_file(norm, m / "extra.safetensors"),
+         r"twice/model\.safetensors: tensor 'model\.norm\.weight' is also in extra\.safetensors"),
+        ("int", lambda m: save_file({**weights, "model.norm.weight": torch.ones(64, dtype=torch.int8)},
+                                    m / "model.safetensors"),
+         r"int/model\.safetensors: tensor 'model\.norm\.weight' is I8; GGUF export reads F64, F32, F16, BF16"),
+        ("bias", lambda m: save_file({**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
+                                     m / "model.safetensors"),  # HF's Llama (attention_bias false) ignores it
+         r"bias/model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.bias' has no place"),
+    ]
+    for name, edit, message in cases:
+        with pytest.raises(QlassError, match=message):
+            export(name, edit)
+    assert not list(tmp_path.glob("m.gguf*"))
 
 
 def test_extra_body_is_sent_but_cannot_override_what_qlass_sets() -> None:
