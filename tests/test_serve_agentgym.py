@@ -13,6 +13,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from itertools import product as combinations
 from pathlib import Path
@@ -381,3 +382,110 @@ def test_webshop_agentgym_client_buys_the_goal() -> None:
     finally:
         _stop(proc)
         local.close()
+
+
+# -- hostile clients and a faulty environment ----------------------------------------------------
+class ToyAlf:
+    """An environment named ``alfworld`` with two games and what the AgentGym routes use of ALFWorld
+    (task meta ``task_folder``/``trial``, ``admissible_commands``): action ``wait S`` sleeps S seconds,
+    ``echo X`` answers X, ``nan`` answers a NaN reward (a contract violation)."""
+
+    name = "alfworld"
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def splits(self) -> dict[str, int]:
+        return {"train": 2}
+
+    def tasks(self, split: str, task_types: Any = None) -> list[Any]:
+        from qlass.types import Task
+
+        return [Task(f"alfworld/train/pick-{n}/trial_{n}", self.name, "train", "pick",
+                     {"task_folder": f"pick-{n}", "trial": f"trial_{n}"}) for n in (0, 1)]
+
+    def prompt(self) -> list[Any]:
+        return []
+
+    def reset(self, task: Any) -> str:
+        self.steps = 0
+        return f"Game {task.meta['trial']}."
+
+    def step(self, output: str) -> Any:
+        from qlass.types import StepResult
+
+        self.steps += 1
+        action = output.removeprefix("Action: ")
+        if action.startswith("wait "):
+            time.sleep(float(action[5:]))
+        return StepResult(f"step {self.steps}: {action}", float("nan") if action == "nan" else 0.0, False, {})
+
+    def admissible_commands(self) -> list[str]:
+        return ["look", "wait 1"]
+
+    def expert(self, task: Any) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def toy_alfworld(tmp_path_factory: pytest.TempPathFactory):
+    """``ToyAlf`` served in AgentGym's ALFWorld protocol (a server thread on loopback)."""
+    from qlass.serve import BackgroundServer, EnvPool
+
+    games = tmp_path_factory.mktemp("games")
+    train = _mapping([("pick-0", "trial_0"), ("pick-1", "trial_1")], 0)
+    (games / "mappings_train.json").write_text(json.dumps(train))
+    (games / "mappings_test.json").write_text("[]")
+    with BackgroundServer(EnvPool(f"{__name__}:ToyAlf"), protocol="agentgym", agentgym_games=str(games)) as srv:
+        yield srv.url
+
+
+def test_agentgym_ids_and_indices_are_strict(toy_alfworld: str) -> None:
+    """An instance id in the query must be plain digits (``--0``, ``²`` and 5000 digits were a 500 with
+    two tracebacks), and ids and indices in a body JSON integers (``true`` drove instance 1, ``"0"`` was
+    taken): each gets FastAPI's 422 like any malformed request."""
+    client = AlfWorldClient(toy_alfworld)
+    try:
+        client.reset(1)
+        for bad in ("--0", "%C2%B2", "9" * 5000, "1.0", "0x1", "true"):
+            for path in ("observation", "available_actions"):
+                status, answer = client.request("GET", f"/{path}?id={bad}")
+                assert status == 422 and answer["detail"][0]["loc"] == ["query", "id"], (path, bad, status, answer)
+        for id_, game in ((True, 0), (str(client.env_id), 0), (client.env_id, "0"), (client.env_id, 0.0)):
+            status, answer = client.request("POST", "/reset", {"id": id_, "game": game, "world_type": "Text"})
+            assert status == 422 and answer["detail"][0]["type"] == "int_type", (id_, game, status, answer)
+        assert client.get("observation") == "Game trial_1."
+    finally:
+        client.request("POST", "/close", {"id": client.env_id})
+
+
+def test_agentgym_refusals_before_the_environment_moves(toy_alfworld: str) -> None:
+    """A lone surrogate in an action is refused before the step (it stepped, then failed to answer); a
+    step on a busy instance is refused at once (it waited on a server thread); a NaN reward is named as
+    the environment's fault: all in AgentGym's error answer (HTTP 200 for ALFWorld)."""
+    client = AlfWorldClient(toy_alfworld)
+    try:
+        client.reset(0)
+        status, answer = client.request("POST", "/step", {"id": client.env_id, "action": "echo \ud800"})
+        assert status == 200 and answer["error"].startswith("'action' is not valid Unicode"), answer
+        assert client.get("observation") == "Game trial_0."  # not stepped
+        slow: list[Any] = []
+        thread = threading.Thread(target=lambda: slow.append(client.step("wait 2")))
+        thread.start()
+        deadline = time.time() + 10
+        while time.time() < deadline and not any(i["busy"] for i in client.request("GET", "/instances")[1]
+                                                 .get("instances", [])):
+            time.sleep(0.05)
+        status, answer = client.request("POST", "/step", {"id": client.env_id, "action": "look"})
+        assert (status, answer) == (200, {"error": f"environment {client.env_id} is busy with another request; "
+                                                   "send one at a time"})
+        thread.join(timeout=20)
+        assert slow == [("step 1: wait 2", 0.0, False)]
+        status, answer = client.request("POST", "/step", {"id": client.env_id, "action": "nan"})
+        assert status == 200 and answer["error"].startswith("environment fault on /step"), answer
+        assert "step() returned reward nan; it must be a finite number" in answer["error"]
+    finally:
+        client.request("POST", "/close", {"id": client.env_id})

@@ -12,7 +12,8 @@ Endpoints (JSON bodies and answers; the shapes of AgentGym's environment servers
 
 Extensions that let :class:`qlass.envs.http.HttpEnv` implement the whole Env protocol::
 
-    GET /            -> {"env", "protocol", "instances", "max_instances"}
+    GET /            -> {"env", "protocol", "instances", "max_instances", "idle_timeout"}
+    GET /instances   -> {"instances": [{"id", "task", "busy", "idle_s"}], "idle_timeout"}
     GET /splits      -> {"env", "splits": {split: size}}
     GET /tasks?split=S[&task_types=a,b]  -> {"tasks": [{"id", "env", "split", "task_type", "meta"}]}
     GET /prompt      -> {"messages": [{"role", "content"}]}
@@ -22,33 +23,69 @@ Extensions that let :class:`qlass.envs.http.HttpEnv` implement the whole Env pro
 AgentGym's own server for ENV does (sciworld, alfworld, webshop): see :mod:`qlass.serve_agentgym`.
 
 Every instance is its own environment object (``make_env(ENV, **env_args)``), used by one request
-at a time. Every failure is answered as ``{"error": message}`` with its status: 4xx for bad requests
+at a time: a request for an instance busy with another is refused (409). Instance ids are random
+integers below 2**53 that a restarted server does not reissue; an instance unused for ``idle_timeout``
+seconds (default 30 minutes) is closed, its client taken for dead. Ids and indices must be JSON
+integers (not ``true``, ``"3"`` or ``3.0``), strings valid Unicode (no lone surrogate such as a
+``\\ud800`` escape) and bodies UTF-8 JSON, sent whole within ``body_timeout`` seconds (408 after; a
+connection without a whole request head after :data:`HEADER_TIMEOUT` seconds is closed).
+
+Every failure is answered as ``{"error": message}`` with its status: 4xx for bad requests
 (unknown id, task, split or path, wrong method, malformed body, a body over ``max_request_bytes`` (413),
-step before reset, too many instances, a :class:`~qlass.errors.QlassError` the environment raises);
-500 for any other environment exception, whose text and traceback go to the server's log only (the
-answer carries a reference to find them there) — the server keeps running either way. The
-interactive API pages (``/docs``, ``/redoc``, ``/openapi.json``) are served only with ``docs=True``.
+a step or observation before the first reset, a busy instance, too many instances, a
+:class:`~qlass.errors.QlassError` the environment raises); 500 for an environment that breaks its
+contract (what the checks of :mod:`qlass.envs.base` refuse: a step answer that is not a ``StepResult``,
+a NaN reward, ``done="no"``, an observation that is not a string or holds a lone surrogate, ``expert()``
+returning a string ...; the answer says what it returned) and for an exception from its code, whose
+text and traceback go to the server's log only (the answer carries a reference to find them there) —
+the server keeps running either way. Free-form ``info`` and task fields are sent as JSON can hold them, lone
+surrogates replaced by U+FFFD. The interactive API pages (``/docs``, ``/redoc``, ``/openapi.json``)
+are served only with ``docs=True``.
 Nothing here authenticates: the server binds to 127.0.0.1 unless told otherwise.
 """
 
+import asyncio
 import json
 import logging
+import re
+import secrets
 import socket
 import threading
+import time
 import uuid
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
-from .envs.base import Env, make_env
+from .envs.base import Env, env_close, env_expert, env_prompt, env_reset, env_splits, env_step, env_tasks, make_env
 from .errors import QlassError, require
+from .jsonl import is_text
 from .types import Task
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 PROTOCOL = "agentgym+qlass/1"
 PROTOCOLS = ("qlass", "agentgym")
 MAX_REQUEST_BYTES = 1 << 20
 """Default limit on a request body (a step's model output is a few kilobytes)."""
+IDLE_TIMEOUT = 1800.0
+"""Default seconds an instance may sit unused before it is closed (its client is taken for dead)."""
+BODY_TIMEOUT = 30.0
+"""Default seconds a client has to send a request's whole body (408 after)."""
+LIMIT_CONCURRENCY = 256
+"""Default number of open connections (or requests) beyond which requests are answered 503."""
+SHUTDOWN_GRACE = 3
+"""Seconds a stopping server waits for the requests under way before it cancels them."""
+HEADER_TIMEOUT = 10.0
+"""Seconds a new connection has to send a whole request head (uvicorn waits for ever, so a few hundred
+stalled sockets exhausted the file descriptors)."""
+BACKLOG = 64
+"""Connections the kernel queues before the server accepts them (uvicorn's 2048 let a client that
+exhausts the file descriptors flood the log with one error per queued connection)."""
+SURROGATE = re.compile("[\ud800-\udfff]")
+ID_SPACE = 1 << 53
+"""Instance ids are integers below this (exact in any JSON reader, JavaScript's included)."""
 
 
 class ServeError(Exception):
@@ -59,6 +96,54 @@ class ServeError(Exception):
         self.status, self.message = status, message
 
 
+class EnvFault(Exception):
+    """The served environment broke its contract: it returned something the checks of
+    :mod:`qlass.envs.base` refuse, or its own code raised (``raised``: the exception's text may hold
+    paths or secrets, so it stays in the log). The operator's bug, not the client's: answered 500."""
+
+    def __init__(self, error: QlassError) -> None:
+        super().__init__(str(error))
+        self.error, self.raised = error, error.__cause__ is not None
+
+
+def env_call(call: Callable[[], T]) -> T:
+    """``call()``, one of the checked environment calls of :mod:`qlass.envs.base` (``env_step`` ...):
+    what those checks refuse, and an exception from the environment's own code, become an
+    :class:`EnvFault`; a :class:`QlassError` the environment raises itself (a refusal) passes unchanged."""
+    try:
+        return call()
+    except QlassError as exc:
+        if _raised_by_checks(exc):
+            raise EnvFault(exc) from exc
+        raise
+
+
+def _raised_by_checks(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in :mod:`qlass.envs.base` (not in the environment's own code)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == env_step.__module__
+
+
+def fault_message(path: str, fault: EnvFault) -> str:
+    """Log ``fault`` (on the request to ``path``) and say what the answer tells the client."""
+    if fault.raised:
+        ref = uuid.uuid4().hex[:8]
+        log.error("environment error %s on %s: %s", ref, path, fault.error, exc_info=fault.error)
+        return f"environment error on {path} (see the server log, reference {ref})"
+    log.error("environment fault on %s: %s", path, fault.error)
+    return f"environment fault on {path} (a bug of the served environment): {fault.error}"
+
+
+def refuse_non_text(value: str | None, name: str) -> None:
+    """Refuse (400) a request field holding a lone surrogate (a JSON ``\\ud800`` escape): UTF-8 cannot
+    carry it, so it must not reach the environment (whose answer could then not be sent)."""
+    if value is not None and not is_text(value):
+        raise ServeError(400, f"{name!r} is not valid Unicode: it holds a lone surrogate (e.g. a '\\ud800' "
+                              "escape), which UTF-8 cannot carry")
+
+
 @dataclass
 class _Instance:
     env: Env
@@ -67,42 +152,59 @@ class _Instance:
     observation: str = ""
     done: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # what a protocol keeps per episode
+    last_used: float = field(default_factory=time.monotonic)
+    closed: bool = False  # no longer in the pool: whoever holds ``lock`` closes the environment
 
 
 def task_dict(task: Task) -> dict[str, Any]:
     """The JSON form of a task, as ``/tasks`` and ``/reset`` answer it."""
-    return _jsonable(asdict(task))
+    return json_safe(asdict(task))
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` with anything JSON cannot hold turned into strings."""
-    return json.loads(json.dumps(value, default=str))
+def json_safe(value: Any) -> Any:
+    """``value`` with anything JSON cannot hold turned into strings, and lone surrogates (which UTF-8
+    cannot carry) replaced by U+FFFD, so that an answer holding it can always be sent."""
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return json.loads(text if is_text(text) else SURROGATE.sub("\ufffd", text))
 
 
 class EnvPool:
     """The environment instances of one server, by id, plus one instance that answers task lists,
-    prompts and expert trajectories."""
+    prompts and expert trajectories.
 
-    def __init__(self, env_spec: str, env_args: dict[str, Any] | None = None, max_instances: int = 64) -> None:
+    Ids are drawn at random below 2**53 (an odd multiplier and an offset, both random per pool, map the
+    count of instances created so far onto them): a pool never issues one twice, and a restarted server
+    almost surely issues none of the ids its clients still hold, so a stale id is answered 404 instead
+    of driving a new client's episode. An instance unused for over ``idle_timeout`` seconds (0: never)
+    is closed, its client taken for dead."""
+
+    def __init__(self, env_spec: str, env_args: dict[str, Any] | None = None, max_instances: int = 64,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         if max_instances < 1:
             raise QlassError(f"serve: max_instances must be >= 1, got {max_instances}")
+        if not idle_timeout >= 0:
+            raise QlassError(f"serve: idle_timeout must be >= 0 seconds (0: never), got {idle_timeout}")
         self.env_spec, self.env_args, self.max_instances = env_spec, dict(env_args or {}), max_instances
+        self.idle_timeout = idle_timeout
         self.meta = make_env(env_spec, **self.env_args)
         self.name = self.meta.name
         self._meta_lock = threading.Lock()
         self._lock = threading.Lock()
         self._instances: dict[int, _Instance] = {}
-        self._next_id = 0
+        self._id_step, self._id_offset = 2 * secrets.randbelow(ID_SPACE // 2) + 1, secrets.randbelow(ID_SPACE)
+        self._created = 0
         self._pending = 0
+        self._shut = False
         self._all_tasks: list[Task] | None = None
 
     # -- instances -------------------------------------------------------------------------
     def create(self) -> int:
+        self.reap()
         with self._lock:
             if len(self._instances) + self._pending >= self.max_instances:
-                raise ServeError(429, f"too many open environments ({self.max_instances}); close some with /close")
-            env_id = self._next_id
-            self._next_id += 1
+                raise ServeError(429, f"too many open environments ({self.max_instances}); close some with /close "
+                                      "(see GET /instances; unused ones are closed after the idle timeout, "
+                                      f"{self.idle_timeout:g} s)")
             self._pending += 1  # counted against the limit while it is being built
         try:
             env = make_env(self.env_spec, **self.env_args)
@@ -110,6 +212,8 @@ class EnvPool:
             raise ServeError(500, f"cannot create environment {self.env_spec!r}: {exc}") from None
         else:
             with self._lock:
+                env_id = (self._id_offset + self._id_step * self._created) % ID_SPACE
+                self._created += 1
                 self._instances[env_id] = _Instance(env)
         finally:
             with self._lock:
@@ -117,42 +221,105 @@ class EnvPool:
         return env_id
 
     def get(self, env_id: int) -> _Instance:
+        """Instance ``env_id`` (for a read that needs no lock), marked as used now."""
         with self._lock:
-            inst = self._instances.get(env_id)
-        if inst is None:
-            raise ServeError(404, f"unknown environment id {env_id} (create one with POST /create)")
+            inst = self._find(env_id)
+            inst.last_used = time.monotonic()
         return inst
+
+    def _find(self, env_id: int) -> _Instance:
+        """Instance ``env_id``; the caller holds ``self._lock``."""
+        inst = self._instances.get(env_id)
+        if inst is None:
+            raise ServeError(404, f"unknown environment id {env_id} (closed, unused for over the server's "
+                                  "idle timeout, or from before a restart; create one with POST /create)")
+        return inst
+
+    @contextmanager
+    def use(self, env_id: int) -> Iterator[_Instance]:
+        """Instance ``env_id`` held for one request: a request for an instance that is busy with another
+        is refused at once (409), so that it holds no server thread waiting (one client's flood of
+        requests would stall every other client)."""
+        with self._lock:
+            inst = self._find(env_id)
+            if not inst.lock.acquire(blocking=False):
+                raise ServeError(409, f"environment {env_id} is busy with another request; send one at a time")
+        try:
+            yield inst
+        finally:
+            with self._lock:
+                inst.last_used, closing = time.monotonic(), inst.closed
+                if not closing:
+                    inst.lock.release()
+            if closing:  # closed while this request used it
+                self._close_held(inst)
 
     def close(self, env_id: int) -> None:
         with self._lock:
             inst = self._instances.pop(env_id, None)
-        if inst is None:
-            raise ServeError(404, f"unknown environment id {env_id}")
-        with inst.lock:
-            inst.env.close()
+            if inst is None:
+                raise ServeError(404, f"unknown environment id {env_id}")
+            inst.closed, free = True, inst.lock.acquire(blocking=False)
+        if free:  # else the request using it closes it when done
+            self._close_held(inst)
+
+    @staticmethod
+    def _close_held(inst: _Instance) -> None:
+        try:
+            env_close(inst.env)
+        finally:
+            inst.lock.release()
+
+    def reap(self) -> None:
+        """Close the instances unused for over ``idle_timeout`` seconds (none busy), logging each."""
+        if not self.idle_timeout:
+            return
+        now, idle = time.monotonic(), []
+        with self._lock:
+            for env_id, inst in list(self._instances.items()):
+                if now - inst.last_used > self.idle_timeout and inst.lock.acquire(blocking=False):
+                    del self._instances[env_id]
+                    inst.closed = True
+                    idle.append((env_id, inst))
+        for env_id, inst in idle:
+            log.warning("closed environment %d (task %s): unused for %.0f s, over the idle timeout of %g s (its "
+                        "client is gone?)", env_id, inst.task.id if inst.task else "none", now - inst.last_used,
+                        self.idle_timeout)
+            self._close_held(inst)
+
+    def instances(self) -> list[dict[str, Any]]:
+        """The open instances: id, task id (None before the first reset), seconds unused, busy or not."""
+        now = time.monotonic()
+        with self._lock:
+            return [{"id": env_id, "task": inst.task.id if inst.task else None, "busy": inst.lock.locked(),
+                     "idle_s": round(now - inst.last_used, 1)} for env_id, inst in self._instances.items()]
 
     def count(self) -> int:
         with self._lock:
             return len(self._instances)
 
     def shutdown(self) -> None:
-        """Close every instance and the meta environment."""
+        """Close every instance (one still busy: when its request ends) and the meta environment; once."""
         with self._lock:
-            instances, self._instances = list(self._instances.values()), {}
-        for inst in instances:
-            with inst.lock:
-                inst.env.close()
+            ids, done, self._shut = list(self._instances), self._shut, True
+        if done:
+            return
+        for env_id in ids:
+            try:
+                self.close(env_id)
+            except ServeError:  # closed meanwhile
+                pass
         with self._meta_lock:
-            self.meta.close()
+            env_close(self.meta)
 
     # -- tasks -----------------------------------------------------------------------------
     def splits(self) -> dict[str, int]:
         with self._meta_lock:
-            return dict(self.meta.splits())
+            return env_call(lambda: env_splits(self.meta))
 
     def tasks(self, split: str, task_types: list[str] | None = None) -> list[Task]:
         with self._meta_lock:
-            return self.meta.tasks(split, task_types)
+            return env_call(lambda: env_tasks(self.meta, split, task_types))
 
     def all_tasks(self) -> list[Task]:
         """Every task, splits in the order ``splits()`` lists them (what integer indices address)."""
@@ -181,19 +348,21 @@ class EnvPool:
 
     def prompt(self) -> list[dict[str, str]]:
         with self._meta_lock:
-            return [{"role": m.role, "content": m.content} for m in self.meta.prompt()]
+            return [{"role": m.role, "content": m.content} for m in env_call(lambda: env_prompt(self.meta))]
 
     def expert(self, task: Task) -> list[str]:
         with self._meta_lock:
-            return list(self.meta.expert(task))
+            return env_call(lambda: env_expert(self.meta, task))
 
 
-class _BodyLimit:
-    """ASGI middleware: reads a request's body up to ``limit`` bytes and refuses a longer one with 413
-    before the application sees it (so a huge body is never held in memory)."""
+class _RequestBody:
+    """ASGI middleware: reads a request's body before the application sees it, refusing one over ``limit``
+    bytes (413, so a huge body is never held in memory), one not received within ``timeout`` seconds
+    (408: a stalled client would hold its connection, and a stopping server, for ever) and one that is
+    not UTF-8 (400: JSON bodies are)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -202,8 +371,17 @@ class _BodyLimit:
 
         declared = dict(scope["headers"]).get(b"content-length", b"")
         body, too_big = bytearray(), declared.isdigit() and int(declared) > self.limit
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while not too_big:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.CancelledError:  # the server stops, cutting the wait short (not the request's fault)
+                answer = JSONResponse({"error": "the server is stopping"}, 503, headers={"Connection": "close"})
+                return await answer(scope, receive, send)
+            except asyncio.TimeoutError:
+                answer = JSONResponse({"error": f"request body of {scope['method']} {scope['path']} not received "
+                                                f"within {self.timeout:g} s"}, 408, headers={"Connection": "close"})
+                return await answer(scope, receive, send)
             if message["type"] != "http.request":  # the client went away
                 return
             body += message.get("body", b"")
@@ -212,6 +390,12 @@ class _BodyLimit:
                 break
         if too_big:
             answer = JSONResponse({"error": f"request body over the server's limit of {self.limit} bytes"}, 413)
+            return await answer(scope, receive, send)
+        try:
+            bytes(body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            answer = JSONResponse({"error": f"body of {scope['method']} {scope['path']} is not valid UTF-8 JSON "
+                                            f"(byte {exc.start})"}, 400)
             return await answer(scope, receive, send)
         replayed = False
 
@@ -225,12 +409,34 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
+def _lifespan(pool: EnvPool) -> Callable[[Any], Any]:
+    """The application's lifespan: closes ``pool``'s idle instances now and then while it serves, and
+    all of them when it stops (a SIGTERM ends the process right after, before any caller's cleanup)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async def reap_forever() -> None:
+            while True:
+                await asyncio.sleep(min(60.0, pool.idle_timeout / 2))
+                await asyncio.to_thread(pool.reap)
+
+        task = asyncio.create_task(reap_forever()) if pool.idle_timeout else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            await asyncio.to_thread(pool.shutdown)
+
+    return lifespan
+
+
 def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES,
-               protocol: str = "qlass", agentgym_games: str | None = None) -> Any:
+               protocol: str = "qlass", agentgym_games: str | None = None, body_timeout: float = BODY_TIMEOUT) -> Any:
     """The FastAPI application serving ``pool`` (see the module docstring for the endpoints); ``docs``
-    serves the interactive API pages, ``max_request_bytes`` limits request bodies; ``protocol`` is
-    ``qlass`` or ``agentgym`` (``agentgym_games``: AgentGym's ALFWorld game list folder, see
-    :mod:`qlass.serve_agentgym`).
+    serves the interactive API pages, ``max_request_bytes`` limits request bodies and ``body_timeout``
+    the seconds to send one; ``protocol`` is ``qlass`` or ``agentgym`` (``agentgym_games``: AgentGym's
+    ALFWorld game list folder, see :mod:`qlass.serve_agentgym`).
 
     (This module does not use postponed annotations: FastAPI reads the request models from the
     annotations of the endpoint functions defined in here.)"""
@@ -238,17 +444,17 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, StrictInt
     from starlette.exceptions import HTTPException
 
     class IdBody(BaseModel):
         model_config = ConfigDict(extra="ignore")
-        id: int
+        id: StrictInt
 
     class ResetBody(IdBody):
         task: str | None = None
-        data_idx: int | None = None
-        game: int | None = None
+        data_idx: StrictInt | None = None
+        game: StrictInt | None = None
 
     class StepBody(IdBody):
         output: str | None = None
@@ -256,11 +462,14 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
 
     if max_request_bytes < 1:
         raise QlassError(f"serve: max_request_bytes must be >= 1, got {max_request_bytes}")
+    if not body_timeout > 0:
+        raise QlassError(f"serve: body_timeout must be > 0 seconds, got {body_timeout}")
     if protocol not in PROTOCOLS:
         raise QlassError(f"serve: unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     app = FastAPI(title=f"qlass environment server: {pool.name}", version=PROTOCOL, docs_url="/docs" if docs else None,
-                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
-    app.add_middleware(_BodyLimit, limit=max_request_bytes)
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
+                  lifespan=_lifespan(pool))
+    app.add_middleware(_RequestBody, limit=max_request_bytes, timeout=body_timeout)
     if protocol == "agentgym":
         from .serve_agentgym import add_routes
 
@@ -286,16 +495,26 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
     async def _env_refused(request: Request, exc: QlassError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
 
+    @app.exception_handler(EnvFault)
+    async def _env_fault(request: Request, exc: EnvFault) -> JSONResponse:
+        return JSONResponse({"error": fault_message(request.url.path, exc)}, status_code=500)
+
     @app.exception_handler(Exception)
     async def _failed(request: Request, exc: Exception) -> JSONResponse:
         ref = uuid.uuid4().hex[:8]  # the exception's text stays in the log: it may hold paths or secrets
-        log.exception("environment error %s on %s", ref, request.url.path)
+        log.exception("server error %s on %s", ref, request.url.path)
         return JSONResponse({"error": f"environment error on {request.url.path} (see the server log, "
                                       f"reference {ref})"}, status_code=500)
 
     @app.get("/")
     def root() -> dict[str, Any]:
-        return {"env": pool.name, "protocol": PROTOCOL, "instances": pool.count(), "max_instances": pool.max_instances}
+        return {"env": pool.name, "protocol": PROTOCOL, "instances": pool.count(), "max_instances": pool.max_instances,
+                "idle_timeout": pool.idle_timeout}
+
+    @app.get("/instances")
+    def instances() -> dict[str, Any]:
+        pool.reap()
+        return {"instances": pool.instances(), "idle_timeout": pool.idle_timeout}
 
     @app.post("/create")
     def create() -> dict[str, int]:
@@ -306,32 +525,35 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
         given = [k for k in ("task", "data_idx", "game") if getattr(body, k) is not None]
         if len(given) != 1:
             raise ServeError(400, "reset needs exactly one of 'task' (a task id), 'data_idx' or 'game' (an index)")
+        refuse_non_text(body.task, "task")
         task = pool.task(body.task) if body.task is not None else pool.task_at(getattr(body, given[0]))
-        inst = pool.get(body.id)
-        with inst.lock:
-            inst.observation = inst.env.reset(task)
+        with pool.use(body.id) as inst:
+            inst.observation = env_call(lambda: env_reset(inst.env, task))
             inst.task, inst.done = task, False
-            return {"id": body.id, "observation": inst.observation, "task": task_dict(task), "task_type": task.task_type}
+            return {"id": body.id, "observation": inst.observation, "task": task_dict(task),
+                    "task_type": task.task_type}
 
     @app.post("/step")
     def step(body: StepBody) -> dict[str, Any]:
         if (body.output is None) == (body.action is None):
             raise ServeError(400, "step needs exactly one of 'output' (raw model output) or 'action' (a bare action)")
+        refuse_non_text(body.output, "output")
+        refuse_non_text(body.action, "action")
         output = body.output if body.output is not None else f"Action: {body.action}"
-        inst = pool.get(body.id)
-        with inst.lock:
+        with pool.use(body.id) as inst:
             if inst.task is None:
                 raise ServeError(409, f"environment {body.id} has no episode yet: POST /reset first")
-            result = inst.env.step(output)
+            result = env_call(lambda: env_step(inst.env, output))
             inst.observation, inst.done = result.observation, bool(result.done)
             return {"observation": result.observation, "reward": float(result.reward), "done": bool(result.done),
-                    "info": _jsonable(result.info)}
+                    "info": json_safe(result.info)}
 
     @app.get("/observation")
     def observation(id: int = Query(...)) -> str:
         inst = pool.get(id)
-        with inst.lock:
-            return inst.observation
+        if inst.task is None:
+            raise ServeError(409, f"environment {id} has no episode yet: POST /reset first")
+        return inst.observation
 
     @app.post("/close")
     def close(body: IdBody) -> dict[str, Any]:
@@ -340,7 +562,7 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
 
     @app.get("/splits")
     def splits() -> dict[str, Any]:
-        return {"env": pool.name, "splits": pool.splits()}
+        return {"env": pool.name, "splits": json_safe(pool.splits())}
 
     @app.get("/tasks")
     def tasks(split: str = Query(...), task_types: str | None = Query(None)) -> dict[str, Any]:
@@ -367,17 +589,63 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(128)  # connections queue from now on, before the server thread accepts them
+        sock.listen(BACKLOG)  # connections queue from now on, before the server thread accepts them
     except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0..65535
         sock.close()
         raise QlassError(f"serve: cannot listen on {host}:{port}: {exc}") from None
     return sock
 
 
-def _server(pool: EnvPool, **app_options: Any) -> Any:
+def _server(pool: EnvPool, limit_concurrency: int = LIMIT_CONCURRENCY, **app_options: Any) -> Any:
+    """The uvicorn server of ``pool``'s application (``app_options``: :func:`create_app`'s): beyond
+    ``limit_concurrency`` open connections or requests it answers 503, a connection that sends no request
+    head within :data:`HEADER_TIMEOUT` seconds is closed; stopping, it waits :data:`SHUTDOWN_GRACE`
+    seconds for the requests under way, and says so."""
     uvicorn = require("uvicorn", "serve")
+    if limit_concurrency < 1:
+        raise QlassError(f"serve: limit_concurrency must be >= 1, got {limit_concurrency}")
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            if self.server_state.tasks:
+                log.warning("stopping: waiting up to %d s for %d request(s) under way", SHUTDOWN_GRACE,
+                            len(self.server_state.tasks))
+            await super().shutdown(sockets)
+
+    class Protocol(H11Protocol):  # type: ignore[misc]
+        """uvicorn's HTTP/1.1 protocol, closing a connection whose request head is not complete within
+        :data:`HEADER_TIMEOUT` seconds of it opening or sending its first bytes of one."""
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(HEADER_TIMEOUT, self.no_head)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            waiting = self.conn.their_state is h11.IDLE  # for a (whole) request head
+            if waiting and self.head_timer is None:
+                self.head_timer = self.loop.call_later(HEADER_TIMEOUT, self.no_head)
+            elif not waiting and self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def no_head(self) -> None:
+            self.head_timer = None
+            if self.conn.their_state is h11.IDLE:
+                self.timeout_keep_alive_handler()  # closes the connection
+
     # a long keep-alive so that clients thinking for seconds between steps keep their connection
-    return uvicorn.Server(uvicorn.Config(create_app(pool, **app_options), log_level="warning", timeout_keep_alive=75))
+    return Server(uvicorn.Config(create_app(pool, **app_options), http=Protocol, log_level="warning",
+                                 timeout_keep_alive=75, timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                                 limit_concurrency=limit_concurrency, backlog=BACKLOG))
 
 
 def _url(host: str, port: int) -> str:
@@ -391,11 +659,12 @@ class BackgroundServer:
     valid as soon as the constructor returns. ``app_options`` go to :func:`create_app`.
     """
 
-    def __init__(self, pool: EnvPool, host: str = "127.0.0.1", port: int = 0, **app_options: Any) -> None:
+    def __init__(self, pool: EnvPool, host: str = "127.0.0.1", port: int = 0,
+                 limit_concurrency: int = LIMIT_CONCURRENCY, **app_options: Any) -> None:
         self.pool = pool
         self._sock = _bind(host, port)
         self.url = _url(host, self._sock.getsockname()[1])
-        self._server = _server(pool, **app_options)
+        self._server = _server(pool, limit_concurrency, **app_options)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
 
@@ -413,10 +682,13 @@ class BackgroundServer:
 
 def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: dict[str, Any] | None = None,
           max_instances: int = 64, docs: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES,
-          protocol: str = "qlass", agentgym_games: str | None = None) -> None:
+          protocol: str = "qlass", agentgym_games: str | None = None, idle_timeout: float = IDLE_TIMEOUT,
+          limit_concurrency: int = LIMIT_CONCURRENCY) -> None:
     """Serve ``env_spec`` on ``host:port`` until interrupted (the ``qlass serve`` command); ``docs``,
-    ``max_request_bytes``, ``protocol`` and ``agentgym_games`` as in :func:`create_app`. With
-    ``protocol="agentgym"`` the environment's options default to AgentGym's game variant and step limit."""
+    ``max_request_bytes``, ``protocol`` and ``agentgym_games`` as in :func:`create_app`, ``idle_timeout``
+    as in :class:`EnvPool`; beyond ``limit_concurrency`` open connections requests are answered 503.
+    With ``protocol="agentgym"`` the environment's options default to AgentGym's game variant and step
+    limit."""
     require("uvicorn", "serve")
     if protocol not in PROTOCOLS:
         raise QlassError(f"serve: unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -427,12 +699,12 @@ def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: di
         log.info("agentgym protocol: %s options %s", env_spec, env_args)
     sock = _bind(host, port)
     try:
-        pool = EnvPool(env_spec, env_args, max_instances)
+        pool = EnvPool(env_spec, env_args, max_instances, idle_timeout)
         try:
             if host not in ("127.0.0.1", "localhost", "::1"):
                 log.warning("serving on %s: anyone who can reach it can drive the environment (no authentication)", host)
-            server = _server(pool, docs=docs, max_request_bytes=max_request_bytes, protocol=protocol,
-                             agentgym_games=agentgym_games)  # refuses a missing game list before announcing
+            server = _server(pool, limit_concurrency, docs=docs, max_request_bytes=max_request_bytes,
+                             protocol=protocol, agentgym_games=agentgym_games)  # refuses a missing game list first
             sizes = ", ".join(f"{k} {v}" for k, v in pool.splits().items())
             log.info("serving %s (%s) on %s", pool.name, sizes, _url(host, sock.getsockname()[1]))
             server.run(sockets=[sock])

@@ -30,7 +30,11 @@ Errors: refused requests and environment failures are answered ``{"error": messa
 (sciworld, alfworld: AgentGym's servers catch every exception and answer it so) or 500 (webshop,
 whose AgentGym server does not catch them); an unexpected exception's text stays in the server's
 log (the answer names a reference). Malformed bodies and unknown paths get FastAPI's own answers
-(422 / 404 with ``{"detail"}``), as from AgentGym's FastAPI servers.
+(422 / 404 with ``{"detail"}``), as from AgentGym's FastAPI servers; ids and indices must be JSON
+integers (``true``, ``"3"``, ``3.0`` are malformed) and a query's id plain digits. As with the qlass
+protocol (:mod:`qlass.serve`), a request on an instance busy with another, an action holding a lone
+surrogate and an environment breaking its contract (a NaN reward ...) are refused in the error answer,
+the first two before the environment is touched; ``GET /instances`` lists the open instances.
 
 Task indices, as AgentGym's server for each environment maps them:
 
@@ -54,6 +58,7 @@ WebShop without a limit. ``--env-arg`` overrides them.
 import json
 import logging
 import random
+import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -71,6 +76,8 @@ ALFWORLD_MAPPINGS = (("mappings_train.json", "train"), ("mappings_test.json", "v
 """AgentGym's ALFWorld game lists, in ``game`` order, and the data folder of each one's games."""
 WEBSHOP_SHUFFLE_SEED = 233
 NO_STEP_LIMIT = 1_000_000_000
+QUERY_ID = re.compile(r"-?[0-9]{1,18}")
+"""An instance id as the query string gives it (instance ids are below 2**53)."""
 
 
 @dataclass(frozen=True)
@@ -171,19 +178,21 @@ def _webshop_index(pool: Any, _: Any) -> list[str]:
 # -- the application ---------------------------------------------------------------------------
 def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) -> None:
     """Serve ``pool`` on ``app`` in AgentGym's protocol for its environment (module docstring)."""
-    from fastapi import Query, Request
+    from fastapi import Request
     from fastapi.responses import JSONResponse
-    from pydantic import create_model
+    from pydantic import StrictInt, create_model
 
-    from .serve import ServeError
+    from .envs.base import env_reset, env_step
+    from .serve import EnvFault, ServeError, env_call, fault_message, json_safe, refuse_non_text
 
     spec = spec_for(pool.name)
     index = task_index(pool, agentgym_games)
     log.info("agentgym protocol for %s: %d task indices", spec.env, len(index))
     id_key = spec.id_key
-    IdBody = create_model("IdBody", **{id_key: (int, ...)})
+    IdBody = create_model("IdBody", **{id_key: (StrictInt, ...)})
     StepBody = create_model("StepBody", __base__=IdBody, action=(str, ...))
-    reset_fields: dict[str, Any] = {spec.index_key: (int | None, None) if spec.env == "webshop" else (int, ...)}
+    reset_fields: dict[str, Any] = {spec.index_key: (StrictInt | None, None) if spec.env == "webshop"
+                                    else (StrictInt, ...)}
     if spec.env == "alfworld":
         reset_fields["world_type"] = (str, ...)
     ResetBody = create_model("ResetBody", __base__=IdBody, **reset_fields)
@@ -199,25 +208,32 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
     async def _env_refused(request: Request, exc: QlassError) -> JSONResponse:
         return error(str(exc))
 
+    @app.exception_handler(EnvFault)
+    async def _env_fault(request: Request, exc: EnvFault) -> JSONResponse:
+        return error(fault_message(request.url.path, exc))
+
     @app.exception_handler(Exception)
     async def _failed(request: Request, exc: Exception) -> JSONResponse:
         ref = uuid.uuid4().hex[:8]  # the exception's text stays in the log: it may hold paths or secrets
-        log.exception("environment error %s on %s", ref, request.url.path)
+        log.exception("server error %s on %s", ref, request.url.path)
         return error(f"environment error on {request.url.path} (see the server log, reference {ref})")
 
-    def playing(env_id: int) -> Any:
-        """The instance ``env_id`` with an episode under way (AgentGym refuses finished ones)."""
-        inst = pool.get(env_id)
+    def check_playing(inst: Any, env_id: int) -> None:
+        """Refuse instance ``env_id`` unless an episode is under way (AgentGym refuses finished ones)."""
         if inst.task is None:
             raise ServeError(409, f"environment {env_id} has no episode yet: POST /reset first")
         if inst.done and spec.env != "webshop":
             raise ServeError(409, f"The task with environment {env_id} has finished.")
-        return inst
 
     @app.get("/")
     def root() -> dict[str, Any]:
         return {"env": pool.name, "protocol": f"agentgym/{spec.env}", "instances": pool.count(),
-                "max_instances": pool.max_instances, "tasks": len(index)}
+                "max_instances": pool.max_instances, "idle_timeout": pool.idle_timeout, "tasks": len(index)}
+
+    @app.get("/instances")
+    def instances() -> dict[str, Any]:
+        pool.reap()
+        return {"instances": pool.instances(), "idle_timeout": pool.idle_timeout}
 
     @app.post("/create")
     def create() -> Any:
@@ -234,36 +250,36 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
         if not 0 <= number < len(index):
             raise ServeError(404, f"{spec.index_key} {number} out of range 0..{len(index) - 1}")
         task = pool.task(index[number])
-        inst = pool.get(env_id)
-        with inst.lock:
-            first = inst.env.reset(task)
+        with pool.use(env_id) as inst:
+            first = env_call(lambda: env_reset(inst.env, task))
             inst.task, inst.done, inst.extra = task, False, {"score": 0}
             if spec.env == "sciworld":
                 description = inst.env.description
                 inst.observation = first[len(description) + 1:] if first.startswith(description + "\n") else first
-                return {"task_name": task.meta["task_name"], "var_num": task.meta["variation"],
-                        "task_description": description, "observation": inst.observation, "reward": 0,
-                        "score": 0, "deleted": False, "done": False}
+                return json_safe({"task_name": task.meta["task_name"], "var_num": task.meta["variation"],
+                                  "task_description": description, "observation": inst.observation, "reward": 0,
+                                  "score": 0, "deleted": False, "done": False})
             inst.observation = first
             if spec.env == "alfworld":
-                inst.extra["available_actions"] = inst.env.admissible_commands()
+                inst.extra["available_actions"] = json_safe(inst.env.admissible_commands())
                 return {"id": env_id, "observation": first, "available_actions": inst.extra["available_actions"],
-                        "task_type": f"{task.meta['task_folder']}/{task.meta['trial']}"}
+                        "task_type": json_safe(f"{task.meta['task_folder']}/{task.meta['trial']}")}
             return [first, None]
 
     @app.post("/step")
     def step(body: StepBody) -> dict[str, Any]:  # type: ignore[valid-type]
         env_id = getattr(body, id_key)
-        inst = playing(env_id)
-        with inst.lock:
-            result = inst.env.step(f"Action: {body.action}")
+        refuse_non_text(body.action, "action")
+        with pool.use(env_id) as inst:
+            check_playing(inst, env_id)
+            result = env_call(lambda: env_step(inst.env, f"Action: {body.action}"))
             inst.observation, inst.done = result.observation, bool(result.done)
             if spec.env == "sciworld":
                 score = int(result.info.get("score", inst.extra["score"]))
                 reward, inst.extra["score"] = score - inst.extra["score"], score
                 return {"observation": result.observation, "reward": reward, "score": score, "done": inst.done}
             if spec.env == "alfworld":
-                inst.extra["available_actions"] = inst.env.admissible_commands()
+                inst.extra["available_actions"] = json_safe(inst.env.admissible_commands())
                 return {"observation": result.observation, "reward": float(result.reward),
                         "available_actions": inst.extra["available_actions"], "done": inst.done}
             return {"state": result.observation, "reward": float(result.reward), "done": inst.done, "info": None}
@@ -271,16 +287,20 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
     @app.get("/observation")
     def observation(request: Request) -> str:
         env_id = _query_id(request, id_key)
-        inst = playing(env_id) if spec.env != "webshop" else pool.get(env_id)
-        with inst.lock:
-            return inst.observation
+        inst = pool.get(env_id)
+        if spec.env != "webshop":
+            check_playing(inst, env_id)
+        elif inst.task is None:
+            raise ServeError(409, f"environment {env_id} has no episode yet: POST /reset first")
+        return inst.observation
 
     if spec.env == "alfworld":
         @app.get("/available_actions")
-        def available_actions(id: int = Query(...)) -> list[str]:
-            inst = playing(id)
-            with inst.lock:
-                return list(inst.extra["available_actions"])
+        def available_actions(request: Request) -> list[str]:
+            env_id = _query_id(request, id_key)
+            inst = pool.get(env_id)
+            check_playing(inst, env_id)
+            return list(inst.extra["available_actions"])
 
     @app.post("/close")
     def close(body: IdBody) -> bool:  # type: ignore[valid-type]
@@ -289,11 +309,12 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
 
 
 def _query_id(request: Any, key: str) -> int:
-    """The integer instance id in the query field ``key`` (``id`` or ``env_idx``)."""
+    """The integer instance id in the query field ``key`` (``id`` or ``env_idx``): ASCII digits, at most
+    18 (``--0``, ``²`` or 5000 digits are no id), else FastAPI's 422 as for any malformed request."""
     from fastapi.exceptions import RequestValidationError
 
     value = request.query_params.get(key)
-    if value is None or not value.lstrip("-").isdigit():
+    if value is None or not QUERY_ID.fullmatch(value):
         raise RequestValidationError([{"loc": ("query", key), "msg": "Field required" if value is None else
                                        "Input should be a valid integer", "type": "int_parsing"}])
     return int(value)
