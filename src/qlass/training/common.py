@@ -239,7 +239,9 @@ class MetricsLog(TrainerCallback):
                 name = name[len("eval_"):]
                 name = name if "/" in name else f"val_{name}"
             record[name] = value
-        append_jsonl(self.out / METRICS, record)
+        # a NaN or infinite value (a diverging run) is written as null: JSON has no NaN, and the readers refuse it
+        append_jsonl(self.out / METRICS, {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                          for k, v in record.items()})
         broken = [k for k in DIVERGED if isinstance(record.get(k), float) and not math.isfinite(record[k])]
         if broken:
             values = ", ".join(f"{k} {record[k]}" for k in broken)
