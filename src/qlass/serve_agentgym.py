@@ -183,7 +183,7 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
     from pydantic import StrictInt, create_model
 
     from .envs.base import env_reset, env_step
-    from .serve import EnvFault, ServeError, env_call, fault_message, json_safe, refuse_non_text
+    from .serve_pool import EnvFault, ServeError, env_call, fault_message, json_safe, refuse_non_text
 
     spec = spec_for(pool.name)
     index = task_index(pool, agentgym_games)
