@@ -474,6 +474,8 @@ def _json_answer(body: bytes, status: str = "200 OK", headers: str = "") -> byte
     ("/create", {"id": True}, "/create answered {'id': True}, expected an id"),
     ("/splits", {"env": "fake", "splits": {"train": "many"}},
      "/splits answer's 'train' must be an integer, got 'many'"),
+    ("/splits", {"env": "fake", "splits": {"train": -3}},
+     "/splits answer's 'train' must be a number of tasks (>= 0), got -3"),
     ("/tasks", {"tasks": None}, "/tasks answer's 'tasks' must be a list, got None"),
     ("/tasks", {"tasks": [{"id": 5, "env": "fake", "split": "train"}]}, "/tasks answer's 'id' must be a string, got 5"),
     ("/prompt", {"messages": [{"role": "user"}]}, "/prompt answer lacks 'content'"),

@@ -126,3 +126,31 @@ def test_a_record_that_would_not_read_back_is_never_written(tmp_path: Path, reco
             write()
         assert repr(field) in str(err.value) and problem in str(err.value)
     assert read_jsonl(path) == [{"ok": 1, "score": float("-inf")}] and not (tmp_path / "all.jsonl").exists()
+
+
+def test_a_named_pipe_where_a_json_file_or_model_config_belongs_is_named_not_read(tmp_path: Path) -> None:
+    """Reading a FIFO blocks until something writes it: a model folder whose config.json is one hung the
+    loaders (and ``read_json_object``) for ever; each is now one line naming the file."""
+    import os
+
+    model = tmp_path / "model"
+    model.mkdir()
+    os.mkfifo(model / "config.json")
+    script = """
+import sys
+from qlass.errors import QlassError
+from qlass.jsonl import read_json_object
+from qlass.policy.hf import load_causal_lm
+from qlass.qnet import QNet
+for call in (lambda: read_json_object(sys.argv[1] + "/config.json"), lambda: load_causal_lm(sys.argv[1]),
+             lambda: QNet.load(sys.argv[1]), lambda: QNet.from_sft(sys.argv[1])):
+    try:
+        call()
+    except QlassError as exc:
+        print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True, text=True, check=False,
+                          timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 4, (done.stdout, done.stderr)
+    assert all(line.startswith(f"{model}/config.json: is a named pipe (FIFO), not a regular file") for line in lines)

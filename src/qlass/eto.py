@@ -62,7 +62,7 @@ from .data import load_trajectories, record_to_trajectory, trajectory_to_record
 from .errors import QlassError
 from .eto_config import ETOConfig
 from .evaluate import DEFAULT_CONCURRENCY
-from .jsonl import write_jsonl, write_text_atomic
+from .jsonl import require_model_folder, write_jsonl, write_text_atomic
 from .rollouts import play_split
 from .training.common import DONE_MARK, file_digest
 from .training.dpo import CONFIG_FILE as DPO_CONFIG_FILE
@@ -254,8 +254,7 @@ def run_eto(
         raise QlassError(f"{expert_path}: expert trajectory file not found (ETO pairs each failure with the expert "
                          "trajectory of its task)")
     experts = experts_by_task(load_trajectories(expert_path), expert_path)  # a bad record is named before any work
-    if not (agent / "config.json").is_file():
-        raise QlassError(f"{agent}: the SFT agent is not a local model folder (no config.json); ETO trains it")
+    require_model_folder(agent, f"{agent}: the SFT agent is not a local model folder (no config.json); ETO trains it")
     env_kwargs, policy_kwargs = dict(env_kwargs or {}), dict(policy_kwargs or {})
     settings = _settings(str(agent), expert_path, env_spec, cfg, dpo_cfg, env_kwargs, task_types, policy_kwargs, seed)
     started = out.is_dir() and any(out.glob("round-*"))

@@ -219,6 +219,9 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in ``path``; not JSON, not UTF-8 or not an object is a :class:`QlassError`
     naming it. A missing file raises ``FileNotFoundError`` (the caller says what was expected)."""
     p = Path(path)
+    kind = _special_kind(p.stat().st_mode)  # a missing file: FileNotFoundError, as documented
+    if kind:  # reading a named pipe or device blocks, or never ends
+        raise QlassError(f"{p}: is {kind}, not a regular file holding a JSON object")
     try:
         data = loads(p.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError, DuplicateKeyError) as exc:
@@ -226,6 +229,19 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise QlassError(f"{p}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def require_model_folder(path: str | os.PathLike, missing: str) -> None:
+    """Raise :class:`QlassError` unless ``path`` holds a ``config.json`` that is a regular file: ``missing``
+    is the error when there is none; a named pipe or device there (it would block the loader) is named."""
+    config = Path(path) / "config.json"
+    try:
+        mode = config.stat().st_mode
+    except OSError:
+        raise QlassError(missing) from None
+    if not stat.S_ISREG(mode):
+        raise QlassError(f"{config}: is {_special_kind(mode) or 'a folder'}, not a regular file; a model folder "
+                         "holds its settings in a config.json file")
 
 
 def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:

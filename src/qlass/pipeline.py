@@ -31,6 +31,7 @@ from typing import Any
 from .config import build, check_minimums, config_differences, load_extended_yaml, load_yaml, option, save_yaml, setting_changes, to_dict
 from .errors import QlassError
 from .executor import BACKENDS
+from .jsonl import require_model_folder
 from .pipeline_retrain import (
     ETO_DIR,
     RFT_DIR,
@@ -425,8 +426,8 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     # 1. expert data + SFT
     if cfg.sft_model:
         sft_dir = Path(cfg.sft_model)
-        if not (sft_dir / "config.json").exists():
-            raise QlassError(f"{config_path}: field 'sft_model': {sft_dir} is not a model folder (no config.json)")
+        require_model_folder(sft_dir, f"{config_path}: field 'sft_model': {sft_dir} is not a model folder (no "
+                                      "config.json)")
         log.info("stage 1: using the SFT checkpoint %s", sft_dir)
         ignored = [name for name in ("expert", "sft") if getattr(cfg, name)]
         if r.rft is not None or r.self_train is not None:  # their fine-tuning reads both

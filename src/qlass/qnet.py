@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import QlassError
-from .jsonl import read_json_object, write_text_atomic
+from .jsonl import read_json_object, require_model_folder, write_text_atomic
 from .models import resolve_device
 from .policy import kv
 from .policy.hf import fit_history, load_tokenizer, loading_weights
@@ -286,8 +286,7 @@ class QNet:
         from transformers.utils import logging as hf_logging
 
         sft_dir = Path(sft_dir)
-        if not (sft_dir / "config.json").exists():
-            raise QlassError(f"{sft_dir}: not a model folder (no config.json)")
+        require_model_folder(sft_dir, f"{sft_dir}: not a model folder (no config.json)")
         tokenizer = load_tokenizer(sft_dir)
         torch.manual_seed(seed)
         verbosity = hf_logging.get_verbosity()
@@ -313,8 +312,7 @@ class QNet:
         from transformers.utils import logging as hf_logging
 
         path = Path(path)
-        if not (path / "config.json").exists():
-            raise QlassError(f"{path}: not a QNet folder (no config.json)")
+        require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise QlassError(f"QNet option threads must be an integer >= 1, got {threads!r}")
         if threads:

@@ -36,6 +36,7 @@ from .data import load_trajectories, record_problems, record_to_trajectory, save
 from .envs.base import parse_action
 from .errors import QlassError
 from .evaluate import DEFAULT_CONCURRENCY, MethodRun
+from .jsonl import require_model_folder
 from .rollouts import TASK_SOURCES, play_split
 from .search import SampleConfig
 from .types import Trajectory
@@ -239,9 +240,8 @@ def run_rft(
         raise QlassError(f"{expert_path}: expert trajectory file not found (RFT adds its samples to it)")
     expert_tasks = {t.task for t in load_trajectories(expert_path) if t.task}  # a bad record is named first
     train_from = Path(base) if cfg.init == "base" else Path(model)
-    if not (train_from / "config.json").is_file():
-        which = "base model" if cfg.init == "base" else "SFT checkpoint (init='sft' fine-tunes the sampling agent)"
-        raise QlassError(f"{train_from}: the {which} is not a local model folder (no config.json)")
+    which = "base model" if cfg.init == "base" else "SFT checkpoint (init='sft' fine-tunes the sampling agent)"
+    require_model_folder(train_from, f"{train_from}: the {which} is not a local model folder (no config.json)")
     records, order = sample_training_tasks(model, env_spec, out / SAMPLES_DIR, cfg, env_kwargs, task_types,
                                            policy_kwargs, seed, backend, workers, concurrency, policy, expert_tasks)
     kept, below = kept_samples(records, order, cfg.min_reward)

@@ -138,7 +138,9 @@ class HttpEnv:
         name = self._client.field(answer, "/splits", "env", str)
         sizes = self._client.field(answer, "/splits", "splits", dict)
         for split in sizes:
-            self._client.field(sizes, "/splits", split, int)
+            if self._client.field(sizes, "/splits", split, int) < 0:
+                raise QlassError(f"env server {self._client.url}: /splits answer's {split!r} must be a number of "
+                                 f"tasks (>= 0), got {sizes[split]}")
         return name, sizes
 
     def splits(self) -> dict[str, int]:

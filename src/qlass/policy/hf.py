@@ -48,6 +48,7 @@ import torch
 from ..config import load_yaml
 from ..envs.base import parse_action
 from ..errors import DataError, QlassError
+from ..jsonl import require_model_folder
 from ..models import resolve_device
 from ..precision import use_autocast
 from ..seeding import candidate_seed
@@ -132,8 +133,8 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise QlassError(f"{path}: not a model folder (no config.json); `qlass model default` prints the default one")
+    require_model_folder(path, f"{path}: not a model folder (no config.json); `qlass model default` prints the "
+                               "default one")
     if dtype not in _DTYPES:
         raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     hf_logging.disable_progress_bar()
