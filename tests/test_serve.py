@@ -366,3 +366,34 @@ def test_answers_go_out_without_waiting_for_the_delayed_ack() -> None:
             assert accepted.proto == socket.IPPROTO_TCP  # what asyncio checks before setting TCP_NODELAY
     finally:
         sock.close()
+
+
+class SlowExpert(Probe):
+    """A :class:`Probe` whose ``expert()`` takes 2 s and counts its calls."""
+
+    expert_calls = 0
+
+    def expert(self, task: Task) -> Any:
+        type(self).expert_calls += 1
+        time.sleep(2)
+        return super().expert(task)
+
+
+def test_a_slow_expert_call_holds_no_other_task_request() -> None:
+    """The task list, prompt and expert trajectories come from one environment instance, one call at a
+    time: its answers are kept, so a slow ``/expert`` no longer holds every ``/tasks`` and ``/prompt``
+    behind it (before: each waited the 2 s), and an expert trajectory is computed once."""
+    with BackgroundServer(EnvPool(f"{__name__}:SlowExpert")) as srv:
+        assert _raw(srv.url, "GET", "/tasks?split=train")[0] == 200 and _raw(srv.url, "GET", "/prompt")[0] == 200
+        slow: list[tuple[int, Any]] = []
+        thread = threading.Thread(target=lambda: slow.append(_raw(srv.url, "GET", "/expert?task=probe/ok")))
+        thread.start()
+        time.sleep(0.5)  # the expert call is under way
+        start = time.monotonic()
+        for path in ("/tasks?split=train", "/prompt", "/splits"):
+            assert _raw(srv.url, "GET", path)[0] == 200, path
+        assert time.monotonic() - start < 1.0, "a task request waited for the expert call"
+        thread.join(timeout=20)
+        start = time.monotonic()
+        assert _raw(srv.url, "GET", "/expert?task=probe/ok") == slow[0] == (200, {"outputs": ["Action: echo x"]})
+        assert time.monotonic() - start < 1.0 and SlowExpert.expert_calls == 1

@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
@@ -31,6 +32,8 @@ IDLE_TIMEOUT = 1800.0
 SURROGATE = re.compile("[\ud800-\udfff]")
 ID_SPACE = 1 << 53
 """Instance ids are integers below this (exact in any JSON reader, JavaScript's included)."""
+KEPT_ANSWERS = 4096
+"""How many answers of the meta environment (task lists, expert trajectories ...) a pool keeps."""
 
 
 class ServeError(Exception):
@@ -115,7 +118,9 @@ def json_safe(value: Any) -> Any:
 
 class EnvPool:
     """The environment instances of one server, by id, plus one instance that answers task lists,
-    prompts and expert trajectories.
+    prompts and expert trajectories. Those answers are kept (the last :data:`KEPT_ANSWERS`;
+    environments are deterministic): the meta instance serves one call at a time, and a slow
+    ``expert()`` must not hold every ``/tasks`` and ``/prompt`` behind it.
 
     Ids are drawn at random below 2**53 (an odd multiplier and an offset, both random per pool, map the
     count of instances created so far onto them): a pool never issues one twice, and a restarted server
@@ -141,6 +146,7 @@ class EnvPool:
         self._pending = 0
         self._shut = False
         self._all_tasks: list[Task] | None = None
+        self._answers: OrderedDict[tuple[str, ...], Any] = OrderedDict()
 
     # -- instances -------------------------------------------------------------------------
     def create(self) -> int:
@@ -258,13 +264,29 @@ class EnvPool:
             env_close(self.meta)
 
     # -- tasks -----------------------------------------------------------------------------
-    def splits(self) -> dict[str, int]:
+    def _kept(self, key: tuple[str, ...], call: Callable[[Env], T]) -> T:
+        """``call(self.meta)`` (one call at a time), its answer kept under ``key`` for later requests."""
+        with self._lock:
+            if key in self._answers:
+                self._answers.move_to_end(key)
+                return self._answers[key]
         with self._meta_lock:
-            return env_call(lambda: env_splits(self.meta))
+            with self._lock:  # answered while this request waited
+                if key in self._answers:
+                    return self._answers[key]
+            answer = call(self.meta)
+        with self._lock:
+            self._answers[key] = answer
+            if len(self._answers) > KEPT_ANSWERS:
+                self._answers.popitem(last=False)
+        return answer
+
+    def splits(self) -> dict[str, int]:
+        return dict(self._kept(("splits",), lambda meta: env_call(lambda: env_splits(meta))))
 
     def tasks(self, split: str, task_types: list[str] | None = None) -> list[Task]:
-        with self._meta_lock:
-            return env_call(lambda: env_tasks(self.meta, split, task_types))
+        key = ("tasks", split, *(task_types or ()))
+        return list(self._kept(key, lambda meta: env_call(lambda: env_tasks(meta, split, task_types))))
 
     def all_tasks(self) -> list[Task]:
         """Every task, splits in the order ``splits()`` lists them (what integer indices address)."""
@@ -273,13 +295,11 @@ class EnvPool:
         return self._all_tasks
 
     def task(self, task_id: str) -> Task:
-        with self._meta_lock:
-            finder = getattr(self.meta, "task", None)
-            if callable(finder):
-                try:
-                    return finder(task_id)
-                except QlassError as exc:
-                    raise ServeError(404, str(exc)) from None
+        if callable(getattr(self.meta, "task", None)):
+            try:
+                return self._kept(("task", task_id), lambda meta: meta.task(task_id))
+            except QlassError as exc:
+                raise ServeError(404, str(exc)) from None
         for task in self.all_tasks():
             if task.id == task_id:
                 return task
@@ -292,9 +312,8 @@ class EnvPool:
         return tasks[index]
 
     def prompt(self) -> list[dict[str, str]]:
-        with self._meta_lock:
-            return [{"role": m.role, "content": m.content} for m in env_call(lambda: env_prompt(self.meta))]
+        messages = self._kept(("prompt",), lambda meta: env_call(lambda: env_prompt(meta)))
+        return [{"role": m.role, "content": m.content} for m in messages]
 
     def expert(self, task: Task) -> list[str]:
-        with self._meta_lock:
-            return env_call(lambda: env_expert(self.meta, task))
+        return list(self._kept(("expert", task.id), lambda meta: env_call(lambda: env_expert(meta, task))))
