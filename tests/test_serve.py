@@ -397,3 +397,44 @@ def test_a_slow_expert_call_holds_no_other_task_request() -> None:
         start = time.monotonic()
         assert _raw(srv.url, "GET", "/expert?task=probe/ok") == slow[0] == (200, {"outputs": ["Action: echo x"]})
         assert time.monotonic() - start < 1.0 and SlowExpert.expert_calls == 1
+
+
+def test_exhausted_file_descriptors_are_one_warning_not_a_flood() -> None:
+    """With the open-file limit reached, asyncio logged an error with a traceback for every connection it
+    could not accept (about 40 a second, 6 lines each); ``qlass serve`` now says so in one line every
+    10 s, and still stops on SIGTERM."""
+    import resource
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", SPEC, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (120, 120)))
+    clients: list[socket.socket] = []
+    try:
+        deadline = time.time() + 60
+        while not clients:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+            try:
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                time.sleep(0.3)
+        for _ in range(160):  # more than the server's 120 file descriptors
+            try:
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
+            except OSError:  # the backlog is full for a moment
+                pass
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        for sock in clients:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    warnings = [line for line in err.splitlines() if "cannot accept connections" in line]
+    assert len(clients) > 120 and len(warnings) == 1 and "Too many open files" in warnings[0], err[-3000:]
+    assert "out of system resource" not in err and "Traceback" not in err, err[-3000:]

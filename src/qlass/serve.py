@@ -84,6 +84,8 @@ stalled sockets exhausted the file descriptors)."""
 BACKLOG = 64
 """Connections the kernel queues before the server accepts them (uvicorn's 2048 let a client that
 exhausts the file descriptors flood the log with one error per queued connection)."""
+ACCEPT_WARN_EVERY = 10.0
+"""Seconds between two warnings that the server cannot accept connections (out of file descriptors)."""
 
 
 class _RequestBody:
@@ -140,9 +142,32 @@ class _RequestBody:
         await self.app(scope, replay, send)
 
 
+class _AcceptErrors:
+    """An event-loop exception handler that turns asyncio's "socket.accept() out of system resource"
+    errors (while the file descriptors are exhausted: one per queued connection, each with a
+    traceback, tens a second) into one warning line every :data:`ACCEPT_WARN_EVERY` seconds with their
+    count; any other error goes to the loop's default handler."""
+
+    def __init__(self) -> None:
+        self.count, self.last = 0, -ACCEPT_WARN_EVERY
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            loop.default_exception_handler(context)
+            return
+        self.count += 1
+        if loop.time() - self.last >= ACCEPT_WARN_EVERY:
+            exc = context.get("exception")
+            log.warning("cannot accept connections: %s (%d failed accept(s) since the last warning); raise the "
+                        "limit on open files (ulimit -n) or lower --limit-concurrency",
+                        getattr(exc, "strerror", None) or exc, self.count)
+            self.count, self.last = 0, loop.time()
+
+
 def _lifespan(pool: EnvPool) -> Callable[[Any], Any]:
     """The application's lifespan: closes ``pool``'s idle instances now and then while it serves, and
-    all of them when it stops (a SIGTERM ends the process right after, before any caller's cleanup)."""
+    all of them when it stops (a SIGTERM ends the process right after, before any caller's cleanup);
+    condenses the loop's accept errors (:class:`_AcceptErrors`)."""
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -152,6 +177,7 @@ def _lifespan(pool: EnvPool) -> Callable[[Any], Any]:
                 await asyncio.to_thread(pool.reap)
 
         task = asyncio.create_task(reap_forever()) if pool.idle_timeout else None
+        asyncio.get_running_loop().set_exception_handler(_AcceptErrors())
         try:
             yield
         finally:
