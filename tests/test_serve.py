@@ -206,9 +206,9 @@ def test_stalled_clients_are_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that stops sending its body is answered 408 and its connection closed; one that sends
     no request, or half its head, is disconnected (before: each was held for ever, and so was a server
     asked to stop; a few hundred of them exhausted the file descriptors)."""
-    import qlass.serve
+    import qlass.serve_uvicorn
 
-    monkeypatch.setattr(qlass.serve, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(qlass.serve_uvicorn, "HEADER_TIMEOUT", 0.5)
     with BackgroundServer(EnvPool(SPEC), body_timeout=0.5) as srv:
         host, port = srv.url.removeprefix("http://").split(":")
         for sent in (b"", b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a"):
@@ -355,9 +355,9 @@ def test_answers_go_out_without_waiting_for_the_delayed_ack() -> None:
     remote step, 1.0 ms with it: benchmarks/bench_http_env.py)."""
     import socket
 
-    from qlass.serve import _bind
+    from qlass.serve_uvicorn import bind
 
-    sock = _bind("127.0.0.1", 0)
+    sock = bind("127.0.0.1", 0)
     try:
         assert sock.proto == socket.IPPROTO_TCP
         client = socket.create_connection(sock.getsockname())

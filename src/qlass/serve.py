@@ -28,7 +28,8 @@ integers below 2**53 that a restarted server does not reissue; an instance unuse
 seconds (default 30 minutes) is closed, its client taken for dead. Ids and indices must be JSON
 integers (not ``true``, ``"3"`` or ``3.0``), strings valid Unicode (no lone surrogate such as a
 ``\\ud800`` escape) and bodies UTF-8 JSON, sent whole within ``body_timeout`` seconds (408 after; a
-connection without a whole request head after :data:`HEADER_TIMEOUT` seconds is closed).
+connection without a whole request head after :data:`qlass.serve_uvicorn.HEADER_TIMEOUT` seconds is
+closed).
 
 Every failure is answered as ``{"error": message}`` with its status: 4xx for bad requests
 (unknown id, task, split or path, wrong method, malformed body, a body over ``max_request_bytes`` (413),
@@ -46,7 +47,6 @@ Nothing here authenticates: the server binds to 127.0.0.1 unless told otherwise.
 
 import asyncio
 import logging
-import socket
 import threading
 import uuid
 from contextlib import asynccontextmanager
@@ -65,6 +65,7 @@ from .serve_pool import (
     refuse_non_text,
     task_dict,
 )
+from .serve_uvicorn import LIMIT_CONCURRENCY, AcceptErrors, bind, url_of, uvicorn_server
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,6 @@ MAX_REQUEST_BYTES = 1 << 20
 """Default limit on a request body (a step's model output is a few kilobytes)."""
 BODY_TIMEOUT = 30.0
 """Default seconds a client has to send a request's whole body (408 after)."""
-LIMIT_CONCURRENCY = 256
-"""Default number of open connections (or requests) beyond which requests are answered 503."""
-SHUTDOWN_GRACE = 3
-"""Seconds a stopping server waits for the requests under way before it cancels them."""
-HEADER_TIMEOUT = 10.0
-"""Seconds a new connection has to send a whole request head (uvicorn waits for ever, so a few hundred
-stalled sockets exhausted the file descriptors)."""
-BACKLOG = 64
-"""Connections the kernel queues before the server accepts them (uvicorn's 2048 let a client that
-exhausts the file descriptors flood the log with one error per queued connection)."""
-ACCEPT_WARN_EVERY = 10.0
-"""Seconds between two warnings that the server cannot accept connections (out of file descriptors)."""
 
 
 class _RequestBody:
@@ -142,32 +131,10 @@ class _RequestBody:
         await self.app(scope, replay, send)
 
 
-class _AcceptErrors:
-    """An event-loop exception handler that turns asyncio's "socket.accept() out of system resource"
-    errors (while the file descriptors are exhausted: one per queued connection, each with a
-    traceback, tens a second) into one warning line every :data:`ACCEPT_WARN_EVERY` seconds with their
-    count; any other error goes to the loop's default handler."""
-
-    def __init__(self) -> None:
-        self.count, self.last = 0, -ACCEPT_WARN_EVERY
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if context.get("message") != "socket.accept() out of system resource":
-            loop.default_exception_handler(context)
-            return
-        self.count += 1
-        if loop.time() - self.last >= ACCEPT_WARN_EVERY:
-            exc = context.get("exception")
-            log.warning("cannot accept connections: %s (%d failed accept(s) since the last warning); raise the "
-                        "limit on open files (ulimit -n) or lower --limit-concurrency",
-                        getattr(exc, "strerror", None) or exc, self.count)
-            self.count, self.last = 0, loop.time()
-
-
 def _lifespan(pool: EnvPool) -> Callable[[Any], Any]:
     """The application's lifespan: closes ``pool``'s idle instances now and then while it serves, and
     all of them when it stops (a SIGTERM ends the process right after, before any caller's cleanup);
-    condenses the loop's accept errors (:class:`_AcceptErrors`)."""
+    condenses the loop's accept errors (:class:`AcceptErrors`)."""
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -177,7 +144,7 @@ def _lifespan(pool: EnvPool) -> Callable[[Any], Any]:
                 await asyncio.to_thread(pool.reap)
 
         task = asyncio.create_task(reap_forever()) if pool.idle_timeout else None
-        asyncio.get_running_loop().set_exception_handler(_AcceptErrors())
+        asyncio.get_running_loop().set_exception_handler(AcceptErrors())
         try:
             yield
         finally:
@@ -340,77 +307,6 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
     return app
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (``port=0``: a free one), or a clear error."""
-    # proto IPPROTO_TCP: asyncio then sets TCP_NODELAY on accepted connections (it checks the listening
-    # socket's proto); without it a small answer waited about 40 ms for the client's delayed ACK
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(BACKLOG)  # connections queue from now on, before the server thread accepts them
-    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0..65535
-        sock.close()
-        raise QlassError(f"serve: cannot listen on {host}:{port}: {exc}") from None
-    return sock
-
-
-def _server(pool: EnvPool, limit_concurrency: int = LIMIT_CONCURRENCY, **app_options: Any) -> Any:
-    """The uvicorn server of ``pool``'s application (``app_options``: :func:`create_app`'s): beyond
-    ``limit_concurrency`` open connections or requests it answers 503, a connection that sends no request
-    head within :data:`HEADER_TIMEOUT` seconds is closed; stopping, it waits :data:`SHUTDOWN_GRACE`
-    seconds for the requests under way, and says so."""
-    uvicorn = require("uvicorn", "serve")
-    if limit_concurrency < 1:
-        raise QlassError(f"serve: limit_concurrency must be >= 1, got {limit_concurrency}")
-
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets: Any = None) -> None:
-            if self.server_state.tasks:
-                log.warning("stopping: waiting up to %d s for %d request(s) under way", SHUTDOWN_GRACE,
-                            len(self.server_state.tasks))
-            await super().shutdown(sockets)
-
-    class Protocol(H11Protocol):  # type: ignore[misc]
-        """uvicorn's HTTP/1.1 protocol, closing a connection whose request head is not complete within
-        :data:`HEADER_TIMEOUT` seconds of it opening or sending its first bytes of one."""
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self.head_timer = self.loop.call_later(HEADER_TIMEOUT, self.no_head)
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            waiting = self.conn.their_state is h11.IDLE  # for a (whole) request head
-            if waiting and self.head_timer is None:
-                self.head_timer = self.loop.call_later(HEADER_TIMEOUT, self.no_head)
-            elif not waiting and self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-            super().connection_lost(exc)
-
-        def no_head(self) -> None:
-            self.head_timer = None
-            if self.conn.their_state is h11.IDLE:
-                self.timeout_keep_alive_handler()  # closes the connection
-
-    # a long keep-alive so that clients thinking for seconds between steps keep their connection
-    return Server(uvicorn.Config(create_app(pool, **app_options), http=Protocol, log_level="warning",
-                                 timeout_keep_alive=75, timeout_graceful_shutdown=SHUTDOWN_GRACE,
-                                 limit_concurrency=limit_concurrency, backlog=BACKLOG))
-
-
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 class BackgroundServer:
     """A server on its own thread (tests, notebooks): ``url`` while running, ``stop()`` to end it.
 
@@ -421,9 +317,9 @@ class BackgroundServer:
     def __init__(self, pool: EnvPool, host: str = "127.0.0.1", port: int = 0,
                  limit_concurrency: int = LIMIT_CONCURRENCY, **app_options: Any) -> None:
         self.pool = pool
-        self._sock = _bind(host, port)
-        self.url = _url(host, self._sock.getsockname()[1])
-        self._server = _server(pool, limit_concurrency, **app_options)
+        self._sock = bind(host, port)
+        self.url = url_of(host, self._sock.getsockname()[1])
+        self._server = uvicorn_server(create_app(pool, **app_options), limit_concurrency)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
 
@@ -456,16 +352,18 @@ def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: di
 
         env_args = default_env_args(env_spec, env_args)
         log.info("agentgym protocol: %s options %s", env_spec, env_args)
-    sock = _bind(host, port)
+    sock = bind(host, port)
     try:
         pool = EnvPool(env_spec, env_args, max_instances, idle_timeout)
         try:
             if host not in ("127.0.0.1", "localhost", "::1"):
-                log.warning("serving on %s: anyone who can reach it can drive the environment (no authentication)", host)
-            server = _server(pool, limit_concurrency, docs=docs, max_request_bytes=max_request_bytes,
-                             protocol=protocol, agentgym_games=agentgym_games)  # refuses a missing game list first
+                log.warning("serving on %s: anyone who can reach it can drive the environment (no "
+                            "authentication)", host)
+            app = create_app(pool, docs=docs, max_request_bytes=max_request_bytes, protocol=protocol,
+                             agentgym_games=agentgym_games)  # refuses a missing game list first
+            server = uvicorn_server(app, limit_concurrency)
             sizes = ", ".join(f"{k} {v}" for k, v in pool.splits().items())
-            log.info("serving %s (%s) on %s", pool.name, sizes, _url(host, sock.getsockname()[1]))
+            log.info("serving %s (%s) on %s", pool.name, sizes, url_of(host, sock.getsockname()[1]))
             server.run(sockets=[sock])
         finally:
             pool.shutdown()
