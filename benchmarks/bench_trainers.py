@@ -44,7 +44,7 @@ from qlass.config import parse_kv
 from qlass.data import load_trajectories
 from qlass.jsonl import read_jsonl
 from qlass.models import default_model_dir
-from qlass.policy.hf import load_causal_lm
+from qlass.policy.loading import load_causal_lm
 from qlass.qnet_data import ranking_metrics, spearman
 from qlass.training.sft import SFTConfig, encode_windows, split_indices
 

@@ -33,7 +33,7 @@ import torch
 
 from qlass.decision_report import ReportConfig, read_decisions, score_decisions
 from qlass.errors import QlassError
-from qlass.policy.hf import load_causal_lm
+from qlass.policy.loading import load_causal_lm
 from qlass.policy.render import encode_conversation
 from qlass.types import Message
 

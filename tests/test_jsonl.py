@@ -140,7 +140,7 @@ def test_a_named_pipe_where_a_json_file_or_model_config_belongs_is_named_not_rea
 import sys
 from qlass.errors import QlassError
 from qlass.jsonl import read_json_object
-from qlass.policy.hf import load_causal_lm
+from qlass.policy.loading import load_causal_lm
 from qlass.qnet import QNet
 for call in (lambda: read_json_object(sys.argv[1] + "/config.json"), lambda: load_causal_lm(sys.argv[1]),
              lambda: QNet.load(sys.argv[1]), lambda: QNet.from_sft(sys.argv[1])):

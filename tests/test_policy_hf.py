@@ -13,11 +13,11 @@ from qlass.envs.base import parse_action
 from qlass.errors import QlassError
 from qlass.policy import check_policy_options
 from qlass.policy.base import SampleJob
-from qlass.policy.hf import SEED_STRIDE, HFPolicy
+from qlass.policy.hf import HFPolicy
 from qlass.policy.outputs import complete_action
 from qlass.policy.render import encode_conversation
 from qlass.policy.sampling import filter_probs
-from qlass.seeding import candidate_seed
+from qlass.seeding import SEED_STRIDE, candidate_seed
 from qlass.types import Message
 
 HIST = [Message("user", "Instruction: act."), Message("assistant", "OK"), Message("user", "Task: find a plant.")]

@@ -12,7 +12,7 @@ import torch
 from test_qnet_train import synthetic_qdata
 
 from qlass.errors import DataError, QlassError
-from qlass.policy.hf import load_causal_lm
+from qlass.policy.loading import load_causal_lm
 from qlass.qnet import QNet, backbone_of, sequence_hidden
 from qlass.qnet_data import read_qdata
 from qlass.qnet_head import FEATURES_FILE, QNetHeadConfig, fit_head, train_qnet_head

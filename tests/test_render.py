@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from qlass.policy.hf import default_keep_prefix, fit_history
-from qlass.policy.render import encode_conversation, ensure_chat_template, render, truncate_history
+from qlass.policy.render import (
+    default_keep_prefix,
+    encode_conversation,
+    ensure_chat_template,
+    fit_history,
+    render,
+    truncate_history,
+)
 from qlass.types import Message
 
 CONV = [

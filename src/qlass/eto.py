@@ -296,7 +296,7 @@ def run_eto(
 
 def _pair_tokens(model: Path) -> Callable[[PreferencePair], int]:
     """A pair's length in tokens as DPO encodes it, with ``model``'s tokenizer."""
-    from .policy.hf import load_tokenizer
+    from .policy.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     return lambda pair: pair_length(encode_pair(tokenizer, pair))

@@ -22,7 +22,7 @@ encoded, so the Auto class reads the same position as :meth:`QNet.score` (tested
 
 Truncation: a candidate keeps its last ``max_action_tokens`` tokens; the history gets the rest of
 ``max_length`` (a fixed budget, so a candidate's value never depends on its siblings). Too-long
-histories lose their oldest turns first (:func:`~qlass.policy.hf.fit_history`, as the policy does, keeping the
+histories lose their oldest turns first (:func:`~qlass.policy.render.fit_history`, as the policy does, keeping the
 instruction prefix and task turn; the newest turn is always kept), then, if still too long, their
 oldest tokens.
 
@@ -50,8 +50,8 @@ from .errors import QlassError
 from .jsonl import read_json_object, require_model_folder, write_text_atomic
 from .models import resolve_device
 from .policy import kv
-from .policy.hf import fit_history, load_tokenizer, loading_weights
-from .policy.render import encode_conversation, ensure_chat_template
+from .policy.loading import load_tokenizer, loading_weights
+from .policy.render import encode_conversation, ensure_chat_template, fit_history
 from .precision import bf16_autocast, use_autocast
 from .training.configs import RANKS
 from .types import History, Message

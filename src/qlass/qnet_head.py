@@ -203,7 +203,7 @@ def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg:
     into ``out/features.jsonl`` (resumable; a folder whose features came from other inputs or
     settings, or in another precision than this machine computes them in, is refused; one stamped
     before the precision was recorded is checked on the rest)."""
-    from .policy.hf import load_causal_lm
+    from .policy.loading import load_causal_lm
 
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
     lm, _ = load_causal_lm(sft_dir)

@@ -54,7 +54,7 @@ def loglik_scores(sft_dir: str | Path, rows: Sequence[PackedRow], autocast: bool
                   device: str = "cpu") -> tuple[list[float], list[float]]:
     """The SFT policy's log-probability of each record's action given its history: per action token
     (mean) and summed, every record of ``rows`` in order."""
-    from .policy.hf import load_causal_lm
+    from .policy.loading import load_causal_lm
 
     lm, _ = load_causal_lm(sft_dir)
     lm.to(device)

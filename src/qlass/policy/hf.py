@@ -35,137 +35,32 @@ history at a time and without reuse across calls.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import load_yaml
 from ..envs.base import parse_action
-from ..errors import DataError, QlassError
-from ..jsonl import require_model_folder
+from ..errors import QlassError
 from ..models import resolve_device
 from ..precision import use_autocast
-from ..seeding import candidate_seed
+from ..seeding import candidate_seed, history_seeds
 from ..types import Completion, History, Message
 from . import kv
 from .base import SampleJob
+from .loading import SFT_RECORD, fine_tuned_length, load_causal_lm
 from .outputs import complete_action, final_output
-from .render import encode_conversation, ensure_chat_template, truncate_history
+from .render import encode_conversation, fit_history
 from .sampling import DistinctGuard, Row, distinct_rounds, filter_probs
 from .scoring import score_outputs
 
 log = logging.getLogger(__name__)
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
-SEED_STRIDE = 1_000_003
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_keep_prefix(messages: Sequence[Message]) -> int:
-    """Messages to keep when truncating: everything up to the task turn, i.e. the last user turn
-    that is not an ``Observation:`` (the agent loop's layout)."""
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].role == "user" and not messages[i].content.startswith("Observation:"):
-            return i + 1
-    return min(1, len(messages))
-
-
-def fit_history(history: Sequence[Message], fits: Callable[[Sequence[Message]], bool]) -> list[Message]:
-    """``history`` itself if it ``fits``; else :func:`truncate_history` keeping the instruction prefix
-    and task turn (:func:`default_keep_prefix`), the cut found by binary search.
-
-    ``truncate_history`` tries ever shorter conversations, one ``fits`` (a full re-encoding) per
-    dropped turn; the conversations it would try get shorter monotonically, so the first that fits
-    is found with O(log turns) encodings and then cut by ``truncate_history`` itself."""
-    if fits(history):
-        return list(history)
-    keep = default_keep_prefix(history)
-    head, body = list(history[:keep]), list(history[keep:])
-    sizes = [len(body)]  # body lengths truncate_history tries, in order
-    while sizes[-1] > 1:
-        sizes.append(sizes[-1] - 2 if sizes[-1] > 2 else sizes[-1] - 1)
-    lo, hi = 0, len(sizes) - 1  # sizes[hi] is the answer if nothing longer fits
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(head + body[len(body) - sizes[mid]:]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return truncate_history(history, keep, lambda msgs: len(msgs) <= keep + sizes[lo])
-
-
-SFT_RECORD = "sft_config.yaml"
-"""The options file ``qlass sft`` writes into the model folder it makes (its ``max_length`` is read here)."""
-
-
-def fine_tuned_length(model_dir: Path) -> int | None:
-    """The ``max_length`` that ``qlass sft`` fine-tuned the model in ``model_dir`` at, if it recorded one."""
-    try:
-        value = load_yaml(model_dir / SFT_RECORD).get("max_length")
-    except (DataError, OSError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def history_seeds(seed: int | Sequence[int] | None, count: int, rng: random.Random) -> list[int]:
-    """The base seed of each of ``count`` histories: ``seed`` itself when it is a list (one per history),
-    ``seed + i * SEED_STRIDE`` for one int, fresh draws from ``rng`` for ``None``."""
-    if seed is None:
-        base = rng.getrandbits(31)
-        return [base + i * SEED_STRIDE for i in range(count)]
-    if isinstance(seed, int):
-        return [seed + i * SEED_STRIDE for i in range(count)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != count:
-        raise ValueError(f"got {len(seeds)} seeds for {count} histories")
-    return seeds
-
-
-def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """Load a causal-LM folder and its tokenizer (with a chat template), quietly and in eval mode."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    path = Path(path)
-    require_model_folder(path, f"{path}: not a model folder (no config.json); `qlass model default` prints the "
-                               "default one")
-    if dtype not in _DTYPES:
-        raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    hf_logging.disable_progress_bar()
-    tokenizer = ensure_chat_template(load_tokenizer(path))
-    with loading_weights(path, "model"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).eval()
-    return model, tokenizer
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer of model folder ``path``; a folder without a usable one is a :class:`QlassError`
-    naming it (not transformers' traceback)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QlassError(f"{path}: no usable tokenizer in this model folder (tokenizer.json and "
-                         f"tokenizer_config.json, as save_pretrained writes them): {first}") from None
-
-
-@contextlib.contextmanager
-def loading_weights(path: Path, what: str) -> Iterator[None]:
-    """A truncated or corrupt weights file in ``path`` as one :class:`QlassError` naming the folder."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (SafetensorError, OSError) as exc:
-        raise QlassError(f"{path}: cannot load the {what}'s weights ({' '.join(str(exc).split())})") from None
 
 
 class HFPolicy:

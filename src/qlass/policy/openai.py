@@ -59,11 +59,10 @@ from typing import Any
 
 from ..errors import QlassError
 from ..jsonl import is_text
-from ..seeding import candidate_seed
+from ..seeding import candidate_seed, history_seeds
 from ..types import Completion, History, Message
-from .hf import fit_history, history_seeds
 from .outputs import final_output
-from .render import encode_conversation, ensure_chat_template, render
+from .render import encode_conversation, ensure_chat_template, fit_history, render
 
 log = logging.getLogger(__name__)
 

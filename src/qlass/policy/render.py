@@ -96,3 +96,36 @@ def truncate_history(
     while len(body) > 1 and not fits(head + body):
         body = body[2:] if len(body) > 2 else body[1:]
     return head + body
+
+
+def default_keep_prefix(messages: Sequence[Message]) -> int:
+    """Messages to keep when truncating: everything up to the task turn, i.e. the last user turn
+    that is not an ``Observation:`` (the agent loop's layout)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].role == "user" and not messages[i].content.startswith("Observation:"):
+            return i + 1
+    return min(1, len(messages))
+
+
+def fit_history(history: Sequence[Message], fits: Callable[[Sequence[Message]], bool]) -> list[Message]:
+    """``history`` itself if it ``fits``; else :func:`truncate_history` keeping the instruction prefix
+    and task turn (:func:`default_keep_prefix`), the cut found by binary search.
+
+    ``truncate_history`` tries ever shorter conversations, one ``fits`` (a full re-encoding) per
+    dropped turn; the conversations it would try get shorter monotonically, so the first that fits
+    is found with O(log turns) encodings and then cut by ``truncate_history`` itself."""
+    if fits(history):
+        return list(history)
+    keep = default_keep_prefix(history)
+    head, body = list(history[:keep]), list(history[keep:])
+    sizes = [len(body)]  # body lengths truncate_history tries, in order
+    while sizes[-1] > 1:
+        sizes.append(sizes[-1] - 2 if sizes[-1] > 2 else sizes[-1] - 1)
+    lo, hi = 0, len(sizes) - 1  # sizes[hi] is the answer if nothing longer fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(head + body[len(body) - sizes[mid]:]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return truncate_history(history, keep, lambda msgs: len(msgs) <= keep + sizes[lo])

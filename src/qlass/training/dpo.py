@@ -29,7 +29,7 @@ from typing import Any
 from ..config import config_hash, save_yaml, to_dict
 from ..data import ValidationReport, load_records, record_problems, record_to_trajectory
 from ..errors import DataError
-from ..policy.hf import load_causal_lm
+from ..policy.loading import load_causal_lm
 from ..types import Trajectory
 from .common import (
     DONE_MARK,

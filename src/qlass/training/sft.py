@@ -13,7 +13,7 @@ newline the template puts after it) included, so the model learns to stop; every
 record, not targets.
 
 Where the task turn is (:func:`prefix_length`): the agent loop's layout, shared with inference
-(:func:`qlass.policy.hf.default_keep_prefix`) — observations are ``Observation: ...`` user turns,
+(:func:`qlass.policy.render.default_keep_prefix`) — observations are ``Observation: ...`` user turns,
 so the task turn is the last user turn that is not one. Data whose observations lack that marker
 falls back to: the prefix ends before the first agent turn with an ``Action:`` line.
 
@@ -50,8 +50,8 @@ import torch
 from ..config import config_hash, save_yaml, to_dict
 from ..data import ACTION_LINE, load_trajectories
 from ..errors import DataError, QlassError
-from ..policy.hf import SFT_RECORD, default_keep_prefix, load_causal_lm
-from ..policy.render import encode_conversation, truncate_history
+from ..policy.loading import SFT_RECORD, load_causal_lm
+from ..policy.render import default_keep_prefix, encode_conversation, truncate_history
 from ..types import Message, Trajectory
 from .common import (
     DONE_MARK,

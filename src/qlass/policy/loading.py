@@ -1,0 +1,72 @@
+"""Loading a local model folder for the policy, SFT and the QNet: its causal LM and tokenizer, with one
+clear :class:`~qlass.errors.QlassError` naming the folder for a missing config, tokenizer or a
+damaged weights file, and the sequence length ``qlass sft`` fine-tuned it at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import load_yaml
+from ..errors import DataError, QlassError
+from ..jsonl import require_model_folder
+from .render import ensure_chat_template
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SFT_RECORD = "sft_config.yaml"
+"""The options file ``qlass sft`` writes into the model folder it makes (its ``max_length`` is read here)."""
+
+
+def fine_tuned_length(model_dir: Path) -> int | None:
+    """The ``max_length`` that ``qlass sft`` fine-tuned the model in ``model_dir`` at, if it recorded one."""
+    try:
+        value = load_yaml(model_dir / SFT_RECORD).get("max_length")
+    except (DataError, OSError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a causal-LM folder and its tokenizer (with a chat template), quietly and in eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    require_model_folder(path, f"{path}: not a model folder (no config.json); `qlass model default` prints the "
+                               "default one")
+    if dtype not in DTYPES:
+        raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    hf_logging.disable_progress_bar()
+    tokenizer = ensure_chat_template(load_tokenizer(path))
+    with loading_weights(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of model folder ``path``; a folder without a usable one is a :class:`QlassError`
+    naming it (not transformers' traceback)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QlassError(f"{path}: no usable tokenizer in this model folder (tokenizer.json and "
+                         f"tokenizer_config.json, as save_pretrained writes them): {first}") from None
+
+
+@contextlib.contextmanager
+def loading_weights(path: Path, what: str) -> Iterator[None]:
+    """A truncated or corrupt weights file in ``path`` as one :class:`QlassError` naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise QlassError(f"{path}: cannot load the {what}'s weights ({' '.join(str(exc).split())})") from None
