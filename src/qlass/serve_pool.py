@@ -118,9 +118,10 @@ def json_safe(value: Any) -> Any:
 
 class EnvPool:
     """The environment instances of one server, by id, plus one instance that answers task lists,
-    prompts and expert trajectories. Those answers are kept (the last :data:`KEPT_ANSWERS`;
-    environments are deterministic): the meta instance serves one call at a time, and a slow
-    ``expert()`` must not hold every ``/tasks`` and ``/prompt`` behind it.
+    prompts and expert trajectories. Those answers are kept (whole splits' task lists, the prompt, and
+    the last :data:`KEPT_ANSWERS` expert trajectories and task look-ups; environments are
+    deterministic): the meta instance serves one call at a time, and a slow ``expert()`` must not hold
+    every ``/tasks`` and ``/prompt`` behind it.
 
     Ids are drawn at random below 2**53 (an odd multiplier and an offset, both random per pool, map the
     count of instances created so far onto them): a pool never issues one twice, and a restarted server
@@ -285,8 +286,10 @@ class EnvPool:
         return dict(self._kept(("splits",), lambda meta: env_call(lambda: env_splits(meta))))
 
     def tasks(self, split: str, task_types: list[str] | None = None) -> list[Task]:
-        key = ("tasks", split, *(task_types or ()))
-        return list(self._kept(key, lambda meta: env_call(lambda: env_tasks(meta, split, task_types))))
+        if task_types:  # not kept: a client could ask for any number of combinations of types
+            with self._meta_lock:
+                return env_call(lambda: env_tasks(self.meta, split, task_types))
+        return list(self._kept(("tasks", split), lambda meta: env_call(lambda: env_tasks(meta, split, None))))
 
     def all_tasks(self) -> list[Task]:
         """Every task, splits in the order ``splits()`` lists them (what integer indices address)."""
