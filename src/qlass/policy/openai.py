@@ -23,36 +23,17 @@ when set (vLLM, SGLang and llama.cpp take ``min_p``; hosted APIs may refuse it).
 when the server reports none. A reply of the wrong shape (a missing or mistyped field) is a
 :class:`~qlass.errors.QlassError` naming the URL and the field path, e.g. ``choices[0].message.content``.
 
-Requests time out (the whole answer must arrive within ``timeout``); 429, 5xx, timeouts and broken
-connections are retried with exponential backoff (honouring ``Retry-After``). A refused connection
-(nothing listens there) is not retried: it fails at once, naming the URL. The API key is read from
-an environment variable (``OPENAI_API_KEY`` unless told otherwise) and sent only in the
-``Authorization`` header; error texts and log lines show it as ``***`` (a server or proxy may echo
-it back). Redirects are followed as curl and ``requests`` follow them: one to the same origin keeps
-the header, one to another origin (scheme, host or port differ) goes without it, with a warning
-naming both origins, so the key never reaches a host it was not given for. Log-probabilities must be
-numbers <= 0 and texts valid Unicode; an HTTP 200 answer carrying ``{"error": ...}`` shows its message.
-
-Transport is the standard library's ``urllib`` rather than ``httpx``: a request here lasts
-seconds (a whole generation), so connection pooling would save nothing measurable, while the retry,
-backoff and timeout policy is ours either way; it keeps the core free of another dependency tree.
+Log-probabilities must be numbers <= 0 and texts valid Unicode; an HTTP 200 answer carrying
+``{"error": ...}`` shows its message. Timeouts, retries, the API key and redirects:
+:mod:`qlass.policy.openai_http`.
 """
 
 from __future__ import annotations
 
-import http.client
-import ipaddress
-import json
 import logging
 import math
-import os
 import random
-import re
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -61,14 +42,13 @@ from ..errors import QlassError
 from ..jsonl import is_text
 from ..seeding import candidate_seed, history_seeds
 from ..types import Completion, History, Message
+from .openai_http import ApiClient
 from .outputs import final_output
 from .render import encode_conversation, ensure_chat_template, fit_history, render
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STOP = ("\nObservation:", "\nThought:", "<|im_end|>")
-_RETRY_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _MISSING = object()
 LLAMA_CPP_PLAIN = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
 LOGPROB_SLACK = 1e-4
@@ -148,25 +128,12 @@ class OpenAIPolicy:
         if max_length is not None and self.tokenizer is None:
             raise QlassError("max_length needs tokenizer= to count prompt tokens")
         self.endpoint = endpoint
-        for name, value, positive in (("timeout", timeout, True), ("max_retries", max_retries, False),
-                                      ("backoff", backoff, False), ("max_backoff", max_backoff, False)):
-            if (value <= 0) if positive else (value < 0):
-                raise QlassError(f"policy option {name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-        self.timeout, self.max_retries = float(timeout), int(max_retries)
-        self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.concurrency = max(1, int(concurrency))
         self.stop = list(stop)
         self.logprobs = bool(logprobs)
         self.max_length = max_length
-        self._api_key = os.environ.get(api_key_env, "").strip() or None
-        if self._api_key is None:
-            log.debug("no API key in $%s; sending requests without one", api_key_env)
-        elif not all("!" <= ch <= "~" for ch in self._api_key):
-            raise QlassError(f"${api_key_env} holds spaces, control or non-ASCII characters, which an HTTP "
-                             "header cannot carry")
-        self._opener = _opener_for(self.base_url, self._redact)
+        self._api = ApiClient(self.base_url, api_key_env, timeout, max_retries, backoff, max_backoff, seed + 1)
         self._rng = random.Random(seed)
-        self._jitter = random.Random(seed + 1)
         self._warned_null = False
         self.model = model or ""
         if not self.model:
@@ -229,66 +196,12 @@ class OpenAIPolicy:
         want = 1 if temperature == 0 else n
         got: list[Completion] = []
         while len(got) < want:
-            reply = self._request(path, dict(body, n=want - len(got), seed=candidate_seed(seed, len(got))))
+            reply = self._api.request(path, dict(body, n=want - len(got), seed=candidate_seed(seed, len(got))))
             got.extend(self._parse(reply, path, prompt_ids)[: want - len(got)])
         return got * n if want == 1 else got
 
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """POST ``body`` (GET when ``None``) and return the JSON reply, retrying transient failures."""
-        url = self.base_url + path
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        for attempt in range(self.max_retries + 1):
-            delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + self._jitter.random())
-            try:
-                log.debug("%s %s (attempt %d)", "GET" if data is None else "POST", url, attempt + 1)
-                request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
-                deadline = time.monotonic() + self.timeout
-                with self._opener.open(request, timeout=self.timeout) as resp:
-                    raw = _read_by(resp, deadline, url, self.timeout)
-                break
-            except urllib.error.HTTPError as exc:
-                try:
-                    detail = self._redact(exc.read(65536).decode("utf-8", "replace"))[:300]
-                except (OSError, http.client.HTTPException):
-                    detail = "(body unreadable)"
-                if exc.code != 429 and exc.code < 500:
-                    where = url if exc.url == url else f"{url} (redirected to {self._redact(exc.url)})"
-                    raise QlassError(f"{where}: HTTP {exc.code}: {detail}") from None
-                problem = f"HTTP {exc.code}: {detail}"
-                retry_after = (exc.headers.get("Retry-After", "") if exc.headers else "").strip()
-                if re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,9})?", retry_after):  # seconds (ASCII digits only)
-                    delay = min(self.max_backoff, float(retry_after))
-            except _RETRY_ERRORS as exc:
-                reason = getattr(exc, "reason", exc)
-                if isinstance(reason, ConnectionRefusedError):
-                    raise QlassError(f"{url}: connection refused (is the server running?); not retried") from None
-                problem = self._redact(f"{type(exc).__name__}: {reason}")
-            if attempt == self.max_retries:
-                raise QlassError(f"{url}: giving up after {attempt + 1} attempts; last error {problem}")
-            log.warning("%s: %s; retrying in %.1f s", url, problem, delay)
-            time.sleep(delay)
-        try:
-            reply = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise QlassError(f"{url}: response is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-        except RecursionError:
-            raise QlassError(f"{url}: response is not usable JSON (nested too deeply)") from None
-        except ValueError:
-            shown = self._redact(raw[:4096].decode("utf-8", "replace"))[:200]
-            raise QlassError(f"{url}: response is not JSON: {shown!r}") from None
-        if not isinstance(reply, dict):
-            raise QlassError(f"{url}: response is not a JSON object")
-        return reply
-
-    def _redact(self, text: str) -> str:
-        """``text`` with the API key shown as ``***``."""
-        return text.replace(self._api_key, "***") if self._api_key else text
-
     def _first_model(self) -> str:
-        data = self._request("/models").get("data")
+        data = self._api.request("/models").get("data")
         first = data[0] if isinstance(data, list) and data else None
         if not isinstance(first, dict) or not isinstance(first.get("id"), str) or not first["id"]:
             raise QlassError(f"{self.base_url}/models lists no model (no string data[0].id); pass model=<name>")
@@ -302,7 +215,7 @@ class OpenAIPolicy:
         if choices is _MISSING and reply.get("error") is not None:  # an error answered with HTTP 200
             error = reply["error"]
             message = error.get("message", error) if isinstance(error, dict) else error
-            raise QlassError(f"{where}: the server answered an error: {self._redact(str(message))[:300]}")
+            raise QlassError(f"{where}: the server answered an error: {self._api.redact(str(message))[:300]}")
         if not isinstance(choices, list) or not choices:
             raise _malformed(where, "choices", choices, "a non-empty list")
         texts, cut, token_lists, logprobs = [], [], [], []
@@ -387,20 +300,6 @@ def _token_logprobs(logprobs: Any, where: str, field: str) -> list[float]:
     return [float(x) for x in values if x is not None]
 
 
-def _read_by(resp: http.client.HTTPResponse, deadline: float, url: str, timeout: float) -> bytes:
-    """The body of ``resp``, read as it arrives; past ``deadline`` a :class:`TimeoutError` (retried):
-    the socket timeout alone restarts with every byte, so a server trickling its answer would hold
-    the request for ever."""
-    parts = []
-    while True:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}: the answer did not arrive within {timeout:g} s (raise timeout=...)")
-        part = resp.read1(65536)
-        if not part:
-            return b"".join(parts)
-        parts.append(part)
-
-
 def _count(usage: dict[str, Any], name: str, where: str) -> int | None:
     """``usage[name]`` as a token count, ``None`` when the server left it out."""
     value = usage.get(name)
@@ -432,45 +331,3 @@ def _apportion(total: int, weights: list[int]) -> list[int]:
     for i in sorted(range(len(raw)), key=lambda i: raw[i] - parts[i], reverse=True)[: total - sum(parts)]:
         parts[i] += 1
     return parts
-
-
-def _origin(url: str) -> str:
-    """``scheme://host:port`` of ``url``, the port filled in from the scheme when absent."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port or _DEFAULT_PORTS.get(scheme)
-    except ValueError:  # a port out of range: an origin of its own
-        port = parts.netloc.rpartition(":")[2]
-    return f"{scheme}://{parts.hostname or ''}:{port}"
-
-
-class _KeepKeyInOrigin(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, dropping ``Authorization`` from one that leaves the origin (scheme, host, port)."""
-
-    def __init__(self, redact: Callable[[str], str]) -> None:
-        self.redact = redact
-
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and new.has_header("Authorization") and _origin(newurl) != _origin(req.full_url):
-            new.remove_header("Authorization")
-            log.warning("%s redirected to another origin, %s; following without the API key",
-                        self.redact(_origin(req.full_url)), self.redact(_origin(newurl)))
-        return new
-
-
-def _opener_for(base_url: str, redact: Callable[[str], str]) -> urllib.request.OpenerDirector:
-    """An opener that keeps the API key within the origin (see :class:`_KeepKeyInOrigin`) and ignores
-    proxy settings for loopback servers (uses them otherwise)."""
-    parts = urllib.parse.urlsplit(base_url)
-    if parts.scheme not in ("http", "https"):
-        raise QlassError(f"{base_url}: not an http(s) URL")
-    host = parts.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    proxies = urllib.request.ProxyHandler({}) if loopback else urllib.request.ProxyHandler()
-    return urllib.request.build_opener(proxies, _KeepKeyInOrigin(redact))
