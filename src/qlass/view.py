@@ -12,190 +12,29 @@ HTML. A Content-Security-Policy allows only the page's own script (by hash) and 
 from __future__ import annotations
 
 import base64
-import codecs
-import contextlib
 import csv
-import gzip
 import hashlib
 import html
 import json
 import logging
 import math
 import os
-import re
-import stat
-import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
-from .jsonl import GZIP_MAGIC, check_output_file, write_text_atomic
+from .jsonl import check_output_file, write_text_atomic
 from .tree import BackupConfig, Tree, compute_q, contrast_pairs, read_tree_records, tree_summary
+from .view_inputs import (
+    KINDS,
+    detect_kind,
+    find_inputs,
+)
 
 log = logging.getLogger(__name__)
 
 VIEW_SCHEMA_VERSION = 1
-KINDS = ("trees", "records", "decisions")
-MAX_SCAN_DEPTH = 3
-"""How deep below a run folder :func:`find_inputs` looks for input files."""
-
-
-# -- what a file is --------------------------------------------------------------------------
-SNIFF_BYTES = 1 << 20
-"""How much of a file's first line :func:`_first_fields` reads to tell what the file is."""
-
-
-def _first_line(path: Path) -> tuple[bytes, bool] | None:
-    """The first non-blank line of ``path`` (decompressed where gzip-compressed, without a byte order mark),
-    at most :data:`SNIFF_BYTES` of it, and whether that is the whole line; None when the file has none."""
-    with open(path, "rb") as raw:
-        compressed = raw.read(2) == GZIP_MAGIC
-        raw.seek(0)
-        with gzip.GzipFile(fileobj=raw) if compressed else contextlib.nullcontext(raw) as fh:
-            if fh.read(3) != codecs.BOM_UTF8:
-                fh.seek(0)
-            line = fh.readline(SNIFF_BYTES)
-            while line and not line.strip():
-                line = fh.readline(SNIFF_BYTES)
-    return (line, line.endswith(b"\n") or len(line) < SNIFF_BYTES) if line else None
-
-
-def _leading_fields(text: str) -> set[str] | None:
-    """The fields of the JSON object that ``text`` begins, as far as ``text`` reaches (None when ``text``
-    does not begin an object)."""
-    skip, decoder = re.compile(r"\s*").match, json.JSONDecoder()
-    at = skip(text).end()
-    if not text.startswith("{", at):
-        return None
-    fields: set[str] = set()
-    while text.startswith('"', at := skip(text, at + 1).end()):
-        try:
-            name, at = json.decoder.scanstring(text, at + 1)
-            if not text.startswith(":", at := skip(text, at).end()):
-                break
-            fields.add(name)
-            at = decoder.raw_decode(text, skip(text, at + 1).end())[1]
-        except (ValueError, RecursionError):  # the text ends inside this field
-            break
-        if not text.startswith(",", at := skip(text, at).end()):
-            break
-    return fields
-
-
-def _first_fields(path: Path) -> set[str] | None:
-    """The fields of the first record of a JSON Lines file, gzip-compressed or not (None when the file has
-    no record). Only :data:`SNIFF_BYTES` of the first line are read: of a longer one, the fields that
-    begin within them (qlass writes the fields that tell a file's kind before the long ones)."""
-    try:
-        first = _first_line(path)
-        if first is None:
-            return None
-        line, whole = first
-        if not whole:
-            fields = _leading_fields(codecs.getincrementaldecoder("utf-8")().decode(line))
-            if fields is None:
-                raise QlassError(f"{path}: the first line is longer than {SNIFF_BYTES >> 20} MiB and does not "
-                                 "begin a JSON object; not JSON Lines")
-            return fields
-        rec = json.loads(line.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, EOFError, zlib.error) as exc:
-        raise QlassError(f"{path}: not JSON Lines ({exc})") from None
-    except gzip.BadGzipFile as exc:
-        raise QlassError(f"{path}: gzip-compressed but damaged ({exc})") from None
-    if not isinstance(rec, dict):
-        raise QlassError(f"{path}: the first line is JSON but not an object")
-    return set(rec)
-
-
-def _kind_of(fields: set[str]) -> str | None:
-    if "nodes" in fields and "tree_id" in fields:
-        return "trees"
-    if "method" in fields and "trajectory" in fields:
-        return "records"
-    if "candidates" in fields and "history" in fields:
-        return "decisions"
-    return None
-
-
-def detect_kind(path: str | os.PathLike) -> str:
-    """``run`` for a folder, else ``trees``, ``records`` or ``decisions`` by the file's first record;
-    anything else (a named pipe or device included: reading one could block for ever) raises
-    :class:`QlassError` naming the path."""
-    p = Path(path)
-    try:
-        mode = p.stat().st_mode
-    except FileNotFoundError:
-        raise QlassError(f"{p}: no such file or folder") from None
-    if stat.S_ISDIR(mode):
-        return "run"
-    if not stat.S_ISREG(mode):
-        raise QlassError(f"{p}: not a regular file or folder; qlass view reads trees, records and decisions files "
-                         "and run folders")
-    fields = _first_fields(p)
-    if fields is None:
-        raise QlassError(f"{p}: the file holds no record")
-    kind = _kind_of(fields)
-    if kind is None:
-        raise QlassError(f"{p}: not a trees.jsonl, records.jsonl or decisions file "
-                         f"(its first record has the fields {', '.join(sorted(fields)[:12]) or '(none)'})")
-    return kind
-
-
-def _walk(root: Path) -> list[Path]:
-    """The regular files under ``root`` and its folders down to :data:`MAX_SCAN_DEPTH` (hidden names left
-    out), in path order. Links are followed, but each folder is read and each file listed once, where it is
-    nearest ``root`` (a link to a parent folder would loop)."""
-    top = _identity(root)
-    seen, found, level = {top[1]} if top else set(), [], [root]
-    for depth in range(MAX_SCAN_DEPTH + 1):
-        below = []
-        for folder in level:
-            try:
-                entries = sorted(folder.iterdir())
-            except OSError:
-                continue
-            for e in entries:
-                ident = _identity(e)
-                if e.name.startswith(".") or ident is None or ident[1] in seen:
-                    continue
-                seen.add(ident[1])
-                if stat.S_ISDIR(ident[0]) and depth < MAX_SCAN_DEPTH:
-                    below.append(e)
-                elif stat.S_ISREG(ident[0]):
-                    found.append(e)
-        level = below
-    return sorted(found, key=lambda p: p.parts)
-
-
-def _identity(path: Path) -> tuple[int, tuple[int, int]] | None:
-    """The mode of ``path`` and its (device, inode), links followed; None when it cannot be read (a
-    dangling link)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mode, (st.st_dev, st.st_ino)
-
-
-def find_inputs(folder: str | os.PathLike) -> dict[str, list[Path]]:
-    """The viewable files under a run folder: ``trees``, ``records`` and ``decisions`` (JSON Lines
-    files recognised by their first record) and ``results`` (``results.json`` files)."""
-    found: dict[str, list[Path]] = {k: [] for k in (*KINDS, "results")}
-    for p in _walk(Path(folder)):
-        if p.name == "results.json":
-            found["results"].append(p)
-        elif p.name.endswith((".jsonl", ".jsonl.gz")) and not p.name.endswith((".tasks.jsonl", ".tasks.jsonl.gz")):
-            try:
-                fields = _first_fields(p)
-            except QlassError as exc:  # a file qlass writes under these names is worth a word; others are not
-                known = p.name in ("trees.jsonl", "records.jsonl", "qdata.jsonl") or "decisions" in p.name
-                (log.warning if known else log.debug)("skipping %s: %s", p, exc)
-                continue
-            kind = _kind_of(fields) if fields else None
-            if kind:
-                found[kind].append(p)
-    return found
 
 
 # -- the page's data ---------------------------------------------------------------------------
