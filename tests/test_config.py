@@ -100,7 +100,7 @@ def test_sft_defaults_are_the_paper_table5_and_cpu_config_loads() -> None:
 def test_pipeline_config_checks_every_section_before_any_work(tmp_path: Path) -> None:
     """``qlass run`` resolves the whole file first: a bad backend or a bad stage option names the
     file and the field; shipped configs resolve."""
-    from qlass.pipeline import resolve
+    from qlass.pipeline_config import resolve
 
     with pytest.raises(QlassError, match=r"p\.yaml: field 'backend' must be one of local, process, ray"):
         resolve({"backend": "threads"}, "p.yaml")
@@ -124,47 +124,47 @@ def test_run_folder_accepts_older_config_files_but_not_changed_settings(tmp_path
     defaults) or runtime options; a changed training setting is refused."""
     import yaml
 
-    from qlass.pipeline import _save_resolved, resolve
+    from qlass.pipeline_config import resolve, save_resolved
 
     run = tmp_path / "run"
     data = {"run_dir": str(run), "sft": {"epochs": 1, "lr": 1.0e-4}}
-    _save_resolved(resolve(data, "p.yaml"))
+    save_resolved(resolve(data, "p.yaml"))
     (run / "sft").mkdir()
     (run / "sft" / ".qlass-complete").write_text("sft x\n")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     del saved["sft"]["gradient_checkpointing"], saved["sft_model"]  # as written by an older qlass
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    _save_resolved(resolve({**data, "sft": {**data["sft"], "threads": 1}, "workers": 2}, "p.yaml"))
+    save_resolved(resolve({**data, "sft": {**data["sft"], "threads": 1}, "workers": 2}, "p.yaml"))
     with pytest.raises(QlassError, match=r"other settings \(sft\.lr: 0\.0001 → 0\.0002\)"):
-        _save_resolved(resolve({**data, "sft": {"epochs": 1, "lr": 2.0e-4}}, "p.yaml"))
+        save_resolved(resolve({**data, "sft": {"epochs": 1, "lr": 2.0e-4}}, "p.yaml"))
 
 
 def test_run_folder_refuses_changed_settings_of_every_stage_with_outputs(tmp_path: Path) -> None:
     """Exploration, Q data and QNet settings are checked once their outputs exist (also when stage 1
     is an existing checkpoint); task limits may grow; a refused run leaves config.yaml as it was."""
-    from qlass.pipeline import _save_resolved, resolve
+    from qlass.pipeline_config import resolve, save_resolved
 
     run = tmp_path / "run"
     data = {"run_dir": str(run), "sft_model": "sft-a", "explore": {"limit": 4, "candidates": 2},
             "qnet": {"lr": 1.0e-4}}
-    _save_resolved(resolve(data, "p.yaml"))
+    save_resolved(resolve(data, "p.yaml"))
     saved = (run / "config.yaml").read_text()
     # nothing done yet: any change is accepted
-    _save_resolved(resolve({**data, "explore": {"limit": 4, "candidates": 3}}, "p.yaml"))
-    _save_resolved(resolve(data, "p.yaml"))
+    save_resolved(resolve({**data, "explore": {"limit": 4, "candidates": 3}}, "p.yaml"))
+    save_resolved(resolve(data, "p.yaml"))
     (run / "trees.jsonl").write_text("")
-    _save_resolved(resolve({**data, "explore": {"limit": 8, "candidates": 2}}, "p.yaml"))
+    save_resolved(resolve({**data, "explore": {"limit": 8, "candidates": 2}}, "p.yaml"))
     for changed, message in (({"explore": {"limit": 4, "candidates": 3}}, "explore.candidates: 2 → 3"),
                              ({"sft_model": "sft-b"}, "sft_model: 'sft-a' → 'sft-b'")):
         with pytest.raises(QlassError, match=re.escape(message)):
-            _save_resolved(resolve({**data, **changed}, "p.yaml"))
-    _save_resolved(resolve({**data, "qnet": {"lr": 2.0e-5}}, "p.yaml"))  # no QNet yet
-    _save_resolved(resolve(data, "p.yaml"))
+            save_resolved(resolve({**data, **changed}, "p.yaml"))
+    save_resolved(resolve({**data, "qnet": {"lr": 2.0e-5}}, "p.yaml"))  # no QNet yet
+    save_resolved(resolve(data, "p.yaml"))
     (run / "qnet").mkdir()
     for changed, message in (({"qnet": {"lr": 2.0e-5}}, "qnet.lr: 0.0001 → 2e-05"),
                              ({"qdata": {"normalize": True}}, "qdata.normalize: False → True")):
         with pytest.raises(QlassError, match=re.escape(message)):
-            _save_resolved(resolve({**data, **changed}, "p.yaml"))
+            save_resolved(resolve({**data, **changed}, "p.yaml"))
     assert (run / "config.yaml").read_text() == saved
 
 
@@ -173,24 +173,25 @@ def test_run_folder_refuses_a_reused_expert_export_of_other_settings_or_unknown_
     (not only once SFT finished); a run folder holding outputs whose config.yaml is gone or emptied is
     refused rather than resumed under whatever settings come; a missing expert.data is an error, not
     a file to export into."""
-    from qlass.pipeline import _expert_and_sft, _save_resolved, resolve
+    from qlass.pipeline import _expert_and_sft
+    from qlass.pipeline_config import resolve, save_resolved
 
     run = tmp_path / "run"
     data = {"run_dir": str(run), "env": "toy_envs:Corridor"}
-    _save_resolved(resolve(data, "p.yaml"))
+    save_resolved(resolve(data, "p.yaml"))
     (run / "expert.json").write_text("[]")
     with pytest.raises(QlassError, match=re.escape("expert.per_task: 10 → 2")):
-        _save_resolved(resolve({**data, "expert": {"per_task": 2}}, "p.yaml"))
+        save_resolved(resolve({**data, "expert": {"per_task": 2}}, "p.yaml"))
     (run / "config.yaml").write_text("{}\n")
     with pytest.raises(QlassError, match=r"holds expert\.json but .*config\.yaml does not record 'model', 'env'"):
-        _save_resolved(resolve(data, "p.yaml"))
+        save_resolved(resolve(data, "p.yaml"))
     (run / "config.yaml").unlink()
     (run / "trees.jsonl").write_text("")
     with pytest.raises(QlassError, match=r"holds trees\.jsonl but .*config\.yaml is missing"):
-        _save_resolved(resolve(data, "p.yaml"))
+        save_resolved(resolve(data, "p.yaml"))
     assert not (run / "config.yaml").exists()
     (run / "trees.jsonl").unlink()  # an expert file put in a new run folder by hand is used, not refused
-    _save_resolved(resolve({**data, "expert": {"data": str(run / "expert.json")}}, "p.yaml"))
+    save_resolved(resolve({**data, "expert": {"data": str(run / "expert.json")}}, "p.yaml"))
     gone = tmp_path / "nowhere" / "expert.json"
     with pytest.raises(QlassError, match=r"expert\.data: .*nowhere/expert\.json not found"):
         _expert_and_sft(resolve({**data, "run_dir": str(tmp_path / "r2"), "expert": {"data": str(gone)}}, "p.yaml"),
@@ -199,7 +200,7 @@ def test_run_folder_refuses_a_reused_expert_export_of_other_settings_or_unknown_
 
 
 def test_pipeline_checks_methods_policy_and_env_options_before_any_work() -> None:
-    from qlass.pipeline import resolve
+    from qlass.pipeline_config import resolve
 
     with pytest.raises(QlassError, match=r"p\.yaml: eval\.methods: method 'qlass': unknown option\(s\) 'mm'"):
         resolve({"eval": {"methods": ["greedy", "qlass:mm=2"]}}, "p.yaml")

@@ -296,7 +296,7 @@ def test_pipeline_trains_and_evaluates_the_eto_agent(walker: tuple[Path, Path], 
 
 
 def test_pipeline_eto_section_is_checked_before_any_work() -> None:
-    from qlass.pipeline import pipeline_options, resolve
+    from qlass.pipeline_config import pipeline_options, resolve
 
     for data, message in (
         ({"eto": {"iteratons": 2}}, r"p\.yaml: eto: unknown option\(s\) 'iteratons' \(did you mean 'iterations'\?\)"),
@@ -317,7 +317,7 @@ def test_pipeline_eto_section_is_checked_before_any_work() -> None:
 
 def test_under_limited_supervision_eto_pairs_only_with_the_experts_sft_saw(walker: tuple[Path, Path],
                                                                           tmp_path: Path) -> None:
-    from qlass.pipeline import resolve
+    from qlass.pipeline_config import resolve
     from qlass.pipeline_retrain import supervised_expert_data
     from qlass.training.sft import limit_trajectories
 

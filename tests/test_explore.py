@@ -33,7 +33,8 @@ from qlass.explore import ExploreConfig, build_tree, explore_tasks, tree_seed
 from qlass.explore_config import expert_task_ids, exploration_tasks, explore_digest
 from qlass.jsonl import read_jsonl
 from qlass.perturb import diversity_prompt
-from qlass.pipeline import _exploration_tasks, resolve
+from qlass.pipeline import _exploration_tasks
+from qlass.pipeline_config import resolve
 from qlass.search import normalise_action
 from qlass.seeding import candidate_seed, stable_seed
 from qlass.tree import Tree, qdata_records, read_trees

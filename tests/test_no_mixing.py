@@ -246,20 +246,20 @@ def test_eval_offset_takes_the_tasks_after_a_limit_and_a_folder_without_it_still
 # -- qlass run folders -----------------------------------------------------------------------------
 
 def test_run_folder_refuses_other_seed_policy_or_server_once_the_policy_made_outputs(tmp_path: Path) -> None:
-    from qlass.pipeline import _save_resolved, resolve
+    from qlass.pipeline_config import resolve, save_resolved
 
     base = {"run_dir": str(tmp_path / "run"), "model": "m", "env": "test_explore:Rooms", "policy": {"threads": 1}}
-    _save_resolved(resolve(base, "p.yaml"))
-    _save_resolved(resolve({**base, "seed": 3}, "p.yaml"))  # nothing made by the policy yet
+    save_resolved(resolve(base, "p.yaml"))
+    save_resolved(resolve({**base, "seed": 3}, "p.yaml"))  # nothing made by the policy yet
     (tmp_path / "run" / "trees.jsonl").write_text("")
     for named, changed in (("policy.dtype: (unset) → 'bfloat16'", {"policy": {"threads": 1, "dtype": "bfloat16"}}),
                            ("seed: 3 → 0", {}),
                            ("policy_server: None → 'http://127.0.0.1:9/v1'",
                             {"seed": 3, "policy": {}, "policy_server": "http://127.0.0.1:9/v1"})):
         with pytest.raises(QlassError, match="other settings") as err:
-            _save_resolved(resolve({**base, **changed}, "p.yaml"))
+            save_resolved(resolve({**base, **changed}, "p.yaml"))
         assert named in str(err.value)
-    _save_resolved(resolve({**base, "seed": 3, "policy": {"threads": 4, "cache_slots": 20}}, "p.yaml"))  # runtime
+    save_resolved(resolve({**base, "seed": 3, "policy": {"threads": 4, "cache_slots": 20}}, "p.yaml"))  # runtime
 
 
 # -- SFT and QNet runs, and their resume bookkeeping -----------------------------------------------

@@ -241,7 +241,7 @@ def test_pipeline_trains_and_evaluates_the_rft_and_self_trained_agents(tiny_mode
 
 
 def test_pipeline_sections_for_retrained_agents_are_checked_before_any_work() -> None:
-    from qlass.pipeline import resolve
+    from qlass.pipeline_config import resolve
 
     for data, message in (
         ({"rft": {"sampels": 2}}, r"p\.yaml: rft: unknown option\(s\) 'sampels' \(did you mean 'samples'\?\)"),

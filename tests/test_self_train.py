@@ -206,7 +206,8 @@ def test_bad_self_training_inputs_are_named_errors(tiny_model_dir: Path, tmp_pat
 
 def test_the_shipped_self_training_config_runs_all_three_rewards_and_rft_without_a_qnet() -> None:
     from qlass.config import load_yaml
-    from qlass.pipeline import _uses_qnet, resolve
+    from qlass.pipeline import _uses_qnet
+    from qlass.pipeline_config import resolve
 
     path = TESTS.parent / "configs" / "self-train.yaml"
     r = resolve(load_yaml(path), str(path))

@@ -1,5 +1,5 @@
 """The pipeline's retrained-agent baselines (``rft:``, ``eto:`` and ``self_train:`` sections of ``qlass
-run``): their options, the checks :func:`qlass.pipeline.resolve` runs before any work, and the stage
+run``): their options, the checks :func:`qlass.pipeline_config.resolve` runs before any work, and the stage
 that trains each agent after the main evaluation, evaluates it greedily on the same tasks and puts
 its row (``rft (greedy)``, ``eto (greedy)``, ``self-train[q] (greedy)`` ...) beside the main rows in
 ``results/``.
@@ -16,7 +16,7 @@ from .config import build, option, to_dict
 from .errors import QlassError
 
 if TYPE_CHECKING:
-    from .pipeline import PipelineConfig, Resolved
+    from .pipeline_config import PipelineConfig, Resolved
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Expert data → SFT → exploration trees → Q data → QNet → evaluation, skipping finished stages."""
         from ..errors import QlassError
-        from ..pipeline import pipeline_options, run_pipeline
+        from ..pipeline import run_pipeline
+        from ..pipeline_config import pipeline_options
         from ..report import markdown_table
 
         if list_options:
