@@ -47,8 +47,8 @@ def register(app: typer.Typer) -> None:
         """Build one exploration tree per task (paper stage 2) and append it to OUT; rerun to resume."""
         from ..config import describe, load_config, parse_kv
         from ..envs.base import env_close, env_tasks, make_env
-        from ..executor import make_executor
         from ..evaluate import cache_for
+        from ..executor import make_executor
         from ..explore import EXPLORE_CACHE_PER_TREE, ExploreConfig, explore_tasks
         from ..explore_config import expert_task_ids, exploration_tasks
         from ..tree import tree_summary

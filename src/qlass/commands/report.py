@@ -31,7 +31,14 @@ def register(app: typer.Typer) -> None:
         shards combined, or a run stopped part-way: by default restricted to tasks every method played)."""
         from ..compare import check_confidence
         from ..errors import QlassError
-        from ..report import common_tasks, markdown_table, read_records, side_by_side_table, write_report, write_side_by_side
+        from ..report import (
+            common_tasks,
+            markdown_table,
+            read_records,
+            side_by_side_table,
+            write_report,
+            write_side_by_side,
+        )
 
         check_confidence(confidence)
         twice = sorted({b for b in baseline if baseline.count(b) > 1})
