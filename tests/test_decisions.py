@@ -553,3 +553,30 @@ def test_cli_leaves_out_the_tasks_of_a_trajectory_file(tmp_path: Path) -> None:
     finished = {json.loads(x)["task"] for x in out.with_suffix(".tasks.jsonl").read_text().splitlines()}
     assert finished == {"fork/seen/5"} | {f"fork/unseen/{i}" for i in range(6)}
     assert "exclude_tasks_of" in out.with_suffix(".config.yaml").read_text()
+
+
+class OddLogprobs(ScriptedPolicy):
+    """Fork's scripted policy whose second sampled candidate has log-probability ``odd``: a policy that
+    gives none for some candidates, a server's -inf, or one rounded just above 0."""
+
+    def __init__(self, odd: float | None) -> None:
+        super().__init__()
+        self.odd = odd
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None) -> list[list[Completion]]:
+        rows = super().sample(histories, n, temperature, max_new_tokens, seed)
+        return [[Completion(c.text, c.prompt_tokens, c.completion_tokens, self.odd, c.truncated)
+                 if j == 1 and n > 1 else c for j, c in enumerate(row)] for row in rows]
+
+
+@pytest.mark.parametrize("odd", [None, float("-inf"), 1e-5])
+def test_log_probabilities_the_readers_refuse_stop_the_collection_first(tmp_path: Path, odd: float | None) -> None:
+    """The readers take a finite log-probability <= 0 for every candidate of a decision, or none; the
+    collector wrote whatever the policy gave (some candidates without one, a server's -inf ...), so a run
+    ended well and then its resume, report, to-qdata and cv-head refused the whole file. Such a policy
+    now stops the collection before its first rollout, with nothing written."""
+    out = tmp_path / "d.jsonl"
+    with pytest.raises(QlassError, match=r"decisions: at task fork/seen/0 step 0 the policy gave the candidates "
+                                         r"log-probabilities \[-0\.5, .*\]; a decision needs a finite number <= 0"):
+        collect_decisions(Fork, Fork().tasks("seen")[:1], OddLogprobs(odd), DecisionConfig(m=3, k=2), out)
+    assert not out.exists() or read_jsonl(out) == []

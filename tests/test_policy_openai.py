@@ -589,3 +589,14 @@ def test_the_openai_backend_loads_without_torch() -> None:
     done = subprocess.run([sys.executable, "-c", "import sys, qlass.policy.openai; print('torch' in sys.modules)"],
                           capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_token_log_probabilities_rounded_just_above_zero_count_as_zero(scripted: Any) -> None:
+    """A server may round a near-certain token's log-probability to a tiny positive number; it is taken
+    (within LOGPROB_SLACK) as 0, so the sum stays a log-probability (it was 1.5e-4 for three such tokens,
+    which every decision reader then refused)."""
+    tokens = [{"token": "T", "logprob": 5e-5}] * 3 + [{"token": "U", "logprob": -0.25}]
+    server = scripted((200, {}, _chat(message=GOOD, logprobs={"content": tokens}), 0))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", logprobs=True, backoff=0.01)
+    [[completion]] = policy.sample([HIST])
+    assert completion.logprob == -0.25

@@ -25,6 +25,7 @@ recorded decisions kept, a torn last line cut); one with other settings is refus
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,7 @@ from .agent import apply_output, check_sample_counts, episode_running, executed_
 from .candidates import normalise_action
 from .config import check_recorded, option, save_yaml
 from .envs.base import Env, env_close, parse_action
-from .errors import DataError
+from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, Sample, drive
@@ -173,6 +174,17 @@ def merge_candidates(completions: Sequence[Completion], anchored: bool) -> tuple
     return cands, index
 
 
+def _check_logprobs(task: Task, step: int, cands: Sequence[Any]) -> None:
+    """Refuse, before any rollout is spent, a decision whose log-probabilities the decision readers
+    would refuse: they need a finite number <= 0 for every candidate, or none at all."""
+    values = [c.completion.logprob for c in cands]
+    if all(v is None for v in values) or all(v is not None and -math.inf < v <= 0 for v in values):
+        return
+    raise QlassError(f"decisions: at task {task.id} step {step} the policy gave the candidates log-probabilities "
+                     f"{values}; a decision needs a finite number <= 0 for every candidate, or none (a server that "
+                     "leaves them out for some choices: run it with logprobs=false)")
+
+
 def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[_Play]:
     """Play ``task`` along the greedy (or sampled) path, collecting its decision states."""
     env = pool.take()
@@ -201,6 +213,7 @@ def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[
                 at = 1 if cfg.play == "sample" and anchored else 0
                 chosen, played = pool_of[at], index.get(at)
             if len(cands) >= 2:
+                _check_logprobs(task, t, cands)
                 found.append(_Decision(task, t, list(sent), list(messages), cands, played,
                                        len(pool_of), sum(c.truncated for c in pool_of)))
             sent.append(executed_text(chosen))  # a truncated output is sent without its unfinished action

@@ -297,7 +297,7 @@ def _token_logprobs(logprobs: Any, where: str, field: str) -> list[float]:
         if value is not None and (math.isnan(value) or value > LOGPROB_SLACK):
             raise QlassError(f"{where}: malformed response: {path} is {value!r}, expected a log-probability "
                              "(a number <= 0)")
-    return [float(x) for x in values if x is not None]
+    return [min(float(x), 0.0) for x in values if x is not None]  # rounded above 0: a probability of 1
 
 
 def _count(usage: dict[str, Any], name: str, where: str) -> int | None:
