@@ -101,6 +101,33 @@ def test_features_are_not_resumed_in_another_precision(tiny_model_dir: Path, tmp
         precision.cpu_runs_bf16.cache_clear()
 
 
+def test_features_are_not_resumed_after_the_input_or_the_model_changed_at_the_same_path(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The feature folder recorded only the paths of its Q data and model: rewritten or replaced there,
+    a rerun reused the old features for other histories and actions, or another model's, silently.
+    Each record's features now carry a digest of its history and action, and the stamp the model
+    files' sizes and times."""
+    import shutil
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=4)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "head"
+    cfg = QNetHeadConfig(**{**CFG, "l2": [1.0]})
+    train_qnet_head(data, model, out, cfg)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    changed = [{**r, "action": r["action"] + " now"} if i == 0 else r for i, r in enumerate(rows)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    with pytest.raises(QlassError, match=r"features of record .* were computed from another history or action"):
+        train_qnet_head(data, model, out, cfg)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_qnet_head(data, model, out, cfg)  # the same input again: resumed
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # the model replaced at the same path (here: rewritten)
+    with pytest.raises(QlassError, match="features were computed with .*model_files"):
+        train_qnet_head(data, model, out, cfg)
+
+
 def test_bad_settings_and_too_few_trees_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=3)
     with pytest.raises(DataError, match="3 trees cannot be split into 4 folds"):

@@ -29,6 +29,7 @@ an hour per model on this CPU, too slow to cross-validate. Here the backbone sta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -95,15 +96,28 @@ def record_key(r: QRecord) -> str:
     return f"{r.tree_id}/{r.node_id}"
 
 
+def record_digest(r: QRecord) -> str:
+    """A digest of what a record's features are computed from (its history and action)."""
+    text = json.dumps([[[m.role, m.content] for m in r.messages], r.action], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, source: str,
                     cache_slots: int = 8) -> dict[str, tuple[np.ndarray, float, float]]:
     """Per record key (``tree/node``): its feature (the SFT backbone's hidden state at the action's last
     token), and the SFT policy's mean and summed log-probability of the action's tokens. Computed
-    records are appended to ``out`` (one line per sibling group) and read back on a rerun."""
+    records are appended to ``out`` (one line per sibling group, with each record's
+    :func:`record_digest`) and read back on a rerun; a record whose history or action differs from
+    the one its stored features were computed from is refused (the input changed at the same path)."""
     have: dict[str, tuple[np.ndarray, float, float]] = {}
+    digests = {record_key(r): record_digest(r) for r in records}
     for row in read_jsonl(out, repair_tail=True):
-        for key, feat, mean, total in zip(row["keys"], row["features"], row["loglik_mean"], row["loglik_sum"],
-                                          strict=True):
+        for j, (key, feat, mean, total) in enumerate(zip(row["keys"], row["features"], row["loglik_mean"],
+                                                         row["loglik_sum"], strict=True)):
+            stored = row["digests"][j] if "digests" in row else None  # rows written before digests: not checked
+            if stored is not None and key in digests and stored != digests[key]:
+                raise QlassError(f"{out}: the features of record {key} were computed from another history or "
+                                 f"action than {source} now holds (it changed at the same path); use another --out")
             have[key] = (np.asarray(feat, np.float32), float(mean), float(total))
     groups = [g for g in make_groups(records, source) if any(record_key(r) not in have for r in g.records)]
     if have:
@@ -130,7 +144,8 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
                 sums.append(total)
                 means.append(total / len(ids))
             keys = [record_key(r) for r in group.records]
-            append_jsonl(out, {"keys": keys, "features": [[round(float(x), 5) for x in f] for f in feats],
+            append_jsonl(out, {"keys": keys, "digests": [digests[k] for k in keys],
+                               "features": [[round(float(x), 5) for x in f] for f in feats],
                                "loglik_mean": means, "loglik_sum": sums})
             for k, f, m, s in zip(keys, feats, means, sums):
                 have[k] = (f.numpy().astype(np.float32), m, s)
@@ -197,6 +212,14 @@ def cross_validate_head(records: Sequence[QRecord], feats: dict[str, tuple[np.nd
     return sorted(results, key=lambda res: (-accuracy(res), -res["l2"]))
 
 
+def model_files(model_dir: str | Path) -> dict[str, list[int]]:
+    """Size and modification time (ns) of a model folder's config and weight files: a model replaced at
+    the same path changes them."""
+    folder = Path(model_dir)
+    files = sorted([folder / "config.json", *folder.glob("*.safetensors")])
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
+
+
 def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg: QNetHeadConfig, source: str
                 ) -> tuple[QNet, dict[str, tuple[np.ndarray, float, float]]]:
     """A QNet on the SFT backbone (its head still untrained) and every record's features, computed
@@ -209,11 +232,12 @@ def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg:
     lm, _ = load_causal_lm(sft_dir)
     settings = {"qdata": source, "sft": str(sft_dir), "max_length": cfg.max_length,
                 "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast,
-                "precision": "bf16" if use_autocast(cfg.autocast, lm.device) else "fp32"}
+                "precision": "bf16" if use_autocast(cfg.autocast, lm.device) else "fp32",
+                "model_files": model_files(sft_dir)}
     stamp = out / "features.settings.json"
     if stamp.exists():
         saved = json.loads(stamp.read_text())
-        if {"precision": settings["precision"], **saved} != settings:
+        if {"precision": settings["precision"], "model_files": settings["model_files"], **saved} != settings:
             raise QlassError(f"{out}: its features were computed with {stamp.read_text().strip()}, not "
                              f"{json.dumps(settings)}; use another --out")
     write_text_atomic(stamp, json.dumps(settings) + "\n")
