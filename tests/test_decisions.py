@@ -436,6 +436,14 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
         (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))  # \\udc80 escaped
         with pytest.raises(DataError, match=rf"bad.jsonl, record 1 .*field '{re.escape(field)}"):
             read_decisions([tmp_path / "bad.jsonl"])
+    # a history without the task (none, or only assistant turns) crashed the QNet rankers and cv-head with
+    # a chat-template traceback, and to-qdata wrote Q data its reader refused
+    for history in ([], [{"role": "assistant", "content": "Thought: t\nAction: look"}]):
+        recs = hand_built()
+        recs[1]["history"] = history
+        write_jsonl(tmp_path / "bad.jsonl", recs)
+        with pytest.raises(DataError, match=r"bad.jsonl, record 1 .*field 'history' holds no system or user message"):
+            read_decisions([tmp_path / "bad.jsonl"])
 
 
 def test_resuming_a_collection_needs_its_recorded_settings(tmp_path: Path) -> None:

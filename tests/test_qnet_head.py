@@ -136,3 +136,5 @@ def test_bad_settings_and_too_few_trees_are_named_errors(tiny_model_dir: Path, t
         QNetHeadConfig(l2=[0.0])
     with pytest.raises(QlassError, match="folds must be >= 2"):
         QNetHeadConfig(folds=1)
+    with pytest.raises(QlassError, match="seed must be >= 0"):  # numpy refused it only after every feature
+        QNetHeadConfig(seed=-3)

@@ -119,6 +119,9 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
         if not is_text(m["content"]):
             raise DataError(str(path), f"field 'history[{k}].content' holds an unpaired surrogate (\\ud800-\\udfff), "
                             "which is not text", i, rid)
+    if not any(m["role"] != "assistant" for m in rec["history"]):
+        raise DataError(str(path), "field 'history' holds no system or user message (the state a decision is made "
+                        "in starts with the task)", i, rid)
     for j, c in enumerate(rec["candidates"]):
         if not isinstance(c, dict):
             raise DataError(str(path), f"field 'candidates[{j}]' must be an object, got {type(c).__name__}", i, rid)

@@ -89,6 +89,8 @@ class QNetHeadConfig:
             raise QlassError("qnet-head: need 1 <= max_action_tokens < max_length")
         if self.threads is not None and self.threads < 1:
             raise QlassError(f"qnet-head: threads must be >= 1 or null, got {self.threads}")
+        if self.seed < 0:
+            raise QlassError(f"qnet-head: seed must be >= 0, got {self.seed}")
 
 
 def record_key(r: QRecord) -> str:
