@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,3 +139,24 @@ def test_bad_settings_and_too_few_trees_are_named_errors(tiny_model_dir: Path, t
         QNetHeadConfig(folds=1)
     with pytest.raises(QlassError, match="seed must be >= 0"):  # numpy refused it only after every feature
         QNetHeadConfig(seed=-3)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda out: (out / "features.settings.json").write_text("[1, 2]\n"), "expected a JSON object"),
+    (lambda out: (out / "features.settings.json").write_text("{not json\n"), "not valid JSON"),
+    (lambda out: (out / FEATURES_FILE).write_text('{"a": 1}\n'), "line 1: a feature row holds the lists"),
+    (lambda out: (out / FEATURES_FILE).write_text(
+        json.dumps({**json.loads((out / FEATURES_FILE).read_text().splitlines()[0]), "loglik_sum": [0.0]}) + "\n"),
+     "line 1: its lists differ in length"),
+])
+def test_a_damaged_feature_folder_is_named_not_a_traceback(tiny_model_dir: Path, tmp_path: Path, damage: Any,
+                                                            message: str) -> None:
+    """A damaged features.settings.json or features.jsonl was a JSONDecodeError, TypeError or KeyError
+    traceback (a feature of the wrong width a matmul error after the whole cross-validation)."""
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=4)
+    out = tmp_path / "head"
+    cfg = QNetHeadConfig(**{**CFG, "l2": [1.0]})
+    train_qnet_head(data, tiny_model_dir, out, cfg)
+    damage(out)
+    with pytest.raises(QlassError, match=message):
+        train_qnet_head(data, tiny_model_dir, out, cfg)

@@ -44,7 +44,7 @@ import torch
 
 from .config import option, to_dict
 from .errors import DataError, QlassError
-from .jsonl import append_jsonl, read_jsonl, write_text_atomic
+from .jsonl import append_jsonl, read_json_object, read_jsonl, write_text_atomic
 from .locking import writes_to
 from .policy import kv
 from .precision import use_autocast
@@ -104,6 +104,21 @@ def record_digest(r: QRecord) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _check_row(path: Path, line: int, row: Any, width: int) -> None:
+    """A :class:`DataError` naming ``path``, the line and the field of a feature row that is not what
+    :func:`record_features` writes (``width``: the backbone's hidden size)."""
+    fields = ("keys", "features", "loglik_mean", "loglik_sum")
+    if not isinstance(row, dict) or not all(isinstance(row.get(f), list) for f in fields):
+        raise DataError(str(path), f"line {line}: a feature row holds the lists {', '.join(fields)} (damaged? "
+                        "delete the file, or use another --out)")
+    if "digests" in row:
+        fields += ("digests",)
+    lengths = {len(row[f]) if isinstance(row[f], list) else -1 for f in fields}
+    if len(lengths) != 1 or not all(isinstance(f, list) and len(f) == width for f in row["features"]):
+        raise DataError(str(path), f"line {line}: its lists differ in length, or a feature is not {width} numbers "
+                        "(damaged, or from another model? delete the file, or use another --out)")
+
+
 def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, source: str,
                     cache_slots: int = 8) -> dict[str, tuple[np.ndarray, float, float]]:
     """Per record key (``tree/node``): its feature (the SFT backbone's hidden state at the action's last
@@ -113,7 +128,9 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
     the one its stored features were computed from is refused (the input changed at the same path)."""
     have: dict[str, tuple[np.ndarray, float, float]] = {}
     digests = {record_key(r): record_digest(r) for r in records}
-    for row in read_jsonl(out, repair_tail=True):
+    width = qnet.model.config.hidden_size
+    for line, row in enumerate(read_jsonl(out, repair_tail=True), 1):
+        _check_row(out, line, row, width)
         for j, (key, feat, mean, total) in enumerate(zip(row["keys"], row["features"], row["loglik_mean"],
                                                          row["loglik_sum"], strict=True)):
             stored = row["digests"][j] if "digests" in row else None  # rows written before digests: not checked
@@ -238,7 +255,7 @@ def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg:
                 "model_files": model_files(sft_dir)}
     stamp = out / "features.settings.json"
     if stamp.exists():
-        saved = json.loads(stamp.read_text())
+        saved = read_json_object(stamp)
         if {"precision": settings["precision"], "model_files": settings["model_files"], **saved} != settings:
             raise QlassError(f"{out}: its features were computed with {stamp.read_text().strip()}, not "
                              f"{json.dumps(settings)}; use another --out")
