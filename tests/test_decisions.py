@@ -588,3 +588,15 @@ def test_log_probabilities_the_readers_refuse_stop_the_collection_first(tmp_path
                                          r"log-probabilities \[-0\.5, .*\]; a decision needs a finite number <= 0"):
         collect_decisions(Fork, Fork().tasks("seen")[:1], OddLogprobs(odd), DecisionConfig(m=3, k=2), out)
     assert not out.exists() or read_jsonl(out) == []
+
+
+def test_a_decisions_file_not_named_jsonl_is_refused(tmp_path: Path) -> None:
+    """``--out runs/dec`` and ``--out runs/dec.jsonl`` shared the sidecars dec.config.yaml and
+    dec.tasks.jsonl (by stem), under different locks: the second run found the first's tasks finished
+    and collected nothing, silently."""
+    collect_decisions(Fork, Fork().tasks("seen")[:1], ScriptedPolicy(), DecisionConfig(m=3, k=2), tmp_path / "dec.jsonl")
+    for name in ("dec", "dec.txt"):
+        with pytest.raises(QlassError, match=rf"{name}: a decisions file is named NAME.jsonl"):
+            collect_decisions(Fork, Fork().tasks("seen")[:1], ScriptedPolicy(), DecisionConfig(m=3, k=2),
+                              tmp_path / name)
+        assert not (tmp_path / name).exists()

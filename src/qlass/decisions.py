@@ -311,6 +311,9 @@ def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: di
     model loads."""
     from .decision_report import check_decision  # it reads this module's schema version
 
+    if out.suffix != ".jsonl":  # runs/dec and runs/dec.txt would share runs/dec.jsonl's sidecars
+        raise QlassError(f"{out}: a decisions file is named NAME.jsonl (its settings and finished tasks are kept "
+                         "beside it as NAME.config.yaml and NAME.tasks.jsonl)")
     records = read_jsonl(out, repair_tail=True)
     for i, rec in enumerate(records):
         check_decision(out, i, rec)
