@@ -360,7 +360,8 @@ def test_report_options_are_checked() -> None:
 
     for bad, why in (({"betas": [0.1, 0.1]}, "distinct"), ({"betas": [0.1, 0.1000001]}, "distinct"),
                      ({"margins": [0.05, 0.05]}, "distinct"), ({"margins": [-1.0]}, ">= 0"), ({"seed": -1}, ">= 0"),
-                     ({"resamples": 99}, ">= 100")):
+                     ({"resamples": 99}, "in 100..1000000"),
+                     ({"resamples": 10**12}, "in 100..1000000")):  # every resample's mean is kept: memory grew for ever
         with pytest.raises(ValueError, match=why):
             ReportConfig(**bad)
     assert ReportConfig(betas=[0.1, 0.3], margins=[0.0]).margins == [0.0]
@@ -600,3 +601,12 @@ def test_a_decisions_file_not_named_jsonl_is_refused(tmp_path: Path) -> None:
             collect_decisions(Fork, Fork().tasks("seen")[:1], ScriptedPolicy(), DecisionConfig(m=3, k=2),
                               tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+def test_a_policy_class_without_sample_is_named() -> None:
+    """``--model pkg:Class`` naming a class without ``sample`` was an AttributeError traceback at the
+    first request (and paraphrase left its cache header pinned to it)."""
+    from qlass.policy import load_policy
+
+    with pytest.raises(QlassError, match=r"policy 'test_decisions:Fork': Fork has no sample\(\) method"):
+        load_policy("test_decisions:Fork")

@@ -59,6 +59,8 @@ _BLOCK = 1000  # bootstrap resamples drawn at once
 NO_PICK = -1  # a ranker's pick where it has none (the anchor rankers in a decision without an anchor)
 ANCHORED = "with a greedy anchor"
 MAX_CANDIDATES = 1000  # Q-data node ids are step * MAX_CANDIDATES + candidate + 1 (qlass.decision_head)
+MAX_RESAMPLES = 1_000_000
+"""The most bootstrap resamples per interval (every resample's mean is kept: 10**6 take about 2 s)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,8 @@ class ReportConfig:
             raise ValueError(f"margins must be >= 0 (as qlass search's margin), got {self.margins}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.resamples < 100:
-            raise ValueError(f"resamples must be >= 100, got {self.resamples}")
+        if not 100 <= self.resamples <= MAX_RESAMPLES:
+            raise ValueError(f"resamples must be in 100..{MAX_RESAMPLES}, got {self.resamples}")
         if self.qnet_batch < 1:
             raise ValueError(f"qnet_batch must be >= 1, got {self.qnet_batch}")
 

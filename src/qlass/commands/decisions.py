@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         qnet_arg: list[str] = typer.Option([], help="QNet.load option key=value, e.g. threads=1 or device=cpu (repeatable)."),
         beta: list[float] = typer.Option([], help="β of a qnet+β·likelihood ranker (repeatable; default 0.1, 0.3, 1)."),
         margin: list[float] = typer.Option([], help="τ of an anchor+margin ranker (repeatable; default 0.05, 0.1, 0.2)."),
-        resamples: int = typer.Option(10_000, min=100, help="Bootstrap resamples per interval."),
+        resamples: int = typer.Option(10_000, min=100, max=1_000_000, help="Bootstrap resamples per interval."),
         seed: int = typer.Option(0, min=0, help="Bootstrap seed."),
     ) -> None:
         """Score rankers on the decisions: accuracy, regret, paired bootstrap intervals vs likelihood and anchor."""
@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         extra: list[Path] = typer.Option([], dir_okay=False, help="Decision files used only for fitting, never scored (repeatable), e.g. from training tasks."),
         config: Path | None = typer.Option(None, dir_okay=False, help="YAML file of QNetHeadConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override a QNetHeadConfig option: key=value (repeatable)."),
-        resamples: int = typer.Option(10_000, min=100, help="Bootstrap resamples per interval."),
+        resamples: int = typer.Option(10_000, min=100, max=1_000_000, help="Bootstrap resamples per interval."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every QNetHeadConfig option (--set, --config) with its default and help, then exit."),
     ) -> None:
         """Nested cross-validation by task of a head-only QNet on decision states, scored by the decision

@@ -49,6 +49,9 @@ class UserPolicy:
             raise
         except Exception as exc:
             raise raised_in_user_code(f"policy {spec!r}: building it", exc) from exc
+        if not callable(getattr(self._policy, "sample", None)):
+            raise QlassError(f"policy {spec!r}: {cls.__name__} has no sample() method; a policy answers "
+                             "sample(histories, n, temperature, max_new_tokens, seed) with a list of Completion lists")
         self.spec = spec
 
     def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0, max_new_tokens: int = 128,
