@@ -154,3 +154,14 @@ for call in (lambda: read_json_object(sys.argv[1] + "/config.json"), lambda: loa
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and len(lines) == 4, (done.stdout, done.stderr)
     assert all(line.startswith(f"{model}/config.json: is a named pipe (FIFO), not a regular file") for line in lines)
+
+
+def test_a_device_given_as_an_input_is_refused_not_read_for_ever() -> None:
+    """``/dev/zero`` as a decisions file, records or ``--config`` was read until memory ran out (5 GB in
+    6 s); a named pipe is still read (process substitution)."""
+    from qlass.config import load_yaml
+    from qlass.errors import QlassError
+
+    for read in (read_jsonl, load_yaml):
+        with pytest.raises(QlassError, match="/dev/zero: is a character device, not a file qlass can read"):
+            read("/dev/zero")

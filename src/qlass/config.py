@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import write_text_atomic
+from .jsonl import refuse_device, write_text_atomic
 
 T = TypeVar("T")
 
@@ -91,6 +91,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` (empty file → empty mapping); a file that is not UTF-8, not
     YAML or gives a key twice is a :class:`DataError` naming it."""
     p = Path(path)
+    refuse_device(p)
     try:
         data = yaml.load(p.read_bytes().decode("utf-8"), Loader=_StrictLoader)
     except FileNotFoundError:

@@ -75,6 +75,17 @@ def check_output_file(path: str | os.PathLike) -> None:
                          "path)")
 
 
+def refuse_device(path: str | os.PathLike) -> None:
+    """Raise :class:`QlassError` when ``path`` is a character or block device: reading ``/dev/zero`` as an
+    input never ends and fills memory. (A named pipe is read: ``<(zcat f.gz)`` is one.)"""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:  # missing or unreachable: the read names the problem
+        return
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise QlassError(f"{path}: is {_special_kind(mode)}, not a file qlass can read (give a regular file)")
+
+
 def _special_kind(mode: int) -> str | None:
     """What a path of ``mode`` is when it is neither a regular file nor a folder."""
     for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -172,6 +183,7 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tai
         return []
     if repair_tail:
         check_output_file(p)  # a run's own file: a pipe would block the read, a device be replaced
+    refuse_device(p)
     raw = p.read_bytes()
     if raw[:2] == GZIP_MAGIC:
         if repair_tail:
