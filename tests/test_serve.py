@@ -6,6 +6,7 @@ as in-process play checks it, and strict request fields."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
 
@@ -299,54 +300,65 @@ def test_ids_and_indices_are_strict_integers(server: BackgroundServer) -> None:
         _raw(server.url, "POST", "/close", {"id": env_id})
 
 
-def test_qlass_serve_stops_despite_a_stalled_client_and_caps_connections(tmp_path: Any) -> None:
-    """``qlass serve`` takes --idle-timeout and --limit-concurrency (503 beyond it), and SIGTERM stops it
-    within seconds, saying so, though a client stopped in the middle of a body (before: it waited for
-    that client for ever, silently), and closes its environments (before: SIGTERM ended it first)."""
-    closed = tmp_path / "closed.txt"
+@contextlib.contextmanager
+def _qlass_serve(*args: str, preexec_fn: Any = None) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A ``qlass serve`` process of :data:`SPEC` on a free port (``args``: more options), yielded once it
+    accepts connections; killed on exit if it is still running."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", SPEC, "--port", str(port), "--env-arg",
-                             f"closed_to={closed}", "--idle-timeout", "90", "--limit-concurrency", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    stalled = []
+    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", SPEC, "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=preexec_fn)
     try:
         deadline = time.time() + 60
         while True:
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
             try:
-                status, root = _raw(url, "GET", "/")
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
                 break
             except OSError:
                 time.sleep(0.3)
-        assert status == 200 and root["idle_timeout"] == 90.0
-        _episode(url)
-        for _ in range(2):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-            sock.sendall(b"POST /create HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-            stalled.append(sock)
-        time.sleep(0.5)  # let the server take them
-        host_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-        host_conn.request("GET", "/")
-        assert host_conn.getresponse().status == 503
-        host_conn.close()
-        started = time.time()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        assert time.time() - started < 15
-        assert "stopping: waiting up to 3 s for 2 request(s) under way" in err and "Traceback" not in err
-        assert closed.read_text() == "closed\n" * 2  # the instance and the one answering /tasks
-        for sock in stalled:
-            assert sock.recv(4096).startswith(b"HTTP/1.1 503 ")  # the server is stopping
+        yield proc, port
     finally:
-        for sock in stalled:
-            sock.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_qlass_serve_stops_despite_a_stalled_client_and_caps_connections(tmp_path: Any) -> None:
+    """``qlass serve`` takes --idle-timeout and --limit-concurrency (503 beyond it), and SIGTERM stops it
+    within seconds, saying so, though a client stopped in the middle of a body (before: it waited for
+    that client for ever, silently), and closes its environments (before: SIGTERM ended it first)."""
+    closed = tmp_path / "closed.txt"
+    stalled = []
+    with _qlass_serve("--env-arg", f"closed_to={closed}", "--idle-timeout", "90", "--limit-concurrency", "3"
+                      ) as (proc, port):
+        url = f"http://127.0.0.1:{port}"
+        try:
+            status, root = _raw(url, "GET", "/")
+            assert status == 200 and root["idle_timeout"] == 90.0
+            _episode(url)
+            for _ in range(2):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+                sock.sendall(b"POST /create HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+                stalled.append(sock)
+            time.sleep(0.5)  # let the server take them
+            host_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            host_conn.request("GET", "/")
+            assert host_conn.getresponse().status == 503
+            host_conn.close()
+            started = time.time()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert time.time() - started < 15
+            assert "stopping: waiting up to 3 s for 2 request(s) under way" in err and "Traceback" not in err
+            assert closed.read_text() == "closed\n" * 2  # the instance and the one answering /tasks
+            for sock in stalled:
+                assert sock.recv(4096).startswith(b"HTTP/1.1 503 ")  # the server is stopping
+        finally:
+            for sock in stalled:
+                sock.close()
 
 
 def test_answers_go_out_without_waiting_for_the_delayed_ack() -> None:
@@ -405,36 +417,20 @@ def test_exhausted_file_descriptors_are_one_warning_not_a_flood() -> None:
     10 s, and still stops on SIGTERM."""
     import resource
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", SPEC, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (120, 120)))
     clients: list[socket.socket] = []
-    try:
-        deadline = time.time() + 60
-        while not clients:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
-            try:
-                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-            except OSError:
-                time.sleep(0.3)
-        for _ in range(160):  # more than the server's 120 file descriptors
-            try:
-                clients.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
-            except OSError:  # the backlog is full for a moment
-                pass
-        time.sleep(3)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        for sock in clients:
-            sock.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with _qlass_serve(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (120, 120))) as (proc, port):
+        try:
+            for _ in range(160):  # more than the server's 120 file descriptors
+                try:
+                    clients.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
+                except OSError:  # the backlog is full for a moment
+                    pass
+            time.sleep(3)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            for sock in clients:
+                sock.close()
     warnings = [line for line in err.splitlines() if "cannot accept connections" in line]
     assert len(clients) > 120 and len(warnings) == 1 and "Too many open files" in warnings[0], err[-3000:]
     assert "out of system resource" not in err and "Traceback" not in err, err[-3000:]
