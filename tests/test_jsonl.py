@@ -160,8 +160,9 @@ def test_a_device_given_as_an_input_is_refused_not_read_for_ever() -> None:
     """``/dev/zero`` as a decisions file, records or ``--config`` was read until memory ran out (5 GB in
     6 s); a named pipe is still read (process substitution)."""
     from qlass.config import load_yaml
+    from qlass.data import load_records
     from qlass.errors import QlassError
 
-    for read in (read_jsonl, load_yaml):
+    for read in (read_jsonl, load_yaml, lambda p: load_records(Path(p))):
         with pytest.raises(QlassError, match="/dev/zero: is a character device, not a file qlass can read"):
             read("/dev/zero")

@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import GZIP_MAGIC, DuplicateKeyError, check_output_file, gunzip, is_text, loads, write_text_atomic
+from .jsonl import (
+    GZIP_MAGIC,
+    DuplicateKeyError,
+    check_output_file,
+    gunzip,
+    is_text,
+    loads,
+    refuse_device,
+    write_text_atomic,
+)
 from .types import Message, Role, Step, Trajectory
 
 ROLE_FROM_ETO = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -72,6 +81,7 @@ class ValidationReport:
 def load_records(path: Path) -> list[Any]:
     """The raw records of a JSON list or JSON Lines file, gzip-compressed or not; :class:`DataError`
     naming it when unreadable."""
+    refuse_device(path)
     try:
         raw = path.read_bytes()
         text = (gunzip(raw, path) if raw[:2] == GZIP_MAGIC else raw).decode("utf-8-sig")

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
+from .jsonl import refuse_device
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def _alfworld_index(pool: Any, games: str | Path | None) -> list[str]:
     ids = []
     for name, folder in ALFWORLD_MAPPINGS:
         path = Path(games) / name
+        refuse_device(path)
         try:
             records = json.loads(path.read_text(encoding="utf-8-sig"))
         except OSError as exc:
