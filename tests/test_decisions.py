@@ -450,7 +450,7 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
 def test_resuming_a_collection_needs_its_recorded_settings(tmp_path: Path) -> None:
     """Decisions (or finished tasks) without a settings file, or with one that records none, could be
     of any settings: a collection does not add to them. An empty file is no earlier work."""
-    from qlass.decisions import check_settings
+    from qlass.decision_files import check_settings
     from qlass.errors import QlassError
     from qlass.jsonl import write_jsonl
 

@@ -371,14 +371,24 @@ def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: C
     return changes
 
 
+def _records(settings: Mapping[str, Any], name: str) -> bool:
+    """Whether ``settings`` hold the dotted ``name`` (``options.k``: key ``k`` of mapping ``options``)."""
+    value: Any = settings
+    for key in name.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            return False
+        value = value[key]
+    return True
+
+
 def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: Collection[str] = (),
                    advice: str = "use another output for these settings",
                    recorded: Mapping[str, Any] | None = None, required: Collection[str] = ()) -> None:
     """Refuse to add to ``what`` when the settings recorded in the YAML file ``path`` (or ``recorded``,
     as read from it) differ from ``now`` (:func:`setting_changes`), naming every difference; a missing
     file records nothing. ``required`` (given when ``what`` holds earlier work): settings of ``now``
-    that the file must record — a missing file, or one emptied or cut by hand, is refused too, since
-    the earlier work's settings are then unknown."""
+    that the file must record, dotted names reaching into mappings (``options.k``) — a missing file,
+    or one emptied or cut by hand, is refused too, since the earlier work's settings are then unknown."""
     if recorded is None:
         if not Path(path).exists():
             if required:
@@ -386,7 +396,7 @@ def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: 
                                  f"and new work could mix with others; {advice} (or restore the file)")
             return
         recorded = load_yaml(path)
-    missing = [k for k in required if k in now and k not in recorded]
+    missing = [k for k in required if _records(now, k) and not _records(recorded, k)]
     if missing:
         raise QlassError(f"{path} does not record {', '.join(map(repr, missing))}, so the settings of {what} are "
                          f"unknown and new work could mix with others; {advice} (or restore the file)")

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .config import to_dict
+from .decision_files import check_pooled
 from .decision_report import MAX_CANDIDATES, ReportConfig, markdown, one_environment, read_decisions, score_decisions
 from .errors import DataError, QlassError
 from .jsonl import refuse_overwriting_inputs, write_jsonl, write_text_atomic
@@ -72,10 +73,13 @@ def _qdata_row(r: QRecord) -> dict[str, Any]:
 
 
 @writes_to("out", folder=False)
-def write_decision_qdata(paths: Sequence[str | Path], out: str | Path) -> int:
+def write_decision_qdata(paths: Sequence[str | Path], out: str | Path, allow_mixed: bool = False) -> int:
     """Write the decisions of ``paths`` as Q data (``qdata.jsonl`` format) to ``out``; returns the
-    number of records."""
+    number of records. Files collected with other settings are refused unless ``allow_mixed``
+    (:func:`~qlass.decision_files.check_pooled`)."""
     refuse_overwriting_inputs(out, paths)
+    for change in check_pooled(paths, allow_mixed):
+        log.warning("pooling decisions collected with other settings: %s", change)
     records = decision_qrecords(read_decisions(paths))
     if not records:
         raise QlassError(f"{', '.join(map(str, paths))}: no decisions (nothing to export)")
@@ -91,12 +95,15 @@ def _candidate_values(records: Sequence[QRecord], feats: dict[str, tuple[np.ndar
 @writes_to("out_dir", folder=True)
 def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path, out_dir: str | Path,
                                 cfg: QNetHeadConfig, report: ReportConfig | None = None,
-                                extra: Sequence[str | Path] = ()) -> dict[str, Any]:
+                                extra: Sequence[str | Path] = (), allow_mixed: bool = False) -> dict[str, Any]:
     """Nested cross-validation by task of a head-only QNet on the decisions of ``paths`` (see the
     module docstring): every decision is scored by a head that never saw its task; ``extra``
-    decisions only ever train. Writes ``features.jsonl`` (resumable), ``decisions.md`` and
+    decisions only ever train, and may have been collected with other settings; the scored files
+    may not unless ``allow_mixed`` (:func:`~qlass.decision_files.check_pooled`; the result lists
+    the differences). Writes ``features.jsonl`` (resumable), ``decisions.md`` and
     ``decision_cv.json`` to ``out_dir`` and returns the result."""
     report = report or ReportConfig()
+    mixed = check_pooled(paths, allow_mixed)
     out = Path(out_dir)
     for name in ("features.jsonl", RESULT_FILE, "decisions.md"):
         refuse_overwriting_inputs(out / name, [*paths, *extra])
@@ -138,7 +145,7 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
          for d in scored]
     result = {**score_decisions(scored, q, report), "files": [str(p) for p in paths],
               "extra": [str(p) for p in extra], "extra_decisions": len(trained_only), "folds": kept,
-              "settings": to_dict(cfg)}
+              "mixed_settings": mixed, "settings": to_dict(cfg)}
     write_text_atomic(out / RESULT_FILE, json.dumps(result, indent=1) + "\n")
     write_text_atomic(out / "decisions.md", cv_markdown(result))
     return result

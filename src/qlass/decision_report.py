@@ -45,6 +45,7 @@ import numpy as np
 from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
+from .decision_files import check_pooled
 from .decisions import DECISIONS_SCHEMA_VERSION as SCHEMA_VERSION
 from .errors import DataError, MissingFileError, QlassError
 from .jsonl import is_text, read_jsonl, refuse_overwriting_inputs, write_text_atomic
@@ -364,6 +365,9 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
              f"decisions, with a paired bootstrap 95% interval ({result['config']['resamples']:,} resamples).")]
     if not result["qnet"]:
         lines.append("No QNet was given: the QNet rankers are omitted.")
+    if result.get("mixed_settings"):
+        lines += ["", "**These decisions pool files collected with other settings** (--allow-mixed-settings): "
+                  + "; ".join(result["mixed_settings"]) + "."]
     half = result.get("split_half")
     if half:
         lines += ["", (f"Measurement check: splitting each candidate's rollouts in two halves, a ranker that picks by "
@@ -392,18 +396,22 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
 
 
 def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet: Any = None,
-                          cfg: ReportConfig | None = None, load_qnet: Callable[[], Any] | None = None) -> dict[str, Any]:
+                          cfg: ReportConfig | None = None, load_qnet: Callable[[], Any] | None = None,
+                          allow_mixed: bool = False) -> dict[str, Any]:
     """Read decision files, score the rankers (the QNet's when ``qnet`` is given, or the one
     ``load_qnet`` returns: called once the files are read and checked, so that a bad file is reported
-    before a model loads) and write ``decisions.md`` and ``decisions.json`` into ``out_dir``."""
+    before a model loads) and write ``decisions.md`` and ``decisions.json`` into ``out_dir``. Files
+    collected with other settings are refused unless ``allow_mixed`` (:func:`~qlass.decision_files.check_pooled`);
+    then the report lists the differences."""
     cfg = cfg or ReportConfig()
+    mixed = check_pooled(paths, allow_mixed)
     records = read_decisions(paths)  # one environment's
     for name in ("decisions.json", "decisions.md"):
         refuse_overwriting_inputs(Path(out_dir) / name, paths)
     if load_qnet is not None:
         qnet = load_qnet()
     q = qnet_values(records, qnet, cfg.qnet_batch) if qnet is not None else None
-    result = {**score_decisions(records, q, cfg), "files": [str(p) for p in paths]}
+    result = {**score_decisions(records, q, cfg), "files": [str(p) for p in paths], "mixed_settings": mixed}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "decisions.json", json.dumps(result, indent=1) + "\n")

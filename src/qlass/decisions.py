@@ -25,7 +25,6 @@ recorded decisions kept, a torn last line cut); one with other settings is refus
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +34,8 @@ from typing import Any
 
 from .agent import apply_output, check_sample_counts, episode_running, executed_text, start_messages
 from .candidates import normalise_action
-from .config import check_recorded, option, save_yaml
+from .config import option
+from .decision_files import check_logprobs, check_logprobs_alike, check_settings, finished_tasks, sidecar
 from .envs.base import Env, env_close, parse_action
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 
 DECISIONS_SCHEMA_VERSION = 1
 PROGRESS_EVERY_S = 30.0
-# settings that may change between a run and its resumption besides the runtime ones (threads, device, ...)
-RESUMABLE_SETTINGS = ("limit",)
 
 
 @dataclass(frozen=True)
@@ -174,17 +172,6 @@ def merge_candidates(completions: Sequence[Completion], anchored: bool) -> tuple
     return cands, index
 
 
-def _check_logprobs(task: Task, step: int, cands: Sequence[Any]) -> None:
-    """Refuse, before any rollout is spent, a decision whose log-probabilities the decision readers
-    would refuse: they need a finite number <= 0 for every candidate, or none at all."""
-    values = [c.completion.logprob for c in cands]
-    if all(v is None for v in values) or all(v is not None and -math.inf < v <= 0 for v in values):
-        return
-    raise QlassError(f"decisions: at task {task.id} step {step} the policy gave the candidates log-probabilities "
-                     f"{values}; a decision needs a finite number <= 0 for every candidate, or none (a server that "
-                     "leaves them out for some choices: run it with logprobs=false)")
-
-
 def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[_Play]:
     """Play ``task`` along the greedy (or sampled) path, collecting its decision states."""
     env = pool.take()
@@ -213,7 +200,7 @@ def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[
                 at = 1 if cfg.play == "sample" and anchored else 0
                 chosen, played = pool_of[at], index.get(at)
             if len(cands) >= 2:
-                _check_logprobs(task, t, cands)
+                check_logprobs(task.id, t, [c.completion.logprob for c in cands])
                 found.append(_Decision(task, t, list(sent), list(messages), cands, played,
                                        len(pool_of), sum(c.truncated for c in pool_of)))
             sent.append(executed_text(chosen))  # a truncated output is sent without its unfinished action
@@ -281,23 +268,6 @@ def decision_record(env_name: str, dec: _Decision) -> dict[str, Any]:
     }
 
 
-def sidecar(out: Path, suffix: str) -> Path:
-    """``NAME.<suffix>`` beside the decisions file ``NAME.jsonl``."""
-    return out.with_name(f"{out.stem}.{suffix}")
-
-
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to add to ``out`` when it was collected with other settings (naming them,
-    :func:`qlass.config.check_recorded`); else save ``settings`` as ``NAME.config.yaml``. Task limits
-    and runtime options may change; an option added to DecisionConfig since does not count."""
-    path = sidecar(out, "config.yaml")
-    started = [f for f in (out, sidecar(out, "tasks.jsonl")) if f.exists() and f.stat().st_size > 0]
-    if started:
-        check_recorded(path, settings, str(started[0]), RESUMABLE_SETTINGS, "use another output file for these "
-                       "settings", required=("model", "env", "seed", "options"))
-    save_yaml(path, settings)
-
-
 def _chunks(items: Sequence[Task], size: int) -> Iterator[list[Task]]:
     for at in range(0, len(items), size):
         yield list(items[at: at + size])
@@ -322,6 +292,9 @@ def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: di
     for i, rec in enumerate(done):
         if not isinstance(rec.get("split"), str) or not isinstance(rec.get("task"), str):
             raise DataError(str(done_path), "a finished-task record needs 'split' and 'task' (strings)", i)
+        count = rec.get("decisions")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            raise DataError(str(done_path), f"field 'decisions' must be a count (an integer >= 0), got {count!r}", i)
     check_settings(out, with_precision({**(settings or {}), "seed": seed, "options": cfg.options()}))
     return records, done
 
@@ -338,8 +311,9 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
     out = Path(out)
     records, done = check_collection(out, cfg, seed, settings)
     done_path = sidecar(out, "tasks.jsonl")
-    finished = {(r["split"], r["task"]) for r in done}
+    finished = finished_tasks(out, records, done)
     recorded = {(r["split"], r["task"], r["step"]) for r in records}
+    lp_from = records[0]["candidates"][0].get("logprob") is not None if records else None
     todo = [t for t in tasks if (t.split, t.id) not in finished]
     if len(todo) < len(tasks):
         log.info("resuming %s: %d of %d tasks already finished", out, len(tasks) - len(todo), len(tasks))
@@ -350,6 +324,9 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
         for n_chunk, chunk in enumerate(_chunks(todo, cfg.concurrency)):
             plays = [p for _, p in sorted(drive(
                 [lambda t=t: _play(pool, t, cfg, seed) for t in chunk], policy, concurrency=cfg.concurrency))]
+            found = [(d.task.id, d.step, d.candidates[0].completion.logprob is not None)
+                     for p in plays for d in p.decisions]
+            lp_from = check_logprobs_alike(out, records, lp_from, found)
             log.info("decisions: played %d tasks (%d steps), %d decision states with %d candidates to roll out "
                      "(%.0f s)", len(plays), sum(p.steps for p in plays), sum(len(p.decisions) for p in plays),
                      sum(len(d.candidates) for p in plays for d in p.decisions), time.perf_counter() - start)

@@ -99,6 +99,7 @@ def register(app: typer.Typer) -> None:
         margin: list[float] = typer.Option([], help="τ of an anchor+margin ranker (repeatable; default 0.05, 0.1, 0.2)."),
         resamples: int = typer.Option(10_000, min=100, max=1_000_000, help="Bootstrap resamples per interval."),
         seed: int = typer.Option(0, min=0, help="Bootstrap seed."),
+        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings", help="Pool decision files collected with other settings (model, K, M, temperatures, seed, ...; see NAME.config.yaml); the differences are listed. By default such files are refused."),
     ) -> None:
         """Score rankers on the decisions: accuracy, regret, paired bootstrap intervals vs likelihood and anchor."""
         from ..config import build, parse_kv
@@ -121,7 +122,7 @@ def register(app: typer.Typer) -> None:
             load_opts = check_call_options(QNet.load, parse_kv(qnet_arg, "--qnet-arg"), "--qnet-arg", skip=("path",))
             load_opts.setdefault("cache_slots", 8)  # a task's decisions share their history prefixes
             load_qnet = functools.partial(QNet.load, qnet, **load_opts)
-        result = write_decision_report(decisions, out, cfg=cfg, load_qnet=load_qnet)
+        result = write_decision_report(decisions, out, cfg=cfg, load_qnet=load_qnet, allow_mixed=allow_mixed)
         typer.echo(markdown(result))
         typer.echo(f"decisions.md and decisions.json in {out}")
 
@@ -129,12 +130,13 @@ def register(app: typer.Typer) -> None:
     def to_qdata(
         decisions: list[Path] = typer.Argument(..., dir_okay=False, help="Decision files written by `qlass decisions collect`."),
         out: Path = typer.Option(..., dir_okay=False, help="Q data file to write (qdata.jsonl format)."),
+        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings", help="Pool decision files collected with other settings (model, K, M, temperatures, seed, ...; see NAME.config.yaml); the differences are listed. By default such files are refused."),
     ) -> None:
         """Write decision states as Q data: one sibling group per decision, each candidate's Monte-Carlo
         value as its target, the task as its tree (for `qlass train-qnet-head` / `train-qnet`)."""
         from ..decision_head import write_decision_qdata
 
-        typer.echo(f"{write_decision_qdata(decisions, out)} records in {out}")
+        typer.echo(f"{write_decision_qdata(decisions, out, allow_mixed)} records in {out}")
 
     @dec_app.command("cv-head")
     def cv_head(
@@ -146,6 +148,7 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Override a QNetHeadConfig option: key=value (repeatable)."),
         resamples: int = typer.Option(10_000, min=100, max=1_000_000, help="Bootstrap resamples per interval."),
         list_options: bool = typer.Option(False, "--list-options", help="Print every QNetHeadConfig option (--set, --config) with its default and help, then exit."),
+        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings", help="Pool decision files to score collected with other settings (model, K, M, temperatures, seed, ...; see NAME.config.yaml); the differences are listed. By default such files are refused (--extra files may differ: they only train)."),
     ) -> None:
         """Nested cross-validation by task of a head-only QNet on decision states, scored by the decision
         benchmark against the likelihood, anchor and random rankers. Rerun to resume the features."""
@@ -163,7 +166,7 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config, QNetHeadConfig, parse_kv(set_, "--set"))
         report_cfg = build(ReportConfig, {"resamples": resamples}, "qlass decisions cv-head")
         sft = default_model_dir() if model == "default" else Path(model)
-        result = cross_validate_on_decisions(decisions, sft, out, cfg, report_cfg, extra)
+        result = cross_validate_on_decisions(decisions, sft, out, cfg, report_cfg, extra, allow_mixed)
         typer.echo(cv_markdown(result))
         typer.echo(f"decisions.md and decision_cv.json in {out}")
 

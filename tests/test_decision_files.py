@@ -1,0 +1,147 @@
+"""The files of a decision collection kept consistent: decision files read together were collected
+alike, a settings file cut by hand is no settings file, lost decisions are found again on resume,
+and log-probabilities are given in every decision of a file or in none."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_decisions import Fork, ScriptedPolicy
+
+from qlass.decision_files import check_pooled
+from qlass.decision_head import cross_validate_on_decisions, write_decision_qdata
+from qlass.decision_report import read_decisions, write_decision_report
+from qlass.decisions import DecisionConfig, collect_decisions
+from qlass.errors import QlassError
+from qlass.jsonl import read_jsonl
+from qlass.qnet_head import QNetHeadConfig
+from qlass.types import Completion
+
+SETTINGS = {"model": "scripted", "env": "fork", "policy": {}}
+
+
+def collect(out: Path, split: str = "seen", tasks: int = 2, **options) -> Path:
+    """Decisions of ``tasks`` Fork tasks of ``split``, collected with ``options``."""
+    cfg = DecisionConfig(**{"m": 3, "k": 2, **options})
+    collect_decisions(Fork, Fork(tasks).tasks(split), ScriptedPolicy(), cfg, out,
+                      settings={**SETTINGS, "splits": [split]})
+    return out
+
+
+def test_files_collected_with_other_settings_are_not_pooled(tmp_path: Path, caplog) -> None:
+    """report, to-qdata and cv-head pooled any decision files: decisions valued by other models, K or
+    temperatures were scored as one measurement. The split (and the other settings that choose tasks)
+    may differ; anything else is refused unless asked for, and the report then says so."""
+    seen, unseen = collect(tmp_path / "seen.jsonl"), collect(tmp_path / "unseen.jsonl", "unseen")
+    other_k = collect(tmp_path / "k3.jsonl", "unseen", k=3)
+    assert len(write_decision_report([seen, unseen], tmp_path / "ok")["files"]) == 2  # only the split differs
+
+    named = r"k3.jsonl was collected with other settings than .*seen.jsonl \(options.k: 2 → 3; see .*k3.config.yaml"
+    with pytest.raises(QlassError, match=named):
+        write_decision_report([seen, other_k], tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+    with pytest.raises(QlassError, match=named):
+        write_decision_qdata([seen, other_k], tmp_path / "q.jsonl")
+    with pytest.raises(QlassError, match=named):  # refused before any model loads
+        cross_validate_on_decisions([seen, other_k], "unused-model", tmp_path / "cv", QNetHeadConfig())
+
+    result = write_decision_report([seen, other_k], tmp_path / "mixed", allow_mixed=True)
+    assert result["mixed_settings"] == [f"{other_k}: options.k: 2 → 3"]
+    assert "pool files collected with other settings" in (tmp_path / "mixed" / "decisions.md").read_text()
+    assert json.loads((tmp_path / "mixed" / "decisions.json").read_text())["mixed_settings"] == result["mixed_settings"]
+    assert write_decision_qdata([seen, other_k], tmp_path / "q.jsonl", allow_mixed=True) > 0
+
+    model = yaml.safe_load((tmp_path / "unseen.config.yaml").read_text())
+    (tmp_path / "unseen.config.yaml").write_text(yaml.safe_dump({**model, "model": "another", "offset": 30}))
+    with pytest.raises(QlassError, match=r"model: 'scripted' → 'another'"):  # offset may differ, the model not
+        check_pooled([seen, unseen])
+
+    (tmp_path / "unseen.config.yaml").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert check_pooled([seen, unseen]) == []
+    assert f"no settings file beside {unseen}" in caplog.text
+
+
+@pytest.mark.slow
+def test_cli_allow_mixed_settings(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The CLI refuses the mixed files with one line and pools them with --allow-mixed-settings."""
+    seen, other = collect(tmp_path / "seen.jsonl"), collect(tmp_path / "t.jsonl", "unseen", temperature=0.9)
+    for cmd in (["report", str(seen), str(other), "--out", str(tmp_path / "r")],
+                ["to-qdata", str(seen), str(other), "--out", str(tmp_path / "q.jsonl")],
+                ["cv-head", str(seen), str(other), "--out", str(tmp_path / "cv"), "--model", str(tiny_model_dir)]):
+        run = subprocess.run([sys.executable, "-m", "qlass", "decisions", *cmd], capture_output=True, text=True)
+        assert run.returncode != 0 and "Traceback" not in run.stderr
+        assert "options.temperature: 0.7 → 0.9" in run.stderr and "--allow-mixed-settings" in run.stderr
+        if cmd[0] != "cv-head":  # cv-head's fit needs more tasks than these; its refusal is what is checked
+            again = subprocess.run([sys.executable, "-m", "qlass", "decisions", *cmd, "--allow-mixed-settings"],
+                                   capture_output=True, text=True)
+            assert again.returncode == 0, again.stderr
+
+
+def test_a_settings_file_emptied_by_hand_records_no_settings(tmp_path: Path) -> None:
+    """``options: {}`` (or options without K, M, ...) let a rerun with any options add to the file."""
+    out = collect(tmp_path / "d.jsonl", tasks=1)
+    config = tmp_path / "d.config.yaml"
+    recorded = yaml.safe_load(config.read_text())
+    for options in ({}, {k: v for k, v in recorded["options"].items() if k != "k"}):
+        config.write_text(yaml.safe_dump({**recorded, "options": options}))
+        with pytest.raises(QlassError, match=r"d.config.yaml does not record .*'options.k'"):
+            collect(out, tasks=1, k=3)
+
+
+def test_decisions_lost_from_the_file_are_found_again(tmp_path: Path, caplog) -> None:
+    """Resume trusted NAME.tasks.jsonl: a finished task's decisions missing from the decisions file
+    (lines lost or cut) were never collected again. Each task line counts its decisions, so the task
+    is played again and only the missing decisions are valued."""
+    out = collect(tmp_path / "d.jsonl", tasks=3)
+    full = read_jsonl(out)
+    assert len(full) == 6
+    kept = [r for i, r in enumerate(full) if i not in (1, 4)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    with caplog.at_level(logging.WARNING):
+        collect(out, tasks=3)
+    assert "holds 1 of the 2 decisions" in caplog.text
+    again = read_jsonl(out)
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, full))  # the same decisions, none twice
+    caplog.clear()
+    collect(out, tasks=3)  # nothing missing now: nothing redone
+    assert read_jsonl(out) == again and "played again" not in caplog.text
+
+
+class LogprobsAtTheStartOnly(ScriptedPolicy):
+    """Gives log-probabilities on the first step's candidates and none on the bridge's (none at all
+    with ``everywhere``)."""
+
+    def __init__(self, everywhere: bool = False) -> None:
+        super().__init__()
+        self.everywhere = everywhere
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None) -> list[list[Completion]]:
+        rows = super().sample(histories, n, temperature, max_new_tokens, seed)
+        return [[Completion(c.text, c.prompt_tokens, c.completion_tokens, None, c.truncated)
+                 if self.everywhere or "bridge" in h[-1].content else c for c in row]
+                for h, row in zip(histories, rows, strict=True)]
+
+
+def test_log_probabilities_in_some_decisions_only_stop_the_collection(tmp_path: Path) -> None:
+    """Each decision passed its own check, so the file got decisions with and without
+    log-probabilities, which every reader then refused. The collection now stops before valuing them,
+    and a file it already wrote keeps its first decision's kind."""
+    out = tmp_path / "d.jsonl"
+    with pytest.raises(QlassError, match=r"at task fork/seen/0 step 1 the policy gave no log-probabilities but the "
+                                         r"first decision of this run has them"):
+        collect_decisions(Fork, Fork(1).tasks("seen"), LogprobsAtTheStartOnly(), DecisionConfig(m=3, k=2), out)
+    assert read_jsonl(out) == []
+
+    collect(out, tasks=1, max_decisions_per_task=1)  # the start's decision only, with log-probabilities
+    with pytest.raises(QlassError, match=r"d.jsonl's first decision \(fork/seen/0 step 0\) has them"):
+        collect_decisions(Fork, Fork(2).tasks("seen")[1:], LogprobsAtTheStartOnly(everywhere=True),
+                          DecisionConfig(m=3, k=2, max_decisions_per_task=1), out,
+                          settings={**SETTINGS, "splits": ["seen"]})
+    assert len(read_decisions([out])) == 1
