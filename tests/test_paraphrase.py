@@ -275,7 +275,8 @@ def test_cache_keeps_checked_paraphrases_falls_back_and_resumes(tmp_path: Path) 
     with pytest.raises(QlassError, match="corridor: no paraphrase templates"):
         build_paraphrases(Corridor, tasks, tmp_path / "t.jsonl", None)
     table = load_paraphrases(path)
-    assert table.entries["corridor/1"].paraphrase == good(original(tasks[1])) and table.missing(["corridor/9"]) == ["corridor/9"]
+    assert table.entries["train", "corridor/1"].paraphrase == good(original(tasks[1]))
+    assert table.missing([Task("corridor/9", ENV, "train", "walk"), tasks[1]]) == ["corridor/9"]
 
 
 def test_a_real_model_source_records_only_checked_paraphrases(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -302,9 +303,10 @@ def test_bad_caches_are_named_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a paraphrase cache"):
         build_paraphrases(Corridor, Corridor().tasks("train"), plain, Paraphraser())
     head = {"kind": "qlass-paraphrases", "version": 1, "settings": {}}
-    rec = {"task": "corridor/0", "original": "a 1", "paraphrase": "b 1", "source": "model"}
+    rec = {"task": "corridor/0", "split": "train", "original": "a 1", "paraphrase": "b 1", "source": "model"}
     for bad, message in (({**rec, "paraphrase": ""}, r"record 1 \(id 'corridor/0'\): field 'paraphrase'"),
                          ({**rec, "source": "guess"}, "field 'source': expected one of model, template, original"),
+                         ({**rec, "split": None}, r"record 1 \(id 'corridor/0'\): field 'split'"),
                          ({"original": "a"}, "record 1: field 'task'")):
         path = tmp_path / f"bad{len(message)}.jsonl"
         path.write_text(json.dumps(head) + "\n" + json.dumps(bad) + "\n")
@@ -312,12 +314,63 @@ def test_bad_caches_are_named_errors(tmp_path: Path) -> None:
             load_paraphrases(path)
     twice = tmp_path / "twice.jsonl"
     twice.write_text("\n".join(json.dumps(r) for r in (head, rec, rec)) + "\n")
-    with pytest.raises(DataError, match=r"record 2 \(id 'corridor/0'\): task given twice"):
+    with pytest.raises(DataError, match=r"record 2 \(id 'corridor/0'\): task given twice in split 'train'"):
         load_paraphrases(twice)
     old = tmp_path / "old.jsonl"
     old.write_text(json.dumps({**head, "version": 9}) + "\n")
     with pytest.raises(DataError, match="version 9"):
         load_paraphrases(old)
+
+
+def test_a_run_that_fails_before_its_first_paraphrase_leaves_no_settings(tmp_path: Path) -> None:
+    """The header (settings) was written before the policy loaded: a first run with a mistyped source
+    pinned its settings, and the corrected rerun was refused as 'other settings'."""
+    path = tmp_path / "para.jsonl"
+
+    def no_model() -> Paraphraser:
+        raise QlassError("no such model: typo")
+
+    tasks = Corridor().tasks("train")[:2]
+    with pytest.raises(QlassError, match="no such model"):
+        build_paraphrases(Corridor, tasks, path, no_model, settings={"env": ENV, "model": "typo"})
+    counts = build_paraphrases(Corridor, tasks, path, Paraphraser(), ParaphraseConfig(samples=2),
+                               settings={"env": ENV, "model": "right"})
+    assert counts["tasks"] == 2 and read_jsonl(path)[0]["settings"]["model"] == "right"
+
+
+def test_a_header_emptied_by_hand_records_no_settings(tmp_path: Path) -> None:
+    """``settings: {}`` in the header let a run with any settings add to the cache."""
+    path = cache_for(tmp_path, Corridor().tasks("train")[:1])
+    rows = read_jsonl(path)
+    for settings in ({}, {k: v for k, v in rows[0]["settings"].items() if k != "seed"}):
+        path.write_text("".join(json.dumps(r) + "\n" for r in [{**rows[0], "settings": settings}, *rows[1:]]))
+        with pytest.raises(QlassError, match=r"para.jsonl does not record .*'seed'"):
+            build_paraphrases(Corridor, Corridor().tasks("train")[:2], path, Paraphraser(), ParaphraseConfig(samples=2),
+                              seed=3)
+
+
+class SameIds(Corridor):
+    """A corridor whose task ids repeat across splits (the splits' tasks differ)."""
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        shift = 0 if split == "train" else 1
+        return [Task(f"corridor/{i}", self.name, split, "walk", {"length": 1 + (i + shift) % 3})
+                for i in range(self.tasks_per_split)]
+
+
+def test_tasks_are_known_by_split_and_id(tmp_path: Path) -> None:
+    """The cache was keyed by task id: a second split whose ids repeat the first's was skipped as
+    done, and its tasks were given the other split's paraphrases."""
+    path = tmp_path / "para.jsonl"
+    train, seen = SameIds().tasks("train")[:2], SameIds().tasks("seen")[:2]
+    build_paraphrases(SameIds, train, path, Paraphraser(), ParaphraseConfig(samples=2))
+    assert build_paraphrases(SameIds, seen, path, Paraphraser(), ParaphraseConfig(samples=2))["tasks"] == 2
+    table = load_paraphrases(path)
+    for task in train + seen:
+        history = [Message("user", "Walk."), Message("user", SameIds().reset(task))]
+        assert table.perturb(history, task)[1].content == table.entries[task.split, task.id].paraphrase
+    assert table.entries["train", "corridor/0"].original != table.entries["seen", "corridor/0"].original
+    assert table.missing(SameIds().tasks("seen")[:3]) == ["corridor/2"]
 
 
 # -- the option in Q-guided search and in exploration -----------------------------------------------
@@ -337,7 +390,7 @@ def test_qlass_candidates_after_the_first_see_the_paraphrase_and_the_episode_kee
     env = Corridor()
     task = env.tasks("train")[1]  # two rooms
     path = cache_for(tmp_path, [task])
-    para = load_paraphrases(path).entries[task.id].paraphrase
+    para = load_paraphrases(path).entries[task.split, task.id].paraphrase
     policy, judge = Walker(), Judge()
     traj = qlass_search(task, SearchContext(env=env, policy=policy, qnet=judge, seed=3),
                         QlassConfig(m=3, paraphrase=str(path)))
@@ -368,7 +421,7 @@ def test_exploration_alternatives_see_the_paraphrase_and_the_tree_keeps_the_task
     env = Corridor()
     task = env.tasks("train")[1]
     path = cache_for(tmp_path, [task])
-    para = load_paraphrases(path).entries[task.id].paraphrase
+    para = load_paraphrases(path).entries[task.split, task.id].paraphrase
     cfg = ExploreConfig(max_depth=1, candidates=3, max_steps=4, expert_graft=False, paraphrase=str(path))
     assert explore_digest(cfg) != explore_digest(ExploreConfig(max_depth=1, candidates=3, max_steps=4, expert_graft=False))
     policy = Walker()

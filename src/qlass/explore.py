@@ -148,7 +148,7 @@ def explore_tasks(
     path = Path(out_path)
     done = _finished(path, tasks, cfg, seed, settings, runs_here(executor))
     todo = [t for t in tasks if t.id not in done]
-    missing = cfg.paraphrases.missing(t.id for t in todo) if cfg.paraphrases is not None else []
+    missing = cfg.paraphrases.missing(todo) if cfg.paraphrases is not None else []
     if missing:
         raise QlassError(f"{cfg.paraphrase}: no paraphrase of {len(missing)} task(s) to explore (first: {missing[0]!r}); "
                          "add them with qlass paraphrase")

@@ -142,7 +142,7 @@ class TreeBuilder:
         if not self.cfg.diverse and table is None:
             return (yield from self._call(history, n, seed))
         previous = [self.tree.nodes[c].output for c in self.tree.children()[node_id]]
-        shown = table.perturb(history, self.task.id) if table is not None else history
+        shown = table.perturb(history, self.task) if table is not None else history
         if not self.cfg.diverse:
             plain = [] if previous else [(history, 1, seed)]
             rest = [(shown, n - len(plain), stable_seed(seed, "paraphrase"))] if n > len(plain) else []

@@ -17,8 +17,10 @@ The cache (JSON Lines): a header line ``{"kind": "qlass-paraphrases", "version":
      "source": "model" | "template" | "original", "rejected": [{"text": "...", "source": "model",
      "reasons": ["drops option 'black'"]}]}
 
-A rerun adds the tasks not yet in the file (a torn last line is cut first) and refuses a file made with
-other settings, naming them.
+A task is known by its split and id (a user environment's ids may repeat across splits). A rerun
+adds the tasks not yet in the file (a torn last line is cut first) and refuses a file made with other
+settings, naming them; the header is written with the first record, so a run that fails before any
+(a model that does not load) leaves no settings behind.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Paraphrase:
     """One task's entry of the cache."""
 
     task: str
+    split: str
     original: str
     paraphrase: str
     source: str
@@ -92,23 +95,24 @@ class ParaphraseTable:
 
     path: str
     settings: dict[str, Any]
-    entries: dict[str, Paraphrase]
+    entries: dict[tuple[str, str], Paraphrase]
+    """By (split, task id)."""
 
-    def perturb(self, history: History, task_id: str) -> list[Message]:
-        """``history`` with task ``task_id``'s description replaced by its paraphrase."""
-        entry = self.entries.get(task_id)
+    def perturb(self, history: History, task: Task) -> list[Message]:
+        """``history`` with ``task``'s description replaced by its paraphrase."""
+        entry = self.entries.get((task.split, task.id))
         if entry is None:
-            raise QlassError(f"{self.path}: no paraphrase of task {task_id!r}; add it with qlass paraphrase "
-                             "(a rerun on more tasks adds to the file)")
+            raise QlassError(f"{self.path}: no paraphrase of task {task.id!r} of split {task.split!r}; add it with "
+                             "qlass paraphrase (a rerun on more tasks adds to the file)")
         try:
             return paraphrase_prompt(history, entry.original, entry.paraphrase)
         except ValueError:
-            raise QlassError(f"{self.path}: task {task_id!r}: the description recorded there ({entry.original!r}) "
+            raise QlassError(f"{self.path}: task {task.id!r}: the description recorded there ({entry.original!r}) "
                              "is not in the conversation; the cache was made with other environment settings") from None
 
-    def missing(self, task_ids: Iterable[str]) -> list[str]:
-        """The ids of ``task_ids`` that have no entry."""
-        return [t for t in task_ids if t not in self.entries]
+    def missing(self, tasks: Iterable[Task]) -> list[str]:
+        """The ids of ``tasks`` that have no entry."""
+        return [t.id for t in tasks if (t.split, t.id) not in self.entries]
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -130,22 +134,22 @@ def _entry(path: Path, index: int, rec: dict[str, Any]) -> Paraphrase:
     task = rec.get("task")
     if not isinstance(task, str) or not task:
         raise DataError(str(path), "field 'task': expected a task id", index=index)
-    for name in ("original", "paraphrase"):
+    for name in ("split", "original", "paraphrase"):
         if not isinstance(rec.get(name), str) or not rec[name].strip():
             raise DataError(str(path), f"field {name!r}: expected a non-empty string", index=index, record_id=task)
     if rec.get("source") not in SOURCES:
         raise DataError(str(path), f"field 'source': expected one of {', '.join(SOURCES)}, got {rec.get('source')!r}",
                         index=index, record_id=task)
-    return Paraphrase(task, rec["original"], rec["paraphrase"], rec["source"])
+    return Paraphrase(task, rec["split"], rec["original"], rec["paraphrase"], rec["source"])
 
 
-def _entries(path: Path, records: Sequence[dict[str, Any]]) -> dict[str, Paraphrase]:
-    out: dict[str, Paraphrase] = {}
+def _entries(path: Path, records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Paraphrase]:
+    out: dict[tuple[str, str], Paraphrase] = {}
     for i, rec in enumerate(records[1:], start=1):
         entry = _entry(path, i, rec)
-        if entry.task in out:
-            raise DataError(str(path), "task given twice", index=i, record_id=entry.task)
-        out[entry.task] = entry
+        if (entry.split, entry.task) in out:
+            raise DataError(str(path), f"task given twice in split {entry.split!r}", index=i, record_id=entry.task)
+        out[entry.split, entry.task] = entry
     return out
 
 
@@ -229,16 +233,22 @@ def _settings(policy: object, cfg: ParaphraseConfig, seed: int, settings: dict[s
     return out
 
 
-def _start(path: Path, settings: dict[str, Any]) -> set[str]:
-    """The tasks already in the cache at ``path`` (its header written when new); a file made with
-    other settings is refused."""
+REQUIRED_SETTINGS = ("env", "source", "seed", "request_version", "sampling.samples", "sampling.temperature",
+                     "sampling.max_new_tokens")
+"""What a cache's header must record when this run has it: a header emptied by hand (``settings: {}``)
+would let tasks made with any settings join the file."""
+
+
+def _start(path: Path, settings: dict[str, Any]) -> tuple[set[tuple[str, str]], dict[str, Any] | None]:
+    """The (split, task id) pairs already in the cache at ``path``, and the header line to write
+    before the first record (None: the file has one); a file made with other settings is refused."""
     records = read_jsonl(path, repair_tail=True)
     if not records:
-        append_jsonl(path, {"kind": CACHE_KIND, "version": CACHE_VERSION, "settings": settings})
-        return set()
+        return set(), {"kind": CACHE_KIND, "version": CACHE_VERSION, "settings": settings}
     recorded = _header(path, records)
-    check_recorded(path, settings, str(path), advice="use a new output file", recorded=recorded)
-    return set(_entries(path, records))
+    check_recorded(path, settings, str(path), advice="use a new output file", recorded=recorded,
+                   required=REQUIRED_SETTINGS)
+    return set(_entries(path, records)), None
 
 
 @writes_to("out_path", folder=False)
@@ -265,8 +275,8 @@ def build_paraphrases(
         if policy is None and env.name not in TEMPLATE_ENVS:
             raise QlassError(f"{env.name}: no paraphrase templates for this environment (they exist for "
                              f"{', '.join(TEMPLATE_ENVS)}); give a model as the source")
-        done = _start(path, _settings(policy, cfg, seed, settings))
-        todo = [t for t in tasks if t.id not in done]
+        done, header = _start(path, _settings(policy, cfg, seed, settings))
+        todo = [t for t in tasks if (t.split, t.id) not in done]
         if len(todo) < len(tasks):
             log.info("resuming: %d of %d tasks already in %s", len(tasks) - len(todo), len(tasks), path)
         model = ready_policy(policy) if policy is not None else None
@@ -280,6 +290,9 @@ def build_paraphrases(
                                        cfg.temperature, cfg.max_new_tokens, seeds)
             for job, outs, s in zip(jobs, sampled, seeds, strict=True):
                 record = _choose(env.name, job, outs, s)
+                if header is not None:
+                    append_jsonl(path, header)
+                    header = None
                 append_jsonl(path, record)
                 counts["tasks"] += 1
                 counts[record["source"]] += 1

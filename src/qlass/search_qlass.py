@@ -129,7 +129,7 @@ def _candidates(messages: list[Message], cfg: QlassConfig, base: int, task: Task
     except that without ``diverse`` the greedy anchor's samples draw from ``candidate_seed(base, j - 1)``
     and the paraphrased candidates ``1..M-1`` from ``candidate_seed(stable_seed(base, "paraphrase"), j - 1)``."""
     first_temperature = 0.0 if cfg.anchor == "greedy" else cfg.temperature
-    perturbed = cfg.paraphrases.perturb(messages, task.id) if cfg.paraphrases is not None else None
+    perturbed = cfg.paraphrases.perturb(messages, task) if cfg.paraphrases is not None else None
     if cfg.diverse:
         (outs,) = yield Sample([messages], 1, first_temperature, cfg.max_new_tokens, [base])
         completions, prompt_tokens = [outs[0]], outs[0].prompt_tokens
