@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from qlass.decision_report import ReportConfig, read_decisions, score_decisions
+from qlass.decision_files import read_decisions
+from qlass.decision_report import ReportConfig, score_decisions
 from qlass.errors import QlassError
 from qlass.policy.loading import load_causal_lm
 from qlass.policy.render import encode_conversation

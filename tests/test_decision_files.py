@@ -14,9 +14,9 @@ import pytest
 import yaml
 from test_decisions import Fork, ScriptedPolicy
 
-from qlass.decision_files import check_pooled
+from qlass.decision_files import check_pooled, read_decisions
 from qlass.decision_head import cross_validate_on_decisions, write_decision_qdata
-from qlass.decision_report import read_decisions, write_decision_report
+from qlass.decision_report import write_decision_report
 from qlass.decisions import DecisionConfig, collect_decisions
 from qlass.errors import QlassError
 from qlass.jsonl import read_jsonl
@@ -145,3 +145,47 @@ def test_log_probabilities_in_some_decisions_only_stop_the_collection(tmp_path: 
                           DecisionConfig(m=3, k=2, max_decisions_per_task=1), out,
                           settings={**SETTINGS, "splits": ["seen"]})
     assert len(read_decisions([out])) == 1
+
+
+def _edit(rec: dict, field: str, value) -> None:
+    """Set the dotted ``field`` (``candidates.1.count``) of ``rec``."""
+    *path, last = field.split(".")
+    for key in path:
+        rec = rec[int(key)] if isinstance(rec, list) else rec[key]
+    rec[int(last) if isinstance(rec, list) else last] = value
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("candidates.1.count", 0, r"'candidates\[1\]\.count' must be an integer >= 1"),
+    ("candidates.0.completion_tokens", -3, r"'candidates\[0\]\.completion_tokens' must be an integer >= 0"),
+    ("candidates.0.reward", 7.0, r"'candidates\[0\]\.reward' must be null or a number in \[0, 1\]"),
+    ("candidates.0.rollout_lengths", [1], r"'candidates\[0\]': 2 'rollout_rewards' but 1 'rollout_lengths'"),
+    ("candidates.0.rollout_lengths", [1, -1], r"'candidates\[0\]\.rollout_lengths' must be null or a list"),
+    ("candidates.1.mean_logprob", -0.001, r"'candidates\[1\]\.mean_logprob' is -0\.001 but 'logprob' / "),
+    ("played", 9, r"field 'played' must be null or a candidate's index \(0 to 2\)"),
+    ("prefix", ["x", "y"], r"field 'prefix' must list the 0 output\(s\) played before step 0"),
+    ("samples", 9, r"field 'samples' is 9 but the candidates' counts \(3\) and 'truncated' \(0\) add up to 3"),
+    ("truncated", -1, r"field 'truncated' must be an integer >= 0"),
+    ("candidates.2.output", "Thought: other words\nAction:   Go  Left ", r"'candidates\[2\]' is the same action as "
+                                                                         r"candidates\[1\]"),
+])
+def test_impossible_decision_fields_are_named(tmp_path: Path, field: str, value, named: str) -> None:
+    """Fields the readers did not check (counts, rollout lengths, the played index, the prefix, repeated
+    candidates) could hold values no collection writes; each is now named with its record."""
+    rec = read_jsonl(collect(tmp_path / "d.jsonl", tasks=1, max_decisions_per_task=1))[0]
+    assert [c["action"] for c in rec["candidates"]] == ["go right", "go left", "look"] and rec["samples"] == 3
+    _edit(rec, field, value)
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(QlassError, match=r"bad.jsonl, record 0 \(id 'fork/seen/0@0'\): (field )?" + named):
+        read_decisions([tmp_path / "bad.jsonl"])
+
+
+def test_splits_and_tasks_that_would_share_a_tree_id_are_refused(tmp_path: Path) -> None:
+    """Q data names a decision's tree split/task: split 'a/b' with task 'c' and split 'a' with task 'b/c'
+    were one tree, their candidates pooled into one sibling group family."""
+    rec = read_jsonl(collect(tmp_path / "d.jsonl", tasks=1, max_decisions_per_task=1))[0]
+    rows = [{**rec, "split": "a/b", "task": "c"}, {**rec, "split": "a", "task": "b/c"}]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(QlassError, match=r"task 'c' of split 'a/b' and task 'b/c' of split 'a' would both be Q-data "
+                                         r"tree 'a/b/c'"):
+        write_decision_qdata([tmp_path / "two.jsonl"], tmp_path / "q.jsonl")

@@ -267,7 +267,10 @@ def test_cli_kill_and_rerun_resumes_without_duplicates(tmp_path: Path) -> None:
 
 
 def cand(mean: float, logprob: float, mean_logprob: float, anchor: bool = False, terminal: bool = False) -> dict:
-    return {"output": out(f"act {mean} {logprob}"), "action": None, "logprob": logprob, "completion_tokens": 4,
+    """A candidate whose ``completion_tokens`` make ``logprob`` / tokens its ``mean_logprob``."""
+    tokens = round(logprob / mean_logprob)
+    assert abs(logprob / tokens - mean_logprob) < 1e-9
+    return {"output": out(f"act {mean} {logprob}"), "action": None, "logprob": logprob, "completion_tokens": tokens,
             "mean_logprob": mean_logprob, "anchor": anchor, "count": 1, "terminal": terminal, "reward": 0.0,
             "rollout_rewards": [mean], "rollout_lengths": [1], "mean": mean, "std": 0.0}
 
@@ -277,7 +280,7 @@ def hand_built() -> list[dict]:
     D2 (unseen, irreversible): values 1.0 (anchor) / 1.0 (ends the episode) / 0.0, a tie."""
     hist = [{"role": "user", "content": "Cross the river."}, {"role": "user", "content": "You are at a fork."}]
     d1 = [cand(0.5, -0.5, -0.1, anchor=True), cand(1.0, -2.0, -0.5), cand(0.0, -0.4, -0.2)]
-    d2 = [cand(1.0, -1.0, -0.3, anchor=True), cand(1.0, -2.0, -0.1, terminal=True), cand(0.0, -3.0, -0.2)]
+    d2 = [cand(1.0, -0.9, -0.3, anchor=True), cand(1.0, -2.0, -0.1, terminal=True), cand(0.0, -3.0, -0.2)]
     return [{"schema_version": 1, "env": "fork", "split": split, "task": f"fork/{split}/0", "task_type": "fork",
              "step": 0, "prefix": [], "history": hist, "played": 0, "samples": 3, "truncated": 0, "candidates": c}
             for split, c in (("seen", d1), ("unseen", d2))]
@@ -329,7 +332,7 @@ def test_anchor_rankers_are_scored_on_the_decisions_that_have_an_anchor() -> Non
 
     records = hand_built()
     records.append({**records[0], "task": "fork/seen/1",
-                    "candidates": [cand(0.0, -0.1, -0.05), cand(1.0, -2.0, -0.9)]})  # no anchor; likelihood wrong
+                    "candidates": [cand(0.0, -0.1, -0.05), cand(1.0, -1.8, -0.9)]})  # no anchor; likelihood wrong
     result = score_decisions(records, Q_VALUES + [[0.0, 0.5]], ReportConfig(betas=[0.1], margins=[0.3]))
     groups = {g["group"]: g for g in result["groups"]}
     assert list(groups) == ["all", "split seen", "split unseen", "irreversible", "reversible", ANCHORED]
@@ -414,7 +417,7 @@ def test_report_files_with_a_real_qnet(tiny_model_dir: Path, tmp_path: Path) -> 
 
 
 def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
-    from qlass.decision_report import read_decisions
+    from qlass.decision_files import read_decisions
     from qlass.errors import DataError
     from qlass.jsonl import write_jsonl
 

@@ -108,7 +108,7 @@ def make_decision(task: Task, step: int, planted: str = "") -> dict:
                         anchor=k == 0, count=1 + k, terminal=k == 2, reward=0.0, rewards=[0.0, k / 2], lengths=[3, 2])
              for k in range(3)]
     dec = _Decision(task, step, ["Thought: x.\nAction: look"] * step,
-                    [Message("user", "rules"), Message("user", "Observation: a room" + planted)], cands, 0, 4, 1)
+                    [Message("user", "rules"), Message("user", "Observation: a room" + planted)], cands, 0, 7, 1)
     return decision_record("toy", dec)
 
 

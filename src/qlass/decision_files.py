@@ -1,5 +1,6 @@
-"""The files of a decision collection and their consistency: the settings beside a decisions file,
-the finished tasks, log-probabilities given alike, and files read together made alike.
+"""The files of a decision collection and their consistency: each decision record checked
+(:func:`check_decision`, :func:`read_decisions`), the settings beside a decisions file, the
+finished tasks, log-probabilities given alike, and files read together made alike.
 
 ``qlass decisions collect`` saves how a file ``NAME.jsonl`` was made as ``NAME.config.yaml``
 (:func:`check_settings`, which also refuses a rerun with other settings). The readers that pool
@@ -19,11 +20,20 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .candidates import normalise_action
 from .config import check_recorded, load_yaml, save_yaml, setting_changes
-from .errors import QlassError
+from .errors import DataError, MissingFileError, QlassError
+from .jsonl import is_text, read_jsonl
+from .tree import ROLES
 
 log = logging.getLogger(__name__)
 
+DECISIONS_SCHEMA_VERSION = 1
+MAX_CANDIDATES = 1000
+"""Candidates a decision may have, plus one: Q-data node ids are step * MAX_CANDIDATES + candidate + 1
+(:mod:`qlass.decision_head`)."""
 RESUMABLE_SETTINGS = ("limit",)
 """Settings that may change between a collection and its resumption, besides the runtime ones."""
 POOLABLE_SETTINGS = ("splits", "task_types", "limit", "offset", "exclude_tasks_of")
@@ -127,3 +137,179 @@ def check_logprobs_alike(out: Path, records: Sequence[dict[str, Any]], given: bo
                              f"{'none' if has else 'them'}; a decisions file needs them in every decision or in none "
                              "(a server that gives them for some requests only: run it with logprobs=false)")
     return given
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    """Whether ``value`` is a finite real number (not a bool) within ``[low, high]``."""
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return real and math.isfinite(value) and low <= value <= high
+
+
+def check_decision(path: Path, i: int, rec: Any) -> None:
+    """Raise :class:`DataError` naming the record and field of a decision record that a ranker, the
+    Q-data export or a resumed collection could not read, or that holds an impossible value."""
+    if not isinstance(rec, dict):
+        raise DataError(str(path), f"a decision record is a JSON object, got {type(rec).__name__}", i)
+    rid = f"{rec.get('task')}@{rec.get('step')}"
+    version = rec.get("schema_version")
+    if type(version) is not int or version != DECISIONS_SCHEMA_VERSION:
+        raise DataError(str(path), f"field 'schema_version' must be {DECISIONS_SCHEMA_VERSION}, got "
+                        f"{rec.get('schema_version')!r} (not a decision file, or one from another version)", i, rid)
+    for name, kind in (("env", str), ("split", str), ("task", str), ("history", list), ("candidates", list)):
+        if not isinstance(rec.get(name), kind):
+            raise DataError(str(path), f"field {name!r} missing or not a {kind.__name__}", i, rid)
+    step = rec.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise DataError(str(path), f"field 'step' must be an integer >= 0, got {step!r}", i, rid)
+    if not 2 <= len(rec["candidates"]) < MAX_CANDIDATES:
+        raise DataError(str(path), f"field 'candidates': a decision needs 2 to {MAX_CANDIDATES - 1}, got "
+                        f"{len(rec['candidates'])}", i, rid)
+    for k, m in enumerate(rec["history"]):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise DataError(str(path), f"field 'history[{k}]': a message needs 'role' ({', '.join(ROLES)}) and "
+                            "'content' (a string)", i, rid)
+        if not is_text(m["content"]):
+            raise DataError(str(path), f"field 'history[{k}].content' holds an unpaired surrogate (\\ud800-\\udfff), "
+                            "which is not text", i, rid)
+    if not any(m["role"] != "assistant" for m in rec["history"]):
+        raise DataError(str(path), "field 'history' holds no system or user message (the state a decision is made "
+                        "in starts with the task)", i, rid)
+    for j, c in enumerate(rec["candidates"]):
+        if not isinstance(c, dict):
+            raise DataError(str(path), f"field 'candidates[{j}]' must be an object, got {type(c).__name__}", i, rid)
+        for name, ok, expected in (
+                ("output", isinstance(c.get("output"), str), "a string"),
+                ("mean", _number(c.get("mean"), 0.0, 1.0), "a number in [0, 1]"),
+                ("terminal", isinstance(c.get("terminal"), bool), "true or false"),
+                ("anchor", isinstance(c.get("anchor"), bool), "true or false"),
+                ("logprob", c.get("logprob") is None or _number(c.get("logprob"), -float("inf"), 0.0),
+                 "null or a finite number <= 0"),
+                ("mean_logprob", c.get("mean_logprob") is None or _number(c.get("mean_logprob"), -float("inf"), 0.0),
+                 "null or a finite number <= 0"),
+                ("rollout_rewards", c.get("rollout_rewards") is None or (
+                    isinstance(c["rollout_rewards"], list) and all(_number(r, 0.0, 1.0) for r in c["rollout_rewards"])),
+                 "null or a list of numbers in [0, 1]")):
+            if not ok:
+                raise DataError(str(path), f"field 'candidates[{j}].{name}' must be {expected}, got "
+                                f"{c.get(name)!r}", i, rid)
+        if not is_text(c["output"]):
+            raise DataError(str(path), f"field 'candidates[{j}].output' holds an unpaired surrogate (\\ud800-\\udfff), "
+                            "which is not text", i, rid)
+        average = float(np.mean(c["rollout_rewards"])) if c.get("rollout_rewards") else c["mean"]
+        if abs(average - c["mean"]) > 1e-9:
+            raise DataError(str(path), f"field 'candidates[{j}].mean' is {c['mean']!r} but its 'rollout_rewards' "
+                            f"average {average!r}", i, rid)
+        if j > 0 and c["anchor"]:
+            raise DataError(str(path), f"field 'candidates[{j}].anchor' is true: the greedy anchor is candidate 0 "
+                            "or none (collection puts it first)", i, rid)
+        if (c.get("logprob") is None) != (rec["candidates"][0].get("logprob") is None) or (
+                c.get("mean_logprob") is None) != (c.get("logprob") is None):
+            raise DataError(str(path), f"field 'candidates[{j}]': log-probabilities ('logprob', 'mean_logprob') "
+                            "must be given for every candidate of a decision or for none", i, rid)
+        _check_counts(path, i, rid, j, c)
+    _check_collection_fields(path, i, rid, rec)
+
+
+def _count(value: Any, low: int = 0) -> bool:
+    """Whether ``value`` is an integer (not a bool) >= ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_counts(path: Path, i: int, rid: str, j: int, c: dict[str, Any]) -> None:
+    """The fields of candidate ``j`` that collection writes besides those every reader needs: when
+    present they must be possible and agree with each other."""
+    where = f"field 'candidates[{j}]"
+    for name, ok, expected in (
+            ("count", "count" not in c or _count(c["count"], 1), "an integer >= 1 (samples merged into it)"),
+            ("completion_tokens", "completion_tokens" not in c or _count(c["completion_tokens"]), "an integer >= 0"),
+            ("reward", c.get("reward") is None or _number(c["reward"], 0.0, 1.0), "null or a number in [0, 1]"),
+            ("rollout_lengths", c.get("rollout_lengths") is None or (
+                isinstance(c["rollout_lengths"], list) and all(_count(n) for n in c["rollout_lengths"])),
+             "null or a list of integers >= 0")):
+        if not ok:
+            raise DataError(str(path), f"{where}.{name}' must be {expected}, got {c.get(name)!r}", i, rid)
+    rewards, lengths = c.get("rollout_rewards"), c.get("rollout_lengths")
+    if rewards is not None and lengths is not None and len(rewards) != len(lengths):
+        raise DataError(str(path), f"{where}': {len(rewards)} 'rollout_rewards' but {len(lengths)} "
+                        "'rollout_lengths' (one of each per rollout)", i, rid)
+    if c.get("logprob") is not None and _count(c.get("completion_tokens")):
+        expected_mean = c["logprob"] / max(c["completion_tokens"], 1)
+        if abs(c["mean_logprob"] - expected_mean) > 1e-6 * max(1.0, abs(expected_mean)):
+            raise DataError(str(path), f"{where}.mean_logprob' is {c['mean_logprob']!r} but 'logprob' / "
+                            f"'completion_tokens' is {expected_mean!r}", i, rid)
+
+
+def _check_collection_fields(path: Path, i: int, rid: str, rec: dict[str, Any]) -> None:
+    """The decision-level fields collection writes besides those every reader needs (``played``,
+    ``prefix``, ``samples``, ``truncated``) and distinct candidates: when present they must be
+    possible and agree with the candidates."""
+    cands = rec["candidates"]
+    played, prefix = rec.get("played"), rec.get("prefix")
+    if played is not None and not (_count(played) and played < len(cands)):
+        raise DataError(str(path), f"field 'played' must be null or a candidate's index (0 to {len(cands) - 1}), "
+                        f"got {played!r}", i, rid)
+    if prefix is not None and not (isinstance(prefix, list) and len(prefix) == rec["step"]
+                                   and all(isinstance(p, str) for p in prefix)):
+        raise DataError(str(path), f"field 'prefix' must list the {rec['step']} output(s) played before step "
+                        f"{rec['step']}, got {prefix!r:.200}", i, rid)
+    for name in ("samples", "truncated"):
+        if name in rec and not _count(rec[name]):
+            raise DataError(str(path), f"field {name!r} must be an integer >= 0, got {rec[name]!r}", i, rid)
+    counts = [c.get("count") for c in cands]
+    if all(n is not None for n in counts) and _count(rec.get("samples")) and _count(rec.get("truncated")):
+        if sum(counts) + rec["truncated"] != rec["samples"]:
+            raise DataError(str(path), f"field 'samples' is {rec['samples']} but the candidates' counts "
+                            f"({sum(counts)}) and 'truncated' ({rec['truncated']}) add up to "
+                            f"{sum(counts) + rec['truncated']}", i, rid)
+    seen: dict[str, int] = {}
+    for j, c in enumerate(cands):
+        key = normalise_action(c["output"])
+        if key in seen:
+            raise DataError(str(path), f"field 'candidates[{j}]' is the same action as candidates[{seen[key]}] "
+                            f"({key!r}): a decision's candidates are distinct (collection merges repeats into "
+                            "'count')", i, rid)
+        seen[key] = j
+
+
+def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The decision records of ``paths``, each checked. Refused: a file without decisions, a
+    decision recorded twice, decisions of two environments, and log-probabilities in some decisions
+    only (the likelihood rankers would silently drop out). ``skip_torn_tail``: see
+    :func:`~qlass.jsonl.read_jsonl`."""
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], str] = {}
+    first_at = ""  # where the first decision was read
+    for path in map(Path, paths):
+        if not path.exists():
+            raise MissingFileError(str(path))
+        rows = read_jsonl(path, skip_torn_tail=skip_torn_tail)
+        if not rows:
+            raise DataError(str(path), "holds no decision records")
+        for i, rec in enumerate(rows):
+            check_decision(path, i, rec)
+            rid, here = f"{rec['task']}@{rec['step']}", f"{path}, record {i}"
+            key = (rec["env"], rec["split"], rec["task"], rec["step"])
+            if key in seen:
+                raise DataError(str(path), f"decision {key} is also in {seen[key]}", i)
+            seen[key] = here
+            if records and rec["env"] != records[0]["env"]:
+                raise DataError(str(path), f"field 'env' is {rec['env']!r} but {first_at} is "
+                                f"{records[0]['env']!r}: use one environment's decisions at a time", i, rid)
+            has_lp = rec["candidates"][0].get("logprob") is not None
+            if records and has_lp != (records[0]["candidates"][0].get("logprob") is not None):
+                raise DataError(str(path), f"log-probabilities are {'given' if has_lp else 'missing (null)'} here but "
+                                f"{'missing' if has_lp else 'given'} in {first_at}: the likelihood rankers need "
+                                "them in every decision (collected by another backend? report the files separately)",
+                                i, rid)
+            first_at = first_at or here
+            records.append(rec)
+    return records
+
+
+def one_environment(records: Sequence[dict[str, Any]]) -> None:
+    """Raise :class:`QlassError` when ``records`` come from more than one environment: their tasks
+    and step counts are not comparable, and a task names a tree only within one environment."""
+    envs = sorted({str(rec.get("env")) for rec in records})
+    if len(envs) > 1:
+        raise QlassError(f"decisions from {len(envs)} environments ({', '.join(envs)}); use one environment's "
+                         "decisions at a time")

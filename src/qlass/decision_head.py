@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from .config import to_dict
-from .decision_files import check_pooled
-from .decision_report import MAX_CANDIDATES, ReportConfig, markdown, one_environment, read_decisions, score_decisions
+from .decision_files import MAX_CANDIDATES, check_pooled, one_environment, read_decisions
+from .decision_report import ReportConfig, markdown, score_decisions
 from .errors import DataError, QlassError
 from .jsonl import refuse_overwriting_inputs, write_jsonl, write_text_atomic
 from .locking import writes_to
@@ -51,13 +51,18 @@ def _tree_id(rec: dict[str, Any]) -> str:
 
 
 def decision_qrecords(records: Sequence[dict[str, Any]]) -> list[QRecord]:
-    """Q records of checked decision records (:func:`qlass.decision_report.read_decisions`): one
+    """Q records of checked decision records (:func:`qlass.decision_files.read_decisions`): one
     sibling group per decision, one record per candidate with its Monte-Carlo mean as ``q``. The
     tasks name the trees, so decisions of two environments are refused rather than mixed."""
     one_environment(records)
     out = []
+    owners: dict[str, tuple[str, str]] = {}
     for rec in records:
         tree, step = _tree_id(rec), int(rec["step"])  # node ids: checked decisions have < MAX_CANDIDATES
+        owner = owners.setdefault(tree, (rec["split"], rec["task"]))
+        if owner != (rec["split"], rec["task"]):
+            raise QlassError(f"task {owner[1]!r} of split {owner[0]!r} and task {rec['task']!r} of split "
+                             f"{rec['split']!r} would both be Q-data tree {tree!r} (split/task): rename a split")
         messages = tuple(Message(m["role"], m["content"]) for m in rec["history"])
         for j, cand in enumerate(rec["candidates"]):
             out.append(QRecord(tree_id=tree, task=rec["task"], node_id=step * MAX_CANDIDATES + j + 1, parent_id=step,

@@ -45,11 +45,9 @@ import numpy as np
 from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
-from .decision_files import check_pooled
-from .decisions import DECISIONS_SCHEMA_VERSION as SCHEMA_VERSION
-from .errors import DataError, MissingFileError, QlassError
-from .jsonl import is_text, read_jsonl, refuse_overwriting_inputs, write_text_atomic
-from .tree import ROLES
+from .decision_files import check_pooled, read_decisions
+from .errors import QlassError
+from .jsonl import refuse_overwriting_inputs, write_text_atomic
 from .types import Message
 
 log = logging.getLogger(__name__)
@@ -59,7 +57,6 @@ BASELINES = ("likelihood", "anchor")
 _BLOCK = 1000  # bootstrap resamples drawn at once
 NO_PICK = -1  # a ranker's pick where it has none (the anchor rankers in a decision without an anchor)
 ANCHORED = "with a greedy anchor"
-MAX_CANDIDATES = 1000  # Q-data node ids are step * MAX_CANDIDATES + candidate + 1 (qlass.decision_head)
 MAX_RESAMPLES = 1_000_000
 """The most bootstrap resamples per interval (every resample's mean is kept: 10**6 take about 2 s)."""
 
@@ -88,119 +85,6 @@ class ReportConfig:
             raise ValueError(f"resamples must be in 100..{MAX_RESAMPLES}, got {self.resamples}")
         if self.qnet_batch < 1:
             raise ValueError(f"qnet_batch must be >= 1, got {self.qnet_batch}")
-
-
-def _number(value: Any, low: float, high: float) -> bool:
-    """Whether ``value`` is a finite real number (not a bool) within ``[low, high]``."""
-    real = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return real and math.isfinite(value) and low <= value <= high
-
-
-def check_decision(path: Path, i: int, rec: Any) -> None:
-    """Raise :class:`DataError` naming the record and field of a decision record that a ranker, the
-    Q-data export or a resumed collection could not read, or that holds an impossible value."""
-    if not isinstance(rec, dict):
-        raise DataError(str(path), f"a decision record is a JSON object, got {type(rec).__name__}", i)
-    rid = f"{rec.get('task')}@{rec.get('step')}"
-    version = rec.get("schema_version")
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise DataError(str(path), f"field 'schema_version' must be {SCHEMA_VERSION}, got {rec.get('schema_version')!r}"
-                        " (not a decision file, or one from another version)", i, rid)
-    for name, kind in (("env", str), ("split", str), ("task", str), ("history", list), ("candidates", list)):
-        if not isinstance(rec.get(name), kind):
-            raise DataError(str(path), f"field {name!r} missing or not a {kind.__name__}", i, rid)
-    step = rec.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise DataError(str(path), f"field 'step' must be an integer >= 0, got {step!r}", i, rid)
-    if not 2 <= len(rec["candidates"]) < MAX_CANDIDATES:
-        raise DataError(str(path), f"field 'candidates': a decision needs 2 to {MAX_CANDIDATES - 1}, got "
-                        f"{len(rec['candidates'])}", i, rid)
-    for k, m in enumerate(rec["history"]):
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise DataError(str(path), f"field 'history[{k}]': a message needs 'role' ({', '.join(ROLES)}) and "
-                            "'content' (a string)", i, rid)
-        if not is_text(m["content"]):
-            raise DataError(str(path), f"field 'history[{k}].content' holds an unpaired surrogate (\\ud800-\\udfff), "
-                            "which is not text", i, rid)
-    if not any(m["role"] != "assistant" for m in rec["history"]):
-        raise DataError(str(path), "field 'history' holds no system or user message (the state a decision is made "
-                        "in starts with the task)", i, rid)
-    for j, c in enumerate(rec["candidates"]):
-        if not isinstance(c, dict):
-            raise DataError(str(path), f"field 'candidates[{j}]' must be an object, got {type(c).__name__}", i, rid)
-        for name, ok, expected in (
-                ("output", isinstance(c.get("output"), str), "a string"),
-                ("mean", _number(c.get("mean"), 0.0, 1.0), "a number in [0, 1]"),
-                ("terminal", isinstance(c.get("terminal"), bool), "true or false"),
-                ("anchor", isinstance(c.get("anchor"), bool), "true or false"),
-                ("logprob", c.get("logprob") is None or _number(c.get("logprob"), -float("inf"), 0.0),
-                 "null or a finite number <= 0"),
-                ("mean_logprob", c.get("mean_logprob") is None or _number(c.get("mean_logprob"), -float("inf"), 0.0),
-                 "null or a finite number <= 0"),
-                ("rollout_rewards", c.get("rollout_rewards") is None or (
-                    isinstance(c["rollout_rewards"], list) and all(_number(r, 0.0, 1.0) for r in c["rollout_rewards"])),
-                 "null or a list of numbers in [0, 1]")):
-            if not ok:
-                raise DataError(str(path), f"field 'candidates[{j}].{name}' must be {expected}, got "
-                                f"{c.get(name)!r}", i, rid)
-        if not is_text(c["output"]):
-            raise DataError(str(path), f"field 'candidates[{j}].output' holds an unpaired surrogate (\\ud800-\\udfff), "
-                            "which is not text", i, rid)
-        average = float(np.mean(c["rollout_rewards"])) if c.get("rollout_rewards") else c["mean"]
-        if abs(average - c["mean"]) > 1e-9:
-            raise DataError(str(path), f"field 'candidates[{j}].mean' is {c['mean']!r} but its 'rollout_rewards' "
-                            f"average {average!r}", i, rid)
-        if j > 0 and c["anchor"]:
-            raise DataError(str(path), f"field 'candidates[{j}].anchor' is true: the greedy anchor is candidate 0 "
-                            "or none (collection puts it first)", i, rid)
-        if (c.get("logprob") is None) != (rec["candidates"][0].get("logprob") is None) or (
-                c.get("mean_logprob") is None) != (c.get("logprob") is None):
-            raise DataError(str(path), f"field 'candidates[{j}]': log-probabilities ('logprob', 'mean_logprob') "
-                            "must be given for every candidate of a decision or for none", i, rid)
-
-
-def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> list[dict[str, Any]]:
-    """The decision records of ``paths``, each checked. Refused: a file without decisions, a
-    decision recorded twice, decisions of two environments, and log-probabilities in some decisions
-    only (the likelihood rankers would silently drop out). ``skip_torn_tail``: see
-    :func:`~qlass.jsonl.read_jsonl`."""
-    records: list[dict[str, Any]] = []
-    seen: dict[tuple[Any, ...], str] = {}
-    first_at = ""  # where the first decision was read
-    for path in map(Path, paths):
-        if not path.exists():
-            raise MissingFileError(str(path))
-        rows = read_jsonl(path, skip_torn_tail=skip_torn_tail)
-        if not rows:
-            raise DataError(str(path), "holds no decision records")
-        for i, rec in enumerate(rows):
-            check_decision(path, i, rec)
-            rid, here = f"{rec['task']}@{rec['step']}", f"{path}, record {i}"
-            key = (rec["env"], rec["split"], rec["task"], rec["step"])
-            if key in seen:
-                raise DataError(str(path), f"decision {key} is also in {seen[key]}", i)
-            seen[key] = here
-            if records and rec["env"] != records[0]["env"]:
-                raise DataError(str(path), f"field 'env' is {rec['env']!r} but {first_at} is "
-                                f"{records[0]['env']!r}: use one environment's decisions at a time", i, rid)
-            has_lp = rec["candidates"][0].get("logprob") is not None
-            if records and has_lp != (records[0]["candidates"][0].get("logprob") is not None):
-                raise DataError(str(path), f"log-probabilities are {'given' if has_lp else 'missing (null)'} here but "
-                                f"{'missing' if has_lp else 'given'} in {first_at}: the likelihood rankers need "
-                                "them in every decision (collected by another backend? report the files separately)",
-                                i, rid)
-            first_at = first_at or here
-            records.append(rec)
-    return records
-
-
-def one_environment(records: Sequence[dict[str, Any]]) -> None:
-    """Raise :class:`QlassError` when ``records`` come from more than one environment: their tasks
-    and step counts are not comparable, and a task names a tree only within one environment."""
-    envs = sorted({str(rec.get("env")) for rec in records})
-    if len(envs) > 1:
-        raise QlassError(f"decisions from {len(envs)} environments ({', '.join(envs)}); use one environment's "
-                         "decisions at a time")
 
 
 def qnet_values(records: Sequence[dict[str, Any]], qnet: Any, batch: int = 16) -> list[list[float]]:

@@ -35,7 +35,15 @@ from typing import Any
 from .agent import apply_output, check_sample_counts, episode_running, executed_text, start_messages
 from .candidates import normalise_action
 from .config import option
-from .decision_files import check_logprobs, check_logprobs_alike, check_settings, finished_tasks, sidecar
+from .decision_files import (
+    DECISIONS_SCHEMA_VERSION,
+    check_decision,
+    check_logprobs,
+    check_logprobs_alike,
+    check_settings,
+    finished_tasks,
+    sidecar,
+)
 from .envs.base import Env, env_close, parse_action
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl
@@ -48,7 +56,6 @@ from .types import Completion, Message, Step, Task
 
 log = logging.getLogger(__name__)
 
-DECISIONS_SCHEMA_VERSION = 1
 PROGRESS_EVERY_S = 30.0
 
 
@@ -279,8 +286,6 @@ def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: di
     (a torn last line is cut), after refusing other settings (:func:`check_settings`, which saves
     them). :func:`collect_decisions` starts with it; calling it first reports a problem before a
     model loads."""
-    from .decision_report import check_decision  # it reads this module's schema version
-
     if out.suffix != ".jsonl":  # runs/dec and runs/dec.txt would share runs/dec.jsonl's sidecars
         raise QlassError(f"{out}: a decisions file is named NAME.jsonl (its settings and finished tasks are kept "
                          "beside it as NAME.config.yaml and NAME.tasks.jsonl)")

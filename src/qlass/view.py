@@ -134,7 +134,7 @@ def decision_view(rec: dict[str, Any], source: str) -> dict[str, Any]:
 
 def read_decision_views(path: Path, source: str) -> list[dict[str, Any]]:
     """Every record of a decisions file, validated, as page records."""
-    from .decision_report import read_decisions
+    from .decision_files import read_decisions
 
     return [decision_view(r, source) for r in read_decisions([path], skip_torn_tail=True)]
 
