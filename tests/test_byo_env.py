@@ -292,3 +292,22 @@ def test_eval_plays_a_users_policy_class(tmp_path: Path) -> None:
     records = read_jsonl(tmp_path / "e" / "records.jsonl")
     assert [(r["task"], r["trajectory"]["reward"]) for r in records] == [("corridor/100", 1.0), ("corridor/101", 1.0)]
     assert yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())["model"] == "test_cli_errors:EastWalker"
+
+
+class TypesIgnored(Corridor):
+    """Its tasks() ignores ``task_types``: every task, of two types."""
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        return [Task(f"c/{split}/{i}", self.name, split, "walk" if i % 2 else "run", {"length": 1}) for i in range(4)]
+
+
+def test_task_types_are_kept_even_when_the_environment_ignores_them(caplog) -> None:
+    """``--task-types`` relied on the environment: one that ignores the argument gave every task, and
+    a run asked for one type played all of them."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        kept = env_tasks(TypesIgnored(), "train", ["walk"])
+    assert [t.id for t in kept] == ["c/train/1", "c/train/3"]
+    assert "gave 2 task(s) of other types than walk (run); they are left out" in caplog.text
+    assert len(env_tasks(TypesIgnored(), "train")) == 4  # no types asked: every task

@@ -126,7 +126,8 @@ def _decision(candidate: dict | None = None, **extra: object) -> dict:
     rec = {"schema_version": 1, "env": "corridor", "split": "seen", "task": "corridor/0", "task_type": "walk",
            "step": 0, "prefix": [], "history": [{"role": "user", "content": "Walk east."}],
            "candidates": [{**cand, "anchor": True, "mean": 1.0, "rollout_rewards": [1.0]},
-                          candidate if candidate is not None else cand]}
+                          candidate if candidate is not None else {**cand, "output": "Thought: go.\nAction: go west",
+                                                                   "action": "go west"}]}
     return {**rec, **extra}
 
 

@@ -78,6 +78,13 @@ def test_rejected_values_and_bad_files_name_the_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, "lr: 0.1\n"), Demo, overrides={"epochs": 0})
     with pytest.raises(DataError, match="invalid YAML"):
         load_config(write(tmp_path, "lr: [1\n"), Demo)
+    # one line saying where and what (PyYAML's own message took four or five, quoting the source under carets)
+    for text, where in (("lr: [1, 2\nepochs: 3\n", r"line 2, column 7: expected ',' or ']', but got ':' \(while "
+                                                     r"parsing a flow sequence at line 1, column 5\)"),
+                        ("lr: 1\n\tepochs: 2\n", r"line 2, column 1: found character '\\t' that cannot start")):
+        with pytest.raises(DataError) as err:
+            load_config(write(tmp_path, text), Demo)
+        assert "\n" not in str(err.value) and re.search(rf"invalid YAML: {where}", str(err.value)), str(err.value)
     with pytest.raises(DataError, match="expected a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"), Demo)
     with pytest.raises(DataError, match="file not found"):

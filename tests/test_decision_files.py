@@ -189,3 +189,19 @@ def test_splits_and_tasks_that_would_share_a_tree_id_are_refused(tmp_path: Path)
     with pytest.raises(QlassError, match=r"task 'c' of split 'a/b' and task 'b/c' of split 'a' would both be Q-data "
                                          r"tree 'a/b/c'"):
         write_decision_qdata([tmp_path / "two.jsonl"], tmp_path / "q.jsonl")
+
+
+def test_cv_head_output_problems_come_first_and_a_failed_run_leaves_no_folder(tmp_path: Path) -> None:
+    """cv-head found an output that could not be written (decisions.md a folder) only after computing
+    every feature, and a model that did not load left an empty --out folder behind."""
+    seen, unseen = collect(tmp_path / "seen.jsonl"), collect(tmp_path / "unseen.jsonl", "unseen")
+    (tmp_path / "cv" / "decisions.md").mkdir(parents=True)
+    with pytest.raises(QlassError, match=r"cv/decisions.md: is a folder"):  # before the model is looked for
+        cross_validate_on_decisions([seen, unseen], tmp_path / "no-model", tmp_path / "cv", QNetHeadConfig(folds=2))
+    with pytest.raises(QlassError, match=r"no-model"):
+        cross_validate_on_decisions([seen, unseen], tmp_path / "no-model", tmp_path / "new", QNetHeadConfig(folds=2))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(QlassError, match=r"no-model"):  # a folder that was there before stays
+        cross_validate_on_decisions([seen, unseen], tmp_path / "no-model", tmp_path / "kept", QNetHeadConfig(folds=2))
+    assert (tmp_path / "kept").is_dir()

@@ -156,6 +156,35 @@ for call in (lambda: read_json_object(sys.argv[1] + "/config.json"), lambda: loa
     assert all(line.startswith(f"{model}/config.json: is a named pipe (FIFO), not a regular file") for line in lines)
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "model.safetensors"])
+def test_a_named_pipe_among_a_model_folders_other_files_is_named(tmp_path: Path, tiny_model_dir: Path,
+                                                                  name: str) -> None:
+    """Only config.json was checked: a FIFO named tokenizer.json or *.safetensors still hung the loaders."""
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / name).unlink()
+    os.mkfifo(model / name)
+    script = """
+import sys
+from qlass.errors import QlassError
+from qlass.policy.loading import load_causal_lm
+from qlass.qnet import QNet
+for call in (lambda: load_causal_lm(sys.argv[1]), lambda: QNet.from_sft(sys.argv[1])):
+    try:
+        call()
+    except QlassError as exc:
+        print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True, text=True, check=False,
+                          timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 2, (done.stdout, done.stderr)
+    assert all(line.startswith(f"{model}/{name}: is a named pipe (FIFO), not a regular file") for line in lines)
+
+
 def test_a_device_given_as_an_input_is_refused_not_read_for_ever() -> None:
     """``/dev/zero`` as a decisions file, records or ``--config`` was read until memory ran out (5 GB in
     6 s); a named pipe is still read (process substitution)."""

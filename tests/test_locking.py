@@ -107,3 +107,17 @@ def test_qlass_eval_on_a_folder_another_process_writes_is_refused(tiny_model_dir
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "records.jsonl").read_text().count("\n") == 1
+
+
+def test_an_output_where_nothing_can_be_written_is_named_not_its_lock(tmp_path: Path) -> None:
+    """``--out /proc/version`` answered '/proc/.version.lock: No such file or directory': a file the
+    user never named. The error names the output (and says which lock failed)."""
+    target = Path("/proc/qlass-out.jsonl")
+    with pytest.raises(QlassError, match=rf"^{target}: cannot be written there \(.*: its writer lock "
+                                         rf"{lock_path(target, False)} could not be created\)"):
+        with writer_lock(target, folder=False):
+            pass
+    with pytest.raises(OSError) as err:  # a run folder that cannot be made names itself
+        with writer_lock(Path("/proc/qlass-run"), folder=True):
+            pass
+    assert err.value.filename == "/proc/qlass-run"

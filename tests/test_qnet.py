@@ -205,3 +205,12 @@ def test_value_requests_read_q_whatever_the_rank(tiny_model_dir) -> None:
 
     ranked, valued = run_one(judge(), policy=None, qnet=dueling)
     assert valued == pytest.approx(q, abs=1e-5) and ranked == pytest.approx(dueling.score(history, outputs), abs=1e-5)
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_length", 0), ("max_length", 1), ("cache_slots", -1),
+                                               ("threads", 0), ("cache_slots", True)])
+def test_load_options_are_checked_before_the_model_loads(tmp_path, option: str, value) -> None:
+    """``--qnet-arg max_length=0`` fell back to the stored length and ``cache_slots=-1`` was kept."""
+    (tmp_path / "config.json").write_text("{}")  # no weights: the options are refused before any are looked for
+    with pytest.raises(QlassError, match=rf"QNet option {option} must be an integer >= \d, got {value!r}"):
+        QNet.load(tmp_path, **{option: value})

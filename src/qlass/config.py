@@ -87,6 +87,19 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: where (line and column, 1-based) and what, with its context
+    (PyYAML's own message spans four or more lines, each source line quoted under a caret)."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return " ".join(str(exc).split())
+    mark = exc.problem_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if exc.context:
+        at = exc.context_mark
+        text += f" ({exc.context}" + (f" at line {at.line + 1}, column {at.column + 1}" if at else "") + ")"
+    return text
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` (empty file → empty mapping); a file that is not UTF-8, not
     YAML or gives a key twice is a :class:`DataError` naming it."""
@@ -101,7 +114,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except RecursionError:
         raise DataError(str(p), "invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
-        raise DataError(str(p), f"invalid YAML: {exc}") from None
+        raise DataError(str(p), f"invalid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -34,7 +34,7 @@ from .config import to_dict
 from .decision_files import MAX_CANDIDATES, check_pooled, one_environment, read_decisions
 from .decision_report import ReportConfig, markdown, score_decisions
 from .errors import DataError, QlassError
-from .jsonl import refuse_overwriting_inputs, write_jsonl, write_text_atomic
+from .jsonl import check_output_file, refuse_overwriting_inputs, write_jsonl, write_text_atomic
 from .locking import writes_to
 from .qnet_data import QRecord, fold_trees
 from .qnet_head import QNetHeadConfig, cross_validate_head, features_of, fit_records, record_key
@@ -110,8 +110,9 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
     report = report or ReportConfig()
     mixed = check_pooled(paths, allow_mixed)
     out = Path(out_dir)
-    for name in ("features.jsonl", RESULT_FILE, "decisions.md"):
+    for name in ("features.jsonl", RESULT_FILE, "decisions.md"):  # before hours of features, not after
         refuse_overwriting_inputs(out / name, [*paths, *extra])
+        check_output_file(out / name)
     out.mkdir(parents=True, exist_ok=True)
     scored = read_decisions(paths)
     trained_only = read_decisions(extra) if extra else []

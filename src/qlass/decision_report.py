@@ -47,7 +47,7 @@ from .compare import TIE
 from .config import option
 from .decision_files import check_pooled, read_decisions
 from .errors import QlassError
-from .jsonl import refuse_overwriting_inputs, write_text_atomic
+from .jsonl import check_output_file, refuse_overwriting_inputs, write_text_atomic
 from .types import Message
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,9 @@ def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet
     cfg = cfg or ReportConfig()
     mixed = check_pooled(paths, allow_mixed)
     records = read_decisions(paths)  # one environment's
-    for name in ("decisions.json", "decisions.md"):
+    for name in ("decisions.json", "decisions.md"):  # before a QNet scores every decision, not after
         refuse_overwriting_inputs(Path(out_dir) / name, paths)
+        check_output_file(Path(out_dir) / name)
     if load_qnet is not None:
         qnet = load_qnet()
     q = qnet_values(records, qnet, cfg.qnet_batch) if qnet is not None else None

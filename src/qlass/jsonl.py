@@ -59,8 +59,9 @@ def gunzip(raw: bytes, path: str | os.PathLike) -> bytes:
 
 def check_output_file(path: str | os.PathLike) -> None:
     """Raise :class:`QlassError` for an output path qlass must not write: one named ``*.gz`` (qlass
-    writes plain text, appended to as work finishes; compress the file once the run is done), or an
-    existing device, named pipe or socket (a write would replace it with a regular file, or block)."""
+    writes plain text, appended to as work finishes; compress the file once the run is done), an
+    existing folder, or an existing device, named pipe or socket (a write would replace it with a
+    regular file, or block)."""
     p = Path(path)
     if p.name.endswith(".gz"):
         raise QlassError(f"{path}: qlass writes its outputs uncompressed; give a name without .gz (gzip the file "
@@ -69,6 +70,8 @@ def check_output_file(path: str | os.PathLike) -> None:
         mode = p.stat().st_mode
     except OSError:  # missing (or unreadable: the write itself names the problem)
         return
+    if stat.S_ISDIR(mode):
+        raise QlassError(f"{path}: is a folder; this output is a file (give a file path)")
     kind = _special_kind(mode)
     if kind:
         raise QlassError(f"{path}: is {kind}, not a regular file; qlass writes its outputs to files (give a file "
@@ -245,7 +248,9 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
 
 def require_model_folder(path: str | os.PathLike, missing: str) -> None:
     """Raise :class:`QlassError` unless ``path`` holds a ``config.json`` that is a regular file: ``missing``
-    is the error when there is none; a named pipe or device there (it would block the loader) is named."""
+    is the error when there is none. A named pipe, device or socket in the folder (``config.json``,
+    ``tokenizer.json``, a ``*.safetensors`` shard: it would block the loader or be read without end)
+    is named."""
     config = Path(path) / "config.json"
     try:
         mode = config.stat().st_mode
@@ -254,6 +259,14 @@ def require_model_folder(path: str | os.PathLike, missing: str) -> None:
     if not stat.S_ISREG(mode):
         raise QlassError(f"{config}: is {_special_kind(mode) or 'a folder'}, not a regular file; a model folder "
                          "holds its settings in a config.json file")
+    for entry in sorted(Path(path).iterdir()):
+        try:
+            kind = _special_kind(entry.stat().st_mode)
+        except OSError:  # a broken link: the loader names it if it needs the file
+            continue
+        if kind:
+            raise QlassError(f"{entry}: is {kind}, not a regular file; a model folder holds regular files (its "
+                             "loader would wait on it or read it without end)")
 
 
 def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:

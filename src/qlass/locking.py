@@ -4,7 +4,8 @@ A second process that would write the same folder or file (two ``qlass eval --ou
 ``qlass explore --out F``) is refused with a message naming the holder, instead of doubling every
 record. The lock is ``fcntl.flock`` on a small file (``DIR/.qlass.lock``, or ``.NAME.lock`` beside a
 file): the kernel releases it when its holder exits, however it exits, so a lock left by a killed
-process never blocks a rerun. The lock file itself stays (it only names the last holder).
+process never blocks a rerun. The lock file itself stays (it only names the last holder), except
+in a folder this process created and a failed command left otherwise empty: both are removed.
 """
 
 from __future__ import annotations
@@ -38,8 +39,16 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
     if not folder:
         check_output_file(target)
     path = lock_path(target, folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
+    created = folder and not target.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
+    except OSError as exc:
+        if exc.filename != str(path):  # a folder of the output's path: the error names it
+            raise
+        # the lock file could not be made: the output, which the user named, is the one to report
+        raise QlassError(f"{target}: cannot be written there ({exc.strerror or exc}: its writer lock {path} could "
+                         "not be created)") from None
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,9 +61,25 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         fh.flush()
-        yield
+        try:
+            yield
+        except BaseException:
+            if created:
+                _remove_if_only_lock(target, path)
+            raise
     finally:
         fh.close()  # closing the file releases the lock
+
+
+def _remove_if_only_lock(folder: Path, lock: Path) -> None:
+    """Remove ``folder``, which this process created, when a failed command left nothing in it but its
+    lock file (a model that did not load leaves no empty run folder behind)."""
+    try:
+        if [p.name for p in folder.iterdir()] == [lock.name]:
+            lock.unlink()
+            folder.rmdir()
+    except OSError:  # something appeared meanwhile: keep it
+        pass
 
 
 def writes_to(param: str, folder: bool) -> Callable[[F], F]:

@@ -313,8 +313,9 @@ class QNet:
 
         path = Path(path)
         require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise QlassError(f"QNet option threads must be an integer >= 1, got {threads!r}")
+        for name, value, low in (("threads", threads, 1), ("max_length", max_length, 2), ("cache_slots", cache_slots, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise QlassError(f"QNet option {name} must be an integer >= {low}, got {value!r}")
         if threads:
             torch.set_num_threads(threads)
         meta = read_json_object(path / META_FILE) if (path / META_FILE).exists() else {}
@@ -327,7 +328,7 @@ class QNet:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
         model.to(resolve_device(device))
         tokenizer = load_tokenizer(path)
-        return cls(model, tokenizer, max_length or meta.get("max_length", 4096), meta.get("max_action_tokens", 256),
+        return cls(model, tokenizer, meta.get("max_length", 4096) if max_length is None else max_length, meta.get("max_action_tokens", 256),
                    bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"),
                    cache_slots)
 

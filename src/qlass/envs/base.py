@@ -153,7 +153,9 @@ def env_close(env: Env) -> None:
 
 def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
     """``env.tasks(split, task_types)``, checked: a list of :class:`~qlass.types.Task` with distinct
-    string ids, or a :class:`QlassError` naming the environment and what it returned."""
+    string ids, or a :class:`QlassError` naming the environment and what it returned. With
+    ``task_types``, only tasks of those types are returned, even from an environment that ignores
+    the argument (with a warning)."""
     tasks = _call(env, f"tasks({split!r})", lambda: env.tasks(split, task_types))
     if not isinstance(tasks, (list, tuple)):
         raise QlassError(f"environment {env_label(env)}: tasks({split!r}) returned a {type(tasks).__name__}, "
@@ -166,7 +168,14 @@ def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> 
         if task.id in seen:
             raise QlassError(f"environment {env_label(env)}: tasks({split!r}) lists task {task.id!r} twice")
         seen.add(task.id)
-    return list(tasks)
+    if task_types is None:
+        return list(tasks)
+    kept = [t for t in tasks if t.task_type in task_types]
+    if len(kept) < len(tasks):  # an environment that ignores the argument: its other tasks must not creep in
+        others = sorted({str(t.task_type) for t in tasks if t.task_type not in task_types})
+        log.warning("environment %s: tasks(%r) gave %d task(s) of other types than %s (%s); they are left out",
+                    env_label(env), split, len(tasks) - len(kept), ", ".join(task_types), ", ".join(others[:5]))
+    return kept
 
 
 def env_reset(env: Env, task: Task) -> str:
