@@ -278,7 +278,7 @@ def test_pipeline_trains_and_evaluates_the_eto_agent(walker: tuple[Path, Path], 
     results = json.loads((run / "results" / "results.json").read_text())
     assert [p["method"] for p in results["paired"]] == ["eto (greedy)"]
     assert "| corridor | seen | eto (greedy) | 3 |" in (run / "results" / "results.md").read_text()
-    from qlass.report import read_records  # the table's records, readable by qlass report (--side)
+    from qlass.eval_records import read_records  # the table's records, readable by qlass report (--side)
     combined = read_records([run / "results" / "records.jsonl"])
     tasks = {r["task"] for r in combined}
     assert len(tasks) == 3 and sorted((r["method"], r["task"]) for r in combined) == sorted(

@@ -24,9 +24,9 @@ from transformers import Trainer
 from typer.testing import CliRunner
 
 from qlass.cli import app
-from qlass.config import setting_changes
 from qlass.errors import QlassError
 from qlass.jsonl import read_jsonl
+from qlass.recorded import setting_changes
 from qlass.training import sft
 from qlass.training.qnet import QNetTrainConfig, train_qnet
 from qlass.tree import read_trees

@@ -68,7 +68,7 @@ def test_shared_prefix_scores_match_naive_forwards(qnet: QNet, seed: int) -> Non
 def test_both_candidate_layouts_match_naive_forwards(tiny_model_dir, attn: str, packed: bool, pack_tokens: int) -> None:
     """Packed (one row, block mask; also split over several rows) and batched (expanded cache, right
     padding) layouts agree with naive forwards under each attention kernel."""
-    from qlass.qnet import backbone_of, last_real_hidden, shared_prefix_hidden
+    from qlass.qnet_forward import backbone_of, last_real_hidden, shared_prefix_hidden
 
     qnet = QNet.from_sft(tiny_model_dir, max_length=1024, max_action_tokens=64, seed=2)
     qnet.model.set_attn_implementation(attn)

@@ -14,8 +14,9 @@ from test_qnet_train import synthetic_qdata
 
 from qlass.errors import DataError, QlassError
 from qlass.policy.loading import load_causal_lm
-from qlass.qnet import QNet, backbone_of, sequence_hidden
+from qlass.qnet import QNet
 from qlass.qnet_data import read_qdata
+from qlass.qnet_forward import backbone_of, sequence_hidden
 from qlass.qnet_head import FEATURES_FILE, QNetHeadConfig, fit_head, train_qnet_head
 
 CFG = {"folds": 4, "l2": [0.01, 1.0], "max_length": 256, "max_action_tokens": 32, "autocast": False}

@@ -122,8 +122,8 @@ def test_report_reader_names_file_line_and_field(tmp_path) -> None:
     import pytest
 
     from qlass.errors import DataError
+    from qlass.eval_records import read_records
     from qlass.jsonl import write_jsonl
-    from qlass.report import read_records
 
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, [_full(RECORDS[0]), {**_full(RECORDS[1]), "reward": "high"}])

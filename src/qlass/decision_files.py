@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from .candidates import normalise_action
-from .config import check_recorded, load_yaml, save_yaml, setting_changes
+from .config import load_yaml, save_yaml
 from .errors import DataError, MissingFileError, QlassError
 from .jsonl import is_text, read_jsonl
+from .recorded import check_recorded, setting_changes
 from .tree import ROLES
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def sidecar(out: Path, suffix: str) -> Path:
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to add to ``out`` when it was collected with other settings (naming them,
-    :func:`qlass.config.check_recorded`); else save ``settings`` as ``NAME.config.yaml``. Task limits
+    :func:`qlass.recorded.check_recorded`); else save ``settings`` as ``NAME.config.yaml``. Task limits
     and runtime options may change; an option added to DecisionConfig since does not count."""
     path = sidecar(out, "config.yaml")
     started = [f for f in (out, sidecar(out, "tasks.jsonl")) if f.exists() and f.stat().st_size > 0]

@@ -57,12 +57,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import check_recorded, save_yaml, to_dict
+from .config import save_yaml, to_dict
 from .data import load_trajectories, record_to_trajectory, trajectory_to_record
 from .errors import QlassError
 from .eto_config import ETOConfig
 from .evaluate import DEFAULT_CONCURRENCY
 from .jsonl import require_model_folder, write_jsonl, write_text_atomic
+from .recorded import check_recorded
 from .rollouts import play_split
 from .training.common import DONE_MARK, file_digest
 from .training.dpo import CONFIG_FILE as DPO_CONFIG_FILE

@@ -32,17 +32,18 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import check_recorded, differences, load_yaml, save_yaml
+from .config import differences, load_yaml, save_yaml
 from .data import trajectory_to_record
 from .envs.base import Env, check_splits, env_close, env_tasks
 from .errors import DataError, QlassError
+from .eval_records import check_record
 from .executor import Executor, LocalExecutor, runs_here
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
 from .precision import with_precision
-from .report import check_record
+from .recorded import check_recorded
 from .search import METHODS, SearchContext, ValueModel, method_label
 from .seeding import stable_seed
 from .types import Task

@@ -22,10 +22,10 @@ from typing import Any
 from rich.progress import Progress
 
 from .agent import apply_output, finish, start_messages
-from .config import check_recorded
 from .data import record_to_trajectory, trajectory_to_record
 from .envs.base import Env, env_expert, env_label
 from .jsonl import append_jsonl, read_jsonl
+from .recorded import check_recorded
 from .types import Completion, Step, Task, Trajectory
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import check_recorded, differences, save_yaml, to_dict
+from .config import differences, save_yaml, to_dict
 from .envs.base import Env, env_close
 from .errors import QlassError
 from .executor import Executor, LocalExecutor, runs_here
@@ -27,6 +27,7 @@ from .locking import writes_to
 from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
 from .precision import with_precision
+from .recorded import check_recorded
 from .tree import Tree, read_trees, tree_from_dict
 from .types import Task
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import check_sample_counts
-from .config import check_recorded, option
+from .config import option
 from .envs.base import Env, env_close, env_reset
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_jsonl
@@ -49,6 +49,7 @@ from .paraphrase_goals import (
 )
 from .perturb import paraphrase_prompt
 from .policy.base import Policy, ready_policy
+from .recorded import check_recorded
 from .seeding import stable_seed
 from .types import Completion, History, Message, Task
 

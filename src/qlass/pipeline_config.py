@@ -18,7 +18,6 @@ from .config import (
     load_yaml,
     option,
     save_yaml,
-    setting_changes,
     to_dict,
 )
 from .errors import QlassError
@@ -36,6 +35,7 @@ from .pipeline_retrain import (
     retrain_dict,
     retrain_section,
 )
+from .recorded import setting_changes
 
 log = logging.getLogger(__name__)
 

@@ -48,9 +48,10 @@ from .jsonl import append_jsonl, read_json_object, read_jsonl, write_text_atomic
 from .locking import writes_to
 from .policy import kv
 from .precision import use_autocast
-from .qnet import QNet, backbone_of, last_real_hidden, stored_prefix_hidden
+from .qnet import QNet
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
+from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .training.common import refuse_output_over_model
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from .qnet import QNet, backbone_of, sequence_hidden
+from .qnet import QNet
 from .qnet_data import ranking_metrics, spearman
+from .qnet_forward import backbone_of, sequence_hidden
 from .qnet_loss import group_key, row_outputs, scores_of
 from .qnet_pack import PackedRow
 

@@ -115,7 +115,7 @@ def episode_view(rec: dict[str, Any], source: str) -> dict[str, Any]:
 
 def read_episode_views(path: Path, source: str) -> list[dict[str, Any]]:
     """Every record of an evaluation ``records.jsonl``, validated, as page records."""
-    from .report import read_records
+    from .eval_records import read_records
 
     return [episode_view(r, source) for r in read_records([path], skip_torn_tail=True)]
 
@@ -193,7 +193,8 @@ def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any]
     if not records:
         return None
     from .compare import paired_rows
-    from .report import budget_points, read_records, summarise
+    from .eval_records import read_records
+    from .report import budget_points, summarise
 
     recs = read_records(records, skip_torn_tail=True)
     return {"name": name, "rows": summarise(recs), "paired": paired_rows(recs), "budget": budget_points(recs),

@@ -31,10 +31,10 @@ def register(app: typer.Typer) -> None:
         shards combined, or a run stopped part-way: by default restricted to tasks every method played)."""
         from ..compare import check_confidence
         from ..errors import QlassError
+        from ..eval_records import read_records
         from ..report import (
             common_tasks,
             markdown_table,
-            read_records,
             side_by_side_table,
             write_report,
             write_side_by_side,

@@ -35,11 +35,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..config import check_recorded, config_hash, to_dict
+from ..config import config_hash, to_dict
 from ..errors import QlassError
 from ..jsonl import append_jsonl, read_jsonl, write_jsonl
 from ..locking import writer_lock
 from ..precision import use_autocast
+from ..recorded import check_recorded
 from .configs import TrainerConfig
 
 log = logging.getLogger(__name__)

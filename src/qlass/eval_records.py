@@ -1,0 +1,177 @@
+"""Evaluation records read back and checked: every field a report, a comparison or the viewer reads
+(:func:`check_record`), the method label against its budget option, Reflexion trials, and files
+read together (:func:`read_records`: a task recorded twice, or one method label run with two
+settings, is refused). Files of other stages are named as what they are.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "method": (str,), "method_name": (str,), "config": (dict,), "env": (str,), "split": (str,), "task": (str,),
+    "reward": (int, float), "success": (bool,), "prompt_tokens": (int,), "completion_tokens": (int,),
+    "qnet_tokens": (int,), "env_steps": (int,), "wall_time": (int, float), "oracle": (bool,),
+}
+_CANDIDATE_FIELDS: dict[str, tuple[type, ...]] = {"reward": (int, float), "score": (int, float),
+                                                  "completion_tokens": (int,)}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _reward(value: Any) -> bool:
+    return _number(value) and -1e-9 <= value <= 1.0 + 1e-9  # rewards are in [0, 1], give or take rounding
+
+
+def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
+    """A Reflexion record's ``trials`` (one object per trial played) against its ``config.trials``."""
+    from .errors import DataError
+
+    trials, allowed = rec["trials"], rec["config"].get("trials")
+    if not isinstance(allowed, int) or isinstance(allowed, bool) or allowed < 1:
+        raise DataError(path, f"line {line}: field 'config.trials' must be an integer >= 1 (a record with "
+                              f"'trials'), got {allowed!r}")
+    if not isinstance(trials, list) or not 1 <= len(trials) <= allowed:
+        raise DataError(path, f"line {line}: field 'trials' must be a list of 1 to config.trials ({allowed}) "
+                              f"objects, got {trials!r:.80}")
+    for k, trial in enumerate(trials):
+        for name, ok, want in (("reward", _reward, "a number in [0, 1]"),
+                               ("completion_tokens", _count, "an integer >= 0"),
+                               ("reflection_completion_tokens", lambda v: v is None or _count(v), "an integer >= 0")):
+            value = trial.get(name) if isinstance(trial, dict) else None
+            if not isinstance(trial, dict) or not ok(value):
+                raise DataError(path, f"line {line}: field 'trials[{k}].{name}' must be {want}, got {value!r}")
+
+
+_OTHER_FILES = {("tree_id", "nodes"): "a trees file (qlass explore)",
+                 ("history", "candidates"): "a decisions file (qlass decisions collect; see qlass decisions report)",
+                 ("tree_id", "node_id"): "a Q-data file (qlass qdata)",
+                 ("conversations",): "a trajectory file (expert or SFT data)",
+                 ("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)"}
+"""Files of other stages, known by their fields, which the report names instead of a wrong field."""
+
+_BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n"}
+"""The option a method's label and budget point are read from (its first in the label)."""
+
+
+def _check_label(rec: dict[str, Any], path: str, line: int) -> None:
+    """A record's ``method`` label against its ``method_name`` and the budget option of its ``config``:
+    the label names the row, the name and option place its budget point (a mismatch moves a point to
+    another curve or budget)."""
+    from .errors import DataError
+
+    label, name = rec["method"], rec["method_name"]
+    rest = label[len(name):] if label.startswith(name) else "?"
+    if rest[:1] not in ("", "(", "[", "#"):  # qlass(m=2), qlass(m=2)[oracle], sample#0 (RFT), eto (greedy)
+        raise DataError(path, f"line {line}: field 'method' is {label!r}, not a label of method_name {name!r}")
+    option = _BUDGET_OPTIONS.get(name)
+    if option is None:
+        return
+    value = rec["config"].get(option)
+    prefix = f"{name}({option}={value}"
+    if not _count(value) or value < 1 or not label.startswith((prefix + ",", prefix + ")")):
+        raise DataError(path, f"line {line}: field 'config.{option}' is {value!r} but the label is {label!r}")
+    if name == "best-of-n" and "candidates" in rec and isinstance(rec["candidates"], list) \
+            and len(rec["candidates"]) != value:
+        raise DataError(path, f"line {line}: field 'candidates' holds {len(rec['candidates'])} trajectories; "
+                              f"config.n is {value}")
+
+
+def check_record(rec: dict[str, Any], path: str, line: int) -> None:
+    """Raise :class:`DataError` naming the field of ``rec`` that the report cannot read: its schema
+    version, a missing or mistyped field, a reward outside [0, 1], a malformed best-of-n candidate."""
+    from .errors import DataError
+    from .evaluate import RECORD_SCHEMA_VERSION
+
+    for fields, other in _OTHER_FILES.items():
+        if "method" not in rec and rec.keys() >= set(fields):
+            raise DataError(path, f"line {line}: this is {other}, not evaluation records (qlass eval's records.jsonl)")
+    if rec.get("schema_version") != RECORD_SCHEMA_VERSION:
+        raise DataError(path, f"line {line}: field 'schema_version' is {rec.get('schema_version')!r}; "
+                              f"this qlass reads {RECORD_SCHEMA_VERSION}")
+    for name, kinds in _RECORD_FIELDS.items():
+        value = rec.get(name)
+        if name not in rec or not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            want = " or ".join(k.__name__ for k in kinds)
+            raise DataError(path, f"line {line}: field {name!r} must be {want}, got {value!r}")
+    if not _reward(rec["reward"]):
+        raise DataError(path, f"line {line}: field 'reward' must be in [0, 1], got {rec['reward']!r}")
+    _check_label(rec, path, line)
+    for name in ("prompt_tokens", "completion_tokens", "qnet_tokens", "env_steps", "wall_time"):
+        if not 0 <= rec[name] < math.inf:
+            raise DataError(path, f"line {line}: field {name!r} must be a finite number >= 0, got {rec[name]!r}")
+    traj = rec.get("trajectory", {})
+    steps = traj.get("steps", []) if isinstance(traj, dict) else None
+    if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
+        raise DataError(path, f"line {line}: field 'trajectory' must be an object whose 'steps' is a list of objects")
+    for name in ("conversations", "decisions"):
+        value = traj.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise DataError(path, f"line {line}: field 'trajectory.{name}' must be a list of objects, "
+                                  f"got {value!r:.80}")
+    for k, st in enumerate(steps):
+        if "qnet_tokens" in st and not _count(st["qnet_tokens"]):
+            raise DataError(path, f"line {line}: field 'trajectory.steps[{k}].qnet_tokens' must be an integer >= 0, "
+                                  f"got {st['qnet_tokens']!r}")
+    for name, ok, want in (("qnet_choices", _count, "an integer >= 0"),
+                           ("oracle_pass_at_n", _reward, "a number in [0, 1]")):
+        if name in rec and not ok(rec[name]):
+            raise DataError(path, f"line {line}: field {name!r} must be {want}, got {rec[name]!r}")
+    if "trials" in rec:
+        _check_trials(rec, path, line)
+    candidates = rec.get("candidates", [])
+    if not isinstance(candidates, list):
+        raise DataError(path, f"line {line}: field 'candidates' must be a list, got {type(candidates).__name__}")
+    for k, cand in enumerate(candidates):
+        for name, kinds in _CANDIDATE_FIELDS.items():
+            value = cand.get(name) if isinstance(cand, dict) else None
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                want = " or ".join(t.__name__ for t in kinds)
+                raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {value!r}")
+        # a trajectory that never stepped scores -inf; no other value may be infinite or NaN
+        for name, ok, want in (("reward", _reward(cand["reward"]), "in [0, 1]"),
+                               ("score", cand["score"] == -math.inf or math.isfinite(cand["score"]), "finite (or -inf)"),
+                               ("completion_tokens", cand["completion_tokens"] >= 0, ">= 0")):
+            if not ok:
+                raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {cand[name]!r}")
+
+
+def read_records(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The evaluation records of ``paths`` (``records.jsonl`` files, e.g. shards of one evaluation
+    run on several machines), each checked for the fields the report reads (:func:`check_record`). A
+    (method, env, split, task) key found twice is an error naming both places, and so is a method
+    label whose records ran with different settings (``config``), which one row would mix.
+    ``skip_torn_tail``: see :func:`~qlass.jsonl.read_jsonl`."""
+    from .errors import DataError, MissingFileError
+    from .jsonl import read_jsonl
+    from .recorded import setting_changes
+
+    seen: dict[tuple[str, ...], str] = {}
+    first: dict[str, tuple[dict[str, Any], str]] = {}  # method label → its first record's config, where
+    out = []
+    for path in paths:
+        if not Path(path).exists():
+            raise MissingFileError(str(path))
+        for line, rec in enumerate(read_jsonl(path, skip_torn_tail=skip_torn_tail), start=1):
+            check_record(rec, str(path), line)
+            key = (rec["method"], rec["env"], rec["split"], rec["task"])
+            where = f"{path} line {line}"
+            if key in seen:
+                raise DataError(str(path), f"line {line}: {rec['method']} on {rec['split']} {rec['task']} is also "
+                                           f"recorded at {seen[key]}")
+            seen[key] = where
+            config, at = first.setdefault(rec["method"], (rec["config"], where))
+            changes = setting_changes(config, rec["config"])
+            if changes:
+                raise DataError(str(path), f"line {line}: {rec['method']} ran with other settings than at {at} "
+                                           f"({'; '.join(changes)}): one row would mix them")
+            out.append(rec)
+    return out

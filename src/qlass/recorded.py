@@ -1,0 +1,86 @@
+"""Settings recorded beside a run's outputs, and the check that adds to those outputs only with the same.
+
+Every stage that appends to earlier work (evaluation records, trees, decisions, paraphrases, trained
+models) saves the settings that made it and, on a rerun, compares them with the new ones
+(:func:`check_recorded`): a difference is refused, naming every changed setting
+(:func:`setting_changes`), so results made with other settings never mix silently. Runtime
+settings (:data:`RUNTIME_SETTINGS`: where and how fast work runs) may change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import load_yaml
+from .errors import QlassError
+
+RUNTIME_SETTINGS = frozenset({"threads", "device", "cache_slots", "max_batch_rows", "concurrency", "workers",
+                              "backend", "timeout", "max_retries", "backoff", "max_backoff", "api_key_env"})
+"""Setting names (at any depth) that change where or how fast work runs, not what it produces."""
+OPEN_SETTINGS = ("policy", "env_args")
+"""Mappings of constructor options: an option set on one side only is a change (the other used its default)."""
+_UNSET = object()
+
+
+def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: Collection[str] = (),
+                    open_: Collection[str] = OPEN_SETTINGS, prefix: str = "") -> list[str]:
+    """``"name: old → new"`` for every recorded setting of ``before`` that ``now`` changes; nested
+    mappings by dotted name (``policy.dtype``). Left out: :data:`RUNTIME_SETTINGS` names at any
+    depth, the dotted names in ``ignore``, and a name that one side lacks (recorded by an older or
+    newer qlass: unknown, taken as compatible) — except for the mappings named in ``open_``
+    (constructor options): one missing counts as empty, and an option set on one run only is a
+    change (the other run used the constructor's default)."""
+    changes: list[str] = []
+    is_open = prefix[:-1] in open_
+    for key in list(now) + [k for k in before if k not in now]:
+        name = f"{prefix}{key}"
+        if key in RUNTIME_SETTINGS or name in ignore:
+            continue
+        old, new = before.get(key, _UNSET), now.get(key, _UNSET)
+        if name in open_:
+            old, new = ({} if v is _UNSET else v for v in (old, new))
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes += setting_changes(old, new, ignore, open_, f"{name}.")
+        elif old is _UNSET or new is _UNSET:
+            if is_open:
+                changes.append(f"{name}: {'(unset)' if old is _UNSET else repr(old)} → "
+                               f"{'(unset)' if new is _UNSET else repr(new)}")
+        elif old != new:
+            changes.append(f"{name}: {old!r} → {new!r}")
+    return changes
+
+
+def _records(settings: Mapping[str, Any], name: str) -> bool:
+    """Whether ``settings`` hold the dotted ``name`` (``options.k``: key ``k`` of mapping ``options``)."""
+    value: Any = settings
+    for key in name.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            return False
+        value = value[key]
+    return True
+
+
+def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: Collection[str] = (),
+                   advice: str = "use another output for these settings",
+                   recorded: Mapping[str, Any] | None = None, required: Collection[str] = ()) -> None:
+    """Refuse to add to ``what`` when the settings recorded in the YAML file ``path`` (or ``recorded``,
+    as read from it) differ from ``now`` (:func:`setting_changes`), naming every difference; a missing
+    file records nothing. ``required`` (given when ``what`` holds earlier work): settings of ``now``
+    that the file must record, dotted names reaching into mappings (``options.k``) — a missing file,
+    or one emptied or cut by hand, is refused too, since the earlier work's settings are then unknown."""
+    if recorded is None:
+        if not Path(path).exists():
+            if required:
+                raise QlassError(f"{what} holds earlier work but {path} is missing, so its settings are unknown "
+                                 f"and new work could mix with others; {advice} (or restore the file)")
+            return
+        recorded = load_yaml(path)
+    missing = [k for k in required if _records(now, k) and not _records(recorded, k)]
+    if missing:
+        raise QlassError(f"{path} does not record {', '.join(map(repr, missing))}, so the settings of {what} are "
+                         f"unknown and new work could mix with others; {advice} (or restore the file)")
+    changes = setting_changes(recorded, now, ignore)
+    if changes:
+        raise QlassError(f"{what} was made with other settings ({'; '.join(changes)}; see {path}); {advice}")
