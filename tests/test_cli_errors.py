@@ -401,7 +401,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("decisions read before the qnet loads", ["decisions", "report", "{dec_v0}", "--out", "{tmp}/dr", "--qnet",
                                               "{qnet_badmeta}"], ["dec_v0.jsonl", "'schema_version'"]),
     ("collect onto records", ["decisions", "collect", "--model", "test_cli_errors:EastWalker", *ENV, "--limit", "1",
-                              "--out", "{records}"], ["records.jsonl", "'history'"]),
+                              "--out", "{records}"], ["records.jsonl", "this is evaluation records"]),
     # outputs that would destroy an input, runs that would adopt foreign records
     ("qdata over its trees", ["qdata", "{trees_inplace}", "--out", "{trees_inplace}"], ["trees_inplace.jsonl", "also an input"]),
     ("to-qdata over its decisions", ["decisions", "to-qdata", "{dec_inplace}", "--out", "{dec_inplace}"],

@@ -205,3 +205,72 @@ def test_cv_head_output_problems_come_first_and_a_failed_run_leaves_no_folder(tm
     with pytest.raises(QlassError, match=r"no-model"):  # a folder that was there before stays
         cross_validate_on_decisions([seen, unseen], tmp_path / "no-model", tmp_path / "kept", QNetHeadConfig(folds=2))
     assert (tmp_path / "kept").is_dir()
+
+
+def test_a_decision_recorded_twice_in_the_collected_file_is_refused(tmp_path: Path) -> None:
+    """A copied line counted towards its task's decisions, so a lost decision of that task looked
+    complete and was never replayed; collect ended well and left a file report refused."""
+    out = collect(tmp_path / "d.jsonl", tasks=2)
+    rows = read_jsonl(out)
+    out.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], *rows[2:]]))
+    with pytest.raises(QlassError, match=r"d.jsonl, record 1: decision \('seen', 'fork/seen/0', 0\) is also record 0"):
+        collect(out, tasks=2)
+
+
+def test_pooled_settings_files_cut_by_hand_or_not_files_are_refused(tmp_path: Path) -> None:
+    """A settings file cut to a few keys was compared on those alone (k=2 and k=3 pooled without a
+    word), and a named pipe there blocked the readers and collect."""
+    import os
+
+    seen, other_k = collect(tmp_path / "a.jsonl"), collect(tmp_path / "b.jsonl", "unseen", k=3)
+    (tmp_path / "b.config.yaml").write_text("env_args:\n  tasks: 3\n")
+    with pytest.raises(QlassError, match=r"b.config.yaml does not record 'model', 'env', 'seed', 'options', "
+                                         r"'options.m'.*cannot be compared"):
+        write_decision_report([seen, other_k], tmp_path / "r")
+    result = write_decision_report([seen, other_k], tmp_path / "r", allow_mixed=True)
+    assert f"{other_k}: does not record 'options.k'" in result["mixed_settings"]
+    (tmp_path / "b.config.yaml").unlink()
+    os.mkfifo(tmp_path / "b.config.yaml")
+    with pytest.raises(QlassError, match=r"b.config.yaml: is a named pipe \(FIFO\), not a regular file"):
+        check_pooled([seen, other_k])
+    with pytest.raises(QlassError, match=r"b.config.yaml: is a named pipe \(FIFO\), not a regular file"):
+        collect(other_k, "unseen", k=3)
+
+
+def test_to_qdata_writes_over_q_data_only(tmp_path: Path) -> None:
+    """to-qdata wrote over any file but its inputs: the input's NAME.tasks.jsonl, another collection's
+    decisions, evaluation records."""
+    seen, other = collect(tmp_path / "a.jsonl"), collect(tmp_path / "b.jsonl", "unseen")
+    for target in (tmp_path / "a.tasks.jsonl", other, tmp_path / "a.config.yaml"):
+        before = target.read_bytes()
+        with pytest.raises(QlassError, match=rf"{target.name}: exists and is not a Q-data file"):
+            write_decision_qdata([seen], target)
+        assert target.read_bytes() == before
+    assert write_decision_qdata([seen], tmp_path / "q.jsonl") == write_decision_qdata([seen], tmp_path / "q.jsonl")
+
+
+def test_other_files_are_named_for_what_they_are(tmp_path: Path) -> None:
+    """Evaluation records given to a decisions reader were "field 'history' missing (id '…@None')"; a
+    task clash between the scored and --extra files that only shared a tree id was called the same task."""
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"schema_version": 1, "method": "greedy", "trajectory": {}, "task": "t"}) + "\n")
+    with pytest.raises(QlassError, match=r"records.jsonl, record 0: this is evaluation records \(qlass eval's "
+                                         r"records.jsonl\), not a decisions file"):
+        read_decisions([records])
+    rec = read_jsonl(collect(tmp_path / "d.jsonl", tasks=1, max_decisions_per_task=1))[0]
+    (tmp_path / "s.jsonl").write_text(json.dumps({**rec, "split": "a/b", "task": "c"}) + "\n")
+    (tmp_path / "e.jsonl").write_text(json.dumps({**rec, "split": "a", "task": "b/c"}) + "\n")
+    with pytest.raises(QlassError, match=r"task 'c' of split 'a/b' \(scored\) and task 'b/c' of split 'a' \(extra\) "
+                                         r"would both be Q-data tree 'a/b/c'"):
+        cross_validate_on_decisions([tmp_path / "s.jsonl"], "unused-model", tmp_path / "cv", QNetHeadConfig(),
+                                    extra=[tmp_path / "e.jsonl"])
+
+
+@pytest.mark.slow
+def test_a_failed_command_leaves_no_folder_it_made_for_an_output_file(tmp_path: Path) -> None:
+    """A command writing a file (to-qdata, paraphrase, collect) left the folder it had made for it,
+    holding only the writer lock, when it failed."""
+    run = subprocess.run([sys.executable, "-m", "qlass", "decisions", "to-qdata", str(tmp_path / "none.jsonl"),
+                          "--out", str(tmp_path / "new" / "deeper" / "q.jsonl")], capture_output=True, text=True)
+    assert run.returncode != 0 and "none.jsonl" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "new").exists()

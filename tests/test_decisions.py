@@ -427,7 +427,10 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bad.jsonl, record 1 \(id 'fork/unseen/0@0'\): field 'candidates\[2\]\.mean'"):
         read_decisions([tmp_path / "bad.jsonl"])
     write_jsonl(tmp_path / "a.jsonl", hand_built())
-    with pytest.raises(DataError, match="also in"):
+    write_jsonl(tmp_path / "copy.jsonl", hand_built())
+    with pytest.raises(DataError, match=r"decision \('fork', 'seen', 'fork/seen/0', 0\) is also in .*a.jsonl, record 0"):
+        read_decisions([tmp_path / "a.jsonl", tmp_path / "copy.jsonl"])
+    with pytest.raises(QlassError, match=r"a.jsonl: given twice; give each file once"):  # not "also in" itself
         read_decisions([tmp_path / "a.jsonl", tmp_path / "a.jsonl"])
     for field, change in (("candidates[2].anchor", lambda c: c[2].update(anchor=True)),  # the anchor is candidate 0
                           ("candidates[1]': log-probabilities", lambda c: c[1].update(logprob=None, mean_logprob=None)),

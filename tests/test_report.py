@@ -121,7 +121,7 @@ def test_report_command_combines_shards_on_common_tasks(tmp_path) -> None:
 def test_report_reader_names_file_line_and_field(tmp_path) -> None:
     import pytest
 
-    from qlass.errors import DataError
+    from qlass.errors import DataError, QlassError
     from qlass.eval_records import read_records
     from qlass.jsonl import write_jsonl
 
@@ -129,10 +129,38 @@ def test_report_reader_names_file_line_and_field(tmp_path) -> None:
     write_jsonl(bad, [_full(RECORDS[0]), {**_full(RECORDS[1]), "reward": "high"}])
     with pytest.raises(DataError, match=r"bad\.jsonl.*line 2: field 'reward' must be int or float, got 'high'"):
         read_records([bad])
-    twice = tmp_path / "twice.jsonl"
+    twice, copy = tmp_path / "twice.jsonl", tmp_path / "copy.jsonl"
     write_jsonl(twice, [_full(RECORDS[0])])
+    write_jsonl(copy, [_full(RECORDS[0])])
     with pytest.raises(DataError, match=r"line 1: greedy on seen t1 is also recorded at .*twice\.jsonl line 1"):
+        read_records([twice, copy])
+    # one file given twice named one place twice ("also recorded at twice.jsonl line 1" for its own line 1)
+    with pytest.raises(QlassError, match=r"twice\.jsonl: given twice; give each file once"):
         read_records([twice, twice])
+    # lines are the file's: blank lines count (records were counted, so an editor showed another line)
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text("\n" + json.dumps(_full(RECORDS[0])) + "\n\n\n\n" + json.dumps({**_full(RECORDS[1]), "reward": 2})
+                      + "\n")
+    with pytest.raises(DataError, match=r"spaced\.jsonl: line 6: field 'reward' must be in \[0, 1\], got 2"):
+        read_records([spaced])
+    # a paraphrase cache is named as one
+    cache = tmp_path / "para.jsonl"
+    write_jsonl(cache, [{"kind": "qlass-paraphrases", "version": 1, "settings": {}}])
+    with pytest.raises(DataError, match=r"para\.jsonl: line 1: this is a paraphrase cache \(qlass paraphrase\)"):
+        read_records([cache])
+
+
+def test_report_outputs_are_checked_before_any_is_written(tmp_path) -> None:
+    """A folder at budget.png failed the report after results.json, .md and budget.csv were written:
+    new files beside an old plot."""
+    import pytest
+
+    from qlass.errors import QlassError
+
+    (tmp_path / "r" / "budget.png").mkdir(parents=True)
+    with pytest.raises(QlassError, match=r"budget\.png: is a folder"):
+        write_report([_full(r) for r in RECORDS], tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["budget.png"]
 
 
 def test_qnet_choices_of_records_written_before_the_field() -> None:

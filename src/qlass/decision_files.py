@@ -25,8 +25,8 @@ import numpy as np
 from .candidates import normalise_action
 from .config import load_yaml, save_yaml
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import is_text, read_jsonl
-from .recorded import check_recorded, setting_changes
+from .jsonl import check_output_file, is_text, read_jsonl, refuse_repeated_inputs
+from .recorded import check_recorded, records_setting, setting_changes
 from .tree import ROLES
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     :func:`qlass.recorded.check_recorded`); else save ``settings`` as ``NAME.config.yaml``. Task limits
     and runtime options may change; an option added to DecisionConfig since does not count."""
     path = sidecar(out, "config.yaml")
+    check_output_file(path)  # a named pipe there would block the read
     started = [f for f in (out, sidecar(out, "tasks.jsonl")) if f.exists() and f.stat().st_size > 0]
     if started:
         check_recorded(path, settings, str(started[0]), RESUMABLE_SETTINGS, "use another output file for these "
@@ -78,7 +79,14 @@ def check_pooled(paths: Sequence[str | Path], allow_mixed: bool = False) -> list
         if not config.exists():
             unknown.append(str(path))
             continue
+        check_output_file(config)  # a named pipe there would block the read
         settings = load_yaml(config)
+        missing = [k for k in REQUIRED_SETTINGS if not records_setting(settings, k)]
+        if missing and not allow_mixed:
+            raise QlassError(f"{config} does not record {', '.join(map(repr, missing))}, so the settings of {path} "
+                             "cannot be compared with the other files'; restore the file (or pass "
+                             "--allow-mixed-settings to pool the decisions anyway)")
+        found += [f"{path}: does not record {k!r}" for k in missing]
         if first is None:
             first = (path, config, settings)
             continue
@@ -151,6 +159,9 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
     Q-data export or a resumed collection could not read, or that holds an impossible value."""
     if not isinstance(rec, dict):
         raise DataError(str(path), f"a decision record is a JSON object, got {type(rec).__name__}", i)
+    for keys, other in _OTHER_FILES.items():
+        if "candidates" not in rec and rec.keys() >= set(keys):
+            raise DataError(str(path), f"this is {other}, not a decisions file (qlass decisions collect)", i)
     rid = f"{rec.get('task')}@{rec.get('step')}"
     version = rec.get("schema_version")
     if type(version) is not int or version != DECISIONS_SCHEMA_VERSION:
@@ -209,6 +220,14 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
                             "must be given for every candidate of a decision or for none", i, rid)
         _check_counts(path, i, rid, j, c)
     _check_collection_fields(path, i, rid, rec)
+
+
+_OTHER_FILES = {("method", "trajectory"): "evaluation records (qlass eval's records.jsonl)",
+                ("tree_id", "nodes"): "a trees file (qlass explore)",
+                ("tree_id", "node_id"): "a Q-data file (qlass qdata or decisions to-qdata)",
+                ("kind", "settings"): "a paraphrase cache (qlass paraphrase)",
+                ("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)"}
+"""Files of other stages, known by their fields, which a decisions reader names instead of a wrong field."""
 
 
 def _count(value: Any, low: int = 0) -> bool:
@@ -277,6 +296,7 @@ def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) ->
     decision recorded twice, decisions of two environments, and log-probabilities in some decisions
     only (the likelihood rankers would silently drop out). ``skip_torn_tail``: see
     :func:`~qlass.jsonl.read_jsonl`."""
+    refuse_repeated_inputs(paths)
     records: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], str] = {}
     first_at = ""  # where the first decision was read

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .config import to_dict
+from .data import refuse_replacing_other_kind
 from .decision_files import MAX_CANDIDATES, check_pooled, one_environment, read_decisions
 from .decision_report import ReportConfig, markdown, score_decisions
 from .errors import DataError, QlassError
@@ -83,6 +84,7 @@ def write_decision_qdata(paths: Sequence[str | Path], out: str | Path, allow_mix
     number of records. Files collected with other settings are refused unless ``allow_mixed``
     (:func:`~qlass.decision_files.check_pooled`)."""
     refuse_overwriting_inputs(out, paths)
+    refuse_replacing_other_kind(out, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
     for change in check_pooled(paths, allow_mixed):
         log.warning("pooling decisions collected with other settings: %s", change)
     records = decision_qrecords(read_decisions(paths))
@@ -119,11 +121,18 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
     if trained_only and trained_only[0]["env"] != scored[0]["env"]:
         raise QlassError(f"the scored decisions are from {scored[0]['env']!r} ({paths[0]}), the extra ones from "
                          f"{trained_only[0]['env']!r} ({extra[0]}): use one environment's decisions at a time")
-    held_trees = {_tree_id(r) for r in scored}
-    clash = held_trees & {_tree_id(r) for r in trained_only}
+    held = {_tree_id(r): (r["split"], r["task"]) for r in scored}
+    extra_tasks = {_tree_id(r): (r["split"], r["task"]) for r in trained_only}
+    clash = sorted(set(held) & set(extra_tasks))
     if clash:
-        raise QlassError(f"tasks {sorted(clash)[:3]} are both in the scored decisions and in the extra ones: "
-                         "a head would be scored on a task it was fitted on")
+        same = [t for t in clash if held[t] == extra_tasks[t]]
+        if same:
+            raise QlassError(f"tasks {same[:3]} are both in the scored decisions and in the extra ones: a head would "
+                             "be scored on a task it was fitted on")
+        t = clash[0]
+        raise QlassError(f"task {held[t][1]!r} of split {held[t][0]!r} (scored) and task {extra_tasks[t][1]!r} of "
+                         f"split {extra_tasks[t][0]!r} (extra) would both be Q-data tree {t!r} (split/task): rename "
+                         "a split")
     records = decision_qrecords(scored)
     extra_records = decision_qrecords(trained_only)
     source = ",".join(str(p) for p in [*paths, *extra])

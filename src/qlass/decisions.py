@@ -290,8 +290,14 @@ def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: di
         raise QlassError(f"{out}: a decisions file is named NAME.jsonl (its settings and finished tasks are kept "
                          "beside it as NAME.config.yaml and NAME.tasks.jsonl)")
     records = read_jsonl(out, repair_tail=True)
+    at: dict[tuple[str, str, int], int] = {}
     for i, rec in enumerate(records):
         check_decision(out, i, rec)
+        key = (rec["split"], rec["task"], rec["step"])
+        if key in at:  # a copy would count towards its task's decisions and hide a lost one from resume
+            raise DataError(str(out), f"decision {key} is also record {at[key]}; a decisions file holds each "
+                            "decision once (remove the copy, and the rerun finds any decision that is missing)", i)
+        at[key] = i
     done_path = sidecar(out, "tasks.jsonl")
     done = read_jsonl(done_path, repair_tail=True)
     for i, rec in enumerate(done):

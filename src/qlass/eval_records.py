@@ -55,7 +55,8 @@ _OTHER_FILES = {("tree_id", "nodes"): "a trees file (qlass explore)",
                  ("history", "candidates"): "a decisions file (qlass decisions collect; see qlass decisions report)",
                  ("tree_id", "node_id"): "a Q-data file (qlass qdata)",
                  ("conversations",): "a trajectory file (expert or SFT data)",
-                 ("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)"}
+                 ("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)",
+                 ("kind", "settings"): "a paraphrase cache (qlass paraphrase)"}
 """Files of other stages, known by their fields, which the report names instead of a wrong field."""
 
 _BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n"}
@@ -151,16 +152,17 @@ def read_records(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> l
     label whose records ran with different settings (``config``), which one row would mix.
     ``skip_torn_tail``: see :func:`~qlass.jsonl.read_jsonl`."""
     from .errors import DataError, MissingFileError
-    from .jsonl import read_jsonl
+    from .jsonl import read_numbered_jsonl, refuse_repeated_inputs
     from .recorded import setting_changes
 
+    refuse_repeated_inputs(paths)
     seen: dict[tuple[str, ...], str] = {}
     first: dict[str, tuple[dict[str, Any], str]] = {}  # method label → its first record's config, where
     out = []
     for path in paths:
         if not Path(path).exists():
             raise MissingFileError(str(path))
-        for line, rec in enumerate(read_jsonl(path, skip_torn_tail=skip_torn_tail), start=1):
+        for line, rec in read_numbered_jsonl(path, skip_torn_tail=skip_torn_tail):
             check_record(rec, str(path), line)
             key = (rec["method"], rec["env"], rec["split"], rec["task"])
             where = f"{path} line {line}"

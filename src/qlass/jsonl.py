@@ -168,7 +168,14 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 
 def read_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tail: bool = False
                ) -> list[dict[str, Any]]:
-    """Read every record of a JSONL file.
+    """Read every record of a JSONL file (see :func:`read_numbered_jsonl`)."""
+    return [rec for _, rec in read_numbered_jsonl(path, repair_tail, skip_torn_tail)]
+
+
+def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tail: bool = False
+                        ) -> list[tuple[int, dict[str, Any]]]:
+    """Read every record of a JSONL file with its line number in the file (1-based; blank lines
+    count, so an error about a record can name the line an editor shows).
 
     A malformed line raises :class:`DataError` naming file and line. With ``repair_tail``, an
     unterminated, unparsable *last* line (the mark of an interrupted append) is logged, cut from
@@ -193,7 +200,7 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tai
             raise DataError(str(p), "gzip-compressed: a run cannot append to it; decompress it first (gunzip) "
                                     "or choose another output path")
         raw = gunzip(raw, p)
-    records: list[dict[str, Any]] = []
+    records: list[tuple[int, dict[str, Any]]] = []
     offset = 0
     lines = raw.split(b"\n")
     for lineno, line in enumerate(lines, start=1):
@@ -225,7 +232,7 @@ def read_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tai
                 raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            records.append(obj)
+            records.append((lineno, obj))
         offset += len(line) + 1
     return records
 
@@ -267,6 +274,18 @@ def require_model_folder(path: str | os.PathLike, missing: str) -> None:
         if kind:
             raise QlassError(f"{entry}: is {kind}, not a regular file; a model folder holds regular files (its "
                              "loader would wait on it or read it without end)")
+
+
+def refuse_repeated_inputs(paths: Iterable[str | os.PathLike]) -> None:
+    """Raise :class:`QlassError` when one file is given twice among ``paths`` (under any name that
+    leads to it): its records would be read twice, and the error would name one place twice."""
+    seen: dict[str, str] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            same = f" (as {seen[real]})" if str(p) != seen[real] else ""
+            raise QlassError(f"{p}: given twice{same}; give each file once")
+        seen[real] = str(p)
 
 
 def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:

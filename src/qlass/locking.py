@@ -5,7 +5,8 @@ A second process that would write the same folder or file (two ``qlass eval --ou
 record. The lock is ``fcntl.flock`` on a small file (``DIR/.qlass.lock``, or ``.NAME.lock`` beside a
 file): the kernel releases it when its holder exits, however it exits, so a lock left by a killed
 process never blocks a rerun. The lock file itself stays (it only names the last holder), except
-in a folder this process created and a failed command left otherwise empty: both are removed.
+in a folder this process created (a run folder, or an output file's) and a failed command left
+otherwise empty: both are removed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
     if not folder:
         check_output_file(target)
     path = lock_path(target, folder)
-    created = folder and not target.exists()
+    made = _first_missing(path.parent)  # the outermost folder this call creates, if any
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
@@ -64,20 +65,36 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            if created:
-                _remove_if_only_lock(target, path)
+            if made is not None:
+                _remove_if_only_lock(made, path)
             raise
     finally:
         fh.close()  # closing the file releases the lock
 
 
-def _remove_if_only_lock(folder: Path, lock: Path) -> None:
-    """Remove ``folder``, which this process created, when a failed command left nothing in it but its
-    lock file (a model that did not load leaves no empty run folder behind)."""
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder on the way to ``folder`` that does not exist yet (None: ``folder`` exists)."""
+    if folder.exists():
+        return None
+    while not folder.parent.exists():
+        folder = folder.parent
+    return folder
+
+
+def _remove_if_only_lock(made: Path, lock: Path) -> None:
+    """Remove the folders from ``lock``'s up to ``made``, which this process created (a run folder, or
+    the folders of an output file), when a failed command left nothing in them but its lock file (a
+    model that did not load leaves no empty folders behind)."""
     try:
-        if [p.name for p in folder.iterdir()] == [lock.name]:
-            lock.unlink()
-            folder.rmdir()
+        if [p.name for p in lock.parent.iterdir()] != [lock.name]:
+            return
+        lock.unlink()
+        folder = lock.parent
+        while True:
+            folder.rmdir()  # fails, and stops the climb, when something else is there
+            if folder == made:
+                return
+            folder = folder.parent
     except OSError:  # something appeared meanwhile: keep it
         pass
 

@@ -52,7 +52,7 @@ def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: C
     return changes
 
 
-def _records(settings: Mapping[str, Any], name: str) -> bool:
+def records_setting(settings: Mapping[str, Any], name: str) -> bool:
     """Whether ``settings`` hold the dotted ``name`` (``options.k``: key ``k`` of mapping ``options``)."""
     value: Any = settings
     for key in name.split("."):
@@ -77,7 +77,7 @@ def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: 
                                  f"and new work could mix with others; {advice} (or restore the file)")
             return
         recorded = load_yaml(path)
-    missing = [k for k in required if _records(now, k) and not _records(recorded, k)]
+    missing = [k for k in required if records_setting(now, k) and not records_setting(recorded, k)]
     if missing:
         raise QlassError(f"{path} does not record {', '.join(map(repr, missing))}, so the settings of {what} are "
                          f"unknown and new work could mix with others; {advice} (or restore the file)")

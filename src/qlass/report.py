@@ -20,13 +20,14 @@ from typing import Any, Sequence
 
 from .compare import bootstrap_interval, confidence_label, md_cell, paired_rows, paired_table
 from .errors import QlassError
-from .jsonl import write_text_atomic
+from .jsonl import check_output_file, write_text_atomic
 from .search import argmax
 
 log = logging.getLogger(__name__)
 
 BUDGET_NS = (1, 2, 4, 8)
 RESULTS_SCHEMA_VERSION = 1
+REPORT_FILES = ("results.json", "results.md", "budget.csv", "budget.png")
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -176,7 +177,10 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = 
                  baselines: Sequence[str] = ("greedy",), confidence: float = 0.95) -> list[dict[str, Any]]:
     """Write results.json/.md (the summary rows and, for each of ``baselines`` that was run, every
     other method's paired difference to it, with bootstrap intervals at level ``confidence``) and the
-    budget curve (CSV + PNG) into ``out_dir``; returns the rows."""
+    budget curve (CSV + PNG) into ``out_dir``; returns the rows. Every output is checked before the
+    first is written, so a failure never leaves new files beside old ones."""
+    for name in REPORT_FILES:
+        check_output_file(out_dir / name)
     rows = summarise(records)
     points = budget_points(records)
     paired = [row for baseline in baselines for row in paired_rows(records, baseline, confidence=confidence)]
@@ -251,6 +255,8 @@ def write_side_by_side(sides: dict[str, Sequence[dict[str, Any]]], out_dir: Path
     ``out_dir``; returns the rows."""
     if len(sides) < 2:
         raise QlassError("a side-by-side table needs at least two labelled runs")
+    for name in ("sides.json", "sides.md"):
+        check_output_file(out_dir / name)
     rows = side_by_side(sides, confidence=confidence)
     if not rows:
         raise QlassError(f"runs {', '.join(sides)} have no method played on the same tasks in all of them")

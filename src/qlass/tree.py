@@ -43,7 +43,7 @@ from typing import Any
 from .agent import observation_message
 from .data import refuse_replacing_other_kind
 from .errors import DataError, MissingFileError
-from .jsonl import read_jsonl, refuse_overwriting_inputs, write_jsonl
+from .jsonl import read_numbered_jsonl, refuse_overwriting_inputs, write_jsonl
 from .types import Message
 
 TREE_SCHEMA_VERSION = 2
@@ -242,7 +242,7 @@ def read_tree_records(path: str | os.PathLike, repair_tail: bool = False, skip_t
     out, seen = [], set()
     if not Path(path).exists():
         raise MissingFileError(str(path))
-    for line, rec in enumerate(read_jsonl(path, repair_tail, skip_torn_tail), start=1):
+    for line, rec in read_numbered_jsonl(path, repair_tail, skip_torn_tail):
         tree = tree_from_dict(rec, str(path), line)
         if tree.tree_id in seen:
             raise DataError(str(path), f"line {line}: tree {tree.tree_id!r} appears twice")
@@ -381,7 +381,7 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise MissingFileError(p)
     out: list[dict[str, Any]] = []
     seen: dict[tuple[str, int], int] = {}
-    for line, rec in enumerate(read_jsonl(path), start=1):
+    for line, rec in read_numbered_jsonl(path):
         where = f"line {line}"
         vals = {k: _get(rec, k, kinds, where, p) for k, kinds in _QDATA_FIELDS.items()}
         if vals["schema_version"] != QDATA_SCHEMA_VERSION:
