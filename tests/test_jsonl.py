@@ -128,6 +128,27 @@ def test_a_record_that_would_not_read_back_is_never_written(tmp_path: Path, reco
     assert read_jsonl(path) == [{"ok": 1, "score": float("-inf")}] and not (tmp_path / "all.jsonl").exists()
 
 
+def loader_errors(model: Path, calls: str) -> list[str]:
+    """The QlassError message of each of ``calls`` (lambdas, as Python source, reading the model folder
+    ``sys.argv[1]``), run in a subprocess so that a loader that blocks is a timeout, not a hung test."""
+    script = f"""
+import sys
+from qlass.errors import QlassError
+from qlass.jsonl import read_json_object
+from qlass.policy.loading import load_causal_lm
+from qlass.qnet import QNet
+for call in ({calls},):
+    try:
+        call()
+    except QlassError as exc:
+        print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True, text=True, check=False,
+                          timeout=120)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    return done.stdout.splitlines()
+
+
 def test_a_named_pipe_where_a_json_file_or_model_config_belongs_is_named_not_read(tmp_path: Path) -> None:
     """Reading a FIFO blocks until something writes it: a model folder whose config.json is one hung the
     loaders (and ``read_json_object``) for ever; each is now one line naming the file."""
@@ -136,23 +157,10 @@ def test_a_named_pipe_where_a_json_file_or_model_config_belongs_is_named_not_rea
     model = tmp_path / "model"
     model.mkdir()
     os.mkfifo(model / "config.json")
-    script = """
-import sys
-from qlass.errors import QlassError
-from qlass.jsonl import read_json_object
-from qlass.policy.loading import load_causal_lm
-from qlass.qnet import QNet
-for call in (lambda: read_json_object(sys.argv[1] + "/config.json"), lambda: load_causal_lm(sys.argv[1]),
-             lambda: QNet.load(sys.argv[1]), lambda: QNet.from_sft(sys.argv[1])):
-    try:
-        call()
-    except QlassError as exc:
-        print(exc)
-"""
-    done = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True, text=True, check=False,
-                          timeout=120)
-    lines = done.stdout.splitlines()
-    assert done.returncode == 0 and len(lines) == 4, (done.stdout, done.stderr)
+    lines = loader_errors(model, 'lambda: read_json_object(sys.argv[1] + "/config.json"), '
+                                 "lambda: load_causal_lm(sys.argv[1]), lambda: QNet.load(sys.argv[1]), "
+                                 "lambda: QNet.from_sft(sys.argv[1])")
+    assert len(lines) == 4, lines
     assert all(line.startswith(f"{model}/config.json: is a named pipe (FIFO), not a regular file") for line in lines)
 
 
@@ -167,21 +175,8 @@ def test_a_named_pipe_among_a_model_folders_other_files_is_named(tmp_path: Path,
     shutil.copytree(tiny_model_dir, model)
     (model / name).unlink()
     os.mkfifo(model / name)
-    script = """
-import sys
-from qlass.errors import QlassError
-from qlass.policy.loading import load_causal_lm
-from qlass.qnet import QNet
-for call in (lambda: load_causal_lm(sys.argv[1]), lambda: QNet.from_sft(sys.argv[1])):
-    try:
-        call()
-    except QlassError as exc:
-        print(exc)
-"""
-    done = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True, text=True, check=False,
-                          timeout=120)
-    lines = done.stdout.splitlines()
-    assert done.returncode == 0 and len(lines) == 2, (done.stdout, done.stderr)
+    lines = loader_errors(model, "lambda: load_causal_lm(sys.argv[1]), lambda: QNet.from_sft(sys.argv[1])")
+    assert len(lines) == 2, lines
     assert all(line.startswith(f"{model}/{name}: is a named pipe (FIFO), not a regular file") for line in lines)
 
 
