@@ -26,7 +26,8 @@ from typing import Any
 
 from qlass.agent import start_messages
 from qlass.envs.base import make_env
-from qlass.evaluate import EvalWorker, MethodRun, evaluate, live_histories, select_tasks
+from qlass.eval_worker import EvalWorker, MethodRun
+from qlass.evaluate import evaluate, live_histories, select_tasks
 from qlass.models import default_model_dir
 from qlass.policy.hf import HFPolicy
 from qlass.qnet import QNet

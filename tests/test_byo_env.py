@@ -20,7 +20,8 @@ from qlass.envs.base import check_splits, env_reset, env_step, env_tasks, make_e
 from qlass.errors import QlassError
 from qlass.expert import verify_expert
 from qlass.jsonl import read_jsonl
-from qlass.tree import read_qdata, read_trees
+from qlass.qdata import read_qdata
+from qlass.tree import read_trees
 from qlass.types import Message, StepResult, Task
 
 TESTS = Path(__file__).parent

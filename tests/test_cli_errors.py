@@ -141,7 +141,7 @@ PIPELINE = f"run_dir: {{tmp}}/run\nmodel: {NO_MODEL}\nenv: toy_envs:Corridor\n"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Good and damaged input files, a plain file and a folder; name → path."""
-    from qlass.tree import export_qdata
+    from qlass.qdata import export_qdata
 
     tmp = tmp_path_factory.mktemp("bad_inputs")
     texts = {

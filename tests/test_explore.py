@@ -35,9 +35,10 @@ from qlass.jsonl import read_jsonl
 from qlass.perturb import diversity_prompt
 from qlass.pipeline import _exploration_tasks
 from qlass.pipeline_config import resolve
+from qlass.qdata import qdata_records
 from qlass.search import normalise_action
 from qlass.seeding import candidate_seed, stable_seed
-from qlass.tree import Tree, qdata_records, read_trees
+from qlass.tree import Tree, read_trees
 from qlass.types import Completion, History, Message, StepResult, Task
 
 TESTS = Path(__file__).parent
@@ -411,7 +412,7 @@ def test_real_sciworld_tree_with_tiny_hf_model(tiny_model_dir: Path, tmp_path: P
 
     from qlass.envs.base import make_env
     from qlass.policy.hf import HFPolicy
-    from qlass.tree import export_qdata, read_qdata
+    from qlass.qdata import export_qdata, read_qdata
 
     make = functools.partial(make_env, "sciworld", step_limit=10)
     env = make()

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from toy_envs import Corridor
 
-from qlass.evaluate import EvalWorker, MethodRun, evaluate
+from qlass.eval_worker import EvalWorker, MethodRun
+from qlass.evaluate import evaluate
 from qlass.executor import ProcessExecutor
 from qlass.jsonl import read_jsonl
 from qlass.lockstep import Sample, Score, Scored, drive, run_one

@@ -36,8 +36,8 @@ from qlass.paraphrase_goals import (
     template_paraphrase,
 )
 from qlass.perturb import paraphrase_prompt
+from qlass.qdata import qdata_records
 from qlass.search import QlassConfig, SearchContext, make_method_config, method_label, qlass_search
-from qlass.tree import qdata_records
 from qlass.types import Completion, History, Message, Task
 
 TESTS = Path(__file__).resolve().parent

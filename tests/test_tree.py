@@ -9,6 +9,7 @@ import pytest
 
 from qlass.errors import DataError
 from qlass.jsonl import append_jsonl, write_jsonl
+from qlass.qdata import export_qdata, qdata_records, read_qdata
 from qlass.tree import (
     BackupConfig,
     Node,
@@ -16,9 +17,6 @@ from qlass.tree import (
     assign_q,
     compute_q,
     contrast_pairs,
-    export_qdata,
-    qdata_records,
-    read_qdata,
     read_trees,
     tree_from_dict,
     tree_summary,

@@ -1,7 +1,7 @@
 """``qlass view``: the offline HTML page, read back by headless Chromium (Debian's ``chromium``).
 
 The test data is written with the project's own writers: trees through :class:`qlass.tree.Tree`,
-evaluation records through :func:`qlass.evaluate.make_record` (plus ``write_report`` for the
+evaluation records through :func:`qlass.eval_worker.make_record` (plus ``write_report`` for the
 results files) and decision states through :func:`qlass.decisions.decision_record`.
 """
 
@@ -26,7 +26,7 @@ import pytest
 
 from qlass.decisions import _Candidate, _Decision, decision_record
 from qlass.errors import QlassError
-from qlass.evaluate import MethodRun, make_record
+from qlass.eval_worker import MethodRun, make_record
 from qlass.jsonl import write_jsonl
 from qlass.report import write_report
 from qlass.search import make_method_config

@@ -37,9 +37,9 @@ from .decision_report import ReportConfig, markdown, score_decisions
 from .errors import DataError, QlassError
 from .jsonl import check_output_file, refuse_overwriting_inputs, write_jsonl, write_text_atomic
 from .locking import writes_to
+from .qdata import QDATA_SCHEMA_VERSION
 from .qnet_data import QRecord, fold_trees
 from .qnet_head import QNetHeadConfig, cross_validate_head, features_of, fit_records, record_key
-from .tree import QDATA_SCHEMA_VERSION
 from .types import Message
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import build, check_minimums, option, to_dict
-from .evaluate import MethodRun
+from .eval_worker import MethodRun
 from .rollouts import TASK_SOURCES
 from .search import GreedyConfig, SampleConfig
 from .training.configs import DPOConfig

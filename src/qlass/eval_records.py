@@ -90,7 +90,7 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
     """Raise :class:`DataError` naming the field of ``rec`` that the report cannot read: its schema
     version, a missing or mistyped field, a reward outside [0, 1], a malformed best-of-n candidate."""
     from .errors import DataError
-    from .evaluate import RECORD_SCHEMA_VERSION
+    from .eval_worker import RECORD_SCHEMA_VERSION
 
     for fields, other in _OTHER_FILES.items():
         if "method" not in rec and rec.keys() >= set(fields):

@@ -1,9 +1,9 @@
 """The evaluation harness: methods × tasks → per-task records, resumable after a crash.
 
-A worker plays ``concurrency`` episodes at once in lockstep (:func:`qlass.lockstep.drive`): the
-policy requests of every live episode are answered by one batched call per wave, the QNet requests
-by another, each episode steps its own environment, and a finished episode's slot is refilled at
-once. Each episode is seeded by the run seed, its method label and its task, and every draw by the
+A worker (:class:`qlass.eval_worker.EvalWorker`) plays ``concurrency`` episodes at once in lockstep
+(:func:`qlass.lockstep.drive`): the policy requests of every live episode are answered by one
+batched call per wave, the QNet requests by another, each episode steps its own environment, and a
+finished episode's slot is refilled at once. Each episode is seeded by the run seed, its method label and its task, and every draw by the
 step and candidate too, so records do not depend on ``concurrency``, the backend or the worker.
 
 Each finished (method, task) appends one record to ``records.jsonl`` in the run folder (whole-line
@@ -24,33 +24,29 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import differences, load_yaml, save_yaml
-from .data import trajectory_to_record
 from .envs.base import Env, check_splits, env_close, env_tasks
 from .errors import DataError, QlassError
 from .eval_records import check_record
+from .eval_worker import EvalWorker, MethodRun
 from .executor import Executor, LocalExecutor, runs_here
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
-from .lockstep import Episode, drive, run_one
-from .policy.base import Policy, ready_policy
 from .precision import with_precision
 from .recorded import check_recorded
-from .search import METHODS, SearchContext, ValueModel, method_label
+from .search import METHODS
 from .seeding import stable_seed
 from .types import Task
 
 log = logging.getLogger(__name__)
 
-RECORD_SCHEMA_VERSION = 1
 DEFAULT_CONCURRENCY = 16
 """Episodes a worker keeps live by default."""
 DEFAULT_CACHE_SLOTS = 8
@@ -58,18 +54,6 @@ DEFAULT_CACHE_SLOTS = 8
 RESUMABLE_SETTINGS = ("limit", "splits", "task_types", "tasks", "methods")
 """``config.yaml`` entries a rerun may change besides the runtime ones: which tasks are played (records
 are keyed by task) and the method list (each method's settings are checked per record)."""
-
-
-@dataclass(frozen=True)
-class MethodRun:
-    """One method with its validated config, as evaluated."""
-
-    name: str
-    config: Any
-
-    @property
-    def label(self) -> str:
-        return method_label(self.name, self.config)
 
 
 def select_tasks(tasks: Sequence[Task], limit: int | None) -> list[Task]:
@@ -114,112 +98,6 @@ def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str
 
 def record_key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
     return (rec["method"], rec["env"], rec["split"], rec["task"])
-
-
-def make_record(run: MethodRun, env_name: str, task: Task, traj, wall: float) -> dict[str, Any]:
-    """The evaluation record of one played task."""
-    meta = traj.meta
-    rec = {
-        "schema_version": RECORD_SCHEMA_VERSION,
-        "method": run.label,
-        "method_name": run.name,
-        "config": asdict(run.config),
-        "env": env_name,
-        "split": task.split,
-        "task": task.id,
-        "task_type": task.task_type,
-        "reward": traj.reward,
-        "success": traj.success,
-        "prompt_tokens": meta.get("prompt_tokens", traj.prompt_tokens),
-        "completion_tokens": meta.get("completion_tokens", traj.completion_tokens),
-        "qnet_tokens": meta.get("qnet_tokens", sum(s.qnet_tokens for s in traj.steps)),
-        "env_steps": meta.get("env_steps", len(traj.steps)),
-        "steps": len(traj.steps),
-        "wall_time": round(wall, 3),
-        "oracle": bool(meta.get("oracle", False)),
-        "trajectory": trajectory_to_record(traj, with_steps=True),
-    }
-    if "decisions" in meta:
-        rec["qnet_choices"] = len(meta["decisions"])
-    if "trials" in meta:
-        rec["trials"] = meta["trials"]
-    if "candidates" in meta:
-        rec["candidates"] = meta["candidates"]
-        rec["oracle_pass_at_n"] = meta["oracle_pass_at_n"]
-    return rec
-
-
-Job = tuple[MethodRun, Task, int]
-"""One episode to play: the method, the task and the episode seed."""
-
-
-class EvalWorker:
-    """Plays (method, task) pairs in one worker (executor ``setup``): ``EvalWorker(...)()`` makes the
-    policy, QNet and a first environment once; the result plays jobs ``(run, task, seed)`` —
-    ``concurrency`` of them at once through its ``stream`` method, or one by calling it.
-
-    ``policy`` and ``qnet`` may be ready objects (local backend) or picklable factories such as
-    ``functools.partial(load_policy, path)`` (process and Ray backends); ``make_env`` must be
-    picklable for those backends too."""
-
-    def __init__(self, make_env: Callable[[], Env], policy: Policy | Callable[[], Policy],
-                 qnet: ValueModel | Callable[[], ValueModel] | None = None, concurrency: int = 1) -> None:
-        if concurrency < 1:
-            raise QlassError(f"concurrency must be >= 1, got {concurrency}")
-        self.make_env, self.policy, self.qnet, self.concurrency = make_env, policy, qnet, concurrency
-
-    def __call__(self) -> _BoundEvalWorker:
-        policy = ready_policy(self.policy)
-        qnet = self.qnet() if callable(self.qnet) and not hasattr(self.qnet, "score") else self.qnet
-        return _BoundEvalWorker(policy, qnet, self.make_env, self.concurrency)
-
-
-class _BoundEvalWorker:
-    def __init__(self, policy: Policy, qnet: ValueModel | None, make_env: Callable[[], Env], concurrency: int) -> None:
-        self.policy, self.qnet, self.make_env, self.concurrency = policy, qnet, make_env, concurrency
-        self.envs: list[Env] = [make_env()]
-        self.free: list[Env] = list(self.envs)
-
-    def _take(self, k: int) -> list[Env]:
-        """``k`` idle environments, made when none is idle (kept for later episodes)."""
-        taken = []
-        for _ in range(k):
-            if not self.free:
-                self.envs.append(self.make_env())
-                self.free.append(self.envs[-1])
-            taken.append(self.free.pop())
-        return taken
-
-    def _episode(self, job: Job) -> Episode[dict[str, Any]]:
-        """One job as a lockstep episode on environments of its own, which it gives back when it ends."""
-        run, task, seed = job
-        held = self._take(1)
-
-        def pool(k: int) -> list[Env]:
-            held.extend(self._take(k - len(held)))
-            return held[:k]
-
-        try:
-            ctx = SearchContext(env=held[0], policy=self.policy, qnet=self.qnet, make_env=self.make_env, seed=seed,
-                                env_pool=pool)
-            start = time.perf_counter()
-            traj = yield from METHODS[run.name].episode(task, ctx, run.config)
-            return make_record(run, held[0].name, task, traj, time.perf_counter() - start)
-        finally:
-            self.free.extend(held)
-
-    def stream(self, jobs: Iterable[Job]) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Play ``jobs``, ``concurrency`` at a time in lockstep, taking the next job only when a slot is
-        free; yields ``(position in jobs, record)`` as episodes finish."""
-        starters = (functools.partial(self._episode, job) for job in jobs)
-        yield from drive(starters, self.policy, self.qnet, self.concurrency)
-
-    def __call__(self, job: Job) -> dict[str, Any]:
-        return run_one(self._episode(job), self.policy, self.qnet)
-
-    def close(self) -> None:
-        for env in self.envs:
-            env_close(env)
 
 
 def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]], path: Path) -> None:

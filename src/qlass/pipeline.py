@@ -96,7 +96,8 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
     from .models import default_model_dir
     from .policy import load_policy
-    from .tree import BackupConfig, export_qdata
+    from .qdata import export_qdata
+    from .tree import BackupConfig
 
     if stop_after is not None and stop_after not in STAGES[:-1]:
         raise QlassError(f"--stop-after must be one of {', '.join(STAGES[:-1])}, got {stop_after!r}")

@@ -1,6 +1,6 @@
 """Q data for the QNet: reading ``qdata.jsonl``, the split by tree, sibling groups, ranking metrics.
 
-The record format is fixed by exploration (:func:`qlass.tree.qdata_records`; see also
+The record format is fixed by exploration (:func:`qlass.qdata.qdata_records`; see also
 :mod:`qlass.training.qnet`); every problem is reported with the file, the line and the field.
 """
 
@@ -44,9 +44,9 @@ class Group:
 
 
 def read_qdata(path: str | Path) -> list[QRecord]:
-    """Every record of a qdata JSONL file, validated by :func:`qlass.tree.read_qdata` (errors name the
+    """Every record of a qdata JSONL file, validated by :func:`qlass.qdata.read_qdata` (errors name the
     file, line and field), as typed records."""
-    from .tree import read_qdata as read_records
+    from .qdata import read_qdata as read_records
 
     records = [QRecord(tree_id=r["tree_id"], task=r["task"], node_id=r["node_id"], parent_id=r["parent_id"],
                        group=r["group"], depth=r["depth"],

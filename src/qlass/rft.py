@@ -35,7 +35,8 @@ from .config import check_minimums, option, save_yaml, to_dict
 from .data import load_trajectories, record_problems, record_to_trajectory, save_trajectories, trajectory_to_record
 from .envs.base import parse_action
 from .errors import QlassError
-from .evaluate import DEFAULT_CONCURRENCY, MethodRun
+from .eval_worker import MethodRun
+from .evaluate import DEFAULT_CONCURRENCY
 from .jsonl import require_model_folder
 from .rollouts import TASK_SOURCES, play_split
 from .search import SampleConfig

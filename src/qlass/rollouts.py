@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QlassError
-from .evaluate import EvalWorker, MethodRun, cache_for, evaluate, live_histories, select_tasks, split_tasks
+from .eval_worker import EvalWorker, MethodRun
+from .evaluate import cache_for, evaluate, live_histories, select_tasks, split_tasks
 
 log = logging.getLogger(__name__)
 

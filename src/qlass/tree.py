@@ -1,4 +1,4 @@
-"""Exploration trees: nodes, the ``trees.jsonl`` format, the Q-value backup and the Q dataset.
+"""Exploration trees: nodes, the ``trees.jsonl`` format and the Q-value backup.
 
 A tree belongs to one task. Node 0 is the root: the task's initial state (its ``observation`` is
 the environment's first observation, no action). Every other node is one agent step: the raw
@@ -26,14 +26,12 @@ outcome (the final cumulative score). With ``keep_intermediate`` every node's ``
 *increment* (its score minus its parent's), so an undiscounted chain sums to the final score. With
 ``normalize`` the Q values of a tree are min–max scaled to [0, 1] (left as they are when all equal).
 
-Formats (see ``docs/formats.md``): ``trees.jsonl`` holds one tree per line (:meth:`Tree.to_dict`);
-``qdata.jsonl`` one record per non-root node outside the extra rollout chains (those with
-``rollout >= 1`` only inform their branch's mean) (:func:`qdata_records`, :func:`read_qdata`).
+Format (see ``docs/formats.md``): ``trees.jsonl`` holds one tree per line (:meth:`Tree.to_dict`). The
+Q dataset made from trees is :mod:`qlass.qdata`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -41,15 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from .agent import observation_message
-from .data import refuse_replacing_other_kind
 from .errors import DataError, MissingFileError
-from .jsonl import read_numbered_jsonl, refuse_overwriting_inputs, write_jsonl
+from .jsonl import read_numbered_jsonl
 from .types import Message
 
 TREE_SCHEMA_VERSION = 2
 READABLE_TREE_VERSIONS = (1, 2)
 """Version 2 added the node field ``rollout``; version 1 trees read with ``rollout = 0``."""
-QDATA_SCHEMA_VERSION = 1
 SOURCES = ("root", "expert", "sample", "rollout")
 ROLES = ("system", "user", "assistant")
 
@@ -145,7 +141,9 @@ _TREE_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def _get(rec: dict[str, Any], name: str, kinds: tuple[type, ...], where: str, path: str) -> Any:
+def checked_field(rec: dict[str, Any], name: str, kinds: tuple[type, ...], where: str, path: str) -> Any:
+    """``rec[name]``, which must be present and of one of ``kinds`` (a bool is not an int); else a
+    :class:`DataError` naming ``path``, ``where`` (the record) and the field."""
     if name not in rec:
         raise DataError(path, f"{where}: missing field {name!r}")
     value = rec[name]
@@ -156,7 +154,8 @@ def _get(rec: dict[str, Any], name: str, kinds: tuple[type, ...], where: str, pa
     return value
 
 
-def _messages(value: list[Any], where: str, name: str, path: str) -> list[Message]:
+def checked_messages(value: list[Any], where: str, name: str, path: str) -> list[Message]:
+    """``value`` (field ``name``) as messages: each ``{'role': one of ROLES, 'content': str}``."""
     out = []
     for k, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -169,7 +168,7 @@ _COUNTED_STATS = ("branches", "merged", "probe_steps", "prompt_tokens", "complet
 """The tree statistics that summaries add up (optional; an integer >= 0 where present)."""
 
 
-def _q_value(q: float) -> bool:
+def is_q_value(q: float) -> bool:
     """Whether ``q`` is a possible Q value: rewards lie in [0, 1] and gamma <= 1, so a backed-up Q lies in
     [0, 1], and one built from reward increments (``keep_intermediate``) in [-1, 1] (NaN is not)."""
     return -1.0 - 1e-9 <= q <= 1.0 + 1e-9
@@ -182,11 +181,11 @@ def _is_count(value: Any) -> bool:
 def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) -> Tree:
     """Validate a ``trees.jsonl`` record and build the :class:`Tree`; errors name file, line, field."""
     where = f"line {line}"
-    version = _get(rec, "schema_version", (int,), where, path)
+    version = checked_field(rec, "schema_version", (int,), where, path)
     if version not in READABLE_TREE_VERSIONS:
         raise DataError(path, f"{where}: field 'schema_version' is {version}; this qlass reads "
                               f"{', '.join(map(str, READABLE_TREE_VERSIONS))}")
-    vals = {k: _get(rec, k, kinds, where, path) for k, kinds in _TREE_FIELDS.items()}
+    vals = {k: checked_field(rec, k, kinds, where, path) for k, kinds in _TREE_FIELDS.items()}
     where = f"line {line} (tree {vals['tree_id']!r})"
     gamma = vals["config"].get("gamma", BackupConfig.gamma)
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0.0 <= gamma <= 1.0:
@@ -197,14 +196,14 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
     if not isinstance(vals["stats"].get("stopped_by"), (str, type(None))):
         raise DataError(path, f"{where}: field 'stats.stopped_by' must be a cap's name or null, "
                               f"got {vals['stats']['stopped_by']!r}")
-    prefix = _messages(vals["prefix"], where, "prefix", path)
+    prefix = checked_messages(vals["prefix"], where, "prefix", path)
     nodes: list[Node] = []
     for i, raw in enumerate(vals["nodes"]):
         nw = f"{where}, nodes[{i}]"
         if not isinstance(raw, dict):
             raise DataError(path, f"{nw}: must be an object")
-        nv = {k: _get(raw, k, kinds, nw, path) for k, kinds in _NODE_FIELDS.items()}
-        nv["rollout"] = _get(raw, "rollout", (int,), nw, path) if version >= 2 else 0
+        nv = {k: checked_field(raw, k, kinds, nw, path) for k, kinds in _NODE_FIELDS.items()}
+        nv["rollout"] = checked_field(raw, "rollout", (int,), nw, path) if version >= 2 else 0
         if nv["rollout"] < 0 or (nv["rollout"] and nv["source"] != "rollout"):
             raise DataError(path, f"{nw}: field 'rollout' must be 0, or >= 1 on a 'rollout' node; got {nv['rollout']}")
         parent, action, q = raw.get("parent", "missing"), raw.get("action", "missing"), raw.get("q", "missing")
@@ -223,7 +222,7 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
             raise DataError(path, f"{nw}: field 'source' must be one of {SOURCES}, got {nv['source']!r}")
         if action is not None and not isinstance(action, str):
             raise DataError(path, f"{nw}: field 'action' must be str or null")
-        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not _q_value(q)):
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not is_q_value(q)):
             raise DataError(path, f"{nw}: field 'q' must be a number in [-1, 1] or null, got {q!r}")
         if not -1e-9 <= nv["reward"] <= 1.0 + 1e-9:  # rewards are in [0, 1], give or take rounding
             raise DataError(path, f"{nw}: field 'reward' must be in [0, 1], got {nv['reward']!r}")
@@ -316,90 +315,6 @@ def assign_q(tree: Tree, cfg: BackupConfig = BackupConfig()) -> Tree:
     for n in tree.nodes:
         n.q = q.get(n.id)
     return tree
-
-
-# -- Q dataset ------------------------------------------------------------------------------
-def _rank(tree_id: str, node_id: int) -> str:
-    return hashlib.sha256(f"{tree_id}\x1f{node_id}".encode()).hexdigest()
-
-
-def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: int | None = 300
-                  ) -> list[dict[str, Any]]:
-    """One Q-dataset record per non-root node outside the extra rollout chains (``rollout >= 1``:
-    they only inform their branch's mean, and their heads would repeat a sibling's action), in
-    node-id order.
-
-    With more than ``max_per_tree`` such nodes a deterministic subset is kept: nodes that have
-    siblings first (sibling groups carry the ranking signal), each tier ordered by a stable hash of
-    (tree id, node id).
-    """
-    q = compute_q(tree, cfg)
-    ids = [i for i in q if tree.nodes[i].rollout == 0]
-    group_size: dict[int, int] = {}
-    for i in ids:
-        group_size[tree.nodes[i].parent] = group_size.get(tree.nodes[i].parent, 0) + 1  # type: ignore[index]
-    if max_per_tree is not None and len(ids) > max_per_tree:
-        lonely = {i for i in ids if group_size[tree.nodes[i].parent] < 2}  # type: ignore[index]
-        ids = sorted(sorted(ids, key=lambda i: (i in lonely, _rank(tree.tree_id, i)))[:max_per_tree])
-    histories: dict[int, list[dict[str, str]]] = {}
-    out = []
-    for i in ids:
-        n = tree.nodes[i]
-        if n.parent not in histories:
-            histories[n.parent] = [{"role": m.role, "content": m.content} for m in tree.history(n.parent)]  # type: ignore[arg-type]
-        out.append({"schema_version": QDATA_SCHEMA_VERSION, "tree_id": tree.tree_id, "task": tree.task,
-                    "node_id": n.id, "parent_id": n.parent, "group": f"{tree.tree_id}:{n.parent}",
-                    "depth": n.depth, "messages": list(histories[n.parent]), "action": n.output, "q": q[i]})
-    return out
-
-
-def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
-                 max_per_tree: int | None = 300) -> dict[str, Any]:
-    """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
-    refuse_overwriting_inputs(out_path, [trees_path])
-    refuse_replacing_other_kind(out_path, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
-    trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
-    if not trees:
-        raise DataError(str(trees_path), "holds no trees (nothing to export)")
-    records = [r for t in trees for r in qdata_records(t, cfg, max_per_tree)]
-    write_jsonl(out_path, records)
-    return {"trees": len(trees), "records": len(records),
-            "nodes": sum(t.edges for t in trees), "path": str(Path(out_path))}
-
-
-_QDATA_FIELDS: dict[str, tuple[type, ...]] = {
-    "schema_version": (int,), "tree_id": (str,), "task": (str,), "node_id": (int,), "parent_id": (int,),
-    "group": (str,), "depth": (int,), "messages": (list,), "action": (str,), "q": (int, float),
-}
-
-
-def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of a ``qdata.jsonl`` file, validated; a problem raises :class:`DataError`
-    naming the file, line and field."""
-    p = str(path)
-    if not Path(path).exists():
-        raise MissingFileError(p)
-    out: list[dict[str, Any]] = []
-    seen: dict[tuple[str, int], int] = {}
-    for line, rec in read_numbered_jsonl(path):
-        where = f"line {line}"
-        vals = {k: _get(rec, k, kinds, where, p) for k, kinds in _QDATA_FIELDS.items()}
-        if vals["schema_version"] != QDATA_SCHEMA_VERSION:
-            raise DataError(p, f"{where}: field 'schema_version' is {vals['schema_version']}; "
-                               f"this qlass reads {QDATA_SCHEMA_VERSION}")
-        key = (vals["tree_id"], vals["node_id"])
-        if key in seen:
-            raise DataError(p, f"{where}: node {key[1]} of tree {key[0]!r} is also at line {seen[key]}")
-        seen[key] = line
-        msgs = _messages(vals["messages"], where, "messages", p)
-        if not msgs:
-            raise DataError(p, f"{where}: field 'messages' is empty")
-        if not _q_value(vals["q"]):
-            raise DataError(p, f"{where}: field 'q' must be a number in [-1, 1], got {vals['q']}")
-        if vals["group"] != f"{vals['tree_id']}:{vals['parent_id']}":
-            raise DataError(p, f"{where}: field 'group' must be '<tree_id>:<parent_id>', got {vals['group']!r}")
-        out.append({**vals, "q": float(vals["q"])})
-    return out
 
 
 def contrast_pairs(tree: Tree) -> int:

@@ -1,7 +1,7 @@
 """The shared vocabulary of qlass: messages, tasks, environment steps, completions, trajectories.
 
-Every stage speaks in these types; the file formats in :mod:`qlass.data` and :mod:`qlass.tree`
-are their JSON forms.
+Every stage speaks in these types; the file formats in :mod:`qlass.data`, :mod:`qlass.tree` and
+:mod:`qlass.qdata` are their JSON forms.
 """
 
 from __future__ import annotations

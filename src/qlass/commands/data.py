@@ -81,7 +81,8 @@ def _validate(path: Path, what: str) -> bool:
     A file that cannot be read as a whole raises :class:`DataError`."""
     from ..data import validate_file
     from ..errors import DataError, MissingFileError
-    from ..tree import read_qdata, read_trees
+    from ..qdata import read_qdata
+    from ..tree import read_trees
 
     if what == "trajectories":
         report = validate_file(path)

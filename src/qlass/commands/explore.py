@@ -100,7 +100,8 @@ def register(app: typer.Typer) -> None:
         max_per_tree: int = typer.Option(300, min=0, help="At most this many records per tree (0: no limit)."),
     ) -> None:
         """Compute Q values (Bellman backup, Eq. 7) and export the Q dataset for QNet training."""
-        from ..tree import BackupConfig, export_qdata, read_qdata
+        from ..qdata import export_qdata, read_qdata
+        from ..tree import BackupConfig
 
         try:
             backup = BackupConfig(gamma=gamma, keep_intermediate=keep_intermediate, normalize=normalize)

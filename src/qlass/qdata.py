@@ -1,0 +1,102 @@
+"""The Q dataset (``qdata.jsonl``): one record per non-root tree node outside the extra rollout
+chains (those with ``rollout >= 1`` only inform their branch's mean), with its history, action and
+Q target (:func:`qlass.tree.compute_q`); written by :func:`export_qdata`, read back validated by
+:func:`read_qdata`. See ``docs/formats.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from .data import refuse_replacing_other_kind
+from .errors import DataError, MissingFileError
+from .jsonl import read_numbered_jsonl, refuse_overwriting_inputs, write_jsonl
+from .tree import BackupConfig, Tree, checked_field, checked_messages, compute_q, is_q_value, read_trees
+
+QDATA_SCHEMA_VERSION = 1
+
+
+def _rank(tree_id: str, node_id: int) -> str:
+    return hashlib.sha256(f"{tree_id}\x1f{node_id}".encode()).hexdigest()
+
+
+def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: int | None = 300
+                  ) -> list[dict[str, Any]]:
+    """One Q-dataset record per non-root node outside the extra rollout chains (``rollout >= 1``:
+    they only inform their branch's mean, and their heads would repeat a sibling's action), in
+    node-id order.
+
+    With more than ``max_per_tree`` such nodes a deterministic subset is kept: nodes that have
+    siblings first (sibling groups carry the ranking signal), each tier ordered by a stable hash of
+    (tree id, node id).
+    """
+    q = compute_q(tree, cfg)
+    ids = [i for i in q if tree.nodes[i].rollout == 0]
+    group_size: dict[int, int] = {}
+    for i in ids:
+        group_size[tree.nodes[i].parent] = group_size.get(tree.nodes[i].parent, 0) + 1  # type: ignore[index]
+    if max_per_tree is not None and len(ids) > max_per_tree:
+        lonely = {i for i in ids if group_size[tree.nodes[i].parent] < 2}  # type: ignore[index]
+        ids = sorted(sorted(ids, key=lambda i: (i in lonely, _rank(tree.tree_id, i)))[:max_per_tree])
+    histories: dict[int, list[dict[str, str]]] = {}
+    out = []
+    for i in ids:
+        n = tree.nodes[i]
+        if n.parent not in histories:
+            histories[n.parent] = [{"role": m.role, "content": m.content} for m in tree.history(n.parent)]  # type: ignore[arg-type]
+        out.append({"schema_version": QDATA_SCHEMA_VERSION, "tree_id": tree.tree_id, "task": tree.task,
+                    "node_id": n.id, "parent_id": n.parent, "group": f"{tree.tree_id}:{n.parent}",
+                    "depth": n.depth, "messages": list(histories[n.parent]), "action": n.output, "q": q[i]})
+    return out
+
+
+def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
+                 max_per_tree: int | None = 300) -> dict[str, Any]:
+    """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
+    refuse_overwriting_inputs(out_path, [trees_path])
+    refuse_replacing_other_kind(out_path, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
+    trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
+    if not trees:
+        raise DataError(str(trees_path), "holds no trees (nothing to export)")
+    records = [r for t in trees for r in qdata_records(t, cfg, max_per_tree)]
+    write_jsonl(out_path, records)
+    return {"trees": len(trees), "records": len(records),
+            "nodes": sum(t.edges for t in trees), "path": str(Path(out_path))}
+
+
+_QDATA_FIELDS: dict[str, tuple[type, ...]] = {
+    "schema_version": (int,), "tree_id": (str,), "task": (str,), "node_id": (int,), "parent_id": (int,),
+    "group": (str,), "depth": (int,), "messages": (list,), "action": (str,), "q": (int, float),
+}
+
+
+def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a ``qdata.jsonl`` file, validated; a problem raises :class:`DataError`
+    naming the file, line and field."""
+    p = str(path)
+    if not Path(path).exists():
+        raise MissingFileError(p)
+    out: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], int] = {}
+    for line, rec in read_numbered_jsonl(path):
+        where = f"line {line}"
+        vals = {k: checked_field(rec, k, kinds, where, p) for k, kinds in _QDATA_FIELDS.items()}
+        if vals["schema_version"] != QDATA_SCHEMA_VERSION:
+            raise DataError(p, f"{where}: field 'schema_version' is {vals['schema_version']}; "
+                               f"this qlass reads {QDATA_SCHEMA_VERSION}")
+        key = (vals["tree_id"], vals["node_id"])
+        if key in seen:
+            raise DataError(p, f"{where}: node {key[1]} of tree {key[0]!r} is also at line {seen[key]}")
+        seen[key] = line
+        msgs = checked_messages(vals["messages"], where, "messages", p)
+        if not msgs:
+            raise DataError(p, f"{where}: field 'messages' is empty")
+        if not is_q_value(vals["q"]):
+            raise DataError(p, f"{where}: field 'q' must be a number in [-1, 1], got {vals['q']}")
+        if vals["group"] != f"{vals['tree_id']}:{vals['parent_id']}":
+            raise DataError(p, f"{where}: field 'group' must be '<tree_id>:<parent_id>', got {vals['group']!r}")
+        out.append({**vals, "q": float(vals["q"])})
+    return out
