@@ -3,8 +3,9 @@
 A worker (:class:`qlass.eval_worker.EvalWorker`) plays ``concurrency`` episodes at once in lockstep
 (:func:`qlass.lockstep.drive`): the policy requests of every live episode are answered by one
 batched call per wave, the QNet requests by another, each episode steps its own environment, and a
-finished episode's slot is refilled at once. Each episode is seeded by the run seed, its method label and its task, and every draw by the
-step and candidate too, so records do not depend on ``concurrency``, the backend or the worker.
+finished episode's slot is refilled at once. Each episode is seeded by the run seed, its method
+label and its task, and every draw by the step and candidate too, so records do not depend on
+``concurrency``, the backend or the worker.
 
 Each finished (method, task) appends one record to ``records.jsonl`` in the run folder (whole-line
 appends, fsynced); a rerun skips the (method, env, split, task) keys already recorded and a torn
