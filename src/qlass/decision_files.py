@@ -25,7 +25,7 @@ import numpy as np
 from .candidates import normalise_action
 from .config import load_yaml, save_yaml
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import check_output_file, is_text, read_jsonl, refuse_repeated_inputs
+from .jsonl import check_output_file, is_count, is_text, read_jsonl, refuse_repeated_inputs
 from .recorded import check_recorded, records_setting, setting_changes
 from .tree import ROLES
 
@@ -230,21 +230,16 @@ _OTHER_FILES = {("method", "trajectory"): "evaluation records (qlass eval's reco
 """Files of other stages, known by their fields, which a decisions reader names instead of a wrong field."""
 
 
-def _count(value: Any, low: int = 0) -> bool:
-    """Whether ``value`` is an integer (not a bool) >= ``low``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def _check_counts(path: Path, i: int, rid: str, j: int, c: dict[str, Any]) -> None:
     """The fields of candidate ``j`` that collection writes besides those every reader needs: when
     present they must be possible and agree with each other."""
     where = f"field 'candidates[{j}]"
     for name, ok, expected in (
-            ("count", "count" not in c or _count(c["count"], 1), "an integer >= 1 (samples merged into it)"),
-            ("completion_tokens", "completion_tokens" not in c or _count(c["completion_tokens"]), "an integer >= 0"),
+            ("count", "count" not in c or is_count(c["count"], 1), "an integer >= 1 (samples merged into it)"),
+            ("completion_tokens", "completion_tokens" not in c or is_count(c["completion_tokens"]), "an integer >= 0"),
             ("reward", c.get("reward") is None or _number(c["reward"], 0.0, 1.0), "null or a number in [0, 1]"),
             ("rollout_lengths", c.get("rollout_lengths") is None or (
-                isinstance(c["rollout_lengths"], list) and all(_count(n) for n in c["rollout_lengths"])),
+                isinstance(c["rollout_lengths"], list) and all(is_count(n) for n in c["rollout_lengths"])),
              "null or a list of integers >= 0")):
         if not ok:
             raise DataError(str(path), f"{where}.{name}' must be {expected}, got {c.get(name)!r}", i, rid)
@@ -252,7 +247,7 @@ def _check_counts(path: Path, i: int, rid: str, j: int, c: dict[str, Any]) -> No
     if rewards is not None and lengths is not None and len(rewards) != len(lengths):
         raise DataError(str(path), f"{where}': {len(rewards)} 'rollout_rewards' but {len(lengths)} "
                         "'rollout_lengths' (one of each per rollout)", i, rid)
-    if c.get("logprob") is not None and _count(c.get("completion_tokens")):
+    if c.get("logprob") is not None and is_count(c.get("completion_tokens")):
         expected_mean = c["logprob"] / max(c["completion_tokens"], 1)
         if abs(c["mean_logprob"] - expected_mean) > 1e-6 * max(1.0, abs(expected_mean)):
             raise DataError(str(path), f"{where}.mean_logprob' is {c['mean_logprob']!r} but 'logprob' / "
@@ -265,7 +260,7 @@ def _check_collection_fields(path: Path, i: int, rid: str, rec: dict[str, Any]) 
     possible and agree with the candidates."""
     cands = rec["candidates"]
     played, prefix = rec.get("played"), rec.get("prefix")
-    if played is not None and not (_count(played) and played < len(cands)):
+    if played is not None and not (is_count(played) and played < len(cands)):
         raise DataError(str(path), f"field 'played' must be null or a candidate's index (0 to {len(cands) - 1}), "
                         f"got {played!r}", i, rid)
     if prefix is not None and not (isinstance(prefix, list) and len(prefix) == rec["step"]
@@ -273,10 +268,10 @@ def _check_collection_fields(path: Path, i: int, rid: str, rec: dict[str, Any]) 
         raise DataError(str(path), f"field 'prefix' must list the {rec['step']} output(s) played before step "
                         f"{rec['step']}, got {prefix!r:.200}", i, rid)
     for name in ("samples", "truncated"):
-        if name in rec and not _count(rec[name]):
+        if name in rec and not is_count(rec[name]):
             raise DataError(str(path), f"field {name!r} must be an integer >= 0, got {rec[name]!r}", i, rid)
     counts = [c.get("count") for c in cands]
-    if all(n is not None for n in counts) and _count(rec.get("samples")) and _count(rec.get("truncated")):
+    if all(n is not None for n in counts) and is_count(rec.get("samples")) and is_count(rec.get("truncated")):
         if sum(counts) + rec["truncated"] != rec["samples"]:
             raise DataError(str(path), f"field 'samples' is {rec['samples']} but the candidates' counts "
                             f"({sum(counts)}) and 'truncated' ({rec['truncated']}) add up to "

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from .jsonl import is_count
+
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "method": (str,), "method_name": (str,), "config": (dict,), "env": (str,), "split": (str,), "task": (str,),
     "reward": (int, float), "success": (bool,), "prompt_tokens": (int,), "completion_tokens": (int,),
@@ -21,10 +23,6 @@ _CANDIDATE_FIELDS: dict[str, tuple[type, ...]] = {"reward": (int, float), "score
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _reward(value: Any) -> bool:
@@ -44,8 +42,8 @@ def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
                               f"objects, got {trials!r:.80}")
     for k, trial in enumerate(trials):
         for name, ok, want in (("reward", _reward, "a number in [0, 1]"),
-                               ("completion_tokens", _count, "an integer >= 0"),
-                               ("reflection_completion_tokens", lambda v: v is None or _count(v), "an integer >= 0")):
+                               ("completion_tokens", is_count, "an integer >= 0"),
+                               ("reflection_completion_tokens", lambda v: v is None or is_count(v), "an integer >= 0")):
             value = trial.get(name) if isinstance(trial, dict) else None
             if not isinstance(trial, dict) or not ok(value):
                 raise DataError(path, f"line {line}: field 'trials[{k}].{name}' must be {want}, got {value!r}")
@@ -78,7 +76,7 @@ def _check_label(rec: dict[str, Any], path: str, line: int) -> None:
         return
     value = rec["config"].get(option)
     prefix = f"{name}({option}={value}"
-    if not _count(value) or value < 1 or not label.startswith((prefix + ",", prefix + ")")):
+    if not is_count(value, 1) or not label.startswith((prefix + ",", prefix + ")")):
         raise DataError(path, f"line {line}: field 'config.{option}' is {value!r} but the label is {label!r}")
     if name == "best-of-n" and "candidates" in rec and isinstance(rec["candidates"], list) \
             and len(rec["candidates"]) != value:
@@ -119,10 +117,10 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
             raise DataError(path, f"line {line}: field 'trajectory.{name}' must be a list of objects, "
                                   f"got {value!r:.80}")
     for k, st in enumerate(steps):
-        if "qnet_tokens" in st and not _count(st["qnet_tokens"]):
+        if "qnet_tokens" in st and not is_count(st["qnet_tokens"]):
             raise DataError(path, f"line {line}: field 'trajectory.steps[{k}].qnet_tokens' must be an integer >= 0, "
                                   f"got {st['qnet_tokens']!r}")
-    for name, ok, want in (("qnet_choices", _count, "an integer >= 0"),
+    for name, ok, want in (("qnet_choices", is_count, "an integer >= 0"),
                            ("oracle_pass_at_n", _reward, "a number in [0, 1]")):
         if name in rec and not ok(rec[name]):
             raise DataError(path, f"line {line}: field {name!r} must be {want}, got {rec[name]!r}")

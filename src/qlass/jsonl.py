@@ -33,6 +33,11 @@ class DuplicateKeyError(ValueError):
         self.key = key
 
 
+def is_count(value: Any, low: int = 0) -> bool:
+    """Whether ``value`` read from JSON is an integer (not a bool) >= ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) < len(pairs):

@@ -40,7 +40,7 @@ from typing import Any
 
 from .agent import observation_message
 from .errors import DataError, MissingFileError
-from .jsonl import read_numbered_jsonl
+from .jsonl import is_count, read_numbered_jsonl
 from .types import Message
 
 TREE_SCHEMA_VERSION = 2
@@ -174,10 +174,6 @@ def is_q_value(q: float) -> bool:
     return -1.0 - 1e-9 <= q <= 1.0 + 1e-9
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) -> Tree:
     """Validate a ``trees.jsonl`` record and build the :class:`Tree`; errors name file, line, field."""
     where = f"line {line}"
@@ -191,7 +187,7 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0.0 <= gamma <= 1.0:
         raise DataError(path, f"{where}: field 'config.gamma' must be a number in [0, 1], got {gamma!r}")
     for key in _COUNTED_STATS:
-        if key in vals["stats"] and not _is_count(vals["stats"][key]):
+        if key in vals["stats"] and not is_count(vals["stats"][key]):
             raise DataError(path, f"{where}: field 'stats.{key}' must be an integer >= 0, got {vals['stats'][key]!r}")
     if not isinstance(vals["stats"].get("stopped_by"), (str, type(None))):
         raise DataError(path, f"{where}: field 'stats.stopped_by' must be a cap's name or null, "
@@ -209,7 +205,7 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
         parent, action, q = raw.get("parent", "missing"), raw.get("action", "missing"), raw.get("q", "missing")
         if nv["id"] != i:
             raise DataError(path, f"{nw}: field 'id' is {nv['id']}, expected {i} (ids are positions)")
-        if "merged" in raw and not _is_count(raw["merged"]):
+        if "merged" in raw and not is_count(raw["merged"]):
             raise DataError(path, f"{nw}: field 'merged' must be an integer >= 0, got {raw['merged']!r}")
         if i == 0:
             if parent is not None or nv["depth"] != 0 or nv["source"] != "root":
