@@ -1,7 +1,8 @@
 """One evaluation worker: the method runs it plays, the record of a played task, and
 :class:`EvalWorker`, which plays ``(method, task, seed)`` jobs ``concurrency`` at a time in lockstep
 (:func:`qlass.lockstep.drive`) on environments it keeps for later episodes. The harness around it
-(resume, task selection, executors) is :mod:`qlass.evaluate`; the record fields are listed there.
+(resume, task selection, executors) is :mod:`qlass.evaluate`, whose docstring lists the
+record fields.
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ label and its task, and every draw by the step and candidate too, so records do 
 
 Each finished (method, task) appends one record to ``records.jsonl`` in the run folder (whole-line
 appends, fsynced); a rerun skips the (method, env, split, task) keys already recorded and a torn
-last line is cut, so killing and rerunning never duplicates or loses finished work. Record fields:
-``method`` (label), ``method_name``, ``config``, ``env``, ``split``, ``task``, ``reward``,
-``success``, ``prompt_tokens``, ``completion_tokens``, ``qnet_tokens``, ``env_steps``,
+last line is cut, so killing and rerunning never duplicates or loses finished work. Record fields
+(:func:`qlass.eval_worker.make_record`; ``docs/formats.md``): ``schema_version``, ``method``
+(label), ``method_name``, ``config``, ``env``, ``split``, ``task``, ``task_type``, ``reward``,
+``success``, ``prompt_tokens``, ``completion_tokens``, ``qnet_tokens``, ``env_steps``, ``steps``,
 ``wall_time`` (from the episode's start to its end, shared with the episodes live beside it),
-``oracle`` and ``trajectory`` (the conversation record) plus ``candidates`` for
-best-of-n and ``qnet_choices`` for qlass (``trajectory.decisions`` lists them). ``config.yaml``
+``oracle`` and ``trajectory`` (the conversation record) plus ``candidates`` and
+``oracle_pass_at_n`` for best-of-n, ``qnet_choices`` for qlass (``trajectory.decisions`` lists
+them) and ``trials`` for Reflexion. ``config.yaml``
 in the run folder records how the evaluation was made; a rerun with another model, QNet,
 environment, environment or policy option or seed, or with other method settings under a recorded
 label, is refused, naming the differences, rather than mixed into the same folder or row.
