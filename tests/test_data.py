@@ -240,3 +240,43 @@ def test_outputs_are_written_only_over_files_of_their_kind(tmp_path: Path) -> No
             with pytest.raises(QlassError, match=f"{name}: exists and is not a trajectory file"):
                 refuse_replacing_other_kind(tmp_path / name, "a trajectory file", trajectories)
     refuse_replacing_other_kind(tmp_path / "missing.json", "a trajectory file", trajectories)
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "guidance"
+
+
+def test_validate_reads_decision_files_and_evaluation_records(tmp_path: Path) -> None:
+    """``data validate`` knows decision files and (gzipped) evaluation records by their fields and runs
+    their readers' checks, instead of reporting every record as a trajectory without ``id``."""
+    import gzip
+
+    decisions = REFERENCE / "decisions218.jsonl"
+    records = REFERENCE / "episodes60" / "records.jsonl.gz"
+
+    def validate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "qlass", "data", "validate", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    ok = validate(str(decisions), str(records))
+    assert ok.returncode == 0, ok.stderr
+    assert f"{decisions}: 218 decisions from 76 tasks, all valid" in ok.stdout
+    assert f"{records}: 180 evaluation records of 3 methods, all valid" in ok.stdout
+
+    rows = [json.loads(line) for line in decisions.read_text().splitlines()[:3]]
+    rows[1]["candidates"][0]["mean"] = 1.5
+    bad_decisions = tmp_path / "dec.jsonl"
+    bad_decisions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(records, "rt") as fh:
+        recs = [json.loads(line) for line in fh.read().splitlines()[:2]]
+    recs[1]["reward"] = "high"
+    bad_records = tmp_path / "records.jsonl.gz"
+    with gzip.open(bad_records, "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in recs))
+    bad = validate(str(bad_decisions), str(bad_records))
+    assert bad.returncode == 1
+    assert "dec.jsonl" in bad.stderr and "candidates[0].mean" in bad.stderr and "[0, 1]" in bad.stderr
+    assert "records.jsonl.gz" in bad.stderr and "line 2" in bad.stderr and "'reward'" in bad.stderr
+    assert "conversations" not in bad.stderr  # not read as trajectory files
+
+    wrong = validate("--kind", "decisions", str(records))
+    assert wrong.returncode == 1 and "this is evaluation records" in wrong.stderr

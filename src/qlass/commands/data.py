@@ -10,20 +10,26 @@ import typer
 
 log = logging.getLogger(__name__)
 
+KINDS = ("trajectories", "trees", "qdata", "decisions", "records")
+"""What ``qlass data validate`` checks: trajectory files, exploration trees, Q data, decision files
+(``qlass decisions collect``) and evaluation records (``qlass eval``'s ``records.jsonl``)."""
+
 
 def register(app: typer.Typer) -> None:
     data_app = typer.Typer(help="Trajectory files: validate, export expert data.", no_args_is_help=True)
 
     @data_app.command("validate")
     def validate(
-        files: list[Path] = typer.Argument(..., dir_okay=False, help="Trajectory files (JSON/JSONL), trees.jsonl or qdata.jsonl."),
-        kind: str = typer.Option("auto", help="trajectories, trees, qdata, or auto (from the first record's fields)."),
+        files: list[Path] = typer.Argument(..., dir_okay=False, help="Trajectory files (JSON/JSONL), trees.jsonl, "
+                                           "qdata.jsonl, decisions files or evaluation records.jsonl[.gz]."),
+        kind: str = typer.Option("auto", help=f"{', '.join(KINDS)}, or auto (from the first record's fields)."),
     ) -> None:
-        """Check every record (trajectories: ids, role order, Action lines, rewards; trees and Q data:
-        their schemas) of every file; exit 1 if any record is invalid, 2 if a file cannot be read."""
+        """Check every record (trajectories: ids, role order, Action lines, rewards; trees, Q data,
+        decisions and evaluation records: the checks of the commands that read them) of every file;
+        exit 1 if any record is invalid, 2 if a file cannot be read."""
         from ..errors import DataError
 
-        if kind not in ("auto", "trajectories", "trees", "qdata"):
+        if kind != "auto" and kind not in KINDS:
             raise typer.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")
         bad = unreadable = False
         for path in files:
@@ -80,7 +86,9 @@ def _validate(path: Path, what: str) -> bool:
     """Check one file of kind ``what``, printing its summary and problems; False if a record is invalid.
     A file that cannot be read as a whole raises :class:`DataError`."""
     from ..data import validate_file
+    from ..decision_files import read_decisions
     from ..errors import DataError, MissingFileError
+    from ..eval_records import read_records
     from ..qdata import read_qdata
     from ..tree import read_trees
 
@@ -96,9 +104,17 @@ def _validate(path: Path, what: str) -> bool:
         if what == "trees":
             trees = read_trees(path)
             typer.echo(f"{path}: {len(trees)} trees, {sum(len(t.nodes) for t in trees)} nodes, all valid")
-        else:
+        elif what == "qdata":
             records = read_qdata(path)
             typer.echo(f"{path}: {len(records)} Q records from {len({r['tree_id'] for r in records})} trees, all valid")
+        elif what == "decisions":
+            records = read_decisions([path])
+            tasks = len({(r["split"], r["task"]) for r in records})
+            typer.echo(f"{path}: {len(records)} decisions from {tasks} tasks, all valid")
+        else:
+            records = read_records([path])
+            methods = len({r["method"] for r in records})
+            typer.echo(f"{path}: {len(records)} evaluation records of {methods} methods, all valid")
     except DataError as exc:
         if isinstance(exc, MissingFileError):
             raise
@@ -108,18 +124,22 @@ def _validate(path: Path, what: str) -> bool:
 
 
 def _detect_kind(path: Path) -> str:
-    """``trees``, ``qdata`` or ``trajectories`` from the first record's fields."""
+    """One of :data:`KINDS` from the first record's fields (``trajectories`` when none fits)."""
+    import gzip
     import json
 
     from ..errors import DataError, MissingFileError
+    from ..jsonl import GZIP_MAGIC
 
     try:
         with path.open("rb") as fh:  # undecodable bytes are reported by the file's reader, with their place
+            zipped = fh.read(2) == GZIP_MAGIC
+        with (gzip.open if zipped else open)(path, "rb") as fh:
             first = fh.readline().decode("utf-8-sig", errors="replace").strip()
     except FileNotFoundError:
         raise MissingFileError(str(path)) from None
-    except OSError as exc:
-        raise DataError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(str(path), f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         record = json.loads(first) if first and not first.startswith("[") else None
     except json.JSONDecodeError:
@@ -128,4 +148,8 @@ def _detect_kind(path: Path) -> str:
         return "trees"
     if isinstance(record, dict) and "q" in record and "node_id" in record:
         return "qdata"
+    if isinstance(record, dict) and "candidates" in record and "history" in record:
+        return "decisions"
+    if isinstance(record, dict) and "method" in record and "trajectory" in record:
+        return "records"
     return "trajectories"
