@@ -278,3 +278,68 @@ def test_an_added_option_at_its_default_keeps_earlier_runs_hash() -> None:
     assert config_hash(SFTConfig(epochs=2, threads=1, report_to="tensorboard")) == "c26dbbe2895a"
     assert config_hash(SFTConfig(lora=True, lr=1e-4, autocast=True, max_trajectories=4)) == "8b47d86abb6f"
     assert config_hash(SFTConfig(epochs=2, threads=1, max_trajectories=4)) != "c26dbbe2895a"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_trainer_refuses_a_folder_another_trainer_or_no_trainer_made(tiny_model_dir, tmp_path: Path) -> None:
+    """A finished SFT folder given as another trainer's ``--out`` is refused before anything is read or
+    written (before, train-qnet-head wrote its weights over the SFT model's, and dpo "resumed" an SFT
+    checkpoint and marked it a finished DPO model); so are a plain model folder and another kind's
+    finished mark."""
+    import shutil
+
+    from qlass.qnet_head import QNetHeadConfig, train_qnet_head
+    from qlass.training.configs import DPOConfig, QNetTrainConfig
+    from qlass.training.dpo import train_dpo
+    from qlass.training.qnet import train_qnet
+
+    data = write_data(tmp_path / "data.json", n=4)
+    cfg = SFTConfig(epochs=1, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1)
+    sft = train_sft(data, tiny_model_dir, tmp_path / "sft", cfg)
+    before = _files(sft)
+    others = {"dpo": lambda: train_dpo(tmp_path / "pairs.jsonl", tiny_model_dir, sft, DPOConfig(threads=1)),
+              "train-qnet": lambda: train_qnet(tmp_path / "q.jsonl", tiny_model_dir, sft, QNetTrainConfig(threads=1)),
+              "train-qnet-head": lambda: train_qnet_head(tmp_path / "q.jsonl", tiny_model_dir, sft,
+                                                         QNetHeadConfig(folds=2))}
+    for name, run in others.items():
+        with pytest.raises(QlassError, match=r"sft: holds an SFT run \(qlass sft\) \(sft_config.yaml\)"):
+            run()
+    assert _files(sft) == before
+    plain = shutil.copytree(tiny_model_dir, tmp_path / "plain")
+    with pytest.raises(QlassError, match=r"plain: holds a model \(config.json\) that no SFT run .* made"):
+        train_sft(data, tiny_model_dir, plain, cfg)
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / ".qlass-complete").write_text("qnet\n")
+    with pytest.raises(QlassError, match=r"marked: holds a QNet run \(qlass train-qnet\) \(.qlass-complete\)"):
+        train_sft(data, tiny_model_dir, marked, cfg)
+
+
+def test_sft_export_writes_only_a_new_folder_or_an_earlier_export(tiny_model_dir, tmp_path: Path) -> None:
+    """``sft-export`` refuses a destination it would destroy or mix into: the base model, the run folder
+    or a folder inside it, and a folder holding other files; it writes through a temporary folder, and
+    an earlier export is replaced."""
+    import shutil
+
+    run = tmp_path / "run"
+    ckpt = shutil.copytree(tiny_model_dir, run / "checkpoint-2")
+    (ckpt / "trainer_state.json").write_text('{"global_step": 2}\n')
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    kept = {p: _files(p) for p in (run, base, other)}
+    for dest, why in ((base, "is the run's base model"), (run, "is inside the SFT run"),
+                      (run / "export", "is inside the SFT run"), (ckpt, "is inside the SFT run"),
+                      (other, "holds other files and no sft_checkpoint.json")):
+        with pytest.raises(QlassError, match=why):
+            export_checkpoint(run, base, dest)
+    assert {p: _files(p) for p in (run, base, other)} == kept
+    dest = tmp_path / "step2"
+    assert export_checkpoint(ckpt, base, dest) == 2 and export_checkpoint(run, base, dest) == 2
+    assert AutoModelForCausalLM.from_pretrained(dest) is not None
+    assert json.loads((dest / "sft_checkpoint.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "other", "run", "step2"]  # no temporary left

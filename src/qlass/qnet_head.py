@@ -52,7 +52,7 @@ from .qnet import QNet
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
-from .training.common import refuse_output_over_model
+from .training.common import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     cross-validate the head's settings, fit the best on every record, save the QNet to ``out_dir``
     with ``qnet_head_result.json`` / ``.md``; returns the result."""
     out = Path(out_dir)
-    refuse_output_over_model(out, sft_dir)
+    refuse_overwriting_run(out, sft_dir, "qnet-head")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

@@ -83,13 +83,37 @@ def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, k
     return True
 
 
-def refuse_output_over_model(out: Path, model_dir: str | Path) -> None:
-    """Raise :class:`QlassError` when ``out`` is the model folder a trainer starts from: its weights and
-    config would be overwritten by the run's (the base model destroyed)."""
+RUN_FILES = {"sft_config.yaml": "sft", "dpo_config.yaml": "dpo", "qnet_config.yaml": "qnet",
+             "features.settings.json": "qnet-head"}
+"""The file each trainer writes into its output folder before anything else, and the trainer it names."""
+RUN_NAMES = {"sft": "an SFT run (qlass sft)", "dpo": "a DPO run (qlass dpo)", "qnet": "a QNet run (qlass train-qnet)",
+             "qnet-head": "a head-only QNet (qlass train-qnet-head)"}
+
+
+def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
+    """Raise :class:`QlassError` when the output folder ``out`` of a ``kind`` trainer (a key of
+    :data:`RUN_NAMES`) would overwrite what it holds: the model the run starts from, another trainer's
+    run (its settings file or finished mark), or a model folder no trainer run made (``config.json``
+    without this trainer's settings file)."""
     model = Path(model_dir)
     if out.exists() and model.exists() and out.samefile(model):
         raise QlassError(f"{out}: is also the model this run starts from (--model); training would overwrite it "
                          "(give another output folder)")
+    if not out.is_dir():
+        return
+    this = RUN_NAMES[kind].split(" ", 1)[1]
+    for name, other in RUN_FILES.items():
+        if other != kind and (out / name).exists():
+            raise QlassError(f"{out}: holds {RUN_NAMES[other]} ({name}), which this {this} would overwrite or mix "
+                             "with; use a new output folder")
+    mark = (out / DONE_MARK).read_text().split() if (out / DONE_MARK).is_file() else []
+    if mark and mark[0] != kind:
+        made_by = RUN_NAMES.get(mark[0], f"a finished {mark[0]!r} run")
+        raise QlassError(f"{out}: holds {made_by} ({DONE_MARK}); use a new output folder")
+    own = next(name for name, other in RUN_FILES.items() if other == kind)
+    if (out / "config.json").exists() and not (out / own).exists():
+        raise QlassError(f"{out}: holds a model (config.json) that no {this} made ({own} is missing); training "
+                         "would overwrite it (give another output folder)")
 
 
 def check_report_to(report_to: str) -> None:

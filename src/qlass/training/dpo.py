@@ -43,7 +43,7 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
-    refuse_output_over_model,
+    refuse_overwriting_run,
     remove_checkpoints,
     training_arguments,
 )
@@ -191,7 +191,7 @@ def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg
     ``accelerate launch``.
     """
     out = Path(out_dir)
-    refuse_output_over_model(out, model_dir)
+    refuse_overwriting_run(out, model_dir, "dpo")
     check_report_to(cfg.report_to)
     with main_process_lock(out):
         return _train_dpo(pairs, model_dir, out, cfg)

@@ -60,7 +60,7 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
-    refuse_output_over_model,
+    refuse_overwriting_run,
     remove_checkpoints,
     training_arguments,
     world_size,
@@ -169,7 +169,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     ``accelerate launch`` (the same optimizer steps, dealt to the processes).
     """
     out = Path(out_dir)
-    refuse_output_over_model(out, sft_dir)
+    refuse_overwriting_run(out, sft_dir, "qnet")
     check_report_to(cfg.report_to)
     with main_process_lock(out):
         return _train_qnet(qdata, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)

@@ -69,7 +69,7 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
-    refuse_output_over_model,
+    refuse_overwriting_run,
     remove_checkpoints,
     training_arguments,
 )
@@ -77,6 +77,8 @@ from .configs import SFTConfig
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = SFT_RECORD
+EXPORT_RECORD = "sft_checkpoint.json"
+"""What :func:`export_checkpoint` writes beside the exported model: the run and the step."""
 Example = tuple[list[int], list[int]]
 """Input ids and labels (-100 where no loss is taken) of one training sequence."""
 
@@ -299,6 +301,8 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     ckpt = last_checkpoint(run)
     if ckpt is None:
         raise QlassError(f"{run}: no SFT checkpoint here")
+    dest = Path(dest)
+    _check_export_dest(dest, ckpt.parent if ckpt == run else run, Path(model_dir))
     if (ckpt / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -306,12 +310,30 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
         model = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
     else:
         model, tokenizer = load_causal_lm(ckpt)
-    dest = Path(dest)
-    model.save_pretrained(dest, safe_serialization=True)
-    tokenizer.save_pretrained(dest)
     step = checkpoint_step(ckpt)
-    (dest / "sft_checkpoint.json").write_text(json.dumps({"run": str(run.resolve()), "step": step}) + "\n")
+    tmp = dest.with_name(f".{dest.name}.tmp")  # a killed export leaves no half-written model at dest
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / EXPORT_RECORD).write_text(json.dumps({"run": str(run.resolve()), "step": step}) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
     return step
+
+
+def _check_export_dest(dest: Path, run: Path, model_dir: Path) -> None:
+    """Refuse an export destination that would overwrite what it should not: the run folder or a folder
+    inside it, the base model, or any folder that is neither empty nor an earlier export."""
+    if dest.resolve() == run.resolve() or run.resolve() in dest.resolve().parents:
+        raise QlassError(f"{dest}: is inside the SFT run {run} (its checkpoints would be overwritten or mixed); "
+                         "export to a folder outside it")
+    if dest.exists() and model_dir.exists() and dest.samefile(model_dir):
+        raise QlassError(f"{dest}: is the run's base model (--model); exporting would overwrite it")
+    if dest.exists() and not dest.is_dir():
+        raise QlassError(f"{dest}: is a file, not a folder to export the model to")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / EXPORT_RECORD).exists():
+        raise QlassError(f"{dest}: holds other files and no {EXPORT_RECORD} (not an earlier export); export to a "
+                         "new or empty folder")
 
 
 
@@ -327,7 +349,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     ``accelerate launch`` (``batch_size`` is then split over the processes).
     """
     out = Path(out_dir)
-    refuse_output_over_model(out, model_dir)
+    refuse_overwriting_run(out, model_dir, "sft")
     check_report_to(cfg.report_to)
     with main_process_lock(out):
         return _train_sft(data, model_dir, out, cfg)
