@@ -379,3 +379,20 @@ def test_a_checkpoint_is_not_resumed_where_it_would_compute_in_another_precision
         run(data, tiny_model_dir, out, cfg)  # finished: handed back, not refused
     finally:
         precision.cpu_runs_bf16.cache_clear()
+
+
+def test_eval_and_pipeline_refuse_each_others_folder(tmp_path: Path, toy_models) -> None:
+    """``qlass eval --out RUN_DIR`` would replace the pipeline's ``config.yaml`` with its own (the run
+    could no longer resume), and ``qlass run`` into an evaluation folder the other way round: both
+    are refused, naming what the folder is, and leave its ``config.yaml`` as it was."""
+    from qlass.pipeline_config import resolve, save_resolved
+
+    run = tmp_path / "run"
+    save_resolved(resolve({"run_dir": str(run), "model": "m", "env": "test_explore:Rooms"}, "p.yaml"))
+    refused(eval_args(run), "is a qlass run folder", run / "config.yaml")
+    out = tmp_path / "eval"
+    invoke(eval_args(out))
+    before = (out / "config.yaml").read_bytes()
+    with pytest.raises(QlassError, match="is an evaluation folder"):
+        save_resolved(resolve({"run_dir": str(out), "model": "m", "env": "test_explore:Rooms"}, "p.yaml"))
+    assert (out / "config.yaml").read_bytes() == before

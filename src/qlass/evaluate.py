@@ -161,6 +161,9 @@ def evaluate(
     check_resumable(runs, records, path)
     settings = with_precision({**(settings or {}), "seed": seed}, here=runs_here(executor))
     config = out_dir / "config.yaml"
+    if config.exists() and {"sft", "explore", "qnet"} <= load_yaml(config).keys():
+        raise QlassError(f"{out_dir}: is a qlass run folder ({config} holds the pipeline's settings, which this "
+                         "evaluation's would replace); evaluate into another folder")
     if records and not config.exists():
         raise QlassError(f"{path} holds {len(records)} records but {config} is missing, so the settings they "
                          "were made with are unknown and resuming could mix them with this run's; use another "

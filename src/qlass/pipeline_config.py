@@ -288,6 +288,9 @@ def save_resolved(r: Resolved) -> None:
     from the saved ones for stages already (partly) done there."""
     r.run_dir.mkdir(parents=True, exist_ok=True)
     path = r.run_dir / "config.yaml"
+    if path.exists() and isinstance(load_yaml(path).get("methods"), list):  # qlass eval's config.yaml
+        raise QlassError(f"{r.run_dir}: is an evaluation folder ({path} holds qlass eval's settings, which the "
+                         "pipeline's would replace); use a new run_dir")
     started = _started(r.run_dir)
     made = [p for p in started if p != "expert.json"]  # an expert file may be put there before the first run
     if made or (started and path.exists()):
