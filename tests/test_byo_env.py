@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -129,6 +130,8 @@ class _Broken(Corridor):
     ("tasks", "corridor/0", "tasks('train') returned a str, not a list of Task"),
     ("tasks", ["corridor/0"], "tasks('train')[0] is 'corridor/0', not a Task"),
     ("tasks", lambda real: real + real[:1], "tasks('train') lists task 'corridor/0' twice"),
+    ("tasks", lambda real: [replace(t, split="seen") for t in real],
+     "tasks('train')[0] ('corridor/0') is of split 'seen', not 'train'"),
 ])
 def test_what_a_user_environment_returns_is_checked(method: str, answer: object, message: str) -> None:
     env = _Broken(method, answer)
@@ -193,6 +196,8 @@ class Odd(Corridor):
     ("prompt", [{"role": "user", "content": "Walk"}], "prompt()[0] is {'role': 'user', 'content': 'Walk'}, not a "
                                                         "Message"),
     ("prompt", [Message("user", "Walk \ud800")], "prompt() returned message 0 that is not valid Unicode"),
+    ("prompt", [Message("robot", "Walk east.")], "prompt()[0] has role 'robot'; a message's role is one of system, "
+                                                 "user, assistant"),
     ("prompt", FileNotFoundError("prompts/corridor.txt"), "prompt() raised FileNotFoundError: prompts/corridor.txt (at "),
     ("splits", None, "splits() returned a NoneType, not a dict of split names to task counts"),
     ("splits", {"train": "6"}, "splits() gives 'train': '6'; each split must be a name"),

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build one exploration tree per task (paper stage 2) and append it to OUT; rerun to resume."""
         from ..config import describe, load_config, parse_kv
-        from ..envs.base import env_close, env_tasks, make_env
+        from ..envs.base import check_splits, env_close, env_tasks, make_env
         from ..evaluate import cache_for
         from ..executor import make_executor
         from ..explore import EXPLORE_CACHE_PER_TREE, ExploreConfig, explore_tasks
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         make = functools.partial(make_env, env, **env_kwargs)
         probe = make()
         try:
+            check_splits(probe, [split], env)
             tasks = env_tasks(probe, split, task_types.split(",") if task_types else None)
         finally:
             env_close(probe)

@@ -113,8 +113,12 @@ def env_splits(env: Env) -> dict[str, int]:
     return dict(splits)
 
 
+PROMPT_ROLES = ("system", "user", "assistant")
+
+
 def env_prompt(env: Env) -> list[Message]:
-    """``env.prompt()``, checked: a list of :class:`~qlass.types.Message` with string roles and text."""
+    """``env.prompt()``, checked: a list of :class:`~qlass.types.Message` with a role of
+    :data:`PROMPT_ROLES` and text."""
     prompt = _call(env, "prompt()", env.prompt)
     if not isinstance(prompt, (list, tuple)):
         raise QlassError(f"environment {env_label(env)}: prompt() returned a {type(prompt).__name__}, not a list "
@@ -123,6 +127,9 @@ def env_prompt(env: Env) -> list[Message]:
         if not (isinstance(message, Message) and isinstance(message.role, str) and isinstance(message.content, str)):
             raise QlassError(f"environment {env_label(env)}: prompt()[{i}] is {message!r:.80}, not a Message with "
                              "a string role and content")
+        if message.role not in PROMPT_ROLES:  # a record could not be written, after the episode was played
+            raise QlassError(f"environment {env_label(env)}: prompt()[{i}] has role {message.role!r}; a message's "
+                             f"role is one of {', '.join(PROMPT_ROLES)}")
         _check_text(env, "prompt()", f"message {i}", message.content)
     return list(prompt)
 
@@ -167,6 +174,9 @@ def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> 
                              "a string id")
         if task.id in seen:
             raise QlassError(f"environment {env_label(env)}: tasks({split!r}) lists task {task.id!r} twice")
+        if task.split != split:  # its records would be filed under another split than the run's settings name
+            raise QlassError(f"environment {env_label(env)}: tasks({split!r})[{i}] ({task.id!r}) is of split "
+                             f"{task.split!r}, not {split!r}")
         seen.add(task.id)
     if task_types is None:
         return list(tasks)
