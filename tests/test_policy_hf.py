@@ -431,3 +431,19 @@ def test_a_prompt_longer_than_the_fine_tuning_length_is_warned_once(tiny_model_d
     # a folder without the record (a base model) or with a malformed one: no fine-tuning length, no warning
     (model / "sft_config.yaml").write_text("max_length: [")
     assert HFPolicy(model).trained_length is None and HFPolicy(tiny_model_dir).trained_length is None
+
+
+def test_a_qnet_or_classifier_folder_is_refused_as_the_policy(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A QNet folder given as ``--model`` (or ``sft_model:``) loaded as a causal LM whose head is its tied
+    embeddings, and played without a word; it, and any sequence-classifier folder, is now refused."""
+    from transformers import AutoModelForSequenceClassification
+
+    from qlass.qnet import QNet
+
+    QNet.from_sft(tiny_model_dir, max_length=64, max_action_tokens=16).save(tmp_path / "qnet")
+    with pytest.raises(QlassError, match=r"qnet: is a QNet \(a sequence classifier\), not a causal LM"):
+        HFPolicy(tmp_path / "qnet", max_length=64)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(tmp_path / "cls")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "cls")
+    with pytest.raises(QlassError, match=r"cls: is a QNet \(a sequence classifier\)"):
+        HFPolicy(tmp_path / "cls", max_length=64)

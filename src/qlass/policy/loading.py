@@ -6,6 +6,7 @@ damaged weights file, and the sequence length ``qlass sft`` fine-tuned it at.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,24 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
                                "default one")
     if dtype not in DTYPES:
         raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    _refuse_classifier(path)
     hf_logging.disable_progress_bar()
     tokenizer = ensure_chat_template(load_tokenizer(path))
     with loading_weights(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     return model, tokenizer
+
+
+def _refuse_classifier(path: Path) -> None:
+    """Raise :class:`QlassError` for a QNet (or any sequence-classifier) folder given as a causal LM:
+    transformers would load it with a language-model head tied to its embeddings, and it would play."""
+    try:
+        architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []  # transformers names an unreadable config.json when it loads it
+    if (path / "qnet.json").exists() or any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise QlassError(f"{path}: is a QNet (a sequence classifier), not a causal LM; give the SFT model here "
+                         "(a QNet goes to --qnet)")
 
 
 def load_tokenizer(path: str | Path) -> Any:
