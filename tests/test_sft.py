@@ -14,17 +14,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlass.data import load_trajectories
-from qlass.errors import QlassError
+from qlass.errors import DataError, QlassError
 from qlass.policy.render import ensure_chat_template, render
 from qlass.training.sft import (
     SFTConfig,
     _encode_all,
     encode_windows,
-    export_checkpoint,
     limit_trajectories,
     prefix_length,
     train_sft,
 )
+from qlass.training.sft_export import export_checkpoint
 from qlass.types import Message, Trajectory
 
 INSTRUCTION = "You are an agent in a house. Answer with a Thought line and an Action line."
@@ -343,3 +343,12 @@ def test_sft_export_writes_only_a_new_folder_or_an_earlier_export(tiny_model_dir
     assert AutoModelForCausalLM.from_pretrained(dest) is not None
     assert json.loads((dest / "sft_checkpoint.json").read_text())["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "other", "run", "step2"]  # no temporary left
+
+
+def test_sft_with_no_agent_token_within_max_length_is_refused(tiny_model_dir, tmp_path: Path) -> None:
+    """With ``max_length`` too short for any agent turn the loss was 0 at every step and the base
+    model was saved as a finished SFT run; now the run is refused before training, naming the option."""
+    data = write_data(tmp_path / "data.json", n=4)
+    with pytest.raises(DataError, match=r"data.json: no agent-turn token to train on within max_length=1"):
+        train_sft(data, tiny_model_dir, tmp_path / "sft", SFTConfig(max_length=1, epochs=1, threads=1))
+    assert not (tmp_path / "sft" / ".qlass-complete").exists()

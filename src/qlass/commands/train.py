@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write the latest checkpoint of an SFT run as a plain HF model folder (to evaluate it mid-training)."""
         from ..models import default_model_dir
-        from ..training.sft import export_checkpoint
+        from ..training.sft_export import export_checkpoint
 
         base = default_model_dir() if model == "default" else Path(model)
         step = export_checkpoint(run, base, dest)

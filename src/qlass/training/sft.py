@@ -37,7 +37,6 @@ it would also train on the prefix's example turns and does not know the windows.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
@@ -60,12 +59,10 @@ from .common import (
     SaveAtEpochEnd,
     TrainerConfig,
     check_report_to,
-    checkpoint_step,
     effective_precision,
     file_digest,
     finished,
     is_main_process,
-    last_checkpoint,
     main_process_lock,
     prepare_resume,
     quiet,
@@ -77,8 +74,6 @@ from .configs import SFTConfig
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = SFT_RECORD
-EXPORT_RECORD = "sft_checkpoint.json"
-"""What :func:`export_checkpoint` writes beside the exported model: the run and the step."""
 Example = tuple[list[int], list[int]]
 """Input ids and labels (-100 where no loss is taken) of one training sequence."""
 
@@ -293,50 +288,6 @@ def save_merged(trainer: Any, model_dir: str | Path, tokenizer: Any, out: Path, 
         shutil.rmtree(adapter)
 
 
-def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Path) -> int:
-    """Write the latest checkpoint of the SFT run in ``run_dir`` (or a ``checkpoint-N`` folder) as a
-    plain HF causal-LM folder at ``dest``, e.g. to evaluate a run before it ends; ``model_dir`` is the
-    run's base model (needed for a LoRA run). Returns the checkpoint's step."""
-    run = Path(run_dir)
-    ckpt = last_checkpoint(run)
-    if ckpt is None:
-        raise QlassError(f"{run}: no SFT checkpoint here")
-    dest = Path(dest)
-    _check_export_dest(dest, ckpt.parent if ckpt == run else run, Path(model_dir))
-    if (ckpt / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base, tokenizer = load_causal_lm(model_dir)
-        model = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
-    else:
-        model, tokenizer = load_causal_lm(ckpt)
-    step = checkpoint_step(ckpt)
-    tmp = dest.with_name(f".{dest.name}.tmp")  # a killed export leaves no half-written model at dest
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / EXPORT_RECORD).write_text(json.dumps({"run": str(run.resolve()), "step": step}) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return step
-
-
-def _check_export_dest(dest: Path, run: Path, model_dir: Path) -> None:
-    """Refuse an export destination that would overwrite what it should not: the run folder or a folder
-    inside it, the base model, or any folder that is neither empty nor an earlier export."""
-    if dest.resolve() == run.resolve() or run.resolve() in dest.resolve().parents:
-        raise QlassError(f"{dest}: is inside the SFT run {run} (its checkpoints would be overwritten or mixed); "
-                         "export to a folder outside it")
-    if dest.exists() and model_dir.exists() and dest.samefile(model_dir):
-        raise QlassError(f"{dest}: is the run's base model (--model); exporting would overwrite it")
-    if dest.exists() and not dest.is_dir():
-        raise QlassError(f"{dest}: is a file, not a folder to export the model to")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / EXPORT_RECORD).exists():
-        raise QlassError(f"{dest}: holds other files and no {EXPORT_RECORD} (not an earlier export); export to a "
-                         "new or empty folder")
-
-
-
 def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: SFTConfig) -> Path:
     """Fine-tune the causal LM at ``model_dir`` on the trajectories in ``data``; returns ``out_dir``.
 
@@ -378,12 +329,16 @@ def _train_sft(data: str | Path, model_dir: str | Path, out: Path, cfg: SFTConfi
     if not train:
         raise DataError(str(data), f"no training examples ({len(trajectories)} trajectories, {len(train_idx)} "
                                    f"left for training with val_fraction={cfg.val_fraction})")
+    labelled = sum(_labelled(e) for e in train)
+    if not labelled:  # the loss would be 0 at every step and the base model saved as a finished run
+        raise DataError(str(data), f"no agent-turn token to train on within max_length={cfg.max_length} "
+                                   f"({len(train)} sequences); raise max_length")
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_yaml(out / CONFIG_FILE, {**to_dict(cfg), **made_from})
     resume = prepare_resume(out)
     log.info("SFT: %d train / %d val trajectories (%d / %d sequences, %d labelled train tokens)",
-             len(train_idx), len(val_idx), len(train), len(val), sum(_labelled(e) for e in train))
+             len(train_idx), len(val_idx), len(train), len(val), labelled)
     args = TRLConfig(**training_arguments(cfg, out, epochs=cfg.epochs, lr=cfg.lr, micro_batch=cfg.micro_batch,
                                           batch_size=cfg.batch_size, seed=cfg.seed, evaluate=bool(val),
                                           gradient_checkpointing=cfg.gradient_checkpointing),
