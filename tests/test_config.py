@@ -113,6 +113,9 @@ def test_pipeline_config_checks_every_section_before_any_work(tmp_path: Path) ->
         resolve({"backend": "threads"}, "p.yaml")
     with pytest.raises(QlassError, match=r"p\.yaml: sft.*micro_bach"):
         resolve({"sft": {"micro_bach": 2}}, "p.yaml")
+    with pytest.raises(QlassError, match=r"p\.yaml: eval\.methods: method 'greedy' is listed twice with different "
+                                         r"settings \(max_new_tokens"):  # before: refused at stage 4, after 1-3 ran
+        resolve({"eval": {"methods": ["greedy", "greedy:max_new_tokens=64"]}}, "p.yaml")
     root = Path(__file__).resolve().parents[1] / "configs"
     from qlass.config import load_extended_yaml
 

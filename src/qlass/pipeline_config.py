@@ -21,6 +21,8 @@ from .config import (
     to_dict,
 )
 from .errors import QlassError
+from .eval_worker import MethodRun
+from .evaluate import check_resumable
 from .executor import BACKENDS
 from .pipeline_retrain import (
     ETO_DIR,
@@ -199,9 +201,9 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
         qnet=build(QNetTrainConfig, dict(cfg.qnet), f"{source}: qnet"),
         eval=build(EvalStage, dict(cfg.eval), f"{source}: eval"),
     )
-    try:
-        for name, opts in r.eval_methods():
-            make_method_config(name, opts)
+    try:  # labels too: two methods under one label are refused by the evaluation, after stages 1-3 ran
+        check_resumable([MethodRun(name, make_method_config(name, opts)) for name, opts in r.eval_methods()], [],
+                        Path(source))
     except QlassError as exc:
         raise QlassError(f"{source}: eval.methods: {exc}") from None
     r.rft = retrain_section(cfg, "rft", source)
