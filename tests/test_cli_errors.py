@@ -281,6 +281,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("expert from no tasks", ["data", "expert", *ENV, "--env-arg", "tasks_per_split=0", "--out", "{tmp}/x.json"],
      ["toy_envs:Corridor", "no tasks in split 'train'"]),
     ("skip < 0", ["explore", "--model", NO_MODEL, *ENV, "--skip", "-1", "--out", "{tmp}/t.jsonl"], ["'--skip'"]),
+    ("explore into Q data", ["explore", "--model", NO_MODEL, *ENV, "--out", "{qdata_dup}"],
+     ["qdata_dup.jsonl", "exists and is not a trees file"]),
     ("explore split mistyped", ["explore", "--model", NO_MODEL, *ENV, "--split", "trian", "--out", "{tmp}/t.jsonl"],
      ["toy_envs:Corridor", "no split 'trian'", "its splits: train, seen"]),
     ("eval limit 0", ["eval", "--model", NO_MODEL, *ENV, "--limit", "0"], ["'--limit'"]),

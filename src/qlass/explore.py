@@ -17,6 +17,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import differences, save_yaml, to_dict
+from .data import refuse_replacing_other_kind
 from .envs.base import Env, env_close
 from .errors import QlassError
 from .executor import Executor, LocalExecutor, runs_here
@@ -95,6 +96,12 @@ def settings_file(path: Path) -> Path:
     return path.with_name(f"{path.stem}.config.yaml")
 
 
+def check_trees_output(path: str | Path) -> None:
+    """Refuse an output path that holds another stage's file (Q data, evaluation records, ...), which
+    exploration would append trees to; a trees file (its first record has ``tree_id`` and ``nodes``) passes."""
+    refuse_replacing_other_kind(path, "a trees file", lambda rec: rec.keys() >= {"tree_id", "nodes"})
+
+
 def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: int,
               settings: dict[str, Any] | None = None, here: bool = True) -> dict[str, Tree]:
     """Trees already in ``path`` for ``tasks``; refuses trees made with other exploration settings or
@@ -103,6 +110,7 @@ def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: i
     and the seed there (and the policy's precision when it runs ``here``, :func:`~qlass.precision.with_precision`).
     A file without that record (trees written before it existed) resumes on each tree's settings and
     seed alone; a record that lacks the model, env or seed is refused."""
+    check_trees_output(path)
     trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)} if path.exists() else {}
     if settings is not None:
         settings = with_precision({**settings, "seed": run_seed}, here)

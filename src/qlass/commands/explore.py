@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         from ..envs.base import check_splits, env_close, env_tasks, make_env
         from ..evaluate import cache_for
         from ..executor import make_executor
-        from ..explore import EXPLORE_CACHE_PER_TREE, ExploreConfig, explore_tasks
+        from ..explore import EXPLORE_CACHE_PER_TREE, ExploreConfig, check_trees_output, explore_tasks
         from ..explore_config import expert_task_ids, exploration_tasks
         from ..tree import tree_summary
 
@@ -74,6 +74,7 @@ def register(app: typer.Typer) -> None:
                              f"{len(exclude)} excluded)")
         if concurrency < 1:
             raise QlassError(f"--concurrency must be >= 1, got {concurrency}")
+        check_trees_output(out)  # before the policy loads
         policy_opts = parse_kv(policy_arg, "--policy-arg")
         policy_opts = cache_for(model, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
         factory = policy_factory(model, policy_opts)
