@@ -307,3 +307,27 @@ def _safetensors_keys(path: Path) -> list[str]:
 
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
+
+
+def test_a_qnet_trained_from_a_pipe_resumes_instead_of_being_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``train-qnet <(zcat q.gz)``: the digest of the Q data was taken after the pipe had been read (the
+    digest of nothing), so the same command was then refused as "other Q data". A pipe's digest is
+    not recorded (nor its content checked on a rerun, which says so)."""
+    import os
+    import threading
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=4, groups=2)
+    fifo = tmp_path / "q.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> threading.Thread:
+        writer = threading.Thread(target=lambda: fifo.write_bytes(data.read_bytes()), daemon=True)
+        writer.start()
+        return writer
+
+    cfg = QNetTrainConfig(**{**CFG, "epochs": 1, "threads": 1})
+    writer = feed()
+    first = train_qnet(fifo, tiny_model_dir, tmp_path / "qnet", cfg)
+    writer.join(timeout=30)
+    assert "qdata_sha256" not in load_yaml(tmp_path / "qnet" / "qnet_config.yaml")
+    assert train_qnet(fifo, tiny_model_dir, tmp_path / "qnet", cfg) == first  # finished: the pipe is not read

@@ -131,7 +131,10 @@ def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: lis
     if changed:
         raise QlassError(f"{out}: holds {held} trained with other settings ({', '.join(changed)}); "
                          "use a new output folder")
-    if digest is not None and digest != file_digest(qdata):
+    if digest is not None and not Path(qdata).is_file():  # a pipe (<(zcat q.gz)) is read once, by read_qdata
+        log.warning("%s is not a regular file: whether it holds the Q data %s was trained on is not checked",
+                    qdata, out)
+    elif digest is not None and digest != file_digest(qdata):
         raise QlassError(f"{out}: holds {held} trained on other Q data than {qdata}; use a new output folder")
 
 
@@ -198,7 +201,8 @@ def _train_qnet(qdata: str | Path, sft_dir: str | Path, out: Path, cfg: QNetTrai
     shares, ends = schedule(train, cfg, world_size())
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        save_yaml(out / CONFIG_FILE, {**to_dict(cfg), "qdata": str(qdata), "qdata_sha256": file_digest(qdata),
+        digest = {"qdata_sha256": file_digest(qdata)} if Path(qdata).is_file() else {}  # a pipe is read once
+        save_yaml(out / CONFIG_FILE, {**to_dict(cfg), "qdata": str(qdata), **digest,
                                       "sft_model": str(sft_dir), "precision": effective_precision(cfg),
                                       **({"held_out_trees": held} if held is not None else {})})
     resume = prepare_resume(out)
