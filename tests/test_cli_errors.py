@@ -362,7 +362,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("trees schema 99", ["qdata", "{trees_v99}", "--out", "{tmp}/q.jsonl"], ["trees_v99.jsonl", "'schema_version'", "99"]),
     ("qdata twice", ["data", "validate", "--kind", "qdata", "{qdata_dup}"], ["qdata_dup.jsonl", "line 2", "also at line 1"]),
     ("qdata schema 99", ["data", "validate", "{qdata_v99}"], ["qdata_v99.jsonl", "'schema_version'"]),
-    ("steps malformed", ["data", "validate", "{steps}"], ["steps.jsonl", "record 0", "'steps[0]'", "'foo'"]),
+    ("steps malformed", ["data", "validate", "{steps}"], ["steps.jsonl", "line 1", "'steps[0]'", "'foo'"]),
     ("records negative tokens", ["report", "{records_tokens}", "--out", "{tmp}/r"], ["records_tokens.jsonl", "'prompt_tokens'", "-5"]),
     ("candidate reward 7", ["report", "{records_cand7}", "--out", "{tmp}/r"], ["records_cand7.jsonl", "'candidates[0].reward'"]),
     ("trajectory steps not objects", ["view", "{records_traj}", "--out", "{tmp}/v.html"], ["records_traj.jsonl", "'trajectory'"]),

@@ -90,16 +90,16 @@ def test_duplicate_ids_bad_reward_and_missing_fields(tmp_path: Path) -> None:
     path = write(tmp_path, [GOOD, dup, {"conversations": []}], "many.jsonl")
     report = validate_file(path)
     text = "\n".join(report.errors)
-    assert "record 1 (id 't0'): field 'id': duplicate of record 0" in text
-    assert "record 1 (id 't0'): field 'reward': 1.5 is not a number in [0, 1]" in text
-    assert "record 2: field 'id': missing" in text
-    assert "record 2: field 'conversations': missing or not a non-empty list" in text
+    assert "line 2 (id 't0'): field 'id': duplicate of line 1" in text
+    assert "line 2 (id 't0'): field 'reward': 1.5 is not a number in [0, 1]" in text
+    assert "line 3: field 'id': missing" in text
+    assert "line 3: field 'conversations': missing or not a non-empty list" in text
     with pytest.raises(DataError, match="2 invalid record"):
         load_trajectories(path)
     result = qlass_cli("data", "validate", str(path))
     assert result.returncode == 1
-    assert "many.jsonl, record 1 (id 't0'): field 'id': duplicate of record 0" in result.stderr
-    assert "many.jsonl, record 1 (id 't0'): field 'reward': 1.5 is not a number in [0, 1]" in result.stderr
+    assert "many.jsonl, line 2 (id 't0'): field 'id': duplicate of line 1" in result.stderr
+    assert "many.jsonl, line 2 (id 't0'): field 'reward': 1.5 is not a number in [0, 1]" in result.stderr
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -155,12 +155,12 @@ def test_mixed_or_unknown_turn_shapes_name_file_record_and_field(tmp_path: Path)
     two_lists = as_role_content(GOOD, "messages") | {"id": "two", "conversations": GOOD["conversations"]}
     result = qlass_cli("data", "validate", str(write(tmp_path, [mixed, both, neither, two_lists], "mixed.jsonl")))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert ("mixed.jsonl, record 0 (id 't0'): conversations[2]: has 'role'/'content' keys but earlier turns have "
+    assert ("mixed.jsonl, line 1 (id 't0'): conversations[2]: has 'role'/'content' keys but earlier turns have "
             "'from'/'value'") in result.stderr
-    assert "mixed.jsonl, record 1 (id 'both'): conversations[1]: mixes 'from'/'value' with 'role'/'content'" in result.stderr
-    assert ("mixed.jsonl, record 2 (id 'neither'): conversations[4]: expected an object with 'from' and 'value' or "
+    assert "mixed.jsonl, line 2 (id 'both'): conversations[1]: mixes 'from'/'value' with 'role'/'content'" in result.stderr
+    assert ("mixed.jsonl, line 3 (id 'neither'): conversations[4]: expected an object with 'from' and 'value' or "
             "'role' and 'content', got a JSON object with keys ['speaker', 'text']") in result.stderr
-    assert "mixed.jsonl, record 3 (id 'two'): fields 'conversations' and 'messages': both present" in result.stderr
+    assert "mixed.jsonl, line 4 (id 'two'): fields 'conversations' and 'messages': both present" in result.stderr
     assert "4 records, 0 valid, 4 invalid" in result.stdout
 
 
@@ -280,3 +280,38 @@ def test_validate_reads_decision_files_and_evaluation_records(tmp_path: Path) ->
 
     wrong = validate("--kind", "decisions", str(records))
     assert wrong.returncode == 1 and "this is evaluation records" in wrong.stderr
+
+
+def test_jsonl_problems_name_the_line_an_editor_shows(tmp_path: Path) -> None:
+    """In JSON Lines a bad record is named by its line in the file, blank lines counted, as the trees,
+    Q-data and evaluation-records readers name it (before: ``record 2``, its index among the records);
+    a JSON list, which has no lines to name, keeps ``record N``."""
+    bad = GOOD | {"id": "corridor/2", "reward": "high"}
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(f"{json.dumps(GOOD)}\n\n  \n{json.dumps(GOOD | {'id': 'corridor/1'})}\n{json.dumps(bad)}\n")
+    want = f"{path}, line 5 (id 'corridor/2'): field 'reward': 'high' is not a number in [0, 1]"
+    with pytest.raises(DataError) as err:
+        load_trajectories(path)
+    assert want in str(err.value) and "record 2" not in str(err.value)
+    result = qlass_cli("data", "validate", str(path))
+    assert result.returncode == 1 and want in result.stderr.splitlines(), result.stderr
+    assert f"{path}: 3 records, 2 valid, 1 invalid (1 problems)" in result.stdout
+    path.write_text(path.read_text() + "\n" + json.dumps(GOOD | {"id": "corridor/1"}) + "\n")
+    assert f"{path}, line 7 (id 'corridor/1'): field 'id': duplicate of line 4" in validate_file(path).errors
+    listed = write(tmp_path, [GOOD, bad, GOOD], "gaps.json")
+    assert validate_file(listed).errors == [
+        f"{listed}, record 1 (id 'corridor/2'): field 'reward': 'high' is not a number in [0, 1]",
+        f"{listed}, record 2 (id 't0'): field 'id': duplicate of record 0"]
+
+
+def test_a_line_separator_inside_a_text_ends_no_line(tmp_path: Path) -> None:
+    """A U+2028 or U+0085 that a web page puts in an observation is written unescaped in JSON Lines; it
+    is part of the text, not a line end (before: the record was cut there and the file refused as
+    "valid JSON of another shape")."""
+    traj = Trajectory("web/0", [Message("user", "Find a lamp.\u2028Page 1\x85of 2"),
+                                Message("assistant", "Thought: t\nAction: click lamp")], reward=1.0)
+    path = tmp_path / "web.jsonl"
+    save_trajectories(path, [traj])
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    (back,) = load_trajectories(path)
+    assert back.id == "web/0" and back.messages == traj.messages

@@ -61,19 +61,34 @@ def test_bad_pairs_are_named_by_record_and_field(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_pairs(path)
     text = str(err.value)
-    for expected in (f"{path}, record 1 (id 'pair-x'): field 'rejected': missing",
-                     "record 2 (id 'pair-1'): fields 'chosen' and 'rejected': the prompts (instruction and task turns) differ",
-                     "record 3 (id 'pair-3'): fields 'chosen' and 'rejected': the same conversation",
-                     "record 4 (id 'pair-4'): field 'chosen.reward': 0.0 is below the rejected one's 1.0",
-                     "record 5 (id 'pair-5'): field 'rejected': ",
-                     "record 6 (id 'pair-0'): field 'id': duplicate of record 0",
-                     "record 7 (id 'pair-7'): unknown field(s) 'score'"):
+    for expected in (f"{path}, line 2 (id 'pair-x'): field 'rejected': missing",
+                     "line 3 (id 'pair-1'): fields 'chosen' and 'rejected': the prompts (instruction and task turns) differ",
+                     "line 4 (id 'pair-3'): fields 'chosen' and 'rejected': the same conversation",
+                     "line 5 (id 'pair-4'): field 'chosen.reward': 0.0 is below the rejected one's 1.0",
+                     "line 6 (id 'pair-5'): field 'rejected': ",
+                     "line 7 (id 'pair-0'): field 'id': duplicate of line 1",
+                     "line 8 (id 'pair-7'): unknown field(s) 'score'"):
         assert expected in text, text
-    assert "record 0 (" not in text and "7 invalid record(s)" in text
+    assert "line 1 (" not in text and "7 invalid record(s)" in text
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(DataError, match="no preference pairs"):
         load_pairs(empty)
+
+
+def test_pairs_in_json_lines_are_named_by_line_in_a_list_by_index(tmp_path: Path) -> None:
+    """A bad pair of a JSON Lines file is named by its line, blank lines counted (before: ``record 1``,
+    its index among the pairs); one of a JSON list keeps its index."""
+    records = [pair(0), {**pair(1), "id": "pair-0"}]
+    lines = tmp_path / "pairs.jsonl"
+    lines.write_text(f"{json.dumps(records[0])}\n\n{json.dumps(records[1])}\n")
+    listed = tmp_path / "pairs.json"
+    listed.write_text(json.dumps(records))
+    for path, want in ((lines, "line 3 (id 'pair-0'): field 'id': duplicate of line 1"),
+                       (listed, "record 1 (id 'pair-0'): field 'id': duplicate of record 0")):
+        with pytest.raises(DataError) as err:
+            load_pairs(path)
+        assert str(err.value).endswith(f"\n{path}, {want}"), str(err.value)
 
 
 def test_pair_masks_cover_exactly_the_agent_turns_after_the_task(tiny_model_dir, tmp_path: Path) -> None:

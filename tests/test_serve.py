@@ -300,6 +300,54 @@ def test_ids_and_indices_are_strict_integers(server: BackgroundServer) -> None:
         _raw(server.url, "POST", "/close", {"id": env_id})
 
 
+def test_a_key_given_twice_in_a_body_is_refused(server: BackgroundServer) -> None:
+    """A body giving a key twice is refused naming the key, as qlass's file readers refuse it (before: the
+    last value won: the step was ``echo b``, on the last id given)."""
+    env_id, other = _episode(server.url), _raw(server.url, "POST", "/create")[1]["id"]
+    try:
+        twice = [("/step", b'{"id": %d, "action": "echo a", "action": "echo b"}' % env_id, "action"),
+                 ("/step", b'{"id": %d, "id": %d, "action": "echo a"}' % (other, env_id), "id"),
+                 ("/reset", b'{"id": %d, "task": "probe/ok", "task": "probe/str"}' % env_id, "task"),
+                 ("/close", b'{"id": %d, "id": %d}' % (other, env_id), "id"),
+                 ("/create", b'{"note": 1, "note": {"k": 1, "k": 2}}', "k")]
+        for path, body, key in twice:
+            want = f"malformed request to {path}: body: key {key!r} appears twice in one object"
+            assert _raw(server.url, "POST", path, body) == (400, {"error": want}), path
+        assert _step(server.url, env_id, "echo once")[1]["observation"] == "step 1: echo once"  # none stepped before
+    finally:
+        for i in (env_id, other):
+            _raw(server.url, "POST", "/close", {"id": i})
+
+
+def test_create_takes_an_empty_body_or_an_object(server: BackgroundServer) -> None:
+    """/create refuses a body that is not JSON or not a JSON object, like every other endpoint (before:
+    200 and a new instance), and takes an empty body or an object as before."""
+    instances = _raw(server.url, "GET", "/")[1]["instances"]
+    for body, problem in ((b"junk", "not JSON (Expecting value"), (b"[1]", "expected a JSON object, got list"),
+                          (b"null", "expected a JSON object, got null")):
+        status, answer = _raw(server.url, "POST", "/create", body)
+        assert status == 400 and answer["error"].startswith(f"malformed request to /create: body: {problem}"), answer
+    assert _raw(server.url, "GET", "/")[1]["instances"] == instances  # none was created
+    for body in (None, b"", b"{}", b'{"note": 1}'):
+        status, created = _raw(server.url, "POST", "/create", body)
+        assert status == 200 and _raw(server.url, "POST", "/close", {"id": created["id"]})[0] == 200, body
+
+
+def test_a_query_id_is_one_field_of_digits(server: BackgroundServer) -> None:
+    """``GET /observation?id=`` takes one id written in digits (before: ``?id=1.0`` was instance 1, and
+    ``?id=A&id=B`` instance B)."""
+    env_id, other = _episode(server.url), _episode(server.url)
+    try:
+        assert _raw(server.url, "GET", f"/observation?id={env_id}") == (200, "Probing probe/ok.")
+        for query, problem in ((f"id={env_id}.0", "Input should be a valid integer"),
+                               (f"id={other}&id={env_id}", "given 2 times; give one id")):
+            want = f"malformed request to /observation: query.id: {problem}"
+            assert _raw(server.url, "GET", f"/observation?{query}") == (400, {"error": want}), query
+    finally:
+        for i in (env_id, other):
+            _raw(server.url, "POST", "/close", {"id": i})
+
+
 @contextlib.contextmanager
 def _qlass_serve(*args: str, preexec_fn: Any = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """A ``qlass serve`` process of :data:`SPEC` on a free port (``args``: more options), yielded once it

@@ -7,8 +7,8 @@ A file is a JSON list or JSON Lines of records::
 
 ``human`` turns carry the instruction and observations, ``gpt`` turns the agent's
 ``Thought: ...\nAction: ...`` outputs. Short acknowledgement turns (``OK``) before the first action,
-as in ETO's SFT files, are accepted. Every problem is reported with the file, the record's index
-and id, and the field.
+as in ETO's SFT files, are accepted. Every problem is reported with the file, where the record is
+(its line in JSON Lines, 1-based with blank lines counted; its index in a JSON list), its id and the field.
 
 Reading also accepts the common chat shape: the turns under ``messages`` instead of
 ``conversations``, and ``{"role": "user"|"assistant"|"system", "content": ...}`` turns instead of
@@ -79,8 +79,15 @@ class ValidationReport:
 
 
 def load_records(path: Path) -> list[Any]:
-    """The raw records of a JSON list or JSON Lines file, gzip-compressed or not; :class:`DataError`
-    naming it when unreadable."""
+    """The raw records of a JSON list or JSON Lines file (see :func:`load_placed_records`)."""
+    return [rec for _, rec in load_placed_records(path)]
+
+
+def load_placed_records(path: Path) -> list[tuple[str, Any]]:
+    """The raw records of a JSON list or JSON Lines file, gzip-compressed or not, each with where it is
+    for an error to name: ``line N`` in JSON Lines (the line an editor shows: 1-based, blank lines
+    counted), ``record N`` in a JSON list (its 0-based index); :class:`DataError` naming the file when
+    it is unreadable."""
     refuse_device(path)
     try:
         raw = path.read_bytes()
@@ -98,8 +105,10 @@ def load_records(path: Path) -> list[Any]:
         raise DataError(str(path), "JSON nested too deeply") from None
 
 
-def _parse_records(path: Path, text: str, stripped: str) -> list[Any]:
-    """The records of a JSON list or JSON Lines ``text`` read from ``path``."""
+def _parse_records(path: Path, text: str, stripped: str) -> list[tuple[str, Any]]:
+    """The records of a JSON list or JSON Lines ``text`` read from ``path``, each with where it is
+    (:func:`load_placed_records`). Lines end at ``\\n`` only, as for every JSON Lines reader
+    (:func:`~qlass.jsonl.read_numbered_jsonl`): a U+2028 in a text written unescaped is no line end."""
     if stripped.startswith("["):
         try:
             data = loads(text)
@@ -109,13 +118,13 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[Any]:
             raise DataError(str(path), f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         if not isinstance(data, list):
             raise DataError(str(path), "expected a JSON list of records")
-        return data
+        return [(f"record {i}", rec) for i, rec in enumerate(data)]
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            out.append(loads(line))
+            out.append((f"line {lineno}", loads(line)))
         except DuplicateKeyError as exc:
             raise DataError(str(path), f"line {lineno} (record {len(out)}): {exc}") from None
         except json.JSONDecodeError as exc:
@@ -297,18 +306,18 @@ def trajectory_to_record(traj: Trajectory, with_steps: bool = True) -> dict[str,
 def validate_file(path: str | Path) -> ValidationReport:
     """Validate every record of a trajectory file; raises :class:`DataError` only if unreadable."""
     p = Path(path)
-    raw = load_records(p)
+    raw = load_placed_records(p)
     report = ValidationReport(path=str(p), records=len(raw))
-    seen: dict[str, int] = {}
-    for idx, rec in enumerate(raw):
+    seen: dict[str, str] = {}
+    for place, rec in raw:
         rid = str(rec.get("id")) if isinstance(rec, dict) and "id" in rec else None
         problems = record_problems(rec)
         if rid is not None:
             if rid in seen:
-                problems.append(f"field 'id': duplicate of record {seen[rid]}")
+                problems.append(f"field 'id': duplicate of {seen[rid]}")
             else:
-                seen[rid] = idx
-        label = f"record {idx}" + (f" (id {rid!r})" if rid is not None else "")
+                seen[rid] = place
+        label = place + (f" (id {rid!r})" if rid is not None else "")
         report.errors.extend(f"{p}, {label}: {msg}" for msg in problems)
         if problems:
             report.invalid_records += 1

@@ -26,10 +26,11 @@ Every instance is its own environment object (``make_env(ENV, **env_args)``), us
 at a time: a request for an instance busy with another is refused (409). Instance ids are random
 integers below 2**53 that a restarted server does not reissue; an instance unused for ``idle_timeout``
 seconds (default 30 minutes) is closed, its client taken for dead. Ids and indices must be JSON
-integers (not ``true``, ``"3"`` or ``3.0``), strings valid Unicode (no lone surrogate such as a
-``\\ud800`` escape) and bodies UTF-8 JSON, sent whole within ``body_timeout`` seconds (408 after; a
-connection without a whole request head after :data:`qlass.serve_uvicorn.HEADER_TIMEOUT` seconds is
-closed).
+integers (not ``true``, ``"3"`` or ``3.0``; a query's ``id`` one field of digits, not ``1.0``), strings
+valid Unicode (no lone surrogate such as a ``\\ud800`` escape) and a POST's body UTF-8 JSON, an object
+giving each key once (``/create``'s may be empty), sent whole within ``body_timeout`` seconds (408
+after; a connection without a whole request head after :data:`qlass.serve_uvicorn.HEADER_TIMEOUT`
+seconds is closed).
 
 Every failure is answered as ``{"error": message}`` with its status: 4xx for bad requests
 (unknown id, task, split or path, wrong method, malformed body, a body over ``max_request_bytes`` (413),
@@ -54,6 +55,8 @@ from typing import Any, AsyncIterator, Callable
 
 from .envs.base import env_reset, env_step
 from .errors import QlassError, require
+from .jsonl import DuplicateKeyError, loads
+from .serve_agentgym import QUERY_ID
 from .serve_pool import (
     IDLE_TIMEOUT,
     EnvFault,
@@ -165,7 +168,7 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
     (This module does not use postponed annotations: FastAPI reads the request models from the
     annotations of the endpoint functions defined in here.)"""
     require("fastapi", "serve")
-    from fastapi import FastAPI, Query, Request
+    from fastapi import Depends, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, StrictInt
@@ -240,11 +243,18 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
         pool.reap()
         return {"instances": pool.instances(), "idle_timeout": pool.idle_timeout}
 
-    @app.post("/create")
+    async def refuse_malformed_body(request: Request) -> None:
+        problem = _body_problem(await request.body())
+        if problem:
+            raise RequestValidationError([{"loc": ("body",), "msg": problem, "type": "value_error"}])
+
+    object_body = [Depends(refuse_malformed_body)]
+
+    @app.post("/create", dependencies=object_body)
     def create() -> dict[str, int]:
         return {"id": pool.create()}
 
-    @app.post("/reset")
+    @app.post("/reset", dependencies=object_body)
     def reset(body: ResetBody) -> dict[str, Any]:
         given = [k for k in ("task", "data_idx", "game") if getattr(body, k) is not None]
         if len(given) != 1:
@@ -257,7 +267,7 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
             return {"id": body.id, "observation": inst.observation, "task": task_dict(task),
                     "task_type": task.task_type}
 
-    @app.post("/step")
+    @app.post("/step", dependencies=object_body)
     def step(body: StepBody) -> dict[str, Any]:
         if (body.output is None) == (body.action is None):
             raise ServeError(400, "step needs exactly one of 'output' (raw model output) or 'action' (a bare action)")
@@ -273,13 +283,14 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
                     "info": json_safe(result.info)}
 
     @app.get("/observation")
-    def observation(id: int = Query(...)) -> str:
-        inst = pool.get(id)
+    def observation(request: Request) -> str:
+        env_id = _query_id(request)
+        inst = pool.get(env_id)
         if inst.task is None:
-            raise ServeError(409, f"environment {id} has no episode yet: POST /reset first")
+            raise ServeError(409, f"environment {env_id} has no episode yet: POST /reset first")
         return inst.observation
 
-    @app.post("/close")
+    @app.post("/close", dependencies=object_body)
     def close(body: IdBody) -> dict[str, Any]:
         pool.close(body.id)
         return {"id": body.id, "closed": True}
@@ -305,6 +316,38 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
         return {"outputs": pool.expert(pool.task(task))}
 
     return app
+
+
+def _body_problem(body: bytes) -> str | None:
+    """What is wrong with a POST's ``body`` (UTF-8: :class:`_RequestBody` checked it), None when it is
+    empty or a JSON object giving each key once (``json`` would keep a repeated key's last value unsaid,
+    where qlass's file readers refuse it: :class:`~qlass.jsonl.DuplicateKeyError`)."""
+    if not body.strip():
+        return None
+    try:
+        value = loads(body)
+    except DuplicateKeyError as exc:
+        return str(exc)
+    except RecursionError:
+        return "JSON nested too deeply"
+    except ValueError as exc:  # json.JSONDecodeError
+        return f"not JSON ({exc})"
+    if isinstance(value, dict):
+        return None
+    return f"expected a JSON object, got {'null' if value is None else type(value).__name__}"
+
+
+def _query_id(request: Any) -> int:
+    """The instance id of the query's ``id`` field: given once, ASCII digits (``1.0``, ``²`` or 5000 digits
+    are no id); else a :class:`RequestValidationError`, answered 400 as any malformed request."""
+    from fastapi.exceptions import RequestValidationError
+
+    values = request.query_params.getlist("id")
+    if len(values) == 1 and QUERY_ID.fullmatch(values[0]):
+        return int(values[0])
+    problem = ("Field required" if not values else "Input should be a valid integer" if len(values) == 1
+               else f"given {len(values)} times; give one id")
+    raise RequestValidationError([{"loc": ("query", "id"), "msg": problem, "type": "int_parsing"}])
 
 
 class BackgroundServer:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import config_hash, save_yaml, to_dict
-from ..data import ValidationReport, load_records, record_problems, record_to_trajectory
+from ..data import ValidationReport, load_placed_records, record_problems, record_to_trajectory
 from ..errors import DataError
 from ..policy.loading import load_causal_lm
 from ..types import Trajectory
@@ -99,20 +99,21 @@ def pair_problems(rec: Any) -> list[str]:
 
 
 def load_pairs(path: str | Path) -> list[PreferencePair]:
-    """Read a pair file; :class:`~qlass.errors.DataError` listing every invalid record (file, record, field)."""
+    """Read a pair file; :class:`~qlass.errors.DataError` listing every invalid record (file, line of JSON
+    Lines or index in a JSON list, field)."""
     p = Path(path)
-    raw = load_records(p)
+    raw = load_placed_records(p)
     report = ValidationReport(path=str(p), records=len(raw))
     pairs, seen = [], {}
-    for i, rec in enumerate(raw):
+    for place, rec in raw:
         problems = pair_problems(rec)
         rid = str(rec["id"]) if isinstance(rec, dict) and "id" in rec else None
         if rid is not None and rid in seen:
-            problems.append(f"field 'id': duplicate of record {seen[rid]}")
+            problems.append(f"field 'id': duplicate of {seen[rid]}")
         elif rid is not None:
-            seen[rid] = i
+            seen[rid] = place
         if problems:
-            label = f"record {i}" + (f" (id {rid!r})" if rid is not None else "")
+            label = place + (f" (id {rid!r})" if rid is not None else "")
             report.errors += [f"{p}, {label}: {msg}" for msg in problems]
             report.invalid_records += 1
         else:
