@@ -60,12 +60,17 @@ def test_head_learns_to_rank_resumes_and_saves_a_loadable_qnet(tiny_model_dir: P
     row = json.loads((out / FEATURES_FILE).read_text().splitlines()[0])
     key = f"{rec.tree_id}/{rec.node_id}"
     assert np.allclose(row["features"][row["keys"].index(key)], direct.numpy(), atol=1e-3)
-    # a rerun reads the features back instead of recomputing them (a killed run resumes from them)
+    # a rerun reads the features back instead of recomputing them (a killed run resumes from them), and
+    # fits the very same head (before, in-process features were used unrounded and read-back ones rounded)
+    weights = (out / "model.safetensors").read_bytes()
     lines = (out / FEATURES_FILE).read_text()
     (out / FEATURES_FILE).write_text(lines + lines.splitlines()[0][:40])  # a torn last line, as after kill -9
     again = train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**CFG))
-    assert again["kept"] == result["kept"]
+    assert again == result and (out / "model.safetensors").read_bytes() == weights
     assert (out / FEATURES_FILE).read_text().count("\n") == lines.count("\n")
+    with pytest.raises(QlassError, match=r"holds a head-only QNet fitted with other settings \(l2: \[.*\] → \[5.0\]"):
+        train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**{**CFG, "l2": [5.0]}))
+    assert (out / "model.safetensors").read_bytes() == weights
     with pytest.raises(QlassError, match="features were computed with"):
         train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**{**CFG, "max_action_tokens": 16}))
 

@@ -52,6 +52,7 @@ from .qnet import QNet
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
+from .recorded import setting_changes
 from .training.common import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ log = logging.getLogger(__name__)
 FEATURES_FILE = "features.jsonl"
 RESULT_FILE = "qnet_head_result.json"
 PROGRESS_EVERY_S = 30.0
+
+
+HEAD_FEATURE_SETTINGS = ("max_length", "max_action_tokens", "autocast", "cache_slots")
+"""Settings of the features, which ``features.settings.json`` checks (a rerun's head settings are checked
+against ``qnet_head_result.json``)."""
 
 
 @dataclass
@@ -164,11 +170,11 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
                 sums.append(total)
                 means.append(total / len(ids))
             keys = [record_key(r) for r in group.records]
-            append_jsonl(out, {"keys": keys, "digests": [digests[k] for k in keys],
-                               "features": [[round(float(x), 5) for x in f] for f in feats],
+            rows = [[round(float(x), 5) for x in f] for f in feats]  # used as stored: a resumed run fits the same
+            append_jsonl(out, {"keys": keys, "digests": [digests[k] for k in keys], "features": rows,
                                "loglik_mean": means, "loglik_sum": sums})
-            for k, f, m, s in zip(keys, feats, means, sums):
-                have[k] = (f.numpy().astype(np.float32), m, s)
+            for k, row, m, s in zip(keys, rows, means, sums):
+                have[k] = (np.asarray(row, np.float32), m, s)
             if time.perf_counter() - last_log > PROGRESS_EVERY_S:
                 last_log = time.perf_counter()
                 log.info("features: %d of %d groups (%.0f s)", n, len(groups), last_log - start)
@@ -276,6 +282,13 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     with ``qnet_head_result.json`` / ``.md``; returns the result."""
     out = Path(out_dir)
     refuse_overwriting_run(out, sft_dir, "qnet-head")
+    if (out / RESULT_FILE).is_file():  # a finished head: refitting it with other settings would replace it unsaid
+        before = read_json_object(out / RESULT_FILE).get("settings")
+        changes = setting_changes(before if isinstance(before, dict) else {}, to_dict(cfg),
+                                  ignore=HEAD_FEATURE_SETTINGS)
+        if changes:
+            raise QlassError(f"{out}: holds a head-only QNet fitted with other settings ({', '.join(changes)}); "
+                             "use another --out")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
