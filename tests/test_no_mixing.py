@@ -396,3 +396,24 @@ def test_eval_and_pipeline_refuse_each_others_folder(tmp_path: Path, toy_models)
     with pytest.raises(QlassError, match="is an evaluation folder"):
         save_resolved(resolve({"run_dir": str(out), "model": "m", "env": "test_explore:Rooms"}, "p.yaml"))
     assert (out / "config.yaml").read_bytes() == before
+
+
+def test_eval_resume_knows_a_model_folder_by_its_files_not_its_spelling(tmp_path: Path, toy_models) -> None:
+    """The model was compared by its path string: another model saved at the same path was mixed into
+    the run without a word, while the same folder spelled ``m/`` or ``x/../m`` was refused. Now the
+    folder's config and weight files are recorded (``model_files``) and the path compared as a folder."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}\n")
+    (model / "model.safetensors").write_bytes(b"weights-a")
+    out = tmp_path / "eval"
+    records, config = out / "records.jsonl", out / "config.yaml"
+    invoke(eval_args(out, model=str(model)))
+    assert set(yaml.safe_load(config.read_text())["model_files"]) == {"config.json", "model.safetensors"}
+    played = records.read_bytes()
+    for spelling in (f"{model}/", str(tmp_path / "x" / ".." / "m")):
+        (tmp_path / "x").mkdir(exist_ok=True)
+        invoke(eval_args(out, model=spelling))
+    assert records.read_bytes() == played
+    (model / "model.safetensors").write_bytes(b"weights-b, retrained")
+    refused(eval_args(out, model=str(model)), "model: another model at the same path", records, config)

@@ -26,7 +26,7 @@ from .candidates import normalise_action
 from .config import load_yaml, save_yaml
 from .errors import DataError, MissingFileError, QlassError
 from .jsonl import check_output_file, is_count, is_text, read_jsonl, refuse_repeated_inputs
-from .recorded import check_recorded, records_setting, setting_changes
+from .recorded import check_recorded, records_setting, setting_changes, with_model_files
 from .tree import ROLES
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ MAX_CANDIDATES = 1000
 (:mod:`qlass.decision_head`)."""
 RESUMABLE_SETTINGS = ("limit",)
 """Settings that may change between a collection and its resumption, besides the runtime ones."""
-POOLABLE_SETTINGS = ("splits", "task_types", "limit", "offset", "exclude_tasks_of")
-"""Settings that may differ between decision files read together: they choose tasks, not values."""
+POOLABLE_SETTINGS = ("splits", "task_types", "limit", "offset", "exclude_tasks_of", "model_files")
+"""Settings that may differ between decision files read together: they choose tasks, not values (or, for
+``model_files``, tell copies of one model on several collectors' machines apart)."""
 REQUIRED_SETTINGS = ("model", "env", "seed", "options", "options.m", "options.k", "options.temperature",
                      "options.rollout_temperature", "options.max_steps", "options.max_new_tokens")
 """What a settings file beside earlier work must record (the options every qlass version has saved):
@@ -56,6 +57,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     and runtime options may change; an option added to DecisionConfig since does not count."""
     path = sidecar(out, "config.yaml")
     check_output_file(path)  # a named pipe there would block the read
+    settings = with_model_files(settings)
     started = [f for f in (out, sidecar(out, "tasks.jsonl")) if f.exists() and f.stat().st_size > 0]
     if started:
         check_recorded(path, settings, str(started[0]), RESUMABLE_SETTINGS, "use another output file for these "

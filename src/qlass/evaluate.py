@@ -43,7 +43,7 @@ from .executor import Executor, LocalExecutor, runs_here
 from .jsonl import append_jsonl, read_jsonl
 from .locking import writes_to
 from .precision import with_precision
-from .recorded import check_recorded
+from .recorded import check_recorded, with_model_files
 from .search import METHODS
 from .seeding import stable_seed
 from .types import Task
@@ -159,7 +159,7 @@ def evaluate(
         first_at[record_key(rec)] = line
     runs = list(runs)
     check_resumable(runs, records, path)
-    settings = with_precision({**(settings or {}), "seed": seed}, here=runs_here(executor))
+    settings = with_model_files(with_precision({**(settings or {}), "seed": seed}, here=runs_here(executor)))
     config = out_dir / "config.yaml"
     if config.exists() and {"sft", "explore", "qnet"} <= load_yaml(config).keys():
         raise QlassError(f"{out_dir}: is a qlass run folder ({config} holds the pipeline's settings, which this "
@@ -172,6 +172,8 @@ def evaluate(
         recorded = load_yaml(config)
         if settings.get("qnet") is None:  # this run uses no QNet: the one earlier records used stays recorded
             settings["qnet"] = recorded.get("qnet")
+            if "qnet_files" in recorded:
+                settings["qnet_files"] = recorded["qnet_files"]
         elif recorded.get("qnet") is None:  # no earlier record used a QNet
             recorded["qnet"] = settings["qnet"]
         check_recorded(config, settings, str(out_dir), RESUMABLE_SETTINGS,  # every eval config.yaml names model, env

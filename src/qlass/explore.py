@@ -28,7 +28,7 @@ from .locking import writes_to
 from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
 from .precision import with_precision
-from .recorded import check_recorded
+from .recorded import check_recorded, with_model_files
 from .tree import Tree, read_trees, tree_from_dict
 from .types import Task
 
@@ -113,7 +113,7 @@ def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: i
     check_trees_output(path)
     trees = {t.tree_id: t for t in read_trees(path, repair_tail=True)} if path.exists() else {}
     if settings is not None:
-        settings = with_precision({**settings, "seed": run_seed}, here)
+        settings = with_model_files(with_precision({**settings, "seed": run_seed}, here))
         sidecar = settings_file(path)
         if trees:
             check_recorded(sidecar, settings, str(path), advice="use a new output file",

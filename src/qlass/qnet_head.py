@@ -52,7 +52,7 @@ from .qnet import QNet
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
-from .recorded import setting_changes
+from .recorded import model_files, setting_changes
 from .training.common import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
@@ -236,14 +236,6 @@ def cross_validate_head(records: Sequence[QRecord], feats: dict[str, tuple[np.nd
         acc = res["rankers"].get("qnet", {}).get("pair_accuracy")
         return -1.0 if acc is None else acc
     return sorted(results, key=lambda res: (-accuracy(res), -res["l2"]))
-
-
-def model_files(model_dir: str | Path) -> dict[str, list[int]]:
-    """Size and modification time (ns) of a model folder's config and weight files: a model replaced at
-    the same path changes them."""
-    folder = Path(model_dir)
-    files = sorted([folder / "config.json", *folder.glob("*.safetensors")])
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
 
 
 def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg: QNetHeadConfig, source: str

@@ -24,6 +24,40 @@ OPEN_SETTINGS = ("policy", "env_args")
 _UNSET = object()
 
 
+MODEL_SETTINGS = ("model", "qnet", "sft_model", "base_model")
+"""Settings that name a model: two spellings of one existing folder (``m``, ``m/``, ``/abs/m``) are the same."""
+FILES_SUFFIX = "_files"
+"""``model_files`` (``qnet_files``): the fingerprint of the folder that ``model`` (``qnet``) names."""
+
+
+def model_files(model_dir: str | Path) -> dict[str, list[int]]:
+    """Size and modification time (ns) of a model folder's config and weight files: a model replaced at
+    the same path changes them."""
+    folder = Path(model_dir)
+    files = sorted([folder / "config.json", *folder.glob("*.safetensors")])
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
+
+
+def with_model_files(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` plus ``model_files`` / ``qnet_files`` (:func:`model_files`) for its ``model`` and
+    ``qnet`` where they name a folder, so that a rerun with another model saved at the same path is
+    refused rather than mixed in."""
+    out = dict(settings)
+    for key in ("model", "qnet"):
+        value = settings.get(key)
+        if isinstance(value, str) and Path(value).is_dir():
+            out[key + FILES_SUFFIX] = model_files(value)
+    return out
+
+
+def _same_folder(old: Any, new: Any) -> bool:
+    """Whether ``old`` and ``new`` name one existing folder."""
+    try:
+        return isinstance(old, str) and isinstance(new, str) and Path(old).is_dir() and Path(new).samefile(old)
+    except OSError:
+        return False
+
+
 def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: Collection[str] = (),
                     open_: Collection[str] = OPEN_SETTINGS, prefix: str = "") -> list[str]:
     """``"name: old → new"`` for every recorded setting of ``before`` that ``now`` changes; nested
@@ -41,13 +75,17 @@ def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: C
         old, new = before.get(key, _UNSET), now.get(key, _UNSET)
         if name in open_:
             old, new = ({} if v is _UNSET else v for v in (old, new))
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
+        if name.endswith(FILES_SUFFIX) and isinstance(old, Mapping) and isinstance(new, Mapping):
+            if old != new:
+                changes.append(f"{name[:-len(FILES_SUFFIX)]}: another model at the same path (its config or weight "
+                               "files differ in size or time from the recorded run's)")
+        elif isinstance(old, Mapping) and isinstance(new, Mapping):
             changes += setting_changes(old, new, ignore, open_, f"{name}.")
         elif old is _UNSET or new is _UNSET:
             if is_open:
                 changes.append(f"{name}: {'(unset)' if old is _UNSET else repr(old)} → "
                                f"{'(unset)' if new is _UNSET else repr(new)}")
-        elif old != new:
+        elif old != new and not (name in MODEL_SETTINGS and _same_folder(old, new)):
             changes.append(f"{name}: {old!r} → {new!r}")
     return changes
 
