@@ -176,7 +176,7 @@ def test_impossible_decision_fields_are_named(tmp_path: Path, field: str, value,
     assert [c["action"] for c in rec["candidates"]] == ["go right", "go left", "look"] and rec["samples"] == 3
     _edit(rec, field, value)
     (tmp_path / "bad.jsonl").write_text(json.dumps(rec) + "\n")
-    with pytest.raises(QlassError, match=r"bad.jsonl, record 0 \(id 'fork/seen/0@0'\): (field )?" + named):
+    with pytest.raises(QlassError, match=r"bad.jsonl, line 1 \(id 'fork/seen/0@0'\): (field )?" + named):
         read_decisions([tmp_path / "bad.jsonl"])
 
 
@@ -213,7 +213,7 @@ def test_a_decision_recorded_twice_in_the_collected_file_is_refused(tmp_path: Pa
     out = collect(tmp_path / "d.jsonl", tasks=2)
     rows = read_jsonl(out)
     out.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], *rows[2:]]))
-    with pytest.raises(QlassError, match=r"d.jsonl, record 1: decision \('seen', 'fork/seen/0', 0\) is also record 0"):
+    with pytest.raises(QlassError, match=r"d.jsonl, line 2: decision \('seen', 'fork/seen/0', 0\) is also at line 1"):
         collect(out, tasks=2)
 
 
@@ -254,7 +254,7 @@ def test_other_files_are_named_for_what_they_are(tmp_path: Path) -> None:
     task clash between the scored and --extra files that only shared a tree id was called the same task."""
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps({"schema_version": 1, "method": "greedy", "trajectory": {}, "task": "t"}) + "\n")
-    with pytest.raises(QlassError, match=r"records.jsonl, record 0: this is evaluation records \(qlass eval's "
+    with pytest.raises(QlassError, match=r"records.jsonl, line 1: this is evaluation records \(qlass eval's "
                                          r"records.jsonl\), not a decisions file"):
         read_decisions([records])
     rec = read_jsonl(collect(tmp_path / "d.jsonl", tasks=1, max_decisions_per_task=1))[0]
@@ -274,3 +274,13 @@ def test_a_failed_command_leaves_no_folder_it_made_for_an_output_file(tmp_path: 
                           "--out", str(tmp_path / "new" / "deeper" / "q.jsonl")], capture_output=True, text=True)
     assert run.returncode != 0 and "none.jsonl" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_decision_problems_name_the_line_an_editor_shows(tmp_path: Path) -> None:
+    """Decision readers said ``record N`` (the record's index) where the other readers name the file's
+    line: with blank lines between records the two differ, and the index sent users to the wrong line."""
+    rows = read_jsonl(collect(tmp_path / "d.jsonl", tasks=2))
+    bad = {**rows[1], "step": -1}
+    (tmp_path / "gaps.jsonl").write_text(json.dumps(rows[0]) + "\n\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(QlassError, match=r"gaps.jsonl, line 4 \(id '.*@-1'\): field 'step' must be an integer >= 0"):
+        read_decisions([tmp_path / "gaps.jsonl"])

@@ -101,7 +101,7 @@ def test_candidate_limit_is_checked_when_read(tmp_path: Path) -> None:
     rec = json.loads(decision_file(tmp_path / "d.jsonl", tasks=1).read_text().splitlines()[0])
     rec["candidates"] = [candidate("north", 0.5, -0.1, False)] * 1000  # node ids hold at most 999 a step
     (tmp_path / "big.jsonl").write_text(json.dumps(rec) + "\n")
-    with pytest.raises(QlassError, match=r"big.jsonl, record 0 .*'candidates': a decision needs 2 to 999, got 1000"):
+    with pytest.raises(QlassError, match=r"big.jsonl, line 1 .*'candidates': a decision needs 2 to 999, got 1000"):
         read_decisions([tmp_path / "big.jsonl"])
 
 

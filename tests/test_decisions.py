@@ -424,11 +424,11 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
     recs = hand_built()
     recs[1]["candidates"][2]["mean"] = "high"
     write_jsonl(tmp_path / "bad.jsonl", recs)
-    with pytest.raises(DataError, match=r"bad.jsonl, record 1 \(id 'fork/unseen/0@0'\): field 'candidates\[2\]\.mean'"):
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2 \(id 'fork/unseen/0@0'\): field 'candidates\[2\]\.mean'"):
         read_decisions([tmp_path / "bad.jsonl"])
     write_jsonl(tmp_path / "a.jsonl", hand_built())
     write_jsonl(tmp_path / "copy.jsonl", hand_built())
-    with pytest.raises(DataError, match=r"decision \('fork', 'seen', 'fork/seen/0', 0\) is also in .*a.jsonl, record 0"):
+    with pytest.raises(DataError, match=r"decision \('fork', 'seen', 'fork/seen/0', 0\) is also in .*a.jsonl, line 1"):
         read_decisions([tmp_path / "a.jsonl", tmp_path / "copy.jsonl"])
     with pytest.raises(QlassError, match=r"a.jsonl: given twice; give each file once"):  # not "also in" itself
         read_decisions([tmp_path / "a.jsonl", tmp_path / "a.jsonl"])
@@ -441,7 +441,7 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
         recs = hand_built()
         change(recs[1]["candidates"])
         (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))  # \\udc80 escaped
-        with pytest.raises(DataError, match=rf"bad.jsonl, record 1 .*field '{re.escape(field)}"):
+        with pytest.raises(DataError, match=rf"bad.jsonl, line 2 .*field '{re.escape(field)}"):
             read_decisions([tmp_path / "bad.jsonl"])
     # a history without the task (none, or only assistant turns) crashed the QNet rankers and cv-head with
     # a chat-template traceback, and to-qdata wrote Q data its reader refused
@@ -449,7 +449,7 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
         recs = hand_built()
         recs[1]["history"] = history
         write_jsonl(tmp_path / "bad.jsonl", recs)
-        with pytest.raises(DataError, match=r"bad.jsonl, record 1 .*field 'history' holds no system or user message"):
+        with pytest.raises(DataError, match=r"bad.jsonl, line 2 .*field 'history' holds no system or user message"):
             read_decisions([tmp_path / "bad.jsonl"])
 
 

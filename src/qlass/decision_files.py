@@ -25,7 +25,7 @@ import numpy as np
 from .candidates import normalise_action
 from .config import load_yaml, save_yaml
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import check_output_file, is_count, is_text, read_jsonl, refuse_repeated_inputs
+from .jsonl import check_output_file, is_count, is_text, read_numbered_jsonl, refuse_repeated_inputs
 from .recorded import check_recorded, records_setting, setting_changes, with_model_files
 from .tree import ROLES
 
@@ -156,41 +156,43 @@ def _number(value: Any, low: float, high: float) -> bool:
     return real and math.isfinite(value) and low <= value <= high
 
 
-def check_decision(path: Path, i: int, rec: Any) -> None:
+def check_decision(path: Path, line: int, rec: Any) -> None:
     """Raise :class:`DataError` naming the record and field of a decision record that a ranker, the
     Q-data export or a resumed collection could not read, or that holds an impossible value."""
     if not isinstance(rec, dict):
-        raise DataError(str(path), f"a decision record is a JSON object, got {type(rec).__name__}", i)
+        raise DataError(str(path), f"a decision record is a JSON object, got {type(rec).__name__}", line=line)
     for keys, other in _OTHER_FILES.items():
         if "candidates" not in rec and rec.keys() >= set(keys):
-            raise DataError(str(path), f"this is {other}, not a decisions file (qlass decisions collect)", i)
+            raise DataError(str(path), f"this is {other}, not a decisions file (qlass decisions collect)", line=line)
     rid = f"{rec.get('task')}@{rec.get('step')}"
     version = rec.get("schema_version")
     if type(version) is not int or version != DECISIONS_SCHEMA_VERSION:
         raise DataError(str(path), f"field 'schema_version' must be {DECISIONS_SCHEMA_VERSION}, got "
-                        f"{rec.get('schema_version')!r} (not a decision file, or one from another version)", i, rid)
+                        f"{rec.get('schema_version')!r} (not a decision file, or one from another version)",
+                        line=line, record_id=rid)
     for name, kind in (("env", str), ("split", str), ("task", str), ("history", list), ("candidates", list)):
         if not isinstance(rec.get(name), kind):
-            raise DataError(str(path), f"field {name!r} missing or not a {kind.__name__}", i, rid)
+            raise DataError(str(path), f"field {name!r} missing or not a {kind.__name__}", line=line, record_id=rid)
     step = rec.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise DataError(str(path), f"field 'step' must be an integer >= 0, got {step!r}", i, rid)
+        raise DataError(str(path), f"field 'step' must be an integer >= 0, got {step!r}", line=line, record_id=rid)
     if not 2 <= len(rec["candidates"]) < MAX_CANDIDATES:
         raise DataError(str(path), f"field 'candidates': a decision needs 2 to {MAX_CANDIDATES - 1}, got "
-                        f"{len(rec['candidates'])}", i, rid)
+                        f"{len(rec['candidates'])}", line=line, record_id=rid)
     for k, m in enumerate(rec["history"]):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise DataError(str(path), f"field 'history[{k}]': a message needs 'role' ({', '.join(ROLES)}) and "
-                            "'content' (a string)", i, rid)
+                            "'content' (a string)", line=line, record_id=rid)
         if not is_text(m["content"]):
             raise DataError(str(path), f"field 'history[{k}].content' holds an unpaired surrogate (\\ud800-\\udfff), "
-                            "which is not text", i, rid)
+                            "which is not text", line=line, record_id=rid)
     if not any(m["role"] != "assistant" for m in rec["history"]):
         raise DataError(str(path), "field 'history' holds no system or user message (the state a decision is made "
-                        "in starts with the task)", i, rid)
+                        "in starts with the task)", line=line, record_id=rid)
     for j, c in enumerate(rec["candidates"]):
         if not isinstance(c, dict):
-            raise DataError(str(path), f"field 'candidates[{j}]' must be an object, got {type(c).__name__}", i, rid)
+            raise DataError(str(path), f"field 'candidates[{j}]' must be an object, got {type(c).__name__}",
+                            line=line, record_id=rid)
         for name, ok, expected in (
                 ("output", isinstance(c.get("output"), str), "a string"),
                 ("mean", _number(c.get("mean"), 0.0, 1.0), "a number in [0, 1]"),
@@ -205,23 +207,23 @@ def check_decision(path: Path, i: int, rec: Any) -> None:
                  "null or a list of numbers in [0, 1]")):
             if not ok:
                 raise DataError(str(path), f"field 'candidates[{j}].{name}' must be {expected}, got "
-                                f"{c.get(name)!r}", i, rid)
+                                f"{c.get(name)!r}", line=line, record_id=rid)
         if not is_text(c["output"]):
             raise DataError(str(path), f"field 'candidates[{j}].output' holds an unpaired surrogate (\\ud800-\\udfff), "
-                            "which is not text", i, rid)
+                            "which is not text", line=line, record_id=rid)
         average = float(np.mean(c["rollout_rewards"])) if c.get("rollout_rewards") else c["mean"]
         if abs(average - c["mean"]) > 1e-9:
             raise DataError(str(path), f"field 'candidates[{j}].mean' is {c['mean']!r} but its 'rollout_rewards' "
-                            f"average {average!r}", i, rid)
+                            f"average {average!r}", line=line, record_id=rid)
         if j > 0 and c["anchor"]:
             raise DataError(str(path), f"field 'candidates[{j}].anchor' is true: the greedy anchor is candidate 0 "
-                            "or none (collection puts it first)", i, rid)
+                            "or none (collection puts it first)", line=line, record_id=rid)
         if (c.get("logprob") is None) != (rec["candidates"][0].get("logprob") is None) or (
                 c.get("mean_logprob") is None) != (c.get("logprob") is None):
             raise DataError(str(path), f"field 'candidates[{j}]': log-probabilities ('logprob', 'mean_logprob') "
-                            "must be given for every candidate of a decision or for none", i, rid)
-        _check_counts(path, i, rid, j, c)
-    _check_collection_fields(path, i, rid, rec)
+                            "must be given for every candidate of a decision or for none", line=line, record_id=rid)
+        _check_counts(path, line, rid, j, c)
+    _check_collection_fields(path, line, rid, rec)
 
 
 _OTHER_FILES = {("method", "trajectory"): "evaluation records (qlass eval's records.jsonl)",
@@ -232,7 +234,7 @@ _OTHER_FILES = {("method", "trajectory"): "evaluation records (qlass eval's reco
 """Files of other stages, known by their fields, which a decisions reader names instead of a wrong field."""
 
 
-def _check_counts(path: Path, i: int, rid: str, j: int, c: dict[str, Any]) -> None:
+def _check_counts(path: Path, line: int, rid: str, j: int, c: dict[str, Any]) -> None:
     """The fields of candidate ``j`` that collection writes besides those every reader needs: when
     present they must be possible and agree with each other."""
     where = f"field 'candidates[{j}]"
@@ -244,19 +246,20 @@ def _check_counts(path: Path, i: int, rid: str, j: int, c: dict[str, Any]) -> No
                 isinstance(c["rollout_lengths"], list) and all(is_count(n) for n in c["rollout_lengths"])),
              "null or a list of integers >= 0")):
         if not ok:
-            raise DataError(str(path), f"{where}.{name}' must be {expected}, got {c.get(name)!r}", i, rid)
+            raise DataError(str(path), f"{where}.{name}' must be {expected}, got {c.get(name)!r}",
+                            line=line, record_id=rid)
     rewards, lengths = c.get("rollout_rewards"), c.get("rollout_lengths")
     if rewards is not None and lengths is not None and len(rewards) != len(lengths):
         raise DataError(str(path), f"{where}': {len(rewards)} 'rollout_rewards' but {len(lengths)} "
-                        "'rollout_lengths' (one of each per rollout)", i, rid)
+                        "'rollout_lengths' (one of each per rollout)", line=line, record_id=rid)
     if c.get("logprob") is not None and is_count(c.get("completion_tokens")):
         expected_mean = c["logprob"] / max(c["completion_tokens"], 1)
         if abs(c["mean_logprob"] - expected_mean) > 1e-6 * max(1.0, abs(expected_mean)):
             raise DataError(str(path), f"{where}.mean_logprob' is {c['mean_logprob']!r} but 'logprob' / "
-                            f"'completion_tokens' is {expected_mean!r}", i, rid)
+                            f"'completion_tokens' is {expected_mean!r}", line=line, record_id=rid)
 
 
-def _check_collection_fields(path: Path, i: int, rid: str, rec: dict[str, Any]) -> None:
+def _check_collection_fields(path: Path, line: int, rid: str, rec: dict[str, Any]) -> None:
     """The decision-level fields collection writes besides those every reader needs (``played``,
     ``prefix``, ``samples``, ``truncated``) and distinct candidates: when present they must be
     possible and agree with the candidates."""
@@ -264,27 +267,28 @@ def _check_collection_fields(path: Path, i: int, rid: str, rec: dict[str, Any]) 
     played, prefix = rec.get("played"), rec.get("prefix")
     if played is not None and not (is_count(played) and played < len(cands)):
         raise DataError(str(path), f"field 'played' must be null or a candidate's index (0 to {len(cands) - 1}), "
-                        f"got {played!r}", i, rid)
+                        f"got {played!r}", line=line, record_id=rid)
     if prefix is not None and not (isinstance(prefix, list) and len(prefix) == rec["step"]
                                    and all(isinstance(p, str) for p in prefix)):
         raise DataError(str(path), f"field 'prefix' must list the {rec['step']} output(s) played before step "
-                        f"{rec['step']}, got {prefix!r:.200}", i, rid)
+                        f"{rec['step']}, got {prefix!r:.200}", line=line, record_id=rid)
     for name in ("samples", "truncated"):
         if name in rec and not is_count(rec[name]):
-            raise DataError(str(path), f"field {name!r} must be an integer >= 0, got {rec[name]!r}", i, rid)
+            raise DataError(str(path), f"field {name!r} must be an integer >= 0, got {rec[name]!r}",
+                            line=line, record_id=rid)
     counts = [c.get("count") for c in cands]
     if all(n is not None for n in counts) and is_count(rec.get("samples")) and is_count(rec.get("truncated")):
         if sum(counts) + rec["truncated"] != rec["samples"]:
             raise DataError(str(path), f"field 'samples' is {rec['samples']} but the candidates' counts "
                             f"({sum(counts)}) and 'truncated' ({rec['truncated']}) add up to "
-                            f"{sum(counts) + rec['truncated']}", i, rid)
+                            f"{sum(counts) + rec['truncated']}", line=line, record_id=rid)
     seen: dict[str, int] = {}
     for j, c in enumerate(cands):
         key = normalise_action(c["output"])
         if key in seen:
             raise DataError(str(path), f"field 'candidates[{j}]' is the same action as candidates[{seen[key]}] "
                             f"({key!r}): a decision's candidates are distinct (collection merges repeats into "
-                            "'count')", i, rid)
+                            "'count')", line=line, record_id=rid)
         seen[key] = j
 
 
@@ -292,7 +296,7 @@ def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) ->
     """The decision records of ``paths``, each checked. Refused: a file without decisions, a
     decision recorded twice, decisions of two environments, and log-probabilities in some decisions
     only (the likelihood rankers would silently drop out). ``skip_torn_tail``: see
-    :func:`~qlass.jsonl.read_jsonl`."""
+    :func:`~qlass.jsonl.read_numbered_jsonl`."""
     refuse_repeated_inputs(paths)
     records: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], str] = {}
@@ -300,25 +304,26 @@ def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) ->
     for path in map(Path, paths):
         if not path.exists():
             raise MissingFileError(str(path))
-        rows = read_jsonl(path, skip_torn_tail=skip_torn_tail)
+        rows = read_numbered_jsonl(path, skip_torn_tail=skip_torn_tail)
         if not rows:
             raise DataError(str(path), "holds no decision records")
-        for i, rec in enumerate(rows):
-            check_decision(path, i, rec)
-            rid, here = f"{rec['task']}@{rec['step']}", f"{path}, record {i}"
+        for line, rec in rows:
+            check_decision(path, line, rec)
+            rid, here = f"{rec['task']}@{rec['step']}", f"{path}, line {line}"
             key = (rec["env"], rec["split"], rec["task"], rec["step"])
             if key in seen:
-                raise DataError(str(path), f"decision {key} is also in {seen[key]}", i)
+                raise DataError(str(path), f"decision {key} is also in {seen[key]}", line=line)
             seen[key] = here
             if records and rec["env"] != records[0]["env"]:
                 raise DataError(str(path), f"field 'env' is {rec['env']!r} but {first_at} is "
-                                f"{records[0]['env']!r}: use one environment's decisions at a time", i, rid)
+                                f"{records[0]['env']!r}: use one environment's decisions at a time", line=line,
+                                record_id=rid)
             has_lp = rec["candidates"][0].get("logprob") is not None
             if records and has_lp != (records[0]["candidates"][0].get("logprob") is not None):
                 raise DataError(str(path), f"log-probabilities are {'given' if has_lp else 'missing (null)'} here but "
                                 f"{'missing' if has_lp else 'given'} in {first_at}: the likelihood rankers need "
                                 "them in every decision (collected by another backend? report the files separately)",
-                                i, rid)
+                                line=line, record_id=rid)
             first_at = first_at or here
             records.append(rec)
     return records

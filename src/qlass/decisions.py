@@ -46,7 +46,7 @@ from .decision_files import (
 )
 from .envs.base import Env, env_close, parse_action
 from .errors import DataError, QlassError
-from .jsonl import append_jsonl, read_jsonl
+from .jsonl import append_jsonl, is_count, read_numbered_jsonl
 from .locking import writes_to
 from .lockstep import Episode, Sample, drive
 from .policy.base import Policy
@@ -289,25 +289,26 @@ def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: di
     if out.suffix != ".jsonl":  # runs/dec and runs/dec.txt would share runs/dec.jsonl's sidecars
         raise QlassError(f"{out}: a decisions file is named NAME.jsonl (its settings and finished tasks are kept "
                          "beside it as NAME.config.yaml and NAME.tasks.jsonl)")
-    records = read_jsonl(out, repair_tail=True)
+    numbered = read_numbered_jsonl(out, repair_tail=True)
     at: dict[tuple[str, str, int], int] = {}
-    for i, rec in enumerate(records):
-        check_decision(out, i, rec)
+    for line, rec in numbered:
+        check_decision(out, line, rec)
         key = (rec["split"], rec["task"], rec["step"])
         if key in at:  # a copy would count towards its task's decisions and hide a lost one from resume
-            raise DataError(str(out), f"decision {key} is also record {at[key]}; a decisions file holds each "
-                            "decision once (remove the copy, and the rerun finds any decision that is missing)", i)
-        at[key] = i
+            raise DataError(str(out), f"decision {key} is also at line {at[key]}; a decisions file holds each "
+                            "decision once (remove the copy, and the rerun finds any decision that is missing)",
+                            line=line)
+        at[key] = line
     done_path = sidecar(out, "tasks.jsonl")
-    done = read_jsonl(done_path, repair_tail=True)
-    for i, rec in enumerate(done):
+    done_numbered = read_numbered_jsonl(done_path, repair_tail=True)
+    for line, rec in done_numbered:
         if not isinstance(rec.get("split"), str) or not isinstance(rec.get("task"), str):
-            raise DataError(str(done_path), "a finished-task record needs 'split' and 'task' (strings)", i)
+            raise DataError(str(done_path), "a finished-task record needs 'split' and 'task' (strings)", line=line)
         count = rec.get("decisions")
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
-            raise DataError(str(done_path), f"field 'decisions' must be a count (an integer >= 0), got {count!r}", i)
+        if count is not None and not is_count(count):
+            raise DataError(str(done_path), f"field 'decisions' is not a count (an integer >= 0): {count!r}", line=line)
     check_settings(out, with_precision({**(settings or {}), "seed": seed, "options": cfg.options()}))
-    return records, done
+    return [rec for _, rec in numbered], [rec for _, rec in done_numbered]
 
 
 @writes_to("out", folder=False)

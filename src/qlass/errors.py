@@ -10,14 +10,17 @@ class QlassError(Exception):
 class DataError(QlassError):
     """A problem in an input file, naming the file, the record and the field."""
 
-    def __init__(self, path: str, problem: str, index: int | None = None, record_id: str | None = None):
+    def __init__(self, path: str, problem: str, index: int | None = None, record_id: str | None = None,
+                 line: int | None = None):
         where = str(path)
-        if index is not None:
+        if line is not None:  # a JSON Lines file: the line an editor shows (1-based, blank lines counted)
+            where += f", line {line}"
+        elif index is not None:
             where += f", record {index}"
         if record_id is not None:
             where += f" (id {record_id!r})"
         super().__init__(f"{where}: {problem}")
-        self.path, self.index, self.record_id, self.problem = path, index, record_id, problem
+        self.path, self.index, self.record_id, self.problem, self.line = path, index, record_id, problem, line
 
 
 class MissingFileError(DataError):
