@@ -309,10 +309,11 @@ def _safetensors_keys(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def test_a_qnet_trained_from_a_pipe_resumes_instead_of_being_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """``train-qnet <(zcat q.gz)``: the digest of the Q data was taken after the pipe had been read (the
-    digest of nothing), so the same command was then refused as "other Q data". A pipe's digest is
-    not recorded (nor its content checked on a rerun, which says so)."""
+def test_a_qnet_trained_from_a_pipe_records_what_it_read(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``train-qnet <(zcat q.gz)``: the digest was taken after the pipe had been read (the digest of
+    nothing), so the same command was then refused; and without a digest a resume from a pipe of other
+    Q data mixed them. The pipe is now copied once and the digest of what was read is recorded."""
+    import hashlib
     import os
     import threading
 
@@ -320,14 +321,17 @@ def test_a_qnet_trained_from_a_pipe_resumes_instead_of_being_refused(tiny_model_
     fifo = tmp_path / "q.fifo"
     os.mkfifo(fifo)
 
-    def feed() -> threading.Thread:
-        writer = threading.Thread(target=lambda: fifo.write_bytes(data.read_bytes()), daemon=True)
-        writer.start()
-        return writer
+    def feed(content: bytes) -> None:
+        threading.Thread(target=lambda: fifo.write_bytes(content), daemon=True).start()
 
     cfg = QNetTrainConfig(**{**CFG, "epochs": 1, "threads": 1})
-    writer = feed()
+    feed(data.read_bytes())
     first = train_qnet(fifo, tiny_model_dir, tmp_path / "qnet", cfg)
-    writer.join(timeout=30)
-    assert "qdata_sha256" not in load_yaml(tmp_path / "qnet" / "qnet_config.yaml")
-    assert train_qnet(fifo, tiny_model_dir, tmp_path / "qnet", cfg) == first  # finished: the pipe is not read
+    recorded = load_yaml(tmp_path / "qnet" / "qnet_config.yaml")
+    assert recorded["qdata_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest() and recorded["qdata"] == str(fifo)
+    feed(data.read_bytes())
+    assert train_qnet(fifo, tiny_model_dir, tmp_path / "qnet", cfg) == first
+    other = synthetic_qdata(tmp_path / "other.jsonl", trees=4, groups=2, seed=5)
+    feed(other.read_bytes())
+    with pytest.raises(QlassError, match=r"trained on other Q data than .*q.fifo"):
+        train_qnet(fifo, tiny_model_dir, tmp_path / "qnet", cfg)

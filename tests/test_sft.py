@@ -352,3 +352,26 @@ def test_sft_with_no_agent_token_within_max_length_is_refused(tiny_model_dir, tm
     with pytest.raises(DataError, match=r"data.json: no agent-turn token to train on within max_length=1"):
         train_sft(data, tiny_model_dir, tmp_path / "sft", SFTConfig(max_length=1, epochs=1, threads=1))
     assert not (tmp_path / "sft" / ".qlass-complete").exists()
+
+
+def test_sft_from_a_pipe_records_its_digest_and_names_the_pipe(tiny_model_dir, tmp_path: Path) -> None:
+    """Data read from a pipe (``--data <(zcat d.gz)``) had no digest recorded, so a rerun from a pipe of
+    other data was handed the finished run (or resumed its checkpoint) without a word."""
+    import os
+    import threading
+
+    fifo = tmp_path / "d.fifo"
+    os.mkfifo(fifo)
+
+    def feed(content: bytes) -> None:
+        threading.Thread(target=lambda: fifo.write_bytes(content), daemon=True).start()
+
+    cfg = SFTConfig(epochs=1, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1)
+    feed(write_data(tmp_path / "data.json", n=4).read_bytes())
+    out = train_sft(fifo, tiny_model_dir, tmp_path / "sft", cfg)
+    feed(write_data(tmp_path / "other.json", n=5).read_bytes())
+    with pytest.raises(QlassError, match="data_sha256"):
+        train_sft(fifo, tiny_model_dir, out, cfg)
+    feed(b'[{"id": "x", "conversations": "not turns", "reward": 1.0}]')
+    with pytest.raises(DataError, match=r"d.fifo, record 0 \(id 'x'\)"):  # the pipe, not a temporary copy
+        train_sft(fifo, tiny_model_dir, tmp_path / "sft2", cfg)

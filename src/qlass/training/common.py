@@ -19,6 +19,7 @@ takes the writer lock and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,9 +27,10 @@ import math
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import config_hash, to_dict
-from ..errors import QlassError
+from ..errors import DataError, QlassError
 from ..jsonl import append_jsonl, read_jsonl, write_jsonl
 from ..locking import writer_lock
 from ..precision import use_autocast
@@ -60,6 +62,39 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A training input as read: ``path`` to read it from, ``name`` as the user gave it, ``digest`` the
+    SHA-256 of its bytes (None for a path that does not exist: its reader names the problem)."""
+
+    path: Path
+    name: str
+    digest: str | None
+
+
+@contextlib.contextmanager
+def input_snapshot(path: str | Path) -> Iterator[Snapshot]:
+    """The training input ``path`` with the digest of the bytes it is read from: a regular file as it
+    is; a pipe (``<(zcat data.gz)``), which can be read once only, copied to a temporary file first, so
+    that its digest is recorded and a resume with other data is refused as for a file. A problem in
+    the copy is reported under ``path``."""
+    given = Path(path)
+    if given.is_file() or not given.exists():
+        yield Snapshot(given, str(path), file_digest(given) if given.is_file() else None)
+        return
+    with tempfile.TemporaryDirectory(prefix="qlass-input-") as tmp:
+        copy = Path(tmp) / "input"
+        with open(given, "rb") as src, open(copy, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        try:
+            yield Snapshot(copy, str(path), file_digest(copy))
+        except DataError as exc:
+            if exc.path != str(copy):
+                raise
+            raise DataError(str(path), exc.problem.replace(str(copy), str(path)), exc.index, exc.record_id,
+                            exc.line) from None
 
 
 def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, kind: str) -> bool:

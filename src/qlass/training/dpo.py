@@ -35,10 +35,11 @@ from .common import (
     DONE_MARK,
     MetricsLog,
     SaveAtEpochEnd,
+    Snapshot,
     check_report_to,
     effective_precision,
-    file_digest,
     finished,
+    input_snapshot,
     is_main_process,
     main_process_lock,
     prepare_resume,
@@ -194,20 +195,21 @@ def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "dpo")
     check_report_to(cfg.report_to)
-    with main_process_lock(out):
-        return _train_dpo(pairs, model_dir, out, cfg)
+    with main_process_lock(out), input_snapshot(pairs) as source:
+        return _train_dpo(source, model_dir, out, cfg)
 
 
-def _train_dpo(path: str | Path, model_dir: str | Path, out: Path, cfg: DPOConfig) -> Path:
+def _train_dpo(source: Snapshot, model_dir: str | Path, out: Path, cfg: DPOConfig) -> Path:
     from datasets import Dataset
     from trl import DPOConfig as TRLConfig
 
-    made_from = {"data": str(path), "base_model": str(model_dir), "precision": effective_precision(cfg)}
-    if Path(path).is_file():
-        made_from["data_sha256"] = file_digest(path)
+    path = source.name
+    made_from = {"data": path, "base_model": str(model_dir), "precision": effective_precision(cfg)}
+    if source.digest is not None:
+        made_from["data_sha256"] = source.digest
     if finished(out, cfg, made_from, CONFIG_FILE, "dpo"):
         return out
-    pairs = load_pairs(path)
+    pairs = load_pairs(source.path)
     model, tokenizer = load_causal_lm(model_dir)
     rows = _encode_all(tokenizer, pairs, cfg.max_length, path)
     order = list(range(len(rows)))

@@ -52,9 +52,10 @@ from .common import (
     DONE_MARK,
     METRICS,
     MetricsLog,
+    Snapshot,
     check_report_to,
     effective_precision,
-    file_digest,
+    input_snapshot,
     is_main_process,
     last_checkpoint,
     main_process_lock,
@@ -96,7 +97,7 @@ def pack(qnet: QNet, records: Sequence[QRecord]) -> list[PackedRow]:
 
 # -- the run -----------------------------------------------------------------------------------------
 
-def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: list[str] | None,
+def _check_run(out: Path, cfg: QNetTrainConfig, source: Snapshot, held_out: list[str] | None,
                sft_dir: str | Path, finished: bool) -> None:
     """Refuse to hand back a finished QNet, or to resume one in training, made with other settings,
     other Q data, another SFT model or other held-out trees than asked for, and one in training where
@@ -131,11 +132,8 @@ def _check_run(out: Path, cfg: QNetTrainConfig, qdata: str | Path, held_out: lis
     if changed:
         raise QlassError(f"{out}: holds {held} trained with other settings ({', '.join(changed)}); "
                          "use a new output folder")
-    if digest is not None and not Path(qdata).is_file():  # a pipe (<(zcat q.gz)) is read once, by read_qdata
-        log.warning("%s is not a regular file: whether it holds the Q data %s was trained on is not checked",
-                    qdata, out)
-    elif digest is not None and digest != file_digest(qdata):
-        raise QlassError(f"{out}: holds {held} trained on other Q data than {qdata}; use a new output folder")
+    if digest is not None and source.digest is not None and digest != source.digest:
+        raise QlassError(f"{out}: holds {held} trained on other Q data than {source.name}; use a new output folder")
 
 
 def _split(records: list[QRecord], cfg: QNetTrainConfig, held_out: list[str] | None,
@@ -174,19 +172,20 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     refuse_overwriting_run(out, sft_dir, "qnet")
     check_report_to(cfg.report_to)
-    with main_process_lock(out):
-        return _train_qnet(qdata, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)
+    with main_process_lock(out), input_snapshot(qdata) as source:
+        return _train_qnet(source, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)
 
 
-def _train_qnet(qdata: str | Path, sft_dir: str | Path, out: Path, cfg: QNetTrainConfig,
+def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrainConfig,
                 held: list[str] | None) -> dict[str, Any]:
+    qdata = source.name
     if (out / DONE_MARK).exists():
-        _check_run(out, cfg, qdata, held, sft_dir, finished=True)
+        _check_run(out, cfg, source, held, sft_dir, finished=True)
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / RESULT_FILE).read_text())
     if last_checkpoint(out) is not None:
-        _check_run(out, cfg, qdata, held, sft_dir, finished=False)
-    records = read_qdata(qdata)
+        _check_run(out, cfg, source, held, sft_dir, finished=False)
+    records = read_qdata(source.path)
     make_groups(records, str(qdata))  # siblings must share their history (else the ranking keys lie)
     train_records, val_records = _split(records, cfg, held, str(qdata))
     if cfg.select_best and not val_records:
@@ -201,8 +200,7 @@ def _train_qnet(qdata: str | Path, sft_dir: str | Path, out: Path, cfg: QNetTrai
     shares, ends = schedule(train, cfg, world_size())
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        digest = {"qdata_sha256": file_digest(qdata)} if Path(qdata).is_file() else {}  # a pipe is read once
-        save_yaml(out / CONFIG_FILE, {**to_dict(cfg), "qdata": str(qdata), **digest,
+        save_yaml(out / CONFIG_FILE, {**to_dict(cfg), "qdata": qdata, "qdata_sha256": source.digest,
                                       "sft_model": str(sft_dir), "precision": effective_precision(cfg),
                                       **({"held_out_trees": held} if held is not None else {})})
     resume = prepare_resume(out)

@@ -57,11 +57,12 @@ from .common import (
     LengthGroupedSampler,
     MetricsLog,
     SaveAtEpochEnd,
+    Snapshot,
     TrainerConfig,
     check_report_to,
     effective_precision,
-    file_digest,
     finished,
+    input_snapshot,
     is_main_process,
     main_process_lock,
     prepare_resume,
@@ -302,19 +303,20 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "sft")
     check_report_to(cfg.report_to)
-    with main_process_lock(out):
-        return _train_sft(data, model_dir, out, cfg)
+    with main_process_lock(out), input_snapshot(data) as source:
+        return _train_sft(source, model_dir, out, cfg)
 
 
-def _train_sft(data: str | Path, model_dir: str | Path, out: Path, cfg: SFTConfig) -> Path:
+def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfig) -> Path:
     from trl import SFTConfig as TRLConfig
 
-    made_from = {"data": str(data), "base_model": str(model_dir), "precision": effective_precision(cfg)}
-    if Path(data).is_file():  # else load_trajectories names the problem
-        made_from["data_sha256"] = file_digest(data)
+    data = source.name
+    made_from = {"data": data, "base_model": str(model_dir), "precision": effective_precision(cfg)}
+    if source.digest is not None:  # else load_trajectories names the problem
+        made_from["data_sha256"] = source.digest
     if finished(out, cfg, made_from, CONFIG_FILE, "sft"):
         return out
-    trajectories = load_trajectories(data)
+    trajectories = load_trajectories(source.path)
     if not trajectories:
         raise DataError(str(data), "no trajectories: no training examples")
     if cfg.max_trajectories is not None:
