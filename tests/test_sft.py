@@ -287,8 +287,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_a_trainer_refuses_a_folder_another_trainer_or_no_trainer_made(tiny_model_dir, tmp_path: Path) -> None:
     """A finished SFT folder given as another trainer's ``--out`` is refused before anything is read or
     written (before, train-qnet-head wrote its weights over the SFT model's, and dpo "resumed" an SFT
-    checkpoint and marked it a finished DPO model); so are a plain model folder and another kind's
-    finished mark."""
+    checkpoint and marked it a finished DPO model); so are a plain model folder, another kind's or an
+    empty finished mark, a model inside the folder, checkpoints no SFT run made and a folder the Trainer's
+    checkpoint rotation would delete (``checkpoint-best``)."""
     import shutil
 
     from qlass.qnet_head import QNetHeadConfig, train_qnet_head
@@ -316,6 +317,20 @@ def test_a_trainer_refuses_a_folder_another_trainer_or_no_trainer_made(tiny_mode
     (marked / ".qlass-complete").write_text("qnet\n")
     with pytest.raises(QlassError, match=r"marked: holds a QNet run \(qlass train-qnet\) \(.qlass-complete\)"):
         train_sft(data, tiny_model_dir, marked, cfg)
+    (marked / ".qlass-complete").write_text("")
+    with pytest.raises(QlassError, match=r"marked: holds an empty .qlass-complete"):  # was taken as finished
+        train_sft(data, tiny_model_dir, marked, cfg)
+    # a model inside --out, and checkpoints no SFT run made, were deleted by the partial-checkpoint sweep
+    inside = shutil.copytree(tiny_model_dir, tmp_path / "par" / "checkpoint-7")
+    with pytest.raises(QlassError, match=r"par: holds the model this run starts from"):
+        train_sft(data, inside, tmp_path / "par", cfg)
+    with pytest.raises(QlassError, match=r"par: holds checkpoints \(checkpoint-7\) that no SFT run .* made"):
+        train_sft(data, tiny_model_dir, tmp_path / "par", cfg)
+    assert (inside / "model.safetensors").exists()
+    kept = shutil.copytree(tiny_model_dir, tmp_path / "mine" / "checkpoint-best")  # rotation would delete it
+    with pytest.raises(QlassError, match=r"mine: holds checkpoint-best, which the Trainer's checkpoint rotation"):
+        train_sft(data, tiny_model_dir, tmp_path / "mine", cfg)
+    assert _files(kept) == _files(tiny_model_dir)
 
 
 def test_sft_export_writes_only_a_new_folder_or_an_earlier_export(tiny_model_dir, tmp_path: Path) -> None:

@@ -141,7 +141,12 @@ def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
         if other != kind and (out / name).exists():
             raise QlassError(f"{out}: holds {RUN_NAMES[other]} ({name}), which this {this} would overwrite or mix "
                              "with; use a new output folder")
+    if model.exists() and out.resolve() in model.resolve().parents:
+        raise QlassError(f"{out}: holds the model this run starts from ({model}); training would delete or "
+                         "overwrite it (give another output folder)")
     mark = (out / DONE_MARK).read_text().split() if (out / DONE_MARK).is_file() else []
+    if (out / DONE_MARK).exists() and not mark:
+        raise QlassError(f"{out}: holds an empty {DONE_MARK}, which no qlass run wrote; use a new output folder")
     if mark and mark[0] != kind:
         made_by = RUN_NAMES.get(mark[0], f"a finished {mark[0]!r} run")
         raise QlassError(f"{out}: holds {made_by} ({DONE_MARK}); use a new output folder")
@@ -149,6 +154,13 @@ def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
     if (out / "config.json").exists() and not (out / own).exists():
         raise QlassError(f"{out}: holds a model (config.json) that no {this} made ({own} is missing); training "
                          "would overwrite it (give another output folder)")
+    others = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir() and p not in checkpoint_dirs(out))
+    if others:  # transformers' checkpoint rotation deletes every checkpoint-* folder
+        raise QlassError(f"{out}: holds {others[0]}, which the Trainer's checkpoint rotation would delete; move it "
+                         "or give another output folder")
+    if checkpoint_dirs(out) and not (out / own).exists():
+        raise QlassError(f"{out}: holds checkpoints ({checkpoint_dirs(out)[0].name}) that no {this} made ({own} is "
+                         "missing); training would delete or resume them (give another output folder)")
 
 
 def check_report_to(report_to: str) -> None:
@@ -228,7 +240,7 @@ def last_checkpoint(out: Path) -> Path | None:
     """The newest complete ``checkpoint-N`` in ``out`` (``out`` itself when it is one), else ``None``."""
     if (out / STATE).exists():
         return out
-    found = [p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit() and (p / STATE).exists()]
+    found = [p for p in checkpoint_dirs(out) if (p / STATE).exists()]
     return max(found, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
 
 
@@ -245,7 +257,7 @@ def prepare_resume(out: Path) -> Path | None:
                          "version or delete the folder to start over")
     ckpt = last_checkpoint(out)
     if is_main_process():
-        for partial in out.glob("checkpoint-*"):
+        for partial in checkpoint_dirs(out):
             if not (partial / STATE).exists():
                 shutil.rmtree(partial, ignore_errors=True)
         if ckpt is None:
@@ -256,9 +268,14 @@ def prepare_resume(out: Path) -> Path | None:
     return ckpt
 
 
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The Trainer's ``checkpoint-<step>`` folders in ``out`` (not a user's ``checkpoint-best``)."""
+    return [p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit() and p.is_dir()]
+
+
 def remove_checkpoints(out: Path) -> None:
     """Drop the ``checkpoint-N`` folders and the Trainer's leftovers once the final model is saved."""
-    for ckpt in out.glob("checkpoint-*"):
+    for ckpt in checkpoint_dirs(out):
         shutil.rmtree(ckpt, ignore_errors=True)
     (out / "training_args.bin").unlink(missing_ok=True)
 
