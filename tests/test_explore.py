@@ -336,6 +336,10 @@ def test_resume_skips_finished_tasks_and_matches_one_run(tmp_path: Path, caplog)
     assert "resuming: 2 of 6" in caplog.text
     assert [t.tree_id for t in trees] == [t.id for t in tasks]
     assert one.read_text() == two.read_text()
+    torn = tmp_path / "torn.jsonl"  # killed while appending its first tree: the only line is torn
+    torn.write_text(one.read_text()[:300])
+    explore_tasks(Rooms, tasks, ScriptedPolicy(), cfg, torn, seed=3, progress=False)
+    assert torn.read_text() == one.read_text()
     calls = policy.calls
     explore_tasks(Rooms, tasks, policy, cfg, two, seed=3, progress=False)
     assert policy.calls == calls, "a finished run does no work"

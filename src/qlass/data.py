@@ -18,6 +18,7 @@ system message, part of the instruction prefix. Writing always uses the canonica
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -147,12 +148,15 @@ def refuse_replacing_other_kind(out: str | Path, kind: str, is_kind: Callable[[d
     if not p.is_file():
         return
     with open(p, "rb") as fh:
-        line = next((raw for raw in fh if raw.strip()), b"").strip()
+        lines = list(itertools.islice((raw for raw in fh if raw.strip()), 2))
+    line = lines[0].strip() if lines else b""
     if not line or line == b"[]":
         return
     try:
         first = load_records(p)[0] if line.startswith(b"[") else loads(line)  # a JSON list is read whole
     except (DataError, IndexError, ValueError):
+        if len(lines) == 1 and line.startswith(b"{") and not lines[0].endswith(b"\n"):
+            return  # the torn only line of an interrupted first append: its reader cuts it and resumes
         first = None
     if not (isinstance(first, dict) and is_kind(first)):
         raise QlassError(f"{p}: exists and is not {kind} (an input of another stage?); it is only written over a "
