@@ -417,5 +417,14 @@ def test_eval_resume_knows_a_model_folder_by_its_files_not_its_spelling(tmp_path
         (tmp_path / "x").mkdir(exist_ok=True)
         invoke(eval_args(out, model=spelling))
     assert records.read_bytes() == played
+    moved = model.rename(tmp_path / "moved")  # a moved folder keeps its files' times: the same model
+    invoke(eval_args(out, model=str(moved)))
+    assert records.read_bytes() == played
+    moved.rename(model)
+    invoke(eval_args(out, model=str(model)))  # and back
     (model / "model.safetensors").write_bytes(b"weights-b, retrained")
     refused(eval_args(out, model=str(model)), "model: another model at the same path", records, config)
+    other = shutil.copytree(model, tmp_path / "other")
+    (other / "model.safetensors").write_bytes(b"weights-c")
+    res = CliRunner().invoke(app, eval_args(out, model=str(other)))
+    assert "model: " in str(res.exception) and "another model at the same path" not in str(res.exception)

@@ -58,6 +58,13 @@ def _same_folder(old: Any, new: Any) -> bool:
         return False
 
 
+def _same_files(before: Mapping[str, Any], now: Mapping[str, Any], key: str) -> bool:
+    """Whether both record the same non-empty fingerprint for the model ``key`` names (a folder moved, or
+    copied with its files' times, is the same model under another path)."""
+    old, new = before.get(key + FILES_SUFFIX), now.get(key + FILES_SUFFIX)
+    return isinstance(old, Mapping) and bool(old) and old == new
+
+
 def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: Collection[str] = (),
                     open_: Collection[str] = OPEN_SETTINGS, prefix: str = "") -> list[str]:
     """``"name: old → new"`` for every recorded setting of ``before`` that ``now`` changes; nested
@@ -76,7 +83,9 @@ def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: C
         if name in open_:
             old, new = ({} if v is _UNSET else v for v in (old, new))
         if name.endswith(FILES_SUFFIX) and isinstance(old, Mapping) and isinstance(new, Mapping):
-            if old != new:
+            folder = key[:-len(FILES_SUFFIX)]  # a moved model is named by its path's change, not twice
+            if old != new and (before.get(folder) == now.get(folder) or _same_folder(before.get(folder),
+                                                                                    now.get(folder))):
                 changes.append(f"{name[:-len(FILES_SUFFIX)]}: another model at the same path (its config or weight "
                                "files differ in size or time from the recorded run's)")
         elif isinstance(old, Mapping) and isinstance(new, Mapping):
@@ -85,7 +94,7 @@ def setting_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: C
             if is_open:
                 changes.append(f"{name}: {'(unset)' if old is _UNSET else repr(old)} → "
                                f"{'(unset)' if new is _UNSET else repr(new)}")
-        elif old != new and not (name in MODEL_SETTINGS and _same_folder(old, new)):
+        elif old != new and not (name in MODEL_SETTINGS and (_same_folder(old, new) or _same_files(before, now, key))):
             changes.append(f"{name}: {old!r} → {new!r}")
     return changes
 
