@@ -4,6 +4,7 @@ a loadable saved model (full and LoRA), the CLI, and resuming after a SIGKILL to
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -358,6 +359,18 @@ def test_sft_export_writes_only_a_new_folder_or_an_earlier_export(tiny_model_dir
     assert AutoModelForCausalLM.from_pretrained(dest) is not None
     assert json.loads((dest / "sft_checkpoint.json").read_text())["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "other", "run", "step2"]  # no temporary left
+    (tmp_path / "link").symlink_to("step2")  # a link to an earlier export: written at its target
+    assert export_checkpoint(run, base, tmp_path / "link") == 2 and (tmp_path / "link").is_symlink()
+    assert (tmp_path / "step2" / "sft_checkpoint.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cwd = os.getcwd()
+    try:  # '.' (before: a ValueError traceback, PosixPath('.') has an empty name)
+        os.chdir(empty)
+        assert export_checkpoint(run, base, ".") == 2
+    finally:
+        os.chdir(cwd)
+    assert (empty / "sft_checkpoint.json").exists()
 
 
 def test_sft_with_no_agent_token_within_max_length_is_refused(tiny_model_dir, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     ckpt = last_checkpoint(run)
     if ckpt is None:
         raise QlassError(f"{run}: no SFT checkpoint here")
-    dest = Path(dest)
+    dest = Path(dest).resolve()  # '.' has no name to put a temporary folder beside; a link names its target
     _check_export_dest(dest, ckpt.parent if ckpt == run else run, Path(model_dir))
     if (ckpt / "adapter_config.json").exists():
         from peft import PeftModel
@@ -38,8 +38,12 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / EXPORT_RECORD).write_text(json.dumps({"run": str(run.resolve()), "step": step}) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
+    old = dest.with_name(f".{dest.name}.old")  # the earlier export, set aside whole before it is removed
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
     tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     return step
 
 
