@@ -55,8 +55,6 @@ from typing import Any, AsyncIterator, Callable
 
 from .envs.base import env_reset, env_step
 from .errors import QlassError, require
-from .jsonl import DuplicateKeyError, loads
-from .serve_agentgym import QUERY_ID
 from .serve_pool import (
     IDLE_TIMEOUT,
     EnvFault,
@@ -68,6 +66,7 @@ from .serve_pool import (
     refuse_non_text,
     task_dict,
 )
+from .serve_requests import RequestBody, body_problem, query_id
 from .serve_uvicorn import LIMIT_CONCURRENCY, AcceptErrors, bind, url_of, uvicorn_server
 
 log = logging.getLogger(__name__)
@@ -78,60 +77,6 @@ MAX_REQUEST_BYTES = 1 << 20
 """Default limit on a request body (a step's model output is a few kilobytes)."""
 BODY_TIMEOUT = 30.0
 """Default seconds a client has to send a request's whole body (408 after)."""
-
-
-class _RequestBody:
-    """ASGI middleware: reads a request's body before the application sees it, refusing one over ``limit``
-    bytes (413, so a huge body is never held in memory), one not received within ``timeout`` seconds
-    (408: a stalled client would hold its connection, and a stopping server, for ever) and one that is
-    not UTF-8 (400: JSON bodies are)."""
-
-    def __init__(self, app: Any, limit: int, timeout: float) -> None:
-        self.app, self.limit, self.timeout = app, limit, timeout
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        from starlette.responses import JSONResponse
-
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        body, too_big = bytearray(), declared.isdigit() and int(declared) > self.limit
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        while not too_big:
-            try:
-                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
-            except asyncio.CancelledError:  # the server stops, cutting the wait short (not the request's fault)
-                answer = JSONResponse({"error": "the server is stopping"}, 503, headers={"Connection": "close"})
-                return await answer(scope, receive, send)
-            except asyncio.TimeoutError:
-                answer = JSONResponse({"error": f"request body of {scope['method']} {scope['path']} not received "
-                                                f"within {self.timeout:g} s"}, 408, headers={"Connection": "close"})
-                return await answer(scope, receive, send)
-            if message["type"] != "http.request":  # the client went away
-                return
-            body += message.get("body", b"")
-            too_big = len(body) > self.limit
-            if not message.get("more_body", False):
-                break
-        if too_big:
-            answer = JSONResponse({"error": f"request body over the server's limit of {self.limit} bytes"}, 413)
-            return await answer(scope, receive, send)
-        try:
-            bytes(body).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            answer = JSONResponse({"error": f"body of {scope['method']} {scope['path']} is not valid UTF-8 JSON "
-                                            f"(byte {exc.start})"}, 400)
-            return await answer(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
 
 
 def _lifespan(pool: EnvPool) -> Callable[[Any], Any]:
@@ -196,7 +141,7 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
     app = FastAPI(title=f"qlass environment server: {pool.name}", version=PROTOCOL, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
                   lifespan=_lifespan(pool))
-    app.add_middleware(_RequestBody, limit=max_request_bytes, timeout=body_timeout)
+    app.add_middleware(RequestBody, limit=max_request_bytes, timeout=body_timeout)
     if protocol == "agentgym":
         from .serve_agentgym import add_routes
 
@@ -244,7 +189,7 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
         return {"instances": pool.instances(), "idle_timeout": pool.idle_timeout}
 
     async def refuse_malformed_body(request: Request) -> None:
-        problem = _body_problem(await request.body())
+        problem = body_problem(await request.body())
         if problem:
             raise RequestValidationError([{"loc": ("body",), "msg": problem, "type": "value_error"}])
 
@@ -284,7 +229,7 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
 
     @app.get("/observation")
     def observation(request: Request) -> str:
-        env_id = _query_id(request)
+        env_id = query_id(request)
         inst = pool.get(env_id)
         if inst.task is None:
             raise ServeError(409, f"environment {env_id} has no episode yet: POST /reset first")
@@ -316,38 +261,6 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
         return {"outputs": pool.expert(pool.task(task))}
 
     return app
-
-
-def _body_problem(body: bytes) -> str | None:
-    """What is wrong with a POST's ``body`` (UTF-8: :class:`_RequestBody` checked it), None when it is
-    empty or a JSON object giving each key once (``json`` would keep a repeated key's last value unsaid,
-    where qlass's file readers refuse it: :class:`~qlass.jsonl.DuplicateKeyError`)."""
-    if not body.strip():
-        return None
-    try:
-        value = loads(body)
-    except DuplicateKeyError as exc:
-        return str(exc)
-    except RecursionError:
-        return "JSON nested too deeply"
-    except ValueError as exc:  # json.JSONDecodeError
-        return f"not JSON ({exc})"
-    if isinstance(value, dict):
-        return None
-    return f"expected a JSON object, got {'null' if value is None else type(value).__name__}"
-
-
-def _query_id(request: Any) -> int:
-    """The instance id of the query's ``id`` field: given once, ASCII digits (``1.0``, ``²`` or 5000 digits
-    are no id); else a :class:`RequestValidationError`, answered 400 as any malformed request."""
-    from fastapi.exceptions import RequestValidationError
-
-    values = request.query_params.getlist("id")
-    if len(values) == 1 and QUERY_ID.fullmatch(values[0]):
-        return int(values[0])
-    problem = ("Field required" if not values else "Input should be a valid integer" if len(values) == 1
-               else f"given {len(values)} times; give one id")
-    raise RequestValidationError([{"loc": ("query", "id"), "msg": problem, "type": "int_parsing"}])
 
 
 class BackgroundServer:
