@@ -161,7 +161,8 @@ def evaluate(
     check_resumable(runs, records, path)
     settings = with_model_files(with_precision({**(settings or {}), "seed": seed}, here=runs_here(executor)))
     config = out_dir / "config.yaml"
-    if config.exists() and {"sft", "explore", "qnet"} <= load_yaml(config).keys():
+    recorded = load_yaml(config) if config.exists() else {}
+    if {"sft", "explore", "qnet"} <= recorded.keys():
         raise QlassError(f"{out_dir}: is a qlass run folder ({config} holds the pipeline's settings, which this "
                          "evaluation's would replace); evaluate into another folder")
     if records and not config.exists():
@@ -169,7 +170,6 @@ def evaluate(
                          "were made with are unknown and resuming could mix them with this run's; use another "
                          "output folder (or move the records away)")
     if records:
-        recorded = load_yaml(config)
         if settings.get("qnet") is None:  # this run uses no QNet: the one earlier records used stays recorded
             settings["qnet"] = recorded.get("qnet")
             if "qnet_files" in recorded:

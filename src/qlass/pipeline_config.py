@@ -290,13 +290,13 @@ def save_resolved(r: Resolved) -> None:
     from the saved ones for stages already (partly) done there."""
     r.run_dir.mkdir(parents=True, exist_ok=True)
     path = r.run_dir / "config.yaml"
-    if path.exists() and isinstance(load_yaml(path).get("methods"), list):  # qlass eval's config.yaml
+    recorded = load_yaml(path) if path.exists() else {}
+    if isinstance(recorded.get("methods"), list):  # qlass eval's config.yaml
         raise QlassError(f"{r.run_dir}: is an evaluation folder ({path} holds qlass eval's settings, which the "
                          "pipeline's would replace); use a new run_dir")
     started = _started(r.run_dir)
     made = [p for p in started if p != "expert.json"]  # an expert file may be put there before the first run
     if made or (started and path.exists()):
-        recorded = load_yaml(path) if path.exists() else {}
         missing = [k for k in ("model", "env") if k not in recorded]
         if missing:
             what = f"{path} does not record {', '.join(map(repr, missing))}" if path.exists() else f"{path} is missing"

@@ -154,13 +154,14 @@ def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
     if (out / "config.json").exists() and not (out / own).exists():
         raise QlassError(f"{out}: holds a model (config.json) that no {this} made ({own} is missing); training "
                          "would overwrite it (give another output folder)")
-    others = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir() and p not in checkpoint_dirs(out))
+    steps = checkpoint_dirs(out)
+    others = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir() and p not in steps)
     if others:  # transformers' checkpoint rotation deletes every checkpoint-* folder
         raise QlassError(f"{out}: holds {others[0]}, which the Trainer's checkpoint rotation would delete; move it "
                          "or give another output folder")
-    if checkpoint_dirs(out) and not (out / own).exists():
-        raise QlassError(f"{out}: holds checkpoints ({checkpoint_dirs(out)[0].name}) that no {this} made ({own} is "
-                         "missing); training would delete or resume them (give another output folder)")
+    if steps and not (out / own).exists():
+        raise QlassError(f"{out}: holds checkpoints ({steps[0].name}) that no {this} made ({own} is missing); "
+                         "training would delete or resume them (give another output folder)")
 
 
 def check_report_to(report_to: str) -> None:

@@ -50,7 +50,7 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
 def _check_export_dest(dest: Path, run: Path, model_dir: Path) -> None:
     """Refuse an export destination that would overwrite what it should not: the run folder or a folder
     inside it, the base model, or any folder that is neither empty nor an earlier export."""
-    if dest.resolve() == run.resolve() or run.resolve() in dest.resolve().parents:
+    if dest == run.resolve() or run.resolve() in dest.parents:  # dest is resolved
         raise QlassError(f"{dest}: is inside the SFT run {run} (its checkpoints would be overwritten or mixed); "
                          "export to a folder outside it")
     if dest.exists() and model_dir.exists() and dest.samefile(model_dir):
