@@ -428,3 +428,15 @@ def test_eval_resume_knows_a_model_folder_by_its_files_not_its_spelling(tmp_path
     (other / "model.safetensors").write_bytes(b"weights-c")
     res = CliRunner().invoke(app, eval_args(out, model=str(other)))
     assert "model: " in str(res.exception) and "another model at the same path" not in str(res.exception)
+
+
+def test_eval_resume_names_a_records_line_as_the_file_shows_it(tmp_path: Path, toy_models) -> None:
+    """The evaluation's own resume check counted records and called the count a line: with a blank line
+    in a hand-edited records.jsonl it sent users to the wrong line."""
+    out = tmp_path / "eval"
+    invoke(eval_args(out))
+    records = out / "records.jsonl"
+    first = records.read_text().splitlines()[0]
+    records.write_text(first + "\n\n" + first + "\n")
+    refused(eval_args(out), "records.jsonl: line 3: ", records)
+    assert "is also recorded at line 1" in str(CliRunner().invoke(app, eval_args(out)).exception)

@@ -40,7 +40,7 @@ from .errors import DataError, QlassError
 from .eval_records import check_record
 from .eval_worker import EvalWorker, MethodRun
 from .executor import Executor, LocalExecutor, runs_here
-from .jsonl import append_jsonl, read_jsonl
+from .jsonl import append_jsonl, read_numbered_jsonl
 from .locking import writes_to
 from .precision import with_precision
 from .recorded import check_recorded, with_model_files
@@ -146,9 +146,10 @@ def evaluate(
     as unchanged, and ``qnet`` is compared only when both runs use one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "records.jsonl"
-    records = read_jsonl(path, repair_tail=True)
+    numbered = read_numbered_jsonl(path, repair_tail=True)
+    records = [rec for _, rec in numbered]
     first_at: dict[tuple[str, ...], int] = {}
-    for line, rec in enumerate(records, start=1):  # a damaged or foreign record is named, not a KeyError
+    for line, rec in numbered:  # a damaged or foreign record is named by its line, not a KeyError
         check_record(rec, str(path), line)
         if rec["env"] != env_name:
             raise DataError(str(path), f"line {line}: field 'env' is {rec['env']!r}, not this run's {env_name!r}; "

@@ -44,7 +44,7 @@ import torch
 
 from .config import option, to_dict
 from .errors import DataError, QlassError
-from .jsonl import append_jsonl, read_json_object, read_jsonl, write_text_atomic
+from .jsonl import append_jsonl, read_json_object, read_numbered_jsonl, write_text_atomic
 from .locking import writes_to
 from .policy import kv
 from .precision import use_autocast
@@ -136,7 +136,7 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
     have: dict[str, tuple[np.ndarray, float, float]] = {}
     digests = {record_key(r): record_digest(r) for r in records}
     width = qnet.model.config.hidden_size
-    for line, row in enumerate(read_jsonl(out, repair_tail=True), 1):
+    for line, row in read_numbered_jsonl(out, repair_tail=True):
         _check_row(out, line, row, width)
         for j, (key, feat, mean, total) in enumerate(zip(row["keys"], row["features"], row["loglik_mean"],
                                                          row["loglik_sum"], strict=True)):
