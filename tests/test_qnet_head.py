@@ -71,8 +71,33 @@ def test_head_learns_to_rank_resumes_and_saves_a_loadable_qnet(tiny_model_dir: P
     with pytest.raises(QlassError, match=r"holds a head-only QNet fitted with other settings \(l2: \[.*\] → \[5.0\]"):
         train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**{**CFG, "l2": [5.0]}))
     assert (out / "model.safetensors").read_bytes() == weights
-    with pytest.raises(QlassError, match="features were computed with"):
+    with pytest.raises(QlassError, match="features were computed with .*max_action_tokens: 32 → 16"):
         train_qnet_head(data, tiny_model_dir, out, QNetHeadConfig(**{**CFG, "max_action_tokens": 16}))
+
+
+def test_features_resume_from_the_same_inputs_named_another_way(tiny_model_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stamp compared the paths of the Q data and the SFT model as strings: the same files named
+    another way (a relative path, a trailing slash, a copy of the same Q data) were refused with the
+    stamp's JSON. They resume now; other Q data, or another model, is refused naming the setting."""
+    import shutil
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=4)
+    out = tmp_path / "head"
+    cfg = QNetHeadConfig(**{**CFG, "l2": [1.0]})
+    first = train_qnet_head(data, tiny_model_dir, out, cfg)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(data, tmp_path / "copy.jsonl")
+    for qdata in ("q.jsonl", "./copy.jsonl"):
+        assert train_qnet_head(qdata, f"{tiny_model_dir}/", out, cfg) == first
+    other = synthetic_qdata(tmp_path / "other.jsonl", trees=5)
+    with pytest.raises(QlassError, match=r"features were computed with other inputs .*\(qdata: '.*copy.jsonl' → "
+                                         r"'.*other.jsonl'\; see .*features.settings.json\)"):
+        train_qnet_head(other, tiny_model_dir, out, cfg)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, copy_function=shutil.copy)  # new file times: another model
+    with pytest.raises(QlassError, match=r"features were computed with other inputs .*\(sft_model: '.*' → '.*model'"):
+        train_qnet_head(data, model, out, cfg)
 
 
 def test_features_are_not_resumed_in_another_precision(tiny_model_dir: Path, tmp_path: Path,
@@ -96,7 +121,7 @@ def test_features_are_not_resumed_in_another_precision(tiny_model_dir: Path, tmp
         stamp = out / "features.settings.json"
         assert json.loads(stamp.read_text())["precision"] == "fp32"
         cpu_with_bf16(True)
-        with pytest.raises(QlassError, match='features were computed with .*"precision": "fp32".*"precision": "bf16"'):
+        with pytest.raises(QlassError, match="features were computed with .*precision: 'fp32' → 'bf16'"):
             train_qnet_head(data, tiny_model_dir, out, cfg)
         legacy = json.loads(stamp.read_text())
         del legacy["precision"]
@@ -131,7 +156,7 @@ def test_features_are_not_resumed_after_the_input_or_the_model_changed_at_the_sa
     train_qnet_head(data, model, out, cfg)  # the same input again: resumed
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes())  # the model replaced at the same path (here: rewritten)
-    with pytest.raises(QlassError, match="features were computed with .*model_files"):
+    with pytest.raises(QlassError, match="features were computed with .*sft_model: another model at the same path"):
         train_qnet_head(data, model, out, cfg)
 
 

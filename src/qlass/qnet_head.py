@@ -53,7 +53,7 @@ from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .recorded import model_files, setting_changes
-from .training.common import refuse_overwriting_run
+from .training.common import file_digest, refuse_overwriting_run
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,32 @@ def cross_validate_head(records: Sequence[QRecord], feats: dict[str, tuple[np.nd
     return sorted(results, key=lambda res: (-accuracy(res), -res["l2"]))
 
 
+def stamp_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What ``now`` changes of the feature settings ``saved`` in ``features.settings.json``
+    (:func:`~qlass.recorded.setting_changes`): the SFT model as a model folder (another spelling of
+    it, or the same files moved, is the same model), the Q data as a file (another spelling of it, or
+    a copy of the same bytes, is the same input; a file rewritten at its path is checked record by
+    record). A setting an older stamp lacks is taken as compatible."""
+    def view(stamp: dict[str, Any]) -> dict[str, Any]:
+        renamed = {"sft": "sft_model", "model_files": "sft_model_files"}
+        return {renamed.get(k, k): v for k, v in stamp.items() if k not in ("qdata", "qdata_sha256")}
+
+    changes = setting_changes(view(saved), view(now))
+    old, new = saved.get("qdata"), now["qdata"]
+    same_bytes = saved.get("qdata_sha256") == now["qdata_sha256"]
+    if old != new and not same_bytes and not _same_file(old, new):
+        changes.insert(0, f"qdata: {old!r} → {new!r}")
+    return changes
+
+
+def _same_file(old: Any, new: str) -> bool:
+    """Whether ``old`` names the existing file ``new``."""
+    try:
+        return isinstance(old, str) and Path(new).samefile(old)
+    except OSError:
+        return False
+
+
 def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg: QNetHeadConfig, source: str
                 ) -> tuple[QNet, dict[str, tuple[np.ndarray, float, float]]]:
     """A QNet on the SFT backbone (its head still untrained) and every record's features, computed
@@ -248,16 +274,16 @@ def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg:
 
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
     lm, _ = load_causal_lm(sft_dir)
-    settings = {"qdata": source, "sft": str(sft_dir), "max_length": cfg.max_length,
-                "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast,
+    settings = {"qdata": source, "qdata_sha256": file_digest(source), "sft": str(sft_dir),
+                "max_length": cfg.max_length, "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast,
                 "precision": "bf16" if use_autocast(cfg.autocast, lm.device) else "fp32",
                 "model_files": model_files(sft_dir)}
     stamp = out / "features.settings.json"
     if stamp.exists():
-        saved = read_json_object(stamp)
-        if {"precision": settings["precision"], "model_files": settings["model_files"], **saved} != settings:
-            raise QlassError(f"{out}: its features were computed with {stamp.read_text().strip()}, not "
-                             f"{json.dumps(settings)}; use another --out")
+        changes = stamp_changes(read_json_object(stamp), settings)
+        if changes:
+            raise QlassError(f"{out}: its features were computed with other inputs or settings "
+                             f"({'; '.join(changes)}; see {stamp}); use another --out")
     write_text_atomic(stamp, json.dumps(settings) + "\n")
     feats = record_features(qnet, lm, records, out / FEATURES_FILE, source, cfg.cache_slots)
     del lm
