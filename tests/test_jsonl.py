@@ -56,6 +56,30 @@ def test_explore_out_on_a_notes_file_is_a_clear_error_and_keeps_it(tmp_path: Pat
     assert notes.read_text() == "my notes"
 
 
+def test_a_compressed_output_is_named_as_compressed_not_as_another_kind(tmp_path: Path) -> None:
+    """``explore --out trees.jsonl`` on a gzip-compressed trees file (a name without ``.gz``, which is
+    refused by name) said it "is not a trees file", and ``qdata --out`` on a compressed Q-data file that
+    it "is not a Q-data file". Both now say what it is."""
+    import gzip
+
+    from qlass.data import refuse_replacing_other_kind
+    from qlass.errors import QlassError
+
+    trees = tmp_path / "trees.jsonl"
+    trees.write_bytes(gzip.compress(b'{"tree_id": "t", "nodes": []}\n'))
+    done = subprocess.run([sys.executable, "-m", "qlass", "explore", "--model", "test_explore:ScriptedPolicy",
+                           "--env", "test_explore:Rooms", "--limit", "1", "--out", str(trees), "--no-progress"],
+                          capture_output=True, text=True, check=False,
+                          env={"PYTHONPATH": str(Path(__file__).parent), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2, done.stderr
+    assert f"{trees}: gzip-compressed; a trees file is written uncompressed" in done.stderr
+    assert "not a trees file" not in done.stderr and "Traceback" not in done.stderr
+    q = tmp_path / "q.jsonl"
+    q.write_bytes(gzip.compress(b'{"tree_id": "t", "node_id": "n", "q": 1.0}\n'))
+    with pytest.raises(QlassError, match="gzip-compressed; a Q-data file is written uncompressed"):
+        refuse_replacing_other_kind(q, "a Q-data file", lambda r: "q" in r)
+
+
 def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path: Path) -> None:
     """``json`` keeps the last of two equal keys without a word: every reader of user files refuses."""
     from qlass.data import load_records

@@ -148,6 +148,10 @@ def refuse_replacing_other_kind(out: str | Path, kind: str, is_kind: Callable[[d
     if not p.is_file():
         return
     with open(p, "rb") as fh:
+        if fh.read(2) == GZIP_MAGIC:
+            raise QlassError(f"{p}: gzip-compressed; {kind} is written uncompressed, never over or onto a compressed "
+                             "file: decompress it first (gunzip) or give another output path")
+        fh.seek(0)
         lines = list(itertools.islice((raw for raw in fh if raw.strip()), 2))
     line = lines[0].strip() if lines else b""
     if not line or line == b"[]":
