@@ -321,25 +321,33 @@ def test_a_key_given_twice_in_a_body_is_refused(server: BackgroundServer) -> Non
 
 def test_create_takes_an_empty_body_or_an_object(server: BackgroundServer) -> None:
     """/create refuses a body that is not JSON or not a JSON object, like every other endpoint (before:
-    200 and a new instance), and takes an empty body or an object as before."""
+    200 and a new instance), and takes an empty body or an object as before. A body that is not JSON is
+    named ``body`` on every endpoint (before: /step named a character offset in it as the field)."""
     instances = _raw(server.url, "GET", "/")[1]["instances"]
     for body, problem in ((b"junk", "not JSON (Expecting value"), (b"[1]", "expected a JSON object, got list"),
+                          (b" \n ", "not JSON (whitespace only)"),
                           (b"null", "expected a JSON object, got null")):
         status, answer = _raw(server.url, "POST", "/create", body)
         assert status == 400 and answer["error"].startswith(f"malformed request to /create: body: {problem}"), answer
     assert _raw(server.url, "GET", "/")[1]["instances"] == instances  # none was created
+    for body, problem in ((b"  \n", "not JSON (whitespace only): give a JSON object, or no body"),
+                          (b'{"id": 1,', "not JSON (Expecting property name enclosed in double quotes: line 1 column "
+                                         "10 (char 9))")):  # before: named the field by a character offset: body.9
+        want = {"error": f"malformed request to /step: body: {problem}"}
+        assert _raw(server.url, "POST", "/step", body) == (400, want), body
     for body in (None, b"", b"{}", b'{"note": 1}'):
         status, created = _raw(server.url, "POST", "/create", body)
         assert status == 200 and _raw(server.url, "POST", "/close", {"id": created["id"]})[0] == 200, body
 
 
 def test_a_query_id_is_one_field_of_digits(server: BackgroundServer) -> None:
-    """``GET /observation?id=`` takes one id written in digits (before: ``?id=1.0`` was instance 1, and
-    ``?id=A&id=B`` instance B)."""
+    """``GET /observation?id=`` takes one id written in digits without leading zeros, as a JSON body
+    writes it (before: ``?id=1.0`` was instance 1, ``?id=A&id=B`` instance B and ``?id=007`` instance 7)."""
     env_id, other = _episode(server.url), _episode(server.url)
     try:
         assert _raw(server.url, "GET", f"/observation?id={env_id}") == (200, "Probing probe/ok.")
         for query, problem in ((f"id={env_id}.0", "Input should be a valid integer"),
+                               (f"id=00{env_id}", "Input should be a valid integer"),
                                (f"id={other}&id={env_id}", "given 2 times; give one id")):
             want = f"malformed request to /observation: query.id: {problem}"
             assert _raw(server.url, "GET", f"/observation?{query}") == (400, {"error": want}), query

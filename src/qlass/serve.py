@@ -66,7 +66,7 @@ from .serve_pool import (
     refuse_non_text,
     task_dict,
 )
-from .serve_requests import RequestBody, body_problem, query_id
+from .serve_requests import RequestBody, body_problem, query_id, validation_problems
 from .serve_uvicorn import LIMIT_CONCURRENCY, AcceptErrors, bind, url_of, uvicorn_server
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,8 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
-        return JSONResponse({"error": f"malformed request to {request.url.path}: {problems}"}, status_code=400)
+        return JSONResponse({"error": f"malformed request to {request.url.path}: {validation_problems(exc)}"},
+                            status_code=400)
 
     @app.exception_handler(QlassError)
     async def _env_refused(request: Request, exc: QlassError) -> JSONResponse:

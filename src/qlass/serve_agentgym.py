@@ -77,8 +77,9 @@ ALFWORLD_MAPPINGS = (("mappings_train.json", "train"), ("mappings_test.json", "v
 """AgentGym's ALFWorld game lists, in ``game`` order, and the data folder of each one's games."""
 WEBSHOP_SHUFFLE_SEED = 233
 NO_STEP_LIMIT = 1_000_000_000
-QUERY_ID = re.compile(r"-?[0-9]{1,18}")
-"""An instance id as the query string gives it (instance ids are below 2**53)."""
+QUERY_ID = re.compile(r"-?(0|[1-9][0-9]{0,17})")
+"""An instance id as the query string gives it: decimal digits without leading zeros (``007`` is no
+id, as in a JSON body), below 2**53."""
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,12 @@ class RequestBody:
 def body_problem(body: bytes) -> str | None:
     """What is wrong with a POST's ``body`` (UTF-8: :class:`RequestBody` checked it), None when it is
     empty or a JSON object giving each key once (``json`` would keep a repeated key's last value unsaid,
-    where qlass's file readers refuse it: :class:`~qlass.jsonl.DuplicateKeyError`)."""
-    if not body.strip():
+    where qlass's file readers refuse it: :class:`~qlass.jsonl.DuplicateKeyError`). A body of whitespace
+    only is no JSON (FastAPI would name a character offset of it as the field)."""
+    if not body:
         return None
+    if not body.strip():
+        return "not JSON (whitespace only): give a JSON object, or no body"
     try:
         value = loads(body)
     except DuplicateKeyError as exc:
@@ -81,6 +84,21 @@ def body_problem(body: bytes) -> str | None:
     if isinstance(value, dict):
         return None
     return f"expected a JSON object, got {'null' if value is None else type(value).__name__}"
+
+
+def validation_problems(exc: Any) -> str:
+    """The problems of FastAPI's :class:`RequestValidationError` ``exc``, ``field: message`` each. A body
+    that is not JSON is named ``body`` with :func:`body_problem`'s words (FastAPI names a character
+    offset in it as the field: ``body.6: JSON decode error``)."""
+    problems = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            raw = exc.body.encode() if isinstance(exc.body, str) else exc.body
+            problem = body_problem(raw) if isinstance(raw, bytes) else None
+            problems.append(f"body: {problem or 'not JSON'}")
+        else:
+            problems.append(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}")
+    return "; ".join(problems)
 
 
 def query_id(request: Any) -> int:
