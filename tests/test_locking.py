@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,54 @@ def test_an_output_where_nothing_can_be_written_is_named_not_its_lock(tmp_path: 
         with writer_lock(Path("/proc/qlass-run"), folder=True):
             pass
     assert err.value.filename == "/proc/qlass-run"
+
+
+def test_a_refused_output_keeps_no_lock_file(tmp_path: Path) -> None:
+    """A command refusing its output (here: explore on a Q-data file) left ``.NAME.lock`` beside it, and
+    ``.qlass.lock`` inside a folder it refused. A lock file the failed call made is removed; one that
+    was there before stays, and the next writer locks the path as before."""
+    qdata = tmp_path / "qdata.jsonl"
+    qdata.write_text('{"tree_id": "t", "node_id": "n", "q": 1.0}\n')
+    with pytest.raises(QlassError, match="is not a trees file"):
+        explore_tasks(list, [], None, ExploreConfig(), qdata)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qdata.jsonl"]
+    folder = tmp_path / "kept"
+    folder.mkdir()
+    with pytest.raises(RuntimeError):
+        with writer_lock(folder, True):
+            raise RuntimeError("refused")
+    assert list(folder.iterdir()) == []
+    with writer_lock(folder, True):
+        pass
+    with pytest.raises(RuntimeError):  # a lock file from an earlier run stays
+        with writer_lock(folder, True):
+            raise RuntimeError("refused")
+    assert [p.name for p in folder.iterdir()] == [".qlass.lock"]
+
+
+def test_a_lock_file_removed_while_opened_is_not_held_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed call removes the lock file it made. A process that opened that file just before (and
+    locks it just after) must not hold a lock on the removed file while another process locks the new
+    one at the path: it opens the path again and is refused. The interleaving is forced by opening
+    through a wrapper (a race's timing cannot be produced otherwise); the files and locks are real."""
+    target = tmp_path / "out.jsonl"
+    path = lock_path(target, False)
+    path.write_text("")
+    holders: list[subprocess.Popen] = []
+
+    def open_then_lose_the_race(file: Path, *args: Any, **kwargs: Any) -> Any:
+        fh = open(file, *args, **kwargs)
+        if not holders:  # between this open and the lock: the file is removed and another process locks anew
+            path.unlink()
+            holders.append(hold(target, False))
+        return fh
+
+    monkeypatch.setattr("qlass.locking.open", open_then_lose_the_race, raising=False)
+    try:
+        with pytest.raises(QlassError, match="being written by another qlass process"):
+            with writer_lock(target, False):
+                pass
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()

@@ -5,8 +5,8 @@ A second process that would write the same folder or file (two ``qlass eval --ou
 record. The lock is ``fcntl.flock`` on a small file (``DIR/.qlass.lock``, or ``.NAME.lock`` beside a
 file): the kernel releases it when its holder exits, however it exits, so a lock left by a killed
 process never blocks a rerun. The lock file itself stays (it only names the last holder), except
-in a folder this process created (a run folder, or an output file's) and a failed command left
-otherwise empty: both are removed.
+after a failed command: one it created is removed, and so is a folder it created (a run folder, or an
+output file's) that it left otherwise empty.
 """
 
 from __future__ import annotations
@@ -35,29 +35,16 @@ def lock_path(target: Path, folder: bool) -> Path:
 @contextmanager
 def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
     """Hold the writer lock of ``target`` (a folder, or a file when ``folder`` is false) for the block;
-    :class:`QlassError` naming the holder when another process holds it."""
+    :class:`QlassError` naming the holder when another process holds it. A lock file this call made is
+    removed again when the block fails (a refused output keeps no lock file beside or in it)."""
     target = Path(target)
     if not folder:
         check_output_file(target)
     path = lock_path(target, folder)
     made = _first_missing(path.parent)  # the outermost folder this call creates, if any
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh, created = _locked_file(target, path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
-    except OSError as exc:
-        if exc.filename != str(path):  # a folder of the output's path: the error names it
-            raise
-        # the lock file could not be made: the output, which the user named, is the one to report
-        raise QlassError(f"{target}: cannot be written there ({exc.strerror or exc}: its writer lock {path} could "
-                         "not be created)") from None
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise QlassError(f"{target} is being written by another qlass process ({holder}); wait for it to "
-                             "finish or choose another output") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -67,9 +54,41 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
         except BaseException:
             if made is not None:
                 _remove_if_only_lock(made, path)
+            elif created:
+                path.unlink(missing_ok=True)  # while held: a waiting opener sees it gone and locks a new one
             raise
     finally:
         fh.close()  # closing the file releases the lock
+
+
+def _locked_file(target: Path, path: Path) -> tuple[Any, bool]:
+    """The lock file ``path`` of ``target``, opened and locked, and whether this call created it. A lock
+    file removed by its holder between our open and our lock is opened again (the holder's successor
+    locks the new file, so two processes never hold two files of one path)."""
+    while True:
+        created = not path.exists()
+        try:
+            fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
+        except OSError as exc:
+            if exc.filename != str(path):  # a folder of the output's path: the error names it
+                raise
+            # the lock file could not be made: the output, which the user named, is the one to report
+            raise QlassError(f"{target}: cannot be written there ({exc.strerror or exc}: its writer lock {path} "
+                             "could not be created)") from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise QlassError(f"{target} is being written by another qlass process ({holder}); wait for it to "
+                             "finish or choose another output") from None
+        try:
+            if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                return fh, created
+        except FileNotFoundError:
+            pass
+        fh.close()
 
 
 def _first_missing(folder: Path) -> Path | None:
