@@ -6,7 +6,7 @@ Every stage speaks in these types; the file formats in :mod:`qlass.data`, :mod:`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 Role = Literal["system", "user", "assistant"]
@@ -97,5 +97,3 @@ class Trajectory:
     def completion_tokens(self) -> int:
         return sum(s.completion_tokens for s in self.steps)
 
-    def step_dicts(self) -> list[dict[str, Any]]:
-        return [asdict(s) for s in self.steps]

@@ -51,7 +51,6 @@ class Dialect:
     id_key: str = "id"
     reset_key: str | None = None  # an integer task index field; None: qlass (task id in "task")
     reset_extra: dict[str, Any] = field(default_factory=dict)
-    step_key: str = "output"  # "output": raw model output; "action": a bare, client-parsed action
     obs_key: str = "observation"
     reward_key: str = "reward"
     reward_scale: float = 1.0
@@ -72,12 +71,10 @@ def _alfworld_names(answer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 DIALECTS: dict[str, Dialect] = {
     "qlass": Dialect(),
-    "agentgym-alfworld": Dialect(reset_key="game", reset_extra={"world_type": "Text"}, step_key="action",
-                                 describe=_alfworld_names),
-    "agentgym-sciworld": Dialect(reset_key="data_idx", step_key="action", reward_key="score", reward_scale=0.01,
+    "agentgym-alfworld": Dialect(reset_key="game", reset_extra={"world_type": "Text"}, describe=_alfworld_names),
+    "agentgym-sciworld": Dialect(reset_key="data_idx", reward_key="score", reward_scale=0.01,
                                  first_obs_keys=("task_description", "observation"), describe=_sciworld_names),
-    "agentgym-webshop": Dialect(id_key="env_idx", reset_key="session_id", step_key="action", obs_key="state",
-                                first_obs_keys=()),
+    "agentgym-webshop": Dialect(id_key="env_idx", reset_key="session_id", obs_key="state", first_obs_keys=()),
 }
 
 

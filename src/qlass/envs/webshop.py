@@ -69,7 +69,6 @@ class ShopData:
     goals: list[Goal]
     splits: dict[str, range]
     source: str
-    load_seconds: float
 
 
 def resolve_files(data_dir: str | os.PathLike | None, products_file: str | os.PathLike | None,
@@ -114,7 +113,7 @@ def load_shop(products_file: Path, attributes_file: Path, reviews_file: Path | N
     seconds = time.perf_counter() - start
     log.info("webshop: %d products, %d goals loaded in %.1f s", len(products), len(goals), seconds)
     return ShopData(products, {p.asin: i for i, p in enumerate(products)}, prices, instructions, search, goals,
-                    split_ranges(len(goals), test_size), str(products_file), seconds)
+                    split_ranges(len(goals), test_size), str(products_file))
 
 
 def _thought_title(product: Product, words: int = 8) -> str:

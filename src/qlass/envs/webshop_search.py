@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import re
 from array import array
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -68,10 +67,6 @@ class ProductSearch:
             raise RuntimeError("ProductSearch: add() after finish()")
         vocab = self._vocab
         self._docs.append(array("i", [vocab.setdefault(t, len(vocab)) for t in self.terms(text)]))
-
-    def add_all(self, texts: Iterable[str]) -> None:
-        for text in texts:
-            self.add(text)
 
     def finish(self) -> ProductSearch:
         """Build the score matrix; the per-document token lists are released."""
