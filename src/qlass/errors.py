@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 
 class QlassError(Exception):
     """Base class: a user-facing error; the CLI prints its message and exits non-zero."""
@@ -41,7 +43,7 @@ class MissingExtraError(QlassError):
         self.extra, self.module = extra, module
 
 
-def require(module: str, extra: str):
+def require(module: str, extra: str) -> ModuleType:
     """Import ``module`` or raise :class:`MissingExtraError` naming the extra that provides it."""
     import importlib
 

@@ -19,7 +19,7 @@ from .errors import QlassError
 from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
 from .search import METHODS, SearchContext, ValueModel, method_label
-from .types import Task
+from .types import Task, Trajectory
 
 RECORD_SCHEMA_VERSION = 1
 
@@ -36,7 +36,7 @@ class MethodRun:
         return method_label(self.name, self.config)
 
 
-def make_record(run: MethodRun, env_name: str, task: Task, traj, wall: float) -> dict[str, Any]:
+def make_record(run: MethodRun, env_name: str, task: Task, traj: Trajectory, wall: float) -> dict[str, Any]:
     """The evaluation record of one played task."""
     meta = traj.meta
     rec = {

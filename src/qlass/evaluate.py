@@ -100,6 +100,7 @@ def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str
 
 
 def record_key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
+    """What identifies an evaluation record: method label, environment, split and task."""
     return (rec["method"], rec["env"], rec["split"], rec["task"])
 
 

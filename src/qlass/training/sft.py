@@ -266,6 +266,7 @@ def labelled_token_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: 
 
 
 def lora_config(cfg: TrainerConfig) -> Any:
+    """PEFT's LoRA settings for a causal LM from the trainer options (adapters on every linear layer)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
