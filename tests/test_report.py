@@ -307,3 +307,36 @@ def test_the_shipped_reference_records_rebuild_their_published_tables(tmp_path) 
     assert res.exit_code == 0, res.output
     for name in ("results.json", "results.md"):
         assert (tmp_path / name).read_bytes() == (ref / "episodes180" / name).read_bytes(), name
+
+
+def test_report_refuses_runs_of_other_settings_unless_allowed(tmp_path) -> None:
+    """Two evaluation runs' records (another model, each run's config.yaml beside them) were pooled into
+    one row without a word; shards of one run (other tasks, offset, machine) still pool."""
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.config import save_yaml
+    from qlass.jsonl import write_jsonl
+
+    def run(name: str, model: str, records: list, **extra) -> str:
+        folder = tmp_path / name
+        write_jsonl(folder / "records.jsonl", [_full(r) for r in records])
+        save_yaml(folder / "config.yaml", {"model": model, "qnet": None, "env": "e", "env_args": {}, "seed": 0,
+                                           "policy": {}, "offset": 0, "limit": 1, "methods": [], **extra})
+        return str(folder / "records.jsonl")
+
+    a = run("a", "models/sft", RECORDS[:4:2])  # t1 of greedy and qlass
+    b = run("b", "models/other", RECORDS[1:4:2])  # t2 of both
+    res = CliRunner().invoke(app, ["report", a, b, "--out", str(tmp_path / "r")])
+    assert "b/records.jsonl was evaluated with other settings than" in str(res.exception)
+    assert "model: 'models/sft' → 'models/other'" in str(res.exception) and not (tmp_path / "r").exists()
+    res = CliRunner().invoke(app, ["report", a, b, "--out", str(tmp_path / "r"), "--allow-mixed-settings"])
+    assert res.exit_code == 0, res.output
+    assert "| e | seen | greedy | 2 | 50.0 |" in res.output
+    # shards of one run: other tasks, offset and model files (another machine's copy) pool; a QNet only one used too
+    shard = run("c", "models/sft", RECORDS[1:4:2], offset=1, model_files={"config.json": [1, 2]}, qnet="q")
+    res = CliRunner().invoke(app, ["report", a, shard, "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    seeded = run("d", "models/sft", RECORDS[1:4:2], seed=1)
+    res = CliRunner().invoke(app, ["report", a, seeded, "--out", str(tmp_path / "s")])
+    assert "seed: 0 → 1" in str(res.exception)

@@ -57,6 +57,11 @@ _OTHER_FILES = {("tree_id", "nodes"): "a trees file (qlass explore)",
                  ("kind", "settings"): "a paraphrase cache (qlass paraphrase)"}
 """Files of other stages, known by their fields, which the report names instead of a wrong field."""
 
+POOLABLE_SETTINGS = ("splits", "task_types", "limit", "tasks", "offset", "methods", "model_files", "qnet_files")
+"""``config.yaml`` entries that may differ between evaluation runs whose records are reported together:
+they choose tasks and methods (each record's method settings are compared on their own), or tell copies
+of one model on several machines apart."""
+
 _BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n"}
 """The option a method's label and budget point are read from (its first in the label)."""
 
@@ -175,3 +180,49 @@ def read_records(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> l
                                            f"({'; '.join(changes)}): one row would mix them")
             out.append(rec)
     return out
+
+
+def check_pooled_runs(paths: Sequence[str | Path], allow_mixed: bool = False) -> list[str]:
+    """Compare the ``config.yaml`` beside each records file of ``paths`` (its evaluation run's settings)
+    with the first one's: runs made with another model, QNet (where both used one), environment option,
+    policy option, seed or precision are refused, naming both files and every difference, unless
+    ``allow_mixed``; then the differences are returned (``"file: setting: old → new"``).
+    :data:`POOLABLE_SETTINGS` and runtime options may differ. A file without an evaluation's
+    ``config.yaml`` beside it cannot be compared: a warning names it."""
+    import logging
+
+    from .config import load_yaml
+    from .errors import QlassError
+    from .jsonl import check_output_file
+    from .recorded import setting_changes
+
+    if len(paths) < 2:
+        return []
+    first: tuple[Path, Path, dict[str, Any]] | None = None  # records file, settings file, settings
+    unknown: list[str] = []
+    found: list[str] = []
+    for path in map(Path, paths):
+        config = path.parent / "config.yaml"
+        if config.exists():
+            check_output_file(config)  # a named pipe there would block the read
+        settings = load_yaml(config) if config.is_file() else {}
+        if not {"model", "env", "methods"} <= settings.keys():  # none, or not an evaluation's (e.g. qlass run's)
+            unknown.append(str(path))
+            continue
+        if first is None:
+            first = (path, config, settings)
+            continue
+        ignore = list(POOLABLE_SETTINGS)
+        if first[2].get("qnet") is None or settings.get("qnet") is None:  # compared only where both used one
+            ignore += ["qnet", "qnet_files"]
+        changes = setting_changes(first[2], settings, ignore)
+        if changes and not allow_mixed:
+            raise QlassError(f"{path} was evaluated with other settings than {first[0]} ({'; '.join(changes)}; "
+                             f"see {config} and {first[1]}): one row would mix them; report them separately (or "
+                             "side by side with --side), or pass --allow-mixed-settings to pool them anyway")
+        found += [f"{path}: {c}" for c in changes]
+    if unknown:
+        logging.getLogger(__name__).warning(
+            "no evaluation config.yaml beside %s, so the settings of %s cannot be compared with the other files'",
+            ", ".join(unknown), "its run" if len(unknown) == 1 else "their runs")
+    return found

@@ -26,12 +26,15 @@ def register(app: typer.Typer) -> None:
                                            "default: greedy, when it was run."),
         confidence: float = typer.Option(0.95, help="Level of the paired bootstrap intervals, e.g. 0.975 for a "
                                          "second look at data already tested at 0.95 (Bonferroni over two looks)."),
+        allow_mixed_settings: bool = typer.Option(False, "--allow-mixed-settings", help="Pool RECORDS of evaluation "
+                                                  "runs made with other settings (model, environment or policy "
+                                                  "options, seed; see each file's config.yaml), with a warning."),
     ) -> None:
         """Rebuild the results table, paired differences and budget curve from records (several runs'
         shards combined, or a run stopped part-way: by default restricted to tasks every method played)."""
         from ..compare import check_confidence
         from ..errors import QlassError
-        from ..eval_records import read_records
+        from ..eval_records import check_pooled_runs, read_records
         from ..report import (
             common_tasks,
             markdown_table,
@@ -47,9 +50,9 @@ def register(app: typer.Typer) -> None:
         if side:
             if records:
                 raise QlassError("qlass report takes RECORDS or --side LABEL=RECORDS, not both")
-            if baseline or all_tasks:
-                raise QlassError("--baseline and --all-tasks apply to RECORDS, not to --side (sides are compared "
-                                 "with the first)")
+            if baseline or all_tasks or allow_mixed_settings:
+                raise QlassError("--baseline, --all-tasks and --allow-mixed-settings apply to RECORDS, not to --side "
+                                 "(sides are compared with the first)")
             sides, files = {}, {}
             for item in side:
                 label, sep, path = item.partition("=")
@@ -73,6 +76,9 @@ def register(app: typer.Typer) -> None:
         recs = read_records(records)
         if not recs:
             raise QlassError(f"{', '.join(map(str, records))}: no records to report")
+        mixed = check_pooled_runs(records, allow_mixed_settings)
+        if mixed:
+            log.warning("records of runs with other settings pooled (--allow-mixed-settings): %s", "; ".join(mixed))
         methods = {r["method"] for r in recs}
         missing = [b for b in baseline if b not in methods]
         if missing:
