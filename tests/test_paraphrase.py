@@ -293,6 +293,24 @@ def test_a_real_model_source_records_only_checked_paraphrases(tmp_path: Path, ti
         assert rec["source"] == "original" or check_paraphrase(cons, rec["original"], rec["paraphrase"]) == []
 
 
+def test_another_model_at_the_same_path_is_refused(tmp_path: Path) -> None:
+    """The header recorded the model's path only: a model replaced there (a retrained agent) added its
+    paraphrases to the cache of the first, as if one model had made them all."""
+    model = tmp_path / "agent"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"first")
+    tasks = Corridor().tasks("train")
+    path = tmp_path / "para.jsonl"
+    settings = {"env": ENV, "model": str(model)}
+    build_paraphrases(Corridor, tasks[:2], path, Paraphraser(), ParaphraseConfig(samples=2), settings=settings)
+    assert read_jsonl(path)[0]["settings"]["model_files"]["model.safetensors"][0] == 5
+    (model / "model.safetensors").write_bytes(b"the second model")
+    with pytest.raises(QlassError, match=r"model: another model at the same path"):
+        build_paraphrases(Corridor, tasks[:4], path, Paraphraser(), ParaphraseConfig(samples=2), settings=settings)
+    assert len(read_jsonl(path)) == 3  # the header and the first model's two tasks
+
+
 def test_bad_caches_are_named_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="paraphrase cache not found"):
         load_paraphrases(tmp_path / "none.jsonl")

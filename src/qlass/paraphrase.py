@@ -11,7 +11,8 @@ counted, logged and recorded, and the task falls back to the template paraphrase
 constraint) or to the original text.
 
 The cache (JSON Lines): a header line ``{"kind": "qlass-paraphrases", "version": 1, "settings": {...}}``
-(how it was made: environment, source, sampling options, seed), then one record per task::
+(how it was made: environment, source, model and `model_files` (a model replaced at its path is refused),
+sampling options, seed), then one record per task::
 
     {"task": "webshop/3", "env": "webshop", "split": "seen", "original": "...", "paraphrase": "...",
      "source": "model" | "template" | "original", "rejected": [{"text": "...", "source": "model",
@@ -49,7 +50,7 @@ from .paraphrase_goals import (
 )
 from .perturb import paraphrase_prompt
 from .policy.base import Policy, ready_policy
-from .recorded import check_recorded
+from .recorded import check_recorded, with_model_files
 from .seeding import stable_seed
 from .types import Completion, History, Message, Task
 
@@ -227,7 +228,8 @@ def _choose(env_name: str, job: _Job, sampled: Sequence[Completion], seed: int) 
 
 
 def _settings(policy: object, cfg: ParaphraseConfig, seed: int, settings: dict[str, Any] | None) -> dict[str, Any]:
-    out = {**(settings or {}), "source": "model" if policy is not None else "template", "seed": seed,
+    # model_files: another model saved at the model's path is refused, as by the other resumable stages
+    out = {**with_model_files(settings or {}), "source": "model" if policy is not None else "template", "seed": seed,
            "request_version": REQUEST_VERSION}
     if policy is not None:
         out["sampling"] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("runtime")}
