@@ -216,6 +216,30 @@ def test_validate_checks_every_file_past_one_that_cannot_be_read(tmp_path: Path)
     assert qlass_cli("data", "validate", str(good), str(bad)).returncode == 1
 
 
+def test_validate_reads_a_pipe_whole_and_refuses_a_device(tmp_path: Path) -> None:
+    """Telling a pipe's kind (<(zcat f.gz)) read its first line, so the check then read what was left:
+    'file is empty'; /dev/zero was read as one endless first line until killed."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    text = json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "t1", "reward": 7}) + "\n"
+    writer = threading.Thread(target=fifo.write_text, args=(text,), daemon=True)
+    writer.start()
+    result = subprocess.run([sys.executable, "-m", "qlass", "data", "validate", str(fifo)], capture_output=True,
+                            text=True, timeout=60)
+    writer.join(timeout=10)
+    assert result.returncode == 1, result.stderr
+    assert f"{fifo}: 2 records, 1 valid, 1 invalid" in result.stdout
+    assert f"{fifo}, line 2 (id 't1'): field 'reward'" in result.stderr
+    good = write(tmp_path, [GOOD], "good.json")
+    result = subprocess.run([sys.executable, "-m", "qlass", "data", "validate", "/dev/zero", str(good)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "error: /dev/zero: is a character device" in result.stderr
+    assert f"{good}: 1 records, 1 valid" in result.stdout
+
+
 def test_outputs_are_written_only_over_files_of_their_kind(tmp_path: Path) -> None:
     """An empty export ([]) or a file of the output's kind may be replaced; a pair file, trees file or
     text is refused; of a JSON Lines file only the first record is read."""

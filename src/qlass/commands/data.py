@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -27,15 +31,21 @@ def register(app: typer.Typer) -> None:
         """Check every record (trajectories: ids, role order, Action lines, rewards; trees, Q data,
         decisions and evaluation records: the checks of the commands that read them) of every file;
         exit 1 if any record is invalid, 2 if a file cannot be read."""
-        from ..errors import DataError
+        from ..errors import QlassError
+        from ..jsonl import refuse_device
 
         if kind != "auto" and kind not in KINDS:
             raise typer.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")
         bad = unreadable = False
         for path in files:
             try:
-                bad |= not _validate(path, _detect_kind(path) if kind == "auto" else kind)
-            except DataError as exc:  # the file as a whole: the next files are still checked
+                refuse_device(path)  # /dev/zero was read as one endless first line
+                with _read_once(path) as readable:
+                    try:
+                        bad |= not _validate(readable, _detect_kind(readable) if kind == "auto" else kind, str(path))
+                    except QlassError as exc:
+                        raise QlassError(str(exc).replace(str(readable), str(path))) from None
+            except QlassError as exc:  # the file as a whole: the next files are still checked
                 typer.echo(f"error: {exc}", err=True)
                 unreadable = True
         raise typer.Exit(2 if unreadable else 1 if bad else 0)
@@ -82,9 +92,24 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
 
 
-def _validate(path: Path, what: str) -> bool:
-    """Check one file of kind ``what``, printing its summary and problems; False if a record is invalid.
-    A file that cannot be read as a whole raises :class:`DataError`."""
+@contextlib.contextmanager
+def _read_once(path: Path) -> Iterator[Path]:
+    """``path`` itself, or for a named pipe (``<(zcat f.gz)``), which gives its bytes once, a temporary
+    copy: telling the kind from the first line consumed it, and the check then read the rest only."""
+    if path.is_file() or not path.exists():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="qlass-validate-") as tmp:
+        copy = Path(tmp) / "input"
+        with open(path, "rb") as src, open(copy, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        yield copy
+
+
+def _validate(path: Path, what: str, name: str) -> bool:
+    """Check one file of kind ``what`` (``name``: the path to name it by), printing its summary and
+    problems; False if a record is invalid. A file that cannot be read as a whole raises
+    :class:`DataError`."""
     from ..data import validate_file
     from ..decision_files import read_decisions
     from ..errors import DataError, MissingFileError
@@ -95,30 +120,30 @@ def _validate(path: Path, what: str) -> bool:
     if what == "trajectories":
         report = validate_file(path)
         n_turns = sum(len(t.messages) for t in report.trajectories)
-        typer.echo(f"{path}: {report.records} records, {len(report.trajectories)} valid, "
+        typer.echo(f"{name}: {report.records} records, {len(report.trajectories)} valid, "
                    f"{report.invalid_records} invalid ({len(report.errors)} problems), {n_turns} turns in valid records")
         for err in report.errors:
-            typer.echo(err, err=True)
+            typer.echo(err.replace(str(path), name), err=True)
         return report.ok
     try:
         if what == "trees":
             trees = read_trees(path)
-            typer.echo(f"{path}: {len(trees)} trees, {sum(len(t.nodes) for t in trees)} nodes, all valid")
+            typer.echo(f"{name}: {len(trees)} trees, {sum(len(t.nodes) for t in trees)} nodes, all valid")
         elif what == "qdata":
             records = read_qdata(path)
-            typer.echo(f"{path}: {len(records)} Q records from {len({r['tree_id'] for r in records})} trees, all valid")
+            typer.echo(f"{name}: {len(records)} Q records from {len({r['tree_id'] for r in records})} trees, all valid")
         elif what == "decisions":
             records = read_decisions([path])
             tasks = len({(r["split"], r["task"]) for r in records})
-            typer.echo(f"{path}: {len(records)} decisions from {tasks} tasks, all valid")
+            typer.echo(f"{name}: {len(records)} decisions from {tasks} tasks, all valid")
         else:
             records = read_records([path])
             methods = len({r["method"] for r in records})
-            typer.echo(f"{path}: {len(records)} evaluation records of {methods} methods, all valid")
+            typer.echo(f"{name}: {len(records)} evaluation records of {methods} methods, all valid")
     except DataError as exc:
         if isinstance(exc, MissingFileError):
             raise
-        typer.echo(str(exc), err=True)
+        typer.echo(str(exc).replace(str(path), name), err=True)
         return False
     return True
 
