@@ -240,6 +240,19 @@ def test_validate_reads_a_pipe_whole_and_refuses_a_device(tmp_path: Path) -> Non
     assert f"{good}: 1 records, 1 valid" in result.stdout
 
 
+def test_validate_names_a_paraphrase_cache_and_a_finished_task_list(tmp_path: Path) -> None:
+    """Both were read as trajectory files: every line invalid for lacking 'id' and 'conversations'."""
+    cache = write(tmp_path, [{"kind": "qlass-paraphrases", "version": 1, "settings": {}}], "para.jsonl")
+    tasks = write(tmp_path, [{"split": "seen", "task": "t/1", "decisions": 2, "steps": 2, "stop": "done"}],
+                  "d.tasks.jsonl")
+    result = qlass_cli("data", "validate", str(cache), str(tasks))
+    assert result.returncode == 2, result
+    assert f"error: {cache}: line 1: this is a paraphrase cache (qlass paraphrase), which qlass data validate " \
+           "does not check" in result.stderr
+    assert f"error: {tasks}: line 1: this is a decisions file's finished-task list" in result.stderr
+    assert "field 'id'" not in result.stdout + result.stderr
+
+
 def test_outputs_are_written_only_over_files_of_their_kind(tmp_path: Path) -> None:
     """An empty export ([]) or a file of the output's kind may be replaced; a pair file, trees file or
     text is refused; of a JSON Lines file only the first record is read."""

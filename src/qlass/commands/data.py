@@ -177,4 +177,13 @@ def _detect_kind(path: Path) -> str:
         return "decisions"
     if isinstance(record, dict) and "method" in record and "trajectory" in record:
         return "records"
+    for fields, other in _UNCHECKED.items():
+        if isinstance(record, dict) and record.keys() >= set(fields) and not {"id", "conversations"} & record.keys():
+            raise DataError(str(path), f"line 1: this is {other}, which qlass data validate does not check (it checks "
+                                       f"{', '.join(KINDS)}; --kind reads it as one of them)")
     return "trajectories"
+
+
+_UNCHECKED = {("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)",
+              ("kind", "settings"): "a paraphrase cache (qlass paraphrase)"}
+"""Files of other stages, known by their first record's fields; read as trajectories, every line was invalid."""
