@@ -340,3 +340,23 @@ def test_report_refuses_runs_of_other_settings_unless_allowed(tmp_path) -> None:
     seeded = run("d", "models/sft", RECORDS[1:4:2], seed=1)
     res = CliRunner().invoke(app, ["report", a, seeded, "--out", str(tmp_path / "s")])
     assert "seed: 0 → 1" in str(res.exception)
+
+
+def test_report_keeps_off_another_evaluation_folders_results(tmp_path) -> None:
+    """--out ev2 with ev1's records replaced ev2's results.md/json: ev2 then showed ev1's table beside its own
+    records (qlass view shows both). A report into the folder of the records it reads is still written."""
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.jsonl import write_jsonl
+
+    for name, records in (("ev1", RECORDS[:2]), ("ev2", RECORDS[2:4])):
+        write_jsonl(tmp_path / name / "records.jsonl", [_full(r) for r in records])
+        write_report(records, tmp_path / name)
+    before = (tmp_path / "ev2" / "results.json").read_bytes()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "ev1" / "records.jsonl"), "--out", str(tmp_path / "ev2")])
+    assert "ev2: holds another run's records" in str(res.exception)
+    assert (tmp_path / "ev2" / "results.json").read_bytes() == before
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "ev2" / "records.jsonl"), "--out", str(tmp_path / "ev2"),
+                                   "--all-tasks"])
+    assert res.exit_code == 0, res.output

@@ -73,6 +73,10 @@ def register(app: typer.Typer) -> None:
             return
         if not records:
             raise QlassError("qlass report needs RECORDS (records.jsonl files) or --side LABEL=RECORDS twice or more")
+        own = out / "records.jsonl"  # an evaluation folder's results describe its records (qlass view shows both)
+        if own.is_file() and not any(Path(r).exists() and own.samefile(r) for r in records):
+            raise QlassError(f"{out}: holds another run's records ({own}, not among RECORDS), which its "
+                             "results.md/json describe; write this report to another --out")
         recs = read_records(records)
         if not recs:
             raise QlassError(f"{', '.join(map(str, records))}: no records to report")
