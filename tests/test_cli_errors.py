@@ -40,6 +40,19 @@ class MarkupCorridor(Corridor):
         return super().reset(task) + " [/] [bold]not bold[/bold]"
 
 
+class ShiftedCorridor(Corridor):
+    """Corridor whose task lengths depend on an option it keeps under another name (as WebShop keeps
+    none of seed, test_size or num_products), so the option cannot be read back from the instance."""
+
+    def __init__(self, shift: int = 0) -> None:
+        super().__init__()
+        self._by = shift
+
+    def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+        return [Task(t.id, t.env, t.split, t.task_type, {"length": 1 + (i + self._by) % 3})
+                for i, t in enumerate(super().tasks(split, task_types))]
+
+
 class EastWalker:
     """A policy that always walks east."""
 
@@ -631,6 +644,23 @@ def test_expert_export_resumed_with_other_env_options_is_refused(tmp_path: Path)
     assert "step_limit: 1 → 12" in output and str(progress) in output and not out.exists(), output
     result = qlass(*args, "--env-arg", "step_limit=1")  # the same settings resume
     assert result.returncode == 0 and "excluded 10" in result.stdout, result.stdout + result.stderr
+
+
+def test_expert_export_resumed_with_an_option_the_env_does_not_keep_is_refused(tmp_path: Path) -> None:
+    """Only options read back from the instance were recorded: a rerun with --env-arg shift=1 reused the
+    progress of shift=0, whose corridor/0 needs one step where the new one needs two."""
+    from qlass.expert import export_expert
+
+    out = tmp_path / "x.json"
+    progress = tmp_path / ".x.json.progress.jsonl"  # as a killed `qlass data expert --out x.json` leaves it
+    env = ShiftedCorridor()
+    export_expert(env, env.tasks("train")[:3], progress_file=progress)
+    args = ["data", "expert", "--env", "test_cli_errors:ShiftedCorridor", "--out", str(out)]
+    result = qlass(*args, "--env-arg", "shift=1")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "env_args.shift: (unset) → 1" in output and not out.exists(), output
+    result = qlass(*args)  # the same settings resume
+    assert result.returncode == 0 and "wrote 6 verified" in result.stdout, result.stdout + result.stderr
 
 
 def test_qnet_given_another_model_folder_names_the_folder(tmp_path: Path, tiny_model_dir: Path,

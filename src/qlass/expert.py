@@ -66,10 +66,12 @@ def verify_expert(env: Env, task: Task, max_steps: int | None = None) -> tuple[T
     return traj, ""
 
 
-def _made_with(env: Env, max_steps: int | None) -> dict[str, Any]:
+def _made_with(env: Env, max_steps: int | None, env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """What decides a task's result besides the task: the environment (its class as
     ``module:Class``), its constructor options as read back from the instance (those with
-    plain values), and ``max_steps``. A progress record adds the task's split."""
+    plain values) and as given (``env_kwargs``: an option the instance keeps under another name, such
+    as WebShop's ``seed``, cannot be read back), and ``max_steps``. A progress record adds the task's
+    split."""
     cls = type(env)
     try:
         params = inspect.signature(cls).parameters
@@ -80,7 +82,7 @@ def _made_with(env: Env, max_steps: int | None) -> dict[str, Any]:
         value = getattr(env, name, getattr(env, f"_{name}", None))
         if isinstance(value, (str, int, float, bool)):
             options[name] = value
-    return {"env": env_label(env), "env_args": options, "max_steps": max_steps}
+    return {"env": env_label(env), "env_args": {**options, **(env_kwargs or {})}, "max_steps": max_steps}
 
 
 def _load_progress(path: Path | None, made_with: dict[str, Any], splits: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -108,16 +110,17 @@ def export_expert(
     max_steps: int | None = None,
     *,
     progress_file: str | Path | None = None,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> ExpertExport:
     """Verified expert trajectories for ``tasks``: at most ``per_task_type`` per task type (taking
     tasks in order, skipping excluded ones), each at most ``max_steps`` actions long.
 
     With ``progress_file``, every finished task is appended there and reused by a later call made
-    with the same environment class, constructor options, split and ``max_steps`` (recorded with
-    each task); a call with others is refused, naming them.
+    with the same environment class, constructor options (``env_kwargs``: those ``env`` was built
+    with), split and ``max_steps`` (recorded with each task); a call with others is refused, naming them.
     """
     path = Path(progress_file) if progress_file is not None else None
-    made_with = _made_with(env, max_steps)
+    made_with = _made_with(env, max_steps, env_kwargs)
     done = _load_progress(path, made_with, {t.id: t.split for t in tasks})
     out = ExpertExport()
     kept: dict[str, int] = {}

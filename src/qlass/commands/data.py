@@ -71,7 +71,8 @@ def register(app: typer.Typer) -> None:
         refuse_replacing_other_kind(out, "a trajectory file",
                                     lambda r: "id" in r and ("conversations" in r or "messages" in r))
         progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
-        environment = make_env(env, **parse_kv(env_arg, "--env-arg"))
+        env_kwargs = parse_kv(env_arg, "--env-arg")
+        environment = make_env(env, **env_kwargs)
         try:
             check_splits(environment, [split], env)
             types = task_types.split(",") if task_types else None
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
             if not tasks:
                 raise QlassError(f"{env}: no tasks in split {split!r}" + (f" for task types {types}" if types else ""))
             result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps,
-                                   progress_file=progress)
+                                   progress_file=progress, env_kwargs=env_kwargs)
         finally:
             env_close(environment)
         save_trajectories(out, result.trajectories)
