@@ -164,6 +164,12 @@ def test_bad_rft_inputs_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -
         run_rft("test_rft:SeededWalker", expert, tiny_model_dir, ENV, tmp_path / "c", RFTConfig(init="sft"), TINY_SFT,
                 policy=SeededWalker())
     assert not any((tmp_path / d).exists() for d in "abc"), "refused before any work"
+    (tmp_path / "e").mkdir()  # the expert data given as OUT/data.json was replaced by expert + samples
+    inside = tmp_path / "e" / "data.json"
+    inside.write_bytes(expert.read_bytes())
+    with pytest.raises(QlassError, match=r"e/data\.json: is also an input of this command"):
+        run_rft("x", inside, tiny_model_dir, ENV, tmp_path / "e", RFTConfig(), TINY_SFT, policy=SeededWalker())
+    assert inside.read_bytes() == expert.read_bytes() and sorted(os.listdir(tmp_path / "e")) == ["data.json"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "hi"}]}]))
     with pytest.raises(QlassError, match=r"bad\.json.*record 0 \(id 'x'\).*roles must alternate"):

@@ -193,6 +193,12 @@ def test_bad_self_training_inputs_are_named_errors(tiny_model_dir: Path, tmp_pat
         self_train(trees, expert, tmp_path / "nomodel", tmp_path / "a", "q", TINY_SFT)
     with pytest.raises(DataError, match=r"noexpert\.json: file not found"):
         self_train(trees, tmp_path / "noexpert.json", tiny_model_dir, tmp_path / "b", "q", TINY_SFT)
+    (tmp_path / "d").mkdir()  # the expert data given as OUT/data.json was replaced by expert + selection
+    inside = tmp_path / "d" / "data.json"
+    inside.write_bytes(expert.read_bytes())
+    with pytest.raises(QlassError, match=r"d/data\.json: is also an input of this command"):
+        self_train(trees, inside, tiny_model_dir, tmp_path / "d", "q", TINY_SFT)
+    assert inside.read_bytes() == expert.read_bytes() and sorted(os.listdir(tmp_path / "d")) == ["data.json"]
     for options, message in (({"gamma": 1.5}, r"gamma must be in \[0, 1\]"), ({"min_reward": -1}, "min_reward must be"),
                              ({"gama": 0.5}, "did you mean 'gamma'")):
         with pytest.raises(QlassError, match=message):

@@ -37,7 +37,7 @@ from .envs.base import parse_action
 from .errors import QlassError
 from .eval_worker import MethodRun
 from .evaluate import DEFAULT_CONCURRENCY
-from .jsonl import require_model_folder
+from .jsonl import refuse_overwriting_inputs, require_model_folder
 from .rollouts import TASK_SOURCES, play_split
 from .search import SampleConfig
 from .types import Trajectory
@@ -239,6 +239,7 @@ def run_rft(
     expert_path = Path(expert)
     if not expert_path.is_file():
         raise QlassError(f"{expert_path}: expert trajectory file not found (RFT adds its samples to it)")
+    refuse_overwriting_inputs(out / DATA_FILE, [expert_path])  # the expert data would become expert + own
     expert_tasks = {t.task for t in load_trajectories(expert_path) if t.task}  # a bad record is named first
     train_from = Path(base) if cfg.init == "base" else Path(model)
     which = "base model" if cfg.init == "base" else "SFT checkpoint (init='sft' fine-tunes the sampling agent)"

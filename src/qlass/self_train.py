@@ -38,7 +38,7 @@ from typing import Any
 
 from .config import option
 from .errors import DataError, QlassError
-from .jsonl import require_model_folder, write_text_atomic
+from .jsonl import refuse_overwriting_inputs, require_model_folder, write_text_atomic
 from .rft import DATA_FILE, MODEL_DIR, AugmentedData, write_augmented_data
 from .tree import BackupConfig, Node, Tree, compute_q, mean_leaf_outcome, read_trees
 from .types import Step, Trajectory
@@ -167,6 +167,8 @@ def self_train(trees: str | Path, expert: str | Path, model_dir: str | Path, out
     from .training.sft import train_sft
 
     out = Path(out_dir)
+    for name in (DATA_FILE, SELECTION_FILE):  # the expert data would become expert + selection
+        refuse_overwriting_inputs(out / name, [trees, expert])
     require_model_folder(model_dir, f"{model_dir}: the model to fine-tune is not a local model folder (no "
                                     "config.json)")
     selected, summary = select_trajectories(trees, reward, cfg)
