@@ -104,6 +104,34 @@ def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path: Path) 
     assert read_jsonl(lines)[0]["other"] == {"x": 2}
 
 
+def test_an_integer_too_large_for_a_float_is_an_error_naming_file_line_and_field(tmp_path: Path) -> None:
+    """completion_tokens 10**400 passed the record checks and crashed report and view (OverflowError in the
+    averages); 5000 digits crashed every reader (Python's int conversion limit, a ValueError traceback)."""
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.data import load_records
+
+    record = {"schema_version": 1, "method": "greedy", "method_name": "greedy", "config": {}, "env": "e",
+              "split": "s", "task": "t", "reward": 1.0, "success": True, "prompt_tokens": 1, "completion_tokens": 1,
+              "qnet_tokens": 0, "env_steps": 1, "wall_time": 1.0, "oracle": False}
+    lines = tmp_path / "records.jsonl"
+    text = json.dumps(record)
+    lines.write_text("\n" + text + "\n" + text.replace('"task": "t"', '"task": "u"').replace(
+        '"completion_tokens": 1', '"completion_tokens": 1' + "0" * 400) + "\n")
+    with pytest.raises(DataError, match=r"records.jsonl: line 3: field 'completion_tokens' holds an integer of "
+                                        r"401 digits"):
+        read_jsonl(lines)
+    res = CliRunner().invoke(app, ["report", str(lines), "--out", str(tmp_path / "r")])
+    assert "line 3: field 'completion_tokens' holds an integer of 401 digits" in str(res.exception)
+    nested = tmp_path / "t.json"
+    nested.write_text('[{"id": "a", "steps": [{"prompt_tokens": -' + "9" * 5000 + '}]}]')
+    with pytest.raises(DataError, match=r"t.json: field '\[0\]\.steps\[0\]\.prompt_tokens' holds an integer of 5000"):
+        load_records(nested)
+    lines.write_text('{"seed": 9' + "9" * 29 + ', "low": -' + "9" * 300 + ', "n": 12}\n')  # a float's range is read
+    assert read_jsonl(lines)[0] == {"seed": 10 ** 30 - 1, "low": 1 - 10 ** 300, "n": 12}
+
+
 def test_outputs_that_are_not_regular_files_are_refused_and_kept(tmp_path: Path) -> None:
     """``--out`` naming a FIFO (or, as root, ``/dev/null``) was replaced by a regular file: the atomic
     rename went over whatever the path was, and a resumed run blocked reading the pipe."""

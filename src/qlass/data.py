@@ -29,7 +29,7 @@ from typing import Any, Iterable
 from .errors import DataError, MissingFileError, QlassError
 from .jsonl import (
     GZIP_MAGIC,
-    DuplicateKeyError,
+    JSONContentError,
     check_output_file,
     gunzip,
     is_text,
@@ -113,7 +113,7 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[tuple[str, Any]
     if stripped.startswith("["):
         try:
             data = loads(text)
-        except DuplicateKeyError as exc:
+        except JSONContentError as exc:
             raise DataError(str(path), str(exc)) from None
         except json.JSONDecodeError as exc:
             raise DataError(str(path), f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
@@ -126,7 +126,7 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[tuple[str, Any]
             continue
         try:
             out.append((f"line {lineno}", loads(line)))
-        except DuplicateKeyError as exc:
+        except JSONContentError as exc:
             raise DataError(str(path), f"line {lineno} (record {len(out)}): {exc}") from None
         except json.JSONDecodeError as exc:
             try:

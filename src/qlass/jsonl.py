@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import stat
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,12 +26,34 @@ log = logging.getLogger(__name__)
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class DuplicateKeyError(ValueError):
+MAX_INTEGER = int(sys.float_info.max)
+"""The largest integer qlass reads from JSON (about 1.8e308, the largest float): a larger one overflowed the
+readers' float arithmetic (a traceback), one of over 4300 digits Python's conversion of the text."""
+
+
+class JSONContentError(ValueError):
+    """JSON that parses but that no qlass reader takes: :class:`DuplicateKeyError`,
+    :class:`IntegerTooLargeError`."""
+
+
+class DuplicateKeyError(JSONContentError):
     """A JSON object that gives one key twice (``json`` would silently keep the last value)."""
 
     def __init__(self, key: str):
         super().__init__(f"key {key!r} appears twice in one object")
         self.key = key
+
+
+class IntegerTooLargeError(JSONContentError):
+    """An integer of magnitude :data:`MAX_INTEGER` or more."""
+
+    def __init__(self, field: str, digits: int):
+        super().__init__(f"field {field!r} holds an integer of {digits} digits, too large for a number "
+                         "(at most about 1.8e308)")
+
+
+class _Huge(str):
+    """The text of an integer beyond :data:`MAX_INTEGER`, kept until its field is found."""
 
 
 def is_count(value: Any, low: int = 0) -> bool:
@@ -50,8 +73,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads(text: str | bytes) -> Any:
-    """``json.loads`` that refuses an object giving a key twice (:class:`DuplicateKeyError`)."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    """``json.loads`` that refuses an object giving a key twice (:class:`DuplicateKeyError`) and an integer
+    beyond :data:`MAX_INTEGER` (:class:`IntegerTooLargeError`, naming its field)."""
+    huge = False
+
+    def parse_int(digits: str) -> int | str:
+        nonlocal huge
+        if len(digits) < 309 or (len(digits) <= 310 and abs(int(digits)) <= MAX_INTEGER):
+            return int(digits)
+        huge = True
+        return _Huge(digits)
+
+    value = json.loads(text, object_pairs_hook=_unique_keys, parse_int=parse_int)
+    if huge:
+        field, digits = _find(value, lambda v: isinstance(v, _Huge)) or ("?", "")
+        raise IntegerTooLargeError(field, len(digits.lstrip("-")))
+    return value
 
 
 def gunzip(raw: bytes, path: str | os.PathLike) -> bytes:
@@ -215,7 +252,7 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
                 obj = loads(line)
             except RecursionError:
                 raise DataError(str(p), f"line {lineno}: JSON nested too deeply") from None
-            except DuplicateKeyError as exc:
+            except JSONContentError as exc:
                 raise DataError(str(p), f"line {lineno}: {exc}") from None
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a torn tail may end mid-character
                 if repair_tail and is_last and not records and not line.lstrip().startswith(b"{"):
@@ -251,7 +288,7 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
         raise QlassError(f"{p}: is {kind}, not a regular file holding a JSON object")
     try:
         data = loads(p.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError, DuplicateKeyError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, JSONContentError) as exc:
         raise QlassError(f"{p}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise QlassError(f"{p}: expected a JSON object, got {type(data).__name__}")

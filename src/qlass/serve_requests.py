@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .jsonl import DuplicateKeyError, loads
+from .jsonl import JSONContentError, loads
 from .serve_agentgym import QUERY_ID
 
 
@@ -75,7 +75,7 @@ def body_problem(body: bytes) -> str | None:
         return "not JSON (whitespace only): give a JSON object, or no body"
     try:
         value = loads(body)
-    except DuplicateKeyError as exc:
+    except JSONContentError as exc:
         return str(exc)
     except RecursionError:
         return "JSON nested too deeply"

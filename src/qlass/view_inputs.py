@@ -81,7 +81,7 @@ def _first_fields(path: Path) -> set[str] | None:
                 raise QlassError(f"{path}: the first line is longer than {SNIFF_BYTES >> 20} MiB and does not "
                                  "begin a JSON object; not JSON Lines")
             return fields
-        rec = json.loads(line.decode("utf-8"))
+        rec = json.loads(line.decode("utf-8"), parse_int=len)  # the fields tell; a bad number is the reader's
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, EOFError, zlib.error) as exc:
         raise QlassError(f"{path}: not JSON Lines ({exc})") from None
     except gzip.BadGzipFile as exc:

@@ -167,7 +167,8 @@ def _detect_kind(path: Path) -> str:
     except (OSError, EOFError) as exc:
         raise DataError(str(path), f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        record = json.loads(first) if first and not first.startswith("[") else None
+        # the fields tell the kind: numbers are not converted (one too large is the reader's to name)
+        record = json.loads(first, parse_int=len) if first and not first.startswith("[") else None
     except json.JSONDecodeError:
         record = None
     if isinstance(record, dict) and "nodes" in record:
