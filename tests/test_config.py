@@ -355,3 +355,22 @@ def test_an_alias_bomb_is_refused_and_values_in_messages_are_bounded(tmp_path: P
     with pytest.raises(QlassError, match=r"option 'epochs' expects int, got \[0, 1, 2, 3, 4, 5, 6, 7, \.\.\.\] "
                                          r"\(list\)"):
         load_config(listed, Demo)
+
+
+def test_an_integer_too_large_for_a_number_is_named_in_yaml_and_overrides(tmp_path: Path) -> None:
+    """5000 digits were a ValueError traceback from Python's int conversion (a YAML file, --set, --method)."""
+    from qlass.config import load_yaml, parse_kv
+
+    digits = "9" * 5000
+    path = tmp_path / "c.yaml"
+    path.write_text(f"epochs: 1\nmax_steps: {digits}\n")
+    with pytest.raises(DataError, match=r"c\.yaml: invalid YAML: line 2, column 12: an integer of 5000 characters is "
+                                        r"too large for a number"):
+        load_yaml(path)
+    with pytest.raises(QlassError, match=r"--set: the value of 'max_steps' is not a valid YAML scalar \(an integer "
+                                         r"of 5000 characters"):
+        parse_kv([f"max_steps={digits}"], "--set")
+    big = "9" * 300
+    path.write_text(f"seed: {big}\nhex: 0x1f\n")
+    assert load_yaml(path) == {"seed": int(big), "hex": 31}
+    assert parse_kv([f"seed=-{big}", "n=1_000"], "--set") == {"seed": -int(big), "n": 1000}

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import refuse_device, write_text_atomic
+from .jsonl import MAX_INTEGER, refuse_device, write_text_atomic
 
 T = TypeVar("T")
 
@@ -84,7 +84,19 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any
     return loader.construct_mapping(node)
 
 
+def _bounded_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML integer no larger than the JSON readers take (:data:`~qlass.jsonl.MAX_INTEGER`): one of over
+    4300 digits was a ValueError traceback from Python's conversion of the text."""
+    text = str(node.value)
+    value = loader.construct_yaml_int(node) if len(text) <= 330 else None
+    if value is None or abs(value) > MAX_INTEGER:
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text)} characters is too large "
+                                                "for a number (at most about 1.8e308)", node.start_mark)
+    return value
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -181,9 +193,10 @@ def parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
         if key.strip() in out:
             raise QlassError(f"{what}: {key.strip()!r} is given twice")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except (yaml.YAMLError, RecursionError):
-            raise QlassError(f"{what}: the value of {key.strip()!r} is not a valid YAML scalar: "
+            out[key.strip()] = yaml.load(value, Loader=_StrictLoader) if value.strip() else ""
+        except (yaml.YAMLError, RecursionError) as exc:
+            problem = f" ({exc.problem})" if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else ""
+            raise QlassError(f"{what}: the value of {key.strip()!r} is not a valid YAML scalar{problem}: "
                              f"{_SHORT.repr(value)}") from None
         if _expands_beyond(out[key.strip()], MAX_YAML_VALUES):
             raise QlassError(f"{what}: the value of {key.strip()!r} holds more than {MAX_YAML_VALUES} values once "
