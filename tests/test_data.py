@@ -253,6 +253,24 @@ def test_validate_names_a_paraphrase_cache_and_a_finished_task_list(tmp_path: Pa
     assert "field 'id'" not in result.stdout + result.stderr
 
 
+def test_another_stages_file_given_as_trajectories_is_named_as_what_it_is(tmp_path: Path) -> None:
+    """Evaluation records, trees, Q data, decisions or preference pairs given where trajectories belong
+    (--expert, --exclude-tasks-of, --data) gave a wall of missing 'id' and 'conversations' for every line."""
+    kinds = {"records": ({"method": "greedy", "trajectory": {}, "reward": 0.0}, "evaluation records"),
+             "trees": ({"tree_id": "t", "nodes": []}, "a trees file"),
+             "qdata": ({"tree_id": "t", "node_id": 1, "messages": [], "q": 0.5}, "a Q-data file"),
+             "decisions": ({"history": [], "candidates": []}, "a decisions file"),
+             "pairs": ({"id": "p", "chosen": GOOD, "rejected": GOOD}, "preference pairs")}
+    for name, (record, what) in kinds.items():
+        path = write(tmp_path, [record, record], f"{name}.jsonl")
+        with pytest.raises(DataError, match=rf"{name}\.jsonl: line 1: this is {what}.*, not a trajectory file"):
+            load_trajectories(path)
+    result = qlass_cli("data", "validate", "--kind", "trajectories", str(tmp_path / "records.jsonl"))
+    assert result.returncode == 2 and "field 'id'" not in result.stderr, result
+    messages = {"id": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    assert validate_file(write(tmp_path, [messages], "m.jsonl")).records == 1  # a trajectory in messages form
+
+
 def test_outputs_are_written_only_over_files_of_their_kind(tmp_path: Path) -> None:
     """An empty export ([]) or a file of the output's kind may be replaced; a pair file, trees file or
     text is refused; of a JSON Lines file only the first record is read."""
