@@ -143,6 +143,12 @@ def test_report_reader_names_file_line_and_field(tmp_path) -> None:
                       + "\n")
     with pytest.raises(DataError, match=r"spaced\.jsonl: line 6: field 'reward' must be in \[0, 1\], got 2"):
         read_records([spaced])
+    # a NaN setting: NaN differs from itself, so the record was refused as run with other settings than itself
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps(_full({**RECORDS[0], "config": {"sampling": {"temperature": float("nan")}}})) + "\n")
+    with pytest.raises(DataError, match=r"odd\.jsonl: line 1: field 'config\.sampling\.temperature' must be a finite "
+                                        r"number, got nan"):
+        read_records([odd])
     # a paraphrase cache is named as one
     cache = tmp_path / "para.jsonl"
     write_jsonl(cache, [{"kind": "qlass-paraphrases", "version": 1, "settings": {}}])

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .jsonl import is_count
+from .jsonl import find_value, is_count
 
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "method": (str,), "method_name": (str,), "config": (dict,), "env": (str,), "split": (str,), "task": (str,),
@@ -108,6 +108,9 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
             raise DataError(path, f"line {line}: field {name!r} must be {want}, got {value!r}")
     if not _reward(rec["reward"]):
         raise DataError(path, f"line {line}: field 'reward' must be in [0, 1], got {rec['reward']!r}")
+    odd = find_value(rec["config"], lambda v: isinstance(v, float) and not math.isfinite(v), "config")
+    if odd:  # NaN differs from itself: the record was refused as having other settings than itself
+        raise DataError(path, f"line {line}: field {odd[0]!r} must be a finite number, got {odd[1]!r}")
     _check_label(rec, path, line)
     for name in ("prompt_tokens", "completion_tokens", "qnet_tokens", "env_steps", "wall_time"):
         if not 0 <= rec[name] < math.inf:

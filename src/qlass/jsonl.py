@@ -86,7 +86,7 @@ def loads(text: str | bytes) -> Any:
 
     value = json.loads(text, object_pairs_hook=_unique_keys, parse_int=parse_int)
     if huge:
-        field, digits = _find(value, lambda v: isinstance(v, _Huge)) or ("?", "")
+        field, digits = find_value(value, lambda v: isinstance(v, _Huge)) or ("?", "")
         raise IntegerTooLargeError(field, len(digits.lstrip("-")))
     return value
 
@@ -148,13 +148,13 @@ def json_line(record: dict[str, Any], path: str | os.PathLike) -> str:
     try:
         text = json.dumps(record, ensure_ascii=False, allow_nan=False)
     except ValueError:
-        bad = _find(record, lambda v: isinstance(v, float) and (math.isnan(v) or v == math.inf))
+        bad = find_value(record, lambda v: isinstance(v, float) and (math.isnan(v) or v == math.inf))
         if bad is not None:
             raise QlassError(f"{path}: refusing to write a record whose field {bad[0]!r} is {bad[1]!r}; "
                              "it would not read back") from None
         text = json.dumps(record, ensure_ascii=False)  # only -inf values
     if not is_text(text):
-        bad = _find(record, lambda v: isinstance(v, str) and not is_text(v))
+        bad = find_value(record, lambda v: isinstance(v, str) and not is_text(v))
         field = bad[0] if bad else "?"
         raise QlassError(f"{path}: refusing to write a record whose field {field!r} holds text that is not "
                          "valid Unicode (a lone surrogate); it would not read back")
@@ -171,7 +171,7 @@ def is_text(text: str) -> bool:
     return True
 
 
-def _find(value: Any, bad: Callable[[Any], bool], where: str = "") -> tuple[str, Any] | None:
+def find_value(value: Any, bad: Callable[[Any], bool], where: str = "") -> tuple[str, Any] | None:
     """The first ``(field path, value)`` in ``value`` (nested dicts and lists) that ``bad`` picks, keys
     included; None if there is none."""
     if bad(value):
@@ -180,12 +180,12 @@ def _find(value: Any, bad: Callable[[Any], bool], where: str = "") -> tuple[str,
         for key, item in value.items():
             if bad(key):
                 return f"{where}.{key}" if where else str(key), key
-            found = _find(item, bad, f"{where}.{key}" if where else str(key))
+            found = find_value(item, bad, f"{where}.{key}" if where else str(key))
             if found:
                 return found
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            found = _find(item, bad, f"{where}[{i}]")
+            found = find_value(item, bad, f"{where}[{i}]")
             if found:
                 return found
     return None
