@@ -173,3 +173,19 @@ def test_a_lock_file_removed_while_opened_is_not_held_twice(tmp_path: Path, monk
         for proc in holders:
             proc.kill()
             proc.wait()
+
+
+def test_processes_making_the_default_tokenizer_together_take_turns(tmp_path: Path) -> None:
+    """Workers starting on a cold cache (pytest -n, two first commands) converted into one temporary
+    folder, removing each other's files: tracebacks, and a folder marked complete without tokenizer.json."""
+    code = "from qlass.models import default_tokenizer_dir; print(default_tokenizer_dir())"
+    for attempt in range(3):  # the race was lost in most attempts of four processes
+        cache = tmp_path / f"cache{attempt}"
+        env = {**os.environ, "QLASS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+        folder = cache / "tokenizers" / "SmolLM2-135M-Instruct"
+        assert all(proc.returncode == 0 for proc in procs), [err[-500:] for _, err in outputs]
+        assert {out.strip() for out, _ in outputs} == {str(folder)}
+        assert {".qlass-complete", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}

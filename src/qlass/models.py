@@ -8,10 +8,12 @@ return the cached folder. Nothing is downloaded.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import QlassError
@@ -46,44 +48,60 @@ def default_gguf_path() -> Path:
 def default_model_dir(cache: Path | None = None) -> Path:
     """Convert the default GGUF model to an HF folder once and return the folder (idempotent)."""
     out = (cache or cache_dir()) / "models" / DEFAULT_MODEL_NAME
+
+    def convert(tmp: Path, gguf: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to an HF folder at %s (once)", gguf.name, out)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model carries a quantization config that save_pretrained refuses; the weights
+        # are already dequantized to fp32, so dropping it is exact.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _once(out, convert)
+
+
+def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
+    """``out``, made once by ``convert(folder, gguf)`` into a temporary folder that is then renamed. Processes
+    starting together (pytest -n workers, two first commands) take turns on a lock beside ``out``: each
+    converted into the same temporary folder and removed the others' work, which left tracebacks and a
+    folder marked complete without its tokenizer.json."""
     if (out / _DONE_MARK).exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = default_gguf_path()
-    log.info("converting %s to an HF folder at %s (once)", gguf.name, out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A GGUF-loaded model carries a quantization config that save_pretrained refuses; the weights
-    # are already dequantized to fp32, so dropping it is exact.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _DONE_MARK).write_text(gguf.name + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is making %s; waiting for it", out)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when that process closes the file or exits
+        if (out / _DONE_MARK).exists():  # made by the process waited for
+            return out
+        gguf = default_gguf_path()
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert(tmp, gguf)
+        (tmp / _DONE_MARK).write_text(gguf.name + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
     return out
 
 
 def default_tokenizer_dir(cache: Path | None = None) -> Path:
     """A folder holding only the default model's tokenizer (cheap; used for tiny test models)."""
     out = (cache or cache_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
-    if (out / _DONE_MARK).exists():
-        return out
-    from transformers import AutoTokenizer
 
-    gguf = default_gguf_path()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    (tmp / _DONE_MARK).write_text(gguf.name + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    def convert(tmp: Path, gguf: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _once(out, convert)
 
 
 def build_tiny_model(out: Path, layers: int = 2, hidden: int = 64, heads: int = 4, seed: int = 0) -> Path:
