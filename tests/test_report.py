@@ -366,3 +366,25 @@ def test_report_keeps_off_another_evaluation_folders_results(tmp_path) -> None:
     res = CliRunner().invoke(app, ["report", str(tmp_path / "ev2" / "records.jsonl"), "--out", str(tmp_path / "ev2"),
                                    "--all-tasks"])
     assert res.exit_code == 0, res.output
+
+
+def test_report_names_a_title_or_label_that_is_not_utf8(tmp_path) -> None:
+    """Bytes that are not UTF-8 (held by Python as lone surrogates) were a UnicodeEncodeError traceback;
+    with --side, after sides.json was written."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.jsonl import write_jsonl
+
+    records = tmp_path / "records.jsonl"
+    write_jsonl(records, [_full(r) for r in RECORDS])
+    res = CliRunner().invoke(app, ["report", str(records), "--out", str(tmp_path / "r"), "--title",
+                                   os.fsdecode(b"T\xff")])
+    assert "--title 'T\\udcff': not valid UTF-8 text" in str(res.exception)
+    label = os.fsdecode(b"a\xff")
+    res = CliRunner().invoke(app, ["report", "--side", f"{label}={records}", "--side", f"b={records}.gz",
+                                   "--out", str(tmp_path / "s")])
+    assert "--side 'a\\udcff': not valid UTF-8 text" in str(res.exception)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()

@@ -258,6 +258,18 @@ def test_bad_input_names_the_path(tmp_path: Path) -> None:
     assert proc.returncode == 2 and str(other) in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_name_that_is_not_utf8_is_shown_not_a_traceback(tmp_path: Path) -> None:
+    """A run folder (or --title) whose bytes are not UTF-8 reached the page as lone surrogates, which
+    could not be written (UnicodeEncodeError)."""
+    run = tmp_path / os.fsdecode(b"run\xff")
+    counts = make_run(run)
+    page = tmp_path / "v.html"
+    write_view(run, page, title=os.fsdecode(b"title \xfe"))
+    text = page.read_text(encoding="utf-8")
+    assert "<title>title \ufffd</title>" in text and "run\ufffd" in text
+    assert len(page_data(page)["episodes"]) == counts["episodes"]
+
+
 def test_page_is_self_contained(tmp_path: Path) -> None:
     make_run(tmp_path)
     page = write_view(tmp_path, tmp_path / "view.html").read_text(encoding="utf-8")

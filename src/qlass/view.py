@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,9 @@ def render_html(data: dict[str, Any]) -> str:
     )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _head(path: Path, size: int) -> bytes:
     """The first ``size`` bytes of ``path``."""
     with open(path, "rb") as fh:
@@ -299,7 +303,9 @@ def write_view(path: str | os.PathLike, out: str | os.PathLike, title: str | Non
         raise QlassError(f"{o}: exists and is not an HTML page (an input of this command?); the page is only "
                          "written over an earlier page (give another output path)")
     data = load_view_data(path, title)
-    page = render_html(data)
+    # a name that is not UTF-8 (a folder's, a --title's: Python holds its bytes as lone surrogates) is shown
+    # with U+FFFD, as a browser would show it; the page could not be written
+    page = _SURROGATE.sub("\ufffd", render_html(data))
     write_text_atomic(o, page)
     log.info("wrote %s (%.1f MB): %d trees (%d nodes), %d episodes, %d decisions, %d result sets",
              o, len(page.encode("utf-8")) / 1e6, len(data["trees"]), sum(len(t["nodes"]) for t in data["trees"]),

@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         from ..compare import check_confidence
         from ..errors import QlassError
         from ..eval_records import check_pooled_runs, read_records
+        from ..jsonl import is_text
         from ..report import (
             common_tasks,
             markdown_table,
@@ -43,6 +44,10 @@ def register(app: typer.Typer) -> None:
             write_side_by_side,
         )
 
+        texts = [("--title", title)] + [("--side", item.partition("=")[0]) for item in side]
+        for option, text in texts:  # bytes that are not UTF-8 (held as lone surrogates) cannot be written
+            if not is_text(text):
+                raise QlassError(f"{option} {text!r}: not valid UTF-8 text")
         check_confidence(confidence)
         twice = sorted({b for b in baseline if baseline.count(b) > 1})
         if twice:
