@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,7 +147,8 @@ def test_a_pair_longer_than_dpo_max_length_loses_its_last_rejected_turns(tiny_mo
 
 def test_a_round_trains_a_loadable_agent_and_a_rerun_adds_rounds_only(walker: tuple[Path, Path],
                                                                        tmp_path: Path) -> None:
-    sft, expert = walker
+    sft, expert = tmp_path / "sft", walker[1]
+    shutil.copytree(walker[0], sft)  # this test saves another model at the agent's path at the end
     out = tmp_path / "eto"
     agent, [summary] = run_eto(sft, expert, ENV, out, EXPLORE, TINY_DPO, env_kwargs={"step_limit": 3},
                                policy_kwargs={"threads": 1}, concurrency=4)
@@ -187,6 +189,12 @@ def test_a_round_trains_a_loadable_agent_and_a_rerun_adds_rounds_only(walker: tu
         with pytest.raises(QlassError, match=rf"{re.escape(str(out))} was made with other settings \({message}"):
             run_eto(sft, expert, ENV, out, cfg, dpo, env_kwargs={"step_limit": 3}, policy_kwargs={"threads": 1})
     assert sorted(p.name for p in out.iterdir()) == ["eto_config.yaml", "round-1", "round-2"]
+    # another agent saved at the SFT agent's path (before: the run of the old one was handed back)
+    saved = sft / "model.safetensors"
+    saved.write_bytes(saved.read_bytes())
+    with pytest.raises(QlassError, match=r"other settings \(model: another model at the same path"):
+        run_eto(sft, expert, ENV, out, dataclasses.replace(EXPLORE, iterations=2), TINY_DPO,
+                env_kwargs={"step_limit": 3}, policy_kwargs={"threads": 1})
 
 
 def test_bad_eto_inputs_are_named_errors(walker: tuple[Path, Path], tmp_path: Path) -> None:

@@ -320,12 +320,13 @@ def test_resumed_qnet_epoch_reports_the_whole_epochs_train_mse_and_refuses_anoth
             train_qnet(data, tiny_model_dir, out, cfg)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_loss" in r] == [1, 2, 3]
     assert not [r for r in read_jsonl(out / "metrics.jsonl") if "val_mse" in r], "killed mid-epoch"
-    (tmp_path / "base").symlink_to(tiny_model_dir)
-    with pytest.raises(QlassError, match="a QNet in training trained with other settings .*sft_model"):
-        train_qnet(data, tmp_path / "base", out, cfg)
+    shutil.copytree(tiny_model_dir, tmp_path / "copy", copy_function=shutil.copy)  # new file times: another model
+    with pytest.raises(QlassError, match="a QNet in training trained with other settings .*sft_model: '.*' → '.*copy'"):
+        train_qnet(data, tmp_path / "copy", out, cfg)
     with pytest.raises(QlassError, match="other Q data"):
         train_qnet(synthetic_qdata(tmp_path / "other.jsonl", trees=8, seed=1), tiny_model_dir, out, cfg)
-    resumed = train_qnet(data, tiny_model_dir, out, cfg)
+    (tmp_path / "link").symlink_to(tiny_model_dir)  # the same folder named another way (before: refused)
+    resumed = train_qnet(data, tmp_path / "link", out, cfg)
 
     def validations(run: Path) -> list[tuple[int, float]]:
         return [(r["step"], r["val_mse"]) for r in read_jsonl(run / "metrics.jsonl") if "val_mse" in r]

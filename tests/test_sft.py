@@ -12,6 +12,7 @@ from pathlib import Path
 import checkpoint_killer
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlass.data import load_trajectories
@@ -403,3 +404,24 @@ def test_sft_from_a_pipe_records_its_digest_and_names_the_pipe(tiny_model_dir, t
     feed(b'[{"id": "x", "conversations": "not turns", "reward": 1.0}]')
     with pytest.raises(DataError, match=r"d.fifo, record 0 \(id 'x'\)"):  # the pipe, not a temporary copy
         train_sft(fifo, tiny_model_dir, tmp_path / "sft2", cfg)
+
+
+def test_a_base_model_replaced_at_the_same_path_is_refused(tiny_model_dir, tmp_path: Path) -> None:
+    """Trainers recorded the base model's path only: after another model was saved there (a retrained
+    agent, a reconverted default), a rerun handed back the run made from the old one as complete (rft,
+    self-train and ETO rounds alike). The base model's files are recorded now; the same files moved
+    to another path are still the same model."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    data = write_data(tmp_path / "data.json", n=4)
+    cfg = SFTConfig(epochs=1, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1)
+    out = train_sft(data, base, tmp_path / "sft", cfg)
+    assert "model.safetensors" in yaml.safe_load((out / "sft_config.yaml").read_text())["base_model_files"]
+    moved = tmp_path / "moved"
+    base.rename(moved)
+    assert train_sft(data, moved, out, cfg) == out  # the same files elsewhere: complete, nothing redone
+    shutil.copytree(tiny_model_dir, base, copy_function=shutil.copy)  # another save at the old path
+    with pytest.raises(QlassError, match=r"other settings \(base_model: another model at the same path"):
+        train_sft(data, base, out, cfg)

@@ -63,7 +63,7 @@ from .errors import QlassError
 from .eto_config import ETOConfig
 from .evaluate import DEFAULT_CONCURRENCY
 from .jsonl import require_model_folder, write_jsonl, write_text_atomic
-from .recorded import check_recorded
+from .recorded import check_recorded, with_model_files
 from .rollouts import play_split
 from .training.common import DONE_MARK, file_digest
 from .training.dpo import CONFIG_FILE as DPO_CONFIG_FILE
@@ -257,7 +257,8 @@ def run_eto(
     experts = experts_by_task(load_trajectories(expert_path), expert_path)  # a bad record is named before any work
     require_model_folder(agent, f"{agent}: the SFT agent is not a local model folder (no config.json); ETO trains it")
     env_kwargs, policy_kwargs = dict(env_kwargs or {}), dict(policy_kwargs or {})
-    settings = _settings(str(agent), expert_path, env_spec, cfg, dpo_cfg, env_kwargs, task_types, policy_kwargs, seed)
+    settings = with_model_files(_settings(str(agent), expert_path, env_spec, cfg, dpo_cfg, env_kwargs, task_types,
+                                          policy_kwargs, seed))
     started = out.is_dir() and any(out.glob("round-*"))
     check_recorded(out / CONFIG_FILE, settings, str(out), ["iterations", "expert"], "use a new output folder",
                    required=("model", "env", "seed") if started else ())

@@ -42,7 +42,7 @@ from ..errors import DataError, QlassError
 from ..jsonl import append_jsonl, read_jsonl, write_jsonl
 from ..locking import writer_lock
 from ..precision import use_autocast
-from ..recorded import check_recorded
+from ..recorded import check_recorded, model_files
 from .configs import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,20 @@ def input_snapshot(path: str | Path) -> Iterator[Snapshot]:
                 raise
             raise DataError(str(path), exc.problem.replace(str(copy), str(path)), exc.index, exc.record_id,
                             exc.line) from None
+
+
+def run_inputs(source: Snapshot, model_dir: str | Path, cfg: TrainerConfig) -> dict[str, Any]:
+    """What a trainer's run is made from, as its config file records it beside the options: the data (its
+    path and digest; no digest for a missing file, which its reader names), the base model (its path and
+    :func:`~qlass.recorded.model_files`, so that another model saved at the same path is refused) and the
+    precision it computes in."""
+    made_from: dict[str, Any] = {"data": source.name, "base_model": str(model_dir),
+                                 "precision": effective_precision(cfg)}
+    if Path(model_dir).is_dir():
+        made_from["base_model_files"] = model_files(model_dir)
+    if source.digest is not None:
+        made_from["data_sha256"] = source.digest
+    return made_from
 
 
 def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, kind: str) -> bool:

@@ -37,7 +37,6 @@ from .common import (
     SaveAtEpochEnd,
     Snapshot,
     check_report_to,
-    effective_precision,
     finished,
     input_snapshot,
     is_main_process,
@@ -46,6 +45,7 @@ from .common import (
     quiet,
     refuse_overwriting_run,
     remove_checkpoints,
+    run_inputs,
     training_arguments,
 )
 from .configs import DPOConfig
@@ -204,9 +204,7 @@ def _train_dpo(source: Snapshot, model_dir: str | Path, out: Path, cfg: DPOConfi
     from trl import DPOConfig as TRLConfig
 
     path = source.name
-    made_from = {"data": path, "base_model": str(model_dir), "precision": effective_precision(cfg)}
-    if source.digest is not None:
-        made_from["data_sha256"] = source.digest
+    made_from = run_inputs(source, model_dir, cfg)
     if finished(out, cfg, made_from, CONFIG_FILE, "dpo"):
         return out
     pairs = load_pairs(source.path)

@@ -48,6 +48,7 @@ from ..qnet_data import QRecord, make_groups, read_qdata, split_by_tree
 from ..qnet_loss import state_targets
 from ..qnet_pack import PackedRow, pack_records
 from ..qnet_validate import loglik_ranker_metrics, loglik_scores, qnet_outputs
+from ..recorded import model_files, setting_changes
 from .common import (
     DONE_MARK,
     METRICS,
@@ -114,7 +115,7 @@ def _check_run(out: Path, cfg: QNetTrainConfig, source: Snapshot, held_out: list
     digest = saved.pop("qdata_sha256", None)
     trees = saved.pop("held_out_trees", None)
     saved.pop("qdata", None)
-    sft_model = saved.pop("sft_model", None)
+    sft_recorded = {k: saved.pop(k) for k in ("sft_model", "sft_model_files") if k in saved}
     precision = saved.pop("precision", None)
     try:
         before = build(QNetTrainConfig, {**LEGACY, **saved}, str(path))
@@ -124,8 +125,8 @@ def _check_run(out: Path, cfg: QNetTrainConfig, source: Snapshot, held_out: list
     changed = config_differences(before, cfg)
     if trees != held_out:
         changed.append("held-out trees")
-    if sft_model is not None and sft_model != str(sft_dir):
-        changed.append(f"sft_model: {sft_model!r} → {str(sft_dir)!r}")
+    if "sft_model" in sft_recorded:  # another spelling of the folder, or its files moved, is the same model
+        changed += setting_changes(sft_recorded, _sft_inputs(sft_dir))
     now = effective_precision(cfg)
     if not finished and precision is not None and precision != now:
         changed.append(f"precision: {precision!r} → {now!r} (where this machine runs it)")
@@ -134,6 +135,12 @@ def _check_run(out: Path, cfg: QNetTrainConfig, source: Snapshot, held_out: list
                          "use a new output folder")
     if digest is not None and source.digest is not None and digest != source.digest:
         raise QlassError(f"{out}: holds {held} trained on other Q data than {source.name}; use a new output folder")
+
+
+def _sft_inputs(sft_dir: str | Path) -> dict[str, Any]:
+    """The SFT model a QNet starts from, as ``qnet_config.yaml`` records it: its path and
+    :func:`~qlass.recorded.model_files` (another model saved at the same path is refused)."""
+    return {"sft_model": str(sft_dir), "sft_model_files": model_files(sft_dir)}
 
 
 def _split(records: list[QRecord], cfg: QNetTrainConfig, held_out: list[str] | None,
@@ -201,7 +208,7 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_yaml(out / CONFIG_FILE, {**to_dict(cfg), "qdata": qdata, "qdata_sha256": source.digest,
-                                      "sft_model": str(sft_dir), "precision": effective_precision(cfg),
+                                      **_sft_inputs(sft_dir), "precision": effective_precision(cfg),
                                       **({"held_out_trees": held} if held is not None else {})})
     resume = prepare_resume(out)
     if resume is None and is_main_process():  # snapshots of a run that died before its first checkpoint

@@ -60,7 +60,6 @@ from .common import (
     Snapshot,
     TrainerConfig,
     check_report_to,
-    effective_precision,
     finished,
     input_snapshot,
     is_main_process,
@@ -69,6 +68,7 @@ from .common import (
     quiet,
     refuse_overwriting_run,
     remove_checkpoints,
+    run_inputs,
     training_arguments,
 )
 from .configs import SFTConfig
@@ -312,9 +312,7 @@ def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfi
     from trl import SFTConfig as TRLConfig
 
     data = source.name
-    made_from = {"data": data, "base_model": str(model_dir), "precision": effective_precision(cfg)}
-    if source.digest is not None:  # else load_trajectories names the problem
-        made_from["data_sha256"] = source.digest
+    made_from = run_inputs(source, model_dir, cfg)
     if finished(out, cfg, made_from, CONFIG_FILE, "sft"):
         return out
     trajectories = load_trajectories(source.path)
