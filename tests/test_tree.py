@@ -158,6 +158,33 @@ def test_duplicate_tree_is_an_error(tmp_path: Path) -> None:
         read_trees(path)
 
 
+def test_trees_of_two_exploration_runs_in_one_file_are_refused(tmp_path: Path) -> None:
+    """Trees of two exploration runs joined by hand (other candidates, say) were exported to one Q dataset
+    and self-trained on without a word. Trees with another ``config_hash`` than the file's first are
+    refused, naming both trees and the setting; trees that record no settings (older files) pass."""
+    import dataclasses
+
+    from qlass.self_train import SelfTrainConfig, select_trajectories
+
+    def run_tree(tree_id: str, candidates: int) -> dict:
+        tree = dataclasses.replace(make_tree(MIXED, tree_id), config={"candidates": candidates, "gamma": 0.9},
+                                   config_hash=f"hash{candidates}")
+        return tree.to_dict()
+
+    path = tmp_path / "joined.jsonl"
+    write_jsonl(path, [make_tree(MIXED, "t/old").to_dict(), run_tree("t/0", 5), run_tree("t/1", 5),
+                       run_tree("t/2", 3)])
+    want = r"joined.jsonl: line 4: tree 't/2' was explored with other settings than tree 't/0' \(line 2\): " \
+           r"candidates: 5 → 3; one file would mix them"
+    with pytest.raises(DataError, match=want):
+        export_qdata(path, tmp_path / "q.jsonl")
+    with pytest.raises(DataError, match=want):
+        select_trajectories(path, "q", SelfTrainConfig())
+    assert not (tmp_path / "q.jsonl").exists()
+    write_jsonl(path, [make_tree(MIXED, "t/old").to_dict(), run_tree("t/0", 5), run_tree("t/1", 5)])
+    assert export_qdata(path, tmp_path / "q.jsonl")["trees"] == 3
+
+
 # -- qdata.jsonl ------------------------------------------------------------------------------
 def test_qdata_records_follow_the_fixed_format(tmp_path: Path) -> None:
     trees = tmp_path / "trees.jsonl"

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import observation_message
+from .config import differences
 from .errors import DataError, MissingFileError
 from .jsonl import is_count, read_numbered_jsonl
 from .types import Message
@@ -229,12 +230,14 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
     return Tree(prefix=prefix, nodes=nodes, **{k: v for k, v in vals.items() if k not in ("prefix", "nodes")})
 
 
-def read_tree_records(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tail: bool = False
-                      ) -> list[tuple[Tree, dict[str, Any]]]:
+def read_tree_records(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tail: bool = False,
+                      one_run: bool = False) -> list[tuple[Tree, dict[str, Any]]]:
     """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error), with the
     record it was read from; ``repair_tail`` and ``skip_torn_tail`` as :func:`~qlass.jsonl.read_jsonl`
-    takes them."""
+    takes them. With ``one_run``, a tree explored with other settings than the file's first (another
+    ``config_hash``: files joined by hand) is an error naming both and the settings that differ."""
     out, seen = [], set()
+    first: tuple[Tree, int] | None = None  # the first tree that records its settings, and its line
     if not Path(path).exists():
         raise MissingFileError(str(path))
     for line, rec in read_numbered_jsonl(path, repair_tail, skip_torn_tail):
@@ -242,13 +245,24 @@ def read_tree_records(path: str | os.PathLike, repair_tail: bool = False, skip_t
         if tree.tree_id in seen:
             raise DataError(str(path), f"line {line}: tree {tree.tree_id!r} appears twice")
         seen.add(tree.tree_id)
+        if one_run and tree.config_hash:
+            if first is None:
+                first = (tree, line)
+            elif tree.config_hash != first[0].config_hash:
+                diff = "; ".join(differences(first[0].config, tree.config)) or (
+                    f"config hash {first[0].config_hash} → {tree.config_hash}")
+                raise DataError(str(path), f"line {line}: tree {tree.tree_id!r} was explored with other settings "
+                                           f"than tree {first[0].tree_id!r} (line {first[1]}): {diff}; one file "
+                                           "would mix them: keep each exploration run's trees in their own file "
+                                           "(the Q data exported from each may be joined for one QNet)")
         out.append((tree, rec))
     return out
 
 
 def read_trees(path: str | os.PathLike, repair_tail: bool = False) -> list[Tree]:
-    """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error)."""
-    return [tree for tree, _ in read_tree_records(path, repair_tail)]
+    """Every tree of a ``trees.jsonl`` file, validated (a duplicated tree id is an error; so is a tree
+    explored with other settings than the others, as by ``read_tree_records(one_run=True)``)."""
+    return [tree for tree, _ in read_tree_records(path, repair_tail, one_run=True)]
 
 
 # -- Q backup -------------------------------------------------------------------------------
