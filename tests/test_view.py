@@ -222,6 +222,23 @@ def test_gzipped_records_and_several_runs_in_one_folder(tmp_path: Path) -> None:
     assert data["results"][1]["rows"] == data["results"][2]["rows"] and data["results"][1]["paired"]
 
 
+def test_a_records_file_beside_another_runs_results_shows_its_own(tmp_path: Path) -> None:
+    """``qlass view DIR/other.jsonl`` showed DIR's results.json, the table of DIR/records.jsonl, beside
+    other.jsonl's episodes. The folder's summary is shown for its records.jsonl only; another records
+    file's results are computed from it."""
+    make_run(tmp_path)
+    folder = tmp_path / "eval"
+    lines = (folder / "records.jsonl").read_text().splitlines(keepends=True)
+    first_task = json.loads(lines[0])["task"]
+    (folder / "other.jsonl").write_text("".join(line for line in lines if json.loads(line)["task"] == first_task))
+    stored = json.loads((folder / "results.json").read_text())["rows"]
+    own = load_view_data(folder / "records.jsonl")["results"]
+    assert [r["rows"] for r in own] == [stored]
+    other = load_view_data(folder / "other.jsonl")["results"]
+    assert len(other) == 1 and {row["tasks"] for row in other[0]["rows"]} == {1}
+    assert {row["tasks"] for row in stored} != {1}
+
+
 def test_results_written_before_their_schema_version_are_shown(tmp_path: Path) -> None:
     make_run(tmp_path)
     results = tmp_path / "eval" / "results.json"

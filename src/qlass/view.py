@@ -36,6 +36,9 @@ from .view_inputs import (
 log = logging.getLogger(__name__)
 
 VIEW_SCHEMA_VERSION = 1
+EVAL_RECORDS = ("records.jsonl", "records.jsonl.gz")
+"""The records file of an evaluation folder (``qlass eval``), whose results its ``results.json`` shows; the
+results of any other records file in the folder are computed from it."""
 
 
 # -- the page's data ---------------------------------------------------------------------------
@@ -172,12 +175,13 @@ def check_results(data: dict[str, Any], path: Path) -> None:
                 raise DataError(str(path), f"field '{name}[{i}]' must be an object, got {item!r:.80}")
 
 
-def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any] | None:
+def results_view(folder: Path, name: str, records: list[Path], summary: bool = True) -> dict[str, Any] | None:
     """The results of an evaluation folder: ``results.json`` when present, else ``results.md`` and
-    ``budget.csv``, else computed from its ``records`` files as ``qlass report`` would (the caller
-    passes one file at a time where a folder holds several runs' records)."""
+    ``budget.csv``, else (or without ``summary``: the folder's summary is another file's) computed from
+    its ``records`` files as ``qlass report`` would (the caller passes one file at a time where a folder
+    holds several runs' records)."""
     rj = folder / "results.json"
-    if rj.is_file():
+    if summary and rj.is_file():
         try:
             data = json.loads(rj.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -188,7 +192,7 @@ def results_view(folder: Path, name: str, records: list[Path]) -> dict[str, Any]
                     "budget": data.get("budget") or [], "markdown": None}
         log.warning("%s: no 'rows' list; not a qlass results file", rj)
     md, bc = folder / "results.md", folder / "budget.csv"
-    if md.is_file() or bc.is_file():
+    if summary and (md.is_file() or bc.is_file()):
         return {"name": name, "rows": [], "paired": [], "budget": _budget_csv(bc) if bc.is_file() else [],
                 "markdown": md.read_text(encoding="utf-8-sig") if md.is_file() else None}
     if not records:
@@ -239,6 +243,8 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
             summarised = any((folder / f).is_file() for f in ("results.json", "results.md", "budget.csv"))
             if len(recs) > 1 and not summarised:  # several runs' records (or shards): one result set each
                 sets = [results_view(folder, _label(f, base), [f]) for f in recs]
+            elif kind == "records" and p.name not in EVAL_RECORDS:  # the folder's summary is of another file
+                sets = [results_view(folder, name, recs, summary=False)]
             else:
                 sets = [results_view(folder, name, recs)]
             data["results"] += [res for res in sets if res]
