@@ -214,6 +214,9 @@ def test_bad_eto_inputs_are_named_errors(walker: tuple[Path, Path], tmp_path: Pa
     with pytest.raises(QlassError, match=r"later_dpo: unknown option\(s\) 'bta'"):
         run_eto(sft, expert, ENV, tmp_path / "c", ETOConfig(later_dpo={"bta": 0.5}), TINY_DPO)
     assert not any((tmp_path / d).exists() for d in "abc"), "refused before any work"
+    with pytest.raises(QlassError, match=r"holds an SFT run \(qlass sft\) \(sft_config\.yaml\); qlass eto writes"):
+        run_eto(sft, expert, ENV, sft, EXPLORE, TINY_DPO)  # the agent's own folder: round-1/ went into it
+    assert not (sft / "round-1").exists()
     # a folder holding a round whose eto_config.yaml is gone or emptied: its settings are unknown
     (tmp_path / "e" / "round-1").mkdir(parents=True)
     with pytest.raises(QlassError, match=r"e holds earlier work but .*eto_config\.yaml is missing"):

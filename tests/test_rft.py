@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,6 +171,11 @@ def test_bad_rft_inputs_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -
     with pytest.raises(QlassError, match=r"e/data\.json: is also an input of this command"):
         run_rft("x", inside, tiny_model_dir, ENV, tmp_path / "e", RFTConfig(), TINY_SFT, policy=SeededWalker())
     assert inside.read_bytes() == expert.read_bytes() and sorted(os.listdir(tmp_path / "e")) == ["data.json"]
+    base = tmp_path / "base"  # the base model's own folder as OUT: data.json, samples/ and sft/ went into it
+    shutil.copytree(tiny_model_dir, base)
+    with pytest.raises(QlassError, match=r"holds a model \(config\.json\); qlass rft writes its data and agents"):
+        run_rft("x", expert, base, ENV, base, RFTConfig(), TINY_SFT, policy=SeededWalker())
+    assert sorted(os.listdir(base)) == sorted(os.listdir(tiny_model_dir))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "hi"}]}]))
     with pytest.raises(QlassError, match=r"bad\.json.*record 0 \(id 'x'\).*roles must alternate"):

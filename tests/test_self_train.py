@@ -199,6 +199,11 @@ def test_bad_self_training_inputs_are_named_errors(tiny_model_dir: Path, tmp_pat
     with pytest.raises(QlassError, match=r"d/data\.json: is also an input of this command"):
         self_train(trees, inside, tiny_model_dir, tmp_path / "d", "q", TINY_SFT)
     assert inside.read_bytes() == expert.read_bytes() and sorted(os.listdir(tmp_path / "d")) == ["data.json"]
+    (tmp_path / "ev").mkdir()  # an evaluation folder as OUT: data.json, selection.json and sft/ went into it
+    (tmp_path / "ev" / "records.jsonl").write_text("")
+    with pytest.raises(QlassError, match=r"ev: holds an evaluation run \(records\.jsonl\); qlass self-train writes"):
+        self_train(trees, expert, tiny_model_dir, tmp_path / "ev", "q", TINY_SFT)
+    assert os.listdir(tmp_path / "ev") == ["records.jsonl"]
     for options, message in (({"gamma": 1.5}, r"gamma must be in \[0, 1\]"), ({"min_reward": -1}, "min_reward must be"),
                              ({"gama": 0.5}, "did you mean 'gamma'")):
         with pytest.raises(QlassError, match=message):

@@ -65,7 +65,7 @@ from .evaluate import DEFAULT_CONCURRENCY
 from .jsonl import require_model_folder, write_jsonl, write_text_atomic
 from .recorded import check_recorded, with_model_files
 from .rollouts import play_split
-from .training.common import DONE_MARK, file_digest
+from .training.common import DONE_MARK, file_digest, refuse_foreign_folder
 from .training.dpo import CONFIG_FILE as DPO_CONFIG_FILE
 from .training.dpo import DPOConfig, PreferencePair, encode_pair, pair_length, pair_problems, train_dpo
 from .training.sft import prefix_length
@@ -251,6 +251,7 @@ def run_eto(
     ``dpo_cfg``: the DPO settings (a :class:`~qlass.training.dpo.DPOConfig`). Returns the last round's
     agent folder and each round's summary (exploration reward, failures, pairs and those left out)."""
     out, expert_path, agent = Path(out_dir), Path(expert), Path(model)
+    refuse_foreign_folder(out, "eto")
     if not expert_path.is_file():
         raise QlassError(f"{expert_path}: expert trajectory file not found (ETO pairs each failure with the expert "
                          "trajectory of its task)")

@@ -233,9 +233,11 @@ def run_rft(
     :class:`~qlass.training.sft.SFTConfig`; ``policy``: see :func:`sample_training_tasks`). Writes
     ``out_dir/samples/`` (records), ``out_dir/data.json``, ``out_dir/sft/`` (the RFT agent) and
     ``out_dir/rft_config.yaml``; every part resumes. Returns the agent's folder and the data summary."""
+    from .training.common import refuse_foreign_folder
     from .training.sft import train_sft
 
     out = Path(out_dir)
+    refuse_foreign_folder(out, "rft")
     expert_path = Path(expert)
     if not expert_path.is_file():
         raise QlassError(f"{expert_path}: expert trajectory file not found (RFT adds its samples to it)")

@@ -164,9 +164,11 @@ def self_train(trees: str | Path, expert: str | Path, model_dir: str | Path, out
     selection) and fine-tune ``model_dir`` on it into ``out_dir/sft`` (``sft_cfg``: a
     :class:`~qlass.training.sft.SFTConfig`; resumable). Returns the agent's folder, the data summary and the
     selection summary."""
+    from .training.common import refuse_foreign_folder
     from .training.sft import train_sft
 
     out = Path(out_dir)
+    refuse_foreign_folder(out, "self-train")
     for name in (DATA_FILE, SELECTION_FILE):  # the expert data would become expert + selection
         refuse_overwriting_inputs(out / name, [trees, expert])
     require_model_folder(model_dir, f"{model_dir}: the model to fine-tune is not a local model folder (no "

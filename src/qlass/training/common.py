@@ -178,6 +178,20 @@ def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
                          "training would delete or resume them (give another output folder)")
 
 
+def refuse_foreign_folder(out: Path, command: str) -> None:
+    """Raise :class:`QlassError` when ``out``, the output folder of ``command`` (``rft``, ``self-train``,
+    ``eto``: each writes its agents into subfolders), holds what another command wrote at its top: a model
+    (``config.json``), a trainer's run, an evaluation (``records.jsonl``) or exploration trees."""
+    if not out.is_dir():
+        return
+    found = {**{name: RUN_NAMES[kind] for name, kind in RUN_FILES.items()}, DONE_MARK: "a finished training run",
+             "config.json": "a model", "records.jsonl": "an evaluation run", "trees.jsonl": "exploration trees"}
+    name = next((name for name in found if (out / name).exists()), None)
+    if name is not None:
+        raise QlassError(f"{out}: holds {found[name]} ({name}); qlass {command} writes its data and agents into "
+                         "its output folder and would mix them with it: use a new output folder")
+
+
 def check_report_to(report_to: str) -> None:
     """Raise :class:`QlassError` unless ``report_to`` is ``none``, ``all`` or a comma-separated list of
     reporting integrations this transformers knows and finds installed (else transformers refuses it only
