@@ -86,6 +86,8 @@ def test_registry_and_missing_data(monkeypatch: pytest.MonkeyPatch, env: WebShop
     assert WebShopEnv(num_products=50).splits()["seen"] == 200
     with pytest.raises(QlassError, match="does not exist"):
         WebShopEnv(data_dir=DATA / "nope")
+    with pytest.raises(QlassError, match="data folder /dev/null is not a folder"):  # before: "does not exist"
+        WebShopEnv(data_dir="/dev/null")
 
 
 def test_tagger_choice(env: WebShopEnv) -> None:
@@ -447,3 +449,12 @@ def test_bad_data_is_named(tmp_path: Path) -> None:
     broken.write_text('[{"asin": "B1", "name": "x"}, {"asin": ')
     with pytest.raises(DataError, match="items_shuffle.json, record 1: invalid JSON"):
         WebShopEnv(products_file=broken, attributes_file=DATA / "items_ins_v2_1000.json")
+    cut = tmp_path / "products_1k.jsonl.xz"  # a download cut short: before, LZMA's error without the file
+    cut.write_bytes((DATA / "products_1k.jsonl.xz").read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"products_1k\.jsonl\.xz: cannot be read \(EOFError: "):
+        WebShopEnv(products_file=cut, attributes_file=DATA / "items_ins_v2_1000.json")
+    damaged = bytearray((DATA / "products_1k.jsonl.xz").read_bytes())
+    damaged[100:110] = b"0123456789"
+    cut.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"products_1k\.jsonl\.xz: cannot be read \(LZMAError: "):
+        WebShopEnv(products_file=cut, attributes_file=DATA / "items_ins_v2_1000.json")

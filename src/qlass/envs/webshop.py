@@ -81,7 +81,7 @@ def resolve_files(data_dir: str | os.PathLike | None, products_file: str | os.Pa
                          "and items_ins_v2*.json)")
     base = Path(folder).expanduser() if folder is not None else None
     if base is not None and not base.is_dir():
-        raise QlassError(f"webshop: data folder {base} does not exist")
+        raise QlassError(f"webshop: data folder {base} {'is not a folder' if base.exists() else 'does not exist'}")
     products = Path(products_file) if products_file else find_file(base, PROCESSED_NAMES + ORIGINAL_NAMES, "products")  # type: ignore[arg-type]
     attributes = Path(attributes_file) if attributes_file else find_file(base, ATTRIBUTE_NAMES, "attributes")  # type: ignore[arg-type]
     for path in (products, attributes):

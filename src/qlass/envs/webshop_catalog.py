@@ -280,17 +280,20 @@ def iter_catalog(products_file: Path, attributes: dict[str, Any],
         source = records()
     else:
         source = iter_json_array(products_file)
-    for index, rec in enumerate(source):
-        if num_products is not None and index >= num_products:
-            break
-        if processed:
-            product, text = product_from_processed(rec, products_file, index)
-        else:
-            made = product_from_original(rec, products_file, index, attributes, reviews or {})
-            if made is None:
+    try:
+        for index, rec in enumerate(source):
+            if num_products is not None and index >= num_products:
+                break
+            if processed:
+                product, text = product_from_processed(rec, products_file, index)
+            else:
+                made = product_from_original(rec, products_file, index, attributes, reviews or {})
+                if made is None:
+                    continue
+                product, text = made, search_text(made)
+            if product.asin in seen:
                 continue
-            product, text = made, search_text(made)
-        if product.asin in seen:
-            continue
-        seen.add(product.asin)
-        yield product, text
+            seen.add(product.asin)
+            yield product, text
+    except (lzma.LZMAError, EOFError, UnicodeDecodeError) as exc:  # a damaged or cut .xz, bytes that are not text
+        raise DataError(str(products_file), f"cannot be read ({type(exc).__name__}: {exc})") from None
