@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -273,6 +274,8 @@ def _step_problems(steps: Any) -> list[str]:
             value = step.get(name)
             if name in step and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
                 problems.append(f"field 'steps[{i}].{name}': {value!r} is not {' or '.join(k.__name__ for k in kinds)}")
+            elif isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"field 'steps[{i}].{name}': {value!r} is not a finite number")
     return problems
 
 

@@ -196,6 +196,8 @@ def check_decision(path: Path, line: int, rec: Any) -> None:
         for name, ok, expected in (
                 ("output", isinstance(c.get("output"), str), "a string"),
                 ("mean", _number(c.get("mean"), 0.0, 1.0), "a number in [0, 1]"),
+                ("std", c.get("std") is None or _number(c.get("std"), 0.0, 0.5),
+                 "null or a number in [0, 0.5] (the spread of rewards in [0, 1])"),
                 ("terminal", isinstance(c.get("terminal"), bool), "true or false"),
                 ("anchor", isinstance(c.get("anchor"), bool), "true or false"),
                 ("logprob", c.get("logprob") is None or _number(c.get("logprob"), -float("inf"), 0.0),

@@ -190,6 +190,11 @@ def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) ->
     for key in _COUNTED_STATS:
         if key in vals["stats"] and not is_count(vals["stats"][key]):
             raise DataError(path, f"{where}: field 'stats.{key}' must be an integer >= 0, got {vals['stats'][key]!r}")
+    expert_reward = vals["stats"].get("expert_reward")
+    real = isinstance(expert_reward, (int, float)) and not isinstance(expert_reward, bool)
+    if expert_reward is not None and not (real and -1e-9 <= expert_reward <= 1.0 + 1e-9):  # NaN is not
+        raise DataError(path, f"{where}: field 'stats.expert_reward' must be null or a number in [0, 1], "
+                              f"got {expert_reward!r}")
     if not isinstance(vals["stats"].get("stopped_by"), (str, type(None))):
         raise DataError(path, f"{where}: field 'stats.stopped_by' must be a cap's name or null, "
                               f"got {vals['stats']['stopped_by']!r}")
