@@ -185,6 +185,20 @@ def test_trees_of_two_exploration_runs_in_one_file_are_refused(tmp_path: Path) -
     assert export_qdata(path, tmp_path / "q.jsonl")["trees"] == 3
 
 
+def test_another_stages_file_read_as_trees_or_q_data_is_named_as_what_it_is(tmp_path: Path) -> None:
+    """Q data read as trees said "missing field 'env'" (and trees read as Q data "missing field 'node_id'"):
+    each reader now says what the file is, as the trajectory, records and decision readers do."""
+    trees, qdata = tmp_path / "trees.jsonl", tmp_path / "q.jsonl"
+    write_jsonl(trees, [make_tree(MIXED).to_dict()])
+    export_qdata(trees, qdata)
+    with pytest.raises(DataError, match=r"q\.jsonl: line 1: this is a Q-data file \(qlass qdata or decisions "
+                                        r"to-qdata\), not a trees file \(qlass explore\)"):
+        read_trees(qdata)
+    with pytest.raises(DataError, match=r"trees\.jsonl: line 1: this is a trees file \(qlass explore\), not a "
+                                        r"Q-data file"):
+        read_qdata(trees)
+
+
 # -- qdata.jsonl ------------------------------------------------------------------------------
 def test_qdata_records_follow_the_fixed_format(tmp_path: Path) -> None:
     trees = tmp_path / "trees.jsonl"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, MissingFileError, QlassError
+from .file_kinds import other_kind
 from .jsonl import (
     GZIP_MAGIC,
     JSONContentError,
@@ -314,27 +315,15 @@ def trajectory_to_record(traj: Trajectory, with_steps: bool = True) -> dict[str,
     return rec
 
 
-_OTHER_FILES = {("method", "trajectory"): "evaluation records (qlass eval's records.jsonl)",
-                ("tree_id", "nodes"): "a trees file (qlass explore)",
-                ("tree_id", "node_id"): "a Q-data file (qlass qdata or decisions to-qdata)",
-                ("history", "candidates"): "a decisions file (qlass decisions collect)",
-                ("chosen", "rejected"): "preference pairs (qlass dpo's data)",
-                ("kind", "settings"): "a paraphrase cache (qlass paraphrase)",
-                ("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)"}
-"""Files of other stages, known by their first record's fields: named as what they are instead of every
-record's missing 'id' and 'conversations'."""
-
-
 def validate_file(path: str | Path) -> ValidationReport:
     """Validate every record of a trajectory file; raises :class:`DataError` only if unreadable, or when
-    it is another stage's file (:data:`_OTHER_FILES`)."""
+    it is another stage's file (:func:`~qlass.file_kinds.other_kind`)."""
     p = Path(path)
     raw = load_placed_records(p)
     first = raw[0][1] if raw else None
-    if isinstance(first, dict) and not ("id" in first and {"conversations", "messages"} & first.keys()):
-        for fields, other in _OTHER_FILES.items():
-            if first.keys() >= set(fields):
-                raise DataError(str(p), f"{raw[0][0]}: this is {other}, not a trajectory file (expert or SFT data)")
+    other = other_kind(first, "trajectories") if isinstance(first, dict) else None
+    if other is not None:
+        raise DataError(str(p), f"{raw[0][0]}: this is {other}, not a trajectory file (expert or SFT data)")
     report = ValidationReport(path=str(p), records=len(raw))
     seen: dict[str, str] = {}
     for place, rec in raw:

@@ -25,6 +25,7 @@ import numpy as np
 from .candidates import normalise_action
 from .config import load_yaml, save_yaml
 from .errors import DataError, MissingFileError, QlassError
+from .file_kinds import other_kind
 from .jsonl import check_output_file, is_count, is_text, read_numbered_jsonl, refuse_repeated_inputs
 from .recorded import check_recorded, records_setting, setting_changes, with_model_files
 from .tree import ROLES
@@ -161,9 +162,9 @@ def check_decision(path: Path, line: int, rec: Any) -> None:
     Q-data export or a resumed collection could not read, or that holds an impossible value."""
     if not isinstance(rec, dict):
         raise DataError(str(path), f"a decision record is a JSON object, got {type(rec).__name__}", line=line)
-    for keys, other in _OTHER_FILES.items():
-        if "candidates" not in rec and rec.keys() >= set(keys):
-            raise DataError(str(path), f"this is {other}, not a decisions file (qlass decisions collect)", line=line)
+    other = other_kind(rec, "decisions")
+    if other is not None:
+        raise DataError(str(path), f"this is {other}, not a decisions file (qlass decisions collect)", line=line)
     rid = f"{rec.get('task')}@{rec.get('step')}"
     version = rec.get("schema_version")
     if type(version) is not int or version != DECISIONS_SCHEMA_VERSION:
@@ -226,14 +227,6 @@ def check_decision(path: Path, line: int, rec: Any) -> None:
                             "must be given for every candidate of a decision or for none", line=line, record_id=rid)
         _check_counts(path, line, rid, j, c)
     _check_collection_fields(path, line, rid, rec)
-
-
-_OTHER_FILES = {("method", "trajectory"): "evaluation records (qlass eval's records.jsonl)",
-                ("tree_id", "nodes"): "a trees file (qlass explore)",
-                ("tree_id", "node_id"): "a Q-data file (qlass qdata or decisions to-qdata)",
-                ("kind", "settings"): "a paraphrase cache (qlass paraphrase)",
-                ("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)"}
-"""Files of other stages, known by their fields, which a decisions reader names instead of a wrong field."""
 
 
 def _check_counts(path: Path, line: int, rid: str, j: int, c: dict[str, Any]) -> None:

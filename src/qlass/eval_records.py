@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from .file_kinds import other_kind
 from .jsonl import find_value, is_count
 
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
@@ -49,14 +50,6 @@ def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
                 raise DataError(path, f"line {line}: field 'trials[{k}].{name}' must be {want}, got {value!r}")
 
 
-_OTHER_FILES = {("tree_id", "nodes"): "a trees file (qlass explore)",
-                 ("history", "candidates"): "a decisions file (qlass decisions collect; see qlass decisions report)",
-                 ("tree_id", "node_id"): "a Q-data file (qlass qdata)",
-                 ("conversations",): "a trajectory file (expert or SFT data)",
-                 ("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)",
-                 ("kind", "settings"): "a paraphrase cache (qlass paraphrase)"}
-"""Files of other stages, known by their fields, which the report names instead of a wrong field."""
-
 POOLABLE_SETTINGS = ("splits", "task_types", "limit", "tasks", "offset", "methods", "model_files", "qnet_files")
 """``config.yaml`` entries that may differ between evaluation runs whose records are reported together:
 they choose tasks and methods (each record's method settings are compared on their own), or tell copies
@@ -95,9 +88,9 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
     from .errors import DataError
     from .eval_worker import RECORD_SCHEMA_VERSION
 
-    for fields, other in _OTHER_FILES.items():
-        if "method" not in rec and rec.keys() >= set(fields):
-            raise DataError(path, f"line {line}: this is {other}, not evaluation records (qlass eval's records.jsonl)")
+    other = other_kind(rec, "records")
+    if other is not None:
+        raise DataError(path, f"line {line}: this is {other}, not evaluation records (qlass eval's records.jsonl)")
     if rec.get("schema_version") != RECORD_SCHEMA_VERSION:
         raise DataError(path, f"line {line}: field 'schema_version' is {rec.get('schema_version')!r}; "
                               f"this qlass reads {RECORD_SCHEMA_VERSION}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from .data import refuse_replacing_other_kind
 from .errors import DataError, MissingFileError
+from .file_kinds import other_kind
 from .jsonl import read_numbered_jsonl, refuse_overwriting_inputs, write_jsonl
 from .tree import BackupConfig, Tree, checked_field, checked_messages, compute_q, is_q_value, read_trees
 
@@ -83,6 +84,9 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
     seen: dict[tuple[str, int], int] = {}
     for line, rec in read_numbered_jsonl(path):
         where = f"line {line}"
+        other = other_kind(rec, "qdata")
+        if other is not None:
+            raise DataError(p, f"{where}: this is {other}, not a Q-data file (qlass qdata or decisions to-qdata)")
         vals = {k: checked_field(rec, k, kinds, where, p) for k, kinds in _QDATA_FIELDS.items()}
         if vals["schema_version"] != QDATA_SCHEMA_VERSION:
             raise DataError(p, f"{where}: field 'schema_version' is {vals['schema_version']}; "

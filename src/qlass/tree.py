@@ -41,6 +41,7 @@ from typing import Any
 from .agent import observation_message
 from .config import differences
 from .errors import DataError, MissingFileError
+from .file_kinds import other_kind
 from .jsonl import is_count, read_numbered_jsonl
 from .types import Message
 
@@ -178,6 +179,9 @@ def is_q_value(q: float) -> bool:
 def tree_from_dict(rec: dict[str, Any], path: str = "<trees>", line: int = 0) -> Tree:
     """Validate a ``trees.jsonl`` record and build the :class:`Tree`; errors name file, line, field."""
     where = f"line {line}"
+    other = other_kind(rec, "trees")
+    if other is not None:
+        raise DataError(path, f"{where}: this is {other}, not a trees file (qlass explore)")
     version = checked_field(rec, "schema_version", (int,), where, path)
     if version not in READABLE_TREE_VERSIONS:
         raise DataError(path, f"{where}: field 'schema_version' is {version}; this qlass reads "

@@ -155,6 +155,7 @@ def _detect_kind(path: Path) -> str:
     import json
 
     from ..errors import DataError, MissingFileError
+    from ..file_kinds import FILE_KINDS, kind_of
     from ..jsonl import GZIP_MAGIC
 
     try:
@@ -179,13 +180,8 @@ def _detect_kind(path: Path) -> str:
         return "decisions"
     if isinstance(record, dict) and "method" in record and "trajectory" in record:
         return "records"
-    for fields, other in _UNCHECKED.items():
-        if isinstance(record, dict) and record.keys() >= set(fields) and not {"id", "conversations"} & record.keys():
-            raise DataError(str(path), f"line 1: this is {other}, which qlass data validate does not check (it checks "
-                                       f"{', '.join(KINDS)}; --kind reads it as one of them)")
+    other = kind_of(record) if isinstance(record, dict) else None
+    if other is not None and other not in KINDS:  # read as trajectories, every line was invalid
+        raise DataError(str(path), f"line 1: this is {FILE_KINDS[other][1]}, which qlass data validate does not check "
+                                   f"(it checks {', '.join(KINDS)}; --kind reads it as one of them)")
     return "trajectories"
-
-
-_UNCHECKED = {("task", "stop"): "a decisions file's finished-task list (NAME.tasks.jsonl)",
-              ("kind", "settings"): "a paraphrase cache (qlass paraphrase)"}
-"""Files of other stages, known by their first record's fields; read as trajectories, every line was invalid."""
