@@ -132,6 +132,35 @@ def test_an_integer_too_large_for_a_float_is_an_error_naming_file_line_and_field
     assert read_jsonl(lines)[0] == {"seed": 10 ** 30 - 1, "low": 1 - 10 ** 300, "n": 12}
 
 
+def test_readers_still_on_plain_json_refuse_5000_digits_without_a_traceback(tmp_path: Path) -> None:
+    """Readers left on ``json.loads`` raised Python's int conversion ValueError as a traceback on 5000 digits:
+    data validate (and every trajectory reader) on a multi-line JSON object, ``qlass view`` on a folder's
+    results.json, and serve's AgentGym game list."""
+    from typer.testing import CliRunner
+
+    from qlass.cli import app
+    from qlass.serve_agentgym import _alfworld_index
+
+    huge = "9" * 5000
+    multi = tmp_path / "multi.json"
+    multi.write_text('{"id": "a",\n "n": ' + huge + '}\n')  # line 1 alone is no JSON: the whole file is described
+    done = subprocess.run([sys.executable, "-m", "qlass", "data", "validate", str(multi)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{multi}: valid JSON of another shape: a JSON object with keys ['id', 'n']" in done.stderr
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "results.json").write_text('{"rows": [], "n": ' + huge + '}\n')
+    res = CliRunner().invoke(app, ["view", str(ev), "--out", str(tmp_path / "v.html")])
+    assert "results.json: not JSON (field 'n' holds an integer of 5000 digits" in str(res.exception), res.output
+    games = tmp_path / "games"
+    games.mkdir()
+    (games / "mappings_train.json").write_text('[{"task_type": "pick", "task_id": "t", "n": ' + huge + '}]')
+    with pytest.raises(DataError, match=r"mappings_train.json: invalid JSON: field '\[0\]\.n' holds an integer of "
+                                        r"5000 digits"):
+        _alfworld_index(None, games)
+
+
 def test_outputs_that_are_not_regular_files_are_refused_and_kept(tmp_path: Path) -> None:
     """``--out`` naming a FIFO (or, as root, ``/dev/null``) was replaced by a regular file: the atomic
     rename went over whatever the path was, and a resumed run blocked reading the pipe."""

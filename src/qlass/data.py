@@ -131,8 +131,8 @@ def _parse_records(path: Path, text: str, stripped: str) -> list[tuple[str, Any]
         except JSONContentError as exc:
             raise DataError(str(path), f"line {lineno} (record {len(out)}): {exc}") from None
         except json.JSONDecodeError as exc:
-            try:
-                whole = json.loads(text)
+            try:  # the shape is what is named: numbers are not converted (5000 digits are a ValueError)
+                whole = json.loads(text, parse_int=len)
             except json.JSONDecodeError:
                 raise DataError(str(path), f"line {lineno} (record {len(out)}): invalid JSON: {exc.msg}") from None
             raise DataError(str(path), f"valid JSON of another shape: {_describe(whole)}; "

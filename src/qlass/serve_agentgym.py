@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
-from .jsonl import refuse_device
+from .jsonl import JSONContentError, loads, refuse_device
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,10 @@ def _alfworld_index(pool: Any, games: str | Path | None) -> list[str]:
         path = Path(games) / name
         refuse_device(path)
         try:
-            records = json.loads(path.read_text(encoding="utf-8-sig"))
+            records = loads(path.read_text(encoding="utf-8-sig"))
         except OSError as exc:
             raise QlassError(f"serve: cannot read AgentGym's game list {path}: {exc}") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, JSONContentError) as exc:
             raise DataError(str(path), f"invalid JSON: {exc}") from None
         if not isinstance(records, list):
             raise DataError(str(path), f"expected a list of games, got {type(records).__name__}")

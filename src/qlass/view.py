@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
-from .jsonl import check_output_file, write_text_atomic
+from .jsonl import JSONContentError, check_output_file, loads, write_text_atomic
 from .tree import BackupConfig, Tree, compute_q, contrast_pairs, read_tree_records, tree_summary
 from .view_inputs import (
     KINDS,
@@ -183,8 +183,8 @@ def results_view(folder: Path, name: str, records: list[Path], summary: bool = T
     rj = folder / "results.json"
     if summary and rj.is_file():
         try:
-            data = json.loads(rj.read_text(encoding="utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = loads(rj.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError, JSONContentError) as exc:
             raise QlassError(f"{rj}: not JSON ({exc})") from None
         if isinstance(data, dict) and isinstance(data.get("rows"), list):
             check_results(data, rj)
