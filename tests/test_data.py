@@ -216,6 +216,25 @@ def test_validate_checks_every_file_past_one_that_cannot_be_read(tmp_path: Path)
     assert qlass_cli("data", "validate", str(good), str(bad)).returncode == 1
 
 
+def test_validate_checks_the_files_after_a_socket(tmp_path: Path) -> None:
+    """A socket given among the files ended the command (its open raised past the per-file handler, the
+    files after it unchecked); it is named as unreadable and the next file is checked, as before pipes
+    were copied."""
+    import socket
+
+    good = write(tmp_path, [GOOD], "good.json")
+    sock = tmp_path / "sock"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(sock))
+        result = qlass_cli("data", "validate", str(sock), str(good))
+    finally:
+        server.close()
+    assert result.returncode == 2, result
+    assert f"error: {sock}: cannot read" in result.stderr and "Traceback" not in result.stderr
+    assert f"{good}: 1 records, 1 valid" in result.stdout
+
+
 def test_validate_reads_a_pipe_whole_and_refuses_a_device(tmp_path: Path) -> None:
     """Telling a pipe's kind (<(zcat f.gz)) read its first line, so the check then read what was left:
     'file is empty'; /dev/zero was read as one endless first line until killed."""

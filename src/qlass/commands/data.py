@@ -100,9 +100,15 @@ def _read_once(path: Path) -> Iterator[Path]:
     if path.is_file() or not path.exists():
         yield path
         return
+    from ..errors import DataError
+
     with tempfile.TemporaryDirectory(prefix="qlass-validate-") as tmp:
         copy = Path(tmp) / "input"
-        with open(path, "rb") as src, open(copy, "wb") as dst:
+        try:
+            src = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:  # a socket, say: named as unreadable, and the next files are still checked
+            raise DataError(str(path), f"cannot read: {exc.strerror or exc}") from None
+        with src, open(copy, "wb") as dst:
             shutil.copyfileobj(src, dst)
         yield copy
 
