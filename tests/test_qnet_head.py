@@ -191,3 +191,23 @@ def test_a_damaged_feature_folder_is_named_not_a_traceback(tiny_model_dir: Path,
     damage(out)
     with pytest.raises(QlassError, match=message):
         train_qnet_head(data, tiny_model_dir, out, cfg)
+
+
+def test_features_from_a_pipe_are_stamped_with_the_bytes_read(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The feature stamp's digest reopened the Q data after it was read: a pipe (``<(zcat q.jsonl.gz)``) then
+    gave no bytes, so the stamp recorded the digest of an empty file (a mkfifo pipe hung on the reopen)."""
+    import hashlib
+    import os
+    import threading
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=4)
+    read, write = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(write, data.read_bytes()), os.close(write)), daemon=True)
+    feeder.start()  # Q data of 4 trees fits a pipe's buffer, so the write does not wait on the reader
+    try:
+        train_qnet_head(f"/dev/fd/{read}", tiny_model_dir, tmp_path / "head", QNetHeadConfig(**{**CFG, "l2": [1.0]}))
+    finally:
+        feeder.join(timeout=10)
+        os.close(read)
+    stamp = json.loads((tmp_path / "head" / "features.settings.json").read_text())
+    assert stamp["qdata_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()

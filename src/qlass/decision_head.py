@@ -39,7 +39,14 @@ from .jsonl import check_output_file, refuse_overwriting_inputs, write_jsonl, wr
 from .locking import writes_to
 from .qdata import QDATA_SCHEMA_VERSION
 from .qnet_data import QRecord, fold_trees
-from .qnet_head import QNetHeadConfig, cross_validate_head, features_of, fit_records, record_key
+from .qnet_head import (
+    QNetHeadConfig,
+    cross_validate_head,
+    features_of,
+    fit_records,
+    inputs_digest,
+    record_key,
+)
 from .types import Message
 
 log = logging.getLogger(__name__)
@@ -144,7 +151,7 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
             raise DataError(source, f"fold {k} would fit its head on {fitted_on} task(s), and the head's settings "
                                     "are picked by cross-validation inside the fold (2 tasks at least): add "
                                     "decisions from more tasks (or --extra ones) or lower folds")
-    _, feats = features_of(records + extra_records, sft_dir, out, cfg, source)
+    _, feats = features_of(records + extra_records, sft_dir, out, cfg, source, inputs_digest([*paths, *extra]))
     values: dict[tuple[str, int], float] = {}
     kept = []
     for k, held in enumerate(folds, 1):

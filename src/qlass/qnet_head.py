@@ -53,7 +53,7 @@ from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .recorded import model_files, setting_changes
-from .training.common import file_digest, refuse_overwriting_run
+from .training.common import file_digest, input_snapshot, refuse_overwriting_run
 
 log = logging.getLogger(__name__)
 
@@ -264,17 +264,26 @@ def _same_file(old: Any, new: str) -> bool:
         return False
 
 
-def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg: QNetHeadConfig, source: str
-                ) -> tuple[QNet, dict[str, tuple[np.ndarray, float, float]]]:
+def inputs_digest(paths: Sequence[str | Path]) -> str:
+    """The SHA-256 that stamps features computed from the files ``paths``: one file's own digest, or for
+    several a digest of theirs in order (a file that cannot be read again, a pipe, counts by its name)."""
+    digests = [file_digest(p) if Path(p).is_file() else f"not a file: {p}" for p in paths]
+    return digests[0] if len(paths) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg: QNetHeadConfig, source: str,
+                digest: str) -> tuple[QNet, dict[str, tuple[np.ndarray, float, float]]]:
     """A QNet on the SFT backbone (its head still untrained) and every record's features, computed
     into ``out/features.jsonl`` (resumable; a folder whose features came from other inputs or
     settings, or in another precision than this machine computes them in, is refused; one stamped
-    before the precision was recorded is checked on the rest)."""
+    before the precision was recorded is checked on the rest). ``source`` names the inputs, ``digest``
+    is their SHA-256 (:func:`inputs_digest`): the inputs are not read again here (a pipe gives its bytes
+    once, and ``source`` may name several files)."""
     from .policy.loading import load_causal_lm
 
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
     lm, _ = load_causal_lm(sft_dir)
-    settings = {"qdata": source, "qdata_sha256": file_digest(source), "sft": str(sft_dir),
+    settings = {"qdata": source, "qdata_sha256": digest, "sft": str(sft_dir),
                 "max_length": cfg.max_length, "max_action_tokens": cfg.max_action_tokens, "autocast": cfg.autocast,
                 "precision": "bf16" if use_autocast(cfg.autocast, lm.device) else "fp32",
                 "model_files": model_files(sft_dir)}
@@ -310,11 +319,12 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    records = read_qdata(qdata)
+    with input_snapshot(qdata) as source:  # a pipe is copied: its digest is taken from the bytes read
+        records = read_qdata(source.path)
     trees = len({r.tree_id for r in records})
     if trees < cfg.folds:
         raise DataError(str(qdata), f"{trees} trees cannot be split into {cfg.folds} folds; lower folds")
-    qnet, feats = features_of(records, sft_dir, out, cfg, str(qdata))
+    qnet, feats = features_of(records, sft_dir, out, cfg, str(qdata), source.digest or inputs_digest([qdata]))
     results = cross_validate_head(records, feats, cfg, str(qdata))
     best = results[0]
     w = fit_records(records, feats, best["l2"], best["contrast"])
