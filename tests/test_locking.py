@@ -4,6 +4,7 @@ never blocks a rerun."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,3 +190,27 @@ def test_processes_making_the_default_tokenizer_together_take_turns(tmp_path: Pa
         assert all(proc.returncode == 0 for proc in procs), [err[-500:] for _, err in outputs]
         assert {out.strip() for out, _ in outputs} == {str(folder)}
         assert {".qlass-complete", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+
+
+def test_a_default_model_made_again_from_the_same_gguf_is_the_same_model(tmp_path: Path) -> None:
+    """Runs record the size and time of their model's files (qlass.recorded.model_files). The default model
+    converted again (the cache cleared, a run folder resumed on another machine) had new file times, so every
+    finished stage that started from it was refused as made from 'another model at the same path'. The
+    converted files now carry the GGUF's time. The conversion itself is stood in for by writing two files
+    (the real one is the GGUF load, which other tests run); the folder and its files are real."""
+    from qlass.models import _once, default_gguf_path
+    from qlass.recorded import model_files, setting_changes
+
+    def convert(folder: Path, gguf: Path) -> None:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"model_type": "llama"}\n')
+        (folder / "model.safetensors").write_bytes(b"weights")
+
+    out = tmp_path / "models" / "default"
+    first = model_files(_once(out, convert))
+    shutil.rmtree(out)
+    time.sleep(0.05)
+    again = model_files(_once(out, convert))
+    assert first == again and first["model.safetensors"][1] == default_gguf_path().stat().st_mtime_ns
+    recorded = {"base_model": str(out), "base_model_files": first}
+    assert setting_changes(recorded, {**recorded, "base_model_files": again}) == []

@@ -408,7 +408,7 @@ def test_sft_from_a_pipe_records_its_digest_and_names_the_pipe(tiny_model_dir, t
 
 def test_a_base_model_replaced_at_the_same_path_is_refused(tiny_model_dir, tmp_path: Path) -> None:
     """Trainers recorded the base model's path only: after another model was saved there (a retrained
-    agent, a reconverted default), a rerun handed back the run made from the old one as complete (rft,
+    agent), a rerun handed back the run made from the old one as complete (rft,
     self-train and ETO rounds alike). The base model's files are recorded now; the same files moved
     to another path are still the same model."""
     import shutil

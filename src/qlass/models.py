@@ -70,7 +70,9 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
     """``out``, made once by ``convert(folder, gguf)`` into a temporary folder that is then renamed. Processes
     starting together (pytest -n workers, two first commands) take turns on a lock beside ``out``: each
     converted into the same temporary folder and removed the others' work, which left tracebacks and a
-    folder marked complete without its tokenizer.json."""
+    folder marked complete without its tokenizer.json. The files made carry the GGUF's modification time:
+    a folder made again from the same GGUF (the cache cleared, another machine) is the same model to the
+    runs that recorded its files (:func:`~qlass.recorded.model_files`), one made from another GGUF is not."""
     if (out / _DONE_MARK).exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +88,10 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         convert(tmp, gguf)
+        made = gguf.stat().st_mtime_ns
+        for file in tmp.iterdir():
+            if file.is_file():
+                os.utime(file, ns=(made, made))
         (tmp / _DONE_MARK).write_text(gguf.name + "\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
