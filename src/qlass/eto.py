@@ -65,9 +65,10 @@ from .evaluate import DEFAULT_CONCURRENCY
 from .jsonl import require_model_folder, write_jsonl, write_text_atomic
 from .recorded import check_recorded, with_model_files
 from .rollouts import play_split
-from .training.common import DONE_MARK, file_digest, refuse_foreign_folder
+from .training.common import DONE_MARK, file_digest
 from .training.dpo import CONFIG_FILE as DPO_CONFIG_FILE
 from .training.dpo import DPOConfig, PreferencePair, encode_pair, pair_length, pair_problems, train_dpo
+from .training.run_folders import refuse_foreign_folder
 from .training.sft import prefix_length
 from .types import Trajectory
 

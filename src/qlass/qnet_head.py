@@ -53,7 +53,8 @@ from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .recorded import model_files, setting_changes
-from .training.common import file_digest, input_snapshot, refuse_overwriting_run
+from .training.common import file_digest, input_snapshot
+from .training.run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
 

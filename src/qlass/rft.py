@@ -233,7 +233,7 @@ def run_rft(
     :class:`~qlass.training.sft.SFTConfig`; ``policy``: see :func:`sample_training_tasks`). Writes
     ``out_dir/samples/`` (records), ``out_dir/data.json``, ``out_dir/sft/`` (the RFT agent) and
     ``out_dir/rft_config.yaml``; every part resumes. Returns the agent's folder and the data summary."""
-    from .training.common import refuse_foreign_folder
+    from .training.run_folders import refuse_foreign_folder
     from .training.sft import train_sft
 
     out = Path(out_dir)

@@ -164,7 +164,7 @@ def self_train(trees: str | Path, expert: str | Path, model_dir: str | Path, out
     selection) and fine-tune ``model_dir`` on it into ``out_dir/sft`` (``sft_cfg``: a
     :class:`~qlass.training.sft.SFTConfig`; resumable). Returns the agent's folder, the data summary and the
     selection summary."""
-    from .training.common import refuse_foreign_folder
+    from .training.run_folders import refuse_foreign_folder
     from .training.sft import train_sft
 
     out = Path(out_dir)

@@ -43,12 +43,12 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
-    refuse_overwriting_run,
     remove_checkpoints,
     run_inputs,
     training_arguments,
 )
 from .configs import DPOConfig
+from .run_folders import refuse_overwriting_run
 from .sft import labelled_example, lora_config, prefix_length, save_merged
 
 log = logging.getLogger(__name__)

@@ -62,7 +62,6 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
-    refuse_overwriting_run,
     remove_checkpoints,
     training_arguments,
     world_size,
@@ -80,6 +79,7 @@ from .qnet_trainer import (
     single,
     validation_items,
 )
+from .run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "qnet_result.json"

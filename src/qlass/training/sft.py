@@ -66,12 +66,12 @@ from .common import (
     main_process_lock,
     prepare_resume,
     quiet,
-    refuse_overwriting_run,
     remove_checkpoints,
     run_inputs,
     training_arguments,
 )
 from .configs import SFTConfig
+from .run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = SFT_RECORD

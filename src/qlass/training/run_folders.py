@@ -1,0 +1,68 @@
+"""Output folders of the trainers (``sft``, ``dpo``, ``train-qnet``, ``train-qnet-head``) and of the commands
+that put trained agents in subfolders (``rft``, ``self-train``, ``eto``): what each refuses to write into."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import QlassError
+from .common import DONE_MARK, checkpoint_dirs
+
+RUN_FILES = {"sft_config.yaml": "sft", "dpo_config.yaml": "dpo", "qnet_config.yaml": "qnet",
+             "features.settings.json": "qnet-head"}
+"""The file each trainer writes into its output folder before anything else, and the trainer it names."""
+RUN_NAMES = {"sft": "an SFT run (qlass sft)", "dpo": "a DPO run (qlass dpo)", "qnet": "a QNet run (qlass train-qnet)",
+             "qnet-head": "a head-only QNet (qlass train-qnet-head)"}
+
+
+def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
+    """Raise :class:`QlassError` when the output folder ``out`` of a ``kind`` trainer (a key of
+    :data:`RUN_NAMES`) would overwrite what it holds: the model the run starts from, another trainer's
+    run (its settings file or finished mark), or a model folder no trainer run made (``config.json``
+    without this trainer's settings file)."""
+    model = Path(model_dir)
+    if out.exists() and model.exists() and out.samefile(model):
+        raise QlassError(f"{out}: is also the model this run starts from (--model); training would overwrite it "
+                         "(give another output folder)")
+    if not out.is_dir():
+        return
+    this = RUN_NAMES[kind].split(" ", 1)[1]
+    for name, other in RUN_FILES.items():
+        if other != kind and (out / name).exists():
+            raise QlassError(f"{out}: holds {RUN_NAMES[other]} ({name}), which this {this} would overwrite or mix "
+                             "with; use a new output folder")
+    if model.exists() and out.resolve() in model.resolve().parents:
+        raise QlassError(f"{out}: holds the model this run starts from ({model}); training would delete or "
+                         "overwrite it (give another output folder)")
+    mark = (out / DONE_MARK).read_text().split() if (out / DONE_MARK).is_file() else []
+    if (out / DONE_MARK).exists() and not mark:
+        raise QlassError(f"{out}: holds an empty {DONE_MARK}, which no qlass run wrote; use a new output folder")
+    if mark and mark[0] != kind:
+        made_by = RUN_NAMES.get(mark[0], f"a finished {mark[0]!r} run")
+        raise QlassError(f"{out}: holds {made_by} ({DONE_MARK}); use a new output folder")
+    own = next(name for name, other in RUN_FILES.items() if other == kind)
+    if (out / "config.json").exists() and not (out / own).exists():
+        raise QlassError(f"{out}: holds a model (config.json) that no {this} made ({own} is missing); training "
+                         "would overwrite it (give another output folder)")
+    steps = checkpoint_dirs(out)
+    others = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir() and p not in steps)
+    if others:  # transformers' checkpoint rotation deletes every checkpoint-* folder
+        raise QlassError(f"{out}: holds {others[0]}, which the Trainer's checkpoint rotation would delete; move it "
+                         "or give another output folder")
+    if steps and not (out / own).exists():
+        raise QlassError(f"{out}: holds checkpoints ({steps[0].name}) that no {this} made ({own} is missing); "
+                         "training would delete or resume them (give another output folder)")
+
+
+def refuse_foreign_folder(out: Path, command: str) -> None:
+    """Raise :class:`QlassError` when ``out``, the output folder of ``command`` (``rft``, ``self-train``,
+    ``eto``: each writes its agents into subfolders), holds what another command wrote at its top: a model
+    (``config.json``), a trainer's run, an evaluation (``records.jsonl``) or exploration trees."""
+    if not out.is_dir():
+        return
+    found = {**{name: RUN_NAMES[kind] for name, kind in RUN_FILES.items()}, DONE_MARK: "a finished training run",
+             "config.json": "a model", "records.jsonl": "an evaluation run", "trees.jsonl": "exploration trees"}
+    name = next((name for name in found if (out / name).exists()), None)
+    if name is not None:
+        raise QlassError(f"{out}: holds {found[name]} ({name}); qlass {command} writes its data and agents into "
+                         "its output folder and would mix them with it: use a new output folder")
