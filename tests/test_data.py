@@ -389,3 +389,18 @@ def test_a_line_separator_inside_a_text_ends_no_line(tmp_path: Path) -> None:
     assert "\u2028" in path.read_text(encoding="utf-8")
     (back,) = load_trajectories(path)
     assert back.id == "web/0" and back.messages == traj.messages
+
+
+def test_an_empty_file_is_one_answer_whatever_the_kind(tmp_path: Path) -> None:
+    """An empty file was "0 ... all valid" (exit 0) with --kind records, trees or qdata, "holds no decision
+    records" (exit 1) with --kind decisions and "file is empty" (exit 2) in auto mode. Now it is the last,
+    whatever the kind, gzip-compressed or not."""
+    import gzip
+
+    empty, blank = tmp_path / "e.jsonl", tmp_path / "b.jsonl.gz"
+    empty.write_text("")
+    blank.write_bytes(gzip.compress(b"\n \n"))
+    for kind in ("auto", "trajectories", "trees", "qdata", "decisions", "records"):
+        for path in (empty, blank):
+            result = qlass_cli("data", "validate", "--kind", kind, str(path))
+            assert (result.returncode, result.stderr.strip()) == (2, f"error: {path}: file is empty"), (kind, result)

@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
             try:
                 refuse_device(path)  # /dev/zero was read as one endless first line
                 with _read_once(path) as readable:
+                    if _is_blank(readable):  # the same answer whatever the kind (it was rc 0, 1 or 2 by --kind)
+                        raise QlassError(f"{path}: file is empty")
                     try:
                         bad |= not _validate(readable, _detect_kind(readable) if kind == "auto" else kind, str(path))
                     except QlassError as exc:
@@ -111,6 +113,25 @@ def _read_once(path: Path) -> Iterator[Path]:
         with src, open(copy, "wb") as dst:
             shutil.copyfileobj(src, dst)
         yield copy
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether ``path`` (gzip-compressed or not) holds nothing but whitespace; read until it does not.
+    An unreadable file is not blank: its reader names the problem."""
+    import gzip
+
+    from ..jsonl import GZIP_MAGIC
+
+    try:
+        with path.open("rb") as fh:
+            zipped = fh.read(2) == GZIP_MAGIC
+        with (gzip.open if zipped else open)(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 16), b""):
+                if block.lstrip(b" \t\r\n\xef\xbb\xbf"):
+                    return False
+    except (OSError, EOFError):
+        return False
+    return True
 
 
 def _validate(path: Path, what: str, name: str) -> bool:
