@@ -322,17 +322,18 @@ def test_bad_caches_are_named_errors(tmp_path: Path) -> None:
         build_paraphrases(Corridor, Corridor().tasks("train"), plain, Paraphraser())
     head = {"kind": "qlass-paraphrases", "version": 1, "settings": {}}
     rec = {"task": "corridor/0", "split": "train", "original": "a 1", "paraphrase": "b 1", "source": "model"}
-    for bad, message in (({**rec, "paraphrase": ""}, r"record 1 \(id 'corridor/0'\): field 'paraphrase'"),
+    for bad, message in (({**rec, "paraphrase": ""}, r"line 2 \(id 'corridor/0'\): field 'paraphrase'"),
                          ({**rec, "source": "guess"}, "field 'source': expected one of model, template, original"),
-                         ({**rec, "split": None}, r"record 1 \(id 'corridor/0'\): field 'split'"),
-                         ({"original": "a"}, "record 1: field 'task'")):
+                         ({**rec, "split": None}, r"line 2 \(id 'corridor/0'\): field 'split'"),
+                         ({"original": "a"}, "line 2: field 'task'")):
         path = tmp_path / f"bad{len(message)}.jsonl"
         path.write_text(json.dumps(head) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(DataError, match=message):
             load_paraphrases(path)
     twice = tmp_path / "twice.jsonl"
-    twice.write_text("\n".join(json.dumps(r) for r in (head, rec, rec)) + "\n")
-    with pytest.raises(DataError, match=r"record 2 \(id 'corridor/0'\): task given twice in split 'train'"):
+    twice.write_text(json.dumps(head) + "\n" + json.dumps(rec) + "\n\n" + json.dumps(rec) + "\n")
+    # the file's line, blank lines counted (before: "record 2", the record's index)
+    with pytest.raises(DataError, match=r"line 4 \(id 'corridor/0'\): task given twice in split 'train'"):
         load_paraphrases(twice)
     old = tmp_path / "old.jsonl"
     old.write_text(json.dumps({**head, "version": 9}) + "\n")

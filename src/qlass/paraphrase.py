@@ -38,7 +38,7 @@ from .agent import check_sample_counts
 from .config import option
 from .envs.base import Env, env_close, env_reset
 from .errors import DataError, QlassError
-from .jsonl import append_jsonl, read_jsonl
+from .jsonl import append_jsonl, read_numbered_jsonl
 from .locking import writes_to
 from .paraphrase_goals import (
     TEMPLATE_ENVS,
@@ -118,39 +118,40 @@ class ParaphraseTable:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def _header(path: Path, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The settings of a cache's header line (a :class:`DataError` when it has none)."""
-    head = records[0] if records else {}
+def _header(path: Path, records: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The settings of a cache's header line (a :class:`DataError` when it has none); ``records`` with
+    their line numbers (:func:`~qlass.jsonl.read_numbered_jsonl`)."""
+    line, head = records[0] if records else (1, {})
     if head.get("kind") != CACHE_KIND:
         raise DataError(str(path), f"not a paraphrase cache: its first line has no \"kind\": \"{CACHE_KIND}\" "
                                    "(write one with qlass paraphrase)")
     if head.get("version") != CACHE_VERSION:
         raise DataError(str(path), f"paraphrase cache version {head.get('version')!r}, this qlass reads "
-                                   f"{CACHE_VERSION}", index=0)
+                                   f"{CACHE_VERSION}", line=line)
     if not isinstance(head.get("settings"), dict):
-        raise DataError(str(path), "field 'settings': expected a mapping", index=0)
+        raise DataError(str(path), "field 'settings': expected a mapping", line=line)
     return head["settings"]
 
 
-def _entry(path: Path, index: int, rec: dict[str, Any]) -> Paraphrase:
+def _entry(path: Path, line: int, rec: dict[str, Any]) -> Paraphrase:
     task = rec.get("task")
     if not isinstance(task, str) or not task:
-        raise DataError(str(path), "field 'task': expected a task id", index=index)
+        raise DataError(str(path), "field 'task': expected a task id", line=line)
     for name in ("split", "original", "paraphrase"):
         if not isinstance(rec.get(name), str) or not rec[name].strip():
-            raise DataError(str(path), f"field {name!r}: expected a non-empty string", index=index, record_id=task)
+            raise DataError(str(path), f"field {name!r}: expected a non-empty string", line=line, record_id=task)
     if rec.get("source") not in SOURCES:
         raise DataError(str(path), f"field 'source': expected one of {', '.join(SOURCES)}, got {rec.get('source')!r}",
-                        index=index, record_id=task)
+                        line=line, record_id=task)
     return Paraphrase(task, rec["split"], rec["original"], rec["paraphrase"], rec["source"])
 
 
-def _entries(path: Path, records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Paraphrase]:
+def _entries(path: Path, records: Sequence[tuple[int, dict[str, Any]]]) -> dict[tuple[str, str], Paraphrase]:
     out: dict[tuple[str, str], Paraphrase] = {}
-    for i, rec in enumerate(records[1:], start=1):
-        entry = _entry(path, i, rec)
+    for line, rec in records[1:]:
+        entry = _entry(path, line, rec)
         if (entry.split, entry.task) in out:
-            raise DataError(str(path), f"task given twice in split {entry.split!r}", index=i, record_id=entry.task)
+            raise DataError(str(path), f"task given twice in split {entry.split!r}", line=line, record_id=entry.task)
         out[entry.split, entry.task] = entry
     return out
 
@@ -160,7 +161,7 @@ def load_paraphrases(path: str | Path) -> ParaphraseTable:
     p = Path(path)
     if not p.is_file():
         raise DataError(str(p), "paraphrase cache not found (write it with qlass paraphrase)")
-    records = read_jsonl(p)
+    records = read_numbered_jsonl(p)
     return ParaphraseTable(str(p), _header(p, records), _entries(p, records))
 
 
@@ -245,7 +246,7 @@ would let tasks made with any settings join the file."""
 def _start(path: Path, settings: dict[str, Any]) -> tuple[set[tuple[str, str]], dict[str, Any] | None]:
     """The (split, task id) pairs already in the cache at ``path``, and the header line to write
     before the first record (None: the file has one); a file made with other settings is refused."""
-    records = read_jsonl(path, repair_tail=True)
+    records = read_numbered_jsonl(path, repair_tail=True)
     if not records:
         return set(), {"kind": CACHE_KIND, "version": CACHE_VERSION, "settings": settings}
     recorded = _header(path, records)
