@@ -230,6 +230,18 @@ def collect_cmd(out_file: Path, *extra: str) -> list[str]:
             "--split", "unseen", "--set", "k=3", "--concurrency", "2", "--out", str(out_file), *extra]
 
 
+def test_cli_leaves_no_settings_file_when_the_model_fails_to_load(tmp_path: Path) -> None:
+    """The settings were checked, and saved as NAME.config.yaml, before the model loaded: a model that
+    failed to load left a settings file recording a run that never started."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "d" / "decisions.jsonl"
+    cmd = [sys.executable, "-m", "qlass", "decisions", "collect", "--model", str(tmp_path / "nomodel"), "--env",
+           "test_decisions:Fork", "--split", "seen", "--out", str(out)]
+    ran = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
+    assert ran.returncode == 2 and "nomodel" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
+    assert not out.exists() and not (tmp_path / "d" / "decisions.config.yaml").exists()
+
+
 @pytest.mark.slow
 def test_cli_kill_and_rerun_resumes_without_duplicates(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

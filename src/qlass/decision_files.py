@@ -52,10 +52,10 @@ def sidecar(out: Path, suffix: str) -> Path:
     return out.with_name(f"{out.stem}.{suffix}")
 
 
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
+def check_settings(out: Path, settings: dict[str, Any], save: bool = True) -> None:
     """Refuse to add to ``out`` when it was collected with other settings (naming them,
-    :func:`qlass.recorded.check_recorded`); else save ``settings`` as ``NAME.config.yaml``. Task limits
-    and runtime options may change; an option added to DecisionConfig since does not count."""
+    :func:`qlass.recorded.check_recorded`); else (with ``save``) save ``settings`` as ``NAME.config.yaml``.
+    Task limits and runtime options may change; an option added to DecisionConfig since does not count."""
     path = sidecar(out, "config.yaml")
     check_output_file(path)  # a named pipe there would block the read
     settings = with_model_files(settings)
@@ -63,7 +63,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     if started:
         check_recorded(path, settings, str(started[0]), RESUMABLE_SETTINGS, "use another output file for these "
                        "settings", required=REQUIRED_SETTINGS)
-    save_yaml(path, settings)
+    if save:
+        save_yaml(path, settings)
 
 
 def check_pooled(paths: Sequence[str | Path], allow_mixed: bool = False) -> list[str]:

@@ -280,12 +280,12 @@ def _chunks(items: Sequence[Task], size: int) -> Iterator[list[Task]]:
         yield list(items[at: at + size])
 
 
-def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: dict[str, Any] | None = None
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: dict[str, Any] | None = None,
+                     save: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The decisions and finished tasks already in ``out`` and its ``NAME.tasks.jsonl``, checked
     (a torn last line is cut), after refusing other settings (:func:`check_settings`, which saves
-    them). :func:`collect_decisions` starts with it; calling it first reports a problem before a
-    model loads."""
+    them with ``save``). :func:`collect_decisions` starts with it; calling it first (``save=False``)
+    reports a problem before a model loads, and leaves no settings file when the model then fails."""
     if out.suffix != ".jsonl":  # runs/dec and runs/dec.txt would share runs/dec.jsonl's sidecars
         raise QlassError(f"{out}: a decisions file is named NAME.jsonl (its settings and finished tasks are kept "
                          "beside it as NAME.config.yaml and NAME.tasks.jsonl)")
@@ -307,7 +307,7 @@ def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: di
         count = rec.get("decisions")
         if count is not None and not is_count(count):
             raise DataError(str(done_path), f"field 'decisions' is not a count (an integer >= 0): {count!r}", line=line)
-    check_settings(out, with_precision({**(settings or {}), "seed": seed, "options": cfg.options()}))
+    check_settings(out, with_precision({**(settings or {}), "seed": seed, "options": cfg.options()}), save)
     return [rec for _, rec in numbered], [rec for _, rec in done_numbered]
 
 

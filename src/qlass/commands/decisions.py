@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
                     "limit": limit, "policy": policy_kwargs, "offset": offset,
                     "exclude_tasks_of": str(exclude_tasks_of) if exclude_tasks_of else None}
         with writer_lock(out, folder=False):
-            check_collection(out, cfg, seed, settings)  # before the model loads
+            check_collection(out, cfg, seed, settings, save=False)  # before the model loads
         policy = policy_with_cache(model, policy_kwargs, cfg.concurrency)()
         records = collect_decisions(make, tasks, policy, cfg, out, seed=seed, settings=settings)
         typer.echo(f"{len(records)} decisions from {len(tasks)} tasks in {out}")
