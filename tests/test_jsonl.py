@@ -36,6 +36,20 @@ def test_a_torn_tail_after_records_is_cut_and_a_torn_first_record_too(tmp_path: 
     assert read_jsonl(first, repair_tail=True) == [] and first.read_text() == ""
 
 
+def test_a_reader_that_does_not_repair_says_a_torn_last_line_may_be_a_killed_writer(tmp_path: Path) -> None:
+    """report, validate or a viewer reading a file with a torn last line said "invalid JSON" only; a cut-off
+    last line (no newline, starting like a record) now says what it most likely is. A bad complete line
+    does not."""
+    torn = tmp_path / "records.jsonl"
+    torn.write_text('{"a": 1}\n{"a": 2, "b"')
+    with pytest.raises(DataError, match=r"line 2: invalid JSON \(.*\) \(a last line cut short: was its writer "
+                                        r"killed\? a rerun of that command cuts it\)"):
+        read_jsonl(torn)
+    torn.write_text('{"a": 1}\n{"a": 2, "b"\n')
+    with pytest.raises(DataError, match=r"line 2: invalid JSON \([^)]*\)$"):
+        read_jsonl(torn)
+
+
 def test_a_file_that_is_not_ours_is_never_cut(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")

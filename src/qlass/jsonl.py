@@ -271,7 +271,9 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
                 if isinstance(exc, UnicodeDecodeError):
                     raise DataError(str(p), f"line {lineno}: not UTF-8 text ({exc.reason} at byte "
                                             f"{offset + exc.start} of the file)") from None
-                raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg})") from None
+                torn = " (a last line cut short: was its writer killed? a rerun of that command cuts it)" if (
+                    is_last and line.lstrip().startswith(b"{")) else ""
+                raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg}){torn}") from None
             if not isinstance(obj, dict):
                 raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
             records.append((lineno, obj))
