@@ -738,3 +738,17 @@ def test_new_options_enter_the_digest_and_resume_refuses_mixed_settings(tmp_path
     explore_tasks(Rooms, tasks, ScriptedPolicy(), small_cfg(rollouts=2), out, seed=1, progress=False)
     with pytest.raises(QlassError, match="other exploration settings"):
         explore_tasks(Rooms, tasks, ScriptedPolicy(), small_cfg(), out, seed=1, progress=False)
+
+
+def test_exploring_more_tasks_with_other_settings_into_a_file_is_refused_before_it_mixes(tmp_path: Path) -> None:
+    """New tasks explored into a file whose trees were made with other settings made a file that qdata,
+    self-train and the explore resume itself refuse (read_trees, one run's trees per file): refused up front."""
+    out = tmp_path / "trees.jsonl"
+    tasks = Rooms().tasks("train")
+    explore_tasks(Rooms, tasks[:2], ScriptedPolicy(), small_cfg(rollouts=2), out, seed=1, progress=False)
+    before = out.read_text()
+    with pytest.raises(QlassError, match=r"tree 'rooms/0' was made with other exploration settings \(rollouts: 2 → 1"):
+        explore_tasks(Rooms, tasks[2:4], ScriptedPolicy(), small_cfg(), out, seed=1, progress=False)
+    assert out.read_text() == before
+    explore_tasks(Rooms, tasks[:4], ScriptedPolicy(), small_cfg(rollouts=2), out, seed=1, progress=False)
+    assert len(read_trees(out)) == 4, "the same settings add the new tasks"

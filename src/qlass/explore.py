@@ -120,15 +120,15 @@ def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: i
                            required=("model", "env", "seed") if sidecar.exists() else ())
         save_yaml(settings_file(path), settings)
     want = explore_digest(cfg)
+    recorded = next((t for t in trees.values() if t.config_hash), None)  # read_trees: all of one run's settings
+    for tree in [trees[task.id] for task in tasks if task.id in trees] + ([recorded] if recorded else []):
+        if tree.config_hash != want:  # another task's tree too: new trees would make a file qdata refuses
+            diff = "; ".join(differences({**LEGACY, **tree.config}, to_dict(cfg)))
+            raise QlassError(f"{path}: tree {tree.tree_id!r} was made with other exploration settings "
+                             f"({diff or f'config hash {tree.config_hash}, now {want}'}); use a new output file")
     for task in tasks:
         tree = trees.get(task.id)
-        if tree is None:
-            continue
-        if tree.config_hash != want:
-            diff = "; ".join(differences({**LEGACY, **tree.config}, to_dict(cfg)))
-            raise QlassError(f"{path}: tree {task.id!r} was made with other exploration settings "
-                             f"({diff or f'config hash {tree.config_hash}, now {want}'}); use a new output file")
-        if tree.seed != tree_seed(run_seed, task):
+        if tree is not None and tree.seed != tree_seed(run_seed, task):
             raise QlassError(f"{path}: tree {task.id!r} was made with another run seed; use a new output file")
     return trees
 
