@@ -290,6 +290,19 @@ def test_another_stages_file_given_as_trajectories_is_named_as_what_it_is(tmp_pa
     assert validate_file(write(tmp_path, [messages], "m.jsonl")).records == 1  # a trajectory in messages form
 
 
+def test_a_trajectory_in_messages_form_with_other_stages_field_names_is_still_a_trajectory(tmp_path: Path) -> None:
+    """The file-kind table (5203196) knew a trajectory only by 'id' and 'conversations': one in 'messages'
+    form whose extra fields (kept in meta) are another kind's ('task' and 'stop') was refused as a
+    decisions file's finished-task list by load_trajectories and data validate; it loaded before."""
+    turns = [{"role": "user", "content": "Your task is to go."},
+             {"role": "assistant", "content": "Thought: t\nAction: go"}]
+    record = {"id": "m", "messages": turns, "task": "m", "stop": "done"}
+    path = write(tmp_path, [record], "m.jsonl")
+    assert [t.meta["stop"] for t in load_trajectories(path)] == ["done"]
+    result = qlass_cli("data", "validate", str(path))
+    assert result.returncode == 0 and "1 valid" in result.stdout, result
+
+
 def test_outputs_are_written_only_over_files_of_their_kind(tmp_path: Path) -> None:
     """An empty export ([]) or a file of the output's kind may be replaced; a pair file, trees file or
     text is refused; of a JSON Lines file only the first record is read."""

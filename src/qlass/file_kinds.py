@@ -19,17 +19,25 @@ FILE_KINDS: dict[str, tuple[frozenset[str], str]] = {
 }
 """Each kind of file: the fields its records have (all of them), and what it is, in words."""
 
+ALSO_KNOWN_BY: dict[str, tuple[frozenset[str], ...]] = {"trajectories": (frozenset({"id", "messages"}),)}
+"""Other fields that make a record of a kind: a trajectory's turns may be a 'messages' list
+(:data:`qlass.data.TURN_LISTS`)."""
+
+
+def _is(record: Mapping[str, Any], kind: str) -> bool:
+    return any(record.keys() >= fields for fields in (FILE_KINDS[kind][0], *ALSO_KNOWN_BY.get(kind, ())))
+
 
 def kind_of(record: Mapping[str, Any]) -> str | None:
     """The kind of file (a key of :data:`FILE_KINDS`) whose record ``record`` is, None when none fits."""
-    return next((kind for kind, (fields, _) in FILE_KINDS.items() if record.keys() >= fields), None)
+    return next((kind for kind in FILE_KINDS if _is(record, kind)), None)
 
 
 def other_kind(record: Mapping[str, Any], expected: str) -> str | None:
     """What ``record`` shows its file to be, in words, when that is a kind of file other than ``expected``
     (a key of :data:`FILE_KINDS`); None when it is of that kind, or of none known (its reader then names
     the field it lacks)."""
-    if record.keys() >= FILE_KINDS[expected][0]:
+    if _is(record, expected):
         return None
     kind = kind_of(record)
     return None if kind is None else FILE_KINDS[kind][1]
