@@ -50,6 +50,28 @@ def test_a_reader_that_does_not_repair_says_a_torn_last_line_may_be_a_killed_wri
         read_jsonl(torn)
 
 
+def test_a_torn_last_line_cut_inside_a_character_or_in_a_gzip_file_is_named_as_it_is(tmp_path: Path) -> None:
+    """The hint (f06b8ca) missed a line cut inside a multi-byte character (the repairing reader cuts it:
+    "not UTF-8 text" alone blamed the encoding), and told of a gzip-compressed file that a rerun cuts its
+    torn line, where every run refuses to append to one."""
+    import gzip
+
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b'{"a": 1}\n' + '{"a": "é'.encode()[:-1])
+    with pytest.raises(DataError, match=r"line 2: not UTF-8 text \(.*\) \(a last line cut short: was its writer "
+                                        r"killed\? a rerun of that command cuts it\)"):
+        read_jsonl(cut)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"a": 1}\n{"a": "\xff"}')
+    with pytest.raises(DataError, match=r"line 2: not UTF-8 text \([^)]*\)$"):
+        read_jsonl(bad)
+    zipped = tmp_path / "records.jsonl.gz"
+    zipped.write_bytes(gzip.compress(b'{"a": 1}\n{"a": 2, "b"'))
+    with pytest.raises(DataError, match=r"line 2: invalid JSON \(.*\) \(a last line cut short: was its writer "
+                                        r"killed\?\)$"):
+        read_jsonl(zipped)
+
+
 def test_a_file_that_is_not_ours_is_never_cut(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")

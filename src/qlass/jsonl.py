@@ -237,7 +237,8 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
         check_output_file(p)  # a run's own file: a pipe would block the read, a device be replaced
     refuse_device(p)
     raw = p.read_bytes()
-    if raw[:2] == GZIP_MAGIC:
+    zipped = raw[:2] == GZIP_MAGIC
+    if zipped:
         if repair_tail:
             raise DataError(str(p), "gzip-compressed: a run cannot append to it; decompress it first (gunzip) "
                                     "or choose another output path")
@@ -268,11 +269,12 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
                     log.warning("%s: skipping line %d, cut short (a writer killed mid-line, or a run still "
                                 "writing it)", p, lineno)
                     break
-                if isinstance(exc, UnicodeDecodeError):
-                    raise DataError(str(p), f"line {lineno}: not UTF-8 text ({exc.reason} at byte "
-                                            f"{offset + exc.start} of the file)") from None
-                torn = " (a last line cut short: was its writer killed? a rerun of that command cuts it)" if (
-                    is_last and line.lstrip().startswith(b"{")) else ""
+                torn = "" if not (is_last and line.lstrip().startswith(b"{")) else (
+                    " (a last line cut short: was its writer killed?" + (")" if zipped else  # no run appends to it
+                                                                          " a rerun of that command cuts it)"))
+                if isinstance(exc, UnicodeDecodeError):  # cut inside a character: the bytes end mid-way
+                    raise DataError(str(p), f"line {lineno}: not UTF-8 text ({exc.reason} at byte {offset + exc.start}"
+                                            f" of the file){torn if exc.end == len(line) else ''}") from None
                 raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg}){torn}") from None
             if not isinstance(obj, dict):
                 raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
