@@ -295,7 +295,9 @@ def test_sft_killed_before_its_first_checkpoint_logs_step_0_once_and_refuses_oth
         sft.train_sft(other, tiny_model_dir, out, cfg)
     (tmp_path / "link").symlink_to(tiny_model_dir)  # the same folder by another path: the same base model
     assert sft.train_sft(data, tmp_path / "link", out, cfg) == out
-    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    shutil.copytree(tiny_model_dir, tmp_path / "copy")  # the same files (sizes and times) moved: the same model
+    assert sft.train_sft(data, tmp_path / "copy", out, cfg) == out
+    shutil.copytree(tiny_model_dir, tmp_path / "base", copy_function=shutil.copy)  # new file times: another model
     with pytest.raises(QlassError, match="base_model"):
         sft.train_sft(data, tmp_path / "base", out, cfg)
     with pytest.raises(QlassError, match=r"lr: 0\.001 → 0\.002"):
