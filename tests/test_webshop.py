@@ -90,6 +90,16 @@ def test_registry_and_missing_data(monkeypatch: pytest.MonkeyPatch, env: WebShop
         WebShopEnv(data_dir="/dev/null")
 
 
+def test_negative_sizes_are_refused() -> None:
+    # before: test_size=-3 gave a train split of 210 tasks over 207 goals, three of them ids webshop/-3 .. -1
+    # that no reset could play; num_products=0 said only "no products in products_1k.jsonl.xz"
+    with pytest.raises(QlassError, match="webshop: test_size must be >= 0, got -3"):
+        make_env("webshop", data_dir=str(DATA), num_products=50, test_size=-3)
+    with pytest.raises(QlassError, match="webshop: num_products must be >= 1"):
+        make_env("webshop", data_dir=str(DATA), num_products=0)
+    assert WebShopEnv(data_dir=DATA, num_products=50, test_size=0).splits()["seen"] == 0
+
+
 def test_tagger_choice(env: WebShopEnv) -> None:
     with pytest.raises(QlassError, match="unknown tagger 'nltk'"):
         WebShopEnv(shop=env.shop, tagger="nltk")

@@ -134,6 +134,10 @@ class WebShopEnv:
         if int(step_limit) < 1:
             raise QlassError(f"webshop: step_limit must be >= 1, got {step_limit}")
         self.step_limit = int(step_limit)
+        if int(test_size) < 0:  # a negative one made train's range start below 0: goals twice, ids webshop/-N
+            raise QlassError(f"webshop: test_size must be >= 0, got {test_size}")
+        if num_products is not None and int(num_products) < 1:
+            raise QlassError(f"webshop: num_products must be >= 1 (or unset for all), got {num_products}")
         if not isinstance(show_instruction, bool):
             raise QlassError(f"webshop: show_instruction must be true or false, got {show_instruction!r}")
         self.show_instruction = show_instruction
