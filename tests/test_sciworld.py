@@ -114,6 +114,17 @@ def test_meta_commands_and_unknown_actions_are_observations(env: ScienceWorldEnv
     assert nonsense.observation and not nonsense.done and nonsense.info["steps"] == 2
 
 
+def test_unknown_simplification_is_refused(env: ScienceWorldEnv) -> None:
+    # before: taken, and every reset's room was "ERROR: Unknown simplification label: bogus", every episode
+    # failed at its first step with reward 0, so an evaluation recorded zeros as the model's score
+    with pytest.raises(QlassError, match=r"sciworld: unknown simplification 'easy,bogus'; known: easy, .*openDoors"):
+        make_env("sciworld", simplification="easy,bogus")
+    plain = ScienceWorldEnv(simplification="openDoors,openContainers")
+    plain.reset(plain.tasks("train", ["find-plant"])[0])
+    assert "ERROR" not in plain.step(act("look around")).observation
+    plain.close()
+
+
 def test_instances_share_one_jvm_and_close_independently(env: ScienceWorldEnv) -> None:
     other = ScienceWorldEnv(step_limit=5)
     assert other._jvm is env._jvm

@@ -165,6 +165,11 @@ class ScienceWorldEnv:
         self.simplification = simplification
         self._jvm = jvm or SciWorldJVM.shared(heap)
         self._sim = self._jvm.new_simulator()
+        # the simulator takes an unknown label and plays on: each observation its error, each episode failed
+        known = ["easy", *str(self._sim.getPossibleSimplifications()).split(", ")]
+        if not isinstance(simplification, str) or any(p not in known for p in simplification.split(",") if p):
+            raise QlassError(f"sciworld: unknown simplification {simplification!r}; known: {', '.join(known)} "
+                             "(several joined by commas, or '' for none)")
         self._index = _split_index(self._jvm)
         self._agent: Any = None
         self._task_id: str | None = None
