@@ -114,11 +114,14 @@ def test_meta_commands_and_unknown_actions_are_observations(env: ScienceWorldEnv
     assert nonsense.observation and not nonsense.done and nonsense.info["steps"] == 2
 
 
-def test_unknown_simplification_is_refused(env: ScienceWorldEnv) -> None:
+def test_unknown_simplification_and_bad_heap_are_refused(env: ScienceWorldEnv) -> None:
     # before: taken, and every reset's room was "ERROR: Unknown simplification label: bogus", every episode
     # failed at its first step with reward 0, so an evaluation recorded zeros as the model's score
     with pytest.raises(QlassError, match=r"sciworld: unknown simplification 'easy,bogus'; known: easy, .*openDoors"):
         make_env("sciworld", simplification="easy,bogus")
+    # before: "building it raised ValueError: invalid literal for int() with base 10: b''" (py4j, Java gone)
+    with pytest.raises(QlassError, match="sciworld: heap must be a Java heap size such as 512m or 2g, got 'lots'"):
+        make_env("sciworld", heap="lots")
     plain = ScienceWorldEnv(simplification="openDoors,openContainers")
     plain.reset(plain.tasks("train", ["find-plant"])[0])
     assert "ERROR" not in plain.step(act("look around")).observation

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import zlib
 from collections.abc import Sequence
@@ -51,6 +52,13 @@ _META_COMMANDS = {"help", "objects", "task"}
 _UNKNOWN_ACTION = "Unknown action.  Type 'help' for a list of actions, and 'objects' for a list of possible object referents."
 
 
+def _check_heap(heap: object) -> None:
+    """Refuse a ``heap`` that is no Java heap size (else Java exits at once and py4j says only
+    "invalid literal for int() with base 10: b''")."""
+    if not isinstance(heap, str) or not re.fullmatch(r"[1-9][0-9]*[kKmMgGtT]?", heap):
+        raise QlassError(f"sciworld: heap must be a Java heap size such as 512m or 2g, got {heap!r}")
+
+
 class SciWorldJVM:
     """One ScienceWorld JVM hosting any number of independent simulator instances.
 
@@ -62,6 +70,7 @@ class SciWorldJVM:
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, heap: str = "512m") -> None:
+        _check_heap(heap)
         require("scienceworld", "sciworld")
         from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
         from scienceworld.constants import BASEPATH, JAR_PATH
@@ -163,6 +172,7 @@ class ScienceWorldEnv:
             raise QlassError(f"sciworld: step_limit must be >= 1, got {step_limit}")
         self.step_limit = step_limit
         self.simplification = simplification
+        _check_heap(heap)  # also where this process's JVM is already running (and heap is not used)
         self._jvm = jvm or SciWorldJVM.shared(heap)
         self._sim = self._jvm.new_simulator()
         # the simulator takes an unknown label and plays on: each observation its error, each episode failed
