@@ -12,8 +12,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import stat
 import sys
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -281,6 +283,27 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
             records.append((lineno, obj))
         offset += len(line) + 1
     return records
+
+
+@contextlib.contextmanager
+def read_once(path: str | os.PathLike) -> Iterator[Path]:
+    """``path`` itself (a regular file, or none: its reader names that), or for a named pipe
+    (``<(zcat f.gz)``), which gives its bytes once, a temporary copy of them, so that a caller may read
+    them more than once (tell the kind, take a digest, then read). A pipe or socket that cannot be
+    opened is a :class:`DataError` naming it."""
+    given = Path(path)
+    if given.is_file() or not given.exists():
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="qlass-input-") as tmp:
+        copy = Path(tmp) / "input"
+        try:
+            src = open(given, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:  # a socket, say
+            raise DataError(str(given), f"cannot read: {exc.strerror or exc}") from None
+        with src, open(copy, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        yield copy
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +28,7 @@ def register(app: typer.Typer) -> None:
         decisions and evaluation records: the checks of the commands that read them) of every file;
         exit 1 if any record is invalid, 2 if a file cannot be read."""
         from ..errors import QlassError
-        from ..jsonl import refuse_device
+        from ..jsonl import read_once, refuse_device
 
         if kind != "auto" and kind not in KINDS:
             raise typer.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")
@@ -40,7 +36,7 @@ def register(app: typer.Typer) -> None:
         for path in files:
             try:
                 refuse_device(path)  # /dev/zero was read as one endless first line
-                with _read_once(path) as readable:
+                with read_once(path) as readable:
                     if _is_blank(readable):  # the same answer whatever the kind (it was rc 0, 1 or 2 by --kind)
                         raise QlassError(f"{path}: file is empty")
                     try:
@@ -93,26 +89,6 @@ def register(app: typer.Typer) -> None:
                    f"excluded {len(result.excluded)}" + (f": {', '.join(result.excluded)}" if result.excluded else ""))
 
     app.add_typer(data_app, name="data")
-
-
-@contextlib.contextmanager
-def _read_once(path: Path) -> Iterator[Path]:
-    """``path`` itself, or for a named pipe (``<(zcat f.gz)``), which gives its bytes once, a temporary
-    copy: telling the kind from the first line consumed it, and the check then read the rest only."""
-    if path.is_file() or not path.exists():
-        yield path
-        return
-    from ..errors import DataError
-
-    with tempfile.TemporaryDirectory(prefix="qlass-validate-") as tmp:
-        copy = Path(tmp) / "input"
-        try:
-            src = open(path, "rb")  # noqa: SIM115 - closed below
-        except OSError as exc:  # a socket, say: named as unreadable, and the next files are still checked
-            raise DataError(str(path), f"cannot read: {exc.strerror or exc}") from None
-        with src, open(copy, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        yield copy
 
 
 def _is_blank(path: Path) -> bool:

@@ -27,7 +27,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
@@ -39,7 +38,7 @@ from transformers import TrainerCallback
 
 from ..config import config_hash, to_dict
 from ..errors import DataError, QlassError
-from ..jsonl import append_jsonl, read_jsonl, write_jsonl
+from ..jsonl import append_jsonl, read_jsonl, read_once, write_jsonl
 from ..locking import writer_lock
 from ..precision import use_autocast
 from ..recorded import check_recorded, model_files
@@ -80,20 +79,16 @@ def input_snapshot(path: str | Path) -> Iterator[Snapshot]:
     is; a pipe (``<(zcat data.gz)``), which can be read once only, copied to a temporary file first, so
     that its digest is recorded and a resume with other data is refused as for a file. A problem in
     the copy is reported under ``path``."""
-    given = Path(path)
-    if given.is_file() or not given.exists():
-        yield Snapshot(given, str(path), file_digest(given) if given.is_file() else None)
-        return
-    with tempfile.TemporaryDirectory(prefix="qlass-input-") as tmp:
-        copy = Path(tmp) / "input"
-        with open(given, "rb") as src, open(copy, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        try:
-            yield Snapshot(copy, str(path), file_digest(copy))
+    with read_once(path) as readable:
+        if readable == Path(path):  # a regular file, or none (its reader names that)
+            yield Snapshot(readable, str(path), file_digest(readable) if readable.is_file() else None)
+            return
+        try:  # a pipe's copy: its problems are named under ``path``
+            yield Snapshot(readable, str(path), file_digest(readable))
         except DataError as exc:
-            if exc.path != str(copy):
+            if exc.path != str(readable):
                 raise
-            raise DataError(str(path), exc.problem.replace(str(copy), str(path)), exc.index, exc.record_id,
+            raise DataError(str(path), exc.problem.replace(str(readable), str(path)), exc.index, exc.record_id,
                             exc.line) from None
 
 
