@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 import sys
@@ -161,6 +162,15 @@ def json_line(record: dict[str, Any], path: str | os.PathLike) -> str:
         raise QlassError(f"{path}: refusing to write a record whose field {field!r} holds text that is not "
                          "valid Unicode (a lone surrogate); it would not read back")
     return text + "\n"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def with_replacement_characters(text: str) -> str:
+    """``text`` with every lone surrogate (bytes that were not UTF-8, or a JSON ``\\ud800`` escape) replaced
+    by U+FFFD, as a browser shows them, so that it can be written as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def is_text(text: str) -> bool:

@@ -9,7 +9,6 @@ unused for ``idle_timeout`` seconds is closed. What an environment returns goes 
 
 import json
 import logging
-import re
 import secrets
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from .envs.base import Env, env_close, env_expert, env_prompt, env_splits, env_step, env_tasks, make_env
 from .errors import QlassError
-from .jsonl import is_text
+from .jsonl import is_text, with_replacement_characters
 from .types import Task
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_TIMEOUT = 1800.0
 """Default seconds an instance may sit unused before it is closed (its client is taken for dead)."""
-SURROGATE = re.compile("[\ud800-\udfff]")
 ID_SPACE = 1 << 53
 """Instance ids are integers below this (exact in any JSON reader, JavaScript's included)."""
 KEPT_ANSWERS = 4096
@@ -113,7 +111,7 @@ def json_safe(value: Any) -> Any:
     """``value`` with anything JSON cannot hold turned into strings, and lone surrogates (which UTF-8
     cannot carry) replaced by U+FFFD, so that an answer holding it can always be sent."""
     text = json.dumps(value, default=str, ensure_ascii=False)
-    return json.loads(text if is_text(text) else SURROGATE.sub("\ufffd", text))
+    return json.loads(text if is_text(text) else with_replacement_characters(text))
 
 
 class EnvPool:

@@ -19,13 +19,12 @@ import json
 import logging
 import math
 import os
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
-from .jsonl import JSONContentError, check_output_file, loads, write_text_atomic
+from .jsonl import JSONContentError, check_output_file, loads, with_replacement_characters, write_text_atomic
 from .tree import BackupConfig, Tree, compute_q, contrast_pairs, read_tree_records, tree_summary
 from .view_inputs import (
     KINDS,
@@ -289,9 +288,6 @@ def render_html(data: dict[str, Any]) -> str:
     )
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _head(path: Path, size: int) -> bytes:
     """The first ``size`` bytes of ``path``."""
     with open(path, "rb") as fh:
@@ -311,7 +307,7 @@ def write_view(path: str | os.PathLike, out: str | os.PathLike, title: str | Non
     data = load_view_data(path, title)
     # a name that is not UTF-8 (a folder's, a --title's: Python holds its bytes as lone surrogates) is shown
     # with U+FFFD, as a browser would show it; the page could not be written
-    page = _SURROGATE.sub("\ufffd", render_html(data))
+    page = with_replacement_characters(render_html(data))
     write_text_atomic(o, page)
     log.info("wrote %s (%.1f MB): %d trees (%d nodes), %d episodes, %d decisions, %d result sets",
              o, len(page.encode("utf-8")) / 1e6, len(data["trees"]), sum(len(t["nodes"]) for t in data["trees"]),
