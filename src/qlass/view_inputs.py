@@ -29,7 +29,7 @@ SNIFF_BYTES = 1 << 20
 """How much of a file's first line :func:`_first_fields` reads to tell what the file is."""
 
 
-def _first_line(path: Path) -> tuple[bytes, bool] | None:
+def first_line(path: Path) -> tuple[bytes, bool] | None:
     """The first non-blank line of ``path`` (decompressed where gzip-compressed, without a byte order mark),
     at most :data:`SNIFF_BYTES` of it, and whether that is the whole line; None when the file has none."""
     with open(path, "rb") as raw:
@@ -71,7 +71,7 @@ def _first_fields(path: Path) -> set[str] | None:
     no record). Only :data:`SNIFF_BYTES` of the first line are read: of a longer one, the fields that
     begin within them (qlass writes the fields that tell a file's kind before the long ones)."""
     try:
-        first = _first_line(path)
+        first = first_line(path)
         if first is None:
             return None
         line, whole = first

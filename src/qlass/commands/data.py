@@ -92,22 +92,16 @@ def register(app: typer.Typer) -> None:
 
 
 def _is_blank(path: Path) -> bool:
-    """Whether ``path`` (gzip-compressed or not) holds nothing but whitespace; read until it does not.
-    An unreadable file is not blank: its reader names the problem."""
-    import gzip
+    """Whether ``path`` (gzip-compressed or not) holds nothing but whitespace (and a byte order mark). An
+    unreadable file is not blank: its reader names the problem."""
+    import zlib
 
-    from ..jsonl import GZIP_MAGIC
+    from ..view_inputs import first_line
 
     try:
-        with path.open("rb") as fh:
-            zipped = fh.read(2) == GZIP_MAGIC
-        with (gzip.open if zipped else open)(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 16), b""):
-                if block.lstrip(b" \t\r\n\xef\xbb\xbf"):
-                    return False
-    except (OSError, EOFError):
+        return first_line(path) is None
+    except (OSError, EOFError, zlib.error):
         return False
-    return True
 
 
 def _validate(path: Path, what: str, name: str) -> bool:
