@@ -52,7 +52,7 @@ from .qnet import QNet
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
-from .recorded import model_files, setting_changes
+from .recorded import model_files, same_path, setting_changes
 from .training.common import file_digest, input_snapshot
 from .training.run_folders import refuse_overwriting_run
 
@@ -252,17 +252,9 @@ def stamp_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     changes = setting_changes(view(saved), view(now))
     old, new = saved.get("qdata"), now["qdata"]
     same_bytes = saved.get("qdata_sha256") == now["qdata_sha256"]
-    if old != new and not same_bytes and not _same_file(old, new):
+    if old != new and not same_bytes and not same_path(old, new):
         changes.insert(0, f"qdata: {old!r} → {new!r}")
     return changes
-
-
-def _same_file(old: Any, new: str) -> bool:
-    """Whether ``old`` names the existing file ``new``."""
-    try:
-        return isinstance(old, str) and Path(new).samefile(old)
-    except OSError:
-        return False
 
 
 def inputs_digest(paths: Sequence[str | Path]) -> str:

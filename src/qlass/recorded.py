@@ -50,12 +50,17 @@ def with_model_files(settings: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _same_folder(old: Any, new: Any) -> bool:
-    """Whether ``old`` and ``new`` name one existing folder."""
+def same_path(old: Any, new: Any) -> bool:
+    """Whether the strings ``old`` and ``new`` name one existing file or folder."""
     try:
-        return isinstance(old, str) and isinstance(new, str) and Path(old).is_dir() and Path(new).samefile(old)
+        return isinstance(old, str) and isinstance(new, str) and Path(new).samefile(old)
     except OSError:
         return False
+
+
+def _same_folder(old: Any, new: Any) -> bool:
+    """Whether ``old`` and ``new`` name one existing folder."""
+    return isinstance(old, str) and Path(old).is_dir() and same_path(old, new)
 
 
 def _same_files(before: Mapping[str, Any], now: Mapping[str, Any], key: str) -> bool:
