@@ -468,3 +468,21 @@ def test_bad_data_is_named(tmp_path: Path) -> None:
     cut.write_bytes(bytes(damaged))
     with pytest.raises(DataError, match=r"products_1k\.jsonl\.xz: cannot be read \(LZMAError: "):
         WebShopEnv(products_file=cut, attributes_file=DATA / "items_ins_v2_1000.json")
+
+
+def test_bad_reviews_file_is_named(tmp_path: Path) -> None:
+    attributes = DATA / "items_ins_v2_1000.json"
+    with pytest.raises(QlassError, match=r"webshop: data file \S*no_reviews\.json does not exist"):  # before: bare
+        WebShopEnv(data_dir=DATA, num_products=5, reviews_file=tmp_path / "no_reviews.json")  # FileNotFoundError
+    reviews = tmp_path / "reviews.json"
+    reviews.write_text('{"asin": "B1"}')
+    with pytest.raises(DataError, match=r"reviews\.json: expected a JSON list of reviews"):  # before: "of products"
+        WebShopEnv(data_dir=DATA, num_products=5, reviews_file=reviews)
+    reviews.write_text('[{"asin": "B1", "reviews": [{"title": "ok"}]}, {"asin": "B2", "reviews": ["great"]}]')
+    with pytest.raises(DataError, match=r"reviews\.json, record 1 \(id 'B2'\): field 'reviews': expected a list"):
+        WebShopEnv(data_dir=DATA, num_products=5, reviews_file=reviews)  # before: AttributeError 'str' ... 'get'
+    cut = tmp_path / "reviews.json.xz"
+    cut.write_bytes(lzma.compress(b'[{"asin": "B1", "reviews": []}]' * 50)[:40])
+    with pytest.raises(DataError, match=r"reviews\.json\.xz: cannot be read \(EOFError: "):
+        WebShopEnv(products_file=DATA / "products_1k.jsonl.xz", attributes_file=attributes, num_products=5,
+                   reviews_file=cut)

@@ -147,7 +147,10 @@ class WebShopEnv:
         self._nouns: Callable[[str], list[str]] = noun_function(tagger)
         if shop is None:
             products, attributes = resolve_files(data_dir, products_file, attributes_file)
-            shop = load_shop(products, attributes, Path(reviews_file) if reviews_file else None,
+            reviews = Path(reviews_file) if reviews_file else None
+            if reviews is not None and not reviews.is_file():  # before: a bare FileNotFoundError
+                raise QlassError(f"webshop: data file {reviews} does not exist")
+            shop = load_shop(products, attributes, reviews,
                              int(num_products) if num_products is not None else None, int(seed), int(test_size))
         self.shop = shop
         self._session: Shop | None = None

@@ -67,14 +67,14 @@ def _open_text(path: Path):
     return lzma.open(path, "rt", encoding="utf-8") if path.suffix == ".xz" else open(path, encoding="utf-8")
 
 
-def iter_json_array(path: Path) -> Iterator[Any]:
-    """Yield the elements of a top-level JSON list one at a time, reading the file in chunks."""
+def iter_json_array(path: Path, what: str = "products") -> Iterator[Any]:
+    """Yield the elements of a top-level JSON list (of ``what``) one at a time, reading the file in chunks."""
     decoder = json.JSONDecoder()
     with _open_text(path) as fh:
         buf = fh.read(_CHUNK)
         pos = len(buf) - len(buf.lstrip())
         if not buf[pos:pos + 1] == "[":
-            raise DataError(str(path), "expected a JSON list of products")
+            raise DataError(str(path), f"expected a JSON list of {what}")
         pos += 1
         index = 0
         eof = False
@@ -227,14 +227,19 @@ def load_attributes(path: Path) -> dict[str, Any]:
 def load_reviews(path: Path) -> dict[str, tuple[list[dict[str, Any]], str]]:
     """WebShop's reviews file: a JSON list of ``{"asin", "reviews", "average_rating"}``."""
     out: dict[str, tuple[list[dict[str, Any]], str]] = {}
-    for i, rec in enumerate(iter_json_array(path)):
-        if not isinstance(rec, dict) or "asin" not in rec:
-            raise DataError(str(path), "expected an object with 'asin'", index=i)
-        items = []
-        for r in rec.get("reviews") or []:
-            items.append({"title": r.get("title", ""), "score": r.get("score", r.get("stars", "")),
-                          "body": r.get("body", r.get("review", ""))})
-        out[str(rec["asin"])] = (items, str(rec.get("average_rating") or "N.A."))
+    try:
+        for i, rec in enumerate(iter_json_array(path, "reviews")):
+            if not isinstance(rec, dict) or "asin" not in rec:
+                raise DataError(str(path), "expected an object with 'asin'", index=i)
+            given = rec.get("reviews") or []
+            if not isinstance(given, list) or not all(isinstance(r, dict) for r in given):
+                raise DataError(str(path), "field 'reviews': expected a list of objects", index=i,
+                                record_id=str(rec["asin"]))
+            items = [{"title": r.get("title", ""), "score": r.get("score", r.get("stars", "")),
+                      "body": r.get("body", r.get("review", ""))} for r in given]
+            out[str(rec["asin"])] = (items, str(rec.get("average_rating") or "N.A."))
+    except (lzma.LZMAError, EOFError, UnicodeDecodeError) as exc:  # a damaged or cut .xz, bytes that are not text
+        raise DataError(str(path), f"cannot be read ({type(exc).__name__}: {exc})") from None
     return out
 
 
