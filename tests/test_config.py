@@ -374,3 +374,19 @@ def test_an_integer_too_large_for_a_number_is_named_in_yaml_and_overrides(tmp_pa
     path.write_text(f"seed: {big}\nhex: 0x1f\n")
     assert load_yaml(path) == {"seed": int(big), "hex": 31}
     assert parse_kv([f"seed=-{big}", "n=1_000"], "--set") == {"seed": -int(big), "n": 1000}
+
+
+def test_pipeline_policy_seed_option_is_used_by_exploration(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``policy: {seed: N}`` (an option of the local policy, which evaluation passes on) also reaches
+    exploration; before: a TypeError traceback, as exploration passed the run seed beside it."""
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(run), "sft_model": str(tiny_model_dir), "env": "toy_envs:Corridor", "policy": {"seed": 3},
+        "explore": {"limit": 1, "max_new_tokens": 4, "max_depth": 1, "max_nodes": 3}}))
+    assert run_pipeline(path, stop_after="explore") is None
+    assert yaml.safe_load((run / "trees.config.yaml").read_text())["policy"]["seed"] == 3

@@ -145,7 +145,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
         policy_opts.setdefault("tokenizer", str(sft_dir))
     concurrency = r.explore_stage.concurrency
     policy_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
-    policy = functools.partial(load_policy, policy_spec, seed=cfg.seed, **policy_opts)
+    policy = functools.partial(load_policy, policy_spec, **{"seed": cfg.seed, **policy_opts})  # policy.seed wins
     explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
                   run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers),
                   concurrency=concurrency, settings={"model": policy_spec, "env": cfg.env,
