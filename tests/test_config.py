@@ -390,3 +390,29 @@ def test_pipeline_policy_seed_option_is_used_by_exploration(tiny_model_dir: Path
         "explore": {"limit": 1, "max_new_tokens": 4, "max_depth": 1, "max_nodes": 3}}))
     assert run_pipeline(path, stop_after="explore") is None
     assert yaml.safe_load((run / "trees.config.yaml").read_text())["policy"]["seed"] == 3
+
+
+def test_run_folder_refuses_more_exploration_tasks_once_the_trees_trained_a_qnet(tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """explore.limit may grow while only trees exist; once a QNet was trained on them, more trees would
+    replace its Q data and have stage 3 refuse the folder in every later rerun (before: the extra trees
+    were explored, qdata.jsonl overwritten, then train_qnet refused, even with the limit set back)."""
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    path = tmp_path / "p.yaml"
+    config = {"run_dir": str(run), "sft_model": str(tiny_model_dir), "env": "toy_envs:Corridor",
+              "explore": {"limit": 1, "max_new_tokens": 4, "max_depth": 1, "max_nodes": 3},
+              "qnet": {"epochs": 1, "batch_size": 2, "val_fraction": 0.0, "max_length": 512}}
+    path.write_text(yaml.safe_dump(config))
+    assert run_pipeline(path, stop_after="qnet") is None
+    trees, qdata = (run / "trees.jsonl").read_bytes(), (run / "qdata.jsonl").read_bytes()
+    path.write_text(yaml.safe_dump({**config, "explore": {**config["explore"], "limit": 2}}))
+    with pytest.raises(QlassError, match=r"p\.yaml: explore: 1 task\(s\) without a tree \(first: 'corridor/1'\).*"
+                                         r"QNet in .*qnet was trained on"):
+        run_pipeline(path, stop_after="qnet")
+    assert (run / "trees.jsonl").read_bytes() == trees and (run / "qdata.jsonl").read_bytes() == qdata
+    path.write_text(yaml.safe_dump(config))
+    assert run_pipeline(path, stop_after="qnet") is None

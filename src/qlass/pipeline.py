@@ -31,7 +31,7 @@ from .config import load_extended_yaml
 from .errors import QlassError
 from .jsonl import require_model_folder
 from .pipeline_config import Resolved, check_stage_splits, resolve, save_resolved
-from .pipeline_retrain import combined_report, retrained_agents
+from .pipeline_retrain import SELF_TRAIN_DIR, combined_report, retrained_agents
 from .types import Task
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,28 @@ def _exploration_tasks(r: Resolved, tasks: list[Task], config_path: str | Path) 
     if not chosen:
         raise QlassError(f"{config_path}: explore: no task left in split {stage.split!r} after skip {stage.skip}"
                          + (f" and the {len(exclude)} expert tasks" if stage.exclude_expert else ""))
+    _refuse_new_trees(r, chosen, config_path)
     log.info("exploring %d tasks%s", len(chosen),
              f" (none of the {len(exclude)} expert tasks)" if stage.exclude_expert else "")
     return chosen
+
+
+def _refuse_new_trees(r: Resolved, chosen: list[Task], config_path: str | Path) -> None:
+    """Refuse tasks without a tree once a QNet or a self-trained agent was trained on the run's trees (a
+    grown explore.limit): the new trees would replace the Q data it was trained on, which it then refuses."""
+    from .tree import read_trees
+
+    path = r.run_dir / "trees.jsonl"
+    trained = [r.run_dir / p for p in ("qnet", SELF_TRAIN_DIR) if (r.run_dir / p).exists()]
+    if not trained or not path.exists():
+        return
+    have = {t.tree_id for t in read_trees(path, repair_tail=True)}
+    new = [t.id for t in chosen if t.id not in have]
+    if new:
+        what = "the QNet in" if trained[0].name == "qnet" else "the self-trained agents in"
+        raise QlassError(f"{config_path}: explore: {len(new)} task(s) without a tree (first: {new[0]!r}), but "
+                         f"{what} {trained[0]} was trained on the {len(have)} trees of {path}; more would change "
+                         "its data (set explore.limit back, or use a new run_dir)")
 
 
 STAGES = ("sft", "explore", "qnet", "eval")
