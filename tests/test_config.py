@@ -416,3 +416,14 @@ def test_run_folder_refuses_more_exploration_tasks_once_the_trees_trained_a_qnet
     assert (run / "trees.jsonl").read_bytes() == trees and (run / "qdata.jsonl").read_bytes() == qdata
     path.write_text(yaml.safe_dump(config))
     assert run_pipeline(path, stop_after="qnet") is None
+
+
+def test_pipeline_refuses_a_qnet_action_budget_that_fills_its_input_before_any_work() -> None:
+    """max_action_tokens must leave room in max_length (QNet refuses otherwise); before: accepted by the
+    config and refused at stage 3, after SFT and exploration ran."""
+    from qlass.pipeline_config import resolve
+
+    with pytest.raises(QlassError, match=re.escape("p.yaml: qnet: max_action_tokens must be >= 1 and below "
+                                                   "max_length, got 256 and 256")):
+        resolve({"qnet": {"max_length": 256}}, "p.yaml")
+    resolve({"qnet": {"max_length": 257}}, "p.yaml")

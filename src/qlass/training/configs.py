@@ -162,3 +162,6 @@ class QNetTrainConfig(TrainerConfig):
             raise ValueError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if self.pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
+        if not 1 <= self.max_action_tokens < self.max_length:
+            raise ValueError(f"max_action_tokens must be >= 1 and below max_length, got {self.max_action_tokens} "
+                             f"and {self.max_length}")
