@@ -427,3 +427,12 @@ def test_pipeline_refuses_a_qnet_action_budget_that_fills_its_input_before_any_w
                                                    "max_length, got 256 and 256")):
         resolve({"qnet": {"max_length": 256}}, "p.yaml")
     resolve({"qnet": {"max_length": 257}}, "p.yaml")
+
+
+@pytest.mark.parametrize("run_dir", ["", "  "])
+def test_pipeline_refuses_an_empty_run_dir(run_dir: str) -> None:
+    """Before: ``run_dir: ""`` (an unset template value, say) made the working directory the run folder."""
+    from qlass.pipeline_config import resolve
+
+    with pytest.raises(QlassError, match=re.escape(f"p.yaml: field 'run_dir' must name a folder, got {run_dir!r}")):
+        resolve({"run_dir": run_dir}, "p.yaml")

@@ -184,6 +184,8 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .training.configs import QNetTrainConfig, SFTConfig
 
     cfg = build(PipelineConfig, data, source)
+    if not cfg.run_dir.strip():  # Path("") is the working directory
+        raise QlassError(f"{source}: field 'run_dir' must name a folder, got {cfg.run_dir!r}")
     if cfg.backend not in BACKENDS:
         raise QlassError(f"{source}: field 'backend' must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     if cfg.workers < 1:
