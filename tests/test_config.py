@@ -436,3 +436,23 @@ def test_pipeline_refuses_an_empty_run_dir(run_dir: str) -> None:
 
     with pytest.raises(QlassError, match=re.escape(f"p.yaml: field 'run_dir' must name a folder, got {run_dir!r}")):
         resolve({"run_dir": run_dir}, "p.yaml")
+
+
+@pytest.mark.parametrize("section", ["rft", "eto", "self_train"])
+def test_pipeline_with_sft_model_needs_the_retrained_agents_expert_data_before_any_work(
+        section: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With sft_model, no stage exports expert data; the RFT, ETO and self-training sections read it after the
+    evaluation (before: a missing file was found only then, after exploration, QNet and evaluation ran)."""
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(run), "sft_model": str(tiny_model_dir), "env": "toy_envs:Corridor", section: {},
+        "explore": {"limit": 1, "max_new_tokens": 4, "max_depth": 1, "max_nodes": 3},
+        "eval": {"limit": 1, "max_steps": 1, "methods": ["greedy:max_new_tokens=4"]}}))
+    with pytest.raises(QlassError, match=rf"p\.yaml: {section}: no expert data at .*expert\.json"):
+        run_pipeline(path)
+    assert not (run / "trees.jsonl").exists()

@@ -31,7 +31,7 @@ from .config import load_extended_yaml
 from .errors import QlassError
 from .jsonl import require_model_folder
 from .pipeline_config import Resolved, check_stage_splits, resolve, save_resolved
-from .pipeline_retrain import SELF_TRAIN_DIR, combined_report, retrained_agents
+from .pipeline_retrain import SELF_TRAIN_DIR, combined_report, expert_data, retrained_agents
 from .types import Task
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,9 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
         require_model_folder(sft_dir, f"{config_path}: field 'sft_model': {sft_dir} is not a model folder (no "
                                       "config.json)")
         log.info("stage 1: using the SFT checkpoint %s", sft_dir)
+        for name in ("rft", "eto", "self_train"):  # read after the evaluation: a missing file is named now
+            if getattr(r, name) is not None:
+                expert_data(r, config_path, name)
         ignored = [name for name in ("expert", "sft") if getattr(cfg, name)]
         if r.rft is not None or r.self_train is not None:  # their fine-tuning reads both
             ignored = []
