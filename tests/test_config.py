@@ -456,3 +456,22 @@ def test_pipeline_with_sft_model_needs_the_retrained_agents_expert_data_before_a
     with pytest.raises(QlassError, match=rf"p\.yaml: {section}: no expert data at .*expert\.json"):
         run_pipeline(path)
     assert not (run / "trees.jsonl").exists()
+
+
+def test_extends_errors_name_the_extending_file_and_a_bad_value_names_the_bases(tmp_path: Path) -> None:
+    """Before: a missing base was "base.yaml: file not found" (which file's extends?), and a bad value set in a
+    base was reported against the extending file alone, which does not hold it."""
+    from qlass.config import load_extended_yaml
+    from qlass.pipeline import run_pipeline
+
+    top = tmp_path / "top.yaml"
+    top.write_text("extends: nosuch.yaml\nseed: 1\n")
+    with pytest.raises(DataError, match=r"top\.yaml: field 'extends': nosuch\.yaml \(.*nosuch\.yaml\) not found"):
+        load_extended_yaml(top)
+    (tmp_path / "nosuch.yaml").mkdir()
+    with pytest.raises(DataError, match=r"top\.yaml: field 'extends': nosuch\.yaml \(.*\) is a folder"):
+        load_extended_yaml(top)
+    (tmp_path / "base.yaml").write_text("run_dir: [1]\n")
+    top.write_text("extends: base.yaml\nseed: 1\n")
+    with pytest.raises(QlassError, match=r"top\.yaml \(extending .*base\.yaml\): option 'run_dir' expects str"):
+        run_pipeline(top)

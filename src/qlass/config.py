@@ -165,9 +165,11 @@ def merge_mappings(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str
     return out
 
 
-def load_extended_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_extended_yaml(path: str | Path, _chain: tuple[Path, ...] = (), bases: list[Path] | None = None
+                       ) -> dict[str, Any]:
     """A YAML mapping (:func:`load_yaml`) whose optional ``extends: FILE`` (relative to it) names a
-    base file it overrides (:func:`merge_mappings`); bases may extend others, a cycle is an error."""
+    base file it overrides (:func:`merge_mappings`); bases may extend others, a cycle is an error.
+    ``bases``, when given, receives the path of every base file read (for messages about the merged values)."""
     p = Path(path)
     data = load_yaml(p)
     base = data.pop("extends", None)
@@ -179,7 +181,12 @@ def load_extended_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[
     chain = (*_chain, p.resolve())
     if base_path in chain:
         raise DataError(str(p), f"field 'extends': {base} is already in the chain {' → '.join(map(str, chain))}")
-    return merge_mappings(load_extended_yaml(base_path, chain), data)
+    if not base_path.exists() or base_path.is_dir():
+        raise DataError(str(p), f"field 'extends': {base} ({base_path}) "
+                                + ("is a folder, not a YAML file" if base_path.is_dir() else "not found"))
+    if bases is not None:
+        bases.append(base_path)
+    return merge_mappings(load_extended_yaml(base_path, chain, bases), data)
 
 
 def parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:

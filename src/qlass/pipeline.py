@@ -120,13 +120,15 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
 
     if stop_after is not None and stop_after not in STAGES[:-1]:
         raise QlassError(f"--stop-after must be one of {', '.join(STAGES[:-1])}, got {stop_after!r}")
-    data = load_extended_yaml(config_path)
+    bases: list[Path] = []
+    data = load_extended_yaml(config_path, bases=bases)
     if not data:
         raise QlassError(f"{config_path}: holds no settings, so every stage would run at its defaults in "
                          "runs/qlass; write at least run_dir (see configs/demo.yaml; qlass run --list-options "
                          "lists every key)")
-    r = resolve(data, str(config_path))
-    check_stage_splits(r, str(config_path))
+    source = f"{config_path} (extending {', '.join(map(str, bases))})" if bases else str(config_path)
+    r = resolve(data, source)  # a value may come from a base file
+    check_stage_splits(r, source)
     save_resolved(r)
     cfg, run = r.cfg, r.run_dir
     types = cfg.task_types
