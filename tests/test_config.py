@@ -475,3 +475,18 @@ def test_extends_errors_name_the_extending_file_and_a_bad_value_names_the_bases(
     top.write_text("extends: base.yaml\nseed: 1\n")
     with pytest.raises(QlassError, match=r"top\.yaml \(extending .*base\.yaml\): option 'run_dir' expects str"):
         run_pipeline(top)
+
+
+@pytest.mark.parametrize("section, where", [
+    ({"qnet": {"report_to": "bogus"}}, "qnet"),
+    ({"rft": {"sft": {"report_to": "bogus"}}}, "rft.sft"),
+    ({"self_train": {"sft": {"report_to": "bogus"}}}, "self_train.sft"),
+    ({"eto": {"dpo": {"report_to": "bogus"}}}, "eto.dpo"),
+])
+def test_pipeline_checks_every_trainers_report_to_before_any_work(section: dict, where: str) -> None:
+    """Before: a trainer's report_to was checked when that trainer started (stage 3 or after the evaluation),
+    with a message naming neither the file nor the section."""
+    from qlass.pipeline_config import resolve
+
+    with pytest.raises(QlassError, match=re.escape(f"p.yaml: {where}: report_to: unknown integration 'bogus'")):
+        resolve(section, "p.yaml")

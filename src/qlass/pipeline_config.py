@@ -215,11 +215,30 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
         check_env_options(cfg.env, cfg.env_args)
     except QlassError as exc:
         raise QlassError(f"{source}: field 'env_args': {exc}") from None
+    _check_report_to(r, source)
     try:  # last: checking the options against the local backend's signature imports torch
         check_policy_options(cfg.policy_server or "default", cfg.policy)
     except QlassError as exc:
         raise QlassError(f"{source}: field 'policy': {exc}") from None
     return r
+
+
+def _check_report_to(r: Resolved, source: str) -> None:
+    """Every trainer's report_to, checked before any work (each trainer checks it only as it starts)."""
+    from .training.common import check_report_to
+
+    trainers = {"sft": r.sft, "qnet": r.qnet}
+    for name in ("rft", "self_train"):
+        section = getattr(r, name)
+        if section is not None:
+            trainers[f"{name}.sft"] = section.sft
+    if r.eto is not None:
+        trainers["eto.dpo"] = r.eto.dpo
+    for name, cfg in trainers.items():
+        try:
+            check_report_to(cfg.report_to)
+        except QlassError as exc:
+            raise QlassError(f"{source}: {name}: {exc}") from None
 
 
 def _started(run: Path) -> list[str]:
