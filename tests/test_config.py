@@ -490,3 +490,22 @@ def test_pipeline_checks_every_trainers_report_to_before_any_work(section: dict,
 
     with pytest.raises(QlassError, match=re.escape(f"p.yaml: {where}: report_to: unknown integration 'bogus'")):
         resolve(section, "p.yaml")
+
+
+def test_pipeline_task_types_that_select_no_task_are_named(tmp_path: Path) -> None:
+    """``task_types: []`` selects nothing (null selects all) and is refused before any work; types the
+    environment has no task of are named as such (before: "no expert trajectory could be verified")."""
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+    from qlass.pipeline_config import resolve
+
+    with pytest.raises(QlassError, match=re.escape("p.yaml: field 'task_types' must name at least one task type "
+                                                   "(null: all of them)")):
+        resolve({"task_types": []}, "p.yaml")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "env": "toy_envs:Corridor",
+                                    "model": "/nonexistent/model", "task_types": ["wlak"]}))
+    with pytest.raises(QlassError, match=re.escape("expert.split: toy_envs:Corridor has no task in split 'train' of "
+                                                   "the task types ['wlak']")):
+        run_pipeline(path)

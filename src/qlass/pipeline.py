@@ -54,6 +54,9 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
         env = make_env(cfg.env, **cfg.env_args)
         try:
             tasks = env_tasks(env, r.expert.split, cfg.task_types)
+            if not tasks:
+                raise QlassError(f"expert.split: {cfg.env} has no task in split {r.expert.split!r}"
+                                 + (f" of the task types {cfg.task_types}" if cfg.task_types else ""))
             result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps)
         finally:
             env_close(env)

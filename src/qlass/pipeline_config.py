@@ -184,6 +184,8 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .training.configs import QNetTrainConfig, SFTConfig
 
     cfg = build(PipelineConfig, data, source)
+    if cfg.task_types is not None and not cfg.task_types:
+        raise QlassError(f"{source}: field 'task_types' must name at least one task type (null: all of them)")
     if not cfg.run_dir.strip():  # Path("") is the working directory
         raise QlassError(f"{source}: field 'run_dir' must name a folder, got {cfg.run_dir!r}")
     if cfg.backend not in BACKENDS:
