@@ -509,3 +509,15 @@ def test_pipeline_task_types_that_select_no_task_are_named(tmp_path: Path) -> No
     with pytest.raises(QlassError, match=re.escape("expert.split: toy_envs:Corridor has no task in split 'train' of "
                                                    "the task types ['wlak']")):
         run_pipeline(path)
+
+
+@pytest.mark.parametrize("server", ["localhost:8000/v1", "runs/sft", "ftp://127.0.0.1:9/v1", ""])
+def test_pipeline_policy_server_must_be_a_server_url(server: str) -> None:
+    """Before: a URL without its scheme passed as a model folder, so after SFT exploration failed with
+    "HFPolicy has no option 'tokenizer'"."""
+    from qlass.pipeline_config import resolve
+
+    with pytest.raises(QlassError, match=re.escape(f"p.yaml: field 'policy_server' must be the http(s)://host:port/v1 "
+                                                   f"URL of an OpenAI-compatible server, got {server!r}")):
+        resolve({"policy_server": server}, "p.yaml")
+    resolve({"policy_server": "HTTPS://example.org/v1"}, "p.yaml")

@@ -188,6 +188,9 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
         raise QlassError(f"{source}: field 'task_types' must name at least one task type (null: all of them)")
     if not cfg.run_dir.strip():  # Path("") is the working directory
         raise QlassError(f"{source}: field 'run_dir' must name a folder, got {cfg.run_dir!r}")
+    if cfg.policy_server is not None and not cfg.policy_server.lower().startswith(("http://", "https://")):
+        raise QlassError(f"{source}: field 'policy_server' must be the http(s)://host:port/v1 URL of an "
+                         f"OpenAI-compatible server, got {cfg.policy_server!r}")
     if cfg.backend not in BACKENDS:
         raise QlassError(f"{source}: field 'backend' must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     if cfg.workers < 1:
