@@ -492,7 +492,7 @@ def test_pipeline_checks_every_trainers_report_to_before_any_work(section: dict,
         resolve(section, "p.yaml")
 
 
-def test_pipeline_task_types_that_select_no_task_are_named(tmp_path: Path) -> None:
+def test_pipeline_task_types_that_select_no_task_are_named(tiny_model_dir: Path, tmp_path: Path) -> None:
     """``task_types: []`` selects nothing (null selects all) and is refused before any work; types the
     environment has no task of are named as such (before: "no expert trajectory could be verified")."""
     import yaml
@@ -505,7 +505,7 @@ def test_pipeline_task_types_that_select_no_task_are_named(tmp_path: Path) -> No
         resolve({"task_types": []}, "p.yaml")
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "env": "toy_envs:Corridor",
-                                    "model": "/nonexistent/model", "task_types": ["wlak"]}))
+                                    "model": str(tiny_model_dir), "task_types": ["wlak"]}))
     with pytest.raises(QlassError, match=re.escape("expert.split: toy_envs:Corridor has no task in split 'train' of "
                                                    "the task types ['wlak']")):
         run_pipeline(path)
@@ -521,3 +521,19 @@ def test_pipeline_policy_server_must_be_a_server_url(server: str) -> None:
                                                    f"URL of an OpenAI-compatible server, got {server!r}")):
         resolve({"policy_server": server}, "p.yaml")
     resolve({"policy_server": "HTTPS://example.org/v1"}, "p.yaml")
+
+
+def test_pipeline_refuses_a_missing_base_model_before_exporting_expert_data(tmp_path: Path) -> None:
+    """Before: the expert trajectories were exported first (minutes in ScienceWorld) and the run folder, now
+    holding them, then refused the corrected model as a changed setting."""
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(run), "env": "toy_envs:Corridor", "model": "/nonexistent/model"}))
+    with pytest.raises(QlassError, match=re.escape("p.yaml: field 'model': /nonexistent/model is not a model folder "
+                                                   "(no config.json)")):
+        run_pipeline(path)
+    assert not (run / "expert.json").exists()

@@ -154,7 +154,9 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
             log.warning("%s: section(s) %s ignored: sft_model is set, so stage 1 does not run",
                         config_path, ", ".join(ignored))
     else:
-        sft_dir = _expert_and_sft(r, default_model_dir() if cfg.model == "default" else Path(cfg.model))
+        base = default_model_dir() if cfg.model == "default" else Path(cfg.model)
+        require_model_folder(base, f"{config_path}: field 'model': {base} is not a model folder (no config.json)")
+        sft_dir = _expert_and_sft(r, base)
     if stop_after == "sft":
         return None
 
