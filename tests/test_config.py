@@ -537,3 +537,22 @@ def test_pipeline_refuses_a_missing_base_model_before_exporting_expert_data(tmp_
                                                    "(no config.json)")):
         run_pipeline(path)
     assert not (run / "expert.json").exists()
+
+
+@pytest.mark.parametrize("policy, server, expected", [
+    ({"dtype": "bogus"}, None, "unknown dtype 'bogus'; use one of float32, bfloat16, float16"),
+    ({"cache_slots": -5}, None, "policy option cache_slots must be >= 0, got -5"),  # before: accepted silently
+    ({"max_length": 0}, None, "policy option max_length must be >= 1, got 0"),
+    ({"device": "gpu"}, None, "unknown torch device 'gpu'"),
+    ({"top_p": 0.0}, None, "policy option top_p must be in (0, 1], got 0.0"),
+    ({"endpoint": "responses"}, "http://127.0.0.1:9/v1", "unknown endpoint 'responses'"),
+    ({"concurrency": 0}, "http://127.0.0.1:9/v1", "policy option concurrency must be >= 1, got 0"),
+    ({"timeout": 0}, "http://127.0.0.1:9/v1", "policy option timeout must be > 0, got 0"),
+])
+def test_pipeline_checks_policy_values_before_any_work(policy: dict, server: str | None, expected: str) -> None:
+    """Before: a policy value out of range was found when exploration loaded the policy, after SFT (at stage 2,
+    naming neither the file nor 'policy'), or never (cache_slots: -5, concurrency: 0 were taken)."""
+    from qlass.pipeline_config import resolve
+
+    with pytest.raises(QlassError, match=re.escape(f"p.yaml: field 'policy': {expected}")):
+        resolve({"policy": policy, "policy_server": server}, "p.yaml")

@@ -60,12 +60,15 @@ def is_class_spec(spec: str) -> bool:
 
 def check_policy_options(spec: str, options: Mapping[str, Any]) -> None:
     """Raise :class:`QlassError` if the backend that would serve ``spec`` (a model folder or server) does
-    not take every key of ``options`` (naming the options it does take) or one has a value of the wrong
-    type. A user's class checks its options itself (:class:`~qlass.policy.user.UserPolicy`)."""
+    not take every key of ``options`` (naming the options it does take), or one has a value of the wrong
+    type or out of its range. A user's class checks its options itself
+    (:class:`~qlass.policy.user.UserPolicy`)."""
     from ..config import check_call_options
+    from .option_values import check_hf_options, check_openai_options
 
     cls = _policy_class(spec)
     check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
+    (check_hf_options if cls.__name__ == "HFPolicy" else check_openai_options)(options)
 
 
 def load_policy(spec: str, **options: Any) -> Policy:

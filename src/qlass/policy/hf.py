@@ -53,6 +53,7 @@ from ..types import Completion, History, Message
 from . import kv
 from .base import SampleJob
 from .loading import SFT_RECORD, fine_tuned_length, load_causal_lm
+from .option_values import check_hf_options
 from .outputs import complete_action, final_output
 from .render import encode_conversation, fit_history
 from .sampling import DistinctGuard, Row, distinct_rounds, filter_probs
@@ -106,13 +107,9 @@ class HFPolicy:
         min_p: float = 0.0,
         distinct: bool = False,
     ) -> None:
-        if not 0 < top_p <= 1:
-            raise QlassError(f"policy option top_p must be in (0, 1], got {top_p!r}")
-        if not 0 <= min_p <= 1:
-            raise QlassError(f"policy option min_p must be in [0, 1], got {min_p!r}")
+        check_hf_options({"dtype": dtype, "max_length": max_length, "cache_slots": cache_slots, "threads": threads,
+                          "device": device, "max_batch_rows": max_batch_rows, "top_p": top_p, "min_p": min_p})
         self.top_p, self.min_p, self.distinct = float(top_p), float(min_p), bool(distinct)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise QlassError(f"policy option threads must be an integer >= 1, got {threads!r}")
         if threads:
             torch.set_num_threads(threads)
         self.model, self.tokenizer = load_causal_lm(model_dir, dtype)

@@ -43,6 +43,7 @@ from ..jsonl import is_text
 from ..seeding import candidate_seed, history_seeds
 from ..types import Completion, History, Message
 from .openai_http import ApiClient
+from .option_values import check_openai_options
 from .outputs import final_output
 from .render import encode_conversation, ensure_chat_template, fit_history, render
 
@@ -108,10 +109,8 @@ class OpenAIPolicy:
         if clash:
             raise QlassError(f"policy option extra_body sets {', '.join(clash)}, which qlass sets itself "
                              "(give top_p / min_p once, as policy options or in extra_body)")
-        if not 0 < top_p <= 1:
-            raise QlassError(f"policy option top_p must be in (0, 1], got {top_p!r}")
-        if not 0 <= min_p <= 1:
-            raise QlassError(f"policy option min_p must be in [0, 1], got {min_p!r}")
+        check_openai_options({"top_p": top_p, "min_p": min_p, "endpoint": endpoint, "concurrency": concurrency,
+                              "max_length": max_length})
         self.top_p, self.min_p = float(top_p), float(min_p)
         self.base_url = base_url.rstrip("/")
         if isinstance(tokenizer, (str, Path)):
@@ -121,8 +120,6 @@ class OpenAIPolicy:
         self.tokenizer = ensure_chat_template(tokenizer) if tokenizer is not None else None
         if endpoint == "auto":
             endpoint = "completions" if self.tokenizer is not None else "chat"
-        if endpoint not in ("completions", "chat"):
-            raise QlassError(f"unknown endpoint {endpoint!r}; use completions, chat or auto")
         if endpoint == "completions" and self.tokenizer is None:
             raise QlassError("the completions endpoint renders prompts locally: pass tokenizer=<model or tokenizer folder>")
         if max_length is not None and self.tokenizer is None:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import QlassError
+from .option_values import check_request_options
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,8 @@ class ApiClient:
 
     def __init__(self, base_url: str, api_key_env: str, timeout: float, max_retries: int, backoff: float,
                  max_backoff: float, seed: int) -> None:
-        for name, value, positive in (("timeout", timeout, True), ("max_retries", max_retries, False),
-                                      ("backoff", backoff, False), ("max_backoff", max_backoff, False)):
-            if (value <= 0) if positive else (value < 0):
-                raise QlassError(f"policy option {name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+        check_request_options({"timeout": timeout, "max_retries": max_retries, "backoff": backoff,
+                               "max_backoff": max_backoff})
         self.base_url = base_url
         self.timeout, self.max_retries = float(timeout), int(max_retries)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
