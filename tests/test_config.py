@@ -556,3 +556,30 @@ def test_pipeline_checks_policy_values_before_any_work(policy: dict, server: str
 
     with pytest.raises(QlassError, match=re.escape(f"p.yaml: field 'policy': {expected}")):
         resolve({"policy": policy, "policy_server": server}, "p.yaml")
+
+
+def test_pipeline_with_sft_model_does_not_call_the_sft_section_ignored_when_eto_reads_its_subset(
+        tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """ETO's pairs read the expert subset SFT saw (sft.max_trajectories, sft.seed). Before: with sft_model the
+    run warned "section(s) sft ignored" although those two options chose ETO's expert data."""
+    import logging
+
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+
+    expert = tmp_path / "expert.json"
+    expert.write_text("[]")
+    config = {"run_dir": str(tmp_path / "run"), "sft_model": str(tiny_model_dir), "env": "toy_envs:Corridor",
+              "expert": {"data": str(expert)}, "eto": {}, "sft": {"max_trajectories": 2}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.WARNING, logger="qlass"):
+        run_pipeline(path, stop_after="sft")
+    assert "ignored" not in caplog.text
+    config["sft"] = {"epochs": 2}  # read by nothing here
+    config["run_dir"] = str(tmp_path / "run2")
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.WARNING, logger="qlass"):
+        run_pipeline(path, stop_after="sft")
+    assert "section(s) sft ignored: sft_model is set" in caplog.text

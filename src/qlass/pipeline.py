@@ -148,8 +148,9 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
         ignored = [name for name in ("expert", "sft") if getattr(cfg, name)]
         if r.rft is not None or r.self_train is not None:  # their fine-tuning reads both
             ignored = []
-        elif r.eto is not None:  # its pairs read the expert data
-            ignored = [name for name in ignored if name != "expert"]
+        elif r.eto is not None:  # its pairs read the expert data, the subset SFT saw under sft.max_trajectories
+            ignored = [name for name in ignored if name != "expert"
+                       and not (name == "sft" and r.sft.max_trajectories is not None)]
         if ignored:
             log.warning("%s: section(s) %s ignored: sft_model is set, so stage 1 does not run",
                         config_path, ", ".join(ignored))
