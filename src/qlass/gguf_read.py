@@ -7,6 +7,7 @@ name, shape and type against what llama.cpp's Llama graph reads. Anything else i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors weight types convert
 SPECIAL_TOKENS = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # the ``*_token_id`` fields gguf reads
 MAX_UINT32 = 2**32 - 1  # GGUF stores widths, counts and token ids as uint32 ...
 MAX_FLOAT32 = 3.4028234e38  # ... and RoPE base, scaling factor and RMS epsilon as float32
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")  # an HF Llama layer's weights
 
 
 @dataclass(frozen=True)
@@ -282,16 +284,25 @@ def plan_tensors(model_dir: Path, config: dict[str, Any], dims: Dims) -> list[Te
     from safetensors import SafetensorError, safe_open
 
     tied = bool(config.get("tie_word_embeddings", False))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, dims.blocks)
-    shapes = _expected_shapes(dims)
-    plan: dict[str, Tensor] = {}
+    files: dict[Path, dict[str, tuple[tuple[int, ...], str]]] = {}
     for file in _safetensors_files(model_dir):
         try:
             with safe_open(file, framework="pt") as f:
-                found = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
-                         for key in sorted(f.keys())}
+                files[file] = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
+                               for key in sorted(f.keys())}
         except (SafetensorError, OSError) as exc:
             raise QlassError(f"{file}: cannot read the safetensors file ({exc})") from None
+    # gguf's name map holds every tensor name of every layer: a num_hidden_layers far above the weights' (e.g. 10**9)
+    # took hours and all memory to build it
+    layers = 1 + max((int(m[1]) for found in files.values() for key in found if (m := LAYER_KEY.match(key))),
+                     default=-1)
+    if dims.blocks > layers:
+        raise QlassError(f"{model_dir / 'config.json'}: num_hidden_layers is {dims.blocks}; the weights hold "
+                         f"{layers} layer(s)")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, dims.blocks)
+    shapes = _expected_shapes(dims)
+    plan: dict[str, Tensor] = {}
+    for file, found in files.items():
         for key, (shape, dtype) in found.items():
             if key.endswith(SKIPPED_SUFFIXES) or (tied and key == "lm_head.weight"):
                 continue
