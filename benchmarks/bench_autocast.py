@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from bench_args import positive_int
 
 from qlass.models import default_model_dir
 from qlass.precision import use_autocast
@@ -32,9 +33,9 @@ def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, bf16: bool) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_args import positive_int
+
 from qlass.envs.base import parse_action
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.envs.sciworld_hash import launch_settings
@@ -133,11 +135,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task-types", default="find-plant,find-animal,lifespan-longest-lived,"
                     "chemistry-mix-paint-secondary-color,test-conductivity")
-    ap.add_argument("--per-type", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2, help="Passes over the episodes; the best is kept.")
+    ap.add_argument("--per-type", type=positive_int, default=2)
+    ap.add_argument("--repeats", type=positive_int, default=2, help="Passes over the episodes; the best is kept.")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_env.json"))
     ap.add_argument("--other-envs", default="alfworld,webshop", help="Also time these envs ('' for none).")
-    ap.add_argument("--other-episodes", type=int, default=5)
+    ap.add_argument("--other-episodes", type=positive_int, default=5)
     args = ap.parse_args()
 
     ours = ScienceWorldEnv(step_limit=1000)

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_args import positive_int
+
 from qlass.agent import start_messages
 from qlass.envs.base import make_env
 from qlass.eval_worker import EvalWorker, MethodRun
@@ -73,13 +75,13 @@ def main() -> None:
     ap.add_argument("--qnet", type=Path, default=None, help="QNet folder (default: QNet.from_sft on --model)")
     ap.add_argument("--split", default="seen")
     ap.add_argument("--task-types", default="find-plant,find-animal,lifespan-longest-lived")
-    ap.add_argument("--tasks", type=int, default=16, help="tasks (round-robin over the task types)")
+    ap.add_argument("--tasks", type=positive_int, default=16, help="tasks (round-robin over the task types)")
     ap.add_argument("--method", action="append", default=None,
                     help="method spec (repeatable; default: greedy, best-of-n:n=4, qlass:m=2)")
-    ap.add_argument("--max-steps", type=int, default=10)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, default=16, help="live episodes in the lockstep run")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-steps", type=positive_int, default=10)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+    ap.add_argument("--concurrency", type=positive_int, default=16, help="live episodes in the lockstep run")
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--no-autocast", dest="autocast", action="store_false", help="fp32 instead of bf16 autocast")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_eval.json"))
     args = ap.parse_args()

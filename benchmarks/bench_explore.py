@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_args import positive_int
+
 from qlass.config import build
 from qlass.envs.base import Env, make_env
 from qlass.evaluate import select_tasks
@@ -104,7 +106,7 @@ def main() -> None:
     ap.add_argument("--env", default="sciworld")
     ap.add_argument("--split", default="train")
     ap.add_argument("--task-types", default="find-non-living-thing,lifespan-longest-lived")
-    ap.add_argument("--limit", type=int, default=2)
+    ap.add_argument("--limit", type=positive_int, default=2)
     ap.add_argument("--set", action="append", default=[], help="ExploreConfig option key=value")
     ap.add_argument("--policy-arg", action="append", default=[], help="policy option key=value")
     ap.add_argument("--variant", action="append", default=[],

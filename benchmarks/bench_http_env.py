@@ -17,6 +17,8 @@ import logging
 import statistics
 import time
 
+from bench_args import positive_int
+
 from qlass.envs.base import Env, env_close, env_expert, env_reset, env_step, env_tasks, make_env
 from qlass.serve import BackgroundServer, EnvPool
 
@@ -44,7 +46,7 @@ def play(env: Env, episodes: int) -> tuple[list[float], list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--episodes", type=int, default=40)
+    parser.add_argument("--episodes", type=positive_int, default=40)
     parser.add_argument("--env", default="toy_envs:Corridor")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

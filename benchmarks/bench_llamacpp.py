@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench_args import positive_int, positive_ints
 from bench_policy import episode, timed
 
 from qlass.gguf_export import export_gguf
@@ -112,19 +113,19 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="HF causal-LM folder (default: the default model)")
     ap.add_argument("--gguf", type=Path, default=None, help="its GGUF export (default: exported now, to a temp folder)")
     ap.add_argument("--dtype", default="f16", help="GGUF weight type when exporting (f16, f32, bf16)")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=positive_int, default=1,
                     help="threads for each backend (torch; llama.cpp decode and prefill); 1 by default, for a "
                          "machine shared with other jobs")
-    ap.add_argument("--episodes", type=int, default=2)
-    ap.add_argument("--turns", type=int, default=3, help="turns per episode (one call each)")
-    ap.add_argument("--ns", default="1,8", help="candidates per call")
+    ap.add_argument("--episodes", type=positive_int, default=2)
+    ap.add_argument("--turns", type=positive_int, default=3, help="turns per episode (one call each)")
+    ap.add_argument("--ns", type=positive_ints, default="1,8", help="candidates per call")
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=32)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_llamacpp.json"))
     args = ap.parse_args()
 
     model = args.model or default_model_dir()
-    ns = [int(n) for n in args.ns.split(",")]
+    ns = args.ns
     with tempfile.TemporaryDirectory() as tmp:
         gguf = args.gguf or export_gguf(model, Path(tmp) / f"model-{args.dtype}.gguf", args.dtype)
         with llama_server(gguf, args.threads, Path(tmp) / "server.log") as url:

@@ -26,6 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from bench_args import positive_int, positive_ints
+
 from qlass.models import default_model_dir
 from qlass.policy.hf import HFPolicy
 from qlass.policy.render import encode_conversation
@@ -126,14 +128,14 @@ def bench_turns(model: Path, kw: dict, histories: list[list[Message]], marks: li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="causal-LM folder (default: the default model)")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=positive_int, default=1,
                     help="torch threads (1 by default: on a machine shared with other jobs, more threads than free "
                          "cores make every batched op wait for descheduled threads)")
-    ap.add_argument("--repeats", type=int, default=2, help="repeats of the M-candidate timings (best kept)")
+    ap.add_argument("--repeats", type=positive_int, default=2, help="repeats of the M-candidate timings (best kept)")
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast")
     ap.add_argument("--device", default="auto", help="torch device (auto: a CUDA GPU when visible, else cpu)")
-    ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--ms", default="2,4,8")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=24)
+    ap.add_argument("--ms", type=positive_ints, default="2,4,8")
     ap.add_argument("--candidates-turn", type=int, default=5, help="history (turn) used for the M-candidate test")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_policy.json"))
     args = ap.parse_args()
@@ -146,7 +148,7 @@ def main() -> None:
     policy.sample([histories[0]], 1, 0.0, 4)  # warm-up
     cand_hist = histories[args.candidates_turn - 1]
     n_prompt = len(encode_conversation(policy.tokenizer, cand_hist)[0])
-    candidates = bench_candidates(policy, cand_hist, [int(m) for m in args.ms.split(",")], args.max_new_tokens,
+    candidates = bench_candidates(policy, cand_hist, args.ms, args.max_new_tokens,
                                   args.repeats)
     turns = bench_turns(model, kw, histories, marks, args.max_new_tokens)
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import positive_int, positive_ints
 
 from qlass.models import default_model_dir
 from qlass.policy.render import encode_conversation
@@ -81,11 +82,11 @@ def best_time(fn, repeats: int) -> tuple[float, float, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", default="2,4,8", help="candidate counts")
-    ap.add_argument("--history", default="512,1024,2048", help="history lengths in tokens")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per cell (the best is kept)")
+    ap.add_argument("--m", type=positive_ints, default="2,4,8", help="candidate counts")
+    ap.add_argument("--history", type=positive_ints, default="512,1024,2048", help="history lengths in tokens")
+    ap.add_argument("--repeats", type=positive_int, default=2, help="timed runs per cell (the best is kept)")
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast for both paths")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 makes CPU time exact "
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 makes CPU time exact "
                     "on a busy machine: no spinning worker threads)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
@@ -102,10 +103,10 @@ def main() -> None:
     qnet.score(warm, make_candidates(2, rng))
     naive_scores(qnet, warm, make_candidates(2, rng))
     rows = []
-    for h in [int(x) for x in args.history.split(",")]:
+    for h in args.history:
         history = make_history(qnet, h, rng)
         h_tokens = len(qnet.encode_history(history))
-        for m in [int(x) for x in args.m.split(",")]:
+        for m in args.m:
             cands = make_candidates(m, rng)
             t_shared, cpu_shared, shared = best_time(lambda h=history, c=cands: qnet.score(h, c), args.repeats)
             shared_tokens = qnet.last_tokens

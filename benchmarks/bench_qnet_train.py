@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_args import positive_int  # noqa: E402
 from bench_qnet import ACTIONS, WORDS, make_history  # noqa: E402
 
 from qlass.models import default_model_dir  # noqa: E402
@@ -101,17 +102,19 @@ def timed(fn, qnet: QNet, records: list[QRecord]) -> tuple[float, float, float, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--qdata", type=Path, default=None, help="real Q data (default: synthetic trees)")
-    ap.add_argument("--trees", type=int, default=3, help="trees to train on")
-    ap.add_argument("--depth", type=int, default=10, help="synthetic: main-path length in turns")
-    ap.add_argument("--rollout", type=int, default=6, help="synthetic: rollout length under each sibling")
-    ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--max-action-tokens", type=int, default=96)
+    ap.add_argument("--trees", type=positive_int, default=3, help="trees to train on")
+    ap.add_argument("--depth", type=positive_int, default=10, help="synthetic: main-path length in turns")
+    ap.add_argument("--rollout", type=positive_int, default=6, help="synthetic: rollout length under each sibling")
+    ap.add_argument("--max-length", type=positive_int, default=2048)
+    ap.add_argument("--max-action-tokens", type=positive_int, default=96)
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast for both ways")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_qnet_train.json"))
     args = ap.parse_args()
+    if args.depth < 3 and not args.qdata:  # a sibling is sampled at each of the main path's first three steps
+        ap.error(f"--depth {args.depth}: at least 3 (synthetic trees branch at the main path's first three steps)")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from bench_args import positive_int
+
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.models import default_model_dir
 from qlass.policy.hf import HFPolicy
@@ -37,10 +39,10 @@ def play(policy: HFPolicy, envs: list[ScienceWorldEnv], tasks: list, cfg: BestOf
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--tasks", type=int, default=2, help="seen-split find-plant tasks to play")
-    ap.add_argument("--max-steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--n", type=positive_int, default=8)
+    ap.add_argument("--tasks", type=positive_int, default=2, help="seen-split find-plant tasks to play")
+    ap.add_argument("--max-steps", type=positive_int, default=10)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--autocast", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_search.json"))
     args = ap.parse_args()

@@ -31,6 +31,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
 
+from bench_args import nonnegative_int, positive_int
+
 from qlass.agent import observation_message, start_messages
 from qlass.compare import bootstrap_interval
 from qlass.envs.base import parse_action
@@ -187,12 +189,13 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="SFT policy folder")
     ap.add_argument("--qnet", action="append", default=[], help="NAME=DIR of a QNet to score (repeatable)")
     ap.add_argument("--splits", default="seen,unseen")
-    ap.add_argument("--per-type", type=int, default=5, help="tasks per task type and split")
-    ap.add_argument("--offset", type=int, default=0, help="skip this many tasks of each type and split first")
+    ap.add_argument("--per-type", type=positive_int, default=5, help="tasks per task type and split")
+    ap.add_argument("--offset", type=nonnegative_int, default=0,
+                    help="skip this many tasks of each type and split first")
     ap.add_argument("--exclude", action="append", default=[],
                     help="JSONL file whose records' tasks are left out, e.g. a decisions file (repeatable)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--resamples", type=int, default=10000)
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--resamples", type=positive_int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_args import positive_int
 
 from qlass.decision_files import read_decisions
 from qlass.decision_report import ReportConfig, score_decisions
@@ -149,8 +150,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("decisions", nargs="+", help="decision JSONL files (from `qlass decisions collect`)")
     ap.add_argument("--model", required=True, help="the policy folder the decisions were sampled from")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--resamples", type=int, default=10000)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--resamples", type=positive_int, default=10000)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -1,0 +1,59 @@
+"""The benchmark scripts (benchmarks/*.py) on bad arguments and input files: one line naming the option or
+the file, exit status 2, no traceback, and no measurement of nothing (a median of no timings, a ratio of
+zero edges). Each script runs as a user runs it (``python benchmarks/NAME.py ...``), in a temporary
+folder so that its default report path is not the repository's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+BENCHMARKS = TESTS.parent / "benchmarks"
+
+
+def run_benchmark(script: str, args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))  # toy envs live in tests/
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def assert_usage_error(done: subprocess.CompletedProcess, message: str) -> None:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in done.stderr, done.stderr[-3000:]
+
+
+TOY_EXPLORE = ["--env", "test_explore:Rooms", "--model", "test_explore:ScriptedPolicy", "--task-types", ""]
+
+# Counts of zero or below: before, a traceback after the model was loaded (no median for empty data, a
+# division by zero, an unbound variable, zip of None) or a run that measured nothing.
+COUNT_CASES = [
+    ("bench_autocast.py", ["--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
+    ("bench_http_env.py", ["--episodes", "0"], "argument --episodes: 0 is not a positive integer"),
+    ("bench_explore.py", [*TOY_EXPLORE, "--limit", "0"], "argument --limit: 0 is not a positive integer"),
+    ("bench_policy.py", ["--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
+    ("bench_policy.py", ["--ms", "2,,8"], "argument --ms: '' is not an integer"),
+    ("bench_qnet.py", ["--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
+    ("bench_qnet.py", ["--m", "0"], "argument --m: 0 is not a positive integer"),
+    ("bench_qnet_train.py", ["--trees", "0"], "argument --trees: 0 is not a positive integer"),
+    ("bench_qnet_train.py", ["--depth", "2"], "--depth 2: at least 3"),
+    ("bench_search.py", ["--tasks", "-1"], "argument --tasks: -1 is not a positive integer"),
+    ("bench_eval.py", ["--concurrency", "0"], "argument --concurrency: 0 is not a positive integer"),
+    ("bench_env.py", ["--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
+    ("bench_llamacpp.py", ["--ns", "1,0"], "argument --ns: 0 is not a positive integer"),
+    ("probe_focus.py", ["--model", "m", "--out", "o", "--offset", "-1"], "argument --offset: -1 is negative"),
+    ("rank_pmi.py", ["d.jsonl", "--model", "m", "--out", "o", "--threads", "0"],
+     "argument --threads: 0 is not a positive integer"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "message"), COUNT_CASES, ids=[f"{c[0]}{c[1]}" for c in COUNT_CASES])
+def test_counts_below_one_are_usage_errors(tmp_path: Path, script: str, args: list[str], message: str) -> None:
+    assert_usage_error(run_benchmark(script, args, tmp_path), message)
+    assert not list(tmp_path.rglob("*.json"))  # no report of nothing
