@@ -1,14 +1,20 @@
-"""Command-line argument types shared by the benchmark scripts.
+"""Command-line argument types shared by the benchmark scripts, and how they report a bad input.
 
 A count of zero or below (``--repeats 0``, ``--tasks -1``) measured nothing: the scripts then failed
 with a traceback (``no median for empty data``, a division by zero, an unbound variable) or printed
 a ratio of nothing. These types make such a value argparse's usage error instead: one line naming
-the option, exit status 2.
+the option, exit status 2. :func:`run_main` does the same for an input file or folder that qlass refuses.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from qlass.cli import os_error_message
+from qlass.errors import QlassError
 
 
 def positive_int(text: str) -> int:
@@ -36,3 +42,19 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative (at least 0)")
     return value
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``: a :class:`~qlass.errors.QlassError` (an input file, folder or option that qlass
+    refuses, named with its record and field) or a failed file operation is one line on stderr and exit status
+    2, as qlass's own commands give, instead of a traceback that ends with that line."""
+    try:
+        main()
+    except QlassError as exc:
+        logging.getLogger(__name__).debug("error", exc_info=True)
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)
+    except OSError as exc:
+        logging.getLogger(__name__).debug("failed file operation", exc_info=True)
+        sys.stderr.write(f"error: {os_error_message(exc)}\n")
+        sys.exit(2)

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from bench_args import positive_int
+from bench_args import positive_int, run_main
 
 from qlass.models import default_model_dir
 from qlass.precision import use_autocast
@@ -57,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

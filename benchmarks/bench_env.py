@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_args import positive_int
+from bench_args import positive_int, run_main
 
 from qlass.envs.base import parse_action
 from qlass.envs.sciworld import ScienceWorldEnv
@@ -198,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

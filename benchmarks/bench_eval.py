@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_args import positive_int
+from bench_args import positive_int, run_main
 
 from qlass.agent import start_messages
 from qlass.envs.base import make_env
@@ -130,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_args import positive_int
+from bench_args import positive_int, run_main
 
 from qlass.config import build
 from qlass.envs.base import Env, make_env
@@ -174,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

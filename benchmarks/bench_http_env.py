@@ -17,7 +17,7 @@ import logging
 import statistics
 import time
 
-from bench_args import positive_int
+from bench_args import positive_int, run_main
 
 from qlass.envs.base import Env, env_close, env_expert, env_reset, env_step, env_tasks, make_env
 from qlass.serve import BackgroundServer, EnvPool
@@ -67,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

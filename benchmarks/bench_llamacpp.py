@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench_args import positive_int, positive_ints
+from bench_args import positive_int, positive_ints, run_main
 from bench_policy import episode, timed
 
 from qlass.gguf_export import export_gguf
@@ -162,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

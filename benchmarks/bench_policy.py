@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bench_args import positive_int, positive_ints
+from bench_args import positive_int, positive_ints, run_main
 
 from qlass.models import default_model_dir
 from qlass.policy.hf import HFPolicy
@@ -179,4 +179,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_args import positive_int, positive_ints
+from bench_args import positive_int, positive_ints, run_main
 
 from qlass.models import default_model_dir
 from qlass.policy.render import encode_conversation
@@ -138,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_args import positive_int  # noqa: E402
+from bench_args import positive_int, run_main  # noqa: E402
 from bench_qnet import ACTIONS, WORDS, make_history  # noqa: E402
 
 from qlass.models import default_model_dir  # noqa: E402
@@ -156,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from bench_args import positive_int
+from bench_args import positive_int, run_main
 
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.models import default_model_dir
@@ -70,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

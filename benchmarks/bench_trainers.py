@@ -40,6 +40,8 @@ import yaml
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
+from bench_args import run_main
+
 from qlass.config import parse_kv
 from qlass.data import load_trajectories
 from qlass.jsonl import read_jsonl
@@ -142,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,7 +31,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
 
-from bench_args import nonnegative_int, positive_int
+from bench_args import nonnegative_int, positive_int, run_main
 
 from qlass.agent import observation_message, start_messages
 from qlass.compare import bootstrap_interval
@@ -246,4 +246,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_args import positive_int
+from bench_args import positive_int, run_main
 
 from qlass.decision_files import read_decisions
 from qlass.decision_report import ReportConfig, score_decisions
@@ -156,10 +156,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    try:
-        run(args)
-    except QlassError as err:  # bad input: one line naming the file and record, no traceback
-        raise SystemExit(f"error: {err}") from None
+    run(args)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -182,4 +179,4 @@ def run(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -57,3 +57,27 @@ COUNT_CASES = [
 def test_counts_below_one_are_usage_errors(tmp_path: Path, script: str, args: list[str], message: str) -> None:
     assert_usage_error(run_benchmark(script, args, tmp_path), message)
     assert not list(tmp_path.rglob("*.json"))  # no report of nothing
+
+
+# Input files and folders that are not there or not what the script reads: before, the QlassError (or
+# FileNotFoundError) that names the file came as the last line of a traceback; rank_pmi exited 1.
+INPUT_CASES = [
+    ("bench_explore.py", ["--env", "test_explore:Rooms", "--trees", "{tmp}/none.jsonl"], "none.jsonl: file not found"),
+    ("bench_qnet_train.py", ["--qdata", "{tmp}/none.jsonl", "--model", "{tiny}"], "none.jsonl: file not found"),
+    ("bench_http_env.py", ["--env", "toy_envs:NoSuchEnv", "--episodes", "1"], "NoSuchEnv"),
+    ("bench_policy.py", ["--model", "{tmp}/nomodel"], "nomodel: not a model folder"),
+    ("bench_llamacpp.py", ["--model", "{tiny}", "--dtype", "q4"], "--dtype 'q4': expected one of f16, f32, bf16"),
+    ("rank_pmi.py", ["{tmp}/none.jsonl", "--model", "{tiny}", "--out", "{tmp}/o"], "none.jsonl: file not found"),
+    ("probe_focus.py", ["--model", "{tiny}", "--exclude", "{tmp}/none.jsonl", "--out", "{tmp}/o"],
+     "none.jsonl: No such file or directory"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "message"), INPUT_CASES, ids=[c[0] for c in INPUT_CASES])
+def test_bad_input_files_are_one_line_errors(tmp_path: Path, tiny_model_dir: Path, script: str, args: list[str],
+                                             message: str) -> None:
+    args = [a.format(tmp=tmp_path, tiny=tiny_model_dir) for a in args]
+    done = run_benchmark(script, args, tmp_path)
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: " in done.stderr and message in done.stderr.splitlines()[-1], done.stderr[-3000:]
