@@ -39,6 +39,7 @@ from bench_args import positive_int, run_main
 
 from qlass.config import build
 from qlass.envs.base import Env, make_env
+from qlass.errors import QlassError
 from qlass.evaluate import select_tasks
 from qlass.explore import ExploreConfig, explore_tasks
 from qlass.tree import Tree, contrast_pairs, read_trees, tree_summary
@@ -68,6 +69,22 @@ def replay_schedules(env: Env, trees: list[Tree], tasks: dict[str, Task]) -> dic
         out[name] = {"env_steps": steps, "env_steps_per_edge": steps / edges, "env_seconds": seconds,
                      "env_only_nodes_per_min": edges / (seconds / 60)}
     return out
+
+
+def trees_tasks(env: Env, trees: list[Tree], path: Path) -> dict[str, Task]:
+    """The task of every tree in ``path``, from ``env``'s splits; no trees, or a tree whose task ``env`` lacks (trees
+    of another env: ``--env`` not given), is a :class:`QlassError` naming the file (an IndexError and a KeyError of
+    the tree id before)."""
+    if not trees:
+        raise QlassError(f"{path}: holds no trees")
+    tasks: dict[str, Task] = {}
+    for split in dict.fromkeys(t.split for t in trees):
+        tasks.update({t.id: t for t in env.tasks(split)})
+    for tree in trees:
+        if tree.tree_id not in tasks:
+            raise QlassError(f"{path}: tree {tree.tree_id!r} (env {tree.env!r}, split {tree.split!r}) is no task of "
+                             f"the env's {tree.split} split; give the env the trees were explored in with --env")
+    return {tree.tree_id: tasks[tree.tree_id] for tree in trees}
 
 
 def compare_variants(args: argparse.Namespace, make: Any, tasks: list[Task]) -> dict[str, Any]:
@@ -129,8 +146,7 @@ def main() -> None:
     build_s = None
     if args.trees:
         trees = read_trees(args.trees)
-        wanted = {t.tree_id for t in trees}
-        tasks = {t.id: t for t in env.tasks(trees[0].split) if t.id in wanted}
+        tasks = trees_tasks(env, trees, args.trees)
     else:
         from qlass.policy import load_policy
 

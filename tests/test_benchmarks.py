@@ -81,3 +81,41 @@ def test_bad_input_files_are_one_line_errors(tmp_path: Path, tiny_model_dir: Pat
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == 2, done.stderr[-3000:]
     assert "error: " in done.stderr and message in done.stderr.splitlines()[-1], done.stderr[-3000:]
+
+
+def _explore_trees(path: Path, env: str = "test_explore:Rooms") -> Path:
+    """Two small trees of the toy game, explored by the scripted policy."""
+    import functools
+
+    from qlass.envs.base import make_env
+    from qlass.explore import ExploreConfig, explore_tasks
+    from qlass.policy import load_policy
+
+    make = functools.partial(make_env, env)
+    probe = make()
+    tasks = probe.tasks("train")[:2]
+    probe.close()
+    explore_tasks(make, tasks, load_policy("test_explore:ScriptedPolicy"), ExploreConfig(max_nodes=10), path,
+                  progress=False)
+    return path
+
+
+def test_bench_explore_trees_that_give_nothing_to_measure(tmp_path: Path) -> None:
+    """``bench_explore.py --trees``: an empty file was an IndexError, trees of another env (or --env forgotten) a
+    KeyError of a tree id."""
+    import json
+
+    pytest.importorskip("test_explore")
+    trees = _explore_trees(tmp_path / "trees.jsonl")
+    rooms = ["--env", "test_explore:Rooms", "--out", str(tmp_path / "r.json")]
+    done = run_benchmark("bench_explore.py", [*rooms, "--trees", str(trees)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "r.json").read_text())["trees"] == 2
+
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_usage_error(run_benchmark("bench_explore.py", [*rooms, "--trees", str(tmp_path / "empty.jsonl")], tmp_path),
+                       "empty.jsonl: holds no trees")
+    other = ["--env", "toy_envs:Corridor", "--trees", str(trees), "--out", str(tmp_path / "c.json")]
+    assert_usage_error(run_benchmark("bench_explore.py", other, tmp_path),
+                       "trees.jsonl: tree 'rooms/0' (env 'rooms', split 'train') is no task of the env's train split")
+    assert not (tmp_path / "c.json").exists()
