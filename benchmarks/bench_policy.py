@@ -139,10 +139,12 @@ def main() -> None:
     ap.add_argument("--candidates-turn", type=int, default=5, help="history (turn) used for the M-candidate test")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_policy.json"))
     args = ap.parse_args()
+    marks = [1, 5, 10, 15]
+    if not 1 <= args.candidates_turn <= max(marks):  # 0 was turn 15 (index -1), silently
+        ap.error(f"--candidates-turn {args.candidates_turn}: the episode has turns 1 to {max(marks)}")
 
     model = args.model or default_model_dir()
     kw = {"threads": args.threads, "autocast": args.autocast, "device": args.device}
-    marks = [1, 5, 10, 15]
     histories = episode(max(marks))
     policy = HFPolicy(model, **kw, cache_slots=0)
     policy.sample([histories[0]], 1, 0.0, 4)  # warm-up

@@ -119,3 +119,11 @@ def test_bench_explore_trees_that_give_nothing_to_measure(tmp_path: Path) -> Non
     assert_usage_error(run_benchmark("bench_explore.py", other, tmp_path),
                        "trees.jsonl: tree 'rooms/0' (env 'rooms', split 'train') is no task of the env's train split")
     assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("turn", ["0", "16"])
+def test_bench_policy_candidates_turn_outside_the_episode(tmp_path: Path, turn: str) -> None:
+    """The episode has turns 1 to 15: ``--candidates-turn 0`` silently timed the candidates at turn 15 (index -1),
+    16 was an IndexError after the model was loaded."""
+    done = run_benchmark("bench_policy.py", ["--candidates-turn", turn], tmp_path, timeout=60)
+    assert_usage_error(done, f"--candidates-turn {turn}: the episode has turns 1 to 15")
