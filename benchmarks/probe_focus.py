@@ -38,6 +38,8 @@ from qlass.compare import bootstrap_interval
 from qlass.envs.base import parse_action
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.envs.sciworld_thoughts import expert_thought
+from qlass.errors import DataError, MissingFileError, QlassError
+from qlass.jsonl import read_numbered_jsonl
 from qlass.policy import load_policy
 from qlass.qnet import QNet
 from qlass.types import Message, Task
@@ -184,10 +186,33 @@ def score_states(states: list[FocusState], name: str, score: Callable[[FocusStat
             log.info("%s: %d/%d states scored (%.0f s)", name, k, len(states), time.time() - started)
 
 
+def name_and_dir(text: str) -> tuple[str, str]:
+    """A ``--qnet`` value: ``NAME=DIR``."""
+    name, sep, folder = text.partition("=")
+    if not (name and sep and folder):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=DIR")
+    return name, folder
+
+
+def excluded_tasks(paths: list[str]) -> set[str]:
+    """The tasks of the records in the ``--exclude`` files; a missing file, a line that is not a JSON object or a
+    record without a task is a QlassError naming the file and line."""
+    out = set()
+    for path in paths:
+        if not Path(path).exists():  # read_numbered_jsonl reads a missing file as empty
+            raise MissingFileError(path)
+        for line, record in read_numbered_jsonl(path):
+            if not isinstance(record.get("task"), str):
+                raise DataError(path, f"task is {record.get('task')!r}, expected a task id", line=line)
+            out.add(record["task"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="SFT policy folder")
-    ap.add_argument("--qnet", action="append", default=[], help="NAME=DIR of a QNet to score (repeatable)")
+    ap.add_argument("--qnet", type=name_and_dir, action="append", default=[],
+                    help="NAME=DIR of a QNet to score (repeatable)")
     ap.add_argument("--splits", default="seen,unseen")
     ap.add_argument("--per-type", type=positive_int, default=5, help="tasks per task type and split")
     ap.add_argument("--offset", type=nonnegative_int, default=0,
@@ -200,9 +225,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    qnets = dict(q.split("=", 1) for q in args.qnet)
+    qnets = dict(args.qnet)
+    taken = [name for name in qnets if name in ("likelihood", "summed log-prob")]  # would replace the baseline's scores
+    if len(qnets) < len(args.qnet) or taken:
+        ap.error(f"--qnet: give each NAME once, and neither 'likelihood' nor 'summed log-prob' (the likelihood "
+                 f"ranker's): got {', '.join(name for name, _ in args.qnet)}")
 
-    excluded = {json.loads(line)["task"] for path in args.exclude for line in open(path) if line.strip()}
+    excluded = excluded_tasks(args.exclude)
     env = ScienceWorldEnv(step_limit=100)
     states: list[FocusState] = []
     started = time.time()
@@ -219,6 +248,9 @@ def main() -> None:
                 states.append(state)
     env.close()
     log.info("%d focus states labelled in %.0f s", len(states), time.time() - started)
+    if not states:
+        raise QlassError(f"no focus state to probe ({args.splits} split, --offset {args.offset}, --per-type "
+                         f"{args.per_type}, {len(excluded)} task(s) excluded)")
 
     policy = load_policy(args.model, autocast=True, threads=args.threads)
 

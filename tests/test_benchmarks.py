@@ -6,6 +6,7 @@ folder so that its default report path is not the repository's."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ INPUT_CASES = [
     ("bench_llamacpp.py", ["--model", "{tiny}", "--dtype", "q4"], "--dtype 'q4': expected one of f16, f32, bf16"),
     ("rank_pmi.py", ["{tmp}/none.jsonl", "--model", "{tiny}", "--out", "{tmp}/o"], "none.jsonl: file not found"),
     ("probe_focus.py", ["--model", "{tiny}", "--exclude", "{tmp}/none.jsonl", "--out", "{tmp}/o"],
-     "none.jsonl: No such file or directory"),
+     "none.jsonl: file not found"),
 ]
 
 
@@ -127,3 +128,32 @@ def test_bench_policy_candidates_turn_outside_the_episode(tmp_path: Path, turn: 
     16 was an IndexError after the model was loaded."""
     done = run_benchmark("bench_policy.py", ["--candidates-turn", turn], tmp_path, timeout=60)
     assert_usage_error(done, f"--candidates-turn {turn}: the episode has turns 1 to 15")
+
+
+def test_probe_focus_options_and_exclude_files(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """probe_focus: a --qnet without NAME= was a ValueError (dictionary update sequence), an --exclude line that is
+    not JSON or has no task a JSONDecodeError or KeyError, and a probe with no focus state (every task excluded, or
+    an --offset past the tasks) an IndexError after the policy was loaded."""
+    base = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o")]
+    assert_usage_error(run_benchmark("probe_focus.py", [*base, "--qnet", str(tmp_path)], tmp_path),
+                       f"argument --qnet: {str(tmp_path)!r} is not NAME=DIR")
+    done = run_benchmark("probe_focus.py", [*base, "--qnet", f"likelihood={tmp_path}"], tmp_path)
+    assert_usage_error(done, "--qnet: give each NAME once, and neither 'likelihood' nor")  # replaced the baseline's
+    done = run_benchmark("probe_focus.py", [*base, "--qnet", f"a={tmp_path}", "--qnet", f"a={tmp_path}/2"], tmp_path)
+    assert_usage_error(done, "--qnet: give each NAME once")  # the first was left out, silently
+    (tmp_path / "x.jsonl").write_text('{"task": "a"}\n{"step": 1}\n')
+    done = run_benchmark("probe_focus.py", [*base, "--exclude", str(tmp_path / "x.jsonl")], tmp_path)
+    assert_usage_error(done, "x.jsonl, line 2: task is None, expected a task id")
+    (tmp_path / "x.jsonl").write_text('{"task": "a"}\nnot json\n')
+    done = run_benchmark("probe_focus.py", [*base, "--exclude", str(tmp_path / "x.jsonl")], tmp_path)
+    assert_usage_error(done, "x.jsonl: line 2: invalid JSON")
+
+
+@pytest.mark.skipif(not shutil.which("java"), reason="ScienceWorld needs Java")
+def test_probe_focus_with_no_state_to_probe(tmp_path: Path, tiny_model_dir: Path) -> None:
+    pytest.importorskip("scienceworld")
+    args = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--splits", "seen", "--per-type", "1",
+            "--offset", "100000"]
+    assert_usage_error(run_benchmark("probe_focus.py", args, tmp_path, timeout=300),
+                       "no focus state to probe (seen split, --offset 100000, --per-type 1")
+    assert not (tmp_path / "o").exists()
