@@ -42,12 +42,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 from bench_args import run_main
 
-from qlass.config import parse_kv
+from qlass.config import build, parse_kv
 from qlass.data import load_trajectories
+from qlass.errors import QlassError
 from qlass.jsonl import read_jsonl
 from qlass.models import default_model_dir
 from qlass.policy.loading import load_causal_lm
-from qlass.qnet_data import ranking_metrics, spearman
+from qlass.qnet_data import ranking_metrics, read_qdata, spearman
+from qlass.training.qnet import QNetTrainConfig
 from qlass.training.sft import SFTConfig, encode_windows, split_indices
 
 RUN = {"sft": {"old": "from qlass.sft import SFTConfig as Config, train_sft as train",
@@ -61,7 +63,9 @@ def train(kind: str, which: str, src: Path, data: Path, model: Path, out: Path, 
     code = f"{RUN[kind][which]}\ntrain({str(data)!r}, {str(model)!r}, {str(out)!r}, Config(**{opts!r}))"
     env = {**os.environ, "PYTHONPATH": str(src)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=False)
+    if done.returncode:
+        raise QlassError(f"the {which} {kind} trainer ({src}) exited with status {done.returncode}; its error is above")
     return time.perf_counter() - started
 
 
@@ -116,6 +120,15 @@ def main() -> None:
     args = ap.parse_args()
     reference = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
     opts = {**yaml.safe_load(reference.read_text())[args.kind], **parse_kv(args.set_, "--set")}
+    # Checked before any training: a trainer's child process failing on them was a traceback, then the parent's
+    if args.only != "new" and not (args.old_src / "qlass").is_dir():
+        ap.error(f"--old-src {args.old_src}: holds no qlass package (the src/ folder of an older qlass is expected)")
+    if args.only != "old":
+        build(SFTConfig if args.kind == "sft" else QNetTrainConfig, opts, f"{reference.name} [{args.kind}] with --set")
+    if args.kind == "sft":
+        load_trajectories(args.data)
+    else:
+        read_qdata(args.data)
     model = args.model or default_model_dir()
     result: dict = {"kind": args.kind, "settings": opts, "data": str(args.data), "model": str(model),
                     "machine": platform.processor() or platform.machine(),

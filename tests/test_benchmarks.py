@@ -157,3 +157,17 @@ def test_probe_focus_with_no_state_to_probe(tmp_path: Path, tiny_model_dir: Path
     assert_usage_error(run_benchmark("probe_focus.py", args, tmp_path, timeout=300),
                        "no focus state to probe (seen split, --offset 100000, --per-type 1")
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_trainers_checks_its_inputs_before_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """bench_trainers runs each trainer in a child process: a missing --data, an --old-src without qlass or an
+    unknown --set key was a child's traceback and then the parent's CalledProcessError traceback (the --set key
+    only after both trainers had run); each is now one line before any training."""
+    base = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o")]
+    args = [*base, "--data", str(tmp_path / "none.json"), "--old-src", str(tmp_path)]
+    assert_usage_error(run_benchmark("bench_trainers.py", args, tmp_path), f"--old-src {tmp_path}: holds no qlass")
+    args = [*base, "--data", str(tmp_path / "none.json"), "--old-src", str(tmp_path), "--only", "new"]
+    assert_usage_error(run_benchmark("bench_trainers.py", args, tmp_path), "none.json: file not found")
+    args += ["--set", "nosuch=1"]
+    assert_usage_error(run_benchmark("bench_trainers.py", args, tmp_path), "with --set: unknown option(s) 'nosuch'")
+    assert not (tmp_path / "o").exists()
