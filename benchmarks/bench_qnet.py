@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from bench_args import positive_int, positive_ints, run_main
 
-from qlass.models import default_model_dir
+from qlass.models import default_model_dir, resolve_device
 from qlass.policy.render import encode_conversation
 from qlass.qnet import QNet
 from qlass.types import Message
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_qnet.json"))
     args = ap.parse_args()
+    args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_args import positive_int, run_main  # noqa: E402
 from bench_qnet import ACTIONS, WORDS, make_history  # noqa: E402
 
-from qlass.models import default_model_dir  # noqa: E402
+from qlass.models import default_model_dir, resolve_device  # noqa: E402
 from qlass.qnet import QNet  # noqa: E402
 from qlass.qnet_data import QRecord, make_groups, read_qdata  # noqa: E402
 from qlass.qnet_pack import pack_records  # noqa: E402
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_qnet_train.json"))
     args = ap.parse_args()
+    args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.depth < 3 and not args.qdata:  # a sibling is sampled at each of the main path's first three steps
         ap.error(f"--depth {args.depth}: at least 3 (synthetic trees branch at the main path's first three steps)")
     if args.threads:

@@ -171,3 +171,11 @@ def test_bench_trainers_checks_its_inputs_before_training(tmp_path: Path, tiny_m
     args += ["--set", "nosuch=1"]
     assert_usage_error(run_benchmark("bench_trainers.py", args, tmp_path), "with --set: unknown option(s) 'nosuch'")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("script", ["bench_qnet.py", "bench_qnet_train.py"])
+def test_bench_qnet_device_is_checked(tmp_path: Path, tiny_model_dir: Path, script: str) -> None:
+    """--device was given to torch as it came: a RuntimeError (or, for cuda without a GPU, an AssertionError)
+    traceback after the model was loaded; it is checked as qlass checks --device (``resolve_device``)."""
+    done = run_benchmark(script, ["--model", str(tiny_model_dir), "--device", "nosuch"], tmp_path)
+    assert_usage_error(done, "unknown torch device 'nosuch'")
