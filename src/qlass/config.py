@@ -36,7 +36,8 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import DataError, MissingFileError, QlassError
-from .jsonl import MAX_INTEGER, refuse_device, write_text_atomic
+from .file_checks import refuse_device
+from .jsonl import MAX_INTEGER, write_text_atomic
 
 T = TypeVar("T")
 

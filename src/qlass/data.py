@@ -28,17 +28,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, MissingFileError, QlassError
+from .file_checks import check_output_file, refuse_device
 from .file_kinds import other_kind
-from .jsonl import (
-    GZIP_MAGIC,
-    JSONContentError,
-    check_output_file,
-    gunzip,
-    is_text,
-    loads,
-    refuse_device,
-    write_text_atomic,
-)
+from .jsonl import GZIP_MAGIC, JSONContentError, gunzip, is_text, loads, write_text_atomic
 from .types import Message, Role, Step, Trajectory
 
 ROLE_FROM_ETO = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -144,7 +136,7 @@ def refuse_replacing_other_kind(out: str | Path, kind: str, is_kind: Callable[[d
     """Raise :class:`QlassError` when ``out`` is a file holding records whose first is not ``kind``
     (``is_kind`` says no): an input of another stage given as the output by mistake would be lost. An
     empty file or list passes; only the first record of a JSON Lines file is read. A device, pipe or
-    socket is refused (:func:`~qlass.jsonl.check_output_file`)."""
+    socket is refused (:func:`~qlass.file_checks.check_output_file`)."""
     p = Path(out)
     check_output_file(p)
     if not p.is_file():

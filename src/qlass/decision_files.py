@@ -25,8 +25,9 @@ import numpy as np
 from .candidates import normalise_action
 from .config import load_yaml, save_yaml
 from .errors import DataError, MissingFileError, QlassError
+from .file_checks import check_output_file, refuse_repeated_inputs
 from .file_kinds import other_kind
-from .jsonl import check_output_file, is_count, is_text, read_numbered_jsonl, refuse_repeated_inputs
+from .jsonl import is_count, is_text, read_numbered_jsonl
 from .recorded import check_recorded, records_setting, setting_changes, with_model_files
 from .tree import ROLES
 

@@ -35,7 +35,8 @@ from .data import refuse_replacing_other_kind
 from .decision_files import MAX_CANDIDATES, check_pooled, one_environment, read_decisions
 from .decision_report import ReportConfig, markdown, score_decisions
 from .errors import DataError, QlassError
-from .jsonl import check_output_file, refuse_overwriting_inputs, write_jsonl, write_text_atomic
+from .file_checks import check_output_file, refuse_overwriting_inputs
+from .jsonl import write_jsonl, write_text_atomic
 from .locking import writes_to
 from .qdata import QDATA_SCHEMA_VERSION
 from .qnet_data import QRecord, fold_trees

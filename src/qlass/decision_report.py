@@ -47,7 +47,8 @@ from .compare import TIE
 from .config import option
 from .decision_files import check_pooled, read_decisions
 from .errors import QlassError
-from .jsonl import check_output_file, refuse_overwriting_inputs, write_text_atomic
+from .file_checks import check_output_file, refuse_overwriting_inputs
+from .jsonl import write_text_atomic
 from .types import Message
 
 log = logging.getLogger(__name__)

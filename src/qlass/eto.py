@@ -62,7 +62,8 @@ from .data import load_trajectories, record_to_trajectory, trajectory_to_record
 from .errors import QlassError
 from .eto_config import ETOConfig
 from .evaluate import DEFAULT_CONCURRENCY
-from .jsonl import require_model_folder, write_jsonl, write_text_atomic
+from .file_checks import require_model_folder
+from .jsonl import write_jsonl, write_text_atomic
 from .recorded import check_recorded, with_model_files
 from .rollouts import play_split
 from .training.common import DONE_MARK, file_digest

@@ -151,7 +151,8 @@ def read_records(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> l
     label whose records ran with different settings (``config``), which one row would mix.
     ``skip_torn_tail``: see :func:`~qlass.jsonl.read_jsonl`."""
     from .errors import DataError, MissingFileError
-    from .jsonl import read_numbered_jsonl, refuse_repeated_inputs
+    from .file_checks import refuse_repeated_inputs
+    from .jsonl import read_numbered_jsonl
     from .recorded import setting_changes
 
     refuse_repeated_inputs(paths)
@@ -189,7 +190,7 @@ def check_pooled_runs(paths: Sequence[str | Path], allow_mixed: bool = False) ->
 
     from .config import load_yaml
     from .errors import QlassError
-    from .jsonl import check_output_file
+    from .file_checks import check_output_file
     from .recorded import setting_changes
 
     if len(paths) < 2:

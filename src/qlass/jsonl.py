@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import stat
 import sys
 import tempfile
 import zlib
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, QlassError
+from .file_checks import check_output_file, refuse_device, special_kind
 
 log = logging.getLogger(__name__)
 
@@ -100,47 +100,6 @@ def gunzip(raw: bytes, path: str | os.PathLike) -> bytes:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(str(path), f"gzip-compressed but damaged ({exc})") from None
-
-
-def check_output_file(path: str | os.PathLike) -> None:
-    """Raise :class:`QlassError` for an output path qlass must not write: one named ``*.gz`` (qlass
-    writes plain text, appended to as work finishes; compress the file once the run is done), an
-    existing folder, or an existing device, named pipe or socket (a write would replace it with a
-    regular file, or block)."""
-    p = Path(path)
-    if p.name.endswith(".gz"):
-        raise QlassError(f"{path}: qlass writes its outputs uncompressed; give a name without .gz (gzip the file "
-                         "when the run is done: every qlass reader takes it compressed)")
-    try:
-        mode = p.stat().st_mode
-    except OSError:  # missing (or unreadable: the write itself names the problem)
-        return
-    if stat.S_ISDIR(mode):
-        raise QlassError(f"{path}: is a folder; this output is a file (give a file path)")
-    kind = _special_kind(mode)
-    if kind:
-        raise QlassError(f"{path}: is {kind}, not a regular file; qlass writes its outputs to files (give a file "
-                         "path)")
-
-
-def refuse_device(path: str | os.PathLike) -> None:
-    """Raise :class:`QlassError` when ``path`` is a character or block device: reading ``/dev/zero`` as an
-    input never ends and fills memory. (A named pipe is read: ``<(zcat f.gz)`` is one.)"""
-    try:
-        mode = Path(path).stat().st_mode
-    except OSError:  # missing or unreachable: the read names the problem
-        return
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        raise QlassError(f"{path}: is {_special_kind(mode)}, not a file qlass can read (give a regular file)")
-
-
-def _special_kind(mode: int) -> str | None:
-    """What a path of ``mode`` is when it is neither a regular file nor a folder."""
-    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return None
 
 
 def json_line(record: dict[str, Any], path: str | os.PathLike) -> str:
@@ -320,7 +279,7 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in ``path``; not JSON, not UTF-8 or not an object is a :class:`QlassError`
     naming it. A missing file raises ``FileNotFoundError`` (the caller says what was expected)."""
     p = Path(path)
-    kind = _special_kind(p.stat().st_mode)  # a missing file: FileNotFoundError, as documented
+    kind = special_kind(p.stat().st_mode)  # a missing file: FileNotFoundError, as documented
     if kind:  # reading a named pipe or device blocks, or never ends
         raise QlassError(f"{p}: is {kind}, not a regular file holding a JSON object")
     try:
@@ -330,52 +289,6 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise QlassError(f"{p}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def require_model_folder(path: str | os.PathLike, missing: str) -> None:
-    """Raise :class:`QlassError` unless ``path`` holds a ``config.json`` that is a regular file: ``missing``
-    is the error when there is none. A named pipe, device or socket in the folder (``config.json``,
-    ``tokenizer.json``, a ``*.safetensors`` shard: it would block the loader or be read without end)
-    is named."""
-    config = Path(path) / "config.json"
-    try:
-        mode = config.stat().st_mode
-    except OSError:
-        raise QlassError(missing) from None
-    if not stat.S_ISREG(mode):
-        raise QlassError(f"{config}: is {_special_kind(mode) or 'a folder'}, not a regular file; a model folder "
-                         "holds its settings in a config.json file")
-    for entry in sorted(Path(path).iterdir()):
-        try:
-            kind = _special_kind(entry.stat().st_mode)
-        except OSError:  # a broken link: the loader names it if it needs the file
-            continue
-        if kind:
-            raise QlassError(f"{entry}: is {kind}, not a regular file; a model folder holds regular files (its "
-                             "loader would wait on it or read it without end)")
-
-
-def refuse_repeated_inputs(paths: Iterable[str | os.PathLike]) -> None:
-    """Raise :class:`QlassError` when one file is given twice among ``paths`` (under any name that
-    leads to it): its records would be read twice, and the error would name one place twice."""
-    seen: dict[str, str] = {}
-    for p in paths:
-        real = os.path.realpath(p)
-        if real in seen:
-            same = f" (as {seen[real]})" if str(p) != seen[real] else ""
-            raise QlassError(f"{p}: given twice{same}; give each file once")
-        seen[real] = str(p)
-
-
-def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
-    """Raise :class:`QlassError` if ``out`` is one of ``inputs`` (writing it would destroy that input)."""
-    o = Path(out)
-    if not o.exists():
-        return
-    for p in inputs:
-        if Path(p).exists() and o.samefile(p):
-            raise QlassError(f"{o}: is also an input of this command; writing it would destroy that input "
-                             "(give another output path)")
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import QlassError
-from .jsonl import check_output_file
+from .file_checks import check_output_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 

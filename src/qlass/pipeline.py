@@ -29,7 +29,7 @@ from typing import Any
 
 from .config import load_extended_yaml
 from .errors import QlassError
-from .jsonl import require_model_folder
+from .file_checks import require_model_folder
 from .pipeline_config import Resolved, check_stage_splits, resolve, save_resolved
 from .pipeline_retrain import SELF_TRAIN_DIR, combined_report, expert_data, retrained_agents
 from .types import Task

@@ -13,8 +13,9 @@ from typing import Any
 
 from .data import refuse_replacing_other_kind
 from .errors import DataError, MissingFileError
+from .file_checks import refuse_overwriting_inputs
 from .file_kinds import other_kind
-from .jsonl import read_numbered_jsonl, refuse_overwriting_inputs, write_jsonl
+from .jsonl import read_numbered_jsonl, write_jsonl
 from .tree import BackupConfig, Tree, checked_field, checked_messages, compute_q, is_q_value, read_trees
 
 QDATA_SCHEMA_VERSION = 1

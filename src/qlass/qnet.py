@@ -47,7 +47,8 @@ from typing import Any, Sequence
 import torch
 
 from .errors import QlassError
-from .jsonl import read_json_object, require_model_folder, write_text_atomic
+from .file_checks import require_model_folder
+from .jsonl import read_json_object, write_text_atomic
 from .models import resolve_device
 from .policy import kv
 from .policy.loading import load_tokenizer, loading_weights

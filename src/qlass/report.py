@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from .compare import bootstrap_interval, confidence_label, md_cell, paired_rows, paired_table
 from .errors import QlassError
-from .jsonl import check_output_file, write_text_atomic
+from .file_checks import check_output_file
+from .jsonl import write_text_atomic
 from .search import argmax
 
 log = logging.getLogger(__name__)

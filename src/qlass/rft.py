@@ -37,7 +37,7 @@ from .envs.base import parse_action
 from .errors import QlassError
 from .eval_worker import MethodRun
 from .evaluate import DEFAULT_CONCURRENCY
-from .jsonl import refuse_overwriting_inputs, require_model_folder
+from .file_checks import refuse_overwriting_inputs, require_model_folder
 from .rollouts import TASK_SOURCES, play_split
 from .search import SampleConfig
 from .types import Trajectory

@@ -38,7 +38,8 @@ from typing import Any
 
 from .config import option
 from .errors import DataError, QlassError
-from .jsonl import refuse_overwriting_inputs, require_model_folder, write_text_atomic
+from .file_checks import refuse_overwriting_inputs, require_model_folder
+from .jsonl import write_text_atomic
 from .rft import DATA_FILE, MODEL_DIR, AugmentedData, write_augmented_data
 from .tree import BackupConfig, Node, Tree, compute_q, mean_leaf_outcome, read_trees
 from .types import Step, Trajectory

@@ -67,7 +67,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
-from .jsonl import JSONContentError, loads, refuse_device
+from .file_checks import refuse_device
+from .jsonl import JSONContentError, loads
 
 log = logging.getLogger(__name__)
 

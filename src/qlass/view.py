@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, QlassError
-from .jsonl import JSONContentError, check_output_file, loads, with_replacement_characters, write_text_atomic
+from .file_checks import check_output_file
+from .jsonl import JSONContentError, loads, with_replacement_characters, write_text_atomic
 from .tree import BackupConfig, Tree, compute_q, contrast_pairs, read_tree_records, tree_summary
 from .view_inputs import (
     KINDS,

@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
         decisions and evaluation records: the checks of the commands that read them) of every file;
         exit 1 if any record is invalid, 2 if a file cannot be read."""
         from ..errors import QlassError
-        from ..jsonl import read_once, refuse_device
+        from ..file_checks import refuse_device
+        from ..jsonl import read_once
 
         if kind != "auto" and kind not in KINDS:
             raise typer.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")

@@ -15,7 +15,7 @@ import torch
 
 from ..config import load_yaml
 from ..errors import DataError, QlassError
-from ..jsonl import require_model_folder
+from ..file_checks import require_model_folder
 from .render import ensure_chat_template
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
