@@ -3,6 +3,7 @@ never blocks a rerun."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -214,3 +215,18 @@ def test_a_default_model_made_again_from_the_same_gguf_is_the_same_model(tmp_pat
     assert first == again and first["model.safetensors"][1] == default_gguf_path().stat().st_mtime_ns
     recorded = {"base_model": str(out), "base_model_files": first}
     assert setting_changes(recorded, {**recorded, "base_model_files": again}) == []
+
+
+def test_a_cached_default_folder_missing_a_file_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Before: a cached folder that had lost a file (a cleaned cache) was still handed out as complete, and the
+    model load failed later with a library error. The real tokenizer conversion runs (a few seconds)."""
+    from qlass.models import cache_dir, default_tokenizer_dir
+
+    folder = default_tokenizer_dir(tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="qlass"):
+        assert default_tokenizer_dir(tmp_path) == folder
+    assert (folder / "tokenizer.json").is_file() and "tokenizer.json missing from the cached folder" in caplog.text
+    monkeypatch.setenv("QLASS_CACHE", "")  # before: the working folder ('.')
+    assert cache_dir() == Path.home() / ".cache" / "qlass"

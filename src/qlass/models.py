@@ -27,8 +27,8 @@ _DONE_MARK = ".qlass-complete"
 
 
 def cache_dir() -> Path:
-    """The qlass cache folder: ``$QLASS_CACHE`` or ``~/.cache/qlass``."""
-    return Path(os.environ.get("QLASS_CACHE", Path.home() / ".cache" / "qlass")).expanduser()
+    """The qlass cache folder: ``$QLASS_CACHE`` or, unset or empty, ``~/.cache/qlass``."""
+    return Path(os.environ.get("QLASS_CACHE") or Path.home() / ".cache" / "qlass").expanduser()
 
 
 def default_gguf_path() -> Path:
@@ -74,7 +74,7 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
     folder marked complete without its tokenizer.json. The files made carry the GGUF's modification time:
     a folder made again from the same GGUF (the cache cleared, another machine) is the same model to the
     runs that recorded its files (:func:`~qlass.recorded.model_files`), one made from another GGUF is not."""
-    if (out / _DONE_MARK).exists():
+    if _complete(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "a") as lock:
@@ -83,7 +83,7 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
         except BlockingIOError:
             log.info("another process is making %s; waiting for it", out)
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when that process closes the file or exits
-        if (out / _DONE_MARK).exists():  # made by the process waited for
+        if _complete(out):  # made by the process waited for
             return out
         gguf = default_gguf_path()
         tmp = out.with_name(out.name + ".partial")
@@ -94,13 +94,27 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
             _check_gguf(gguf)  # a cut file is named; any other failure keeps its own traceback
             raise
         made = gguf.stat().st_mtime_ns
-        for file in tmp.iterdir():
-            if file.is_file():
-                os.utime(file, ns=(made, made))
-        (tmp / _DONE_MARK).write_text(gguf.name + "\n")
+        files = sorted(file.name for file in tmp.iterdir() if file.is_file())
+        for name in files:
+            os.utime(tmp / name, ns=(made, made))
+        (tmp / _DONE_MARK).write_text("".join(f"{line}\n" for line in [gguf.name, *files]))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out
+
+
+def _complete(out: Path) -> bool:
+    """Whether ``out`` was made whole and still holds every file its mark lists (the GGUF's name, then the
+    files; a mark written before the list was kept names the GGUF alone). A file removed since (a cleaned
+    cache) makes the folder be made again: before, it was handed out and the model load failed."""
+    try:
+        _gguf, *files = (out / _DONE_MARK).read_text().splitlines()
+    except (OSError, ValueError):
+        return False
+    missing = [name for name in files if not (out / name).is_file()]
+    if missing:
+        log.warning("%s: %s missing from the cached folder; making it again", out, ", ".join(missing))
+    return not missing
 
 
 def _check_gguf(path: Path) -> None:
