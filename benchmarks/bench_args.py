@@ -12,9 +12,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from qlass.cli import os_error_message
 from qlass.errors import QlassError
+from qlass.file_checks import check_output_file
 
 
 def positive_int(text: str) -> int:
@@ -42,6 +44,27 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative (at least 0)")
     return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number of at least 0 (e.g. a sampling temperature)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number of at least 0")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """A file path a report can be written to, checked before the measurement runs: before, an existing
+    folder (or a device, a ``.gz`` name) was refused only when the report was written, after the whole run."""
+    try:
+        check_output_file(text)
+    except QlassError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return Path(text)
 
 
 def run_main(main: Callable[[], None]) -> None:

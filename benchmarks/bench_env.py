@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_args import positive_int, run_main
+from bench_args import output_file, positive_int, run_main
 
 from qlass.envs.base import parse_action
 from qlass.envs.sciworld import ScienceWorldEnv
@@ -137,7 +137,7 @@ def main() -> None:
                     "chemistry-mix-paint-secondary-color,test-conductivity")
     ap.add_argument("--per-type", type=positive_int, default=2)
     ap.add_argument("--repeats", type=positive_int, default=2, help="Passes over the episodes; the best is kept.")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_env.json"))
+    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_env.json"))
     ap.add_argument("--other-envs", default="alfworld,webshop", help="Also time these envs ('' for none).")
     ap.add_argument("--other-episodes", type=positive_int, default=5)
     args = ap.parse_args()

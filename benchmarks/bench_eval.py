@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_args import positive_int, run_main
+from bench_args import output_file, positive_int, run_main
 
 from qlass.agent import start_messages
 from qlass.envs.base import make_env
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=positive_int, default=16, help="live episodes in the lockstep run")
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--no-autocast", dest="autocast", action="store_false", help="fp32 instead of bf16 autocast")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_eval.json"))
+    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_eval.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_args import positive_int, run_main
+from bench_args import output_file, positive_int, run_main
 
 from qlass.config import build
 from qlass.envs.base import Env, make_env
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--policy-arg", action="append", default=[], help="policy option key=value")
     ap.add_argument("--variant", action="append", default=[],
                     help="LABEL:key=value,... exploration options of one variant to compare (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_explore.json"))
+    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_explore.json"))
     args = ap.parse_args()
 
     from qlass.commands.evaluate import parse_kv

@@ -20,6 +20,7 @@ import time
 from bench_args import positive_int, run_main
 
 from qlass.envs.base import Env, env_close, env_expert, env_reset, env_step, env_tasks, make_env
+from qlass.errors import QlassError
 from qlass.serve import BackgroundServer, EnvPool
 
 log = logging.getLogger("bench_http_env")
@@ -51,6 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     local = make_env(args.env)
+    if not env_tasks(local, "train"):  # before: a division by zero (the task index modulo no tasks)
+        raise QlassError(f"env {args.env}: its train split has no task to play")
     with BackgroundServer(EnvPool(args.env)) as server:
         remote = make_env("qlass.envs.http:HttpEnv", url=server.url)
         play(remote, 2)  # warm up: connection, first imports

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench_args import positive_int, positive_ints, run_main
+from bench_args import nonnegative_float, output_file, positive_int, positive_ints, run_main
 from bench_policy import episode, timed
 
 from qlass.gguf_export import export_gguf
@@ -119,9 +119,9 @@ def main() -> None:
     ap.add_argument("--episodes", type=positive_int, default=2)
     ap.add_argument("--turns", type=positive_int, default=3, help="turns per episode (one call each)")
     ap.add_argument("--ns", type=positive_ints, default="1,8", help="candidates per call")
-    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--temperature", type=nonnegative_float, default=0.7)
     ap.add_argument("--max-new-tokens", type=positive_int, default=32)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_llamacpp.json"))
+    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_llamacpp.json"))
     args = ap.parse_args()
 
     model = args.model or default_model_dir()

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bench_args import positive_int, positive_ints, run_main
+from bench_args import output_file, positive_int, positive_ints, run_main
 
 from qlass.models import default_model_dir
 from qlass.policy.hf import HFPolicy
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=positive_int, default=24)
     ap.add_argument("--ms", type=positive_ints, default="2,4,8")
     ap.add_argument("--candidates-turn", type=int, default=5, help="history (turn) used for the M-candidate test")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_policy.json"))
+    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_policy.json"))
     args = ap.parse_args()
     marks = [1, 5, 10, 15]
     if not 1 <= args.candidates_turn <= max(marks):  # 0 was turn 15 (index -1), silently

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_args import positive_int, positive_ints, run_main
+from bench_args import output_file, positive_int, positive_ints, run_main
 
 from qlass.models import default_model_dir, resolve_device
 from qlass.policy.render import encode_conversation
@@ -90,7 +90,7 @@ def main() -> None:
                     "on a busy machine: no spinning worker threads)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_qnet.json"))
+    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_qnet.json"))
     args = ap.parse_args()
     args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.threads:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_args import positive_int, run_main  # noqa: E402
+from bench_args import output_file, positive_int, run_main  # noqa: E402
 from bench_qnet import ACTIONS, WORDS, make_history  # noqa: E402
 
 from qlass.models import default_model_dir, resolve_device  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_qnet_train.json"))
+    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_qnet_train.json"))
     args = ap.parse_args()
     args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.depth < 3 and not args.qdata:  # a sibling is sampled at each of the main path's first three steps

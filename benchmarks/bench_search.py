@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from bench_args import positive_int, run_main
+from bench_args import output_file, positive_int, run_main
 
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.models import default_model_dir
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=positive_int, default=10)
     ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--autocast", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_search.json"))
+    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_search.json"))
     args = ap.parse_args()
 
     model = args.model or default_model_dir()

@@ -18,7 +18,8 @@ BENCHMARKS = TESTS.parent / "benchmarks"
 
 
 def run_benchmark(script: str, args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))  # toy envs live in tests/
+    # toy envs live in tests/; a test's own env module in its folder
+    path = os.pathsep.join(filter(None, [str(TESTS), str(cwd), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
@@ -179,3 +180,18 @@ def test_bench_qnet_device_is_checked(tmp_path: Path, tiny_model_dir: Path, scri
     traceback after the model was loaded; it is checked as qlass checks --device (``resolve_device``)."""
     done = run_benchmark(script, ["--model", str(tiny_model_dir), "--device", "nosuch"], tmp_path)
     assert_usage_error(done, "unknown torch device 'nosuch'")
+
+
+def test_values_found_only_after_the_measurement_are_checked_first(tmp_path: Path) -> None:
+    """Before: --temperature -1 failed (ValueError traceback) only after the GGUF export and the server start; an
+    --out that is a folder was refused after the whole measurement; an env with no train task divided by zero."""
+    done = run_benchmark("bench_llamacpp.py", ["--temperature", "-1"], tmp_path)
+    assert_usage_error(done, "argument --temperature: -1.0 is not a finite number of at least 0")
+    (tmp_path / "report").mkdir()
+    done = run_benchmark("bench_search.py", ["--out", "report"], tmp_path)
+    assert_usage_error(done, "argument --out: report: is a folder; this output is a file")
+    (tmp_path / "empty_env.py").write_text("from toy_envs import Corridor\n\n\nclass Empty(Corridor):\n"
+                                          "    def __init__(self) -> None:\n"
+                                          "        super().__init__(tasks_per_split=0)\n")
+    done = run_benchmark("bench_http_env.py", ["--env", "empty_env:Empty", "--episodes", "1"], tmp_path)
+    assert_usage_error(done, "env empty_env:Empty: its train split has no task to play")
