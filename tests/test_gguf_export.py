@@ -502,3 +502,18 @@ def test_greedy_episode_on_llamacpp_matches_hf(served_default_model: tuple[Path,
             assert llm.tokenize(render(local.tokenizer, history).encode(), add_bos=True, special=True) == ids
     finally:
         llm.close()
+
+
+def test_out_onto_the_default_models_gguf_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Before: `qlass model export-gguf SFT --out "$(qlass model gguf)"` replaced the GGUF inside the installed
+    wheel, the file every default model is made of. The test names it through a link, so that the code before
+    the fix (which replaced the link, not what it points to) could not touch the wheel."""
+    from qlass.models import default_gguf_path
+
+    link = tmp_path / "default.gguf"
+    link.symlink_to(default_gguf_path())
+    before = default_gguf_path().stat()
+    with pytest.raises(QlassError, match=r"default\.gguf: is the default model's GGUF, inside its installed wheel"):
+        export_gguf(tiny_model_dir, link, "f32")
+    after = default_gguf_path().stat()
+    assert link.is_symlink() and (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)

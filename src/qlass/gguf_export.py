@@ -153,10 +153,23 @@ def _check_out(out: Path, partial: Path) -> None:
             if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:  # the model's own weights, or any other file: never replaced
                 raise QlassError(f"{out}: exists and is not a GGUF file; the export would replace it (give another "
                                  "--out)")
+        if _is_default_gguf(out):  # `--out "$(qlass model gguf)"` replaced the file every default model is made of
+            raise QlassError(f"{out}: is the default model's GGUF, inside its installed wheel; the export would "
+                             "replace the default model (give another --out)")
     kind = _kind(partial)
     if kind not in (None, "a regular file"):
         raise QlassError(f"{partial}: exists and is {kind}; the export writes the GGUF file there first (remove it "
                          "or give another --out)")
+
+
+def _is_default_gguf(path: Path) -> bool:
+    """Whether ``path`` is the default model's GGUF file (:func:`~qlass.models.default_gguf_path`)."""
+    from .models import default_gguf_path
+
+    try:
+        return path.samefile(default_gguf_path())
+    except (QlassError, OSError):  # the wheel is not installed
+        return False
 
 
 # -- metadata ------------------------------------------------------------------------------------
