@@ -506,9 +506,45 @@ def test_pipeline_task_types_that_select_no_task_are_named(tiny_model_dir: Path,
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "env": "toy_envs:Corridor",
                                     "model": str(tiny_model_dir), "task_types": ["wlak"]}))
-    with pytest.raises(QlassError, match=re.escape("expert.split: toy_envs:Corridor has no task in split 'train' of "
-                                                   "the task types ['wlak']")):
+    with pytest.raises(QlassError, match=re.escape("p.yaml: field 'expert.split': toy_envs:Corridor has no task in "
+                                                   "split 'train' of the task types ['wlak']")):
         run_pipeline(path)
+    assert not (tmp_path / "run" / "expert.json").exists()
+
+
+MIXED_ENV = """from toy_envs import Corridor
+from qlass.types import Task
+
+
+class Mixed(Corridor):
+    def splits(self):
+        return {"train": 2, "seen": 2, "unseen": 2}
+
+    def tasks(self, split, task_types=None):
+        kind = "run" if split == "unseen" else "walk"
+        return [Task(f"{split}/{i}", "mixed", split, kind, {"length": 1}) for i in range(2)]
+"""
+
+
+def test_pipeline_refuses_an_evaluation_split_without_tasks_of_the_types_before_any_work(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: an eval split with no task of the run's task types was found by the evaluation, at stage 4, after
+    SFT, exploration and the QNet had run."""
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+
+    (tmp_path / "mixed_env.py").write_text(MIXED_ENV)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "env": "mixed_env:Mixed", "sft_model": str(tiny_model_dir),
+        "task_types": ["walk"], "explore": {"limit": 1, "max_new_tokens": 4, "max_depth": 1, "max_nodes": 3},
+        "eval": {"splits": ["seen", "unseen"], "limit": 1, "max_steps": 1, "methods": ["greedy:max_new_tokens=4"]}}))
+    with pytest.raises(QlassError, match=re.escape("p.yaml: field 'eval.splits': mixed_env:Mixed has no task in "
+                                                   "split 'unseen' of the task types ['walk']")):
+        run_pipeline(path)
+    assert not (tmp_path / "run" / "trees.jsonl").exists()
 
 
 @pytest.mark.parametrize("server", ["localhost:8000/v1", "runs/sft", "ftp://127.0.0.1:9/v1", ""])

@@ -53,10 +53,7 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
         log.info("stage 1a: exporting expert trajectories to %s", expert_path)
         env = make_env(cfg.env, **cfg.env_args)
         try:
-            tasks = env_tasks(env, r.expert.split, cfg.task_types)
-            if not tasks:
-                raise QlassError(f"expert.split: {cfg.env} has no task in split {r.expert.split!r}"
-                                 + (f" of the task types {cfg.task_types}" if cfg.task_types else ""))
+            tasks = env_tasks(env, r.expert.split, cfg.task_types)  # some: checked by check_stage_splits
             result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps)
         finally:
             env_close(env)

@@ -290,13 +290,13 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
 
 
 def check_stage_splits(r: Resolved, source: str) -> None:
-    """Refuse a split the environment lacks in any stage before the first stage runs (an environment
-    may hand an unknown split its default tasks; a typo in eval.splits would otherwise surface after SFT)."""
-    from .envs.base import check_splits, env_close, make_env
+    """Refuse a split the environment lacks in any stage, or one without a task of the run's task types,
+    before the first stage runs (an environment may hand an unknown split its default tasks; a typo in
+    eval.splits would otherwise surface after SFT, an evaluation split without such tasks at stage 4)."""
+    from .envs.base import check_splits, env_close, env_tasks, make_env
 
-    used = {"explore.split": [r.explore_stage.split], "eval.splits": list(r.eval.splits)}
-    if not r.cfg.sft_model and not r.expert.data:
-        used["expert.split"] = [r.expert.split]
+    used = {"expert.split": [r.expert.split]} if not r.cfg.sft_model and not r.expert.data else {}
+    used |= {"explore.split": [r.explore_stage.split], "eval.splits": list(r.eval.splits)}  # in stage order
     for name, section in (("rft", r.rft), ("eto", r.eto)):
         if section is not None:
             used[f"{name}.split"] = [section.stage.split]
@@ -305,6 +305,10 @@ def check_stage_splits(r: Resolved, source: str) -> None:
         for field_name, splits in used.items():
             try:
                 check_splits(env, splits, r.cfg.env)
+                for split in splits:
+                    if not env_tasks(env, split, r.cfg.task_types):
+                        types = f" of the task types {r.cfg.task_types}" if r.cfg.task_types else ""
+                        raise QlassError(f"{r.cfg.env} has no task in split {split!r}{types}")
             except QlassError as exc:
                 raise QlassError(f"{source}: field {field_name!r}: {exc}") from None
     finally:
