@@ -619,3 +619,30 @@ def test_pipeline_with_sft_model_does_not_call_the_sft_section_ignored_when_eto_
     with caplog.at_level(logging.WARNING, logger="qlass"):
         run_pipeline(path, stop_after="sft")
     assert "section(s) sft ignored: sft_model is set" in caplog.text
+
+
+@pytest.mark.parametrize("recorded", [
+    {"qnet": {"max_length": 256}},  # before this qlass: refused by the QNet at stage 3
+    {"qnet": {"report_to": "bogus"}},  # refused by the trainer at stage 3
+    {"policy": {"cache_slots": -5, "max_batch_rows": 0}},  # taken by exploration (runtime options)
+])
+def test_run_folder_of_an_older_qlass_resumes_once_a_value_now_refused_is_corrected(recorded: dict,
+                                                                                     tmp_path: Path) -> None:
+    """config.yaml is read back only to compare settings: a value an older qlass recorded (and the new checks
+    before any work refuse) does not block the corrected config. Before: 'config.yaml: qnet: max_action_tokens
+    must be ...' although the run's YAML no longer held it, and SFT and exploration had to be redone."""
+    import yaml
+
+    from qlass.pipeline_config import resolve, save_resolved
+
+    run = tmp_path / "run"
+    data = {"run_dir": str(run), "sft_model": "sft-a", "explore": {"limit": 2}}
+    save_resolved(resolve(data, "p.yaml"))
+    (run / "trees.jsonl").write_text("")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for section, values in recorded.items():
+        saved[section].update(values)  # as an older qlass wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    save_resolved(resolve(data, "p.yaml"))
+    with pytest.raises(QlassError, match=re.escape("explore.max_depth: None → 2")):  # a change is named
+        save_resolved(resolve({**data, "explore": {"limit": 2, "max_depth": 2}}, "p.yaml"))

@@ -174,8 +174,10 @@ def _split_options(options: dict[str, Any], cls: type) -> tuple[dict[str, Any], 
     return {k: v for k, v in options.items() if k in names}, {k: v for k, v in options.items() if k not in names}
 
 
-def resolve(data: dict[str, Any], source: str) -> Resolved:
-    """Build and validate every section of a pipeline config (fails before any work starts)."""
+def resolve(data: dict[str, Any], source: str, recorded: bool = False) -> Resolved:
+    """Build and validate every section of a pipeline config (fails before any work starts). ``recorded``:
+    a run folder's config.yaml, read only to compare settings, so the checks that guard the work to come
+    are left out (an older qlass recorded values they refuse)."""
     from .config import check_known
     from .envs.base import check_env_options
     from .explore import ExploreConfig
@@ -184,13 +186,8 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
     from .training.configs import QNetTrainConfig, SFTConfig
 
     cfg = build(PipelineConfig, data, source)
-    if cfg.task_types is not None and not cfg.task_types:
-        raise QlassError(f"{source}: field 'task_types' must name at least one task type (null: all of them)")
-    if not cfg.run_dir.strip():  # Path("") is the working directory
-        raise QlassError(f"{source}: field 'run_dir' must name a folder, got {cfg.run_dir!r}")
-    if cfg.policy_server is not None and not cfg.policy_server.lower().startswith(("http://", "https://")):
-        raise QlassError(f"{source}: field 'policy_server' must be the http(s)://host:port/v1 URL of an "
-                         f"OpenAI-compatible server, got {cfg.policy_server!r}")
+    if not recorded:
+        _check_top_level(cfg, source)
     if cfg.backend not in BACKENDS:
         raise QlassError(f"{source}: field 'backend' must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     if cfg.workers < 1:
@@ -220,12 +217,25 @@ def resolve(data: dict[str, Any], source: str) -> Resolved:
         check_env_options(cfg.env, cfg.env_args)
     except QlassError as exc:
         raise QlassError(f"{source}: field 'env_args': {exc}") from None
+    if recorded:
+        return r
     _check_report_to(r, source)
     try:  # last: checking the options against the local backend's signature imports torch
         check_policy_options(cfg.policy_server or "default", cfg.policy)
     except QlassError as exc:
         raise QlassError(f"{source}: field 'policy': {exc}") from None
     return r
+
+
+def _check_top_level(cfg: PipelineConfig, source: str) -> None:
+    """The top-level values that would fail only once their stage starts."""
+    if cfg.task_types is not None and not cfg.task_types:
+        raise QlassError(f"{source}: field 'task_types' must name at least one task type (null: all of them)")
+    if not cfg.run_dir.strip():  # Path("") is the working directory
+        raise QlassError(f"{source}: field 'run_dir' must name a folder, got {cfg.run_dir!r}")
+    if cfg.policy_server is not None and not cfg.policy_server.lower().startswith(("http://", "https://")):
+        raise QlassError(f"{source}: field 'policy_server' must be the http(s)://host:port/v1 URL of an "
+                         f"OpenAI-compatible server, got {cfg.policy_server!r}")
 
 
 def _check_report_to(r: Resolved, source: str) -> None:
@@ -333,7 +343,10 @@ def save_resolved(r: Resolved) -> None:
             raise QlassError(f"{r.run_dir} holds {(made or started)[0]} but {what}, so the settings that made it are "
                              "unknown and later stages could mix with others; use a new run_dir (or restore "
                              "config.yaml)")
-        changes = _stage_changes(resolve(recorded, str(path)), r)
+        # without a QNet its section is not compared; an older qlass recorded values QNetTrainConfig now refuses
+        if not (r.run_dir / "qnet").exists():
+            recorded = {**recorded, "qnet": to_dict(r.qnet)}
+        changes = _stage_changes(resolve(recorded, str(path), recorded=True), r)
         if changes:
             raise QlassError(f"{path}: the run folder was made with other settings ({'; '.join(changes)}); "
                              "use a new run_dir (sft_model: DIR reuses an SFT checkpoint from this one)")
