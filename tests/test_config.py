@@ -482,6 +482,7 @@ def test_extends_errors_name_the_extending_file_and_a_bad_value_names_the_bases(
     ({"rft": {"sft": {"report_to": "bogus"}}}, "rft.sft"),
     ({"self_train": {"sft": {"report_to": "bogus"}}}, "self_train.sft"),
     ({"eto": {"dpo": {"report_to": "bogus"}}}, "eto.dpo"),
+    ({"eto": {"later_dpo": {"report_to": "bogus"}}}, "eto.later_dpo"),  # rounds 2 on: after round 1 ran
 ])
 def test_pipeline_checks_every_trainers_report_to_before_any_work(section: dict, where: str) -> None:
     """Before: a trainer's report_to was checked when that trainer started (stage 3 or after the evaluation),

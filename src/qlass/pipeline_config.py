@@ -249,6 +249,7 @@ def _check_report_to(r: Resolved, source: str) -> None:
             trainers[f"{name}.sft"] = section.sft
     if r.eto is not None:
         trainers["eto.dpo"] = r.eto.dpo
+        trainers["eto.later_dpo"] = r.eto.stage.dpo_for(r.eto.dpo, 2)  # rounds 2 on
     for name, cfg in trainers.items():
         try:
             check_report_to(cfg.report_to)
