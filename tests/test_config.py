@@ -647,3 +647,22 @@ def test_run_folder_of_an_older_qlass_resumes_once_a_value_now_refused_is_correc
     save_resolved(resolve(data, "p.yaml"))
     with pytest.raises(QlassError, match=re.escape("explore.max_depth: None → 2")):  # a change is named
         save_resolved(resolve({**data, "explore": {"limit": 2, "max_depth": 2}}, "p.yaml"))
+
+
+def test_policy_values_written_as_yaml_strings_are_checked_as_numbers(tiny_model_dir: Path) -> None:
+    """YAML reads ``min_p: 1e-3`` (no dot) as a string, which the option check takes for a float option and
+    converts; the range checks and the backend got the string. Before: a TypeError traceback ('<=' between
+    int and str) from the pipeline's check, or from the policy's constructor."""
+    from qlass.config import parse_kv
+    from qlass.pipeline_config import resolve
+    from qlass.policy import load_policy
+
+    options = parse_kv(["min_p=1e-3", "top_p=95e-2"], "--policy-arg")
+    assert options == {"min_p": "1e-3", "top_p": "95e-2"}
+    resolve({"policy": options}, "p.yaml")
+    resolve({"policy": {"timeout": "1e3"}, "policy_server": "http://127.0.0.1:9/v1"}, "p.yaml")
+    with pytest.raises(QlassError, match=re.escape("p.yaml: field 'policy': policy option top_p must be in (0, 1], "
+                                                   "got 2.0")):
+        resolve({"policy": {"top_p": "2e0"}}, "p.yaml")
+    policy = load_policy(str(tiny_model_dir), **options)
+    assert (policy.min_p, policy.top_p) == (0.001, 0.95)

@@ -58,17 +58,19 @@ def is_class_spec(spec: str) -> bool:
     return bool(_CLASS_SPEC.match(spec)) and not Path(spec).exists()
 
 
-def check_policy_options(spec: str, options: Mapping[str, Any]) -> None:
+def check_policy_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Raise :class:`QlassError` if the backend that would serve ``spec`` (a model folder or server) does
     not take every key of ``options`` (naming the options it does take), or one has a value of the wrong
-    type or out of its range. A user's class checks its options itself
+    type or out of its range. Returns the options as the backend takes them (a float option given as a
+    numeric string, as YAML reads ``1e-3``, converted). A user's class checks its options itself
     (:class:`~qlass.policy.user.UserPolicy`)."""
     from ..config import check_call_options
     from .option_values import check_hf_options, check_openai_options
 
     cls = _policy_class(spec)
-    check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
-    (check_hf_options if cls.__name__ == "HFPolicy" else check_openai_options)(options)
+    checked = check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
+    (check_hf_options if cls.__name__ == "HFPolicy" else check_openai_options)(checked)
+    return checked
 
 
 def load_policy(spec: str, **options: Any) -> Policy:
@@ -83,7 +85,7 @@ def load_policy(spec: str, **options: Any) -> Policy:
         from .user import UserPolicy
 
         return UserPolicy(spec, dict(options))  # type: ignore[return-value]
-    check_policy_options(spec, options)
+    options = check_policy_options(spec, options)
     if spec == "default":
         from ..models import default_model_dir
 
