@@ -67,6 +67,15 @@ def output_file(text: str) -> Path:
     return Path(text)
 
 
+def output_folder(text: str) -> Path:
+    """A folder path reports can be written into, checked before the measurement runs: before, an existing file
+    there was refused only when the folder was made, after the whole run."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a file; this output is a folder (give a folder path)")
+    return path
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a benchmark's ``main``: a :class:`~qlass.errors.QlassError` (an input file, folder or option that qlass
     refuses, named with its record and field) or a failed file operation is one line on stderr and exit status

@@ -31,7 +31,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
 
-from bench_args import nonnegative_int, positive_int, run_main
+from bench_args import nonnegative_int, output_folder, positive_int, run_main
 
 from qlass.agent import observation_message, start_messages
 from qlass.compare import bootstrap_interval
@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--resamples", type=positive_int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", type=output_folder, required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     qnets = dict(args.qnet)

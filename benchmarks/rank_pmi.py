@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_args import positive_int, run_main
+from bench_args import output_folder, positive_int, run_main
 
 from qlass.decision_files import read_decisions
 from qlass.decision_report import ReportConfig, score_decisions
@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="the policy folder the decisions were sampled from")
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--resamples", type=positive_int, default=10000)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", type=output_folder, required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -195,3 +195,13 @@ def test_values_found_only_after_the_measurement_are_checked_first(tmp_path: Pat
                                           "        super().__init__(tasks_per_split=0)\n")
     done = run_benchmark("bench_http_env.py", ["--env", "empty_env:Empty", "--episodes", "1"], tmp_path)
     assert_usage_error(done, "env empty_env:Empty: its train split has no task to play")
+
+
+@pytest.mark.parametrize("script", ["rank_pmi.py", "probe_focus.py"])
+def test_an_out_folder_that_is_a_file_is_refused_before_measuring(tmp_path: Path, script: str) -> None:
+    """rank_pmi and probe_focus write their reports into the --out folder: an existing file there was refused
+    (FileExistsError from mkdir) only after every decision or focus state had been scored."""
+    (tmp_path / "report").write_text("")
+    inputs = [str(tmp_path / "d.jsonl")] if script == "rank_pmi.py" else []
+    done = run_benchmark(script, [*inputs, "--model", "m", "--out", str(tmp_path / "report")], tmp_path, timeout=60)
+    assert_usage_error(done, f"argument --out: {tmp_path / 'report'}: is a file; this output is a folder")
