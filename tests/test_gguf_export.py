@@ -339,6 +339,24 @@ def test_config_fields_and_weight_shapes_are_checked(tiny_model_dir: Path, tmp_p
     assert not list(tmp_path.glob("m.gguf*"))
 
 
+@pytest.mark.timeout(120)
+def test_layers_are_counted_not_read_off_the_highest_layer_number(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Before: the check took the highest layer number in the weights, so a config with num_hidden_layers
+    4294967295 and layer 1's weights renamed to layer 4294967294 passed it, and gguf's name map was built for
+    every layer (hours and all memory)."""
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(tiny_model_dir, tmp_path / "m")
+    weights = load_file(model / "model.safetensors")
+    save_file({k.replace("model.layers.1.", "model.layers.4294967294."): v for k, v in weights.items()},
+              model / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = 2**32 - 1
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QlassError, match=r"num_hidden_layers is 4294967295; the weights hold 2 layer\(s\)"):
+        export_gguf(model, tmp_path / "m.gguf")
+
+
 TOKENIZER_CASES = [
     (_set("model", 5), r"tokenizer\.json: model is 5, expected an object"),
     (_set("model.vocab.zzzq", "7"), r"tokenizer\.json: model\.vocab\['zzzq'\] is '7', expected a token id"),

@@ -293,9 +293,9 @@ def plan_tensors(model_dir: Path, config: dict[str, Any], dims: Dims) -> list[Te
         except (SafetensorError, OSError) as exc:
             raise QlassError(f"{file}: cannot read the safetensors file ({exc})") from None
     # gguf's name map holds every tensor name of every layer: a num_hidden_layers far above the weights' (e.g. 10**9)
-    # took hours and all memory to build it
-    layers = 1 + max((int(m[1]) for found in files.values() for key in found if (m := LAYER_KEY.match(key))),
-                     default=-1)
+    # took hours and all memory to build it. The layers are counted, not read off the highest number, which a
+    # single weight named model.layers.4294967294 would set.
+    layers = len({int(m[1]) for found in files.values() for key in found if (m := LAYER_KEY.match(key))})
     if dims.blocks > layers:
         raise QlassError(f"{model_dir / 'config.json'}: num_hidden_layers is {dims.blocks}; the weights hold "
                          f"{layers} layer(s)")
