@@ -666,3 +666,14 @@ def test_policy_values_written_as_yaml_strings_are_checked_as_numbers(tiny_model
         resolve({"policy": {"top_p": "2e0"}}, "p.yaml")
     policy = load_policy(str(tiny_model_dir), **options)
     assert (policy.min_p, policy.top_p) == (0.001, 0.95)
+
+
+def test_policy_values_given_in_python_refuse_booleans_for_counts() -> None:
+    """The YAML and command-line paths check types first; a policy built in Python does not. Before: True passed
+    as a count (cache_slots=True was one slot)."""
+    from qlass.policy.option_values import check_hf_options, check_openai_options
+
+    with pytest.raises(QlassError, match="policy option cache_slots must be >= 0, got True"):
+        check_hf_options({"cache_slots": True})
+    with pytest.raises(QlassError, match="policy option concurrency must be >= 1, got False"):
+        check_openai_options({"concurrency": False})

@@ -124,7 +124,7 @@ class HFPolicy:
         self.kv_dtype = torch.bfloat16 if self.autocast else None
         positions = getattr(self.model.config, "max_position_embeddings", None) or max_length
         self.max_length = min(int(max_length), int(positions))
-        self.max_batch_rows = max(1, int(max_batch_rows))
+        self.max_batch_rows = int(max_batch_rows)
         self.plain = kv.plain_attention(self.model.config)
         self.store = kv.PrefixStore(cache_slots if self.plain else 0)
         self._rng = random.Random(seed)

@@ -125,7 +125,7 @@ class OpenAIPolicy:
         if max_length is not None and self.tokenizer is None:
             raise QlassError("max_length needs tokenizer= to count prompt tokens")
         self.endpoint = endpoint
-        self.concurrency = max(1, int(concurrency))
+        self.concurrency = int(concurrency)
         self.stop = list(stop)
         self.logprobs = bool(logprobs)
         self.max_length = max_length

@@ -24,7 +24,7 @@ def check_sampling(top_p: float, min_p: float) -> None:
 
 def _at_least(options: Mapping[str, Any], name: str, low: float) -> None:
     value = options.get(name)
-    if value is not None and not value >= low:  # NaN fails too
+    if value is not None and (isinstance(value, bool) or not value >= low):  # NaN fails too
         raise QlassError(f"policy option {name} must be >= {low}, got {value!r}")
 
 
