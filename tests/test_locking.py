@@ -227,6 +227,6 @@ def test_a_cached_default_folder_missing_a_file_is_made_again(tmp_path: Path, mo
     (folder / "tokenizer.json").unlink()
     with caplog.at_level(logging.WARNING, logger="qlass"):
         assert default_tokenizer_dir(tmp_path) == folder
-    assert (folder / "tokenizer.json").is_file() and "tokenizer.json missing from the cached folder" in caplog.text
+    assert (folder / "tokenizer.json").is_file() and caplog.text.count("tokenizer.json missing from the cached") == 1
     monkeypatch.setenv("QLASS_CACHE", "")  # before: the working folder ('.')
     assert cache_dir() == Path.home() / ".cache" / "qlass"

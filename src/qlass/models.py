@@ -74,7 +74,7 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
     folder marked complete without its tokenizer.json. The files made carry the GGUF's modification time:
     a folder made again from the same GGUF (the cache cleared, another machine) is the same model to the
     runs that recorded its files (:func:`~qlass.recorded.model_files`), one made from another GGUF is not."""
-    if _complete(out):
+    if _complete(out, warn=False):  # looked at again, and a missing file named, under the lock
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "a") as lock:
@@ -103,7 +103,7 @@ def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
     return out
 
 
-def _complete(out: Path) -> bool:
+def _complete(out: Path, warn: bool = True) -> bool:
     """Whether ``out`` was made whole and still holds every file its mark lists (the GGUF's name, then the
     files; a mark written before the list was kept names the GGUF alone). A file removed since (a cleaned
     cache) makes the folder be made again: before, it was handed out and the model load failed."""
@@ -112,7 +112,7 @@ def _complete(out: Path) -> bool:
     except (OSError, ValueError):
         return False
     missing = [name for name in files if not (out / name).is_file()]
-    if missing:
+    if missing and warn:
         log.warning("%s: %s missing from the cached folder; making it again", out, ", ".join(missing))
     return not missing
 
