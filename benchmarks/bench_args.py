@@ -19,15 +19,20 @@ from qlass.errors import QlassError
 from qlass.file_checks import check_output_file
 
 
-def positive_int(text: str) -> int:
-    """An integer of at least 1."""
+def _integer(text: str, low: int, below: str) -> int:
+    """``text`` as an integer of at least ``low``; ``below`` says what a smaller one is."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (at least 1)")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} {below} (at least {low})")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    return _integer(text, 1, "is not a positive integer")
 
 
 def positive_ints(text: str) -> list[int]:
@@ -37,13 +42,7 @@ def positive_ints(text: str) -> list[int]:
 
 def nonnegative_int(text: str) -> int:
     """An integer of at least 0 (e.g. a number of items to skip)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative (at least 0)")
-    return value
+    return _integer(text, 0, "is negative")
 
 
 def nonnegative_float(text: str) -> float:

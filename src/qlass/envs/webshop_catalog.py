@@ -63,6 +63,15 @@ class Instruction:
     attributes: tuple[str, ...]
 
 
+UNREADABLE = (lzma.LZMAError, EOFError, UnicodeDecodeError)
+"""What reading a damaged or cut ``.xz`` file, or bytes that are not text, raises."""
+
+
+def unreadable(path: Path, exc: Exception) -> DataError:
+    """The error for a data file that raised one of :data:`UNREADABLE`, naming it."""
+    return DataError(str(path), f"cannot be read ({type(exc).__name__}: {exc})")
+
+
 def _open_text(path: Path):
     return lzma.open(path, "rt", encoding="utf-8") if path.suffix == ".xz" else open(path, encoding="utf-8")
 
@@ -238,8 +247,8 @@ def load_reviews(path: Path) -> dict[str, tuple[list[dict[str, Any]], str]]:
             items = [{"title": r.get("title", ""), "score": r.get("score", r.get("stars", "")),
                       "body": r.get("body", r.get("review", ""))} for r in given]
             out[str(rec["asin"])] = (items, str(rec.get("average_rating") or "N.A."))
-    except (lzma.LZMAError, EOFError, UnicodeDecodeError) as exc:  # a damaged or cut .xz, bytes that are not text
-        raise DataError(str(path), f"cannot be read ({type(exc).__name__}: {exc})") from None
+    except UNREADABLE as exc:
+        raise unreadable(path, exc) from None
     return out
 
 
@@ -300,5 +309,5 @@ def iter_catalog(products_file: Path, attributes: dict[str, Any],
                 continue
             seen.add(product.asin)
             yield product, text
-    except (lzma.LZMAError, EOFError, UnicodeDecodeError) as exc:  # a damaged or cut .xz, bytes that are not text
-        raise DataError(str(products_file), f"cannot be read ({type(exc).__name__}: {exc})") from None
+    except UNREADABLE as exc:
+        raise unreadable(products_file, exc) from None
