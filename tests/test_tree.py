@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qlass.errors import DataError
+from qlass.errors import DataError, QlassError
 from qlass.jsonl import append_jsonl, write_jsonl
 from qlass.qdata import export_qdata, qdata_records, read_qdata
 from qlass.tree import (
@@ -337,3 +337,15 @@ def test_schema_1_trees_read_with_rollout_0_and_schema_2_round_trips(tmp_path: P
         with pytest.raises(DataError, match="nodes\\[") as err:
             tree_from_dict(bad, "t.jsonl", 1)
         assert message in str(err.value)
+
+
+@pytest.mark.parametrize("cap", [0, -1, True, 2.5, "3"])
+def test_a_cap_on_records_per_tree_below_one_is_refused(cap: object, tmp_path: Path) -> None:
+    """0 wrote an empty Q-data file, -1 silently dropped each tree's last record."""
+    trees, qdata = tmp_path / "trees.jsonl", tmp_path / "qdata.jsonl"
+    write_jsonl(trees, [make_tree(MIXED).to_dict()])
+    with pytest.raises(QlassError, match="max_per_tree"):
+        export_qdata(trees, qdata, max_per_tree=cap)  # type: ignore[arg-type]
+    assert not qdata.exists()
+    with pytest.raises(QlassError, match="max_per_tree"):
+        qdata_records(make_tree(MIXED), max_per_tree=cap)  # type: ignore[arg-type]

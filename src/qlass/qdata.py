@@ -12,13 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from .data import refuse_replacing_other_kind
-from .errors import DataError, MissingFileError
+from .errors import DataError, MissingFileError, QlassError
 from .file_checks import refuse_overwriting_inputs
 from .file_kinds import other_kind
 from .jsonl import read_numbered_jsonl, write_jsonl
 from .tree import BackupConfig, Tree, checked_field, checked_messages, compute_q, is_q_value, read_trees
 
 QDATA_SCHEMA_VERSION = 1
+
+
+def _check_max_per_tree(max_per_tree: int | None) -> None:
+    """A cap of at least 1 or None (no cap): 0 wrote an empty file and -1 dropped each tree's last record."""
+    if max_per_tree is not None and (isinstance(max_per_tree, bool) or not isinstance(max_per_tree, int)
+                                     or max_per_tree < 1):
+        raise QlassError(f"max_per_tree must be a whole number >= 1 or None (no limit), got {max_per_tree!r}")
 
 
 def _rank(tree_id: str, node_id: int) -> str:
@@ -35,6 +42,7 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
     siblings first (sibling groups carry the ranking signal), each tier ordered by a stable hash of
     (tree id, node id).
     """
+    _check_max_per_tree(max_per_tree)
     q = compute_q(tree, cfg)
     ids = [i for i in q if tree.nodes[i].rollout == 0]
     group_size: dict[int, int] = {}
@@ -58,6 +66,7 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
 def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
                  max_per_tree: int | None = 300) -> dict[str, Any]:
     """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
+    _check_max_per_tree(max_per_tree)
     refuse_overwriting_inputs(out_path, [trees_path])
     refuse_replacing_other_kind(out_path, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
     trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
