@@ -19,7 +19,7 @@ from toy_envs import Corridor
 from qlass.agent import start_messages
 from qlass.envs.base import check_splits, env_reset, env_step, env_tasks, make_env
 from qlass.errors import QlassError
-from qlass.expert import verify_expert
+from qlass.expert import export_expert, verify_expert
 from qlass.jsonl import read_jsonl
 from qlass.qdata import read_qdata
 from qlass.tree import read_trees
@@ -317,3 +317,23 @@ def test_task_types_are_kept_even_when_the_environment_ignores_them(caplog) -> N
     assert [t.id for t in kept] == ["c/train/1", "c/train/3"]
     assert "gave 2 task(s) of other types than walk (run); they are left out" in caplog.text
     assert len(env_tasks(TypesIgnored(), "train")) == 4  # no types asked: every task
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"max_steps": 0}, "max_steps must be a whole number >= 1"),  # excluded every task as "too long"
+    ({"max_steps": float("nan")}, "max_steps"),  # no limit at all
+    ({"per_task_type": -1}, "per_task_type must be a whole number >= 1"),  # kept nothing
+    ({"per_task_type": True}, "per_task_type"),  # counted as 1
+    ({"per_task_type": "2"}, "per_task_type"),
+])
+def test_export_expert_refuses_limits_below_one(options: dict, message: str) -> None:
+    env = Corridor()
+    with pytest.raises(QlassError, match=message):
+        export_expert(env, env.tasks("train"), **options)
+
+
+def test_export_expert_names_tasks_that_are_not_tasks() -> None:
+    with pytest.raises(QlassError, match="tasks must be a sequence of qlass.types.Task"):
+        export_expert(Corridor(), "corridor/0")  # type: ignore[arg-type]
+    with pytest.raises(QlassError, match="'corridor/0' \\(str\\)"):
+        export_expert(Corridor(), ["corridor/0"])  # type: ignore[list-item]

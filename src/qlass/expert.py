@@ -24,6 +24,7 @@ from rich.progress import Progress
 from .agent import apply_output, finish, start_messages
 from .data import record_to_trajectory, trajectory_to_record
 from .envs.base import Env, env_expert, env_label
+from .errors import QlassError
 from .jsonl import append_jsonl, read_jsonl
 from .recorded import check_recorded
 from .types import Completion, Step, Task, Trajectory
@@ -103,6 +104,18 @@ def _load_progress(path: Path | None, made_with: dict[str, Any], splits: dict[st
     return done
 
 
+def _check_arguments(tasks: Sequence[Task], per_task_type: int | None, max_steps: int | None) -> None:
+    """Tasks as Task objects and limits of at least 1 (or None): ``max_steps=0`` excluded every task as too long,
+    ``per_task_type=-1`` kept none, ``True`` counted as 1 and NaN as no limit, all silently."""
+    for name, value in (("per_task_type", per_task_type), ("max_steps", max_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise QlassError(f"export_expert: {name} must be a whole number >= 1 or None, got {value!r}")
+    odd = next((t for t in ([tasks] if isinstance(tasks, str) else tasks) if not isinstance(t, Task)), None)
+    if odd is not None:
+        raise QlassError(f"export_expert: tasks must be a sequence of qlass.types.Task (env.tasks(split) gives them), "
+                         f"got an item {odd!r:.80} ({type(odd).__name__})")
+
+
 def export_expert(
     env: Env,
     tasks: Sequence[Task],
@@ -119,6 +132,7 @@ def export_expert(
     with the same environment class, constructor options (``env_kwargs``: those ``env`` was built
     with), split and ``max_steps`` (recorded with each task); a call with others is refused, naming them.
     """
+    _check_arguments(tasks, per_task_type, max_steps)
     path = Path(progress_file) if progress_file is not None else None
     made_with = _made_with(env, max_steps, env_kwargs)
     done = _load_progress(path, made_with, {t.id: t.split for t in tasks})
