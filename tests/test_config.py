@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 
 from qlass.config import build, describe, help_text, load_config, option, save_config
+from qlass.decisions import DecisionConfig
 from qlass.errors import DataError, QlassError
+from qlass.explore_config import ExploreConfig
+from qlass.search import BestOfNConfig, GreedyConfig, SampleConfig
+from qlass.search_qlass import QlassConfig
+from qlass.training.configs import QNetTrainConfig
 from qlass.training.sft import SFTConfig
 
 
@@ -677,3 +682,29 @@ def test_policy_values_given_in_python_refuse_booleans_for_counts() -> None:
         check_hf_options({"cache_slots": True})
     with pytest.raises(QlassError, match="policy option concurrency must be >= 1, got False"):
         check_openai_options({"concurrency": False})
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: ExploreConfig(temperature=float("nan")), ValueError, "ExploreConfig: option 'temperature' must be finite"),
+    (lambda: ExploreConfig(candidates="2"), TypeError, "ExploreConfig: option 'candidates' expects int, got '2'"),
+    (lambda: ExploreConfig(max_depth=2.5), TypeError, "option 'max_depth' expects int"),
+    (lambda: ExploreConfig(expert_graft="no"), TypeError, "option 'expert_graft' expects bool"),
+    (lambda: DecisionConfig(temperature=float("nan")), ValueError, "DecisionConfig: option 'temperature'"),
+    (lambda: DecisionConfig(k=True), TypeError, "DecisionConfig: option 'k' expects int, got True"),
+    (lambda: QlassConfig(margin=float("inf")), ValueError, "QlassConfig: option 'margin' must be finite"),
+    (lambda: QlassConfig(beta=float("nan")), ValueError, "option 'beta'"),
+    (lambda: QlassConfig(m=2.0), TypeError, "QlassConfig: option 'm' expects int"),
+    (lambda: BestOfNConfig(n=2.5), TypeError, "BestOfNConfig: option 'n' expects int"),
+    (lambda: SampleConfig(temperature=float("nan")), ValueError, "SampleConfig: option 'temperature'"),
+    (lambda: GreedyConfig(max_steps=True), TypeError, "GreedyConfig: option 'max_steps' expects int"),
+    (lambda: SFTConfig(lr=float("nan")), ValueError, "SFTConfig: option 'lr' must be finite"),
+    (lambda: SFTConfig(lr="1e-5"), TypeError, "SFTConfig: option 'lr' expects float"),
+    (lambda: SFTConfig(batch_size=True), TypeError, "option 'batch_size' expects int"),
+    (lambda: QNetTrainConfig(pair_weight=float("nan")), ValueError, "QNetTrainConfig: option 'pair_weight'"),
+    (lambda: QNetTrainConfig(max_steps=None, epochs=None), TypeError, "option 'epochs' may not be null"),
+])
+def test_configs_made_in_python_are_checked_like_yaml(make: Any, error: type, message: str) -> None:
+    """build() checks types and finiteness; a config made in Python skipped them: NaN passed every range check
+    (nan < 0 is false), True and 2.5 passed as counts, and "2" was a TypeError naming no option."""
+    with pytest.raises(error, match=re.escape(message).replace("must\\ be\\ finite", "must be a finite number")):
+        make()

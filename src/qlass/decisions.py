@@ -7,8 +7,7 @@ candidates remain is a *decision state*. The played output is executed as ``qlas
 truncated one without its unfinished action), so decisions lie on the path that method visits.
 Every candidate of a decision is executed from that state and followed by K rollouts to the
 episode's end with the same continuation policy; its true value is the mean final reward of those
-rollouts. A candidate whose own step ends the episode is its own
-outcome (K identical values, no rollout).
+rollouts. A candidate whose own step ends the episode is its own outcome (K identical values, no rollout).
 
 Work is done in chunks of ``concurrency`` tasks: first the chunk's plays, then every rollout of
 its decisions, all as episode generators run in lockstep by :func:`qlass.lockstep.drive` (one
@@ -35,6 +34,7 @@ from typing import Any
 from .agent import apply_output, check_sample_counts, episode_running, executed_text, start_messages
 from .candidates import normalise_action
 from .config import option
+from .config_fields import check_field_types
 from .decision_files import (
     DECISIONS_SCHEMA_VERSION,
     check_decision,
@@ -79,6 +79,7 @@ class DecisionConfig:
                               "many", runtime=True)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.play not in ("greedy", "sample"):
             raise ValueError(f"play must be 'greedy' or 'sample', got {self.play!r}")
         if self.anchor not in ("greedy", "none"):

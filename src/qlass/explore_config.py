@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .agent import EpisodeConfig, check_sample_counts
 from .config import option, to_dict
+from .config_fields import check_field_types
 from .data import load_trajectories
 from .errors import QlassError
 from .evaluate import select_tasks
@@ -66,6 +67,7 @@ class ExploreConfig:
     gamma: float = option(0.9, "discount of the Q values stored in the trees (Eq. 7)")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         EpisodeConfig(self.max_steps, self.rollout_temperature, self.max_new_tokens)
         if self.max_depth is not None and self.max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")

@@ -35,6 +35,7 @@ from .agent import (
 )
 from .candidates import argmax, normalise_action, unique_candidates
 from .config import build, option, parse_kv
+from .config_fields import check_field_types
 from .envs.base import Env
 from .errors import QlassError
 from .lockstep import Episode, Sample, Score, run_one
@@ -81,6 +82,7 @@ class GreedyConfig:
     max_new_tokens: int = option(128, _MAX_NEW)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         EpisodeConfig(self.max_steps, 0.0, self.max_new_tokens)
 
 
@@ -93,6 +95,7 @@ class SampleConfig:
     max_new_tokens: int = option(128, _MAX_NEW)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
 
 
@@ -109,6 +112,7 @@ class BestOfNConfig:
     max_new_tokens: int = option(128, _MAX_NEW)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")

@@ -47,6 +47,7 @@ from .agent import (
 )
 from .candidates import choose, executable, mean_logprob, normalise_action, selection_scores, unique_candidates
 from .config import option
+from .config_fields import check_field_types
 from .envs.base import env_close, env_reset, env_step
 from .errors import QlassError
 from .lockstep import Episode, Sample, Score, Scored
@@ -84,6 +85,7 @@ class QlassConfig:
                          added=True)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
         if self.m < 1:
             raise ValueError(f"m must be >= 1, got {self.m}")

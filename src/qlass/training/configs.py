@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import option
+from ..config_fields import check_field_types
 
 RANKS = ("q", "advantage", "dueling")
 """What a QNet ranks candidates by (see :mod:`qlass.qnet_loss`)."""
@@ -39,6 +40,7 @@ class TrainerConfig:
                             "comma-separated list (metrics.jsonl is always written)", runtime=True)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.save_every < 1 or self.lora_r < 1:
             raise ValueError(f"save_every and lora_r must be >= 1, got {self.save_every} and {self.lora_r}")
         if self.max_steps is not None and self.max_steps < 1:
