@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from toy_envs import Corridor
 
+from qlass.errors import QlassError
 from qlass.eval_worker import EvalWorker, MethodRun
 from qlass.evaluate import evaluate
 from qlass.executor import ProcessExecutor
@@ -197,3 +198,43 @@ def test_records_are_the_same_one_at_a_time_and_eight_at_once(tiny_model_dir: Pa
     # two worker processes, four live episodes each, pulling jobs from one queue
     assert _records(tiny_model_dir, tmp_path / "two-by-four", concurrency=4, executor=ProcessExecutor(2)) == alone
     assert any(r["qnet_choices"] for r in alone.values() if r["method_name"] == "qlass")
+
+
+class Answering:
+    """A policy object handed to the library directly (not through load_policy) that answers ``answer``."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+        return self.answer(histories, n)
+
+
+@pytest.mark.parametrize("answer,message", [
+    (lambda h, n: [], "sample\\(\\) of 1 histories, n=2 returned 0 list\\(s\\)"),  # was: unpacking error
+    (lambda h, n: [[Completion("a", 1, 1)]], "returned 1 items for history 0; it must return 2"),  # IndexError
+    (lambda h, n: [["a", "b"]], "returned a str for history 0"),  # AttributeError 'prompt_tokens'
+    (lambda h, n: [[Completion("a", 1, 1, logprob=float("nan"))] * n], "logprob is nan, not a number"),  # was taken
+    (lambda h, n: [[Completion("a", -5, 1)] * n], "prompt_tokens is -5"),  # taken as it was
+])
+def test_what_a_policy_object_answers_is_checked(answer, message: str) -> None:
+    def two():
+        outs = yield Sample([[Message("user", "x")]], 2, 0.7, 8, [1])
+        return outs
+
+    with pytest.raises(QlassError, match="policy test_lockstep.Answering: .*" + message):
+        run_one(two(), Answering(answer))
+
+
+@pytest.mark.parametrize("values", [[float("nan"), 1.0], [0.5], "ab"])
+def test_what_a_qnet_object_answers_is_checked(values) -> None:
+    """A NaN lost every comparison (the search kept the first candidate); a short list dropped candidates."""
+    class Odd:
+        def score(self, history, candidates):
+            return values
+
+    def scored():
+        return (yield Score([Message("user", "x")], ["a", "b"]))
+
+    with pytest.raises(QlassError, match="QNet test_lockstep.*Odd: score\\(\\) returned .* for 2 candidate"):
+        run_one(scored(), Recorder(), Odd())

@@ -27,11 +27,14 @@ takes at once (continuous batching at the level of episodes). Results come out a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .errors import QlassError
 from .policy.base import Policy, SampleJob
+from .policy.user import checked_answer
 from .types import Completion, History
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,23 @@ Slot = tuple[int, int]
 """(episode index, position of the request in what the episode yielded)."""
 
 
+def _name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _checked_values(qnet: Any, values: Any, count: int) -> list[float]:
+    """A QNet's ``values`` for ``count`` candidates as floats, if there is one finite number per candidate: a NaN
+    lost every comparison, so the search kept whichever candidate came first, and a short list dropped the rest."""
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        floats = []
+    if len(floats) != count or not all(math.isfinite(v) for v in floats):
+        raise QlassError(f"QNet {_name(qnet)}: score() returned {str(values)[:120]} for {count} candidate(s); it must "
+                         "return one finite number per candidate")
+    return floats
+
+
 def _answer_samples(policy: Policy, requests: list[tuple[Slot, Sample]]) -> dict[Slot, list[list[Completion]]]:
     """Every pending Sample request in one policy call when the policy takes mixed settings
     (``sample_jobs``), else one call per ``(n, temperature, max_new_tokens)`` (unseeded requests apart
@@ -90,7 +110,8 @@ def _answer_samples(policy: Policy, requests: list[tuple[Slot, Sample]]) -> dict
     if hasattr(policy, "sample_jobs"):
         jobs = [SampleJob(h, req.n, req.temperature, req.max_new_tokens, None if req.seeds is None else req.seeds[k])
                 for _, req in requests for k, h in enumerate(req.histories)]
-        outs = policy.sample_jobs(jobs)
+        outs = checked_answer(f"policy {_name(policy)}: sample_jobs() of {len(jobs)} jobs", policy.sample_jobs(jobs),
+                              [job.n for job in jobs], strict=False)
         at = 0
         for slot, req in requests:
             answers[slot] = outs[at: at + len(req.histories)]
@@ -103,7 +124,9 @@ def _answer_samples(policy: Policy, requests: list[tuple[Slot, Sample]]) -> dict
     for (n, temperature, max_new, unseeded), members in groups.items():
         histories = [h for _, req in members for h in req.histories]
         seeds = None if unseeded else [s for _, req in members for s in req.seeds or ()]
-        outs = policy.sample(histories, n, temperature, max_new, seed=seeds)
+        outs = checked_answer(f"policy {_name(policy)}: sample() of {len(histories)} histories, n={n}",
+                              policy.sample(histories, n, temperature, max_new, seed=seeds), [n] * len(histories),
+                              strict=False)
         at = 0
         for slot, req in members:
             answers[slot] = outs[at: at + len(req.histories)]
@@ -131,8 +154,8 @@ def _answer_scores(qnet: Any, requests: list[tuple[Slot, Score]]) -> dict[Slot, 
             for history, candidates in items:
                 values.append(qnet.score(history, candidates))
                 tokens.append(int(getattr(qnet, "last_tokens", 0) or 0))
-        answers.update({slot: Scored([float(v) for v in vals], int(tok))
-                        for (slot, _), vals, tok in zip(members, values, tokens, strict=True)})
+        for (slot, req), vals, tok in zip(members, values, tokens, strict=True):
+            answers[slot] = Scored(_checked_values(qnet, vals, len(req.candidates)), int(tok))
     return answers
 
 

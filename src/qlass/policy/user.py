@@ -17,8 +17,9 @@ from ..types import Completion, History
 from .base import SampleJob
 
 
-def _completion_problem(c: Completion) -> str:
-    """What is wrong with the fields of ``c`` ('' if nothing)."""
+def _completion_problem(c: Completion, strict: bool = True) -> str:
+    """What is wrong with the fields of ``c`` ('' if nothing); not ``strict``, a logprob need only be a number and
+    not NaN (a server's -inf, or one rounded just above 0, is the reader's to judge)."""
     if not isinstance(c.text, str):
         return f"text is a {type(c.text).__name__}, not a string"
     if not is_text(c.text):
@@ -28,10 +29,34 @@ def _completion_problem(c: Completion) -> str:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{name} is {value!r}, not a whole number >= 0"
     lp = c.logprob
-    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp)
+    if not strict and lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float)) or math.isnan(lp)):
+        return f"logprob is {lp!r}, not a number (a sum of log-probabilities) or None"
+    if strict and lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp)
                            or lp > 0):
         return f"logprob is {lp!r}, not a finite number <= 0 (a sum of log-probabilities) or None"
     return ""
+
+
+def checked_answer(where: str, answer: Any, counts: list[int], strict: bool = True) -> list[list[Completion]]:
+    """``answer`` (what a policy's ``sample`` or ``sample_jobs`` returned) if it holds ``counts[i]`` well-formed
+    :class:`~qlass.types.Completion` objects for history ``i``, else a QlassError that starts with ``where``
+    (``strict``: see :func:`_completion_problem`)."""
+    if not isinstance(answer, list) or len(answer) != len(counts):
+        got = f"{len(answer)} list(s)" if isinstance(answer, list) else f"a {type(answer).__name__}"
+        raise QlassError(f"{where} returned {got}; it must return one list per history")
+    for i, (completions, n) in enumerate(zip(answer, counts)):
+        if not isinstance(completions, list) or len(completions) != n:
+            got = (f"{len(completions)} items" if isinstance(completions, list)
+                   else f"a {type(completions).__name__}")
+            raise QlassError(f"{where} returned {got} for history {i}; it must return {n} Completion objects")
+        for c in completions:
+            if not isinstance(c, Completion):
+                raise QlassError(f"{where} returned a {type(c).__name__} for history {i} "
+                                 "(qlass.types.Completion expected, with the text and its token counts)")
+            problem = _completion_problem(c, strict)
+            if problem:
+                raise QlassError(f"{where} returned a Completion for history {i} whose {problem}")
+    return answer
 
 
 class UserPolicy:
@@ -76,23 +101,7 @@ class UserPolicy:
 
     def _checked(self, call: str, answer: Any, counts: list[int]) -> list[list[Completion]]:
         """``answer`` if it holds ``counts[i]`` Completion objects for history ``i``, else a QlassError."""
-        where = f"policy {self.spec!r}: {call}"
-        if not isinstance(answer, list) or len(answer) != len(counts):
-            got = f"{len(answer)} list(s)" if isinstance(answer, list) else f"a {type(answer).__name__}"
-            raise QlassError(f"{where} returned {got}; it must return one list per history")
-        for i, (completions, n) in enumerate(zip(answer, counts)):
-            if not isinstance(completions, list) or len(completions) != n:
-                got = (f"{len(completions)} items" if isinstance(completions, list)
-                       else f"a {type(completions).__name__}")
-                raise QlassError(f"{where} returned {got} for history {i}; it must return {n} Completion objects")
-            for c in completions:
-                if not isinstance(c, Completion):
-                    raise QlassError(f"{where} returned a {type(c).__name__} for history {i} "
-                                     "(qlass.types.Completion expected, with the text and its token counts)")
-                problem = _completion_problem(c)
-                if problem:
-                    raise QlassError(f"{where} returned a Completion for history {i} whose {problem}")
-        return answer
+        return checked_answer(f"policy {self.spec!r}: {call}", answer, counts)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "_policy":  # not built yet (copy, pickle): no such attribute
