@@ -374,6 +374,25 @@ def test_sft_export_writes_only_a_new_folder_or_an_earlier_export(tiny_model_dir
     assert (empty / "sft_checkpoint.json").exists()
 
 
+
+@pytest.mark.parametrize("state", ["{}", "not json", '{"global_step": "x"}', '{"global_step": -5}', "[2]"])
+def test_sft_export_names_a_damaged_trainer_state_before_loading_the_model(state: str, tiny_model_dir,
+                                                                           tmp_path: Path, monkeypatch) -> None:
+    """A damaged ``trainer_state.json`` was a KeyError, JSONDecodeError or ValueError traceback after the model had
+    loaded; a negative step was exported as "step -5"."""
+    import shutil
+
+    import qlass.training.sft_export as sft_export
+
+    run = tmp_path / "run"
+    ckpt = shutil.copytree(tiny_model_dir, run / "checkpoint-2")
+    (ckpt / "trainer_state.json").write_text(state)
+    monkeypatch.setattr(sft_export, "load_causal_lm", lambda *a: pytest.fail("the model loaded first"))
+    with pytest.raises(DataError, match=r"checkpoint-2/trainer_state.json: not a trainer state with a 'global_step'"):
+        export_checkpoint(run, tiny_model_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sft_with_no_agent_token_within_max_length_is_refused(tiny_model_dir, tmp_path: Path) -> None:
     """With ``max_length`` too short for any agent turn the loss was 0 at every step and the base
     model was saved as a finished SFT run; now the run is refused before training, naming the option."""

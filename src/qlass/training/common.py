@@ -209,8 +209,16 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def checkpoint_step(ckpt: Path) -> int:
-    """The optimizer step a checkpoint was saved after."""
-    return int(json.loads((ckpt / STATE).read_text())["global_step"])
+    """The optimizer step a checkpoint was saved after; a damaged ``trainer_state.json`` is a DataError naming it."""
+    path = ckpt / STATE
+    try:
+        step = json.loads(path.read_text(encoding="utf-8")).get("global_step")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
+        step = None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DataError(str(path), f"not a trainer state with a 'global_step' (an integer >= 0), got {step!r}; the "
+                                   "checkpoint is damaged (delete the folder to use the one before it)")
+    return step
 
 
 def prepare_resume(out: Path) -> Path | None:

@@ -25,6 +25,7 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
         raise QlassError(f"{run}: no SFT checkpoint here")
     dest = Path(dest).resolve()  # '.' has no name to put a temporary folder beside; a link names its target
     _check_export_dest(dest, ckpt.parent if ckpt == run else run, Path(model_dir))
+    step = checkpoint_step(ckpt)  # before the model loads: a damaged trainer state is named at once
     if (ckpt / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -32,7 +33,6 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
         model = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
     else:
         model, tokenizer = load_causal_lm(ckpt)
-    step = checkpoint_step(ckpt)
     tmp = dest.with_name(f".{dest.name}.tmp")  # a killed export leaves no half-written model at dest
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
