@@ -337,3 +337,21 @@ def test_export_expert_names_tasks_that_are_not_tasks() -> None:
         export_expert(Corridor(), "corridor/0")  # type: ignore[arg-type]
     with pytest.raises(QlassError, match="'corridor/0' \\(str\\)"):
         export_expert(Corridor(), ["corridor/0"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("spec", [None, 3, Path("toy_envs:Corridor")])
+def test_make_env_names_a_spec_that_is_not_a_string(spec: object) -> None:
+    """Was: TypeError "argument of type 'NoneType' is not iterable" from the registry's lookup."""
+    with pytest.raises(QlassError, match="an environment is named by a string"):
+        make_env(spec)  # type: ignore[arg-type]
+
+
+def test_load_policy_takes_a_model_folder_as_a_path_and_names_other_types(tiny_model_dir: Path) -> None:
+    """Was: TypeError "expected string or bytes-like object, got 'PosixPath'" from a regular expression."""
+    from qlass.policy import load_policy
+
+    policy = load_policy(tiny_model_dir, threads=1)
+    assert policy.sample([[Message("user", "hi")]], max_new_tokens=2)[0][0].completion_tokens
+    for spec in (None, 3):
+        with pytest.raises(QlassError, match="a policy is a model folder"):
+            load_policy(spec)  # type: ignore[arg-type]

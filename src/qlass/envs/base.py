@@ -257,6 +257,9 @@ class EnvRegistry:
 
     def factory(self, spec: str) -> EnvFactory:
         """The factory ``spec`` names (a registered or built-in name, or ``package.module:Class``)."""
+        if not isinstance(spec, str):  # was: "argument of type 'NoneType' is not iterable"
+            raise QlassError(f"an environment is named by a string (a registered name or package.module:Class), "
+                             f"got {spec!r} ({type(spec).__name__})")
         if spec in self._factories:
             return self._factories[spec]
         if spec in _BUILTIN:

@@ -8,6 +8,7 @@ works, but importing the package loads neither torch models nor HTTP code).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +74,7 @@ def check_policy_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any
     return checked
 
 
-def load_policy(spec: str, **options: Any) -> Policy:
+def load_policy(spec: str | os.PathLike[str], **options: Any) -> Policy:
     """A policy from a model folder, ``default``, an ``http(s)://.../v1`` server URL, or a user's own
     class named ``package.module:Class`` (built and checked by :class:`~qlass.policy.user.UserPolicy`).
 
@@ -81,6 +82,11 @@ def load_policy(spec: str, **options: Any) -> Policy:
     ``autocast=True`` or ``model="name", tokenizer="DIR"``; a user's class: the options it declares);
     an option the backend does not take is an error naming the options it does take.
     """
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec  # a model folder given as a Path
+    if not isinstance(spec, str):  # was: "expected string or bytes-like object" from a regular expression
+        from ..errors import QlassError
+
+        raise QlassError(f"a policy is a model folder, 'default', a server URL or package.module:Class; got {spec!r}")
     if is_class_spec(spec):
         from .user import UserPolicy
 
