@@ -388,3 +388,28 @@ def test_report_names_a_title_or_label_that_is_not_utf8(tmp_path) -> None:
                                    "--out", str(tmp_path / "s")])
     assert "--side 'a\\udcff': not valid UTF-8 text" in str(res.exception)
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_killed_report_keeps_the_earlier_budget_curve(tmp_path) -> None:
+    """budget.png was written in place: a ``qlass report`` killed (SIGKILL) while drawing it, over a folder
+    holding a complete report, left an empty budget.png (the earlier curve lost, no whole one until a rerun)."""
+    import signal
+    import subprocess
+    import sys
+
+    from qlass.jsonl import write_jsonl
+
+    records = tmp_path / "records.jsonl"
+    write_jsonl(records, [_full(r) for r in RECORDS])
+    out = tmp_path / "r"
+    write_report(RECORDS, out)
+    png = out / "budget.png"
+    before, stamp = png.read_bytes(), png.stat().st_mtime_ns
+    proc = subprocess.Popen([sys.executable, "-m", "qlass", "report", str(records), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and png.stat().st_mtime_ns == stamp:  # killed as soon as budget.png changes
+        pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert png.read_bytes() == before  # the same records draw the same curve
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind

@@ -297,7 +297,12 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> N
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers never see a half-written file; a failed write
+    """Replace ``path`` with ``text`` (UTF-8) as :func:`write_bytes_atomic` does."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers never see a half-written file; a failed write
     (a full disk, ``path`` a folder) names ``path`` and leaves no temporary file behind."""
     p = Path(path)
     check_output_file(p)
@@ -305,8 +310,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:
         with _naming(p):
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, p)

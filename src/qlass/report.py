@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from .compare import bootstrap_interval, confidence_label, md_cell, paired_rows, paired_table
 from .errors import QlassError
 from .file_checks import check_output_file
-from .jsonl import write_text_atomic
+from .jsonl import write_bytes_atomic, write_text_atomic
 from .search import argmax
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,10 @@ def _plot(points: Sequence[dict[str, Any]], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()  # drawn first, then written whole: a killed run never leaves a torn or empty budget.png
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())
     return True
 
 
