@@ -307,3 +307,33 @@ def test_a_device_given_as_an_input_is_refused_not_read_for_ever() -> None:
     for read in (read_jsonl, load_yaml, lambda p: load_records(Path(p))):
         with pytest.raises(QlassError, match="/dev/zero: is a character device, not a file qlass can read"):
             read("/dev/zero")
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from qlass.jsonl import write_text_atomic
+out = Path(sys.argv[1])
+def kill_once_the_temporary_file_exists():
+    while not list(out.parent.glob("." + out.name + ".tmp*")):
+        time.sleep(0.0005)
+    os.kill(os.getpid(), signal.SIGKILL)
+threading.Thread(target=kill_once_the_temporary_file_exists, daemon=True).start()
+write_text_atomic(out, "x" * 300_000_000)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_no_partial_copy_after_the_rerun(tmp_path: Path) -> None:
+    """Before: each kill -9 of an atomic writer (qdata, view, report, config.yaml, data expert) mid-write left a
+    hidden partial copy of the output (.NAME.tmpPID) that no rerun removed. The writer is killed for real, by a
+    thread of its own that sends SIGKILL once the temporary file exists."""
+    from qlass.jsonl import write_text_atomic
+
+    out = tmp_path / "q.jsonl"
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(out)], capture_output=True, timeout=120)
+    assert killed.returncode == -9 and not out.exists()
+    assert len(list(tmp_path.glob(".q.jsonl.tmp*"))) == 1  # the killed writer's partial copy
+    other_host = tmp_path / ".q.jsonl.tmp-otherhost-1"  # another machine's writer, on a shared folder: kept
+    other_host.write_text("partial")
+    write_text_atomic(out, "done\n")
+    assert out.read_text() == "done\n" and list(tmp_path.glob(".q.jsonl.tmp*")) == [other_host]

@@ -7,6 +7,7 @@ Every resumable stage (exploration, evaluation) appends one finished unit of wor
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import logging
@@ -14,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import zlib
@@ -307,7 +309,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     p = Path(path)
     check_output_file(p)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp = _temporary_file(p)
     try:
         with _naming(p):
             with open(tmp, "wb") as fh:
@@ -317,6 +319,30 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)  # still there only when writing failed
+
+
+def _temporary_file(path: Path) -> Path:
+    """Where :func:`write_bytes_atomic` writes ``path`` first: ``.NAME.tmp-HOST-PID``. The ones a writer on this
+    host left when it was killed (its pid no longer runs) are removed first: before, each kill -9 mid-write
+    left a partial copy of the output that no rerun removed. Another host's are left, as its pids are not
+    this host's."""
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    for old in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = old.name[len(prefix):]
+        if pid.isdigit() and not _running(int(pid)):
+            old.unlink(missing_ok=True)
+    return path.with_name(f"{prefix}{os.getpid()}")
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager
