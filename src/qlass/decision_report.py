@@ -45,6 +45,7 @@ import numpy as np
 from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
+from .config_fields import check_field_types
 from .decision_files import check_pooled, read_decisions
 from .errors import QlassError
 from .file_checks import check_output_file, refuse_overwriting_inputs
@@ -73,6 +74,7 @@ class ReportConfig:
     qnet_batch: int = option(16, "decisions per QNet score_batch call")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("betas", "margins"):
             values = getattr(self, name)
             if len(set(values)) < len(values) or len({f"{v:g}" for v in values}) < len(values):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import build, check_minimums, option, to_dict
+from .config_fields import check_field_types
 from .eval_worker import MethodRun
 from .rollouts import TASK_SOURCES
 from .search import GreedyConfig, SampleConfig
@@ -40,6 +41,7 @@ class ETOConfig:
     limit: int | None = option(None, "at most this many tasks (round-robin over task types; None: all)")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_minimums(self, iterations=1, max_steps=1, limit=1, rejected_extra_turns=0)
         if self.iterations > MAX_ITERATIONS:
             raise ValueError(f"iterations must be <= {MAX_ITERATIONS}, got {self.iterations}")

@@ -36,6 +36,7 @@ from typing import Any
 
 from .agent import check_sample_counts
 from .config import option
+from .config_fields import check_field_types
 from .envs.base import Env, env_close, env_reset
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_numbered_jsonl
@@ -73,6 +74,7 @@ class ParaphraseConfig:
     batch: int = option(8, "tasks per policy call", runtime=True)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.samples < 1 or self.batch < 1 or self.max_new_tokens < 1:
             raise ValueError("samples, batch and max_new_tokens must be >= 1")
         check_sample_counts(samples=self.samples)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .config import option, to_dict
+from .config_fields import check_field_types
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_json_object, read_numbered_jsonl, write_text_atomic
 from .locking import writes_to
@@ -85,6 +86,7 @@ class QNetHeadConfig:
     seed: int = option(0, "seed of the fold split and the bootstrap")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.l2 = [float(x) for x in self.l2]
         self.contrast = [bool(x) for x in self.contrast]
         if not self.l2 or min(self.l2) <= 0:

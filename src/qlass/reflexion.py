@@ -26,6 +26,7 @@ from typing import Any
 
 from .agent import EpisodeConfig, SearchContext, finish, play, start_messages
 from .config import option
+from .config_fields import check_field_types
 from .lockstep import Episode, Sample
 from .seeding import stable_seed
 from .types import Message, Step, Task, Trajectory
@@ -52,6 +53,7 @@ class ReflexionConfig:
     reflection_tokens: int = option(128, "token limit of a reflection")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         EpisodeConfig(self.max_steps, self.temperature, self.max_new_tokens)
         if self.trials < 1 or self.memory < 1 or self.reflection_tokens < 1:
             raise ValueError("trials, memory and reflection_tokens must be >= 1")

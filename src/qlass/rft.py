@@ -32,6 +32,7 @@ from typing import Any
 
 from .agent import check_sample_counts
 from .config import check_minimums, option, save_yaml, to_dict
+from .config_fields import check_field_types
 from .data import load_trajectories, record_problems, record_to_trajectory, save_trajectories, trajectory_to_record
 from .envs.base import parse_action
 from .errors import QlassError
@@ -68,6 +69,7 @@ class RFTConfig:
     limit: int | None = option(None, "at most this many tasks (round-robin over task types; None: all)")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_minimums(self, samples=1, limit=1, max_steps=1)
         check_sample_counts(samples=self.samples)
         if self.tasks not in TASK_SOURCES:

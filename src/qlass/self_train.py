@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import option
+from .config_fields import check_field_types
 from .errors import DataError, QlassError
 from .file_checks import refuse_overwriting_inputs, require_model_folder
 from .jsonl import write_text_atomic
@@ -65,6 +66,7 @@ class SelfTrainConfig:
                                       "alternative; false: expert nodes compete too")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.gamma is not None:
             BackupConfig(gamma=self.gamma)
         if self.min_reward is not None and not 0.0 <= self.min_reward <= 1.0:

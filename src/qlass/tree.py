@@ -40,6 +40,7 @@ from typing import Any
 
 from .agent import observation_message
 from .config import differences
+from .config_fields import check_field_types
 from .errors import DataError, MissingFileError
 from .file_kinds import other_kind
 from .jsonl import is_count, read_numbered_jsonl
@@ -284,6 +285,7 @@ class BackupConfig:
     normalize: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
 
