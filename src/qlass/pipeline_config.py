@@ -312,12 +312,15 @@ def check_stage_splits(r: Resolved, source: str) -> None:
         if section is not None:
             used[f"{name}.split"] = [section.stage.split]
     env = make_env(r.cfg.env, **r.cfg.env_args)
+    has_tasks: dict[str, bool] = {}  # by split: several stages often use the same one (train)
     try:
         for field_name, splits in used.items():
             try:
                 check_splits(env, splits, r.cfg.env)
                 for split in splits:
-                    if not env_tasks(env, split, r.cfg.task_types):
+                    if split not in has_tasks:
+                        has_tasks[split] = bool(env_tasks(env, split, r.cfg.task_types))
+                    if not has_tasks[split]:
                         types = f" of the task types {r.cfg.task_types}" if r.cfg.task_types else ""
                         raise QlassError(f"{r.cfg.env} has no task in split {split!r}{types}")
             except QlassError as exc:

@@ -66,11 +66,10 @@ def check_policy_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any
     numeric string, as YAML reads ``1e-3``, converted). A user's class checks its options itself
     (:class:`~qlass.policy.user.UserPolicy`)."""
     from ..config import check_call_options
-    from .option_values import check_hf_options, check_openai_options
 
     cls = _policy_class(spec)
     checked = check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
-    (check_hf_options if cls.__name__ == "HFPolicy" else check_openai_options)(checked)
+    cls.check_option_values(checked)
     return checked
 
 

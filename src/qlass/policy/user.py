@@ -29,11 +29,13 @@ def _completion_problem(c: Completion, strict: bool = True) -> str:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{name} is {value!r}, not a whole number >= 0"
     lp = c.logprob
-    if not strict and lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float)) or math.isnan(lp)):
-        return f"logprob is {lp!r}, not a number (a sum of log-probabilities) or None"
-    if strict and lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp)
-                           or lp > 0):
+    if lp is None:
+        return ""
+    number = not isinstance(lp, bool) and isinstance(lp, (int, float)) and not math.isnan(lp)
+    if strict and not (number and math.isfinite(lp) and lp <= 0):
         return f"logprob is {lp!r}, not a finite number <= 0 (a sum of log-probabilities) or None"
+    if not number:
+        return f"logprob is {lp!r}, not a number (a sum of log-probabilities) or None"
     return ""
 
 
