@@ -22,6 +22,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .config_fields import require_config
 from .envs.base import Env, env_prompt, env_reset, env_step, parse_action
 from .lockstep import Sample, run_one
 from .policy.base import Policy
@@ -166,6 +167,7 @@ def finish(task: Task, messages: list[Message], steps: Sequence[Step], **meta: o
 
 def run_episode(env: Env, policy: Policy, task: Task, cfg: EpisodeConfig, seed: int | None = None) -> Trajectory:
     """Play ``task`` from reset with ``policy`` and return the trajectory."""
+    require_config(cfg, EpisodeConfig, "run_episode")
     messages = start_messages(env, task)
     steps: list[Step] = []
     continue_episode(env, policy, messages, steps, cfg, seed=seed)

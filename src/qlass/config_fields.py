@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import math
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from .config import _check_value
@@ -36,3 +37,13 @@ def check_field_types(cfg: Any) -> None:
             raise TypeError(str(exc)) from None
         if isinstance(value, str) and not isinstance(checked, str):  # build converts YAML's "1e-5"; Python has floats
             raise TypeError(f"{owner}: option {f.name!r} expects float, got {value!r} (str)")
+
+
+def require_config(value: Any, cls: type, where: str, argument: str = "cfg") -> None:
+    """Raise ``TypeError`` naming ``argument`` of ``where`` when ``value`` is not a ``cls``: a dict of options or
+    ``None`` handed where a config object belongs (was an ``AttributeError`` from deep inside, naming nothing)."""
+    if isinstance(value, cls):
+        return
+    hint = f"; make one with {cls.__name__}(**options)" if isinstance(value, Mapping) else ""
+    raise TypeError(f"{where}: argument {argument!r} must be an instance of {cls.__name__}, "
+                    f"got {type(value).__name__}{hint}")

@@ -45,7 +45,7 @@ import numpy as np
 from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
-from .config_fields import check_field_types
+from .config_fields import check_field_types, require_config
 from .decision_files import check_pooled, read_decisions
 from .errors import QlassError
 from .file_checks import check_output_file, refuse_overwriting_inputs
@@ -208,7 +208,8 @@ def score_decisions(records: Sequence[dict[str, Any]], q: Sequence[Sequence[floa
                     cfg: ReportConfig | None = None) -> dict[str, Any]:
     """Every ranker's accuracy and regret on ``records`` (with QNet values ``q`` when given), overall,
     per split and by reversibility, with paired bootstrap intervals against the baselines."""
-    cfg = cfg or ReportConfig()
+    cfg = ReportConfig() if cfg is None else cfg
+    require_config(cfg, ReportConfig, "score_decisions")
     if not records:
         raise QlassError("no decisions to score")
     values = [[float(c["mean"]) for c in r["candidates"]] for r in records]
@@ -290,7 +291,8 @@ def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet
     before a model loads) and write ``decisions.md`` and ``decisions.json`` into ``out_dir``. Files
     collected with other settings are refused unless ``allow_mixed`` (:func:`~qlass.decision_files.check_pooled`);
     then the report lists the differences."""
-    cfg = cfg or ReportConfig()
+    cfg = ReportConfig() if cfg is None else cfg
+    require_config(cfg, ReportConfig, "write_decision_report")
     mixed = check_pooled(paths, allow_mixed)
     records = read_decisions(paths)  # one environment's
     for name in ("decisions.json", "decisions.md"):  # before a QNet scores every decision, not after

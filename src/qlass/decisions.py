@@ -34,7 +34,7 @@ from typing import Any
 from .agent import apply_output, check_sample_counts, episode_running, executed_text, start_messages
 from .candidates import normalise_action
 from .config import option
-from .config_fields import check_field_types
+from .config_fields import check_field_types, require_config
 from .decision_files import (
     DECISIONS_SCHEMA_VERSION,
     check_decision,
@@ -44,7 +44,8 @@ from .decision_files import (
     finished_tasks,
     sidecar,
 )
-from .envs.base import Env, env_close, parse_action
+from .envs.base import Env, check_env_factory, parse_action
+from .envs.lending import EnvPool
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, is_count, read_numbered_jsonl
 from .locking import writes_to
@@ -99,33 +100,6 @@ class DecisionConfig:
     def options(self) -> dict[str, Any]:
         """The settings that determine the records (runtime options left out)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
-
-
-class EnvPool:
-    """Environments lent to episodes one at a time; made on first need, kept for reuse, closed together."""
-
-    def __init__(self, make_env: Callable[[], Env]) -> None:
-        self.make_env = make_env
-        self.free: list[Env] = []
-        self.made: list[Env] = []
-
-    def take(self) -> Env:
-        if not self.free:
-            self.made.append(self.make_env())
-            self.free.append(self.made[-1])
-        return self.free.pop()
-
-    def give(self, env: Env) -> None:
-        self.free.append(env)
-
-    def name(self) -> str:
-        env = self.take()
-        self.give(env)
-        return env.name
-
-    def close(self) -> None:
-        for env in self.made:
-            env_close(env)
 
 
 @dataclass
@@ -321,6 +295,10 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
     ``settings`` (model, env, ...) describe the run; with ``seed`` and ``cfg``'s options they are
     checked against and saved to ``NAME.config.yaml``. A local policy should keep at least
     ``cfg.concurrency`` prompt caches (``HFPolicy(cache_slots=...)``), or each turn re-reads its history."""
+    check_env_factory(make_env, "collect_decisions")
+    require_config(cfg, DecisionConfig, "collect_decisions")
+    if not tasks:
+        log.warning("collect_decisions: no tasks given; nothing to collect")
     out = Path(out)
     records, done = check_collection(out, cfg, seed, settings)
     done_path = sidecar(out, "tasks.jsonl")

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import save_yaml, to_dict
+from .config_fields import require_config
 from .data import load_trajectories, record_to_trajectory, trajectory_to_record
 from .errors import QlassError
 from .eto_config import ETOConfig
@@ -252,6 +253,8 @@ def run_eto(
     trajectories ``expert`` it was trained on, into ``out_dir`` (layout in the module docstring).
     ``dpo_cfg``: the DPO settings (a :class:`~qlass.training.dpo.DPOConfig`). Returns the last round's
     agent folder and each round's summary (exploration reward, failures, pairs and those left out)."""
+    require_config(cfg, ETOConfig, "run_eto")
+    require_config(dpo_cfg, DPOConfig, "run_eto", "dpo_cfg")
     out, expert_path, agent = Path(out_dir), Path(expert), Path(model)
     refuse_foreign_folder(out, "eto")
     if not expert_path.is_file():

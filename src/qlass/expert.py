@@ -114,6 +114,8 @@ def _check_arguments(tasks: Sequence[Task], per_task_type: int | None, max_steps
     if odd is not None:
         raise QlassError(f"export_expert: tasks must be a sequence of qlass.types.Task (env.tasks(split) gives them), "
                          f"got an item {odd!r:.80} ({type(odd).__name__})")
+    if not tasks:
+        log.warning("export_expert: no tasks given; nothing to export")
 
 
 def export_expert(

@@ -17,8 +17,9 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import differences, save_yaml, to_dict
+from .config_fields import require_config
 from .data import refuse_replacing_other_kind
-from .envs.base import Env, env_close
+from .envs.base import Env, check_env_factory, env_close
 from .errors import QlassError
 from .executor import Executor, LocalExecutor, runs_here
 from .explore_config import LEGACY, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
@@ -154,6 +155,10 @@ def explore_tasks(
     policy and environment (``model``, ``env``, ``env_args``, ``policy``); with the seed they are
     checked against and saved to ``NAME.config.yaml`` (see :func:`_finished`).
     """
+    check_env_factory(make_env, "explore_tasks")
+    require_config(cfg, ExploreConfig, "explore_tasks")
+    if not tasks:
+        log.warning("explore_tasks: no tasks given; nothing to explore")
     path = Path(out_path)
     done = _finished(path, tasks, cfg, seed, settings, runs_here(executor))
     todo = [t for t in tasks if t.id not in done]

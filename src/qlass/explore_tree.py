@@ -39,6 +39,7 @@ from typing import Any
 
 from .agent import EpisodeConfig, apply_output, play
 from .config import to_dict
+from .config_fields import require_config
 from .envs.base import Env, env_expert, env_prompt, env_step, parse_action
 from .errors import QlassError
 from .explore_config import CAPS, ExploreConfig, explore_digest
@@ -371,6 +372,7 @@ class TreeBuilder:
 
 def build_tree(env: Env, policy: Policy, task: Task, cfg: ExploreConfig, seed: int) -> Tree:
     """The exploration tree of ``task`` (see module docstring); ``seed`` fixes every sample."""
+    require_config(cfg, ExploreConfig, "build_tree")
     return TreeBuilder(env, policy, task, cfg, seed).build()
 
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .config_fields import require_config
 from .data import refuse_replacing_other_kind
 from .errors import DataError, MissingFileError, QlassError
 from .file_checks import refuse_overwriting_inputs
@@ -42,6 +43,7 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
     siblings first (sibling groups carry the ranking signal), each tier ordered by a stable hash of
     (tree id, node id).
     """
+    require_config(cfg, BackupConfig, "qdata_records")
     _check_max_per_tree(max_per_tree)
     q = compute_q(tree, cfg)
     ids = [i for i in q if tree.nodes[i].rollout == 0]
@@ -66,6 +68,7 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
 def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
                  max_per_tree: int | None = 300) -> dict[str, Any]:
     """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
+    require_config(cfg, BackupConfig, "export_qdata")
     _check_max_per_tree(max_per_tree)
     refuse_overwriting_inputs(out_path, [trees_path])
     refuse_replacing_other_kind(out_path, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .config import to_dict
+from .config_fields import require_config
 from .jsonl import read_jsonl, write_text_atomic
 from .qnet_data import fold_trees, pair_credits, read_qdata, spearman
 from .training.qnet import PREDICTIONS_FILE, QNetTrainConfig, train_qnet
@@ -40,6 +41,7 @@ def cross_validate_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | P
                         folds: int, resamples: int = 2000) -> dict[str, Any]:
     """Train ``folds`` QNets on tree-disjoint splits of ``qdata`` and pool their held-out predictions;
     writes ``cv_summary.json`` and ``cv_summary.md`` to ``out_dir`` and returns the summary."""
+    require_config(cfg, QNetTrainConfig, "cross_validate_qnet")
     out = Path(out_dir)
     records = read_qdata(qdata)
     splits = fold_trees(records, folds, cfg.seed, str(qdata))

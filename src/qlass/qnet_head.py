@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .config import option, to_dict
-from .config_fields import check_field_types
+from .config_fields import check_field_types, require_config
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_json_object, read_numbered_jsonl, write_text_atomic
 from .locking import writes_to
@@ -302,6 +302,7 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     """Fit a head-only QNet on ``qdata`` from the SFT model in ``sft_dir`` (see the module docstring):
     cross-validate the head's settings, fit the best on every record, save the QNet to ``out_dir``
     with ``qnet_head_result.json`` / ``.md``; returns the result."""
+    require_config(cfg, QNetHeadConfig, "train_qnet_head")
     out = Path(out_dir)
     refuse_overwriting_run(out, sft_dir, "qnet-head")
     if (out / RESULT_FILE).is_file():  # a finished head: refitting it with other settings would replace it unsaid

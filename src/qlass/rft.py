@@ -32,7 +32,7 @@ from typing import Any
 
 from .agent import check_sample_counts
 from .config import check_minimums, option, save_yaml, to_dict
-from .config_fields import check_field_types
+from .config_fields import check_field_types, require_config
 from .data import load_trajectories, record_problems, record_to_trajectory, save_trajectories, trajectory_to_record
 from .envs.base import parse_action
 from .errors import QlassError
@@ -235,9 +235,12 @@ def run_rft(
     :class:`~qlass.training.sft.SFTConfig`; ``policy``: see :func:`sample_training_tasks`). Writes
     ``out_dir/samples/`` (records), ``out_dir/data.json``, ``out_dir/sft/`` (the RFT agent) and
     ``out_dir/rft_config.yaml``; every part resumes. Returns the agent's folder and the data summary."""
+    from .training.configs import SFTConfig
     from .training.run_folders import refuse_foreign_folder
     from .training.sft import train_sft
 
+    require_config(cfg, RFTConfig, "run_rft")
+    require_config(sft_cfg, SFTConfig, "run_rft", "sft_cfg")
     out = Path(out_dir)
     refuse_foreign_folder(out, "rft")
     expert_path = Path(expert)
@@ -259,3 +262,4 @@ def run_rft(
     save_yaml(out / "rft_config.yaml", {**to_dict(cfg), "model": str(model), "expert": str(expert_path),
                                          "train_from": str(train_from), "seed": seed})
     return agent, data
+

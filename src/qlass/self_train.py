@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import option
-from .config_fields import check_field_types
+from .config_fields import check_field_types, require_config
 from .errors import DataError, QlassError
 from .file_checks import refuse_overwriting_inputs, require_model_folder
 from .jsonl import write_text_atomic
@@ -127,6 +127,7 @@ def select_trajectories(trees_path: str | Path, reward: str, cfg: SelfTrainConfi
     """One trajectory per tree of ``trees_path`` (in tree-id order) along the path the process
     reward ``reward`` picks, those below ``cfg.min_reward`` left out; and the selection's summary
     (per tree: nodes, process rewards along the path, outcome, kept; the mean outcome)."""
+    require_config(cfg, SelfTrainConfig, "select_trajectories")
     check_reward(reward)
     trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
     if not trees:
@@ -167,9 +168,12 @@ def self_train(trees: str | Path, expert: str | Path, model_dir: str | Path, out
     selection) and fine-tune ``model_dir`` on it into ``out_dir/sft`` (``sft_cfg``: a
     :class:`~qlass.training.sft.SFTConfig`; resumable). Returns the agent's folder, the data summary and the
     selection summary."""
+    from .training.configs import SFTConfig
     from .training.run_folders import refuse_foreign_folder
     from .training.sft import train_sft
 
+    require_config(sft_cfg, SFTConfig, "self_train", "sft_cfg")
+    require_config(cfg, SelfTrainConfig, "self_train")
     out = Path(out_dir)
     refuse_foreign_folder(out, "self-train")
     for name in (DATA_FILE, SELECTION_FILE):  # the expert data would become expert + selection

@@ -40,7 +40,7 @@ from typing import Any
 
 from .agent import observation_message
 from .config import differences
-from .config_fields import check_field_types
+from .config_fields import check_field_types, require_config
 from .errors import DataError, MissingFileError
 from .file_kinds import other_kind
 from .jsonl import is_count, read_numbered_jsonl
@@ -293,6 +293,7 @@ class BackupConfig:
 def compute_q(tree: Tree, cfg: BackupConfig = BackupConfig()) -> dict[int, float]:
     """Q value of every non-root node (see module docstring: the max over a node's alternatives and
     the mean of its rollout children)."""
+    require_config(cfg, BackupConfig, "compute_q")
     kids = tree.children()
     q: dict[int, float] = {}
     for n in reversed(tree.nodes[1:]):

@@ -330,3 +330,11 @@ def check_env_options(spec: str, kwargs: Mapping[str, Any]) -> None:
     """Raise :class:`QlassError` if environment ``spec`` is unknown or does not take ``kwargs``
     (as :func:`make_env` would), without building it."""
     _REGISTRY.check(spec, kwargs)
+
+
+def check_env_factory(make_env: Any, where: str) -> None:
+    """Raise ``TypeError`` naming ``where`` when ``make_env`` cannot make environments: an environment itself or
+    its name handed where a factory belongs (was "'Corridor' object is not callable" from the first episode)."""
+    if not callable(make_env):
+        raise TypeError(f"{where}: argument 'make_env' must be a callable returning a new environment (its class, "
+                        f"or lambda: make_env(name)), got a {type(make_env).__name__}")

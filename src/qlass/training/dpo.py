@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import config_hash, save_yaml, to_dict
+from ..config_fields import require_config
 from ..data import ValidationReport, load_placed_records, record_problems, record_to_trajectory
 from ..errors import DataError
 from ..policy.loading import load_causal_lm
@@ -192,6 +193,7 @@ def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg
     folder is handed back for the same settings and data, refused otherwise. Runs as it is and under
     ``accelerate launch``.
     """
+    require_config(cfg, DPOConfig, "train_dpo")
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "dpo")
     check_report_to(cfg.report_to)

@@ -40,6 +40,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..config import build, config_differences, load_yaml, save_yaml, to_dict
+from ..config_fields import require_config
 from ..errors import QlassError
 from ..jsonl import append_jsonl, write_jsonl
 from ..models import resolve_device
@@ -176,6 +177,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     uninterrupted one; a finished one returns its saved result. Runs as it is and under
     ``accelerate launch`` (the same optimizer steps, dealt to the processes).
     """
+    require_config(cfg, QNetTrainConfig, "train_qnet")
     out = Path(out_dir)
     refuse_overwriting_run(out, sft_dir, "qnet")
     check_report_to(cfg.report_to)

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ..config import config_hash, save_yaml, to_dict
+from ..config_fields import require_config
 from ..data import ACTION_LINE, load_trajectories
 from ..errors import DataError, QlassError
 from ..policy.loading import SFT_RECORD, load_causal_lm
@@ -301,6 +302,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     with other options, data or base model is refused, naming them. Runs as it is and under
     ``accelerate launch`` (``batch_size`` is then split over the processes).
     """
+    require_config(cfg, SFTConfig, "train_sft")
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "sft")
     check_report_to(cfg.report_to)
