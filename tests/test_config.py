@@ -600,6 +600,23 @@ def test_pipeline_checks_policy_values_before_any_work(policy: dict, server: str
         resolve({"policy": policy, "policy_server": server}, "p.yaml")
 
 
+def test_pipeline_refuses_a_gpu_this_machine_lacks_unless_ray_may_place_the_workers() -> None:
+    """Before: policy.device cuda on a machine without a GPU passed the up-front check (a name torch knows) and
+    failed when exploration loaded the policy, after SFT. A Ray actor may run on another machine, where it is."""
+    import torch
+
+    from qlass.pipeline_config import resolve
+
+    config = {"policy": {"device": "cuda"}}
+    if torch.cuda.is_available():  # the machine has one: nothing to refuse
+        assert resolve(config, "p.yaml").cfg.policy == {"device": "cuda"}
+    else:
+        with pytest.raises(QlassError, match=re.escape("p.yaml: field 'policy': device 'cuda' asked for, but torch "
+                                                       "sees no CUDA GPU")):
+            resolve(config, "p.yaml")
+    assert resolve({**config, "backend": "ray"}, "p.yaml").cfg.backend == "ray"
+
+
 def test_pipeline_with_sft_model_does_not_call_the_sft_section_ignored_when_eto_reads_its_subset(
         tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """ETO's pairs read the expert subset SFT saw (sft.max_trajectories, sft.seed). Before: with sft_model the
