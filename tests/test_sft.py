@@ -393,6 +393,22 @@ def test_sft_export_names_a_damaged_trainer_state_before_loading_the_model(state
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("adapter", ["{}", "not json", "[1]", '{"peft_type": 3}'])
+def test_sft_export_names_a_damaged_lora_adapter_config_before_loading_the_model(adapter: str, tiny_model_dir,
+                                                                                 tmp_path: Path) -> None:
+    """Before: peft's KeyError: 'peft_type' (or a JSON traceback) once the base model had loaded."""
+    import shutil
+
+    run = tmp_path / "run"
+    ckpt = shutil.copytree(tiny_model_dir, run / "checkpoint-2")
+    (ckpt / "trainer_state.json").write_text('{"global_step": 2}\n')
+    (ckpt / "adapter_config.json").write_text(adapter)
+    with pytest.raises(DataError, match=r"checkpoint-2/adapter_config.json: not a LoRA adapter config \(a JSON "
+                                        r"object with a 'peft_type'\); the checkpoint is damaged"):
+        export_checkpoint(run, tiny_model_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sft_with_no_agent_token_within_max_length_is_refused(tiny_model_dir, tmp_path: Path) -> None:
     """With ``max_length`` too short for any agent turn the loss was 0 at every step and the base
     model was saved as a finished SFT run; now the run is refused before training, naming the option."""

@@ -7,10 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import QlassError
+from ..errors import DataError, QlassError
 from ..policy.loading import load_causal_lm
 from .common import checkpoint_step, last_checkpoint
 
+ADAPTER = "adapter_config.json"
+"""What a LoRA run's checkpoint holds in place of full weights' config (peft's file)."""
 EXPORT_RECORD = "sft_checkpoint.json"
 """What :func:`export_checkpoint` writes beside the exported model: the run and the step."""
 
@@ -26,7 +28,8 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     dest = Path(dest).resolve()  # '.' has no name to put a temporary folder beside; a link names its target
     _check_export_dest(dest, ckpt.parent if ckpt == run else run, Path(model_dir))
     step = checkpoint_step(ckpt)  # before the model loads: a damaged trainer state is named at once
-    if (ckpt / "adapter_config.json").exists():
+    if (ckpt / ADAPTER).exists():
+        _check_adapter(ckpt / ADAPTER)
         from peft import PeftModel
 
         base, tokenizer = load_causal_lm(model_dir)
@@ -45,6 +48,18 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return step
+
+
+def _check_adapter(path: Path) -> None:
+    """A LoRA checkpoint's adapter config that peft cannot read is a DataError naming it (was peft's
+    ``KeyError: 'peft_type'`` or a JSON traceback, after the base model had loaded)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise DataError(str(path), "not a LoRA adapter config (a JSON object with a 'peft_type'); the checkpoint is "
+                                   "damaged (delete the folder to use the one before it)")
 
 
 def _check_export_dest(dest: Path, run: Path, model_dir: Path) -> None:
