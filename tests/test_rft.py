@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -129,6 +130,12 @@ def test_rft_keeps_successes_adds_them_once_and_resumes(tiny_model_dir: Path, tm
                 max_new_tokens=16, min_reward=0.0), TINY_SFT, env_kwargs={"step_limit": 4}, policy=SeededWalker())
     assert (out / "data.json").read_bytes() == before
     assert yaml.safe_load((out / "rft_config.yaml").read_text())["min_reward"] == cfg.min_reward, "the refused run's"
+    for limit in (8, None):  # before: the new tasks were sampled, then the agent was refused (trained on other data)
+        with pytest.raises(QlassError, match=re.escape(f"rft: its RFT agent was trained on the samples of limit=6 "
+                                                       f"tasks (recorded in rft_config.yaml), not limit={limit}")):
+            run_rft("test_rft:SeededWalker", expert, tiny_model_dir, ENV, out, RFTConfig(samples=3, max_steps=4,
+                    limit=limit, max_new_tokens=16), TINY_SFT, env_kwargs={"step_limit": 4}, policy=SeededWalker())
+    assert len(read_jsonl(out / "samples" / "records.jsonl")) == len(records)
     with pytest.raises(QlassError, match=r"line 1 .*field 'config' differs .*temperature: 0\.7 → 0\.9"):
         run_rft("test_rft:SeededWalker", expert, tiny_model_dir, ENV, out, RFTConfig(samples=3, max_steps=4, limit=6,
                 max_new_tokens=16, temperature=0.9), TINY_SFT, env_kwargs={"step_limit": 4}, policy=SeededWalker())

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import check_sample_counts
-from .config import check_minimums, option, save_yaml, to_dict
+from .config import check_minimums, load_yaml, option, save_yaml, to_dict
 from .config_fields import check_field_types, require_config
 from .data import load_trajectories, record_problems, record_to_trajectory, save_trajectories, trajectory_to_record
 from .envs.base import parse_action
@@ -49,6 +49,7 @@ INITS = ("base", "sft")
 DATA_FILE = "data.json"
 SAMPLES_DIR = "samples"
 MODEL_DIR = "sft"
+RECORD = "rft_config.yaml"
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ def run_rft(
     train_from = Path(base) if cfg.init == "base" else Path(model)
     which = "base model" if cfg.init == "base" else "SFT checkpoint (init='sft' fine-tunes the sampling agent)"
     require_model_folder(train_from, f"{train_from}: the {which} is not a local model folder (no config.json)")
+    _refuse_new_limit(out, cfg)
     records, order = sample_training_tasks(model, env_spec, out / SAMPLES_DIR, cfg, env_kwargs, task_types,
                                            policy_kwargs, seed, backend, workers, concurrency, policy, expert_tasks)
     kept, below = kept_samples(records, order, cfg.min_reward)
@@ -259,7 +261,19 @@ def run_rft(
     data.below_threshold = below
     agent = train_sft(out / DATA_FILE, train_from, out / MODEL_DIR, sft_cfg)
     # written once the agent exists (a rerun refused by train_sft leaves the record of what made it)
-    save_yaml(out / "rft_config.yaml", {**to_dict(cfg), "model": str(model), "expert": str(expert_path),
+    save_yaml(out / RECORD, {**to_dict(cfg), "model": str(model), "expert": str(expert_path),
                                          "train_from": str(train_from), "seed": seed})
     return agent, data
 
+
+def _refuse_new_limit(out: Path, cfg: RFTConfig) -> None:
+    """Refuse another ``limit`` once the RFT agent exists: the samples of a larger limit resume the sampling (so the
+    extra tasks were sampled first, for nothing) and the agent, trained on the smaller set, is then refused."""
+    path = out / RECORD
+    if not path.exists():
+        return
+    recorded = load_yaml(path)
+    if recorded.get("limit", cfg.limit) != cfg.limit:
+        raise QlassError(f"{out}: its RFT agent was trained on the samples of limit={recorded['limit']!r} tasks "
+                         f"(recorded in {RECORD}), not limit={cfg.limit!r}; set the limit back, or use a new "
+                         "output folder")
