@@ -183,6 +183,31 @@ def test_run_folder_refuses_changed_settings_of_every_stage_with_outputs(tmp_pat
     assert (run / "config.yaml").read_text() == saved
 
 
+@pytest.mark.parametrize("section, folder, changed", [
+    ("rft", "rft", {"samples": 3}), ("self_train", "self-train", {"prefer_agent": False}),
+    ("eto", "eto", {"temperature": 0.9})])
+def test_a_retrain_section_left_out_for_a_run_keeps_its_settings_to_compare(tmp_path: Path, section: str,
+                                                                             folder: str, changed: dict) -> None:
+    """Before: a rerun without the rft/self_train/eto section dropped its settings from config.yaml, so adding
+    the section back with other settings was not compared, and the pipeline reused the folder made by the old."""
+    import yaml
+
+    from qlass.pipeline_config import resolve, save_resolved
+
+    run = tmp_path / "run"
+    data = {"run_dir": str(run), "sft_model": "sft-a", section: {}}
+    save_resolved(resolve(data, "p.yaml"))
+    (run / folder).mkdir()
+    recorded = yaml.safe_load((run / "config.yaml").read_text())[section]
+    without = {k: v for k, v in data.items() if k != section}
+    save_resolved(resolve(without, "p.yaml"))
+    assert yaml.safe_load((run / "config.yaml").read_text())[section] == recorded
+    key = next(iter(changed))
+    with pytest.raises(QlassError, match=re.escape(f"{section}.{key}: ")):
+        save_resolved(resolve({**without, section: changed}, "p.yaml"))
+    save_resolved(resolve(data, "p.yaml"))
+
+
 def test_run_folder_refuses_a_reused_expert_export_of_other_settings_or_unknown_settings(tmp_path: Path) -> None:
     """expert.json is reused once written, so changing the expert settings is refused from then on
     (not only once SFT finished); a run folder holding outputs whose config.yaml is gone or emptied is

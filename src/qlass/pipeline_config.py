@@ -365,6 +365,9 @@ def save_resolved(r: Resolved) -> None:
             data[name] = retrain_dict(getattr(r, name))
     if r.eto is not None:
         data["eto"] = r.eto.as_dict()
+    for name in ("rft", "self_train", "eto"):  # a section left out keeps what made its folder, to compare it again
+        if data.get(name) is None and recorded.get(name) is not None:
+            data[name] = recorded[name]
     save_yaml(path, data)
 
 
