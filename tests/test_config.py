@@ -222,6 +222,15 @@ def test_run_folder_refuses_a_reused_expert_export_of_other_settings_or_unknown_
     (run / "expert.json").write_text("[]")
     with pytest.raises(QlassError, match=re.escape("expert.per_task: 10 → 2")):
         save_resolved(resolve({**data, "expert": {"per_task": 2}}, "p.yaml"))
+    # the expert trajectories do not depend on the model (before: a changed model or sft_model was refused)
+    save_resolved(resolve({**data, "model": str(tmp_path)}, "p.yaml"))
+    save_resolved(resolve({**data, "model": str(tmp_path), "sft_model": "sft-a"}, "p.yaml"))
+    (run / "sft").mkdir()  # from here the model counts
+    for changed, message in (({"model": "default"}, f"model: {str(tmp_path)!r} → 'default'"),
+                             ({"sft_model": "sft-b"}, "sft_model: 'sft-a' → 'sft-b'")):
+        with pytest.raises(QlassError, match=re.escape(message)):
+            save_resolved(resolve({**data, "model": str(tmp_path), "sft_model": "sft-a", **changed}, "p.yaml"))
+    (run / "sft").rmdir()
     (run / "config.yaml").write_text("{}\n")
     with pytest.raises(QlassError, match=r"holds expert\.json but .*config\.yaml does not record 'model', 'env'"):
         save_resolved(resolve(data, "p.yaml"))

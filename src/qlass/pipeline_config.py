@@ -273,9 +273,12 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
     do not count; nor do task limits, which extend a stage rather than change it. A policy option
     set in one config only is a change."""
     run = new.run_dir
-    if not _started(run):
+    started = _started(run)
+    if not started:
         return []
-    shared = ["model", "env", "env_args", "task_types", "sft_model"]
+    shared = ["env", "env_args", "task_types"]
+    if started != ["expert.json"]:  # the expert trajectories do not depend on the model
+        shared += ["model", "sft_model"]
     made_by_policy = ("trees.jsonl", "eval", RFT_DIR, ETO_DIR)
     if any((run / p).exists() for p in made_by_policy):  # its settings count
         shared += ["seed", "policy", "policy_server"]
