@@ -164,6 +164,19 @@ def test_invalid_actions_format_hint_and_step_limit(env: AlfWorldEnv) -> None:
         AlfWorldEnv(step_limit=0)
 
 
+def test_an_empty_action_line_is_no_action(env: AlfWorldEnv) -> None:
+    """The action is the rest of the ``Action:`` line: an ``Action:`` with nothing after it is no action,
+    even with text on the next line (was: that line, e.g. "Thought: go to desk 1", sent to the engine)."""
+    assert parse_action("Action:\nThought: go to desk 1") is None
+    assert parse_action("Action:  \t\ngo to desk 1") is None
+    assert parse_action("Thought: x\n\n  Action:\u00a0go to desk 1  \r\n") == "go to desk 1"
+    env.reset(env.task(SEEN_GAME))
+    for output in ("Action:\ngo to desk 1", "Action:\r\nThought: go to desk 1"):
+        result = env.step(output)
+        assert result.observation == FORMAT_HINT and result.info["action"] is None
+    assert env.step("Action:\nAction: go to desk 1").observation.startswith("You arrive at desk 1.")
+
+
 def test_observations_match_the_recorded_engine() -> None:
     """Every first observation, observation, reward, done flag and info of 17 recorded episodes (296 steps) (8 games of
     all splits and task types: walkthroughs with invalid actions, format slips and ETO ``put X in/on Y``

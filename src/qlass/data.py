@@ -40,7 +40,7 @@ ROLES: dict[str, Role] = {"human": "user", "gpt": "assistant", "user": "user", "
 """Accepted turn roles (either turn shape) and the message role each becomes."""
 TURN_LISTS = ("conversations", "messages")
 TURN_SHAPES = (("from", "value"), ("role", "content"))
-ACTION_LINE = re.compile(r"^\s*Action:\s*\S", re.MULTILINE)
+ACTION_LINE = re.compile(r"^[^\S\n]*Action:[^\S\n]*\S", re.MULTILINE)  # as parse_action reads one
 ACKNOWLEDGEMENTS = {"ok", "ok.", "okay", "okay."}
 STEP_FIELDS: dict[str, tuple[type, ...]] = {
     "output": (str,), "action": (str, type(None)), "observation": (str,), "reward": (int, float), "done": (bool,),

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 REWARD_SLACK = 1e-9
 """How far outside [0, 1] a reward may stray by rounding (a sum of float parts) and still be taken."""
-ACTION_RE = re.compile(r"^\s*Action:\s*(.*?)\s*$", re.MULTILINE)
+ACTION_RE = re.compile(r"^[^\S\n]*Action:[^\S\n]*(.*?)\s*$", re.MULTILINE)
+"""An ``Action:`` line; the action is the rest of that line (the spaces around ``Action:`` never reach
+into a neighbouring line, so an ``Action:`` with nothing after it is no action)."""
 FORMAT_HINT = (
     "Invalid format: no action found. Reply with one thought line and one action line, exactly:\n"
     "Thought: <your reasoning>\nAction: <one action>"

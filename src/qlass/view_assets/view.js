@@ -82,7 +82,7 @@
   function N(text, cls) { return { n: text, cls: cls }; }
   function option(sel, value, label) { var o = h("option", "", label); o.value = value; sel.appendChild(o); return o; }
   function actionOf(output) {
-    var m = /Action:\s*([^\n]*)/.exec(String(output || ""));
+    var m = /Action:[^\S\n]*([^\n]*)/.exec(String(output || ""));
     return m ? m[1].trim() : null;
   }
   function thoughtOf(output) {
