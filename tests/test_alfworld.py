@@ -177,6 +177,33 @@ def test_an_empty_action_line_is_no_action(env: AlfWorldEnv) -> None:
     assert env.step("Action:\nAction: go to desk 1").observation.startswith("You arrive at desk 1.")
 
 
+def _downward_copies() -> int:
+    """How many copies of fast-downward's library this process has mapped."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return len({tuple(line.split()[3:5]) for line in lines if "libdownward" in line})  # device and inode
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps")
+def test_closed_engines_library_copies_are_reused(env: AlfWorldEnv) -> None:
+    """Environments made and closed one after another (a ``qlass serve`` over days) reuse the closed
+    engines' copies of the planner library: the process maps no new copy per environment (was: one
+    each, never unmapped), and each plays the same episode."""
+    task = env.task(SEEN_GAME)
+    outputs = env.expert(task)
+
+    def play() -> list[str]:
+        other = AlfWorldEnv()
+        try:
+            return [other.reset(task)] + [other.step(o).observation for o in outputs]
+        finally:
+            other.close()
+
+    first = play()
+    before = _downward_copies()
+    assert all(play() == first for _ in range(6))
+    assert _downward_copies() == before
+
+
 def test_observations_match_the_recorded_engine() -> None:
     """Every first observation, observation, reward, done flag and info of 17 recorded episodes (296 steps) (8 games of
     all splits and task types: walkthroughs with invalid actions, format slips and ETO ``put X in/on Y``

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 from collections import Counter, defaultdict
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -214,13 +215,31 @@ def _context(state: Any, infos: dict[str, Any], mapping: dict) -> dict[str, Any]
             "variables": {ph.name: infos[var.name] for ph, var in mapping.items()}}
 
 
+_FREE_LIBS: list[Any] = []
+_FREE_LIBS_LOCK = threading.Lock()
+
+
+def _take_lib() -> Any:
+    """A copy of fast-downward's library that no engine holds: a closed engine's, else a new one."""
+    with _FREE_LIBS_LOCK:
+        if _FREE_LIBS:
+            return _FREE_LIBS.pop()
+    import fast_downward
+
+    return fast_downward.load_lib()
+
+
+def _give_back_lib(lib: Any) -> None:
+    """Put a closed engine's library copy (its planner state cleaned up) on the free list."""
+    with _FREE_LIBS_LOCK:
+        _FREE_LIBS.append(lib)
+
+
 class AlfredEngine:
     """One ALFWorld game at a time on its own copy of fast-downward's planner library."""
 
     def __init__(self) -> None:
-        import fast_downward
-
-        self._lib = fast_downward.load_lib()
+        self._lib = _take_lib()
         self._game: Game | None = None
         self._state: Any = None
         self._actions: list[Any] = []
@@ -304,7 +323,10 @@ class AlfredEngine:
     def close(self) -> None:
         """Free this engine's planner state. The library copy itself stays loaded, as in the stock
         env: ``dlclose`` of it (``fast_downward.close_lib``) leaves exit handlers registered by its C++
-        runtime pointing into unmapped code, and the process segfaults when it exits."""
+        runtime pointing into unmapped code, and the process segfaults when it exits. So the copy goes back
+        to a free list that the next engine takes it from (was: a new 1.5 MB copy mapped for every engine,
+        so a long ``qlass serve`` grew with each instance it created and closed)."""
         if self._lib is not None:
             self._lib.cleanup()
+            _give_back_lib(self._lib)
         self._lib, self._game, self._state = None, None, None
