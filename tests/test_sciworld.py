@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from qlass.envs.base import FORMAT_HINT, make_env, parse_action
+from qlass.envs.base import FORMAT_HINT, env_reset, make_env, parse_action
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.errors import QlassError
+from qlass.types import Task
 
 pytestmark = [pytest.mark.slow, pytest.mark.sciworld]
 
@@ -58,6 +59,22 @@ def test_reset_step_parse_and_format_feedback(env: ScienceWorldEnv) -> None:
     ok = env.step(act("look around"))
     assert "This room is called" in ok.observation and ok.info["steps"] == 2
     assert 0.0 <= ok.reward <= 1.0
+
+
+def test_only_known_task_ids_and_tasks_are_played(env: ScienceWorldEnv) -> None:
+    """A task is named only by the id tasks() gives it (was: 'sciworld/boil/1_0', '/ 1', '/+1' or '/١'
+    playing a variation under an id of its own), and reset() plays only a known task (was a KeyError
+    for a Task without meta, a Java exception for a negative variation)."""
+    assert env.task("sciworld/boil/10").meta["variation"] == 10
+    for task_id in ("sciworld/boil/1_0", "sciworld/boil/ 1", "sciworld/boil/+1", "sciworld/boil/\u0661",
+                    "sciworld/boil/01", "sciworld/boil/-1", "sciworld/boil/\u00b2", "other/boil/1", "sciworld/boil"):
+        with pytest.raises(QlassError, match="malformed task id"):
+            env.task(task_id)
+    assert env_reset(env, Task("sciworld/boil/0", "sciworld", "train")).startswith("Your task is to boil")
+    for task in (Task("sciworld/boil/-1", "sciworld", "train", "boil", {"task_name": "boil", "variation": -1}),
+                 Task("sciworld/boil/99999", "sciworld", "train", "boil", {"task_name": "boil", "variation": 99999})):
+        with pytest.raises(QlassError, match=r"^sciworld: (no task|malformed task id)"):
+            env_reset(env, task)
 
 
 def test_failure_scores_zero_and_ends(env: ScienceWorldEnv) -> None:

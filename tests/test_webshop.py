@@ -13,6 +13,7 @@ import pytest
 
 from qlass.envs import webshop_catalog
 from qlass.envs.base import FORMAT_HINT, make_env
+from qlass.envs.http import HttpEnv
 from qlass.envs.webshop import WebShopEnv
 from qlass.envs.webshop_catalog import Product
 from qlass.envs.webshop_goals import Goal
@@ -27,6 +28,7 @@ from qlass.envs.webshop_reward import (
 )
 from qlass.errors import DataError, QlassError
 from qlass.expert import export_expert, replay_expert
+from qlass.types import Task
 
 pytest.importorskip("bm25s", reason="the WebShop environment needs the extra: pip install -e '.[webshop]'")
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "webshop"
@@ -65,6 +67,26 @@ def test_splits_tasks_and_goals(env: WebShopEnv) -> None:
     if goal.price_upper < 1e6:
         assert goal.instruction.endswith(f", and price lower than {goal.price_upper:.2f} dollars")
         assert price < goal.price_upper <= price + 40 and goal.price_upper % 10 == 0
+
+
+def test_only_canonical_task_ids(env: WebShopEnv) -> None:
+    """A task is named only by the id tasks() gives it (was: a raw ValueError for 'webshop/²' or a
+    5,000-digit number, and other spellings of a number playing that goal under an id of their own)."""
+    for task_id in ("webshop/\u00b2", "webshop/\u0661\u0662", "webshop/012", "webshop/+12", "webshop/ 12",
+                    "webshop/1_2", "webshop/" + "9" * 5000, "webshop/", "webshop/1/2"):
+        with pytest.raises(QlassError, match="no task"):
+            env.task(task_id)
+    assert env.task("webshop/12").id == "webshop/12" and env.task("webshop/0").id == "webshop/0"
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    from qlass.serve import BackgroundServer, EnvPool
+
+    with BackgroundServer(EnvPool("webshop", {"data_dir": str(DATA)})) as server:
+        client = HttpEnv(server.url)
+        try:
+            with pytest.raises(QlassError, match="HTTP 404: webshop: no task"):  # was a 500, and a traceback logged
+                client.reset(Task("webshop/\u00b2", "webshop", "seen"))
+        finally:
+            client.close()
 
 
 def test_goals_are_seeded(env: WebShopEnv) -> None:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "seen", "unseen")
 _SPLIT_METHODS = {"train": "getVariationsTrain", "seen": "getVariationsDev", "unseen": "getVariationsTest"}
+_VARIATION = re.compile(r"0|[1-9][0-9]{0,8}", re.ASCII)
 _META_COMMANDS = {"help", "objects", "task"}
 _UNKNOWN_ACTION = "Unknown action.  Type 'help' for a list of actions, and 'objects' for a list of possible object referents."
 
@@ -205,11 +206,11 @@ class ScienceWorldEnv:
 
     def task(self, task_id: str) -> Task:
         """The task with id ``sciworld/<type>/<variation>``, whatever its split."""
-        try:
-            _, ttype, var = task_id.split("/")
-            variation = int(var)
-        except ValueError:
-            raise QlassError(f"sciworld: malformed task id {task_id!r} (expected sciworld/<type>/<variation>)") from None
+        parts = task_id.split("/")
+        # only the ids tasks() gives: 'sciworld/boil/1_0', '/ 1' or '/١' played a variation under an id of its own
+        if len(parts) != 3 or parts[0] != self.name or not _VARIATION.fullmatch(parts[2]):
+            raise QlassError(f"sciworld: malformed task id {task_id!r} (expected sciworld/<type>/<variation>)")
+        ttype, variation = parts[1], int(parts[2])
         for split in SPLITS:
             if variation in self._index[split].get(ttype, []):
                 return Task(task_id, self.name, split, ttype, {"task_name": ttype, "variation": variation})
@@ -220,17 +221,18 @@ class ScienceWorldEnv:
 
     # -- episodes --------------------------------------------------------------------------
     def _load(self, task: Task, gold: bool = False) -> None:
+        if task.env != self.name:
+            raise QlassError(f"sciworld: cannot play task {task.id!r} of env {task.env!r}")
+        meta = self.task(task.id).meta  # a known task (was a KeyError, or a Java exception, for a made-up Task)
         with self._jvm.lock:  # loading seeds the generator and resets the object counter itself
             self._jvm.enter(self)
-            error = self._sim.load(task.meta["task_name"], int(task.meta["variation"]), self.simplification, gold)
+            error = self._sim.load(meta["task_name"], meta["variation"], self.simplification, gold)
         if error:
             raise QlassError(f"sciworld: cannot load {task.id!r}: {error}")
         self._task_id = task.id
         self._agent = self._sim.agentInterface().get()
 
     def reset(self, task: Task) -> str:
-        if task.env != self.name:
-            raise QlassError(f"sciworld: cannot play task {task.id!r} of env {task.env!r}")
         self._load(task)
         self._steps, self._done, self._score, self._raw = 0, False, 0.0, 0
         self.description = desc = str(self._sim.getTaskDescription())

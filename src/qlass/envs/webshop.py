@@ -54,6 +54,7 @@ from .webshop_search import ProductSearch
 log = logging.getLogger(__name__)
 
 ACTION_SYNTAX = re.compile(r"^\s*(\w+)\s*\[(.*)\]\s*$", re.DOTALL)
+TASK_NUMBER = re.compile(r"0|[1-9][0-9]{0,17}", re.ASCII)
 PRICE_CLAUSE = re.compile(r", and price lower than [\d.]+ dollars$")
 
 
@@ -182,7 +183,9 @@ class WebShopEnv:
     def task(self, task_id: str) -> Task:
         """The task with id ``webshop/<index>``, whatever its split."""
         prefix, _, number = task_id.partition("/")
-        if prefix != self.name or not number.isdigit() or int(number) >= len(self.shop.goals):
+        # only the id tasks() gives: was a raw ValueError for 'webshop/²' (a 500 from qlass serve), and
+        # 'webshop/١٢' or 'webshop/012' played goal 12 under an id of its own
+        if prefix != self.name or not TASK_NUMBER.fullmatch(number) or int(number) >= len(self.shop.goals):
             raise QlassError(f"webshop: no task {task_id!r} (ids are webshop/0 .. webshop/{len(self.shop.goals) - 1})")
         index = int(number)
         split = next(name for name, r in self.shop.splits.items() if index in r)
