@@ -23,6 +23,7 @@ from qlass.envs.alfworld_data import extract_shared_data, resolve_data_dir, shar
 from qlass.envs.base import FORMAT_HINT, parse_action
 from qlass.errors import QlassError
 from qlass.expert import export_expert
+from qlass.types import Task
 
 GOLDEN = Path(__file__).parent / "data" / "alfworld_golden.json"
 SEEN_GAME = "alfworld/seen/look_at_obj_in_light-AlarmClock-None-DeskLamp-323/trial_T20190909_044715_250790"
@@ -175,6 +176,16 @@ def test_an_empty_action_line_is_no_action(env: AlfWorldEnv) -> None:
         result = env.step(output)
         assert result.observation == FORMAT_HINT and result.info["action"] is None
     assert env.step("Action:\nAction: go to desk 1").observation.startswith("You arrive at desk 1.")
+
+
+def test_a_failed_reset_leaves_no_episode(env: AlfWorldEnv) -> None:
+    """After a reset that fails, a step is refused (was: it went on with the previous task's game)."""
+    env.reset(env.task(SEEN_GAME))
+    env.step("Action: go to desk 1")
+    with pytest.raises(QlassError, match="has no game file"):
+        env.reset(Task("alfworld/seen/no_such_game/trial_0", "alfworld", "seen"))
+    with pytest.raises(QlassError, match=r"step\(\) before reset\(\)"):
+        env.step("Action: look")
 
 
 def _downward_copies() -> int:

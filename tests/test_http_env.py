@@ -250,6 +250,24 @@ def test_instance_limit_and_client_errors(server: BackgroundServer) -> None:
         HttpEnv(server.url, dialect="gym")
 
 
+def test_a_failed_reset_and_use_after_close(server: BackgroundServer) -> None:
+    """A reset the server refuses leaves no episode (was: steps went on with the previous one); a call
+    after close() names close() (was: the server's 400 for a request whose id is null)."""
+    env = HttpEnv(server.url)
+    env.reset(env.tasks("train")[0])
+    env.step("Action: press 1")
+    with pytest.raises(QlassError, match="HTTP 404"):
+        env.reset(Task("keypad/train/999", "keypad", "train"))
+    with pytest.raises(QlassError, match=r"step\(\) before reset\(\)"):
+        env.step("Action: press 2")
+    env.close()
+    env.close()
+    closed = r"(step|reset)\(\) after close\(\): its instance on http://\S+ was released"
+    for call in (lambda: env.step("Action: press 1"), lambda: env.reset(Task("keypad/train/12", "keypad", "train"))):
+        with pytest.raises(QlassError, match=closed):
+            call()
+
+
 def test_agentgym_style_requests_and_dialect(server: BackgroundServer) -> None:
     """Our server takes AgentGym's shapes (integer task index, bare action); the client's AgentGym
     dialect parses actions itself, enforces the step limit and takes the prompt from a prompt name."""

@@ -77,6 +77,23 @@ def test_only_known_task_ids_and_tasks_are_played(env: ScienceWorldEnv) -> None:
             env_reset(env, task)
 
 
+def test_a_failed_reset_leaves_no_episode_and_close_can_be_reopened() -> None:
+    """After a reset that fails, a step is refused (was: it went on with the previous task); after
+    close(), reset starts afresh as the other environments do (was: AttributeError on 'NoneType')."""
+    sci = ScienceWorldEnv(step_limit=8)
+    task = sci.tasks("train", ["boil"])[0]
+    first = sci.reset(task)
+    opened = sci.step(act("open door to kitchen")).observation
+    with pytest.raises(QlassError, match="no task"):
+        sci.reset(Task("sciworld/boil/99999", "sciworld", "train"))
+    with pytest.raises(QlassError, match=r"step\(\) before reset\(\)"):
+        sci.step(act("look around"))
+    sci.close()
+    sci.close()
+    assert sci.reset(task) == first and sci.step(act("open door to kitchen")).observation == opened
+    sci.close()
+
+
 def test_failure_scores_zero_and_ends(env: ScienceWorldEnv) -> None:
     task = env.tasks("train", ["find-plant"])[0]
     env.reset(task)

@@ -89,6 +89,17 @@ def test_only_canonical_task_ids(env: WebShopEnv) -> None:
             client.close()
 
 
+def test_a_failed_reset_leaves_no_episode(env: WebShopEnv) -> None:
+    """After a reset that fails, a step is refused (was: it went on with the previous task's session)."""
+    shop = WebShopEnv(shop=env.shop)
+    shop.reset(shop.tasks("seen")[0])
+    shop.step(act("search[shirt]"))
+    with pytest.raises(QlassError, match="no task"):
+        shop.reset(Task("webshop/99999", "webshop", "seen"))
+    with pytest.raises(QlassError, match=r"step\(\) before reset\(\)"):
+        shop.step(act("click[Back to Search]"))
+
+
 def test_goals_are_seeded(env: WebShopEnv) -> None:
     again = WebShopEnv(data_dir=DATA)
     assert again.shop.goals == env.shop.goals

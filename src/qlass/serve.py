@@ -207,6 +207,7 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
         refuse_non_text(body.task, "task")
         task = pool.task(body.task) if body.task is not None else pool.task_at(getattr(body, given[0]))
         with pool.use(body.id) as inst:
+            inst.task = None  # a failed reset leaves no episode to step on
             inst.observation = env_call(lambda: env_reset(inst.env, task))
             inst.task, inst.done = task, False
             return {"id": body.id, "observation": inst.observation, "task": task_dict(task),

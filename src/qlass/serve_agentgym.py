@@ -255,6 +255,7 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
             raise ServeError(404, f"{spec.index_key} {number} out of range 0..{len(index) - 1}")
         task = pool.task(index[number])
         with pool.use(env_id) as inst:
+            inst.task = None  # a failed reset leaves no episode to step on
             first = env_call(lambda: env_reset(inst.env, task))
             inst.task, inst.done, inst.extra = task, False, {"score": 0}
             if spec.env == "sciworld":

@@ -185,6 +185,7 @@ class AlfWorldEnv:
         self._game = path
 
     def reset(self, task: Task) -> str:
+        self._task = None  # a failed reset leaves no episode to step on in (was: the previous one)
         path = self._game_file(task)
         if path != self._game:
             self._load(path)

@@ -219,6 +219,8 @@ class HttpEnv:
 
     # -- episodes --------------------------------------------------------------------------
     def reset(self, task: Task) -> str:
+        self._task = None  # a failed reset leaves no episode to step on in (was: the previous one)
+        self._check_open("reset()")
         d = self.dialect
         if self._native:
             answer = self._post("/reset", {"task": task.id})
@@ -237,7 +239,14 @@ class HttpEnv:
         self._task, self._steps, self._done, self._reward = task, 0, False, 0.0
         return first
 
+    def _check_open(self, call: str) -> None:
+        """Refuse ``call`` on a closed client (was: the server's 400 for a request with id null)."""
+        if self._id is None:
+            raise QlassError(f"http env: {call} after close(): its instance on {self._client.url} was released; "
+                             "make a new HttpEnv")
+
     def step(self, output: str) -> StepResult:
+        self._check_open("step()")
         if self._task is None:
             raise QlassError("http env: step() before reset()")
         if self._native:
@@ -270,5 +279,5 @@ class HttpEnv:
             log.warning("http env: could not close instance %s on env server %s: %s", self._id, self._client.url,
                         exc if isinstance(exc, QlassError) else f"{type(exc).__name__}: {exc}")
         finally:
-            self._id = None
+            self._id, self._task = None, None
             self._client.close()

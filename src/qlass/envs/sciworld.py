@@ -224,6 +224,8 @@ class ScienceWorldEnv:
         if task.env != self.name:
             raise QlassError(f"sciworld: cannot play task {task.id!r} of env {task.env!r}")
         meta = self.task(task.id).meta  # a known task (was a KeyError, or a Java exception, for a made-up Task)
+        if self._sim is None:  # closed: a new simulator, as the other environments start afresh after close()
+            self._sim = self._jvm.new_simulator()
         with self._jvm.lock:  # loading seeds the generator and resets the object counter itself
             self._jvm.enter(self)
             error = self._sim.load(meta["task_name"], meta["variation"], self.simplification, gold)
@@ -233,6 +235,7 @@ class ScienceWorldEnv:
         self._agent = self._sim.agentInterface().get()
 
     def reset(self, task: Task) -> str:
+        self._task_id = None  # a failed reset leaves no episode to step on in (was: the previous one)
         self._load(task)
         self._steps, self._done, self._score, self._raw = 0, False, 0.0, 0
         self.description = desc = str(self._sim.getTaskDescription())

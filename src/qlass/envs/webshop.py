@@ -202,6 +202,7 @@ class WebShopEnv:
 
     # -- episodes --------------------------------------------------------------------------
     def reset(self, task: Task) -> str:
+        self._session = None  # a failed reset leaves no episode to step on in (was: the previous one)
         self._goal = self.goal(task)
         self._session = Shop(self.shop.products, self.shop.search.search, self._goal.instruction,
                              self.show_instruction, self.title_words)
