@@ -57,6 +57,8 @@ def test_splits_tasks_and_goals(env: WebShopEnv) -> None:
         env.task("webshop/99999")
     fashion = env.tasks("seen", ["fashion"])
     assert fashion and all(t.task_type == "fashion" for t in fashion)
+    with pytest.raises(QlassError, match="unknown task type.* fashon; known: beauty, "):  # was: no tasks
+        env.tasks("seen", ["fashion", "fashon"])
     goal = env.goal(seen[0])
     product = env.shop.products[env.shop.index_of[goal.asin]]
     assert set(goal.options) == set(product.options) and all(v in product.options[k] for k, v in goal.options.items())
