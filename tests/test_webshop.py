@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qlass.envs import webshop_catalog
-from qlass.envs.base import FORMAT_HINT, make_env
+from qlass.envs.base import FORMAT_HINT, env_tasks, make_env
 from qlass.envs.http import HttpEnv
 from qlass.envs.webshop import WebShopEnv
 from qlass.envs.webshop_catalog import Product
@@ -59,6 +59,7 @@ def test_splits_tasks_and_goals(env: WebShopEnv) -> None:
     assert fashion and all(t.task_type == "fashion" for t in fashion)
     with pytest.raises(QlassError, match="unknown task type.* fashon; known: beauty, "):  # was: no tasks
         env.tasks("seen", ["fashion", "fashon"])
+    assert env_tasks(env, "seen", []) == seen  # as the env reads an empty list (was: no task, and a garbled warning)
     goal = env.goal(seen[0])
     product = env.shop.products[env.shop.index_of[goal.asin]]
     assert set(goal.options) == set(product.options) and all(v in product.options[k] for k, v in goal.options.items())

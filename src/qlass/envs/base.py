@@ -163,8 +163,8 @@ def env_close(env: Env) -> None:
 def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
     """``env.tasks(split, task_types)``, checked: a list of :class:`~qlass.types.Task` with distinct
     string ids, or a :class:`QlassError` naming the environment and what it returned. With
-    ``task_types``, only tasks of those types are returned, even from an environment that ignores
-    the argument (with a warning)."""
+    ``task_types`` (None or empty: all), only tasks of those types are returned, even from an
+    environment that ignores the argument (with a warning)."""
     tasks = _call(env, f"tasks({split!r})", lambda: env.tasks(split, task_types))
     if not isinstance(tasks, (list, tuple)):
         raise QlassError(f"environment {env_label(env)}: tasks({split!r}) returned a {type(tasks).__name__}, "
@@ -180,7 +180,7 @@ def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> 
             raise QlassError(f"environment {env_label(env)}: tasks({split!r})[{i}] ({task.id!r}) is of split "
                              f"{task.split!r}, not {split!r}")
         seen.add(task.id)
-    if task_types is None:
+    if not task_types:  # None or empty: every type, as the environments read it (was: none, and a garbled warning)
         return list(tasks)
     kept = [t for t in tasks if t.task_type in task_types]
     if len(kept) < len(tasks):  # an environment that ignores the argument: its other tasks must not creep in
