@@ -170,7 +170,8 @@ class WebShopEnv:
         wanted = set(task_types) if task_types else None
         unknown = sorted(wanted - set(self.task_types())) if wanted else []
         if unknown:  # was: no tasks and no word why, where sciworld and alfworld name the known types
-            raise QlassError(f"webshop: unknown task type(s) {', '.join(unknown)}; known: {', '.join(self.task_types())}")
+            raise QlassError(f"webshop: unknown task type(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(self.task_types())}")
         return [self._task(i, split) for i in self.shop.splits[split]
                 if wanted is None or self.shop.goals[i].category in wanted]
 
