@@ -103,6 +103,17 @@ def test_a_failed_reset_leaves_no_episode(env: WebShopEnv) -> None:
         shop.step(act("click[Back to Search]"))
 
 
+def test_an_invalid_action_is_repeated_only_in_part(env: WebShopEnv) -> None:
+    """The answer to an invalid action repeats at most its first 200 characters (was: all of it, so a
+    1 MB output became a 1 MB observation in every later prompt of the episode)."""
+    shop = WebShopEnv(shop=env.shop)
+    shop.reset(shop.tasks("seen")[0])
+    for action in ("jump " + "x" * 1_000_000, "click[" + "\x00" * 1_000_000 + "]"):
+        result = shop.step(act(action))
+        assert len(result.observation) < 1000 and "more characters" in result.observation and not result.done
+    assert "'jump'" in shop.step(act("jump")).observation
+
+
 def test_goals_are_seeded(env: WebShopEnv) -> None:
     again = WebShopEnv(data_dir=DATA)
     assert again.shop.goals == env.shop.goals

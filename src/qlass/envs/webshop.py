@@ -47,7 +47,7 @@ from .webshop_catalog import (
     load_reviews,
 )
 from .webshop_goals import Goal, product_price, split_ranges, synthetic_goals
-from .webshop_pages import PAGE_SIZE, Shop
+from .webshop_pages import PAGE_SIZE, Shop, echo
 from .webshop_reward import RewardInfo, noun_function, purchase_reward
 from .webshop_search import ProductSearch
 
@@ -242,7 +242,7 @@ class WebShopEnv:
         elif kind == "click":
             out = self._session.click(m.group(2))  # type: ignore[union-attr]
         else:
-            return (f"Invalid action: {action!r}. Use search[keywords] on the search page or click[label] "
+            return (f"Invalid action: {echo(action)!r}. Use search[keywords] on the search page or click[label] "
                     "with a button, link or option shown on the page."), False
         if out.bought:
             result = self._purchase()

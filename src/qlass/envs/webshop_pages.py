@@ -31,6 +31,16 @@ BACK_TO_SEARCH, PREV, NEXT, BUY = "back to search", "< prev", "next >", "buy now
 SUB_PAGES = {"description": "Description", "features": "Features", "reviews": "Reviews"}
 
 
+ECHO_CHARS = 200
+"""Most characters of an agent's invalid action that an answer repeats (its whole text went into every
+later prompt of the episode: a 1 MB output, a 1 MB observation)."""
+
+
+def echo(text: str) -> str:
+    """``text`` as an answer repeats it: its first :data:`ECHO_CHARS` characters, then how many more."""
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text) - ECHO_CHARS} more characters)"
+
+
 @dataclass
 class Browser:
     """Where the shopper is: page kind, current query and results, open product, chosen options."""
@@ -149,7 +159,8 @@ class Shop:
         if target not in self.clickables():
             where = {"search": "the search page has only the search box; use search[keywords]",
                      "done": "the purchase is complete"}.get(s.page, "the page is unchanged")
-            return Outcome(f"Invalid action: there is no \"{label.strip()}\" to click on this page ({where}).", False)
+            return Outcome(f"Invalid action: there is no \"{echo(label.strip())}\" to click on this page ({where}).",
+                           False)
         if target == BACK_TO_SEARCH:
             self.state = Browser()
         elif s.page == "results" and target == NEXT:
