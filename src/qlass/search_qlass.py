@@ -124,10 +124,16 @@ class QlassConfig:
         return load_paraphrases(self.paraphrase) if self.paraphrase is not None else None
 
 
+def _cost(outs: Sequence[Completion], temperature: float) -> int:
+    """The completion tokens of one request's answer: every completion's, but a request at temperature 0
+    is one output copied ``n`` times (:mod:`qlass.policy.base`), so its tokens count once."""
+    return outs[0].completion_tokens if temperature == 0 else sum(c.completion_tokens for c in outs)
+
+
 def _candidates(messages: list[Message], cfg: QlassConfig, base: int, task: Task
-                ) -> Generator[Any, Any, tuple[list[Completion], int]]:
-    """The step's M candidates and the prompt tokens of the policy requests that made them (one wave;
-    one wave per candidate with ``diverse``). Candidate ``j`` draws from ``candidate_seed(base, j)``,
+                ) -> Generator[Any, Any, tuple[list[Completion], int, int]]:
+    """The step's M candidates and the prompt and completion tokens of the policy requests that made them
+    (one wave; one wave per candidate with ``diverse``). Candidate ``j`` draws from ``candidate_seed(base, j)``,
     except that without ``diverse`` the greedy anchor's samples draw from ``candidate_seed(base, j - 1)``
     and the paraphrased candidates ``1..M-1`` from ``candidate_seed(stable_seed(base, "paraphrase"), j - 1)``."""
     first_temperature = 0.0 if cfg.anchor == "greedy" else cfg.temperature
@@ -140,20 +146,20 @@ def _candidates(messages: list[Message], cfg: QlassConfig, base: int, task: Task
             (outs,) = yield Sample([history], 1, cfg.temperature, cfg.max_new_tokens, [candidate_seed(base, j)])
             completions.append(outs[0])
             prompt_tokens += outs[0].prompt_tokens
-        return completions, prompt_tokens
+        return completions, prompt_tokens, sum(c.completion_tokens for c in completions)
     if perturbed is not None:
-        answers = yield [Sample([messages], 1, first_temperature, cfg.max_new_tokens, [base]),
-                         Sample([perturbed], cfg.m - 1, cfg.temperature, cfg.max_new_tokens,
-                                [stable_seed(base, "paraphrase")])]
+        asks = [Sample([messages], 1, first_temperature, cfg.max_new_tokens, [base]),
+                Sample([perturbed], cfg.m - 1, cfg.temperature, cfg.max_new_tokens, [stable_seed(base, "paraphrase")])]
     elif cfg.anchor == "greedy":
         asks = [Sample([messages], 1, 0.0, cfg.max_new_tokens, [base])]
         if cfg.m > 1:
             asks.append(Sample([messages], cfg.m - 1, cfg.temperature, cfg.max_new_tokens, [base]))
-        answers = yield asks
     else:
-        answers = [(yield Sample([messages], cfg.m, cfg.temperature, cfg.max_new_tokens, [base]))]
+        asks = [Sample([messages], cfg.m, cfg.temperature, cfg.max_new_tokens, [base])]
+    answers = yield asks
     completions = [c for (outs,) in answers for c in outs]
-    return completions, sum(outs[0].prompt_tokens for (outs,) in answers)
+    return (completions, sum(outs[0].prompt_tokens for (outs,) in answers),
+            sum(_cost(outs, ask.temperature) for ask, (outs,) in zip(asks, answers, strict=True)))
 
 
 def _oracle_scores(task: Task, ctx: SearchContext, outputs: Sequence[str], taken: Sequence[str],
@@ -195,7 +201,7 @@ def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[T
     env_steps = 0
     while episode_running(steps, cfg.max_steps):
         base = stable_seed(ctx.seed, "qlass", len(steps))
-        completions, prompt_tokens = yield from _candidates(messages, cfg, base, task)
+        completions, prompt_tokens, completion_tokens = yield from _candidates(messages, cfg, base, task)
         ok = executable(completions)
         keep = [ok[i] for i in unique_candidates([completions[i] for i in ok])]
         qnet_tokens, pick = 0, 0
@@ -220,8 +226,7 @@ def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[T
                 decision["scores"] = scores
             decisions.append(decision)
         chosen = completions[keep[pick]]
-        spent = Completion(text=chosen.text, prompt_tokens=prompt_tokens,
-                           completion_tokens=sum(c.completion_tokens for c in completions),
+        spent = Completion(text=chosen.text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                            logprob=chosen.logprob, truncated=chosen.truncated)
         apply_output(ctx.env, messages, steps, spent, qnet_tokens=qnet_tokens)
         sent.append(executed_text(spent))

@@ -1,0 +1,114 @@
+"""Compute accounting of every method and the report's budget curves and paired statistics, checked
+against counts worked out by hand on the toy Corridor environment with a deterministic policy."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from toy_envs import Corridor
+
+from qlass.compare import bootstrap_interval, paired_rows
+from qlass.eval_worker import EvalWorker, MethodRun
+from qlass.search import make_method_config
+from qlass.types import Completion, Task
+
+ACTIONS = ["go east", "look", "go west"]
+
+
+class Counted:
+    """A deterministic policy with token counts easy to add up: a prompt of k messages is 10·k tokens;
+    sampled candidate j plays ACTIONS[j % 3] in 4 + j tokens; a greedy output plays ``go east`` in 4 tokens
+    (``n`` greedy completions are one output repeated, as the protocol lets backends answer)."""
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+        out = []
+        for h in histories:
+            if temperature == 0:
+                out.append([Completion("Thought: t\nAction: go east", 10 * len(h), 4, -1.0)] * n)
+            else:
+                out.append([Completion(f"Thought: t\nAction: {ACTIONS[j % 3]}", 10 * len(h), 4 + j, -(j + 1.0))
+                            for j in range(n)])
+        return out
+
+
+class Values:
+    """A value model preferring look > go east > go west; it reads one token per history message and 7
+    per candidate."""
+
+    def score(self, history, candidates):
+        self.last_tokens = len(history) + 7 * len(candidates)
+        return [{"look": 0.9, "go east": 0.5, "go west": 0.1}[c.split("Action: ")[1]] for c in candidates]
+
+
+def play(name: str, options: dict, length: int) -> dict:
+    run = MethodRun(name, make_method_config(name, options))
+    worker = EvalWorker(lambda: Corridor(step_limit=4), Counted(), Values())()
+    return worker((run, Task(f"corridor/{99 + length}", "corridor", "seen", "walk", {"length": length}), 0))
+
+
+def totals(rec: dict) -> tuple:
+    return tuple(rec[k] for k in ("prompt_tokens", "completion_tokens", "qnet_tokens", "env_steps"))
+
+
+def test_greedy_best_of_n_qlass_and_reflexion_count_what_they_spent() -> None:
+    # greedy, 2 rooms: prompts of 3 and 5 messages, 4 tokens a turn
+    assert totals(play("greedy", {}, 2)) == (30 + 50, 4 + 4, 0, 2)
+    # best-of-3, 1 room: three one-step trajectories, each's final step valued (3 messages + 7 tokens)
+    rec = play("best-of-n", {"n": 3}, 1)
+    assert totals(rec) == (3 * 30, 3 * 4, 3 * 10, 3)
+    assert [(c["completion_tokens"], c["qnet_tokens"], c["env_steps"]) for c in rec["candidates"]] == [(4, 10, 1)] * 3
+    # qlass m=3: every step samples go east (4), look (5), go west (6) from one prompt; the QNet values all
+    # three and picks look, which never ends the task: 3 steps of 3, 5, 7 messages
+    rec = play("qlass", {"m": 3, "max_steps": 3}, 1)
+    assert totals(rec) == (30 + 50 + 70, 3 * 15, (3 + 21) + (5 + 21) + (7 + 21), 3) and rec["qnet_choices"] == 3
+    # select=random: the same candidates, no QNet read
+    rec = play("qlass", {"m": 3, "select": "random", "max_steps": 3}, 1)
+    assert rec["qnet_tokens"] == 0 and all(s["qnet_tokens"] == 0 for s in rec["trajectory"]["steps"])
+    # reflexion, 3 rooms, 2 steps a trial: trial 1 (30 + 50 prompt, 8 completion) fails, the reflection reads
+    # its 7 messages + the request (80) and writes 4 tokens, trial 2 as trial 1
+    rec = play("reflexion", {"trials": 2, "max_steps": 2}, 3)
+    assert totals(rec) == (80 + 80 + 80, 8 + 4 + 8, 0, 4)
+
+
+def test_qlass_at_temperature_zero_counts_the_one_output_its_m_copies_are() -> None:
+    """At temperature 0 a backend computes one output and copies it M times (HFPolicy and the server backend
+    do): the record counted its tokens M times."""
+    rec = play("qlass", {"m": 2, "temperature": 0.0, "max_steps": 2}, 1)
+    assert totals(rec) == (30, 4, 0, 1)
+    rec = play("qlass", {"m": 3, "temperature": 0.0, "anchor": "greedy", "max_steps": 2}, 1)
+    assert rec["completion_tokens"] == 4 + 4  # the anchor and the (greedy) samples are separate requests
+
+
+def rec(method: str, name: str, task: str, reward: float, tokens: int, config: dict, split: str = "seen",
+        **extra) -> dict:
+    return {"method": method, "method_name": name, "config": config, "env": "e", "split": split, "task": task,
+            "reward": reward, "success": reward == 1.0, "prompt_tokens": 0, "completion_tokens": tokens,
+            "qnet_tokens": 0, "env_steps": 1, "wall_time": 0.0, "oracle": "[oracle]" in method, **extra}
+
+
+def cand(reward: float, score: float, tokens: int) -> dict:
+    return {"reward": reward, "score": score, "completion_tokens": tokens}
+
+
+def test_bootstrap_interval_is_the_percentile_interval_of_its_resampled_means() -> None:
+    diffs = [0.0, 1.0, -0.5, 0.25, 0.0, 1.0, 0.5]
+    rng = random.Random(3)
+    picks = np.array([[rng.randrange(len(diffs)) for _ in diffs] for _ in range(2000)])
+    means = np.asarray(diffs)[picks].mean(axis=1)
+    want = np.quantile(means, [0.025, 0.975], method="inverted_cdf")
+    assert bootstrap_interval(diffs, 2000, 3) == pytest.approx(tuple(want), abs=1e-12)
+    assert bootstrap_interval(diffs, 2000, 3) == bootstrap_interval(diffs, 2000, 3)  # seeded
+
+
+def test_paired_rows_pool_splits_task_by_task_and_count_ties() -> None:
+    records = [rec("greedy", "greedy", t, r, 1, {}, split=s) for s, t, r in
+               [("seen", "a", 0.0), ("seen", "b", 1.0), ("unseen", "a", 0.5)]]
+    records += [rec("qlass(m=2)", "qlass", t, r, 1, {"m": 2}, split=s) for s, t, r in
+                [("seen", "a", 1.0), ("seen", "b", 1.0), ("unseen", "a", 0.0), ("unseen", "z", 1.0)]]
+    rows = {r["split"]: r for r in paired_rows(records, resamples=500)}
+    assert (rows["seen"]["mean_diff"], rows["seen"]["wins"], rows["seen"]["ties"]) == (0.5, 1, 1)
+    assert (rows["unseen"]["tasks"], rows["unseen"]["losses"]) == (1, 1)  # task z has no greedy pair
+    assert rows["all"]["tasks"] == 3 and rows["all"]["mean_diff"] == pytest.approx((1.0 + 0.0 - 0.5) / 3)
+    assert (rows["all"]["wins"], rows["all"]["ties"], rows["all"]["losses"]) == (1, 1, 1)
