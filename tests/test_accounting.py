@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from toy_envs import Corridor
 
+from qlass import report
 from qlass.compare import bootstrap_interval, paired_rows
 from qlass.eval_worker import EvalWorker, MethodRun
+from qlass.report import budget_points
 from qlass.search import make_method_config
 from qlass.types import Completion, Task
 
@@ -90,6 +92,32 @@ def rec(method: str, name: str, task: str, reward: float, tokens: int, config: d
 
 def cand(reward: float, score: float, tokens: int) -> dict:
     return {"reward": reward, "score": score, "completion_tokens": tokens}
+
+
+def test_budget_curves_keep_method_variants_apart() -> None:
+    """qlass(m=4,anchor=greedy,beta=1) and its select=random control were both points of one curve 'qlass'
+    at M=4 (budget.csv could not tell them apart, budget.png drew a line through them); so were the
+    likelihood and QNet picks of best-of-n."""
+    records = [rec("qlass(m=2)", "qlass", "t", 0.5, 20, {"m": 2}),
+               rec("qlass(m=4)", "qlass", "t", 0.7, 40, {"m": 4}),
+               rec("qlass(m=4,anchor=greedy,beta=1)", "qlass", "t", 0.9, 41, {"m": 4}),
+               rec("qlass(m=4,anchor=greedy,select=random)", "qlass", "t", 0.2, 42, {"m": 4}),
+               rec("qlass(m=2)[oracle]", "qlass", "t", 1.0, 22, {"m": 2}),
+               rec("best-of-n(n=2,qnet)", "best-of-n", "t", 0.0, 9, {"n": 2},
+                   candidates=[cand(0, 1, 4), cand(1, 0, 5)]),
+               rec("best-of-n(n=2,likelihood)", "best-of-n", "t", 1.0, 9, {"n": 2},
+                   candidates=[cand(0, 0, 4), cand(1, 1, 5)]),
+               rec("reflexion(trials=2,memory=1)", "reflexion", "t", 0.0, 8, {"trials": 2},
+                   trials=[{"reward": 0.0, "completion_tokens": 4}]),
+               rec("greedy", "greedy", "t", 0.3, 10, {})]
+    points = {(p["curve"], p["budget_param"]): (p["completion_tokens"], p["avg_reward"])
+              for p in budget_points(records)}
+    assert points == {("qlass", 2): (20, 0.5), ("qlass", 4): (40, 0.7), ("qlass(anchor=greedy,beta=1)", 4): (41, 0.9),
+                      ("qlass(anchor=greedy,select=random)", 4): (42, 0.2), ("qlass[oracle]", 2): (22, 1.0),
+                      ("best-of-n", 1): (4, 0), ("best-of-n", 2): (9, 0), ("best-of-n(likelihood)", 1): (4, 0),
+                      ("best-of-n(likelihood)", 2): (9, 1), ("reflexion(memory=1)", 1): (4, 0.0),
+                      ("reflexion(memory=1)", 2): (4, 0.0), ("greedy", 1): (10, 0.3)}
+    assert report.budget_curve(rec("qlass(m=4,paraphrase=a)b,c)", "qlass", "t", 0, 1, {"m": 4})) == "qlass(paraphrase=a)b,c)"
 
 
 def test_bootstrap_interval_is_the_percentile_interval_of_its_resampled_means() -> None:

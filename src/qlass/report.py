@@ -2,9 +2,11 @@
 
 ``summarise`` groups records by (env, split, method) into average reward, success rate and tokens
 per task (a Table-2-style view); ``budget_points`` gives average reward against completion tokens
-per task — best-of-n at every N' <= N read from one best-of-n run (its first N' candidates, the
-same selection rule), reflexion at every trial count T' <= T read from one run (its first T' trials),
-and each qlass(m=...) run as one point. ``write_report`` writes
+per task — best-of-n at every N' <= N in 1, 2, 4, 8, read from one best-of-n run (its first N'
+candidates, the same selection rule), reflexion at every trial count T' <= T read from one run (its first T'
+trials), and each qlass(m=...) run as one point. A curve is named by the method label without its budget
+option (:func:`budget_curve`), so qlass(m=2) and qlass(m=4) share one and qlass(m=4,select=random) has its
+own. ``write_report`` writes
 ``results.json``, ``results.md``, ``budget.csv`` and ``budget.png``.
 """
 
@@ -74,8 +76,29 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+_CURVE_OPTIONS = {"qlass": "m", "best-of-n": "n", "reflexion": "trials"}
+"""The option each method's budget curve runs along (left out of the curve's name)."""
+
+
+def budget_curve(record: dict[str, Any]) -> str:
+    """The budget curve of a record: its method label without the option the curve runs along (and without
+    best-of-n's default ``qnet`` selection): ``qlass(m=4,anchor=greedy)`` → ``qlass(anchor=greedy)``,
+    ``qlass(m=2)[oracle]`` → ``qlass[oracle]``, ``best-of-n(n=4,qnet)`` → ``best-of-n``, ``greedy`` →
+    ``greedy``."""
+    label, name = record["method"], record["method_name"]
+    option = _CURVE_OPTIONS.get(name)
+    head, sep, rest = label.partition("(")
+    if option is None or not sep or head != name:
+        return label + ("[oracle]" if record["oracle"] and "[oracle]" not in label else "")
+    inner, _, tail = rest.rpartition(")")
+    kept = [o for o in inner.split(",") if not o.startswith(f"{option}=") and (name, o) != ("best-of-n", "qnet")]
+    curve = head + (f"({','.join(kept)})" if kept else "") + tail
+    return curve + ("[oracle]" if record["oracle"] and "[oracle]" not in curve else "")
+
+
 def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Average reward vs. completion tokens per task, per (env, split, curve)."""
+    """Average reward vs. completion tokens per task, per (env, split, method label), each placed on the
+    curve :func:`budget_curve` names."""
     points = []
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -89,20 +112,18 @@ def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     cands = r["candidates"][:n]
                     rewards.append(cands[argmax([c["score"] for c in cands])]["reward"])
                     tokens.append(sum(c["completion_tokens"] for c in cands))
-                points.append({"env": env, "split": split, "curve": "best-of-n", "budget_param": n,
+                points.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": n,
                                "completion_tokens": _mean(tokens), "avg_reward": _mean(rewards)})
         elif rs[0]["method_name"] == "reflexion" and all("trials" in r for r in rs):
             for t in range(1, rs[0]["config"]["trials"] + 1):
                 played = [r["trials"][:t] for r in rs]  # an episode that succeeded earlier stopped there
                 tokens = [sum(tr["completion_tokens"] for tr in ts) + sum(tr.get("reflection_completion_tokens", 0)
                                                                           for tr in ts[:-1]) for ts in played]
-                points.append({"env": env, "split": split, "curve": "reflexion", "budget_param": t,
+                points.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": t,
                                "completion_tokens": _mean(tokens), "avg_reward": _mean([ts[-1]["reward"] for ts in played])})
         elif rs[0]["method_name"] in ("qlass", "greedy", "sample"):
-            curve = "qlass" if rs[0]["method_name"] == "qlass" else rs[0]["method_name"]
             param = rs[0]["config"].get("m", 1)
-            points.append({"env": env, "split": split, "curve": curve + ("[oracle]" if rs[0]["oracle"] else ""),
-                           "budget_param": param,
+            points.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": param,
                            "completion_tokens": _mean([r["completion_tokens"] for r in rs]),
                            "avg_reward": _mean([r["reward"] for r in rs])})
     return points
