@@ -120,6 +120,18 @@ def test_budget_curves_keep_method_variants_apart() -> None:
     assert report.budget_curve(rec("qlass(m=4,paraphrase=a)b,c)", "qlass", "t", 0, 1, {"m": 4})) == "qlass(paraphrase=a)b,c)"
 
 
+def test_best_of_n_budget_curve_ends_at_the_n_that_was_run() -> None:
+    """best-of-n(n=3) and (n=16) had no budget point at their own N (only at 1, 2, 4, 8 up to N)."""
+    def run(n: int) -> list:
+        cands = [cand(float(k == n - 1), float(k), 10) for k in range(n)]
+        records = [rec(f"best-of-n(n={n},qnet)", "best-of-n", "t", 1.0, 10 * n, {"n": n}, candidates=cands)]
+        return [(p["budget_param"], p["completion_tokens"], p["avg_reward"]) for p in budget_points(records)]
+
+    assert run(3) == [(1, 10, 0.0), (2, 20, 0.0), (3, 30, 1.0)]
+    assert [p[0] for p in run(16)] == [1, 2, 4, 8, 16] and run(16)[-1] == (16, 160, 1.0)
+    assert [p[0] for p in run(4)] == [1, 2, 4]
+
+
 def test_bootstrap_interval_is_the_percentile_interval_of_its_resampled_means() -> None:
     diffs = [0.0, 1.0, -0.5, 0.25, 0.0, 1.0, 0.5]
     rng = random.Random(3)

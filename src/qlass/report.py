@@ -2,7 +2,7 @@
 
 ``summarise`` groups records by (env, split, method) into average reward, success rate and tokens
 per task (a Table-2-style view); ``budget_points`` gives average reward against completion tokens
-per task — best-of-n at every N' <= N in 1, 2, 4, 8, read from one best-of-n run (its first N'
+per task — best-of-n at N' = 1, 2, 4, 8 below N and at N itself, read from one best-of-n run (its first N'
 candidates, the same selection rule), reflexion at every trial count T' <= T read from one run (its first T'
 trials), and each qlass(m=...) run as one point. A curve is named by the method label without its budget
 option (:func:`budget_curve`), so qlass(m=2) and qlass(m=4) share one and qlass(m=4,select=random) has its
@@ -106,7 +106,7 @@ def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (env, split, method), rs in sorted(groups.items()):
         if rs[0]["method_name"] == "best-of-n" and all("candidates" in r for r in rs):
             n_max = min(len(r["candidates"]) for r in rs)
-            for n in [k for k in BUDGET_NS if k <= n_max]:
+            for n in [k for k in BUDGET_NS if k < n_max] + [n_max]:
                 rewards, tokens = [], []
                 for r in rs:
                     cands = r["candidates"][:n]
