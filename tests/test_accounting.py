@@ -11,6 +11,7 @@ from toy_envs import Corridor
 
 from qlass import report
 from qlass.compare import bootstrap_interval, paired_rows
+from qlass.errors import QlassError
 from qlass.eval_worker import EvalWorker, MethodRun
 from qlass.report import budget_points
 from qlass.search import make_method_config
@@ -152,3 +153,12 @@ def test_paired_rows_pool_splits_task_by_task_and_count_ties() -> None:
     assert (rows["unseen"]["tasks"], rows["unseen"]["losses"]) == (1, 1)  # task z has no greedy pair
     assert rows["all"]["tasks"] == 3 and rows["all"]["mean_diff"] == pytest.approx((1.0 + 0.0 - 0.5) / 3)
     assert (rows["all"]["wins"], rows["all"]["ties"], rows["all"]["losses"]) == (1, 1, 1)
+
+
+def test_an_oracle_method_is_never_the_baseline_of_paired_differences() -> None:
+    """Oracle rows were left out as compared methods, but --baseline 'qlass(m=2)[oracle]' compared every
+    method with a row that read the environment's reward."""
+    records = [rec("greedy", "greedy", "t", 0.0, 1, {}), rec("qlass(m=2)[oracle]", "qlass", "t", 1.0, 1, {"m": 2})]
+    with pytest.raises(QlassError, match="oracle"):
+        paired_rows(records, baseline="qlass(m=2)[oracle]", resamples=10)
+    assert [r["method"] for r in paired_rows(records, resamples=10)] == []

@@ -53,13 +53,17 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
     """Every other method against ``baseline`` on the tasks both played, per (env, split), then pooled
     over the splits (split ``all``) where there are several.
 
-    Oracle methods are left out (they read the reward). Empty when the baseline was not run."""
+    Oracle methods are left out (they read the reward), and one is refused as the baseline. Empty when
+    the baseline was not run."""
     reward: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     oracle: set[str] = set()
     for r in records:
         reward[(r["env"], r["split"], r["method"])][r["task"]] = float(r["reward"])
         if r.get("oracle"):
             oracle.add(r["method"])
+    if baseline in oracle:
+        raise QlassError(f"baseline {baseline!r} is an oracle method (it reads the environment's reward); "
+                         "pair the methods with a row that does not")
     pairs: dict[tuple[str, str], dict[tuple[str, str], float]] = defaultdict(dict)  # (env, method) -> diffs
     rows = []
     for (env, split, method), by_task in sorted(reward.items()):
