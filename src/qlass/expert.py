@@ -25,7 +25,7 @@ from .agent import apply_output, finish, start_messages
 from .data import record_to_trajectory, trajectory_to_record
 from .envs.base import Env, env_expert, env_label
 from .errors import QlassError
-from .jsonl import append_jsonl, read_jsonl
+from .jsonl import append_jsonl, is_count, read_jsonl
 from .recorded import check_recorded
 from .types import Completion, Step, Task, Trajectory
 
@@ -108,7 +108,7 @@ def _check_arguments(tasks: Sequence[Task], per_task_type: int | None, max_steps
     """Tasks as Task objects and limits of at least 1 (or None): ``max_steps=0`` excluded every task as too long,
     ``per_task_type=-1`` kept none, ``True`` counted as 1 and NaN as no limit, all silently."""
     for name, value in (("per_task_type", per_task_type), ("max_steps", max_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and not is_count(value, 1):
             raise QlassError(f"export_expert: {name} must be a whole number >= 1 or None, got {value!r}")
     odd = next((t for t in ([tasks] if isinstance(tasks, str) else tasks) if not isinstance(t, Task)), None)
     if odd is not None:

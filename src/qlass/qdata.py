@@ -16,7 +16,7 @@ from .data import refuse_replacing_other_kind
 from .errors import DataError, MissingFileError, QlassError
 from .file_checks import refuse_overwriting_inputs
 from .file_kinds import other_kind
-from .jsonl import read_numbered_jsonl, write_jsonl
+from .jsonl import is_count, read_numbered_jsonl, write_jsonl
 from .tree import BackupConfig, Tree, checked_field, checked_messages, compute_q, is_q_value, read_trees
 
 QDATA_SCHEMA_VERSION = 1
@@ -24,8 +24,7 @@ QDATA_SCHEMA_VERSION = 1
 
 def _check_max_per_tree(max_per_tree: int | None) -> None:
     """A cap of at least 1 or None (no cap): 0 wrote an empty file and -1 dropped each tree's last record."""
-    if max_per_tree is not None and (isinstance(max_per_tree, bool) or not isinstance(max_per_tree, int)
-                                     or max_per_tree < 1):
+    if max_per_tree is not None and not is_count(max_per_tree, 1):
         raise QlassError(f"max_per_tree must be a whole number >= 1 or None (no limit), got {max_per_tree!r}")
 
 

@@ -30,10 +30,18 @@ REWARD_SLACK = 1e-9
 ACTION_RE = re.compile(r"^[^\S\n]*Action:[^\S\n]*(.*?)\s*$", re.MULTILINE)
 """An ``Action:`` line; the action is the rest of that line (the spaces around ``Action:`` never reach
 into a neighbouring line, so an ``Action:`` with nothing after it is no action)."""
+TASK_INDEX = re.compile(r"0|[1-9][0-9]{0,17}", re.ASCII)
+"""A number as a task id spells it: ASCII digits, no leading zero, at most 18 of them."""
 FORMAT_HINT = (
     "Invalid format: no action found. Reply with one thought line and one action line, exactly:\n"
     "Thought: <your reasoning>\nAction: <one action>"
 )
+
+
+def task_index(text: str) -> int | None:
+    """The number ``text`` is, spelt as a task id spells it (``12``), else None: ``012``, ``1_0``, `` 1``, ``²``
+    and other digits spell a number :func:`int` reads, and would play a task under an id of its own."""
+    return int(text) if TASK_INDEX.fullmatch(text) else None
 
 
 def parse_action(output: str) -> str | None:

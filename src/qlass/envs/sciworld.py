@@ -39,7 +39,7 @@ from ..errors import QlassError, require
 from ..jsonl import write_text_atomic
 from ..models import cache_dir
 from ..types import Message, StepResult, Task
-from .base import FORMAT_HINT, parse_action
+from .base import FORMAT_HINT, parse_action, task_index
 from .prompt_file import load_prompt
 from .sciworld_hash import launch_settings
 from .sciworld_thoughts import expert_thought
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "seen", "unseen")
 _SPLIT_METHODS = {"train": "getVariationsTrain", "seen": "getVariationsDev", "unseen": "getVariationsTest"}
-_VARIATION = re.compile(r"0|[1-9][0-9]{0,8}", re.ASCII)
 _META_COMMANDS = {"help", "objects", "task"}
 _UNKNOWN_ACTION = "Unknown action.  Type 'help' for a list of actions, and 'objects' for a list of possible object referents."
 
@@ -208,9 +207,10 @@ class ScienceWorldEnv:
         """The task with id ``sciworld/<type>/<variation>``, whatever its split."""
         parts = task_id.split("/")
         # only the ids tasks() gives: 'sciworld/boil/1_0', '/ 1' or '/١' played a variation under an id of its own
-        if len(parts) != 3 or parts[0] != self.name or not _VARIATION.fullmatch(parts[2]):
+        variation = task_index(parts[2]) if len(parts) == 3 and parts[0] == self.name else None
+        if variation is None:
             raise QlassError(f"sciworld: malformed task id {task_id!r} (expected sciworld/<type>/<variation>)")
-        ttype, variation = parts[1], int(parts[2])
+        ttype = parts[1]
         for split in SPLITS:
             if variation in self._index[split].get(ttype, []):
                 return Task(task_id, self.name, split, ttype, {"task_name": ttype, "variation": variation})

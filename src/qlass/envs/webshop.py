@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import QlassError
 from ..types import Message, StepResult, Task
-from .base import FORMAT_HINT, parse_action
+from .base import FORMAT_HINT, parse_action, task_index
 from .prompt_file import load_prompt
 from .webshop_catalog import (
     ATTRIBUTE_NAMES,
@@ -54,7 +54,6 @@ from .webshop_search import ProductSearch
 log = logging.getLogger(__name__)
 
 ACTION_SYNTAX = re.compile(r"^\s*(\w+)\s*\[(.*)\]\s*$", re.DOTALL)
-TASK_NUMBER = re.compile(r"0|[1-9][0-9]{0,17}", re.ASCII)
 PRICE_CLAUSE = re.compile(r", and price lower than [\d.]+ dollars$")
 
 
@@ -189,9 +188,9 @@ class WebShopEnv:
         prefix, _, number = task_id.partition("/")
         # only the id tasks() gives: was a raw ValueError for 'webshop/²' (a 500 from qlass serve), and
         # 'webshop/١٢' or 'webshop/012' played goal 12 under an id of its own
-        if prefix != self.name or not TASK_NUMBER.fullmatch(number) or int(number) >= len(self.shop.goals):
+        index = task_index(number) if prefix == self.name else None
+        if index is None or index >= len(self.shop.goals):
             raise QlassError(f"webshop: no task {task_id!r} (ids are webshop/0 .. webshop/{len(self.shop.goals) - 1})")
-        index = int(number)
         split = next(name for name, r in self.shop.splits.items() if index in r)
         return self._task(index, split)
 

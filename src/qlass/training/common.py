@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 
 from ..config import config_hash, to_dict
 from ..errors import DataError, QlassError
-from ..jsonl import append_jsonl, read_jsonl, read_once, write_jsonl
+from ..jsonl import append_jsonl, is_count, read_jsonl, read_once, write_jsonl
 from ..locking import writer_lock
 from ..precision import use_autocast
 from ..recorded import check_recorded, model_files
@@ -215,7 +215,7 @@ def checkpoint_step(ckpt: Path) -> int:
         step = json.loads(path.read_text(encoding="utf-8")).get("global_step")
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
         step = None
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_count(step):
         raise DataError(str(path), f"not a trainer state with a 'global_step' (an integer >= 0), got {step!r}; the "
                                    "checkpoint is damaged (delete the folder to use the one before it)")
     return step
