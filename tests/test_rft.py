@@ -4,6 +4,7 @@ toy corridor (tests/toy_envs.py) with the tiny model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -24,7 +25,7 @@ from qlass.data import load_trajectories, save_trajectories
 from qlass.errors import QlassError
 from qlass.expert import export_expert
 from qlass.jsonl import read_jsonl
-from qlass.rft import RFTConfig, action_key, augment, kept_samples, run_rft
+from qlass.rft import RFTConfig, action_key, augment, check_expert_env, kept_samples, run_rft
 from qlass.training.sft import SFTConfig
 from qlass.types import Completion, History, Message, Trajectory
 
@@ -154,7 +155,8 @@ def test_kept_samples_follow_task_then_draw_order() -> None:
     assert len(kept_samples(records, ["c/0", "c/1"], 0.4)[0]) == 4
 
 
-def test_bad_rft_inputs_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_bad_rft_inputs_are_named_errors(tiny_model_dir: Path, tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
     for options, message in (({"samples": 0}, "samples must be >= 1, got 0"),
                              ({"init": "scratch"}, "init must be one of base, sft, got 'scratch'"),
                              ({"min_reward": 1.5}, "min_reward must be in"),
@@ -183,6 +185,15 @@ def test_bad_rft_inputs_are_named_errors(tiny_model_dir: Path, tmp_path: Path) -
     with pytest.raises(QlassError, match=r"holds a model \(config\.json\); qlass rft writes its data and agents"):
         run_rft("x", expert, base, ENV, base, RFTConfig(), TINY_SFT, policy=SeededWalker())
     assert sorted(os.listdir(base)) == sorted(os.listdir(tiny_model_dir))
+    foreign = tmp_path / "foreign.json"  # expert data of another environment (no task id is the corridor's)
+    save_trajectories(foreign, [_traj("s1", "sciworld/boil/0", ["go east"]), _traj("s2", "sciworld/melt/1", ["x"])])
+    with pytest.raises(QlassError, match=r"foreign\.json: none of its 2 tasks is a task of toy_envs:Corridor "
+                                         r"\(e\.g\. 'sciworld/boil/0'\)"):
+        run_rft("x", foreign, tiny_model_dir, ENV, tmp_path / "f", RFTConfig(), TINY_SFT, policy=SeededWalker())
+    assert not (tmp_path / "f").exists(), "refused before sampling"
+    with caplog.at_level(logging.WARNING, logger="qlass.rft"):  # some foreign tasks: data of a larger task set
+        check_expert_env(foreign, {"corridor/1", "corridor/400"}, ENV, None)
+    assert "1 of its 2 tasks are not tasks of toy_envs:Corridor (e.g. 'corridor/400')" in caplog.text
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "hi"}]}]))
     with pytest.raises(QlassError, match=r"bad\.json.*record 0 \(id 'x'\).*roles must alternate"):

@@ -253,6 +253,7 @@ def run_rft(
     which = "base model" if cfg.init == "base" else "SFT checkpoint (init='sft' fine-tunes the sampling agent)"
     require_model_folder(train_from, f"{train_from}: the {which} is not a local model folder (no config.json)")
     _refuse_new_limit(out, cfg)
+    check_expert_env(expert_path, expert_tasks, env_spec, env_kwargs)
     records, order = sample_training_tasks(model, env_spec, out / SAMPLES_DIR, cfg, env_kwargs, task_types,
                                            policy_kwargs, seed, backend, workers, concurrency, policy, expert_tasks)
     kept, below = kept_samples(records, order, cfg.min_reward)
@@ -264,6 +265,29 @@ def run_rft(
     save_yaml(out / RECORD, {**to_dict(cfg), "model": str(model), "expert": str(expert_path),
                                          "train_from": str(train_from), "seed": seed})
     return agent, data
+
+
+def check_expert_env(expert_path: Path, expert_tasks: Collection[str], env_spec: str,
+                     env_kwargs: dict[str, Any] | None) -> None:
+    """Refuse expert data none of whose tasks is a task of ``env_spec`` (in any split): the RFT agent would
+    learn another environment's trajectories plus this one's. Some foreign tasks only get a warning (e.g. data
+    of a larger task set than ``env_kwargs`` selects)."""
+    from .envs.base import env_close, env_splits, env_tasks, make_env
+
+    if not expert_tasks:
+        return
+    env = make_env(env_spec, **dict(env_kwargs or {}))
+    try:
+        known = {t.id for split in env_splits(env) for t in env_tasks(env, split)}
+    finally:
+        env_close(env)
+    foreign = sorted(set(expert_tasks) - known)
+    if len(foreign) == len(expert_tasks):
+        raise QlassError(f"{expert_path}: none of its {len(foreign)} tasks is a task of {env_spec} (e.g. "
+                         f"{foreign[0]!r}); give the expert data of this environment")
+    if foreign:
+        log.warning("%s: %d of its %d tasks are not tasks of %s (e.g. %r)", expert_path, len(foreign),
+                    len(expert_tasks), env_spec, foreign[0])
 
 
 def _refuse_new_limit(out: Path, cfg: RFTConfig) -> None:
