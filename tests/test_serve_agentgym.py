@@ -41,10 +41,11 @@ class AgentGymClient:
         self.host, self.port, self.id_key = host, int(port), id_key
         self.env_id: Any = None
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None) -> tuple[int, Any]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
         try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None,
+            raw = body if isinstance(body, bytes) or body is None else json.dumps(body)
+            conn.request(method, path, body=raw,
                          headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read())
@@ -458,6 +459,14 @@ def test_agentgym_ids_and_indices_are_strict(toy_alfworld: str) -> None:
             status, answer = client.request("POST", "/reset", {"id": id_, "game": game, "world_type": "Text"})
             assert status == 422 and answer["detail"][0]["type"] == "int_type", (id_, game, status, answer)
         assert client.get("observation") == "Game trial_1."
+        other = client.request("POST", "/create")[1]["id"]  # a key or query field given twice: its last value was taken
+        status, answer = client.request("GET", f"/observation?id={other}&id={client.env_id}")
+        assert status == 422 and answer["detail"][0]["msg"] == "given 2 times; give one id", answer
+        twice = f'{{"id": {other}, "id": {client.env_id}, "action": "look"}}'.encode()
+        status, answer = client.request("POST", "/step", twice)
+        assert status == 422 and answer["detail"][0]["loc"] == ["body"] and "'id'" in answer["detail"][0]["msg"], answer
+        assert client.get("observation") == "Game trial_1."  # not stepped
+        client.request("POST", "/close", {"id": other})
     finally:
         client.request("POST", "/close", {"id": client.env_id})
 

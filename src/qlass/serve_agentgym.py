@@ -58,7 +58,6 @@ WebShop without a limit. ``--env-arg`` overrides them.
 import json
 import logging
 import random
-import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,9 +77,6 @@ ALFWORLD_MAPPINGS = (("mappings_train.json", "train"), ("mappings_test.json", "v
 """AgentGym's ALFWorld game lists, in ``game`` order, and the data folder of each one's games."""
 WEBSHOP_SHUFFLE_SEED = 233
 NO_STEP_LIMIT = 1_000_000_000
-QUERY_ID = re.compile(r"-?(0|[1-9][0-9]{0,17})")
-"""An instance id as the query string gives it: decimal digits without leading zeros (``007`` is no
-id, as in a JSON body), below 2**53."""
 
 
 @dataclass(frozen=True)
@@ -182,12 +178,14 @@ def _webshop_index(pool: Any, _: Any) -> list[str]:
 # -- the application ---------------------------------------------------------------------------
 def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) -> None:
     """Serve ``pool`` on ``app`` in AgentGym's protocol for its environment (module docstring)."""
-    from fastapi import Request
+    from fastapi import Depends, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import StrictInt, create_model
 
     from .envs.base import env_reset, env_step
     from .serve_pool import EnvFault, ServeError, env_call, fault_message, json_safe, refuse_non_text
+    from .serve_requests import body_problem, query_id
 
     spec = spec_for(pool.name)
     index = task_index(pool, agentgym_games)
@@ -200,6 +198,13 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
     if spec.env == "alfworld":
         reset_fields["world_type"] = (str, ...)
     ResetBody = create_model("ResetBody", __base__=IdBody, **reset_fields)
+
+    async def refuse_malformed_body(request: Request) -> None:  # e.g. a key given twice (not its last value taken)
+        problem = body_problem(await request.body())
+        if problem:
+            raise RequestValidationError([{"loc": ("body",), "msg": problem, "type": "value_error"}])
+
+    object_body = [Depends(refuse_malformed_body)]
 
     def error(message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=spec.error_status)
@@ -239,12 +244,12 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
         pool.reap()
         return {"instances": pool.instances(), "idle_timeout": pool.idle_timeout}
 
-    @app.post("/create")
+    @app.post("/create", dependencies=object_body)
     def create() -> Any:
         env_id = pool.create()
         return env_id if spec.env == "webshop" else {"id": env_id}
 
-    @app.post("/reset")
+    @app.post("/reset", dependencies=object_body)
     def reset(body: ResetBody) -> Any:  # type: ignore[valid-type]
         env_id, number = getattr(body, id_key), getattr(body, spec.index_key)
         if number is None:
@@ -271,7 +276,7 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
                         "task_type": json_safe(f"{task.meta['task_folder']}/{task.meta['trial']}")}
             return [first, None]
 
-    @app.post("/step")
+    @app.post("/step", dependencies=object_body)
     def step(body: StepBody) -> dict[str, Any]:  # type: ignore[valid-type]
         env_id = getattr(body, id_key)
         refuse_non_text(body.action, "action")
@@ -291,7 +296,7 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
 
     @app.get("/observation")
     def observation(request: Request) -> str:
-        env_id = _query_id(request, id_key)
+        env_id = query_id(request, id_key)
         inst = pool.get(env_id)
         if spec.env != "webshop":
             check_playing(inst, env_id)
@@ -302,24 +307,13 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
     if spec.env == "alfworld":
         @app.get("/available_actions")
         def available_actions(request: Request) -> list[str]:
-            env_id = _query_id(request, id_key)
+            env_id = query_id(request, id_key)
             inst = pool.get(env_id)
             check_playing(inst, env_id)
             return list(inst.extra["available_actions"])
 
-    @app.post("/close")
+    @app.post("/close", dependencies=object_body)
     def close(body: IdBody) -> bool:  # type: ignore[valid-type]
         pool.close(getattr(body, id_key))
         return True
 
-
-def _query_id(request: Any, key: str) -> int:
-    """The integer instance id in the query field ``key`` (``id`` or ``env_idx``): ASCII digits, at most
-    18 (``--0``, ``²`` or 5000 digits are no id), else FastAPI's 422 as for any malformed request."""
-    from fastapi.exceptions import RequestValidationError
-
-    value = request.query_params.get(key)
-    if value is None or not QUERY_ID.fullmatch(value):
-        raise RequestValidationError([{"loc": ("query", key), "msg": "Field required" if value is None else
-                                       "Input should be a valid integer", "type": "int_parsing"}])
-    return int(value)

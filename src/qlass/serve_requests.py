@@ -4,10 +4,14 @@ the shape of a POST's body and the query's instance id."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from .jsonl import JSONContentError, loads
-from .serve_agentgym import QUERY_ID
+
+QUERY_ID = re.compile(r"-?(0|[1-9][0-9]{0,17})")
+"""An instance id as the query string gives it: decimal digits without leading zeros (``007`` is no
+id, as in a JSON body), below 2**53."""
 
 
 class RequestBody:
@@ -101,14 +105,16 @@ def validation_problems(exc: Any) -> str:
     return "; ".join(problems)
 
 
-def query_id(request: Any) -> int:
-    """The instance id of the query's ``id`` field: given once, ASCII digits (``1.0``, ``²`` or 5000 digits
-    are no id); else a :class:`RequestValidationError`, answered 400 as any malformed request."""
+def query_id(request: Any, key: str = "id") -> int:
+    """The instance id of the query's ``key`` field (``id``; AgentGym's WebShop: ``env_idx``): given once,
+    ASCII digits (``1.0``, ``²`` or 5000 digits are no id); else a :class:`RequestValidationError`,
+    answered as any malformed request (400; FastAPI's 422 in the agentgym protocol)."""
     from fastapi.exceptions import RequestValidationError
 
-    values = request.query_params.getlist("id")
+    values = request.query_params.getlist(key)
     if len(values) == 1 and QUERY_ID.fullmatch(values[0]):
         return int(values[0])
     problem = ("Field required" if not values else "Input should be a valid integer" if len(values) == 1
                else f"given {len(values)} times; give one id")
-    raise RequestValidationError([{"loc": ("query", "id"), "msg": problem, "type": "int_parsing"}])
+    raise RequestValidationError([{"loc": ("query", key), "msg": problem, "type": "int_parsing"}])
+
