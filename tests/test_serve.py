@@ -319,6 +319,23 @@ def test_a_key_given_twice_in_a_body_is_refused(server: BackgroundServer) -> Non
             _raw(server.url, "POST", "/close", {"id": i})
 
 
+def test_a_refused_reset_leaves_no_episode(server: BackgroundServer) -> None:
+    """A reset refused for its task (an unknown id or index) ends the instance's episode, as a reset the
+    environment fails does (before: later steps went on with the previous task); a malformed one changes nothing."""
+    env_id = _episode(server.url)
+    try:
+        assert _raw(server.url, "POST", "/reset", {"id": env_id})[0] == 400  # no task given
+        assert _step(server.url, env_id, "echo a")[0] == 200
+        for body, status in (({"task": "probe/none"}, 404), ({"data_idx": 10**6}, 404)):
+            assert _step(server.url, env_id, "echo a")[0] == 200
+            assert _raw(server.url, "POST", "/reset", {"id": env_id, **body})[0] == status, body
+            assert _step(server.url, env_id, "echo b") == (409, {"error": f"environment {env_id} has no episode yet: "
+                                                                         "POST /reset first"}), body
+            assert _raw(server.url, "POST", "/reset", {"id": env_id, "task": "probe/ok"})[0] == 200
+    finally:
+        _raw(server.url, "POST", "/close", {"id": env_id})
+
+
 def test_create_takes_an_empty_body_or_an_object(server: BackgroundServer) -> None:
     """/create refuses a body that is not JSON or not a JSON object, like every other endpoint (before:
     200 and a new instance), and takes an empty body or an object as before. A body that is not JSON is

@@ -467,6 +467,11 @@ def test_agentgym_ids_and_indices_are_strict(toy_alfworld: str) -> None:
         assert status == 422 and answer["detail"][0]["loc"] == ["body"] and "'id'" in answer["detail"][0]["msg"], answer
         assert client.get("observation") == "Game trial_1."  # not stepped
         client.request("POST", "/close", {"id": other})
+        status, answer = client.request("POST", "/reset", {"id": client.env_id, "game": 99, "world_type": "Text"})
+        assert (status, answer) == (200, {"error": "game 99 out of range 0..1"})
+        status, answer = client.request("GET", f"/observation?id={client.env_id}")  # the refused reset ended it
+        no_episode = f"environment {client.env_id} has no episode yet: POST /reset first"
+        assert (status, answer) == (200, {"error": no_episode})
     finally:
         client.request("POST", "/close", {"id": client.env_id})
 

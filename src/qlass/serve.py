@@ -202,12 +202,12 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
     @app.post("/reset", dependencies=object_body)
     def reset(body: ResetBody) -> dict[str, Any]:
         given = [k for k in ("task", "data_idx", "game") if getattr(body, k) is not None]
-        if len(given) != 1:
+        if len(given) != 1:  # a malformed request changes nothing
             raise ServeError(400, "reset needs exactly one of 'task' (a task id), 'data_idx' or 'game' (an index)")
         refuse_non_text(body.task, "task")
-        task = pool.task(body.task) if body.task is not None else pool.task_at(getattr(body, given[0]))
         with pool.use(body.id) as inst:
-            inst.task = None  # a failed reset leaves no episode to step on
+            inst.task = None  # a failed reset (an unknown task included) leaves no episode to step on
+            task = pool.task(body.task) if body.task is not None else pool.task_at(getattr(body, given[0]))
             inst.observation = env_call(lambda: env_reset(inst.env, task))
             inst.task, inst.done = task, False
             return {"id": body.id, "observation": inst.observation, "task": task_dict(task),

@@ -252,15 +252,15 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
     @app.post("/reset", dependencies=object_body)
     def reset(body: ResetBody) -> Any:  # type: ignore[valid-type]
         env_id, number = getattr(body, id_key), getattr(body, spec.index_key)
-        if number is None:
+        if number is None:  # a malformed request changes nothing
             raise ServeError(400, f"reset needs {spec.index_key!r}: qlass does not draw random goals")
         if spec.env == "alfworld" and body.world_type not in ("Text", "Embody", "Hybrid"):
             raise ServeError(400, 'world_type must be one of "Text", "Embody" and "Hybrid"')
-        if not 0 <= number < len(index):
-            raise ServeError(404, f"{spec.index_key} {number} out of range 0..{len(index) - 1}")
-        task = pool.task(index[number])
         with pool.use(env_id) as inst:
-            inst.task = None  # a failed reset leaves no episode to step on
+            inst.task = None  # a failed reset (an unknown task included) leaves no episode to step on
+            if not 0 <= number < len(index):
+                raise ServeError(404, f"{spec.index_key} {number} out of range 0..{len(index) - 1}")
+            task = pool.task(index[number])
             first = env_call(lambda: env_reset(inst.env, task))
             inst.task, inst.done, inst.extra = task, False, {"score": 0}
             if spec.env == "sciworld":
