@@ -146,6 +146,8 @@ def test_meta_commands_and_unknown_actions_are_observations(env: ScienceWorldEnv
     assert task.observation.startswith("Task description:") and "find a(n) plant" in task.observation
     nonsense = env.step(act("dance wildly"))
     assert nonsense.observation and not nonsense.done and nonsense.info["steps"] == 2
+    lone = env.step(act("look \ud800"))  # was a QlassError quoting Py4J ("An error occurred while calling o7.step")
+    assert lone.observation == env.step(act("look \ufffd")).observation and lone.info["steps"] == 3
 
 
 def test_unknown_simplification_and_bad_heap_are_refused(env: ScienceWorldEnv) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ..errors import QlassError, require
-from ..jsonl import write_text_atomic
+from ..jsonl import with_replacement_characters, write_text_atomic
 from ..models import cache_dir
 from ..types import Message, StepResult, Task
 from .base import FORMAT_HINT, parse_action, task_index
@@ -265,7 +265,8 @@ class ScienceWorldEnv:
         self._steps += 1
         self._completed = False
         action = parse_action(output)
-        observation = FORMAT_HINT if action is None else self._simulate(action)
+        # a lone surrogate (a JSON \ud800 escape) cannot cross to Java: it is the unknown character it stands for
+        observation = FORMAT_HINT if action is None else self._simulate(with_replacement_characters(action))
         failed = self._raw < 0
         self._score = 0.0 if failed else min(max(self._raw / 100.0, 0.0), 1.0)
         self._done = failed or self._completed or self._steps >= self.step_limit
