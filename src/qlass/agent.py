@@ -59,7 +59,12 @@ class EpisodeConfig:
 
 
 class ValueModel(Protocol):
-    """What Q-guided search needs from a QNet: one value per candidate output for a history."""
+    """What Q-guided search needs from a QNet: one value per candidate output for a history.
+
+    Optional: ``score_batch(items)`` scores many ``(history, candidates)`` at once; the tokens a call read
+    are recorded as QNet tokens when the model sets ``last_item_tokens`` (per item, after ``score_batch``)
+    or ``last_tokens`` (after ``score``), as :class:`~qlass.qnet.QNet` does. A model that sets neither is
+    recorded as reading 0 tokens, so the report's QNet-token columns do not count it."""
 
     def score(self, history: History, candidates: Sequence[str]) -> list[float]:
         """Values of ``candidates`` (raw agent outputs) after ``history``."""
