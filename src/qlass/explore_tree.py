@@ -258,10 +258,10 @@ class TreeBuilder:
             todo += yield from self._branch(parent, comp)
         return todo
 
-    def _expand(self, node_id: int, limit: int | None = None) -> Grows:
-        """Sample at ``node_id`` and grow every new distinct alternative (at most ``limit``)."""
+    def _expand(self, node_id: int) -> Grows:
+        """Sample at ``node_id`` and grow every new distinct alternative."""
         alternatives = yield from self._alternatives(node_id, self.cfg.candidates)
-        return (yield from self._grow(node_id, self._prepare(node_id, alternatives, limit)))
+        return (yield from self._grow(node_id, self._prepare(node_id, alternatives, None)))
 
     # -- the whole tree ----------------------------------------------------------------------
     def _expert_chain(self, outputs: list[str]) -> list[Node]:
