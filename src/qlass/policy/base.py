@@ -48,6 +48,13 @@ class Policy(Protocol):
         """``n`` completions per history; each is one ``Thought: ...\\nAction: ...`` output."""
 
 
+def check_sample_args(n: int, temperature: float, max_new_tokens: int) -> None:
+    """A ValueError unless ``n >= 1``, ``temperature >= 0`` and ``max_new_tokens >= 1`` (a sample request's)."""
+    if n < 1 or temperature < 0 or max_new_tokens < 1:
+        raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {n}, {temperature}, "
+                         f"{max_new_tokens})")
+
+
 def ready_policy(policy: Policy | Callable[[], Policy]) -> Policy:
     """``policy`` itself, or what it makes when it is a factory (as executors' workers receive it)."""
     if isinstance(policy, Policy) and not isinstance(policy, type):

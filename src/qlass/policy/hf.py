@@ -51,7 +51,7 @@ from ..precision import use_autocast
 from ..seeding import candidate_seed, history_seeds
 from ..types import Completion, History, Message
 from . import kv
-from .base import SampleJob
+from .base import SampleJob, check_sample_args
 from .loading import SFT_RECORD, fine_tuned_length, load_causal_lm
 from .option_values import check_hf_options
 from .outputs import complete_action, final_output
@@ -151,9 +151,7 @@ class HFPolicy:
         seed: int | Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """``n`` completions per history from one shared prefill each (see the module docstring)."""
-        if n < 1 or temperature < 0 or max_new_tokens < 1:
-            raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {n}, {temperature}, "
-                             f"{max_new_tokens})")
+        check_sample_args(n, temperature, max_new_tokens)
         bases = history_seeds(seed, len(histories), self._rng)
         return self.sample_jobs([SampleJob(h, n, temperature, max_new_tokens, b) for h, b in zip(histories, bases)])
 
@@ -162,9 +160,7 @@ class HFPolicy:
         of jobs of any ``n``, temperature and token limit decoded together (``max_batch_rows`` at a
         time). Under ``distinct``, jobs with several sampled candidates keep their own rounds."""
         for job in jobs:
-            if job.n < 1 or job.temperature < 0 or job.max_new_tokens < 1:
-                raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {job.n}, "
-                                 f"{job.temperature}, {job.max_new_tokens})")
+            check_sample_args(job.n, job.temperature, job.max_new_tokens)
         rows = [1 if job.temperature == 0 else job.n for job in jobs]
         bases = [job.seed if job.seed is not None else self._rng.getrandbits(31) for job in jobs]
         prompts = [self.encode(list(job.history), reserve=job.max_new_tokens) for job in jobs]

@@ -42,6 +42,7 @@ from ..errors import QlassError
 from ..jsonl import is_text
 from ..seeding import candidate_seed, history_seeds
 from ..types import Completion, History, Message
+from .base import check_sample_args
 from .openai_http import ApiClient
 from .option_values import check_openai_options
 from .outputs import final_output
@@ -152,9 +153,7 @@ class OpenAIPolicy:
         seed: int | Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """``n`` completions per history, one request per history (all ``n`` in it), sent concurrently."""
-        if n < 1 or temperature < 0 or max_new_tokens < 1:
-            raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {n}, {temperature}, "
-                             f"{max_new_tokens})")
+        check_sample_args(n, temperature, max_new_tokens)
         bases = history_seeds(seed, len(histories), self._rng)
 
         def one(i: int) -> list[Completion]:
