@@ -447,3 +447,12 @@ def test_a_qnet_or_classifier_folder_is_refused_as_the_policy(tiny_model_dir: Pa
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "cls")
     with pytest.raises(QlassError, match=r"cls: is a QNet \(a sequence classifier\)"):
         HFPolicy(tmp_path / "cls", max_length=64)
+
+
+def test_a_config_without_cache_layers_is_not_plain_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """plain_attention swallowed DynamicCache's error without a word (the slower generic path was taken silently)."""
+    from qlass.policy import kv
+
+    with caplog.at_level("DEBUG", logger="qlass.policy.kv"):
+        assert kv.plain_attention(object()) is False
+    assert any("without cache reuse" in r.getMessage() and "AttributeError" in r.getMessage() for r in caplog.records)

@@ -15,6 +15,7 @@ All of this assumes plain full-attention layers (Llama, Qwen, Mistral without sl
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+log = logging.getLogger(__name__)
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 """Per model layer, the (keys, values) of one sequence: ``[1, kv_heads, length, head_dim]`` each."""
 
@@ -32,7 +35,9 @@ def plain_attention(config: Any) -> bool:
     """Whether every layer of the model caches plain full-attention keys and values."""
     try:
         layers = DynamicCache(config=config).layers
-    except Exception:  # noqa: BLE001 - exotic configs: treat as not plain, use the generic path
+    except Exception as exc:  # noqa: BLE001 - exotic configs: treat as not plain, use the generic path
+        log.debug("no cache layers for %s (%s: %s): prompts are prefilled one at a time, without cache reuse",
+                  type(config).__name__, type(exc).__name__, exc)
         return False
     return all(type(layer) is DynamicLayer for layer in layers)
 
