@@ -33,8 +33,6 @@ from typing import Any, Protocol
 
 from .errors import QlassError, require
 
-log = logging.getLogger(__name__)
-
 Worker = Callable[[Any], Any]
 Setup = Callable[[], Worker]
 BACKENDS = ("local", "process", "ray")

@@ -26,7 +26,6 @@ takes at once (continuous batching at the level of episodes). Results come out a
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ from .errors import QlassError
 from .policy.base import Policy, SampleJob
 from .policy.user import checked_answer
 from .types import Completion, History
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -6,7 +6,6 @@ rerun's settings for the stages that already have outputs (:func:`save_resolved`
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,6 @@ from .pipeline_retrain import (
     retrain_section,
 )
 from .recorded import setting_changes
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ tokens); a method that plays several trajectories (best-of-n) reports the tokens
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +65,6 @@ __all__ = [
     "set_method_option",
     "unique_candidates",
 ]
-
-log = logging.getLogger(__name__)
 
 _MAX_STEPS = "step limit per episode"
 _MAX_NEW = "token limit per agent turn"

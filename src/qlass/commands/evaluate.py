@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +9,6 @@ import typer
 
 from ..config import parse_kv
 from ..errors import QlassError
-
-log = logging.getLogger(__name__)
 
 
 def method_options() -> str:

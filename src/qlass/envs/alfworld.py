@@ -22,7 +22,6 @@ whitespace, lower-casing and dropping a final period; ``put X in/on Y`` (the gra
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Sequence
@@ -35,8 +34,6 @@ from .alfworld_data import SPLIT_FOLDERS, resolve_data_dir
 from .alfworld_engine import AlfredEngine
 from .base import FORMAT_HINT, parse_action
 from .prompt_file import load_prompt
-
-log = logging.getLogger(__name__)
 
 SPLITS = tuple(SPLIT_FOLDERS)
 PLAYABLE_FOLDERS = {**SPLIT_FOLDERS, "valid_train": "valid_train"}

@@ -27,7 +27,6 @@ failed task (score < 0) ends with reward 0.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import threading
@@ -43,8 +42,6 @@ from .base import FORMAT_HINT, parse_action, task_index
 from .prompt_file import load_prompt
 from .sciworld_hash import launch_settings
 from .sciworld_thoughts import expert_thought
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "seen", "unseen")
 _SPLIT_METHODS = {"train": "getVariationsTrain", "seen": "getVariationsDev", "unseen": "getVariationsTest"}
