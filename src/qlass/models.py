@@ -67,6 +67,12 @@ def default_model_dir(cache: Path | None = None) -> Path:
     return _once(out, convert)
 
 
+def model_folder(spec: str) -> Path:
+    """The model folder ``spec`` names: ``"default"`` is the default model's (:func:`default_model_dir`),
+    anything else a path."""
+    return default_model_dir() if spec == "default" else Path(spec)
+
+
 def _once(out: Path, convert: Callable[[Path, Path], None]) -> Path:
     """``out``, made once by ``convert(folder, gguf)`` into a temporary folder that is then renamed. Processes
     starting together (pytest -n workers, two first commands) take turns on a lock beside ``out``: each

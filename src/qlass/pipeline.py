@@ -113,7 +113,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     from .evaluate import cache_for, run_evaluation
     from .executor import make_executor
     from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
-    from .models import default_model_dir
+    from .models import model_folder
     from .policy import load_policy
     from .qdata import export_qdata
     from .tree import BackupConfig
@@ -152,7 +152,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
             log.warning("%s: section(s) %s ignored: sft_model is set, so stage 1 does not run",
                         config_path, ", ".join(ignored))
     else:
-        base = default_model_dir() if cfg.model == "default" else Path(cfg.model)
+        base = model_folder(cfg.model)
         require_model_folder(base, f"{config_path}: field 'model': {base} is not a model folder (no config.json)")
         sft_dir = _expert_and_sft(r, base)
     if stop_after == "sft":

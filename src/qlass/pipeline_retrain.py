@@ -178,12 +178,12 @@ def retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> lis
 
     from .eto import run_eto
     from .evaluate import run_evaluation
-    from .models import default_model_dir
+    from .models import model_folder
     from .rft import run_rft
     from .self_train import self_train
 
     cfg, run = r.cfg, r.run_dir
-    base = default_model_dir() if cfg.model == "default" else Path(cfg.model)
+    base = model_folder(cfg.model)
     agents: list[tuple[str, Path, Path]] = []
     if r.rft is not None:
         rft_cfg = r.rft.stage

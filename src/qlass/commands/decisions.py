@@ -155,7 +155,7 @@ def register(app: typer.Typer) -> None:
         from ..config import build, describe, load_config, parse_kv
         from ..decision_head import cross_validate_on_decisions, cv_markdown
         from ..decision_report import ReportConfig
-        from ..models import default_model_dir
+        from ..models import model_folder
         from ..qnet_head import QNetHeadConfig
 
         if list_options:
@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
             raise QlassError("qlass decisions cv-head needs DECISIONS (one or more decision files) and --out DIR")
         cfg = load_config(config, QNetHeadConfig, parse_kv(set_, "--set"))
         report_cfg = build(ReportConfig, {"resamples": resamples}, "qlass decisions cv-head")
-        sft = default_model_dir() if model == "default" else Path(model)
+        sft = model_folder(model)
         result = cross_validate_on_decisions(decisions, sft, out, cfg, report_cfg, extra, allow_mixed)
         typer.echo(cv_markdown(result))
         typer.echo(f"decisions.md and decision_cv.json in {out}")

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         --folds K cross-validate by tree. Rerun the same command to resume."""
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
-        from ..models import default_model_dir
+        from ..models import model_folder
         from ..training.configs import QNetTrainConfig
 
         if list_options:
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         if qdata is None or out is None:
             raise QlassError("qlass train-qnet needs QDATA and --out DIR")
         cfg = load_config(config, QNetTrainConfig, parse_kv(set_, "--set"))
-        sft = default_model_dir() if model == "default" else Path(model)
+        sft = model_folder(model)
         if folds:
             from ..qnet_cv import cross_validate_qnet, summary_markdown
 
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         cross-validation by tree against the SFT log-likelihood ranker. Rerun to resume."""
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
-        from ..models import default_model_dir
+        from ..models import model_folder
         from ..qnet_head import QNetHeadConfig, result_markdown, train_qnet_head
 
         if list_options:
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         if qdata is None or out is None:
             raise QlassError("qlass train-qnet-head needs QDATA and --out DIR")
         cfg = load_config(config, QNetHeadConfig, parse_kv(set_, "--set"))
-        sft = default_model_dir() if model == "default" else Path(model)
+        sft = model_folder(model)
         for line in result_markdown(train_qnet_head(qdata, sft, out, cfg)):
             typer.echo(line)
         typer.echo(str(out))

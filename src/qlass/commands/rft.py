@@ -11,12 +11,6 @@ import typer
 from ..errors import QlassError
 
 
-def _model_dir(spec: str) -> Path:
-    from ..models import default_model_dir
-
-    return default_model_dir() if spec == "default" else Path(spec)
-
-
 def register(app: typer.Typer) -> None:
     @app.command("rft")
     def rft_cmd(
@@ -40,6 +34,7 @@ def register(app: typer.Typer) -> None:
         """Rejection-sampling fine-tuning: sample K episodes per training task with the SFT agent, keep the
         successful ones, fine-tune on the expert data plus them; rerun the same command to resume."""
         from ..config import build, describe_sections, load_config, parse_kv
+        from ..models import model_folder
         from ..policy import is_class_spec
         from ..rft import RFTConfig, run_rft
         from ..training.configs import SFTConfig
@@ -54,7 +49,7 @@ def register(app: typer.Typer) -> None:
         sft_cfg = load_config(config, SFTConfig, parse_kv(set_, "--set"))
         policy_opts = parse_kv(policy_arg, "--policy-arg")
         agent, data = run_rft(
-            model=str(_model_dir(model)) if model == "default" else model, expert=expert, base=_model_dir(base),
+            model=str(model_folder(model)) if model == "default" else model, expert=expert, base=model_folder(base),
             env_spec=env, out_dir=out, cfg=cfg, sft_cfg=sft_cfg, env_kwargs=parse_kv(env_arg, "--env-arg"),
             task_types=task_types.split(",") if task_types else None, policy_kwargs=policy_opts,
             seed=seed, backend=backend, workers=workers, concurrency=concurrency,
@@ -81,6 +76,7 @@ def register(app: typer.Typer) -> None:
         """Select one trajectory per exploration tree by a process reward (paper Fig. 4) and fine-tune on the
         expert data plus the selection; rerun the same command to resume. Evaluate the agent with `qlass eval`."""
         from ..config import build, describe, load_config, parse_kv
+        from ..models import model_folder
         from ..self_train import SelfTrainConfig, check_reward, self_train
         from ..training.configs import SFTConfig
 
@@ -94,7 +90,7 @@ def register(app: typer.Typer) -> None:
                                       "prefer_agent": prefer_agent},
                     "qlass self-train")
         sft_cfg = load_config(config, SFTConfig, parse_kv(set_, "--set"))
-        agent, data, summary = self_train(trees, expert, _model_dir(model), out, reward, sft_cfg, cfg)
+        agent, data, summary = self_train(trees, expert, model_folder(model), out, reward, sft_cfg, cfg)
         typer.echo(f"{summary['selected']} of {summary['trees']} trees give a trajectory (mean outcome "
                    f"{summary['mean_outcome']:.3f}, {summary['successes']} successes); {data.added} added to "
                    f"{data.expert} expert trajectories ({data.duplicates} repeat one, {data.unusable} without an action); "

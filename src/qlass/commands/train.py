@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         Runs as it is or under `accelerate launch [--num_processes N] -m qlass sft ...` with the same arguments."""
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
-        from ..models import default_model_dir
+        from ..models import model_folder
         from ..training.configs import SFTConfig
 
         if list_options:
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         if data is None or out is None:
             raise QlassError("qlass sft needs --data FILE and --out DIR")
         cfg = load_config(config, SFTConfig, parse_kv(set_, "--set"))
-        base = default_model_dir() if model == "default" else Path(model)
+        base = model_folder(model)
         from ..training.sft import train_sft
 
         typer.echo(str(train_sft(data, base, out, cfg)))
@@ -45,10 +45,10 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("default", help="The run's base causal-LM folder, or 'default' (needed for a LoRA run)."),
     ) -> None:
         """Write the latest checkpoint of an SFT run as a plain HF model folder (to evaluate it mid-training)."""
-        from ..models import default_model_dir
+        from ..models import model_folder
         from ..training.sft_export import export_checkpoint
 
-        base = default_model_dir() if model == "default" else Path(model)
+        base = model_folder(model)
         step = export_checkpoint(run, base, dest)
         typer.echo(f"{dest} (step {step})")
 
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         Runs as it is or under `accelerate launch [--num_processes N] -m qlass dpo ...` with the same arguments."""
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
-        from ..models import default_model_dir
+        from ..models import model_folder
         from ..training.configs import DPOConfig
 
         if list_options:
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         if pairs is None or out is None:
             raise QlassError("qlass dpo needs --pairs FILE and --out DIR")
         cfg = load_config(config, DPOConfig, parse_kv(set_, "--set"))
-        base = default_model_dir() if model == "default" else Path(model)
+        base = model_folder(model)
         from ..training.dpo import train_dpo
 
         typer.echo(str(train_dpo(pairs, base, out, cfg)))
