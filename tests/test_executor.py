@@ -138,6 +138,23 @@ def test_workers_die_with_their_parent_even_mid_item(tmp_path: Path) -> None:
     assert not any(_running(w) for w in workers)
 
 
+def test_a_run_stopped_early_exits_though_items_are_left_in_its_queue() -> None:
+    """A run stopped early (a worker's error, Ctrl-C, a worker killed) with more items queued than a pipe holds
+    (64 KiB) never exited: the queue's feeder thread stayed blocked writing items no worker would take, and the
+    interpreter waited for it at exit (``qlass eval --backend process`` hung after Ctrl-C, for good)."""
+    code = (f"import functools, sys\nsys.path.insert(0, {str(TESTS)!r})\n"
+            "from qlass.errors import QlassError\nfrom qlass.executor import ProcessExecutor\n"
+            "from test_executor import make_worker\n"
+            "try:\n    list(ProcessExecutor(1).run(functools.partial(make_worker, 2), [-1] + [10 ** 3000] * 300))\n"
+            "except QlassError as exc:\n    print('stopped:', str(exc).splitlines()[0])\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit within 120 s of its run stopping")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped: a worker process failed on item 0:" in done.stdout
+
+
 def test_unknown_backend_is_an_error() -> None:
     with pytest.raises(QlassError, match="unknown executor backend 'spark'"):
         make_executor("spark")

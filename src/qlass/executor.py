@@ -154,6 +154,9 @@ class ProcessExecutor:
                 pending -= 1
                 yield index, value
         finally:
+            # items no worker took (a worker's error, Ctrl-C) stay queued: without this, the queue's feeder thread,
+            # blocked writing them into a full pipe, kept this process from ever exiting
+            tasks.cancel_join_thread()
             for p in procs:
                 p.join(timeout=5)
                 if p.is_alive():
