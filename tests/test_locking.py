@@ -126,6 +126,24 @@ def test_an_output_where_nothing_can_be_written_is_named_not_its_lock(tmp_path: 
     assert err.value.filename == "/proc/qlass-run"
 
 
+def test_a_lock_that_cannot_be_written_names_the_output_and_leaves_nothing(tmp_path: Path) -> None:
+    """On a full disk, ``qlass eval --out NEW`` said only 'error: No space left on device': the holder line of the
+    lock file failed to flush, and closing the file failed again, naming no file. Writing is made to fail for real
+    with a file size limit of 0 bytes (as a full disk fails it, but with EFBIG), in a process of its own since the
+    limit is the whole process's: the error names the output and its lock, and the folder made for it is gone."""
+    out = tmp_path / "new" / "eval"
+    code = ("import resource, signal, sys\nfrom qlass.errors import QlassError\nfrom qlass.locking import writer_lock\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            "try:\n    with writer_lock(sys.argv[1], folder=True):\n        print('held')\n"
+            "except QlassError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == (f"{out}: cannot be written there (File too large: its writer lock {out}/.qlass.lock could "
+                           "not be written)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_refused_output_keeps_no_lock_file(tmp_path: Path) -> None:
     """A command refusing its output (here: explore on a Q-data file) left ``.NAME.lock`` beside it, and
     ``.qlass.lock`` inside a folder it refused. A lock file the failed call made is removed; one that

@@ -45,11 +45,8 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fh, created = _locked_file(target, path)
     try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
         try:
+            _name_holder(fh, target, path)
             yield
         except BaseException:
             if made is not None:
@@ -59,6 +56,18 @@ def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
             raise
     finally:
         fh.close()  # closing the file releases the lock
+
+
+def _name_holder(fh: Any, target: Path, path: Path) -> None:
+    """Write this process into the lock file ``path`` of ``target`` (unbuffered: a failed write leaves nothing
+    for ``close`` to retry); a failure (a full disk) is a :class:`QlassError` naming the output."""
+    try:
+        fh.seek(0)
+        fh.truncate()
+        os.write(fh.fileno(), f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    except OSError as exc:
+        raise QlassError(f"{target}: cannot be written there ({exc.strerror or exc}: its writer lock {path} "
+                         "could not be written)") from None
 
 
 def _locked_file(target: Path, path: Path) -> tuple[Any, bool]:
