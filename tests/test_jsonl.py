@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -311,6 +314,7 @@ def test_a_device_given_as_an_input_is_refused_not_read_for_ever() -> None:
 
 KILLED_MID_WRITE = """
 import os, signal, sys, threading, time
+from collections.abc import Iterator
 from pathlib import Path
 from qlass.jsonl import write_text_atomic
 out = Path(sys.argv[1])
@@ -337,3 +341,29 @@ def test_a_writer_killed_mid_write_leaves_no_partial_copy_after_the_rerun(tmp_pa
     other_host.write_text("partial")
     write_text_atomic(out, "done\n")
     assert out.read_text() == "done\n" and list(tmp_path.glob(".q.jsonl.tmp*")) == [other_host]
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at ``where`` (``mount -o OPTIONS``) for the block; tests run as root. A machine where it
+    cannot be mounted fails the test, saying so, rather than skipping what it checks."""
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                             text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.fail(f"this test needs to mount a tmpfs (as root) and could not: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_file_on_a_read_only_file_system_is_named_not_its_temporary_copy(tmp_path: Path) -> None:
+    """``qlass view run --out RO/page.html`` (report, qdata alike) said 'RO/.page.html.tmp-HOST-PID: Read-only file
+    system', naming a file that never existed: removing the temporary copy failed too and replaced the error."""
+    from qlass.jsonl import write_text_atomic
+
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+        with pytest.raises(OSError) as err:
+            write_text_atomic(ro / "page.html", "<html>")
+        assert err.value.filename == str(ro / "page.html") and err.value.errno == errno.EROFS

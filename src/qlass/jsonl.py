@@ -318,7 +318,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
                 os.fsync(fh.fileno())
             os.replace(tmp, p)
     finally:
-        tmp.unlink(missing_ok=True)  # still there only when writing failed
+        with contextlib.suppress(OSError):  # a read-only file system refuses even this: keep the error naming path
+            tmp.unlink(missing_ok=True)  # still there only when writing failed
 
 
 def _temporary_file(path: Path) -> Path:
