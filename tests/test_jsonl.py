@@ -367,3 +367,18 @@ def test_a_file_on_a_read_only_file_system_is_named_not_its_temporary_copy(tmp_p
         with pytest.raises(OSError) as err:
             write_text_atomic(ro / "page.html", "<html>")
         assert err.value.filename == str(ro / "page.html") and err.value.errno == errno.EROFS
+
+
+def test_an_append_that_fills_the_disk_leaves_whole_records_only(tmp_path: Path) -> None:
+    """On a full disk (a real tmpfs of 64 KiB), an evaluation's record was written part-way before ENOSPC: the
+    file kept a torn last line that ``qlass report`` and ``data validate`` refused ('was its writer killed?') until
+    the run was repeated. The part written is cut off again; the error names the file."""
+    with tmpfs(tmp_path / "full", "size=64k") as full:
+        path = full / "records.jsonl"
+        append_jsonl(path, {"id": 0, "text": "x" * 40_000})
+        before = path.read_bytes()
+        with pytest.raises(OSError) as err:
+            append_jsonl(path, {"id": 1, "text": "y" * 40_000})
+        assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+        assert path.read_bytes() == before
+        assert [r["id"] for r in read_jsonl(path)] == [0]

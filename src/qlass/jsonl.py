@@ -165,20 +165,28 @@ def find_value(value: Any, bad: Callable[[Any], bool], where: str = "") -> tuple
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append ``record`` as one line in a single write, flushed and fsynced; a last line without its
-    newline (a hand-edited or concatenated file) is ended first, so records are never glued."""
+    """Append ``record`` as one line, fsynced; a last line without its newline (a hand-edited or concatenated
+    file) is ended first, so records are never glued. A write that fails part-way (a full disk) is cut off
+    again, so the file keeps whole records only."""
     p = Path(path)
     line = json_line(record, p).encode("utf-8")
     check_output_file(p)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with _naming(p), open(p, "a+b") as fh:
-        if fh.tell() > 0:
+    with _naming(p), open(p, "a+b", buffering=0) as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size > 0:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":
                 line = b"\n" + line
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+        try:
+            left = memoryview(line)
+            while left:
+                left = left[os.write(fh.fileno(), left):]
+            os.fsync(fh.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fh.fileno(), size)
+            raise
 
 
 def read_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tail: bool = False
