@@ -54,7 +54,7 @@ from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .recorded import model_files, same_path, setting_changes
-from .training.common import file_digest, input_snapshot
+from .training.common import file_digest, input_snapshot, naming_failed_saves
 from .training.run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,8 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
         qnet.model.score.weight.copy_(torch.tensor(w, dtype=qnet.model.score.weight.dtype)[None])
     result = {"records": len(records), "trees": trees, "kept": {"l2": best["l2"], "contrast": best["contrast"]},
               "cross_validation": results, "settings": to_dict(cfg)}
-    qnet.save(out, extra={"head_only": True, "calibrated": not best["contrast"], "l2": best["l2"]})
+    with naming_failed_saves(out):
+        qnet.save(out, extra={"head_only": True, "calibrated": not best["contrast"], "l2": best["l2"]})
     write_text_atomic(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     write_text_atomic(out / "qnet_head_result.md", "\n".join(result_markdown(result)) + "\n")
     return result

@@ -61,6 +61,7 @@ from .common import (
     is_main_process,
     last_checkpoint,
     main_process_lock,
+    naming_failed_saves,
     prepare_resume,
     quiet,
     remove_checkpoints,
@@ -181,7 +182,7 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     refuse_overwriting_run(out, sft_dir, "qnet")
     check_report_to(cfg.report_to)
-    with main_process_lock(out), input_snapshot(qdata) as source:
+    with main_process_lock(out), naming_failed_saves(out), input_snapshot(qdata) as source:
         return _train_qnet(source, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)
 
 

@@ -65,6 +65,7 @@ from .common import (
     input_snapshot,
     is_main_process,
     main_process_lock,
+    naming_failed_saves,
     prepare_resume,
     quiet,
     remove_checkpoints,
@@ -306,7 +307,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "sft")
     check_report_to(cfg.report_to)
-    with main_process_lock(out), input_snapshot(data) as source:
+    with main_process_lock(out), naming_failed_saves(out), input_snapshot(data) as source:
         return _train_sft(source, model_dir, out, cfg)
 
 

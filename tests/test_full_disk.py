@@ -1,0 +1,33 @@
+"""Training on a full disk (a real tmpfs): one clear error naming the output folder, then a rerun resumes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_jsonl import tmpfs
+from test_sft import write_data
+from transformers import AutoModelForCausalLM
+
+
+@pytest.mark.parametrize("size", ["4m", "20m"])
+def test_sft_on_a_full_disk_names_its_folder_and_a_rerun_after_freeing_space_finishes(
+        tiny_model_dir: Path, tmp_path: Path, size: str) -> None:
+    """``qlass sft --out`` on a full disk ended in a 70-line traceback: safetensors (the weights, 4 MiB: they need
+    13) and torch.save (the optimizer state, 20 MiB) report a failed write as ``SafetensorError('... No space left
+    on device')`` or ``RuntimeError('basic_ios::clear: iostream error')``, naming no file."""
+    data = write_data(tmp_path / "data.json", n=4)
+    with tmpfs(tmp_path / "disk", f"size={size}") as disk:
+        out = disk / "sft"
+        cmd = [sys.executable, "-m", "qlass", "sft", "--data", str(data), "--model", str(tiny_model_dir), "--out",
+               str(out), "--set", "epochs=1", "--set", "batch_size=2", "--set", "val_fraction=0", "--set", "threads=1"]
+        full = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        assert full.returncode == 2, full.stderr[-3000:]
+        assert f"error: {out}: writing the model or a checkpoint failed (" in full.stderr
+        assert "free space and rerun the same command to resume" in full.stderr and "Traceback" not in full.stderr
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        AutoModelForCausalLM.from_pretrained(out)
