@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,16 @@ def test_sft_on_a_full_disk_names_its_folder_and_a_rerun_after_freeing_space_fin
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
         AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_the_default_model_made_into_a_full_cache_names_the_cache(tmp_path: Path) -> None:
+    """The first ``qlass model default`` (or any command given ``--model default``) with ``QLASS_CACHE`` on a disk
+    without room for the converted model (a real 20 MiB tmpfs; it needs about 540) ended in a traceback of
+    safetensors' 'I/O error: No space left on device'. The error names the cache folder and says what to do."""
+    with tmpfs(tmp_path / "disk", "size=20m") as disk:
+        cache = disk / "cache"
+        made = subprocess.run([sys.executable, "-m", "qlass", "model", "default"], capture_output=True, text=True,
+                              check=False, env={**os.environ, "QLASS_CACHE": str(cache)})
+        assert made.returncode == 2, made.stderr[-3000:]
+        assert f"error: {cache / 'models'}: writing the model or a checkpoint failed (" in made.stderr
+        assert "set QLASS_CACHE to a folder on another disk" in made.stderr and "Traceback" not in made.stderr

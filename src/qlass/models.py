@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import QlassError
+from .errors import QlassError, naming_failed_saves
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ def default_model_dir(cache: Path | None = None) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with naming_failed_saves(out.parent, "free space, or set QLASS_CACHE to a folder on another disk, and rerun"):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
 
     return _once(out, convert)
 

@@ -44,7 +44,7 @@ import torch
 
 from .config import option, to_dict
 from .config_fields import check_field_types, require_config
-from .errors import DataError, QlassError
+from .errors import DataError, QlassError, naming_failed_saves
 from .jsonl import append_jsonl, read_json_object, read_numbered_jsonl, write_text_atomic
 from .locking import writes_to
 from .policy import kv
@@ -54,7 +54,7 @@ from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .recorded import model_files, same_path, setting_changes
-from .training.common import file_digest, input_snapshot, naming_failed_saves
+from .training.common import file_digest, input_snapshot
 from .training.run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)

@@ -163,43 +163,6 @@ def main_process_lock(out: Path) -> AbstractContextManager[None]:
     return writer_lock(out, folder=True) if is_main_process() else nullcontext()
 
 
-SAVERS = frozenset({"save_pretrained", "save_model", "_save_checkpoint", "save_file"})
-"""Functions of transformers and safetensors that write a model or checkpoint (torch.save runs under them)."""
-
-
-@contextlib.contextmanager
-def naming_failed_saves(out: Path) -> Iterator[None]:
-    """Re-raise a model or checkpoint write into ``out`` that failed inside torch or safetensors as a
-    :class:`QlassError` naming ``out`` and its free space: they report a full disk with no file name, as
-    ``RuntimeError('basic_ios::clear: iostream error')`` or ``SafetensorError('... I/O error: No space left on
-    device')``, which the command line showed as a traceback. Other errors pass unchanged."""
-    try:
-        yield
-    except Exception as exc:
-        if isinstance(exc, (QlassError, OSError)) or not _raised_in_savers(exc):
-            raise
-        try:
-            free = f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free there"
-        except OSError:
-            free = "its free space unknown"
-        raise QlassError(f"{out}: writing the model or a checkpoint failed ({type(exc).__name__}: {exc}; {free}); "
-                         "if the disk is full, free space and rerun the same command to resume") from exc
-
-
-def _raised_in_savers(exc: BaseException) -> bool:
-    """Whether ``exc``, or an exception it was raised while handling, came from inside one of :data:`SAVERS`."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        tb = exc.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_name in SAVERS:
-                return True
-            tb = tb.tb_next
-        exc = exc.__context__  # type: ignore[assignment]
-    return False
-
-
 def accumulation(batch_size: int, micro_batch: int) -> int:
     """Micro-batches each process accumulates per optimizer step for a global ``batch_size``."""
     return max(1, math.ceil(batch_size / (micro_batch * world_size())))

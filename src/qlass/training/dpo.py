@@ -29,7 +29,7 @@ from typing import Any
 from ..config import config_hash, save_yaml, to_dict
 from ..config_fields import require_config
 from ..data import ValidationReport, load_placed_records, record_problems, record_to_trajectory
-from ..errors import DataError
+from ..errors import DataError, naming_failed_saves
 from ..policy.loading import load_causal_lm
 from ..types import Trajectory
 from .common import (
@@ -42,7 +42,6 @@ from .common import (
     input_snapshot,
     is_main_process,
     main_process_lock,
-    naming_failed_saves,
     prepare_resume,
     quiet,
     remove_checkpoints,

@@ -41,7 +41,7 @@ from transformers import TrainingArguments
 
 from ..config import build, config_differences, load_yaml, save_yaml, to_dict
 from ..config_fields import require_config
-from ..errors import QlassError
+from ..errors import QlassError, naming_failed_saves
 from ..jsonl import append_jsonl, write_jsonl
 from ..models import resolve_device
 from ..qnet import QNet
@@ -61,7 +61,6 @@ from .common import (
     is_main_process,
     last_checkpoint,
     main_process_lock,
-    naming_failed_saves,
     prepare_resume,
     quiet,
     remove_checkpoints,

@@ -49,7 +49,7 @@ import torch
 from ..config import config_hash, save_yaml, to_dict
 from ..config_fields import require_config
 from ..data import ACTION_LINE, load_trajectories
-from ..errors import DataError, QlassError
+from ..errors import DataError, QlassError, naming_failed_saves
 from ..policy.loading import SFT_RECORD, load_causal_lm
 from ..policy.render import default_keep_prefix, encode_conversation, truncate_history
 from ..types import Message, Trajectory
@@ -65,7 +65,6 @@ from .common import (
     input_snapshot,
     is_main_process,
     main_process_lock,
-    naming_failed_saves,
     prepare_resume,
     quiet,
     remove_checkpoints,
