@@ -314,7 +314,6 @@ def test_a_device_given_as_an_input_is_refused_not_read_for_ever() -> None:
 
 KILLED_MID_WRITE = """
 import os, signal, sys, threading, time
-from collections.abc import Iterator
 from pathlib import Path
 from qlass.jsonl import write_text_atomic
 out = Path(sys.argv[1])
