@@ -70,6 +70,9 @@ def raised_in_user_code(what: str, exc: BaseException) -> QlassError:
 
 SAVERS = frozenset({"save_pretrained", "save_model", "_save_checkpoint", "save_file"})
 """Functions of transformers and safetensors that write a model or checkpoint (torch.save runs under them)."""
+WRITE_FAILURES = ("No space left", "I/O error", "iostream error", "unexpected pos", "file write failed",
+                  "Disk quota exceeded")
+"""How safetensors and torch.save word a failed write (their errors are no OSError)."""
 
 
 @contextlib.contextmanager
@@ -79,11 +82,12 @@ def naming_failed_saves(out: Path, hint: str = "free space and rerun the same co
     :class:`QlassError` naming ``out`` and its free space: they report a full disk with no file name, as
     ``RuntimeError('basic_ios::clear: iostream error')`` or ``SafetensorError('... I/O error: No space left on
     device')``, which the command line showed as a traceback. ``hint`` says what to do, after 'if the disk is
-    full'. Other errors pass unchanged."""
+    full'. Other errors (one worded otherwise, or raised elsewhere) pass unchanged."""
     try:
         yield
     except Exception as exc:
-        if isinstance(exc, (QlassError, OSError)) or not _raised_in_savers(exc):
+        if isinstance(exc, (QlassError, OSError)) or not _raised_in_savers(exc) or not any(
+                words in str(exc) for words in WRITE_FAILURES):
             raise
         try:
             free = f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free there"
