@@ -117,6 +117,11 @@ def test_expert_reaches_full_reward(env: ScienceWorldEnv) -> None:
     results = [env.step(o) for o in outputs]
     assert results[-1].done and results[-1].reward == 1.0
     assert all(0.0 <= r.reward <= 1.0 for r in results)
+    env.reset(task)  # expert() loads its task into the same simulator: the episode under way ends, as documented
+    env.step(outputs[0])
+    env.expert(task)
+    with pytest.raises(QlassError, match=r"step\(\) before reset\(\)"):
+        env.step(outputs[1])
 
 
 def test_valid_actions_list_the_objects_in_view_and_need_a_reset() -> None:

@@ -281,7 +281,8 @@ class ScienceWorldEnv:
         return sorted(set(actions))
 
     def expert(self, task: Task) -> list[str]:
-        """ScienceWorld's gold action sequence, each action with a short templated thought."""
+        """ScienceWorld's gold action sequence, each action with a short templated thought. It loads ``task`` into
+        this instance's simulator, so an episode under way ends: the next step needs a ``reset()``."""
         self._load(task, gold=True)
         actions = [str(a) for a in self._sim.getGoldActionSequence()]
         self._task_id, self._agent = None, None
