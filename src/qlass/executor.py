@@ -207,9 +207,11 @@ class RayExecutor:
                      include_dashboard=False, logging_level=logging.WARNING)
         actor_cls = ray.remote(num_cpus=self.cpus_per_worker)(_RayWorker)
         actors = [actor_cls.remote(setup) for _ in range(min(self.workers, len(items)))]
+        finished = False
         try:
             if ray.get(actors[0].streams.remote()):
                 yield from self._streamed(ray, actors, items)
+                finished = True
                 return
             todo = list(enumerate(items))[::-1]
             running: dict[Any, Any] = {}
@@ -226,8 +228,13 @@ class RayExecutor:
                 if todo:
                     running[actor.run.remote(*todo.pop())] = actor
                 yield index, value
+            finished = True
         finally:
-            ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=30)
+            # idle actors close their workers; after Ctrl-C or an error they are still inside items, and a close
+            # queued behind those ran only when they ended: the run took 30 s to stop. Killed, their processes
+            # (and children, such as a simulator) end at once
+            if finished:
+                ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=30)
             for actor in actors:
                 ray.kill(actor)
             if started:
