@@ -75,3 +75,13 @@ def test_ctrl_c_stops_a_ray_run_at_once(tmp_path: Path) -> None:
     assert code != 0 and "KeyboardInterrupt" in stderr
     assert took < 15, f"the run took {took:.0f} s to stop after Ctrl-C"
     assert not left, f"processes left running: {sorted(left)}"
+
+
+def test_sigterm_stops_a_ray_run_and_its_local_cluster(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler ending the job) went to Ray's own handlers: the driver aborted with a C++ stack
+    banner and exit code 134, and the local cluster's dashboard and runtime-env agents were left running."""
+    code, took, stderr, left = stop_mid_run(tmp_path, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM received" not in stderr
+    assert took < 15, f"the run took {took:.0f} s to stop after SIGTERM"
+    assert not left, f"processes left running: {sorted(left)}"

@@ -25,6 +25,8 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -185,6 +187,24 @@ class _RayWorker:
         _close(self.worker)
 
 
+def _stop_on_sigterm() -> list[int] | None:
+    """After ``ray.init``: SIGTERM stops the run with ``SystemExit(143)`` in the main thread, so that the run's
+    ``finally`` kills the actors and shuts Ray down. Under Ray's own handlers the driver aborted (exit code 134,
+    after a C++ stack banner) and the local cluster's dashboard and runtime-env agents were left running. The
+    list the handler notes the signal in (a Ray call it interrupts turns ``SystemExit(143)`` into
+    ``SystemExit(1)``), or None off the main thread, where no handler can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    received: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return received
+
+
 class RayExecutor:
     """``workers`` Ray actors; starts a local Ray instance unless one is running or ``address`` is
     given. ``runtime_env`` is passed to ``ray.init`` (e.g. ``{"env_vars": {"PYTHONPATH": ...}}``
@@ -202,9 +222,11 @@ class RayExecutor:
             return
         ray = require("ray", "ray")
         started = not ray.is_initialized()
+        before = signal.getsignal(signal.SIGTERM)
         if started:
             ray.init(address=self.address, num_cpus=self.num_cpus, runtime_env=self.runtime_env,
                      include_dashboard=False, logging_level=logging.WARNING)
+        terminated = _stop_on_sigterm() if started else None
         actor_cls = ray.remote(num_cpus=self.cpus_per_worker)(_RayWorker)
         actors = [actor_cls.remote(setup) for _ in range(min(self.workers, len(items)))]
         finished = False
@@ -239,6 +261,11 @@ class RayExecutor:
                 ray.kill(actor)
             if started:
                 ray.shutdown()
+            if terminated is not None:
+                if before is not None:
+                    signal.signal(signal.SIGTERM, before)
+                if terminated and isinstance(sys.exc_info()[1], SystemExit):
+                    raise SystemExit(128 + terminated[0]) from None
 
     @staticmethod
     def _streamed(ray: Any, actors: list[Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
