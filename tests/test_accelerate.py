@@ -1,4 +1,5 @@
-"""`qlass sft`, `qlass dpo` and `qlass train-qnet` under `accelerate launch --num_processes 2 --cpu` (gloo)
+"""`qlass sft`, `qlass dpo` and `qlass train-qnet` on two CPU processes (gloo; `accelerate launch --multi_gpu
+--num_processes 2` with no GPU visible: accelerate's `--cpu` starts one process whatever `--num_processes` says)
 take the same optimizer steps as one process at the same global batch: the two processes split each
 step's micro-batches (the QNet: each step's packed rows), and the loss is normalised over the whole
 step. Tolerance: per-step train loss and validation metrics within 1e-4 relative, final weights within
@@ -19,15 +20,17 @@ from test_qnet_train import synthetic_qdata
 from test_sft import write_data
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qlass"]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+          "-m", "qlass"]
 ONE = [sys.executable, "-m", "qlass"]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"training on {'2 processes' if cmd[:3] == LAUNCH[:3] else '1 process'}" in proc.stderr
 
 
 def _curve(out: Path, key: str) -> list[tuple[int, float]]:

@@ -184,6 +184,8 @@ def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float,
     """``TrainingArguments`` keywords for ``cfg`` (TRL's configs take them too)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if is_main_process():  # a launch meant to start several (accelerate's --cpu starts one) shows here
+        log.info("training on %d process%s", world_size(), "es" if world_size() > 1 else "")
     use_cpu = _on_cpu(cfg)
     return {
         "output_dir": str(out), "num_train_epochs": epochs, "max_steps": cfg.max_steps or -1,
