@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,42 @@ def test_qnet_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path)
     one, two = (json.loads((tmp_path / run / "qnet_result.json").read_text()) for run in ("one", "two"))
     assert two["qnet"]["pair_accuracy"] == one["qnet"]["pair_accuracy"]
     assert two["sft_loglik"] == one["sft_loglik"]
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 killed (SIGKILL) after the checkpoint at step 10 (epoch 2, step 1): the launch fails, the same
+    command resumes from checkpoint-10 and ends with the losses and weights of an uninterrupted run. The
+    resumed epoch drew the first epoch's batch order (the Trainer's set_epoch did not reach the sampler under two
+    processes), so every step after the checkpoint trained on other batches."""
+    write_data(tmp_path / "data.json", n=40)  # 36 train: 9 steps of 4 per epoch
+    opts = ["--data", "data.json", "--model", str(tiny_model_dir), "--set", "epochs=3", "--set", "lr=1e-3",
+            "--set", "batch_size=4", "--set", "micro_batch=1", "--set", "val_fraction=0.1", "--set", "threads=1",
+            "--set", "save_every=10"]
+    _run(ONE + ["sft", "--out", "one"] + opts, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = subprocess.Popen(LAUNCH + ["sft", "--out", "two"] + opts, cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "two" / "checkpoint-10" / "trainer_state.json").exists():
+            assert time.monotonic() < deadline and launch.poll() is None
+            time.sleep(0.05)
+        ranks = [p for p in Path("/proc").glob("[0-9]*") if _parent(p) == launch.pid]
+        [rank1] = [int(p.name) for p in ranks if b"\0RANK=1\0" in b"\0" + (p / "environ").read_bytes()]
+        os.kill(rank1, signal.SIGKILL)
+        assert launch.wait(timeout=120) != 0
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait()
+    assert not (tmp_path / "two" / "checkpoint-20").exists(), "killed too late: resumes from another checkpoint"
+    _run(LAUNCH + ["sft", "--out", "two"] + opts, tmp_path)
+    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss", "val_loss"))
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return -1

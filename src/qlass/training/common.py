@@ -353,3 +353,15 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(length_grouped_order(self.lengths, self.micro_batch, self.seed, self.epoch))
+
+
+def set_sampler_epoch(loader: Any, epoch: int) -> None:
+    """Set the epoch of the :class:`LengthGroupedSampler` under ``loader``, however deep accelerate wrapped it:
+    the ``set_epoch`` of the Trainer and accelerate does not reach it through a ``SkipBatchSampler`` (a resumed
+    epoch) over a ``BatchSamplerShard`` (two or more processes)."""
+    node = loader
+    while node is not None and not isinstance(node, LengthGroupedSampler):
+        inner = getattr(node, "batch_sampler", None)
+        node = inner if inner is not None else getattr(node, "sampler", None)
+    if node is not None:
+        node.set_epoch(epoch)

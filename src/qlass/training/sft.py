@@ -69,6 +69,7 @@ from .common import (
     quiet,
     remove_checkpoints,
     run_inputs,
+    set_sampler_epoch,
     training_arguments,
 )
 from .configs import SFTConfig
@@ -220,6 +221,12 @@ def _trainer_class() -> type:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return LengthGroupedSampler([len(ids) for ids in dataset["input_ids"]],
                                         self.args.per_device_train_batch_size, self.args.seed)
+
+        def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+            # under 2+ processes the epoch resumed mid-way drew epoch 0's order (the Trainer's set_epoch does not
+            # reach the sampler there), so a resumed run trained on other batches than an uninterrupted one
+            set_sampler_epoch(dataloader, int(self.state.epoch or 0))
+            return super().get_resumed_dataloader(dataloader, num_batches)
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
