@@ -14,10 +14,20 @@ import pytest
 from test_executor import _running
 
 TESTS = Path(__file__).parent
-RUN = ("import functools, sys\nsys.path.insert(0, {tests!r})\n"
-       "from qlass.executor import RayExecutor\nfrom test_executor import sleepy_worker\n"
+RUN = ("import faulthandler, functools, signal, sys\nfaulthandler.register(signal.SIGUSR1)\n"
+       "sys.path.insert(0, {tests!r})\n"
+       "from qlass.executor import RayExecutor\nfrom test_ray_stop import item_marking_worker\n"
        "ray_exec = RayExecutor(2, num_cpus=2, runtime_env={{'env_vars': {{'PYTHONPATH': {tests!r}}}}})\n"
-       "list(ray_exec.run(functools.partial(sleepy_worker, {pids!r}), [300, 300]))\n")
+       "list(ray_exec.run(functools.partial(item_marking_worker, {pids!r}), [300, 300]))\n")
+
+
+def item_marking_worker(pid_dir: str):
+    """A worker that sleeps ``item`` seconds per item, first marking in ``pid_dir`` that its process started one."""
+    def work(item: float) -> float:
+        Path(pid_dir, str(os.getpid())).touch()
+        time.sleep(item)
+        return item
+    return work
 
 
 def _descendants(pid: int) -> set[int]:
@@ -56,7 +66,12 @@ def stop_mid_run(tmp_path: Path, sig: signal.Signals) -> tuple[int, float, str, 
         family = _descendants(driver.pid)
         driver.send_signal(sig)
         start = time.monotonic()
-        code = driver.wait(timeout=90)
+        try:
+            code = driver.wait(timeout=90)
+        except subprocess.TimeoutExpired:  # where the driver hangs (its stack, written by faulthandler)
+            driver.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            pytest.fail(f"the run did not stop within 90 s of {sig.name}:\n{err.read_text()[-6000:]}")
         took = time.monotonic() - start
     finally:
         if driver.poll() is None:
