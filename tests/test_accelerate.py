@@ -3,7 +3,8 @@
 take the same optimizer steps as one process at the same global batch: the two processes split each
 step's micro-batches (the QNet: each step's packed rows), and the loss is normalised over the whole
 step. Tolerance: per-step train loss and validation metrics within 1e-4 relative, final weights within
-1e-5 (float sums in another order)."""
+1e-5 (float sums in another order). A run whose rank 1 is killed mid-epoch resumes, under the same command, to
+those same losses and weights."""
 
 from __future__ import annotations
 
@@ -106,6 +107,28 @@ def test_qnet_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path)
     assert two["sft_loglik"] == one["sft_loglik"]
 
 
+def _kill_rank1_after(checkpoint: str, cmd: list[str], cwd: Path, out: Path) -> None:
+    """Start `cmd` under two processes, SIGKILL rank 1 once `checkpoint` is written, and check the launch failed
+    before the next checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = subprocess.Popen(LAUNCH + cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / checkpoint / "trainer_state.json").exists():
+            assert time.monotonic() < deadline and launch.poll() is None
+            time.sleep(0.05)
+        ranks = [p for p in Path("/proc").glob("[0-9]*") if _parent(p) == launch.pid]
+        [rank1] = [int(p.name) for p in ranks if b"\0RANK=1\0" in b"\0" + (p / "environ").read_bytes()]
+        os.kill(rank1, signal.SIGKILL)
+        assert launch.wait(timeout=120) != 0
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait()
+    done = sorted(int(c.name.split("-")[1]) for c in out.glob("checkpoint-*"))
+    assert done[-1] == int(checkpoint.split("-")[1]), f"killed too late: resumes from checkpoint-{done[-1]}"
+
+
 @pytest.mark.slow
 def test_sft_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Rank 1 killed (SIGKILL) after the checkpoint at step 10 (epoch 2, step 1): the launch fails, the same
@@ -117,25 +140,39 @@ def test_sft_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_mo
             "--set", "batch_size=4", "--set", "micro_batch=1", "--set", "val_fraction=0.1", "--set", "threads=1",
             "--set", "save_every=10"]
     _run(ONE + ["sft", "--out", "one"] + opts, tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launch = subprocess.Popen(LAUNCH + ["sft", "--out", "two"] + opts, cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "two" / "checkpoint-10" / "trainer_state.json").exists():
-            assert time.monotonic() < deadline and launch.poll() is None
-            time.sleep(0.05)
-        ranks = [p for p in Path("/proc").glob("[0-9]*") if _parent(p) == launch.pid]
-        [rank1] = [int(p.name) for p in ranks if b"\0RANK=1\0" in b"\0" + (p / "environ").read_bytes()]
-        os.kill(rank1, signal.SIGKILL)
-        assert launch.wait(timeout=120) != 0
-    finally:
-        if launch.poll() is None:
-            launch.kill()
-            launch.wait()
-    assert not (tmp_path / "two" / "checkpoint-20").exists(), "killed too late: resumes from another checkpoint"
+    _kill_rank1_after("checkpoint-10", ["sft", "--out", "two"] + opts, tmp_path, tmp_path / "two")
     _run(LAUNCH + ["sft", "--out", "two"] + opts, tmp_path)
     _same_run(tmp_path / "one", tmp_path / "two", ("train_loss", "val_loss"))
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """As for SFT, with TRL's sampler: 12 pairs, 6 steps of 2 per epoch; killed after step 8 (epoch 2, step 2)."""
+    write_pairs(tmp_path / "pairs.jsonl", 12)
+    opts = ["--pairs", "pairs.jsonl", "--model", str(tiny_model_dir), "--set", "epochs=2", "--set", "lr=1e-3",
+            "--set", "batch_size=2", "--set", "micro_batch=1", "--set", "val_fraction=0", "--set", "threads=1",
+            "--set", "save_every=4"]
+    _run(ONE + ["dpo", "--out", "one"] + opts, tmp_path)
+    _kill_rank1_after("checkpoint-8", ["dpo", "--out", "two"] + opts, tmp_path, tmp_path / "two")
+    _run(LAUNCH + ["dpo", "--out", "two"] + opts, tmp_path)
+    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss",))
+
+
+@pytest.mark.slow
+def test_qnet_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """As for SFT, with the QNet trainer's own step schedule (sibling units dealt to the processes per step):
+    4 steps per epoch, killed after step 6 (epoch 2, step 2)."""
+    _mixed_qdata(tmp_path / "q.jsonl")
+    opts = ["q.jsonl", "--model", str(tiny_model_dir)] + [
+        x for kv in ("epochs=3", "lr=3e-3", "batch_size=4", "min_trees_per_step=1", "pair_weight=0.5",
+                     "rank=dueling", "max_length=512", "max_action_tokens=32", "val_fraction=0.3", "warmup_ratio=0",
+                     "threads=1", "save_every=3") for x in ("--set", kv)]
+    _run(ONE + ["train-qnet", "--out", "one"] + opts, tmp_path)
+    assert len(_curve(tmp_path / "one", "train_loss")) == 12  # 4 steps per epoch: checkpoint-6 is mid-epoch 2
+    _kill_rank1_after("checkpoint-6", ["train-qnet", "--out", "two"] + opts, tmp_path, tmp_path / "two")
+    _run(LAUNCH + ["train-qnet", "--out", "two"] + opts, tmp_path)
+    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss", "train_mse", "pair_loss", "val_mse",
+                                                   "val_pair_accuracy"), AutoModelForSequenceClassification)
 
 
 def _parent(proc: Path) -> int:
