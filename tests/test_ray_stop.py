@@ -14,8 +14,10 @@ import pytest
 from test_executor import _running
 
 TESTS = Path(__file__).parent
+# Ctrl-C as a terminal gives it: a shell runs a background job (`cmd &`, e.g. a CI script started so) with SIGINT
+# ignored, the test process and the driver inherit that, and the driver would never see the signal
 RUN = ("import faulthandler, functools, signal, sys\nfaulthandler.register(signal.SIGUSR1)\n"
-
+       "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
        "sys.path.insert(0, {tests!r})\n"
        "from qlass.executor import RayExecutor\nfrom test_ray_stop import item_marking_worker\n"
        "ray_exec = RayExecutor(2, num_cpus=2, runtime_env={{'env_vars': {{'PYTHONPATH': {tests!r}}}}})\n"
@@ -82,6 +84,15 @@ def stop_mid_run(tmp_path: Path, sig: signal.Signals) -> tuple[int, float, str, 
     while any(_running(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.2)
     return code, took, err.read_text(), {p for p in family if _running(p)}
+
+
+def test_ctrl_c_stops_a_ray_run_at_once(tmp_path: Path) -> None:
+    """Ctrl-C took 30 s to take effect: the actors' ``close`` calls were queued behind the items they were
+    still running, and the driver waited for them up to its 30-second limit before killing them."""
+    code, took, stderr, left = stop_mid_run(tmp_path, signal.SIGINT)
+    assert code != 0 and "KeyboardInterrupt" in stderr
+    assert took < 15, f"the run took {took:.0f} s to stop after Ctrl-C"
+    assert not left, f"processes left running: {sorted(left)}"
 
 
 def test_sigterm_stops_a_ray_run_and_its_local_cluster(tmp_path: Path) -> None:
