@@ -97,3 +97,27 @@ def test_qlass_select_controls_run_from_the_cli_without_a_qnet(tiny_model_dir: P
     assert {r["method"] for r in recs} == {"qlass(m=3,anchor=greedy,select=likelihood)",
                                            "qlass(m=3,anchor=greedy,select=random)"}
     assert len(recs) == 6 and all(r["qnet_tokens"] == 0 for r in recs)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_and_whole_records(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT with Python's handler, as in a terminal) mid-run: exit 130 and one line saying how to
+    resume, not a traceback; the records written are whole, and the rerun resumes from them."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(eval_cmd(tiny_model_dir, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    records = out / "records.jsonl"
+    deadline = time.time() + 120
+    while not (records.exists() and len(records.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.rstrip().splitlines()[-1] == ("interrupted: rerun the same command to resume (finished records and "
+                                                "the last checkpoint are kept)")
+    before = len(read_jsonl(records))  # no torn last record
+    assert 3 <= before < 12, "the run should have been stopped part-way"
+    done = subprocess.run(eval_cmd(tiny_model_dir, out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and f"{12 - before}/{12 - before} episodes done" in done.stderr, done.stderr

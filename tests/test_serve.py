@@ -426,6 +426,7 @@ def test_qlass_serve_stops_despite_a_stalled_client_and_caps_connections(tmp_pat
             _, err = proc.communicate(timeout=30)
             assert time.time() - started < 15
             assert "stopping: waiting up to 3 s for 2 request(s) under way" in err and "Traceback" not in err
+            assert proc.returncode == 0 and "stopped (SIGTERM)" in err  # before: killed by the signal again
             assert closed.read_text() == "closed\n" * 2  # the instance and the one answering /tasks
             for sock in stalled:
                 assert sock.recv(4096).startswith(b"HTTP/1.1 503 ")  # the server is stopping
@@ -482,6 +483,22 @@ def test_a_slow_expert_call_holds_no_other_task_request() -> None:
         start = time.monotonic()
         assert _raw(srv.url, "GET", "/expert?task=probe/ok") == slow[0] == (200, {"outputs": ["Action: echo x"]})
         assert time.monotonic() - start < 1.0 and SlowExpert.expert_calls == 1
+
+
+def test_ctrl_c_stops_qlass_serve_cleanly(tmp_path: Any) -> None:
+    """Ctrl-C (SIGINT with Python's handler, as in a terminal) is how a user stops ``qlass serve``: it
+    ended in a 40-line traceback (uvicorn raised the signal again once stopped, and the lifespan task was
+    cancelled under asyncio's KeyboardInterrupt) and exit code 130. Now one line, exit 0, and the
+    environments closed."""
+    closed = tmp_path / "closed.txt"
+    with _qlass_serve("--env-arg", f"closed_to={closed}",
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as (proc, port):
+        _episode(f"http://127.0.0.1:{port}")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert err.rstrip().endswith("stopped (SIGINT)") and "interrupted" not in err
+    assert closed.read_text() == "closed\n" * 2  # the instance and the one answering /tasks
 
 
 def test_exhausted_file_descriptors_are_one_warning_not_a_flood() -> None:

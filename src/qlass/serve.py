@@ -48,6 +48,7 @@ Nothing here authenticates: the server binds to 127.0.0.1 unless told otherwise.
 
 import asyncio
 import logging
+import signal
 import threading
 import uuid
 from contextlib import asynccontextmanager
@@ -322,6 +323,8 @@ def serve(env_spec: str, host: str = "127.0.0.1", port: int = 8000, env_args: di
             sizes = ", ".join(f"{k} {v}" for k, v in pool.splits().items())
             log.info("serving %s (%s) on %s", pool.name, sizes, url_of(host, sock.getsockname()[1]))
             server.run(sockets=[sock])
+            if server.stopped_by:
+                log.info("stopped (%s)", signal.Signals(server.stopped_by[0]).name)
         finally:
             pool.shutdown()
     finally:

@@ -4,8 +4,10 @@ flood when the file descriptors run out, and a stop that waits a few seconds for
 """
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import QlassError, require
@@ -76,11 +78,24 @@ def uvicorn_server(app: Any, limit_concurrency: int = LIMIT_CONCURRENCY) -> Any:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Server(uvicorn.Server):
+        stopped_by: tuple[int, ...] = ()  # the signals that stopped it
+
         async def shutdown(self, sockets: Any = None) -> None:
             if self.server_state.tasks:
                 log.warning("stopping: waiting up to %d s for %d request(s) under way", SHUTDOWN_GRACE,
                             len(self.server_state.tasks))
             await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """uvicorn's, except that a Ctrl-C or SIGTERM that stopped the server is not raised again once it
+            has stopped: Ctrl-C then ended in a 40-line traceback (the lifespan task cancelled under asyncio's
+            KeyboardInterrupt) and SIGTERM killed the process before its environments were closed."""
+            with super().capture_signals():
+                yield
+                captured = getattr(self, "_captured_signals", [])  # uvicorn >= 0.29 raises these on exit
+                self.stopped_by = tuple(captured)
+                captured.clear()
 
     class Protocol(H11Protocol):  # type: ignore[misc]
         """uvicorn's HTTP/1.1 protocol, closing a connection whose request head is not complete within
