@@ -1,4 +1,5 @@
-"""Training on a full disk (a real tmpfs): one clear error naming the output folder, then a rerun resumes."""
+"""Training and exporting onto a full or read-only disk (a real tmpfs): one clear error naming the output, then a
+rerun resumes."""
 
 from __future__ import annotations
 
@@ -45,3 +46,20 @@ def test_the_default_model_made_into_a_full_cache_names_the_cache(tmp_path: Path
         assert made.returncode == 2, made.stderr[-3000:]
         assert f"error: {cache / 'models'}: writing the model or a checkpoint failed (" in made.stderr
         assert "set QLASS_CACHE to a folder on another disk" in made.stderr and "Traceback" not in made.stderr
+
+
+@pytest.mark.parametrize("options", ["size=1m", "ro"])
+def test_export_gguf_onto_a_full_or_read_only_disk_names_the_output(tiny_model_dir: Path, tmp_path: Path,
+                                                                    options: str) -> None:
+    """``qlass model export-gguf --out`` named its temporary file on a read-only disk ('x.gguf.partial: Read-only
+    file system', the failed clean-up's error replacing the first), and on a full disk no file at all ('No space
+    left on device'). Now the output asked for, and nothing is left there."""
+    with tmpfs(tmp_path / "disk", options) as disk:
+        out = disk / "x.gguf"
+        done = subprocess.run([sys.executable, "-m", "qlass", "model", "export-gguf", str(tiny_model_dir), "--out",
+                               str(out)], capture_output=True, text=True, check=False)
+        assert done.returncode == 2, done.stderr[-3000:]
+        reason = "Read-only file system" if options == "ro" else "No space left on device"
+        assert done.stderr.endswith(f"error: {out}: cannot be written there ({reason}; it is written as "
+                                    "x.gguf.partial first, which is not kept)\n"), done.stderr[-3000:]
+        assert not list(disk.iterdir())

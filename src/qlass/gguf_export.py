@@ -28,6 +28,7 @@ it is a GGUF file (never the model's weights, a named pipe or a device).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import stat
 from pathlib import Path
@@ -91,7 +92,7 @@ def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str
                    "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])  # opens it when writing
     try:
         writer.add_name(model_dir.resolve().name)
         writer.add_file_type(file_type)
@@ -113,9 +114,14 @@ def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str
             writer.write_tensor_data(gguf.quants.quantize(array, qtype))
             if i % step == 0 or i == len(tensors):
                 log.info("gguf export: %d/%d tensors written", i, len(tensors))
-    except BaseException:
+    except BaseException as exc:
         writer.close()
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk there is nothing to remove, and unlink fails too
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, str(partial)):
+            # a full or read-only disk: name the output asked for (the error named the temporary file, or none)
+            raise QlassError(f"{out}: cannot be written there ({exc.strerror or exc}; it is written as "
+                             f"{partial.name} first, which is not kept)") from None
         raise
     writer.close()
     partial.replace(out)
