@@ -248,3 +248,28 @@ def test_a_cached_default_folder_missing_a_file_is_made_again(tmp_path: Path, mo
     assert (folder / "tokenizer.json").is_file() and caplog.text.count("tokenizer.json missing from the cached") == 1
     monkeypatch.setenv("QLASS_CACHE", "")  # before: the working folder ('.')
     assert cache_dir() == Path.home() / ".cache" / "qlass"
+
+
+def test_qlass_data_expert_takes_its_outputs_writer_lock(tmp_path: Path) -> None:
+    """`qlass data expert` took no writer lock: two exports to one file both appended to its progress file, and on
+    a read-only disk the error named that hidden progress file ('RO/.e.json.progress.jsonl: Read-only file
+    system'). Now a second export is refused, and the read-only disk is reported for the output named."""
+    from test_jsonl import tmpfs
+
+    out = tmp_path / "e.json"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "qlass", "data", "expert", "--env", "toy_envs:Corridor", "--out"]
+    holder = hold(out, False)
+    try:
+        refused = subprocess.run(cmd + [str(out)], env=env, capture_output=True, text=True, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 2 and "being written by another qlass process" in refused.stderr, refused.stderr
+    assert not out.with_name(".e.json.progress.jsonl").exists() and not out.exists()
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+        done = subprocess.run(cmd + [str(ro / "e.json")], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {ro / 'e.json'}: cannot be written there ("), \
+        done.stderr
+    done = subprocess.run(cmd + [str(out)], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "wrote 6 verified expert trajectories" in done.stdout, done.stderr

@@ -66,28 +66,32 @@ def register(app: typer.Typer) -> None:
         from ..envs.base import check_splits, env_close, env_tasks, make_env
         from ..errors import QlassError
         from ..expert import export_expert
+        from ..locking import writer_lock
 
         refuse_replacing_other_kind(out, "a trajectory file",
                                     lambda r: "id" in r and ("conversations" in r or "messages" in r))
-        progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
-        env_kwargs = parse_kv(env_arg, "--env-arg")
-        environment = make_env(env, **env_kwargs)
-        try:
-            check_splits(environment, [split], env)
-            types = task_types.split(",") if task_types else None
-            tasks = env_tasks(environment, split, types)
-            if not tasks:
-                raise QlassError(f"{env}: no tasks in split {split!r}" + (f" for task types {types}" if types else ""))
-            result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps,
-                                   progress_file=progress, env_kwargs=env_kwargs)
-        finally:
-            env_close(environment)
-        save_trajectories(out, result.trajectories)
-        progress.unlink(missing_ok=True)
-        for task_id, why in result.excluded.items():
-            log.warning("excluded %s: %s", task_id, why)
-        typer.echo(f"wrote {len(result.trajectories)} verified expert trajectories to {out}; "
-                   f"excluded {len(result.excluded)}" + (f": {', '.join(result.excluded)}" if result.excluded else ""))
+        with writer_lock(out, folder=False):  # one export per output: two would append to one progress file
+            progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
+            env_kwargs = parse_kv(env_arg, "--env-arg")
+            environment = make_env(env, **env_kwargs)
+            try:
+                check_splits(environment, [split], env)
+                types = task_types.split(",") if task_types else None
+                tasks = env_tasks(environment, split, types)
+                if not tasks:
+                    raise QlassError(f"{env}: no tasks in split {split!r}"
+                                     + (f" for task types {types}" if types else ""))
+                result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps,
+                                       progress_file=progress, env_kwargs=env_kwargs)
+            finally:
+                env_close(environment)
+            save_trajectories(out, result.trajectories)
+            progress.unlink(missing_ok=True)
+            for task_id, why in result.excluded.items():
+                log.warning("excluded %s: %s", task_id, why)
+            excluded = f": {', '.join(result.excluded)}" if result.excluded else ""
+            typer.echo(f"wrote {len(result.trajectories)} verified expert trajectories to {out}; "
+                       f"excluded {len(result.excluded)}{excluded}")
 
     app.add_typer(data_app, name="data")
 
