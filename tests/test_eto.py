@@ -188,7 +188,7 @@ def test_a_round_trains_a_loadable_agent_and_a_rerun_adds_rounds_only(walker: tu
                               (EXPLORE, dataclasses.replace(TINY_DPO, beta=0.2), r"dpo\.beta: 0\.1 → 0\.2")):
         with pytest.raises(QlassError, match=rf"{re.escape(str(out))} was made with other settings \({message}"):
             run_eto(sft, expert, ENV, out, cfg, dpo, env_kwargs={"step_limit": 3}, policy_kwargs={"threads": 1})
-    assert sorted(p.name for p in out.iterdir()) == ["eto_config.yaml", "round-1", "round-2"]
+    assert sorted(p.name for p in out.iterdir()) == [".qlass.lock", "eto_config.yaml", "round-1", "round-2"]
     # another agent saved at the SFT agent's path (before: the run of the old one was handed back)
     saved = sft / "model.safetensors"
     saved.write_bytes(saved.read_bytes())

@@ -17,9 +17,14 @@ import pytest
 
 from qlass.decisions import DecisionConfig, collect_decisions
 from qlass.errors import QlassError
+from qlass.eto import ETOConfig, run_eto
 from qlass.evaluate import evaluate
 from qlass.explore import ExploreConfig, explore_tasks
 from qlass.locking import lock_path, writer_lock
+from qlass.pipeline import run_pipeline
+from qlass.rft import RFTConfig, run_rft
+from qlass.self_train import self_train
+from qlass.training.dpo import DPOConfig
 from qlass.training.qnet import QNetTrainConfig, train_qnet
 from qlass.training.sft import SFTConfig, train_sft
 from qlass.tree import read_trees
@@ -40,13 +45,19 @@ def hold(target: Path, folder: bool) -> subprocess.Popen:
 
 def test_every_writer_refuses_an_output_another_process_writes(tmp_path: Path) -> None:
     folder, file = tmp_path / "out", tmp_path / "trees.jsonl"
+    config = tmp_path / "run.yaml"  # `qlass run`: its run folder
+    config.write_text(f"run_dir: {folder}\nmodel: model\nenv: toy_envs:Corridor\n")
     holders = [hold(folder, True), hold(file, False)]
     try:
         calls = [lambda: explore_tasks(list, [], None, ExploreConfig(), file),
                  lambda: collect_decisions(list, [], None, DecisionConfig(), file),
                  lambda: evaluate("toy", [], [], None, folder),
                  lambda: train_sft("data.json", "model", folder, SFTConfig()),
-                 lambda: train_qnet("qdata.jsonl", "model", folder, QNetTrainConfig())]
+                 lambda: train_qnet("qdata.jsonl", "model", folder, QNetTrainConfig()),
+                 lambda: run_rft("model", "e.json", "model", "toy", folder, RFTConfig(), SFTConfig()),
+                 lambda: run_eto("model", "e.json", "toy", folder, ETOConfig(), DPOConfig()),
+                 lambda: self_train("trees.jsonl", "e.json", "model", folder, "q", SFTConfig()),
+                 lambda: run_pipeline(config)]
         for call in calls:
             with pytest.raises(QlassError, match=r"is being written by another qlass process \(pid \d+ on "):
                 call()

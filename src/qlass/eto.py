@@ -65,6 +65,7 @@ from .eto_config import ETOConfig
 from .evaluate import DEFAULT_CONCURRENCY
 from .file_checks import require_model_folder
 from .jsonl import write_jsonl, write_text_atomic
+from .locking import writes_to
 from .recorded import check_recorded, with_model_files
 from .rollouts import play_split
 from .training.common import DONE_MARK, file_digest
@@ -234,6 +235,7 @@ def _write_pairs(round_dir: Path, pairs: RoundPairs) -> Path:
     return path
 
 
+@writes_to("out_dir", folder=True)
 def run_eto(
     model: str | Path,
     expert: str | Path,

@@ -30,6 +30,7 @@ from typing import Any
 from .config import load_extended_yaml
 from .errors import QlassError
 from .file_checks import require_model_folder
+from .locking import writer_lock
 from .pipeline_config import Resolved, check_stage_splits, resolve, save_resolved
 from .pipeline_retrain import SELF_TRAIN_DIR, combined_report, expert_data, retrained_agents
 from .types import Task
@@ -108,16 +109,8 @@ STAGES = ("sft", "explore", "qnet", "eval")
 
 def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list[dict[str, Any]] | None:
     """Run (or resume) every stage of the pipeline in ``config_path``; returns the result rows, or
-    ``None`` when ``stop_after`` (``sft``, ``explore`` or ``qnet``) ends the run before evaluation."""
-    from .envs.base import env_close, env_tasks, make_env
-    from .evaluate import cache_for, run_evaluation
-    from .executor import make_executor
-    from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
-    from .models import model_folder
-    from .policy import load_policy
-    from .qdata import export_qdata
-    from .tree import BackupConfig
-
+    ``None`` when ``stop_after`` (``sft``, ``explore`` or ``qnet``) ends the run before evaluation. Another
+    process running in the same run folder is refused."""
     if stop_after is not None and stop_after not in STAGES[:-1]:
         raise QlassError(f"--stop-after must be one of {', '.join(STAGES[:-1])}, got {stop_after!r}")
     bases: list[Path] = []
@@ -129,7 +122,22 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     source = f"{config_path} (extending {', '.join(map(str, bases))})" if bases else str(config_path)
     r = resolve(data, source)  # a value may come from a base file
     check_stage_splits(r, source)
-    save_resolved(r)
+    with writer_lock(r.run_dir, folder=True):  # one run per folder (each stage also locks its own output)
+        save_resolved(r)
+        return _stages(r, config_path, stop_after)
+
+
+def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> list[dict[str, Any]] | None:
+    """The stages of :func:`run_pipeline` on the resolved, saved configuration ``r``."""
+    from .envs.base import env_close, env_tasks, make_env
+    from .evaluate import cache_for, run_evaluation
+    from .executor import make_executor
+    from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
+    from .models import model_folder
+    from .policy import load_policy
+    from .qdata import export_qdata
+    from .tree import BackupConfig
+
     cfg, run = r.cfg, r.run_dir
     types = cfg.task_types
 

@@ -39,6 +39,7 @@ from .errors import QlassError
 from .eval_worker import MethodRun
 from .evaluate import DEFAULT_CONCURRENCY
 from .file_checks import refuse_overwriting_inputs, require_model_folder
+from .locking import writes_to
 from .rollouts import TASK_SOURCES, play_split
 from .search import SampleConfig
 from .types import Trajectory
@@ -213,6 +214,7 @@ def write_augmented_data(expert_path: str | Path, extra: Sequence[Trajectory], o
     return data
 
 
+@writes_to("out_dir", folder=True)
 def run_rft(
     model: str,
     expert: str | Path,

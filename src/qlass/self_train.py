@@ -41,6 +41,7 @@ from .config_fields import check_field_types, require_config
 from .errors import DataError, QlassError
 from .file_checks import refuse_overwriting_inputs, require_model_folder
 from .jsonl import write_text_atomic
+from .locking import writes_to
 from .rft import DATA_FILE, MODEL_DIR, AugmentedData, write_augmented_data
 from .tree import BackupConfig, Node, Tree, compute_q, mean_leaf_outcome, read_trees
 from .types import Step, Trajectory
@@ -161,6 +162,7 @@ def select_trajectories(trees_path: str | Path, reward: str, cfg: SelfTrainConfi
     return selected, summary
 
 
+@writes_to("out_dir", folder=True)
 def self_train(trees: str | Path, expert: str | Path, model_dir: str | Path, out_dir: str | Path, reward: str,
                sft_cfg: Any, cfg: SelfTrainConfig = SelfTrainConfig()) -> tuple[Path, AugmentedData, dict[str, Any]]:
     """Select one trajectory per tree with the process reward ``reward`` (:func:`select_trajectories`),
