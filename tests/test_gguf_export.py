@@ -535,3 +535,19 @@ def test_out_onto_the_default_models_gguf_is_refused(tiny_model_dir: Path, tmp_p
         export_gguf(tiny_model_dir, link, "f32")
     after = default_gguf_path().stat()
     assert link.is_symlink() and (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_an_export_to_a_file_another_process_writes_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two exports to one file both wrote its one ``.partial`` file; the second is now refused, naming the holder."""
+    from test_locking import hold
+
+    out = tmp_path / "x.gguf"
+    holder = hold(out, False)
+    try:
+        with pytest.raises(QlassError, match=r"x\.gguf is being written by another qlass process \(pid \d+"):
+            export_gguf(tiny_model_dir, out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists() and not out.with_name("x.gguf.partial").exists()
+    assert export_gguf(tiny_model_dir, out) == out and out.read_bytes()[:4] == b"GGUF"

@@ -39,6 +39,7 @@ import numpy as np
 from .errors import QlassError
 from .gguf_read import (
     Dims,
+    Tensor,
     Vocab,
     check_chat_template_files,
     load_tensors,
@@ -47,6 +48,7 @@ from .gguf_read import (
     read_config,
     read_vocab,
 )
+from .locking import writer_lock
 from .policy.render import CHATML_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,6 @@ def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str
     ``dtype`` is the type of the weight matrices (``f16``, ``f32`` or ``bf16``); ``out`` defaults
     to :func:`default_output`.
     """
-    import gguf
-
     model_dir = Path(model_dir)
     if dtype not in DTYPES:
         raise QlassError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -86,7 +86,14 @@ def export_gguf(model_dir: str | Path, out: str | Path | None = None, dtype: str
     out = Path(out) if out is not None else default_output(model_dir, dtype)
     partial = out.with_name(out.name + ".partial")
     _check_out(out, partial)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, folder=False):  # two exports to one file would write one partial file
+        return _write(model_dir, out, partial, dtype, dims, tensors, vocab)
+
+
+def _write(model_dir: Path, out: Path, partial: Path, dtype: str, dims: Dims, tensors: list[Tensor],
+           vocab: Vocab) -> Path:
+    """Write the GGUF file ``out`` (first as ``partial``) from the checked parts of ``model_dir``."""
+    import gguf
 
     matrix_type = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32,
                    "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
