@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,14 +168,35 @@ def test_process_pool_gives_the_same_trees_as_local(tmp_path: Path) -> None:
     assert pooled == local and len(local) == 6
 
 
-def test_worker_exception_stops_the_run_with_its_traceback(tmp_path: Path) -> None:
+def test_worker_exception_stops_the_run_in_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker's qlass error (here: the environment cannot load a task) stops the run with its one line; the
+    worker's traceback (about 30 lines before the message, printed with it) goes to the debug log (qlass -v). Any
+    other exception keeps its traceback in the error (test_process_pool_spreads_work_and_reports_failures)."""
     tasks = Rooms().tasks("train")
     broken = functools.partial(Rooms, broken_task="rooms/3")
     out = tmp_path / "t.jsonl"
-    with pytest.raises(QlassError, match="cannot load rooms/3"):
-        explore_tasks(broken, tasks, ScriptedPolicy, small_cfg(), out, seed=1,
-                      executor=ProcessExecutor(workers=1), progress=False)
+    with caplog.at_level(logging.DEBUG, logger="qlass.executor"):
+        with pytest.raises(QlassError) as err:
+            explore_tasks(broken, tasks, ScriptedPolicy, small_cfg(), out, seed=1,
+                          executor=ProcessExecutor(workers=1), progress=False)
+    assert re.fullmatch(r"a worker process failed with items \[0, 1, 2, 3\] taken: environment test_explore:Rooms: "
+                        r"reset\('rooms/3'\) raised RuntimeError: cannot load rooms/3 \(at \S+test_explore\.py:\d+\)",
+                        str(err.value)), str(err.value)
+    assert "Traceback (most recent call last)" in caplog.text and "cannot load rooms/3" in caplog.text
     assert [r["tree_id"] for r in read_jsonl(out)] == ["rooms/0", "rooms/1", "rooms/2"]
+
+
+@pytest.mark.slow
+def test_a_ray_workers_qlass_error_stops_the_run_in_one_line(tmp_path: Path) -> None:
+    """As for the process pool: Ray's error text carried the worker's traceback before the qlass line."""
+    pytest.importorskip("ray", reason="the ray extra (installed by scripts/setup.sh --test)")
+    ray_exec = RayExecutor(workers=1, num_cpus=1, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    with pytest.raises(QlassError) as err:
+        explore_tasks(functools.partial(Rooms, broken_task="rooms/1"), Rooms().tasks("train"), ScriptedPolicy,
+                      small_cfg(), tmp_path / "t.jsonl", seed=1, executor=ray_exec, progress=False)
+    assert re.fullmatch(r"a Ray worker failed: environment test_explore:Rooms: reset\('rooms/1'\) raised "
+                        r"RuntimeError: cannot load rooms/1 \(at \S+test_explore\.py:\d+\)", str(err.value)), \
+        str(err.value)
 
 
 @pytest.mark.slow

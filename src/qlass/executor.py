@@ -13,7 +13,8 @@ the seeds inside the items); then every backend gives the same results.
 
 - :class:`LocalExecutor`: this process, no pickling (objects such as a loaded policy can be used).
 - :class:`ProcessExecutor`: ``workers`` spawned processes pulling items from a queue; a worker that
-  raises stops the run with its traceback; workers exit as soon as their parent dies, even mid-item.
+  raises stops the run (a :class:`QlassError` with its one line, the traceback logged at debug level; any
+  other exception with its traceback, as on Ray); workers exit as soon as their parent dies, even mid-item.
 - :class:`RayExecutor`: ``workers`` Ray actors (one CPU each by default) on a local or existing
   cluster (``address``); needs the ``ray`` extra. A streaming worker gets an equal share of the
   items up front (every ``workers``-th item) and streams its results back as they finish.
@@ -35,6 +36,7 @@ from typing import Any, Protocol
 
 from .errors import QlassError, require
 
+log = logging.getLogger(__name__)
 Worker = Callable[[Any], Any]
 Setup = Callable[[], Worker]
 BACKENDS = ("local", "process", "ray")
@@ -92,13 +94,35 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _failure(exc: BaseException) -> tuple[str | None, str]:
+    """What a worker reports of its exception: the message of a :class:`QlassError` (a problem qlass has
+    already put in words, such as an environment that cannot load a task; else None) and the traceback."""
+    return (str(exc) if isinstance(exc, QlassError) else None), traceback.format_exc()
+
+
+def _worker_error(what: str, message: str | None, trace: str) -> QlassError:
+    """The error that stops a run whose worker failed: ``what`` with the qlass ``message`` (the worker's
+    traceback logged at debug level: ``qlass -v``), or with the whole traceback for any other exception."""
+    if message is None:
+        return QlassError(f"{what}:\n{trace}")
+    log.debug("%s:\n%s", what, trace)
+    return QlassError(f"{what}: {message}")
+
+
+def _ray_error(exc: Exception) -> QlassError:
+    """:func:`_worker_error` for a Ray error (a task's, whose ``cause`` is the worker's exception, or the
+    cluster's, such as a killed actor)."""
+    cause = getattr(exc, "cause", None)
+    return _worker_error("a Ray worker failed", str(cause) if isinstance(cause, QlassError) else None, str(exc))
+
+
 def _process_main(setup: Setup, tasks: Any, results: Any, parent: int) -> None:
     """A pool process: build the worker, then take items until the sentinel; dies with its parent."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="qlass-parent-watch").start()
     try:
         worker = setup()
-    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
-        results.put(("error", "setting up a worker", traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent with the traceback
+        results.put(("error", "setting up a worker", _failure(exc)))
         return
     taken: list[int] = []  # queue index of each item this process took, by position
 
@@ -110,10 +134,10 @@ def _process_main(setup: Setup, tasks: Any, results: Any, parent: int) -> None:
     try:
         for position, value in _results(worker, pull()):
             results.put(("ok", taken[position], value))
-    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent with the traceback
         streaming = callable(getattr(worker, "stream", None))
         where = f"with items {taken} taken" if streaming else f"on item {taken[-1] if taken else '?'}"
-        results.put(("error", where, traceback.format_exc()))
+        results.put(("error", where, _failure(exc)))
     finally:
         _close(worker)
 
@@ -152,7 +176,8 @@ class ProcessExecutor:
                                          f"{pending} item(s) unfinished") from None
                     continue
                 if status == "error":
-                    raise QlassError(f"a worker process failed {index}:\n{value}")
+                    message, trace = value
+                    raise _worker_error(f"a worker process failed {index}", message, trace)
                 pending -= 1
                 yield index, value
         finally:
@@ -246,7 +271,7 @@ class RayExecutor:
                 try:
                     index, value = ray.get(ref)
                 except ray.exceptions.RayError as exc:
-                    raise QlassError(f"a Ray worker failed: {exc}") from None
+                    raise _ray_error(exc) from None
                 if todo:
                     running[actor.run.remote(*todo.pop())] = actor
                 yield index, value
@@ -283,7 +308,7 @@ class RayExecutor:
                     pending.remove(gen)
                     continue
                 except ray.exceptions.RayError as exc:
-                    raise QlassError(f"a Ray worker failed: {exc}") from None
+                    raise _ray_error(exc) from None
                 yield index, value
 
 
