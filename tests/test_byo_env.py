@@ -355,3 +355,40 @@ def test_load_policy_takes_a_model_folder_as_a_path_and_names_other_types(tiny_m
     for spec in (None, 3):
         with pytest.raises(QlassError, match="a policy is a model folder"):
             load_policy(spec)  # type: ignore[arg-type]
+
+
+class ManglesCtrlC(Corridor):
+    """Its step turns a Ctrl-C into another error, as py4j (ScienceWorld's bridge to its JVM) does."""
+
+    def step(self, output: str) -> StepResult:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("'GatewayConnection' object has no attribute 'shutdown_socket'") from None
+
+
+def test_a_ctrl_c_that_an_environment_turns_into_another_error_stops_the_command() -> None:
+    """Not 'error: environment ...: step() raised AttributeError' with exit 2: the user pressed Ctrl-C."""
+    env = ManglesCtrlC()
+    env_reset(env, env_tasks(env, "train")[0])
+    with pytest.raises(KeyboardInterrupt):
+        env_step(env, "Action: go east")
+
+
+class ManglingPolicy:
+    """A user's policy class whose library turns a Ctrl-C into another error."""
+
+    def sample(self, histories: Sequence[Sequence[Message]], n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int = 128, seed: object = None) -> list:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ConnectionError("connection reset while reading the answer") from None
+
+
+def test_a_ctrl_c_that_a_users_policy_turns_into_another_error_stops_the_command() -> None:
+    from qlass.policy import load_policy
+
+    policy = load_policy("test_byo_env:ManglingPolicy")
+    with pytest.raises(KeyboardInterrupt):
+        policy.sample([[Message("user", "hi")]])

@@ -243,3 +243,41 @@ def test_fresh_cache_builds_the_hash_patch_or_falls_back_and_replays_determinist
         assert len(built) == 1 and "building the ScienceWorld EnvObject hash patch" in done.stdout
     else:
         assert built == [] and "constant identity hash codes" in done.stdout
+
+
+def test_ctrl_c_in_a_terminal_stops_an_evaluation_in_one_line(tmp_path) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group. The JVM was in it, so it died under
+    the run and every later simulator call logged py4j tracebacks (69 lines of 'Traceback' measured), and a
+    Ctrl-C that reached a step came back from py4j as AttributeError: 'error: environment ... step() raised
+    AttributeError', exit 2. Now: exit 130 and the one line saying how to resume. A Ctrl-C that lands in
+    py4j's garbage collection of a Java object is lost inside py4j, so the signal is sent again if the
+    run has not stopped after 10 s (as a user presses Ctrl-C again)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    out = tmp_path / "eval"
+    env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "qlass", "eval", "--model", "test_cli_errors:EastWalker", "--env", "sciworld",
+           "--task-types", "find-plant", "--limit", "60", "--max-steps", "30", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    records = out / "records.jsonl"
+    deadline = time.time() + 120
+    while not (records.exists() and records.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    for _ in range(3):
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the process group
+        try:
+            _, stderr = proc.communicate(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        proc.kill()
+        _, stderr = proc.communicate()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1].startswith("interrupted: rerun the same command to resume")

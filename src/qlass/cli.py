@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -36,9 +37,18 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     else:  # a log file or pipe: one plain line per record, never wrapped, so it can be searched
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)-8s %(message)s", datefmt="%X"))
+    if not verbose:
+        handler.addFilter(_not_py4j_root_record)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "py4j", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _not_py4j_root_record(record: logging.LogRecord) -> bool:
+    """False for what py4j (ScienceWorld's bridge to its JVM) logs through the root logger rather than its own
+    ``py4j`` one: the tracebacks of a Ctrl-C that reached a step (qlass says in one line that it stopped), of
+    connections it retries. ``qlass -v`` shows them."""
+    return not (record.name == "root" and "py4j" in Path(record.pathname).parts)
 
 
 for _name in COMMAND_MODULES:

@@ -68,6 +68,20 @@ def raised_in_user_code(what: str, exc: BaseException) -> QlassError:
     return QlassError(f"{what} raised {type(exc).__name__}: {exc}{where}")
 
 
+def interrupted_during(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while a Ctrl-C (``KeyboardInterrupt``) was being handled: a library that
+    turns the interrupt into another error (py4j, under ScienceWorld's steps, raises ``AttributeError``) has
+    not failed, the user has stopped the command."""
+    seen: set[int] = set()
+    context = exc.__context__
+    while context is not None and id(context) not in seen:
+        if isinstance(context, KeyboardInterrupt):
+            return True
+        seen.add(id(context))
+        context = context.__context__
+    return False
+
+
 SAVERS = frozenset({"save_pretrained", "save_model", "_save_checkpoint", "save_file"})
 """Functions of transformers and safetensors that write a model or checkpoint (torch.save runs under them)."""
 WRITE_FAILURES = ("No space left", "I/O error", "iostream error", "unexpected pos", "file write failed",

@@ -18,7 +18,7 @@ import numbers
 import re
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
-from ..errors import QlassError, raised_in_user_code
+from ..errors import QlassError, interrupted_during, raised_in_user_code
 from ..imports import load_object
 from ..jsonl import is_text
 from ..types import Message, StepResult, Task
@@ -99,6 +99,8 @@ def _call(env: Env, call: str, fn: Callable[[], Any]) -> Any:
     except QlassError:
         raise
     except Exception as exc:
+        if interrupted_during(exc):
+            raise KeyboardInterrupt from exc
         raise _failed(env, call, exc) from exc
 
 

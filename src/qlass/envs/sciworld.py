@@ -74,8 +74,11 @@ class SciWorldJVM:
 
         classpath, options = launch_settings(JAR_PATH)
         try:
+            # its own process group: a terminal's Ctrl-C reaches qlass, which stops cleanly and closes the
+            # simulators, not the JVM under them; die_on_exit still ends it when this process ends
             port, proc = launch_gateway(classpath=classpath, die_on_exit=True, cwd=BASEPATH,
-                                        javaopts=[f"-Xmx{heap}", *options], return_proc=True)
+                                        javaopts=[f"-Xmx{heap}", *options], return_proc=True,
+                                        create_new_process_group=True)
         except OSError as exc:
             raise QlassError(f"cannot start Java for ScienceWorld ({exc}); install Java 17 (scripts/setup.sh does)") from None
         self.gateway = JavaGateway(gateway_parameters=GatewayParameters(auto_field=True, port=port), java_process=proc)

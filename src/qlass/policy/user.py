@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import QlassError, raised_in_user_code
+from ..errors import QlassError, interrupted_during, raised_in_user_code
 from ..imports import load_object
 from ..jsonl import is_text
 from ..types import Completion, History
@@ -99,6 +99,8 @@ class UserPolicy:
         except QlassError:
             raise
         except Exception as exc:
+            if interrupted_during(exc):
+                raise KeyboardInterrupt from exc
             raise raised_in_user_code(f"policy {self.spec!r}: {what}", exc) from exc
 
     def _checked(self, call: str, answer: Any, counts: list[int]) -> list[list[Completion]]:
