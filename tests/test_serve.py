@@ -85,14 +85,15 @@ class Probe:
 SPEC = f"{__name__}:Probe"
 
 
-def _raw(url: str, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+def _raw(url: str, method: str, path: str, body: Any = None, timeout: float = 30,
+         content_type: str | None = "application/json") -> tuple[int, Any]:
     """One request with the standard library: ``body`` a JSON value or raw bytes; the status and the
     decoded answer."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     try:
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=data, headers={"Content-Type": content_type} if content_type else {})
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
@@ -355,6 +356,24 @@ def test_create_takes_an_empty_body_or_an_object(server: BackgroundServer) -> No
     for body in (None, b"", b"{}", b'{"note": 1}'):
         status, created = _raw(server.url, "POST", "/create", body)
         assert status == 200 and _raw(server.url, "POST", "/close", {"id": created["id"]})[0] == 200, body
+
+
+def test_a_json_body_of_another_content_type_is_named_so(server: BackgroundServer) -> None:
+    """curl's ``-d`` sends a JSON body as a form: FastAPI does not read it as JSON, and the answer said
+    'body: Input should be a valid dictionary or object to extract fields from' of a valid object."""
+    env_id = _raw(server.url, "POST", "/create")[1]["id"]
+    try:
+        body = {"id": env_id, "task": "probe/ok"}
+        for kind in ("application/x-www-form-urlencoded", "text/plain", None):
+            status, answer = _raw(server.url, "POST", "/reset", body, content_type=kind)
+            assert status == 400, (kind, answer)
+            assert answer["error"] == (f"malformed request to /reset: body: sent as Content-Type {kind or '(none)'}, "
+                                       "which is not read as JSON; send it as application/json"), answer
+        assert _raw(server.url, "POST", "/reset", body, content_type="application/problem+json")[0] == 200
+        status, answer = _raw(server.url, "POST", "/reset", None, content_type=None)  # no body: as before
+        assert status == 400 and "body: Field required" in answer["error"], answer
+    finally:
+        _raw(server.url, "POST", "/close", {"id": env_id})
 
 
 def test_a_query_id_is_one_field_of_digits(server: BackgroundServer) -> None:

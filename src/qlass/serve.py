@@ -161,8 +161,8 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": f"malformed request to {request.url.path}: {validation_problems(exc)}"},
-                            status_code=400)
+        problems = validation_problems(exc, request.headers.get("content-type"))
+        return JSONResponse({"error": f"malformed request to {request.url.path}: {problems}"}, status_code=400)
 
     @app.exception_handler(QlassError)
     async def _env_refused(request: Request, exc: QlassError) -> JSONResponse:

@@ -90,12 +90,26 @@ def body_problem(body: bytes) -> str | None:
     return f"expected a JSON object, got {'null' if value is None else type(value).__name__}"
 
 
-def validation_problems(exc: Any) -> str:
+def is_json_type(content_type: str | None) -> bool:
+    """Whether a request's ``Content-Type`` makes FastAPI read its body as JSON (``application/json`` or
+    ``application/...+json``, parameters aside)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def validation_problems(exc: Any, content_type: str | None = "application/json") -> str:
     """The problems of FastAPI's :class:`RequestValidationError` ``exc``, ``field: message`` each. A body
     that is not JSON is named ``body`` with :func:`body_problem`'s words (FastAPI names a character
-    offset in it as the field: ``body.6: JSON decode error``)."""
+    offset in it as the field: ``body.6: JSON decode error``). A body sent with another ``content_type``
+    (curl's ``-d`` sends a form type) is never read as JSON: the problem says so, rather than that the
+    body is no object."""
+    errors = exc.errors()
+    sent = bool(getattr(exc, "body", None))
+    if sent and not is_json_type(content_type) and any(tuple(err.get("loc", ())) == ("body",) for err in errors):
+        return (f"body: sent as Content-Type {content_type or '(none)'}, which is not read as JSON; send it as "
+                "application/json")
     problems = []
-    for err in exc.errors():
+    for err in errors:
         if err.get("type") == "json_invalid":
             raw = exc.body.encode() if isinstance(exc.body, str) else exc.body
             problem = body_problem(raw) if isinstance(raw, bytes) else None
