@@ -349,3 +349,25 @@ def test_a_cap_on_records_per_tree_below_one_is_refused(cap: object, tmp_path: P
     assert not qdata.exists()
     with pytest.raises(QlassError, match="max_per_tree"):
         qdata_records(make_tree(MIXED), max_per_tree=cap)  # type: ignore[arg-type]
+
+
+def test_qdata_command_backs_up_with_the_trees_gamma_unless_told(tmp_path: Path) -> None:
+    """Trees explored with gamma 0.5 (their stored q, and qlass run's Q data, use it) got Q data discounted
+    by 0.9 from ``qlass qdata`` as the README runs it, without --gamma."""
+    import subprocess
+    import sys
+
+    trees = tmp_path / "trees.jsonl"
+    tree = make_tree([(0, 0.0), (1, 1.0, True)], "t/a")
+    tree.config = {"gamma": 0.5}
+    write_jsonl(trees, [tree.to_dict()])
+
+    def q_values(*options: str) -> list[float]:
+        out = tmp_path / "qdata.jsonl"
+        done = subprocess.run([sys.executable, "-m", "qlass", "qdata", str(trees), "--out", str(out), *options],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return [r["q"] for r in read_qdata(out)]
+
+    assert q_values() == pytest.approx([0.5, 1.0])
+    assert q_values("--gamma", "0.9") == pytest.approx([0.9, 1.0])

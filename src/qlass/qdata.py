@@ -80,6 +80,17 @@ def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg
             "nodes": sum(t.edges for t in trees), "path": str(Path(out_path))}
 
 
+def explored_gamma(trees_path: str | os.PathLike) -> float:
+    """The discount the trees of ``trees_path`` were explored with (``config.gamma``, which their stored
+    ``q`` values and ``qlass run``'s Q data use); :class:`BackupConfig`'s default for trees that do not
+    record it or a file without trees. Trees of one file with different discounts are refused."""
+    gammas = {float(t.config.get("gamma", BackupConfig.gamma)) for t in read_trees(trees_path)}
+    if len(gammas) > 1:
+        raise QlassError(f"{trees_path}: its trees were explored with different gammas ({sorted(gammas)}); "
+                         "give --gamma")
+    return gammas.pop() if gammas else BackupConfig.gamma
+
+
 _QDATA_FIELDS: dict[str, tuple[type, ...]] = {
     "schema_version": (int,), "tree_id": (str,), "task": (str,), "node_id": (int,), "parent_id": (int,),
     "group": (str,), "depth": (int,), "messages": (list,), "action": (str,), "q": (int, float),

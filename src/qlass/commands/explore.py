@@ -96,17 +96,19 @@ def register(app: typer.Typer) -> None:
     def qdata_cmd(
         trees: Path = typer.Argument(..., dir_okay=False, help="trees.jsonl written by `qlass explore`."),
         out: Path = typer.Option(..., dir_okay=False, help="qdata.jsonl to write (one record per non-root node)."),
-        gamma: float = typer.Option(0.9, min=0.0, max=1.0, help="Discount of Eq. 7."),
+        gamma: Optional[float] = typer.Option(
+            None, min=0.0, max=1.0,
+            help="Discount of Eq. 7 (default: the trees' own, explore's gamma: 0.9 unless set)."),
         keep_intermediate: bool = typer.Option(False, help="Keep intermediate rewards (as score increments) instead of zeroing them."),
         normalize: bool = typer.Option(False, help="Min-max normalise Q per tree."),
         max_per_tree: int = typer.Option(300, min=0, help="At most this many records per tree (0: no limit)."),
     ) -> None:
         """Compute Q values (Bellman backup, Eq. 7) and export the Q dataset for QNet training."""
-        from ..qdata import export_qdata, read_qdata
+        from ..qdata import explored_gamma, export_qdata, read_qdata
         from ..tree import BackupConfig
 
         try:
-            backup = BackupConfig(gamma=gamma, keep_intermediate=keep_intermediate, normalize=normalize)
+            backup = BackupConfig(gamma=explored_gamma(trees) if gamma is None else gamma, keep_intermediate=keep_intermediate, normalize=normalize)
         except ValueError as exc:
             raise QlassError(str(exc)) from None
         counts = export_qdata(trees, out, backup, max_per_tree or None)
