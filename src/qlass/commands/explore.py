@@ -108,7 +108,8 @@ def register(app: typer.Typer) -> None:
         from ..tree import BackupConfig
 
         try:
-            backup = BackupConfig(gamma=explored_gamma(trees) if gamma is None else gamma, keep_intermediate=keep_intermediate, normalize=normalize)
+            backup = BackupConfig(gamma=explored_gamma(trees) if gamma is None else gamma,
+                                  keep_intermediate=keep_intermediate, normalize=normalize)
         except ValueError as exc:
             raise QlassError(str(exc)) from None
         counts = export_qdata(trees, out, backup, max_per_tree or None)
