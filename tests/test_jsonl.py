@@ -381,3 +381,22 @@ def test_an_append_that_fills_the_disk_leaves_whole_records_only(tmp_path: Path)
         assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
         assert path.read_bytes() == before
         assert [r["id"] for r in read_jsonl(path)] == [0]
+
+
+def test_a_json_list_given_for_json_lines_says_so(tmp_path: Path) -> None:
+    """A trees, Q-data or records file written as one JSON list (pretty-printed: its first line is '[') was
+    'line 1: invalid JSON (Expecting value)', which does not say what is wrong. Now the error says the file is a
+    JSON list where JSON Lines are expected; a '[' on a later line gets no such hint."""
+    hint = "; the file looks like a JSON list, and this kind of file is JSON Lines (one object per line)"
+    pretty, one_line, later = tmp_path / "pretty.jsonl", tmp_path / "one.jsonl", tmp_path / "later.jsonl"
+    pretty.write_text('[\n  {"a": 1}\n]\n')
+    one_line.write_text('[{"a": 1}]\n')
+    later.write_text('{"a": 1}\n[{"a": 2}]\n')
+    for path, error in ((pretty, "line 1: invalid JSON (Expecting value)"),
+                        (one_line, "line 1: expected a JSON object, got list")):
+        with pytest.raises(DataError) as err:
+            read_jsonl(path)
+        assert str(err.value) == f"{path}: {error}{hint}"
+    with pytest.raises(DataError) as err:
+        read_jsonl(later)
+    assert str(err.value) == f"{later}: line 2: expected a JSON object, got list"

@@ -256,12 +256,22 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
                 if isinstance(exc, UnicodeDecodeError):  # cut inside a character: the bytes end mid-way
                     raise DataError(str(p), f"line {lineno}: not UTF-8 text ({exc.reason} at byte {offset + exc.start}"
                                             f" of the file){torn if exc.end == len(line) else ''}") from None
-                raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg}){torn}") from None
+                raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg}){torn}{_list_hint(line, records)}"
+                                ) from None
             if not isinstance(obj, dict):
-                raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
+                                        f"{_list_hint(line, records)}")
             records.append((lineno, obj))
         offset += len(line) + 1
     return records
+
+
+def _list_hint(line: bytes, records: list[Any]) -> str:
+    """For a first record that opens a JSON list (a pretty-printed ``[`` line, or a list on one line): what
+    the reader wants instead."""
+    if records or not line.lstrip().startswith(b"["):
+        return ""
+    return "; the file looks like a JSON list, and this kind of file is JSON Lines (one object per line)"
 
 
 @contextlib.contextmanager
