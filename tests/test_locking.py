@@ -31,14 +31,14 @@ from qlass.tree import read_trees
 
 TESTS = Path(__file__).parent
 HOLD = ("import sys, time; from qlass.locking import writer_lock\n"
-        "with writer_lock(sys.argv[1], sys.argv[2] == 'folder'):\n"
+        "with writer_lock(sys.argv[1], sys.argv[2] != 'file', beside=sys.argv[2] == 'beside'):\n"
         "    print('held', flush=True); time.sleep(600)\n")
 
 
-def hold(target: Path, folder: bool) -> subprocess.Popen:
-    """Another process holding the writer lock of ``target``."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target), "folder" if folder else "file"],
-                            stdout=subprocess.PIPE, text=True)
+def hold(target: Path, folder: bool, beside: bool = False) -> subprocess.Popen:
+    """Another process holding the writer lock of ``target`` (``beside``: of a folder replaced whole)."""
+    kind = "beside" if beside else "folder" if folder else "file"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target), kind], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     return proc
 

@@ -359,7 +359,16 @@ def test_sft_export_writes_only_a_new_folder_or_an_earlier_export(tiny_model_dir
     assert export_checkpoint(ckpt, base, dest) == 2 and export_checkpoint(run, base, dest) == 2
     assert AutoModelForCausalLM.from_pretrained(dest) is not None
     assert json.loads((dest / "sft_checkpoint.json").read_text())["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "other", "run", "step2"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step2.lock", "base", "other", "run", "step2"]  # no .tmp
+    from test_locking import hold
+
+    holder = hold(dest, True, beside=True)  # another export to the same folder (the two shared its .tmp folder)
+    try:
+        with pytest.raises(QlassError, match=r"step2 is being written by another qlass process \(pid \d+"):
+            export_checkpoint(run, base, dest)
+    finally:
+        holder.kill()
+        holder.wait()
     (tmp_path / "link").symlink_to("step2")  # a link to an earlier export: written at its target
     assert export_checkpoint(run, base, tmp_path / "link") == 2 and (tmp_path / "link").is_symlink()
     assert (tmp_path / "step2" / "sft_checkpoint.json").exists()

@@ -33,14 +33,16 @@ def lock_path(target: Path, folder: bool) -> Path:
 
 
 @contextmanager
-def writer_lock(target: str | os.PathLike, folder: bool) -> Iterator[None]:
+def writer_lock(target: str | os.PathLike, folder: bool, beside: bool = False) -> Iterator[None]:
     """Hold the writer lock of ``target`` (a folder, or a file when ``folder`` is false) for the block;
     :class:`QlassError` naming the holder when another process holds it. A lock file this call made is
-    removed again when the block fails (a refused output keeps no lock file beside or in it)."""
+    removed again when the block fails (a refused output keeps no lock file beside or in it). ``beside``: a
+    folder that is replaced whole (written elsewhere, then renamed) keeps its lock beside it, as a file does,
+    since a lock inside would move away with the old folder."""
     target = Path(target)
     if not folder:
         check_output_file(target)
-    path = lock_path(target, folder)
+    path = lock_path(target, folder and not beside)
     made = _first_missing(path.parent)  # the outermost folder this call creates, if any
     path.parent.mkdir(parents=True, exist_ok=True)
     fh, created = _locked_file(target, path)

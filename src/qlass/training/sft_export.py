@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import DataError, QlassError
+from ..locking import writer_lock
 from ..policy.loading import load_causal_lm
 from .common import checkpoint_step, last_checkpoint
 
@@ -28,25 +29,26 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path, dest: str | Pa
     dest = Path(dest).resolve()  # '.' has no name to put a temporary folder beside; a link names its target
     _check_export_dest(dest, ckpt.parent if ckpt == run else run, Path(model_dir))
     step = checkpoint_step(ckpt)  # before the model loads: a damaged trainer state is named at once
-    if (ckpt / ADAPTER).exists():
-        _check_adapter(ckpt / ADAPTER)
-        from peft import PeftModel
+    with writer_lock(dest, folder=True, beside=True):  # two exports to one dest would share its .tmp folder
+        if (ckpt / ADAPTER).exists():
+            _check_adapter(ckpt / ADAPTER)
+            from peft import PeftModel
 
-        base, tokenizer = load_causal_lm(model_dir)
-        model = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
-    else:
-        model, tokenizer = load_causal_lm(ckpt)
-    tmp = dest.with_name(f".{dest.name}.tmp")  # a killed export leaves no half-written model at dest
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / EXPORT_RECORD).write_text(json.dumps({"run": str(run.resolve()), "step": step}) + "\n")
-    old = dest.with_name(f".{dest.name}.old")  # the earlier export, set aside whole before it is removed
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+            base, tokenizer = load_causal_lm(model_dir)
+            model = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
+        else:
+            model, tokenizer = load_causal_lm(ckpt)
+        tmp = dest.with_name(f".{dest.name}.tmp")  # a killed export leaves no half-written model at dest
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_RECORD).write_text(json.dumps({"run": str(run.resolve()), "step": step}) + "\n")
+        old = dest.with_name(f".{dest.name}.old")  # the earlier export, set aside whole before it is removed
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
     return step
 
 
