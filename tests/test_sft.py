@@ -4,7 +4,9 @@ a loadable saved model (full and LoRA), the CLI, and resuming after a SIGKILL to
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,8 +148,6 @@ def test_a_diverging_run_stops_with_an_error_and_the_base_model_is_never_the_out
     """A learning rate that makes the loss NaN stops the run at that step, naming it (transformers
     would log the NaN away and save NaN weights as a finished model); ``--out`` equal to the base
     model folder is refused before anything is written."""
-    import shutil
-
     data = write_data(tmp_path / "data.json", n=4)
     cfg = SFTConfig(epochs=3, lr=1e30, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1, grad_clip=0.0,
                     warmup_ratio=0.0)
@@ -210,10 +210,12 @@ KILLER = checkpoint_killer.script("qlass.training.sft", "SFTConfig", "train_sft"
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_resume_after_sigkill_reaches_the_same_weights(tiny_model_dir, tmp_path: Path, lora: bool) -> None:
+def test_resume_after_sigkill_reaches_the_same_weights(tiny_model_dir, tmp_path: Path, lora: bool,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     """A run killed right after its step-4 checkpoint (mid-epoch 2; LoRA dropout makes RNG state
     matter) and restarted ends with the weights and loss sequence of an uninterrupted run; a
-    checkpoint the kill left half-written is not resumed from."""
+    checkpoint the kill left half-written is not resumed from, nor a newer one whose trainer state was cut
+    short (a full disk: the rerun the error asks for stopped with 'the checkpoint is damaged')."""
     data = write_data(tmp_path / "data.json", n=7)
     opts = {"epochs": 2, "lr": 1e-3, "batch_size": 2, "micro_batch": 1, "val_fraction": 0.15, "save_every": 2,
             "lora": lora, "lora_r": 4, "lora_dropout": 0.3, "threads": 1}
@@ -229,7 +231,11 @@ def test_resume_after_sigkill_reaches_the_same_weights(tiny_model_dir, tmp_path:
         fh.write(json.dumps({"step": 5, "epoch": 1, "train_loss": 99.0}) + "\n")
     (out / "checkpoint-6").mkdir()  # a checkpoint the kill cut short: no trainer_state.json
     (out / "checkpoint-6" / "model.safetensors").write_bytes(b"cut")
-    train_sft(data, tiny_model_dir, out, SFTConfig(**opts))
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-8")  # one whose trainer state a full disk cut short:
+    (out / "checkpoint-8" / "trainer_state.json").write_text('{"best_metric": null, "global_st')  # was 'damaged'
+    with caplog.at_level(logging.WARNING, logger="qlass.training.common"):
+        train_sft(data, tiny_model_dir, out, SFTConfig(**opts))
+    assert "checkpoint-8: its trainer state cannot be read (a save cut short" in caplog.text
     a = AutoModelForCausalLM.from_pretrained(full).state_dict()
     b = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -292,8 +298,6 @@ def test_a_trainer_refuses_a_folder_another_trainer_or_no_trainer_made(tiny_mode
     checkpoint and marked it a finished DPO model); so are a plain model folder, another kind's or an
     empty finished mark, a model inside the folder, checkpoints no SFT run made and a folder the Trainer's
     checkpoint rotation would delete (``checkpoint-best``)."""
-    import shutil
-
     from qlass.qnet_head import QNetHeadConfig, train_qnet_head
     from qlass.training.configs import DPOConfig, QNetTrainConfig
     from qlass.training.dpo import train_dpo
@@ -339,8 +343,6 @@ def test_sft_export_writes_only_a_new_folder_or_an_earlier_export(tiny_model_dir
     """``sft-export`` refuses a destination it would destroy or mix into: the base model, the run folder
     or a folder inside it, and a folder holding other files; it writes through a temporary folder, and
     an earlier export is replaced."""
-    import shutil
-
     run = tmp_path / "run"
     ckpt = shutil.copytree(tiny_model_dir, run / "checkpoint-2")
     (ckpt / "trainer_state.json").write_text('{"global_step": 2}\n')
@@ -389,8 +391,6 @@ def test_sft_export_names_a_damaged_trainer_state_before_loading_the_model(state
                                                                            tmp_path: Path, monkeypatch) -> None:
     """A damaged ``trainer_state.json`` was a KeyError, JSONDecodeError or ValueError traceback after the model had
     loaded; a negative step was exported as "step -5"."""
-    import shutil
-
     import qlass.training.sft_export as sft_export
 
     run = tmp_path / "run"
@@ -406,8 +406,6 @@ def test_sft_export_names_a_damaged_trainer_state_before_loading_the_model(state
 def test_sft_export_names_a_damaged_lora_adapter_config_before_loading_the_model(adapter: str, tiny_model_dir,
                                                                                  tmp_path: Path) -> None:
     """Before: peft's KeyError: 'peft_type' (or a JSON traceback) once the base model had loaded."""
-    import shutil
-
     run = tmp_path / "run"
     ckpt = shutil.copytree(tiny_model_dir, run / "checkpoint-2")
     (ckpt / "trainer_state.json").write_text('{"global_step": 2}\n')
@@ -455,8 +453,6 @@ def test_a_base_model_replaced_at_the_same_path_is_refused(tiny_model_dir, tmp_p
     agent), a rerun handed back the run made from the old one as complete (rft,
     self-train and ETO rounds alike). The base model's files are recorded now; the same files moved
     to another path are still the same model."""
-    import shutil
-
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
     data = write_data(tmp_path / "data.json", n=4)

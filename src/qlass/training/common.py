@@ -7,7 +7,8 @@
 - Checkpoints are the ``Trainer``'s own ``checkpoint-N`` folders (weights, optimizer, scheduler, RNG
   states, trainer state) every ``save_every`` steps and at each epoch end, the last one kept.
   ``trainer_state.json`` is written last, so :func:`last_checkpoint` takes the newest folder that
-  has it (a process killed while writing leaves an incomplete one, which is removed).
+  has it (a process killed while writing leaves an incomplete one, which is removed), passing over one
+  whose trainer state a full disk cut short for the one before it.
 - :class:`MetricsLog` appends what the ``Trainer`` logs to ``metrics.jsonl`` (``train_loss``,
   ``val_loss``...); :func:`rewind_metrics` drops records of steps redone after a resume.
 - :class:`LengthGroupedSampler`: micro-batches of similar lengths in a seeded order that depends only
@@ -203,11 +204,27 @@ def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float,
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` in ``out`` (``out`` itself when it is one), else ``None``."""
+    """The newest complete ``checkpoint-N`` in ``out`` (``out`` itself when it is one), else ``None``. A newer
+    one whose trainer state cannot be read (its save cut short, e.g. by a full disk: the Trainer removes the
+    previous checkpoint only after saving the next) is passed over for an older readable one; when none is
+    readable, the newest is returned (and :func:`checkpoint_step` names its damage)."""
     if (out / STATE).exists():
         return out
-    found = [p for p in checkpoint_dirs(out) if (p / STATE).exists()]
-    return max(found, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
+    found = sorted((p for p in checkpoint_dirs(out) if (p / STATE).exists()), key=_number, reverse=True)
+    readable = [p for p in found if _readable_step(p)]
+    return readable[0] if readable else found[0] if found else None
+
+
+def _number(ckpt: Path) -> int:
+    return int(ckpt.name.split("-", 1)[1])
+
+
+def _readable_step(ckpt: Path) -> bool:
+    try:
+        checkpoint_step(ckpt)
+    except DataError:
+        return False
+    return True
 
 
 def checkpoint_step(ckpt: Path) -> int:
@@ -232,7 +249,11 @@ def prepare_resume(out: Path) -> Path | None:
     ckpt = last_checkpoint(out)
     if is_main_process():
         for partial in checkpoint_dirs(out):
-            if not (partial / STATE).exists():
+            passed_over = ckpt is not None and ckpt != out and _number(partial) > _number(ckpt)
+            if passed_over and (partial / STATE).exists():
+                log.warning("%s: its trainer state cannot be read (a save cut short, e.g. by a full disk); "
+                            "removed, resuming from %s", partial, ckpt.name)
+            if passed_over or not (partial / STATE).exists():
                 shutil.rmtree(partial, ignore_errors=True)
         if ckpt is None:
             (out / METRICS).unlink(missing_ok=True)
