@@ -107,6 +107,16 @@ def test_qnet_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path)
     assert two["sft_loglik"] == one["sft_loglik"]
 
 
+def _killed_run_resumes_to_the_run_of_one(command: str, opts: list[str], checkpoint: str, cwd: Path,
+                                          keys: tuple[str, ...], auto: type = AutoModelForCausalLM) -> None:
+    """``qlass COMMAND`` on one process into ``one``; on two into ``two``, its rank 1 killed after ``checkpoint``;
+    the same two-process command again (it resumes): both end with the same ``keys`` curves and weights."""
+    _run(ONE + [command, "--out", "one"] + opts, cwd)
+    _kill_rank1_after(checkpoint, [command, "--out", "two"] + opts, cwd, cwd / "two")
+    _run(LAUNCH + [command, "--out", "two"] + opts, cwd)
+    _same_run(cwd / "one", cwd / "two", keys, auto)
+
+
 def _kill_rank1_after(checkpoint: str, cmd: list[str], cwd: Path, out: Path) -> None:
     """Start `cmd` under two processes, SIGKILL rank 1 once `checkpoint` is written, and check the launch failed
     before the next checkpoint."""
@@ -139,10 +149,7 @@ def test_sft_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_mo
     opts = ["--data", "data.json", "--model", str(tiny_model_dir), "--set", "epochs=3", "--set", "lr=1e-3",
             "--set", "batch_size=4", "--set", "micro_batch=1", "--set", "val_fraction=0.1", "--set", "threads=1",
             "--set", "save_every=10"]
-    _run(ONE + ["sft", "--out", "one"] + opts, tmp_path)
-    _kill_rank1_after("checkpoint-10", ["sft", "--out", "two"] + opts, tmp_path, tmp_path / "two")
-    _run(LAUNCH + ["sft", "--out", "two"] + opts, tmp_path)
-    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss", "val_loss"))
+    _killed_run_resumes_to_the_run_of_one("sft", opts, "checkpoint-10", tmp_path, ("train_loss", "val_loss"))
 
 
 @pytest.mark.slow
@@ -152,10 +159,7 @@ def test_dpo_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_mo
     opts = ["--pairs", "pairs.jsonl", "--model", str(tiny_model_dir), "--set", "epochs=2", "--set", "lr=1e-3",
             "--set", "batch_size=2", "--set", "micro_batch=1", "--set", "val_fraction=0", "--set", "threads=1",
             "--set", "save_every=4"]
-    _run(ONE + ["dpo", "--out", "one"] + opts, tmp_path)
-    _kill_rank1_after("checkpoint-8", ["dpo", "--out", "two"] + opts, tmp_path, tmp_path / "two")
-    _run(LAUNCH + ["dpo", "--out", "two"] + opts, tmp_path)
-    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss",))
+    _killed_run_resumes_to_the_run_of_one("dpo", opts, "checkpoint-8", tmp_path, ("train_loss",))
 
 
 @pytest.mark.slow
@@ -167,12 +171,9 @@ def test_qnet_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_m
         x for kv in ("epochs=3", "lr=3e-3", "batch_size=4", "min_trees_per_step=1", "pair_weight=0.5",
                      "rank=dueling", "max_length=512", "max_action_tokens=32", "val_fraction=0.3", "warmup_ratio=0",
                      "threads=1", "save_every=3") for x in ("--set", kv)]
-    _run(ONE + ["train-qnet", "--out", "one"] + opts, tmp_path)
+    _killed_run_resumes_to_the_run_of_one("train-qnet", opts, "checkpoint-6", tmp_path, (
+        "train_loss", "train_mse", "pair_loss", "val_mse", "val_pair_accuracy"), AutoModelForSequenceClassification)
     assert len(_curve(tmp_path / "one", "train_loss")) == 12  # 4 steps per epoch: checkpoint-6 is mid-epoch 2
-    _kill_rank1_after("checkpoint-6", ["train-qnet", "--out", "two"] + opts, tmp_path, tmp_path / "two")
-    _run(LAUNCH + ["train-qnet", "--out", "two"] + opts, tmp_path)
-    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss", "train_mse", "pair_loss", "val_mse",
-                                                   "val_pair_accuracy"), AutoModelForSequenceClassification)
 
 
 def _parent(proc: Path) -> int:
