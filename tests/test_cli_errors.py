@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -584,10 +585,13 @@ CASES: list[tuple[str, list[str], list[str]]] = [
 
 
 def qlass(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``qlass ARGS`` in an empty working folder: a command run without ``--out`` writes its default output
+    (``runs/eval``...) there, not into the checkout."""
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "COLUMNS": "300"}  # wide enough that no logged line is wrapped
-    return subprocess.run([sys.executable, "-m", "qlass", *args], check=False, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-m", "qlass", *args], check=False, capture_output=True, text=True,
+                              env=env, timeout=timeout, cwd=cwd)
 
 
 @pytest.mark.parametrize("argv,named", [pytest.param(a, n, id=c) for c, a, n in CASES])
