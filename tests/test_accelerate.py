@@ -108,28 +108,32 @@ def test_qnet_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path)
 
 
 def _killed_run_resumes_to_the_run_of_one(command: str, opts: list[str], checkpoint: str, cwd: Path,
-                                          keys: tuple[str, ...], auto: type = AutoModelForCausalLM) -> None:
-    """``qlass COMMAND`` on one process into ``one``; on two into ``two``, its rank 1 killed after ``checkpoint``;
-    the same two-process command again (it resumes): both end with the same ``keys`` curves and weights."""
+                                          keys: tuple[str, ...], auto: type = AutoModelForCausalLM,
+                                          killed: list[str] = LAUNCH) -> None:
+    """``qlass COMMAND`` on one process into ``one``; started with ``killed`` (two processes, or one) into ``two``
+    and killed (rank 1 of two) after ``checkpoint``; resumed on two processes: both end with the same ``keys``
+    curves and weights."""
     _run(ONE + [command, "--out", "one"] + opts, cwd)
-    _kill_rank1_after(checkpoint, [command, "--out", "two"] + opts, cwd, cwd / "two")
+    _kill_after(checkpoint, killed + [command, "--out", "two"] + opts, cwd, cwd / "two")
     _run(LAUNCH + [command, "--out", "two"] + opts, cwd)
     _same_run(cwd / "one", cwd / "two", keys, auto)
 
 
-def _kill_rank1_after(checkpoint: str, cmd: list[str], cwd: Path, out: Path) -> None:
-    """Start `cmd` under two processes, SIGKILL rank 1 once `checkpoint` is written, and check the launch failed
-    before the next checkpoint."""
+def _kill_after(checkpoint: str, cmd: list[str], cwd: Path, out: Path) -> None:
+    """Start `cmd`, SIGKILL its rank 1 (under two processes) or itself once `checkpoint` is written, and check it
+    failed before the next checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launch = subprocess.Popen(LAUNCH + cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launch = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while not (out / checkpoint / "trainer_state.json").exists():
             assert time.monotonic() < deadline and launch.poll() is None
             time.sleep(0.05)
-        ranks = [p for p in Path("/proc").glob("[0-9]*") if _parent(p) == launch.pid]
-        [rank1] = [int(p.name) for p in ranks if b"\0RANK=1\0" in b"\0" + (p / "environ").read_bytes()]
-        os.kill(rank1, signal.SIGKILL)
+        victim = launch.pid
+        if cmd[:3] == LAUNCH[:3]:
+            ranks = [p for p in Path("/proc").glob("[0-9]*") if _parent(p) == launch.pid]
+            [victim] = [int(p.name) for p in ranks if b"\0RANK=1\0" in b"\0" + (p / "environ").read_bytes()]
+        os.kill(victim, signal.SIGKILL)
         assert launch.wait(timeout=120) != 0
     finally:
         if launch.poll() is None:
@@ -139,17 +143,32 @@ def _kill_rank1_after(checkpoint: str, cmd: list[str], cwd: Path, out: Path) -> 
     assert done[-1] == int(checkpoint.split("-")[1]), f"killed too late: resumes from checkpoint-{done[-1]}"
 
 
+def _sft_with_checkpoint_10(model: Path, cwd: Path) -> list[str]:
+    """SFT options for 3 epochs of 9 steps (36 train records of 40), a checkpoint at step 10 (epoch 2, step 1)."""
+    write_data(cwd / "data.json", n=40)
+    return ["--data", "data.json", "--model", str(model), "--set", "epochs=3", "--set", "lr=1e-3", "--set",
+            "batch_size=4", "--set", "micro_batch=1", "--set", "val_fraction=0.1", "--set", "threads=1", "--set",
+            "save_every=10"]
+
+
 @pytest.mark.slow
 def test_sft_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Rank 1 killed (SIGKILL) after the checkpoint at step 10 (epoch 2, step 1): the launch fails, the same
     command resumes from checkpoint-10 and ends with the losses and weights of an uninterrupted run. The
     resumed epoch drew the first epoch's batch order (the Trainer's set_epoch did not reach the sampler under two
     processes), so every step after the checkpoint trained on other batches."""
-    write_data(tmp_path / "data.json", n=40)  # 36 train: 9 steps of 4 per epoch
-    opts = ["--data", "data.json", "--model", str(tiny_model_dir), "--set", "epochs=3", "--set", "lr=1e-3",
-            "--set", "batch_size=4", "--set", "micro_batch=1", "--set", "val_fraction=0.1", "--set", "threads=1",
-            "--set", "save_every=10"]
+    opts = _sft_with_checkpoint_10(tiny_model_dir, tmp_path)
     _killed_run_resumes_to_the_run_of_one("sft", opts, "checkpoint-10", tmp_path, ("train_loss", "val_loss"))
+
+
+@pytest.mark.slow
+def test_sft_started_on_one_process_resumes_on_two_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A run started on one process (as the README's earlier ``--cpu`` command did, whatever --num_processes said)
+    and killed after a mid-epoch checkpoint, resumed on two processes: the losses and weights of an uninterrupted
+    run (rank 1 finds no RNG state of its own; the batch order depends on the seed and epoch only)."""
+    opts = _sft_with_checkpoint_10(tiny_model_dir, tmp_path)
+    _killed_run_resumes_to_the_run_of_one("sft", opts, "checkpoint-10", tmp_path, ("train_loss", "val_loss"),
+                                          killed=ONE)
 
 
 @pytest.mark.slow
