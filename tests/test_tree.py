@@ -371,3 +371,10 @@ def test_qdata_command_backs_up_with_the_trees_gamma_unless_told(tmp_path: Path)
 
     assert q_values() == pytest.approx([0.5, 1.0])
     assert q_values("--gamma", "0.9") == pytest.approx([0.9, 1.0])
+    other = make_tree([(0, 0.0), (1, 1.0, True)], "t/b")
+    other.config = {"gamma": 0.9}
+    write_jsonl(trees, [tree.to_dict(), other.to_dict()])  # two discounts in one file: which one is meant?
+    mixed = subprocess.run([sys.executable, "-m", "qlass", "qdata", str(trees), "--out", str(tmp_path / "m.jsonl")],
+                           capture_output=True, text=True)
+    assert mixed.returncode == 2 and "explored with different gammas ([0.5, 0.9]); give --gamma" in mixed.stderr
+    assert q_values("--gamma", "0.5") == pytest.approx([0.5, 1.0, 0.5, 1.0])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +67,10 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
 
 
 def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
-                 max_per_tree: int | None = 300) -> dict[str, Any]:
-    """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts."""
+                 max_per_tree: int | None = 300, own_gamma: bool = False) -> dict[str, Any]:
+    """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts. With
+    ``own_gamma``, the backup discounts by the gamma the trees were explored with (:func:`explored_gamma`)
+    rather than ``cfg.gamma``."""
     require_config(cfg, BackupConfig, "export_qdata")
     _check_max_per_tree(max_per_tree)
     refuse_overwriting_inputs(out_path, [trees_path])
@@ -74,17 +78,19 @@ def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg
     trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
     if not trees:
         raise DataError(str(trees_path), "holds no trees (nothing to export)")
+    if own_gamma:
+        cfg = replace(cfg, gamma=explored_gamma(trees, trees_path))
     records = [r for t in trees for r in qdata_records(t, cfg, max_per_tree)]
     write_jsonl(out_path, records)
     return {"trees": len(trees), "records": len(records),
             "nodes": sum(t.edges for t in trees), "path": str(Path(out_path))}
 
 
-def explored_gamma(trees_path: str | os.PathLike) -> float:
-    """The discount the trees of ``trees_path`` were explored with (``config.gamma``, which their stored
+def explored_gamma(trees: Sequence[Tree], trees_path: str | os.PathLike) -> float:
+    """The discount ``trees`` (of ``trees_path``) were explored with (``config.gamma``, which their stored
     ``q`` values and ``qlass run``'s Q data use); :class:`BackupConfig`'s default for trees that do not
-    record it or a file without trees. Trees of one file with different discounts are refused."""
-    gammas = {float(t.config.get("gamma", BackupConfig.gamma)) for t in read_trees(trees_path)}
+    record it or for no trees. Trees of one file with different discounts are refused."""
+    gammas = {float(t.config.get("gamma", BackupConfig.gamma)) for t in trees}
     if len(gammas) > 1:
         raise QlassError(f"{trees_path}: its trees were explored with different gammas ({sorted(gammas)}); "
                          "give --gamma")

@@ -104,15 +104,15 @@ def register(app: typer.Typer) -> None:
         max_per_tree: int = typer.Option(300, min=0, help="At most this many records per tree (0: no limit)."),
     ) -> None:
         """Compute Q values (Bellman backup, Eq. 7) and export the Q dataset for QNet training."""
-        from ..qdata import explored_gamma, export_qdata, read_qdata
+        from ..qdata import export_qdata, read_qdata
         from ..tree import BackupConfig
 
         try:
-            backup = BackupConfig(gamma=explored_gamma(trees) if gamma is None else gamma,
+            backup = BackupConfig(gamma=BackupConfig.gamma if gamma is None else gamma,
                                   keep_intermediate=keep_intermediate, normalize=normalize)
         except ValueError as exc:
             raise QlassError(str(exc)) from None
-        counts = export_qdata(trees, out, backup, max_per_tree or None)
+        counts = export_qdata(trees, out, backup, max_per_tree or None, own_gamma=gamma is None)
         read_qdata(out)
         typer.echo(f"{counts['records']} records from {counts['trees']} trees ({counts['nodes']} non-root nodes) "
                    f"→ {out}")
