@@ -211,8 +211,7 @@ def last_checkpoint(out: Path) -> Path | None:
     if (out / STATE).exists():
         return out
     found = sorted((p for p in checkpoint_dirs(out) if (p / STATE).exists()), key=_number, reverse=True)
-    readable = [p for p in found if _readable_step(p)]
-    return readable[0] if readable else found[0] if found else None
+    return next((p for p in found if _readable_step(p)), found[0] if found else None)
 
 
 def _number(ckpt: Path) -> int:
