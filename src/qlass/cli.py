@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from . import interrupt
 from .errors import QlassError
 
 COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run", "serve", "view", "rft", "eto", "paraphrase"]
@@ -87,6 +88,7 @@ def os_error_message(exc: OSError) -> str:
 def main() -> None:
     """Entry point: run the app, turning :class:`QlassError`, usage errors and failed file operations
     into a clear message (no traceback; ``-v`` logs it) and a non-zero exit code."""
+    interrupt.install()
     try:
         code = app(standalone_mode=False)
     except QlassError as exc:

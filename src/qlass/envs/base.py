@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from ..errors import QlassError, interrupted_during, raised_in_user_code
 from ..imports import load_object
+from ..interrupt import raise_if_interrupted
 from ..jsonl import is_text
 from ..types import Message, StepResult, Task
 
@@ -93,15 +94,18 @@ def _failed(env: Env, call: str, exc: Exception) -> QlassError:
 
 def _call(env: Env, call: str, fn: Callable[[], Any]) -> Any:
     """``fn()``, an environment's own code: an exception from it (an ``OSError`` too, which is not one of
-    qlass's file errors) is a :class:`QlassError` naming the environment, ``call`` and where it was raised."""
+    qlass's file errors) is a :class:`QlassError` naming the environment, ``call`` and where it was raised.
+    A Ctrl-C that the environment's code swallowed (py4j's finalizers) stops the run here."""
     try:
-        return fn()
+        result = fn()
     except QlassError:
         raise
     except Exception as exc:
         if interrupted_during(exc):
             raise KeyboardInterrupt from exc
         raise _failed(env, call, exc) from exc
+    raise_if_interrupted()
+    return result
 
 
 def _check_text(env: Env, call: str, what: str, text: str) -> None:
