@@ -289,6 +289,19 @@ def _check_collection_fields(path: Path, line: int, rid: str, rec: dict[str, Any
         seen[key] = j
 
 
+def check_once(seen: dict[tuple[Any, ...], tuple[Path, int]], path: Path, line: int, rec: dict[str, Any],
+               hint: str = "") -> None:
+    """Refuse a decision (its env, split, task and step) that ``seen`` holds (the file and line where it
+    was read); else note it. A copy would count twice in a report, and towards its task's decisions on
+    resume, hiding a lost one. ``hint`` ends the message."""
+    key = (rec["env"], rec["split"], rec["task"], rec["step"])
+    if key in seen:
+        first, first_line = seen[key]
+        where = f"at line {first_line}" if first == path else f"in {first}, line {first_line}"
+        raise DataError(str(path), f"decision {key} is also {where}{hint}", line=line)
+    seen[key] = (path, line)
+
+
 def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> list[dict[str, Any]]:
     """The decision records of ``paths``, each checked. Refused: a file without decisions, a
     decision recorded twice, decisions of two environments, and log-probabilities in some decisions
@@ -296,7 +309,7 @@ def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) ->
     :func:`~qlass.jsonl.read_numbered_jsonl`."""
     refuse_repeated_inputs(paths)
     records: list[dict[str, Any]] = []
-    seen: dict[tuple[Any, ...], str] = {}
+    seen: dict[tuple[Any, ...], tuple[Path, int]] = {}
     first_at = ""  # where the first decision was read
     for path in map(Path, paths):
         if not path.exists():
@@ -307,10 +320,7 @@ def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) ->
         for line, rec in rows:
             check_decision(path, line, rec)
             rid, here = f"{rec['task']}@{rec['step']}", f"{path}, line {line}"
-            key = (rec["env"], rec["split"], rec["task"], rec["step"])
-            if key in seen:
-                raise DataError(str(path), f"decision {key} is also in {seen[key]}", line=line)
-            seen[key] = here
+            check_once(seen, path, line, rec)
             if records and rec["env"] != records[0]["env"]:
                 raise DataError(str(path), f"field 'env' is {rec['env']!r} but {first_at} is "
                                 f"{records[0]['env']!r}: use one environment's decisions at a time", line=line,

@@ -40,6 +40,7 @@ from .decision_files import (
     check_decision,
     check_logprobs,
     check_logprobs_alike,
+    check_once,
     check_settings,
     finished_tasks,
     sidecar,
@@ -265,15 +266,11 @@ def check_collection(out: Path, cfg: DecisionConfig, seed: int = 0, settings: di
         raise QlassError(f"{out}: a decisions file is named NAME.jsonl (its settings and finished tasks are kept "
                          "beside it as NAME.config.yaml and NAME.tasks.jsonl)")
     numbered = read_numbered_jsonl(out, repair_tail=True)
-    at: dict[tuple[str, str, int], int] = {}
+    seen: dict[tuple[Any, ...], tuple[Path, int]] = {}
     for line, rec in numbered:
         check_decision(out, line, rec)
-        key = (rec["split"], rec["task"], rec["step"])
-        if key in at:  # a copy would count towards its task's decisions and hide a lost one from resume
-            raise DataError(str(out), f"decision {key} is also at line {at[key]}; a decisions file holds each "
-                            "decision once (remove the copy, and the rerun finds any decision that is missing)",
-                            line=line)
-        at[key] = line
+        check_once(seen, out, line, rec, hint="; a decisions file holds each decision once (remove the copy, and "
+                   "the rerun finds any decision that is missing)")
     done_path = sidecar(out, "tasks.jsonl")
     done_numbered = read_numbered_jsonl(done_path, repair_tail=True)
     for line, rec in done_numbered:
