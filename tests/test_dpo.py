@@ -124,6 +124,18 @@ def test_dpo_prefers_the_chosen_side_and_saves_a_plain_model(tiny_model_dir, tmp
         train_dpo(data, tiny_model_dir, out, DPOConfig(**{**cfg.__dict__, "beta": 0.2}))
 
 
+def test_a_run_of_one_optimizer_step_changes_the_weights(tiny_model_dir, tmp_path: Path) -> None:
+    """A one-step run took transformers' warmup step at learning rate 0 and saved the base weights."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 6)
+    cfg = DPOConfig(epochs=1, lr=5e-3, batch_size=2, micro_batch=2, val_fraction=0.0, save_every=100, threads=1,
+                    max_steps=1)
+    out = train_dpo(data, tiny_model_dir, tmp_path / "dpo", cfg)
+    assert len([m for m in _metrics(out) if "train_loss" in m]) == 1
+    key = "model.layers.0.mlp.up_proj.weight"
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()[key]
+    assert not torch.allclose(trained, AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()[key])
+
+
 def test_too_long_pairs_are_refused_before_training(tiny_model_dir, tmp_path: Path) -> None:
     data = write_pairs(tmp_path / "pairs.jsonl", 3)
     with pytest.raises(DataError, match=r"pair 'pair-0': \d+ tokens > max_length 64"):

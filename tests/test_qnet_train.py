@@ -335,3 +335,22 @@ def test_a_qnet_trained_from_a_pipe_records_what_it_read(tiny_model_dir: Path, t
     feed(other.read_bytes())
     with pytest.raises(QlassError, match=r"trained on other Q data than .*q.fifo"):
         train_qnet(fifo, tiny_model_dir, tmp_path / "qnet", cfg)
+
+
+def test_a_run_of_one_optimizer_step_changes_the_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """transformers' warmup starts at learning rate 0 and ``warmup_ratio`` rounds up to one step, so a
+    one-step run (``--max-steps 1``, a fold of ``--folds`` on little data) trained at 0 and kept the base
+    model's weights. Such a run now has no warmup."""
+    from transformers import AutoModelForSequenceClassification
+
+    data = synthetic_qdata(tmp_path / "q.jsonl", trees=6)
+    opts = {**CFG, "epochs": 1, "max_steps": 1, "warmup_ratio": 0.03, "eval_before": False, "baseline": False,
+            "threads": 1}
+    train_qnet(data, tiny_model_dir, tmp_path / "qnet", QNetTrainConfig(**opts))
+    steps = [r for r in map(json.loads, (tmp_path / "qnet" / "metrics.jsonl").read_text().splitlines())
+             if "train_loss" in r]
+    assert len(steps) == 1
+    trained = AutoModelForSequenceClassification.from_pretrained(tmp_path / "qnet").state_dict()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).state_dict()
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(trained[key], base[key])

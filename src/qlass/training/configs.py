@@ -22,7 +22,8 @@ TRAINER_DEVICES = ("auto", "cpu", "cuda")
 class TrainerConfig:
     """Settings every trainer shares (SFT, DPO and QNet configs extend it with their own)."""
 
-    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup (then cosine decay to 0)")
+    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup from 0 (then cosine decay to 0); "
+                                 "a one-step run has none")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
     lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")

@@ -50,6 +50,7 @@ from .common import (
 )
 from .configs import DPOConfig
 from .run_folders import refuse_overwriting_run
+from .schedule import WarmupWithinRun
 from .sft import labelled_example, lora_config, prefix_length, save_merged
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def _trainer_class() -> type:
                                          padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
             return out
 
-    class PairDPOTrainer(DPOTrainer):
+    class PairDPOTrainer(WarmupWithinRun, DPOTrainer):
         def _prepare_dataset(self, dataset: Any, *_: Any, **__: Any) -> Any:
             return dataset  # tokenized by encode_pair
 

@@ -48,6 +48,7 @@ from transformers import Trainer, TrainerCallback
 from ..qnet_loss import contrast_groups, group_key, pair_coefficients, record_losses, scores_of, sibling_pairs
 from ..qnet_pack import PackedRow, batch_units, step_batches
 from ..qnet_validate import outputs_metrics
+from .schedule import WarmupWithinRun
 
 if TYPE_CHECKING:
     from .qnet import QNetTrainConfig
@@ -157,7 +158,7 @@ def single(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]
 
 
-class QNetTrainer(Trainer):
+class QNetTrainer(WarmupWithinRun, Trainer):
     """``Trainer`` on the QNet's packed rows (see the module docstring): ``training_step`` takes one
     share of an optimizer step, ``prediction_step`` one held-out row (Q and the ranking score of its
     records, their indices as labels), ``compute_metrics`` the sibling-ranking metrics; the value

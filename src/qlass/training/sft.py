@@ -74,6 +74,7 @@ from .common import (
 )
 from .configs import SFTConfig
 from .run_folders import refuse_overwriting_run
+from .schedule import WarmupWithinRun
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = SFT_RECORD
@@ -216,7 +217,7 @@ def _trainer_class() -> type:
     only the labelled positions through the LM head (:func:`labelled_token_loss`)."""
     from trl import SFTTrainer
 
-    class WindowSFTTrainer(SFTTrainer):
+    class WindowSFTTrainer(WarmupWithinRun, SFTTrainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> LengthGroupedSampler:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return LengthGroupedSampler([len(ids) for ids in dataset["input_ids"]],
