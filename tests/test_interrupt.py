@@ -56,3 +56,87 @@ def test_a_ctrl_c_swallowed_in_an_environments_finalizer_stops_the_run(tmp_path:
     assert done.stderr.rstrip().splitlines()[-1].startswith("interrupted: rerun the same command to resume")
     done_tasks = [json.loads(line)["task"] for line in (out / "records.jsonl").read_text().splitlines()]
     assert "corridor/101" not in done_tasks and len(done_tasks) < 6, done_tasks
+
+
+CUT_LAST_OPTIMIZER_SAVE = """
+import os, signal, sys
+import torch
+import torch.serialization as serialization
+from qlass.cli import main
+count_file, cut_at = sys.argv[-2], int(sys.argv[-1])
+saves, save, write = [0], torch.save, serialization._save
+
+class Cut:
+    '''The zip writer of one torch.save, where the user presses Ctrl-C after the file's third record.'''
+    def __init__(self, writer):
+        self.writer, self.records = writer, 0
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
+    def write_record(self, *args):
+        self.writer.write_record(*args)
+        self.records += 1
+        if self.records == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+def counted(obj, f, *args, **kwargs):
+    if str(f).endswith("optimizer.pt"):
+        saves[0] += 1
+        with open(count_file, "w") as fh:
+            fh.write(str(saves[0]))
+        if saves[0] == cut_at:
+            serialization._save = lambda o, zip_file, *a, **k: write(o, Cut(zip_file), *a, **k)
+            try:
+                return save(obj, f, *args, **kwargs)
+            finally:
+                serialization._save = write
+    return save(obj, f, *args, **kwargs)
+
+torch.save = counted
+sys.argv = ["qlass", *sys.argv[1:-2]]
+main()
+"""
+
+
+def test_ctrl_c_while_the_last_checkpoint_is_written_leaves_a_run_that_resumes(tmp_path: Path,
+                                                                                 tiny_model_dir: Path) -> None:
+    """A Ctrl-C in the middle of the run's last ``optimizer.pt`` write. Before: the Trainer saved the last step's
+    checkpoint twice (at the step, then at the epoch end after validation), the second time over the first's
+    files and under its complete ``trainer_state.json``; the torn ``optimizer.pt`` was resumed from, and every
+    rerun ended in a PytorchStreamReader traceback. Now each checkpoint is written once, trainer state last: the
+    rerun resumes from the one before and ends with the weights and losses of an uninterrupted run."""
+    from test_sft import write_data
+
+    data = write_data(tmp_path / "data.json", n=7)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("epochs: 2\nbatch_size: 2\nmicro_batch: 1\nlr: 1e-3\nval_fraction: 0.15\nsave_every: 2\n"
+                   "threads: 1\n")
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def sft(out: str, *cut: str) -> subprocess.CompletedProcess:
+        argv = ["-c", CUT_LAST_OPTIMIZER_SAVE] if cut else ["-m", "qlass"]
+        return subprocess.run([sys.executable, *argv, "sft", "--data", str(data), "--model", str(tiny_model_dir),
+                               "--config", str(cfg), "--out", str(tmp_path / out), *cut], env=env,
+                              capture_output=True, text=True, timeout=300,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    count = tmp_path / "saves.txt"
+    full = sft("full", str(count), "0")  # uninterrupted; counts the optimizer.pt writes
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = sft("cut", str(count), count.read_text())  # Ctrl-C during the last of them
+    assert cut.returncode == 130, cut.stderr[-3000:]
+    assert "Traceback" not in cut.stderr and cut.stderr.rstrip().splitlines()[-1].startswith("interrupted:")
+    rerun = sft("cut")
+    assert rerun.returncode == 0 and "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
+
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    def losses(out: str) -> list[tuple[int, float]]:
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], round(m["train_loss"], 5)) for m in map(json.loads, lines) if "train_loss" in m]
+
+    assert losses("cut") == losses("full")
+

@@ -334,7 +334,15 @@ def quiet(trainer: Any) -> Any:
 
 
 class SaveAtEpochEnd(TrainerCallback):
-    """Checkpoint at each epoch end too (after its validation), besides every ``save_steps``."""
+    """Checkpoint at each epoch end too (after its validation), besides every ``save_steps``. The step that
+    ends an epoch (or the run) is checkpointed once, at the epoch end: saved at the step too, the second save
+    rewrote the first's files in place under its complete ``trainer_state.json``, so a Ctrl-C or kill during
+    it left a checkpoint that looked complete and could not be resumed from (a torn ``optimizer.pt``)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> Any:
+        if control.should_training_stop or float(state.epoch or 0).is_integer():
+            control.should_save = False  # the epoch end, which follows at once, saves it
+        return control
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **_: Any) -> Any:
         control.should_save = True
