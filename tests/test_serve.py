@@ -454,6 +454,27 @@ def test_qlass_serve_stops_despite_a_stalled_client_and_caps_connections(tmp_pat
                 sock.close()
 
 
+def test_a_request_still_running_when_the_stop_wait_ends_is_answered_503_without_a_traceback(tmp_path: Any) -> None:
+    """SIGTERM while a step takes longer than the 3 s the stopping server waits for requests under way. Before:
+    uvicorn cancelled the request, answered 500 and logged "ERROR: Cancel 1 running task(s)" and a 40-line
+    traceback of the cancellation. Now the client is told 503, the server is stopping, the log says so in one
+    line, and the instance is closed when its step returns."""
+    closed = tmp_path / "closed.txt"
+    answers: list[tuple[int, Any]] = []
+    with _qlass_serve("--env-arg", f"closed_to={closed}") as (proc, port):
+        url = f"http://127.0.0.1:{port}"
+        env_id = _episode(url)
+        thread = threading.Thread(target=lambda: answers.append(_step(url, env_id, "wait 6")))
+        thread.start()
+        time.sleep(0.5)  # the step is under way
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        thread.join(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err and "ERROR" not in err, err[-3000:]
+    assert "stopping: 1 request(s) still under way after 3 s are answered 503" in err and "stopped (SIGTERM)" in err
+    assert answers == [(503, {"error": "the server is stopping"})]
+    assert closed.read_text() == "closed\n" * 2  # the instance (once its step returned) and the meta one
+
 def test_answers_go_out_without_waiting_for_the_delayed_ack() -> None:
     """The listening socket is made with proto IPPROTO_TCP, so asyncio sets TCP_NODELAY on every accepted
     connection: without it each small answer waited about 40 ms for the client's delayed ACK (44.0 ms a

@@ -18,7 +18,9 @@ class RequestBody:
     """ASGI middleware: reads a request's body before the application sees it, refusing one over ``limit``
     bytes (413, so a huge body is never held in memory), one not received within ``timeout`` seconds
     (408: a stalled client would hold its connection, and a stopping server, for ever) and one that is
-    not UTF-8 (400: JSON bodies are)."""
+    not UTF-8 (400: JSON bodies are). A request that a stopping server cancels (still waiting for its body,
+    or still running when the wait for the requests under way ends) is answered 503, the server is stopping
+    (uvicorn answered the second 500 and logged a traceback of the cancellation)."""
 
     def __init__(self, app: Any, limit: int, timeout: float) -> None:
         self.app, self.limit, self.timeout = app, limit, timeout
@@ -65,7 +67,20 @@ class RequestBody:
             replayed = True
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
-        await self.app(scope, replay, send)
+        started = False
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, replay, sending)
+        except asyncio.CancelledError:  # the server stops and this request outlasted its wait for the requests
+            if started:  # under way (an environment call running on); the answer, cut, cannot be replaced
+                raise
+            answer = JSONResponse({"error": "the server is stopping"}, 503, headers={"Connection": "close"})
+            await answer(scope, receive, send)
 
 
 def body_problem(body: bytes) -> str | None:

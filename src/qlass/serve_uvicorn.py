@@ -125,9 +125,22 @@ def uvicorn_server(app: Any, limit_concurrency: int = LIMIT_CONCURRENCY) -> Any:
                 self.timeout_keep_alive_handler()  # closes the connection
 
     # a long keep-alive so that clients thinking for seconds between steps keep their connection
-    return Server(uvicorn.Config(app, http=Protocol, log_level="warning",
-                                 timeout_keep_alive=75, timeout_graceful_shutdown=SHUTDOWN_GRACE,
-                                 limit_concurrency=limit_concurrency, backlog=BACKLOG))
+    config = uvicorn.Config(app, http=Protocol, log_level="warning", timeout_keep_alive=75,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE, limit_concurrency=limit_concurrency,
+                            backlog=BACKLOG)  # sets up uvicorn's loggers: the filter goes on after it
+    logging.getLogger("uvicorn.error").addFilter(_cancelled_in_qlass_words)
+    return Server(config)
+
+
+def _cancelled_in_qlass_words(record: logging.LogRecord) -> bool:
+    """False for uvicorn's "Cancel N running task(s), timeout graceful shutdown exceeded", said instead in
+    qlass's words (its log format, what the clients get, why the process may go on a while)."""
+    if not record.getMessage().endswith("timeout graceful shutdown exceeded"):
+        return True
+    log.warning("stopping: %s request(s) still under way after %d s are answered 503; their environment calls "
+                "run to their end before the environments close", record.args[0] if record.args else "the",
+                SHUTDOWN_GRACE)
+    return False
 
 
 def url_of(host: str, port: int) -> str:
