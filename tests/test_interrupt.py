@@ -140,3 +140,36 @@ def test_ctrl_c_while_the_last_checkpoint_is_written_leaves_a_run_that_resumes(t
 
     assert losses("cut") == losses("full")
 
+
+
+CUT_TORCH_IMPORT = """
+import importlib.abc, os, signal, sys
+
+class CtrlCInTorchImport(importlib.abc.MetaPathFinder):
+    '''The user presses Ctrl-C once torch's fake_tensor module (with its exit hook) is imported, while the
+    rest of torch still is.'''
+    sent = False
+    def find_spec(self, name, path, target=None):
+        done = hasattr(sys.modules.get("torch._subclasses.fake_tensor"), "dump_cache_stats")
+        if done and name.startswith("torch.") and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCInTorchImport())
+from qlass.cli import main
+sys.argv = ["qlass", *sys.argv[1:]]
+main()
+"""
+
+
+def test_ctrl_c_while_torch_is_imported_prints_only_the_interrupted_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Before: torch's exit hook, registered before its import was cut short (so before torch set up its own
+    loggers), logged 'FakeTensor cache stats' and two more INFO lines after the interrupted line."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", CUT_TORCH_IMPORT, "eval", "--model", str(tiny_model_dir), "--env",
+                           "toy_envs:Corridor", "--out", str(tmp_path / "eval")], env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == ["interrupted: rerun the same command to resume (finished records "
+                                                "and the last checkpoint are kept)"], done.stderr[-3000:]

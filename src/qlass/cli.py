@@ -41,7 +41,8 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     if not verbose:
         handler.addFilter(_not_py4j_root_record)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "py4j", "gguf"):
+    for noisy in ("httpx", "urllib3", "filelock", "py4j", "gguf", "torch"):  # torch: its exit hook, when Ctrl-C
+        # cut its import short (before it set up its own loggers), logged "FakeTensor cache stats" at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
