@@ -11,12 +11,13 @@ from pathlib import Path
 import checkpoint_killer
 import pytest
 import torch
-from test_sft import record
+from test_sft import record, write_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlass.errors import DataError, QlassError
 from qlass.policy.render import ensure_chat_template
 from qlass.training.dpo import DPOConfig, encode_pair, load_pairs, train_dpo
+from qlass.training.sft import SFTConfig, train_sft
 
 
 def failed(i: int) -> dict:
@@ -124,12 +125,16 @@ def test_dpo_prefers_the_chosen_side_and_saves_a_plain_model(tiny_model_dir, tmp
         train_dpo(data, tiny_model_dir, out, DPOConfig(**{**cfg.__dict__, "beta": 0.2}))
 
 
-def test_a_run_of_one_optimizer_step_changes_the_weights(tiny_model_dir, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trainer", ["sft", "dpo"])
+def test_a_run_of_one_optimizer_step_changes_the_weights(trainer: str, tiny_model_dir, tmp_path: Path) -> None:
     """A one-step run took transformers' warmup step at learning rate 0 and saved the base weights."""
-    data = write_pairs(tmp_path / "pairs.jsonl", 6)
-    cfg = DPOConfig(epochs=1, lr=5e-3, batch_size=2, micro_batch=2, val_fraction=0.0, save_every=100, threads=1,
-                    max_steps=1)
-    out = train_dpo(data, tiny_model_dir, tmp_path / "dpo", cfg)
+    opts = dict(epochs=1, batch_size=2, micro_batch=2, save_every=100, threads=1, max_steps=1)
+    if trainer == "sft":
+        cfg = SFTConfig(lr=1e-3, val_fraction=0.25, **opts)
+        out = train_sft(write_data(tmp_path / "data.json"), tiny_model_dir, tmp_path / "sft", cfg)
+    else:
+        out = train_dpo(write_pairs(tmp_path / "pairs.jsonl", 6), tiny_model_dir, tmp_path / "dpo",
+                        DPOConfig(lr=5e-3, val_fraction=0.0, **opts))
     assert len([m for m in _metrics(out) if "train_loss" in m]) == 1
     key = "model.layers.0.mlp.up_proj.weight"
     trained = AutoModelForCausalLM.from_pretrained(out).state_dict()[key]
