@@ -475,6 +475,7 @@ def test_a_request_still_running_when_the_stop_wait_ends_is_answered_503_without
     assert answers == [(503, {"error": "the server is stopping"})]
     assert closed.read_text() == "closed\n" * 2  # the instance (once its step returned) and the meta one
 
+
 def test_answers_go_out_without_waiting_for_the_delayed_ack() -> None:
     """The listening socket is made with proto IPPROTO_TCP, so asyncio sets TCP_NODELAY on every accepted
     connection: without it each small answer waited about 40 ms for the client's delayed ACK (44.0 ms a
