@@ -213,7 +213,8 @@ def test_a_decision_recorded_twice_in_the_collected_file_is_refused(tmp_path: Pa
     out = collect(tmp_path / "d.jsonl", tasks=2)
     rows = read_jsonl(out)
     out.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], *rows[2:]]))
-    with pytest.raises(QlassError, match=r"d.jsonl, line 2: decision \('fork', 'seen', 'fork/seen/0', 0\) is also at line 1"):
+    with pytest.raises(QlassError, match=r"d.jsonl, line 2: decision \('fork', 'seen', 'fork/seen/0', 0\) is "
+                                          r"also at line 1"):
         collect(out, tasks=2)
 
 

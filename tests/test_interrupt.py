@@ -47,9 +47,9 @@ def test_a_ctrl_c_swallowed_in_an_environments_finalizer_stops_the_run(tmp_path:
     went on through all 6 tasks and exited 0. Now it stops, exit 130 and one line; ``-v`` logs the lost one."""
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = tmp_path / "eval"
-    done = subprocess.run([sys.executable, "-m", "qlass", "-v", "eval", "--model", "test_cli_errors:EastWalker", "--env",
-                           "test_interrupt:LosesCtrlC", "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    done = subprocess.run([sys.executable, "-m", "qlass", "-v", "eval", "--model", "test_cli_errors:EastWalker",
+                           "--env", "test_interrupt:LosesCtrlC", "--out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "a Ctrl-C was lost in <function _Lost.__del__" in done.stderr, done.stderr[-3000:]
     assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == 130, done.stderr[-3000:]
