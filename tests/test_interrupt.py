@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from toy_envs import Corridor
 
 from qlass.types import StepResult, Task
@@ -169,6 +170,39 @@ def test_ctrl_c_while_torch_is_imported_prints_only_the_interrupted_line(tmp_pat
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", CUT_TORCH_IMPORT, "eval", "--model", str(tiny_model_dir), "--env",
                            "toy_envs:Corridor", "--out", str(tmp_path / "eval")], env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == ["interrupted: rerun the same command to resume (finished records "
+                                                "and the last checkpoint are kept)"], done.stderr[-3000:]
+
+
+CUT_CLI_IMPORT = """
+import importlib.abc, os, runpy, signal, sys
+
+class CtrlCInCliImport(importlib.abc.MetaPathFinder):
+    '''The user presses Ctrl-C while the command line imports its commands' modules.'''
+    sent = False
+    def find_spec(self, name, path, target=None):
+        if name == "qlass.commands.explore" and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCInCliImport())
+sys.argv = ["qlass", *sys.argv[2:]]
+if sys.argv[1] == "module":  # python -m qlass
+    runpy.run_module("qlass", run_name="__main__", alter_sys=True)
+else:  # the qlass script, as pip writes it
+    from qlass.__main__ import main
+    sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("started_as", ["module", "script"])
+def test_ctrl_c_while_the_command_line_is_imported_prints_only_the_interrupted_line(started_as: str) -> None:
+    """Before: the Ctrl-C came before ``main()`` handled it: Python's KeyboardInterrupt traceback, and the
+    process killed by the signal."""
+    done = subprocess.run([sys.executable, "-c", CUT_CLI_IMPORT, started_as, "envs"], capture_output=True,
                           text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 130, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == ["interrupted: rerun the same command to resume (finished records "

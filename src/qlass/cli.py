@@ -69,9 +69,6 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
-INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C
-
-
 def os_error_message(exc: OSError) -> str:
     """A one-line message for a failed file operation, naming the path and what is wrong with it."""
     path = exc.filename2 if isinstance(exc, IsADirectoryError) and exc.filename2 else exc.filename
@@ -99,7 +96,7 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        code = INTERRUPTED
+        code = interrupt.INTERRUPTED
     except _usage_errors() as exc:  # click's (or typer's vendored click's) usage errors: show, exit 2
         exc.show()  # type: ignore[attr-defined]
         sys.exit(exc.exit_code)  # type: ignore[attr-defined]
@@ -107,7 +104,6 @@ def main() -> None:
         logging.getLogger(__name__).debug("failed file operation", exc_info=True)
         typer.echo(f"error: {os_error_message(exc)}", err=True)
         sys.exit(2)
-    if code == INTERRUPTED:  # typer returns Ctrl-C inside a command as this exit code
-        typer.echo("interrupted: rerun the same command to resume (finished records and the last checkpoint are "
-                   "kept)", err=True)
+    if code == interrupt.INTERRUPTED:  # typer returns Ctrl-C inside a command as this exit code
+        typer.echo(interrupt.STOPPED, err=True)
     sys.exit(code if isinstance(code, int) else 0)

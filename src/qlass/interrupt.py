@@ -18,6 +18,11 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
+INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C."""
+STOPPED = "interrupted: rerun the same command to resume (finished records and the last checkpoint are kept)"
+"""What a command stopped by Ctrl-C says, on its own line."""
+
 
 class _Handler:
     """Python's own SIGINT behaviour (raise ``KeyboardInterrupt``), plus a flag that it fired."""
