@@ -142,55 +142,25 @@ def test_ctrl_c_while_the_last_checkpoint_is_written_leaves_a_run_that_resumes(t
     assert losses("cut") == losses("full")
 
 
-
-CUT_TORCH_IMPORT = """
-import importlib.abc, os, signal, sys
-
-class CtrlCInTorchImport(importlib.abc.MetaPathFinder):
-    '''The user presses Ctrl-C once torch's fake_tensor module (with its exit hook) is imported, while the
-    rest of torch still is.'''
-    sent = False
-    def find_spec(self, name, path, target=None):
-        done = hasattr(sys.modules.get("torch._subclasses.fake_tensor"), "dump_cache_stats")
-        if done and name.startswith("torch.") and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
-        return None
-
-sys.meta_path.insert(0, CtrlCInTorchImport())
-from qlass.cli import main
-sys.argv = ["qlass", *sys.argv[1:]]
-main()
-"""
-
-
-def test_ctrl_c_while_torch_is_imported_prints_only_the_interrupted_line(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """Before: torch's exit hook, registered before its import was cut short (so before torch set up its own
-    loggers), logged 'FakeTensor cache stats' and two more INFO lines after the interrupted line."""
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-c", CUT_TORCH_IMPORT, "eval", "--model", str(tiny_model_dir), "--env",
-                           "toy_envs:Corridor", "--out", str(tmp_path / "eval")], env=env, capture_output=True,
-                          text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert done.returncode == 130, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines() == ["interrupted: rerun the same command to resume (finished records "
-                                                "and the last checkpoint are kept)"], done.stderr[-3000:]
-
-
-CUT_CLI_IMPORT = """
+CUT_IMPORT = """
 import importlib.abc, os, runpy, signal, sys
+started_as, prefix, ready = sys.argv[1:4]
+ready_module, _, ready_attr = ready.partition(":")
 
-class CtrlCInCliImport(importlib.abc.MetaPathFinder):
-    '''The user presses Ctrl-C while the command line imports its commands' modules.'''
+class CtrlCInImport(importlib.abc.MetaPathFinder):
+    '''The user presses Ctrl-C at the first import of a module named PREFIX..., once READY (module:attribute,
+    or -) is imported in full.'''
     sent = False
     def find_spec(self, name, path, target=None):
-        if name == "qlass.commands.explore" and not self.sent:
+        done = ready == "-" or hasattr(sys.modules.get(ready_module), ready_attr)
+        if done and name.startswith(prefix) and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGINT)
         return None
 
-sys.meta_path.insert(0, CtrlCInCliImport())
-sys.argv = ["qlass", *sys.argv[2:]]
-if sys.argv[1] == "module":  # python -m qlass
+sys.meta_path.insert(0, CtrlCInImport())
+sys.argv = ["qlass", *sys.argv[4:]]
+if started_as == "module":  # python -m qlass
     runpy.run_module("qlass", run_name="__main__", alter_sys=True)
 else:  # the qlass script, as pip writes it
     from qlass.__main__ import main
@@ -198,12 +168,31 @@ else:  # the qlass script, as pip writes it
 """
 
 
-@pytest.mark.parametrize("started_as", ["module", "script"])
-def test_ctrl_c_while_the_command_line_is_imported_prints_only_the_interrupted_line(started_as: str) -> None:
-    """Before: the Ctrl-C came before ``main()`` handled it: Python's KeyboardInterrupt traceback, and the
-    process killed by the signal."""
-    done = subprocess.run([sys.executable, "-c", CUT_CLI_IMPORT, started_as, "envs"], capture_output=True,
-                          text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+def _qlass_cut_in_import(started_as: str, prefix: str, ready: str, *argv: str) -> subprocess.CompletedProcess:
+    """``qlass ARGV`` started as a module or as the script, with a real Ctrl-C where :data:`CUT_IMPORT` says."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-c", CUT_IMPORT, started_as, prefix, ready, *argv], env=env,
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _only_the_interrupted_line(done: subprocess.CompletedProcess) -> None:
     assert done.returncode == 130, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == ["interrupted: rerun the same command to resume (finished records "
                                                 "and the last checkpoint are kept)"], done.stderr[-3000:]
+
+
+def test_ctrl_c_while_torch_is_imported_prints_only_the_interrupted_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Before: torch's exit hook, registered before its import was cut short (so before torch set up its own
+    loggers), logged 'FakeTensor cache stats' and two more INFO lines after the interrupted line. The Ctrl-C
+    comes once torch's fake_tensor module (with its exit hook) is imported, while the rest of torch still is."""
+    _only_the_interrupted_line(_qlass_cut_in_import(
+        "script", "torch.", "torch._subclasses.fake_tensor:dump_cache_stats", "eval", "--model", str(tiny_model_dir),
+        "--env", "toy_envs:Corridor", "--out", str(tmp_path / "eval")))
+
+
+@pytest.mark.parametrize("started_as", ["module", "script"])
+def test_ctrl_c_while_the_command_line_is_imported_prints_only_the_interrupted_line(started_as: str) -> None:
+    """Before: the Ctrl-C came before ``main()`` handled it: Python's KeyboardInterrupt traceback, and the
+    process killed by the signal. The Ctrl-C comes while the command line imports its commands' modules."""
+    _only_the_interrupted_line(_qlass_cut_in_import(started_as, "qlass.commands.explore", "-", "envs"))
