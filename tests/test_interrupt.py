@@ -196,3 +196,13 @@ def test_ctrl_c_while_the_command_line_is_imported_prints_only_the_interrupted_l
     """Before: the Ctrl-C came before ``main()`` handled it: Python's KeyboardInterrupt traceback, and the
     process killed by the signal. The Ctrl-C comes while the command line imports its commands' modules."""
     _only_the_interrupted_line(_qlass_cut_in_import(started_as, "qlass.commands.explore", "-", "envs"))
+
+
+def test_ctrl_c_as_qlass_serve_starts_prints_only_the_interrupted_line() -> None:
+    """Before: a Ctrl-C between the serving line and uvicorn taking over the signals also printed "coroutine
+    'Server.serve' was never awaited" (a RuntimeWarning, three lines). The Ctrl-C comes while uvicorn imports
+    its event loop's module, after it made the serving coroutine and before it ran it."""
+    done = _qlass_cut_in_import("script", "uvicorn.loops", "-", "serve", "toy_envs:Corridor", "--port", "0")
+    serving, *rest = done.stderr.strip().splitlines()
+    assert "serving corridor" in serving, done.stderr[-3000:]
+    _only_the_interrupted_line(subprocess.CompletedProcess(done.args, done.returncode, "", "\n".join(rest)))

@@ -86,6 +86,23 @@ def uvicorn_server(app: Any, limit_concurrency: int = LIMIT_CONCURRENCY) -> Any:
                             len(self.server_state.tasks))
             await super().shutdown(sockets)
 
+        serving: Any = None  # the coroutine of serve(), kept to close one that never ran
+
+        def serve(self, sockets: Any = None) -> Any:
+            self.serving = super().serve(sockets=sockets)
+            return self.serving
+
+        def run(self, sockets: Any = None) -> None:
+            """uvicorn's, except that a Ctrl-C before the serving coroutine runs (between the serving line
+            and uvicorn taking over the signals) no longer also prints "coroutine 'Server.serve' was never
+            awaited": the coroutine is closed, and the interrupt goes on as any other."""
+            try:
+                super().run(sockets=sockets)
+            except BaseException:
+                if self.serving is not None:
+                    self.serving.close()  # nothing to do for one that ran
+                raise
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             """uvicorn's, except that a Ctrl-C or SIGTERM that stopped the server is not raised again once it
