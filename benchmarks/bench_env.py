@@ -176,7 +176,8 @@ def main() -> None:
     print(f"{n_eps} episodes, {n_steps} gold steps, best of {args.repeats} passes")
     print(f"{'':22s} {'step() /s wall':>15s} {'step() /s CPU':>14s} {'episode /s wall':>16s} "
           f"{'episode /s CPU':>15s} {'reset ms':>9s}")
-    labels = {"qlass": "qlass ScienceWorldEnv", "stock": "stock ScienceWorldEnv", "stock_same_jvm": "stock, same JVM flags"}
+    labels = {"qlass": "qlass ScienceWorldEnv", "stock": "stock ScienceWorldEnv",
+              "stock_same_jvm": "stock, same JVM flags"}
     for name, label in labels.items():
         print(f"{label:22s} {report[f'{name}_wall_steps_per_s']:15.1f} {report[f'{name}_cpu_steps_per_s']:14.1f} "
               f"{report[f'{name}_wall_episode_steps_per_s']:16.1f} {report[f'{name}_cpu_episode_steps_per_s']:15.1f} "

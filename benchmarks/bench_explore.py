@@ -162,7 +162,8 @@ def main() -> None:
     schedules = replay_schedules(env, trees, tasks)
     env.close()
     probes = sum(int(t.stats.get("probe_steps", 0)) for t in trees)  # steps of probes that made no node
-    assert schedules["explorer"]["env_steps"] == summary["env_steps"] - probes, "explorer's recorded steps != its schedule"
+    assert schedules["explorer"]["env_steps"] == summary["env_steps"] - probes, \
+        "explorer's recorded steps != its schedule"
     report: dict[str, Any] = {
         "trees": summary["trees"], "nodes": summary["nodes"], "edges": summary["edges"],
         "explorer_env_steps_per_edge": summary["env_steps_per_edge"],

@@ -45,7 +45,8 @@ from qlass.policy.openai import LLAMA_CPP_PLAIN, OpenAIPolicy
 from qlass.types import Message
 
 THINGS = ["living thing", "animal", "plant", "non-living thing", "electrical conductor", "insulator"]
-BOXES = ["purple box in the workshop", "red box in the kitchen", "green box in the bathroom", "orange box in the hallway"]
+BOXES = ["purple box in the workshop", "red box in the kitchen", "green box in the bathroom",
+         "orange box in the hallway"]
 
 
 def task_text(k: int) -> str:
@@ -157,7 +158,8 @@ def main() -> None:
           f"{min(report['prompt_tokens'])}-{max(report['prompt_tokens'])} tokens")
     print("   n  HF tok/s  llama.cpp tok/s  ratio (llama.cpp/HF)  HF s/call  llama.cpp s/call")
     for s in summary:
-        print(f"{s['n']:4d}  {s['hf_tok_per_s']:8.1f}  {s['llamacpp_tok_per_s']:15.1f}  {s['ratio_llamacpp_over_hf']:19.2f}x"
+        print(f"{s['n']:4d}  {s['hf_tok_per_s']:8.1f}  {s['llamacpp_tok_per_s']:15.1f}  "
+              f"{s['ratio_llamacpp_over_hf']:19.2f}x"
               f"  {s['hf_call_s']:9.2f}  {s['llamacpp_call_s']:16.2f}")
 
 

@@ -116,7 +116,8 @@ def bench_turns(model: Path, kw: dict, histories: list[list[Message]], marks: li
                        "reuse_prefilled": reuse.prefill_tokens - before, "reuse_s": secs}
     for t in marks:
         _, secs = timed(fresh.sample, [histories[t - 1]], 1, 0.0, max_new, 0)
-        rows[t].update(fresh_s=secs, speedup=secs / rows[t]["reuse_s"], vs_turn1=rows[t]["reuse_s"] / rows[1]["reuse_s"])
+        rows[t].update(fresh_s=secs, speedup=secs / rows[t]["reuse_s"],
+                       vs_turn1=rows[t]["reuse_s"] / rows[1]["reuse_s"])
     # Turn 1 of a second episode: the instruction prefix is still cached, only the task turn is new.
     other = sciworld_prefix()[:-1] + [Message("user", "Your task is to find a(n) animal.\n" + observation(3))]
     before = reuse.prefill_tokens
@@ -154,17 +155,20 @@ def main() -> None:
                                   args.repeats)
     turns = bench_turns(model, kw, histories, marks, args.max_new_tokens)
 
-    report = {"model": str(model), "device": str(policy.device), "threads": args.threads, "repeats": args.repeats, "autocast": args.autocast,
+    report = {"model": str(model), "device": str(policy.device), "threads": args.threads, "repeats": args.repeats,
+              "autocast": args.autocast,
               "max_new_tokens": args.max_new_tokens, "candidates_prompt_tokens": n_prompt,
               "candidates": candidates, "turns": turns}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-    print(f"model {model.name}, device {policy.device}, threads {args.threads}, autocast {args.autocast}, max_new_tokens {args.max_new_tokens}")
+    print(f"model {model.name}, device {policy.device}, threads {args.threads}, autocast {args.autocast}, "
+          f"max_new_tokens {args.max_new_tokens}")
     print(f"\nM candidates at a {n_prompt}-token prompt (temperature 0.7; best of {args.repeats}):")
     print("   M  tokens  shared tok/s  separate tok/s  speedup  same")
     for r in candidates:
-        print(f"{r['M']:4d}  {r['completion_tokens']:6d}  {r['shared_tok_per_s']:12.1f}  {r['separate_tok_per_s']:14.1f}"
+        print(f"{r['M']:4d}  {r['completion_tokens']:6d}  {r['shared_tok_per_s']:12.1f}  "
+              f"{r['separate_tok_per_s']:14.1f}"
               f"  {r['speedup']:6.2f}x  {r['same_outputs']}")
     print("\nPer-turn latency (greedy), with cache reuse vs full prefill each turn:")
     print(" turn  prompt  new(prefilled)  completion  reuse s  no-reuse s  speedup  reuse vs turn 1")
@@ -173,7 +177,8 @@ def main() -> None:
               f"  {r['reuse_s']:7.2f}  {r['fresh_s']:10.2f}  {r['speedup']:6.2f}x  {r['vs_turn1']:6.2f}x")
     t1 = turns[0]
     print(f"\nturn 1 of a later episode (instruction prefix cached, {t1['warm_prefilled']} tokens prefilled): "
-          f"{t1['warm_reuse_s']:.2f} s; turn {turns[-1]['turn']} / that = {turns[-1]['reuse_s'] / t1['warm_reuse_s']:.2f}x")
+          f"{t1['warm_reuse_s']:.2f} s; turn {turns[-1]['turn']} / that = "
+          f"{turns[-1]['reuse_s'] / t1['warm_reuse_s']:.2f}x")
     m4 = next((r for r in candidates if r["M"] == 4), None)
     if m4:
         print(f"target shared prefill >= 2x at M=4: {m4['speedup']:.2f}x")

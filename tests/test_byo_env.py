@@ -41,7 +41,8 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
         "explore": {"limit": 2, "skip": 2, "max_new_tokens": 6, "max_depth": 2, "max_nodes": 12},
         "qnet": {"epochs": 1, "batch_size": 2, "val_fraction": 0.5, "max_length": 512, "max_action_tokens": 32},
         "eval": {"limit": 2, "max_steps": 3,
-                 "methods": ["greedy:max_new_tokens=6", "best-of-n:n=2,max_new_tokens=6", "qlass:m=2,max_new_tokens=6"]},
+                 "methods": ["greedy:max_new_tokens=6", "best-of-n:n=2,max_new_tokens=6",
+                             "qlass:m=2,max_new_tokens=6"]},
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -79,7 +80,8 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
     oracle = subprocess.run([sys.executable, "-m", "qlass", "eval", "--model", str(run_dir / "sft"), "--qnet",
                              str(run_dir / "qnet"), "--env", "toy_envs:Corridor", "--env-arg", "step_limit=4",
                              "--method", "qlass:m=2,max_new_tokens=6", "--oracle-terminal", "--limit", "1",
-                             "--max-steps", "3", "--out", str(tmp_path / "oracle")], env=env, capture_output=True, text=True)
+                             "--max-steps", "3", "--out", str(tmp_path / "oracle")],
+                            env=env, capture_output=True, text=True)
     assert oracle.returncode == 0, oracle.stderr[-3000:]
     assert "| corridor | seen | qlass(m=2)[oracle] | 1 |" in oracle.stdout
     (rec,) = read_jsonl(tmp_path / "oracle" / "records.jsonl")
@@ -114,16 +116,20 @@ class _Broken(Corridor):
 @pytest.mark.parametrize("method,answer,message", [
     ("step", lambda r: (r.observation, r.reward, r.done), "step() returned a tuple, not a StepResult"),
     ("step", lambda r: StepResult(7, r.reward, r.done), "step() returned an observation of type int, not a string"),
-    ("step", lambda r: StepResult(r.observation, "0.5", r.done), "step() returned reward '0.5'; it must be a finite number"),
+    ("step", lambda r: StepResult(r.observation, "0.5", r.done),
+     "step() returned reward '0.5'; it must be a finite number"),
     ("step", lambda r: StepResult(r.observation, float("nan"), r.done), "step() returned reward nan"),
     ("step", lambda r: StepResult(r.observation, True, r.done), "step() returned reward True"),
-    ("step", lambda r: StepResult(r.observation, r.reward, None), "step() returned done None; it must be true or false"),
-    ("step", lambda r: StepResult(r.observation, 7.0, r.done), "step() returned reward 7.0; rewards are scores in [0, 1]"),
+    ("step", lambda r: StepResult(r.observation, r.reward, None),
+     "step() returned done None; it must be true or false"),
+    ("step", lambda r: StepResult(r.observation, 7.0, r.done),
+     "step() returned reward 7.0; rewards are scores in [0, 1]"),
     ("step", lambda r: StepResult(r.observation, -3.0, r.done), "step() returned reward -3.0; rewards are scores in"),
     ("step", lambda r: StepResult("room \ud800", r.reward, r.done), "step() returned an observation that is not valid "
                                                                      "Unicode (it holds a lone surrogate"),
     ("reset", "Task: \udc00", "reset('corridor/0') returned an observation that is not valid Unicode"),
-    ("step", lambda r: StepResult(r.observation, r.reward, r.done, ["x"]), "step() returned info of type list, not a dict"),
+    ("step", lambda r: StepResult(r.observation, r.reward, r.done, ["x"]),
+     "step() returned info of type list, not a dict"),
     ("step", RuntimeError("simulator crashed"), "step() raised RuntimeError: simulator crashed (at "),
     ("reset", None, "reset('corridor/0') returned a NoneType, not the first observation as a string"),
     ("reset", KeyError("room"), "reset('corridor/0') raised KeyError: 'room'"),
@@ -160,7 +166,8 @@ def test_a_user_environment_error_is_a_message_from_the_cli(tmp_path: Path) -> N
                              "--env", "test_byo_env:CrashingCorridor", "--limit", "1", "--out",
                              str(tmp_path / "t.jsonl")], env=env, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "environment test_byo_env:CrashingCorridor: step() raised RuntimeError: simulator crashed (at " in result.stderr
+    assert ("environment test_byo_env:CrashingCorridor: step() raised RuntimeError: simulator crashed (at "
+            in result.stderr)
     assert "test_byo_env.py:" in result.stderr
 
 
@@ -198,7 +205,8 @@ class Odd(Corridor):
     ("prompt", [Message("user", "Walk \ud800")], "prompt() returned message 0 that is not valid Unicode"),
     ("prompt", [Message("robot", "Walk east.")], "prompt()[0] has role 'robot'; a message's role is one of system, "
                                                  "user, assistant"),
-    ("prompt", FileNotFoundError("prompts/corridor.txt"), "prompt() raised FileNotFoundError: prompts/corridor.txt (at "),
+    ("prompt", FileNotFoundError("prompts/corridor.txt"),
+     "prompt() raised FileNotFoundError: prompts/corridor.txt (at "),
     ("splits", None, "splits() returned a NoneType, not a dict of split names to task counts"),
     ("splits", {"train": "6"}, "splits() gives 'train': '6'; each split must be a name"),
     ("splits", RuntimeError("cannot list splits"), "splits() raised RuntimeError: cannot list splits"),

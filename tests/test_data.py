@@ -157,7 +157,8 @@ def test_mixed_or_unknown_turn_shapes_name_file_record_and_field(tmp_path: Path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert ("mixed.jsonl, line 1 (id 't0'): conversations[2]: has 'role'/'content' keys but earlier turns have "
             "'from'/'value'") in result.stderr
-    assert "mixed.jsonl, line 2 (id 'both'): conversations[1]: mixes 'from'/'value' with 'role'/'content'" in result.stderr
+    assert ("mixed.jsonl, line 2 (id 'both'): conversations[1]: mixes 'from'/'value' with 'role'/'content'"
+            in result.stderr)
     assert ("mixed.jsonl, line 3 (id 'neither'): conversations[4]: expected an object with 'from' and 'value' or "
             "'role' and 'content', got a JSON object with keys ['speaker', 'text']") in result.stderr
     assert "mixed.jsonl, line 4 (id 'two'): fields 'conversations' and 'messages': both present" in result.stderr
@@ -172,7 +173,8 @@ def test_unknown_role_and_late_system_turn(tmp_path: Path) -> None:
     result = qlass_cli("data", "validate", str(write(tmp_path, [tool, late], "roles.json")))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "roles.json, record 0 (id 't0'): messages[3].role: 'tool' is not a known role" in result.stderr
-    assert "roles.json, record 1 (id 'late'): messages[2].role: a system turn may only be the first turn" in result.stderr
+    assert ("roles.json, record 1 (id 'late'): messages[2].role: a system turn may only be the first turn"
+            in result.stderr)
 
 
 def test_valid_json_of_another_shape_is_not_called_invalid(tmp_path: Path) -> None:

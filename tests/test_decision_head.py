@@ -38,7 +38,8 @@ def decision_file(path: Path, tasks: int, split: str = "seen", first: int = 0, s
         for step in (0, 3):
             cands = [candidate(rng.choice(BAD), 0.1, -0.2, True), candidate(rng.choice(GOOD), 0.9, -0.8, False)]
             rows.append({"schema_version": 1, "env": "toy", "split": split, "task": f"toy/{t}", "task_type": "toy",
-                         "step": step, "prefix": ["Thought: go on\nAction: wait"] * step, "history": history, "played": 0, "samples": 2, "truncated": 0,
+                         "step": step, "prefix": ["Thought: go on\nAction: wait"] * step, "history": history,
+                         "played": 0, "samples": 2, "truncated": 0,
                          "candidates": cands})
             history = history + [{"role": "assistant", "content": cands[0]["output"]},
                                  {"role": "user", "content": "Observation: " + " ".join(rng.choices(FILLER, k=4))}]

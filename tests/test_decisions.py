@@ -361,7 +361,8 @@ def test_anchor_rankers_are_scored_on_the_decisions_that_have_an_anchor() -> Non
     assert rows["likelihood"]["accuracy"] == pytest.approx(0.5)
     assert rows["qnet"]["vs"]["anchor"]["regret"]["mean_diff"] == pytest.approx(0.25)
     assert groups["all"]["decisions"] == 3
-    assert rows["likelihood"]["accuracy"] != next(r for r in groups["all"]["rows"] if r["ranker"] == "likelihood")["accuracy"]
+    pooled = next(r for r in groups["all"]["rows"] if r["ranker"] == "likelihood")
+    assert rows["likelihood"]["accuracy"] != pooled["accuracy"]
     text = markdown(result)
     assert "1 decision(s) have no greedy anchor" in text and f"## {ANCHORED}: 2 decisions" in text
     assert "Δ accuracy % vs anchor" in text.split(f"## {ANCHORED}")[1]
@@ -540,7 +541,8 @@ def test_offset_continues_where_a_limit_stopped_and_exclusions_come_first() -> N
     assert not set(first) & set(second) and len(second) == 8
     assert sorted(first + second) == sorted(ids(7))
     assert ids(None, offset=8) == ["corridor/8", "corridor/108", "corridor/9", "corridor/109"]
-    kept = split_tasks(lambda: Corridor(tasks_per_split=10), "corridor", ["train"], None, 3, 0, {"corridor/0", "corridor/2"})
+    kept = split_tasks(lambda: Corridor(tasks_per_split=10), "corridor", ["train"], None, 3, 0,
+                       {"corridor/0", "corridor/2"})
     assert [t.id for t in kept[1]] == ["corridor/1", "corridor/3", "corridor/4"]
     with pytest.raises(QlassError, match=r"no tasks in split 'train' .* after skipping the first 10 \(offset\)"):
         ids(None, offset=10)
@@ -613,7 +615,8 @@ def test_a_decisions_file_not_named_jsonl_is_refused(tmp_path: Path) -> None:
     """``--out runs/dec`` and ``--out runs/dec.jsonl`` shared the sidecars dec.config.yaml and
     dec.tasks.jsonl (by stem), under different locks: the second run found the first's tasks finished
     and collected nothing, silently."""
-    collect_decisions(Fork, Fork().tasks("seen")[:1], ScriptedPolicy(), DecisionConfig(m=3, k=2), tmp_path / "dec.jsonl")
+    collect_decisions(Fork, Fork().tasks("seen")[:1], ScriptedPolicy(), DecisionConfig(m=3, k=2),
+                      tmp_path / "dec.jsonl")
     for name in ("dec", "dec.txt"):
         with pytest.raises(QlassError, match=rf"{name}: a decisions file is named NAME.jsonl"):
             collect_decisions(Fork, Fork().tasks("seen")[:1], ScriptedPolicy(), DecisionConfig(m=3, k=2),

@@ -63,7 +63,8 @@ def test_bad_pairs_are_named_by_record_and_field(tmp_path: Path) -> None:
         load_pairs(path)
     text = str(err.value)
     for expected in (f"{path}, line 2 (id 'pair-x'): field 'rejected': missing",
-                     "line 3 (id 'pair-1'): fields 'chosen' and 'rejected': the prompts (instruction and task turns) differ",
+                     "line 3 (id 'pair-1'): fields 'chosen' and 'rejected': the prompts "
+                     "(instruction and task turns) differ",
                      "line 4 (id 'pair-3'): fields 'chosen' and 'rejected': the same conversation",
                      "line 5 (id 'pair-4'): field 'chosen.reward': 0.0 is below the rejected one's 1.0",
                      "line 6 (id 'pair-5'): field 'rejected': ",
@@ -159,7 +160,8 @@ def test_cli_lora_run(tiny_model_dir, tmp_path: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "cli").state_dict()
     assert set(merged) == set(base)
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
     bad = subprocess.run(cmd[:-2] + ["--set", "beta=0"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "beta must be > 0" in bad.stderr
 

@@ -70,7 +70,8 @@ class Rooms:
 
     def prompt(self) -> list[Message]:
         return [Message("system", "You play a text game."),
-                Message("user", "Actions: go to <room>, take key, open chest, look.\nAnswer as:\nThought: ...\nAction: ..."),
+                Message("user",
+                        "Actions: go to <room>, take key, open chest, look.\nAnswer as:\nThought: ...\nAction: ..."),
                 Message("assistant", "OK")]
 
     def reset(self, task: Task) -> str:
@@ -484,7 +485,8 @@ def test_max_branches_counts_rolled_out_branches_not_nodes() -> None:
 # -- every distinct alternative; the order of the expert steps ----------------------------------
 def expert_step_samples(tree: Tree, parent: int, n: int) -> set[str]:
     """The distinct actions the explorer's seeded policy call at ``parent`` gave (same seed, same history)."""
-    outs = ScriptedPolicy().sample([tree.history(parent)], n, 0.7, 128, seed=stable_seed(tree.seed, "expand", parent))[0]
+    outs = ScriptedPolicy().sample([tree.history(parent)], n, 0.7, 128,
+                                   seed=stable_seed(tree.seed, "expand", parent))[0]
     return {normalise_action(c.text) for c in outs}
 
 
@@ -527,7 +529,8 @@ def test_uncertain_first_gives_siblings_to_the_least_likely_expert_steps_first()
     policy = ScoringPolicy()
     tree = tree_for(0, policy=policy, expert_order="uncertain-first", max_branches=2, graft_share=0.5)
     expert = [n for n in tree.nodes if n.source == "expert"]
-    logprobs = [lp for lp, _ in policy.score_outputs([tree.history(e.parent) for e in expert], [e.output for e in expert])]
+    scored = policy.score_outputs([tree.history(e.parent) for e in expert], [e.output for e in expert])
+    logprobs = [lp for lp, _ in scored]
     assert tree.stats["expert_logprobs"] == [round(lp, 4) for lp in logprobs]
     order = sorted(range(len(expert)), key=lambda i: (logprobs[i], i))
     assert tree.stats["expert_order"] == [expert[i].depth for i in order] != [1, 2, 3, 4]
@@ -541,7 +544,8 @@ def test_uncertain_first_gives_siblings_to_the_least_likely_expert_steps_first()
 def grafted_siblings(tree: Tree) -> list[tuple[int, str]]:
     """(expert step's parent, action) of the sampled siblings of expert steps, in creation order."""
     expert_ids = {n.id for n in tree.nodes if n.source in ("root", "expert")}
-    return [(n.parent, normalise_action(n.output)) for n in tree.nodes if n.source == "sample" and n.parent in expert_ids]
+    return [(n.parent, normalise_action(n.output)) for n in tree.nodes
+            if n.source == "sample" and n.parent in expert_ids]
 
 
 def test_expert_order_all_gives_every_step_a_sibling_before_any_gets_a_second() -> None:
@@ -550,9 +554,11 @@ def test_expert_order_all_gives_every_step_a_sibling_before_any_gets_a_second() 
         parents = [p for p, _ in siblings]
         steps = len(set(parents))
         assert len(set(parents[:steps])) == steps, f"task {task}: {parents}"
-        assert sorted(siblings) == sorted(grafted_siblings(tree_for(task, candidates=4))), "the same siblings, reordered"
+        reordered = grafted_siblings(tree_for(task, candidates=4))
+        assert sorted(siblings) == sorted(reordered), "the same siblings, reordered"
     root_first = tree_for(0, candidates=4)
-    parents = [n.parent for n in root_first.nodes if n.source == "sample" and root_first.nodes[n.parent].source != "sample"]
+    parents = [n.parent for n in root_first.nodes
+               if n.source == "sample" and root_first.nodes[n.parent].source != "sample"]
     assert parents[0] == parents[1], "root-first grows all of a step's siblings before the next step"
 
 
@@ -697,7 +703,8 @@ def test_pipeline_explores_no_expert_task(tmp_path: Path) -> None:
     env = Corridor()
     all_tasks = env.tasks("train")
     save_trajectories(tmp_path / "expert.json", export_expert(env, all_tasks, per_task_type=3).trajectories)
-    config = {"run_dir": str(tmp_path / "run"), "env": "toy_envs:Corridor", "expert": {"data": str(tmp_path / "expert.json")},
+    config = {"run_dir": str(tmp_path / "run"), "env": "toy_envs:Corridor",
+              "expert": {"data": str(tmp_path / "expert.json")},
               "explore": {"exclude_expert": True, "limit": 2}}
     chosen = _exploration_tasks(resolve(config, "cfg.yaml"), all_tasks, "cfg.yaml")
     assert [t.id for t in chosen] == ["corridor/3", "corridor/4"]

@@ -456,7 +456,8 @@ class ShownCorridor(Corridor):
 
     def prompt(self) -> list[Message]:
         return [Message("user", "You walk through a corridor of rooms to a goal room. Actions: go east, go west, "
-                                "look.\nAnswer every turn with two lines:\nThought: <your reasoning>\nAction: <one action>"),
+                                "look.\nAnswer every turn with two lines:\nThought: <your reasoning>\n"
+                                "Action: <one action>"),
                 Message("assistant", "OK"),
                 Message("user", "Task: reach the goal 1 rooms east. You are in room 0."),
                 Message("assistant", "Thought: The goal is one room east of me, so I walk east.\nAction: go east")]

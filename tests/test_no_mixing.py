@@ -108,7 +108,8 @@ def test_eval_resume_with_other_model_qnet_seed_env_or_policy_option_is_refused(
     invoke(eval_args(out))
     assert len(read_jsonl(records)) == 4
     saved = yaml.safe_load(config.read_text())
-    assert (saved["model"], saved["qnet"], saved["seed"], saved["env_args"]) == ("model-a", "qnet-a", 0, {"step_limit": 5})
+    assert (saved["model"], saved["qnet"], saved["seed"], saved["env_args"]) == ("model-a", "qnet-a", 0,
+                                                                                 {"step_limit": 5})
     for named, changed, extra in (("model: 'model-a' → 'model-b'", {"model": "model-b"}, []),
                                   ("qnet: 'qnet-a' → 'qnet-b'", {"qnet": "qnet-b"}, []),
                                   ("seed: 0 → 7", {"seed": "7"}, []),

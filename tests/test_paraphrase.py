@@ -119,8 +119,9 @@ def test_webshop_constraints_keep_options_price_and_attributes() -> None:
     assert goal.options == (("color", "black"), ("size", "16 inch")) and goal.price == "40.00"
     assert goal.body == "i need a long clip-in hair extension which is natural looking"
     cons = goal_constraints("webshop", SHOP, attributes=("natural looking", "heat resistant"))
+    # an attribute the text lacks is not required
     assert [c.describe() for c in cons] == ["option 'black'", "option '16 inch'", "price '40.00'",
-                                            "attribute 'natural looking'"]  # an attribute the text lacks is not required
+                                            "attribute 'natural looking'"]
     ok = "Find me a natural-looking long clip in hair extension, black, 16 inches, for under $40."
     assert check_paraphrase(cons, SHOP, ok) == []
     assert check_paraphrase(cons, SHOP, ok.replace("black", "brown")) == ["drops option 'black'"]
@@ -140,20 +141,24 @@ def test_webshop_constraints_keep_options_price_and_attributes() -> None:
 
 
 BOIL = ("Your task is to boil water. For compounds without a boiling point, combusting the substance is also "
-        "acceptable. First, focus on the substance. Then, take actions that will cause it to change its state of matter.")
+        "acceptable. First, focus on the substance. Then, take actions that will cause it to change its "
+        "state of matter.")
 MELT = ("Your task is to measure the melting point of tin, which is located around the kitchen. First, focus on the "
         "thermometer. Next, focus on the tin. If the melting point of tin is above 200.0 degrees, focus on the orange "
         "box. If the melting point of tin is below 200.0 degrees, focus on the yellow box.")
-FIND = "Your task is to find a(n) non-living thing. First, focus on the thing. Then, move it to the purple box in the workshop."
+FIND = ("Your task is to find a(n) non-living thing. First, focus on the thing. Then, move it to the purple box in "
+        "the workshop.")
 
 
 def test_sciworld_constraints_keep_the_target_action_boxes_rooms_and_numbers() -> None:
     assert [c.term for c in goal_constraints("sciworld", BOIL)] == ["water", "substance", "boil"]
     assert [c.term for c in goal_constraints("sciworld", MELT)] == [
         "tin", "thermometer", "orange box", "yellow box", "kitchen", "200.0"]
-    assert [c.term for c in goal_constraints("sciworld", FIND)] == ["non-living thing", "thing", "purple box", "workshop"]
+    assert [c.term for c in goal_constraints("sciworld", FIND)] == ["non-living thing", "thing", "purple box",
+                                                                    "workshop"]
     boil = goal_constraints("sciworld", BOIL)
-    assert check_paraphrase(boil, BOIL, "Bring the water to boiling: focus on the substance first, then change its state.") == []
+    assert check_paraphrase(boil, BOIL,
+                            "Bring the water to boiling: focus on the substance first, then change its state.") == []
     assert check_paraphrase(boil, BOIL, "Freeze the water after you focus on the substance.") == ["drops action 'boil'"]
     melt = goal_constraints("sciworld", MELT)
     kept = ("In the kitchen, find tin's melting point: focus on the thermometer, then on the tin; above 200 degrees "
@@ -200,7 +205,8 @@ def test_templates_reword_and_keep_every_constraint() -> None:
              "alfworld": ["Your task is to: put a clean apple in fridge.",
                           "Your task is to: heat some egg and put it in countertop.",
                           "Your task is to: look at alarmclock under the desklamp.",
-                          "Your task is to: put two cellphone in bed.", "Your task is to: put some spraybottle on toilet.",
+                          "Your task is to: put two cellphone in bed.",
+                          "Your task is to: put some spraybottle on toilet.",
                           "Your task is to: cool some lettuce and put it in diningtable."]}
     for env, cases in texts.items():
         for text in cases:
@@ -214,7 +220,8 @@ def test_templates_reword_and_keep_every_constraint() -> None:
 def test_task_text_is_found_in_each_envs_task_turn() -> None:
     shop = Task("webshop/3", "webshop", "seen", "beauty", {"instruction": SHOP})
     assert task_text("webshop", shop, f"WebShop [SEP] Instruction: [SEP] {SHOP} [SEP] Search") == SHOP
-    assert task_text("webshop", Task("webshop/3", "webshop", "seen"), f"WebShop [SEP] Instruction: [SEP] {SHOP} [SEP] Search") == SHOP
+    assert task_text("webshop", Task("webshop/3", "webshop", "seen"),
+                     f"WebShop [SEP] Instruction: [SEP] {SHOP} [SEP] Search") == SHOP
     sci = Task("sciworld/boil/0", "sciworld", "train")
     assert task_text("sciworld", sci, f"{BOIL}\nThis room is called the kitchen.") == BOIL
     alf = Task("alfworld/x", "alfworld", "train")
@@ -228,7 +235,8 @@ def test_task_text_is_found_in_each_envs_task_turn() -> None:
 
 def test_paraphrase_prompt_replaces_the_task_in_every_user_turn_only() -> None:
     history = [Message("user", "Walk."), Message("assistant", "the goal 2"), Message("user", "Task: the goal 2 east."),
-               Message("assistant", "Thought: t.\nAction: look"), Message("user", "Observation: Task: the goal 2 east.")]
+               Message("assistant", "Thought: t.\nAction: look"),
+               Message("user", "Observation: Task: the goal 2 east.")]
     out = paraphrase_prompt(history, "the goal 2 east", "two rooms east")
     assert [m.content for m in out] == ["Walk.", "the goal 2", "Task: two rooms east.", "Thought: t.\nAction: look",
                                         "Observation: Task: two rooms east."]
@@ -427,7 +435,8 @@ def test_qlass_candidates_after_the_first_see_the_paraphrase_and_the_episode_kee
                  QlassConfig(m=3, paraphrase=str(path), diverse=True, max_steps=1))
     (plain, _), (second, _), (third, _) = policy.requests
     assert plain[2].content == original(task)
-    assert second[2].content == f"{para}\n\nGive another reasonable response. Its action must differ from this action: 'go east'."
+    assert second[2].content == (f"{para}\n\nGive another reasonable response. Its action must differ from this "
+                                 "action: 'go east'.")
     assert third[2].content.startswith(para) and third[2].content.endswith("'go east', 'look'.")
     # a task missing from the cache is named
     with pytest.raises(QlassError, match="no paraphrase of task 'corridor/0'"):
@@ -442,7 +451,8 @@ def test_exploration_alternatives_see_the_paraphrase_and_the_tree_keeps_the_task
     path = cache_for(tmp_path, [task])
     para = load_paraphrases(path).entries[task.split, task.id].paraphrase
     cfg = ExploreConfig(max_depth=1, candidates=3, max_steps=4, expert_graft=False, paraphrase=str(path))
-    assert explore_digest(cfg) != explore_digest(ExploreConfig(max_depth=1, candidates=3, max_steps=4, expert_graft=False))
+    assert explore_digest(cfg) != explore_digest(ExploreConfig(max_depth=1, candidates=3, max_steps=4,
+                                                               expert_graft=False))
     policy = Walker()
     tree = build_tree(env, policy, task, cfg, seed=0)
     (plain, n0), (perturbed, n1), *rollouts = policy.requests
@@ -471,7 +481,8 @@ def test_cli_builds_resumes_and_refuses(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "3 tasks paraphrased this run: 2 by the model, 0 from templates, 1 left as they were" in done.stdout
     assert len(read_jsonl(out)) == 4
-    refused = subprocess.run(cmd[:-1] + ["samples=3"], check=False, env=env, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(cmd[:-1] + ["samples=3"], check=False, env=env, capture_output=True, text=True,
+                             timeout=300)
     assert refused.returncode == 2 and "sampling.samples: 2 → 3" in refused.stderr and "Traceback" not in refused.stderr
     template = subprocess.run(cmd[:10] + ["--source", "template", "--out", str(tmp_path / "t.jsonl")], check=False,
                               env=env, capture_output=True, text=True, timeout=300)

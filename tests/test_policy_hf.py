@@ -36,7 +36,8 @@ def _full_forward_greedy(policy: HFPolicy, ids: list[int], steps: int) -> tuple[
     total = 0.0
     with torch.no_grad():
         for _ in range(steps):
-            logp = torch.log_softmax(policy.model(input_ids=torch.tensor([ids + gen], device=policy.device)).logits[0, -1].float(), -1)
+            logits = policy.model(input_ids=torch.tensor([ids + gen], device=policy.device)).logits
+            logp = torch.log_softmax(logits[0, -1].float(), -1)
             gen.append(int(logp.argmax()))
             total += float(logp[gen[-1]])
     return gen, total
@@ -148,8 +149,8 @@ def test_conversations_played_side_by_side_keep_their_caches_with_one_slot_each(
 
 
 def test_truncation_keeps_task_and_newest_turns(policy: HFPolicy) -> None:
-    turns = [Message("assistant", f"Thought: t{i}\nAction: a{i}") if i % 2 == 0 else Message("user", f"Observation: o{i}")
-             for i in range(60)]
+    turns = [Message("assistant", f"Thought: t{i}\nAction: a{i}") if i % 2 == 0
+             else Message("user", f"Observation: o{i}") for i in range(60)]
     long = HIST + turns
     small = HFPolicy(policy.model_dir, max_length=160)
     ids = small.encode(long, reserve=40)

@@ -36,7 +36,8 @@ KEY = "sk-test-5f0c1d9e"
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 HIST = [Message("user", "You are an agent in a house. Answer with two lines:\nThought: <reasoning>\nAction: <action>"),
         Message("assistant", "OK"),
-        Message("user", "Your task is to find a plant. This room is called the kitchen. You see a door to the hallway.")]
+        Message("user",
+                "Your task is to find a plant. This room is called the kitchen. You see a door to the hallway.")]
 LONGER = HIST + [Message("assistant", "Thought: Plants grow outside.\nAction: go to hallway"),
                  Message("user", "Observation: You move to the hallway. You see a door to the outside.")]
 
@@ -206,7 +207,8 @@ def scripted() -> Iterator[Any]:
 def ok(*texts: str, usage: dict[str, int] | None = None, chat: bool = True) -> tuple[int, dict[str, str], Any, float]:
     """A 200 reply in the chat (``message.content``) or completions (``text``) shape."""
     reply: dict[str, Any] = {"choices": [
-        {"index": i, "finish_reason": "stop", **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
+        {"index": i, "finish_reason": "stop",
+         **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
         for i, t in enumerate(texts)]}
     if usage is not None:
         reply["usage"] = usage
@@ -279,7 +281,8 @@ def test_fewer_choices_than_n_are_topped_up_with_candidate_seeds(scripted: Any) 
 def test_tokens_counted_when_usage_is_missing_or_shared(scripted: Any) -> None:
     tok_dir = default_tokenizer_dir()
     texts = ("Thought: short\nAction: go", "Thought: a somewhat longer thought here\nAction: open door")
-    server = scripted(ok(*texts, chat=False), ok(*texts, usage={"prompt_tokens": 7, "completion_tokens": 100}, chat=False))
+    server = scripted(ok(*texts, chat=False),
+                      ok(*texts, usage={"prompt_tokens": 7, "completion_tokens": 100}, chat=False))
     policy = OpenAIPolicy(server.url, model="m", tokenizer=tok_dir, backoff=0.01)
     counted = [len(policy.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     first = policy.sample([LONGER], n=2, temperature=1.0, max_new_tokens=30)[0]
@@ -365,7 +368,8 @@ GOOD = {"role": "assistant", "content": "Thought: t\nAction: wait"}
     ("chat", {"choices": ["Thought: t"]}, r"choices\[0\] is a string"),
     ("chat", _chat(message="Thought: t"), r"choices\[0\]\.message is a string"),
     ("chat", _chat(message={"role": "assistant", "content": 5}), r"choices\[0\]\.message\.content is a number"),
-    ("chat", _chat(message={"role": "assistant", "content": ["Thought: t"]}), r"choices\[0\]\.message\.content is a list"),
+    ("chat", _chat(message={"role": "assistant", "content": ["Thought: t"]}),
+     r"choices\[0\]\.message\.content is a list"),
     ("completions", _chat(text=5), r"choices\[0\]\.text is a number"),
     ("chat", {**_chat(message=GOOD), "usage": [50, 9]}, "usage is a list"),
     ("chat", {**_chat(message=GOOD), "usage": {"prompt_tokens": "ten", "completion_tokens": 9}},
@@ -403,8 +407,8 @@ def test_malformed_replies_name_the_url_and_the_field(scripted: Any, endpoint: s
 
 
 def test_max_length_drops_oldest_turns_before_sending(scripted: Any) -> None:
-    turns = [Message("assistant", f"Thought: t{i}\nAction: a{i}") if i % 2 == 0 else Message("user", f"Observation: o{i}")
-             for i in range(40)]
+    turns = [Message("assistant", f"Thought: t{i}\nAction: a{i}") if i % 2 == 0
+             else Message("user", f"Observation: o{i}") for i in range(40)]
     server = scripted(ok("Thought: t\nAction: wait", usage=USAGE, chat=False))
     policy = OpenAIPolicy(server.url, model="m", tokenizer=default_tokenizer_dir(), max_length=200, backoff=0.01)
     policy.sample([HIST + turns], 1, 0.0, 50)
@@ -427,7 +431,8 @@ def test_pipeline_samples_through_a_policy_server(llama_server: str, tiny_model_
     tests = Path(__file__).parent
     run_dir = tmp_path / "run"
     config = {
-        "run_dir": str(run_dir), "model": str(tiny_model_dir), "env": "toy_envs:Corridor", "env_args": {"step_limit": 3},
+        "run_dir": str(run_dir), "model": str(tiny_model_dir), "env": "toy_envs:Corridor",
+        "env_args": {"step_limit": 3},
         "policy_server": llama_server, "policy": {"model": "smol", "api_key_env": "QLASS_TEST_API_KEY"},
         "expert": {"per_task": 2},
         "sft": {"epochs": 1, "batch_size": 2, "micro_batch": 2, "val_fraction": 0.0},
@@ -445,7 +450,8 @@ def test_pipeline_samples_through_a_policy_server(llama_server: str, tiny_model_
     assert done.returncode == 0 and "stopped after stage sft" in done.stdout, done.stderr[-3000:]
     assert (run_dir / "sft" / "model.safetensors").exists() and not (run_dir / "trees.jsonl").exists()
     closed = f"http://127.0.0.1:{_free_port()}/v1"  # a server that is not there: exploration must fail
-    path.write_text(yaml.safe_dump({**config, "policy_server": closed, "policy": {**config["policy"], "max_retries": 0}}))
+    path.write_text(yaml.safe_dump({**config, "policy_server": closed,
+                                    "policy": {**config["policy"], "max_retries": 0}}))
     done = subprocess.run([sys.executable, "-m", "qlass", "run", str(path)], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and closed.removesuffix("/v1") in done.stderr, done.stderr[-3000:]
     assert not (run_dir / "trees.jsonl").exists() or not (run_dir / "trees.jsonl").read_text()

@@ -47,7 +47,8 @@ def test_input_is_the_policy_prompt_followed_by_the_action(qnet: QNet) -> None:
 def naive_values(qnet: QNet, history: list[Message], candidates: list[str]) -> list[float]:
     """The reference way: one full forward of the HF classifier per candidate."""
     with torch.no_grad():
-        return [float(qnet.model(input_ids=torch.tensor([qnet.encode(history, c)], device=qnet.model.device)).logits[0, 0])
+        return [float(qnet.model(input_ids=torch.tensor([qnet.encode(history, c)],
+                                                        device=qnet.model.device)).logits[0, 0])
                 for c in candidates]
 
 

@@ -194,7 +194,8 @@ def test_select_best_keeps_the_best_validation_epoch(tiny_model_dir: Path, tmp_p
     assert saved["kept_epoch"] == best["epoch"] and saved["kept_by"] == "best validation pair accuracy"
     assert saved["qnet"] == result["qnet"]
     assert {k: saved["qnet"][k] for k in ("epoch", "step", "mse", "pair_accuracy", "pairs", "n")} == {
-        "epoch": best["epoch"], "step": best["step"], "mse": best["val_mse"], "pair_accuracy": best["val_pair_accuracy"],
+        "epoch": best["epoch"], "step": best["step"], "mse": best["val_mse"],
+        "pair_accuracy": best["val_pair_accuracy"],
         "pairs": best["val_pairs"], "n": best["val_records"]}
     best = saved["qnet"]
     preds = [json.loads(x) for x in (out / "val_predictions.jsonl").read_text().splitlines()]

@@ -231,7 +231,8 @@ def test_gradient_checkpointing_trains_the_same_qnet(tiny_model_dir: Path, tmp_p
     opts = {**CFG, "epochs": 1, "rank": "dueling", "pair_weight": 0.5, "eval_before": False, "baseline": False,
             "threads": 1, "lora": lora, "lora_r": 4, "lora_dropout": 0.0}
     plain = train_qnet(data, tiny_model_dir, tmp_path / "plain", QNetTrainConfig(**opts))
-    recomputed = train_qnet(data, tiny_model_dir, tmp_path / "ckpt", QNetTrainConfig(**opts, gradient_checkpointing=True))
+    recomputed = train_qnet(data, tiny_model_dir, tmp_path / "ckpt",
+                            QNetTrainConfig(**opts, gradient_checkpointing=True))
     assert recomputed["qnet"]["mse"] == pytest.approx(plain["qnet"]["mse"], rel=1e-4)
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain").state_dict()
     b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").state_dict()

@@ -58,7 +58,8 @@ def test_a_failed_trial_is_reflected_on_and_the_next_trial_sees_it() -> None:
     assert policy.prompts[2][:2] == policy.prompts[0][:2]
     # every token is counted: 2 acting turns (20/5 each) and one reflection (30/7)
     assert (traj.meta["prompt_tokens"], traj.meta["completion_tokens"], traj.meta["env_steps"]) == (70, 17, 2)
-    assert [m.content for m in traj.messages][-2:] == [A, "Observation: You win."]  # the recorded trajectory is the last trial
+    # the recorded trajectory is the last trial
+    assert [m.content for m in traj.messages][-2:] == [A, "Observation: You win."]
 
 
 def test_trials_stop_at_the_limit_and_memory_keeps_the_latest() -> None:

@@ -29,7 +29,8 @@ def test_ids_equal_whole_string_and_mask_covers_assistant_turns(tiny_model_dir) 
     ids, mask = encode_conversation(tok, CONV, add_generation_prompt=False)
     assert tok.decode(ids) == render(tok, CONV, add_generation_prompt=False)
     trained = tok.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == "OK<|im_end|>\nThought: go.\nAction: go to greenhouse<|im_end|>\nThought: found.\nAction: focus on pea plant<|im_end|>\n"
+    assert trained == ("OK<|im_end|>\nThought: go.\nAction: go to greenhouse<|im_end|>\nThought: found.\n"
+                       "Action: focus on pea plant<|im_end|>\n")
 
 
 def test_prefix_stable_across_turns(tiny_model_dir) -> None:
@@ -41,8 +42,8 @@ def test_prefix_stable_across_turns(tiny_model_dir) -> None:
 
 
 def test_truncation_keeps_prefix_and_newest_turns() -> None:
-    long = CONV + [Message("user", f"Observation: {i}") if i % 2 == 0 else Message("assistant", f"Thought: t\nAction: a{i}")
-                   for i in range(11)]
+    long = CONV + [Message("user", f"Observation: {i}") if i % 2 == 0
+                   else Message("assistant", f"Thought: t\nAction: a{i}") for i in range(11)]
     keep = default_keep_prefix(long)
     assert keep == 3
     cut = truncate_history(long, keep, lambda msgs: len(msgs) <= 7)

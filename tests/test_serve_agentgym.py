@@ -143,7 +143,8 @@ def _start(args: list[str], seconds: float = 180) -> tuple[subprocess.Popen, str
     """``qlass serve ARGS --protocol agentgym`` on a free loopback port, once it answers ``GET /``."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", *args, "--protocol", "agentgym", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "qlass", "serve", *args, "--protocol", "agentgym", "--port",
+                             str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -378,7 +379,8 @@ def test_webshop_agentgym_client_buys_the_goal() -> None:
             assert done == (n == len(outputs) - 1)
         assert reward == local_result.reward > 0
         status, answer = client.request("POST", "/step", {"env_idx": 12345, "action": "search[x]"})
-        assert status == 500 and "unknown environment id 12345" in answer["error"]  # AgentGym's WebShop server fails with 500
+        # AgentGym's WebShop server fails with 500
+        assert status == 500 and "unknown environment id 12345" in answer["error"]
         assert client.post("close", {}) is True
     finally:
         _stop(proc)

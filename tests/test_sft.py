@@ -187,7 +187,8 @@ def test_lora_merges_into_plain_model(tiny_model_dir, tmp_path: Path) -> None:
     assert config["architectures"] == ["LlamaForCausalLM"] and not (out / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert set(merged) == set(base)
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_cli_trains_and_rejects_unknown_option(tiny_model_dir, tmp_path: Path) -> None:
@@ -196,7 +197,8 @@ def test_cli_trains_and_rejects_unknown_option(tiny_model_dir, tmp_path: Path) -
     cfg.write_text("epochs: 1\nbatch_size: 2\nlr: 1e-3\nval_fraction: 0.25\nthreads: 1\n")
     cmd = [sys.executable, "-m", "qlass", "sft", "--data", str(data), "--model", str(tiny_model_dir),
            "--config", str(cfg)]
-    bad = subprocess.run(cmd + ["--out", str(tmp_path / "x"), "--set", "epoch=2"], capture_output=True, text=True, check=False)
+    bad = subprocess.run(cmd + ["--out", str(tmp_path / "x"), "--set", "epoch=2"], capture_output=True, text=True,
+                         check=False)
     assert bad.returncode == 2 and "--set" in bad.stderr and "'epoch' (did you mean 'epochs'?)" in bad.stderr
     ok = subprocess.run(cmd + ["--out", str(tmp_path / "cli"), "--set", "micro_batch=1", "--set", "autocast=true"],
                         capture_output=True, text=True, check=False)  # bf16 mixed precision on the CPU

@@ -120,9 +120,12 @@ def test_tree_round_trip_and_history(tmp_path: Path) -> None:
     assert [t.tree_id for t in back] == ["t/0", "t/1"]
     assert back[0].to_dict() == tree.to_dict()
     assert back[0].history(4) == [Message("system", "sys"), Message("user", "rules"), Message("user", "start"),
-                                  Message("assistant", "Thought: t1\nAction: a1"), Message("user", "Observation: obs 1"),
-                                  Message("assistant", "Thought: t3\nAction: a3"), Message("user", "Observation: obs 3"),
-                                  Message("assistant", "Thought: t4\nAction: a4"), Message("user", "Observation: obs 4")]
+                                  Message("assistant", "Thought: t1\nAction: a1"),
+                                  Message("user", "Observation: obs 1"),
+                                  Message("assistant", "Thought: t3\nAction: a3"),
+                                  Message("user", "Observation: obs 3"),
+                                  Message("assistant", "Thought: t4\nAction: a4"),
+                                  Message("user", "Observation: obs 4")]
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -329,7 +332,8 @@ def test_schema_1_trees_read_with_rollout_0_and_schema_2_round_trips(tmp_path: P
         del node["rollout"]
     back = tree_from_dict(old)
     assert all(n.rollout == 0 for n in back.nodes) and compute_q(back) == compute_q(make_tree(MIXED))
-    for mutate, message in [(lambda r: r["nodes"][6].update(rollout=1), "field 'rollout' must be 0, or >= 1 on a 'rollout' node"),
+    for mutate, message in [(lambda r: r["nodes"][6].update(rollout=1),
+                             "field 'rollout' must be 0, or >= 1 on a 'rollout' node"),
                             (lambda r: r["nodes"][3].update(rollout=-1), "field 'rollout' must be 0"),
                             (lambda r: r["nodes"][3].pop("rollout"), "nodes[3]: missing field 'rollout'")]:
         bad = json.loads(json.dumps(tree.to_dict()))

@@ -284,7 +284,8 @@ GOAL = Goal(asin=SHIRT.asin, instruction="i need a blue shirt", attributes=("mac
             options={"color": "blue", "size": "x-large"}, price_upper=20.0, query=SHIRT.query,
             category=SHIRT.category, product_category=SHIRT.product_category, name=SHIRT.title)
 MUG = Product(
-    asin="B0TEST0002", title="Ceramic Coffee Mug Set", description="Dishwasher safe mugs.", bullet_points=["Short sleeve"],
+    asin="B0TEST0002", title="Ceramic Coffee Mug Set", description="Dishwasher safe mugs.",
+    bullet_points=["Short sleeve"],
     price_tag="$12.0", pricing=[12.0], options={}, attributes=["machine washable", "short sleeve"],
     category="garden", query="coffee mugs", product_category="Home & Kitchen › Kitchen & Dining › Mugs")
 TOWEL = Product(
@@ -478,13 +479,15 @@ def test_original_layout_streamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(webshop_catalog, "_CHUNK", 7)  # records cross many read boundaries
     env = WebShopEnv(data_dir=tmp_path, test_size=1)
     shirt, mug = env.shop.products
-    assert (shirt.title, shirt.price_tag, shirt.pricing, shirt.query) == ("Red Cotton Shirt", "$12.99 to $15.0", [12.99, 15.0], "shirts")
+    assert (shirt.title, shirt.price_tag, shirt.pricing, shirt.query) == ("Red Cotton Shirt", "$12.99 to $15.0",
+                                                                          [12.99, 15.0], "shirts")
     assert shirt.options == {"color": ["navy | blue", "red"], "size": ["large"]}
     assert (mug.price_tag, mug.options, mug.attributes) == ("$100.0", {}, ["DUMMY_ATTR"])
     assert 12.99 <= env.shop.prices[shirt.asin] <= 15.0
     assert env.splits() == {"train": 1, "seen": 1}
     assert sorted(g.instruction for g in env.shop.goals) == [
-        f"i need a cotton shirt with color: {c}, and size: large, and price lower than {env.shop.goals[0].price_upper:.2f} dollars"
+        f"i need a cotton shirt with color: {c}, and size: large, and price lower than "
+        f"{env.shop.goals[0].price_upper:.2f} dollars"
         for c in ("navy | blue", "red")]
     task = env.tasks("seen")[0]
     assert replay_expert(env, task, env.expert(task)).reward == 1.0

@@ -16,7 +16,8 @@ import typer
 from . import interrupt
 from .errors import QlassError
 
-COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run", "serve", "view", "rft", "eto", "paraphrase"]
+COMMAND_MODULES = ["data", "envs", "model", "train", "explore", "qnet", "evaluate", "report", "decisions", "run",
+                   "serve", "view", "rft", "eto", "paraphrase"]
 
 app = typer.Typer(
     name="qlass",

@@ -3,9 +3,9 @@
 Average rewards over a few dozen tasks differ by chance; since every method plays the same tasks,
 the honest comparison is paired: per task, a method's reward minus the baseline's. ``paired_rows``
 gives, per (env, split) and method, the mean difference with a percentile bootstrap interval (95%
-unless asked otherwise; tasks resampled with replacement, seeded) and the wins, ties and losses against the baseline; where
-a method and the baseline share tasks of more than one split of an environment, one more row (split
-``all``) pools them, each (split, task) counted once.
+unless asked otherwise; tasks resampled with replacement, seeded) and the wins, ties and losses
+against the baseline; where a method and the baseline share tasks of more than one split of an
+environment, one more row (split ``all``) pools them, each (split, task) counted once.
 """
 
 from __future__ import annotations

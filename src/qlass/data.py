@@ -70,7 +70,8 @@ class ValidationReport:
             shown = self.errors[:MAX_REPORTED]
             more = len(self.errors) - len(shown)
             text = "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
-            raise DataError(self.path, f"{self.invalid_records} invalid record(s), {len(self.errors)} problem(s):\n{text}")
+            raise DataError(self.path, f"{self.invalid_records} invalid record(s), {len(self.errors)} "
+                                       f"problem(s):\n{text}")
 
 
 def load_records(path: Path) -> list[Any]:
@@ -262,7 +263,8 @@ def _step_problems(steps: Any) -> list[str]:
         if unknown or missing:
             problems.append(f"field 'steps[{i}]': " + "; ".join(
                 ([f"unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else []) +
-                ([f"missing {', '.join(map(repr, missing))}"] if missing else [])) + f" (keys: {', '.join(STEP_FIELDS)})")
+                ([f"missing {', '.join(map(repr, missing))}"] if missing else []))
+                + f" (keys: {', '.join(STEP_FIELDS)})")
         for name, kinds in STEP_FIELDS.items():
             value = step.get(name)
             if name in step and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):

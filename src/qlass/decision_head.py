@@ -178,7 +178,8 @@ def cv_markdown(result: dict[str, Any]) -> str:
     """The decision report of cross-validated head values, with a line on how they were obtained."""
     kept = ", ".join(f"fold {f['fold']}: l2 {f['l2']:g} on {'contrasts' if f['contrast'] else 'records'}"
                      for f in result["folds"])
-    note = (f"\nThe `qnet` rankers in these tables use a head-only QNet cross-validated by task ({len(result['folds'])} folds): "
+    note = ("\nThe `qnet` rankers in these tables use a head-only QNet cross-validated by task "
+            f"({len(result['folds'])} folds): "
             "each decision is valued by a head fitted on other tasks' decisions"
             + (f" and {result['extra_decisions']} extra decisions" if result["extra_decisions"] else "")
             + f"; the head's settings were picked by an inner cross-validation on its training tasks ({kept}).\n")

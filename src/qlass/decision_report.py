@@ -215,7 +215,8 @@ def score_decisions(records: Sequence[dict[str, Any]], q: Sequence[Sequence[floa
     values = [[float(c["mean"]) for c in r["candidates"]] for r in records]
     scores = {}
     for name, pick in rankers(records, q, cfg).items():
-        scores[name] = np.array([_random(v) if pick is None else _pick_outcome(v, pick(i)) for i, v in enumerate(values)])
+        scores[name] = np.array([_random(v) if pick is None else _pick_outcome(v, pick(i))
+                                 for i, v in enumerate(values)])
     anchored = np.array([bool(r["candidates"][0]["anchor"]) for r in records])
     irreversible = np.array([any(c["terminal"] for c in r["candidates"]) for r in records])
     splits = np.array([r["split"] for r in records])

@@ -121,8 +121,8 @@ def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]]
         cfg = configs.get(rec.get("method"))
         diff = ", ".join(differences(rec.get("config") or {}, cfg)) if cfg is not None else ""
         if diff:
-            raise QlassError(f"{path}: line {i + 1} (method {rec['method']!r}, task {rec.get('task')!r}): field 'config' "
-                             f"differs from this run's ({diff}); use another output folder for these settings")
+            raise QlassError(f"{path}: line {i + 1} (method {rec['method']!r}, task {rec.get('task')!r}): field "
+                             f"'config' differs from this run's ({diff}); use another output folder for these settings")
 
 
 @writes_to("out_dir", folder=True)

@@ -164,8 +164,8 @@ def explore_tasks(
     todo = [t for t in tasks if t.id not in done]
     missing = cfg.paraphrases.missing(todo) if cfg.paraphrases is not None else []
     if missing:
-        raise QlassError(f"{cfg.paraphrase}: no paraphrase of {len(missing)} task(s) to explore (first: {missing[0]!r}); "
-                         "add them with qlass paraphrase")
+        raise QlassError(f"{cfg.paraphrase}: no paraphrase of {len(missing)} task(s) to explore (first: "
+                         f"{missing[0]!r}); add them with qlass paraphrase")
     if len(todo) < len(tasks):
         log.info("resuming: %d of %d trees already in %s", len(tasks) - len(todo), len(tasks), path)
     jobs = [(t, tree_seed(seed, t)) for t in todo]

@@ -203,7 +203,8 @@ class TreeBuilder:
         if completion is not None:
             apply_output(env, messages, steps, completion)
         first_id = len(self.tree.nodes)
-        seed = stable_seed(self.seed, "rollout", first_id) if rollout == 0 else stable_seed(self.seed, "rollout", parent, rollout)
+        seed = (stable_seed(self.seed, "rollout", first_id) if rollout == 0
+                else stable_seed(self.seed, "rollout", parent, rollout))
         if completion is None or not steps[-1].done:
             yield from play(env, messages, steps, self.episode, seed)
             self.stats["rollouts"] += 1

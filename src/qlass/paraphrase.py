@@ -235,7 +235,8 @@ def _settings(policy: object, cfg: ParaphraseConfig, seed: int, settings: dict[s
     out = {**with_model_files(settings or {}), "source": "model" if policy is not None else "template", "seed": seed,
            "request_version": REQUEST_VERSION}
     if policy is not None:
-        out["sampling"] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("runtime")}
+        out["sampling"] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                           if not f.metadata.get("runtime")}
     return out
 
 

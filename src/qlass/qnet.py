@@ -139,7 +139,8 @@ class QNet:
 
         path = Path(path)
         require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
-        for name, value, low in (("threads", threads, 1), ("max_length", max_length, 2), ("cache_slots", cache_slots, 0)):
+        limits = (("threads", threads, 1), ("max_length", max_length, 2), ("cache_slots", cache_slots, 0))
+        for name, value, low in limits:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise QlassError(f"QNet option {name} must be an integer >= {low}, got {value!r}")
         if threads:
@@ -154,7 +155,8 @@ class QNet:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
         model.to(resolve_device(device))
         tokenizer = load_tokenizer(path)
-        return cls(model, tokenizer, meta.get("max_length", 4096) if max_length is None else max_length, meta.get("max_action_tokens", 256),
+        return cls(model, tokenizer, meta.get("max_length", 4096) if max_length is None else max_length,
+                   meta.get("max_action_tokens", 256),
                    bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"),
                    cache_slots)
 

@@ -340,9 +340,10 @@ def result_markdown(result: dict[str, Any]) -> list[str]:
     kept = result["kept"]
     lines = [(f"Head-only QNet: {result['records']} records from {result['trees']} trees; kept l2 {kept['l2']:g}, "
               f"{'sibling contrasts' if kept['contrast'] else 'plain records'}."), "",
-             (f"{result['settings']['folds']}-fold cross-validation by tree (held-out sibling pairs, 95% tree-bootstrap "
-              "intervals):"), "",
-             "| l2 | fit on | head pair accuracy | 95% interval | SFT log-lik (per token) | head − log-lik [95%] | pairs |",
+             (f"{result['settings']['folds']}-fold cross-validation by tree (held-out sibling pairs, 95% "
+              "tree-bootstrap intervals):"), "",
+             "| l2 | fit on | head pair accuracy | 95% interval | SFT log-lik (per token) | head − log-lik [95%] "
+             "| pairs |",
              "|---|---|---|---|---|---|---|"]
     for res in result["cross_validation"]:
         head, lik = res["rankers"].get("qnet", {}), res["rankers"].get("sft_loglik", {})
@@ -352,8 +353,10 @@ def result_markdown(result: dict[str, Any]) -> list[str]:
             return "n/a" if x is None else f"{x:.3f}"
 
         ci = head.get("ci95")
-        lines.append(f"| {res['l2']:g} | {'contrasts' if res['contrast'] else 'records'} | {fmt(head.get('pair_accuracy'))} "
+        lines.append(f"| {res['l2']:g} | {'contrasts' if res['contrast'] else 'records'} | "
+                     f"{fmt(head.get('pair_accuracy'))} "
                      f"| {'n/a' if not ci else f'{ci[0]:.3f} – {ci[1]:.3f}'} | {fmt(lik.get('pair_accuracy'))} | "
-                     + ("n/a" if not diff else f"{diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]")
+                     + ("n/a" if not diff else f"{diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, "
+                                               f"{diff['ci95'][1]:+.3f}]")
                      + f" | {head.get('pairs', 0)} |")
     return lines

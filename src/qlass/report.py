@@ -120,7 +120,8 @@ def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 tokens = [sum(tr["completion_tokens"] for tr in ts) + sum(tr.get("reflection_completion_tokens", 0)
                                                                           for tr in ts[:-1]) for ts in played]
                 points.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": t,
-                               "completion_tokens": _mean(tokens), "avg_reward": _mean([ts[-1]["reward"] for ts in played])})
+                               "completion_tokens": _mean(tokens),
+                               "avg_reward": _mean([ts[-1]["reward"] for ts in played])})
         elif rs[0]["method_name"] in ("qlass", "greedy", "sample"):
             param = rs[0]["config"].get("m", 1)
             points.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": param,
@@ -218,7 +219,8 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = 
                + paired_table(paired, confidence))
     write_text_atomic(out_dir / "results.md", md)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["env", "split", "curve", "budget_param", "completion_tokens", "avg_reward"])
+    writer = csv.DictWriter(buf, fieldnames=["env", "split", "curve", "budget_param", "completion_tokens",
+                                             "avg_reward"])
     writer.writeheader()
     writer.writerows(points)
     write_text_atomic(out_dir / "budget.csv", buf.getvalue())
@@ -247,7 +249,8 @@ def side_by_side(sides: dict[str, Sequence[dict[str, Any]]], resamples: int = 10
         row: dict[str, Any] = {"env": key[0], "split": key[1], "method": key[2], "tasks": len(tasks), "sides": {}}
         for label in labels:
             vals = [reward[label][key][t] for t in tasks]
-            row["sides"][label] = {"avg_reward": _mean(vals), "success_rate": _mean([float(v >= 1.0 - 1e-9) for v in vals])}
+            row["sides"][label] = {"avg_reward": _mean(vals),
+                                   "success_rate": _mean([float(v >= 1.0 - 1e-9) for v in vals])}
         for label in labels[1:]:
             diffs = [reward[label][key][t] - reward[labels[0]][key][t] for t in tasks]
             low, high = bootstrap_interval(diffs, resamples, seed, confidence)

@@ -124,7 +124,8 @@ def _validate(path: Path, what: str, name: str) -> bool:
         report = validate_file(path)
         n_turns = sum(len(t.messages) for t in report.trajectories)
         typer.echo(f"{name}: {report.records} records, {len(report.trajectories)} valid, "
-                   f"{report.invalid_records} invalid ({len(report.errors)} problems), {n_turns} turns in valid records")
+                   f"{report.invalid_records} invalid ({len(report.errors)} problems), {n_turns} turns in valid "
+                   "records")
         for err in report.errors:
             typer.echo(err.replace(str(path), name), err=True)
         return report.ok

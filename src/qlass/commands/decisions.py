@@ -39,21 +39,30 @@ def register(app: typer.Typer) -> None:
 
     @dec_app.command("collect")
     def collect(
-        model: str | None = typer.Option(None, help="Policy: model folder, 'default', server URL (http://.../v1) or package.module:Class."),
+        model: str | None = typer.Option(None, help="Policy: model folder, 'default', server URL (http://.../v1) or "
+                                                    "package.module:Class."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: list[str] = typer.Option(["seen"], help="Split(s) to play (repeatable; interleaved as in qlass eval)."),
         task_types: str | None = typer.Option(None, help="Comma-separated task types to keep."),
-        limit: int | None = typer.Option(None, min=1, help="At most this many tasks per split (round-robin over task types; may grow on rerun)."),
-        offset: int = typer.Option(0, min=0, help="Skip the first N tasks of each split's round-robin order: a second collector with --offset 30 takes the tasks after a first one's --limit 30."),
-        exclude_tasks_of: Path | None = typer.Option(None, dir_okay=False, help="Leave out the tasks of this trajectory file (e.g. the expert/SFT data, to collect training-split decisions on tasks the SFT model never saw)."),
-        out: Path = typer.Option(Path("runs/decisions/decisions.jsonl"), dir_okay=False, help="Decisions file to append to (resumable); NAME.config.yaml and NAME.tasks.jsonl go beside it."),
+        limit: int | None = typer.Option(None, min=1,
+            help="At most this many tasks per split (round-robin over task types; may grow on rerun)."),
+        offset: int = typer.Option(0, min=0, help="Skip the first N tasks of each split's round-robin order: a second "
+                                                  "collector with --offset 30 takes the tasks after a first one's "
+                                                  "--limit 30."),
+        exclude_tasks_of: Path | None = typer.Option(None, dir_okay=False,
+            help="Leave out the tasks of this trajectory file (e.g. the expert/SFT data, to collect training-split "
+                 "decisions on tasks the SFT model never saw)."),
+        out: Path = typer.Option(Path("runs/decisions/decisions.jsonl"), dir_okay=False,
+            help="Decisions file to append to (resumable); NAME.config.yaml and NAME.tasks.jsonl go beside it."),
         config: Path | None = typer.Option(None, dir_okay=False, help="YAML file with DecisionConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override a DecisionConfig option: key=value (repeatable)."),
-        concurrency: int | None = typer.Option(None, min=1, help="Episodes live at once (sets the concurrency option)."),
+        concurrency: int | None = typer.Option(None, min=1,
+            help="Episodes live at once (sets the concurrency option)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value (repeatable)."),
         seed: int = typer.Option(0, help="Run seed (every draw's seed is derived from it)."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every DecisionConfig option with its default and help, then exit."),
+        list_options: bool = typer.Option(False, "--list-options",
+            help="Print every DecisionConfig option with its default and help, then exit."),
     ) -> None:
         """Play the policy on a split, find decision states and value every candidate by K rollouts."""
         from ..config import describe, load_config, parse_kv
@@ -67,7 +76,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(describe(DecisionConfig))
             return
         if model is None:
-            raise QlassError("qlass decisions collect needs --model (a model folder, 'default', a server URL or module:Class)")
+            raise QlassError("qlass decisions collect needs --model (a model folder, 'default', a server URL or "
+                             "module:Class)")
         overrides = parse_kv(set_, "--set")
         if concurrency is not None:
             overrides["concurrency"] = concurrency
@@ -91,15 +101,21 @@ def register(app: typer.Typer) -> None:
 
     @dec_app.command("report")
     def report(
-        decisions: list[Path] = typer.Argument(..., dir_okay=False, help="Decision files written by `qlass decisions collect`."),
+        decisions: list[Path] = typer.Argument(..., dir_okay=False,
+            help="Decision files written by `qlass decisions collect`."),
         out: Path = typer.Option(..., file_okay=False, help="Folder for decisions.md and decisions.json."),
-        qnet: Path | None = typer.Option(None, file_okay=False, help="QNet folder: adds the qnet, qnet+β·likelihood and anchor+margin rankers."),
-        qnet_arg: list[str] = typer.Option([], help="QNet.load option key=value, e.g. threads=1 or device=cpu (repeatable)."),
+        qnet: Path | None = typer.Option(None, file_okay=False,
+            help="QNet folder: adds the qnet, qnet+β·likelihood and anchor+margin rankers."),
+        qnet_arg: list[str] = typer.Option([], help="QNet.load option key=value, e.g. threads=1 or device=cpu "
+                                                    "(repeatable)."),
         beta: list[float] = typer.Option([], help="β of a qnet+β·likelihood ranker (repeatable; default 0.1, 0.3, 1)."),
-        margin: list[float] = typer.Option([], help="τ of an anchor+margin ranker (repeatable; default 0.05, 0.1, 0.2)."),
+        margin: list[float] = typer.Option([], help="τ of an anchor+margin ranker (repeatable; default 0.05, 0.1, "
+                                                    "0.2)."),
         resamples: int = typer.Option(10_000, min=100, max=1_000_000, help="Bootstrap resamples per interval."),
         seed: int = typer.Option(0, min=0, help="Bootstrap seed."),
-        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings", help="Pool decision files collected with other settings (model, K, M, temperatures, seed, ...; see NAME.config.yaml); the differences are listed. By default such files are refused."),
+        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings",
+            help="Pool decision files collected with other settings (model, K, M, temperatures, seed, ...; see "
+                 "NAME.config.yaml); the differences are listed. By default such files are refused."),
     ) -> None:
         """Score rankers on the decisions: accuracy, regret, paired bootstrap intervals vs likelihood and anchor."""
         from ..config import build, parse_kv
@@ -128,9 +144,12 @@ def register(app: typer.Typer) -> None:
 
     @dec_app.command("to-qdata")
     def to_qdata(
-        decisions: list[Path] = typer.Argument(..., dir_okay=False, help="Decision files written by `qlass decisions collect`."),
+        decisions: list[Path] = typer.Argument(..., dir_okay=False,
+            help="Decision files written by `qlass decisions collect`."),
         out: Path = typer.Option(..., dir_okay=False, help="Q data file to write (qdata.jsonl format)."),
-        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings", help="Pool decision files collected with other settings (model, K, M, temperatures, seed, ...; see NAME.config.yaml); the differences are listed. By default such files are refused."),
+        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings",
+            help="Pool decision files collected with other settings (model, K, M, temperatures, seed, ...; see "
+                 "NAME.config.yaml); the differences are listed. By default such files are refused."),
     ) -> None:
         """Write decision states as Q data: one sibling group per decision, each candidate's Monte-Carlo
         value as its target, the task as its tree (for `qlass train-qnet-head` / `train-qnet`)."""
@@ -140,15 +159,22 @@ def register(app: typer.Typer) -> None:
 
     @dec_app.command("cv-head")
     def cv_head(
-        decisions: list[Path] | None = typer.Argument(None, dir_okay=False, help="Decision files to score (held out by task in turn)."),
-        out: Path | None = typer.Option(None, file_okay=False, help="Folder for features.jsonl (resumable), decisions.md and decision_cv.json."),
+        decisions: list[Path] | None = typer.Argument(None, dir_okay=False,
+            help="Decision files to score (held out by task in turn)."),
+        out: Path | None = typer.Option(None, file_okay=False,
+            help="Folder for features.jsonl (resumable), decisions.md and decision_cv.json."),
         model: str = typer.Option("default", help="SFT policy folder: the frozen backbone, or 'default'."),
-        extra: list[Path] = typer.Option([], dir_okay=False, help="Decision files used only for fitting, never scored (repeatable), e.g. from training tasks."),
+        extra: list[Path] = typer.Option([], dir_okay=False,
+            help="Decision files used only for fitting, never scored (repeatable), e.g. from training tasks."),
         config: Path | None = typer.Option(None, dir_okay=False, help="YAML file of QNetHeadConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override a QNetHeadConfig option: key=value (repeatable)."),
         resamples: int = typer.Option(10_000, min=100, max=1_000_000, help="Bootstrap resamples per interval."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every QNetHeadConfig option (--set, --config) with its default and help, then exit."),
-        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings", help="Pool decision files to score collected with other settings (model, K, M, temperatures, seed, ...; see NAME.config.yaml); the differences are listed. By default such files are refused (--extra files may differ: they only train)."),
+        list_options: bool = typer.Option(False, "--list-options",
+            help="Print every QNetHeadConfig option (--set, --config) with its default and help, then exit."),
+        allow_mixed: bool = typer.Option(False, "--allow-mixed-settings",
+            help="Pool decision files to score collected with other settings (model, K, M, temperatures, seed, ...; "
+                 "see NAME.config.yaml); the differences are listed. By default such files are refused (--extra files "
+                 "may differ: they only train)."),
     ) -> None:
         """Nested cross-validation by task of a head-only QNet on decision states, scored by the decision
         benchmark against the likelihood, anchor and random rankers. Rerun to resume the features."""

@@ -14,13 +14,19 @@ from ..errors import QlassError
 def register(app: typer.Typer) -> None:
     @app.command("eto")
     def eto_cmd(
-        model: Optional[Path] = typer.Option(None, file_okay=False, help="The SFT agent: a local model folder (it explores, then DPO trains it)."),
-        expert: Optional[Path] = typer.Option(None, dir_okay=False, help="The expert trajectories the SFT agent was trained on (the chosen side of each pair)."),
+        model: Optional[Path] = typer.Option(None, file_okay=False,
+            help="The SFT agent: a local model folder (it explores, then DPO trains it)."),
+        expert: Optional[Path] = typer.Option(None, dir_okay=False,
+            help="The expert trajectories the SFT agent was trained on (the chosen side of each pair)."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
-        out: Optional[Path] = typer.Option(None, file_okay=False, help="Output folder: round-K/ (explore/ records, pairs.jsonl, summary.json, dpo/ the agent of round K)."),
-        eto_set: list[str] = typer.Option([], "--eto", help="An ETO option key=value (repeatable), e.g. --eto iterations=3 --eto temperature=0.7; --list-options lists them."),
-        config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file of DPOConfig options for the DPO of every round."),
+        out: Optional[Path] = typer.Option(None, file_okay=False,
+            help="Output folder: round-K/ (explore/ records, pairs.jsonl, summary.json, dpo/ the agent of round K)."),
+        eto_set: list[str] = typer.Option([], "--eto",
+            help="An ETO option key=value (repeatable), e.g. --eto iterations=3 --eto temperature=0.7; --list-options "
+                 "lists them."),
+        config: Optional[Path] = typer.Option(None, dir_okay=False,
+            help="YAML file of DPOConfig options for the DPO of every round."),
         set_: list[str] = typer.Option([], "--set", help="Override one DPOConfig option, key=value (repeatable)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value for exploration (repeatable)."),
@@ -28,7 +34,9 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("local", help="Executor for exploration: local, process or ray."),
         workers: int = typer.Option(2, min=1, help="Worker processes / Ray actors (process and ray backends)."),
         concurrency: int = typer.Option(16, min=1, help="Episodes each worker plays at once in lockstep."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every ETO option (--eto) and DPOConfig option (--set, --config) with its default and help, then exit."),
+        list_options: bool = typer.Option(False, "--list-options",
+            help="Print every ETO option (--eto) and DPOConfig option (--set, --config) with its default and help, "
+                 "then exit."),
     ) -> None:
         """Exploration-based trajectory optimisation: the SFT agent plays the training tasks, each failure is
         paired with the expert trajectory of its task, DPO on the pairs; repeated for --eto iterations=N rounds.
@@ -38,7 +46,8 @@ def register(app: typer.Typer) -> None:
         from ..training.configs import DPOConfig
 
         if list_options:
-            typer.echo(describe_sections([("--eto (ETO options)", ETOConfig), ("--set / --config (DPOConfig)", DPOConfig)]))
+            typer.echo(describe_sections([("--eto (ETO options)", ETOConfig),
+                                          ("--set / --config (DPOConfig)", DPOConfig)]))
             return
         if model is None or expert is None or out is None:
             raise QlassError("qlass eto needs --model (the SFT agent's folder), --expert FILE and --out DIR")

@@ -27,31 +27,40 @@ def method_options() -> str:
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: Optional[str] = typer.Option(None, help="Policy: a local causal-LM folder, 'default', an OpenAI-compatible base URL (http://.../v1) or package.module:Class."),
+        model: Optional[str] = typer.Option(None, help="Policy: a local causal-LM folder, 'default', an "
+                                                       "OpenAI-compatible base URL (http://.../v1) or "
+                                                       "package.module:Class."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: list[str] = typer.Option(["seen"], help="Split(s) to evaluate (repeatable)."),
-        method: list[str] = typer.Option(["greedy"], help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood', 'reflexion:trials=3' (repeatable)."),
+        method: list[str] = typer.Option(["greedy"],
+            help="Method spec NAME[:k=v,...], e.g. greedy, 'qlass:m=2', 'best-of-n:n=4,select=likelihood', "
+                 "'reflexion:trials=3' (repeatable)."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
         limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks per split."),
         offset: int = typer.Option(0, min=0, help="Skip the first N tasks of each split's round-robin order "
                                    "(e.g. the tasks a decision benchmark used: --offset 40 --limit 30)."),
-        qnet: Optional[Path] = typer.Option(None, file_okay=False, help="QNet folder (for qlass and best-of-n select=qnet)."),
-        max_steps: Optional[int] = typer.Option(None, min=1, help="Step limit per episode (sets every method's max_steps)."),
+        qnet: Optional[Path] = typer.Option(None, file_okay=False,
+            help="QNet folder (for qlass and best-of-n select=qnet)."),
+        max_steps: Optional[int] = typer.Option(None, min=1,
+            help="Step limit per episode (sets every method's max_steps)."),
         oracle_terminal: bool = typer.Option(False, "--oracle-terminal", help="The reference code's shortcut for every "
                                              "qlass method: episode-ending candidates scored by the true reward "
                                              "(rows labelled \\[oracle]; same as qlass:oracle_terminal=true)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value, e.g. autocast=true (repeatable)."),
         seed: int = typer.Option(0, help="Run seed."),
-        backend: str = typer.Option("local", help="Executor: local, process or ray (each worker loads its own policy, QNet and env)."),
+        backend: str = typer.Option("local", help="Executor: local, process or ray (each worker loads its own policy, "
+                                                  "QNet and env)."),
         workers: int = typer.Option(2, min=1, help="Worker processes / Ray actors (process and ray backends)."),
         concurrency: int = typer.Option(16, min=1, help="Episodes each worker plays at once in lockstep (one batched "
                                         "policy call and one batched QNet call per wave; results do not depend "
                                         "on it). A local model's cache_slots is raised to hold every live "
                                         "conversation unless --policy-arg cache_slots=N is given."),
         ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
-        out: Path = typer.Option(Path("runs/eval"), file_okay=False, help="Run folder: records.jsonl (resumable), results.md/json, budget curve."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every method's options with their defaults and help, then exit."),
+        out: Path = typer.Option(Path("runs/eval"), file_okay=False,
+            help="Run folder: records.jsonl (resumable), results.md/json, budget curve."),
+        list_options: bool = typer.Option(False, "--list-options",
+            help="Print every method's options with their defaults and help, then exit."),
     ) -> None:
         """Evaluate methods on a split: per-task records (resumable), a results table and budget curves."""
         from ..evaluate import run_evaluation

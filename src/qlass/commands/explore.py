@@ -23,14 +23,17 @@ def policy_factory(spec: str, options: dict[str, Any]) -> functools.partial:
 def register(app: typer.Typer) -> None:
     @app.command("explore")
     def explore_cmd(
-        model: Optional[str] = typer.Option(None, help="Policy: model folder, 'default', server URL (http://.../v1) or package.module:Class."),
+        model: Optional[str] = typer.Option(None, help="Policy: model folder, 'default', server URL (http://.../v1) or "
+                                                       "package.module:Class."),
         env: str = typer.Option("sciworld", help="Environment name or package.module:Class."),
         split: str = typer.Option("train", help="Split the tasks come from."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
         skip: int = typer.Option(0, min=0, help="Skip the first this-many tasks of each task type."),
-        exclude_tasks_of: Optional[Path] = typer.Option(None, dir_okay=False, help="Leave out the tasks of this trajectory file (e.g. the expert/SFT data)."),
+        exclude_tasks_of: Optional[Path] = typer.Option(None, dir_okay=False,
+            help="Leave out the tasks of this trajectory file (e.g. the expert/SFT data)."),
         limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks (round-robin over task types)."),
-        out: Path = typer.Option(Path("runs/explore/trees.jsonl"), dir_okay=False, help="trees.jsonl to append to (resumable)."),
+        out: Path = typer.Option(Path("runs/explore/trees.jsonl"), dir_okay=False,
+            help="trees.jsonl to append to (resumable)."),
         config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file with ExploreConfig options."),
         set_: list[str] = typer.Option([], "--set", help="Override an ExploreConfig option: key=value (repeatable)."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
@@ -38,11 +41,12 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Run seed (each tree's seed is derived from it and the task id)."),
         backend: str = typer.Option("local", help="Executor: local, process or ray."),
         workers: int = typer.Option(2, min=1, help="Worker processes / Ray actors (process and ray backends)."),
-        concurrency: int = typer.Option(8, min=1, help="Trees each worker builds at once in lockstep (batched policy calls); "
-                                               "the trees do not depend on it."),
+        concurrency: int = typer.Option(8, min=1,
+            help="Trees each worker builds at once in lockstep (batched policy calls); the trees do not depend on it."),
         ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster (ray backend)."),
         progress: bool = typer.Option(True, help="Show the progress display."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every ExploreConfig option with its default and help, then exit."),
+        list_options: bool = typer.Option(False, "--list-options",
+            help="Print every ExploreConfig option with its default and help, then exit."),
     ) -> None:
         """Build one exploration tree per task (paper stage 2) and append it to OUT; rerun to resume."""
         from ..config import describe, load_config, parse_kv
@@ -99,7 +103,8 @@ def register(app: typer.Typer) -> None:
         gamma: Optional[float] = typer.Option(
             None, min=0.0, max=1.0,
             help="Discount of Eq. 7 (default: the trees' own, explore's gamma: 0.9 unless set)."),
-        keep_intermediate: bool = typer.Option(False, help="Keep intermediate rewards (as score increments) instead of zeroing them."),
+        keep_intermediate: bool = typer.Option(False,
+            help="Keep intermediate rewards (as score increments) instead of zeroing them."),
         normalize: bool = typer.Option(False, help="Min-max normalise Q per tree."),
         max_per_tree: int = typer.Option(300, min=0, help="At most this many records per tree (0: no limit)."),
     ) -> None:

@@ -28,9 +28,12 @@ def register(app: typer.Typer) -> None:
 
     @model_app.command("export-gguf")
     def export_gguf_cmd(
-        sft_dir: Path = typer.Argument(..., help="An HF causal-LM folder (Llama architecture), e.g. `qlass sft`'s output."),
-        out: Path | None = typer.Option(None, "--out", help="GGUF file to write (default: SFT_DIR-DTYPE.gguf beside the folder)."),
-        dtype: str = typer.Option("f16", "--dtype", help="Type of the weight matrices: f16, f32 or bf16 (norms stay f32)."),
+        sft_dir: Path = typer.Argument(..., help="An HF causal-LM folder (Llama architecture), e.g. `qlass sft`'s "
+                                                 "output."),
+        out: Path | None = typer.Option(None, "--out",
+            help="GGUF file to write (default: SFT_DIR-DTYPE.gguf beside the folder)."),
+        dtype: str = typer.Option("f16", "--dtype",
+            help="Type of the weight matrices: f16, f32 or bf16 (norms stay f32)."),
     ) -> None:
         """Export SFT_DIR to one GGUF file with its tokenizer and chat template, for llama.cpp's server
         (then give the server's URL as the policy: `qlass eval --model http://HOST:PORT/v1`, or `policy_server` in a

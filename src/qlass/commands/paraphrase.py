@@ -18,13 +18,20 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("train", help="Split the tasks come from."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types to keep."),
         limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks (round-robin over task types)."),
-        source: Optional[str] = typer.Option(None, help="'template' (per-environment templates: webshop, sciworld, alfworld), or the policy that paraphrases: a model folder, 'default', an OpenAI-compatible base URL (http://.../v1) or package.module:Class."),
-        out: Optional[Path] = typer.Option(None, dir_okay=False, help="The cache (JSON Lines) to append to; rerun to resume or to add tasks."),
-        para_set: list[str] = typer.Option([], "--set", help="A sampling option key=value (repeatable): samples, temperature, max_new_tokens, batch."),
+        source: Optional[str] = typer.Option(None, help="'template' (per-environment templates: webshop, sciworld, "
+                                                        "alfworld), or the policy that paraphrases: a model folder, "
+                                                        "'default', an OpenAI-compatible base URL (http://.../v1) or "
+                                                        "package.module:Class."),
+        out: Optional[Path] = typer.Option(None, dir_okay=False,
+            help="The cache (JSON Lines) to append to; rerun to resume or to add tasks."),
+        para_set: list[str] = typer.Option([], "--set",
+            help="A sampling option key=value (repeatable): samples, temperature, max_new_tokens, batch."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         policy_arg: list[str] = typer.Option([], help="Policy option key=value (repeatable)."),
-        seed: int = typer.Option(0, help="Run seed (each task's samples and template variant are drawn from it and the task id)."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every sampling option (--set) with its default and help, then exit."),
+        seed: int = typer.Option(0, help="Run seed (each task's samples and template variant are drawn from it and the "
+                                         "task id)."),
+        list_options: bool = typer.Option(False, "--list-options",
+            help="Print every sampling option (--set) with its default and help, then exit."),
     ) -> None:
         """Paraphrase the task descriptions of a split, keep those that keep every goal constraint and cache
         them for the paraphrase option of `qlass explore` and the qlass method (task perturbation)."""

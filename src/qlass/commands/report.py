@@ -13,11 +13,14 @@ log = logging.getLogger(__name__)
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
-        records: list[Path] = typer.Argument(None, dir_okay=False, help="records.jsonl file(s) of one or more evaluation runs."),
-        out: Path = typer.Option(..., file_okay=False, help="Folder for results.md/json and budget.csv/png (sides.md/json with --side)."),
-        side: list[str] = typer.Option([], help="LABEL=RECORDS (repeatable, at least two; instead of RECORDS): the same methods "
-                                       "run under several settings, e.g. full=runs/a/eval/records.jsonl limited=runs/b/eval/records.jsonl "
-                                       "(paper Table 3), side by side with paired differences to the first."),
+        records: list[Path] = typer.Argument(None, dir_okay=False,
+            help="records.jsonl file(s) of one or more evaluation runs."),
+        out: Path = typer.Option(..., file_okay=False,
+            help="Folder for results.md/json and budget.csv/png (sides.md/json with --side)."),
+        side: list[str] = typer.Option([],
+            help="LABEL=RECORDS (repeatable, at least two; instead of RECORDS): the same methods run under several "
+                 "settings, e.g. full=runs/a/eval/records.jsonl limited=runs/b/eval/records.jsonl (paper Table 3), "
+                 "side by side with paired differences to the first."),
         all_tasks: bool = typer.Option(False, "--all-tasks", help="Average every method over all of its records, "
                                        "not only over the tasks every method played."),
         title: str = typer.Option("qlass results", help="Title of results.md."),

@@ -9,7 +9,8 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
         env: str = typer.Argument(..., help="Environment name (sciworld, alfworld, webshop) or package.module:Class."),
-        host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; the server has no authentication)."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; the server has no "
+                                                   "authentication)."),
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable)."),
         max_instances: int = typer.Option(64, min=1, help="At most this many environment instances open at once."),
@@ -18,7 +19,8 @@ def register(app: typer.Typer) -> None:
                                            "client is taken for dead; 0: never). GET /instances lists them."),
         limit_concurrency: int = typer.Option(256, min=1, help="Answer 503 beyond this many open connections or "
                                               "requests (each client keeps one connection)."),
-        docs: bool = typer.Option(False, "--docs", help="Also serve the interactive API pages (/docs, /redoc, /openapi.json)."),
+        docs: bool = typer.Option(False, "--docs", help="Also serve the interactive API pages (/docs, /redoc, "
+                                                        "/openapi.json)."),
         protocol: str = typer.Option("qlass", help="qlass: qlass's answers and task listings (for HttpEnv); agentgym: "
                                      "answer exactly as AgentGym's server for ENV (sciworld, alfworld, webshop), with "
                                      "its task indices, game variant and step limit."),

@@ -12,12 +12,18 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("sft")
     def sft(
-        data: Optional[Path] = typer.Option(None, dir_okay=False, help="Expert trajectories (conversation JSON/JSONL)."),
+        data: Optional[Path] = typer.Option(None, dir_okay=False,
+            help="Expert trajectories (conversation JSON/JSONL)."),
         model: str = typer.Option("default", help="Base causal-LM folder, or 'default' (SmolLM2-135M-Instruct)."),
-        out: Optional[Path] = typer.Option(None, file_okay=False, help="Output folder: the fine-tuned model (HF format), metrics.jsonl; checkpoint-N folders while training."),
-        config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file of SFTConfig options, e.g. configs/sft-cpu.yaml (defaults: paper Table 5)."),
-        set_: list[str] = typer.Option([], "--set", help="Override one option, key=value (repeatable), e.g. --set epochs=1."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every SFTConfig option with its default and help, then exit."),
+        out: Optional[Path] = typer.Option(None, file_okay=False,
+            help="Output folder: the fine-tuned model (HF format), metrics.jsonl; checkpoint-N folders while "
+                 "training."),
+        config: Optional[Path] = typer.Option(None, dir_okay=False,
+            help="YAML file of SFTConfig options, e.g. configs/sft-cpu.yaml (defaults: paper Table 5)."),
+        set_: list[str] = typer.Option([], "--set",
+            help="Override one option, key=value (repeatable), e.g. --set epochs=1."),
+        list_options: bool = typer.Option(False, "--list-options",
+            help="Print every SFTConfig option with its default and help, then exit."),
     ) -> None:
         """Fine-tune on the agent turns of expert trajectories (TRL SFTTrainer); rerun the same command to resume.
 
@@ -40,9 +46,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command("sft-export")
     def sft_export(
-        run: Path = typer.Argument(..., file_okay=False, help="An SFT output folder in training (or one of its checkpoint-N folders)."),
+        run: Path = typer.Argument(..., file_okay=False,
+            help="An SFT output folder in training (or one of its checkpoint-N folders)."),
         dest: Path = typer.Argument(..., file_okay=False, help="Where to write the HF causal-LM folder."),
-        model: str = typer.Option("default", help="The run's base causal-LM folder, or 'default' (needed for a LoRA run)."),
+        model: str = typer.Option("default", help="The run's base causal-LM folder, or 'default' (needed for a LoRA "
+                                                  "run)."),
     ) -> None:
         """Write the latest checkpoint of an SFT run as a plain HF model folder (to evaluate it mid-training)."""
         from ..models import model_folder
@@ -54,12 +62,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command("dpo")
     def dpo(
-        pairs: Optional[Path] = typer.Option(None, dir_okay=False, help="Preference pairs: JSON/JSONL records {id, chosen, rejected}, each side a trajectory record."),
-        model: str = typer.Option("default", help="The causal-LM folder to start from (usually the SFT model), or 'default'."),
-        out: Optional[Path] = typer.Option(None, file_okay=False, help="Output folder: the trained model (HF format), metrics.jsonl; checkpoint-N folders while training."),
+        pairs: Optional[Path] = typer.Option(None, dir_okay=False,
+            help="Preference pairs: JSON/JSONL records {id, chosen, rejected}, each side a trajectory record."),
+        model: str = typer.Option("default", help="The causal-LM folder to start from (usually the SFT model), or "
+                                                  "'default'."),
+        out: Optional[Path] = typer.Option(None, file_okay=False,
+            help="Output folder: the trained model (HF format), metrics.jsonl; checkpoint-N folders while training."),
         config: Optional[Path] = typer.Option(None, dir_okay=False, help="YAML file of DPOConfig options."),
-        set_: list[str] = typer.Option([], "--set", help="Override one option, key=value (repeatable), e.g. --set beta=0.1."),
-        list_options: bool = typer.Option(False, "--list-options", help="Print every DPOConfig option with its default and help, then exit."),
+        set_: list[str] = typer.Option([], "--set",
+            help="Override one option, key=value (repeatable), e.g. --set beta=0.1."),
+        list_options: bool = typer.Option(False, "--list-options",
+            help="Print every DPOConfig option with its default and help, then exit."),
     ) -> None:
         """DPO (TRL DPOTrainer) on the agent turns of preference pairs; rerun the same command to resume.
 

@@ -12,7 +12,8 @@ def register(app: typer.Typer) -> None:
     def view(
         path: Path = typer.Argument(..., help="A trees.jsonl, an evaluation records.jsonl, a decisions file "
                                               "(qlass decisions collect) or a run folder (every such file under it)."),
-        out: Path = typer.Option(..., "--out", dir_okay=False, help="The HTML file to write (self-contained; opens from disk)."),
+        out: Path = typer.Option(..., "--out", dir_okay=False,
+            help="The HTML file to write (self-contained; opens from disk)."),
         title: str | None = typer.Option(None, help="Title of the page (default: 'qlass view: NAME')."),
     ) -> None:
         """Write one self-contained HTML page (no network, no CDN) showing exploration trees, evaluation

@@ -140,7 +140,8 @@ class AlfWorldEnv:
             known = {folder.split("-")[0] for folder, _ in games}
             unknown = [t for t in task_types if t not in known]
             if unknown:
-                raise QlassError(f"alfworld: unknown task type(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+                raise QlassError(f"alfworld: unknown task type(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(sorted(known))}")
             wanted = set(task_types)
             games = [g for g in games if g[0].split("-")[0] in wanted]
         return [self._make_task(split, folder, trial) for folder, trial in games]

@@ -309,8 +309,8 @@ class AlfredEngine:
             names, queries = reads
             bound = {ph.name: var for ph, var in action.mapping.items()}
             if names <= bound.keys() and all(ph in action.mapping for pred in queries for ph in pred.parameters):
-                facts = tuple(prop in state.facts_with_signature(prop.signature) for prop in
-                              (Proposition(pred.name, [action.mapping[ph] for ph in pred.parameters]) for pred in queries))
+                props = (Proposition(pred.name, [action.mapping[ph] for ph in pred.parameters]) for pred in queries)
+                facts = tuple(prop in state.facts_with_signature(prop.signature) for prop in props)
                 key = (template, tuple(sorted((n, bound[n]) for n in names)),
                        tuple(tuple(action.mapping[ph] for ph in pred.parameters) for pred in queries), facts)
                 if key in game.commands:

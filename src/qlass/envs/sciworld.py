@@ -46,7 +46,8 @@ from .sciworld_thoughts import expert_thought
 SPLITS = ("train", "seen", "unseen")
 _SPLIT_METHODS = {"train": "getVariationsTrain", "seen": "getVariationsDev", "unseen": "getVariationsTest"}
 _META_COMMANDS = {"help", "objects", "task"}
-_UNKNOWN_ACTION = "Unknown action.  Type 'help' for a list of actions, and 'objects' for a list of possible object referents."
+_UNKNOWN_ACTION = ("Unknown action.  Type 'help' for a list of actions, and 'objects' for a list of possible object "
+                   "referents.")
 
 
 def _check_heap(heap: object) -> None:
@@ -80,7 +81,8 @@ class SciWorldJVM:
                                         javaopts=[f"-Xmx{heap}", *options], return_proc=True,
                                         create_new_process_group=True)
         except OSError as exc:
-            raise QlassError(f"cannot start Java for ScienceWorld ({exc}); install Java 17 (scripts/setup.sh does)") from None
+            raise QlassError(f"cannot start Java for ScienceWorld ({exc}); install Java 17 (scripts/setup.sh "
+                             "does)") from None
         self.gateway = JavaGateway(gateway_parameters=GatewayParameters(auto_field=True, port=port), java_process=proc)
         self.heap = heap
         self.lock = threading.RLock()
@@ -199,7 +201,8 @@ class ScienceWorldEnv:
         types = list(task_types) if task_types else self.task_types()
         unknown = [t for t in types if t not in self._index[split]]
         if unknown:
-            raise QlassError(f"sciworld: unknown task type(s) {', '.join(unknown)}; known: {', '.join(self.task_types())}")
+            raise QlassError(f"sciworld: unknown task type(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(self.task_types())}")
         return [Task(f"sciworld/{t}/{v}", self.name, split, t, {"task_name": t, "variation": v})
                 for t in types for v in self._index[split][t]]
 

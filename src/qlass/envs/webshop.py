@@ -11,8 +11,8 @@ Data: a folder given as ``data_dir`` or ``$WEBSHOP_DATA`` holding ``products_1k.
 ``items_ins_v2_1000.json``, or WebShop's own ``items_shuffle*.json`` and ``items_ins_v2*.json``;
 ``products_file`` / ``attributes_file`` / ``reviews_file`` name files anywhere (the full 1.18M
 product set is read as a stream). Observation size: ``show_instruction=False`` drops the goal
-repeated at the top of every page, ``title_words=N`` shortens result titles. Several environments can share one loaded catalog:
-``WebShopEnv(shop=other_env.shop)``.
+repeated at the top of every page, ``title_words=N`` shortens result titles. Several environments
+can share one loaded catalog: ``WebShopEnv(shop=other_env.shop)``.
 
 Episodes are deterministic: the same task and actions give the same observations and reward.
 ``StepResult.reward`` is 0 until the purchase, then the purchase reward. An invalid action leaves

@@ -163,7 +163,8 @@ def _parse_pricing(raw: Any, path: Path, index: int, asin: str) -> tuple[list[fl
     try:
         values = [float(_PRICE_CHARS.sub("", part)) for part in str(raw).split("$")[1:]]
     except ValueError:
-        raise DataError(str(path), f"field 'pricing': cannot read a price from {raw!r}", index=index, record_id=asin) from None
+        raise DataError(str(path), f"field 'pricing': cannot read a price from {raw!r}", index=index,
+                        record_id=asin) from None
     if not values:
         return [DEFAULT_PRICE], f"${DEFAULT_PRICE}"
     if len(values) == 1:

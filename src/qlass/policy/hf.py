@@ -178,7 +178,8 @@ class HFPolicy:
                 out.update(zip(part, self._distinct([prompts[i] for i in part], n, temperature, max_new, seeds)))
         batch: list[int] = []
         for i in [*order, None]:
-            full = i is None or (batch and (not self.plain or sum(rows[b] for b in batch) + rows[i] > self.max_batch_rows))
+            full = i is None or (batch and (not self.plain
+                                            or sum(rows[b] for b in batch) + rows[i] > self.max_batch_rows))
             if full and batch:
                 done = self._generate([prompts[b] for b in batch], [rows[b] for b in batch],
                                       [jobs[b].temperature for b in batch], [jobs[b].max_new_tokens for b in batch],
@@ -200,7 +201,8 @@ class HFPolicy:
             ids, _ = encode_conversation(self.tokenizer, short, True)
             log.debug("history of %d messages truncated to %d", len(history), len(short))
             if len(ids) > budget:
-                log.warning("prompt of %d tokens cut from the left to %d even after dropping old turns", len(ids), budget)
+                log.warning("prompt of %d tokens cut from the left to %d even after dropping old turns", len(ids),
+                            budget)
                 ids = ids[-budget:]
         self._check_trained_length(len(ids))
         return ids

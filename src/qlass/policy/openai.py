@@ -18,10 +18,11 @@ turn; the text is then cut after its ``Action:`` line, so one completion is one
 ``Thought: ...\\nAction: ...``. A choice the server ended on the token limit
 (``finish_reason == "length"``) before its action line was complete is returned as generated with
 ``truncated=True`` (:func:`~qlass.policy.outputs.final_output`). ``top_p`` and ``min_p`` are sent
-when set (vLLM, SGLang and llama.cpp take ``min_p``; hosted APIs may refuse it). Token counts come from the response's ``usage``
-(split over the choices by their token counts where ``n > 1``), or are counted with the tokenizer
-when the server reports none. A reply of the wrong shape (a missing or mistyped field) is a
-:class:`~qlass.errors.QlassError` naming the URL and the field path, e.g. ``choices[0].message.content``.
+when set (vLLM, SGLang and llama.cpp take ``min_p``; hosted APIs may refuse it). Token counts
+come from the response's ``usage`` (split over the choices by their token counts where ``n > 1``),
+or are counted with the tokenizer when the server reports none. A reply of the wrong shape (a
+missing or mistyped field) is a :class:`~qlass.errors.QlassError` naming the URL and the field
+path, e.g. ``choices[0].message.content``.
 
 Log-probabilities must be numbers <= 0 and texts valid Unicode; an HTTP 200 answer carrying
 ``{"error": ...}`` shows its message. Timeouts, retries, the API key and redirects:
@@ -125,7 +126,8 @@ class OpenAIPolicy:
         if endpoint == "auto":
             endpoint = "completions" if self.tokenizer is not None else "chat"
         if endpoint == "completions" and self.tokenizer is None:
-            raise QlassError("the completions endpoint renders prompts locally: pass tokenizer=<model or tokenizer folder>")
+            raise QlassError("the completions endpoint renders prompts locally: pass tokenizer=<model or tokenizer "
+                             "folder>")
         if max_length is not None and self.tokenizer is None:
             raise QlassError("max_length needs tokenizer= to count prompt tokens")
         self.endpoint = endpoint
@@ -317,7 +319,8 @@ def _malformed(where: str, field: str, value: Any, expected: str) -> QlassError:
     elif isinstance(value, (list, dict)) and not value:
         got = "an empty list" if isinstance(value, list) else "an empty object"
     else:
-        kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+        kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+                 dict: "an object"}
         got = kinds.get(type(value), type(value).__name__)
     return QlassError(f"{where}: malformed response: {field} is {got}, expected {expected}")
 

@@ -123,7 +123,8 @@ def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, k
         return False
     made_with = (out / DONE_MARK).read_text().split()
     if len(made_with) > 1 and made_with[1] != config_hash(cfg):
-        raise QlassError(f"{out}: holds a finished {kind.upper()} run made with other settings; use a new output folder")
+        raise QlassError(f"{out}: holds a finished {kind.upper()} run made with other settings; use a new output "
+                         "folder")
     log.info("%s is complete; nothing to do", out)
     return True
 
@@ -180,8 +181,8 @@ def effective_precision(cfg: TrainerConfig) -> str:
     return "bf16" if use_autocast(cfg.autocast, "cpu" if _on_cpu(cfg) else "cuda") else "fp32"
 
 
-def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float, micro_batch: int,
-                       batch_size: int, seed: int, evaluate: bool, gradient_checkpointing: bool = False) -> dict[str, Any]:
+def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float, micro_batch: int, batch_size: int,
+                       seed: int, evaluate: bool, gradient_checkpointing: bool = False) -> dict[str, Any]:
     """``TrainingArguments`` keywords for ``cfg`` (TRL's configs take them too)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -198,7 +199,8 @@ def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float,
         "activation_checkpointing": gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
         "eval_strategy": "epoch" if evaluate else "no", "save_strategy": "steps", "save_steps": cfg.save_every,
-        "save_total_limit": 1, "logging_steps": 1, "logging_nan_inf_filter": False, "report_to": [s.strip() for s in cfg.report_to.split(",")],
+        "save_total_limit": 1, "logging_steps": 1, "logging_nan_inf_filter": False,
+        "report_to": [s.strip() for s in cfg.report_to.split(",")],
         "disable_tqdm": True, "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(),
     }
 

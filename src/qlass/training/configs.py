@@ -30,7 +30,8 @@ class TrainerConfig:
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
-    autocast: bool = option(False, "bf16 mixed precision (GPUs; on CPU 1.6-2.2x faster with native bf16, fp32 on CPUs without it)")
+    autocast: bool = option(False, "bf16 mixed precision (GPUs; on CPU 1.6-2.2x faster with native bf16, fp32 on CPUs "
+                                   "without it)")
     device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu or cuda (pick GPUs with "
                          "CUDA_VISIBLE_DEVICES; accelerate launch places the processes of a multi-GPU run)",
                          runtime=True)
@@ -76,7 +77,8 @@ class SFTConfig(TrainerConfig):
     lr: float = option(1e-5, "peak learning rate")
     batch_size: int = option(64, "effective batch size (sequences per optimizer step, over all processes)")
     micro_batch: int = option(2, "sequences per forward pass (per process); the passes of a batch_size are accumulated")
-    max_length: int = option(4096, "longest sequence in tokens; longer conversations are windowed, oldest turns dropped first")
+    max_length: int = option(4096, "longest sequence in tokens; longer conversations are windowed, oldest turns "
+                                   "dropped first")
     val_fraction: float = option(0.1, "fraction of trajectories held out for the validation loss")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: about half the peak "
                                           "memory (SmolLM2, 2 x 2048 tokens: 6.4 -> 3.3 GB) for more compute",
