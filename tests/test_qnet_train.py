@@ -191,7 +191,7 @@ def test_training_learns_to_rank_and_saves_a_loadable_qnet(tiny_model_dir: Path,
     second = [r for r in steps if r["step"] > epochs[1]["step"]]  # the kept epoch's steps
     assert result["qnet"]["train_mse"] == pytest.approx(sum(r["train_mse"] * r["records"] for r in second)
                                                         / sum(r["records"] for r in second))
-    assert not [p.name for p in out.iterdir() if p.name.startswith(("checkpoint", "best_epoch", "trained"))]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("checkpoint", "best_epoch", "trained", ".trained"))]
     AutoModelForSequenceClassification.from_pretrained(out)  # loads with the Auto class
     qnet = QNet.load(out)
     history = list(read_qdata(data)[0].messages)
