@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_envs import Corridor
+from typer.testing import CliRunner
 
+from qlass.cli import app
 from qlass.data import load_trajectories, save_trajectories, validate_file
 from qlass.errors import DataError
-from qlass.types import Message, Step, Trajectory
+from qlass.types import Message, Step, Task, Trajectory
 
 GOOD = {
     "id": "t0",
@@ -419,3 +422,33 @@ def test_an_empty_file_is_one_answer_whatever_the_kind(tmp_path: Path) -> None:
         for path in (empty, blank):
             result = qlass_cli("data", "validate", "--kind", kind, str(path))
             assert (result.returncode, result.stderr.strip()) == (2, f"error: {path}: file is empty"), (kind, result)
+
+
+class CountingCorridor(Corridor):
+    """The toy corridor, counting its episodes: every expert replay starts one."""
+
+    episodes = 0
+
+    def reset(self, task: Task) -> str:
+        CountingCorridor.episodes += 1
+        return super().reset(task)
+
+
+def test_rerunning_a_finished_expert_export_replays_nothing(tmp_path: Path) -> None:
+    """Before: a rerun of a finished ``qlass data expert`` replayed every task again (its progress file was
+    deleted at the end). Now the finished export's record is kept beside the output: the same settings reuse
+    it, other settings replay every task as a first export does."""
+    out = tmp_path / "expert.json"
+    args = ["data", "expert", "--env", "test_data:CountingCorridor", "--split", "train", "--out", str(out)]
+    CountingCorridor.episodes = 0
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and CountingCorridor.episodes == 6, first.output
+    written = out.read_bytes()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "wrote 6 verified expert trajectories" in again.output, again.output
+    assert CountingCorridor.episodes == 6 and out.read_bytes() == written
+    shorter = CliRunner().invoke(app, [*args, "--max-steps", "2"])
+    assert shorter.exit_code == 0 and "every task is replayed" in shorter.output, shorter.output
+    assert CountingCorridor.episodes == 6 + 4 and len(load_trajectories(out)) == 4  # two expert paths are too long
+    assert (tmp_path / ".expert.json.done.jsonl").exists() and not (tmp_path / ".expert.json.progress.jsonl").exists()
+

@@ -23,7 +23,7 @@ def test_expert_command_writes_ten_trajectories_that_replay_to_one(tmp_path: Pat
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "wrote 10 verified expert trajectories" in result.stdout
-    assert not (tmp_path / ".expert.json.progress.jsonl").exists()
+    assert not (tmp_path / ".expert.json.progress.jsonl").exists() and (tmp_path / ".expert.json.done.jsonl").exists()
     check = subprocess.run([sys.executable, "-m", "qlass", "data", "validate", str(out)], capture_output=True,
                            text=True)
     assert check.returncode == 0 and "10 records, 10 valid, 0 invalid" in check.stdout, check.stderr

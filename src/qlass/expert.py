@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,9 +100,22 @@ def _load_progress(path: Path | None, made_with: dict[str, Any], splits: dict[st
                        advice="rerun with the same settings, or delete that progress file to start over",
                        recorded={"env_args": {}, "max_steps": None, **recorded})
         done[rec["task"]] = rec
-    if done:
-        log.info("resuming expert export: %d tasks already done in %s", len(done), path)
     return done
+
+
+def adopt_finished(finished: Path, progress: Path, env: Env, tasks: Sequence[Task], max_steps: int | None = None,
+                   env_kwargs: dict[str, Any] | None = None) -> None:
+    """Make ``finished`` (the progress record of a finished export) the progress file of a new export of
+    ``tasks`` when it was made with the same settings (see :func:`export_expert`), so that its tasks are not
+    replayed again; remove it otherwise (other settings replay every task, as a first export does)."""
+    try:
+        _load_progress(finished, _made_with(env, max_steps, env_kwargs), {t.id: t.split for t in tasks})
+    except QlassError as exc:
+        log.info("other settings than the finished export's: every task is replayed")
+        log.debug("the finished export's record: %s", exc)
+        finished.unlink()
+        return
+    os.replace(finished, progress)
 
 
 def _check_arguments(tasks: Sequence[Task], per_task_type: int | None, max_steps: int | None) -> None:
@@ -138,6 +152,8 @@ def export_expert(
     path = Path(progress_file) if progress_file is not None else None
     made_with = _made_with(env, max_steps, env_kwargs)
     done = _load_progress(path, made_with, {t.id: t.split for t in tasks})
+    if done:
+        log.info("resuming expert export: %d tasks already done in %s", len(done), path)
     out = ExpertExport()
     kept: dict[str, int] = {}
     with Progress(transient=True) as bar:

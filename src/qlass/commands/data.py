@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -60,18 +61,20 @@ def register(app: typer.Typer) -> None:
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable), "
                                           "e.g. step_limit=100 for long expert paths."),
     ) -> None:
-        """Export expert trajectories, each verified by replay to reach reward 1.0."""
+        """Export expert trajectories, each verified by replay to reach reward 1.0. Resumes after a crash; a
+        rerun with the same settings reuses the finished export's replays (.OUT.done.jsonl beside OUT)."""
         from ..config import parse_kv
         from ..data import refuse_replacing_other_kind, save_trajectories
         from ..envs.base import check_splits, env_close, env_tasks, make_env
         from ..errors import QlassError
-        from ..expert import export_expert
+        from ..expert import adopt_finished, export_expert
         from ..locking import writer_lock
 
         refuse_replacing_other_kind(out, "a trajectory file",
                                     lambda r: "id" in r and ("conversations" in r or "messages" in r))
         with writer_lock(out, folder=False):  # one export per output: two would append to one progress file
             progress = out.with_name(f".{out.name}.progress.jsonl")  # lets a crashed export resume
+            finished = out.with_name(f".{out.name}.done.jsonl")  # a finished one's: a rerun need not replay its tasks
             env_kwargs = parse_kv(env_arg, "--env-arg")
             environment = make_env(env, **env_kwargs)
             try:
@@ -81,12 +84,15 @@ def register(app: typer.Typer) -> None:
                 if not tasks:
                     raise QlassError(f"{env}: no tasks in split {split!r}"
                                      + (f" for task types {types}" if types else ""))
+                if finished.exists() and not progress.exists():
+                    adopt_finished(finished, progress, environment, tasks, max_steps, env_kwargs)
                 result = export_expert(environment, tasks, per_task_type=per_task, max_steps=max_steps,
                                        progress_file=progress, env_kwargs=env_kwargs)
             finally:
                 env_close(environment)
             save_trajectories(out, result.trajectories)
-            progress.unlink(missing_ok=True)
+            if progress.exists():
+                os.replace(progress, finished)
             for task_id, why in result.excluded.items():
                 log.warning("excluded %s: %s", task_id, why)
             excluded = f": {', '.join(result.excluded)}" if result.excluded else ""
