@@ -139,7 +139,7 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
         # a trajectory that never stepped scores -inf; no other value may be infinite or NaN
         for name, ok, want in (("reward", _reward(cand["reward"]), "in [0, 1]"),
                                ("score", cand["score"] == -math.inf or math.isfinite(cand["score"]),
-                                   "finite (or -inf)"),
+                                "finite (or -inf)"),
                                ("completion_tokens", cand["completion_tokens"] >= 0, ">= 0")):
             if not ok:
                 raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {cand[name]!r}")

@@ -81,8 +81,8 @@ class SciWorldJVM:
                                         javaopts=[f"-Xmx{heap}", *options], return_proc=True,
                                         create_new_process_group=True)
         except OSError as exc:
-            raise QlassError(f"cannot start Java for ScienceWorld ({exc}); install Java 17 (scripts/setup.sh "
-                             "does)") from None
+            raise QlassError(f"cannot start Java for ScienceWorld ({exc}); "
+                             "install Java 17 (scripts/setup.sh does)") from None
         self.gateway = JavaGateway(gateway_parameters=GatewayParameters(auto_field=True, port=port), java_process=proc)
         self.heap = heap
         self.lock = threading.RLock()
