@@ -294,7 +294,7 @@ def test_page_is_self_contained(tmp_path: Path) -> None:
     code = re.sub(r'<script type="application/json" id="qlass-data">.*?</script>', "", page, flags=re.DOTALL)
     for needle in ("src=", "href=", "<link", "url(", "@import", "fetch(", "XMLHttpRequest", "WebSocket",
                    "EventSource", "sendBeacon", "import(", "innerHTML", "outerHTML", "insertAdjacentHTML",
-                       "document.write"):
+                   "document.write"):
         assert needle not in code, needle
     assert code.count("<script") == 1
 

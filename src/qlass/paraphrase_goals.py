@@ -258,7 +258,7 @@ def _alf_template(text: str, choice: int) -> str:
     variants = {
         "place": (f"take some {g.obj} and put it {prep} {g.recep}", f"move some {g.obj} {prep}to {g.recep}"),
         "clean": (f"clean some {g.obj}, then put it {prep} {g.recep}",
-            f"put a washed and clean {g.obj} {prep} {g.recep}"),
+                  f"put a washed and clean {g.obj} {prep} {g.recep}"),
         "hot": (f"heat some {g.obj}, then put it {prep} {g.recep}", f"place a hot {g.obj} {prep} {g.recep}"),
         "cool": (f"cool some {g.obj}, then put it {prep} {g.recep}", f"place a cool {g.obj} {prep} {g.recep}"),
         "two": (f"find two {g.obj} and place both {prep} {g.recep}", f"place two {g.obj} {prep} {g.recep}"),
