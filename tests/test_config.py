@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -784,3 +786,12 @@ def _cfg(module: str, name: str, **options: Any) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)(**options)
+
+
+def test_version_is_the_packages_and_printed_without_loading_torch() -> None:
+    script = ("import sys\nsys.argv = ['qlass', '--version']\nfrom qlass.cli import main\ntry:\n    main()\n"
+              "except SystemExit as done:\n    print('exit', done.code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"$', pyproject, re.M).group(1)  # type: ignore[union-attr]
+    assert done.stdout.splitlines() == [f"qlass {version}", "exit 0 False"], done.stderr[-3000:]
