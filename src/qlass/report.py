@@ -137,10 +137,10 @@ def _choices_cell(row: dict[str, Any]) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The summary rows as a markdown table (reward and success in percent, as in the paper).
 
-    "QNet choices/task" counts the steps where Q-guided search chose between two or more distinct
-    actions ("–" for methods that make no such choice)."""
+    "choices/task" counts the steps where Q-guided search chose between two or more distinct actions: by the
+    QNet, or by the ``select=likelihood``/``random`` control ("–" for methods that make no such choice)."""
     head = ("| env | split | method | tasks | avg reward | success % | completion tok/task "
-            "| prompt tok/task | QNet tok/task | QNet choices/task | env steps/task |\n"
+            "| prompt tok/task | QNet tok/task | choices/task | env steps/task |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {md_cell(r['env'])} | {md_cell(r['split'])} | {md_cell(r['method'])} | {r['tasks']} "

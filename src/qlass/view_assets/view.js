@@ -601,7 +601,7 @@
       if (res.rows.length) {
         add(sec, h("div", "dim", "Results (reward and success in %, tokens per task; [oracle] rows read the environment's reward)"),
           table(["env", "split", "method", "tasks", "avg reward", "success %", "completion tok", "prompt tok", "QNet tok",
-            "QNet choices", "env steps", "wall s"], res.rows.map(function (r) {
+            "choices", "env steps", "wall s"], res.rows.map(function (r) {
             return [r.env, r.split, r.method, N(r.tasks), N(pct(r.avg_reward)), N(pct(r.success_rate)), N(int(r.completion_tokens)),
               N(int(r.prompt_tokens)), N(int(r.qnet_tokens)), N(isNum(r.qnet_choices) ? num(r.qnet_choices, 1) : "–"),
               N(num(r.env_steps, 1)), N(num(r.wall_time, 1))];
