@@ -288,7 +288,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("no subcommand", ["data"], ["Usage"]),
     ("unknown command", ["trian-qnet"], ["No such command 'trian-qnet'", "train-qnet"]),
     ("unknown option", ["sft", "--bogus"], ["No such option: --bogus"]),
-    ("unknown root option", ["--version"], ["--version"]),
+    ("unknown root option", ["--colour"], ["--colour"]),
     ("missing argument", ["qdata"], ["Missing argument"]),
     ("extra argument", ["envs", "extra"], ["extra"]),
     ("unknown subcommand", ["model", "nope"], ["No such command 'nope'"]),
