@@ -264,7 +264,9 @@ def test_killed_training_resumes_to_the_same_model(tiny_model_dir: Path, tmp_pat
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert json.loads((out / f"checkpoint-{kill_at}" / "trainer_state.json").read_text())["global_step"] == kill_at
     assert (out / "best_epoch").exists() == cfg.select_best
+    (out / "best_epoch.tmp").mkdir()  # what a snapshot cut by a kill leaves (its rerun snapshots no better epoch)
     resumed = train_qnet(data, tiny_model_dir, out, cfg)
+    assert not (out / "best_epoch.tmp").exists()
     assert resumed["qnet"]["mse"] == pytest.approx(whole["qnet"]["mse"], rel=1e-4)
     assert resumed["qnet"]["train_mse"] == pytest.approx(whole["qnet"]["train_mse"], rel=1e-5)
     assert resumed["kept_epoch"] == whole["kept_epoch"] and resumed["kept_by"] == whole["kept_by"]

@@ -91,6 +91,8 @@ TRAINED_DIR = ".trained"
 """The last epoch's weights between the end of training and the final save (hidden: not the QNet)."""
 LEGACY_TRAINED_DIR = "trained"
 """Its name before it was hidden; a run an older qlass left there is cleaned up the same way."""
+SNAPSHOT_DIRS = (BEST_DIR, BEST_DIR + ".tmp", TRAINED_DIR, LEGACY_TRAINED_DIR)
+"""Weights kept only while a run trains (a cut best-epoch snapshot leaves the ``.tmp`` one)."""
 LEGACY = {"min_trees_per_step": 1}
 """How QNets finished before an option existed were trained, where that differs from its default."""
 
@@ -217,7 +219,7 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
                                       **({"held_out_trees": held} if held is not None else {})})
     resume = prepare_resume(out)
     if resume is None and is_main_process():  # snapshots of a run that died before its first checkpoint
-        for leftover in (BEST_DIR, BEST_DIR + ".tmp", TRAINED_DIR, LEGACY_TRAINED_DIR):
+        for leftover in SNAPSHOT_DIRS:
             shutil.rmtree(out / leftover, ignore_errors=True)
     log.info("QNet (rank %s, pair weight %g): %d train records (%d trees) packed in %d rows of %d tokens, %d "
              "validation records (%d trees) in %d rows; %d optimizer steps", cfg.rank, cfg.pair_weight,
@@ -253,7 +255,7 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
         final.save(out, extra={"trained_on": str(qdata), "sft_model": str(sft_dir), "validation": result})
         (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         remove_checkpoints(out)
-        for folder in (BEST_DIR, TRAINED_DIR, LEGACY_TRAINED_DIR):
+        for folder in SNAPSHOT_DIRS:
             shutil.rmtree(out / folder, ignore_errors=True)
         (out / DONE_MARK).write_text("qnet\n")
     accelerator.wait_for_everyone()
