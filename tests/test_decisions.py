@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qlass.decision_files import read_decisions
 from qlass.decisions import DecisionConfig, collect_decisions
 from qlass.envs.base import parse_action
 from qlass.errors import QlassError
@@ -548,6 +549,84 @@ def test_offset_continues_where_a_limit_stopped_and_exclusions_come_first() -> N
         ids(None, offset=10)
 
 
+def test_offset_never_repeats_a_limits_tasks_when_it_reaches_the_end_of_a_split() -> None:
+    from toy_envs import Corridor
+
+    from qlass.evaluate import split_tasks
+
+    class TwoTypes(Corridor):  # 5 tasks of type a, then 5 of type b: the round-robin order differs from this one
+        def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
+            return [Task(f"{kind}/{i}", self.name, split, kind) for kind in ("a", "b") for i in range(5)]
+
+    def ids(limit: int | None, offset: int = 0) -> list[str]:
+        return [t.id for t in split_tasks(TwoTypes, "two", ["seen"], None, limit, offset)[1]]
+
+    first = ids(4)
+    assert first == ["a/0", "b/0", "a/1", "b/1"]
+    for limit in (None, 6, 20):  # offset + limit at or past the split's 10 tasks
+        assert ids(limit, offset=4) == ["a/2", "b/2", "a/3", "b/3", "a/4", "b/4"]
+    assert ids(3, offset=4) == ["a/2", "b/2", "a/3"]
+    assert sorted(ids(None)) == sorted(first + ids(None, offset=4))
+
+
+def test_a_reward_rounded_just_above_one_is_recorded_as_one(tmp_path: Path) -> None:
+    from qlass.decision_report import write_decision_report
+
+    class SumFork(Fork):  # the winning score as a sum of float parts: 1 + 5e-10, which env_step takes
+        def step(self, output: str) -> StepResult:
+            got = super().step(output)
+            return StepResult(got.observation, got.reward + 5e-10 if got.reward == 1.0 else got.reward, got.done)
+
+    path, cfg = tmp_path / "d.jsonl", DecisionConfig(m=4, k=2, max_steps=6)
+    recs = collect_decisions(SumFork, SumFork().tasks("seen")[:2], ScriptedPolicy(), cfg, path)
+    rewards = [r for rec in recs for c in rec["candidates"] for r in c["rollout_rewards"]]
+    assert 1.0 in rewards and max(rewards) == 1.0 and max(c["mean"] for rec in recs for c in rec["candidates"]) == 1.0
+    # the file reads back: the report, and a rerun with one task more that resumes it
+    assert write_decision_report([path], tmp_path / "report")["groups"][0]["decisions"] == len(recs)
+    more = collect_decisions(SumFork, SumFork().tasks("seen"), ScriptedPolicy(), cfg, path)
+    assert len(more) > len(recs) and more[:len(recs)] == recs
+    # a file an older qlass wrote with the unclamped value still reads (as trees and evaluation records do)
+    old = [json.loads(line) for line in path.read_text().splitlines()]
+    for c in (c for rec in old for c in rec["candidates"]):
+        c["rollout_rewards"] = [r + 5e-10 if r == 1.0 else r for r in c["rollout_rewards"]]
+        c["mean"], c["std"] = statistics.fmean(c["rollout_rewards"]), statistics.pstdev(c["rollout_rewards"])
+    assert any(c["mean"] > 1.0 for rec in old for c in rec["candidates"])
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in old))
+    assert len(read_decisions([path])) == len(more)
+
+
+def test_rollouts_continue_the_conversation_the_decision_was_made_in(tmp_path: Path) -> None:
+    class CutGreedy(ScriptedPolicy):  # the played (greedy) output at the fork is cut off by the token limit
+        def __init__(self) -> None:
+            super().__init__()
+            self.rollout_histories: list[list[str]] = []
+
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            if temperature == 0 and place(histories[0]) == "start":
+                return [[Completion("Thought: t\nAction: go ri", 10, max_new_tokens, -2.0, truncated=True)] * n
+                        for _ in histories]
+            if n == 1 and temperature > 0:
+                self.rollout_histories += [[m.content for m in h if m.role == "assistant"] for h in histories]
+            return super().sample(histories, n, temperature, max_new_tokens, seed)
+
+    policy = CutGreedy()
+    recs = collect_decisions(Fork, Fork().tasks("seen")[:1], policy, DecisionConfig(m=3, max_steps=3, k=2),
+                             tmp_path / "d.jsonl")
+    later = recs[1]  # made after the cut output: the policy read it as written, the environment got no action
+    assert later["prefix"] == ["Thought: t"]
+    assert [m["content"] for m in later["history"] if m["role"] == "assistant"] == ["OK", "Thought: t\nAction: go ri"]
+    # its rollouts read the same conversation, never the text the environment got in its place
+    assert any(h[:2] == ["OK", "Thought: t\nAction: go ri"] for h in policy.rollout_histories)
+    assert not any("Thought: t" in h for h in policy.rollout_histories)
+
+
+def test_a_task_given_twice_is_refused(tmp_path: Path) -> None:
+    task = Fork().tasks("seen")[0]
+    with pytest.raises(QlassError, match=r"task 'fork/seen/0' of split 'seen' is given twice"):
+        collect_decisions(Fork, [task, task], ScriptedPolicy(), DecisionConfig(m=3), tmp_path / "d.jsonl")
+    assert not (tmp_path / "d.jsonl").exists()
+
+
 def test_split_half_check_scores_the_first_half_against_the_second() -> None:
     from qlass.decision_report import markdown, score_decisions, split_half
 
@@ -565,6 +644,42 @@ def test_split_half_check_scores_the_first_half_against_the_second() -> None:
     recs[0]["candidates"][2]["rollout_rewards"] = [0.5]  # one rollout: that decision cannot be split
     assert split_half(recs)["decisions"] == 1
     assert split_half([recs[0]]) is None
+
+
+def test_greedy_rollouts_get_no_split_half_check(tmp_path: Path) -> None:
+    from qlass.decision_report import write_decision_report
+
+    task = Fork().tasks("seen")[:1]
+    for name, temperature in (("greedy", 0.0), ("sampled", 0.7)):
+        collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3, k=2, rollout_temperature=temperature),
+                          tmp_path / f"{name}.jsonl")
+    greedy = write_decision_report([tmp_path / "greedy.jsonl"], tmp_path / "g")
+    assert greedy["split_half"] is None and greedy["greedy_rollouts"]  # two copies of one rollout agree by design
+    text = (tmp_path / "g" / "decisions.md").read_text()
+    assert "no measurement check by split halves" in text and "Measurement check" not in text
+    sampled = write_decision_report([tmp_path / "sampled.jsonl"], tmp_path / "s")
+    assert sampled["split_half"] is not None and "greedy_rollouts" not in sampled
+
+
+def test_the_report_reads_every_record_the_checks_pass_and_refuses_a_file_as_its_folder(tmp_path: Path) -> None:
+    from qlass.decision_report import score_decisions, split_half, write_decision_report
+
+    recs = hand_built()
+    for c in (c for rec in recs for c in rec["candidates"]):  # log-probabilities left out, not null
+        for key in ("logprob", "mean_logprob"):
+            del c[key]
+    del recs[1]["candidates"][1]["rollout_rewards"]  # the episode-ending candidate: its reward is its value
+    for c in recs[1]["candidates"][::2]:
+        c["rollout_rewards"], c["rollout_lengths"] = [c["mean"]] * 2, [1, 1]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in recs))
+    checked = read_decisions([path])
+    rows = {r["ranker"] for r in score_decisions(checked)["groups"][0]["rows"]}
+    assert "anchor" in rows and "likelihood" not in rows  # no likelihood without log-probabilities everywhere
+    assert split_half(checked[1:])["decisions"] == 1
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(QlassError, match=r"taken: is a file; the report's output is a folder"):
+        write_decision_report([path], tmp_path / "taken", load_qnet=lambda: pytest.fail("the QNet loaded first"))
 
 
 def test_cli_leaves_out_the_tasks_of_a_trajectory_file(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from .candidates import normalise_action
 from .config import load_yaml, save_yaml
+from .envs.base import REWARD_SLACK
 from .errors import DataError, MissingFileError, QlassError
 from .file_checks import check_output_file, refuse_repeated_inputs
 from .file_kinds import other_kind
@@ -66,6 +67,20 @@ def check_settings(out: Path, settings: dict[str, Any], save: bool = True) -> No
                        "settings", required=REQUIRED_SETTINGS)
     if save:
         save_yaml(path, settings)
+
+
+def greedy_rollouts(paths: Sequence[str | Path]) -> bool:
+    """Whether every file of ``paths`` records greedy rollouts (``rollout_temperature: 0`` in its
+    ``NAME.config.yaml``): then each candidate's rollouts are one rollout copied."""
+    for path in map(Path, paths):
+        config = sidecar(path, "config.yaml")
+        if not config.is_file():
+            return False
+        settings = load_yaml(config)
+        options = settings.get("options") if isinstance(settings, dict) else None
+        if not isinstance(options, dict) or options.get("rollout_temperature") != 0:
+            return False
+    return bool(paths)
 
 
 def check_pooled(paths: Sequence[str | Path], allow_mixed: bool = False) -> list[str]:
@@ -153,6 +168,10 @@ def check_logprobs_alike(out: Path, records: Sequence[dict[str, Any]], given: bo
     return given
 
 
+REWARDS = (-REWARD_SLACK, 1.0 + REWARD_SLACK)
+"""The range a recorded reward or value may take: [0, 1], give or take rounding (as the other readers allow)."""
+
+
 def _number(value: Any, low: float, high: float) -> bool:
     """Whether ``value`` is a finite real number (not a bool) within ``[low, high]``."""
     real = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -198,8 +217,8 @@ def check_decision(path: Path, line: int, rec: Any) -> None:
                             line=line, record_id=rid)
         for name, ok, expected in (
                 ("output", isinstance(c.get("output"), str), "a string"),
-                ("mean", _number(c.get("mean"), 0.0, 1.0), "a number in [0, 1]"),
-                ("std", c.get("std") is None or _number(c.get("std"), 0.0, 0.5),
+                ("mean", _number(c.get("mean"), *REWARDS), "a number in [0, 1]"),
+                ("std", c.get("std") is None or _number(c.get("std"), 0.0, 0.5 + REWARD_SLACK),
                  "null or a number in [0, 0.5] (the spread of rewards in [0, 1])"),
                 ("terminal", isinstance(c.get("terminal"), bool), "true or false"),
                 ("anchor", isinstance(c.get("anchor"), bool), "true or false"),
@@ -208,7 +227,7 @@ def check_decision(path: Path, line: int, rec: Any) -> None:
                 ("mean_logprob", c.get("mean_logprob") is None or _number(c.get("mean_logprob"), -float("inf"), 0.0),
                  "null or a finite number <= 0"),
                 ("rollout_rewards", c.get("rollout_rewards") is None or (
-                    isinstance(c["rollout_rewards"], list) and all(_number(r, 0.0, 1.0) for r in c["rollout_rewards"])),
+                    isinstance(c["rollout_rewards"], list) and all(_number(r, *REWARDS) for r in c["rollout_rewards"])),
                  "null or a list of numbers in [0, 1]")):
             if not ok:
                 raise DataError(str(path), f"field 'candidates[{j}].{name}' must be {expected}, got "
@@ -238,7 +257,7 @@ def _check_counts(path: Path, line: int, rid: str, j: int, c: dict[str, Any]) ->
     for name, ok, expected in (
             ("count", "count" not in c or is_count(c["count"], 1), "an integer >= 1 (samples merged into it)"),
             ("completion_tokens", "completion_tokens" not in c or is_count(c["completion_tokens"]), "an integer >= 0"),
-            ("reward", c.get("reward") is None or _number(c["reward"], 0.0, 1.0), "null or a number in [0, 1]"),
+            ("reward", c.get("reward") is None or _number(c["reward"], *REWARDS), "null or a number in [0, 1]"),
             ("rollout_lengths", c.get("rollout_lengths") is None or (
                 isinstance(c["rollout_lengths"], list) and all(is_count(n) for n in c["rollout_lengths"])),
              "null or a list of integers >= 0")):

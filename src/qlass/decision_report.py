@@ -46,7 +46,7 @@ from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
 from .config_fields import check_field_types, require_config
-from .decision_files import check_pooled, read_decisions
+from .decision_files import check_pooled, greedy_rollouts, read_decisions
 from .errors import QlassError
 from .file_checks import check_output_file, refuse_overwriting_inputs
 from .jsonl import write_text_atomic
@@ -122,8 +122,8 @@ def rankers(records: Sequence[dict[str, Any]], q: Sequence[Sequence[float]] | No
     """Ranker name → function from a decision's index to the picked candidate (``None``: random;
     :data:`NO_PICK`: the ranker has no pick there). QNet rankers need ``q``; likelihood rankers need
     log-probabilities in every record; anchor rankers pick only in decisions with an anchor."""
-    mean_lp = [[c["mean_logprob"] for c in r["candidates"]] for r in records]
-    sum_lp = [[c["logprob"] for c in r["candidates"]] for r in records]
+    mean_lp = [[c.get("mean_logprob") for c in r["candidates"]] for r in records]  # absent is null
+    sum_lp = [[c.get("logprob") for c in r["candidates"]] for r in records]
     has_lp = all(v is not None for vs in mean_lp + sum_lp for v in vs)
     anchored = [bool(r["candidates"][0]["anchor"]) for r in records]  # collection puts the anchor first
     true = [[c["mean"] for c in r["candidates"]] for r in records]
@@ -191,10 +191,12 @@ def split_half(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
             continue
         halves = []
         for c in cands:
+            if c["terminal"]:
+                halves.append((float(c["mean"]),) * 2)
+                continue
             rolls = c["rollout_rewards"]
             k = len(rolls) // 2
-            halves.append((float(c["mean"]),) * 2 if c["terminal"]
-                          else (float(np.mean(rolls[:k])), float(np.mean(rolls[k:]))))
+            halves.append((float(np.mean(rolls[:k])), float(np.mean(rolls[k:]))))
         first, second = [h[0] for h in halves], [h[1] for h in halves]
         picks.append(_outcome(second, argmax(first))[0])
         chance.append(_random(second)[0])
@@ -258,7 +260,11 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
         lines += ["", "**These decisions pool files collected with other settings** (--allow-mixed-settings): "
                   + "; ".join(result["mixed_settings"]) + "."]
     half = result.get("split_half")
-    if half:
+    if result.get("greedy_rollouts"):
+        lines += ["", ("The rollouts are greedy (rollout_temperature 0): a candidate's rollouts are one rollout "
+                       "copied, so the values are exact for that continuation and there is no measurement check by "
+                       "split halves.")]
+    elif half:
         lines += ["", (f"Measurement check: splitting each candidate's rollouts in two halves, a ranker that picks by "
                        f"the first half scores {100 * half['first_half_accuracy']:.1f}% against the second half "
                        f"(random: {100 * half['random_accuracy']:.1f}%; {half['decisions']} decisions). The values "
@@ -296,14 +302,19 @@ def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet
     require_config(cfg, ReportConfig, "write_decision_report")
     mixed = check_pooled(paths, allow_mixed)
     records = read_decisions(paths)  # one environment's
-    for name in ("decisions.json", "decisions.md"):  # before a QNet scores every decision, not after
-        refuse_overwriting_inputs(Path(out_dir) / name, paths)
-        check_output_file(Path(out_dir) / name)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # before a QNet scores every decision, not after
+        raise QlassError(f"{out}: is a file; the report's output is a folder (for decisions.md and decisions.json)")
+    for name in ("decisions.json", "decisions.md"):
+        refuse_overwriting_inputs(out / name, paths)
+        check_output_file(out / name)
     if load_qnet is not None:
         qnet = load_qnet()
     q = qnet_values(records, qnet, cfg.qnet_batch) if qnet is not None else None
     result = {**score_decisions(records, q, cfg), "files": [str(p) for p in paths], "mixed_settings": mixed}
-    out = Path(out_dir)
+    if greedy_rollouts(paths):  # K copies of one greedy rollout: the halves agree by construction
+        result["split_half"] = None
+        result["greedy_rollouts"] = True
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "decisions.json", json.dumps(result, indent=1) + "\n")
     write_text_atomic(out / "decisions.md", markdown(result))

@@ -120,12 +120,13 @@ class _Candidate:
 class _Decision:
     task: Task
     step: int
-    prefix: list[str]
+    prefix: list[str]  # what the environment received at each earlier step (recorded)
     history: list[Message]
     candidates: list[_Candidate]
     played: int | None
     samples: int
     truncated: int
+    outputs: list[Completion] = field(default_factory=list)  # the earlier steps' outputs, replayed by rollouts
 
 
 @dataclass
@@ -162,7 +163,7 @@ def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[
         messages = start_messages(env, task)
         steps: list[Step] = []
         found: list[_Decision] = []
-        sent: list[str] = []  # what the environment received at each step: replaying it restores the state
+        taken: list[Completion] = []  # each step's output: replaying them restores the state and the conversation
         limit, anchored = cfg.max_decisions_per_task, cfg.anchor == "greedy"
         while episode_running(steps, cfg.max_steps):
             if limit is not None and len(found) >= limit:
@@ -184,10 +185,10 @@ def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[
                 chosen, played = pool_of[at], index.get(at)
             if len(cands) >= 2:
                 check_logprobs(task.id, t, [c.completion.logprob for c in cands])
-                found.append(_Decision(task, t, list(sent), list(messages), cands, played,
-                                       len(pool_of), sum(c.truncated for c in pool_of)))
-            sent.append(executed_text(chosen))  # a truncated output is sent without its unfinished action
-            apply_output(env, messages, steps, chosen)
+                found.append(_Decision(task, t, [executed_text(c) for c in taken], list(messages), cands, played,
+                                       len(pool_of), sum(c.truncated for c in pool_of), list(taken)))
+            taken.append(chosen)
+            apply_output(env, messages, steps, chosen)  # a truncated output is sent without its unfinished action
         return _Play(task, found, len(steps), "done" if steps and steps[-1].done else "max_steps")
     finally:
         pool.give(env)
@@ -208,8 +209,8 @@ def _rollout(pool: EnvPool, dec: _Decision, i: int, k: int, cfg: DecisionConfig,
     try:
         messages = start_messages(env, dec.task)
         steps: list[Step] = []
-        for output in dec.prefix:
-            apply_output(env, messages, steps, Completion(output, 0, 0))
+        for output in dec.outputs:  # as played: the environment gets what it got, the policy reads what it read
+            apply_output(env, messages, steps, output)
         first = apply_output(env, messages, steps, Completion(cand.completion.text, 0, 0))
         cand.terminal, cand.reward = first.done, first.reward
         start = len(steps)
@@ -296,6 +297,11 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
     require_config(cfg, DecisionConfig, "collect_decisions")
     if not tasks:
         log.warning("collect_decisions: no tasks given; nothing to collect")
+    listed: set[tuple[str, str]] = set()
+    for t in tasks:  # twice would value its decisions twice, and the file would hold them twice
+        if (t.split, t.id) in listed:
+            raise QlassError(f"collect_decisions: task {t.id!r} of split {t.split!r} is given twice")
+        listed.add((t.split, t.id))
     out = Path(out)
     records, done = check_collection(out, cfg, seed, settings)
     done_path = sidecar(out, "tasks.jsonl")

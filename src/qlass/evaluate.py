@@ -59,37 +59,44 @@ RESUMABLE_SETTINGS = ("limit", "splits", "task_types", "tasks", "methods")
 are keyed by task) and the method list (each method's settings are checked per record)."""
 
 
-def select_tasks(tasks: Sequence[Task], limit: int | None) -> list[Task]:
-    """At most ``limit`` tasks, taken round-robin over task types (in order) so every type is
-    represented; all tasks when ``limit`` is None."""
-    if limit is None or limit >= len(tasks):
-        return list(tasks)
+def round_robin(tasks: Sequence[Task]) -> list[Task]:
+    """Every task, taken round-robin over task types (each type's tasks in order, the types in order of
+    first appearance)."""
     by_type: dict[str, list[Task]] = {}
     for t in tasks:
         by_type.setdefault(t.task_type, []).append(t)
-    picked: list[Task] = []
     queues = [list(reversed(q)) for q in by_type.values()]
-    while len(picked) < limit:
-        for q in queues:
-            if q and len(picked) < limit:
-                picked.append(q.pop())
+    picked: list[Task] = []
+    while len(picked) < len(tasks):
+        picked += [q.pop() for q in queues if q]
     return picked
+
+
+def select_tasks(tasks: Sequence[Task], limit: int | None) -> list[Task]:
+    """At most ``limit`` tasks, the first of their :func:`round_robin` order, so every type is
+    represented; all tasks, in their own order, when ``limit`` is None or covers them."""
+    if limit is None or limit >= len(tasks):
+        return list(tasks)
+    return round_robin(tasks)[:limit]
 
 
 def split_tasks(make_env: Callable[[], Env], env_spec: str, splits: Sequence[str], task_types: Sequence[str] | None,
                 limit: int | None, offset: int = 0, exclude: Collection[str] = ()) -> tuple[str, list[Task]]:
     """The environment's name and the tasks of ``splits`` whose id is not in ``exclude`` (each
-    :func:`select_tasks`, after skipping the first ``offset`` of that order: ``offset=30`` continues
-    where ``limit=30`` stopped), the splits interleaved so that a run stopped part-way covers each."""
+    :func:`select_tasks`; with ``offset``, the :func:`round_robin` order after its first ``offset``, at
+    most ``limit``: ``offset=30`` continues where ``limit=30`` stopped, and never repeats its tasks), the
+    splits interleaved so that a run stopped part-way covers each."""
     if offset < 0:
         raise QlassError(f"offset must be >= 0, got {offset}")
     probe = make_env()
     try:
         env_name = probe.name
         check_splits(probe, splits, env_spec)
-        by_split = {split: select_tasks([t for t in env_tasks(probe, split, task_types) if t.id not in exclude],
-                                        None if limit is None else offset + limit)[offset:]
-                    for split in splits}
+        by_split = {}
+        for split in splits:
+            kept = [t for t in env_tasks(probe, split, task_types) if t.id not in exclude]
+            by_split[split] = (round_robin(kept)[offset:None if limit is None else offset + limit] if offset
+                               else select_tasks(kept, limit))
     finally:
         env_close(probe)
     for split, tasks in by_split.items():

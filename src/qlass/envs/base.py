@@ -12,6 +12,7 @@ class is reached as ``package.module:Class``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -27,7 +28,8 @@ from ..types import Message, StepResult, Task
 log = logging.getLogger(__name__)
 
 REWARD_SLACK = 1e-9
-"""How far outside [0, 1] a reward may stray by rounding (a sum of float parts) and still be taken."""
+"""How far outside [0, 1] a reward may stray by rounding (a sum of float parts) and still be taken (clamped
+into [0, 1] by :func:`env_step`; readers of older records allow it too)."""
 ACTION_RE = re.compile(r"^[^\S\n]*Action:[^\S\n]*(.*?)\s*$", re.MULTILINE)
 """An ``Action:`` line; the action is the rest of that line (the spaces around ``Action:`` never reach
 into a neighbouring line, so an ``Action:`` with nothing after it is no action)."""
@@ -217,8 +219,8 @@ def env_reset(env: Env, task: Task) -> str:
 
 def env_step(env: Env, output: str) -> StepResult:
     """``env.step(output)``, checked: a :class:`~qlass.types.StepResult` whose observation is a string,
-    reward a number in [0, 1], done true or false and info a dict; else a :class:`QlassError` naming the
-    environment and the field."""
+    reward a number in [0, 1] (one within :data:`REWARD_SLACK` of it is clamped into it), done true or
+    false and info a dict; else a :class:`QlassError` naming the environment and the field."""
     result = _call(env, "step()", lambda: env.step(output))
     label = env_label(env)
     if not isinstance(result, StepResult):
@@ -238,6 +240,8 @@ def env_step(env: Env, output: str) -> StepResult:
     if not isinstance(result.info, dict):
         raise QlassError(f"environment {label}: step() returned info of type {type(result.info).__name__}, "
                          "not a dict")
+    if not 0.0 <= reward <= 1.0:  # a sum of float parts just outside [0, 1]: every record holds a score in it
+        result = dataclasses.replace(result, reward=min(1.0, max(0.0, float(reward))))
     return result
 
 
