@@ -349,6 +349,12 @@ def test_report_refuses_runs_of_other_settings_unless_allowed(tmp_path) -> None:
     seeded = run("d", "models/sft", RECORDS[1:4:2], seed=1)
     res = CliRunner().invoke(app, ["report", a, seeded, "--out", str(tmp_path / "s")])
     assert "seed: 0 → 1" in str(res.exception)
+    # two runs with different QNets behind a first that used none: compared with each other, in any order
+    other_qnet = run("e", "models/sft", [{**r, "task": "t3"} for r in RECORDS[1:4:2]], offset=2, qnet="q2")
+    for files in ([a, shard, other_qnet], [shard, a, other_qnet]):
+        res = CliRunner().invoke(app, ["report", *files, "--all-tasks", "--out", str(tmp_path / "q")])
+        assert "e/records.jsonl was evaluated with other settings than" in str(res.exception), res.output
+        assert "c/records.jsonl (qnet: 'q' → 'q2'" in str(res.exception)
 
 
 def test_report_keeps_off_another_evaluation_folders_results(tmp_path) -> None:

@@ -54,6 +54,9 @@ POOLABLE_SETTINGS = ("splits", "task_types", "limit", "tasks", "offset", "method
 """``config.yaml`` entries that may differ between evaluation runs whose records are reported together:
 they choose tasks and methods (each record's method settings are compared on their own), or tell copies
 of one model on several machines apart."""
+QNET_SETTINGS = ("qnet", "qnet_files")
+"""The QNet a run used: compared only among the runs that used one (a run of methods without a QNet
+records none, or the one an earlier run of its folder recorded)."""
 
 _BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n"}
 """The option a method's label and budget point are read from (its first in the label)."""
@@ -182,9 +185,10 @@ def read_records(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> l
 
 def check_pooled_runs(paths: Sequence[str | Path], allow_mixed: bool = False) -> list[str]:
     """Compare the ``config.yaml`` beside each records file of ``paths`` (its evaluation run's settings)
-    with the first one's: runs made with another model, QNet (where both used one), environment option,
-    policy option, seed or precision are refused, naming both files and every difference, unless
-    ``allow_mixed``; then the differences are returned (``"file: setting: old → new"``).
+    with the first one's, and the QNet of each run that used one with the first such run's: runs made
+    with another model, QNet, environment option, policy option, seed or precision are refused, naming
+    both files and every difference, unless ``allow_mixed``; then the differences are returned
+    (``"file: setting: old → new"``).
     :data:`POOLABLE_SETTINGS` and runtime options may differ. A file without an evaluation's
     ``config.yaml`` beside it cannot be compared: a warning names it."""
     import logging
@@ -197,6 +201,7 @@ def check_pooled_runs(paths: Sequence[str | Path], allow_mixed: bool = False) ->
     if len(paths) < 2:
         return []
     first: tuple[Path, Path, dict[str, Any]] | None = None  # records file, settings file, settings
+    first_qnet: tuple[Path, Path, dict[str, Any]] | None = None  # the same, of the first run that used a QNet
     unknown: list[str] = []
     found: list[str] = []
     for path in map(Path, paths):
@@ -207,18 +212,24 @@ def check_pooled_runs(paths: Sequence[str | Path], allow_mixed: bool = False) ->
         if not {"model", "env", "methods"} <= settings.keys():  # none, or not an evaluation's (e.g. qlass run's)
             unknown.append(str(path))
             continue
+        changes: list[str] = []
         if first is None:
             first = (path, config, settings)
-            continue
-        ignore = list(POOLABLE_SETTINGS)
-        if first[2].get("qnet") is None or settings.get("qnet") is None:  # compared only where both used one
-            ignore += ["qnet", "qnet_files"]
-        changes = setting_changes(first[2], settings, ignore)
+        else:
+            changes = [(first, c) for c in setting_changes(first[2], settings, [*POOLABLE_SETTINGS, *QNET_SETTINGS])]
+        if settings.get("qnet") is not None:  # the QNet is compared only among the runs that used one
+            if first_qnet is None:
+                first_qnet = (path, config, settings)
+            else:
+                qnet_only = [k for k in settings.keys() | first_qnet[2].keys() if k != "qnet"]
+                changes += [(first_qnet, c) for c in setting_changes(first_qnet[2], settings, qnet_only)]
         if changes and not allow_mixed:
-            raise QlassError(f"{path} was evaluated with other settings than {first[0]} ({'; '.join(changes)}; "
-                             f"see {config} and {first[1]}): one row would mix them; report them separately (or "
-                             "side by side with --side), or pass --allow-mixed-settings to pool them anyway")
-        found += [f"{path}: {c}" for c in changes]
+            (other, other_config, _), _ = changes[0]
+            raise QlassError(f"{path} was evaluated with other settings than {other} "
+                             f"({'; '.join(c for (o, _, _), c in changes if o == other)}; see {config} and "
+                             f"{other_config}): one row would mix them; report them separately (or side by side "
+                             "with --side), or pass --allow-mixed-settings to pool them anyway")
+        found += [f"{path}: {c}" for _, c in changes]
     if unknown:
         logging.getLogger(__name__).warning(
             "no evaluation config.yaml beside %s, so the settings of %s cannot be compared with the other files'",
