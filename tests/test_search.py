@@ -121,6 +121,30 @@ def test_oracle_terminal_uses_the_reward_and_is_labelled() -> None:
     assert traj.meta["decisions"][0]["values"] == [1.0, 0.0]  # the true rewards decided
 
 
+def test_oracle_terminal_puts_rewards_beside_q_not_beside_an_advantage() -> None:
+    class AdvantageQNet(ScriptedQNet):  # answers as QNet.score_batch does for rank=advantage: Q - V, or Q
+        rank, v = "advantage", 0.95
+
+        def score_batch(self, items, value=False):
+            self.last_item_tokens = [7 * len(c) for _, c in items]
+            return [[q - (0.0 if value else self.v) for q in self.score(h, c)] for h, c in items]
+
+    # door b loses (reward 0) and ends the episode; "wait" (Q 0.9, below V) goes on: beside its Q - V = -0.05
+    # the losing door's true 0 would win; beside its Q the oracle compares like with like
+    class Doors(TwoDoors):
+        def step(self, output: str) -> StepResult:
+            return StepResult("You wait.", 0.0, False) if parse_action(output) == "wait" else super().step(output)
+
+    wait = "Thought: wait.\nAction: wait"
+    qnet = AdvantageQNet({"wait": 0.9, "open door b": 0.2})
+    ctx = SearchContext(env=Doors(), policy=ScriptedPolicy([B, wait]), qnet=qnet, make_env=Doors)
+    traj = qlass_search(TASK, ctx, QlassConfig(m=2, oracle_terminal=True, max_steps=1))
+    assert traj.meta["decisions"][0]["values"] == [0.0, 0.9] and traj.steps[0].action == "wait"
+    plain = qlass_search(TASK, SearchContext(env=Doors(), policy=ScriptedPolicy([B, wait]), qnet=qnet),
+                         QlassConfig(m=2, max_steps=1))  # without the oracle: the ranking score, Q - V
+    assert plain.meta["decisions"][0]["values"] == pytest.approx([0.2 - 0.95, 0.9 - 0.95])
+
+
 def test_duplicate_candidates_are_merged_and_ties_go_to_the_first() -> None:
     same = [Completion("Thought: x\nAction: Open  Door A", 1, 1), Completion("Thought: y\nAction: open door a", 1, 1),
             Completion(B, 1, 1)]

@@ -213,7 +213,8 @@ def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[T
                 draw = random.Random(stable_seed(base, "select"))
                 values = [draw.random() for _ in keep]
             else:
-                scored: Scored = yield Score(messages, outputs)
+                # the oracle puts true rewards beside the others: they need Q's scale, not an advantage's
+                scored: Scored = yield Score(messages, outputs, value=cfg.oracle_terminal)
                 values, qnet_tokens = list(scored.values), scored.tokens
             if cfg.oracle_terminal:
                 values, probe_steps = _oracle_scores(task, ctx, outputs, sent, values)
