@@ -9,16 +9,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qlass.agent import executed_text
 from qlass.envs.base import parse_action
 from qlass.errors import QlassError
 from qlass.policy import check_policy_options
 from qlass.policy.base import SampleJob
 from qlass.policy.hf import HFPolicy
-from qlass.policy.outputs import complete_action
+from qlass.policy.outputs import complete_action, final_output
 from qlass.policy.render import encode_conversation
 from qlass.policy.sampling import filter_probs
 from qlass.seeding import SEED_STRIDE, candidate_seed
-from qlass.types import Message
+from qlass.types import Completion, Message
 
 HIST = [Message("user", "Instruction: act."), Message("assistant", "OK"), Message("user", "Task: find a plant.")]
 LONGER = HIST + [Message("assistant", "Thought: a\nAction: look around"),
@@ -165,6 +166,13 @@ def test_action_line_completion_rule() -> None:
     assert complete_action("Thought: x\nAction: go north") is None
     assert complete_action("Thought: x\nAction:\n") is None
     assert complete_action("Thought: x\nAction:go north\nThought: more") == "Thought: x\nAction: go north"
+    # an "Action:" inside the thought is no action line (parse_action reads one at the start of a line only):
+    # the output goes on to its action line, and a cut one is sent without that line, thought kept whole
+    thought = "Thought: my next Action: is clear.\n"
+    assert complete_action(thought) is None
+    assert complete_action(thought + "  Action: go east\nmore") == thought + "Action: go east"
+    assert parse_action(final_output(thought + "Action: go east", cut=False)[0]) == "go east"
+    assert executed_text(Completion(thought + "Action: go ea", 1, 1, truncated=True)) == thought.strip()
 
 
 # -- stopping, on a tiny model taught two scripted answers ------------------------------------------

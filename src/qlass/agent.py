@@ -18,6 +18,7 @@ output without an action (its format hint), so the step counts and the episode g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,6 +30,8 @@ from .policy.base import Policy
 from .types import Completion, History, Message, Step, Task, Trajectory
 
 SUCCESS_THRESHOLD = 1.0 - 1e-9
+ACTION_AT_LINE_START = re.compile(r"^[^\S\n]*Action:", re.MULTILINE)
+"""Where an ``Action:`` line starts, as :func:`~qlass.envs.base.parse_action` reads one."""
 MAX_SAMPLES = 256
 """Most samples one setting may ask for: candidates per step, trajectories per task, rollouts per
 branch or candidate. A larger value is a typo that would stall a run in one enormous policy call."""
@@ -97,10 +100,12 @@ def start_messages(env: Env, task: Task) -> list[Message]:
 
 def executed_text(completion: Completion) -> str:
     """What the environment receives for ``completion``: its text, or for a truncated one the text
-    before its unfinished ``Action:`` line (no action, so the env answers with its format hint)."""
+    before its unfinished ``Action:`` line, the first at the start of a line (no action, so the env
+    answers with its format hint)."""
     if not completion.truncated:
         return completion.text
-    return completion.text.partition("Action:")[0].rstrip()
+    unfinished = ACTION_AT_LINE_START.search(completion.text)
+    return completion.text[:unfinished.start() if unfinished else None].rstrip()
 
 
 def apply_output(env: Env, messages: list[Message], steps: list[Step], completion: Completion,

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
+CLOSED_ACTION_LINE = re.compile(r"^[^\S\n]*Action:[^\S\n]*(.*)\n", re.MULTILINE)
+"""An ``Action:`` line that a newline closed, where :func:`~qlass.envs.base.parse_action` reads one: at
+the start of a line (an ``Action:`` inside a thought is no action)."""
+
 
 def complete_action(text: str) -> str | None:
-    """``text`` cut after its first complete ``Action:`` line (non-empty and ended by a newline),
-    or ``None`` while no such line exists."""
-    head, sep, tail = text.partition("Action:")
-    if not sep or "\n" not in tail.lstrip(" "):
-        return None
-    action = tail.lstrip(" ").split("\n", 1)[0].strip()
-    return f"{head}Action: {action}" if action else None
+    """``text`` cut after its first complete ``Action:`` line (at the start of a line, non-empty and
+    ended by a newline), or ``None`` while no such line exists."""
+    for line in CLOSED_ACTION_LINE.finditer(text):
+        action = line.group(1).strip()
+        if action:
+            return f"{text[:line.start()]}Action: {action}"
+    return None
 
 
 def final_output(text: str, cut: bool) -> tuple[str, bool]:
