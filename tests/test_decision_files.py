@@ -162,6 +162,9 @@ def _edit(rec: dict, field: str, value) -> None:
     ("candidates.0.rollout_lengths", [1], r"'candidates\[0\]': 2 'rollout_rewards' but 1 'rollout_lengths'"),
     ("candidates.0.rollout_lengths", [1, -1], r"'candidates\[0\]\.rollout_lengths' must be null or a list"),
     ("candidates.1.mean_logprob", -0.001, r"'candidates\[1\]\.mean_logprob' is -0\.001 but 'logprob' / "),
+    ("candidates.1.logprob_tokens", 99, r"'candidates\[1\]\.logprob_tokens' must be an integer >= 0, at most "),
+    ("candidates.1.logprob_tokens", 1, r"'candidates\[1\]\.mean_logprob' is -?[0-9.]+ but 'logprob' / "
+                                       r"'logprob_tokens' is"),
     ("played", 9, r"field 'played' must be null or a candidate's index \(0 to 2\)"),
     ("prefix", ["x", "y"], r"field 'prefix' must list the 0 output\(s\) played before step 0"),
     ("samples", 9, r"field 'samples' is 9 but the candidates' counts \(3\) and 'truncated' \(0\) add up to 3"),

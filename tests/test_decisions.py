@@ -620,6 +620,22 @@ def test_rollouts_continue_the_conversation_the_decision_was_made_in(tmp_path: P
     assert not any("Thought: t" in h for h in policy.rollout_histories)
 
 
+def test_a_redrawn_candidates_likelihood_is_per_token_of_its_own_output(tmp_path: Path) -> None:
+    class Redrawn(ScriptedPolicy):  # as HFPolicy(distinct=True): discarded draws counted in completion_tokens
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            got = super().sample(histories, n, temperature, max_new_tokens, seed)
+            return [[Completion(c.text, c.prompt_tokens, c.completion_tokens + 10, c.logprob, c.truncated,
+                                c.completion_tokens) if n > 1 else c for c in outs] for outs in got]
+
+    path = tmp_path / "d.jsonl"
+    recs = collect_decisions(Fork, Fork().tasks("seen")[:1], Redrawn(), DecisionConfig(m=3, max_steps=2), path)
+    sampled = [c for rec in recs for c in rec["candidates"] if not c["anchor"]]
+    assert sampled and all(c["completion_tokens"] == c["logprob_tokens"] + 10 for c in sampled)
+    assert all(c["mean_logprob"] == pytest.approx(c["logprob"] / c["logprob_tokens"]) for c in sampled)
+    assert all("logprob_tokens" not in c for rec in recs for c in rec["candidates"] if c["anchor"])
+    assert read_decisions([path]) == recs
+
+
 def test_a_task_given_twice_is_refused(tmp_path: Path) -> None:
     task = Fork().tasks("seen")[0]
     with pytest.raises(QlassError, match=r"task 'fork/seen/0' of split 'seen' is given twice"):

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlass.agent import executed_text
+from qlass.candidates import mean_logprob
 from qlass.envs.base import parse_action
 from qlass.errors import QlassError
 from qlass.policy import check_policy_options
@@ -396,6 +397,13 @@ def test_distinct_candidates_have_distinct_actions(colours: Path) -> None:
         assert distinct.sample([HIST, PICK], 4, 1.0, 30, seed=[9, seed])[1] == cands  # whatever shares the call
     assert repeats == 4  # plain sampling repeats "pick red" every time
     assert distinct.sample([PICK], 3, 0.0, 30)[0] == plain.sample([PICK], 3, 0.0, 30)[0]  # greedy: unchanged
+    # a redrawn candidate's tokens count its discarded draws, its log-probability only its own output:
+    # the mean per token that select=likelihood and beta compare divides by the output's own tokens
+    redrawn = [c for c in cands if c.logprob_tokens is not None]
+    assert redrawn and all(c.logprob_tokens < c.completion_tokens for c in redrawn)
+    for c, (_, own) in zip(cands, plain.score_outputs([PICK] * 4, [c.text for c in cands]), strict=True):
+        assert (c.completion_tokens if c.logprob_tokens is None else c.logprob_tokens) == own
+        assert mean_logprob(c) == pytest.approx(c.logprob / own)
 
 
 # -- teacher-forced scoring ------------------------------------------------------------------------

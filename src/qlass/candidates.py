@@ -52,10 +52,15 @@ def argmax(values: Sequence[float]) -> int:
 
 
 def mean_logprob(completion: Completion) -> float:
-    """The policy's mean log-probability per completion token (needs a backend that reports logprobs)."""
+    """The policy's mean log-probability per token of the output (needs a backend that reports logprobs)."""
     if completion.logprob is None:
         raise QlassError("selection with beta != 0 needs a policy backend that reports logprobs")
-    return completion.logprob / max(completion.completion_tokens, 1)
+    return completion.logprob / max(logprob_tokens(completion), 1)
+
+
+def logprob_tokens(completion: Completion) -> int:
+    """The tokens ``completion.logprob`` sums over: its own output's, not a redrawn output's discarded ones."""
+    return completion.completion_tokens if completion.logprob_tokens is None else completion.logprob_tokens
 
 
 def selection_scores(values: Sequence[float], completions: Sequence[Completion], beta: float) -> list[float]:

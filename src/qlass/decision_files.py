@@ -257,6 +257,10 @@ def _check_counts(path: Path, line: int, rid: str, j: int, c: dict[str, Any]) ->
     for name, ok, expected in (
             ("count", "count" not in c or is_count(c["count"], 1), "an integer >= 1 (samples merged into it)"),
             ("completion_tokens", "completion_tokens" not in c or is_count(c["completion_tokens"]), "an integer >= 0"),
+            ("logprob_tokens", "logprob_tokens" not in c or (
+                is_count(c["logprob_tokens"]) and is_count(c.get("completion_tokens"))
+                and c["logprob_tokens"] <= c["completion_tokens"]),
+             "an integer >= 0, at most 'completion_tokens' (the output's own tokens, discarded draws left out)"),
             ("reward", c.get("reward") is None or _number(c["reward"], *REWARDS), "null or a number in [0, 1]"),
             ("rollout_lengths", c.get("rollout_lengths") is None or (
                 isinstance(c["rollout_lengths"], list) and all(is_count(n) for n in c["rollout_lengths"])),
@@ -269,10 +273,11 @@ def _check_counts(path: Path, line: int, rid: str, j: int, c: dict[str, Any]) ->
         raise DataError(str(path), f"{where}': {len(rewards)} 'rollout_rewards' but {len(lengths)} "
                         "'rollout_lengths' (one of each per rollout)", line=line, record_id=rid)
     if c.get("logprob") is not None and is_count(c.get("completion_tokens")):
-        expected_mean = c["logprob"] / max(c["completion_tokens"], 1)
+        tokens = "logprob_tokens" if "logprob_tokens" in c else "completion_tokens"
+        expected_mean = c["logprob"] / max(c[tokens], 1)
         if abs(c["mean_logprob"] - expected_mean) > 1e-6 * max(1.0, abs(expected_mean)):
             raise DataError(str(path), f"{where}.mean_logprob' is {c['mean_logprob']!r} but 'logprob' / "
-                            f"'completion_tokens' is {expected_mean!r}", line=line, record_id=rid)
+                            f"'{tokens}' is {expected_mean!r}", line=line, record_id=rid)
 
 
 def _check_collection_fields(path: Path, line: int, rid: str, rec: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import apply_output, check_sample_counts, episode_running, executed_text, start_messages
-from .candidates import normalise_action
+from .candidates import mean_logprob, normalise_action
 from .config import option
 from .config_fields import check_field_types, require_config
 from .decision_files import (
@@ -229,12 +229,14 @@ def decision_record(env_name: str, dec: _Decision) -> dict[str, Any]:
     cands = []
     for c in dec.candidates:
         comp = c.completion
+        redrawn = {} if comp.logprob_tokens is None else {"logprob_tokens": comp.logprob_tokens}
         cands.append({
             "output": comp.text,
             "action": parse_action(comp.text),
             "logprob": comp.logprob,
             "completion_tokens": comp.completion_tokens,
-            "mean_logprob": None if comp.logprob is None else comp.logprob / max(comp.completion_tokens, 1),
+            **redrawn,
+            "mean_logprob": None if comp.logprob is None else mean_logprob(comp),
             "anchor": c.anchor,
             "count": c.count,
             "terminal": bool(c.terminal),

@@ -50,9 +50,11 @@ class Completion:
     """One sampled continuation with its token accounting.
 
     ``logprob`` is the sum of the sampled tokens' log-probabilities under the policy, when the
-    backend reports it (used by likelihood ranking); ``None`` otherwise. ``truncated`` is true when
-    the token limit cut the output before its ``Action:`` line was complete: such an output is not
-    an action and is never executed as one.
+    backend reports it (used by likelihood ranking); ``None`` otherwise. ``logprob_tokens`` is the
+    number of tokens that sum covers where it is fewer than ``completion_tokens`` (a backend that
+    redrew an output counts the discarded attempts as spent); ``None``: all of them. ``truncated``
+    is true when the token limit cut the output before its ``Action:`` line was complete: such an
+    output is not an action and is never executed as one.
     """
 
     text: str
@@ -60,6 +62,7 @@ class Completion:
     completion_tokens: int
     logprob: float | None = None
     truncated: bool = False
+    logprob_tokens: int | None = None
 
 
 @dataclass

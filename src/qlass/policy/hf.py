@@ -329,7 +329,7 @@ class HFPolicy:
             text, truncated = self._text(row.tokens, row.ended)
             prompt = owner[r]
             out[prompt].append(Completion(text, len(prompts[prompt]), len(row.tokens) + row.spent, row.logprob,
-                                          truncated))
+                                          truncated, len(row.tokens) if row.spent else None))
         assert [len(o) for o in out] == rows
         return out
 

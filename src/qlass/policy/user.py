@@ -28,6 +28,9 @@ def _completion_problem(c: Completion, strict: bool = True) -> str:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{name} is {value!r}, not a whole number >= 0"
+    own = c.logprob_tokens
+    if own is not None and (isinstance(own, bool) or not isinstance(own, int) or not 0 <= own <= c.completion_tokens):
+        return f"logprob_tokens is {own!r}, not None or a whole number from 0 to completion_tokens"
     lp = c.logprob
     if lp is None:
         return ""
