@@ -51,6 +51,18 @@ def test_budget_curve_reads_best_of_n_prefixes() -> None:
     assert pts[("qlass", 2)]["avg_reward"] == 0.75
 
 
+def test_a_curve_takes_each_budget_from_one_run() -> None:
+    """best-of-n(n=2) and best-of-n(n=3) share the curve best-of-n: N' = 1 and 2 came from both runs, two
+    points at one budget (a zig-zag in budget.png); the larger run gives them, and the smaller its own N'."""
+    wider = [rec("best-of-n(n=3,qnet)", "best-of-n", t, 1.0, 90, {"n": 3},
+                 candidates=[cand(1.0, 0.9, 30), cand(0.0, 0.1, 30), cand(1.0, 0.5, 30)]) for t in ("t1", "t2")]
+    more = [rec("qlass(m=3)", "qlass", t, 0.0, 30, {"m": 3}) for t in ("t1", "t2")]
+    pts = [(p["curve"], p["budget_param"], p["avg_reward"]) for p in budget_points(RECORDS + wider + more)]
+    assert [p for p in pts if p[0] == "best-of-n"] == [("best-of-n", 1, 1.0), ("best-of-n", 2, 1.0),
+                                                       ("best-of-n", 3, 1.0)]
+    assert [p for p in pts if p[0] == "qlass"] == [("qlass", 2, 0.75), ("qlass", 3, 0.0)]  # one point per run
+
+
 def test_write_report_files(tmp_path) -> None:
     write_report(RECORDS, tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())

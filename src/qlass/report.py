@@ -98,12 +98,15 @@ def budget_curve(record: dict[str, Any]) -> str:
 
 def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Average reward vs. completion tokens per task, per (env, split, method label), each placed on the
-    curve :func:`budget_curve` names."""
-    points = []
+    curve :func:`budget_curve` names. Where two runs of one curve give a point at the same budget (the
+    first N' candidates of ``best-of-n(n=4)`` and of ``best-of-n(n=8)``), the run with the larger N (or
+    trial count) gives it, so that a curve has one point per budget."""
+    runs: list[list[dict[str, Any]]] = []  # each method label's points, its own budget last
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["env"], r["split"], r["method"])].append(r)
     for (env, split, method), rs in sorted(groups.items()):
+        run: list[dict[str, Any]] = []
         if rs[0]["method_name"] == "best-of-n" and all("candidates" in r for r in rs):
             n_max = min(len(r["candidates"]) for r in rs)
             for n in [k for k in BUDGET_NS if k < n_max] + [n_max]:
@@ -112,22 +115,33 @@ def budget_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     cands = r["candidates"][:n]
                     rewards.append(cands[argmax([c["score"] for c in cands])]["reward"])
                     tokens.append(sum(c["completion_tokens"] for c in cands))
-                points.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": n,
-                               "completion_tokens": _mean(tokens), "avg_reward": _mean(rewards)})
+                run.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": n,
+                            "completion_tokens": _mean(tokens), "avg_reward": _mean(rewards)})
         elif rs[0]["method_name"] == "reflexion" and all("trials" in r for r in rs):
             for t in range(1, rs[0]["config"]["trials"] + 1):
                 played = [r["trials"][:t] for r in rs]  # an episode that succeeded earlier stopped there
                 tokens = [sum(tr["completion_tokens"] for tr in ts) + sum(tr.get("reflection_completion_tokens", 0)
                                                                           for tr in ts[:-1]) for ts in played]
-                points.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": t,
-                               "completion_tokens": _mean(tokens),
-                               "avg_reward": _mean([ts[-1]["reward"] for ts in played])})
+                run.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": t,
+                            "completion_tokens": _mean(tokens),
+                            "avg_reward": _mean([ts[-1]["reward"] for ts in played])})
         elif rs[0]["method_name"] in ("qlass", "greedy", "sample"):
             param = rs[0]["config"].get("m", 1)
-            points.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": param,
-                           "completion_tokens": _mean([r["completion_tokens"] for r in rs]),
-                           "avg_reward": _mean([r["reward"] for r in rs])})
-    return points
+            run.append({"env": env, "split": split, "curve": budget_curve(rs[0]), "budget_param": param,
+                        "completion_tokens": _mean([r["completion_tokens"] for r in rs]),
+                        "avg_reward": _mean([r["reward"] for r in rs])})
+        runs.append(run)
+    owner: dict[tuple[Any, ...], int] = {}  # (env, split, curve, budget) -> the run that gives the point
+    for i, run in enumerate(runs):
+        for p in run:
+            j = owner.setdefault(_budget_key(p), i)
+            if run[-1]["budget_param"] > runs[j][-1]["budget_param"]:
+                owner[_budget_key(p)] = i
+    return [p for i, run in enumerate(runs) for p in run if owner[_budget_key(p)] == i]
+
+
+def _budget_key(point: dict[str, Any]) -> tuple[Any, ...]:
+    return point["env"], point["split"], point["curve"], point["budget_param"]
 
 
 def _choices_cell(row: dict[str, Any]) -> str:
