@@ -731,6 +731,37 @@ def test_truncated_samples_never_become_alternatives() -> None:
     assert heads and all(n.action in ScriptedPolicy.ACTIONS or n.action is None for n in heads)
 
 
+class CutRollout:
+    """Corridor expansions go east or look; a rollout's first step is cut off mid-action by the token limit
+    (the environment gets no action and answers with its format hint), its later steps go east."""
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+        out = []
+        for h in histories:
+            turns = sum(m.role == "assistant" and m.content.startswith("Thought") for m in h)
+            if n > 1:
+                out.append([Completion("Thought: a\nAction: go east", 5, 5),
+                            Completion("Thought: b\nAction: look", 5, 5)][:n])
+            elif turns == 1:
+                out.append([Completion("Thought: hmm\nAction: go ea", 5, 8, truncated=True)])
+            else:
+                out.append([Completion("Thought: go\nAction: go east", 5, 5)])
+        return out
+
+
+def test_a_node_cut_off_by_the_token_limit_is_replayed_as_the_environment_got_it() -> None:
+    """Replaying a path sent the cut node's raw text ("Action: go ea"), which the environment answers
+    otherwise than the text it got: exploration stopped with "replaying ... diverged" at that task,
+    on every rerun."""
+    env = Corridor()
+    tree = build_tree(env, CutRollout(), env.tasks("train")[2], ExploreConfig(expert_graft=False, max_depth=4,
+                                                                               max_steps=10), seed=0)
+    cut = [n for n in tree.nodes if n.output.endswith("Action: go ea")]
+    assert cut and all(n.action is None and n.observation.startswith(FORMAT_HINT) for n in cut)
+    replayed = [n for n in tree.nodes if n.parent is not None and tree.nodes[n.parent] in cut]
+    assert replayed and len(tree.nodes) > 10  # nodes below a cut one were reached by replaying it
+
+
 def test_new_options_enter_the_digest_and_resume_refuses_mixed_settings(tmp_path: Path) -> None:
     legacy = small_cfg(expert_siblings=1)
     before = {k: v for k, v in to_dict(legacy).items() if k not in ("expert_order", "graft_share", "diverse", "probe",

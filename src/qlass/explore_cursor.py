@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .envs.base import Env, env_reset, env_step
+from .agent import executed_text
+from .envs.base import Env, env_reset, env_step, parse_action
 from .errors import QlassError
 from .tree import Node, Tree
-from .types import StepResult, Task
+from .types import Completion, StepResult, Task
 
 
 class Cursor:
@@ -73,7 +74,7 @@ class Cursor:
             pos = ()
         spent = 0
         for node in path[len(pos):]:  # type: ignore[arg-type]
-            result = env_step(self.env, node.output)
+            result = env_step(self.env, sent_text(node))
             spent += 1
             if result.observation != node.observation or abs(float(result.reward) - node.reward) > 1e-9:
                 raise QlassError(f"{self.env.name}: replaying {self.task.id} diverged at node {node.id} (depth "
@@ -83,6 +84,15 @@ class Cursor:
         if self.snapshots and node_id not in self.saved:
             self.saved[node_id] = self.env.snapshot()  # type: ignore[attr-defined]
         return spent
+
+
+def sent_text(node: Node) -> str:
+    """What the environment received for ``node``: its output, or for an output cut by the token limit
+    (its recorded action is not the one its text reads) the text before its unfinished ``Action:`` line
+    (:func:`~qlass.agent.executed_text`)."""
+    if parse_action(node.output) == node.action:
+        return node.output
+    return executed_text(Completion(node.output, 0, 0, truncated=True))
 
 
 class Recording:
@@ -106,4 +116,4 @@ class Recording:
         saved.update((n.id, state) for n, state in zip(nodes, self.states) if state is not None)
 
 
-__all__ = ["Cursor", "Recording"]
+__all__ = ["Cursor", "Recording", "sent_text"]
