@@ -36,6 +36,16 @@ def test_contrast_fit_ranks_siblings_and_ignores_what_they_share() -> None:
         fit_head(x[::2], y[::2], groups[::2], 1.0, contrast=True)
 
 
+def test_a_head_fitted_on_plain_records_ranks_but_leaves_the_offset_out() -> None:
+    """The head has no bias, so the plain-records fit is centred: its values order the records as the
+    targets do, around 0 rather than around the targets' mean (qnet.json says calibrated: false)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (60, 3))
+    y = 0.5 + 0.2 * x[:, 0]
+    w = fit_head(x, y, [f"g{i}" for i in range(60)], l2=1e-6, contrast=False)
+    assert np.corrcoef(x @ w, y)[0, 1] > 0.99 and abs(float(np.mean(x @ w - y)) + 0.5) < 0.05
+
+
 def test_head_learns_to_rank_resumes_and_saves_a_loadable_qnet(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=16)
     out = tmp_path / "head"
@@ -47,7 +57,8 @@ def test_head_learns_to_rank_resumes_and_saves_a_loadable_qnet(tiny_model_dir: P
     assert "sft_loglik" in best["rankers"] and best["qnet_minus_sft_loglik"]["ci95"] is not None
     # the saved folder is a QNet whose backbone is the SFT model and whose scores rank the siblings
     qnet = QNet.load(out)
-    assert json.loads((out / "qnet.json").read_text())["head_only"] is True
+    meta = json.loads((out / "qnet.json").read_text())
+    assert meta["head_only"] is True and meta["calibrated"] is False  # no offset: values rank, they do not estimate
     history = list(read_qdata(data)[0].messages)
     good, bad = qnet.score(history, ["Thought: the box\nAction: open", "Thought: the box\nAction: close"])
     assert good > bad

@@ -5,7 +5,11 @@ whose lone records carry a depth shortcut, best-epoch selection and k-fold cross
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -243,5 +247,17 @@ def test_cross_validation_pools_every_tree_once(tiny_model_dir: Path, tmp_path: 
     assert "| qnet |" in (tmp_path / "cv" / "cv_summary.md").read_text() and "| qnet |" in res.output
     again = CliRunner().invoke(app, args)  # finished folds are not retrained
     assert again.exit_code == 0 and json.loads((tmp_path / "cv" / "cv_summary.json").read_text()) == summary
+    # the same Q data from a pipe (<(zcat q.jsonl.gz)): read once, every fold trains on (here: finds) its copy;
+    # before, the folds found the pipe read and empty
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    threading.Thread(target=fifo.write_text, args=(data.read_text(),), daemon=True).start()
+    piped = subprocess.run([sys.executable, "-m", "qlass", *args[:1], str(fifo), *args[2:]], capture_output=True,
+                           text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads((tmp_path / "cv" / "cv_summary.json").read_text()) == {**summary, "qdata": str(fifo)}
+    # select_best would keep each fold's epoch by the accuracy the fold then reports: refused, nothing trained
+    chosen = CliRunner().invoke(app, [*args[:5], str(tmp_path / "best"), *args[6:], "--set", "select_best=true"])
+    assert "select_best would keep each fold's epoch" in str(chosen.exception) and not (tmp_path / "best").exists()
     bad = CliRunner().invoke(app, args[:-1] + ["7"])
     assert bad.exit_code != 0 and "6 tree(s) cannot be dealt into 7 folds" in str(bad.exception or bad.output)

@@ -5,7 +5,8 @@ Each fold is an ordinary :func:`qlass.training.qnet.train_qnet` run in ``OUT/fol
 trees held out (resumable, refused for other settings like any QNet folder); its
 ``val_predictions.jsonl`` holds every held-out record's QNet score and the SFT policy's
 log-likelihoods. Pooled over the folds every tree is held out exactly once, so a small Q data set
-still yields all of its sibling pairs for validation.
+still yields all of its sibling pairs for validation. Each fold reports its last epoch: ``select_best``
+is refused, since it would keep the epoch that scores best on the very trees the fold reports.
 
 Intervals: the pairs of one tree share a policy, a task and often a record, so they are not
 independent; 95% intervals come from a bootstrap over held-out trees (the trees holding pairs are
@@ -26,8 +27,10 @@ import numpy as np
 
 from .config import to_dict
 from .config_fields import require_config
+from .errors import QlassError
 from .jsonl import read_jsonl, write_text_atomic
 from .qnet_data import fold_trees, pair_credits, read_qdata, spearman
+from .training.common import Snapshot, input_snapshot
 from .training.qnet import PREDICTIONS_FILE, QNetTrainConfig, train_qnet
 
 log = logging.getLogger(__name__)
@@ -42,14 +45,23 @@ def cross_validate_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | P
     """Train ``folds`` QNets on tree-disjoint splits of ``qdata`` and pool their held-out predictions;
     writes ``cv_summary.json`` and ``cv_summary.md`` to ``out_dir`` and returns the summary."""
     require_config(cfg, QNetTrainConfig, "cross_validate_qnet")
-    out = Path(out_dir)
-    records = read_qdata(qdata)
-    splits = fold_trees(records, folds, cfg.seed, str(qdata))
+    if cfg.select_best:
+        raise QlassError("select_best would keep each fold's epoch by its accuracy on the held-out trees that "
+                         "the fold then reports, so the pooled accuracy would be optimistic; cross-validate with "
+                         "select_best false (--set select_best=false): each fold then reports its last epoch")
+    with input_snapshot(qdata) as source:  # a pipe is read once, and every fold trains on its copy
+        return _cross_validate(source, sft_dir, Path(out_dir), cfg, folds, resamples)
+
+
+def _cross_validate(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrainConfig, folds: int,
+                    resamples: int) -> dict[str, Any]:
+    records = read_qdata(source.path)
+    splits = fold_trees(records, folds, cfg.seed, source.name)
     rows: list[dict[str, Any]] = []
     per_fold = []
     for k, held in enumerate(splits, 1):
         log.info("fold %d/%d: %d held-out trees", k, folds, len(held))
-        result = train_qnet(qdata, sft_dir, out / f"fold-{k}", cfg, held_out=held)
+        result = train_qnet(source, sft_dir, out / f"fold-{k}", cfg, held_out=held)
         fold_rows = read_jsonl(out / f"fold-{k}" / PREDICTIONS_FILE)
         rows += fold_rows
         per_fold.append({"fold": k, "trees": len(held), "records": len(fold_rows),
@@ -57,7 +69,7 @@ def cross_validate_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | P
                          "qnet_pair_accuracy": (result.get("qnet") or {}).get("pair_accuracy"),
                          "kept_epoch": result.get("kept_epoch")})
     summary = pooled_summary(rows, cfg.seed, resamples)
-    summary.update({"folds": per_fold, "settings": to_dict(cfg), "qdata": str(qdata)})
+    summary.update({"folds": per_fold, "settings": to_dict(cfg), "qdata": source.name})
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / f"{SUMMARY}.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / f"{SUMMARY}.md", "\n".join(summary_markdown(summary)) + "\n")

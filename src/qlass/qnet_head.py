@@ -21,10 +21,11 @@ an hour per model on this CPU, too slow to cross-validate. Here the backbone sta
    SFT log-likelihood ranker on the same pairs).
 3. **Output.** An ordinary QNet folder (``AutoModelForSequenceClassification``, one label: the SFT
    backbone and the fitted head), so ``qlass eval --qnet`` and ``qlass decisions report --qnet``
-   load it like any other. The head has no bias, so the values of a head fitted on contrasts are
-   offsets that rank candidates (what Q-guided search needs), not calibrated outcome estimates
-   (``qnet.json`` records ``calibrated: false``); prefer a head fitted on the plain records where Q
-   itself judges finished trajectories (Best-of-N with ``select=qnet``).
+   load it like any other. The head has no bias, and either fit leaves the offset out (the plain
+   records are centred, contrasts are offsets from their group's mean), so its values rank candidates
+   and finished trajectories (what Q-guided search and Best-of-N with ``select=qnet`` compare) but are
+   not outcome estimates: ``qnet.json`` records ``calibrated: false``, and ``oracle_terminal``, which
+   puts true rewards beside the values, needs a QNet trained by ``train-qnet``.
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     result = {"records": len(records), "trees": trees, "kept": {"l2": best["l2"], "contrast": best["contrast"]},
               "cross_validation": results, "settings": to_dict(cfg)}
     with naming_failed_saves(out):
-        qnet.save(out, extra={"head_only": True, "calibrated": not best["contrast"], "l2": best["l2"]})
+        qnet.save(out, extra={"head_only": True, "calibrated": False, "l2": best["l2"]})  # no offset: see above
     write_text_atomic(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     write_text_atomic(out / "qnet_head_result.md", "\n".join(result_markdown(result)) + "\n")
     return result
@@ -341,7 +342,8 @@ def result_markdown(result: dict[str, Any]) -> list[str]:
     lines = [(f"Head-only QNet: {result['records']} records from {result['trees']} trees; kept l2 {kept['l2']:g}, "
               f"{'sibling contrasts' if kept['contrast'] else 'plain records'}."), "",
              (f"{result['settings']['folds']}-fold cross-validation by tree (held-out sibling pairs, 95% "
-              "tree-bootstrap intervals):"), "",
+              "tree-bootstrap intervals). The kept setting is the best row of these folds, so its row is "
+              "optimistic when several settings are tried:"), "",
              "| l2 | fit on | head pair accuracy | 95% interval | SFT log-lik (per token) | head − log-lik [95%] "
              "| pairs |",
              "|---|---|---|---|---|---|---|"]

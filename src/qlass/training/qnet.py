@@ -29,6 +29,7 @@ QNet must beat; ``val_predictions.jsonl`` keeps every held-out record's scores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -169,10 +170,11 @@ def _lora(model: Any, cfg: QNetTrainConfig) -> Any:
                                             target_modules="all-linear", task_type="SEQ_CLS"))
 
 
-def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg: QNetTrainConfig,
+def train_qnet(qdata: str | Path | Snapshot, sft_dir: str | Path, out_dir: str | Path, cfg: QNetTrainConfig,
                held_out: Collection[str] | None = None) -> dict[str, Any]:
-    """Train a QNet from the SFT model at ``sft_dir`` on ``qdata``; returns the kept epoch's validation
-    result. ``held_out`` names the validation trees (default: a seeded ``val_fraction`` of them).
+    """Train a QNet from the SFT model at ``sft_dir`` on ``qdata`` (a path, or the :class:`.common.Snapshot`
+    of an input already read, such as a pipe's copy); returns the kept epoch's validation result.
+    ``held_out`` names the validation trees (default: a seeded ``val_fraction`` of them).
 
     ``out_dir`` receives the QNet (an ``AutoModelForSequenceClassification`` folder, safetensors),
     ``metrics.jsonl`` (per step ``train_loss``, ``train_mse``, ``pair_loss``, ``records``...; per
@@ -186,7 +188,8 @@ def train_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     refuse_overwriting_run(out, sft_dir, "qnet")
     check_report_to(cfg.report_to)
-    with main_process_lock(out), naming_failed_saves(out), input_snapshot(qdata) as source:
+    read = contextlib.nullcontext(qdata) if isinstance(qdata, Snapshot) else input_snapshot(qdata)
+    with main_process_lock(out), naming_failed_saves(out), read as source:
         return _train_qnet(source, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)
 
 
