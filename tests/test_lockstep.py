@@ -238,3 +238,54 @@ def test_what_a_qnet_object_answers_is_checked(values) -> None:
 
     with pytest.raises(QlassError, match="QNet test_lockstep.*Odd: score\\(\\) returned .* for 2 candidate"):
         run_one(scored(), Recorder(), Odd())
+
+
+class LikelihoodRecorder(Recorder):
+    """A :class:`Recorder` whose outputs have log-probabilities (for the likelihood rankers)."""
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+        got = super().sample(histories, n, temperature, max_new_tokens, seed)
+        return [[replace(c, logprob=-1.0 - len(c.text)) for c in outs] for outs in got]
+
+
+def _seeds_drawn(runs: list[MethodRun], out: Path) -> dict[str, list]:
+    """Every seed each run's episodes asked the policy for (three Corridor tasks, one episode at a time)."""
+    drawn = {}
+    for run in runs:
+        policy = LikelihoodRecorder()
+        worker = EvalWorker(functools.partial(Corridor, step_limit=3, tasks_per_split=3), policy, BatchQNet())
+        evaluate("corridor", Corridor(tasks_per_split=3).tasks("seen"), [run], worker, out, seed=7)
+        drawn[run.label] = [s for _, temperature, seeds in policy.calls if temperature for s in seeds]
+    return drawn
+
+
+def test_a_method_and_its_selection_controls_draw_the_same_samples(tmp_path: Path) -> None:
+    """The QNet's pick and its select=random control, margin or the best-of-n likelihood pick play from one
+    draw per task: their paired difference is the choice alone. Other candidate counts draw otherwise."""
+    import yaml
+
+    def run(name: str, **opts) -> MethodRun:
+        return MethodRun(name, make_method_config(name, {"max_steps": 2, **opts}))
+
+    qlass = [run("qlass", m=2), run("qlass", m=2, select="random"), run("qlass", m=2, margin=0.5)]
+    drawn = _seeds_drawn(qlass + [run("qlass", m=3)], tmp_path / "new")
+    assert drawn["qlass(m=2)"] and drawn["qlass(m=2)"] == drawn["qlass(m=2,select=random)"] == drawn[
+        "qlass(m=2,margin=0.5)"]
+    assert not set(drawn["qlass(m=3)"]) & set(drawn["qlass(m=2)"])
+    assert yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())["seeding"] == 2
+    best = _seeds_drawn([run("best-of-n", n=2), run("best-of-n", n=2, select="likelihood")], tmp_path / "bon")
+    assert best["best-of-n(n=2,qnet)"] == best["best-of-n(n=2,likelihood)"]
+    # a folder begun before (its config.yaml records no seeding) resumes seeding by the full label, as it began
+    old = tmp_path / "old"
+    _seeds_drawn(qlass[:1], old)
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    del saved["seeding"]
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    resumed = _seeds_drawn(qlass[1:2], old)
+    assert resumed["qlass(m=2,select=random)"] and not set(resumed["qlass(m=2,select=random)"]) & set(
+        drawn["qlass(m=2)"])
+    assert "seeding" not in yaml.safe_load((old / "config.yaml").read_text())
+    saved["seeding"] = 7
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(QlassError, match=r"field 'seeding' is 7; this qlass seeds episodes as 1 or 2"):
+        _seeds_drawn(qlass[2:], old)

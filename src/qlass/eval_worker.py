@@ -18,7 +18,7 @@ from .envs.base import Env, env_close
 from .errors import QlassError
 from .lockstep import Episode, drive, run_one
 from .policy.base import Policy, ready_policy
-from .search import METHODS, SearchContext, ValueModel, method_label
+from .search import METHODS, SearchContext, ValueModel, method_label, sampling_label
 from .types import Task, Trajectory
 
 RECORD_SCHEMA_VERSION = 1
@@ -34,6 +34,11 @@ class MethodRun:
     @property
     def label(self) -> str:
         return method_label(self.name, self.config)
+
+    @property
+    def sampling_label(self) -> str:
+        """The label of what it samples (:func:`~qlass.search.sampling_label`): its episodes' seeds."""
+        return sampling_label(self.name, self.config)
 
 
 def make_record(run: MethodRun, env_name: str, task: Task, traj: Trajectory, wall: float) -> dict[str, Any]:

@@ -54,6 +54,13 @@ DEFAULT_CONCURRENCY = 16
 """Episodes a worker keeps live by default."""
 DEFAULT_CACHE_SLOTS = 8
 """HFPolicy's own default; raised, never lowered, to hold every live conversation."""
+SEEDING = 2
+"""How episodes are seeded, as ``config.yaml`` records it (``seeding``): 2, from the run seed, the task
+and the method's sampling label (:func:`~qlass.search.sampling_label`), so that methods differing only
+in how they choose among their samples (a QNet's pick and its ``select=random`` or ``likelihood``
+control, ``beta``, ``margin``, the oracle) play from the same draws and their paired differences
+come from the choice alone; 1, what a ``config.yaml`` without the entry means (folders begun before
+it): from the method's full label, kept when such a folder resumes."""
 RESUMABLE_SETTINGS = ("limit", "splits", "task_types", "tasks", "methods")
 """``config.yaml`` entries a rerun may change besides the runtime ones: which tasks are played (records
 are keyed by task) and the method list (each method's settings are checked per record)."""
@@ -187,12 +194,16 @@ def evaluate(
             recorded["qnet"] = settings["qnet"]
         check_recorded(config, settings, str(out_dir), RESUMABLE_SETTINGS,  # every eval config.yaml names model, env
                        "use another output folder for these settings", recorded, required=("model", "env"))
-    save_yaml(config, {**settings, "methods": [
+    seeding = recorded.get("seeding", 1) if records else SEEDING  # a folder resumes with its own
+    if type(seeding) is not int or not 1 <= seeding <= SEEDING:
+        raise QlassError(f"{config}: field 'seeding' is {seeding!r}; this qlass seeds episodes as 1 or "
+                         f"{SEEDING} (a folder of a newer qlass? use another output folder)")
+    save_yaml(config, {**settings, **({"seeding": seeding} if seeding != 1 else {}), "methods": [
         {"label": r.label, "name": r.name, "config": asdict(r.config)} for r in runs]})
     done = {record_key(r) for r in records}
     # task by task, every method on each: a run stopped part-way has comparable rows
-    todo = [(run, t, stable_seed(seed, run.label, t.id)) for t in tasks for run in runs
-            if (run.label, env_name, t.split, t.id) not in done]
+    todo = [(run, t, stable_seed(seed, run.sampling_label if seeding == SEEDING else run.label, t.id))
+            for t in tasks for run in runs if (run.label, env_name, t.split, t.id) not in done]
     if len(todo) < len(runs) * len(tasks):
         log.info("resuming: %d of %d (method, task) pairs already in %s",
                  len(runs) * len(tasks) - len(todo), len(runs) * len(tasks), path)

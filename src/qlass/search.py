@@ -17,6 +17,7 @@ tokens); a method that plays several trajectories (best-of-n) reports the tokens
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,3 +290,15 @@ def method_label(name: str, cfg: Any) -> str:
     if name == "best-of-n":
         return f"best-of-n(n={cfg.n},{cfg.select})"
     return name
+
+
+def sampling_label(name: str, cfg: Any) -> str:
+    """The label of what a method samples: :func:`method_label` with the options that only choose among
+    the samples at their defaults (qlass's ``select``, ``beta``, ``margin`` and ``oracle_terminal``,
+    best-of-n's ``select``), so that a method and its controls can be seeded alike:
+    ``qlass(m=4,anchor=greedy,select=random)`` → ``qlass(m=4,anchor=greedy)``."""
+    if name == "qlass":
+        return dataclasses.replace(cfg, select="qnet", beta=0.0, margin=0.0, oracle_terminal=False).label()
+    if name == "best-of-n":
+        return f"best-of-n(n={cfg.n},qnet)"
+    return method_label(name, cfg)
