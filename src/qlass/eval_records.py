@@ -212,7 +212,7 @@ def check_pooled_runs(paths: Sequence[str | Path], allow_mixed: bool = False) ->
         if not {"model", "env", "methods"} <= settings.keys():  # none, or not an evaluation's (e.g. qlass run's)
             unknown.append(str(path))
             continue
-        changes: list[str] = []
+        changes: list[tuple[tuple[Path, Path, dict[str, Any]], str]] = []  # (the run compared with, change)
         if first is None:
             first = (path, config, settings)
         else:
