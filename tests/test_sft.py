@@ -266,6 +266,36 @@ def test_limited_supervision_keeps_a_seeded_share_of_every_task_type() -> None:
             SFTConfig(max_trajectories=bad)
 
 
+def test_limited_supervision_spreads_over_the_recorded_task_types_of_any_environment(tmp_path: Path) -> None:
+    """ALFWorld ids (alfworld/split/folder/trial) and WebShop's (webshop/index) do not name the type in their
+    middle part: the subset was the first folders, or a plain sample. Expert exports record task_type."""
+    from toy_envs import Corridor
+
+    from qlass.data import load_trajectories, save_trajectories, validate_file
+    from qlass.expert import export_expert
+    from qlass.types import Task
+
+    shop = [Trajectory(id=f"webshop/{i}", messages=[], reward=1.0, success=True, task=f"webshop/{i}",
+                       meta={"task_type": "abcde"[i % 5]}) for i in range(40)]
+    kept = limit_trajectories(shop, 10, seed=0)
+    assert sorted(t.meta["task_type"] for t in kept) == sorted("abcde" * 2)
+    folders = [Trajectory(id=f"alfworld/train/{t}-{k}/trial", messages=[], task=f"alfworld/train/{t}-{k}/trial",
+                          meta={"task_type": t}) for t in ("look", "pick", "heat") for k in range(4)]
+    assert sorted(t.meta["task_type"] for t in limit_trajectories(folders, 3, seed=0)) == ["heat", "look", "pick"]
+
+    class Typed(Corridor):  # a task type that is not in its ids
+        def tasks(self, split, task_types=None):
+            return [Task(t.id, t.env, t.split, "walk-far" if i % 2 else "walk-near", t.meta)
+                    for i, t in enumerate(super().tasks(split, task_types))]
+
+    save_trajectories(tmp_path / "expert.json", export_expert(Typed(), Typed().tasks("train")).trajectories)
+    assert [t.meta["task_type"] for t in load_trajectories(tmp_path / "expert.json")][:2] == ["walk-near", "walk-far"]
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "x", "task": 12, "task_type": "", "conversations": []}]))
+    errors = validate_file(tmp_path / "bad.json").errors
+    assert any("field 'task': 12 is not a non-empty string" in e for e in errors), errors
+    assert any("field 'task_type': '' is not a non-empty string" in e for e in errors)
+
+
 def test_sft_with_max_trajectories_trains_on_the_subset(tiny_model_dir, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.json", n=12)
     cfg = SFTConfig(epochs=1, lr=1e-3, batch_size=2, micro_batch=2, val_fraction=0.25, save_every=100, threads=1,

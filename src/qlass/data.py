@@ -246,6 +246,9 @@ def record_problems(rec: Any) -> list[str]:
             problems.append(f"field 'reward': {r!r} is not a number in [0, 1]")
     if "success" in rec and not isinstance(rec["success"], bool):
         problems.append(f"field 'success': {rec['success']!r} is not true/false")
+    for name in ("task", "task_type"):  # ids and types group and pair trajectories: text, or left out
+        if rec.get(name) is not None and (not isinstance(rec[name], str) or not rec[name]):
+            problems.append(f"field {name!r}: {rec[name]!r} is not a non-empty string (or null)")
     return problems + _step_problems(rec.get("steps", []))
 
 

@@ -49,7 +49,8 @@ def replay_expert(env: Env, task: Task, outputs: Sequence[str]) -> Trajectory:
         apply_output(env, messages, steps, Completion(text, 0, 0))
         if steps[-1].done:
             break
-    return finish(task, messages, steps, source="expert")
+    typed = {"task_type": task.task_type} if task.task_type else {}  # what limited supervision spreads over
+    return finish(task, messages, steps, source="expert", **typed)
 
 
 def verify_expert(env: Env, task: Task, max_steps: int | None = None) -> tuple[Trajectory | None, str]:

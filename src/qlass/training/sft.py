@@ -152,16 +152,16 @@ def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int)
 
 def limit_trajectories(trajectories: Sequence[Trajectory], cap: float | None, seed: int) -> list[Trajectory]:
     """Limited supervision: ``cap`` trajectories (``cap >= 1``) or that fraction of them (``0 < cap < 1``,
-    rounded, at least one), drawn with ``seed`` round-robin over task types (the middle part of a
-    ``env/type/index`` task id) so every type keeps its share; kept in file order. ``None``: all."""
+    rounded, at least one), drawn with ``seed`` round-robin over task types so every type keeps its share;
+    kept in file order. ``None``: all. A trajectory's type is its ``task_type`` (expert exports record
+    it); for a file without one, the middle part of an ``env/type/index`` task id (ScienceWorld's)."""
     n = len(trajectories)
     if cap is None or n == 0:
         return list(trajectories)
     keep = max(1, min(n, round(cap * n) if cap < 1 else int(cap)))
     groups: dict[str, list[int]] = {}
     for i, traj in enumerate(trajectories):
-        parts = (traj.task or traj.id).split("/")
-        groups.setdefault(parts[-2] if len(parts) >= 3 else "", []).append(i)
+        groups.setdefault(trajectory_type(traj), []).append(i)
     rng = random.Random(seed)
     queues = [rng.sample(members, len(members)) for _, members in sorted(groups.items())]
     picked: list[int] = []
@@ -170,6 +170,16 @@ def limit_trajectories(trajectories: Sequence[Trajectory], cap: float | None, se
             if queue and len(picked) < keep:
                 picked.append(queue.pop())
     return [trajectories[i] for i in sorted(picked)]
+
+
+def trajectory_type(traj: Trajectory) -> str:
+    """The task type :func:`limit_trajectories` spreads over: the record's ``task_type``, else the middle
+    part of an ``env/type/index`` task id, else one type for all."""
+    recorded = traj.meta.get("task_type")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    parts = (traj.task or traj.id).split("/")
+    return parts[-2] if len(parts) >= 3 else ""
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
