@@ -55,8 +55,12 @@ def test_bad_pairs_are_named_by_record_and_field(tmp_path: Path) -> None:
     upside_down["chosen"], upside_down["rejected"] = upside_down["rejected"], upside_down["chosen"]
     no_action = pair(5)
     no_action["rejected"]["conversations"][-2]["value"] = "I give up."
+    last_seen = pair(8)  # the same agent turns, only the last observation differs: DPO scores nothing apart
+    last_seen["rejected"] = {**json.loads(json.dumps(last_seen["chosen"])), "reward": 0.0, "success": False}
+    assert last_seen["rejected"]["conversations"][-1]["from"] == "human"
+    last_seen["rejected"]["conversations"][-1]["value"] = "Observation: something else."
     records = [good, {"id": "pair-x", "chosen": good["chosen"]}, other_task, same, upside_down, no_action,
-               {**pair(6), "id": "pair-0"}, {**pair(7), "score": 1}]
+               {**pair(6), "id": "pair-0"}, {**pair(7), "score": 1}, last_seen]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(DataError) as err:
@@ -69,9 +73,11 @@ def test_bad_pairs_are_named_by_record_and_field(tmp_path: Path) -> None:
                      "line 5 (id 'pair-4'): field 'chosen.reward': 0.0 is below the rejected one's 1.0",
                      "line 6 (id 'pair-5'): field 'rejected': ",
                      "line 7 (id 'pair-0'): field 'id': duplicate of line 1",
-                     "line 8 (id 'pair-7'): unknown field(s) 'score'"):
+                     "line 8 (id 'pair-7'): unknown field(s) 'score'",
+                     "line 9 (id 'pair-8'): fields 'chosen' and 'rejected': the same conversation up to the last "
+                     "agent turn"):
         assert expected in text, text
-    assert "line 1 (" not in text and "7 invalid record(s)" in text
+    assert "line 1 (" not in text and "8 invalid record(s)" in text
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(DataError, match="no preference pairs"):

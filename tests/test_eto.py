@@ -109,6 +109,10 @@ def test_each_failure_is_paired_with_the_expert_of_its_task(tmp_path: Path) -> N
         failure_pairs(records, order, experts, EXPLORE, "expert.json")
     with pytest.raises(QlassError, match=r"x\.json: no expert trajectory names its task"):
         experts_by_task([dataclasses.replace(t, task=None) for t in experts.values()], "x.json")
+    # a file without rewards (optional in the format; ETO's own SFT files have none) read as reward 0: every
+    # failure then counted as "the expert is no better", and the run stopped with no pairs, saying so
+    with pytest.raises(QlassError, match=r"x\.json: no expert trajectory records a reward above 0"):
+        experts_by_task([dataclasses.replace(t, reward=0.0, success=False) for t in experts.values()], "x.json")
 
 
 def test_a_pair_longer_than_dpo_max_length_loses_its_last_rejected_turns(tiny_model_dir: Path) -> None:

@@ -4,6 +4,7 @@ and named errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from qlass.data import load_trajectories, save_trajectories
 from qlass.errors import DataError, QlassError
 from qlass.expert import export_expert
 from qlass.jsonl import write_jsonl
+from qlass.rft import RFTConfig, run_rft
 from qlass.self_train import (
     SelfTrainConfig,
     guided_path,
@@ -191,6 +193,12 @@ def test_bad_self_training_inputs_are_named_errors(tiny_model_dir: Path, tmp_pat
         select_trajectories(tmp_path / "bad.jsonl", "avg")
     with pytest.raises(QlassError, match=r"nomodel: the model to fine-tune is not a local model folder"):
         self_train(trees, expert, tmp_path / "nomodel", tmp_path / "a", "q", TINY_SFT)
+    capped = dataclasses.replace(TINY_SFT, max_trajectories=2)  # it cut the expert and own data together
+    with pytest.raises(QlassError, match=r"self_train: sft_cfg\.max_trajectories \(2\) would cap the expert data"):
+        self_train(trees, expert, tiny_model_dir, tmp_path / "capped", "q", capped)
+    with pytest.raises(QlassError, match=r"run_rft: sft_cfg\.max_trajectories \(2\) would cap the expert data"):
+        run_rft("nowhere:Policy", expert, tiny_model_dir, "corridor", tmp_path / "rft", RFTConfig(), capped)
+    assert not (tmp_path / "capped").exists() and not (tmp_path / "rft").exists()
     with pytest.raises(DataError, match=r"noexpert\.json: file not found"):
         self_train(trees, tmp_path / "noexpert.json", tiny_model_dir, tmp_path / "b", "q", TINY_SFT)
     (tmp_path / "d").mkdir()  # the expert data given as OUT/data.json was replaced by expert + selection

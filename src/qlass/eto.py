@@ -112,6 +112,10 @@ def experts_by_task(trajectories: Sequence[Trajectory], path: str | Path) -> dic
     if not experts:
         raise QlassError(f"{path}: no expert trajectory names its task (field 'task'); ETO pairs each failure with "
                          "the expert trajectory of the same task")
+    if not any(traj.reward > 0 for traj in experts.values()):  # a file without rewards reads as reward 0
+        raise QlassError(f"{path}: no expert trajectory records a reward above 0 (field 'reward', 0 when left out); "
+                         "ETO pairs a failure with its task's expert only where the expert's reward is higher, so "
+                         "there would be no pairs: record the rewards (qlass data expert writes them)")
     return experts
 
 

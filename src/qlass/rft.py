@@ -192,6 +192,15 @@ def sample_training_tasks(
                       only=expert_tasks if cfg.tasks == "expert" else None)
 
 
+def refuse_capped_data(sft_cfg: Any, caller: str) -> None:
+    """Refuse ``sft_cfg.max_trajectories``: the data of RFT and self-training is the expert data plus the
+    agent's own trajectories, and a cap would cut both together (the own ones can fall out entirely)."""
+    if sft_cfg.max_trajectories is not None:
+        raise QlassError(f"{caller}: sft_cfg.max_trajectories ({sft_cfg.max_trajectories}) would cap the expert "
+                         "data and the agent's own trajectories together; limited supervision with RFT or "
+                         "self-training is not supported (leave max_trajectories unset)")
+
+
 def write_augmented_data(expert_path: str | Path, extra: Sequence[Trajectory], out_dir: Path, what: str
                          ) -> AugmentedData:
     """Write ``out_dir/data.json``: the expert data of ``expert_path`` plus ``extra``, duplicates
@@ -244,6 +253,7 @@ def run_rft(
 
     require_config(cfg, RFTConfig, "run_rft")
     require_config(sft_cfg, SFTConfig, "run_rft", "sft_cfg")
+    refuse_capped_data(sft_cfg, "run_rft")
     out = Path(out_dir)
     refuse_foreign_folder(out, "rft")
     expert_path = Path(expert)

@@ -42,7 +42,7 @@ from .errors import DataError, QlassError
 from .file_checks import refuse_overwriting_inputs, require_model_folder
 from .jsonl import write_text_atomic
 from .locking import writes_to
-from .rft import DATA_FILE, MODEL_DIR, AugmentedData, write_augmented_data
+from .rft import DATA_FILE, MODEL_DIR, AugmentedData, refuse_capped_data, write_augmented_data
 from .tree import BackupConfig, Node, Tree, compute_q, mean_leaf_outcome, read_trees
 from .types import Step, Trajectory
 
@@ -176,6 +176,7 @@ def self_train(trees: str | Path, expert: str | Path, model_dir: str | Path, out
 
     require_config(sft_cfg, SFTConfig, "self_train", "sft_cfg")
     require_config(cfg, SelfTrainConfig, "self_train")
+    refuse_capped_data(sft_cfg, "self_train")
     out = Path(out_dir)
     refuse_foreign_folder(out, "self-train")
     for name in (DATA_FILE, SELECTION_FILE):  # the expert data would become expert + selection

@@ -31,7 +31,7 @@ from ..config_fields import require_config
 from ..data import ValidationReport, load_placed_records, record_problems, record_to_trajectory
 from ..errors import DataError, naming_failed_saves
 from ..policy.loading import load_causal_lm
-from ..types import Trajectory
+from ..types import Message, Trajectory
 from .common import (
     DONE_MARK,
     MetricsLog,
@@ -94,11 +94,18 @@ def pair_problems(rec: Any) -> list[str]:
             problems.append(f"field {side!r}: no agent turn after the task turn")
     if sides[0].messages[:keeps[0]] != sides[1].messages[:keeps[1]]:
         problems.append("fields 'chosen' and 'rejected': the prompts (instruction and task turns) differ")
-    elif sides[0].messages == sides[1].messages:
-        problems.append("fields 'chosen' and 'rejected': the same conversation")
+    elif _scored(sides[0].messages) == _scored(sides[1].messages):
+        problems.append("fields 'chosen' and 'rejected': the same conversation up to the last agent turn (what "
+                        "DPO scores; a last observation is not scored)")
     if "reward" in rec["chosen"] and "reward" in rec["rejected"] and sides[0].reward < sides[1].reward:
         problems.append(f"field 'chosen.reward': {sides[0].reward} is below the rejected one's {sides[1].reward}")
     return problems
+
+
+def _scored(messages: Sequence[Message]) -> list[Message]:
+    """``messages`` up to their last agent turn: what a pair's side is scored on."""
+    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    return list(messages[:last + 1])
 
 
 def load_pairs(path: str | Path) -> list[PreferencePair]:
