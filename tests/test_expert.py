@@ -64,6 +64,20 @@ def test_step_limit_exclusion_names_the_fix() -> None:
     assert "step limit 5" in why and "step_limit" in why
 
 
+def test_a_gold_path_that_goes_on_after_the_task_is_done_is_kept() -> None:
+    """ScienceWorld's gold path for grow-plant/0 has 63 actions and finishes the task in 29: it was excluded
+    as longer than the step limit of 30 without being played."""
+    env = make_env("sciworld", step_limit=30)
+    try:
+        (task,) = [t for t in env.tasks("train", ["grow-plant"]) if t.id == "sciworld/grow-plant/0"]
+        assert len(env.expert(task)) > 30
+        result = export_expert(env, [task])
+    finally:
+        env.close()
+    (traj,) = result.trajectories
+    assert traj.success and len(traj.steps) <= 30 and not result.excluded
+
+
 def test_export_resumes_from_its_progress_file(tmp_path: Path) -> None:
     progress = tmp_path / "progress.jsonl"
     env = make_env("sciworld", step_limit=100)

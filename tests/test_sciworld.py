@@ -34,6 +34,7 @@ def test_splits_and_task_ids(env: ScienceWorldEnv) -> None:
     assert tasks and all(t.id.startswith("sciworld/find-plant/") for t in tasks)
     assert env.task(tasks[0].id) == tasks[0]
     assert not {t.id for t in env.tasks("train", ["find-plant"])} & {t.id for t in tasks}
+    assert env.tasks("seen", ["find-plant", "find-plant"]) == tasks  # a type given twice lists its tasks once
     with pytest.raises(QlassError, match="unknown task type"):
         env.tasks("seen", ["find-unicorn"])
     with pytest.raises(QlassError, match="unknown split"):

@@ -518,6 +518,10 @@ def test_bad_data_is_named(tmp_path: Path) -> None:
     cut.write_bytes(bytes(damaged))
     with pytest.raises(DataError, match=r"products_1k\.jsonl\.xz: cannot be read \(LZMAError: "):
         WebShopEnv(products_file=cut, attributes_file=DATA / "items_ins_v2_1000.json")
+    binary = tmp_path / "attributes.json"  # bytes that are not text: the message named no file
+    binary.write_bytes(b'{"B1": "\xff\xfe"}')
+    with pytest.raises(DataError, match=r"attributes\.json: cannot be read \(UnicodeDecodeError: "):
+        WebShopEnv(products_file=DATA / "products_1k.jsonl.xz", attributes_file=binary)
 
 
 def test_bad_reviews_file_is_named(tmp_path: Path) -> None:

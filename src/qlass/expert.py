@@ -58,12 +58,15 @@ def verify_expert(env: Env, task: Task, max_steps: int | None = None) -> tuple[T
     outputs = env_expert(env, task)
     if not outputs:
         return None, "no expert trajectory"
-    if max_steps is not None and len(outputs) > max_steps:
-        return None, f"expert needs {len(outputs)} steps > max {max_steps}"
-    limit = getattr(env, "step_limit", None)
-    if isinstance(limit, int) and len(outputs) > limit:
-        return None, f"expert needs {len(outputs)} steps > the env's step limit {limit} (raise step_limit)"
-    traj = replay_expert(env, task, outputs)
+    limits = [(max_steps, f"max {max_steps}")] if max_steps is not None else []
+    env_limit = getattr(env, "step_limit", None)
+    if isinstance(env_limit, int):
+        limits.append((env_limit, f"the env's step limit {env_limit} (raise step_limit)"))
+    cap, why = min(limits, key=lambda kept: kept[0]) if limits else (len(outputs), "")
+    # a gold path may go on after the task is done (ScienceWorld's): only what the limit allows is played
+    traj = replay_expert(env, task, outputs[:cap])
+    if not traj.success and len(outputs) > cap:
+        return None, f"expert needs {len(outputs)} steps > {why}, and its first {cap} do not finish the task"
     if not traj.success:
         return None, f"replay ended with reward {traj.reward:.2f} after {len(traj.steps)} steps"
     return traj, ""

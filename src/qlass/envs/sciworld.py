@@ -198,7 +198,7 @@ class ScienceWorldEnv:
     def tasks(self, split: str, task_types: Sequence[str] | None = None) -> list[Task]:
         if split not in self._index:
             raise QlassError(f"sciworld: unknown split {split!r}; known: {', '.join(SPLITS)}")
-        types = list(task_types) if task_types else self.task_types()
+        types = list(dict.fromkeys(task_types)) if task_types else self.task_types()  # a type given twice: once
         unknown = [t for t in types if t not in self._index[split]]
         if unknown:
             raise QlassError(f"sciworld: unknown task type(s) {', '.join(unknown)}; known: "

@@ -229,6 +229,8 @@ def load_attributes(path: Path) -> dict[str, Any]:
         raise MissingFileError(str(path)) from None
     except json.JSONDecodeError as exc:
         raise DataError(str(path), f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except UNREADABLE as exc:
+        raise unreadable(path, exc) from None
     if not isinstance(data, dict):
         raise DataError(str(path), "expected a JSON object mapping ASIN to attributes")
     return data
