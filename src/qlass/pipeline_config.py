@@ -45,7 +45,7 @@ class ExpertStage:
 
     split: str = option("train", "split the expert tasks come from")
     per_task: int | None = option(10, "verified expert trajectories per task type")
-    max_steps: int | None = option(None, "skip expert trajectories longer than this")
+    max_steps: int | None = option(None, "skip expert trajectories that do not finish within this many steps")
     data: str | None = option(None, "use this existing trajectory file instead of exporting (a relative path is "
                                     "taken from the working directory, as run_dir is)")
 

@@ -57,7 +57,8 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("train", help="Split to take tasks from."),
         task_types: Optional[str] = typer.Option(None, help="Comma-separated task types (default: all)."),
         per_task: Optional[int] = typer.Option(None, min=1, help="At most this many trajectories per task type."),
-        max_steps: Optional[int] = typer.Option(None, min=1, help="Skip expert trajectories longer than this."),
+        max_steps: Optional[int] = typer.Option(None, min=1,
+            help="Skip expert trajectories that do not finish the task within this many steps."),
         env_arg: list[str] = typer.Option([], help="Environment constructor option key=value (repeatable), "
                                           "e.g. step_limit=100 for long expert paths."),
     ) -> None:
