@@ -107,7 +107,7 @@ def make_decision(task: Task, step: int, planted: str = "") -> dict:
     cands = [_Candidate(Completion(f"Thought: a.\nAction: open door {k}{planted if k == 1 else ''}", 20, 8, -2.0 - k),
                         anchor=k == 0, count=1 + k, terminal=k == 2, reward=0.0, rewards=[0.0, k / 2], lengths=[3, 2])
              for k in range(3)]
-    dec = _Decision(task, step, ["Thought: x.\nAction: look"] * step,
+    dec = _Decision(task, step, [Completion("Thought: x.\nAction: look", 0, 0)] * step,
                     [Message("user", "rules"), Message("user", "Observation: a room" + planted)], cands, 0, 7, 1)
     return decision_record("toy", dec)
 

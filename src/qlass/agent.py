@@ -18,20 +18,17 @@ output without an action (its format hint), so the step counts and the episode g
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .config_fields import require_config
-from .envs.base import Env, env_prompt, env_reset, env_step, parse_action
+from .envs.base import ACTION_RE, Env, env_prompt, env_reset, env_step, parse_action
 from .lockstep import Sample, run_one
 from .policy.base import Policy
 from .types import Completion, History, Message, Step, Task, Trajectory
 
 SUCCESS_THRESHOLD = 1.0 - 1e-9
-ACTION_AT_LINE_START = re.compile(r"^[^\S\n]*Action:", re.MULTILINE)
-"""Where an ``Action:`` line starts, as :func:`~qlass.envs.base.parse_action` reads one."""
 MAX_SAMPLES = 256
 """Most samples one setting may ask for: candidates per step, trajectories per task, rollouts per
 branch or candidate. A larger value is a typo that would stall a run in one enormous policy call."""
@@ -104,7 +101,7 @@ def executed_text(completion: Completion) -> str:
     answers with its format hint)."""
     if not completion.truncated:
         return completion.text
-    unfinished = ACTION_AT_LINE_START.search(completion.text)
+    unfinished = ACTION_RE.search(completion.text)  # the first Action: line, as parse_action reads them
     return completion.text[:unfinished.start() if unfinished else None].rstrip()
 
 

@@ -120,13 +120,17 @@ class _Candidate:
 class _Decision:
     task: Task
     step: int
-    prefix: list[str]  # what the environment received at each earlier step (recorded)
+    outputs: list[Completion]  # the earlier steps' outputs as played, replayed by the rollouts
     history: list[Message]
     candidates: list[_Candidate]
     played: int | None
     samples: int
     truncated: int
-    outputs: list[Completion] = field(default_factory=list)  # the earlier steps' outputs, replayed by rollouts
+
+    @property
+    def prefix(self) -> list[str]:
+        """What the environment received at each earlier step (the record's ``prefix``)."""
+        return [executed_text(c) for c in self.outputs]
 
 
 @dataclass
@@ -185,8 +189,8 @@ def _play(pool: EnvPool, task: Task, cfg: DecisionConfig, seed: int) -> Episode[
                 chosen, played = pool_of[at], index.get(at)
             if len(cands) >= 2:
                 check_logprobs(task.id, t, [c.completion.logprob for c in cands])
-                found.append(_Decision(task, t, [executed_text(c) for c in taken], list(messages), cands, played,
-                                       len(pool_of), sum(c.truncated for c in pool_of), list(taken)))
+                found.append(_Decision(task, t, list(taken), list(messages), cands, played, len(pool_of),
+                                       sum(c.truncated for c in pool_of)))
             taken.append(chosen)
             apply_output(env, messages, steps, chosen)  # a truncated output is sent without its unfinished action
         return _Play(task, found, len(steps), "done" if steps and steps[-1].done else "max_steps")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import re
-
-CLOSED_ACTION_LINE = re.compile(r"^[^\S\n]*Action:[^\S\n]*(.*)\n", re.MULTILINE)
-"""An ``Action:`` line that a newline closed, where :func:`~qlass.envs.base.parse_action` reads one: at
-the start of a line (an ``Action:`` inside a thought is no action)."""
+from ..envs.base import ACTION_RE
 
 
 def complete_action(text: str) -> str | None:
-    """``text`` cut after its first complete ``Action:`` line (at the start of a line, non-empty and
-    ended by a newline), or ``None`` while no such line exists."""
-    for line in CLOSED_ACTION_LINE.finditer(text):
-        action = line.group(1).strip()
-        if action:
-            return f"{text[:line.start()]}Action: {action}"
+    """``text`` cut after its first complete ``Action:`` line (one :func:`~qlass.envs.base.parse_action`
+    reads: at the start of a line, non-empty, and here also ended by a newline), or ``None`` while no
+    such line exists."""
+    for line in ACTION_RE.finditer(text):
+        if line.group(1) and "\n" in text[line.end(1):]:  # the first newline after the action ends its line
+            return f"{text[:line.start()]}Action: {line.group(1)}"
     return None
 
 
