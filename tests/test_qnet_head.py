@@ -13,6 +13,7 @@ import torch
 from test_qnet_train import synthetic_qdata
 
 from qlass.errors import DataError, QlassError
+from qlass.evaluate import run_evaluation
 from qlass.policy.loading import load_causal_lm
 from qlass.qnet import QNet
 from qlass.qnet_data import read_qdata
@@ -59,6 +60,12 @@ def test_head_learns_to_rank_resumes_and_saves_a_loadable_qnet(tiny_model_dir: P
     qnet = QNet.load(out)
     meta = json.loads((out / "qnet.json").read_text())
     assert meta["head_only"] is True and meta["calibrated"] is False  # no offset: values rank, they do not estimate
+    # so the reference code's shortcut, which puts true rewards beside the values, is refused with it up front
+    assert not QNet.calibrated(out) and QNet.calibrated(tmp_path)  # a folder without qnet.json: train-qnet's old
+    with pytest.raises(QlassError, match=r"calibrated: false.*qlass\(m=2\)\[oracle\]"):
+        run_evaluation(str(tiny_model_dir), "toy_envs:Corridor", ["seen"],
+                       [("qlass", {"m": 2, "oracle_terminal": True})], tmp_path / "oracle", qnet_dir=out)
+    assert not (tmp_path / "oracle").exists()
     history = list(read_qdata(data)[0].messages)
     good, bad = qnet.score(history, ["Thought: the box\nAction: open", "Thought: the box\nAction: close"])
     assert good > bad

@@ -160,6 +160,13 @@ class QNet:
                    bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"),
                    cache_slots)
 
+    @staticmethod
+    def calibrated(path: str | Path) -> bool:
+        """Whether the QNet folder's values estimate outcomes (``qnet.json``'s ``calibrated``, true unless
+        recorded false: a head-only fit has no offset, so its values rank but sit beside no reward)."""
+        meta_file = Path(path) / META_FILE
+        return not meta_file.exists() or read_json_object(meta_file).get("calibrated", True) is not False
+
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``.
         ``autocast`` is recorded as it takes effect where the model is now (a CPU without native bf16
