@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import os
 import random
 import re
@@ -239,6 +240,70 @@ def test_a_records_file_beside_another_runs_results_shows_its_own(tmp_path: Path
     assert {row["tasks"] for row in stored} != {1}
 
 
+def test_a_run_folder_gives_each_records_file_its_own_results(tmp_path: Path) -> None:
+    """``qlass view RUN`` showed the folder's results.json (the table of its records.jsonl) once for every
+    records file in the folder, and another run's records there went without results of their own."""
+    make_run(tmp_path)
+    folder = tmp_path / "eval"
+    recs = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    write_jsonl(folder / "other-run.jsonl", [{**r, "reward": 0.0, "success": False} for r in recs])
+    stored = json.loads((folder / "results.json").read_text())["rows"]
+    results = {r["name"]: r["rows"] for r in load_view_data(tmp_path)["results"]}
+    assert list(results) == ["eval", "eval/other-run.jsonl"] and results["eval"] == stored
+    assert {row["avg_reward"] for row in results["eval/other-run.jsonl"]} == {0.0}
+    assert {row["avg_reward"] for row in stored} != {0.0}
+
+
+def test_bad_decisions_and_results_files_name_the_file_and_field(tmp_path: Path) -> None:
+    """A QNet decision with no action list (or values that do not match it) blanked the page with a
+    script error while the command reported success; a results.md that is not UTF-8, a budget.csv row
+    with a missing cell or a non-finite value, and a results.json nested too deeply ended in tracebacks."""
+    make_run(tmp_path)
+    records = tmp_path / "eval" / "records.jsonl"
+    good = records.read_text()
+    bad = {"actions": None, "values": "abc", "chosen": 5, "step": -1, "scores": [1.0]}
+    for field, value in bad.items():
+        recs = [json.loads(line) for line in good.splitlines()]
+        recs[1]["trajectory"]["decisions"][1][field] = value
+        write_jsonl(records, recs)
+        with pytest.raises(QlassError, match=rf"records\.jsonl: line 2: field 'trajectory\.decisions\[1\]\.{field}'"):
+            load_view_data(records)
+    recs = [json.loads(line) for line in good.splitlines()]
+    recs[0]["trajectory"]["steps"][0]["observation"] = None
+    write_jsonl(records, recs)
+    with pytest.raises(QlassError, match=r"line 1: field 'trajectory\.steps\[0\]\.observation' must be a string"):
+        load_view_data(records)
+    records.write_text(good)
+    (tmp_path / "eval" / "results.json").unlink()
+    md, bc = tmp_path / "eval" / "results.md", tmp_path / "eval" / "budget.csv"
+    md.write_bytes(b"# results \xff\xfe\n")
+    with pytest.raises(QlassError, match=r"results\.md: not UTF-8 text"):
+        load_view_data(tmp_path)
+    md.write_text("# results\n")
+    head = bc.read_text().splitlines()[0]
+    for row, why in (("toy,seen", "not a budget.csv row"), ("toy,seen,greedy,n,inf,0.5", "finite")):
+        bc.write_text(f"{head}\n{row}\n")
+        with pytest.raises(QlassError, match=rf"budget\.csv: line 2: .*{why}"):
+            load_view_data(tmp_path)
+    bc.unlink()
+    (tmp_path / "eval" / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(QlassError, match=r"results\.json: not a results file \(JSON nested too deeply\)"):
+        load_view_data(tmp_path)
+
+
+def test_a_damaged_gzipped_records_file_in_a_run_folder_is_named(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import gzip
+
+    make_run(tmp_path)
+    damaged = tmp_path / "more" / "records.jsonl.gz"
+    damaged.parent.mkdir()
+    damaged.write_bytes(gzip.compress((tmp_path / "eval" / "records.jsonl").read_bytes())[:300])
+    with caplog.at_level("WARNING", logger="qlass"):
+        load_view_data(tmp_path)
+    assert f"skipping {damaged}" in caplog.text
+
+
 def test_results_written_before_their_schema_version_are_shown(tmp_path: Path) -> None:
     make_run(tmp_path)
     results = tmp_path / "eval" / "results.json"
@@ -442,6 +507,68 @@ def test_clicks_open_close_and_filter(tmp_path: Path, monkeypatch: pytest.Monkey
     assert closed < reopened == 40 and title == "toy/t0 · node #1"
     assert with_star == 40 + 25 + 151
     assert episodes == 6 and successes == 3
+
+
+PROBE_PAGE = r"""
+(function () {
+  function text(sel) { var e = document.querySelector(sel); return e ? e.textContent : null; }
+  function texts(sel) {
+    return Array.prototype.map.call(document.querySelectorAll(sel), function (e) { return e.textContent; });
+  }
+  var sel = document.querySelector("#panel-trees .row.selected");
+  document.body.setAttribute("data-probe", JSON.stringify({
+    tab: document.body.getAttribute("data-tab"),
+    selected: sel ? sel.parentNode.getAttribute("data-id") : null,
+    detail: text("aside.detail h3"),
+    best_of_n: texts("#panel-episodes .episode[data-method^='best-of-n'] tr.chosen td:first-child"),
+    tree_heads: texts("#panel-trees section.tree > .head"),
+    decision_heads: texts("#panel-decisions .task-card > .head"),
+    splits: texts("#panel-episodes select option"),
+    charts: document.querySelectorAll("#panel-results svg").length
+  }));
+})();
+"""
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_the_page_survives_odd_data_and_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of these once broke the page or showed the wrong thing: a stray '%' in the address, a
+    link to a node past its parent's first 100 children, a best-of-n candidate that never stepped
+    (score -inf) ahead of the returned one, a split or budget curve named like a built-in
+    ("constructor", "toString"), and trees or decisions of two files that looked alike."""
+    import qlass.view
+
+    run = tmp_path / "run"
+    make_run(run)
+    star = [Node(0, None, 0, "", None, "start", 0.0, False, "root")]
+    star += [Node(i, 0, 1, f"Action: a{i}", f"a{i}", "o", float(i == 140), True, "sample") for i in range(1, 151)]
+    wide = assign_q(Tree("toy/wide", "toy/wide", "toy", "train", "x", [], star))
+    write_jsonl(run / "b" / "trees.jsonl", [wide.to_dict()])
+    shutil.copytree(run / "decisions", run / "decisions-b")
+    best = make_episode("best-of-n", {"n": 3}, TASKS[0], [0.0, 0.5])
+    best["candidates"] = [{"reward": 0.0, "score": -math.inf, "completion_tokens": 0},
+                          {"reward": 0.5, "score": -0.9, "completion_tokens": 9},
+                          {"reward": 1.0, "score": -0.2, "completion_tokens": 9}]
+    odd = make_episode("greedy", {}, TASKS[1], [0.0, 0.5])
+    odd["split"] = "constructor"  # a user-brought environment's split
+    write_jsonl(run / "bon" / "records.jsonl", [best])
+    write_jsonl(run / "odd" / "records.jsonl", [odd])
+    results = run / "eval" / "results.json"
+    data = json.loads(results.read_text())
+    results.write_text(json.dumps({**data, "budget": [{**b, "curve": "toString"} for b in data["budget"]]}))
+    asset = qlass.view._asset
+    monkeypatch.setattr(qlass.view, "_asset", lambda name: asset(name) + (PROBE_PAGE if name == "view.js" else ""))
+    page = write_view(run, tmp_path / "view.html")
+    probe = json.loads(dump(page, tmp_path, "#tab=%ZZ&node=0:140").attr("body", "data-probe"))
+    assert probe["tab"] == "trees" and probe["selected"] == "140" and probe["detail"] == "toy/wide · node #140"
+    everything = json.loads(dump(page, tmp_path, "#expand=all").attr("body", "data-probe"))
+    assert everything["best_of_n"] == ["2"], everything["best_of_n"]  # search's pick, not the one scored -inf
+    heads = [head.split("toy / ")[0] for head in probe["tree_heads"]]  # title, then the file's chip
+    assert heads == ["toy/wideb/trees.jsonl", "toy/t0trees.jsonl", "toy/t1trees.jsonl"], heads
+    assert ["decisions-b/" in head for head in probe["decision_heads"]] == [False, False, True, True]
+    assert probe["splits"][:5] == ["all", "seen", "unseen", "constructor", "all"], probe["splits"]  # then outcomes
+    assert probe["charts"] == 4  # eval's two (env, split) charts, whose curves are named "toString"; bon's; odd's
 
 
 def test_files_saved_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:

@@ -30,6 +30,55 @@ def _reward(value: Any) -> bool:
     return _number(value) and -1e-9 <= value <= 1.0 + 1e-9  # rewards are in [0, 1], give or take rounding
 
 
+_STEP_FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("output", lambda v: isinstance(v, str), "a string"),
+    ("action", lambda v: v is None or isinstance(v, str), "a string or null"),
+    ("observation", lambda v: isinstance(v, str), "a string"),
+    ("reward", _number, "a finite number"),
+    ("done", lambda v: isinstance(v, bool), "true or false"),
+    ("qnet_tokens", is_count, "an integer >= 0"),
+)
+
+
+def _check_steps(steps: list[dict[str, Any]], path: str, line: int) -> None:
+    """The fields of ``trajectory.steps`` that the viewer shows (each optional, as a bring-your-own
+    writer may leave some out; present, it must have its type)."""
+    from .errors import DataError
+
+    for k, st in enumerate(steps):
+        for name, ok, want in _STEP_FIELDS:
+            if name in st and not ok(st[name]):
+                raise DataError(path, f"line {line}: field 'trajectory.steps[{k}].{name}' must be {want}, "
+                                      f"got {st[name]!r:.80}")
+
+
+def _values(value: Any, n: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(_number(v) or v == -math.inf for v in value))  # a likelihood of an empty output is -inf
+
+
+def _check_decisions(decisions: list[dict[str, Any]], path: str, line: int) -> None:
+    """``trajectory.decisions`` (qlass's choices among distinct actions, see
+    :func:`qlass.search_qlass.qlass_episode`): a step index, two or more actions, one value (and
+    selection score, where recorded) per action and the chosen index among them."""
+    from .errors import DataError
+
+    for k, d in enumerate(decisions):
+        where = f"line {line}: field 'trajectory.decisions[{k}]"
+        actions = d.get("actions")
+        if not (isinstance(actions, list) and len(actions) >= 2 and all(isinstance(a, str) for a in actions)):
+            raise DataError(path, f"{where}.actions' must be a list of two or more strings, got {actions!r:.80}")
+        n = len(actions)
+        checks = [("step", is_count(d.get("step")), "an integer >= 0"),
+                  ("values", _values(d.get("values"), n), f"a list of {n} numbers (one per action)"),
+                  ("chosen", is_count(d.get("chosen")) and d["chosen"] < n, f"an index below {n}")]
+        if "scores" in d:
+            checks.append(("scores", _values(d["scores"], n), f"a list of {n} numbers (one per action)"))
+        for name, ok, want in checks:
+            if not ok:
+                raise DataError(path, f"{where}.{name}' must be {want}, got {d.get(name)!r:.80}")
+
+
 def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
     """A Reflexion record's ``trials`` (one object per trial played) against its ``config.trials``."""
     from .errors import DataError
@@ -120,10 +169,8 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
             raise DataError(path, f"line {line}: field 'trajectory.{name}' must be a list of objects, "
                                   f"got {value!r:.80}")
-    for k, st in enumerate(steps):
-        if "qnet_tokens" in st and not is_count(st["qnet_tokens"]):
-            raise DataError(path, f"line {line}: field 'trajectory.steps[{k}].qnet_tokens' must be an integer >= 0, "
-                                  f"got {st['qnet_tokens']!r}")
+    _check_steps(steps, path, line)
+    _check_decisions(traj.get("decisions", []), path, line)
     for name, ok, want in (("qnet_choices", is_count, "an integer >= 0"),
                            ("oracle_pass_at_n", _reward, "a number in [0, 1]")):
         if name in rec and not ok(rec[name]):

@@ -49,8 +49,9 @@ def _label(path: Path, base: Path) -> str:
         return str(path)
 
 
-def tree_view(tree: Tree, raw: dict[str, Any]) -> dict[str, Any]:
-    """The page's record of one tree: its nodes (Q backed up where the file has none) and summary."""
+def tree_view(tree: Tree, raw: dict[str, Any], file: str = "") -> dict[str, Any]:
+    """The page's record of one tree of ``file`` (its label): its nodes (Q backed up where the file has
+    none) and summary."""
     qs = [n.q for n in tree.nodes[1:]]
     computed = bool(qs) and any(q is None for q in qs)
     if computed:
@@ -83,12 +84,13 @@ def tree_view(tree: Tree, raw: dict[str, Any]) -> dict[str, Any]:
         "stopped_by": stats.get("stopped_by"), "q_computed": computed,
     }
     return {"tree_id": tree.tree_id, "task": tree.task, "env": tree.env, "split": tree.split,
-            "task_type": tree.task_type, "summary": summary, "nodes": nodes}
+            "task_type": tree.task_type, "file": file, "summary": summary, "nodes": nodes}
 
 
-def read_tree_views(path: Path) -> list[dict[str, Any]]:
-    """Every tree of a ``trees.jsonl`` file, validated (:func:`qlass.tree.read_tree_records`), as page records."""
-    return [tree_view(tree, rec) for tree, rec in read_tree_records(path, skip_torn_tail=True)]
+def read_tree_views(path: Path, source: str) -> list[dict[str, Any]]:
+    """Every tree of a ``trees.jsonl`` file (labelled ``source``), validated
+    (:func:`qlass.tree.read_tree_records`), as page records."""
+    return [tree_view(tree, rec, source) for tree, rec in read_tree_records(path, skip_torn_tail=True)]
 
 
 def first_observation(traj: dict[str, Any]) -> str:
@@ -132,7 +134,7 @@ def decision_view(rec: dict[str, Any], source: str) -> dict[str, Any]:
             "mean_logprob", "completion_tokens")
     return {"source": source, "env": rec.get("env", ""), "split": rec["split"], "task": rec["task"],
             "task_type": rec.get("task_type", ""), "step": rec["step"], "state": state, "played": rec.get("played"),
-            "samples": rec.get("samples"), "truncated": rec.get("truncated"),
+            "has_played": "played" in rec, "samples": rec.get("samples"), "truncated": rec.get("truncated"),
             "candidates": [{k: c.get(k) for k in keep} for c in rec["candidates"]]}
 
 
@@ -144,17 +146,35 @@ def read_decision_views(path: Path, source: str) -> list[dict[str, Any]]:
 
 
 def _budget_csv(path: Path) -> list[dict[str, Any]]:
+    """The points of a ``budget.csv`` (:func:`qlass.report.write_report`); a row with a missing cell or
+    a value that is not a finite number is refused, naming its line."""
     points = []
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                points.append({"env": row["env"], "split": row["split"], "curve": row["curve"],
-                               "budget_param": row["budget_param"],
-                               "completion_tokens": float(row["completion_tokens"]),
-                               "avg_reward": float(row["avg_reward"])})
-            except (KeyError, ValueError) as exc:
-                raise QlassError(f"{path}: not a budget.csv row ({exc})") from None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            for line, row in enumerate(csv.DictReader(fh), start=2):
+                try:
+                    point = {"env": row["env"], "split": row["split"], "curve": row["curve"],
+                             "budget_param": row["budget_param"],
+                             "completion_tokens": float(row["completion_tokens"]),
+                             "avg_reward": float(row["avg_reward"])}
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise DataError(str(path), f"line {line}: not a budget.csv row ({type(exc).__name__}: {exc})"
+                                    ) from None
+                if None in point.values() or not all(map(math.isfinite, (point["completion_tokens"],
+                                                                             point["avg_reward"]))):
+                    raise DataError(str(path), f"line {line}: a budget.csv row needs every cell, with finite "
+                                               f"completion_tokens and avg_reward, got {dict(row)!r:.120}")
+                points.append(point)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(str(path), f"not a UTF-8 CSV file ({exc})") from None
     return points
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(str(path), f"not UTF-8 text ({exc})") from None
 
 
 def check_results(data: dict[str, Any], path: Path) -> None:
@@ -186,6 +206,8 @@ def results_view(folder: Path, name: str, records: list[Path], summary: bool = T
             data = loads(rj.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError, JSONContentError) as exc:
             raise QlassError(f"{rj}: not JSON ({exc})") from None
+        except RecursionError:
+            raise QlassError(f"{rj}: not a results file (JSON nested too deeply)") from None
         if isinstance(data, dict) and isinstance(data.get("rows"), list):
             check_results(data, rj)
             return {"name": name, "rows": data["rows"], "paired": data.get("paired") or [],
@@ -194,7 +216,7 @@ def results_view(folder: Path, name: str, records: list[Path], summary: bool = T
     md, bc = folder / "results.md", folder / "budget.csv"
     if summary and (md.is_file() or bc.is_file()):
         return {"name": name, "rows": [], "paired": [], "budget": _budget_csv(bc) if bc.is_file() else [],
-                "markdown": md.read_text(encoding="utf-8-sig") if md.is_file() else None}
+                "markdown": _text(md) if md.is_file() else None}
     if not records:
         return None
     from .compare import paired_rows
@@ -230,7 +252,7 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
                             "source": str(p), "kind": kind, "trees": [], "episodes": [], "decisions": [],
                             "results": [], "files": []}
     for f in found["trees"]:
-        data["trees"] += read_tree_views(f)
+        data["trees"] += read_tree_views(f, _label(f, base))
     for f in found["records"]:
         data["episodes"] += read_episode_views(f, _label(f, base))
     for f in found["decisions"]:
@@ -241,10 +263,14 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
             recs = [f for f in found["records"] if f.parent == folder]
             name = _label(folder, base) if folder != base else (p.name or str(p))
             summarised = any((folder / f).is_file() for f in ("results.json", "results.md", "budget.csv"))
-            if len(recs) > 1 and not summarised:  # several runs' records (or shards): one result set each
-                sets = [results_view(folder, _label(f, base), [f]) for f in recs]
-            elif kind == "records" and p.name not in EVAL_RECORDS:  # the folder's summary is of another file
-                sets = [results_view(folder, name, recs, summary=False)]
+            # the folder's summary is of its records.jsonl; any other records file gets results of its own
+            own = [f for f in recs if f.name in EVAL_RECORDS] if summarised else []
+            others = [f for f in recs if f not in own]
+            if kind == "records":
+                sets = [results_view(folder, name, recs, summary=bool(own))]
+            elif summarised or len(others) > 1:  # several runs' records (or shards): one result set each
+                sets = ([results_view(folder, name, own)] if summarised else []) + [
+                    results_view(folder, _label(f, base), [f], summary=False) for f in others]
             else:
                 sets = [results_view(folder, name, recs)]
             data["results"] += [res for res in sets if res]

@@ -172,7 +172,8 @@ def find_inputs(folder: str | os.PathLike) -> dict[str, list[Path]]:
             try:
                 fields = _first_fields(p)
             except QlassError as exc:  # a file qlass writes under these names is worth a word; others are not
-                known = p.name in ("trees.jsonl", "records.jsonl", "qdata.jsonl") or "decisions" in p.name
+                known = p.name.removesuffix(".gz") in ("trees.jsonl", "records.jsonl", "qdata.jsonl") \
+                    or "decisions" in p.name
                 (log.warning if known else log.debug)("skipping %s: %s", p, exc)
                 continue
             kind = _kind_of(fields) if fields else None

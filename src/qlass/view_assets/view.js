@@ -22,15 +22,19 @@
   var SVG = "http://www.w3.org/2000/svg";  // the SVG namespace name (nothing is fetched)
 
   function parseHash(hash) {
-    var out = {};
+    // an option that does not decode (a stray '%') is left out, not the whole page
+    var out = Object.create(null);
     String(hash || "").replace(/^#/, "").split("&").forEach(function (part) {
       if (!part) return;
       var i = part.indexOf("=");
-      var k = decodeURIComponent(i < 0 ? part : part.slice(0, i));
-      out[k] = i < 0 ? "1" : decodeURIComponent(part.slice(i + 1));
+      try {
+        var k = decodeURIComponent(i < 0 ? part : part.slice(0, i));
+        out[k] = i < 0 ? "1" : decodeURIComponent(part.slice(i + 1));
+      } catch (err) { /* URIError: ignored */ }
     });
     return out;
   }
+  function has(obj, key) { return Object.prototype.hasOwnProperty.call(obj, key); }
 
   // -- small DOM helpers (text only) ------------------------------------------------------------
   function h(tag, cls, text) {
@@ -257,6 +261,11 @@
     var chain = [], p = t.nodes[id].parent;
     while (p !== null) { chain.push(p); p = t.nodes[p].parent; }
     chain.reverse().forEach(function (a) { if (!t._open[a]) toggleNode(t, a); });
+    chain.concat([id]).forEach(function (n) {  // a node past its parent's first page of children: page it in
+      var more;
+      while (!(t._els[n] && t._els[n].isConnected) && t.nodes[n].parent !== null && t._els[t.nodes[n].parent] &&
+             (more = t._els[t.nodes[n].parent].querySelector(":scope > .kids > .more > button"))) more.click();
+    });
     if (t._els[id]) t._els[id].scrollIntoView({ block: "center" });
     showNode(t, id);
   }
@@ -280,7 +289,7 @@
       var sec = h("section", "tree");
       sec.setAttribute("data-tree", ti);
       sec.setAttribute("data-nodes", t.nodes.length);
-      var head = add(h("div", "head"), h("span", "title", t.task),
+      var head = add(h("div", "head"), h("span", "title", t.task), multiTreeFile ? chip(t.file) : null,
         chip(t.env + " / " + t.split), t.task_type ? chip(t.task_type) : null,
         chip(plural(s.nodes, "node")), chip(s.branches + (s.branches === 1 ? " branch" : " branches")), chip(plural(s.contrast_pairs, "contrast pair"),
           s.contrast_pairs ? "warn" : ""), chip(plural(s.env_steps, "env step")), chip(plural(s.tokens, "token")),
@@ -329,7 +338,7 @@
     openAll.addEventListener("click", function () { D.trees.forEach(function (t) { setTreeOpen(t, true); }); });
     closeAll.addEventListener("click", function () { D.trees.forEach(function (t) { setTreeOpen(t, false); }); });
 
-    if (OPT.bench) bench(Math.max(1, Number(OPT.bench) || 1));
+    if (OPT.bench) bench(Math.min(100, Math.max(1, Number(OPT.bench) || 1)));  // a typo must not hang the tab
     D.trees.forEach(function (t, ti) { if (EXPAND_ALL || ti === 0) setTreeOpen(t, true); });
     var at = /^(\d+):(\d+)$/.exec(OPT.node || "");
     if (at && D.trees[+at[1]] && D.trees[+at[1]].nodes[+at[2]]) {
@@ -367,7 +376,7 @@
 
   // -- task cards (episodes and decision files) --------------------------------------------------
   function groupBy(items, key) {
-    var order = [], groups = {};
+    var order = [], groups = Object.create(null);
     items.forEach(function (it) {
       var k = key(it);
       if (!(k in groups)) { groups[k] = []; order.push(k); }
@@ -401,16 +410,22 @@
     values.forEach(function (v) { option(sel, v, v); });
     return [add(h("label"), label + " ", sel), sel];
   }
-  function uniq(xs) { var s = {}; return xs.filter(function (x) { if (s[x]) return false; s[x] = 1; return true; }); }
+  function uniq(xs) {
+    var s = Object.create(null);
+    return xs.filter(function (x) { if (s[x]) return false; s[x] = 1; return true; });
+  }
 
   // -- episodes ---------------------------------------------------------------------------------
   function methodKey(e) { return multiSource ? e.method + " · " + e.source : e.method; }
   var multiSource = uniq(D.episodes.map(function (e) { return e.source; })).length > 1;
+  // trees and decision cards of two files can look alike: their file is shown when several were read
+  var multiTreeFile = uniq(D.trees.map(function (t) { return t.file; })).length > 1;
+  var multiDecisionFile = uniq(D.decisions.map(function (d) { return d.source; })).length > 1;
 
   function renderEpisodes(panel) {
     var methods = uniq(D.episodes.map(methodKey));
     var splits = uniq(D.episodes.map(function (e) { return e.split; }));
-    var bar = h("div", "toolbar"), boxes = {};
+    var bar = h("div", "toolbar"), boxes = Object.create(null);
     var chosen = defaultMethods(methods);
     var mlab = add(h("span"), "methods: ");
     methods.forEach(function (m) {
@@ -484,14 +499,15 @@
     var first = add(h("details"), h("summary", "", "task and first observation"), pre(e.first_observation));
     box.appendChild(first);
     if (e.candidates && e.candidates.length) {
-      var best = 0;
-      e.candidates.forEach(function (c, i) { if (isNum(c.score) && c.score > e.candidates[best].score) best = i; });
+      var best = -1;  // search's argmax: the first highest score (a candidate that never stepped scores -inf)
+      e.candidates.forEach(function (c, i) { if (isNum(c.score) && (best < 0 || c.score > e.candidates[best].score)) best = i; });
+      if (best < 0) best = 0;
       add(box, h("div", "dim", "best-of-n trajectories (the highest score is returned)"),
         table(["#", "score", "reward", "completion tok"], e.candidates.map(function (c, i) {
-          return [String(i), N(num(c.score)), N(num(c.reward, 2)), N(int(c.completion_tokens))];
+          return [String(i), N(c.score === null ? "−inf" : num(c.score)), N(num(c.reward, 2)), N(int(c.completion_tokens))];
         }), function (i) { return i === best ? "chosen" : ""; }));
     }
-    var byStep = {};
+    var byStep = Object.create(null);
     e.decisions.forEach(function (d) { (byStep[d.step] = byStep[d.step] || []).push(d); });
     var ol = h("ol", "turns"), prev = 0;
     e.steps.forEach(function (s, t) {
@@ -561,7 +577,8 @@
         if (f && d0.task.toLowerCase().indexOf(f) < 0) return;
         var open = EXPAND_ALL || opened < INITIAL_CARDS;
         opened += 1;
-        list.appendChild(taskCard(d0.task, [chip(d0.env + " / " + d0.split), chip(plural(ds.length, "decision"))], function (body) {
+        var chips = [multiDecisionFile ? chip(d0.source) : null, chip(d0.env + " / " + d0.split), chip(plural(ds.length, "decision"))];
+        list.appendChild(taskCard(d0.task, chips, function (body) {
           ds.forEach(function (d) { body.appendChild(benchDecisionEl(d)); });
         }, open));
       });
@@ -577,8 +594,9 @@
     var box = h("div", "decision bench-decision");
     box.setAttribute("data-step", d.step);
     var best = Math.max.apply(null, d.candidates.map(function (c) { return isNum(c.mean) ? c.mean : -Infinity; }));
-    add(box, h("div", "cap", "t" + d.step + ": " + d.candidates.length + " candidates from " + d.samples + " samples" +
-      (d.truncated ? " (" + d.truncated + " truncated)" : "") + (d.played === null ? " · played output not among them" : "")));
+    add(box, h("div", "cap", "t" + d.step + ": " + d.candidates.length + " candidates" +
+      (isNum(d.samples) ? " from " + d.samples + " samples" : "") + (d.truncated ? " (" + d.truncated + " truncated)" : "") +
+      (d.played === null && d.has_played ? " · played output not among them" : "")));
     add(box, add(h("details"), h("summary", "", "state (latest observation)"), pre(d.state)));
     box.appendChild(table(["", "action", "value (mean ± std)", "rollout rewards", "step reward", "mean logprob", "marks"],
       d.candidates.map(function (c, i) {
@@ -730,7 +748,7 @@
 
   var first = TABS.length ? TABS[0][0] : null;
   if (OPT.bench && panels.trees) first = "trees";
-  else if (OPT.tab && panels[OPT.tab]) first = OPT.tab;
+  else if (OPT.tab && has(panels, OPT.tab)) first = OPT.tab;
   if (first) show(first);
   TABS.forEach(function (tab) { tab[2](panels[tab[0]]); });
   document.body.setAttribute("data-ready", "1");
