@@ -666,6 +666,20 @@ def test_bad_options_name_the_option(url: str, timeout: Any, message: str) -> No
     assert str(err.value).startswith(f"http env: {message}")
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"step_limit": 2}, "step_limit is an option of the AgentGym dialects; a qlass server gives its environment's own"),
+    ({"splits": {"a": [0, 1]}, "prompt": "alfworld"}, "prompt, splits are options of the AgentGym dialects"),
+    ({"dialect": "agentgym-alfworld", "splits": {"a": [True, 2]}}, r"splits\['a'\] must be \[first, end\) task "
+                                                                    r"indices \(0 to 2147483647\), got \[True, 2\]"),
+    ({"dialect": "agentgym-alfworld", "splits": {"a": [0, 10**30]}}, r"splits\['a'\] must be \[first, end\)"),
+])
+def test_options_a_dialect_cannot_use_are_refused(options: dict[str, Any], message: str) -> None:
+    """The qlass dialect ignored step_limit, splits and prompt without a word (its server's environment
+    has its own); a split's range took booleans as indices, and a huge end overflowed in splits()."""
+    with pytest.raises(QlassError, match=rf"^http env: {message}"):
+        HttpEnv("http://127.0.0.1:1", **options)
+
+
 @pytest.mark.parametrize("path,answer,message", [
     ("/step", {"observation": "o", "score": 50, "done": "false"}, "/step answer's 'done' must be true or false, got "
      "'false'"),

@@ -199,6 +199,11 @@ def test_readers_still_on_plain_json_refuse_5000_digits_without_a_traceback(tmp_
     with pytest.raises(DataError, match=r"mappings_train.json: invalid JSON: field '\[0\]\.n' holds an integer of "
                                         r"5000 digits"):
         _alfworld_index(None, games)
+    for raw, why in ((b"\xff[]", "invalid JSON: .*can't decode byte 0xff"), (b"[" * 100_000 + b"]" * 100_000,
+                                                                            "invalid JSON: nested too deeply")):
+        (games / "mappings_train.json").write_bytes(raw)  # were a UnicodeDecodeError's, a RecursionError's traceback
+        with pytest.raises(DataError, match=rf"mappings_train.json: {why}"):
+            _alfworld_index(None, games)
 
 
 def test_outputs_that_are_not_regular_files_are_refused_and_kept(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -297,8 +298,77 @@ def test_ids_and_indices_are_strict_integers(server: BackgroundServer) -> None:
         status, answer = _raw(server.url, "POST", "/close", body)
         want = f"body of POST /close is not valid UTF-8 JSON (byte {body.index(255)})"
         assert (status, answer) == (400, {"error": want})
+        # bodies FastAPI's own parse gives up on got its "There was an error parsing the body"
+        for path, body in (("/reset", f'{{"id": {env_id}, "task": "probe/ok", "n": {"9" * 5000}}}'.encode()),
+                           ("/step", b"[" * 100_000 + b"]" * 100_000)):
+            status, answer = _raw(server.url, "POST", path, body)
+            assert status == 400 and answer["error"].startswith(f"malformed request to {path}: body: "), answer
+        assert "field 'n' holds an integer of 5000 digits" in _raw(server.url, "POST", "/reset", f'{{"id": {env_id}, '
+                                                                   f'"n": {"9" * 5000}}}'.encode())[1]["error"]
     finally:
         _raw(server.url, "POST", "/close", {"id": env_id})
+
+
+class Fragile(Probe):
+    """A :class:`Probe` whose builds after the first fail with a secret in the message, or take
+    ``slow`` seconds (a class-level setting)."""
+
+    builds, slow = 0, 0.0
+
+    def __init__(self, closed_to: str = "") -> None:
+        type(self).builds += 1
+        if type(self).builds > 1 and not self.slow:
+            raise RuntimeError("cannot open /home/alice/.secrets/password=hunter2")
+        time.sleep(self.slow if type(self).builds > 1 else 0)
+        super().__init__(closed_to)
+
+    def task(self, task_id: str) -> Any:
+        if task_id == "probe/odd":
+            return {"id": task_id}
+        return next(t for t in self.tasks("train") if t.id == task_id)
+
+
+def test_a_failed_create_keeps_its_text_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """The exception of an environment's constructor on /create (its text can hold paths or secrets) was
+    sent to the client and not logged; now it is logged with a reference, as on /reset and /step."""
+    Fragile.builds, Fragile.slow = 0, 0.0
+    with BackgroundServer(EnvPool(f"{__name__}:Fragile")) as srv, caplog.at_level(logging.ERROR, logger="qlass"):
+        status, answer = _raw(srv.url, "POST", "/create")
+        ref = re.fullmatch(r"environment error on /create \(see the server log, reference (\w+)\)", answer["error"])
+        assert status == 500 and ref, answer
+        assert f"environment error {ref[1]} on /create" in caplog.text and "hunter2" in caplog.text
+
+
+def test_task_lookups_are_checked_and_a_create_ending_after_the_stop_is_closed(tmp_path: Any) -> None:
+    """An environment's ``task(id)`` answer is checked like its other answers (a dict was an opaque 500,
+    and kept); an instance whose build ends after the pool shut down was left open (never closed)."""
+    Fragile.builds, Fragile.slow = 0, 0.0
+    closed = tmp_path / "closed.txt"
+    with BackgroundServer(EnvPool(f"{__name__}:Fragile", {"closed_to": str(closed)})) as srv:
+        Fragile.slow = 0.01
+        env_id = _raw(srv.url, "POST", "/create")[1]["id"]
+        status, answer = _raw(srv.url, "POST", "/reset", {"id": env_id, "task": "probe/odd"})
+        assert status == 500 and answer["error"].startswith("environment fault on /reset"), answer
+        assert "task('probe/odd') returned {'id': 'probe/odd'}, not the Task of that id" in answer["error"]
+        assert _raw(srv.url, "POST", "/reset", {"id": env_id, "task": "probe/ok"})[0] == 200
+    assert closed.read_text() == "closed\n" * 2
+    pool = EnvPool(f"{__name__}:Fragile", {"closed_to": str(closed)})
+    Fragile.slow = 1.0
+    answers: list[Any] = []
+
+    def create() -> None:
+        try:
+            answers.append(pool.create())
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            answers.append(exc)
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    time.sleep(0.3)  # the build is under way
+    pool.shutdown()
+    thread.join(timeout=20)
+    assert [getattr(a, "status", a) for a in answers] == [503]
+    assert closed.read_text() == "closed\n" * 4  # the meta instance and the one built too late
 
 
 def test_a_key_given_twice_in_a_body_is_refused(server: BackgroundServer) -> None:
@@ -540,6 +610,14 @@ def test_ctrl_c_stops_qlass_serve_cleanly(tmp_path: Any) -> None:
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
     assert err.rstrip().endswith("stopped (SIGINT)") and "interrupted" not in err
     assert closed.read_text() == "closed\n" * 2  # the instance and the one answering /tasks
+    # Ctrl-C twice: uvicorn logged the traceback of the lifespan task it then cancels
+    with _qlass_serve(preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as (proc, port):
+        _episode(f"http://127.0.0.1:{port}")  # serving, with uvicorn's signal handlers in place
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err and "CancelledError" not in err, err[-3000:]
 
 
 def test_exhausted_file_descriptors_are_one_warning_not_a_flood() -> None:

@@ -468,6 +468,10 @@ def test_agentgym_ids_and_indices_are_strict(toy_alfworld: str) -> None:
         status, answer = client.request("POST", "/step", twice)
         assert status == 422 and answer["detail"][0]["loc"] == ["body"] and "'id'" in answer["detail"][0]["msg"], answer
         assert client.get("observation") == "Game trial_1."  # not stepped
+        for body in (b'{"\\ud800": 1}', f'{{"id": {client.env_id}, "act": "\\ud83d"}}'.encode()):
+            status, answer = client.request("POST", "/step", body)  # FastAPI's echo of it could not be sent
+            assert status == 422 and answer["detail"][0]["input"] is not None, (body, status, answer)
+        assert client.get("observation") == "Game trial_1."
         client.request("POST", "/close", {"id": other})
         status, answer = client.request("POST", "/reset", {"id": client.env_id, "game": 99, "world_type": "Text"})
         assert (status, answer) == (200, {"error": "game 99 out of range 0..1"})

@@ -89,7 +89,7 @@ def _lifespan(pool: EnvPool) -> Callable[[Any], Any]:
     async def lifespan(app: Any) -> AsyncIterator[None]:
         async def reap_forever() -> None:
             while True:
-                await asyncio.sleep(min(60.0, pool.idle_timeout / 2))
+                await asyncio.sleep(max(0.1, min(60.0, pool.idle_timeout / 2)))  # a tiny timeout must not spin
                 await asyncio.to_thread(pool.reap)
 
         task = asyncio.create_task(reap_forever()) if pool.idle_timeout else None
@@ -153,6 +153,9 @@ def create_app(pool: EnvPool, docs: bool = False, max_request_bytes: int = MAX_R
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:  # unknown path, wrong method ...
+        problem = body_problem(request.scope.get("qlass.body", b"")) if exc.status_code == 400 else None
+        if problem:  # FastAPI's parse gave up ("There was an error parsing the body"): say what is wrong
+            return JSONResponse({"error": f"malformed request to {request.url.path}: body: {problem}"}, 400)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ServeError)
@@ -275,9 +278,9 @@ class BackgroundServer:
     def __init__(self, pool: EnvPool, host: str = "127.0.0.1", port: int = 0,
                  limit_concurrency: int = LIMIT_CONCURRENCY, **app_options: Any) -> None:
         self.pool = pool
+        self._server = uvicorn_server(create_app(pool, **app_options), limit_concurrency)  # refused: no socket held
         self._sock = bind(host, port)
         self.url = url_of(host, self._sock.getsockname()[1])
-        self._server = uvicorn_server(create_app(pool, **app_options), limit_concurrency)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
 

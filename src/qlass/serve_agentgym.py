@@ -140,8 +140,10 @@ def _alfworld_index(pool: Any, games: str | Path | None) -> list[str]:
             records = loads(path.read_text(encoding="utf-8-sig"))
         except OSError as exc:
             raise QlassError(f"serve: cannot read AgentGym's game list {path}: {exc}") from None
-        except (json.JSONDecodeError, JSONContentError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, JSONContentError) as exc:
             raise DataError(str(path), f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise DataError(str(path), "invalid JSON: nested too deeply") from None
         if not isinstance(records, list):
             raise DataError(str(path), f"expected a list of games, got {type(records).__name__}")
         for i, rec in enumerate(records):
@@ -220,6 +222,11 @@ def add_routes(app: Any, pool: Any, agentgym_games: str | Path | None = None) ->
     @app.exception_handler(EnvFault)
     async def _env_fault(request: Request, exc: EnvFault) -> JSONResponse:
         return error(fault_message(request.url.path, exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer, with the input it echoes made sendable (a lone surrogate broke the answer)
+        return JSONResponse({"detail": json_safe(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _failed(request: Request, exc: Exception) -> JSONResponse:

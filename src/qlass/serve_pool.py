@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
-from .envs.base import Env, env_close, env_expert, env_prompt, env_splits, env_step, env_tasks, make_env
+from .envs.base import Env, env_close, env_expert, env_prompt, env_splits, env_step, env_task, env_tasks, make_env
 from .errors import QlassError
 from .jsonl import is_text, with_replacement_characters
 from .types import Task
@@ -47,9 +47,9 @@ class EnvFault(Exception):
     :mod:`qlass.envs.base` refuse, or its own code raised (``raised``: the exception's text may hold
     paths or secrets, so it stays in the log). The operator's bug, not the client's: answered 500."""
 
-    def __init__(self, error: QlassError) -> None:
+    def __init__(self, error: QlassError, raised: bool | None = None) -> None:
         super().__init__(str(error))
-        self.error, self.raised = error, error.__cause__ is not None
+        self.error, self.raised = error, error.__cause__ is not None if raised is None else raised
 
 
 def env_call(call: Callable[[], T]) -> T:
@@ -149,8 +149,12 @@ class EnvPool:
 
     # -- instances -------------------------------------------------------------------------
     def create(self) -> int:
+        """Build a new instance; its id. A build that fails is the served environment's fault (its text
+        stays in the log); one that ends after :meth:`shutdown` began is closed at once (answered 503)."""
         self.reap()
         with self._lock:
+            if self._shut:
+                raise ServeError(503, "the server is stopping")
             if len(self._instances) + self._pending >= self.max_instances:
                 raise ServeError(429, f"too many open environments ({self.max_instances}); close some with /close "
                                       "(see GET /instances; unused ones are closed after the idle timeout, "
@@ -158,13 +162,18 @@ class EnvPool:
             self._pending += 1  # counted against the limit while it is being built
         try:
             env = make_env(self.env_spec, **self.env_args)
-        except QlassError as exc:
-            raise ServeError(500, f"cannot create environment {self.env_spec!r}: {exc}") from None
+        except QlassError as exc:  # it was built once at start-up with the same arguments
+            raise EnvFault(exc, raised=True) from exc
         else:
             with self._lock:
-                env_id = (self._id_offset + self._id_step * self._created) % ID_SPACE
-                self._created += 1
-                self._instances[env_id] = _Instance(env)
+                stopping = self._shut
+                if not stopping:
+                    env_id = (self._id_offset + self._id_step * self._created) % ID_SPACE
+                    self._created += 1
+                    self._instances[env_id] = _Instance(env)
+            if stopping:  # shutdown() has closed the others already
+                env_close(env)
+                raise ServeError(503, "the server is stopping")
         finally:
             with self._lock:
                 self._pending -= 1
@@ -298,7 +307,7 @@ class EnvPool:
     def task(self, task_id: str) -> Task:
         if callable(getattr(self.meta, "task", None)):
             try:
-                return self._kept(("task", task_id), lambda meta: meta.task(task_id))
+                return self._kept(("task", task_id), lambda meta: env_call(lambda: env_task(meta, task_id)))
             except QlassError as exc:
                 raise ServeError(404, str(exc)) from None
         for task in self.all_tasks():

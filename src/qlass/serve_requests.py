@@ -58,6 +58,7 @@ class RequestBody:
             answer = JSONResponse({"error": f"body of {scope['method']} {scope['path']} is not valid UTF-8 JSON "
                                             f"(byte {exc.start})"}, 400)
             return await answer(scope, receive, send)
+        scope["qlass.body"] = bytes(body)  # for an error handler, after FastAPI's parse gave up (e.g. a huge int)
         replayed = False
 
         async def replay() -> dict[str, Any]:

@@ -151,8 +151,13 @@ def uvicorn_server(app: Any, limit_concurrency: int = LIMIT_CONCURRENCY) -> Any:
 
 def _cancelled_in_qlass_words(record: logging.LogRecord) -> bool:
     """False for uvicorn's "Cancel N running task(s), timeout graceful shutdown exceeded", said instead in
-    qlass's words (its log format, what the clients get, why the process may go on a while)."""
-    if not record.getMessage().endswith("timeout graceful shutdown exceeded"):
+    qlass's words (its log format, what the clients get, why the process may go on a while), and for the
+    traceback of the lifespan task that a second Ctrl-C cancels (the environments are closed all the same)."""
+    message = record.getMessage()
+    if message.startswith("Traceback") and message.rstrip().endswith("CancelledError"):
+        log.warning("stopping at once (signal given again): requests under way are cut short")
+        return False
+    if not message.endswith("timeout graceful shutdown exceeded"):
         return True
     log.warning("stopping: %s request(s) still under way after %d s are answered 503; their environment calls "
                 "run to their end before the environments close", record.args[0] if record.args else "the",

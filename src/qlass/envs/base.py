@@ -166,6 +166,16 @@ def env_expert(env: Env, task: Task) -> list[str]:
     return list(outputs)
 
 
+def env_task(env: Env, task_id: str) -> Task:
+    """``env.task(task_id)`` (an optional method: the task of that id; an unknown id is its own
+    :class:`QlassError`), checked: a :class:`~qlass.types.Task` with that id."""
+    task = _call(env, f"task({task_id!r})", lambda: env.task(task_id))  # type: ignore[attr-defined]
+    if not isinstance(task, Task) or task.id != task_id:
+        raise QlassError(f"environment {env_label(env)}: task({task_id!r}) returned {task!r:.80}, not the Task of "
+                         "that id")
+    return task
+
+
 def env_close(env: Env) -> None:
     """``env.close()``, best effort: a failure is logged as a warning (closing must never lose the
     work a command has done)."""

@@ -69,6 +69,9 @@ def _alfworld_names(answer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return folder.split("-")[0], {"task_folder": folder, "trial": trial}
 
 
+MAX_TASK_INDEX = 2**31 - 1
+"""The largest task index a ``splits`` range may name (a range must have a length Python can count)."""
+
 DIALECTS: dict[str, Dialect] = {
     "qlass": Dialect(),
     "agentgym-alfworld": Dialect(reset_key="game", reset_extra={"world_type": "Text"}, describe=_alfworld_names),
@@ -100,6 +103,12 @@ class HttpEnv:
             raise QlassError(f"http env: unknown dialect {dialect!r}; known: {', '.join(DIALECTS)}")
         self.dialect_name, self.dialect = dialect, DIALECTS[dialect]
         self._native = dialect == "qlass"
+        ignored = [k for k, v in (("prompt", prompt), ("splits", splits), ("step_limit", step_limit)) if v is not None]
+        if self._native and ignored:  # a qlass server's environment has its own (qlass serve ... --env-arg)
+            what = "is an option" if len(ignored) == 1 else "are options"
+            raise QlassError(f"http env: {', '.join(ignored)} {what} of the AgentGym dialects; a qlass server "
+                             "gives its environment's own prompt, splits and step limit (set them with qlass serve's "
+                             "--env-arg)")
         if step_limit is not None and step_limit < 1:
             raise QlassError(f"http env: step_limit must be >= 1, got {step_limit}")
         self._ranges = self._check_ranges(splits or {})
@@ -120,8 +129,10 @@ class HttpEnv:
         ranges = {}
         for split, bounds in splits.items():
             if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
-                    or not all(isinstance(b, int) for b in bounds) or not 0 <= bounds[0] <= bounds[1]):
-                raise QlassError(f"http env: splits[{split!r}] must be [first, end) task indices, got {bounds!r}")
+                    or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+                    or not 0 <= bounds[0] <= bounds[1] <= MAX_TASK_INDEX):
+                raise QlassError(f"http env: splits[{split!r}] must be [first, end) task indices (0 to "
+                                 f"{MAX_TASK_INDEX}), got {bounds!r}")
             ranges[split] = range(bounds[0], bounds[1])
         return ranges
 
