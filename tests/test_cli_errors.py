@@ -80,14 +80,16 @@ class Uncounted:
 
 
 class Garbled:
-    """A policy whose completion holds a lone surrogate and claims a positive log-probability."""
+    """A policy whose completion holds a lone surrogate, or claims a positive log-probability, or one of an
+    integer beyond a float's range (``what``)."""
 
     def __init__(self, what: str = "text") -> None:
         self.what = what
 
     def sample(self, histories: Sequence[History], n: int = 1, temperature: float = 0.0,
                max_new_tokens: int = 128, seed: int | Sequence[int] | None = None) -> list[list[Completion]]:
-        text, lp = ("Thought: \ud800\nAction: go east", -1.0) if self.what == "text" else ("Action: go east", 3.0)
+        text, lp = {"text": ("Thought: \ud800\nAction: go east", -1.0), "logprob": ("Action: go east", 3.0),
+                    "huge": ("Action: go east", -10**400)}[self.what]
         return [[Completion(text, 5, 5, lp)] * n for _ in histories]
 
 
@@ -593,6 +595,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
                                                "text is not valid Unicode (it holds a lone surrogate)"]),
     ("policy logprob positive", ["eval", "--model", "test_cli_errors:Garbled", "--policy-arg", "what=logprob", *ENV,
                                  "--limit", "1", "--out", "{tmp}/el"], ["logprob is 3.0, not a finite number <= 0"]),
+    ("policy logprob huge", ["eval", "--model", "test_cli_errors:Garbled", "--policy-arg", "what=huge", *ENV,
+                             "--limit", "1", "--out", "{tmp}/eL"], ["not a finite number <= 0 (a sum of log-proba"]),
     ("policy batch short", ["eval", "--model", "test_cli_errors:HalfBatch", *ENV, "--limit", "1", "--out", "{tmp}/eh"],
      ["policy 'test_cli_errors:HalfBatch': sample_jobs() of 1 jobs returned 0 list(s)"]),
     ("policy raises", ["decisions", "collect", "--model", "test_cli_errors:Offline", *ENV, "--limit", "1", "--out",

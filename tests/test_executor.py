@@ -73,6 +73,29 @@ def sleepy_worker(pid_dir: str):
     return work
 
 
+def big_result_worker(pid_dir: str):
+    """A worker that announces its pid per item, then answers item 0 at once and any other item after a
+    second with a 2 MB result (more than a pipe holds: the write waits for the reader)."""
+    def work(item: int) -> str:
+        Path(pid_dir, f"item{item}").write_text(str(os.getpid()))
+        if item == 0:
+            return "small"
+        time.sleep(1)
+        return "x" * 2_000_000
+    return work
+
+
+def failing_worker():
+    """Item 0 fails after half a second; the others take a minute."""
+    def work(item: int) -> int:
+        if item == 0:
+            time.sleep(0.5)
+            raise QlassError("task 0: broken env")
+        time.sleep(60)
+        return item
+    return work
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie left for the reaper counts as ended)."""
     try:
@@ -155,6 +178,37 @@ def test_a_run_stopped_early_exits_though_items_are_left_in_its_queue() -> None:
         pytest.fail("the process did not exit within 120 s of its run stopping")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped: a worker process failed on item 0:" in done.stdout
+
+
+def test_a_worker_killed_while_answering_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """A worker killed (the OOM killer, kill -9) in the middle of writing a result larger than a pipe holds
+    left the rest of it unread in the shared result queue: the run waited for it for ever."""
+    code = (f"import functools, os, signal, sys, time\nsys.path.insert(0, {str(TESTS)!r})\n"
+            "from pathlib import Path\nfrom qlass.errors import QlassError\n"
+            "from qlass.executor import ProcessExecutor\nfrom test_executor import big_result_worker\n"
+            f"pids = Path({str(tmp_path)!r})\n"
+            "it = ProcessExecutor(2).run(functools.partial(big_result_worker, str(pids)), [0, 1, 2])\n"
+            "print('first', next(it)[0], flush=True)\n"
+            "while not (pids / 'item1').exists(): time.sleep(0.05)\n"
+            "time.sleep(2.5)  # its worker is now writing its answer, which no one reads yet\n"
+            "os.kill(int((pids / 'item1').read_text()), signal.SIGKILL)\n"
+            "try:\n    print('then', [i for i, _ in it])\n"
+            "except QlassError as exc:\n    print('stopped:', exc)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run did not end within 120 s of a worker's death")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "first 0" in done.stdout and "stopped: a worker process exited (exit code -9)" in done.stdout, done.stdout
+
+
+def test_a_workers_error_stops_the_others_at_once() -> None:
+    """The error of one worker was raised only after waiting 5 s for each other worker, one after another,
+    while they went on with their items (16 workers: over a minute)."""
+    start = time.monotonic()
+    with pytest.raises(QlassError, match="failed on item 0: task 0: broken env"):
+        list(ProcessExecutor(workers=4).run(failing_worker, list(range(8))))
+    assert time.monotonic() - start < 10  # it waited 15 s and more before
 
 
 def test_unknown_backend_is_an_error() -> None:

@@ -148,6 +148,23 @@ def test_metadata_tokenizer_and_chat_template(tiny_model_dir: Path, tmp_path: Pa
         llm.close()
 
 
+def test_an_empty_chat_template_exports_the_chatml_one_qlass_renders_with(tiny_model_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    """An empty chat_template.jinja is no template to qlass (it renders ChatML), but the export wrote the
+    GGUF without one, so llama.cpp's server fell back to a template of its own."""
+    import gguf
+
+    from qlass.policy.render import CHATML_TEMPLATE
+
+    model = _copy(tiny_model_dir, tmp_path / "sft")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").write_text("")
+    path = export_gguf(model, tmp_path / "m.gguf")
+    assert gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents() == CHATML_TEMPLATE
+
+
 def test_smollm_digit_splitting_pre_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> None:
     """SmolLM's own tokenizer.json splits digits one by one before GPT-2's split: exported as
     llama.cpp's ``smollm`` pre-tokenizer, it tokenizes numbers as HF does (``gpt-2`` would not)."""

@@ -334,6 +334,13 @@ def test_tiny_top_p_samples_the_greedy_output(tiny_model_dir: Path, policy: HFPo
     assert len({c.text for c in policy.sample([LONGER], 3, 1.0, 8, seed=4)[0]}) > 1  # unfiltered: they differ
 
 
+def test_a_tiny_temperature_samples_the_greedy_output(policy: HFPolicy) -> None:
+    """A temperature so small that the logits divided by it overflow gave NaN probabilities and a
+    RuntimeError from torch.multinomial; it now samples the most likely token, as its limit does."""
+    greedy = policy.sample([LONGER], 1, 0.0, 8)[0][0]
+    assert [c.text for c in policy.sample([LONGER], 2, 1e-45, 8, seed=4)[0]] == [greedy.text] * 2
+
+
 def test_min_p_draws_only_tokens_near_the_most_likely(tiny_model_dir: Path, policy: HFPolicy) -> None:
     """The random tiny model is nearly flat: 14 first tokens hold at least half the top probability
     (0.06% of the mass). With min_p = 0.5 every draw is one of them; unfiltered, almost none is."""

@@ -27,7 +27,7 @@ import pytest
 
 from qlass.errors import QlassError
 from qlass.models import default_gguf_path, default_tokenizer_dir
-from qlass.policy import OpenAIPolicy, load_policy
+from qlass.policy import OpenAIPolicy, load_policy, openai_http
 from qlass.policy.render import encode_conversation
 from qlass.seeding import SEED_STRIDE, candidate_seed
 from qlass.types import Message
@@ -393,6 +393,11 @@ GOOD = {"role": "assistant", "content": "Thought: t\nAction: wait"}
      r"choices\[0\]\.message\.content is not valid Unicode"),
     ("chat", {**_chat(message=GOOD), "usage": {"prompt_tokens": 10**30, "completion_tokens": 9}},
      r"usage\.prompt_tokens is 1000000000000000000000000000000, more tokens than any request could hold"),
+    # an integer beyond a float's range: OverflowError's traceback
+    ("chat", _chat(message=GOOD, logprobs={"content": [{"token": "T", "logprob": -10**400}]}),
+     r"choices\[0\]\.logprobs\.content\[0\]\.logprob is an integer of 402 digits, expected a log-probability"),
+    ("chat", {"choices": [{**_chat(message=GOOD)["choices"][0], "index": 0}] * 2, "usage": USAGE},
+     r"choices give an index twice \(\[0, 0\]\)"),
 ])
 def test_malformed_replies_name_the_url_and_the_field(scripted: Any, endpoint: str, reply: dict[str, Any],
                                                       field: str) -> None:
@@ -606,3 +611,58 @@ def test_token_log_probabilities_rounded_just_above_zero_count_as_zero(scripted:
     policy = OpenAIPolicy(server.url, model="m", endpoint="chat", logprobs=True, backoff=0.01)
     [[completion]] = policy.sample([HIST])
     assert completion.logprob == -0.25
+
+
+def test_answers_are_read_by_index_counted_whole_and_errors_shown(scripted: Any) -> None:
+    """Choices sent out of order were taken in arrival order (candidate k was another choice for the same
+    seed); llama.cpp's server leaves the stop string's tokens out of the log-probabilities but counts them
+    in usage, and those were left out of completion_tokens; an error beside "choices": null lost its message."""
+    said = [{"role": "assistant", "content": f"Thought: {i}\nAction: a{i}"} for i in range(3)]
+    reordered = {"choices": [{"index": i, "finish_reason": "stop", "message": said[i]} for i in (2, 0, 1)],
+                 "usage": {"prompt_tokens": 5, "completion_tokens": 30}}
+    tokens = [{"token": "T", "logprob": -0.5}] * 9
+    trimmed = _chat(message=GOOD, logprobs={"content": tokens})
+    trimmed["usage"] = {"prompt_tokens": 50, "completion_tokens": 12}
+    server = scripted((200, {}, reordered, 0), (200, {}, trimmed, 0),
+                      (200, {}, {"choices": None, "error": {"message": "model overloaded"}}, 0))
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", logprobs=True, backoff=0.01)
+    assert [c.text[-2:] for c in policy.sample([HIST], n=3, temperature=1.0)[0]] == ["a0", "a1", "a2"]
+    [[c]] = policy.sample([HIST])
+    assert (c.completion_tokens, c.logprob_tokens, c.logprob) == (12, 9, -4.5)
+    with pytest.raises(QlassError, match="the server answered an error: model overloaded"):
+        policy.sample([HIST])
+
+
+def test_an_oversized_answer_is_refused(scripted: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole answer was read into memory however large (400 MB of output, counted as 8 tokens, was
+    played); one over the limit is refused, not retried."""
+    monkeypatch.setattr(openai_http, "MAX_ANSWER_BYTES", 200_000)
+    server = scripted(ok("Thought: " + "x" * 300_000 + "\nAction: wait", usage=USAGE))
+    with pytest.raises(QlassError, match="the answer is larger than 0 MiB"):
+        OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01).sample([HIST])
+    assert len(server.seen) == 1
+
+
+def test_307_and_308_redirects_resend_the_post(scripted: Any) -> None:
+    """urllib refused to follow a 307 or 308 answer to a POST ("HTTP 308"), where curl and requests send
+    the request again to the new address (a proxy moving http to https answers 308)."""
+    for code in (307, 308):
+        server = scripted((code, {"Location": "/v2/chat/completions"}, {}, 0),
+                          ok("Thought: t\nAction: go", usage=USAGE))
+        policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=0.01)
+        assert policy.sample([HIST], max_new_tokens=7)[0][0].text == "Thought: t\nAction: go"
+        (first, _, sent), (second, _, resent) = server.seen
+        assert (first, second) == ("/v1/chat/completions", "/v2/chat/completions") and resent == sent
+
+
+def test_a_failed_history_stops_the_others_retries(scripted: Any) -> None:
+    """One history's error (or Ctrl-C) was raised only after every other history's request had gone
+    through all its retries (the thread pool waited for them): minutes with the default retry policy."""
+    server = scripted((400, {}, {"error": "bad request"}, 0.2), *[(503, {}, {"error": "busy"}, 0)] * 8)
+    policy = OpenAIPolicy(server.url, model="m", endpoint="chat", backoff=3.0, max_retries=5, concurrency=2)
+    start = time.monotonic()
+    with pytest.raises(QlassError, match="HTTP 400"):
+        policy.sample([HIST, LONGER])
+    assert time.monotonic() - start < 1.5  # it waited 5 retries of 1.5 s and more before
+    time.sleep(2.0)
+    assert len(server.seen) == 2  # the other history's request was not tried again

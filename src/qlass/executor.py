@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
-import queue
 import signal
 import sys
 import threading
@@ -117,12 +117,13 @@ def _ray_error(exc: Exception) -> QlassError:
 
 
 def _process_main(setup: Setup, tasks: Any, results: Any, parent: int) -> None:
-    """A pool process: build the worker, then take items until the sentinel; dies with its parent."""
+    """A pool process: build the worker, then take items until the sentinel, sending each result (or the
+    error) down its own pipe ``results``; dies with its parent."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="qlass-parent-watch").start()
     try:
         worker = setup()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent with the traceback
-        results.put(("error", "setting up a worker", _failure(exc)))
+        results.send(("error", "setting up a worker", _failure(exc)))
         return
     taken: list[int] = []  # queue index of each item this process took, by position
 
@@ -133,17 +134,19 @@ def _process_main(setup: Setup, tasks: Any, results: Any, parent: int) -> None:
 
     try:
         for position, value in _results(worker, pull()):
-            results.put(("ok", taken[position], value))
+            results.send(("ok", taken[position], value))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent with the traceback
         streaming = callable(getattr(worker, "stream", None))
         where = f"with items {taken} taken" if streaming else f"on item {taken[-1] if taken else '?'}"
-        results.put(("error", where, _failure(exc)))
+        results.send(("error", where, _failure(exc)))
     finally:
         _close(worker)
 
 
 class ProcessExecutor:
-    """``workers`` processes (``spawn``: safe with threads, JVMs and torch)."""
+    """``workers`` processes (``spawn``: safe with threads, JVMs and torch). Each sends its results down
+    a pipe of its own, so a worker killed mid-answer (the OOM killer, ``kill -9``) is an error naming its
+    exit code, not a read that never ends on a half-written message in a shared queue."""
 
     def __init__(self, workers: int = 2, start_method: str = "spawn") -> None:
         if workers < 1:
@@ -154,41 +157,51 @@ class ProcessExecutor:
     def run(self, setup: Setup, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         if not items:
             return
-        tasks, results = self.ctx.Queue(), self.ctx.Queue()
-        count = min(self.workers, len(items))
-        procs = [self.ctx.Process(target=_process_main, args=(setup, tasks, results, os.getpid()), daemon=True)
-                 for _ in range(count)]
-        for p in procs:
-            p.start()
+        tasks = self.ctx.Queue()
+        pipes: dict[Any, Any] = {}  # the reading end of each worker's pipe: its process
+        for _ in range(min(self.workers, len(items))):
+            receive, send = self.ctx.Pipe(duplex=False)
+            proc = self.ctx.Process(target=_process_main, args=(setup, tasks, send, os.getpid()), daemon=True)
+            proc.start()
+            send.close()  # the worker holds the writing end: its death ends the pipe here
+            pipes[receive] = proc
+        procs = list(pipes.values())
         for job in enumerate(items):
             tasks.put(job)
         for _ in procs:
             tasks.put(None)
+        pending = len(items)
         try:
-            pending = len(items)
             while pending:
-                try:
-                    status, index, value = results.get(timeout=1.0)
-                except queue.Empty:
-                    if not any(p.is_alive() for p in procs):
-                        codes = [p.exitcode for p in procs]
-                        raise QlassError(f"every worker process exited (exit codes {codes}) with "
-                                         f"{pending} item(s) unfinished") from None
-                    continue
-                if status == "error":
-                    message, trace = value
-                    raise _worker_error(f"a worker process failed {index}", message, trace)
-                pending -= 1
-                yield index, value
+                for conn in mp.connection.wait(list(pipes)):
+                    try:
+                        status, index, value = conn.recv()
+                    except (EOFError, OSError):  # the worker is gone: after its last result, or died mid-item
+                        # (OSError: "got end of file during message", killed while writing one)
+                        proc = pipes.pop(conn)
+                        proc.join(timeout=5)
+                        if proc.exitcode != 0 or not pipes:
+                            raise QlassError(f"a worker process exited (exit code {proc.exitcode}) with {pending} "
+                                             "item(s) unfinished") from None
+                        continue
+                    if status == "error":
+                        message, trace = value
+                        raise _worker_error(f"a worker process failed {index}", message, trace)
+                    pending -= 1
+                    yield index, value
         finally:
             # items no worker took (a worker's error, Ctrl-C) stay queued: without this, the queue's feeder thread,
             # blocked writing them into a full pipe, kept this process from ever exiting
             tasks.cancel_join_thread()
+            deadline = time.monotonic() + (5 if not pending else 0)  # failed or stopped: no wait for the others
             for p in procs:
-                p.join(timeout=5)
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+            for p in procs:
                 if p.is_alive():
                     p.terminate()
                     p.join()
+            for conn in pipes:
+                conn.close()
 
 
 class _RayWorker:

@@ -229,6 +229,6 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab: Vocab, n_vocab: int) -> 
     ids = special.special_token_ids
     special.add_special_token["bos"] = "bos" in ids and full[:1] == [ids["bos"]] != plain[:1]
     special.add_special_token["eos"] = "eos" in ids and full[-1:] == [ids["eos"]] != plain[-1:]
-    if special.chat_template is None:
-        special.chat_template = CHATML_TEMPLATE  # what qlass renders with for a folder without one
+    if not special.chat_template:  # none, or an empty file: what qlass renders with then (ensure_chat_template)
+        special.chat_template = CHATML_TEMPLATE
     special.add_to_gguf(writer, quiet=True)

@@ -91,7 +91,7 @@ def _checked_values(qnet: Any, values: Any, count: int) -> list[float]:
     lost every comparison, so the search kept whichever candidate came first, and a short list dropped the rest."""
     try:
         floats = [float(v) for v in values]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
         floats = []
     if len(floats) != count or not all(math.isfinite(v) for v in floats):
         raise QlassError(f"QNet {_name(qnet)}: score() returned {str(values)[:120]} for {count} candidate(s); it must "

@@ -343,7 +343,10 @@ class HFPolicy:
             if temperatures[r] > 0:
                 by_temperature.setdefault(temperatures[r], []).append(b)
         for temperature, batch in by_temperature.items():
-            probs = torch.softmax(logits[batch] / temperature, dim=-1)
+            scaled = logits[batch] / temperature
+            if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a tiny temperature overflowed: top logit to 0
+                scaled = (logits[batch] - logits[batch].amax(dim=-1, keepdim=True)) / temperature
+            probs = torch.softmax(scaled, dim=-1)
             if self.top_p < 1 or self.min_p > 0:
                 probs = filter_probs(probs, self.top_p, self.min_p)
             for k, b in enumerate(batch):

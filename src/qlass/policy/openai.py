@@ -34,8 +34,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +158,25 @@ class OpenAIPolicy:
         """``n`` completions per history, one request per history (all ``n`` in it), sent concurrently."""
         check_sample_args(n, temperature, max_new_tokens)
         bases = history_seeds(seed, len(histories), self._rng)
+        stop = threading.Event()
 
         def one(i: int) -> list[Completion]:
-            return self._sample_one(list(histories[i]), n, temperature, max_new_tokens, bases[i])
+            return self._sample_one(list(histories[i]), n, temperature, max_new_tokens, bases[i], stop)
 
         if len(histories) <= 1 or self.concurrency == 1:
             return [one(i) for i in range(len(histories))]
-        with ThreadPoolExecutor(min(self.concurrency, len(histories))) as pool:
-            return list(pool.map(one, range(len(histories))))
+        pool = ThreadPoolExecutor(min(self.concurrency, len(histories)))
+        futures = [pool.submit(one, i) for i in range(len(histories))]
+        try:
+            done, running = wait(futures, return_when=FIRST_EXCEPTION)
+            if running:  # a history failed while others' requests are under way: its error, now
+                next(f for f in done if f.exception() is not None).result()
+            return [f.result() for f in futures]
+        except BaseException:  # Ctrl-C or one history's error: requests not yet sent are not sent, and
+            stop.set()  # those under way end after their current attempt, not after every retry
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def score_outputs(self, histories: Sequence[History], outputs: Sequence[str]) -> list[tuple[float, int]]:
         """Not available: teacher-forced scoring needs the model's log-probabilities of given text."""
@@ -173,9 +185,12 @@ class OpenAIPolicy:
 
     # -- requests --------------------------------------------------------------------------
     def _sample_one(self, history: list[Message], n: int, temperature: float, max_new_tokens: int,
-                    seed: int) -> list[Completion]:
+                    seed: int, stop: threading.Event | None = None) -> list[Completion]:
         if self.max_length is not None:
             budget = self.max_length - max_new_tokens
+            if budget < 1:  # as the local backend says it
+                raise QlassError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in max_length "
+                                 f"{self.max_length}")
             history = fit_history(history, lambda m: len(encode_conversation(self.tokenizer, m, True)[0]) <= budget)
         prompt_ids = encode_conversation(self.tokenizer, history, True)[0] if self.tokenizer is not None else None
         body: dict[str, Any] = {**self.extra_body, "model": self.model, "max_tokens": max_new_tokens,
@@ -197,7 +212,7 @@ class OpenAIPolicy:
         want = 1 if temperature == 0 else n
         got: list[Completion] = []
         while len(got) < want:
-            reply = self._api.request(path, dict(body, n=want - len(got), seed=candidate_seed(seed, len(got))))
+            reply = self._api.request(path, dict(body, n=want - len(got), seed=candidate_seed(seed, len(got))), stop)
             got.extend(self._parse(reply, path, prompt_ids)[: want - len(got)])
         return got * n if want == 1 else got
 
@@ -213,12 +228,13 @@ class OpenAIPolicy:
         """Completions from one reply, with per-choice token counts (see the module docstring)."""
         where = f"{self.base_url}{path}"
         choices = reply.get("choices", _MISSING)
-        if choices is _MISSING and reply.get("error") is not None:  # an error answered with HTTP 200
+        if not (isinstance(choices, list) and choices) and reply.get("error") is not None:  # an error, HTTP 200
             error = reply["error"]
             message = error.get("message", error) if isinstance(error, dict) else error
             raise QlassError(f"{where}: the server answered an error: {self._api.redact(str(message))[:300]}")
         if not isinstance(choices, list) or not choices:
             raise _malformed(where, "choices", choices, "a non-empty list")
+        choices = _by_index(choices, where)
         texts, cut, token_lists, logprobs = [], [], [], []
         for k, choice in enumerate(choices):
             if not isinstance(choice, dict):
@@ -251,15 +267,17 @@ class OpenAIPolicy:
             prompt_tokens = len(prompt_ids)
         counts = self._completion_counts(texts, token_lists, total, where)
         out = []
-        for text, stopped_by_limit, count, lp in zip(texts, cut, counts, logprobs):
+        for text, stopped_by_limit, count, lp, tokens in zip(texts, cut, counts, logprobs, token_lists):
             text, truncated = final_output(text, stopped_by_limit)
-            out.append(Completion(text, prompt_tokens, count, lp, truncated))
+            own = len(tokens) if lp is not None and len(tokens) < count else None  # what the logprob sums over
+            out.append(Completion(text, prompt_tokens, count, lp, truncated, logprob_tokens=own))
         return out
 
     def _completion_counts(self, texts: list[str], token_lists: list[list[float]], total: int | None,
                            where: str) -> list[int]:
-        if all(token_lists):
-            return [len(t) for t in token_lists]
+        if all(token_lists):  # exact per choice, unless the server counts tokens they leave out (llama.cpp's
+            lengths = [len(t) for t in token_lists]  # server drops the stop string's; usage counts them)
+            return lengths if total is None or total <= sum(lengths) else _apportion(total, lengths)
         if total is not None and len(texts) == 1:
             return [total]
         if self.tokenizer is not None:
@@ -268,6 +286,18 @@ class OpenAIPolicy:
         if total is None:
             raise QlassError(f"{where}: response has no usage.completion_tokens; pass tokenizer= to count them")
         return _apportion(total, [1] * len(texts))
+
+
+def _by_index(choices: list[Any], where: str) -> list[Any]:
+    """``choices`` in the order of their ``index`` fields when every one has an integer index (a server
+    may send them in another order: candidate ``k`` must be the same choice for the same seed), else
+    as sent; indices given twice are a malformed reply."""
+    indices = [c.get("index") if isinstance(c, dict) else None for c in choices]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        return choices
+    if len(set(indices)) != len(indices):
+        raise QlassError(f"{where}: malformed response: choices give an index twice ({sorted(indices)})")
+    return [c for _, c in sorted(zip(indices, choices), key=lambda pair: pair[0])]
 
 
 def _token_logprobs(logprobs: Any, where: str, field: str) -> list[float]:
@@ -295,6 +325,9 @@ def _token_logprobs(logprobs: Any, where: str, field: str) -> list[float]:
     for value, path in zip(values, paths):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise _malformed(where, path, value, "a number")
+        if isinstance(value, int) and not -MAX_TOKEN_COUNT <= value <= 0:  # beyond a float's range, too
+            raise QlassError(f"{where}: malformed response: {path} is an integer of {len(str(value))} digits, "
+                             "expected a log-probability (a number <= 0)")
         if value is not None and (math.isnan(value) or value > LOGPROB_SLACK):
             raise QlassError(f"{where}: malformed response: {path} is {value!r}, expected a log-probability "
                              "(a number <= 0)")

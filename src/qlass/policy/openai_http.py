@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -35,6 +36,8 @@ from .option_values import check_request_options
 
 log = logging.getLogger(__name__)
 
+MAX_ANSWER_BYTES = 64 << 20
+"""Answers larger than this are refused: no request of qlass's asks for that much text."""
 _RETRY_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -60,8 +63,10 @@ class ApiClient:
         self._opener = _opener_for(self.base_url, self.redact)
         self._jitter = random.Random(seed)
 
-    def request(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """POST ``body`` (GET when ``None``) and return the JSON reply, retrying transient failures."""
+    def request(self, path: str, body: dict[str, Any] | None = None,
+                stop: threading.Event | None = None) -> dict[str, Any]:
+        """POST ``body`` (GET when ``None``) and return the JSON reply, retrying transient failures until
+        ``stop`` is set (the call it serves was given up: Ctrl-C, or another request's error)."""
         url = self.base_url + path
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
@@ -96,8 +101,14 @@ class ApiClient:
                 problem = self.redact(f"{type(exc).__name__}: {reason}")
             if attempt == self.max_retries:
                 raise QlassError(f"{url}: giving up after {attempt + 1} attempts; last error {problem}")
+            given_up = QlassError(f"{url}: {problem}; not retried (the call was given up)")
+            if stop is not None and stop.is_set():
+                raise given_up
             log.warning("%s: %s; retrying in %.1f s", url, problem, delay)
-            time.sleep(delay)
+            if stop is None:
+                time.sleep(delay)
+            elif stop.wait(delay):
+                raise given_up
         try:
             reply = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
@@ -119,14 +130,18 @@ class ApiClient:
 def _read_by(resp: http.client.HTTPResponse, deadline: float, url: str, timeout: float) -> bytes:
     """The body of ``resp``, read as it arrives; past ``deadline`` a :class:`TimeoutError` (retried):
     the socket timeout alone restarts with every byte, so a server trickling its answer would hold
-    the request for ever."""
-    parts = []
+    the request for ever. One over :data:`MAX_ANSWER_BYTES` is refused (not retried) as it passes it."""
+    parts, size = [], 0
     while True:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url}: the answer did not arrive within {timeout:g} s (raise timeout=...)")
         part = resp.read1(65536)
         if not part:
             return b"".join(parts)
+        size += len(part)
+        if size > MAX_ANSWER_BYTES:
+            raise QlassError(f"{url}: the answer is larger than {MAX_ANSWER_BYTES >> 20} MiB; no completion of one "
+                             "step is that long (a broken server or proxy?)")
         parts.append(part)
 
 
@@ -149,7 +164,11 @@ class _KeepKeyInOrigin(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
                          newurl: str) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if code in (307, 308) and req.get_method() == "POST":  # urllib refuses these; curl and requests resend
+            new = urllib.request.Request(newurl.replace(" ", "%20"), data=req.data, headers=dict(req.headers),
+                                         origin_req_host=req.origin_req_host, unverifiable=True, method="POST")
+        else:  # 301-303 turn a POST into a GET without its body, as curl and requests do
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and new.has_header("Authorization") and _origin(newurl) != _origin(req.full_url):
             new.remove_header("Authorization")
             log.warning("%s redirected to another origin, %s; following without the API key",

@@ -34,12 +34,20 @@ def _completion_problem(c: Completion, strict: bool = True) -> str:
     lp = c.logprob
     if lp is None:
         return ""
-    number = not isinstance(lp, bool) and isinstance(lp, (int, float)) and not math.isnan(lp)
+    number = not isinstance(lp, bool) and isinstance(lp, (int, float)) and not _nan_or_huge(lp)
     if strict and not (number and math.isfinite(lp) and lp <= 0):
         return f"logprob is {lp!r}, not a finite number <= 0 (a sum of log-probabilities) or None"
     if not number:
         return f"logprob is {lp!r}, not a number (a sum of log-probabilities) or None"
     return ""
+
+
+def _nan_or_huge(value: float) -> bool:
+    """NaN, or an int too large for a float (``math.isnan`` raised OverflowError on it)."""
+    try:
+        return math.isnan(value)
+    except OverflowError:
+        return True
 
 
 def checked_answer(where: str, answer: Any, counts: list[int], strict: bool = True) -> list[list[Completion]]:
