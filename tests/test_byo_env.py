@@ -40,7 +40,7 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
         "sft": {"epochs": 1, "lr": 1.0e-3, "batch_size": 2, "micro_batch": 2, "val_fraction": 0.0},
         "explore": {"limit": 2, "skip": 2, "max_new_tokens": 6, "max_depth": 2, "max_nodes": 12},
         "qnet": {"epochs": 1, "batch_size": 2, "val_fraction": 0.5, "max_length": 512, "max_action_tokens": 32},
-        "eval": {"limit": 2, "max_steps": 3,
+        "eval": {"limit": 2, "max_steps": 3, "concurrency": 5,
                  "methods": ["greedy:max_new_tokens=6", "best-of-n:n=2,max_new_tokens=6",
                              "qlass:m=2,max_new_tokens=6"]},
     }
@@ -57,6 +57,10 @@ def test_pipeline_on_a_user_environment(tiny_model_dir: Path, tmp_path: Path) ->
         kids = tree.children()
         assert any(n.reward == 1.0 and n.done and not kids[n.id] for n in tree.nodes)
     assert read_qdata(run_dir / "qdata.jsonl")
+    # each stage sizes the policy's cache for its own conversations (evaluation took exploration's: 8 trees x 4)
+    slots = {name: yaml.safe_load((run_dir / name).read_text())["policy"]["cache_slots"]
+             for name in ("trees.config.yaml", "eval/config.yaml")}
+    assert slots == {"trees.config.yaml": 32, "eval/config.yaml": 5 * 2}  # best-of-n keeps n=2 histories live
     assert (run_dir / "qnet" / "config.json").exists()
     rows = json.loads((run_dir / "eval" / "results.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"greedy", "best-of-n(n=2,qnet)", "qlass(m=2)"}

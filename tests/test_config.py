@@ -457,6 +457,15 @@ def test_run_folder_refuses_more_exploration_tasks_once_the_trees_trained_a_qnet
     assert (run / "trees.jsonl").read_bytes() == trees and (run / "qdata.jsonl").read_bytes() == qdata
     path.write_text(yaml.safe_dump(config))
     assert run_pipeline(path, stop_after="qnet") is None
+    # a smaller limit: the Q data is every tree of the file, so the QNet trained on trees the config left out
+    config = {**config, "run_dir": str(tmp_path / "run2"), "explore": {**config["explore"], "limit": 2}}
+    path.write_text(yaml.safe_dump(config))
+    assert run_pipeline(path, stop_after="explore") is None
+    path.write_text(yaml.safe_dump({**config, "explore": {**config["explore"], "limit": 1}}))
+    with pytest.raises(QlassError, match=r"p\.yaml: explore: .*trees\.jsonl holds 1 tree\(s\) of tasks this selection "
+                                         r"leaves out \(first: 'corridor/1'\)"):
+        run_pipeline(path, stop_after="qnet")
+    assert not (tmp_path / "run2" / "qnet").exists()
 
 
 def test_pipeline_refuses_a_qnet_action_budget_that_fills_its_input_before_any_work() -> None:
@@ -468,6 +477,41 @@ def test_pipeline_refuses_a_qnet_action_budget_that_fills_its_input_before_any_w
                                                    "max_length, got 256 and 256")):
         resolve({"qnet": {"max_length": 256}}, "p.yaml")
     resolve({"qnet": {"max_length": 257}}, "p.yaml")
+
+
+def test_pipeline_names_the_key_of_a_run_dir_file_an_expert_folder_and_a_missing_paraphrase_cache(
+        tmp_path: Path) -> None:
+    """Each was refused only by the stage reading it, without the config file or key (a run_dir that is a
+    file, expert.data a folder: at stage 1b; explore.paraphrase: named the cache alone)."""
+    from qlass.pipeline_config import resolve
+
+    (tmp_path / "file").write_text("x")
+    for config, message in (({"run_dir": str(tmp_path / "file")}, "field 'run_dir': .*file is a file, not a folder"),
+                            ({"expert": {"data": str(tmp_path)}}, "field 'expert.data': .* is a folder, not a"),
+                            ({"explore": {"paraphrase": str(tmp_path / "none.jsonl")}},
+                             r"explore\.paraphrase: .*none\.jsonl: paraphrase cache not found")):
+        with pytest.raises(QlassError, match=rf"^p\.yaml: {message}"):
+            resolve(config, "p.yaml")
+
+
+def test_pipeline_refuses_an_evaluation_paraphrase_cache_without_its_tasks_before_any_work(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Before: found at stage 4, after SFT, exploration and the QNet."""
+    import yaml
+    from test_paraphrase import cache_for
+    from toy_envs import Corridor
+
+    from qlass.pipeline import run_pipeline
+
+    cache = cache_for(tmp_path, Corridor().tasks("seen")[:1])
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "sft_model": str(tiny_model_dir), "env": "toy_envs:Corridor",
+        "explore": {"limit": 1, "max_new_tokens": 4, "max_depth": 1, "max_nodes": 3},
+        "eval": {"limit": 2, "methods": [f"qlass:m=2,select=random,paraphrase={cache}"]}}))
+    with pytest.raises(QlassError, match=r"p\.yaml: field 'eval\.methods': .*para\.jsonl: no paraphrase of 1 task"):
+        run_pipeline(path)
+    assert not (tmp_path / "run" / "trees.jsonl").exists()
 
 
 @pytest.mark.parametrize("run_dir", ["", "  "])
@@ -651,6 +695,12 @@ def test_pipeline_refuses_a_gpu_this_machine_lacks_unless_ray_may_place_the_work
                                                        "sees no CUDA GPU")):
             resolve(config, "p.yaml")
     assert resolve({**config, "backend": "ray"}, "p.yaml").cfg.backend == "ray"
+    # the trainers run here whatever the backend: before, qnet.device cuda failed at stage 3
+    for section, where in (({"qnet": {"device": "cuda"}}, "qnet"), ({"eto": {"dpo": {"device": "cuda"}}}, "eto.dpo"),
+                           ({"rft": {"sft": {"device": "cuda"}}}, "rft.sft")):
+        if not torch.cuda.is_available():
+            with pytest.raises(QlassError, match=re.escape(f"p.yaml: field '{where}.device': device 'cuda' asked")):
+                resolve({**section, "backend": "ray"}, "p.yaml")
 
 
 def test_pipeline_with_sft_model_does_not_call_the_sft_section_ignored_when_eto_reads_its_subset(
@@ -678,6 +728,13 @@ def test_pipeline_with_sft_model_does_not_call_the_sft_section_ignored_when_eto_
     with caplog.at_level(logging.WARNING, logger="qlass"):
         run_pipeline(path, stop_after="sft")
     assert "section(s) sft ignored: sft_model is set" in caplog.text
+    caplog.clear()  # exploration leaving out the expert data's tasks reads it: the expert section is not ignored
+    del config["eto"], config["sft"]
+    config.update(run_dir=str(tmp_path / "run3"), explore={"exclude_expert": True})
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.WARNING, logger="qlass"):
+        run_pipeline(path, stop_after="sft")
+    assert "ignored" not in caplog.text
 
 
 @pytest.mark.parametrize("recorded", [

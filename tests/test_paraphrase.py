@@ -195,6 +195,10 @@ def test_other_envs_keep_numbers_and_every_env_rejects_empty_unchanged_and_rambl
     assert check_paraphrase(cons, text, "  ") == ["empty"]
     assert check_paraphrase(cons, text, "task: reach the goal 2 rooms east.  you are in room 0.") == ["unchanged"]
     assert check_paraphrase(cons, text, good(text) * 6)[-1].startswith("too long")
+    # a number with a thousands separator is one number, kept when the paraphrase keeps it
+    text = "Walk 1,000 steps east to room 12."
+    assert [c.term for c in goal_constraints("myenv", text)] == ["1000", "12"]
+    assert check_paraphrase(goal_constraints("myenv", text), text, "Go 1,000 steps to the east, up to room 12.") == []
 
 
 def test_templates_reword_and_keep_every_constraint() -> None:
@@ -469,6 +473,42 @@ def test_exploration_alternatives_see_the_paraphrase_and_the_tree_keeps_the_task
     # every task to explore must be in the cache
     with pytest.raises(QlassError, match=r"no paraphrase of 1 task\(s\) to explore \(first: 'corridor/0'\)"):
         explore_tasks(Corridor, env.tasks("train")[:2], Walker(), cfg, tmp_path / "trees.jsonl", progress=False)
+
+
+def test_an_evaluation_checks_its_caches_up_front_and_refuses_another_at_the_same_path(tmp_path: Path) -> None:
+    """A task missing from a method's cache was found only when its turn came (in a pipeline: after SFT,
+    exploration and the QNet), and a cache replaced at the same path by one made otherwise was mixed into
+    the same row on resume: the folder recorded only the path."""
+    from qlass.evaluate import run_evaluation
+
+    seen = Corridor().tasks("seen")
+    path = tmp_path / "para.jsonl"
+    build_paraphrases(Corridor, seen[:1], path, Paraphraser(), ParaphraseConfig(samples=2))
+    method = [("qlass", {"m": 2, "select": "random", "paraphrase": str(path), "max_steps": 2})]
+
+    def evaluate(limit: int) -> list[dict]:
+        return run_evaluation("test_paraphrase:Walker", ENV, ["seen"], method, tmp_path / "ev", limit=limit)
+
+    with pytest.raises(QlassError, match=r"para\.jsonl: no paraphrase of 1 task\(s\) of this evaluation \(first: "
+                                         r"'corridor/101'\), which qlass\(m=2,paraphrase=para,select=random\) needs"):
+        evaluate(2)
+    assert not (tmp_path / "ev" / "records.jsonl").exists()
+    assert evaluate(1)[0]["tasks"] == 1
+    path.unlink()
+    build_paraphrases(Corridor, seen[:1], path, Paraphraser(), ParaphraseConfig(samples=3))
+    with pytest.raises(QlassError, match="paraphrases"):
+        evaluate(1)
+    # exploration records the cache's settings beside its trees in the same way
+    def explore() -> None:  # a config of its own each time, as each run reads the cache anew
+        cfg = ExploreConfig(max_depth=1, candidates=2, max_steps=2, expert_graft=False, paraphrase=str(path))
+        settings = {"model": "walker", "env": ENV, "env_args": {}, "policy": {}}
+        explore_tasks(Corridor, seen[:1], Walker(), cfg, tmp_path / "trees.jsonl", settings=settings, progress=False)
+
+    explore()
+    path.unlink()
+    build_paraphrases(Corridor, seen[:1], path, Paraphraser(), ParaphraseConfig(samples=2))
+    with pytest.raises(QlassError, match="paraphrases"):
+        explore()
 
 
 # -- the command -----------------------------------------------------------------------------------

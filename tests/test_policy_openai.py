@@ -421,6 +421,9 @@ def test_max_length_drops_oldest_turns_before_sending(scripted: Any) -> None:
     assert len(policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 150
     assert HIST[0].content in prompt and HIST[-1].content in prompt  # instruction and task kept
     assert "Observation: o39" in prompt and "Observation: o1<" not in prompt  # newest kept, oldest dropped
+    with pytest.raises(QlassError, match="max_new_tokens \\(200\\) leaves no room for a prompt in max_length 200"):
+        policy.sample([HIST], 1, 0.0, 200)  # as the local backend says it (before: sent with every turn dropped)
+    assert len(server.seen) == 1
 
 
 @pytest.mark.slow

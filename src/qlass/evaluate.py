@@ -252,6 +252,18 @@ def cache_for(model: str, policy_kwargs: dict[str, Any], conversations: int) -> 
     return {**policy_kwargs, "cache_slots": slots}
 
 
+def paraphrase_tables(runs: Sequence[MethodRun], tasks: Sequence[Task]) -> dict[str, dict[str, Any]]:
+    """The settings of each method's paraphrase cache (by label), refusing a cache without an entry for
+    one of ``tasks`` before any episode is played (it was found when that task's turn came)."""
+    tables = {r.label: r.config.paraphrases for r in runs if getattr(r.config, "paraphrases", None) is not None}
+    for label, table in tables.items():
+        missing = table.missing(tasks)
+        if missing:
+            raise QlassError(f"{table.path}: no paraphrase of {len(missing)} task(s) of this evaluation (first: "
+                             f"{missing[0]!r}), which {label} needs; add them with qlass paraphrase")
+    return {label: table.settings for label, table in tables.items()}
+
+
 def run_evaluation(
     model: str,
     env_spec: str,
@@ -310,6 +322,7 @@ def run_evaluation(
     policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
     make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
     env_name, tasks = split_tasks(make, env_spec, splits, task_types, limit, offset)
+    paraphrased = paraphrase_tables(runs, tasks)
     executor = make_executor(backend, workers, **(executor_options or {}))
     settings = {
         "model": model, "qnet": str(qnet_dir) if qnet is not None else None, "env": env_spec,
@@ -317,6 +330,7 @@ def run_evaluation(
         "limit": limit, "tasks": {split: sum(t.split == split for t in tasks) for split in splits},
         "policy": dict(policy_kwargs or {}), "backend": backend, "workers": workers, "concurrency": concurrency,
         "offset": offset,  # a folder made before the option lacks it: taken as compatible
+        **({"paraphrases": paraphrased} if paraphrased else {}),  # how each cache was made: another is refused
     }
     records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet, concurrency), out_dir, seed=seed,
                        executor=executor, settings=settings)

@@ -160,6 +160,8 @@ def explore_tasks(
     if not tasks:
         log.warning("explore_tasks: no tasks given; nothing to explore")
     path = Path(out_path)
+    if settings is not None and cfg.paraphrases is not None:  # how the cache was made: another one is refused
+        settings = {**settings, "paraphrases": cfg.paraphrases.settings}
     done = _finished(path, tasks, cfg, seed, settings, runs_here(executor))
     todo = [t for t in tasks if t.id not in done]
     missing = cfg.paraphrases.missing(todo) if cfg.paraphrases is not None else []

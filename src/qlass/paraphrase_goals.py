@@ -71,7 +71,9 @@ def _term(kind: str, term: str, *forms: str) -> Constraint:
 
 
 def _numbers(text: str) -> list[Constraint]:
-    return [Constraint("number", n, (n,)) for n in dict.fromkeys(_NUMBER.findall(text))]
+    """The numbers of ``text``, thousands separators read as :meth:`Constraint.kept_in` reads them (``1,000``
+    is one number, not 1 and 000 that no paraphrase could keep)."""
+    return [Constraint("number", n, (n,)) for n in dict.fromkeys(_NUMBER.findall(text.replace(",", "")))]
 
 
 def _unique(constraints: Sequence[Constraint]) -> list[Constraint]:

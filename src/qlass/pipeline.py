@@ -31,7 +31,8 @@ from .config import load_extended_yaml
 from .errors import QlassError
 from .file_checks import require_model_folder
 from .locking import writer_lock
-from .pipeline_config import Resolved, check_stage_splits, resolve, save_resolved
+from .pipeline_checks import check_stage_splits
+from .pipeline_config import Resolved, resolve, save_resolved
 from .pipeline_retrain import SELF_TRAIN_DIR, combined_report, expert_data, retrained_agents
 from .types import Task
 
@@ -80,22 +81,31 @@ def _exploration_tasks(r: Resolved, tasks: list[Task], config_path: str | Path) 
     if not chosen:
         raise QlassError(f"{config_path}: explore: no task left in split {stage.split!r} after skip {stage.skip}"
                          + (f" and the {len(exclude)} expert tasks" if stage.exclude_expert else ""))
-    _refuse_new_trees(r, chosen, config_path)
+    _refuse_changed_trees(r, chosen, config_path)
     log.info("exploring %d tasks%s", len(chosen),
              f" (none of the {len(exclude)} expert tasks)" if stage.exclude_expert else "")
     return chosen
 
 
-def _refuse_new_trees(r: Resolved, chosen: list[Task], config_path: str | Path) -> None:
-    """Refuse tasks without a tree once a QNet or a self-trained agent was trained on the run's trees (a
-    grown explore.limit): the new trees would replace the Q data it was trained on, which it then refuses."""
+def _refuse_changed_trees(r: Resolved, chosen: list[Task], config_path: str | Path) -> None:
+    """Refuse trees the selection leaves out (a smaller explore.limit: the Q data is every tree of the
+    file, so the QNet would still train on them), and tasks without a tree once a QNet or a self-trained
+    agent was trained on the run's trees (a grown explore.limit): the new trees would replace the Q data it
+    was trained on, which it then refuses."""
     from .tree import read_trees
 
     path = r.run_dir / "trees.jsonl"
-    trained = [r.run_dir / p for p in ("qnet", SELF_TRAIN_DIR) if (r.run_dir / p).exists()]
-    if not trained or not path.exists():
+    if not path.exists():
         return
     have = {t.tree_id for t in read_trees(path, repair_tail=True)}
+    left_out = sorted(have - {t.id for t in chosen})
+    if left_out:
+        raise QlassError(f"{config_path}: explore: {path} holds {len(left_out)} tree(s) of tasks this selection "
+                         f"leaves out (first: {left_out[0]!r}); its Q data would still hold them (set explore.limit "
+                         "and skip back, or use a new run_dir)")
+    trained = [r.run_dir / p for p in ("qnet", SELF_TRAIN_DIR) if (r.run_dir / p).exists()]
+    if not trained:
+        return
     new = [t.id for t in chosen if t.id not in have]
     if new:
         what = "the QNet in" if trained[0].name == "qnet" else "the self-trained agents in"
@@ -130,7 +140,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
 def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> list[dict[str, Any]] | None:
     """The stages of :func:`run_pipeline` on the resolved, saved configuration ``r``."""
     from .envs.base import env_close, env_tasks, make_env
-    from .evaluate import cache_for, run_evaluation
+    from .evaluate import cache_for, run_evaluation  # run_evaluation sizes its own cache (eval.concurrency)
     from .executor import make_executor
     from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
     from .models import model_folder
@@ -151,6 +161,8 @@ def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> lis
             if getattr(r, name) is not None:
                 expert_data(r, config_path, name)
         ignored = [name for name in ("expert", "sft") if getattr(cfg, name)]
+        if r.explore_stage.exclude_expert:  # exploration leaves out the expert data's tasks
+            ignored = [name for name in ignored if name != "expert"]
         if r.rft is not None or r.self_train is not None:  # their fine-tuning reads both
             ignored = []
         elif r.eto is not None:  # its pairs read the expert data, the subset SFT saw under sft.max_trajectories
@@ -179,12 +191,12 @@ def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> lis
         policy_spec = cfg.policy_server
         policy_opts.setdefault("tokenizer", str(sft_dir))
     concurrency = r.explore_stage.concurrency
-    policy_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
-    policy = functools.partial(load_policy, policy_spec, **{"seed": cfg.seed, **policy_opts})  # policy.seed wins
+    explore_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
+    policy = functools.partial(load_policy, policy_spec, **{"seed": cfg.seed, **explore_opts})  # policy.seed wins
     explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
                   run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers),
                   concurrency=concurrency, settings={"model": policy_spec, "env": cfg.env,
-                                                     "env_args": dict(cfg.env_args), "policy": policy_opts})
+                                                     "env_args": dict(cfg.env_args), "policy": explore_opts})
     backup = BackupConfig(gamma=r.explore.gamma, keep_intermediate=r.qdata.keep_intermediate,
                           normalize=r.qdata.normalize)
     counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl", backup, r.qdata.max_per_tree)

@@ -23,6 +23,7 @@ from .errors import QlassError
 from .eval_worker import MethodRun
 from .evaluate import check_resumable
 from .executor import BACKENDS
+from .pipeline_checks import check_top_level, check_trainers
 from .pipeline_retrain import (
     ETO_DIR,
     RFT_DIR,
@@ -185,7 +186,7 @@ def resolve(data: dict[str, Any], source: str, recorded: bool = False) -> Resolv
 
     cfg = build(PipelineConfig, data, source)
     if not recorded:
-        _check_top_level(cfg, source)
+        check_top_level(cfg, source)
     if cfg.backend not in BACKENDS:
         raise QlassError(f"{source}: field 'backend' must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     if cfg.workers < 1:
@@ -193,12 +194,17 @@ def resolve(data: dict[str, Any], source: str, recorded: bool = False) -> Resolv
     check_known(cfg.explore, set(ExploreStage.__dataclass_fields__) | set(ExploreConfig.__dataclass_fields__),
                 f"{source}: explore", "ExploreStage or ExploreConfig")
     stage_opts, explore_opts = _split_options(dict(cfg.explore), ExploreStage)
+    try:
+        explore = build(ExploreConfig, explore_opts, f"{source}: explore")
+    except QlassError as exc:  # the paraphrase cache's own errors name the file, not the config key
+        said = str(exc)
+        raise QlassError(said if said.startswith(source) else f"{source}: explore.paraphrase: {said}") from None
     r = Resolved(
         cfg=cfg,
         expert=build(ExpertStage, dict(cfg.expert), f"{source}: expert"),
         sft=build(SFTConfig, dict(cfg.sft), f"{source}: sft"),
         explore_stage=build(ExploreStage, stage_opts, f"{source}: explore"),
-        explore=build(ExploreConfig, explore_opts, f"{source}: explore"),
+        explore=explore,
         qdata=build(QDataStage, dict(cfg.qdata), f"{source}: qdata"),
         qnet=build(QNetTrainConfig, dict(cfg.qnet), f"{source}: qnet"),
         eval=build(EvalStage, dict(cfg.eval), f"{source}: eval"),
@@ -217,44 +223,14 @@ def resolve(data: dict[str, Any], source: str, recorded: bool = False) -> Resolv
         raise QlassError(f"{source}: field 'env_args': {exc}") from None
     if recorded:
         return r
-    _check_report_to(r, source)
     try:  # last: checking the options against the local backend's signature imports torch
         check_policy_options(cfg.policy_server or "default", cfg.policy)
         if cfg.policy_server is None and cfg.backend != "ray":  # a Ray actor may run where a GPU is
             resolve_device(cfg.policy.get("device", "auto"))  # this machine's workers: found at stage 2 before
     except QlassError as exc:
         raise QlassError(f"{source}: field 'policy': {exc}") from None
+    check_trainers(r, source)
     return r
-
-
-def _check_top_level(cfg: PipelineConfig, source: str) -> None:
-    """The top-level values that would fail only once their stage starts."""
-    if cfg.task_types is not None and not cfg.task_types:
-        raise QlassError(f"{source}: field 'task_types' must name at least one task type (null: all of them)")
-    if not cfg.run_dir.strip():  # Path("") is the working directory
-        raise QlassError(f"{source}: field 'run_dir' must name a folder, got {cfg.run_dir!r}")
-    if cfg.policy_server is not None and not cfg.policy_server.lower().startswith(("http://", "https://")):
-        raise QlassError(f"{source}: field 'policy_server' must be the http(s)://host:port/v1 URL of an "
-                         f"OpenAI-compatible server, got {cfg.policy_server!r}")
-
-
-def _check_report_to(r: Resolved, source: str) -> None:
-    """Every trainer's report_to, checked before any work (each trainer checks it only as it starts)."""
-    from .training.common import check_report_to
-
-    trainers = {"sft": r.sft, "qnet": r.qnet}
-    for name in ("rft", "self_train"):
-        section = getattr(r, name)
-        if section is not None:
-            trainers[f"{name}.sft"] = section.sft
-    if r.eto is not None:
-        trainers["eto.dpo"] = r.eto.dpo
-        trainers["eto.later_dpo"] = r.eto.stage.dpo_for(r.eto.dpo, 2)  # rounds 2 on
-    for name, cfg in trainers.items():
-        try:
-            check_report_to(cfg.report_to)
-        except QlassError as exc:
-            raise QlassError(f"{source}: {name}: {exc}") from None
 
 
 def _started(run: Path) -> list[str]:
@@ -284,7 +260,7 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
         changes += [f"expert.{c}" for c in config_differences(old.expert, new.expert)]  # expert.json is reused
     if (run / "sft" / ".qlass-complete").exists() and not new.cfg.sft_model:
         changes += [f"sft.{c}" for c in config_differences(old.sft, new.sft)]
-    if (run / "trees.jsonl").exists():
+    if (run / "trees.jsonl").exists():  # limit: a larger one adds trees, a smaller one is refused at stage 2
         stage = [c for c in config_differences(old.explore_stage, new.explore_stage)
                  if not c.startswith(("limit:", "concurrency:"))]
         changes += [f"explore.{c}" for c in stage + config_differences(old.explore, new.explore)]
@@ -301,35 +277,6 @@ def _stage_changes(old: Resolved, new: Resolved) -> list[str]:
         changes += [f"eto.{c}" for c in setting_changes(old.eto.as_dict(), new.eto.as_dict(),
                                                         ignore=("iterations", *runtime), open_=("later_dpo",))]
     return changes
-
-
-def check_stage_splits(r: Resolved, source: str) -> None:
-    """Refuse a split the environment lacks in any stage, or one without a task of the run's task types,
-    before the first stage runs (an environment may hand an unknown split its default tasks; a typo in
-    eval.splits would otherwise surface after SFT, an evaluation split without such tasks at stage 4)."""
-    from .envs.base import check_splits, env_close, env_tasks, make_env
-
-    used = {"expert.split": [r.expert.split]} if not r.cfg.sft_model and not r.expert.data else {}
-    used |= {"explore.split": [r.explore_stage.split], "eval.splits": list(r.eval.splits)}  # in stage order
-    for name, section in (("rft", r.rft), ("eto", r.eto)):
-        if section is not None:
-            used[f"{name}.split"] = [section.stage.split]
-    env = make_env(r.cfg.env, **r.cfg.env_args)
-    has_tasks: dict[str, bool] = {}  # by split: several stages often use the same one (train)
-    try:
-        for field_name, splits in used.items():
-            try:
-                check_splits(env, splits, r.cfg.env)
-                for split in splits:
-                    if split not in has_tasks:
-                        has_tasks[split] = bool(env_tasks(env, split, r.cfg.task_types))
-                    if not has_tasks[split]:
-                        types = f" of the task types {r.cfg.task_types}" if r.cfg.task_types else ""
-                        raise QlassError(f"{r.cfg.env} has no task in split {split!r}{types}")
-            except QlassError as exc:
-                raise QlassError(f"{source}: field {field_name!r}: {exc}") from None
-    finally:
-        env_close(env)
 
 
 def save_resolved(r: Resolved) -> None:
