@@ -1,7 +1,7 @@
 """ALFWorld on the real engine (textworld's PDDL env + alfworld 0.4.2 wrappers) with the real games.
 
 The games come from the shared tarballs (``../shared/data/alfworld``), extracted once into the
-qlass cache by the environment itself; tests skip when the extra or the data is missing.
+qlass cache by the environment itself; the tests fail, saying how to get them, when the extra or the data is missing.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from setup_parts import installed, shared_data
 
-pytest.importorskip("textworld", reason="needs the alfworld extra: pip install 'qlass[alfworld]'")
+installed("textworld")  # the alfworld extra
 
 from qlass.envs.alfworld import AlfWorldEnv, expert_thought, normalize_action
 from qlass.envs.alfworld_data import extract_shared_data, resolve_data_dir, shared_tarballs
@@ -28,8 +29,7 @@ from qlass.types import Task
 GOLDEN = Path(__file__).parent / "data" / "alfworld_golden.json"
 SEEN_GAME = "alfworld/seen/look_at_obj_in_light-AlarmClock-None-DeskLamp-323/trial_T20190909_044715_250790"
 
-if not shared_tarballs():
-    pytest.skip("the shared ALFWorld tarballs (../shared/data/alfworld) are not here", allow_module_level=True)
+shared_data(bool(shared_tarballs()), "the ALFWorld tarballs (../shared/data/alfworld)")
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ folder so that its default report path is not the repository's."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from setup_parts import installed, java
 
 TESTS = Path(__file__).resolve().parent
 BENCHMARKS = TESTS.parent / "benchmarks"
@@ -107,7 +107,6 @@ def test_bench_explore_trees_that_give_nothing_to_measure(tmp_path: Path) -> Non
     KeyError of a tree id."""
     import json
 
-    pytest.importorskip("test_explore")
     trees = _explore_trees(tmp_path / "trees.jsonl")
     rooms = ["--env", "test_explore:Rooms", "--out", str(tmp_path / "r.json")]
     done = run_benchmark("bench_explore.py", [*rooms, "--trees", str(trees)], tmp_path)
@@ -150,9 +149,9 @@ def test_probe_focus_options_and_exclude_files(tmp_path: Path, tiny_model_dir: P
     assert_usage_error(done, "x.jsonl: line 2: invalid JSON")
 
 
-@pytest.mark.skipif(not shutil.which("java"), reason="ScienceWorld needs Java")
 def test_probe_focus_with_no_state_to_probe(tmp_path: Path, tiny_model_dir: Path) -> None:
-    pytest.importorskip("scienceworld")
+    java()
+    installed("scienceworld")
     args = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--splits", "seen", "--per-type", "1",
             "--offset", "100000"]
     assert_usage_error(run_benchmark("probe_focus.py", args, tmp_path, timeout=300),

@@ -201,11 +201,12 @@ def test_cv_head_output_problems_come_first_and_a_failed_run_leaves_no_folder(tm
     (tmp_path / "cv" / "decisions.md").mkdir(parents=True)
     with pytest.raises(QlassError, match=r"cv/decisions.md: is a folder"):  # before the model is looked for
         cross_validate_on_decisions([seen, unseen], tmp_path / "no-model", tmp_path / "cv", QNetHeadConfig(folds=2))
-    with pytest.raises(QlassError, match=r"no-model"):
+    with pytest.raises(QlassError, match=r"no-model: not a model folder \(no config\.json\)"):
         cross_validate_on_decisions([seen, unseen], tmp_path / "no-model", tmp_path / "new", QNetHeadConfig(folds=2))
     assert not (tmp_path / "new").exists()
     (tmp_path / "kept").mkdir()
-    with pytest.raises(QlassError, match=r"no-model"):  # a folder that was there before stays
+    # a folder that was there before stays
+    with pytest.raises(QlassError, match=r"no-model: not a model folder \(no config\.json\)"):
         cross_validate_on_decisions([seen, unseen], tmp_path / "no-model", tmp_path / "kept", QNetHeadConfig(folds=2))
     assert (tmp_path / "kept").is_dir()
 

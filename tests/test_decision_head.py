@@ -74,6 +74,8 @@ def test_cross_validated_head_beats_the_likelihood_and_never_scores_a_fitted_tas
     assert rows["qnet"]["accuracy"] >= 0.9
     assert rows["qnet"]["vs"]["likelihood"]["accuracy"]["ci_low"] > 0
     assert [f["fold"] for f in result["folds"]] == [1, 2, 3, 4] and sum(f["tasks"] for f in result["folds"]) == 12
+    # each fold's head is fitted on the other folds' tasks and the extra ones, never on a task it scores
+    assert all(f["fitted_on"] == 12 - f["tasks"] + 4 for f in result["folds"]), result["folds"]
     assert "cross-validated by task" in (out / "decisions.md").read_text()
     assert json.loads((out / "decision_cv.json").read_text())["extra"] == [str(extra)]
     features = (out / "features.jsonl").read_text()

@@ -219,9 +219,11 @@ def test_settings_check_names_the_changed_field(tmp_path: Path) -> None:
 
 
 def test_config_is_validated() -> None:
-    for bad in ({"m": 1}, {"play": "best"}, {"anchor": "mode"}, {"temperature": 0.0}, {"k": 0},
-                {"max_decisions_per_task": 0}):
-        with pytest.raises(ValueError):
+    for bad, said in (({"m": 1}, "m must be >= 2"), ({"play": "best"}, "play must be 'greedy' or 'sample'"),
+                      ({"anchor": "mode"}, "anchor must be 'greedy' or 'none'"),
+                      ({"temperature": 0.0}, "temperature must be > 0"), ({"k": 0}, "k, max_steps, max_new_tokens"),
+                      ({"max_decisions_per_task": 0}, "max_decisions_per_task must be >= 1")):
+        with pytest.raises(ValueError, match=f"^{said}"):
             DecisionConfig(**bad)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from setup_parts import installed
 from test_policy_openai import KEY, _free_port, running_llama_server
 from toy_envs import Corridor
 
@@ -34,7 +35,7 @@ from qlass.gguf_export import default_output, export_gguf
 from qlass.policy.render import encode_conversation, render
 from qlass.types import Message
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by scripts/setup.sh --test")
+llama_cpp = installed("llama_cpp")  # built by scripts/setup.sh --test
 
 TESTS = Path(__file__).resolve().parent
 CONVERSATIONS = [
@@ -453,7 +454,7 @@ def test_extra_body_is_sent_but_cannot_override_what_qlass_sets() -> None:
 @pytest.fixture(scope="module")
 def served_default_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     """The default model exported by the command (f32), served by llama.cpp's server on 127.0.0.1."""
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is built by scripts/setup.sh --test")
+    installed("llama_cpp.server")
     from qlass.models import default_model_dir
 
     model = default_model_dir()

@@ -19,9 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from setup_parts import installed, shared_data
 
-pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'qlass[serve]'")
-pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'qlass[serve]'")
+installed("fastapi")  # the serve extra
+installed("uvicorn")
 
 from qlass.envs.base import FORMAT_HINT, parse_action
 from qlass.envs.http import HttpEnv
@@ -285,7 +286,7 @@ def test_agentgym_style_requests_and_dialect(server: BackgroundServer) -> None:
         assert (r1.observation, r2.observation, r3.observation) == ("Display: 3", FORMAT_HINT, "Display: 34")
         assert r3.done and r3.reward == pytest.approx(2 / 3)  # the client's step limit
         assert env.step("Action: press 5").observation == "The episode is over."
-        with pytest.raises(QlassError, match="bad"):
+        with pytest.raises(QlassError, match=r"splits\['bad'\] must be \[first, end\) task indices"):
             HttpEnv(server.url, dialect="agentgym-sciworld", splits={"bad": [5, 1]})
     finally:
         env.close()
@@ -338,12 +339,11 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float) -> None:
 
 @pytest.mark.slow
 def test_alfworld_through_qlass_serve_matches_in_process() -> None:
-    pytest.importorskip("textworld", reason="needs the alfworld extra")
+    installed("textworld")  # the alfworld extra
     from qlass.envs.alfworld import AlfWorldEnv
     from qlass.envs.alfworld_data import shared_tarballs
 
-    if not shared_tarballs() and not os.environ.get("ALFWORLD_DATA"):
-        pytest.skip("no ALFWorld data")
+    shared_data(bool(shared_tarballs() or os.environ.get("ALFWORLD_DATA")), "the ALFWorld tarballs")
     local = AlfWorldEnv()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

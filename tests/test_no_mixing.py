@@ -2,19 +2,21 @@
 
 Every resumable output records what produced it; a rerun with another model, QNet, seed,
 environment option or policy option is refused naming the option, runtime options may change, and
-an unchanged rerun resumes without duplicates. Evaluation runs in-process with
-``qlass.policy.load_policy`` and ``QNet.load`` replaced by the toy ``ScriptedPolicy`` and a
-fixed-table QNet (so ``--model`` and ``--qnet`` are names, not folders); exploration and decision
-collection load ``test_explore:ScriptedPolicy`` through the CLI, as a user's own class.
+an unchanged rerun resumes without duplicates. Evaluation, exploration and decision collection load
+``test_explore:ScriptedPolicy`` through the CLI, as a user's own class; evaluation's QNets are real QNet
+folders on the tiny model.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import checkpoint_killer
 import pytest
 import yaml
 from test_explore import ScriptedPolicy
@@ -37,13 +39,6 @@ class OtherPolicy(ScriptedPolicy):
 
     def __init__(self, **options) -> None:
         super().__init__(**{"smart": 1.0, **options})
-
-
-class TableQNet:
-    """A QNet stand-in: values an action by whether it handles the key or the chest."""
-
-    def score(self, history, candidates) -> list[float]:
-        return [1.0 if "key" in c or "chest" in c else 0.0 for c in candidates]
 
 
 def invoke(args: list[str]) -> None:
@@ -82,8 +77,8 @@ def test_setting_changes_name_differences_and_leave_out_runtime_and_unknown_ones
 
 # -- evaluation ------------------------------------------------------------------------------------
 
-EVAL = {"--model": "model-a", "--qnet": "qnet-a", "--seed": "0", "--env-arg": "step_limit=5", "--limit": "2",
-        "--concurrency": "2"}
+EVAL = {"--model": "test_explore:ScriptedPolicy", "--qnet": "qnet-a", "--seed": "0", "--env-arg": "step_limit=5",
+        "--limit": "2", "--concurrency": "2"}
 METHODS = ["--method", "greedy:max_new_tokens=20", "--method", "qlass:m=2,max_new_tokens=20"]
 
 
@@ -93,13 +88,14 @@ def eval_args(out: Path, *extra: str, methods: list[str] = METHODS, **changed: s
 
 
 @pytest.fixture
-def toy_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``load_policy`` gives a ScriptedPolicy and ``QNet.load`` a TableQNet, whatever they are asked for."""
-    import qlass.policy
+def toy_models(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two real QNet folders, ``qnet-a`` and ``qnet-b`` (fresh heads on the tiny model), in the working
+    directory the commands run in; the policies are a user's classes (``module:Class``)."""
     from qlass.qnet import QNet
 
-    monkeypatch.setattr(qlass.policy, "load_policy", lambda spec, **opts: ScriptedPolicy())
-    monkeypatch.setattr(QNet, "load", classmethod(lambda cls, path, **kw: TableQNet()))
+    for seed, name in enumerate(("qnet-a", "qnet-b")):
+        QNet.from_sft(tiny_model_dir, max_length=256, max_action_tokens=32, seed=seed).save(tmp_path / "cwd" / name)
+    monkeypatch.chdir(tmp_path / "cwd")
 
 
 def test_eval_resume_with_other_model_qnet_seed_env_or_policy_option_is_refused(tmp_path: Path, toy_models) -> None:
@@ -108,15 +104,22 @@ def test_eval_resume_with_other_model_qnet_seed_env_or_policy_option_is_refused(
     invoke(eval_args(out))
     assert len(read_jsonl(records)) == 4
     saved = yaml.safe_load(config.read_text())
-    assert (saved["model"], saved["qnet"], saved["seed"], saved["env_args"]) == ("model-a", "qnet-a", 0,
-                                                                                 {"step_limit": 5})
-    for named, changed, extra in (("model: 'model-a' → 'model-b'", {"model": "model-b"}, []),
+    assert (saved["model"], saved["qnet"], saved["seed"], saved["env_args"]) == ("test_explore:ScriptedPolicy",
+                                                                                 "qnet-a", 0, {"step_limit": 5})
+    assert saved["qnet_files"]  # the QNet folder's files, so another QNet saved at the same path is refused
+    for named, changed, extra in (("model: 'test_explore:ScriptedPolicy' → 'test_no_mixing:OtherPolicy'",
+                                   {"model": "test_no_mixing:OtherPolicy"}, []),
                                   ("qnet: 'qnet-a' → 'qnet-b'", {"qnet": "qnet-b"}, []),
                                   ("seed: 0 → 7", {"seed": "7"}, []),
                                   ("env_args.step_limit: 5 → 6", {"env_arg": "step_limit=6"}, []),
                                   ("offset: 0 → 1", {"offset": "1"}, []),
                                   ("policy.top_p: (unset) → 0.9", {}, ["--policy-arg", "top_p=0.9"])):
         refused(eval_args(out, *extra, **changed), named, records, config)
+    shutil.move("qnet-a", "qnet-a.was")  # a QNet trained again and saved at the same path
+    shutil.copytree("qnet-b", "qnet-a")
+    refused(eval_args(out), "qnet: another model at the same path", records, config)
+    shutil.rmtree("qnet-a")
+    shutil.move("qnet-a.was", "qnet-a")
     # runtime options may change, and an unchanged rerun plays nothing again
     played = records.read_bytes()
     invoke(eval_args(out, "--policy-arg", "threads=1", "--policy-arg", "cache_slots=3", concurrency="1",
@@ -139,7 +142,8 @@ def test_eval_config_written_before_the_check_still_resumes(tmp_path: Path, toy_
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     invoke(eval_args(out))
     assert len(read_jsonl(out / "records.jsonl")) == 4
-    refused(eval_args(out, model="model-b"), "model: 'model-a' → 'model-b'", out / "records.jsonl")
+    refused(eval_args(out, model="test_no_mixing:OtherPolicy"), "model: 'test_explore:ScriptedPolicy' → "
+            "'test_no_mixing:OtherPolicy'", out / "records.jsonl")
 
 
 # -- exploration -----------------------------------------------------------------------------------
@@ -269,20 +273,22 @@ def _val_steps(out: Path) -> list[int]:
     return [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "val_loss" in m]
 
 
+def _killed(module: str, config: str, train: str, args: list[str], step: int, opts: dict, before: bool) -> None:
+    """``train`` run in a process of its own that SIGKILLs itself at checkpoint ``step`` (see checkpoint_killer)."""
+    proc = subprocess.run([sys.executable, "-c", checkpoint_killer.script(module, config, train, before), *args,
+                           str(step), repr(opts)], capture_output=True, text=True, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+
+
 def test_sft_killed_before_its_first_checkpoint_logs_step_0_once_and_refuses_other_data_or_base(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.json", n=5)
-    cfg = sft.SFTConfig(epochs=1, lr=1e-3, batch_size=1, micro_batch=1, val_fraction=0.2, save_every=2, threads=1)
+    opts = dict(epochs=1, lr=1e-3, batch_size=1, micro_batch=1, val_fraction=0.2, save_every=2, threads=1)
+    cfg = sft.SFTConfig(**opts)
     out = tmp_path / "sft"
-
-    def killed(*args, **kwargs) -> None:
-        raise RuntimeError("killed before the first checkpoint")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_save_checkpoint", killed)
-        with pytest.raises(RuntimeError, match="killed"):
-            sft.train_sft(data, tiny_model_dir, out, cfg)
-    assert _val_steps(out) == [0]
+    _killed("qlass.training.sft", "SFTConfig", "train_sft", [str(data), str(tiny_model_dir), str(out)], 2, opts,
+            before=True)
+    assert not list(out.glob("checkpoint-*")) and _val_steps(out) == [0]
     sft.train_sft(data, tiny_model_dir, out, cfg)
     assert _val_steps(out) == [0, 4]
     recorded = yaml.safe_load((out / "sft_config.yaml").read_text())
@@ -306,21 +312,14 @@ def test_sft_killed_before_its_first_checkpoint_logs_step_0_once_and_refuses_oth
 
 
 def test_resumed_qnet_epoch_reports_the_whole_epochs_train_mse_and_refuses_another_sft_model(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, tmp_path: Path) -> None:
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=8)
-    cfg = QNetTrainConfig(**{**CFG, "eval_before": False, "baseline": False, "threads": 1, "save_every": 3})
+    opts = {**CFG, "eval_before": False, "baseline": False, "threads": 1, "save_every": 3}
+    cfg = QNetTrainConfig(**opts)
     whole = train_qnet(data, tiny_model_dir, tmp_path / "whole", cfg)
-    real = Trainer._save_checkpoint
-
-    def crash_after_first_save(self, *args, **kwargs) -> None:
-        real(self, *args, **kwargs)
-        raise RuntimeError("simulated crash")
-
     out = tmp_path / "resumed"
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_save_checkpoint", crash_after_first_save)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train_qnet(data, tiny_model_dir, out, cfg)
+    _killed("qlass.training.qnet", "QNetTrainConfig", "train_qnet", [str(data), str(tiny_model_dir), str(out)], 3,
+            opts, before=False)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_loss" in r] == [1, 2, 3]
     assert not [r for r in read_jsonl(out / "metrics.jsonl") if "val_mse" in r], "killed mid-epoch"
     shutil.copytree(tiny_model_dir, tmp_path / "copy", copy_function=shutil.copy)  # new file times: another model
@@ -404,14 +403,12 @@ def test_eval_and_pipeline_refuse_each_others_folder(tmp_path: Path, toy_models)
     assert (out / "config.yaml").read_bytes() == before
 
 
-def test_eval_resume_knows_a_model_folder_by_its_files_not_its_spelling(tmp_path: Path, toy_models) -> None:
+def test_eval_resume_knows_a_model_folder_by_its_files_not_its_spelling(tmp_path: Path, tiny_model_dir: Path,
+                                                                       toy_models) -> None:
     """The model was compared by its path string: another model saved at the same path was mixed into
     the run without a word, while the same folder spelled ``m/`` or ``x/../m`` was refused. Now the
     folder's config and weight files are recorded (``model_files``) and the path compared as a folder."""
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text("{}\n")
-    (model / "model.safetensors").write_bytes(b"weights-a")
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
     out = tmp_path / "eval"
     records, config = out / "records.jsonl", out / "config.yaml"
     invoke(eval_args(out, model=str(model)))

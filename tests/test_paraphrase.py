@@ -231,9 +231,11 @@ def test_task_text_is_found_in_each_envs_task_turn() -> None:
     alf = Task("alfworld/x", "alfworld", "train")
     first = "You are in the middle of a room.\nYour task is to: put a clean apple in fridge."
     assert task_text("alfworld", alf, first) == "Your task is to: put a clean apple in fridge."
-    for env, task, text in (("sciworld", sci, "This room is called the kitchen."), ("alfworld", alf, "A room."),
-                            ("webshop", shop, "WebShop [SEP] Search")):
-        with pytest.raises(ValueError):
+    for env, task, text, said in (
+            ("sciworld", sci, "This room is called the kitchen.", "does not start with 'Your task is to'"),
+            ("alfworld", alf, "A room.", "no 'Your task is to: ...' line"),
+            ("webshop", shop, "WebShop [SEP] Search", r"no 'Instruction: \[SEP\] ... \[SEP\]'")):
+        with pytest.raises(ValueError, match=said):
             task_text(env, task, text)
 
 

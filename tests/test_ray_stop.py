@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from setup_parts import installed
 from test_executor import _running
 
 TESTS = Path(__file__).parent
@@ -53,7 +54,7 @@ def _descendants(pid: int) -> set[int]:
 def stop_mid_run(tmp_path: Path, sig: signal.Signals) -> tuple[int, float, str, set[int]]:
     """Start a 2-actor Ray run of two 300-second items, send ``sig`` once both are inside them; the exit
     code, seconds from the signal to the exit, stderr, and the processes the run had started."""
-    pytest.importorskip("ray", reason="the ray extra (installed by scripts/setup.sh --test)")
+    installed("ray")  # the ray extra
     pids, err = tmp_path / "pids", tmp_path / "stderr"
     pids.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -82,8 +82,11 @@ def test_config_and_label() -> None:
     assert method_label("reflexion", cfg) == "reflexion(trials=2)"
     other = make_method_config("reflexion", {"trials": 2, "memory": 1, "temperature": 0.7, "max_steps": 9})
     assert method_label("reflexion", other) == "reflexion(trials=2,memory=1,temperature=0.7)"
-    for bad in ({"trials": 0}, {"memory": 0}, {"reflection_tokens": 0}, {"temperature": -1.0}):
-        with pytest.raises(QlassError):
+    for bad, said in (({"trials": 0}, "trials, memory and reflection_tokens must be >= 1"),
+                      ({"memory": 0}, "trials, memory and reflection_tokens must be >= 1"),
+                      ({"reflection_tokens": 0}, "trials, memory and reflection_tokens must be >= 1"),
+                      ({"temperature": -1.0}, "temperature must be >= 0, got -1.0")):
+        with pytest.raises(QlassError, match=f"method 'reflexion': {said}"):
             make_method_config("reflexion", bad)
 
 

@@ -136,9 +136,7 @@ def _expert(path: Path) -> Path:
     return path
 
 
-def test_self_train_fine_tunes_on_expert_plus_selection_and_resumes(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import qlass.training.sft
+def test_self_train_fine_tunes_on_expert_plus_selection_and_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
 
     expert = _expert(tmp_path / "expert.json")
     # corridor/0 needs one step east: its tree's best path is the expert's own action, a duplicate
@@ -150,17 +148,14 @@ def test_self_train_fine_tunes_on_expert_plus_selection_and_resumes(
     trees = tmp_path / "trees.jsonl"
     write_jsonl(trees, [first.to_dict(), hand_tree().to_dict()])
     out = tmp_path / "q"
-    real = qlass.training.sft.train_sft
-
-    def killed(*args: object, **kwargs: object) -> None:
-        # stands for a crash during fine-tuning, which SFT's own tests produce for real
-        raise RuntimeError("killed during fine-tuning")
-
-    monkeypatch.setattr(qlass.training.sft, "train_sft", killed)
-    with pytest.raises(RuntimeError, match="killed"):
-        self_train(trees, expert, tiny_model_dir, out, "q", TINY_SFT)
+    # killed (SIGKILL) as its fine-tuning starts: no cleanup runs
+    code = (f"import os, sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport qlass.training.sft\n"
+            "qlass.training.sft.train_sft = lambda *args, **kwargs: os.kill(os.getpid(), 9)\n"
+            "from qlass.self_train import self_train\nfrom test_self_train import TINY_SFT\n"
+            f"self_train({str(trees)!r}, {str(expert)!r}, {str(tiny_model_dir)!r}, {str(out)!r}, 'q', TINY_SFT)\n")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
     written = (out / "data.json").read_bytes()
-    monkeypatch.setattr(qlass.training.sft, "train_sft", real)
     agent, data, summary = self_train(trees, expert, tiny_model_dir, out, "q", TINY_SFT)
     assert (out / "data.json").read_bytes() == written, "the rerun selects the same data"
     assert (agent / ".qlass-complete").exists()

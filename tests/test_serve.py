@@ -21,9 +21,10 @@ import time
 from typing import Any, Iterator, Sequence
 
 import pytest
+from setup_parts import installed
 
-pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'qlass[serve]'")
-pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'qlass[serve]'")
+installed("fastapi")  # the serve extra
+installed("uvicorn")
 
 from qlass.envs.base import parse_action
 from qlass.errors import QlassError
@@ -580,6 +581,7 @@ def test_a_slow_expert_call_holds_no_other_task_request() -> None:
     """The task list, prompt and expert trajectories come from one environment instance, one call at a
     time: its answers are kept, so a slow ``/expert`` no longer holds every ``/tasks`` and ``/prompt``
     behind it (before: each waited the 2 s), and an expert trajectory is computed once."""
+    SlowExpert.expert_calls = 0  # a rerun in the same process counts afresh
     with BackgroundServer(EnvPool(f"{__name__}:SlowExpert")) as srv:
         assert _raw(srv.url, "GET", "/tasks?split=train")[0] == 200 and _raw(srv.url, "GET", "/prompt")[0] == 200
         slow: list[tuple[int, Any]] = []

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from setup_parts import installed, shared_data
 
-pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'qlass[serve]'")
-pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'qlass[serve]'")
+installed("fastapi")  # the serve extra
+installed("uvicorn")
 
 from qlass.envs.http import HttpEnv
 from qlass.errors import QlassError
@@ -167,7 +168,7 @@ def _stop(proc: subprocess.Popen) -> None:
 # -- ScienceWorld --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sciworld_server():
-    pytest.importorskip("scienceworld", reason="needs the sciworld extra")
+    installed("scienceworld")  # the sciworld extra
     proc, url = _start(["sciworld"])
     yield url
     _stop(proc)
@@ -277,12 +278,11 @@ def test_http_env_agentgym_sciworld_dialect_keeps_task_names(sciworld_server: st
 # -- ALFWorld ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def alfworld_local():
-    pytest.importorskip("textworld", reason="needs the alfworld extra")
+    installed("textworld")  # the alfworld extra
     from qlass.envs.alfworld import AlfWorldEnv
     from qlass.envs.alfworld_data import shared_tarballs
 
-    if not shared_tarballs() and not os.environ.get("ALFWORLD_DATA"):
-        pytest.skip("no ALFWorld data")
+    shared_data(bool(shared_tarballs() or os.environ.get("ALFWORLD_DATA")), "the ALFWorld tarballs")
     env = AlfWorldEnv(step_limit=50)
     yield env
     env.close()
@@ -354,9 +354,9 @@ def _webshop_goal_order(shop: Any) -> list[tuple[str, tuple]]:
     return goals
 
 
-@pytest.mark.skipif(not (WEBSHOP_DATA / "products_1k.jsonl.xz").is_file(), reason=f"no WebShop data at {WEBSHOP_DATA}")
 def test_webshop_agentgym_client_buys_the_goal() -> None:
-    pytest.importorskip("bm25s", reason="needs the webshop extra")
+    shared_data((WEBSHOP_DATA / "products_1k.jsonl.xz").is_file(), f"the WebShop catalog ({WEBSHOP_DATA})")
+    installed("bm25s")  # the webshop extra
     from qlass.envs.webshop import WebShopEnv
 
     local = WebShopEnv(data_dir=WEBSHOP_DATA)

@@ -10,6 +10,7 @@ import lzma
 from pathlib import Path
 
 import pytest
+from setup_parts import installed, shared_data
 
 from qlass.envs import webshop_catalog
 from qlass.envs.base import FORMAT_HINT, env_tasks, make_env
@@ -30,9 +31,9 @@ from qlass.errors import DataError, QlassError
 from qlass.expert import export_expert, replay_expert
 from qlass.types import Task
 
-pytest.importorskip("bm25s", reason="the WebShop environment needs the extra: pip install -e '.[webshop]'")
+installed("bm25s")  # the webshop extra
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "webshop"
-pytestmark = pytest.mark.skipif(not (DATA / "products_1k.jsonl.xz").is_file(), reason=f"WebShop data not at {DATA}")
+shared_data((DATA / "products_1k.jsonl.xz").is_file(), f"the WebShop catalog ({DATA})")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_only_canonical_task_ids(env: WebShopEnv) -> None:
         with pytest.raises(QlassError, match="no task"):
             env.task(task_id)
     assert env.task("webshop/12").id == "webshop/12" and env.task("webshop/0").id == "webshop/0"
-    pytest.importorskip("fastapi", reason="needs the serve extra")
+    installed("fastapi")  # the serve extra
     from qlass.serve import BackgroundServer, EnvPool
 
     with BackgroundServer(EnvPool("webshop", {"data_dir": str(DATA)})) as server:

@@ -161,7 +161,8 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
         best = cross_validate_head(train, feats, inner, source)[0]
         w = fit_records(train, feats, best["l2"], best["contrast"])
         values.update(_candidate_values([r for r in records if r.tree_id in held], feats, w))
-        kept.append({"fold": k, "tasks": len(held), "l2": best["l2"], "contrast": best["contrast"]})
+        kept.append({"fold": k, "tasks": len(held), "fitted_on": len({r.tree_id for r in train}), "l2": best["l2"],
+                     "contrast": best["contrast"]})
         log.info("fold %d/%d: %d held-out tasks, kept l2 %g on %s", k, len(folds), len(held), best["l2"],
                  "contrasts" if best["contrast"] else "records")
     q = [[values[(_tree_id(d), int(d["step"]) * MAX_CANDIDATES + j + 1)] for j in range(len(d["candidates"]))]
