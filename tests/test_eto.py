@@ -289,6 +289,7 @@ def test_pipeline_trains_and_evaluates_the_eto_agent(walker: tuple[Path, Path], 
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(config))
     rows = run_pipeline(path)
+    assert not (run / "trees.jsonl").exists(), "no QNet method and no self-training: stage 2 is skipped"
     assert {r["method"] for r in rows} == {"greedy", "eto (greedy)"} and all(r["tasks"] == 3 for r in rows)
     results = json.loads((run / "results" / "results.json").read_text())
     assert [p["method"] for p in results["paired"]] == ["eto (greedy)"]

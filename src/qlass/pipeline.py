@@ -17,7 +17,8 @@ in ``results/``): ``rft:`` the RFT baseline (:mod:`qlass.rft`) into ``rft/``; ``
 (:mod:`qlass.eto`, DPO on the SFT agent's failures paired with the expert trajectories) into
 ``eto/``; ``self_train:`` tree-guided self-training with each process reward of
 ``self_train.rewards`` (:mod:`qlass.self_train`) into ``self-train/<reward>/`` (their sections and
-stage: :mod:`qlass.pipeline_retrain`). Stage 3 (QNet) is skipped when no evaluation method uses a QNet.
+stage: :mod:`qlass.pipeline_retrain`). Stage 2 (trees, Q data) is skipped when neither a QNet nor self-training
+reads the trees, and stage 3 (QNet) when no evaluation method uses a QNet.
 """
 
 from __future__ import annotations
@@ -139,17 +140,10 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
 
 def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> list[dict[str, Any]] | None:
     """The stages of :func:`run_pipeline` on the resolved, saved configuration ``r``."""
-    from .envs.base import env_close, env_tasks, make_env
-    from .evaluate import cache_for, run_evaluation  # run_evaluation sizes its own cache (eval.concurrency)
-    from .executor import make_executor
-    from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
+    from .evaluate import run_evaluation  # it sizes its own policy cache (eval.concurrency)
     from .models import model_folder
-    from .policy import load_policy
-    from .qdata import export_qdata
-    from .tree import BackupConfig
 
     cfg, run = r.cfg, r.run_dir
-    types = cfg.task_types
 
     # 1. expert data + SFT
     if cfg.sft_model:
@@ -178,29 +172,16 @@ def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> lis
     if stop_after == "sft":
         return None
 
-    # 2. exploration trees + Q data
-    log.info("stage 2: exploration trees → %s", run / "trees.jsonl")
-    env = make_env(cfg.env, **cfg.env_args)
-    try:
-        tasks = env_tasks(env, r.explore_stage.split, types)
-    finally:
-        env_close(env)
-    tasks = _exploration_tasks(r, tasks, config_path)
     policy_spec, policy_opts = str(sft_dir), dict(cfg.policy)
     if cfg.policy_server:
         policy_spec = cfg.policy_server
         policy_opts.setdefault("tokenizer", str(sft_dir))
-    concurrency = r.explore_stage.concurrency
-    explore_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
-    policy = functools.partial(load_policy, policy_spec, **{"seed": cfg.seed, **explore_opts})  # policy.seed wins
-    explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
-                  run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers),
-                  concurrency=concurrency, settings={"model": policy_spec, "env": cfg.env,
-                                                     "env_args": dict(cfg.env_args), "policy": explore_opts})
-    backup = BackupConfig(gamma=r.explore.gamma, keep_intermediate=r.qdata.keep_intermediate,
-                          normalize=r.qdata.normalize)
-    counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl", backup, r.qdata.max_per_tree)
-    log.info("Q data: %d records from %d trees", counts["records"], counts["trees"])
+
+    # 2. exploration trees + Q data (read by the QNet and by self-training only)
+    if stop_after in ("explore", "qnet") or r.self_train is not None or _uses_qnet(r):
+        _trees_and_qdata(r, policy_spec, policy_opts, config_path)
+    else:
+        log.info("stage 2 skipped: no evaluation method uses a QNet and no self_train section reads the trees")
     if stop_after == "explore":
         return None
 
@@ -218,11 +199,42 @@ def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> lis
     # 4. evaluation
     log.info("stage 4: evaluation → %s", run / "eval")
     rows = run_evaluation(model=policy_spec, env_spec=cfg.env, splits=r.eval.splits, methods=r.eval_methods(),
-                          out_dir=run / "eval", env_kwargs=cfg.env_args, task_types=types, limit=r.eval.limit,
+                          out_dir=run / "eval", env_kwargs=cfg.env_args, task_types=cfg.task_types, limit=r.eval.limit,
                           qnet_dir=run / "qnet", policy_kwargs=policy_opts, seed=cfg.seed,
                           backend=cfg.backend, workers=cfg.workers, concurrency=r.eval.concurrency)
     agents = retrained_agents(r, sft_dir, config_path)
     return combined_report(r, agents) if agents else rows
+
+
+def _trees_and_qdata(r: Resolved, policy_spec: str, policy_opts: dict[str, Any], config_path: str | Path) -> None:
+    """Stage 2: explore a tree per selected task with the SFT policy, then export the Q data."""
+    from .envs.base import env_close, env_tasks, make_env
+    from .evaluate import cache_for
+    from .executor import make_executor
+    from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
+    from .policy import load_policy
+    from .qdata import export_qdata
+    from .tree import BackupConfig
+
+    cfg, run = r.cfg, r.run_dir
+    log.info("stage 2: exploration trees → %s", run / "trees.jsonl")
+    env = make_env(cfg.env, **cfg.env_args)
+    try:
+        tasks = env_tasks(env, r.explore_stage.split, cfg.task_types)
+    finally:
+        env_close(env)
+    tasks = _exploration_tasks(r, tasks, config_path)
+    concurrency = r.explore_stage.concurrency
+    explore_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
+    policy = functools.partial(load_policy, policy_spec, **{"seed": cfg.seed, **explore_opts})  # policy.seed wins
+    explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
+                  run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers),
+                  concurrency=concurrency, settings={"model": policy_spec, "env": cfg.env,
+                                                     "env_args": dict(cfg.env_args), "policy": explore_opts})
+    backup = BackupConfig(gamma=r.explore.gamma, keep_intermediate=r.qdata.keep_intermediate,
+                          normalize=r.qdata.normalize)
+    counts = export_qdata(run / "trees.jsonl", run / "qdata.jsonl", backup, r.qdata.max_per_tree)
+    log.info("Q data: %d records from %d trees", counts["records"], counts["trees"])
 
 
 def _uses_qnet(r: Resolved) -> bool:
