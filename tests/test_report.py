@@ -24,9 +24,9 @@ RECORDS = [
     rec("greedy", "greedy", "t2", 0.0, 30),
     rec("qlass(m=2)", "qlass", "t1", 1.0, 40, {"m": 2}, qnet_choices=1),
     rec("qlass(m=2)", "qlass", "t2", 0.5, 60, {"m": 2}, qnet_choices=4),
-    rec("best-of-n(n=2,qnet)", "best-of-n", "t1", 0.0, 50, {"n": 2},
+    rec("best-of-n(n=2,qnet)", "best-of-n", "t1", 0.0, 50, {"n": 2}, qnet_tokens=80,
         candidates=[cand(0.0, 0.9, 20), cand(1.0, 0.1, 30)], oracle_pass_at_n=1.0),
-    rec("best-of-n(n=2,qnet)", "best-of-n", "t2", 1.0, 70, {"n": 2},
+    rec("best-of-n(n=2,qnet)", "best-of-n", "t2", 1.0, 70, {"n": 2}, qnet_tokens=100,
         candidates=[cand(0.5, 0.1, 40), cand(1.0, 0.7, 30)], oracle_pass_at_n=1.0),
 ]
 
@@ -39,6 +39,8 @@ def test_summary_rows_average_over_tasks_and_label_oracle() -> None:
     assert rows["qlass(m=2)"]["qnet_choices"] == 2.5 and "qnet_choices" not in rows["greedy"]
     oracle = rows["best-of-n(n=2,qnet) pass@N [oracle]"]
     assert oracle["avg_reward"] == 1.0 and oracle["oracle"] is True
+    assert rows["best-of-n(n=2,qnet)"]["qnet_tokens"] == 90 and oracle["qnet_tokens"] == 0  # the reward picked
+    assert oracle["completion_tokens"] == 60  # all N samples were drawn
 
 
 def test_budget_curve_reads_best_of_n_prefixes() -> None:

@@ -69,8 +69,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if all(c is not None for c in choices):
             row["qnet_choices"] = _mean(choices)
         rows.append(row)
-        if all("oracle_pass_at_n" in r for r in rs):
-            rows.append({**row, "method": f"{method} pass@N [oracle]", "oracle": True,
+        if all("oracle_pass_at_n" in r for r in rs):  # the reward picks: no QNet is consulted
+            kept = {k: v for k, v in row.items() if k != "qnet_choices"}
+            rows.append({**kept, "method": f"{method} pass@N [oracle]", "oracle": True, "qnet_tokens": 0.0,
                          "avg_reward": _mean([r["oracle_pass_at_n"] for r in rs]),
                          "success_rate": _mean([1.0 if r["oracle_pass_at_n"] >= 1.0 - 1e-9 else 0.0 for r in rs])})
     return rows
