@@ -543,6 +543,30 @@ def test_pipeline_with_sft_model_needs_the_retrained_agents_expert_data_before_a
     assert not (run / "trees.jsonl").exists()
 
 
+def test_pipeline_refuses_changed_evaluation_methods_before_rewriting_its_config(tiny_model_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A rerun whose eval.max_steps the evaluation's records refuse was refused at stage 4, after config.yaml was
+    rewritten with settings no output was made with. It is now refused first, and config.yaml is kept."""
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    path = tmp_path / "p.yaml"
+    config = {"run_dir": str(run), "sft_model": str(tiny_model_dir), "env": "toy_envs:Corridor",
+              "policy": {"threads": 1}, "eval": {"limit": 1, "max_steps": 1, "methods": ["greedy:max_new_tokens=4"]}}
+    path.write_text(yaml.safe_dump(config))
+    rows = run_pipeline(path)
+    assert [r["method"] for r in rows] == ["greedy"] and not (run / "trees.jsonl").exists()
+    saved = (run / "config.yaml").read_text()
+    path.write_text(yaml.safe_dump({**config, "eval": {**config["eval"], "max_steps": 2}}))
+    refused = (r"p\.yaml: field 'eval': .*records\.jsonl: line 1 \(method 'greedy', task 'corridor/100'\): field "
+               r"'config' differs from this run's \(max_steps: 1 → 2\); set eval back, or use a new run_dir")
+    with pytest.raises(QlassError, match=refused):
+        run_pipeline(path)
+    assert (run / "config.yaml").read_text() == saved
+
+
 def test_extends_errors_name_the_extending_file_and_a_bad_value_names_the_bases(tmp_path: Path) -> None:
     """Before: a missing base was "base.yaml: file not found" (which file's extends?), and a bad value set in a
     base was reported against the extending file alone, which does not hold it."""

@@ -118,9 +118,10 @@ def record_key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
     return (rec["method"], rec["env"], rec["split"], rec["task"])
 
 
-def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]], path: Path) -> None:
+def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]], path: Path,
+                    advice: str = "use another output folder for these settings") -> None:
     """Refuse method lists whose labels collide, and records in ``path`` that were made under a
-    method's label with other settings (resuming would mix them into one row).
+    method's label with other settings (resuming would mix them into one row; ``advice`` ends that error).
 
     Settings a record does not have (options added since) count as unchanged."""
     configs: dict[str, dict[str, Any]] = {}
@@ -136,7 +137,7 @@ def check_resumable(runs: Sequence[MethodRun], records: Sequence[dict[str, Any]]
         diff = ", ".join(differences(rec.get("config") or {}, cfg)) if cfg is not None else ""
         if diff:
             raise QlassError(f"{path}: line {i + 1} (method {rec['method']!r}, task {rec.get('task')!r}): field "
-                             f"'config' differs from this run's ({diff}); use another output folder for these settings")
+                             f"'config' differs from this run's ({diff}); {advice}")
 
 
 @writes_to("out_dir", folder=True)

@@ -32,7 +32,7 @@ from .config import load_extended_yaml
 from .errors import QlassError
 from .file_checks import require_model_folder
 from .locking import writer_lock
-from .pipeline_checks import check_stage_splits
+from .pipeline_checks import check_eval_records, check_stage_splits
 from .pipeline_config import Resolved, resolve, save_resolved
 from .pipeline_retrain import SELF_TRAIN_DIR, combined_report, expert_data, retrained_agents
 from .types import Task
@@ -134,6 +134,7 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     r = resolve(data, source)  # a value may come from a base file
     check_stage_splits(r, source)
     with writer_lock(r.run_dir, folder=True):  # one run per folder (each stage also locks its own output)
+        check_eval_records(r, source)  # before config.yaml is rewritten
         save_resolved(r)
         return _stages(r, config_path, stop_after)
 

@@ -1,6 +1,7 @@
 """The checks of a pipeline config (:mod:`qlass.pipeline_config`) that would otherwise fail only once their
 stage starts, after the stages before it ran: top-level values, every trainer's ``report_to`` and ``device``,
-the environment's splits and tasks for each stage, and the evaluation's paraphrase caches.
+the environment's splits and tasks for each stage, the evaluation's paraphrase caches, and the evaluation
+methods' settings against the records a rerun would add to.
 """
 
 from __future__ import annotations
@@ -107,3 +108,22 @@ def _check_eval_paraphrases(r: Resolved, env: Any, source: str) -> None:
         paraphrase_tables(runs, tasks)
     except QlassError as exc:
         raise QlassError(f"{source}: field 'eval.methods': {exc}") from None
+
+
+def check_eval_records(r: Resolved, source: str) -> None:
+    """Refuse evaluation methods whose settings differ from the records the run folder's evaluation holds under
+    their labels (``eval.max_steps`` changed, say), before ``config.yaml`` is rewritten with them: found at
+    stage 4, the refusal left a ``config.yaml`` that no output was made with."""
+    from .eval_worker import MethodRun
+    from .evaluate import check_resumable
+    from .jsonl import read_jsonl
+    from .search import make_method_config
+
+    path = r.run_dir / "eval" / "records.jsonl"
+    if not path.is_file():
+        return
+    runs = [MethodRun(name, make_method_config(name, opts)) for name, opts in r.eval_methods()]
+    try:
+        check_resumable(runs, read_jsonl(path, skip_torn_tail=True), path, "set eval back, or use a new run_dir")
+    except QlassError as exc:
+        raise QlassError(f"{source}: field 'eval': {exc}") from None
