@@ -450,11 +450,13 @@ def test_run_folder_refuses_more_exploration_tasks_once_the_trees_trained_a_qnet
     path.write_text(yaml.safe_dump(config))
     assert run_pipeline(path, stop_after="qnet") is None
     trees, qdata = (run / "trees.jsonl").read_bytes(), (run / "qdata.jsonl").read_bytes()
+    saved = (run / "config.yaml").read_bytes()
     path.write_text(yaml.safe_dump({**config, "explore": {**config["explore"], "limit": 2}}))
     with pytest.raises(QlassError, match=r"p\.yaml: explore: 1 task\(s\) without a tree \(first: 'corridor/1'\).*"
                                          r"QNet in .*qnet was trained on"):
         run_pipeline(path, stop_after="qnet")
     assert (run / "trees.jsonl").read_bytes() == trees and (run / "qdata.jsonl").read_bytes() == qdata
+    assert (run / "config.yaml").read_bytes() == saved  # refused before it was rewritten with limit 2
     path.write_text(yaml.safe_dump(config))
     assert run_pipeline(path, stop_after="qnet") is None
     # a smaller limit: the Q data is every tree of the file, so the QNet trained on trees the config left out
@@ -466,6 +468,7 @@ def test_run_folder_refuses_more_exploration_tasks_once_the_trees_trained_a_qnet
                                          r"leaves out \(first: 'corridor/1'\)"):
         run_pipeline(path, stop_after="qnet")
     assert not (tmp_path / "run2" / "qnet").exists()
+    assert yaml.safe_load((tmp_path / "run2" / "config.yaml").read_text())["explore"]["limit"] == 2
 
 
 def test_pipeline_refuses_a_qnet_action_budget_that_fills_its_input_before_any_work() -> None:

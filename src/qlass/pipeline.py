@@ -134,13 +134,24 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     r = resolve(data, source)  # a value may come from a base file
     check_stage_splits(r, source)
     with writer_lock(r.run_dir, folder=True):  # one run per folder (each stage also locks its own output)
-        check_eval_records(r, source)  # before config.yaml is rewritten
+        check_eval_records(r, source)  # refusals before config.yaml is rewritten, not at their stage
+        chosen = None
+        if _needs_trees(r, stop_after) and (r.run_dir / "trees.jsonl").exists():
+            chosen = _exploration_selection(r, config_path)
         save_resolved(r)
-        return _stages(r, config_path, stop_after)
+        return _stages(r, config_path, stop_after, chosen)
 
 
-def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> list[dict[str, Any]] | None:
-    """The stages of :func:`run_pipeline` on the resolved, saved configuration ``r``."""
+def _needs_trees(r: Resolved, stop_after: str | None) -> bool:
+    """Whether stage 2 runs: the QNet and self-training read the trees, and ``--stop-after explore/qnet``
+    asks for them."""
+    return stop_after in ("explore", "qnet") or r.self_train is not None or _uses_qnet(r)
+
+
+def _stages(r: Resolved, config_path: str | Path, stop_after: str | None,
+            chosen: list[Task] | None) -> list[dict[str, Any]] | None:
+    """The stages of :func:`run_pipeline` on the resolved, saved configuration ``r`` (``chosen``: the
+    exploration's tasks, where :func:`run_pipeline` selected them already)."""
     from .evaluate import run_evaluation  # it sizes its own policy cache (eval.concurrency)
     from .models import model_folder
 
@@ -179,8 +190,8 @@ def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> lis
         policy_opts.setdefault("tokenizer", str(sft_dir))
 
     # 2. exploration trees + Q data (read by the QNet and by self-training only)
-    if stop_after in ("explore", "qnet") or r.self_train is not None or _uses_qnet(r):
-        _trees_and_qdata(r, policy_spec, policy_opts, config_path)
+    if _needs_trees(r, stop_after):
+        _trees_and_qdata(r, chosen or _exploration_selection(r, config_path), policy_spec, policy_opts)
     else:
         log.info("stage 2 skipped: no evaluation method uses a QNet and no self_train section reads the trees")
     if stop_after == "explore":
@@ -207,9 +218,21 @@ def _stages(r: Resolved, config_path: str | Path, stop_after: str | None) -> lis
     return combined_report(r, agents) if agents else rows
 
 
-def _trees_and_qdata(r: Resolved, policy_spec: str, policy_opts: dict[str, Any], config_path: str | Path) -> None:
-    """Stage 2: explore a tree per selected task with the SFT policy, then export the Q data."""
+def _exploration_selection(r: Resolved, config_path: str | Path) -> list[Task]:
+    """The tasks stage 2 explores (refusing a selection that the trees already explored contradict)."""
     from .envs.base import env_close, env_tasks, make_env
+
+    env = make_env(r.cfg.env, **r.cfg.env_args)
+    try:
+        tasks = env_tasks(env, r.explore_stage.split, r.cfg.task_types)
+    finally:
+        env_close(env)
+    return _exploration_tasks(r, tasks, config_path)
+
+
+def _trees_and_qdata(r: Resolved, tasks: list[Task], policy_spec: str, policy_opts: dict[str, Any]) -> None:
+    """Stage 2: explore a tree for each of ``tasks`` with the SFT policy, then export the Q data."""
+    from .envs.base import make_env
     from .evaluate import cache_for
     from .executor import make_executor
     from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
@@ -219,12 +242,6 @@ def _trees_and_qdata(r: Resolved, policy_spec: str, policy_opts: dict[str, Any],
 
     cfg, run = r.cfg, r.run_dir
     log.info("stage 2: exploration trees → %s", run / "trees.jsonl")
-    env = make_env(cfg.env, **cfg.env_args)
-    try:
-        tasks = env_tasks(env, r.explore_stage.split, cfg.task_types)
-    finally:
-        env_close(env)
-    tasks = _exploration_tasks(r, tasks, config_path)
     concurrency = r.explore_stage.concurrency
     explore_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
     policy = functools.partial(load_policy, policy_spec, **{"seed": cfg.seed, **explore_opts})  # policy.seed wins
