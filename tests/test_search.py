@@ -186,6 +186,24 @@ def test_best_of_n_selects_by_qnet_without_reward_and_reports_oracle_separately(
     assert traj.meta["selected"] == 0 and traj.reward == 1.0
 
 
+def test_best_of_n_likelihood_averages_over_the_tokens_each_logprob_covers() -> None:
+    """A server's answer may spend more tokens than its logprob sums over (a redrawn output, a stop string left
+    out: ``logprob_tokens``). Best-of-n divided by every completion token, as qlass's ``mean_logprob`` does
+    not: A (-6 over its own 3 of 12 tokens, mean -2) beat B (-3 over 3, mean -1)."""
+
+    class Redrawn(ScriptedPolicy):
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            self.calls += 1
+            out = Completion(A, 10, 12, logprob=-6.0, logprob_tokens=3) if self.calls == 1 else \
+                Completion(B, 10, 3, logprob=-3.0)
+            return [[out] for _ in histories]
+
+    traj = best_of_n(TASK, SearchContext(env=TwoDoors(), policy=Redrawn([A, B])),
+                     BestOfNConfig(n=2, select="likelihood"))
+    assert [c["score"] for c in traj.meta["candidates"]] == [-2.0, -1.0] and traj.meta["selected"] == 1
+    assert traj.meta["completion_tokens"] == 15  # the budget still counts every token spent
+
+
 class ThreeSteps(TwoDoors):
     """Doors open only on the third try, so episodes last a few steps."""
 

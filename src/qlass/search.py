@@ -33,7 +33,7 @@ from .agent import (
     play,
     start_messages,
 )
-from .candidates import argmax, normalise_action, unique_candidates
+from .candidates import argmax, logprob_tokens, normalise_action, unique_candidates
 from .config import build, option, parse_kv
 from .config_fields import check_field_types
 from .envs.base import Env
@@ -42,7 +42,7 @@ from .lockstep import Episode, Sample, Score, run_one
 from .reflexion import ReflexionConfig, reflexion_episode
 from .search_qlass import QlassConfig, qlass_episode
 from .seeding import stable_seed
-from .types import Message, Step, Task, Trajectory
+from .types import Completion, Message, Step, Task, Trajectory
 
 __all__ = [
     "METHODS",
@@ -136,11 +136,12 @@ def sample_episode(task: Task, ctx: SearchContext, cfg: SampleConfig) -> Episode
     return finish(task, messages, steps, env_steps=len(steps))
 
 
-def _likelihood(traj: Trajectory, logprobs: list[float | None]) -> float:
-    tokens = sum(s.completion_tokens for s in traj.steps)
-    if any(lp is None for lp in logprobs):
+def _likelihood(outputs: list[Completion]) -> float:
+    """The mean log-probability per token over a trajectory's outputs (the tokens each logprob sums over:
+    a redrawn output's discarded tokens, or a stop string a server leaves out, are not among them)."""
+    if any(c.logprob is None for c in outputs):
         raise QlassError("best-of-n select='likelihood' needs a policy backend that reports logprobs")
-    return sum(lp for lp in logprobs if lp is not None) / max(tokens, 1)
+    return sum(c.logprob or 0.0 for c in outputs) / max(sum(map(logprob_tokens, outputs)), 1)
 
 
 @dataclass
@@ -151,7 +152,7 @@ class _Playthrough:
     env: Env
     messages: list[Message]
     steps: list[Step] = field(default_factory=list)
-    logprobs: list[float | None] = field(default_factory=list)
+    outputs: list[Completion] = field(default_factory=list)
 
 
 def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Episode[Trajectory]:
@@ -177,7 +178,7 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
             seeds = [stable_seed(ctx.seed, "best-of-n", p.k, len(p.steps)) for p in active]
             outs = yield Sample([p.messages for p in active], 1, cfg.temperature, cfg.max_new_tokens, seeds)
             for p, out in zip(active, outs, strict=True):
-                p.logprobs.append(out[0].logprob)
+                p.outputs.append(out[0])
                 apply_output(p.env, p.messages, p.steps, out[0])
         plays += group
     scored = [p for p in plays if p.steps]
@@ -194,7 +195,7 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
             score, qnet_tokens = values[p.k]
             p.steps[-1].qnet_tokens += qnet_tokens
         else:
-            score = _likelihood(traj, p.logprobs) if p.steps else float("-inf")
+            score = _likelihood(p.outputs) if p.steps else float("-inf")
         trajs.append(traj)
         summaries.append({
             "reward": traj.reward, "success": traj.success, "score": score,
