@@ -93,8 +93,10 @@ def _check_trials(rec: dict[str, Any], path: str, line: int) -> None:
     for k, trial in enumerate(trials):
         for name, ok, want in (("reward", _reward, "a number in [0, 1]"),
                                ("completion_tokens", is_count, "an integer >= 0"),
-                               ("reflection_completion_tokens", lambda v: v is None or is_count(v), "an integer >= 0")):
+                               ("reflection_completion_tokens", is_count, "an integer >= 0 where present")):
             value = trial.get(name) if isinstance(trial, dict) else None
+            if name == "reflection_completion_tokens" and isinstance(trial, dict) and name not in trial:
+                continue  # no reflection followed this trial
             if not isinstance(trial, dict) or not ok(value):
                 raise DataError(path, f"line {line}: field 'trials[{k}].{name}' must be {want}, got {value!r}")
 
