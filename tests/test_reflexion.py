@@ -85,7 +85,11 @@ def test_config_and_label() -> None:
     for bad, said in (({"trials": 0}, "trials, memory and reflection_tokens must be >= 1"),
                       ({"memory": 0}, "trials, memory and reflection_tokens must be >= 1"),
                       ({"reflection_tokens": 0}, "trials, memory and reflection_tokens must be >= 1"),
-                      ({"temperature": -1.0}, "temperature must be >= 0, got -1.0")):
+                      ({"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+                      # no reward in [0, 1] reaches 1.5 (a solved task was replayed); any reaches 0 or -2
+                      ({"success": 1.5}, r"success must be in \(0, 1\] \(rewards are in \[0, 1\]\), got 1.5"),
+                      ({"success": 0.0}, r"success must be in \(0, 1\]"),
+                      ({"success": -2.0}, r"success must be in \(0, 1\]")):
         with pytest.raises(QlassError, match=f"method 'reflexion': {said}"):
             make_method_config("reflexion", bad)
 

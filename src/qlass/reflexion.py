@@ -45,7 +45,7 @@ class ReflexionConfig:
     """Up to ``trials`` attempts at a task, a self-reflection after each failed one."""
 
     trials: int = option(3, "attempts per task (1: the plain agent; at most 100)")
-    success: float = option(1.0, "a trial whose final reward is at least this ends the episode")
+    success: float = option(1.0, "a trial whose final reward is at least this ends the episode (0 to 1, 0 excluded)")
     memory: int = option(3, "most recent reflections shown to a trial")
     temperature: float = option(0.0, "sampling temperature of the actions")
     max_steps: int = option(30, "step limit per trial")
@@ -59,6 +59,8 @@ class ReflexionConfig:
             raise ValueError("trials, memory and reflection_tokens must be >= 1")
         if self.trials > MAX_TRIALS:
             raise ValueError(f"trials must be <= {MAX_TRIALS}, got {self.trials}")
+        if not 0.0 < self.success <= 1.0:
+            raise ValueError(f"success must be in (0, 1] (rewards are in [0, 1]), got {self.success}")
 
     def label(self) -> str:
         """``reflexion(trials=3)``, with every other option that changes the play named when not at its
