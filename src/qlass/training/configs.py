@@ -83,10 +83,10 @@ class SFTConfig(TrainerConfig):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: about half the peak "
                                           "memory (SmolLM2, 2 x 2048 tokens: 6.4 -> 3.3 GB) for more compute",
                                           runtime=True)
-    max_trajectories: float | None = option(None, "limited supervision (paper Table 3): train on at most this many "
-                                                  "trajectories (a whole number >= 1) or this fraction of them "
-                                                  "(0 < x < 1): a seeded subset spread evenly over task types",
-                                                  added=True)
+    max_trajectories: float | None = option(
+        None, "limited supervision (paper Table 3): train on at most this many trajectories (a whole number >= 1; "
+              "1 or 1.0 is one) or this fraction of them (0 < x < 1): a seeded subset spread evenly, not in "
+              "proportion, over task types", added=True)
     seed: int = option(0, "seed for the split, batch order and initialisation")
 
     def __post_init__(self) -> None:

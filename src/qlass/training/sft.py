@@ -151,10 +151,12 @@ def encode_windows(tokenizer: Any, messages: Sequence[Message], max_length: int)
 
 
 def limit_trajectories(trajectories: Sequence[Trajectory], cap: float | None, seed: int) -> list[Trajectory]:
-    """Limited supervision: ``cap`` trajectories (``cap >= 1``) or that fraction of them (``0 < cap < 1``,
-    rounded, at least one), drawn with ``seed`` round-robin over task types so every type keeps its share;
-    kept in file order. ``None``: all. A trajectory's type is its ``task_type`` (expert exports record
-    it); for a file without one, the middle part of an ``env/type/index`` task id (ScienceWorld's)."""
+    """Limited supervision: ``cap`` trajectories (``cap >= 1``; 1.0 is one, not all) or that fraction of them
+    (``0 < cap < 1``, rounded, at least one), drawn with ``seed`` round-robin over task types: spread evenly,
+    not in proportion, so a type with fewer than an even share keeps all of its trajectories and the larger
+    types give up more (10 of type a and 90 of b, cap 50: 10 a and 40 b); kept in file order. ``None``: all.
+    A trajectory's type is its ``task_type`` (expert exports record it); for a file without one, the middle
+    part of an ``env/type/index`` task id (ScienceWorld's)."""
     n = len(trajectories)
     if cap is None or n == 0:
         return list(trajectories)
