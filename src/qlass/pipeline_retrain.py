@@ -159,7 +159,8 @@ def expert_data(r: Resolved, config_path: str | Path, section: str) -> Path:
 def supervised_expert_data(r: Resolved, config_path: str | Path, section: str) -> Path:
     """The expert trajectories the SFT model actually saw: under limited supervision
     (``sft.max_trajectories``) the same seeded subset, written to ``expert-sft.json`` in the run folder,
-    so a baseline that reads expert data (ETO's pairs) gets no more supervision than SFT had."""
+    so a baseline that reads expert data (ETO's pairs) gets the trajectories SFT was given and no others
+    (those SFT held out for validation, ``sft.val_fraction``, included: ETO may pair them)."""
     from .data import load_trajectories, save_trajectories
     from .training.sft import limit_trajectories
 
