@@ -160,6 +160,9 @@ def test_sciworld_constraints_keep_the_target_action_boxes_rooms_and_numbers() -
     assert check_paraphrase(boil, BOIL,
                             "Bring the water to boiling: focus on the substance first, then change its state.") == []
     assert check_paraphrase(boil, BOIL, "Freeze the water after you focus on the substance.") == ["drops action 'boil'"]
+    # every boil task names "a boiling point" of other compounds: that is no boil action (it kept one before)
+    assert check_paraphrase(boil, BOIL, BOIL.replace("Your task is to boil", "Your task is to freeze")) == [
+        "drops action 'boil'"]
     melt = goal_constraints("sciworld", MELT)
     kept = ("In the kitchen, find tin's melting point: focus on the thermometer, then on the tin; above 200 degrees "
             "focus on the orange box, below it on the yellow box.")

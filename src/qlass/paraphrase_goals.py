@@ -17,7 +17,10 @@ and per-environment template paraphrases (paper Fig. 9, task perturbation).
 
 Terms are compared lower-cased, hyphens and runs of whitespace read as one space, a term also matching
 with a plural or verb ending (``box`` → ``boxes``, ``boil`` → ``boiling``); numbers by value (``40.00``
-matches ``$40``).
+matches ``$40``). An action is not kept by a ``boiling/melting/freezing point`` (ScienceWorld's boil tasks
+all name the boiling point of other compounds). The check confirms that every term is still there, not
+that the text still means the same: a paraphrase that keeps the words but negates a modifier (``it need
+not be clean``) or flips a price bound (``more than 40 dollars``) passes it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ MAX_LENGTH_RATIO = 3.0
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _WORD_END = r"(?:s|es|ed|d|ing)?(?![a-z0-9])"
+_PROPERTY = re.compile(r"(?<![a-z0-9])(?:boiling|melting|freezing) points?(?![a-z0-9])")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Constraint:
             want = float(self.term)
             return any(float(n) == want for n in _NUMBER.findall(text.replace(",", "")))
         plain = normalise(text)
+        if self.kind == "action":  # "boiling point" names a property, not the task's action
+            plain = _PROPERTY.sub(" ", plain)
         return any(re.search(r"(?<![a-z0-9])" + re.escape(normalise(f)) + _WORD_END, plain) for f in self.forms)
 
     def describe(self) -> str:
