@@ -18,9 +18,13 @@ spends no environment step or policy call, and the three variants differ only in
 
 Self-training data are the agent's own, so by default (``prefer_agent``) a step of the grafted expert
 chain is taken only where the tree offers no node of the agent's own (a sampled or rolled-out one)
-beside it; ``selection.json`` counts the expert steps taken. With expert nodes competing, Q and
-reward mostly pick the grafted expert trajectory itself (on the 12 reference trees of
-``docs/reference/guidance``: 122 of 122 steps).
+beside it; ``selection.json`` counts the expert steps taken. So the walk leaves the expert chain at its
+first node with an agent's sibling whatever the rewards say, and the process reward decides only
+where a node has two or more children of the agent's own: on the 16 trees of
+``docs/reference/guidance/trees.jsonl`` at 19 of the 191 steps of the ``q`` paths, where ``q`` and
+``avg`` pick the same path in 16 of 16 trees and ``q`` and ``reward`` in 10. With expert nodes
+competing (``prefer_agent: false``), Q and reward pick the grafted expert trajectory itself (there:
+156 of 156 steps), which adds nothing new to the expert data.
 
 The selected trajectories are added to the expert data (a trajectory whose action sequence repeats
 an expert trajectory of its task is dropped and counted: :func:`qlass.rft.augment`) and the agent is
