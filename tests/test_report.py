@@ -112,6 +112,20 @@ def test_paired_rows_pool_the_splits_of_an_environment() -> None:
     assert rows[("unseen", "qlass(m=2)")]["mean_diff"] == -0.25
 
 
+def test_a_one_task_row_has_no_interval_and_a_split_named_all_keeps_its_row() -> None:
+    """Resampling one difference gives it back: a zero-width "interval" at +50.0 read as a result. And a
+    recorded split named ``all`` gave two rows keyed (env, all, method, baseline), one of them the pooled row."""
+    from qlass.compare import paired_table
+
+    one = [rec("greedy", "greedy", "t1", 0.0, 10), rec("qlass(m=2)", "qlass", "t1", 0.5, 10, {"m": 2})]
+    (row,) = paired_rows(one)
+    assert (row["tasks"], row["mean_diff"], row["ci_low"], row["ci_high"]) == (1, 0.5, None, None)
+    assert "| e | seen | qlass(m=2) | greedy | 1 | +50.0 | — | 1 / 0 / 0 |" in paired_table([row])
+    named = [{**r, "split": "all"} for r in RECORDS if r["method"] in ("greedy", "qlass(m=2)")]
+    rows = {(r["split"], r["method"]) for r in paired_rows([*RECORDS, *named])}
+    assert {("all", "qlass(m=2)"), ("all (pooled)", "qlass(m=2)"), ("seen", "qlass(m=2)")} <= rows
+
+
 def _full(r: dict) -> dict:
     return {"schema_version": 1, "task_type": "x", "steps": 3, "trajectory": {}, **r}
 

@@ -5,7 +5,9 @@ the honest comparison is paired: per task, a method's reward minus the baseline'
 gives, per (env, split) and method, the mean difference with a percentile bootstrap interval (95%
 unless asked otherwise; tasks resampled with replacement, seeded) and the wins, ties and losses
 against the baseline; where a method and the baseline share tasks of more than one split of an
-environment, one more row (split ``all``) pools them, each (split, task) counted once.
+environment, one more row (split ``all``; ``all (pooled)`` where the environment has a split named
+``all``) pools them, each (split, task) counted once. A row of one task has no interval (``null``; ``—``
+in tables): resampling one difference only gives it back.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def check_confidence(confidence: float) -> float:
 def confidence_label(confidence: float) -> str:
     """``0.95`` → ``'95%'``, ``0.975`` → ``'97.5%'``."""
     return f"{100 * confidence:g}%"
+
+
+def points(x: float) -> str:
+    """A reward difference in signed reward points, one decimal: ``+5.7`` (``-0.0``: below zero by less than
+    0.05 points, which an interval's end should show)."""
+    return f"{100 * x + 0.0:+.1f}"  # + 0.0: an exact zero is +0.0
+
+
+def interval_cell(low: float | None, high: float | None) -> str:
+    """``[-1.2, +3.4]`` in reward points, or ``—`` where there is no interval (one task)."""
+    return "—" if low is None or high is None else f"[{points(low)}, {points(high)}]"
 
 
 def bootstrap_interval(diffs: Sequence[float], resamples: int, seed: int, confidence: float = 0.95
@@ -76,16 +89,18 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
         diffs = [by_task[t] - base[t] for t in tasks]
         pairs[(env, method)].update(((split, t), d) for t, d in zip(tasks, diffs))
         rows.append(_paired_row(env, split, method, baseline, diffs, resamples, seed, confidence))
+    named_all = {env for env, split, _ in reward if split == "all"}  # a real split: the pooled row is renamed
     for (env, method), by_key in sorted(pairs.items()):
         if len({split for split, _ in by_key}) > 1:
-            rows.append(_paired_row(env, "all", method, baseline, [by_key[k] for k in sorted(by_key)], resamples, seed,
-                                    confidence))
+            pooled = "all (pooled)" if env in named_all else "all"
+            rows.append(_paired_row(env, pooled, method, baseline, [by_key[k] for k in sorted(by_key)], resamples,
+                                    seed, confidence))
     return rows
 
 
 def _paired_row(env: str, split: str, method: str, baseline: str, diffs: Sequence[float], resamples: int,
                 seed: int, confidence: float) -> dict[str, Any]:
-    low, high = bootstrap_interval(diffs, resamples, seed, confidence)
+    low, high = bootstrap_interval(diffs, resamples, seed, confidence) if len(diffs) > 1 else (None, None)
     return {"env": env, "split": split, "method": method, "baseline": baseline, "tasks": len(diffs),
             "mean_diff": sum(diffs) / len(diffs), "ci_low": low, "ci_high": high, "confidence": confidence,
             "wins": sum(d > TIE for d in diffs), "ties": sum(abs(d) <= TIE for d in diffs),
@@ -101,7 +116,7 @@ def paired_table(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> st
     body = "".join(
         f"| {md_cell(r['env'])} | {md_cell(r['split'])} | {md_cell(r['method'])} | {md_cell(r['baseline'])} "
         f"| {r['tasks']} "
-        f"| {100 * r['mean_diff']:+.1f} | [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] "
+        f"| {points(r['mean_diff'])} | {interval_cell(r['ci_low'], r['ci_high'])} "
         f"| {r['wins']} / {r['ties']} / {r['losses']} |\n"
         for r in rows
     )

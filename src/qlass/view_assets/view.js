@@ -635,7 +635,7 @@
             "wins / ties / losses"], res.paired.map(function (r) {
             var sig = r.ci_low > 0 ? "good" : (r.ci_high < 0 ? "bad" : "");
             return [r.env, r.split, r.method, r.baseline, N(r.tasks), N((r.mean_diff >= 0 ? "+" : "") + pct(r.mean_diff), sig),
-              N("[" + pct(r.ci_low) + ", " + pct(r.ci_high) + "]" + (oneLevel ? "" : " (" + level(r) + ")")),
+              N((isNum(r.ci_low) ? "[" + pct(r.ci_low) + ", " + pct(r.ci_high) + "]" : "–") + (oneLevel ? "" : " (" + level(r) + ")")),
               N(r.wins + " / " + r.ties + " / " + r.losses)];
           })));
       }
