@@ -238,6 +238,12 @@ def test_a_records_file_beside_another_runs_results_shows_its_own(tmp_path: Path
     other = load_view_data(folder / "other.jsonl")["results"]
     assert len(other) == 1 and {row["tasks"] for row in other[0]["rows"]} == {1}
     assert {row["tasks"] for row in stored} != {1}
+    # a method that played one more task: the table pairs on the tasks every method played, as qlass report does
+    extra = next(json.loads(line) for line in lines if json.loads(line)["task"] != first_task)
+    with (folder / "other.jsonl").open("a") as f:
+        f.write(json.dumps(extra) + "\n")
+    other = load_view_data(folder / "other.jsonl")["results"]
+    assert {row["tasks"] for row in other[0]["rows"]} == {1}
 
 
 def test_a_run_folder_gives_each_records_file_its_own_results(tmp_path: Path) -> None:

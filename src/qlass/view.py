@@ -198,8 +198,9 @@ def check_results(data: dict[str, Any], path: Path) -> None:
 def results_view(folder: Path, name: str, records: list[Path], summary: bool = True) -> dict[str, Any] | None:
     """The results of an evaluation folder: ``results.json`` when present, else ``results.md`` and
     ``budget.csv``, else (or without ``summary``: the folder's summary is another file's) computed from
-    its ``records`` files as ``qlass report`` would (the caller passes one file at a time where a folder
-    holds several runs' records)."""
+    its ``records`` files as ``qlass report`` would: on the tasks every method played (all of them, with a
+    warning, where no task was; the caller passes one file at a time where a folder holds several runs'
+    records)."""
     rj = folder / "results.json"
     if summary and rj.is_file():
         try:
@@ -221,9 +222,15 @@ def results_view(folder: Path, name: str, records: list[Path], summary: bool = T
         return None
     from .compare import paired_rows
     from .eval_records import read_records
-    from .report import budget_points, summarise
+    from .report import budget_points, common_tasks, summarise
 
     recs = read_records(records, skip_torn_tail=True)
+    common = common_tasks(recs)
+    if common:
+        recs = common
+    elif recs:
+        log.warning("%s: no task was played by every method; the table averages each method over its own tasks "
+                    "(qlass report --all-tasks)", ", ".join(map(str, records)))
     return {"name": name, "rows": summarise(recs), "paired": paired_rows(recs), "budget": budget_points(recs),
             "markdown": None}
 
