@@ -274,8 +274,8 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
     if anchored:
         missing = result["groups"][0]["decisions"] - anchored["decisions"]
         lines += ["", (f"{missing} decision(s) have no greedy anchor among their candidates (its output was cut off by "
-                       f"the token limit), so the anchor rankers are scored only in the last table, \"{ANCHORED}\", "
-                       "beside every other ranker on the same decisions.")]
+                       f"the token limit), so the anchor rankers are left out of the tables that hold one of them, and "
+                       f"scored beside every other ranker in the last table, \"{ANCHORED}\", on the same decisions.")]
     for g in result["groups"]:
         bases = [b for b in BASELINES if any(r["ranker"] == b for r in g["rows"])]
         lines += ["", (f"## {g['group']}: {g['decisions']} decisions from {g['tasks']} tasks, "
