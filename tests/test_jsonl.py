@@ -144,6 +144,31 @@ def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path: Path) 
     assert read_jsonl(lines)[0]["other"] == {"x": 2}
 
 
+def test_text_that_is_not_unicode_or_not_utf8_is_named_by_every_json_lines_reader(tmp_path: Path) -> None:
+    """A JSON ``\\ud800`` escape read into a Q-data action or a tree node's output passed ``data validate``, then
+    stopped train-qnet's tokenizer with a traceback; a UTF-16 or UTF-32 file was read (json detects them) while
+    the detector called it not UTF-8. A trajectory's id or task holding one passed and broke the writer."""
+    from qlass.data import validate_file
+
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"task": "a"}\n{"task": "b", "steps": [{"action": "go \\ud800"}]}\n')
+    with pytest.raises(DataError, match=r"q.jsonl: line 2: field 'steps\[0\].action' holds an unpaired surrogate"):
+        read_jsonl(path)
+    path.write_text('{"task": "\\ud83d\\ude00 \\\\ud800"}\n')  # a paired escape (an emoji) and an escaped backslash
+    assert read_jsonl(path) == [{"task": "\U0001f600 \\ud800"}]
+    for encoding in ("utf-16-le", "utf-16", "utf-32"):
+        path.write_bytes('{"task": "a"}\n{"task": "b"}\n'.encode(encoding))
+        with pytest.raises(DataError, match=r"q.jsonl: line 1: not UTF-8 text"):
+            read_jsonl(path)
+    path.write_bytes(b'\xef\xbb\xbf{"task": "a"}\n')  # a UTF-8 byte-order mark is still read
+    assert read_jsonl(path) == [{"task": "a"}]
+    traj = tmp_path / "t.json"
+    traj.write_text('[{"id": "a\\ud800", "conversations": [{"from": "human", "value": "hi"}, '
+                    '{"from": "gpt", "value": "Action: go"}]}]')
+    report = validate_file(traj)
+    assert not report.ok and any("field 'id': holds an unpaired surrogate" in e for e in report.errors), report.errors
+
+
 def test_an_integer_too_large_for_a_float_is_an_error_naming_file_line_and_field(tmp_path: Path) -> None:
     """completion_tokens 10**400 passed the record checks and crashed report and view (OverflowError in the
     averages); 5000 digits crashed every reader (Python's int conversion limit, a ValueError traceback)."""

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 from .errors import DataError, MissingFileError, QlassError
 from .file_checks import check_output_file, refuse_device
 from .file_kinds import other_kind
-from .jsonl import GZIP_MAGIC, JSONContentError, gunzip, is_text, loads, write_text_atomic
+from .jsonl import GZIP_MAGIC, JSONContentError, gunzip, is_text, loads, not_text_field, write_text_atomic
 from .types import Message, Role, Step, Trajectory
 
 ROLE_FROM_ETO = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -240,6 +240,9 @@ def record_problems(rec: Any) -> list[str]:
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
         problems.append("field 'id': missing, or not a non-empty string or an integer")
     problems += _parse_turns(rec)[1]
+    bad = not_text_field({k: v for k, v in rec.items() if k not in TURN_LISTS})  # the turns' are named above
+    if bad is not None:
+        problems.append(f"field {bad!r}: holds an unpaired surrogate (\\ud800-\\udfff), which is not text")
     if "reward" in rec:
         r = rec["reward"]
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 <= float(r) <= 1.0:

@@ -126,6 +126,8 @@ def json_line(record: dict[str, Any], path: str | os.PathLike) -> str:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate: the only way a lone one gets into text read from UTF-8."""
 
 
 def with_replacement_characters(text: str) -> str:
@@ -142,6 +144,12 @@ def is_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def not_text_field(value: Any) -> str | None:
+    """The path of the first string (or key) in ``value`` that is not text (:func:`is_text`), or None."""
+    bad = find_value(value, lambda v: isinstance(v, str) and not is_text(v))
+    return None if bad is None else bad[0]
 
 
 def find_value(value: Any, bad: Callable[[Any], bool], where: str = "") -> tuple[str, Any] | None:
@@ -231,7 +239,7 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
         is_last = lineno == len(lines)
         if line.strip():
             try:
-                obj = loads(line)
+                obj = loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # json would take UTF-16/32 bytes
             except RecursionError:
                 raise DataError(str(p), f"line {lineno}: JSON nested too deeply") from None
             except JSONContentError as exc:
@@ -256,11 +264,18 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
                 if isinstance(exc, UnicodeDecodeError):  # cut inside a character: the bytes end mid-way
                     raise DataError(str(p), f"line {lineno}: not UTF-8 text ({exc.reason} at byte {offset + exc.start}"
                                             f" of the file){torn if exc.end == len(line) else ''}") from None
+                if b"\x00" in line:  # never in JSON text (control characters are escaped); UTF-16/32 has them
+                    raise DataError(str(p), f"line {lineno}: not UTF-8 text (NUL bytes: a UTF-16 or UTF-32 file? "
+                                            "save it as UTF-8)") from None
                 raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg}){torn}{_list_hint(line, records)}"
                                 ) from None
             if not isinstance(obj, dict):
                 raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
                                         f"{_list_hint(line, records)}")
+            bad = not_text_field(obj) if _SURROGATE_ESCAPE.search(line) else None
+            if bad is not None:
+                raise DataError(str(p), f"line {lineno}: field {bad!r} holds an unpaired surrogate (\\ud800-\\udfff), "
+                                        "which is not text")
             records.append((lineno, obj))
         offset += len(line) + 1
     return records
