@@ -121,3 +121,20 @@ def test_ctrl_c_stops_with_one_line_and_whole_records(tiny_model_dir: Path, tmp_
     assert 3 <= before < 12, "the run should have been stopped part-way"
     done = subprocess.run(eval_cmd(tiny_model_dir, out), env=env, capture_output=True, text=True)
     assert done.returncode == 0 and f"{12 - before}/{12 - before} episodes done" in done.stderr, done.stderr
+
+
+def test_results_add_up_over_runs_into_one_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A second run into the folder with fewer methods wrote results for its own methods alone: the first run's
+    greedy row and every paired difference to it left results.md while its records stayed. Results now cover
+    the folder's records, and a warning says when its methods played different tasks."""
+    from qlass.evaluate import run_evaluation
+
+    out = tmp_path / "run"
+    common = {"model": "test_cli_errors:EastWalker", "env_spec": "toy_envs:Corridor", "splits": ["seen"],
+              "out_dir": out, "env_kwargs": {"step_limit": 4}}
+    run_evaluation(methods=[("greedy", {}), ("sample", {})], limit=2, **common)
+    rows = run_evaluation(methods=[("sample", {})], limit=3, **common)
+    assert {(r["method"], r["tasks"]) for r in rows} == {("greedy", 2), ("sample", 3)}
+    results = json.loads((out / "results.json").read_text())
+    assert [(p["method"], p["baseline"], p["tasks"]) for p in results["paired"]] == [("sample", "greedy", 2)]
+    assert "its methods played different tasks (greedy 2, sample 3)" in caplog.text

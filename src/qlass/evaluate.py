@@ -333,6 +333,23 @@ def run_evaluation(
         "offset": offset,  # a folder made before the option lacks it: taken as compatible
         **({"paraphrases": paraphrased} if paraphrased else {}),  # how each cache was made: another is refused
     }
-    records = evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet, concurrency), out_dir, seed=seed,
-                       executor=executor, settings=settings)
-    return write_report(records, out_dir)
+    evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet, concurrency), out_dir, seed=seed,
+             executor=executor, settings=settings)
+    return write_report(folder_records(out_dir), out_dir)
+
+
+def folder_records(out_dir: Path) -> list[dict[str, Any]]:
+    """Every record of the evaluation folder ``out_dir``, earlier runs' methods and tasks included (its results
+    add up over the runs), with a warning where its methods played different tasks: their summary rows then
+    average over different tasks (the paired rows always use the tasks both played)."""
+    from .eval_records import read_records
+
+    records = read_records([out_dir / "records.jsonl"])
+    played: dict[str, set[tuple[str, str, str]]] = {}
+    for r in records:
+        played.setdefault(r["method"], set()).add((r["env"], r["split"], r["task"]))
+    if len({frozenset(tasks) for tasks in played.values()}) > 1:
+        log.warning("%s: its methods played different tasks (%s): each summary row averages its own; qlass report "
+                    "(without --all-tasks) keeps the tasks every method played", out_dir / "records.jsonl",
+                    ", ".join(f"{method} {len(tasks)}" for method, tasks in sorted(played.items())))
+    return records
