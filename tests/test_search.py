@@ -391,6 +391,31 @@ def test_diverse_candidates_are_asked_to_differ_and_scored_on_the_real_history()
     assert traj.messages[2].content == "You see door a and door b."  # the episode keeps the real history
 
 
+def test_selection_by_likelihood_without_logprobs_is_refused_at_the_first_step_naming_its_option() -> None:
+    """A policy that reports no log-probabilities failed only at the first real choice (three records into a run,
+    or never on a short one), and select=likelihood's message named beta; best-of-n failed after all N trajectories
+    were played."""
+
+    class NoLogprobs(ScriptedPolicy):
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            self.calls += 1
+            return [[Completion(A, 10, 5)] * n for _ in histories]  # the candidates agree: no choice to make
+
+    for opts, named in (({"select": "likelihood"}, "select=likelihood"), ({"beta": 0.5}, "beta=0.5")):
+        policy, env = NoLogprobs([A]), TwoDoors()
+        cfg = QlassConfig(m=2, anchor="greedy", **opts)
+        with pytest.raises(QlassError, match=rf"qlass\(m=2,anchor=greedy.*\): {named} reads the policy's "
+                                             "log-probabilities, and this policy backend reports none"):
+            qlass_search(TASK, SearchContext(env=env, policy=policy, qnet=ScriptedQNet({})), cfg)
+        assert env.steps == 0
+    env = ThreeSteps()
+    with pytest.raises(QlassError, match="best-of-n: select=likelihood reads the policy's log-probabilities"):
+        best_of_n(TASK, SearchContext(env=env, policy=NoLogprobs([A])), BestOfNConfig(n=2, select="likelihood"))
+    assert env.steps == 0
+    cfg = QlassConfig(m=2, anchor="greedy", select="random")  # reads no log-probabilities
+    assert qlass_search(TASK, SearchContext(env=TwoDoors(), policy=NoLogprobs([A])), cfg).reward == 1.0
+
+
 def test_labels_name_every_option_that_changes_the_search() -> None:
     from qlass.search import method_label
 

@@ -136,11 +136,14 @@ def sample_episode(task: Task, ctx: SearchContext, cfg: SampleConfig) -> Episode
     return finish(task, messages, steps, env_steps=len(steps))
 
 
+_NO_LOGPROBS = ("best-of-n: select=likelihood reads the policy's log-probabilities, and this policy backend reports "
+                "none (a local model and an OpenAI-compatible server with logprobs do)")
+
+
 def _likelihood(outputs: list[Completion]) -> float:
-    """The mean log-probability per token over a trajectory's outputs (the tokens each logprob sums over:
-    a redrawn output's discarded tokens, or a stop string a server leaves out, are not among them)."""
-    if any(c.logprob is None for c in outputs):
-        raise QlassError("best-of-n select='likelihood' needs a policy backend that reports logprobs")
+    """The mean log-probability per token over a trajectory's outputs, each of which has one (the tokens each
+    logprob sums over: a redrawn output's discarded tokens, or a stop string a server leaves out, are not
+    among them)."""
     return sum(c.logprob or 0.0 for c in outputs) / max(sum(map(logprob_tokens, outputs)), 1)
 
 
@@ -178,6 +181,8 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
             seeds = [stable_seed(ctx.seed, "best-of-n", p.k, len(p.steps)) for p in active]
             outs = yield Sample([p.messages for p in active], 1, cfg.temperature, cfg.max_new_tokens, seeds)
             for p, out in zip(active, outs, strict=True):
+                if cfg.select == "likelihood" and out[0].logprob is None:  # at the first step, not the last
+                    raise QlassError(_NO_LOGPROBS)
                 p.outputs.append(out[0])
                 apply_output(p.env, p.messages, p.steps, out[0])
         plays += group

@@ -113,6 +113,12 @@ class QlassConfig:
         extra += [f"select={self.select}"] if self.select != "qnet" else []
         return f"qlass({','.join([f'm={self.m}', *extra])})" + ("[oracle]" if self.oracle_terminal else "")
 
+    def logprobs_for(self) -> str | None:
+        """The option that reads the policy's log-probabilities (``select=likelihood`` or ``beta``), if any."""
+        if self.m < 2:
+            return None
+        return "select=likelihood" if self.select == "likelihood" else f"beta={self.beta:g}" if self.beta else None
+
     @property
     def needs_qnet(self) -> bool:
         """Whether the search asks a QNet: two or more candidates picked by ``select="qnet"``."""
@@ -199,9 +205,13 @@ def qlass_episode(task: Task, ctx: SearchContext, cfg: QlassConfig) -> Episode[T
     sent: list[str] = []  # what the environment received at each step (for the oracle's replays)
     decisions: list[dict[str, Any]] = []
     env_steps = 0
+    needs_logprobs = cfg.logprobs_for()
     while episode_running(steps, cfg.max_steps):
         base = stable_seed(ctx.seed, "qlass", len(steps))
         completions, prompt_tokens, completion_tokens = yield from _candidates(messages, cfg, base, task)
+        if needs_logprobs and any(c.logprob is None for c in completions):  # at the first step, not the first choice
+            raise QlassError(f"{cfg.label()}: {needs_logprobs} reads the policy's log-probabilities, and this policy "
+                             "backend reports none (a local model and an OpenAI-compatible server with logprobs do)")
         ok = executable(completions)
         keep = [ok[i] for i in unique_candidates([completions[i] for i in ok])]
         qnet_tokens, pick = 0, 0
