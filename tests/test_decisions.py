@@ -457,7 +457,7 @@ def test_bad_decision_files_name_record_and_field(tmp_path: Path) -> None:
         recs = hand_built()
         change(recs[1]["candidates"])
         (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))  # \\udc80 escaped
-        with pytest.raises(DataError, match=rf"bad.jsonl, line 2 .*field '{re.escape(field)}"):
+        with pytest.raises(DataError, match=rf"bad.jsonl[,:] line 2\b.*field .{re.escape(field)}"):
             read_decisions([tmp_path / "bad.jsonl"])
     # a history without the task (none, or only assistant turns) crashed the QNet rankers and cv-head with
     # a chat-template traceback, and to-qdata wrote Q data its reader refused

@@ -28,7 +28,7 @@ from .envs.base import REWARD_SLACK
 from .errors import DataError, MissingFileError, QlassError
 from .file_checks import check_output_file, refuse_repeated_inputs
 from .file_kinds import other_kind
-from .jsonl import is_count, is_text, read_numbered_jsonl
+from .jsonl import is_count, read_numbered_jsonl
 from .recorded import check_recorded, records_setting, setting_changes, with_model_files
 from .tree import ROLES
 
@@ -205,9 +205,6 @@ def check_decision(path: Path, line: int, rec: Any) -> None:
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise DataError(str(path), f"field 'history[{k}]': a message needs 'role' ({', '.join(ROLES)}) and "
                             "'content' (a string)", line=line, record_id=rid)
-        if not is_text(m["content"]):
-            raise DataError(str(path), f"field 'history[{k}].content' holds an unpaired surrogate (\\ud800-\\udfff), "
-                            "which is not text", line=line, record_id=rid)
     if not any(m["role"] != "assistant" for m in rec["history"]):
         raise DataError(str(path), "field 'history' holds no system or user message (the state a decision is made "
                         "in starts with the task)", line=line, record_id=rid)
@@ -232,9 +229,6 @@ def check_decision(path: Path, line: int, rec: Any) -> None:
             if not ok:
                 raise DataError(str(path), f"field 'candidates[{j}].{name}' must be {expected}, got "
                                 f"{c.get(name)!r}", line=line, record_id=rid)
-        if not is_text(c["output"]):
-            raise DataError(str(path), f"field 'candidates[{j}].output' holds an unpaired surrogate (\\ud800-\\udfff), "
-                            "which is not text", line=line, record_id=rid)
         average = float(np.mean(c["rollout_rewards"])) if c.get("rollout_rewards") else c["mean"]
         if abs(average - c["mean"]) > 1e-9:
             raise DataError(str(path), f"field 'candidates[{j}].mean' is {c['mean']!r} but its 'rollout_rewards' "
