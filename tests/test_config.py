@@ -686,6 +686,11 @@ def test_pipeline_refuses_a_missing_base_model_before_exporting_expert_data(tmp_
                                                    "(no config.json)")):
         run_pipeline(path)
     assert not (run / "expert.json").exists()
+    assert not run.exists()  # nor a config.yaml recording the missing model
+    path.write_text(yaml.safe_dump({"run_dir": str(run), "env": "toy_envs:Corridor", "sft_model": str(tmp_path)}))
+    with pytest.raises(QlassError, match="p.yaml: field 'sft_model': .* is not a model folder"):
+        run_pipeline(path)
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("policy, server, expected", [

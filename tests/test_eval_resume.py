@@ -138,3 +138,14 @@ def test_results_add_up_over_runs_into_one_folder(tmp_path: Path, caplog: pytest
     results = json.loads((out / "results.json").read_text())
     assert [(p["method"], p["baseline"], p["tasks"]) for p in results["paired"]] == [("sample", "greedy", 2)]
     assert "its methods played different tasks (greedy 2, sample 3)" in caplog.text
+
+
+def test_an_evaluation_of_a_model_that_is_not_there_makes_no_output_folder(tmp_path: Path) -> None:
+    """The folder, its config.yaml (recording the missing model) and a lock file were left behind."""
+    from qlass.errors import QlassError
+    from qlass.evaluate import run_evaluation
+
+    with pytest.raises(QlassError, match=r"nosuch: not a model folder \(no config.json\)"):
+        run_evaluation(model=str(tmp_path / "nosuch"), env_spec="toy_envs:Corridor", splits=["seen"],
+                       methods=[("greedy", {})], out_dir=tmp_path / "out", limit=1)
+    assert not (tmp_path / "out").exists()

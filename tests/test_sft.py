@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -369,6 +370,21 @@ def test_a_trainer_refuses_a_folder_another_trainer_or_no_trainer_made(tiny_mode
     with pytest.raises(QlassError, match=r"mine: holds checkpoint-best, which the Trainer's checkpoint rotation"):
         train_sft(data, tiny_model_dir, tmp_path / "mine", cfg)
     assert _files(kept) == _files(tiny_model_dir)
+    # an evaluation folder or exploration trees: the model was written among their records
+    for name, what in (("records.jsonl", "an evaluation run"), ("trees.jsonl", "exploration trees")):
+        (tmp_path / name.split(".")[0]).mkdir()
+        (tmp_path / name.split(".")[0] / name).write_text("")
+        with pytest.raises(QlassError, match=rf"holds {what} \({re.escape(name)}\); this SFT run .* would write"):
+            train_sft(data, tiny_model_dir, tmp_path / name.split(".")[0], cfg)
+    # and an evaluation refuses a model or a training run as its folder
+    from qlass.evaluate import run_evaluation
+
+    for folder, made in ((sft, "config.json"), (tmp_path / "marked", "features.settings.json")):
+        (tmp_path / "marked" / "features.settings.json").write_text("{}")
+        with pytest.raises(QlassError, match=rf"holds a model or a training run \({made}\); an evaluation would"):
+            run_evaluation(model=str(tiny_model_dir), env_spec="toy_envs:Corridor", splits=["seen"],
+                           methods=[("greedy", {})], out_dir=folder, limit=1)
+    assert _files(sft) == before and not (tmp_path / "marked" / "records.jsonl").exists()
 
 
 def test_sft_export_writes_only_a_new_folder_or_an_earlier_export(tiny_model_dir, tmp_path: Path) -> None:

@@ -160,6 +160,11 @@ def evaluate(
     with records whose ``config.yaml`` records other settings is refused, naming them (runtime
     options and :data:`RESUMABLE_SETTINGS` may change; a setting an older ``config.yaml`` lacks counts
     as unchanged, and ``qnet`` is compared only when both runs use one)."""
+    made = [name for name in ("config.json", "features.settings.json") if (out_dir / name).exists()]
+    made += sorted(p.name for p in out_dir.glob("*_config.yaml"))  # a trainer's (sft, dpo, qnet) or ETO's settings
+    if made:
+        raise QlassError(f"{out_dir}: holds a model or a training run ({made[0]}); an evaluation would write its "
+                         "records and results among its files: evaluate into another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "records.jsonl"
     numbered = read_numbered_jsonl(path, repair_tail=True)
@@ -297,10 +302,11 @@ def run_evaluation(
     """
     from .envs.base import make_env
     from .executor import make_executor
-    from .policy import load_policy
+    from .policy import check_policy_spec, load_policy
     from .report import write_report
     from .search import make_method_config
 
+    check_policy_spec(model)  # before the output folder is made
     runs = [MethodRun(name, make_method_config(name, opts)) for name, opts in methods]
     if concurrency < 1:
         raise QlassError(f"concurrency must be >= 1, got {concurrency}")

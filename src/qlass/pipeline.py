@@ -134,12 +134,24 @@ def run_pipeline(config_path: str | Path, stop_after: str | None = None) -> list
     r = resolve(data, source)  # a value may come from a base file
     check_stage_splits(r, source)
     with writer_lock(r.run_dir, folder=True):  # one run per folder (each stage also locks its own output)
+        _check_models(r, config_path)
         check_eval_records(r, source)  # refusals before config.yaml is rewritten, not at their stage
         chosen = None
         if _needs_trees(r, stop_after) and (r.run_dir / "trees.jsonl").exists():
             chosen = _exploration_selection(r, config_path)
         save_resolved(r)
         return _stages(r, config_path, stop_after, chosen)
+
+
+def _check_models(r: Resolved, config_path: str | Path) -> None:
+    """The model folders the config names (``sft_model``, or ``model`` unless it is the default, which is made on
+    first use), before ``config.yaml`` records them."""
+    if r.cfg.sft_model:
+        require_model_folder(Path(r.cfg.sft_model), f"{config_path}: field 'sft_model': {r.cfg.sft_model} is not a "
+                                                    "model folder (no config.json)")
+    elif r.cfg.model != "default":
+        require_model_folder(Path(r.cfg.model), f"{config_path}: field 'model': {r.cfg.model} is not a model folder "
+                                                "(no config.json)")
 
 
 def _needs_trees(r: Resolved, stop_after: str | None) -> bool:
@@ -159,9 +171,7 @@ def _stages(r: Resolved, config_path: str | Path, stop_after: str | None,
 
     # 1. expert data + SFT
     if cfg.sft_model:
-        sft_dir = Path(cfg.sft_model)
-        require_model_folder(sft_dir, f"{config_path}: field 'sft_model': {sft_dir} is not a model folder (no "
-                                      "config.json)")
+        sft_dir = Path(cfg.sft_model)  # a model folder: checked by run_pipeline
         log.info("stage 1: using the SFT checkpoint %s", sft_dir)
         for name in ("rft", "eto", "self_train"):  # read after the evaluation: a missing file is named now
             if getattr(r, name) is not None:

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .hf import HFPolicy
     from .openai import OpenAIPolicy
 
-__all__ = ["HFPolicy", "OpenAIPolicy", "Policy", "check_policy_options", "is_class_spec", "load_policy"]
+__all__ = ["HFPolicy", "OpenAIPolicy", "Policy", "check_policy_options", "check_policy_spec", "is_class_spec",
+           "load_policy"]
 
 
 def __getattr__(name: str) -> Any:
@@ -71,6 +72,19 @@ def check_policy_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any
     checked = check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
     cls.check_option_values(checked)
     return checked
+
+
+def check_policy_spec(spec: str) -> None:
+    """Refuse a policy ``spec`` that names no model folder, server URL or class, without loading anything (a
+    command checks it before it makes its output folder)."""
+    from ..file_checks import require_model_folder
+
+    if is_class_spec(spec) or spec == "default":
+        return
+    _policy_class(spec)  # the URL scheme
+    if not spec.lower().startswith(("http://", "https://")):
+        require_model_folder(Path(spec), f"{spec}: not a model folder (no config.json); a policy is a model "
+                                         "folder, 'default', a server URL or package.module:Class")
 
 
 def load_policy(spec: str | os.PathLike[str], **options: Any) -> Policy:

@@ -18,8 +18,8 @@ RUN_NAMES = {"sft": "an SFT run (qlass sft)", "dpo": "a DPO run (qlass dpo)", "q
 def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
     """Raise :class:`QlassError` when the output folder ``out`` of a ``kind`` trainer (a key of
     :data:`RUN_NAMES`) would overwrite what it holds: the model the run starts from, another trainer's
-    run (its settings file or finished mark), or a model folder no trainer run made (``config.json``
-    without this trainer's settings file)."""
+    run (its settings file or finished mark), an evaluation or exploration trees, or a model folder no
+    trainer run made (``config.json`` without this trainer's settings file)."""
     model = Path(model_dir)
     if out.exists() and model.exists() and out.samefile(model):
         raise QlassError(f"{out}: is also the model this run starts from (--model); training would overwrite it "
@@ -31,6 +31,11 @@ def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
         if other != kind and (out / name).exists():
             raise QlassError(f"{out}: holds {RUN_NAMES[other]} ({name}), which this {this} would overwrite or mix "
                              "with; use a new output folder")
+    data = next((name for name in ("records.jsonl", "trees.jsonl") if (out / name).exists()), None)
+    if data is not None:
+        what = "an evaluation run" if data == "records.jsonl" else "exploration trees"
+        raise QlassError(f"{out}: holds {what} ({data}); this {this} would write its model among its files: use a "
+                         "new output folder")
     if model.exists() and out.resolve() in model.resolve().parents:
         raise QlassError(f"{out}: holds the model this run starts from ({model}); training would delete or "
                          "overwrite it (give another output folder)")
