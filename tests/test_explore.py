@@ -790,3 +790,31 @@ def test_exploring_more_tasks_with_other_settings_into_a_file_is_refused_before_
     assert out.read_text() == before
     explore_tasks(Rooms, tasks[:4], ScriptedPolicy(), small_cfg(rollouts=2), out, seed=1, progress=False)
     assert len(read_trees(out)) == 4, "the same settings add the new tasks"
+
+
+class AllCut(ScriptedPolicy):
+    """ScriptedPolicy whose every output is cut off by the token limit."""
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+        return [[Completion(c.text[:-3], c.prompt_tokens, c.completion_tokens, truncated=True) for c in row]
+                for row in super().sample(histories, n, temperature, max_new_tokens, seed)]
+
+
+def test_trees_without_an_alternative_are_one_warning_and_so_is_a_qnet_without_siblings(
+        tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every sampled output cut off by max_new_tokens left trees of the expert chain alone, and a QNet trained on
+    zero sibling pairs: the summary said nodes and edges, and the QNet's log 'n/a over 0 pairs', nothing why."""
+    from qlass.qdata import export_qdata
+    from qlass.training.configs import QNetTrainConfig
+    from qlass.training.qnet import train_qnet
+
+    env = Rooms()
+    trees = explore_tasks(Rooms, env.tasks("train")[:2], AllCut(), small_cfg(), tmp_path / "trees.jsonl")
+    assert all(t.stats["branches"] == 0 and t.stats["truncated"] > 0 for t in trees)
+    assert "no tree holds a sampled alternative (" in caplog.text and "cut off by max_new_tokens" in caplog.text
+    export_qdata(tmp_path / "trees.jsonl", tmp_path / "q.jsonl")
+    caplog.clear()
+    train_qnet(tmp_path / "q.jsonl", tiny_model_dir, tmp_path / "qnet",
+               QNetTrainConfig(epochs=1, batch_size=4, max_length=512, max_action_tokens=32, val_fraction=0.0,
+                               warmup_ratio=0.0, threads=1))
+    assert "no training record has a sibling" in caplog.text

@@ -188,9 +188,17 @@ def explore_tasks(
             totals["steps"] += tree.stats["env_steps"]
             rate = totals["nodes"] / max((time.perf_counter() - start) / 60, 1e-9)
             bar.update(handle, advance=1, description=tree.tree_id, rate=rate, **totals)
-            log.info("tree %s: %d nodes, %d env steps, best reward %.2f, stopped by %s", tree.tree_id,
-                     len(tree.nodes), tree.stats["env_steps"], tree.stats["best_reward"], tree.stats["stopped_by"])
-    return [done[t.id] for t in tasks]
+            log.info("tree %s: %d nodes, %d sampled branches (%d outputs cut off by max_new_tokens, left out), %d "
+                     "env steps, best reward %.2f, stopped by %s", tree.tree_id, len(tree.nodes),
+                     tree.stats.get("branches", 0), tree.stats.get("truncated", 0), tree.stats["env_steps"],
+                     tree.stats["best_reward"], tree.stats["stopped_by"])
+    trees = [done[t.id] for t in tasks]
+    if trees and not any(t.stats.get("branches", 0) for t in trees):
+        log.warning("%s: no tree holds a sampled alternative (%d outputs were cut off by max_new_tokens, %d merged "
+                    "into an equal sibling): the Q data has no sibling actions to rank, so a QNet learns no choice; "
+                    "raise max_new_tokens or candidates", path, sum(t.stats.get("truncated", 0) for t in trees),
+                    sum(t.stats.get("merged", 0) for t in trees))
+    return trees
 
 
 __all__ = [

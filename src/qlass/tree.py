@@ -351,7 +351,7 @@ def contrast_pairs(tree: Tree) -> int:
 
 def tree_summary(trees: Iterable[Tree]) -> dict[str, Any]:
     """Totals over trees: nodes, edges, env steps (the nodes' plus probes' that made no node),
-    tokens, steps per edge, contrast pairs."""
+    tokens, steps per edge, sampled branches and outputs cut off (left out), contrast pairs."""
     trees = list(trees)
     edges = sum(t.edges for t in trees)
     steps = sum(n.env_steps for t in trees for n in t.nodes) + sum(int(t.stats.get("probe_steps", 0)) for t in trees)
@@ -361,5 +361,7 @@ def tree_summary(trees: Iterable[Tree]) -> dict[str, Any]:
         "prompt_tokens": sum(int(t.stats.get("prompt_tokens", 0)) for t in trees),
         "completion_tokens": sum(int(t.stats.get("completion_tokens", 0)) for t in trees),
         "trees_with_success": sum(any(n.reward >= 1.0 - 1e-9 for n in t.nodes) for t in trees),
+        "branches": sum(int(t.stats.get("branches", 0)) for t in trees),
+        "truncated": sum(int(t.stats.get("truncated", 0)) for t in trees),
         "contrast_pairs": sum(contrast_pairs(t) for t in trees),
     }

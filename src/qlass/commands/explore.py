@@ -90,7 +90,8 @@ def register(app: typer.Typer) -> None:
         trees = explore_tasks(make, tasks, policy, cfg, out, seed=seed, executor=executor, progress=progress,
                               concurrency=concurrency, settings=settings)
         s = tree_summary(trees)
-        typer.echo(f"{s['trees']} trees, {s['nodes']} nodes, {s['edges']} edges, {s['env_steps']} env steps "
+        typer.echo(f"{s['trees']} trees, {s['nodes']} nodes, {s['edges']} edges, {s['branches']} sampled branches "
+                   f"({s['truncated']} outputs cut off by max_new_tokens, left out), {s['env_steps']} env steps "
                    f"({s['env_steps_per_edge']:.2f} per edge), {s['trees_with_success']} with a reward-1 leaf, "
                    f"{s['prompt_tokens'] + s['completion_tokens']} policy tokens; "
                    f"{time.perf_counter() - start:.1f} s this run")

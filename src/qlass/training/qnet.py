@@ -209,6 +209,10 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
         raise QlassError("select_best needs validation trees (val_fraction > 0)")
     if not train_records:
         raise QlassError(f"{qdata}: no training records left (every tree is held out)")
+    if all(len(g.records) < 2 for g in make_groups(train_records, str(qdata))):
+        log.warning("%s: no training record has a sibling (another action from the same state): the QNet learns "
+                    "values along single paths, and no choice between actions (explore with more candidates or a "
+                    "larger max_new_tokens)", qdata)
     # one micro-batch per process per optimizer step (see .qnet_trainer); also sets the threads, checks the device
     arguments = training_arguments(cfg, out, epochs=1, lr=cfg.lr, micro_batch=1, batch_size=1, seed=cfg.seed,
                                    evaluate=False, gradient_checkpointing=cfg.gradient_checkpointing)
