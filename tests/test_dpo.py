@@ -53,8 +53,8 @@ def test_bad_pairs_are_named_by_record_and_field(tmp_path: Path) -> None:
     same["rejected"] = same["chosen"]
     upside_down = pair(4)
     upside_down["chosen"], upside_down["rejected"] = upside_down["rejected"], upside_down["chosen"]
-    no_action = pair(5)
-    no_action["rejected"]["conversations"][-2]["value"] = "I give up."
+    no_action = pair(5)  # the side to imitate must act; the rejected side is a failure, which may not
+    no_action["chosen"]["conversations"][-2]["value"] = "I give up."
     last_seen = pair(8)  # the same agent turns, only the last observation differs: DPO scores nothing apart
     last_seen["rejected"] = {**json.loads(json.dumps(last_seen["chosen"])), "reward": 0.0, "success": False}
     assert last_seen["rejected"]["conversations"][-1]["from"] == "human"
@@ -71,13 +71,17 @@ def test_bad_pairs_are_named_by_record_and_field(tmp_path: Path) -> None:
                      "(instruction and task turns) differ",
                      "line 4 (id 'pair-3'): fields 'chosen' and 'rejected': the same conversation",
                      "line 5 (id 'pair-4'): field 'chosen.reward': 0.0 is below the rejected one's 1.0",
-                     "line 6 (id 'pair-5'): field 'rejected': ",
+                     "line 6 (id 'pair-5'): field 'chosen': conversations[",
                      "line 7 (id 'pair-0'): field 'id': duplicate of line 1",
                      "line 8 (id 'pair-7'): unknown field(s) 'score'",
                      "line 9 (id 'pair-8'): fields 'chosen' and 'rejected': the same conversation up to the last "
                      "agent turn"):
         assert expected in text, text
     assert "line 1 (" not in text and "8 invalid record(s)" in text
+    gave_up = pair(5)  # ETO's failures that broke the format were left out as "unusable": they are failures too
+    gave_up["rejected"]["conversations"][-2]["value"] = "I give up."
+    path.write_text(json.dumps(gave_up) + "\n")
+    assert [p.id for p in load_pairs(path)] == ["pair-5"]
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(DataError, match="no preference pairs"):

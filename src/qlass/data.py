@@ -173,8 +173,9 @@ def _describe(data: Any) -> str:
     return f"a JSON {kind}"
 
 
-def _parse_turns(rec: dict[str, Any]) -> tuple[list[Message], list[str]]:
-    """The record's turns as messages, and the problems found in them (each naming its field path)."""
+def _parse_turns(rec: dict[str, Any], actions: bool = True) -> tuple[list[Message], list[str]]:
+    """The record's turns as messages, and the problems found in them (each naming its field path); without
+    ``actions``, an agent turn need not hold an ``Action:`` line (a failure, as a DPO pair's rejected side)."""
     present = [k for k in TURN_LISTS if k in rec]
     if len(present) > 1:
         return [], ["fields 'conversations' and 'messages': both present; a record has one list of turns"]
@@ -223,7 +224,7 @@ def _parse_turns(rec: dict[str, Any]) -> tuple[list[Message], list[str]]:
             problems.append(f"{where}.{rkey}: roles must alternate user/assistant (human/gpt) starting with user; "
                             f"got {raw!r} where {'a user' if expected == 'user' else 'an assistant'} turn was expected")
         expected = "assistant" if role == "user" else "user"
-        if role == "assistant":
+        if role == "assistant" and actions:
             if ACTION_LINE.search(value):
                 seen_action = True
             elif seen_action or value.strip().lower() not in ACKNOWLEDGEMENTS:
@@ -231,15 +232,16 @@ def _parse_turns(rec: dict[str, Any]) -> tuple[list[Message], list[str]]:
     return messages, problems
 
 
-def record_problems(rec: Any) -> list[str]:
-    """Problems of one record, each naming the field; empty when the record is valid."""
+def record_problems(rec: Any, actions: bool = True) -> list[str]:
+    """Problems of one record, each naming the field; empty when the record is valid (``actions``: every agent
+    turn must hold an ``Action:`` line, as training data to imitate must)."""
     if not isinstance(rec, dict):
         return [f"expected a JSON object, got {type(rec).__name__}"]
     problems = []
     rid = rec.get("id")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
         problems.append("field 'id': missing, or not a non-empty string or an integer")
-    problems += _parse_turns(rec)[1]
+    problems += _parse_turns(rec, actions)[1]
     bad = not_text_field({k: v for k, v in rec.items() if k not in TURN_LISTS})  # the turns' are named above
     if bad is not None:
         problems.append(f"field {bad!r}: holds an unpaired surrogate (\\ud800-\\udfff), which is not text")

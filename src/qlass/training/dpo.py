@@ -84,7 +84,8 @@ def pair_problems(rec: Any) -> list[str]:
         side_rec = rec[side]
         if isinstance(side_rec, dict) and "id" not in side_rec:  # a side needs no id of its own
             side_rec = {**side_rec, "id": f"{rec.get('id')}/{side}"}
-        problems += [f"field {side!r}: {p}" for p in record_problems(side_rec)]
+        # a rejected side is a failure to move away from: an agent turn without an Action: line is one
+        problems += [f"field {side!r}: {p}" for p in record_problems(side_rec, actions=side != "rejected")]
     if problems:
         return problems
     sides = [record_to_trajectory({"id": f"{rec['id']}/{s}", **rec[s]}) for s in SIDES]
