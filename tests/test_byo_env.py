@@ -404,3 +404,18 @@ def test_a_ctrl_c_that_a_users_policy_turns_into_another_error_stops_the_command
     policy = load_policy("test_byo_env:ManglingPolicy")
     with pytest.raises(KeyboardInterrupt):
         policy.sample([[Message("user", "hi")]])
+
+
+def test_an_environment_module_in_the_working_folder_gets_a_hint_from_the_qlass_command(tmp_path: Path) -> None:
+    """environments.md's example run from the package's folder: the qlass command (unlike python -m qlass) does
+    not search the working folder, and the error said only "No module named 'myenvs'"."""
+    (tmp_path / "myenvs.py").write_text("from toy_envs import Corridor\n")
+    qlass = Path(sys.executable).with_name("qlass")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = ["data", "expert", "--env", "myenvs:Corridor", "--out", "x.jsonl"]
+    done = subprocess.run([str(qlass), *cmd], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "No module named 'myenvs' (myenvs is in the working folder, which the qlass " \
+        "command does not search: run it with PYTHONPATH=. or as python -m qlass)" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "qlass", *cmd, "--per-task", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "working folder" not in done.stderr, done.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 from typing import Any
 
 from .errors import QlassError, raised_in_user_code
@@ -17,7 +19,7 @@ def load_object(spec: str, what: str) -> Any:
     try:
         loaded = importlib.import_module(module)
     except ImportError as exc:
-        raise QlassError(f"cannot load {what} {spec!r}: {exc}") from exc
+        raise QlassError(f"cannot load {what} {spec!r}: {exc}{_cwd_hint(exc, module)}") from exc
     except SyntaxError as exc:
         raise QlassError(f"cannot load {what} {spec!r}: {exc.filename}:{exc.lineno}: {exc.msg}") from exc
     except Exception as exc:  # the module's own code failed while it was imported
@@ -26,3 +28,17 @@ def load_object(spec: str, what: str) -> Any:
         return getattr(loaded, name)
     except AttributeError as exc:
         raise QlassError(f"cannot load {what} {spec!r}: {exc}") from exc
+
+
+def _cwd_hint(exc: ImportError, module: str) -> str:
+    """Where the missing module's top package is in the working folder, which the ``qlass`` command (unlike
+    ``python -m qlass``) does not search: how to make it importable."""
+    top = module.split(".")[0]
+    here = Path.cwd().resolve()
+    searched = any(p in ("", ".") or Path(p).resolve() == here for p in sys.path)
+    if not isinstance(exc, ModuleNotFoundError) or exc.name not in (top, module) or searched:
+        return ""
+    if not (Path(f"{top}.py").is_file() or Path(top).is_dir()):
+        return ""
+    return (f" ({top} is in the working folder, which the qlass command does not search: run it with "
+            "PYTHONPATH=. or as python -m qlass)")
