@@ -27,6 +27,7 @@ from qlass.types import Completion, History, Task
 
 TESTS = Path(__file__).resolve().parent
 NO_MODEL = "/nonexistent/model"
+WALKER = "test_cli_errors:EastWalker"  # a policy that is there: errors about the records come first
 
 
 class MarkupCorridor(Corridor):
@@ -359,7 +360,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("view not UTF-8", ["view", "{nonutf8_trees}", "--out", "{tmp}/v.html"], ["nonutf8_trees.jsonl"]),
     ("decisions not UTF-8", ["decisions", "report", "{nonutf8_records}", "--out", "{tmp}/d"],
      ["nonutf8_records.jsonl"]),
-    ("eval resume not UTF-8", ["eval", "--model", NO_MODEL, *ENV, "--out", "{resume_nonutf8}"],
+    ("eval resume not UTF-8", ["eval", "--model", WALKER, *ENV, "--out", "{resume_nonutf8}"],
      ["resume_nonutf8/records.jsonl", "not UTF-8"]),
     ("too deep", ["report", "{deep}", "--out", "{tmp}/r"], ["deep.jsonl", "line 1", "nested too deeply"]),
     ("trajectories too deep", ["data", "validate", "{deep}"], ["deep.jsonl", "nested too deeply"]),
@@ -377,7 +378,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("validate a folder", ["data", "validate", "{adir}"], ["adir", "is a directory"]),
     ("view out is a folder", ["view", "{trees}", "--out", "{adir}"], ["'--out'", "adir"]),
     ("export run is a file", ["sft-export", "{afile}", "{tmp}/exp"], ["afile", "is a file"]),
-    ("a file in the path", ["eval", "--model", NO_MODEL, *ENV, "--out", "{afile}/sub"],
+    ("a file in the path", ["eval", "--model", WALKER, *ENV, "--out", "{afile}/sub"],
      ["afile", "a file is in the way"]),
     ("run_dir is a file", ["run", "{pipe_run_dir}"], ["afile"]),
     # records: schema versions, missing fields, values out of range
@@ -388,9 +389,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("records without task", ["report", "{records_no_task}", "--out", "{tmp}/r"], ["records_no_task.jsonl", "'task'"]),
     ("candidate without score", ["report", "{records_no_score}", "--out", "{tmp}/r"],
      ["records_no_score.jsonl", "'candidates[0].score'"]),
-    ("eval resume schema 99", ["eval", "--model", NO_MODEL, *ENV, "--out", "{resume_v99}"],
+    ("eval resume schema 99", ["eval", "--model", WALKER, *ENV, "--out", "{resume_v99}"],
      ["resume_v99/records.jsonl", "'schema_version'", "99"]),
-    ("eval resume without task", ["eval", "--model", NO_MODEL, *ENV, "--out", "{resume_no_task}"],
+    ("eval resume without task", ["eval", "--model", WALKER, *ENV, "--out", "{resume_no_task}"],
      ["resume_no_task/records.jsonl", "'task'"]),
     ("tree reward 7.5", ["data", "validate", "{trees_reward}"],
      ["trees_reward.jsonl", "nodes[1]", "'reward'", "[0, 1]"]),

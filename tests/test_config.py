@@ -266,7 +266,10 @@ def test_pipeline_checks_methods_policy_and_env_options_before_any_work() -> Non
         resolve({"env": "nosuch"}, "p.yaml")
     for section, message in (({"eval": {"methods": []}}, "splits and methods must each name at least one"),
                              ({"eval": {"splits": []}}, "splits and methods must each name at least one"),
-                             ({"workers": 0}, "field 'workers' must be >= 1, got 0")):
+                             ({"workers": 0}, "field 'workers' must be >= 1, got 0"),
+                             # qlass qdata --max-per-tree 0 is no limit; the config's is null, which it did not say
+                             ({"qdata": {"max_per_tree": 0}}, "qdata: max_per_tree must be >= 1 (or null: no limit)"),
+                             ({"explore": {"concurrency": 0}}, "explore: concurrency must be >= 1, got 0")):
         with pytest.raises(QlassError, match=re.escape(message)):
             resolve(section, "p.yaml")
 

@@ -261,3 +261,6 @@ def test_cross_validation_pools_every_tree_once(tiny_model_dir: Path, tmp_path: 
     assert "select_best would keep each fold's epoch" in str(chosen.exception) and not (tmp_path / "best").exists()
     bad = CliRunner().invoke(app, args[:-1] + ["7"])
     assert bad.exit_code != 0 and "6 tree(s) cannot be dealt into 7 folds" in str(bad.exception or bad.output)
+    one = CliRunner().invoke(app, args[:-1] + ["1"])  # it said "lower folds or add trees"
+    assert one.exit_code != 0 and "cross-validation by tree needs at least 2 folds, got 1" in str(one.exception or
+                                                                                                  one.output)

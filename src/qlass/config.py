@@ -282,10 +282,12 @@ def _checked(cls: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
 def check_minimums(cfg: Any, **minimums: int) -> None:
     """Raise :class:`ValueError` (reported by :func:`build` with its source) for a field of ``cfg``
     below its minimum; ``None`` (no limit) passes. For ``__post_init__`` checks of limits."""
+    optional = {f.name for f in dataclasses.fields(cfg) if "None" in str(f.type)}
     for name, low in minimums.items():
         value = getattr(cfg, name)
         if value is not None and value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+            unlimited = " (or null: no limit)" if name in optional else ""
+            raise ValueError(f"{name} must be >= {low}{unlimited}, got {value}")
 
 
 def check_call_options(target: Any, options: Mapping[str, Any], source: str,

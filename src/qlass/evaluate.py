@@ -306,7 +306,6 @@ def run_evaluation(
     from .report import write_report
     from .search import make_method_config
 
-    check_policy_spec(model)  # before the output folder is made
     runs = [MethodRun(name, make_method_config(name, opts)) for name, opts in methods]
     if concurrency < 1:
         raise QlassError(f"concurrency must be >= 1, got {concurrency}")
@@ -339,6 +338,7 @@ def run_evaluation(
         "offset": offset,  # a folder made before the option lacks it: taken as compatible
         **({"paraphrases": paraphrased} if paraphrased else {}),  # how each cache was made: another is refused
     }
+    check_policy_spec(model, policy_kwargs)  # the other inputs are checked; the output folder is not made yet
     evaluate(env_name, tasks, runs, EvalWorker(make, policy, qnet, concurrency), out_dir, seed=seed,
              executor=executor, settings=settings)
     return write_report(folder_records(out_dir), out_dir)

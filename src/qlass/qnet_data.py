@@ -14,7 +14,7 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, QlassError
 from .types import Message
 
 
@@ -72,9 +72,11 @@ def fold_trees(records: Sequence[QRecord], folds: int, seed: int, source: str) -
     """The trees of ``records`` (read from ``source``) dealt into ``folds`` disjoint sets (seeded
     shuffle, then round robin), for cross-validation by tree."""
     trees = sorted({r.tree_id for r in records})
-    if not 2 <= folds <= len(trees):
+    if folds < 2:
+        raise QlassError(f"cross-validation by tree needs at least 2 folds, got {folds}")
+    if folds > len(trees):
         raise DataError(source, f"{len(trees)} tree(s) cannot be dealt into {folds} folds (cross-validation by tree "
-                                "needs 2 folds and a tree in each at least): lower folds or add trees")
+                                "needs a tree in each fold at least): lower folds or add trees")
     random.Random(seed).shuffle(trees)
     return [set(trees[k::folds]) for k in range(folds)]
 

@@ -74,15 +74,16 @@ def check_policy_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any
     return checked
 
 
-def check_policy_spec(spec: str) -> None:
-    """Refuse a policy ``spec`` that names no model folder, server URL or class, without loading anything (a
-    command checks it before it makes its output folder)."""
+def check_policy_spec(spec: str, options: Mapping[str, Any]) -> None:
+    """Refuse a policy ``spec`` that names no model folder, server URL or class, or ``options`` its backend does
+    not take (:func:`check_policy_options`), without loading anything (a command checks them before it makes
+    its output folder)."""
     from ..file_checks import require_model_folder
 
-    if is_class_spec(spec) or spec == "default":
+    if is_class_spec(spec):
         return
-    _policy_class(spec)  # the URL scheme
-    if not spec.lower().startswith(("http://", "https://")):
+    check_policy_options(spec, options)
+    if spec != "default" and not spec.lower().startswith(("http://", "https://")):
         require_model_folder(Path(spec), f"{spec}: not a model folder (no config.json); a policy is a model "
                                          "folder, 'default', a server URL or package.module:Class")
 
