@@ -248,10 +248,19 @@ def test_qdata_cap_keeps_sibling_groups_first_deterministically() -> None:
     (lambda r: r.update(messages=[]), "line 2: field 'messages' is empty"),
     (lambda r: r["messages"].append({"role": "tool"}), "line 2: field 'messages[5]'"),
     (lambda r: r.update(schema_version=2), "line 2: field 'schema_version' is 2"),
+    # passed data validate (train-qnet refused the sibling histories; the rest it trained on)
+    (lambda r: r.update(node_id=-1), "line 2: field 'node_id' must be >= 1, got -1"),
+    (lambda r: r.update(depth=-5), "line 2: field 'depth' must be >= 1, got -5"),
+    (lambda r: r.update(parent_id=2, group="t/b:2"), "line 2: field 'parent_id' is the node's own id 2"),
+    (lambda r: r.update(action=" "), "line 2: field 'action' is empty"),
+    (lambda r: r["messages"].append({"role": "assistant", "content": "x"}), "line 2: field 'messages' must end with "
+                                                                            "the observation the action answers"),
+    (lambda r: r.update(messages=[*r["messages"][:-1], {"role": "user", "content": "another"}]),
+     "line 3: field 'messages' differs from its sibling's at line 2 (group 't/b:1')"),
 ])
 def test_read_qdata_names_file_line_and_field(tmp_path: Path, mutate, message: str) -> None:
     recs = qdata_records(make_tree(MIXED, "t/b"))
-    mutate(recs[1])
+    mutate(recs[2] if "sibling" in message else recs[1])
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in recs))
     with pytest.raises(DataError, match="q.jsonl") as err:

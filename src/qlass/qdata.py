@@ -111,6 +111,7 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise MissingFileError(p)
     out: list[dict[str, Any]] = []
     seen: dict[tuple[str, int], int] = {}
+    histories: dict[str, tuple[int, list[Any]]] = {}  # a sibling group's history, as its first record gave it
     for line, rec in read_numbered_jsonl(path):
         where = f"line {line}"
         other = other_kind(rec, "qdata")
@@ -124,9 +125,23 @@ def read_qdata(path: str | os.PathLike) -> list[dict[str, Any]]:
         if key in seen:
             raise DataError(p, f"{where}: node {key[1]} of tree {key[0]!r} is also at line {seen[key]}")
         seen[key] = line
+        for name, low in (("node_id", 1), ("parent_id", 0), ("depth", 1)):  # the root (node 0) is no record
+            if vals[name] < low:
+                raise DataError(p, f"{where}: field {name!r} must be >= {low}, got {vals[name]}")
+        if vals["parent_id"] == vals["node_id"]:
+            raise DataError(p, f"{where}: field 'parent_id' is the node's own id {vals['node_id']}")
+        if not vals["action"].strip():
+            raise DataError(p, f"{where}: field 'action' is empty")
         msgs = checked_messages(vals["messages"], where, "messages", p)
         if not msgs:
             raise DataError(p, f"{where}: field 'messages' is empty")
+        if msgs[-1].role != "user":
+            raise DataError(p, f"{where}: field 'messages' must end with the observation the action answers (a user "
+                               f"turn), not a {msgs[-1].role} turn")
+        first = histories.setdefault(vals["group"], (line, vals["messages"]))
+        if first[1] != vals["messages"]:
+            raise DataError(p, f"{where}: field 'messages' differs from its sibling's at line {first[0]} (group "
+                               f"{vals['group']!r}); siblings must share one history")
         if not is_q_value(vals["q"]):
             raise DataError(p, f"{where}: field 'q' must be a number in [-1, 1], got {vals['q']}")
         if vals["group"] != f"{vals['tree_id']}:{vals['parent_id']}":
