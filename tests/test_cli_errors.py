@@ -237,6 +237,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "pipe_empty.yaml": "# nothing yet\n",
         "empty.json": "[]\n",
         "deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n",
+        "deep_field.jsonl": '{"id": "a", "x": ' + "[" * 5000 + "]" * 5000 + "}\n",  # kind detection recursed
         "dup.yaml": "max_depth: 2\nmax_depth: 3\n",
         "afile": "not a folder\n",
         "pipe_qdata.yaml": PIPELINE.format(tmp=tmp) + "qdata: {max_per_tree: -2}\n",
@@ -364,6 +365,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["resume_nonutf8/records.jsonl", "not UTF-8"]),
     ("too deep", ["report", "{deep}", "--out", "{tmp}/r"], ["deep.jsonl", "line 1", "nested too deeply"]),
     ("trajectories too deep", ["data", "validate", "{deep}"], ["deep.jsonl", "nested too deeply"]),
+    ("a field too deep", ["data", "validate", "{deep_field}"], ["deep_field.jsonl", "nested too deeply"]),
+    ("expert onto a file too deep", ["data", "expert", *ENV, "--out", "{deep_field}"],
+     ["deep_field.jsonl", "exists and is not a trajectory file"]),
     ("yaml key twice", ["explore", "--model", NO_MODEL, *ENV, "--config", "{dup}", "--out", "{tmp}/t.jsonl"],
      ["dup.yaml", "'max_depth' given twice"]),
     # a file where a folder is expected and vice versa

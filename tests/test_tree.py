@@ -295,6 +295,14 @@ def test_data_validate_command_reads_trees_and_qdata(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 1
     assert "bad.jsonl: line 3: field 'q' must be int or float, got str" in done.stderr
+    # a file that cannot be read as the kind asked for exits 2 whatever the kind (only trajectories did)
+    (tmp_path / "c.yaml").write_text("a: 1\n")
+    for kind, path in [(k, tmp_path / "c.yaml") for k in ("trees", "qdata", "records", "trajectories")] + [
+            ("trees", qdata), ("records", trees)]:
+        done = subprocess.run([sys.executable, "-m", "qlass", "data", "validate", "--kind", kind, str(path)],
+                              capture_output=True, text=True)
+        assert done.returncode == 2, (kind, path, done.stderr)
+    assert "line 1: this is a trees file (qlass explore), not evaluation records" in done.stderr
 
 
 # -- K rollout chains per branch (schema_version 2) ------------------------------------------------

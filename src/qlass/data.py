@@ -153,7 +153,7 @@ def refuse_replacing_other_kind(out: str | Path, kind: str, is_kind: Callable[[d
         return
     try:
         first = load_records(p)[0] if line.startswith(b"[") else loads(line)  # a JSON list is read whole
-    except (DataError, IndexError, ValueError):
+    except (DataError, IndexError, ValueError, RecursionError):  # RecursionError: nested too deeply
         if len(lines) == 1 and line.startswith(b"{") and not lines[0].endswith(b"\n"):
             return  # the torn only line of an interrupted first append: its reader cuts it and resumes
         first = None

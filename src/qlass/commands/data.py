@@ -118,12 +118,14 @@ def _is_blank(path: Path) -> bool:
 
 def _validate(path: Path, what: str, name: str) -> bool:
     """Check one file of kind ``what`` (``name``: the path to name it by), printing its summary and
-    problems; False if a record is invalid. A file that cannot be read as a whole raises
-    :class:`DataError`."""
+    problems; False if a record is invalid. A file that cannot be read as a whole (not JSON Lines, or a file
+    of another kind) raises :class:`DataError`."""
     from ..data import validate_file
     from ..decision_files import read_decisions
     from ..errors import DataError, MissingFileError
     from ..eval_records import read_records
+    from ..file_kinds import FILE_KINDS, other_kind
+    from ..jsonl import read_numbered_jsonl
     from ..qdata import read_qdata
     from ..tree import read_trees
 
@@ -136,6 +138,10 @@ def _validate(path: Path, what: str, name: str) -> bool:
         for err in report.errors:
             typer.echo(err.replace(str(path), name), err=True)
         return report.ok
+    rows = read_numbered_jsonl(path)  # a file that is not JSON Lines cannot be read (exit 2), as trajectories
+    other = other_kind(rows[0][1], what) if rows else None
+    if other is not None:
+        raise DataError(name, f"line {rows[0][0]}: this is {other}, not {FILE_KINDS[what][1]}")
     try:
         if what == "trees":
             trees = read_trees(path)
@@ -180,7 +186,7 @@ def _detect_kind(path: Path) -> str:
     try:
         # the fields tell the kind: numbers are not converted (one too large is the reader's to name)
         record = json.loads(first, parse_int=len) if first and not first.startswith("[") else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested too deeply: the reader names it
         record = None
     if isinstance(record, dict) and "nodes" in record:
         return "trees"
