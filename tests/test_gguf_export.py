@@ -164,6 +164,13 @@ def test_an_empty_chat_template_exports_the_chatml_one_qlass_renders_with(tiny_m
     (model / "chat_template.jinja").write_text("")
     path = export_gguf(model, tmp_path / "m.gguf")
     assert gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents() == CHATML_TEMPLATE
+    # a template in tokenizer_config.json beside chat_template.jinja: transformers (and so qlass) renders with the
+    # .jinja file, and gguf's reader took the other
+    (model / "chat_template.jinja").write_text(CHATML_TEMPLATE.replace("<|im_start|>", "<|im_start|> "))
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages }}"}))
+    path = export_gguf(model, tmp_path / "m2.gguf")
+    assert gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents() == (
+        model / "chat_template.jinja").read_text()
 
 
 def test_smollm_digit_splitting_pre_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> None:

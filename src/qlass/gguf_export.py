@@ -49,7 +49,8 @@ from .gguf_read import (
     read_vocab,
 )
 from .locking import writer_lock
-from .policy.render import CHATML_TEMPLATE
+from .policy.loading import load_tokenizer
+from .policy.render import ensure_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab: Vocab, n_vocab: int) -> 
     ids = special.special_token_ids
     special.add_special_token["bos"] = "bos" in ids and full[:1] == [ids["bos"]] != plain[:1]
     special.add_special_token["eos"] = "eos" in ids and full[-1:] == [ids["eos"]] != plain[-1:]
-    if not special.chat_template:  # none, or an empty file: what qlass renders with then (ensure_chat_template)
-        special.chat_template = CHATML_TEMPLATE
+    # the template qlass renders with: transformers' (chat_template.jinja before tokenizer_config.json's, which
+    # gguf's reader prefers), or ChatML where there is none
+    special.chat_template = ensure_chat_template(load_tokenizer(model_dir)).chat_template
     special.add_to_gguf(writer, quiet=True)
