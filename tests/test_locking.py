@@ -22,6 +22,7 @@ from qlass.evaluate import evaluate
 from qlass.explore import ExploreConfig, explore_tasks
 from qlass.locking import lock_path, writer_lock
 from qlass.pipeline import run_pipeline
+from qlass.qdata import export_qdata
 from qlass.rft import RFTConfig, run_rft
 from qlass.self_train import self_train
 from qlass.training.dpo import DPOConfig
@@ -57,6 +58,7 @@ def test_every_writer_refuses_an_output_another_process_writes(tmp_path: Path) -
                  lambda: run_rft("model", "e.json", "model", "toy", folder, RFTConfig(), SFTConfig()),
                  lambda: run_eto("model", "e.json", "toy", folder, ETOConfig(), DPOConfig()),
                  lambda: self_train("trees.jsonl", "e.json", "model", folder, "q", SFTConfig()),
+                 lambda: export_qdata("other-trees.jsonl", file),  # it held no lock
                  lambda: run_pipeline(config)]
         for call in calls:
             with pytest.raises(QlassError, match=r"is being written by another qlass process \(pid \d+ on "):

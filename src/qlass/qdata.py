@@ -19,6 +19,7 @@ from .errors import DataError, MissingFileError, QlassError
 from .file_checks import refuse_overwriting_inputs
 from .file_kinds import other_kind
 from .jsonl import is_count, read_numbered_jsonl, write_jsonl
+from .locking import writes_to
 from .tree import BackupConfig, Tree, checked_field, checked_messages, compute_q, is_q_value, read_trees
 
 QDATA_SCHEMA_VERSION = 1
@@ -66,6 +67,7 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
     return out
 
 
+@writes_to("out_path", folder=False)
 def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
                  max_per_tree: int | None = 300, own_gamma: bool = False) -> dict[str, Any]:
     """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts. With
