@@ -32,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import differences, load_yaml, save_yaml
@@ -214,17 +215,20 @@ def evaluate(
         log.info("resuming: %d of %d (method, task) pairs already in %s",
                  len(runs) * len(tasks) - len(todo), len(runs) * len(tasks), path)
     columns = (TextColumn("[bold]eval[/]"), TextColumn("{task.description}", markup=False),  # a task id is text
-               BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("avg reward {task.fields[avg]:.3f}"))
-    with Progress(*columns, transient=False) as progress:
+               BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("its method's avg reward {task.fields[avg]:.3f}"))
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:  # stdout: results
         bar = progress.add_task("", total=len(todo), avg=0.0)
-        total = 0.0
+        by_method: dict[str, list[float]] = {}  # this run's rewards per method: their averages
         for i, (_, rec) in enumerate((executor or LocalExecutor()).run(worker, todo), start=1):
             append_jsonl(path, rec)
             records.append(rec)
-            total += rec["reward"]
-            progress.update(bar, advance=1, avg=total / i, description=f"{rec['method']} {rec['task']}")
-            log.info("%d/%d episodes done: %s on %s, reward %.2f (average %.3f)", i, len(todo), rec["method"],
-                     rec["task"], rec["reward"], total / i)
+            rewards = by_method.setdefault(rec["method"], [])
+            rewards.append(rec["reward"])
+            average = sum(rewards) / len(rewards)
+            progress.update(bar, advance=1, avg=average, description=f"{rec['method']} {rec['task']}")
+            log.info("%d/%d episodes done: %s on %s, reward %.2f (its average this run %.3f over %d)", i, len(todo),
+                     rec["method"], rec["task"], rec["reward"], average, len(rewards))
     wanted = {(run.label, env_name, t.split, t.id) for run in runs for t in tasks}
     return [r for r in records if record_key(r) in wanted]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import Progress
 
 from .agent import apply_output, finish, start_messages
@@ -160,7 +161,7 @@ def export_expert(
         log.info("resuming expert export: %d tasks already done in %s", len(done), path)
     out = ExpertExport()
     kept: dict[str, int] = {}
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, console=Console(stderr=True)) as bar:  # stdout is for results
         job = bar.add_task("expert replay", total=len(tasks))
         for task in tasks:
             bar.advance(job)

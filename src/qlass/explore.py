@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import differences, save_yaml, to_dict
@@ -177,7 +178,7 @@ def explore_tasks(
                TextColumn("{task.description}", markup=False))  # a tree id is text, never markup
     start = time.perf_counter()
     totals = {"nodes": 0, "tokens": 0, "steps": 0}
-    with Progress(*columns, disable=not progress) as bar:
+    with Progress(*columns, disable=not progress, console=Console(stderr=True)) as bar:  # stdout: results
         handle = bar.add_task("", total=len(jobs), rate=0.0, **totals)
         for _, record in (executor or LocalExecutor()).run(TreeWorker(make_env, policy, cfg, concurrency), jobs):
             tree = tree_from_dict(record, "<worker result>")

@@ -63,6 +63,8 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
         if not result.trajectories:
             raise QlassError(f"no expert trajectory could be verified for {cfg.env} {cfg.task_types}")
         save_trajectories(expert_path, result.trajectories)
+        log.info("stage 1a: %d verified expert trajectories → %s (%d tasks excluded)", len(result.trajectories),
+                 expert_path, len(result.excluded))
     log.info("stage 1b: SFT → %s", run / "sft")
     return train_sft(expert_path, base, run / "sft", r.sft)
 
@@ -83,8 +85,6 @@ def _exploration_tasks(r: Resolved, tasks: list[Task], config_path: str | Path) 
         raise QlassError(f"{config_path}: explore: no task left in split {stage.split!r} after skip {stage.skip}"
                          + (f" and the {len(exclude)} expert tasks" if stage.exclude_expert else ""))
     _refuse_changed_trees(r, chosen, config_path)
-    log.info("exploring %d tasks%s", len(chosen),
-             f" (none of the {len(exclude)} expert tasks)" if stage.exclude_expert else "")
     return chosen
 
 
@@ -251,7 +251,8 @@ def _trees_and_qdata(r: Resolved, tasks: list[Task], policy_spec: str, policy_op
     from .tree import BackupConfig
 
     cfg, run = r.cfg, r.run_dir
-    log.info("stage 2: exploration trees → %s", run / "trees.jsonl")
+    log.info("stage 2: exploration trees of %d tasks%s → %s", len(tasks),
+             " (none of the expert data's)" if r.explore_stage.exclude_expert else "", run / "trees.jsonl")
     concurrency = r.explore_stage.concurrency
     explore_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
     policy = functools.partial(load_policy, policy_spec, **{"seed": cfg.seed, **explore_opts})  # policy.seed wins

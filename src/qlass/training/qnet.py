@@ -228,7 +228,7 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
     if resume is None and is_main_process():  # snapshots of a run that died before its first checkpoint
         for leftover in SNAPSHOT_DIRS:
             shutil.rmtree(out / leftover, ignore_errors=True)
-    log.info("QNet (rank %s, pair weight %g): %d train records (%d trees) packed in %d rows of %d tokens, %d "
+    log.info("QNet (rank %s, pair weight %g): %d train records (%d trees) packed in %d rows (%d tokens in all), %d "
              "validation records (%d trees) in %d rows; %d optimizer steps", cfg.rank, cfg.pair_weight,
              len(train_records), len({r.tree_id for r in train_records}), len(train),
              sum(len(row.ids) for row in train), len(val_records), len({r.tree_id for r in val_records}), len(val),

@@ -343,7 +343,7 @@ def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfi
     if cfg.max_trajectories is not None:
         total = len(trajectories)
         trajectories = limit_trajectories(trajectories, cfg.max_trajectories, cfg.seed)
-        log.info("limited supervision: %d of %d trajectories (max_trajectories=%s)", len(trajectories), total,
+        log.info("limited supervision: %d of %d trajectories (max_trajectories=%g)", len(trajectories), total,
                  cfg.max_trajectories)
     model, tokenizer = load_causal_lm(model_dir)
     train_idx, val_idx = split_indices(len(trajectories), cfg.val_fraction, cfg.seed)
