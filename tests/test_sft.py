@@ -513,3 +513,27 @@ def test_a_base_model_replaced_at_the_same_path_is_refused(tiny_model_dir, tmp_p
     shutil.copytree(tiny_model_dir, base, copy_function=shutil.copy)  # another save at the old path
     with pytest.raises(QlassError, match=r"other settings \(base_model: another model at the same path"):
         train_sft(data, base, out, cfg)
+
+
+def test_resuming_a_tied_model_does_not_warn_of_missing_weights(tiny_model_dir, tmp_path: Path) -> None:
+    """Each resume of a model with tied embeddings (SmolLM2's) logged "There were missing keys in the checkpoint
+    model loaded: ['lm_head.weight']", which read as a damaged checkpoint: the checkpoint holds the embeddings,
+    and loading them restores the tied output weights. A key that is really missing still warns."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from qlass.training.common import _NotMisleading, tied_parameter_names
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert tied_parameter_names(model) == {"lm_head.weight"}
+    dropped = _NotMisleading(tied_parameter_names(model))
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("transformers.trainer", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not dropped.filter(record("There were missing keys in the checkpoint model loaded: ['lm_head.weight']."))
+    assert dropped.filter(record("There were missing keys in the checkpoint model loaded: ['model.norm.weight']."))
+    assert not dropped.filter(record("mtime may not be reliable on this filesystem, falling back to numerical "
+                                     "ordering"))
+    assert dropped.filter(record("There were unexpected keys in the checkpoint model loaded: ['x']."))

@@ -47,6 +47,7 @@ from .common import (
     remove_checkpoints,
     run_inputs,
     training_arguments,
+    without_misleading_warnings,
 )
 from .configs import DPOConfig
 from .run_folders import refuse_overwriting_run
@@ -243,7 +244,8 @@ def _train_dpo(source: Snapshot, model_dir: str | Path, out: Path, cfg: DPOConfi
                                 eval_dataset=Dataset.from_list(val) if val else None, processing_class=tokenizer,
                                 peft_config=lora_config(cfg) if cfg.lora else None,
                                 callbacks=[MetricsLog(out), SaveAtEpochEnd()]))
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with without_misleading_warnings(trainer):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_merged(trainer, model_dir, tokenizer, out, cfg.lora)
     if is_main_process():
         remove_checkpoints(out)

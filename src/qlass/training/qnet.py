@@ -66,6 +66,7 @@ from .common import (
     quiet,
     remove_checkpoints,
     training_arguments,
+    without_misleading_warnings,
     world_size,
 )
 from .configs import QNetTrainConfig
@@ -243,7 +244,8 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
         callbacks=[MetricsLog(out), EpochEnds(ends, bool(val))], rank=cfg.rank, pair_weight=cfg.pair_weight,
         head_lr=cfg.head_lr or cfg.lr, epoch_ends=ends, val_rows=val,
         best_dir=out / BEST_DIR if cfg.select_best else None))
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with without_misleading_warnings(trainer):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     epochs = epoch_records(trainer.state.log_history, ends)
     kept, kept_by = _kept_epoch(out, epochs, cfg.select_best)
     weights = out / (BEST_DIR if cfg.select_best else TRAINED_DIR)

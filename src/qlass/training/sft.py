@@ -71,6 +71,7 @@ from .common import (
     run_inputs,
     set_sampler_epoch,
     training_arguments,
+    without_misleading_warnings,
 )
 from .configs import SFTConfig
 from .run_folders import refuse_overwriting_run
@@ -371,7 +372,8 @@ def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfi
                                eval_dataset=_dataset(val) if val else None, processing_class=tokenizer,
                                peft_config=lora_config(cfg) if cfg.lora else None,
                                callbacks=[MetricsLog(out), SaveAtEpochEnd()]))
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with without_misleading_warnings(trainer):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_merged(trainer, model_dir, tokenizer, out, cfg.lora)
     if is_main_process():
         remove_checkpoints(out)
