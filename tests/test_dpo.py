@@ -130,6 +130,7 @@ def test_dpo_prefers_the_chosen_side_and_saves_a_plain_model(tiny_model_dir, tmp
     assert evals[-1]["val_loss"] < 0.5 and evals[-1]["rewards/accuracies"] == 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and not list(out.glob("checkpoint-*"))
+    assert not (out / "README.md").exists()  # TRL's model card, "a fine-tuned version of [None]"
     AutoModelForCausalLM.from_pretrained(out)
     assert train_dpo(data, tiny_model_dir, out, cfg) == out  # finished: handed back
     with pytest.raises(QlassError, match=r"beta: 0\.1 → 0\.2"):

@@ -339,6 +339,7 @@ def test_a_trainer_refuses_a_folder_another_trainer_or_no_trainer_made(tiny_mode
     data = write_data(tmp_path / "data.json", n=4)
     cfg = SFTConfig(epochs=1, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1)
     sft = train_sft(data, tiny_model_dir, tmp_path / "sft", cfg)
+    assert not (sft / "README.md").exists()  # TRL's model card, "a fine-tuned version of [None]"
     before = _files(sft)
     others = {"dpo": lambda: train_dpo(tmp_path / "pairs.jsonl", tiny_model_dir, sft, DPOConfig(threads=1)),
               "train-qnet": lambda: train_qnet(tmp_path / "q.jsonl", tiny_model_dir, sft, QNetTrainConfig(threads=1)),

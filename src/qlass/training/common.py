@@ -378,6 +378,15 @@ def without_misleading_warnings(trainer: Any) -> Iterator[None]:
             logger.removeFilter(dropped)
 
 
+class NoModelCard:
+    """Mixin for a TRL trainer (listed before it): no ``README.md`` model card in the run folder. TRL writes one
+    at every checkpoint, naming no base model ("a fine-tuned version of [None]"); the folder's files are
+    formats.md's."""
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def quiet(trainer: Any) -> Any:
     """``trainer`` without the callbacks that print every log to stdout (:class:`MetricsLog` logs)."""
     from transformers import PrinterCallback, ProgressCallback

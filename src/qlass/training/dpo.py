@@ -35,6 +35,7 @@ from ..types import Message, Trajectory
 from .common import (
     DONE_MARK,
     MetricsLog,
+    NoModelCard,
     SaveAtEpochEnd,
     Snapshot,
     check_report_to,
@@ -187,7 +188,7 @@ def _trainer_class() -> type:
                                          padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
             return out
 
-    class PairDPOTrainer(WarmupWithinRun, DPOTrainer):
+    class PairDPOTrainer(NoModelCard, WarmupWithinRun, DPOTrainer):
         def _prepare_dataset(self, dataset: Any, *_: Any, **__: Any) -> Any:
             return dataset  # tokenized by encode_pair
 

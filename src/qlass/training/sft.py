@@ -57,6 +57,7 @@ from .common import (
     DONE_MARK,
     LengthGroupedSampler,
     MetricsLog,
+    NoModelCard,
     SaveAtEpochEnd,
     Snapshot,
     TrainerConfig,
@@ -230,7 +231,7 @@ def _trainer_class() -> type:
     only the labelled positions through the LM head (:func:`labelled_token_loss`)."""
     from trl import SFTTrainer
 
-    class WindowSFTTrainer(WarmupWithinRun, SFTTrainer):
+    class WindowSFTTrainer(NoModelCard, WarmupWithinRun, SFTTrainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> LengthGroupedSampler:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return LengthGroupedSampler([len(ids) for ids in dataset["input_ids"]],
