@@ -371,7 +371,7 @@ def test_validate_reads_decision_files_and_evaluation_records(tmp_path: Path) ->
     assert "conversations" not in bad.stderr  # not read as trajectory files
 
     wrong = validate("--kind", "decisions", str(records))
-    assert wrong.returncode == 1 and "this is evaluation records" in wrong.stderr
+    assert wrong.returncode == 2 and "this is evaluation records" in wrong.stderr  # unreadable as decisions
 
 
 def test_jsonl_problems_name_the_line_an_editor_shows(tmp_path: Path) -> None:

@@ -423,7 +423,7 @@ def test_a_json_list_given_for_json_lines_says_so(tmp_path: Path) -> None:
     pretty.write_text('[\n  {"a": 1}\n]\n')
     one_line.write_text('[{"a": 1}]\n')
     later.write_text('{"a": 1}\n[{"a": 2}]\n')
-    for path, error in ((pretty, "line 1: invalid JSON (Expecting value)"),
+    for path, error in ((pretty, "line 1: invalid JSON (Expecting value at column 2)"),
                         (one_line, "line 1: expected a JSON object, got list")):
         with pytest.raises(DataError) as err:
             read_jsonl(path)

@@ -524,7 +524,7 @@ def test_resuming_a_tied_model_does_not_warn_of_missing_weights(tiny_model_dir, 
 
     from transformers import AutoModelForCausalLM
 
-    from qlass.training.common import _NotMisleading, tied_parameter_names
+    from qlass.training.quiet import _NotMisleading, tied_parameter_names
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert tied_parameter_names(model) == {"lm_head.weight"}

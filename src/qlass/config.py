@@ -284,10 +284,8 @@ def check_minimums(cfg: Any, **minimums: int) -> None:
     below its minimum; ``None`` (no limit) passes. For ``__post_init__`` checks of limits."""
     optional = {f.name for f in dataclasses.fields(cfg) if "None" in str(f.type)}
     for name, low in minimums.items():
-        value = getattr(cfg, name)
-        if value is not None and value < low:
-            unlimited = " (or null: no limit)" if name in optional else ""
-            raise ValueError(f"{name} must be >= {low}{unlimited}, got {value}")
+        if (value := getattr(cfg, name)) is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}{' (or null: no limit)' * (name in optional)}, got {value}")
 
 
 def check_call_options(target: Any, options: Mapping[str, Any], source: str,

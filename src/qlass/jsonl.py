@@ -267,8 +267,8 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
                 if b"\x00" in line:  # never in JSON text (control characters are escaped); UTF-16/32 has them
                     raise DataError(str(p), f"line {lineno}: not UTF-8 text (NUL bytes: a UTF-16 or UTF-32 file? "
                                             "save it as UTF-8)") from None
-                raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg}){torn}{_list_hint(line, records)}"
-                                ) from None
+                raise DataError(str(p), f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno}){torn}"
+                                        f"{_list_hint(line, records)}") from None
             if not isinstance(obj, dict):
                 raise DataError(str(p), f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
                                         f"{_list_hint(line, records)}")

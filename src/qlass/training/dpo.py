@@ -35,7 +35,6 @@ from ..types import Message, Trajectory
 from .common import (
     DONE_MARK,
     MetricsLog,
-    NoModelCard,
     SaveAtEpochEnd,
     Snapshot,
     check_report_to,
@@ -44,13 +43,12 @@ from .common import (
     is_main_process,
     main_process_lock,
     prepare_resume,
-    quiet,
     remove_checkpoints,
     run_inputs,
     training_arguments,
-    without_misleading_warnings,
 )
 from .configs import DPOConfig
+from .quiet import NoModelCard, quiet, without_misleading_warnings
 from .run_folders import refuse_overwriting_run
 from .schedule import WarmupWithinRun
 from .sft import labelled_example, lora_config, prefix_length, save_merged

@@ -63,10 +63,8 @@ from .common import (
     last_checkpoint,
     main_process_lock,
     prepare_resume,
-    quiet,
     remove_checkpoints,
     training_arguments,
-    without_misleading_warnings,
     world_size,
 )
 from .configs import QNetTrainConfig
@@ -82,6 +80,7 @@ from .qnet_trainer import (
     single,
     validation_items,
 )
+from .quiet import quiet, without_misleading_warnings
 from .run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,6 @@ from .common import (
     DONE_MARK,
     LengthGroupedSampler,
     MetricsLog,
-    NoModelCard,
     SaveAtEpochEnd,
     Snapshot,
     TrainerConfig,
@@ -67,14 +66,13 @@ from .common import (
     is_main_process,
     main_process_lock,
     prepare_resume,
-    quiet,
     remove_checkpoints,
     run_inputs,
     set_sampler_epoch,
     training_arguments,
-    without_misleading_warnings,
 )
 from .configs import SFTConfig
+from .quiet import NoModelCard, quiet, without_misleading_warnings
 from .run_folders import refuse_overwriting_run
 from .schedule import WarmupWithinRun
 
