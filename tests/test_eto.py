@@ -311,6 +311,26 @@ def test_pipeline_trains_and_evaluates_the_eto_agent(walker: tuple[Path, Path], 
         run_pipeline(path)
 
 
+@pytest.mark.slow
+def test_a_pipeline_whose_eto_round_finds_no_pairs_goes_on_without_its_row(
+        walker: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An ETO round with nothing to train on stopped the whole run, so the sections after it (self-training)
+    never ran. The run now ends with the other rows and a warning naming the round."""
+    from qlass.pipeline import run_pipeline
+
+    sft, expert = walker
+    run = tmp_path / "run"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(run), "sft_model": str(sft), "env": ENV, "env_args": {"step_limit": 3},
+        "policy": {"threads": 1}, "expert": {"data": str(expert)},
+        "eval": {"limit": 2, "max_steps": 2, "methods": ["greedy:max_new_tokens=24"]},
+        "eto": {"limit": 2, "max_new_tokens": 24, "min_reward": 0.0}}))  # nothing is below reward 0
+    rows = run_pipeline(path)
+    assert [r["method"] for r in rows] == ["greedy"] and not (run / "eto" / "round-1" / "dpo").exists()
+    assert "ETO round 1: no failure pairs to train on" in caplog.text and "no eto (greedy) row" in caplog.text
+
+
 def test_pipeline_eto_section_is_checked_before_any_work() -> None:
     from qlass.pipeline_config import pipeline_options, resolve
 

@@ -80,6 +80,10 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "eto_config.yaml"
 EXPLORE_DIR = "explore"
 PAIRS_FILE = "pairs.jsonl"
+
+
+class NoPairsError(QlassError):
+    """A round's exploration gave no failure to pair with an expert trajectory: there is nothing to train on."""
 SUMMARY_FILE = "summary.json"
 MODEL_DIR = "dpo"
 EPS = 1e-9
@@ -296,7 +300,7 @@ def run_eto(
                  pairs.mean_reward, pairs.failures, cfg.min_reward, len(pairs.pairs), pairs.no_expert,
                  pairs.expert_not_better, pairs.unusable)
         if not pairs.pairs:
-            raise QlassError(f"ETO round {k}: no failure pairs to train on ({pairs.episodes} episodes, "
+            raise NoPairsError(f"ETO round {k}: no failure pairs to train on ({pairs.episodes} episodes, "
                              f"{pairs.failures} below min_reward {cfg.min_reward}: {pairs.no_expert} without an "
                              f"expert trajectory, {pairs.expert_not_better} where the expert is no better, "
                              f"{pairs.unusable} unusable)"

@@ -177,7 +177,7 @@ def retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> lis
     greedily on the evaluation's tasks; returns (row label prefix, evaluation folder) per agent."""
     import dataclasses
 
-    from .eto import run_eto
+    from .eto import NoPairsError, run_eto
     from .evaluate import run_evaluation
     from .models import model_folder
     from .rft import run_rft
@@ -200,11 +200,15 @@ def retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> lis
         if eto_cfg.max_steps is None and r.eval.max_steps is not None:
             eto_cfg = dataclasses.replace(eto_cfg, max_steps=r.eval.max_steps)
         log.info("ETO baseline → %s", run / ETO_DIR)
-        agent, _ = run_eto(sft_dir, supervised_expert_data(r, config_path, "eto"), cfg.env, run / ETO_DIR, eto_cfg,
-                           r.eto.dpo,
-                           env_kwargs=cfg.env_args, task_types=cfg.task_types, policy_kwargs=cfg.policy,
-                           seed=cfg.seed, backend=cfg.backend, workers=cfg.workers, concurrency=r.eval.concurrency)
-        agents.append(("eto", agent, run / ETO_DIR / "eval"))
+        try:
+            agent, _ = run_eto(sft_dir, supervised_expert_data(r, config_path, "eto"), cfg.env, run / ETO_DIR,
+                               eto_cfg, r.eto.dpo, env_kwargs=cfg.env_args, task_types=cfg.task_types,
+                               policy_kwargs=cfg.policy, seed=cfg.seed, backend=cfg.backend, workers=cfg.workers,
+                               concurrency=r.eval.concurrency)
+        except NoPairsError as exc:  # the other agents still train and are reported
+            log.warning("%s: the results have no eto (greedy) row", exc)
+        else:
+            agents.append(("eto", agent, run / ETO_DIR / "eval"))
     if r.self_train is not None:
         stage = r.self_train.stage
         start = base if stage.init == "base" else sft_dir
