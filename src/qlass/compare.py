@@ -61,6 +61,12 @@ def bootstrap_interval(diffs: Sequence[float], resamples: int, seed: int, confid
     return means[int(tail * (resamples - 1))], means[int((1.0 - tail) * (resamples - 1))]
 
 
+def paired_interval(diffs: Sequence[float], resamples: int, seed: int, confidence: float
+                    ) -> tuple[float, float] | tuple[None, None]:
+    """:func:`bootstrap_interval` of paired differences, or none for a single one (resampling it gives it back)."""
+    return bootstrap_interval(diffs, resamples, seed, confidence) if len(diffs) > 1 else (None, None)
+
+
 def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", resamples: int = 10_000,
                 seed: int = 0, confidence: float = 0.95) -> list[dict[str, Any]]:
     """Every other method against ``baseline`` on the tasks both played, per (env, split), then pooled
@@ -100,7 +106,7 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
 
 def _paired_row(env: str, split: str, method: str, baseline: str, diffs: Sequence[float], resamples: int,
                 seed: int, confidence: float) -> dict[str, Any]:
-    low, high = bootstrap_interval(diffs, resamples, seed, confidence) if len(diffs) > 1 else (None, None)
+    low, high = paired_interval(diffs, resamples, seed, confidence)
     return {"env": env, "split": split, "method": method, "baseline": baseline, "tasks": len(diffs),
             "mean_diff": sum(diffs) / len(diffs), "ci_low": low, "ci_high": high, "confidence": confidence,
             "wins": sum(d > TIE for d in diffs), "ties": sum(abs(d) <= TIE for d in diffs),

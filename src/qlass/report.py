@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compare import bootstrap_interval, confidence_label, interval_cell, md_cell, paired_rows, paired_table, points
+from .compare import confidence_label, interval_cell, md_cell, paired_interval, paired_rows, paired_table, points
 from .errors import QlassError
 from .file_checks import check_output_file
 from .jsonl import write_bytes_atomic, write_text_atomic
@@ -268,7 +268,7 @@ def side_by_side(sides: dict[str, Sequence[dict[str, Any]]], resamples: int = 10
                                    "success_rate": _mean([float(v >= 1.0 - 1e-9) for v in vals])}
         for label in labels[1:]:
             diffs = [reward[label][key][t] - reward[labels[0]][key][t] for t in tasks]
-            low, high = bootstrap_interval(diffs, resamples, seed, confidence) if len(diffs) > 1 else (None, None)
+            low, high = paired_interval(diffs, resamples, seed, confidence)
             row["sides"][label]["vs_first"] = {"mean_diff": _mean(diffs), "ci_low": low, "ci_high": high}
         rows.append(row)
     return rows

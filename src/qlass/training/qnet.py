@@ -202,8 +202,7 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
         return json.loads((out / RESULT_FILE).read_text())
     if last_checkpoint(out) is not None:
         _check_run(out, cfg, source, held, sft_dir, finished=False)
-    records = read_qdata(source.path)
-    make_groups(records, str(qdata))  # siblings must share their history (else the ranking keys lie)
+    records = read_qdata(source.path)  # it checks that siblings share their history (else the ranking keys lie)
     train_records, val_records = _split(records, cfg, held, str(qdata))
     if cfg.select_best and not val_records:
         raise QlassError("select_best needs validation trees (val_fraction > 0)")

@@ -11,6 +11,8 @@ from .common import DONE_MARK, checkpoint_dirs
 RUN_FILES = {"sft_config.yaml": "sft", "dpo_config.yaml": "dpo", "qnet_config.yaml": "qnet",
              "features.settings.json": "qnet-head"}
 """The file each trainer writes into its output folder before anything else, and the trainer it names."""
+RUN_DATA = {"records.jsonl": "an evaluation run", "trees.jsonl": "exploration trees"}
+"""The files of the commands whose output folders hold data, not a model, and what they are."""
 RUN_NAMES = {"sft": "an SFT run (qlass sft)", "dpo": "a DPO run (qlass dpo)", "qnet": "a QNet run (qlass train-qnet)",
              "qnet-head": "a head-only QNet (qlass train-qnet-head)"}
 
@@ -31,11 +33,10 @@ def refuse_overwriting_run(out: Path, model_dir: str | Path, kind: str) -> None:
         if other != kind and (out / name).exists():
             raise QlassError(f"{out}: holds {RUN_NAMES[other]} ({name}), which this {this} would overwrite or mix "
                              "with; use a new output folder")
-    data = next((name for name in ("records.jsonl", "trees.jsonl") if (out / name).exists()), None)
+    data = next((name for name in RUN_DATA if (out / name).exists()), None)
     if data is not None:
-        what = "an evaluation run" if data == "records.jsonl" else "exploration trees"
-        raise QlassError(f"{out}: holds {what} ({data}); this {this} would write its model among its files: use a "
-                         "new output folder")
+        raise QlassError(f"{out}: holds {RUN_DATA[data]} ({data}); this {this} would write its model among its files: "
+                         "use a new output folder")
     if model.exists() and out.resolve() in model.resolve().parents:
         raise QlassError(f"{out}: holds the model this run starts from ({model}); training would delete or "
                          "overwrite it (give another output folder)")
@@ -66,7 +67,7 @@ def refuse_foreign_folder(out: Path, command: str) -> None:
     if not out.is_dir():
         return
     found = {**{name: RUN_NAMES[kind] for name, kind in RUN_FILES.items()}, DONE_MARK: "a finished training run",
-             "config.json": "a model", "records.jsonl": "an evaluation run", "trees.jsonl": "exploration trees"}
+             "config.json": "a model", **RUN_DATA}
     name = next((name for name in found if (out / name).exists()), None)
     if name is not None:
         raise QlassError(f"{out}: holds {found[name]} ({name}); qlass {command} writes its data and agents into "
