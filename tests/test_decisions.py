@@ -216,6 +216,10 @@ def test_settings_check_names_the_changed_field(tmp_path: Path) -> None:
     again = collect_decisions(Fork, task, ScriptedPolicy(), DecisionConfig(m=3, concurrency=2), tmp_path / "d.jsonl",
                               settings={"model": "x", "policy": {"threads": 2}})
     assert len(again) == 2 and len(read_jsonl(tmp_path / "d.jsonl")) == 2
+    # a library call without settings added another policy's decisions unchecked
+    with pytest.raises(QlassError, match=r"was made with 'model' recorded in .*d\.config\.yaml, and this run gives "
+                                         r"none"):
+        collect_decisions(Fork, Fork().tasks("seen")[:2], ScriptedPolicy(), DecisionConfig(m=3), tmp_path / "d.jsonl")
 
 
 def test_config_is_validated() -> None:

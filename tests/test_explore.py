@@ -792,6 +792,21 @@ def test_exploring_more_tasks_with_other_settings_into_a_file_is_refused_before_
     assert len(read_trees(out)) == 4, "the same settings add the new tasks"
 
 
+def test_a_library_call_without_settings_cannot_add_to_trees_made_with_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """explore_tasks without ``settings`` added another policy's trees to a file whose trees.config.yaml records
+    a model: the settings were checked only when given. It is refused; a file made without them warns."""
+    out, tasks = tmp_path / "trees.jsonl", Rooms().tasks("train")
+    explore_tasks(Rooms, tasks[:1], ScriptedPolicy(), small_cfg(), out, progress=False,
+                  settings={"model": "m", "env": "rooms"})
+    with pytest.raises(QlassError, match=r"was made with 'model', 'env' recorded in .*trees\.config\.yaml, and this "
+                                         r"run gives none"):
+        explore_tasks(Rooms, tasks[:2], ScriptedPolicy(), small_cfg(), out, progress=False)
+    assert len(read_trees(out)) == 1
+    explore_tasks(Rooms, tasks[:1], ScriptedPolicy(), small_cfg(), tmp_path / "bare.jsonl", progress=False)
+    assert "no settings given (model, env, env_args, policy)" in caplog.text
+
+
 class AllCut(ScriptedPolicy):
     """ScriptedPolicy whose every output is cut off by the token limit."""
 

@@ -399,3 +399,20 @@ def test_qdata_command_backs_up_with_the_trees_gamma_unless_told(tmp_path: Path)
                            capture_output=True, text=True)
     assert mixed.returncode == 2 and "explored with different gammas ([0.5, 0.9]); give --gamma" in mixed.stderr
     assert q_values("--gamma", "0.5") == pytest.approx([0.5, 1.0, 0.5, 1.0])
+
+
+def test_export_qdata_without_a_config_backs_up_with_the_trees_gamma(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The library's export_qdata discounted by 0.9 whatever the trees were explored with, while ``qlass qdata``
+    (and the trees' stored q) used their own gamma: the same trees gave two sets of targets, silently."""
+    trees = tmp_path / "trees.jsonl"
+    tree = make_tree([(0, 0.0), (1, 1.0, True)], "t/a")
+    tree.config = {"gamma": 0.5}
+    write_jsonl(trees, [tree.to_dict()])
+    export_qdata(trees, tmp_path / "own.jsonl")
+    assert [r["q"] for r in read_qdata(tmp_path / "own.jsonl")] == pytest.approx([0.5, 1.0])
+    assert [r["q"] for r in qdata_records(tree)] == pytest.approx([0.5, 1.0])
+    with caplog.at_level("WARNING", logger="qlass.qdata"):
+        export_qdata(trees, tmp_path / "told.jsonl", BackupConfig(gamma=0.9))
+    assert [r["q"] for r in read_qdata(tmp_path / "told.jsonl")] == pytest.approx([0.9, 1.0])
+    assert "backing up with gamma 0.9; trees in it were explored with 0.5" in caplog.text

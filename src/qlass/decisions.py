@@ -303,6 +303,9 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
     require_config(cfg, DecisionConfig, "collect_decisions")
     if not tasks:
         log.warning("collect_decisions: no tasks given; nothing to collect")
+    if settings is None:
+        log.warning("collect_decisions: no settings given (model, env, ...): %s records none, so a rerun cannot "
+                    "refuse another policy's decisions", sidecar(Path(out), "config.yaml"))
     listed: set[tuple[str, str]] = set()
     for t in tasks:  # twice would value its decisions twice, and the file would hold them twice
         if (t.split, t.id) in listed:

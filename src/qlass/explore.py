@@ -121,6 +121,9 @@ def _finished(path: Path, tasks: Sequence[Task], cfg: ExploreConfig, run_seed: i
             check_recorded(sidecar, settings, str(path), advice="use a new output file",
                            required=("model", "env", "seed") if sidecar.exists() else ())
         save_yaml(settings_file(path), settings)
+    elif trees and settings_file(path).exists():  # made with settings: this run's own cannot be left unsaid
+        check_recorded(settings_file(path), {"seed": run_seed}, str(path), advice="use a new output file",
+                       required=("model", "env", "seed"))
     want = explore_digest(cfg)
     recorded = next((t for t in trees.values() if t.config_hash), None)  # read_trees: all of one run's settings
     for tree in [trees[task.id] for task in tasks if task.id in trees] + ([recorded] if recorded else []):
@@ -163,6 +166,9 @@ def explore_tasks(
     path = Path(out_path)
     if settings is not None and cfg.paraphrases is not None:  # how the cache was made: another one is refused
         settings = {**settings, "paraphrases": cfg.paraphrases.settings}
+    if settings is None:
+        log.warning("explore_tasks: no settings given (model, env, env_args, policy): %s records none, so a rerun "
+                    "cannot refuse another policy's trees", settings_file(path))
     done = _finished(path, tasks, cfg, seed, settings, runs_here(executor))
     todo = [t for t in tasks if t.id not in done]
     missing = cfg.paraphrases.missing(todo) if cfg.paraphrases is not None else []

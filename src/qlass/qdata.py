@@ -7,6 +7,7 @@ Q target (:func:`qlass.tree.compute_q`); written by :func:`export_qdata`, read b
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,6 +24,7 @@ from .locking import writes_to
 from .tree import BackupConfig, Tree, checked_field, checked_messages, compute_q, is_q_value, read_trees
 
 QDATA_SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def _check_max_per_tree(max_per_tree: int | None) -> None:
@@ -35,7 +37,7 @@ def _rank(tree_id: str, node_id: int) -> str:
     return hashlib.sha256(f"{tree_id}\x1f{node_id}".encode()).hexdigest()
 
 
-def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: int | None = 300
+def qdata_records(tree: Tree, cfg: BackupConfig | None = None, max_per_tree: int | None = 300
                   ) -> list[dict[str, Any]]:
     """One Q-dataset record per non-root node outside the extra rollout chains (``rollout >= 1``:
     they only inform their branch's mean, and their heads would repeat a sibling's action), in
@@ -43,8 +45,11 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
 
     With more than ``max_per_tree`` such nodes a deterministic subset is kept: nodes that have
     siblings first (sibling groups carry the ranking signal), each tier ordered by a stable hash of
-    (tree id, node id).
+    (tree id, node id). Without ``cfg``, the backup uses :class:`BackupConfig`'s defaults at the gamma the tree
+    was explored with (its stored ``q`` values use that one).
     """
+    if cfg is None:
+        cfg = BackupConfig(gamma=explored_gamma([tree], tree.tree_id))
     require_config(cfg, BackupConfig, "qdata_records")
     _check_max_per_tree(max_per_tree)
     q = compute_q(tree, cfg)
@@ -68,11 +73,15 @@ def qdata_records(tree: Tree, cfg: BackupConfig = BackupConfig(), max_per_tree: 
 
 
 @writes_to("out_path", folder=False)
-def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig = BackupConfig(),
+def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg: BackupConfig | None = None,
                  max_per_tree: int | None = 300, own_gamma: bool = False) -> dict[str, Any]:
-    """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts. With
-    ``own_gamma``, the backup discounts by the gamma the trees were explored with (:func:`explored_gamma`)
-    rather than ``cfg.gamma``."""
+    """Write ``qdata.jsonl`` for every tree of ``trees_path`` (sorted by tree id); returns counts.
+
+    The backup discounts by the gamma the trees were explored with (:func:`explored_gamma`, as ``qlass qdata``
+    does) when ``cfg`` is not given or ``own_gamma`` is set (``cfg``'s other fields still apply); otherwise by
+    ``cfg.gamma``, with a warning when that differs from the trees' own."""
+    if cfg is None:
+        cfg, own_gamma = BackupConfig(), True
     require_config(cfg, BackupConfig, "export_qdata")
     _check_max_per_tree(max_per_tree)
     refuse_overwriting_inputs(out_path, [trees_path])
@@ -82,6 +91,11 @@ def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg
         raise DataError(str(trees_path), "holds no trees (nothing to export)")
     if own_gamma:
         cfg = replace(cfg, gamma=explored_gamma(trees, trees_path))
+    else:
+        others = sorted({float(t.config.get("gamma", BackupConfig.gamma)) for t in trees} - {cfg.gamma})
+        if others:
+            log.warning("%s: backing up with gamma %g; trees in it were explored with %s (their stored q values "
+                        "use it)", trees_path, cfg.gamma, ", ".join(f"{g:g}" for g in others))
     records = [r for t in trees for r in qdata_records(t, cfg, max_per_tree)]
     write_jsonl(out_path, records)
     return {"trees": len(trees), "records": len(records),

@@ -121,7 +121,8 @@ def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: 
     as read from it) differ from ``now`` (:func:`setting_changes`), naming every difference; a missing
     file records nothing. ``required`` (given when ``what`` holds earlier work): settings of ``now``
     that the file must record, dotted names reaching into mappings (``options.k``) — a missing file,
-    or one emptied or cut by hand, is refused too, since the earlier work's settings are then unknown."""
+    or one emptied or cut by hand, is refused too, since the earlier work's settings are then unknown; and so is
+    ``now`` without a ``required`` setting that the file records (a library call given no ``settings``)."""
     if recorded is None:
         if not Path(path).exists():
             if required:
@@ -133,6 +134,10 @@ def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: 
     if missing:
         raise QlassError(f"{path} does not record {', '.join(map(repr, missing))}, so the settings of {what} are "
                          f"unknown and new work could mix with others; {advice} (or restore the file)")
+    unsaid = [k for k in required if records_setting(recorded, k) and not records_setting(now, k)]
+    if unsaid:  # a library call without its settings: another model's work would join unchecked
+        raise QlassError(f"{what} was made with {', '.join(map(repr, unsaid))} recorded in {path}, and this run "
+                         f"gives none, so it cannot be checked against them: give the same settings, or {advice}")
     changes = setting_changes(recorded, now, ignore)
     if changes:
         raise QlassError(f"{what} was made with other settings ({'; '.join(changes)}; see {path}); {advice}")
