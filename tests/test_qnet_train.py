@@ -357,3 +357,48 @@ def test_a_run_of_one_optimizer_step_changes_the_weights(tiny_model_dir: Path, t
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).state_dict()
     key = "model.layers.0.mlp.up_proj.weight"
     assert not torch.allclose(trained[key], base[key])
+
+
+def _draws() -> tuple[float, float, float]:
+    import random
+
+    import numpy as np
+
+    return torch.rand(1).item(), random.random(), float(np.random.rand())
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def test_training_leaves_the_callers_random_generators_as_they_were(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """transformers' Trainer seeds Python's, NumPy's and torch's generators, so after a train_qnet call a caller's
+    draws were those after seed 0 whatever it had seeded: a seed sweep drew the same numbers every time."""
+    _seed_all(11)
+    expected = _draws()
+    _seed_all(11)
+    opts = {**CFG, "epochs": 1, "max_steps": 1, "eval_before": False, "baseline": False, "threads": 1}
+    train_qnet(synthetic_qdata(tmp_path / "q.jsonl", trees=6), tiny_model_dir, tmp_path / "qnet",
+               QNetTrainConfig(**opts))
+    assert _draws() == expected
+
+
+def test_a_qnet_given_as_the_sft_model_is_refused_before_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A QNet folder loads as a sequence classifier too: train_qnet trained to the end, failed on its validation
+    scoring, and left a folder that then refused the corrected rerun as made with another SFT model."""
+    import shutil
+
+    qnet_like = tmp_path / "qnet_a"
+    shutil.copytree(tiny_model_dir, qnet_like)
+    config = json.loads((qnet_like / "config.json").read_text())
+    (qnet_like / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    out = tmp_path / "qnet_b"
+    with pytest.raises(QlassError, match=r"qnet_a: is a QNet \(a sequence classifier\), not a causal LM"):
+        train_qnet(synthetic_qdata(tmp_path / "q.jsonl", trees=6), qnet_like, out, QNetTrainConfig(**CFG))
+    assert not out.exists()

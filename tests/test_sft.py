@@ -538,3 +538,23 @@ def test_resuming_a_tied_model_does_not_warn_of_missing_weights(tiny_model_dir, 
     assert not dropped.filter(record("mtime may not be reliable on this filesystem, falling back to numerical "
                                      "ordering"))
     assert dropped.filter(record("There were unexpected keys in the checkpoint model loaded: ['x']."))
+
+
+def test_sft_leaves_the_callers_random_generators_as_they_were(tiny_model_dir, tmp_path: Path) -> None:
+    """transformers' Trainer seeds Python's, NumPy's and torch's generators (set_seed): after train_sft a caller's
+    draws were those after the run's seed, whatever the caller had seeded."""
+    import random
+
+    import numpy as np
+
+    def seeded_draws(call=None) -> tuple[float, float, float]:
+        torch.manual_seed(11)
+        random.seed(11)
+        np.random.seed(11)
+        if call is not None:
+            call()
+        return torch.rand(1).item(), random.random(), float(np.random.rand())
+
+    cfg = SFTConfig(epochs=1, lr=1e-3, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1, max_steps=1)
+    data = write_data(tmp_path / "data.json")
+    assert seeded_draws(lambda: train_sft(data, tiny_model_dir, tmp_path / "sft", cfg)) == seeded_draws()

@@ -51,7 +51,7 @@ from .file_checks import require_model_folder
 from .jsonl import read_json_object, write_text_atomic
 from .models import resolve_device
 from .policy import kv
-from .policy.loading import load_tokenizer, loading_weights
+from .policy.loading import load_tokenizer, loading_weights, refuse_classifier
 from .policy.render import encode_conversation, ensure_chat_template, fit_history
 from .precision import bf16_autocast, use_autocast
 from .qnet_forward import backbone_of, last_real_hidden, sequence_hidden, shared_prefix_hidden, stored_prefix_hidden
@@ -113,12 +113,13 @@ class QNet:
 
         sft_dir = Path(sft_dir)
         require_model_folder(sft_dir, f"{sft_dir}: not a model folder (no config.json)")
+        refuse_classifier(sft_dir)
         tokenizer = load_tokenizer(sft_dir)
-        torch.manual_seed(seed)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
-        try:
-            with loading_weights(sft_dir, "model"):
+        try:  # the head's seeded initialisation leaves the caller's generator as it was
+            with torch.random.fork_rng(devices=[]), loading_weights(sft_dir, "model"):
+                torch.manual_seed(seed)
                 model = AutoModelForSequenceClassification.from_pretrained(
                     sft_dir, num_labels=1, problem_type="regression", pad_token_id=pad_id_of(tokenizer),
                     id2label={0: "q_value"}, label2id={"q_value": 0}, dtype=_dtype(dtype))

@@ -42,7 +42,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
                                "default one")
     if dtype not in DTYPES:
         raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    _refuse_classifier(path)
+    refuse_classifier(path)
     hf_logging.disable_progress_bar()
     tokenizer = ensure_chat_template(load_tokenizer(path))
     with loading_weights(path, "model"):
@@ -50,7 +50,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _refuse_classifier(path: Path) -> None:
+def refuse_classifier(path: Path) -> None:
     """Raise :class:`QlassError` for a QNet (or any sequence-classifier) folder given as a causal LM:
     transformers would load it with a language-model head tied to its embeddings, and it would play."""
     try:

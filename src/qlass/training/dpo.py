@@ -49,6 +49,7 @@ from .common import (
 )
 from .configs import DPOConfig
 from .quiet import NoModelCard, quiet, without_misleading_warnings
+from .rng import keeping_random_state
 from .run_folders import refuse_overwriting_run
 from .schedule import WarmupWithinRun
 from .sft import labelled_example, lora_config, prefix_length, save_merged
@@ -206,7 +207,7 @@ def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "dpo")
     check_report_to(cfg.report_to)
-    with main_process_lock(out), naming_failed_saves(out), input_snapshot(pairs) as source:
+    with keeping_random_state(), main_process_lock(out), naming_failed_saves(out), input_snapshot(pairs) as source:
         return _train_dpo(source, model_dir, out, cfg)
 
 

@@ -45,6 +45,7 @@ from ..config_fields import require_config
 from ..errors import QlassError, naming_failed_saves
 from ..jsonl import append_jsonl, write_jsonl
 from ..models import resolve_device
+from ..policy.loading import refuse_classifier
 from ..qnet import QNet
 from ..qnet_data import QRecord, make_groups, read_qdata, split_by_tree
 from ..qnet_loss import state_targets
@@ -81,6 +82,7 @@ from .qnet_trainer import (
     validation_items,
 )
 from .quiet import quiet, without_misleading_warnings
+from .rng import keeping_random_state
 from .run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
@@ -187,9 +189,10 @@ def train_qnet(qdata: str | Path | Snapshot, sft_dir: str | Path, out_dir: str |
     require_config(cfg, QNetTrainConfig, "train_qnet")
     out = Path(out_dir)
     refuse_overwriting_run(out, sft_dir, "qnet")
+    refuse_classifier(Path(sft_dir))  # a QNet loads as a classifier too, and failed only after training
     check_report_to(cfg.report_to)
     read = contextlib.nullcontext(qdata) if isinstance(qdata, Snapshot) else input_snapshot(qdata)
-    with main_process_lock(out), naming_failed_saves(out), read as source:
+    with keeping_random_state(), main_process_lock(out), naming_failed_saves(out), read as source:
         return _train_qnet(source, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)
 
 

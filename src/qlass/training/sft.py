@@ -73,6 +73,7 @@ from .common import (
 )
 from .configs import SFTConfig
 from .quiet import NoModelCard, quiet, without_misleading_warnings
+from .rng import keeping_random_state
 from .run_folders import refuse_overwriting_run
 from .schedule import WarmupWithinRun
 
@@ -326,7 +327,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "sft")
     check_report_to(cfg.report_to)
-    with main_process_lock(out), naming_failed_saves(out), input_snapshot(data) as source:
+    with keeping_random_state(), main_process_lock(out), naming_failed_saves(out), input_snapshot(data) as source:
         return _train_sft(source, model_dir, out, cfg)
 
 
