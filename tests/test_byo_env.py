@@ -345,9 +345,9 @@ def test_export_expert_refuses_limits_below_one(options: dict, message: str) -> 
 
 
 def test_export_expert_names_tasks_that_are_not_tasks() -> None:
-    with pytest.raises(QlassError, match="tasks must be a sequence of qlass.types.Task"):
+    with pytest.raises(TypeError, match="export_expert: argument 'tasks' must be a list of qlass.types.Task"):
         export_expert(Corridor(), "corridor/0")  # type: ignore[arg-type]
-    with pytest.raises(QlassError, match="'corridor/0' \\(str\\)"):
+    with pytest.raises(TypeError, match="an item 'corridor/0' \\(str\\)"):
         export_expert(Corridor(), ["corridor/0"])  # type: ignore[list-item]
 
 

@@ -4,6 +4,7 @@ before any model loads or file is written."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from toy_envs import Corridor
 
 from qlass.decision_report import score_decisions, write_decision_report
 from qlass.decisions import DecisionConfig, collect_decisions
+from qlass.errors import QlassError
 from qlass.expert import export_expert
 from qlass.explore import explore_tasks
 from qlass.explore_config import ExploreConfig
@@ -105,3 +107,126 @@ def test_no_tasks_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
     assert said == ["explore_tasks: no tasks given; nothing to explore",
                     "collect_decisions: no tasks given; nothing to collect",
                     "export_expert: no tasks given; nothing to export"]
+
+
+EVAL = {"env_spec": "toy_envs:Corridor", "splits": ["seen"], "env_kwargs": {"step_limit": 3}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"limit": -1}, "argument 'limit' must be a whole number >= 1 or None, got -1"),  # played all tasks but one
+    ({"limit": 0}, "argument 'limit' must be a whole number >= 1 or None, got 0"),  # "no tasks in split"
+    ({"limit": 1.5}, "argument 'limit' must be a whole number >= 1 or None, got 1.5"),  # slice indices
+    ({"methods": []}, "argument 'methods' must be a non-empty list of (name, options) pairs"),  # max() of nothing
+    ({"methods": ["greedy"]}, "argument 'methods' must be a non-empty list of (name, options) pairs"),  # unpack
+    ({"concurrency": "2"}, "argument 'concurrency' must be a whole number >= 1, got '2'"),  # '<' not supported
+    ({"splits": []}, "argument 'splits' names nothing"),  # left a lock and config.yaml, then "file not found"
+    ({"splits": "seen"}, "argument 'splits' must be a list of names, got 'seen' (give ['seen'])"),  # split 's'
+    ({"task_types": "find-plant"}, "argument 'task_types' must be a list of names, got 'find-plant'"),  # substrings
+])
+def test_run_evaluation_names_an_argument_of_the_wrong_kind(tmp_path: Path, change: dict, message: str) -> None:
+    from qlass.evaluate import run_evaluation
+
+    call = {**EVAL, "model": "test_cli_errors:EastWalker", "methods": [("greedy", {})], "out_dir": tmp_path / "out",
+            "limit": 1, **change}
+    with pytest.raises(TypeError, match=re.escape(f"run_evaluation: {message}")):
+        run_evaluation(**call)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_task_types_string_is_not_matched_letter_by_letter() -> None:
+    """``task_types="find-plant"`` kept every task whose type is a substring of it ('plant', 'find')."""
+    from qlass.envs.base import env_tasks
+
+    with pytest.raises(TypeError, match=re.escape("task_types must be a list of task types, got the string 'nav'")):
+        env_tasks(Corridor(), "seen", "nav")  # type: ignore[arg-type]
+
+
+def test_paths_returned_by_one_stage_are_taken_by_the_next(tmp_path: Path) -> None:
+    """run_evaluation and run_rft refused a model given as a Path ("expected string or bytes-like object"), as
+    train_sft returns it; an out_dir given as a string failed with "unsupported operand type(s) for /"."""
+    from qlass.eval_records import read_records
+    from qlass.evaluate import run_evaluation
+    from qlass.report import write_report, write_side_by_side
+
+    user_class = Path("test_cli_errors:EastWalker")  # a spec held in a Path: what a Path to a model folder gives
+    rows = run_evaluation(user_class, methods=[("greedy", {})], out_dir=str(tmp_path / "ev"), limit=1, **EVAL)
+    assert [r["method"] for r in rows] == ["greedy"] and (tmp_path / "ev" / "results.md").exists()
+    records = read_records([tmp_path / "ev" / "records.jsonl"])
+    write_report(records, str(tmp_path / "report"))
+    write_side_by_side({"a": records, "b": records}, str(tmp_path / "sides"))
+    assert (tmp_path / "report" / "results.md").exists() and (tmp_path / "sides" / "sides.md").exists()
+    with pytest.raises(TypeError, match=re.escape("read_records: argument 'paths' must be a list of paths, got one")):
+        read_records(tmp_path / "ev" / "records.jsonl")  # type: ignore[arg-type]
+
+
+def test_report_baselines_must_be_methods_of_the_records(tmp_path: Path) -> None:
+    """A misspelt baseline, or one given as a string (iterated letter by letter), left the paired table out with no
+    word; resamples=0 was an IndexError."""
+    from qlass.compare import paired_rows
+    from qlass.eval_records import read_records
+    from qlass.evaluate import run_evaluation
+    from qlass.report import write_report
+
+    run_evaluation("test_cli_errors:EastWalker", methods=[("greedy", {}), ("sample", {})], out_dir=tmp_path / "ev",
+                   limit=2, **EVAL)
+    records = read_records([tmp_path / "ev" / "records.jsonl"])
+    with pytest.raises(QlassError, match=re.escape("write_report: baseline 'grredy' is no method of the records "
+                                                   "(they hold: greedy, sample)")):
+        write_report(records, tmp_path / "r", baselines=["grredy"])
+    with pytest.raises(TypeError, match=re.escape("argument 'baselines' must be a list of names, got 'greedy'")):
+        write_report(records, tmp_path / "r", baselines="greedy")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=re.escape("paired_rows: argument 'resamples' must be a whole number >= 1")):
+        paired_rows(records, resamples=0)
+    assert [p["method"] for p in json.loads((tmp_path / "ev" / "results.json").read_text())["paired"]] == ["sample"]
+
+
+def test_a_missing_qnet_or_a_qnet_as_the_model_leaves_no_output_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The worker loaded them only after config.yaml and the lock were written, so both stayed behind."""
+    import shutil
+
+    from qlass.evaluate import run_evaluation
+
+    with pytest.raises(QlassError, match=r"nosuch: not a QNet folder \(no config\.json\)"):
+        run_evaluation("test_cli_errors:EastWalker", methods=[("qlass", {"m": 2})], out_dir=tmp_path / "a",
+                       qnet_dir=tmp_path / "nosuch", limit=1, **EVAL)
+    assert not (tmp_path / "a").exists()
+    qnet_like = tmp_path / "qnet"
+    shutil.copytree(tiny_model_dir, qnet_like)
+    config = json.loads((qnet_like / "config.json").read_text())
+    (qnet_like / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(QlassError, match=r"qnet: is a QNet \(a sequence classifier\), not a causal LM"):
+        run_evaluation(str(qnet_like), methods=[("greedy", {})], out_dir=tmp_path / "b", limit=1, **EVAL)
+    assert not (tmp_path / "b").exists()
+
+
+def test_exploration_and_decisions_name_a_policy_path_or_a_bare_task(tmp_path: Path) -> None:
+    env = Corridor()
+    for call in (explore_tasks, collect_decisions):
+        cfg = ExploreConfig() if call is explore_tasks else DecisionConfig()
+        with pytest.raises(TypeError, match=re.escape(f"{call.__name__}: argument 'policy' must be a policy or a "
+                                                      "factory of one, got '/models/sft'; load")):
+            call(Corridor, env.tasks("train")[:1], "/models/sft", cfg, tmp_path / "out.jsonl")
+        with pytest.raises(TypeError, match=re.escape(f"{call.__name__}: argument 'tasks' must be a list of "
+                                                      "qlass.types.Task")):
+            call(Corridor, "corridor/0", None, cfg, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_decision_report_names_a_qnet_path_and_a_bare_file(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=re.escape("write_decision_report: argument 'qnet' must be a loaded QNet")):
+        write_decision_report([tmp_path / "d.jsonl"], tmp_path / "out", "/qnet/folder")
+    with pytest.raises(TypeError, match=re.escape("write_decision_report: argument 'paths' must be a list of paths, "
+                                                  "got one path")):
+        write_decision_report(tmp_path / "d.jsonl", tmp_path / "out")  # type: ignore[arg-type]
+
+
+def test_a_registered_environment_name_works_in_worker_processes(tmp_path: Path) -> None:
+    """A worker process starts with no register_env names: "unknown environment 'corridor-test'" from the worker,
+    after the output folder was made."""
+    from qlass.envs import register_env
+    from qlass.evaluate import run_evaluation
+
+    register_env("corridor-registered", Corridor)
+    rows = run_evaluation("test_cli_errors:EastWalker", "corridor-registered", ["seen"], [("greedy", {})],
+                          tmp_path / "ev", env_kwargs={"step_limit": 3}, limit=2, backend="process", workers=1)
+    assert [(r["method"], r["tasks"]) for r in rows] == [("greedy", 2)]

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from .config_fields import require_count
 from .errors import QlassError
 
 TIE = 1e-9
@@ -74,6 +75,7 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
 
     Oracle methods are left out (they read the reward), and one is refused as the baseline. Empty when
     the baseline was not run."""
+    require_count(resamples, "paired_rows", "resamples")
     reward: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     oracle: set[str] = set()
     for r in records:

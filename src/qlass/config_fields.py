@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .config import _check_value
@@ -47,3 +49,35 @@ def require_config(value: Any, cls: type, where: str, argument: str = "cfg") -> 
     hint = f"; make one with {cls.__name__}(**options)" if isinstance(value, Mapping) else ""
     raise TypeError(f"{where}: argument {argument!r} must be an instance of {cls.__name__}, "
                     f"got {type(value).__name__}{hint}")
+
+
+def require_names(value: Any, where: str, argument: str, empty_ok: bool = False) -> list[str]:
+    """``value`` (a sequence of strings) as a list; a bare string, read letter by letter (``splits="seen"`` asked
+    for split ``'s'``), anything else, or no names unless ``empty_ok``, is a ``TypeError`` naming the argument."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        hint = f" (give [{value!r}])" if isinstance(value, str) else ""
+        raise TypeError(f"{where}: argument {argument!r} must be a list of names, got {value!r:.80}{hint}")
+    if not value and not empty_ok:
+        raise TypeError(f"{where}: argument {argument!r} names nothing (an empty list)")
+    return list(value)
+
+
+def require_paths(value: Any, where: str, argument: str) -> list[Path]:
+    """``value`` (a sequence of paths) as a list of :class:`Path`; one path given bare, anything else, or an empty
+    list is a ``TypeError`` naming the argument."""
+    if isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{where}: argument {argument!r} must be a list of paths, got one path ({value!r}: give "
+                        f"[{os.fspath(value)!r}])")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in value) or not value:
+        raise TypeError(f"{where}: argument {argument!r} must be a non-empty list of paths, got {value!r:.80}")
+    return [Path(v) for v in value]
+
+
+def require_count(value: Any, where: str, argument: str, low: int = 1, optional: bool = False) -> None:
+    """Raise ``TypeError`` naming the argument unless ``value`` is a whole number >= ``low`` (or None when
+    ``optional``): ``limit=-1`` played all tasks but one and ``limit=1.5`` failed in a slice."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TypeError(f"{where}: argument {argument!r} must be a whole number >= {low}"
+                        f"{' or None' if optional else ''}, got {value!r}")

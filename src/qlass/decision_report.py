@@ -45,7 +45,7 @@ import numpy as np
 from .candidates import argmax, choose
 from .compare import TIE
 from .config import option
-from .config_fields import check_field_types, require_config
+from .config_fields import check_field_types, require_config, require_paths
 from .decision_files import check_pooled, greedy_rollouts, read_decisions
 from .errors import QlassError
 from .file_checks import check_output_file, refuse_overwriting_inputs
@@ -293,13 +293,18 @@ def markdown(result: dict[str, Any], title: str = "Decision benchmark") -> str:
 def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet: Any = None,
                           cfg: ReportConfig | None = None, load_qnet: Callable[[], Any] | None = None,
                           allow_mixed: bool = False) -> dict[str, Any]:
-    """Read decision files, score the rankers (the QNet's when ``qnet`` is given, or the one
+    """Read decision files, score the rankers (the QNet's when ``qnet``, a loaded :class:`~qlass.qnet.QNet`, is
+    given, or the one
     ``load_qnet`` returns: called once the files are read and checked, so that a bad file is reported
     before a model loads) and write ``decisions.md`` and ``decisions.json`` into ``out_dir``. Files
     collected with other settings are refused unless ``allow_mixed`` (:func:`~qlass.decision_files.check_pooled`);
     then the report lists the differences."""
     cfg = ReportConfig() if cfg is None else cfg
     require_config(cfg, ReportConfig, "write_decision_report")
+    paths = require_paths(paths, "write_decision_report", "paths")
+    if qnet is not None and not callable(getattr(qnet, "score_batch", None)):
+        raise TypeError(f"write_decision_report: argument 'qnet' must be a loaded QNet (qlass.qnet.QNet.load(DIR)), "
+                        f"got {qnet!r:.80}")
     mixed = check_pooled(paths, allow_mixed)
     records = read_decisions(paths)  # one environment's
     out = Path(out_dir)

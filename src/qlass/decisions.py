@@ -45,13 +45,13 @@ from .decision_files import (
     finished_tasks,
     sidecar,
 )
-from .envs.base import Env, check_env_factory, parse_action
+from .envs.base import Env, check_env_factory, check_tasks, parse_action
 from .envs.lending import EnvPool
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, is_count, read_numbered_jsonl
 from .locking import writes_to
 from .lockstep import Episode, Sample, drive
-from .policy.base import Policy
+from .policy.base import Policy, check_policy_argument
 from .precision import with_precision
 from .seeding import stable_seed
 from .types import Completion, Message, Step, Task
@@ -301,9 +301,11 @@ def collect_decisions(make_env: Callable[[], Env], tasks: Sequence[Task], policy
     ``cfg.concurrency`` prompt caches (``HFPolicy(cache_slots=...)``), or each turn re-reads its history."""
     check_env_factory(make_env, "collect_decisions")
     require_config(cfg, DecisionConfig, "collect_decisions")
+    check_tasks(tasks, "collect_decisions")
+    check_policy_argument(policy, "collect_decisions")
     if not tasks:
         log.warning("collect_decisions: no tasks given; nothing to collect")
-    if settings is None:
+    if settings is None and tasks:
         log.warning("collect_decisions: no settings given (model, env, ...): %s records none, so a rerun cannot "
                     "refuse another policy's decisions", sidecar(Path(out), "config.yaml"))
     listed: set[tuple[str, str]] = set()

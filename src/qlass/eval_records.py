@@ -203,11 +203,13 @@ def read_records(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> l
     (method, env, split, task) key found twice is an error naming both places, and so is a method
     label whose records ran with different settings (``config``), which one row would mix.
     ``skip_torn_tail``: see :func:`~qlass.jsonl.read_jsonl`."""
+    from .config_fields import require_paths
     from .errors import DataError, MissingFileError
     from .file_checks import refuse_repeated_inputs
     from .jsonl import read_numbered_jsonl
     from .recorded import setting_changes
 
+    paths = require_paths(paths, "read_records", "paths")
     refuse_repeated_inputs(paths)
     seen: dict[tuple[str, ...], str] = {}
     first: dict[str, tuple[dict[str, Any], str]] = {}  # method label → its first record's config, where

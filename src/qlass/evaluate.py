@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import differences, load_yaml, save_yaml
+from .config_fields import require_count, require_names
 from .envs.base import Env, check_splits, env_close, env_tasks
 from .errors import DataError, QlassError
 from .eval_records import check_record
@@ -275,15 +277,15 @@ def paraphrase_tables(runs: Sequence[MethodRun], tasks: Sequence[Task]) -> dict[
 
 
 def run_evaluation(
-    model: str,
+    model: str | os.PathLike[str],
     env_spec: str,
     splits: Sequence[str],
     methods: Sequence[tuple[str, dict[str, Any]]],
-    out_dir: Path,
+    out_dir: str | os.PathLike[str],
     env_kwargs: dict[str, Any] | None = None,
     task_types: Sequence[str] | None = None,
     limit: int | None = None,
-    qnet_dir: Path | None = None,
+    qnet_dir: str | os.PathLike[str] | None = None,
     policy_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
     backend: str = "local",
@@ -304,15 +306,24 @@ def run_evaluation(
     conversations unless given). Records depend on neither (each pair's seed comes from the run
     seed, method and task). Returns the summary rows (see :func:`qlass.report.summarise`).
     """
-    from .envs.base import make_env
+    from .envs.base import env_maker
     from .executor import make_executor
-    from .policy import check_policy_spec, load_policy
+    from .policy import check_policy_spec, load_policy, spec_text
     from .report import write_report
     from .search import make_method_config
 
+    model, out_dir = spec_text(model), Path(out_dir)
+    qnet_dir = Path(qnet_dir) if qnet_dir is not None else None
+    splits = require_names(splits, "run_evaluation", "splits")
+    task_types = require_names(task_types, "run_evaluation", "task_types", empty_ok=True) if task_types else None
+    require_count(limit, "run_evaluation", "limit", optional=True)
+    require_count(concurrency, "run_evaluation", "concurrency")
+    if isinstance(methods, (str, dict)) or not isinstance(methods, (list, tuple)) or not methods or not all(
+            isinstance(m, (list, tuple)) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], dict)
+            for m in methods):
+        raise TypeError(f"run_evaluation: argument 'methods' must be a non-empty list of (name, options) pairs such "
+                        f"as [('greedy', {{}}), ('qlass', {{'m': 2}})], got {methods!r:.80}")
     runs = [MethodRun(name, make_method_config(name, opts)) for name, opts in methods]
-    if concurrency < 1:
-        raise QlassError(f"concurrency must be >= 1, got {concurrency}")
     conversations = concurrency * max(map(live_histories, runs))
     policy_kwargs = cache_for(model, dict(policy_kwargs or {}), conversations)
     needs_qnet = [r.label for r in runs if METHODS[r.name].needs_qnet(r.config)]
@@ -322,6 +333,7 @@ def run_evaluation(
             raise QlassError(f"method(s) {', '.join(needs_qnet)} need a QNet: pass --qnet DIR")
         from .qnet import QNet
 
+        QNet.check_folder(qnet_dir)  # before the output folder is made (the worker loads it)
         oracle = [r.label for r in runs if getattr(r.config, "oracle_terminal", False)]
         if oracle and not QNet.calibrated(qnet_dir):
             raise QlassError(f"{qnet_dir}: this QNet's values are not outcome estimates (qnet.json: calibrated: "
@@ -330,7 +342,7 @@ def run_evaluation(
         threads = (policy_kwargs or {}).get("threads")
         qnet = functools.partial(QNet.load, qnet_dir, threads=threads, cache_slots=max(conversations, concurrency))
     policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
-    make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
+    make = env_maker(env_spec, **dict(env_kwargs or {}))
     env_name, tasks = split_tasks(make, env_spec, splits, task_types, limit, offset)
     paraphrased = paraphrase_tables(runs, tasks)
     executor = make_executor(backend, workers, **(executor_options or {}))

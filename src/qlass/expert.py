@@ -25,7 +25,7 @@ from rich.progress import Progress
 
 from .agent import apply_output, finish, start_messages
 from .data import record_to_trajectory, trajectory_to_record
-from .envs.base import Env, env_expert, env_label
+from .envs.base import Env, check_tasks, env_expert, env_label
 from .errors import QlassError
 from .jsonl import append_jsonl, is_count, read_jsonl
 from .recorded import check_recorded
@@ -129,10 +129,7 @@ def _check_arguments(tasks: Sequence[Task], per_task_type: int | None, max_steps
     for name, value in (("per_task_type", per_task_type), ("max_steps", max_steps)):
         if value is not None and not is_count(value, 1):
             raise QlassError(f"export_expert: {name} must be a whole number >= 1 or None, got {value!r}")
-    odd = next((t for t in ([tasks] if isinstance(tasks, str) else tasks) if not isinstance(t, Task)), None)
-    if odd is not None:
-        raise QlassError(f"export_expert: tasks must be a sequence of qlass.types.Task (env.tasks(split) gives them), "
-                         f"got an item {odd!r:.80} ({type(odd).__name__})")
+    check_tasks(tasks, "export_expert")
     if not tasks:
         log.warning("export_expert: no tasks given; nothing to export")
 

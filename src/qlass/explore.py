@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import differences, save_yaml, to_dict
 from .config_fields import require_config
 from .data import refuse_replacing_other_kind
-from .envs.base import Env, check_env_factory, env_close
+from .envs.base import Env, check_env_factory, check_tasks, env_close
 from .errors import QlassError
 from .executor import Executor, LocalExecutor, runs_here
 from .explore_config import LEGACY, ExploreConfig, expert_task_ids, exploration_tasks, explore_digest
@@ -28,7 +28,7 @@ from .explore_tree import TreeBuilder, build_tree, tree_seed
 from .jsonl import append_jsonl
 from .locking import writes_to
 from .lockstep import Episode, drive, run_one
-from .policy.base import Policy, ready_policy
+from .policy.base import Policy, check_policy_argument, ready_policy
 from .precision import with_precision
 from .recorded import check_recorded, with_model_files
 from .tree import Tree, read_trees, tree_from_dict
@@ -161,12 +161,14 @@ def explore_tasks(
     """
     check_env_factory(make_env, "explore_tasks")
     require_config(cfg, ExploreConfig, "explore_tasks")
+    check_tasks(tasks, "explore_tasks")
+    check_policy_argument(policy, "explore_tasks")
     if not tasks:
         log.warning("explore_tasks: no tasks given; nothing to explore")
     path = Path(out_path)
     if settings is not None and cfg.paraphrases is not None:  # how the cache was made: another one is refused
         settings = {**settings, "paraphrases": cfg.paraphrases.settings}
-    if settings is None:
+    if settings is None and tasks:
         log.warning("explore_tasks: no settings given (model, env, env_args, policy): %s records none, so a rerun "
                     "cannot refuse another policy's trees", settings_file(path))
     done = _finished(path, tasks, cfg, seed, settings, runs_here(executor))

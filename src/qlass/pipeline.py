@@ -242,7 +242,7 @@ def _exploration_selection(r: Resolved, config_path: str | Path) -> list[Task]:
 
 def _trees_and_qdata(r: Resolved, tasks: list[Task], policy_spec: str, policy_opts: dict[str, Any]) -> None:
     """Stage 2: explore a tree for each of ``tasks`` with the SFT policy, then export the Q data."""
-    from .envs.base import make_env
+    from .envs.base import env_maker
     from .evaluate import cache_for
     from .executor import make_executor
     from .explore import EXPLORE_CACHE_PER_TREE, explore_tasks
@@ -256,7 +256,7 @@ def _trees_and_qdata(r: Resolved, tasks: list[Task], policy_spec: str, policy_op
     concurrency = r.explore_stage.concurrency
     explore_opts = cache_for(policy_spec, policy_opts, EXPLORE_CACHE_PER_TREE * concurrency)
     policy = functools.partial(load_policy, policy_spec, **{"seed": cfg.seed, **explore_opts})  # policy.seed wins
-    explore_tasks(functools.partial(make_env, cfg.env, **cfg.env_args), tasks, policy, r.explore,
+    explore_tasks(env_maker(cfg.env, **cfg.env_args), tasks, policy, r.explore,
                   run / "trees.jsonl", seed=cfg.seed, executor=make_executor(cfg.backend, cfg.workers),
                   concurrency=concurrency, settings={"model": policy_spec, "env": cfg.env,
                                                      "env_args": dict(cfg.env_args), "policy": explore_opts})

@@ -135,11 +135,11 @@ class QNet:
         ``device`` (``auto``: a CUDA GPU when visible, else the CPU). ``autocast=None`` scores under
         bf16 autocast exactly when training did (recorded in ``qnet.json``), so values match training's.
         ``cache_slots > 0`` keeps that many history caches for :meth:`score_batch` (see there)."""
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
         path = Path(path)
-        require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
+        cls.check_folder(path)
         limits = (("threads", threads, 1), ("max_length", max_length, 2), ("cache_slots", cache_slots, 0))
         for name, value, low in limits:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
@@ -148,10 +148,6 @@ class QNet:
             torch.set_num_threads(threads)
         meta = read_json_object(path / META_FILE) if (path / META_FILE).exists() else {}
         hf_logging.disable_progress_bar()
-        labels = AutoConfig.from_pretrained(path).num_labels
-        if labels != 1:
-            raise QlassError(f"{path}: not a QNet folder (a QNet has exactly one output; this model has "
-                             f"num_labels={labels}: an SFT or other model folder?)")
         with loading_weights(path, "QNet"):
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
         model.to(resolve_device(device))
@@ -160,6 +156,19 @@ class QNet:
                    meta.get("max_action_tokens", 256),
                    bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"),
                    cache_slots)
+
+    @staticmethod
+    def check_folder(path: str | Path) -> None:
+        """Raise :class:`QlassError` unless ``path`` holds a model of one output (a QNet), without loading its
+        weights: a command checks it before it makes its output folder."""
+        from transformers import AutoConfig
+
+        path = Path(path)
+        require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
+        labels = AutoConfig.from_pretrained(path).num_labels
+        if labels != 1:
+            raise QlassError(f"{path}: not a QNet folder (a QNet has exactly one output; this model has "
+                             f"num_labels={labels}: an SFT or other model folder?)")
 
     @staticmethod
     def calibrated(path: str | Path) -> bool:

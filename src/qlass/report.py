@@ -16,11 +16,13 @@ import csv
 import io
 import json
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from .compare import confidence_label, interval_cell, md_cell, paired_interval, paired_rows, paired_table, points
+from .config_fields import require_names
 from .errors import QlassError
 from .file_checks import check_output_file
 from .jsonl import write_bytes_atomic, write_text_atomic
@@ -212,12 +214,23 @@ def common_tasks(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if played[(r["env"], r["split"], r["task"])] == methods[(r["env"], r["split"])]]
 
 
-def write_report(records: Sequence[dict[str, Any]], out_dir: Path, title: str = "qlass results",
-                 baselines: Sequence[str] = ("greedy",), confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Write results.json/.md (the summary rows and, for each of ``baselines`` that was run, every
-    other method's paired difference to it, with bootstrap intervals at level ``confidence``) and the
-    budget curve (CSV + PNG) into ``out_dir``; returns the rows. Every output is checked before the
-    first is written, so a failure never leaves new files beside old ones."""
+def write_report(records: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str], title: str = "qlass results",
+                 baselines: Sequence[str] | None = None, confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Write results.json/.md (the summary rows and every other method's paired difference to each of
+    ``baselines``, with bootstrap intervals at level ``confidence``) and the budget curve (CSV + PNG) into
+    ``out_dir``; returns the rows. ``baselines`` must be methods of the records; without them, ``greedy`` is the
+    baseline where it was run. Every output is checked before the first is written, so a failure never leaves
+    new files beside old ones."""
+    out_dir = Path(out_dir)
+    if baselines is None:
+        baselines = ["greedy"]
+    else:
+        baselines = require_names(baselines, "write_report", "baselines")
+        methods = {r["method"] for r in records}
+        missing = [b for b in baselines if b not in methods]
+        if missing:
+            raise QlassError(f"write_report: baseline {missing[0]!r} is no method of the records (they hold: "
+                             f"{', '.join(sorted(methods))})")
     for name in REPORT_FILES:
         check_output_file(out_dir / name)
     rows = summarise(records)
@@ -290,10 +303,11 @@ def side_by_side_table(rows: Sequence[dict[str, Any]], labels: Sequence[str], co
     return "\n".join(lines) + "\n"
 
 
-def write_side_by_side(sides: dict[str, Sequence[dict[str, Any]]], out_dir: Path, title: str = "qlass results",
-                       confidence: float = 0.95) -> list[dict[str, Any]]:
+def write_side_by_side(sides: dict[str, Sequence[dict[str, Any]]], out_dir: str | os.PathLike[str],
+                       title: str = "qlass results", confidence: float = 0.95) -> list[dict[str, Any]]:
     """Write ``sides.md`` and ``sides.json`` (:func:`side_by_side`, intervals at level ``confidence``) into
     ``out_dir``; returns the rows."""
+    out_dir = Path(out_dir)
     if len(sides) < 2:
         raise QlassError("a side-by-side table needs at least two labelled runs")
     for name in ("sides.json", "sides.md"):

@@ -25,6 +25,7 @@ turn without an ``Action:`` line, which the trajectory format refuses).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,7 @@ def write_augmented_data(expert_path: str | Path, extra: Sequence[Trajectory], o
 
 @writes_to("out_dir", folder=True)
 def run_rft(
-    model: str,
+    model: str | os.PathLike[str],
     expert: str | Path,
     base: str | Path,
     env_spec: str,
@@ -247,12 +248,14 @@ def run_rft(
     :class:`~qlass.training.sft.SFTConfig`; ``policy``: see :func:`sample_training_tasks`). Writes
     ``out_dir/samples/`` (records), ``out_dir/data.json``, ``out_dir/sft/`` (the RFT agent) and
     ``out_dir/rft_config.yaml``; every part resumes. Returns the agent's folder and the data summary."""
+    from .policy import spec_text
     from .training.configs import SFTConfig
     from .training.run_folders import refuse_foreign_folder
     from .training.sft import train_sft
 
     require_config(cfg, RFTConfig, "run_rft")
     require_config(sft_cfg, SFTConfig, "run_rft", "sft_cfg")
+    model = spec_text(model)
     refuse_capped_data(sft_cfg, "run_rft")
     out = Path(out_dir)
     refuse_foreign_folder(out, "rft")

@@ -49,7 +49,7 @@ def play_split(
     **policy_kwargs)`` (``model`` then only names it in ``config.yaml``); ``what`` starts the log line.
     Returns the records of these
     runs and tasks, and the task ids in order."""
-    from .envs.base import make_env
+    from .envs.base import env_maker
     from .executor import make_executor
     from .policy import load_policy
 
@@ -59,7 +59,7 @@ def play_split(
     if policy is None:
         policy_kwargs = cache_for(model, policy_kwargs, concurrency * max(map(live_histories, runs)))
         policy = functools.partial(load_policy, model, **policy_kwargs)
-    make = functools.partial(make_env, env_spec, **dict(env_kwargs or {}))
+    make = env_maker(env_spec, **dict(env_kwargs or {}))
     if only is None:
         env_name, tasks = split_tasks(make, env_spec, [split], task_types, limit)
     else:

@@ -109,6 +109,6 @@ def register(app: typer.Typer) -> None:
                 log.info("kept %d of %d records: the tasks every method played (--all-tasks keeps all)",
                          len(kept), len(recs))
             recs = kept
-        rows = write_report(recs, out, title=title, baselines=baseline or ("greedy",), confidence=confidence)
+        rows = write_report(recs, out, title=title, baselines=baseline or None, confidence=confidence)
         typer.echo(markdown_table(rows))
         typer.echo(f"results.md/json and budget curve in {out}")

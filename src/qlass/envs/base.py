@@ -13,6 +13,7 @@ class is reached as ``package.module:Class``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import numbers
@@ -191,6 +192,9 @@ def env_tasks(env: Env, split: str, task_types: Sequence[str] | None = None) -> 
     string ids, or a :class:`QlassError` naming the environment and what it returned. With
     ``task_types`` (None or empty: all), only tasks of those types are returned, even from an
     environment that ignores the argument (with a warning)."""
+    if isinstance(task_types, str):  # "find-plant" matched every type that is a substring of it
+        raise TypeError(f"task_types must be a list of task types, got the string {task_types!r} (give "
+                        f"[{task_types!r}])")
     tasks = _call(env, f"tasks({split!r})", lambda: env.tasks(split, task_types))
     if not isinstance(tasks, (list, tuple)):
         raise QlassError(f"environment {env_label(env)}: tasks({split!r}) returned a {type(tasks).__name__}, "
@@ -282,6 +286,10 @@ class EnvRegistry:
     def register(self, name: str, factory: EnvFactory) -> None:
         self._factories[name] = factory
 
+    def registered(self, spec: str) -> EnvFactory | None:
+        """The factory registered under ``spec`` in this process (:func:`register_env`), if any."""
+        return self._factories.get(spec) if isinstance(spec, str) else None
+
     def names(self) -> list[str]:
         return sorted(set(_BUILTIN) | set(self._factories))
 
@@ -356,10 +364,35 @@ def make_env(spec: str, **kwargs: Any) -> Env:
     return _REGISTRY.make(spec, **kwargs)
 
 
+def env_maker(spec: str, **kwargs: Any) -> Callable[[], Env]:
+    """``make_env(spec, **kwargs)`` as a factory to send to workers: a name given to :func:`register_env` travels
+    with its factory, since a worker process starts with none registered ("unknown environment")."""
+    factory = _REGISTRY.registered(spec)
+    if factory is None:
+        return functools.partial(make_env, spec, **kwargs)
+    return functools.partial(_make_registered, spec, factory, kwargs)
+
+
+def _make_registered(spec: str, factory: EnvFactory, kwargs: dict[str, Any]) -> Env:
+    if _REGISTRY.registered(spec) is None:  # a worker process: register what the caller had
+        _REGISTRY.register(spec, factory)
+    return make_env(spec, **kwargs)
+
+
 def check_env_options(spec: str, kwargs: Mapping[str, Any]) -> None:
     """Raise :class:`QlassError` if environment ``spec`` is unknown or does not take ``kwargs``
     (as :func:`make_env` would), without building it."""
     _REGISTRY.check(spec, kwargs)
+
+
+def check_tasks(tasks: Any, where: str) -> None:
+    """Raise ``TypeError`` naming ``where`` unless ``tasks`` is a sequence of :class:`~qlass.types.Task` (one task id
+    or task given bare was "'str' object has no attribute 'id'" from inside the run)."""
+    odd = tasks if isinstance(tasks, (str, Task)) or not isinstance(tasks, (list, tuple)) else next(
+        (t for t in tasks if not isinstance(t, Task)), None)
+    if odd is not None:
+        raise TypeError(f"{where}: argument 'tasks' must be a list of qlass.types.Task (env.tasks(split) gives them), "
+                        f"got {'an item ' if odd is not tasks else ''}{odd!r:.80} ({type(odd).__name__})")
 
 
 def check_env_factory(make_env: Any, where: str) -> None:

@@ -55,6 +55,17 @@ def _policy_class(spec: str) -> type:
     return HFPolicy
 
 
+def spec_text(spec: str | os.PathLike[str]) -> str:
+    """A policy spec as text: a model folder given as a ``Path`` becomes its path; anything but a string or a path
+    is a :class:`QlassError` (was "expected string or bytes-like object" from a regular expression)."""
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+    if not isinstance(spec, str):
+        from ..errors import QlassError
+
+        raise QlassError(f"a policy is a model folder, 'default', a server URL or package.module:Class; got {spec!r}")
+    return spec
+
+
 def is_class_spec(spec: str) -> bool:
     """Whether a policy spec names a user's own class (``package.module:Class``), not a model or server."""
     return bool(_CLASS_SPEC.match(spec)) and not Path(spec).exists()
@@ -74,18 +85,22 @@ def check_policy_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any
     return checked
 
 
-def check_policy_spec(spec: str, options: Mapping[str, Any]) -> None:
+def check_policy_spec(spec: str | os.PathLike[str], options: Mapping[str, Any]) -> None:
     """Refuse a policy ``spec`` that names no model folder, server URL or class, or ``options`` its backend does
     not take (:func:`check_policy_options`), without loading anything (a command checks them before it makes
     its output folder)."""
     from ..file_checks import require_model_folder
 
+    spec = spec_text(spec)
     if is_class_spec(spec):
         return
     check_policy_options(spec, options)
     if spec != "default" and not spec.lower().startswith(("http://", "https://")):
+        from .loading import refuse_classifier
+
         require_model_folder(Path(spec), f"{spec}: not a model folder (no config.json); a policy is a model "
                                          "folder, 'default', a server URL or package.module:Class")
+        refuse_classifier(Path(spec))
 
 
 def load_policy(spec: str | os.PathLike[str], **options: Any) -> Policy:
@@ -96,11 +111,7 @@ def load_policy(spec: str | os.PathLike[str], **options: Any) -> Policy:
     ``autocast=True`` or ``model="name", tokenizer="DIR"``; a user's class: the options it declares);
     an option the backend does not take is an error naming the options it does take.
     """
-    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec  # a model folder given as a Path
-    if not isinstance(spec, str):  # was: "expected string or bytes-like object" from a regular expression
-        from ..errors import QlassError
-
-        raise QlassError(f"a policy is a model folder, 'default', a server URL or package.module:Class; got {spec!r}")
+    spec = spec_text(spec)
     if is_class_spec(spec):
         from .user import UserPolicy
 

@@ -14,9 +14,10 @@ alone. Lockstep play uses it to decode a whole wave of mixed requests in one bat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..types import Completion, History
 
@@ -53,6 +54,14 @@ def check_sample_args(n: int, temperature: float, max_new_tokens: int) -> None:
     if n < 1 or temperature < 0 or max_new_tokens < 1:
         raise ValueError(f"need n >= 1, temperature >= 0, max_new_tokens >= 1 (got {n}, {temperature}, "
                          f"{max_new_tokens})")
+
+
+def check_policy_argument(policy: Any, where: str) -> None:
+    """Raise ``TypeError`` naming ``where`` when ``policy`` is a model's path or name rather than a policy or a
+    factory of one (was "'str' object is not callable" from the first tree)."""
+    if isinstance(policy, (str, os.PathLike)):
+        raise TypeError(f"{where}: argument 'policy' must be a policy or a factory of one, got {policy!r:.80}; load "
+                        "a model folder, 'default' or a server URL with qlass.policy.load_policy(...)")
 
 
 def ready_policy(policy: Policy | Callable[[], Policy]) -> Policy:
