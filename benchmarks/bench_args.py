@@ -66,6 +66,16 @@ def output_file(text: str) -> Path:
     return Path(text)
 
 
+def json_and_table_file(text: str) -> Path:
+    """:func:`output_file` for a JSON report whose markdown table goes beside it (``NAME.md``): a ``.md`` name
+    had the table overwrite the report."""
+    path = output_file(text)
+    if path.suffix == ".md":
+        raise argparse.ArgumentTypeError(f"{text}: the JSON report's name; its table is written beside it as "
+                                         f"{path.stem}.md (give {path.stem}.json)")
+    return path
+
+
 def output_folder(text: str) -> Path:
     """A folder path reports can be written into, checked before the measurement runs: before, an existing file
     there was refused only when the folder was made, after the whole run."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench_args import output_file, positive_int, run_main
 
-from qlass.envs.base import parse_action
+from qlass.envs.base import parse_action, registered_envs
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.envs.sciworld_hash import launch_settings
 from qlass.types import Task
@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--other-envs", default="alfworld,webshop", help="Also time these envs ('' for none).")
     ap.add_argument("--other-episodes", type=positive_int, default=5)
     args = ap.parse_args()
+    unknown = [n for n in args.other_envs.split(",") if n and n not in registered_envs()]
+    if unknown:  # was refused after the whole ScienceWorld timing
+        ap.error(f"--other-envs: unknown environment {unknown[0]!r}; known: {', '.join(registered_envs())}")
 
     ours = ScienceWorldEnv(step_limit=1000)
     tasks = [t for tt in args.task_types.split(",") for t in ours.tasks("train", [tt])[: args.per_type]]

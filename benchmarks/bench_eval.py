@@ -95,7 +95,8 @@ def main() -> None:
     model = args.model or default_model_dir()
     slots = max(8, args.concurrency * max(map(live_histories, runs)))
     policy = HFPolicy(model, autocast=args.autocast, threads=args.threads, cache_slots=slots)
-    qnet = (QNet.load(args.qnet, threads=args.threads, cache_slots=slots) if args.qnet
+    qnet = (QNet.load(args.qnet, autocast=None if args.autocast else False, threads=args.threads, cache_slots=slots)
+            if args.qnet
             else QNet.from_sft(model, autocast=args.autocast, cache_slots=slots))
     probe = make_env("sciworld")
     try:

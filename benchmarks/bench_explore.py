@@ -168,7 +168,8 @@ def main() -> None:
         "trees": summary["trees"], "nodes": summary["nodes"], "edges": summary["edges"],
         "explorer_env_steps_per_edge": summary["env_steps_per_edge"],
         "replay_from_reset_env_steps_per_edge": schedules["replay-from-reset"]["env_steps_per_edge"],
-        "step_ratio": schedules["replay-from-reset"]["env_steps"] / schedules["explorer"]["env_steps"],
+        "probe_steps": probes,  # in explorer_env_steps_per_edge; no replay schedule has them
+        "step_ratio": schedules["replay-from-reset"]["env_steps"] / summary["env_steps"],
         "env_time_ratio": schedules["replay-from-reset"]["env_seconds"] / schedules["explorer"]["env_seconds"],
         "schedules": schedules, "target_steps_per_edge": 1.5,
         "source": str(args.trees) if args.trees else {"model": args.model, "set": args.set, "tasks": list(tasks)},
@@ -182,7 +183,11 @@ def main() -> None:
     for name, s in schedules.items():
         print(f"{name:18s}: {s['env_steps']:6d} env steps = {s['env_steps_per_edge']:5.2f} per edge, "
               f"{s['env_seconds']:6.1f} s env time, {s['env_only_nodes_per_min']:8.0f} nodes/min (env only)")
-    print(f"replay-from-reset / explorer: {report['step_ratio']:.2f}x env steps, "
+    if probes:
+        print(f"explorer, probes too: {summary['env_steps']:6d} env steps = {summary['env_steps_per_edge']:5.2f} per "
+              f"edge ({probes} probe steps, which the schedules above leave out)")
+    counted = " (its probes counted)" if probes else ""
+    print(f"replay-from-reset / explorer{counted}: {report['step_ratio']:.2f}x env steps, "
           f"{report['env_time_ratio']:.2f}x env time; target <= 1.5 steps/edge: "
           f"{'met' if report['explorer_env_steps_per_edge'] <= 1.5 else 'NOT met'}")
     if build_s is not None:

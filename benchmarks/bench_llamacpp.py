@@ -37,6 +37,7 @@ from typing import Any
 from bench_args import nonnegative_float, output_file, positive_int, positive_ints, run_main
 from bench_policy import episode, timed
 
+from qlass.errors import MissingFileError
 from qlass.gguf_export import export_gguf
 from qlass.models import default_model_dir
 from qlass.policy.base import Policy
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_llamacpp.json"))
     args = ap.parse_args()
 
+    if args.gguf is not None and not args.gguf.is_file():  # was the server's traceback, after torch and its start
+        raise MissingFileError(str(args.gguf))
     model = args.model or default_model_dir()
     ns = args.ns
     with tempfile.TemporaryDirectory() as tmp:

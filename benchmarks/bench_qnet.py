@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_args import output_file, positive_int, positive_ints, run_main
+from bench_args import json_and_table_file, positive_int, positive_ints, run_main
 
 from qlass.models import default_model_dir, resolve_device
 from qlass.policy.render import encode_conversation
@@ -90,7 +90,7 @@ def main() -> None:
                     "on a busy machine: no spinning worker threads)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
-    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_qnet.json"))
+    ap.add_argument("--out", type=json_and_table_file, default=Path("benchmarks/results/bench_qnet.json"))
     args = ap.parse_args()
     args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.threads:
@@ -129,7 +129,7 @@ def main() -> None:
               "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"QNet scoring, SmolLM2-135M architecture, {device}, autocast={args.autocast}", "",
+    lines = [f"QNet scoring, {Path(report['model']).name}, {device}, autocast={args.autocast}", "",
              "| M | history tokens | shared-prefix cand/s | one forward per cand, cand/s | ratio (wall) "
              "| ratio (CPU time) | tokens shared / naive |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['m']} | {r['history_tokens']} | {r['shared_cand_per_s']:.2f} | {r['naive_cand_per_s']:.2f} | "

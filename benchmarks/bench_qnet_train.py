@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_args import output_file, positive_int, run_main  # noqa: E402
+from bench_args import json_and_table_file, positive_int, run_main  # noqa: E402
 from bench_qnet import ACTIONS, WORDS, make_history  # noqa: E402
 
 from qlass.models import default_model_dir, resolve_device  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
-    ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_qnet_train.json"))
+    ap.add_argument("--out", type=json_and_table_file, default=Path("benchmarks/results/bench_qnet_train.json"))
     args = ap.parse_args()
     args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.depth < 3 and not args.qdata:  # a sibling is sampled at each of the main path's first three steps
@@ -127,7 +127,9 @@ def main() -> None:
         records = read_qdata(args.qdata)
         keep = list(dict.fromkeys(r.tree_id for r in records))[: args.trees]
         records = [r for r in records if r.tree_id in keep]
+        trees = len(keep)  # --trees is at most: the file may hold fewer
     else:
+        trees = args.trees
         records = [r for t in range(args.trees) for r in synthetic_tree(qnet, t, args.depth, args.rollout, rng)]
     timed(packed_loss, qnet, records[:4])  # warm-up
     g_wall, g_cpu, g_loss, g_tokens = timed(grouped_loss, qnet, records)
@@ -135,7 +137,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     report = {"model": str(model), "device": device, "autocast": args.autocast,
-              "data": str(args.qdata or "synthetic"), "trees": args.trees, "records": len(records),
+              "data": str(args.qdata or "synthetic"), "trees": trees, "records": len(records),
               "grouped": {"seconds": g_wall, "cpu_seconds": g_cpu, "tokens": g_tokens, "loss": g_loss,
                           "records_per_s": len(records) / g_wall},
               "packed": {"seconds": p_wall, "cpu_seconds": p_cpu, "tokens": p_tokens, "loss": p_loss,
@@ -144,7 +146,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"QNet training, forward + backward, {device}, autocast={args.autocast}, "
-             f"{len(records)} records from {report['data']} ({args.trees} trees)", "",
+             f"{len(records)} records from {report['data']} ({trees} trees)", "",
              "| way | records/s | tokens | seconds (wall) | seconds (CPU) |", "|---|---|---|---|---|",
              f"| one forward per sibling group | {report['grouped']['records_per_s']:.2f} | {g_tokens} | "
              f"{g_wall:.1f} | {g_cpu:.1f} |",

@@ -14,10 +14,10 @@ results are scored by one function here:
 
 Usage::
 
-    git archive 40747b3 src | tar -x -C /tmp/qlass-old      # the hand-written SFT trainer
+    mkdir -p /tmp/qlass-old && git archive 40747b3 src | tar -x -C /tmp/qlass-old    # the hand-written SFT trainer
     OMP_NUM_THREADS=1 python benchmarks/bench_trainers.py --data runs/reference/expert.json \\
         --old-src /tmp/qlass-old/src --out /tmp/bench-trainers --set max_steps=5
-    git archive 3b65330 src | tar -x -C /tmp/oldq           # the hand-written QNet trainer
+    mkdir -p /tmp/oldq && git archive 3b65330 src | tar -x -C /tmp/oldq              # the hand-written QNet trainer
     OMP_NUM_THREADS=1 python benchmarks/bench_trainers.py --kind qnet --data runs/guidance/qdata-16.jsonl \\
         --model runs/reference/sft --old-src /tmp/oldq/src --out /tmp/bench-qnet --set max_steps=6
 
@@ -40,7 +40,7 @@ import yaml
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
-from bench_args import run_main
+from bench_args import output_folder, run_main
 
 from qlass.config import build, parse_kv
 from qlass.data import load_trajectories
@@ -77,7 +77,8 @@ def held_out_loss(model_dir: Path, data: Path, cfg: SFTConfig) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in val_idx:
-            for ids, labels in encode_windows(tokenizer, trajectories[i].messages, cfg.max_length):
+            windows, _ = encode_windows(tokenizer, trajectories[i].messages, cfg.max_length)  # and the cut count
+            for ids, labels in windows:
                 out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
                 n = sum(1 for x in labels[1:] if x != -100)
                 total, count = total + float(out.loss) * n, count + n
@@ -114,13 +115,19 @@ def main() -> None:
     ap.add_argument("--old-src", type=Path, required=True, help="src/ of a qlass with the hand-written loop")
     ap.add_argument("--model", type=Path, default=None,
                     help="base model (default: SmolLM2-135M-Instruct); for --kind qnet the SFT model")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=output_folder, required=True,
+                    help="folder for the two runs (OUT/old, OUT/new) and result.json; the runs must not exist yet")
     ap.add_argument("--set", dest="set_", action="append", default=[], help="config override key=value")
     ap.add_argument("--only", choices=("old", "new"), default=None, help="run one trainer (ratios then left out)")
     args = ap.parse_args()
     reference = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
     opts = {**yaml.safe_load(reference.read_text())[args.kind], **parse_kv(args.set_, "--set")}
     # Checked before any training: a trainer's child process failing on them was a traceback, then the parent's
+    finished = [args.out / which for which in ("old", "new")
+                if args.only in (None, which) and (args.out / which).exists()]
+    if finished:  # a trainer hands back a finished run: the timing would be of a no-op
+        ap.error(f"--out {args.out}: {finished[0]} exists, and a trainer would resume it rather than train; give a new "
+                 "--out (or remove it)")
     if args.only != "new" and not (args.old_src / "qlass").is_dir():
         ap.error(f"--old-src {args.old_src}: holds no qlass package (the src/ folder of an older qlass is expected)")
     if args.only != "old":

@@ -271,7 +271,7 @@ def main() -> None:
         "args": vars(args), "summary": summary,
         "states": [{"task": s.task, "split": s.split, "task_type": s.task_type, "right": s.right,
                     "candidates": s.candidates, "left_out": s.left_out, "scores": s.scores} for s in states]},
-        indent=1))
+        indent=1, default=str))  # default: --out is a Path
     text = markdown(summary)
     (out / "probe.md").write_text(text)
     print(text)

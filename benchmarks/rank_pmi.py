@@ -125,7 +125,8 @@ def summarise(records: Sequence[dict[str, Any]], scores: Sequence[Sequence[Score
         groups = {}
         for group in result["groups"]:
             by = {r["ranker"]: r for r in group["rows"]}
-            diff = by["qnet"]["vs"]["likelihood"]["accuracy"]
+            diff = by["qnet"]["vs"].get("likelihood", {}).get("accuracy") or {  # a group of one: no interval
+                "mean_diff": by["qnet"]["accuracy"] - by["likelihood"]["accuracy"], "ci_low": None, "ci_high": None}
             groups[group["group"]] = {"decisions": group["decisions"], "accuracy": by["qnet"]["accuracy"],
                                       "likelihood": by["likelihood"]["accuracy"], **diff}
         rows.append({"ranker": name, "groups": groups})
@@ -140,8 +141,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     base = " | ".join(f"{100 * rows[0]['groups'][g]['likelihood']:.1f}" for g in groups)
     lines.append(f"| likelihood (recorded) | {base} |")
     for row in rows:
-        cells = [f"{100 * c['accuracy']:.1f}: {100 * c['mean_diff']:+.1f} [{100 * c['ci_low']:+.1f}, "
-                 f"{100 * c['ci_high']:+.1f}]" for c in row["groups"].values()]
+        cells = [f"{100 * c['accuracy']:.1f}: {100 * c['mean_diff']:+.1f} " + (
+                 "—" if c["ci_low"] is None else f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]")
+                 for c in row["groups"].values()]
         lines.append(f"| {row['ranker']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -154,6 +156,10 @@ def main() -> None:
     ap.add_argument("--resamples", type=positive_int, default=10000)
     ap.add_argument("--out", type=output_folder, required=True)
     args = ap.parse_args()
+    try:  # the report's own range, checked before the scoring (it was a traceback after it)
+        ReportConfig(resamples=args.resamples)
+    except ValueError as exc:
+        ap.error(f"--resamples: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     run(args)
@@ -172,7 +178,8 @@ def run(args: argparse.Namespace) -> None:
     rows = summarise(records, scores, args.resamples)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rank_pmi.json").write_text(json.dumps({"args": vars(args), "rankers": rows, "scores": scores}, indent=1))
+    report = {"args": vars(args), "rankers": rows, "scores": scores}
+    (out / "rank_pmi.json").write_text(json.dumps(report, indent=1, default=str))  # default: --out is a Path
     text = markdown(rows)
     (out / "rank_pmi.md").write_text(text)
     print(text)

@@ -48,8 +48,11 @@ COUNT_CASES = [
     ("bench_search.py", ["--tasks", "-1"], "argument --tasks: -1 is not a positive integer"),
     ("bench_eval.py", ["--concurrency", "0"], "argument --concurrency: 0 is not a positive integer"),
     ("bench_env.py", ["--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
+    ("bench_env.py", ["--other-envs", "alfworld,nosuch"], "--other-envs: unknown environment 'nosuch'"),
     ("bench_llamacpp.py", ["--ns", "1,0"], "argument --ns: 0 is not a positive integer"),
     ("probe_focus.py", ["--model", "m", "--out", "o", "--offset", "-1"], "argument --offset: -1 is negative"),
+    ("rank_pmi.py", ["d.jsonl", "--model", "m", "--out", "o", "--resamples", "50"],
+     "--resamples: resamples must be in 100..1000000, got 50"),
     ("rank_pmi.py", ["d.jsonl", "--model", "m", "--out", "o", "--threads", "0"],
      "argument --threads: 0 is not a positive integer"),
 ]
@@ -69,6 +72,8 @@ INPUT_CASES = [
     ("bench_http_env.py", ["--env", "toy_envs:NoSuchEnv", "--episodes", "1"], "NoSuchEnv"),
     ("bench_policy.py", ["--model", "{tmp}/nomodel"], "nomodel: not a model folder"),
     ("bench_llamacpp.py", ["--model", "{tiny}", "--dtype", "q4"], "--dtype 'q4': expected one of f16, f32, bf16"),
+    ("bench_llamacpp.py", ["--model", "{tiny}", "--gguf", "{tmp}/none.gguf"], "none.gguf: file not found"),
+    ("bench_qnet.py", ["--model", "{tiny}", "--out", "{tmp}/report.md"], "report.md: the JSON report's name"),
     ("rank_pmi.py", ["{tmp}/none.jsonl", "--model", "{tiny}", "--out", "{tmp}/o"], "none.jsonl: file not found"),
     ("probe_focus.py", ["--model", "{tiny}", "--exclude", "{tmp}/none.jsonl", "--out", "{tmp}/o"],
      "none.jsonl: file not found"),
@@ -171,6 +176,55 @@ def test_bench_trainers_checks_its_inputs_before_training(tmp_path: Path, tiny_m
     args += ["--set", "nosuch=1"]
     assert_usage_error(run_benchmark("bench_trainers.py", args, tmp_path), "with --set: unknown option(s) 'nosuch'")
     assert not (tmp_path / "o").exists()
+    (tmp_path / "o" / "new").mkdir(parents=True)  # a finished run: the trainer would hand it back, timed as training
+    assert_usage_error(run_benchmark("bench_trainers.py", [*base, "--data", "d.json", "--old-src", str(tmp_path),
+                                                           "--only", "new"], tmp_path),
+                       "new exists, and a trainer would resume it rather than train")
+
+
+def test_bench_trainers_held_out_loss_reads_the_windows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """encode_windows returns (windows, cut) since c1c2ba7; the SFT comparison unpacked it as the windows, so
+    ``--kind sft`` (the README's command) failed after the old trainer's whole run."""
+    import importlib
+    import json
+    import math
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        bench = importlib.import_module("bench_trainers")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    turns = [{"from": "human", "value": "Task: go east."}, {"from": "gpt", "value": "Thought: east.\nAction: go east"}]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": f"t{i}", "conversations": turns} for i in range(4)]))
+    loss = bench.held_out_loss(tiny_model_dir, tmp_path / "d.json", bench.SFTConfig(val_fraction=0.5, max_length=64))
+    assert math.isfinite(loss) and loss > 0
+
+
+@pytest.mark.slow
+def test_rank_pmi_probe_focus_and_bench_policy_run_to_their_reports(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """rank_pmi and probe_focus scored every state, then failed writing their JSON (--out became a Path); bench_policy
+    said its shared and separate sampling give the same tokens, but seeded the separate calls otherwise."""
+    import json
+
+    java()
+    installed("scienceworld")
+    reference = Path(__file__).resolve().parents[1] / "docs" / "reference" / "guidance" / "decisions218.jsonl"
+    lines = reference.read_text().splitlines()
+    (tmp_path / "d.jsonl").write_text("\n".join(lines[:2] + lines[-2:]) + "\n")
+    tiny = str(tiny_model_dir)
+    done = run_benchmark("rank_pmi.py", ["d.jsonl", "--model", tiny, "--out", "pmi", "--threads", "1",
+                                         "--resamples", "100"], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "pmi" / "rank_pmi.json").read_text())["args"]["out"] == "pmi"
+    done = run_benchmark("probe_focus.py", ["--model", tiny, "--splits", "seen", "--per-type", "1", "--resamples", "50",
+                                            "--out", "probe"], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["states"]
+    done = run_benchmark("bench_policy.py", ["--model", tiny, "--ms", "2,4", "--repeats", "1", "--max-new-tokens", "8",
+                                             "--out", "policy.json"], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(r["M"], r["same_outputs"]) for r in json.loads((tmp_path / "policy.json").read_text())["candidates"]] \
+        == [(2, True), (4, True)]
 
 
 @pytest.mark.parametrize("script", ["bench_qnet.py", "bench_qnet_train.py"])
