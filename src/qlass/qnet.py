@@ -139,11 +139,12 @@ class QNet:
         from transformers.utils import logging as hf_logging
 
         path = Path(path)
-        cls.check_folder(path)
+        require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
         limits = (("threads", threads, 1), ("max_length", max_length, 2), ("cache_slots", cache_slots, 0))
         for name, value, low in limits:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise QlassError(f"QNet option {name} must be an integer >= {low}, got {value!r}")
+        cls.check_folder(path)
         if threads:
             torch.set_num_threads(threads)
         meta = read_json_object(path / META_FILE) if (path / META_FILE).exists() else {}
