@@ -540,12 +540,21 @@ def test_resuming_a_tied_model_does_not_warn_of_missing_weights(tiny_model_dir, 
     assert dropped.filter(record("There were unexpected keys in the checkpoint model loaded: ['x']."))
 
 
-def test_sft_leaves_the_callers_random_generators_as_they_were(tiny_model_dir, tmp_path: Path) -> None:
+def test_sft_leaves_the_callers_process_as_it_was_and_reports_nothing(tiny_model_dir, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers' Trainer seeds Python's, NumPy's and torch's generators (set_seed): after train_sft a caller's
-    draws were those after the run's seed, whatever the caller had seeded."""
+    draws were those after the run's seed, whatever the caller had seeded; ``threads`` stayed set, transformers'
+    progress bars stayed off; and TRL's trainer sent a usage report to huggingface.co."""
     import random
 
     import numpy as np
+    import trl.trainer.base_trainer as trl_base
+    from transformers.utils import logging as hf_logging
+
+    sent: list[dict] = []
+    monkeypatch.setattr(trl_base, "send_telemetry", lambda **kwargs: sent.append(kwargs))
+    monkeypatch.delenv("CI", raising=False)  # TRL sends nothing under CI
+    monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY", raising=False)
 
     def seeded_draws(call=None) -> tuple[float, float, float]:
         torch.manual_seed(11)
@@ -557,4 +566,12 @@ def test_sft_leaves_the_callers_random_generators_as_they_were(tiny_model_dir, t
 
     cfg = SFTConfig(epochs=1, lr=1e-3, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1, max_steps=1)
     data = write_data(tmp_path / "data.json")
-    assert seeded_draws(lambda: train_sft(data, tiny_model_dir, tmp_path / "sft", cfg)) == seeded_draws()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    hf_logging.enable_progress_bar()
+    try:
+        assert seeded_draws(lambda: train_sft(data, tiny_model_dir, tmp_path / "sft", cfg)) == seeded_draws()
+        assert torch.get_num_threads() == 2 and hf_logging.is_progress_bar_enabled()
+    finally:
+        torch.set_num_threads(threads)
+    assert sent == []

@@ -136,7 +136,6 @@ class QNet:
         bf16 autocast exactly when training did (recorded in ``qnet.json``), so values match training's.
         ``cache_slots > 0`` keeps that many history caches for :meth:`score_batch` (see there)."""
         from transformers import AutoModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
 
         path = Path(path)
         require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
@@ -148,7 +147,6 @@ class QNet:
         if threads:
             torch.set_num_threads(threads)
         meta = read_json_object(path / META_FILE) if (path / META_FILE).exists() else {}
-        hf_logging.disable_progress_bar()
         with loading_weights(path, "QNet"):
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
         model.to(resolve_device(device))

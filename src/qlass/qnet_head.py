@@ -55,6 +55,7 @@ from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
 from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .recorded import model_files, same_path, setting_changes
+from .training.caller_state import keeping_caller_state
 from .training.common import file_digest, input_snapshot
 from .training.run_folders import refuse_overwriting_run
 
@@ -314,6 +315,11 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
             raise QlassError(f"{out}: holds a head-only QNet fitted with other settings ({', '.join(changes)}); "
                              "use another --out")
     out.mkdir(parents=True, exist_ok=True)
+    with keeping_caller_state():  # cfg.threads, the seeded head: the caller's process keeps its own
+        return _fit_head(qdata, sft_dir, out, cfg)
+
+
+def _fit_head(qdata: str | Path, sft_dir: str | Path, out: Path, cfg: QNetHeadConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     with input_snapshot(qdata) as source:  # a pipe is copied: its digest is taken from the bytes read

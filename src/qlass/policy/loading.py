@@ -35,7 +35,6 @@ def fine_tuned_length(model_dir: Path) -> int | None:
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """Load a causal-LM folder and its tokenizer (with a chat template), quietly and in eval mode."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     require_model_folder(path, f"{path}: not a model folder (no config.json); `qlass model default` prints the "
@@ -43,7 +42,6 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     if dtype not in DTYPES:
         raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     refuse_classifier(path)
-    hf_logging.disable_progress_bar()
     tokenizer = ensure_chat_template(load_tokenizer(path))
     with loading_weights(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
@@ -77,10 +75,17 @@ def load_tokenizer(path: str | Path) -> Any:
 
 @contextlib.contextmanager
 def loading_weights(path: Path, what: str) -> Iterator[None]:
-    """A truncated or corrupt weights file in ``path`` as one :class:`QlassError` naming the folder."""
+    """A truncated or corrupt weights file in ``path`` as one :class:`QlassError` naming the folder; no loading
+    progress bar meanwhile (transformers' setting is put back after, for the caller's own loads)."""
     from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     except (SafetensorError, OSError) as exc:
         raise QlassError(f"{path}: cannot load the {what}'s weights ({' '.join(str(exc).split())})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -32,6 +32,7 @@ from ..data import ValidationReport, load_placed_records, record_problems, recor
 from ..errors import DataError, naming_failed_saves
 from ..policy.loading import load_causal_lm
 from ..types import Message, Trajectory
+from .caller_state import keeping_caller_state
 from .common import (
     DONE_MARK,
     MetricsLog,
@@ -48,8 +49,7 @@ from .common import (
     training_arguments,
 )
 from .configs import DPOConfig
-from .quiet import NoModelCard, quiet, without_misleading_warnings
-from .rng import keeping_random_state
+from .quiet import NoModelCard, NoTelemetry, quiet, without_misleading_warnings
 from .run_folders import refuse_overwriting_run
 from .schedule import WarmupWithinRun
 from .sft import labelled_example, lora_config, prefix_length, save_merged
@@ -187,7 +187,7 @@ def _trainer_class() -> type:
                                          padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
             return out
 
-    class PairDPOTrainer(NoModelCard, WarmupWithinRun, DPOTrainer):
+    class PairDPOTrainer(NoModelCard, NoTelemetry, WarmupWithinRun, DPOTrainer):
         def _prepare_dataset(self, dataset: Any, *_: Any, **__: Any) -> Any:
             return dataset  # tokenized by encode_pair
 
@@ -207,7 +207,7 @@ def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "dpo")
     check_report_to(cfg.report_to)
-    with keeping_random_state(), main_process_lock(out), naming_failed_saves(out), input_snapshot(pairs) as source:
+    with keeping_caller_state(), main_process_lock(out), naming_failed_saves(out), input_snapshot(pairs) as source:
         return _train_dpo(source, model_dir, out, cfg)
 
 

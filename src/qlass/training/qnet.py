@@ -45,13 +45,14 @@ from ..config_fields import require_config
 from ..errors import QlassError, naming_failed_saves
 from ..jsonl import append_jsonl, write_jsonl
 from ..models import resolve_device
-from ..policy.loading import refuse_classifier
+from ..policy.loading import loading_weights, refuse_classifier
 from ..qnet import QNet
 from ..qnet_data import QRecord, make_groups, read_qdata, split_by_tree
 from ..qnet_loss import state_targets
 from ..qnet_pack import PackedRow, pack_records
 from ..qnet_validate import loglik_ranker_metrics, loglik_scores, qnet_outputs
 from ..recorded import model_files, setting_changes
+from .caller_state import keeping_caller_state
 from .common import (
     DONE_MARK,
     METRICS,
@@ -82,7 +83,6 @@ from .qnet_trainer import (
     validation_items,
 )
 from .quiet import quiet, without_misleading_warnings
-from .rng import keeping_random_state
 from .run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def train_qnet(qdata: str | Path | Snapshot, sft_dir: str | Path, out_dir: str |
     refuse_classifier(Path(sft_dir))  # a QNet loads as a classifier too, and failed only after training
     check_report_to(cfg.report_to)
     read = contextlib.nullcontext(qdata) if isinstance(qdata, Snapshot) else input_snapshot(qdata)
-    with keeping_random_state(), main_process_lock(out), naming_failed_saves(out), read as source:
+    with keeping_caller_state(), main_process_lock(out), naming_failed_saves(out), read as source:
         return _train_qnet(source, sft_dir, out, cfg, sorted(held_out) if held_out is not None else None)
 
 
@@ -301,7 +301,8 @@ def _final_qnet(weights: Path, tokenizer: Any, sft_dir: str | Path, cfg: QNetTra
     else:
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(weights, dtype=torch.float32)
+        with loading_weights(weights, "QNet"):
+            model = AutoModelForSequenceClassification.from_pretrained(weights, dtype=torch.float32)
     model.to(resolve_device(cfg.device)).eval()
     return QNet(model, tokenizer, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.rank)
 

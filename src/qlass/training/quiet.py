@@ -1,5 +1,5 @@
-"""What the trainers leave out of their output: the callbacks that print every log to stdout, TRL's model card,
-and two transformers warnings that read as damage where there is none."""
+"""What the trainers leave out of their output: the callbacks that print every log to stdout, TRL's model card
+and usage report, and two transformers warnings that read as damage where there is none."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ class NoModelCard:
     formats.md's."""
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class NoTelemetry:
+    """Mixin for a TRL trainer (listed before it): no usage report to huggingface.co. TRL's trainers send one
+    when they are made (the model's architecture, the device, the world size) unless ``HF_HUB_DISABLE_TELEMETRY``
+    is set; qlass runs on machines that reach no hub and sends nothing anywhere."""
+
+    def _send_telemetry(self) -> None:
         return None
 
 

@@ -53,6 +53,7 @@ from ..errors import DataError, QlassError, naming_failed_saves
 from ..policy.loading import SFT_RECORD, load_causal_lm
 from ..policy.render import default_keep_prefix, encode_conversation, truncate_history
 from ..types import Message, Trajectory
+from .caller_state import keeping_caller_state
 from .common import (
     DONE_MARK,
     LengthGroupedSampler,
@@ -72,8 +73,7 @@ from .common import (
     training_arguments,
 )
 from .configs import SFTConfig
-from .quiet import NoModelCard, quiet, without_misleading_warnings
-from .rng import keeping_random_state
+from .quiet import NoModelCard, NoTelemetry, quiet, without_misleading_warnings
 from .run_folders import refuse_overwriting_run
 from .schedule import WarmupWithinRun
 
@@ -230,7 +230,7 @@ def _trainer_class() -> type:
     only the labelled positions through the LM head (:func:`labelled_token_loss`)."""
     from trl import SFTTrainer
 
-    class WindowSFTTrainer(NoModelCard, WarmupWithinRun, SFTTrainer):
+    class WindowSFTTrainer(NoModelCard, NoTelemetry, WarmupWithinRun, SFTTrainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> LengthGroupedSampler:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return LengthGroupedSampler([len(ids) for ids in dataset["input_ids"]],
@@ -327,7 +327,7 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "sft")
     check_report_to(cfg.report_to)
-    with keeping_random_state(), main_process_lock(out), naming_failed_saves(out), input_snapshot(data) as source:
+    with keeping_caller_state(), main_process_lock(out), naming_failed_saves(out), input_snapshot(data) as source:
         return _train_sft(source, model_dir, out, cfg)
 
 
