@@ -409,6 +409,38 @@ def test_tasks_are_known_by_split_and_id(tmp_path: Path) -> None:
     assert table.missing(SameIds().tasks("seen")[:3]) == ["corridor/2"]
 
 
+class LongCorridor(Corridor):
+    """Another environment with Corridor's task ids."""
+
+    name = "longcorridor"
+
+
+class OneShort(Paraphraser):
+    """Answers one completion too few for the last history."""
+
+    def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+        out = super().sample(histories, n, temperature, max_new_tokens, seed)
+        return out[:-1] + [out[-1][:-1]]
+
+
+def test_a_task_twice_another_environment_and_a_short_answer_are_refused(tmp_path: Path) -> None:
+    """A task listed twice wrote two records, and every later read refused the cache; another environment's tasks
+    with the same ids were taken as done and read this one's text; a policy answering too few completions was
+    accepted (too few lists: a zip() error after some records were written)."""
+    path, cfg = tmp_path / "para.jsonl", ParaphraseConfig(samples=2)
+    tasks = Corridor().tasks("train")[:2]
+    with pytest.raises(QlassError, match="build_paraphrases: task 'corridor/0' of split 'train' is given twice"):
+        build_paraphrases(Corridor, [tasks[0], tasks[0]], path, Paraphraser(), cfg)
+    assert not path.exists()
+    with pytest.raises(QlassError, match=r"OneShort\.sample returned 1 items for history 1; it must return 2"):
+        build_paraphrases(Corridor, tasks, path, OneShort(), cfg)
+    build_paraphrases(Corridor, tasks, path, Paraphraser(), cfg)
+    with pytest.raises(QlassError, match="env_name: 'corridor' → 'longcorridor'"):
+        build_paraphrases(LongCorridor, tasks, path, Paraphraser(), cfg)
+    with pytest.raises(TypeError, match="build_paraphrases: argument 'cfg' must be an instance of ParaphraseConfig"):
+        build_paraphrases(Corridor, tasks, path, Paraphraser(), {"samples": 2})  # type: ignore[arg-type]
+
+
 # -- the option in Q-guided search and in exploration -----------------------------------------------
 def test_qlass_option_is_validated_labelled_and_leaves_old_hashes(tmp_path: Path) -> None:
     assert config_hash(QlassConfig()) == "38dd1d930a83"  # the hash before the option existed

@@ -36,8 +36,8 @@ from typing import Any
 
 from .agent import check_sample_counts
 from .config import option
-from .config_fields import check_field_types
-from .envs.base import Env, env_close, env_reset
+from .config_fields import check_field_types, require_config
+from .envs.base import Env, check_env_factory, check_tasks, env_close, env_reset
 from .errors import DataError, QlassError
 from .jsonl import append_jsonl, read_numbered_jsonl
 from .locking import writes_to
@@ -50,7 +50,8 @@ from .paraphrase_goals import (
     template_paraphrase,
 )
 from .perturb import paraphrase_prompt
-from .policy.base import Policy, ready_policy
+from .policy.base import Policy, check_policy_argument, ready_policy
+from .policy.user import checked_answer
 from .recorded import check_recorded, with_model_files
 from .seeding import stable_seed
 from .types import Completion, History, Message, Task
@@ -276,13 +277,23 @@ def build_paraphrases(
     :data:`~qlass.paraphrase_goals.TEMPLATE_ENVS`); ``settings`` (e.g. ``env``, ``env_args``,
     ``model``, ``policy`` options) are recorded in the header with the sampling options and the seed,
     and a rerun with others is refused. Task ``t``'s samples draw from ``stable_seed(seed, t)``."""
+    check_env_factory(make_env, "build_paraphrases")
+    require_config(cfg, ParaphraseConfig, "build_paraphrases")
+    check_tasks(tasks, "build_paraphrases")
+    check_policy_argument(policy, "build_paraphrases")
+    listed: set[tuple[str, str]] = set()
+    for t in tasks:  # both records would be written, and the cache then refused by every reader
+        if (t.split, t.id) in listed:
+            raise QlassError(f"build_paraphrases: task {t.id!r} of split {t.split!r} is given twice")
+        listed.add((t.split, t.id))
     path = Path(out_path)
     env = make_env()
     try:
         if policy is None and env.name not in TEMPLATE_ENVS:
             raise QlassError(f"{env.name}: no paraphrase templates for this environment (they exist for "
                              f"{', '.join(TEMPLATE_ENVS)}); give a model as the source")
-        done, header = _start(path, _settings(policy, cfg, seed, settings))
+        # the environment's own name: another's tasks (the same ids) must not read this cache's text
+        done, header = _start(path, {**_settings(policy, cfg, seed, settings), "env_name": env.name})
         todo = [t for t in tasks if (t.split, t.id) not in done]
         if len(todo) < len(tasks):
             log.info("resuming: %d of %d tasks already in %s", len(tasks) - len(todo), len(tasks), path)
@@ -293,8 +304,9 @@ def build_paraphrases(
             seeds = [stable_seed(seed, j.task.id) for j in jobs]
             sampled: list[list[Completion]] = [[] for _ in jobs]
             if model is not None:
-                sampled = model.sample([paraphrase_request(j.text, j.constraints) for j in jobs], cfg.samples,
-                                       cfg.temperature, cfg.max_new_tokens, seeds)
+                sampled = checked_answer(f"{type(model).__name__}.sample", model.sample(
+                    [paraphrase_request(j.text, j.constraints) for j in jobs], cfg.samples, cfg.temperature,
+                    cfg.max_new_tokens, seeds), [cfg.samples] * len(jobs), strict=False)
             for job, outs, s in zip(jobs, sampled, seeds, strict=True):
                 record = _choose(env.name, job, outs, s)
                 if header is not None:
