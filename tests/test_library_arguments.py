@@ -230,3 +230,30 @@ def test_a_registered_environment_name_works_in_worker_processes(tmp_path: Path)
     rows = run_evaluation("test_cli_errors:EastWalker", "corridor-registered", ["seen"], [("greedy", {})],
                           tmp_path / "ev", env_kwargs={"step_limit": 3}, limit=2, backend="process", workers=1)
     assert [(r["method"], r["tasks"]) for r in rows] == [("greedy", 2)]
+
+
+def test_cross_validation_names_its_counts_and_configs_before_any_work(tmp_path: Path) -> None:
+    """cross_validate_qnet trained every fold, then failed inside numpy for resamples=0 ('folds="2"' failed on a
+    comparison); cross_validate_on_decisions computed the features before a dict given as its config failed."""
+    from qlass.decision_head import cross_validate_on_decisions, write_decision_qdata
+    from qlass.decision_report import ReportConfig
+    from qlass.qnet_cv import cross_validate_qnet
+    from qlass.qnet_head import QNetHeadConfig
+    from qlass.training.configs import QNetTrainConfig
+
+    data, out = tmp_path / "q.jsonl", tmp_path / "out"
+    for folds, resamples, message in ((2, 0, "'resamples' must be a whole number >= 1, got 0"),
+                                      ("2", 100, "'folds' must be a whole number >= 2, got '2'"),
+                                      (1, 100, "'folds' must be a whole number >= 2, got 1")):
+        with pytest.raises(TypeError, match=re.escape(f"cross_validate_qnet: argument {message}")):
+            cross_validate_qnet(data, tmp_path, out, QNetTrainConfig(), folds, resamples)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="argument 'cfg' must be an instance of QNetHeadConfig"):
+        cross_validate_on_decisions([data], tmp_path, out, {"folds": 2})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="argument 'report' must be an instance of ReportConfig"):
+        cross_validate_on_decisions([data], tmp_path, out, QNetHeadConfig(), {"x": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=re.escape("cross_validate_on_decisions: argument 'paths' must be a list of "
+                                                  "paths, got one path")):
+        cross_validate_on_decisions(str(data), tmp_path, out, QNetHeadConfig(), ReportConfig())
+    with pytest.raises(TypeError, match=re.escape("write_decision_qdata: argument 'paths' must be a list of paths")):
+        write_decision_qdata(data, out / "q.jsonl")  # type: ignore[arg-type]
+    assert not out.exists()

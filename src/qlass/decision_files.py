@@ -24,6 +24,7 @@ import numpy as np
 
 from .candidates import normalise_action
 from .config import load_yaml, save_yaml
+from .config_fields import require_paths
 from .envs.base import REWARD_SLACK
 from .errors import DataError, MissingFileError, QlassError
 from .file_checks import check_output_file, refuse_repeated_inputs
@@ -72,6 +73,7 @@ def check_settings(out: Path, settings: dict[str, Any], save: bool = True) -> No
 def greedy_rollouts(paths: Sequence[str | Path]) -> bool:
     """Whether every file of ``paths`` records greedy rollouts (``rollout_temperature: 0`` in its
     ``NAME.config.yaml``): then each candidate's rollouts are one rollout copied."""
+    paths = require_paths(paths, "greedy_rollouts", "paths")
     for path in map(Path, paths):
         config = sidecar(path, "config.yaml")
         if not config.is_file():
@@ -89,6 +91,7 @@ def check_pooled(paths: Sequence[str | Path], allow_mixed: bool = False) -> list
     refused, naming both files and every difference, unless ``allow_mixed``; then the differences
     are returned (``"file: setting: old → new"``) for the report to state. A file without a
     settings file cannot be compared: a warning names it."""
+    paths = require_paths(paths, "check_pooled", "paths")
     if len(paths) < 2:
         return []
     first: tuple[Path, Path, dict[str, Any]] | None = None  # data file, settings file, settings
@@ -325,6 +328,7 @@ def read_decisions(paths: Sequence[str | Path], skip_torn_tail: bool = False) ->
     decision recorded twice, decisions of two environments, and log-probabilities in some decisions
     only (the likelihood rankers would silently drop out). ``skip_torn_tail``: see
     :func:`~qlass.jsonl.read_numbered_jsonl`."""
+    paths = require_paths(paths, "read_decisions", "paths")
     refuse_repeated_inputs(paths)
     records: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], tuple[Path, int]] = {}

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .config import to_dict
+from .config_fields import require_config, require_paths
 from .data import refuse_replacing_other_kind
 from .decision_files import MAX_CANDIDATES, check_pooled, one_environment, read_decisions
 from .decision_report import ReportConfig, markdown, score_decisions
@@ -91,6 +92,7 @@ def write_decision_qdata(paths: Sequence[str | Path], out: str | Path, allow_mix
     """Write the decisions of ``paths`` as Q data (``qdata.jsonl`` format) to ``out``; returns the
     number of records. Files collected with other settings are refused unless ``allow_mixed``
     (:func:`~qlass.decision_files.check_pooled`)."""
+    paths = require_paths(paths, "write_decision_qdata", "paths")
     refuse_overwriting_inputs(out, paths)
     refuse_replacing_other_kind(out, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
     for change in check_pooled(paths, allow_mixed):
@@ -118,6 +120,10 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
     the differences). Writes ``features.jsonl`` (resumable), ``decisions.md`` and
     ``decision_cv.json`` to ``out_dir`` and returns the result."""
     report = report or ReportConfig()
+    require_config(cfg, QNetHeadConfig, "cross_validate_on_decisions")  # before hours of features, not after
+    require_config(report, ReportConfig, "cross_validate_on_decisions", "report")
+    paths = require_paths(paths, "cross_validate_on_decisions", "paths")
+    extra = require_paths(extra, "cross_validate_on_decisions", "extra") if extra else []
     mixed = check_pooled(paths, allow_mixed)
     out = Path(out_dir)
     for name in ("features.jsonl", RESULT_FILE, "decisions.md"):  # before hours of features, not after

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .config import to_dict
-from .config_fields import require_config
+from .config_fields import require_config, require_count
 from .errors import QlassError
 from .jsonl import read_jsonl, write_text_atomic
 from .qnet_data import fold_trees, pair_credits, read_qdata, spearman
@@ -45,6 +45,8 @@ def cross_validate_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | P
     """Train ``folds`` QNets on tree-disjoint splits of ``qdata`` and pool their held-out predictions;
     writes ``cv_summary.json`` and ``cv_summary.md`` to ``out_dir`` and returns the summary."""
     require_config(cfg, QNetTrainConfig, "cross_validate_qnet")
+    require_count(folds, "cross_validate_qnet", "folds", low=2)  # before every fold trains, not after
+    require_count(resamples, "cross_validate_qnet", "resamples")
     if cfg.select_best:
         raise QlassError("select_best would keep each fold's epoch by its accuracy on the held-out trees that "
                          "the fold then reports, so the pooled accuracy would be optimistic; cross-validate with "
