@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from qlass.cli import app
 from qlass.data import load_trajectories, save_trajectories, validate_file
-from qlass.errors import DataError
+from qlass.errors import DataError, QlassError
 from qlass.types import Message, Step, Task, Trajectory
 
 GOOD = {
@@ -453,3 +453,22 @@ def test_rerunning_a_finished_expert_export_replays_nothing(tmp_path: Path) -> N
     assert CountingCorridor.episodes == 6 + 6 and len(load_trajectories(out)) == 4
     assert (tmp_path / ".expert.json.done.jsonl").exists() and not (tmp_path / ".expert.json.progress.jsonl").exists()
 
+
+
+def test_save_trajectories_refuses_what_would_not_read_back(tmp_path: Path) -> None:
+    """A NaN or out-of-range reward and an id given twice were written, then refused by load_trajectories; a meta
+    key named like a field of the record replaced it (the id, the reward)."""
+    from qlass.data import trajectory_to_record
+
+    turns = [Message("user", "Task: go."), Message("assistant", "Thought: go.\nAction: go")]
+    good = Trajectory("a", turns, reward=1.0)
+    for bad, said in ((Trajectory("b", turns, reward=float("nan")), "field 'reward': nan is not a number in [0, 1]"),
+                      (Trajectory("b", turns, reward=2.5), "field 'reward': 2.5 is not a number in [0, 1]"),
+                      (Trajectory("a", turns), "field 'id': 'a' is also trajectory 0's")):
+        with pytest.raises(QlassError, match=re.escape(f"trajectory 1 ({bad.id!r}) would not read back: {said}")):
+            save_trajectories(tmp_path / "t.json", [good, bad])
+        assert not (tmp_path / "t.json").exists()
+    with pytest.raises(QlassError, match="trajectory 'a': meta key 'reward' is a field of the record itself"):
+        trajectory_to_record(Trajectory("a", turns, meta={"reward": 0.0}))
+    save_trajectories(tmp_path / "t.jsonl", [good, Trajectory("b", turns, meta={"task_type": "walk"})])
+    assert [t.meta for t in load_trajectories(tmp_path / "t.jsonl")] == [{}, {"task_type": "walk"}]

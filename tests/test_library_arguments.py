@@ -257,3 +257,62 @@ def test_cross_validation_names_its_counts_and_configs_before_any_work(tmp_path:
     with pytest.raises(TypeError, match=re.escape("write_decision_qdata: argument 'paths' must be a list of paths")):
         write_decision_qdata(data, out / "q.jsonl")  # type: ignore[arg-type]
     assert not out.exists()
+
+
+def test_small_helpers_name_what_they_cannot_take(tmp_path: Path) -> None:
+    """diversity_prompt read one output letter by letter; with_memory(memory=0) appended every reflection
+    (``[-0:]``); read_jsonl of a folder and run_pipeline of a folder were IsADirectoryError; EnvPool took
+    max_instances='3' to a TypeError; resolve_device('mps') passed on a machine without it; QNetHeadConfig took
+    cache_slots=-3 and could be changed after its checks."""
+    import dataclasses
+
+    from qlass.envs.base import register_env
+    from qlass.errors import DataError
+    from qlass.jsonl import read_jsonl
+    from qlass.models import resolve_device
+    from qlass.perturb import diversity_prompt
+    from qlass.pipeline import run_pipeline
+    from qlass.qnet_head import QNetHeadConfig
+    from qlass.reflexion import with_memory
+    from qlass.serve_pool import EnvPool
+    from qlass.types import Message
+
+    history = [Message("user", "Task: go.")]
+    with pytest.raises(TypeError, match="argument 'previous_outputs' must be a list of outputs, got one string"):
+        diversity_prompt(history, "Thought: b\nAction: look")
+    with pytest.raises(QlassError, match="with_memory: memory must be a whole number >= 1, got 0"):
+        with_memory(history, ["note"], 0)
+    assert with_memory(history, ["a", "b"], 1)[-1].content.endswith("- b")
+    with pytest.raises(QlassError, match="is a folder, not a JSON Lines file"):
+        read_jsonl(tmp_path)
+    with pytest.raises(DataError, match="is a folder, not a YAML file"):
+        run_pipeline(tmp_path)
+    register_env("corridor-pool", Corridor)
+    with pytest.raises(QlassError, match="max_instances must be a whole number >= 1, got '3'"):
+        EnvPool("corridor-pool", max_instances="3")  # type: ignore[arg-type]
+    import torch
+
+    if not torch.backends.mps.is_available():
+        with pytest.raises(QlassError, match="torch sees no Apple GPU"):
+            resolve_device("mps")
+    with pytest.raises(QlassError, match="not one qlass runs on"):
+        resolve_device("meta")
+    with pytest.raises(QlassError, match="cache_slots must be >= 0, got -3"):
+        QNetHeadConfig(cache_slots=-3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QNetHeadConfig().folds = 1  # type: ignore[misc]
+
+
+def test_build_tiny_model_keeps_the_callers_generator_and_refuses_a_file(tmp_path: Path) -> None:
+    import torch
+
+    from qlass.models import build_tiny_model
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(QlassError, match="file: is a file; a model is saved as a folder"):
+        build_tiny_model(tmp_path / "file")  # transformers only logged it, and the call returned as if saved
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    assert build_tiny_model(str(tmp_path / "tiny"), layers=1, hidden=16, heads=2) == tmp_path / "tiny"
+    assert torch.rand(1) == expected and (tmp_path / "tiny" / "config.json").exists()

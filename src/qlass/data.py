@@ -313,6 +313,9 @@ def trajectory_to_record(traj: Trajectory, with_steps: bool = True) -> dict[str,
         rec["task"] = traj.task
     if with_steps and traj.steps:
         rec["steps"] = [asdict(s) for s in traj.steps]
+    clash = sorted(rec.keys() & traj.meta.keys())
+    if clash:  # the meta value replaced the trajectory's own (its id, its reward)
+        raise QlassError(f"trajectory {traj.id!r}: meta key {clash[0]!r} is a field of the record itself")
     rec.update(traj.meta)
     return rec
 
@@ -353,11 +356,24 @@ def load_trajectories(path: str | Path) -> list[Trajectory]:
 
 
 def save_trajectories(path: str | Path, trajectories: Iterable[Trajectory], with_steps: bool = True) -> None:
-    """Write trajectories atomically: a JSON list for ``.json``, JSON Lines otherwise."""
+    """Write trajectories atomically: a JSON list for ``.json``, JSON Lines otherwise. A trajectory that
+    :func:`load_trajectories` would refuse (a reward outside [0, 1], NaN, an id given twice) is refused here,
+    naming it, before anything is written."""
     records = [trajectory_to_record(t, with_steps=with_steps) for t in trajectories]
+    seen: dict[Any, int] = {}
+    for i, rec in enumerate(records):
+        problems = record_problems(rec, actions=False)
+        if rec["id"] in seen:
+            problems.append(f"field 'id': {rec['id']!r} is also trajectory {seen[rec['id']]}'s")
+        seen.setdefault(rec["id"], i)
+        if problems:
+            raise QlassError(f"{path}: trajectory {i} ({rec['id']!r}) would not read back: {'; '.join(problems)}")
     p = Path(path)
-    if p.suffix == ".json":
-        text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
-    else:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    try:
+        if p.suffix == ".json":
+            text = json.dumps(records, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+        else:
+            text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+    except ValueError as exc:  # NaN or infinity in a step or meta value: not JSON
+        raise QlassError(f"{path}: a trajectory holds a value JSON cannot write ({exc})") from None
     write_text_atomic(p, text)

@@ -199,7 +199,7 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 
 def read_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip_torn_tail: bool = False
                ) -> list[dict[str, Any]]:
-    """Read every record of a JSONL file (see :func:`read_numbered_jsonl`)."""
+    """Read every record of a JSONL file (see :func:`read_numbered_jsonl`; a missing file reads as none)."""
     return [rec for _, rec in read_numbered_jsonl(path, repair_tail, skip_torn_tail)]
 
 
@@ -216,12 +216,16 @@ def read_numbered_jsonl(path: str | os.PathLike, repair_tail: bool = False, skip
     reader that only shows a file, which may still be being written), such a last line is skipped
     with a warning and the file left as it is.
 
-    A gzip-compressed file (e.g. ``records.jsonl.gz``) is read decompressed; one that a run would
-    append to (``repair_tail``) is refused, since appends cannot go into it.
+    A file that does not exist reads as no records (a run's output before its first append: the readers of
+    inputs check that theirs exists first); a folder is a :class:`QlassError`. A gzip-compressed file (e.g.
+    ``records.jsonl.gz``) is read decompressed; one that a run would append to (``repair_tail``) is refused,
+    since appends cannot go into it.
     """
     p = Path(path)
     if not p.exists():
         return []
+    if p.is_dir():  # was IsADirectoryError
+        raise QlassError(f"{p}: is a folder, not a JSON Lines file")
     if repair_tail:
         check_output_file(p)  # a run's own file: a pipe would block the read, a device be replaced
     refuse_device(p)

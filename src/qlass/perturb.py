@@ -29,6 +29,9 @@ def diversity_prompt(history: History, previous_outputs: Sequence[str]) -> list[
 
     Returns ``history`` unchanged (as a list) when there is nothing to differ from; raises
     ``ValueError`` when ``history`` has no user turn to extend."""
+    if isinstance(previous_outputs, str):  # one output, read letter by letter: "differ from 'T', 'h', ..."
+        raise TypeError("diversity_prompt: argument 'previous_outputs' must be a list of outputs, got one string "
+                        f"(give [{previous_outputs[:40]!r}...])")
     actions = list(dict.fromkeys(a for a in map(_action_of, previous_outputs) if a))
     if not actions:
         return list(history)

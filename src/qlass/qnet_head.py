@@ -71,7 +71,7 @@ HEAD_FEATURE_SETTINGS = ("max_length", "max_action_tokens", "autocast", "cache_s
 against ``qnet_head_result.json``)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class QNetHeadConfig:
     """Options of ``qlass train-qnet-head``."""
 
@@ -89,8 +89,8 @@ class QNetHeadConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        self.l2 = [float(x) for x in self.l2]
-        self.contrast = [bool(x) for x in self.contrast]
+        object.__setattr__(self, "l2", [float(x) for x in self.l2])  # frozen: set once, then checked
+        object.__setattr__(self, "contrast", [bool(x) for x in self.contrast])
         if not self.l2 or min(self.l2) <= 0:
             raise QlassError(f"qnet-head: l2 needs positive strengths, got {list(self.l2)}")
         if not self.contrast:
@@ -99,6 +99,8 @@ class QNetHeadConfig:
             raise QlassError(f"qnet-head: folds must be >= 2, got {self.folds}")
         if self.max_action_tokens < 1 or self.max_length <= self.max_action_tokens:
             raise QlassError("qnet-head: need 1 <= max_action_tokens < max_length")
+        if self.cache_slots < 0:
+            raise QlassError(f"qnet-head: cache_slots must be >= 0, got {self.cache_slots}")
         if self.threads is not None and self.threads < 1:
             raise QlassError(f"qnet-head: threads must be >= 1 or null, got {self.threads}")
         if self.seed < 0:

@@ -27,6 +27,7 @@ from typing import Any
 from .agent import EpisodeConfig, SearchContext, finish, play, start_messages
 from .config import option
 from .config_fields import check_field_types
+from .errors import QlassError
 from .lockstep import Episode, Sample
 from .seeding import stable_seed
 from .types import Message, Step, Task, Trajectory
@@ -71,9 +72,13 @@ class ReflexionConfig:
 
 
 def with_memory(messages: list[Message], reflections: list[str], memory: int) -> list[Message]:
-    """``messages`` (a trial's opening) with the last ``memory`` reflections appended to its task turn."""
+    """``messages`` (a trial's opening) with the last ``memory`` (>= 1) reflections appended to its task turn."""
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:  # 0 kept them all ([-0:])
+        raise QlassError(f"with_memory: memory must be a whole number >= 1, got {memory!r}")
     if not reflections:
         return messages
+    if not messages:
+        raise QlassError("with_memory: no messages, so no task turn to append the reflections to")
     notes = "\n".join(f"- {r}" for r in reflections[-memory:])
     return messages[:-1] + [Message("user", f"{messages[-1].content}\n\n{MEMORY_HEADER}\n{notes}")]
 

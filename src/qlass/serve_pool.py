@@ -129,9 +129,9 @@ class EnvPool:
 
     def __init__(self, env_spec: str, env_args: dict[str, Any] | None = None, max_instances: int = 64,
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
-        if max_instances < 1:
-            raise QlassError(f"serve: max_instances must be >= 1, got {max_instances}")
-        if not idle_timeout >= 0:
+        if isinstance(max_instances, bool) or not isinstance(max_instances, int) or max_instances < 1:
+            raise QlassError(f"serve: max_instances must be a whole number >= 1, got {max_instances!r}")
+        if not isinstance(idle_timeout, (int, float)) or isinstance(idle_timeout, bool) or not idle_timeout >= 0:
             raise QlassError(f"serve: idle_timeout must be >= 0 seconds (0: never), got {idle_timeout}")
         self.env_spec, self.env_args, self.max_instances = env_spec, dict(env_args or {}), max_instances
         self.idle_timeout = idle_timeout
