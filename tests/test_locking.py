@@ -81,6 +81,26 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
         assert f"pid {os.getpid()}" in lock_path(tmp_path / "run", True).read_text()
 
 
+def test_an_output_named_through_a_symbolic_link_is_the_file_it_names(tmp_path: Path) -> None:
+    """The lock (and NAME.config.yaml) were named from the path as typed: explore into link.jsonl and into the
+    real.jsonl it names ran at once, and every tree was written twice. A whole-file write replaced the link with
+    a file, and the file the link named stayed empty."""
+    from qlass.jsonl import write_text_atomic
+
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    real.touch()
+    link.symlink_to(real.name)
+    holder = hold(real, False)
+    try:
+        with pytest.raises(QlassError, match=r"real\.jsonl is being written by another qlass process"):
+            explore_tasks(list, [], None, ExploreConfig(), link)
+    finally:
+        holder.kill()
+        holder.wait()
+    write_text_atomic(link, "{}\n")
+    assert link.is_symlink() and real.read_text() == "{}\n"
+
+
 @pytest.mark.slow
 def test_two_explore_commands_on_one_file_do_not_double_the_trees(tmp_path: Path) -> None:
     """The review's reproduction: two `qlass explore` on one file at once. The second is refused

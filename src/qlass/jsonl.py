@@ -342,8 +342,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` with ``data`` so readers never see a half-written file; a failed write
-    (a full disk, ``path`` a folder) names ``path`` and leaves no temporary file behind."""
-    p = Path(path)
+    (a full disk, ``path`` a folder) names ``path`` and leaves no temporary file behind. A symbolic link is
+    followed: the file it names is replaced, not the link."""
+    p = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     check_output_file(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_file(p)

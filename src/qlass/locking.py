@@ -27,6 +27,12 @@ from .file_checks import check_output_file
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def followed(path: str | os.PathLike) -> Path:
+    """``path``, or where it leads when it is a symbolic link: an output named through a link and by its own name
+    is one output (one lock, one set of sidecar files, and a replace writes the file the link names)."""
+    return Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+
+
 def lock_path(target: Path, folder: bool) -> Path:
     """Where the lock of ``target`` lives: inside a folder, beside a file."""
     return target / ".qlass.lock" if folder else target.with_name(f".{target.name}.lock")
@@ -39,7 +45,7 @@ def writer_lock(target: str | os.PathLike, folder: bool, beside: bool = False) -
     removed again when the block fails (a refused output keeps no lock file beside or in it). ``beside``: a
     folder that is replaced whole (written elsewhere, then renamed) keeps its lock beside it, as a file does,
     since a lock inside would move away with the old folder."""
-    target = Path(target)
+    target = followed(target)
     if not folder:
         check_output_file(target)
     path = lock_path(target, folder and not beside)
@@ -139,12 +145,15 @@ def writes_to(param: str, folder: bool) -> Callable[[F], F]:
         def locked(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
+            target = bound.arguments[param]
+            if isinstance(target, (str, os.PathLike)) and Path(target).is_symlink():  # sidecars derive from it
+                bound.arguments[param] = followed(target)
             with writer_lock(bound.arguments[param], folder):
-                return fn(*args, **kwargs)
+                return fn(*bound.args, **bound.kwargs)
 
         return locked  # type: ignore[return-value]
 
     return decorate
 
 
-__all__ = ["lock_path", "writer_lock", "writes_to"]
+__all__ = ["followed", "lock_path", "writer_lock", "writes_to"]
