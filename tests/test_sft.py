@@ -575,3 +575,22 @@ def test_sft_leaves_the_callers_process_as_it_was_and_reports_nothing(tiny_model
     finally:
         torch.set_num_threads(threads)
     assert sent == []
+
+
+def test_a_resume_keeps_one_summary_whose_mean_covers_every_step(tmp_path: Path) -> None:
+    """A run killed after its summary (while saving the final model) kept it and logged a second, whose
+    mean_train_loss was 0.0 (no step in that session); a run resumed mid-way logged the mean of the steps after
+    its checkpoint alone. The QNet's sft_loglik_ranker record was kept twice the same way."""
+    from types import SimpleNamespace
+
+    from qlass.jsonl import read_jsonl, write_jsonl
+    from qlass.training.common import METRICS, MetricsLog, rewind_metrics
+
+    write_jsonl(tmp_path / METRICS, [{"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 1.0},
+                                     {"step": 2, "kind": "summary", "mean_train_loss": 2.0},
+                                     {"kind": "sft_loglik_ranker", "pair_accuracy": 0.5}])
+    rewind_metrics(tmp_path, 2)
+    assert read_jsonl(tmp_path / METRICS) == [{"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 1.0}]
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2, epoch=1.0, max_steps=2)
+    MetricsLog(tmp_path).on_log(None, state, None, {"train_runtime": 0.1, "train_loss": 0.0})  # a session of 0 steps
+    assert read_jsonl(tmp_path / METRICS)[-1]["mean_train_loss"] == 2.0

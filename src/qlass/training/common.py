@@ -277,13 +277,13 @@ def remove_checkpoints(out: Path) -> None:
 
 
 def rewind_metrics(out_dir: Path, step: int) -> None:
-    """Drop records of steps after ``step`` from ``out_dir/metrics.jsonl`` (they are redone on resume).
-
-    Records without a ``step`` field are kept.
+    """Drop records of steps after ``step`` from ``out_dir/metrics.jsonl`` (they are redone on resume), and the
+    end-of-run records (``kind``: the summary, the QNet's SFT ranker), which the resumed run writes again: a run
+    killed after them kept two of each. Other records without a ``step`` field are kept.
     """
     path = out_dir / METRICS
     records = read_jsonl(path, repair_tail=True)
-    kept = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= step]
+    kept = [r for r in records if "kind" not in r and (not isinstance(r.get("step"), int) or r["step"] <= step)]
     if len(kept) != len(records):
         log.info("%s: dropping %d record(s) after step %d", path, len(records) - len(kept), step)
         write_jsonl(path, kept)
@@ -312,6 +312,11 @@ class MetricsLog(TrainerCallback):
                 name = name[len("eval_"):]
                 name = name if "/" in name else f"val_{name}"
             record[name] = value
+        if summary:  # the Trainer's mean covers this session's steps: a resumed run's, only those after its checkpoint
+            losses = [r["train_loss"] for r in read_jsonl(self.out / METRICS) if "kind" not in r
+                      and isinstance(r.get("train_loss"), (int, float))]
+            if losses:
+                record["mean_train_loss"] = sum(losses) / len(losses)
         # a NaN or infinite value (a diverging run) is written as null: JSON has no NaN, and the readers refuse it
         append_jsonl(self.out / METRICS, {k: None if isinstance(v, float) and not math.isfinite(v) else v
                                           for k, v in record.items()})
