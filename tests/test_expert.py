@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_envs import Corridor
 
 from qlass.data import load_trajectories
 from qlass.envs.base import make_env
@@ -93,3 +94,36 @@ def test_export_resumes_from_its_progress_file(tmp_path: Path) -> None:
     assert len(lines) == 3  # the two finished tasks were reused, not redone; the torn line was cut
     assert [t.id for t in again.trajectories] == [t.id for t in tasks]
     assert again.trajectories[:2] == first.trajectories
+
+
+class Interrupted(Corridor):
+    """Corridor that counts its resets per task, and is interrupted (Ctrl-C) at ``corridor/3`` while ``stop``."""
+
+    resets: list[str] = []
+    stop = True
+
+    def reset(self, task):
+        Interrupted.resets.append(task.id)
+        if Interrupted.stop and task.id == "corridor/3":
+            raise KeyboardInterrupt
+        return super().reset(task)
+
+
+def test_the_pipelines_expert_export_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``qlass run`` exported the expert data without a progress file: a run stopped part-way replayed every task
+    (``qlass data expert`` kept its replays)."""
+    import yaml
+
+    from qlass.pipeline import run_pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": str(tiny_model_dir),
+                                    "env": "test_expert:Interrupted", "sft": {"max_steps": 1, "threads": 1}}))
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(path, stop_after="sft")
+    assert Interrupted.resets[-1] == "corridor/3"
+    before, Interrupted.stop = len(Interrupted.resets), False
+    run_pipeline(path, stop_after="sft")
+    assert Interrupted.resets[before:] == ["corridor/3", "corridor/4", "corridor/5"]
+    assert len(load_trajectories(tmp_path / "run" / "expert.json")) == 6
+    assert not (tmp_path / "run" / ".expert.json.progress.jsonl").exists()

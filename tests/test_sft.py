@@ -594,3 +594,26 @@ def test_a_resume_keeps_one_summary_whose_mean_covers_every_step(tmp_path: Path)
     state = SimpleNamespace(is_world_process_zero=True, global_step=2, epoch=1.0, max_steps=2)
     MetricsLog(tmp_path).on_log(None, state, None, {"train_runtime": 0.1, "train_loss": 0.0})  # a session of 0 steps
     assert read_jsonl(tmp_path / METRICS)[-1]["mean_train_loss"] == 2.0
+
+
+def test_a_kill_while_checkpoints_are_dropped_leaves_a_finished_run(tiny_model_dir, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoints were removed before the finished mark was written: a kill in between (the removal of
+    gigabytes of optimizer state) left neither, and the rerun trained again from step 0."""
+    import qlass.training.run_folders as run_folders
+    from qlass.training.common import DONE_MARK
+
+    def interrupted(out: Path) -> None:
+        raise KeyboardInterrupt
+
+    cfg = SFTConfig(epochs=1, lr=1e-3, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1, max_steps=2,
+                    save_every=1)
+    data, out = write_data(tmp_path / "data.json"), tmp_path / "sft"
+    monkeypatch.setattr(run_folders, "remove_checkpoints", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(data, tiny_model_dir, out, cfg)
+    monkeypatch.undo()
+    assert (out / DONE_MARK).exists() and list(out.glob("checkpoint-*"))
+    metrics = (out / "metrics.jsonl").read_text()
+    assert train_sft(data, tiny_model_dir, out, cfg) == out
+    assert not list(out.glob("checkpoint-*")) and (out / "metrics.jsonl").read_text() == metrics

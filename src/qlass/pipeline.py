@@ -54,15 +54,18 @@ def _expert_and_sft(r: Resolved, base: Path) -> Path:
                          "exporting them; leave it out to export them into the run folder)")
     if not expert_path.exists():
         log.info("stage 1a: exporting expert trajectories to %s", expert_path)
+        progress = run / ".expert.json.progress.jsonl"  # a killed export resumes: its replayed tasks are kept
         env = make_env(cfg.env, **cfg.env_args)
         try:
             tasks = env_tasks(env, r.expert.split, cfg.task_types)  # some: checked by check_stage_splits
-            result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps)
+            result = export_expert(env, tasks, r.expert.per_task, r.expert.max_steps, progress_file=progress,
+                                   env_kwargs=dict(cfg.env_args))
         finally:
             env_close(env)
         if not result.trajectories:
             raise QlassError(f"no expert trajectory could be verified for {cfg.env} {cfg.task_types}")
         save_trajectories(expert_path, result.trajectories)
+        progress.unlink(missing_ok=True)
         log.info("stage 1a: %d verified expert trajectories → %s (%d tasks excluded)", len(result.trajectories),
                  expert_path, len(result.excluded))
     log.info("stage 1b: SFT → %s", run / "sft")

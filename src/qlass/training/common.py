@@ -269,13 +269,6 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return [p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit() and p.is_dir()]
 
 
-def remove_checkpoints(out: Path) -> None:
-    """Drop the ``checkpoint-N`` folders and the Trainer's leftovers once the final model is saved."""
-    for ckpt in checkpoint_dirs(out):
-        shutil.rmtree(ckpt, ignore_errors=True)
-    (out / "training_args.bin").unlink(missing_ok=True)
-
-
 def rewind_metrics(out_dir: Path, step: int) -> None:
     """Drop records of steps after ``step`` from ``out_dir/metrics.jsonl`` (they are redone on resume), and the
     end-of-run records (``kind``: the summary, the QNet's SFT ranker), which the resumed run writes again: a run

@@ -34,7 +34,6 @@ from ..policy.loading import load_causal_lm
 from ..types import Message, Trajectory
 from .caller_state import keeping_caller_state
 from .common import (
-    DONE_MARK,
     MetricsLog,
     SaveAtEpochEnd,
     Snapshot,
@@ -44,13 +43,12 @@ from .common import (
     is_main_process,
     main_process_lock,
     prepare_resume,
-    remove_checkpoints,
     run_inputs,
     training_arguments,
 )
 from .configs import DPOConfig
 from .quiet import NoModelCard, NoTelemetry, quiet, without_misleading_warnings
-from .run_folders import refuse_overwriting_run
+from .run_folders import drop_leftovers, mark_done, refuse_overwriting_run
 from .schedule import WarmupWithinRun
 from .sft import labelled_example, lora_config, prefix_length, save_merged
 
@@ -218,6 +216,8 @@ def _train_dpo(source: Snapshot, model_dir: str | Path, out: Path, cfg: DPOConfi
     path = source.name
     made_from = run_inputs(source, model_dir, cfg)
     if finished(out, cfg, made_from, CONFIG_FILE, "dpo"):
+        if is_main_process():
+            drop_leftovers(out)  # what a kill after the mark left
         return out
     pairs = load_pairs(source.path)
     model, tokenizer = load_causal_lm(model_dir)
@@ -248,7 +248,6 @@ def _train_dpo(source: Snapshot, model_dir: str | Path, out: Path, cfg: DPOConfi
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_merged(trainer, model_dir, tokenizer, out, cfg.lora)
     if is_main_process():
-        remove_checkpoints(out)
-        (out / DONE_MARK).write_text(f"dpo {config_hash(cfg)}\n")
+        mark_done(out, f"dpo {config_hash(cfg)}")
     trainer.accelerator.wait_for_everyone()
     return out

@@ -65,7 +65,6 @@ from .common import (
     last_checkpoint,
     main_process_lock,
     prepare_resume,
-    remove_checkpoints,
     training_arguments,
     world_size,
 )
@@ -83,7 +82,7 @@ from .qnet_trainer import (
     validation_items,
 )
 from .quiet import quiet, without_misleading_warnings
-from .run_folders import refuse_overwriting_run
+from .run_folders import drop_leftovers, mark_done, refuse_overwriting_run
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "qnet_result.json"
@@ -164,10 +163,12 @@ def _split(records: list[QRecord], cfg: QNetTrainConfig, held_out: list[str] | N
 
 
 def _lora(model: Any, cfg: QNetTrainConfig) -> Any:
-    """LoRA adapters on the backbone's linear layers; PEFT trains the value head in full beside them
-    (``modules_to_save``, so checkpoints and the adapter keep it)."""
+    """LoRA adapters on the backbone's linear layers, initialised from ``cfg.seed`` (a resumed run's first
+    process makes the same ones); PEFT trains the value head in full beside them (``modules_to_save``, so
+    checkpoints and the adapter keep it)."""
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(cfg.seed)  # train_qnet gives the caller its generator back (keeping_caller_state)
     return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                             target_modules="all-linear", task_type="SEQ_CLS"))
 
@@ -201,6 +202,8 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
     qdata = source.name
     if (out / DONE_MARK).exists():
         _check_run(out, cfg, source, held, sft_dir, finished=True)
+        if is_main_process():  # what a kill after the mark left
+            drop_leftovers(out, SNAPSHOT_DIRS)
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / RESULT_FILE).read_text())
     if last_checkpoint(out) is not None:
@@ -264,10 +267,7 @@ def _train_qnet(source: Snapshot, sft_dir: str | Path, out: Path, cfg: QNetTrain
         final.model.to("cpu")
         final.save(out, extra={"trained_on": str(qdata), "sft_model": str(sft_dir), "validation": result})
         (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-        remove_checkpoints(out)
-        for folder in SNAPSHOT_DIRS:
-            shutil.rmtree(out / folder, ignore_errors=True)
-        (out / DONE_MARK).write_text("qnet\n")
+        mark_done(out, "qnet", SNAPSHOT_DIRS)
     accelerator.wait_for_everyone()
     return json.loads((out / RESULT_FILE).read_text())
 

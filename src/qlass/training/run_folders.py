@@ -1,11 +1,15 @@
 """Output folders of the trainers (``sft``, ``dpo``, ``train-qnet``, ``train-qnet-head``) and of the commands
-that put trained agents in subfolders (``rft``, ``self-train``, ``eto``): what each refuses to write into."""
+that put trained agents in subfolders (``rft``, ``self-train``, ``eto``): what each refuses to write into, and how
+a finished run is marked and its checkpoints dropped."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import QlassError
+from ..jsonl import write_text_atomic
 from .common import DONE_MARK, checkpoint_dirs
 
 RUN_FILES = {"sft_config.yaml": "sft", "dpo_config.yaml": "dpo", "qnet_config.yaml": "qnet",
@@ -72,3 +76,26 @@ def refuse_foreign_folder(out: Path, command: str) -> None:
     if name is not None:
         raise QlassError(f"{out}: holds {found[name]} ({name}); qlass {command} writes its data and agents into "
                          "its output folder and would mix them with it: use a new output folder")
+
+
+def remove_checkpoints(out: Path) -> None:
+    """Drop the ``checkpoint-N`` folders and the Trainer's leftovers once the final model is saved."""
+    for ckpt in checkpoint_dirs(out):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    (out / "training_args.bin").unlink(missing_ok=True)
+
+
+def mark_done(out: Path, mark: str, leftovers: Sequence[str] = ()) -> None:
+    """Mark the run in ``out`` finished (``DONE_MARK`` holding ``mark``), then drop its checkpoints and the
+    folders named in ``leftovers``: the other way round, a kill while they were removed (gigabytes of optimizer
+    state) left a run with neither, which a rerun trained again from step 0. A rerun of a finished run drops
+    what such a kill left (:func:`drop_leftovers`)."""
+    write_text_atomic(out / DONE_MARK, mark + "\n")
+    drop_leftovers(out, leftovers)
+
+
+def drop_leftovers(out: Path, leftovers: Sequence[str] = ()) -> None:
+    """:func:`remove_checkpoints`, and the folders named in ``leftovers``."""
+    remove_checkpoints(out)
+    for folder in leftovers:
+        shutil.rmtree(out / folder, ignore_errors=True)

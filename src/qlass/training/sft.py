@@ -55,7 +55,6 @@ from ..policy.render import default_keep_prefix, encode_conversation, truncate_h
 from ..types import Message, Trajectory
 from .caller_state import keeping_caller_state
 from .common import (
-    DONE_MARK,
     LengthGroupedSampler,
     MetricsLog,
     SaveAtEpochEnd,
@@ -67,14 +66,13 @@ from .common import (
     is_main_process,
     main_process_lock,
     prepare_resume,
-    remove_checkpoints,
     run_inputs,
     set_sampler_epoch,
     training_arguments,
 )
 from .configs import SFTConfig
 from .quiet import NoModelCard, NoTelemetry, quiet, without_misleading_warnings
-from .run_folders import refuse_overwriting_run
+from .run_folders import drop_leftovers, mark_done, refuse_overwriting_run
 from .schedule import WarmupWithinRun
 
 log = logging.getLogger(__name__)
@@ -337,6 +335,8 @@ def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfi
     data = source.name
     made_from = run_inputs(source, model_dir, cfg)
     if finished(out, cfg, made_from, CONFIG_FILE, "sft"):
+        if is_main_process():
+            drop_leftovers(out)  # what a kill after the mark left
         return out
     trajectories = load_trajectories(source.path)
     if not trajectories:
@@ -376,7 +376,6 @@ def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfi
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_merged(trainer, model_dir, tokenizer, out, cfg.lora)
     if is_main_process():
-        remove_checkpoints(out)
-        (out / DONE_MARK).write_text(f"sft {config_hash(cfg)}\n")
+        mark_done(out, f"sft {config_hash(cfg)}")
     trainer.accelerator.wait_for_everyone()
     return out
