@@ -449,4 +449,30 @@ def test_killed_report_keeps_the_earlier_budget_curve(tmp_path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert png.read_bytes() == before  # the same records draw the same curve
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    # no temporary file left behind (the killed command's writer lock stays, and blocks no one)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".qlass.lock"]
+
+
+def test_a_report_into_a_folder_another_command_writes_is_refused(tmp_path) -> None:
+    """qlass report took no writer lock: it wrote results.* into a folder a running evaluation held."""
+    import subprocess
+    import sys
+
+    from qlass.jsonl import write_jsonl
+
+    records = tmp_path / "records.jsonl"
+    write_jsonl(records, [_full(r) for r in RECORDS])
+    out = tmp_path / "r"
+    out.mkdir()
+    hold = ("import sys, time; from qlass.locking import writer_lock\n"
+            "with writer_lock(sys.argv[1], True):\n    print('held', flush=True); time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        done = subprocess.run([sys.executable, "-m", "qlass", "report", str(records), "--out", str(out)],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and "is being written by another qlass process" in done.stderr, done.stderr
+        assert not (out / "results.md").exists()
+    finally:
+        holder.kill()
+        holder.wait()

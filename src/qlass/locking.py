@@ -48,6 +48,8 @@ def writer_lock(target: str | os.PathLike, folder: bool, beside: bool = False) -
     target = followed(target)
     if not folder:
         check_output_file(target)
+    elif target.exists() and not target.is_dir():  # was a FileExistsError from making the lock's folder
+        raise QlassError(f"{target}: is a file; this output is a folder")
     path = lock_path(target, folder and not beside)
     made = _first_missing(path.parent)  # the outermost folder this call creates, if any
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,10 @@ def register(app: typer.Typer) -> None:
             load_opts = check_call_options(QNet.load, parse_kv(qnet_arg, "--qnet-arg"), "--qnet-arg", skip=("path",))
             load_opts.setdefault("cache_slots", 8)  # a task's decisions share their history prefixes
             load_qnet = functools.partial(QNet.load, qnet, **load_opts)
-        result = write_decision_report(decisions, out, cfg=cfg, load_qnet=load_qnet, allow_mixed=allow_mixed)
+        from ..locking import writer_lock
+
+        with writer_lock(out, folder=True):  # one report into a folder at a time
+            result = write_decision_report(decisions, out, cfg=cfg, load_qnet=load_qnet, allow_mixed=allow_mixed)
         typer.echo(markdown(result))
         typer.echo(f"decisions.md and decisions.json in {out}")
 

@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import QlassError
         from ..eval_records import check_pooled_runs, read_records
         from ..jsonl import is_text
+        from ..locking import writer_lock
         from ..report import (
             common_tasks,
             markdown_table,
@@ -75,7 +76,8 @@ def register(app: typer.Typer) -> None:
                 sides[label] = read_records([Path(path)])
                 if not sides[label]:
                     raise QlassError(f"--side {label}: {path} holds no records")
-            rows = write_side_by_side(sides, out, title=title, confidence=confidence)
+            with writer_lock(out, folder=True):  # an evaluation writing its results there is refused
+                rows = write_side_by_side(sides, out, title=title, confidence=confidence)
             typer.echo(side_by_side_table(rows, list(sides), confidence))
             typer.echo(f"sides.md/json in {out}")
             return
@@ -109,6 +111,7 @@ def register(app: typer.Typer) -> None:
                 log.info("kept %d of %d records: the tasks every method played (--all-tasks keeps all)",
                          len(kept), len(recs))
             recs = kept
-        rows = write_report(recs, out, title=title, baselines=baseline or None, confidence=confidence)
+        with writer_lock(out, folder=True):  # an evaluation writing its results there is refused
+            rows = write_report(recs, out, title=title, baselines=baseline or None, confidence=confidence)
         typer.echo(markdown_table(rows))
         typer.echo(f"results.md/json and budget curve in {out}")
