@@ -152,15 +152,23 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
                 raise QlassError(f"{out}: the features of record {key} were computed from another history or "
                                  f"action than {source} now holds (it changed at the same path); use another --out")
             have[key] = (np.asarray(feat, np.float32), float(mean), float(total))
-    groups = [g for g in make_groups(records, source) if any(record_key(r) not in have for r in g.records)]
+    # A tree's groups in order (histories extend), each tree from an empty prefix cache: a feature depends on its
+    # own tree's groups alone, so a resumed run recomputes (and writes) nothing of a finished tree, and replays
+    # the finished groups of a tree it stopped in to fill the cache as the uninterrupted run had it (a cold
+    # prefix gives features that differ in the fifth decimal, and a head fitted on them other results).
+    todo = {g.tree_id for g in make_groups(records, source) if any(record_key(r) not in have for r in g.records)}
+    groups = sorted((g for g in make_groups(records, source) if g.tree_id in todo),
+                    key=lambda g: (g.tree_id, len(g.messages)))
     if have:
-        log.info("features: %d records already in %s, %d groups to compute", len(have), out, len(groups))
-    groups.sort(key=lambda g: (g.tree_id, len(g.messages)))  # a tree's paths in order: histories extend
+        log.info("features: %d records already in %s, %d trees to compute", len(have), out, len(todo))
     backbone, head = backbone_of(lm), lm.get_output_embeddings()
-    store = kv.PrefixStore(cache_slots if kv.plain_attention(lm.config) else 0)
+    slots = cache_slots if kv.plain_attention(lm.config) else 0
+    store, tree = kv.PrefixStore(slots), None
     start = last_log = time.perf_counter()
     with torch.no_grad():
         for n, group in enumerate(groups, 1):
+            if group.tree_id != tree:
+                store, tree = kv.PrefixStore(slots), group.tree_id
             prefix = qnet.encode_history(group.messages)
             suffixes = [qnet.encode_action(r.action) for r in group.records]
             prefix_last, hidden, _ = stored_prefix_hidden(backbone, store, prefix, suffixes, qnet.autocast)
@@ -177,6 +185,8 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
                 sums.append(total)
                 means.append(total / len(ids))
             keys = [record_key(r) for r in group.records]
+            if all(k in have for k in keys):  # a finished group, replayed for the cache alone
+                continue
             rows = [[round(float(x), 5) for x in f] for f in feats]  # used as stored: a resumed run fits the same
             append_jsonl(out, {"keys": keys, "digests": [digests[k] for k in keys], "features": rows,
                                "loglik_mean": means, "loglik_sum": sums})
