@@ -120,10 +120,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     refuse_device(p)
     try:
         data = yaml.load(p.read_bytes().decode("utf-8"), Loader=_StrictLoader)
-    except FileNotFoundError:
-        raise MissingFileError(str(p)) from None
-    except IsADirectoryError:
-        raise DataError(str(p), "is a folder, not a YAML file") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise (DataError(str(p), "is a folder, not a YAML file") if p.is_dir() else MissingFileError(str(p))) from None
     except UnicodeDecodeError as exc:
         raise DataError(str(p), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except RecursionError:

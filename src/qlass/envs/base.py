@@ -286,10 +286,6 @@ class EnvRegistry:
     def register(self, name: str, factory: EnvFactory) -> None:
         self._factories[name] = factory
 
-    def registered(self, spec: str) -> EnvFactory | None:
-        """The factory registered under ``spec`` in this process (:func:`register_env`), if any."""
-        return self._factories.get(spec) if isinstance(spec, str) else None
-
     def names(self) -> list[str]:
         return sorted(set(_BUILTIN) | set(self._factories))
 
@@ -367,15 +363,13 @@ def make_env(spec: str, **kwargs: Any) -> Env:
 def env_maker(spec: str, **kwargs: Any) -> Callable[[], Env]:
     """``make_env(spec, **kwargs)`` as a factory to send to workers: a name given to :func:`register_env` travels
     with its factory, since a worker process starts with none registered ("unknown environment")."""
-    factory = _REGISTRY.registered(spec)
-    if factory is None:
-        return functools.partial(make_env, spec, **kwargs)
-    return functools.partial(_make_registered, spec, factory, kwargs)
+    factory = _REGISTRY._factories.get(spec) if isinstance(spec, str) else None  # registered in this process
+    return (functools.partial(make_env, spec, **kwargs) if factory is None
+            else functools.partial(_make_registered, spec, factory, kwargs))
 
 
 def _make_registered(spec: str, factory: EnvFactory, kwargs: dict[str, Any]) -> Env:
-    if _REGISTRY.registered(spec) is None:  # a worker process: register what the caller had
-        _REGISTRY.register(spec, factory)
+    _REGISTRY.register(spec, factory)  # in a worker process, what the caller had registered
     return make_env(spec, **kwargs)
 
 
