@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import _check_value
 from .errors import QlassError
+from .jsonl import is_count
 
 
 @functools.cache
@@ -78,6 +79,6 @@ def require_count(value: Any, where: str, argument: str, low: int = 1, optional:
     ``optional``): ``limit=-1`` played all tasks but one and ``limit=1.5`` failed in a slice."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_count(value, low):
         raise TypeError(f"{where}: argument {argument!r} must be a whole number >= {low}"
                         f"{' or None' if optional else ''}, got {value!r}")

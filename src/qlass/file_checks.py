@@ -97,3 +97,9 @@ def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
         if Path(p).exists() and o.samefile(p):
             raise QlassError(f"{o}: is also an input of this command; writing it would destroy that input "
                              "(give another output path)")
+
+
+def followed(path: str | os.PathLike) -> Path:
+    """``path``, or where it leads when it is a symbolic link: an output named through a link and by its own name
+    is one output (one lock, one set of sidecar files, and a replace writes the file the link names)."""
+    return Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, QlassError
-from .file_checks import check_output_file, refuse_device, special_kind
+from .file_checks import check_output_file, followed, refuse_device, special_kind
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` with ``data`` so readers never see a half-written file; a failed write
     (a full disk, ``path`` a folder) names ``path`` and leaves no temporary file behind. A symbolic link is
     followed: the file it names is replaced, not the link."""
-    p = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    p = followed(path)
     check_output_file(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_file(p)

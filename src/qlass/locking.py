@@ -22,15 +22,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import QlassError
-from .file_checks import check_output_file
+from .file_checks import check_output_file, followed
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def followed(path: str | os.PathLike) -> Path:
-    """``path``, or where it leads when it is a symbolic link: an output named through a link and by its own name
-    is one output (one lock, one set of sidecar files, and a replace writes the file the link names)."""
-    return Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
 
 
 def lock_path(target: Path, folder: bool) -> Path:
@@ -158,4 +152,4 @@ def writes_to(param: str, folder: bool) -> Callable[[F], F]:
     return decorate
 
 
-__all__ = ["followed", "lock_path", "writer_lock", "writes_to"]
+__all__ = ["lock_path", "writer_lock", "writes_to"]
