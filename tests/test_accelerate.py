@@ -2,9 +2,10 @@
 --num_processes 2` with no GPU visible: accelerate's `--cpu` starts one process whatever `--num_processes` says)
 take the same optimizer steps as one process at the same global batch: the two processes split each
 step's micro-batches (the QNet: each step's packed rows), and the loss is normalised over the whole
-step. Tolerance: per-step train loss and validation metrics within 1e-4 relative, final weights within
-1e-5 (float sums in another order). A run whose rank 1 is killed mid-epoch resumes, under the same command, to
-those same losses and weights."""
+step. Each test trains once on one process, and once on two whose rank 1 is killed mid-epoch and which
+resume under the same command: the second run must end with the first's losses and weights, per-step
+train loss and validation metrics within 1e-4 relative, final weights within 1e-5 (float sums in another
+order)."""
 
 from __future__ import annotations
 
@@ -52,32 +53,10 @@ def _same_run(one: Path, two: Path, keys: tuple[str, ...], auto: type = AutoMode
     assert not list(two.glob("checkpoint-*")) and (two / ".qlass-complete").exists()
 
 
-@pytest.mark.slow
-def test_sft_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path) -> None:
-    write_data(tmp_path / "data.json", n=10)  # 8 train (4 micro-batches of 2 per epoch), 2 held out
-    opts = ["--data", "data.json", "--model", str(tiny_model_dir), "--set", "epochs=2", "--set", "lr=1e-3",
-            "--set", "batch_size=4", "--set", "micro_batch=1", "--set", "val_fraction=0.2", "--set", "threads=1"]
-    _run(ONE + ["sft", "--out", "one"] + opts, tmp_path)  # 4 micro-batches accumulated per step
-    _run(LAUNCH + ["sft", "--out", "two"] + opts, tmp_path)  # 2 per process
-    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss", "val_loss"))
-    assert len(_curve(tmp_path / "two", "train_loss")) == 4
-
-
-@pytest.mark.slow
-def test_dpo_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path) -> None:
-    write_pairs(tmp_path / "pairs.jsonl", 4)  # one pair per process and step
-    opts = ["--pairs", "pairs.jsonl", "--model", str(tiny_model_dir), "--set", "epochs=2", "--set", "lr=1e-3",
-            "--set", "batch_size=2", "--set", "micro_batch=1", "--set", "val_fraction=0", "--set", "threads=1"]
-    _run(ONE + ["dpo", "--out", "one"] + opts, tmp_path)
-    _run(LAUNCH + ["dpo", "--out", "two"] + opts, tmp_path)
-    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss",))
-    assert len(_curve(tmp_path / "two", "train_loss")) == 4
-
-
 def _mixed_qdata(path: Path) -> Path:
     """Trees of 4 sibling groups (8 records) and of 1 (2 records): with pairs, each tree is one unit, so
-    with batch_size 8 a step is one big tree (the second process holds no row: blank passes) or several
-    small ones (dealt to both processes)."""
+    a step of batch_size 4 is one big tree (the second process holds no row: blank passes) or several small
+    ones (dealt to both processes)."""
     big = synthetic_qdata(path.with_name("big.jsonl"), trees=4, groups=4, seed=0).read_text().splitlines()
     small = [json.loads(line) for line in synthetic_qdata(path.with_name("small.jsonl"), trees=6, groups=1,
                                                           seed=1).read_text().splitlines()]
@@ -87,36 +66,21 @@ def _mixed_qdata(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_qnet_on_two_processes_matches_one(tiny_model_dir: Path, tmp_path: Path) -> None:
-    _mixed_qdata(tmp_path / "q.jsonl")
-    opts = ["q.jsonl", "--model", str(tiny_model_dir)] + [
-        x for kv in ("epochs=2", "lr=3e-3", "batch_size=8", "min_trees_per_step=1", "pair_weight=0.5",
-                     "rank=dueling", "max_length=512", "max_action_tokens=32", "val_fraction=0.3", "warmup_ratio=0",
-                     "threads=1") for x in ("--set", kv)]
-    _run(ONE + ["train-qnet", "--out", "one"] + opts, tmp_path)
-    _run(LAUNCH + ["train-qnet", "--out", "two"] + opts, tmp_path)
-    _same_run(tmp_path / "one", tmp_path / "two", ("train_loss", "train_mse", "pair_loss", "val_mse",
-                                                   "val_pair_accuracy"), AutoModelForSequenceClassification)
-    steps = [r for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())
-             if "train_loss" in r]
-    assert {r["trees"] == 1 for r in steps} == {True, False}  # both a one-unit step and dealt ones
-    assert sum(r["pairs"] for r in steps) > 0
-    one, two = (json.loads((tmp_path / run / "qnet_result.json").read_text()) for run in ("one", "two"))
-    assert two["qnet"]["pair_accuracy"] == one["qnet"]["pair_accuracy"]
-    assert two["sft_loglik"] == one["sft_loglik"]
-
-
-def _killed_run_resumes_to_the_run_of_one(command: str, opts: list[str], checkpoint: str, cwd: Path,
-                                          keys: tuple[str, ...], auto: type = AutoModelForCausalLM,
-                                          killed: list[str] = LAUNCH) -> None:
-    """``qlass COMMAND`` on one process into ``one``; started with ``killed`` (two processes, or one) into ``two``
-    and killed (rank 1 of two) after ``checkpoint``; resumed on two processes: both end with the same ``keys``
-    curves and weights."""
+def _killed_runs_resume_to_the_run_of_one(command: str, opts: list[str], checkpoint: str, cwd: Path,
+                                           keys: tuple[str, ...], auto: type = AutoModelForCausalLM,
+                                           killed: tuple[list[str], ...] = (LAUNCH,)) -> list[Path]:
+    """``qlass COMMAND`` on one process into ``one``; then, for each way of starting in ``killed`` (two processes,
+    or one), a run into its own folder, killed (rank 1 of two) after ``checkpoint`` and resumed on two processes:
+    each ends with ``one``'s ``keys`` curves and weights. Returns the resumed runs' folders."""
     _run(ONE + [command, "--out", "one"] + opts, cwd)
-    _kill_after(checkpoint, killed + [command, "--out", "two"] + opts, cwd, cwd / "two")
-    _run(LAUNCH + [command, "--out", "two"] + opts, cwd)
-    _same_run(cwd / "one", cwd / "two", keys, auto)
+    resumed = []
+    for i, start in enumerate(killed):
+        out = cwd / f"killed-{i}"
+        _kill_after(checkpoint, start + [command, "--out", out.name] + opts, cwd, out)
+        _run(LAUNCH + [command, "--out", out.name] + opts, cwd)
+        _same_run(cwd / "one", out, keys, auto)
+        resumed.append(out)
+    return resumed
 
 
 def _kill_after(checkpoint: str, cmd: list[str], cwd: Path, out: Path) -> None:
@@ -152,47 +116,49 @@ def _sft_with_checkpoint_10(model: Path, cwd: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sft_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Rank 1 killed (SIGKILL) after the checkpoint at step 10 (epoch 2, step 1): the launch fails, the same
-    command resumes from checkpoint-10 and ends with the losses and weights of an uninterrupted run. The
-    resumed epoch drew the first epoch's batch order (the Trainer's set_epoch did not reach the sampler under two
-    processes), so every step after the checkpoint trained on other batches."""
+def test_sft_killed_mid_epoch_resumes_on_two_processes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Killed (SIGKILL; rank 1 of two) after the checkpoint at step 10 (epoch 2, step 1): the launch fails, the same
+    command resumes from checkpoint-10 and ends with the losses and weights of an uninterrupted run. The resumed
+    epoch drew the first epoch's batch order (the Trainer's set_epoch did not reach the sampler under two
+    processes), so every step after the checkpoint trained on other batches. A run started on one process (as
+    the README's earlier ``--cpu`` command did, whatever --num_processes said) resumes on two to the same run:
+    rank 1 finds no RNG state of its own, and the batch order depends on the seed and epoch only."""
     opts = _sft_with_checkpoint_10(tiny_model_dir, tmp_path)
-    _killed_run_resumes_to_the_run_of_one("sft", opts, "checkpoint-10", tmp_path, ("train_loss", "val_loss"))
+    _killed_runs_resume_to_the_run_of_one("sft", opts, "checkpoint-10", tmp_path, ("train_loss", "val_loss"),
+                                          killed=(LAUNCH, ONE))
+    assert len(_curve(tmp_path / "one", "train_loss")) == 27
 
 
 @pytest.mark.slow
-def test_sft_started_on_one_process_resumes_on_two_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A run started on one process (as the README's earlier ``--cpu`` command did, whatever --num_processes said)
-    and killed after a mid-epoch checkpoint, resumed on two processes: the losses and weights of an uninterrupted
-    run (rank 1 finds no RNG state of its own; the batch order depends on the seed and epoch only)."""
-    opts = _sft_with_checkpoint_10(tiny_model_dir, tmp_path)
-    _killed_run_resumes_to_the_run_of_one("sft", opts, "checkpoint-10", tmp_path, ("train_loss", "val_loss"),
-                                          killed=ONE)
-
-
-@pytest.mark.slow
-def test_dpo_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """As for SFT, with TRL's sampler: 12 pairs, 6 steps of 2 per epoch; killed after step 8 (epoch 2, step 2)."""
-    write_pairs(tmp_path / "pairs.jsonl", 12)
+def test_dpo_killed_mid_epoch_resumes_on_two_processes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """As for SFT, with TRL's sampler: 8 pairs, 4 steps of 2 per epoch (one pair per process and step); killed
+    after step 6 (epoch 2, step 2)."""
+    write_pairs(tmp_path / "pairs.jsonl", 8)
     opts = ["--pairs", "pairs.jsonl", "--model", str(tiny_model_dir), "--set", "epochs=2", "--set", "lr=1e-3",
             "--set", "batch_size=2", "--set", "micro_batch=1", "--set", "val_fraction=0", "--set", "threads=1",
-            "--set", "save_every=4"]
-    _killed_run_resumes_to_the_run_of_one("dpo", opts, "checkpoint-8", tmp_path, ("train_loss",))
+            "--set", "save_every=2"]
+    _killed_runs_resume_to_the_run_of_one("dpo", opts, "checkpoint-6", tmp_path, ("train_loss",))
+    assert len(_curve(tmp_path / "one", "train_loss")) == 8
 
 
 @pytest.mark.slow
-def test_qnet_on_two_processes_killed_mid_epoch_resumes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_qnet_killed_mid_epoch_resumes_on_two_processes_to_the_run_of_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     """As for SFT, with the QNet trainer's own step schedule (sibling units dealt to the processes per step):
-    4 steps per epoch, killed after step 6 (epoch 2, step 2)."""
+    4 steps per epoch, killed after step 6 (epoch 2, step 2). Its steps include both kinds: one big tree (the
+    second process holds no row and makes blank passes) and several small trees dealt to both processes."""
     _mixed_qdata(tmp_path / "q.jsonl")
     opts = ["q.jsonl", "--model", str(tiny_model_dir)] + [
         x for kv in ("epochs=3", "lr=3e-3", "batch_size=4", "min_trees_per_step=1", "pair_weight=0.5",
                      "rank=dueling", "max_length=512", "max_action_tokens=32", "val_fraction=0.3", "warmup_ratio=0",
                      "threads=1", "save_every=3") for x in ("--set", kv)]
-    _killed_run_resumes_to_the_run_of_one("train-qnet", opts, "checkpoint-6", tmp_path, (
+    [two] = _killed_runs_resume_to_the_run_of_one("train-qnet", opts, "checkpoint-6", tmp_path, (
         "train_loss", "train_mse", "pair_loss", "val_mse", "val_pair_accuracy"), AutoModelForSequenceClassification)
-    assert len(_curve(tmp_path / "one", "train_loss")) == 12  # 4 steps per epoch: checkpoint-6 is mid-epoch 2
+    steps = [r for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    assert len(steps) == 12  # 4 steps per epoch: checkpoint-6 is mid-epoch 2
+    assert {r["trees"] == 1 for r in steps} == {True, False} and sum(r["pairs"] for r in steps) > 0
+    one, two = (json.loads((run / "qnet_result.json").read_text()) for run in (tmp_path / "one", two))
+    assert two["qnet"]["pair_accuracy"] == one["qnet"]["pair_accuracy"]
+    assert two["sft_loglik"] == one["sft_loglik"]
 
 
 def _parent(proc: Path) -> int:
