@@ -650,10 +650,13 @@ def test_bad_input_is_a_message_naming_what_is_wrong(files: dict[str, str], argv
     ["run", "{pipe_limit}"],
     ["eto", "--model", NO_MODEL, "--expert", "{expert}", "--eto", "iterations=0", "--out", "{tmp}/e"],
     ["run", "{pipe_eto}"],
-], ids=["sft", "dpo", "train-qnet", "run", "eto", "run-eto"])
+    ["train-qnet-head", "{qdata}", "--model", NO_MODEL, "--set", "threads=-2", "--out", "{tmp}/qh"],
+    ["decisions", "to-qdata", "{dec_nan}", "--out", "{tmp}/dq.jsonl"],
+    ["decisions", "cv-head", "{dec}", "--model", NO_MODEL, "--out", "{tmp}/cv"],
+], ids=["sft", "dpo", "train-qnet", "run", "eto", "run-eto", "train-qnet-head", "to-qdata", "cv-head folds"])
 def test_config_mistakes_are_reported_before_torch_is_loaded(files: dict[str, str], argv: list[str]) -> None:
-    """A mistake in a trainer's or the pipeline's options is found before torch and transformers are
-    imported (seconds on every error otherwise)."""
+    """A mistake in a trainer's or the pipeline's options, or in the decisions a command reads, is found before
+    torch and transformers are imported (seconds on every error otherwise)."""
     code = ("import sys\nfrom qlass.cli import main\ntry:\n    main()\nfinally:\n"
             "    print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)")
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

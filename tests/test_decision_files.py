@@ -15,7 +15,8 @@ import yaml
 from test_decisions import Fork, ScriptedPolicy
 
 from qlass.decision_files import check_pooled, read_decisions
-from qlass.decision_head import cross_validate_on_decisions, write_decision_qdata
+from qlass.decision_head import cross_validate_on_decisions
+from qlass.decision_qdata import write_decision_qdata
 from qlass.decision_report import write_decision_report
 from qlass.decisions import DecisionConfig, collect_decisions
 from qlass.errors import QlassError

@@ -13,7 +13,8 @@ import pytest
 from test_qnet_train import BAD, FILLER, GOOD
 
 from qlass.decision_files import read_decisions
-from qlass.decision_head import cross_validate_on_decisions, write_decision_qdata
+from qlass.decision_head import cross_validate_on_decisions
+from qlass.decision_qdata import write_decision_qdata
 from qlass.errors import QlassError
 from qlass.qnet_data import make_groups, read_qdata
 from qlass.qnet_head import QNetHeadConfig

@@ -235,7 +235,8 @@ def test_a_registered_environment_name_works_in_worker_processes(tmp_path: Path)
 def test_cross_validation_names_its_counts_and_configs_before_any_work(tmp_path: Path) -> None:
     """cross_validate_qnet trained every fold, then failed inside numpy for resamples=0 ('folds="2"' failed on a
     comparison); cross_validate_on_decisions computed the features before a dict given as its config failed."""
-    from qlass.decision_head import cross_validate_on_decisions, write_decision_qdata
+    from qlass.decision_head import cross_validate_on_decisions
+    from qlass.decision_qdata import write_decision_qdata
     from qlass.decision_report import ReportConfig
     from qlass.qnet_cv import cross_validate_qnet
     from qlass.qnet_head import QNetHeadConfig

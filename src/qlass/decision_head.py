@@ -9,7 +9,7 @@ states become Q data:
 - one *sibling group* per decision (its history; one record per candidate, the candidate's full
   output as the action, its Monte-Carlo mean as the target), the decision's task as the "tree", so
   every cross-validation by tree is a cross-validation by task;
-- :func:`write_decision_qdata` writes them as an ordinary ``qdata.jsonl`` (so ``qlass
+- :func:`qlass.decision_qdata.write_decision_qdata` writes them as an ordinary ``qdata.jsonl`` (so ``qlass
   train-qnet-head`` or ``qlass train-qnet`` can fit a QNet on decisions of training tasks, and
   ``qlass decisions report --qnet`` scores it on held-out decisions);
 - :func:`cross_validate_on_decisions` measures the idea on one decision set without a second
@@ -28,85 +28,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .config import to_dict
 from .config_fields import require_config, require_paths
-from .data import refuse_replacing_other_kind
-from .decision_files import MAX_CANDIDATES, check_pooled, one_environment, read_decisions
+from .decision_files import MAX_CANDIDATES, check_pooled, read_decisions
+from .decision_qdata import decision_qrecords, decision_tree_id
 from .decision_report import ReportConfig, markdown, score_decisions
 from .errors import DataError, QlassError
 from .file_checks import check_output_file, refuse_overwriting_inputs
-from .jsonl import write_jsonl, write_text_atomic
+from .jsonl import write_text_atomic
 from .locking import writes_to
-from .qdata import QDATA_SCHEMA_VERSION
-from .qnet_data import QRecord, fold_trees
-from .qnet_head import (
-    QNetHeadConfig,
-    cross_validate_head,
-    features_of,
-    fit_records,
-    inputs_digest,
-    record_key,
-)
-from .types import Message
+from .qnet_data import fold_trees
+from .training.configs import QNetHeadConfig
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "decision_cv.json"
-
-
-def _tree_id(rec: dict[str, Any]) -> str:
-    return f"{rec['split']}/{rec['task']}"
-
-
-def decision_qrecords(records: Sequence[dict[str, Any]]) -> list[QRecord]:
-    """Q records of checked decision records (:func:`qlass.decision_files.read_decisions`): one
-    sibling group per decision, one record per candidate with its Monte-Carlo mean as ``q``. The
-    tasks name the trees, so decisions of two environments are refused rather than mixed."""
-    one_environment(records)
-    out = []
-    owners: dict[str, tuple[str, str]] = {}
-    for rec in records:
-        tree, step = _tree_id(rec), int(rec["step"])  # node ids: checked decisions have < MAX_CANDIDATES
-        owner = owners.setdefault(tree, (rec["split"], rec["task"]))
-        if owner != (rec["split"], rec["task"]):
-            raise QlassError(f"task {owner[1]!r} of split {owner[0]!r} and task {rec['task']!r} of split "
-                             f"{rec['split']!r} would both be Q-data tree {tree!r} (split/task): rename a split")
-        messages = tuple(Message(m["role"], m["content"]) for m in rec["history"])
-        for j, cand in enumerate(rec["candidates"]):
-            out.append(QRecord(tree_id=tree, task=rec["task"], node_id=step * MAX_CANDIDATES + j + 1, parent_id=step,
-                               group=f"{tree}:{step}", depth=step + 1, messages=messages, action=cand["output"],
-                               q=float(cand["mean"])))
-    return out
-
-
-def _qdata_row(r: QRecord) -> dict[str, Any]:
-    return {"schema_version": QDATA_SCHEMA_VERSION, "tree_id": r.tree_id, "task": r.task, "node_id": r.node_id,
-            "parent_id": r.parent_id, "group": r.group, "depth": r.depth,
-            "messages": [{"role": m.role, "content": m.content} for m in r.messages], "action": r.action, "q": r.q}
-
-
-@writes_to("out", folder=False)
-def write_decision_qdata(paths: Sequence[str | Path], out: str | Path, allow_mixed: bool = False) -> int:
-    """Write the decisions of ``paths`` as Q data (``qdata.jsonl`` format) to ``out``; returns the
-    number of records. Files collected with other settings are refused unless ``allow_mixed``
-    (:func:`~qlass.decision_files.check_pooled`)."""
-    paths = require_paths(paths, "write_decision_qdata", "paths")
-    refuse_overwriting_inputs(out, paths)
-    refuse_replacing_other_kind(out, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
-    for change in check_pooled(paths, allow_mixed):
-        log.warning("pooling decisions collected with other settings: %s", change)
-    records = decision_qrecords(read_decisions(paths))
-    if not records:
-        raise QlassError(f"{', '.join(map(str, paths))}: no decisions (nothing to export)")
-    write_jsonl(out, [_qdata_row(r) for r in records])
-    return len(records)
-
-
-def _candidate_values(records: Sequence[QRecord], feats: dict[str, tuple[np.ndarray, float, float]],
-                      w: np.ndarray) -> dict[tuple[str, int], float]:
-    return {(r.tree_id, r.node_id): float(feats[record_key(r)][0] @ w) for r in records}
 
 
 @writes_to("out_dir", folder=True)
@@ -135,8 +71,8 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
     if trained_only and trained_only[0]["env"] != scored[0]["env"]:
         raise QlassError(f"the scored decisions are from {scored[0]['env']!r} ({paths[0]}), the extra ones from "
                          f"{trained_only[0]['env']!r} ({extra[0]}): use one environment's decisions at a time")
-    held = {_tree_id(r): (r["split"], r["task"]) for r in scored}
-    extra_tasks = {_tree_id(r): (r["split"], r["task"]) for r in trained_only}
+    held = {decision_tree_id(r): (r["split"], r["task"]) for r in scored}
+    extra_tasks = {decision_tree_id(r): (r["split"], r["task"]) for r in trained_only}
     clash = sorted(set(held) & set(extra_tasks))
     if clash:
         same = [t for t in clash if held[t] == extra_tasks[t]]
@@ -158,6 +94,8 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
             raise DataError(source, f"fold {k} would fit its head on {fitted_on} task(s), and the head's settings "
                                     "are picked by cross-validation inside the fold (2 tasks at least): add "
                                     "decisions from more tasks (or --extra ones) or lower folds")
+    from .qnet_head import cross_validate_head, features_of, fit_records, inputs_digest, record_key  # torch: now
+
     _, feats = features_of(records + extra_records, sft_dir, out, cfg, source, inputs_digest([*paths, *extra]))
     values: dict[tuple[str, int], float] = {}
     kept = []
@@ -166,13 +104,14 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
         inner = QNetHeadConfig(**{**to_dict(cfg), "folds": min(cfg.folds, len({r.tree_id for r in train}))})
         best = cross_validate_head(train, feats, inner, source)[0]
         w = fit_records(train, feats, best["l2"], best["contrast"])
-        values.update(_candidate_values([r for r in records if r.tree_id in held], feats, w))
+        values.update({(r.tree_id, r.node_id): float(feats[record_key(r)][0] @ w)
+                       for r in records if r.tree_id in held})
         kept.append({"fold": k, "tasks": len(held), "fitted_on": len({r.tree_id for r in train}), "l2": best["l2"],
                      "contrast": best["contrast"]})
         log.info("fold %d/%d: %d held-out tasks, kept l2 %g on %s", k, len(folds), len(held), best["l2"],
                  "contrasts" if best["contrast"] else "records")
-    q = [[values[(_tree_id(d), int(d["step"]) * MAX_CANDIDATES + j + 1)] for j in range(len(d["candidates"]))]
-         for d in scored]
+    q = [[values[(decision_tree_id(d), int(d["step"]) * MAX_CANDIDATES + j + 1)]
+          for j in range(len(d["candidates"]))] for d in scored]
     result = {**score_decisions(scored, q, report), "files": [str(p) for p in paths],
               "extra": [str(p) for p in extra], "extra_decisions": len(trained_only), "folds": kept,
               "mixed_settings": mixed, "settings": to_dict(cfg)}

@@ -36,15 +36,14 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import option, to_dict
-from .config_fields import check_field_types, require_config
+from .config import to_dict
+from .config_fields import require_config
 from .errors import DataError, QlassError, naming_failed_saves
 from .jsonl import append_jsonl, read_json_object, read_numbered_jsonl, write_text_atomic
 from .locking import writes_to
@@ -57,6 +56,7 @@ from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .recorded import model_files, same_path, setting_changes
 from .training.caller_state import keeping_caller_state
 from .training.common import file_digest, input_snapshot
+from .training.configs import QNetHeadConfig
 from .training.run_folders import refuse_overwriting_run
 
 log = logging.getLogger(__name__)
@@ -69,42 +69,6 @@ PROGRESS_EVERY_S = 30.0
 HEAD_FEATURE_SETTINGS = ("max_length", "max_action_tokens", "autocast", "cache_slots")
 """Settings of the features, which ``features.settings.json`` checks (a rerun's head settings are checked
 against ``qnet_head_result.json``)."""
-
-
-@dataclass(frozen=True)
-class QNetHeadConfig:
-    """Options of ``qlass train-qnet-head``."""
-
-    l2: list[float] = option([0.1, 1.0, 10.0, 100.0, 1000.0], "ridge strengths tried (the best by "
-                             "cross-validated pair accuracy is kept)")
-    contrast: list[bool] = option([True, False], "fit on sibling contrasts (true), on the plain records (false), "
-                                  "or try both")
-    folds: int = option(5, "folds of the cross-validation by tree that picks l2 and contrast")
-    max_length: int = option(2048, "longest input in tokens (history + action); oldest turns dropped first")
-    max_action_tokens: int = option(96, "tokens reserved for the candidate action")
-    autocast: bool = option(True, "compute features under bf16 autocast (the saved QNet scores so too)")
-    cache_slots: int = option(8, "histories whose caches are kept while computing features")
-    threads: int | None = option(None, "torch threads (None: torch's default)")
-    seed: int = option(0, "seed of the fold split and the bootstrap")
-
-    def __post_init__(self) -> None:
-        check_field_types(self)
-        object.__setattr__(self, "l2", [float(x) for x in self.l2])  # frozen: set once, then checked
-        object.__setattr__(self, "contrast", [bool(x) for x in self.contrast])
-        if not self.l2 or min(self.l2) <= 0:
-            raise QlassError(f"qnet-head: l2 needs positive strengths, got {list(self.l2)}")
-        if not self.contrast:
-            raise QlassError("qnet-head: contrast needs at least one of true, false")
-        if self.folds < 2:
-            raise QlassError(f"qnet-head: folds must be >= 2, got {self.folds}")
-        if self.max_action_tokens < 1 or self.max_length <= self.max_action_tokens:
-            raise QlassError("qnet-head: need 1 <= max_action_tokens < max_length")
-        if self.cache_slots < 0:
-            raise QlassError(f"qnet-head: cache_slots must be >= 0, got {self.cache_slots}")
-        if self.threads is not None and self.threads < 1:
-            raise QlassError(f"qnet-head: threads must be >= 1 or null, got {self.threads}")
-        if self.seed < 0:
-            raise QlassError(f"qnet-head: seed must be >= 0, got {self.seed}")
 
 
 def record_key(r: QRecord) -> str:

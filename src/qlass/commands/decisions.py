@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write decision states as Q data: one sibling group per decision, each candidate's Monte-Carlo
         value as its target, the task as its tree (for `qlass train-qnet-head` / `train-qnet`)."""
-        from ..decision_head import write_decision_qdata
+        from ..decision_qdata import write_decision_qdata
 
         typer.echo(f"{write_decision_qdata(decisions, out, allow_mixed)} records in {out}")
 
@@ -185,7 +185,7 @@ def register(app: typer.Typer) -> None:
         from ..decision_head import cross_validate_on_decisions, cv_markdown
         from ..decision_report import ReportConfig
         from ..models import model_folder
-        from ..qnet_head import QNetHeadConfig
+        from ..training.configs import QNetHeadConfig
 
         if list_options:
             typer.echo(describe(QNetHeadConfig))

@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         from ..config import describe, load_config, parse_kv
         from ..errors import QlassError
         from ..models import model_folder
-        from ..qnet_head import QNetHeadConfig, result_markdown, train_qnet_head
+        from ..training.configs import QNetHeadConfig
 
         if list_options:
             typer.echo(describe(QNetHeadConfig))
@@ -86,6 +86,8 @@ def register(app: typer.Typer) -> None:
             raise QlassError("qlass train-qnet-head needs QDATA and --out DIR")
         cfg = load_config(config, QNetHeadConfig, parse_kv(set_, "--set"))
         sft = model_folder(model)
+        from ..qnet_head import result_markdown, train_qnet_head
+
         for line in result_markdown(train_qnet_head(qdata, sft, out, cfg)):
             typer.echo(line)
         typer.echo(str(out))

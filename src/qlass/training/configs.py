@@ -1,7 +1,7 @@
-"""The trainers' options (SFT, DPO, QNet) as plain dataclasses, apart from the trainers themselves, so a
+"""The trainers' options (SFT, DPO, QNet, head-only QNet) as plain dataclasses, apart from the trainers themselves, so a
 command or pipeline checks a config — and reports a mistake in it — without importing torch or
-transformers first (seconds saved on every error). :mod:`.common`, :mod:`.sft`, :mod:`.dpo` and
-:mod:`.qnet` use these."""
+transformers first (seconds saved on every error). :mod:`.common`, :mod:`.sft`, :mod:`.dpo`,
+:mod:`.qnet` and :mod:`qlass.qnet_head` use these."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..config import option
 from ..config_fields import check_field_types
+from ..errors import QlassError
 
 RANKS = ("q", "advantage", "dueling")
 """What a QNet ranks candidates by (see :mod:`qlass.qnet_loss`)."""
@@ -170,3 +171,39 @@ class QNetTrainConfig(TrainerConfig):
         if not 1 <= self.max_action_tokens < self.max_length:
             raise ValueError(f"max_action_tokens must be >= 1 and below max_length, got {self.max_action_tokens} "
                              f"and {self.max_length}")
+
+
+@dataclass(frozen=True)
+class QNetHeadConfig:
+    """Options of ``qlass train-qnet-head``."""
+
+    l2: list[float] = option([0.1, 1.0, 10.0, 100.0, 1000.0], "ridge strengths tried (the best by "
+                             "cross-validated pair accuracy is kept)")
+    contrast: list[bool] = option([True, False], "fit on sibling contrasts (true), on the plain records (false), "
+                                  "or try both")
+    folds: int = option(5, "folds of the cross-validation by tree that picks l2 and contrast")
+    max_length: int = option(2048, "longest input in tokens (history + action); oldest turns dropped first")
+    max_action_tokens: int = option(96, "tokens reserved for the candidate action")
+    autocast: bool = option(True, "compute features under bf16 autocast (the saved QNet scores so too)")
+    cache_slots: int = option(8, "histories whose caches are kept while computing features")
+    threads: int | None = option(None, "torch threads (None: torch's default)")
+    seed: int = option(0, "seed of the fold split and the bootstrap")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        object.__setattr__(self, "l2", [float(x) for x in self.l2])  # frozen: set once, then checked
+        object.__setattr__(self, "contrast", [bool(x) for x in self.contrast])
+        if not self.l2 or min(self.l2) <= 0:
+            raise QlassError(f"qnet-head: l2 needs positive strengths, got {list(self.l2)}")
+        if not self.contrast:
+            raise QlassError("qnet-head: contrast needs at least one of true, false")
+        if self.folds < 2:
+            raise QlassError(f"qnet-head: folds must be >= 2, got {self.folds}")
+        if self.max_action_tokens < 1 or self.max_length <= self.max_action_tokens:
+            raise QlassError("qnet-head: need 1 <= max_action_tokens < max_length")
+        if self.cache_slots < 0:
+            raise QlassError(f"qnet-head: cache_slots must be >= 0, got {self.cache_slots}")
+        if self.threads is not None and self.threads < 1:
+            raise QlassError(f"qnet-head: threads must be >= 1 or null, got {self.threads}")
+        if self.seed < 0:
+            raise QlassError(f"qnet-head: seed must be >= 0, got {self.seed}")
