@@ -22,7 +22,7 @@ def _keep_freed_memory() -> None:
     faults its pages in again, zeroed. The tiny test model's logits over SmolLM2's 49,152-token
     vocabulary are such blocks, so about half of each training step went to page faults: the DPO
     tests take 94 s on 2 cores by default and 55 s with this (tests/test_dpo.py, -n 2). Nothing a test
-    checks depends on it; other C libraries are left as they are."""
+    checks depends on it. It is a setting of the test processes only: qlass leaves the allocator as it is."""
     tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
     if "GLIBC_TUNABLES" not in os.environ:
         os.environ["GLIBC_TUNABLES"] = tunables  # read by each new process at its start
