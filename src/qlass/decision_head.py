@@ -94,7 +94,8 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
             raise DataError(source, f"fold {k} would fit its head on {fitted_on} task(s), and the head's settings "
                                     "are picked by cross-validation inside the fold (2 tasks at least): add "
                                     "decisions from more tasks (or --extra ones) or lower folds")
-    from .qnet_head import cross_validate_head, features_of, fit_records, inputs_digest, record_key  # torch: now
+    # the feature code loads torch: only now, once the inputs are checked
+    from .qnet_head import cross_validate_head, features_of, fit_records, inputs_digest, record_key
 
     _, feats = features_of(records + extra_records, sft_dir, out, cfg, source, inputs_digest([*paths, *extra]))
     values: dict[tuple[str, int], float] = {}
