@@ -120,9 +120,9 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
     # own tree's groups alone, so a resumed run recomputes (and writes) nothing of a finished tree, and replays
     # the finished groups of a tree it stopped in to fill the cache as the uninterrupted run had it (a cold
     # prefix gives features that differ in the fifth decimal, and a head fitted on them other results).
-    todo = {g.tree_id for g in make_groups(records, source) if any(record_key(r) not in have for r in g.records)}
-    groups = sorted((g for g in make_groups(records, source) if g.tree_id in todo),
-                    key=lambda g: (g.tree_id, len(g.messages)))
+    every = make_groups(records, source)
+    todo = {g.tree_id for g in every if any(record_key(r) not in have for r in g.records)}
+    groups = sorted((g for g in every if g.tree_id in todo), key=lambda g: (g.tree_id, len(g.messages)))
     if have:
         log.info("features: %d records already in %s, %d trees to compute", len(have), out, len(todo))
     backbone, head = backbone_of(lm), lm.get_output_embeddings()

@@ -1,6 +1,6 @@
-"""The trainers' options (SFT, DPO, QNet, head-only QNet) as plain dataclasses, apart from the trainers themselves, so a
-command or pipeline checks a config — and reports a mistake in it — without importing torch or
-transformers first (seconds saved on every error). :mod:`.common`, :mod:`.sft`, :mod:`.dpo`,
+"""The trainers' options (SFT, DPO, QNet, head-only QNet) as plain dataclasses, apart from the trainers
+themselves, so a command or pipeline checks a config — and reports a mistake in it — without importing
+torch or transformers first (seconds saved on every error). :mod:`.common`, :mod:`.sft`, :mod:`.dpo`,
 :mod:`.qnet` and :mod:`qlass.qnet_head` use these."""
 
 from __future__ import annotations
