@@ -339,7 +339,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("decisions env option", ["decisions", "collect", "--model", NO_MODEL, *ENV, "--env-arg", "tasks_per_split=x"],
      ["'tasks_per_split'", "expects int"]),
     ("pipeline env option", ["run", "{pipe_env}"], ["'steplimit'", "did you mean 'step_limit'"]),
-    ("qnet option misspelt", ["decisions", "report", "{records}", "--out", "{tmp}/d", "--qnet", "{adir}",
+    ("qnet option misspelt", ["decisions", "report", "{dec}", "--out", "{tmp}/d", "--qnet", "{adir}",
                               "--qnet-arg", "threds=1"], ["--qnet-arg", "'threds'", "did you mean 'threads'"]),
     ("policy option type", ["eval", "--model", NO_MODEL, *ENV, "--policy-arg", "threads=abc"],
      ["'threads'", "expects int"]),
@@ -653,7 +653,12 @@ def test_bad_input_is_a_message_naming_what_is_wrong(files: dict[str, str], argv
     ["train-qnet-head", "{qdata}", "--model", NO_MODEL, "--set", "threads=-2", "--out", "{tmp}/qh"],
     ["decisions", "to-qdata", "{dec_nan}", "--out", "{tmp}/dq.jsonl"],
     ["decisions", "cv-head", "{dec}", "--model", NO_MODEL, "--out", "{tmp}/cv"],
-], ids=["sft", "dpo", "train-qnet", "run", "eto", "run-eto", "train-qnet-head", "to-qdata", "cv-head folds"])
+    ["eval", "--model", NO_MODEL, *ENV, "--policy-arg", "threads=abc"],
+    ["explore", "--model", NO_MODEL, *ENV, "--policy-arg", "max_length=0", "--out", "{tmp}/t.jsonl"],
+    ["run", "{pipe_split}"],
+    ["decisions", "report", "{dec_v0}", "--out", "{tmp}/dr", "--qnet", "{qnet_badmeta}"],
+], ids=["sft", "dpo", "train-qnet", "run", "eto", "run-eto", "train-qnet-head", "to-qdata", "cv-head folds",
+        "policy option", "policy option range", "run split", "decisions before qnet"])
 def test_config_mistakes_are_reported_before_torch_is_loaded(files: dict[str, str], argv: list[str]) -> None:
     """A mistake in a trainer's or the pipeline's options, or in the decisions a command reads, is found before
     torch and transformers are imported (seconds on every error otherwise)."""

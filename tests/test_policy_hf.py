@@ -3,6 +3,8 @@ seeds, shared prefill = separate sampling, batching with padding, cache reuse, s
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from qlass.errors import QlassError
 from qlass.policy import check_policy_options
 from qlass.policy.base import SampleJob
 from qlass.policy.hf import HFPolicy
+from qlass.policy.option_values import hf_policy_options
 from qlass.policy.outputs import complete_action, final_output
 from qlass.policy.render import encode_conversation
 from qlass.policy.sampling import filter_probs
@@ -356,6 +359,16 @@ def test_min_p_draws_only_tokens_near_the_most_likely(tiny_model_dir: Path, poli
     with pytest.raises(QlassError, match="min_p must be in"):
         HFPolicy(tiny_model_dir, min_p=1.5)
     check_policy_options(str(tiny_model_dir), {"top_p": 0.9, "min_p": 0.05, "distinct": True})
+
+
+def test_options_are_checked_against_the_constructors_own_parameters() -> None:
+    """check_policy_options reads HFPolicy's parameters from a copy that needs no torch: it must stay the
+    constructor's (names, order, defaults and types), or a real option would be refused or a wrong one let by."""
+    own = inspect.signature(HFPolicy.__init__).parameters
+    copy = inspect.signature(hf_policy_options).parameters
+    assert [(p.name, p.default, p.annotation) for p in list(own.values())[1:]] == \
+        [(p.name, p.default, p.annotation) for p in copy.values()]
+    assert typing.get_type_hints(HFPolicy.__init__) == typing.get_type_hints(hf_policy_options)
 
 
 # -- distinct candidates, on a tiny model taught a skewed choice -------------------------------------

@@ -4,6 +4,7 @@ as both input and output."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterable
@@ -103,3 +104,15 @@ def followed(path: str | os.PathLike) -> Path:
     """``path``, or where it leads when it is a symbolic link: an output named through a link and by its own name
     is one output (one lock, one set of sidecar files, and a replace writes the file the link names)."""
     return Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+
+
+def refuse_classifier(path: Path) -> None:
+    """Raise :class:`QlassError` for a QNet (or any sequence-classifier) folder given as a causal LM:
+    transformers would load it with a language-model head tied to its embeddings, and it would play."""
+    try:
+        architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []  # transformers names an unreadable config.json when it loads it
+    if (path / "qnet.json").exists() or any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise QlassError(f"{path}: is a QNet (a sequence classifier), not a causal LM; give the SFT model here "
+                         "(a QNet goes to --qnet)")

@@ -180,6 +180,13 @@ def build_tiny_model(out: str | os.PathLike[str], layers: int = 2, hidden: int =
     return out
 
 
+def check_device(name: str) -> None:
+    """Raise :class:`QlassError` for a device this machine cannot run on (:func:`resolve_device`), as a
+    config check before any work: ``auto`` and ``cpu`` always can, and are answered without loading torch."""
+    if name not in ("auto", "cpu"):
+        resolve_device(name)
+
+
 def resolve_device(name: str = "auto") -> str:
     """A torch device name: ``auto`` is ``cuda`` when a GPU is visible, else ``cpu``; other names
     (``cpu``, ``cuda``, ``cuda:1``, ``mps``) are checked and returned."""

@@ -31,8 +31,8 @@ def trainer_configs(r: Resolved) -> dict[str, Any]:
 
 def check_trainers(r: Resolved, source: str) -> None:
     """Every trainer's ``report_to`` and ``device`` (``cuda`` on a machine without a GPU), before any work."""
-    from .models import resolve_device
-    from .training.common import check_report_to
+    from .models import check_device
+    from .training.configs import check_report_to
 
     for name, cfg in trainer_configs(r).items():
         try:
@@ -40,7 +40,7 @@ def check_trainers(r: Resolved, source: str) -> None:
         except QlassError as exc:
             raise QlassError(f"{source}: {name}: {exc}") from None
         try:
-            resolve_device(cfg.device)
+            check_device(cfg.device)
         except QlassError as exc:
             raise QlassError(f"{source}: field '{name}.device': {exc}") from None
 

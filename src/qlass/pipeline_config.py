@@ -179,7 +179,7 @@ def resolve(data: dict[str, Any], source: str, recorded: bool = False) -> Resolv
     from .config import check_known
     from .envs.base import check_env_options
     from .explore import ExploreConfig
-    from .models import resolve_device
+    from .models import check_device
     from .policy import check_policy_options
     from .search import make_method_config
     from .training.configs import QNetTrainConfig, SFTConfig
@@ -223,10 +223,10 @@ def resolve(data: dict[str, Any], source: str, recorded: bool = False) -> Resolv
         raise QlassError(f"{source}: field 'env_args': {exc}") from None
     if recorded:
         return r
-    try:  # last: checking the options against the local backend's signature imports torch
+    try:
         check_policy_options(cfg.policy_server or "default", cfg.policy)
         if cfg.policy_server is None and cfg.backend != "ray":  # a Ray actor may run where a GPU is
-            resolve_device(cfg.policy.get("device", "auto"))  # this machine's workers: found at stage 2 before
+            check_device(cfg.policy.get("device", "auto"))  # this machine's workers: found at stage 2 before
     except QlassError as exc:
         raise QlassError(f"{source}: field 'policy': {exc}") from None
     check_trainers(r, source)

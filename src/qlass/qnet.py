@@ -47,11 +47,11 @@ from typing import Any, Sequence
 import torch
 
 from .errors import QlassError
-from .file_checks import require_model_folder
+from .file_checks import refuse_classifier, require_model_folder
 from .jsonl import read_json_object, write_text_atomic
 from .models import resolve_device
 from .policy import kv
-from .policy.loading import load_tokenizer, loading_weights, refuse_classifier
+from .policy.loading import load_tokenizer, loading_weights
 from .policy.render import encode_conversation, ensure_chat_template, fit_history
 from .precision import bf16_autocast, use_autocast
 from .qnet_forward import backbone_of, last_real_hidden, sequence_hidden, shared_prefix_hidden, stored_prefix_hidden

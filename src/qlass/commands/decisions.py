@@ -16,6 +16,16 @@ log = logging.getLogger(__name__)
 EXTRA_CACHE_SLOTS = 2
 
 
+def _load_qnet(path: Path, options: dict[str, Any]) -> Any:
+    """The QNet at ``path`` with the ``--qnet-arg`` options, checked against :meth:`QNet.load`'s parameters."""
+    from ..config import check_call_options
+    from ..qnet import QNet
+
+    options = check_call_options(QNet.load, options, "--qnet-arg", skip=("path",))
+    options.setdefault("cache_slots", 8)  # a task's decisions share their history prefixes
+    return QNet.load(path, **options)
+
+
 def policy_with_cache(model: str, options: dict[str, Any], concurrency: int) -> Any:
     """A policy factory for ``model`` whose prompt cache holds every live history: a built-in backend
     that takes ``cache_slots`` gets ``concurrency + 2`` unless the user set it (a smaller value is
@@ -131,13 +141,8 @@ def register(app: typer.Typer) -> None:
             opts["margins"] = margin
         cfg = build(ReportConfig, opts, "qlass decisions report")
         load_qnet = None
-        if qnet is not None:
-            from ..config import check_call_options
-            from ..qnet import QNet
-
-            load_opts = check_call_options(QNet.load, parse_kv(qnet_arg, "--qnet-arg"), "--qnet-arg", skip=("path",))
-            load_opts.setdefault("cache_slots", 8)  # a task's decisions share their history prefixes
-            load_qnet = functools.partial(QNet.load, qnet, **load_opts)
+        if qnet is not None:  # loaded (torch with it) once the decisions are read and checked
+            load_qnet = functools.partial(_load_qnet, qnet, parse_kv(qnet_arg, "--qnet-arg"))
         from ..locking import writer_lock
 
         with writer_lock(out, folder=True):  # one report into a folder at a time

@@ -39,20 +39,16 @@ def __getattr__(name: str) -> Any:
 _CLASS_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def _policy_class(spec: str) -> type:
+def _is_server(spec: str) -> bool:
+    """Whether ``spec`` names an OpenAI-compatible server (else a model folder or ``default``); a URL of another
+    scheme is a :class:`QlassError`."""
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", spec)
     if scheme and scheme.group(1).lower() not in ("http", "https"):
         from ..errors import QlassError
 
         raise QlassError(f"model {spec!r}: unsupported URL scheme {scheme.group(1)!r}; give a model folder, "
                          "'default' or an OpenAI-compatible server's http(s)://host:port/v1 URL")
-    if spec.lower().startswith(("http://", "https://")):
-        from .openai import OpenAIPolicy
-
-        return OpenAIPolicy
-    from .hf import HFPolicy
-
-    return HFPolicy
+    return spec.lower().startswith(("http://", "https://"))
 
 
 def spec_text(spec: str | os.PathLike[str]) -> str:
@@ -79,9 +75,16 @@ def check_policy_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any
     (:class:`~qlass.policy.user.UserPolicy`)."""
     from ..config import check_call_options
 
-    cls = _policy_class(spec)
-    checked = check_call_options(cls, options, cls.__name__, skip=("model_dir", "base_url"))
-    cls.check_option_values(checked)
+    if _is_server(spec):
+        from .openai import OpenAIPolicy
+
+        checked = check_call_options(OpenAIPolicy, options, "OpenAIPolicy", skip=("base_url",))
+        OpenAIPolicy.check_option_values(checked)
+        return checked
+    from .option_values import check_hf_options, hf_policy_options
+
+    checked = check_call_options(hf_policy_options, options, "HFPolicy", skip=("model_dir",))
+    check_hf_options(checked)
     return checked
 
 
@@ -89,15 +92,13 @@ def check_policy_spec(spec: str | os.PathLike[str], options: Mapping[str, Any]) 
     """Refuse a policy ``spec`` that names no model folder, server URL or class, or ``options`` its backend does
     not take (:func:`check_policy_options`), without loading anything (a command checks them before it makes
     its output folder)."""
-    from ..file_checks import require_model_folder
+    from ..file_checks import refuse_classifier, require_model_folder
 
     spec = spec_text(spec)
     if is_class_spec(spec):
         return
     check_policy_options(spec, options)
-    if spec != "default" and not spec.lower().startswith(("http://", "https://")):
-        from .loading import refuse_classifier
-
+    if spec != "default" and not _is_server(spec):
         require_model_folder(Path(spec), f"{spec}: not a model folder (no config.json); a policy is a model "
                                          "folder, 'default', a server URL or package.module:Class")
         refuse_classifier(Path(spec))
@@ -121,4 +122,10 @@ def load_policy(spec: str | os.PathLike[str], **options: Any) -> Policy:
         from ..models import default_model_dir
 
         spec = str(default_model_dir())
-    return _policy_class(spec)(spec, **options)
+    if _is_server(spec):
+        from .openai import OpenAIPolicy
+
+        return OpenAIPolicy(spec, **options)  # type: ignore[return-value]
+    from .hf import HFPolicy
+
+    return HFPolicy(spec, **options)  # type: ignore[return-value]

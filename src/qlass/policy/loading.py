@@ -6,7 +6,6 @@ damaged weights file, and the sequence length ``qlass sft`` fine-tuned it at.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 
 from ..config import load_yaml
 from ..errors import DataError, QlassError
-from ..file_checks import require_model_folder
+from ..file_checks import refuse_classifier, require_model_folder
 from .render import ensure_chat_template
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,18 +45,6 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     with loading_weights(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     return model, tokenizer
-
-
-def refuse_classifier(path: Path) -> None:
-    """Raise :class:`QlassError` for a QNet (or any sequence-classifier) folder given as a causal LM:
-    transformers would load it with a language-model head tied to its embeddings, and it would play."""
-    try:
-        architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        architectures = []  # transformers names an unreadable config.json when it loads it
-    if (path / "qnet.json").exists() or any(str(a).endswith("ForSequenceClassification") for a in architectures):
-        raise QlassError(f"{path}: is a QNet (a sequence classifier), not a causal LM; give the SFT model here "
-                         "(a QNet goes to --qnet)")
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -5,12 +5,16 @@ exploration loads the policy; the backends' constructors run them again."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import QlassError
 
 HF_DTYPES = ("float32", "bfloat16", "float16")
+KNOWN_DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:(0|[1-9]\d*))?")
+"""Device names torch parses (whether the machine has that device is checked when the model loads)."""
 ENDPOINTS = ("auto", "completions", "chat")
 
 
@@ -40,13 +44,21 @@ def check_hf_options(options: Mapping[str, Any]) -> None:
     for name, low in (("max_length", 1), ("cache_slots", 0), ("max_batch_rows", 1)):
         _at_least(options, name, low)
     device = options.get("device", "auto")
-    if device != "auto":
-        import torch
+    if not (isinstance(device, str) and KNOWN_DEVICE.fullmatch(device)):
+        import torch  # only a name this module does not know needs torch to be judged
 
         try:
             torch.device(device)
         except (RuntimeError, ValueError, TypeError):
             raise QlassError(f"unknown torch device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+
+
+def hf_policy_options(model_dir: str | Path, dtype: str = "float32", autocast: bool = False, max_length: int = 4096,
+                      cache_slots: int = 8, threads: int | None = None, device: str = "auto", seed: int = 0,
+                      max_batch_rows: int = 64, top_p: float = 1.0, min_p: float = 0.0, distinct: bool = False) -> None:
+    """The parameters of :class:`~qlass.policy.hf.HFPolicy` (documented there), readable without importing
+    torch: :func:`~qlass.policy.check_policy_options` checks a model's options against them, so a misspelt or
+    mistyped option is reported in a fraction of a second. A test keeps them equal to the constructor's."""
 
 
 def check_openai_options(options: Mapping[str, Any]) -> None:

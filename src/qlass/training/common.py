@@ -129,27 +129,6 @@ def finished(out: Path, cfg: Any, made_from: dict[str, Any], config_file: str, k
     return True
 
 
-def check_report_to(report_to: str) -> None:
-    """Raise :class:`QlassError` unless ``report_to`` is ``none``, ``all`` or a comma-separated list of
-    reporting integrations this transformers knows and finds installed (else transformers refuses it only
-    once the model has loaded, with a traceback)."""
-    from transformers.integrations import get_available_reporting_integrations
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    names = [name.strip() for name in report_to.split(",")]
-    if names in (["none"], ["all"]):
-        return
-    for name in names:
-        if name in ("none", "all"):
-            raise QlassError(f"report_to: {name!r} stands alone, not in a list ({report_to!r})")
-        if name not in INTEGRATION_TO_CALLBACK:
-            raise QlassError(f"report_to: unknown integration {name!r}; this transformers knows "
-                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none, all)")
-    for name in names:
-        if name not in get_available_reporting_integrations():
-            raise QlassError(f"report_to: {name!r} is not installed (pip install the package it reports to)")
-
-
 def world_size() -> int:
     """Processes of this run (``WORLD_SIZE`` set by ``accelerate launch``/torchrun; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,7 +1,7 @@
-"""The trainers' options (SFT, DPO, QNet, head-only QNet) as plain dataclasses, apart from the trainers
-themselves, so a command or pipeline checks a config — and reports a mistake in it — without importing
-torch or transformers first (seconds saved on every error). :mod:`.common`, :mod:`.sft`, :mod:`.dpo`,
-:mod:`.qnet` and :mod:`qlass.qnet_head` use these."""
+"""The trainers' options (SFT, DPO, QNet, head-only QNet) as plain dataclasses, and the check of their
+``report_to``, apart from the trainers themselves, so a command or pipeline checks a config — and reports a
+mistake in it — without importing torch or transformers first (seconds saved on every error).
+:mod:`.common`, :mod:`.sft`, :mod:`.dpo`, :mod:`.qnet` and :mod:`qlass.qnet_head` use these."""
 
 from __future__ import annotations
 
@@ -207,3 +207,24 @@ class QNetHeadConfig:
             raise QlassError(f"qnet-head: threads must be >= 1 or null, got {self.threads}")
         if self.seed < 0:
             raise QlassError(f"qnet-head: seed must be >= 0, got {self.seed}")
+
+
+def check_report_to(report_to: str) -> None:
+    """Raise :class:`QlassError` unless ``report_to`` is ``none``, ``all`` or a comma-separated list of
+    reporting integrations this transformers knows and finds installed (else transformers refuses it only
+    once the model has loaded, with a traceback). ``none`` and ``all`` are answered without importing it."""
+    names = [name.strip() for name in report_to.split(",")]
+    if names in (["none"], ["all"]):
+        return
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in names:
+        if name in ("none", "all"):
+            raise QlassError(f"report_to: {name!r} stands alone, not in a list ({report_to!r})")
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise QlassError(f"report_to: unknown integration {name!r}; this transformers knows "
+                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none, all)")
+    for name in names:
+        if name not in get_available_reporting_integrations():
+            raise QlassError(f"report_to: {name!r} is not installed (pip install the package it reports to)")

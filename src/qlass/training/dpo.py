@@ -37,7 +37,6 @@ from .common import (
     MetricsLog,
     SaveAtEpochEnd,
     Snapshot,
-    check_report_to,
     finished,
     input_snapshot,
     is_main_process,
@@ -46,7 +45,7 @@ from .common import (
     run_inputs,
     training_arguments,
 )
-from .configs import DPOConfig
+from .configs import DPOConfig, check_report_to
 from .quiet import NoModelCard, NoTelemetry, quiet, without_misleading_warnings
 from .run_folders import drop_leftovers, mark_done, refuse_overwriting_run
 from .schedule import WarmupWithinRun

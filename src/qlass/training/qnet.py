@@ -43,9 +43,10 @@ from transformers import TrainingArguments
 from ..config import build, config_differences, load_yaml, save_yaml, to_dict
 from ..config_fields import require_config
 from ..errors import QlassError, naming_failed_saves
+from ..file_checks import refuse_classifier
 from ..jsonl import append_jsonl, write_jsonl
 from ..models import resolve_device
-from ..policy.loading import loading_weights, refuse_classifier
+from ..policy.loading import loading_weights
 from ..qnet import QNet
 from ..qnet_data import QRecord, make_groups, read_qdata, split_by_tree
 from ..qnet_loss import state_targets
@@ -58,7 +59,6 @@ from .common import (
     METRICS,
     MetricsLog,
     Snapshot,
-    check_report_to,
     effective_precision,
     input_snapshot,
     is_main_process,
@@ -68,7 +68,7 @@ from .common import (
     training_arguments,
     world_size,
 )
-from .configs import QNetTrainConfig
+from .configs import QNetTrainConfig, check_report_to
 from .qnet_trainer import (
     BEST_MARK,
     EpochEnds,

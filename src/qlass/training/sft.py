@@ -60,7 +60,6 @@ from .common import (
     SaveAtEpochEnd,
     Snapshot,
     TrainerConfig,
-    check_report_to,
     finished,
     input_snapshot,
     is_main_process,
@@ -70,7 +69,7 @@ from .common import (
     set_sampler_epoch,
     training_arguments,
 )
-from .configs import SFTConfig
+from .configs import SFTConfig, check_report_to
 from .quiet import NoModelCard, NoTelemetry, quiet, without_misleading_warnings
 from .run_folders import drop_leftovers, mark_done, refuse_overwriting_run
 from .schedule import WarmupWithinRun
