@@ -45,6 +45,7 @@ COUNT_CASES = [
     ("bench_qnet.py", ["--m", "0"], "argument --m: 0 is not a positive integer"),
     ("bench_qnet_train.py", ["--trees", "0"], "argument --trees: 0 is not a positive integer"),
     ("bench_qnet_train.py", ["--depth", "2"], "--depth 2: at least 3"),
+    ("bench_qnet_train.py", ["--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
     ("bench_search.py", ["--tasks", "-1"], "argument --tasks: -1 is not a positive integer"),
     ("bench_eval.py", ["--concurrency", "0"], "argument --concurrency: 0 is not a positive integer"),
     ("bench_env.py", ["--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
