@@ -306,3 +306,83 @@ def test_qlass_data_expert_takes_its_outputs_writer_lock(tmp_path: Path) -> None
         done.stderr
     done = subprocess.run(cmd + [str(out)], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "wrote 6 verified expert trajectories" in done.stdout, done.stderr
+
+
+GUIDANCE = TESTS.parent / "docs" / "reference" / "guidance"
+
+
+def test_an_input_another_process_still_writes_is_refused_where_it_would_last(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """`qlass qdata` on a trees file `qlass explore` still appended to exported the trees so far, and a trainer
+    trained on part of its data, without a word. Now Q data and training refuse such an input, naming it and its
+    writer; a report on it (a decision collection under way) says it reads part of it; once the writer is gone
+    the same calls run."""
+    from qlass.decision_qdata import write_decision_qdata
+    from qlass.decision_report import ReportConfig, write_decision_report
+
+    trees, decisions = tmp_path / "trees.jsonl", tmp_path / "decisions.jsonl"
+    shutil.copy(GUIDANCE / "trees.jsonl", trees)
+    shutil.copy(GUIDANCE / "decisions.jsonl", decisions)
+    shutil.copy(GUIDANCE / "decisions.config.yaml", tmp_path / "decisions.config.yaml")
+    holders = [hold(trees, False), hold(decisions, False)]
+    try:
+        calls = [(trees, "exporting Q data", lambda: export_qdata(trees, tmp_path / "q.jsonl")),
+                 (decisions, "exporting Q data", lambda: write_decision_qdata([decisions], tmp_path / "dq.jsonl")),
+                 (trees, "training on it", lambda: train_sft(trees, "model", tmp_path / "sft", SFTConfig()))]
+        for path, use, call in calls:
+            with pytest.raises(QlassError, match=rf"{path.name}: is still being written by another qlass process "
+                                                 rf"\(pid \d+ on .+\); {use}"):
+                call()
+        with caplog.at_level(logging.WARNING, logger="qlass.locking"):
+            report = write_decision_report([decisions], tmp_path / "report", cfg=ReportConfig(resamples=100))
+        assert report["groups"][0]["decisions"] == 84 and (tmp_path / "report" / "decisions.md").exists()
+        assert f"{decisions}: still being written by another qlass process (pid {holders[1].pid} " in caplog.text
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+    assert not (tmp_path / "q.jsonl").exists() and not (tmp_path / "dq.jsonl").exists()
+    assert export_qdata(trees, tmp_path / "q.jsonl")["records"] > 0
+    assert write_decision_qdata([decisions], tmp_path / "dq.jsonl") > 0
+
+
+def test_an_input_this_process_writes_is_not_another_writer(tmp_path: Path) -> None:
+    from qlass.locking import writer_of
+
+    out = tmp_path / "trees.jsonl"
+    assert writer_of(out) is None
+    with writer_lock(out, folder=False):
+        assert writer_of(out) is None  # a stage reading what it wrote itself
+    holder = hold(out, False)
+    try:
+        assert writer_of(out) == f"pid {holder.pid} on {os.uname().nodename}"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert writer_of(out) is None
+
+
+def test_a_writer_waits_out_a_readers_probe(tmp_path: Path) -> None:
+    """A reader's probe holds the writer lock shared for an instant; a writer starting then waits for it instead
+    of being refused as if another writer held the output. A real writer is still refused."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "trees.jsonl"
+    with writer_lock(out, folder=False):
+        pass
+    with open(lock_path(out, False), "rb") as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        threading.Timer(0.1, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+        with writer_lock(out, folder=False):
+            assert f"pid {os.getpid()}" in lock_path(out, False).read_text()
+    holder = hold(out, False)
+    try:
+        start = time.monotonic()
+        with pytest.raises(QlassError, match="is being written by another qlass process"):
+            with writer_lock(out, folder=False):
+                pass
+        assert time.monotonic() - start < 5
+    finally:
+        holder.kill()
+        holder.wait()

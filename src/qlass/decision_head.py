@@ -36,7 +36,7 @@ from .decision_report import ReportConfig, markdown, score_decisions
 from .errors import DataError, QlassError
 from .file_checks import check_output_file, refuse_overwriting_inputs
 from .jsonl import write_text_atomic
-from .locking import writes_to
+from .locking import warn_if_being_written, writes_to
 from .qnet_data import fold_trees
 from .training.configs import QNetHeadConfig
 
@@ -66,6 +66,8 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
         refuse_overwriting_inputs(out / name, [*paths, *extra])
         check_output_file(out / name)
     out.mkdir(parents=True, exist_ok=True)
+    for path in [*paths, *extra]:
+        warn_if_being_written(path)
     scored = read_decisions(paths)
     trained_only = read_decisions(extra) if extra else []
     if trained_only and trained_only[0]["env"] != scored[0]["env"]:

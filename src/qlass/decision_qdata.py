@@ -15,7 +15,7 @@ from .decision_files import MAX_CANDIDATES, check_pooled, one_environment, read_
 from .errors import QlassError
 from .file_checks import refuse_overwriting_inputs
 from .jsonl import write_jsonl
-from .locking import writes_to
+from .locking import refuse_input_being_written, writes_to
 from .qdata import QDATA_SCHEMA_VERSION
 from .qnet_data import QRecord
 from .types import Message
@@ -63,6 +63,8 @@ def write_decision_qdata(paths: Sequence[str | Path], out: str | Path, allow_mix
     paths = require_paths(paths, "write_decision_qdata", "paths")
     refuse_overwriting_inputs(out, paths)
     refuse_replacing_other_kind(out, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
+    for path in paths:  # a collection still adds decisions
+        refuse_input_being_written(path, "exporting Q data from it")
     for change in check_pooled(paths, allow_mixed):
         log.warning("pooling decisions collected with other settings: %s", change)
     records = decision_qrecords(read_decisions(paths))

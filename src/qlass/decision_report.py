@@ -50,6 +50,7 @@ from .decision_files import check_pooled, greedy_rollouts, read_decisions
 from .errors import QlassError
 from .file_checks import check_output_file, refuse_overwriting_inputs
 from .jsonl import write_text_atomic
+from .locking import warn_if_being_written
 from .types import Message
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,8 @@ def write_decision_report(paths: Sequence[str | Path], out_dir: str | Path, qnet
         raise TypeError(f"write_decision_report: argument 'qnet' must be a loaded QNet (qlass.qnet.QNet.load(DIR)), "
                         f"got {qnet!r:.80}")
     mixed = check_pooled(paths, allow_mixed)
+    for path in paths:  # a report on a collection under way is fine, and says so
+        warn_if_being_written(path)
     records = read_decisions(paths)  # one environment's
     out = Path(out_dir)
     if out.exists() and not out.is_dir():  # before a QNet scores every decision, not after

@@ -7,6 +7,9 @@ file): the kernel releases it when its holder exits, however it exits, so a lock
 process never blocks a rerun. The lock file itself stays (it only names the last holder), except
 after a failed command: one it created is removed, and so is a folder it created (a run folder, or an
 output file's) that it left otherwise empty.
+
+Readers look at the same lock (:func:`writer_of`): a command that would turn a file still being written into
+something lasting (Q data, a trained model) refuses it, and a report on one says it reads part of it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import fcntl
 import functools
 import inspect
+import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +30,11 @@ from .errors import QlassError
 from .file_checks import check_output_file, followed
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger(__name__)
+
+PROBE_WAIT_S = 0.5
+"""How long a writer that finds its lock taken waits before refusing: a reader's probe holds it for an instant."""
 
 
 def lock_path(target: Path, folder: bool) -> Path:
@@ -68,7 +78,7 @@ def _name_holder(fh: Any, target: Path, path: Path) -> None:
     try:
         fh.seek(0)
         fh.truncate()
-        os.write(fh.fileno(), f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        os.write(fh.fileno(), f"{_this_process()}\n".encode())
     except OSError as exc:
         raise QlassError(f"{target}: cannot be written there ({exc.strerror or exc}: its writer lock {path} "
                          "could not be written)") from None
@@ -89,7 +99,7 @@ def _locked_file(target: Path, path: Path) -> tuple[Any, bool]:
             raise QlassError(f"{target}: cannot be written there ({exc.strerror or exc}: its writer lock {path} "
                              "could not be created)") from None
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_waiting_out_probes(fh)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
@@ -102,6 +112,61 @@ def _locked_file(target: Path, path: Path) -> tuple[Any, bool]:
         except FileNotFoundError:
             pass
         fh.close()
+
+
+def _lock_waiting_out_probes(fh: Any) -> None:
+    """Take the exclusive lock of the open lock file ``fh``; ``BlockingIOError`` when it is still taken after
+    :data:`PROBE_WAIT_S` (a writer holds it for its whole run, a reader's :func:`writer_of` for an instant)."""
+    deadline = time.monotonic() + PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _this_process() -> str:
+    """How a lock file names its holder."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def writer_of(path: str | os.PathLike) -> str | None:
+    """The process writing the file ``path`` now (``pid N on HOST``, as its writer lock names it), or None when
+    no qlass process but this one holds that lock. The probe holds the lock shared for an instant only."""
+    try:
+        fh = open(lock_path(followed(path), folder=False), "rb")  # noqa: SIM115 - closed below; never created here
+    except OSError:  # no lock file: never written by a qlass command (or by one before locks)
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = fh.read().decode("utf-8", "replace").strip()
+            return None if holder == _this_process() else holder or "another process"
+        except OSError:  # a file system without locks: no writer can be told
+            return None
+    return None
+
+
+def refuse_input_being_written(path: str | os.PathLike, use: str) -> None:
+    """Raise :class:`QlassError` when another qlass process is still writing the input ``path`` (:func:`writer_of`):
+    ``use`` (e.g. "training on it") would keep a part of it, and a rerun on the whole file be refused or differ."""
+    holder = writer_of(path)
+    if holder is not None:
+        raise QlassError(f"{path}: is still being written by another qlass process ({holder}); {use} now would use "
+                         "part of it. Wait for that process to finish, or copy the file to use what it holds now")
+
+
+def warn_if_being_written(path: str | os.PathLike) -> None:
+    """Log a warning when another qlass process is still writing the input ``path``: a report on it reads what
+    it holds so far."""
+    holder = writer_of(path)
+    if holder is not None:
+        log.warning("%s: still being written by another qlass process (%s); reading what it holds so far", path,
+                    holder)
 
 
 def _first_missing(folder: Path) -> Path | None:
@@ -152,4 +217,5 @@ def writes_to(param: str, folder: bool) -> Callable[[F], F]:
     return decorate
 
 
-__all__ = ["lock_path", "writer_lock", "writes_to"]
+__all__ = ["lock_path", "refuse_input_being_written", "warn_if_being_written", "writer_lock", "writer_of",
+           "writes_to"]

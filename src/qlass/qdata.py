@@ -20,7 +20,7 @@ from .errors import DataError, MissingFileError, QlassError
 from .file_checks import refuse_overwriting_inputs
 from .file_kinds import other_kind
 from .jsonl import is_count, read_numbered_jsonl, write_jsonl
-from .locking import writes_to
+from .locking import refuse_input_being_written, writes_to
 from .tree import BackupConfig, Tree, checked_field, checked_messages, compute_q, is_q_value, read_trees
 
 QDATA_SCHEMA_VERSION = 1
@@ -86,6 +86,7 @@ def export_qdata(trees_path: str | os.PathLike, out_path: str | os.PathLike, cfg
     _check_max_per_tree(max_per_tree)
     refuse_overwriting_inputs(out_path, [trees_path])
     refuse_replacing_other_kind(out_path, "a Q-data file", lambda r: r.keys() >= {"tree_id", "node_id", "q"})
+    refuse_input_being_written(trees_path, "exporting Q data from it")  # exploration still adds trees
     trees = sorted(read_trees(trees_path), key=lambda t: t.tree_id)
     if not trees:
         raise DataError(str(trees_path), "holds no trees (nothing to export)")

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import QlassError
         from ..file_checks import refuse_device
         from ..jsonl import read_once
+        from ..locking import warn_if_being_written
 
         if kind != "auto" and kind not in KINDS:
             raise typer.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")
@@ -38,6 +39,7 @@ def register(app: typer.Typer) -> None:
         for path in files:
             try:
                 refuse_device(path)  # /dev/zero was read as one endless first line
+                warn_if_being_written(path)  # its last line may be half-written
                 with read_once(path) as readable:
                     if _is_blank(readable):  # the same answer whatever the kind (it was rc 0, 1 or 2 by --kind)
                         raise QlassError(f"{path}: file is empty")

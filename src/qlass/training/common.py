@@ -40,7 +40,7 @@ from transformers import TrainerCallback
 from ..config import config_hash, to_dict
 from ..errors import DataError, QlassError
 from ..jsonl import append_jsonl, is_count, read_jsonl, read_once, write_jsonl
-from ..locking import writer_lock
+from ..locking import refuse_input_being_written, writer_lock
 from ..precision import use_autocast
 from ..recorded import check_recorded, model_files
 from .configs import TrainerConfig
@@ -79,7 +79,8 @@ def input_snapshot(path: str | Path) -> Iterator[Snapshot]:
     """The training input ``path`` with the digest of the bytes it is read from: a regular file as it
     is; a pipe (``<(zcat data.gz)``), which can be read once only, copied to a temporary file first, so
     that its digest is recorded and a resume with other data is refused as for a file. A problem in
-    the copy is reported under ``path``."""
+    the copy is reported under ``path``. A file another qlass process is still writing is refused."""
+    refuse_input_being_written(path, "training on it")
     with read_once(path) as readable:
         if readable == Path(path):  # a regular file, or none (its reader names that)
             yield Snapshot(readable, str(path), file_digest(readable) if readable.is_file() else None)
