@@ -4,13 +4,14 @@ All envs play the same gold action sequences in one run, interleaved pass by pas
 alone (the target: >= 10x the stock path) and for whole episodes (load + reset + every step) it
 prints steps per second of wall-clock time and per CPU second (the JVM's and Python's CPU time
 together, which a busy shared machine disturbs much less than wall-clock time), the ratios, and
-writes a JSON report.
+writes a JSON report. Each figure is the median over the ``--repeats`` passes, a ratio the median
+of each pass's own ratio (both envs of a pass ran under the same load).
 
 The stock env is timed twice: as shipped, and in a JVM started as this project starts it (the
 patched ``EnvObject`` that hashes by object id, or constant identity hash codes where no JDK is
 installed), so the second ratio isolates what the direct step path saves. Usage::
 
-    python benchmarks/bench_env.py [--task-types find-plant,boil] [--per-type 3] [--repeats 2]
+    python benchmarks/bench_env.py [--task-types find-plant,boil] [--per-type 3] [--repeats 3]
                                    [--other-envs alfworld,webshop] [--other-episodes 5]
 
 ``--other-envs`` also times ALFWorld and WebShop (expert episodes of their train split: steps/s and
@@ -131,12 +132,28 @@ def time_other_env(name: str, episodes: int) -> dict[str, float]:
     return {"episodes": len(plays), "steps": steps, **out}
 
 
+def pass_figures(measured: dict[str, dict[str, float]], n_steps: int, n_eps: int) -> dict[str, float]:
+    """One pass's rates of each env (``measured``: its seconds by env, from :func:`measure`) and the ratios of
+    qlass's to the stock paths'."""
+    out: dict[str, float] = {}
+    for name, m in measured.items():
+        for clock in ("wall", "cpu"):
+            out[f"{name}_{clock}_steps_per_s"] = n_steps / m[f"step_{clock}"]
+            out[f"{name}_{clock}_episode_steps_per_s"] = n_steps / (m[f"step_{clock}"] + m[f"reset_{clock}"])
+        out[f"{name}_reset_wall_ms"] = 1000 * m["reset_wall"] / n_eps
+    for base in ("stock", "stock_same_jvm"):
+        for clock in ("wall", "cpu"):
+            for kind in ("steps_per_s", "episode_steps_per_s"):
+                out[f"ratio_{kind}_{clock}_vs_{base}"] = out[f"qlass_{clock}_{kind}"] / out[f"{base}_{clock}_{kind}"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task-types", default="find-plant,find-animal,lifespan-longest-lived,"
                     "chemistry-mix-paint-secondary-color,test-conductivity")
     ap.add_argument("--per-type", type=positive_int, default=2)
-    ap.add_argument("--repeats", type=positive_int, default=2, help="Passes over the episodes; the best is kept.")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="Passes over the episodes (medians reported).")
     ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_env.json"))
     ap.add_argument("--other-envs", default="alfworld,webshop", help="Also time these envs ('' for none).")
     ap.add_argument("--other-episodes", type=positive_int, default=5)
@@ -154,29 +171,17 @@ def main() -> None:
     for name, env in stocks.items():
         runners[name] = (env._gateway.java_process.pid, stock_reset(env), lambda o, e=env: e.step(parse_action(o)))
 
-    best: dict[str, dict[str, float]] = {}
-    for _ in range(args.repeats):
-        for name, (pid, reset, step) in runners.items():
-            m = measure(pid, reset, step, episodes)
-            best[name] = {k: min(v, best.get(name, m)[k]) for k, v in m.items()}
+    passes = [pass_figures({name: measure(pid, reset, step, episodes) for name, (pid, reset, step) in runners.items()},
+                           n_steps, n_eps) for _ in range(args.repeats)]
     for env in stocks.values():
         env.close()
 
-    report: dict[str, float | int] = {"episodes": n_eps, "steps": n_steps, "repeats": args.repeats}
-    for name, m in best.items():
-        for clock in ("wall", "cpu"):
-            report[f"{name}_{clock}_steps_per_s"] = n_steps / m[f"step_{clock}"]
-            report[f"{name}_{clock}_episode_steps_per_s"] = n_steps / (m[f"step_{clock}"] + m[f"reset_{clock}"])
-        report[f"{name}_reset_wall_ms"] = 1000 * m["reset_wall"] / n_eps
-    for base in ("stock", "stock_same_jvm"):
-        for clock in ("wall", "cpu"):
-            for kind in ("steps_per_s", "episode_steps_per_s"):
-                report[f"ratio_{kind}_{clock}_vs_{base}"] = (report[f"qlass_{clock}_{kind}"]
-                                                            / report[f"{base}_{clock}_{kind}"])
+    report: dict[str, float | int] = {"episodes": n_eps, "steps": n_steps, "repeats": args.repeats,
+                                      **{key: statistics.median(p[key] for p in passes) for key in passes[0]}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-    print(f"{n_eps} episodes, {n_steps} gold steps, best of {args.repeats} passes")
+    print(f"{n_eps} episodes, {n_steps} gold steps, median of {args.repeats} passes")
     print(f"{'':22s} {'step() /s wall':>15s} {'step() /s CPU':>14s} {'episode /s wall':>16s} "
           f"{'episode /s CPU':>15s} {'reset ms':>9s}")
     labels = {"qlass": "qlass ScienceWorldEnv", "stock": "stock ScienceWorldEnv",
