@@ -185,10 +185,12 @@ def _only_the_interrupted_line(done: subprocess.CompletedProcess) -> None:
 def test_ctrl_c_while_torch_is_imported_prints_only_the_interrupted_line(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Before: torch's exit hook, registered before its import was cut short (so before torch set up its own
     loggers), logged 'FakeTensor cache stats' and two more INFO lines after the interrupted line. The Ctrl-C
-    comes once torch's fake_tensor module (with its exit hook) is imported, while the rest of torch still is."""
+    comes once torch's fake_tensor module (with its exit hook) is imported, while the rest of torch still is.
+    ``cache_slots`` is given so that eval logs nothing of its own before torch loads (the policy's options are
+    checked without torch)."""
     _only_the_interrupted_line(_qlass_cut_in_import(
         "script", "torch.", "torch._subclasses.fake_tensor:dump_cache_stats", "eval", "--model", str(tiny_model_dir),
-        "--env", "toy_envs:Corridor", "--out", str(tmp_path / "eval")))
+        "--env", "toy_envs:Corridor", "--policy-arg", "cache_slots=2", "--out", str(tmp_path / "eval")))
 
 
 @pytest.mark.parametrize("started_as", ["module", "script"])
