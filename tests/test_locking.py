@@ -386,3 +386,28 @@ def test_a_writer_waits_out_a_readers_probe(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_report_on_an_evaluation_under_way_says_it_reads_part_of_it(tmp_path: Path) -> None:
+    """`qlass report EVAL/records.jsonl` while `qlass eval` still writes that folder: the table is made, and the
+    log says it is of the records so far (the evaluation holds its folder's lock, not one beside the file)."""
+    from test_report import RECORDS, _full
+
+    from qlass.jsonl import write_jsonl
+
+    records = tmp_path / "eval" / "records.jsonl"
+    records.parent.mkdir()
+    write_jsonl(records, [_full(r) for r in RECORDS])
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "qlass", "report", str(records), "--out", str(tmp_path / "r")]
+    holder = hold(records.parent, True)
+    try:
+        during = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    after = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert during.returncode == after.returncode == 0, during.stderr + after.stderr
+    warning = f"records.jsonl: still being written by another qlass process (pid {holder.pid} "
+    assert warning in during.stderr and "still being written" not in after.stderr, during.stderr
+    assert "| e | seen | greedy |" in during.stdout

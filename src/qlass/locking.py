@@ -133,11 +133,22 @@ def _this_process() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
-def writer_of(path: str | os.PathLike) -> str | None:
+def writer_of(path: str | os.PathLike, in_folder: bool = False) -> str | None:
     """The process writing the file ``path`` now (``pid N on HOST``, as its writer lock names it), or None when
-    no qlass process but this one holds that lock. The probe holds the lock shared for an instant only."""
+    no qlass process but this one holds that lock. ``in_folder``: the lock of the folder holding the file counts
+    too (an evaluation folder's ``records.jsonl``). The probe holds a lock shared for an instant only."""
+    target = followed(path)
+    for lock in [lock_path(target, False), *([lock_path(target.parent, True)] if in_folder else [])]:
+        holder = _holder(lock)
+        if holder is not None:
+            return holder
+    return None
+
+
+def _holder(lock: Path) -> str | None:
+    """Who holds the lock file ``lock`` when another process than this one does."""
     try:
-        fh = open(lock_path(followed(path), folder=False), "rb")  # noqa: SIM115 - closed below; never created here
+        fh = open(lock, "rb")  # noqa: SIM115 - closed below; never created here
     except OSError:  # no lock file: never written by a qlass command (or by one before locks)
         return None
     with fh:
@@ -160,10 +171,10 @@ def refuse_input_being_written(path: str | os.PathLike, use: str) -> None:
                          "part of it. Wait for that process to finish, or copy the file to use what it holds now")
 
 
-def warn_if_being_written(path: str | os.PathLike) -> None:
-    """Log a warning when another qlass process is still writing the input ``path``: a report on it reads what
-    it holds so far."""
-    holder = writer_of(path)
+def warn_if_being_written(path: str | os.PathLike, in_folder: bool = False) -> None:
+    """Log a warning when another qlass process is still writing the input ``path`` (``in_folder``: or the folder
+    holding it; :func:`writer_of`): a report on it reads what it holds so far."""
+    holder = writer_of(path, in_folder)
     if holder is not None:
         log.warning("%s: still being written by another qlass process (%s); reading what it holds so far", path,
                     holder)

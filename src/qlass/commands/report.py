@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import QlassError
         from ..eval_records import check_pooled_runs, read_records
         from ..jsonl import is_text
-        from ..locking import writer_lock
+        from ..locking import warn_if_being_written, writer_lock
         from ..report import (
             common_tasks,
             markdown_table,
@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
                 if same:
                     raise QlassError(f"--side {label}: {path} is also side {same[0]}'s file")
                 files[label] = Path(path)
+                warn_if_being_written(path, in_folder=True)  # an evaluation under way: its records so far
                 sides[label] = read_records([Path(path)])
                 if not sides[label]:
                     raise QlassError(f"--side {label}: {path} holds no records")
@@ -87,6 +88,8 @@ def register(app: typer.Typer) -> None:
         if own.is_file() and not any(Path(r).exists() and own.samefile(r) for r in records):
             raise QlassError(f"{out}: holds another run's records ({own}, not among RECORDS), which its "
                              "results.md/json describe; write this report to another --out")
+        for path in records:  # an evaluation under way: its records so far
+            warn_if_being_written(path, in_folder=True)
         recs = read_records(records)
         if not recs:
             raise QlassError(f"{', '.join(map(str, records))}: no records to report")
