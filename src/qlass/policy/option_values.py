@@ -1,7 +1,8 @@
 """Range checks of the built-in backends' policy options (types are checked by
 :func:`qlass.config.check_call_options`). :func:`qlass.policy.check_policy_options` runs them before
 any work, so ``qlass run`` refuses ``policy: {dtype: bogus}`` before stage 1 rather than when
-exploration loads the policy; the backends' constructors run them again."""
+exploration loads the policy; the backends' constructors run them again. The local backend's parameter list is
+here too (:func:`hf_policy_options`), so that none of this imports torch."""
 
 from __future__ import annotations
 
