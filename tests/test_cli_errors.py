@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -679,6 +680,23 @@ def test_markup_in_task_ids_and_observations_is_shown_as_text(tmp_path: Path) ->
     trees = [json.loads(line)["tree_id"] for line in out.read_text().splitlines()]
     assert sorted(trees) == sorted(["c/[/]0", "[bold]x[/]1", "[red2"])
     assert trees[-1] in result.stderr  # the progress display shows the last tree's id as it is
+
+
+def test_a_progress_line_in_a_log_file_is_whole(tmp_path: Path) -> None:
+    """With stderr a file, rich drew the bar's final line 80 columns wide: "explore ━━ 6… 169 nodes … 0… rooms/1",
+    its count and elapsed time cut. It is now as wide as it needs (up to 200 columns)."""
+    out, log = tmp_path / "trees.jsonl", tmp_path / "explore.log"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["PYTHONPATH"] = f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    with log.open("w") as stderr:
+        done = subprocess.run([sys.executable, "-m", "qlass", "explore", "--model", "test_explore:ScriptedPolicy",
+                               "--env", "test_explore:Rooms", "--set", "max_depth=2", "--set", "max_steps=6", "--out",
+                               str(out)], env=env, stdout=subprocess.DEVNULL, stderr=stderr, timeout=120, check=False)
+    last = log.read_text().splitlines()[-1]
+    assert done.returncode == 0, log.read_text()[-2000:]
+    trees = [json.loads(line)["tree_id"] for line in out.read_text().splitlines()]
+    assert last.startswith("explore ") and f" {len(trees)}/{len(trees)} " in last and last.endswith(trees[-1]), last
+    assert re.search(r" \d+:\d\d:\d\d ", last) and "…" not in last, last
 
 
 def test_markup_in_task_ids_is_shown_as_text_in_evaluation(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -33,11 +33,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import differences, load_yaml, save_yaml
 from .config_fields import require_count, require_names
+from .console import stderr_console
 from .envs.base import Env, check_splits, env_close, env_tasks
 from .errors import DataError, QlassError
 from .eval_records import check_record
@@ -219,7 +219,7 @@ def evaluate(
     columns = (TextColumn("[bold]eval[/]"), TextColumn("{task.description}", markup=False),  # a task id is text
                BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("its method's avg reward {task.fields[avg]:.3f}"))
-    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:  # stdout: results
+    with Progress(*columns, transient=False, console=stderr_console()) as progress:  # stdout: results
         bar = progress.add_task("", total=len(todo), avg=0.0)
         by_method: dict[str, list[float]] = {}  # this run's rewards per method: their averages
         for i, (_, rec) in enumerate((executor or LocalExecutor()).run(worker, todo), start=1):

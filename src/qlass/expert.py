@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import Progress
 
 from .agent import apply_output, finish, start_messages
+from .console import stderr_console
 from .data import record_to_trajectory, trajectory_to_record
 from .envs.base import Env, check_tasks, env_expert, env_label
 from .errors import QlassError
@@ -158,7 +158,7 @@ def export_expert(
         log.info("resuming expert export: %d tasks already done in %s", len(done), path)
     out = ExpertExport()
     kept: dict[str, int] = {}
-    with Progress(transient=True, console=Console(stderr=True)) as bar:  # stdout is for results
+    with Progress(transient=True, console=stderr_console()) as bar:  # stdout is for results
         job = bar.add_task("expert replay", total=len(tasks))
         for task in tasks:
             bar.advance(job)

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import differences, save_yaml, to_dict
 from .config_fields import require_config
+from .console import stderr_console
 from .data import refuse_replacing_other_kind
 from .envs.base import Env, check_env_factory, check_tasks, env_close
 from .errors import QlassError
@@ -186,7 +186,7 @@ def explore_tasks(
                TextColumn("{task.description}", markup=False))  # a tree id is text, never markup
     start = time.perf_counter()
     totals = {"nodes": 0, "tokens": 0, "steps": 0}
-    with Progress(*columns, disable=not progress, console=Console(stderr=True)) as bar:  # stdout: results
+    with Progress(*columns, disable=not progress, console=stderr_console()) as bar:  # stdout: results
         handle = bar.add_task("", total=len(jobs), rate=0.0, **totals)
         for _, record in (executor or LocalExecutor()).run(TreeWorker(make_env, policy, cfg, concurrency), jobs):
             tree = tree_from_dict(record, "<worker result>")
