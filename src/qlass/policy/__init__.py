@@ -74,17 +74,16 @@ def check_policy_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any
     numeric string, as YAML reads ``1e-3``, converted). A user's class checks its options itself
     (:class:`~qlass.policy.user.UserPolicy`)."""
     from ..config import check_call_options
+    from .option_values import check_hf_options, check_openai_options, hf_policy_options
 
     if _is_server(spec):
         from .openai import OpenAIPolicy
 
-        checked = check_call_options(OpenAIPolicy, options, "OpenAIPolicy", skip=("base_url",))
-        OpenAIPolicy.check_option_values(checked)
-        return checked
-    from .option_values import check_hf_options, hf_policy_options
-
-    checked = check_call_options(hf_policy_options, options, "HFPolicy", skip=("model_dir",))
-    check_hf_options(checked)
+        target, name, given, check_values = OpenAIPolicy, "OpenAIPolicy", "base_url", check_openai_options
+    else:  # HFPolicy's parameters, read without importing torch
+        target, name, given, check_values = hf_policy_options, "HFPolicy", "model_dir", check_hf_options
+    checked = check_call_options(target, options, name, skip=(given,))
+    check_values(checked)
     return checked
 
 

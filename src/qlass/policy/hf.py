@@ -92,9 +92,6 @@ class HFPolicy:
             include the tokens of the discarded attempts. Off, decoding is unchanged.
     """
 
-    check_option_values = staticmethod(check_hf_options)
-    """The range checks of this backend's options (:func:`~qlass.policy.check_policy_options` runs them too)."""
-
     def __init__(
         self,
         model_dir: str | Path,

@@ -86,9 +86,6 @@ class OpenAIPolicy:
             class sets itself (model, prompt, n, temperature ...) cannot be given here.
     """
 
-    check_option_values = staticmethod(check_openai_options)
-    """The range checks of this backend's options (:func:`~qlass.policy.check_policy_options` runs them too)."""
-
     def __init__(
         self,
         base_url: str,
