@@ -15,16 +15,21 @@ import argparse
 import logging
 import statistics
 import time
+from typing import TYPE_CHECKING
 
-import torch
 from bench_args import positive_int, run_main
 
 from qlass.models import default_model_dir
 from qlass.precision import use_autocast
 
+if TYPE_CHECKING:
+    import torch
+
 
 def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, bf16: bool) -> float:
     """Wall-clock seconds of one forward of ``ids``, under bf16 autocast when ``bf16``."""
+    import torch
+
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model(input_ids=ids)
@@ -38,8 +43,10 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
+    import torch  # after the arguments: a usage error or --help is answered at once
     from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
 
     model = AutoModelForCausalLM.from_pretrained(default_model_dir()).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))

@@ -22,7 +22,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench_args import output_file, positive_int, run_main
 
@@ -31,9 +31,11 @@ from qlass.envs.base import make_env
 from qlass.eval_worker import EvalWorker, MethodRun
 from qlass.evaluate import evaluate, live_histories, select_tasks
 from qlass.models import default_model_dir
-from qlass.policy.hf import HFPolicy
-from qlass.qnet import QNet
 from qlass.search import make_method_config, parse_method
+
+if TYPE_CHECKING:  # torch loads after the arguments are read: a usage error or --help is answered at once
+    from qlass.policy.hf import HFPolicy
+    from qlass.qnet import QNet
 
 log = logging.getLogger("bench_eval")
 
@@ -86,6 +88,8 @@ def main() -> None:
     ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_eval.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from qlass.policy.hf import HFPolicy
+    from qlass.qnet import QNet
 
     runs = []
     for spec in args.method or ["greedy", "best-of-n:n=4", "qlass:m=2"]:

@@ -41,7 +41,6 @@ from qlass.errors import MissingFileError
 from qlass.gguf_export import export_gguf
 from qlass.models import default_model_dir
 from qlass.policy.base import Policy
-from qlass.policy.hf import HFPolicy
 from qlass.policy.openai import LLAMA_CPP_PLAIN, OpenAIPolicy
 from qlass.types import Message
 
@@ -128,6 +127,8 @@ def main() -> None:
 
     if args.gguf is not None and not args.gguf.is_file():  # was the server's traceback, after torch and its start
         raise MissingFileError(str(args.gguf))
+    from qlass.policy.hf import HFPolicy  # torch, after the arguments: a usage error is answered at once
+
     model = args.model or default_model_dir()
     ns = args.ns
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,15 +24,17 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench_args import output_file, positive_int, positive_ints, run_main
 
 from qlass.models import default_model_dir
-from qlass.policy.hf import HFPolicy
 from qlass.policy.render import encode_conversation
 from qlass.seeding import candidate_seed
 from qlass.types import Completion, Message
+
+if TYPE_CHECKING:  # torch loads after the arguments are read: a usage error or --help is answered at once
+    from qlass.policy.hf import HFPolicy
 
 ROOMS = ["kitchen", "hallway", "bathroom", "workshop", "greenhouse", "art studio", "living room", "bedroom", "foundry"]
 THINGS = ["a table", "a chair", "a cupboard", "a sink", "a lighter", "a glass cup", "a flower pot", "a thermometer",
@@ -107,6 +109,8 @@ def bench_candidates(policy: HFPolicy, history: list[Message], ms: list[int], ma
 
 def bench_turns(model: Path, kw: dict, histories: list[list[Message]], marks: list[int], max_new: int) -> list[dict]:
     """Greedy turn latency through one episode with reuse, and at the marked turns without."""
+    from qlass.policy.hf import HFPolicy
+
     reuse = HFPolicy(model, **kw)
     fresh = HFPolicy(model, **kw, cache_slots=0)
     ids = [len(encode_conversation(reuse.tokenizer, h)[0]) for h in histories]
@@ -146,6 +150,8 @@ def main() -> None:
     marks = [1, 5, 10, 15]
     if not 1 <= args.candidates_turn <= max(marks):  # 0 was turn 15 (index -1), silently
         ap.error(f"--candidates-turn {args.candidates_turn}: the episode has turns 1 to {max(marks)}")
+
+    from qlass.policy.hf import HFPolicy
 
     model = args.model or default_model_dir()
     kw = {"threads": args.threads, "autocast": args.autocast, "device": args.device}

@@ -19,14 +19,16 @@ import platform
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from bench_args import json_and_table_file, positive_int, positive_ints, run_main
 
 from qlass.models import default_model_dir, resolve_device
 from qlass.policy.render import encode_conversation
-from qlass.qnet import QNet
 from qlass.types import Message
+
+if TYPE_CHECKING:  # torch loads after the arguments are read: a usage error or --help is answered at once
+    from qlass.qnet import QNet
 
 WORDS = ("you see a door to the kitchen hallway greenhouse art studio workshop outside foundry bedroom "
          "living room bathroom a table with a cup of water an orange a banana a thermometer a sink a fridge "
@@ -56,6 +58,8 @@ def make_candidates(m: int, rng: random.Random) -> list[str]:
 
 def naive_scores(qnet: QNet, history: list[Message], candidates: list[str]) -> list[float]:
     """One full forward of the HF classifier per candidate (the baseline)."""
+    import torch
+
     out = []
     device = qnet.model.device
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=qnet.autocast):
@@ -68,6 +72,8 @@ def naive_scores(qnet: QNet, history: list[Message], candidates: list[str]) -> l
 def best_time(fn, repeats: int) -> tuple[float, float, object]:
     """Best wall-clock and best process-CPU seconds over ``repeats`` runs, and the last result.
     CPU time is robust to other processes sharing the machine; wall time is what a user sees."""
+    import torch
+
     wall, cpu, result = float("inf"), float("inf"), None
     for _ in range(repeats):
         if torch.cuda.is_available():
@@ -88,10 +94,14 @@ def main() -> None:
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast for both paths")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 makes CPU time exact "
                     "on a busy machine: no spinning worker threads)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="torch device (auto: cuda when a GPU is visible, else cpu)")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
     ap.add_argument("--out", type=json_and_table_file, default=Path("benchmarks/results/bench_qnet.json"))
     args = ap.parse_args()
+    import torch
+
+    from qlass.qnet import QNet
+
     args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,18 +23,19 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_args import json_and_table_file, positive_int, run_main  # noqa: E402
 from bench_qnet import ACTIONS, WORDS, make_history  # noqa: E402
 
 from qlass.models import default_model_dir, resolve_device  # noqa: E402
-from qlass.qnet import QNet  # noqa: E402
 from qlass.qnet_data import QRecord, make_groups, read_qdata  # noqa: E402
 from qlass.qnet_pack import pack_records  # noqa: E402
 from qlass.types import Message  # noqa: E402
+
+if TYPE_CHECKING:  # torch loads after the arguments are read: a usage error or --help is answered at once
+    from qlass.qnet import QNet
 
 
 def _action(rng: random.Random) -> str:
@@ -66,6 +67,8 @@ def synthetic_tree(qnet: QNet, t: int, depth: int, rollout: int, rng: random.Ran
 
 def grouped_loss(qnet: QNet, records: list[QRecord]) -> tuple[float, int]:
     """Forward + backward per sibling group (shared prefix once); returns (sum of squared errors, tokens)."""
+    import torch
+
     total, tokens = 0.0, 0
     for g in make_groups(records, "bench"):
         prefix = qnet.encode_history(g.messages)
@@ -80,6 +83,8 @@ def grouped_loss(qnet: QNet, records: list[QRecord]) -> tuple[float, int]:
 
 def packed_loss(qnet: QNet, records: list[QRecord]) -> tuple[float, int]:
     """Forward + backward per packed path; returns (sum of squared errors, tokens)."""
+    import torch
+
     total, tokens = 0.0, 0
     for row in pack_records(qnet.encode_history, qnet.encode_action, records):
         values = qnet.values_at(row.ids, row.ends)
@@ -92,6 +97,8 @@ def packed_loss(qnet: QNet, records: list[QRecord]) -> tuple[float, int]:
 
 def timed(fn, qnet: QNet, records: list[QRecord]) -> tuple[float, float, float, int]:
     """Wall and process-CPU seconds of one pass, its summed loss and its token count."""
+    import torch
+
     qnet.model.zero_grad(set_to_none=True)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -113,13 +120,17 @@ def main() -> None:
     ap.add_argument("--max-action-tokens", type=positive_int, default=96)
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast for both ways")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="torch device (auto: cuda when a GPU is visible, else cpu)")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the default model)")
     ap.add_argument("--out", type=json_and_table_file, default=Path("benchmarks/results/bench_qnet_train.json"))
     args = ap.parse_args()
-    args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.depth < 3 and not args.qdata:  # a sibling is sampled at each of the main path's first three steps
         ap.error(f"--depth {args.depth}: at least 3 (synthetic trees branch at the main path's first three steps)")
+    import torch
+
+    from qlass.qnet import QNet
+
+    args.device = resolve_device(args.device)  # torch's own error was a traceback after the model loaded
     if args.threads:
         torch.set_num_threads(args.threads)
 

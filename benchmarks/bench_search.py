@@ -14,13 +14,16 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench_args import output_file, positive_int, run_main
 
 from qlass.envs.sciworld import ScienceWorldEnv
 from qlass.models import default_model_dir
-from qlass.policy.hf import HFPolicy
 from qlass.search import BestOfNConfig, SearchContext, best_of_n
+
+if TYPE_CHECKING:  # torch loads after the arguments are read: a usage error or --help is answered at once
+    from qlass.policy.hf import HFPolicy
 
 
 def play(policy: HFPolicy, envs: list[ScienceWorldEnv], tasks: list, cfg: BestOfNConfig, pool: bool) -> dict:
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--autocast", action="store_true")
     ap.add_argument("--out", type=output_file, default=Path("benchmarks/results/bench_search.json"))
     args = ap.parse_args()
+    from qlass.policy.hf import HFPolicy
 
     model = args.model or default_model_dir()
     policy = HFPolicy(model, autocast=args.autocast, threads=args.threads, cache_slots=max(8, args.n))

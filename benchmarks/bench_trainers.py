@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -49,8 +48,7 @@ from qlass.jsonl import read_jsonl
 from qlass.models import default_model_dir
 from qlass.policy.loading import load_causal_lm
 from qlass.qnet_data import ranking_metrics, read_qdata, spearman
-from qlass.training.qnet import QNetTrainConfig
-from qlass.training.sft import SFTConfig, encode_windows, split_indices
+from qlass.training.configs import QNetTrainConfig, SFTConfig
 
 RUN = {"sft": {"old": "from qlass.sft import SFTConfig as Config, train_sft as train",
                "new": "from qlass.training.sft import SFTConfig as Config, train_sft as train"},
@@ -71,6 +69,10 @@ def train(kind: str, which: str, src: Path, data: Path, model: Path, out: Path, 
 
 def held_out_loss(model_dir: Path, data: Path, cfg: SFTConfig) -> float:
     """Mean loss per labelled token over the held-out windows (fp32, no autocast)."""
+    import torch  # here, not at the top: a usage error is answered before torch loads
+
+    from qlass.training.sft import encode_windows, split_indices
+
     model, tokenizer = load_causal_lm(model_dir)
     trajectories = load_trajectories(data)
     _, val_idx = split_indices(len(trajectories), cfg.val_fraction, cfg.seed)

@@ -41,7 +41,6 @@ from qlass.envs.sciworld_thoughts import expert_thought
 from qlass.errors import DataError, MissingFileError, QlassError
 from qlass.jsonl import read_numbered_jsonl
 from qlass.policy import load_policy
-from qlass.qnet import QNet
 from qlass.types import Message, Task
 
 log = logging.getLogger("probe_focus")
@@ -260,6 +259,8 @@ def main() -> None:
         return [s / n for s, n in scored]
 
     score_states(states, "likelihood", likelihood)
+    from qlass.qnet import QNet  # torch, loaded by the policy above: not before the arguments are checked
+
     for name, path in qnets.items():
         qnet = QNet.load(path, threads=args.threads)
         score_states(states, name, lambda s, q=qnet: q.score(s.history, s.candidates))

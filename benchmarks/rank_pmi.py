@@ -27,9 +27,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from bench_args import output_folder, positive_int, run_main
 
 from qlass.decision_files import read_decisions
@@ -38,6 +37,9 @@ from qlass.errors import QlassError
 from qlass.policy.loading import load_causal_lm
 from qlass.policy.render import encode_conversation
 from qlass.types import Message
+
+if TYPE_CHECKING:  # torch loads once the decisions are read: a usage error is answered at once
+    import torch
 
 log = logging.getLogger("rank_pmi")
 Scores = dict[str, dict[str, float]]  # context -> {"out": summed log-prob, "out_n", "act", "act_n"}
@@ -62,23 +64,25 @@ def reply(tokenizer: Any, output: str, end_id: int) -> tuple[list[int], int]:
     return enc["input_ids"] + [end_id], first
 
 
-@torch.no_grad()
 def token_logprobs(lm: Any, prompt: list[int], replies: Sequence[list[int]]) -> list[torch.Tensor]:
     """Log-probability of each reply token after ``prompt``: the prompt is run once, its cache
     shared by the right-padded replies."""
+    import torch
+
     n, longest = len(replies), max(len(r) for r in replies)
-    head = lm(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-    cache = head.past_key_values
-    key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    cache.batch_repeat_interleave(n)
-    feed = torch.zeros((n, longest), dtype=torch.long)
-    mask = torch.zeros((n, len(prompt) + longest), dtype=torch.long)
-    mask[:, : len(prompt)] = 1
-    for i, r in enumerate(replies):
-        feed[i, : len(r)] = torch.tensor(r)
-        mask[i, len(prompt): len(prompt) + len(r)] = 1
-    logits = lm(input_ids=feed, attention_mask=mask, use_cache=True, **{key: cache}).logits
-    logp = torch.log_softmax(torch.cat([head.logits.expand(n, 1, -1), logits[:, :-1]], 1).float(), -1)
+    with torch.no_grad():
+        head = lm(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        cache.batch_repeat_interleave(n)
+        feed = torch.zeros((n, longest), dtype=torch.long)
+        mask = torch.zeros((n, len(prompt) + longest), dtype=torch.long)
+        mask[:, : len(prompt)] = 1
+        for i, r in enumerate(replies):
+            feed[i, : len(r)] = torch.tensor(r)
+            mask[i, len(prompt): len(prompt) + len(r)] = 1
+        logits = lm(input_ids=feed, attention_mask=mask, use_cache=True, **{key: cache}).logits
+        logp = torch.log_softmax(torch.cat([head.logits.expand(n, 1, -1), logits[:, :-1]], 1).float(), -1)
     return [logp[i, torch.arange(len(r)), torch.tensor(r)] for i, r in enumerate(replies)]
 
 
@@ -161,13 +165,15 @@ def main() -> None:
     except ValueError as exc:
         ap.error(f"--resamples: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
     run(args)
 
 
 def run(args: argparse.Namespace) -> None:
     """Score every decision, then write and print the table (see the module docstring)."""
     records = read_decisions(args.decisions)
+    import torch
+
+    torch.set_num_threads(args.threads)
     lm, tokenizer = load_causal_lm(args.model)  # fp32
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     started, scores = time.time(), []

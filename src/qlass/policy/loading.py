@@ -10,14 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import load_yaml
 from ..errors import DataError, QlassError
 from ..file_checks import refuse_classifier, require_model_folder
+from .option_values import HF_DTYPES
 from .render import ensure_chat_template
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SFT_RECORD = "sft_config.yaml"
 """The options file ``qlass sft`` writes into the model folder it makes (its ``max_length`` is read here)."""
 
@@ -38,12 +36,12 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     path = Path(path)
     require_model_folder(path, f"{path}: not a model folder (no config.json); `qlass model default` prints the "
                                "default one")
-    if dtype not in DTYPES:
-        raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype not in HF_DTYPES:
+        raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(HF_DTYPES)}")
     refuse_classifier(path)
     tokenizer = ensure_chat_template(load_tokenizer(path))
     with loading_weights(path, "model"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, tokenizer
 
 
