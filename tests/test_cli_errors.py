@@ -658,11 +658,23 @@ def test_bad_input_is_a_message_naming_what_is_wrong(files: dict[str, str], argv
     ["explore", "--model", NO_MODEL, *ENV, "--policy-arg", "max_length=0", "--out", "{tmp}/t.jsonl"],
     ["run", "{pipe_split}"],
     ["decisions", "report", "{dec_v0}", "--out", "{tmp}/dr", "--qnet", "{qnet_badmeta}"],
+    ["sft", "--data", "{empty}", "--model", NO_MODEL, "--out", "{tmp}/s"],
+    ["sft", "--data", "{expert}", "--model", "{model_notok}", "--out", "{tmp}/s"],
+    ["sft", "--data", "{expert}", "--model", "{adir}", "--out", "{adir}"],
+    ["dpo", "--pairs", "{pair_id_bool}", "--model", NO_MODEL, "--out", "{tmp}/d"],
+    ["train-qnet", "{qdata_q5}", "--model", NO_MODEL, "--out", "{tmp}/qn"],
+    ["train-qnet", "{nonutf8_qdata}", "--model", NO_MODEL, "--out", "{tmp}/qn"],
+    ["train-qnet-head", "{qdata}", "--model", "{adir}", "--out", "{adir}"],
+    ["decisions", "report", "{dec}", "--out", "{tmp}/dr", "--qnet", "{qnet_badmeta}"],
+    ["decisions", "report", "{dec}", "--out", "{tmp}/d", "--qnet", "{adir}", "--qnet-arg", "threds=1"],
 ], ids=["sft", "dpo", "train-qnet", "run", "eto", "run-eto", "train-qnet-head", "to-qdata", "cv-head folds",
-        "policy option", "policy option range", "run split", "decisions before qnet"])
+        "policy option", "policy option range", "run split", "decisions before qnet", "sft no trajectories",
+        "sft no tokenizer", "sft over its model", "dpo pair", "train-qnet target", "train-qnet not UTF-8",
+        "train-qnet-head over its model", "qnet.json damaged", "qnet option misspelt"])
 def test_config_mistakes_are_reported_before_torch_is_loaded(files: dict[str, str], argv: list[str]) -> None:
-    """A mistake in a trainer's or the pipeline's options, or in the decisions a command reads, is found before
-    torch and transformers are imported (seconds on every error otherwise)."""
+    """A mistake in a trainer's or the pipeline's options, in a trainer's data or model folder, or in the decisions
+    a command reads or the QNet it loads after them, is found before torch and transformers are imported (3-6 s
+    on every error otherwise)."""
     code = ("import sys\nfrom qlass.cli import main\ntry:\n    main()\nfinally:\n"
             "    print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)")
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -19,7 +19,8 @@ import torch
 from qlass import precision
 from qlass.policy.hf import HFPolicy
 from qlass.qnet import QNet
-from qlass.training.common import TrainerConfig, training_arguments
+from qlass.training.configs import TrainerConfig
+from qlass.training.trainer_parts import training_arguments
 from qlass.types import Message
 
 

@@ -3,7 +3,9 @@ truncation, token accounting, and loading the saved folder with the HF Auto clas
 
 from __future__ import annotations
 
+import inspect
 import random
+import typing
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 from qlass.errors import QlassError
 from qlass.policy.render import encode_conversation, render
 from qlass.qnet import QNet
+from qlass.qnet_options import qnet_load_options
 from qlass.types import Message
 
 WORDS = "look at the door go to kitchen open fridge focus on plant move apple table red blue water".split()
@@ -215,3 +218,15 @@ def test_load_options_are_checked_before_the_model_loads(tmp_path, option: str, 
     (tmp_path / "config.json").write_text("{}")  # no weights: the options are refused before any are looked for
     with pytest.raises(QlassError, match=rf"QNet option {option} must be an integer >= \d, got {value!r}"):
         QNet.load(tmp_path, **{option: value})
+
+
+def test_load_options_copy_is_the_methods_own() -> None:
+    """``decisions report --qnet-arg`` is checked against a copy of QNet.load's parameters that needs no torch: it
+    must stay the method's (names, order, defaults and types), or a real option would be refused or a wrong one let
+    by."""
+    own = inspect.signature(QNet.load).parameters
+    copy = inspect.signature(qnet_load_options).parameters
+    assert [(p.name, p.default, p.annotation) for p in own.values()] == \
+        [(p.name, p.default, p.annotation) for p in copy.values()]
+    returns = {"return": None}  # the copy returns nothing
+    assert {**typing.get_type_hints(QNet.load), **returns} == {**typing.get_type_hints(qnet_load_options), **returns}

@@ -32,7 +32,9 @@ from qlass.qnet_loss import (
     state_targets,
 )
 from qlass.qnet_pack import batch_units
-from qlass.training.qnet import QNetTrainConfig, QNetTrainer, StepShares, pack, schedule, train_qnet
+from qlass.training.qnet import QNetTrainConfig, train_qnet
+from qlass.training.qnet_fit import pack
+from qlass.training.qnet_trainer import QNetTrainer, StepShares, schedule
 
 EARLY = ["go", "teleport", "walk"]
 LATE = ["focus", "move", "pick"]

@@ -19,7 +19,8 @@ from qlass.policy.render import encode_conversation, render
 from qlass.qnet import QNet
 from qlass.qnet_data import QRecord, make_groups, ranking_metrics, read_qdata, spearman, split_by_tree
 from qlass.qnet_pack import step_batches
-from qlass.training.qnet import QNetTrainConfig, pack, train_qnet
+from qlass.training.qnet import QNetTrainConfig, train_qnet
+from qlass.training.qnet_fit import pack
 from qlass.types import Message
 
 GOOD = ["north", "open", "take", "look"]

@@ -584,7 +584,8 @@ def test_a_resume_keeps_one_summary_whose_mean_covers_every_step(tmp_path: Path)
     from types import SimpleNamespace
 
     from qlass.jsonl import read_jsonl, write_jsonl
-    from qlass.training.common import METRICS, MetricsLog, rewind_metrics
+    from qlass.training.common import METRICS, rewind_metrics
+    from qlass.training.trainer_parts import MetricsLog
 
     write_jsonl(tmp_path / METRICS, [{"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 1.0},
                                      {"step": 2, "kind": "summary", "mean_train_loss": 2.0},

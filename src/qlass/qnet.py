@@ -48,19 +48,19 @@ import torch
 
 from .errors import QlassError
 from .file_checks import refuse_classifier, require_model_folder
-from .jsonl import read_json_object, write_text_atomic
+from .jsonl import write_text_atomic
 from .models import resolve_device
 from .policy import kv
 from .policy.loading import load_tokenizer, loading_weights
 from .policy.render import encode_conversation, ensure_chat_template, fit_history
 from .precision import bf16_autocast, use_autocast
 from .qnet_forward import backbone_of, last_real_hidden, sequence_hidden, shared_prefix_hidden, stored_prefix_hidden
+from .qnet_options import META_FILE, read_qnet_meta
 from .training.configs import RANKS
 from .types import History, Message
 
 log = logging.getLogger(__name__)
 
-META_FILE = "qnet.json"
 SCHEMA_VERSION = 1
 
 
@@ -146,7 +146,7 @@ class QNet:
         cls.check_folder(path)
         if threads:
             torch.set_num_threads(threads)
-        meta = read_json_object(path / META_FILE) if (path / META_FILE).exists() else {}
+        meta = read_qnet_meta(path)
         with loading_weights(path, "QNet"):
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype)).eval()
         model.to(resolve_device(device))
@@ -173,8 +173,7 @@ class QNet:
     def calibrated(path: str | Path) -> bool:
         """Whether the QNet folder's values estimate outcomes (``qnet.json``'s ``calibrated``, true unless
         recorded false: a head-only fit has no offset, so its values rank but sit beside no reward)."""
-        meta_file = Path(path) / META_FILE
-        return not meta_file.exists() or read_json_object(meta_file).get("calibrated", True) is not False
+        return read_qnet_meta(path).get("calibrated", True) is not False
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``.

@@ -149,3 +149,8 @@ def ranking_metrics(keys: Sequence[Hashable], targets: Sequence[float], preds: S
     correct, pairs = sum(c for _, c in credits), len(credits)
     return {"pair_accuracy": correct / pairs if pairs else None, "pairs": pairs,
             "spearman": spearman(targets, preds), "n": len(targets)}
+
+
+def fmt(x: float | None) -> str:
+    """A metric for a log line (``n/a`` when undefined)."""
+    return "n/a" if x is None else f"{x:.3f}"

@@ -37,27 +37,26 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .config import to_dict
 from .config_fields import require_config
 from .errors import DataError, QlassError, naming_failed_saves
 from .jsonl import append_jsonl, read_json_object, read_numbered_jsonl, write_text_atomic
 from .locking import writes_to
-from .policy import kv
 from .precision import use_autocast
-from .qnet import QNet
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
-from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
 from .recorded import model_files, same_path, setting_changes
 from .training.caller_state import keeping_caller_state
 from .training.common import file_digest, input_snapshot
 from .training.configs import QNetHeadConfig
 from .training.run_folders import refuse_overwriting_run
+
+if TYPE_CHECKING:  # torch: imported once the options and the Q data are checked
+    from .qnet import QNet
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +103,11 @@ def record_features(qnet: QNet, lm: Any, records: Sequence[QRecord], out: Path, 
     records are appended to ``out`` (one line per sibling group, with each record's
     :func:`record_digest`) and read back on a rerun; a record whose history or action differs from
     the one its stored features were computed from is refused (the input changed at the same path)."""
+    import torch
+
+    from .policy import kv
+    from .qnet_forward import backbone_of, last_real_hidden, stored_prefix_hidden
+
     have: dict[str, tuple[np.ndarray, float, float]] = {}
     digests = {record_key(r): record_digest(r) for r in records}
     width = qnet.model.config.hidden_size
@@ -253,6 +257,7 @@ def features_of(records: Sequence[QRecord], sft_dir: str | Path, out: Path, cfg:
     is their SHA-256 (:func:`inputs_digest`): the inputs are not read again here (a pipe gives its bytes
     once, and ``source`` may name several files)."""
     from .policy.loading import load_causal_lm
+    from .qnet import QNet
 
     qnet = QNet.from_sft(sft_dir, cfg.max_length, cfg.max_action_tokens, cfg.autocast, cfg.seed)
     lm, _ = load_causal_lm(sft_dir)
@@ -290,21 +295,26 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
         if changes:
             raise QlassError(f"{out}: holds a head-only QNet fitted with other settings ({', '.join(changes)}); "
                              "use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    with keeping_caller_state():  # cfg.threads, the seeded head: the caller's process keeps its own
-        return _fit_head(qdata, sft_dir, out, cfg)
-
-
-def _fit_head(qdata: str | Path, sft_dir: str | Path, out: Path, cfg: QNetHeadConfig) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
     with input_snapshot(qdata) as source:  # a pipe is copied: its digest is taken from the bytes read
         records = read_qdata(source.path)
     trees = len({r.tree_id for r in records})
     if trees < cfg.folds:
         raise DataError(str(qdata), f"{trees} trees cannot be split into {cfg.folds} folds; lower folds")
-    qnet, feats = features_of(records, sft_dir, out, cfg, str(qdata), source.digest or inputs_digest([qdata]))
-    results = cross_validate_head(records, feats, cfg, str(qdata))
+    digest = source.digest or inputs_digest([qdata])
+    out.mkdir(parents=True, exist_ok=True)
+    with keeping_caller_state():  # cfg.threads, the seeded head: the caller's process keeps its own
+        return _fit_head(records, str(qdata), digest, sft_dir, out, cfg)
+
+
+def _fit_head(records: list[QRecord], source: str, digest: str, sft_dir: str | Path, out: Path,
+              cfg: QNetHeadConfig) -> dict[str, Any]:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    trees = len({r.tree_id for r in records})
+    qnet, feats = features_of(records, sft_dir, out, cfg, source, digest)
+    results = cross_validate_head(records, feats, cfg, source)
     best = results[0]
     w = fit_records(records, feats, best["l2"], best["contrast"])
     with torch.no_grad():

@@ -28,7 +28,7 @@ and the pair term's gradient with respect to each score depends only on the step
 first pass without gradients computes those coefficients (:func:`pair_coefficients`) and every row
 is then backpropagated on its own with ``coefficient × score`` added to its loss (exact for a
 deterministic forward; a step keeps one row's graph at a time, as without pairs). The trainer is
-:class:`qlass.training.qnet.QNetTrainer`.
+:class:`qlass.training.qnet_trainer.QNetTrainer`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ from ..file_checks import refuse_classifier, require_model_folder
 from .option_values import HF_DTYPES
 from .render import ensure_chat_template
 
+NO_TOKENIZER = ("no usable tokenizer in this model folder (tokenizer.json and tokenizer_config.json, as "
+                "save_pretrained writes them)")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt")
+"""Files a tokenizer is read from (besides sentencepiece ``*.model`` and ``*.tiktoken`` files)."""
 SFT_RECORD = "sft_config.yaml"
 """The options file ``qlass sft`` writes into the model folder it makes (its ``max_length`` is read here)."""
 
@@ -29,16 +33,24 @@ def fine_tuned_length(model_dir: Path) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def check_causal_lm_folder(path: str | Path) -> None:
+    """Raise :class:`QlassError` for what :func:`load_causal_lm` would refuse in the folder itself (no
+    ``config.json``, a QNet, no tokenizer files), without importing torch or transformers."""
+    path = Path(path)
+    require_model_folder(path, f"{path}: not a model folder (no config.json); `qlass model default` prints the "
+                               "default one")
+    refuse_classifier(path)
+    require_tokenizer_files(path)
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """Load a causal-LM folder and its tokenizer (with a chat template), quietly and in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    require_model_folder(path, f"{path}: not a model folder (no config.json); `qlass model default` prints the "
-                               "default one")
+    check_causal_lm_folder(path)
     if dtype not in HF_DTYPES:
         raise QlassError(f"unknown dtype {dtype!r}; use one of {', '.join(HF_DTYPES)}")
-    refuse_classifier(path)
     tokenizer = ensure_chat_template(load_tokenizer(path))
     with loading_weights(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
@@ -48,14 +60,22 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of model folder ``path``; a folder without a usable one is a :class:`QlassError`
     naming it (not transformers' traceback)."""
+    require_tokenizer_files(Path(path))
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QlassError(f"{path}: no usable tokenizer in this model folder (tokenizer.json and "
-                         f"tokenizer_config.json, as save_pretrained writes them): {first}") from None
+        raise QlassError(f"{path}: {NO_TOKENIZER}: {first}") from None
+
+
+def require_tokenizer_files(path: Path) -> None:
+    """Raise :class:`QlassError` for a model folder that holds none of the files a tokenizer is read from
+    (found before transformers and torch are imported; a folder with some of them is judged by loading it)."""
+    if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES) \
+            and not any(path.glob("*.model")) and not any(path.glob("*.tiktoken")):
+        raise QlassError(f"{path}: {NO_TOKENIZER}: it holds none of {', '.join(TOKENIZER_FILES)}")
 
 
 @contextlib.contextmanager

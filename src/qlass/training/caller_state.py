@@ -9,13 +9,15 @@ import random
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 
 
 @contextlib.contextmanager
 def keeping_caller_state() -> Iterator[None]:
     """Restore Python's, NumPy's and torch's generators (the CPU one, and the current CUDA device's when CUDA is
-    in use) and torch's thread count as they were on entry, however the block ends."""
+    in use) and torch's thread count as they were on entry, however the block ends. It imports torch: a trainer
+    enters it once its data and options are checked."""
+    import torch
+
     py_state, np_state, threads = random.getstate(), np.random.get_state(), torch.get_num_threads()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):

@@ -30,21 +30,10 @@ from ..config import config_hash, save_yaml, to_dict
 from ..config_fields import require_config
 from ..data import ValidationReport, load_placed_records, record_problems, record_to_trajectory
 from ..errors import DataError, naming_failed_saves
-from ..policy.loading import load_causal_lm
+from ..policy.loading import check_causal_lm_folder, load_causal_lm
 from ..types import Message, Trajectory
 from .caller_state import keeping_caller_state
-from .common import (
-    MetricsLog,
-    SaveAtEpochEnd,
-    Snapshot,
-    finished,
-    input_snapshot,
-    is_main_process,
-    main_process_lock,
-    prepare_resume,
-    run_inputs,
-    training_arguments,
-)
+from .common import Snapshot, finished, input_snapshot, is_main_process, main_process_lock, prepare_resume, run_inputs
 from .configs import DPOConfig, check_report_to
 from .quiet import NoModelCard, NoTelemetry, quiet, without_misleading_warnings
 from .run_folders import drop_leftovers, mark_done, refuse_overwriting_run
@@ -204,14 +193,13 @@ def train_dpo(pairs: str | Path, model_dir: str | Path, out_dir: str | Path, cfg
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "dpo")
     check_report_to(cfg.report_to)
-    with keeping_caller_state(), main_process_lock(out), naming_failed_saves(out), input_snapshot(pairs) as source:
+    with main_process_lock(out), naming_failed_saves(out), input_snapshot(pairs) as source:
         return _train_dpo(source, model_dir, out, cfg)
 
 
 def _train_dpo(source: Snapshot, model_dir: str | Path, out: Path, cfg: DPOConfig) -> Path:
-    from datasets import Dataset
-    from trl import DPOConfig as TRLConfig
-
+    """The run's checks, which import neither torch nor transformers (a mistake is reported at once), then the
+    training, which leaves the caller's generators and threads as they were."""
     path = source.name
     made_from = run_inputs(source, model_dir, cfg)
     if finished(out, cfg, made_from, CONFIG_FILE, "dpo"):
@@ -219,6 +207,20 @@ def _train_dpo(source: Snapshot, model_dir: str | Path, out: Path, cfg: DPOConfi
             drop_leftovers(out)  # what a kill after the mark left
         return out
     pairs = load_pairs(source.path)
+    check_causal_lm_folder(model_dir)
+    with keeping_caller_state():
+        _fit(pairs, path, model_dir, out, cfg, made_from)
+    return out
+
+
+def _fit(pairs: Sequence[PreferencePair], path: str, model_dir: str | Path, out: Path, cfg: DPOConfig,
+         made_from: dict[str, Any]) -> None:
+    """Train on the checked pairs and save the model to ``out`` (torch and transformers load here)."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+
+    from .trainer_parts import MetricsLog, SaveAtEpochEnd, training_arguments
+
     model, tokenizer = load_causal_lm(model_dir)
     rows = _encode_all(tokenizer, pairs, cfg.max_length, path)
     order = list(range(len(rows)))
@@ -249,4 +251,3 @@ def _train_dpo(source: Snapshot, model_dir: str | Path, out: Path, cfg: DPOConfi
     if is_main_process():
         mark_done(out, f"dpo {config_hash(cfg)}")
     trainer.accelerator.wait_for_everyone()
-    return out

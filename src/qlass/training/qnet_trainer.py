@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..qnet_data import fmt
 from ..qnet_loss import contrast_groups, group_key, pair_coefficients, record_losses, scores_of, sibling_pairs
 from ..qnet_pack import PackedRow, batch_units, step_batches
 from ..qnet_validate import outputs_metrics
@@ -385,8 +386,3 @@ def selection_key(metrics: dict[str, Any]) -> tuple[float, float]:
     """What ``select_best`` maximises: sibling pair accuracy (no pairs: lowest), then lower MSE."""
     acc = metrics.get("pair_accuracy")
     return (-1.0 if acc is None else acc, -metrics["mse"])
-
-
-def fmt(x: float | None) -> str:
-    """A metric for a log line (``n/a`` when undefined)."""
-    return "n/a" if x is None else f"{x:.3f}"

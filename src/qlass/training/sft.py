@@ -44,20 +44,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import config_hash, save_yaml, to_dict
 from ..config_fields import require_config
 from ..data import ACTION_LINE, load_trajectories
 from ..errors import DataError, QlassError, naming_failed_saves
-from ..policy.loading import SFT_RECORD, load_causal_lm
+from ..policy.loading import SFT_RECORD, check_causal_lm_folder, load_causal_lm
 from ..policy.render import default_keep_prefix, encode_conversation, truncate_history
 from ..types import Message, Trajectory
 from .caller_state import keeping_caller_state
 from .common import (
-    LengthGroupedSampler,
-    MetricsLog,
-    SaveAtEpochEnd,
     Snapshot,
     TrainerConfig,
     finished,
@@ -66,8 +61,6 @@ from .common import (
     main_process_lock,
     prepare_resume,
     run_inputs,
-    set_sampler_epoch,
-    training_arguments,
 )
 from .configs import SFTConfig, check_report_to
 from .quiet import NoModelCard, NoTelemetry, quiet, without_misleading_warnings
@@ -227,6 +220,8 @@ def _trainer_class() -> type:
     only the labelled positions through the LM head (:func:`labelled_token_loss`)."""
     from trl import SFTTrainer
 
+    from .trainer_parts import LengthGroupedSampler, set_sampler_epoch
+
     class WindowSFTTrainer(NoModelCard, NoTelemetry, WarmupWithinRun, SFTTrainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> LengthGroupedSampler:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -268,6 +263,8 @@ def labelled_token_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: 
     of the reference SFT data. TRL's fused LM head would score every position on a device
     without Triton (CPU), and compute entropy and top-1 inside its tiled kernel, backward included.
     """
+    import torch
+
     labels = inputs["labels"]
     targets = labels[:, 1:]
     labelled = targets != -100
@@ -324,13 +321,13 @@ def train_sft(data: str | Path, model_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     refuse_overwriting_run(out, model_dir, "sft")
     check_report_to(cfg.report_to)
-    with keeping_caller_state(), main_process_lock(out), naming_failed_saves(out), input_snapshot(data) as source:
+    with main_process_lock(out), naming_failed_saves(out), input_snapshot(data) as source:
         return _train_sft(source, model_dir, out, cfg)
 
 
 def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfig) -> Path:
-    from trl import SFTConfig as TRLConfig
-
+    """The run's checks, which import neither torch nor transformers (a mistake is reported at once), then the
+    training, which leaves the caller's generators and threads as they were."""
     data = source.name
     made_from = run_inputs(source, model_dir, cfg)
     if finished(out, cfg, made_from, CONFIG_FILE, "sft"):
@@ -345,6 +342,19 @@ def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfi
         trajectories = limit_trajectories(trajectories, cfg.max_trajectories, cfg.seed)
         log.info("limited supervision: %d of %d trajectories (max_trajectories=%g)", len(trajectories), total,
                  cfg.max_trajectories)
+    check_causal_lm_folder(model_dir)
+    with keeping_caller_state():
+        _fit(trajectories, data, model_dir, out, cfg, made_from)
+    return out
+
+
+def _fit(trajectories: Sequence[Trajectory], data: str, model_dir: str | Path, out: Path, cfg: SFTConfig,
+         made_from: dict[str, Any]) -> None:
+    """Train on the checked trajectories and save the model to ``out`` (torch and transformers load here)."""
+    from trl import SFTConfig as TRLConfig
+
+    from .trainer_parts import MetricsLog, SaveAtEpochEnd, training_arguments
+
     model, tokenizer = load_causal_lm(model_dir)
     train_idx, val_idx = split_indices(len(trajectories), cfg.val_fraction, cfg.seed)
     train = _encode_all(tokenizer, trajectories, train_idx, cfg.max_length, data)
@@ -377,4 +387,3 @@ def _train_sft(source: Snapshot, model_dir: str | Path, out: Path, cfg: SFTConfi
     if is_main_process():
         mark_done(out, f"sft {config_hash(cfg)}")
     trainer.accelerator.wait_for_everyone()
-    return out
