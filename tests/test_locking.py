@@ -308,6 +308,23 @@ def test_qlass_data_expert_takes_its_outputs_writer_lock(tmp_path: Path) -> None
     assert done.returncode == 0 and "wrote 6 verified expert trajectories" in done.stdout, done.stderr
 
 
+def test_explore_onto_a_read_only_disk_is_refused_before_the_policy_loads(tmp_path: Path) -> None:
+    """`qlass explore --out RO/t.jsonl` loaded the policy (torch, the model: 6 s) before the output's writer lock
+    named the read-only disk. The command now hands explore_tasks the policy's factory, which loads it after the
+    lock, as `qlass run` already did."""
+    from test_jsonl import tmpfs
+
+    code = ("import sys\nfrom qlass.cli import main\ntry:\n    main()\nfinally:\n"
+            "    print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-c", code, "explore", "--model", "default", "--env", "toy_envs:Corridor", "--limit", "1",
+           "--out"]
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+        done = subprocess.run(cmd + [str(ro / "t.jsonl")], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and f"error: {ro / 't.jsonl'}: cannot be written there (" in done.stderr, done.stderr
+    assert "torch loaded: False" in done.stderr, done.stderr
+
+
 GUIDANCE = TESTS.parent / "docs" / "reference" / "guidance"
 
 

@@ -84,10 +84,10 @@ def register(app: typer.Typer) -> None:
         factory = policy_factory(model, policy_opts)
         options = {"address": ray_address} if backend == "ray" and ray_address else {}
         executor = make_executor(backend, workers, **options)
-        policy = factory() if backend == "local" else factory
         start = time.perf_counter()
         settings = {"model": model, "env": env, "env_args": env_kwargs, "policy": policy_opts}
-        trees = explore_tasks(make, tasks, policy, cfg, out, seed=seed, executor=executor, progress=progress,
+        # the factory: each worker loads the policy once, after explore_tasks has locked and checked the output
+        trees = explore_tasks(make, tasks, factory, cfg, out, seed=seed, executor=executor, progress=progress,
                               concurrency=concurrency, settings=settings)
         s = tree_summary(trees)
         typer.echo(f"{s['trees']} trees, {s['nodes']} nodes, {s['edges']} edges, {s['branches']} sampled branches "
