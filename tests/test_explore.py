@@ -29,7 +29,7 @@ from qlass.data import save_trajectories
 from qlass.envs.base import FORMAT_HINT, parse_action
 from qlass.errors import QlassError
 from qlass.expert import export_expert
-from qlass.explore import ExploreConfig, build_tree, explore_tasks, tree_seed
+from qlass.explore import ExploreConfig, build_tree, explore_tasks, settings_file, tree_seed
 from qlass.explore_config import expert_task_ids, exploration_tasks, explore_digest
 from qlass.jsonl import read_jsonl
 from qlass.perturb import diversity_prompt
@@ -385,6 +385,28 @@ def explore_cmd(out: Path, delay: float) -> list[str]:
     return [sys.executable, "-m", "qlass", "explore", "--model", "test_explore:ScriptedPolicy",
             "--env", "test_explore:Rooms", "--set", "max_depth=3", "--set", "candidates=3", "--set", "max_steps=8",
             "--policy-arg", f"delay={delay}", "--seed", "5", "--out", str(out), "--no-progress"]
+
+
+def test_a_wrong_policy_is_refused_before_the_settings_are_recorded(tmp_path: Path) -> None:
+    """`qlass explore` hands exploration the policy's factory (a built-in policy loads after the output is locked),
+    so the model and options are checked before: a trees file without a settings record (written before it
+    existed, or by a library call without settings) whose trees are all finished recorded a misspelt option and
+    exited 0, and the corrected rerun was then refused as other settings. Now both the built-in backend's and a
+    user class's options are refused first, and nothing is recorded."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "t.jsonl"
+    assert subprocess.run(explore_cmd(out, 0.0), env=env, capture_output=True, text=True).returncode == 0
+    settings_file(out).unlink()
+    for model, option, message in (("test_explore:ScriptedPolicy", "dealy=0", "no option 'dealy'"),
+                                   ("default", "smartt=0.5", "HFPolicy has no option 'smartt'"),
+                                   (str(tmp_path / "nomodel"), "seed=1", "nomodel: not a model folder")):
+        cmd = explore_cmd(out, 0.0)
+        cmd[cmd.index("--model") + 1] = model
+        cmd[cmd.index("--policy-arg") + 1] = option
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not settings_file(out).exists()
+    assert subprocess.run(explore_cmd(out, 0.0), env=env, capture_output=True, text=True).returncode == 0
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
         from ..executor import make_executor
         from ..explore import EXPLORE_CACHE_PER_TREE, ExploreConfig, check_trees_output, explore_tasks
         from ..explore_config import expert_task_ids, exploration_tasks
+        from ..policy import check_policy_spec, is_class_spec
         from ..tree import tree_summary
 
         if list_options:
@@ -84,10 +85,15 @@ def register(app: typer.Typer) -> None:
         factory = policy_factory(model, policy_opts)
         options = {"address": ray_address} if backend == "ray" and ray_address else {}
         executor = make_executor(backend, workers, **options)
+        # A built-in backend's model and options are checked here without loading it: the worker loads it once,
+        # after explore_tasks has locked the output (a read-only disk is refused before torch loads) and before
+        # a tree is built. A user's class is built here, so its options too are checked before the output's
+        # settings are recorded.
+        check_policy_spec(model, policy_opts)
+        policy = factory() if backend == "local" and is_class_spec(model) else factory
         start = time.perf_counter()
         settings = {"model": model, "env": env, "env_args": env_kwargs, "policy": policy_opts}
-        # the factory: each worker loads the policy once, after explore_tasks has locked and checked the output
-        trees = explore_tasks(make, tasks, factory, cfg, out, seed=seed, executor=executor, progress=progress,
+        trees = explore_tasks(make, tasks, policy, cfg, out, seed=seed, executor=executor, progress=progress,
                               concurrency=concurrency, settings=settings)
         s = tree_summary(trees)
         typer.echo(f"{s['trees']} trees, {s['nodes']} nodes, {s['edges']} edges, {s['branches']} sampled branches "

@@ -92,6 +92,7 @@ def check_policy_spec(spec: str | os.PathLike[str], options: Mapping[str, Any]) 
     not take (:func:`check_policy_options`), without loading anything (a command checks them before it makes
     its output folder)."""
     from ..file_checks import refuse_classifier, require_model_folder
+    from .loading import require_tokenizer_files
 
     spec = spec_text(spec)
     if is_class_spec(spec):
@@ -101,6 +102,7 @@ def check_policy_spec(spec: str | os.PathLike[str], options: Mapping[str, Any]) 
         require_model_folder(Path(spec), f"{spec}: not a model folder (no config.json); a policy is a model "
                                          "folder, 'default', a server URL or package.module:Class")
         refuse_classifier(Path(spec))
+        require_tokenizer_files(Path(spec))
 
 
 def load_policy(spec: str | os.PathLike[str], **options: Any) -> Policy:

@@ -18,7 +18,7 @@ from .render import ensure_chat_template
 
 NO_TOKENIZER = ("no usable tokenizer in this model folder (tokenizer.json and tokenizer_config.json, as "
                 "save_pretrained writes them)")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "tekken.json")
 """Files a tokenizer is read from (besides sentencepiece ``*.model`` and ``*.tiktoken`` files)."""
 SFT_RECORD = "sft_config.yaml"
 """The options file ``qlass sft`` writes into the model folder it makes (its ``max_length`` is read here)."""

@@ -79,7 +79,7 @@ class NoTelemetry:
 
 
 def quiet(trainer: Any) -> Any:
-    """``trainer`` without the callbacks that print every log to stdout (:class:`MetricsLog` logs)."""
+    """``trainer`` without the callbacks that print every log to stdout (:class:`~.trainer_parts.MetricsLog` logs)."""
     from transformers import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)

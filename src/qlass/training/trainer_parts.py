@@ -58,8 +58,6 @@ def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float,
     }
 
 
-
-
 class MetricsLog(TrainerCallback):
     """Appends the Trainer's logs to ``metrics.jsonl`` (main process): per step ``train_loss``, ``lr``,
     ``grad_norm``; per evaluation ``val_loss`` and the trainer's other ``eval_*`` metrics (``val_*``, or
