@@ -248,7 +248,7 @@ def run_rft(
     :class:`~qlass.training.sft.SFTConfig`; ``policy``: see :func:`sample_training_tasks`). Writes
     ``out_dir/samples/`` (records), ``out_dir/data.json``, ``out_dir/sft/`` (the RFT agent) and
     ``out_dir/rft_config.yaml``; every part resumes. Returns the agent's folder and the data summary."""
-    from .policy import spec_text
+    from .policy import check_policy_spec, spec_text
     from .training.configs import SFTConfig
     from .training.run_folders import refuse_foreign_folder
     from .training.sft import train_sft
@@ -267,6 +267,8 @@ def run_rft(
     train_from = Path(base) if cfg.init == "base" else Path(model)
     which = "base model" if cfg.init == "base" else "SFT checkpoint (init='sft' fine-tunes the sampling agent)"
     require_model_folder(train_from, f"{train_from}: the {which} is not a local model folder (no config.json)")
+    if policy is None:  # the sampling agent's folder and options, before anything is sampled or loaded
+        check_policy_spec(model, policy_kwargs or {})
     _refuse_new_limit(out, cfg)
     check_expert_env(expert_path, expert_tasks, env_spec, env_kwargs)
     records, order = sample_training_tasks(model, env_spec, out / SAMPLES_DIR, cfg, env_kwargs, task_types,

@@ -85,6 +85,7 @@ def register(app: typer.Typer) -> None:
         from ..evaluate import split_tasks
         from ..explore_config import expert_task_ids
         from ..locking import writer_lock
+        from ..policy import check_policy_spec
 
         if list_options:
             typer.echo(describe(DecisionConfig))
@@ -107,6 +108,7 @@ def register(app: typer.Typer) -> None:
         settings = {"model": model, "env": env, "env_args": env_kwargs, "splits": list(split), "task_types": types,
                     "limit": limit, "policy": policy_kwargs, "offset": offset,
                     "exclude_tasks_of": str(exclude_tasks_of) if exclude_tasks_of else None}
+        check_policy_spec(model, policy_kwargs)  # a built-in policy's folder and options, without loading it
         with writer_lock(out, folder=False):
             check_collection(out, cfg, seed, settings, save=False)  # before the model loads
         policy = policy_with_cache(model, policy_kwargs, cfg.concurrency)()
