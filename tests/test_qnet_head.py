@@ -19,6 +19,7 @@ from qlass.qnet import QNet
 from qlass.qnet_data import read_qdata
 from qlass.qnet_forward import backbone_of, sequence_hidden
 from qlass.qnet_head import FEATURES_FILE, QNetHeadConfig, fit_head, train_qnet_head
+from qlass.qnet_options import qnet_calibrated
 
 CFG = {"folds": 4, "l2": [0.01, 1.0], "max_length": 256, "max_action_tokens": 32, "autocast": False}
 
@@ -61,7 +62,7 @@ def test_head_learns_to_rank_resumes_and_saves_a_loadable_qnet(tiny_model_dir: P
     meta = json.loads((out / "qnet.json").read_text())
     assert meta["head_only"] is True and meta["calibrated"] is False  # no offset: values rank, they do not estimate
     # so the reference code's shortcut, which puts true rewards beside the values, is refused with it up front
-    assert not QNet.calibrated(out) and QNet.calibrated(tmp_path)  # a folder without qnet.json: train-qnet's old
+    assert not qnet_calibrated(out) and qnet_calibrated(tmp_path)  # a folder without qnet.json: train-qnet's old
     with pytest.raises(QlassError, match=r"calibrated: false.*qlass\(m=2\)\[oracle\]"):
         run_evaluation(str(tiny_model_dir), "toy_envs:Corridor", ["seen"],
                        [("qlass", {"m": 2, "oracle_terminal": True})], tmp_path / "oracle", qnet_dir=out)

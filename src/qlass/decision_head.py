@@ -37,6 +37,7 @@ from .errors import DataError, QlassError
 from .file_checks import check_output_file, refuse_overwriting_inputs
 from .jsonl import write_text_atomic
 from .locking import warn_if_being_written, writes_to
+from .policy.loading import check_causal_lm_folder
 from .qnet_data import fold_trees
 from .training.configs import QNetHeadConfig
 
@@ -96,6 +97,7 @@ def cross_validate_on_decisions(paths: Sequence[str | Path], sft_dir: str | Path
             raise DataError(source, f"fold {k} would fit its head on {fitted_on} task(s), and the head's settings "
                                     "are picked by cross-validation inside the fold (2 tasks at least): add "
                                     "decisions from more tasks (or --extra ones) or lower folds")
+    check_causal_lm_folder(sft_dir)
     # the feature code loads torch: only now, once the inputs are checked
     from .qnet_head import cross_validate_head, features_of, fit_records, inputs_digest, record_key
 

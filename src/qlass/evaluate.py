@@ -331,15 +331,17 @@ def run_evaluation(
     if needs_qnet:
         if qnet_dir is None:
             raise QlassError(f"method(s) {', '.join(needs_qnet)} need a QNet: pass --qnet DIR")
-        from .qnet import QNet
+        from .qnet_options import check_qnet_folder, qnet_calibrated
 
-        QNet.check_folder(qnet_dir)  # before the output folder is made (the worker loads it)
+        check_qnet_folder(qnet_dir)  # before the output folder is made (the worker loads it)
         oracle = [r.label for r in runs if getattr(r.config, "oracle_terminal", False)]
-        if oracle and not QNet.calibrated(qnet_dir):
+        if oracle and not qnet_calibrated(qnet_dir):
             raise QlassError(f"{qnet_dir}: this QNet's values are not outcome estimates (qnet.json: calibrated: "
                              f"false, a head-only fit), so {', '.join(oracle)} cannot put true rewards beside "
                              "them: use a QNet trained by train-qnet, or drop oracle_terminal")
         threads = (policy_kwargs or {}).get("threads")
+        from .qnet import QNet
+
         qnet = functools.partial(QNet.load, qnet_dir, threads=threads, cache_slots=max(conversations, concurrency))
     policy: Any = functools.partial(load_policy, model, **(policy_kwargs or {}))
     make = env_maker(env_spec, **dict(env_kwargs or {}))

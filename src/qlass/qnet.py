@@ -55,7 +55,7 @@ from .policy.loading import load_tokenizer, loading_weights
 from .policy.render import encode_conversation, ensure_chat_template, fit_history
 from .precision import bf16_autocast, use_autocast
 from .qnet_forward import backbone_of, last_real_hidden, sequence_hidden, shared_prefix_hidden, stored_prefix_hidden
-from .qnet_options import META_FILE, read_qnet_meta
+from .qnet_options import META_FILE, check_qnet_folder, read_qnet_meta
 from .training.configs import RANKS
 from .types import History, Message
 
@@ -143,7 +143,7 @@ class QNet:
         for name, value, low in limits:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise QlassError(f"QNet option {name} must be an integer >= {low}, got {value!r}")
-        cls.check_folder(path)
+        check_qnet_folder(path)
         if threads:
             torch.set_num_threads(threads)
         meta = read_qnet_meta(path)
@@ -155,25 +155,6 @@ class QNet:
                    meta.get("max_action_tokens", 256),
                    bool(meta.get("autocast", False)) if autocast is None else autocast, meta.get("rank", "q"),
                    cache_slots)
-
-    @staticmethod
-    def check_folder(path: str | Path) -> None:
-        """Raise :class:`QlassError` unless ``path`` holds a model of one output (a QNet), without loading its
-        weights: a command checks it before it makes its output folder."""
-        from transformers import AutoConfig
-
-        path = Path(path)
-        require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
-        labels = AutoConfig.from_pretrained(path).num_labels
-        if labels != 1:
-            raise QlassError(f"{path}: not a QNet folder (a QNet has exactly one output; this model has "
-                             f"num_labels={labels}: an SFT or other model folder?)")
-
-    @staticmethod
-    def calibrated(path: str | Path) -> bool:
-        """Whether the QNet folder's values estimate outcomes (``qnet.json``'s ``calibrated``, true unless
-        recorded false: a head-only fit has no offset, so its values rank but sit beside no reward)."""
-        return read_qnet_meta(path).get("calibrated", True) is not False
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``.

@@ -46,6 +46,7 @@ from .config_fields import require_config
 from .errors import DataError, QlassError, naming_failed_saves
 from .jsonl import append_jsonl, read_json_object, read_numbered_jsonl, write_text_atomic
 from .locking import writes_to
+from .policy.loading import check_causal_lm_folder
 from .precision import use_autocast
 from .qnet_cv import pooled_summary
 from .qnet_data import QRecord, fold_trees, make_groups, read_qdata
@@ -301,6 +302,7 @@ def train_qnet_head(qdata: str | Path, sft_dir: str | Path, out_dir: str | Path,
     if trees < cfg.folds:
         raise DataError(str(qdata), f"{trees} trees cannot be split into {cfg.folds} folds; lower folds")
     digest = source.digest or inputs_digest([qdata])
+    check_causal_lm_folder(sft_dir)
     out.mkdir(parents=True, exist_ok=True)
     with keeping_caller_state():  # cfg.threads, the seeded head: the caller's process keeps its own
         return _fit_head(records, str(qdata), digest, sft_dir, out, cfg)

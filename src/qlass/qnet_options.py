@@ -1,13 +1,15 @@
-"""What :meth:`qlass.qnet.QNet.load` takes and reads before it loads a model, without importing torch: its
-parameters (:func:`qnet_load_options`) and the folder's ``qnet.json`` (:func:`read_qnet_meta`). A command
-that loads a QNet after other work checks these first, so a misspelt option or a damaged ``qnet.json`` is
-reported in a fraction of a second."""
+"""What :meth:`qlass.qnet.QNet.load` takes and reads before it loads a model: its parameters
+(:func:`qnet_load_options`), the folder (:func:`check_qnet_folder`) and its ``qnet.json`` (:func:`read_qnet_meta`,
+:func:`qnet_calibrated`). None of these imports torch up front, so a command that checks them first reports a
+misspelt option, a missing folder or a damaged ``qnet.json`` in a fraction of a second."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from .errors import QlassError
+from .file_checks import require_model_folder
 from .jsonl import read_json_object
 
 META_FILE = "qnet.json"
@@ -26,3 +28,23 @@ def read_qnet_meta(path: str | Path) -> dict[str, Any]:
     :class:`~qlass.errors.DataError` naming it."""
     meta = Path(path) / META_FILE
     return read_json_object(meta) if meta.exists() else {}
+
+
+def check_qnet_folder(path: str | Path) -> None:
+    """Raise :class:`QlassError` unless ``path`` holds a model of one output (a QNet), without loading its
+    weights: a command checks it before it makes its output folder. A folder without ``config.json`` is refused
+    before transformers (and torch) are imported to read the number of outputs."""
+    path = Path(path)
+    require_model_folder(path, f"{path}: not a QNet folder (no config.json)")
+    from transformers import AutoConfig
+
+    labels = AutoConfig.from_pretrained(path).num_labels
+    if labels != 1:
+        raise QlassError(f"{path}: not a QNet folder (a QNet has exactly one output; this model has "
+                         f"num_labels={labels}: an SFT or other model folder?)")
+
+
+def qnet_calibrated(path: str | Path) -> bool:
+    """Whether the QNet folder's values estimate outcomes (``qnet.json``'s ``calibrated``, true unless
+    recorded false: a head-only fit has no offset, so its values rank but sit beside no reward)."""
+    return read_qnet_meta(path).get("calibrated", True) is not False
