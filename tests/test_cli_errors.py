@@ -672,11 +672,12 @@ def test_bad_input_is_a_message_naming_what_is_wrong(files: dict[str, str], argv
     ["eval", "--model", "default", "--qnet", "{tmp}/noqnet", "--method", "qlass:m=2", *ENV, "--out", "{tmp}/eq"],
     ["decisions", "cv-head", str(TESTS.parent / "docs" / "reference" / "guidance" / "decisions.jsonl"), "--model",
      NO_MODEL, "--out", "{tmp}/cvm"],
+    ["decisions", "report", "{dec}", "--out", "{tmp}/drm", "--qnet", "{tmp}/noqnet"],
 ], ids=["sft", "dpo", "train-qnet", "run", "eto", "run-eto", "train-qnet-head", "to-qdata", "cv-head folds",
         "policy option", "policy option range", "run split", "decisions before qnet", "sft no trajectories",
         "sft no tokenizer", "sft over its model", "dpo pair", "train-qnet target", "train-qnet not UTF-8",
         "train-qnet-head over its model", "qnet.json damaged", "qnet option misspelt", "decisions collect model",
-        "rft sampling model", "eval qnet folder", "cv-head model"])
+        "rft sampling model", "eval qnet folder", "cv-head model", "report qnet folder"])
 def test_config_mistakes_are_reported_before_torch_is_loaded(files: dict[str, str], argv: list[str]) -> None:
     """A mistake in a trainer's or the pipeline's options, in a trainer's data or model folder, or in the decisions
     a command reads or the QNet it loads after them, is found before torch and transformers are imported (3-6 s

@@ -20,10 +20,11 @@ def _load_qnet(path: Path, options: dict[str, Any]) -> Any:
     """The QNet at ``path`` with the ``--qnet-arg`` options, checked against :meth:`QNet.load`'s parameters; those
     and the folder's ``qnet.json`` are checked before torch is imported."""
     from ..config import check_call_options
-    from ..qnet_options import qnet_load_options, read_qnet_meta
+    from ..qnet_options import check_qnet_folder, qnet_load_options, read_qnet_meta
 
     options = check_call_options(qnet_load_options, options, "--qnet-arg", skip=("path",))
     read_qnet_meta(path)
+    check_qnet_folder(path)  # a missing folder before torch loads
     from ..qnet import QNet
 
     options.setdefault("cache_slots", 8)  # a task's decisions share their history prefixes
