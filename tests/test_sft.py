@@ -204,6 +204,7 @@ def test_cli_trains_and_rejects_unknown_option(tiny_model_dir, tmp_path: Path) -
     ok = subprocess.run(cmd + ["--out", str(tmp_path / "cli"), "--set", "micro_batch=1", "--set", "autocast=true"],
                         capture_output=True, text=True, check=False)  # bf16 mixed precision on the CPU
     assert ok.returncode == 0, ok.stderr
+    assert "Writing model shards" not in ok.stderr and "%|" not in ok.stderr  # no transformers progress bar
     steps = [m for m in _metrics(tmp_path / "cli") if "train_loss" in m]
     assert [m["step"] for m in steps] == [1, 2]  # 3 train trajectories in batches of 2: the last one short
     AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
