@@ -404,6 +404,9 @@ def test_paired_intervals_follow_the_compare_procedure() -> None:
     ref = bootstrap_interval(diffs, 10_000, 0)
     assert abs(low[0] - ref[0]) <= 0.03 and abs(high[0] - ref[1]) <= 0.03 and low[0] < sum(diffs) / 80 < high[0]
     assert (low[1], high[1]) == (0.25, 0.25)
+    spread = [rng.uniform(-1.0, 1.0) for _ in range(80)]  # no ties among the resampled means
+    low, high = _intervals(np.array([spread, [-d for d in spread]]), 10_000, 0)  # swapped sides: negated ends
+    assert (low[1], high[1]) == (-high[0], -low[0])
 
 
 def test_report_files_with_a_real_qnet(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -100,6 +100,21 @@ def test_paired_differences_use_common_tasks_and_a_seeded_bootstrap() -> None:
     assert row["ci_low"] == row["ci_high"] == row["mean_diff"] == 0.5 and row["wins"] == 5
 
 
+def test_swapping_method_and_baseline_negates_the_interval() -> None:
+    """B − A's interval is A − B's negated, at any level: the ends lie as many places from each end of
+    the sorted resampled means (the upper end was one place lower, so an interval read from the reversed
+    row, negated, could differ in its last digit from the row computed directly)."""
+    greedy = [0.03, 0.24, 0.8, 0.41, 0.17, 0.55, 0.7, 0.67]
+    qlass = [0.83, 0.67, 0.3, 0.59, 0.88, 0.85, 0.51, 0.59]
+    records = [rec("greedy", "greedy", f"t{i}", r, 10) for i, r in enumerate(greedy)] + \
+              [rec("qlass(m=2)", "qlass", f"t{i}", r, 10, {"m": 2}) for i, r in enumerate(qlass)]
+    for confidence in (0.95, 0.975, 0.9):
+        (ahead,) = paired_rows(records, baseline="greedy", confidence=confidence)
+        (behind,) = paired_rows(records, baseline="qlass(m=2)", confidence=confidence)
+        assert (behind["ci_low"], behind["ci_high"]) == (-ahead["ci_high"], -ahead["ci_low"]), confidence
+        assert ahead["ci_low"] < ahead["mean_diff"] < ahead["ci_high"]
+
+
 def test_paired_rows_pool_the_splits_of_an_environment() -> None:
     # the same task id in two splits is two tasks; a method seen on one split only gets no pooled row
     unseen = [{**r, "split": "unseen"} for r in RECORDS if r["method"] in ("greedy", "qlass(m=2)")]

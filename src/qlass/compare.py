@@ -52,14 +52,22 @@ def interval_cell(low: float | None, high: float | None) -> str:
     return "—" if low is None or high is None else f"[{points(low)}, {points(high)}]"
 
 
+def interval_positions(resamples: int, confidence: float) -> tuple[int, int]:
+    """Where a percentile interval's ends lie among ``resamples`` sorted resampled statistics: the lower
+    end at ⌊tail·(R − 1)⌋ (tail = (1 − confidence) / 2) and the upper end at its mirror image, as many
+    places from the top, so that the interval of B − A is that of A − B negated."""
+    low = int((1.0 - check_confidence(confidence)) / 2 * (resamples - 1))
+    return low, resamples - 1 - low
+
+
 def bootstrap_interval(diffs: Sequence[float], resamples: int, seed: int, confidence: float = 0.95
                        ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``diffs`` at level ``confidence``."""
-    tail = (1.0 - check_confidence(confidence)) / 2
+    low, high = interval_positions(resamples, confidence)
     rng = random.Random(seed)
     n = len(diffs)
     means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return means[int(tail * (resamples - 1))], means[int((1.0 - tail) * (resamples - 1))]
+    return means[low], means[high]
 
 
 def paired_interval(diffs: Sequence[float], resamples: int, seed: int, confidence: float

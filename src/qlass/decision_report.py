@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from .candidates import argmax, choose
-from .compare import TIE
+from .compare import TIE, interval_positions
 from .config import option
 from .config_fields import check_field_types, require_config, require_paths
 from .decision_files import check_pooled, greedy_rollouts, read_decisions
@@ -157,7 +157,8 @@ def _intervals(diffs: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray
         counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(_BLOCK, resamples - at))
         means.append(diffs @ counts.T / n)
     ordered = np.sort(np.concatenate(means, axis=1), axis=1)
-    return ordered[:, int(0.025 * (resamples - 1))], ordered[:, int(0.975 * (resamples - 1))]
+    low, high = interval_positions(resamples, 0.95)
+    return ordered[:, low], ordered[:, high]
 
 
 def _group_rows(scores: dict[str, np.ndarray], members: np.ndarray, cfg: ReportConfig) -> list[dict[str, Any]]:

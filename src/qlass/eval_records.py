@@ -109,8 +109,9 @@ QNET_SETTINGS = ("qnet", "qnet_files")
 """The QNet a run used: compared only among the runs that used one (a run of methods without a QNet
 records none, or the one an earlier run of its folder recorded)."""
 
-_BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n"}
-"""The option a method's label and budget point are read from (its first in the label)."""
+BUDGET_OPTIONS = {"qlass": "m", "best-of-n": "n", "reflexion": "trials"}
+"""The option a method's label and budget point are read from (its first in the label); its budget curve runs
+along it."""
 
 
 def _check_label(rec: dict[str, Any], path: str, line: int) -> None:
@@ -123,7 +124,7 @@ def _check_label(rec: dict[str, Any], path: str, line: int) -> None:
     rest = label[len(name):] if label.startswith(name) else "?"
     if rest[:1] not in ("", "(", "[", "#"):  # qlass(m=2), qlass(m=2)[oracle], sample#0 (RFT), eto (greedy)
         raise DataError(path, f"line {line}: field 'method' is {label!r}, not a label of method_name {name!r}")
-    option = _BUDGET_OPTIONS.get(name)
+    option = BUDGET_OPTIONS.get(name)
     if option is None:
         return
     value = rec["config"].get(option)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from .compare import confidence_label, interval_cell, md_cell, paired_interval, paired_rows, paired_table, points
 from .config_fields import require_names
 from .errors import QlassError
+from .eval_records import BUDGET_OPTIONS
 from .file_checks import check_output_file
 from .jsonl import write_bytes_atomic, write_text_atomic
 from .search import argmax
@@ -79,17 +80,13 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-_CURVE_OPTIONS = {"qlass": "m", "best-of-n": "n", "reflexion": "trials"}
-"""The option each method's budget curve runs along (left out of the curve's name)."""
-
-
 def budget_curve(record: dict[str, Any]) -> str:
     """The budget curve of a record: its method label without the option the curve runs along (and without
     best-of-n's default ``qnet`` selection): ``qlass(m=4,anchor=greedy)`` → ``qlass(anchor=greedy)``,
     ``qlass(m=2)[oracle]`` → ``qlass[oracle]``, ``best-of-n(n=4,qnet)`` → ``best-of-n``, ``greedy`` →
     ``greedy``."""
     label, name = record["method"], record["method_name"]
-    option = _CURVE_OPTIONS.get(name)
+    option = BUDGET_OPTIONS.get(name)  # left out of the curve's name
     head, sep, rest = label.partition("(")
     if option is None or not sep or head != name:
         return label + ("[oracle]" if record["oracle"] and "[oracle]" not in label else "")
