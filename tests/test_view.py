@@ -260,10 +260,13 @@ def test_a_run_folder_gives_each_records_file_its_own_results(tmp_path: Path) ->
     assert {row["avg_reward"] for row in stored} != {0.0}
 
 
-def test_bad_decisions_and_results_files_name_the_file_and_field(tmp_path: Path) -> None:
+def test_bad_decisions_and_results_files_name_the_file_and_field(tmp_path: Path, caplog) -> None:
     """A QNet decision with no action list (or values that do not match it) blanked the page with a
     script error while the command reported success; a results.md that is not UTF-8, a budget.csv row
-    with a missing cell or a non-finite value, and a results.json nested too deeply ended in tracebacks."""
+    with a missing cell or a non-finite value, and a results.json nested too deeply ended in tracebacks.
+    An unreadable results.json is left out with a warning naming it, as an unreadable records file is
+    (it stopped the whole page), and the folder's other files are shown; a decision candidate's action
+    that is not text is refused (the page's script took an object for one of its own elements)."""
     make_run(tmp_path)
     records = tmp_path / "eval" / "records.jsonl"
     good = records.read_text()
@@ -292,9 +295,19 @@ def test_bad_decisions_and_results_files_name_the_file_and_field(tmp_path: Path)
         with pytest.raises(QlassError, match=rf"budget\.csv: line 2: .*{why}"):
             load_view_data(tmp_path)
     bc.unlink()
-    (tmp_path / "eval" / "results.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(QlassError, match=r"results\.json: not a results file \(JSON nested too deeply\)"):
-        load_view_data(tmp_path)
+    for text, why in (("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"), ("", "not JSON")):
+        (tmp_path / "eval" / "results.json").write_text(text)
+        caplog.clear()
+        shown = load_view_data(tmp_path)
+        assert [r["markdown"] for r in shown["results"]] == ["# results\n"]  # the folder's results.md instead
+        assert f"results.json: not a qlass results file, left out ({why}" in caplog.text
+    decisions = tmp_path / "decisions" / "decisions.jsonl"
+    decs = [json.loads(line) for line in decisions.read_text().splitlines()]
+    decs[1]["candidates"][1]["action"] = {"nodeType": 1}
+    write_jsonl(decisions, decs)
+    with pytest.raises(QlassError, match=r"decisions\.jsonl, line 2 .*field 'candidates\[1\]\.action' must be null "
+                                         r"or a string"):
+        load_view_data(decisions)
 
 
 def test_a_damaged_gzipped_records_file_in_a_run_folder_is_named(tmp_path: Path,
@@ -651,6 +664,76 @@ def test_files_are_told_apart_by_the_start_of_their_first_line(tmp_path: Path) -
         result = qlass_view(str(path), "--out", str(page))
         assert result.returncode == 0, result.stderr
         assert "toy/big" in [t["tree_id"] for t in page_data(page)["trees"]]
+
+
+def test_a_decisions_file_with_a_long_first_history_is_still_told(tmp_path: Path) -> None:
+    """A decision writes its history (every observation) before its candidates: with a first history
+    over 1 MiB, the file named alone was refused as no qlass file, and in a run folder it was left out
+    without a word (the page said 0 decisions)."""
+    run = tmp_path / "run"
+    counts = make_run(run)
+    decisions = run / "decisions" / "decisions.jsonl"
+    decs = [json.loads(line) for line in decisions.read_text().splitlines()]
+    decs[0]["history"][-1]["content"] += " <div>product</div>" * 60_000  # about 1.1 MB
+    write_jsonl(decisions, decs)
+    assert detect_kind(decisions) == "decisions"
+    assert len(load_view_data(decisions)["decisions"]) == counts["decisions"]
+    assert len(load_view_data(run)["decisions"]) == counts["decisions"]
+
+
+def test_files_deep_in_a_run_folder_are_found_and_deeper_folders_named(tmp_path: Path, caplog) -> None:
+    """Only three folders below the one viewed were looked into, and what lay deeper was left out without
+    a word (runs/2024/NAME/rft/eval/records.jsonl from runs/); six are now, and a folder below that is
+    named in a warning."""
+    root = tmp_path / "runs"
+    make_run(root / "2024" / "name" / "rft")
+    deep = root / "a" / "b" / "c" / "d" / "e" / "f" / "g"
+    write_jsonl(deep / "trees.jsonl", [make_tree("toy/deep", 5).to_dict()])
+    data = load_view_data(root)
+    assert "2024/name/rft/eval/records.jsonl" in data["files"] and len(data["episodes"]) == 6
+    assert "toy/deep" not in [t["tree_id"] for t in data["trees"]]
+    assert f"not looking more than 6 folders deep: 1 folder(s) left out, e.g. {deep}" in caplog.text
+
+
+def test_json_nested_too_deeply_to_show_names_its_file(tmp_path: Path) -> None:
+    """A results.json row nested 500 deep passed the JSON reader (about 990 levels) and ended in a
+    RecursionError traceback while the page's data was made."""
+    make_run(tmp_path)
+    results = tmp_path / "eval" / "results.json"
+    data = json.loads(results.read_text())
+    data["rows"][0]["x"] = json.loads("[" * 500 + "]" * 500)
+    results.write_text(json.dumps(data))
+    result = qlass_view(str(tmp_path), "--out", str(tmp_path / "v.html"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path / 'eval'}: a record's JSON is nested too deeply to show" in result.stderr
+
+
+def test_a_tree_missing_some_q_values_keeps_the_recorded_ones(tmp_path: Path) -> None:
+    """One node without a Q value had every Q value of its tree replaced by the viewer's own backup;
+    now only that node's is backed up, and the summary counts it."""
+    tree = make_tree("toy/t0", 12)
+    for n in tree.nodes[1:]:
+        n.q = 0.123
+    tree.nodes[5].q = None
+    write_jsonl(tmp_path / "trees.jsonl", [tree.to_dict()])
+    (shown,) = load_view_data(tmp_path / "trees.jsonl")["trees"]
+    qs = {n["id"]: n["q"] for n in shown["nodes"][1:]}
+    assert {q for i, q in qs.items() if i != 5} == {0.123} and qs[5] is not None and qs[5] != 0.123
+    assert shown["summary"]["q_computed"] == 1
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_a_results_cell_that_is_an_object_is_not_taken_for_an_element(tmp_path: Path) -> None:
+    """The page's table code took any object with a nodeType for one of its own elements: a
+    hand-edited results.json cell {"nodeType": 1} stopped the script (no page drawn)."""
+    make_run(tmp_path / "run")
+    results = tmp_path / "run" / "eval" / "results.json"
+    data = json.loads(results.read_text())
+    data["rows"][0]["method"] = {"nodeType": 1}
+    results.write_text(json.dumps(data))
+    page = write_view(tmp_path / "run", tmp_path / "view.html")
+    dump(page, tmp_path, "#tab=results")  # asserts that the script finished
 
 
 def test_a_pipe_or_device_is_refused_never_opened(tmp_path: Path) -> None:

@@ -217,6 +217,7 @@ def check_decision(path: Path, line: int, rec: Any) -> None:
                             line=line, record_id=rid)
         for name, ok, expected in (
                 ("output", isinstance(c.get("output"), str), "a string"),
+                ("action", c.get("action") is None or isinstance(c["action"], str), "null or a string"),
                 ("mean", _number(c.get("mean"), *REWARDS), "a number in [0, 1]"),
                 ("std", c.get("std") is None or _number(c.get("std"), 0.0, 0.5 + REWARD_SLACK),
                  "null or a number in [0, 0.5] (the spread of rewards in [0, 1])"),

@@ -50,15 +50,15 @@ def _label(path: Path, base: Path) -> str:
 
 
 def tree_view(tree: Tree, raw: dict[str, Any], file: str = "") -> dict[str, Any]:
-    """The page's record of one tree of ``file`` (its label): its nodes (Q backed up where the file has
-    none) and summary."""
-    qs = [n.q for n in tree.nodes[1:]]
-    computed = bool(qs) and any(q is None for q in qs)
-    if computed:
+    """The page's record of one tree of ``file`` (its label): its nodes (Q backed up for the nodes the file
+    gives none; the summary's ``q_computed`` counts them) and summary."""
+    missing = [n for n in tree.nodes[1:] if n.q is None]
+    if missing:
         gamma = float(tree.config.get("gamma", BackupConfig.gamma))
         backed = compute_q(tree, BackupConfig(gamma=gamma))
-        for n in tree.nodes:
+        for n in missing:
             n.q = backed.get(n.id)
+    computed = len(missing)
     nodes = []
     for n, rn in zip(tree.nodes, raw["nodes"]):
         nodes.append({
@@ -205,15 +205,17 @@ def results_view(folder: Path, name: str, records: list[Path], summary: bool = T
     if summary and rj.is_file():
         try:
             data = loads(rj.read_text(encoding="utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError, JSONContentError) as exc:
-            raise QlassError(f"{rj}: not JSON ({exc})") from None
-        except RecursionError:
-            raise QlassError(f"{rj}: not a results file (JSON nested too deeply)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, JSONContentError, RecursionError) as exc:
+            # as an unreadable .jsonl: left out with a word, the folder's other files still shown
+            data = None
+            log.warning("%s: not a qlass results file, left out (%s)", rj,
+                        "JSON nested too deeply" if isinstance(exc, RecursionError) else f"not JSON: {exc}")
         if isinstance(data, dict) and isinstance(data.get("rows"), list):
             check_results(data, rj)
             return {"name": name, "rows": data["rows"], "paired": data.get("paired") or [],
                     "budget": data.get("budget") or [], "markdown": None}
-        log.warning("%s: no 'rows' list; not a qlass results file", rj)
+        elif data is not None:
+            log.warning("%s: no 'rows' list; not a qlass results file", rj)
     md, bc = folder / "results.md", folder / "budget.csv"
     if summary and (md.is_file() or bc.is_file()):
         return {"name": name, "rows": [], "paired": [], "budget": _budget_csv(bc) if bc.is_file() else [],
@@ -233,6 +235,15 @@ def results_view(folder: Path, name: str, records: list[Path], summary: bool = T
                     "(qlass report --all-tasks)", ", ".join(map(str, records)))
     return {"name": name, "rows": summarise(recs), "paired": paired_rows(recs), "budget": budget_points(recs),
             "markdown": None}
+
+
+def _shown(views: Any, path: Path) -> Any:
+    """:func:`_finite` of the page records read from ``path``; JSON nested deeper than the page can carry
+    (the reader allows about 990 levels) is refused naming the file."""
+    try:
+        return _finite(views)
+    except RecursionError:
+        raise DataError(str(path), "a record's JSON is nested too deeply to show") from None
 
 
 def _finite(x: Any) -> Any:
@@ -259,11 +270,11 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
                             "source": str(p), "kind": kind, "trees": [], "episodes": [], "decisions": [],
                             "results": [], "files": []}
     for f in found["trees"]:
-        data["trees"] += read_tree_views(f, _label(f, base))
+        data["trees"] += _shown(read_tree_views(f, _label(f, base)), f)
     for f in found["records"]:
-        data["episodes"] += read_episode_views(f, _label(f, base))
+        data["episodes"] += _shown(read_episode_views(f, _label(f, base)), f)
     for f in found["decisions"]:
-        data["decisions"] += read_decision_views(f, _label(f, base))
+        data["decisions"] += _shown(read_decision_views(f, _label(f, base)), f)
     if kind == "run" or kind == "records":
         folders = sorted({f.parent for f in found["records"]} | {f.parent for f in found["results"]})
         for folder in folders:
@@ -280,11 +291,11 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
                     results_view(folder, _label(f, base), [f], summary=False) for f in others]
             else:
                 sets = [results_view(folder, name, recs)]
-            data["results"] += [res for res in sets if res]
+            data["results"] += [_shown(res, folder) for res in sets if res]
     data["files"] = [_label(f, base) for k in KINDS for f in found[k]]
     if not (data["trees"] or data["episodes"] or data["decisions"] or data["results"]):
         raise QlassError(f"{p}: found no trees, evaluation records, decisions or results to show")
-    return _finite(data)
+    return _finite(data)  # the title and file names
 
 
 # -- the page ---------------------------------------------------------------------------------

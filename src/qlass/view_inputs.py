@@ -1,7 +1,7 @@
-"""What ``qlass view`` reads: :func:`detect_kind` tells a trees, records or decisions file apart by
-(at most :data:`SNIFF_BYTES` of) its first record, refusing anything else — a named pipe or device
-included, as reading one could block for ever; :func:`find_inputs` collects such files under a run
-folder, links followed once each.
+"""What ``qlass view`` reads: :func:`detect_kind` tells a trees, records or decisions file apart by its
+first record (:data:`SNIFF_BYTES` of it, where that tells), refusing anything else — a named pipe or
+device included, as reading one could block for ever; :func:`find_inputs` collects such files under a
+run folder, links followed once each.
 """
 
 from __future__ import annotations
@@ -23,25 +23,29 @@ from .jsonl import GZIP_MAGIC
 log = logging.getLogger(__name__)
 
 KINDS = ("trees", "records", "decisions")
-MAX_SCAN_DEPTH = 3
-"""How deep below a run folder :func:`find_inputs` looks for input files."""
+MAX_SCAN_DEPTH = 6
+"""How many folders deep below a run folder :func:`find_inputs` looks for input files (a folder below that
+is named in a warning)."""
 SNIFF_BYTES = 1 << 20
 """How much of a file's first line :func:`_first_fields` reads to tell what the file is."""
+LONG_LEADING = frozenset({"prefix", "history"})
+"""Fields qlass writes before the ones that tell a trees or decisions file (``nodes``, ``candidates``), and
+that can be long: a first line cut inside one is read whole."""
 
 
-def first_line(path: Path) -> tuple[bytes, bool] | None:
+def first_line(path: Path, size: int = SNIFF_BYTES) -> tuple[bytes, bool] | None:
     """The first non-blank line of ``path`` (decompressed where gzip-compressed, without a byte order mark),
-    at most :data:`SNIFF_BYTES` of it, and whether that is the whole line; None when the file has none."""
+    at most ``size`` bytes of it (-1: all), and whether that is the whole line; None when the file has none."""
     with open(path, "rb") as raw:
         compressed = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
         with gzip.GzipFile(fileobj=raw) if compressed else contextlib.nullcontext(raw) as fh:
             if fh.read(3) != codecs.BOM_UTF8:
                 fh.seek(0)
-            line = fh.readline(SNIFF_BYTES)
+            line = fh.readline(size)
             while line and not line.strip():
-                line = fh.readline(SNIFF_BYTES)
-    return (line, line.endswith(b"\n") or len(line) < SNIFF_BYTES) if line else None
+                line = fh.readline(size)
+    return (line, size < 0 or line.endswith(b"\n") or len(line) < size) if line else None
 
 
 def _leading_fields(text: str) -> set[str] | None:
@@ -68,8 +72,9 @@ def _leading_fields(text: str) -> set[str] | None:
 
 def _first_fields(path: Path) -> set[str] | None:
     """The fields of the first record of a JSON Lines file, gzip-compressed or not (None when the file has
-    no record). Only :data:`SNIFF_BYTES` of the first line are read: of a longer one, the fields that
-    begin within them (qlass writes the fields that tell a file's kind before the long ones)."""
+    no record). :data:`SNIFF_BYTES` of the first line are read: of a longer one that begins a JSON object,
+    the fields that begin within them; where those do not tell the file's kind and a long field qlass
+    writes early (:data:`LONG_LEADING`, such as a decision's history) is among them, the whole line."""
     try:
         first = first_line(path)
         if first is None:
@@ -80,7 +85,9 @@ def _first_fields(path: Path) -> set[str] | None:
             if fields is None:
                 raise QlassError(f"{path}: the first line is longer than {SNIFF_BYTES >> 20} MiB and does not "
                                  "begin a JSON object; not JSON Lines")
-            return fields
+            if _kind_of(fields) or not fields & LONG_LEADING:
+                return fields
+            line = first_line(path, -1)[0]  # type: ignore[index]  # the file has a first line: read above
         rec = json.loads(line.decode("utf-8"), parse_int=len)  # the fields tell; a bad number is the reader's
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, EOFError, zlib.error) as exc:
         raise QlassError(f"{path}: not JSON Lines ({exc})") from None
@@ -130,7 +137,7 @@ def _walk(root: Path) -> list[Path]:
     out), in path order. Links are followed, but each folder is read and each file listed once, where it is
     nearest ``root`` (a link to a parent folder would loop)."""
     top = _identity(root)
-    seen, found, level = {top[1]} if top else set(), [], [root]
+    seen, found, level, deeper = {top[1]} if top else set(), [], [root], []
     for depth in range(MAX_SCAN_DEPTH + 1):
         below = []
         for folder in level:
@@ -143,11 +150,14 @@ def _walk(root: Path) -> list[Path]:
                 if e.name.startswith(".") or ident is None or ident[1] in seen:
                     continue
                 seen.add(ident[1])
-                if stat.S_ISDIR(ident[0]) and depth < MAX_SCAN_DEPTH:
-                    below.append(e)
+                if stat.S_ISDIR(ident[0]):
+                    (below if depth < MAX_SCAN_DEPTH else deeper).append(e)
                 elif stat.S_ISREG(ident[0]):
                     found.append(e)
         level = below
+    if deeper:
+        log.warning("%s: not looking more than %d folders deep: %d folder(s) left out, e.g. %s (view a folder "
+                    "nearer the files)", root, MAX_SCAN_DEPTH, len(deeper), deeper[0])
     return sorted(found, key=lambda p: p.parts)
 
 

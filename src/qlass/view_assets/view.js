@@ -74,7 +74,7 @@
     rows.forEach(function (row, i) {
       var r = h("tr", rowClass ? rowClass(i) : "");
       row.forEach(function (c) {
-        if (c && typeof c === "object" && c.nodeType) { r.appendChild(add(h("td"), c)); return; }
+        if (c instanceof Node) { r.appendChild(add(h("td"), c)); return; }
         var isN = c && typeof c === "object" && "n" in c;
         var td = h("td", isN ? "num" + (c.cls ? " " + c.cls : "") : "", isN ? c.n : c);
         r.appendChild(td);
@@ -295,7 +295,7 @@
           s.contrast_pairs ? "warn" : ""), chip(plural(s.env_steps, "env step")), chip(plural(s.tokens, "token")),
         chip("depth " + s.max_depth), chip("best reward " + num(s.best_reward, 2), s.best_reward >= 1 - 1e-9 ? "good" : ""),
         s.pruned ? chip(s.pruned + " pruned", "bad") : null, s.merged ? chip(s.merged + " merged") : null,
-        s.stopped_by ? chip("stopped by " + s.stopped_by) : null, s.q_computed ? chip("Q backed up here") : null);
+        s.stopped_by ? chip("stopped by " + s.stopped_by) : null, s.q_computed ? chip("Q backed up here" + (s.q_computed < s.nodes - 1 ? " for " + s.q_computed + " nodes" : "")) : null);
       var body = h("div", "body");
       body.hidden = true;
       add(sec, head, body);
