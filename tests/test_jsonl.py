@@ -217,7 +217,9 @@ def test_readers_still_on_plain_json_refuse_5000_digits_without_a_traceback(tmp_
     ev.mkdir()
     (ev / "results.json").write_text('{"rows": [], "n": ' + huge + '}\n')
     res = CliRunner().invoke(app, ["view", str(ev), "--out", str(tmp_path / "v.html")])
-    assert "results.json: not JSON (field 'n' holds an integer of 5000 digits" in str(res.exception), res.output
+    assert "found no trees, evaluation records, decisions or results" in str(res.exception), res.output
+    assert "results.json: not a qlass results file, left out (not JSON: field 'n' holds an integer of 5000 digits" \
+        in res.output, res.output
     games = tmp_path / "games"
     games.mkdir()
     (games / "mappings_train.json").write_text('[{"task_type": "pick", "task_id": "t", "n": ' + huge + '}]')

@@ -7,6 +7,7 @@ results files) and decision states through :func:`qlass.decisions.decision_recor
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import json
 import math
@@ -679,6 +680,17 @@ def test_a_decisions_file_with_a_long_first_history_is_still_told(tmp_path: Path
     assert detect_kind(decisions) == "decisions"
     assert len(load_view_data(decisions)["decisions"]) == counts["decisions"]
     assert len(load_view_data(run)["decisions"]) == counts["decisions"]
+    # an unrelated file that begins alike is read no further than 64 MiB (a small gzip file held 150 MiB)
+    chat = run / "chat.jsonl.gz"
+    with gzip.open(chat, "wb") as fh:
+        fh.write(b'{"history": "')
+        for _ in range(80):
+            fh.write(b"x" * (1 << 20))
+        fh.write(b'", "other": 1}\n')
+    with pytest.raises(QlassError, match=r"chat\.jsonl\.gz: the first record is longer than 64 MiB before the "
+                                         r"fields that tell its kind"):
+        detect_kind(chat)
+    assert len(load_view_data(run)["decisions"]) == counts["decisions"]
 
 
 def test_files_deep_in_a_run_folder_are_found_and_deeper_folders_named(tmp_path: Path, caplog) -> None:
@@ -696,30 +708,50 @@ def test_files_deep_in_a_run_folder_are_found_and_deeper_folders_named(tmp_path:
 
 
 def test_json_nested_too_deeply_to_show_names_its_file(tmp_path: Path) -> None:
-    """A results.json row nested 500 deep passed the JSON reader (about 990 levels) and ended in a
-    RecursionError traceback while the page's data was made."""
+    """JSON nested 500 deep passed the JSON reader (about 990 levels) and ended in a RecursionError traceback
+    while the page's data was made: now a records file's is refused naming it, and a results.json's is
+    left out with a warning, as an unreadable one is (at every depth: 488 once slipped past the first check
+    into a last walk over the whole page)."""
     make_run(tmp_path)
+    best = make_episode("best-of-n", {"n": 2}, TASKS[0], [0.0, 0.5])
+    deep = json.loads("[" * 600 + "]" * 600)
+    best["candidates"] = [{"reward": 0.0, "score": -0.5, "completion_tokens": 9, "x": deep},
+                          {"reward": 0.5, "score": -0.2, "completion_tokens": 9}]
+    records = tmp_path / "bon" / "records.jsonl"
+    write_jsonl(records, [best])
+    result = qlass_view(str(records), "--out", str(tmp_path / "v.html"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{records}: a record's JSON is nested too deeply to show" in result.stderr
+    records.unlink()
     results = tmp_path / "eval" / "results.json"
     data = json.loads(results.read_text())
-    data["rows"][0]["x"] = json.loads("[" * 500 + "]" * 500)
-    results.write_text(json.dumps(data))
-    result = qlass_view(str(tmp_path), "--out", str(tmp_path / "v.html"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert f"{tmp_path / 'eval'}: a record's JSON is nested too deeply to show" in result.stderr
+    for depth in (488, 600):
+        data["rows"][0]["x"] = json.loads("[" * depth + "]" * depth)
+        results.write_text(json.dumps(data))
+        result = qlass_view(str(tmp_path), "--out", str(tmp_path / "v.html"))
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (depth, result.stderr)
+        assert "results.json: not a qlass results file, left out (JSON nested too deeply)" in result.stderr
 
 
 def test_a_tree_missing_some_q_values_keeps_the_recorded_ones(tmp_path: Path) -> None:
-    """One node without a Q value had every Q value of its tree replaced by the viewer's own backup;
-    now only that node's is backed up, and the summary counts it."""
+    """One node without a Q value had every Q value of its tree replaced by the viewer's own backup. The
+    recorded ones are kept and the node without one shows none (a value backed up from the rewards beside
+    them could contradict them: Q 0.36 over a child recorded at 0.123); a tree with none is backed up."""
     tree = make_tree("toy/t0", 12)
     for n in tree.nodes[1:]:
         n.q = 0.123
     tree.nodes[5].q = None
-    write_jsonl(tmp_path / "trees.jsonl", [tree.to_dict()])
-    (shown,) = load_view_data(tmp_path / "trees.jsonl")["trees"]
-    qs = {n["id"]: n["q"] for n in shown["nodes"][1:]}
-    assert {q for i, q in qs.items() if i != 5} == {0.123} and qs[5] is not None and qs[5] != 0.123
-    assert shown["summary"]["q_computed"] == 1
+    bare = make_tree("toy/t1", 12)
+    backed = [n.q for n in bare.nodes]
+    for n in bare.nodes:
+        n.q = None
+    write_jsonl(tmp_path / "trees.jsonl", [tree.to_dict(), bare.to_dict()])
+    some, none = load_view_data(tmp_path / "trees.jsonl")["trees"]
+    qs = {n["id"]: n["q"] for n in some["nodes"][1:]}
+    assert {q for i, q in qs.items() if i != 5} == {0.123} and qs[5] is None
+    assert (some["summary"]["q_computed"], some["summary"]["q_missing"]) == (False, 1)
+    assert [n["q"] for n in none["nodes"]] == backed
+    assert (none["summary"]["q_computed"], none["summary"]["q_missing"]) == (True, 0)
 
 
 @pytest.mark.slow

@@ -50,15 +50,16 @@ def _label(path: Path, base: Path) -> str:
 
 
 def tree_view(tree: Tree, raw: dict[str, Any], file: str = "") -> dict[str, Any]:
-    """The page's record of one tree of ``file`` (its label): its nodes (Q backed up for the nodes the file
-    gives none; the summary's ``q_computed`` counts them) and summary."""
-    missing = [n for n in tree.nodes[1:] if n.q is None]
-    if missing:
+    """The page's record of one tree of ``file`` (its label): its nodes and summary. A tree with no Q value
+    gets them backed up here (``q_computed``); one with some keeps them, and the nodes without one show
+    none (``q_missing``): a value backed up from rewards beside recorded ones could contradict them."""
+    missing = sum(n.q is None for n in tree.nodes[1:])
+    computed = bool(missing) and missing == len(tree.nodes) - 1
+    if computed:
         gamma = float(tree.config.get("gamma", BackupConfig.gamma))
         backed = compute_q(tree, BackupConfig(gamma=gamma))
-        for n in missing:
+        for n in tree.nodes:
             n.q = backed.get(n.id)
-    computed = len(missing)
     nodes = []
     for n, rn in zip(tree.nodes, raw["nodes"]):
         nodes.append({
@@ -81,7 +82,7 @@ def tree_view(tree: Tree, raw: dict[str, Any], file: str = "") -> dict[str, Any]
         "leaves": len(tree.nodes) - len({n.parent for n in tree.nodes[1:]}),
         "best_reward": max(n.reward for n in tree.nodes),
         "pruned": sum(n.pruned for n in tree.nodes), "merged": int(stats.get("merged", 0)),
-        "stopped_by": stats.get("stopped_by"), "q_computed": computed,
+        "stopped_by": stats.get("stopped_by"), "q_computed": computed, "q_missing": 0 if computed else missing,
     }
     return {"tree_id": tree.tree_id, "task": tree.task, "env": tree.env, "split": tree.split,
             "task_type": tree.task_type, "file": file, "summary": summary, "nodes": nodes}
@@ -204,7 +205,7 @@ def results_view(folder: Path, name: str, records: list[Path], summary: bool = T
     rj = folder / "results.json"
     if summary and rj.is_file():
         try:
-            data = loads(rj.read_text(encoding="utf-8-sig"))
+            data = _finite(loads(rj.read_text(encoding="utf-8-sig")))
         except (json.JSONDecodeError, UnicodeDecodeError, JSONContentError, RecursionError) as exc:
             # as an unreadable .jsonl: left out with a word, the folder's other files still shown
             data = None
@@ -295,7 +296,7 @@ def load_view_data(path: str | os.PathLike, title: str | None = None) -> dict[st
     data["files"] = [_label(f, base) for k in KINDS for f in found[k]]
     if not (data["trees"] or data["episodes"] or data["decisions"] or data["results"]):
         raise QlassError(f"{p}: found no trees, evaluation records, decisions or results to show")
-    return _finite(data)  # the title and file names
+    return data  # every file's records went through _shown; the title and file names are text
 
 
 # -- the page ---------------------------------------------------------------------------------

@@ -30,12 +30,14 @@ SNIFF_BYTES = 1 << 20
 """How much of a file's first line :func:`_first_fields` reads to tell what the file is."""
 LONG_LEADING = frozenset({"prefix", "history"})
 """Fields qlass writes before the ones that tell a trees or decisions file (``nodes``, ``candidates``), and
-that can be long: a first line cut inside one is read whole."""
+that can be long: a first line cut inside one is read further, up to :data:`LINE_BYTES`."""
+LINE_BYTES = 64 << 20
+"""The longest first line :func:`_first_fields` reads whole to tell a file's kind."""
 
 
 def first_line(path: Path, size: int = SNIFF_BYTES) -> tuple[bytes, bool] | None:
     """The first non-blank line of ``path`` (decompressed where gzip-compressed, without a byte order mark),
-    at most ``size`` bytes of it (-1: all), and whether that is the whole line; None when the file has none."""
+    at most ``size`` bytes of it, and whether that is the whole line; None when the file has none."""
     with open(path, "rb") as raw:
         compressed = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
@@ -45,7 +47,7 @@ def first_line(path: Path, size: int = SNIFF_BYTES) -> tuple[bytes, bool] | None
             line = fh.readline(size)
             while line and not line.strip():
                 line = fh.readline(size)
-    return (line, size < 0 or line.endswith(b"\n") or len(line) < size) if line else None
+    return (line, line.endswith(b"\n") or len(line) < size) if line else None
 
 
 def _leading_fields(text: str) -> set[str] | None:
@@ -74,7 +76,8 @@ def _first_fields(path: Path) -> set[str] | None:
     """The fields of the first record of a JSON Lines file, gzip-compressed or not (None when the file has
     no record). :data:`SNIFF_BYTES` of the first line are read: of a longer one that begins a JSON object,
     the fields that begin within them; where those do not tell the file's kind and a long field qlass
-    writes early (:data:`LONG_LEADING`, such as a decision's history) is among them, the whole line."""
+    writes early (:data:`LONG_LEADING`, such as a decision's history) is among them, the whole line, up
+    to :data:`LINE_BYTES` (a longer one is refused)."""
     try:
         first = first_line(path)
         if first is None:
@@ -87,7 +90,10 @@ def _first_fields(path: Path) -> set[str] | None:
                                  "begin a JSON object; not JSON Lines")
             if _kind_of(fields) or not fields & LONG_LEADING:
                 return fields
-            line = first_line(path, -1)[0]  # type: ignore[index]  # the file has a first line: read above
+            line, whole = first_line(path, LINE_BYTES)  # type: ignore[misc]  # the file has a first line
+            if not whole:
+                raise QlassError(f"{path}: the first record is longer than {LINE_BYTES >> 20} MiB before the "
+                                 "fields that tell its kind; not read")
         rec = json.loads(line.decode("utf-8"), parse_int=len)  # the fields tell; a bad number is the reader's
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, EOFError, zlib.error) as exc:
         raise QlassError(f"{path}: not JSON Lines ({exc})") from None
