@@ -10,7 +10,7 @@ import pytest
 from toy_envs import Corridor
 
 from qlass import report
-from qlass.compare import bootstrap_interval, paired_rows
+from qlass.compare import bootstrap_interval, interval_positions, paired_rows
 from qlass.errors import QlassError
 from qlass.eval_worker import EvalWorker, MethodRun
 from qlass.report import budget_points
@@ -142,6 +142,9 @@ def test_bootstrap_interval_is_the_percentile_interval_of_its_resampled_means() 
     # as many resampled means left out below the interval as above it: 49 of the 2,000 each (⌊0.025 · 1999⌋)
     assert bootstrap_interval(diffs, 2000, 3) == pytest.approx((means[49], means[1950]), abs=1e-12)
     assert bootstrap_interval(diffs, 2000, 3) == bootstrap_interval(diffs, 2000, 3)  # seeded
+    # ⌊tail · (R − 1)⌋ as written, not as floats round it ((1 − 0.9) / 2 · 100 is 4.999…)
+    assert [interval_positions(r, c) for r, c in ((101, 0.9), (10_000, 0.95), (10_000, 0.975), (2000, 0.95))] == \
+        [(5, 95), (249, 9750), (124, 9875), (49, 1950)]
 
 
 def test_paired_rows_pool_splits_task_by_task_and_count_ties() -> None:

@@ -56,7 +56,7 @@ def interval_positions(resamples: int, confidence: float) -> tuple[int, int]:
     """Where a percentile interval's ends lie among ``resamples`` sorted resampled statistics: the lower
     end at ⌊tail·(R − 1)⌋ (tail = (1 − confidence) / 2) and the upper end at its mirror image, as many
     places from the top, so that the interval of B − A is that of A − B negated."""
-    low = int((1.0 - check_confidence(confidence)) / 2 * (resamples - 1))
+    low = int((1.0 - check_confidence(confidence)) / 2 * (resamples - 1) + 1e-9)  # 0.05 · 100 is 4.999… in floats
     return low, resamples - 1 - low
 
 
