@@ -43,10 +43,6 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     from rich.console import Console
     from rich.logging import RichHandler
 
-    # transformers' own bars (a "Writing model shards" bar at every checkpoint and model save) are off in the
-    # command's processes, before transformers is imported: qlass shows progress its own way, and in a log file
-    # each bar was a line of carriage returns. HF_HUB_DISABLE_PROGRESS_BARS=0 in the environment keeps them.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if sys.stderr.isatty():
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
@@ -102,6 +98,10 @@ def main() -> None:
     """Entry point: run the app, turning :class:`QlassError`, usage errors and failed file operations
     into a clear message (no traceback; ``-v`` logs it) and a non-zero exit code."""
     interrupt.install()
+    # transformers' own bars (a "Writing model shards" bar at every checkpoint and model save) are off in the
+    # command's process and those it starts, before transformers is imported: qlass shows progress its own way,
+    # and in a log file each bar was a line of carriage returns. HF_HUB_DISABLE_PROGRESS_BARS=0 keeps them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         code = app(standalone_mode=False)
     except QlassError as exc:
