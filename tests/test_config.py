@@ -549,6 +549,22 @@ def test_pipeline_with_sft_model_needs_the_retrained_agents_expert_data_before_a
     assert not (run / "trees.jsonl").exists()
 
 
+@pytest.mark.parametrize("section", ["rft", "eto", "self_train"])
+def test_retrained_agents_need_a_greedy_method_whose_settings_they_are_evaluated_with(section: str) -> None:
+    """The RFT, ETO and self-trained agents are evaluated greedily with the settings of eval.methods' greedy
+    entry; with none, they were evaluated with greedy's defaults (max_new_tokens 128) beside methods run at
+    another limit, in one table. Such a config is refused before any work."""
+    from qlass.pipeline_config import resolve
+
+    data = {"run_dir": "r", "env": "toy_envs:Corridor", section: {},
+            "eval": {"methods": ["qlass:m=2,max_new_tokens=48", "best-of-n:n=2,max_new_tokens=48"]}}
+    with pytest.raises(QlassError, match=rf"p\.yaml: the {section} agents are evaluated with eval\.methods' greedy "
+                                         r"settings, and they list no greedy method"):
+        resolve(data, "p.yaml")
+    data["eval"]["methods"].append("greedy:max_new_tokens=48")
+    assert resolve(data, "p.yaml").eval_methods()[-1] == ("greedy", {"max_new_tokens": 48})
+
+
 def test_pipeline_refuses_changed_evaluation_methods_before_rewriting_its_config(tiny_model_dir: Path,
                                                                                  tmp_path: Path) -> None:
     """A rerun whose eval.max_steps the evaluation's records refuse was refused at stage 4, after config.yaml was

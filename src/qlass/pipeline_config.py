@@ -217,6 +217,11 @@ def resolve(data: dict[str, Any], source: str, recorded: bool = False) -> Resolv
     r.rft = retrain_section(cfg, "rft", source)
     r.self_train = retrain_section(cfg, "self_train", source)
     r.eto = eto_section(cfg, source)
+    retrained = [name for name in ("rft", "self_train", "eto") if getattr(r, name) is not None]
+    if retrained and not any(name == "greedy" for name, _ in r.eval_methods()):  # its settings are theirs
+        raise QlassError(f"{source}: the {', '.join(retrained)} agents are evaluated with eval.methods' greedy "
+                         "settings, and they list no greedy method; add one (e.g. greedy:max_new_tokens=N, as "
+                         "the other methods)")
     try:  # imports the environment's module (not its simulator): an unknown option fails here, not mid-run
         check_env_options(cfg.env, cfg.env_args)
     except QlassError as exc:

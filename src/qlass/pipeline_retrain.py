@@ -218,8 +218,7 @@ def retrained_agents(r: Resolved, sft_dir: Path, config_path: str | Path) -> lis
             agent, _, _ = self_train(run / "trees.jsonl", expert_data(r, config_path, "self_train"), start, out,
                                      reward, r.self_train.sft, r.self_train.select)
             agents.append((f"self-train[{reward}]", agent, out / "eval"))
-    greedy = next(((n, o) for n, o in r.eval_methods() if n == "greedy"),
-                  ("greedy", {} if r.eval.max_steps is None else {"max_steps": r.eval.max_steps}))
+    greedy = next((n, o) for n, o in r.eval_methods() if n == "greedy")  # resolve() requires one
     for label, agent, out in agents:
         log.info("evaluating the %s agent greedily → %s", label, out)
         run_evaluation(model=str(agent), env_spec=cfg.env, splits=r.eval.splits, methods=[greedy], out_dir=out,
