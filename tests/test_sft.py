@@ -320,6 +320,26 @@ def test_an_added_option_at_its_default_keeps_earlier_runs_hash() -> None:
     assert config_hash(SFTConfig(epochs=2, threads=1, report_to="tensorboard")) == "c26dbbe2895a"
     assert config_hash(SFTConfig(lora=True, lr=1e-4, autocast=True, max_trajectories=4)) == "8b47d86abb6f"
     assert config_hash(SFTConfig(epochs=2, threads=1, max_trajectories=4)) != "c26dbbe2895a"
+    assert config_hash(SFTConfig(epochs=2, threads=1, scheduler="cosine")) == "c26dbbe2895a"  # added, at default
+    assert config_hash(SFTConfig(epochs=2, threads=1, scheduler="constant")) != "c26dbbe2895a"
+
+
+def test_the_scheduler_sets_the_learning_rate_after_the_warmup(tiny_model_dir, tmp_path: Path) -> None:
+    """Every trainer decayed its learning rate by a cosine; ETO's script runs DPO at a constant one after
+    its warmup, which ``scheduler: constant`` now gives (``linear`` decays it linearly); another name is
+    refused."""
+    data = write_data(tmp_path / "data.json", n=8)
+    lrs = {}
+    for scheduler in ("constant", "cosine"):
+        cfg = SFTConfig(epochs=2, lr=1e-3, batch_size=2, micro_batch=2, val_fraction=0.0, threads=1,
+                        warmup_ratio=0.0, scheduler=scheduler)
+        out = train_sft(data, tiny_model_dir, tmp_path / scheduler, cfg)
+        lrs[scheduler] = [m["lr"] for m in _metrics(out) if "lr" in m]
+    assert len(lrs["constant"]) == 8 and set(lrs["constant"]) == {1e-3}
+    cosine = lrs["cosine"]
+    assert cosine[0] == 1e-3 and cosine == sorted(cosine, reverse=True) and cosine[-1] < 1e-4
+    with pytest.raises(ValueError, match="scheduler must be one of cosine, linear, constant, got 'step'"):
+        SFTConfig(scheduler="step")
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -15,6 +15,8 @@ RANKS = ("q", "advantage", "dueling")
 """What a QNet ranks candidates by (see :mod:`qlass.qnet_loss`)."""
 
 
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+"""A trainer's ``scheduler`` option and the transformers schedule it names (each after ``warmup_ratio``)."""
 TRAINER_DEVICES = ("auto", "cpu", "cuda")
 """The devices a Trainer-based run takes (accelerate places the processes of a multi-GPU run)."""
 
@@ -23,8 +25,10 @@ TRAINER_DEVICES = ("auto", "cpu", "cuda")
 class TrainerConfig:
     """Settings every trainer shares (SFT, DPO and QNet configs extend it with their own)."""
 
-    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup from 0 (then cosine decay to 0); "
-                                 "a one-step run has none")
+    warmup_ratio: float = option(0.03, "fraction of steps with linear warmup from 0 (then the scheduler's "
+                                 "schedule); a one-step run has none")
+    scheduler: str = option("cosine", "learning rate after the warmup: cosine (decays to 0), linear (to 0) or "
+                            "constant (ETO's script: constant after warmup_ratio 0.1)", added=True)
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_steps: int | None = option(None, "stop after this many optimizer steps (None: all epochs)")
     lora: bool = option(False, "train LoRA adapters (merged into the weights on save) instead of all weights")
@@ -50,6 +54,8 @@ class TrainerConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.device not in TRAINER_DEVICES:
             raise ValueError(f"device must be one of {', '.join(TRAINER_DEVICES)}, got {self.device!r} (pick GPUs "
                              "with CUDA_VISIBLE_DEVICES or accelerate launch)")

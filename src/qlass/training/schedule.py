@@ -1,4 +1,5 @@
-"""The learning-rate schedule of every trainer: transformers' linear warmup, then cosine decay.
+"""The learning-rate schedule of every trainer: transformers' linear warmup, then the config's
+``scheduler`` (cosine decay by default; linear decay, or constant as ETO's script runs DPO).
 
 Its warmup starts at learning rate 0, and ``warmup_ratio`` rounds up to at least one step: a run of
 a single optimizer step would take it at 0 and never change the weights (a one-step ``--max-steps``

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from ..errors import QlassError
 from ..jsonl import append_jsonl, read_jsonl
 from .common import METRICS, effective_precision, is_main_process, on_cpu, world_size
-from .configs import TrainerConfig
+from .configs import SCHEDULERS, TrainerConfig
 
 log = logging.getLogger(__name__)
 RENAME = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "val_loss"}
@@ -44,7 +44,7 @@ def training_arguments(cfg: TrainerConfig, out: Path, *, epochs: int, lr: float,
     use_cpu = on_cpu(cfg)
     return {
         "output_dir": str(out), "num_train_epochs": epochs, "max_steps": cfg.max_steps or -1,
-        "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": cfg.warmup_ratio,
+        "learning_rate": lr, "lr_scheduler_type": SCHEDULERS[cfg.scheduler], "warmup_steps": cfg.warmup_ratio,
         "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.grad_clip,
         "per_device_train_batch_size": micro_batch, "per_device_eval_batch_size": micro_batch,
         "gradient_accumulation_steps": accumulation(batch_size, micro_batch),
