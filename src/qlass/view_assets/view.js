@@ -295,7 +295,8 @@
           s.contrast_pairs ? "warn" : ""), chip(plural(s.env_steps, "env step")), chip(plural(s.tokens, "token")),
         chip("depth " + s.max_depth), chip("best reward " + num(s.best_reward, 2), s.best_reward >= 1 - 1e-9 ? "good" : ""),
         s.pruned ? chip(s.pruned + " pruned", "bad") : null, s.merged ? chip(s.merged + " merged") : null,
-        s.stopped_by ? chip("stopped by " + s.stopped_by) : null, s.q_computed ? chip("Q backed up here") : null, s.q_missing ? chip("no Q for " + plural(s.q_missing, "node")) : null);
+        s.stopped_by ? chip("stopped by " + s.stopped_by) : null, s.q_computed ? chip("Q backed up here") : null,
+        s.q_missing ? chip("no Q for " + plural(s.q_missing, "node")) : null);
       var body = h("div", "body");
       body.hidden = true;
       add(sec, head, body);
