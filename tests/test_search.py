@@ -186,6 +186,42 @@ def test_best_of_n_selects_by_qnet_without_reward_and_reports_oracle_separately(
     assert traj.meta["selected"] == 0 and traj.reward == 1.0
 
 
+def test_best_of_n_beta_adds_the_likelihood_to_the_qnet_value_as_qlass_does() -> None:
+    """best-of-n picked by the QNet's value alone, qlass by value + beta * likelihood, so the two compared
+    search and selector together; ``beta`` gives best-of-n qlass's selector. Its label names it, its draws are
+    those of the plain method (same sampling label), and it needs log-probabilities."""
+    from qlass.search import method_label, sampling_label
+
+    class Alternating(ScriptedPolicy):
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            self.calls += 1
+            out = self.outputs[(self.calls - 1) % len(self.outputs)]
+            return [[Completion(out, 10, 5, logprob=-1.0 if out == A else -9.0)] for _ in histories]
+
+    qnet = ScriptedQNet({"open door a": 0.2, "open door b": 0.5})  # the QNet prefers b (reward 0), the likelihood a
+    picks = {}
+    for beta in (0.0, 0.01, 1.0):
+        traj = best_of_n(TASK, SearchContext(env=TwoDoors(), policy=Alternating([A, B]), qnet=qnet),
+                         BestOfNConfig(n=2, beta=beta))
+        picks[beta] = traj.meta["selected"]
+        assert [c["score"] for c in traj.meta["candidates"]] == pytest.approx([0.2 - beta * 0.2, 0.5 - beta * 1.8])
+    assert picks == {0.0: 1, 0.01: 1, 1.0: 0}
+    cfg = BestOfNConfig(n=4, beta=1.0)
+    assert method_label("best-of-n", cfg) == "best-of-n(n=4,qnet,beta=1)"
+    assert sampling_label("best-of-n", cfg) == sampling_label("best-of-n", BestOfNConfig(n=4)) == "best-of-n(n=4,qnet)"
+    with pytest.raises(ValueError, match="beta weighs the QNet's value; select=likelihood uses none"):
+        BestOfNConfig(select="likelihood", beta=1.0)
+
+    class NoLogprobs(ScriptedPolicy):
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            return [[Completion(A, 10, 5)] for _ in histories]
+
+    env = ThreeSteps()
+    with pytest.raises(QlassError, match="best-of-n: beta=0.5 reads the policy's log-probabilities"):
+        best_of_n(TASK, SearchContext(env=env, policy=NoLogprobs([A]), qnet=qnet), BestOfNConfig(n=2, beta=0.5))
+    assert env.steps == 0
+
+
 def test_best_of_n_likelihood_averages_over_the_tokens_each_logprob_covers() -> None:
     """A server's answer may spend more tokens than its logprob sums over (a redrawn output, a stop string left
     out: ``logprob_tokens``). Best-of-n divided by every completion token, as qlass's ``mean_logprob`` does

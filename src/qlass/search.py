@@ -18,6 +18,7 @@ tokens); a method that plays several trajectories (best-of-n) reports the tokens
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,12 +101,16 @@ class SampleConfig:
 @dataclass(frozen=True)
 class BestOfNConfig:
     """N whole trajectories at ``temperature``; the winner is chosen without the env's reward, by
-    the QNet's value of each trajectory's final step (``select="qnet"``) or by the policy's mean
-    log-likelihood per completion token (``select="likelihood"``)."""
+    the QNet's value of each trajectory's final step plus ``beta`` × the policy's mean log-likelihood per
+    completion token (``select="qnet"``: qlass's ``beta`` for whole trajectories) or by that likelihood
+    alone (``select="likelihood"``)."""
 
     n: int = option(4, "trajectories per task (1 to 256)")
     temperature: float = option(0.7, _TEMPERATURE)
-    select: str = option("qnet", "how the winner is chosen: qnet (value of the final step) or likelihood")
+    select: str = option("qnet", "how the winner is chosen: qnet (value of the final step + beta * likelihood) "
+                                 "or likelihood")
+    beta: float = option(0.0, "select=qnet: add beta * the trajectory's mean log-prob per token to its value, as "
+                              "qlass's beta does per step (needs logprobs)", added=True)
     max_steps: int = option(30, _MAX_STEPS)
     max_new_tokens: int = option(128, _MAX_NEW)
 
@@ -117,6 +122,10 @@ class BestOfNConfig:
         check_sample_counts(n=self.n)
         if self.select not in ("qnet", "likelihood"):
             raise ValueError(f"select must be 'qnet' or 'likelihood', got {self.select!r}")
+        if self.beta and self.select != "qnet":
+            raise ValueError(f"beta weighs the QNet's value; select={self.select} uses none")
+        if not math.isfinite(self.beta):
+            raise ValueError(f"beta must be a finite number, got {self.beta}")
 
 
 def greedy_episode(task: Task, ctx: SearchContext, cfg: GreedyConfig) -> Episode[Trajectory]:
@@ -136,7 +145,7 @@ def sample_episode(task: Task, ctx: SearchContext, cfg: SampleConfig) -> Episode
     return finish(task, messages, steps, env_steps=len(steps))
 
 
-_NO_LOGPROBS = ("best-of-n: select=likelihood reads the policy's log-probabilities, and this policy backend reports "
+_NO_LOGPROBS = ("best-of-n: {option} reads the policy's log-probabilities, and this policy backend reports "
                 "none (a local model and an OpenAI-compatible server with logprobs do)")
 
 
@@ -181,8 +190,9 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
             seeds = [stable_seed(ctx.seed, "best-of-n", p.k, len(p.steps)) for p in active]
             outs = yield Sample([p.messages for p in active], 1, cfg.temperature, cfg.max_new_tokens, seeds)
             for p, out in zip(active, outs, strict=True):
-                if cfg.select == "likelihood" and out[0].logprob is None:  # at the first step, not the last
-                    raise QlassError(_NO_LOGPROBS)
+                if (cfg.select == "likelihood" or cfg.beta) and out[0].logprob is None:  # at the first step
+                    raise QlassError(_NO_LOGPROBS.format(option="select=likelihood" if cfg.select == "likelihood"
+                                                         else f"beta={cfg.beta:g}"))
                 p.outputs.append(out[0])
                 apply_output(p.env, p.messages, p.steps, out[0])
         plays += group
@@ -199,6 +209,8 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
         if p.k in values:
             score, qnet_tokens = values[p.k]
             p.steps[-1].qnet_tokens += qnet_tokens
+            if cfg.beta:
+                score += cfg.beta * _likelihood(p.outputs)
         else:
             score = _likelihood(p.outputs) if p.steps else float("-inf")
         trajs.append(traj)
@@ -294,14 +306,14 @@ def method_label(name: str, cfg: Any) -> str:
     if name in ("qlass", "reflexion"):
         return cfg.label()
     if name == "best-of-n":
-        return f"best-of-n(n={cfg.n},{cfg.select})"
+        return f"best-of-n(n={cfg.n},{cfg.select}" + (f",beta={cfg.beta:g})" if cfg.beta else ")")
     return name
 
 
 def sampling_label(name: str, cfg: Any) -> str:
     """The label of what a method samples: :func:`method_label` with the options that only choose among
     the samples at their defaults (qlass's ``select``, ``beta``, ``margin`` and ``oracle_terminal``,
-    best-of-n's ``select``), so that a method and its controls can be seeded alike:
+    best-of-n's ``select`` and ``beta``), so that a method and its controls can be seeded alike:
     ``qlass(m=4,anchor=greedy,select=random)`` → ``qlass(m=4,anchor=greedy)``."""
     if name == "qlass":
         return dataclasses.replace(cfg, select="qnet", beta=0.0, margin=0.0, oracle_terminal=False).label()
