@@ -222,6 +222,40 @@ def test_best_of_n_beta_adds_the_likelihood_to_the_qnet_value_as_qlass_does() ->
     assert env.steps == 0
 
 
+def test_best_of_n_anchor_plays_trajectory_0_greedily_and_the_others_as_before() -> None:
+    """qlass:anchor=greedy has the greedy action among its candidates, best-of-n had no greedy trajectory among
+    its N; ``anchor=greedy`` plays trajectory 0 at temperature 0, the others from the same seeds as before."""
+    from qlass.search import method_label, sampling_label
+
+    class Recording(ScriptedPolicy):
+        def __init__(self, outputs):
+            super().__init__(outputs)
+            self.requests: list[tuple[float, list[int]]] = []
+
+        def sample(self, histories, n=1, temperature=0.0, max_new_tokens=128, seed=None):
+            self.requests.append((temperature, list(seed) if isinstance(seed, list) else [seed]))
+            return [[Completion(B if temperature == 0.0 else A, 10, 5, logprob=-1.0)] for _ in histories]
+
+    qnet = ScriptedQNet({"open door a": 0.2, "open door b": 0.5})
+    runs = {}
+    for anchor in ("none", "greedy"):
+        policy = Recording([A])
+        traj = best_of_n(TASK, SearchContext(env=TwoDoors(), policy=policy, qnet=qnet),
+                         BestOfNConfig(n=3, anchor=anchor))
+        runs[anchor] = (policy.requests, traj)
+    (plain, plain_traj), (anchored, anchored_traj) = runs["none"], runs["greedy"]
+    assert [t for t, _ in plain] == [0.7] * 3 and [t for t, _ in anchored] == [0.0, 0.7, 0.7]  # one at a time
+    assert plain[1:] == anchored[1:]  # trajectories 1 and 2 from the same seeds
+    assert [c["reward"] for c in plain_traj.meta["candidates"]] == [1.0, 1.0, 1.0]  # all sampled: door a
+    assert [c["reward"] for c in anchored_traj.meta["candidates"]] == [0.0, 1.0, 1.0]  # 0 greedy: door b
+    assert anchored_traj.meta["selected"] == 0  # the QNet prefers b
+    cfg = BestOfNConfig(n=4, anchor="greedy", beta=1.0)
+    assert method_label("best-of-n", cfg) == "best-of-n(n=4,qnet,anchor=greedy,beta=1)"
+    assert sampling_label("best-of-n", cfg) == "best-of-n(n=4,qnet,anchor=greedy)"
+    with pytest.raises(ValueError, match="anchor must be none or greedy, got 'first'"):
+        BestOfNConfig(anchor="first")
+
+
 def test_best_of_n_likelihood_averages_over_the_tokens_each_logprob_covers() -> None:
     """A server's answer may spend more tokens than its logprob sums over (a redrawn output, a stop string left
     out: ``logprob_tokens``). Best-of-n divided by every completion token, as qlass's ``mean_logprob`` does

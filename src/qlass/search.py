@@ -111,6 +111,8 @@ class BestOfNConfig:
                                  "or likelihood")
     beta: float = option(0.0, "select=qnet: add beta * the trajectory's mean log-prob per token to its value, as "
                               "qlass's beta does per step (needs logprobs)", added=True)
+    anchor: str = option("none", "none: all N trajectories sampled; greedy: trajectory 0 is played greedily "
+                                 "(temperature 0), as qlass's anchor is its candidate 0", added=True)
     max_steps: int = option(30, _MAX_STEPS)
     max_new_tokens: int = option(128, _MAX_NEW)
 
@@ -126,6 +128,8 @@ class BestOfNConfig:
             raise ValueError(f"beta weighs the QNet's value; select={self.select} uses none")
         if not math.isfinite(self.beta):
             raise ValueError(f"beta must be a finite number, got {self.beta}")
+        if self.anchor not in ("none", "greedy"):
+            raise ValueError(f"anchor must be none or greedy, got {self.anchor!r}")
 
 
 def greedy_episode(task: Task, ctx: SearchContext, cfg: GreedyConfig) -> Episode[Trajectory]:
@@ -187,14 +191,18 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
     for first in range(0, cfg.n, len(envs)):
         group = [_Playthrough(first + i, env, start_messages(env, task)) for i, env in enumerate(envs[: cfg.n - first])]
         while active := [p for p in group if episode_running(p.steps, cfg.max_steps)]:
-            seeds = [stable_seed(ctx.seed, "best-of-n", p.k, len(p.steps)) for p in active]
-            outs = yield Sample([p.messages for p in active], 1, cfg.temperature, cfg.max_new_tokens, seeds)
-            for p, out in zip(active, outs, strict=True):
-                if (cfg.select == "likelihood" or cfg.beta) and out[0].logprob is None:  # at the first step
-                    raise QlassError(_NO_LOGPROBS.format(option="select=likelihood" if cfg.select == "likelihood"
-                                                         else f"beta={cfg.beta:g}"))
-                p.outputs.append(out[0])
-                apply_output(p.env, p.messages, p.steps, out[0])
+            greedy = [p for p in active if p.k == 0 and cfg.anchor == "greedy"]
+            for members, temperature in ((greedy, 0.0), ([p for p in active if p not in greedy], cfg.temperature)):
+                if not members:
+                    continue
+                seeds = [stable_seed(ctx.seed, "best-of-n", p.k, len(p.steps)) for p in members]
+                outs = yield Sample([p.messages for p in members], 1, temperature, cfg.max_new_tokens, seeds)
+                for p, out in zip(members, outs, strict=True):
+                    if (cfg.select == "likelihood" or cfg.beta) and out[0].logprob is None:  # at the first step
+                        raise QlassError(_NO_LOGPROBS.format(
+                            option="select=likelihood" if cfg.select == "likelihood" else f"beta={cfg.beta:g}"))
+                    p.outputs.append(out[0])
+                    apply_output(p.env, p.messages, p.steps, out[0])
         plays += group
     scored = [p for p in plays if p.steps]
     values: dict[int, tuple[float, int]] = {}
@@ -306,17 +314,19 @@ def method_label(name: str, cfg: Any) -> str:
     if name in ("qlass", "reflexion"):
         return cfg.label()
     if name == "best-of-n":
-        return f"best-of-n(n={cfg.n},{cfg.select}" + (f",beta={cfg.beta:g})" if cfg.beta else ")")
+        extra = [f"anchor={cfg.anchor}"] if cfg.anchor != "none" else []
+        extra += [f"beta={cfg.beta:g}"] if cfg.beta else []
+        return f"best-of-n({','.join([f'n={cfg.n}', cfg.select, *extra])})"
     return name
 
 
 def sampling_label(name: str, cfg: Any) -> str:
     """The label of what a method samples: :func:`method_label` with the options that only choose among
     the samples at their defaults (qlass's ``select``, ``beta``, ``margin`` and ``oracle_terminal``,
-    best-of-n's ``select`` and ``beta``), so that a method and its controls can be seeded alike:
-    ``qlass(m=4,anchor=greedy,select=random)`` → ``qlass(m=4,anchor=greedy)``."""
+    best-of-n's ``select`` and ``beta``; an ``anchor`` changes what is sampled and stays), so that a method
+    and its controls can be seeded alike: ``qlass(m=4,anchor=greedy,select=random)`` → ``qlass(m=4,anchor=greedy)``."""
     if name == "qlass":
         return dataclasses.replace(cfg, select="qnet", beta=0.0, margin=0.0, oracle_terminal=False).label()
     if name == "best-of-n":
-        return f"best-of-n(n={cfg.n},qnet)"
+        return method_label(name, dataclasses.replace(cfg, select="qnet", beta=0.0))
     return method_label(name, cfg)
