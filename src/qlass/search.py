@@ -323,10 +323,11 @@ def method_label(name: str, cfg: Any) -> str:
 def sampling_label(name: str, cfg: Any) -> str:
     """The label of what a method samples: :func:`method_label` with the options that only choose among
     the samples at their defaults (qlass's ``select``, ``beta``, ``margin`` and ``oracle_terminal``,
-    best-of-n's ``select`` and ``beta``; an ``anchor`` changes what is sampled and stays), so that a method
-    and its controls can be seeded alike: ``qlass(m=4,anchor=greedy,select=random)`` → ``qlass(m=4,anchor=greedy)``."""
+    best-of-n's ``select``, ``beta`` and ``anchor``: its trajectory 0 played greedily, the others are drawn as
+    without it), so that a method and its controls are seeded alike: ``qlass(m=4,anchor=greedy,select=random)``
+    → ``qlass(m=4,anchor=greedy)``, ``best-of-n(n=4,qnet,anchor=greedy,beta=1)`` → ``best-of-n(n=4,qnet)``."""
     if name == "qlass":
         return dataclasses.replace(cfg, select="qnet", beta=0.0, margin=0.0, oracle_terminal=False).label()
     if name == "best-of-n":
-        return method_label(name, dataclasses.replace(cfg, select="qnet", beta=0.0))
+        return method_label(name, dataclasses.replace(cfg, select="qnet", beta=0.0, anchor="none"))
     return method_label(name, cfg)
