@@ -18,7 +18,6 @@ tokens); a method that plays several trajectories (best-of-n) reports the tokens
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,10 +125,12 @@ class BestOfNConfig:
             raise ValueError(f"select must be 'qnet' or 'likelihood', got {self.select!r}")
         if self.beta and self.select != "qnet":
             raise ValueError(f"beta weighs the QNet's value; select={self.select} uses none")
-        if not math.isfinite(self.beta):
-            raise ValueError(f"beta must be a finite number, got {self.beta}")
         if self.anchor not in ("none", "greedy"):
             raise ValueError(f"anchor must be none or greedy, got {self.anchor!r}")
+
+    def logprobs_for(self) -> str | None:
+        """The option that reads the policy's log-probabilities (``select=likelihood`` or ``beta``), if any."""
+        return "select=likelihood" if self.select == "likelihood" else f"beta={self.beta:g}" if self.beta else None
 
 
 def greedy_episode(task: Task, ctx: SearchContext, cfg: GreedyConfig) -> Episode[Trajectory]:
@@ -198,9 +199,8 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
                 seeds = [stable_seed(ctx.seed, "best-of-n", p.k, len(p.steps)) for p in members]
                 outs = yield Sample([p.messages for p in members], 1, temperature, cfg.max_new_tokens, seeds)
                 for p, out in zip(members, outs, strict=True):
-                    if (cfg.select == "likelihood" or cfg.beta) and out[0].logprob is None:  # at the first step
-                        raise QlassError(_NO_LOGPROBS.format(
-                            option="select=likelihood" if cfg.select == "likelihood" else f"beta={cfg.beta:g}"))
+                    if (option := cfg.logprobs_for()) and out[0].logprob is None:  # at the first step
+                        raise QlassError(_NO_LOGPROBS.format(option=option))
                     p.outputs.append(out[0])
                     apply_output(p.env, p.messages, p.steps, out[0])
         plays += group
