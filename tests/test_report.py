@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from qlass.compare import bootstrap_interval, paired_rows
 from qlass.report import budget_points, summarise, write_report
 
@@ -340,10 +342,21 @@ def test_report_reads_gzipped_records_like_plain_ones_and_escapes_bars_in_labels
     assert [line.replace(r"\|", "").count("|") for line in rows] == [line.count("|") for line in heads]
 
 
-def test_the_shipped_reference_records_rebuild_their_published_tables(tmp_path) -> None:
-    """docs/results.md's 180-task table (docs/reference/guidance/episodes180) comes from the gzipped
-    reference records by the command written there; this qlass must still read them and rebuild
-    results.json and results.md byte for byte."""
+SHIPPED_TABLES = {
+    "episodes180": (["episodes60/records.jsonl.gz", "ablations60/records.jsonl.gz", "episodes120/records-more.jsonl.gz",
+                     "episodes180/records-third.jsonl.gz"],
+                    ["--all-tasks", "--baseline", "qlass(m=4,anchor=greedy,select=random)", "--baseline", "greedy",
+                     "--confidence", "0.975"]),
+    "bestofn60": (["bestofn60/records.jsonl.gz"],
+                  ["--baseline", "best-of-n(n=4,qnet,anchor=greedy,beta=1)", "--baseline", "greedy"]),
+}
+
+
+@pytest.mark.parametrize("table", sorted(SHIPPED_TABLES))
+def test_the_shipped_reference_records_rebuild_their_published_tables(tmp_path, table: str) -> None:
+    """docs/results.md's 180-task table (docs/reference/guidance/episodes180) and the fifteenth session's
+    Best-of-4 table (bestofn60) come from the gzipped reference records by the commands written there;
+    this qlass must still read them and rebuild results.json and results.md byte for byte."""
     from pathlib import Path
 
     from typer.testing import CliRunner
@@ -351,14 +364,11 @@ def test_the_shipped_reference_records_rebuild_their_published_tables(tmp_path) 
     from qlass.cli import app
 
     ref = Path(__file__).resolve().parents[1] / "docs" / "reference" / "guidance"
-    records = [ref / "episodes60" / "records.jsonl.gz", ref / "ablations60" / "records.jsonl.gz",
-               ref / "episodes120" / "records-more.jsonl.gz", ref / "episodes180" / "records-third.jsonl.gz"]
-    res = CliRunner().invoke(app, ["report", *map(str, records), "--all-tasks", "--baseline",
-                                   "qlass(m=4,anchor=greedy,select=random)", "--baseline", "greedy",
-                                   "--confidence", "0.975", "--out", str(tmp_path)])
+    records, options = SHIPPED_TABLES[table]
+    res = CliRunner().invoke(app, ["report", *(str(ref / r) for r in records), *options, "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     for name in ("results.json", "results.md"):
-        assert (tmp_path / name).read_bytes() == (ref / "episodes180" / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (ref / table / name).read_bytes(), name
 
 
 def test_report_refuses_runs_of_other_settings_unless_allowed(tmp_path) -> None:
