@@ -188,19 +188,20 @@ def best_of_n_episode(task: Task, ctx: SearchContext, cfg: BestOfNConfig) -> Epi
     if cfg.select == "qnet" and ctx.qnet is None:
         raise QlassError("best-of-n with select='qnet' needs a QNet (--qnet DIR) or select='likelihood'")
     envs = ctx.env_pool(cfg.n) if ctx.env_pool is not None else [ctx.env]
+    logprobs_option = cfg.logprobs_for()
     plays: list[_Playthrough] = []
     for first in range(0, cfg.n, len(envs)):
         group = [_Playthrough(first + i, env, start_messages(env, task)) for i, env in enumerate(envs[: cfg.n - first])]
         while active := [p for p in group if episode_running(p.steps, cfg.max_steps)]:
-            greedy = [p for p in active if p.k == 0 and cfg.anchor == "greedy"]
-            for members, temperature in ((greedy, 0.0), ([p for p in active if p not in greedy], cfg.temperature)):
+            anchored = 1 if cfg.anchor == "greedy" and active[0].k == 0 else 0  # trajectory 0 leads its group
+            for members, temperature in ((active[:anchored], 0.0), (active[anchored:], cfg.temperature)):
                 if not members:
                     continue
                 seeds = [stable_seed(ctx.seed, "best-of-n", p.k, len(p.steps)) for p in members]
                 outs = yield Sample([p.messages for p in members], 1, temperature, cfg.max_new_tokens, seeds)
                 for p, out in zip(members, outs, strict=True):
-                    if (option := cfg.logprobs_for()) and out[0].logprob is None:  # at the first step
-                        raise QlassError(_NO_LOGPROBS.format(option=option))
+                    if logprobs_option and out[0].logprob is None:  # at the first step
+                        raise QlassError(_NO_LOGPROBS.format(option=logprobs_option))
                     p.outputs.append(out[0])
                     apply_output(p.env, p.messages, p.steps, out[0])
         plays += group
