@@ -568,8 +568,8 @@ def test_the_page_survives_odd_data_and_links(tmp_path: Path, monkeypatch: pytes
     shutil.copytree(run / "decisions", run / "decisions-b")
     best = make_episode("best-of-n", {"n": 3}, TASKS[0], [0.0, 0.5])
     best["candidates"] = [{"reward": 0.0, "score": -math.inf, "completion_tokens": 0},
-                          {"reward": 0.5, "score": -0.9, "completion_tokens": 9},
-                          {"reward": 1.0, "score": -0.2, "completion_tokens": 9}]
+                          {"reward": 1.0, "score": -0.9, "completion_tokens": 11},
+                          {"reward": 0.5, "score": -0.2, "completion_tokens": 9}]
     odd = make_episode("greedy", {}, TASKS[1], [0.0, 0.5])
     odd["split"] = "constructor"  # a user-brought environment's split
     write_jsonl(run / "bon" / "records.jsonl", [best])
@@ -716,7 +716,7 @@ def test_json_nested_too_deeply_to_show_names_its_file(tmp_path: Path) -> None:
     best = make_episode("best-of-n", {"n": 2}, TASKS[0], [0.0, 0.5])
     deep = json.loads("[" * 600 + "]" * 600)
     best["candidates"] = [{"reward": 0.0, "score": -0.5, "completion_tokens": 9, "x": deep},
-                          {"reward": 0.5, "score": -0.2, "completion_tokens": 9}]
+                          {"reward": 0.5, "score": -0.2, "completion_tokens": 11}]
     records = tmp_path / "bon" / "records.jsonl"
     write_jsonl(records, [best])
     result = qlass_view(str(records), "--out", str(tmp_path / "v.html"))

@@ -196,6 +196,34 @@ def check_record(rec: dict[str, Any], path: str, line: int) -> None:
                                ("completion_tokens", cand["completion_tokens"] >= 0, ">= 0")):
             if not ok:
                 raise DataError(path, f"line {line}: field 'candidates[{k}].{name}' must be {want}, got {cand[name]!r}")
+    _check_totals(rec, path, line)
+
+
+def _check_totals(rec: dict[str, Any], path: str, line: int) -> None:
+    """A record's ``reward`` and ``completion_tokens`` against the ``candidates`` or ``trials`` they sum up:
+    the row reads the record, its budget curve the parts, so parts that disagree with it would put one
+    run's numbers in two places."""
+    from .candidates import argmax
+    from .errors import DataError
+
+    parts: list[tuple[str, float, str]] = []
+    if rec.get("candidates"):
+        cands = rec["candidates"]
+        picked = argmax([c["score"] for c in cands])
+        parts = [("reward", cands[picked]["reward"], f"the reward of candidates[{picked}], the best-scored one"),
+                 ("completion_tokens", sum(c["completion_tokens"] for c in cands), "the candidates' sum")]
+        if "oracle_pass_at_n" in rec:
+            parts.append(("oracle_pass_at_n", max(c["reward"] for c in cands), "the candidates' best reward"))
+    elif rec.get("trials"):
+        trials = rec["trials"]
+        parts = [("reward", trials[-1]["reward"], "the last trial's reward"),
+                 ("completion_tokens", sum(t["completion_tokens"] + t.get("reflection_completion_tokens", 0)
+                                           for t in trials), "the trials' sum (reflections included)")]
+    own = [(name, rec[name], value, what) for name, value, what in parts if abs(rec[name] - value) > 1e-9]
+    if own:
+        name, value, expected, what = own[0]
+        raise DataError(path, f"line {line}: field {name!r} is {value!r}, but {what} is {expected!r}: the "
+                              "results row and the budget curve would disagree")
 
 
 def read_records(paths: Sequence[str | Path], skip_torn_tail: bool = False) -> list[dict[str, Any]]:
