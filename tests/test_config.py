@@ -624,6 +624,21 @@ def test_pipeline_checks_every_trainers_report_to_before_any_work(section: dict,
         resolve(section, "p.yaml")
 
 
+def test_report_to_lists_with_none_all_or_an_empty_name_are_refused_before_transformers_loads() -> None:
+    """Before: ``none,tensorboard`` or ``tensorboard,`` imported transformers (and torch, about 4.5 s) first."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom qlass.errors import QlassError\nfrom qlass.training.configs import check_report_to\n"
+            "for bad in ('none,tensorboard', 'tensorboard,all', 'tensorboard,'):\n"
+            "    try:\n        check_report_to(bad)\n    except QlassError as err:\n        print(err)\n"
+            "print('transformers' in sys.modules, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["report_to: 'none' stands alone, not in a list ('none,tensorboard')",
+                   "report_to: 'all' stands alone, not in a list ('tensorboard,all')",
+                   "report_to: an empty name in 'tensorboard,'", "False False"]
+
+
 def test_pipeline_task_types_that_select_no_task_are_named(tiny_model_dir: Path, tmp_path: Path) -> None:
     """``task_types: []`` selects nothing (null selects all) and is refused before any work; types the
     environment has no task of are named as such (before: "no expert trajectory could be verified")."""

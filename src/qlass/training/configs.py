@@ -222,12 +222,15 @@ def check_report_to(report_to: str) -> None:
     names = [name.strip() for name in report_to.split(",")]
     if names in (["none"], ["all"]):
         return
+    for name in names:  # answered before transformers (and torch with it) is imported
+        if name in ("none", "all"):
+            raise QlassError(f"report_to: {name!r} stands alone, not in a list ({report_to!r})")
+        if not name:
+            raise QlassError(f"report_to: an empty name in {report_to!r}")
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     for name in names:
-        if name in ("none", "all"):
-            raise QlassError(f"report_to: {name!r} stands alone, not in a list ({report_to!r})")
         if name not in INTEGRATION_TO_CALLBACK:
             raise QlassError(f"report_to: unknown integration {name!r}; this transformers knows "
                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none, all)")
