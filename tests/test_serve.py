@@ -630,6 +630,7 @@ def test_exhausted_file_descriptors_are_one_warning_not_a_flood() -> None:
 
     clients: list[socket.socket] = []
     with _qlass_serve(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (120, 120))) as (proc, port):
+        start = time.monotonic()
         try:
             for _ in range(160):  # more than the server's 120 file descriptors
                 try:
@@ -642,6 +643,8 @@ def test_exhausted_file_descriptors_are_one_warning_not_a_flood() -> None:
         finally:
             for sock in clients:
                 sock.close()
+    elapsed = time.monotonic() - start  # a loaded machine can stretch the 3 s past the next 10 s warning
     warnings = [line for line in err.splitlines() if "cannot accept connections" in line]
-    assert len(clients) > 120 and len(warnings) == 1 and "Too many open files" in warnings[0], err[-3000:]
+    assert len(clients) > 120 and 1 <= len(warnings) <= 1 + elapsed // 10, (elapsed, err[-3000:])
+    assert "Too many open files" in warnings[0], err[-3000:]
     assert "out of system resource" not in err and "Traceback" not in err, err[-3000:]
