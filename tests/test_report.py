@@ -357,8 +357,9 @@ SHIPPED_TABLES = {
 @pytest.mark.parametrize("table", sorted(SHIPPED_TABLES))
 def test_the_shipped_reference_records_rebuild_their_published_tables(tmp_path, table: str) -> None:
     """docs/results.md's 180-task table (docs/reference/guidance/episodes180), the fifteenth session's
-    Best-of-4 table (bestofn60) and the sixteenth's first backbone's (backbones60/B0) come from the gzipped reference records by the commands written there;
-    this qlass must still read them and rebuild results.json and results.md byte for byte."""
+    Best-of-4 table (bestofn60) and the sixteenth's first backbone's (backbones60/B0) come from the gzipped
+    reference records by the commands written there; this qlass must still read them and rebuild
+    results.json and results.md byte for byte."""
     from pathlib import Path
 
     from typer.testing import CliRunner
