@@ -76,6 +76,17 @@ def paired_interval(diffs: Sequence[float], resamples: int, seed: int, confidenc
     return bootstrap_interval(diffs, resamples, seed, confidence) if len(diffs) > 1 else (None, None)
 
 
+def reward_table(records: Sequence[dict[str, Any]]) -> tuple[dict[tuple[str, str, str], dict[str, float]], set[str]]:
+    """Each (env, split, method)'s reward per task, and the methods that are oracles (they read the reward)."""
+    reward: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
+    oracle: set[str] = set()
+    for r in records:
+        reward[(r["env"], r["split"], r["method"])][r["task"]] = float(r["reward"])
+        if r.get("oracle"):
+            oracle.add(r["method"])
+    return reward, oracle
+
+
 def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", resamples: int = 10_000,
                 seed: int = 0, confidence: float = 0.95) -> list[dict[str, Any]]:
     """Every other method against ``baseline`` on the tasks both played, per (env, split), then pooled
@@ -84,12 +95,7 @@ def paired_rows(records: Sequence[dict[str, Any]], baseline: str = "greedy", res
     Oracle methods are left out (they read the reward), and one is refused as the baseline. Empty when
     the baseline was not run."""
     require_count(resamples, "paired_rows", "resamples")
-    reward: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
-    oracle: set[str] = set()
-    for r in records:
-        reward[(r["env"], r["split"], r["method"])][r["task"]] = float(r["reward"])
-        if r.get("oracle"):
-            oracle.add(r["method"])
+    reward, oracle = reward_table(records)
     if baseline in oracle:
         raise QlassError(f"baseline {baseline!r} is an oracle method (it reads the environment's reward); "
                          "pair the methods with a row that does not")

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .compare import TIE, confidence_label, interval_cell, md_cell, paired_interval, points
+from .compare import TIE, confidence_label, interval_cell, md_cell, paired_interval, points, reward_table
 from .config_fields import require_count
 from .errors import QlassError
 from .file_checks import check_output_file
@@ -26,17 +26,6 @@ from .jsonl import write_text_atomic
 from .report import RESULTS_SCHEMA_VERSION
 
 REPLICATE_FILES = ("replicates.json", "replicates.md")
-Rewards = dict[tuple[str, str, str], dict[str, float]]  # (env, split, method) -> task -> reward
-
-
-def _rewards(records: Sequence[dict[str, Any]]) -> tuple[Rewards, set[str]]:
-    reward: Rewards = defaultdict(dict)
-    oracle = set()
-    for r in records:
-        reward[(r["env"], r["split"], r["method"])][r["task"]] = float(r["reward"])
-        if r.get("oracle"):
-            oracle.add(r["method"])
-    return reward, oracle
 
 
 def replicate_rows(replicates: Mapping[str, Sequence[dict[str, Any]]], baseline: str = "greedy",
@@ -48,7 +37,7 @@ def replicate_rows(replicates: Mapping[str, Sequence[dict[str, Any]]], baseline:
     is compared only where every replicate played it and the baseline on common tasks."""
     require_count(resamples, "replicate_rows", "resamples")
     labels = list(replicates)
-    tables = {label: _rewards(records) for label, records in replicates.items()}
+    tables = {label: reward_table(records) for label, records in replicates.items()}
     if any(baseline in oracle for _, oracle in tables.values()):
         raise QlassError(f"baseline {baseline!r} is an oracle method (it reads the environment's reward)")
     keys = set.intersection(*(set(reward) for reward, _ in tables.values()))

@@ -21,7 +21,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compare import confidence_label, interval_cell, md_cell, paired_interval, paired_rows, paired_table, points
+from .compare import (
+    confidence_label,
+    interval_cell,
+    md_cell,
+    paired_interval,
+    paired_rows,
+    paired_table,
+    points,
+    reward_table,
+)
 from .config_fields import require_names
 from .errors import QlassError
 from .eval_records import BUDGET_OPTIONS
@@ -261,11 +270,7 @@ def side_by_side(sides: dict[str, Sequence[dict[str, Any]]], resamples: int = 10
     reward and success rate on the tasks all sides played, and every later side's paired difference
     to the first side (per task, bootstrap interval at level ``confidence`` as in :mod:`qlass.compare`)."""
     labels = list(sides)
-    reward: dict[str, dict[tuple[str, str, str], dict[str, float]]] = {}
-    for label, records in sides.items():
-        reward[label] = defaultdict(dict)
-        for r in records:
-            reward[label][(r["env"], r["split"], r["method"])][r["task"]] = float(r["reward"])
+    reward = {label: reward_table(records)[0] for label, records in sides.items()}
     rows = []
     for key in sorted(set.intersection(*(set(reward[label]) for label in labels))):
         tasks = sorted(set.intersection(*(set(reward[label][key]) for label in labels)))
