@@ -2,9 +2,10 @@
 
 Times a forward of the default model (SmolLM2-135M-Instruct) over ``--tokens`` tokens, fp32 and
 under bf16 autocast, interleaved ``--repeats`` times, and prints the medians, the ratio and
-whether this CPU has native bf16 kernels (``qlass.precision``). On CPUs with native bf16 autocast is
-the faster of the two; on AVX2-only CPUs it is several times slower, which is why qlass runs fp32
-there. Usage::
+what qlass picks here (``qlass.precision``: native bf16 kernels and a bf16 linear layer measured
+faster). On most CPUs with native bf16 autocast is the faster of the two; on AVX2-only CPUs it is
+several times slower, and on an Intel Xeon with AVX512-BF16 but no AMX 1.74x slower, which is why
+qlass runs fp32 there. Usage::
 
     python benchmarks/bench_autocast.py [--tokens 256] [--repeats 3] [--threads 1]
 """

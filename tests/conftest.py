@@ -49,13 +49,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def native_bf16(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Treat this CPU as one with native bf16 kernels, so tests of the bf16 paths run them on any CPU
-    (qlass falls back to fp32 on CPUs without; see qlass.precision). The capability check is the
-    one thing replaced: a CPU cannot be given an instruction set."""
+    (qlass falls back to fp32 on CPUs without, or where bf16 is slower; see qlass.precision). The
+    capability check and the speed verdict are the things replaced: a CPU cannot be given an
+    instruction set or faster bf16 kernels."""
     import torch
 
     from qlass import precision
 
     precision.cpu_runs_bf16.cache_clear()
+    monkeypatch.delenv(precision.ENV_VAR, raising=False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: (True, "a stand-in for a CPU where bf16 is faster"))
     yield
     precision.cpu_runs_bf16.cache_clear()

@@ -343,10 +343,14 @@ def test_a_checkpoint_is_not_resumed_where_it_would_compute_in_another_precision
         trainer: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16-autocast run checkpointed on a CPU with native bf16 is refused on one where qlass would
     continue it in fp32 (qlass.precision), naming the precision; finished, it is handed back anywhere.
-    Only the CPU's bf16 capability check is replaced (a CPU cannot be given an instruction set)."""
+    Only the CPU's bf16 capability check and speed verdict are replaced (a CPU cannot be given an
+    instruction set)."""
     import torch
 
     from qlass import precision
+
+    monkeypatch.delenv(precision.ENV_VAR, raising=False)
+    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: (True, "a stand-in: bf16 faster"))
 
     def cpu_with_bf16(native: bool) -> None:
         precision.cpu_runs_bf16.cache_clear()

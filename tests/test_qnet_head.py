@@ -147,13 +147,15 @@ def test_features_are_not_resumed_in_another_precision(tiny_model_dir: Path, tmp
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Features computed in fp32 (bf16 asked for, on a CPU without native bf16) are refused where this
     machine would compute the rest in bf16, naming the precision; a stamp from before the precision
-    was recorded is checked on the rest. Only the CPU's bf16 capability check is replaced (a CPU
-    cannot be given an instruction set)."""
+    was recorded is checked on the rest. Only the CPU's bf16 capability check and speed verdict are
+    replaced (a CPU cannot be given an instruction set)."""
     from qlass import precision
 
     def cpu_with_bf16(native: bool) -> None:
         precision.cpu_runs_bf16.cache_clear()
+        monkeypatch.delenv(precision.ENV_VAR, raising=False)
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: (True, "a stand-in: bf16 faster"))
 
     data = synthetic_qdata(tmp_path / "q.jsonl", trees=4)
     out = tmp_path / "head"

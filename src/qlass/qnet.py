@@ -158,8 +158,9 @@ class QNet:
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the model (safetensors), tokenizer and ``qnet.json`` (input settings) to ``path``.
-        ``autocast`` is recorded as it takes effect where the model is now (a CPU without native bf16
-        runs fp32 though bf16 was asked for), so a load anywhere scores in the precision it trained in."""
+        ``autocast`` is recorded as it takes effect where the model is now (a CPU without native bf16,
+        or where it is slower, runs fp32 though bf16 was asked for), so a load anywhere scores in the
+        precision it trained in."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.config.problem_type = "regression"

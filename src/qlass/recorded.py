@@ -140,4 +140,6 @@ def check_recorded(path: str | Path, now: Mapping[str, Any], what: str, ignore: 
                          f"gives none, so it cannot be checked against them: give the same settings, or {advice}")
     changes = setting_changes(recorded, now, ignore)
     if changes:
-        raise QlassError(f"{what} was made with other settings ({'; '.join(changes)}; see {path}); {advice}")
+        hint = ("; on a CPU, $QLASS_CPU_BF16=on or off sets the precision (qlass.precision)"
+                if any(c.startswith("precision: ") for c in changes) else "")
+        raise QlassError(f"{what} was made with other settings ({'; '.join(changes)}; see {path}); {advice}{hint}")

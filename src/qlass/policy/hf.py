@@ -71,7 +71,8 @@ class HFPolicy:
         model_dir: a causal-LM folder (``AutoModelForCausalLM`` loads it).
         dtype: weight dtype, ``float32`` (default), ``bfloat16`` or ``float16``.
         autocast: run forwards under bf16 autocast (1.6–2.2× faster on AVX512-BF16/AMX CPUs); on a CPU
-            without native bf16 the policy runs fp32 and says so (see :mod:`qlass.precision`).
+            without native bf16, or where it is measured slower, the policy runs fp32 and says so (see
+            :mod:`qlass.precision`).
         max_length: longest prompt + completion in tokens (capped by the model's positions).
         cache_slots: prompt caches kept for reuse across calls (0 disables reuse); each holds one
             prompt's keys/values (SmolLM2-135M: 46 KB per token in float32).

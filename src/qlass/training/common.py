@@ -146,9 +146,9 @@ def on_cpu(cfg: TrainerConfig) -> bool:
 
 def effective_precision(cfg: TrainerConfig) -> str:
     """What a run of ``cfg`` computes in on this machine: ``bf16`` (autocast) or ``fp32`` (no autocast
-    asked for, or a CPU without native bf16, :mod:`qlass.precision`). Recorded with the run, so that
-    resuming it where it would compute in the other is refused instead of mixing the two. Without autocast
-    (the default) it is answered without importing torch."""
+    asked for, or a CPU without native bf16 or where it is slower, :mod:`qlass.precision`). Recorded with
+    the run, so that resuming it where it would compute in the other is refused instead of mixing the two.
+    Without autocast (the default) it is answered without importing torch."""
     if not cfg.autocast:
         return "fp32"
     return "bf16" if use_autocast(True, "cpu" if on_cpu(cfg) else "cuda") else "fp32"

@@ -36,7 +36,7 @@ class TrainerConfig:
     lora_alpha: int = option(32, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
     autocast: bool = option(False, "bf16 mixed precision (GPUs; on CPU 1.6-2.2x faster with native bf16, fp32 on CPUs "
-                                   "without it)")
+                                   "without it or where it is slower; $QLASS_CPU_BF16=on|off overrides)")
     device: str = option("auto", "torch device: auto (a CUDA GPU when visible, else cpu), cpu or cuda (pick GPUs with "
                          "CUDA_VISIBLE_DEVICES; accelerate launch places the processes of a multi-GPU run)",
                          runtime=True)
