@@ -195,8 +195,9 @@ def test_a_bad_qlass_cpu_bf16_is_refused_naming_it(fresh_cache: Path, monkeypatc
         HFPolicy(tiny_model_dir, max_length=256, autocast=True)
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"bf16_faster": "yes", "fp32_seconds": 1, "bf16_seconds": 2}'],
-                         ids=["not-json", "not-an-object", "bad-field"])
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"bf16_faster": "yes", "fp32_seconds": 1, "bf16_seconds": 2}',
+                                     "[" * 100_000 + "]" * 100_000],
+                         ids=["not-json", "not-an-object", "bad-field", "nested-too-deeply"])
 def test_an_unreadable_verdict_is_measured_again_and_replaced(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture, content: str) -> None:
     monkeypatch.setattr(precision, "measure_linear_seconds", lambda repeats=7: (1.0, 0.5))

@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -140,7 +141,7 @@ def _read_verdict(path: Path) -> dict[str, Any] | None:
         verdict = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         log.warning("%s: unreadable (%s); measuring bf16 against fp32 again", path, exc)
         return None
     ok = isinstance(verdict, dict) and isinstance(verdict.get("bf16_faster"), bool) and all(
@@ -156,7 +157,7 @@ def _keep_verdict(path: Path, verdict: dict[str, Any]) -> dict[str, Any]:
     the cache cannot be written, the measurement is used as it is."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         temp.write_text(json.dumps(verdict) + "\n", encoding="utf-8")
         try:
             os.link(temp, path)  # fails if another process wrote first: theirs stands
