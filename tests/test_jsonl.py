@@ -140,6 +140,9 @@ def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path: Path) 
     obj.write_text('{"rank": "q", "rank": "advantage"}')
     with pytest.raises(QlassError, match=r"qnet.json: not valid JSON \(key 'rank' appears twice"):
         read_json_object(obj)
+    obj.write_text("[" * 100_000 + "]" * 100_000)  # a traceback from every reader of JSON objects before
+    with pytest.raises(QlassError, match=r"qnet.json: not valid JSON \(nested too deeply\)"):
+        read_json_object(obj)
     lines.write_text('{"task": "a", "nested": {"x": 1}, "other": {"x": 2}}\n')  # equal keys in different objects
     assert read_jsonl(lines)[0]["other"] == {"x": 2}
 

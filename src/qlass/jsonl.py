@@ -325,6 +325,8 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
         data = loads(p.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError, JSONContentError) as exc:
         raise QlassError(f"{p}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise QlassError(f"{p}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise QlassError(f"{p}: expected a JSON object, got {type(data).__name__}")
     return data
