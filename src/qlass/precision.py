@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QlassError
+from .jsonl import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,13 @@ def cpu_bf16_is_faster() -> tuple[bool, str]:
 def _read_verdict(path: Path) -> dict[str, Any] | None:
     """The verdict kept at ``path``; ``None`` when there is none or it is unreadable (it is measured again)."""
     try:
-        verdict = json.loads(path.read_text(encoding="utf-8"))
+        verdict = read_json_object(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, RecursionError) as exc:
+    except (OSError, QlassError) as exc:
         log.warning("%s: unreadable (%s); measuring bf16 against fp32 again", path, exc)
         return None
-    ok = isinstance(verdict, dict) and isinstance(verdict.get("bf16_faster"), bool) and all(
+    ok = isinstance(verdict.get("bf16_faster"), bool) and all(
         isinstance(verdict.get(k), (int, float)) for k in ("fp32_seconds", "bf16_seconds"))
     if not ok:
         log.warning("%s: not a bf16 verdict; measuring bf16 against fp32 again", path)
@@ -161,6 +162,7 @@ def _keep_verdict(path: Path, verdict: dict[str, Any]) -> dict[str, Any]:
         temp.write_text(json.dumps(verdict) + "\n", encoding="utf-8")
         try:
             os.link(temp, path)  # fails if another process wrote first: theirs stands
+            return verdict
         except FileExistsError:
             pass
         finally:
